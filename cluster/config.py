@@ -1,0 +1,91 @@
+"""The one place for configuration: pydantic settings read from `LIPSYNC_*` env variables."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_storage_root() -> Path:
+    return Path.home() / ".cache" / "lipsync-cluster"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the product. Env: `LIPSYNC_<FIELD>` (e.g. `LIPSYNC_STORAGE_ROOT`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    storage_root: Path = Field(default_factory=_default_storage_root,
+                               description="inputs, avatars, segments, outputs, the job database")
+    input_roots: str = Field("", description="':'-separated directories path inputs may be read from")
+    api_token: SecretStr | None = None
+    model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
+    ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
+
+    # --- rendering ------------------------------------------------------------------------
+    chunk_seconds: float = Field(2.0, gt=0.1, le=60)
+    batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
+    loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
+    gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
+    crf: int = Field(16, ge=0, le=51)
+    preset: str = "veryfast"
+    video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
+    audio_bitrate: str = "160k"
+
+    # --- limits ---------------------------------------------------------------------------
+    max_input_seconds: float = Field(3 * 3600.0, gt=0)
+    max_width: int = Field(4096, ge=16)
+    max_height: int = Field(4096, ge=16)
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    min_face_fraction: float = Field(0.5, ge=0, le=1,
+                                     description="fail with input.no_face when fewer frames have a face")
+
+    # --- timeouts (seconds); every wait has a deadline -------------------------------------
+    probe_timeout_s: float = 30.0
+    ffmpeg_timeout_s: float = 1800.0
+    batch_timeout_s: float = 120.0
+    chunk_timeout_s: float = 900.0
+    stall_timeout_s: float = 120.0
+    model_load_timeout_s: float = 300.0
+    actor_call_timeout_s: float = 30.0
+    job_timeout_s: float = 6 * 3600.0
+
+    # --- retries --------------------------------------------------------------------------
+    max_chunk_attempts: int = Field(3, ge=1)
+    max_batch_attempts: int = Field(4, ge=1)
+
+    # --- Ray runtime ----------------------------------------------------------------------
+    namespace: str = "lipsync"
+    model_workers: int | None = Field(None, ge=1, description="model workers; default one per GPU, else 1")
+    worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
+    compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
+    max_inflight_per_worker: int = Field(2, ge=1)
+
+    @field_validator("storage_root", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def input_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.input_roots.split(":") if p.strip()]
+
+    # storage layout ------------------------------------------------------------------------
+    def dir(self, name: str) -> Path:
+        """A sub-directory of the storage root (created): inputs, templates, avatars, models, jobs."""
+        p = self.storage_root / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage_root / "jobs.sqlite3"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,152 @@
+"""Typed errors with stable machine codes, used everywhere.
+
+Every error carries `code` (stable, machine-readable), a message naming the problem (which file,
+which stream, what was expected), and where it applies the `stage`, `job_id`, `chunk` and the
+underlying exception text (`cause`). `to_info()` turns it into the pydantic `ErrorInfo` stored
+with a failed job.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class LipsyncError(Exception):
+    code: str = "error"
+    exit_code: int = 1  # CLI exit status
+
+    def __init__(self, message: str, *, code: str | None = None, stage: str | None = None,
+                 job_id: str | None = None, chunk: int | None = None, cause: str | None = None,
+                 path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.stage = stage
+        self.job_id = job_id
+        self.chunk = chunk
+        self.cause = cause
+        self.path = path
+
+    def __reduce__(self):  # survive pickling through Ray with every field
+        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+    def with_context(self, **kw: Any) -> "LipsyncError":
+        """Fill in stage/job_id/chunk where not already set; returns self."""
+        for k, v in kw.items():
+            if v is not None and getattr(self, k, None) is None:
+                setattr(self, k, v)
+        return self
+
+    def to_info(self):
+        from cluster.schemas import ErrorInfo
+        return ErrorInfo(code=self.code, message=self.message, stage=self.stage, chunk=self.chunk,
+                         cause=self.cause, path=self.path)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls, message, state):
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, message)
+    obj.__dict__.update(state)
+    return obj
+
+
+# --- bad input (CLI exit 2, HTTP 4xx) -----------------------------------------------------
+class InputError(LipsyncError):
+    code = "input.invalid"
+    exit_code = 2
+
+
+class InputNotFound(InputError):
+    code = "input.not_found"
+
+
+class InputUnreadable(InputError):
+    code = "input.unreadable"
+
+
+class NoVideoStream(InputError):
+    code = "input.no_video_stream"
+
+
+class NoAudioStream(InputError):
+    code = "input.no_audio_stream"
+
+
+class InputTooLong(InputError):
+    code = "input.too_long"
+
+
+class InputTooLarge(InputError):
+    code = "input.too_large"
+
+
+class UnsafeInput(InputError):
+    code = "input.unsafe"
+
+
+class NoFace(InputError):
+    code = "input.no_face"
+
+
+# --- models --------------------------------------------------------------------------------
+class ModelError(LipsyncError):
+    code = "model.error"
+
+
+class ModelContractError(ModelError):
+    code = "model.invalid_contract"
+    exit_code = 2
+
+
+class ModelLoadError(ModelError):
+    code = "model.load_failed"
+
+
+class ModelInferenceError(ModelError):
+    code = "model.inference_failed"
+
+
+# --- media tooling -------------------------------------------------------------------------
+class MediaError(LipsyncError):
+    code = "media.ffmpeg_failed"
+
+
+class EncodeError(MediaError):
+    code = "render.encode_failed"
+
+
+class OutputVerificationError(LipsyncError):
+    code = "output.verification_failed"
+
+
+# --- runtime -------------------------------------------------------------------------------
+class RenderError(LipsyncError):
+    code = "render.failed"
+
+
+class ChunkFailed(RenderError):
+    code = "render.chunk_failed"
+
+
+class WorkerLost(RenderError):
+    code = "render.worker_lost"
+
+
+class RenderTimeout(RenderError):
+    code = "render.timeout"
+
+
+class JobCancelled(LipsyncError):
+    code = "cancelled"
+
+
+class JobNotFound(LipsyncError):
+    code = "job.not_found"
+    exit_code = 2
+
+
+class InputsGone(LipsyncError):
+    code = "job.inputs_missing"

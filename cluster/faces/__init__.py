@@ -1,0 +1,1 @@
+"""Faces: MTCNN detection, subject tracking, aligned crops and paste-back."""

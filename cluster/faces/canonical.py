@@ -1,0 +1,35 @@
+"""The canonical aligned-face geometry shared by crops, paste-back and the built-in model.
+
+All coordinates are normalised to [0, 1] of the square crop side S (x right, y down), so the
+same geometry serves S = 96, 256 and 384. A similarity transform maps a frame's 5 landmarks onto
+`CANONICAL_5PTS`; the mouth then sits at a fixed place in every crop, entirely in the lower half
+(the half Wav2Lip-class models regenerate).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# ArcFace's 112x112 five-point template, loosened (x0.78 about the centre, raised 0.03) so that the
+# crop holds the brows to below the chin, like a Wav2Lip face-box crop.
+_ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                         [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64) / 112.0
+_SCALE, _SHIFT_Y = 0.78, -0.03
+CANONICAL_5PTS: np.ndarray = (0.5 + (_ARCFACE_112 - 0.5) * _SCALE + np.array([0.0, _SHIFT_Y])).astype(np.float32)
+"""left eye, right eye, nose tip, left mouth corner, right mouth corner; normalised."""
+
+MOUTH_CENTER: tuple[float, float] = (float(CANONICAL_5PTS[3:, 0].mean()), float(CANONICAL_5PTS[3:, 1].mean()))
+MOUTH_HALF_WIDTH: float = float(CANONICAL_5PTS[4, 0] - CANONICAL_5PTS[3, 0]) / 2.0
+
+# The region a model may change (an ellipse: cx, cy, rx, ry). The built-in model writes only
+# inside it; the paste-back mask covers it fully (weight 1) and feathers out beyond it.
+MOUTH_REGION: tuple[float, float, float, float] = (MOUTH_CENTER[0], MOUTH_CENTER[1] + 0.01, 0.17, 0.12)
+
+# The lower-face paste mask (jaw and mouth), an ellipse with a feathered edge.
+LOWER_FACE_MASK: tuple[float, float, float, float] = (MOUTH_CENTER[0], MOUTH_CENTER[1] + 0.02, 0.30, 0.21)
+MASK_FEATHER: float = 0.06
+"""Feather width (normalised) outside LOWER_FACE_MASK over which the weight falls from 1 to 0."""
+
+
+def canonical_points(size: int) -> np.ndarray:
+    """CANONICAL_5PTS in pixel coordinates of an S x S crop."""
+    return CANONICAL_5PTS * float(size)

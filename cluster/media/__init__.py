@@ -1,0 +1,1 @@
+"""Media I/O: ffmpeg resolution, probing, template normalisation, decode, encode, finalise."""
