@@ -25,7 +25,8 @@ MOUTH_HALF_WIDTH: float = float(CANONICAL_5PTS[4, 0] - CANONICAL_5PTS[3, 0]) / 2
 MOUTH_REGION: tuple[float, float, float, float] = (MOUTH_CENTER[0], MOUTH_CENTER[1] + 0.01, 0.17, 0.12)
 
 # The lower-face paste mask (jaw and mouth), an ellipse with a feathered edge.
-LOWER_FACE_MASK: tuple[float, float, float, float] = (MOUTH_CENTER[0], MOUTH_CENTER[1] + 0.02, 0.30, 0.21)
+# Its feathered edge ends (0.72 + 0.16 + 0.06 = 0.94) inside the crop, so it is never cut off.
+LOWER_FACE_MASK: tuple[float, float, float, float] = (MOUTH_CENTER[0], MOUTH_CENTER[1], 0.28, 0.16)
 MASK_FEATHER: float = 0.06
 """Feather width (normalised) outside LOWER_FACE_MASK over which the weight falls from 1 to 0."""
 

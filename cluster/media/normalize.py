@@ -1,0 +1,143 @@
+"""Template normalisation: constant frame rate, rotation applied, short closed GOPs, cached.
+
+A normalised template is an H.264 yuv420p mp4 (video only, faststart, even dimensions, square
+pixels) whose frames can be read at random cheaply by `cluster.media.decode.TemplateReader`.
+It is stored once per content hash under `<storage_root>/templates/<id>/template.mp4`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from cluster.config import Settings, get_settings
+from cluster.errors import InputError, InputUnreadable, MediaError
+from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
+from cluster.media.probe import count_video_frames, probe_video, read_media_info
+from cluster.schemas import MediaInfo
+
+HASH_BLOCK_BYTES = 1 << 20
+TEMPLATE_FILE = "template.mp4"
+#: Common frame rates a variable-rate source snaps to when its average is within 1 % of one.
+STANDARD_RATES = tuple(Fraction(n, d) for n, d in (
+    (24000, 1001), (24, 1), (25, 1), (30000, 1001), (30, 1), (48, 1), (50, 1), (60000, 1001),
+    (60, 1)))
+
+
+class NormalizedTemplate(BaseModel):
+    """A template normalised for random access; `id` is the source's content hash (16 hex)."""
+    id: str
+    path: str
+    info: MediaInfo
+    source: str
+    cached: bool = False
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def target_fps(info: MediaInfo) -> Fraction:
+    """The constant rate of the normalised template: the source's exact rate; for a variable-rate
+    source its average rate, snapped to a standard rate within 1 % (29.87 -> 30000/1001)."""
+    v = info.video
+    fps = v.fps
+    if not v.variable_frame_rate:
+        return fps
+    for rate in STANDARD_RATES:
+        if abs(fps - rate) <= rate / 100:
+            return rate
+    return fps.limit_denominator(1001)
+
+
+def _expected_frames(info: MediaInfo, fps: Fraction) -> tuple[int, int]:
+    """(expected frame count of the normalised output, tolerance in frames)."""
+    v = info.video
+    if not v.variable_frame_rate and fps == v.fps:
+        expected = v.frame_count
+    else:
+        expected = round(v.duration * fps)
+    return expected, max(2, round(expected * 0.02))
+
+
+def _load_cached(template_id: str, path: Path, source: str,
+                 settings: Settings) -> NormalizedTemplate | None:
+    if not path.is_file():
+        return None
+    try:
+        info = read_media_info(path, settings)
+    except InputError:
+        return None  # an unreadable cache entry is rebuilt
+    if info.video is None:
+        return None
+    return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
+
+
+def normalize_template(path: str | os.PathLike,
+                       settings: Settings | None = None) -> NormalizedTemplate:
+    """Normalise a template video (CFR, rotation applied, yuv420p, even size, libx264 closed GOPs
+    of `gop_frames`, no audio, faststart), cached by content hash: a second call with the same
+    bytes returns the stored file with `cached=True` without running ffmpeg.
+
+    Raises the `InputError`s of `probe_video`, `InputUnreadable` when the output's frame count
+    shows the source was truncated, `MediaError`/`RenderTimeout` when ffmpeg fails.
+    """
+    s = settings or get_settings()
+    source = str(Path(path))
+    src_info = probe_video(source, s)
+    template_id = content_hash(source)[:16]
+    out_dir = s.dir("templates") / template_id
+    out_path = out_dir / TEMPLATE_FILE
+    cached = _load_cached(template_id, out_path, source, s)
+    if cached is not None:
+        return cached
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = target_fps(src_info)
+    fps_arg = f"{fps.numerator}/{fps.denominator}"
+    vf = (f"fps={fps_arg},"
+          "scale=trunc(iw*sar/2)*2:trunc(ih/2)*2,setsar=1,format=yuv420p")
+    fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
+    os.close(fd)
+    try:
+        run_ffmpeg([
+            "-loglevel", "error", *input_args(source),
+            "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
+            "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr",
+            "-c:v", "libx264", "-preset", s.preset, "-crf", str(s.crf), "-pix_fmt", "yuv420p",
+            "-g", str(s.gop_frames), "-keyint_min", str(s.gop_frames), "-sc_threshold", "0",
+            "-x264-params", "open-gop=0",
+            "-movflags", "+faststart", "-f", "mp4", file_url(tmp),
+        ], timeout=s.ffmpeg_timeout_s, settings=s, stage="normalize", path=source)
+        try:
+            found = count_video_frames(tmp)
+            info = read_media_info(tmp, s)
+        except InputError as exc:
+            raise MediaError(f"normalised template {tmp} of {source} is unreadable: {exc}",
+                             path=source, stage="normalize", cause=exc.cause) from exc
+        expected, tolerance = _expected_frames(src_info, fps)
+        if abs(found - expected) > tolerance:
+            raise InputUnreadable(
+                f"template {source} decodes to {found} frames but its header promises {expected} "
+                f"(+-{tolerance}) at {fps_arg} fps: the file is truncated or corrupt", path=source)
+        if info.video is None or info.video.rotation != 0:
+            raise MediaError(f"normalised template {tmp} of {source} still carries rotation "
+                             f"{info.video.rotation if info.video else None}", path=source,
+                             stage="normalize")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    video = info.video.model_copy(update={"frame_count": found})
+    info = info.model_copy(update={"path": str(out_path), "video": video})
+    return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source,
+                              cached=False)

@@ -1,0 +1,312 @@
+"""Probing media files in-process with PyAV (no ffprobe subprocess).
+
+`check_input_file` refuses missing, empty, oversized and playlist/concat-style files before any
+demuxer sees them; `probe` reads streams, exact frame rate, rotation and frame-rate variability;
+`probe_video` / `probe_audio` add the product's limits.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from cluster.config import Settings, get_settings
+from cluster.errors import (InputNotFound, InputTooLarge, InputTooLong, InputUnreadable,
+                            NoAudioStream, NoVideoStream, UnsafeInput)
+from cluster.media.ffmpeg import file_url
+from cluster.schemas import AudioStreamInfo, MediaInfo, VideoStreamInfo
+
+#: Extensions of playlists, manifests and list files: demuxers that open other files or URLs.
+UNSAFE_EXTENSIONS = frozenset({
+    ".m3u8", ".m3u", ".pls", ".txt", ".ffconcat", ".concat", ".sdp", ".mpd", ".xspf", ".asx",
+    ".wpl", ".ism", ".isml", ".f4m", ".cue", ".rtsp", ".url",
+})
+#: Leading bytes (after whitespace / BOM, lower-cased) of such files.
+UNSAFE_SIGNATURES = (b"#extm3u", b"#ext-x-", b"ffconcat", b"[playlist]", b"v=0", b"<?xml",
+                     b"<mpd", b"<asx", b"<smil", b"#!", b"file ", b"file\t")
+#: Demuxers that read other files or URLs; refused even if the sniffing missed them.
+UNSAFE_FORMATS = frozenset({"hls", "applehttp", "concat", "ffconcat", "sdp", "rtp", "rtsp", "dash",
+                            "image2", "image2pipe", "tee", "data", "ffmetadata", "mpd"})
+#: Video packets demuxed to measure frame-rate variability.
+VFR_SAMPLE_PACKETS = 120
+#: Tolerated relative deviation of a frame interval from the median before a file counts as VFR.
+VFR_TOLERANCE = 0.02
+
+
+def check_input_file(path: str | os.PathLike, settings: Settings | None = None) -> Path:
+    """Refuse a file before opening it: missing (`InputNotFound`), empty (`InputUnreadable`),
+    larger than `max_upload_bytes` (`InputTooLarge`), or a playlist / concat list / manifest
+    (`UnsafeInput`; such files make ffmpeg open other files or URLs). Returns the path."""
+    s = settings or get_settings()
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFound(f"input file {p} does not exist (or is not a regular file)",
+                            path=str(p))
+    size = p.stat().st_size
+    if size == 0:
+        raise InputUnreadable(f"input file {p} is empty", path=str(p))
+    if size > s.max_upload_bytes:
+        raise InputTooLarge(f"input file {p} is {size} bytes, more than the limit of "
+                            f"{s.max_upload_bytes} bytes", path=str(p))
+    if p.suffix.lower() in UNSAFE_EXTENSIONS:
+        raise UnsafeInput(f"input file {p} has a playlist/list extension ({p.suffix}); only plain "
+                          f"audio/video files are accepted", path=str(p))
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise InputUnreadable(f"input file {p} cannot be read: {exc}", path=str(p),
+                              cause=str(exc)) from exc
+    if _looks_like_playlist(head):
+        raise UnsafeInput(f"input file {p} is a playlist, concat list or manifest (it starts with "
+                          f"{head[:24]!r}); only plain audio/video files are accepted", path=str(p))
+    return p
+
+
+def _looks_like_playlist(head: bytes) -> bool:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(UNSAFE_SIGNATURES):
+        return True
+    # a text file whose lines name URLs or absolute paths is a list of other inputs
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if any(ch < " " and ch not in "\t\r\n" for ch in decoded):
+        return False
+    for line in decoded.lower().splitlines():
+        line = line.strip().strip("'\"")
+        if "://" in line or line.startswith(("/", "file:", "#ext", "file ", "file\t")):
+            return True
+    return False
+
+
+def _open(path: str, settings: Settings) -> av.container.InputContainer:
+    try:
+        container = av.open(file_url(path), options={"protocol_whitelist": "file"},
+                            timeout=settings.probe_timeout_s)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise InputUnreadable(f"{path} is not a readable audio/video file: {exc}", path=path,
+                              cause=str(exc)) from exc
+    names = set(container.format.name.split(","))
+    if names & UNSAFE_FORMATS:
+        container.close()
+        raise UnsafeInput(f"{path} opens with the {container.format.name} demuxer, which reads "
+                          f"other files; only plain audio/video files are accepted", path=path)
+    return container
+
+
+def _stream_duration(stream, container_duration: float) -> float:
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    return container_duration
+
+
+def _frame_rate(stream) -> Fraction | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate.numerator > 0 and rate.denominator > 0:
+            return Fraction(rate.numerator, rate.denominator)
+    return None
+
+
+def _check_index_within_file(path: str, stream, size: int) -> None:
+    """Packets the index places past the end of the file mean the file was cut short."""
+    try:
+        entries = stream.index_entries
+        end = max((e.pos + e.size for e in entries if e.pos >= 0), default=0)
+    except (AttributeError, av.error.FFmpegError):
+        return
+    if end > size:
+        raise InputUnreadable(f"{path} is truncated: its index needs {end} bytes, the file has "
+                              f"{size}", path=path)
+
+
+def count_packets(container: av.container.InputContainer, stream) -> int:
+    """Exact frame count of `stream` by demuxing (no decoding) from the container's current
+    position: packets with data, minus those an edit list discards."""
+    return sum(1 for packet in container.demux(stream) if packet.size > 0 and not packet.is_discard)
+
+
+def count_video_frames(path: str | os.PathLike) -> int:
+    """Exact number of frames of the first video stream of a file, by demuxing it."""
+    try:
+        with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+            if not container.streams.video:
+                raise InputUnreadable(f"{path} has no video stream to count", path=str(path))
+            return count_packets(container, container.streams.video[0])
+    except av.error.FFmpegError as exc:
+        raise InputUnreadable(f"cannot count the video frames of {path}: {exc}", path=str(path),
+                              cause=str(exc)) from exc
+
+
+def _first_frame_and_pts(path: str, container, stream) -> tuple[av.VideoFrame, list[int]]:
+    """Decode the first frame (rotation, decodability) and demux up to VFR_SAMPLE_PACKETS pts."""
+    first = None
+    pts: list[int] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is not None and not packet.is_discard:
+                pts.append(packet.pts)
+            if first is None:
+                for frame in packet.decode():
+                    first = frame
+                    break
+            if first is not None and len(pts) >= VFR_SAMPLE_PACKETS:
+                break
+        if first is None:  # flush: a decoder with delay may hold the only frames
+            for frame in stream.codec_context.decode(None):
+                first = frame
+                break
+    except av.error.FFmpegError as exc:
+        raise InputUnreadable(f"{path}: the video stream cannot be decoded: {exc}", path=path,
+                              cause=str(exc)) from exc
+    if first is None:
+        raise InputUnreadable(f"{path}: the video stream has no decodable frame", path=path)
+    return first, pts
+
+
+def _is_variable(stream, fps: Fraction, pts: list[int]) -> bool:
+    base = stream.base_rate
+    if base and base.numerator > 0 and abs(float(base) - float(fps)) > VFR_TOLERANCE * float(fps):
+        return True
+    ordered = sorted(set(pts))
+    deltas = [b - a for a, b in zip(ordered, ordered[1:])]
+    if len(deltas) < 2:
+        return False
+    median = statistics.median(deltas)
+    slack = max(1.0, VFR_TOLERANCE * median)  # one tick of rounding in coarse time bases
+    return any(abs(d - median) > slack for d in deltas)
+
+
+def _rotation_clockwise(frame: av.VideoFrame, stream) -> int:
+    """Clockwise degrees (0/90/180/270) a player rotates the picture by."""
+    ccw = frame.rotation or 0  # PyAV: counter-clockwise angle of the display matrix
+    if not ccw:
+        tag = stream.metadata.get("rotate")  # legacy tag, clockwise
+        if tag:
+            try:
+                return int(round(float(tag) / 90.0)) * 90 % 360
+            except ValueError:
+                return 0
+    return int(round(-ccw / 90.0)) * 90 % 360
+
+
+def _video_info(path: str, container, stream, container_duration: float,
+                size: int) -> VideoStreamInfo:
+    fps = _frame_rate(stream)
+    if fps is None:
+        raise InputUnreadable(f"{path}: cannot determine the frame rate of the video stream",
+                              path=path)
+    _check_index_within_file(path, stream, size)
+    ctx = stream.codec_context
+    first, pts = _first_frame_and_pts(path, container, stream)
+    duration = _stream_duration(stream, container_duration)
+    estimate = round(duration * float(fps))
+    frames = stream.frames or 0
+    if frames <= 0:
+        frames = estimate
+    elif abs(frames - duration * float(fps)) > 1:  # edit list: the header counts cut frames too
+        container.seek(0)
+        frames = count_packets(container, stream)
+    rotation = _rotation_clockwise(first, stream)
+    width, height = ctx.width or first.width, ctx.height or first.height
+    if rotation in (90, 270):
+        width, height = height, width
+    pix_fmt = ctx.pix_fmt or (first.format.name if first.format else None)
+    return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
+                           fps_den=fps.denominator, frame_count=int(frames), duration=duration,
+                           rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
+                           pix_fmt=pix_fmt)
+
+
+def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
+    ctx = stream.codec_context
+    channels = getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 0)
+    return AudioStreamInfo(codec=ctx.name, sample_rate=int(ctx.sample_rate or 0),
+                           channels=int(channels),
+                           duration=_stream_duration(stream, container_duration))
+
+
+def _is_cover_art(stream) -> bool:
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def probe(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """Streams, duration, exact fps, display size (rotation applied), frame count, frame-rate
+    variability of a media file. Raises the `InputError` subclasses of `check_input_file`, and
+    `InputUnreadable` naming the file when it is not media, truncated or undecodable."""
+    s = settings or get_settings()
+    return read_media_info(check_input_file(path, s), s)
+
+
+def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """`probe` without the input-file checks (size limit, playlist sniffing): for files this
+    project wrote itself, e.g. a finished output larger than `max_upload_bytes`."""
+    s = settings or get_settings()
+    p = str(path)
+    try:
+        size = os.path.getsize(p)
+    except OSError as exc:
+        raise InputNotFound(f"{p} cannot be found: {exc}", path=p, cause=str(exc)) from exc
+    container = _open(p, s)
+    try:
+        duration = container.duration / 1_000_000 if container.duration else 0.0
+        videos = [v for v in container.streams.video if not _is_cover_art(v)]
+        audios = list(container.streams.audio)
+        if not videos and not audios:
+            raise InputUnreadable(f"{p} has neither an audio nor a video stream", path=p)
+        video = _video_info(p, container, videos[0], duration, size) if videos else None
+        audio = _audio_info(audios[0], duration) if audios else None
+        if not duration:
+            duration = max(video.duration if video else 0.0, audio.duration if audio else 0.0)
+        return MediaInfo(path=p, format=container.format.name, duration=duration, size_bytes=size,
+                         video=video, audio=audio)
+    except av.error.FFmpegError as exc:
+        raise InputUnreadable(f"{p} cannot be read: {exc}", path=p, cause=str(exc)) from exc
+    finally:
+        container.close()
+
+
+def _check_duration(info: MediaInfo, seconds: float, what: str, s: Settings) -> None:
+    if seconds > s.max_input_seconds:
+        raise InputTooLong(f"{what} {info.path} lasts {seconds:.1f} s, more than the limit of "
+                           f"{s.max_input_seconds:.0f} s", path=info.path)
+
+
+def probe_video(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """`probe` a template video: requires a video stream (`NoVideoStream`), display size within
+    `max_width` x `max_height` (`InputTooLarge`), duration within `max_input_seconds`
+    (`InputTooLong`)."""
+    s = settings or get_settings()
+    info = probe(path, s)
+    v = info.video
+    if v is None:
+        raise NoVideoStream(f"{info.path} has no video stream (expected a template video)",
+                            path=info.path)
+    if v.width > s.max_width or v.height > s.max_height:
+        raise InputTooLarge(f"video {info.path} is {v.width}x{v.height}, larger than the limit of "
+                            f"{s.max_width}x{s.max_height}", path=info.path)
+    if v.width < 2 or v.height < 2 or v.frame_count < 1:
+        raise InputUnreadable(f"video {info.path} has no usable picture ({v.width}x{v.height}, "
+                              f"{v.frame_count} frames)", path=info.path)
+    _check_duration(info, max(v.duration, info.duration), "video", s)
+    return info
+
+
+def probe_audio(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """`probe` a speech audio file (any container; a video file with sound is fine): requires an
+    audio stream (`NoAudioStream`) and a duration within `max_input_seconds` (`InputTooLong`)."""
+    s = settings or get_settings()
+    info = probe(path, s)
+    a = info.audio
+    if a is None:
+        raise NoAudioStream(f"{info.path} has no audio stream (expected speech audio)",
+                            path=info.path)
+    if a.duration <= 0 or a.sample_rate <= 0:
+        raise InputUnreadable(f"audio {info.path} has no usable samples (duration {a.duration} s, "
+                              f"{a.sample_rate} Hz)", path=info.path)
+    _check_duration(info, a.duration, "audio", s)
+    return info

@@ -1,0 +1,236 @@
+"""Run a Wav2Lip-class ONNX model: resolve its inputs by shape, batch, convert crops.
+
+The contract (DESIGN.md, "Model contract"): a mel input float32 [B,1,80,16], a face input
+float32 [B,6,S,S] (BGR in [0,1]; channels 0-2 the crop with its lower half zeroed, 3-5 the
+reference crop), an output float32 [B,3,S,S] in [0,1]. Names differ between exports, so the roles
+are found by shape. The batch dimension is dynamic (symbolic, None or -1) or fixed; a fixed batch
+is run in slices of that size (the last one padded).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
+from cluster.models.providers import active_providers, select_providers
+
+log = logging.getLogger("lipsync.models")
+
+MEL_SHAPE = (1, 80, 16)
+STANDARD_SIZES = (96, 256, 384)
+MIN_SIZE = 32
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+EXPECTED = ("inputs: mel float32 [B,1,80,16] and face float32 [B,6,S,S] with S in 96, 256, 384 "
+            "(any square S >= 32 accepted); output float32 [B,3,S,S]; B dynamic or fixed")
+
+
+def _describe(args) -> str:
+    return ", ".join(f"{a.name!r} {a.type} {list(a.shape)}" for a in args) or "none"
+
+
+def _fixed(dim: Any) -> int | None:
+    """A dimension's fixed size, or None when it is symbolic / unknown / -1."""
+    return int(dim) if isinstance(dim, (int, np.integer)) and int(dim) > 0 else None
+
+
+@dataclass(frozen=True)
+class _Contract:
+    mel_name: str
+    face_name: str
+    output_name: str
+    size: int
+    batch_fixed: int | None
+    dtype: type
+
+
+def resolve_contract(inputs: Sequence[Any], outputs: Sequence[Any], path: str) -> _Contract:
+    """Match onnxruntime NodeArgs (name, shape, type) to the Wav2Lip roles, by shape.
+
+    Raises ModelContractError listing what was expected and what the model has.
+    """
+    def fail(problem: str) -> ModelContractError:
+        return ModelContractError(
+            f"model {path} does not fit the Wav2Lip contract: {problem}. Expected {EXPECTED}. "
+            f"Found inputs: {_describe(inputs)}; outputs: {_describe(outputs)}", path=path)
+
+    mels = [a for a in inputs if len(a.shape) == 4 and [_fixed(d) for d in a.shape[1:]] == list(MEL_SHAPE)]
+    faces = [a for a in inputs if len(a.shape) == 4 and _fixed(a.shape[1]) == 6]
+    if len(inputs) != 2:
+        raise fail(f"it has {len(inputs)} inputs, expected 2")
+    if len(mels) != 1:
+        raise fail("no input of shape [B,1,80,16] (the mel window)")
+    if len(faces) != 1 or faces[0] is mels[0]:
+        raise fail("no input of shape [B,6,S,S] (crop with lower half masked + reference crop)")
+    mel, face = mels[0], faces[0]
+    h, w = _fixed(face.shape[2]), _fixed(face.shape[3])
+    if h is None or w is None or h != w or h < MIN_SIZE:
+        raise fail(f"face input {face.name!r} must have a fixed square size S >= {MIN_SIZE}, got {list(face.shape)}")
+    size = h
+    outs = [o for o in outputs if len(o.shape) == 4 and _fixed(o.shape[1]) in (3, None)
+            and all(_fixed(d) in (size, None) for d in o.shape[2:])]
+    if not outs:
+        raise fail(f"no output of shape [B,3,{size},{size}]")
+    out = outs[0]
+    for arg in (mel, face, out):
+        if arg.type not in _FLOAT_TYPES:
+            raise fail(f"{arg.name!r} has type {arg.type}, expected tensor(float) (or tensor(float16))")
+    if len({mel.type, face.type}) != 1:
+        raise fail(f"mel and face inputs have different types ({mel.type}, {face.type})")
+    batches = {b for b in (_fixed(mel.shape[0]), _fixed(face.shape[0])) if b is not None}
+    if len(batches) > 1:
+        raise fail(f"mel and face inputs fix different batch sizes {sorted(batches)}")
+    batch_fixed = batches.pop() if batches else None
+    if size not in STANDARD_SIZES:
+        log.warning("model %s uses a non-standard crop size S=%d (standard: %s)", path, size, STANDARD_SIZES)
+    return _Contract(mel.name, face.name, out.name, size, batch_fixed, _FLOAT_TYPES[mel.type])
+
+
+class LipSyncModel:
+    """A loaded Wav2Lip-class model. Create with `LipSyncModel.load(path)`.
+
+    `generate(mel_windows, crops)` maps mel windows [B,1,80,16] and aligned BGR uint8 crops
+    [B,S,S,3] to generated crops of the same shape; `infer` is the raw float contract.
+    """
+
+    def __init__(self, session, contract: _Contract, path: str) -> None:
+        self._session = session
+        self._c = contract
+        self.path = path
+
+    # --- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, providers: list | None = None) -> "LipSyncModel":
+        """Open the ONNX file at `path` with onnxruntime (`providers` default:
+        `select_providers()`) and resolve its contract.
+
+        Raises ModelLoadError when the file is missing or not a loadable ONNX model, and
+        ModelContractError when its inputs/outputs fit no known contract.
+        """
+        import onnxruntime as ort
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model file {path} does not exist or is not a file", path=path)
+        providers = list(providers) if providers is not None else select_providers()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        t0 = time.monotonic()
+        try:
+            session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises several unrelated types (Fail, InvalidProtobuf, ...)
+            raise ModelLoadError(f"cannot load model {path} as ONNX with providers "
+                                 f"{[p if isinstance(p, str) else p[0] for p in providers]}: {exc}",
+                                 path=path, cause=f"{type(exc).__name__}: {exc}") from exc
+        contract = resolve_contract(session.get_inputs(), session.get_outputs(), path)
+        model = cls(session, contract, path)
+        log.info("loaded model %s in %.2f s: S=%d, batch=%s, inputs mel=%r face=%r, providers %s",
+                 path, time.monotonic() - t0, contract.size, contract.batch_fixed or "dynamic",
+                 contract.mel_name, contract.face_name, model.providers)
+        return model
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Crop side S the model works at."""
+        return self._c.size
+
+    @property
+    def batch_fixed(self) -> int | None:
+        """The export's fixed batch size, or None when the batch dimension is dynamic."""
+        return self._c.batch_fixed
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session really uses."""
+        return active_providers(self._session)
+
+    @property
+    def input_names(self) -> dict[str, str]:
+        """{'mel': name, 'face': name} as resolved by shape."""
+        return {"mel": self._c.mel_name, "face": self._c.face_name}
+
+    def __repr__(self) -> str:
+        return f"LipSyncModel({self.path!r}, size={self.size}, batch_fixed={self.batch_fixed})"
+
+    # --- running -------------------------------------------------------------------------
+    def infer(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """Raw contract: mel float32 [B,1,80,16], faces float32 [B,6,S,S] -> float32 [B,3,S,S].
+
+        Raises ModelInferenceError for wrong shapes or when onnxruntime fails (its text as cause).
+        """
+        S = self.size
+        mel = np.asarray(mel)
+        faces = np.asarray(faces)
+        if mel.ndim != 4 or mel.shape[1:] != MEL_SHAPE:
+            raise ModelInferenceError(f"model {self.path}: mel batch must be [B,1,80,16], got {list(mel.shape)}",
+                                      path=self.path)
+        if faces.ndim != 4 or faces.shape[1:] != (6, S, S):
+            raise ModelInferenceError(f"model {self.path}: face batch must be [B,6,{S},{S}], got {list(faces.shape)}",
+                                      path=self.path)
+        if mel.shape[0] != faces.shape[0]:
+            raise ModelInferenceError(f"model {self.path}: {mel.shape[0]} mel windows but {faces.shape[0]} faces",
+                                      path=self.path)
+        n = mel.shape[0]
+        if n == 0:
+            return np.zeros((0, 3, S, S), np.float32)
+        dtype = self._c.dtype
+        mel = np.ascontiguousarray(mel, dtype=dtype)
+        faces = np.ascontiguousarray(faces, dtype=dtype)
+        step = self.batch_fixed or n
+        parts = []
+        for b0 in range(0, n, step):
+            m, f = mel[b0:b0 + step], faces[b0:b0 + step]
+            k = m.shape[0]
+            if k < step:  # pad the last slice of a fixed-batch export
+                m = np.concatenate([m, np.repeat(m[-1:], step - k, axis=0)])
+                f = np.concatenate([f, np.repeat(f[-1:], step - k, axis=0)])
+            parts.append(self._run(m, f)[:k])
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out.astype(np.float32, copy=False)
+
+    def _run(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        try:
+            (out,) = self._session.run([self._c.output_name], {self._c.mel_name: mel, self._c.face_name: faces})
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelInferenceError(f"model {self.path} failed on a batch of {mel.shape[0]} "
+                                      f"(mel {list(mel.shape)}, faces {list(faces.shape)}): {exc}",
+                                      path=self.path, cause=f"{type(exc).__name__}: {exc}") from exc
+        S = self.size
+        if out.shape != (mel.shape[0], 3, S, S):
+            raise ModelInferenceError(f"model {self.path} returned shape {list(out.shape)}, "
+                                      f"expected [{mel.shape[0]},3,{S},{S}]", path=self.path)
+        return out
+
+    def generate(self, mel_windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        """Generated crops for mel windows float32 [B,1,80,16] and aligned crops uint8 BGR
+        [B,S,S,3]: the face input is built as in Wav2Lip's inference (the crop with rows >= S/2
+        zeroed, then the crop itself as reference, scaled to [0,1], NCHW); the output is clipped
+        to [0,1] and rounded back to uint8 BGR [B,S,S,3]."""
+        S = self.size
+        crops = np.asarray(crops)
+        if crops.ndim != 4 or crops.shape[1:] != (S, S, 3) or crops.dtype != np.uint8:
+            raise ModelInferenceError(f"model {self.path}: crops must be uint8 [B,{S},{S},3], "
+                                      f"got {crops.dtype} {list(crops.shape)}", path=self.path)
+        reference = crops.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1.0 / 255.0)
+        faces = np.concatenate([reference, reference], axis=1)
+        faces[:, :3, S // 2:, :] = 0.0
+        out = self.infer(mel_windows, faces)
+        out = np.clip(out, 0.0, 1.0) * 255.0
+        return np.rint(out).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+    def warmup(self, batch_size: int | None = None) -> float:
+        """Run one batch (default: the fixed batch, else 1) of silence on grey crops so the
+        first real batch does not pay for lazy initialisation. Returns the seconds it took."""
+        b = batch_size or self.batch_fixed or 1
+        t0 = time.monotonic()
+        self.generate(np.full((b, *MEL_SHAPE), -4.0, np.float32),
+                      np.full((b, self.size, self.size, 3), 128, np.uint8))
+        return time.monotonic() - t0

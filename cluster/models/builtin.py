@@ -1,0 +1,357 @@
+"""The built-in lip-sync model: a procedural ONNX graph with Wav2Lip's contract.
+
+Inputs `mel_spectrogram` float32 [batch,1,80,16] and `video_frames` float32 [batch,6,S,S]
+(channels 0-2 the crop with its lower half zeroed, 3-5 the reference crop, BGR in [0,1]); output
+float32 [batch,3,S,S] in [0,1]. Only the reference crop (channels 3-5) is used.
+
+What the graph computes, per batch item:
+
+1. **Which mel columns.** The window of output frame i starts at the frame's own time
+   (column `int(i*80/fps)`) and reaches 200 ms ahead. A model that looked at all 16 columns would
+   open the mouth for sound that comes up to 200 ms later, i.e. the mouth would lead the voice.
+   So the graph reads only the first `OWN_COLUMNS` = 3 columns: with hop 12.5 ms and centred STFT
+   frames of 50 ms, their centres lie at +0, +12.5 and +25 ms, the sound of the frame's own
+   display interval (40 ms at 25 fps, 33 ms at 30 fps).
+2. **Mouth opening.** Mel values are dB-normalised: v = 0.08 * dB + 4 clipped to [-4, 4]
+   (silence = -4, one unit = 12.5 dB). The energy of the speech band (mel bins centred in
+   300-3000 Hz) is averaged in the linear amplitude domain over bins and columns and brought back
+   to the same units: E = log(mean(exp(c*v))) / c, c = ln(10)*12.5/20. The opening is
+   smoothstep((E - OPEN_FLOOR) / (OPEN_FULL - OPEN_FLOOR)), clipped to [0, 1]: exactly 0 for
+   silence (E = -4) and for a noise floor below about -55 dBFS; fully open for a voiced vowel at
+   about -20 dBFS RMS.
+3. **Lip rounding.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
+   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/, /e/, /i/. Rounding =
+   smoothstep of that difference (same units), gated by the opening (0 when the mouth is shut).
+4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
+   crop with a grid = identity + opening * D_open + rounding * D_round, where the constant
+   fields are computed here with numpy from `cluster.faces.canonical`: D_open lowers the lower
+   lip and jaw by up to `JAW_DROP` (of S) and lifts the upper lip by up to `LIP_LIFT`, with a
+   lens-shaped profile between the mouth corners and a smooth falloff to zero inside
+   `MOUTH_REGION`; the source rows are clamped at the lip line so the opened gap stretches the
+   lip line instead of repeating a lip. D_round pulls the mouth horizontally towards its centre;
+   D_open is read (with a one-channel GridSample) at the narrowed columns, so a rounded mouth
+   also opens narrower.
+5. **Inner-mouth shading.** Pixels in the opened gap are darkened (towards a dark red) in
+   proportion to how far inside the gap they lie, so the edges are soft and the shading vanishes
+   with the opening.
+6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
+   `MOUTH_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
+   identity and the output equals the reference (to float rounding).
+
+The graph is deterministic, has no trained weights, and runs a batch of 16 crops of 256 px in a
+few tens of milliseconds on a CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from cluster.config import Settings, get_settings
+from cluster.faces import canonical
+
+log = logging.getLogger("lipsync.models")
+
+GENERATOR_VERSION = 1
+"""Bump when the graph changes in a way the source hash would not catch."""
+IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
+OPSET = 17       # GridSample needs >= 16
+
+# mel spectrogram (Wav2Lip): 80 Slaney mel bins, 55-7600 Hz, 80 columns per second
+N_MELS, MEL_STEP, FMIN, FMAX = 80, 16, 55.0, 7600.0
+OWN_COLUMNS = 3
+SPEECH_BAND = (300.0, 3000.0)
+LOW_BAND = (300.0, 1000.0)
+HIGH_BAND = (1000.0, 3000.0)
+_DB_PER_UNIT = 12.5
+_C = float(np.log(10.0) * _DB_PER_UNIT / 20.0)  # normalised units -> natural log of amplitude
+
+OPEN_FLOOR = -2.6   # speech-band energy (normalised units) at which the mouth starts to open
+OPEN_FULL = -0.4    # ... and at which it is fully open
+ROUND_LOW = 1.2     # low-minus-high band energy at which rounding starts
+ROUND_FULL = 2.0    # ... and is full
+ROUND_GATE = 4.0    # rounding is scaled by clip(ROUND_GATE * opening, 0, 1)
+
+JAW_DROP = 0.045    # lower lip / jaw drop at full opening, fraction of S (11.5 px at S=256)
+LIP_LIFT = 0.012    # upper lip lift at full opening
+NARROWING = 0.25    # sampling stretch at full rounding: the mouth gets 1/(1+0.25) = 80 % as wide
+MOUTH_SPAN = 1.15   # horizontal half-extent of the opening, in MOUTH_HALF_WIDTH
+FIELD_EXTENT = 0.92 # displacements fall to zero on this fraction of MOUTH_REGION
+BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of MOUTH_REGION
+SHADE_SOFT = 0.012  # gap depth (fraction of S) over which the shading reaches full strength
+SHADE_BGR = (0.78, 0.80, 0.62)  # darkening per channel at full strength (B, G, R): dark red
+
+
+# --- mel bins -------------------------------------------------------------------------------
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale (linear below 1 kHz, logarithmic above), as librosa with htk=False."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
+    logstep = np.log(6.4) / 27.0
+    return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep,
+                    f / f_sp)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_bin_centres(n_mels: int = N_MELS, fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
+    """Centre frequency (Hz) of each Slaney mel bin: float64 [n_mels]."""
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    return edges[1:-1]
+
+
+def band_weights() -> np.ndarray:
+    """float32 [80, 3]: averaging weights over the speech, low and high bands (columns)."""
+    centres = mel_bin_centres()
+    cols = []
+    for lo, hi in (SPEECH_BAND, LOW_BAND, HIGH_BAND):
+        sel = ((centres >= lo) & (centres < hi)).astype(np.float64)
+        cols.append(sel / sel.sum())
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+# --- constant fields ---------------------------------------------------------------------------
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _profile(t: np.ndarray, flat: float) -> np.ndarray:
+    """1 for t <= flat, cosine-squared falloff to 0 at t = 1, 0 beyond (and for t < 0)."""
+    s = np.clip((t - flat) / (1.0 - flat), 0.0, 1.0)
+    return np.where((t < 0) | (t >= 1), 0.0, np.cos(0.5 * np.pi * s) ** 2)
+
+
+def warp_fields(size: int) -> dict[str, np.ndarray]:
+    """The constant fields of the graph for crop side `size`, in GridSample's normalised
+    coordinates (align_corners=0: pixel j's centre at 2*(j+0.5)/S - 1), float64 [S,S] unless noted.
+
+    base_x [S] / base_y [S]: identity grid; d_open_y: source-row shift at full opening;
+    d_round_x: source-column shift at full rounding; clamp_lo_y / clamp_hi_y [S]: lip-line
+    clamps per row; blend: the region weight (0 outside MOUTH_REGION).
+    """
+    S = int(size)
+    a = (np.arange(S) + 0.5) / S          # normalised x (and y) of pixel centres
+    X, Y = np.meshgrid(a, a)              # [row, col]
+    cx, cy, rx, ry = canonical.MOUTH_REGION
+    mx, my = canonical.MOUTH_CENTER
+    lip_y = my
+
+    rho = np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2)
+    blend = _smoothstep((1.0 - rho) / BLEND_FADE)
+
+    # lens-shaped horizontal profile between the mouth corners
+    span = MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH
+    q = np.abs(X - mx) / span
+    wx = np.clip(1.0 - q * q, 0.0, 1.0) ** 1.5
+    # top / bottom of the inner ellipse on which displacements end, per column
+    erx, ery = FIELD_EXTENT * rx, FIELD_EXTENT * ry
+    half_h = ery * np.sqrt(np.clip(1.0 - ((X - cx) / erx) ** 2, 0.0, 1.0))
+    bottom, top = cy + half_h, cy - half_h
+    below = Y >= lip_y
+    t_low = np.where(below, (Y - lip_y) / np.maximum(bottom - lip_y, 1e-6), -1.0)
+    t_up = np.where(~below, (lip_y - Y) / np.maximum(lip_y - top, 1e-6), -1.0)
+    lower = wx * _profile(t_low, flat=0.25)
+    upper = wx * _profile(t_up, flat=0.15)
+    d_open_y = LIP_LIFT * upper - JAW_DROP * lower      # source shift (normalised crop units)
+
+    # horizontal narrowing: sample farther from the centre -> content moves inwards
+    rho_n = np.sqrt(((X - mx) / (FIELD_EXTENT * rx)) ** 2 + ((Y - lip_y) / (0.6 * ry)) ** 2)
+    d_round_x = NARROWING * (X - mx) * _smoothstep((1.0 - rho_n) / 0.6)
+
+    row_is_below = a >= lip_y
+    big = 3.0
+    return {
+        "base_x": 2.0 * a - 1.0,
+        "base_y": 2.0 * a - 1.0,
+        "d_open_y": 2.0 * d_open_y,
+        "d_round_x": 2.0 * d_round_x,
+        "clamp_lo_y": np.where(row_is_below, 2.0 * lip_y - 1.0, -big),
+        "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
+        "blend": blend,
+    }
+
+
+def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
+    """The warp at full opening and rounding never folds (source coordinates monotone) and every
+    displacement lies inside MOUTH_REGION."""
+    src_x = f["base_x"][None, :] + f["d_round_x"]
+    # the opening field is read at the narrowed columns, as the graph does with GridSample
+    d_open_at = np.stack([np.interp(src_x[i], f["base_x"], f["d_open_y"][i]) for i in range(size)])
+    src_y = np.minimum(np.maximum(f["base_y"][:, None] + d_open_at, f["clamp_lo_y"][:, None]),
+                       f["clamp_hi_y"][:, None])
+    if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
+        raise AssertionError(f"built-in warp folds at S={size}")
+    moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0)
+    if np.any(moved & (f["blend"] <= 0)):
+        raise AssertionError(f"built-in warp displaces pixels outside MOUTH_REGION at S={size}")
+
+
+# --- graph ------------------------------------------------------------------------------------
+def build_builtin_model(size: int = 256) -> onnx.ModelProto:
+    """The built-in model for crop side `size` as an ONNX ModelProto (IR 10, opset 17),
+    validated by `onnx.checker.check_model`. See the module docstring for what it computes."""
+    S = int(size)
+    if S < 32:
+        raise ValueError(f"built-in model size must be >= 32 pixels, got {size}")
+    f = warp_fields(S)
+    _check_fields(f, S)
+
+    def const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+    inits = [
+        const("own_cols_starts", [0], np.int64), const("own_cols_ends", [OWN_COLUMNS], np.int64),
+        const("own_cols_axes", [3], np.int64),
+        const("flat_shape", [-1, N_MELS], np.int64),
+        const("scalar_shape", [-1, 1, 1, 1], np.int64),
+        const("c", _C), const("inv_c", 1.0 / _C),
+        const("band_w", band_weights()),
+        const("open_floor", OPEN_FLOOR), const("open_inv_range", 1.0 / (OPEN_FULL - OPEN_FLOOR)),
+        const("round_low", ROUND_LOW), const("round_inv_range", 1.0 / (ROUND_FULL - ROUND_LOW)),
+        const("round_gate", ROUND_GATE),
+        const("zero", 0.0), const("one", 1.0), const("two", 2.0), const("three", 3.0),
+        const("base_x", f["base_x"].reshape(1, 1, S, 1)),
+        const("base_y", f["base_y"].reshape(1, S, 1, 1)),
+        const("d_open_y", f["d_open_y"].reshape(1, 1, S, S)),
+        const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
+        const("field_tail_shape", [1, S, S], np.int64),
+        const("d_round_x", f["d_round_x"].reshape(1, S, S, 1)),
+        const("clamp_lo_y", f["clamp_lo_y"].reshape(1, S, 1, 1)),
+        const("clamp_hi_y", f["clamp_hi_y"].reshape(1, S, 1, 1)),
+        const("blend", f["blend"].reshape(1, 1, S, S)),
+        const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
+        const("shade_bgr", np.asarray(SHADE_BGR).reshape(1, 3, 1, 1)),
+        const("ref_starts", [3], np.int64), const("ref_ends", [6], np.int64), const("ch_axes", [1], np.int64),
+    ]
+    N = helper.make_node
+    nodes = [
+        # 1-2. band energies of the frame's own columns: E = log(mean(exp(c*v))) / c
+        N("Slice", ["mel_spectrogram", "own_cols_starts", "own_cols_ends", "own_cols_axes"], ["mel_own"]),
+        N("Mul", ["mel_own", "c"], ["mel_scaled"]),
+        N("Exp", ["mel_scaled"], ["mel_amp"]),
+        N("ReduceMean", ["mel_amp"], ["amp_per_bin"], axes=[3], keepdims=0),     # [B,1,80]
+        N("Reshape", ["amp_per_bin", "flat_shape"], ["amp_flat"]),                # [B,80]
+        N("MatMul", ["amp_flat", "band_w"], ["band_amp"]),                         # [B,3]
+        N("Log", ["band_amp"], ["band_log"]),
+        N("Mul", ["band_log", "inv_c"], ["band_energy"]),
+        N("Split", ["band_energy"], ["e_speech", "e_low", "e_high"], axis=1),             # [B,1] each
+        # opening = smoothstep((E - floor) / range)
+        N("Sub", ["e_speech", "open_floor"], ["open_d"]),
+        N("Mul", ["open_d", "open_inv_range"], ["open_t0"]),
+        N("Clip", ["open_t0", "zero", "one"], ["open_t"]),
+        *_smoothstep_nodes("open_t", "opening"),
+        # 3. rounding = smoothstep((E_low - E_high - low) / range) * clip(gate * opening, 0, 1)
+        N("Sub", ["e_low", "e_high"], ["tilt"]),
+        N("Sub", ["tilt", "round_low"], ["round_d"]),
+        N("Mul", ["round_d", "round_inv_range"], ["round_t0"]),
+        N("Clip", ["round_t0", "zero", "one"], ["round_t"]),
+        *_smoothstep_nodes("round_t", "round_s"),
+        N("Mul", ["opening", "round_gate"], ["gate0"]),
+        N("Clip", ["gate0", "zero", "one"], ["gate"]),
+        N("Mul", ["round_s", "gate"], ["rounding"]),
+        N("Reshape", ["opening", "scalar_shape"], ["opening4"]),                  # [B,1,1,1]
+        N("Reshape", ["rounding", "scalar_shape"], ["rounding4"]),
+        # 4. sampling grid
+        N("Mul", ["rounding4", "d_round_x"], ["shift_x"]),
+        N("Add", ["base_x", "shift_x"], ["grid_x"]),                               # [B,S,S,1]
+        # the opening field read at the narrowed columns, so the opening narrows with rounding
+        N("Shape", ["grid_x"], ["grid_x_shape"]),                                 # [B,S,S,1]
+        N("Expand", ["base_y", "grid_x_shape"], ["base_y_full"]),
+        N("Concat", ["grid_x", "base_y_full"], ["grid_narrow"], axis=3),
+        N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
+        N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
+        N("Expand", ["d_open_y", "field_shape"], ["d_open_batch"]),              # [B,1,S,S]
+        N("GridSample", ["d_open_batch", "grid_narrow"], ["d_open_at"], mode="bilinear",
+          padding_mode="border", align_corners=0),
+        N("Transpose", ["d_open_at"], ["d_open_nhwc"], perm=[0, 2, 3, 1]),       # [B,S,S,1]
+        N("Mul", ["opening4", "d_open_nhwc"], ["shift_y"]),
+        N("Add", ["base_y", "shift_y"], ["src_y"]),
+        N("Max", ["src_y", "clamp_lo_y"], ["src_y_lo"]),
+        N("Min", ["src_y_lo", "clamp_hi_y"], ["grid_y"]),
+        N("Concat", ["grid_x", "grid_y"], ["grid"], axis=3),                      # [B,S,S,2]
+        N("Slice", ["video_frames", "ref_starts", "ref_ends", "ch_axes"], ["reference"]),  # [B,3,S,S]
+        N("GridSample", ["reference", "grid"], ["warped"], mode="bilinear", padding_mode="border",
+          align_corners=0),
+        # 5. inner-mouth shading from the depth of the opened gap
+        N("Sub", ["grid_y", "src_y"], ["gap_signed"]),
+        N("Abs", ["gap_signed"], ["gap"]),
+        N("Mul", ["gap", "shade_inv_soft"], ["shade_t0"]),
+        N("Clip", ["shade_t0", "zero", "one"], ["shade_t"]),
+        N("Transpose", ["shade_t"], ["shade_nchw"], perm=[0, 3, 1, 2]),          # [B,1,S,S]
+        N("Mul", ["shade_nchw", "shade_bgr"], ["darkening"]),                     # [B,3,S,S]
+        N("Sub", ["one", "darkening"], ["shade"]),
+        N("Mul", ["warped", "shade"], ["shaded"]),
+        # 6. blend inside MOUTH_REGION only
+        N("Sub", ["shaded", "reference"], ["delta"]),
+        N("Mul", ["delta", "blend"], ["delta_in_region"]),
+        N("Add", ["reference", "delta_in_region"], ["blended"]),
+        N("Clip", ["blended", "zero", "one"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, f"lipsync_builtin_s{S}",
+        inputs=[helper.make_tensor_value_info("mel_spectrogram", TensorProto.FLOAT, ["batch", 1, N_MELS, MEL_STEP]),
+                helper.make_tensor_value_info("video_frames", TensorProto.FLOAT, ["batch", 6, S, S])],
+        outputs=[helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, S, S])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="lipsync-cluster", producer_version=str(GENERATOR_VERSION),
+                              doc_string="Procedural lip-sync model (mel energy -> mouth warp); Wav2Lip contract.")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _smoothstep_nodes(t: str, out: str) -> list[onnx.NodeProto]:
+    """out = t*t*(3 - 2t) for t already clipped to [0, 1]."""
+    N = helper.make_node
+    return [N("Mul", [t, t], [f"{out}_tt"]),
+            N("Mul", [t, "two"], [f"{out}_2t"]),
+            N("Sub", ["three", f"{out}_2t"], [f"{out}_k"]),
+            N("Mul", [f"{out}_tt", f"{out}_k"], [out])]
+
+
+# --- cached file ------------------------------------------------------------------------------
+def generator_fingerprint(size: int = 256) -> str:
+    """A short hash of everything the model file depends on: this generator's source, the
+    canonical geometry, the version constants and the size."""
+    h = hashlib.sha256()
+    h.update(f"v{GENERATOR_VERSION}/ir{IR_VERSION}/op{OPSET}/s{int(size)}".encode())
+    for mod_file in (__file__, canonical.__file__):
+        h.update(Path(mod_file).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def builtin_model_path(settings: Settings | None = None, size: int = 256) -> Path:
+    """Path of the built-in model file for crop side `size` under `settings.dir("models")`,
+    generated on first use (atomic write) and reused while the generator is unchanged."""
+    s = settings or get_settings()
+    path = s.dir("models") / f"builtin-s{int(size)}-{generator_fingerprint(size)}.onnx"
+    if path.is_file():
+        return path
+    data = build_builtin_model(size).SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("generated the built-in model %s (%d bytes)", path, len(data))
+    return path

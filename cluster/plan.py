@@ -1,0 +1,83 @@
+"""The frame plan: how many output frames, which template frame each one shows, and the chunks.
+
+Pure functions. Output frame `i` shows template frame `template_indices(...)[i]`; a ping-pong loop
+runs 0, 1, ..., T-1, T-2, ..., 1, 0, 1, ... so that consecutive output frames never jump.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from cluster.schemas import Chunk
+
+_SECONDS_EPSILON = Fraction(1, 10**6)
+"""Float noise tolerated on a duration: 2.0000000001 s at 25 fps is 50 frames, not 51."""
+
+
+def frame_count(audio_seconds: float, fps: Fraction) -> int:
+    """Output frames for `audio_seconds` of audio: `ceil(audio_seconds * fps)` robust to float noise
+    (durations within 1 us of a frame boundary count as on it); at least 1."""
+    if not math.isfinite(audio_seconds) or audio_seconds < 0:
+        raise ValueError(f"audio duration must be a finite number >= 0, got {audio_seconds!r}")
+    fps = _positive_fps(fps)
+    exact = (Fraction(audio_seconds) - _SECONDS_EPSILON) * fps
+    return max(1, math.ceil(exact))
+
+
+def frame_count_from_samples(n_samples: int, sample_rate: int, fps: Fraction) -> int:
+    """Output frames for `n_samples` audio samples: exact `ceil(n_samples / sample_rate * fps)`, >= 1."""
+    if n_samples < 0 or sample_rate <= 0:
+        raise ValueError(f"need n_samples >= 0 and sample_rate > 0, got {n_samples}, {sample_rate}")
+    fps = _positive_fps(fps)
+    num = int(n_samples) * fps.numerator
+    den = int(sample_rate) * fps.denominator
+    return max(1, -(-num // den))
+
+
+def template_indices(start: int, stop: int, template_frames: int, loop: str = "pingpong") -> np.ndarray:
+    """Template frame shown by each output frame in [start, stop): int64 [stop-start].
+
+    `forward`: i % T. `pingpong`: period 2T-2, 0..T-1 then T-2..1, no repeated or skipped frame at
+    a turnaround. T == 1 shows frame 0 throughout. The result for a sub-range equals the same
+    slice of the result for the whole range.
+    """
+    if template_frames < 1:
+        raise ValueError(f"template must have at least 1 frame, got {template_frames}")
+    if not 0 <= start <= stop:
+        raise ValueError(f"bad output frame range [{start}, {stop})")
+    i = np.arange(start, stop, dtype=np.int64)
+    t = int(template_frames)
+    if loop == "forward":
+        return i % t
+    if loop != "pingpong":
+        raise ValueError(f"loop must be 'pingpong' or 'forward', got {loop!r}")
+    if t == 1:
+        return np.zeros_like(i)
+    period = 2 * t - 2
+    m = i % period
+    return np.where(m < t, m, period - m)
+
+
+def make_chunks(total_frames: int, fps: Fraction, chunk_seconds: float) -> list[Chunk]:
+    """Cut output frames [0, total_frames) into consecutive chunks of about `chunk_seconds`
+    (`round(chunk_seconds * fps)` frames, >= 1). A remainder shorter than half a chunk joins the
+    previous chunk; a longer one becomes the last, shorter chunk."""
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if not chunk_seconds > 0:
+        raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds!r}")
+    fps = _positive_fps(fps)
+    target = max(1, round(Fraction(chunk_seconds) * fps))
+    bounds = list(range(0, total_frames, target)) + [total_frames]
+    if len(bounds) > 2 and 2 * (bounds[-1] - bounds[-2]) < target:
+        del bounds[-2]  # merge a tiny tail into the previous chunk
+    return [Chunk(index=k, start=a, stop=b) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+def _positive_fps(fps: Fraction | int | float) -> Fraction:
+    f = Fraction(fps)
+    if f <= 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    return f

@@ -1,0 +1,182 @@
+"""Quality metrics of rendered lip-sync video, shared by tests and benchmarks.
+
+Frames are uint8 (or float) arrays [n,H,W,3]; `matrices` [n,2,3] are the frame -> crop
+similarity transforms of the aligned crops of side `size` (as `cluster.faces.align` makes them).
+Regions defined in the canonical crop (`cluster.faces.canonical`) are brought to frame space with
+the inverse of each matrix.
+
+- `mouth_motion`: how much the mouth region changed from the template, per frame.
+- `pearson`, `best_lag`: how that motion follows the speech energy, and with which delay.
+- `psnr_outside_mask`: that nothing outside the paste mask changed.
+- `seam_score`: whether the paste-back leaves a visible edge.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import cv2
+import numpy as np
+
+from cluster.faces import canonical
+from cluster.faces.align import paste_mask
+
+
+# --- masks in frame space ---------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _mouth_region_crop(size: int) -> np.ndarray:
+    """Indicator of canonical.MOUTH_REGION at pixel centres of an S x S crop, float32 [S,S]."""
+    cx, cy, rx, ry = canonical.MOUTH_REGION
+    c = (np.arange(size, dtype=np.float64) + 0.5) / size
+    x, y = np.meshgrid(c, c)
+    inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1.0
+    out = inside.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def _to_frame(crop_map: np.ndarray, matrix: np.ndarray, frame_shape) -> np.ndarray:
+    """A crop-space map [S,S] warped to frame space [H,W] (bilinear, 0 outside the crop)."""
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    return cv2.warpAffine(np.ascontiguousarray(crop_map, dtype=np.float32), np.asarray(matrix, np.float64),
+                          (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def frame_paste_mask(frame_shape, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The feathered lower-face paste mask (`cluster.faces.align.paste_mask`, built from
+    canonical.LOWER_FACE_MASK + MASK_FEATHER) in frame space: float32 [H,W] in [0,1]."""
+    return _to_frame(paste_mask(int(size)), matrix, frame_shape)
+
+
+def frame_mouth_region(frame_shape, matrix: np.ndarray, size: int) -> np.ndarray:
+    """canonical.MOUTH_REGION in frame space as a weight map float32 [H,W] in [0,1]."""
+    return _to_frame(_mouth_region_crop(int(size)), matrix, frame_shape)
+
+
+def _check(frames: np.ndarray, matrices: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.asarray(frames)
+    matrices = np.asarray(matrices)
+    if frames.ndim != 4 or frames.shape[3] != 3:
+        raise ValueError(f"{name} must be [n,H,W,3], got {frames.shape}")
+    if matrices.shape != (frames.shape[0], 2, 3):
+        raise ValueError(f"matrices must be [{frames.shape[0]},2,3] for {name} {frames.shape}, got {matrices.shape}")
+    return frames, matrices
+
+
+# --- metrics ------------------------------------------------------------------------------------
+def mouth_motion(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                 size: int) -> np.ndarray:
+    """Mean absolute change (levels, averaged over channels) between output and template inside
+    the mouth region of each frame: float64 [n]; NaN for a frame whose mouth region lies outside
+    the frame."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    if tmpl.shape != out.shape:
+        raise ValueError(f"template_frames {tmpl.shape} and output_frames {out.shape} differ in shape")
+    result = np.full(out.shape[0], np.nan)
+    for i in range(out.shape[0]):
+        w = frame_mouth_region(out.shape[1:3], matrices[i], size)
+        total = float(w.sum())
+        if total <= 0:
+            continue
+        diff = np.abs(out[i].astype(np.float32) - tmpl[i].astype(np.float32)).mean(axis=2)
+        result[i] = float((diff * w).sum()) / total
+    return result
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two equal-length 1-D series; NaN when either is constant or
+    shorter than 2 (the correlation is undefined)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"pearson needs equal lengths, got {a.size} and {b.size}")
+    if a.size < 2:
+        return math.nan
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    if denom == 0.0:
+        return math.nan
+    return float(a @ b) / denom
+
+
+def best_lag(a, b, max_lag: int = 5) -> int:
+    """The lag (frames, |lag| <= max_lag) at which `a` correlates best with `b`.
+
+    Sign: a positive lag L means `a` lags `b` by L frames, i.e. a[t] ~ b[t - L] (with a = mouth
+    motion and b = speech energy, L > 0 means the mouth moves after the voice). Ties go to the
+    smallest |lag|; lags whose correlation is undefined (constant overlap) are skipped, and 0 is
+    returned when none is defined.
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"best_lag needs equal lengths, got {a.size} and {b.size}")
+    n = a.size
+    best, best_r = 0, -math.inf
+    for lag in sorted(range(-max_lag, max_lag + 1), key=lambda k: (abs(k), k)):
+        if n - abs(lag) < 3:
+            continue
+        r = pearson(a[lag:], b[:n - lag]) if lag >= 0 else pearson(a[:n + lag], b[-lag:])
+        if not math.isnan(r) and r > best_r + 1e-12:
+            best, best_r = lag, r
+    return best
+
+
+def psnr_outside_mask(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                      size: int, mask_threshold: float = 0.0) -> float:
+    """PSNR (dB, peak 255) between output and template over the pixels whose paste-mask weight
+    is <= `mask_threshold` (0: exactly the pixels paste-back must not touch). Infinite when they
+    are identical; NaN when no pixel qualifies."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    if tmpl.shape != out.shape:
+        raise ValueError(f"template_frames {tmpl.shape} and output_frames {out.shape} differ in shape")
+    sq_sum, count = 0.0, 0
+    for i in range(out.shape[0]):
+        outside = frame_paste_mask(out.shape[1:3], matrices[i], size) <= mask_threshold
+        d = out[i][outside].astype(np.float64) - tmpl[i][outside].astype(np.float64)
+        sq_sum += float((d * d).sum())
+        count += d.size
+    if count == 0:
+        return math.nan
+    mse = sq_sum / count
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def _gradient_magnitude(frame: np.ndarray) -> np.ndarray:
+    gray = frame.astype(np.float32)
+    gray = gray.mean(axis=2) if gray.ndim == 3 else gray
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+    return cv2.magnitude(gx, gy)
+
+
+def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> float:
+    """Mean gradient magnitude along the paste mask's edge ring divided by the mean gradient
+    magnitude of the face (the whole crop square) in the same frame, averaged over frames.
+
+    The ring is where the paste weight is strictly between 0 and 1 (the feather), widened by 2
+    frame pixels so that a hard edge just outside it counts. About 1 (or below) means the paste
+    leaves no seam; a hard pasted edge gives several times more. NaN when no frame has a ring
+    and a face inside the frame.
+    """
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    face_square = np.ones((int(size), int(size)), np.float32)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    ratios = []
+    for i in range(out.shape[0]):
+        mask = frame_paste_mask(out.shape[1:3], matrices[i], size)
+        ring = ((mask > 1e-3) & (mask < 1.0 - 1e-3)).astype(np.uint8)
+        ring = cv2.dilate(ring, kernel).astype(bool)
+        face = _to_frame(face_square, matrices[i], out.shape[1:3]) > 0.5
+        if not ring.any() or not face.any():
+            continue
+        grad = _gradient_magnitude(out[i])
+        face_mean = float(grad[face].mean())
+        if face_mean <= 0:
+            continue
+        ratios.append(float(grad[ring].mean()) / face_mean)
+    return float(np.mean(ratios)) if ratios else math.nan

@@ -1,0 +1,262 @@
+"""The one render path, as plain functions: admit -> prepare -> render chunks -> finalise.
+
+`render_local` runs them in this process (tests, debugging); the Ray runtime (`actors/`)
+distributes exactly the same functions: compositors call `prepare_job`, `render_chunk` and
+`finalize_job`, and `render_chunk`'s `generate` argument is where the model is reached
+(in-process model here, a model-worker actor in the cluster).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from pydantic import BaseModel
+
+from cluster.config import Settings, get_settings
+from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.schemas import Chunk, MediaInfo, RenderRequest
+
+log = logging.getLogger("lipsync.render")
+
+GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8."""
+ProgressFn = Callable[[int], None]
+
+
+class JobPlan(BaseModel):
+    """Everything a compositor needs to render any chunk of a job; stored as JSON with the job."""
+    job_id: str
+    job_dir: str
+    audio_path: str
+    audio_duration: float
+    mel_path: str
+    avatar_id: str
+    template_path: str
+    track_path: str
+    template_frames: int
+    width: int
+    height: int
+    fps_num: int
+    fps_den: int
+    frames_total: int
+    loop: str
+    model: str
+    model_size: int
+    batch_size: int
+    chunks: list[Chunk]
+    output_path: str
+
+    @property
+    def fps(self) -> Fraction:
+        return Fraction(self.fps_num, self.fps_den)
+
+    def segment_path(self, index: int) -> str:
+        return str(Path(self.job_dir) / "segments" / f"{index:05d}.mp4")
+
+
+class ChunkResult(BaseModel):
+    index: int
+    frames: int
+    segment: str
+    seconds: float
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def job_dir(job_id: str, settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).dir("jobs") / job_id
+
+
+# --- admit -------------------------------------------------------------------------------
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+    """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
+
+    Returns the request with paths pointing at the stored copies, so the job survives the
+    caller's files going away. Hard links where the filesystem allows, else a copy.
+    """
+    from cluster.media.probe import probe_audio, probe_video
+
+    s = settings or get_settings()
+    probe_audio(request.audio, s)
+    if request.video is not None:
+        probe_video(request.video, s)
+    elif request.avatar_id is None:
+        raise InputNotFound("a job needs a template video or an avatar_id")
+    inputs = job_dir(job_id, s) / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    stored = {}
+    for key in ("audio", "video"):
+        src = getattr(request, key)
+        if src is None:
+            continue
+        dst = inputs / f"{key}{Path(src).suffix.lower()}"
+        if not dst.exists():
+            tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        stored[key] = str(dst)
+    return request.model_copy(update=stored)
+
+
+# --- prepare -----------------------------------------------------------------------------
+def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
+                model_size: int | None = None, detector=None) -> JobPlan:
+    """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks."""
+    from cluster.audio import load_audio, melspectrogram
+    from cluster.faces.avatar import load_avatar, prepare_avatar
+    from cluster.plan import frame_count_from_samples, make_chunks
+
+    s = settings or get_settings()
+    for key in ("audio", "video"):
+        p = getattr(request, key)
+        if p is not None and not Path(p).exists():
+            raise InputsGone(f"job {job_id}: stored {key} input {p} no longer exists", job_id=job_id,
+                             stage="prepare", path=p)
+    if request.video is not None:
+        avatar = prepare_avatar(request.video, s, detector=detector)
+    else:
+        avatar = load_avatar(request.avatar_id, s)
+    vinfo = avatar.info.video
+    assert vinfo is not None
+    fps = vinfo.fps
+    wav = load_audio(request.audio, s)
+    jd = job_dir(job_id, s)
+    jd.mkdir(parents=True, exist_ok=True)
+    mel_path = jd / "mel.npy"
+    tmp = jd / f"mel.{uuid.uuid4().hex[:6]}.tmp.npy"
+    np.save(tmp, melspectrogram(wav))
+    os.replace(tmp, mel_path)
+    frames_total = frame_count_from_samples(len(wav), 16000, fps)
+    chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
+    model = request.model or s.model
+    if model_size is None:
+        from cluster.models import load_model
+
+        model_size = load_model(model, s).size
+    return JobPlan(
+        job_id=job_id, job_dir=str(jd), audio_path=request.audio, audio_duration=len(wav) / 16000.0,
+        mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
+        track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
+        height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
+        loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
+        output_path=request.output or str(jd / "output.mp4"),
+    )
+
+
+def check_plan_files(plan: JobPlan) -> None:
+    """Raise `InputsGone` naming the first stored input or prepared file that no longer exists."""
+    for what, p in (("audio input", plan.audio_path), ("normalised template", plan.template_path),
+                    ("face track", plan.track_path), ("mel features", plan.mel_path)):
+        if not Path(p).exists():
+            raise InputsGone(f"job {plan.job_id}: the {what} {p} no longer exists", job_id=plan.job_id, path=p)
+
+
+# --- render one chunk --------------------------------------------------------------------
+def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Settings | None = None,
+                 progress: ProgressFn | None = None) -> ChunkResult:
+    """Render output frames [chunk.start, chunk.stop) into the chunk's H.264 segment.
+
+    Streams batch by batch: decode the template frames the plan maps to, cut aligned crops,
+    `generate` new crops, paste them back, encode. Memory is bounded by one batch. The segment
+    is written under a unique temporary name and renamed into place only when complete, so a
+    killed attempt never leaves a segment that looks finished.
+    """
+    from cluster.faces.align import alignment_matrices, cut_crops, paste_back
+    from cluster.faces.track import FaceTrack
+    from cluster.media.decode import TemplateReader
+    from cluster.media.encode import SegmentEncoder
+    from cluster.audio import mel_windows
+    from cluster.plan import template_indices
+
+    s = settings or get_settings()
+    t0 = time.monotonic()
+    check_plan_files(plan)
+    track = FaceTrack.load(plan.track_path)
+    mel = np.load(plan.mel_path, mmap_mode="r")
+    final = Path(plan.segment_path(chunk.index))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
+    size = plan.model_size
+    try:
+        with TemplateReader(plan.template_path, s) as reader, \
+                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+            for b0 in range(chunk.start, chunk.stop, plan.batch_size):
+                b1 = min(b0 + plan.batch_size, chunk.stop)
+                idx = template_indices(b0, b1, plan.template_frames, plan.loop)
+                frames = reader.read(idx)
+                matrices = alignment_matrices(track.landmarks[idx], size)
+                crops = cut_crops(frames, matrices, size)
+                generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
+                if progress is not None:
+                    progress(b1 - b0)
+            written = encoder.close()
+        if written != chunk.frames:
+            raise OutputVerificationError(
+                f"segment {tmp} of chunk {chunk.index} has {written} frames, expected {chunk.frames}",
+                path=str(tmp))
+        os.replace(tmp, final)
+    except LipsyncError as e:
+        tmp.unlink(missing_ok=True)
+        raise e.with_context(job_id=plan.job_id, chunk=chunk.index, stage="render")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ChunkResult(index=chunk.index, frames=chunk.frames, segment=str(final),
+                       seconds=time.monotonic() - t0)
+
+
+# --- finalise ----------------------------------------------------------------------------
+def finalize_job(plan: JobPlan, settings: Settings | None = None) -> MediaInfo:
+    """Concatenate the segments, mux the audio, verify, rename into place."""
+    from cluster.media.finalize import finalize_output
+
+    s = settings or get_settings()
+    check_plan_files(plan)
+    segments = [plan.segment_path(c.index) for c in plan.chunks]
+    missing = [p for p in segments if not Path(p).exists()]
+    if missing:
+        raise OutputVerificationError(f"job {plan.job_id}: {len(missing)} segment(s) missing, first {missing[0]}",
+                                      job_id=plan.job_id, stage="finalize", path=missing[0])
+    Path(plan.output_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return finalize_output(segments, plan.audio_path, plan.output_path, frames_expected=plan.frames_total,
+                               fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
+    except LipsyncError as e:
+        raise e.with_context(job_id=plan.job_id, stage="finalize")
+
+
+# --- everything in this process ------------------------------------------------------------
+def render_local(request: RenderRequest, settings: Settings | None = None, model=None,
+                 progress: Callable[[int, int], None] | None = None, job_id: str | None = None) -> MediaInfo:
+    """Render one job entirely in this process (no Ray): the same functions the cluster runs."""
+    from cluster.models import load_model
+
+    s = settings or get_settings()
+    job_id = job_id or new_job_id()
+    model = model or load_model(request.model or s.model, s)
+    admitted = admit(job_id, request, s)
+    plan = prepare_job(job_id, admitted, s, model_size=model.size)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, plan.frames_total)
+
+    for chunk in plan.chunks:
+        render_chunk(plan, chunk, model.generate, s, progress=tick)
+    return finalize_job(plan, s)

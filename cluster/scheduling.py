@@ -1,0 +1,137 @@
+"""Scheduling decisions of the job manager, as plain Python (no Ray): which worker gets the next
+batch, which job's chunk runs next. The actor only wires these to real handles.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, Hashable, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Health(str, enum.Enum):
+    starting = "starting"   # created, not yet answered
+    live = "live"
+    lost = "lost"           # died or stalled; being restarted, probed until it answers
+    failed = "failed"       # cannot serve (e.g. model load error); stays out
+
+
+@dataclass
+class Member:
+    name: str
+    handle: Any
+    health: Health = Health.starting
+    inflight: int = 0
+    served: int = 0
+    info: dict = field(default_factory=dict)
+    error: Any = None
+    lost_at: float = 0.0
+
+
+class WorkerTable:
+    """A set of actors with health and in-flight counts; hands out the least-loaded live one.
+
+    `acquire` waits (with a deadline) while every live member is at `max_inflight`: that is the
+    backpressure that keeps a bounded number of batches queued per worker.
+    """
+
+    def __init__(self, max_inflight: int) -> None:
+        self.max_inflight = max_inflight
+        self.members: dict[str, Member] = {}
+        self._changed = asyncio.Condition()
+
+    def add(self, name: str, handle: Any) -> Member:
+        m = self.members.get(name)
+        if m is None:
+            m = self.members[name] = Member(name, handle)
+        else:
+            m.handle = handle
+        return m
+
+    def live(self) -> list[Member]:
+        return [m for m in self.members.values() if m.health == Health.live]
+
+    def all_failed(self) -> bool:
+        return bool(self.members) and all(m.health == Health.failed for m in self.members.values())
+
+    def pick(self) -> Member | None:
+        """The live member with the fewest batches in flight (ties: fewest served), if under the limit."""
+        ready = [m for m in self.live() if m.inflight < self.max_inflight]
+        if not ready:
+            return None
+        return min(ready, key=lambda m: (m.inflight, m.served, m.name))
+
+    async def acquire(self, timeout: float) -> Member | None:
+        """Reserve a slot on the least-loaded live member; None when none frees up within `timeout`."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                m = self.pick()
+                if m is not None:
+                    m.inflight += 1
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self.all_failed():
+                    return None
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+
+    async def release(self, m: Member, ok: bool = True) -> None:
+        async with self._changed:
+            m.inflight = max(0, m.inflight - 1)
+            if ok:
+                m.served += 1
+            self._changed.notify_all()
+
+    async def set_health(self, m: Member, health: Health, info: dict | None = None, error: Any = None) -> None:
+        async with self._changed:
+            m.health = health
+            if info is not None:
+                m.info = info
+            if error is not None:
+                m.error = error
+            if health == Health.lost:
+                m.lost_at = time.monotonic()
+                m.inflight = 0
+            self._changed.notify_all()
+
+    def snapshot(self) -> list[dict]:
+        return [{"name": m.name, "health": m.health.value, "inflight": m.inflight, "served": m.served,
+                 **({"error": str(m.error)} if m.error else {}), **m.info} for m in self.members.values()]
+
+
+class FairQueue(Generic[K]):
+    """Per-job FIFO queues served round-robin across jobs, so concurrent jobs share the cluster."""
+
+    def __init__(self) -> None:
+        self._queues: "collections.OrderedDict[str, collections.deque[K]]" = collections.OrderedDict()
+
+    def push(self, job_id: str, item: K, front: bool = False) -> None:
+        q = self._queues.setdefault(job_id, collections.deque())
+        q.appendleft(item) if front else q.append(item)
+
+    def pop(self) -> tuple[str, K] | None:
+        """The next item of the job after the one served last (round-robin)."""
+        for job_id in list(self._queues):
+            q = self._queues[job_id]
+            if not q:
+                del self._queues[job_id]
+                continue
+            item = q.popleft()
+            self._queues.move_to_end(job_id)  # this job goes to the back of the line
+            if not q:
+                del self._queues[job_id]
+            return job_id, item
+        return None
+
+    def drop(self, job_id: str) -> list[K]:
+        return list(self._queues.pop(job_id, ()))
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())

@@ -1,0 +1,411 @@
+"""Synthetic but realistic media: speech-like audio and a template video of a photographed face.
+
+Used by `lipsync demo`, by the tests and by the benchmarks. Nothing is downloaded: the speech is a
+source-filter synthesis (glottal pulses through vowel formants, fricative noise, pauses) and the
+face is scikit-image's bundled `astronaut` photograph with a slow, subtle head motion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import tempfile
+import threading
+import wave
+from fractions import Fraction
+
+import cv2
+import numpy as np
+from scipy import signal
+
+from cluster.config import Settings, get_settings
+from cluster.errors import EncodeError, MediaError
+from cluster.media.ffmpeg import ffmpeg_binary
+
+# --- speech ------------------------------------------------------------------------------------
+# (F1, F2, F3) in Hz of a few vowels of an adult speaker.
+_VOWEL_FORMANTS: dict[str, tuple[float, float, float]] = {
+    "a": (730.0, 1090.0, 2440.0),
+    "e": (530.0, 1840.0, 2480.0),
+    "i": (300.0, 2250.0, 3000.0),
+    "o": (570.0, 840.0, 2410.0),
+    "u": (320.0, 870.0, 2240.0),
+}
+_FORMANT_BANDWIDTHS = (80.0, 110.0, 160.0)
+_NOISE_FLOOR = 1e-4
+"""Amplitude of the background noise in pauses (about -80 dBFS): silence, but not digital zero."""
+_BLOCK_SAMPLES = 1 << 17
+"""Samples synthesised at a time (~8 s at 16 kHz): long audio never holds full-length temporaries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Syllable:
+    start: int
+    stop: int
+    vowel: str
+    amplitude: float
+    attack: float          # fraction of the syllable
+    decay_from: float      # fraction of the syllable
+    pitch_from: float      # intonation factor at the start
+    pitch_to: float        # intonation factor at the end
+    fricative: int         # samples of fricative noise at the onset (0: none)
+    fricative_amp: float
+
+    def envelope(self) -> np.ndarray:
+        """Fast attack, sustained nucleus, slower decay."""
+        x = np.linspace(0.0, 1.0, self.stop - self.start)
+        env = np.where(x < self.attack, np.sin(0.5 * np.pi * x / self.attack) ** 2, 1.0)
+        tail = np.clip((x - self.decay_from) / (1.0 - self.decay_from), 0.0, 1.0)
+        return self.amplitude * env * np.cos(0.5 * np.pi * tail) ** 2
+
+
+def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0, pause_every: float | None = 2.2,
+                pause_seconds: tuple[float, float] = (0.3, 0.8)) -> np.ndarray:
+    """Speech-like float32 mono audio in [-1, 1], deterministic for a seed.
+
+    Voiced syllables of 150-300 ms, often separated by short closures: Rosenberg glottal pulses
+    (pitch 100-220 Hz with slow drift, intonation and jitter) through three formant resonators
+    set per syllable to a vowel a/e/i/o/u, with attack/decay envelopes; some unvoiced fricative
+    bursts; and pauses of `pause_seconds` after speech runs of about `pause_every` seconds
+    (0.7x-1.3x; None: no pauses) holding only a faint noise floor. Synthesised in blocks: memory
+    is about two float32 copies of the result.
+    """
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    n = int(round(seconds * sample_rate))
+    rng = np.random.default_rng(seed)
+    syllables = _plan_syllables(n, sample_rate, rng, pause_every, pause_seconds)
+    starts = np.array([s.start for s in syllables], dtype=np.int64)
+    stops = np.array([s.stop for s in syllables], dtype=np.int64)
+    base = rng.uniform(115.0, 175.0)
+    drift_phase = rng.uniform(0, 2 * np.pi, size=2)
+    noise_rng = np.random.default_rng([seed, 1])
+
+    jitter_sos = signal.butter(2, 30.0, fs=sample_rate, output="sos")
+    jitter_gain = _noise_gain(jitter_sos)
+    hiss_sos = signal.butter(4, min(2500.0, 0.3 * sample_rate), btype="highpass", fs=sample_rate, output="sos")
+    hiss_gain = _noise_gain(hiss_sos)
+    jitter_zi = np.zeros((jitter_sos.shape[0], 2))
+    hiss_zi = np.zeros((hiss_sos.shape[0], 2))
+    formant_zi = np.zeros((3, 2))
+    phase, last_glottal = 0.0, 0.0
+
+    voiced = np.empty(n, dtype=np.float32)
+    unvoiced = np.empty(n, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK_SAMPLES):
+        b1 = min(n, b0 + _BLOCK_SAMPLES)
+        t = np.arange(b0, b1) / sample_rate
+        voiced_env = np.zeros(b1 - b0)
+        unvoiced_env = np.zeros(b1 - b0)
+        intonation = np.ones(b1 - b0)
+        first, last = np.searchsorted(stops, b0, "right"), np.searchsorted(starts, b1, "left")
+        for syl in syllables[first:last]:  # the syllables overlapping this block
+            lo, hi = max(syl.start, b0), min(syl.stop, b1)
+            voiced_env[lo - b0:hi - b0] = syl.envelope()[lo - syl.start:hi - syl.start]
+            intonation[lo - b0:hi - b0] = np.linspace(syl.pitch_from, syl.pitch_to,
+                                                      syl.stop - syl.start)[lo - syl.start:hi - syl.start]
+            if syl.fricative:
+                f_hi = min(syl.start + syl.fricative, b1)
+                if f_hi > lo:
+                    unvoiced_env[lo - b0:f_hi - b0] = (np.hanning(syl.fricative) * syl.fricative_amp)[
+                        lo - syl.start:f_hi - syl.start]
+
+        jitter, jitter_zi = signal.sosfilt(jitter_sos, noise_rng.standard_normal(b1 - b0), zi=jitter_zi)
+        drift = (1.0 + 0.08 * np.sin(2 * np.pi * 0.31 * t + drift_phase[0])
+                 + 0.04 * np.sin(2 * np.pi * 1.13 * t + drift_phase[1]))
+        f0 = np.clip(base * drift * intonation * (1.0 + 0.005 * jitter / jitter_gain), 100.0, 220.0)
+        cycles = phase + np.cumsum(f0 / sample_rate)
+        phase = float(cycles[-1] % 1.0)
+        glottal = _rosenberg(cycles % 1.0)
+        source = np.diff(glottal, prepend=last_glottal) * voiced_env  # radiated glottal flow derivative
+        last_glottal = float(glottal[-1])
+
+        # formant filtering, piecewise per syllable; a gap takes the next syllable's vowel
+        cuts = np.concatenate(([b0], starts[(starts > b0) & (starts < b1)], stops[(stops > b0) & (stops < b1)], [b1]))
+        cuts = np.unique(cuts)
+        for p0, p1 in zip(cuts[:-1], cuts[1:]):
+            k = min(int(np.searchsorted(stops, p0, "right")), len(syllables) - 1)
+            vowel = syllables[k].vowel if syllables else "a"
+            y, formant_zi = _formant_cascade(source[p0 - b0:p1 - b0], _VOWEL_FORMANTS[vowel], sample_rate, formant_zi)
+            voiced[p0:p1] = y
+
+        hiss, hiss_zi = signal.sosfilt(hiss_sos, noise_rng.standard_normal(b1 - b0), zi=hiss_zi)
+        unvoiced[b0:b1] = unvoiced_env * hiss / (4.0 * hiss_gain)  # peaks near 1 before the envelope
+
+    voiced *= 0.85 / max(float(np.abs(voiced).max()), 1e-9)
+    voiced += 2.0 * unvoiced
+    del unvoiced
+    voiced *= 1.0 / max(float(np.abs(voiced).max()) / 0.9, 1.0)
+    for b0 in range(0, n, _BLOCK_SAMPLES):
+        b1 = min(n, b0 + _BLOCK_SAMPLES)
+        voiced[b0:b1] += (_NOISE_FLOOR * noise_rng.standard_normal(b1 - b0)).astype(np.float32)
+    np.clip(voiced, -1.0, 1.0, out=voiced)
+    return voiced
+
+
+def _plan_syllables(n: int, sample_rate: int, rng: np.random.Generator, pause_every: float | None,
+                    pause_seconds: tuple[float, float]) -> list[_Syllable]:
+    """Syllables in order: speech runs of about `pause_every` s separated by pauses."""
+    syllables: list[_Syllable] = []
+    pos = int(rng.uniform(0.05, 0.25) * sample_rate)  # short lead-in silence
+    vowels = list(_VOWEL_FORMANTS)
+    while pos < n:
+        run_end = n if not pause_every else min(n, pos + int(pause_every * rng.uniform(0.7, 1.3) * sample_rate))
+        while pos < run_end:
+            a, b = pos, min(pos + int(rng.uniform(0.15, 0.30) * sample_rate), run_end)
+            if b - a < int(0.06 * sample_rate):
+                break
+            fricative = int(rng.uniform(0.04, 0.09) * sample_rate) if rng.random() < 0.35 else 0
+            syllables.append(_Syllable(
+                start=a, stop=b, vowel=vowels[int(rng.integers(len(vowels)))],
+                amplitude=rng.uniform(0.45, 1.0), attack=rng.uniform(0.12, 0.25), decay_from=rng.uniform(0.55, 0.75),
+                pitch_from=rng.uniform(1.0, 1.12), pitch_to=rng.uniform(0.88, 1.0),
+                fricative=min(fricative, b - a), fricative_amp=rng.uniform(0.08, 0.2)))
+            pos = b
+            if rng.random() < 0.6:  # a stop-consonant closure before the next syllable
+                pos += int(rng.uniform(0.03, 0.08) * sample_rate)
+        pos = run_end + int(rng.uniform(*pause_seconds) * sample_rate)
+    return syllables
+
+
+def _noise_gain(sos: np.ndarray) -> float:
+    """Standard deviation of the filter's output for unit white noise (from its impulse response)."""
+    impulse = np.zeros(8192)
+    impulse[0] = 1.0
+    return float(np.sqrt(np.sum(signal.sosfilt(sos, impulse) ** 2)))
+
+
+def _rosenberg(phase: np.ndarray, open_q: float = 0.4, close_q: float = 0.16) -> np.ndarray:
+    """Rosenberg glottal flow pulse evaluated at the fractional phase of each sample."""
+    g = np.zeros_like(phase)
+    rise = phase < open_q
+    g[rise] = 0.5 * (1.0 - np.cos(np.pi * phase[rise] / open_q))
+    fall = (phase >= open_q) & (phase < open_q + close_q)
+    g[fall] = np.cos(0.5 * np.pi * (phase[fall] - open_q) / close_q)
+    return g
+
+
+def _formant_cascade(x: np.ndarray, formants: tuple[float, float, float], sample_rate: int,
+                     zi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Three second-order resonators (unity gain at DC) in cascade; filter state carried in `zi`."""
+    sos = []
+    for f, bw in zip(formants, _FORMANT_BANDWIDTHS):
+        f = min(f, 0.45 * sample_rate)
+        r = math.exp(-math.pi * bw / sample_rate)
+        c = 2.0 * r * math.cos(2.0 * math.pi * f / sample_rate)
+        sos.append([1.0 - c + r * r, 0.0, 0.0, 1.0, -c, r * r])
+    y, zf = signal.sosfilt(np.array(sos), x, zi=zi)
+    return y, zf
+
+
+# --- writing audio -----------------------------------------------------------------------------
+_AUDIO_ENCODERS: dict[str, list[str]] = {
+    ".mp3": ["-c:a", "libmp3lame", "-q:a", "4", "-f", "mp3"],
+    ".m4a": ["-c:a", "aac", "-b:a", "128k", "-f", "ipod"],
+    ".aac": ["-c:a", "aac", "-b:a", "128k", "-f", "adts"],
+    ".flac": ["-c:a", "flac", "-f", "flac"],
+    ".ogg": ["-c:a", "libvorbis", "-q:a", "4", "-f", "ogg"],
+}
+
+
+def write_audio(path: str, wav: np.ndarray, sample_rate: int = 16000, settings: Settings | None = None) -> str:
+    """Write mono float audio in [-1, 1] to `path`, by its extension: `.wav` (16-bit PCM, stdlib
+    `wave`), `.mp3`, `.m4a`, `.aac`, `.flac`, `.ogg` (ffmpeg, float32 piped in). Returns `path`."""
+    s = settings or get_settings()
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    samples = np.ascontiguousarray(np.clip(np.asarray(wav, dtype=np.float32).reshape(-1), -1.0, 1.0))
+    if ext == ".wav":
+        pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
+        with wave.open(path, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(int(sample_rate))
+            w.writeframes(pcm.tobytes())
+        return path
+    if ext not in _AUDIO_ENCODERS:
+        raise ValueError(f"cannot write audio as {ext!r}: use one of .wav, {', '.join(_AUDIO_ENCODERS)}")
+    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+           "-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", "pipe:0",
+           *_AUDIO_ENCODERS[ext], path]
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise MediaError(f"cannot start ffmpeg {cmd[0]!r} to write {path!r}: {e}", cause=repr(e)) from e
+    try:
+        _, stderr = proc.communicate(input=memoryview(samples.astype("<f4", copy=False)).cast("B"),
+                                     timeout=s.ffmpeg_timeout_s)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise EncodeError(f"ffmpeg timed out after {s.ffmpeg_timeout_s:.0f} s writing {path!r}",
+                          path=path, cause=repr(e)) from e
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise EncodeError(f"ffmpeg failed (status {proc.returncode}) writing audio {path!r}", path=path,
+                          cause=stderr.decode("utf-8", "replace")[-2000:])
+    return path
+
+
+# --- the astronaut template --------------------------------------------------------------------
+_ASTRONAUT_FACE_BOX = (183.0, 78.0, 270.0, 182.0)
+"""Face (hairline to chin, cheek to cheek) in skimage.data.astronaut() pixels: x0, y0, x1, y1."""
+
+
+def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25,
+                       size: tuple[int, int] = (320, 240), head_motion: bool = True,
+                       audio: np.ndarray | None = None, rotation: int = 0, seed: int = 0,
+                       settings: Settings | None = None) -> str:
+    """Write a template video of a real photographed face (scikit-image's astronaut) to `path`.
+
+    `size` (width, height) is the display size; the face fills about 40% of its height (portrait
+    sizes: face in the upper middle, its width at most 60% of the frame). `head_motion` adds a slow
+    smooth sway (translation, tilt, scale) like a person standing and talking. Encoded H.264
+    yuv420p at exactly `fps` (e.g. Fraction(30000, 1001)), `round(seconds * fps)` frames; `audio`
+    (16 kHz mono float) is muxed as AAC. `rotation` (0/90/180/270) is the clockwise rotation a
+    player applies (display matrix): the frames are stored pre-rotated so the face is upright
+    once displayed. Returns `path`.
+    """
+    s = settings or get_settings()
+    path = os.fspath(path)
+    fps = Fraction(fps)
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    rotation = int(rotation) % 360
+    if rotation not in (0, 90, 180, 270):
+        raise ValueError(f"rotation must be 0, 90, 180 or 270, got {rotation}")
+    width, height = int(size[0]), int(size[1])
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise ValueError(f"size must be even and >= 16 on both sides, got {size}")
+    n_frames = max(1, int(round(Fraction(seconds) * fps)))
+    stored_w, stored_h = (height, width) if rotation in (90, 270) else (width, height)
+
+    import skimage.data  # deferred: only this function needs the bundled photograph
+
+    source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    x0, y0, x1, y1 = _ASTRONAUT_FACE_BOX
+    face_w, face_h = x1 - x0, y1 - y0
+    face_c = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])
+    scale = min(0.42 * height / face_h, 0.6 * width / face_w)
+    target_c = np.array([width / 2.0, (0.40 if height > width else 0.50) * height])
+    rng = np.random.default_rng(seed)
+    phases = rng.uniform(0.0, 2.0 * np.pi, size=6)
+
+    tmp_audio = None
+    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+    if rotation:
+        # display matrix on the raw input, written to the output untouched (no autorotate filter)
+        cmd += ["-noautorotate", "-display_rotation", str(-rotation)]
+    cmd += ["-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{stored_w}x{stored_h}",
+            "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
+    try:
+        if audio is not None:
+            fd, tmp_audio = tempfile.mkstemp(suffix=".wav", dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
+            write_audio(tmp_audio, audio, 16000, settings=s)
+            cmd += ["-i", tmp_audio, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+                "-r", f"{fps.numerator}/{fps.denominator}", "-movflags", "+faststart", path]
+        frames = (_render_frame(source, k / float(fps), scale, face_c, target_c, face_h, (width, height),
+                                head_motion, phases, rotation) for k in range(n_frames))
+        _encode_frames(cmd, frames, timeout_s=s.ffmpeg_timeout_s, what=f"writing template {path!r}", path=path)
+    finally:
+        if tmp_audio is not None:
+            os.unlink(tmp_audio)
+    return path
+
+
+def _render_frame(source: np.ndarray, t: float, scale: float, face_c: np.ndarray, target_c: np.ndarray,
+                  face_h: float, size: tuple[int, int], head_motion: bool, phases: np.ndarray,
+                  rotation: int) -> np.ndarray:
+    """One display-oriented frame at time t, then pre-rotated against the display rotation."""
+    angle, zoom, shift = 0.0, 1.0, np.zeros(2)
+    if head_motion:  # slow, incommensurate sways: a few % of the face, about a degree of tilt
+        def sway(hz: float, k: int) -> float:
+            return math.sin(2 * math.pi * hz * t + phases[k])
+
+        angle = 1.6 * sway(0.21, 0) + 0.5 * sway(0.47, 1)
+        zoom = 1.0 + 0.015 * sway(0.13, 2)
+        amp = 0.03 * face_h * scale
+        shift = amp * np.array([sway(0.17, 3) + 0.3 * sway(0.53, 4), 0.6 * sway(0.23, 5)])
+    theta = math.radians(angle)
+    a = scale * zoom * math.cos(theta)
+    b = scale * zoom * math.sin(theta)
+    linear = np.array([[a, b], [-b, a]])  # rotate by `angle` (counter-clockwise on screen) and scale
+    offset = target_c + shift - linear @ face_c
+    matrix = np.hstack([linear, offset[:, None]])
+    frame = cv2.warpAffine(source, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if rotation == 90:
+        frame = cv2.rotate(frame, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    elif rotation == 180:
+        frame = cv2.rotate(frame, cv2.ROTATE_180)
+    elif rotation == 270:
+        frame = cv2.rotate(frame, cv2.ROTATE_90_CLOCKWISE)
+    return np.ascontiguousarray(frame)
+
+
+def _encode_frames(cmd: list[str], frames, *, timeout_s: float, what: str, path: str) -> None:
+    """Pipe raw frames into an ffmpeg encoder; a timer kills it at the deadline; always reaped."""
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        except OSError as e:
+            raise MediaError(f"cannot start ffmpeg {cmd[0]!r} for {what}: {e}", cause=repr(e)) from e
+        timed_out = threading.Event()
+
+        def _kill_at_deadline() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout_s, _kill_at_deadline)
+        timer.daemon = True
+        timer.start()
+        broken: BaseException | None = None
+        try:
+            try:
+                for frame in frames:
+                    proc.stdin.write(memoryview(frame).cast("B"))
+                proc.stdin.close()
+            except BrokenPipeError as e:  # ffmpeg died: its status and stderr say why, below
+                broken = e
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            proc.kill()
+            proc.wait()
+            raise EncodeError(f"ffmpeg did not finish {what} within {timeout_s:.0f} s", path=path,
+                              cause=repr(e)) from e
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+            if proc.stdin and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+        err.seek(0)
+        stderr = err.read().decode("utf-8", "replace")[-2000:]
+    if timed_out.is_set():
+        raise EncodeError(f"ffmpeg timed out after {timeout_s:.0f} s {what}", path=path, cause=stderr)
+    if rc != 0 or broken is not None:
+        raise EncodeError(f"ffmpeg failed (status {rc}) {what}", path=path,
+                          cause=stderr or (repr(broken) if broken else None))
+
+
+def make_demo_inputs(directory: str, seconds: float = 6.0, settings: Settings | None = None) -> tuple[str, str]:
+    """The demo's inputs in `directory`: speech-like audio with pauses (`demo_speech.wav`, `seconds`
+    long) and a 640x480 25 fps astronaut template (`demo_template.mp4`) of about 4 s, shorter than
+    the audio so the ping-pong loop is exercised. Returns (audio_path, video_path)."""
+    os.makedirs(directory, exist_ok=True)
+    audio_path = os.path.join(directory, "demo_speech.wav")
+    video_path = os.path.join(directory, "demo_template.mp4")
+    write_audio(audio_path, speech_like(seconds, seed=7), 16000, settings=settings)
+    template_seconds = max(1.0, min(4.0, 0.67 * seconds))
+    astronaut_template(video_path, seconds=template_seconds, fps=25, size=(640, 480), seed=7, settings=settings)
+    return audio_path, video_path

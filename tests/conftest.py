@@ -1,0 +1,84 @@
+"""Session-wide fixtures: an isolated storage root, generated media, one Ray instance."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+# Every test of the session stores under its own temporary root (set before settings are read).
+_ROOT = Path(tempfile.mkdtemp(prefix="lipsync-test-"))
+os.environ["LIPSYNC_STORAGE_ROOT"] = str(_ROOT / "storage")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from hypothesis import settings as hyp_settings  # noqa: E402
+
+hyp_settings.register_profile("ci", deadline=None, max_examples=60)
+hyp_settings.load_profile("ci")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> Path:
+    d = _ROOT / "media"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def speech_wav(media_dir) -> str:
+    """3.2 s of speech-like audio with pauses, 16-bit wav."""
+    from cluster.synth import speech_like, write_audio
+
+    return write_audio(str(media_dir / "speech.wav"), speech_like(3.2, seed=1))
+
+
+@pytest.fixture(scope="session")
+def astronaut_video(media_dir) -> str:
+    """A 2 s, 320x240, 25 fps template of a real photographed face with head motion (no audio)."""
+    from cluster.synth import astronaut_template
+
+    return astronaut_template(str(media_dir / "astronaut.mp4"), seconds=2.0, fps=25, size=(320, 240))
+
+
+# --- Ray: one instance for the whole session --------------------------------------------------
+RAY_TEST_SETTINGS = dict(model_workers=2, compositors=2, chunk_seconds=1.0, batch_size=8,
+                         batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
+                         model_load_timeout_s=180.0)
+
+
+@pytest.fixture(scope="session")
+def ray_settings():
+    from cluster.config import Settings
+
+    return Settings(**RAY_TEST_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def runtime(ray_settings):
+    """The job manager on a session-wide Ray with 8 logical CPUs and 2 logical GPUs."""
+    import ray
+
+    from actors.runtime import Runtime
+
+    ray.init(num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
+             log_to_driver=False)
+    rt = Runtime(ray_settings)
+    state = rt.ready(timeout=240)
+    assert any(m["health"] == "live" for m in state["models"][ray_settings.model]), state
+    yield rt
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def speech4_wav(media_dir) -> str:
+    """4 s of speech-like audio: 100 frames at 25 fps, 4 chunks of 1 s in the Ray tests."""
+    from cluster.synth import speech_like, write_audio
+
+    return write_audio(str(media_dir / "speech4.wav"), speech_like(4.0, seed=7))

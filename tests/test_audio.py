@@ -1,0 +1,185 @@
+"""cluster.audio: decoding, Wav2Lip mel spectrogram, mel windows, frame energy."""
+from __future__ import annotations
+
+import subprocess
+import tracemalloc
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import scipy.signal
+
+from cluster import audio, synth
+from cluster.errors import InputNotFound, InputUnreadable, NoAudioStream
+from cluster.media.ffmpeg import ffmpeg_binary
+
+SR = 16000
+TONE_HZ = 440.0
+TONE_SECONDS = 2.0
+
+_ENCODE = {
+    "wav": ["-c:a", "pcm_s16le"],
+    "mp3": ["-c:a", "libmp3lame", "-b:a", "96k"],
+    "m4a": ["-c:a", "aac", "-b:a", "96k"],
+    "flac": ["-c:a", "flac"],
+    "ogg": ["-c:a", "libvorbis"],
+}
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
+                   check=True, timeout=60, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A 440 Hz tone at 44.1 kHz stereo written by the ffmpeg CLI in each format (independent of
+    cluster.synth), a video with an audio track, a video without one, and a garbage file."""
+    d = tmp_path_factory.mktemp("audio_media")
+    files = {}
+    for ext, codec in _ENCODE.items():
+        p = d / f"tone.{ext}"
+        _ffmpeg("-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:duration={TONE_SECONDS}:sample_rate=44100",
+                "-ac", "2", *codec, str(p))
+        files[ext] = str(p)
+    mp4_with_audio = d / "with_audio.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-f", "lavfi",
+            "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000", "-t", str(TONE_SECONDS),
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(mp4_with_audio))
+    files["video"] = str(mp4_with_audio)
+    mp4_silent = d / "no_audio.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-t", "1",
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(mp4_silent))
+    files["no_audio"] = str(mp4_silent)
+    garbage = d / "garbage.mp3"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    files["garbage"] = str(garbage)
+    return files
+
+
+def _dominant_hz(wav: np.ndarray) -> float:
+    spec = np.abs(np.fft.rfft(wav * np.hanning(len(wav))))
+    return float(np.argmax(spec) * SR / len(wav))
+
+
+@pytest.mark.parametrize("kind", ["wav", "mp3", "m4a", "flac", "ogg", "video"])
+def test_load_audio_decodes_formats_to_16k_mono(media, kind):
+    wav = audio.load_audio(media[kind])
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(audio.audio_duration(wav) - TONE_SECONDS) < 0.05, len(wav)
+    mid = wav[SR // 2: SR // 2 + SR]
+    assert abs(_dominant_hz(mid) - TONE_HZ) <= 2.0
+    assert 0.05 < np.abs(mid).max() <= 1.0
+
+
+def test_load_audio_typed_errors(media, tmp_path):
+    with pytest.raises(NoAudioStream) as e:
+        audio.load_audio(media["no_audio"])
+    assert "no_audio.mp4" in str(e.value) and e.value.code == "input.no_audio_stream"
+    with pytest.raises(InputUnreadable) as e:
+        audio.load_audio(media["garbage"])
+    assert "garbage.mp3" in str(e.value) and e.value.cause
+    with pytest.raises(InputNotFound):
+        audio.load_audio(str(tmp_path / "missing.wav"))
+
+
+def test_load_audio_deadline_kills_ffmpeg(media):
+    from cluster.config import Settings
+    from cluster.errors import MediaError
+
+    with pytest.raises(MediaError, match="timed out"):
+        audio.load_audio(media["flac"], settings=Settings(ffmpeg_timeout_s=1e-4))
+
+
+def _librosa_reference(wav: np.ndarray) -> np.ndarray:
+    """Wav2Lip's audio.melspectrogram, written with librosa (the test-only reference)."""
+    import librosa
+
+    y = scipy.signal.lfilter([1, -0.97], [1], wav)
+    stft = librosa.stft(y=y, n_fft=800, hop_length=200, win_length=800)
+    basis = librosa.filters.mel(sr=SR, n_fft=800, n_mels=80, fmin=55, fmax=7600)
+    s_db = 20 * np.log10(np.maximum(1e-5, basis @ np.abs(stft))) - 20
+    return np.clip(8 * ((s_db + 100) / 100) - 4, -4, 4)
+
+
+def test_melspectrogram_matches_librosa_reference():
+    speech = synth.speech_like(3.3, seed=3)
+    for n in (len(speech), 4321, 800):  # several blocks, odd lengths, shorter than one block
+        wav = speech[:n]
+        mel = audio.melspectrogram(wav)
+        ref = _librosa_reference(wav)
+        assert mel.dtype == np.float32 and mel.shape == (80, 1 + n // 200) == ref.shape
+        assert np.abs(mel - ref).max() < 1e-4
+    full = audio.melspectrogram(speech)  # speech reaches well above the floor, pauses sit near it
+    assert full.max() > 0 and full.min() < -3.5
+
+
+def test_melspectrogram_memory_is_bounded_on_ten_minutes():
+    wav = (0.1 * np.random.default_rng(1).standard_normal(10 * 60 * SR)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        mel = audio.melspectrogram(wav)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert mel.shape == (80, 1 + len(wav) // 200)
+    # peak counts the output and the per-block temporaries (the input existed before)
+    assert peak < 3 * (mel.nbytes + wav.nbytes)
+    assert peak < mel.nbytes + 32 * 2**20, peak
+
+
+def test_mel_windows_exact_columns_past_409_seconds():
+    t = 80 * 500
+    mel = np.tile(np.arange(t, dtype=np.float32), (80, 1))  # each column holds its own index
+    win = audio.mel_windows(mel, Fraction(25), 12000, 12003)
+    assert win.shape == (3, 1, 80, 16) and win.dtype == np.float32
+    assert win[0, 0, 0, 0] == 38400 and win[1, 0, 0, 0] == 38403
+    np.testing.assert_array_equal(win[0, 0, 5], np.arange(38400, 38416))
+    # past the end the last column repeats
+    tail = audio.mel_windows(mel, Fraction(25), 12497, 12498)[0, 0, 0]
+    np.testing.assert_array_equal(tail, [39990 + k for k in range(10)] + [t - 1] * 6)
+    beyond = audio.mel_windows(mel, Fraction(25), 12600, 12601)  # starts past T
+    assert np.all(beyond == t - 1)
+
+
+@pytest.mark.parametrize("fps", [Fraction(25), Fraction(30), Fraction(30000, 1001), Fraction(60)])
+def test_mel_windows_start_columns_match_exact_floor(fps):
+    t = 5000
+    mel = np.tile(np.arange(t, dtype=np.float32), (80, 1))
+    start, stop = 1000, 1400
+    win = audio.mel_windows(mel, fps, start, stop)
+    expected = [min(int(Fraction(i * 80) / fps), t - 1) for i in range(start, stop)]
+    np.testing.assert_array_equal(win[:, 0, 0, 0], expected)
+    # a sub-range equals the same slice of a longer range (chunks agree with the whole)
+    np.testing.assert_array_equal(audio.mel_windows(mel, fps, 1100, 1200), win[100:200])
+
+
+def test_frame_energy_measures_speech_band_per_frame_span():
+    fps = Fraction(25)
+    t = np.arange(3 * SR) / SR
+    wav = np.zeros_like(t)
+    burst = (t >= 1.0) & (t < 1.2)  # frames 25..29 exactly
+    wav[burst] = 0.5 * np.sin(2 * np.pi * 1000 * t[burst])
+    rumble = t >= 2.0  # 60 Hz, outside the speech band
+    wav[rumble] = 0.5 * np.sin(2 * np.pi * 60 * t[rumble])
+    e = audio.frame_energy(wav.astype(np.float32), fps, 80)
+    assert e.shape == (80,) and e.dtype == np.float32
+    assert np.all(e[26:30] > 0.3)  # ~0.35 = RMS of a 0.5 sine
+    assert np.all(e[:25] < 1e-6)
+    assert np.all(e[32:50] < 0.01)
+    assert np.all(e[55:75] < 0.02 * e[27])  # the 60 Hz rumble is filtered out
+    assert np.all(e[75:] == 0)  # past the end of the audio
+
+
+def test_frame_energy_spans_at_ntsc_rate():
+    fps = Fraction(30000, 1001)
+    n = 10 * SR
+    wav = (0.3 * np.sin(2 * np.pi * 800 * np.arange(n) / SR)).astype(np.float32)
+    frames = 300  # ceil(10 s * 29.97) = 300
+    e = audio.frame_energy(wav, fps, frames)
+    assert np.all(np.abs(e[5:] - 0.3 / np.sqrt(2)) < 0.01)
+
+
+def test_audio_duration():
+    assert audio.audio_duration(np.zeros(24000, np.float32)) == 1.5
+    assert audio.audio_duration(np.zeros(100, np.float32), sample_rate=100) == 1.0

@@ -1,0 +1,296 @@
+"""Faces: MTCNN detection on a real photographed face, subject tracking, alignment, paste-back, avatars."""
+from __future__ import annotations
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from cluster.config import Settings
+from cluster.errors import InputNotFound, NoFace
+from cluster.faces import align, canonical
+from cluster.faces.avatar import load_avatar, prepare_avatar
+from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
+from cluster.faces.track import FaceTrack, build_track, smooth_one_euro
+
+W, H, FPS = 320, 240, 25
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def face_bgr() -> np.ndarray:
+    """The astronaut's head (a real photograph), about 100 x 112 px, BGR."""
+    rgb = skdata.astronaut()[30:230, 140:320]
+    return cv2.resize(rgb[:, :, ::-1], (100, 112), interpolation=cv2.INTER_AREA)
+
+
+def _background(seed: int = 0) -> np.ndarray:
+    y, x = np.mgrid[0:H, 0:W]
+    rng = np.random.default_rng(seed)
+    bg = np.stack([90 + 40 * x / W, 110 + 30 * y / H, 130 - 20 * x / W], axis=2)
+    bg = bg + rng.normal(0, 3, bg.shape)
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _frame_with_face(face: np.ndarray, x: int, y: int, seed: int = 0) -> np.ndarray:
+    frame = _background(seed)
+    h, w = face.shape[:2]
+    frame[y:y + h, x:x + w] = face
+    return frame
+
+
+def _shifts(n: int) -> list[tuple[int, int]]:
+    """Small per-frame translations of the face (a slowly swaying head)."""
+    return [(110 + round(4 * np.sin(i / 5)), 60 + round(2 * np.cos(i / 7))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def detector() -> MTCNNDetector:
+    return MTCNNDetector()
+
+
+@pytest.fixture(scope="module")
+def template_video(tmp_path_factory, face_bgr) -> str:
+    """A 2 s 320x240 H.264 clip of the face with small per-frame translations."""
+    path = tmp_path_factory.mktemp("faces") / "template.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for i, (x, y) in enumerate(_shifts(2 * FPS)):
+            frame = av.VideoFrame.from_ndarray(_frame_with_face(face_bgr, x, y, seed=i), format="bgr24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def _det(landmarks: np.ndarray, box: np.ndarray, score: float = 0.99) -> FaceDetection:
+    return FaceDetection(box=np.asarray(box, np.float32), score=score,
+                         landmarks=np.asarray(landmarks, np.float32))
+
+
+def _synthetic_face(cx: float, cy: float, side: float) -> FaceDetection:
+    """A detection whose landmarks are the canonical points scaled into a box of `side` at (cx, cy)."""
+    lm = (canonical.CANONICAL_5PTS - 0.5) * side + np.array([cx, cy])
+    return _det(lm, [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+
+
+# --- detection -------------------------------------------------------------------------------
+def test_detector_finds_the_face_with_plausible_landmarks(detector, face_bgr):
+    (x, y), (x2, y2) = (110, 60), (117, 63)
+    frames = [_frame_with_face(face_bgr, x, y), _frame_with_face(face_bgr, x2, y2, seed=1)]
+    results = detector.detect_batch(frames)
+    assert [len(r) for r in results] == [1, 1]
+    d = results[0][0]
+    assert d.score > 0.9
+    bx1, by1, bx2, by2 = d.box
+    assert x - 10 < bx1 < bx2 < x + 110 and y - 15 < by1 < by2 < y + 125
+    le, re, nose, lm, rm = d.landmarks
+    assert le[0] < re[0] and lm[0] < rm[0]                   # image left first
+    assert max(le[1], re[1]) < nose[1] < min(lm[1], rm[1])    # eyes above nose above mouth
+    eye_dist = re[0] - le[0]
+    assert 0.25 * (bx2 - bx1) < eye_dist < 0.65 * (bx2 - bx1)
+    assert np.all((d.landmarks >= d.box[:2]) & (d.landmarks <= d.box[2:]))
+    # the landmarks follow the face: a (7, 3) px shift moves them by (7, 3) within 1.5 px
+    moved = results[1][0].landmarks - d.landmarks
+    assert np.abs(moved - np.array([x2 - x, y2 - y])).max() < 1.5
+    # detect() on one frame agrees with detect_batch()
+    single = detector.detect(frames[0])
+    assert len(single) == 1 and np.allclose(single[0].landmarks, d.landmarks, atol=1e-3)
+
+
+def test_detector_finds_nothing_without_a_face(detector, face_bgr):
+    blank = _background(3)
+    assert detector.detect(blank) == []
+    # frames of two different sizes in one batch are handled
+    small = cv2.resize(_frame_with_face(face_bgr, 110, 60), (240, 180), interpolation=cv2.INTER_AREA)
+    res = detector.detect_batch([blank, small])
+    assert res[0] == [] and len(res[1]) == 1
+
+
+# --- tracking -------------------------------------------------------------------------------
+def test_track_fills_a_gap_by_interpolation():
+    dets = [[_synthetic_face(100 + 2 * t, 120, 100)] for t in range(30)]
+    for t in range(10, 15):
+        dets[t] = []
+    track = build_track(dets, (W, H), 0.5)
+    assert track.landmarks.shape == (30, 5, 2) and track.boxes.shape == (30, 4)
+    assert track.detected.tolist() == [not 10 <= t < 15 for t in range(30)]
+    truth = np.stack([_synthetic_face(100 + 2 * t, 120, 100).landmarks for t in range(30)])
+    assert np.abs(track.landmarks - truth).max() < 1.0  # the missing frames continue the motion
+
+
+def test_subject_lost_for_long_is_joined_again():
+    # the head turns away for 60 frames (longer than the linking gap) and returns elsewhere;
+    # a small face in the background is seen throughout
+    background = _synthetic_face(280, 40, 30)
+    dets = [[background] + ([_synthetic_face(120, 120, 100)] if t < 20 else
+                            [] if t < 80 else [_synthetic_face(180, 120, 95)]) for t in range(100)]
+    track = build_track(dets, (W, H), 0.3)
+    assert track.detected.sum() == 40
+    assert np.abs(track.landmarks[-1] - _synthetic_face(180, 120, 95).landmarks).max() < 0.5
+    assert np.abs(track.landmarks[0] - _synthetic_face(120, 120, 100).landmarks).max() < 0.5
+
+
+def test_no_face_in_most_frames_raises_with_counts():
+    dets = [[_synthetic_face(160, 120, 90)] if t < 4 else [] for t in range(20)]
+    with pytest.raises(NoFace) as info:
+        build_track(dets, (W, H), 0.5, path_for_errors="clip.mp4")
+    assert "16 of 20 frames" in str(info.value) and "clip.mp4" in str(info.value)
+    assert info.value.code == "input.no_face"
+
+
+def test_a_smaller_background_face_does_not_take_over(detector, face_bgr):
+    small_face = cv2.resize(face_bgr, (50, 56), interpolation=cv2.INTER_AREA)
+    frame = _frame_with_face(face_bgr, 120, 70)
+    frame[10:66, 10:60] = small_face
+    dets = detector.detect(frame)
+    assert len(dets) == 2  # the detector sees both faces
+    big = max(dets, key=lambda d: d.size)
+    small = min(dets, key=lambda d: d.size)
+    # the small face is seen in every frame (first in frame 0), the subject is missed in a few
+    seq = [[small, big] if t not in (3, 4, 5) else [small] for t in range(12)]
+    track = build_track(seq, (W, H), 0.5)
+    assert np.abs(track.landmarks - big.landmarks).max() < 0.5
+    assert track.detected.sum() == 9
+
+
+def test_smoothing_removes_jitter_and_keeps_motion():
+    rng = np.random.default_rng(1)
+    t = np.arange(100) / FPS
+    static = np.stack([_synthetic_face(160, 120, 100).landmarks] * 100).astype(np.float64)
+    noisy = static + rng.normal(0, 1.0, static.shape)
+    smoothed = smooth_one_euro(noisy, FPS, 100.0)
+    assert noisy[10:-10].std(axis=0).mean() > 0.8
+    assert smoothed[10:-10].std(axis=0).mean() < 0.35
+    motion = static + (15 * np.sin(2 * np.pi * 0.5 * t))[:, None, None]  # a head turn of +-15 px
+    follows = smooth_one_euro(motion + rng.normal(0, 1.0, static.shape), FPS, 100.0)
+    assert np.abs(follows - motion)[5:-5].mean() < 0.6
+
+
+def test_static_face_video_jitter_after_smoothing(detector, face_bgr):
+    rng = np.random.default_rng(2)
+    frame = _frame_with_face(face_bgr, 110, 60)
+    frames = [np.clip(frame + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8) for _ in range(24)]
+    dets = detector.detect_batch(frames)
+    raw = np.stack([d[0].landmarks for d in dets])
+    track = build_track(dets, (W, H), 0.5)
+    assert raw.std(axis=0).mean() > track.landmarks.std(axis=0).mean()
+    assert track.landmarks.std(axis=0).max() < 0.5
+
+
+def test_track_save_load_roundtrip(tmp_path):
+    track = build_track([[_synthetic_face(150 + t, 120, 80)] for t in range(8)], (W, H), 0.5)
+    path = tmp_path / "t" / "track.npz"
+    track.save(path)
+    back = FaceTrack.load(path)
+    assert np.array_equal(back.landmarks, track.landmarks) and np.array_equal(back.detected, track.detected)
+    assert [p.name for p in path.parent.iterdir()] == ["track.npz"]  # no temp file left
+
+
+# --- alignment and paste-back ---------------------------------------------------------------
+def test_alignment_puts_the_mouth_at_the_canonical_place():
+    rng = np.random.default_rng(3)
+    size = 96
+    lms = []
+    for _ in range(5):
+        angle, scale = rng.uniform(-0.4, 0.4), rng.uniform(0.8, 3.0)
+        rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        lms.append(canonical.canonical_points(size) @ rot.T + rng.uniform(0, 200, 2) + rng.normal(0, 0.3, (5, 2)))
+    lms = np.stack(lms)
+    m = align.alignment_matrices(lms, size)
+    assert m.shape == (5, 2, 3) and m.dtype == np.float32
+    mapped = np.einsum("nij,nkj->nki", m[:, :, :2].astype(np.float64), lms) + m[:, None, :, 2]
+    mouth_err = np.linalg.norm(mapped[:, 3:] - canonical.canonical_points(size)[3:], axis=2)
+    assert mouth_err.max() < 1.0
+    assert np.array_equal(m, align.alignment_matrices(lms, size))  # deterministic
+
+
+def test_crops_and_paste_back(detector, face_bgr):
+    size = 96
+    frames = np.stack([_frame_with_face(face_bgr, x, y, seed=i) for i, (x, y) in enumerate(_shifts(3))])
+    lms = np.stack([d[0].landmarks for d in detector.detect_batch(frames)])
+    mats = align.alignment_matrices(lms, size)
+    crops = align.cut_crops(frames, mats, size)
+    assert crops.shape == (3, size, size, 3) and crops.dtype == np.uint8
+    # a 3x larger frame (the strong-downscale path) gives the same crop
+    big = np.stack([cv2.resize(f, (3 * W, 3 * H), interpolation=cv2.INTER_CUBIC) for f in frames])
+    big_crops = align.cut_crops(big, align.alignment_matrices((lms + 0.5) * 3 - 0.5, size), size)
+    assert np.abs(big_crops.astype(int) - crops).mean() < 4
+    # the crop shows the face: detecting on the (upscaled) crop finds the mouth near its canonical place
+    up = cv2.resize(crops[0], (4 * size, 4 * size), interpolation=cv2.INTER_CUBIC)
+    found = detector.detect(up)
+    assert found
+    mouth = found[0].landmarks[3:].mean(axis=0) / 4
+    assert np.linalg.norm(mouth - np.array(canonical.MOUTH_CENTER) * size) < 0.05 * size
+
+    # mask: 1 on the mouth region, 0 at the crop edge, smooth
+    mask = align.paste_mask(size)
+    mx, my = (np.array(canonical.MOUTH_CENTER) * size).astype(int)
+    c = (np.arange(size) + 0.5) / size
+    gx, gy = np.meshgrid(c, c)
+    rcx, rcy, rrx, rry = canonical.MOUTH_REGION
+    assert np.all(mask[((gx - rcx) / rrx) ** 2 + ((gy - rcy) / rry) ** 2 <= 1] == 1.0)  # the model's region
+    assert mask[my, mx] == 1.0 and mask[0].max() == mask[-1].max() == mask[:, 0].max() == mask[:, -1].max() == 0
+    assert np.abs(np.diff(mask, axis=0)).max() < 0.36 and np.abs(np.diff(mask, axis=1)).max() < 0.36
+
+    # generated == original: the original frames come back; outside the mask bit-identical
+    same = align.paste_back(frames, crops.copy(), mats, size, original_crops=crops)
+    assert np.abs(same.astype(int) - frames).max() <= 2
+    # a changed mouth changes pixels only inside the warped mask, around the mouth
+    changed = crops.copy()
+    for c in changed:
+        cv2.ellipse(c, (mx, my), (12, 6), 0, 0, 360, (30, 20, 60), -1)
+    out = align.paste_back(frames, changed, mats, size, original_crops=crops)
+    for i in range(3):
+        inv = cv2.warpAffine(mask, mats[i], (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        outside = inv == 0
+        assert np.array_equal(out[i][outside], frames[i][outside])
+        diff = np.abs(out[i].astype(int) - frames[i]).max(axis=2)
+        assert diff.max() > 60  # the dark mouth is there
+        mouth_frame = cv2.invertAffineTransform(mats[i].astype(np.float64)) @ np.array([mx, my, 1.0])
+        ys, xs = np.nonzero(diff > 0)
+        assert np.hypot(xs - mouth_frame[0], ys - mouth_frame[1]).max() < 0.4 * (lms[i, 1, 0] - lms[i, 0, 0]) + 25
+    # colour drift of the model output is matched to the surroundings
+    drift = np.clip(crops * np.array([0.85, 1.0, 0.9]) + np.array([0, 12, 0]), 0, 255).astype(np.uint8)
+    matched = align.paste_back(frames, drift, mats, size, original_crops=crops)
+    assert np.abs(matched.astype(int) - frames).max() <= 4
+
+
+# --- avatars --------------------------------------------------------------------------------
+class CountingDetector(MTCNNDetector):
+    """The real detector, counting its batch calls."""
+    calls = 0
+
+    def detect_batch(self, frames):
+        self.calls += 1
+        return super().detect_batch(frames)
+
+
+def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
+    settings = Settings(storage_root=tmp_path / "store", batch_size=16)
+    det = CountingDetector()
+    avatar = prepare_avatar(template_video, settings, detector=det)
+    assert not avatar.cached and avatar.frame_count == 2 * FPS
+    assert det.calls == 4  # 50 frames in batches of 16
+    track = avatar.load_track()
+    assert len(track) == 2 * FPS and track.detected.mean() > 0.9
+    # landmarks follow the sway of the face: the eye x moves with the frame's shift
+    eye_x = track.landmarks[:, 0, 0]
+    shift_x = np.array([x for x, _ in _shifts(2 * FPS)], dtype=float)
+    assert np.corrcoef(eye_x, shift_x)[0, 1] > 0.9
+    assert (tmp_path / "store" / "avatars" / avatar.id / "avatar.json").is_file()
+
+    again = prepare_avatar(template_video, settings, detector=det)
+    assert again.cached and det.calls == 4 and again.id == avatar.id
+    assert again.model_dump(exclude={"cached"}) == avatar.model_dump(exclude={"cached"})
+    loaded = load_avatar(avatar.id, settings)
+    assert loaded.track_path == avatar.track_path
+    with pytest.raises(InputNotFound):
+        load_avatar("0123456789abcdef", settings)
+    with pytest.raises(InputNotFound):
+        load_avatar("../etc", settings)

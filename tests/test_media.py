@@ -1,0 +1,353 @@
+"""Media layer: probe, normalise, random-access decode, segment encode, finalise + verify."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from cluster.config import Settings
+from cluster.errors import (EncodeError, InputNotFound, InputTooLarge, InputTooLong,
+                            InputUnreadable, MediaError, NoAudioStream, NoVideoStream,
+                            OutputVerificationError, RenderTimeout, UnsafeInput)
+from cluster.media.decode import TemplateReader, iter_frames
+from cluster.media.encode import SegmentEncoder
+from cluster.media.ffmpeg import ffmpeg_binary, ffmpeg_has_encoder, input_args, run_ffmpeg
+from cluster.media.finalize import finalize_output, verify_output
+from cluster.media.normalize import content_hash, normalize_template
+from cluster.media.probe import probe, probe_audio, probe_video
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_binary(Settings()), "-hide_banner", "-loglevel", "error", "-nostdin",
+                    "-y", *args], check=True, timeout=60)
+
+
+def video_src(rate: str, seconds: float = 2) -> list[str]:
+    return ["-f", "lavfi", "-i", f"testsrc2=size=320x240:rate={rate}", "-t", str(seconds)]
+
+
+def sine(rate: int = 16000, seconds: float = 2) -> list[str]:
+    return ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}", "-t", str(seconds)]
+
+
+H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media")
+    f = {name: d / f"{name}.mp4" for name in ("pal", "ntsc", "vfr", "rot", "faststart")}
+    ffmpeg(*video_src("25"), *sine(), *H264, "-c:a", "aac", "-shortest", str(f["pal"]))
+    ffmpeg(*video_src("30000/1001"), *H264, str(f["ntsc"]))
+    ffmpeg(*video_src("25"), "-vf", "select='mod(n\\,3)'", "-fps_mode", "vfr", *H264, str(f["vfr"]))
+    ffmpeg("-display_rotation", "90", "-i", str(f["pal"]), "-c", "copy", str(f["rot"]))
+    ffmpeg("-i", str(f["pal"]), "-c", "copy", "-movflags", "+faststart", str(f["faststart"]))
+    f["edited"] = d / "edited.mp4"  # stream copy from 0.5 s: an edit list cuts 13 frames
+    ffmpeg("-ss", "0.5", "-i", str(f["pal"]), "-c", "copy", "-an", str(f["edited"]))
+    f["wav"] = d / "speech.wav"
+    ffmpeg(*sine(seconds=2.03), str(f["wav"]))
+    f["garbage"] = d / "garbage.mp4"
+    f["garbage"].write_bytes(np.random.default_rng(1).bytes(20000))
+    f["empty"] = d / "empty.mp4"
+    f["empty"].write_bytes(b"")
+    data = f["pal"].read_bytes()  # moov at the end: the first 30 % has no index
+    f["cut_head"] = d / "cut_head.mp4"
+    f["cut_head"].write_bytes(data[: int(len(data) * 0.3)])
+    data = f["faststart"].read_bytes()  # moov in front: the index outlives the data
+    f["cut_tail"] = d / "cut_tail.mp4"
+    f["cut_tail"].write_bytes(data[: len(data) // 2])
+    mkv = d / "full.mkv"  # Matroska: duration in the header, no index to betray the cut
+    ffmpeg("-i", str(f["pal"]), "-c", "copy", "-an", str(mkv))
+    f["cut_mkv"] = d / "cut.mkv"
+    f["cut_mkv"].write_bytes(mkv.read_bytes()[: mkv.stat().st_size // 2])
+    f["playlist"] = d / "evil.m3u8"
+    f["playlist"].write_text("#EXTM3U\n#EXTINF:10,\n/etc/passwd\n")
+    f["disguised"] = d / "evil.mp4"
+    f["disguised"].write_text("#EXTM3U\n#EXTINF:10,\nfile:///etc/passwd\n")
+    f["concat"] = d / "list.mov"
+    f["concat"].write_text("ffconcat version 1.0\nfile '/etc/passwd'\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    return Settings(storage_root=tmp_path_factory.mktemp("store"), gop_frames=10, preset="veryfast")
+
+
+# --- probe ------------------------------------------------------------------------------------
+def test_probe_constant_rates(media, settings):
+    pal = probe(media["pal"], settings)
+    assert (pal.video.fps_num, pal.video.fps_den) == (25, 1)
+    assert pal.video.frame_count == 50 and (pal.video.width, pal.video.height) == (320, 240)
+    assert pal.video.rotation == 0 and not pal.video.variable_frame_rate
+    assert pal.audio.sample_rate == 16000 and pal.audio.channels == 1
+    assert abs(pal.audio.duration - 2.0) < 0.05
+    ntsc = probe(media["ntsc"], settings).video
+    assert ntsc.fps == Fraction(30000, 1001) and ntsc.frame_count == 60
+    assert not ntsc.variable_frame_rate and ntsc.pix_fmt == "yuv420p"
+
+
+def test_probe_variable_rate(media, settings):
+    v = probe(media["vfr"], settings).video
+    assert v.variable_frame_rate
+    assert v.frame_count == 33  # every third frame of 50 dropped
+
+
+def test_probe_counts_frames_behind_an_edit_list(media, settings):
+    v = probe(media["edited"], settings).video
+    with av.open(str(media["edited"])) as c:
+        decoded = sum(1 for _ in c.decode(video=0))
+    assert v.frame_count == decoded == 37  # the header says 50
+
+
+def test_probe_rotation_swaps_display_size(media, settings):
+    v = probe(media["rot"], settings).video
+    assert v.rotation in (90, 270)
+    assert (v.width, v.height) == (240, 320)
+
+
+def test_probe_stream_requirements(media, settings):
+    with pytest.raises(NoVideoStream, match="speech.wav"):
+        probe_video(media["wav"], settings)
+    with pytest.raises(NoAudioStream, match="ntsc.mp4"):
+        probe_audio(media["ntsc"], settings)
+    assert probe_audio(media["wav"], settings).audio.duration == pytest.approx(2.03, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["garbage", "empty", "cut_head", "cut_tail"])
+def test_unreadable_inputs(media, settings, name):
+    with pytest.raises(InputUnreadable) as err:
+        probe(media[name], settings)
+    assert str(media[name]) in err.value.message
+
+
+def test_missing_input(tmp_path, settings):
+    with pytest.raises(InputNotFound):
+        probe(tmp_path / "nope.mp4", settings)
+
+
+@pytest.mark.parametrize("name", ["playlist", "disguised", "concat"])
+def test_playlists_are_refused(media, settings, name):
+    with pytest.raises(UnsafeInput):
+        probe(media[name], settings)
+
+
+def test_limits(media, settings):
+    with pytest.raises(InputTooLarge, match="bytes"):
+        probe(media["pal"], settings.model_copy(update={"max_upload_bytes": 1000}))
+    with pytest.raises(InputTooLarge, match="320x240"):
+        probe_video(media["pal"], settings.model_copy(update={"max_width": 160}))
+    with pytest.raises(InputTooLong):
+        probe_video(media["pal"], settings.model_copy(update={"max_input_seconds": 1.0}))
+    with pytest.raises(InputTooLong):
+        probe_audio(media["wav"], settings.model_copy(update={"max_input_seconds": 1.0}))
+
+
+# --- ffmpeg runner --------------------------------------------------------------------------
+def test_run_ffmpeg_errors(tmp_path, settings):
+    with pytest.raises(MediaError) as err:
+        run_ffmpeg([*input_args(tmp_path / "missing.mp4"), "-f", "null", "-"], timeout=30,
+                   settings=settings, stage="probe-test")
+    assert "missing.mp4" in err.value.cause and err.value.stage == "probe-test"
+    with pytest.raises(RenderTimeout):
+        run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=64x64", "-f", "null", "-"], timeout=0.5,
+                   settings=settings)
+    assert ffmpeg_has_encoder("libx264", settings) and not ffmpeg_has_encoder("no_such", settings)
+
+
+def test_input_args_stay_on_local_files(tmp_path):
+    args = input_args("http://example.com/x.mp4")
+    assert args[:2] == ["-protocol_whitelist", "file,pipe"]
+    assert args[-1].startswith("file:/")  # a relative name never becomes a protocol
+
+
+# --- normalise ---------------------------------------------------------------------------------
+def _keyframe_positions(path) -> list[int]:
+    with av.open(str(path)) as c:
+        return [i for i, p in enumerate(p for p in c.demux(video=0) if p.size) if p.is_keyframe]
+
+
+def test_normalize_caches_and_keeps_exact_rate(media, settings):
+    t = normalize_template(media["ntsc"], settings)
+    assert not t.cached and t.id == content_hash(media["ntsc"])[:16]
+    assert t.id == hashlib.sha256(media["ntsc"].read_bytes()).hexdigest()[:16]
+    assert Path(t.path) == settings.dir("templates") / t.id / "template.mp4"
+    assert t.info.video.fps == Fraction(30000, 1001) and t.info.video.frame_count == 60
+    assert _keyframe_positions(t.path) == list(range(0, 60, 10))
+    mtime = os.stat(t.path).st_mtime_ns
+    again = normalize_template(media["ntsc"], settings)
+    assert again.cached and again.path == t.path and os.stat(t.path).st_mtime_ns == mtime
+    assert not [p for p in Path(t.path).parent.iterdir() if p.name != "template.mp4"]
+
+
+def test_normalize_variable_rate_becomes_constant(media, settings):
+    t = normalize_template(media["vfr"], settings)
+    v = t.info.video
+    assert not v.variable_frame_rate and abs(v.frame_count - 33) <= 1
+    with av.open(t.path) as c:
+        pts = sorted(p.pts for p in c.demux(video=0) if p.size)
+    assert len({b - a for a, b in zip(pts, pts[1:])}) == 1
+
+
+def test_normalize_applies_rotation(media, settings):
+    t = normalize_template(media["rot"], settings)
+    v = t.info.video
+    assert (v.width, v.height, v.rotation) == (240, 320, 0)
+    with av.open(t.path) as c:
+        assert next(c.decode(video=0)).rotation == 0
+    source = next(iter_frames(media["pal"], 1, settings))[0].astype(int)
+    normalised = next(iter_frames(t.path, 1, settings))[0].astype(int)
+    k = 1 if probe(media["rot"], settings).video.rotation == 270 else -1  # np.rot90: k=1 is CCW
+    assert np.abs(normalised - np.rot90(source, k)).mean() < 4
+    assert np.abs(normalised - np.rot90(source, -k)).mean() > 20
+
+
+@pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])
+def test_normalize_refuses_truncated(media, settings, name):
+    with pytest.raises(InputUnreadable, match="truncated"):
+        normalize_template(media[name], settings)
+    assert not list(settings.dir("templates").glob("*/.template-*"))  # no temp file left
+
+
+# --- decode ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def template(media, settings):
+    t = normalize_template(media["pal"], settings)
+    frames = np.concatenate(list(iter_frames(t.path, 16, settings)))
+    return t.path, frames
+
+
+def test_iter_frames_batches(template, settings):
+    path, frames = template
+    sizes = [b.shape[0] for b in iter_frames(path, 16, settings)]
+    assert sizes == [16, 16, 16, 2] and frames.shape == (50, 240, 320, 3)
+    assert frames.dtype == np.uint8 and len({f.tobytes() for f in frames}) == 50
+
+
+def test_reader_random_access_equals_sequential(template, settings):
+    path, frames = template
+    rng = np.random.default_rng(0)
+    with TemplateReader(path, settings) as reader:
+        assert (reader.width, reader.height, reader.fps, reader.frame_count) == (320, 240, 25, 50)
+        for _ in range(12):
+            idx = rng.integers(0, 50, size=int(rng.integers(1, 12)))
+            np.testing.assert_array_equal(reader.read(idx), frames[idx])
+        for idx in ([48, 49, 48, 47, 46], [48, 49, 0, 1, 2], [5, 5, 5], [49], [0]):
+            np.testing.assert_array_equal(reader.read(idx), frames[idx])
+        assert reader.read([]).shape == (0, 240, 320, 3)
+        for bad in ([50], [-1], [3, 99]):
+            with pytest.raises(ValueError, match="outside"):
+                reader.read(bad)
+
+
+def test_reader_sequential_batches_do_not_seek(template, settings):
+    path, frames = template
+    with TemplateReader(path, settings) as reader:
+        out = np.concatenate([reader.read(np.arange(i, min(i + 8, 50))) for i in range(0, 50, 8)])
+        assert reader.seeks == 0
+        np.testing.assert_array_equal(out, frames)
+        reader.read([10])
+        assert reader.seeks == 1  # backwards needs a seek
+
+
+# --- encode + finalise -------------------------------------------------------------------------
+def _encode_segments(frames, fps, directory: Path, settings, size=20) -> list[str]:
+    paths = []
+    for k, start in enumerate(range(0, len(frames), size)):
+        path = directory / f"seg{k:03d}.mp4"  # SegmentEncoder creates the directory
+        with SegmentEncoder(path, frames.shape[2], frames.shape[1], fps, settings) as enc:
+            enc.write(frames[start:start + size])
+            assert enc.close() == len(frames[start:start + size])
+        paths.append(str(path))
+    return paths
+
+
+def test_encode_finalize_round_trip(template, media, settings, tmp_path):
+    _, frames = template
+    audio_seconds = 2.03
+    n = math.ceil(audio_seconds * 25)  # 51: one template frame repeated at the end
+    plan = np.concatenate([frames, frames[-1:]])
+    assert len(plan) == n
+    segments = _encode_segments(plan, Fraction(25), tmp_path / "seg's dir", settings)
+    out = tmp_path / "final" / "out put's.mp4"
+    info = finalize_output(segments, str(media["wav"]), str(out), frames_expected=n,
+                           fps=Fraction(25), audio_duration=audio_seconds, settings=settings)
+    assert out.is_file() and info.video.frame_count == n and info.audio.codec == "aac"
+    assert abs(info.audio.duration - audio_seconds) <= 1 / 25
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out put's.mp4"]  # no temp left
+    decoded = np.concatenate(list(iter_frames(out, 64, settings)))
+    assert decoded.shape == plan.shape
+    assert np.abs(decoded.astype(int) - plan.astype(int)).mean() < 3
+    # the same plan with a frame too few is refused, and nothing is left behind
+    bad = tmp_path / "final" / "bad.mp4"
+    with pytest.raises(OutputVerificationError, match="expected 52 video frames, found 51"):
+        finalize_output(segments, str(media["wav"]), str(bad), frames_expected=52,
+                        fps=Fraction(25), audio_duration=audio_seconds, settings=settings)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out put's.mp4"]
+
+
+def test_encode_finalize_ntsc_rate(media, settings, tmp_path):
+    fps, audio_seconds = Fraction(30000, 1001), 2.03
+    n = math.ceil(audio_seconds * fps)  # 61
+    plan = np.random.default_rng(2).integers(0, 256, (n, 64, 96, 3), dtype=np.uint8)
+    segments = _encode_segments(plan, fps, tmp_path, settings, size=25)
+    info = finalize_output(segments, str(media["wav"]), str(tmp_path / "ntsc.mp4"),
+                           frames_expected=n, fps=fps, audio_duration=audio_seconds,
+                           settings=settings)
+    assert info.video.fps == fps and info.video.frame_count == n
+    assert abs(info.video.duration - audio_seconds) <= 1 / fps
+
+
+def test_verify_output_rejects_wrong_files(template, media, settings, tmp_path):
+    _, frames = template
+    segment = _encode_segments(frames[:20], Fraction(25), tmp_path, settings)[0]
+    with pytest.raises(OutputVerificationError, match="audio stream"):
+        verify_output(segment, frames_expected=20, fps=Fraction(25), audio_duration=0.8,
+                      settings=settings)
+    with pytest.raises(OutputVerificationError, match="expected 51 video frames, found 50") as e:
+        verify_output(str(media["pal"]), frames_expected=51, fps=Fraction(25), audio_duration=2.0,
+                      settings=settings)
+    assert "found 50" in e.value.message and str(media["pal"]) in e.value.message
+    with pytest.raises(OutputVerificationError, match="audio duration"):
+        verify_output(str(media["pal"]), frames_expected=50, fps=Fraction(25), audio_duration=2.5,
+                      settings=settings)
+    with pytest.raises(OutputVerificationError, match="fps"):
+        verify_output(str(media["pal"]), frames_expected=50, fps=Fraction(24), audio_duration=2.0,
+                      settings=settings)
+    info = verify_output(str(media["pal"]), frames_expected=50, fps=Fraction(25),
+                         audio_duration=2.0, settings=settings)
+    assert info.video.frame_count == 50
+
+
+def test_encoder_failure_carries_stderr(tmp_path, settings):
+    path = tmp_path / "broken.mp4"
+    bad = settings.model_copy(update={"preset": "no-such-preset"})
+    frames = np.zeros((4, 240, 320, 3), np.uint8)
+    with pytest.raises(EncodeError) as err:
+        with SegmentEncoder(path, 320, 240, Fraction(25), bad) as enc:
+            for _ in range(200):  # the encoder dies at start-up; a write or close reports it
+                enc.write(frames)
+            enc.close()
+    assert err.value.cause and "preset" in err.value.cause.lower()
+    assert not path.exists()
+    with SegmentEncoder(tmp_path / "shape.mp4", 320, 240, Fraction(25), settings) as enc:
+        with pytest.raises(EncodeError, match="expected frames"):
+            enc.write(np.zeros((2, 100, 100, 3), np.uint8))
+        enc.write(frames)
+    assert (tmp_path / "shape.mp4").is_file()
+
+
+def test_encoder_abort_removes_partial_file(tmp_path, settings):
+    path = tmp_path / "partial.mp4"
+    with pytest.raises(RuntimeError):
+        with SegmentEncoder(path, 320, 240, Fraction(25), settings) as enc:
+            enc.write(np.zeros((3, 240, 320, 3), np.uint8))
+            raise RuntimeError("compositor failed")
+    assert not path.exists() and enc._proc.returncode is not None

@@ -1,0 +1,411 @@
+"""Model adapter (Wav2Lip contract resolved by shape), built-in procedural model, providers."""
+from __future__ import annotations
+
+import logging
+import time
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cluster.config import Settings
+from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
+from cluster.faces import canonical
+from cluster.models import LipSyncModel, build_builtin_model, builtin_model_path, load_model
+from cluster.models import builtin as builtin_mod
+from cluster.models.providers import CPU, CUDA, active_providers, cuda_device_count, select_providers
+
+CPU_ONLY = [CPU]
+
+
+# --- test models ---------------------------------------------------------------------------
+def _save(model: onnx.ModelProto, path) -> str:
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _batch(batch):
+    return "batch" if batch is None else batch
+
+
+def wav2lip_like(path, mel_name: str, face_name: str, out_name: str, size: int, batch=None,
+                 face_first: bool = False, seed: int = 0, mel_dims=(1, 80, 16), face_channels: int = 6) -> str:
+    """A small random-weight model with a public Wav2Lip export's inputs and outputs:
+    face -> AveragePool /2 -> Conv 3x3 -> Resize x2 -> + mean(mel) -> Sigmoid."""
+    rng = np.random.default_rng(seed)
+    b = _batch(batch)
+    mel = helper.make_tensor_value_info(mel_name, TensorProto.FLOAT, [b, *mel_dims])
+    face = helper.make_tensor_value_info(face_name, TensorProto.FLOAT, [b, face_channels, size, size])
+    out = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [b, 3, size, size])
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (3, face_channels, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (3,)).astype(np.float32), "bias"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "mel_gain")]
+    nodes = [
+        helper.make_node("AveragePool", [face_name], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pooled", "w", "bias"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["conv", "", "scales"], ["up"], mode="linear"),
+        helper.make_node("ReduceMean", [mel_name], ["mel_mean"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Mul", ["mel_mean", "mel_gain"], ["mel_term"]),
+        helper.make_node("Add", ["up", "mel_term"], ["pre"]),
+        helper.make_node("Sigmoid", ["pre"], [out_name]),
+    ]
+    inputs = [face, mel] if face_first else [mel, face]
+    graph = helper.make_graph(nodes, "wav2lip_like", inputs, [out], initializer=inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def channel_picker(path, size: int, first_channel: int, batch=None) -> str:
+    """A model whose output is face channels [first_channel, first_channel+3) (mel unused)."""
+    b = _batch(batch)
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("s", [first_channel]), ("e", [first_channel + 3]), ("ax", [1]))]
+    inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    nodes = [helper.make_node("Slice", ["video_frames", "s", "e", "ax"], ["picked"]),
+             helper.make_node("ReduceMean", ["mel_spectrogram"], ["m"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Mul", ["m", "zero"], ["m0"]),
+             helper.make_node("Add", ["picked", "m0"], ["output"])]
+    graph = helper.make_graph(
+        nodes, "picker",
+        [helper.make_tensor_value_info("mel_spectrogram", TensorProto.FLOAT, [b, 1, 80, 16]),
+         helper.make_tensor_value_info("video_frames", TensorProto.FLOAT, [b, 6, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [b, 3, size, size])], initializer=inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _random_inputs(n: int, size: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    mel = rng.uniform(-4, 4, (n, 1, 80, 16)).astype(np.float32)
+    crops = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return mel, crops
+
+
+# --- adapter ---------------------------------------------------------------------------------
+EXPORTS = [
+    # (mel name, face name, output name, S, batch, face listed first)
+    ("mel_spectrogram", "video_frames", "output", 96, None, False),
+    ("mel_spectrogram", "video_frames", "output", 256, 1, False),
+    ("audio_sequences", "face_sequences", "output", 96, 1, False),
+    ("audio_sequences", "face_sequences", "pred", 256, None, True),
+    ("target", "source", "output", 96, None, True),
+    ("source", "target", "out", 96, 1, False),
+]
+
+
+@pytest.mark.parametrize("mel_name,face_name,out_name,size,batch,face_first", EXPORTS)
+def test_public_export_layouts_load_and_generate(tmp_path, mel_name, face_name, out_name, size, batch, face_first):
+    path = wav2lip_like(tmp_path / "m.onnx", mel_name, face_name, out_name, size, batch, face_first)
+    model = LipSyncModel.load(path, providers=CPU_ONLY)
+    assert model.size == size
+    assert model.batch_fixed == batch
+    assert model.input_names == {"mel": mel_name, "face": face_name}
+    assert model.providers == CPU_ONLY
+    assert model.path == path
+
+    mel, crops = _random_inputs(3, size)
+    out = model.generate(mel, crops)
+    assert out.shape == (3, size, size, 3) and out.dtype == np.uint8
+    # a batch gives what its items give one by one (fixed-batch exports loop internally)
+    for i in range(3):
+        np.testing.assert_array_equal(model.generate(mel[i:i + 1], crops[i:i + 1])[0], out[i])
+    # the mel input is really wired to the mel role: other mel, other output
+    assert not np.array_equal(model.generate(np.full_like(mel, 4.0), crops), model.generate(np.full_like(mel, -4.0), crops))
+    assert model.warmup() >= 0
+
+
+def test_unnamed_dynamic_batch_dimension(tmp_path):
+    path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96, batch=None)
+    m = onnx.load(path)
+    for vi in [*m.graph.input, *m.graph.output]:
+        vi.type.tensor_type.shape.dim[0].Clear()  # neither dim_value nor dim_param
+    onnx.save(m, path)
+    model = LipSyncModel.load(path, providers=CPU_ONLY)
+    assert model.batch_fixed is None
+    assert model.generate(*_random_inputs(2, 96)).shape == (2, 96, 96, 3)
+
+
+def test_face_input_is_built_like_wav2lip(tmp_path):
+    size = 96
+    mel, crops = _random_inputs(2, size)
+    masked = LipSyncModel.load(channel_picker(tmp_path / "masked.onnx", size, 0), providers=CPU_ONLY)
+    out = masked.generate(mel, crops)
+    np.testing.assert_array_equal(out[:, :size // 2], crops[:, :size // 2])
+    assert not out[:, size // 2:].any()
+    reference = LipSyncModel.load(channel_picker(tmp_path / "ref.onnx", size, 3, batch=1), providers=CPU_ONLY)
+    np.testing.assert_array_equal(reference.generate(mel, crops), crops)  # exact uint8 round trip
+
+
+def test_generate_rounds_and_clips(tmp_path):
+    model = LipSyncModel.load(channel_picker(tmp_path / "ref.onnx", 96, 3), providers=CPU_ONLY)
+    mel, crops = _random_inputs(1, 96)
+    faces = np.zeros((1, 6, 96, 96), np.float32)
+    faces[0, 3:] = crops[0].transpose(2, 0, 1) / 255.0
+    np.testing.assert_allclose(model.infer(mel, faces)[0], faces[0, 3:], atol=1e-7)
+
+
+@pytest.mark.parametrize("mel_dims,face_channels,problem", [
+    ((1, 80, 16), 3, "[B,6,S,S]"),
+    ((1, 80, 20), 6, "[B,1,80,16]"),
+])
+def test_wrong_contract_is_rejected_with_expected_and_found(tmp_path, mel_dims, face_channels, problem):
+    path = wav2lip_like(tmp_path / "bad.onnx", "audio_sequences", "face_sequences", "output", 96,
+                        mel_dims=mel_dims, face_channels=face_channels)
+    with pytest.raises(ModelContractError) as exc:
+        LipSyncModel.load(path, providers=CPU_ONLY)
+    msg = str(exc.value)
+    assert path in msg and problem in msg
+    assert "Expected inputs: mel float32 [B,1,80,16] and face float32 [B,6,S,S]" in msg
+    assert f"'face_sequences' tensor(float) ['batch', {face_channels}, 96, 96]" in msg
+    assert f"'audio_sequences' tensor(float) ['batch', {', '.join(map(str, mel_dims))}]" in msg
+    assert exc.value.code == "model.invalid_contract"
+
+
+def test_non_square_face_is_rejected(tmp_path):
+    path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96)
+    m = onnx.load(path)
+    m.graph.input[1].type.tensor_type.shape.dim[3].dim_value = 64
+    onnx.save(m, path)
+    with pytest.raises(ModelContractError, match="fixed square size"):
+        LipSyncModel.load(path, providers=CPU_ONLY)
+
+
+def test_unreadable_files_raise_load_error_naming_the_path(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf at all" * 10)
+    with pytest.raises(ModelLoadError) as exc:
+        LipSyncModel.load(junk, providers=CPU_ONLY)
+    assert str(junk) in str(exc.value) and exc.value.cause
+    missing = tmp_path / "nope" / "model.onnx"
+    for call in (lambda: LipSyncModel.load(missing), lambda: load_model(str(missing), Settings(storage_root=tmp_path))):
+        with pytest.raises(ModelLoadError, match=str(missing)):
+            call()
+
+
+def test_infer_validates_shapes_and_wraps_runtime_errors(tmp_path):
+    model = LipSyncModel.load(wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96),
+                              providers=CPU_ONLY)
+    with pytest.raises(ModelInferenceError, match=r"\[B,1,80,16\]"):
+        model.infer(np.zeros((2, 1, 80, 12), np.float32), np.zeros((2, 6, 96, 96), np.float32))
+    with pytest.raises(ModelInferenceError, match="2 mel windows but 3 faces"):
+        model.infer(np.zeros((2, 1, 80, 16), np.float32), np.zeros((3, 6, 96, 96), np.float32))
+    with pytest.raises(ModelInferenceError, match="uint8"):
+        model.generate(np.zeros((1, 1, 80, 16), np.float32), np.zeros((1, 96, 96, 3), np.float32))
+    assert model.generate(np.zeros((0, 1, 80, 16), np.float32), np.zeros((0, 96, 96, 3), np.uint8)).shape == (0, 96, 96, 3)
+
+    # a model whose graph only works for batch 1 although it declares a dynamic batch
+    m = onnx.load(model.path)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, 3, 96, 96], np.int64), "one_shape"))
+    m.graph.node.append(helper.make_node("Reshape", ["output", "one_shape"], ["output_b1"]))
+    m.graph.output[0].name = "output_b1"
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = _save(m, tmp_path / "b1.onnx")
+    fragile = LipSyncModel.load(path, providers=CPU_ONLY)
+    fragile.generate(*_random_inputs(1, 96))
+    with pytest.raises(ModelInferenceError) as exc:
+        fragile.generate(*_random_inputs(2, 96))
+    assert path in str(exc.value) and "Reshape" in exc.value.cause
+
+
+# --- providers ---------------------------------------------------------------------------------
+def test_select_providers_only_offers_gpu_for_a_real_device(caplog):
+    import onnxruntime as ort
+
+    assert select_providers([]) == [CPU]  # no GPU assigned
+    names = [p if isinstance(p, str) else p[0] for p in select_providers()]
+    assert names[-1] == CPU
+    real_gpu = cuda_device_count() > 0 and CUDA in ort.get_available_providers()
+    assert (CUDA in names) == real_gpu
+    if not real_gpu:  # a Ray logical GPU id does not make a GPU appear
+        assert select_providers(gpu_ids=[0]) == [CPU]
+    with caplog.at_level(logging.INFO, logger="lipsync.models"):
+        select_providers([])
+    assert not caplog.records  # the choice is logged once per process
+
+
+# --- built-in model ----------------------------------------------------------------------------
+SR = 16000
+
+
+def wav2lip_mel(wav: np.ndarray) -> np.ndarray:
+    """Wav2Lip's audio.melspectrogram, written with librosa as the reference repo does."""
+    import librosa
+    from scipy import signal
+
+    emphasised = signal.lfilter([1, -0.97], [1], wav)
+    spec = np.abs(librosa.stft(y=emphasised, n_fft=800, hop_length=200, win_length=800))
+    mel = librosa.filters.mel(sr=SR, n_fft=800, n_mels=80, fmin=55, fmax=7600) @ spec
+    db = 20 * np.log10(np.maximum(1e-5, mel)) - 20
+    return np.clip(8 * ((db + 100) / 100) - 4, -4, 4).astype(np.float32)
+
+
+def vowel(formants, rms_dbfs: float, seconds: float = 0.4, f0: float = 120.0) -> np.ndarray:
+    """A buzz source through formant resonators, at a given RMS level."""
+    from scipy import signal
+
+    t = np.arange(int(SR * seconds)) / SR
+    y = signal.sawtooth(2 * np.pi * f0 * t)
+    for f, bw in formants:
+        r, th = np.exp(-np.pi * bw / SR), 2 * np.pi * f / SR
+        y = signal.lfilter([1 - r], [1, -2 * r * np.cos(th), r * r], y)
+    return y / np.sqrt(np.mean(y ** 2)) * 10 ** (rms_dbfs / 20)
+
+
+VOWEL_A = [(730, 90), (1090, 110), (2440, 170)]
+VOWEL_U = [(300, 60), (870, 80), (2240, 150)]
+
+
+def mel_window(wav: np.ndarray) -> np.ndarray:
+    """The model input [1,1,80,16] of a frame in the middle of `wav`."""
+    mel = wav2lip_mel(wav)
+    start = mel.shape[1] // 2 - 8
+    return mel[None, None, :, start:start + 16]
+
+
+# skimage's astronaut photograph, 5 landmarks as MTCNN finds them (left eye, right eye, nose,
+# left / right mouth corner)
+ASTRONAUT_LANDMARKS = np.array([[203.3, 101.2], [247.6, 103.5], [223.4, 128.7], [200.3, 139.7], [245.7, 143.0]],
+                               np.float32)
+
+
+def real_crop(size: int) -> np.ndarray:
+    import skimage.data
+
+    image = np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1])
+    matrix, _ = cv2.estimateAffinePartial2D(ASTRONAUT_LANDMARKS, canonical.canonical_points(size), method=cv2.LMEDS)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_AREA if size < 100 else cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def region_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inside MOUTH_REGION, outside it) at pixel centres of an S x S crop."""
+    cx, cy, rx, ry = canonical.MOUTH_REGION
+    c = (np.arange(size) + 0.5) / size
+    x, y = np.meshgrid(c, c)
+    rho2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
+    return rho2 < 1, rho2 >= 1
+
+
+@pytest.fixture(scope="module")
+def builtin_settings(tmp_path_factory):
+    return Settings(storage_root=tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture(scope="module")
+def builtin256(builtin_settings):
+    return load_model("builtin", builtin_settings, providers=CPU_ONLY)
+
+
+def test_builtin_graph_is_valid_onnx_with_the_wav2lip_contract():
+    for size in (96, 256):
+        model = build_builtin_model(size)
+        onnx.checker.check_model(model, full_check=True)
+        assert model.ir_version == 10
+        assert {o.domain: o.version for o in model.opset_import}[""] >= 16
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        assert inputs == {"mel_spectrogram": ["batch", 1, 80, 16], "video_frames": ["batch", 6, size, size]}
+        assert [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == ["batch", 3, size, size]
+    assert build_builtin_model(96).SerializeToString() == build_builtin_model(96).SerializeToString()
+
+
+def test_builtin_file_is_cached_and_reused(builtin_settings, builtin256):
+    path = builtin_model_path(builtin_settings)
+    assert str(path) == builtin256.path
+    assert path.parent == builtin_settings.dir("models")
+    assert builtin_mod.generator_fingerprint(256) in path.name
+    before = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert builtin_model_path(builtin_settings) == path
+    assert path.stat().st_mtime_ns == before
+    assert onnx.load(str(path)).SerializeToString() == build_builtin_model(256).SerializeToString()
+    assert [p.name for p in path.parent.iterdir() if p.suffix == ".tmp"] == []
+    assert builtin_model_path(builtin_settings, size=96) != path
+
+
+def test_builtin_silence_returns_the_reference(builtin_settings, builtin256):
+    small = load_model("builtin:96", builtin_settings, providers=CPU_ONLY)
+    assert small.size == 96 and small.batch_fixed is None and builtin256.size == 256
+    for model in (builtin256, small):
+        crop = real_crop(model.size)
+        crops = np.stack([crop, crop[:, ::-1].copy()])
+        silence = np.full((2, 1, 80, 16), -4.0, np.float32)
+        out = model.generate(silence, crops)
+        assert np.abs(out.astype(int) - crops.astype(int)).max() <= 1
+        # digital silence in a real window is silence too
+        quiet = mel_window(np.zeros(SR // 2))
+        assert np.abs(model.generate(quiet, crops[:1]).astype(int) - crops[:1].astype(int)).max() <= 1
+
+
+def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin256):
+    size = builtin256.size
+    crop = real_crop(size)
+    levels = [-60, -45, -35, -28, -20]
+    mels = np.concatenate([mel_window(vowel(VOWEL_A, db)) for db in levels])
+    out = builtin256.generate(mels, np.repeat(crop[None], len(levels), axis=0))
+    inside, outside = region_masks(size)
+    diff = np.abs(out.astype(np.int16) - crop.astype(np.int16))
+    change = diff.max(axis=3)[:, inside].mean(axis=1)
+    assert np.all(np.diff(change) > 0), change
+    assert change[0] < 0.5  # a -60 dBFS murmur barely moves the mouth
+    assert not diff[:, outside].any()  # nothing outside MOUTH_REGION changes, bit for bit
+    # the loud vowel opens a dark gap several pixels high at the mouth centre
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    column = out[-1, :, mx - 3:mx + 4].astype(np.int16).mean(axis=(1, 2))
+    reference = crop[:, mx - 3:mx + 4].astype(np.int16).mean(axis=(1, 2))
+    darker_rows = np.flatnonzero(reference - column > 40)
+    assert darker_rows.size >= 6, darker_rows
+    assert abs(darker_rows.mean() - my) < 0.08 * size  # ... between the lips
+
+
+def test_builtin_reads_the_frames_own_columns(builtin256):
+    """Sound later in the window (after the frame's own ~40 ms) must not open the mouth."""
+    crop = real_crop(builtin256.size)[None]
+    loud = mel_window(vowel(VOWEL_A, -20))
+    late = np.full_like(loud, -4.0)
+    late[..., 4:] = loud[..., 4:]
+    early = np.full_like(loud, -4.0)
+    early[..., :3] = loud[..., :3]
+    assert np.array_equal(builtin256.generate(late, crop), crop)
+    assert not np.array_equal(builtin256.generate(early, crop), crop)
+
+
+def test_builtin_rounded_vowel_opens_narrower(builtin256):
+    size = builtin256.size
+    crop = real_crop(size)
+    centres = builtin_mod.mel_bin_centres()
+    mels = np.full((2, 1, 80, 16), -4.0, np.float32)
+    mels[:, :, centres < 1000] = 1.0          # both: loud, fully open
+    mels[0, :, centres >= 1000] = 0.2         # flat spectrum: /a/-like
+    mels[1, :, centres >= 1000] = -1.5        # energy below 1 kHz only: /u/-like
+    out = builtin256.generate(mels, np.stack([crop, crop])).astype(np.int16)
+    dark = (crop.astype(np.int16) - out).min(axis=3) > 40
+    widths = [np.flatnonzero(d.any(axis=0)).size for d in dark]
+    assert widths[1] < 0.9 * widths[0], widths
+    # and real vowels: /u/ is judged rounded, /a/ is not
+    real = builtin256.generate(np.concatenate([mel_window(vowel(VOWEL_A, -20)), mel_window(vowel(VOWEL_U, -20))]),
+                               np.stack([crop, crop])).astype(np.int16)
+    real_dark = (crop.astype(np.int16) - real).min(axis=3) > 40
+    real_widths = [np.flatnonzero(d.any(axis=0)).size for d in real_dark]
+    assert real_widths[1] < real_widths[0], real_widths
+
+
+def test_builtin_is_deterministic_and_fast(builtin256):
+    rng = np.random.default_rng(3)
+    mels = rng.uniform(-4, 2, (16, 1, 80, 16)).astype(np.float32)
+    crops = np.repeat(real_crop(256)[None], 16, axis=0)
+    first = builtin256.generate(mels, crops)
+    t0 = time.perf_counter()
+    second = builtin256.generate(mels, crops)
+    elapsed = time.perf_counter() - t0
+    assert np.array_equal(first, second)
+    assert elapsed < 1.0, f"a batch of 16 at S=256 took {elapsed:.2f} s"
+
+
+def test_load_model_defaults_to_settings_model(tmp_path):
+    path = wav2lip_like(tmp_path / "custom.onnx", "audio_sequences", "face_sequences", "output", 96, batch=1)
+    model = load_model(settings=Settings(storage_root=tmp_path / "s", model=path), providers=CPU_ONLY)
+    assert model.path == path and model.batch_fixed == 1
+    assert active_providers(model._session) == CPU_ONLY

@@ -1,0 +1,189 @@
+"""The Ray runtime end to end: concurrent jobs, real processes killed mid-job, bounded failures."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from cluster.schemas import JobState, RenderRequest
+from tests.helpers import decode_all, wait_until
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def reference(ray_settings, speech4_wav, astronaut_video, tmp_path_factory):
+    """The fault-free output of the same job, rendered in-process without Ray."""
+    from cluster.render import render_local
+
+    out = tmp_path_factory.mktemp("ref") / "reference.mp4"
+    render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(out)), ray_settings)
+    return decode_all(str(out))
+
+
+def _request(audio, video, tmp_path, name="out.mp4", **kw) -> RenderRequest:
+    return RenderRequest(audio=audio, video=video, output=str(tmp_path / name), **kw)
+
+
+def _wait_rendering(runtime, job_id, min_frames=1):
+    return wait_until(lambda: (lambda st: st.state == JobState.rendering and st.frames_done >= min_frames
+                               or st.state.terminal)(runtime.status(job_id)), 120, what=f"{job_id} rendering")
+
+
+def _model_members(runtime):
+    return runtime.call("refresh")["models"][runtime.settings.model]
+
+
+def test_workers_one_per_logical_gpu_on_cpu_provider(runtime):
+    members = _model_members(runtime)
+    assert len(members) == 2
+    assert sorted(g for m in members for g in m["gpus"]) == ["0", "1"]  # one worker per GPU
+    for m in members:  # logical GPUs only: the CPU provider is chosen, not CUDA
+        assert m["providers"] == ["CPUExecutionProvider"], m
+
+
+def test_two_jobs_together_each_get_their_own_output(runtime, reference, speech_wav, speech4_wav,
+                                                     astronaut_video, tmp_path):
+    a = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "a.mp4"))
+    b = runtime.submit(_request(speech_wav, astronaut_video, tmp_path, "b.mp4", loop="forward"))
+    sa, sb = runtime.wait(a.id, timeout=300), runtime.wait(b.id, timeout=300)
+    assert sa.state == JobState.succeeded, sa.error
+    assert sb.state == JobState.succeeded, sb.error
+    fa, fb = decode_all(sa.output), decode_all(sb.output)
+    assert np.array_equal(fa, reference)
+    assert len(fb) == 80  # 3.2 s at 25 fps
+    assert sa.frames_done == sa.frames_total == 100
+
+
+def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    _wait_rendering(runtime, job.id)
+    victim = _model_members(runtime)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert np.array_equal(decode_all(st.output), reference)
+    # Ray restarts the worker; it comes back live with a new process and serves again.
+    def back():
+        m = next(m for m in _model_members(runtime) if m["name"] == victim["name"])
+        return m if m["health"] == "live" and m["pid"] != victim["pid"] else None
+    restarted = wait_until(back, 180, interval=1, what="the killed worker to come back")
+    again = runtime.wait(runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "again.mp4")).id,
+                         timeout=300)
+    assert again.state == JobState.succeeded
+    served = next(m for m in _model_members(runtime) if m["name"] == victim["name"])
+    assert served["pid"] == restarted["pid"] and served["frames"] > 0
+
+
+def test_sigkill_compositor_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    _wait_rendering(runtime, job.id)
+    comps = runtime.call("refresh")["compositors"]
+    for c in comps:  # kill every compositor that is busy: their chunks must be re-rendered elsewhere
+        if c["inflight"]:
+            os.kill(c["pid"], signal.SIGKILL)
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert np.array_equal(decode_all(st.output), reference)
+
+
+def test_stalled_worker_is_bypassed(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+    """SIGSTOP a model worker: its batches time out and are re-dispatched; the job completes."""
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    _wait_rendering(runtime, job.id)
+    victim = _model_members(runtime)[0]
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        st = runtime.wait(job.id, timeout=300)
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert st.state == JobState.succeeded, st.error
+    assert np.array_equal(decode_all(st.output), reference)
+
+
+def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    wait_until(lambda: runtime.status(job.id).chunks_done >= 1 or runtime.status(job.id).state.terminal, 180,
+               what="a first segment")
+    seg_dir = Path(runtime.settings.storage_root) / "jobs" / job.id / "segments"
+    before = {p.name: p.stat().st_mtime_ns for p in seg_dir.glob("[0-9]*.mp4")}
+    assert before
+    ray.kill(runtime.manager(), no_restart=False)
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert np.array_equal(decode_all(st.output), reference)
+    after = {p.name: p.stat().st_mtime_ns for p in seg_dir.glob("[0-9]*.mp4")}
+    for name, mtime in before.items():  # segments finished before the restart were kept, not redone
+        assert after[name] == mtime
+
+
+def test_orchestrator_restart_with_inputs_gone_fails_precisely(runtime, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    _wait_rendering(runtime, job.id)
+    manager = runtime.manager()
+    ray.kill(manager, no_restart=False)
+    mel = Path(runtime.settings.storage_root) / "jobs" / job.id / "mel.npy"
+    audio = Path(runtime.status(job.id).request.audio)
+    mel.unlink()
+    audio.unlink()
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.failed
+    assert st.error.code == "job.inputs_missing"
+    assert job.id in st.error.message
+
+
+def _failing_model(path: Path, size: int = 96) -> str:
+    """A Wav2Lip-shaped model with a dynamic batch that raises on any batch not a multiple of 8 frames."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    mel = helper.make_tensor_value_info("mel_spectrogram", TensorProto.FLOAT, ["b", 1, 80, 16])
+    face = helper.make_tensor_value_info("video_frames", TensorProto.FLOAT, ["b", 6, size, size])
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["b", 3, size, size])
+    nodes = [
+        helper.make_node("Slice", ["video_frames", "starts", "ends", "axes"], ["ref"]),
+        helper.make_node("Reshape", ["ref", "groups"], ["grouped"]),  # B must be a multiple of 8
+        helper.make_node("Reshape", ["grouped", "shape"], ["output"]),
+    ]
+    inits = [helper.make_tensor("starts", TensorProto.INT64, [1], [3]),
+             helper.make_tensor("ends", TensorProto.INT64, [1], [6]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("groups", TensorProto.INT64, [5], [-1, 8, 3, size, size]),
+             helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 3, size, size])]
+    graph = helper.make_graph(nodes, "fails_on_short_batches", [mel, face], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_chunk_failing_repeatedly_fails_its_job_only(runtime, speech_wav, speech4_wav, astronaut_video, tmp_path):
+    bad_model = _failing_model(tmp_path / "fails.onnx")
+    # 3.2 s -> chunks of 25 frames: the last batch of each chunk has 1 frame, and the model raises.
+    bad = runtime.submit(_request(speech_wav, astronaut_video, tmp_path, "bad.mp4", model=bad_model))
+    good = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "good.mp4"))
+    sb, sg = runtime.wait(bad.id, timeout=300), runtime.wait(good.id, timeout=300)
+    assert sg.state == JobState.succeeded, sg.error
+    assert sb.state == JobState.failed
+    err = sb.error
+    assert err.code == "render.chunk_failed"
+    assert err.stage == "render" and err.chunk is not None
+    assert "Reshape" in (err.cause or "") or "reshape" in (err.cause or "").lower()
+    assert not Path(tmp_path / "bad.mp4").exists()
+
+
+def test_model_that_cannot_load_fails_jobs_clearly(runtime, speech_wav, astronaut_video, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not an onnx file")
+    st = runtime.wait(runtime.submit(_request(speech_wav, astronaut_video, tmp_path, model=str(broken))).id,
+                      timeout=240)
+    assert st.state == JobState.failed
+    assert st.error.code == "model.load_failed"
+    assert str(broken) in st.error.message
