@@ -1,6 +1,7 @@
-"""Model worker: one process owns one GPU (or a CPU slot) and its loaded model."""
+"""Model worker: one process owns one GPU (or a CPU slot) and the models loaded on it."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -16,53 +17,75 @@ log = logging.getLogger("lipsync.worker")
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ModelWorker:
-    """Loads the model once (and warms it up); `infer` runs crop batches through it.
+    """Loads the default model once (and warms it up) in `__init__`; other models a job asks for
+    are loaded on first use and kept (least recently used first out, `models_per_worker`).
 
     A load failure does not raise from `__init__` (Ray would not restart such an actor, and the
-    error would surface only as a dead handle): it is kept and reported by `info`, and every
-    `infer` raises it, so each job fails with the precise `model.load_failed` message.
+    error would surface only as a dead handle): it is kept and reported by `info`/`describe`,
+    and every `infer` on that model raises it, so each job fails with `model.load_failed`.
     """
 
-    def __init__(self, model_spec: str, settings: Settings, name: str) -> None:
+    def __init__(self, default_model: str, settings: Settings, name: str) -> None:
+        self.name, self.default_model, self.settings = name, default_model, settings
+        self.models: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self.errors: dict[str, LipsyncError] = {}
+        self.frames = 0
+        self.busy_s = 0.0
+        try:
+            self._model(default_model)
+        except LipsyncError as e:
+            log.error("model worker %s: %s", name, e)
+
+    def _model(self, spec: str):
+        if spec in self.models:
+            self.models.move_to_end(spec)
+            return self.models[spec]
+        if spec in self.errors:
+            raise self.errors[spec]
         from cluster.models import load_model
         from cluster.models.providers import select_providers
 
-        self.name, self.model_spec, self.settings = name, model_spec, settings
-        self.model = None
-        self.load_error: LipsyncError | None = None
-        self.frames = 0
-        self.busy_s = 0.0
         gpu_ids = ray.get_gpu_ids()
         try:
-            self.model = load_model(model_spec, settings, providers=select_providers(gpu_ids))
-            self.model.warmup(settings.batch_size)  # the real batch size: arenas sized once
+            model = load_model(spec, self.settings, providers=select_providers(gpu_ids))
+            model.warmup(self.settings.batch_size)  # the real batch size: arenas sized once
         except LipsyncError as e:
-            self.load_error = e
+            self.errors[spec] = e
+            raise
         except Exception as e:  # a broken model file can raise anything from onnxruntime
-            self.load_error = ModelLoadError(f"cannot load model {model_spec!r}: {e}", cause=repr(e),
-                                             path=model_spec)
-        if self.load_error is not None:
-            log.error("model worker %s: %s", name, self.load_error)
-        else:
-            log.info("model worker %s: model %s S=%d providers=%s gpus=%s", name, model_spec,
-                     self.model.size, self.model.providers, gpu_ids)
+            self.errors[spec] = ModelLoadError(f"cannot load model {spec!r}: {e}", cause=repr(e), path=spec)
+            raise self.errors[spec] from e
+        log.info("model worker %s: model %s S=%d providers=%s gpus=%s", self.name, spec, model.size,
+                 model.providers, gpu_ids)
+        self.models[spec] = model
+        while len(self.models) > self.settings.models_per_worker:
+            old, _ = self.models.popitem(last=False)
+            log.info("model worker %s: unloaded %s", self.name, old)
+        return model
 
     def info(self) -> dict:
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                "gpus": [str(g) for g in ray.get_gpu_ids()], "frames": self.frames,
-               "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None}
-        if self.load_error is not None:
-            return {**out, "ready": False, "error": self.load_error.to_info().model_dump()}
-        return {**out, "ready": True, "size": self.model.size, "providers": list(self.model.providers)}
+               "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
+               "models": list(self.models)}
+        err = self.errors.get(self.default_model)
+        if err is not None:
+            return {**out, "ready": False, "error": err.to_info().model_dump()}
+        model = self.models[self.default_model]
+        return {**out, "ready": True, "size": model.size, "providers": list(model.providers)}
+
+    def describe(self, spec: str) -> dict:
+        """Load `spec` if needed; its crop size and providers (raises ModelLoadError/ModelContractError)."""
+        model = self._model(spec)
+        return {"size": model.size, "providers": list(model.providers)}
 
     @ray.method(num_returns=2)
-    def infer(self, mel: np.ndarray, crops: np.ndarray):
+    def infer(self, spec: str, mel: np.ndarray, crops: np.ndarray):
         """(meta, generated crops): `meta` is small, so the job manager can await it without
         pulling the frame data; the crops go straight to the compositor that asked."""
-        if self.load_error is not None:
-            raise self.load_error
+        model = self._model(spec)
         t0 = time.perf_counter()
-        out = self.model.generate(mel, crops)
+        out = model.generate(mel, crops)
         dt = time.perf_counter() - t0
         self.frames += len(out)
         self.busy_s += dt

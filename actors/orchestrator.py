@@ -8,7 +8,6 @@ root, so a restarted manager resumes unfinished jobs from their completed segmen
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
@@ -22,7 +21,7 @@ from actors import ORCHESTRATOR_NAME
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
 from cluster.config import Settings
-from cluster.errors import (ChunkFailed, InputError, InputsGone, JobCancelled, JobNotFound, LipsyncError,
+from cluster.errors import (ChunkFailed, InputError, InputsGone, JobCancelled, LipsyncError, ModelContractError,
                             ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost)
 from cluster.jobstore import JobStore
 from cluster.render import JobPlan, check_plan_files
@@ -31,7 +30,7 @@ from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus, RenderRequest
 
 log = logging.getLogger("lipsync.orchestrator")
 
-NOT_RETRYABLE = (InputError, InputsGone, ModelLoadError, JobCancelled)
+NOT_RETRYABLE = (InputError, InputsGone, ModelLoadError, ModelContractError, JobCancelled)
 
 
 class StaleAttempt(JobCancelled):
@@ -66,7 +65,8 @@ class JobManager:
         logging.basicConfig(level=logging.INFO)
         self.s = settings
         self.store = JobStore(settings.db_path)
-        self.pools: dict[str, WorkerTable] = {}
+        self.models = WorkerTable(settings.max_inflight_per_worker)
+        self._sizes: dict[str, int] = {}
         self.compositors = WorkerTable(max_inflight=1)
         self.queue: FairQueue[Chunk] = FairQueue()
         self.jobs: dict[str, JobRuntime] = {}
@@ -93,8 +93,15 @@ class JobManager:
 
     async def _boot(self) -> None:
         cpus, gpus = self._resources()
-        pool = self._pool(self.s.model)
-        n_comp = self.s.compositors or max(1, min(int(cpus) - len(pool.members), 8))
+        n_workers = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
+        for i in range(n_workers):
+            name = f"lipsync-model-worker-{i}"
+            opts = dict(name=name, namespace=self.s.namespace, lifetime="detached", get_if_exists=True, num_cpus=1)
+            if gpus:
+                opts["num_gpus"] = self.s.worker_gpus
+            h = ModelWorker.options(**opts).remote(self.s.model, self.s, name)
+            self._spawn(self._probe(self.models, self.models.add(name, h), self.s.model_load_timeout_s))
+        n_comp = self.s.compositors or max(1, min(int(cpus) - n_workers, 8))
         for i in range(n_comp):
             name = f"lipsync-compositor-{i}"
             h = Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
@@ -105,23 +112,6 @@ class JobManager:
             self._start_job(st.id)
         self._spawn(self._scheduler())
         self._booted.set()
-
-    def _pool(self, model: str) -> WorkerTable:
-        """The model workers serving `model` (created on first use; detached, restarted by Ray)."""
-        if model in self.pools:
-            return self.pools[model]
-        table = self.pools[model] = WorkerTable(self.s.max_inflight_per_worker)
-        _, gpus = self._resources()
-        tag = "builtin" if model == "builtin" else hashlib.sha1(model.encode()).hexdigest()[:8]
-        n = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
-        for i in range(n):
-            name = f"lipsync-model-{tag}-{i}"
-            opts = dict(name=name, namespace=self.s.namespace, lifetime="detached", get_if_exists=True, num_cpus=1)
-            if gpus:
-                opts["num_gpus"] = self.s.worker_gpus
-            h = ModelWorker.options(**opts).remote(model, self.s, name)
-            self._spawn(self._probe(table, table.add(name, h), self.s.model_load_timeout_s))
-        return table
 
     async def _probe(self, table: WorkerTable, m: Member, first_timeout: float) -> None:
         """Ask a member for `info` until it answers: live (or failed, for a model that cannot load)."""
@@ -159,19 +149,18 @@ class JobManager:
 
     # --- public API --------------------------------------------------------------------------
     async def ready(self, timeout: float = 60.0) -> dict:
-        """Wait until the default model's workers and the compositors answered; their state."""
+        """Wait (bounded) until every model worker and compositor has answered once; their state."""
         await asyncio.wait_for(self._booted.wait(), timeout)
         deadline = time.monotonic() + timeout
-        pool = self._pool(self.s.model)
-        while time.monotonic() < deadline:
-            if (pool.live() or pool.all_failed()) and self.compositors.live():
+        tables = (self.models, self.compositors)
+        while time.monotonic() < deadline:  # every member answered once (live, or failed to load)
+            if all(m.health != Health.starting for t in tables for m in t.members.values()):
                 break
             await asyncio.sleep(0.2)
         return self.workers()
 
     def workers(self) -> dict:
-        return {"models": {k: v.snapshot() for k, v in self.pools.items()},
-                "compositors": self.compositors.snapshot()}
+        return {"models": self.models.snapshot(), "compositors": self.compositors.snapshot()}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
         """Ask every live member for fresh `info` (pid, node, frames served), then `workers()`."""
@@ -180,7 +169,7 @@ class JobManager:
                 m.info = await asyncio.wait_for(m.handle.info.remote(), timeout)
             except (RayActorError, asyncio.TimeoutError) as e:
                 await self._lost(table, m, f"no answer to info: {type(e).__name__}")
-        tables = [*self.pools.values(), self.compositors]
+        tables = [self.models, self.compositors]
         await asyncio.gather(*(one(t, m) for t in tables for m in t.live()))
         return self.workers()
 
@@ -221,18 +210,18 @@ class JobManager:
         if rt is None or rt.finished or rt.tokens.get(chunk_index) != token:
             raise StaleAttempt(f"job {job_id} chunk {chunk_index}: this attempt is no longer wanted",
                                job_id=job_id, chunk=chunk_index)
-        pool = self._pool(model)
+        pool = self.models
         mel_ref, crops_ref = refs
         last = "no attempt"
         for attempt in range(self.s.max_batch_attempts):
             m = await pool.acquire(timeout=self.s.stall_timeout_s)
             if m is None:
                 if pool.all_failed():
-                    raise self._load_error(pool, model)
+                    raise self._load_error()
                 raise WorkerLost(f"no live model worker for {model!r} within {self.s.stall_timeout_s:.0f} s "
                                  f"(last problem: {last})", job_id=job_id, chunk=chunk_index, stage="render")
             meta_ref, out_ref = m.handle.infer.options(name=f"infer job={job_id} chunk={chunk_index}").remote(
-                mel_ref, crops_ref)
+                model, mel_ref, crops_ref)
             try:
                 meta = await asyncio.wait_for(meta_ref, timeout=self.s.batch_timeout_s)
             except asyncio.TimeoutError:
@@ -260,11 +249,10 @@ class JobManager:
                          f"(last: {last})", job_id=job_id, chunk=chunk_index, stage="render")
 
     # --- jobs --------------------------------------------------------------------------------
-    def _load_error(self, pool: WorkerTable, model: str) -> ModelLoadError:
-        err = next((m.error for m in pool.members.values() if m.error), None)
-        msg = err.get("message") if isinstance(err, dict) else str(err)
-        return ModelLoadError(f"model {model!r} cannot be loaded: {msg}", stage="prepare",
-                              cause=err.get("cause") if isinstance(err, dict) else None)
+    def _load_error(self) -> ModelLoadError:
+        err = next((m.error for m in self.models.members.values() if m.error), None) or {}
+        return ModelLoadError(f"the default model {self.s.model!r} cannot be loaded: {err.get('message')}",
+                              stage="prepare", cause=err.get("cause"), path=err.get("path"))
 
     def _start_job(self, job_id: str) -> None:
         if job_id in self.jobs and not self.jobs[job_id].finished:
@@ -345,16 +333,33 @@ class JobManager:
             self._finish(rt.id, JobState.succeeded, output=rt.plan.output_path)
 
     async def _model_size(self, model: str) -> int:
-        pool = self._pool(model)
+        """The crop size S of `model`, asked of a live worker (which loads the model if needed)."""
+        if model in self._sizes:
+            return self._sizes[model]
         deadline = time.monotonic() + self.s.model_load_timeout_s
         while time.monotonic() < deadline:
-            live = pool.live()
-            if live:
-                return int(live[0].info["size"])
-            if pool.all_failed():
-                raise self._load_error(pool, model)
-            await asyncio.sleep(0.2)
-        raise RenderTimeout(f"no model worker for {model!r} came up within {self.s.model_load_timeout_s:.0f} s")
+            if self.models.all_failed():
+                raise self._load_error()
+            live = self.models.live()
+            if not live:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                desc = await asyncio.wait_for(live[0].handle.describe.remote(model),
+                                              timeout=max(1.0, deadline - time.monotonic()))
+            except RayActorError:
+                await asyncio.sleep(0.5)
+                continue
+            except RayTaskError as e:
+                cause = _cause(e)
+                if isinstance(cause, LipsyncError):
+                    raise cause
+                raise ModelLoadError(f"cannot load model {model!r}: {cause}", cause=str(cause)[:4000], path=model)
+            except asyncio.TimeoutError:
+                break
+            self._sizes[model] = int(desc["size"])
+            return self._sizes[model]
+        raise RenderTimeout(f"model {model!r} was not ready on any worker within {self.s.model_load_timeout_s:.0f} s")
 
     async def _on_compositor(self, method: str, rt: JobRuntime, *args):
         """Run a job-level step on some compositor; a lost compositor means another one runs it."""

@@ -198,7 +198,7 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
     n_frames = mel_frame_count(n)
     basis = mel_filterbank()
     window = _hann(WIN)
-    pad = N_FFT // 2 - 1
+    pad = N_FFT // 2
     out = np.empty((N_MELS, n_frames), dtype=np.float32)
     for f0 in range(0, n_frames, _STFT_BLOCK_FRAMES):
         f1 = min(n_frames, f0 + _STFT_BLOCK_FRAMES)

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
     max_inflight_per_worker: int = Field(2, ge=1)
+    models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
 
     @field_validator("storage_root", mode="after")
     @classmethod

@@ -154,29 +154,49 @@ def _gradient_magnitude(frame: np.ndarray) -> np.ndarray:
     return cv2.magnitude(gx, gy)
 
 
-def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> float:
-    """Mean gradient magnitude along the paste mask's edge ring divided by the mean gradient
-    magnitude of the face (the whole crop square) in the same frame, averaged over frames.
+_SEAM_MARGIN_PX = 2
+_MIN_BAND_PIXELS = 16
 
-    The ring is where the paste weight is strictly between 0 and 1 (the feather), widened by 2
-    frame pixels so that a hard edge just outside it counts. About 1 (or below) means the paste
-    leaves no seam; a hard pasted edge gives several times more. NaN when no frame has a ring
-    and a face inside the frame.
+
+def _edge_bands(mask: np.ndarray) -> list[np.ndarray]:
+    """1-pixel-wide bands that follow the paste mask's edge, from 2 px outside the mask (weight
+    0) through the feather to 2 px inside its full-weight part: pixels at signed distance
+    [k, k+1) from the mask's outer edge (positive inside)."""
+    touched = (mask > 0).astype(np.uint8)
+    if not touched.any() or touched.all():
+        return []
+    inside = cv2.distanceTransform(touched, cv2.DIST_L2, 5)
+    outside = cv2.distanceTransform(1 - touched, cv2.DIST_L2, 5)
+    signed = np.where(touched > 0, inside - 0.5, 0.5 - outside)
+    partial = (mask > 0) & (mask < 0.999)
+    width = float(signed[partial].max()) if partial.any() else 0.0
+    return [(signed >= k) & (signed < k + 1) for k in range(-_SEAM_MARGIN_PX, int(math.ceil(width)) + _SEAM_MARGIN_PX)]
+
+
+def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> float:
+    """How visible the paste-back edge is: the mean gradient magnitude along the paste mask's
+    edge ring divided by the mean gradient magnitude of the face (the whole crop square) in the
+    same frame, averaged over frames.
+
+    The ring (the feather, plus 2 px on either side) is cut into 1-pixel bands that follow the
+    mask's edge; a frame's value is that of its band with the highest mean gradient, so a hard
+    edge anywhere in the ring is not diluted by the rest of it. Natural content gives about 1
+    (slightly above, as the maximum over bands); a hard pasted edge of a few tens of levels gives
+    several times more. Edges elsewhere (e.g. a pasted crop rectangle far outside the mask) are
+    not measured. NaN when no frame has a ring and a face inside the frame.
     """
     out, matrices = _check(output_frames, matrices, "output_frames")
     face_square = np.ones((int(size), int(size)), np.float32)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     ratios = []
     for i in range(out.shape[0]):
         mask = frame_paste_mask(out.shape[1:3], matrices[i], size)
-        ring = ((mask > 1e-3) & (mask < 1.0 - 1e-3)).astype(np.uint8)
-        ring = cv2.dilate(ring, kernel).astype(bool)
         face = _to_frame(face_square, matrices[i], out.shape[1:3]) > 0.5
-        if not ring.any() or not face.any():
+        bands = [b for b in _edge_bands(mask) if b.sum() >= _MIN_BAND_PIXELS]
+        if not bands or not face.any():
             continue
         grad = _gradient_magnitude(out[i])
         face_mean = float(grad[face].mean())
         if face_mean <= 0:
             continue
-        ratios.append(float(grad[ring].mean()) / face_mean)
+        ratios.append(max(float(grad[b].mean()) for b in bands) / face_mean)
     return float(np.mean(ratios)) if ratios else math.nan

@@ -71,7 +71,7 @@ def runtime(ray_settings):
              log_to_driver=False)
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
-    assert any(m["health"] == "live" for m in state["models"][ray_settings.model]), state
+    assert any(m["health"] == "live" for m in state["models"]), state
     yield rt
     ray.shutdown()
 

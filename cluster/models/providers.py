@@ -15,6 +15,8 @@ import functools
 import logging
 from typing import Any, Sequence
 
+from cluster.config import Settings, get_settings
+
 log = logging.getLogger("lipsync.models")
 
 CPU = "CPUExecutionProvider"
@@ -64,13 +66,15 @@ def _available() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def select_providers(gpu_ids: Sequence[Any] | None = None) -> list[str | tuple[str, dict]]:
+def select_providers(gpu_ids: Sequence[Any] | None = None,
+                     settings: Settings | None = None) -> list[str | tuple[str, dict]]:
     """Execution providers for a model session, best first, always ending with CPU.
 
     `gpu_ids` are the GPUs assigned to the caller (e.g. `ray.get_gpu_ids()`): an empty list means
     "no GPU assigned" and gives CPU only; None means "decide from the machine". A GPU provider is
-    chosen only when a CUDA device really exists and onnxruntime offers the provider. The choice
-    is logged once per process (logger "lipsync.models").
+    chosen only when a CUDA device really exists and onnxruntime offers the provider. TensorRT
+    engines are cached under `settings.dir("models")/tensorrt` so only the first load of a model
+    pays for the engine build. The choice is logged once per process (logger "lipsync.models").
     """
     available = _available()
     providers: list[str | tuple[str, dict]] = []
@@ -84,7 +88,12 @@ def select_providers(gpu_ids: Sequence[Any] | None = None) -> list[str | tuple[s
         else:
             reason = f"{n_devices} CUDA device(s) visible"
             if TENSORRT in available and tensorrt_runtime_present():
-                providers.append((TENSORRT, {"device_id": 0}))
+                cache = (settings or get_settings()).dir("models") / "tensorrt"
+                cache.mkdir(parents=True, exist_ok=True)
+                providers.append((TENSORRT, {"device_id": 0, "trt_engine_cache_enable": True,
+                                             "trt_engine_cache_path": str(cache),
+                                             "trt_timing_cache_enable": True,
+                                             "trt_timing_cache_path": str(cache)}))
             if CUDA in available:
                 providers.append((CUDA, {"device_id": 0}))
             if not providers:
