@@ -11,11 +11,11 @@ import time
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import ORCHESTRATOR_NAME
 from cluster.config import Settings, get_settings
-from cluster.errors import RenderTimeout
+from cluster.errors import LipsyncError, RenderTimeout
 from cluster.render import admit, new_job_id
 from cluster.schemas import JobState, JobStatus, RenderRequest
 
@@ -60,6 +60,11 @@ class Runtime:
             left = deadline - time.monotonic()
             try:
                 return ray.get(getattr(self.manager(), method).remote(*args, **kwargs), timeout=max(left, 0.1))
+            except RayTaskError as e:  # the manager raised: surface our typed error as itself
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, LipsyncError):
+                    raise cause from None
+                raise
             except (RayActorError, GetTimeoutError) as e:
                 if time.monotonic() >= deadline:
                     raise RenderTimeout(f"the job manager did not answer {method} within the deadline: "

@@ -32,24 +32,41 @@ def _fail_line(err: ErrorInfo) -> str:
     return f"lipsync: error: {err.code}: {err.message}{where}"
 
 
+class _ProgressBar:
+    """A tqdm bar created on its first update, so that an input refused before any progress
+    leaves exactly one line (the reason) on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def show(self, done: int, total: int, postfix: str | None = None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=0, unit="frame", desc="render", disable=self.quiet, dynamic_ncols=True)
+        self.bar.total = total or self.bar.total
+        self.bar.n = done
+        if postfix is not None:
+            self.bar.set_postfix_str(postfix)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
             quiet: bool) -> int:
-    from tqdm import tqdm
-
     out = Path(output).expanduser().resolve()
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out))
-    bar = tqdm(total=0, unit="frame", desc="render", disable=quiet, dynamic_ncols=True)
+    bar = _ProgressBar(quiet)
     try:
         if local:
             from cluster.render import render_local
 
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-            render_local(request, settings, progress=progress)
+            render_local(request, settings, progress=bar.show)
             bar.close()
             print(f"wrote {out}", file=sys.stderr)
             return 0
@@ -64,10 +81,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         st = rt.call("submit", job_id, admitted, timeout=120)
 
         def show(st) -> None:
-            bar.total = st.frames_total or bar.total
-            bar.n = st.frames_done
-            bar.set_postfix_str(st.state.value)
-            bar.refresh()
+            bar.show(st.frames_done, st.frames_total, st.state.value)
 
         try:
             st = rt.wait(job_id, on_status=show)

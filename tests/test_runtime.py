@@ -65,6 +65,7 @@ def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut
     _wait_rendering(runtime, job.id)
     victim = _model_members(runtime)[0]
     os.kill(victim["pid"], signal.SIGKILL)
+    assert not runtime.status(job.id).state.terminal  # the kill landed mid-job
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
     assert np.array_equal(decode_all(st.output), reference)
@@ -83,10 +84,11 @@ def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut
 def test_sigkill_compositor_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):
     job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
     _wait_rendering(runtime, job.id)
-    comps = runtime.call("refresh")["compositors"]
-    for c in comps:  # kill every compositor that is busy: their chunks must be re-rendered elsewhere
-        if c["inflight"]:
-            os.kill(c["pid"], signal.SIGKILL)
+    busy = [c for c in runtime.call("refresh")["compositors"] if c["inflight"]]
+    assert busy
+    for c in busy:  # kill every compositor that is busy: their chunks must be re-rendered elsewhere
+        os.kill(c["pid"], signal.SIGKILL)
+    assert not runtime.status(job.id).state.terminal
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
     assert np.array_equal(decode_all(st.output), reference)
@@ -107,6 +109,9 @@ def test_stalled_worker_is_bypassed(runtime, reference, speech4_wav, astronaut_v
             pass
     assert st.state == JobState.succeeded, st.error
     assert np.array_equal(decode_all(st.output), reference)
+    # The watchdog gave up on the frozen process and had it restarted: a new pid serves again.
+    wait_until(lambda: any(m["name"] == victim["name"] and m["health"] == "live" and m["pid"] != victim["pid"]
+                           for m in _model_members(runtime)), 180, interval=1, what="the stalled worker's restart")
 
 
 def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_wav, astronaut_video, tmp_path):
@@ -116,6 +121,7 @@ def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_
     seg_dir = Path(runtime.settings.storage_root) / "jobs" / job.id / "segments"
     before = {p.name: p.stat().st_mtime_ns for p in seg_dir.glob("[0-9][0-9][0-9][0-9][0-9].mp4")}
     assert before
+    assert not runtime.status(job.id).state.terminal
     ray.kill(runtime.manager(), no_restart=False)
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
@@ -188,3 +194,23 @@ def test_model_that_cannot_load_fails_jobs_clearly(runtime, speech_wav, astronau
     assert st.state == JobState.failed
     assert st.error.code == "model.load_failed"
     assert str(broken) in st.error.message
+
+
+def test_cancel_mid_job_stops_it_and_the_cluster_keeps_working(runtime, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "cancelled.mp4"))
+    _wait_rendering(runtime, job.id)
+    st = runtime.cancel(job.id)
+    assert st.state == JobState.cancelled and st.error.code == "cancelled"
+    assert runtime.wait(job.id, timeout=30).state == JobState.cancelled  # stays cancelled
+    assert not (tmp_path / "cancelled.mp4").exists()
+    after = runtime.wait(runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "next.mp4")).id, timeout=300)
+    assert after.state == JobState.succeeded, after.error
+
+
+def test_submit_with_same_id_is_idempotent(runtime, speech4_wav, astronaut_video, tmp_path):
+    req = _request(speech4_wav, astronaut_video, tmp_path, "idem.mp4")
+    first = runtime.submit(req, job_id="idempotent-job-1")
+    second = runtime.submit(req, job_id="idempotent-job-1")
+    assert first.id == second.id == "idempotent-job-1"
+    assert runtime.wait(first.id, timeout=300).state == JobState.succeeded
+    assert len([j for j in runtime.call("list_jobs") if j.id == "idempotent-job-1"]) == 1

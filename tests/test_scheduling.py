@@ -1,0 +1,100 @@
+"""Scheduling decisions (plain Python): least-loaded worker with backpressure, fair chunk order."""
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, strategies as st
+
+from cluster.scheduling import FairQueue, Health, WorkerTable
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_least_loaded_live_worker_and_backpressure():
+    async def scenario():
+        t = WorkerTable(max_inflight=2)
+        a, b, c = (t.add(n, object()) for n in "abc")
+        await t.set_health(a, Health.live)
+        await t.set_health(b, Health.live)  # c never answered: never chosen
+        got = [await t.acquire(timeout=1) for _ in range(4)]
+        assert sorted(m.name for m in got) == ["a", "a", "b", "b"]  # alternates, least loaded first
+        assert await t.acquire(timeout=0.2) is None  # both at the limit: the caller waits, then gives up
+        waiter = asyncio.ensure_future(t.acquire(timeout=5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await t.release(got[0])
+        assert (await asyncio.wait_for(waiter, 2)).name == got[0].name  # freed slot goes to the waiter
+        return c
+
+    c = run(scenario())
+    assert c.health == Health.starting
+
+
+def test_lost_worker_is_skipped_until_it_answers_again():
+    async def scenario():
+        t = WorkerTable(max_inflight=1)
+        a, b = t.add("a", 1), t.add("b", 2)
+        for m in (a, b):
+            await t.set_health(m, Health.live)
+        await t.set_health(a, Health.lost)
+        assert (await t.acquire(1)).name == "b"
+        assert await t.acquire(0.1) is None
+        await t.set_health(a, Health.live)
+        assert (await t.acquire(1)).name == "a"
+
+    run(scenario())
+
+
+def test_all_failed_returns_at_once():
+    async def scenario():
+        t = WorkerTable(max_inflight=1)
+        m = t.add("a", 1)
+        await t.set_health(m, Health.failed, error={"message": "bad model"})
+        assert t.all_failed()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await t.acquire(timeout=30) is None
+        assert loop.time() - t0 < 1
+
+    run(scenario())
+
+
+def test_fair_queue_round_robin_between_jobs():
+    q: FairQueue[int] = FairQueue()
+    for i in range(4):
+        q.push("a", i)
+    for i in range(2):
+        q.push("b", 10 + i)
+    order = [q.pop() for _ in range(6)]
+    assert order == [("a", 0), ("b", 10), ("a", 1), ("b", 11), ("a", 2), ("a", 3)]
+    assert q.pop() is None
+
+
+@given(st.dictionaries(st.sampled_from("abcde"), st.integers(1, 20), min_size=1))
+def test_fair_queue_serves_everything_once_and_interleaves(sizes):
+    q: FairQueue[int] = FairQueue()
+    for job, n in sizes.items():
+        for i in range(n):
+            q.push(job, i)
+    out = []
+    while (item := q.pop()) is not None:
+        out.append(item)
+    assert sorted(out) == sorted((j, i) for j, n in sizes.items() for i in range(n))
+    for job in sizes:  # per job, chunks come out in order
+        assert [i for j, i in out if j == job] == list(range(sizes[job]))
+    # While two jobs both have work, neither gets two turns in a row.
+    k = len(sizes) * min(sizes.values())
+    prefix = [j for j, _ in out[:k]]
+    assert all(x != y for x, y in zip(prefix, prefix[1:])) or len(sizes) == 1
+
+
+def test_retried_chunk_goes_to_the_front_of_its_job():
+    q: FairQueue[int] = FairQueue()
+    q.push("a", 1)
+    q.push("a", 2)
+    q.push("a", 0, front=True)
+    assert [q.pop()[1] for _ in range(3)] == [0, 1, 2]
+    q.push("a", 5)
+    assert q.drop("a") == [5] and len(q) == 0
