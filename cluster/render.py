@@ -107,7 +107,19 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         stored[key] = str(dst)
-    return request.model_copy(update=stored)
+    sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    return request.model_copy(update={**stored, "sources": sources})
+
+
+def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
+    """Errors about a stored copy name the file the user gave instead."""
+    for stored, original in request.sources.items():
+        if stored in err.message:
+            err.message = err.message.replace(stored, original)
+            err.args = (err.message,)
+        if err.path == stored:
+            err.path = original
+    return err
 
 
 # --- prepare -----------------------------------------------------------------------------
@@ -124,14 +136,17 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         if p is not None and not Path(p).exists():
             raise InputsGone(f"job {job_id}: stored {key} input {p} no longer exists", job_id=job_id,
                              stage="prepare", path=p)
-    if request.video is not None:
-        avatar = prepare_avatar(request.video, s, detector=detector)
-    else:
-        avatar = load_avatar(request.avatar_id, s)
+    try:
+        if request.video is not None:
+            avatar = prepare_avatar(request.video, s, detector=detector)
+        else:
+            avatar = load_avatar(request.avatar_id, s)
+        wav = load_audio(request.audio, s)
+    except LipsyncError as e:
+        raise _name_sources(e, request).with_context(job_id=job_id, stage="prepare")
     vinfo = avatar.info.video
     assert vinfo is not None
     fps = vinfo.fps
-    wav = load_audio(request.audio, s)
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
     mel_path = jd / "mel.npy"

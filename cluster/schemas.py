@@ -108,6 +108,7 @@ class RenderRequest(BaseModel):
     loop: LoopMode = "pingpong"
     chunk_seconds: float | None = None
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root
+    sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
 
 
 class JobStatus(BaseModel):

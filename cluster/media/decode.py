@@ -7,6 +7,11 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import Interpolation
+
+# Full-chroma, accurately rounded yuv420p -> BGR: the default swscale path darkens frames by
+# about a level and smears chroma, which shows as a difference outside the paste mask.
+_EXACT_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 
 from cluster.config import Settings, get_settings
 from cluster.errors import MediaError
@@ -144,7 +149,7 @@ class TemplateReader:
                 return False
             started = True
             if index >= first:
-                out[index] = frame.to_ndarray(format="bgr24")
+                out[index] = frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB)
             if index >= last:
                 return True
 
@@ -202,7 +207,7 @@ def iter_frames(path: str | os.PathLike, batch_size: int,
         batch: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):
-                batch.append(frame.to_ndarray(format="bgr24"))
+                batch.append(frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB))
                 if len(batch) == batch_size:
                     yield np.stack(batch)
                     batch = []

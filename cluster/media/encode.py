@@ -41,7 +41,9 @@ def encoder_args(settings: Settings, fps: Fraction) -> list[str]:
     else:
         raise EncodeError(f"unsupported video encoder {enc!r} (expected libx264 or h264_nvenc)",
                           stage="encode")
-    return [*codec, "-pix_fmt", "yuv420p", "-g", gop, "-keyint_min", gop,
+    # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
+    return [*codec, "-sws_flags", "accurate_rnd+full_chroma_int", "-pix_fmt", "yuv420p", "-g", gop,
+            "-keyint_min", gop,
             "-r", f"{fps.numerator}/{fps.denominator}"]
 
 

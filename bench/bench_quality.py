@@ -1,0 +1,131 @@
+"""Lip-sync quality and throughput of the in-process render path on a larger case.
+
+Renders a 640x480, 25 fps astronaut template with head motion (4 s, so the ping-pong loop runs)
+against 20 s of speech-like audio with pauses through `render_local` (normalise, MTCNN track,
+built-in model, paste-back, H.264 encode, finalise), decodes the output and prints, one line per
+metric, the same quality numbers as tests/test_lipsync_quality.py, plus the render throughput:
+cold (avatar preparation included) and warm (a second job on the cached avatar).
+
+    python bench/bench_quality.py [--seconds 20] [--size 640x480] [--png /tmp/quality_frames.png]
+
+`--png` writes side-by-side face regions (template | output, 2x nearest) of the loudest frame
+(top row) and of a frame in the middle of the longest pause (bottom row).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import cv2
+import numpy as np
+
+SILENCE_FRACTION = 0.01  # as in tests/test_lipsync_quality.py
+
+
+def _face_box(matrix: np.ndarray, size: int, shape, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """Frame-pixel box (x0, y0, x1, y1) around the aligned crop square, clipped to the frame."""
+    lo, hi = -margin * size, (1 + margin) * size
+    corners = np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]], dtype=np.float64)
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    p = corners @ inv[:, :2].T + inv[:, 2]
+    h, w = shape[:2]
+    x0, y0 = max(int(p[:, 0].min()), 0), max(int(p[:, 1].min()), 0)
+    return x0, y0, min(int(np.ceil(p[:, 0].max())), w), min(int(np.ceil(p[:, 1].max())), h)
+
+
+def save_side_by_side(path: str, template: np.ndarray, output: np.ndarray, matrices: np.ndarray, size: int,
+                      rows: list[tuple[str, int]]) -> None:
+    """One row per (label, frame index): the face region of template | output, 2x nearest."""
+    tiles = []
+    for label, i in rows:
+        x0, y0, x1, y1 = _face_box(matrices[i], size, template.shape[1:3])
+        pair = [cv2.resize(f[i, y0:y1, x0:x1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+                for f in (template, output)]
+        row = np.hstack([pair[0], np.full((pair[0].shape[0], 6, 3), 255, np.uint8), pair[1]])
+        cv2.putText(row, f"{label} frame {i}: template | output", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(row)
+    width = max(t.shape[1] for t in tiles)
+    tiles = [np.pad(t, ((0, 6), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
+    if not cv2.imwrite(path, np.vstack(tiles)):
+        raise OSError(f"cannot write {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="speech length")
+    ap.add_argument("--template-seconds", type=float, default=4.0)
+    ap.add_argument("--size", default="640x480", help="template WIDTHxHEIGHT")
+    ap.add_argument("--png", default=None, help="write template|output face regions of a loud and a silent frame")
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    from cluster.audio import frame_energy, load_audio
+    from cluster.config import Settings
+    from cluster.faces.align import alignment_matrices
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.media.decode import TemplateReader, iter_frames
+    from cluster.models import load_model
+    from cluster.plan import template_indices
+    from cluster.quality import best_lag, mouth_motion, pearson, psnr_outside_mask, seam_score
+    from cluster.render import render_local
+    from cluster.schemas import RenderRequest
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    with tempfile.TemporaryDirectory(prefix="lipsync-bench-quality-") as d:
+        s = Settings(storage_root=os.path.join(d, "storage"))
+        video = astronaut_template(os.path.join(d, "template.mp4"), seconds=args.template_seconds, fps=25,
+                                   size=(width, height), seed=5)
+        audio = write_audio(os.path.join(d, "speech.wav"), speech_like(args.seconds, seed=11))
+        model = load_model("builtin", s)
+
+        out_path = os.path.join(d, "output.mp4")
+        t0 = time.monotonic()
+        info = render_local(RenderRequest(audio=audio, video=video, output=out_path), s, model=model)
+        cold = time.monotonic() - t0
+        t0 = time.monotonic()
+        render_local(RenderRequest(audio=audio, video=video, output=os.path.join(d, "again.mp4")), s, model=model)
+        warm = time.monotonic() - t0
+
+        output = np.concatenate(list(iter_frames(out_path, 64, s)))
+        n = output.shape[0]
+        avatar = prepare_avatar(video, s)
+        indices = template_indices(0, n, avatar.frame_count, s.loop)
+        with TemplateReader(avatar.template_path, s) as reader:
+            template = reader.read(indices)
+        matrices = alignment_matrices(avatar.load_track().landmarks[indices], model.size)
+        energy = frame_energy(load_audio(audio, s), avatar.info.video.fps, n)
+        motion = mouth_motion(output, template, matrices, model.size)
+        quiet = energy < SILENCE_FRACTION * float(energy.max())
+        silent = quiet & np.roll(quiet, 1) & np.roll(quiet, -1)
+
+        print(f"case                 : {width}x{height} template of {avatar.frame_count} frames, "
+              f"{args.seconds:g} s speech -> {n} frames ({info.video.frame_count} in the file), "
+              f"model {model.size}px, crf {s.crf}")
+        print(f"pearson              : {pearson(motion, energy):.3f}   (target >= 0.6)")
+        print(f"best lag             : {best_lag(motion, energy)} frames   (target 0 +- 1)")
+        print(f"psnr outside mask    : {psnr_outside_mask(output, template, matrices, model.size):.2f} dB   "
+              f"(target >= 40)")
+        print(f"seam score output    : {seam_score(output, matrices, model.size):.3f}")
+        print(f"seam score untouched : {seam_score(template, matrices, model.size):.3f}   (output <= 1.1x)")
+        print(f"silent mouth diff    : mean {motion[silent].mean():.2f}, max {motion[silent].max():.2f} levels "
+              f"over {silent.sum()} frames   (target mean < 2)")
+        print(f"speech mouth diff    : mean {motion[~quiet].mean():.2f} levels over {(~quiet).sum()} frames")
+        print(f"throughput cold      : {n / cold:.1f} frames/s ({cold:.1f} s, avatar preparation included)")
+        print(f"throughput warm      : {n / warm:.1f} frames/s ({warm:.1f} s, cached avatar)")
+
+        if args.png:
+            loud = int(np.argmax(energy))
+            runs = np.flatnonzero(np.diff(np.concatenate(([0], silent.astype(np.int8), [0]))))
+            starts, stops = runs[::2], runs[1::2]
+            k = int(np.argmax(stops - starts))
+            pause = int((starts[k] + stops[k]) // 2)
+            save_side_by_side(args.png, template, output, matrices, model.size,
+                              [("loud", loud), ("silent", pause)])
+            print(f"png                  : {args.png}")
+
+
+if __name__ == "__main__":
+    main()

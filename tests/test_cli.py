@@ -1,0 +1,195 @@
+"""The `lipsync` command line, run for real in subprocesses (issue #2).
+
+Each command runs with its own storage root (LIPSYNC_STORAGE_ROOT) under a temporary directory,
+in its own process group, with a deadline; on a timeout the whole group (the CLI and any
+embedded Ray it started) is killed and reaped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.config import Settings
+from cluster.media.ffmpeg import ffmpeg_binary
+from cluster.media.finalize import verify_output
+from cluster.media.probe import probe
+from cluster.synth import astronaut_template, speech_like, write_audio
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+SR = 16000
+BAD_INPUT_DEADLINE_S = 20.0
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str, str, float]:
+    """Run a command to completion within `timeout`: (exit status, stdout, stderr, seconds)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish within {timeout:.0f} s; stderr tail:\n{err[-3000:]}")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err, time.monotonic() - t0
+
+
+def lipsync_script() -> str:
+    """The installed `lipsync` console script of this interpreter."""
+    script = Path(sys.executable).with_name("lipsync")
+    assert script.is_file(), f"console script {script} is not installed (pip install -e .)"
+    return str(script)
+
+
+def check_verified(path: Path, n_samples: int, fps: Fraction) -> None:
+    """The file exists and passes the product's verification with independently computed
+    expectations (N = ceil(seconds * fps)), with H.264 video and AAC audio."""
+    assert path.is_file(), f"{path} was not written"
+    frames = -(-n_samples * fps.numerator // (SR * fps.denominator))
+    info = verify_output(str(path), frames_expected=frames, fps=fps, audio_duration=n_samples / SR)
+    assert info.video.codec == "h264" and info.audio.codec == "aac"
+
+
+# --- fixtures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def env(workdir) -> dict[str, str]:
+    """The environment of the CLI processes: a storage root of their own, no Ray address."""
+    e = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    e["LIPSYNC_STORAGE_ROOT"] = str(workdir / "storage")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+@pytest.fixture(scope="module")
+def inputs(workdir) -> dict[str, Path]:
+    """Good and bad inputs: speech (wav, m4a), a face template (video only), a flat-colour video
+    without a face, garbage bytes, a playlist naming /etc/passwd, and a path that does not exist."""
+    f: dict[str, Path] = {}
+    speech = speech_like(1.2, seed=21)
+    f["speech"] = Path(write_audio(str(workdir / "speech.wav"), speech))
+    f["speech_m4a"] = Path(write_audio(str(workdir / "speech.m4a"), speech))
+    f["template"] = Path(astronaut_template(str(workdir / "template.mp4"), seconds=1.0, fps=25, size=(320, 240)))
+    f["flat"] = workdir / "flat.mp4"
+    subprocess.run([ffmpeg_binary(Settings()), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+                    "-f", "lavfi", "-i", "color=c=0x808080:s=320x240:r=25:d=1", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", str(f["flat"])], check=True, timeout=60)
+    f["garbage"] = workdir / "garbage.mp4"
+    f["garbage"].write_bytes(np.random.default_rng(2).bytes(20000))
+    f["playlist"] = workdir / "speech.m3u8"
+    f["playlist"].write_text("#EXTM3U\n#EXTINF:10,\n/etc/passwd\n")
+    f["missing"] = workdir / "does_not_exist.wav"
+    return f
+
+
+# --- tests ----------------------------------------------------------------------------------
+def test_render_local_succeeds(inputs, env, workdir):
+    out = workdir / "local.mp4"
+    rc, _, err, _ = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                             "-o", str(out), "--local"], env, workdir, timeout=120)
+    assert rc == 0, err
+    assert err.strip().splitlines()[-1] == f"wrote {out}"
+    check_verified(out, 19200, Fraction(25))
+
+
+BAD_INPUTS = [
+    # (case, audio, video, error code, the file the line must name)
+    ("audio_without_audio_stream", "template", "template", "input.no_audio_stream", "audio"),
+    ("video_without_video_stream", "speech", "speech_m4a", "input.no_video_stream", "video"),
+    ("garbage_audio", "garbage", "template", "input.unreadable", "audio"),
+    ("garbage_video", "speech", "garbage", "input.unreadable", "video"),
+    ("missing_audio", "missing", "template", "input.not_found", "audio"),
+    ("playlist_audio", "playlist", "template", "input.unsafe", "audio"),
+    ("template_without_face", "speech", "flat", "input.no_face", "video"),
+]
+
+
+@pytest.mark.parametrize("case, audio, video, code, culprit", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(inputs, env, workdir, case, audio, video, code, culprit):
+    out = workdir / f"{case}.mp4"
+    rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs[audio]), "--video", str(inputs[video]),
+                                   "-o", str(out), "--local"], env, workdir, timeout=60)
+    assert rc == 2, err
+    assert elapsed < BAD_INPUT_DEADLINE_S, elapsed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lipsync: error: {code}: "), lines[0]
+    named = str(inputs[audio] if culprit == "audio" else inputs[video])
+    assert named in lines[0], lines[0]  # the file the user gave, also for problems found after admission
+    assert not out.exists()
+
+
+def test_bad_input_through_ray_path_exits_before_ray_starts(inputs, env, workdir):
+    out = workdir / "ray_bad.mp4"
+    rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs["template"]), "--video",
+                                   str(inputs["template"]), "-o", str(out)], env, workdir, timeout=60)
+    assert rc == 2, err
+    assert elapsed < BAD_INPUT_DEADLINE_S, elapsed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # nothing from Ray: it was never started
+    assert lines[0].startswith("lipsync: error: input.no_audio_stream: ") and str(inputs["template"]) in lines[0]
+    assert not out.exists()
+
+
+def test_render_on_embedded_ray_succeeds(inputs, env, workdir):
+    out = workdir / "ray.mp4"
+    ray_env = {**env, "LIPSYNC_COMPOSITORS": "1", "LIPSYNC_MODEL_WORKERS": "1"}
+    rc, _, err, _ = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                             "-o", str(out), "-q"], ray_env, workdir, timeout=180)
+    assert rc == 0, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"wrote {out}"
+    check_verified(out, 19200, Fraction(25))
+
+
+def test_demo_renders_a_moving_mouth(env, workdir):
+    """`lipsync demo -o demo.mp4 --local`: a verified file whose mouth moves with the speech and
+    stays (nearly) as in the template during pauses."""
+    from cluster.audio import frame_energy, load_audio
+    from cluster.faces.align import alignment_matrices
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.plan import template_indices
+    from cluster.quality import mouth_motion, pearson
+    from tests.helpers import decode_all
+
+    rc, _, err, _ = run_cli([lipsync_script(), "demo", "-o", "demo.mp4", "--local", "-q"], env, workdir,
+                            timeout=180)
+    assert rc == 0, err[-3000:]
+    out = workdir / "demo.mp4"
+    settings = Settings(storage_root=env["LIPSYNC_STORAGE_ROOT"])
+    speech_path = settings.storage_root / "demo" / "demo_speech.wav"
+    speech = load_audio(str(speech_path))
+    check_verified(out, speech.size, Fraction(25))
+
+    avatar = prepare_avatar(str(settings.storage_root / "demo" / "demo_template.mp4"), settings)
+    assert avatar.cached  # prepared by the demo's render
+    frames = decode_all(str(out))
+    template = decode_all(avatar.template_path)
+    idx = template_indices(0, len(frames), len(template), "pingpong")
+    size = 256
+    matrices = alignment_matrices(avatar.load_track().landmarks[idx], size)
+    motion = mouth_motion(frames, template[idx], matrices, size)
+    energy = frame_energy(speech, Fraction(25), len(frames))
+    near = np.convolve(energy, np.ones(7), mode="same")  # speech within +-3 frames
+    silent = near < 0.01
+    speaking = energy > 0.5 * energy.max()
+    assert silent.sum() >= 10 and speaking.sum() >= 10
+    assert motion[silent].max() < 4.0, np.round(motion, 1)  # levels: re-encoding noise only
+    assert np.median(motion[speaking]) > 8.0, np.round(motion, 1)
+    assert pearson(motion, energy) > 0.5
+    assert probe(str(out)).video.width == 640

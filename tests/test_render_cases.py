@@ -1,0 +1,328 @@
+"""End-to-end render cases (issue #2), in process with `render_local` (no Ray).
+
+Every case renders real generated media and checks the output independently of the render
+path's own verification: H.264 video + AAC audio, exactly N = ceil(audio_seconds * fps) frames
+(counted by demuxing), durations equal to the audio's within one frame, the template's exact fps,
+and where it matters the template frames each output frame shows (PSNR of the top rows of the
+frame, far from the face, against the planned template frame).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from cluster.audio import frame_energy, load_audio
+from cluster.config import get_settings
+from cluster.errors import OutputVerificationError
+from cluster.media.finalize import verify_output
+from cluster.media.probe import count_video_frames, probe
+from cluster.quality import pearson
+from cluster.render import (admit, finalize_job, job_dir, new_job_id, prepare_job, render_chunk,
+                            render_local)
+from cluster.schemas import MediaInfo, RenderRequest
+from cluster.synth import astronaut_template, speech_like, write_audio
+from tests.helpers import decode_all
+
+SR = 16000
+SMALL = (320, 240)
+MATCH_DB = 35.0
+"""Top-rows PSNR of an output frame against the template frame it should show (measured ~40 dB:
+one re-encode at CRF 16); neighbouring template frames differ by head motion."""
+
+
+# --- helpers --------------------------------------------------------------------------------
+def expected_frames(n_samples: int, fps: Fraction) -> int:
+    """N = ceil(audio_seconds * fps), exact."""
+    return math.ceil(Fraction(n_samples, SR) * Fraction(fps))
+
+
+def pingpong_order(n: int, t: int) -> list[int]:
+    """0, 1, ..., t-1, t-2, ..., 1, 0, 1, ... written out by hand (independent of cluster.plan)."""
+    order, k, step = [], 0, 1
+    for _ in range(n):
+        order.append(k)
+        if not 0 <= k + step < t:
+            step = -step
+        k += step
+    return order
+
+
+def top_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of the top fifth of two frames: far from the face and the paste mask."""
+    rows = a.shape[0] // 5
+    d = a[:rows].astype(np.float64) - b[:rows].astype(np.float64)
+    mse = float(np.mean(d * d))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def tone_fraction(wav: np.ndarray, hz: float = 1000.0, sample_rate: int = SR) -> float:
+    """Fraction of the signal's power within +-30 Hz of `hz`."""
+    spectrum = np.abs(np.fft.rfft(wav.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(wav.size, 1.0 / sample_rate)
+    return float(spectrum[np.abs(freqs - hz) <= 30.0].sum() / max(spectrum.sum(), 1e-12))
+
+
+def check_output(path: str | Path, n_samples: int, fps: Fraction, size: tuple[int, int]) -> MediaInfo:
+    """Independent checks of a finished output; returns its probe."""
+    path = str(path)
+    fps = Fraction(fps)
+    seconds = n_samples / SR
+    frame = 1.0 / float(fps)
+    info = probe(path)
+    assert info.video is not None and info.audio is not None, info
+    assert info.video.codec == "h264" and info.audio.codec == "aac", info
+    assert info.video.pix_fmt == "yuv420p", info
+    assert (info.video.width, info.video.height) == size, info
+    assert info.video.rotation == 0, info
+    assert count_video_frames(path) == expected_frames(n_samples, fps)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        assert Fraction(stream.average_rate) == fps, (stream.average_rate, fps)
+        assert stream.codec_context.name == "h264"
+        assert "rotate" not in stream.metadata
+        first = next(container.decode(stream))
+        assert (first.width, first.height) == size
+        assert not first.rotation, first.rotation
+    assert abs(info.video.duration - seconds) <= frame + 1e-3, (info.video.duration, seconds)
+    assert abs(info.duration - seconds) <= frame + 1e-3, (info.duration, seconds)
+    # an AAC stream may run up to one 1024-sample frame past the source
+    assert abs(info.audio.duration - seconds) <= frame + 1024 / info.audio.sample_rate, info.audio
+    return info
+
+
+def render(audio: str, video: str, out: Path, model, job_id: str | None = None, **request) -> MediaInfo:
+    return render_local(RenderRequest(audio=audio, video=video, output=str(out), **request),
+                        get_settings(), model=model, job_id=job_id)
+
+
+# --- shared inputs --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    from cluster.models import load_model
+
+    return load_model("builtin", get_settings())
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("render_cases")
+
+
+def _speech(d: Path, name: str, n_samples: int, seed: int) -> tuple[str, np.ndarray]:
+    wav = speech_like(n_samples / SR, seed=seed)
+    assert wav.size == n_samples
+    return write_audio(str(d / name), wav), wav
+
+
+@pytest.fixture(scope="module")
+def speech_1s5(d):
+    """1.5 s of speech (24000 samples): 38 frames at 25 fps (37.5 rounded up), 45 at 30 fps."""
+    return _speech(d, "speech_1s5.wav", 24000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def template_1s(d) -> str:
+    """320x240 25 fps, 25 frames, no audio track."""
+    return astronaut_template(str(d / "template_1s.mp4"), seconds=1.0, fps=25, size=SMALL, seed=3)
+
+
+@pytest.fixture(scope="module")
+def loop_renders(d, model, template_1s):
+    """The 25-frame template under 2.4 s of speech (60 frames), ping-pong and forward loops,
+    in 1 s chunks (so the chunk boundaries fall inside the loop)."""
+    audio, _ = _speech(d, "speech_2s4.wav", 38400, seed=12)
+    out = {}
+    for loop in ("pingpong", "forward"):
+        out[loop] = d / f"loop_{loop}.mp4"
+        out[f"{loop}_job"] = new_job_id()
+        render(audio, template_1s, out[loop], model, job_id=out[f"{loop}_job"], loop=loop, chunk_seconds=1.0)
+        check_output(out[loop], 38400, Fraction(25), SMALL)
+    return out
+
+
+# --- cases ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size, fps", [((1280, 720), 25), ((1080, 1920), 30)], ids=["720p25", "portrait1080x1920p30"])
+def test_large_templates(d, model, speech_1s5, size, fps):
+    audio, _ = speech_1s5
+    template = astronaut_template(str(d / f"large_{size[0]}x{size[1]}.mp4"), seconds=1.0, fps=fps, size=size)
+    out = d / f"out_{size[0]}x{size[1]}.mp4"
+    render(audio, template, out, model)
+    info = check_output(out, 24000, Fraction(fps), size)
+    assert info.video.frame_count == (38 if fps == 25 else 45)
+
+
+def test_ntsc_rate_is_kept_exactly(d, model):
+    """29.97 fps: 2.002 s of audio is exactly 60 frames (at 30 fps it would be 61)."""
+    audio, _ = _speech(d, "speech_2s002.wav", 32032, seed=13)
+    ntsc = Fraction(30000, 1001)
+    template = astronaut_template(str(d / "ntsc.mp4"), seconds=1.0, fps=ntsc, size=SMALL)
+    out = d / "out_ntsc.mp4"
+    render(audio, template, out, model)
+    info = check_output(out, 32032, ntsc, SMALL)
+    assert (info.video.fps_num, info.video.fps_den) == (30000, 1001)
+    assert count_video_frames(out) == 60
+
+
+def test_short_template_loops_pingpong(loop_renders, template_1s):
+    tmpl = decode_all(template_1s)
+    out = decode_all(str(loop_renders["pingpong"]))
+    assert len(tmpl) == 25 and len(out) == 60
+    right = pingpong_order(60, 25)
+    assert right[23:28] == [23, 24, 23, 22, 21] and right[47:51] == [1, 0, 1, 2]
+    wrong = [i % 25 for i in range(60)]
+    scores = np.array([[top_psnr(o, t) for t in tmpl] for o in out])  # [output frame, template frame]
+    right_db = scores[np.arange(60), right]
+    assert right_db.min() > MATCH_DB, np.round(right_db, 1)
+    best = scores.argmax(axis=1)
+    assert np.abs(best - np.array(right)).max() <= 1, (best.tolist(), right)
+    far = np.abs(np.array(right) - np.array(wrong)) >= 6
+    assert far.sum() >= 15
+    wrong_db = scores[np.arange(60), wrong]
+    assert wrong_db[far].mean() < right_db[far].mean() - 6.0, (wrong_db[far].mean(), right_db[far].mean())
+
+
+def test_forward_loop_differs_from_pingpong(loop_renders, template_1s):
+    tmpl = decode_all(template_1s)
+    fw = decode_all(str(loop_renders["forward"]))
+    pp = decode_all(str(loop_renders["pingpong"]))
+    forward = [i % 25 for i in range(60)]
+    fw_db = np.array([top_psnr(fw[i], tmpl[k]) for i, k in enumerate(forward)])
+    assert fw_db.min() > MATCH_DB, np.round(fw_db, 1)
+    # same first pass through the template, then different frame orders
+    same = np.array([top_psnr(fw[i], pp[i]) for i in range(60)])
+    assert same[:25].min() > MATCH_DB, np.round(same[:25], 1)
+    differs = np.abs(np.array(forward) - np.array(pingpong_order(60, 25))) >= 6
+    assert same[differs].max() < MATCH_DB - 3, np.round(same, 1)
+
+
+def test_template_longer_than_audio(d, model, astronaut_video):
+    """A 2 s (50-frame) template under 1.2 s of speech: 30 output frames, template frames 0..29."""
+    audio, _ = _speech(d, "speech_1s2.wav", 19200, seed=14)
+    out = d / "out_long_template.mp4"
+    render(audio, astronaut_video, out, model)
+    check_output(out, 19200, Fraction(25), SMALL)
+    tmpl = decode_all(astronaut_video)
+    frames = decode_all(str(out))
+    assert len(tmpl) == 50 and len(frames) == 30
+    db = np.array([top_psnr(frames[i], tmpl[i]) for i in range(30)])
+    assert db.min() > MATCH_DB, np.round(db, 1)
+
+
+@pytest.mark.parametrize("template_audio", [None, "tone"], ids=["template_without_audio", "template_with_tone"])
+def test_output_carries_the_speech_not_the_template_audio(d, model, speech_1s5, template_audio):
+    audio, speech = speech_1s5
+    tone = None
+    if template_audio == "tone":
+        t = np.arange(int(1.0 * SR)) / SR
+        tone = (0.5 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+    template = astronaut_template(str(d / f"template_audio_{template_audio}.mp4"), seconds=1.0, fps=25,
+                                  size=SMALL, audio=tone, seed=4)
+    template_info = probe(template)
+    if tone is not None:  # the template really carries a tone
+        assert template_info.audio is not None
+        assert tone_fraction(load_audio(template)) > 0.9
+    else:
+        assert template_info.audio is None
+    out = d / f"out_template_audio_{template_audio}.mp4"
+    render(audio, template, out, model)
+    check_output(out, 24000, Fraction(25), SMALL)
+    out_audio = load_audio(str(out))
+    assert tone_fraction(out_audio) < 0.05
+    n = expected_frames(24000, Fraction(25))
+    envelope = frame_energy(out_audio, Fraction(25), n)
+    assert pearson(envelope, frame_energy(speech, Fraction(25), n)) > 0.95
+
+
+@pytest.mark.parametrize("ext", [".wav", ".mp3", ".m4a"])
+def test_speech_formats(d, model, template_1s, ext):
+    """The same 1.2 s of speech as wav, mp3 and m4a: 30 frames each, and the output's audio is it."""
+    speech = speech_like(1.2, seed=15)
+    audio = write_audio(str(d / f"speech_fmt{ext}"), speech)
+    out = d / f"out_fmt_{ext[1:]}.mp4"
+    render(audio, template_1s, out, model)
+    check_output(out, speech.size, Fraction(25), SMALL)
+    n = expected_frames(speech.size, Fraction(25))
+    assert n == 30
+    envelope = frame_energy(load_audio(str(out)), Fraction(25), n)
+    assert pearson(envelope, frame_energy(speech, Fraction(25), n)) > 0.95
+
+
+def test_rotated_template(d, model):
+    """A template stored sideways with a 90-degree display matrix renders upright at its display
+    size (320x240) and the output has no rotation metadata."""
+    rotated = astronaut_template(str(d / "rotated.mp4"), seconds=1.0, fps=25, size=SMALL, rotation=90, seed=5)
+    upright = astronaut_template(str(d / "upright.mp4"), seconds=1.0, fps=25, size=SMALL, seed=5)
+    rinfo = probe(rotated)
+    assert rinfo.video.rotation == 90 and (rinfo.video.width, rinfo.video.height) == SMALL
+    with av.open(rotated) as c:  # stored sideways
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (240, 320)
+    audio, _ = _speech(d, "speech_rot.wav", 19200, seed=16)
+    out = d / "out_rotated.mp4"
+    render(audio, rotated, out, model)
+    check_output(out, 19200, Fraction(25), SMALL)
+    frames = decode_all(str(out))
+    tmpl = decode_all(upright)
+    assert frames.shape == (30, 240, 320, 3)
+    db = np.array([top_psnr(frames[i], tmpl[k]) for i, k in enumerate(pingpong_order(30, 25))])
+    assert db.min() > MATCH_DB, np.round(db, 1)
+
+
+def test_verify_output_rejects_wrong_files(loop_renders):
+    good = str(loop_renders["pingpong"])
+    seconds = 38400 / SR
+    verify_output(good, frames_expected=60, fps=Fraction(25), audio_duration=seconds)  # control
+    bad_checks = {
+        "expected 61 video frames, found 60": dict(frames_expected=61, fps=Fraction(25), audio_duration=seconds),
+        "expected 30 fps": dict(frames_expected=60, fps=Fraction(30), audio_duration=seconds),
+        "expected the audio duration": dict(frames_expected=60, fps=Fraction(25), audio_duration=seconds + 0.2),
+    }
+    for needle, kw in bad_checks.items():
+        with pytest.raises(OutputVerificationError, match=needle) as e:
+            verify_output(good, **kw)
+        assert e.value.code == "output.verification_failed" and good in e.value.message
+    segment = job_dir(loop_renders["pingpong_job"]) / "segments" / "00000.mp4"  # video only, 25 frames
+    assert count_video_frames(segment) == 25
+    with pytest.raises(OutputVerificationError, match="expected an audio stream"):
+        verify_output(str(segment), frames_expected=25, fps=Fraction(25), audio_duration=1.0)
+
+
+def test_tampered_segments_fail_finalize_and_leave_no_output(d, model, template_1s, tmp_path):
+    """Chunks of 20, 20, 10 frames; a deleted segment, then a short one in place of the first:
+    each makes finalize fail with a typed error and no output; the real segments then finalise."""
+    s = get_settings()
+    audio, _ = _speech(d, "speech_2s.wav", 32000, seed=17)
+    out = tmp_path / "tampered.mp4"
+    job_id = new_job_id()
+    request = RenderRequest(audio=audio, video=template_1s, output=str(out), chunk_seconds=0.8)
+    plan = prepare_job(job_id, admit(job_id, request, s), s, model_size=model.size)
+    assert [c.frames for c in plan.chunks] == [20, 20, 10]
+    for chunk in plan.chunks:
+        render_chunk(plan, chunk, model.generate, s)
+
+    seg0, seg1, seg2 = (Path(plan.segment_path(k)) for k in range(3))
+    seg1.unlink()
+    with pytest.raises(OutputVerificationError, match="missing") as e:
+        finalize_job(plan, s)
+    assert e.value.code == "output.verification_failed" and e.value.stage == "finalize"
+    assert str(seg1) in e.value.message
+    assert not out.exists()
+
+    render_chunk(plan, plan.chunks[1], model.generate, s)
+    original = seg0.read_bytes()
+    shutil.copyfile(seg2, seg0)  # 10 frames where 20 belong
+    with pytest.raises(OutputVerificationError, match="expected 50 video frames, found 40") as e:
+        finalize_job(plan, s)
+    assert e.value.job_id == job_id
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+    seg0.write_bytes(original)
+    info = finalize_job(plan, s)
+    assert info.video.frame_count == 50
+    check_output(out, 32000, Fraction(25), SMALL)
