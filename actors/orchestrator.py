@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors import ORCHESTRATOR_NAME
 from actors.compositor import Compositor

@@ -17,7 +17,7 @@ from actors import ORCHESTRATOR_NAME
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError, RenderTimeout
 from cluster.render import admit, new_job_id
-from cluster.schemas import JobState, JobStatus, RenderRequest
+from cluster.schemas import JobStatus, RenderRequest
 
 log = logging.getLogger("lipsync.runtime")
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import Settings
-from cluster.errors import InputError, LipsyncError
+from cluster.errors import LipsyncError
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from cluster.config import Settings, get_settings
+from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -150,9 +151,8 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
     mel_path = jd / "mel.npy"
-    tmp = jd / f"mel.{uuid.uuid4().hex[:6]}.tmp.npy"
-    np.save(tmp, melspectrogram(wav))
-    os.replace(tmp, mel_path)
+    with atomic_writer(mel_path) as f:
+        np.save(f, melspectrogram(wav))
     frames_total = frame_count_from_samples(len(wav), 16000, fps)
     chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
     model = request.model or s.model

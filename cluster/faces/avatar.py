@@ -5,9 +5,7 @@ avatar directory without `avatar.json` is an unfinished preparation and is redon
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -15,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
+from cluster.fsutil import write_atomic
 from cluster.faces.track import FaceTrack, build_track
 from cluster.media.decode import iter_frames
 from cluster.media.normalize import normalize_template
@@ -41,19 +40,6 @@ class Avatar(BaseModel):
 
 def _avatar_dir(avatar_id: str, settings: Settings) -> Path:
     return settings.dir("avatars") / avatar_id
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
@@ -98,7 +84,7 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     track.save(track_path)
     avatar = Avatar(id=template.id, template_path=template.path, track_path=str(track_path),
                     info=template.info, frame_count=len(track), cached=False)
-    _write_atomic(out_dir / AVATAR_FILE, avatar.model_dump_json(indent=2))
+    write_atomic(out_dir / AVATAR_FILE, avatar.model_dump_json(indent=2))
     return avatar
 
 

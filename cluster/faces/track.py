@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from cluster.errors import InputUnreadable, NoFace
 from cluster.faces.mtcnn import FaceDetection
+from cluster.fsutil import atomic_writer
 
 # Linking: a detection continues a track when it overlaps the track's last box this much, or its
 # centre lies within this fraction of the box side from the track's last centre.
@@ -47,19 +46,9 @@ class FaceTrack:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as .npz via a temporary file and an atomic rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, landmarks=self.landmarks.astype(np.float32), boxes=self.boxes.astype(np.float32),
-                         detected=self.detected.astype(bool))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as f:
+            np.savez(f, landmarks=self.landmarks.astype(np.float32), boxes=self.boxes.astype(np.float32),
+                     detected=self.detected.astype(bool))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceTrack":

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +52,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from cluster.config import Settings, get_settings
+from cluster.fsutil import write_atomic
 from cluster.faces import canonical
 
 log = logging.getLogger("lipsync.models")
@@ -343,15 +342,6 @@ def builtin_model_path(settings: Settings | None = None, size: int = 256) -> Pat
     if path.is_file():
         return path
     data = build_builtin_model(size).SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
     log.info("generated the built-in model %s (%d bytes)", path, len(data))
     return path
