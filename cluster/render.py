@@ -109,6 +109,8 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
             os.replace(tmp, dst)
         stored[key] = str(dst)
     sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    if request.output is not None:  # relative to the caller, not to whichever process finalises
+        stored["output"] = str(Path(request.output).expanduser().resolve())
     return request.model_copy(update={**stored, "sources": sources})
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import av
 
+from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, OutputVerificationError
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
@@ -68,7 +69,7 @@ def finalize_output(segments: list[str], audio_path: str, out_path: str, *, fram
         ], timeout=s.ffmpeg_timeout_s, settings=s, stage="finalize", path=str(out))
         verify_output(tmp, frames_expected=frames_expected, fps=fps,
                       audio_duration=audio_duration, settings=s)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

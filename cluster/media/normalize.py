@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
@@ -133,7 +134,7 @@ def normalize_template(path: str | os.PathLike,
             raise MediaError(f"normalised template {tmp} of {source} still carries rotation "
                              f"{info.video.rotation if info.video else None}", path=source,
                              stage="normalize")
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
