@@ -87,6 +87,10 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
     from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
+    model = request.model or s.model
+    if not model.startswith("builtin") and not Path(model).is_file():
+        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
+                            path=model)
     probe_audio(request.audio, s)
     if request.video is not None:
         probe_video(request.video, s)

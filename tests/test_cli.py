@@ -193,3 +193,27 @@ def test_demo_renders_a_moving_mouth(env, workdir):
     assert np.median(motion[speaking]) > 8.0, np.round(motion, 1)
     assert pearson(motion, energy) > 0.5
     assert probe(str(out)).video.width == 640
+
+
+def test_missing_model_file_is_bad_input(inputs, env, workdir):
+    rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                                   "-o", str(workdir / "nomodel.mp4"), "--model", str(workdir / "nope.onnx")],
+                                  env, workdir, timeout=60)
+    assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S, err
+    assert err.strip().splitlines() == [
+        f"lipsync: error: input.not_found: model file {workdir / 'nope.onnx'} does not exist "
+        "(expected 'builtin' or an .onnx file)"]
+
+
+def test_default_model_that_cannot_load_fails_the_job_with_its_reason(inputs, env, workdir):
+    """LIPSYNC_MODEL names a file that is not ONNX: the workers report it, the job fails clearly."""
+    broken = workdir / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    out = workdir / "broken.mp4"
+    ray_env = {**env, "LIPSYNC_COMPOSITORS": "1", "LIPSYNC_MODEL_WORKERS": "1", "LIPSYNC_MODEL": str(broken)}
+    rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video",
+                                   str(inputs["template"]), "-o", str(out), "-q"], ray_env, workdir, timeout=180)
+    assert rc == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lipsync: error: model.load_failed: ") and str(broken) in last, last
+    assert not out.exists()
