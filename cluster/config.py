@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
     max_inflight_per_worker: int = Field(2, ge=1)
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
+    model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
+                               "0: onnxruntime's default (every core). Set it when several CPU workers share a node")
 
     @field_validator("storage_root", mode="after")
     @classmethod

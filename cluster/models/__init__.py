@@ -33,9 +33,9 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
         size = int(m.group(1) or 256)
         if size < 32:
             raise ModelLoadError(f"built-in model size must be >= 32 pixels, got {spec!r}")
-        return LipSyncModel.load(builtin_model_path(s, size), providers=providers)
+        return LipSyncModel.load(builtin_model_path(s, size), providers=providers, threads=s.model_threads)
     path = os.path.expanduser(spec)
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file {path} does not exist (expected 'builtin' or a path to an .onnx file)",
                              path=path)
-    return LipSyncModel.load(path, providers=providers)
+    return LipSyncModel.load(path, providers=providers, threads=s.model_threads)

@@ -105,9 +105,10 @@ class LipSyncModel:
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, providers: list | None = None) -> "LipSyncModel":
+    def load(cls, path: str | os.PathLike, providers: list | None = None, threads: int = 0) -> "LipSyncModel":
         """Open the ONNX file at `path` with onnxruntime (`providers` default:
-        `select_providers()`) and resolve its contract.
+        `select_providers()`; `threads`: intra-op threads, 0 for onnxruntime's default) and
+        resolve its contract.
 
         Raises ModelLoadError when the file is missing or not a loadable ONNX model, and
         ModelContractError when its inputs/outputs fit no known contract.
@@ -121,6 +122,8 @@ class LipSyncModel:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
         t0 = time.monotonic()
         try:
             session = ort.InferenceSession(path, sess_options=opts, providers=providers)
