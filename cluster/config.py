@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     preset: str = "veryfast"
     video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
     audio_bitrate: str = "160k"
+    keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
 
     # --- limits ---------------------------------------------------------------------------
     max_input_seconds: float = Field(3 * 3600.0, gt=0)

@@ -241,11 +241,25 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
 
 # --- finalise ----------------------------------------------------------------------------
 def finalize_job(plan: JobPlan, settings: Settings | None = None) -> MediaInfo:
-    """Concatenate the segments, mux the audio, verify, rename into place."""
-    from cluster.media.finalize import finalize_output
+    """Concatenate the segments, mux the audio, verify, rename into place; then drop the segments
+    (unless `keep_segments`). Idempotent: an output already finalised and verified (the job
+    manager restarted before it recorded success) is verified again, not rebuilt."""
+    from cluster.media.finalize import finalize_output, verify_output
 
     s = settings or get_settings()
     check_plan_files(plan)
+    out = Path(plan.output_path)
+    segments_dir = Path(plan.job_dir) / "segments"
+    if out.exists():
+        try:
+            info = verify_output(str(out), frames_expected=plan.frames_total, fps=plan.fps,
+                                 audio_duration=plan.audio_duration, settings=s)
+        except LipsyncError:
+            info = None  # not ours, or stale: rebuild it below
+        if info is not None:
+            if not s.keep_segments:
+                shutil.rmtree(segments_dir, ignore_errors=True)
+            return info
     segments = [plan.segment_path(c.index) for c in plan.chunks]
     missing = [p for p in segments if not Path(p).exists()]
     if missing:
@@ -253,10 +267,13 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None) -> MediaInfo:
                                       job_id=plan.job_id, stage="finalize", path=missing[0])
     Path(plan.output_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return finalize_output(segments, plan.audio_path, plan.output_path, frames_expected=plan.frames_total,
+        info = finalize_output(segments, plan.audio_path, plan.output_path, frames_expected=plan.frames_total,
                                fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
     except LipsyncError as e:
         raise e.with_context(job_id=plan.job_id, stage="finalize")
+    if not s.keep_segments:  # the verified output holds everything they did
+        shutil.rmtree(segments_dir, ignore_errors=True)
+    return info
 
 
 # --- everything in this process ------------------------------------------------------------

@@ -49,7 +49,7 @@ def astronaut_video(media_dir) -> str:
 # --- Ray: one instance for the whole session --------------------------------------------------
 RAY_TEST_SETTINGS = dict(model_workers=2, compositors=2, chunk_seconds=1.0, batch_size=8,
                          batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
-                         model_load_timeout_s=180.0)
+                         model_load_timeout_s=180.0, keep_segments=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pytest
 from cluster.audio import frame_energy, load_audio
 from cluster.config import get_settings
 from cluster.errors import OutputVerificationError
+from cluster.media.encode import SegmentEncoder
 from cluster.media.finalize import verify_output
 from cluster.media.probe import count_video_frames, probe
 from cluster.quality import pearson
@@ -286,7 +287,12 @@ def test_verify_output_rejects_wrong_files(loop_renders):
         with pytest.raises(OutputVerificationError, match=needle) as e:
             verify_output(good, **kw)
         assert e.value.code == "output.verification_failed" and good in e.value.message
-    segment = job_dir(loop_renders["pingpong_job"]) / "segments" / "00000.mp4"  # video only, 25 frames
+    # The job's segments were dropped once its output verified; a segment-like file is video only.
+    assert not (job_dir(loop_renders["pingpong_job"]) / "segments").exists()
+    segment = loop_renders["pingpong"].with_name("video_only.mp4")
+    with SegmentEncoder(str(segment), 320, 240, Fraction(25)) as enc:
+        enc.write(decode_all(good)[:25])
+        enc.close()
     assert count_video_frames(segment) == 25
     with pytest.raises(OutputVerificationError, match="expected an audio stream"):
         verify_output(str(segment), frames_expected=25, fps=Fraction(25), audio_duration=1.0)
@@ -326,3 +332,21 @@ def test_tampered_segments_fail_finalize_and_leave_no_output(d, model, template_
     info = finalize_job(plan, s)
     assert info.video.frame_count == 50
     check_output(out, 32000, Fraction(25), SMALL)
+
+
+def test_finalize_is_idempotent_after_success(d, model, template_1s, tmp_path):
+    """A job manager that restarts after the output was written re-runs finalize: the verified
+    output is kept (not rebuilt from segments that were already dropped)."""
+    s = get_settings()
+    audio, _ = _speech(d, "speech_idem.wav", 16000, seed=18)
+    out = tmp_path / "idem.mp4"
+    job_id = new_job_id()
+    plan = prepare_job(job_id, admit(job_id, RenderRequest(audio=audio, video=template_1s, output=str(out)), s), s,
+                       model_size=model.size)
+    for chunk in plan.chunks:
+        render_chunk(plan, chunk, model.generate, s)
+    finalize_job(plan, s)
+    assert not (Path(plan.job_dir) / "segments").exists()
+    mtime = out.stat().st_mtime_ns
+    assert finalize_job(plan, s).video.frame_count == 25
+    assert out.stat().st_mtime_ns == mtime
