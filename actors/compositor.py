@@ -17,14 +17,16 @@ from cluster.render import ChunkResult, JobPlan, finalize_job, prepare_job, rend
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
 class Compositor:
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings, self.name = settings, name
         self._detector = None
 
+    @ray.method(concurrency_group="control")  # answers while a chunk renders
     def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "settings": self.settings.fingerprint()}
 
     def prepare(self, job_id: str, request: RenderRequest, model_size: int) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
@@ -35,7 +37,9 @@ class Compositor:
 
     def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str) -> ChunkResult:
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.settings.namespace)
-        timeout = self.settings.batch_timeout_s * self.settings.max_batch_attempts + 30
+        s = self.settings  # the longest a dispatch may legitimately take, plus slack
+        timeout = s.max_batch_attempts * (s.stall_timeout_s + s.model_load_timeout_s
+                                          + s.batch_timeout_s * s.max_inflight_per_worker) + 30
 
         def generate(mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
             refs = [ray.put(mel), ray.put(crops)]
@@ -56,4 +60,5 @@ class Compositor:
         return render_chunk(plan, chunk, generate, self.settings)
 
     def finalize(self, plan: JobPlan) -> MediaInfo:
-        return finalize_job(plan, self.settings)
+        """Build and verify the output under its pending name; the job manager commits it."""
+        return finalize_job(plan, self.settings, commit=False)

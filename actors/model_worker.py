@@ -14,26 +14,27 @@ from cluster.errors import LipsyncError, ModelLoadError
 
 log = logging.getLogger("lipsync.worker")
 
-
-@ray.remote(max_restarts=-1, max_task_retries=0)
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
 class ModelWorker:
     """Loads the default model once (and warms it up) in `__init__`; other models a job asks for
-    are loaded on first use and kept (least recently used first out, `models_per_worker`).
+    are loaded on first use and kept (least recently used out first, the default never).
 
     A load failure does not raise from `__init__` (Ray would not restart such an actor, and the
     error would surface only as a dead handle): it is kept and reported by `info`/`describe`,
     and every `infer` on that model raises it, so each job fails with `model.load_failed`.
+    `info` runs in its own concurrency group: it answers while a batch runs, so only a process
+    that is really stuck stops answering it.
     """
 
     def __init__(self, default_model: str, settings: Settings, name: str) -> None:
         self.name, self.default_model, self.settings = name, default_model, settings
         self.models: collections.OrderedDict[str, object] = collections.OrderedDict()
-        self.errors: dict[str, LipsyncError] = {}
+        self.errors: dict[str, tuple[LipsyncError, float]] = {}
         self.frames = 0
         self.busy_s = 0.0
         try:
             self._model(default_model)
-        except LipsyncError as e:
+        except Exception as e:  # kept in self.errors and reported by info(); never kill __init__
             log.error("model worker %s: %s", name, e)
 
     def _model(self, spec: str):
@@ -41,37 +42,43 @@ class ModelWorker:
             self.models.move_to_end(spec)
             return self.models[spec]
         if spec in self.errors:
-            raise self.errors[spec]
-        from cluster.models import load_model
-        from cluster.models.providers import select_providers
-
-        gpu_ids = ray.get_gpu_ids()
+            err, at = self.errors[spec]
+            if time.monotonic() - at < self.settings.model_retry_s:
+                raise err  # retried after model_retry_s: a transient failure must not poison a worker
         try:
+            from cluster.models import load_model
+            from cluster.models.providers import select_providers
+
+            gpu_ids = ray.get_gpu_ids()
             model = load_model(spec, self.settings, providers=select_providers(gpu_ids))
             model.warmup(self.settings.batch_size)  # the real batch size: arenas sized once
         except LipsyncError as e:
-            self.errors[spec] = e
+            self.errors[spec] = (e, time.monotonic())
             raise
         except Exception as e:  # a broken model file can raise anything from onnxruntime
-            self.errors[spec] = ModelLoadError(f"cannot load model {spec!r}: {e}", cause=repr(e), path=spec)
-            raise self.errors[spec] from e
+            err = ModelLoadError(f"cannot load model {spec!r}: {e}", cause=repr(e), path=spec)
+            self.errors[spec] = (err, time.monotonic())
+            raise err from e
+        self.errors.pop(spec, None)
         log.info("model worker %s: model %s S=%d providers=%s gpus=%s", self.name, spec, model.size,
                  model.providers, gpu_ids)
         self.models[spec] = model
-        while len(self.models) > self.settings.models_per_worker:
-            old, _ = self.models.popitem(last=False)
+        for old in [k for k in self.models if k != self.default_model][: max(0, len(self.models) -
+                                                                              self.settings.models_per_worker)]:
+            del self.models[old]
             log.info("model worker %s: unloaded %s", self.name, old)
         return model
 
+    @ray.method(concurrency_group="control")
     def info(self) -> dict:
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                "gpus": [str(g) for g in ray.get_gpu_ids()], "frames": self.frames,
                "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
-               "models": list(self.models)}
-        err = self.errors.get(self.default_model)
-        if err is not None:
+               "models": list(self.models), "settings": self.settings.fingerprint()}
+        model = self.models.get(self.default_model)
+        if model is None:
+            err = self.errors.get(self.default_model, (ModelLoadError("the default model is not loaded"), 0))[0]
             return {**out, "ready": False, "error": err.to_info().model_dump()}
-        model = self.models[self.default_model]
         return {**out, "ready": True, "size": model.size, "providers": list(model.providers)}
 
     def describe(self, spec: str) -> dict:

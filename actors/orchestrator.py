@@ -8,6 +8,7 @@ root, so a restarted manager resumes unfinished jobs from their completed segmen
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from actors import ORCHESTRATOR_NAME
 from actors.compositor import Compositor
@@ -24,7 +25,7 @@ from cluster.config import Settings
 from cluster.errors import (ChunkFailed, InputError, InputsGone, JobCancelled, LipsyncError, ModelContractError,
                             ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost)
 from cluster.jobstore import JobStore
-from cluster.render import JobPlan, check_plan_files
+from cluster.render import JobPlan, check_plan_files, commit_output, discard_output
 from cluster.scheduling import FairQueue, Health, Member, WorkerTable
 from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus, RenderRequest
 
@@ -54,9 +55,11 @@ class JobRuntime:
     losses: dict[int, int] = field(default_factory=dict)        # chunk -> attempts lost with a process
     tokens: dict[int, str] = field(default_factory=dict)        # chunk -> token of the live attempt
     finished: bool = False
+    committing: bool = False  # past the point of no return: the verified output is being renamed
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
     reported: int = 0
     last_progress: float = field(default_factory=time.monotonic)
+    capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
@@ -73,6 +76,8 @@ class JobManager:
         self._work = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._booted = asyncio.Event()
+        self._boot_error: str | None = None
+        self._factories: dict[str, functools.partial] = {}
         self._spawn(self._boot())
 
     # --- plumbing --------------------------------------------------------------------------
@@ -91,60 +96,113 @@ class JobManager:
         res = ray.cluster_resources()
         return float(res.get("CPU", 1)), float(res.get("GPU", 0))
 
+    def _create_worker(self, name: str, gpus: float):
+        opts = dict(name=name, namespace=self.s.namespace, lifetime="detached", get_if_exists=True, num_cpus=1)
+        if gpus:
+            opts["num_gpus"] = self.s.worker_gpus
+        return ModelWorker.options(**opts).remote(self.s.model, self.s, name)
+
+    def _create_compositor(self, name: str):
+        return Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
+                                  get_if_exists=True, num_cpus=1).remote(self.s, name)
+
     async def _boot(self) -> None:
-        cpus, gpus = self._resources()
-        n_workers = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
-        for i in range(n_workers):
-            name = f"lipsync-model-worker-{i}"
-            opts = dict(name=name, namespace=self.s.namespace, lifetime="detached", get_if_exists=True, num_cpus=1)
-            if gpus:
-                opts["num_gpus"] = self.s.worker_gpus
-            h = ModelWorker.options(**opts).remote(self.s.model, self.s, name)
-            self._spawn(self._probe(self.models, self.models.add(name, h), self.s.model_load_timeout_s))
-        n_comp = self.s.compositors or max(1, min(int(cpus) - n_workers, 8))
-        for i in range(n_comp):
-            name = f"lipsync-compositor-{i}"
-            h = Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
-                                   get_if_exists=True, num_cpus=1).remote(self.s, name)
-            self._spawn(self._probe(self.compositors, self.compositors.add(name, h), self.s.actor_call_timeout_s))
-        for st in self.store.unfinished():
-            log.info("resuming job %s (%s)", st.id, st.state.value)
-            self._start_job(st.id)
+        """Create (or re-attach to) the detached workers, resume unfinished jobs, start scheduling."""
+        try:
+            cpus, gpus = self._resources()
+            n_workers = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
+            n_comp = self.s.compositors or max(1, min(int(cpus) - n_workers, 8))
+            members = [(self.models, f"lipsync-model-worker-{i}", functools.partial(
+                self._create_worker, f"lipsync-model-worker-{i}", gpus), self.s.model_load_timeout_s)
+                for i in range(n_workers)]
+            members += [(self.compositors, f"lipsync-compositor-{i}", functools.partial(
+                self._create_compositor, f"lipsync-compositor-{i}"), self.s.actor_call_timeout_s)
+                for i in range(n_comp)]
+            for table, name, factory, timeout in members:
+                self._factories[name] = factory
+                self._spawn(self._probe(table, table.add(name, factory()), timeout))
+        except Exception as e:
+            self._boot_error = f"cannot start the workers: {e!r}"
+            log.exception("job manager boot failed")
         self._spawn(self._scheduler())
+        for job_id in self.store.unfinished_ids():
+            log.info("resuming job %s", job_id)
+            self._start_job(job_id)
         self._booted.set()
 
+    def _alive(self, name: str) -> bool:
+        """Whether a named actor still exists (alive or restarting); a dead one has lost its name."""
+        try:
+            ray.get_actor(name, namespace=self.s.namespace)
+            return True
+        except ValueError:
+            return False
+
+    async def _replace(self, m: Member, why: str, kill: bool = False) -> None:
+        """Create a member anew under its name (dead for good, or built with other settings)."""
+        log.warning("replacing %s: %s", m.name, why)
+        if kill:
+            ray.kill(m.handle, no_restart=True)
+            for _ in range(100):
+                if not self._alive(m.name):
+                    break
+                await asyncio.sleep(0.1)
+        m.handle = self._factories[m.name]()
+        m.error = why
+
     async def _probe(self, table: WorkerTable, m: Member, first_timeout: float) -> None:
-        """Ask a member for `info` until it answers: live (or failed, for a model that cannot load)."""
+        """Ask a member for `info` until it answers live. A member that stays silent past the
+        deadline is killed (Ray restarts it); one dead for good, or built with other settings, is
+        replaced; one whose model cannot load is `failed`, and its load is retried now and then."""
         deadline = time.monotonic() + first_timeout
         while True:
             try:
-                info = await asyncio.wait_for(m.handle.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            except (RayActorError, asyncio.TimeoutError) as e:
-                if time.monotonic() > deadline:
-                    log.error("%s did not come up: %r", m.name, e)
-                    # A dead-for-good actor (restarts exhausted) is replaced under the same name.
+                info = await asyncio.wait_for(m.handle.info.remote(),
+                                              timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            except (RayError, asyncio.TimeoutError) as e:
+                if isinstance(e, RayActorError) and not self._alive(m.name):
+                    await self._replace(m, f"died for good: {e}")
+                    deadline = time.monotonic() + first_timeout
+                elif time.monotonic() > deadline:
+                    log.error("%s gave no answer within %.0f s (%r): killing it for a restart", m.name,
+                              first_timeout, e)
+                    try:
+                        ray.kill(m.handle, no_restart=False)
+                    except Exception as kill_error:
+                        log.warning("kill %s: %r", m.name, kill_error)
                     deadline = time.monotonic() + first_timeout
                 await asyncio.sleep(0.5)
+                continue
+            if info.get("settings") != self.s.fingerprint():
+                await self._replace(m, "it was built with other settings", kill=True)
+                deadline = time.monotonic() + first_timeout
                 continue
             if info.get("ready", True):
                 await table.set_health(m, Health.live, info=info)
                 log.info("%s live: %s", m.name, info)
-            else:
-                await table.set_health(m, Health.failed, info=info, error=info.get("error"))
+                self._work.set()
+                return
+            await table.set_health(m, Health.failed, info=info, error=info.get("error"))
             self._work.set()
-            return
+            await asyncio.sleep(self.s.model_retry_s)  # then try the load again: it may have been transient
+            try:
+                await asyncio.wait_for(m.handle.describe.remote(self.s.model), timeout=self.s.model_load_timeout_s)
+            except (RayError, asyncio.TimeoutError) as e:
+                log.warning("%s still cannot load %s: %s", m.name, self.s.model, e)
+            deadline = time.monotonic() + first_timeout
 
     async def _lost(self, table: WorkerTable, m: Member, why: str, kill: bool = False) -> None:
-        if m.health == Health.lost:
-            return
-        log.warning("%s lost (%s)%s", m.name, why, "; killing it for a restart" if kill else "")
-        await table.set_health(m, Health.lost)
+        """Take a member out of rotation (killing it first where it is stuck) and probe it back."""
         if kill:
             try:
                 ray.kill(m.handle, no_restart=False)
-            except Exception as e:  # already gone: Ray restarts it or it is dead
+            except Exception as e:  # already gone: Ray restarts it, or the probe replaces it
                 log.warning("kill %s: %r", m.name, e)
-        timeout = self.s.model_load_timeout_s if table is not self.compositors else self.s.actor_call_timeout_s
+        if m.health == Health.lost:
+            return
+        log.warning("%s lost (%s)%s", m.name, why, "; killed it for a restart" if kill else "")
+        await table.set_health(m, Health.lost)
+        timeout = self.s.model_load_timeout_s if table is self.models else self.s.actor_call_timeout_s
         self._spawn(self._probe(table, m, timeout))
 
     # --- public API --------------------------------------------------------------------------
@@ -167,14 +225,17 @@ class JobManager:
         async def one(table: WorkerTable, m: Member) -> None:
             try:
                 m.info = await asyncio.wait_for(m.handle.info.remote(), timeout)
-            except (RayActorError, asyncio.TimeoutError) as e:
-                await self._lost(table, m, f"no answer to info: {type(e).__name__}")
+            except (RayError, asyncio.TimeoutError) as e:  # reported, not acted on: probes do that
+                m.info = {**m.info, "stale": f"no answer to info: {type(e).__name__}"}
         tables = [self.models, self.compositors]
         await asyncio.gather(*(one(t, m) for t in tables for m in t.live()))
         return self.workers()
 
     async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
         """Accept an admitted request (inputs already stored under the storage root). Idempotent."""
+        await asyncio.wait_for(self._booted.wait(), self.s.actor_call_timeout_s)
+        if self._boot_error:
+            raise RenderError(f"the job manager cannot run jobs: {self._boot_error}", stage="admit")
         status, created = self.store.create(job_id, request)
         if created:
             log.info("job %s accepted", job_id)
@@ -194,6 +255,10 @@ class JobManager:
         return [self.get(j.id) for j in self.store.list(states, limit, offset)]
 
     async def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job; one already committing its verified output finishes as succeeded."""
+        rt = self.jobs.get(job_id)
+        if rt is not None and rt.committing:
+            await asyncio.wait_for(rt.all_done.wait(), self.s.actor_call_timeout_s)
         st = self.store.get(job_id)
         if not st.state.terminal:
             self._finish(job_id, JobState.cancelled,
@@ -203,8 +268,9 @@ class JobManager:
     async def dispatch(self, job_id: str, chunk_index: int, token: str, model: str, refs: list) -> list:
         """Run one batch (refs: [mel, crops]) on the least-loaded live worker; returns [ref of output].
 
-        Worker death or a stall (no answer within batch_timeout_s) re-dispatches the same refs to
-        another worker, up to max_batch_attempts; a model exception is raised to the caller.
+        Worker death or a stall (no answer within batch_timeout_s per batch queued ahead on that
+        worker) re-dispatches the same refs to another worker, up to max_batch_attempts; a model
+        exception is raised to the caller.
         """
         rt = self.jobs.get(job_id)
         if rt is None or rt.finished or rt.tokens.get(chunk_index) != token:
@@ -220,28 +286,37 @@ class JobManager:
                     raise self._load_error()
                 raise WorkerLost(f"no live model worker for {model!r} within {self.s.stall_timeout_s:.0f} s "
                                  f"(last problem: {last})", job_id=job_id, chunk=chunk_index, stage="render")
-            meta_ref, out_ref = m.handle.infer.options(name=f"infer job={job_id} chunk={chunk_index}").remote(
-                model, mel_ref, crops_ref)
+            ok = False
             try:
-                meta = await asyncio.wait_for(meta_ref, timeout=self.s.batch_timeout_s)
+                if model not in m.info.get("models", ()):  # load it under the load deadline, not a batch's
+                    step = f"loading {model!r}"
+                    await asyncio.wait_for(m.handle.describe.remote(model), timeout=self.s.model_load_timeout_s)
+                    m.info = {**m.info, "models": [*m.info.get("models", ()), model]}
+                step = "a batch"
+                queued = max(1, m.inflight)  # batches ahead of this one on that worker, this one included
+                meta_ref, out_ref = m.handle.infer.options(name=f"infer job={job_id} chunk={chunk_index}").remote(
+                    model, mel_ref, crops_ref)
+                meta = await asyncio.wait_for(meta_ref, timeout=self.s.batch_timeout_s * queued)
+                ok = True
             except asyncio.TimeoutError:
-                last = f"{m.name} gave no answer within {self.s.batch_timeout_s:.0f} s"
-                await pool.release(m, ok=False)
+                last = f"{m.name} gave no answer to {step} in time"
                 await self._lost(pool, m, last, kill=True)
                 continue
             except RayActorError as e:
-                last = f"{m.name} died: {type(e).__name__}"
-                await pool.release(m, ok=False)
+                last = f"{m.name} died during {step}: {type(e).__name__}"
                 await self._lost(pool, m, last)
                 continue
             except RayTaskError as e:
-                await pool.release(m, ok=False)
                 cause = _cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause.with_context(job_id=job_id, chunk=chunk_index, stage="render")
                 raise ModelError(f"model worker {m.name} failed on job {job_id} chunk {chunk_index}: {cause}",
                                  cause=str(cause)[:4000], job_id=job_id, chunk=chunk_index, stage="render")
-            await pool.release(m, ok=True)
+            except RayError as e:  # the batch's inputs are gone (their owner died): redo the chunk
+                raise WorkerLost(f"job {job_id} chunk {chunk_index}: batch inputs lost: {type(e).__name__}",
+                                 cause=str(e)[:2000], job_id=job_id, chunk=chunk_index, stage="render")
+            finally:
+                await pool.release(m, ok=ok)
             rt.inflight_frames[chunk_index] = rt.inflight_frames.get(chunk_index, 0) + int(meta["frames"])
             rt.last_progress = time.monotonic()
             return [out_ref]
@@ -250,9 +325,10 @@ class JobManager:
 
     # --- jobs --------------------------------------------------------------------------------
     def _load_error(self) -> ModelLoadError:
-        err = next((m.error for m in self.models.members.values() if m.error), None) or {}
-        return ModelLoadError(f"the default model {self.s.model!r} cannot be loaded: {err.get('message')}",
-                              stage="prepare", cause=err.get("cause"), path=err.get("path"))
+        err = next((m.error for m in self.models.members.values() if isinstance(m.error, dict)), None) or {}
+        return ModelLoadError(f"no model worker can serve: the default model {self.s.model!r} cannot be "
+                              f"loaded: {err.get('message')}", stage="prepare", cause=err.get("cause"),
+                              path=err.get("path"))
 
     def _start_job(self, job_id: str) -> None:
         if job_id in self.jobs and not self.jobs[job_id].finished:
@@ -270,6 +346,8 @@ class JobManager:
         if rt is not None:
             rt.finished = True
             rt.all_done.set()
+            if state != JobState.succeeded and rt.plan is not None:
+                discard_output(rt.plan)
         self.queue.drop(job_id)
 
     def _fail(self, job_id: str, err: LipsyncError) -> None:
@@ -306,8 +384,9 @@ class JobManager:
             if st.state == JobState.preparing:
                 self.store.transition(rt.id, JobState.rendering)
         else:
+            rt.stage = "render" if st.state == JobState.rendering else "finalize"
             rt.plan = JobPlan.model_validate(self.store.plan(rt.id))
-            check_plan_files(rt.plan)  # resumed: a job whose inputs are gone fails precisely
+            await asyncio.to_thread(check_plan_files, rt.plan)  # resumed: gone inputs fail precisely
         st = self.store.get(rt.id)
         if st.state == JobState.rendering:
             rt.stage = "render"
@@ -323,14 +402,35 @@ class JobManager:
             if len(rt.done) == len(rt.plan.chunks):
                 rt.all_done.set()
             self._work.set()
-            await rt.all_done.wait()
+            await self._watch(rt)
             if rt.finished:
                 return
             self.store.transition(rt.id, JobState.finalizing)
         rt.stage = "finalize"
         await self._on_compositor("finalize", rt, rt.plan)
-        if not rt.finished:
-            self._finish(rt.id, JobState.succeeded, output=rt.plan.output_path)
+        if rt.finished:  # cancelled or failed meanwhile: the verified output is not published
+            await asyncio.to_thread(discard_output, rt.plan)
+            return
+        rt.committing = True
+        await asyncio.to_thread(commit_output, rt.plan, self.s)
+        self._finish(rt.id, JobState.succeeded, output=rt.plan.output_path)
+
+    async def _watch(self, rt: JobRuntime) -> None:
+        """Wait for every chunk; fail the job when the cluster has had no live compositor or no live
+        model worker for stall_timeout_s (each chunk is bounded by chunk_timeout_s on its own)."""
+        while not rt.all_done.is_set():
+            try:
+                await asyncio.wait_for(rt.all_done.wait(), timeout=min(5.0, self.s.stall_timeout_s))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if self.models.live() and self.compositors.live():
+                rt.capacity_seen = time.monotonic()
+            elif time.monotonic() - rt.capacity_seen > self.s.stall_timeout_s:
+                raise WorkerLost(
+                    f"job {rt.id}: no live {'model worker' if not self.models.live() else 'compositor'} for "
+                    f"{self.s.stall_timeout_s:.0f} s; model workers {self.models.snapshot()}, "
+                    f"compositors {self.compositors.snapshot()}", job_id=rt.id, stage="render")
 
     async def _model_size(self, model: str) -> int:
         """The crop size S of `model`, asked of a live worker (which loads the model if needed)."""
@@ -344,36 +444,41 @@ class JobManager:
             if not live:
                 await asyncio.sleep(0.2)
                 continue
+            m = min(live, key=lambda x: x.inflight)
             try:
-                desc = await asyncio.wait_for(live[0].handle.describe.remote(model),
+                desc = await asyncio.wait_for(m.handle.describe.remote(model),
                                               timeout=max(1.0, deadline - time.monotonic()))
-            except RayActorError:
-                await asyncio.sleep(0.5)
-                continue
             except RayTaskError as e:
                 cause = _cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause
                 raise ModelLoadError(f"cannot load model {model!r}: {cause}", cause=str(cause)[:4000], path=model)
-            except asyncio.TimeoutError:
-                break
+            except (RayError, asyncio.TimeoutError) as e:
+                await self._lost(self.models, m, f"no answer to describe({model!r}): {type(e).__name__}",
+                                 kill=isinstance(e, asyncio.TimeoutError))
+                continue
+            m.info = {**m.info, "models": [*m.info.get("models", ()), model]}
             self._sizes[model] = int(desc["size"])
             return self._sizes[model]
         raise RenderTimeout(f"model {model!r} was not ready on any worker within {self.s.model_load_timeout_s:.0f} s")
 
     async def _on_compositor(self, method: str, rt: JobRuntime, *args):
         """Run a job-level step on some compositor; a lost compositor means another one runs it."""
+        last = "none"
         for attempt in range(self.s.max_chunk_attempts + 1):
             m = await self.compositors.acquire(timeout=self.s.stall_timeout_s)
             if m is None:
-                raise WorkerLost(f"no live compositor within {self.s.stall_timeout_s:.0f} s for {method}")
+                raise WorkerLost(f"no live compositor within {self.s.stall_timeout_s:.0f} s for {method} "
+                                 f"(last problem: {last})", cause=last)
             ref = getattr(m.handle, method).options(name=f"{method} job={rt.id}").remote(*args)
             try:
                 return await asyncio.wait_for(ref, timeout=self.s.chunk_timeout_s)
             except RayActorError as e:
-                await self._lost(self.compositors, m, f"died during {method}: {type(e).__name__}")
+                last = f"{m.name} died during {method}: {type(e).__name__}: {e}"[:2000]
+                await self._lost(self.compositors, m, last)
             except asyncio.TimeoutError:
-                await self._lost(self.compositors, m, f"{method} took over {self.s.chunk_timeout_s:.0f} s", kill=True)
+                last = f"{m.name}: {method} took over {self.s.chunk_timeout_s:.0f} s"
+                await self._lost(self.compositors, m, last, kill=True)
             except RayTaskError as e:
                 cause = _cause(e)
                 if isinstance(cause, LipsyncError):
@@ -381,28 +486,36 @@ class JobManager:
                 raise RenderError(f"{method} failed: {cause}", cause=str(cause)[:4000])
             finally:
                 await self.compositors.release(m)
-        raise WorkerLost(f"{method} of job {rt.id}: compositor lost {self.s.max_chunk_attempts + 1} times")
+        raise WorkerLost(f"{method} of job {rt.id}: compositor lost {self.s.max_chunk_attempts + 1} times; "
+                         f"last: {last}", cause=last)
 
     # --- chunks ------------------------------------------------------------------------------
     async def _scheduler(self) -> None:
-        """Hand queued chunks, round-robin across jobs, to free compositors."""
+        """Hand queued chunks, round-robin across jobs, to free compositors. Never dies."""
         while True:
-            if not len(self.queue):
-                self._work.clear()
-                try:
-                    await asyncio.wait_for(self._work.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            m = await self.compositors.acquire(timeout=1.0)
-            if m is None:
-                continue
-            item = self.queue.pop()
-            if item is None:
-                await self.compositors.release(m)
-                continue
-            job_id, chunk = item
-            self._spawn(self._run_chunk(job_id, chunk, m))
+            try:
+                await self._schedule_once()
+            except Exception:
+                log.exception("scheduler step failed; going on")
+                await asyncio.sleep(1.0)
+
+    async def _schedule_once(self) -> None:
+        if not len(self.queue):
+            self._work.clear()
+            try:
+                await asyncio.wait_for(self._work.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            return
+        m = await self.compositors.acquire(timeout=1.0)
+        if m is None:
+            return
+        item = self.queue.pop()
+        if item is None:
+            await self.compositors.release(m)
+            return
+        job_id, chunk = item
+        self._spawn(self._run_chunk(job_id, chunk, m))
 
     async def _run_chunk(self, job_id: str, chunk: Chunk, m: Member) -> None:
         rt = self.jobs.get(job_id)
@@ -431,6 +544,10 @@ class JobManager:
                 if not isinstance(cause, LipsyncError):
                     cause = ChunkFailed(f"chunk {chunk.index} of job {job_id} failed: {cause}", cause=str(cause)[:4000])
                 self._retry(rt, chunk, cause, lost=isinstance(cause, WorkerLost))
+                return
+            except RayError as e:  # e.g. the result was lost with its node: render the chunk again
+                self._retry(rt, chunk, WorkerLost(f"chunk {chunk.index} result lost: {type(e).__name__}",
+                                                  cause=str(e)[:2000]), lost=True)
                 return
             ok = True
             if rt.finished:

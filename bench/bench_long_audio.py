@@ -27,10 +27,13 @@ audio, video, out = sys.argv[1:4]
 me, peak, stop = psutil.Process(), {"children": 0.0, "total": 0.0}, threading.Event()
 def sample():  # RSS of this process plus its live ffmpeg children, every 50 ms
     while not stop.wait(0.05):
-        try:
-            kids = sum(c.memory_info().rss for c in me.children(recursive=True))
-        except psutil.Error:
-            continue
+        kids = 0
+        for c in me.children(recursive=True):
+            try:  # a child caught between fork and exec still shows the parent's pages: skip it
+                if "ffmpeg" in c.name():
+                    kids += c.memory_info().rss
+            except psutil.Error:
+                pass
         peak["children"] = max(peak["children"], kids / 2**20)
         peak["total"] = max(peak["total"], (me.memory_info().rss + kids) / 2**20)
 threading.Thread(target=sample, daemon=True).start()

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
     max_inflight_per_worker: int = Field(2, ge=1)
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
+    model_retry_s: float = Field(30.0, gt=0, description="a model that failed to load is tried again after this")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
                                "0: onnxruntime's default (every core). Set it when several CPU workers share a node")
 
@@ -72,6 +73,12 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting: actors built with other settings are replaced."""
+        import hashlib
+
+        return hashlib.sha1(self.model_dump_json().encode()).hexdigest()[:12]
 
     @property
     def input_root_paths(self) -> list[Path]:

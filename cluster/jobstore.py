@@ -112,6 +112,15 @@ class JobStore:
         with self._lock:
             return [self._status(self._conn, r) for r in self._conn.execute(sql, args).fetchall()]
 
+    def unfinished_ids(self) -> list[str]:
+        """Ids of the jobs not yet terminal (no validation: a row that no longer validates still
+        gets resumed, and failed, rather than blocking every other job)."""
+        states = [s.value for s in JobState if not s.terminal]
+        with self._lock:
+            rows = self._conn.execute(f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
+                                      "ORDER BY created_at, id", states).fetchall()
+        return [r["id"] for r in rows]
+
     def unfinished(self) -> list[JobStatus]:
         return self.list([s for s in JobState if not s.terminal], limit=1_000_000)
 

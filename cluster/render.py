@@ -240,40 +240,75 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
 
 
 # --- finalise ----------------------------------------------------------------------------
-def finalize_job(plan: JobPlan, settings: Settings | None = None) -> MediaInfo:
-    """Concatenate the segments, mux the audio, verify, rename into place; then drop the segments
-    (unless `keep_segments`). Idempotent: an output already finalised and verified (the job
-    manager restarted before it recorded success) is verified again, not rebuilt."""
-    from cluster.media.finalize import finalize_output, verify_output
+def pending_output_path(plan: JobPlan) -> Path:
+    """Where finalize writes the verified output before it is committed (same directory)."""
+    out = Path(plan.output_path)
+    return out.with_name(f".{out.stem}.{plan.job_id}.pending{out.suffix}")
+
+
+def _committed_marker(plan: JobPlan) -> Path:
+    return Path(plan.job_dir) / "output.committed"
+
+
+def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
+    from cluster.media.finalize import verify_output
+
+    try:
+        return verify_output(str(path), frames_expected=plan.frames_total, fps=plan.fps,
+                             audio_duration=plan.audio_duration, settings=s)
+    except LipsyncError:
+        return None
+
+
+def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
+    """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`
+    also rename it into place (`commit_output`).
+
+    Idempotent, for a job manager that restarts mid-way: an output this job already committed
+    is verified again, not rebuilt; a verified pending output is reused.
+    """
+    from cluster.media.finalize import finalize_output
 
     s = settings or get_settings()
     check_plan_files(plan)
-    out = Path(plan.output_path)
-    segments_dir = Path(plan.job_dir) / "segments"
-    if out.exists():
+    out, pending = Path(plan.output_path), pending_output_path(plan)
+    if _committed_marker(plan).exists() and (info := _verify(out, plan, s)) is not None:
+        return info
+    info = _verify(pending, plan, s) if pending.exists() else None
+    if info is None:
+        segments = [plan.segment_path(c.index) for c in plan.chunks]
+        missing = [p for p in segments if not Path(p).exists()]
+        if missing:
+            raise OutputVerificationError(f"job {plan.job_id}: {len(missing)} segment(s) missing, first {missing[0]}",
+                                          job_id=plan.job_id, stage="finalize", path=missing[0])
+        out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            info = verify_output(str(out), frames_expected=plan.frames_total, fps=plan.fps,
-                                 audio_duration=plan.audio_duration, settings=s)
-        except LipsyncError:
-            info = None  # not ours, or stale: rebuild it below
-        if info is not None:
-            if not s.keep_segments:
-                shutil.rmtree(segments_dir, ignore_errors=True)
-            return info
-    segments = [plan.segment_path(c.index) for c in plan.chunks]
-    missing = [p for p in segments if not Path(p).exists()]
-    if missing:
-        raise OutputVerificationError(f"job {plan.job_id}: {len(missing)} segment(s) missing, first {missing[0]}",
-                                      job_id=plan.job_id, stage="finalize", path=missing[0])
-    Path(plan.output_path).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        info = finalize_output(segments, plan.audio_path, plan.output_path, frames_expected=plan.frames_total,
-                               fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
-    except LipsyncError as e:
-        raise e.with_context(job_id=plan.job_id, stage="finalize")
-    if not s.keep_segments:  # the verified output holds everything they did
-        shutil.rmtree(segments_dir, ignore_errors=True)
+            info = finalize_output(segments, plan.audio_path, str(pending), frames_expected=plan.frames_total,
+                                   fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
+        except LipsyncError as e:
+            raise e.with_context(job_id=plan.job_id, stage="finalize")
+    if commit:
+        commit_output(plan, s)
     return info
+
+
+def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
+    """Rename the verified pending output to the output path, record that, drop the segments."""
+    s = settings or get_settings()
+    out, pending = Path(plan.output_path), pending_output_path(plan)
+    if pending.exists():
+        os.replace(pending, out)
+    elif not (_committed_marker(plan).exists() and out.exists()):
+        raise OutputVerificationError(f"job {plan.job_id}: no verified output to commit at {pending}",
+                                      job_id=plan.job_id, stage="finalize", path=str(pending))
+    _committed_marker(plan).write_text(str(out))
+    if not s.keep_segments:  # the verified output holds everything they did
+        shutil.rmtree(Path(plan.job_dir) / "segments", ignore_errors=True)
+
+
+def discard_output(plan: JobPlan) -> None:
+    """Remove a pending output that will not be committed (the job was cancelled or failed)."""
+    pending_output_path(plan).unlink(missing_ok=True)
 
 
 # --- everything in this process ------------------------------------------------------------

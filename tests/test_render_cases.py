@@ -350,3 +350,28 @@ def test_finalize_is_idempotent_after_success(d, model, template_1s, tmp_path):
     mtime = out.stat().st_mtime_ns
     assert finalize_job(plan, s).video.frame_count == 25
     assert out.stat().st_mtime_ns == mtime
+
+
+def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
+    """The cluster finalises under a pending name and commits (renames) only if the job is still
+    wanted: a cancelled job's verified output is discarded, never published."""
+    from cluster.render import commit_output, discard_output, pending_output_path
+
+    s = get_settings()
+    audio, _ = _speech(d, "speech_commit.wav", 16000, seed=19)
+    job_id = new_job_id()
+    out = tmp_path / "commit.mp4"
+    plan = prepare_job(job_id, admit(job_id, RenderRequest(audio=audio, video=template_1s, output=str(out)), s), s,
+                       model_size=model.size)
+    for chunk in plan.chunks:
+        render_chunk(plan, chunk, model.generate, s)
+    finalize_job(plan, s, commit=False)
+    pending = pending_output_path(plan)
+    assert pending.exists() and not out.exists()
+    discard_output(plan)  # cancelled
+    assert not pending.exists() and not out.exists()
+    finalize_job(plan, s, commit=False)  # segments are still there: rebuilt
+    commit_output(plan, s)
+    assert out.exists() and not pending.exists()
+    assert not (Path(plan.job_dir) / "segments").exists()
+    check_output(out, 16000, Fraction(25), SMALL)

@@ -214,3 +214,48 @@ def test_submit_with_same_id_is_idempotent(runtime, speech4_wav, astronaut_video
     assert first.id == second.id == "idempotent-job-1"
     assert runtime.wait(first.id, timeout=300).state == JobState.succeeded
     assert len([j for j in runtime.call("list_jobs") if j.id == "idempotent-job-1"]) == 1
+
+
+def test_compositor_dead_for_good_is_replaced(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+    """ray.kill(no_restart=True) on a busy compositor: the job manager creates a new one."""
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    _wait_rendering(runtime, job.id)
+    busy = [c for c in runtime.call("refresh")["compositors"] if c["inflight"]]
+    assert busy
+    victim = busy[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=runtime.settings.namespace), no_restart=True)
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert np.array_equal(decode_all(st.output), reference)
+    wait_until(lambda: any(c["name"] == victim["name"] and c["health"] == "live" and c["pid"] != victim["pid"]
+                           for c in runtime.call("refresh")["compositors"]), 120, interval=1,
+               what="a replacement compositor")
+
+
+def test_model_worker_retries_a_failed_load_and_keeps_its_default(runtime, ray_settings, tmp_path):
+    """A model file that appears after a failed load is loaded on retry; loading other models
+    never evicts the default one (info keeps answering ready)."""
+    import shutil
+
+    from actors.model_worker import ModelWorker
+    from cluster.models.builtin import builtin_model_path
+
+    late = tmp_path / "late.onnx"
+    late.write_bytes(b"still being copied")
+    s = ray_settings.model_copy(update={"model_retry_s": 3.0, "models_per_worker": 1})
+    worker = ModelWorker.options(num_cpus=0).remote(str(late), s, "probe-worker")
+    try:
+        info = ray.get(worker.info.remote(), timeout=120)
+        assert info["ready"] is False and info["error"]["code"] == "model.load_failed"
+        shutil.copyfile(builtin_model_path(s, 96), late)
+        with pytest.raises(ray.exceptions.RayTaskError):  # inside the retry interval: the cached error
+            ray.get(worker.describe.remote(str(late)), timeout=60)
+        import time
+
+        time.sleep(3.2)
+        assert ray.get(worker.describe.remote(str(late)), timeout=120)["size"] == 96
+        assert ray.get(worker.describe.remote("builtin:64"), timeout=120)["size"] == 64  # beyond models_per_worker
+        info = ray.get(worker.info.remote(), timeout=60)
+        assert info["ready"] is True and info["size"] == 96 and str(late) in info["models"]
+    finally:
+        ray.kill(worker)
