@@ -289,6 +289,7 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
             raise e.with_context(job_id=plan.job_id, stage="finalize")
     if commit:
         commit_output(plan, s)
+        info = info.model_copy(update={"path": str(out)})
     return info
 
 

@@ -348,7 +348,8 @@ def test_finalize_is_idempotent_after_success(d, model, template_1s, tmp_path):
     finalize_job(plan, s)
     assert not (Path(plan.job_dir) / "segments").exists()
     mtime = out.stat().st_mtime_ns
-    assert finalize_job(plan, s).video.frame_count == 25
+    again = finalize_job(plan, s)
+    assert again.video.frame_count == 25 and again.path == str(out)
     assert out.stat().st_mtime_ns == mtime
 
 
