@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cluster.audio import mel_band_edges
 from cluster.config import Settings, get_settings
 from cluster.fsutil import write_atomic
 from cluster.faces import canonical
@@ -88,27 +89,9 @@ SHADE_BGR = (0.78, 0.80, 0.62)  # darkening per channel at full strength (B, G, 
 
 
 # --- mel bins -------------------------------------------------------------------------------
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    """Slaney mel scale (linear below 1 kHz, logarithmic above), as librosa with htk=False."""
-    f = np.asarray(f, dtype=np.float64)
-    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
-    logstep = np.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep,
-                    f / f_sp)
-
-
-def _mel_to_hz(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
-
-
 def mel_bin_centres(n_mels: int = N_MELS, fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
     """Centre frequency (Hz) of each Slaney mel bin: float64 [n_mels]."""
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
-    return edges[1:-1]
+    return mel_band_edges(n_mels, fmin, fmax)[1:-1]
 
 
 def band_weights() -> np.ndarray:
