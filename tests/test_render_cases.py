@@ -81,6 +81,7 @@ def check_output(path: str | Path, n_samples: int, fps: Fraction, size: tuple[in
     assert info.video.pix_fmt == "yuv420p", info
     assert (info.video.width, info.video.height) == size, info
     assert info.video.rotation == 0, info
+    assert not info.video.variable_frame_rate, info  # constant frame rate, as planned
     assert count_video_frames(path) == expected_frames(n_samples, fps)
     with av.open(path) as container:
         stream = container.streams.video[0]

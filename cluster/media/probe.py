@@ -168,11 +168,16 @@ def _first_frame_and_pts(path: str, container, stream) -> tuple[av.VideoFrame, l
     return first, pts
 
 
+REORDER_WINDOW = 16  # the deepest B-frame reordering H.264 allows (max_dec_frame_buffering)
+
+
 def _is_variable(stream, fps: Fraction, pts: list[int]) -> bool:
     base = stream.base_rate
     if base and base.numerator > 0 and abs(float(base) - float(fps)) > VFR_TOLERANCE * float(fps):
         return True
-    ordered = sorted(set(pts))
+    # Packets come in decode order: with B-frames the last few sampled pts leave gaps that later
+    # packets would fill, so the tail (one reorder window) is not judged.
+    ordered = sorted(set(pts))[:-REORDER_WINDOW] if len(pts) >= VFR_SAMPLE_PACKETS else sorted(set(pts))
     deltas = [b - a for a, b in zip(ordered, ordered[1:])]
     if len(deltas) < 2:
         return False
