@@ -15,7 +15,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors import ORCHESTRATOR_NAME
 from cluster.config import Settings, get_settings
-from cluster.errors import LipsyncError, RenderTimeout
+from cluster.errors import LipsyncError, RenderError, RenderTimeout
 from cluster.render import admit, new_job_id
 from cluster.schemas import JobStatus, RenderRequest
 
@@ -34,9 +34,31 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(namespace=settings.namespace, log_to_driver=False, include_dashboard=False)
     if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        _check_reachable(address, settings.actor_call_timeout_s)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "an embedded Ray"
+        hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
+        raise RenderError(f"cannot start or join {where}: {e}{hint}", stage="connect", cause=repr(e)) from e
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Fail fast, with the address in the message, when nothing listens at a host:port address
+    (ray.init itself keeps retrying such an address for minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout, 10.0)).close()
+    except OSError as e:
+        raise RenderError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {e}", stage="connect",
+                          cause=repr(e)) from e
 
 
 class Runtime:

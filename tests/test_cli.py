@@ -217,3 +217,17 @@ def test_default_model_that_cannot_load_fails_the_job_with_its_reason(inputs, en
     last = err.strip().splitlines()[-1]
     assert last.startswith("lipsync: error: model.load_failed: ") and str(broken) in last, last
     assert not out.exists()
+
+
+def test_unreachable_ray_address_fails_fast_with_one_line(inputs, env, workdir):
+    import socket
+
+    with socket.socket() as s:  # a local port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                                   "-o", str(workdir / "unreachable.mp4")], {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                                  workdir, timeout=60)
+    assert rc == 1 and elapsed < BAD_INPUT_DEADLINE_S, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in lines[0], err
