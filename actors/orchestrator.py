@@ -58,7 +58,6 @@ class JobRuntime:
     committing: bool = False  # past the point of no return: the verified output is being renamed
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
     reported: int = 0
-    last_progress: float = field(default_factory=time.monotonic)
     capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
 
 
@@ -318,7 +317,6 @@ class JobManager:
             finally:
                 await pool.release(m, ok=ok)
             rt.inflight_frames[chunk_index] = rt.inflight_frames.get(chunk_index, 0) + int(meta["frames"])
-            rt.last_progress = time.monotonic()
             return [out_ref]
         raise WorkerLost(f"job {job_id} chunk {chunk_index}: batch lost {self.s.max_batch_attempts} times "
                          f"(last: {last})", job_id=job_id, chunk=chunk_index, stage="render")
@@ -555,7 +553,6 @@ class JobManager:
             self.store.chunk_done(job_id, chunk.index, res.frames, res.segment)
             rt.done[chunk.index] = res.frames
             rt.inflight_frames.pop(chunk.index, None)
-            rt.last_progress = time.monotonic()
             if len(rt.done) == len(rt.plan.chunks):
                 rt.all_done.set()
         except Exception as e:

@@ -23,8 +23,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "chunk_seconds", None):
         overrides["chunk_seconds"] = args.chunk_seconds
     if getattr(args, "model", None):
-        overrides["model"] = args.model
+        overrides["model"] = _model_spec(args.model)
     return Settings(**overrides)
+
+
+def _model_spec(model: str) -> str:
+    """'builtin[:S]' as is; a model file as an absolute path (workers do not share our cwd)."""
+    return model if model.startswith("builtin") else str(Path(model).expanduser().resolve())
 
 
 def _fail_line(err: ErrorInfo) -> str:
@@ -57,10 +62,12 @@ class _ProgressBar:
 
 
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
-            quiet: bool) -> int:
+            quiet: bool, model: str | None = None) -> int:
     out = Path(output).expanduser().resolve()
+    # --model names the job's model too: a cluster joined at RAY_ADDRESS has its own default.
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
-                            video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out))
+                            video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
+                            model=_model_spec(model) if model else None)
     bar = _ProgressBar(quiet)
     try:
         if local:
@@ -104,7 +111,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    return _render(args.audio, args.video, args.output, _settings(args), args.loop, args.local, args.quiet)
+    return _render(args.audio, args.video, args.output, _settings(args), args.loop, args.local, args.quiet,
+                   args.model)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -112,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     audio, video = make_demo_inputs(str(settings.dir("demo")), settings=settings)
-    return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet)
+    return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet, args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
