@@ -1,3 +1,10 @@
 """Ray actors: thin shells that hold state (a loaded model, the job table) and call `cluster/`."""
 
 ORCHESTRATOR_NAME = "lipsync-orchestrator"
+
+
+def task_cause(e: BaseException) -> BaseException:
+    """The exception a remote task raised (a RayTaskError's `cause`), else `e` itself: our typed
+    errors cross process boundaries as themselves, with code, stage and chunk intact."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import ray
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, task_cause
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
 from cluster.render import ChunkResult, JobPlan, finalize_job, prepare_job, render_chunk
@@ -48,7 +48,7 @@ class Compositor:
                                      timeout=timeout)
                 return ray.get(out_ref, timeout=self.settings.batch_timeout_s)
             except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+                cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause
                 raise

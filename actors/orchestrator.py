@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, task_cause
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
 from cluster.config import Settings
@@ -36,11 +36,6 @@ NOT_RETRYABLE = (InputError, InputsGone, ModelLoadError, ModelContractError, Job
 
 class StaleAttempt(JobCancelled):
     code = "render.stale_attempt"
-
-
-def _cause(e: RayTaskError) -> BaseException:
-    c = getattr(e, "cause", None)
-    return c if isinstance(c, BaseException) else e
 
 
 @dataclass
@@ -306,7 +301,7 @@ class JobManager:
                 await self._lost(pool, m, last)
                 continue
             except RayTaskError as e:
-                cause = _cause(e)
+                cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause.with_context(job_id=job_id, chunk=chunk_index, stage="render")
                 raise ModelError(f"model worker {m.name} failed on job {job_id} chunk {chunk_index}: {cause}",
@@ -447,7 +442,7 @@ class JobManager:
                 desc = await asyncio.wait_for(m.handle.describe.remote(model),
                                               timeout=max(1.0, deadline - time.monotonic()))
             except RayTaskError as e:
-                cause = _cause(e)
+                cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause
                 raise ModelLoadError(f"cannot load model {model!r}: {cause}", cause=str(cause)[:4000], path=model)
@@ -478,7 +473,7 @@ class JobManager:
                 last = f"{m.name}: {method} took over {self.s.chunk_timeout_s:.0f} s"
                 await self._lost(self.compositors, m, last, kill=True)
             except RayTaskError as e:
-                cause = _cause(e)
+                cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause
                 raise RenderError(f"{method} failed: {cause}", cause=str(cause)[:4000])
@@ -538,7 +533,7 @@ class JobManager:
                 self._retry(rt, chunk, RenderTimeout(f"chunk {chunk.index} took over {self.s.chunk_timeout_s:.0f} s"))
                 return
             except RayTaskError as e:
-                cause = _cause(e)
+                cause = task_cause(e)
                 if not isinstance(cause, LipsyncError):
                     cause = ChunkFailed(f"chunk {chunk.index} of job {job_id} failed: {cause}", cause=str(cause)[:4000])
                 self._retry(rt, chunk, cause, lost=isinstance(cause, WorkerLost))

@@ -13,7 +13,7 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, task_cause
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError, RenderError, RenderTimeout
 from cluster.render import admit, new_job_id
@@ -83,7 +83,7 @@ class Runtime:
             try:
                 return ray.get(getattr(self.manager(), method).remote(*args, **kwargs), timeout=max(left, 0.1))
             except RayTaskError as e:  # the manager raised: surface our typed error as itself
-                cause = getattr(e, "cause", None)
+                cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None
                 raise
