@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
     max_inflight_per_worker: int = Field(2, ge=1)
+    pool_reconcile_s: float = Field(5.0, gt=0, description="how often the pool follows the cluster's resources")
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
     model_retry_s: float = Field(30.0, gt=0, description="a model that failed to load is tried again after this")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "

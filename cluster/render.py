@@ -104,7 +104,7 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 
 # --- admit -------------------------------------------------------------------------------
-def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
     Returns the request with paths pointing at the stored copies, so the job survives the
@@ -124,12 +124,16 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
         if not dst.exists():
             tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
             try:
+                if not link:  # a user's file: a link would change its link count (see resolve_input_path)
+                    raise OSError("copy requested")
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         stored[key] = str(dst)
-    sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    # stored copy -> what the user gave (through any earlier mapping, e.g. an upload's reference)
+    sources = {**request.sources, **{stored[k]: request.sources.get(getattr(request, k), getattr(request, k))
+                                     for k in stored}}
     if request.output is not None:  # relative to the caller, not to whichever process finalises
         stored["output"] = str(Path(request.output).expanduser().resolve())
     return request.model_copy(update={**stored, "sources": sources})
@@ -158,22 +162,24 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
     """Admission on the job manager's node: resolve each input (an upload reference, or a path
     under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
     client gave (`request.sources` maps what it sent to its own path)."""
-    from cluster.inputs import resolve_input
+    from cluster.inputs import is_upload_ref, resolve_input
 
     s = settings or get_settings()
     resolved: dict[str, str] = {}
     sources = dict(request.sources)
+    uploads_only = True
     for key in ("audio", "video"):
         given = getattr(request, key)
         if given is None:
             continue
+        uploads_only = uploads_only and is_upload_ref(given)
         try:
             path = str(resolve_input(given, s))
         except LipsyncError as e:
             raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
         resolved[key] = path
         sources[path] = request.sources.get(given, given)
-    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s)
+    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
 
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:

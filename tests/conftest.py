@@ -19,6 +19,13 @@ hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray is also `slow`: `pytest -m "not slow"` is the quick inner loop."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)
 
