@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_width: int = Field(4096, ge=16)
     max_height: int = Field(4096, ge=16)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
+                                 "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
                                      description="fail with input.no_face when fewer frames have a face")
 
