@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench.common import CACHE, MODELS, make_inputs, md_table, model_spec, write_result
 
 STAGES = ("decode", "detect", "crop", "model", "paste", "encode", "mux")
@@ -70,7 +68,7 @@ def stage_costs(inp, model_name: str, work: Path) -> dict:
         if b is None:
             break
         batches.append(b)
-    dets = clock.time("detect", lambda: list(detector.detect_sequence(batches, s.detect_interval)))
+    dets = clock.time("detect", lambda frames: list(detector.detect_sequence(frames, s.detect_interval)), batches)
     track = clock.time("detect", build_track, dets, (video.width, video.height), s.min_face_fraction,
                        fps=float(fps))
     n_template = sum(len(b) for b in batches)

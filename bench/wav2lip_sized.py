@@ -173,7 +173,16 @@ def build_wav2lip_sized(path: str | os.PathLike, seed: int = 0) -> str:
 
 
 def parameter_count() -> int:
-    return build_model()[1]
+    """Parameters of the layer specification (weights and biases), without building the graph."""
+    def conv(cin, cout, k, *_):
+        return cin * cout * k * k + cout
+
+    n = sum(conv(*spec) for block in FACE_ENCODER for spec in block)
+    n += sum(conv(*spec) for spec in AUDIO_ENCODER)
+    for _, spec, residual in FACE_DECODER:
+        n += conv(*spec[:3]) + sum(conv(c, c, 3) for c in residual)
+    n += sum(conv(*spec) for spec in OUTPUT_BLOCK) + conv(32, 3, 1)
+    return n
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _model_spec(model: str) -> str:
     """'builtin[:S]' as is; a model file as an absolute path (workers do not share our cwd)."""
-    return model if model.startswith("builtin") else str(Path(model).expanduser().resolve())
+    from cluster.models import is_named_model
+
+    return model if is_named_model(model) else str(Path(model).expanduser().resolve())
 
 
 def _fail_line(err: ErrorInfo) -> str:
@@ -83,8 +85,11 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
 
         job_id = new_job_id()
         admitted = admit(job_id, request, settings)  # bad input fails here, before Ray starts
+        early = _prepare_avatar_while(admitted, settings)
         connect(settings)
         rt = Runtime(settings)
+        if early is not None:  # the job's prepare step then finds the avatar in the cache
+            early.result(timeout=settings.chunk_timeout_s)
         st = rt.call("submit", job_id, admitted, timeout=120)
 
         def show(st) -> None:
@@ -108,6 +113,23 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         return e.exit_code
     finally:
         bar.close()
+
+
+def _prepare_avatar_while(request: RenderRequest, settings: Settings):
+    """With an embedded Ray (the job manager shares this storage root), prepare the avatar in a
+    thread while Ray starts: the two overlap instead of adding up. Returns the future (its result
+    raises the avatar's typed errors), or None when joining a cluster (`RAY_ADDRESS`)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.environ.get("RAY_ADDRESS") or request.video is None:
+        return None
+    from cluster.faces.avatar import prepare_avatar
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
+    future = pool.submit(prepare_avatar, request.video, settings)
+    pool.shutdown(wait=False)
+    return future
 
 
 def cmd_render(args: argparse.Namespace) -> int:
