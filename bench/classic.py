@@ -66,6 +66,42 @@ class WarmService:
             raise RuntimeError(f"warm-service job {st.id} ended {st.state.value}: {st.error}")
         return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20}
 
+    def model_busy_s(self) -> float | None:
+        """Seconds the model workers have spent inferring so far (from their `info`), or None."""
+        try:
+            state = self.rt.call("refresh", timeout=30)
+            return sum(m["frames"] / m["fps"] for m in state["models"] if m.get("fps"))
+        except Exception as e:  # noqa: BLE001 - the figure is optional; say why it is missing
+            print(f"[bench] model busy time unavailable: {e!r}", file=sys.stderr)
+            return None
+
+    def render_phases(self, audio: str, video: str, model: str, out: str) -> dict:
+        """Render one job polling its state: wall time, render-phase time (rendering -> finalizing)
+        and the share of the render phase the model workers were busy."""
+        from cluster.schemas import RenderRequest
+
+        busy0 = self.model_busy_s()
+        t0 = time.perf_counter()
+        st = self.rt.submit(RenderRequest(audio=audio, video=video, output=out, model=model))
+        t_render = t_final = None
+        while True:
+            x = self.rt.status(st.id)
+            now = time.perf_counter()
+            if x.state.value == "rendering" and t_render is None:
+                t_render = now
+            if x.state.value in ("finalizing", "succeeded") and t_final is None:
+                t_final = now
+            if x.state.terminal:
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        if x.state.value != "succeeded":
+            raise RuntimeError(f"warm-service job {st.id} ended {x.state.value}: {x.error}")
+        busy1 = self.model_busy_s()
+        render_s = (t_final or t0 + wall) - (t_render or t0)
+        busy = None if busy0 is None or busy1 is None else (busy1 - busy0) / render_s
+        return {"wall_s": wall, "render_s": render_s, "model_busy_fraction": busy}
+
     def forget_avatars(self) -> None:
         for name in ("avatars", "templates"):
             shutil.rmtree(self.settings.storage_root / name, ignore_errors=True)

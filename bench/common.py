@@ -217,6 +217,12 @@ def write_result(name: str, figures: dict, table_md: str, notes: str = "", start
                + (f"\n{notes.strip()}\n" if notes.strip() else "")
                + f"<!-- /bench:{name} -->")
     _replace_section(name, section)
+    try:
+        from bench.summary import write_targets
+
+        write_targets()
+    except Exception as e:  # noqa: BLE001 - one benchmark's results must not be lost to the summary
+        print(f"targets table not rebuilt: {e!r}", file=sys.stderr)
     print(table_md)
     print(f"wrote {path.relative_to(REPO)} and the {name} section of {DOCS.relative_to(REPO)}")
     return path

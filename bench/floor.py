@@ -119,7 +119,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                 service.render(inp.audio, inp.video, spec, str(work / "warmup.mp4"))  # model loaded
                 service.forget_avatars()
                 cold = service.render(inp.audio, inp.video, spec, str(work / "cold.mp4"))
-                prepared = service.render(inp.audio, inp.video, spec, str(work / "prep.mp4"))
+                prepared = service.render_phases(inp.audio, inp.video, spec, str(work / "prep.mp4"))
                 c = per_model[m]
                 floor_s = sum(c["cpu_s"][k] for k in STAGES) / cores
                 render_floor_s = sum(c["cpu_s"][k] for k in STAGES if k != "detect") / cores
@@ -130,7 +130,8 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                     "floor_s": floor_s, "render_floor_s": render_floor_s, "dominant": dominant,
                     "warm_cold_s": cold["wall_s"], "warm_prepared_s": prepared["wall_s"],
                     "cold_vs_floor": cold["wall_s"] / floor_s,
-                    "prepared_vs_floor": prepared["wall_s"] / render_floor_s}
+                    "prepared_vs_floor": prepared["wall_s"] / render_floor_s,
+                    "render_phase_s": prepared["render_s"], "model_busy_fraction": prepared["model_busy_fraction"]}
                 print(f"[floor] {m}: {results['models'][m]}", flush=True)
         finally:
             service.close()
@@ -146,10 +147,12 @@ def _report(results: dict, quick: bool) -> None:
         ms = r["cpu_ms_per_frame"]
         rows.append([m, *(f"{ms[k]:.1f}" for k in STAGES), f"{ms['normalize']:.1f}", r["dominant"],
                      r["floor_s"], r["warm_cold_s"], f"{r['cold_vs_floor']:.2f}x",
-                     r["render_floor_s"], r["warm_prepared_s"], f"{r['prepared_vs_floor']:.2f}x"])
+                     r["render_floor_s"], r["warm_prepared_s"], f"{r['prepared_vs_floor']:.2f}x",
+                     "n/a" if r["model_busy_fraction"] is None else f"{100 * r['model_busy_fraction']:.0f} %"])
     table = md_table(["model", *(f"{k} ms/f" for k in STAGES), "normalize ms/f (not in floor)", "dominant",
                       "floor s", "warm, cold avatar s", "vs floor (target <= 1.25x)",
-                      "floor without detect s", "warm, prepared s", "vs floor"], rows)
+                      "floor without detect s", "warm, prepared s", "vs floor",
+                      "model busy, render phase (target >= 85 % Wav2Lip-sized)"], rows)
     notes = (f"{results['speech_s']:g} s of speech ({results['size']}, 25 fps); CPU milliseconds per output "
              f"frame for each stage run alone in one process; floor = CPU sum / {results['cores']} cores.")
     write_result("floor", results, table, notes, quick=quick)
