@@ -117,7 +117,8 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         lengths, size, template_s, models = seconds or [4.0], (640, 360), 2.0, models or ["builtin"]
     else:
         lengths, size, template_s, models = seconds or [30.0, 300.0], (1280, 720), 10.0, models or list(MODELS)
-    work = Path(tempfile.mkdtemp(prefix="bench-classic-", dir=CACHE.parent if CACHE.parent.exists() else None))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-classic-", dir=CACHE))
     results: dict = {"size": f"{size[0]}x{size[1]}", "template_seconds": template_s, "runs": []}
     service = WarmService(work / "warm-storage")
     try:

@@ -56,6 +56,11 @@ def one_k(k: int, seconds: float, work: Path, batch_size: int) -> dict:
     try:
         rt = Runtime(s)
         rt.ready(timeout=300)
+        warm = make_inputs(2.0, (320, 240), 2.0)  # warm-up job: every actor has run a chunk once
+        st = rt.render(RenderRequest(audio=warm.audio, video=inp.video, output=str(work / f"w{k}.mp4"), model=model),
+                       timeout=600)
+        if st.state.value != "succeeded":
+            raise RuntimeError(f"k={k}: warm-up job ended {st.state.value}: {st.error}")
         cpu0 = _manager_cpu()
         st = rt.submit(RenderRequest(audio=inp.audio, video=inp.video, output=str(work / f"k{k}.mp4"), model=model))
         t_render = t_end = None
