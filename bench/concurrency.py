@@ -24,6 +24,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     secs = (seconds or [2.0 if quick else 6.0])[0]
     models = models or ["builtin"]
     inp = make_inputs(secs, size, template_s)
+    CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-conc-", dir=CACHE))
     results: dict = {"size": f"{size[0]}x{size[1]}", "speech_s": secs, "jobs": JOBS, "models": {}}
     service = WarmService(work / "warm")

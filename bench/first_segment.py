@@ -23,6 +23,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     models = models or (["builtin"] if quick else list(MODELS))
     repeats = 2 if quick else 5
     inp = make_inputs((seconds or [10.0])[0], size, template_s)
+    CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-first-", dir=CACHE))
     results: dict = {"size": f"{size[0]}x{size[1]}", "speech_s": inp.seconds, "models": {}}
     service = WarmService(work / "warm")

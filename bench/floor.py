@@ -105,6 +105,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         secs, size, template_s, models = (seconds or [30.0])[0], (1280, 720), 10.0, models or list(MODELS)
     cores = len(os.sched_getaffinity(0))
     inp = make_inputs(secs, size, template_s)
+    CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-floor-", dir=CACHE))
     results = {"speech_s": secs, "size": f"{size[0]}x{size[1]}", "cores": cores, "models": {}}
     try:

@@ -56,7 +56,7 @@ def one_k(k: int, seconds: float, work: Path, batch_size: int) -> dict:
     try:
         rt = Runtime(s)
         rt.ready(timeout=300)
-        warm = make_inputs(2.0, (320, 240), 2.0)  # warm-up job: every actor has run a chunk once
+        warm = make_inputs(2.0 * k, (320, 240), 2.0)  # warm-up job: every compositor renders a chunk once
         st = rt.render(RenderRequest(audio=warm.audio, video=inp.video, output=str(work / f"w{k}.mp4"), model=model),
                        timeout=600)
         if st.state.value != "succeeded":
@@ -99,6 +99,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     ks = [1, 2] if quick else [1, 2, 4, 8]
     per_gpu_s = 4.0 if quick else 10.0
     batch = 16
+    CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir=CACHE))
     rows = []
     try:
