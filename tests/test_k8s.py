@@ -278,6 +278,9 @@ def test_serve_config_validates_with_rays_schema(overlay):
     (app,) = config.applications
     assert app.import_path == "serve_app:app" and app.route_prefix == "/"
     assert config.proxy_location.value == "HeadOnly"  # the ingress lives on the head, next to the job manager
+    (ingress,) = app.deployments
+    assert ingress.name == "lipsync-ingress"
+    assert ingress.ray_actor_options.resources == {HEAD_RESOURCE: 0.01}
     with pytest.raises(Exception):
         ServeDeploySchema.model_validate({**yaml.safe_load(service["spec"]["serveConfigV2"]), "proxy_location": "Nowhere"})
 
@@ -292,3 +295,17 @@ def test_operations_doc_matches_the_manifests():
             names |= {g for g, _ in groups(spec) if g != "head"}
     missing = sorted(n for n in names if n not in doc)
     assert not missing, f"docs/OPERATIONS.md does not mention {missing}"
+
+
+def test_operations_doc_explains_every_metric_and_failure_code():
+    import re
+
+    from actors.metrics import METRICS
+
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    missing = [m.exported for m in METRICS.values() if f"`{m.exported}`" not in doc]
+    assert not missing, f"docs/OPERATIONS.md, Metrics: add {missing}"
+    codes = set(re.findall(r'^\s+code = "([^"]+)"', (ROOT / "cluster" / "errors.py").read_text(), flags=re.M))
+    assert len(codes) > 15
+    missing = sorted(c for c in codes if f"| `{c}` |" not in doc)
+    assert not missing, f"docs/OPERATIONS.md, Failure codes: add {missing}"
