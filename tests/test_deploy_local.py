@@ -60,7 +60,8 @@ class LocalCluster:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24),
                         PYTHONPATH=str(ROOT), LIPSYNC_STORAGE_ROOT=str(storage), RAY_USAGE_STATS_ENABLED="0",
                         **JOB_SETTINGS)
-        self.env.update({f"LIPSYNC_{k.upper()}": v for k, v in {"manager_resource": "lipsync_head"}.items()})
+        # as the manifests set them on the pods
+        self.env.update(LIPSYNC_MANAGER_RESOURCE="lipsync_head", LIPSYNC_API_TOKEN=secrets.token_hex(16))
         self.head_params = head_params
 
     @property
@@ -230,7 +231,8 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
     wait_until(lambda: get("/healthz") == 200, 180, 1.0, "/healthz of the deployed app")
     import httpx
 
-    token = {"Authorization": f"Bearer {local_cluster.env.get('LIPSYNC_API_TOKEN', '')}"}
+    assert httpx.get(base + "/v1/jobs", timeout=30).status_code == 401  # the Secret's token is required
+    token = {"Authorization": f"Bearer {local_cluster.env['LIPSYNC_API_TOKEN']}"}
     with open(speech_wav, "rb") as audio, open(astronaut_video, "rb") as video:
         response = httpx.post(base + "/v1/jobs", files={"audio": audio, "video": video}, headers=token, timeout=120)
     assert response.status_code == 202, response.text
