@@ -12,9 +12,12 @@ Actors call `install(actor_name)` once in `__init__`: it also turns the plain-Py
 """
 from __future__ import annotations
 
+import asyncio
+import datetime
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from cluster import telemetry
 
@@ -144,6 +147,34 @@ def record_job_finished(state: str, seconds: float, error_code: str | None = Non
     _record("lipsync_job_seconds", seconds, {"state": state})
     if state == "failed":
         record_failure(error_code or "error", stage or "")
+
+
+def record_job_end(status) -> None:
+    """A job (a `cluster.schemas.JobStatus`) reached its terminal state: its duration since
+    admission, the time its render stage took, and a failure's code and stage."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def aware(moment: datetime.datetime) -> datetime.datetime:
+        return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+    for stage in getattr(status, "stages", None) or ():
+        if stage.stage == "render" and stage.ended_at is not None:
+            observe_stage("render", (aware(stage.ended_at) - aware(stage.started_at)).total_seconds())
+    error = status.error
+    record_job_finished(status.state.value, (now - aware(status.created_at)).total_seconds(),
+                        error.code if error else None, error.stage if error else None)
+
+
+async def publish_gauges(queue_depth: Callable[[], int], jobs_by_state: Callable[[], dict[str, int]],
+                         period_s: float = 5.0) -> None:
+    """Set the queue depth and jobs-by-state gauges every `period_s`, for as long as the job
+    manager runs (spawn it as a supervised background task)."""
+    while True:
+        try:
+            set_queue_depth(queue_depth())
+            set_jobs_by_state(await asyncio.to_thread(jobs_by_state))
+        except Exception:  # the job store busy or closing: try again next period
+            log.exception("cannot publish the job gauges")
+        await asyncio.sleep(period_s)
 
 
 def record_failure(code: str, stage: str = "") -> None:

@@ -60,6 +60,12 @@ def bind(**fields: object) -> None:
     _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
+def set_context(**fields: object) -> None:
+    """Replace the context's fields (at the top of an actor method: a thread that runs one call
+    after another must not keep the previous call's job or chunk)."""
+    _context.set({k: v for k, v in fields.items() if v is not None})
+
+
 def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:

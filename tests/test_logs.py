@@ -37,11 +37,15 @@ def test_json_lines_carry_job_chunk_actor_node_from_context_extra_and_process(ca
         with logs.log_context(chunk=3):
             log.warning("chunk %d slow", 3)
     log.info("explicit", extra={"job_id": "job-2", "chunk": 0})
+    logs.set_context(job_id="job-3", chunk=5)  # an actor method's first line
+    logs.set_context(job_id="job-4")           # the next call in the same thread: no stale chunk
+    log.info("next call")
+    logs.set_context()
     log.info("nothing about a job")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(x["msg"], x.get("job_id"), x.get("chunk")) for x in lines] == [
         ("preparing", "job-1", None), ("chunk 3 slow", "job-1", 3), ("explicit", "job-2", 0),
-        ("nothing about a job", None, None)]
+        ("next call", "job-4", None), ("nothing about a job", None, None)]
     assert all(x["actor"] == "lipsync-compositor-0" and x["node"] == "ab12" for x in lines)
     assert lines[1]["level"] == "WARNING" and lines[1]["logger"] == "lipsync.test"
 
