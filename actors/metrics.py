@@ -123,6 +123,19 @@ def _record(name: str, value: float, tags: dict[str, str] | None = None) -> None
 
 
 # --- record helpers (one line at each call site) ------------------------------------------
+def device_name() -> str:
+    """`cpu`, or `gpu:<ids>` of the GPUs Ray gave this process."""
+    import ray
+
+    gpus = ray.get_gpu_ids()
+    return f"gpu:{','.join(str(g) for g in gpus)}" if gpus else "cpu"
+
+
+def actor_kind(name: str) -> str:
+    """`model_worker` or `compositor` from an actor's name (lipsync-model-worker-0, ...)."""
+    return "model_worker" if "model-worker" in name else "compositor" if "compositor" in name else "other"
+
+
 def record_batch(worker: str, device: str, frames: int, seconds: float) -> None:
     """A model batch finished on `worker` (`device`: cpu or cuda:N)."""
     tags = {"worker": worker, "device": device}
