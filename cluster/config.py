@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
     ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
+    log_format: str = Field("text", pattern="^(text|json)$",
+                            description="json: one JSON object per log line with job id, chunk, actor, node")
+    manager_resource: str = Field("", description="a Ray custom resource the job manager (and the Serve "
+                                  "ingress) requires, e.g. lipsync_head on KubeRay's head; empty: none")
 
     # --- rendering ------------------------------------------------------------------------
     chunk_seconds: float = Field(2.0, gt=0.1, le=60)
@@ -45,6 +49,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
+    transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
+                                     description="bytes per part of uploads and output downloads through Ray")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
                                      description="fail with input.no_face when fewer frames have a face")
 
@@ -53,6 +59,8 @@ class Settings(BaseSettings):
     ffmpeg_timeout_s: float = 1800.0
     batch_timeout_s: float = 120.0
     chunk_timeout_s: float = 900.0
+    prepare_seconds_per_template_second: float = Field(
+        3.0, gt=0, description="prepare's deadline: chunk_timeout_s plus this per second of template")
     stall_timeout_s: float = 120.0
     model_load_timeout_s: float = 300.0
     actor_call_timeout_s: float = 30.0

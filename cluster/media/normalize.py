@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster import telemetry
 from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
@@ -130,6 +131,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+@telemetry.timed("stage_seconds", stage="normalise")
 def normalize_template(path: str | os.PathLike,
                        settings: Settings | None = None) -> NormalizedTemplate:
     """Normalise a template video (CFR, rotation applied, yuv420p, even size, libx264 closed GOPs
