@@ -26,7 +26,7 @@ from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
 from cluster.config import Settings
-from cluster.errors import InputsGone, JobAbandoned, JobConflict, JobNotReady, LipsyncError, OutputPathInUse, RenderError
+from cluster.errors import InputsGone, JobAbandoned, JobConflict, JobNotReady, LipsyncError, OutputPathInUse, PlacementError, RenderError
 from cluster.inputs import UploadStore
 from cluster.jobstore import JobStore
 from cluster.owners import identity_gone
@@ -225,7 +225,12 @@ def create_job_manager(settings: Settings, owner: str | None = None):
     affinity let Ray place it on a worker node, whose disk then held the jobs)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return JobManager.options(
-        name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
-    ).remote(settings, owner)
+    opts = dict(name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True)
+    if settings.manager_resource:  # e.g. lipsync_head on KubeRay's head pod: the storage claim is there
+        if settings.manager_resource not in ray.cluster_resources():
+            raise PlacementError(f"the job manager needs the custom resource {settings.manager_resource!r} "
+                                 f"(LIPSYNC_MANAGER_RESOURCE), which no node of the cluster offers")
+        opts["resources"] = {settings.manager_resource: 0.01}
+    else:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head_node_id(), soft=False)
+    return JobManager.options(**opts).remote(settings, owner)

@@ -32,7 +32,10 @@ from cluster.schemas import JobState, RenderRequest
 from tests.helpers import decode_all, wait_until
 
 # Pool sizes unset: they follow the cluster (one model worker per GPU, compositors on the CPUs left).
-SETTINGS = dict(chunk_seconds=0.5, batch_size=4, batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
+# The model answers like a remote accelerator (150 ms per frame, slept; crops returned unchanged),
+# so the job lasts long enough for a node to join mid-job however fast this machine renders.
+MODEL = "latency:150"
+SETTINGS = dict(model=MODEL, chunk_seconds=0.5, batch_size=4, batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
                 actor_call_timeout_s=30.0, max_inflight_per_worker=1, pool_reconcile_s=1.0)
 
 
@@ -81,8 +84,10 @@ def main(audio: str, video: str, out_dir: str) -> None:
         return
     settings = Settings(storage_root=storage, **SETTINGS)
     t0 = time.monotonic()
+    # The same identity model without the sleep gives the same frames, without the wait.
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=str(out / "ref.mp4")),
-                                            settings.model_copy(update={"storage_root": out / "ref-storage"})).path))
+                                            settings.model_copy(update={"storage_root": out / "ref-storage",
+                                                                        "model": "latency:0"})).path))
     token = secrets.token_hex(24)
     temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="rt")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
