@@ -123,6 +123,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet, args.model)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models in the model directory: contract, crop recipe, precision, device."""
+    import json
+
+    from cluster.models import list_models
+
+    settings = _settings(args)
+    try:
+        rows = list_models(settings)
+    except LipsyncError as e:
+        print(_fail_line(e.to_info()), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"models in {settings.dir('models')} (put Wav2Lip-class .onnx files there):")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['model']}: cannot load: {r['error']}")
+            continue
+        print(f"  {r['model']}: S={r['size']} batch={r['batch']} crop={r['crop']} ({r['crop_from']}) "
+              f"{r['precision']} device={r['device'].replace('ExecutionProvider', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -147,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="render the bundled example (generated speech + a real face)")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the models in the model directory and how they would run")
+    m.add_argument("--json", action="store_true", help="one JSON list instead of lines")
+    m.set_defaults(func=cmd_models)
     return p
 
 

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     max_inflight_per_worker: int = Field(2, ge=1)
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
     model_retry_s: float = Field(30.0, gt=0, description="a model that failed to load is tried again after this")
+    providers: str = Field("", description="onnxruntime providers, best first, e.g. 'cuda,cpu' or "
+                           "'tensorrt,cuda,cpu' (TensorRT only when named); empty: CUDA when a device "
+                           "really exists, else CPU")
+    crop: str = Field("", pattern="^(|wav2lip|aligned)$",
+                      description="crop recipe for every model: 'wav2lip' (detector box + bottom pad, "
+                      "as Wav2Lip was trained) or 'aligned' (similarity-aligned canonical crop); empty: "
+                      "the model's `lipsync.crop` metadata, else wav2lip for S=96 and aligned otherwise")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
                                "0: onnxruntime's default (every core). Set it when several CPU workers share a node")
 

@@ -50,6 +50,7 @@ class JobPlan(BaseModel):
     loop: str
     model: str
     model_size: int
+    crop: str = "aligned"  # crop recipe: "aligned" or "wav2lip" (cluster.faces.align)
     batch_size: int
     chunks: list[Chunk]
     output_path: str
@@ -166,12 +167,15 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         from cluster.models import load_model
 
         model_size = load_model(model, s).size
+    from cluster.models import crop_for_spec
+
+    crop = crop_for_spec(model, request.crop, s)
     return JobPlan(
         job_id=job_id, job_dir=str(jd), audio_path=request.audio, audio_duration=len(wav) / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
-        loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
+        loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
         output_path=request.output or str(jd / "output.mp4"),
     )
 
@@ -194,7 +198,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     is written under a unique temporary name and renamed into place only when complete, so a
     killed attempt never leaves a segment that looks finished.
     """
-    from cluster.faces.align import alignment_matrices, cut_crops, paste_back
+    from cluster.faces.align import crop_matrices, cut_crops, paste_back
     from cluster.faces.track import FaceTrack
     from cluster.media.decode import TemplateReader
     from cluster.media.encode import SegmentEncoder
@@ -217,10 +221,12 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 b1 = min(b0 + plan.batch_size, chunk.stop)
                 idx = template_indices(b0, b1, plan.template_frames, plan.loop)
                 frames = reader.read(idx)
-                matrices = alignment_matrices(track.landmarks[idx], size)
+                matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
+                                         (plan.width, plan.height))
                 crops = cut_crops(frames, matrices, size)
                 generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
+                                         recipe=plan.crop))
                 if progress is not None:
                     progress(b1 - b0)
             written = encoder.close()

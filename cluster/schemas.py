@@ -105,6 +105,7 @@ class RenderRequest(BaseModel):
     video: str | None = None
     avatar_id: str | None = None
     model: str | None = None          # None: the settings' default
+    crop: Literal["wav2lip", "aligned"] | None = None  # None: LIPSYNC_CROP, else the model's own recipe
     loop: LoopMode = "pingpong"
     chunk_seconds: float | None = None
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root

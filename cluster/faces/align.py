@@ -1,4 +1,13 @@
-"""Aligned face crops and paste-back.
+"""Face crops and paste-back, per crop recipe.
+
+Two recipes (`CROP_RECIPES`), both expressed as one affine matrix per frame (frame -> crop), so
+cutting and pasting are the same code:
+- `aligned`: `alignment_matrices`, the similarity transform onto the canonical 5 points (the
+  built-in model's geometry); paste mask `canonical.LOWER_FACE_MASK`;
+- `wav2lip`: `box_matrices` of `wav2lip_boxes`, the face track's detector box (smoothed over
+  time) with the bottom pad, stretched to S x S as Wav2Lip's inference did; paste mask
+  `canonical.WAV2LIP_LOWER_FACE_MASK` (mouth and jaw, in the regenerated lower half).
+`crop_matrices` picks by recipe.
 
 `alignment_matrices` gives, per frame, the similarity transform (frame -> crop) that puts the
 5 landmarks onto `canonical.canonical_points(S)` (least-squares closed form, deterministic).
@@ -27,6 +36,44 @@ from cluster.faces import canonical
 _BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
 _DETAIL_LOW, _DETAIL_HIGH = 3.0, 15.0  # |generated - original| (levels): keep frame detail below, none above
 _STD_RATIO_LIMITS = (0.8, 1.25)
+CROP_RECIPES = ("wav2lip", "aligned")
+_MASKS = {"aligned": canonical.LOWER_FACE_MASK, "wav2lip": canonical.WAV2LIP_LOWER_FACE_MASK}
+
+
+def wav2lip_boxes(boxes: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Detector boxes [n,4] (x1,y1,x2,y2) padded by `canonical.WAV2LIP_PADS` and clipped to the
+    frame (w, h), as Wav2Lip's inference did: float64 [n,4]."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    top, bottom, left, right = canonical.WAV2LIP_PADS
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    fw, fh = frame_size
+    out = np.stack([b[:, 0] - left * w, b[:, 1] - top * h, b[:, 2] + right * w, b[:, 3] + bottom * h], axis=1)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, fw)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, fh)
+    return out
+
+
+def box_matrices(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Axis-aligned transforms frame -> crop [n,2,3] float32 mapping each box [n,4] onto the
+    S x S crop (pixel edges onto edges: x1 -> -0.5, x2 -> S - 0.5, as cv2.resize of the box)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sx = size / np.maximum(b[:, 2] - b[:, 0], 1e-6)
+    sy = size / np.maximum(b[:, 3] - b[:, 1], 1e-6)
+    m = np.zeros((len(b), 2, 3), dtype=np.float64)
+    m[:, 0, 0], m[:, 0, 2] = sx, -0.5 - (b[:, 0] - 0.5) * sx
+    m[:, 1, 1], m[:, 1, 2] = sy, -0.5 - (b[:, 1] - 0.5) * sy
+    return m.astype(np.float32)
+
+
+def crop_matrices(landmarks: np.ndarray, boxes: np.ndarray, size: int, recipe: str,
+                  frame_size: tuple[int, int]) -> np.ndarray:
+    """Frame -> crop matrices [n,2,3] for the crop `recipe` from a face track's landmarks [n,5,2]
+    and boxes [n,4] (frame_size (w, h) clips the wav2lip box)."""
+    if recipe == "aligned":
+        return alignment_matrices(landmarks, size)
+    if recipe == "wav2lip":
+        return box_matrices(wav2lip_boxes(boxes, frame_size), size)
+    raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
 
 
 def alignment_matrices(landmarks: np.ndarray, size: int) -> np.ndarray:
@@ -114,8 +161,8 @@ def _smootherstep(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _paste_mask_cached(size: int) -> np.ndarray:
-    cx, cy, rx, ry = canonical.LOWER_FACE_MASK
+def _paste_mask_cached(size: int, recipe: str = "aligned") -> np.ndarray:
+    cx, cy, rx, ry = _MASKS[recipe]
     feather = canonical.MASK_FEATHER
     c = (np.arange(size, dtype=np.float64) + 0.5) / size
     x, y = np.meshgrid(c, c)
@@ -134,9 +181,12 @@ def _paste_mask_cached(size: int) -> np.ndarray:
     return out
 
 
-def paste_mask(size: int) -> np.ndarray:
-    """The feathered lower-face mask [S,S] float32 in crop space: 1 inside LOWER_FACE_MASK, smooth fall to 0."""
-    return _paste_mask_cached(int(size)).copy()
+def paste_mask(size: int, recipe: str = "aligned") -> np.ndarray:
+    """The feathered lower-face mask [S,S] float32 in crop space of `recipe`: 1 inside its
+    lower-face ellipse, smooth fall to 0."""
+    if recipe not in _MASKS:
+        raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
+    return _paste_mask_cached(int(size), recipe).copy()
 
 
 def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray) -> np.ndarray:
@@ -152,8 +202,9 @@ def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray)
 
 
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
-               original_crops: np.ndarray | None = None) -> np.ndarray:
-    """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask.
+               original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
+    """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask
+    of the crop `recipe` (the matrices must be that recipe's).
 
     `original_crops` are the crops the model was given (as cut by `cut_crops`); when None they
     are cut here. Returns new frames; pixels outside the mask are the input's, bit for bit.
@@ -164,7 +215,9 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         raise ValueError(f"generated crops must be [{n},{size},{size},3], got {generated.shape}")
     if original_crops is None:
         original_crops = cut_crops(frames, matrices, size)
-    mask = _paste_mask_cached(int(size))
+    if recipe not in _MASKS:
+        raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
+    mask = _paste_mask_cached(int(size), recipe)
     ring = (mask > 0) & (mask < 1)
     rows, cols = np.nonzero(mask)
     crop_rect = (cols.min() - 1.0, rows.min() - 1.0, cols.max() + 1.0, rows.max() + 1.0)

@@ -34,3 +34,17 @@ MASK_FEATHER: float = 0.06
 def canonical_points(size: int) -> np.ndarray:
     """CANONICAL_5PTS in pixel coordinates of an S x S crop."""
     return CANONICAL_5PTS * float(size)
+
+
+# --- the `wav2lip` crop recipe ------------------------------------------------------------------
+# Wav2Lip-96-family models were trained on axis-aligned face-detector boxes padded at the bottom
+# (pads top/bottom/left/right = 0/10/0/0 px in the original inference, on faces of about 100 px),
+# resized to S x S without keeping the aspect ratio. Pads here are fractions of the box height /
+# width, so the recipe does not depend on the resolution.
+WAV2LIP_PADS: tuple[float, float, float, float] = (0.0, 0.10, 0.0, 0.0)
+"""top, bottom (fractions of the box height), left, right (of the width)."""
+WAV2LIP_SMOOTH_FRAMES = 5
+"""The original inference averaged each box with the next 4; our face track is smoothed instead."""
+# In that crop (MTCNN box + 10 % bottom pad) the mouth lies at about y = 0.65, the chin near 0.9:
+# the paste mask covers mouth and jaw, entirely in the lower half the model regenerates.
+WAV2LIP_LOWER_FACE_MASK: tuple[float, float, float, float] = (0.5, 0.72, 0.36, 0.16)

@@ -293,6 +293,7 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
                               producer_name="lipsync-cluster", producer_version=str(GENERATOR_VERSION),
                               doc_string="Procedural lip-sync model (mel energy -> mouth warp); Wav2Lip contract.")
     model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"lipsync.crop": "aligned"})  # built on the canonical geometry
     onnx.checker.check_model(model, full_check=True)
     return model
 
