@@ -579,3 +579,25 @@ def test_lipsync_models_lists_the_model_directory(tmp_path):
     assert "S=96" in w96 and "crop=wav2lip (default for S=96)" in w96 and f"device={expected_device}" in w96
     assert "cannot load" in next(ln for ln in lines if "broken.onnx" in ln)
     assert not any("builtin-s" in ln for ln in lines)  # generated built-in files are not listed
+
+
+def test_a_96_export_renders_with_the_wav2lip_crop(tmp_path, astronaut_video, speech_wav):
+    """End to end with an identity-contract S=96 export: the job's plan takes the model's crop
+    (wav2lip), a job may ask for the other, and the rendered video is the template."""
+    from cluster.render import admit, prepare_job, render_local
+    from cluster.schemas import RenderRequest
+    from tests.helpers import decode_all
+
+    from cluster.config import get_settings
+
+    s = get_settings()  # the session's storage: the avatar is prepared once for every test
+    identity = channel_picker(tmp_path / "identity96.onnx", 96, 3)
+    model = LipSyncModel.load(identity, providers=CPU_ONLY)
+    req = RenderRequest(audio=speech_wav, video=astronaut_video, model=identity, output=str(tmp_path / "out.mp4"))
+    plan = prepare_job("j1", admit("j1", req, s), s, model_size=96)
+    assert plan.crop == "wav2lip"
+    assert prepare_job("j2", admit("j2", req.model_copy(update={"crop": "aligned"}), s), s, model_size=96).crop == "aligned"
+    render_local(req, s, model=model)
+    out, template = decode_all(str(tmp_path / "out.mp4")), decode_all(astronaut_video)
+    k = min(len(template), len(out))
+    assert np.abs(out[:k].astype(int) - template[:k]).mean() < 2.0
