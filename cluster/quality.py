@@ -200,3 +200,58 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
             continue
         ratios.append(max(float(grad[b].mean()) for b in bands) / face_mean)
     return float(np.mean(ratios)) if ratios else math.nan
+
+
+# --- jaw and lip detail (issue 10) ---------------------------------------------------------------
+LIPS_BOX: tuple[float, float, float, float] = (0.36, 0.67, 0.64, 0.78)
+"""The lips in the canonical crop (x0, y0, x1, y1, normalised): where sharpness is measured."""
+CHIN_BOX: tuple[float, float, float, float] = (0.40, 0.79, 0.60, 0.87)
+"""Below the lower lip, above the chin's edge: moves only when the jaw opens."""
+
+
+def _frame_box(matrix: np.ndarray, box: tuple[float, float, float, float], size: int,
+               frame_shape) -> tuple[int, int, int, int] | None:
+    """The frame-pixel bounding box (x0, y0, x1, y1), clipped, of a normalised crop box."""
+    x0, y0, x1, y1 = (v * size for v in box)
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    pts = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]]) @ inv[:, :2].T + inv[:, 2]
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    a0, b0 = max(int(np.floor(pts[:, 0].min())), 0), max(int(np.floor(pts[:, 1].min())), 0)
+    a1, b1 = min(int(np.ceil(pts[:, 0].max())), w), min(int(np.ceil(pts[:, 1].max())), h)
+    return (a0, b0, a1, b1) if a1 - a0 >= 3 and b1 - b0 >= 3 else None
+
+
+def chin_motion(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                size: int) -> np.ndarray:
+    """Mean absolute change (levels) between output and template in `CHIN_BOX` per frame:
+    float64 [n] (NaN where the box is outside the frame). A jaw that opens moves the chin."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    result = np.full(out.shape[0], np.nan)
+    for i in range(out.shape[0]):
+        b = _frame_box(matrices[i], CHIN_BOX, size, out.shape[1:3])
+        if b is not None:
+            x0, y0, x1, y1 = b
+            result[i] = float(np.abs(out[i, y0:y1, x0:x1].astype(np.float32) - tmpl[i, y0:y1, x0:x1]).mean())
+    return result
+
+
+def lip_sharpness(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray:
+    """Variance of the Laplacian of the grey image over `LIPS_BOX`, per frame: float64 [n].
+    Divide the output's by the template's to see whether the lips lost detail."""
+    frames, matrices = _check(frames, matrices, "frames")
+    result = np.full(frames.shape[0], np.nan)
+    for i in range(frames.shape[0]):
+        b = _frame_box(matrices[i], LIPS_BOX, size, frames.shape[1:3])
+        if b is not None:
+            x0, y0, x1, y1 = b
+            grey = cv2.cvtColor(np.ascontiguousarray(frames[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+            result[i] = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return result
+
+
+def loudest(energy: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """Boolean mask of the loudest `fraction` of frames."""
+    energy = np.asarray(energy, dtype=np.float64)
+    k = max(1, int(round(fraction * energy.size)))
+    return energy >= np.sort(energy)[-k]
