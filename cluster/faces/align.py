@@ -17,11 +17,14 @@ inside the feathered lower-face mask (`paste_mask`), touching only the mask's bo
 Paste-back details:
 - colour match: the generated crop's per-channel mean/std in the mask's feather ring is matched
   to the original crop's there (model colour drift would otherwise show as a seam);
-- detail keep: where the generated crop equals the original crop (after colour matching), the
-  frame's own pixels are kept (`generated + (frame - warped original)`), so unchanged regions do
-  not lose resolution through the crop -> frame resampling; where the model changed the content
-  the generated pixels are used. A generated crop identical to the original pastes back to the
-  original frame;
+- detail keep: where the generated crop is the original crop moved (a warp: lips and jaw that
+  moved) or unchanged, the frame's own high frequencies are kept, moved the same way at the
+  frame's resolution: the motion is estimated as a dense optical flow (DIS) from the generated
+  crop to the original one, and the frame's detail layer (frame minus the original crop brought
+  back to the frame) is resampled along it (`generated + (moved frame - moved original)`). So the
+  lips keep their sharpness while they move, even when the crop is much smaller than the face.
+  Where the model made new content (an open mouth's inside) the generated pixels are used. A
+  generated crop identical to the original pastes back to the original frame exactly (no flow);
 - pixels outside the mask (weight 0) are bit-identical to the input frame.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cluster.faces import canonical
 _BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
 _DETAIL_LOW, _DETAIL_HIGH = 3.0, 15.0  # |generated - original| (levels): keep frame detail below, none above
 _STD_RATIO_LIMITS = (0.8, 1.25)
+_FLOW_MIN_CHANGE = 1.0  # |generated - original| (levels) below which a pixel did not change (no flow)
 CROP_RECIPES = ("wav2lip", "aligned")
 _MASKS = {"aligned": canonical.LOWER_FACE_MASK, "wav2lip": canonical.WAV2LIP_LOWER_FACE_MASK}
 
@@ -201,6 +205,45 @@ def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray)
     return ((generated - mg) * ratio + mo).astype(np.float32)
 
 
+_DIS = None
+
+
+def _motion(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), kept
+    only near pixels the model changed (inside the paste mask); None when nothing changed."""
+    global _DIS
+    changed = (np.abs(generated.astype(np.int16) - original).max(axis=2) > _FLOW_MIN_CHANGE) & (mask > 0)
+    if not changed.any():
+        return None
+    if _DIS is None:
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    g = cv2.cvtColor(np.ascontiguousarray(generated), cv2.COLOR_BGR2GRAY)
+    o = cv2.cvtColor(np.ascontiguousarray(original), cv2.COLOR_BGR2GRAY)
+    flow = _DIS.calc(g, o, None)
+    size = generated.shape[0]
+    near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
+    return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
+
+
+def _remap_by(img: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """img sampled at x + flow(x) (bilinear, border replicated)."""
+    h, w = flow.shape[:2]
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return cv2.remap(img, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """The frame region at (x0, y0) of flow_roi's size, each pixel p sampled at p + A^-1 flow(p),
+    where flow_roi is a crop-pixel flow brought to the region and A the matrix's linear part:
+    the crop's motion at the frame's resolution. float32."""
+    h, w = flow_roi.shape[:2]
+    a_inv = np.linalg.inv(m[:, :2]).astype(np.float32)
+    d = flow_roi @ a_inv.T
+    gx, gy = np.meshgrid(np.arange(x0, x0 + w, dtype=np.float32), np.arange(y0, y0 + h, dtype=np.float32))
+    return cv2.remap(frame, gx + d[..., 0], gy + d[..., 1], cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+
+
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
                original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
     """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask
@@ -238,12 +281,18 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
 
         orig = original_crops[i].astype(np.float32)
         gen = _match_colour(generated[i].astype(np.float32), orig, ring)
-        change = cv2.GaussianBlur(np.abs(gen - orig).max(axis=2), (0, 0), blur_sigma)
+        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
+        flow = _motion(generated[i], original_crops[i], mask)
+        if flow is None:  # nothing moved: the frame's detail stays where it is
+            moved_orig, moved_roi = orig, roi
+        else:
+            moved_orig = _remap_by(orig, flow)
+            moved_roi = _remap_frame(frames[i], back(flow, cv2.BORDER_CONSTANT), m, x0, y0)
+        change = cv2.GaussianBlur(np.abs(gen - moved_orig).max(axis=2), (0, 0), blur_sigma)
         keep_detail = np.clip((_DETAIL_HIGH - change) / (_DETAIL_HIGH - _DETAIL_LOW), 0.0, 1.0).astype(np.float32)
 
         weight = back(mask, cv2.BORDER_CONSTANT)[..., None]
-        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
-        content = back(gen) + back(keep_detail)[..., None] * (roi - back(orig))
+        content = back(gen) + back(keep_detail)[..., None] * (moved_roi - back(moved_orig))
         blended = roi + weight * (content - roi)
         out[i, y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out
