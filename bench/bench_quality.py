@@ -71,6 +71,10 @@ def main() -> None:
     from cluster.plan import template_indices
     from cluster.quality import (best_lag, chin_motion, lip_sharpness, loudest, mouth_motion, pearson,
                                  psnr_outside_mask, seam_score)
+    try:  # added with issue 10's built-in model; absent when measuring an older checkout
+        from cluster.quality import lip_texture_ratio
+    except ImportError:
+        lip_texture_ratio = None
     from cluster.render import render_local
     from cluster.schemas import RenderRequest
     from cluster.synth import astronaut_template, speech_like, write_audio
@@ -122,6 +126,10 @@ def main() -> None:
               f"{pearson(chin, energy):.3f}   (targets >= 2.5x, r >= 0.5; before issue 10: 1.33x)")
         print(f"lip sharpness ratio  : loudest fifth {np.median(sharp[top]):.3f}, silent {np.median(sharp[silent]):.3f}"
               f"   (target >= 0.92 loud; before issue 10: 0.88 loud, 0.95 silent)")
+        if lip_texture_ratio is not None:
+            texture = lip_texture_ratio(output, template, matrices, model.size)
+            print(f"lip texture ratio    : loudest fifth {np.median(texture[top]):.3f}, "
+                  f"silent {np.median(texture[silent]):.3f}   (as above without the open mouth's inside)")
         print(f"throughput cold      : {n / cold:.1f} frames/s ({cold:.1f} s, avatar preparation included)")
         print(f"throughput warm      : {n / warm:.1f} frames/s ({warm:.1f} s, cached avatar)")
 

@@ -181,8 +181,7 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
     The ring (the feather, plus 2 px on either side) is cut into 1-pixel bands that follow the
     mask's edge; a frame's value is that of its band with the highest median gradient: a seam runs
     along a band and raises most of its pixels, while the content's own edges (a jaw line, a
-    collar) cross the bands and raise few, so the median sees the seam and not the content. Natural content gives about 1
-    (slightly above, as the maximum over bands); a hard pasted edge of a few tens of levels gives
+    collar) cross the bands and raise few, so the median sees the seam and not the content. Natural content gives about 0.5-1; a hard pasted edge of a few tens of levels gives
     several times more. Edges elsewhere (e.g. a pasted crop rectangle far outside the mask) are
     not measured. NaN when no frame has a ring and a face inside the frame.
     """

@@ -287,8 +287,9 @@ def real_crop(size: int) -> np.ndarray:
 
 
 def region_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inside MOUTH_REGION, outside it) at pixel centres of an S x S crop."""
-    cx, cy, rx, ry = canonical.MOUTH_REGION
+    """(inside JAW_REGION, outside it) at pixel centres of an S x S crop: the region the
+    built-in model may change."""
+    cx, cy, rx, ry = canonical.JAW_REGION
     c = (np.arange(size) + 0.5) / size
     x, y = np.meshgrid(c, c)
     rho2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
@@ -356,7 +357,7 @@ def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin
     change = diff.max(axis=3)[:, inside].mean(axis=1)
     assert np.all(np.diff(change) > 0), change
     assert change[0] < 0.5  # a -60 dBFS murmur barely moves the mouth
-    assert not diff[:, outside].any()  # nothing outside MOUTH_REGION changes, bit for bit
+    assert not diff[:, outside].any()  # nothing outside JAW_REGION changes, bit for bit
     # the loud vowel opens a dark gap several pixels high at the mouth centre
     mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
     column = out[-1, :, mx - 3:mx + 4].astype(np.int16).mean(axis=(1, 2))
@@ -364,6 +365,40 @@ def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin
     darker_rows = np.flatnonzero(reference - column > 40)
     assert darker_rows.size >= 6, darker_rows
     assert abs(darker_rows.mean() - my) < 0.08 * size  # ... between the lips
+
+
+def test_builtin_jaw_drops_and_the_mouth_darkens_towards_the_back(builtin256):
+    """At full opening the chin moves down with the lower lip (by about JAW_DROP * S), and the
+    inside of the mouth is darkest under the upper teeth, lighter towards the lower lip."""
+    size = builtin256.size
+    crop = real_crop(size)
+    out = builtin256.generate(mel_window(vowel(VOWEL_A, -18)), crop[None])[0]
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    grey = lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, mx - 4:mx + 5].astype(np.float64).mean(axis=1)  # noqa: E731
+    g_out, g_ref = grey(out), grey(crop)
+    # the chin (rows 0.80-0.88 of S): the best vertical shift of the template onto the output
+    rows = np.arange(int(0.80 * size), int(0.88 * size))
+    errors = {d: np.abs(g_out[rows] - g_ref[rows - d]).mean() for d in range(0, 16)}
+    drop = min(errors, key=errors.get)
+    assert abs(drop - builtin_mod.JAW_DROP * size) <= 3 and errors[drop] < 0.5 * errors[0], (drop, errors)
+    # the gap: darker than the template, darkest in its upper half
+    gap = np.flatnonzero(g_ref - g_out > 40)
+    assert gap.size >= 6 and gap.min() >= my - 2
+    upper, lower = g_out[gap[: gap.size // 2]].mean(), g_out[gap[gap.size // 2:]].mean()
+    assert upper < lower - 5, (upper, lower)
+
+
+def test_builtin_bright_vowels_spread_the_lips(builtin256):
+    size = builtin256.size
+    crop = real_crop(size)
+    centres = builtin_mod.mel_bin_centres()
+    mels = np.full((2, 1, 80, 16), -4.0, np.float32)
+    mels[:, :, (centres >= 300) & (centres < 3000)] = 0.5  # loud, flat from 300 Hz up: tilt 0
+    mels[1, :, (centres >= 300) & (centres < 1000)] = 1.5  # more low energy: tilt ~1, /a/-like: neutral
+    out = builtin256.generate(mels, np.stack([crop, crop])).astype(np.int16)
+    dark = (crop.astype(np.int16) - out).min(axis=3) > 40
+    widths = [np.flatnonzero(d.any(axis=0)).size for d in dark]
+    assert widths[0] > widths[1], widths  # the bright spectrum opens wider (spread lips)
 
 
 def test_builtin_reads_the_frames_own_columns(builtin256):
