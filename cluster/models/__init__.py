@@ -40,13 +40,14 @@ def resolve_model_path(spec: str, settings: Settings) -> str:
 
 
 def load_model(spec: str | None = None, settings: Settings | None = None,
-               providers: list | None = None) -> LipSyncModel:
+               providers: list | None = None, pad_batch: int | None = None) -> LipSyncModel:
     """Load the model named by `spec` (default `settings.model`): "builtin" (the built-in
     procedural model at S=256; "builtin:96" / "builtin:384" for other sizes, generated and
     cached under the storage root) or a path to a Wav2Lip-class .onnx file.
 
     `providers` default: `select_providers(settings=...)`. On a GPU provider every batch is
-    padded to `settings.batch_size` (one shape: no engine rebuild, no arena growth).
+    padded to `pad_batch` (default `settings.batch_size`): one shape, so no engine rebuild and
+    no arena growth.
     Raises ModelLoadError naming the path when the file is missing or unreadable, and
     ModelContractError when the model does not fit the contract.
     """
@@ -55,7 +56,7 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     path = resolve_model_path(spec, s)
     providers = list(providers) if providers is not None else select_providers(settings=s)
     return LipSyncModel.load(path, providers=providers, threads=s.model_threads,
-                             pad_batch=s.batch_size if uses_gpu(providers) else None)
+                             pad_batch=(pad_batch or s.batch_size) if uses_gpu(providers) else None)
 
 
 def crop_recipe(model: LipSyncModel, override: str | None = None, settings: Settings | None = None) -> str:
@@ -128,8 +129,10 @@ def load_model_on_devices(spec: str, settings: Settings, gpu_ids: Sequence | Non
     first = select_providers(gpu_ids, settings, facts, device_index=0)
     if not uses_gpu(first) or not gpu_ids or len(gpu_ids) < 2:
         return load_model(spec, settings, providers=first)
-    replicas = [load_model(spec, settings, providers=select_providers(gpu_ids, settings, facts, device_index=k))
-                for k in range(len(device_ordinals(gpu_ids)))]
+    k = len(device_ordinals(gpu_ids))
+    share = -(-settings.batch_size // k)  # ReplicatedModel gives each replica at most this many
+    replicas = [load_model(spec, settings, providers=select_providers(gpu_ids, settings, facts, device_index=i),
+                           pad_batch=share) for i in range(k)]
     return ReplicatedModel(replicas)
 
 
