@@ -19,23 +19,27 @@ What the graph computes, per batch item:
    smoothstep((E - OPEN_FLOOR) / (OPEN_FULL - OPEN_FLOOR)), clipped to [0, 1]: exactly 0 for
    silence (E = -4) and for a noise floor below about -55 dBFS; fully open for a voiced vowel at
    about -20 dBFS RMS.
-3. **Lip rounding.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
-   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/, /e/, /i/. Rounding =
-   smoothstep of that difference (same units), gated by the opening (0 when the mouth is shut).
+3. **Lip shape.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
+   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
+   by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
+   = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
+   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel).
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
-   crop with a grid = identity + opening * D_open + rounding * D_round, where the constant
-   fields are computed here with numpy from `cluster.faces.canonical`: D_open lowers the lower
-   lip and jaw by up to `JAW_DROP` (of S) and lifts the upper lip by up to `LIP_LIFT`, with a
-   lens-shaped profile between the mouth corners and a smooth falloff to zero inside
-   `MOUTH_REGION`; the source rows are clamped at the lip line so the opened gap stretches the
-   lip line instead of repeating a lip. D_round pulls the mouth horizontally towards its centre;
-   D_open is read (with a one-channel GridSample) at the narrowed columns, so a rounded mouth
-   also opens narrower.
-5. **Inner-mouth shading.** Pixels in the opened gap are darkened (towards a dark red) in
-   proportion to how far inside the gap they lie, so the edges are soft and the shading vanishes
-   with the opening.
+   crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
+   D_round, where the constant fields are computed here with numpy from
+   `cluster.faces.canonical`: D_open lifts the upper lip by up to `LIP_LIFT` (of S) and drops
+   the lower lip by up to `JAW_DROP` with a lens-shaped profile between the mouth corners that
+   turns, below the lip, into a rigid jaw drop: lower lip and chin move down together, and the
+   motion falls off in the neck under the chin (which is compressed, never folded) and towards
+   the cheeks, all inside `canonical.JAW_REGION`. The source rows are clamped at the lip line
+   so the opened gap stretches the lip line instead of repeating a lip. D_round pulls the mouth
+   horizontally towards its centre (negative multiples widen it); D_open is read (with a
+   one-channel GridSample) at the narrowed columns, so a rounded mouth also opens narrower.
+5. **Inside of the mouth.** The opened gap is filled with a mouth interior, faded in over
+   `SHADE_SOFT` from the lower lip: tongue-red near the lower lip, darkening towards the back
+   (the deepest part of the gap, under the upper teeth, which stay where they were).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
-   `MOUTH_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
+   `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
 
 The graph is deterministic, has no trained weights, and runs a batch of 16 crops of 256 px in a
