@@ -205,8 +205,8 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
 # --- jaw and lip detail (issue 10) ---------------------------------------------------------------
 LIPS_BOX: tuple[float, float, float, float] = (0.36, 0.67, 0.64, 0.78)
 """The lips in the canonical crop (x0, y0, x1, y1, normalised): where sharpness is measured."""
-CHIN_BOX: tuple[float, float, float, float] = (0.40, 0.79, 0.60, 0.87)
-"""Below the lower lip, above the chin's edge: moves only when the jaw opens."""
+CHIN_BOX: tuple[float, float, float, float] = (0.42, 0.85, 0.58, 0.89)
+"""The chin, below the lower lip and everything a mouth-only warp touches: moves only when the jaw opens."""
 
 
 def _frame_box(matrix: np.ndarray, box: tuple[float, float, float, float], size: int,
