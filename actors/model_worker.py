@@ -46,10 +46,14 @@ class ModelWorker:
     # --- lifecycle steps ----------------------------------------------------------------------
     def init_device(self) -> None:
         """The GPUs Ray assigned to this actor and what can really run on them."""
-        from cluster.models.providers import device_facts
+        from cluster.models.providers import CPU, DeviceFacts, device_facts
 
         self.gpu_ids = list(ray.get_gpu_ids())
-        self.facts = device_facts()
+        try:
+            self.facts = device_facts()
+        except Exception as e:  # never kill __init__: without facts the worker runs on the CPU
+            log.error("model worker %s: cannot probe devices (%r); using the CPU", self.name, e)
+            self.facts = DeviceFacts(available=(CPU,))
 
     def load_model(self, spec: str):
         """`spec` on every assigned GPU (one session each), else on the CPU."""
