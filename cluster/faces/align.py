@@ -216,7 +216,7 @@ def _motion(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np
     if not changed.any():
         return None
     if _DIS is None:
-        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)  # ~2 ms per 256 px crop
     g = cv2.cvtColor(np.ascontiguousarray(generated), cv2.COLOR_BGR2GRAY)
     o = cv2.cvtColor(np.ascontiguousarray(original), cv2.COLOR_BGR2GRAY)
     flow = _DIS.calc(g, o, None)
