@@ -70,7 +70,7 @@ def test_wav2lip_sized_model_has_the_generators_parameter_count():
 
 
 def test_bench_results_section_replaces_only_its_own_part(tmp_path, monkeypatch):
-    import bench.common as common
+    from bench import common
 
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# Performance\n\nintro\n\n<!-- bench:floor -->\nold\n<!-- /bench:floor -->\n\nafter\n")
