@@ -1,0 +1,202 @@
+"""The Serve ingress's handle on the job manager: async calls by name, each with a deadline.
+
+The ingress is stateless: every call looks the named job manager up (creating it when the
+cluster has none yet) and awaits the answer under `actor_call_timeout_s`. Input bytes reach the
+manager in parts through Ray (`upload_begin` / `upload_part` / `upload_finish`) and output bytes
+come back the same way (`read_output`), so the ingress may run on any node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors import ORCHESTRATOR_NAME, task_cause
+from cluster.config import Settings
+from cluster.errors import LipsyncError, RenderError
+from cluster.schemas import JobState, JobStatus, RenderRequest
+
+log = logging.getLogger("lipsync.service")
+
+
+class ManagerUnavailable(RenderError):
+    """The job manager did not answer in time (HTTP 503)."""
+    code = "service.unavailable"
+
+
+class ManagerGateway:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self._handle = None
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _manager(self):
+        if self._handle is None:
+            try:
+                self._handle = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
+            except ValueError:
+                from actors.orchestrator import create_job_manager
+
+                self._handle = create_job_manager(self.s)
+        return self._handle
+
+    def has(self, method: str) -> bool:
+        return hasattr(self._manager(), method)
+
+    async def call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        """Await one job-manager method; typed errors come back as themselves, a manager that
+        does not answer within the deadline (restarting, overloaded) as ManagerUnavailable."""
+        timeout = timeout or self.s.actor_call_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ref = getattr(self._manager(), method).remote(*args, **kwargs)
+                return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except RayTaskError as e:
+                cause = task_cause(e)
+                if isinstance(cause, LipsyncError):
+                    raise cause from None
+                raise RenderError(f"job manager {method} failed: {cause}", cause=str(cause)[:2000]) from e
+            except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
+                self._handle = None
+                if time.monotonic() >= deadline:
+                    raise ManagerUnavailable(f"the job manager did not answer {method} within {timeout:.0f} s "
+                                             f"({type(e).__name__})", cause=str(e)[:1000]) from e
+                await asyncio.sleep(0.3)
+
+    # --- data plane -------------------------------------------------------------------------
+    async def upload(self, path: str | Path, filename: str) -> str:
+        """Send a node-local file to the manager's storage in parts; the stored input's reference.
+
+        A manager without the data-plane methods (older build) gets the path itself: then the
+        ingress must share the manager's node, and `submit` admits the file here."""
+        if not self.has("upload_begin"):
+            return str(path)
+        part = self.s.transfer_part_bytes
+        upload_id = await self.call("upload_begin", filename)
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    data = await asyncio.to_thread(f.read, part)
+                    if not data:
+                        break
+                    await self.call("upload_part", upload_id, data)
+            stored = await self.call("upload_finish", upload_id)
+        except BaseException:
+            try:
+                await self.call("upload_abort", upload_id, timeout=5)
+            except Exception as e:  # the upload is cleaned by retention anyway
+                log.warning("upload_abort %s: %r", upload_id, e)
+            raise
+        return stored.ref
+
+    async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
+        # Admission (probing) runs on the manager's node; allow it more than a plain call.
+        if not self.has("upload_begin"):  # older manager: admit here (same node), then hand over
+            from cluster.render import admit
+
+            request = await asyncio.to_thread(admit, job_id, request, self.s)
+            return await self.call("submit", job_id, request)
+        return await self.call("submit", job_id, request, timeout=max(self.s.actor_call_timeout_s,
+                                                                       self.s.probe_timeout_s * 2 + 10))
+
+    async def get(self, job_id: str) -> JobStatus:
+        return await self.call("get", job_id)
+
+    async def list_jobs(self, states: list[JobState] | None = None, limit: int = 100,
+                        offset: int = 0) -> list[JobStatus]:
+        return await self.call("list_jobs", states, limit, offset)
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        return await self.call("cancel", job_id)
+
+    async def read_output(self, job_id: str, offset: int, length: int) -> bytes:
+        if not self.has("read_output"):  # older manager: the output is on this node
+            st = await self.get(job_id)
+            if st.state != JobState.succeeded or not st.output:
+                raise RenderError(f"job {job_id} has no output ({st.state.value})", job_id=job_id)
+            return await asyncio.to_thread(_read_range, st.output, offset, length)
+        return await self.call("read_output", job_id, offset, length)
+
+    async def ready(self, timeout: float) -> dict:
+        return await self.call("ready", timeout, timeout=timeout + 5)
+
+    async def unfinished_count(self, bound: int) -> int:
+        """How many jobs are not terminal yet (counted up to `bound` + 1)."""
+        states = [s for s in JobState if not s.terminal]
+        return len(await self.list_jobs(states, bound + 1, 0))
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+# --- `lipsync serve` ---------------------------------------------------------------------------------
+def start_service(settings: Settings, host: str, port: int, *, address: str | None = None,
+                  num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False,
+                  dashboard_port: int | None = None, ray_temp_dir: str | None = None,
+                  ready_timeout_s: float = 300.0) -> dict:
+    """Start (or join) Ray, the job manager and the Serve app on host:port; the URLs, when ready."""
+    import os
+    import urllib.request
+
+    from ray import serve
+
+    from actors.runtime import Runtime, _check_reachable
+    from serve_app import build_app
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = dict(namespace=settings.namespace, log_to_driver=False)
+    try:
+        if address:
+            _check_reachable(address, settings.actor_call_timeout_s)
+            ctx = ray.init(address=address, **kwargs)
+        else:
+            ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                           _temp_dir=ray_temp_dir, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
+        raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
+    rt = Runtime(settings)
+    rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
+    serve.start(http_options={"host": host, "port": port}, detached=bool(address))
+    overrides = settings.model_dump(mode="json")
+    if settings.api_token is not None:
+        overrides["api_token"] = settings.api_token.get_secret_value()
+    serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as r:  # noqa: S310 (our own loopback URL)
+                if r.status == 200:
+                    break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RenderError(f"the service did not answer on {url} within {ready_timeout_s:.0f} s: {e}",
+                                  stage="serve") from e
+        time.sleep(0.3)
+    dash = getattr(ctx, "dashboard_url", None) or ""
+    return {"api": url, "docs": url + "/docs", "dashboard": f"http://{dash}" if dash else None,
+            "embedded": not address}
+
+
+def stop_service(embedded: bool) -> None:
+    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start)."""
+    from ray import serve
+
+    try:
+        if embedded:
+            serve.shutdown()
+        else:
+            serve.delete("lipsync")
+    except Exception as e:  # shutting down anyway
+        log.warning("serve shutdown: %r", e)
+    ray.shutdown()
