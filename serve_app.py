@@ -74,7 +74,7 @@ def http_status(err: LipsyncError) -> int:
         return 400
     if code in ("job.not_found", "avatar.not_found"):
         return 404
-    if code in ("job.conflict", "job.not_ready"):
+    if code in ("job.conflict", "job.not_ready", "job.not_succeeded"):
         return 409
     if code == "service.busy":
         return 429
@@ -84,7 +84,7 @@ def http_status(err: LipsyncError) -> int:
 
 
 def _field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
-    if err.path in values:
+    if err.path in values or err.path in ("audio", "video", "avatar_id", "file", "body", "callback_url"):
         return err.path
     for name, value in values.items():
         if value and (err.path == value or (value in err.message)):
@@ -125,7 +125,11 @@ def job_view(st: JobStatus) -> JobView:
             duration = meta.get("duration") if isinstance(meta, dict) else getattr(meta, "duration", None)
         if size is not None:
             out = OutputInfo(size=size, duration=duration, url=f"/v1/jobs/{st.id}/result")
-    timings = getattr(st, "timings", None) or getattr(st, "stage_seconds", None) or {}
+    timings = {}
+    for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
+        seconds = getattr(stage, "seconds", None)
+        if seconds is not None:
+            timings[stage.stage] = round(timings.get(stage.stage, 0.0) + seconds, 3)
     req = st.request
     sync = None
     if req is not None:
@@ -133,7 +137,7 @@ def job_view(st: JobStatus) -> JobView:
     return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
-                   timings=dict(timings), error=st.error, output=out, sync_mode=sync,
+                   timings=timings, error=st.error, output=out, sync_mode=sync,
                    batch_id=st.id.split("--", 1)[0] if "--" in st.id else None)
 
 
