@@ -139,8 +139,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from actors.service_support import start_service, stop_service
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                              dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
@@ -148,6 +146,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
         return e.exit_code
+    # Installed after Ray started: Ray's own SIGTERM handler would abort the process mid-shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
     if urls["dashboard"]:
         print(f"  dashboard: {urls['dashboard']}", flush=True)
