@@ -43,7 +43,8 @@ from cluster.schemas import (JOB_ID_PATTERN, ApiError, BatchCreate, BatchView, C
 
 log = logging.getLogger("lipsync.service")
 
-SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward"}
+SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
+                "remap": "remap"}
 STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
           JobState.finalizing: "finalize", JobState.succeeded: "done", JobState.failed: "done",
           JobState.cancelled: "done"}
@@ -133,7 +134,7 @@ def job_view(st: JobStatus) -> JobView:
     req = st.request
     sync = None
     if req is not None:
-        sync = getattr(req, "sync_mode", None) or {"pingpong": "pingpong", "forward": "loop"}.get(req.loop)
+        sync = "loop" if req.loop == "forward" else req.loop
     return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,

@@ -83,7 +83,8 @@ class MediaInfo(BaseModel):
 
 
 # --- plan --------------------------------------------------------------------------------
-LoopMode = Literal["pingpong", "forward"]
+LoopMode = Literal["pingpong", "forward", "cut_off", "silence", "remap"]
+"""`forward` is the API's sync_mode `loop`; see cluster.plan.SYNC_MODES."""
 
 
 class Chunk(BaseModel):

@@ -37,15 +37,15 @@ def expected_frames(seconds: float, fps: int = 25) -> int:
     return math.ceil(seconds * fps - 1e-6)
 
 
-def verify_mp4(path: str | Path, audio_seconds: float) -> None:
-    """A playable H.264/AAC mp4 of exactly the audio's length in frames, at 320x240."""
+def verify_mp4(path: str | Path, audio_seconds: float, frames: int | None = None) -> None:
+    """A playable H.264/AAC mp4 of exactly the audio's length in frames (or `frames`), at 320x240."""
     from cluster.media.probe import count_video_frames, read_media_info
 
     info = read_media_info(str(path))
     assert info.video is not None and info.video.codec == "h264", info
     assert info.audio is not None and info.audio.codec == "aac", info
     assert (info.video.width, info.video.height) == (320, 240)
-    assert count_video_frames(str(path)) == expected_frames(audio_seconds)
+    assert count_video_frames(str(path)) == (frames or expected_frames(audio_seconds))
     assert abs(info.audio.duration - audio_seconds) < 0.1, info.audio
 
 
@@ -375,3 +375,19 @@ def test_20_concurrent_submissions(service, svc_media, tmp_path):
         verify_mp4(out, seconds)
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 20
+
+
+def test_sync_modes_output_lengths(service, svc_media, tmp_path):
+    """Length mismatch: 1 s template (25 frames) against 1.2 s and 0.6 s audios."""
+    from cluster.client import Client
+    from cluster.synth import speech_like, write_audio
+
+    short = write_audio(str(tmp_path / "short.wav"), speech_like(0.6, seed=21))
+    cases = [("cut_off", svc_media["audio"], 25, 1.0), ("silence", short, 25, 1.0),
+             ("remap", svc_media["audio"], 30, 1.2), ("silence", svc_media["audio"], 30, 1.2)]
+    with Client(service.url, token=service.token) as c:
+        jobs = [c.submit(audio, svc_media["video"], sync_mode=mode) for mode, audio, _, _ in cases]
+        for job, (mode, _, frames, seconds) in zip(jobs, cases):
+            view = job.wait(timeout=180)
+            assert view.sync_mode == mode and view.frames_total == frames, (mode, view)
+            verify_mp4(job.download(tmp_path / f"{job.id}.mp4"), seconds, frames)
