@@ -33,21 +33,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.config import Settings
-from cluster.errors import (InputError, InputNotFound, InputTooLarge, JobNotFound, LipsyncError, UnsafeInput)
+from cluster.errors import (InputError, InputTooLarge, JobNotFound, LipsyncError)
 from cluster.netguard import download, is_url
 from cluster.pathguard import check_input_path
 from cluster.render import new_job_id
+from cluster.views import job_view, output_size
 from cluster.schemas import (JOB_ID_PATTERN, ApiError, BatchCreate, BatchView, CompatData, CompatEnvelope,
                              CompatSubmit, JobAccepted, JobCreate, JobPage, JobState, JobStatus, JobView,
-                             OutputInfo, RenderRequest)
+                             RenderRequest)
 
 log = logging.getLogger("lipsync.service")
 
 SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
                 "remap": "remap"}
-STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
-          JobState.finalizing: "finalize", JobState.succeeded: "done", JobState.failed: "done",
-          JobState.cancelled: "done"}
 _ID_RE = re.compile(JOB_ID_PATTERN)
 
 
@@ -97,49 +95,6 @@ def _error_response(status: int, code: str, message: str, field: str | None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
                         headers=headers)
-
-
-# --- job views ----------------------------------------------------------------------------------
-def output_size(st: JobStatus) -> int | None:
-    """The committed output's size in bytes, as the job status reports it (or the local file)."""
-    for name in ("output_bytes", "output_size"):
-        v = getattr(st, name, None)
-        if isinstance(v, int):
-            return v
-    meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
-    if meta is not None:
-        v = meta.get("size_bytes") if isinstance(meta, dict) else getattr(meta, "size_bytes", None)
-        if isinstance(v, int):
-            return v
-    if st.output and os.path.isfile(st.output):
-        return os.path.getsize(st.output)
-    return None
-
-
-def job_view(st: JobStatus) -> JobView:
-    out = None
-    if st.state == JobState.succeeded:
-        size = output_size(st)
-        duration = None
-        meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
-        if meta is not None:
-            duration = meta.get("duration") if isinstance(meta, dict) else getattr(meta, "duration", None)
-        if size is not None:
-            out = OutputInfo(size=size, duration=duration, url=f"/v1/jobs/{st.id}/result")
-    timings = {}
-    for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
-        seconds = getattr(stage, "seconds", None)
-        if seconds is not None:
-            timings[stage.stage] = round(timings.get(stage.stage, 0.0) + seconds, 3)
-    req = st.request
-    sync = None
-    if req is not None:
-        sync = "loop" if req.loop == "forward" else req.loop
-    return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
-                   frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
-                   chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
-                   timings=timings, error=st.error, output=out, sync_mode=sync,
-                   batch_id=st.id.split("--", 1)[0] if "--" in st.id else None)
 
 
 # --- multipart upload, streamed to disk -------------------------------------------------------
@@ -306,6 +261,23 @@ class Service:
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
                                 model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode])
         return await self.gw.submit(job_id or new_job_id(), request)
+
+    # callbacks -------------------------------------------------------------------------------------
+    async def check_callback(self, url: str | None) -> None:
+        """Refuse a callback URL the address guard would refuse at delivery (400, field callback_url)."""
+        if url is None:
+            return
+        from cluster.netguard import check_url
+
+        await asyncio.to_thread(check_url, url, allow_private=self.s.allow_private_urls, field="callback_url")
+
+    async def register_callback(self, job_id: str, url: str | None) -> None:
+        if url is None:
+            return
+        from actors.service_support import callback_notifier
+
+        ref = callback_notifier(self.s).register.remote(job_id, url)
+        await asyncio.wait_for(ref, timeout=self.s.actor_call_timeout_s)
 
     # results ------------------------------------------------------------------------------------
     async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:
@@ -525,11 +497,12 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                 except ValidationError as e:
                     raise RequestValidationError(e.errors()) from None
                 request.state.inputs = {"audio": body.audio, "video": body.video}
-            if body.crf is not None or body.callback_url is not None:
-                raise ApiProblem(422, "input.unsupported", "crf and callback_url are not supported by this server "
-                                 "yet", "crf" if body.crf is not None else "callback_url")
+            if body.crf is not None:
+                raise ApiProblem(422, "input.unsupported", "crf is not supported by this server yet", "crf")
+            await svc.check_callback(body.callback_url)
             st = await svc.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged)
+            await svc.register_callback(st.id, body.callback_url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         return JSONResponse(JobAccepted(id=st.id, state=st.state).model_dump(mode="json"), status_code=202,
@@ -595,9 +568,9 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         if len(body.audios) > settings.max_batch_jobs:
             raise ApiProblem(422, "input.invalid", f"a batch carries at most {settings.max_batch_jobs} audios "
                              f"(LIPSYNC_MAX_BATCH_JOBS), got {len(body.audios)}", "audios")
-        if body.crf is not None or body.callback_url is not None:
-            raise ApiProblem(422, "input.unsupported", "crf and callback_url are not supported by this server yet",
-                             "crf" if body.crf is not None else "callback_url")
+        if body.crf is not None:
+            raise ApiProblem(422, "input.unsupported", "crf is not supported by this server yet", "crf")
+        await svc.check_callback(body.callback_url)
         n = await gateway.unfinished_count(settings.max_queued_jobs)
         if n + len(body.audios) > settings.max_queued_jobs:
             raise QueueFull(f"the job queue cannot take {len(body.audios)} more jobs ({n} unfinished, "
@@ -609,8 +582,9 @@ def create_app(settings: Settings, gateway) -> FastAPI:
             if body.video is not None:
                 staged["video"] = await svc.stage_input(body.video, "video", tmpdir)
             for i, audio in enumerate(body.audios):
-                await svc.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id, body.sync_mode,
-                                     body.model, tmpdir, staged)
+                st = await svc.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id,
+                                          body.sync_mode, body.model, tmpdir, staged)
+                await svc.register_callback(st.id, body.callback_url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         view = await _batch(batch_id, len(body.audios))

@@ -166,6 +166,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
+    callback_notifier(settings)  # resumes pending callbacks
     serve.start(http_options={"host": host, "port": port}, detached=bool(address))
     overrides = settings.model_dump(mode="json")
     if settings.api_token is not None:
@@ -200,3 +201,94 @@ def stop_service(embedded: bool) -> None:
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
     ray.shutdown()
+
+
+# --- callbacks ---------------------------------------------------------------------------------------
+CALLBACKS_NAME = "lipsync-callbacks"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+class CallbackNotifier:
+    """Watches jobs that carry a callback_url and POSTs their final status when they end.
+
+    Delivery records live in SQLite under the storage root, so pending callbacks survive a
+    restart (created at `lipsync serve` start, it resumes them). A failing callback is retried
+    with backoff and recorded; it never touches the job."""
+
+    def __init__(self, settings: Settings) -> None:
+        from cluster.callbacks import CallbackStore
+
+        logging.basicConfig(level=logging.INFO)
+        self.s = settings
+        self.store = CallbackStore(settings.storage_root / "callbacks.sqlite3")
+        self.gw = ManagerGateway(settings)
+        self._tasks: dict[str, asyncio.Task] = {}
+        for job_id, url in self.store.pending():
+            self._watch(job_id, url)
+
+    def _watch(self, job_id: str, url: str) -> None:
+        if job_id not in self._tasks or self._tasks[job_id].done():
+            self._tasks[job_id] = asyncio.get_event_loop().create_task(self._run(job_id, url))
+
+    async def register(self, job_id: str, url: str) -> bool:
+        added = self.store.add(job_id, url)
+        if added:
+            self._watch(job_id, url)
+        return added
+
+    def record(self, job_id: str) -> dict | None:
+        return self.store.get(job_id)
+
+    async def _run(self, job_id: str, url: str) -> None:
+        from cluster.callbacks import SIGNATURE_HEADER, sign
+        from cluster.netguard import post_json
+        from cluster.views import job_view
+
+        try:
+            deadline = time.monotonic() + self.s.job_timeout_s + 60
+            while True:
+                try:
+                    st = await self.gw.get(job_id)
+                    if st.state.terminal:
+                        break
+                except LipsyncError as e:  # manager restarting: keep watching until the deadline
+                    log.warning("callback watch of %s: %s", job_id, e)
+                if time.monotonic() > deadline:
+                    self.store.attempt(job_id, "the job did not end before the callback deadline", final=True)
+                    return
+                await asyncio.sleep(1.0)
+            body = job_view(st).model_dump_json().encode()
+            headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
+            if self.s.api_token is not None:
+                headers[SIGNATURE_HEADER] = sign(body, self.s.api_token.get_secret_value())
+            attempts = self.s.callback_attempts
+            for attempt in range(attempts):
+                error = None
+                try:
+                    status = await asyncio.to_thread(post_json, url, body, headers, timeout_s=self.s.callback_timeout_s,
+                                                     allow_private=self.s.allow_private_urls)
+                    if not 200 <= status < 300:
+                        error = f"HTTP {status}"
+                except LipsyncError as e:
+                    error = f"{e.code}: {e.message}"
+                final = error is None or attempt == attempts - 1
+                self.store.attempt(job_id, error, final)
+                if error is None:
+                    log.info("callback of job %s delivered to %s", job_id, url)
+                    return
+                log.warning("callback of job %s to %s failed (attempt %d/%d): %s", job_id, url, attempt + 1,
+                            attempts, error)
+                if not final:
+                    await asyncio.sleep(min(60.0, 0.5 * 2 ** attempt))
+        except Exception as e:  # recorded, never raised into the job
+            log.exception("callback of job %s failed", job_id)
+            self.store.attempt(job_id, f"internal error: {e!r}", final=True)
+
+
+def callback_notifier(settings: Settings):
+    """The named notifier (created on first use, detached), preferring the job manager's node."""
+    try:
+        return ray.get_actor(CALLBACKS_NAME, namespace=settings.namespace)
+    except ValueError:
+        return CallbackNotifier.options(name=CALLBACKS_NAME, namespace=settings.namespace, lifetime="detached",
+                                        get_if_exists=True).remote(settings)

@@ -204,6 +204,9 @@ def test_guards_refuse(service, svc_media, tmp_path):
         assert "non-public" in refused("http://169.254.169.254/latest/meta-data")  # metadata
         assert "non-public" in refused("http://[::1]/a.wav")
         refused("file:///etc/passwd")
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
+                                        "callback_url": "http://169.254.169.254/hook"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "callback_url"
         # oversize upload (the service's limit is 4 MiB), refused while streaming
         big = tmp_path / "big.wav"
         big.write_bytes(b"\0" * (5 * 1024**2))
