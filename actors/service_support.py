@@ -209,7 +209,8 @@ CALLBACKS_NAME = "lipsync-callbacks"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class CallbackNotifier:
-    """Watches jobs that carry a callback_url and POSTs their final status when they end.
+    """Watches jobs that carry a callback_url and POSTs their final status when they end; runs
+    the retention sweeps (`LIPSYNC_RETENTION_DAYS`).
 
     Delivery records live in SQLite under the storage root, so pending callbacks survive a
     restart (created at `lipsync serve` start, it resumes them). A failing callback is retried
@@ -225,6 +226,22 @@ class CallbackNotifier:
         self._tasks: dict[str, asyncio.Task] = {}
         for job_id, url in self.store.pending():
             self._watch(job_id, url)
+        if settings.retention_days > 0:
+            self._retention = asyncio.get_event_loop().create_task(self._retain())
+
+    async def _retain(self) -> None:
+        """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""
+        from cluster.jobstore import JobStore
+        from cluster.retention import sweep
+
+        store = JobStore(self.s.db_path)
+        period = min(3600.0, self.s.retention_days * 86400 / 10)
+        while True:
+            try:
+                await asyncio.to_thread(sweep, self.s, store)
+            except Exception:  # logged; the next sweep tries again
+                log.exception("retention sweep failed")
+            await asyncio.sleep(period)
 
     def _watch(self, job_id: str, url: str) -> None:
         if job_id not in self._tasks or self._tasks[job_id].done():
