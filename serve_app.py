@@ -247,7 +247,7 @@ class Service:
 
     async def create_job(self, job_id: str | None, audio: str | Path, video: str | Path | None,
                          avatar_id: str | None, sync_mode: str, model: str | None, tmpdir: Path,
-                         staged: dict[str, str] | None = None) -> JobStatus:
+                         staged: dict[str, str] | None = None, crf: int | None = None) -> JobStatus:
         if sync_mode not in SYNC_TO_LOOP:
             raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
@@ -259,7 +259,7 @@ class Service:
         if video is not None and "video" not in staged:
             staged["video"] = await self.stage_input(str(video), "video", tmpdir)
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
-                                model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode])
+                                model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf)
         return await self.gw.submit(job_id or new_job_id(), request)
 
     # callbacks -------------------------------------------------------------------------------------
@@ -497,11 +497,9 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                 except ValidationError as e:
                     raise RequestValidationError(e.errors()) from None
                 request.state.inputs = {"audio": body.audio, "video": body.video}
-            if body.crf is not None:
-                raise ApiProblem(422, "input.unsupported", "crf is not supported by this server yet", "crf")
             await svc.check_callback(body.callback_url)
             st = await svc.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
-                                      tmpdir, staged)
+                                      tmpdir, staged, crf=body.crf)
             await svc.register_callback(st.id, body.callback_url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -568,8 +566,6 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         if len(body.audios) > settings.max_batch_jobs:
             raise ApiProblem(422, "input.invalid", f"a batch carries at most {settings.max_batch_jobs} audios "
                              f"(LIPSYNC_MAX_BATCH_JOBS), got {len(body.audios)}", "audios")
-        if body.crf is not None:
-            raise ApiProblem(422, "input.unsupported", "crf is not supported by this server yet", "crf")
         await svc.check_callback(body.callback_url)
         n = await gateway.unfinished_count(settings.max_queued_jobs)
         if n + len(body.audios) > settings.max_queued_jobs:
@@ -583,7 +579,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                 staged["video"] = await svc.stage_input(body.video, "video", tmpdir)
             for i, audio in enumerate(body.audios):
                 st = await svc.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id,
-                                          body.sync_mode, body.model, tmpdir, staged)
+                                          body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
                 await svc.register_callback(st.id, body.callback_url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -192,7 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     def run() -> int:
         with _client(args) as c:
             job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
-                           model=args.model)
+                           model=args.model, crf=args.crf, callback_url=args.callback_url)
             if not (args.wait or args.output):
                 print(job.id)
                 return 0
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--id", help="client-chosen job id (resubmission is idempotent)")
     sb.add_argument("--sync-mode", choices=["pingpong", "loop", "cut_off", "silence", "remap"])
     sb.add_argument("--model", help="'builtin' or a model name on the server")
+    sb.add_argument("--crf", type=int, help="output quality (x264 CRF 0-51; lower is better)")
+    sb.add_argument("--callback-url", help="POSTed the final status (signed) when the job ends")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end")
     sb.add_argument("-o", "--output", help="download the result here (implies --wait)")
     sb.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")

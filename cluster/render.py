@@ -53,6 +53,7 @@ class JobPlan(BaseModel):
     batch_size: int
     chunks: list[Chunk]
     output_path: str
+    crf: int | None = None  # the request's output quality; None: the settings' crf
 
     @property
     def fps(self) -> Fraction:
@@ -172,7 +173,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
-        output_path=request.output or str(jd / "output.mp4"),
+        output_path=request.output or str(jd / "output.mp4"), crf=request.crf,
     )
 
 
@@ -233,7 +234,8 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     size = plan.model_size
     try:
         with TemplateReader(plan.template_path, s) as reader, \
-                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
+                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
                 idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)

@@ -108,6 +108,7 @@ class RenderRequest(BaseModel):
     model: str | None = None          # None: the settings' default
     loop: LoopMode = "pingpong"
     chunk_seconds: float | None = None
+    crf: int | None = Field(None, ge=0, le=51)  # output quality (x264 CRF); None: the settings' crf
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
 

@@ -390,7 +390,10 @@ def test_sync_modes_output_lengths(service, svc_media, tmp_path):
              ("remap", svc_media["audio"], 30, 1.2), ("silence", svc_media["audio"], 30, 1.2)]
     with Client(service.url, token=service.token) as c:
         jobs = [c.submit(audio, svc_media["video"], sync_mode=mode) for mode, audio, _, _ in cases]
+        fine, coarse = (c.submit(svc_media["audio"], svc_media["video"], crf=crf) for crf in (12, 45))
         for job, (mode, _, frames, seconds) in zip(jobs, cases):
             view = job.wait(timeout=180)
             assert view.sync_mode == mode and view.frames_total == frames, (mode, view)
             verify_mp4(job.download(tmp_path / f"{job.id}.mp4"), seconds, frames)
+        # output quality: a lower crf gives a larger file of the same length
+        assert fine.wait(timeout=180).output.size > 1.5 * coarse.wait(timeout=180).output.size
