@@ -35,7 +35,6 @@ from pydantic import ValidationError
 from cluster.config import Settings
 from cluster.errors import (InputError, InputTooLarge, JobNotFound, LipsyncError)
 from cluster.netguard import download, is_url
-from cluster.pathguard import check_input_path
 from cluster.render import new_job_id
 from cluster.views import job_view, output_size
 from cluster.schemas import (JOB_ID_PATTERN, ApiError, BatchCreate, BatchView, CompatData, CompatEnvelope,
@@ -232,12 +231,9 @@ class Service:
         compat_upload = self.compat_upload_path(value)
         if compat_upload is not None:
             return await self.gw.upload(compat_upload, compat_upload.name)
-        if self.gw.has("upload_begin"):
-            # The manager checks the path against the input roots on its own node.
-            if not self.s.input_root_paths:
-                check_input_path(value, [], field)
-            return value
-        return check_input_path(value, self.s.input_root_paths, field)
+        # A server path: the job manager resolves it against the input roots on its own node
+        # (cluster.inputs.resolve_input_path: symlinks and '..' first, then the roots).
+        return value
 
     def resolve_model(self, model: str | None) -> str | None:
         if model is None or model.startswith("builtin"):

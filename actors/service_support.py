@@ -44,9 +44,6 @@ class ManagerGateway:
                 self._handle = create_job_manager(self.s)
         return self._handle
 
-    def has(self, method: str) -> bool:
-        return hasattr(self._manager(), method)
-
     async def call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Await one job-manager method; typed errors come back as themselves, a manager that
         does not answer within the deadline (restarting, overloaded) as ManagerUnavailable."""
@@ -70,12 +67,7 @@ class ManagerGateway:
 
     # --- data plane -------------------------------------------------------------------------
     async def upload(self, path: str | Path, filename: str) -> str:
-        """Send a node-local file to the manager's storage in parts; the stored input's reference.
-
-        A manager without the data-plane methods (older build) gets the path itself: then the
-        ingress must share the manager's node, and `submit` admits the file here."""
-        if not self.has("upload_begin"):
-            return str(path)
+        """Send a node-local file to the manager's storage in parts; the stored input's reference."""
         part = self.s.transfer_part_bytes
         upload_id = await self.call("upload_begin", filename)
         try:
@@ -96,11 +88,6 @@ class ManagerGateway:
 
     async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
         # Admission (probing) runs on the manager's node; allow it more than a plain call.
-        if not self.has("upload_begin"):  # older manager: admit here (same node), then hand over
-            from cluster.render import admit
-
-            request = await asyncio.to_thread(admit, job_id, request, self.s)
-            return await self.call("submit", job_id, request)
         return await self.call("submit", job_id, request, timeout=max(self.s.actor_call_timeout_s,
                                                                        self.s.probe_timeout_s * 2 + 10))
 
@@ -115,11 +102,6 @@ class ManagerGateway:
         return await self.call("cancel", job_id)
 
     async def read_output(self, job_id: str, offset: int, length: int) -> bytes:
-        if not self.has("read_output"):  # older manager: the output is on this node
-            st = await self.get(job_id)
-            if st.state != JobState.succeeded or not st.output:
-                raise RenderError(f"job {job_id} has no output ({st.state.value})", job_id=job_id)
-            return await asyncio.to_thread(_read_range, st.output, offset, length)
         return await self.call("read_output", job_id, offset, length)
 
     async def ready(self, timeout: float) -> dict:
@@ -130,11 +112,6 @@ class ManagerGateway:
         states = [s for s in JobState if not s.terminal]
         return len(await self.list_jobs(states, bound + 1, 0))
 
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
 
 
 # --- `lipsync serve` ---------------------------------------------------------------------------------

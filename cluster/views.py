@@ -2,8 +2,6 @@
 shared by the HTTP ingress and the callback notifier."""
 from __future__ import annotations
 
-import os
-
 from cluster.schemas import JobState, JobStatus, JobView, OutputInfo
 
 STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
@@ -12,7 +10,7 @@ STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.ren
 
 
 def output_size(st: JobStatus) -> int | None:
-    """The committed output's size in bytes, as the job status reports it (or the local file)."""
+    """The committed output's size in bytes, as the job manager reports it."""
     for name in ("output_bytes", "output_size"):
         v = getattr(st, name, None)
         if isinstance(v, int):
@@ -22,8 +20,6 @@ def output_size(st: JobStatus) -> int | None:
         v = meta.get("size_bytes") if isinstance(meta, dict) else getattr(meta, "size_bytes", None)
         if isinstance(v, int):
             return v
-    if st.output and os.path.isfile(st.output):
-        return os.path.getsize(st.output)
     return None
 
 
