@@ -33,11 +33,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.config import Settings
-from cluster.errors import (InputError, InputTooLarge, JobNotFound, LipsyncError)
+from cluster.errors import InputError, InputNotFound, InputTooLarge, JobNotFound, LipsyncError
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
 from cluster.views import job_view, output_size
-from cluster.schemas import (JOB_ID_PATTERN, ApiError, BatchCreate, BatchView, CompatData, CompatEnvelope,
+from cluster.schemas import (JOB_ID_PATTERN, ApiError, AvatarCreate, AvatarView, BatchCreate, BatchView, CompatData,
+                             CompatEnvelope,
                              CompatSubmit, JobAccepted, JobCreate, JobPage, JobState, JobStatus, JobView,
                              RenderRequest)
 
@@ -270,9 +271,9 @@ class Service:
     async def register_callback(self, job_id: str, url: str | None) -> None:
         if url is None:
             return
-        from actors.service_support import callback_notifier
+        from actors.service_support import service_sidecar
 
-        ref = callback_notifier(self.s).register.remote(job_id, url)
+        ref = service_sidecar(self.s).register.remote(job_id, url)
         await asyncio.wait_for(ref, timeout=self.s.actor_call_timeout_s)
 
     # results ------------------------------------------------------------------------------------
@@ -554,6 +555,66 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                    response_class=StreamingResponse)
     async def job_result(job_id: str, request: Request) -> Response:
         return await svc.result_response(request, job_id)
+
+    # --- avatars ------------------------------------------------------------------------------------
+    async def _sidecar(method: str, *args, timeout: float | None = None):
+        from actors.service_support import ManagerUnavailable, service_sidecar
+
+        ref = getattr(service_sidecar(settings), method).remote(*args)
+        try:
+            return await asyncio.wait_for(ref, timeout=timeout or settings.actor_call_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
+        except Exception as e:
+            from actors import task_cause
+
+            cause = task_cause(e)
+            if isinstance(cause, LipsyncError):
+                raise cause from None
+            raise
+
+    @app.post("/v1/avatars", status_code=201, response_model=AvatarView, tags=["avatars"], dependencies=auth,
+              responses=err_responses, summary="Prepare a template once (multipart `video` or JSON {video})",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": AvatarCreate.model_json_schema()},
+                  "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {
+                      "video": {"type": "string", "format": "binary"}}}}}}})
+    async def create_avatar(request: Request) -> JSONResponse:
+        tmpdir = svc.tmpdir()
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                up = Upload(tmpdir, settings.max_upload_bytes)
+                await up.read(request)
+                if "video" not in up.files:
+                    raise ApiProblem(422, "input.invalid", "multipart field 'video' (a file) is required", "video")
+                path, fname = up.files["video"]
+                ref = await gateway.upload(path, fname)
+            else:
+                try:
+                    body = AvatarCreate.model_validate_json(await request.body())
+                except ValidationError as e:
+                    raise RequestValidationError(e.errors()) from None
+                request.state.inputs = {"video": body.video}
+                ref = await svc.stage_input(body.video, "video", tmpdir)
+                if not ref.startswith("upload:"):  # a server path: stored through the manager first
+                    raise ApiProblem(422, "input.invalid", "avatars are prepared from an upload or a URL", "video")
+            summary = await _sidecar("prepare_avatar", ref, timeout=settings.chunk_timeout_s)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return JSONResponse(AvatarView(**summary).model_dump(mode="json"), status_code=201)
+
+    @app.get("/v1/avatars/{avatar_id}", response_model=AvatarView, tags=["avatars"], dependencies=auth,
+             responses=err_responses, summary="A prepared avatar")
+    async def get_avatar(avatar_id: str) -> AvatarView:
+        try:
+            return AvatarView(**await _sidecar("get_avatar", avatar_id))
+        except InputNotFound as e:
+            raise ApiProblem(404, "avatar.not_found", e.message, "avatar_id") from None
+
+    @app.get("/v1/avatars", response_model=list[AvatarView], tags=["avatars"], dependencies=auth,
+             responses=err_responses, summary="Prepared avatars")
+    async def list_avatars(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[AvatarView]:
+        return [AvatarView(**a) for a in await _sidecar("list_avatars", limit, offset)]
 
     # --- batches ------------------------------------------------------------------------------------
     @app.post("/v1/batches", status_code=202, response_model=BatchView, tags=["batches"], dependencies=auth,

@@ -143,7 +143,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
-    callback_notifier(settings)  # resumes pending callbacks
+    service_sidecar(settings)  # resumes pending callbacks
     serve.start(http_options={"host": host, "port": port}, detached=bool(address))
     overrides = settings.model_dump(mode="json")
     if settings.api_token is not None:
@@ -181,13 +181,14 @@ def stop_service(embedded: bool) -> None:
 
 
 # --- callbacks ---------------------------------------------------------------------------------------
-CALLBACKS_NAME = "lipsync-callbacks"
+SIDECAR_NAME = "lipsync-service-sidecar"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
-class CallbackNotifier:
-    """Watches jobs that carry a callback_url and POSTs their final status when they end; runs
-    the retention sweeps (`LIPSYNC_RETENTION_DAYS`).
+class ServiceSidecar:
+    """The service's helper next to the job manager (it reads the storage root): watches jobs that
+    carry a callback_url and POSTs their final status when they end; runs the retention sweeps
+    (`LIPSYNC_RETENTION_DAYS`); prepares avatars (`POST /v1/avatars`).
 
     Delivery records live in SQLite under the storage root, so pending callbacks survive a
     restart (created at `lipsync serve` start, it resumes them). A failing callback is retried
@@ -232,6 +233,34 @@ class CallbackNotifier:
 
     def record(self, job_id: str) -> dict | None:
         return self.store.get(job_id)
+
+    # avatars ---------------------------------------------------------------------------------------
+    async def prepare_avatar(self, video_ref: str) -> dict:
+        """Prepare (or find, by content hash) the avatar of an uploaded template; its summary."""
+        from cluster.faces.avatar import prepare_avatar
+        from cluster.inputs import upload_ref_path
+
+        path = upload_ref_path(video_ref, self.s)
+        avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
+        return avatar_summary(avatar)
+
+    async def get_avatar(self, avatar_id: str) -> dict:
+        from cluster.faces.avatar import load_avatar
+
+        return avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s))
+
+    async def list_avatars(self, limit: int, offset: int) -> list[dict]:
+        from cluster.faces.avatar import AVATAR_FILE, load_avatar
+
+        root = self.s.dir("avatars")
+        ids = sorted(p.parent.name for p in root.glob(f"*/{AVATAR_FILE}"))[offset:offset + limit]
+        out = []
+        for avatar_id in ids:
+            try:
+                out.append(avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s)))
+            except LipsyncError:  # incomplete or damaged: not listed
+                continue
+        return out
 
     async def _run(self, job_id: str, url: str) -> None:
         from cluster.callbacks import SIGNATURE_HEADER, sign
@@ -279,10 +308,17 @@ class CallbackNotifier:
             self.store.attempt(job_id, f"internal error: {e!r}", final=True)
 
 
-def callback_notifier(settings: Settings):
+def avatar_summary(avatar) -> dict:
+    v = avatar.info.video
+    return {"id": avatar.id, "frames": avatar.frame_count, "width": v.width if v else None,
+            "height": v.height if v else None, "fps": float(v.fps) if v else None,
+            "duration": v.duration if v else None}
+
+
+def service_sidecar(settings: Settings):
     """The named notifier (created on first use, detached), preferring the job manager's node."""
     try:
-        return ray.get_actor(CALLBACKS_NAME, namespace=settings.namespace)
+        return ray.get_actor(SIDECAR_NAME, namespace=settings.namespace)
     except ValueError:
-        return CallbackNotifier.options(name=CALLBACKS_NAME, namespace=settings.namespace, lifetime="detached",
+        return ServiceSidecar.options(name=SIDECAR_NAME, namespace=settings.namespace, lifetime="detached",
                                         get_if_exists=True).remote(settings)

@@ -229,6 +229,22 @@ class ApiError(BaseModel):
     error: ApiErrorDetail
 
 
+class AvatarView(BaseModel):
+    """A prepared template (`POST /v1/avatars`): submit jobs with `avatar_id` instead of a video."""
+    id: str
+    frames: int
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    duration: float | None = None
+
+
+class AvatarCreate(BaseModel):
+    """`POST /v1/avatars` as JSON (or multipart with a `video` file)."""
+    model_config = ConfigDict(extra="forbid")
+    video: str = Field(..., min_length=1, max_length=4096)
+
+
 class BatchCreate(JobOptions):
     """`POST /v1/batches`: many audios against one template video or avatar."""
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")

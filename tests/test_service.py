@@ -397,3 +397,39 @@ def test_sync_modes_output_lengths(service, svc_media, tmp_path):
             verify_mp4(job.download(tmp_path / f"{job.id}.mp4"), seconds, frames)
         # output quality: a lower crf gives a larger file of the same length
         assert fine.wait(timeout=180).output.size > 1.5 * coarse.wait(timeout=180).output.size
+
+
+def test_avatars_and_batches(service, svc_media, tmp_path):
+    """Prepare a template once, then a batch of audios against it, and a job by avatar_id."""
+    from cluster.client import Client
+    from cluster.synth import speech_like, write_audio
+
+    h = auth(service)
+    with httpx.Client(base_url=service.url, headers=h, timeout=120) as http:
+        with open(svc_media["video"], "rb") as v:
+            r = http.post("/v1/avatars", files={"video": ("face.mp4", v)})
+        assert r.status_code == 201, r.text
+        avatar = r.json()
+        assert avatar["frames"] == 25 and (avatar["width"], avatar["height"]) == (320, 240)
+        assert http.get(f"/v1/avatars/{avatar['id']}").json() == avatar
+        assert avatar["id"] in [a["id"] for a in http.get("/v1/avatars").json()]
+        nf = http.get("/v1/avatars/0123456789abcdef")
+        assert nf.status_code == 404 and nf.json()["error"]["code"] == "avatar.not_found"
+        audios = [write_audio(str(service.input_root / f"batch{i}.wav"), speech_like(0.8 + 0.2 * i, seed=40 + i))
+                  for i in range(3)]
+        r = http.post("/v1/batches", json={"id": "batch-1", "audios": audios, "avatar_id": avatar["id"]})
+        assert r.status_code == 202, r.text
+        batch = r.json()
+        assert batch["id"] == "batch-1" and len(batch["jobs"]) == 3
+        done = wait_until(lambda: (b := http.get("/v1/batches/batch-1").json())["state"] in ("succeeded", "failed")
+                          and b, 240, 0.5, "batch")
+        assert done["state"] == "succeeded" and done["counts"] == {"succeeded": 3} and done["progress"] == 1.0
+        for i, job in enumerate(done["jobs"]):
+            assert job["batch_id"] == "batch-1" and job["frames_total"] == expected_frames(0.8 + 0.2 * i)
+        too_many = http.post("/v1/batches", json={"audios": ["x"] * 101, "avatar_id": avatar["id"]})
+        assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "audios"
+    with Client(service.url, token=service.token) as c:
+        job = c.submit(svc_media["audio"], avatar=avatar["id"])
+        view = job.wait(timeout=180)
+        verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
+        assert view.frames_total == expected_frames(svc_media["audio_seconds"])
