@@ -549,7 +549,11 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.api_route("/v1/jobs/{job_id}/result", methods=["GET", "HEAD"], tags=["jobs"], dependencies=auth,
+    @app.head("/v1/jobs/{job_id}/result", include_in_schema=False, dependencies=auth)
+    async def job_result_head(job_id: str, request: Request) -> Response:
+        return await svc.result_response(request, job_id)
+
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"], dependencies=auth,
                    responses={**err_responses, 200: {"content": {"video/mp4": {}}}, 206: {"content": {"video/mp4": {}}}},
                    summary="The output mp4 (Range, ETag); 409 until the job has succeeded",
                    response_class=StreamingResponse)

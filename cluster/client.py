@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 
-from cluster.schemas import BatchView, JobAccepted, JobPage, JobState, JobView
+from cluster.schemas import AvatarView, BatchView, JobAccepted, JobPage, JobState, JobView
 
 RETRY_STATUS = (429, 502, 503, 504)
 
@@ -297,6 +297,21 @@ class Client(_Base):
         os.replace(part, dest)
         return dest
 
+    def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
+        """Prepare a template once (`POST /v1/avatars`; a local file is uploaded, else a URL);
+        then `submit(audio, avatar=view.id)`."""
+        if _is_local_file(video):
+            def rewind() -> dict:
+                return {"files": {"video": (Path(video).name, open(Path(video).expanduser(), "rb"))}}
+            r = self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+        else:
+            r = self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
+                             timeout=max(self.timeout, 900))
+        return AvatarView.model_validate(r.json())
+
+    def avatar(self, avatar_id: str) -> AvatarView:
+        return AvatarView.model_validate(self.request("GET", f"/v1/avatars/{avatar_id}").json())
+
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
         body = {"audios": audios, "video": video, "avatar_id": avatar, **options}
@@ -421,6 +436,16 @@ class AsyncClient(_Base):
 
     async def get(self, job_id: str) -> JobView:
         return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
+        if _is_local_file(video):
+            def rewind() -> dict:
+                return {"files": {"video": (Path(video).name, Path(video).expanduser().read_bytes())}}
+            r = await self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+        else:
+            r = await self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
+                                   timeout=max(self.timeout, 900))
+        return AvatarView.model_validate(r.json())
 
     async def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}

@@ -429,6 +429,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         too_many = http.post("/v1/batches", json={"audios": ["x"] * 101, "avatar_id": avatar["id"]})
         assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "audios"
     with Client(service.url, token=service.token) as c:
+        assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
         job = c.submit(svc_media["audio"], avatar=avatar["id"])
         view = job.wait(timeout=180)
         verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
