@@ -267,8 +267,13 @@ class Client(_Base):
                 headers["If-Range"] = etag
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
-                    if r.status_code == 416 and have and size is not None and have == size:
-                        break
+                    if r.status_code == 416 and have:  # the partial file may already be complete
+                        total = r.headers.get("content-range", "").rpartition("/")[2]
+                        if total.isdigit() and int(total) == have:
+                            size = have
+                            break
+                        part.unlink(missing_ok=True)  # longer than the result: start over
+                        continue
                     if r.status_code not in (200, 206):
                         r.read()
                         err = ApiError.from_response(r)

@@ -83,6 +83,8 @@ def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
         part.write_bytes(out.read_bytes()[:1000])
         resumed = c.download(job_id, tmp_path / "resume.mp4")
         assert resumed.read_bytes() == out.read_bytes()
+        (tmp_path / "whole.mp4.part").write_bytes(out.read_bytes())  # already complete: 416, kept
+        assert c.download(job_id, tmp_path / "whole.mp4").read_bytes() == out.read_bytes()
         listed = c.list(state="succeeded", limit=500)
         assert job_id in [j.id for j in listed.jobs]
 
