@@ -144,7 +144,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
     service_sidecar(settings)  # resumes pending callbacks
-    serve.start(http_options={"host": host, "port": port}, detached=bool(address))
+    serve.start(http_options={"host": host, "port": port})
     overrides = settings.model_dump(mode="json")
     if settings.api_token is not None:
         overrides["api_token"] = settings.api_token.get_secret_value()
