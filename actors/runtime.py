@@ -49,7 +49,7 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)  # never a stray local cluster
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""

@@ -135,7 +135,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
             _check_reachable(address, settings.actor_call_timeout_s)
             ctx = ray.init(address=address, **kwargs)
         else:
-            ctx = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                            _temp_dir=ray_temp_dir, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:

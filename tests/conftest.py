@@ -66,7 +66,7 @@ def runtime(ray_settings):
 
     from actors.runtime import Runtime
 
-    ray.init(num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
+    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
              log_to_driver=False)
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
