@@ -108,3 +108,10 @@ def test_sdk_imports_neither_ray_nor_onnxruntime():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_serve_refuses_a_public_host_without_a_token():
+    env = {k: v for k, v in os.environ.items() if k != "LIPSYNC_API_TOKEN"}
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--host", "0.0.0.0", "--port", "9"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "LIPSYNC_API_TOKEN" in r.stderr and "--insecure" in r.stderr
