@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
@@ -26,8 +27,11 @@ from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")
 
-GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8."""
+GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
+"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8,
+or a function returning them (the batch was submitted to a model elsewhere): `render_chunk` then
+prepares and submits the next batch before it waits for this one, so the model and this process
+work at the same time."""
 ProgressFn = Callable[[int], None]
 
 
@@ -54,6 +58,8 @@ class JobPlan(BaseModel):
     batch_size: int
     chunks: list[Chunk]
     output_path: str
+    crf: int | None = None  # the request's output quality; None: the settings' crf
+    blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
 
     @property
     def fps(self) -> Fraction:
@@ -68,6 +74,31 @@ class ChunkResult(BaseModel):
     frames: int
     segment: str
     seconds: float
+    data: bytes | None = None  # the segment's bytes, when rendered on a node without the storage root
+
+
+# The prepared files a compositor reads, by role: what a node without the storage root caches.
+BLOB_FIELDS = {"template": "template_path", "track": "track_path", "mel": "mel_path"}
+
+
+def with_blobs(plan: JobPlan) -> JobPlan:
+    """The plan with the content hash of each prepared file it reads (see `localized`)."""
+    from cluster.nodecache import file_sha256
+
+    return plan.model_copy(update={"blobs": {role: file_sha256(getattr(plan, field))
+                                             for role, field in BLOB_FIELDS.items()}})
+
+
+def localized(plan: JobPlan, cache_root: Path, fetcher: Callable[[str], Callable[[int, int], bytes]],
+              part_bytes: int) -> JobPlan:
+    """The plan as a node without the storage root renders it: each prepared file from the
+    node-local cache (fetched once per node by content hash), segments under the cache."""
+    from cluster.nodecache import cached_file
+
+    update = {field: str(cached_file(cache_root, plan.blobs[role], Path(getattr(plan, field)).suffix,
+                                     fetcher(plan.blobs[role]), part_bytes))
+              for role, field in BLOB_FIELDS.items()}
+    return plan.model_copy(update={**update, "job_dir": str(Path(cache_root) / "jobs" / plan.job_id)})
 
 
 def new_job_id() -> str:
@@ -79,24 +110,16 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 
 # --- admit -------------------------------------------------------------------------------
-def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+@telemetry.timed("stage_seconds", stage="admit")
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
     Returns the request with paths pointing at the stored copies, so the job survives the
     caller's files going away. Hard links where the filesystem allows, else a copy.
     """
-    from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
-    model = request.model or s.model
-    if not model.startswith("builtin") and not Path(model).is_file():
-        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
-                            path=model)
-    probe_audio(request.audio, s)
-    if request.video is not None:
-        probe_video(request.video, s)
-    elif request.avatar_id is None:
-        raise InputNotFound("a job needs a template video or an avatar_id")
+    check_inputs(request, s)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
@@ -108,15 +131,64 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
         if not dst.exists():
             tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
             try:
+                if not link:  # a user's file: a link would change its link count (see resolve_input_path)
+                    raise OSError("copy requested")
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         stored[key] = str(dst)
-    sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    # stored copy -> what the user gave (through any earlier mapping, e.g. an upload's reference)
+    sources = {**request.sources, **{stored[k]: request.sources.get(getattr(request, k), getattr(request, k))
+                                     for k in stored}}
     if request.output is not None:  # relative to the caller, not to whichever process finalises
         stored["output"] = str(Path(request.output).expanduser().resolve())
     return request.model_copy(update={**stored, "sources": sources})
+
+
+def check_inputs(request: RenderRequest, settings: Settings | None = None) -> None:
+    """Probe a request's inputs where they are (typed errors naming the file, within seconds)."""
+    from cluster.media.probe import probe_audio, probe_video
+
+    s = settings or get_settings()
+    model = request.model or s.model
+    from cluster.models import is_named_model
+
+    if not is_named_model(model) and not Path(model).is_file():
+        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
+                            path=model)
+    try:
+        probe_audio(request.audio, s)
+        if request.video is not None:
+            probe_video(request.video, s)
+        elif request.avatar_id is None:
+            raise InputNotFound("a job needs a template video or an avatar_id")
+    except LipsyncError as e:
+        raise _name_sources(e, request)
+
+
+def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+    """Admission on the job manager's node: resolve each input (an upload reference, or a path
+    under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
+    client gave (`request.sources` maps what it sent to its own path)."""
+    from cluster.inputs import is_upload_ref, resolve_input
+
+    s = settings or get_settings()
+    resolved: dict[str, str] = {}
+    sources = dict(request.sources)
+    uploads_only = True
+    for key in ("audio", "video"):
+        given = getattr(request, key)
+        if given is None:
+            continue
+        uploads_only = uploads_only and is_upload_ref(given)
+        try:
+            path = str(resolve_input(given, s))
+        except LipsyncError as e:
+            raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
+        resolved[key] = path
+        sources[path] = request.sources.get(given, given)
+    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
 
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
@@ -131,12 +203,37 @@ def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
 
 
 # --- prepare -----------------------------------------------------------------------------
+def output_path_for(job_id: str, settings: Settings | None = None) -> Path:
+    """Where the cluster commits a job's output: under the storage root, on the manager's node
+    (clients fetch the bytes through the job manager)."""
+    return (settings or get_settings()).dir("outputs") / f"{job_id}.mp4"
+
+
+def prepare_deadline(request: RenderRequest, settings: Settings | None = None) -> float:
+    """How long preparing `request` may take: it transcodes and detects faces in the whole
+    template, so the deadline follows the template's length (never below chunk_timeout_s)."""
+    from cluster.media.probe import probe_video
+
+    s = settings or get_settings()
+    seconds = 0.0
+    if request.video is not None:
+        try:
+            info = probe_video(request.video, s)
+            seconds = info.video.duration if info.video else info.duration
+        except LipsyncError:  # prepare itself reports what is wrong with the file
+            seconds = s.max_input_seconds
+    return max(s.chunk_timeout_s, s.chunk_timeout_s + s.prepare_seconds_per_template_second * seconds)
+
+
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
-                model_size: int | None = None, detector=None) -> JobPlan:
-    """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks."""
+                model_size: int | None = None, detector=None, output_path: str | None = None) -> JobPlan:
+    """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks.
+
+    The output goes to `output_path` (the cluster passes `output_path_for(job_id)`), else to the
+    request's output, else into the job's directory."""
     from cluster.audio import load_audio, melspectrogram
     from cluster.faces.avatar import load_avatar, prepare_avatar
-    from cluster.plan import frame_count_from_samples, make_chunks
+    from cluster.plan import make_chunks
 
     s = settings or get_settings()
     for key in ("audio", "video"):
@@ -157,10 +254,10 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     fps = vinfo.fps
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
+    frames_total, audio_path, wav = _fit_to_sync_mode(wav, request, avatar.frame_count, fps, jd)
     mel_path = jd / "mel.npy"
     with atomic_writer(mel_path) as f:
         np.save(f, melspectrogram(wav))
-    frames_total = frame_count_from_samples(len(wav), 16000, fps)
     chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
     model = request.model or s.model
     if model_size is None:
@@ -171,19 +268,42 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
 
     crop = crop_for_spec(model, request.crop, s)
     return JobPlan(
-        job_id=job_id, job_dir=str(jd), audio_path=request.audio, audio_duration=len(wav) / 16000.0,
+        job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=len(wav) / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
-        output_path=request.output or str(jd / "output.mp4"),
+        output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
     )
 
 
-def check_plan_files(plan: JobPlan) -> None:
-    """Raise `InputsGone` naming the first stored input or prepared file that no longer exists."""
-    for what, p in (("audio input", plan.audio_path), ("normalised template", plan.template_path),
-                    ("face track", plan.track_path), ("mel features", plan.mel_path)):
+def _fit_to_sync_mode(wav: np.ndarray, request: RenderRequest, template_frames: int, fps: Fraction,
+                      jd: Path) -> tuple[int, str, np.ndarray]:
+    """(output frames, the audio file to mux, the 16 kHz samples) for the request's sync mode:
+    `cut_off` trims the audio to a shorter template, `silence` pads it with silence to a longer
+    one (written next to the job as audio_fitted.wav); other modes keep the audio as given."""
+    from cluster.plan import fit_audio_samples, frame_count_from_samples, sync_frame_count
+
+    audio_frames = frame_count_from_samples(len(wav), 16000, fps)
+    frames = sync_frame_count(audio_frames, template_frames, request.loop)
+    if frames == audio_frames:
+        return frames, request.audio, wav
+    n = fit_audio_samples(frames, fps, 16000)
+    fitted = wav[:n] if n <= len(wav) else np.concatenate([wav, np.zeros(n - len(wav), wav.dtype)])
+    path = jd / "audio_fitted.wav"
+    with atomic_writer(path) as f:
+        from scipy.io import wavfile
+
+        wavfile.write(f, 16000, (np.clip(fitted, -1.0, 1.0) * 32767).astype(np.int16))
+    return frames, str(path), fitted
+
+
+def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
+    """Raise `InputsGone` naming the first stored input or prepared file that no longer exists
+    (`render_only`: only those a chunk reads)."""
+    files = [("normalised template", plan.template_path), ("face track", plan.track_path),
+             ("mel features", plan.mel_path)]
+    for what, p in files if render_only else [("audio input", plan.audio_path), *files]:
         if not Path(p).exists():
             raise InputsGone(f"job {plan.job_id}: the {what} {p} no longer exists", job_id=plan.job_id, path=p)
 
@@ -207,7 +327,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
 
     s = settings or get_settings()
     t0 = time.monotonic()
-    check_plan_files(plan)
+    check_plan_files(plan, render_only=True)
     track = FaceTrack.load(plan.track_path)
     mel = np.load(plan.mel_path, mmap_mode="r")
     final = Path(plan.segment_path(chunk.index))
@@ -216,19 +336,31 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     size = plan.model_size
     try:
         with TemplateReader(plan.template_path, s) as reader, \
-                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
+                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
+
+            def finish(frames, matrices, crops, generated) -> None:
+                if callable(generated):
+                    generated = generated()
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
+                                         recipe=plan.crop))
+                if progress is not None:
+                    progress(len(frames))
+
+            pending = None  # the batch submitted last, not yet pasted: at most one batch ahead
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
-                idx = template_indices(b0, b1, plan.template_frames, plan.loop)
+                idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)
                 frames = reader.read(idx)
                 matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
                                          (plan.width, plan.height))
                 crops = cut_crops(frames, matrices, size)
                 generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
-                                         recipe=plan.crop))
-                if progress is not None:
-                    progress(b1 - b0)
+                if pending is not None:
+                    finish(*pending)
+                pending = (frames, matrices, crops, generated)
+            if pending is not None:
+                finish(*pending)
             written = encoder.close()
         if written != chunk.frames:
             raise OutputVerificationError(
@@ -266,6 +398,7 @@ def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
         return None
 
 
+@telemetry.timed("stage_seconds", stage="finalise")
 def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
     """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`
     also rename it into place (`commit_output`).

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
@@ -58,7 +59,10 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
 
 def prepare_avatar(video_path: str, settings: Settings | None = None,
                    detector: MTCNNDetector | None = None) -> Avatar:
-    """Normalise a template, detect and track its subject's face on every frame, store the track.
+    """Normalise a template, find its subject's face on every frame, store the track.
+
+    Faces are detected in full on every `settings.detect_interval`-th frame and tracked between
+    (`MTCNNDetector.detect_sequence`).
 
     Cached by the template's content hash: preparing the same bytes again reads the stored
     avatar (`cached=True`) without any detection. Raises the input errors of
@@ -68,15 +72,17 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     template = normalize_template(video_path, s)
     stored = _read_stored(template.id, s)
     if stored is not None and stored.template_path == template.path:
+        telemetry.emit("avatar_cache", result="hit")
         return stored
+    telemetry.emit("avatar_cache", result="miss")
 
     video = template.info.video
     detector = detector or MTCNNDetector()
-    detections: list[list[FaceDetection]] = []
-    for batch in iter_frames(template.path, s.batch_size, s):
-        detections.extend(detector.detect_batch(batch))
-    track = build_track(detections, (video.width, video.height), s.min_face_fraction,
-                        path_for_errors=str(video_path), fps=float(video.fps))
+    with telemetry.timed("stage_seconds", stage="detect"):
+        detections: list[list[FaceDetection]] = list(
+            detector.detect_sequence(iter_frames(template.path, s.batch_size, s), s.detect_interval))
+        track = build_track(detections, (video.width, video.height), s.min_face_fraction,
+                            path_for_errors=str(video_path), fps=float(video.fps))
 
     out_dir = _avatar_dir(template.id, s)
     out_dir.mkdir(parents=True, exist_ok=True)

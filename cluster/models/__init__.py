@@ -17,11 +17,18 @@ from cluster.models.builtin import build_builtin_model, builtin_model_path
 from cluster.models.providers import (DeviceFacts, active_providers, device_facts, device_ordinals,
                                       provider_name, select_providers, uses_gpu)
 
-__all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devices", "build_builtin_model",
-           "builtin_model_path", "select_providers", "active_providers", "crop_recipe", "CROP_RECIPES",
-           "CROP_METADATA_KEY", "list_models", "crop_for_spec"]
+__all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devices", "is_named_model",
+           "build_builtin_model", "builtin_model_path", "select_providers", "active_providers", "crop_recipe",
+           "CROP_RECIPES", "CROP_METADATA_KEY", "list_models", "crop_for_spec"]
 
 _BUILTIN = re.compile(r"^builtin(?:[:\-](\d+))?$")
+
+
+def is_named_model(spec: str) -> bool:
+    """Whether `spec` names a model that is not a file: `builtin[:S]` or `latency:<ms>[:S]`."""
+    from cluster.models.latency import is_latency_spec
+
+    return bool(_BUILTIN.match(spec.strip())) or is_latency_spec(spec)
 
 
 def resolve_model_path(spec: str, settings: Settings) -> str:
@@ -53,6 +60,10 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     """
     s = settings or get_settings()
     spec = (spec if spec is not None else s.model).strip()
+    if spec.startswith("latency:"):  # benchmarks: sleeps per frame, no CPU (cluster/models/latency.py)
+        from cluster.models.latency import LatencyModel
+
+        return LatencyModel.from_spec(spec)
     path = resolve_model_path(spec, s)
     providers = list(providers) if providers is not None else select_providers(settings=s)
     return LipSyncModel.load(path, providers=providers, threads=s.model_threads,
@@ -77,7 +88,7 @@ def crop_for_spec(spec: str, override: str | None = None, settings: Settings | N
     s = settings or get_settings()
     if override or s.crop:
         return override or s.crop
-    if _BUILTIN.match(spec.strip()):
+    if is_named_model(spec):  # the built-in model (and the latency-only one) use the aligned crop
         return "aligned"
     import onnx
 
