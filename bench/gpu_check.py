@@ -4,8 +4,8 @@ Prints and writes to `bench/results/gpu_check-<UTC time>.json` (rewritten after 
 a run cut short keeps what it measured):
 1. providers: what onnxruntime offers, the device facts (CUDA devices, memory, TensorRT
    runtime), and what `select_providers` picks by default and with `tensorrt,cuda,cpu`;
-2. the Wav2Lip-sized benchmark model (bench/wav2lip96.py: Wav2Lip-96's architecture, random
-   weights) at batch 1, 16 and 64 on CUDA, float32 and float16: load and warm-up seconds,
+2. the Wav2Lip-sized benchmark model (bench/wav2lip_sized.py: Wav2Lip-96's layers, random
+   weights, about 36 M parameters) at batch 1, 16 and 64 on CUDA, float32 and a float16 copy: load and warm-up seconds,
    latency per batch and frames per second, and that every run used the padded batch shape;
 3. a 2-worker render through the real runtime (the `lipsync render` CLI on an embedded Ray:
    2 model workers with half a GPU each, so both share the GPU with a memory limit);
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wav2lip96 import build_wav2lip96, parameter_count  # noqa: E402
+from bench.wav2lip_sized import build_wav2lip_sized, parameter_count  # noqa: E402
 
 BATCHES = (1, 16, 64)
 
@@ -43,6 +42,24 @@ def _save(results: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def float16_copy(src: str, dst: str) -> str:
+    """A float16 export of a float32 model: float16 inputs, output and weights (what converters
+    emit with keep_io_types off)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    m = onnx.load(src)
+    for vi in [*m.graph.input, *m.graph.output]:
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for i, init in enumerate(m.graph.initializer):
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr.astype(np.float16), init.name))
+    onnx.checker.check_model(m)
+    onnx.save(m, dst)
+    return dst
 
 
 def _bench_model(path: str, settings, providers: list, batches, iters: int) -> list[dict]:
@@ -92,10 +109,9 @@ def main() -> int:
     ap.add_argument("--skip-render", action="store_true")
     ap.add_argument("--skip-tensorrt", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="check this script without a GPU: the same steps on the CPU with a 1/8-width model")
+                    help="check this script without a GPU: the same steps on the CPU (batch 1 and 16, 2 runs)")
     args = ap.parse_args()
 
-    import onnx
     import onnxruntime as ort
 
     from cluster.config import Settings
@@ -126,13 +142,11 @@ def main() -> int:
         _save(results, out)
         return 0
 
-    model32 = work / "wav2lip96.onnx"
-    model16 = work / "wav2lip96_fp16.onnx"
-    width = 0.125 if dry else 1.0
-    m = build_wav2lip96(width)
-    results["model_parameters_m"] = round(parameter_count(m) / 1e6, 1)
-    onnx.save(m, str(model32))
-    onnx.save(build_wav2lip96(width, float16=True), str(model16))
+    model32 = work / "wav2lip_sized.onnx"
+    model16 = work / "wav2lip_sized_fp16.onnx"
+    build_wav2lip_sized(model32)
+    float16_copy(str(model32), str(model16))
+    results["model_parameters_m"] = round(parameter_count() / 1e6, 1)
 
     cuda = ["CPUExecutionProvider"] if dry else [(CUDA, {"device_id": 0}), "CPUExecutionProvider"]
     for name, path in (("cuda_float32", model32), ("cuda_float16", model16)):
