@@ -468,6 +468,9 @@ def test_default_is_cuda_on_the_assigned_device_and_cpu_without_one(tmp_path, mo
     assert device_ordinals(["5"], visible="3,5") == [1]
     assert device_ordinals([2], visible="") == [2]  # Ray told not to set CUDA_VISIBLE_DEVICES
     assert device_ordinals(None) == [0]
+    one_gpu = DeviceFacts(available=GPU_BOX.available, cuda_devices=1, device_memory=(2**30,))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert select_providers(["1"], s, one_gpu) == [CPU]  # a logical GPU beyond the real ones
 
 
 def test_fractional_workers_get_a_memory_limit(tmp_path):

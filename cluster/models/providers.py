@@ -170,8 +170,9 @@ def select_providers(gpu_ids: Sequence[Any] | None = None, settings: Settings | 
         notes.append("no GPU assigned")
     elif facts.cuda_devices == 0:
         notes.append("no usable CUDA device")
+    elif (ordinal := device_ordinals(gpu_ids)[device_index]) >= facts.cuda_devices:
+        notes.append(f"assigned GPU ordinal {ordinal} is not among the {facts.cuda_devices} visible CUDA device(s)")
     else:
-        ordinal = device_ordinals(gpu_ids)[device_index]
         notes.append(f"{facts.cuda_devices} CUDA device(s) visible, using ordinal {ordinal}")
         cuda_opts: dict = {"device_id": ordinal}
         if s.worker_gpus < 1 and ordinal < len(facts.device_memory):
