@@ -33,7 +33,7 @@ def main(audio: str, video: str, faceless: str) -> dict:
     done = runtime.wait(job.id, timeout=240)
     bad = runtime.submit(RenderRequest(audio=audio, video=faceless))
     failed = runtime.wait(bad.id, timeout=120)
-    return {"state_at_kill": state_at_kill, "state": done.state.value,
+    return {"id": job.id, "bad_id": bad.id, "state_at_kill": state_at_kill, "state": done.state.value,
             "error": done.error.model_dump() if done.error else None,
             "frames": done.frames_total, "bad_state": failed.state.value,
             "bad_code": failed.error.code if failed.error else None}

@@ -236,6 +236,26 @@ def test_batch_client_through_ray_address_moves_every_metric(local_cluster, spee
     assert {f"ray_lipsync_jobs|state={s}" for s in JOB_STATES} <= set(after)
     assert after["ray_lipsync_jobs|state=succeeded"] >= 1 and after["ray_lipsync_jobs|state=failed"] >= 1
     assert "ray_lipsync_queue_depth" in after
+    check_structured_logs(local_cluster, result)
+
+
+def check_structured_logs(cluster: LocalCluster, result: dict) -> None:
+    """LIPSYNC_LOG_FORMAT=json: the actors' lines are JSON with the job id, the chunk, the actor
+    and the node where they concern them; no token appears in any log file of the cluster."""
+    lines, texts = [], []
+    for path in Path(cluster.temp_dir).glob("session_*/logs/*"):
+        if path.is_file() and path.suffix in (".err", ".out", ".log"):
+            text = path.read_text(errors="replace")
+            texts.append(text)
+            lines += [json.loads(line) for line in text.splitlines() if line.startswith('{"ts"')]
+    for secret in (cluster.env["RAY_AUTH_TOKEN"], cluster.env["LIPSYNC_API_TOKEN"]):
+        assert not any(secret in text for text in texts), "a token was logged"
+    ours = [line for line in lines if line.get("logger", "").startswith("lipsync")]
+    assert ours and all(line.get("actor") and line.get("node") for line in ours), ours[:5]
+    of_job = [line for line in ours if line.get("job_id") == result["id"]]
+    assert any(line["msg"].startswith(f"job {result['id']} succeeded") for line in of_job), of_job[-5:]
+    assert any("chunk" in line and line["actor"] == "lipsync-orchestrator" for line in of_job), of_job[-5:]
+    assert any(line.get("job_id") == result["bad_id"] and "input.no_face" in line["msg"] for line in ours)
 
 
 def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, speech_wav, astronaut_video, tmp_path):
