@@ -29,7 +29,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _model_spec(model: str) -> str:
     """'builtin[:S]' as is; a model file as an absolute path (workers do not share our cwd)."""
-    return model if model.startswith("builtin") else str(Path(model).expanduser().resolve())
+    from cluster.models import is_named_model
+
+    return model if is_named_model(model) else str(Path(model).expanduser().resolve())
 
 
 def _fail_line(err: ErrorInfo) -> str:
@@ -84,12 +86,15 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         from cluster.render import check_inputs, new_job_id
 
         check_inputs(request, settings)  # bad input fails here, before Ray starts
+        early = _prepare_avatar_while(request, settings)
         embedded = connect(settings)
         if not embedded and cluster_options:
             print(f"lipsync: note: {', '.join(cluster_options)} size a new job manager; the running cluster at "
                   f"RAY_ADDRESS keeps its own, so they were not applied", file=sys.stderr)
         rt = Runtime(settings, owner=process_identity() if embedded else None)
         job_id = new_job_id()
+        if early is not None:  # the job's prepare step then finds the avatar in the cache
+            early.result(timeout=settings.chunk_timeout_s)
         rt.submit(request, job_id=job_id)  # the inputs travel through Ray to the job manager
 
         def show(st) -> None:
@@ -114,6 +119,23 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         return e.exit_code
     finally:
         bar.close()
+
+
+def _prepare_avatar_while(request: RenderRequest, settings: Settings):
+    """With an embedded Ray (the job manager shares this storage root), prepare the avatar in a
+    thread while Ray starts: the two overlap instead of adding up. Returns the future (its result
+    raises the avatar's typed errors), or None when joining a cluster (`RAY_ADDRESS`)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.environ.get("RAY_ADDRESS") or request.video is None:
+        return None
+    from cluster.faces.avatar import prepare_avatar
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
+    future = pool.submit(prepare_avatar, request.video, settings)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _cluster_options(args: argparse.Namespace) -> list[str]:

@@ -34,8 +34,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
     loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
     gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
-    crf: int = Field(16, ge=0, le=51)
-    preset: str = "veryfast"
+    # x264 superfast at CRF 18 against veryfast at CRF 16 on 720p (docs/PERFORMANCE.md): 27 % less
+    # encoder CPU, +0.7 dB PSNR, +26 % bytes
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "superfast"
     video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
     audio_bitrate: str = "160k"
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
@@ -45,6 +47,8 @@ class Settings(BaseSettings):
     max_width: int = Field(4096, ge=16)
     max_height: int = Field(4096, ge=16)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
+                                 "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
     min_face_fraction: float = Field(0.5, ge=0, le=1,

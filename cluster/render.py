@@ -27,8 +27,11 @@ from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")
 
-GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8."""
+GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
+"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8,
+or a function returning them (the batch was submitted to a model elsewhere): `render_chunk` then
+prepares and submits the next batch before it waits for this one, so the model and this process
+work at the same time."""
 ProgressFn = Callable[[int], None]
 
 
@@ -143,7 +146,9 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> No
 
     s = settings or get_settings()
     model = request.model or s.model
-    if not model.startswith("builtin") and not Path(model).is_file():
+    from cluster.models import is_named_model
+
+    if not is_named_model(model) and not Path(model).is_file():
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
     try:
@@ -300,6 +305,15 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     try:
         with TemplateReader(plan.template_path, s) as reader, \
                 SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+
+            def finish(frames, matrices, crops, generated) -> None:
+                if callable(generated):
+                    generated = generated()
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
+                if progress is not None:
+                    progress(len(frames))
+
+            pending = None  # the batch submitted last, not yet pasted: at most one batch ahead
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
                 idx = template_indices(b0, b1, plan.template_frames, plan.loop)
@@ -307,9 +321,11 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 matrices = alignment_matrices(track.landmarks[idx], size)
                 crops = cut_crops(frames, matrices, size)
                 generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
-                if progress is not None:
-                    progress(b1 - b0)
+                if pending is not None:
+                    finish(*pending)
+                pending = (frames, matrices, crops, generated)
+            if pending is not None:
+                finish(*pending)
             written = encoder.close()
         if written != chunk.frames:
             raise OutputVerificationError(
