@@ -278,6 +278,7 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
     wait_until(lambda: get("/healthz") == 200, 180, 1.0, "/healthz of the deployed app")
     import httpx
 
+    before = parse_metrics(local_cluster.scrape())
     assert httpx.get(base + "/v1/jobs", timeout=30).status_code == 401  # the Secret's token is required
     token = {"Authorization": f"Bearer {local_cluster.env['LIPSYNC_API_TOKEN']}"}
     with open(speech_wav, "rb") as audio, open(astronaut_video, "rb") as video:
@@ -292,3 +293,9 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
     assert status["state"] == "succeeded", json.dumps(status)[:3000]
     result = httpx.get(f"{base}/v1/jobs/{job_id}/result", headers=token, timeout=60)
     assert result.status_code == 200 and len(result.content) > 10_000
+
+    def job_counted():  # the API's job shows in the metrics too
+        after = parse_metrics(local_cluster.scrape())
+        return after.get("ray_lipsync_job_seconds_count|state=succeeded", 0) > before.get(
+            "ray_lipsync_job_seconds_count|state=succeeded", 0)
+    wait_until(job_counted, 30, 1.0, "the API job in ray_lipsync_job_seconds")
