@@ -17,8 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (CACHE, MODELS, TreeSampler, bench_env, make_inputs, md_table, model_spec,
-                          run_measured, write_result)
+from bench.common import (
+    CACHE,
+    MODELS,
+    TreeSampler,
+    bench_env,
+    make_inputs,
+    md_table,
+    model_spec,
+    run_measured,
+    write_result,
+)
 
 TARGETS = {  # speed vs classic
     ("oneshot", "builtin"): 1.3, ("oneshot", "wav2lip96"): 1.5,

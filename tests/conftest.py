@@ -19,6 +19,13 @@ hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray is also `slow`: `pytest -m "not slow"` is the quick inner loop."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)
 
@@ -66,7 +73,7 @@ def runtime(ray_settings):
 
     from actors.runtime import Runtime
 
-    ray.init(num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
+    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
              log_to_driver=False)
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
@@ -81,3 +88,15 @@ def speech4_wav(media_dir) -> str:
     from cluster.synth import speech_like, write_audio
 
     return write_audio(str(media_dir / "speech4.wav"), speech_like(4.0, seed=7))
+
+
+# --- the HTTP service: one real `lipsync serve` for the session --------------------------------
+@pytest.fixture(scope="session")
+def service():
+    """A running `lipsync serve` on a free loopback port (token auth on, input root and compat data
+    directory set): `.url`, `.token`, `.storage_root`, `.input_root`, `.compat_dir`."""
+    from tests.service_process import ServiceProcess
+
+    svc = ServiceProcess(_ROOT / "service").start()
+    yield svc
+    svc.cleanup()

@@ -34,7 +34,7 @@ class LatencyModel:
         self.providers = ["none (latency-only)"]
 
     @classmethod
-    def from_spec(cls, spec: str) -> "LatencyModel":
+    def from_spec(cls, spec: str) -> LatencyModel:
         m = SPEC.match(spec.strip())
         if not m:
             raise ModelLoadError(f"latency model spec {spec!r} must look like 'latency:<ms_per_frame>[:<size>]'",
