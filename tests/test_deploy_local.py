@@ -259,8 +259,6 @@ def check_structured_logs(cluster: LocalCluster, result: dict) -> None:
 
 
 def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, speech_wav, astronaut_video, tmp_path):
-    if not (ROOT / "serve_app.py").exists():
-        pytest.skip("serve_app.py (the HTTP service) is not in this tree yet")
     config = yaml.safe_load(service_manifest["spec"]["serveConfigV2"])
     config["http_options"] = {"host": "127.0.0.1", "port": local_cluster.http_port}
     path = tmp_path / "serve_config.yaml"
