@@ -789,8 +789,11 @@ def _deployment():
     @serve.ingress()
     class Ingress:
         def __init__(self, settings: dict | None = None) -> None:
+            from actors import metrics
+
             logging.basicConfig(level=logging.INFO)
             self.settings = Settings(**(settings or {}))
+            metrics.install("lipsync-ingress", self.settings.log_format)  # JSON logs with actor and node
 
         def __serve_build_asgi_app__(self):
             from actors.service_support import ManagerGateway

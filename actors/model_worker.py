@@ -13,6 +13,7 @@ import time
 import numpy as np
 import ray
 
+from actors import metrics
 from cluster.config import Settings
 from cluster.errors import LipsyncError, ModelLoadError
 
@@ -33,6 +34,7 @@ class ModelWorker:
 
     def __init__(self, default_model: str, settings: Settings, name: str) -> None:
         self.name, self.default_model, self.settings = name, default_model, settings
+        metrics.install(name, settings.log_format)
         self.models: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.errors: dict[str, tuple[LipsyncError, float]] = {}
         self.frames = 0
@@ -129,6 +131,7 @@ class ModelWorker:
         dt = time.perf_counter() - t0
         self.frames += len(out)
         self.busy_s += dt
+        metrics.record_batch(self.name, metrics.device_name(), len(out), dt)
         return {"frames": len(out), "seconds": dt, "worker": self.name}, out
 
     @ray.method(num_returns=2)
