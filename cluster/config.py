@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_width: int = Field(4096, ge=16)
     max_height: int = Field(4096, ge=16)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    disk_reserve_bytes: int = Field(64 * 1024**2, ge=0,
+                                    description="free space a job must leave on the storage root's "
+                                    "filesystem beyond its estimated needs (resource.disk otherwise)")
+    simulate_free_bytes: int | None = Field(None, ge=0,
+                                            description="drills and tests: the free space the disk "
+                                            "check sees instead of asking the filesystem")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
                                      description="fail with input.no_face when fewer frames have a face")
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
+from cluster.resources import check_job_disk, disk_full_guard
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -78,6 +79,7 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 
 # --- admit -------------------------------------------------------------------------------
+@disk_full_guard("admit")
 def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
@@ -91,11 +93,11 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
     if not model.startswith("builtin") and not Path(model).is_file():
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
-    probe_audio(request.audio, s)
-    if request.video is not None:
-        probe_video(request.video, s)
-    elif request.avatar_id is None:
+    audio_info = probe_audio(request.audio, s)
+    video_info = probe_video(request.video, s) if request.video is not None else None
+    if video_info is None and request.avatar_id is None:
         raise InputNotFound("a job needs a template video or an avatar_id")
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
@@ -130,6 +132,7 @@ def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
 
 
 # --- prepare -----------------------------------------------------------------------------
+@disk_full_guard("prepare")
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
                 model_size: int | None = None, detector=None) -> JobPlan:
     """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks."""
@@ -185,6 +188,7 @@ def check_plan_files(plan: JobPlan) -> None:
 
 
 # --- render one chunk --------------------------------------------------------------------
+@disk_full_guard("render")
 def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Settings | None = None,
                  progress: ProgressFn | None = None) -> ChunkResult:
     """Render output frames [chunk.start, chunk.stop) into the chunk's H.264 segment.
@@ -260,6 +264,7 @@ def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
         return None
 
 
+@disk_full_guard("finalize")
 def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
     """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`
     also rename it into place (`commit_output`).
