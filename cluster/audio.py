@@ -20,7 +20,7 @@ from scipy import signal
 
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputUnreadable, MediaError, NoAudioStream
-from cluster.media.ffmpeg import ffmpeg_binary
+from cluster.media.ffmpeg import ffmpeg_binary, input_args
 
 SAMPLE_RATE = 16000
 N_FFT = 800
@@ -56,7 +56,7 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
     if not os.path.isfile(path):
         raise InputNotFound(f"audio input {path!r} does not exist or is not a file", path=path)
     cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error",
-           "-protocol_whitelist", "file,pipe", "-i", path,
+           *input_args(path),  # file/pipe protocols only; the name never read as a protocol
            "-vn", "-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"]
     raw, stderr, rc = _run_collect(cmd, timeout_s=s.ffmpeg_timeout_s, what=f"decoding audio of {path!r}")
     err_text = stderr.decode("utf-8", "replace").strip()

@@ -21,8 +21,8 @@ from pydantic import BaseModel
 
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
-from cluster.resources import check_job_disk, disk_full_guard
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")

@@ -18,8 +18,9 @@ import functools
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from cluster.config import Settings, get_settings
 from cluster.errors import DiskFull, LipsyncError
@@ -138,7 +139,7 @@ def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | Non
     """`DiskFull` for an exception `is_disk_full` recognised, keeping its stage, chunk and path."""
     if isinstance(exc, DiskFull):
         return exc.with_context(stage=stage, job_id=job_id)  # type: ignore[return-value]
-    info = dict(stage=stage, job_id=job_id, chunk=None, path=getattr(exc, "filename", None))
+    info = {"stage": stage, "job_id": job_id, "chunk": None, "path": getattr(exc, "filename", None)}
     if isinstance(exc, LipsyncError):
         info.update(stage=exc.stage or stage, job_id=exc.job_id or job_id, chunk=exc.chunk,
                     path=exc.path)

@@ -132,7 +132,7 @@ class Canaries:
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except (socket.timeout, OSError):
+            except OSError:  # socket.timeout is an OSError
                 continue
             self.hits.append(f"connection to canary listener from {addr}")
             conn.close()
@@ -141,7 +141,7 @@ class Canaries:
         while not self._stop.is_set():
             try:
                 _, addr = self._udp.recvfrom(2048)
-            except (socket.timeout, OSError):
+            except OSError:  # socket.timeout is an OSError
                 continue
             self.hits.append(f"datagram to canary port from {addr}")
 

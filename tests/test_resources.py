@@ -17,7 +17,12 @@ from cluster.config import Settings
 from cluster.errors import DiskFull, EncodeError, InputUnreadable
 from cluster.media.probe import probe_audio, probe_video
 from cluster.render import admit, render_local
-from cluster.resources import as_disk_full, check_job_disk, estimate_job_bytes, is_disk_full
+from cluster.resources import (
+    as_disk_full,
+    check_job_disk,
+    estimate_job_bytes,
+    is_disk_full,
+)
 from cluster.schemas import RenderRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +78,7 @@ def test_disk_full_errors_are_recognised():
 def _unshare_works() -> bool:
     try:
         return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
-                              timeout=10).returncode == 0
+                              timeout=10, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -88,7 +93,7 @@ def test_a_disk_that_fills_mid_job_fails_that_job_cleanly(hostile_corpus):
               f"{REPO / 'tests' / 'disk_scenario.py'} {mountpoint} {hostile_corpus.speech} {hostile_corpus.template}")
     try:
         proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
-                              capture_output=True, text=True, timeout=180)
+                              capture_output=True, text=True, timeout=180, check=False)
     finally:
         os.rmdir(mountpoint)
     assert proc.returncode == 0, proc.stderr[-3000:]
