@@ -66,8 +66,10 @@ def runtime(ray_settings):
 
     from actors.runtime import Runtime
 
-    ray.init(num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
-             log_to_driver=False)
+    # address="local": a Ray of our own even when another `ray start` on this machine left
+    # /tmp/ray/ray_current_cluster behind (plain ray.init() would join that cluster)
+    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace,
+             include_dashboard=False, log_to_driver=False)
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
     assert any(m["health"] == "live" for m in state["models"]), state

@@ -1,0 +1,283 @@
+"""Seeded, time-bounded chaos under load (issue 12), shared by tests/test_chaos.py (short form)
+and bench/chaos.py (long form).
+
+A stream of jobs is submitted through a `Backend` (the Ray driver `Runtime`, or the HTTP service
+through the SDK) while a fault thread SIGKILLs, at seeded random times, real processes of the
+deployment: model workers, compositors, the job manager, the Serve ingress replica (found by
+their Ray process titles among the descendants of the deployment's root process, never any
+other process on the machine), or the whole `lipsync serve` (then started again). Afterwards
+every job must be terminal; a succeeded job's frames must equal its fault-free render exactly;
+a failed job's error must name the fault; no output may exist for a job that did not succeed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import psutil
+
+#: Ray sets an actor process's title to `ray::<Class>[.<method>]`.
+PROCESS_TITLES = {
+    "model_worker": re.compile(r"^ray::ModelWorker\b"),
+    "compositor": re.compile(r"^ray::Compositor\b"),
+    "job_manager": re.compile(r"^ray::(JobManager|Orchestrator)\b"),
+    "serve_replica": re.compile(r"^ray::ServeReplica:[^ ]*ingress", re.IGNORECASE),
+}
+#: Error codes by which a failed job may name a killed process (with words saying so).
+FAULT_CODES = {"render.worker_lost", "render.chunk_failed", "render.timeout", "render.failed",
+               "job.abandoned", "model.load_failed"}
+FAULT_WORDS = re.compile(r"died|killed|lost|exit|crash|unavailable|restart|no live|dead|SIGKILL",
+                         re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    id: str
+    audio: str
+    video: str
+    reference: str  # key of the fault-free frames in the references dict
+
+
+@dataclass
+class Outcome:
+    state: str
+    code: str | None = None
+    message: str | None = None
+
+
+class Backend(Protocol):
+    def submit(self, spec: JobSpec) -> None: ...
+    def outcome(self, job_id: str) -> Outcome: ...          # state and, when failed, its error
+    def fetch(self, job_id: str, dest: Path) -> Path: ...   # a succeeded job's output
+    def root_pid(self) -> int: ...                          # the deployment's processes descend from it
+
+
+def process_title(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def victims(root_pid: int, kind: str) -> list[psutil.Process]:
+    """Live descendants of `root_pid` whose Ray title marks them as `kind`."""
+    pattern = PROCESS_TITLES[kind]
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in procs if pattern.search(process_title(p))]
+
+
+@dataclass
+class Fault:
+    t: float
+    kind: str
+    pid: int | None
+    note: str = ""
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    jobs: int
+    faults: list[Fault] = field(default_factory=list)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    identical: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    unnamed_failures: list[str] = field(default_factory=list)
+    non_terminal: list[str] = field(default_factory=list)
+    stray_outputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def faults_by_kind(self) -> dict[str, int]:
+        return dict(Counter(f.kind for f in self.faults if f.pid is not None or f.kind == "serve"))
+
+    def states(self) -> dict[str, int]:
+        return dict(Counter(o.state for o in self.outcomes.values()))
+
+    def summary(self) -> str:
+        return (f"seed {self.seed}: {self.jobs} jobs in {self.seconds:.0f} s; faults {self.faults_by_kind()}; "
+                f"outcomes {self.states()}; identical to the fault-free render {self.identical}; "
+                f"mismatched {len(self.mismatched)}; failures not naming a fault {len(self.unnamed_failures)}; "
+                f"non-terminal {len(self.non_terminal)}; stray outputs {len(self.stray_outputs)}")
+
+    def assert_promises(self) -> None:
+        assert not self.non_terminal, f"jobs never reached a terminal state: {self.non_terminal}"
+        assert not self.mismatched, f"succeeded jobs whose frames differ from the fault-free render: {self.mismatched}"
+        assert not self.unnamed_failures, f"failed jobs whose error does not name the fault: {self.unnamed_failures}"
+        assert not self.stray_outputs, f"outputs of jobs that did not succeed: {self.stray_outputs}"
+        assert set(self.outcomes) and all(o.state in ("succeeded", "failed") for o in self.outcomes.values()), \
+            self.states()
+
+
+def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.ndarray], *, seed: int,
+              kinds: list[str], fault_gap_s: tuple[float, float], settle_s: float, work_dir: Path,
+              restart: Callable[[], None] | None = None, submit_gap_s: tuple[float, float] = (0.0, 1.0),
+              max_faults: int | None = None, decode: Callable[[str], np.ndarray] | None = None,
+              log: Callable[[str], None] = print) -> ChaosReport:
+    """Submit `specs` at seeded intervals while injecting faults every `fault_gap_s` seconds (each
+    of `kinds` once per round, in a seeded order) until the last job is terminal (at most
+    `max_faults`), then wait up to `settle_s` for
+    every job to end, and check every promise into a `ChaosReport`. `restart` restarts the whole
+    deployment after the "serve" fault kills it."""
+    rng = random.Random(seed)
+    report = ChaosReport(seed=seed, jobs=len(specs))
+    t0 = time.monotonic()
+    submitted: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def submitter() -> None:
+        for spec in specs:
+            time.sleep(rng.uniform(*submit_gap_s))
+            for attempt in range(60):  # the service may be down (killed): resubmit, same id
+                try:
+                    backend.submit(spec)
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure to reach it is retried, then raised
+                    if attempt == 59:
+                        raise
+                    log(f"submit {spec.id}: {type(e).__name__}: {e}; retrying")
+                    time.sleep(1.0)
+            with lock:
+                submitted.append(spec.id)
+
+    def all_terminal() -> bool:
+        with lock:
+            ids = list(submitted)
+        if len(ids) < len(specs):
+            return False
+        return all(_safe_outcome(backend, i).state in ("succeeded", "failed", "cancelled") for i in ids)
+
+    frng = random.Random(seed + 1)
+    order: list[str] = []  # every kind once per round, in a seeded order
+
+
+    def injector() -> None:
+        while not stop.is_set():
+            if stop.wait(frng.uniform(*fault_gap_s)):
+                return
+            if max_faults is not None and len(report.faults) >= max_faults:
+                return
+            if not order:
+                order.extend(frng.sample(kinds, len(kinds)))
+            kind = order.pop(0)
+            t = time.monotonic() - t0
+            if kind == "serve":
+                assert restart is not None, "the serve fault needs a restart function"
+                log(f"{t:6.1f}s fault: SIGKILL lipsync serve (process group), restart")
+                os.killpg(backend.root_pid(), signal.SIGKILL)
+                report.faults.append(Fault(t, kind, backend.root_pid()))
+                restart()
+                continue
+            found = victims(backend.root_pid(), kind)
+            if not found:
+                report.faults.append(Fault(t, kind, None, "no such process at that moment"))
+                continue
+            victim = frng.choice(found)
+            log(f"{t:6.1f}s fault: SIGKILL {kind} pid {victim.pid} ({process_title(victim)[:60]})")
+            try:
+                victim.send_signal(signal.SIGKILL)
+                report.faults.append(Fault(t, kind, victim.pid))
+            except psutil.NoSuchProcess:
+                report.faults.append(Fault(t, kind, None, "gone before the kill"))
+
+    sub = threading.Thread(target=submitter, name="chaos-submit", daemon=True)
+    inj = threading.Thread(target=injector, name="chaos-faults", daemon=True)
+    sub.start()
+    inj.start()
+    sub.join(timeout=settle_s)
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and not all_terminal():
+        time.sleep(1.0)
+    stop.set()
+    inj.join(timeout=300)
+    # after the last fault, give the deployment the time to finish what it resumed
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and not all_terminal():
+        time.sleep(1.0)
+    report.seconds = time.monotonic() - t0
+
+    decode = decode or _decode_all
+    for spec in specs:
+        if spec.id not in submitted:
+            report.non_terminal.append(f"{spec.id} (never submitted)")
+            continue
+        out = _safe_outcome(backend, spec.id)
+        report.outcomes[spec.id] = out
+        if out.state == "succeeded":
+            dest = backend.fetch(spec.id, work_dir / f"{spec.id}.mp4")
+            if np.array_equal(decode(str(dest)), references[spec.reference]):
+                report.identical += 1
+            else:
+                report.mismatched.append(spec.id)
+        elif out.state == "failed":
+            text = f"{out.message}"
+            if out.code not in FAULT_CODES or not FAULT_WORDS.search(text):
+                report.unnamed_failures.append(f"{spec.id}: {out.code}: {text[:300]}")
+        else:
+            report.non_terminal.append(f"{spec.id} ({out.state})")
+    if hasattr(backend, "stray_outputs"):
+        report.stray_outputs = backend.stray_outputs(report.outcomes)
+    log(report.summary())
+    return report
+
+
+def _safe_outcome(backend: Backend, job_id: str) -> Outcome:
+    for _ in range(30):
+        try:
+            return backend.outcome(job_id)
+        except Exception:  # noqa: BLE001 - the deployment may be restarting: ask again
+            time.sleep(1.0)
+    return backend.outcome(job_id)
+
+
+def _decode_all(path: str) -> np.ndarray:
+    from cluster.media.decode import iter_frames
+
+    return np.concatenate(list(iter_frames(path, 32)))
+
+
+# --- backends ---------------------------------------------------------------------------------
+class RuntimeBackend:
+    """Jobs through the Ray driver API (`actors.runtime.Runtime`) in this process."""
+
+    def __init__(self, runtime, out_dir: Path) -> None:
+        self.runtime = runtime
+        self.out_dir = out_dir
+
+    def submit(self, spec: JobSpec) -> None:
+        from cluster.schemas import RenderRequest
+
+        req = RenderRequest(audio=spec.audio, video=spec.video, output=str(self.out_dir / f"{spec.id}.mp4"))
+        self.runtime.submit(req, job_id=spec.id)
+
+    def outcome(self, job_id: str) -> Outcome:
+        st = self.runtime.status(job_id)
+        err = st.error
+        return Outcome(st.state.value, err.code if err else None,
+                       f"{err.message} {err.cause or ''}" if err else None)
+
+    def fetch(self, job_id: str, dest: Path) -> Path:
+        return Path(self.runtime.status(job_id).output)
+
+    def root_pid(self) -> int:
+        return os.getpid()
+
+    def stray_outputs(self, outcomes: dict[str, Outcome]) -> list[str]:
+        stray = []
+        for job_id, o in outcomes.items():
+            if o.state != "succeeded" and (self.out_dir / f"{job_id}.mp4").exists():
+                stray.append(job_id)
+        stray += [p.name for p in self.out_dir.iterdir() if ".pending" in p.name or p.name.endswith(".tmp")]
+        return stray
