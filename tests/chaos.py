@@ -18,9 +18,10 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import psutil
@@ -100,7 +101,7 @@ class ChaosReport:
     seconds: float = 0.0
 
     def faults_by_kind(self) -> dict[str, int]:
-        return dict(Counter(f.kind for f in self.faults if f.pid is not None or f.kind == "serve"))
+        return dict(Counter(f.kind for f in self.faults if f.pid is not None))
 
     def states(self) -> dict[str, int]:
         return dict(Counter(o.state for o in self.outcomes.values()))
@@ -122,14 +123,17 @@ class ChaosReport:
 
 def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.ndarray], *, seed: int,
               kinds: list[str], fault_gap_s: tuple[float, float], settle_s: float, work_dir: Path,
-              restart: Callable[[], None] | None = None, submit_gap_s: tuple[float, float] = (0.0, 1.0),
+              actions: dict[str, Callable[[], str | None]] | None = None,
+              submit_gap_s: tuple[float, float] = (0.0, 1.0),
               max_faults: int | None = None, decode: Callable[[str], np.ndarray] | None = None,
               log: Callable[[str], None] = print) -> ChaosReport:
     """Submit `specs` at seeded intervals while injecting faults every `fault_gap_s` seconds (each
     of `kinds` once per round, in a seeded order) until the last job is terminal (at most
     `max_faults`), then wait up to `settle_s` for
-    every job to end, and check every promise into a `ChaosReport`. `restart` restarts the whole
-    deployment after the "serve" fault kills it."""
+    every job to end, and check every promise into a `ChaosReport`. `actions` adds fault kinds
+    done by a function (e.g. "serve": SIGKILL `lipsync serve` and start it again; "worker_node":
+    remove a Ray node without grace): it returns what it killed, or None when there was nothing."""
+    actions = actions or {}
     rng = random.Random(seed)
     report = ChaosReport(seed=seed, jobs=len(specs))
     t0 = time.monotonic()
@@ -144,7 +148,7 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
                 try:
                     backend.submit(spec)
                     break
-                except Exception as e:  # noqa: BLE001 - any failure to reach it is retried, then raised
+                except Exception as e:
                     if attempt == 59:
                         raise
                     log(f"submit {spec.id}: {type(e).__name__}: {e}; retrying")
@@ -173,12 +177,10 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
                 order.extend(frng.sample(kinds, len(kinds)))
             kind = order.pop(0)
             t = time.monotonic() - t0
-            if kind == "serve":
-                assert restart is not None, "the serve fault needs a restart function"
-                log(f"{t:6.1f}s fault: SIGKILL lipsync serve (process group), restart")
-                os.killpg(backend.root_pid(), signal.SIGKILL)
-                report.faults.append(Fault(t, kind, backend.root_pid()))
-                restart()
+            if kind in actions:
+                what = actions[kind]()
+                log(f"{t:6.1f}s fault: {kind}: {what or 'nothing to kill at that moment'}")
+                report.faults.append(Fault(t, kind, 0 if what else None, what or ""))
                 continue
             found = victims(backend.root_pid(), kind)
             if not found:
