@@ -283,3 +283,47 @@ class RuntimeBackend:
                 stray.append(job_id)
         stray += [p.name for p in self.out_dir.iterdir() if ".pending" in p.name or p.name.endswith(".tmp")]
         return stray
+
+
+class ServiceBackend:
+    """Jobs through the HTTP service with the SDK (`cluster.client.Client`); the deployment is the
+    `lipsync serve` process tree of a `tests.service_process.ServiceProcess`."""
+
+    def __init__(self, service) -> None:
+        from cluster.client import Client
+
+        self.service = service
+        self.client = Client(service.url, token=service.token, retries=10, backoff_s=1.0)
+
+    def submit(self, spec: JobSpec) -> None:
+        self.client.submit(spec.audio, spec.video, id=spec.id)
+
+    def outcome(self, job_id: str) -> Outcome:
+        view = self.client.get(job_id)
+        err = view.error
+        return Outcome(view.state.value, err.code if err else None,
+                       f"{err.message} {err.cause or ''}" if err else None)
+
+    def fetch(self, job_id: str, dest: Path) -> Path:
+        return self.client.download(job_id, dest)
+
+    def root_pid(self) -> int:
+        return self.service.proc.pid
+
+    def restart(self) -> str:
+        """SIGKILL the whole `lipsync serve` process group, then start it again on the same port
+        and storage root."""
+        pid = self.service.proc.pid
+        self.service.kill()
+        self.service.start()
+        return f"SIGKILLed lipsync serve (process group {pid}); started again as {self.service.proc.pid}"
+
+    def stray_outputs(self, outcomes: dict[str, Outcome]) -> list[str]:
+        """Files of jobs that did not succeed under the storage root's outputs, and pending ones."""
+        stray = [str(p) for p in self.service.storage_root.rglob("*")
+                 if ".pending" in p.name or p.name.endswith(".part")]
+        for job_id, o in outcomes.items():
+            if o.state != "succeeded":
+                stray += [str(p) for p in self.service.storage_root.rglob(f"*{job_id}*.mp4")
+                          if "inputs" not in p.parts and "segments" not in p.parts]
+        return stray
