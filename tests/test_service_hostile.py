@@ -142,6 +142,24 @@ def test_compat_submit_refuses_paths_outside_the_root(http, svc_corpus):
         svc_corpus.canaries.assert_untouched(r.text)
 
 
+def test_loopback_urls_are_refused_and_never_fetched(http, svc_corpus):
+    """URL inputs naming this machine (the corpus's canary listener) in every spelling: refused by
+    the address guard, the listener never hears a connection. (Private, link-local and metadata
+    addresses are tested in a loopback-only network namespace: tests/test_url_guard.py.)"""
+    port = svc_corpus.canaries.port
+    for url in (f"http://127.0.0.1:{port}/a.wav", f"http://localhost:{port}/a.wav", f"http://[::1]:{port}/a.wav",
+                f"http://2130706433:{port}/a.wav", f"http://127.1:{port}/a.wav", f"http://0x7f000001:{port}/a.wav"):
+        t0 = time.monotonic()
+        r = http.post("/v1/jobs", json={"audio": url, "video": str(svc_corpus.template)})
+        err = assert_refused(r, {"input.unsafe"}, time.monotonic() - t0)
+        assert err["field"] == "audio", (url, err)
+        r = http.post("/easy/submit", json={"audio_url": url, "video_url": str(svc_corpus.template),
+                                            "code": f"url-{port}", "pn": 1})
+        assert r.json()["code"] == 10002, (url, r.text)
+    time.sleep(0.3)
+    svc_corpus.canaries.assert_untouched()
+
+
 @pytest.mark.parametrize("name", ["frames_20000x20", "ffconcat_as_mov", "text_as_mp4"])
 def test_sdk_raises_the_servers_code(service, svc_corpus, name):
     from cluster.client import ApiError, Client
