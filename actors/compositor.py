@@ -6,14 +6,17 @@ through the object store, by way of the job manager's `dispatch`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import ray
 
-from actors import ORCHESTRATOR_NAME, task_cause
+from actors import ORCHESTRATOR_NAME
+from actors.calls import Kind, outcome_sync
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
-from cluster.render import ChunkResult, JobPlan, finalize_job, prepare_job, render_chunk
+from cluster.nodecache import entries as cache_entries
+from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepare_job, render_chunk
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 
@@ -26,38 +29,65 @@ class Compositor:
     @ray.method(concurrency_group="control")  # answers while a chunk renders
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "settings": self.settings.fingerprint()}
+                "settings": self.settings.fingerprint(), "cached_files": cache_entries(self._cache_root())}
 
-    def prepare(self, job_id: str, request: RenderRequest, model_size: int) -> JobPlan:
+    def prepare(self, job_id: str, request: RenderRequest, model_size: int, output_path: str | None = None) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
 
         if self._detector is None:
             self._detector = MTCNNDetector()
-        return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector)
+        return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
+                           output_path=output_path)
 
-    def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str) -> ChunkResult:
+    def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str, shared_storage: bool = True) -> ChunkResult:
+        """Render one chunk. Without `shared_storage` (this node is not the job manager's), the
+        prepared files come from the node-local cache and the segment's bytes go back in the result."""
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.settings.namespace)
+        if not shared_storage:
+            plan = self._localized(plan, manager)
         s = self.settings  # the longest a dispatch may legitimately take, plus slack
         timeout = s.max_batch_attempts * (s.stall_timeout_s + s.model_load_timeout_s
                                           + s.batch_timeout_s * s.max_inflight_per_worker) + 30
 
         def generate(mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
             refs = [ray.put(mel), ray.put(crops)]
-            try:
-                (out_ref,) = ray.get(manager.dispatch.remote(plan.job_id, chunk.index, token, plan.model, refs),
-                                     timeout=timeout)
-                return ray.get(out_ref, timeout=self.settings.batch_timeout_s)
-            except ray.exceptions.RayTaskError as e:
-                cause = task_cause(e)
-                if isinstance(cause, LipsyncError):
-                    raise cause
-                raise
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                    ray.exceptions.ObjectLostError) as e:
-                raise WorkerLost(f"batch of chunk {chunk.index} was lost: {type(e).__name__}",
-                                 cause=str(e)[:2000], stage="render", chunk=chunk.index) from e
+            where = dict(stage="render", chunk=chunk.index, job_id=plan.job_id)
+            routed = outcome_sync(manager.dispatch.remote(plan.job_id, chunk.index, token, plan.model, refs), timeout)
+            if routed.ok:
+                generated = outcome_sync(routed.value[0], self.settings.batch_timeout_s)
+                if generated.ok:
+                    return generated.value
+                routed = generated
+            if routed.kind == Kind.raised and isinstance(routed.cause, LipsyncError):
+                raise routed.cause
+            if routed.kind == Kind.raised:
+                raise routed.error
+            raise routed.typed(WorkerLost, f"batch of chunk {chunk.index} was lost", **where)
 
-        return render_chunk(plan, chunk, generate, self.settings)
+        result = render_chunk(plan, chunk, generate, self.settings)
+        if not shared_storage:
+            segment = Path(result.segment)
+            result = result.model_copy(update={"data": segment.read_bytes()})
+            segment.unlink(missing_ok=True)
+        return result
+
+    def _cache_root(self) -> Path:
+        return self.settings.storage_root / "node-cache"
+
+    def _localized(self, plan: JobPlan, manager) -> JobPlan:
+        s = self.settings
+
+        def fetcher(sha256: str):
+            def fetch(offset: int, length: int) -> bytes:
+                answer = outcome_sync(manager.read_blob.remote(sha256, offset, length), s.actor_call_timeout_s * 2)
+                if answer.ok:
+                    return answer.value
+                if answer.kind == Kind.raised and isinstance(answer.cause, LipsyncError):
+                    raise answer.cause
+                raise answer.typed(WorkerLost, f"fetching {sha256[:12]} for job {plan.job_id} from the job manager",
+                                   stage="render", job_id=plan.job_id)
+            return fetch
+        return localized(plan, self._cache_root(), fetcher, s.transfer_part_bytes)
 
     def finalize(self, plan: JobPlan) -> MediaInfo:
         """Build and verify the output under its pending name; the job manager commits it."""

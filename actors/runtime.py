@@ -5,36 +5,46 @@ Calls to the job manager survive its restart: they are retried until their deadl
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import ORCHESTRATOR_NAME, task_cause
+from actors import ORCHESTRATOR_NAME
+from actors.calls import Kind, outcome_sync
 from cluster.config import Settings, get_settings
-from cluster.errors import LipsyncError, RenderError, RenderTimeout
-from cluster.render import admit, new_job_id
-from cluster.schemas import JobStatus, RenderRequest
+from cluster.errors import InputNotFound, LipsyncError, OutputVerificationError, RenderError, RenderTimeout
+from cluster.inputs import is_upload_ref
+from cluster.render import new_job_id
+from cluster.schemas import JobState, JobStatus, RenderRequest, StoredInput
 
 log = logging.getLogger("lipsync.runtime")
 
 
 def connect(settings: Settings, address: str | None = None, num_cpus: int | None = None,
-            num_gpus: int | None = None) -> None:
-    """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process.
+            num_gpus: int | None = None) -> bool:
+    """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process; True when
+    it started an embedded Ray (the jobs of this run are then owned by this process).
 
     Ray 2.60 enables token authentication by default: an embedded Ray generates its token, and
     joining a cluster needs its token (`RAY_AUTH_TOKEN` or the token file), as Ray documents.
     """
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(namespace=settings.namespace, log_to_driver=False, include_dashboard=False)
     if address:
         _check_reachable(address, settings.actor_call_timeout_s)
+        _enable_token_auth_when_available()
+    if not address and num_cpus is None:
+        # An embedded Ray declares the logical CPUs its actors need (one per model worker and per
+        # compositor), so `--workers 2` on a 2-core laptop runs, oversubscribed, instead of
+        # leaving the compositor unschedulable.
+        num_cpus = max(os.cpu_count() or 1, (settings.model_workers or 1) + (settings.compositors or 1))
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -44,6 +54,39 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join {where}: {e}{hint}", stage="connect", cause=repr(e)) from e
+    return not address
+
+
+def ray_token_source() -> str | None:
+    """Where a Ray token is available to this process (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
+    Ray's token file ~/.ray/auth_token), else None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if path and Path(path).is_file():
+            return path
+    return None
+
+
+def _enable_token_auth_when_available() -> None:
+    """Join a cluster as Ray documents it: a cluster started with `ray start --head` uses token
+    authentication by default, so when a token is available and RAY_AUTH_MODE is unset, turn
+    token mode on here (the user need not know to set RAY_AUTH_MODE=token); say so when none is."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    source = ray_token_source()
+    if source is None:
+        log.warning("no Ray token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): joining a "
+                    "cluster that uses token authentication (on by default in Ray 2.60) will fail")
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import: refresh it as Ray itself does when it turns token mode on
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:
+        pass
+    else:
+        _enable_token_auth()
+    log.info("joining with Ray token authentication (token from %s)", source)
 
 
 def _check_reachable(address: str, timeout: float) -> None:
@@ -62,10 +105,16 @@ def _check_reachable(address: str, timeout: float) -> None:
 
 
 class Runtime:
-    """A handle on the cluster's job manager (created on first use, named and detached)."""
+    """A handle on the cluster's job manager (created on first use, named and detached).
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    `owner`: who runs the job manager this handle creates: None for a cluster deployment (its
+    jobs resume after a restart), or `cluster.owners.process_identity()` for an embedded run
+    (its jobs end `job.abandoned` when this process is gone).
+    """
+
+    def __init__(self, settings: Settings | None = None, owner: str | None = None) -> None:
         self.settings = settings or get_settings()
+        self.owner = owner
 
     def manager(self):
         from actors.orchestrator import create_job_manager
@@ -73,34 +122,94 @@ class Runtime:
         try:
             return ray.get_actor(ORCHESTRATOR_NAME, namespace=self.settings.namespace)
         except ValueError:
-            return create_job_manager(self.settings)
+            return create_job_manager(self.settings, self.owner)
 
     def call(self, method: str, *args, timeout: float | None = None, **kwargs):
         """Call the job manager, retrying while it restarts, until `timeout` (default actor_call_timeout_s)."""
         deadline = time.monotonic() + (timeout or self.settings.actor_call_timeout_s)
         while True:
-            left = deadline - time.monotonic()
-            try:
-                return ray.get(getattr(self.manager(), method).remote(*args, **kwargs), timeout=max(left, 0.1))
-            except RayTaskError as e:  # the manager raised: surface our typed error as itself
-                cause = task_cause(e)
-                if isinstance(cause, LipsyncError):
-                    raise cause from None
-                raise
-            except (RayActorError, GetTimeoutError) as e:
-                if time.monotonic() >= deadline:
-                    raise RenderTimeout(f"the job manager did not answer {method} within the deadline: "
-                                        f"{type(e).__name__}", cause=str(e)[:2000]) from e
-                time.sleep(0.5)
+            answer = outcome_sync(getattr(self.manager(), method).remote(*args, **kwargs),
+                                  timeout=max(deadline - time.monotonic(), 0.1))
+            if answer.ok:
+                return answer.value
+            if answer.kind == Kind.raised:  # the manager raised: surface our typed error as itself
+                if isinstance(answer.cause, LipsyncError):
+                    raise answer.cause from None
+                raise answer.error
+            if answer.kind == Kind.lost or time.monotonic() >= deadline:
+                raise RenderTimeout(f"the job manager did not answer {method} within the deadline: "
+                                    f"{answer.describe('the job manager', method)}",
+                                    cause=str(answer.error)[:2000]) from answer.error
+            time.sleep(0.5)
 
     def ready(self, timeout: float = 120.0) -> dict:
         return self.call("ready", timeout, timeout=timeout + 5)
 
-    def submit(self, request: RenderRequest, job_id: str | None = None) -> JobStatus:
-        """Admit (probe + store inputs, typed errors for bad input) here, then hand to the manager."""
+    # --- bytes through Ray -------------------------------------------------------------------
+    def upload(self, path: str | os.PathLike) -> StoredInput:
+        """Send a local file to the job manager in parts; its content-addressed reference."""
+        path = Path(path)
+        part = self.settings.transfer_part_bytes
+        digest = hashlib.sha256()
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise InputNotFound(f"input file {path} cannot be read: {e.strerror}", path=str(path)) from e
+        upload_id = self.call("upload_begin", path.name)
+        try:
+            with f:
+                while data := f.read(part):
+                    digest.update(data)
+                    self.call("upload_part", upload_id, data, timeout=max(60.0, self.settings.actor_call_timeout_s))
+            return self.call("upload_finish", upload_id, digest.hexdigest(), timeout=120.0)
+        except BaseException:
+            try:
+                self.call("upload_abort", upload_id)
+            except LipsyncError as e:
+                log.warning("upload_abort %s: %s", upload_id, e)
+            raise
+
+    def download_output(self, job_id: str, dest: str | os.PathLike) -> Path:
+        """Fetch a succeeded job's output to `dest` (atomic: a temporary in dest's directory,
+        renamed once every byte arrived and the length is verified)."""
+        from cluster.fsutil import atomic_writer
+
+        st = self.status(job_id)
+        dest = Path(dest).expanduser().resolve()
+        part = self.settings.transfer_part_bytes
+        received = 0
+        with atomic_writer(dest) as f:
+            while True:
+                data = self.call("read_output", job_id, received, part, timeout=max(60.0, self.settings.actor_call_timeout_s))
+                if not data:
+                    break
+                f.write(data)
+                received += len(data)
+            if st.output_bytes is not None and received != st.output_bytes:
+                raise OutputVerificationError(f"job {job_id}: received {received} bytes of its output, expected "
+                                              f"{st.output_bytes}", job_id=job_id, path=str(dest))
+        return dest
+
+    # --- jobs --------------------------------------------------------------------------------
+    def upload_request(self, request: RenderRequest) -> RenderRequest:
+        """The request with each local input file uploaded and replaced by its reference."""
+        update, sources = {}, dict(request.sources)
+        for key in ("audio", "video"):
+            value = getattr(request, key)
+            if value is None or is_upload_ref(value):
+                continue
+            stored = self.upload(value)
+            update[key] = stored.ref
+            sources[stored.ref] = value
+        return request.model_copy(update={**update, "sources": sources})
+
+    def submit(self, request: RenderRequest, job_id: str | None = None, upload: bool = True) -> JobStatus:
+        """Send the inputs (unless `upload` is False: then they are paths under the manager's
+        input_roots) and hand the job to the manager, which admits it (typed errors for bad input)."""
         job_id = job_id or new_job_id()
-        admitted = admit(job_id, request, self.settings)
-        return self.call("submit", job_id, admitted)
+        if upload:
+            request = self.upload_request(request)
+        return self.call("submit", job_id, request, self.owner, timeout=max(120.0, self.settings.actor_call_timeout_s))
 
     def status(self, job_id: str) -> JobStatus:
         return self.call("get", job_id)
@@ -124,8 +233,12 @@ class Runtime:
 
     def render(self, request: RenderRequest, timeout: float | None = None,
                on_status: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        st = self.submit(request)
-        return self.wait(st.id, timeout=timeout, on_status=on_status)
+        """Submit, wait, and (when the request names an output) fetch the output there; the
+        returned status then names that local file as `output`."""
+        st = self.wait(self.submit(request).id, timeout=timeout, on_status=on_status)
+        if st.state == JobState.succeeded and request.output:
+            st.output = str(self.download_output(st.id, request.output))
+        return st
 
     def workers(self) -> dict:
         return self.call("workers")

@@ -62,12 +62,13 @@ class _ProgressBar:
 
 
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
-            quiet: bool, model: str | None = None) -> int:
+            quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
+            cluster_options: list[str] = ()) -> int:
     out = Path(output).expanduser().resolve()
-    # --model names the job's model too: a cluster joined at RAY_ADDRESS has its own default.
+    # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
-                            model=_model_spec(model) if model else None)
+                            model=_model_spec(model) if model else None, chunk_seconds=chunk_seconds)
     bar = _ProgressBar(quiet)
     try:
         if local:
@@ -79,13 +80,17 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             return 0
 
         from actors.runtime import Runtime, connect
-        from cluster.render import admit, new_job_id
+        from cluster.owners import process_identity
+        from cluster.render import check_inputs, new_job_id
 
+        check_inputs(request, settings)  # bad input fails here, before Ray starts
+        embedded = connect(settings)
+        if not embedded and cluster_options:
+            print(f"lipsync: note: {', '.join(cluster_options)} size a new job manager; the running cluster at "
+                  f"RAY_ADDRESS keeps its own, so they were not applied", file=sys.stderr)
+        rt = Runtime(settings, owner=process_identity() if embedded else None)
         job_id = new_job_id()
-        admitted = admit(job_id, request, settings)  # bad input fails here, before Ray starts
-        connect(settings)
-        rt = Runtime(settings)
-        st = rt.call("submit", job_id, admitted, timeout=120)
+        rt.submit(request, job_id=job_id)  # the inputs travel through Ray to the job manager
 
         def show(st) -> None:
             bar.show(st.frames_done, st.frames_total, st.state.value)
@@ -97,7 +102,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             raise
         bar.close()
         if st.state == JobState.succeeded:
-            print(f"wrote {st.output}", file=sys.stderr)
+            rt.download_output(job_id, out)  # the output travels back the same way
+            print(f"wrote {out}", file=sys.stderr)
             return 0
         err = st.error or ErrorInfo(code="unknown", message=f"job ended {st.state.value}")
         print(_fail_line(err), file=sys.stderr)
@@ -110,9 +116,14 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         bar.close()
 
 
+def _cluster_options(args: argparse.Namespace) -> list[str]:
+    return [flag for flag, value in (("--workers", getattr(args, "workers", None)),
+                                     ("--compositors", getattr(args, "compositors", None))) if value]
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     return _render(args.audio, args.video, args.output, _settings(args), args.loop, args.local, args.quiet,
-                   args.model)
+                   args.model, args.chunk_seconds, _cluster_options(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -120,7 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     audio, video = make_demo_inputs(str(settings.dir("demo")), settings=settings)
-    return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet, args.model)
+    return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet, args.model,
+                   args.chunk_seconds, _cluster_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

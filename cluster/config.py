@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     simulate_free_bytes: int | None = Field(None, ge=0,
                                             description="drills and tests: the free space the disk "
                                             "check sees instead of asking the filesystem")
+    transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
+                                     description="bytes per part of uploads and output downloads through Ray")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
                                      description="fail with input.no_face when fewer frames have a face")
 
@@ -55,6 +57,8 @@ class Settings(BaseSettings):
     ffmpeg_timeout_s: float = 1800.0
     batch_timeout_s: float = 120.0
     chunk_timeout_s: float = 900.0
+    prepare_seconds_per_template_second: float = Field(
+        3.0, gt=0, description="prepare's deadline: chunk_timeout_s plus this per second of template")
     stall_timeout_s: float = 120.0
     model_load_timeout_s: float = 300.0
     actor_call_timeout_s: float = 30.0

@@ -11,8 +11,12 @@ from typing import Any
 
 
 class LipsyncError(Exception):
+    """Base of every typed error. `retryable`: whether running the same step again (another
+    attempt of a chunk, on another worker) can succeed; False for errors that say the job itself
+    cannot succeed (bad input, a model that cannot load, a cancelled job)."""
     code: str = "error"
     exit_code: int = 1  # CLI exit status
+    retryable: bool = True
 
     def __init__(self, message: str, *, code: str | None = None, stage: str | None = None,
                  job_id: str | None = None, chunk: int | None = None, cause: str | None = None,
@@ -57,6 +61,7 @@ def _rebuild(cls, message, state):
 class InputError(LipsyncError):
     code = "input.invalid"
     exit_code = 2
+    retryable = False
 
 
 class InputNotFound(InputError):
@@ -87,6 +92,11 @@ class UnsafeInput(InputError):
     code = "input.unsafe"
 
 
+class InputOutsideRoots(InputError):
+    """A server-side path input that does not lie under `settings.input_roots`."""
+    code = "input.outside_roots"
+
+
 class NoFace(InputError):
     code = "input.no_face"
 
@@ -99,10 +109,12 @@ class ModelError(LipsyncError):
 class ModelContractError(ModelError):
     code = "model.invalid_contract"
     exit_code = 2
+    retryable = False
 
 
 class ModelLoadError(ModelError):
     code = "model.load_failed"
+    retryable = False
 
 
 class ModelInferenceError(ModelError):
@@ -149,12 +161,46 @@ class RenderTimeout(RenderError):
 
 class JobCancelled(LipsyncError):
     code = "cancelled"
+    retryable = False
 
 
 class JobNotFound(LipsyncError):
     code = "job.not_found"
     exit_code = 2
+    retryable = False
+
+
+class JobConflict(LipsyncError):
+    """The same job id was submitted again with other inputs (HTTP 409)."""
+    code = "job.conflict"
+    exit_code = 2
+    retryable = False
+
+
+class JobNotReady(LipsyncError):
+    """The job's output was asked for before the job succeeded (HTTP 409)."""
+    code = "job.not_succeeded"
+    retryable = False
+
+
+class JobAbandoned(LipsyncError):
+    """An embedded run's job whose client (the process that admitted it) is gone."""
+    code = "job.abandoned"
+    retryable = False
+
+
+class OutputPathInUse(InputError):
+    """Another unfinished job already writes to the same output path."""
+    code = "output.path_in_use"
+
+
+class PlacementError(LipsyncError):
+    """The cluster cannot hold the actors asked for (names the missing resource)."""
+    code = "cluster.unplaceable"
+    exit_code = 2
+    retryable = False
 
 
 class InputsGone(LipsyncError):
     code = "job.inputs_missing"
+    retryable = False

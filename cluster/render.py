@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
@@ -54,6 +54,7 @@ class JobPlan(BaseModel):
     batch_size: int
     chunks: list[Chunk]
     output_path: str
+    blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
 
     @property
     def fps(self) -> Fraction:
@@ -68,6 +69,31 @@ class ChunkResult(BaseModel):
     frames: int
     segment: str
     seconds: float
+    data: bytes | None = None  # the segment's bytes, when rendered on a node without the storage root
+
+
+# The prepared files a compositor reads, by role: what a node without the storage root caches.
+BLOB_FIELDS = {"template": "template_path", "track": "track_path", "mel": "mel_path"}
+
+
+def with_blobs(plan: JobPlan) -> JobPlan:
+    """The plan with the content hash of each prepared file it reads (see `localized`)."""
+    from cluster.nodecache import file_sha256
+
+    return plan.model_copy(update={"blobs": {role: file_sha256(getattr(plan, field))
+                                             for role, field in BLOB_FIELDS.items()}})
+
+
+def localized(plan: JobPlan, cache_root: Path, fetcher: Callable[[str], Callable[[int, int], bytes]],
+              part_bytes: int) -> JobPlan:
+    """The plan as a node without the storage root renders it: each prepared file from the
+    node-local cache (fetched once per node by content hash), segments under the cache."""
+    from cluster.nodecache import cached_file
+
+    update = {field: str(cached_file(cache_root, plan.blobs[role], Path(getattr(plan, field)).suffix,
+                                     fetcher(plan.blobs[role]), part_bytes))
+              for role, field in BLOB_FIELDS.items()}
+    return plan.model_copy(update={**update, "job_dir": str(Path(cache_root) / "jobs" / plan.job_id)})
 
 
 def new_job_id() -> str:
@@ -86,17 +112,9 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
     Returns the request with paths pointing at the stored copies, so the job survives the
     caller's files going away. Hard links where the filesystem allows, else a copy.
     """
-    from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
-    model = request.model or s.model
-    if not model.startswith("builtin") and not Path(model).is_file():
-        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
-                            path=model)
-    audio_info = probe_audio(request.audio, s)
-    video_info = probe_video(request.video, s) if request.video is not None else None
-    if video_info is None and request.avatar_id is None:
-        raise InputNotFound("a job needs a template video or an avatar_id")
+    audio_info, video_info = check_inputs(request, s)
     check_job_disk(audio_info, video_info, request.output, s, job_id=job_id)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -120,6 +138,48 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
     return request.model_copy(update={**stored, "sources": sources})
 
 
+def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tuple[MediaInfo, MediaInfo | None]:
+    """Probe a request's inputs where they are (typed errors naming the file, within seconds);
+    returns what was found (audio, video or None for an avatar job)."""
+    from cluster.media.probe import probe_audio, probe_video
+
+    s = settings or get_settings()
+    model = request.model or s.model
+    if not model.startswith("builtin") and not Path(model).is_file():
+        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
+                            path=model)
+    try:
+        audio = probe_audio(request.audio, s)
+        video = probe_video(request.video, s) if request.video is not None else None
+        if video is None and request.avatar_id is None:
+            raise InputNotFound("a job needs a template video or an avatar_id")
+    except LipsyncError as e:
+        raise _name_sources(e, request)
+    return audio, video
+
+
+def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+    """Admission on the job manager's node: resolve each input (an upload reference, or a path
+    under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
+    client gave (`request.sources` maps what it sent to its own path)."""
+    from cluster.inputs import resolve_input
+
+    s = settings or get_settings()
+    resolved: dict[str, str] = {}
+    sources = dict(request.sources)
+    for key in ("audio", "video"):
+        given = getattr(request, key)
+        if given is None:
+            continue
+        try:
+            path = str(resolve_input(given, s))
+        except LipsyncError as e:
+            raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
+        resolved[key] = path
+        sources[path] = request.sources.get(given, given)
+    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s)
+
+
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
     """Errors about a stored copy name the file the user gave instead."""
     for stored, original in request.sources.items():
@@ -132,10 +192,35 @@ def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
 
 
 # --- prepare -----------------------------------------------------------------------------
+def output_path_for(job_id: str, settings: Settings | None = None) -> Path:
+    """Where the cluster commits a job's output: under the storage root, on the manager's node
+    (clients fetch the bytes through the job manager)."""
+    return (settings or get_settings()).dir("outputs") / f"{job_id}.mp4"
+
+
+def prepare_deadline(request: RenderRequest, settings: Settings | None = None) -> float:
+    """How long preparing `request` may take: it transcodes and detects faces in the whole
+    template, so the deadline follows the template's length (never below chunk_timeout_s)."""
+    from cluster.media.probe import probe_video
+
+    s = settings or get_settings()
+    seconds = 0.0
+    if request.video is not None:
+        try:
+            info = probe_video(request.video, s)
+            seconds = info.video.duration if info.video else info.duration
+        except LipsyncError:  # prepare itself reports what is wrong with the file
+            seconds = s.max_input_seconds
+    return max(s.chunk_timeout_s, s.chunk_timeout_s + s.prepare_seconds_per_template_second * seconds)
+
+
 @disk_full_guard("prepare")
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
-                model_size: int | None = None, detector=None) -> JobPlan:
-    """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks."""
+                model_size: int | None = None, detector=None, output_path: str | None = None) -> JobPlan:
+    """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks.
+
+    The output goes to `output_path` (the cluster passes `output_path_for(job_id)`), else to the
+    request's output, else into the job's directory."""
     from cluster.audio import load_audio, melspectrogram
     from cluster.faces.avatar import load_avatar, prepare_avatar
     from cluster.plan import frame_count_from_samples, make_chunks
@@ -175,14 +260,16 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
-        output_path=request.output or str(jd / "output.mp4"),
+        output_path=output_path or request.output or str(jd / "output.mp4"),
     )
 
 
-def check_plan_files(plan: JobPlan) -> None:
-    """Raise `InputsGone` naming the first stored input or prepared file that no longer exists."""
-    for what, p in (("audio input", plan.audio_path), ("normalised template", plan.template_path),
-                    ("face track", plan.track_path), ("mel features", plan.mel_path)):
+def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
+    """Raise `InputsGone` naming the first stored input or prepared file that no longer exists
+    (`render_only`: only those a chunk reads)."""
+    files = [("normalised template", plan.template_path), ("face track", plan.track_path),
+             ("mel features", plan.mel_path)]
+    for what, p in files if render_only else [("audio input", plan.audio_path), *files]:
         if not Path(p).exists():
             raise InputsGone(f"job {plan.job_id}: the {what} {p} no longer exists", job_id=plan.job_id, path=p)
 
@@ -207,7 +294,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
 
     s = settings or get_settings()
     t0 = time.monotonic()
-    check_plan_files(plan)
+    check_plan_files(plan, render_only=True)
     track = FaceTrack.load(plan.track_path)
     mel = np.load(plan.mel_path, mmap_mode="r")
     final = Path(plan.segment_path(chunk.index))

@@ -8,7 +8,7 @@ import collections
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -58,19 +58,21 @@ class WorkerTable:
     def all_failed(self) -> bool:
         return bool(self.members) and all(m.health == Health.failed for m in self.members.values())
 
-    def pick(self) -> Member | None:
-        """The live member with the fewest batches in flight (ties: fewest served), if under the limit."""
-        ready = [m for m in self.live() if m.inflight < self.max_inflight]
+    def pick(self, where: Callable[[Member], bool] | None = None) -> Member | None:
+        """The live member (satisfying `where`) with the fewest batches in flight (ties: fewest
+        served), if under the limit."""
+        ready = [m for m in self.live() if m.inflight < self.max_inflight and (where is None or where(m))]
         if not ready:
             return None
         return min(ready, key=lambda m: (m.inflight, m.served, m.name))
 
-    async def acquire(self, timeout: float) -> Member | None:
-        """Reserve a slot on the least-loaded live member; None when none frees up within `timeout`."""
+    async def acquire(self, timeout: float, where: Callable[[Member], bool] | None = None) -> Member | None:
+        """Reserve a slot on the least-loaded live member (satisfying `where`); None when none
+        frees up within `timeout`."""
         deadline = time.monotonic() + timeout
         async with self._changed:
             while True:
-                m = self.pick()
+                m = self.pick(where)
                 if m is not None:
                     m.inflight += 1
                     return m
@@ -104,6 +106,36 @@ class WorkerTable:
     def snapshot(self) -> list[dict]:
         return [{"name": m.name, "health": m.health.value, "inflight": m.inflight, "served": m.served,
                  **({"error": str(m.error)} if m.error else {}), **m.info} for m in self.members.values()]
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    model_workers: int
+    compositors: int
+    gpus_per_worker: float  # 0: CPU workers
+
+
+def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
+              worker_gpus: float, max_compositors: int = 8) -> PoolSize:
+    """How many model workers (1 CPU each, plus `worker_gpus` where the cluster has GPUs) and
+    compositors (1 CPU each) to run on a cluster with `cpus` and `gpus`; defaults: one worker per
+    GPU (else 1), compositors on the CPUs left (at least 1, at most `max_compositors`).
+
+    Raises `PlacementError` naming the missing resource when the actors asked for cannot all be
+    placed, instead of letting a job wait for an actor that will never start."""
+    from cluster.errors import PlacementError
+
+    n_workers = model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+    per_worker = worker_gpus if gpus else 0.0
+    if per_worker and n_workers * per_worker > gpus + 1e-9:
+        raise PlacementError(f"{n_workers} model worker(s) need {n_workers * per_worker:g} GPU(s) "
+                             f"({worker_gpus:g} each, LIPSYNC_WORKER_GPUS); the cluster has {gpus:g} GPU(s)")
+    n_comp = compositors or max(1, min(int(cpus) - n_workers, max_compositors))
+    if n_workers + n_comp > cpus + 1e-9:
+        raise PlacementError(f"{n_workers} model worker(s) and {n_comp} compositor(s) need {n_workers + n_comp} "
+                             f"CPU(s) (one each); the cluster has {cpus:g} CPU(s). Ask for fewer workers "
+                             f"(--workers/--compositors) or add CPUs")
+    return PoolSize(n_workers, n_comp, per_worker)
 
 
 class FairQueue(Generic[K]):

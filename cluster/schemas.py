@@ -111,6 +111,25 @@ class RenderRequest(BaseModel):
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
 
 
+class StoredInput(BaseModel):
+    """Bytes a client uploaded to the job manager: `ref` ("upload:<sha256><.ext>") names them in
+    a RenderRequest's `audio`/`video`."""
+    ref: str
+    size: int
+    sha256: str
+
+
+class StageTime(BaseModel):
+    """When one stage of a job (admit, prepare, render, finalize) started and ended."""
+    stage: str
+    started_at: datetime
+    ended_at: datetime | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.ended_at - self.started_at).total_seconds() if self.ended_at else None
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -120,9 +139,11 @@ class JobStatus(BaseModel):
     chunks_total: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
-    output: str | None = None
+    output: str | None = None         # on the job manager's node; clients fetch it with read_output
+    output_bytes: int | None = None   # size of the committed output, once succeeded
     error: ErrorInfo | None = None
     request: RenderRequest | None = None
+    stages: list[StageTime] = Field(default_factory=list)
 
     @property
     def progress(self) -> float:

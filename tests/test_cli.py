@@ -147,14 +147,54 @@ def test_bad_input_through_ray_path_exits_before_ray_starts(inputs, env, workdir
     assert not out.exists()
 
 
-def test_render_on_embedded_ray_succeeds(inputs, env, workdir):
-    out = workdir / "ray.mp4"
-    ray_env = {**env, "LIPSYNC_COMPOSITORS": "1", "LIPSYNC_MODEL_WORKERS": "1"}
-    rc, _, err, _ = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
-                             "-o", str(out), "-q"], ray_env, workdir, timeout=180)
-    assert rc == 0, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"wrote {out}"
-    check_verified(out, 19200, Fraction(25))
+def _popen(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_two_embedded_renders_on_one_storage_root(inputs, env, workdir):
+    """Two `lipsync render` at once on one storage root (each with its own embedded Ray; one
+    asking for 2 model workers, more than a 2-core laptop has CPUs for both kinds of actor) both
+    succeed with their own outputs, and a job left by a killed run is ended, not rendered."""
+    from cluster.jobstore import JobStore
+    from cluster.owners import process_identity
+    from cluster.schemas import JobState, RenderRequest
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    identity = process_identity(gone.pid)
+    gone.wait(timeout=30)
+    left = workdir / "left-by-a-killed-run.mp4"
+    store = JobStore(Path(env["LIPSYNC_STORAGE_ROOT"]) / "jobs.sqlite3")
+    store.create("killed-run-job", RenderRequest(audio=str(inputs["speech"]), video=str(inputs["template"]),
+                                                 output=str(left)), owner=identity)
+
+    other = Path(write_audio(str(workdir / "speech_b.wav"), speech_like(1.6, seed=22)))
+    runs = {
+        "one.mp4": (inputs["speech"], 19200, ["--workers", "2"], {}),
+        "two.mp4": (other, 25600, [], {"LIPSYNC_COMPOSITORS": "1", "LIPSYNC_MODEL_WORKERS": "1"}),
+    }
+    procs = {name: _popen([*CLI, "render", "--audio", str(audio), "--video", str(inputs["template"]), "-o",
+                           str(workdir / name), "-q", *flags], {**env, **extra}, workdir)
+             for name, (audio, _, flags, extra) in runs.items()}
+    try:
+        results = {name: p.communicate(timeout=300) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    for name, (_, samples, _, _) in runs.items():
+        out, err = results[name]
+        assert procs[name].returncode == 0, err[-3000:]
+        assert err.strip().splitlines()[-1] == f"wrote {workdir / name}"
+        check_verified(workdir / name, samples, Fraction(25))
+    st = store.get("killed-run-job")
+    assert st.state == JobState.failed and st.error.code == "job.abandoned", st
+    assert not left.exists()
+    # Each run rendered exactly its own job.
+    ours = {j.request.output: j for j in store.list(limit=1000) if j.request and j.request.output in
+            {str(workdir / name) for name in runs}}
+    assert sorted(j.state.value for j in ours.values()) == ["succeeded", "succeeded"], ours
 
 
 def test_demo_renders_a_moving_mouth(env, workdir):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from hypothesis import given, strategies as st
 
 from cluster.scheduling import FairQueue, Health, WorkerTable
@@ -98,3 +100,27 @@ def test_retried_chunk_goes_to_the_front_of_its_job():
     assert [q.pop()[1] for _ in range(3)] == [0, 1, 2]
     q.push("a", 5)
     assert q.drop("a") == [5] and len(q) == 0
+
+
+# --- placement: what cannot be placed fails at once, naming the missing resource ------------------
+def test_pool_size_defaults_follow_the_cluster():
+    from cluster.scheduling import PoolSize, size_pool
+
+    assert size_pool(cpus=8, gpus=2, model_workers=None, compositors=None, worker_gpus=1) == PoolSize(2, 6, 1.0)
+    assert size_pool(cpus=2, gpus=0, model_workers=None, compositors=None, worker_gpus=1) == PoolSize(1, 1, 0.0)
+    assert size_pool(cpus=64, gpus=0, model_workers=None, compositors=None, worker_gpus=1).compositors == 8
+
+
+@pytest.mark.parametrize("cpus,gpus,workers,compositors,worker_gpus,missing", [
+    (2, 0, 2, None, 1, "CPU"),        # --workers 2 on 2 CPUs leaves no CPU for a compositor
+    (4, 0, 1, 4, 1, "CPU"),
+    (8, 1, 2, None, 1, "GPU"),        # two GPU workers on one GPU
+    (8, 1, 3, None, 0.5, "GPU"),
+])
+def test_unplaceable_pools_fail_naming_the_resource(cpus, gpus, workers, compositors, worker_gpus, missing):
+    from cluster.errors import PlacementError
+    from cluster.scheduling import size_pool
+
+    with pytest.raises(PlacementError) as e:
+        size_pool(cpus=cpus, gpus=gpus, model_workers=workers, compositors=compositors, worker_gpus=worker_gpus)
+    assert e.value.code == "cluster.unplaceable" and f"{missing}(s)" in e.value.message, e.value.message

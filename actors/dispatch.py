@@ -1,0 +1,247 @@
+"""Scheduling and dispatch: queued chunks to free compositors (round-robin across jobs), model
+batches to the least-loaded live model worker, job-level steps (prepare, finalise) to some
+compositor. Outcomes of chunks go back to the job state machine (`actors.jobs.JobMachine`).
+
+Only object refs pass through here, never frame data.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import ray
+
+from actors.calls import Kind, outcome
+from actors.supervision import Supervisor, TaskSet
+from cluster.config import Settings
+from actors.jobs import StaleAttempt
+from cluster.errors import ChunkFailed, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
+from cluster.scheduling import FairQueue, Member
+from cluster.schemas import Chunk
+
+if TYPE_CHECKING:
+    from actors.jobs import JobMachine, JobRuntime
+
+log = logging.getLogger("lipsync.dispatch")
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, pool: Supervisor, tasks: TaskSet, work: asyncio.Event) -> None:
+        self.s = settings
+        self.pool = pool
+        self.tasks = tasks
+        self.work = work
+        self.queue: FairQueue[Chunk] = FairQueue()
+        self.machine: JobMachine | None = None  # set by the job manager once both exist
+        self._sizes: dict[str, int] = {}
+        self.node_id = ray.get_runtime_context().get_node_id()  # the job manager's node: the storage root's
+        self._detector = None  # for a prepare run here, when no compositor shares this node
+
+    def on_this_node(self, member: Member) -> bool:
+        return member.info.get("node") == self.node_id
+
+    # --- chunks to compositors ---------------------------------------------------------------
+    async def run_scheduler(self) -> None:
+        """Hand queued chunks, round-robin across jobs, to free compositors. Never dies."""
+        while True:
+            try:
+                await self._schedule_once()
+            except Exception:
+                log.exception("scheduler step failed; going on")
+                await asyncio.sleep(1.0)
+
+    async def _schedule_once(self) -> None:
+        if not len(self.queue):
+            self.work.clear()
+            try:
+                await asyncio.wait_for(self.work.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            return
+        member = await self.pool.compositors.acquire(timeout=1.0)
+        if member is None:
+            return
+        item = self.queue.pop()
+        if item is None:
+            await self.pool.compositors.release(member)
+            return
+        job_id, chunk = item
+        self.tasks.spawn(self._run_chunk(job_id, chunk, member))
+
+    async def _run_chunk(self, job_id: str, chunk: Chunk, member: Member) -> None:
+        machine = self.machine
+        job = machine.jobs.get(job_id)
+        ok = False
+        try:
+            if job is None or job.finished:
+                return
+            token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
+            job.inflight_frames[chunk.index] = 0
+            ref = member.handle.render_chunk.options(name=f"render job={job_id} chunk={chunk.index}").remote(
+                job.plan, chunk, token, self.on_this_node(member))
+            answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
+            what = f"job {job_id} chunk {chunk.index}"
+            if answer.kind == Kind.died:
+                await self.pool.lost(self.pool.compositors, member, f"died rendering {what}")
+                machine.retry(job, chunk, answer.typed(WorkerLost, f"compositor {member.name} died"), lost=True)
+            elif answer.kind == Kind.stalled:
+                why = f"chunk {chunk.index} took over {self.s.chunk_timeout_s:.0f} s"
+                await self.pool.lost(self.pool.compositors, member, why, kill=True)
+                machine.retry(job, chunk, RenderTimeout(why))
+            elif answer.kind == Kind.raised:
+                err = answer.typed(ChunkFailed, f"chunk {chunk.index} of job {job_id} failed")
+                machine.retry(job, chunk, err, lost=isinstance(err, WorkerLost))
+            elif answer.kind == Kind.lost:  # e.g. the result was lost with its node: render it again
+                machine.retry(job, chunk, answer.typed(WorkerLost, f"chunk {chunk.index} result lost"), lost=True)
+            else:
+                ok = True
+                await machine.chunk_done(job, chunk, answer.value)
+        except Exception as e:
+            log.exception("chunk %s of job %s: internal error", chunk.index, job_id)
+            if job is not None and not job.finished:
+                machine.fail(job_id, RenderError(f"internal error on chunk {chunk.index}: {e!r}", chunk=chunk.index,
+                                                 cause=repr(e)))
+        finally:
+            await self.pool.compositors.release(member, ok=ok)
+            self.work.set()
+
+    # --- batches to model workers ------------------------------------------------------------
+    async def dispatch(self, job_id: str, chunk_index: int, token: str, model: str, refs: list) -> list:
+        """Run one batch (refs: [mel, crops]) on the least-loaded live worker; returns [ref of output].
+
+        Worker death or a stall (no answer within batch_timeout_s per batch queued ahead on that
+        worker) re-dispatches the same refs to another worker, up to max_batch_attempts; a model
+        exception is raised to the caller.
+        """
+        job = self.machine.jobs.get(job_id)
+        if job is None or job.finished or job.tokens.get(chunk_index) != token:
+            raise StaleAttempt(f"job {job_id} chunk {chunk_index}: this attempt is no longer wanted",
+                               job_id=job_id, chunk=chunk_index)
+        table = self.pool.models
+        mel_ref, crops_ref = refs
+        where = dict(job_id=job_id, chunk=chunk_index, stage="render")
+        last = "no attempt"
+        for _ in range(self.s.max_batch_attempts):
+            member = await table.acquire(timeout=self.s.stall_timeout_s)
+            if member is None:
+                if table.all_failed():
+                    raise self.pool.load_error()
+                raise WorkerLost(f"no live model worker for {model!r} within {self.s.stall_timeout_s:.0f} s "
+                                 f"(last problem: {last})", **where)
+            ok = False
+            try:
+                if model not in member.info.get("models", ()):  # load it under the load deadline, not a batch's
+                    step = f"loading {model!r}"
+                    answer = await outcome(member.handle.describe.remote(model), timeout=self.s.model_load_timeout_s)
+                    if answer.ok:
+                        member.info = {**member.info, "models": [*member.info.get("models", ()), model]}
+                if model in member.info.get("models", ()):
+                    step = "a batch"
+                    queued = max(1, member.inflight)  # batches ahead of this one on that worker, this one included
+                    meta_ref, out_ref = member.handle.infer.options(
+                        name=f"infer job={job_id} chunk={chunk_index}").remote(model, mel_ref, crops_ref)
+                    answer = await outcome(meta_ref, timeout=self.s.batch_timeout_s * queued)
+                if answer.kind in (Kind.stalled, Kind.died):
+                    last = answer.describe(member.name, step)
+                    await self.pool.lost(table, member, last, kill=answer.kind == Kind.stalled)
+                    continue
+                if answer.kind == Kind.raised:
+                    raise answer.typed(ModelError, f"model worker {member.name} failed on job {job_id} "
+                                                   f"chunk {chunk_index}", **where)
+                if answer.kind == Kind.lost:  # the batch's inputs are gone (their owner died): redo the chunk
+                    raise answer.typed(WorkerLost, f"job {job_id} chunk {chunk_index}: batch inputs lost", **where)
+                ok = True
+            finally:
+                await table.release(member, ok=ok)
+            job.inflight_frames[chunk_index] = job.inflight_frames.get(chunk_index, 0) + int(answer.value["frames"])
+            return [out_ref]
+        raise WorkerLost(f"job {job_id} chunk {chunk_index}: batch lost {self.s.max_batch_attempts} times "
+                         f"(last: {last})", **where)
+
+    async def model_size(self, model: str) -> int:
+        """The crop size S of `model`, asked of a live worker (which loads the model if needed)."""
+        if model in self._sizes:
+            return self._sizes[model]
+        table = self.pool.models
+        deadline = time.monotonic() + self.s.model_load_timeout_s
+        while time.monotonic() < deadline:
+            if table.all_failed():
+                raise self.pool.load_error()
+            live = table.live()
+            if not live:
+                await asyncio.sleep(0.2)
+                continue
+            member = min(live, key=lambda x: x.inflight)
+            answer = await outcome(member.handle.describe.remote(model),
+                                   timeout=max(1.0, deadline - time.monotonic()))
+            if answer.kind == Kind.raised:
+                raise answer.typed(ModelLoadError, f"cannot load model {model!r}").with_context(path=model)
+            if not answer.ok:
+                await self.pool.lost(table, member, answer.describe(member.name, f"describe({model!r})"),
+                                     kill=answer.kind == Kind.stalled)
+                continue
+            member.info = {**member.info, "models": [*member.info.get("models", ()), model]}
+            self._sizes[model] = int(answer.value["size"])
+            return self._sizes[model]
+        raise RenderTimeout(f"model {model!r} was not ready on any worker within {self.s.model_load_timeout_s:.0f} s")
+
+    # --- job-level steps -----------------------------------------------------------------------
+    async def run_step(self, method: str, job: JobRuntime, *args, timeout: float | None = None):
+        """Run a job-level step (prepare, finalize: they read and write the storage root) on a
+        compositor on this node; a lost compositor means another one runs it. Where no
+        compositor shares this node (e.g. a head node with no CPUs for actors), it runs here,
+        in a thread."""
+        timeout = timeout or self.s.chunk_timeout_s
+        table = self.pool.compositors
+        settle_by = time.monotonic() + self.s.stall_timeout_s
+        while not self.pool.settled() and time.monotonic() < settle_by:  # where the members are is known
+            await asyncio.sleep(0.2)
+        last = "none"
+        for _ in range(self.s.max_chunk_attempts + 1):
+            if not any(self.on_this_node(m) for m in table.members.values()):
+                return await self._run_here(method, job, args, timeout)
+            member = await table.acquire(timeout=self.s.stall_timeout_s, where=self.on_this_node)
+            if member is None:
+                raise WorkerLost(f"no live compositor on the job manager's node within {self.s.stall_timeout_s:.0f} s "
+                                 f"for {method} (last problem: {last})", cause=last)
+            try:
+                ref = getattr(member.handle, method).options(name=f"{method} job={job.id}").remote(*args)
+                answer = await outcome(ref, timeout=timeout)
+            finally:
+                await table.release(member)
+            if answer.ok:
+                return answer.value
+            if answer.kind == Kind.raised:
+                raise answer.typed(RenderError, f"{method} failed")
+            if answer.kind == Kind.stalled:
+                last = f"{member.name}: {method} took over {timeout:.0f} s"
+                await self.pool.lost(table, member, last, kill=True)
+            else:
+                last = answer.describe(member.name, method)
+                await self.pool.lost(table, member, last)
+        raise WorkerLost(f"{method} of job {job.id}: compositor lost {self.s.max_chunk_attempts + 1} times; "
+                         f"last: {last}", cause=last)
+
+    async def _run_here(self, method: str, job: JobRuntime, args: tuple, timeout: float):
+        from cluster.render import finalize_job, prepare_job
+
+        if method == "prepare":
+            if self._detector is None:
+                from cluster.faces.mtcnn import MTCNNDetector
+
+                self._detector = MTCNNDetector()
+            job_id, request, model_size, output_path = args
+            call = lambda: prepare_job(job_id, request, self.s, model_size=model_size, detector=self._detector,  # noqa: E731
+                                       output_path=output_path)
+        elif method == "finalize":
+            (plan,) = args
+            call = lambda: finalize_job(plan, self.s, commit=False)  # noqa: E731
+        else:
+            raise ValueError(method)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call), timeout)
+        except asyncio.TimeoutError:
+            raise RenderTimeout(f"{method} of job {job.id} took over {timeout:.0f} s") from None

@@ -1,0 +1,254 @@
+"""The job state machine: queued -> preparing -> rendering -> finalizing -> succeeded, or failed /
+cancelled from any non-terminal state. Every move is written to the job store before it is
+reported; a restarted job manager rebuilds `JobRuntime`s from the store and resumes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from actors.supervision import Supervisor, TaskSet
+from cluster.config import Settings
+from cluster.errors import ChunkFailed, JobCancelled, LipsyncError, RenderError, RenderTimeout, WorkerLost
+from cluster.jobstore import JobStore
+from cluster.fsutil import write_atomic
+from cluster.render import (BLOB_FIELDS, ChunkResult, JobPlan, check_plan_files, commit_output, discard_output,
+                            output_path_for, prepare_deadline, with_blobs)
+from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus
+
+if TYPE_CHECKING:
+    from actors.dispatch import Dispatcher
+
+log = logging.getLogger("lipsync.jobs")
+
+
+class StaleAttempt(JobCancelled):
+    """A chunk attempt the job no longer wants (the job ended, or the chunk was handed out again)."""
+    code = "render.stale_attempt"
+
+
+@dataclass
+class JobRuntime:
+    """In-memory state of a job this manager is running (rebuilt from SQLite after a restart)."""
+    id: str
+    plan: JobPlan | None = None
+    stage: str = "prepare"
+    done: dict[int, int] = field(default_factory=dict)          # chunk -> frames (segment written)
+    inflight_frames: dict[int, int] = field(default_factory=dict)  # chunk -> frames generated so far
+    attempts: dict[int, int] = field(default_factory=dict)      # chunk -> failed attempts
+    losses: dict[int, int] = field(default_factory=dict)        # chunk -> attempts lost with a process
+    tokens: dict[int, str] = field(default_factory=dict)        # chunk -> token of the live attempt
+    finished: bool = False
+    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # commit + `succeeded`, or cancel: never both
+    all_done: asyncio.Event = field(default_factory=asyncio.Event)
+    reported: int = 0
+    capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
+
+
+class JobMachine:
+    def __init__(self, settings: Settings, store: JobStore, pool: Supervisor, dispatcher: Dispatcher,
+                 tasks: TaskSet) -> None:
+        self.s = settings
+        self.store = store
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.tasks = tasks
+        self.jobs: dict[str, JobRuntime] = {}
+        self.blobs: dict[str, str] = {}  # sha256 -> path of a prepared file nodes may fetch (read_blob)
+
+    def _register(self, plan: JobPlan) -> None:
+        for role, sha in plan.blobs.items():
+            self.blobs[sha] = getattr(plan, BLOB_FIELDS[role])
+
+    # --- reading -----------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        st = self.store.get(job_id)
+        job = self.jobs.get(job_id)
+        if job is not None and not st.state.terminal:
+            live = sum(job.done.values()) + sum(job.inflight_frames.values())
+            job.reported = min(st.frames_total, max(job.reported, live, st.frames_done))
+            st.frames_done = job.reported
+        return st
+
+    # --- moves -------------------------------------------------------------------------------
+    def start(self, job_id: str) -> None:
+        if job_id in self.jobs and not self.jobs[job_id].finished:
+            return
+        self.jobs[job_id] = JobRuntime(job_id)
+        self.tasks.spawn(self._run(job_id))
+
+    def finish(self, job_id: str, state: JobState, error: ErrorInfo | None = None, output: str | None = None) -> None:
+        """Persist a terminal state (first one wins), then stop the job's work. Never reads the
+        stored request: a job whose row no longer validates still ends."""
+        if self.store.end(job_id, state, error=error, output=output):
+            log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.finished = True
+            job.all_done.set()
+            if state != JobState.succeeded and job.plan is not None:
+                discard_output(job.plan)
+        self.dispatcher.queue.drop(job_id)
+
+    def fail(self, job_id: str, err: LipsyncError) -> None:
+        job = self.jobs.get(job_id)
+        err.with_context(job_id=job_id, stage=job.stage if job else None)
+        self.finish(job_id, JobState.failed, err.to_info())
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel a job. Commit (rename + `succeeded`) and cancel exclude each other: a job whose
+        verified output is being committed ends succeeded, and a cancelled job publishes nothing."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            self._cancel_now(job_id)
+            return
+        try:
+            await asyncio.wait_for(job.commit_lock.acquire(), self.s.actor_call_timeout_s)
+        except asyncio.TimeoutError:
+            raise RenderTimeout(f"job {job_id}: its output commit did not finish within "
+                                f"{self.s.actor_call_timeout_s:.0f} s; cancel again", job_id=job_id) from None
+        try:
+            self._cancel_now(job_id)
+        finally:
+            job.commit_lock.release()
+
+    def _cancel_now(self, job_id: str) -> None:
+        self.finish(job_id, JobState.cancelled,
+                    ErrorInfo(code=JobCancelled.code, message=f"job {job_id} was cancelled", stage="cancel"))
+
+    async def _run(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        try:
+            await asyncio.wait_for(self._drive(job), timeout=self.s.job_timeout_s)
+        except asyncio.TimeoutError:
+            self.fail(job_id, RenderTimeout(f"job {job_id} did not finish within {self.s.job_timeout_s:.0f} s"))
+        except LipsyncError as e:
+            self.fail(job_id, e)
+        except Exception as e:
+            log.exception("job %s: internal error", job_id)
+            self.fail(job_id, RenderError(f"job {job_id}: internal error in {job.stage}: {e!r}", cause=repr(e)))
+
+    async def _drive(self, job: JobRuntime) -> None:
+        st = self.store.get(job.id)
+        request = self.store.request(job.id)  # JobCorrupt when the stored row no longer validates
+        model = request.model or self.s.model
+        if st.state == JobState.queued:
+            self.store.transition(job.id, JobState.preparing)
+            st = self.store.get(job.id)
+        if st.state == JobState.preparing or self.store.plan(job.id) is None:
+            job.stage = "prepare"
+            self.store.stage_started(job.id, "prepare")
+            size = await self.dispatcher.model_size(model)
+            if job.finished:  # cancelled while the model loaded: do not prepare
+                return
+            # The output is committed under the storage root (this node), never at a client's
+            # path: clients fetch it through the job manager.
+            output = str(output_path_for(job.id, self.s))
+            timeout = await asyncio.to_thread(prepare_deadline, request, self.s)
+            plan = await self.dispatcher.run_step("prepare", job, job.id, request, size, output, timeout=timeout)
+            job.plan = await asyncio.to_thread(with_blobs, plan)
+            self._register(job.plan)
+            self.store.set_plan(job.id, job.plan.model_dump(mode="json"), job.plan.frames_total, len(job.plan.chunks))
+            if job.finished:
+                return
+            self.store.stage_ended(job.id, "prepare")
+            if st.state == JobState.preparing:
+                self.store.transition(job.id, JobState.rendering)
+        else:
+            job.stage = "render" if st.state == JobState.rendering else "finalize"
+            job.plan = JobPlan.model_validate(self.store.plan(job.id))
+            await asyncio.to_thread(check_plan_files, job.plan)  # resumed: gone inputs fail precisely
+            if not job.plan.blobs:  # planned by an older version
+                job.plan = await asyncio.to_thread(with_blobs, job.plan)
+            self._register(job.plan)
+        st = self.store.get(job.id)
+        if st.state == JobState.rendering:
+            job.stage = "render"
+            self.store.stage_started(job.id, "render")
+            recorded = self.store.done_chunks(job.id)
+            for chunk in job.plan.chunks:
+                seg = recorded.get(chunk.index)
+                if seg is not None and Path(seg).exists():
+                    job.done[chunk.index] = chunk.frames
+                else:
+                    if seg is not None:
+                        self.store.forget_chunk(job.id, chunk.index)
+                    self.dispatcher.queue.push(job.id, chunk)
+            if len(job.done) == len(job.plan.chunks):
+                job.all_done.set()
+            self.dispatcher.work.set()
+            await self._watch(job)
+            if job.finished:
+                return
+            self.store.stage_ended(job.id, "render")
+            self.store.transition(job.id, JobState.finalizing)
+        job.stage = "finalize"
+        self.store.stage_started(job.id, "finalize")
+        await self.dispatcher.run_step("finalize", job, job.plan)
+        async with job.commit_lock:  # one step that cancel cannot split
+            if job.finished:  # cancelled or failed meanwhile: the verified output is not published
+                await asyncio.to_thread(discard_output, job.plan)
+                return
+            await asyncio.to_thread(commit_output, job.plan, self.s)
+            self.finish(job.id, JobState.succeeded, output=job.plan.output_path)
+
+    async def _watch(self, job: JobRuntime) -> None:
+        """Wait for every chunk; fail the job when the cluster has had no live compositor or no live
+        model worker for stall_timeout_s (each chunk is bounded by chunk_timeout_s on its own)."""
+        models, compositors = self.pool.models, self.pool.compositors
+        while not job.all_done.is_set():
+            try:
+                await asyncio.wait_for(job.all_done.wait(), timeout=min(5.0, self.s.stall_timeout_s))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if models.live() and compositors.live():
+                job.capacity_seen = time.monotonic()
+            elif time.monotonic() - job.capacity_seen > self.s.stall_timeout_s:
+                raise WorkerLost(
+                    f"job {job.id}: no live {'model worker' if not models.live() else 'compositor'} for "
+                    f"{self.s.stall_timeout_s:.0f} s; model workers {models.snapshot()}, "
+                    f"compositors {compositors.snapshot()}", job_id=job.id, stage="render")
+
+    # --- chunk outcomes (from the dispatcher) ---------------------------------------------------
+    async def chunk_done(self, job: JobRuntime, chunk: Chunk, result: ChunkResult) -> None:
+        if job.finished:
+            return
+        if result.data is not None:  # rendered on another node: its segment joins the storage root here
+            segment = job.plan.segment_path(chunk.index)
+            await asyncio.to_thread(write_atomic, segment, result.data)
+            result = result.model_copy(update={"segment": segment, "data": None})
+            if job.finished:
+                return
+        self.store.chunk_done(job.id, chunk.index, result.frames, result.segment)
+        job.done[chunk.index] = result.frames
+        job.inflight_frames.pop(chunk.index, None)
+        if len(job.done) == len(job.plan.chunks):
+            job.all_done.set()
+
+    def retry(self, job: JobRuntime, chunk: Chunk, err: LipsyncError, lost: bool = False) -> None:
+        """Queue a failed chunk again, or fail the job when it failed too often or cannot succeed."""
+        if job.finished or isinstance(err, StaleAttempt):
+            return
+        job.inflight_frames.pop(chunk.index, None)
+        err.with_context(job_id=job.id, chunk=chunk.index, stage="render")
+        if not err.retryable:
+            self.fail(job.id, err)
+            return
+        book = job.losses if lost else job.attempts
+        book[chunk.index] = book.get(chunk.index, 0) + 1
+        limit = self.s.max_chunk_attempts * (3 if lost else 1)
+        log.warning("job %s chunk %d attempt failed (%d/%d): %s: %s", job.id, chunk.index, book[chunk.index],
+                    limit, err.code, err)
+        if book[chunk.index] >= limit:
+            self.fail(job.id, ChunkFailed(
+                f"chunk {chunk.index} of job {job.id} failed {book[chunk.index]} times; last error "
+                f"{err.code}: {err.message}", job_id=job.id, chunk=chunk.index, stage="render",
+                cause=err.cause or err.message))
+            return
+        self.dispatcher.queue.push(job.id, chunk, front=True)
+        self.dispatcher.work.set()

@@ -1,0 +1,203 @@
+"""Supervision of the job manager's actors: create (or re-attach to) the detached model workers
+and compositors, probe them until they answer, take lost ones out of rotation and bring them back.
+
+Which member serves next is decided by `cluster.scheduling.WorkerTable` (plain Python); this
+module only wires it to real actor handles.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import ray
+
+from actors.calls import Kind, outcome
+from actors.compositor import Compositor
+from actors.model_worker import ModelWorker
+from cluster.config import Settings
+from cluster.errors import ModelLoadError, PlacementError
+from cluster.scheduling import Health, Member, PoolSize, WorkerTable, size_pool
+
+log = logging.getLogger("lipsync.supervision")
+
+MODEL_WORKER_PREFIX = "lipsync-model-worker-"
+COMPOSITOR_PREFIX = "lipsync-compositor-"
+
+
+class TaskSet:
+    """Background coroutines of an actor: kept referenced, and any failure logged (never lost)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_event_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception(), exc_info=task.exception())
+
+
+class Supervisor:
+    """The two pools of actors (model workers, compositors) and their health."""
+
+    def __init__(self, settings: Settings, tasks: TaskSet, work: asyncio.Event) -> None:
+        self.s = settings
+        self.tasks = tasks
+        self.work = work  # set whenever capacity changes, so the scheduler looks again
+        self.models = WorkerTable(settings.max_inflight_per_worker)
+        self.compositors = WorkerTable(max_inflight=1)
+        self._factories: dict[str, functools.partial] = {}
+
+    # --- creation ------------------------------------------------------------------------
+    def _create_worker(self, name: str, gpus: float):
+        opts = dict(name=name, namespace=self.s.namespace, lifetime="detached", get_if_exists=True, num_cpus=1)
+        if gpus:
+            opts["num_gpus"] = self.s.worker_gpus
+        return ModelWorker.options(**opts).remote(self.s.model, self.s, name)
+
+    def _create_compositor(self, name: str):
+        return Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
+                                  get_if_exists=True, num_cpus=1).remote(self.s, name)
+
+    def sizes(self) -> PoolSize:
+        """The pool for the cluster's resources now (`PlacementError` when it cannot be placed)."""
+        res = ray.cluster_resources()
+        return size_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
+                         self.s.compositors, self.s.worker_gpus)
+
+    def start(self) -> None:
+        """Create (or re-attach to) every member and probe each until it answers."""
+        try:
+            size = self.sizes()
+        except PlacementError:
+            if not self.alive(f"{MODEL_WORKER_PREFIX}0"):
+                raise
+            # A restarted manager re-attaches to the pool it made when the cluster was bigger
+            # (a node has left): the members come back as the cluster allows.
+            log.warning("the cluster shrank below the pool's size; re-attaching to the existing members")
+            res = ray.cluster_resources()
+            size = size_pool(1e9, 1e9 if res.get("GPU") else 0.0, self.s.model_workers, self.s.compositors,
+                             self.s.worker_gpus)
+        for i in range(size.model_workers):
+            name = f"{MODEL_WORKER_PREFIX}{i}"
+            self._add(self.models, name, functools.partial(self._create_worker, name, size.gpus_per_worker))
+        for i in range(size.compositors):
+            name = f"{COMPOSITOR_PREFIX}{i}"
+            self._add(self.compositors, name, functools.partial(self._create_compositor, name))
+
+    def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:
+        self._factories[name] = factory
+        member = table.add(name, factory())
+        self.tasks.spawn(self.probe(table, member))
+        return member
+
+    def _first_timeout(self, table: WorkerTable) -> float:
+        return self.s.model_load_timeout_s if table is self.models else self.s.actor_call_timeout_s
+
+    def alive(self, name: str) -> bool:
+        """Whether a named actor still exists (alive or restarting); a dead one has lost its name."""
+        try:
+            ray.get_actor(name, namespace=self.s.namespace)
+            return True
+        except ValueError:
+            return False
+
+    def kill_for_restart(self, member: Member) -> None:
+        try:
+            ray.kill(member.handle, no_restart=False)
+        except Exception as e:  # already gone: Ray restarts it, or the probe replaces it
+            log.warning("kill %s: %r", member.name, e)
+
+    async def _replace(self, member: Member, why: str, kill: bool = False) -> None:
+        """Create a member anew under its name (dead for good, or built with other settings)."""
+        log.warning("replacing %s: %s", member.name, why)
+        if kill:
+            ray.kill(member.handle, no_restart=True)
+            for _ in range(100):
+                if not self.alive(member.name):
+                    break
+                await asyncio.sleep(0.1)
+        member.handle = self._factories[member.name]()
+        member.error = why
+
+    # --- health --------------------------------------------------------------------------
+    async def probe(self, table: WorkerTable, member: Member) -> None:
+        """Ask a member for `info` until it answers live. A member that stays silent past the
+        deadline is killed (Ray restarts it); one dead for good, or built with other settings, is
+        replaced; one whose model cannot load is `failed`, and its load is retried now and then."""
+        first_timeout = self._first_timeout(table)
+        deadline = time.monotonic() + first_timeout
+        while True:
+            answer = await outcome(member.handle.info.remote(),
+                                   timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            if not answer.ok:
+                if answer.kind == Kind.died and not self.alive(member.name):
+                    await self._replace(member, f"died for good: {answer.error}")
+                    deadline = time.monotonic() + first_timeout
+                elif time.monotonic() > deadline:
+                    log.error("%s gave no answer within %.0f s (%s): killing it for a restart", member.name,
+                              first_timeout, answer.describe(member.name, "info"))
+                    self.kill_for_restart(member)
+                    deadline = time.monotonic() + first_timeout
+                await asyncio.sleep(0.5)
+                continue
+            info = answer.value
+            if info.get("settings") != self.s.fingerprint():
+                await self._replace(member, "it was built with other settings", kill=True)
+                deadline = time.monotonic() + first_timeout
+                continue
+            if info.get("ready", True):
+                await table.set_health(member, Health.live, info=info)
+                log.info("%s live: %s", member.name, info)
+                self.work.set()
+                return
+            await table.set_health(member, Health.failed, info=info, error=info.get("error"))
+            self.work.set()
+            await asyncio.sleep(self.s.model_retry_s)  # then try the load again: it may have been transient
+            retried = await outcome(member.handle.describe.remote(self.s.model), timeout=self.s.model_load_timeout_s)
+            if not retried.ok:
+                log.warning("%s still cannot load %s: %s", member.name, self.s.model,
+                            retried.describe(member.name, "describe"))
+            deadline = time.monotonic() + first_timeout
+
+    async def lost(self, table: WorkerTable, member: Member, why: str, kill: bool = False) -> None:
+        """Take a member out of rotation (killing it first where it is stuck) and probe it back."""
+        if kill:
+            self.kill_for_restart(member)
+        if member.health == Health.lost:
+            return
+        log.warning("%s lost (%s)%s", member.name, why, "; killed it for a restart" if kill else "")
+        await table.set_health(member, Health.lost)
+        self.tasks.spawn(self.probe(table, member))
+
+    def load_error(self) -> ModelLoadError:
+        err = next((m.error for m in self.models.members.values() if isinstance(m.error, dict)), None) or {}
+        return ModelLoadError(f"no model worker can serve: the default model {self.s.model!r} cannot be "
+                              f"loaded: {err.get('message')}", stage="prepare", cause=err.get("cause"),
+                              path=err.get("path"))
+
+    # --- reporting -----------------------------------------------------------------------
+    def settled(self) -> bool:
+        """Every member has answered once (live, or failed to load)."""
+        return all(m.health != Health.starting for t in (self.models, self.compositors) for m in t.members.values())
+
+    def snapshot(self) -> dict:
+        return {"models": self.models.snapshot(), "compositors": self.compositors.snapshot()}
+
+    async def refresh(self, timeout: float) -> dict:
+        """Ask every live member for fresh `info` (pid, node, frames served), then `snapshot()`."""
+        async def one(member: Member) -> None:
+            answer = await outcome(member.handle.info.remote(), timeout)
+            if answer.ok:
+                member.info = answer.value
+            else:  # reported, not acted on: probes do that
+                member.info = {**member.info, "stale": f"no answer to info: {answer.kind.value}"}
+        await asyncio.gather(*(one(m) for t in (self.models, self.compositors) for m in t.live()))
+        return self.snapshot()

@@ -1,0 +1,137 @@
+"""Where a job's inputs come from, on the job manager's node: uploaded bytes (content-addressed
+under the storage root) or server-side paths under `settings.input_roots`.
+
+Plain Python: the job manager calls these (in a thread) for the bytes clients send through Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.config import Settings
+from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge
+from cluster.schemas import StoredInput
+
+UPLOAD_PREFIX = "upload:"
+_REF = re.compile(r"^upload:([0-9a-f]{64})(\.[A-Za-z0-9]{1,10})?$")
+
+
+class UploadNotFound(InputError):
+    """An upload id this job manager does not know (never begun, finished, aborted, or the
+    manager restarted mid-upload: begin again)."""
+    code = "upload.not_found"
+
+
+class UploadCorrupt(InputError):
+    code = "upload.checksum_mismatch"
+
+
+def resolve_input_path(path: str, settings: Settings) -> Path:
+    """The real path of a server-side input, which must lie under one of `settings.input_roots`
+    (symlinks and '..' resolved first). Raises `input.outside_roots` naming the path otherwise,
+    and `input.not_found` for a missing file."""
+    given = Path(path).expanduser()
+    if not given.is_absolute():
+        raise InputOutsideRoots(f"input path {path} is not absolute (server-side paths must be absolute "
+                                f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
+    real = given.resolve()
+    roots = settings.input_root_paths
+    if not any(real == root or root in real.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
+        raise InputOutsideRoots(f"input path {path} (resolved: {real}) is outside the allowed input roots: "
+                                f"{allowed}", path=path)
+    if not real.is_file():
+        raise InputNotFound(f"input file {path} does not exist", path=path)
+    return real
+
+
+def is_upload_ref(value: str | None) -> bool:
+    return bool(value) and value.startswith(UPLOAD_PREFIX)
+
+
+def upload_ref_path(ref: str, settings: Settings) -> Path:
+    """The stored file of an `upload:<sha256><.ext>` reference (refused unless well-formed and present)."""
+    m = _REF.match(ref)
+    if m is None:
+        raise InputNotFound(f"{ref!r} is not an upload reference (expected upload:<sha256><.ext>)", path=ref)
+    path = settings.dir("inputs") / f"{m.group(1)}{(m.group(2) or '').lower()}"
+    if not path.is_file():
+        raise InputNotFound(f"upload {ref} is not stored on the job manager (upload it again)", path=ref)
+    return path
+
+
+def resolve_input(value: str, settings: Settings) -> Path:
+    """An input of a request: an upload reference or an allowed server-side path."""
+    return upload_ref_path(value, settings) if is_upload_ref(value) else resolve_input_path(value, settings)
+
+
+@dataclass
+class _Upload:
+    path: Path
+    suffix: str
+    filename: str
+    size: int = 0
+    digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+
+class UploadStore:
+    """Uploads in progress (appended in parts under `uploads/`), then content-addressed under
+    `inputs/<sha256><.ext>`: the same bytes uploaded twice are stored once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self._open: dict[str, _Upload] = {}
+
+    def begin(self, filename: str) -> str:
+        suffix = Path(filename).suffix.lower()
+        if not re.fullmatch(r"\.[a-z0-9]{1,10}", suffix or ""):
+            suffix = ""
+        upload_id = uuid.uuid4().hex
+        path = self.s.dir("uploads") / f"{upload_id}.part"
+        path.write_bytes(b"")
+        self._open[upload_id] = _Upload(path, suffix, Path(filename).name)
+        return upload_id
+
+    def _get(self, upload_id: str) -> _Upload:
+        up = self._open.get(upload_id)
+        if up is None:
+            raise UploadNotFound(f"no upload in progress with id {upload_id!r}")
+        return up
+
+    def part(self, upload_id: str, data: bytes) -> int:
+        up = self._get(upload_id)
+        if up.size + len(data) > self.s.max_upload_bytes:
+            self.abort(upload_id)
+            raise InputTooLarge(f"upload {up.filename} is larger than the limit of {self.s.max_upload_bytes} bytes "
+                                f"(LIPSYNC_MAX_UPLOAD_BYTES)", path=up.filename)
+        with open(up.path, "ab") as f:
+            f.write(data)
+        up.digest.update(data)
+        up.size += len(data)
+        return up.size
+
+    def finish(self, upload_id: str, sha256: str | None = None) -> StoredInput:
+        up = self._get(upload_id)
+        digest = up.digest.hexdigest()
+        if sha256 is not None and sha256.lower() != digest:
+            self.abort(upload_id)
+            raise UploadCorrupt(f"upload {up.filename}: sha256 {digest} of the bytes received differs from the "
+                                f"{sha256} the client sent", path=up.filename)
+        del self._open[upload_id]
+        dest = self.s.dir("inputs") / f"{digest}{up.suffix}"
+        with open(up.path, "rb+") as f:
+            os.fsync(f.fileno())
+        if dest.exists():
+            up.path.unlink(missing_ok=True)
+        else:
+            os.replace(up.path, dest)
+        return StoredInput(ref=f"{UPLOAD_PREFIX}{digest}{up.suffix}", size=up.size, sha256=digest)
+
+    def abort(self, upload_id: str) -> None:
+        up = self._open.pop(upload_id, None)
+        if up is not None:
+            up.path.unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""Inputs on the job manager's node: path inputs confined to input_roots, uploads content-addressed."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from cluster.config import Settings
+from cluster.errors import InputNotFound, InputOutsideRoots, InputTooLarge
+from cluster.inputs import UploadCorrupt, UploadNotFound, UploadStore, resolve_input_path, upload_ref_path
+
+
+@pytest.fixture()
+def roots(tmp_path):
+    allowed = tmp_path / "allowed"
+    secret = tmp_path / "secret"
+    allowed.mkdir()
+    secret.mkdir()
+    (allowed / "a.wav").write_bytes(b"a")
+    (secret / "s.wav").write_bytes(b"s")
+    settings = Settings(storage_root=tmp_path / "storage", input_roots=f"{allowed}")
+    return settings, allowed, secret
+
+
+def test_path_under_a_root_resolves(roots):
+    settings, allowed, _ = roots
+    assert resolve_input_path(str(allowed / "a.wav"), settings) == (allowed / "a.wav").resolve()
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink", "outside", "relative"])
+def test_paths_leaving_the_roots_are_refused_by_name(roots, how):
+    settings, allowed, secret = roots
+    if how == "dotdot":
+        path = f"{allowed}/../secret/s.wav"
+    elif how == "symlink":
+        os.symlink(secret / "s.wav", allowed / "link.wav")
+        path = str(allowed / "link.wav")
+    elif how == "outside":
+        path = str(secret / "s.wav")
+    else:
+        path = "allowed/a.wav"
+    with pytest.raises(InputOutsideRoots) as e:
+        resolve_input_path(path, settings)
+    assert e.value.code == "input.outside_roots" and path in e.value.message and e.value.path == path
+    assert e.value.exit_code == 2 and not e.value.retryable
+
+
+def test_no_roots_configured_refuses_every_path(roots):
+    settings, allowed, _ = roots
+    with pytest.raises(InputOutsideRoots, match="none configured"):
+        resolve_input_path(str(allowed / "a.wav"), settings.model_copy(update={"input_roots": ""}))
+
+
+def test_missing_file_under_a_root_is_not_found(roots):
+    settings, allowed, _ = roots
+    with pytest.raises(InputNotFound):
+        resolve_input_path(str(allowed / "nope.wav"), settings)
+
+
+def test_upload_in_parts_is_content_addressed(tmp_path):
+    settings = Settings(storage_root=tmp_path / "storage")
+    store = UploadStore(settings)
+    data = os.urandom(3000)
+    refs = []
+    for _ in range(2):
+        up = store.begin("speech.WAV")
+        assert store.part(up, data[:1000]) == 1000
+        assert store.part(up, data[1000:]) == 3000
+        refs.append(store.finish(up, hashlib.sha256(data).hexdigest()))
+    assert refs[0] == refs[1]
+    assert refs[0].ref == f"upload:{hashlib.sha256(data).hexdigest()}.wav" and refs[0].size == 3000
+    assert upload_ref_path(refs[0].ref, settings).read_bytes() == data
+    assert list((settings.storage_root / "uploads").iterdir()) == []  # no part files left
+
+
+def test_upload_limits_checksum_and_unknown_ids(tmp_path):
+    settings = Settings(storage_root=tmp_path / "storage", max_upload_bytes=100)
+    store = UploadStore(settings)
+    up = store.begin("big.mp4")
+    with pytest.raises(InputTooLarge, match="big.mp4"):
+        store.part(up, b"x" * 101)
+    with pytest.raises(UploadNotFound):  # aborted with the error
+        store.part(up, b"x")
+    up = store.begin("v.mp4")
+    store.part(up, b"abc")
+    with pytest.raises(UploadCorrupt):
+        store.finish(up, "0" * 64)
+    with pytest.raises(InputNotFound):
+        upload_ref_path("upload:../../etc/passwd", settings)
+    assert list((settings.storage_root / "uploads").iterdir()) == []

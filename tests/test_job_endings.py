@@ -1,0 +1,51 @@
+"""Every job reaches a true terminal state: corrupt rows, abandoned runs, other owners' jobs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import ray
+
+from cluster.jobstore import JobStore
+from cluster.owners import identity_gone, process_identity
+from cluster.schemas import JobState, RenderRequest
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.ray
+
+
+def _dead_identity() -> str:
+    """The identity of a real process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    identity = process_identity(proc.pid)
+    proc.wait(timeout=30)
+    assert identity_gone(identity)
+    return identity
+
+
+def test_manager_restart_ends_corrupt_and_abandoned_jobs_and_leaves_other_runs_alone(
+        runtime, speech4_wav, astronaut_video, tmp_path):
+    store = JobStore(runtime.settings.db_path)
+    request = RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "old.mp4"))
+    # A job left by a killed `lipsync render`, and one of a run that is still alive (this process).
+    store.create("abandoned-job", request, owner=_dead_identity(), client=None)
+    store.create("other-live-run-job", request, owner=process_identity(), client=None)
+    # One of our own jobs, whose stored row stops validating while it renders.
+    job = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "c.mp4")))
+    wait_until(lambda: runtime.status(job.id).state != JobState.queued, 120, what="the job to start")
+    store._conn.execute("UPDATE jobs SET request = ? WHERE id = ?", ('{"audio": 5', job.id))
+    ray.kill(runtime.manager(), no_restart=False)  # the restarted manager resumes its own jobs only
+
+    corrupt = runtime.wait(job.id, timeout=120)
+    assert corrupt.state == JobState.failed and corrupt.request is None
+    assert corrupt.error.code == "job.corrupt_record" and corrupt.error.cause, corrupt.error
+    abandoned = wait_until(lambda: (lambda st: st if st.state.terminal else None)(runtime.status("abandoned-job")),
+                           60, what="the abandoned job to end")
+    assert abandoned.state == JobState.failed and abandoned.error.code == "job.abandoned"
+    assert not (tmp_path / "old.mp4").exists()
+    other = runtime.status("other-live-run-job")
+    assert other.state == JobState.queued  # not ours, and its run is alive: untouched
+    store.end("other-live-run-job", JobState.cancelled)
+    assert os.getpid()  # (this process is the "other run")
