@@ -252,7 +252,8 @@ def _decode_all(path: str) -> np.ndarray:
 
 # --- backends ---------------------------------------------------------------------------------
 class RuntimeBackend:
-    """Jobs through the Ray driver API (`actors.runtime.Runtime`) in this process."""
+    """Jobs through the Ray driver API (`actors.runtime.Runtime`) in this process: inputs are
+    uploaded through Ray, outputs committed under the storage root and fetched through Ray."""
 
     def __init__(self, runtime, out_dir: Path) -> None:
         self.runtime = runtime
@@ -261,8 +262,7 @@ class RuntimeBackend:
     def submit(self, spec: JobSpec) -> None:
         from cluster.schemas import RenderRequest
 
-        req = RenderRequest(audio=spec.audio, video=spec.video, output=str(self.out_dir / f"{spec.id}.mp4"))
-        self.runtime.submit(req, job_id=spec.id)
+        self.runtime.submit(RenderRequest(audio=spec.audio, video=spec.video), job_id=spec.id)
 
     def outcome(self, job_id: str) -> Outcome:
         st = self.runtime.status(job_id)
@@ -271,17 +271,18 @@ class RuntimeBackend:
                        f"{err.message} {err.cause or ''}" if err else None)
 
     def fetch(self, job_id: str, dest: Path) -> Path:
-        return Path(self.runtime.status(job_id).output)
+        return Path(self.runtime.download_output(job_id, dest))
 
     def root_pid(self) -> int:
         return os.getpid()
 
     def stray_outputs(self, outcomes: dict[str, Outcome]) -> list[str]:
-        stray = []
-        for job_id, o in outcomes.items():
-            if o.state != "succeeded" and (self.out_dir / f"{job_id}.mp4").exists():
-                stray.append(job_id)
-        stray += [p.name for p in self.out_dir.iterdir() if ".pending" in p.name or p.name.endswith(".tmp")]
+        """Committed outputs of jobs that did not succeed, and pending outputs left anywhere."""
+        root = self.runtime.settings.storage_root
+        stray = [str(p) for p in root.rglob("*") if ".pending" in p.name]
+        stray += [str(p) for job_id, o in outcomes.items() if o.state != "succeeded"
+                  for p in (root / "outputs").glob(f"{job_id}*")]
+        stray += [str(p) for p in self.out_dir.iterdir() if p.name.endswith((".tmp", ".part"))]
         return stray
 
 
