@@ -89,9 +89,10 @@ class Canaries:
 
     def __init__(self, outside: Path) -> None:
         outside.mkdir(parents=True, exist_ok=True)
-        self.marker = "LIPSYNC-CANARY-" + secrets.token_hex(8)
+        self.marker = "CNRY" + secrets.token_hex(6)
         self.secret = outside / "secret.txt"
-        self.secret.write_text(self.marker + "\n")
+        # starts like a script, so that a sniffing that quoted the file's first bytes would leak it
+        self.secret.write_text(f"#!{self.marker}\nexport TOKEN={self.marker}\n")
         self.fifo = outside / "canary.fifo"
         if not self.fifo.exists():
             os.mkfifo(self.fifo)

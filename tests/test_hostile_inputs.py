@@ -194,3 +194,28 @@ def test_lipsync_render_renders_a_tenth_of_a_second(hostile_corpus, cli_env, tmp
     info = probe(out)
     assert info.video.frame_count == 3 and info.audio.duration == pytest.approx(0.1, abs=0.07)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+# --- server paths that leave the input root (the job manager's admission) ------------------------
+def test_paths_outside_the_input_root_are_refused_and_never_read(hostile_corpus, settings):
+    """`..`, relative, absolute, /etc/passwd, a symlink out: `input.outside_roots` naming the path,
+    before anything is opened. A hard link out cannot be told apart by its path: its target is
+    then judged as media (the secret is not: `input.unsafe`/`input.unreadable`) and no byte of it
+    reaches the error."""
+    from cluster.render import admit_on_manager
+
+    rooted = settings.model_copy(update={"input_roots": str(hostile_corpus.root)})
+    for name, path in hostile_corpus.escapes.items():
+        for role in ("audio", "video"):
+            req = request_for(hostile_corpus, "audio_0s1").model_copy(update={role: path})
+            t0 = time.monotonic()
+            with pytest.raises(LipsyncError) as info:
+                admit_on_manager(f"esc-{name}-{role}"[:40], req, rooted)
+            err = info.value
+            assert time.monotonic() - t0 < REFUSAL_DEADLINE_S
+            if name == "hard_link_out":
+                assert err.code in ("input.unsafe", "input.unreadable", "input.no_audio_stream"), err.code
+            else:
+                assert err.code == "input.outside_roots", (name, err.code, err.message)
+                assert path in err.message
+            hostile_corpus.canaries.assert_untouched(err.message, err.cause, repr(err.to_info()))
