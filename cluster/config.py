@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
     ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
+    log_format: str = Field("text", pattern="^(text|json)$",
+                            description="json: one JSON object per log line with job id, chunk, actor, node")
+    manager_resource: str = Field("", description="a Ray custom resource the job manager (and the Serve "
+                                  "ingress) requires, e.g. lipsync_head on KubeRay's head; empty: none")
 
     # --- rendering ------------------------------------------------------------------------
     chunk_seconds: float = Field(2.0, gt=0.1, le=60)

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
@@ -105,6 +106,7 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 
 # --- admit -------------------------------------------------------------------------------
+@telemetry.timed("stage_seconds", stage="admit")
 @disk_full_guard("admit")
 def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
@@ -351,6 +353,7 @@ def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
         return None
 
 
+@telemetry.timed("stage_seconds", stage="finalise")
 @disk_full_guard("finalize")
 def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
     """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`

