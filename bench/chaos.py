@@ -40,7 +40,7 @@ def run(quick: bool = False, seed: int | None = None, **_) -> dict:
     from cluster.synth import astronaut_template, speech_like, write_audio
     from tests.chaos import JobSpec, RuntimeBackend, _decode_all, run_chaos
 
-    seed = int(seed if seed is not None else os.environ.get("LIPSYNC_CHAOS_SEED", 12))
+    seed = int(seed if seed is not None else os.environ.get("LIPSYNC_CHAOS_SEED", "12"))
     jobs, max_faults = (8, 6) if quick else (40, 30)
     work = Path(tempfile.mkdtemp(prefix="lipsync-chaos-"))
     settings = Settings(storage_root=work / "storage", chunk_seconds=1.0, batch_size=8, model_threads=1,
