@@ -50,3 +50,23 @@ def test_input_args_never_turn_a_name_into_a_protocol_or_option():
         args = input_args(name)
         assert args[:3] == ["-protocol_whitelist", "file,pipe", "-i"]
         assert args[3].startswith("file:/"), args
+
+
+@pytest.mark.ray
+def test_the_embedded_ray_refuses_a_client_without_its_token(runtime, tmp_path):
+    """Token authentication is on in local mode: a process that joins the session's Ray without
+    the token (no RAY_AUTH_*, an empty HOME so no ~/.ray/auth_token) is refused."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    script = f"import ray\nray.init(address={gcs!r}, log_to_driver=False)\nprint('JOINED')"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode != 0 and "JOINED" not in proc.stdout
+    assert "AuthenticationError" in proc.stderr and "token is missing or incorrect" in proc.stderr, proc.stderr[-2000:]
