@@ -98,6 +98,7 @@ class ChaosReport:
     unnamed_failures: list[str] = field(default_factory=list)
     non_terminal: list[str] = field(default_factory=list)
     stray_outputs: list[str] = field(default_factory=list)
+    harness_errors: list[str] = field(default_factory=list)  # the fault thread itself failed
     seconds: float = 0.0
 
     def faults_by_kind(self) -> dict[str, int]:
@@ -113,6 +114,7 @@ class ChaosReport:
                 f"non-terminal {len(self.non_terminal)}; stray outputs {len(self.stray_outputs)}")
 
     def assert_promises(self) -> None:
+        assert not self.harness_errors, f"the fault injector failed: {self.harness_errors}"
         assert not self.non_terminal, f"jobs never reached a terminal state: {self.non_terminal}"
         assert not self.mismatched, f"succeeded jobs whose frames differ from the fault-free render: {self.mismatched}"
         assert not self.unnamed_failures, f"failed jobs whose error does not name the fault: {self.unnamed_failures}"
@@ -168,6 +170,13 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
 
 
     def injector() -> None:
+        try:
+            inject_until_stopped()
+        except BaseException as e:  # noqa: BLE001 - recorded: the run then fails its promises
+            report.harness_errors.append(f"{type(e).__name__}: {e}")
+            log(f"fault injector failed: {type(e).__name__}: {e}")
+
+    def inject_until_stopped() -> None:
         while not stop.is_set():
             if stop.wait(frng.uniform(*fault_gap_s)):
                 return
