@@ -228,10 +228,11 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
         report.outcomes[spec.id] = out
         if out.state == "succeeded":
             dest = backend.fetch(spec.id, work_dir / f"{spec.id}.mp4")
-            if np.array_equal(decode(str(dest)), references[spec.reference]):
+            got, want = decode(str(dest)), references[spec.reference]
+            if np.array_equal(got, want):
                 report.identical += 1
             else:
-                report.mismatched.append(spec.id)
+                report.mismatched.append(f"{spec.id}: {_difference(got, want)}")
         elif out.state == "failed":
             text = f"{out.message}"
             if out.code not in FAULT_CODES or not FAULT_WORDS.search(text):
@@ -242,6 +243,15 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
         report.stray_outputs = backend.stray_outputs(report.outcomes)
     log(report.summary())
     return report
+
+
+def _difference(got: np.ndarray, want: np.ndarray) -> str:
+    """How two decoded videos differ: frame counts, or which frames and by how much."""
+    if got.shape != want.shape:
+        return f"shape {got.shape} instead of {want.shape}"
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16)).reshape(len(got), -1).max(axis=1)
+    bad = np.flatnonzero(diff)
+    return f"{len(bad)} of {len(got)} frames differ (first {bad[:8].tolist()}, max {int(diff.max())})"
 
 
 def _safe_outcome(backend: Backend, job_id: str) -> Outcome:
