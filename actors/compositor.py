@@ -49,20 +49,27 @@ class Compositor:
         timeout = s.max_batch_attempts * (s.stall_timeout_s + s.model_load_timeout_s
                                           + s.batch_timeout_s * s.max_inflight_per_worker) + 30
 
-        def generate(mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        def generate(mel: np.ndarray, crops: np.ndarray):
+            """Submit the batch now; render_chunk calls the returned function for the result after it
+            has prepared and submitted the next batch (model and compositor work at the same time)."""
             refs = [ray.put(mel), ray.put(crops)]
             where = dict(stage="render", chunk=chunk.index, job_id=plan.job_id)
-            routed = outcome_sync(manager.dispatch.remote(plan.job_id, chunk.index, token, plan.model, refs), timeout)
-            if routed.ok:
-                generated = outcome_sync(routed.value[0], self.settings.batch_timeout_s)
-                if generated.ok:
-                    return generated.value
-                routed = generated
-            if routed.kind == Kind.raised and isinstance(routed.cause, LipsyncError):
-                raise routed.cause
-            if routed.kind == Kind.raised:
-                raise routed.error
-            raise routed.typed(WorkerLost, f"batch of chunk {chunk.index} was lost", **where)
+            dispatched = manager.dispatch.remote(plan.job_id, chunk.index, token, plan.model, refs)
+
+            def result() -> np.ndarray:
+                routed = outcome_sync(dispatched, timeout)
+                if routed.ok:
+                    generated = outcome_sync(routed.value[0], self.settings.batch_timeout_s)
+                    if generated.ok:
+                        return generated.value
+                    routed = generated
+                if routed.kind == Kind.raised and isinstance(routed.cause, LipsyncError):
+                    raise routed.cause
+                if routed.kind == Kind.raised:
+                    raise routed.error
+                raise routed.typed(WorkerLost, f"batch of chunk {chunk.index} was lost", **where)
+
+            return result
 
         result = render_chunk(plan, chunk, generate, self.settings)
         if not shared_storage:

@@ -19,7 +19,7 @@ from actors.supervision import Supervisor, TaskSet
 from cluster.config import Settings
 from actors.jobs import StaleAttempt
 from cluster.errors import ChunkFailed, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
-from cluster.scheduling import FairQueue, Member
+from cluster.scheduling import FairQueue, Health, Member
 from cluster.schemas import Chunk
 
 if TYPE_CHECKING:
@@ -197,7 +197,11 @@ class Dispatcher:
         timeout = timeout or self.s.chunk_timeout_s
         table = self.pool.compositors
         settle_by = time.monotonic() + self.s.stall_timeout_s
-        while not self.pool.settled() and time.monotonic() < settle_by:  # where the members are is known
+        while time.monotonic() < settle_by:  # until a compositor here is live, or where each one is is known
+            members = list(table.members.values())
+            if any(m.health == Health.live and self.on_this_node(m) for m in members) or \
+                    not any(m.health == Health.starting for m in members):
+                break
             await asyncio.sleep(0.2)
         last = "none"
         for _ in range(self.s.max_chunk_attempts + 1):

@@ -77,6 +77,7 @@ class JobManager:
             self._boot_error = RenderError(f"the job manager cannot start its workers: {e!r}", cause=repr(e))
             log.exception("job manager boot failed")
         self.tasks.spawn(self.dispatcher.run_scheduler())
+        self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue)))
         for job_id, owner, client in self.store.unfinished_owners():
             if owner == self.owner:
                 log.info("resuming job %s", job_id)
@@ -106,10 +107,11 @@ class JobManager:
         return self.workers()
 
     def workers(self) -> dict:
-        return self.pool.snapshot()
+        return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid()}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
-        return await self.pool.refresh(timeout)
+        await self.pool.refresh(timeout)
+        return self.workers()
 
     # --- data plane: bytes in ----------------------------------------------------------------
     async def upload_begin(self, filename: str) -> str:
@@ -218,11 +220,12 @@ def head_node_id() -> str:
 
 
 def create_job_manager(settings: Settings, owner: str | None = None):
-    """Get or create the named, detached job manager on the head node (soft: another node when
-    the head cannot take it)."""
+    """Get or create the named, detached job manager on the head node, where the storage root
+    lives (it needs no CPU, so a head that keeps its CPUs from actors still takes it; a soft
+    affinity let Ray place it on a worker node, whose disk then held the jobs)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return JobManager.options(
         name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=True),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
     ).remote(settings, owner)

@@ -49,7 +49,9 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            # "local": a new instance even when `ray start` left /tmp/ray/ray_current_cluster behind
+            # (ray.init() without an address would join that cluster instead)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""

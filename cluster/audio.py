@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import selectors
-import subprocess
 import time
 from fractions import Fraction
 
@@ -20,7 +19,7 @@ from scipy import signal
 
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputUnreadable, MediaError, NoAudioStream
-from cluster.media.ffmpeg import ffmpeg_binary, input_args
+from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_args, file_url
 
 SAMPLE_RATE = 16000
 N_FFT = 800
@@ -55,10 +54,13 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputNotFound(f"audio input {path!r} does not exist or is not a file", path=path)
-    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error",
-           *input_args(path),  # file/pipe protocols only; the name never read as a protocol
-           "-vn", "-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"]
-    raw, stderr, rc = _run_collect(cmd, timeout_s=s.ffmpeg_timeout_s, what=f"decoding audio of {path!r}")
+    import ffmpeg  # ffmpeg-python builds the command line
+
+    args = ["-loglevel", "error", *ffmpeg_args(
+        ffmpeg.input(file_url(path), protocol_whitelist=PROTOCOL_WHITELIST)
+        .output("pipe:1", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
+    raw, stderr, rc = _run_collect(args, timeout_s=s.ffmpeg_timeout_s, what=f"decoding audio of {path!r}",
+                                   settings=s)
     err_text = stderr.decode("utf-8", "replace").strip()
     if rc != 0:
         if any(m in err_text for m in _NO_STREAM_MARKERS):
@@ -73,59 +75,41 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
     return wav
 
 
-def _run_collect(cmd: list[str], *, timeout_s: float, what: str) -> tuple[np.ndarray, bytes, int]:
-    """Run `cmd`, collect its stdout into a growing uint8 buffer (read in blocks, no intermediate
-    copies) and its stderr; kill and reap it on a deadline or any error.
+def _run_collect(args: list[str], *, timeout_s: float, what: str,
+                 settings: Settings | None = None) -> tuple[np.ndarray, bytes, int]:
+    """Run ffmpeg with `args` through the one runner, collect its stdout into a growing uint8
+    buffer (read in blocks, no intermediate copies); killed and reaped on the deadline or any
+    error (`MediaError` "timed out").
 
-    Returns (stdout bytes truncated to whole float32 samples, stderr, return code).
+    Returns (stdout bytes truncated to whole float32 samples, stderr tail, return code).
     """
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-    except OSError as e:
-        raise MediaError(f"cannot start ffmpeg {cmd[0]!r} for {what}: {e}", cause=repr(e)) from e
     deadline = time.monotonic() + timeout_s
     buf = np.empty(1 << 20, dtype=np.uint8)
     n = 0
-    stderr_parts: list[bytes] = []
-    try:
+    with FFmpeg(args, settings=settings, stage="decode-audio", stdout=True,
+                timeout_error=MediaError) as run:
+        fd = run.proc.stdout.fileno()
         with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ, "out")
-            sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            sel.register(run.proc.stdout, selectors.EVENT_READ)
             while sel.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MediaError(f"ffmpeg timed out after {timeout_s:.0f} s {what}",
-                                     cause=b"".join(stderr_parts).decode("utf-8", "replace")[-2000:])
-                for key, _ in sel.select(timeout=min(remaining, 1.0)):
-                    fd = key.fileobj.fileno()
-                    if key.data == "out":
-                        if buf.size - n < _READ_BLOCK:
-                            grown = np.empty(max(2 * buf.size, n + _READ_BLOCK), dtype=np.uint8)
-                            grown[:n] = buf[:n]
-                            buf = grown
-                        got = os.readv(fd, [memoryview(buf)[n:]])
-                    else:
-                        chunk = os.read(fd, 65536)
-                        stderr_parts.append(chunk)
-                        got = len(chunk)
+                    run.kill()
+                    raise MediaError(f"ffmpeg timed out after {timeout_s:g} s {what}", cause=run.stderr_tail())
+                for _key, _ in sel.select(timeout=min(remaining, 1.0)):
+                    if buf.size - n < _READ_BLOCK:
+                        grown = np.empty(max(2 * buf.size, n + _READ_BLOCK), dtype=np.uint8)
+                        grown[:n] = buf[:n]
+                        buf = grown
+                    got = os.readv(fd, [memoryview(buf)[n:]])
                     if got == 0:
-                        sel.unregister(key.fileobj)
-                    elif key.data == "out":
-                        n += got
-        rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except BaseException as e:
-        proc.kill()
-        proc.wait()
-        if isinstance(e, subprocess.TimeoutExpired):
-            raise MediaError(f"ffmpeg timed out after {timeout_s:.0f} s {what}", cause=repr(e)) from e
-        raise
-    finally:
-        proc.stdout.close()
-        proc.stderr.close()
+                        sel.unregister(run.proc.stdout)
+                    n += got
+        rc = run.wait(max(0.1, deadline - time.monotonic()))
+        stderr = run.stderr_tail().encode()
     n -= n % 4
     out = buf[:n] if buf.size <= n + n // 4 + _READ_BLOCK else buf[:n].copy()
-    return out, b"".join(stderr_parts), rc
+    return out, stderr, rc
 
 
 def audio_duration(wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:

@@ -34,8 +34,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
     loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
     gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
-    crf: int = Field(16, ge=0, le=51)
-    preset: str = "veryfast"
+    # x264 superfast at CRF 18 against veryfast at CRF 16 on 720p (docs/PERFORMANCE.md): 27 % less
+    # encoder CPU, +0.7 dB PSNR, +26 % bytes
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "superfast"
     video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
     audio_bitrate: str = "160k"
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
@@ -51,6 +53,8 @@ class Settings(BaseSettings):
     simulate_free_bytes: int | None = Field(None, ge=0,
                                             description="drills and tests: the free space the disk "
                                             "check sees instead of asking the filesystem")
+    detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
+                                 "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
@@ -78,10 +82,25 @@ class Settings(BaseSettings):
     worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
     max_inflight_per_worker: int = Field(2, ge=1)
+    pool_reconcile_s: float = Field(5.0, gt=0, description="how often the pool follows the cluster's resources")
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
     model_retry_s: float = Field(30.0, gt=0, description="a model that failed to load is tried again after this")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
                                "0: onnxruntime's default (every core). Set it when several CPU workers share a node")
+
+    # --- HTTP service (`lipsync serve`, serve_app.py) --------------------------------------
+    max_queued_jobs: int = Field(64, ge=1, description="unfinished jobs admitted at once; beyond: HTTP 429")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429 and 503")
+    allow_private_urls: bool = Field(False, description="URL inputs may resolve to private/loopback addresses")
+    url_timeout_s: float = Field(60.0, gt=0, description="whole-download deadline of one URL input")
+    url_max_redirects: int = Field(5, ge=0, le=20)
+    compat_data_dir: Path | None = Field(None, description="publish compat results as temp/<code>-r.mp4 here")
+    max_batch_jobs: int = Field(100, ge=1, description="audios one POST /v1/batches may carry")
+    callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
+    callback_timeout_s: float = Field(10.0, gt=0)
+    retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files "
+                                  "older than this (0: keep forever); never a running job's")
+    serve_replicas: int = Field(1, ge=1, description="ingress replicas")
 
     @field_validator("storage_root", mode="after")
     @classmethod

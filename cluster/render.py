@@ -28,8 +28,11 @@ from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")
 
-GenerateFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8."""
+GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
+"""(mel windows [B,1,80,16] float32, crops [B,S,S,3] uint8) -> generated crops [B,S,S,3] uint8,
+or a function returning them (the batch was submitted to a model elsewhere): `render_chunk` then
+prepares and submits the next batch before it waits for this one, so the model and this process
+work at the same time."""
 ProgressFn = Callable[[int], None]
 
 
@@ -55,6 +58,7 @@ class JobPlan(BaseModel):
     batch_size: int
     chunks: list[Chunk]
     output_path: str
+    crf: int | None = None  # the request's output quality; None: the settings' crf
     blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
 
     @property
@@ -108,7 +112,7 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 # --- admit -------------------------------------------------------------------------------
 @telemetry.timed("stage_seconds", stage="admit")
 @disk_full_guard("admit")
-def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
     Returns the request with paths pointing at the stored copies, so the job survives the
@@ -129,12 +133,16 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
         if not dst.exists():
             tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
             try:
+                if not link:  # a user's file: a link would change its link count (see resolve_input_path)
+                    raise OSError("copy requested")
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         stored[key] = str(dst)
-    sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    # stored copy -> what the user gave (through any earlier mapping, e.g. an upload's reference)
+    sources = {**request.sources, **{stored[k]: request.sources.get(getattr(request, k), getattr(request, k))
+                                     for k in stored}}
     if request.output is not None:  # relative to the caller, not to whichever process finalises
         stored["output"] = str(Path(request.output).expanduser().resolve())
     return request.model_copy(update={**stored, "sources": sources})
@@ -147,7 +155,9 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
 
     s = settings or get_settings()
     model = request.model or s.model
-    if not model.startswith("builtin") and not Path(model).is_file():
+    from cluster.models import is_named_model
+
+    if not is_named_model(model) and not Path(model).is_file():
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
     try:
@@ -164,22 +174,24 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
     """Admission on the job manager's node: resolve each input (an upload reference, or a path
     under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
     client gave (`request.sources` maps what it sent to its own path)."""
-    from cluster.inputs import resolve_input
+    from cluster.inputs import is_upload_ref, resolve_input
 
     s = settings or get_settings()
     resolved: dict[str, str] = {}
     sources = dict(request.sources)
+    uploads_only = True
     for key in ("audio", "video"):
         given = getattr(request, key)
         if given is None:
             continue
+        uploads_only = uploads_only and is_upload_ref(given)
         try:
             path = str(resolve_input(given, s))
         except LipsyncError as e:
             raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
         resolved[key] = path
         sources[path] = request.sources.get(given, given)
-    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s)
+    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
 
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
@@ -225,7 +237,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     request's output, else into the job's directory."""
     from cluster.audio import load_audio, melspectrogram
     from cluster.faces.avatar import load_avatar, prepare_avatar
-    from cluster.plan import frame_count_from_samples, make_chunks
+    from cluster.plan import make_chunks
 
     s = settings or get_settings()
     for key in ("audio", "video"):
@@ -246,10 +258,10 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     fps = vinfo.fps
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
+    frames_total, audio_path, wav = _fit_to_sync_mode(wav, request, avatar.frame_count, fps, jd)
     mel_path = jd / "mel.npy"
     with atomic_writer(mel_path) as f:
         np.save(f, melspectrogram(wav))
-    frames_total = frame_count_from_samples(len(wav), 16000, fps)
     chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
     model = request.model or s.model
     if model_size is None:
@@ -257,13 +269,34 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
 
         model_size = load_model(model, s).size
     return JobPlan(
-        job_id=job_id, job_dir=str(jd), audio_path=request.audio, audio_duration=len(wav) / 16000.0,
+        job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=len(wav) / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
-        output_path=output_path or request.output or str(jd / "output.mp4"),
+        output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
     )
+
+
+def _fit_to_sync_mode(wav: np.ndarray, request: RenderRequest, template_frames: int, fps: Fraction,
+                      jd: Path) -> tuple[int, str, np.ndarray]:
+    """(output frames, the audio file to mux, the 16 kHz samples) for the request's sync mode:
+    `cut_off` trims the audio to a shorter template, `silence` pads it with silence to a longer
+    one (written next to the job as audio_fitted.wav); other modes keep the audio as given."""
+    from cluster.plan import fit_audio_samples, frame_count_from_samples, sync_frame_count
+
+    audio_frames = frame_count_from_samples(len(wav), 16000, fps)
+    frames = sync_frame_count(audio_frames, template_frames, request.loop)
+    if frames == audio_frames:
+        return frames, request.audio, wav
+    n = fit_audio_samples(frames, fps, 16000)
+    fitted = wav[:n] if n <= len(wav) else np.concatenate([wav, np.zeros(n - len(wav), wav.dtype)])
+    path = jd / "audio_fitted.wav"
+    with atomic_writer(path) as f:
+        from scipy.io import wavfile
+
+        wavfile.write(f, 16000, (np.clip(fitted, -1.0, 1.0) * 32767).astype(np.int16))
+    return frames, str(path), fitted
 
 
 def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
@@ -305,17 +338,29 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     size = plan.model_size
     try:
         with TemplateReader(plan.template_path, s) as reader, \
-                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
+                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
+
+            def finish(frames, matrices, crops, generated) -> None:
+                if callable(generated):
+                    generated = generated()
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
+                if progress is not None:
+                    progress(len(frames))
+
+            pending = None  # the batch submitted last, not yet pasted: at most one batch ahead
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
-                idx = template_indices(b0, b1, plan.template_frames, plan.loop)
+                idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)
                 frames = reader.read(idx)
                 matrices = alignment_matrices(track.landmarks[idx], size)
                 crops = cut_crops(frames, matrices, size)
                 generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
-                if progress is not None:
-                    progress(b1 - b0)
+                if pending is not None:
+                    finish(*pending)
+                pending = (frames, matrices, crops, generated)
+            if pending is not None:
+                finish(*pending)
             written = encoder.close()
         if written != chunk.frames:
             raise OutputVerificationError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
 import tempfile
 import threading
 import wave
@@ -20,8 +19,8 @@ import numpy as np
 from scipy import signal
 
 from cluster.config import Settings, get_settings
-from cluster.errors import EncodeError, MediaError
-from cluster.media.ffmpeg import ffmpeg_binary
+from cluster.errors import EncodeError
+from cluster.media.ffmpeg import FFmpeg
 
 # --- speech ------------------------------------------------------------------------------------
 # (F1, F2, F3) in Hz of a few vowels of an adult speaker.
@@ -226,28 +225,12 @@ def write_audio(path: str, wav: np.ndarray, sample_rate: int = 16000, settings: 
         return path
     if ext not in _AUDIO_ENCODERS:
         raise ValueError(f"cannot write audio as {ext!r}: use one of .wav, {', '.join(_AUDIO_ENCODERS)}")
-    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-           "-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", "pipe:0",
-           *_AUDIO_ENCODERS[ext], path]
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise MediaError(f"cannot start ffmpeg {cmd[0]!r} to write {path!r}: {e}", cause=repr(e)) from e
-    try:
-        _, stderr = proc.communicate(input=memoryview(samples.astype("<f4", copy=False)).cast("B"),
-                                     timeout=s.ffmpeg_timeout_s)
-    except subprocess.TimeoutExpired as e:
-        proc.kill()
-        proc.communicate()
-        raise EncodeError(f"ffmpeg timed out after {s.ffmpeg_timeout_s:.0f} s writing {path!r}",
-                          path=path, cause=repr(e)) from e
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise EncodeError(f"ffmpeg failed (status {proc.returncode}) writing audio {path!r}", path=path,
-                          cause=stderr.decode("utf-8", "replace")[-2000:])
+    args = ["-loglevel", "error", "-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", "pipe:0",
+            *_AUDIO_ENCODERS[ext], path]
+    with FFmpeg(args, settings=s, stage="write-audio", path=path, stdin=True, error=EncodeError,
+                timeout_error=EncodeError) as run:
+        run.communicate(input=memoryview(samples.astype("<f4", copy=False)).cast("B"), timeout=s.ffmpeg_timeout_s)
+        run.check(f"writing audio {path!r}")
     return path
 
 
@@ -296,7 +279,7 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     phases = rng.uniform(0.0, 2.0 * np.pi, size=6)
 
     tmp_audio = None
-    cmd = [ffmpeg_binary(s), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+    cmd = ["-loglevel", "error"]
     if rotation:
         # display matrix on the raw input, written to the output untouched (no autorotate filter)
         cmd += ["-noautorotate", "-display_rotation", str(-rotation)]
@@ -312,7 +295,8 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
                 "-r", f"{fps.numerator}/{fps.denominator}", "-movflags", "+faststart", path]
         frames = (_render_frame(source, k / float(fps), scale, face_c, target_c, face_h, (width, height),
                                 head_motion, phases, rotation) for k in range(n_frames))
-        _encode_frames(cmd, frames, timeout_s=s.ffmpeg_timeout_s, what=f"writing template {path!r}", path=path)
+        _encode_frames(cmd, frames, timeout_s=s.ffmpeg_timeout_s, what=f"writing template {path!r}", path=path,
+                       settings=s)
     finally:
         if tmp_audio is not None:
             os.unlink(tmp_audio)
@@ -348,54 +332,34 @@ def _render_frame(source: np.ndarray, t: float, scale: float, face_c: np.ndarray
     return np.ascontiguousarray(frame)
 
 
-def _encode_frames(cmd: list[str], frames, *, timeout_s: float, what: str, path: str) -> None:
-    """Pipe raw frames into an ffmpeg encoder; a timer kills it at the deadline; always reaped."""
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-        except OSError as e:
-            raise MediaError(f"cannot start ffmpeg {cmd[0]!r} for {what}: {e}", cause=repr(e)) from e
+def _encode_frames(args: list[str], frames, *, timeout_s: float, what: str, path: str,
+                   settings: Settings | None = None) -> None:
+    """Pipe raw frames into an ffmpeg encoder (the one runner); a timer kills it at the deadline;
+    always reaped."""
+    with FFmpeg(args, settings=settings, stage="write-template", path=path, stdin=True, error=EncodeError,
+                timeout_error=EncodeError) as run:
         timed_out = threading.Event()
 
         def _kill_at_deadline() -> None:
             timed_out.set()
-            proc.kill()
+            run.proc.kill()
 
         timer = threading.Timer(timeout_s, _kill_at_deadline)
         timer.daemon = True
         timer.start()
-        broken: BaseException | None = None
         try:
             try:
                 for frame in frames:
-                    proc.stdin.write(memoryview(frame).cast("B"))
-                proc.stdin.close()
-            except BrokenPipeError as e:  # ffmpeg died: its status and stderr say why, below
-                broken = e
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired as e:
-            proc.kill()
-            proc.wait()
-            raise EncodeError(f"ffmpeg did not finish {what} within {timeout_s:.0f} s", path=path,
-                              cause=repr(e)) from e
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+                    run.proc.stdin.write(memoryview(frame).cast("B"))
+                run.proc.stdin.close()
+            except BrokenPipeError:  # ffmpeg died: its status and stderr say why, below
+                pass
+            run.wait(timeout_s)
         finally:
             timer.cancel()
-            if proc.stdin and not proc.stdin.closed:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-        err.seek(0)
-        stderr = err.read().decode("utf-8", "replace")[-2000:]
-    if timed_out.is_set():
-        raise EncodeError(f"ffmpeg timed out after {timeout_s:.0f} s {what}", path=path, cause=stderr)
-    if rc != 0 or broken is not None:
-        raise EncodeError(f"ffmpeg failed (status {rc}) {what}", path=path,
-                          cause=stderr or (repr(broken) if broken else None))
+        if timed_out.is_set():
+            raise EncodeError(f"ffmpeg timed out after {timeout_s:.0f} s {what}", path=path, cause=run.stderr_tail())
+        run.check(what)
 
 
 def make_demo_inputs(directory: str, seconds: float = 6.0, settings: Settings | None = None) -> tuple[str, str]:

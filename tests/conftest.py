@@ -19,6 +19,13 @@ hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray is also `slow`: `pytest -m "not slow"` is the quick inner loop."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)
 
@@ -66,10 +73,8 @@ def runtime(ray_settings):
 
     from actors.runtime import Runtime
 
-    # address="local": a Ray of our own even when another `ray start` on this machine left
-    # /tmp/ray/ray_current_cluster behind (plain ray.init() would join that cluster)
-    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
+             log_to_driver=False)
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
     assert any(m["health"] == "live" for m in state["models"]), state
@@ -94,3 +99,15 @@ def hostile_corpus():
     corpus = build_corpus(_ROOT / "corpus" / "root", _ROOT / "corpus" / "outside")
     yield corpus
     corpus.canaries.close()
+
+
+# --- the HTTP service: one real `lipsync serve` for the session --------------------------------
+@pytest.fixture(scope="session")
+def service():
+    """A running `lipsync serve` on a free loopback port (token auth on, input root and compat data
+    directory set): `.url`, `.token`, `.storage_root`, `.input_root`, `.compat_dir`."""
+    from tests.service_process import ServiceProcess
+
+    svc = ServiceProcess(_ROOT / "service").start()
+    yield svc
+    svc.cleanup()

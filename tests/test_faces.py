@@ -111,6 +111,19 @@ def test_detector_finds_nothing_without_a_face(detector, face_bgr):
     assert res[0] == [] and len(res[1]) == 1
 
 
+def test_tracking_between_keyframes_follows_the_face_and_notices_its_loss(detector, face_bgr):
+    """detect_sequence: full detection on keyframes, O-Net tracking between; a face gone from a
+    tracked frame sends that frame to full detection (which finds nothing)."""
+    spots = [(100 + 3 * i, 55 + 2 * i) for i in range(6)]
+    frames = [_frame_with_face(face_bgr, x, y, seed=i) for i, (x, y) in enumerate(spots)] + [_background(9)]
+    seq = list(detector.detect_sequence([np.stack(frames[:4]), np.stack(frames[4:])], keyframe_interval=3))
+    full = detector.detect_batch(frames)
+    assert len(seq) == 7 and seq[6] == [] and full[6] == []
+    for tracked, detected in zip(seq[:6], full[:6]):
+        assert len(tracked) == 1 and tracked[0].score > 0.9
+        assert np.abs(tracked[0].landmarks - detected[0].landmarks).max() < 3.0  # within 3 px of a full detection
+
+
 # --- tracking -------------------------------------------------------------------------------
 def test_track_fills_a_gap_by_interpolation():
     dets = [[_synthetic_face(100 + 2 * t, 120, 100)] for t in range(30)]
@@ -263,20 +276,30 @@ def test_crops_and_paste_back(detector, face_bgr):
 
 # --- avatars --------------------------------------------------------------------------------
 class CountingDetector(MTCNNDetector):
-    """The real detector, counting its batch calls."""
+    """The real detector, counting the frames it detects in full and those it tracks."""
     calls = 0
+    full_frames = 0
+    tracked_frames = 0
 
     def detect_batch(self, frames):
+        frames = list(frames)
         self.calls += 1
+        self.full_frames += len(frames)
         return super().detect_batch(frames)
+
+    def refine_batch(self, frames, candidates):
+        frames = list(frames)
+        self.tracked_frames += len(frames)
+        return super().refine_batch(frames, candidates)
 
 
 def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
-    settings = Settings(storage_root=tmp_path / "store", batch_size=16)
+    settings = Settings(storage_root=tmp_path / "store", batch_size=16, detect_interval=5)
     det = CountingDetector()
     avatar = prepare_avatar(template_video, settings, detector=det)
     assert not avatar.cached and avatar.frame_count == 2 * FPS
-    assert det.calls == 4  # 50 frames in batches of 16
+    # every 5th frame detected in full, the 40 between tracked (none lost on this steady face)
+    assert (det.full_frames, det.tracked_frames) == (10, 40)
     track = avatar.load_track()
     assert len(track) == 2 * FPS and track.detected.mean() > 0.9
     # landmarks follow the sway of the face: the eye x moves with the frame's shift
@@ -286,7 +309,7 @@ def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video)
     assert (tmp_path / "store" / "avatars" / avatar.id / "avatar.json").is_file()
 
     again = prepare_avatar(template_video, settings, detector=det)
-    assert again.cached and det.calls == 4 and again.id == avatar.id
+    assert again.cached and det.full_frames == 10 and again.id == avatar.id
     assert again.model_dump(exclude={"cached"}) == avatar.model_dump(exclude={"cached"})
     loaded = load_avatar(avatar.id, settings)
     assert loaded.track_path == avatar.track_path

@@ -59,7 +59,10 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
 
 def prepare_avatar(video_path: str, settings: Settings | None = None,
                    detector: MTCNNDetector | None = None) -> Avatar:
-    """Normalise a template, detect and track its subject's face on every frame, store the track.
+    """Normalise a template, find its subject's face on every frame, store the track.
+
+    Faces are detected in full on every `settings.detect_interval`-th frame and tracked between
+    (`MTCNNDetector.detect_sequence`).
 
     Cached by the template's content hash: preparing the same bytes again reads the stored
     avatar (`cached=True`) without any detection. Raises the input errors of
@@ -75,10 +78,9 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
 
     video = template.info.video
     detector = detector or MTCNNDetector()
-    detections: list[list[FaceDetection]] = []
     with telemetry.timed("stage_seconds", stage="detect"):
-        for batch in iter_frames(template.path, s.batch_size, s):
-            detections.extend(detector.detect_batch(batch))
+        detections: list[list[FaceDetection]] = list(
+            detector.detect_sequence(iter_frames(template.path, s.batch_size, s), s.detect_interval))
         track = build_track(detections, (video.width, video.height), s.min_face_fraction,
                             path_for_errors=str(video_path), fps=float(video.fps))
 

@@ -165,29 +165,94 @@ class MTCNNDetector:
         sess, input_name, output_names = self._sessions[name]
         return sess.run(output_names, {input_name: x})
 
-    def _detect_same_size(self, frames: list[np.ndarray]) -> list[list[FaceDetection]]:
+    def _detection_images(self, frames: list[np.ndarray]) -> tuple[np.ndarray, float, float]:
+        """Frames of one size -> RGB detection images (downscaled to `max_short_side`), and the
+        x / y scale from frame to detection image."""
         h0, w0 = frames[0].shape[:2]
         det_scale = min(1.0, self.max_short_side / min(h0, w0))
         dw, dh = max(1, round(w0 * det_scale)), max(1, round(h0 * det_scale))
         images = np.stack([
             cv2.cvtColor(f if det_scale == 1.0 else cv2.resize(f, (dw, dh), interpolation=cv2.INTER_AREA),
                          cv2.COLOR_BGR2RGB) for f in frames])
-        sx, sy = dw / w0, dh / h0
+        return images, dw / w0, dh / h0
 
-        img_idx, boxes = self._stage_pnet(images)
-        if len(boxes):
-            img_idx, boxes = self._stage_rnet(images, img_idx, boxes)
-        out: list[list[FaceDetection]] = [[] for _ in frames]
-        if len(boxes):
-            img_idx, boxes, scores, points = self._stage_onet(images, img_idx, boxes)
-            # detection-image pixel centres -> frame pixel centres
-            for i, b, s, p in zip(img_idx, boxes, scores, points):
-                box = np.array([b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy], dtype=np.float32)
-                lm = np.stack([(p[:, 0] + 0.5) / sx - 0.5, (p[:, 1] + 0.5) / sy - 0.5], axis=1).astype(np.float32)
-                out[int(i)].append(FaceDetection(box=box, score=float(s), landmarks=lm))
+    @staticmethod
+    def _to_detections(n: int, img_idx, boxes, scores, points, sx: float, sy: float) -> list[list[FaceDetection]]:
+        out: list[list[FaceDetection]] = [[] for _ in range(n)]
+        # detection-image pixel centres -> frame pixel centres
+        for i, b, s, p in zip(img_idx, boxes, scores, points):
+            box = np.array([b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy], dtype=np.float32)
+            lm = np.stack([(p[:, 0] + 0.5) / sx - 0.5, (p[:, 1] + 0.5) / sy - 0.5], axis=1).astype(np.float32)
+            out[int(i)].append(FaceDetection(box=box, score=float(s), landmarks=lm))
         for dets in out:
             dets.sort(key=lambda d: -d.score)
         return out
+
+    def _detect_same_size(self, frames: list[np.ndarray]) -> list[list[FaceDetection]]:
+        images, sx, sy = self._detection_images(frames)
+        img_idx, boxes = self._stage_pnet(images)
+        if len(boxes):
+            img_idx, boxes = self._stage_rnet(images, img_idx, boxes)
+        if not len(boxes):
+            return [[] for _ in frames]
+        return self._to_detections(len(frames), *self._stage_onet(images, img_idx, boxes), sx, sy)
+
+    def refine_batch(self, frames: np.ndarray | list, candidates: list[list[FaceDetection]]) -> list[list[FaceDetection]]:
+        """Track faces: O-Net alone on candidate faces (e.g. those of a nearby frame) of each frame.
+
+        The candidates' boxes, squared, are the O-Net input, as R-Net's output is in `detect`;
+        O-Net scores them, regresses the box and gives the landmarks. A face that moved out of its
+        candidate box scores below the threshold and is dropped. Only the boxes are cut from the
+        frame and resized (the frame itself is never rescaled), so tracking costs about a
+        millisecond per face.
+        """
+        frames = list(frames)
+        idx = [i for i, dets in enumerate(candidates) for _ in dets]
+        if not idx:
+            return [[] for _ in frames]
+        boxes = np.fix(_square(np.array([d.box for dets in candidates for d in dets], dtype=np.float64)))
+        crops = np.stack([cv2.cvtColor(c, cv2.COLOR_BGR2RGB) for c in _crop_resize_each(frames, idx, boxes, 48)])
+        return self._to_detections(len(frames), *self._stage_onet(None, np.asarray(idx), boxes, crops=crops),
+                                   1.0, 1.0)
+
+    def detect_sequence(self, batches, keyframe_interval: int = 1):
+        """Faces in every frame of a video given as batches of frames (in order); yields one list
+        of detections per frame.
+
+        Full detection (P-Net pyramid, R-Net, O-Net) runs on every `keyframe_interval`-th frame;
+        the frames between are tracked from the latest keyframe's faces with `refine_batch`
+        (O-Net only). A frame where tracking keeps fewer faces than the keyframe had is detected in
+        full. `keyframe_interval=1` detects every frame in full.
+        """
+        k = max(1, int(keyframe_interval))
+        t = 0
+        latest: list[FaceDetection] = []  # the faces of the latest keyframe
+        for batch in batches:
+            frames = list(batch)
+            n = len(frames)
+            keys = [i for i in range(n) if (t + i) % k == 0]
+            out: list[list[FaceDetection] | None] = [None] * n
+            for i, dets in zip(keys, self.detect_batch([frames[i] for i in keys]) if keys else []):
+                out[i] = dets
+            between = [i for i in range(n) if out[i] is None]
+            cands = []
+            for i in between:
+                prior = [j for j in keys if j < i]
+                cands.append(out[prior[-1]] if prior else latest)
+            if between:
+                tracked = self.refine_batch([frames[i] for i in between], cands)
+                lost = []
+                for i, c, dets in zip(between, cands, tracked):
+                    if c and len(dets) >= len(c):
+                        out[i] = dets
+                    else:
+                        lost.append(i)
+                for i, dets in zip(lost, self.detect_batch([frames[i] for i in lost]) if lost else []):
+                    out[i] = dets
+            if keys:
+                latest = out[keys[-1]]
+            t += n
+            yield from out
 
     def _pyramid(self, h: int, w: int) -> list[float]:
         min_face = max(12.0, self.min_face * min(1.0, self.max_short_side / max(1, min(h, w))))
@@ -239,8 +304,9 @@ class MTCNNDetector:
         boxes = np.fix(_square(_regress(boxes[keep], reg[keep])))
         return img_idx[keep], boxes
 
-    def _stage_onet(self, images, img_idx, boxes):
-        crops = _crop_resize(images, img_idx, boxes, 48)
+    def _stage_onet(self, images, img_idx, boxes, crops=None):
+        if crops is None:
+            crops = _crop_resize(images, img_idx, boxes, 48)
         reg, pts, prob = self._run("onet", _normalise(crops))
         score = prob[:, 1]
         ok = score > self.thresholds[2]
@@ -252,6 +318,14 @@ class MTCNNDetector:
         boxes = _regress(boxes, reg)
         keep = _nms_per_image(img_idx, boxes, score, 0.7, "min")
         return img_idx[keep], boxes[keep], score[keep], points[keep]
+
+
+def _crop_resize_each(frames: list[np.ndarray], img_idx, boxes: np.ndarray, size: int) -> np.ndarray:
+    """`_crop_resize` over a list of frames (of any sizes), without stacking them first."""
+    out = np.zeros((len(boxes), size, size, 3), dtype=np.uint8)
+    for k, (i, b) in enumerate(zip(img_idx, boxes)):
+        out[k] = _crop_resize(frames[int(i)][None], np.zeros(1, np.int64), b[None], size)[0]
+    return out
 
 
 def _crop_resize(images: np.ndarray, img_idx: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:

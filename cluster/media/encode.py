@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -17,8 +16,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
-from cluster.media.ffmpeg import (ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary,
-                                  stderr_tail)
+from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary
 
 #: Bytes handed to the pipe per write call.
 WRITE_CHUNK_BYTES = 1 << 20
@@ -63,26 +61,19 @@ class SegmentEncoder:
         self.frames_written = 0
         self._closed = False
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        cmd = [ffmpeg_binary(self.settings), "-hide_banner", "-nostdin", "-y", "-loglevel", "error",
-               "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{self.width}x{self.height}",
-               "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
-               "-an", *encoder_args(self.settings, self.fps),
-               "-movflags", "+faststart", "-f", "mp4", file_url(self.path)]
-        self._stderr = tempfile.TemporaryFile()  # never blocks ffmpeg, unlike an undrained pipe
-        try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                          stderr=self._stderr)
-        except OSError as exc:
-            self._stderr.close()
-            raise EncodeError(f"cannot start ffmpeg for segment {self.path}: {exc}",
-                              path=self.path, stage="encode", cause=str(exc)) from exc
+        args = ["-loglevel", "error",
+                "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{self.width}x{self.height}",
+                "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
+                "-an", *encoder_args(self.settings, self.fps),
+                "-movflags", "+faststart", "-f", "mp4", file_url(self.path)]
+        self._run = FFmpeg(args, settings=self.settings, stage="encode", path=self.path, stdin=True,
+                           error=EncodeError, timeout_error=EncodeError)
+        self._proc = self._run.proc
         self._stdin_fd = self._proc.stdin.fileno()
         os.set_blocking(self._stdin_fd, False)
 
     def _stderr_text(self) -> str:
-        self._stderr.flush()
-        self._stderr.seek(0)
-        return stderr_tail(self._stderr.read())
+        return self._run.stderr_tail()
 
     def _fail(self, what: str, grace: float = 0.0) -> EncodeError:
         """Kill (after `grace` seconds for it to exit by itself) and reap ffmpeg, remove the
@@ -97,7 +88,7 @@ class SegmentEncoder:
             what += f" (ffmpeg exit code {code})"
         tail = self._stderr_text()
         self._closed = True
-        self._stderr.close()
+        self._run.close()
         Path(self.path).unlink(missing_ok=True)
         return EncodeError(f"encoding segment {self.path} failed: {what}: {stderr_summary(tail)}",
                            path=self.path, stage="encode", cause=tail)
@@ -164,23 +155,17 @@ class SegmentEncoder:
             Path(self.path).unlink(missing_ok=True)
             raise
         finally:
-            self._stderr.close()
+            self._run.close()
 
     def _kill(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        self._proc.wait(timeout=30)
+        self._run.kill()
 
     def abort(self) -> None:
         """Kill and reap ffmpeg and remove the partial file (idempotent)."""
         if not self._closed:
             self._closed = True
             self._kill()
-            self._stderr.close()
+            self._run.close()
         Path(self.path).unlink(missing_ok=True)
 
     def __enter__(self) -> "SegmentEncoder":

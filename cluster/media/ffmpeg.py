@@ -1,17 +1,22 @@
-"""Resolving and running the ffmpeg binary.
+"""Resolving and running the ffmpeg binary: the one ffmpeg runner.
 
-Every ffmpeg run goes through `run_ffmpeg` (deadline, kill + reap on timeout, stderr tail in the
-error) and every user-supplied input is opened through `input_args` (file/pipe protocols only).
+Every ffmpeg process is started by `FFmpeg` (deadlines, kill + reap on every way out, stderr tail
+in the error, the child dies with its parent); `run_ffmpeg` runs one to completion. Every
+user-supplied input is opened through `input_args` (file/pipe protocols only).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import tempfile
 
 from cluster.config import Settings, get_settings
-from cluster.errors import MediaError, RenderTimeout
+from cluster.errors import LipsyncError, MediaError, RenderTimeout
 
 #: Protocols an ffmpeg input may use: local files and our own pipes, never the network.
 PROTOCOL_WHITELIST = "file,pipe"
@@ -73,37 +78,162 @@ def stderr_summary(tail: str) -> str:
     return lines[-1] if lines else "no error output"
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl():
+    """libc's prctl, looked up once in the parent (nothing is loaded between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent_hook():
+    """A `preexec_fn` that makes the child receive SIGKILL when the thread that started it exits
+    (Linux `PR_SET_PDEATHSIG`), so ffmpeg never outlives a killed compositor or worker; None
+    where the platform has no such call. The child also exits at once if its parent is already
+    gone by the time the hook runs."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(137)
+
+    return hook
+
+
+class FFmpeg:
+    """One running ffmpeg: the only place the project starts ffmpeg.
+
+    `ffmpeg -hide_banner -nostdin -y *args` with stdin / stdout as pipes when asked (else
+    /dev/null), stderr to a temporary file (never a pipe nobody drains), and the child bound to
+    this process's life (`die_with_parent_hook`). It owns the kill-and-reap on every way out:
+    `wait`/`communicate` past their deadline kill, reap and raise `timeout_error`; leaving a
+    `with` block by an exception kills and reaps; `check` turns a nonzero exit into `error` with
+    the stderr tail as its cause.
+
+    Command lines are built by the callers as argument lists or with ffmpeg-python
+    (`ffmpeg_args`).
+    """
+
+    def __init__(self, args: list[str], *, settings: Settings | None = None, stage: str = "ffmpeg",
+                 path: str | None = None, stdin: bool = False, stdout: bool = False,
+                 error: type[LipsyncError] = MediaError,
+                 timeout_error: type[LipsyncError] = RenderTimeout) -> None:
+        self.stage, self.path = stage, path
+        self.error, self.timeout_error = error, timeout_error
+        self.cmd = [ffmpeg_binary(settings), "-hide_banner", "-nostdin", "-y", *args]
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self._stderr,
+                preexec_fn=die_with_parent_hook())
+        except OSError as exc:
+            self._stderr.close()
+            raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: {exc}",
+                        stage=stage, path=path, cause=str(exc)) from exc
+
+    @property
+    def _where(self) -> str:
+        return f" on {self.path}" if self.path else ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_tail(self) -> str:
+        """The last `STDERR_TAIL_CHARS` of what ffmpeg wrote to stderr so far."""
+        if self._stderr.closed:
+            return ""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return stderr_tail(self._stderr.read())
+
+    def kill(self) -> None:
+        """Kill (if running) and reap ffmpeg, close its pipes (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.proc.wait(timeout=30)
+
+    def _timed_out(self, timeout: float) -> LipsyncError:
+        self.kill()
+        return self.timeout_error(f"ffmpeg ({self.stage}){self._where} did not finish within {timeout:g} s "
+                                  f"(timed out); killed", stage=self.stage, path=self.path,
+                                  cause=self.stderr_tail())
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; past `timeout` seconds ffmpeg is killed and reaped and `timeout_error` raised."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self._timed_out(timeout) from None
+
+    def communicate(self, input: bytes | memoryview | None = None, timeout: float = 60.0) -> bytes:
+        """Feed `input` to stdin (when a pipe), collect stdout (when a pipe), wait; kill and reap
+        on the deadline (`timeout_error`) or any exception. Returns stdout (b'' when not a pipe)."""
+        try:
+            out, _ = self.proc.communicate(input=input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self._timed_out(timeout) from None
+        except BaseException:
+            self.kill()
+            raise
+        return out or b""
+
+    def check(self, what: str | None = None) -> None:
+        """Raise `error` (stderr tail as cause) when ffmpeg exited nonzero."""
+        code = self.proc.returncode
+        if code not in (0, None):
+            tail = self.stderr_tail()
+            raise self.error(f"ffmpeg ({what or self.stage}){self._where} failed with exit code {code}: "
+                             f"{stderr_summary(tail)}", stage=self.stage, path=self.path, cause=tail)
+
+    def close(self) -> None:
+        """Release the stderr file (after the process has ended)."""
+        self._stderr.close()
+
+    def __enter__(self) -> "FFmpeg":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.kill()
+        elif self.proc.poll() is None:  # left running by the caller: never leak a child
+            self.kill()
+        self.close()
+
+
+def ffmpeg_args(stream) -> list[str]:
+    """The argument list (without the binary) of an ffmpeg-python stream specification."""
+    return list(stream.get_args())
+
+
 def run_ffmpeg(args: list[str], *, timeout: float, settings: Settings | None = None,
                stage: str = "ffmpeg", path: str | None = None) -> subprocess.CompletedProcess:
-    """Run `ffmpeg -hide_banner -nostdin -y *args` with a deadline.
+    """Run `ffmpeg -hide_banner -nostdin -y *args` to completion with a deadline.
 
     Raises `MediaError` (stderr tail in `cause`) on a nonzero exit or when the binary cannot be
     started, and `RenderTimeout` after killing and reaping ffmpeg when `timeout` passes.
     """
-    cmd = [ffmpeg_binary(settings), "-hide_banner", "-nostdin", "-y", *args]
-    where = f" on {path}" if path else ""
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-    except OSError as exc:
-        raise MediaError(f"cannot start ffmpeg ({cmd[0]}) for {stage}{where}: {exc}",
-                         stage=stage, path=path, cause=str(exc)) from exc
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()  # reap; the pipes close with the killed process
-        raise RenderTimeout(f"ffmpeg ({stage}){where} did not finish within {timeout:g} s; killed",
-                            stage=stage, path=path, cause=stderr_tail(stderr)) from None
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    if proc.returncode != 0:
-        tail = stderr_tail(stderr)
-        raise MediaError(f"ffmpeg ({stage}){where} failed with exit code {proc.returncode}: "
-                         f"{stderr_summary(tail)}", stage=stage, path=path, cause=tail)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    with FFmpeg(args, settings=settings, stage=stage, path=path, stdout=True) as run:
+        stdout = run.communicate(timeout=timeout)
+        run.check()
+        return subprocess.CompletedProcess(run.cmd, run.proc.returncode, stdout, run.stderr_tail().encode())
 
 
 @functools.lru_cache(maxsize=8)

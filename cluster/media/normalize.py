@@ -84,6 +84,53 @@ def _load_cached(template_id: str, path: Path, source: str,
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
 
+def keyframe_layout(path: str | os.PathLike) -> tuple[int, int, bool]:
+    """(frames, longest keyframe interval in frames, square pixels) of the first video stream, by
+    demuxing (no decoding)."""
+    import av
+
+    with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        stream = container.streams.video[0]
+        sar = stream.sample_aspect_ratio
+        square = sar is None or sar.numerator == 0 or sar == 1
+        frames, longest, run = 0, 0, 0
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:
+                continue
+            frames += 1
+            run = 1 if packet.is_keyframe else run + 1
+            longest = max(longest, run)
+    return frames, longest, square
+
+
+def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | None:
+    """The frame count of a template that already is what normalisation makes (constant-rate
+    H.264 yuv420p, even size, square pixels, no rotation, keyframes at least every
+    `2 * gop_frames` frames), so it is used as is instead of re-encoded; None otherwise."""
+    v = info.video
+    if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
+            or v.rotation != 0 or v.width % 2 or v.height % 2):
+        return None
+    try:
+        frames, longest, square = keyframe_layout(source)
+    except Exception:  # noqa: BLE001 - anything odd about the file: normalise it instead
+        return None
+    expected, tolerance = _expected_frames(info, v.fps)
+    if not square or longest > 2 * settings.gop_frames or abs(frames - expected) > tolerance:
+        return None
+    return frames
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.unlink(dst)
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 @telemetry.timed("stage_seconds", stage="normalise")
 def normalize_template(path: str | os.PathLike,
                        settings: Settings | None = None) -> NormalizedTemplate:
@@ -105,6 +152,20 @@ def normalize_template(path: str | os.PathLike,
         return cached
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    as_is = reusable_as_is(source, src_info, s)
+    if as_is is not None:  # already constant-rate H.264 with short GOPs: no re-encode
+        fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
+        os.close(fd)
+        try:
+            _link_or_copy(source, tmp)
+            info = read_media_info(tmp, s)
+            os.replace(tmp, out_path)  # not publish(): a hard link shares the source's mode
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        video = info.video.model_copy(update={"frame_count": as_is})
+        info = info.model_copy(update={"path": str(out_path), "video": video})
+        return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source, cached=False)
     fps = target_fps(src_info)
     fps_arg = f"{fps.numerator}/{fps.denominator}"
     vf = (f"fps={fps_arg},"

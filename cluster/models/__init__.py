@@ -11,10 +11,17 @@ from cluster.models.adapter import LipSyncModel
 from cluster.models.builtin import build_builtin_model, builtin_model_path
 from cluster.models.providers import active_providers, select_providers
 
-__all__ = ["LipSyncModel", "load_model", "build_builtin_model", "builtin_model_path",
+__all__ = ["LipSyncModel", "load_model", "is_named_model", "build_builtin_model", "builtin_model_path",
            "select_providers", "active_providers"]
 
 _BUILTIN = re.compile(r"^builtin(?:[:\-](\d+))?$")
+
+
+def is_named_model(spec: str) -> bool:
+    """Whether `spec` names a model that is not a file: `builtin[:S]` or `latency:<ms>[:S]`."""
+    from cluster.models.latency import is_latency_spec
+
+    return bool(_BUILTIN.match(spec.strip())) or is_latency_spec(spec)
 
 
 def load_model(spec: str | None = None, settings: Settings | None = None,
@@ -28,6 +35,10 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     """
     s = settings or get_settings()
     spec = (spec if spec is not None else s.model).strip()
+    if spec.startswith("latency:"):  # benchmarks: sleeps per frame, no CPU (cluster/models/latency.py)
+        from cluster.models.latency import LatencyModel
+
+        return LatencyModel.from_spec(spec)
     m = _BUILTIN.match(spec)
     if m:
         size = int(m.group(1) or 256)

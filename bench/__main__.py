@@ -1,0 +1,47 @@
+"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all five.
+
+Each prints its ratios, writes bench/results/NAME.json (machine, date, command, figures) and its
+table in docs/PERFORMANCE.md. `--quick` runs a short version on small inputs (a smoke check; it
+writes bench/results/NAME.quick.json and leaves the docs alone).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+BENCHMARKS = {
+    "classic": "bench.classic",          # 1. against the classic single-process pipeline
+    "floor": "bench.floor",              # 2. end to end against the sum of the stages alone
+    "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
+    "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
+    "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=[*BENCHMARKS, "all"])
+    p.add_argument("--quick", action="store_true", help="short version on small inputs (smoke check)")
+    p.add_argument("--seconds", type=float, action="append",
+                   help="speech lengths to run (classic, floor; repeatable), instead of the defaults")
+    p.add_argument("--model", action="append", choices=["builtin", "wav2lip96"],
+                   help="models to run (repeatable); default both")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name])
+        t0 = time.perf_counter()
+        print(f"=== {name}{' (quick)' if args.quick else ''} ===", flush=True)
+        module.run(quick=args.quick, seconds=args.seconds, models=args.model)
+        print(f"=== {name}: {time.perf_counter() - t0:.0f} s ===", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""What every benchmark shares: inputs, the two models, measuring a process tree, writing results.
+
+Each benchmark writes `bench/results/NAME.json` (machine, date, command, figures) and replaces its
+own section of `docs/PERFORMANCE.md` (between `<!-- bench:NAME -->` markers).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs" / "PERFORMANCE.md"
+CACHE = Path(os.environ.get("LIPSYNC_BENCH_CACHE", REPO / "bench" / ".cache"))
+
+#: The two models every benchmark runs with: the built-in near-free one and a random-weight model
+#: of the Wav2Lip-96 generator's size (built on first use, cached under bench/.cache).
+MODELS = ("builtin", "wav2lip96")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Template and speech of a benchmark (generated once, cached by their parameters)."""
+    audio: str
+    video: str
+    seconds: float
+    width: int
+    height: int
+    fps: int
+    template_seconds: float
+
+    @property
+    def frames(self) -> int:
+        return round(self.seconds * self.fps)
+
+
+def make_inputs(seconds: float, size: tuple[int, int] = (1280, 720), template_seconds: float = 10.0,
+                fps: int = 25, variant: int = 0) -> Inputs:
+    """A `size` template of a real photographed face with head motion (`template_seconds` long) and
+    `seconds` of speech-like audio. `variant` makes a template with other bytes (a cold avatar)."""
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    d = CACHE / "inputs"
+    d.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    audio = d / f"speech_{seconds:g}s.wav"
+    video = d / f"template_{w}x{h}_{template_seconds:g}s_{fps}_{variant}.mp4"
+    if not audio.is_file():
+        tmp = audio.with_name(f".{audio.name}.{os.getpid()}.wav")
+        write_audio(str(tmp), speech_like(seconds, seed=11))
+        os.replace(tmp, audio)
+    if not video.is_file():
+        tmp = video.with_name(f".{video.name}.{os.getpid()}.mp4")
+        astronaut_template(str(tmp), seconds=template_seconds, fps=fps, size=(w, h), seed=3 + variant)
+        os.replace(tmp, video)
+    return Inputs(str(audio), str(video), seconds, w, h, fps, template_seconds)
+
+
+def model_spec(name: str) -> str:
+    """The `--model` value of a benchmark model name."""
+    if name == "builtin":
+        return "builtin"
+    if name == "wav2lip96":
+        from bench.wav2lip_sized import build_wav2lip_sized
+
+        return build_wav2lip_sized(CACHE / "models" / "wav2lip96_sized.onnx")
+    return name
+
+
+def model_size(name: str) -> int:
+    return 96 if name == "wav2lip96" else 256
+
+
+# --- measuring ---------------------------------------------------------------------------
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _tree_cpu(proc) -> float:
+    import psutil
+
+    total = 0.0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+class TreeSampler:
+    """Samples the summed RSS of a process and all its descendants (peak kept) in a thread."""
+
+    def __init__(self, pid: int | None = None, every_s: float = 0.1) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid or os.getpid())
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss(self.proc))
+            self._stop.wait(self.every_s)
+
+    def cpu(self) -> float:
+        return _tree_cpu(self.proc)
+
+    def __enter__(self) -> TreeSampler:
+        self.peak = _tree_rss(self.proc)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 3600.0) -> dict:
+    """Run `cmd` as a child; wall seconds, peak RSS of its process tree, and its exit status."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    ps = psutil.Process(proc.pid)
+    peak, cpu = 0, 0.0
+    out = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    deadline = t0 + timeout
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(ps))
+        cpu = max(cpu, _tree_cpu(ps))
+        if time.perf_counter() > deadline:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise TimeoutError(f"{cmd[:4]} ran past {timeout:g} s")
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    reader.join(timeout=10)
+    try:  # whatever the command left running in its session (Ray's processes) goes with it
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    text = (out[0] if out else b"").decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}): {text[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "cpu_s": cpu, "output": text[-2000:]}
+
+
+# --- results -----------------------------------------------------------------------------
+def machine() -> dict:
+    import onnxruntime
+
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                   platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {"host_cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "system": platform.platform(),
+            "load_1min_at_start": load}
+
+
+def write_result(name: str, figures: dict, table_md: str, notes: str = "", started: dict | None = None,
+                 quick: bool = False) -> Path:
+    """Write bench/results/NAME.json and replace NAME's section of docs/PERFORMANCE.md.
+
+    A `quick` run (small inputs, a smoke check) writes bench/results/NAME.quick.json only."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    mach = started or machine()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m bench " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("__main__.py") \
+        else " ".join([Path(sys.executable).name, *sys.argv])
+    doc = {"name": name, "date": date, "command": command, "machine": mach, "figures": figures}
+    path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    if quick:
+        print(table_md)
+        print(f"wrote {path.relative_to(REPO)} (quick run: docs/PERFORMANCE.md not updated)")
+        return path
+    section = (f"<!-- bench:{name} -->\n"
+               f"_Measured {date} with `{command}` on {mach['host_cpus']} cores ({mach['cpu']}), "
+               f"1-min load at start {mach['load_1min_at_start']}._\n\n{table_md.strip()}\n"
+               + (f"\n{notes.strip()}\n" if notes.strip() else "")
+               + f"<!-- /bench:{name} -->")
+    _replace_section(name, section)
+    try:
+        from bench.summary import write_targets
+
+        write_targets()
+    except Exception as e:  # noqa: BLE001 - one benchmark's results must not be lost to the summary
+        print(f"targets table not rebuilt: {e!r}", file=sys.stderr)
+    print(table_md)
+    print(f"wrote {path.relative_to(REPO)} and the {name} section of {DOCS.relative_to(REPO)}")
+    return path
+
+
+def _replace_section(name: str, section: str) -> None:
+    text = DOCS.read_text() if DOCS.is_file() else "# Performance\n"
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if start in text and end in text:
+        a = text.index(start)
+        b = text.index(end) + len(end)
+        text = text[:a] + section + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(name: str, draw) -> str | None:
+    """Save a matplotlib figure drawn by `draw(ax)` to docs/img/NAME.png (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[dev]'): no plot", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    fig.tight_layout()
+    out = DOCS.parent / "img" / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return f"img/{name}.png"
+
+
+def bench_env(storage_root: str, **settings) -> dict:
+    """Environment for a child process: its own storage root and LIPSYNC_* settings."""
+    env = {"LIPSYNC_STORAGE_ROOT": storage_root, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env.update({f"LIPSYNC_{k.upper()}": str(v) for k, v in settings.items()})
+    return env

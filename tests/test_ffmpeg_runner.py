@@ -1,0 +1,76 @@
+"""The one ffmpeg runner: kill and reap on every way out, children that die with their parent."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cluster.errors import EncodeError, MediaError, RenderTimeout
+from cluster.media.ffmpeg import FFmpeg, die_with_parent_hook, ffmpeg_args, file_url
+
+ENDLESS = ["-re", "-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25", "-f", "null", "-"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] == "Z"  # a zombie is dead too
+    except FileNotFoundError:
+        return True
+
+
+def test_runner_kills_and_reaps_on_timeout_and_on_exceptions():
+    run = FFmpeg(ENDLESS, stage="t")
+    with pytest.raises(RenderTimeout, match="timed out"):
+        run.wait(0.3)
+    assert run.proc.returncode is not None  # reaped
+    with pytest.raises(RuntimeError), FFmpeg(ENDLESS, stage="t") as run2:
+        raise RuntimeError("caller failed")
+    assert run2.proc.returncode is not None
+    with FFmpeg(ENDLESS, stage="t", timeout_error=EncodeError) as run3:
+        with pytest.raises(EncodeError):
+            run3.communicate(timeout=0.3)
+    with FFmpeg(["-f", "lavfi", "-i", "nosuchfilter", "-f", "null", "-"], stage="bad") as run4:
+        run4.communicate(timeout=30)
+        with pytest.raises(MediaError) as err:
+            run4.check()
+    assert err.value.stage == "bad" and "nosuchfilter" in err.value.cause
+
+
+def test_command_lines_from_ffmpeg_python():
+    import ffmpeg
+
+    args = ffmpeg_args(ffmpeg.input(file_url("/tmp/-x.wav"), protocol_whitelist="file").output("pipe:1", f="f32le"))
+    assert args[:4] == ["-protocol_whitelist", "file", "-i", "file:/tmp/-x.wav"] and args[-1] == "pipe:1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or die_with_parent_hook() is None,
+                    reason="PR_SET_PDEATHSIG is Linux-only")
+def test_ffmpeg_dies_with_a_killed_parent():
+    """A process (think: a compositor) starts ffmpeg and is SIGKILLed: its ffmpeg dies with it."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from cluster.media.ffmpeg import FFmpeg
+        run = FFmpeg({ENDLESS!r})
+        print(run.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child), f"ffmpeg {child} outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)

@@ -1,0 +1,116 @@
+"""The fast paths (template reuse, BGR conversion) and the benchmark package's entry points.
+
+No speed is asserted here: benchmarks under bench/ measure speed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from cluster.config import Settings
+from cluster.media.normalize import keyframe_layout, normalize_template
+
+
+def test_a_template_that_is_already_normalised_is_used_as_is(tmp_path, astronaut_video):
+    """A constant-rate H.264 yuv420p source with short GOPs is not re-encoded; a long-GOP one is."""
+    first = normalize_template(astronaut_video, Settings(storage_root=tmp_path / "a", gop_frames=10))
+    assert keyframe_layout(astronaut_video)[1] > 20  # the synthetic source has one long GOP
+    assert first.path != astronaut_video and keyframe_layout(first.path)[1] <= 10  # re-encoded
+    again = normalize_template(first.path, Settings(storage_root=tmp_path / "b", gop_frames=10))
+    assert os.path.samefile(again.path, first.path) or \
+        open(again.path, "rb").read() == open(first.path, "rb").read()  # the same bytes, no ffmpeg
+    assert again.info.video.frame_count == first.info.video.frame_count == 50
+    mode = os.stat(first.path).st_mode
+    # a template whose GOPs are longer than twice gop_frames is re-encoded
+    third = normalize_template(first.path, Settings(storage_root=tmp_path / "c", gop_frames=4))
+    assert keyframe_layout(third.path)[1] <= 4
+    assert os.stat(first.path).st_mode == mode
+
+
+def test_decoded_frames_round_trip_through_the_segment_encoder(tmp_path, astronaut_video):
+    """frame_to_bgr's chroma (one value per 2x2 block) survives the encoder's chroma averaging:
+    a template frame decoded, encoded losslessly (CRF 0) and decoded again barely changes."""
+    from cluster.media.decode import TemplateReader
+    from cluster.media.encode import SegmentEncoder
+
+    s = Settings(storage_root=tmp_path, crf=0)
+    with TemplateReader(astronaut_video, s) as reader:
+        frames = reader.read([0, 1, 2])
+    out = tmp_path / "seg.mp4"
+    with SegmentEncoder(out, frames.shape[2], frames.shape[1], Fraction(25), s) as enc:
+        enc.write(frames)
+    with TemplateReader(out, s) as reader:
+        back = reader.read([0, 1, 2])
+    diff = np.abs(back.astype(int) - frames)
+    # (the few larger differences are colours outside the RGB gamut, clipped on the way)
+    assert diff.mean() < 0.1 and (diff > 2).mean() < 0.001
+
+
+def test_bench_cli_lists_the_five_benchmarks():
+    from bench.__main__ import BENCHMARKS, build_parser
+
+    assert list(BENCHMARKS) == ["classic", "floor", "scaling", "first_segment", "concurrency"]
+    args = build_parser().parse_args(["floor", "--quick", "--model", "builtin"])
+    assert args.quick and args.model == ["builtin"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["nonsense"])
+    out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "all" in out.stdout
+
+
+def test_wav2lip_sized_model_has_the_generators_parameter_count():
+    from bench.wav2lip_sized import parameter_count
+
+    assert 35_000_000 < parameter_count() < 37_500_000  # Wav2Lip-96's generator: about 36 M
+
+
+def test_bench_results_section_replaces_only_its_own_part(tmp_path, monkeypatch):
+    from bench import common
+
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text("# Performance\n\nintro\n\n<!-- bench:floor -->\nold\n<!-- /bench:floor -->\n\nafter\n")
+    monkeypatch.setattr(common, "DOCS", doc)
+    common._replace_section("floor", "<!-- bench:floor -->\nnew\n<!-- /bench:floor -->")
+    common._replace_section("scaling", "<!-- bench:scaling -->\nS\n<!-- /bench:scaling -->")
+    text = doc.read_text()
+    assert "old" not in text and "new" in text and "intro" in text and "after" in text
+    assert text.index("after") < text.index("bench:scaling")
+
+
+def test_render_chunk_submits_the_next_batch_before_waiting_for_one(tmp_path, astronaut_video, speech_wav):
+    """A deferred `generate` (the cluster's) overlaps batches; the segment is the same as with an
+    immediate one. The latency model (0 ms, identity) stands in for the model."""
+    from cluster.media.decode import TemplateReader
+    from cluster.models import load_model
+    from cluster.render import prepare_job, render_chunk
+    from cluster.schemas import RenderRequest
+
+    s = Settings(storage_root=tmp_path / "s", batch_size=8, chunk_seconds=1.0)
+    model = load_model("latency:0:96", s)
+    plan = prepare_job("deferred", RenderRequest(audio=speech_wav, video=astronaut_video), s, model_size=96)
+    chunk = plan.chunks[0]
+    events = []
+
+    def deferred(mel, crops):
+        k = sum(1 for e in events if e[0] == "submit")
+        events.append(("submit", k))
+
+        def result():
+            events.append(("result", k))
+            return model.generate(mel, crops)
+        return result
+
+    seg = render_chunk(plan, chunk, deferred, s).segment
+    batches = -(-chunk.frames // 8)
+    assert events[:3] == [("submit", 0), ("submit", 1), ("result", 0)]
+    assert sorted(events) == sorted([("submit", k) for k in range(batches)] + [("result", k) for k in range(batches)])
+    with TemplateReader(seg, s) as r:
+        deferred_frames = r.read(range(chunk.frames))
+    seg2 = render_chunk(plan, chunk, model.generate, s).segment
+    with TemplateReader(seg2, s) as r:
+        assert np.array_equal(r.read(range(chunk.frames)), deferred_frames)
