@@ -244,7 +244,8 @@ class Service:
 
     async def create_job(self, job_id: str | None, audio: str | Path, video: str | Path | None,
                          avatar_id: str | None, sync_mode: str, model: str | None, tmpdir: Path,
-                         staged: dict[str, str] | None = None, crf: int | None = None) -> JobStatus:
+                         staged: dict[str, str] | None = None, crf: int | None = None,
+                         sources: dict[str, str] | None = None) -> JobStatus:
         if sync_mode not in SYNC_TO_LOOP:
             raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
@@ -256,7 +257,8 @@ class Service:
         if video is not None and "video" not in staged:
             staged["video"] = await self.stage_input(str(video), "video", tmpdir)
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
-                                model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf)
+                                model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf,
+                                sources=dict(sources or {}))
         return await self.gw.submit(job_id or new_job_id(), request)
 
     # callbacks -------------------------------------------------------------------------------------
@@ -467,6 +469,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         tmpdir = svc.tmpdir()
         try:
             staged: dict[str, str] = {}
+            sources: dict[str, str] = {}
             if ctype.startswith("multipart/form-data"):
                 declared = request.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
@@ -487,6 +490,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                     if name in up.files:
                         path, fname = up.files[name]
                         staged[name] = await gateway.upload(path, fname)
+                        sources[staged[name]] = fname  # errors name the client's file, not the ref
             else:
                 try:
                     raw = await request.body()
@@ -496,7 +500,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                 request.state.inputs = {"audio": body.audio, "video": body.video}
             await svc.check_callback(body.callback_url)
             st = await svc.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
-                                      tmpdir, staged, crf=body.crf)
+                                      tmpdir, staged, crf=body.crf, sources=sources)
             await svc.register_callback(st.id, body.callback_url)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_width: int = Field(4096, ge=16)
     max_height: int = Field(4096, ge=16)
     max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    disk_reserve_bytes: int = Field(64 * 1024**2, ge=0,
+                                    description="free space a job must leave on the storage root's "
+                                    "filesystem beyond its estimated needs (resource.disk otherwise)")
+    simulate_free_bytes: int | None = Field(None, ge=0,
+                                            description="drills and tests: the free space the disk "
+                                            "check sees instead of asking the filesystem")
     detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,

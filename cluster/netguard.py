@@ -155,7 +155,7 @@ def download(url: str, dest: str | Path, *, max_bytes: int, timeout_s: float, ma
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise InputTooLarge(f"{field}: {url} is {int(declared)} bytes; the limit is {max_bytes}", path=field)
         with open(dest, "wb") as f:
-            for block in resp.iter_bytes(1 << 16):
+            for block in resp.iter_bytes():  # as data arrives: a sized read would wait out a slow drip
                 total += len(block)
                 if total > max_bytes:
                     raise InputTooLarge(f"{field}: {url} is larger than the limit of {max_bytes} bytes", path=field)

@@ -23,6 +23,7 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")
@@ -111,6 +112,7 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 # --- admit -------------------------------------------------------------------------------
 @telemetry.timed("stage_seconds", stage="admit")
+@disk_full_guard("admit")
 def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
@@ -119,7 +121,8 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
     """
 
     s = settings or get_settings()
-    check_inputs(request, s)
+    audio_info, video_info = check_inputs(request, s)
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
@@ -146,8 +149,9 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
     return request.model_copy(update={**stored, "sources": sources})
 
 
-def check_inputs(request: RenderRequest, settings: Settings | None = None) -> None:
-    """Probe a request's inputs where they are (typed errors naming the file, within seconds)."""
+def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tuple[MediaInfo, MediaInfo | None]:
+    """Probe a request's inputs where they are (typed errors naming the file, within seconds);
+    returns what was found (audio, video or None for an avatar job)."""
     from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
@@ -158,13 +162,13 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> No
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
     try:
-        probe_audio(request.audio, s)
-        if request.video is not None:
-            probe_video(request.video, s)
-        elif request.avatar_id is None:
+        audio = probe_audio(request.audio, s)
+        video = probe_video(request.video, s) if request.video is not None else None
+        if video is None and request.avatar_id is None:
             raise InputNotFound("a job needs a template video or an avatar_id")
     except LipsyncError as e:
         raise _name_sources(e, request)
+    return audio, video
 
 
 def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
@@ -225,6 +229,7 @@ def prepare_deadline(request: RenderRequest, settings: Settings | None = None) -
     return max(s.chunk_timeout_s, s.chunk_timeout_s + s.prepare_seconds_per_template_second * seconds)
 
 
+@disk_full_guard("prepare")
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
                 model_size: int | None = None, detector=None, output_path: str | None = None) -> JobPlan:
     """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks.
@@ -309,6 +314,7 @@ def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
 
 
 # --- render one chunk --------------------------------------------------------------------
+@disk_full_guard("render")
 def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Settings | None = None,
                  progress: ProgressFn | None = None) -> ChunkResult:
     """Render output frames [chunk.start, chunk.stop) into the chunk's H.264 segment.
@@ -399,6 +405,7 @@ def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
 
 
 @telemetry.timed("stage_seconds", stage="finalise")
+@disk_full_guard("finalize")
 def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
     """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`
     also rename it into place (`commit_output`).
