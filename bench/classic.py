@@ -184,7 +184,8 @@ def _report(results: dict, quick: bool) -> None:
             verdict = "" if target is None or speed is None else ("met" if speed >= target else "NOT met")
             rows.append([r["model"], f"{r['speech_s']:g} s", LABELS[k], m["wall_s"],
                          f"{speed:.2f}x" if speed else "1x", f"{target}x {verdict}" if target else "",
-                         m.get("cpu_s", float("nan")), f"{m['cpu_vs_classic']:.2f}" if "cpu_vs_classic" in m else "1",
+                         m.get("cpu_s", "n/a"),
+                         f"{m['cpu_vs_classic']:.2f}" if "cpu_vs_classic" in m else ("1" if k == "classic" else "n/a"),
                          m["peak_rss_mb"], f"{m['memory_vs_classic']:.2f}" if "memory_vs_classic" in m else "1"])
     table = md_table(["model", "speech", "situation", "wall s", "speed vs classic", "target",
                       "CPU s (process tree)", "CPU vs classic", "peak RSS MiB", "memory vs classic"], rows)
