@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 import ray
 
+from actors import metrics
 from actors.calls import Kind, outcome
 from actors.supervision import Supervisor, TaskSet
+from cluster import logs
 from cluster.config import Settings
 from actors.jobs import StaleAttempt
 from cluster.errors import ChunkFailed, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
@@ -72,6 +74,7 @@ class Dispatcher:
         self.tasks.spawn(self._run_chunk(job_id, chunk, member))
 
     async def _run_chunk(self, job_id: str, chunk: Chunk, member: Member) -> None:
+        logs.bind(job_id=job_id, chunk=chunk.index)
         machine = self.machine
         job = machine.jobs.get(job_id)
         ok = False
@@ -146,6 +149,7 @@ class Dispatcher:
                     answer = await outcome(meta_ref, timeout=self.s.batch_timeout_s * queued)
                 if answer.kind in (Kind.stalled, Kind.died):
                     last = answer.describe(member.name, step)
+                    metrics.record_redispatch("batch", answer.kind.value)
                     await self.pool.lost(table, member, last, kill=answer.kind == Kind.stalled)
                     continue
                 if answer.kind == Kind.raised:

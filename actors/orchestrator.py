@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
@@ -51,6 +51,7 @@ def default_owner(settings: Settings) -> str:
 class JobManager:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
+        metrics.install(ORCHESTRATOR_NAME, settings.log_format)
         self.s = settings
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)
@@ -78,6 +79,7 @@ class JobManager:
             log.exception("job manager boot failed")
         self.tasks.spawn(self.dispatcher.run_scheduler())
         self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue)))
+        self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         for job_id, owner, client in self.store.unfinished_owners():
             if owner == self.owner:
                 log.info("resuming job %s", job_id)

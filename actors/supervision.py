@@ -14,6 +14,7 @@ from typing import Callable
 
 import ray
 
+from actors import metrics
 from actors.calls import Kind, outcome
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
@@ -176,6 +177,7 @@ class Supervisor:
             return False
 
     def kill_for_restart(self, member: Member) -> None:
+        metrics.record_replacement(metrics.actor_kind(member.name), "restart")
         try:
             ray.kill(member.handle, no_restart=False)
         except Exception as e:  # already gone: Ray restarts it, or the probe replaces it
@@ -184,6 +186,7 @@ class Supervisor:
     async def _replace(self, member: Member, why: str, kill: bool = False) -> None:
         """Create a member anew under its name (dead for good, or built with other settings)."""
         log.warning("replacing %s: %s", member.name, why)
+        metrics.record_replacement(metrics.actor_kind(member.name), "killed" if kill else "dead")
         if kill:
             ray.kill(member.handle, no_restart=True)
             for _ in range(100):

@@ -17,8 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (CACHE, MODELS, TreeSampler, bench_env, make_inputs, md_table, model_spec,
-                          run_measured, write_result)
+from bench.common import (
+    CACHE,
+    MODELS,
+    TreeSampler,
+    bench_env,
+    make_inputs,
+    md_table,
+    model_spec,
+    run_measured,
+    write_result,
+)
 
 TARGETS = {  # speed vs classic
     ("oneshot", "builtin"): 1.3, ("oneshot", "wav2lip96"): 1.5,
@@ -70,12 +79,14 @@ class WarmService:
         from cluster.schemas import RenderRequest
 
         with TreeSampler() as mem:
+            cpu0 = mem.cpu()
             t0 = time.perf_counter()
             st = self.rt.render(RenderRequest(audio=audio, video=video, output=out, model=model), timeout=7200)
             wall = time.perf_counter() - t0
+            cpu = mem.cpu() - cpu0
         if st.state.value != "succeeded":
             raise RuntimeError(f"warm-service job {st.id} ended {st.state.value}: {st.error}")
-        return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20}
+        return {"wall_s": wall, "peak_rss_mb": mem.peak / 2**20, "cpu_s": cpu}
 
     def model_busy_s(self) -> float | None:
         """Seconds the model workers have spent inferring so far (from their `info`), or None."""
@@ -153,6 +164,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                 for k in ("oneshot", "warm_cold", "warm_prepared"):
                     row[k]["speed_vs_classic"] = row["classic"]["wall_s"] / row[k]["wall_s"]
                     row[k]["memory_vs_classic"] = row[k]["peak_rss_mb"] / row["classic"]["peak_rss_mb"]
+                    row[k]["cpu_vs_classic"] = row[k]["cpu_s"] / row["classic"]["cpu_s"]
                 results["runs"].append(row)
                 print(f"[classic] {row}", flush=True)
     finally:
@@ -172,9 +184,11 @@ def _report(results: dict, quick: bool) -> None:
             verdict = "" if target is None or speed is None else ("met" if speed >= target else "NOT met")
             rows.append([r["model"], f"{r['speech_s']:g} s", LABELS[k], m["wall_s"],
                          f"{speed:.2f}x" if speed else "1x", f"{target}x {verdict}" if target else "",
+                         m.get("cpu_s", "n/a"),
+                         f"{m['cpu_vs_classic']:.2f}" if "cpu_vs_classic" in m else ("1" if k == "classic" else "n/a"),
                          m["peak_rss_mb"], f"{m['memory_vs_classic']:.2f}" if "memory_vs_classic" in m else "1"])
     table = md_table(["model", "speech", "situation", "wall s", "speed vs classic", "target",
-                      "peak RSS MiB", "memory vs classic"], rows)
+                      "CPU s (process tree)", "CPU vs classic", "peak RSS MiB", "memory vs classic"], rows)
     notes = (f"Template {results['size']}, {results['template_seconds']:g} s, 25 fps. Peak RSS is the "
              "whole process tree (Ray's own processes included for the cluster rows).")
     write_result("classic", results, table, notes, quick=quick)

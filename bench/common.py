@@ -133,7 +133,7 @@ class TreeSampler:
     def cpu(self) -> float:
         return _tree_cpu(self.proc)
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self.peak = _tree_rss(self.proc)
         self._thread.start()
         return self

@@ -21,7 +21,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
 
     size, template_s = ((640, 360), 2.0) if quick else ((1280, 720), 10.0)
     models = models or (["builtin"] if quick else list(MODELS))
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 3
     inp = make_inputs((seconds or [10.0])[0], size, template_s)
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-first-", dir=CACHE))

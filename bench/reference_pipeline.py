@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="builtin")
     args = ap.parse_args(argv)
 
+    from fractions import Fraction
+
     from cluster.audio import load_audio, mel_windows, melspectrogram
     from cluster.media.ffmpeg import ffmpeg_binary
     from cluster.models import load_model
     from cluster.plan import frame_count_from_samples
-    from fractions import Fraction
 
     frames, fps = read_frames(args.video)
     boxes = detect_faces(frames)

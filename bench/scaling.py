@@ -52,7 +52,7 @@ def one_k(k: int, seconds: float, work: Path, batch_size: int) -> dict:
                  batch_size=batch_size, chunk_seconds=2.0, max_inflight_per_worker=2)
     inp = make_inputs(seconds, (320, 240), 2.0)
     prepare_avatar(inp.video, s)  # prepared avatar: the render phase is what scales
-    ray.init(num_cpus=2 * k + 2, num_gpus=k, namespace=s.namespace, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * k + 2, num_gpus=k, namespace=s.namespace, include_dashboard=False, log_to_driver=False)
     try:
         rt = Runtime(s)
         rt.ready(timeout=300)

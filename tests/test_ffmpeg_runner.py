@@ -29,9 +29,8 @@ def test_runner_kills_and_reaps_on_timeout_and_on_exceptions():
     with pytest.raises(RenderTimeout, match="timed out"):
         run.wait(0.3)
     assert run.proc.returncode is not None  # reaped
-    with pytest.raises(RuntimeError):
-        with FFmpeg(ENDLESS, stage="t") as run2:
-            raise RuntimeError("caller failed")
+    with pytest.raises(RuntimeError), FFmpeg(ENDLESS, stage="t") as run2:
+        raise RuntimeError("caller failed")
     assert run2.proc.returncode is not None
     with FFmpeg(ENDLESS, stage="t", timeout_error=EncodeError) as run3:
         with pytest.raises(EncodeError):

@@ -70,7 +70,7 @@ def test_wav2lip_sized_model_has_the_generators_parameter_count():
 
 
 def test_bench_results_section_replaces_only_its_own_part(tmp_path, monkeypatch):
-    import bench.common as common
+    from bench import common
 
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# Performance\n\nintro\n\n<!-- bench:floor -->\nold\n<!-- /bench:floor -->\n\nafter\n")
@@ -80,3 +80,37 @@ def test_bench_results_section_replaces_only_its_own_part(tmp_path, monkeypatch)
     text = doc.read_text()
     assert "old" not in text and "new" in text and "intro" in text and "after" in text
     assert text.index("after") < text.index("bench:scaling")
+
+
+def test_render_chunk_submits_the_next_batch_before_waiting_for_one(tmp_path, astronaut_video, speech_wav):
+    """A deferred `generate` (the cluster's) overlaps batches; the segment is the same as with an
+    immediate one. The latency model (0 ms, identity) stands in for the model."""
+    from cluster.media.decode import TemplateReader
+    from cluster.models import load_model
+    from cluster.render import prepare_job, render_chunk
+    from cluster.schemas import RenderRequest
+
+    s = Settings(storage_root=tmp_path / "s", batch_size=8, chunk_seconds=1.0)
+    model = load_model("latency:0:96", s)
+    plan = prepare_job("deferred", RenderRequest(audio=speech_wav, video=astronaut_video), s, model_size=96)
+    chunk = plan.chunks[0]
+    events = []
+
+    def deferred(mel, crops):
+        k = sum(1 for e in events if e[0] == "submit")
+        events.append(("submit", k))
+
+        def result():
+            events.append(("result", k))
+            return model.generate(mel, crops)
+        return result
+
+    seg = render_chunk(plan, chunk, deferred, s).segment
+    batches = -(-chunk.frames // 8)
+    assert events[:3] == [("submit", 0), ("submit", 1), ("result", 0)]
+    assert sorted(events) == sorted([("submit", k) for k in range(batches)] + [("result", k) for k in range(batches)])
+    with TemplateReader(seg, s) as r:
+        deferred_frames = r.read(range(chunk.frames))
+    seg2 = render_chunk(plan, chunk, model.generate, s).segment
+    with TemplateReader(seg2, s) as r:
+        assert np.array_equal(r.read(range(chunk.frames)), deferred_frames)
