@@ -86,15 +86,19 @@ class JobMachine:
     def finish(self, job_id: str, state: JobState, error: ErrorInfo | None = None, output: str | None = None) -> None:
         """Persist a terminal state (first one wins), then stop the job's work. Never reads the
         stored request: a job whose row no longer validates still ends."""
-        if self.store.end(job_id, state, error=error, output=output):
-            log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
-            metrics.record_job_end(self.store.get(job_id))
+        ended = self.store.end(job_id, state, error=error, output=output)
         job = self.jobs.get(job_id)
         if job is not None:
             job.finished = True
             job.all_done.set()
-            if state != JobState.succeeded and job.plan is not None:
+            if ended and state != JobState.succeeded and job.plan is not None:
                 discard_output(job.plan)
+        if ended:
+            log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
+            try:
+                metrics.record_job_end(self.store.get(job_id))
+            except Exception:  # a metric must never keep a job from ending
+                log.exception("job %s: recording its end in the metrics failed", job_id)
         self.dispatcher.queue.drop(job_id)
 
     def fail(self, job_id: str, err: LipsyncError) -> None:
