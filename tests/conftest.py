@@ -19,10 +19,21 @@ hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
 
+# Modules whose every test starts Ray, a service or a CLI process, and tests that render whole
+# videos end to end: `slow` too, so `pytest -m "not slow"` stays a quick inner loop.
+SLOW_MODULES = {"test_cli", "test_service", "test_service_restart", "test_service_chaos", "test_service_hostile",
+                "test_soak", "test_lipsync_quality", "test_deploy_local", "test_perf", "test_multinode"}
+SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_odd_input_renders_correctly",
+              "test_a_disk_that_fills_mid_job")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs Ray is also `slow`: `pytest -m "not slow"` is the quick inner loop."""
+    """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
+    the quick inner loop; plain `pytest` runs everything."""
     for item in items:
-        if item.get_closest_marker("ray") is not None:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
+                or item.name.startswith(SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
 
 
