@@ -17,6 +17,8 @@ BENCHMARKS = {
     "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
     "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
+    "chaos": "bench.chaos",              # reliability: jobs under random kills (docs/RELIABILITY.md)
+    "soak": "bench.soak",                # reliability: many short jobs through the service, memory
 }
 
 
