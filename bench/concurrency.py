@@ -20,8 +20,8 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     from bench.classic import WarmService
     from cluster.schemas import RenderRequest
 
-    size, template_s = ((320, 240), 2.0) if quick else ((1280, 720), 10.0)
-    secs = (seconds or [2.0 if quick else 6.0])[0]
+    size, template_s = ((320, 240), 2.0) if quick else ((640, 360), 4.0)
+    secs = (seconds or [2.0 if quick else 4.0])[0]
     models = models or ["builtin"]
     inp = make_inputs(secs, size, template_s)
     CACHE.mkdir(parents=True, exist_ok=True)
