@@ -22,7 +22,7 @@ FROM cpu-base AS cpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PYTHONPATH=/app \
     LIPSYNC_STORAGE_ROOT=/data/lipsync LIPSYNC_LOG_FORMAT=json
 WORKDIR /app
-COPY pyproject.toml README.md serve_app.py* ./
+COPY pyproject.toml README.md serve_app.py ./
 COPY cluster ./cluster
 COPY actors ./actors
 RUN pip install -e .
@@ -35,7 +35,7 @@ FROM gpu-base AS gpu
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PYTHONPATH=/app \
     LIPSYNC_STORAGE_ROOT=/data/lipsync LIPSYNC_LOG_FORMAT=json
 WORKDIR /app
-COPY pyproject.toml README.md serve_app.py* ./
+COPY pyproject.toml README.md serve_app.py ./
 COPY cluster ./cluster
 COPY actors ./actors
 RUN pip install -e .

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, metrics
 from actors.calls import Kind, outcome_sync
+from cluster import logs
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
 from cluster.nodecache import entries as cache_entries
@@ -24,6 +25,7 @@ from cluster.schemas import Chunk, MediaInfo, RenderRequest
 class Compositor:
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings, self.name = settings, name
+        metrics.install(name, settings.log_format)
         self._detector = None
 
     @ray.method(concurrency_group="control")  # answers while a chunk renders
@@ -34,6 +36,7 @@ class Compositor:
     def prepare(self, job_id: str, request: RenderRequest, model_size: int, output_path: str | None = None) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
 
+        logs.set_context(job_id=job_id)
         if self._detector is None:
             self._detector = MTCNNDetector()
         return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
@@ -42,6 +45,7 @@ class Compositor:
     def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str, shared_storage: bool = True) -> ChunkResult:
         """Render one chunk. Without `shared_storage` (this node is not the job manager's), the
         prepared files come from the node-local cache and the segment's bytes go back in the result."""
+        logs.set_context(job_id=plan.job_id, chunk=chunk.index)
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.settings.namespace)
         if not shared_storage:
             plan = self._localized(plan, manager)
@@ -61,6 +65,7 @@ class Compositor:
                 if routed.ok:
                     generated = outcome_sync(routed.value[0], self.settings.batch_timeout_s)
                     if generated.ok:
+                        metrics.record_object_store_bytes(mel.nbytes + crops.nbytes + generated.value.nbytes, len(mel))
                         return generated.value
                     routed = generated
                 if routed.kind == Kind.raised and isinstance(routed.cause, LipsyncError):
@@ -98,4 +103,5 @@ class Compositor:
 
     def finalize(self, plan: JobPlan) -> MediaInfo:
         """Build and verify the output under its pending name; the job manager commits it."""
+        logs.set_context(job_id=plan.job_id)
         return finalize_job(plan, self.settings, commit=False)

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import ray
 
+from actors import metrics
 from actors.calls import Kind, outcome
 from actors.supervision import Supervisor, TaskSet
+from cluster import logs
 from cluster.config import Settings
 from actors.jobs import StaleAttempt
 from cluster.errors import ChunkFailed, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
-from cluster.scheduling import FairQueue, Member
+from cluster.scheduling import FairQueue, Health, Member
 from cluster.schemas import Chunk
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ class Dispatcher:
         self.tasks.spawn(self._run_chunk(job_id, chunk, member))
 
     async def _run_chunk(self, job_id: str, chunk: Chunk, member: Member) -> None:
+        logs.bind(job_id=job_id, chunk=chunk.index)
         machine = self.machine
         job = machine.jobs.get(job_id)
         ok = False
@@ -146,6 +149,7 @@ class Dispatcher:
                     answer = await outcome(meta_ref, timeout=self.s.batch_timeout_s * queued)
                 if answer.kind in (Kind.stalled, Kind.died):
                     last = answer.describe(member.name, step)
+                    metrics.record_redispatch("batch", answer.kind.value)
                     await self.pool.lost(table, member, last, kill=answer.kind == Kind.stalled)
                     continue
                 if answer.kind == Kind.raised:
@@ -197,7 +201,11 @@ class Dispatcher:
         timeout = timeout or self.s.chunk_timeout_s
         table = self.pool.compositors
         settle_by = time.monotonic() + self.s.stall_timeout_s
-        while not self.pool.settled() and time.monotonic() < settle_by:  # where the members are is known
+        while time.monotonic() < settle_by:  # until a compositor here is live, or where each one is is known
+            members = list(table.members.values())
+            if any(m.health == Health.live and self.on_this_node(m) for m in members) or \
+                    not any(m.health == Health.starting for m in members):
+                break
             await asyncio.sleep(0.2)
         last = "none"
         for _ in range(self.s.max_chunk_attempts + 1):

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from actors import metrics
 from actors.supervision import Supervisor, TaskSet
+from cluster import logs
 from cluster.config import Settings
 from cluster.errors import ChunkFailed, JobCancelled, LipsyncError, RenderError, RenderTimeout, WorkerLost
 from cluster.jobstore import JobStore
@@ -86,6 +88,7 @@ class JobMachine:
         stored request: a job whose row no longer validates still ends."""
         if self.store.end(job_id, state, error=error, output=output):
             log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
+            metrics.record_job_end(self.store.get(job_id))
         job = self.jobs.get(job_id)
         if job is not None:
             job.finished = True
@@ -121,6 +124,7 @@ class JobMachine:
                     ErrorInfo(code=JobCancelled.code, message=f"job {job_id} was cancelled", stage="cancel"))
 
     async def _run(self, job_id: str) -> None:
+        logs.bind(job_id=job_id)  # every line of this job's task carries its id
         job = self.jobs[job_id]
         try:
             await asyncio.wait_for(self._drive(job), timeout=self.s.job_timeout_s)
@@ -250,5 +254,6 @@ class JobMachine:
                 f"{err.code}: {err.message}", job_id=job.id, chunk=chunk.index, stage="render",
                 cause=err.cause or err.message))
             return
+        metrics.record_redispatch("chunk", "lost" if lost else "failed")
         self.dispatcher.queue.push(job.id, chunk, front=True)
         self.dispatcher.work.set()

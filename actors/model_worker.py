@@ -1,4 +1,8 @@
-"""Model worker: one process owns one GPU (or a CPU slot) and the models loaded on it."""
+"""Model worker: one process owns the GPUs Ray assigned it (or a CPU slot) and the models loaded
+on them. Its life is a few named steps, as in vLLM's worker: `init_device` (which device: the
+GPUs Ray assigned, the providers that really run there), `load_model`, `warm_up` (one batch at
+the real batch size, so a TensorRT engine is built before the worker reports ready),
+`execute` (`infer`) and `check_health` (`info`). The logic lives in `cluster.models`."""
 from __future__ import annotations
 
 import collections
@@ -9,10 +13,12 @@ import time
 import numpy as np
 import ray
 
+from actors import metrics
 from cluster.config import Settings
 from cluster.errors import LipsyncError, ModelLoadError
 
 log = logging.getLogger("lipsync.worker")
+
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
 class ModelWorker:
@@ -28,14 +34,38 @@ class ModelWorker:
 
     def __init__(self, default_model: str, settings: Settings, name: str) -> None:
         self.name, self.default_model, self.settings = name, default_model, settings
+        metrics.install(name, settings.log_format)
         self.models: collections.OrderedDict[str, object] = collections.OrderedDict()
         self.errors: dict[str, tuple[LipsyncError, float]] = {}
         self.frames = 0
         self.busy_s = 0.0
+        self.init_device()
         try:
             self._model(default_model)
         except Exception as e:  # kept in self.errors and reported by info(); never kill __init__
             log.error("model worker %s: %s", name, e)
+
+    # --- lifecycle steps ----------------------------------------------------------------------
+    def init_device(self) -> None:
+        """The GPUs Ray assigned to this actor and what can really run on them."""
+        from cluster.models.providers import CPU, DeviceFacts, device_facts
+
+        self.gpu_ids = list(ray.get_gpu_ids())
+        try:
+            self.facts = device_facts()
+        except Exception as e:  # never kill __init__: without facts the worker runs on the CPU
+            log.error("model worker %s: cannot probe devices (%r); using the CPU", self.name, e)
+            self.facts = DeviceFacts(available=(CPU,))
+
+    def load_model(self, spec: str):
+        """`spec` on every assigned GPU (one session each), else on the CPU."""
+        from cluster.models import load_model_on_devices
+
+        return load_model_on_devices(spec, self.settings, self.gpu_ids, self.facts)
+
+    def warm_up(self, model) -> float:
+        """One batch at the real batch size: arenas sized and any TensorRT engine built now."""
+        return model.warmup(self.settings.batch_size)
 
     def _model(self, spec: str):
         if spec in self.models:
@@ -46,12 +76,8 @@ class ModelWorker:
             if time.monotonic() - at < self.settings.model_retry_s:
                 raise err  # retried after model_retry_s: a transient failure must not poison a worker
         try:
-            from cluster.models import load_model
-            from cluster.models.providers import select_providers
-
-            gpu_ids = ray.get_gpu_ids()
-            model = load_model(spec, self.settings, providers=select_providers(gpu_ids))
-            model.warmup(self.settings.batch_size)  # the real batch size: arenas sized once
+            model = self.load_model(spec)
+            warm_s = self.warm_up(model)
         except LipsyncError as e:
             self.errors[spec] = (e, time.monotonic())
             raise
@@ -60,8 +86,8 @@ class ModelWorker:
             self.errors[spec] = (err, time.monotonic())
             raise err from e
         self.errors.pop(spec, None)
-        log.info("model worker %s: model %s S=%d providers=%s gpus=%s", self.name, spec, model.size,
-                 model.providers, gpu_ids)
+        log.info("model worker %s: model %s S=%d crop=%s %s providers=%s gpus=%s warm-up %.2f s", self.name,
+                 spec, model.size, model.crop, model.precision, model.providers, self.gpu_ids, warm_s)
         self.models[spec] = model
         for old in [k for k in self.models if k != self.default_model][: max(0, len(self.models) -
                                                                               self.settings.models_per_worker)]:
@@ -70,24 +96,33 @@ class ModelWorker:
         return model
 
     @ray.method(concurrency_group="control")
-    def info(self) -> dict:
+    def check_health(self) -> dict:
+        """Liveness and readiness: whether the default model is loaded, on which providers."""
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-               "gpus": [str(g) for g in ray.get_gpu_ids()], "frames": self.frames,
+               "gpus": [str(g) for g in self.gpu_ids], "frames": self.frames,
                "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
                "models": list(self.models), "settings": self.settings.fingerprint()}
         model = self.models.get(self.default_model)
         if model is None:
             err = self.errors.get(self.default_model, (ModelLoadError("the default model is not loaded"), 0))[0]
             return {**out, "ready": False, "error": err.to_info().model_dump()}
-        return {**out, "ready": True, "size": model.size, "providers": list(model.providers)}
+        return {**out, "ready": True, "size": model.size, "crop": model.crop, "precision": model.precision,
+                "providers": list(model.providers)}
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        """`check_health` under the name the runtime calls."""
+        return self.check_health()
 
     def describe(self, spec: str) -> dict:
-        """Load `spec` if needed; its crop size and providers (raises ModelLoadError/ModelContractError)."""
+        """Load `spec` if needed; its crop size, crop recipe, precision and providers (raises
+        ModelLoadError/ModelContractError)."""
         model = self._model(spec)
-        return {"size": model.size, "providers": list(model.providers)}
+        return {"size": model.size, "crop": model.crop, "precision": model.precision,
+                "providers": list(model.providers)}
 
     @ray.method(num_returns=2)
-    def infer(self, spec: str, mel: np.ndarray, crops: np.ndarray):
+    def execute(self, spec: str, mel: np.ndarray, crops: np.ndarray):
         """(meta, generated crops): `meta` is small, so the job manager can await it without
         pulling the frame data; the crops go straight to the compositor that asked."""
         model = self._model(spec)
@@ -96,4 +131,10 @@ class ModelWorker:
         dt = time.perf_counter() - t0
         self.frames += len(out)
         self.busy_s += dt
+        metrics.record_batch(self.name, metrics.device_name(), len(out), dt)
         return {"frames": len(out), "seconds": dt, "worker": self.name}, out
+
+    @ray.method(num_returns=2)
+    def infer(self, spec: str, mel: np.ndarray, crops: np.ndarray):
+        """`execute` under the name the runtime calls."""
+        return self.execute(spec, mel, crops)

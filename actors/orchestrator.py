@@ -21,12 +21,12 @@ from pathlib import Path
 
 import ray
 
-from actors import ORCHESTRATOR_NAME
+from actors import ORCHESTRATOR_NAME, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
 from cluster.config import Settings
-from cluster.errors import InputsGone, JobAbandoned, JobConflict, JobNotReady, LipsyncError, OutputPathInUse, RenderError
+from cluster.errors import InputsGone, JobAbandoned, JobConflict, JobNotReady, LipsyncError, OutputPathInUse, PlacementError, RenderError
 from cluster.inputs import UploadStore
 from cluster.jobstore import JobStore
 from cluster.owners import identity_gone
@@ -51,6 +51,7 @@ def default_owner(settings: Settings) -> str:
 class JobManager:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
+        metrics.install(ORCHESTRATOR_NAME, settings.log_format)
         self.s = settings
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)
@@ -77,6 +78,8 @@ class JobManager:
             self._boot_error = RenderError(f"the job manager cannot start its workers: {e!r}", cause=repr(e))
             log.exception("job manager boot failed")
         self.tasks.spawn(self.dispatcher.run_scheduler())
+        self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue)))
+        self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         for job_id, owner, client in self.store.unfinished_owners():
             if owner == self.owner:
                 log.info("resuming job %s", job_id)
@@ -106,10 +109,11 @@ class JobManager:
         return self.workers()
 
     def workers(self) -> dict:
-        return self.pool.snapshot()
+        return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid()}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
-        return await self.pool.refresh(timeout)
+        await self.pool.refresh(timeout)
+        return self.workers()
 
     # --- data plane: bytes in ----------------------------------------------------------------
     async def upload_begin(self, filename: str) -> str:
@@ -218,11 +222,17 @@ def head_node_id() -> str:
 
 
 def create_job_manager(settings: Settings, owner: str | None = None):
-    """Get or create the named, detached job manager on the head node (soft: another node when
-    the head cannot take it)."""
+    """Get or create the named, detached job manager on the head node, where the storage root
+    lives (it needs no CPU, so a head that keeps its CPUs from actors still takes it; a soft
+    affinity let Ray place it on a worker node, whose disk then held the jobs)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return JobManager.options(
-        name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=True),
-    ).remote(settings, owner)
+    opts = dict(name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True)
+    if settings.manager_resource:  # e.g. lipsync_head on KubeRay's head pod: the storage claim is there
+        if settings.manager_resource not in ray.cluster_resources():
+            raise PlacementError(f"the job manager needs the custom resource {settings.manager_resource!r} "
+                                 f"(LIPSYNC_MANAGER_RESOURCE), which no node of the cluster offers")
+        opts["resources"] = {settings.manager_resource: 0.01}
+    else:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head_node_id(), soft=False)
+    return JobManager.options(**opts).remote(settings, owner)

@@ -49,8 +49,8 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # "local": a new instance even when `ray start` left /tmp/ray/ray_current_cluster behind
-            # (ray.init() without an address would join that cluster instead)
+            # "local": always a new instance of our own, never a cluster another `ray start` on
+            # this machine registered in /tmp/ray (ray.init() would silently join that one).
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"

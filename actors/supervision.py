@@ -10,9 +10,11 @@ import asyncio
 import functools
 import logging
 import time
+from typing import Callable
 
 import ray
 
+from actors import metrics
 from actors.calls import Kind, outcome
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
@@ -54,6 +56,7 @@ class Supervisor:
         self.models = WorkerTable(settings.max_inflight_per_worker)
         self.compositors = WorkerTable(max_inflight=1)
         self._factories: dict[str, functools.partial] = {}
+        self._requested = 0  # model worker bundles asked of the autoscaler
 
     # --- creation ------------------------------------------------------------------------
     def _create_worker(self, name: str, gpus: float):
@@ -92,6 +95,70 @@ class Supervisor:
             name = f"{COMPOSITOR_PREFIX}{i}"
             self._add(self.compositors, name, functools.partial(self._create_compositor, name))
 
+    # --- following the cluster -------------------------------------------------------------
+    async def run_reconciler(self, queue_depth: Callable[[], int]) -> None:
+        """Every pool_reconcile_s: follow the cluster's resources (never dies)."""
+        while True:
+            await asyncio.sleep(self.s.pool_reconcile_s)
+            try:
+                await self.reconcile(queue_depth())
+            except Exception:
+                log.exception("pool reconciliation failed; trying again")
+
+    async def reconcile(self, queued_chunks: int = 0) -> None:
+        """Grow the pools to what the cluster's resources hold now (a GPU node that joined gets a
+        model worker; compositors follow the CPUs, within settings), drop members that are not
+        live beyond that (their node left), and ask the autoscaler for GPU bundles while chunks
+        wait and every worker is busy."""
+        res = ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        want_workers = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
+        want_comp = self.s.compositors or max(1, min(int(cpus) - want_workers, 8))
+        per_worker = self.s.worker_gpus if gpus else 0.0
+        await self._resize(self.models, MODEL_WORKER_PREFIX, want_workers,
+                           lambda name: functools.partial(self._create_worker, name, per_worker))
+        await self._resize(self.compositors, COMPOSITOR_PREFIX, want_comp,
+                           lambda name: functools.partial(self._create_compositor, name))
+        self._request_capacity(queued_chunks)
+
+    async def _resize(self, table: WorkerTable, prefix: str, want: int, factory_for) -> None:
+        have = len(table.members)
+        for i in range(have, want):
+            name = next(f"{prefix}{k}" for k in range(10_000) if f"{prefix}{k}" not in table.members)
+            log.info("the cluster has room for %s: adding it", name)
+            self._add(table, name, factory_for(name))
+        surplus = have - want
+        for member in [m for m in table.members.values() if m.health in (Health.lost, Health.starting)
+                       and time.monotonic() - (m.lost_at or m.created_at) > self.s.stall_timeout_s / 4][:max(0, surplus)]:
+            log.warning("dropping %s: not live and the cluster no longer has room for it", member.name)
+            await table.remove(member.name)
+            self._factories.pop(member.name, None)
+            try:
+                ray.kill(member.handle, no_restart=True)
+            except Exception as e:
+                log.warning("kill %s: %r", member.name, e)
+        if surplus > 0 or have < want:
+            self.work.set()
+
+    def _request_capacity(self, queued_chunks: int) -> None:
+        """Ask Ray's autoscaler for one more GPU worker bundle while chunks wait and every live
+        worker is at its limit; release the request when the queue is empty."""
+        try:
+            from ray.autoscaler.sdk import request_resources
+        except ImportError:
+            return
+        busy = all(m.inflight >= self.models.max_inflight for m in self.models.live())
+        if queued_chunks > len(self.compositors.live()) and busy:
+            n = len(self.models.members) + 1
+            bundle = {"CPU": 1, "GPU": self.s.worker_gpus}
+            if self._requested != n:
+                log.info("asking the autoscaler for %d model worker bundle(s) %s", n, bundle)
+                request_resources(bundles=[bundle] * n)
+                self._requested = n
+        elif queued_chunks == 0 and self._requested:
+            request_resources(bundles=[])
+            self._requested = 0
+
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:
         self._factories[name] = factory
         member = table.add(name, factory())
@@ -110,6 +177,7 @@ class Supervisor:
             return False
 
     def kill_for_restart(self, member: Member) -> None:
+        metrics.record_replacement(metrics.actor_kind(member.name), "restart")
         try:
             ray.kill(member.handle, no_restart=False)
         except Exception as e:  # already gone: Ray restarts it, or the probe replaces it
@@ -118,6 +186,7 @@ class Supervisor:
     async def _replace(self, member: Member, why: str, kill: bool = False) -> None:
         """Create a member anew under its name (dead for good, or built with other settings)."""
         log.warning("replacing %s: %s", member.name, why)
+        metrics.record_replacement(metrics.actor_kind(member.name), "killed" if kill else "dead")
         if kill:
             ray.kill(member.handle, no_restart=True)
             for _ in range(100):
@@ -135,6 +204,8 @@ class Supervisor:
         first_timeout = self._first_timeout(table)
         deadline = time.monotonic() + first_timeout
         while True:
+            if table.members.get(member.name) is not member:  # dropped from the pool
+                return
             answer = await outcome(member.handle.info.remote(),
                                    timeout=min(10.0, max(1.0, deadline - time.monotonic())))
             if not answer.ok:

@@ -17,7 +17,11 @@ BENCHMARKS = {
     "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
     "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
+    "chaos": "bench.chaos",              # reliability: jobs under random kills (docs/RELIABILITY.md)
+    "soak": "bench.soak",                # reliability: many short jobs through the service, memory
 }
+#: Run by name only (`all` is the five performance benchmarks): they check promises and fail loudly.
+RELIABILITY = ("chaos", "soak")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n not in RELIABILITY] if args.name == "all" else [args.name]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         t0 = time.perf_counter()

@@ -69,7 +69,12 @@ def main() -> None:
     from cluster.media.decode import TemplateReader, iter_frames
     from cluster.models import load_model
     from cluster.plan import template_indices
-    from cluster.quality import best_lag, mouth_motion, pearson, psnr_outside_mask, seam_score
+    from cluster.quality import (best_lag, chin_motion, lip_sharpness, loudest, mouth_motion, pearson,
+                                 psnr_outside_mask, seam_score)
+    try:  # added with issue 10's built-in model; absent when measuring an older checkout
+        from cluster.quality import lip_texture_ratio
+    except ImportError:
+        lip_texture_ratio = None
     from cluster.render import render_local
     from cluster.schemas import RenderRequest
     from cluster.synth import astronaut_template, speech_like, write_audio
@@ -113,6 +118,18 @@ def main() -> None:
         print(f"silent mouth diff    : mean {motion[silent].mean():.2f}, max {motion[silent].max():.2f} levels "
               f"over {silent.sum()} frames   (target mean < 2)")
         print(f"speech mouth diff    : mean {motion[~quiet].mean():.2f} levels over {(~quiet).sum()} frames")
+        chin = chin_motion(output, template, matrices, model.size)
+        sharp = lip_sharpness(output, matrices, model.size) / lip_sharpness(template, matrices, model.size)
+        top = loudest(energy, 0.2)
+        print(f"chin change          : loudest fifth {chin[top].mean():.2f} / silent {chin[silent].mean():.2f} = "
+              f"{chin[top].mean() / max(chin[silent].mean(), 1e-9):.2f}x, r with speech "
+              f"{pearson(chin, energy):.3f}   (targets >= 2.5x, r >= 0.5; before issue 10: 1.33x)")
+        print(f"lip sharpness ratio  : loudest fifth {np.median(sharp[top]):.3f}, silent {np.median(sharp[silent]):.3f}"
+              f"   (target >= 0.92 loud; before issue 10: 0.88 loud, 0.95 silent)")
+        if lip_texture_ratio is not None:
+            texture = lip_texture_ratio(output, template, matrices, model.size)
+            print(f"lip texture ratio    : loudest fifth {np.median(texture[top]):.3f}, "
+                  f"silent {np.median(texture[silent]):.3f}   (as above without the open mouth's inside)")
         print(f"throughput cold      : {n / cold:.1f} frames/s ({cold:.1f} s, avatar preparation included)")
         print(f"throughput warm      : {n / warm:.1f} frames/s ({warm:.1f} s, cached avatar)")
 

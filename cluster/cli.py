@@ -157,6 +157,147 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    args.chunk_seconds, _cluster_options(args))
 
 
+# --- the service and its shell client -------------------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    settings = Settings()
+    if args.host not in LOOPBACK_HOSTS and settings.api_token is None and not args.insecure:
+        print(f"lipsync: error: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
+              f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
+        return 2
+    from actors.service_support import start_service, stop_service
+
+    stop = threading.Event()
+    try:
+        urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                             dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
+                             ray_temp_dir=args.ray_temp_dir)
+    except LipsyncError as e:
+        print(_fail_line(e.to_info()), file=sys.stderr)
+        return e.exit_code
+    # Installed after Ray started: Ray's own SIGTERM handler would abort the process mid-shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
+    if urls["dashboard"]:
+        print(f"  dashboard: {urls['dashboard']}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("lipsync: stopping the service", file=sys.stderr, flush=True)
+        stop_service(urls["embedded"])
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from cluster.client import Client
+
+    return Client(args.url, token=args.token)
+
+
+def _print_view(view) -> None:
+    print(view.model_dump_json(indent=2))
+
+
+def _client_call(fn) -> int:
+    from cluster.client import ApiError, JobFailed, WaitTimeout
+
+    try:
+        return fn()
+    except JobFailed as e:
+        _print_view(e.job)
+        print(f"lipsync: error: {e.code}: {e.message}", file=sys.stderr)
+        return 2 if e.code.startswith("input.") else 1
+    except ApiError as e:
+        print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else ""), file=sys.stderr)
+        return 2 if 400 <= e.status < 500 else 1
+    except WaitTimeout as e:
+        print(f"lipsync: error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(args) as c:
+            job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
+                           model=args.model, crf=args.crf, callback_url=args.callback_url)
+            if not (args.wait or args.output):
+                print(job.id)
+                return 0
+            print(job.id, file=sys.stderr)
+            view = job.wait(progress=not args.quiet, timeout=args.timeout)
+            if args.output:
+                job.download(args.output)
+                print(f"wrote {args.output}", file=sys.stderr)
+            _print_view(view)
+            return 0
+    return _client_call(run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(args) as c:
+            _print_view(c.get(args.id))
+            return 0
+    return _client_call(run)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(args) as c:
+            _print_view(c.wait(args.id, progress=not args.quiet, timeout=args.timeout))
+            return 0
+    return _client_call(run)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(args) as c:
+            c.download(args.id, args.output)
+            print(f"wrote {args.output}", file=sys.stderr)
+            return 0
+    return _client_call(run)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(args) as c:
+            _print_view(c.cancel(args.id))
+            return 0
+    return _client_call(run)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models in the model directory: contract, crop recipe, precision, device."""
+    import json
+
+    from cluster.models import list_models
+
+    settings = _settings(args)
+    try:
+        rows = list_models(settings)
+    except LipsyncError as e:
+        print(_fail_line(e.to_info()), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"models in {settings.dir('models')} (put Wav2Lip-class .onnx files there):")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['model']}: cannot load: {r['error']}")
+            continue
+        print(f"  {r['model']}: S={r['size']} batch={r['batch']} crop={r['crop']} ({r['crop_from']}) "
+              f"{r['precision']} device={r['device'].replace('ExecutionProvider', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -181,6 +322,56 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="render the bundled example (generated speech + a real face)")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the models in the model directory and how they would run")
+    m.add_argument("--json", action="store_true", help="one JSON list instead of lines")
+    m.set_defaults(func=cmd_models)
+
+    sv = sub.add_parser("serve", help="start Ray (or join RAY_ADDRESS) and the HTTP service")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    sv.add_argument("--num-cpus", type=int, help="logical CPUs of the embedded Ray head")
+    sv.add_argument("--num-gpus", type=int, help="logical GPUs of the embedded Ray head")
+    sv.add_argument("--no-dashboard", action="store_true", help="no Ray dashboard (faster start)")
+    sv.add_argument("--dashboard-port", type=int, default=8265)
+    sv.add_argument("--ray-temp-dir", help="Ray's session directory (a short path)")
+    sv.set_defaults(func=cmd_serve)
+
+    def remote(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--url", default=None, help="service URL (default $LIPSYNC_URL or http://127.0.0.1:8000)")
+        sp.add_argument("--token", default=None, help="API token (default $LIPSYNC_API_TOKEN)")
+
+    sb = sub.add_parser("submit", help="submit a job to the service")
+    sb.add_argument("audio", help="local file (uploaded), http(s) URL, or a path under the server's input roots")
+    sb.add_argument("video", nargs="?", help="template video (same forms as audio)")
+    sb.add_argument("--avatar", help="a prepared avatar id instead of a video")
+    sb.add_argument("--id", help="client-chosen job id (resubmission is idempotent)")
+    sb.add_argument("--sync-mode", choices=["pingpong", "loop", "cut_off", "silence", "remap"])
+    sb.add_argument("--model", help="'builtin' or a model name on the server")
+    sb.add_argument("--crf", type=int, help="output quality (x264 CRF 0-51; lower is better)")
+    sb.add_argument("--callback-url", help="POSTed the final status (signed) when the job ends")
+    sb.add_argument("--wait", action="store_true", help="wait for the job to end")
+    sb.add_argument("-o", "--output", help="download the result here (implies --wait)")
+    sb.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    sb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remote(sb)
+    sb.set_defaults(func=cmd_submit)
+
+    for name, fn, hlp in (("status", cmd_status, "a job's status (JSON)"), ("wait", cmd_wait, "wait for a job"),
+                          ("cancel", cmd_cancel, "cancel a job")):
+        sp = sub.add_parser(name, help=hlp)
+        sp.add_argument("id")
+        if name == "wait":
+            sp.add_argument("--timeout", type=float, default=None)
+            sp.add_argument("-q", "--quiet", action="store_true")
+        remote(sp)
+        sp.set_defaults(func=fn)
+    dl = sub.add_parser("download", help="download a job's result")
+    dl.add_argument("id")
+    dl.add_argument("output")
+    remote(dl)
+    dl.set_defaults(func=cmd_download)
     return p
 
 

@@ -134,6 +134,14 @@ class OutputVerificationError(LipsyncError):
     code = "output.verification_failed"
 
 
+
+# --- resources -----------------------------------------------------------------------------
+class DiskFull(LipsyncError):
+    """Not enough free space under the storage root (or the output's directory) for a job:
+    refused at admission against an estimate, or the disk filled while the job ran."""
+    code = "resource.disk"
+    retryable = False  # another attempt on the same full disk fails the same way
+
 # --- runtime -------------------------------------------------------------------------------
 class RenderError(LipsyncError):
     code = "render.failed"

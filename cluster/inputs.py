@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,14 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
         allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
         raise InputOutsideRoots(f"input path {path} (resolved: {real}) is outside the allowed input roots: "
                                 f"{allowed}", path=path)
-    if not real.is_file():
+    if not real.exists():
         raise InputNotFound(f"input file {path} does not exist", path=path)
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise InputOutsideRoots(f"input path {path} is not a regular file", path=path)
+    if st.st_nlink > 1:  # a hard link inside a root may be a file from anywhere: realpath cannot tell
+        raise InputOutsideRoots(f"input path {path} is a hard link ({st.st_nlink} links); it may name a file "
+                                f"outside the input roots, so it is refused: copy the file instead", path=path)
     return real
 
 

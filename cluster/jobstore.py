@@ -153,6 +153,11 @@ class JobStore:
         return [job_id for job_id, job_owner, _ in self.unfinished_owners()
                 if owner is None or job_owner == owner]
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (for the jobs-by-state gauge)."""
+        with self._tx() as conn:
+            return {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
     def unfinished_owners(self) -> list[tuple[str, str | None, str | None]]:
         """(id, owner, client) of every job not yet terminal, oldest first."""
         states = [s.value for s in JobState if not s.terminal]

@@ -36,12 +36,35 @@ def frame_count_from_samples(n_samples: int, sample_rate: int, fps: Fraction) ->
     return max(1, -(-num // den))
 
 
-def template_indices(start: int, stop: int, template_frames: int, loop: str = "pingpong") -> np.ndarray:
+SYNC_MODES = ("pingpong", "forward", "cut_off", "silence", "remap")
+"""How the template follows the audio (`RenderRequest.loop`; the API's `sync_mode`, where `loop`
+is `forward`): `pingpong` and `forward` repeat the template over the audio's length; `cut_off`
+ends at the shorter of audio and template; `silence` plays at least the whole template, the audio
+padded with silence; `remap` stretches (or squeezes) the template over the audio's length."""
+
+
+def sync_frame_count(audio_frames: int, template_frames: int, mode: str = "pingpong") -> int:
+    """Output frames for an audio of `audio_frames` frames against a `template_frames` template."""
+    if audio_frames < 1 or template_frames < 1:
+        raise ValueError(f"need audio_frames, template_frames >= 1, got {audio_frames}, {template_frames}")
+    if mode == "cut_off":
+        return min(audio_frames, template_frames)
+    if mode == "silence":
+        return max(audio_frames, template_frames)
+    if mode not in SYNC_MODES:
+        raise ValueError(f"sync mode must be one of {', '.join(SYNC_MODES)}, got {mode!r}")
+    return audio_frames
+
+
+def template_indices(start: int, stop: int, template_frames: int, loop: str = "pingpong",
+                     total: int | None = None) -> np.ndarray:
     """Template frame shown by each output frame in [start, stop): int64 [stop-start].
 
-    `forward`: i % T. `pingpong`: period 2T-2, 0..T-1 then T-2..1, no repeated or skipped frame at
-    a turnaround. T == 1 shows frame 0 throughout. The result for a sub-range equals the same
-    slice of the result for the whole range.
+    `forward` (and `cut_off`, which never passes the template's end): i % T. `pingpong` (and
+    `silence`, which plays the template through, then turns): period 2T-2, 0..T-1 then T-2..1, no
+    repeated or skipped frame at a turnaround; T == 1 shows frame 0 throughout. `remap`:
+    floor(i * T / total), the template stretched over `total` output frames. The result for a
+    sub-range equals the same slice of the result for the whole range.
     """
     if template_frames < 1:
         raise ValueError(f"template must have at least 1 frame, got {template_frames}")
@@ -49,15 +72,26 @@ def template_indices(start: int, stop: int, template_frames: int, loop: str = "p
         raise ValueError(f"bad output frame range [{start}, {stop})")
     i = np.arange(start, stop, dtype=np.int64)
     t = int(template_frames)
-    if loop == "forward":
+    if loop == "remap":
+        if total is None or total < 1 or stop > total:
+            raise ValueError(f"remap needs the output's total frames (>= {stop}), got {total!r}")
+        return np.minimum((i * t) // int(total), t - 1)
+    if loop in ("forward", "cut_off"):
         return i % t
-    if loop != "pingpong":
-        raise ValueError(f"loop must be 'pingpong' or 'forward', got {loop!r}")
+    if loop not in ("pingpong", "silence"):
+        raise ValueError(f"loop must be one of {', '.join(SYNC_MODES)}, got {loop!r}")
     if t == 1:
         return np.zeros_like(i)
     period = 2 * t - 2
     m = i % period
     return np.where(m < t, m, period - m)
+
+
+def fit_audio_samples(frames: int, fps: Fraction, sample_rate: int) -> int:
+    """Samples of an audio fitted to exactly `frames` output frames (trimmed or silence-padded):
+    the most samples for which `frame_count_from_samples` still gives `frames`."""
+    fps = _positive_fps(fps)
+    return (int(frames) * int(sample_rate) * fps.denominator) // fps.numerator
 
 
 def make_chunks(total_frames: int, fps: Fraction, chunk_seconds: float) -> list[Chunk]:

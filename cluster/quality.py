@@ -179,9 +179,9 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
     same frame, averaged over frames.
 
     The ring (the feather, plus 2 px on either side) is cut into 1-pixel bands that follow the
-    mask's edge; a frame's value is that of its band with the highest mean gradient, so a hard
-    edge anywhere in the ring is not diluted by the rest of it. Natural content gives about 1
-    (slightly above, as the maximum over bands); a hard pasted edge of a few tens of levels gives
+    mask's edge; a frame's value is that of its band with the highest median gradient: a seam runs
+    along a band and raises most of its pixels, while the content's own edges (a jaw line, a
+    collar) cross the bands and raise few, so the median sees the seam and not the content. Natural content gives about 0.5-1; a hard pasted edge of a few tens of levels gives
     several times more. Edges elsewhere (e.g. a pasted crop rectangle far outside the mask) are
     not measured. NaN when no frame has a ring and a face inside the frame.
     """
@@ -198,5 +198,87 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
         face_mean = float(grad[face].mean())
         if face_mean <= 0:
             continue
-        ratios.append(max(float(grad[b].mean()) for b in bands) / face_mean)
+        ratios.append(max(float(np.median(grad[b])) for b in bands) / face_mean)
     return float(np.mean(ratios)) if ratios else math.nan
+
+
+# --- jaw and lip detail (issue 10) ---------------------------------------------------------------
+LIPS_BOX: tuple[float, float, float, float] = (0.36, 0.67, 0.64, 0.78)
+"""The lips in the canonical crop (x0, y0, x1, y1, normalised): where sharpness is measured."""
+CHIN_BOX: tuple[float, float, float, float] = (0.42, 0.85, 0.58, 0.89)
+"""The chin, below the lower lip and everything a mouth-only warp touches: moves only when the jaw opens."""
+
+
+def _frame_box(matrix: np.ndarray, box: tuple[float, float, float, float], size: int,
+               frame_shape) -> tuple[int, int, int, int] | None:
+    """The frame-pixel bounding box (x0, y0, x1, y1), clipped, of a normalised crop box."""
+    x0, y0, x1, y1 = (v * size for v in box)
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    pts = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]]) @ inv[:, :2].T + inv[:, 2]
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    a0, b0 = max(int(np.floor(pts[:, 0].min())), 0), max(int(np.floor(pts[:, 1].min())), 0)
+    a1, b1 = min(int(np.ceil(pts[:, 0].max())), w), min(int(np.ceil(pts[:, 1].max())), h)
+    return (a0, b0, a1, b1) if a1 - a0 >= 3 and b1 - b0 >= 3 else None
+
+
+def chin_motion(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                size: int) -> np.ndarray:
+    """Mean absolute change (levels) between output and template in `CHIN_BOX` per frame:
+    float64 [n] (NaN where the box is outside the frame). A jaw that opens moves the chin."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    result = np.full(out.shape[0], np.nan)
+    for i in range(out.shape[0]):
+        b = _frame_box(matrices[i], CHIN_BOX, size, out.shape[1:3])
+        if b is not None:
+            x0, y0, x1, y1 = b
+            result[i] = float(np.abs(out[i, y0:y1, x0:x1].astype(np.float32) - tmpl[i, y0:y1, x0:x1]).mean())
+    return result
+
+
+def lip_sharpness(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray:
+    """Variance of the Laplacian of the grey image over `LIPS_BOX`, per frame: float64 [n].
+    Divide the output's by the template's to see whether the lips lost detail (an opened
+    mouth's dark inside adds edges of its own: `lip_texture_ratio` leaves it out)."""
+    frames, matrices = _check(frames, matrices, "frames")
+    result = np.full(frames.shape[0], np.nan)
+    for i in range(frames.shape[0]):
+        b = _frame_box(matrices[i], LIPS_BOX, size, frames.shape[1:3])
+        if b is not None:
+            x0, y0, x1, y1 = b
+            grey = cv2.cvtColor(np.ascontiguousarray(frames[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+            result[i] = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    return result
+
+
+_MOUTH_INSIDE_DARKER = 30  # grey levels
+
+
+def lip_texture_ratio(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                      size: int) -> np.ndarray:
+    """Output over template variance of the Laplacian over `LIPS_BOX`, per frame, taken only over
+    lips and skin: pixels where the output is much darker than the template (an opened mouth's
+    inside, whose edges would count as detail) and 2 px around them are left out of both."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    result = np.full(out.shape[0], np.nan)
+    for i in range(out.shape[0]):
+        b = _frame_box(matrices[i], LIPS_BOX, size, out.shape[1:3])
+        if b is None:
+            continue
+        x0, y0, x1, y1 = b
+        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY) for f in (out, tmpl))
+        inside = (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
+        keep = cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+        if keep.sum() >= 16:
+            lap_t = cv2.Laplacian(g_tmpl, cv2.CV_64F)[keep].var()
+            if lap_t > 0:
+                result[i] = float(cv2.Laplacian(g_out, cv2.CV_64F)[keep].var() / lap_t)
+    return result
+
+
+def loudest(energy: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """Boolean mask of the loudest `fraction` of frames."""
+    energy = np.asarray(energy, dtype=np.float64)
+    k = max(1, int(round(fraction * energy.size)))
+    return energy >= np.sort(energy)[-k]

@@ -23,6 +23,7 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 log = logging.getLogger("lipsync.render")
@@ -54,9 +55,11 @@ class JobPlan(BaseModel):
     loop: str
     model: str
     model_size: int
+    crop: str = "aligned"  # crop recipe: "aligned" or "wav2lip" (cluster.faces.align)
     batch_size: int
     chunks: list[Chunk]
     output_path: str
+    crf: int | None = None  # the request's output quality; None: the settings' crf
     blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
 
     @property
@@ -109,7 +112,8 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 
 # --- admit -------------------------------------------------------------------------------
 @telemetry.timed("stage_seconds", stage="admit")
-def admit(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
+@disk_full_guard("admit")
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
     Returns the request with paths pointing at the stored copies, so the job survives the
@@ -117,7 +121,8 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
     """
 
     s = settings or get_settings()
-    check_inputs(request, s)
+    audio_info, video_info = check_inputs(request, s)
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
@@ -129,19 +134,24 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None)
         if not dst.exists():
             tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
             try:
+                if not link:  # a user's file: a link would change its link count (see resolve_input_path)
+                    raise OSError("copy requested")
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         stored[key] = str(dst)
-    sources = {**request.sources, **{stored[k]: getattr(request, k) for k in stored}}
+    # stored copy -> what the user gave (through any earlier mapping, e.g. an upload's reference)
+    sources = {**request.sources, **{stored[k]: request.sources.get(getattr(request, k), getattr(request, k))
+                                     for k in stored}}
     if request.output is not None:  # relative to the caller, not to whichever process finalises
         stored["output"] = str(Path(request.output).expanduser().resolve())
     return request.model_copy(update={**stored, "sources": sources})
 
 
-def check_inputs(request: RenderRequest, settings: Settings | None = None) -> None:
-    """Probe a request's inputs where they are (typed errors naming the file, within seconds)."""
+def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tuple[MediaInfo, MediaInfo | None]:
+    """Probe a request's inputs where they are (typed errors naming the file, within seconds);
+    returns what was found (audio, video or None for an avatar job)."""
     from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
@@ -152,35 +162,37 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> No
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
     try:
-        probe_audio(request.audio, s)
-        if request.video is not None:
-            probe_video(request.video, s)
-        elif request.avatar_id is None:
+        audio = probe_audio(request.audio, s)
+        video = probe_video(request.video, s) if request.video is not None else None
+        if video is None and request.avatar_id is None:
             raise InputNotFound("a job needs a template video or an avatar_id")
     except LipsyncError as e:
         raise _name_sources(e, request)
+    return audio, video
 
 
 def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:
     """Admission on the job manager's node: resolve each input (an upload reference, or a path
     under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
     client gave (`request.sources` maps what it sent to its own path)."""
-    from cluster.inputs import resolve_input
+    from cluster.inputs import is_upload_ref, resolve_input
 
     s = settings or get_settings()
     resolved: dict[str, str] = {}
     sources = dict(request.sources)
+    uploads_only = True
     for key in ("audio", "video"):
         given = getattr(request, key)
         if given is None:
             continue
+        uploads_only = uploads_only and is_upload_ref(given)
         try:
             path = str(resolve_input(given, s))
         except LipsyncError as e:
             raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
         resolved[key] = path
         sources[path] = request.sources.get(given, given)
-    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s)
+    return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
 
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
@@ -217,6 +229,7 @@ def prepare_deadline(request: RenderRequest, settings: Settings | None = None) -
     return max(s.chunk_timeout_s, s.chunk_timeout_s + s.prepare_seconds_per_template_second * seconds)
 
 
+@disk_full_guard("prepare")
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
                 model_size: int | None = None, detector=None, output_path: str | None = None) -> JobPlan:
     """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks.
@@ -225,7 +238,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     request's output, else into the job's directory."""
     from cluster.audio import load_audio, melspectrogram
     from cluster.faces.avatar import load_avatar, prepare_avatar
-    from cluster.plan import frame_count_from_samples, make_chunks
+    from cluster.plan import make_chunks
 
     s = settings or get_settings()
     for key in ("audio", "video"):
@@ -246,24 +259,48 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     fps = vinfo.fps
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
+    frames_total, audio_path, wav = _fit_to_sync_mode(wav, request, avatar.frame_count, fps, jd)
     mel_path = jd / "mel.npy"
     with atomic_writer(mel_path) as f:
         np.save(f, melspectrogram(wav))
-    frames_total = frame_count_from_samples(len(wav), 16000, fps)
     chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
     model = request.model or s.model
     if model_size is None:
         from cluster.models import load_model
 
         model_size = load_model(model, s).size
+    from cluster.models import crop_for_spec
+
+    crop = crop_for_spec(model, request.crop, s)
     return JobPlan(
-        job_id=job_id, job_dir=str(jd), audio_path=request.audio, audio_duration=len(wav) / 16000.0,
+        job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=len(wav) / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
-        loop=request.loop, model=model, model_size=model_size, batch_size=s.batch_size, chunks=chunks,
-        output_path=output_path or request.output or str(jd / "output.mp4"),
+        loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
+        output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
     )
+
+
+def _fit_to_sync_mode(wav: np.ndarray, request: RenderRequest, template_frames: int, fps: Fraction,
+                      jd: Path) -> tuple[int, str, np.ndarray]:
+    """(output frames, the audio file to mux, the 16 kHz samples) for the request's sync mode:
+    `cut_off` trims the audio to a shorter template, `silence` pads it with silence to a longer
+    one (written next to the job as audio_fitted.wav); other modes keep the audio as given."""
+    from cluster.plan import fit_audio_samples, frame_count_from_samples, sync_frame_count
+
+    audio_frames = frame_count_from_samples(len(wav), 16000, fps)
+    frames = sync_frame_count(audio_frames, template_frames, request.loop)
+    if frames == audio_frames:
+        return frames, request.audio, wav
+    n = fit_audio_samples(frames, fps, 16000)
+    fitted = wav[:n] if n <= len(wav) else np.concatenate([wav, np.zeros(n - len(wav), wav.dtype)])
+    path = jd / "audio_fitted.wav"
+    with atomic_writer(path) as f:
+        from scipy.io import wavfile
+
+        wavfile.write(f, 16000, (np.clip(fitted, -1.0, 1.0) * 32767).astype(np.int16))
+    return frames, str(path), fitted
 
 
 def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
@@ -277,6 +314,7 @@ def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
 
 
 # --- render one chunk --------------------------------------------------------------------
+@disk_full_guard("render")
 def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Settings | None = None,
                  progress: ProgressFn | None = None) -> ChunkResult:
     """Render output frames [chunk.start, chunk.stop) into the chunk's H.264 segment.
@@ -286,7 +324,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     is written under a unique temporary name and renamed into place only when complete, so a
     killed attempt never leaves a segment that looks finished.
     """
-    from cluster.faces.align import alignment_matrices, cut_crops, paste_back
+    from cluster.faces.align import crop_matrices, cut_crops, paste_back
     from cluster.faces.track import FaceTrack
     from cluster.media.decode import TemplateReader
     from cluster.media.encode import SegmentEncoder
@@ -304,21 +342,24 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     size = plan.model_size
     try:
         with TemplateReader(plan.template_path, s) as reader, \
-                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps, s) as encoder:
+                SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
+                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
 
             def finish(frames, matrices, crops, generated) -> None:
                 if callable(generated):
                     generated = generated()
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops))
+                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
+                                         recipe=plan.crop))
                 if progress is not None:
                     progress(len(frames))
 
             pending = None  # the batch submitted last, not yet pasted: at most one batch ahead
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
-                idx = template_indices(b0, b1, plan.template_frames, plan.loop)
+                idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)
                 frames = reader.read(idx)
-                matrices = alignment_matrices(track.landmarks[idx], size)
+                matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
+                                         (plan.width, plan.height))
                 crops = cut_crops(frames, matrices, size)
                 generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
                 if pending is not None:
@@ -364,6 +405,7 @@ def _verify(path: Path, plan: JobPlan, s: Settings) -> MediaInfo | None:
 
 
 @telemetry.timed("stage_seconds", stage="finalise")
+@disk_full_guard("finalize")
 def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool = True) -> MediaInfo:
     """Concatenate the segments, mux the audio and verify, under the pending name; with `commit`
     also rename it into place (`commit_output`).

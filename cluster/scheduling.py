@@ -30,6 +30,7 @@ class Member:
     info: dict = field(default_factory=dict)
     error: Any = None
     lost_at: float = 0.0
+    created_at: float = field(default_factory=time.monotonic)
 
 
 class WorkerTable:
@@ -51,6 +52,13 @@ class WorkerTable:
         else:
             m.handle = handle
         return m
+
+    async def remove(self, name: str) -> Member | None:
+        """Drop a member from the pool (its node left); waiters look again."""
+        async with self._changed:
+            member = self.members.pop(name, None)
+            self._changed.notify_all()
+            return member
 
     def live(self) -> list[Member]:
         return [m for m in self.members.values() if m.health == Health.live]

@@ -83,7 +83,8 @@ class MediaInfo(BaseModel):
 
 
 # --- plan --------------------------------------------------------------------------------
-LoopMode = Literal["pingpong", "forward"]
+LoopMode = Literal["pingpong", "forward", "cut_off", "silence", "remap"]
+"""`forward` is the API's sync_mode `loop`; see cluster.plan.SYNC_MODES."""
 
 
 class Chunk(BaseModel):
@@ -105,8 +106,10 @@ class RenderRequest(BaseModel):
     video: str | None = None
     avatar_id: str | None = None
     model: str | None = None          # None: the settings' default
+    crop: Literal["wav2lip", "aligned"] | None = None  # None: LIPSYNC_CROP, else the model's own recipe
     loop: LoopMode = "pingpong"
     chunk_seconds: float | None = None
+    crf: int | None = Field(None, ge=0, le=51)  # output quality (x264 CRF); None: the settings' crf
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
 
@@ -150,3 +153,139 @@ class JobStatus(BaseModel):
         if self.state == JobState.succeeded:
             return 1.0
         return (self.frames_done / self.frames_total) if self.frames_total else 0.0
+
+
+# --- HTTP API (serve_app.py and cluster.client share these) --------------------------------
+SyncMode = Literal["pingpong", "loop", "cut_off", "silence", "remap"]
+"""How audio and template lengths are reconciled: `pingpong` (default) and `loop` repeat the
+template for the audio's length; `cut_off` stops at the shorter of the two; `silence` renders
+the whole template, audio padded with silence; `remap` stretches the template to the audio."""
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+
+
+class JobOptions(BaseModel):
+    """Options of a job, the same in the SDK, the CLI and the HTTP API."""
+    model_config = ConfigDict(extra="forbid")
+    sync_mode: SyncMode = "pingpong"
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
+                              description="'builtin' or a model name from the server's model directory")
+    crf: int | None = Field(None, ge=0, le=51, description="output quality (x264 CRF); default: server's")
+    callback_url: str | None = Field(None, max_length=2048,
+                                     description="POSTed the final status (HMAC-SHA256 signed) when the job ends")
+
+
+class JobCreate(JobOptions):
+    """`POST /v1/jobs` as JSON: inputs are http(s) URLs or paths under the server's input roots."""
+    id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id: resubmission is idempotent")
+    audio: str = Field(..., min_length=1, max_length=4096)
+    video: str | None = Field(None, max_length=4096)
+    avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
+
+
+class JobAccepted(BaseModel):
+    id: str
+    state: JobState
+
+
+class OutputInfo(BaseModel):
+    size: int
+    duration: float | None = None
+    url: str
+
+
+class JobView(BaseModel):
+    """What `GET /v1/jobs/{id}` answers."""
+    id: str
+    state: JobState
+    stage: str
+    progress: float = Field(..., ge=0, le=1)
+    frames_done: int
+    frames_total: int
+    chunks_done: int = 0
+    chunks_total: int = 0
+    created_at: datetime
+    updated_at: datetime
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage, where known")
+    error: ErrorInfo | None = None
+    output: OutputInfo | None = None
+    sync_mode: str | None = None
+    batch_id: str | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    next_offset: int | None = None
+
+
+class ApiErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ApiError(BaseModel):
+    """Every 4xx/5xx answer of the API."""
+    error: ApiErrorDetail
+
+
+class AvatarView(BaseModel):
+    """A prepared template (`POST /v1/avatars`): submit jobs with `avatar_id` instead of a video."""
+    id: str
+    frames: int
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    duration: float | None = None
+
+
+class AvatarCreate(BaseModel):
+    """`POST /v1/avatars` as JSON (or multipart with a `video` file)."""
+    model_config = ConfigDict(extra="forbid")
+    video: str = Field(..., min_length=1, max_length=4096)
+
+
+class BatchCreate(JobOptions):
+    """`POST /v1/batches`: many audios against one template video or avatar."""
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+    audios: list[str] = Field(..., min_length=1)
+    video: str | None = Field(None, max_length=4096)
+    avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
+
+
+class BatchView(BaseModel):
+    id: str
+    state: JobState
+    progress: float
+    counts: dict[str, int]
+    jobs: list[JobView]
+
+
+# --- compatibility API (/easy/*) -------------------------------------------------------------
+class CompatSubmit(BaseModel):
+    """`POST /easy/submit` of existing digital-human clients; unknown fields are ignored."""
+    model_config = ConfigDict(extra="allow")
+    audio_url: str | None = None
+    video_url: str | None = None
+    code: str | None = None
+    pn: int | str | None = 1
+    chaofen: int | str | None = 0
+    watermark_switch: int | str | None = 0
+    digital_auth: int | str | None = 0
+
+
+class CompatData(BaseModel):
+    code: str | None = None
+    status: int | None = None      # 1 running, 2 success, 3 failed
+    progress: int | None = None    # 0..100
+    result: str | None = None
+    msg: str | None = None
+    path: str | None = None        # /upload answers
+
+
+class CompatEnvelope(BaseModel):
+    code: int                      # 10000 ok, 10001 busy, 10002 bad parameter, 10004 not found, 9999 error
+    success: bool
+    msg: str
+    data: CompatData | None = None

@@ -19,6 +19,13 @@ hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs Ray is also `slow`: `pytest -m "not slow"` is the quick inner loop."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_ROOT, ignore_errors=True)
 
@@ -81,3 +88,26 @@ def speech4_wav(media_dir) -> str:
     from cluster.synth import speech_like, write_audio
 
     return write_audio(str(media_dir / "speech4.wav"), speech_like(4.0, seed=7))
+
+
+# --- the hostile input corpus (tests/corpus.py) -----------------------------------------------
+@pytest.fixture(scope="session")
+def hostile_corpus():
+    """Every hostile and odd input of issue 12 under one input root, with canaries outside it."""
+    from tests.corpus import build_corpus
+
+    corpus = build_corpus(_ROOT / "corpus" / "root", _ROOT / "corpus" / "outside")
+    yield corpus
+    corpus.canaries.close()
+
+
+# --- the HTTP service: one real `lipsync serve` for the session --------------------------------
+@pytest.fixture(scope="session")
+def service():
+    """A running `lipsync serve` on a free loopback port (token auth on, input root and compat data
+    directory set): `.url`, `.token`, `.storage_root`, `.input_root`, `.compat_dir`."""
+    from tests.service_process import ServiceProcess
+
+    svc = ServiceProcess(_ROOT / "service").start()
+    yield svc
+    svc.cleanup()

@@ -1,11 +1,13 @@
 """A cluster without a shared filesystem, run in its own process by tests/test_multinode.py.
 
 A head node (`ray start --head`, token authentication as Ray 2.60 sets it up, no CPUs for
-actors) and two worker nodes (`ray start --address`, 2 CPUs and one logical GPU each), each inside
+actors) and worker nodes (`ray start --address`, 2 CPUs and one logical GPU each), each inside
 `unshare --mount` with an empty tmpfs over the storage root and over the client's input folder,
 so they cannot see the head's files. The client joins with RAY_ADDRESS and RAY_AUTH_TOKEN only
-(it turns token mode on itself), uploads its inputs through Ray, one worker node is killed
-mid-job, and the output fetched back must equal a one-process render frame for frame.
+(it turns token mode on itself) and uploads its inputs through Ray. The job starts on the first
+worker node; a second node joins mid-job and must get a model worker that takes batches of that
+job (the pool follows the cluster); then the first node is SIGKILLed, and the output fetched back
+must equal a one-process render frame for frame.
 Prints one JSON line with the findings. Every process it starts is in a process group it kills.
 """
 from __future__ import annotations
@@ -29,8 +31,12 @@ from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
 from tests.helpers import decode_all, wait_until
 
-SETTINGS = dict(model_workers=2, compositors=2, chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0,
-                stall_timeout_s=60.0, max_chunk_attempts=2, actor_call_timeout_s=30.0)
+# Pool sizes unset: they follow the cluster (one model worker per GPU, compositors on the CPUs left).
+# The model answers like a remote accelerator (150 ms per frame, slept; crops returned unchanged),
+# so the job lasts long enough for a node to join mid-job however fast this machine renders.
+MODEL = "latency:150"
+SETTINGS = dict(model=MODEL, chunk_seconds=0.5, batch_size=4, batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
+                actor_call_timeout_s=30.0, max_inflight_per_worker=1, pool_reconcile_s=1.0)
 
 
 def free_ports(n: int) -> list[int]:
@@ -44,14 +50,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def ray_ports(head: bool) -> list[str]:
-    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-    if head:
-        names += ["--ray-client-server-port"]
-    ports = free_ports(len(names) + 1)
-    worker_lo = ports[-1]
-    return [f"{n}={p}" for n, p in zip(names, ports)] + [f"--min-worker-port={worker_lo}",
-                                                          f"--max-worker-port={worker_lo + 60}"]
+    """Free ports for what Ray would otherwise put on fixed defaults (other Ray clusters run on
+    this machine); the rest Ray picks at random."""
+    names = ["--dashboard-agent-listen-port"] + (["--ray-client-server-port"] if head else [])
+    return [f"{n}={p}" for n, p in zip(names, free_ports(len(names)))]
 
 
 def mount_namespaces_work(probe_dir: Path) -> str | None:
@@ -71,7 +73,10 @@ def main(audio: str, video: str, out_dir: str) -> None:
     out = Path(out_dir)
     storage, inputs = out / "storage", out / "client-inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    audio = str(shutil.copy(audio, inputs / "speech.wav"))
+    storage.mkdir(parents=True, exist_ok=True)
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(inputs / "speech.wav"), speech_like(8.0, seed=8))  # 200 frames: time for a node to join
     video = str(shutil.copy(video, inputs / "template.mp4"))
     reason = mount_namespaces_work(out / "probe")
     if reason:
@@ -79,8 +84,10 @@ def main(audio: str, video: str, out_dir: str) -> None:
         return
     settings = Settings(storage_root=storage, **SETTINGS)
     t0 = time.monotonic()
+    # The same identity model without the sleep gives the same frames, without the wait.
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=str(out / "ref.mp4")),
-                                            settings.model_copy(update={"storage_root": out / "ref-storage"})).path))
+                                            settings.model_copy(update={"storage_root": out / "ref-storage",
+                                                                        "model": "latency:0"})).path))
     token = secrets.token_hex(24)
     temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="rt")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -105,13 +112,6 @@ def main(audio: str, video: str, out_dir: str) -> None:
                "--include-dashboard=false", *ray_ports(True), *common], "head")
         address = f"127.0.0.1:{gcs_port}"
         wait_until(lambda: _port_open(gcs_port), 60, interval=0.5, what="the head's GCS port")
-        isolate = (f"mount -t tmpfs tmpfs '{storage}' && mount -t tmpfs tmpfs '{inputs}' && "
-                   f"test -z \"$(ls -A '{storage}')\" && exec \"$@\"")
-        workers = [start(["unshare", "--mount", "--propagation", "private", "sh", "-c", isolate, "sh",
-                          "ray", "start", f"--address={address}", "--num-cpus=2", "--num-gpus=1",
-                          f"--resources={json.dumps({f'isolated_node_{i}': 1})}", *ray_ports(False), *common],
-                         f"worker{i}") for i in range(2)]
-
         # The client: RAY_ADDRESS and the token only; it enables token mode itself.
         os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_TOKEN": token})
         os.environ.pop("RAY_AUTH_MODE", None)
@@ -120,34 +120,53 @@ def main(audio: str, video: str, out_dir: str) -> None:
         from actors.runtime import Runtime, connect
 
         connect(settings)
-        wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 3, 90, interval=0.5,
-                   what="three live nodes")
+        isolate = (f"mount -t tmpfs tmpfs '{storage}' && mount -t tmpfs tmpfs '{inputs}' && "
+                   f"test -z \"$(ls -A '{storage}')\" && exec \"$@\"")
+
+        def add_node(i: int) -> subprocess.Popen:
+            proc = start(["unshare", "--mount", "--propagation", "private", "sh", "-c", isolate, "sh",
+                          "ray", "start", f"--address={address}", "--num-cpus=2", "--num-gpus=1",
+                          f"--resources={json.dumps({f'isolated_node_{i}': 1})}", *ray_ports(False), *common],
+                         f"worker{i}")
+            wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == i + 2, 120, interval=0.5,
+                       what=f"worker node {i} to join")
+            return proc
+
+        def node_id(i: int) -> str:
+            return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and f"isolated_node_{i}" in n["Resources"])
+
+        first = add_node(0)
         rt = Runtime(settings)
-        state = rt.ready(timeout=240)
-        nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-        head_id = next(i for i, n in nodes.items() if "node:__internal_head__" in n["Resources"])
-        placement = {m["name"]: m.get("node") for m in state["models"] + state["compositors"]}
+        rt.ready(timeout=240)
+        head_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
         job = rt.submit(RenderRequest(audio=audio, video=video, output=str(out / "out.mp4")))
-        wait_until(lambda: (lambda st: st.state == JobState.rendering and st.chunks_done >= 1 or st.state.terminal)(
-            rt.status(job.id)), 240, what="a first chunk")
+        add_node(1)  # mid-job: the pool must grow onto it
+        joined = node_id(1)
+
+        def new_worker_serving():
+            st = rt.status(job.id)
+            if st.state.terminal:
+                return st
+            return next((m for m in rt.call("refresh")["models"] if m.get("node") == joined and m.get("frames")), None)
+        served = wait_until(new_worker_serving, 180, interval=0.5, what="a model worker on the new node to serve")
         state_at_kill = rt.status(job.id).state.value
-        # Kill the worker node (its whole process group: raylet, workers) that hosts the most actors.
-        by_pid = {w: next(i for i, n in nodes.items() if f"isolated_node_{k}" in n["Resources"])
-                  for k, w in enumerate(workers)}
-        victim = max(workers, key=lambda w: sum(1 for v in placement.values() if v == by_pid[w]))
-        os.killpg(victim.pid, signal.SIGKILL)
+        placement = {m["name"]: m.get("node") for k in ("models", "compositors") for m in rt.call("refresh")[k]}
+        victim = node_id(0)
+        os.killpg(first.pid, signal.SIGKILL)
         t_kill = time.monotonic()
         st = rt.wait(job.id, timeout=400)
         fetched = out / "fetched.mp4"
         if st.state == JobState.succeeded:
             rt.download_output(job.id, fetched)
-        survivors = rt.call("refresh")["compositors"]
+        after = rt.call("refresh")
         result = {
             "state": st.state.value, "error": st.error.model_dump() if st.error else None,
             "state_at_kill": state_at_kill, "recovery_s": round(time.monotonic() - t_kill, 1),
-            "actors_on_killed_node": sorted(k for k, v in placement.items() if v == by_pid[victim]),
+            "new_node_worker": {k: served.get(k) for k in ("name", "frames")} if isinstance(served, dict) else None,
+            "actors_on_killed_node": sorted(k for k, v in placement.items() if v == victim),
             "actors_on_head": sorted(k for k, v in placement.items() if v == head_id),
-            "cached_files": [c.get("cached_files") for c in survivors if c.get("health") == "live"],
+            "manager_on_head": after["manager"]["node"] == head_id,
+            "cached_files": [c.get("cached_files") for c in after["compositors"] if c.get("health") == "live"],
             "client_path_untouched": not (out / "out.mp4").exists(),
             "identical": bool(st.state == JobState.succeeded and np.array_equal(decode_all(str(fetched)), reference)),
             "seconds": round(time.monotonic() - t0, 1),
@@ -163,7 +182,10 @@ def main(audio: str, video: str, out_dir: str) -> None:
         _kill_strays(temp_dir)
         for log in logs:
             log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if result.get("state") == "succeeded":
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        else:
+            result["ray_temp_dir"] = temp_dir
     print(json.dumps(result))
 
 

@@ -152,6 +152,7 @@ def _popen(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_two_embedded_renders_on_one_storage_root(inputs, env, workdir):
     """Two `lipsync render` at once on one storage root (each with its own embedded Ray; one
     asking for 2 model workers, more than a 2-core laptop has CPUs for both kinds of actor) both
@@ -197,6 +198,7 @@ def test_two_embedded_renders_on_one_storage_root(inputs, env, workdir):
     assert sorted(j.state.value for j in ours.values()) == ["succeeded", "succeeded"], ours
 
 
+@pytest.mark.slow
 def test_demo_renders_a_moving_mouth(env, workdir):
     """`lipsync demo -o demo.mp4 --local`: a verified file whose mouth moves with the speech and
     stays (nearly) as in the template during pauses."""
@@ -245,6 +247,7 @@ def test_missing_model_file_is_bad_input(inputs, env, workdir):
         "(expected 'builtin' or an .onnx file)"]
 
 
+@pytest.mark.slow
 def test_default_model_that_cannot_load_fails_the_job_with_its_reason(inputs, env, workdir):
     """LIPSYNC_MODEL names a file that is not ONNX: the workers report it, the job fails clearly."""
     broken = workdir / "broken.onnx"

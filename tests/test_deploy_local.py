@@ -3,8 +3,9 @@
 A head started with the RayService's head `rayStartParams` (num-cpus 0, the `lipsync_head`
 custom resource; ports, addresses and object store sized for this machine) and one worker node,
 both on loopback with their own token (RAY_AUTH_MODE=token), in their own process group. On it:
-- `lipsync render` joins through RAY_ADDRESS, as on the batch RayCluster, and renders a job; the
-  Prometheus endpoints of both nodes then show every metric of actors/metrics.py, moving;
+- a client joins through RAY_ADDRESS, as on the batch RayCluster (tests/deploy_driver.py), renders
+  a job while its only compositor is killed for good, and a job without a face; the Prometheus
+  endpoints of both nodes then show every metric of actors/metrics.py, each one moved;
 - `serve deploy` of exactly the RayService's serveConfigV2 (http_options added for a free
   loopback port: on KubeRay the pod's port and the Service stand in for them), then /healthz and
   one small job through the API.
@@ -169,51 +170,95 @@ def parse_metrics(text: str) -> dict[str, float]:
         if not match:
             continue
         name, labels, value = match.groups()
-        keep = dict(re.findall(r'(state|stage|result|code|le)="([^"]*)"', labels or ""))
+        keep = dict(re.findall(r'\b(state|stage|result|code|le)="([^"]*)"', labels or ""))
         key = name + "".join(f"|{k}={v}" for k, v in sorted(keep.items()))
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
 
-def test_batch_job_through_ray_address_exports_every_metric(local_cluster, speech_wav, astronaut_video, tmp_path):
-    """`lipsync render` joins the cluster (as on the batch RayCluster); afterwards every metric of
-    actors/metrics.py is on the nodes' Prometheus endpoints, and the ones this job drives moved."""
-    from actors.metrics import JOB_STATES, METRICS
+@pytest.fixture(scope="module")
+def faceless_video(tmp_path_factory) -> str:
+    from cluster.config import Settings
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    path = tmp_path_factory.mktemp("faceless") / "flat.mp4"
+    subprocess.run([ffmpeg_binary(Settings()), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi",
+                    "-i", "color=c=0x808080:s=320x240:r=25:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(path)], check=True, timeout=60)
+    return str(path)
+
+
+def test_batch_client_through_ray_address_moves_every_metric(local_cluster, speech4_wav, astronaut_video,
+                                                             faceless_video):
+    """A client joins through RAY_ADDRESS (as on the batch RayCluster) and renders a job during
+    which its only compositor is killed for good, then a job whose template has no face. Then
+    every metric of actors/metrics.py is on the nodes' Prometheus endpoints, and each one moved."""
+    from actors.metrics import JOB_STATES, METRICS, STAGES
 
     before = parse_metrics(local_cluster.scrape())
-    out = tmp_path / "out.mp4"
-    proc = local_cluster.run([sys.executable, "-m", "cluster.cli", "render", "--audio", speech_wav,
-                              "--video", astronaut_video, "-o", str(out), "-q"], timeout=240, check=False)
+    proc = local_cluster.run([sys.executable, "-m", "tests.deploy_driver", speech4_wav, astronaut_video,
+                              faceless_video], timeout=420, check=False)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert out.stat().st_size > 10_000
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["state_at_kill"] == "rendering", result
+    assert result["state"] == "succeeded", result
+    assert (result["bad_state"], result["bad_code"]) == ("failed", "input.no_face"), result
 
-    def all_present():
+    def moved(after: dict, key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def counted(after: dict, prefix: str) -> float:
+        def total(sample: dict) -> float:  # every series `prefix` (a name, and labels to match) covers
+            return sum(v for k, v in sample.items() if k == prefix or k.startswith(prefix + "|"))
+        return total(after) - total(before)
+
+    def everything_moved():
         after = parse_metrics(local_cluster.scrape())
         names = {key.split("|")[0] for key in after}
-        missing = [m.exported for m in METRICS.values()
-                   if not ({m.exported, m.exported + "_count"} & names)]
-        return after if not missing else None
-    after = wait_until(all_present, 30, 1.0, "every lipsync metric on the metrics endpoints")
-
-    def moved(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
-    frames = moved("ray_lipsync_frames_rendered_total")
-    assert frames >= 80, after  # 3.2 s at 25 fps
-    assert moved("ray_lipsync_model_batch_seconds_count") >= frames / 8
-    assert moved("ray_lipsync_model_worker_busy_seconds_total") > 0
-    assert moved("ray_lipsync_object_store_bytes_per_frame_count") > 0
-    assert moved("ray_lipsync_job_seconds_count|state=succeeded") == 1
-    for stage in ("admit", "normalise", "detect", "render", "finalise"):
-        assert moved(f"ray_lipsync_stage_seconds_count|stage={stage}") >= 1, stage
-    assert moved("ray_lipsync_avatar_cache_total|result=miss") == 1
-    assert after["ray_lipsync_jobs|state=succeeded"] >= 1
+        missing = [m.exported for m in METRICS.values() if not ({m.exported, m.exported + "_count"} & names)]
+        done = (not missing and moved(after, "ray_lipsync_jobs|state=failed") >= 1
+                and moved(after, "ray_lipsync_stage_seconds_count|stage=render") >= 1)
+        return after if done else None
+    after = wait_until(everything_moved, 30, 1.0, "every lipsync metric on the metrics endpoints")
+    frames = moved(after, "ray_lipsync_frames_rendered_total")
+    assert frames >= result["frames"] == 100, after  # 4 s at 25 fps; a re-rendered chunk adds more
+    assert moved(after, "ray_lipsync_model_batch_seconds_count") >= frames / 8
+    assert moved(after, "ray_lipsync_model_worker_busy_seconds_total") > 0
+    assert moved(after, "ray_lipsync_object_store_bytes_per_frame_count") > 0
+    assert moved(after, "ray_lipsync_job_seconds_count|state=succeeded") == 1
+    assert moved(after, "ray_lipsync_job_seconds_count|state=failed") == 1
+    assert counted(after, "ray_lipsync_failures_total|code=input.no_face") == 1, after
+    for stage in STAGES:
+        assert moved(after, f"ray_lipsync_stage_seconds_count|stage={stage}") >= 1, stage
+    assert moved(after, "ray_lipsync_avatar_cache_total|result=miss") >= 1
+    assert counted(after, "ray_lipsync_redispatches_total") >= 1
+    assert counted(after, "ray_lipsync_actor_replacements_total") >= 1
     assert {f"ray_lipsync_jobs|state={s}" for s in JOB_STATES} <= set(after)
+    assert after["ray_lipsync_jobs|state=succeeded"] >= 1 and after["ray_lipsync_jobs|state=failed"] >= 1
     assert "ray_lipsync_queue_depth" in after
+    check_structured_logs(local_cluster, result)
+
+
+def check_structured_logs(cluster: LocalCluster, result: dict) -> None:
+    """LIPSYNC_LOG_FORMAT=json: the actors' lines are JSON with the job id, the chunk, the actor
+    and the node where they concern them; no token appears in any log file of the cluster."""
+    lines, texts = [], []
+    for path in Path(cluster.temp_dir).glob("session_*/logs/*"):
+        if path.is_file() and path.suffix in (".err", ".out", ".log"):
+            text = path.read_text(errors="replace")
+            texts.append(text)
+            lines += [json.loads(line) for line in text.splitlines() if line.startswith('{"ts"')]
+    for secret in (cluster.env["RAY_AUTH_TOKEN"], cluster.env["LIPSYNC_API_TOKEN"]):
+        assert not any(secret in text for text in texts), "a token was logged"
+    ours = [line for line in lines if line.get("logger", "").startswith("lipsync")]
+    assert ours and all(line.get("actor") and line.get("node") for line in ours), ours[:5]
+    of_job = [line for line in ours if line.get("job_id") == result["id"]]
+    assert any(line["msg"].startswith(f"job {result['id']} succeeded") for line in of_job), of_job[-5:]
+    assert any("chunk" in line and line["actor"] == "lipsync-orchestrator" for line in of_job), of_job[-5:]
+    assert any(line.get("job_id") == result["bad_id"] and "input.no_face" in line["msg"] for line in ours)
 
 
 def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, speech_wav, astronaut_video, tmp_path):
-    if not (ROOT / "serve_app.py").exists():
-        pytest.skip("serve_app.py (the HTTP service) is not in this tree yet")
     config = yaml.safe_load(service_manifest["spec"]["serveConfigV2"])
     config["http_options"] = {"host": "127.0.0.1", "port": local_cluster.http_port}
     path = tmp_path / "serve_config.yaml"
@@ -231,6 +276,7 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
     wait_until(lambda: get("/healthz") == 200, 180, 1.0, "/healthz of the deployed app")
     import httpx
 
+    before = parse_metrics(local_cluster.scrape())
     assert httpx.get(base + "/v1/jobs", timeout=30).status_code == 401  # the Secret's token is required
     token = {"Authorization": f"Bearer {local_cluster.env['LIPSYNC_API_TOKEN']}"}
     with open(speech_wav, "rb") as audio, open(astronaut_video, "rb") as video:
@@ -245,3 +291,9 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
     assert status["state"] == "succeeded", json.dumps(status)[:3000]
     result = httpx.get(f"{base}/v1/jobs/{job_id}/result", headers=token, timeout=60)
     assert result.status_code == 200 and len(result.content) > 10_000
+
+    def job_counted():  # the API's job shows in the metrics too
+        after = parse_metrics(local_cluster.scrape())
+        return after.get("ray_lipsync_job_seconds_count|state=succeeded", 0) > before.get(
+            "ray_lipsync_job_seconds_count|state=succeeded", 0)
+    wait_until(job_counted, 30, 1.0, "the API job in ray_lipsync_job_seconds")

@@ -317,3 +317,89 @@ def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video)
         load_avatar("0123456789abcdef", settings)
     with pytest.raises(InputNotFound):
         load_avatar("../etc", settings)
+
+
+# --- the `wav2lip` crop recipe ------------------------------------------------------------------
+def _original_wav2lip_boxes(detections, frame_size) -> np.ndarray:
+    """A plain reimplementation of Wav2Lip's inference crop: per-frame detector box plus pads
+    (top/bottom/left/right), clipped to the frame, then each box averaged with the next T-1
+    (`get_smoothened_boxes`, T=5, the window held at the end)."""
+    w, h = frame_size
+    top, bottom, left, right = canonical.WAV2LIP_PADS
+    rects = []
+    for dets in detections:
+        x1, y1, x2, y2 = max(dets, key=lambda d: d.size).box
+        bw, bh = x2 - x1, y2 - y1
+        rects.append([max(0, x1 - left * bw), max(0, y1 - top * bh), min(w, x2 + right * bw), min(h, y2 + bottom * bh)])
+    boxes = np.array(rects, np.float64)
+    T = canonical.WAV2LIP_SMOOTH_FRAMES
+    out = boxes.copy()
+    for i in range(len(boxes)):
+        window = boxes[len(boxes) - T:] if i + T > len(boxes) else boxes[i:i + T]
+        out[i] = window.mean(axis=0)
+    return out
+
+
+def _iou_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    iw = (np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])).clip(0)
+    ih = (np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])).clip(0)
+    inter = iw * ih
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.fixture(scope="module")
+def astronaut_track(astronaut_video, detector):
+    """Decoded frames of the real photographed face with head motion, raw detections, track."""
+    from tests.helpers import decode_all
+
+    frames = decode_all(astronaut_video)
+    detections = detector.detect_batch(frames)
+    track = build_track(detections, (frames.shape[2], frames.shape[1]), 0.5, fps=FPS)
+    return frames, detections, track
+
+
+def test_wav2lip_crop_box_matches_the_original_recipe(astronaut_track):
+    frames, detections, track = astronaut_track
+    size = (frames.shape[2], frames.shape[1])
+    ours = align.wav2lip_boxes(track.boxes, size)
+    reference = _original_wav2lip_boxes(detections, size)
+    iou = _iou_rows(ours, reference)
+    print(f"\n[faces] wav2lip box IoU vs the original recipe: min {iou.min():.3f}, "
+          f"median {np.median(iou):.3f}, >= 0.9 on {np.mean(iou >= 0.9):.0%} of {len(iou)} frames")
+    assert np.mean(iou >= 0.9) >= 0.95
+    # the crop stretches the box to S x S; the mouth lies in the lower half the model regenerates
+    mats = align.crop_matrices(track.landmarks, track.boxes, 96, "wav2lip", size)
+    mouth = np.einsum("nij,nkj->nki", mats[:, :, :2].astype(np.float64), track.landmarks[:, 3:]) + mats[:, None, :, 2]
+    assert np.all((mouth[..., 1] > 0.55 * 96) & (mouth[..., 1] < 0.8 * 96))
+    assert np.allclose(mats[:, 0, 1], 0) and np.allclose(mats[:, 1, 0], 0)  # axis-aligned
+    # the matrix maps the box edges onto the crop edges, as cv2.resize of frame[y1:y2, x1:x2]
+    x1, y1, x2, y2 = ours[0]
+    corners = mats[0, :, :2] @ np.array([[x1 - 0.5, x2 - 0.5], [y1 - 0.5, y2 - 0.5]]) + mats[0, :, 2:]
+    np.testing.assert_allclose(corners, [[-0.5, 95.5], [-0.5, 95.5]], atol=1e-3)
+
+
+def test_wav2lip_paste_back_round_trips_and_stays_inside_its_mask(astronaut_track):
+    frames, _, track = astronaut_track
+    size, n = 96, 8
+    frames = frames[:n]
+    mats = align.crop_matrices(track.landmarks[:n], track.boxes[:n], size, "wav2lip", (W, H))
+    crops = align.cut_crops(frames, mats, size)
+    # an identity-contract model gives the template back exactly
+    same = align.paste_back(frames, crops.copy(), mats, size, original_crops=crops, recipe="wav2lip")
+    assert np.array_equal(same, frames)
+    # a changed lower face: pixels outside the recipe's mask are bit-identical
+    mask = align.paste_mask(size, "wav2lip")
+    assert mask[: size // 2 - 1].max() == 0  # only the lower half, which the model regenerates
+    assert not np.array_equal(mask, align.paste_mask(size, "aligned"))
+    changed = crops.copy()
+    for c in changed:  # a dark open mouth where the mouth is
+        cv2.ellipse(c, (48, 64), (14, 6), 0, 0, 360, (30, 20, 60), -1)
+    out = align.paste_back(frames, changed, mats, size, original_crops=crops, recipe="wav2lip")
+    for i in range(n):
+        inv = cv2.warpAffine(mask, mats[i], (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        assert np.array_equal(out[i][inv == 0], frames[i][inv == 0])
+        assert np.abs(out[i].astype(int) - frames[i])[inv > 0.99].max() > 60
+    with pytest.raises(ValueError, match="unknown crop recipe 'tight'"):
+        align.paste_back(frames, crops, mats, size, original_crops=crops, recipe="tight")

@@ -89,3 +89,13 @@ def test_upload_limits_checksum_and_unknown_ids(tmp_path):
     with pytest.raises(InputNotFound):
         upload_ref_path("upload:../../etc/passwd", settings)
     assert list((settings.storage_root / "uploads").iterdir()) == []
+
+
+def test_hard_links_and_non_files_under_a_root_are_refused(roots):
+    settings, allowed, secret = roots
+    os.link(secret / "s.wav", allowed / "hard.wav")
+    with pytest.raises(InputOutsideRoots, match="hard link"):
+        resolve_input_path(str(allowed / "hard.wav"), settings)
+    (allowed / "dir.wav").mkdir()
+    with pytest.raises(InputOutsideRoots, match="not a regular file"):
+        resolve_input_path(str(allowed / "dir.wav"), settings)

@@ -34,13 +34,21 @@ def test_manager_restart_ends_corrupt_and_abandoned_jobs_and_leaves_other_runs_a
     store.create("other-live-run-job", request, owner=process_identity(), client=None)
     # One of our own jobs, whose stored row stops validating while it renders.
     job = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "c.mp4")))
+    # And one whose stored plan stops validating: resuming it raises inside a state change.
+    planned = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "p.mp4")))
     wait_until(lambda: runtime.status(job.id).state != JobState.queued, 120, what="the job to start")
+    wait_until(lambda: store.plan(planned.id) is not None or runtime.status(planned.id).state.terminal, 180,
+               what="the second job's plan")
     store._conn.execute("UPDATE jobs SET request = ? WHERE id = ?", ('{"audio": 5', job.id))
+    store._conn.execute("UPDATE jobs SET plan = ? WHERE id = ?", ('{"job_id": 7}', planned.id))
     ray.kill(runtime.manager(), no_restart=False)  # the restarted manager resumes its own jobs only
 
     corrupt = runtime.wait(job.id, timeout=120)
     assert corrupt.state == JobState.failed and corrupt.request is None
     assert corrupt.error.code == "job.corrupt_record" and corrupt.error.cause, corrupt.error
+    broken = runtime.wait(planned.id, timeout=120)
+    assert broken.state == JobState.failed and broken.error.code == "render.failed", broken.error
+    assert "validation" in (broken.error.cause or "").lower() and planned.id in broken.error.message
     abandoned = wait_until(lambda: (lambda st: st if st.state.terminal else None)(runtime.status("abandoned-job")),
                            60, what="the abandoned job to end")
     assert abandoned.state == JobState.failed and abandoned.error.code == "job.abandoned"

@@ -22,6 +22,7 @@ OVERLAYS = ("cpu", "gpu")
 KUBE_VERSION = "1.35.0"  # the API version pod templates are checked against (a supported release)
 SECRETS = {"lipsync-api-token": {"token"}, "lipsync-ray-auth": {"auth_token"}}
 HEAD_RESOURCE = "lipsync_head"
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 2 MB of YAML
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,7 +33,7 @@ def render(overlay: str) -> tuple[dict, ...]:
     proc = subprocess.run([str(kubectl_path()), "kustomize", str(K8S / "overlays" / overlay)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    return tuple(d for d in yaml.load_all(proc.stdout, Loader=SAFE_LOADER) if d)
 
 
 def of_kind(docs, kind: str) -> list[dict]:
@@ -54,7 +55,7 @@ def groups(spec: dict) -> list[tuple[str, dict]]:
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     """A jsonschema validator of the CRD's served storage version, strict about unknown fields."""
     name = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml"}[kind]
-    crd = yaml.safe_load((K8S / "schemas" / "kuberay" / name).read_text())
+    crd = yaml.load((K8S / "schemas" / "kuberay" / name).read_text(), Loader=SAFE_LOADER)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = _no_unknown_fields(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     # metadata is validated by the API server's ObjectMeta, not by the CRD: check it below

@@ -24,8 +24,8 @@ from cluster.faces.avatar import prepare_avatar
 from cluster.media.decode import TemplateReader
 from cluster.models import load_model
 from cluster.plan import template_indices
-from cluster.quality import (best_lag, frame_paste_mask, mouth_motion, pearson, psnr_outside_mask,
-                             seam_score)
+from cluster.quality import (best_lag, chin_motion, frame_paste_mask, lip_sharpness, lip_texture_ratio, loudest,
+                             mouth_motion, pearson, psnr_outside_mask, seam_score)
 from cluster.render import render_local
 from cluster.schemas import RenderRequest
 from cluster.synth import astronaut_template, speech_like, write_audio
@@ -183,3 +183,34 @@ def test_no_visible_seam(case):
           f"(limit {limit:.3f}), template with a hard 12-level step {hard_edge:.3f}")
     assert rendered <= limit
     assert hard_edge > limit
+
+
+# --- jaw and lip detail (issue 10) ----------------------------------------------------------------
+MIN_CHIN_RATIO = 2.5
+"""The chin region changes this many times more on loud frames than on silent ones (the jaw
+opens; before issue 10 the ratio was about 1.3: encoding noise only)."""
+MIN_CHIN_CORRELATION = 0.5
+MIN_LIP_SHARPNESS = 0.92
+"""Lips' variance of the Laplacian, output over template, median over the loudest fifth."""
+
+
+def test_the_chin_moves_with_the_speech(case):
+    chin = chin_motion(case.output, case.template, case.matrices, case.size)
+    top = loudest(case.energy, 0.2)
+    ratio = chin[top].mean() / chin[case.silent].mean()
+    r = pearson(chin, case.energy)
+    print(f"\n[quality] chin change: loudest fifth {chin[top].mean():.2f} / silent {chin[case.silent].mean():.2f} "
+          f"levels = {ratio:.2f}x (target {MIN_CHIN_RATIO}), r with speech {r:.3f} (target {MIN_CHIN_CORRELATION})")
+    assert ratio >= MIN_CHIN_RATIO
+    assert r >= MIN_CHIN_CORRELATION
+
+
+def test_lips_keep_their_sharpness_while_they_move(case):
+    ratio = lip_sharpness(case.output, case.matrices, case.size) / lip_sharpness(case.template, case.matrices, case.size)
+    texture = lip_texture_ratio(case.output, case.template, case.matrices, case.size)  # open mouth left out
+    top = loudest(case.energy, 0.2)
+    print(f"\n[quality] lip sharpness, output / template: loudest fifth {np.median(ratio[top]):.3f} "
+          f"(target {MIN_LIP_SHARPNESS}), silent {np.median(ratio[case.silent]):.3f}; lips and skin only: "
+          f"loudest fifth {np.median(texture[top]):.3f}, silent {np.median(texture[case.silent]):.3f}")
+    assert np.median(ratio[top]) >= MIN_LIP_SHARPNESS
+    assert np.median(texture[top]) >= MIN_LIP_SHARPNESS

@@ -15,7 +15,11 @@ from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadErr
 from cluster.faces import canonical
 from cluster.models import LipSyncModel, build_builtin_model, builtin_model_path, load_model
 from cluster.models import builtin as builtin_mod
-from cluster.models.providers import CPU, CUDA, active_providers, cuda_device_count, select_providers
+from cluster.models import ReplicatedModel, crop_for_spec, crop_recipe, list_models, load_model_on_devices
+from cluster.models.adapter import contract_from_file
+from cluster.models.providers import (CPU, CUDA, TENSORRT, DeviceFacts, active_providers, cuda_device_count,
+                                      device_facts, device_ordinals, parse_providers, provider_name,
+                                      select_providers, tensorrt_profiles)
 
 CPU_ONLY = [CPU]
 
@@ -212,17 +216,19 @@ def test_infer_validates_shapes_and_wraps_runtime_errors(tmp_path):
 
 # --- providers ---------------------------------------------------------------------------------
 def test_select_providers_only_offers_gpu_for_a_real_device(caplog):
+    """Passes on CPU-only and GPU machines alike: asserts what this machine should pick."""
     import onnxruntime as ort
 
-    assert select_providers([]) == [CPU]  # no GPU assigned
-    names = [p if isinstance(p, str) else p[0] for p in select_providers()]
+    assert select_providers([], Settings()) == [CPU]  # no GPU assigned
+    names = [provider_name(p) for p in select_providers(settings=Settings())]
     assert names[-1] == CPU
     real_gpu = cuda_device_count() > 0 and CUDA in ort.get_available_providers()
     assert (CUDA in names) == real_gpu
     if not real_gpu:  # a Ray logical GPU id does not make a GPU appear
-        assert select_providers(gpu_ids=[0]) == [CPU]
+        assert select_providers(gpu_ids=[0], settings=Settings()) == [CPU]
+    assert TENSORRT not in names  # never by default
     with caplog.at_level(logging.INFO, logger="lipsync.models"):
-        select_providers([])
+        select_providers([], Settings())
     assert not caplog.records  # the choice is logged once per process
 
 
@@ -281,8 +287,9 @@ def real_crop(size: int) -> np.ndarray:
 
 
 def region_masks(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inside MOUTH_REGION, outside it) at pixel centres of an S x S crop."""
-    cx, cy, rx, ry = canonical.MOUTH_REGION
+    """(inside JAW_REGION, outside it) at pixel centres of an S x S crop: the region the
+    built-in model may change."""
+    cx, cy, rx, ry = canonical.JAW_REGION
     c = (np.arange(size) + 0.5) / size
     x, y = np.meshgrid(c, c)
     rho2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
@@ -350,7 +357,7 @@ def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin
     change = diff.max(axis=3)[:, inside].mean(axis=1)
     assert np.all(np.diff(change) > 0), change
     assert change[0] < 0.5  # a -60 dBFS murmur barely moves the mouth
-    assert not diff[:, outside].any()  # nothing outside MOUTH_REGION changes, bit for bit
+    assert not diff[:, outside].any()  # nothing outside JAW_REGION changes, bit for bit
     # the loud vowel opens a dark gap several pixels high at the mouth centre
     mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
     column = out[-1, :, mx - 3:mx + 4].astype(np.int16).mean(axis=(1, 2))
@@ -358,6 +365,40 @@ def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin
     darker_rows = np.flatnonzero(reference - column > 40)
     assert darker_rows.size >= 6, darker_rows
     assert abs(darker_rows.mean() - my) < 0.08 * size  # ... between the lips
+
+
+def test_builtin_jaw_drops_and_the_mouth_darkens_towards_the_back(builtin256):
+    """At full opening the chin moves down with the lower lip (by about JAW_DROP * S), and the
+    inside of the mouth is darkest under the upper teeth, lighter towards the lower lip."""
+    size = builtin256.size
+    crop = real_crop(size)
+    out = builtin256.generate(mel_window(vowel(VOWEL_A, -18)), crop[None])[0]
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    grey = lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, mx - 4:mx + 5].astype(np.float64).mean(axis=1)  # noqa: E731
+    g_out, g_ref = grey(out), grey(crop)
+    # the chin (rows 0.80-0.88 of S): the best vertical shift of the template onto the output
+    rows = np.arange(int(0.80 * size), int(0.88 * size))
+    errors = {d: np.abs(g_out[rows] - g_ref[rows - d]).mean() for d in range(0, 16)}
+    drop = min(errors, key=errors.get)
+    assert abs(drop - builtin_mod.JAW_DROP * size) <= 3 and errors[drop] < 0.5 * errors[0], (drop, errors)
+    # the gap: darker than the template, darkest in its upper half
+    gap = np.flatnonzero(g_ref - g_out > 40)
+    assert gap.size >= 6 and gap.min() >= my - 2
+    upper, lower = g_out[gap[: gap.size // 2]].mean(), g_out[gap[gap.size // 2:]].mean()
+    assert upper < lower - 5, (upper, lower)
+
+
+def test_builtin_bright_vowels_spread_the_lips(builtin256):
+    size = builtin256.size
+    crop = real_crop(size)
+    centres = builtin_mod.mel_bin_centres()
+    mels = np.full((2, 1, 80, 16), -4.0, np.float32)
+    mels[:, :, (centres >= 300) & (centres < 3000)] = 0.5  # loud, flat from 300 Hz up: tilt 0
+    mels[1, :, (centres >= 300) & (centres < 1000)] = 1.5  # more low energy: tilt ~1, /a/-like: neutral
+    out = builtin256.generate(mels, np.stack([crop, crop])).astype(np.int16)
+    dark = (crop.astype(np.int16) - out).min(axis=3) > 40
+    widths = [np.flatnonzero(d.any(axis=0)).size for d in dark]
+    assert widths[0] > widths[1], widths  # the bright spectrum opens wider (spread lips)
 
 
 def test_builtin_reads_the_frames_own_columns(builtin256):
@@ -409,3 +450,192 @@ def test_load_model_defaults_to_settings_model(tmp_path):
     model = load_model(settings=Settings(storage_root=tmp_path / "s", model=path), providers=CPU_ONLY)
     assert model.path == path and model.batch_fixed == 1
     assert active_providers(model._session) == CPU_ONLY
+
+
+# --- GPU execution, with injected device facts --------------------------------------------------
+GPU_BOX = DeviceFacts(available=(TENSORRT, CUDA, CPU), cuda_devices=2, tensorrt_runtime=True,
+                      device_memory=(80 * 2**30, 80 * 2**30))
+NO_GPU_BOX = DeviceFacts(available=(TENSORRT, CUDA, CPU))  # onnxruntime-gpu on a machine without one
+
+
+def test_default_is_cuda_on_the_assigned_device_and_cpu_without_one(tmp_path, monkeypatch):
+    s = Settings(storage_root=tmp_path)
+    assert select_providers(None, s, NO_GPU_BOX) == [CPU]
+    assert select_providers([], s, GPU_BOX) == [CPU]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # Ray gave this actor GPUs 3 and 5
+    assert select_providers(["3", "5"], s, GPU_BOX) == [(CUDA, {"device_id": 0}), CPU]
+    assert select_providers(["3", "5"], s, GPU_BOX, device_index=1) == [(CUDA, {"device_id": 1}), CPU]
+    assert device_ordinals(["5"], visible="3,5") == [1]
+    assert device_ordinals([2], visible="") == [2]  # Ray told not to set CUDA_VISIBLE_DEVICES
+    assert device_ordinals(None) == [0]
+    one_gpu = DeviceFacts(available=GPU_BOX.available, cuda_devices=1, device_memory=(2**30,))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert select_providers(["1"], s, one_gpu) == [CPU]  # a logical GPU beyond the real ones
+
+
+def test_fractional_workers_get_a_memory_limit(tmp_path):
+    half = Settings(storage_root=tmp_path, worker_gpus=0.5)
+    (name, opts), cpu = select_providers([0], half, GPU_BOX)
+    assert name == CUDA and cpu == CPU and opts["gpu_mem_limit"] == 40 * 2**30
+    (_, opts), _ = select_providers([0], Settings(storage_root=tmp_path), GPU_BOX)
+    assert "gpu_mem_limit" not in opts
+
+
+def test_tensorrt_is_opt_in_with_a_cache_under_the_storage_root(tmp_path):
+    s = Settings(storage_root=tmp_path, providers="tensorrt,cuda,cpu")
+    chosen = select_providers([0], s, GPU_BOX)
+    assert [provider_name(p) for p in chosen] == [TENSORRT, CUDA, CPU]
+    trt = chosen[0][1]
+    assert trt["trt_engine_cache_enable"] and trt["trt_engine_cache_path"] == str(tmp_path / "models" / "tensorrt")
+    # asked for, but no libnvinfer: CUDA; no GPU at all: CPU
+    no_trt = DeviceFacts(available=GPU_BOX.available, cuda_devices=1, device_memory=(2**30,))
+    assert [provider_name(p) for p in select_providers([0], s, no_trt)] == [CUDA, CPU]
+    assert select_providers(None, s, NO_GPU_BOX) == [CPU]
+    assert select_providers([0], Settings(storage_root=tmp_path, providers="cpu"), GPU_BOX) == [CPU]
+    assert parse_providers("TRT, cuda") == [TENSORRT, CUDA, CPU]
+    with pytest.raises(ModelLoadError, match="LIPSYNC_PROVIDERS: unknown provider 'rocm'"):
+        parse_providers("rocm,cpu")
+
+
+def test_tensorrt_profiles_cover_batch_1_to_the_batch_size(tmp_path):
+    path = wav2lip_like(tmp_path / "m.onnx", "audio_sequences", "face_sequences", "output", 96)
+    c = contract_from_file(path)  # read from the file, no session
+    assert (c.mel_name, c.face_name, c.size, c.batch_fixed) == ("audio_sequences", "face_sequences", 96, None)
+    s = Settings(storage_root=tmp_path, providers="tensorrt,cuda,cpu")
+    trt, cuda, cpu = tensorrt_profiles(select_providers([0], s, GPU_BOX), c.mel_name, c.face_name, c.size, 16)
+    assert trt[1]["trt_profile_min_shapes"] == "audio_sequences:1x1x80x16,face_sequences:1x6x96x96"
+    assert trt[1]["trt_profile_opt_shapes"] == trt[1]["trt_profile_max_shapes"] == \
+        "audio_sequences:16x1x80x16,face_sequences:16x6x96x96"
+    assert cuda == (CUDA, {"device_id": 0}) and cpu == CPU
+
+
+class _ShapeSpy:
+    """Wraps an onnxruntime session and records the batch size of every run."""
+
+    def __init__(self, session):
+        self.session, self.batches = session, []
+
+    def run(self, names, feeds):
+        self.batches.append({v.shape[0] for v in feeds.values()})
+        return self.session.run(names, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_padded_batches_run_at_one_shape(tmp_path):
+    path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96)
+    plain = LipSyncModel.load(path, providers=CPU_ONLY)
+    padded = LipSyncModel.load(path, providers=CPU_ONLY, pad_batch=8)
+    spy = padded._session = _ShapeSpy(padded._session)
+    mel, crops = _random_inputs(21, 96)
+    np.testing.assert_array_equal(padded.generate(mel, crops), plain.generate(mel, crops))
+    np.testing.assert_array_equal(padded.generate(mel[:3], crops[:3]), plain.generate(mel[:3], crops[:3]))
+    assert spy.batches == [{8}] * 4  # 8 + 8 + 5 padded, then 3 padded
+    padded.warmup()
+    assert spy.batches[-1] == {8}
+
+
+def to_float16(path_in: str, path_out) -> str:
+    """A float16 export of a float32 model: float16 inputs, output and weights."""
+    m = onnx.load(path_in)
+    for vi in [*m.graph.input, *m.graph.output]:
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for i, init in enumerate(m.graph.initializer):
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and init.name != "scales":  # Resize scales stay float32
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr.astype(np.float16), init.name))
+    return _save(m, path_out)
+
+
+def test_float16_export_runs_with_casts_at_the_edge(tmp_path):
+    path32 = wav2lip_like(tmp_path / "m32.onnx", "mel_spectrogram", "video_frames", "output", 96, seed=4)
+    m32 = LipSyncModel.load(path32, providers=CPU_ONLY)
+    m16 = LipSyncModel.load(to_float16(path32, tmp_path / "m16.onnx"), providers=CPU_ONLY, pad_batch=4)
+    assert (m32.precision, m16.precision) == ("float32", "float16")
+    mel, crops = _random_inputs(6, 96)
+    raw = m16.infer(mel, np.concatenate([crops, crops], axis=3).transpose(0, 3, 1, 2) / np.float32(255))
+    assert raw.dtype == np.float32 and raw.shape == (6, 3, 96, 96)
+    a, b = m32.generate(mel, crops).astype(int), m16.generate(mel, crops).astype(int)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5
+    assert list_models(Settings(storage_root=tmp_path))  # the directory listing copes with it too
+
+
+def test_two_replicas_split_a_batch_and_agree(tmp_path):
+    path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96)
+    one = LipSyncModel.load(path, providers=CPU_ONLY)
+    pair = ReplicatedModel([LipSyncModel.load(path, providers=CPU_ONLY) for _ in range(2)])
+    assert (pair.size, pair.crop, pair.providers) == (96, "wav2lip", CPU_ONLY)
+    mel, crops = _random_inputs(7, 96)
+    np.testing.assert_array_equal(pair.generate(mel, crops), one.generate(mel, crops))
+    # no usable GPU: one CPU session, whatever Ray assigned
+    s = Settings(storage_root=tmp_path, model=path)
+    assert isinstance(load_model_on_devices(path, s, ["0", "1"], NO_GPU_BOX), LipSyncModel)
+
+
+# --- crop recipe ---------------------------------------------------------------------------------
+def test_crop_recipe_from_metadata_size_job_and_setting(tmp_path):
+    s = Settings(storage_root=tmp_path)
+    p96 = wav2lip_like(tmp_path / "w96.onnx", "mel_spectrogram", "video_frames", "output", 96)
+    p256 = wav2lip_like(tmp_path / "w256.onnx", "mel_spectrogram", "video_frames", "output", 256)
+    m = onnx.load(p256)
+    helper.set_model_props(m, {"lipsync.crop": "wav2lip"})
+    tagged = _save(m, tmp_path / "tagged.onnx")
+    helper.set_model_props(m, {"lipsync.crop": "tight"})
+    bad = _save(m, tmp_path / "bad.onnx")
+
+    assert LipSyncModel.load(p96, providers=CPU_ONLY).crop == "wav2lip"       # default for S=96
+    assert LipSyncModel.load(p256, providers=CPU_ONLY).crop == "aligned"      # other sizes
+    assert LipSyncModel.load(tagged, providers=CPU_ONLY).crop == "wav2lip"    # metadata wins
+    assert load_model("builtin:96", s, providers=CPU_ONLY).crop == "aligned"  # the built-in model says so
+    with pytest.raises(ModelContractError, match="lipsync.crop='tight'"):
+        LipSyncModel.load(bad, providers=CPU_ONLY)
+    # the same answers without a session (what prepare_job uses), and the overrides
+    assert [crop_for_spec(p, None, s) for p in (p96, p256, tagged, "builtin")] == \
+        ["wav2lip", "aligned", "wav2lip", "aligned"]
+    assert crop_for_spec(p96, "aligned", s) == "aligned"
+    assert crop_for_spec(p96, None, Settings(storage_root=tmp_path, crop="aligned")) == "aligned"
+    m96 = LipSyncModel.load(p96, providers=CPU_ONLY)
+    assert crop_recipe(m96, None, s) == "wav2lip" and crop_recipe(m96, "aligned", s) == "aligned"
+
+
+def test_lipsync_models_lists_the_model_directory(tmp_path):
+    import subprocess
+    import sys
+
+    s = Settings(storage_root=tmp_path)
+    wav2lip_like(s.dir("models") / "wav2lip_96.onnx", "audio_sequences", "face_sequences", "output", 96)
+    (s.dir("models") / "broken.onnx").write_bytes(b"not onnx")
+    env = {**__import__("os").environ, "LIPSYNC_STORAGE_ROOT": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "models"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    expected_device = provider_name(select_providers(None, s)[0]).replace("ExecutionProvider", "")
+    assert any(ln.strip().startswith("builtin: S=256 batch=dynamic crop=aligned (metadata) float32") for ln in lines)
+    w96 = next(ln for ln in lines if "wav2lip_96.onnx" in ln)
+    assert "S=96" in w96 and "crop=wav2lip (default for S=96)" in w96 and f"device={expected_device}" in w96
+    assert "cannot load" in next(ln for ln in lines if "broken.onnx" in ln)
+    assert not any("builtin-s" in ln for ln in lines)  # generated built-in files are not listed
+
+
+def test_a_96_export_renders_with_the_wav2lip_crop(tmp_path, astronaut_video, speech_wav):
+    """End to end with an identity-contract S=96 export: the job's plan takes the model's crop
+    (wav2lip), a job may ask for the other, and the rendered video is the template."""
+    from cluster.render import admit, prepare_job, render_local
+    from cluster.schemas import RenderRequest
+    from tests.helpers import decode_all
+
+    from cluster.config import get_settings
+
+    s = get_settings()  # the session's storage: the avatar is prepared once for every test
+    identity = channel_picker(tmp_path / "identity96.onnx", 96, 3)
+    model = LipSyncModel.load(identity, providers=CPU_ONLY)
+    req = RenderRequest(audio=speech_wav, video=astronaut_video, model=identity, output=str(tmp_path / "out.mp4"))
+    plan = prepare_job("j1", admit("j1", req, s), s, model_size=96)
+    assert plan.crop == "wav2lip"
+    assert prepare_job("j2", admit("j2", req.model_copy(update={"crop": "aligned"}), s), s, model_size=96).crop == "aligned"
+    render_local(req, s, model=model)
+    out, template = decode_all(str(tmp_path / "out.mp4")), decode_all(astronaut_video)
+    k = min(len(template), len(out))
+    assert np.abs(out[:k].astype(int) - template[:k]).mean() < 2.0

@@ -110,3 +110,38 @@ def test_chunk_examples():
     assert [(c.start, c.stop) for c in make_chunks(120, Fraction(25), 2.0)] == [(0, 50), (50, 120)]
     assert [(c.start, c.stop) for c in make_chunks(130, Fraction(25), 2.0)] == [(0, 50), (50, 100), (100, 130)]
     assert [(c.start, c.stop) for c in make_chunks(7, Fraction(25), 2.0)] == [(0, 7)]
+
+
+# --- sync modes (length mismatch) ---------------------------------------------------------------
+def test_sync_frame_count_per_mode():
+    from cluster.plan import sync_frame_count
+
+    assert sync_frame_count(30, 25, "pingpong") == 30
+    assert sync_frame_count(30, 25, "forward") == 30
+    assert sync_frame_count(30, 25, "cut_off") == 25 and sync_frame_count(20, 25, "cut_off") == 20
+    assert sync_frame_count(15, 25, "silence") == 25 and sync_frame_count(30, 25, "silence") == 30
+    assert sync_frame_count(30, 25, "remap") == 30
+    with pytest.raises(ValueError):
+        sync_frame_count(30, 25, "bounce")
+
+
+@given(st.integers(1, 300), st.integers(1, 400))
+def test_remap_stretches_monotonically_over_the_whole_template(t, total):
+    from cluster.plan import template_indices
+
+    idx = template_indices(0, total, t, "remap", total)
+    assert idx[0] == 0 and idx.min() >= 0 and idx.max() <= t - 1
+    assert (np.diff(idx) >= 0).all()
+    if total >= t:  # stretched: every template frame is shown, none skipped
+        assert set(idx.tolist()) == set(range(t))
+    k = total // 3
+    assert (template_indices(k, total, t, "remap", total) == idx[k:]).all()
+
+
+@given(st.integers(1, 5000), st.sampled_from([Fraction(25), Fraction(30000, 1001), Fraction(24)]))
+def test_fitted_audio_gives_exactly_the_frames(frames, fps):
+    from cluster.plan import fit_audio_samples, frame_count_from_samples
+
+    n = fit_audio_samples(frames, fps, 16000)
+    assert frame_count_from_samples(n, 16000, fps) == frames
+    assert frame_count_from_samples(n + 1, 16000, fps) == frames + 1

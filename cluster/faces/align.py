@@ -1,4 +1,13 @@
-"""Aligned face crops and paste-back.
+"""Face crops and paste-back, per crop recipe.
+
+Two recipes (`CROP_RECIPES`), both expressed as one affine matrix per frame (frame -> crop), so
+cutting and pasting are the same code:
+- `aligned`: `alignment_matrices`, the similarity transform onto the canonical 5 points (the
+  built-in model's geometry); paste mask `canonical.LOWER_FACE_MASK`;
+- `wav2lip`: `box_matrices` of `wav2lip_boxes`, the face track's detector box (smoothed over
+  time) with the bottom pad, stretched to S x S as Wav2Lip's inference did; paste mask
+  `canonical.WAV2LIP_LOWER_FACE_MASK` (mouth and jaw, in the regenerated lower half).
+`crop_matrices` picks by recipe.
 
 `alignment_matrices` gives, per frame, the similarity transform (frame -> crop) that puts the
 5 landmarks onto `canonical.canonical_points(S)` (least-squares closed form, deterministic).
@@ -8,11 +17,14 @@ inside the feathered lower-face mask (`paste_mask`), touching only the mask's bo
 Paste-back details:
 - colour match: the generated crop's per-channel mean/std in the mask's feather ring is matched
   to the original crop's there (model colour drift would otherwise show as a seam);
-- detail keep: where the generated crop equals the original crop (after colour matching), the
-  frame's own pixels are kept (`generated + (frame - warped original)`), so unchanged regions do
-  not lose resolution through the crop -> frame resampling; where the model changed the content
-  the generated pixels are used. A generated crop identical to the original pastes back to the
-  original frame;
+- detail keep: where the generated crop is the original crop moved (a warp: lips and jaw that
+  moved) or unchanged, the frame's own high frequencies are kept, moved the same way at the
+  frame's resolution: the motion is estimated as a dense optical flow (DIS) from the generated
+  crop to the original one, and the frame's detail layer (frame minus the original crop brought
+  back to the frame) is resampled along it (`generated + (moved frame - moved original)`). So the
+  lips keep their sharpness while they move, even when the crop is much smaller than the face.
+  Where the model made new content (an open mouth's inside) the generated pixels are used. A
+  generated crop identical to the original pastes back to the original frame exactly (no flow);
 - pixels outside the mask (weight 0) are bit-identical to the input frame.
 """
 from __future__ import annotations
@@ -27,6 +39,45 @@ from cluster.faces import canonical
 _BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
 _DETAIL_LOW, _DETAIL_HIGH = 3.0, 15.0  # |generated - original| (levels): keep frame detail below, none above
 _STD_RATIO_LIMITS = (0.8, 1.25)
+_FLOW_MIN_CHANGE = 1.0  # |generated - original| (levels) below which a pixel did not change (no flow)
+CROP_RECIPES = ("wav2lip", "aligned")
+_MASKS = {"aligned": canonical.LOWER_FACE_MASK, "wav2lip": canonical.WAV2LIP_LOWER_FACE_MASK}
+
+
+def wav2lip_boxes(boxes: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+    """Detector boxes [n,4] (x1,y1,x2,y2) padded by `canonical.WAV2LIP_PADS` and clipped to the
+    frame (w, h), as Wav2Lip's inference did: float64 [n,4]."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    top, bottom, left, right = canonical.WAV2LIP_PADS
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    fw, fh = frame_size
+    out = np.stack([b[:, 0] - left * w, b[:, 1] - top * h, b[:, 2] + right * w, b[:, 3] + bottom * h], axis=1)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, fw)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, fh)
+    return out
+
+
+def box_matrices(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Axis-aligned transforms frame -> crop [n,2,3] float32 mapping each box [n,4] onto the
+    S x S crop (pixel edges onto edges: x1 -> -0.5, x2 -> S - 0.5, as cv2.resize of the box)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sx = size / np.maximum(b[:, 2] - b[:, 0], 1e-6)
+    sy = size / np.maximum(b[:, 3] - b[:, 1], 1e-6)
+    m = np.zeros((len(b), 2, 3), dtype=np.float64)
+    m[:, 0, 0], m[:, 0, 2] = sx, -0.5 - (b[:, 0] - 0.5) * sx
+    m[:, 1, 1], m[:, 1, 2] = sy, -0.5 - (b[:, 1] - 0.5) * sy
+    return m.astype(np.float32)
+
+
+def crop_matrices(landmarks: np.ndarray, boxes: np.ndarray, size: int, recipe: str,
+                  frame_size: tuple[int, int]) -> np.ndarray:
+    """Frame -> crop matrices [n,2,3] for the crop `recipe` from a face track's landmarks [n,5,2]
+    and boxes [n,4] (frame_size (w, h) clips the wav2lip box)."""
+    if recipe == "aligned":
+        return alignment_matrices(landmarks, size)
+    if recipe == "wav2lip":
+        return box_matrices(wav2lip_boxes(boxes, frame_size), size)
+    raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
 
 
 def alignment_matrices(landmarks: np.ndarray, size: int) -> np.ndarray:
@@ -114,8 +165,8 @@ def _smootherstep(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _paste_mask_cached(size: int) -> np.ndarray:
-    cx, cy, rx, ry = canonical.LOWER_FACE_MASK
+def _paste_mask_cached(size: int, recipe: str = "aligned") -> np.ndarray:
+    cx, cy, rx, ry = _MASKS[recipe]
     feather = canonical.MASK_FEATHER
     c = (np.arange(size, dtype=np.float64) + 0.5) / size
     x, y = np.meshgrid(c, c)
@@ -134,9 +185,12 @@ def _paste_mask_cached(size: int) -> np.ndarray:
     return out
 
 
-def paste_mask(size: int) -> np.ndarray:
-    """The feathered lower-face mask [S,S] float32 in crop space: 1 inside LOWER_FACE_MASK, smooth fall to 0."""
-    return _paste_mask_cached(int(size)).copy()
+def paste_mask(size: int, recipe: str = "aligned") -> np.ndarray:
+    """The feathered lower-face mask [S,S] float32 in crop space of `recipe`: 1 inside its
+    lower-face ellipse, smooth fall to 0."""
+    if recipe not in _MASKS:
+        raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
+    return _paste_mask_cached(int(size), recipe).copy()
 
 
 def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray) -> np.ndarray:
@@ -151,9 +205,49 @@ def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray)
     return ((generated - mg) * ratio + mo).astype(np.float32)
 
 
+_DIS = None
+
+
+def _motion(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), kept
+    only near pixels the model changed (inside the paste mask); None when nothing changed."""
+    global _DIS
+    changed = (np.abs(generated.astype(np.int16) - original).max(axis=2) > _FLOW_MIN_CHANGE) & (mask > 0)
+    if not changed.any():
+        return None
+    if _DIS is None:
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)  # ~2 ms per 256 px crop
+    g = cv2.cvtColor(np.ascontiguousarray(generated), cv2.COLOR_BGR2GRAY)
+    o = cv2.cvtColor(np.ascontiguousarray(original), cv2.COLOR_BGR2GRAY)
+    flow = _DIS.calc(g, o, None)
+    size = generated.shape[0]
+    near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
+    return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
+
+
+def _remap_by(img: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """img sampled at x + flow(x) (bilinear, border replicated)."""
+    h, w = flow.shape[:2]
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return cv2.remap(img, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """The frame region at (x0, y0) of flow_roi's size, each pixel p sampled at p + A^-1 flow(p),
+    where flow_roi is a crop-pixel flow brought to the region and A the matrix's linear part:
+    the crop's motion at the frame's resolution. float32."""
+    h, w = flow_roi.shape[:2]
+    a_inv = np.linalg.inv(m[:, :2]).astype(np.float32)
+    d = flow_roi @ a_inv.T
+    gx, gy = np.meshgrid(np.arange(x0, x0 + w, dtype=np.float32), np.arange(y0, y0 + h, dtype=np.float32))
+    return cv2.remap(frame, gx + d[..., 0], gy + d[..., 1], cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+
+
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
-               original_crops: np.ndarray | None = None) -> np.ndarray:
-    """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask.
+               original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
+    """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask
+    of the crop `recipe` (the matrices must be that recipe's).
 
     `original_crops` are the crops the model was given (as cut by `cut_crops`); when None they
     are cut here. Returns new frames; pixels outside the mask are the input's, bit for bit.
@@ -164,7 +258,9 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         raise ValueError(f"generated crops must be [{n},{size},{size},3], got {generated.shape}")
     if original_crops is None:
         original_crops = cut_crops(frames, matrices, size)
-    mask = _paste_mask_cached(int(size))
+    if recipe not in _MASKS:
+        raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
+    mask = _paste_mask_cached(int(size), recipe)
     ring = (mask > 0) & (mask < 1)
     rows, cols = np.nonzero(mask)
     crop_rect = (cols.min() - 1.0, rows.min() - 1.0, cols.max() + 1.0, rows.max() + 1.0)
@@ -185,12 +281,18 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
 
         orig = original_crops[i].astype(np.float32)
         gen = _match_colour(generated[i].astype(np.float32), orig, ring)
-        change = cv2.GaussianBlur(np.abs(gen - orig).max(axis=2), (0, 0), blur_sigma)
+        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
+        flow = _motion(generated[i], original_crops[i], mask)
+        if flow is None:  # nothing moved: the frame's detail stays where it is
+            moved_orig, moved_roi = orig, roi
+        else:
+            moved_orig = _remap_by(orig, flow)
+            moved_roi = _remap_frame(frames[i], back(flow, cv2.BORDER_CONSTANT), m, x0, y0)
+        change = cv2.GaussianBlur(np.abs(gen - moved_orig).max(axis=2), (0, 0), blur_sigma)
         keep_detail = np.clip((_DETAIL_HIGH - change) / (_DETAIL_HIGH - _DETAIL_LOW), 0.0, 1.0).astype(np.float32)
 
         weight = back(mask, cv2.BORDER_CONSTANT)[..., None]
-        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
-        content = back(gen) + back(keep_detail)[..., None] * (roi - back(orig))
+        content = back(gen) + back(keep_detail)[..., None] * (moved_roi - back(moved_orig))
         blended = roi + weight * (content - roi)
         out[i, y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out

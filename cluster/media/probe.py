@@ -61,8 +61,9 @@ def check_input_file(path: str | os.PathLike, settings: Settings | None = None) 
         raise InputUnreadable(f"input file {p} cannot be read: {exc}", path=str(p),
                               cause=str(exc)) from exc
     if _looks_like_playlist(head):
-        raise UnsafeInput(f"input file {p} is a playlist, concat list or manifest (it starts with "
-                          f"{head[:24]!r}); only plain audio/video files are accepted", path=str(p))
+        # the message never quotes the file: its bytes may be a secret (a hard link into a root)
+        raise UnsafeInput(f"input file {p} is a playlist, concat list or manifest (text naming other "
+                          f"files or URLs); only plain audio/video files are accepted", path=str(p))
     return p
 
 

@@ -4,7 +4,14 @@ The contract (DESIGN.md, "Model contract"): a mel input float32 [B,1,80,16], a f
 float32 [B,6,S,S] (BGR in [0,1]; channels 0-2 the crop with its lower half zeroed, 3-5 the
 reference crop), an output float32 [B,3,S,S] in [0,1]. Names differ between exports, so the roles
 are found by shape. The batch dimension is dynamic (symbolic, None or -1) or fixed; a fixed batch
-is run in slices of that size (the last one padded).
+is run in slices of that size (the last one padded), and so is a dynamic one when `pad_batch` is
+set (on GPUs: one input shape, so TensorRT builds one engine and CUDA reuses its arena).
+float16 exports (tensor(float16) inputs and output) run too: inputs are cast at the edge and the
+output is returned as float32.
+
+The crop recipe a model was trained on (`CROP_RECIPES`) is read from the ONNX metadata
+`lipsync.crop` when present, else it follows from S: 96 -> `wav2lip` (detector box, like every
+public Wav2Lip-96 export), other sizes -> `aligned`.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
-from cluster.models.providers import active_providers, select_providers
+from cluster.models.providers import (TENSORRT, active_providers, provider_name, select_providers,
+                                      tensorrt_profiles)
 
 log = logging.getLogger("lipsync.models")
 
@@ -25,6 +33,14 @@ MEL_SHAPE = (1, 80, 16)
 STANDARD_SIZES = (96, 256, 384)
 MIN_SIZE = 32
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ONNX_ELEM_TYPES = {1: "tensor(float)", 10: "tensor(float16)"}
+CROP_RECIPES = ("wav2lip", "aligned")
+CROP_METADATA_KEY = "lipsync.crop"
+
+
+def default_crop(size: int) -> str:
+    """The crop recipe a model of side S is assumed to be trained on without metadata."""
+    return "wav2lip" if int(size) == 96 else "aligned"
 
 EXPECTED = ("inputs: mel float32 [B,1,80,16] and face float32 [B,6,S,S] with S in 96, 256, 384 "
             "(any square S >= 32 accepted); output float32 [B,3,S,S]; B dynamic or fixed")
@@ -91,6 +107,30 @@ def resolve_contract(inputs: Sequence[Any], outputs: Sequence[Any], path: str) -
     return _Contract(mel.name, face.name, out.name, size, batch_fixed, _FLOAT_TYPES[mel.type])
 
 
+class _Arg:
+    """name/shape/type of a graph input or output read from the ONNX file (as onnxruntime's NodeArg)."""
+
+    def __init__(self, vi) -> None:
+        self.name = vi.name
+        t = vi.type.tensor_type
+        self.type = _ONNX_ELEM_TYPES.get(t.elem_type, f"elem_type {t.elem_type}")
+        self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def contract_from_file(path: str) -> _Contract:
+    """The contract read from the ONNX file itself (without a session; weights not loaded)."""
+    import onnx
+
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf / IO errors
+        raise ModelLoadError(f"cannot read model {path} as ONNX: {exc}", path=path,
+                             cause=f"{type(exc).__name__}: {exc}") from exc
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [_Arg(vi) for vi in m.graph.input if vi.name not in inits]
+    return resolve_contract(inputs, [_Arg(vi) for vi in m.graph.output], path)
+
+
 class LipSyncModel:
     """A loaded Wav2Lip-class model. Create with `LipSyncModel.load(path)`.
 
@@ -98,17 +138,27 @@ class LipSyncModel:
     [B,S,S,3] to generated crops of the same shape; `infer` is the raw float contract.
     """
 
-    def __init__(self, session, contract: _Contract, path: str) -> None:
+    def __init__(self, session, contract: _Contract, path: str, pad_batch: int | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         self._session = session
         self._c = contract
         self.path = path
+        self.pad_batch = pad_batch
+        self.metadata = dict(metadata or {})
+        crop = self.metadata.get(CROP_METADATA_KEY, "").strip().lower()
+        if crop and crop not in CROP_RECIPES:
+            raise ModelContractError(f"model {path}: metadata {CROP_METADATA_KEY}={crop!r} is not a known crop "
+                                     f"recipe (expected one of {list(CROP_RECIPES)})", path=path)
+        self.crop = crop or default_crop(contract.size)
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, providers: list | None = None, threads: int = 0) -> "LipSyncModel":
+    def load(cls, path: str | os.PathLike, providers: list | None = None, threads: int = 0,
+             pad_batch: int | None = None) -> "LipSyncModel":
         """Open the ONNX file at `path` with onnxruntime (`providers` default:
         `select_providers()`; `threads`: intra-op threads, 0 for onnxruntime's default) and
-        resolve its contract.
+        resolve its contract. `pad_batch`: run every batch at exactly this size (padded; larger
+        ones in slices), and give TensorRT its batch profiles for it.
 
         Raises ModelLoadError when the file is missing or not a loadable ONNX model, and
         ModelContractError when its inputs/outputs fit no known contract.
@@ -119,6 +169,10 @@ class LipSyncModel:
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file {path} does not exist or is not a file", path=path)
         providers = list(providers) if providers is not None else select_providers()
+        if any(provider_name(p) == TENSORRT for p in providers):
+            c = contract_from_file(path)
+            providers = tensorrt_profiles(providers, c.mel_name, c.face_name, c.size,
+                                          c.batch_fixed or pad_batch or 1)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -129,13 +183,14 @@ class LipSyncModel:
             session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types (Fail, InvalidProtobuf, ...)
             raise ModelLoadError(f"cannot load model {path} as ONNX with providers "
-                                 f"{[p if isinstance(p, str) else p[0] for p in providers]}: {exc}",
+                                 f"{[provider_name(p) for p in providers]}: {exc}",
                                  path=path, cause=f"{type(exc).__name__}: {exc}") from exc
         contract = resolve_contract(session.get_inputs(), session.get_outputs(), path)
-        model = cls(session, contract, path)
-        log.info("loaded model %s in %.2f s: S=%d, batch=%s, inputs mel=%r face=%r, providers %s",
-                 path, time.monotonic() - t0, contract.size, contract.batch_fixed or "dynamic",
-                 contract.mel_name, contract.face_name, model.providers)
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        model = cls(session, contract, path, pad_batch=pad_batch, metadata=metadata)
+        log.info("loaded model %s in %.2f s: S=%d, %s, crop %s, batch=%s, inputs mel=%r face=%r, providers %s",
+                 path, time.monotonic() - t0, contract.size, model.precision, model.crop,
+                 contract.batch_fixed or "dynamic", contract.mel_name, contract.face_name, model.providers)
         return model
 
     # --- properties ----------------------------------------------------------------------
@@ -150,6 +205,11 @@ class LipSyncModel:
         return self._c.batch_fixed
 
     @property
+    def precision(self) -> str:
+        """'float32' or 'float16': the element type of the export's inputs."""
+        return np.dtype(self._c.dtype).name
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers the session really uses."""
         return active_providers(self._session)
@@ -160,7 +220,8 @@ class LipSyncModel:
         return {"mel": self._c.mel_name, "face": self._c.face_name}
 
     def __repr__(self) -> str:
-        return f"LipSyncModel({self.path!r}, size={self.size}, batch_fixed={self.batch_fixed})"
+        return (f"LipSyncModel({self.path!r}, size={self.size}, crop={self.crop!r}, precision={self.precision!r}, "
+                f"batch_fixed={self.batch_fixed})")
 
     # --- running -------------------------------------------------------------------------
     def infer(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -186,12 +247,12 @@ class LipSyncModel:
         dtype = self._c.dtype
         mel = np.ascontiguousarray(mel, dtype=dtype)
         faces = np.ascontiguousarray(faces, dtype=dtype)
-        step = self.batch_fixed or n
+        step = self.batch_fixed or self.pad_batch or n
         parts = []
         for b0 in range(0, n, step):
             m, f = mel[b0:b0 + step], faces[b0:b0 + step]
             k = m.shape[0]
-            if k < step:  # pad the last slice of a fixed-batch export
+            if k < step:  # pad the last slice to the one shape the session runs at
                 m = np.concatenate([m, np.repeat(m[-1:], step - k, axis=0)])
                 f = np.concatenate([f, np.repeat(f[-1:], step - k, axis=0)])
             parts.append(self._run(m, f)[:k])
@@ -231,7 +292,7 @@ class LipSyncModel:
     def warmup(self, batch_size: int | None = None) -> float:
         """Run one batch (default: the fixed batch, else 1) of silence on grey crops so the
         first real batch does not pay for lazy initialisation. Returns the seconds it took."""
-        b = batch_size or self.batch_fixed or 1
+        b = batch_size or self.batch_fixed or self.pad_batch or 1
         t0 = time.monotonic()
         self.generate(np.full((b, *MEL_SHAPE), -4.0, np.float32),
                       np.full((b, self.size, self.size, 3), 128, np.uint8))

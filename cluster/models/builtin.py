@@ -19,23 +19,27 @@ What the graph computes, per batch item:
    smoothstep((E - OPEN_FLOOR) / (OPEN_FULL - OPEN_FLOOR)), clipped to [0, 1]: exactly 0 for
    silence (E = -4) and for a noise floor below about -55 dBFS; fully open for a voiced vowel at
    about -20 dBFS RMS.
-3. **Lip rounding.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
-   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/, /e/, /i/. Rounding =
-   smoothstep of that difference (same units), gated by the opening (0 when the mouth is shut).
+3. **Lip shape.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
+   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
+   by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
+   = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
+   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel).
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
-   crop with a grid = identity + opening * D_open + rounding * D_round, where the constant
-   fields are computed here with numpy from `cluster.faces.canonical`: D_open lowers the lower
-   lip and jaw by up to `JAW_DROP` (of S) and lifts the upper lip by up to `LIP_LIFT`, with a
-   lens-shaped profile between the mouth corners and a smooth falloff to zero inside
-   `MOUTH_REGION`; the source rows are clamped at the lip line so the opened gap stretches the
-   lip line instead of repeating a lip. D_round pulls the mouth horizontally towards its centre;
-   D_open is read (with a one-channel GridSample) at the narrowed columns, so a rounded mouth
-   also opens narrower.
-5. **Inner-mouth shading.** Pixels in the opened gap are darkened (towards a dark red) in
-   proportion to how far inside the gap they lie, so the edges are soft and the shading vanishes
-   with the opening.
+   crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
+   D_round, where the constant fields are computed here with numpy from
+   `cluster.faces.canonical`: D_open lifts the upper lip by up to `LIP_LIFT` (of S) and drops
+   the lower lip by up to `JAW_DROP` with a lens-shaped profile between the mouth corners that
+   turns, below the lip, into a rigid jaw drop: lower lip and chin move down together, and the
+   motion falls off in the neck under the chin (which is compressed, never folded) and towards
+   the cheeks, all inside `canonical.JAW_REGION`. The source rows are clamped at the lip line
+   so the opened gap stretches the lip line instead of repeating a lip. D_round pulls the mouth
+   horizontally towards its centre (negative multiples widen it); D_open is read (with a
+   one-channel GridSample) at the narrowed columns, so a rounded mouth also opens narrower.
+5. **Inside of the mouth.** The opened gap is filled with a mouth interior, faded in over
+   `SHADE_SOFT` from the lower lip: tongue-red near the lower lip, darkening towards the back
+   (the deepest part of the gap, under the upper teeth, which stay where they were).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
-   `MOUTH_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
+   `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
 
 The graph is deterministic, has no trained weights, and runs a batch of 16 crops of 256 px in a
@@ -58,7 +62,7 @@ from cluster.faces import canonical
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -76,16 +80,26 @@ OPEN_FLOOR = -2.6   # speech-band energy (normalised units) at which the mouth s
 OPEN_FULL = -0.4    # ... and at which it is fully open
 ROUND_LOW = 1.2     # low-minus-high band energy at which rounding starts
 ROUND_FULL = 2.0    # ... and is full
-ROUND_GATE = 4.0    # rounding is scaled by clip(ROUND_GATE * opening, 0, 1)
+ROUND_GATE = 4.0    # rounding and spreading are scaled by clip(ROUND_GATE * opening, 0, 1)
+SPREAD_HIGH = 0.95  # low-minus-high band energy below which the lips spread (bright /i/, /e/)
+SPREAD_FULL = 0.5   # ... fully spread
+SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 12 %)
+SPREAD_CLOSE = 0.3  # full spreading opens the jaw 30 % less (/i/ is a narrow vowel)
 
-JAW_DROP = 0.045    # lower lip / jaw drop at full opening, fraction of S (11.5 px at S=256)
-LIP_LIFT = 0.012    # upper lip lift at full opening
+JAW_DROP = 0.040    # lower lip and chin drop at full opening, fraction of S (10 px at S=256)
+LIP_LIFT = 0.006    # upper lip lift at full opening (the upper teeth stay where they were)
 NARROWING = 0.25    # sampling stretch at full rounding: the mouth gets 1/(1+0.25) = 80 % as wide
-MOUTH_SPAN = 1.15   # horizontal half-extent of the opening, in MOUTH_HALF_WIDTH
-FIELD_EXTENT = 0.92 # displacements fall to zero on this fraction of MOUTH_REGION
-BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of MOUTH_REGION
-SHADE_SOFT = 0.012  # gap depth (fraction of S) over which the shading reaches full strength
-SHADE_BGR = (0.78, 0.80, 0.62)  # darkening per channel at full strength (B, G, R): dark red
+MOUTH_SPAN = 1.15   # horizontal half-extent of the lip opening, in MOUTH_HALF_WIDTH
+LIP_TO_JAW = 0.08   # below the lip line the lens-shaped lip profile turns into the jaw's over this depth
+JAW_RIGID = 0.15    # the jaw moves rigidly to this depth below the lip line (to the chin's lower part) ...
+JAW_END = 0.21      # ... and its motion falls off to 0 at this depth (the neck is compressed under the chin)
+JAW_HALF = 0.10     # horizontally rigid within this distance of the mouth centre ...
+JAW_FADE = 0.11     # ... falling to 0 this much further out (the cheeks stretch)
+ROUND_AXES = (0.156, 0.072)  # the ellipse (about the lip line) in which rounding / spreading act
+BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of JAW_REGION
+SHADE_SOFT = 0.006  # gap depth (fraction of S) over which the inside of the mouth fades in at the lower lip
+TONGUE_BGR = (0.24, 0.24, 0.44)  # the inside of the mouth near the lower lip (B, G, R)
+THROAT_BGR = (0.06, 0.05, 0.09)  # ... and at the back, under the upper teeth
 
 
 # --- mel bins -------------------------------------------------------------------------------
@@ -116,42 +130,48 @@ def _profile(t: np.ndarray, flat: float) -> np.ndarray:
     return np.where((t < 0) | (t >= 1), 0.0, np.cos(0.5 * np.pi * s) ** 2)
 
 
+def _falloff(d: np.ndarray, rigid: float, end: float) -> np.ndarray:
+    """1 for 0 <= d <= rigid, cosine-squared fall to 0 at d = end, 0 beyond and for d < 0."""
+    t = np.clip((d - rigid) / (end - rigid), 0.0, 1.0)
+    return np.where(d < 0, 0.0, np.cos(0.5 * np.pi * t) ** 2)
+
+
 def warp_fields(size: int) -> dict[str, np.ndarray]:
     """The constant fields of the graph for crop side `size`, in GridSample's normalised
     coordinates (align_corners=0: pixel j's centre at 2*(j+0.5)/S - 1), float64 [S,S] unless noted.
 
-    base_x [S] / base_y [S]: identity grid; d_open_y: source-row shift at full opening;
-    d_round_x: source-column shift at full rounding; clamp_lo_y / clamp_hi_y [S]: lip-line
-    clamps per row; blend: the region weight (0 outside MOUTH_REGION).
+    base_x [S] / base_y [S]: identity grid; d_open_y: source-row shift at full opening (upper lip
+    up; lower lip, chin and jaw down together); d_round_x: source-column shift at full rounding
+    (negative multiples spread the lips); clamp_lo_y / clamp_hi_y [S]: lip-line clamps per row;
+    blend: the region weight (0 outside JAW_REGION).
     """
     S = int(size)
     a = (np.arange(S) + 0.5) / S          # normalised x (and y) of pixel centres
     X, Y = np.meshgrid(a, a)              # [row, col]
-    cx, cy, rx, ry = canonical.MOUTH_REGION
+    cx, cy, rx, ry = canonical.JAW_REGION
     mx, my = canonical.MOUTH_CENTER
     lip_y = my
 
     rho = np.sqrt(((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2)
     blend = _smoothstep((1.0 - rho) / BLEND_FADE)
 
-    # lens-shaped horizontal profile between the mouth corners
+    # the lips: a lens-shaped opening between the mouth corners
     span = MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH
     q = np.abs(X - mx) / span
-    wx = np.clip(1.0 - q * q, 0.0, 1.0) ** 1.5
-    # top / bottom of the inner ellipse on which displacements end, per column
-    erx, ery = FIELD_EXTENT * rx, FIELD_EXTENT * ry
-    half_h = ery * np.sqrt(np.clip(1.0 - ((X - cx) / erx) ** 2, 0.0, 1.0))
-    bottom, top = cy + half_h, cy - half_h
-    below = Y >= lip_y
-    t_low = np.where(below, (Y - lip_y) / np.maximum(bottom - lip_y, 1e-6), -1.0)
-    t_up = np.where(~below, (lip_y - Y) / np.maximum(lip_y - top, 1e-6), -1.0)
-    lower = wx * _profile(t_low, flat=0.25)
-    upper = wx * _profile(t_up, flat=0.15)
-    d_open_y = LIP_LIFT * upper - JAW_DROP * lower      # source shift (normalised crop units)
+    lens = np.clip(1.0 - q * q, 0.0, 1.0) ** 1.5
+    # the jaw: rigid around the chin, falling off towards the cheeks and into the neck
+    jaw_x = _falloff(np.abs(X - mx), JAW_HALF, JAW_HALF + JAW_FADE)
+    depth = Y - lip_y
+    to_jaw = _smoothstep(depth / LIP_TO_JAW)
+    lower = np.where(depth >= 0, ((1.0 - to_jaw) * lens + to_jaw * jaw_x) * _falloff(depth, JAW_RIGID, JAW_END), 0.0)
+    upper = np.where(depth < 0, lens * _falloff(-depth, 0.0, 0.05), 0.0)
+    # every displacement ends inside the region, with a margin for the blend's fade
+    inside = _smoothstep((1.0 - rho) / 0.3)
+    d_open_y = (LIP_LIFT * upper - JAW_DROP * lower) * inside   # source shift (normalised crop units)
 
     # horizontal narrowing: sample farther from the centre -> content moves inwards
-    rho_n = np.sqrt(((X - mx) / (FIELD_EXTENT * rx)) ** 2 + ((Y - lip_y) / (0.6 * ry)) ** 2)
-    d_round_x = NARROWING * (X - mx) * _smoothstep((1.0 - rho_n) / 0.6)
+    rho_n = np.sqrt(((X - mx) / ROUND_AXES[0]) ** 2 + ((Y - lip_y) / ROUND_AXES[1]) ** 2)
+    d_round_x = NARROWING * (X - mx) * _smoothstep((1.0 - rho_n) / 0.6) * inside
 
     row_is_below = a >= lip_y
     big = 3.0
@@ -167,18 +187,19 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
 
 
 def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
-    """The warp at full opening and rounding never folds (source coordinates monotone) and every
-    displacement lies inside MOUTH_REGION."""
-    src_x = f["base_x"][None, :] + f["d_round_x"]
-    # the opening field is read at the narrowed columns, as the graph does with GridSample
-    d_open_at = np.stack([np.interp(src_x[i], f["base_x"], f["d_open_y"][i]) for i in range(size)])
-    src_y = np.minimum(np.maximum(f["base_y"][:, None] + d_open_at, f["clamp_lo_y"][:, None]),
-                       f["clamp_hi_y"][:, None])
-    if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
-        raise AssertionError(f"built-in warp folds at S={size}")
+    """The warp at full opening, at full rounding and at full spreading never folds (source
+    coordinates monotone) and every displacement lies inside JAW_REGION."""
+    for k in (1.0, -SPREAD_WIDTH):
+        src_x = f["base_x"][None, :] + k * f["d_round_x"]
+        # the opening field is read at the narrowed columns, as the graph does with GridSample
+        d_open_at = np.stack([np.interp(src_x[i], f["base_x"], f["d_open_y"][i]) for i in range(size)])
+        src_y = np.minimum(np.maximum(f["base_y"][:, None] + d_open_at, f["clamp_lo_y"][:, None]),
+                           f["clamp_hi_y"][:, None])
+        if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
+            raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
     moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0)
     if np.any(moved & (f["blend"] <= 0)):
-        raise AssertionError(f"built-in warp displaces pixels outside MOUTH_REGION at S={size}")
+        raise AssertionError(f"built-in warp displaces pixels outside JAW_REGION at S={size}")
 
 
 # --- graph ------------------------------------------------------------------------------------
@@ -204,6 +225,9 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
         const("open_floor", OPEN_FLOOR), const("open_inv_range", 1.0 / (OPEN_FULL - OPEN_FLOOR)),
         const("round_low", ROUND_LOW), const("round_inv_range", 1.0 / (ROUND_FULL - ROUND_LOW)),
         const("round_gate", ROUND_GATE),
+        const("spread_high", SPREAD_HIGH), const("spread_inv_range", 1.0 / (SPREAD_HIGH - SPREAD_FULL)),
+        const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE),
+        const("gap_full", 2.0 * JAW_DROP), const("tiny", 1e-4),
         const("zero", 0.0), const("one", 1.0), const("two", 2.0), const("three", 3.0),
         const("base_x", f["base_x"].reshape(1, 1, S, 1)),
         const("base_y", f["base_y"].reshape(1, S, 1, 1)),
@@ -215,7 +239,8 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
         const("clamp_hi_y", f["clamp_hi_y"].reshape(1, S, 1, 1)),
         const("blend", f["blend"].reshape(1, 1, S, S)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
-        const("shade_bgr", np.asarray(SHADE_BGR).reshape(1, 3, 1, 1)),
+        const("tongue_bgr", np.asarray(TONGUE_BGR).reshape(1, 3, 1, 1)),
+        const("throat_minus_tongue", (np.asarray(THROAT_BGR) - np.asarray(TONGUE_BGR)).reshape(1, 3, 1, 1)),
         const("ref_starts", [3], np.int64), const("ref_ends", [6], np.int64), const("ch_axes", [1], np.int64),
     ]
     N = helper.make_node
@@ -244,8 +269,19 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
         N("Mul", ["opening", "round_gate"], ["gate0"]),
         N("Clip", ["gate0", "zero", "one"], ["gate"]),
         N("Mul", ["round_s", "gate"], ["rounding"]),
-        N("Reshape", ["opening", "scalar_shape"], ["opening4"]),                  # [B,1,1,1]
-        N("Reshape", ["rounding", "scalar_shape"], ["rounding4"]),
+        # spreading = smoothstep((high - tilt) / range) * gate; it narrows the jaw's opening
+        N("Sub", ["spread_high", "tilt"], ["spread_d"]),
+        N("Mul", ["spread_d", "spread_inv_range"], ["spread_t0"]),
+        N("Clip", ["spread_t0", "zero", "one"], ["spread_t"]),
+        *_smoothstep_nodes("spread_t", "spread_s"),
+        N("Mul", ["spread_s", "gate"], ["spreading"]),
+        N("Mul", ["spreading", "spread_width"], ["spread_x"]),
+        N("Sub", ["rounding", "spread_x"], ["shape_x"]),                          # >0 narrower, <0 wider
+        N("Mul", ["spreading", "spread_close"], ["close_by"]),
+        N("Sub", ["one", "close_by"], ["open_scale"]),
+        N("Mul", ["opening", "open_scale"], ["jaw_open"]),
+        N("Reshape", ["jaw_open", "scalar_shape"], ["opening4"]),                 # [B,1,1,1]
+        N("Reshape", ["shape_x", "scalar_shape"], ["rounding4"]),
         # 4. sampling grid
         N("Mul", ["rounding4", "d_round_x"], ["shift_x"]),
         N("Add", ["base_x", "shift_x"], ["grid_x"]),                               # [B,S,S,1]
@@ -267,16 +303,24 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
         N("Slice", ["video_frames", "ref_starts", "ref_ends", "ch_axes"], ["reference"]),  # [B,3,S,S]
         N("GridSample", ["reference", "grid"], ["warped"], mode="bilinear", padding_mode="border",
           align_corners=0),
-        # 5. inner-mouth shading from the depth of the opened gap
+        # 5. the inside of the opened gap: faded in at the lower lip, tongue-red there, darkening
+        #    towards the back (under the upper teeth, the deepest part of the gap)
         N("Sub", ["grid_y", "src_y"], ["gap_signed"]),
-        N("Abs", ["gap_signed"], ["gap"]),
-        N("Mul", ["gap", "shade_inv_soft"], ["shade_t0"]),
-        N("Clip", ["shade_t0", "zero", "one"], ["shade_t"]),
-        N("Transpose", ["shade_t"], ["shade_nchw"], perm=[0, 3, 1, 2]),          # [B,1,S,S]
-        N("Mul", ["shade_nchw", "shade_bgr"], ["darkening"]),                     # [B,3,S,S]
-        N("Sub", ["one", "darkening"], ["shade"]),
-        N("Mul", ["warped", "shade"], ["shaded"]),
-        # 6. blend inside MOUTH_REGION only
+        N("Abs", ["gap_signed"], ["gap"]),                                        # [B,S,S,1] grid units
+        N("Transpose", ["gap"], ["gap_nchw"], perm=[0, 3, 1, 2]),                 # [B,1,S,S]
+        N("Mul", ["gap_nchw", "shade_inv_soft"], ["alpha_t0"]),
+        N("Clip", ["alpha_t0", "zero", "one"], ["alpha"]),
+        N("Mul", ["opening4", "gap_full"], ["gap_max0"]),
+        N("Add", ["gap_max0", "tiny"], ["gap_max"]),
+        N("Div", ["gap_nchw", "gap_max"], ["depth_t0"]),
+        N("Clip", ["depth_t0", "zero", "one"], ["depth_t"]),
+        *_smoothstep_nodes("depth_t", "depth_s"),
+        N("Mul", ["depth_s", "throat_minus_tongue"], ["inner_d"]),
+        N("Add", ["tongue_bgr", "inner_d"], ["inner"]),                           # [B,3,S,S]
+        N("Sub", ["inner", "warped"], ["to_inner"]),
+        N("Mul", ["to_inner", "alpha"], ["to_inner_a"]),
+        N("Add", ["warped", "to_inner_a"], ["shaded"]),
+        # 6. blend inside JAW_REGION only
         N("Sub", ["shaded", "reference"], ["delta"]),
         N("Mul", ["delta", "blend"], ["delta_in_region"]),
         N("Add", ["reference", "delta_in_region"], ["blended"]),
@@ -293,6 +337,7 @@ def build_builtin_model(size: int = 256) -> onnx.ModelProto:
                               producer_name="lipsync-cluster", producer_version=str(GENERATOR_VERSION),
                               doc_string="Procedural lip-sync model (mel energy -> mouth warp); Wav2Lip contract.")
     model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"lipsync.crop": "aligned"})  # built on the canonical geometry
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -32,6 +32,8 @@ class LatencyModel:
         self.path = f"latency:{ms_per_frame:g}:{size}"
         self.batch_fixed = None
         self.providers = ["none (latency-only)"]
+        self.crop = "aligned"       # identity contract: any crop comes back as it went in
+        self.precision = "none"
 
     @classmethod
     def from_spec(cls, spec: str) -> LatencyModel:

@@ -1,0 +1,324 @@
+"""The Serve ingress's handle on the job manager: async calls by name, each with a deadline.
+
+The ingress is stateless: every call looks the named job manager up (creating it when the
+cluster has none yet) and awaits the answer under `actor_call_timeout_s`. Input bytes reach the
+manager in parts through Ray (`upload_begin` / `upload_part` / `upload_finish`) and output bytes
+come back the same way (`read_output`), so the ingress may run on any node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors import ORCHESTRATOR_NAME, task_cause
+from cluster.config import Settings
+from cluster.errors import LipsyncError, RenderError
+from cluster.schemas import JobState, JobStatus, RenderRequest
+
+log = logging.getLogger("lipsync.service")
+
+
+class ManagerUnavailable(RenderError):
+    """The job manager did not answer in time (HTTP 503)."""
+    code = "service.unavailable"
+
+
+class ManagerGateway:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self._handle = None
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _manager(self):
+        if self._handle is None:
+            try:
+                self._handle = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
+            except ValueError:
+                from actors.orchestrator import create_job_manager
+
+                self._handle = create_job_manager(self.s)
+        return self._handle
+
+    async def call(self, method: str, *args, timeout: float | None = None, **kwargs):
+        """Await one job-manager method; typed errors come back as themselves, a manager that
+        does not answer within the deadline (restarting, overloaded) as ManagerUnavailable."""
+        timeout = timeout or self.s.actor_call_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ref = getattr(self._manager(), method).remote(*args, **kwargs)
+                return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except RayTaskError as e:
+                cause = task_cause(e)
+                if isinstance(cause, LipsyncError):
+                    raise cause from None
+                raise RenderError(f"job manager {method} failed: {cause}", cause=str(cause)[:2000]) from e
+            except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
+                self._handle = None
+                if time.monotonic() >= deadline:
+                    raise ManagerUnavailable(f"the job manager did not answer {method} within {timeout:.0f} s "
+                                             f"({type(e).__name__})", cause=str(e)[:1000]) from e
+                await asyncio.sleep(0.3)
+
+    # --- data plane -------------------------------------------------------------------------
+    async def upload(self, path: str | Path, filename: str) -> str:
+        """Send a node-local file to the manager's storage in parts; the stored input's reference."""
+        part = self.s.transfer_part_bytes
+        upload_id = await self.call("upload_begin", filename)
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    data = await asyncio.to_thread(f.read, part)
+                    if not data:
+                        break
+                    await self.call("upload_part", upload_id, data)
+            stored = await self.call("upload_finish", upload_id)
+        except BaseException:
+            try:
+                await self.call("upload_abort", upload_id, timeout=5)
+            except Exception as e:  # the upload is cleaned by retention anyway
+                log.warning("upload_abort %s: %r", upload_id, e)
+            raise
+        return stored.ref
+
+    async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
+        # Admission (probing) runs on the manager's node; allow it more than a plain call.
+        return await self.call("submit", job_id, request, timeout=max(self.s.actor_call_timeout_s,
+                                                                       self.s.probe_timeout_s * 2 + 10))
+
+    async def get(self, job_id: str) -> JobStatus:
+        return await self.call("get", job_id)
+
+    async def list_jobs(self, states: list[JobState] | None = None, limit: int = 100,
+                        offset: int = 0) -> list[JobStatus]:
+        return await self.call("list_jobs", states, limit, offset)
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        return await self.call("cancel", job_id)
+
+    async def read_output(self, job_id: str, offset: int, length: int) -> bytes:
+        return await self.call("read_output", job_id, offset, length)
+
+    async def ready(self, timeout: float) -> dict:
+        return await self.call("ready", timeout, timeout=timeout + 5)
+
+    async def unfinished_count(self, bound: int) -> int:
+        """How many jobs are not terminal yet (counted up to `bound` + 1)."""
+        states = [s for s in JobState if not s.terminal]
+        return len(await self.list_jobs(states, bound + 1, 0))
+
+
+
+# --- `lipsync serve` ---------------------------------------------------------------------------------
+def start_service(settings: Settings, host: str, port: int, *, address: str | None = None,
+                  num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False,
+                  dashboard_port: int | None = None, ray_temp_dir: str | None = None,
+                  ready_timeout_s: float = 300.0) -> dict:
+    """Start (or join) Ray, the job manager and the Serve app on host:port; the URLs, when ready."""
+    import os
+    import urllib.request
+
+    from ray import serve
+
+    from actors.runtime import Runtime, _check_reachable
+    from serve_app import build_app
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = dict(namespace=settings.namespace, log_to_driver=False)
+    try:
+        if address:
+            _check_reachable(address, settings.actor_call_timeout_s)
+            ctx = ray.init(address=address, **kwargs)
+        else:
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                           _temp_dir=ray_temp_dir, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
+        raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
+    rt = Runtime(settings)
+    rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
+    service_sidecar(settings)  # resumes pending callbacks
+    serve.start(http_options={"host": host, "port": port})
+    overrides = settings.model_dump(mode="json")
+    if settings.api_token is not None:
+        overrides["api_token"] = settings.api_token.get_secret_value()
+    serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as r:  # noqa: S310 (our own loopback URL)
+                if r.status == 200:
+                    break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RenderError(f"the service did not answer on {url} within {ready_timeout_s:.0f} s: {e}",
+                                  stage="serve") from e
+        time.sleep(0.3)
+    dash = getattr(ctx, "dashboard_url", None) or ""
+    return {"api": url, "docs": url + "/docs", "dashboard": f"http://{dash}" if dash else None,
+            "embedded": not address}
+
+
+def stop_service(embedded: bool) -> None:
+    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start)."""
+    from ray import serve
+
+    try:
+        if embedded:
+            serve.shutdown()
+        else:
+            serve.delete("lipsync")
+    except Exception as e:  # shutting down anyway
+        log.warning("serve shutdown: %r", e)
+    ray.shutdown()
+
+
+# --- callbacks ---------------------------------------------------------------------------------------
+SIDECAR_NAME = "lipsync-service-sidecar"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+class ServiceSidecar:
+    """The service's helper next to the job manager (it reads the storage root): watches jobs that
+    carry a callback_url and POSTs their final status when they end; runs the retention sweeps
+    (`LIPSYNC_RETENTION_DAYS`); prepares avatars (`POST /v1/avatars`).
+
+    Delivery records live in SQLite under the storage root, so pending callbacks survive a
+    restart (created at `lipsync serve` start, it resumes them). A failing callback is retried
+    with backoff and recorded; it never touches the job."""
+
+    def __init__(self, settings: Settings) -> None:
+        from cluster.callbacks import CallbackStore
+
+        logging.basicConfig(level=logging.INFO)
+        self.s = settings
+        self.store = CallbackStore(settings.storage_root / "callbacks.sqlite3")
+        self.gw = ManagerGateway(settings)
+        self._tasks: dict[str, asyncio.Task] = {}
+        for job_id, url in self.store.pending():
+            self._watch(job_id, url)
+        if settings.retention_days > 0:
+            self._retention = asyncio.get_event_loop().create_task(self._retain())
+
+    async def _retain(self) -> None:
+        """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""
+        from cluster.jobstore import JobStore
+        from cluster.retention import sweep
+
+        store = JobStore(self.s.db_path)
+        period = min(3600.0, self.s.retention_days * 86400 / 10)
+        while True:
+            try:
+                await asyncio.to_thread(sweep, self.s, store)
+            except Exception:  # logged; the next sweep tries again
+                log.exception("retention sweep failed")
+            await asyncio.sleep(period)
+
+    def _watch(self, job_id: str, url: str) -> None:
+        if job_id not in self._tasks or self._tasks[job_id].done():
+            self._tasks[job_id] = asyncio.get_event_loop().create_task(self._run(job_id, url))
+
+    async def register(self, job_id: str, url: str) -> bool:
+        added = self.store.add(job_id, url)
+        if added:
+            self._watch(job_id, url)
+        return added
+
+    def record(self, job_id: str) -> dict | None:
+        return self.store.get(job_id)
+
+    # avatars ---------------------------------------------------------------------------------------
+    async def prepare_avatar(self, video_ref: str) -> dict:
+        """Prepare (or find, by content hash) the avatar of an uploaded template; its summary."""
+        from cluster.faces.avatar import prepare_avatar
+        from cluster.inputs import upload_ref_path
+
+        path = upload_ref_path(video_ref, self.s)
+        avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
+        return avatar_summary(avatar)
+
+    async def get_avatar(self, avatar_id: str) -> dict:
+        from cluster.faces.avatar import load_avatar
+
+        return avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s))
+
+    async def list_avatars(self, limit: int, offset: int) -> list[dict]:
+        from cluster.faces.avatar import AVATAR_FILE, load_avatar
+
+        root = self.s.dir("avatars")
+        ids = sorted(p.parent.name for p in root.glob(f"*/{AVATAR_FILE}"))[offset:offset + limit]
+        out = []
+        for avatar_id in ids:
+            try:
+                out.append(avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s)))
+            except LipsyncError:  # incomplete or damaged: not listed
+                continue
+        return out
+
+    async def _run(self, job_id: str, url: str) -> None:
+        from cluster.callbacks import SIGNATURE_HEADER, sign
+        from cluster.netguard import post_json
+        from cluster.views import job_view
+
+        try:
+            deadline = time.monotonic() + self.s.job_timeout_s + 60
+            while True:
+                try:
+                    st = await self.gw.get(job_id)
+                    if st.state.terminal:
+                        break
+                except LipsyncError as e:  # manager restarting: keep watching until the deadline
+                    log.warning("callback watch of %s: %s", job_id, e)
+                if time.monotonic() > deadline:
+                    self.store.attempt(job_id, "the job did not end before the callback deadline", final=True)
+                    return
+                await asyncio.sleep(1.0)
+            body = job_view(st).model_dump_json().encode()
+            headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
+            if self.s.api_token is not None:
+                headers[SIGNATURE_HEADER] = sign(body, self.s.api_token.get_secret_value())
+            attempts = self.s.callback_attempts
+            for attempt in range(attempts):
+                error = None
+                try:
+                    status = await asyncio.to_thread(post_json, url, body, headers, timeout_s=self.s.callback_timeout_s,
+                                                     allow_private=self.s.allow_private_urls)
+                    if not 200 <= status < 300:
+                        error = f"HTTP {status}"
+                except LipsyncError as e:
+                    error = f"{e.code}: {e.message}"
+                final = error is None or attempt == attempts - 1
+                self.store.attempt(job_id, error, final)
+                if error is None:
+                    log.info("callback of job %s delivered to %s", job_id, url)
+                    return
+                log.warning("callback of job %s to %s failed (attempt %d/%d): %s", job_id, url, attempt + 1,
+                            attempts, error)
+                if not final:
+                    await asyncio.sleep(min(60.0, 0.5 * 2 ** attempt))
+        except Exception as e:  # recorded, never raised into the job
+            log.exception("callback of job %s failed", job_id)
+            self.store.attempt(job_id, f"internal error: {e!r}", final=True)
+
+
+def avatar_summary(avatar) -> dict:
+    v = avatar.info.video
+    return {"id": avatar.id, "frames": avatar.frame_count, "width": v.width if v else None,
+            "height": v.height if v else None, "fps": float(v.fps) if v else None,
+            "duration": v.duration if v else None}
+
+
+def service_sidecar(settings: Settings):
+    """The named notifier (created on first use, detached), preferring the job manager's node."""
+    try:
+        return ray.get_actor(SIDECAR_NAME, namespace=settings.namespace)
+    except ValueError:
+        return ServiceSidecar.options(name=SIDECAR_NAME, namespace=settings.namespace, lifetime="detached",
+                                        get_if_exists=True).remote(settings)

@@ -1,0 +1,75 @@
+"""Job-end callbacks: durable delivery records (SQLite under the storage root) and signing.
+
+When a job that carries a `callback_url` ends, its final `JobView` is POSTed there as JSON with
+`X-Lipsync-Signature: sha256=<hex HMAC-SHA256 of the body under LIPSYNC_API_TOKEN>` (no
+signature header when no token is set) and `X-Lipsync-Job`. Deliveries are retried with
+exponential backoff up to `callback_attempts`; the URL passes the same address guard as URL
+inputs, at registration and again at each delivery. A callback never changes the job's state.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+SIGNATURE_HEADER = "X-Lipsync-Signature"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS callbacks (
+    job_id     TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    state      TEXT NOT NULL DEFAULT 'pending',   -- pending | delivered | failed
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at TEXT NOT NULL
+);
+"""
+
+
+def sign(body: bytes, token: str) -> str:
+    return "sha256=" + hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, token: str, header: str) -> bool:
+    """What a receiver does: constant-time check of the signature header."""
+    return hmac.compare_digest(sign(body, token), header or "")
+
+
+class CallbackStore:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def _now(self) -> str:
+        return datetime.now(timezone.utc).isoformat()
+
+    def add(self, job_id: str, url: str) -> bool:
+        """Record a callback; False when the job already has one (kept as it is)."""
+        with self._lock:
+            cur = self._conn.execute("INSERT OR IGNORE INTO callbacks (job_id, url, updated_at) VALUES (?, ?, ?)",
+                                     (job_id, url, self._now()))
+            return cur.rowcount == 1
+
+    def attempt(self, job_id: str, error: str | None, final: bool) -> None:
+        state = "delivered" if error is None else ("failed" if final else "pending")
+        with self._lock:
+            self._conn.execute("UPDATE callbacks SET attempts = attempts + 1, state = ?, last_error = ?, "
+                               "updated_at = ? WHERE job_id = ?", (state, error, self._now(), job_id))
+
+    def pending(self) -> list[tuple[str, str]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT job_id, url FROM callbacks WHERE state = 'pending'").fetchall()
+        return [(r["job_id"], r["url"]) for r in rows]
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM callbacks WHERE job_id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None

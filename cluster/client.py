@@ -1,0 +1,523 @@
+"""Python SDK for the lip-sync service (`lipsync serve`, serve_app.py): sync `Client` and `AsyncClient`.
+
+    from cluster.client import Client
+    c = Client("http://127.0.0.1:8000", token="...")
+    job = c.submit("speech.wav", "person.mp4", sync_mode="pingpong")
+    job.wait(progress=True, timeout=600)
+    job.download("out.mp4")
+
+Typed with the server's pydantic models (`cluster.schemas`). Connection errors, 429 and 503 are
+retried with exponential backoff (honouring Retry-After); other errors raise `ApiError` carrying
+the server's error code. Local files are uploaded (multipart, streamed); `http(s)://` URLs and
+server paths (under the server's input roots) are passed as such. Imports neither ray nor
+onnxruntime.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import httpx
+
+from cluster.schemas import AvatarView, BatchView, JobAccepted, JobPage, JobState, JobView
+
+RETRY_STATUS = (429, 502, 503, 504)
+
+
+class ApiError(Exception):
+    """An error answer of the service: HTTP status, the server's stable `code`, `message`, `field`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> "ApiError":
+        try:
+            e = r.json()["error"]
+            return cls(r.status_code, e["code"], e["message"], e.get("field"))
+        except (ValueError, KeyError, TypeError):
+            return cls(r.status_code, f"http.{r.status_code}", r.text[:500] or r.reason_phrase)
+
+
+class JobFailed(ApiError):
+    """`wait` saw the job end failed or cancelled; `.job` is its final view."""
+
+    def __init__(self, job: JobView) -> None:
+        err = job.error
+        super().__init__(200, err.code if err else job.state.value,
+                         err.message if err else f"job {job.id} ended {job.state.value}")
+        self.job = job
+
+
+class WaitTimeout(TimeoutError):
+    pass
+
+
+def _is_local_file(value: str | os.PathLike) -> bool:
+    s = str(value)
+    return "://" not in s and Path(s).expanduser().is_file()
+
+
+def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
+    if r is not None:
+        ra = r.headers.get("retry-after", "")
+        if ra.isdigit():
+            return min(float(ra), 30.0)
+    return min(base * 2 ** attempt, 15.0) * (0.5 + random.random() / 2)
+
+
+def _form(audio, video, avatar, options: dict[str, Any]):
+    """(files, data, json) for a submission: local files go multipart, the rest JSON."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    local = {k: v for k, v in (("audio", audio), ("video", video)) if v is not None and _is_local_file(v)}
+    if not local:
+        body = {"audio": str(audio), **opts}
+        if video is not None:
+            body["video"] = str(video)
+        if avatar is not None:
+            body["avatar_id"] = avatar
+        return None, None, body
+    data = {k: str(v) for k, v in opts.items()}
+    if avatar is not None:
+        data["avatar_id"] = avatar
+    for k, v in (("audio", audio), ("video", video)):
+        if v is not None and k not in local:
+            data[k] = str(v)
+    return local, data, None
+
+
+class _Base:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
+                 retries: int = 6, backoff_s: float = 0.5) -> None:
+        url = url or os.environ.get("LIPSYNC_URL") or "http://127.0.0.1:8000"
+        token = token if token is not None else os.environ.get("LIPSYNC_API_TOKEN")
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+
+
+# --- sync ---------------------------------------------------------------------------------------
+class Job:
+    """A submitted job; `view` is the last status seen."""
+
+    def __init__(self, client: "Client", view: JobView | JobAccepted) -> None:
+        self.client, self.id = client, view.id
+        self.view = view if isinstance(view, JobView) else None
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, {self.view.state.value if self.view else '?'})"
+
+    def status(self) -> JobView:
+        self.view = self.client.get(self.id)
+        return self.view
+
+    def wait(self, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
+             raise_on_failure: bool = True) -> JobView:
+        self.view = self.client.wait(self.id, progress=progress, timeout=timeout, poll_s=poll_s,
+                                     raise_on_failure=raise_on_failure)
+        return self.view
+
+    def download(self, path: str | os.PathLike) -> Path:
+        return self.client.download(self.id, path)
+
+    def cancel(self) -> JobView:
+        self.view = self.client.cancel(self.id)
+        return self.view
+
+
+class Client(_Base):
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
+                 retries: int = 6, backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(url, token, timeout, retries, backoff_s)
+        self.http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport,
+                                 trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
+                **kw) -> httpx.Response:
+        """One API call, retried on connection errors and 429/502/503/504 with backoff."""
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            r = None
+            try:
+                if rewind is not None:
+                    kw.update(rewind())
+                r = self.http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
+                last = e
+            else:
+                if r.status_code in ok:
+                    return r
+                if r.status_code not in RETRY_STATUS:
+                    raise ApiError.from_response(r)
+                last = ApiError.from_response(r)
+            if attempt < self.retries:
+                time.sleep(_retry_delay(attempt, r, self.backoff_s))
+        if isinstance(last, ApiError):
+            raise last
+        raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
+
+    def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None, avatar: str | None = None,
+               *, id: str | None = None, sync_mode: str | None = None, model: str | None = None,
+               crf: int | None = None, callback_url: str | None = None) -> Job:
+        opts = dict(id=id, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
+        files, data, body = _form(audio, video, avatar, opts)
+        if body is not None:
+            r = self.request("POST", "/v1/jobs", ok=(202,), json=body)
+        else:
+            handles: list = []
+
+            def rewind() -> dict:  # re-open the files on each attempt (a retry re-sends them)
+                for h in handles:
+                    h.close()
+                handles.clear()
+                parts = {}
+                for k, v in files.items():
+                    h = open(Path(v).expanduser(), "rb")
+                    handles.append(h)
+                    parts[k] = (Path(v).name, h, "application/octet-stream")
+                return {"files": parts, "data": data}
+
+            try:
+                r = self.request("POST", "/v1/jobs", ok=(202,), rewind=rewind)
+            finally:
+                for h in handles:
+                    h.close()
+        return Job(self, JobAccepted.model_validate(r.json()))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.get(job_id))
+
+    def get(self, job_id: str) -> JobView:
+        return JobView.model_validate(self.request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = [state] if isinstance(state, str) else list(state)
+        return JobPage.model_validate(self.request("GET", "/v1/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def events(self, job_id: str, timeout: float | None = None) -> Iterator[JobView]:
+        """The job's Server-Sent Events, as JobViews, until a terminal state."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                              timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+            if r.status_code != 200:
+                r.read()
+                raise ApiError.from_response(r)
+            for view in _parse_sse(r.iter_lines()):
+                yield view
+
+    def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
+             raise_on_failure: bool = True) -> JobView:
+        """Follow the job (SSE; polling when the stream breaks) until it ends; `JobFailed` for a failed
+        or cancelled job (unless `raise_on_failure=False`), `WaitTimeout` past `timeout`."""
+        deadline = time.monotonic() + (timeout if timeout is not None else 6 * 3600)
+        bar = _Bar(progress)
+        view = None
+        try:
+            try:
+                for view in self.events(job_id):
+                    bar.show(view)
+                    if view.state.terminal or time.monotonic() > deadline:
+                        break
+            except (httpx.HTTPError, ApiError) as e:
+                if isinstance(e, ApiError) and e.status == 404:
+                    raise
+            while view is None or not view.state.terminal:
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after "
+                                      f"{timeout:.0f} s")
+                view = self.get(job_id)
+                bar.show(view)
+                if not view.state.terminal:
+                    time.sleep(poll_s)
+        finally:
+            bar.close()
+        if raise_on_failure and view.state != JobState.succeeded:
+            raise JobFailed(view)
+        return view
+
+    def download(self, job_id: str, path: str | os.PathLike) -> Path:
+        """Fetch the output mp4 to `path`: resumes a partial `<path>.part` with Range, checks the
+        length against the server's, renames into place when complete."""
+        dest = Path(path).expanduser()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        size = etag = None
+        for attempt in range(self.retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            if have and etag:
+                headers["If-Range"] = etag
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
+                    if r.status_code == 416 and have:  # the partial file may already be complete
+                        total = r.headers.get("content-range", "").rpartition("/")[2]
+                        if total.isdigit() and int(total) == have:
+                            size = have
+                            break
+                        part.unlink(missing_ok=True)  # longer than the result: start over
+                        continue
+                    if r.status_code not in (200, 206):
+                        r.read()
+                        err = ApiError.from_response(r)
+                        if r.status_code in RETRY_STATUS and attempt < self.retries:
+                            time.sleep(_retry_delay(attempt, r, self.backoff_s))
+                            continue
+                        raise err
+                    etag = r.headers.get("etag")
+                    if r.status_code == 200:
+                        have = 0
+                        size = int(r.headers["content-length"])
+                    else:
+                        size = int(r.headers["content-range"].rsplit("/", 1)[1])
+                    with open(part, "ab" if have else "wb") as f:
+                        for block in r.iter_bytes(1 << 16):
+                            f.write(block)
+                if part.stat().st_size == size:
+                    break
+            except (httpx.TransportError,) as e:
+                if attempt >= self.retries:
+                    raise ApiError(0, "connection.failed", f"download of {job_id} failed: {e!r}") from e
+                time.sleep(_retry_delay(attempt, None, self.backoff_s))
+        got = part.stat().st_size if part.exists() else 0
+        if size is None or got != size:
+            raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
+        os.replace(part, dest)
+        return dest
+
+    def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
+        """Prepare a template once (`POST /v1/avatars`; a local file is uploaded, else a URL);
+        then `submit(audio, avatar=view.id)`."""
+        if _is_local_file(video):
+            def rewind() -> dict:
+                return {"files": {"video": (Path(video).name, open(Path(video).expanduser(), "rb"))}}
+            r = self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+        else:
+            r = self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
+                             timeout=max(self.timeout, 900))
+        return AvatarView.model_validate(r.json())
+
+    def avatar(self, avatar_id: str) -> AvatarView:
+        return AvatarView.model_validate(self.request("GET", f"/v1/avatars/{avatar_id}").json())
+
+    def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
+                     **options) -> BatchView:
+        body = {"audios": audios, "video": video, "avatar_id": avatar, **options}
+        r = self.request("POST", "/v1/batches", ok=(202,), json={k: v for k, v in body.items() if v is not None})
+        return BatchView.model_validate(r.json())
+
+    def batch(self, batch_id: str) -> BatchView:
+        return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
+
+
+def _parse_sse(lines) -> Iterator[JobView]:
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield JobView.model_validate_json("\n".join(data))
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+class _Bar:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar = enabled, None
+
+    def show(self, view: JobView) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=max(1, view.frames_total), unit="frame", desc=view.id[:16], dynamic_ncols=True)
+        self.bar.total = max(1, view.frames_total or self.bar.total)
+        self.bar.n = view.frames_total if view.state == JobState.succeeded else view.frames_done
+        self.bar.set_postfix_str(view.state.value)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- async -------------------------------------------------------------------------------------------
+class AsyncJob:
+    def __init__(self, client: "AsyncClient", view: JobView | JobAccepted) -> None:
+        self.client, self.id = client, view.id
+        self.view = view if isinstance(view, JobView) else None
+
+    async def status(self) -> JobView:
+        self.view = await self.client.get(self.id)
+        return self.view
+
+    async def wait(self, timeout: float | None = None, poll_s: float = 1.0, raise_on_failure: bool = True) -> JobView:
+        self.view = await self.client.wait(self.id, timeout=timeout, poll_s=poll_s,
+                                           raise_on_failure=raise_on_failure)
+        return self.view
+
+    async def download(self, path: str | os.PathLike) -> Path:
+        return await self.client.download(self.id, path)
+
+    async def cancel(self) -> JobView:
+        self.view = await self.client.cancel(self.id)
+        return self.view
+
+
+class AsyncClient(_Base):
+    """The async twin of `Client` (same models, same retries)."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
+                 retries: int = 6, backoff_s: float = 0.5,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(url, token, timeout, retries, backoff_s)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout,
+                                      transport=transport, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
+                      **kw) -> httpx.Response:
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            r = None
+            try:
+                if rewind is not None:
+                    kw.update(rewind())
+                r = await self.http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
+                last = e
+            else:
+                if r.status_code in ok:
+                    return r
+                if r.status_code not in RETRY_STATUS:
+                    raise ApiError.from_response(r)
+                last = ApiError.from_response(r)
+            if attempt < self.retries:
+                await asyncio.sleep(_retry_delay(attempt, r, self.backoff_s))
+        if isinstance(last, ApiError):
+            raise last
+        raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
+
+    async def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None,
+                     avatar: str | None = None, *, id: str | None = None, sync_mode: str | None = None,
+                     model: str | None = None, crf: int | None = None, callback_url: str | None = None) -> AsyncJob:
+        opts = dict(id=id, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
+        files, data, body = _form(audio, video, avatar, opts)
+        if body is not None:
+            r = await self.request("POST", "/v1/jobs", ok=(202,), json=body)
+        else:
+            def rewind() -> dict:  # small bodies are read whole; Client streams large files
+                return {"files": {k: (Path(v).name, Path(v).expanduser().read_bytes(), "application/octet-stream")
+                                  for k, v in files.items()}, "data": data}
+
+            r = await self.request("POST", "/v1/jobs", ok=(202,), rewind=rewind)
+        return AsyncJob(self, JobAccepted.model_validate(r.json()))
+
+    async def get(self, job_id: str) -> JobView:
+        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
+        if _is_local_file(video):
+            def rewind() -> dict:
+                return {"files": {"video": (Path(video).name, Path(video).expanduser().read_bytes())}}
+            r = await self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+        else:
+            r = await self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
+                                   timeout=max(self.timeout, 900))
+        return AvatarView.model_validate(r.json())
+
+    async def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state:
+            params["state"] = [state] if isinstance(state, str) else list(state)
+        return JobPage.model_validate((await self.request("GET", "/v1/jobs", params=params)).json())
+
+    async def cancel(self, job_id: str) -> JobView:
+        return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{job_id}")).json())
+
+    async def events(self, job_id: str) -> AsyncIterator[JobView]:
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
+                                    timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise ApiError.from_response(r)
+            data: list[str] = []
+            async for line in r.aiter_lines():
+                if line == "":
+                    if data:
+                        yield JobView.model_validate_json("\n".join(data))
+                        data = []
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+
+    async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0,
+                   raise_on_failure: bool = True) -> JobView:
+        deadline = time.monotonic() + (timeout if timeout is not None else 6 * 3600)
+        view = None
+        try:
+            async for view in self.events(job_id):
+                if view.state.terminal or time.monotonic() > deadline:
+                    break
+        except (httpx.HTTPError, ApiError) as e:
+            if isinstance(e, ApiError) and e.status == 404:
+                raise
+        while view is None or not view.state.terminal:
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout:.0f} s")
+            view = await self.get(job_id)
+            if not view.state.terminal:
+                await asyncio.sleep(poll_s)
+        if raise_on_failure and view.state != JobState.succeeded:
+            raise JobFailed(view)
+        return view
+
+    async def download(self, job_id: str, path: str | os.PathLike) -> Path:
+        dest = Path(path).expanduser()
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
+            if r.status_code not in (200, 206):
+                await r.aread()
+                raise ApiError.from_response(r)
+            if r.status_code == 200:
+                have, size = 0, int(r.headers["content-length"])
+            else:
+                size = int(r.headers["content-range"].rsplit("/", 1)[1])
+            with open(part, "ab" if have else "wb") as f:
+                async for block in r.aiter_bytes(1 << 16):
+                    f.write(block)
+        got = part.stat().st_size
+        if got != size:
+            raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
+        os.replace(part, dest)
+        return dest
+
+
+__all__ = ["ApiError", "AsyncClient", "AsyncJob", "Client", "Job", "JobFailed", "WaitTimeout"]

@@ -1,0 +1,193 @@
+"""Outbound HTTP that a client's input can cause (URL inputs, callbacks), behind an address guard.
+
+A URL is fetched only when its scheme is http(s) and every address its host resolves to is
+public: loopback, private, link-local (cloud metadata 169.254.169.254 included), multicast,
+reserved and unspecified addresses are refused unless `allow_private_urls` is set. The check is
+made on the address actually connected to (the resolver's answer is pinned for the connection,
+so a DNS answer cannot change between check and connect), and again on every redirect hop.
+Downloads stream to disk under a size and a time limit.
+
+`resolve` and `connect` are injectable so that tests exercise the guard without any traffic
+beyond loopback.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from cluster.errors import InputError, InputTooLarge, UnsafeInput
+
+Resolver = Callable[[str, int], list[str]]
+"""(host, port) -> the IP addresses it resolves to."""
+
+
+class UrlFetchError(InputError):
+    code = "input.url_failed"
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def address_is_public(addr: str) -> bool:
+    """Whether an IP address is a public unicast one (IPv4-mapped IPv6 judged as its IPv4)."""
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return False
+    return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def check_url(url: str, *, allow_private: bool, resolve: Resolver = system_resolver,
+              field: str = "url") -> tuple[str, int, str]:
+    """Refuse a URL the guard does not allow; return (host, port, the vetted address to connect to)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeInput(f"{field}: only http and https URLs are accepted, got {parts.scheme or 'no'} scheme",
+                          path=field)
+    if not parts.hostname:
+        raise UnsafeInput(f"{field}: the URL {url!r} has no host", path=field)
+    if parts.username or parts.password:
+        raise UnsafeInput(f"{field}: URLs with credentials are not accepted", path=field)
+    host = parts.hostname
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise UnsafeInput(f"{field}: bad port in {url!r}: {e}", path=field) from e
+    try:
+        addrs = [host] if _is_ip(host) else resolve(host, port)
+    except OSError as e:
+        raise UrlFetchError(f"{field}: cannot resolve {host}: {e}", path=field, cause=repr(e)) from e
+    if not addrs:
+        raise UrlFetchError(f"{field}: {host} resolves to no address", path=field)
+    if not allow_private:
+        bad = [a for a in addrs if not address_is_public(a)]
+        if bad:
+            raise UnsafeInput(f"{field}: {host} resolves to a non-public address ({bad[0]}); loopback, "
+                              f"private, link-local and multicast addresses are refused "
+                              f"(LIPSYNC_ALLOW_PRIVATE_URLS=1 allows them on trusted networks)", path=field)
+    return host, port, addrs[0]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class _PinnedTransport(httpx.HTTPTransport):
+    """Connects to the vetted address while keeping the URL's host for TLS SNI and Host header."""
+
+    def __init__(self, address: str, **kw) -> None:
+        super().__init__(**kw)
+        self.address = address
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        request.extensions = {**request.extensions, "sni_hostname": host}
+        request.url = request.url.copy_with(host=self.address)
+        request.headers["Host"] = host if request.url.port in (None, 80, 443) else f"{host}:{request.url.port}"
+        return super().handle_request(request)
+
+
+Connector = Callable[[str], httpx.BaseTransport]
+"""(vetted address) -> the transport that performs the request (tests inject a mock)."""
+
+
+def pinned_connector(address: str) -> httpx.BaseTransport:
+    return _PinnedTransport(address)
+
+
+def _guarded_requests(method: str, url: str, *, allow_private: bool, timeout_s: float, max_redirects: int,
+                      resolve: Resolver, connect: Connector, field: str, **kw):
+    """Yield-free helper: performs `method` following redirects by hand, each hop checked."""
+    deadline = time.monotonic() + timeout_s
+    for hop in range(max_redirects + 1):
+        _, _, address = check_url(url, allow_private=allow_private, resolve=resolve, field=field)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UrlFetchError(f"{field}: {url} took longer than {timeout_s:.0f} s", path=field)
+        client = httpx.Client(transport=connect(address), timeout=httpx.Timeout(min(left, 30.0)),
+                              follow_redirects=False, trust_env=False)
+        req = client.build_request(method, url, **kw)
+        resp = client.send(req, stream=True)
+        if resp.is_redirect:
+            location = resp.headers.get("location", "")
+            resp.close()
+            client.close()
+            if method != "GET":
+                raise UrlFetchError(f"{field}: {url} answered a redirect; not followed for {method}", path=field)
+            url = urljoin(url, location)
+            continue
+        return client, resp, deadline
+    raise UrlFetchError(f"{field}: more than {max_redirects} redirects", path=field)
+
+
+def download(url: str, dest: str | Path, *, max_bytes: int, timeout_s: float, max_redirects: int = 5,
+             allow_private: bool = False, resolve: Resolver = system_resolver,
+             connect: Connector = pinned_connector, field: str = "url") -> int:
+    """Stream `url` to `dest` (created or truncated); returns the byte count. Typed errors:
+    `input.unsafe` for a refused address, `input.too_large` past `max_bytes`, `input.url_failed`
+    for HTTP errors, timeouts and connection problems."""
+    try:
+        client, resp, deadline = _guarded_requests(
+            "GET", url, allow_private=allow_private, timeout_s=timeout_s, max_redirects=max_redirects,
+            resolve=resolve, connect=connect, field=field)
+    except httpx.HTTPError as e:
+        raise UrlFetchError(f"{field}: cannot fetch {url}: {type(e).__name__}: {e}", path=field,
+                            cause=repr(e)) from e
+    total = 0
+    try:
+        if resp.status_code != 200:
+            raise UrlFetchError(f"{field}: {url} answered HTTP {resp.status_code}", path=field)
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise InputTooLarge(f"{field}: {url} is {int(declared)} bytes; the limit is {max_bytes}", path=field)
+        with open(dest, "wb") as f:
+            for block in resp.iter_bytes():  # as data arrives: a sized read would wait out a slow drip
+                total += len(block)
+                if total > max_bytes:
+                    raise InputTooLarge(f"{field}: {url} is larger than the limit of {max_bytes} bytes", path=field)
+                if time.monotonic() > deadline:
+                    raise UrlFetchError(f"{field}: {url} took longer than {timeout_s:.0f} s", path=field)
+                f.write(block)
+    except httpx.HTTPError as e:
+        raise UrlFetchError(f"{field}: download of {url} failed: {type(e).__name__}: {e}", path=field,
+                            cause=repr(e)) from e
+    finally:
+        resp.close()
+        client.close()
+    return total
+
+
+def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float, allow_private: bool = False,
+              resolve: Resolver = system_resolver, connect: Connector = pinned_connector,
+              field: str = "callback_url") -> int:
+    """POST `body` to a guarded URL (no redirects followed); returns the HTTP status."""
+    try:
+        client, resp, _ = _guarded_requests("POST", url, allow_private=allow_private, timeout_s=timeout_s,
+                                            max_redirects=0, resolve=resolve, connect=connect, field=field,
+                                            content=body, headers=headers)
+    except httpx.HTTPError as e:
+        raise UrlFetchError(f"{field}: POST to {url} failed: {type(e).__name__}: {e}", path=field,
+                            cause=repr(e)) from e
+    try:
+        return resp.status_code
+    finally:
+        resp.close()
+        client.close()
+
+
+def is_url(value: str) -> bool:
+    return urlsplit(value).scheme.lower() in ("http", "https") or "://" in value

@@ -1,0 +1,165 @@
+"""Disk space: a job that would not fit is refused before it starts, and a disk that fills while
+a job runs fails that job with the same typed reason (`resource.disk`).
+
+`check_job_disk` is the one call admission makes: it estimates what a job will write (stored
+input copies, the normalised template, the segments and the finished output, which exist side by
+side while the job finalises) and compares it, plus `settings.disk_reserve_bytes`, with the free
+space of each filesystem involved (the storage root's and, when elsewhere, the output's).
+`settings.simulate_free_bytes` replaces the filesystem's answer (drills and tests).
+
+`disk_full_guard` wraps a render step so that running out of space mid-job (an `OSError` with
+ENOSPC, or an ffmpeg / SQLite failure that says so) surfaces as `DiskFull` with the step's stage
+and job id, never as an anonymous crash; the steps themselves already remove their temporaries.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from cluster.config import Settings, get_settings
+from cluster.errors import DiskFull, LipsyncError
+from cluster.schemas import MediaInfo
+
+#: Bits per pixel assumed for each H.264 frame we write (normalised template, segments, output).
+#: Talking-head templates measure 0.1-0.2 at the default CRF; the estimate assumes more, so that a
+#: job is not admitted onto a disk it would fill.
+BITS_PER_PIXEL = 0.4
+#: Bytes of job bookkeeping besides media (mel features per output second, plan, markers).
+OVERHEAD_BYTES = 1 << 20
+#: Texts by which ffmpeg, SQLite and the C library report a full disk.
+DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded",
+                   "file too large")
+
+F = TypeVar("F", bound=Callable)
+
+
+def free_bytes(path: str | os.PathLike, settings: Settings | None = None) -> int:
+    """Free bytes for us on the filesystem holding `path` (its nearest existing ancestor), or
+    `settings.simulate_free_bytes` when set."""
+    s = settings or get_settings()
+    if s.simulate_free_bytes is not None:
+        return s.simulate_free_bytes
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _bitrate_bytes_per_s(rate: str) -> float:
+    text = rate.strip().lower()
+    scale = {"k": 1e3, "m": 1e6}.get(text[-1:], 1.0)
+    number = text[:-1] if text[-1:] in "km" else text
+    try:
+        return float(number) * scale / 8.0
+    except ValueError:
+        return 320e3 / 8.0
+
+
+def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Settings | None = None,
+                       ) -> tuple[int, int]:
+    """(bytes under the storage root, bytes next to the output) a job will need at its peak.
+
+    Storage root: copies of both inputs, the normalised template (when `video` is given; an
+    avatar's is stored already), the segments of every output frame, mel features. Output
+    directory: the finished mp4 (segments + AAC), written under a pending name while the
+    segments still exist."""
+    s = settings or get_settings()
+    seconds = audio.audio.duration if audio.audio else audio.duration
+    width, height, fps = s.max_width, s.max_height, 60.0  # avatar jobs: the largest allowed
+    template_bytes = 0
+    if video is not None and video.video is not None:
+        v = video.video
+        width, height, fps = v.width, v.height, float(v.fps)
+        template_bytes = math.ceil(v.frame_count * v.width * v.height * BITS_PER_PIXEL / 8)
+    frames = math.ceil(seconds * fps)
+    video_bytes = math.ceil(frames * width * height * BITS_PER_PIXEL / 8)
+    audio_bytes = math.ceil(seconds * _bitrate_bytes_per_s(s.audio_bitrate))
+    inputs = audio.size_bytes + (video.size_bytes if video is not None else 0)
+    storage = inputs + template_bytes + video_bytes + OVERHEAD_BYTES
+    return storage, video_bytes + audio_bytes
+
+
+def check_job_disk(audio: MediaInfo, video: MediaInfo | None, output: str | None,
+                   settings: Settings | None = None, job_id: str | None = None) -> None:
+    """Raise `DiskFull` when the job's estimated needs plus `disk_reserve_bytes` exceed the free
+    space of the storage root's filesystem (and of the output's, counted together when they are
+    the same filesystem). Writes nothing."""
+    s = settings or get_settings()
+    storage, output_bytes = estimate_job_bytes(audio, video, s)
+    needs: dict[str, int] = {str(s.storage_root): storage}
+    out_dir = str(Path(output).parent) if output else str(s.storage_root)
+    if _same_filesystem(out_dir, str(s.storage_root)) or s.simulate_free_bytes is not None:
+        needs[str(s.storage_root)] += output_bytes
+    else:
+        needs[out_dir] = output_bytes
+    for where, need in needs.items():
+        free = free_bytes(where, s)
+        if need + s.disk_reserve_bytes > free:
+            raise DiskFull(
+                f"not enough disk space for this job under {where}: it needs about "
+                f"{_mib(need)} MiB plus a reserve of {_mib(s.disk_reserve_bytes)} MiB, "
+                f"{_mib(free)} MiB are free", stage="admit", job_id=job_id, path=where)
+
+
+def _same_filesystem(a: str, b: str) -> bool:
+    def dev(p: str) -> int | None:
+        q = Path(p)
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        try:
+            return q.stat().st_dev
+        except OSError:
+            return None
+    return dev(a) == dev(b)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception (ours or the OS's) says the disk or a quota is full."""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    texts = [str(exc)]
+    if isinstance(exc, LipsyncError) and exc.cause:
+        texts.append(exc.cause)
+    return any(t in text.lower() for text in texts for t in DISK_FULL_TEXTS)
+
+
+def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | None = None) -> DiskFull:
+    """`DiskFull` for an exception `is_disk_full` recognised, keeping its stage, chunk and path."""
+    if isinstance(exc, DiskFull):
+        return exc.with_context(stage=stage, job_id=job_id)  # type: ignore[return-value]
+    info = {"stage": stage, "job_id": job_id, "chunk": None, "path": getattr(exc, "filename", None)}
+    if isinstance(exc, LipsyncError):
+        info.update(stage=exc.stage or stage, job_id=exc.job_id or job_id, chunk=exc.chunk,
+                    path=exc.path)
+    where = f" during {info['stage']}" if info["stage"] else ""
+    cause = (exc.cause if isinstance(exc, LipsyncError) else None) or str(exc)
+    return DiskFull(f"the disk filled up{where}: {exc}", cause=cause[-2000:], **info)
+
+
+def disk_full_guard(stage: str) -> Callable[[F], F]:
+    """Decorate a render step taking (job_id | plan, ...): a full disk becomes `DiskFull`."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (OSError, LipsyncError) as exc:
+                if not is_disk_full(exc) or isinstance(exc, DiskFull):
+                    raise
+                first = args[0] if args else None
+                job_id = first if isinstance(first, str) else getattr(first, "job_id", None)
+                raise as_disk_full(exc, stage, job_id) from exc
+        return inner  # type: ignore[return-value]
+    return wrap

@@ -1,0 +1,49 @@
+"""The API's view of a job (`JobView`), built from the job manager's `JobStatus`; pure functions
+shared by the HTTP ingress and the callback notifier."""
+from __future__ import annotations
+
+from cluster.schemas import JobState, JobStatus, JobView, OutputInfo
+
+STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
+          JobState.finalizing: "finalize", JobState.succeeded: "done", JobState.failed: "done",
+          JobState.cancelled: "done"}
+
+
+def output_size(st: JobStatus) -> int | None:
+    """The committed output's size in bytes, as the job manager reports it."""
+    for name in ("output_bytes", "output_size"):
+        v = getattr(st, name, None)
+        if isinstance(v, int):
+            return v
+    meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
+    if meta is not None:
+        v = meta.get("size_bytes") if isinstance(meta, dict) else getattr(meta, "size_bytes", None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def job_view(st: JobStatus) -> JobView:
+    out = None
+    if st.state == JobState.succeeded:
+        size = output_size(st)
+        duration = None
+        meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
+        if meta is not None:
+            duration = meta.get("duration") if isinstance(meta, dict) else getattr(meta, "duration", None)
+        if size is not None:
+            out = OutputInfo(size=size, duration=duration, url=f"/v1/jobs/{st.id}/result")
+    timings = {}
+    for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
+        seconds = getattr(stage, "seconds", None)
+        if seconds is not None:
+            timings[stage.stage] = round(timings.get(stage.stage, 0.0) + seconds, 3)
+    req = st.request
+    sync = None
+    if req is not None:
+        sync = "loop" if req.loop == "forward" else req.loop
+    return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
+                   frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
+                   chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
+                   timings=timings, error=st.error, output=out, sync_mode=sync,
+                   batch_id=st.id.split("--", 1)[0] if "--" in st.id else None)

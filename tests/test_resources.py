@@ -1,0 +1,108 @@
+"""Disk space (issue 12, "Resources"): a job that would not fit is refused at admission with
+`resource.disk` and writes nothing; a disk that fills mid-job fails that job with the same code,
+leaving no temporary, no segment of the failed chunk and no output; the next job succeeds."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cluster.config import Settings
+from cluster.errors import DiskFull, EncodeError, InputUnreadable
+from cluster.media.probe import probe_audio, probe_video
+from cluster.render import admit, render_local
+from cluster.resources import (
+    as_disk_full,
+    check_job_disk,
+    estimate_job_bytes,
+    is_disk_full,
+)
+from cluster.schemas import RenderRequest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tree_bytes(*roots: Path) -> int:
+    return sum(p.stat().st_size for r in roots if r.exists() for p in r.rglob("*") if p.is_file())
+
+
+def test_estimate_covers_what_a_job_writes(hostile_corpus, tmp_path):
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=0.5, batch_size=8, keep_segments=True)
+    from cluster.models import load_model
+
+    model = load_model("builtin", s)  # stored before counting: not part of a job
+    before = tree_bytes(s.storage_root)
+    out = tmp_path / "out" / "o.mp4"
+    render_local(RenderRequest(audio=str(hostile_corpus.speech), video=str(hostile_corpus.template),
+                               output=str(out)), s, model=model)
+    written_store = tree_bytes(s.storage_root) - before  # segments kept: the peak
+    storage, output = estimate_job_bytes(probe_audio(hostile_corpus.speech, s),
+                                         probe_video(hostile_corpus.template, s), s)
+    assert written_store <= storage <= 20 * written_store
+    assert out.stat().st_size <= output <= 20 * out.stat().st_size
+
+
+def test_a_job_that_would_not_fit_is_refused_before_it_starts(hostile_corpus, tmp_path):
+    s = Settings(storage_root=tmp_path / "store", disk_reserve_bytes=1 << 20)
+    audio, video = probe_audio(hostile_corpus.speech, s), probe_video(hostile_corpus.template, s)
+    storage, output = estimate_job_bytes(audio, video, s)
+    need = storage + output + s.disk_reserve_bytes
+    req = RenderRequest(audio=str(hostile_corpus.speech), video=str(hostile_corpus.template),
+                        output=str(tmp_path / "o.mp4"))
+    tight = s.model_copy(update={"simulate_free_bytes": need - 1})
+    with pytest.raises(DiskFull) as info:
+        admit("tight", req, tight)
+    err = info.value
+    assert err.code == "resource.disk" and err.stage == "admit" and err.job_id == "tight"
+    assert "MiB are free" in err.message and str(s.storage_root) in err.message
+    assert not (s.storage_root / "jobs").exists() and list(tmp_path.glob("o*")) == []
+    check_job_disk(audio, video, req.output, s.model_copy(update={"simulate_free_bytes": need}))
+
+
+def test_disk_full_errors_are_recognised():
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(EncodeError("encoding failed", cause="av_interleaved_write_frame(): No space left on device"))
+    assert not is_disk_full(InputUnreadable("x.mp4 is not a readable file"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    err = as_disk_full(EncodeError("encoding failed", stage="encode", chunk=3, cause="No space left on device"),
+                       "render", "job1")
+    assert (err.code, err.stage, err.chunk, err.job_id) == ("resource.disk", "encode", 3, "job1")
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
+                              timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
+def test_a_disk_that_fills_mid_job_fails_that_job_cleanly(hostile_corpus):
+    """A real 12 MiB tmpfs over the storage root (in a private mount namespace), filled by a
+    ballast file after admission, before prepare, between chunks and before finalising."""
+    mountpoint = tempfile.mkdtemp(dir="/tmp", prefix="lipsync-disk-")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = (f"mount -t tmpfs -o size=12m tmpfs {mountpoint} && exec {sys.executable} "
+              f"{REPO / 'tests' / 'disk_scenario.py'} {mountpoint} {hostile_corpus.speech} {hostile_corpus.template}")
+    try:
+        proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
+                              capture_output=True, text=True, timeout=180, check=False)
+    finally:
+        os.rmdir(mountpoint)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["admit_refused"]["code"] == "resource.disk" and not r["admit_refused_left_job_dir"]
+    for step, job in (("prepare_full", "prep"), ("render_full", "mid"), ("finalize_full", "mid")):
+        assert r[step]["code"] == "resource.disk", r[step]
+        assert r[step]["job_id"] == job and "disk filled up" in r[step]["message"]
+    assert r["segments_after_render_full"] == ["00000.mp4"]  # the failed chunk left nothing
+    assert not r["output_exists"]
+    assert r["after"] == {"ok": True} and r["after_output"] > 0
+    assert r["temporaries"] == []

@@ -1,0 +1,72 @@
+"""Security promises of issue 12 that are properties of the code as written: every media open is
+limited to the file and pipe protocols; the hostile corpus's network playlists never reach the
+network (tests/test_hostile_inputs.py watches the canaries)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = sorted([*REPO.glob("cluster/**/*.py"), *REPO.glob("actors/**/*.py"), *REPO.glob("serve_app.py")])
+#: Files whose ffmpeg inputs are only files they created themselves (the test/demo synthesiser).
+OWN_FILES_ONLY = {"cluster/synth.py"}
+
+
+def _calls(text: str, opener: str) -> list[str]:
+    """The text of each call `opener(...)` (balanced parentheses)."""
+    out = []
+    for m in re.finditer(re.escape(opener) + r"\(", text):
+        depth, i = 0, m.end() - 1
+        while i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        out.append(text[m.start(): i + 1])
+    return out
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_media_open_is_limited_to_file_and_pipe(path):
+    rel = str(path.relative_to(REPO))
+    text = path.read_text()
+    for call in _calls(text, "av.open"):
+        assert "file_url(" in call and '"protocol_whitelist": "file"' in call, f"{rel}: {call}"
+    for call in _calls(text, "ffmpeg.input"):  # ffmpeg-python
+        assert "protocol_whitelist=" in call and "file_url(" in call, f"{rel}: {call}"
+    if rel in OWN_FILES_ONLY or rel == "cluster/media/ffmpeg.py":
+        return
+    for m in re.finditer(r'"-i",\s*([^,\]\)]+)', text):  # raw ffmpeg argument lists
+        assert m.group(1).strip() == '"pipe:0"', f"{rel}: ffmpeg input {m.group(0)!r} bypasses input_args()"
+
+
+def test_input_args_never_turn_a_name_into_a_protocol_or_option():
+    from cluster.media.ffmpeg import input_args
+
+    for name in ("http://169.254.169.254/latest", "concat:/etc/passwd|/etc/hosts", "-f", "rtp://1.2.3.4:5",
+                 "subfile,,start,0,end,0,,:/etc/passwd"):
+        args = input_args(name)
+        assert args[:3] == ["-protocol_whitelist", "file,pipe", "-i"]
+        assert args[3].startswith("file:/"), args
+
+
+@pytest.mark.ray
+def test_the_embedded_ray_refuses_a_client_without_its_token(runtime, tmp_path):
+    """Token authentication is on in local mode: a process that joins the session's Ray without
+    the token (no RAY_AUTH_*, an empty HOME so no ~/.ray/auth_token) is refused."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    script = f"import ray\nray.init(address={gcs!r}, log_to_driver=False)\nprint('JOINED')"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode != 0 and "JOINED" not in proc.stdout
+    assert "AuthenticationError" in proc.stderr and "token is missing or incorrect" in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,438 @@
+"""The HTTP service end to end: a real `lipsync serve` on a loopback port (session fixture `service`),
+driven through the SDK, the shell client, raw HTTP and the compatibility API."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.service
+
+
+# --- media ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def svc_media(service):
+    """Tiny inputs: a 1 s 320x240 face template and short speech clips, inside the input root."""
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    root = service.input_root
+    video = astronaut_template(str(root / "face.mp4"), seconds=1.0, fps=25, size=(320, 240))
+    audio = write_audio(str(root / "speech.wav"), speech_like(1.2, seed=3))
+    return {"video": video, "audio": audio, "audio_seconds": 1.2}
+
+
+def expected_frames(seconds: float, fps: int = 25) -> int:
+    return math.ceil(seconds * fps - 1e-6)
+
+
+def verify_mp4(path: str | Path, audio_seconds: float, frames: int | None = None) -> None:
+    """A playable H.264/AAC mp4 of exactly the audio's length in frames (or `frames`), at 320x240."""
+    from cluster.media.probe import count_video_frames, read_media_info
+
+    info = read_media_info(str(path))
+    assert info.video is not None and info.video.codec == "h264", info
+    assert info.audio is not None and info.audio.codec == "aac", info
+    assert (info.video.width, info.video.height) == (320, 240)
+    assert count_video_frames(str(path)) == (frames or expected_frames(audio_seconds))
+    assert abs(info.audio.duration - audio_seconds) < 0.1, info.audio
+
+
+def auth(service) -> dict:
+    return {"Authorization": f"Bearer {service.token}"}
+
+
+# --- SDK ------------------------------------------------------------------------------------------
+def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
+    from cluster.client import ApiError, Client
+
+    job_id = f"sdk-{uuid.uuid4().hex[:8]}"
+    with Client(service.url, token=service.token) as c:
+        job = c.submit(svc_media["audio"], svc_media["video"], id=job_id, sync_mode="pingpong")
+        assert job.id == job_id
+        view = job.wait(progress=False, timeout=180)
+        assert view.state.value == "succeeded" and view.progress == 1.0
+        assert view.frames_done == view.frames_total == expected_frames(svc_media["audio_seconds"])
+        assert view.output is not None and view.output.url == f"/v1/jobs/{job_id}/result"
+        out = job.download(tmp_path / "out.mp4")
+        assert out.stat().st_size == view.output.size
+        verify_mp4(out, svc_media["audio_seconds"])
+        # the same id with the same inputs is the same job; with other inputs a conflict
+        again = c.submit(svc_media["audio"], svc_media["video"], id=job_id, sync_mode="pingpong")
+        assert again.id == job_id and again.status().state.value == "succeeded"
+        other = service.input_root / "other.wav"
+        from cluster.synth import speech_like, write_audio
+
+        write_audio(str(other), speech_like(1.0, seed=11))
+        with pytest.raises(ApiError) as e:
+            c.submit(str(other), svc_media["video"], id=job_id)
+        assert e.value.status == 409 and e.value.code == "job.conflict"
+        # resumable download: a partial file is completed with a Range request
+        part = tmp_path / "resume.mp4.part"
+        part.write_bytes(out.read_bytes()[:1000])
+        resumed = c.download(job_id, tmp_path / "resume.mp4")
+        assert resumed.read_bytes() == out.read_bytes()
+        (tmp_path / "whole.mp4.part").write_bytes(out.read_bytes())  # already complete: 416, kept
+        assert c.download(job_id, tmp_path / "whole.mp4").read_bytes() == out.read_bytes()
+        listed = c.list(state="succeeded", limit=500)
+        assert job_id in [j.id for j in listed.jobs]
+
+
+def test_async_client_and_cancel(service, svc_media):
+    from cluster.client import AsyncClient, JobFailed
+
+    async def run():
+        async with AsyncClient(service.url, token=service.token) as c:
+            job = await c.submit(svc_media["audio"], svc_media["video"])
+            view = await job.cancel()
+            assert view.state.value in ("cancelled", "succeeded")
+            if view.state.value == "cancelled":
+                with pytest.raises(JobFailed) as e:
+                    await job.wait(timeout=60)
+                assert e.value.job.state.value == "cancelled"
+                assert e.value.job.error.code == "cancelled"
+            return view
+
+    asyncio.run(run())
+
+
+# --- raw HTTP ---------------------------------------------------------------------------------------
+def test_raw_http_json_paths_events_range(service, svc_media):
+    h = auth(service)
+    with httpx.Client(base_url=service.url, headers=h, timeout=60) as http:
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "sync_mode": "loop"})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert set(body) == {"id", "state"} and body["state"] in ("queued", "preparing", "rendering")
+        job_id = body["id"]
+        assert r.headers["location"] == f"/v1/jobs/{job_id}"
+        # SSE: one event per change, ending at the terminal state, progress never going back
+        events = []
+        with http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+        assert events and events[-1]["state"] == "succeeded"
+        progress = [e["progress"] for e in events]
+        assert progress == sorted(progress) and progress[-1] == 1.0
+        v = http.get(f"/v1/jobs/{job_id}").json()
+        assert v["state"] == "succeeded" and v["stage"] == "done" and v["sync_mode"] == "loop"
+        assert v["frames_done"] == v["frames_total"] == expected_frames(svc_media["audio_seconds"])
+        assert v["error"] is None and v["output"]["size"] > 1000
+        size = v["output"]["size"]
+        full = http.get(f"/v1/jobs/{job_id}/result")
+        assert full.status_code == 200 and full.headers["content-type"] == "video/mp4"
+        assert full.headers["accept-ranges"] == "bytes" and int(full.headers["content-length"]) == size
+        assert len(full.content) == size
+        etag = full.headers["etag"]
+        part = http.get(f"/v1/jobs/{job_id}/result", headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == full.content[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{size}"
+        tail = http.get(f"/v1/jobs/{job_id}/result", headers={"Range": "bytes=-50"})
+        assert tail.status_code == 206 and tail.content == full.content[-50:]
+        assert http.get(f"/v1/jobs/{job_id}/result", headers={"Range": f"bytes={size}-"}).status_code == 416
+        assert http.get(f"/v1/jobs/{job_id}/result", headers={"If-None-Match": etag}).status_code == 304
+        # listing: filter and pagination
+        page = http.get("/v1/jobs", params={"state": "succeeded", "limit": 1}).json()
+        assert len(page["jobs"]) == 1 and page["jobs"][0]["state"] == "succeeded"
+        assert all(j["state"] == "succeeded" for j in http.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"])
+        # unknown job: 404 with the error body; result before success: 409
+        nf = http.get("/v1/jobs/does-not-exist")
+        assert nf.status_code == 404 and nf.json()["error"]["code"] == "job.not_found"
+        # health and OpenAPI
+        assert httpx.get(service.url + "/healthz").status_code == 200  # no token needed
+        assert http.get("/readyz").status_code == 200
+        spec = http.get("/openapi.json").json()
+        for route in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/result",
+                      "/v1/batches", "/easy/submit", "/easy/query", "/upload", "/healthz", "/readyz"):
+            assert route in spec["paths"], route
+        assert "JobView" in spec["components"]["schemas"] and "ApiError" in spec["components"]["schemas"]
+
+
+def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
+    h = auth(service)
+    bad = service.input_root / "not-media.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    with httpx.Client(base_url=service.url, headers=h, timeout=60) as http:
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": str(bad)})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"].startswith("input.") and err["field"] == "video", err
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "crf": 99})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "crf"
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "model": "/etc/passwd"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "model"
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"]})
+        job_id = r.json()["id"]
+        res = http.get(f"/v1/jobs/{job_id}/result")
+        if http.get(f"/v1/jobs/{job_id}").json()["state"] != "succeeded":
+            assert res.status_code in (409, 200)
+        wait_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 120, 0.5, "job")
+
+
+# --- guards ---------------------------------------------------------------------------------------------
+def test_guards_refuse(service, svc_media, tmp_path):
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(Path(svc_media["audio"]).read_bytes())
+    link = service.input_root / "link-out.wav"
+    if not link.exists():
+        link.symlink_to(outside)
+    h = auth(service)
+    with httpx.Client(base_url=service.url, headers=h, timeout=60) as http:
+        def refused(audio: str, status=400, codes=("input.unsafe", "input.outside_roots")):
+            r = http.post("/v1/jobs", json={"audio": audio, "video": svc_media["video"]})
+            assert r.status_code == status, (audio, r.text)
+            e = r.json()["error"]
+            assert e["code"] in codes and e["field"] == "audio", (audio, e)
+            return e["message"]
+
+        refused(str(outside))                                                  # outside the roots
+        refused(str(service.input_root / ".." / "outside.wav"))               # '..'
+        refused(str(link))                                                     # symlink out
+        refused("relative.wav")
+        assert "non-public" in refused("http://127.0.0.1:9/a.wav")             # loopback
+        assert "non-public" in refused("http://169.254.169.254/latest/meta-data")  # metadata
+        assert "non-public" in refused("http://[::1]/a.wav")
+        refused("file:///etc/passwd")
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
+                                        "callback_url": "http://169.254.169.254/hook"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "callback_url"
+        # oversize upload (the service's limit is 4 MiB), refused while streaming
+        big = tmp_path / "big.wav"
+        big.write_bytes(b"\0" * (5 * 1024**2))
+        with open(big, "rb") as f, open(svc_media["video"], "rb") as v:
+            r = http.post("/v1/jobs", files={"audio": ("big.wav", f), "video": ("face.mp4", v)})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "input.too_large"
+        assert r.json()["error"]["field"] == "audio"
+    # wrong or missing token: 401 on every route but /healthz
+    for headers in ({"Authorization": "Bearer wrong"}, {}):
+        for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/easy/query?code=x"),
+                             ("GET", "/readyz"), ("GET", "/v1/jobs/x/result")):
+            r = httpx.request(method, service.url + path, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "auth.invalid_token", (method, path)
+    assert service.token not in service.tail(10**6)  # never logged
+
+
+# --- shell client ---------------------------------------------------------------------------------------
+def test_shell_client(service, svc_media, tmp_path):
+    env = {**os.environ, "LIPSYNC_URL": service.url, "LIPSYNC_API_TOKEN": service.token}
+    lipsync = [sys.executable, "-m", "cluster.cli"]
+    out = tmp_path / "cli.mp4"
+    r = subprocess.run(lipsync + ["submit", svc_media["audio"], svc_media["video"], "-o", str(out), "-q",
+                                  "--sync-mode", "pingpong", "--timeout", "180"],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    view = json.loads(r.stdout)
+    assert view["state"] == "succeeded"
+    verify_mp4(out, svc_media["audio_seconds"])
+    job_id = view["id"]
+    r = subprocess.run(lipsync + ["status", job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
+    r = subprocess.run(lipsync + ["wait", job_id, "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == job_id
+    r = subprocess.run(lipsync + ["download", job_id, str(tmp_path / "again.mp4")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and (tmp_path / "again.mp4").read_bytes() == out.read_bytes()
+    r = subprocess.run(lipsync + ["submit", svc_media["audio"], svc_media["video"]], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    new_id = r.stdout.strip()
+    r = subprocess.run(lipsync + ["cancel", new_id], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] in ("cancelled", "succeeded")
+    r = subprocess.run(lipsync + ["status", "no-such-job"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "job.not_found" in r.stderr
+    r = subprocess.run(lipsync + ["status", job_id, "--token", "wrong"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "auth.invalid_token" in r.stderr
+
+
+# --- compatibility API --------------------------------------------------------------------------------------
+def test_compat_api(service, svc_media):
+    h = auth(service)
+    with httpx.Client(base_url=service.url, headers=h, timeout=60) as http:
+        # liveness probe of the original clients
+        r = http.get("/easy/query", params={"code": str(uuid.uuid4())})
+        assert r.status_code == 200 and r.json() == {"code": 10004, "success": True, "msg": "task not found",
+                                                     "data": None}
+        # audio uploaded first, then passed as audio_url
+        with open(svc_media["audio"], "rb") as f:
+            up = http.post("/upload", files={"file": ("speech.wav", f)}).json()
+        assert up["code"] == 10000 and up["success"] is True
+        audio_path = up["data"]["path"]
+        assert Path(audio_path).is_file() and Path(audio_path).parent == service.compat_dir / "upload"
+        code = str(uuid.uuid4())
+        body = {"audio_url": audio_path, "video_url": svc_media["video"], "code": code, "pn": 1, "chaofen": 0,
+                "watermark_switch": 0, "digital_auth": 0}
+        r = http.post("/easy/submit", json=body)
+        assert r.status_code == 200
+        sub = r.json()
+        assert sub["code"] == 10000 and sub["success"] is True and sub["data"]["code"] == code, sub
+        seen = []
+        deadline = time.monotonic() + 180
+        while True:
+            q = http.get("/easy/query", params={"code": code}).json()
+            assert q["code"] == 10000 and q["success"] is True, q
+            d = q["data"]
+            assert d["code"] == code and d["status"] in (1, 2), q
+            seen.append(d["progress"])
+            if d["status"] == 2:
+                break
+            assert 0 <= d["progress"] < 100
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.3)
+        assert seen == sorted(seen) and seen[-1] == 100
+        result = d["result"]
+        assert result == str(service.compat_dir / "temp" / f"{code}-r.mp4")
+        verify_mp4(result, svc_media["audio_seconds"])
+        # clients that GET <server><data.result>
+        served = http.get(result)
+        assert served.status_code == 200 and served.content == Path(result).read_bytes()
+        assert http.get("/etc/passwd").status_code == 404
+        assert http.get(str(service.compat_dir / "temp" / "other-r.mp4")).status_code == 404
+        # a query after completion keeps answering the same
+        assert http.get("/easy/query", params={"code": code}).json() == q
+        # resubmitting the same code with the same inputs is accepted; unsupported options noted
+        r = http.post("/easy/submit", json={**body, "chaofen": 1, "extra_field": "x"}).json()
+        assert r["code"] == 10000 and "chaofen" in r["msg"] and "extra_field" in r["msg"]
+        # bad inputs: refused at submit (10002), never a hang
+        for bad in ({**body, "code": str(uuid.uuid4()), "audio_url": "/etc/passwd"},
+                    {**body, "code": str(uuid.uuid4()), "video_url": "http://10.0.0.1/v.mp4"},
+                    {**body, "code": str(uuid.uuid4()), "audio_url": ""},
+                    {**body, "code": "../../x"}):
+            r = http.post("/easy/submit", json=bad).json()
+            assert r["code"] == 10002 and r["success"] is False and r["msg"], (bad, r)
+        r = http.post("/easy/submit", content=b"not json", headers={"content-type": "application/json"}).json()
+        assert r["code"] == 10002
+
+
+def test_compat_failed_job_reports_status_3(service, svc_media):
+    """A job that fails after submit (no face in the template) is status 3 with the reason."""
+    import numpy as np
+
+    from cluster.synth import write_audio
+    from cluster.media.encode import SegmentEncoder  # noqa: F401  (import check: encoder available)
+
+    noface = service.input_root / "noface.mp4"
+    if not noface.exists():
+        import av
+
+        with av.open(str(noface), "w") as c:
+            s = c.add_stream("libx264", rate=25)
+            s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+            for i in range(25):
+                frame = np.full((240, 320, 3), 40 + i, np.uint8)
+                for p in s.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    code = str(uuid.uuid4())
+    with httpx.Client(base_url=service.url, headers=auth(service), timeout=60) as http:
+        r = http.post("/easy/submit", json={"audio_url": svc_media["audio"], "video_url": str(noface), "code": code,
+                                            "pn": 0}).json()
+        if r["code"] == 10002:  # refused at submit: also a truthful answer
+            assert "face" in r["msg"]
+            return
+        assert r["code"] == 10000, r
+
+        def done():
+            q = http.get("/easy/query", params={"code": code}).json()
+            return q if q["data"]["status"] != 1 else None
+
+        q = wait_until(done, 120, 0.5, "compat failure")
+        assert q["data"]["status"] == 3 and "no_face" in q["data"]["msg"], q
+        assert write_audio  # noqa
+
+
+# --- load ------------------------------------------------------------------------------------------------------
+def test_20_concurrent_submissions(service, svc_media, tmp_path):
+    """20 jobs at once, each with its own audio: all succeed, with distinct outputs of the right length."""
+    from cluster.client import AsyncClient
+    from cluster.synth import speech_like, write_audio
+
+    lengths = [0.8 + 0.04 * i for i in range(20)]
+    audios = [write_audio(str(tmp_path / f"a{i}.wav"), speech_like(s, seed=100 + i)) for i, s in enumerate(lengths)]
+
+    async def run():
+        async with AsyncClient(service.url, token=service.token, timeout=120) as c:
+            jobs = await asyncio.gather(*(c.submit(a, svc_media["video"]) for a in audios))
+            views = await asyncio.gather(*(j.wait(timeout=400, poll_s=1.0) for j in jobs))
+            outs = await asyncio.gather(*(j.download(tmp_path / f"o{i}.mp4") for i, j in enumerate(jobs)))
+            return jobs, views, outs
+
+    jobs, views, outs = asyncio.run(run())
+    assert len({j.id for j in jobs}) == 20
+    assert all(v.state.value == "succeeded" for v in views)
+    digests = set()
+    for out, seconds, view in zip(outs, lengths, views):
+        assert view.frames_total == expected_frames(seconds)
+        verify_mp4(out, seconds)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 20
+
+
+def test_sync_modes_output_lengths(service, svc_media, tmp_path):
+    """Length mismatch: 1 s template (25 frames) against 1.2 s and 0.6 s audios."""
+    from cluster.client import Client
+    from cluster.synth import speech_like, write_audio
+
+    short = write_audio(str(tmp_path / "short.wav"), speech_like(0.6, seed=21))
+    cases = [("cut_off", svc_media["audio"], 25, 1.0), ("silence", short, 25, 1.0),
+             ("remap", svc_media["audio"], 30, 1.2), ("silence", svc_media["audio"], 30, 1.2)]
+    with Client(service.url, token=service.token) as c:
+        jobs = [c.submit(audio, svc_media["video"], sync_mode=mode) for mode, audio, _, _ in cases]
+        fine, coarse = (c.submit(svc_media["audio"], svc_media["video"], crf=crf) for crf in (12, 45))
+        for job, (mode, _, frames, seconds) in zip(jobs, cases):
+            view = job.wait(timeout=180)
+            assert view.sync_mode == mode and view.frames_total == frames, (mode, view)
+            verify_mp4(job.download(tmp_path / f"{job.id}.mp4"), seconds, frames)
+        # output quality: a lower crf gives a larger file of the same length
+        assert fine.wait(timeout=180).output.size > 1.5 * coarse.wait(timeout=180).output.size
+
+
+def test_avatars_and_batches(service, svc_media, tmp_path):
+    """Prepare a template once, then a batch of audios against it, and a job by avatar_id."""
+    from cluster.client import Client
+    from cluster.synth import speech_like, write_audio
+
+    h = auth(service)
+    with httpx.Client(base_url=service.url, headers=h, timeout=120) as http:
+        with open(svc_media["video"], "rb") as v:
+            r = http.post("/v1/avatars", files={"video": ("face.mp4", v)})
+        assert r.status_code == 201, r.text
+        avatar = r.json()
+        assert avatar["frames"] == 25 and (avatar["width"], avatar["height"]) == (320, 240)
+        assert http.get(f"/v1/avatars/{avatar['id']}").json() == avatar
+        assert avatar["id"] in [a["id"] for a in http.get("/v1/avatars").json()]
+        nf = http.get("/v1/avatars/0123456789abcdef")
+        assert nf.status_code == 404 and nf.json()["error"]["code"] == "avatar.not_found"
+        audios = [write_audio(str(service.input_root / f"batch{i}.wav"), speech_like(0.8 + 0.2 * i, seed=40 + i))
+                  for i in range(3)]
+        r = http.post("/v1/batches", json={"id": "batch-1", "audios": audios, "avatar_id": avatar["id"]})
+        assert r.status_code == 202, r.text
+        batch = r.json()
+        assert batch["id"] == "batch-1" and len(batch["jobs"]) == 3
+        done = wait_until(lambda: (b := http.get("/v1/batches/batch-1").json())["state"] in ("succeeded", "failed")
+                          and b, 240, 0.5, "batch")
+        assert done["state"] == "succeeded" and done["counts"] == {"succeeded": 3} and done["progress"] == 1.0
+        for i, job in enumerate(done["jobs"]):
+            assert job["batch_id"] == "batch-1" and job["frames_total"] == expected_frames(0.8 + 0.2 * i)
+        too_many = http.post("/v1/batches", json={"audios": ["x"] * 101, "avatar_id": avatar["id"]})
+        assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "audios"
+    with Client(service.url, token=service.token) as c:
+        assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
+        job = c.submit(svc_media["audio"], avatar=avatar["id"])
+        view = job.wait(timeout=180)
+        verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
+        assert view.frames_total == expected_frames(svc_media["audio_seconds"])

@@ -1,0 +1,279 @@
+"""The hostile input corpus through the HTTP service (issue 12): `/v1` (multipart upload and JSON
+server paths), `/easy` and the SDK, plus hostile requests (malformed, oversized, unknown options,
+wrong types, a model that is a path, wrong or missing token, oversized and slow-drip uploads).
+Each gets a typed error within seconds; the service keeps serving; no temporary is left; nothing
+outside the input root is read (the corpus's canaries stay untouched)."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.corpus import CASES, REFUSAL_DEADLINE_S, build_corpus
+
+pytestmark = pytest.mark.service
+pytest.importorskip("cluster.client", reason="the HTTP service (issue 7) is not in this tree yet")
+
+ADMIT_CASES = [n for n, (_, code, stage) in CASES.items() if code and stage == "admit"]
+#: Codes a path outside the input roots may be refused with.
+OUTSIDE = {"input.unsafe", "input.outside_roots"}
+
+
+@pytest.fixture(scope="module")
+def svc_corpus(service):
+    """The corpus inside the service's input root (its escapes leave that root)."""
+    corpus = build_corpus(service.input_root / "hostile", service.root / "outside-hostile")
+    yield corpus
+    corpus.canaries.close()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"},
+                      timeout=60, trust_env=False) as client:
+        yield client
+
+
+def pair(corpus, name: str) -> tuple[str, str]:
+    case = corpus.cases[name]
+    audio = case.path if case.role == "audio" else corpus.speech
+    video = case.path if case.role == "video" else corpus.template
+    return str(audio), str(video)
+
+
+def service_temporaries(service) -> list[str]:
+    marks = (".tmp", ".pending", ".template-", ".part", "req-")
+    return sorted(str(p) for p in service.storage_root.rglob("*") if any(m in p.name for m in marks))
+
+
+def assert_refused(resp: httpx.Response, codes: set[str], elapsed: float) -> dict:
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:500])
+    err = resp.json()["error"]
+    assert err["code"] in codes, err
+    assert err["message"]
+    assert elapsed < REFUSAL_DEADLINE_S, elapsed
+    return err
+
+
+@pytest.mark.parametrize("name", ADMIT_CASES)
+def test_bad_upload_is_refused_with_its_code(service, http, svc_corpus, name):
+    case = svc_corpus.cases[name]
+    audio, video = pair(svc_corpus, name)
+    t0 = time.monotonic()
+    with open(audio, "rb") as a, open(video, "rb") as v:
+        r = http.post("/v1/jobs", files={"audio": (Path(audio).name, a), "video": (Path(video).name, v)})
+    err = assert_refused(r, {case.code}, time.monotonic() - t0)
+    assert err["field"] == case.role or case.role in err["message"], err  # which input it is
+    svc_corpus.canaries.assert_untouched(r.text)
+
+
+@pytest.mark.parametrize("name", ["empty_video", "truncated_mp4", "audio_as_video", "frames_8k", "hls_local",
+                                  "sdp_unsigned_as_mp4", "video_as_audio"])
+def test_bad_server_path_is_refused_with_its_code(http, svc_corpus, name):
+    case = svc_corpus.cases[name]
+    audio, video = pair(svc_corpus, name)
+    t0 = time.monotonic()
+    r = http.post("/v1/jobs", json={"audio": audio, "video": video})
+    err = assert_refused(r, {case.code}, time.monotonic() - t0)
+    assert err["field"] == case.role, err
+    svc_corpus.canaries.assert_untouched(r.text)
+
+
+def test_paths_outside_the_input_root_are_refused(http, svc_corpus):
+    """`..`, absolute, a symlink out: refused as outside the roots; nothing of the target is read."""
+    good_audio = str(svc_corpus.speech)
+    for name, path in svc_corpus.escapes.items():
+        if name == "hard_link_out":
+            continue  # see test_hard_link_out_of_the_root
+        for field in ("audio", "video"):
+            body = {"audio": good_audio, "video": str(svc_corpus.template), field: path}
+            t0 = time.monotonic()
+            r = http.post("/v1/jobs", json=body)
+            err = assert_refused(r, OUTSIDE, time.monotonic() - t0)
+            assert err["field"] == field, (name, err)
+            svc_corpus.canaries.assert_untouched(r.text)
+
+
+def test_hard_link_out_of_the_root(http, svc_corpus):
+    """A hard link inside the root to a file outside it: the secret it names is not media, so it
+    is refused as unreadable at worst; its content never reaches the answer."""
+    path = svc_corpus.escapes.get("hard_link_out")
+    if path is None:
+        pytest.skip("no hard link possible across these directories")
+    r = http.post("/v1/jobs", json={"audio": path, "video": str(svc_corpus.template)})
+    assert 400 <= r.status_code < 500, r.text
+    svc_corpus.canaries.assert_untouched(r.text)
+
+
+@pytest.mark.parametrize("name", ["empty_audio", "audio_as_video", "hls_network_as_mp4"])
+def test_compat_submit_refuses_bad_inputs(http, svc_corpus, name):
+    audio, video = pair(svc_corpus, name)
+    code = f"refused-{name}"
+    t0 = time.monotonic()
+    r = http.post("/easy/submit", json={"audio_url": audio, "video_url": video, "code": code, "pn": 1,
+                                        "chaofen": 0, "watermark_switch": 0, "digital_auth": 0})
+    assert r.status_code == 200, r.text
+    env = r.json()
+    if env["code"] == 10000:  # accepted, then it must fail with a reason, not hang
+        deadline = time.monotonic() + 60
+        while True:
+            q = http.get("/easy/query", params={"code": code}).json()
+            if q["data"]["status"] == 3:
+                assert q["data"]["msg"], q
+                break
+            assert q["data"]["status"] == 1 and time.monotonic() < deadline, q
+            time.sleep(0.5)
+    else:
+        assert env["code"] == 10002 and not env["success"] and env["msg"], env
+        assert time.monotonic() - t0 < REFUSAL_DEADLINE_S
+    svc_corpus.canaries.assert_untouched(r.text)
+
+
+def test_compat_submit_refuses_paths_outside_the_root(http, svc_corpus):
+    for name in ("dotdot", "absolute", "symlink_out", "etc_passwd"):
+        r = http.post("/easy/submit", json={"audio_url": svc_corpus.escapes[name], "video_url": str(svc_corpus.template),
+                                            "code": f"outside-{name}", "pn": 1})
+        env = r.json()
+        assert r.status_code == 200 and env["code"] == 10002, env
+        svc_corpus.canaries.assert_untouched(r.text)
+
+
+def test_loopback_urls_are_refused_and_never_fetched(http, svc_corpus):
+    """URL inputs naming this machine (the corpus's canary listener) in every spelling: refused by
+    the address guard, the listener never hears a connection. (Private, link-local and metadata
+    addresses are tested in a loopback-only network namespace: tests/test_url_guard.py.)"""
+    port = svc_corpus.canaries.port
+    for url in (f"http://127.0.0.1:{port}/a.wav", f"http://localhost:{port}/a.wav", f"http://[::1]:{port}/a.wav",
+                f"http://2130706433:{port}/a.wav", f"http://127.1:{port}/a.wav", f"http://0x7f000001:{port}/a.wav"):
+        t0 = time.monotonic()
+        r = http.post("/v1/jobs", json={"audio": url, "video": str(svc_corpus.template)})
+        err = assert_refused(r, {"input.unsafe"}, time.monotonic() - t0)
+        assert err["field"] == "audio", (url, err)
+        r = http.post("/easy/submit", json={"audio_url": url, "video_url": str(svc_corpus.template),
+                                            "code": f"url-{port}", "pn": 1})
+        assert r.json()["code"] == 10002, (url, r.text)
+    time.sleep(0.3)
+    svc_corpus.canaries.assert_untouched()
+
+
+@pytest.mark.parametrize("name", ["frames_20000x20", "ffconcat_as_mov", "text_as_mp4"])
+def test_sdk_raises_the_servers_code(service, svc_corpus, name):
+    from cluster.client import ApiError, Client
+
+    audio, video = pair(svc_corpus, name)
+    with Client(service.url, token=service.token) as client:
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as info:
+            client.submit(audio, video)
+    assert info.value.code == svc_corpus.cases[name].code
+    assert time.monotonic() - t0 < REFUSAL_DEADLINE_S
+
+
+def test_sdk_renders_a_tenth_of_a_second(service, svc_corpus, tmp_path):
+    from cluster.client import Client
+
+    from cluster.media.probe import probe
+
+    audio, video = pair(svc_corpus, "audio_0s1")
+    with Client(service.url, token=service.token) as client:
+        job = client.submit(audio, video)
+        job.wait(timeout=180)
+        out = job.download(tmp_path / "blip.mp4")
+    info = probe(out)
+    assert info.video.frame_count == 3 and info.audio.duration == pytest.approx(0.1, abs=0.07)
+
+
+# --- hostile requests ----------------------------------------------------------------------------
+def test_hostile_requests_get_typed_errors(service, http, svc_corpus):
+    audio, video = str(svc_corpus.speech), str(svc_corpus.template)
+    cases = [
+        ("malformed json", {"content": b'{"audio": "x", ', "headers": {"content-type": "application/json"}}, 422),
+        ("json array", {"json": [audio, video]}, 422),
+        ("wrong type", {"json": {"audio": 5, "video": video}}, 422),
+        ("unknown option", {"json": {"audio": audio, "video": video, "frobnicate": True}}, 422),
+        ("bad sync_mode", {"json": {"audio": audio, "video": video, "sync_mode": "sideways"}}, 422),
+        ("model is a path", {"json": {"audio": audio, "video": video, "model": "/etc/passwd"}}, 422),
+        ("model with ..", {"json": {"audio": audio, "video": video, "model": "../../models/x.onnx"}}, 422),
+        ("bad id", {"json": {"audio": audio, "video": video, "id": "../../etc"}}, 422),
+        ("file url", {"json": {"audio": "file:///etc/passwd", "video": video}}, 400),
+    ]
+    for what, kw, status in cases:
+        t0 = time.monotonic()
+        r = http.post("/v1/jobs", **kw)
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["code"].startswith(("input.", "model.")), (what, err)
+        assert time.monotonic() - t0 < REFUSAL_DEADLINE_S, what
+        assert "root:" not in r.text  # no /etc/passwd content
+    assert http.get("/readyz").status_code == 200
+
+
+def test_oversized_json_is_refused(http):
+    t0 = time.monotonic()
+    r = http.post("/v1/jobs", content=b'{"audio": "' + b"a" * (32 << 20) + b'"}',
+                  headers={"content-type": "application/json"})
+    assert r.status_code in (413, 422), r.status_code
+    assert r.json()["error"]["code"].startswith("input."), r.text[:300]
+    assert time.monotonic() - t0 < REFUSAL_DEADLINE_S + 10
+
+
+def test_wrong_or_missing_token_is_refused_everywhere(service):
+    with httpx.Client(base_url=service.url, timeout=30, trust_env=False) as anon:
+        for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
+                             ("GET", "/easy/query?code=x"), ("POST", "/easy/submit"), ("POST", "/upload"),
+                             ("GET", "/readyz")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {service.token}"},
+                            {"Authorization": f"Bearer {service.token}x"}):
+                r = anon.request(method, path, headers=headers)
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.json()["error"]["code"] == "auth.invalid_token"
+                assert service.token not in r.text
+        assert anon.get("/healthz").status_code == 200
+    assert service.token not in service.tail(1 << 20)  # never logged
+
+
+def test_upload_beyond_the_limit_is_refused_while_streaming(service, http, svc_corpus):
+    limit = int(service.env()["LIPSYNC_MAX_UPLOAD_BYTES"])
+    big = service.root / "big.mp4"
+    big.write_bytes(svc_corpus.template.read_bytes() + b"\0" * (limit + 1))
+    t0 = time.monotonic()
+    with open(svc_corpus.speech, "rb") as a, open(big, "rb") as v:
+        r = http.post("/v1/jobs", files={"audio": ("a.wav", a), "video": ("v.mp4", v)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "input.too_large", r.text[:300]
+    assert time.monotonic() - t0 < REFUSAL_DEADLINE_S
+    big.unlink()
+
+
+def test_slow_drip_upload_does_not_hold_the_service(service, http):
+    """A client sends a multipart upload one byte at a time and stalls: the service answers other
+    requests meanwhile, and the stalled upload leaves nothing behind once dropped."""
+    host, port = service.url.removeprefix("http://").split(":")
+    body_head = (b"--B\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n"
+                 b"Content-Type: application/octet-stream\r\n\r\nRIFF")
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {service.token}\r\n"
+            f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        for byte in body_head[:40]:
+            s.send(bytes([byte]))
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        assert http.get("/readyz").status_code == 200  # others are served while it drips
+        assert http.get("/v1/jobs", params={"limit": 1}).status_code == 200
+        assert time.monotonic() - t0 < 10
+    time.sleep(1.0)
+    assert not service_temporaries(service), service_temporaries(service)
+
+
+def test_the_service_keeps_serving_and_left_no_temporaries(service, http, svc_corpus):
+    assert http.get("/readyz").status_code == 200
+    assert not service_temporaries(service), service_temporaries(service)
+    svc_corpus.canaries.assert_untouched(service.tail(1 << 20))
+    listed = http.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
+    assert all(j["state"] in ("succeeded", "failed", "cancelled", "queued", "preparing", "rendering",
+                              "finalizing") for j in listed)
+    json.dumps(listed)
