@@ -71,7 +71,17 @@ class WarmService:
         from cluster.config import Settings
 
         self.settings = Settings(storage_root=storage_root)
-        connect(self.settings)
+        for attempt in range(3):  # Ray's own start-up can time out on an overloaded machine
+            try:
+                connect(self.settings)
+                break
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                print("[bench] Ray start-up timed out (machine overloaded); again", flush=True)
+                import ray
+
+                ray.shutdown()
         self.rt = Runtime(self.settings)
         self.rt.ready(timeout=300)
 

@@ -102,7 +102,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     if quick:
         secs, size, template_s, models = (seconds or [4.0])[0], (640, 360), 2.0, models or ["builtin"]
     else:
-        secs, size, template_s, models = (seconds or [12.0])[0], (1280, 720), 10.0, models or list(MODELS)
+        secs, size, template_s, models = (seconds or [8.0])[0], (1280, 720), 10.0, models or list(MODELS)
     cores = len(os.sched_getaffinity(0))
     inp = make_inputs(secs, size, template_s)
     CACHE.mkdir(parents=True, exist_ok=True)

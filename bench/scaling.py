@@ -52,7 +52,16 @@ def one_k(k: int, seconds: float, work: Path, batch_size: int) -> dict:
                  batch_size=batch_size, chunk_seconds=2.0, max_inflight_per_worker=2)
     inp = make_inputs(seconds, (320, 240), 2.0)
     prepare_avatar(inp.video, s)  # prepared avatar: the render phase is what scales
-    ray.init(address="local", num_cpus=2 * k + 2, num_gpus=k, namespace=s.namespace, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # Ray's own start-up can time out on an overloaded machine
+        try:
+            ray.init(address="local", num_cpus=2 * k + 2, num_gpus=k, namespace=s.namespace,
+                     include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            print(f"[scaling] k={k}: Ray start-up timed out (machine overloaded); again", flush=True)
+            ray.shutdown()
     try:
         rt = Runtime(s)
         rt.ready(timeout=300)
