@@ -54,7 +54,7 @@ def test_decoded_frames_round_trip_through_the_segment_encoder(tmp_path, astrona
 def test_bench_cli_lists_the_five_benchmarks():
     from bench.__main__ import BENCHMARKS, build_parser
 
-    assert list(BENCHMARKS) == ["classic", "floor", "scaling", "first_segment", "concurrency"]
+    assert {"classic", "floor", "scaling", "first_segment", "concurrency"} <= set(BENCHMARKS)
     args = build_parser().parse_args(["floor", "--quick", "--model", "builtin"])
     assert args.quick and args.model == ["builtin"]
     with pytest.raises(SystemExit):
