@@ -92,8 +92,16 @@ class LocalCluster:
                      '--system-config={"metrics_report_interval_ms": 1000}', *head_args], "head")
         wait_until(lambda: self._started("head"), 120, 0.2, "the Ray head")
         # A worker node like a KubeRay worker pod: 2 logical CPUs, a model worker and a compositor.
-        self._start([f"--address={self.address}", "--num-cpus=2", "--object-store-memory=150000000"], "worker")
-        wait_until(lambda: self._started("worker"), 120, 0.2, "the Ray worker node")
+        for attempt in range(2):  # Ray gives a raylet 30 s to register: a loaded machine can miss that once
+            self._start([f"--address={self.address}", "--num-cpus=2", "--object-store-memory=150000000"], "worker")
+            try:
+                wait_until(lambda: self._started("worker"), 120, 0.2, "the Ray worker node")
+                return
+            except AssertionError:
+                if attempt:
+                    raise
+                self._kill(self.procs.pop())
+                self.metrics_ports.pop()
 
     def _started(self, name: str) -> bool:
         """`ray start --block` has printed that its node runs (it has registered with the GCS)."""
@@ -121,24 +129,27 @@ class LocalCluster:
                 texts.append(response.read().decode())
         return "\n".join(texts)
 
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        """SIGKILL one `ray start` process group; nothing of it may be left behind."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"processes of group {proc.pid} survived SIGKILL")
+
     def stop(self) -> None:
         """Kill exactly the process groups this cluster started (raylets, GCS, workers, agents)."""
         for proc in reversed(self.procs):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        for proc in self.procs:  # nothing of the group may be left behind
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"processes of group {proc.pid} survived SIGKILL")
+            self._kill(proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
