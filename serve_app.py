@@ -36,11 +36,25 @@ from cluster.config import Settings
 from cluster.errors import InputError, InputNotFound, InputTooLarge, JobNotFound, LipsyncError
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
+from cluster.schemas import (
+    JOB_ID_PATTERN,
+    ApiError,
+    AvatarCreate,
+    AvatarView,
+    BatchCreate,
+    BatchView,
+    CompatData,
+    CompatEnvelope,
+    CompatSubmit,
+    JobAccepted,
+    JobCreate,
+    JobPage,
+    JobState,
+    JobStatus,
+    JobView,
+    RenderRequest,
+)
 from cluster.views import job_view, output_size
-from cluster.schemas import (JOB_ID_PATTERN, ApiError, AvatarCreate, AvatarView, BatchCreate, BatchView, CompatData,
-                             CompatEnvelope,
-                             CompatSubmit, JobAccepted, JobCreate, JobPage, JobState, JobStatus, JobView,
-                             RenderRequest)
 
 log = logging.getLogger("lipsync.service")
 
@@ -457,7 +471,8 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, tags=["jobs"], dependencies=auth,
               responses=err_responses, summary="Submit a job (multipart upload, or JSON with URLs/paths)",
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+                  "application/json": {
+                      "schema": JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
                   "multipart/form-data": {"schema": {"type": "object", "required": ["audio"], "properties": {
                       "audio": {"type": "string", "format": "binary"}, "video": {"type": "string", "format": "binary"},
                       "avatar_id": {"type": "string"}, "id": {"type": "string"}, "sync_mode": {"type": "string"},
@@ -558,7 +573,8 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         return await svc.result_response(request, job_id)
 
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"], dependencies=auth,
-                   responses={**err_responses, 200: {"content": {"video/mp4": {}}}, 206: {"content": {"video/mp4": {}}}},
+                   responses={**err_responses, 200: {"content": {"video/mp4": {}}},
+                              206: {"content": {"video/mp4": {}}}},
                    summary="The output mp4 (Range, ETag); 409 until the job has succeeded",
                    response_class=StreamingResponse)
     async def job_result(job_id: str, request: Request) -> Response:

@@ -16,10 +16,10 @@ import ray
 
 from actors import metrics
 from actors.calls import Kind, outcome
+from actors.jobs import StaleAttempt
 from actors.supervision import Supervisor, TaskSet
 from cluster import logs
 from cluster.config import Settings
-from actors.jobs import StaleAttempt
 from cluster.errors import ChunkFailed, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
 from cluster.scheduling import FairQueue, Health, Member
 from cluster.schemas import Chunk

@@ -16,10 +16,19 @@ from actors.supervision import Supervisor, TaskSet
 from cluster import logs
 from cluster.config import Settings
 from cluster.errors import ChunkFailed, JobCancelled, LipsyncError, RenderError, RenderTimeout, WorkerLost
-from cluster.jobstore import JobStore
 from cluster.fsutil import write_atomic
-from cluster.render import (BLOB_FIELDS, ChunkResult, JobPlan, check_plan_files, commit_output, discard_output,
-                            output_path_for, prepare_deadline, with_blobs)
+from cluster.jobstore import JobStore
+from cluster.render import (
+    BLOB_FIELDS,
+    ChunkResult,
+    JobPlan,
+    check_plan_files,
+    commit_output,
+    discard_output,
+    output_path_for,
+    prepare_deadline,
+    with_blobs,
+)
 from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus
 
 if TYPE_CHECKING:

@@ -26,7 +26,16 @@ from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
 from cluster.config import Settings
-from cluster.errors import InputsGone, JobAbandoned, JobConflict, JobNotReady, LipsyncError, OutputPathInUse, PlacementError, RenderError
+from cluster.errors import (
+    InputsGone,
+    JobAbandoned,
+    JobConflict,
+    JobNotReady,
+    LipsyncError,
+    OutputPathInUse,
+    PlacementError,
+    RenderError,
+)
 from cluster.inputs import UploadStore
 from cluster.jobstore import JobStore
 from cluster.owners import identity_gone

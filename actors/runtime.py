@@ -182,7 +182,8 @@ class Runtime:
         received = 0
         with atomic_writer(dest) as f:
             while True:
-                data = self.call("read_output", job_id, received, part, timeout=max(60.0, self.settings.actor_call_timeout_s))
+                data = self.call("read_output", job_id, received, part,
+                                 timeout=max(60.0, self.settings.actor_call_timeout_s))
                 if not data:
                     break
                 f.write(data)

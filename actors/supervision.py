@@ -123,13 +123,14 @@ class Supervisor:
 
     async def _resize(self, table: WorkerTable, prefix: str, want: int, factory_for) -> None:
         have = len(table.members)
-        for i in range(have, want):
+        for _ in range(have, want):
             name = next(f"{prefix}{k}" for k in range(10_000) if f"{prefix}{k}" not in table.members)
             log.info("the cluster has room for %s: adding it", name)
             self._add(table, name, factory_for(name))
         surplus = have - want
-        for member in [m for m in table.members.values() if m.health in (Health.lost, Health.starting)
-                       and time.monotonic() - (m.lost_at or m.created_at) > self.s.stall_timeout_s / 4][:max(0, surplus)]:
+        stale = [m for m in table.members.values() if m.health in (Health.lost, Health.starting)
+                 and time.monotonic() - (m.lost_at or m.created_at) > self.s.stall_timeout_s / 4]
+        for member in stale[:max(0, surplus)]:
             log.warning("dropping %s: not live and the cluster no longer has room for it", member.name)
             await table.remove(member.name)
             self._factories.pop(member.name, None)

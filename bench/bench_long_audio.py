@@ -68,12 +68,15 @@ def main() -> None:
             rows.append(r)
             print(f"{minutes:6.1f} min audio: {r['frames']:6d} frames in {r['seconds']:7.1f} s "
                   f"({r['frames'] / r['seconds']:6.1f} fps), peak RSS {r['rss_mb']:7.1f} MB, "
-                  f"ffmpeg children peak {r['children_rss_mb']:6.1f} MB, process+children peak {r['total_rss_mb']:7.1f} MB "
+                  f"ffmpeg children peak {r['children_rss_mb']:6.1f} MB, "
+                  f"process+children peak {r['total_rss_mb']:7.1f} MB "
                   f"(wall {time.time() - t0:.0f} s)")
         base = rows[0]
         for r in rows[1:]:
-            print(f"ratio {r['minutes']:.0f} min / {base['minutes']:.0f} min: audio x{r['minutes'] / base['minutes']:.0f}, "
-                  f"peak RSS x{r['rss_mb'] / base['rss_mb']:.2f}, ffmpeg children x{r['children_rss_mb'] / base['children_rss_mb']:.2f}, "
+            print(f"ratio {r['minutes']:.0f} min / {base['minutes']:.0f} min: "
+                  f"audio x{r['minutes'] / base['minutes']:.0f}, "
+                  f"peak RSS x{r['rss_mb'] / base['rss_mb']:.2f}, "
+                  f"ffmpeg children x{r['children_rss_mb'] / base['children_rss_mb']:.2f}, "
                   f"process+children x{r['total_rss_mb'] / base['total_rss_mb']:.2f}")
 
 

@@ -69,8 +69,16 @@ def main() -> None:
     from cluster.media.decode import TemplateReader, iter_frames
     from cluster.models import load_model
     from cluster.plan import template_indices
-    from cluster.quality import (best_lag, chin_motion, lip_sharpness, loudest, mouth_motion, pearson,
-                                 psnr_outside_mask, seam_score)
+    from cluster.quality import (
+        best_lag,
+        chin_motion,
+        lip_sharpness,
+        loudest,
+        mouth_motion,
+        pearson,
+        psnr_outside_mask,
+        seam_score,
+    )
     try:  # added with issue 10's built-in model; absent when measuring an older checkout
         from cluster.quality import lip_texture_ratio
     except ImportError:

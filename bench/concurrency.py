@@ -32,7 +32,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         for m in models:
             spec = model_spec(m)
 
-            def req(name: str) -> RenderRequest:
+            def req(name: str, spec=spec) -> RenderRequest:
                 return RenderRequest(audio=inp.audio, video=inp.video, model=spec, output=str(work / f"{name}.mp4"))
 
             service.render(inp.audio, inp.video, spec, str(work / "prepare.mp4"))  # avatar + model ready

@@ -74,7 +74,7 @@ def _bench_model(path: str, settings, providers: list, batches, iters: int) -> l
         shapes = []
         run = model._run
 
-        def spy(mel, faces):
+        def spy(mel, faces, shapes=shapes, run=run):
             shapes.append(mel.shape[0])
             return run(mel, faces)
 
@@ -115,8 +115,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from cluster.config import Settings
-    from cluster.models.providers import (CUDA, TENSORRT, device_facts, provider_name, select_providers,
-                                          uses_gpu)
+    from cluster.models.providers import CUDA, TENSORRT, device_facts, provider_name, select_providers, uses_gpu
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out) / f"gpu_check-{stamp}.json"
@@ -206,7 +205,8 @@ def _render(work: Path, model: Path, gpus_per_worker: float | None) -> dict:
     wall = time.monotonic() - t0
     logs = (p.stdout + p.stderr).splitlines()
     workers = [ln for ln in logs if "model worker" in ln and "providers=" in ln]
-    return {"exit": p.returncode, "wall_s": round(wall, 1), "frames": 300, "frames_per_s_incl_startup": round(300 / wall, 1),
+    return {"exit": p.returncode, "wall_s": round(wall, 1), "frames": 300,
+            "frames_per_s_incl_startup": round(300 / wall, 1),
             "worker_lines": workers[-4:], "tail": logs[-5:] if p.returncode else []}
 
 

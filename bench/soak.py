@@ -22,9 +22,8 @@ RESULTS = REPO / "bench" / "results"
 
 
 def run(quick: bool = False, **_) -> dict:
-    from tests.service_process import ServiceProcess
-
     from cluster.synth import astronaut_template, speech_like, write_audio
+    from tests.service_process import ServiceProcess
     from tests.soak import run_soak
 
     jobs, threads = (50, 5) if quick else (300, 8)

@@ -35,7 +35,8 @@ def _model_spec(model: str) -> str:
 
 
 def _fail_line(err: ErrorInfo) -> str:
-    where = f" (stage {err.stage}" + (f", chunk {err.chunk}" if err.chunk is not None else "") + ")" if err.stage else ""
+    chunk = f", chunk {err.chunk}" if err.chunk is not None else ""
+    where = f" (stage {err.stage}{chunk})" if err.stage else ""
     return f"lipsync: error: {err.code}: {err.message}{where}"
 
 

@@ -292,7 +292,7 @@ class Client(_Base):
                             f.write(block)
                 if part.stat().st_size == size:
                     break
-            except (httpx.TransportError,) as e:
+            except httpx.TransportError as e:
                 if attempt >= self.retries:
                     raise ApiError(0, "connection.failed", f"download of {job_id} failed: {e!r}") from e
                 time.sleep(_retry_delay(attempt, None, self.backoff_s))

@@ -24,7 +24,8 @@ FIELDS = ("job_id", "chunk", "actor", "node")
 MAX_MESSAGE_CHARS = 4000
 SECRET_ENV = ("LIPSYNC_API_TOKEN", "RAY_AUTH_TOKEN")
 
-_context: contextvars.ContextVar[dict] = contextvars.ContextVar("lipsync_log_context", default={})
+# No default: a shared mutable default would be one dict for every context; `.get({})` reads it.
+_context: contextvars.ContextVar[dict] = contextvars.ContextVar("lipsync_log_context")
 _process: dict[str, str] = {}
 _secrets: set[str] = set()
 _HANDLER_NAME = "lipsync-structured"
@@ -48,7 +49,7 @@ def set_process_context(actor: str | None = None, node: str | None = None) -> No
 def log_context(**fields: object) -> Iterator[None]:
     """Lines logged inside the block carry `fields` (job_id, chunk, ...); nests, and follows
     asyncio tasks created inside it."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _context.set({**_context.get({}), **{k: v for k, v in fields.items() if v is not None}})
     try:
         yield
     finally:
@@ -57,7 +58,7 @@ def log_context(**fields: object) -> Iterator[None]:
 
 def bind(**fields: object) -> None:
     """Set context fields for the rest of the current task/thread (e.g. at the top of an asyncio task)."""
-    _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    _context.set({**_context.get({}), **{k: v for k, v in fields.items() if v is not None}})
 
 
 def set_context(**fields: object) -> None:
@@ -75,7 +76,7 @@ def redact(text: str) -> str:
 
 def _fields(record: logging.LogRecord) -> dict:
     out: dict = {}
-    ctx = _context.get()
+    ctx = _context.get({})
     for key in FIELDS:
         value = getattr(record, key, None)
         if value is None:

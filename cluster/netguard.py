@@ -113,7 +113,7 @@ def _guarded_requests(method: str, url: str, *, allow_private: bool, timeout_s: 
                       resolve: Resolver, connect: Connector, field: str, **kw):
     """Yield-free helper: performs `method` following redirects by hand, each hop checked."""
     deadline = time.monotonic() + timeout_s
-    for hop in range(max_redirects + 1):
+    for _ in range(max_redirects + 1):
         _, _, address = check_url(url, allow_private=allow_private, resolve=resolve, field=field)
         left = deadline - time.monotonic()
         if left <= 0:

@@ -181,7 +181,8 @@ def seam_score(output_frames: np.ndarray, matrices: np.ndarray, size: int) -> fl
     The ring (the feather, plus 2 px on either side) is cut into 1-pixel bands that follow the
     mask's edge; a frame's value is that of its band with the highest median gradient: a seam runs
     along a band and raises most of its pixels, while the content's own edges (a jaw line, a
-    collar) cross the bands and raise few, so the median sees the seam and not the content. Natural content gives about 0.5-1; a hard pasted edge of a few tens of levels gives
+    collar) cross the bands and raise few, so the median sees the seam and not the content.
+    Natural content gives about 0.5-1; a hard pasted edge of a few tens of levels gives
     several times more. Edges elsewhere (e.g. a pasted crop rectangle far outside the mask) are
     not measured. NaN when no frame has a ring and a face inside the frame.
     """
@@ -267,7 +268,8 @@ def lip_texture_ratio(output_frames: np.ndarray, template_frames: np.ndarray, ma
         if b is None:
             continue
         x0, y0, x1, y1 = b
-        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY) for f in (out, tmpl))
+        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+                         for f in (out, tmpl))
         inside = (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
         keep = cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
         if keep.sum() >= 16:

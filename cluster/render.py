@@ -21,8 +21,8 @@ from pydantic import BaseModel, Field
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.fsutil import atomic_writer
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.fsutil import atomic_writer
 from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -167,7 +167,8 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
         if video is None and request.avatar_id is None:
             raise InputNotFound("a job needs a template video or an avatar_id")
     except LipsyncError as e:
-        raise _name_sources(e, request)
+        _name_sources(e, request)
+        raise
     return audio, video
 
 
@@ -189,7 +190,8 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
         try:
             path = str(resolve_input(given, s))
         except LipsyncError as e:
-            raise _name_sources(e, request).with_context(job_id=job_id, stage="admit")
+            _name_sources(e, request).with_context(job_id=job_id, stage="admit")
+            raise
         resolved[key] = path
         sources[path] = request.sources.get(given, given)
     return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
@@ -253,7 +255,8 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
             avatar = load_avatar(request.avatar_id, s)
         wav = load_audio(request.audio, s)
     except LipsyncError as e:
-        raise _name_sources(e, request).with_context(job_id=job_id, stage="prepare")
+        _name_sources(e, request).with_context(job_id=job_id, stage="prepare")
+        raise
     vinfo = avatar.info.video
     assert vinfo is not None
     fps = vinfo.fps
@@ -324,11 +327,11 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     is written under a unique temporary name and renamed into place only when complete, so a
     killed attempt never leaves a segment that looks finished.
     """
+    from cluster.audio import mel_windows
     from cluster.faces.align import crop_matrices, cut_crops, paste_back
     from cluster.faces.track import FaceTrack
     from cluster.media.decode import TemplateReader
     from cluster.media.encode import SegmentEncoder
-    from cluster.audio import mel_windows
     from cluster.plan import template_indices
 
     s = settings or get_settings()
@@ -375,7 +378,8 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
         os.replace(tmp, final)
     except LipsyncError as e:
         tmp.unlink(missing_ok=True)
-        raise e.with_context(job_id=plan.job_id, chunk=chunk.index, stage="render")
+        e.with_context(job_id=plan.job_id, chunk=chunk.index, stage="render")
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -432,7 +436,8 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
             info = finalize_output(segments, plan.audio_path, str(pending), frames_expected=plan.frames_total,
                                    fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
         except LipsyncError as e:
-            raise e.with_context(job_id=plan.job_id, stage="finalize")
+            e.with_context(job_id=plan.job_id, stage="finalize")
+            raise
     if commit:
         commit_output(plan, s)
         info = info.model_copy(update={"path": str(out)})

@@ -35,7 +35,8 @@ from tests.helpers import decode_all, wait_until
 # The model answers like a remote accelerator (150 ms per frame, slept; crops returned unchanged),
 # so the job lasts long enough for a node to join mid-job however fast this machine renders.
 MODEL = "latency:150"
-SETTINGS = dict(model=MODEL, chunk_seconds=0.5, batch_size=4, batch_timeout_s=10.0, stall_timeout_s=60.0, max_chunk_attempts=2,
+SETTINGS = dict(model=MODEL, chunk_seconds=0.5, batch_size=4, batch_timeout_s=10.0, stall_timeout_s=60.0,
+                max_chunk_attempts=2,
                 actor_call_timeout_s=30.0, max_inflight_per_worker=1, pool_reconcile_s=1.0)
 
 

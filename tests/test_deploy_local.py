@@ -118,7 +118,8 @@ class LocalCluster:
         proc = subprocess.run(args, env={**self.env, "RAY_ADDRESS": self.address, **env}, cwd=self.tmp,
                               capture_output=True, text=True, timeout=timeout)
         if check:
-            assert proc.returncode == 0, f"{args[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            assert proc.returncode == 0, (
+                f"{args[:3]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         return proc
 
     def scrape(self) -> str:

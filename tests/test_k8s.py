@@ -228,7 +228,7 @@ def test_cluster_layout(overlay):
 
 
 def test_gpu_overlay_has_a_gpu_worker_group_and_cpu_overlay_none():
-    for name, spec in cluster_specs(render("gpu")):
+    for _, spec in cluster_specs(render("gpu")):
         names = [g for g, _ in groups(spec)]
         assert names == ["head", "model-workers", "compositors"]
         gpu_group = dict(groups(spec))["model-workers"]
@@ -272,6 +272,7 @@ def test_service_probes_and_podmonitor(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serve_config_validates_with_rays_schema(overlay):
+    import pydantic
     from ray.serve.schema import ServeDeploySchema
 
     (service,) = of_kind(render(overlay), "RayService")
@@ -282,8 +283,9 @@ def test_serve_config_validates_with_rays_schema(overlay):
     (ingress,) = app.deployments
     assert ingress.name == "lipsync-ingress"
     assert ingress.ray_actor_options.resources == {HEAD_RESOURCE: 0.01}
-    with pytest.raises(Exception):
-        ServeDeploySchema.model_validate({**yaml.safe_load(service["spec"]["serveConfigV2"]), "proxy_location": "Nowhere"})
+    with pytest.raises(pydantic.ValidationError, match="proxy_location"):
+        ServeDeploySchema.model_validate({**yaml.safe_load(service["spec"]["serveConfigV2"]),
+                                          "proxy_location": "Nowhere"})
 
 
 def test_operations_doc_matches_the_manifests():
@@ -292,7 +294,7 @@ def test_operations_doc_matches_the_manifests():
     names = set(SECRETS) | {HEAD_RESOURCE, "lipsync-api", "lipsync-storage", "lipsync-batch-storage",
                             "lipsync-batch", "model-workers", "compositors", "k8s/grafana/lipsync.json"}
     for overlay in OVERLAYS:
-        for name, spec in cluster_specs(render(overlay)):
+        for _, spec in cluster_specs(render(overlay)):
             names |= {g for g, _ in groups(spec) if g != "head"}
     missing = sorted(n for n in names if n not in doc)
     assert not missing, f"docs/OPERATIONS.md does not mention {missing}"

@@ -24,8 +24,18 @@ from cluster.faces.avatar import prepare_avatar
 from cluster.media.decode import TemplateReader
 from cluster.models import load_model
 from cluster.plan import template_indices
-from cluster.quality import (best_lag, chin_motion, frame_paste_mask, lip_sharpness, lip_texture_ratio, loudest,
-                             mouth_motion, pearson, psnr_outside_mask, seam_score)
+from cluster.quality import (
+    best_lag,
+    chin_motion,
+    frame_paste_mask,
+    lip_sharpness,
+    lip_texture_ratio,
+    loudest,
+    mouth_motion,
+    pearson,
+    psnr_outside_mask,
+    seam_score,
+)
 from cluster.render import render_local
 from cluster.schemas import RenderRequest
 from cluster.synth import astronaut_template, speech_like, write_audio
@@ -206,7 +216,8 @@ def test_the_chin_moves_with_the_speech(case):
 
 
 def test_lips_keep_their_sharpness_while_they_move(case):
-    ratio = lip_sharpness(case.output, case.matrices, case.size) / lip_sharpness(case.template, case.matrices, case.size)
+    ratio = (lip_sharpness(case.output, case.matrices, case.size)
+             / lip_sharpness(case.template, case.matrices, case.size))
     texture = lip_texture_ratio(case.output, case.template, case.matrices, case.size)  # open mouth left out
     top = loudest(case.energy, 0.2)
     print(f"\n[quality] lip sharpness, output / template: loudest fifth {np.median(ratio[top]):.3f} "

@@ -13,9 +13,19 @@ import numpy as np
 import pytest
 
 from cluster.config import Settings
-from cluster.errors import (EncodeError, InputNotFound, InputTooLarge, InputTooLong,
-                            InputUnreadable, MediaError, NoAudioStream, NoVideoStream,
-                            OutputVerificationError, RenderTimeout, UnsafeInput)
+from cluster.errors import (
+    EncodeError,
+    InputNotFound,
+    InputTooLarge,
+    InputTooLong,
+    InputUnreadable,
+    MediaError,
+    NoAudioStream,
+    NoVideoStream,
+    OutputVerificationError,
+    RenderTimeout,
+    UnsafeInput,
+)
 from cluster.media.decode import TemplateReader, iter_frames
 from cluster.media.encode import SegmentEncoder
 from cluster.media.ffmpeg import ffmpeg_binary, ffmpeg_has_encoder, input_args, run_ffmpeg

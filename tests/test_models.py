@@ -13,13 +13,32 @@ from onnx import TensorProto, helper, numpy_helper
 from cluster.config import Settings
 from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
 from cluster.faces import canonical
-from cluster.models import LipSyncModel, build_builtin_model, builtin_model_path, load_model
+from cluster.models import (
+    LipSyncModel,
+    ReplicatedModel,
+    build_builtin_model,
+    builtin_model_path,
+    crop_for_spec,
+    crop_recipe,
+    list_models,
+    load_model,
+    load_model_on_devices,
+)
 from cluster.models import builtin as builtin_mod
-from cluster.models import ReplicatedModel, crop_for_spec, crop_recipe, list_models, load_model_on_devices
 from cluster.models.adapter import contract_from_file
-from cluster.models.providers import (CPU, CUDA, TENSORRT, DeviceFacts, active_providers, cuda_device_count,
-                                      device_facts, device_ordinals, parse_providers, provider_name,
-                                      select_providers, tensorrt_profiles)
+from cluster.models.providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    DeviceFacts,
+    active_providers,
+    cuda_device_count,
+    device_ordinals,
+    parse_providers,
+    provider_name,
+    select_providers,
+    tensorrt_profiles,
+)
 
 CPU_ONLY = [CPU]
 
@@ -117,7 +136,8 @@ def test_public_export_layouts_load_and_generate(tmp_path, mel_name, face_name, 
     for i in range(3):
         np.testing.assert_array_equal(model.generate(mel[i:i + 1], crops[i:i + 1])[0], out[i])
     # the mel input is really wired to the mel role: other mel, other output
-    assert not np.array_equal(model.generate(np.full_like(mel, 4.0), crops), model.generate(np.full_like(mel, -4.0), crops))
+    assert not np.array_equal(model.generate(np.full_like(mel, 4.0), crops),
+                              model.generate(np.full_like(mel, -4.0), crops))
     assert model.warmup() >= 0
 
 
@@ -198,7 +218,8 @@ def test_infer_validates_shapes_and_wraps_runtime_errors(tmp_path):
         model.infer(np.zeros((2, 1, 80, 16), np.float32), np.zeros((3, 6, 96, 96), np.float32))
     with pytest.raises(ModelInferenceError, match="uint8"):
         model.generate(np.zeros((1, 1, 80, 16), np.float32), np.zeros((1, 96, 96, 3), np.float32))
-    assert model.generate(np.zeros((0, 1, 80, 16), np.float32), np.zeros((0, 96, 96, 3), np.uint8)).shape == (0, 96, 96, 3)
+    empty = model.generate(np.zeros((0, 1, 80, 16), np.float32), np.zeros((0, 96, 96, 3), np.uint8))
+    assert empty.shape == (0, 96, 96, 3)
 
     # a model whose graph only works for batch 1 although it declares a dynamic batch
     m = onnx.load(model.path)
@@ -314,7 +335,8 @@ def test_builtin_graph_is_valid_onnx_with_the_wav2lip_contract():
         assert {o.domain: o.version for o in model.opset_import}[""] >= 16
         inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
         assert inputs == {"mel_spectrogram": ["batch", 1, 80, 16], "video_frames": ["batch", 6, size, size]}
-        assert [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == ["batch", 3, size, size]
+        out_dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+        assert out_dims == ["batch", 3, size, size]
     assert build_builtin_model(96).SerializeToString() == build_builtin_model(96).SerializeToString()
 
 
@@ -622,11 +644,10 @@ def test_lipsync_models_lists_the_model_directory(tmp_path):
 def test_a_96_export_renders_with_the_wav2lip_crop(tmp_path, astronaut_video, speech_wav):
     """End to end with an identity-contract S=96 export: the job's plan takes the model's crop
     (wav2lip), a job may ask for the other, and the rendered video is the template."""
+    from cluster.config import get_settings
     from cluster.render import admit, prepare_job, render_local
     from cluster.schemas import RenderRequest
     from tests.helpers import decode_all
-
-    from cluster.config import get_settings
 
     s = get_settings()  # the session's storage: the avatar is prepared once for every test
     identity = channel_picker(tmp_path / "identity96.onnx", 96, 3)
@@ -634,7 +655,8 @@ def test_a_96_export_renders_with_the_wav2lip_crop(tmp_path, astronaut_video, sp
     req = RenderRequest(audio=speech_wav, video=astronaut_video, model=identity, output=str(tmp_path / "out.mp4"))
     plan = prepare_job("j1", admit("j1", req, s), s, model_size=96)
     assert plan.crop == "wav2lip"
-    assert prepare_job("j2", admit("j2", req.model_copy(update={"crop": "aligned"}), s), s, model_size=96).crop == "aligned"
+    aligned = req.model_copy(update={"crop": "aligned"})
+    assert prepare_job("j2", admit("j2", aligned, s), s, model_size=96).crop == "aligned"
     render_local(req, s, model=model)
     out, template = decode_all(str(tmp_path / "out.mp4")), decode_all(astronaut_video)
     k = min(len(template), len(out))

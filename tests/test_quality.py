@@ -7,8 +7,15 @@ import cv2
 import numpy as np
 import pytest
 
-from cluster.quality import (best_lag, frame_mouth_region, frame_paste_mask, mouth_motion, pearson,
-                             psnr_outside_mask, seam_score)
+from cluster.quality import (
+    best_lag,
+    frame_mouth_region,
+    frame_paste_mask,
+    mouth_motion,
+    pearson,
+    psnr_outside_mask,
+    seam_score,
+)
 
 SIZE = 96
 H, W = 240, 320
@@ -75,7 +82,8 @@ def test_psnr_outside_mask(scene):
     assert psnr_outside_mask(inside, frames, matrices, SIZE) == math.inf
     # one changed pixel outside does, with the textbook value
     outside = frames.copy()
-    outside[0, 2, 3] = frames[0, 2, 3].astype(int) + np.array([20, -20, 10]).clip(-frames[0, 2, 3], 255 - frames[0, 2, 3])
+    outside[0, 2, 3] = (frames[0, 2, 3].astype(int)
+                        + np.array([20, -20, 10]).clip(-frames[0, 2, 3], 255 - frames[0, 2, 3]))
     zero = sum(int((frame_paste_mask(frames.shape[1:3], m, SIZE) <= 0).sum()) for m in matrices)
     sq = float(((outside[0, 2, 3].astype(float) - frames[0, 2, 3]) ** 2).sum())
     expected = 10 * math.log10(255 ** 2 / (sq / (zero * 3)))

@@ -24,8 +24,7 @@ from cluster.media.encode import SegmentEncoder
 from cluster.media.finalize import verify_output
 from cluster.media.probe import count_video_frames, probe
 from cluster.quality import pearson
-from cluster.render import (admit, finalize_job, job_dir, new_job_id, prepare_job, render_chunk,
-                            render_local)
+from cluster.render import admit, finalize_job, job_dir, new_job_id, prepare_job, render_chunk, render_local
 from cluster.schemas import MediaInfo, RenderRequest
 from cluster.synth import astronaut_template, speech_like, write_audio
 from tests.helpers import decode_all

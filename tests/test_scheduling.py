@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.scheduling import FairQueue, Health, WorkerTable
 

@@ -147,7 +147,8 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         # listing: filter and pagination
         page = http.get("/v1/jobs", params={"state": "succeeded", "limit": 1}).json()
         assert len(page["jobs"]) == 1 and page["jobs"][0]["state"] == "succeeded"
-        assert all(j["state"] == "succeeded" for j in http.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"])
+        listed = http.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"]
+        assert all(j["state"] == "succeeded" for j in listed)
         # unknown job: 404 with the error body; result before success: 409
         nf = http.get("/v1/jobs/does-not-exist")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "job.not_found"
@@ -172,7 +173,8 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         assert err["code"].startswith("input.") and err["field"] == "video", err
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "crf": 99})
         assert r.status_code == 422 and r.json()["error"]["field"] == "crf"
-        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "model": "/etc/passwd"})
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
+                                        "model": "/etc/passwd"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "model"
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"]})
         job_id = r.json()["id"]
@@ -321,8 +323,8 @@ def test_compat_failed_job_reports_status_3(service, svc_media):
     """A job that fails after submit (no face in the template) is status 3 with the reason."""
     import numpy as np
 
-    from cluster.synth import write_audio
     from cluster.media.encode import SegmentEncoder  # noqa: F401  (import check: encoder available)
+    from cluster.synth import write_audio
 
     noface = service.input_root / "noface.mp4"
     if not noface.exists():

@@ -135,7 +135,8 @@ def test_compat_submit_refuses_bad_inputs(http, svc_corpus, name):
 
 def test_compat_submit_refuses_paths_outside_the_root(http, svc_corpus):
     for name in ("dotdot", "absolute", "symlink_out", "etc_passwd"):
-        r = http.post("/easy/submit", json={"audio_url": svc_corpus.escapes[name], "video_url": str(svc_corpus.template),
+        r = http.post("/easy/submit", json={"audio_url": svc_corpus.escapes[name],
+                                            "video_url": str(svc_corpus.template),
                                             "code": f"outside-{name}", "pn": 1})
         env = r.json()
         assert r.status_code == 200 and env["code"] == 10002, env
@@ -175,7 +176,6 @@ def test_sdk_raises_the_servers_code(service, svc_corpus, name):
 
 def test_sdk_renders_a_tenth_of_a_second(service, svc_corpus, tmp_path):
     from cluster.client import Client
-
     from cluster.media.probe import probe
 
     audio, video = pair(svc_corpus, "audio_0s1")

@@ -41,11 +41,10 @@ class Receiver:
 
 
 def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
+    from cluster.callbacks import verify
     from cluster.client import Client
     from cluster.synth import astronaut_template, speech_like, write_audio
     from tests.test_service import verify_mp4
-
-    from cluster.callbacks import verify
 
     # private URLs allowed here so that callbacks can reach the loopback receivers of this test
     svc = ServiceProcess(tmp_path_factory.mktemp("svc-restart"),

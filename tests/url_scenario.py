@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-from cluster.netguard import download
 
 from cluster.errors import LipsyncError
+from cluster.netguard import download
 
 HITS: list[str] = []
 PUBLIC = "93.184.216.34"  # what the injected resolver answers for public-looking names (unreachable here)

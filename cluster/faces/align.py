@@ -275,7 +275,7 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         m_roi = _shift(m, x0, y0)
         dsize = (x1 - x0, y1 - y0)
 
-        def back(img, border=cv2.BORDER_REPLICATE):
+        def back(img, border=cv2.BORDER_REPLICATE, m_roi=m_roi, dsize=dsize):
             return cv2.warpAffine(img, m_roi, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=border, borderValue=0)
 

@@ -14,8 +14,8 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
-from cluster.fsutil import write_atomic
 from cluster.faces.track import FaceTrack, build_track
+from cluster.fsutil import write_atomic
 from cluster.media.decode import iter_frames
 from cluster.media.normalize import normalize_template
 from cluster.schemas import MediaInfo

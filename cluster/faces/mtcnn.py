@@ -197,7 +197,8 @@ class MTCNNDetector:
             return [[] for _ in frames]
         return self._to_detections(len(frames), *self._stage_onet(images, img_idx, boxes), sx, sy)
 
-    def refine_batch(self, frames: np.ndarray | list, candidates: list[list[FaceDetection]]) -> list[list[FaceDetection]]:
+    def refine_batch(self, frames: np.ndarray | list,
+                     candidates: list[list[FaceDetection]]) -> list[list[FaceDetection]]:
         """Track faces: O-Net alone on candidate faces (e.g. those of a nearby frame) of each frame.
 
         The candidates' boxes, squared, are the O-Net input, as R-Net's output is in `detect`;

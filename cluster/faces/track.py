@@ -82,7 +82,7 @@ def _link(detections: list[list[FaceDetection]]) -> list[dict[int, FaceDetection
         for k in [k for k, (lt, _) in last.items() if t - lt > _MAX_GAP_FRAMES]:
             del last[k]
         pairs = []
-        for k, (lt, lb) in last.items():
+        for k, (_, lb) in last.items():
             side = math.sqrt(max((lb[2] - lb[0]) * (lb[3] - lb[1]), 1e-6))
             lc = (lb[:2] + lb[2:]) / 2
             for j, d in enumerate(dets):

@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 from av.video.reformatter import Interpolation
 
-# Full-chroma, accurately rounded yuv420p -> BGR: the default swscale path darkens frames by
-# about a level and smears chroma, which shows as a difference outside the paste mask.
-_EXACT_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
-
 from cluster.config import Settings, get_settings
 from cluster.errors import MediaError
 from cluster.media.ffmpeg import file_url
 from cluster.media.probe import count_packets
+
+# Full-chroma, accurately rounded yuv420p -> BGR: the default swscale path darkens frames by
+# about a level and smears chroma, which shows as a difference outside the paste mask.
+_EXACT_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 
 
 def frame_to_bgr(frame: av.VideoFrame) -> np.ndarray:

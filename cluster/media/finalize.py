@@ -8,9 +8,9 @@ from pathlib import Path
 
 import av
 
-from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, OutputVerificationError
+from cluster.fsutil import publish
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
 from cluster.media.probe import read_media_info
 from cluster.schemas import MediaInfo

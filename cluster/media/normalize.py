@@ -15,9 +15,9 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cluster import telemetry
-from cluster.fsutil import publish
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
+from cluster.fsutil import publish
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.schemas import MediaInfo

@@ -14,8 +14,15 @@ from pathlib import Path
 import av
 
 from cluster.config import Settings, get_settings
-from cluster.errors import (InputNotFound, InputTooLarge, InputTooLong, InputUnreadable,
-                            NoAudioStream, NoVideoStream, UnsafeInput)
+from cluster.errors import (
+    InputNotFound,
+    InputTooLarge,
+    InputTooLong,
+    InputUnreadable,
+    NoAudioStream,
+    NoVideoStream,
+    UnsafeInput,
+)
 from cluster.media.ffmpeg import file_url
 from cluster.schemas import AudioStreamInfo, MediaInfo, VideoStreamInfo
 

@@ -14,8 +14,15 @@ from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError, ModelLoadError
 from cluster.models.adapter import CROP_METADATA_KEY, CROP_RECIPES, LipSyncModel, default_crop
 from cluster.models.builtin import build_builtin_model, builtin_model_path
-from cluster.models.providers import (DeviceFacts, active_providers, device_facts, device_ordinals,
-                                      provider_name, select_providers, uses_gpu)
+from cluster.models.providers import (
+    DeviceFacts,
+    active_providers,
+    device_facts,
+    device_ordinals,
+    provider_name,
+    select_providers,
+    uses_gpu,
+)
 
 __all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devices", "is_named_model",
            "build_builtin_model", "builtin_model_path", "select_providers", "active_providers", "crop_recipe",

@@ -24,8 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
-from cluster.models.providers import (TENSORRT, active_providers, provider_name, select_providers,
-                                      tensorrt_profiles)
+from cluster.models.providers import TENSORRT, active_providers, provider_name, select_providers, tensorrt_profiles
 
 log = logging.getLogger("lipsync.models")
 

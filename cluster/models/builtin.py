@@ -57,8 +57,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cluster.audio import mel_band_edges
 from cluster.config import Settings, get_settings
-from cluster.fsutil import write_atomic
 from cluster.faces import canonical
+from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
