@@ -18,6 +18,7 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -61,6 +62,15 @@ class WaitTimeout(TimeoutError):
 def _is_local_file(value: str | os.PathLike) -> bool:
     s = str(value)
     return "://" not in s and Path(s).expanduser().is_file()
+
+
+def _retryable(r: httpx.Response, idempotent: bool) -> bool:
+    """Worth sending again: overload answers (429/502/503/504), and, for a request that is safe to
+    repeat, a bare 500 that is not our error envelope (the Serve proxy's answer when the ingress
+    replica died under the request)."""
+    if r.status_code in RETRY_STATUS:
+        return True
+    return idempotent and r.status_code == 500 and ApiError.from_response(r).code == "http.500"
 
 
 def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
@@ -147,8 +157,10 @@ class Client(_Base):
         self.close()
 
     def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
-                **kw) -> httpx.Response:
-        """One API call, retried on connection errors and 429/502/503/504 with backoff."""
+                idempotent: bool | None = None, **kw) -> httpx.Response:
+        """One API call, retried on connection errors and 429/502/503/504 with backoff (and on a
+        bare 500 when the call is safe to repeat: GET/HEAD/DELETE, or a submission with an id)."""
+        idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             r = None
@@ -161,7 +173,7 @@ class Client(_Base):
             else:
                 if r.status_code in ok:
                     return r
-                if r.status_code not in RETRY_STATUS:
+                if not _retryable(r, idempotent):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
@@ -173,10 +185,11 @@ class Client(_Base):
     def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None, avatar: str | None = None,
                *, id: str | None = None, sync_mode: str | None = None, model: str | None = None,
                crf: int | None = None, callback_url: str | None = None) -> Job:
-        opts = dict(id=id, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
+        # an id chosen here makes the submission safe to retry: the server answers a repeat with the same job
+        opts = dict(id=id or uuid.uuid4().hex, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
         files, data, body = _form(audio, video, avatar, opts)
         if body is not None:
-            r = self.request("POST", "/v1/jobs", ok=(202,), json=body)
+            r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
         else:
             handles: list = []
 
@@ -192,7 +205,7 @@ class Client(_Base):
                 return {"files": parts, "data": data}
 
             try:
-                r = self.request("POST", "/v1/jobs", ok=(202,), rewind=rewind)
+                r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=rewind)
             finally:
                 for h in handles:
                     h.close()
@@ -402,7 +415,8 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
-                      **kw) -> httpx.Response:
+                      idempotent: bool | None = None, **kw) -> httpx.Response:
+        idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             r = None
@@ -415,7 +429,7 @@ class AsyncClient(_Base):
             else:
                 if r.status_code in ok:
                     return r
-                if r.status_code not in RETRY_STATUS:
+                if not _retryable(r, idempotent):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
@@ -427,16 +441,17 @@ class AsyncClient(_Base):
     async def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None,
                      avatar: str | None = None, *, id: str | None = None, sync_mode: str | None = None,
                      model: str | None = None, crf: int | None = None, callback_url: str | None = None) -> AsyncJob:
-        opts = dict(id=id, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
+        # an id chosen here makes the submission safe to retry: the server answers a repeat with the same job
+        opts = dict(id=id or uuid.uuid4().hex, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
         files, data, body = _form(audio, video, avatar, opts)
         if body is not None:
-            r = await self.request("POST", "/v1/jobs", ok=(202,), json=body)
+            r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
         else:
             def rewind() -> dict:  # small bodies are read whole; Client streams large files
                 return {"files": {k: (Path(v).name, Path(v).expanduser().read_bytes(), "application/octet-stream")
                                   for k, v in files.items()}, "data": data}
 
-            r = await self.request("POST", "/v1/jobs", ok=(202,), rewind=rewind)
+            r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=rewind)
         return AsyncJob(self, JobAccepted.model_validate(r.json()))
 
     async def get(self, job_id: str) -> JobView:

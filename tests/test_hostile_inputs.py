@@ -198,10 +198,9 @@ def test_lipsync_render_renders_a_tenth_of_a_second(hostile_corpus, cli_env, tmp
 
 # --- server paths that leave the input root (the job manager's admission) ------------------------
 def test_paths_outside_the_input_root_are_refused_and_never_read(hostile_corpus, settings):
-    """`..`, relative, absolute, /etc/passwd, a symlink out: `input.outside_roots` naming the path,
-    before anything is opened. A hard link out cannot be told apart by its path: its target is
-    then judged as media (the secret is not: `input.unsafe`/`input.unreadable`) and no byte of it
-    reaches the error."""
+    """`..`, relative, absolute, /etc/passwd, a symlink out, a hard link (it may name a file outside
+    the roots): `input.outside_roots` naming the path, before anything is opened; no byte of the
+    target reaches the error."""
     from cluster.render import admit_on_manager
 
     rooted = settings.model_copy(update={"input_roots": str(hostile_corpus.root)})
@@ -213,9 +212,8 @@ def test_paths_outside_the_input_root_are_refused_and_never_read(hostile_corpus,
                 admit_on_manager(f"esc-{name}-{role}"[:40], req, rooted)
             err = info.value
             assert time.monotonic() - t0 < REFUSAL_DEADLINE_S
-            if name == "hard_link_out":  # refused by its link count (lead decision), else judged as media
-                assert err.code in ("input.outside_roots", "input.unsafe", "input.unreadable",
-                                    "input.no_audio_stream"), err.code
+            if name == "hard_link_out":  # refused by its link count, before it is opened
+                assert err.code == "input.outside_roots" and "hard link" in err.message, (err.code, err.message)
             else:
                 assert err.code == "input.outside_roots", (name, err.code, err.message)
                 assert path in err.message
