@@ -61,7 +61,38 @@ class ModelWorker:
         """`spec` on every assigned GPU (one session each), else on the CPU."""
         from cluster.models import load_model_on_devices
 
-        return load_model_on_devices(spec, self.settings, self.gpu_ids, self.facts)
+        return load_model_on_devices(self.model_file(spec), self.settings, self.gpu_ids, self.facts)
+
+    def model_file(self, spec: str) -> str:
+        """Where this node reads the model `spec` from. Named models (`builtin`, `latency:`) are
+        generated here. A model file lives on the job manager's node: a worker there loads it in
+        place; a worker on another node (no shared disk) fetches it once through Ray into its
+        node-local cache, by content hash, so a stale file of the same name is never used."""
+        from actors import ORCHESTRATOR_NAME
+        from actors.calls import outcome_sync
+        from cluster.models import is_named_model
+        from cluster.nodecache import cached_file
+
+        if is_named_model(spec):
+            return spec
+        s = self.settings
+        manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=s.namespace)
+        answer = outcome_sync(manager.model_blob.remote(spec), s.actor_call_timeout_s * 2)
+        if not answer.ok:
+            raise answer.typed(ModelLoadError, f"cannot ask the job manager for model file {spec}", path=spec)
+        blob = answer.value
+        if blob["node"] == ray.get_runtime_context().get_node_id():
+            return spec
+
+        def fetch(offset: int, length: int) -> bytes:
+            part = outcome_sync(manager.read_blob.remote(blob["sha256"], offset, length), s.actor_call_timeout_s * 2)
+            if not part.ok:
+                raise part.typed(ModelLoadError, f"fetching model file {spec} from the job manager", path=spec)
+            return part.value
+
+        path = cached_file(s.storage_root / "node-cache", blob["sha256"], blob["suffix"], fetch, s.transfer_part_bytes)
+        log.info("model worker %s: model file %s fetched from the job manager's node into %s", self.name, spec, path)
+        return str(path)
 
     def warm_up(self, model) -> float:
         """One batch at the real batch size: arenas sized and any TensorRT engine built now."""

@@ -65,6 +65,7 @@ class JobManager:
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)
         self.uploads = UploadStore(settings)
+        self._model_hashes: dict[tuple, str] = {}  # (path, size, mtime) -> sha256 of a model file
         self.tasks = TaskSet()
         work = asyncio.Event()
         self.pool = Supervisor(settings, self.tasks, work)
@@ -201,6 +202,25 @@ class JobManager:
                 f.seek(max(0, int(offset)))
                 return f.read(length)
         return await asyncio.to_thread(read)
+
+    async def model_blob(self, spec: str) -> dict:
+        """A model file on this node, by content hash, registered so that model workers on other
+        nodes (which do not see the storage root) fetch it into their node cache with `read_blob`.
+        Answers `node` too: a worker on this node loads the file in place."""
+        from cluster.errors import ModelLoadError
+        from cluster.nodecache import file_sha256
+
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} does not exist on the job manager's node "
+                                 "(expected 'builtin' or an .onnx file there)", path=str(path))
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        sha = self._model_hashes.get(key)
+        if sha is None:
+            sha = self._model_hashes[key] = await asyncio.to_thread(file_sha256, path)
+        self.machine.blobs[sha] = str(path)
+        return {"sha256": sha, "suffix": path.suffix or ".onnx", "node": ray.get_runtime_context().get_node_id()}
 
     # --- data plane: bytes out ---------------------------------------------------------------
     async def read_output(self, job_id: str, offset: int, length: int) -> bytes:

@@ -113,11 +113,14 @@ def job_dir(job_id: str, settings: Settings | None = None) -> Path:
 # --- admit -------------------------------------------------------------------------------
 @telemetry.timed("stage_seconds", stage="admit")
 @disk_full_guard("admit")
-def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = True) -> RenderRequest:
+def admit(job_id: str, request: RenderRequest, settings: Settings | None = None, link: bool = False) -> RenderRequest:
     """Probe the inputs (typed errors for bad ones, within seconds) and store them under the job.
 
     Returns the request with paths pointing at the stored copies, so the job survives the
-    caller's files going away. Hard links where the filesystem allows, else a copy.
+    caller's files going away. A user's file is copied (a hard link would share its inode: the
+    user rewriting the file would change the job's input, and its link count would make
+    `resolve_input_path` refuse it later); `link=True` is for files that are already ours
+    (content-addressed uploads), hard-linked where the filesystem allows.
     """
 
     s = settings or get_settings()

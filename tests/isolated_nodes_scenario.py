@@ -160,7 +160,19 @@ def main(audio: str, video: str, out_dir: str) -> None:
         if st.state == JobState.succeeded:
             rt.download_output(job.id, fetched)
         after = rt.call("refresh")
+        # A model file that exists only under the head's storage root: a worker on an isolated node
+        # loads it by fetching it through Ray (it cannot see the path).
+        from cluster.models import resolve_model_path
+
+        user_model = storage / "models" / "user-96.onnx"
+        shutil.copy(resolve_model_path("builtin:96", settings), user_model)
+        remote = next((m for m in after["models"] if m.get("node") == joined and m.get("health") == "live"), None)
+        model_file_loaded = None
+        if remote is not None:
+            worker = ray.get_actor(remote["name"], namespace=settings.namespace)
+            model_file_loaded = ray.get(worker.describe.remote(str(user_model)), timeout=120)["size"]
         result = {
+            "model_file_loaded_on_isolated_node": model_file_loaded,
             "state": st.state.value, "error": st.error.model_dump() if st.error else None,
             "state_at_kill": state_at_kill, "recovery_s": round(time.monotonic() - t_kill, 1),
             "new_node_worker": {k: served.get(k) for k in ("name", "frames")} if isinstance(served, dict) else None,

@@ -40,7 +40,7 @@ def test_jobs_survive_random_kills_of_workers_compositors_and_the_job_manager(
     audios, video = chaos_inputs
     specs = [JobSpec(f"chaos{SEED}-{i:02d}", audios[f"a{i % 2}"], video, f"a{i % 2}") for i in range(4)]
     report = run_chaos(RuntimeBackend(runtime, tmp_path), specs, chaos_references, seed=SEED,
-                       kinds=["model_worker", "compositor", "job_manager"], fault_gap_s=(2.0, 5.0),
+                       kinds=["model_worker", "compositor", "job_manager"], fault_gap_s=(0.8, 1.6),
                        settle_s=240, work_dir=tmp_path, submit_gap_s=(0.0, 1.5), max_faults=3)
     report.assert_promises()
     assert set(report.faults_by_kind()) == {"model_worker", "compositor", "job_manager"}, report.faults

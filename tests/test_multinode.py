@@ -43,6 +43,7 @@ def test_nodes_without_the_storage_root_render_grow_and_survive_a_node_kill(spee
     assert result["identical"], result
     assert any(n and n >= 3 for n in result["cached_files"]), result  # template, track, mel cached on the node
     assert result["client_path_untouched"], result   # the output came back through Ray, not by path
+    assert result["model_file_loaded_on_isolated_node"] == 96, result  # a model file fetched through Ray
 
 
 def test_job_survives_removal_of_a_worker_node(speech4_wav, astronaut_video, tmp_path):
