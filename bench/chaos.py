@@ -86,7 +86,8 @@ def run(quick: bool = False, seed: int | None = None, **_) -> dict:
                            settle_s=600, work_dir=work, submit_gap_s=(0.0, 2.0), max_faults=max_faults)
         result = {
             "benchmark": "chaos", "quick": quick, "seed": seed, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "machine": f"{platform.node()} {os.cpu_count()} cpus", "command": " ".join(sys.argv),
+            "machine": f"{platform.node()} {os.cpu_count()} cpus",
+            "command": "python -m bench chaos" + (" --quick" if quick else ""),
             "jobs": report.jobs, "faults": report.faults_by_kind(), "outcomes": report.states(),
             "identical": report.identical, "mismatched": report.mismatched,
             "unnamed_failures": report.unnamed_failures, "non_terminal": report.non_terminal,

@@ -43,7 +43,8 @@ def run(quick: bool = False, **_) -> dict:
     mib = 2 ** 20
     result = {
         "benchmark": "soak", "quick": quick, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": f"{platform.node()} {os.cpu_count()} cpus", "command": " ".join(sys.argv),
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "command": "python -m bench soak" + (" --quick" if quick else ""),
         "jobs": report.jobs, "threads": report.threads, "seconds": round(report.seconds, 1),
         "states": report.states, "http_statuses": report.statuses, "listed": report.listed,
         "distinct_outputs_per_inputs": report.distinct_outputs, "errors": report.errors[:20],
