@@ -90,6 +90,7 @@ class JobManager:
         self.tasks.spawn(self.dispatcher.run_scheduler())
         self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue)))
         self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
+        self.tasks.spawn(self._expire_uploads())
         for job_id, owner, client in self.store.unfinished_owners():
             if owner == self.owner:
                 log.info("resuming job %s", job_id)
@@ -126,6 +127,18 @@ class JobManager:
         return self.workers()
 
     # --- data plane: bytes in ----------------------------------------------------------------
+    async def _expire_uploads(self) -> None:
+        """Drop uploads whose client died mid-way (no part for upload_idle_timeout_s). Never dies."""
+        period = min(60.0, max(1.0, self.s.upload_idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                removed = await asyncio.to_thread(self.uploads.expire)
+                if removed:
+                    log.warning("removed %d upload(s) idle for over %.0f s", removed, self.s.upload_idle_timeout_s)
+            except Exception:
+                log.exception("expiring idle uploads failed; trying again later")
+
     async def upload_begin(self, filename: str) -> str:
         return await asyncio.to_thread(self.uploads.begin, filename)
 

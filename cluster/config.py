@@ -57,6 +57,8 @@ class Settings(BaseSettings):
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
+    upload_idle_timeout_s: float = Field(600.0, gt=0, description="an upload that received no part for this "
+                                         "long is removed (its client died mid-upload)")
     min_face_fraction: float = Field(0.5, ge=0, le=1,
                                      description="fail with input.no_face when fewer frames have a face")
 

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,3 +143,20 @@ class UploadStore:
         up = self._open.pop(upload_id, None)
         if up is not None:
             up.path.unlink(missing_ok=True)
+
+    def expire(self) -> int:
+        """Remove uploads that received no part for `upload_idle_timeout_s` (their client died
+        mid-upload, or a restarted manager lost track of them); judged by the part file's mtime,
+        so another manager's live upload on the same storage root is left alone. Returns how many."""
+        cutoff = time.time() - self.s.upload_idle_timeout_s
+        removed = 0
+        for path in self.s.dir("uploads").glob("*.part"):
+            try:
+                stale = path.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                self._open.pop(path.stem, None)
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -340,8 +340,12 @@ class ServiceBackend:
 
     def stray_outputs(self, outcomes: dict[str, Outcome]) -> list[str]:
         """Files of jobs that did not succeed under the storage root's outputs, and pending ones."""
-        stray = [str(p) for p in self.service.storage_root.rglob("*")
-                 if ".pending" in p.name or p.name.endswith(".part")]
+        from tests.helpers import uploads_left_after_sweep
+        from tests.service_process import UPLOAD_IDLE_TIMEOUT_S
+
+        # uploads cut off by a kill are swept by the job manager once idle: a few seconds here
+        stray = uploads_left_after_sweep(self.service.storage_root, UPLOAD_IDLE_TIMEOUT_S + 10)
+        stray += [str(p) for p in self.service.storage_root.rglob("*") if ".pending" in p.name]
         for job_id, o in outcomes.items():
             if o.state != "succeeded":
                 stray += [str(p) for p in self.service.storage_root.rglob(f"*{job_id}*.mp4")

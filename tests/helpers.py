@@ -24,3 +24,18 @@ def decode_all(path: str) -> np.ndarray:
     from cluster.media.decode import iter_frames
 
     return np.concatenate(list(iter_frames(path, 32)))
+
+
+def uploads_left_after_sweep(storage_root, within_s: float) -> list[str]:
+    """Upload part files (`uploads/*.part`) still there after waiting up to `within_s`: an upload
+    whose client (an ingress replica, a whole service) was killed mid-way is removed by the job
+    manager once idle for `LIPSYNC_UPLOAD_IDLE_TIMEOUT_S`; live uploads finish in that time."""
+    from pathlib import Path
+
+    uploads = Path(storage_root) / "uploads"
+    deadline = time.monotonic() + within_s
+    while True:
+        left = sorted(str(p) for p in uploads.glob("*.part")) if uploads.is_dir() else []
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)

@@ -16,9 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+UPLOAD_IDLE_TIMEOUT_S = 5  # uploads orphaned by a killed ingress or service are swept after this
 SERVICE_ENV = dict(LIPSYNC_MODEL_WORKERS="1", LIPSYNC_COMPOSITORS="2", LIPSYNC_CHUNK_SECONDS="1",
                    LIPSYNC_BATCH_SIZE="8", LIPSYNC_MODEL_THREADS="1", OMP_NUM_THREADS="1",
-                   LIPSYNC_STALL_TIMEOUT_S="60", LIPSYNC_MAX_UPLOAD_BYTES=str(4 * 1024**2))
+                   LIPSYNC_STALL_TIMEOUT_S="60", LIPSYNC_MAX_UPLOAD_BYTES=str(4 * 1024**2),
+                   LIPSYNC_UPLOAD_IDLE_TIMEOUT_S=str(UPLOAD_IDLE_TIMEOUT_S))
 
 
 def free_port() -> int:

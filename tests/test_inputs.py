@@ -99,3 +99,25 @@ def test_hard_links_and_non_files_under_a_root_are_refused(roots):
     (allowed / "dir.wav").mkdir()
     with pytest.raises(InputOutsideRoots, match="not a regular file"):
         resolve_input_path(str(allowed / "dir.wav"), settings)
+
+
+def test_an_upload_idle_past_the_timeout_is_removed_and_a_live_one_kept(tmp_path):
+    """A client killed mid-upload (an ingress replica, a whole service) leaves a part file; the job
+    manager sweeps it once idle, and leaves uploads that are still receiving parts alone."""
+    settings = Settings(storage_root=tmp_path / "storage", upload_idle_timeout_s=60)
+    store = UploadStore(settings)
+    orphan, live = store.begin("a.wav"), store.begin("v.mp4")
+    store.part(orphan, b"x" * 10)
+    store.part(live, b"y" * 10)
+    orphan_path = settings.dir("uploads") / f"{orphan}.part"
+    old = orphan_path.stat().st_mtime - 120
+    os.utime(orphan_path, (old, old))
+    stranger = settings.dir("uploads") / "left-by-an-earlier-manager.part"  # not in this store's table
+    stranger.write_bytes(b"z")
+    os.utime(stranger, (old, old))
+
+    assert store.expire() == 2
+    assert not orphan_path.exists() and not stranger.exists()
+    with pytest.raises(UploadNotFound):
+        store.part(orphan, b"more")
+    assert store.part(live, b"y") == 11 and store.finish(live).size == 11

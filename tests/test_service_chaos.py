@@ -44,7 +44,7 @@ def test_jobs_through_the_service_survive_random_kills(service, chaos_media, tmp
     backend = ServiceBackend(service)
     specs = [JobSpec(f"svc-chaos{SEED}-{i:02d}", audios[f"a{i % 2}"], video, f"a{i % 2}") for i in range(6)]
     report = run_chaos(backend, specs, refs, seed=SEED, kinds=KINDS, actions={"serve": backend.restart},
-                       fault_gap_s=(2.0, 4.0), settle_s=240, work_dir=tmp_path, submit_gap_s=(0.0, 1.0),
+                       fault_gap_s=(0.8, 1.6), settle_s=240, work_dir=tmp_path, submit_gap_s=(0.0, 1.0),
                        max_faults=len(KINDS))
     report.assert_promises()
     assert set(report.faults_by_kind()) >= {"serve", "job_manager"}, report.faults

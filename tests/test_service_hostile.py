@@ -46,8 +46,14 @@ def pair(corpus, name: str) -> tuple[str, str]:
 
 
 def service_temporaries(service) -> list[str]:
-    marks = (".tmp", ".pending", ".template-", ".part", "req-")
-    return sorted(str(p) for p in service.storage_root.rglob("*") if any(m in p.name for m in marks))
+    """Temporaries under the storage root; an upload part left by a client killed mid-upload
+    counts only if the job manager has not swept it within the idle timeout."""
+    from tests.helpers import uploads_left_after_sweep
+    from tests.service_process import UPLOAD_IDLE_TIMEOUT_S
+
+    marks = (".tmp", ".pending", ".template-", "req-")
+    left = uploads_left_after_sweep(service.storage_root, UPLOAD_IDLE_TIMEOUT_S + 10)
+    return sorted(left + [str(p) for p in service.storage_root.rglob("*") if any(m in p.name for m in marks)])
 
 
 def assert_refused(resp: httpx.Response, codes: set[str], elapsed: float) -> dict:
