@@ -221,7 +221,7 @@ class JobManager:
         nodes (which do not see the storage root) fetch it into their node cache with `read_blob`.
         Answers `node` too: a worker on this node loads the file in place."""
         from cluster.errors import ModelLoadError
-        from cluster.nodecache import file_sha256
+        from cluster.fsutil import file_sha256
 
         path = Path(spec).expanduser()
         if not path.is_file():

@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -40,3 +41,13 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (text as UTF-8) to `path` atomically."""
     with atomic_writer(path) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def file_sha256(path: str | os.PathLike, block: int = 4 * 1024 * 1024) -> str:
+    """SHA-256 hex digest of a file's bytes, read in blocks (content addresses of templates,
+    uploads, prepared files and model files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()

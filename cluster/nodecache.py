@@ -7,7 +7,6 @@ Plain Python: `fetch(offset, length) -> bytes` is how bytes arrive (an actor cal
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -37,14 +36,6 @@ def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes
             raise OutputVerificationError(f"node cache: fetched {offset} bytes whose sha256 {digest.hexdigest()} "
                                           f"is not the {sha256} asked for", path=str(path))
     return path
-
-
-def file_sha256(path: str | os.PathLike, block: int = 4 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def entries(root: Path) -> int:

@@ -84,7 +84,7 @@ BLOB_FIELDS = {"template": "template_path", "track": "track_path", "mel": "mel_p
 
 def with_blobs(plan: JobPlan) -> JobPlan:
     """The plan with the content hash of each prepared file it reads (see `localized`)."""
-    from cluster.nodecache import file_sha256
+    from cluster.fsutil import file_sha256
 
     return plan.model_copy(update={"blobs": {role: file_sha256(getattr(plan, field))
                                              for role, field in BLOB_FIELDS.items()}})

@@ -26,11 +26,12 @@ from cluster.errors import (
     RenderTimeout,
     UnsafeInput,
 )
+from cluster.fsutil import file_sha256
 from cluster.media.decode import TemplateReader, iter_frames
 from cluster.media.encode import SegmentEncoder
 from cluster.media.ffmpeg import ffmpeg_binary, ffmpeg_has_encoder, input_args, run_ffmpeg
 from cluster.media.finalize import finalize_output, verify_output
-from cluster.media.normalize import content_hash, normalize_template
+from cluster.media.normalize import normalize_template
 from cluster.media.probe import probe, probe_audio, probe_video
 
 
@@ -186,7 +187,7 @@ def _keyframe_positions(path) -> list[int]:
 
 def test_normalize_caches_and_keeps_exact_rate(media, settings):
     t = normalize_template(media["ntsc"], settings)
-    assert not t.cached and t.id == content_hash(media["ntsc"])[:16]
+    assert not t.cached and t.id == file_sha256(media["ntsc"])[:16]
     assert t.id == hashlib.sha256(media["ntsc"].read_bytes()).hexdigest()[:16]
     assert Path(t.path) == settings.dir("templates") / t.id / "template.mp4"
     assert t.info.video.fps == Fraction(30000, 1001) and t.info.video.frame_count == 60

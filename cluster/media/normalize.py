@@ -6,7 +6,6 @@ It is stored once per content hash under `<storage_root>/templates/<id>/template
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from fractions import Fraction
@@ -17,12 +16,11 @@ from pydantic import BaseModel
 from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
-from cluster.fsutil import publish
+from cluster.fsutil import file_sha256, publish
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.schemas import MediaInfo
 
-HASH_BLOCK_BYTES = 1 << 20
 TEMPLATE_FILE = "template.mp4"
 #: Common frame rates a variable-rate source snaps to when its average is within 1 % of one.
 STANDARD_RATES = tuple(Fraction(n, d) for n, d in (
@@ -37,15 +35,6 @@ class NormalizedTemplate(BaseModel):
     info: MediaInfo
     source: str
     cached: bool = False
-
-
-def content_hash(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def target_fps(info: MediaInfo) -> Fraction:
@@ -144,7 +133,7 @@ def normalize_template(path: str | os.PathLike,
     s = settings or get_settings()
     source = str(Path(path))
     src_info = probe_video(source, s)
-    template_id = content_hash(source)[:16]
+    template_id = file_sha256(source)[:16]
     out_dir = s.dir("templates") / template_id
     out_path = out_dir / TEMPLATE_FILE
     cached = _load_cached(template_id, out_path, source, s)
