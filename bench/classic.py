@@ -26,6 +26,7 @@ from bench.common import (
     md_table,
     model_spec,
     run_measured,
+    wait_phases,
     write_result,
 )
 
@@ -115,17 +116,7 @@ class WarmService:
         busy0 = self.model_busy_s()
         t0 = time.perf_counter()
         st = self.rt.submit(RenderRequest(audio=audio, video=video, output=out, model=model))
-        t_render = t_final = None
-        while True:
-            x = self.rt.status(st.id)
-            now = time.perf_counter()
-            if x.state.value == "rendering" and t_render is None:
-                t_render = now
-            if x.state.value in ("finalizing", "succeeded") and t_final is None:
-                t_final = now
-            if x.state.terminal:
-                break
-            time.sleep(0.05)
+        x, t_render, t_final = wait_phases(self.rt, st.id, what="warm-service job")
         wall = time.perf_counter() - t0
         if x.state.value != "succeeded":
             raise RuntimeError(f"warm-service job {st.id} ended {x.state.value}: {x.error}")

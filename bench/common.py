@@ -79,6 +79,26 @@ def model_size(name: str) -> int:
     return 96 if name == "wav2lip96" else 256
 
 
+# --- jobs ---------------------------------------------------------------------------------
+def wait_phases(rt, job_id: str, timeout: float = 1800.0, what: str = "job"):
+    """Poll a job until it is terminal (bounded by `timeout`): (final status, time it entered
+    `rendering`, time it left it), in `time.perf_counter()` seconds (None where not seen)."""
+    t0 = time.perf_counter()
+    t_render = t_final = None
+    while True:
+        status = rt.status(job_id)
+        now = time.perf_counter()
+        if status.state.value == "rendering" and t_render is None:
+            t_render = now
+        if status.state.value in ("finalizing", "succeeded") and t_final is None:
+            t_final = now
+        if status.state.terminal:
+            return status, t_render, t_final
+        if now - t0 > timeout:
+            raise TimeoutError(f"{what} {job_id} still {status.state.value} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 # --- measuring ---------------------------------------------------------------------------
 def _tree_rss(proc) -> int:
     import psutil

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import CACHE, make_inputs, md_table, plot, write_result
+from bench.common import CACHE, make_inputs, md_table, plot, wait_phases, write_result
 
 MS_PER_FRAME = 40.0
 SIZE = 96
@@ -72,20 +72,8 @@ def one_k(k: int, seconds: float, work: Path, batch_size: int) -> dict:
             raise RuntimeError(f"k={k}: warm-up job ended {st.state.value}: {st.error}")
         cpu0 = _manager_cpu()
         st = rt.submit(RenderRequest(audio=inp.audio, video=inp.video, output=str(work / f"k{k}.mp4"), model=model))
-        t_render = t_end = None
         t0 = time.perf_counter()
-        while True:
-            x = rt.status(st.id)
-            now = time.perf_counter()
-            if x.state.value == "rendering" and t_render is None:
-                t_render = now
-            if x.state.value in ("finalizing", "succeeded") and t_end is None:
-                t_end = now
-            if x.state.terminal:
-                break
-            if now - t0 > 1800:
-                raise TimeoutError(f"k={k}: job still {x.state.value}")
-            time.sleep(0.05)
+        x, t_render, t_end = wait_phases(rt, st.id, what=f"k={k}: job")
         if x.state.value != "succeeded":
             raise RuntimeError(f"k={k}: job ended {x.state.value}: {x.error}")
         cpu = _manager_cpu() - cpu0
