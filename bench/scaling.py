@@ -124,12 +124,15 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     notes = (f"Latency-only model `latency:{MS_PER_FRAME:g}:{SIZE}` ({1000 / MS_PER_FRAME:.0f} frames/s per GPU at "
              f"best), batches of {batch}, k compositors, 320x240 template, prepared avatar. Object store per frame: "
              f"{per_frame} bytes = {per_frame / crop:.2f}x the crop's {crop} bytes (target <= 2.5x).")
-    img = None if quick else plot("scaling", lambda ax: (ax.plot([r["k"] for r in rows], [r["speedup"] for r in rows], "o-",
-                                              label="measured"),
-                                      ax.plot([r["k"] for r in rows], [0.9 * r["k"] for r in rows], "--",
-                                              label="target 0.9 k"),
-                                      ax.set_xlabel("logical GPUs k"), ax.set_ylabel("throughput vs k = 1"),
-                                      ax.legend()))
+    def draw(ax) -> None:
+        ks = [r["k"] for r in rows]
+        ax.plot(ks, [r["speedup"] for r in rows], "o-", label="measured")
+        ax.plot(ks, [0.9 * k for k in ks], "--", label="target 0.9 k")
+        ax.set_xlabel("logical GPUs k")
+        ax.set_ylabel("throughput vs k = 1")
+        ax.legend()
+
+    img = None if quick else plot("scaling", draw)
     if img:
         notes += f"\n\n![scaling]({img})"
     write_result("scaling", results, table, notes, quick=quick)
