@@ -94,17 +94,22 @@ def fit_audio_samples(frames: int, fps: Fraction, sample_rate: int) -> int:
     return (int(frames) * int(sample_rate) * fps.denominator) // fps.numerator
 
 
-def make_chunks(total_frames: int, fps: Fraction, chunk_seconds: float) -> list[Chunk]:
+def make_chunks(total_frames: int, fps: Fraction, chunk_seconds: float, first_seconds: float = 0.0) -> list[Chunk]:
     """Cut output frames [0, total_frames) into consecutive chunks of about `chunk_seconds`
     (`round(chunk_seconds * fps)` frames, >= 1). A remainder shorter than half a chunk joins the
-    previous chunk; a longer one becomes the last, shorter chunk."""
+    previous chunk; a longer one becomes the last, shorter chunk. A `first_seconds` shorter than
+    `chunk_seconds` makes the first chunk that long (its segment is ready sooner); the rest are cut
+    as above from where it ends."""
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
     if not chunk_seconds > 0:
         raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds!r}")
     fps = _positive_fps(fps)
     target = max(1, round(Fraction(chunk_seconds) * fps))
-    bounds = list(range(0, total_frames, target)) + [total_frames]
+    first = max(1, round(Fraction(first_seconds) * fps)) if 0 < first_seconds < chunk_seconds else target
+    if first >= target or total_frames <= target:
+        first = 0  # no separate first chunk
+    bounds = ([0] if first else []) + list(range(first, total_frames, target)) + [total_frames]
     if len(bounds) > 2 and 2 * (bounds[-1] - bounds[-2]) < target:
         del bounds[-2]  # merge a tiny tail into the previous chunk
     return [Chunk(index=k, start=a, stop=b) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]

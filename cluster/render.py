@@ -269,7 +269,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     mel_path = jd / "mel.npy"
     with atomic_writer(mel_path) as f:
         np.save(f, melspectrogram(wav))
-    chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds)
+    chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
     model = request.model or s.model
     if model_size is None:
         from cluster.models import load_model
@@ -355,7 +355,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 if callable(generated):
                     generated = generated()
                 encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
-                                         recipe=plan.crop))
+                                         recipe=plan.crop, inplace=True))  # frames are this batch's own
                 if progress is not None:
                     progress(len(frames))
 

@@ -85,22 +85,26 @@ def test_template_indices_examples():
 
 
 @given(total=st.integers(1, 200_000), fps=fps_st, chunk_seconds=st.floats(0.2, 30.0),
-       t=st.integers(1, 400))
+       t=st.integers(1, 400), first_seconds=st.sampled_from([0.0, 0.1, 0.5, 1.0]))
 @settings(max_examples=150)
-def test_chunks_cover_frames_contiguously(total, fps, chunk_seconds, t):
-    chunks = make_chunks(total, fps, chunk_seconds)
+def test_chunks_cover_frames_contiguously(total, fps, chunk_seconds, t, first_seconds):
+    chunks = make_chunks(total, fps, chunk_seconds, first_seconds)
     target = max(1, round(Fraction(chunk_seconds) * fps))
     assert chunks[0].start == 0 and chunks[-1].stop == total
     assert [c.index for c in chunks] == list(range(len(chunks)))
     for a, b in zip(chunks, chunks[1:]):
         assert a.stop == b.start
-    for c in chunks[:-1]:
+    rest = chunks
+    if len(chunks) > 1 and chunks[0].frames < target:  # a short first chunk, then the plan as without it
+        assert first_seconds < chunk_seconds and chunks[0].frames == max(1, round(Fraction(first_seconds) * fps))
+        rest = chunks[1:]
+    for c in rest[:-1]:
         assert c.frames == target
-    last = chunks[-1].frames
-    if len(chunks) > 1:
+    last = rest[-1].frames
+    if len(rest) > 1:
         assert target / 2 <= last < 1.5 * target  # no tiny tail
     else:
-        assert last == total and total < 1.5 * target
+        assert last == total - rest[0].start and last < 1.5 * target
     # indices computed per chunk equal the whole plan: no jump across chunk boundaries
     per_chunk = np.concatenate([template_indices(c.start, c.stop, t) for c in chunks[:50]])
     np.testing.assert_array_equal(per_chunk, template_indices(0, chunks[min(49, len(chunks) - 1)].stop, t))
@@ -110,6 +114,14 @@ def test_chunk_examples():
     assert [(c.start, c.stop) for c in make_chunks(120, Fraction(25), 2.0)] == [(0, 50), (50, 120)]
     assert [(c.start, c.stop) for c in make_chunks(130, Fraction(25), 2.0)] == [(0, 50), (50, 100), (100, 130)]
     assert [(c.start, c.stop) for c in make_chunks(7, Fraction(25), 2.0)] == [(0, 7)]
+
+
+def test_a_short_first_chunk_comes_first_then_full_chunks():
+    """The first segment is ready sooner: 0.5 s first, then 2 s chunks from where it ends."""
+    assert [(c.start, c.stop) for c in make_chunks(130, Fraction(25), 2.0, 0.5)] == [(0, 12), (12, 62), (62, 130)]
+    assert [(c.start, c.stop) for c in make_chunks(50, Fraction(25), 2.0, 0.5)] == [(0, 50)]  # one chunk anyway
+    assert make_chunks(130, Fraction(25), 2.0, 0.5)[1:] != make_chunks(130, Fraction(25), 2.0)[1:]
+    assert make_chunks(130, Fraction(25), 2.0, 3.0) == make_chunks(130, Fraction(25), 2.0)  # not shorter: ignored
 
 
 # --- sync modes (length mismatch) ---------------------------------------------------------------

@@ -301,7 +301,7 @@ def test_verify_output_rejects_wrong_files(loop_renders):
 def test_tampered_segments_fail_finalize_and_leave_no_output(d, model, template_1s, tmp_path):
     """Chunks of 20, 20, 10 frames; a deleted segment, then a short one in place of the first:
     each makes finalize fail with a typed error and no output; the real segments then finalise."""
-    s = get_settings()
+    s = get_settings().model_copy(update={"first_chunk_seconds": 0})  # equal chunks
     audio, _ = _speech(d, "speech_2s.wav", 32000, seed=17)
     out = tmp_path / "tampered.mp4"
     job_id = new_job_id()

@@ -193,26 +193,41 @@ def paste_mask(size: int, recipe: str = "aligned") -> np.ndarray:
     return _paste_mask_cached(int(size), recipe).copy()
 
 
-def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """Generated crop (float32) with its per-channel mean/std in `ring` matched to the original's."""
-    g, o = generated[ring], original[ring]
-    if len(g) < 16:
+def _channel_max(a: np.ndarray) -> np.ndarray:
+    """Per-pixel maximum over the last axis of [..., 3] (a reduction along a 3-wide axis is slow in numpy)."""
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_geometry(size: int, recipe: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple]:
+    """(mask, mask > 0, feather ring as uint8, ring pixel count, mask's bounding rect in crop coords)."""
+    mask = _paste_mask_cached(size, recipe)
+    inside = mask > 0
+    ring = (inside & (mask < 1)).astype(np.uint8)
+    rows, cols = np.nonzero(mask)
+    crop_rect = (cols.min() - 1.0, rows.min() - 1.0, cols.max() + 1.0, rows.max() + 1.0)
+    return mask, inside, ring, int(ring.sum()), crop_rect
+
+
+def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray, ring_pixels: int) -> np.ndarray:
+    """Generated crop (float32) with its per-channel mean/std in `ring` (uint8 mask) matched to the original's."""
+    if ring_pixels < 16:
         return generated
-    mg, mo = g.mean(axis=0), o.mean(axis=0)
-    sg, so = g.std(axis=0), o.std(axis=0)
+    mg, sg = (v.ravel() for v in cv2.meanStdDev(generated, mask=ring))
+    mo, so = (v.ravel() for v in cv2.meanStdDev(original, mask=ring))
     ratio = np.where(sg > 1e-3, so / np.maximum(sg, 1e-3), 1.0)
     ratio = np.clip(ratio, *_STD_RATIO_LIMITS)
-    return ((generated - mg) * ratio + mo).astype(np.float32)
+    return generated * ratio.astype(np.float32) + (mo - mg * ratio).astype(np.float32)
 
 
 _DIS = None
 
 
-def _motion(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
     """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), kept
-    only near pixels the model changed (inside the paste mask); None when nothing changed."""
+    only near pixels the model changed (inside the paste mask, `inside`); None when nothing changed."""
     global _DIS
-    changed = (np.abs(generated.astype(np.int16) - original).max(axis=2) > _FLOW_MIN_CHANGE) & (mask > 0)
+    changed = (_channel_max(cv2.absdiff(generated, original)) > _FLOW_MIN_CHANGE) & inside
     if not changed.any():
         return None
     if _DIS is None:
@@ -245,12 +260,13 @@ def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int
 
 
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
-               original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
+               original_crops: np.ndarray | None = None, recipe: str = "aligned", inplace: bool = False) -> np.ndarray:
     """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask
     of the crop `recipe` (the matrices must be that recipe's).
 
     `original_crops` are the crops the model was given (as cut by `cut_crops`); when None they
-    are cut here. Returns new frames; pixels outside the mask are the input's, bit for bit.
+    are cut here. Returns new frames (`inplace`: `frames` itself, changed); pixels outside the
+    mask are the input's, bit for bit.
     """
     frames = np.asarray(frames)
     n, h, w = frames.shape[:3]
@@ -260,12 +276,9 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         original_crops = cut_crops(frames, matrices, size)
     if recipe not in _MASKS:
         raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
-    mask = _paste_mask_cached(int(size), recipe)
-    ring = (mask > 0) & (mask < 1)
-    rows, cols = np.nonzero(mask)
-    crop_rect = (cols.min() - 1.0, rows.min() - 1.0, cols.max() + 1.0, rows.max() + 1.0)
+    mask, inside, ring, ring_pixels, crop_rect = _mask_geometry(int(size), recipe)
     blur_sigma = max(0.5, size / 96.0)
-    out = frames.copy()
+    out = frames if inplace else frames.copy()
     for i in range(n):
         m = matrices[i].astype(np.float64)
         box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
@@ -280,19 +293,22 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
                                   borderMode=border, borderValue=0)
 
         orig = original_crops[i].astype(np.float32)
-        gen = _match_colour(generated[i].astype(np.float32), orig, ring)
+        gen = _match_colour(generated[i].astype(np.float32), orig, ring, ring_pixels)
         roi = frames[i, y0:y1, x0:x1].astype(np.float32)
-        flow = _motion(generated[i], original_crops[i], mask)
+        flow = _motion(generated[i], original_crops[i], inside)
         if flow is None:  # nothing moved: the frame's detail stays where it is
             moved_orig, moved_roi = orig, roi
         else:
             moved_orig = _remap_by(orig, flow)
             moved_roi = _remap_frame(frames[i], back(flow, cv2.BORDER_CONSTANT), m, x0, y0)
-        change = cv2.GaussianBlur(np.abs(gen - moved_orig).max(axis=2), (0, 0), blur_sigma)
-        keep_detail = np.clip((_DETAIL_HIGH - change) / (_DETAIL_HIGH - _DETAIL_LOW), 0.0, 1.0).astype(np.float32)
-
-        weight = back(mask, cv2.BORDER_CONSTANT)[..., None]
-        content = back(gen) + back(keep_detail)[..., None] * (moved_roi - back(moved_orig))
+        change = cv2.GaussianBlur(_channel_max(cv2.absdiff(gen, moved_orig)), (0, 0), blur_sigma)
+        keep_detail = np.clip((_DETAIL_HIGH - change) * (1.0 / (_DETAIL_HIGH - _DETAIL_LOW)), 0.0, 1.0)
+        # two 4-channel warps instead of four: the mask is 0 along the crop's edge, so replicating
+        # the border there is the same as a constant 0
+        gen_w = back(np.dstack([gen, mask]))
+        orig_w = back(np.dstack([moved_orig, keep_detail.astype(np.float32)]))
+        weight = gen_w[..., 3:]
+        content = gen_w[..., :3] + orig_w[..., 3:] * (moved_roi - orig_w[..., :3])
         blended = roi + weight * (content - roi)
         out[i, y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out

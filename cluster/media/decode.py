@@ -20,16 +20,23 @@ from cluster.media.probe import count_packets
 _EXACT_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 
 
-def frame_to_bgr(frame: av.VideoFrame) -> np.ndarray:
+def frame_to_bgr(frame: av.VideoFrame, dst: np.ndarray | None = None) -> np.ndarray:
     """A decoded frame as BGR uint8 [H, W, 3].
 
     yuv420p (every normalised template) goes through OpenCV's BT.601 conversion: about 4x cheaper
     than swscale's accurate path, and its chroma (one value per 2x2 block) survives the encoder's
     2x2 chroma averaging exactly, so unchanged pixels round-trip. Other formats use swscale.
+    `dst` ([H, W, 3] uint8, contiguous): written in place and returned.
     """
     if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
-        return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420)
-    return frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB)
+        if dst is None:
+            return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420)
+        return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420, dst=dst)
+    bgr = frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB)
+    if dst is None:
+        return bgr
+    dst[...] = bgr
+    return dst
 
 
 def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
@@ -133,6 +140,7 @@ class TemplateReader:
         self._next_index = None
 
     def _decode_run(self, first: int, last: int, out: dict[int, np.ndarray]) -> None:
+        """Decode frames first..last into `out[index]` (preallocated [H, W, 3] arrays)."""
         ahead = self._next_index
         if ahead is None or first < ahead or first - ahead > self.settings.gop_frames:
             self._seek(first)
@@ -162,7 +170,7 @@ class TemplateReader:
                 return False
             started = True
             if index >= first:
-                out[index] = frame_to_bgr(frame)
+                frame_to_bgr(frame, dst=out[index])
             if index >= last:
                 return True
 
@@ -176,13 +184,15 @@ class TemplateReader:
             bad = wanted[(wanted < 0) | (wanted >= self.frame_count)][0]
             raise ValueError(f"frame index {bad} outside template {self.path} "
                              f"(0..{self.frame_count - 1})")
-        unique = np.unique(wanted)
-        frames: dict[int, np.ndarray] = {}
-        for first, last in _runs(unique):
-            self._decode_run(first, last, frames)
+        unique, first_pos = np.unique(wanted, return_index=True)
         out = np.empty((wanted.size, self.height, self.width, 3), np.uint8)
+        # each distinct frame is decoded straight into its first place in `out`; repeats copied after
+        place = dict(zip(unique.tolist(), first_pos.tolist()))
+        for first, last in _runs(unique):
+            self._decode_run(first, last, {i: out[place[i]] for i in range(first, last + 1)})
         for k, i in enumerate(wanted.tolist()):
-            out[k] = frames[i]
+            if k != place[i]:
+                out[k] = out[place[i]]
         return out
 
     def close(self) -> None:
