@@ -25,6 +25,16 @@ from cluster.schemas import JobState, JobStatus, RenderRequest, StoredInput
 log = logging.getLogger("lipsync.runtime")
 
 
+def embedded_cpus(settings: Settings) -> int:
+    """The logical CPUs an embedded Ray declares: one more than this machine's cores, so the default
+    pool has one compositor more than the cores left by the model workers (a compositor waits on
+    the model and on its encoder part of the time: on 2 cores one compositor left about a fifth of
+    the machine idle, and a second one rendered 17 % faster, docs/PERFORMANCE.md); and at least
+    what the actors asked for need (one each), so `--workers 2` on a 2-core laptop runs,
+    oversubscribed, instead of leaving the compositor unschedulable."""
+    return max((os.cpu_count() or 1) + 1, (settings.model_workers or 1) + (settings.compositors or 1))
+
+
 def connect(settings: Settings, address: str | None = None, num_cpus: int | None = None,
             num_gpus: int | None = None) -> bool:
     """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process; True when
@@ -41,10 +51,7 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         _check_reachable(address, settings.actor_call_timeout_s)
         _enable_token_auth_when_available()
     if not address and num_cpus is None:
-        # An embedded Ray declares the logical CPUs its actors need (one per model worker and per
-        # compositor), so `--workers 2` on a 2-core laptop runs, oversubscribed, instead of
-        # leaving the compositor unschedulable.
-        num_cpus = max(os.cpu_count() or 1, (settings.model_workers or 1) + (settings.compositors or 1))
+        num_cpus = embedded_cpus(settings)
     try:
         if address:
             ray.init(address=address, **kwargs)

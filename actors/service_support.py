@@ -125,7 +125,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
 
     from ray import serve
 
-    from actors.runtime import Runtime, _check_reachable
+    from actors.runtime import Runtime, _check_reachable, embedded_cpus
     from serve_app import build_app
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -135,7 +135,8 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
             _check_reachable(address, settings.actor_call_timeout_s)
             ctx = ray.init(address=address, **kwargs)
         else:
-            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+            ctx = ray.init(address="local", num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
+                           include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                            _temp_dir=ray_temp_dir, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -5,20 +5,25 @@ avatar directory without `avatar.json` is an unfinished preparation and is redon
 """
 from __future__ import annotations
 
+import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputNotFound
+from cluster.errors import InputNotFound, LipsyncError
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
 from cluster.fsutil import write_atomic
 from cluster.media.decode import iter_frames
-from cluster.media.normalize import normalize_template
+from cluster.media.normalize import content_id, frames_map_one_to_one, normalize_template, template_path_for
+from cluster.media.probe import probe_video
 from cluster.schemas import MediaInfo
+
+log = logging.getLogger("lipsync.avatar")
 
 AVATAR_FILE = "avatar.json"
 TRACK_FILE = "track.npz"
@@ -62,27 +67,45 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     """Normalise a template, find its subject's face on every frame, store the track.
 
     Faces are detected in full on every `settings.detect_interval`-th frame and tracked between
-    (`MTCNNDetector.detect_sequence`).
+    (`MTCNNDetector.detect_sequence`). When normalising keeps the source's frames one for one
+    (`frames_map_one_to_one`: e.g. a camera's constant-rate H.264 re-encoded only for short GOPs),
+    the faces are found on the source's frames while ffmpeg normalises it, in parallel; otherwise on
+    the normalised template, after it.
 
     Cached by the template's content hash: preparing the same bytes again reads the stored
     avatar (`cached=True`) without any detection. Raises the input errors of
     `normalize_template`, and `cluster.errors.NoFace` when too few frames show a face.
     """
     s = settings or get_settings()
-    template = normalize_template(video_path, s)
-    stored = _read_stored(template.id, s)
-    if stored is not None and stored.template_path == template.path:
+    source = str(video_path)
+    template_id = content_id(source)
+    stored = _read_stored(template_id, s)
+    if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         return stored
     telemetry.emit("avatar_cache", result="miss")
 
-    video = template.info.video
     detector = detector or MTCNNDetector()
-    with telemetry.timed("stage_seconds", stage="detect"):
-        detections: list[list[FaceDetection]] = list(
-            detector.detect_sequence(iter_frames(template.path, s.batch_size, s), s.detect_interval))
-        track = build_track(detections, (video.width, video.height), s.min_face_fraction,
-                            path_for_errors=str(video_path), fps=float(video.fps))
+    template, detections = None, None
+    if frames_map_one_to_one(source, probe_video(source, s)):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalise") as pool:
+            normalising = pool.submit(normalize_template, source, s, template_id)
+            try:
+                detections = _detect(detector, source, s)
+            except LipsyncError as e:  # normalisation's own error, if any, says more about the file
+                log.info("detecting faces on %s while normalising it failed: %s", source, e)
+            template = normalising.result(timeout=s.ffmpeg_timeout_s + 60)  # ffmpeg is bounded by its own
+        if detections is not None and len(detections) != template.info.video.frame_count:
+            log.warning("%s: %d source frames but %d normalised ones; detecting again on the normalised "
+                        "template", source, len(detections), template.info.video.frame_count)
+            detections = None
+    if template is None:
+        template = normalize_template(source, s, template_id)
+    if detections is None:
+        detections = _detect(detector, template.path, s)
+    video = template.info.video
+    track = build_track(detections, (video.width, video.height), s.min_face_fraction,
+                        path_for_errors=source, fps=float(video.fps))
 
     out_dir = _avatar_dir(template.id, s)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +115,12 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
                     info=template.info, frame_count=len(track), cached=False)
     write_atomic(out_dir / AVATAR_FILE, avatar.model_dump_json(indent=2))
     return avatar
+
+
+@telemetry.timed("stage_seconds", stage="detect")
+def _detect(detector: MTCNNDetector, path: str, s: Settings) -> list[list[FaceDetection]]:
+    """The faces on every frame of the video at `path`, in order."""
+    return list(detector.detect_sequence(iter_frames(path, s.batch_size, s), s.detect_interval))
 
 
 def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:

@@ -130,6 +130,7 @@ class MTCNNDetector:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_threads)
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see models.adapter
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._sessions = {}
         for name in ("pnet", "rnet", "onet"):

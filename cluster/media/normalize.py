@@ -37,6 +37,16 @@ class NormalizedTemplate(BaseModel):
     cached: bool = False
 
 
+def content_id(path: str | os.PathLike) -> str:
+    """The id of a template (and of its avatar): the first 16 hex digits of its SHA-256."""
+    return file_sha256(path)[:16]
+
+
+def template_path_for(template_id: str, settings: Settings) -> Path:
+    """Where the normalised template of `template_id` is stored."""
+    return settings.dir("templates") / template_id / TEMPLATE_FILE
+
+
 def target_fps(info: MediaInfo) -> Fraction:
     """The constant rate of the normalised template: the source's exact rate; for a variable-rate
     source its average rate, snapped to a standard rate within 1 % (29.87 -> 30000/1001)."""
@@ -110,6 +120,21 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     return frames
 
 
+def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
+    """True when normalising `source` keeps its frames one for one, in order (constant rate,
+    yuv420p, even size, square pixels, unrotated, and as many packets as the header promises), so
+    its faces can be found on the source's own frames while ffmpeg re-encodes it (for short GOPs)."""
+    v = info.video
+    if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
+            or v.width % 2 or v.height % 2 or not v.frame_count):
+        return False
+    try:
+        frames, _, square = keyframe_layout(source)
+    except Exception:  # noqa: BLE001 - anything odd about the file: detect on the normalised template
+        return False
+    return square and frames == v.frame_count
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     import shutil
 
@@ -121,21 +146,22 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 @telemetry.timed("stage_seconds", stage="normalise")
-def normalize_template(path: str | os.PathLike,
-                       settings: Settings | None = None) -> NormalizedTemplate:
+def normalize_template(path: str | os.PathLike, settings: Settings | None = None,
+                       template_id: str | None = None) -> NormalizedTemplate:
     """Normalise a template video (CFR, rotation applied, yuv420p, even size, libx264 closed GOPs
     of `gop_frames`, no audio, faststart), cached by content hash: a second call with the same
     bytes returns the stored file with `cached=True` without running ffmpeg.
 
+    `template_id`: the source's content id when the caller already hashed it.
     Raises the `InputError`s of `probe_video`, `InputUnreadable` when the output's frame count
     shows the source was truncated, `MediaError`/`RenderTimeout` when ffmpeg fails.
     """
     s = settings or get_settings()
     source = str(Path(path))
     src_info = probe_video(source, s)
-    template_id = file_sha256(source)[:16]
-    out_dir = s.dir("templates") / template_id
-    out_path = out_dir / TEMPLATE_FILE
+    template_id = template_id or content_id(source)
+    out_path = template_path_for(template_id, s)
+    out_dir = out_path.parent
     cached = _load_cached(template_id, out_path, source, s)
     if cached is not None:
         return cached
