@@ -93,6 +93,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             print(f"lipsync: note: {', '.join(cluster_options)} size a new job manager; the running cluster at "
                   f"RAY_ADDRESS keeps its own, so they were not applied", file=sys.stderr)
         rt = Runtime(settings, owner=process_identity() if embedded else None)
+        rt.manager()  # created now, so its workers start while the avatar is still being prepared
         job_id = new_job_id()
         if early is not None:  # the job's prepare step then finds the avatar in the cache
             early.result(timeout=settings.chunk_timeout_s)
