@@ -4,6 +4,7 @@ For each model (built-in near-free, Wav2Lip-sized) and each speech length (30 s 
 720p25 from a 10 s template), in one run under the same load:
   - classic: `python -m bench.reference_pipeline` (bench/reference_pipeline.py);
   - one-shot: `lipsync render` (embedded Ray started by the command, empty storage: cold avatar);
+  (both with no other Ray on the machine; then, for every row)
   - warm service, cold avatar: a Ray runtime already up in this process, its avatar cache emptied;
   - warm service, prepared avatar: the same, the avatar prepared by the previous job.
 Speed ratio = classic wall time / wall time (> 1: faster than classic); memory ratio = peak RSS of
@@ -143,12 +144,11 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-classic-", dir=CACHE))
     results: dict = {"size": f"{size[0]}x{size[1]}", "template_seconds": template_s, "runs": []}
-    service = WarmService(work / "warm-storage")
     try:
+        # the classic pipeline and the one-shot render first, with no other Ray on the machine (a
+        # warm service's idle Ray slowed the one-shot render by about 10 % here); then the warm service
         for model_name in models:
             model = model_spec(model_name)
-            warm_inp = make_inputs(2.0, size, template_s, variant=99)
-            service.render(warm_inp.audio, warm_inp.video, model, str(work / "warmup.mp4"))  # model loaded
             for secs in lengths:
                 inp = make_inputs(secs, size, template_s)
                 row = {"model": model_name, "speech_s": secs, "frames": inp.frames}
@@ -156,20 +156,29 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                 row["classic"] = _classic(inp, model, work)
                 print(f"[classic] {model_name} {secs:g} s: one-shot lipsync render ...", flush=True)
                 row["oneshot"] = _oneshot(inp, model, work)
-                service.forget_avatars()
-                print(f"[classic] {model_name} {secs:g} s: warm service ...", flush=True)
-                row["warm_cold"] = service.render(inp.audio, inp.video, model, str(work / "warm_cold.mp4"))
-                row["warm_prepared"] = service.render(inp.audio, inp.video, model, str(work / "warm_prep.mp4"))
-                for k in ("classic", "oneshot"):
-                    row[k].pop("output", None)
-                for k in ("oneshot", "warm_cold", "warm_prepared"):
-                    row[k]["speed_vs_classic"] = row["classic"]["wall_s"] / row[k]["wall_s"]
-                    row[k]["memory_vs_classic"] = row[k]["peak_rss_mb"] / row["classic"]["peak_rss_mb"]
-                    row[k]["cpu_vs_classic"] = row[k]["cpu_s"] / row["classic"]["cpu_s"]
                 results["runs"].append(row)
-                print(f"[classic] {row}", flush=True)
+        service = WarmService(work / "warm-storage")
+        try:
+            for model_name in models:
+                model = model_spec(model_name)
+                warm_inp = make_inputs(2.0, size, template_s, variant=99)
+                service.render(warm_inp.audio, warm_inp.video, model, str(work / "warmup.mp4"))  # model loaded
+                for row in (r for r in results["runs"] if r["model"] == model_name):
+                    inp = make_inputs(row["speech_s"], size, template_s)
+                    service.forget_avatars()
+                    print(f"[classic] {model_name} {row['speech_s']:g} s: warm service ...", flush=True)
+                    row["warm_cold"] = service.render(inp.audio, inp.video, model, str(work / "warm_cold.mp4"))
+                    row["warm_prepared"] = service.render(inp.audio, inp.video, model, str(work / "warm_prep.mp4"))
+                    for k in ("classic", "oneshot"):
+                        row[k].pop("output", None)
+                    for k in ("oneshot", "warm_cold", "warm_prepared"):
+                        row[k]["speed_vs_classic"] = row["classic"]["wall_s"] / row[k]["wall_s"]
+                        row[k]["memory_vs_classic"] = row[k]["peak_rss_mb"] / row["classic"]["peak_rss_mb"]
+                        row[k]["cpu_vs_classic"] = row[k]["cpu_s"] / row["classic"]["cpu_s"]
+                    print(f"[classic] {row}", flush=True)
+        finally:
+            service.close()
     finally:
-        service.close()
         shutil.rmtree(work, ignore_errors=True)
     _report(results, quick)
     return results

@@ -100,37 +100,33 @@ def wait_phases(rt, job_id: str, timeout: float = 1800.0, what: str = "job"):
 
 
 # --- measuring ---------------------------------------------------------------------------
-def _tree_rss(proc) -> int:
+def _tree_usage(proc) -> tuple[int, float]:
+    """(summed RSS bytes, summed CPU seconds) of `proc` and its descendants, in one pass over
+    the process table (the sampler itself should cost the measured side as little as possible)."""
     import psutil
 
-    total = 0
+    rss, cpu = 0, 0.0
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return 0, 0.0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            with p.oneshot():
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+            cpu += t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             pass
-    return total
+    return rss, cpu
+
+
+def _tree_rss(proc) -> int:
+    return _tree_usage(proc)[0]
 
 
 def _tree_cpu(proc) -> float:
-    import psutil
-
-    total = 0.0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return total
+    return _tree_usage(proc)[1]
 
 
 class TreeSampler:
@@ -177,8 +173,8 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 3600.
     reader.start()
     deadline = t0 + timeout
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(ps))
-        cpu = max(cpu, _tree_cpu(ps))
+        rss, used = _tree_usage(ps)
+        peak, cpu = max(peak, rss), max(cpu, used)
         if time.perf_counter() > deadline:
             os.killpg(proc.pid, 9)
             proc.wait()

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     # --- rendering ------------------------------------------------------------------------
     chunk_seconds: float = Field(2.0, gt=0.1, le=60)
-    first_chunk_seconds: float = Field(0.5, ge=0, le=60, description="length of a job's first chunk, so its "
+    first_chunk_seconds: float = Field(0.25, ge=0, le=60, description="length of a job's first chunk, so its "
                                        "first segment is ready sooner (0 or >= chunk_seconds: as the others)")
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
     loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
