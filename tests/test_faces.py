@@ -319,6 +319,27 @@ def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video)
         load_avatar("../etc", settings)
 
 
+def test_faces_found_on_the_source_while_it_is_normalised_and_checked_against_it(tmp_path, template_video,
+                                                                                 monkeypatch):
+    """The fixture's one long GOP is re-encoded; its frames map one for one, so detection runs on the
+    source's own frames meanwhile. A source that yields a frame fewer than the normalised template
+    is detected again on the template: the track always has one entry per template frame."""
+    import cluster.faces.avatar as avatar_mod
+
+    detect = avatar_mod._detect
+    calls = []
+
+    def short_by_one_on_the_source(detector, path, s):
+        calls.append(path)
+        found = detect(detector, path, s)
+        return found[:-1] if path == template_video else found
+
+    monkeypatch.setattr(avatar_mod, "_detect", short_by_one_on_the_source)
+    avatar = prepare_avatar(template_video, Settings(storage_root=tmp_path / "store", detect_interval=5))
+    assert calls == [template_video, avatar.template_path]  # the source first (in parallel), then the fallback
+    assert avatar.frame_count == 2 * FPS and len(avatar.load_track()) == 2 * FPS
+
+
 # --- the `wav2lip` crop recipe ------------------------------------------------------------------
 def _original_wav2lip_boxes(detections, frame_size) -> np.ndarray:
     """A plain reimplementation of Wav2Lip's inference crop: per-frame detector box plus pads
