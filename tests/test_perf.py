@@ -90,7 +90,7 @@ def test_render_chunk_submits_the_next_batch_before_waiting_for_one(tmp_path, as
     from cluster.render import prepare_job, render_chunk
     from cluster.schemas import RenderRequest
 
-    s = Settings(storage_root=tmp_path / "s", batch_size=8, chunk_seconds=1.0)
+    s = Settings(storage_root=tmp_path / "s", batch_size=8, chunk_seconds=1.0, first_chunk_seconds=0)  # 25 frames
     model = load_model("latency:0:96", s)
     plan = prepare_job("deferred", RenderRequest(audio=speech_wav, video=astronaut_video), s, model_size=96)
     chunk = plan.chunks[0]

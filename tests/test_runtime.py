@@ -136,7 +136,8 @@ def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_
 
 
 def test_orchestrator_restart_with_inputs_gone_fails_precisely(runtime, speech4_wav, astronaut_video, tmp_path):
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    # a model that takes 60 ms a frame (no CPU): the job is still rendering when its inputs go
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model="latency:60:96"))
     _wait_rendering(runtime, job.id)
     manager = runtime.manager()
     ray.kill(manager, no_restart=False)
