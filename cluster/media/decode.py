@@ -29,14 +29,12 @@ def frame_to_bgr(frame: av.VideoFrame, dst: np.ndarray | None = None) -> np.ndar
     `dst` ([H, W, 3] uint8, contiguous): written in place and returned.
     """
     if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
-        if dst is None:
-            return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420)
-        return cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420, dst=dst)
-    bgr = frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB)
-    if dst is None:
-        return bgr
-    dst[...] = bgr
-    return dst
+        bgr = cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420, dst=dst)
+    else:
+        bgr = frame.to_ndarray(format="bgr24", interpolation=_EXACT_RGB)
+    if dst is not None and bgr is not dst:  # cv2 allocates anew, silently, for a dst that does not fit
+        dst[...] = bgr  # (a frame of another size raises here rather than leave dst unwritten)
+    return bgr if dst is None else dst
 
 
 def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
