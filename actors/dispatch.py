@@ -41,6 +41,7 @@ class Dispatcher:
         self._sizes: dict[str, int] = {}
         self.node_id = ray.get_runtime_context().get_node_id()  # the job manager's node: the storage root's
         self._detector = None  # for a prepare run here, when no compositor shares this node
+        self._steps_waiting = 0  # job-level steps waiting for a compositor on this node: they go first
 
     def on_this_node(self, member: Member) -> bool:
         return member.info.get("node") == self.node_id
@@ -63,7 +64,7 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 pass
             return
-        member = await self.pool.compositors.acquire(timeout=1.0)
+        member = await self.pool.compositors.acquire(timeout=1.0, where=self._free_for_chunks)
         if member is None:
             return
         item = self.queue.pop()
@@ -72,6 +73,12 @@ class Dispatcher:
             return
         job_id, chunk = item
         self.tasks.spawn(self._run_chunk(job_id, chunk, member))
+
+    def _free_for_chunks(self, member: Member) -> bool:
+        """Chunks go to any compositor, except one on this node while a job-level step waits for
+        it: a prepare or finalize gates a whole job, and under a stream of jobs a compositor here
+        that always takes the next chunk would starve them (each waits a chunk at most instead)."""
+        return not (self._steps_waiting and self.on_this_node(member))
 
     async def _run_chunk(self, job_id: str, chunk: Chunk, member: Member) -> None:
         logs.bind(job_id=job_id, chunk=chunk.index)
@@ -196,8 +203,8 @@ class Dispatcher:
     async def run_step(self, method: str, job: JobRuntime, *args, timeout: float | None = None):
         """Run a job-level step (prepare, finalize: they read and write the storage root) on a
         compositor on this node; a lost compositor means another one runs it. Where no
-        compositor shares this node (e.g. a head node with no CPUs for actors), it runs here,
-        in a thread."""
+        compositor shares this node (e.g. a head node with no CPUs for actors), or none here has
+        been live for `stall_timeout_s`, it runs here, in a thread."""
         timeout = timeout or self.s.chunk_timeout_s
         table = self.pool.compositors
         settle_by = time.monotonic() + self.s.stall_timeout_s
@@ -211,10 +218,9 @@ class Dispatcher:
         for _ in range(self.s.max_chunk_attempts + 1):
             if not any(self.on_this_node(m) for m in table.members.values()):
                 return await self._run_here(method, job, args, timeout)
-            member = await table.acquire(timeout=self.s.stall_timeout_s, where=self.on_this_node)
-            if member is None:
-                raise WorkerLost(f"no live compositor on the job manager's node within {self.s.stall_timeout_s:.0f} s "
-                                 f"for {method} (last problem: {last})", cause=last)
+            member = await self._acquire_here(method, job, timeout)
+            if member is None:  # no compositor here is live: the step runs in this process
+                return await self._run_here(method, job, args, timeout)
             try:
                 ref = getattr(member.handle, method).options(name=f"{method} job={job.id}").remote(*args)
                 answer = await outcome(ref, timeout=timeout)
@@ -232,6 +238,33 @@ class Dispatcher:
                 await self.pool.lost(table, member, last)
         raise WorkerLost(f"{method} of job {job.id}: compositor lost {self.s.max_chunk_attempts + 1} times; "
                          f"last: {last}", cause=last)
+
+    async def _acquire_here(self, method: str, job: JobRuntime, timeout: float) -> Member | None:
+        """A compositor of this node for a job-level step (first in line: see `_free_for_chunks`).
+        One that is live but busy is waited for, up to the step's own deadline (a stream of jobs
+        on an overloaded machine queues prepares behind each other; they are not stalled). None
+        when none here has been live for `stall_timeout_s` (e.g. its restart waits for a CPU that
+        another actor took): the caller then runs the step in this process instead of failing."""
+        table = self.pool.compositors
+        give_up = time.monotonic() + timeout
+        self._steps_waiting += 1
+        try:
+            while True:
+                member = await table.acquire(timeout=self.s.stall_timeout_s, where=self.on_this_node)
+                if member is not None:
+                    return member
+                here = [m for m in table.members.values() if self.on_this_node(m)]
+                if not any(m.health == Health.live for m in here):
+                    log.warning("job %s: no compositor on this node has been live for %.0f s (%s): %s runs in the "
+                                "job manager", job.id, self.s.stall_timeout_s,
+                                ", ".join(f"{m.name} {m.health.value}" for m in here) or "none there", method)
+                    return None
+                if time.monotonic() > give_up:
+                    state = ", ".join(f"{m.name} {m.health.value}" + (" (busy)" if m.inflight else "") for m in here)
+                    raise RenderTimeout(f"{method} of job {job.id} waited {timeout:.0f} s for a compositor on the "
+                                        f"job manager's node ({state})", job_id=job.id, stage=method)
+        finally:
+            self._steps_waiting -= 1
 
     async def _run_here(self, method: str, job: JobRuntime, args: tuple, timeout: float):
         from cluster.render import finalize_job, prepare_job

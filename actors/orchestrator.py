@@ -81,14 +81,14 @@ class JobManager:
         the abandoned ones of embedded runs that are gone, start scheduling."""
         try:
             self.pool.start()
-        except LipsyncError as e:  # e.g. PlacementError: every submit says why, at once
-            self._boot_error = e
+        except LipsyncError as e:  # e.g. PlacementError: every submit says why, at once, until
+            self._boot_error = e  # the reconciler finds the cluster can hold the pool
             log.error("job manager cannot start its workers: %s", e)
         except Exception as e:
             self._boot_error = RenderError(f"the job manager cannot start its workers: {e!r}", cause=repr(e))
             log.exception("job manager boot failed")
         self.tasks.spawn(self.dispatcher.run_scheduler())
-        self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue)))
+        self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue), self._pool_started))
         self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         self.tasks.spawn(self._expire_uploads())
         for job_id, owner, client in self.store.unfinished_owners():
@@ -98,6 +98,10 @@ class JobManager:
             elif identity_gone(owner) or identity_gone(client):
                 self._abandon(job_id, owner, client)
         self._booted.set()
+
+    def _pool_started(self) -> None:
+        """The pool's start, refused at boot (the cluster could not hold it), succeeded later."""
+        self._boot_error = None
 
     def _abandon(self, job_id: str, owner: str | None, client: str | None) -> None:
         err = JobAbandoned(f"job {job_id} was abandoned: the run that admitted it ({client or owner}) is gone",

@@ -66,6 +66,13 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
     return not address
 
 
+def stop_embedded() -> None:
+    """Stop the embedded Ray this process started (`connect` returned True): its processes go,
+    with their workers; detached actors of ours go with them (their jobs resume or end
+    `job.abandoned` on the next start, see `cluster.owners`)."""
+    ray.shutdown()
+
+
 def ray_token_source() -> str | None:
     """Where a Ray token is available to this process (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
     Ray's token file ~/.ray/auth_token), else None."""

@@ -20,7 +20,7 @@ from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
 from cluster.config import Settings
 from cluster.errors import ModelLoadError, PlacementError
-from cluster.scheduling import Health, Member, PoolSize, WorkerTable, size_pool
+from cluster.scheduling import Health, Member, PoolSize, WorkerTable, fit_pool, size_pool, surplus_members
 
 log = logging.getLogger("lipsync.supervision")
 
@@ -57,6 +57,8 @@ class Supervisor:
         self.compositors = WorkerTable(max_inflight=1)
         self._factories: dict[str, functools.partial] = {}
         self._requested = 0  # model worker bundles asked of the autoscaler
+        self._surplus_since: dict[str, float] = {}  # pool prefix -> when it first had more members than fit
+        self.started = False  # the pool was created (or re-attached to)
 
     # --- creation ------------------------------------------------------------------------
     def _create_worker(self, name: str, gpus: float):
@@ -76,50 +78,84 @@ class Supervisor:
                          self.s.compositors, self.s.worker_gpus)
 
     def start(self) -> None:
-        """Create (or re-attach to) every member and probe each until it answers."""
-        try:
-            size = self.sizes()
-        except PlacementError:
-            if not self.alive(f"{MODEL_WORKER_PREFIX}0"):
-                raise
-            # A restarted manager re-attaches to the pool it made when the cluster was bigger
-            # (a node has left): the members come back as the cluster allows.
-            log.warning("the cluster shrank below the pool's size; re-attaching to the existing members")
+        """Create (or re-attach to) every member and probe each until it answers.
+
+        A first start refuses settings the cluster cannot hold (`PlacementError`, naming the
+        missing resource); `run_reconciler` tries again until the cluster holds them (e.g. GPU
+        worker pods that join after the head). A restarted job manager re-attaches to the members
+        that exist, whatever the cluster holds now; `reconcile` then fits the pool to it."""
+        existing = self._existing_members()
+        if existing:  # only those: creating others now would compete with them for the cluster
             res = ray.cluster_resources()
-            size = size_pool(1e9, 1e9 if res.get("GPU") else 0.0, self.s.model_workers, self.s.compositors,
-                             self.s.worker_gpus)
-        for i in range(size.model_workers):
-            name = f"{MODEL_WORKER_PREFIX}{i}"
-            self._add(self.models, name, functools.partial(self._create_worker, name, size.gpus_per_worker))
-        for i in range(size.compositors):
-            name = f"{COMPOSITOR_PREFIX}{i}"
-            self._add(self.compositors, name, functools.partial(self._create_compositor, name))
+            size = fit_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
+                            self.s.compositors, self.s.worker_gpus)
+            log.info("re-attaching to the pool's %d existing member(s); reconcile fits it to the cluster",
+                     len(existing))
+            names = sorted(existing, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])))
+        else:
+            size = self.sizes()
+            names = ([f"{MODEL_WORKER_PREFIX}{i}" for i in range(size.model_workers)]
+                     + [f"{COMPOSITOR_PREFIX}{i}" for i in range(size.compositors)])
+        for name in names:
+            if name.startswith(MODEL_WORKER_PREFIX):
+                self._add(self.models, name, functools.partial(self._create_worker, name, size.gpus_per_worker))
+            else:
+                self._add(self.compositors, name, functools.partial(self._create_compositor, name))
+        self.started = True
+
+    def _existing_members(self) -> set[str]:
+        """Names of this namespace's model workers and compositors that Ray still has (alive,
+        restarting or waiting to be placed)."""
+        prefixes = (MODEL_WORKER_PREFIX, COMPOSITOR_PREFIX)
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == self.s.namespace and a["name"].startswith(prefixes)
+                and a["name"].rsplit("-", 1)[-1].isdigit()}
 
     # --- following the cluster -------------------------------------------------------------
-    async def run_reconciler(self, queue_depth: Callable[[], int]) -> None:
-        """Every pool_reconcile_s: follow the cluster's resources (never dies)."""
+    async def run_reconciler(self, queue_depth: Callable[[], int], on_started: Callable[[], None]) -> None:
+        """Every pool_reconcile_s: start the pool if its first start was refused (calling
+        `on_started` once it is), then follow the cluster's resources (never dies)."""
+        refused = None
         while True:
             await asyncio.sleep(self.s.pool_reconcile_s)
             try:
+                if not self.started:
+                    self.start()
+                    log.info("the cluster now holds the pool: started it")
+                    on_started()
                 await self.reconcile(queue_depth())
+            except PlacementError as e:
+                if str(e) != refused:
+                    log.warning("the pool cannot start yet: %s", e)
+                refused = str(e)
             except Exception:
                 log.exception("pool reconciliation failed; trying again")
 
     async def reconcile(self, queued_chunks: int = 0) -> None:
-        """Grow the pools to what the cluster's resources hold now (a GPU node that joined gets a
-        model worker; compositors follow the CPUs, within settings), drop members that are not
-        live beyond that (their node left), and ask the autoscaler for GPU bundles while chunks
-        wait and every worker is busy."""
+        """Follow the cluster's resources: take members whose node left out of rotation at once
+        (Ray restarts them where there is room), fit the pools to what the cluster holds now
+        (`fit_pool`: a GPU node that joined gets a model worker, compositors follow the CPUs
+        within the settings, and a cluster that shrank keeps no member waiting for resources
+        that are gone), and ask the autoscaler for GPU bundles while chunks wait and every worker
+        is busy."""
         res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-        want_workers = self.s.model_workers or (max(1, int(gpus // self.s.worker_gpus)) if gpus else 1)
-        want_comp = self.s.compositors or max(1, min(int(cpus) - want_workers, 8))
-        per_worker = self.s.worker_gpus if gpus else 0.0
-        await self._resize(self.models, MODEL_WORKER_PREFIX, want_workers,
-                           lambda name: functools.partial(self._create_worker, name, per_worker))
-        await self._resize(self.compositors, COMPOSITOR_PREFIX, want_comp,
+        await self._mark_departed({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
+        size = fit_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
+                        self.s.compositors, self.s.worker_gpus)
+        await self._resize(self.models, MODEL_WORKER_PREFIX, size.model_workers,
+                           lambda name: functools.partial(self._create_worker, name, size.gpus_per_worker))
+        await self._resize(self.compositors, COMPOSITOR_PREFIX, size.compositors,
                            lambda name: functools.partial(self._create_compositor, name))
         self._request_capacity(queued_chunks)
+
+    async def _mark_departed(self, alive_nodes: set[str]) -> None:
+        """A member that looks live but whose node has left is lost (its next batch would only
+        time out); it is probed back once Ray restarts it elsewhere."""
+        for table in (self.models, self.compositors):
+            for member in list(table.members.values()):
+                node = member.info.get("node")
+                if member.health == Health.live and node and node not in alive_nodes:
+                    await self.lost(table, member, f"its node {node[:8]} left the cluster")
 
     async def _resize(self, table: WorkerTable, prefix: str, want: int, factory_for) -> None:
         have = len(table.members)
@@ -128,17 +164,24 @@ class Supervisor:
             log.info("the cluster has room for %s: adding it", name)
             self._add(table, name, factory_for(name))
         surplus = have - want
-        stale = [m for m in table.members.values() if m.health in (Health.lost, Health.starting)
-                 and time.monotonic() - (m.lost_at or m.created_at) > self.s.stall_timeout_s / 4]
-        for member in stale[:max(0, surplus)]:
-            log.warning("dropping %s: not live and the cluster no longer has room for it", member.name)
+        now = time.monotonic()
+        grace = self.s.stall_timeout_s / 4
+        if surplus > 0:  # idle live members go only once the surplus has lasted (a node may come back)
+            since = self._surplus_since.setdefault(prefix, now)
+        else:
+            since = self._surplus_since.pop(prefix, now)
+        drop = surplus_members(list(table.members.values()), surplus, now, stale_after_s=grace,
+                               idle_too=now - since >= grace)
+        for member in drop:
+            log.warning("dropping %s (%s): the cluster now holds %d of its kind, the pool had %d",
+                        member.name, member.health.value, want, have)
             await table.remove(member.name)
             self._factories.pop(member.name, None)
             try:
                 ray.kill(member.handle, no_restart=True)
             except Exception as e:
                 log.warning("kill %s: %r", member.name, e)
-        if surplus > 0 or have < want:
+        if drop or have < want:
             self.work.set()
 
     def _request_capacity(self, queued_chunks: int) -> None:
@@ -194,7 +237,10 @@ class Supervisor:
                 if not self.alive(member.name):
                     break
                 await asyncio.sleep(0.1)
-        member.handle = self._factories[member.name]()
+        factory = self._factories.get(member.name)
+        if factory is None:  # dropped from the pool meanwhile (the cluster no longer has room for it)
+            return
+        member.handle = factory()
         member.error = why
 
     # --- health --------------------------------------------------------------------------
@@ -209,6 +255,8 @@ class Supervisor:
                 return
             answer = await outcome(member.handle.info.remote(),
                                    timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            if table.members.get(member.name) is not member:  # dropped while it was asked
+                return
             if not answer.ok:
                 if answer.kind == Kind.died and not self.alive(member.name):
                     await self._replace(member, f"died for good: {answer.error}")

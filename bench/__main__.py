@@ -33,17 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speech lengths to run (classic, floor; repeatable), instead of the defaults")
     p.add_argument("--model", action="append", choices=["builtin", "wav2lip96"],
                    help="models to run (repeatable); default both")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="chaos only: N processes that keep a CPU busy for the whole run (an overloaded machine)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    if args.load and names != ["chaos"]:
+        build_parser().error("--load is for the chaos run only")
     for name in names:
         module = importlib.import_module({**BENCHMARKS, **RELIABILITY}[name])
         t0 = time.perf_counter()
         print(f"=== {name}{' (quick)' if args.quick else ''} ===", flush=True)
-        module.run(quick=args.quick, seconds=args.seconds, models=args.model)
+        extra = {"load": args.load} if name == "chaos" else {}
+        module.run(quick=args.quick, seconds=args.seconds, models=args.model, **extra)
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s ===", flush=True)
     return 0
 

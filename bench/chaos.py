@@ -6,6 +6,9 @@ model workers, compositors, the job manager and whole worker nodes are killed (S
 node is not replaced; at least one worker node stays). Every job must end `succeeded` with frames identical to its
 fault-free render, or `failed` naming the fault; none non-terminal; no stray output.
 
+`--load N` keeps N more processes spinning on the CPUs for the whole run: the overloaded machine
+under which faults interleave differently (restarts wait for CPUs, calls time out).
+
 Writes bench/results/chaos.json (or chaos.quick.json) and prints the counts for
 docs/RELIABILITY.md. Environment: LIPSYNC_CHAOS_SEED (default 12).
 """
@@ -26,7 +29,38 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 
-def run(quick: bool = False, seed: int | None = None, **_) -> dict:
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+class BusyLoad:
+    """`n` processes that each keep a CPU busy until stopped (or for at most `limit_s`)."""
+
+    def __init__(self, n: int, limit_s: float = 3600.0) -> None:
+        import multiprocessing as mp
+
+        self.procs = [mp.get_context("spawn").Process(target=_spin, args=(limit_s,), daemon=True) for _ in range(n)]
+
+    def __enter__(self) -> "BusyLoad":
+        for p in self.procs:
+            p.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.join(timeout=10)
+
+
+def run(quick: bool = False, seed: int | None = None, load: int = 0, **_) -> dict:
+    with BusyLoad(load):
+        return _run(quick, seed, load)
+
+
+def _run(quick: bool, seed: int | None, load: int) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -87,7 +121,8 @@ def run(quick: bool = False, seed: int | None = None, **_) -> dict:
         result = {
             "benchmark": "chaos", "quick": quick, "seed": seed, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
             "machine": f"{platform.node()} {os.cpu_count()} cpus",
-            "command": "python -m bench chaos" + (" --quick" if quick else ""),
+            "command": "python -m bench chaos" + (" --quick" if quick else "") + (f" --load {load}" if load else ""),
+            "busy_processes": load, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "jobs": report.jobs, "faults": report.faults_by_kind(), "outcomes": report.states(),
             "identical": report.identical, "mismatched": report.mismatched,
             "unnamed_failures": report.unnamed_failures, "non_terminal": report.non_terminal,
@@ -107,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="8 jobs, 6 faults")
     p.add_argument("--seed", type=int)
+    p.add_argument("--load", type=int, default=0, help="processes that keep a CPU busy for the whole run")
     args = p.parse_args(argv)
-    run(quick=args.quick, seed=args.seed)
+    run(quick=args.quick, seed=args.seed, load=args.load)
     return 0
 
 

@@ -73,6 +73,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
                             model=_model_spec(model) if model else None, chunk_seconds=chunk_seconds)
     bar = _ProgressBar(quiet)
+    embedded = False
     try:
         if local:
             from cluster.render import render_local
@@ -121,6 +122,10 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         return e.exit_code
     finally:
         bar.close()
+        if embedded:  # now, not in Ray's exit hook (which first sleeps 0.5 s for log lines we do not print)
+            from actors.runtime import stop_embedded
+
+            stop_embedded()
 
 
 def _prepare_avatar_while(request: RenderRequest, settings: Settings):

@@ -146,6 +146,46 @@ def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: 
     return PoolSize(n_workers, n_comp, per_worker)
 
 
+def fit_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
+             worker_gpus: float, max_compositors: int = 8) -> PoolSize:
+    """The pool that fits the cluster's resources *now*, for a running job manager whose cluster
+    may have shrunk (a node left) or grown: what the settings ask for (`size_pool`'s defaults),
+    but never more than the GPUs and CPUs that are there, so that no member waits for resources
+    forever. A pending member is worse than a missing one: when a live member restarts, Ray gives
+    the freed CPU to whichever pending actor it picks, and a compositor that takes a restarting
+    model worker's CPU leaves the pool without a model worker (docs/RELIABILITY.md).
+
+    Model workers keep their place first (at least one, and one CPU left for a compositor);
+    compositors get the CPUs left, at least one, at most what was asked for. Never raises: at
+    start-up `size_pool` refuses a pool that does not fit; this follows the cluster afterwards."""
+    per_worker = worker_gpus if gpus else 0.0
+    n_workers = model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+    if per_worker:
+        n_workers = min(n_workers, int(gpus / per_worker + 1e-9))
+    n_cpus = int(cpus + 1e-9)
+    n_workers = max(1, min(n_workers, n_cpus - 1))
+    room = max(1, n_cpus - n_workers)
+    n_comp = min(compositors, room) if compositors else max(1, min(room, max_compositors))
+    return PoolSize(n_workers, n_comp, per_worker)
+
+
+def surplus_members(members: list[Member], surplus: int, now: float, stale_after_s: float,
+                    idle_too: bool) -> list[Member]:
+    """Which members to drop when a pool has `surplus` more members than the cluster holds, best
+    first: members that are not live (lost or still starting: waiting for a node or a restart)
+    for longer than `stale_after_s`; then, when `idle_too` (the surplus has lasted that long),
+    live members with nothing in flight, the least used first. Never a member with a batch in
+    flight, never a `failed` one (it carries the model-load error jobs report)."""
+    if surplus <= 0:
+        return []
+    stale = [m for m in members if m.health in (Health.lost, Health.starting)
+             and now - (m.lost_at or m.created_at) > stale_after_s]
+    stale.sort(key=lambda m: m.lost_at or m.created_at)
+    idle = sorted((m for m in members if idle_too and m.health == Health.live and m.inflight == 0),
+                  key=lambda m: (m.served, m.name)) if idle_too else []
+    return (stale + idle)[:surplus]
+
+
 class FairQueue(Generic[K]):
     """Per-job FIFO queues served round-robin across jobs, so concurrent jobs share the cluster."""
 

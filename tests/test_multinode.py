@@ -59,3 +59,20 @@ def test_job_survives_removal_of_a_worker_node(speech4_wav, astronaut_video, tmp
     assert result["actors_on_removed_node"], result
     assert result["state"] == "succeeded", result
     assert result["identical"], result
+
+
+def test_pool_follows_a_cluster_that_grows_into_it_and_shrinks_below_it(speech4_wav, astronaut_video, tmp_path):
+    """3 compositors asked for on a 1-CPU head: a submit is refused at once (`cluster.unplaceable`);
+    two GPU nodes join and the pool starts by itself (2 workers, 3 compositors). A node leaves
+    (3 CPUs, 1 GPU left): the pool becomes 1 model worker and 2 compositors, all live, none of ours
+    waiting in Ray for resources that are gone; the job manager and then the model worker are
+    SIGKILLed, and a job renders the fault-free frames."""
+    result = _scenario("tests.shrink_scenario", speech4_wav, astronaut_video, tmp_path, timeout=560)
+    assert result["refused"] and result["refused"]["code"] == "cluster.unplaceable", result
+    assert result["refused"]["s"] < 30 and "CPU(s)" in result["refused"]["message"], result
+    assert len(result["pool_before"]["models"]) == 2 and len(result["pool_before"]["compositors"]) == 3, result
+    assert result["converged_s"] is not None, result  # within 120 s of the removal
+    assert result["waiting_after"] == [], result
+    assert result["reconverged_s"] is not None and result["waiting_end"] == [], result  # after both kills
+    assert result["state"] == "succeeded" and result["identical"], result
+    assert [h for _, h in result["pool_end"]["models"]] == ["live"], result

@@ -124,3 +124,51 @@ def test_unplaceable_pools_fail_naming_the_resource(cpus, gpus, workers, composi
     with pytest.raises(PlacementError) as e:
         size_pool(cpus=cpus, gpus=gpus, model_workers=workers, compositors=compositors, worker_gpus=worker_gpus)
     assert e.value.code == "cluster.unplaceable" and f"{missing}(s)" in e.value.message, e.value.message
+
+
+# --- following a cluster that shrinks: no member waits for resources that are gone ---------------
+@pytest.mark.parametrize("cpus,gpus,workers,compositors,expected", [
+    (8, 4, None, 3, (4, 3)),   # the chaos cluster whole: one worker per GPU, 3 compositors as asked
+    (4, 2, None, 3, (2, 2)),   # two nodes removed: 2 + 3 would need 5 CPUs of 4
+    (4, 1, 2, 4, (1, 3)),      # explicit workers beyond the GPUs left: one per GPU that is there
+    (2, 2, None, None, (1, 1)),  # a CPU stays for a compositor: without one nothing renders
+    (3, 0, None, None, (1, 2)),  # the embedded default on 2 cores is unchanged
+    (64, 0, None, None, (1, 8)),
+    (1, 0, None, 2, (1, 1)),   # even below one CPU each, one of each (the pool cannot render with less)
+])
+def test_fit_pool_never_asks_for_more_than_the_cluster_holds(cpus, gpus, workers, compositors, expected):
+    from cluster.scheduling import fit_pool, size_pool
+
+    got = fit_pool(cpus=cpus, gpus=gpus, model_workers=workers, compositors=compositors, worker_gpus=1)
+    assert (got.model_workers, got.compositors) == expected
+    if cpus >= 2:
+        assert got.model_workers + got.compositors <= cpus and got.model_workers <= max(gpus, 1)
+        # where the settings fit, it is the pool start-up makes
+        try:
+            assert got == size_pool(cpus=cpus, gpus=gpus, model_workers=workers, compositors=compositors,
+                                    worker_gpus=1)
+        except Exception as e:  # noqa: BLE001 - PlacementError: the settings do not fit, fit_pool shrank them
+            assert "CPU(s)" in str(e) or "GPU(s)" in str(e)
+
+
+def test_surplus_members_drops_what_waits_first_then_only_idle_live_ones():
+    from cluster.scheduling import Health, Member, surplus_members
+
+    now = 1000.0
+    lost_long = Member("lost-long", None, Health.lost, lost_at=now - 100)
+    lost_new = Member("lost-new", None, Health.lost, lost_at=now - 1)
+    pending = Member("pending", None, Health.starting, created_at=now - 50)
+    busy = Member("busy", None, Health.live, inflight=1, served=0)
+    idle_used = Member("idle-used", None, Health.live, served=9)
+    idle_fresh = Member("idle-fresh", None, Health.live, served=0)
+    failed = Member("failed", None, Health.failed, created_at=now - 500)
+    members = [busy, idle_used, lost_new, failed, idle_fresh, pending, lost_long]
+
+    names = lambda ms: [m.name for m in ms]  # noqa: E731
+    assert surplus_members(members, 0, now, stale_after_s=15, idle_too=True) == []
+    # only members that have waited past the grace, oldest first; nothing live before the surplus lasted
+    assert names(surplus_members(members, 5, now, stale_after_s=15, idle_too=False)) == ["lost-long", "pending"]
+    # once it lasted: idle live members too, least used first; never the busy or the failed one
+    assert names(surplus_members(members, 5, now, stale_after_s=15, idle_too=True)) == \
+        ["lost-long", "pending", "idle-fresh", "idle-used"]
+    assert names(surplus_members(members, 1, now, stale_after_s=15, idle_too=True)) == ["lost-long"]
