@@ -180,19 +180,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from actors.service_support import start_service, stop_service
 
     stop = threading.Event()
+
+    def on_ray_started() -> None:
+        # Installed once Ray is up (Ray's own SIGTERM handler, installed by ray.init, would abort
+        # the process mid-start or mid-shutdown); a signal from then on is a clean stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+
     try:
         urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                              dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
-                             ray_temp_dir=args.ray_temp_dir)
+                             ray_temp_dir=args.ray_temp_dir, on_ray_started=on_ray_started, stop=stop)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
         return e.exit_code
-    # Installed after Ray started: Ray's own SIGTERM handler would abort the process mid-shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
-    if urls["dashboard"]:
-        print(f"  dashboard: {urls['dashboard']}", flush=True)
+    if urls["ready"]:
+        print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
+        if urls["dashboard"]:
+            print(f"  dashboard: {urls['dashboard']}", flush=True)
     try:
         while not stop.wait(1.0):
             pass

@@ -56,7 +56,8 @@ class ServiceProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 240.0) -> "ServiceProcess":
+    def launch(self) -> "ServiceProcess":
+        """Start `lipsync serve` without waiting for it to be ready."""
         ray_dir = tempfile.mkdtemp(dir="/tmp", prefix="rs")
         self._ray_dirs.append(ray_dir)
         lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
@@ -64,6 +65,10 @@ class ServiceProcess:
                "--no-dashboard", "--ray-temp-dir", ray_dir]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        return self
+
+    def start(self, timeout: float = 240.0) -> "ServiceProcess":
+        self.launch()
         deadline = time.monotonic() + timeout
         while b"lipsync service ready" not in self.log.read_bytes():
             if self.proc.poll() is not None:

@@ -114,3 +114,25 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         svc.cleanup()
         good.close()
         bad.close()
+
+
+def test_sigterm_while_the_service_starts_stops_it_cleanly(tmp_path):
+    """A SIGTERM that arrives once Ray is up but before the service is ready (a rollout, an
+    impatient operator) stops it like any other: exit status 0, what was started taken down,
+    not Ray's own handler aborting the process with a stack dump."""
+    svc = ServiceProcess(tmp_path)
+    try:
+        svc.launch()
+        deadline = time.monotonic() + 120
+        while b"Started a local Ray instance" not in svc.log.read_bytes():
+            assert svc.proc.poll() is None and time.monotonic() < deadline, svc.tail()
+            time.sleep(0.05)
+        time.sleep(0.5)  # past ray.init's return, well before the Serve app answers
+        assert b"lipsync service ready" not in svc.log.read_bytes(), "the service was ready too soon for this test"
+        rc = svc.stop(timeout=60)
+        log = svc.tail(20000)
+        assert rc == 0, log
+        assert "lipsync: stopping the service" in log and "SIGTERM received" not in log, log
+        assert "lipsync service ready" not in log, log
+    finally:
+        svc.cleanup()
