@@ -86,19 +86,18 @@ class Supervisor:
         that exist, whatever the cluster holds now; `reconcile` then fits the pool to it."""
         existing = self._existing_members()
         if existing:  # only those: creating others now would compete with them for the cluster
-            res = ray.cluster_resources()
-            size = fit_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
-                            self.s.compositors, self.s.worker_gpus)
             log.info("re-attaching to the pool's %d existing member(s); reconcile fits it to the cluster",
                      len(existing))
+            gpus_per_worker = self.s.worker_gpus if ray.cluster_resources().get("GPU") else 0.0
             names = sorted(existing, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])))
         else:
             size = self.sizes()
+            gpus_per_worker = size.gpus_per_worker
             names = ([f"{MODEL_WORKER_PREFIX}{i}" for i in range(size.model_workers)]
                      + [f"{COMPOSITOR_PREFIX}{i}" for i in range(size.compositors)])
         for name in names:
             if name.startswith(MODEL_WORKER_PREFIX):
-                self._add(self.models, name, functools.partial(self._create_worker, name, size.gpus_per_worker))
+                self._add(self.models, name, functools.partial(self._create_worker, name, gpus_per_worker))
             else:
                 self._add(self.compositors, name, functools.partial(self._create_compositor, name))
         self.started = True
