@@ -254,13 +254,13 @@ class Dispatcher:
                 if member is not None:
                     return member
                 here = [m for m in table.members.values() if self.on_this_node(m)]
+                state = ", ".join(f"{m.name} {m.health.value}" + (" (busy)" if m.inflight else "")
+                                  for m in here) or "none there"
                 if not any(m.health == Health.live for m in here):
                     log.warning("job %s: no compositor on this node has been live for %.0f s (%s): %s runs in the "
-                                "job manager", job.id, self.s.stall_timeout_s,
-                                ", ".join(f"{m.name} {m.health.value}" for m in here) or "none there", method)
+                                "job manager", job.id, self.s.stall_timeout_s, state, method)
                     return None
                 if time.monotonic() > give_up:
-                    state = ", ".join(f"{m.name} {m.health.value}" + (" (busy)" if m.inflight else "") for m in here)
                     raise RenderTimeout(f"{method} of job {job.id} waited {timeout:.0f} s for a compositor on the "
                                         f"job manager's node ({state})", job_id=job.id, stage=method)
         finally:
