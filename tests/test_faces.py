@@ -424,3 +424,29 @@ def test_wav2lip_paste_back_round_trips_and_stays_inside_its_mask(astronaut_trac
         assert np.abs(out[i].astype(int) - frames[i])[inv > 0.99].max() > 60
     with pytest.raises(ValueError, match="unknown crop recipe 'tight'"):
         align.paste_back(frames, crops, mats, size, original_crops=crops, recipe="tight")
+
+
+@pytest.mark.parametrize("size, recipe", [(256, "aligned"), (96, "wav2lip")])
+def test_paste_back_on_the_mask_rect_equals_paste_back_on_the_whole_crop(astronaut_track, monkeypatch, size,
+                                                                         recipe):
+    """Paste-back computes in crop space only on `_work_rect` (the mask's rect widened by the
+    blur's reach): the frames it gives are those of the same steps on the whole crop, to within
+    1 level on a few pixels (rounding of the shifted warp), for a mouth that moves (optical flow)."""
+    frames, _, track = astronaut_track
+    n = 8
+    frames = frames[:n]
+    mats = align.crop_matrices(track.landmarks[:n], track.boxes[:n], size, recipe, (W, H))
+    crops = align.cut_crops(frames, mats, size)
+    moved = crops.copy()  # the lower face shifted down 3 px (a jaw drop) and a dark gap
+    lower = slice(int(0.6 * size), size)
+    moved[:, lower] = np.roll(crops[:, lower], 3, axis=1)
+    for c in moved:
+        cv2.ellipse(c, (size // 2, int(0.72 * size)), (size // 8, size // 30), 0, 0, 360, (30, 20, 60), -1)
+    r0, r1, c0, c1 = align._work_rect(size, recipe)
+    assert (r1 - r0) * (c1 - c0) < 0.75 * size * size  # the point of it
+    on_rect = align.paste_back(frames, moved, mats, size, original_crops=crops, recipe=recipe)
+    monkeypatch.setattr(align, "_work_rect", lambda s, r: (0, s, 0, s))
+    on_crop = align.paste_back(frames, moved, mats, size, original_crops=crops, recipe=recipe)
+    diff = np.abs(on_rect.astype(int) - on_crop)
+    assert np.abs(on_crop.astype(int) - frames).max() > 60  # the change is there
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-4 * diff.size, (diff.max(), np.count_nonzero(diff))

@@ -7,6 +7,7 @@ import time
 import cv2
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -338,6 +339,27 @@ def test_builtin_graph_is_valid_onnx_with_the_wav2lip_contract():
         out_dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
         assert out_dims == ["batch", 3, size, size]
     assert build_builtin_model(96).SerializeToString() == build_builtin_model(96).SerializeToString()
+
+
+def test_builtin_graph_on_the_region_box_equals_the_graph_on_the_whole_crop():
+    """The graph warps, shades and blends only the box around JAW_REGION and copies the rest;
+    the output is the same, bit for bit, as running those steps on the whole crop, for speech,
+    silence and out-of-range face values alike."""
+    rng = np.random.default_rng(7)
+    for size in (96, 256):
+        box, whole = (ort.InferenceSession(build_builtin_model(size, whole_crop=w).SerializeToString(),
+                                           providers=["CPUExecutionProvider"]) for w in (False, True))
+        r0, r1, c0, c1 = builtin_mod.region_box(builtin_mod.warp_fields(size)["blend"])
+        assert 0 < r0 < r1 < size and 0 < c0 < c1 < size and (r1 - r0) * (c1 - c0) < 0.2 * size * size
+        crop = real_crop(size)
+        faces = np.concatenate([np.repeat(crop.transpose(2, 0, 1)[None] / 255.0, 2, axis=1),
+                                rng.uniform(-0.2, 1.2, (3, 6, size, size))]).astype(np.float32)
+        mels = np.concatenate([mel_window(vowel(VOWEL_A, -18)), np.full((1, 1, 80, 16), -4.0, np.float32),
+                               rng.uniform(-4, 2, (2, 1, 80, 16)).astype(np.float32)])
+        feeds = {"mel_spectrogram": mels, "video_frames": faces}
+        out_box, out_whole = box.run(None, feeds)[0], whole.run(None, feeds)[0]
+        assert np.array_equal(out_box, out_whole)
+        assert not np.array_equal(out_box[0], faces[0, 3:])  # the loud vowel did change the crop
 
 
 def test_builtin_file_is_cached_and_reused(builtin_settings, builtin256):

@@ -240,11 +240,13 @@ def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> 
     return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
 
 
-def _remap_by(img: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """img sampled at x + flow(x) (bilinear, border replicated)."""
-    h, w = flow.shape[:2]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    return cv2.remap(img, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+def _remap_by(img: np.ndarray, flow: np.ndarray, rect: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """img sampled at x + flow(x) (bilinear, border replicated); with `rect` (r0, r1, c0, c1) only
+    for the pixels x of that rect (sampling still reads the whole image)."""
+    r0, r1, c0, c1 = rect or (0, flow.shape[0], 0, flow.shape[1])
+    map_x = flow[r0:r1, c0:c1, 0] + np.arange(c0, c1, dtype=np.float32)[None, :]
+    map_y = flow[r0:r1, c0:c1, 1] + np.arange(r0, r1, dtype=np.float32)[:, None]
+    return cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int, y0: int) -> np.ndarray:
@@ -253,10 +255,24 @@ def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int
     the crop's motion at the frame's resolution. float32."""
     h, w = flow_roi.shape[:2]
     a_inv = np.linalg.inv(m[:, :2]).astype(np.float32)
-    d = flow_roi @ a_inv.T
-    gx, gy = np.meshgrid(np.arange(x0, x0 + w, dtype=np.float32), np.arange(y0, y0 + h, dtype=np.float32))
-    return cv2.remap(frame, gx + d[..., 0], gy + d[..., 1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    fx, fy = flow_roi[..., 0], flow_roi[..., 1]
+    map_x = fx * a_inv[0, 0] + fy * a_inv[0, 1]
+    map_x += np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+    map_y = fx * a_inv[1, 0] + fy * a_inv[1, 1]
+    map_y += np.arange(y0, y0 + h, dtype=np.float32)[:, None]
+    return cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _work_rect(size: int, recipe: str) -> tuple[int, int, int, int]:
+    """Crop rows r0:r1, columns c0:c1 that paste-back computes on in crop space: the mask's
+    bounding rect, widened by the reach of the detail map's blur (and bilinear sampling), so
+    every value the mask can weigh is the same as if the whole crop were computed."""
+    _, _, _, _, (u0, v0, u1, v1) = _mask_geometry(size, recipe)
+    sigma = max(0.5, size / 96.0)
+    reach = int(np.ceil(4.0 * sigma)) + 3  # cv2.GaussianBlur's kernel radius for float32 is about 4 sigma
+    return (max(int(v0) - reach, 0), min(int(v1) + reach + 1, size),
+            max(int(u0) - reach, 0), min(int(u1) + reach + 1, size))
 
 
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
@@ -277,8 +293,12 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
     if recipe not in _MASKS:
         raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
     mask, inside, ring, ring_pixels, crop_rect = _mask_geometry(int(size), recipe)
+    # crop-space work is done on the rect the mask can weigh, not on the whole crop
+    r0, r1, c0, c1 = _work_rect(int(size), recipe)
+    mask_r, ring_r = mask[r0:r1, c0:c1], ring[r0:r1, c0:c1]
     blur_sigma = max(0.5, size / 96.0)
     out = frames if inplace else frames.copy()
+    four = np.empty((r1 - r0, c1 - c0, 4), np.float32)  # the 4-channel image each warp reads
     for i in range(n):
         m = matrices[i].astype(np.float64)
         box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
@@ -286,29 +306,43 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
             continue
         x0, y0, x1, y1 = box
         m_roi = _shift(m, x0, y0)
+        m_rect = m_roi.copy()  # the same map read from the rect: crop coordinates less its origin
+        m_rect[:, 2] -= (c0, r0)
         dsize = (x1 - x0, y1 - y0)
 
-        def back(img, border=cv2.BORDER_REPLICATE, m_roi=m_roi, dsize=dsize):
-            return cv2.warpAffine(img, m_roi, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        def back(img, m_src, border=cv2.BORDER_REPLICATE, dsize=dsize):
+            return cv2.warpAffine(img, m_src, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=border, borderValue=0)
 
-        orig = original_crops[i].astype(np.float32)
-        gen = _match_colour(generated[i].astype(np.float32), orig, ring, ring_pixels)
+        orig = original_crops[i, r0:r1, c0:c1].astype(np.float32)
+        gen = _match_colour(generated[i, r0:r1, c0:c1].astype(np.float32), orig, ring_r, ring_pixels)
         roi = frames[i, y0:y1, x0:x1].astype(np.float32)
         flow = _motion(generated[i], original_crops[i], inside)
         if flow is None:  # nothing moved: the frame's detail stays where it is
             moved_orig, moved_roi = orig, roi
         else:
-            moved_orig = _remap_by(orig, flow)
-            moved_roi = _remap_frame(frames[i], back(flow, cv2.BORDER_CONSTANT), m, x0, y0)
+            moved_orig = _remap_by(original_crops[i].astype(np.float32), flow, (r0, r1, c0, c1))
+            moved_roi = _remap_frame(frames[i], back(flow, m_roi, cv2.BORDER_CONSTANT), m, x0, y0)
         change = cv2.GaussianBlur(_channel_max(cv2.absdiff(gen, moved_orig)), (0, 0), blur_sigma)
-        keep_detail = np.clip((_DETAIL_HIGH - change) * (1.0 / (_DETAIL_HIGH - _DETAIL_LOW)), 0.0, 1.0)
-        # two 4-channel warps instead of four: the mask is 0 along the crop's edge, so replicating
+        # two 4-channel warps instead of four: the mask is 0 along the rect's edge, so replicating
         # the border there is the same as a constant 0
-        gen_w = back(np.dstack([gen, mask]))
-        orig_w = back(np.dstack([moved_orig, keep_detail.astype(np.float32)]))
-        weight = gen_w[..., 3:]
-        content = gen_w[..., :3] + orig_w[..., 3:] * (moved_roi - orig_w[..., :3])
-        blended = roi + weight * (content - roi)
-        out[i, y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        four[..., :3] = gen
+        four[..., 3] = mask_r
+        gen_w = back(four, m_rect)
+        four[..., :3] = moved_orig
+        np.subtract(_DETAIL_HIGH, change, out=change)
+        np.multiply(change, 1.0 / (_DETAIL_HIGH - _DETAIL_LOW), out=change)
+        np.clip(change, 0.0, 1.0, out=four[..., 3])  # how much of the frame's own detail to keep
+        orig_w = back(four, m_rect)
+        # blended = roi + weight * (content - roi), content = generated + keep * (moved frame - moved
+        # original), both brought back to the frame; computed in place, in that order
+        blended = np.subtract(moved_roi, orig_w[..., :3])
+        blended *= orig_w[..., 3:]
+        blended += gen_w[..., :3]
+        blended -= roi
+        blended *= gen_w[..., 3:]
+        blended += roi
+        np.rint(blended, out=blended)
+        np.clip(blended, 0, 255, out=blended)
+        out[i, y0:y1, x0:x1] = blended
     return out
