@@ -90,7 +90,7 @@ class Dispatcher:
                 return
             token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
             job.inflight_frames[chunk.index] = 0
-            ref = member.handle.render_chunk.options(name=f"render job={job_id} chunk={chunk.index}").remote(
+            ref = member.handle.render_chunk.options(name=f"Compositor.render job={job_id} chunk={chunk.index}").remote(
                 job.plan, chunk, token, self.on_this_node(member))
             answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
             what = f"job {job_id} chunk {chunk.index}"
@@ -152,7 +152,7 @@ class Dispatcher:
                     step = "a batch"
                     queued = max(1, member.inflight)  # batches ahead of this one on that worker, this one included
                     meta_ref, out_ref = member.handle.infer.options(
-                        name=f"infer job={job_id} chunk={chunk_index}").remote(model, mel_ref, crops_ref)
+                        name=f"ModelWorker.infer job={job_id} chunk={chunk_index}").remote(model, mel_ref, crops_ref)
                     answer = await outcome(meta_ref, timeout=self.s.batch_timeout_s * queued)
                 if answer.kind in (Kind.stalled, Kind.died):
                     last = answer.describe(member.name, step)
@@ -222,7 +222,7 @@ class Dispatcher:
             if member is None:  # no compositor here is live: the step runs in this process
                 return await self._run_here(method, job, args, timeout)
             try:
-                ref = getattr(member.handle, method).options(name=f"{method} job={job.id}").remote(*args)
+                ref = getattr(member.handle, method).options(name=f"Compositor.{method} job={job.id}").remote(*args)
                 answer = await outcome(ref, timeout=timeout)
             finally:
                 await table.release(member)
