@@ -263,14 +263,19 @@ def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int
     return cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
 
 
+def _detail_blur_sigma(size: int) -> float:
+    """Sigma (crop pixels) of the blur that smooths the detail-keep map."""
+    return max(0.5, size / 96.0)
+
+
 @functools.lru_cache(maxsize=8)
 def _work_rect(size: int, recipe: str) -> tuple[int, int, int, int]:
     """Crop rows r0:r1, columns c0:c1 that paste-back computes on in crop space: the mask's
     bounding rect, widened by the reach of the detail map's blur (and bilinear sampling), so
     every value the mask can weigh is the same as if the whole crop were computed."""
     _, _, _, _, (u0, v0, u1, v1) = _mask_geometry(size, recipe)
-    sigma = max(0.5, size / 96.0)
-    reach = int(np.ceil(4.0 * sigma)) + 3  # cv2.GaussianBlur's kernel radius for float32 is about 4 sigma
+    # cv2.GaussianBlur's kernel radius for float32 is about 4 sigma
+    reach = int(np.ceil(4.0 * _detail_blur_sigma(size))) + 3
     return (max(int(v0) - reach, 0), min(int(v1) + reach + 1, size),
             max(int(u0) - reach, 0), min(int(u1) + reach + 1, size))
 
@@ -296,7 +301,7 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
     # crop-space work is done on the rect the mask can weigh, not on the whole crop
     r0, r1, c0, c1 = _work_rect(int(size), recipe)
     mask_r, ring_r = mask[r0:r1, c0:c1], ring[r0:r1, c0:c1]
-    blur_sigma = max(0.5, size / 96.0)
+    blur_sigma = _detail_blur_sigma(size)
     out = frames if inplace else frames.copy()
     four = np.empty((r1 - r0, c1 - c0, 4), np.float32)  # the 4-channel image each warp reads
     for i in range(n):
