@@ -123,6 +123,12 @@ class PoolSize:
     gpus_per_worker: float  # 0: CPU workers
 
 
+def _asked_workers(gpus: float, model_workers: int | None, worker_gpus: float) -> int:
+    """The model workers the settings ask for: `model_workers`, else one per `worker_gpus` GPUs
+    (at least 1), else 1 on a cluster without GPUs."""
+    return model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+
+
 def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
               worker_gpus: float, max_compositors: int = 8) -> PoolSize:
     """How many model workers (1 CPU each, plus `worker_gpus` where the cluster has GPUs) and
@@ -133,7 +139,7 @@ def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: 
     placed, instead of letting a job wait for an actor that will never start."""
     from cluster.errors import PlacementError
 
-    n_workers = model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+    n_workers = _asked_workers(gpus, model_workers, worker_gpus)
     per_worker = worker_gpus if gpus else 0.0
     if per_worker and n_workers * per_worker > gpus + 1e-9:
         raise PlacementError(f"{n_workers} model worker(s) need {n_workers * per_worker:g} GPU(s) "
@@ -159,7 +165,7 @@ def fit_pool(cpus: float, gpus: float, model_workers: int | None, compositors: i
     compositors get the CPUs left, at least one, at most what was asked for. Never raises: at
     start-up `size_pool` refuses a pool that does not fit; this follows the cluster afterwards."""
     per_worker = worker_gpus if gpus else 0.0
-    n_workers = model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+    n_workers = _asked_workers(gpus, model_workers, worker_gpus)
     if per_worker:
         n_workers = min(n_workers, int(gpus / per_worker + 1e-9))
     n_cpus = int(cpus + 1e-9)
@@ -181,7 +187,7 @@ def surplus_members(members: list[Member], surplus: int, now: float, stale_after
     stale = [m for m in members if m.health in (Health.lost, Health.starting)
              and now - (m.lost_at or m.created_at) > stale_after_s]
     stale.sort(key=lambda m: m.lost_at or m.created_at)
-    idle = sorted((m for m in members if idle_too and m.health == Health.live and m.inflight == 0),
+    idle = sorted((m for m in members if m.health == Health.live and m.inflight == 0),
                   key=lambda m: (m.served, m.name)) if idle_too else []
     return (stale + idle)[:surplus]
 
