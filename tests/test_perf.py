@@ -82,6 +82,21 @@ def test_bench_results_section_replaces_only_its_own_part(tmp_path, monkeypatch)
     assert text.index("after") < text.index("bench:scaling")
 
 
+def test_bench_memory_sums_a_process_tree_and_counts_shared_pages_once():
+    """The benchmarks' memory figure: two children touching the same 96 MiB of shared memory and
+    48 MiB each of their own. Summed RSS counts the shared pages twice; summed PSS once."""
+    from bench.common import run_measured
+
+    child = ("import mmap, os, time; shm = mmap.mmap(-1, 96 << 20); shm[::4096] = b'x' * (24 << 10); "
+             "pid = os.fork(); own = b'y' * (48 << 20); touched = shm[::4096]; "  # every shared page, no copy
+             "time.sleep(3); os.waitpid(pid, 0) if pid else os._exit(0)")  # PSS is read once a second
+    m = run_measured([sys.executable, "-c", child], timeout=60)
+    shared, own = 96, 48
+    assert m["peak_rss_mb"] >= 2 * (shared + own) - 8  # the shared pages once per process
+    assert shared + 2 * own - 8 <= m["peak_pss_mb"] <= shared + 2 * own + 2 * 40  # once in all (+ Python)
+    assert m["peak_pss_mb"] < m["peak_rss_mb"] - shared / 2
+
+
 def test_render_chunk_submits_the_next_batch_before_waiting_for_one(tmp_path, astronaut_video, speech_wav):
     """A deferred `generate` (the cluster's) overlaps batches; the segment is the same as with an
     immediate one. The latency model (0 ms, identity) stands in for the model."""
