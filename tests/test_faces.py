@@ -131,6 +131,40 @@ def test_tracking_between_keyframes_follows_the_face_and_notices_its_loss(detect
         assert np.abs(tracked[0].landmarks - detected[0].landmarks).max() < 3.0  # within 3 px of a full detection
 
 
+def test_keyframes_look_for_faces_near_the_known_size_and_find_a_much_smaller_one_in_full():
+    """Once a face is known, a keyframe's pyramid stops at half the smallest known face (cheaper);
+    a keyframe that finds fewer faces than known is detected again down to the detector's min_face."""
+    head = skdata.astronaut()[30:230, 140:320][:, :, ::-1]
+    big = cv2.resize(head, (330, 370), interpolation=cv2.INTER_AREA)  # found at about 180 px
+    small = cv2.resize(head, (60, 67), interpolation=cv2.INTER_AREA)  # found at about 32 px
+
+    def frame(face, x, y):
+        f = np.full((480, 640, 3), 120, np.uint8)
+        f[y:y + face.shape[0], x:x + face.shape[1]] = face
+        return f
+
+    class Recording(MTCNNDetector):
+        floors: list = []
+
+        def detect_batch(self, frames, min_face=None):
+            self.floors.append(min_face)
+            return super().detect_batch(frames, min_face)
+
+    det = Recording()
+    frames = [frame(big, 100 + 4 * i, 50 + 2 * i) for i in range(5)] + [frame(small, 260, 180)] * 2
+    seq = list(det.detect_sequence([np.stack(frames[:4]), np.stack(frames[4:])], keyframe_interval=5))
+    big_size = seq[0][0].size
+    assert det.floors[0] is None  # nothing known yet: the whole pyramid
+    assert det.floors[1] == pytest.approx(0.5 * big_size)  # keyframe 5: only faces near the known size
+    assert det.floors[2:] == [None]  # ... the small face is not among them: detected again in full
+    assert [len(d) for d in seq] == [1] * 7
+    assert all(d[0].size > 150 for d in seq[:5]) and all(d[0].size < 45 for d in seq[5:])
+    # near the known size, the cheaper pyramid finds the same face as the whole one (landmarks within
+    # 3 px on a 180 px face, as close as tracking keeps them: the candidate boxes differ a little)
+    full, near = det.detect_batch([frames[2]])[0], det.detect_batch([frames[2]], min_face=0.5 * big_size)[0]
+    assert len(full) == len(near) == 1 and np.abs(full[0].landmarks - near[0].landmarks).max() < 3.0
+
+
 # --- tracking -------------------------------------------------------------------------------
 def test_track_fills_a_gap_by_interpolation():
     dets = [[_synthetic_face(100 + 2 * t, 120, 100)] for t in range(30)]
@@ -288,11 +322,11 @@ class CountingDetector(MTCNNDetector):
     full_frames = 0
     tracked_frames = 0
 
-    def detect_batch(self, frames):
+    def detect_batch(self, frames, min_face=None):
         frames = list(frames)
         self.calls += 1
         self.full_frames += len(frames)
-        return super().detect_batch(frames)
+        return super().detect_batch(frames, min_face)
 
     def refine_batch(self, frames, candidates):
         frames = list(frames)
