@@ -562,8 +562,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
                     yield b": keep-alive\n\n"
                 if await request.is_disconnected():
                     return
-                await asyncio.sleep(0.5)
-                st = await gateway.get(job_id)
+                st = await gateway.wait(job_id, 0.5)  # at once when the job ends, else after 0.5 s
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,6 +1,8 @@
 """Ray actors: thin shells that hold state (a loaded model, the job table) and call `cluster/`."""
 
 ORCHESTRATOR_NAME = "lipsync-orchestrator"
+#: The longest one `JobManager.wait` call holds (a client that waits longer calls again).
+MAX_WAIT_S = 10.0
 
 
 def task_cause(e: BaseException) -> BaseException:

@@ -56,6 +56,7 @@ class JobRuntime:
     finished: bool = False
     commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # commit + `succeeded`, or cancel: never both
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # a terminal state is stored (`finish`)
     reported: int = 0
     capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
 
@@ -85,6 +86,19 @@ class JobMachine:
             st.frames_done = job.reported
         return st
 
+    async def wait_end(self, job_id: str, timeout: float) -> None:
+        """Return once `job_id` has ended here, or after `timeout` seconds, whichever is first (a job
+        not running on this manager, e.g. one being resumed after a restart, is looked at again
+        every 0.25 s)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            await asyncio.sleep(min(0.25, timeout))
+            return
+        try:
+            await asyncio.wait_for(job.ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
     # --- moves -------------------------------------------------------------------------------
     def start(self, job_id: str) -> None:
         if job_id in self.jobs and not self.jobs[job_id].finished:
@@ -100,6 +114,7 @@ class JobMachine:
         if job is not None:
             job.finished = True
             job.all_done.set()
+            job.ended.set()
             if ended and state != JobState.succeeded and job.plan is not None:
                 discard_output(job.plan)
         if ended:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from actors import ORCHESTRATOR_NAME, metrics
+from actors import MAX_WAIT_S, ORCHESTRATOR_NAME, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
@@ -194,6 +194,19 @@ class JobManager:
             except OSError:
                 st.output_bytes = None
         return st
+
+    async def wait(self, job_id: str, timeout: float) -> JobStatus:
+        """The job's status as soon as it is terminal, or after `timeout` seconds (at most
+        `MAX_WAIT_S`): a long poll, so a waiting client learns of the end when it happens rather than
+        at its next poll. Unknown jobs raise as `get` does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(timeout, 0.0), MAX_WAIT_S)
+        while True:
+            st = self.get(job_id)
+            remaining = deadline - loop.time()
+            if st.state.terminal or remaining <= 0:
+                return st
+            await self.machine.wait_end(job_id, remaining)
 
     def list_jobs(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
         return [self.get(j.id) for j in self.store.list(states, limit, offset)]

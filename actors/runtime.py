@@ -14,7 +14,7 @@ from typing import Callable
 
 import ray
 
-from actors import ORCHESTRATOR_NAME
+from actors import MAX_WAIT_S, ORCHESTRATOR_NAME
 from actors.calls import Kind, outcome_sync
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, LipsyncError, OutputVerificationError, RenderError, RenderTimeout
@@ -236,17 +236,20 @@ class Runtime:
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.25,
              on_status: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        """Poll until the job is terminal; raises RenderTimeout past `timeout` (default job_timeout_s)."""
+        """Wait until the job is terminal (the manager answers as soon as it ends); raises
+        RenderTimeout past `timeout` (default job_timeout_s). `on_status` gets the status at least
+        every `poll_s` seconds while the job runs, and its final one."""
         deadline = time.monotonic() + (timeout or self.settings.job_timeout_s)
         while True:
-            st = self.call("get", job_id, timeout=max(self.settings.actor_call_timeout_s, 60.0))
+            window = max(0.0, min(poll_s if on_status is not None else MAX_WAIT_S, deadline - time.monotonic()))
+            st = self.call("wait", job_id, window,
+                           timeout=window + max(self.settings.actor_call_timeout_s, 60.0))
             if on_status is not None:
                 on_status(st)
             if st.state.terminal:
                 return st
             if time.monotonic() > deadline:
                 raise RenderTimeout(f"job {job_id} still {st.state.value} after the deadline", job_id=job_id)
-            time.sleep(poll_s)
 
     def render(self, request: RenderRequest, timeout: float | None = None,
                on_status: Callable[[JobStatus], None] | None = None) -> JobStatus:

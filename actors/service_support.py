@@ -96,6 +96,10 @@ class ManagerGateway:
     async def get(self, job_id: str) -> JobStatus:
         return await self.call("get", job_id)
 
+    async def wait(self, job_id: str, window: float) -> JobStatus:
+        """The job's status once it ends, or after `window` seconds (the manager's long poll)."""
+        return await self.call("wait", job_id, window, timeout=window + self.s.actor_call_timeout_s)
+
     async def list_jobs(self, states: list[JobState] | None = None, limit: int = 100,
                         offset: int = 0) -> list[JobStatus]:
         return await self.call("list_jobs", states, limit, offset)

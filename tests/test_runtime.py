@@ -212,6 +212,41 @@ def test_cancel_mid_job_stops_it_and_the_cluster_keeps_working(runtime, speech4_
     assert after.state == JobState.succeeded, after.error
 
 
+def test_wait_answers_when_the_job_ends_not_when_its_window_does(runtime, speech4_wav, astronaut_video, tmp_path):
+    """`JobManager.wait` is a long poll: a running job's status comes back when the window ends, an
+    ending job's as soon as it ends (not up to a poll interval later); unknown jobs raise as `get`."""
+    import threading
+    import time
+
+    from scipy.io import wavfile
+
+    from actors import MAX_WAIT_S
+    from cluster.errors import JobNotFound
+
+    with pytest.raises(JobNotFound):
+        runtime.call("wait", "no-such-job", 1.0)
+    rate, speech = wavfile.read(speech4_wav)
+    long_speech = tmp_path / "speech20.wav"  # a job that is still rendering when it is cancelled
+    wavfile.write(long_speech, rate, np.tile(speech, 5))
+    job = runtime.submit(_request(str(long_speech), astronaut_video, tmp_path, "waited.mp4"))
+    _wait_rendering(runtime, job.id)
+    assert not runtime.call("wait", job.id, 0.2).state.terminal  # the window ended first
+    answered = {}
+
+    def waiter():
+        answered["status"] = runtime.call("wait", job.id, MAX_WAIT_S, timeout=MAX_WAIT_S + 60)
+        answered["at"] = time.monotonic()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.5)  # the waiter is inside its 10 s window
+    cancelled_at = time.monotonic()
+    runtime.cancel(job.id)
+    thread.join(timeout=MAX_WAIT_S + 60)
+    assert answered["status"].state == JobState.cancelled
+    assert answered["at"] - cancelled_at < MAX_WAIT_S / 2  # at the end, not when the window closed
+
+
 def test_submit_with_same_id_is_idempotent(runtime, speech4_wav, astronaut_video, tmp_path):
     req = _request(speech4_wav, astronaut_video, tmp_path, "idem.mp4")
     first = runtime.submit(req, job_id="idempotent-job-1")
