@@ -205,7 +205,8 @@ def _report(results: dict, quick: bool) -> None:
                       "CPU s (process tree)", "CPU vs classic", "peak PSS MiB", "memory vs classic",
                       "peak RSS MiB (summed)", "RSS vs classic"], rows)
     notes = (f"Template {results['size']}, {results['template_seconds']:g} s, 25 fps. Memory is the "
-             "whole process tree (Ray's own processes included for the cluster rows), sampled every 0.1 s: "
-             "PSS splits each shared page among the processes that map it (the memory the tree holds; the "
-             "ratio compares it), RSS counts it once per process (libraries, the object store).")
+             "whole process tree (Ray's own processes included for the cluster rows), RSS sampled every "
+             "0.1 s and PSS once a second: PSS splits each shared page among the processes that map it "
+             "(the memory the tree holds; the ratio compares it), RSS counts it once per process "
+             "(libraries, the object store).")
     write_result("classic", results, table, notes, quick=quick)
