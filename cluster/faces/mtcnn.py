@@ -277,10 +277,9 @@ class MTCNNDetector:
             t += n
             yield from out
 
-    def _pyramid(self, h: int, w: int, min_face: float | None = None) -> list[float]:
-        """P-Net's scales for a detection image h x w (`min_face`: frame pixels, default the detector's)."""
-        face = self.min_face if min_face is None else min_face
-        min_face = max(12.0, face * min(1.0, self.max_short_side / max(1, min(h, w))))
+    def _pyramid(self, h: int, w: int, min_face: float) -> list[float]:
+        """P-Net's scales for a detection image h x w, down to faces of `min_face` frame pixels."""
+        min_face = max(12.0, min_face * min(1.0, self.max_short_side / max(1, min(h, w))))
         m = _PNET_CELL / min_face
         scales, min_layer = [], min(h, w) * m
         while min_layer >= _PNET_CELL:
