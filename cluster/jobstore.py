@@ -61,6 +61,16 @@ class JobCorrupt(LipsyncError):
     retryable = False
 
 
+def _output_seconds(row: sqlite3.Row) -> float | None:
+    """A finished job's output length from its stored plan (frames at the template's rate; the
+    finalise step verified the file against them)."""
+    try:
+        plan = json.loads(row["plan"] or "null")
+        return round(plan["frames_total"] * plan["fps_den"] / plan["fps_num"], 3)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError):
+        return None
+
+
 def _request_or_none(raw: str) -> RenderRequest | None:
     """A status must be readable even when its stored request is not (the job then fails)."""
     try:
@@ -122,6 +132,7 @@ class JobStore:
             frames_done=max(int(row["frames_done"]), int(done[1])), frames_total=row["frames_total"],
             chunks_done=int(done[0]), chunks_total=row["chunks_total"],
             created_at=row["created_at"], updated_at=row["updated_at"], output=row["output"],
+            output_seconds=_output_seconds(row) if row["state"] == JobState.succeeded.value else None,
             error=ErrorInfo.model_validate_json(row["error"]) if row["error"] else None,
             request=_request_or_none(row["request"]),
             stages=[StageTime(stage=r["stage"], started_at=r["started_at"], ended_at=r["ended_at"])

@@ -144,6 +144,7 @@ class JobStatus(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     output: str | None = None         # on the job manager's node; clients fetch it with read_output
     output_bytes: int | None = None   # size of the committed output, once succeeded
+    output_seconds: float | None = None  # its length (the planned frames at the template's rate), once succeeded
     error: ErrorInfo | None = None
     request: RenderRequest | None = None
     stages: list[StageTime] = Field(default_factory=list)

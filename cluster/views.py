@@ -11,28 +11,15 @@ STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.ren
 
 def output_size(st: JobStatus) -> int | None:
     """The committed output's size in bytes, as the job manager reports it."""
-    for name in ("output_bytes", "output_size"):
-        v = getattr(st, name, None)
-        if isinstance(v, int):
-            return v
-    meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
-    if meta is not None:
-        v = meta.get("size_bytes") if isinstance(meta, dict) else getattr(meta, "size_bytes", None)
-        if isinstance(v, int):
-            return v
-    return None
+    return st.output_bytes
 
 
 def job_view(st: JobStatus) -> JobView:
     out = None
     if st.state == JobState.succeeded:
         size = output_size(st)
-        duration = None
-        meta = getattr(st, "output_info", None) or getattr(st, "output_meta", None)
-        if meta is not None:
-            duration = meta.get("duration") if isinstance(meta, dict) else getattr(meta, "duration", None)
         if size is not None:
-            out = OutputInfo(size=size, duration=duration, url=f"/v1/jobs/{st.id}/result")
+            out = OutputInfo(size=size, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result")
     timings = {}
     for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
         seconds = getattr(stage, "seconds", None)
