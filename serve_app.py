@@ -54,7 +54,7 @@ from cluster.schemas import (
     JobView,
     RenderRequest,
 )
-from cluster.views import job_view, output_size
+from cluster.views import job_view
 
 log = logging.getLogger("lipsync.service")
 
@@ -298,7 +298,7 @@ class Service:
         if st.state != JobState.succeeded:
             raise ApiProblem(409, "job.not_ready", f"job {job_id} is {st.state.value}; its result exists once "
                              f"it has succeeded", None)
-        size = output_size(st)
+        size = st.output_bytes
         if size is None:
             raise ApiProblem(500, "output.missing", f"job {job_id} reports no output size", None)
         return st, size
@@ -746,7 +746,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
         except LipsyncError as e:
             return envelope(9999, False, f"error: {e.code}: {e.message}")
         if st.state == JobState.succeeded:
-            size = output_size(st)
+            size = st.output_bytes
             try:
                 if size is None:
                     raise RuntimeError("the job reports no output size")

@@ -9,17 +9,11 @@ STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.ren
           JobState.cancelled: "done"}
 
 
-def output_size(st: JobStatus) -> int | None:
-    """The committed output's size in bytes, as the job manager reports it."""
-    return st.output_bytes
-
-
 def job_view(st: JobStatus) -> JobView:
     out = None
     if st.state == JobState.succeeded:
-        size = output_size(st)
-        if size is not None:
-            out = OutputInfo(size=size, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result")
+        if st.output_bytes is not None:
+            out = OutputInfo(size=st.output_bytes, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result")
     timings = {}
     for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
         seconds = getattr(stage, "seconds", None)
