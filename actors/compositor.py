@@ -19,6 +19,7 @@ from cluster.errors import LipsyncError, WorkerLost
 from cluster.nodecache import entries as cache_entries
 from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepare_job, render_chunk
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
+from cluster.threads import actor_thread_plan, applied_threads
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
@@ -26,19 +27,24 @@ class Compositor:
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings, self.name = settings, name
         metrics.install(name, settings.log_format)
+        # every thread pool of this process (OpenCV, OpenBLAS, and the decoders, encoders and
+        # detector created later) sized from this actor's Ray CPUs (cluster/threads.py)
+        self.threads = actor_thread_plan(ray.get_runtime_context().get_assigned_resources().get("CPU"),
+                                         settings.size_threads)
         self._detector = None
 
     @ray.method(concurrency_group="control")  # answers while a chunk renders
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "settings": self.settings.fingerprint(), "cached_files": cache_entries(self._cache_root())}
+                "settings": self.settings.fingerprint(), "cached_files": cache_entries(self._cache_root()),
+                "threads": applied_threads()}
 
     def prepare(self, job_id: str, request: RenderRequest, model_size: int, output_path: str | None = None) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
 
         logs.set_context(job_id=job_id)
         if self._detector is None:
-            self._detector = MTCNNDetector()
+            self._detector = MTCNNDetector()  # intra-op threads: this actor's thread plan
         return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
                            output_path=output_path)
 

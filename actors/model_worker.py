@@ -16,6 +16,7 @@ import ray
 from actors import metrics
 from cluster.config import Settings
 from cluster.errors import LipsyncError, ModelLoadError
+from cluster.threads import actor_thread_plan, applied_threads
 
 log = logging.getLogger("lipsync.worker")
 
@@ -39,6 +40,9 @@ class ModelWorker:
         self.errors: dict[str, tuple[LipsyncError, float]] = {}
         self.frames = 0
         self.busy_s = 0.0
+        # OpenCV/OpenBLAS now, onnxruntime's intra-op threads at load: from this actor's Ray CPUs
+        self.threads = actor_thread_plan(ray.get_runtime_context().get_assigned_resources().get("CPU"),
+                                         settings.size_threads)
         self.init_device()
         try:
             self._model(default_model)
@@ -132,7 +136,9 @@ class ModelWorker:
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                "gpus": [str(g) for g in self.gpu_ids], "frames": self.frames,
                "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
-               "models": list(self.models), "settings": self.settings.fingerprint()}
+               "models": list(self.models), "settings": self.settings.fingerprint(),
+               "threads": {**applied_threads(), "onnx_intra_op": {
+                   k: m.intra_op_threads for k, m in self.models.items() if hasattr(m, "intra_op_threads")}}}
         model = self.models.get(self.default_model)
         if model is None:
             err = self.errors.get(self.default_model, (ModelLoadError("the default model is not loaded"), 0))[0]

@@ -69,13 +69,19 @@ class Supervisor:
 
     def _create_compositor(self, name: str):
         return Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
-                                  get_if_exists=True, num_cpus=1).remote(self.s, name)
+                                  get_if_exists=True, num_cpus=self.s.compositor_cpus).remote(self.s, name)
+
+    def _pool_resources(self) -> dict:
+        """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory."""
+        return dict(memory_bytes=float(ray.cluster_resources().get("memory", 0)),
+                    compositor_cpus=self.s.compositor_cpus,
+                    compositor_memory_bytes=self.s.compositor_memory_mb * 2**20)
 
     def sizes(self) -> PoolSize:
         """The pool for the cluster's resources now (`PlacementError` when it cannot be placed)."""
         res = ray.cluster_resources()
         return size_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
-                         self.s.compositors, self.s.worker_gpus)
+                         self.s.compositors, self.s.worker_gpus, **self._pool_resources())
 
     def start(self) -> None:
         """Create (or re-attach to) every member and probe each until it answers.
@@ -140,7 +146,7 @@ class Supervisor:
         res = ray.cluster_resources()
         await self._mark_departed({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
         size = fit_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
-                        self.s.compositors, self.s.worker_gpus)
+                        self.s.compositors, self.s.worker_gpus, **self._pool_resources())
         await self._resize(self.models, MODEL_WORKER_PREFIX, size.model_workers,
                            lambda name: functools.partial(self._create_worker, name, size.gpus_per_worker))
         await self._resize(self.compositors, COMPOSITOR_PREFIX, size.compositors,

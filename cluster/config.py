@@ -84,7 +84,16 @@ class Settings(BaseSettings):
     namespace: str = "lipsync"
     model_workers: int | None = Field(None, ge=1, description="model workers; default one per GPU, else 1")
     worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
-    compositors: int | None = Field(None, ge=1, description="compositor actors; default from CPUs")
+    compositors: int | None = Field(None, ge=1, description="compositor actors; default from the cluster's CPUs "
+                                    "and memory (see compositor_cpus, compositor_memory_mb)")
+    compositor_cpus: float = Field(1.0, gt=0, le=64, description="Ray CPUs per compositor; its thread pools "
+                                   "(OpenCV, decoder, x264) are sized from them")
+    compositor_memory_mb: int = Field(400, ge=64, description="memory one compositor needs (measured 250-300 "
+                                      "MiB PSS at 720p); the default pool holds no more compositors than the "
+                                      "cluster's Ray memory has room for")
+    size_threads: bool = Field(True, description="size every thread pool of an actor (OpenCV, onnxruntime, "
+                               "PyAV, x264, OpenBLAS) from its Ray CPUs; false: the libraries' defaults "
+                               "(one thread per core each; for comparison)")
     max_inflight_per_worker: int = Field(2, ge=1)
     pool_reconcile_s: float = Field(5.0, gt=0, description="how often the pool follows the cluster's resources")
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
@@ -97,7 +106,7 @@ class Settings(BaseSettings):
                       "as Wav2Lip was trained) or 'aligned' (similarity-aligned canonical crop); empty: "
                       "the model's `lipsync.crop` metadata, else wav2lip for S=96 and aligned otherwise")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
-                               "0: onnxruntime's default (every core). Set it when several CPU workers share a node")
+                               "0: the model worker's Ray CPUs (size_threads), else onnxruntime's default")
 
     # --- HTTP service (`lipsync serve`, serve_app.py) --------------------------------------
     max_queued_jobs: int = Field(64, ge=1, description="unfinished jobs admitted at once; beyond: HTTP 429")

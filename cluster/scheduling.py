@@ -129,11 +129,25 @@ def _asked_workers(gpus: float, model_workers: int | None, worker_gpus: float) -
     return model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
 
 
+def _default_compositors(room_cpus: float, memory_bytes: float, compositor_cpus: float,
+                         compositor_memory_bytes: float) -> int:
+    """Compositors the cluster has room for: the CPUs left (`compositor_cpus` each) and, where
+    the cluster's memory is known (`memory_bytes` > 0), no more than it holds at
+    `compositor_memory_bytes` each; at least 1 (a pool without a compositor renders nothing)."""
+    by_cpu = int(room_cpus / compositor_cpus + 1e-9)
+    by_memory = int(memory_bytes // compositor_memory_bytes) if memory_bytes > 0 and compositor_memory_bytes > 0 \
+        else by_cpu
+    return max(1, min(by_cpu, by_memory))
+
+
 def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
-              worker_gpus: float, max_compositors: int = 8) -> PoolSize:
+              worker_gpus: float, *, memory_bytes: float = 0, compositor_cpus: float = 1.0,
+              compositor_memory_bytes: float = 400 * 2**20) -> PoolSize:
     """How many model workers (1 CPU each, plus `worker_gpus` where the cluster has GPUs) and
-    compositors (1 CPU each) to run on a cluster with `cpus` and `gpus`; defaults: one worker per
-    GPU (else 1), compositors on the CPUs left (at least 1, at most `max_compositors`).
+    compositors (`compositor_cpus` each) to run on a cluster with `cpus`, `gpus` and
+    `memory_bytes` (Ray's `memory` resource; 0: unknown). Defaults: one worker per GPU (else 1),
+    compositors on the CPUs left and within the memory (`_default_compositors`: at least 1, no
+    fixed upper bound: a 16-core node gets 15, issue 19).
 
     Raises `PlacementError` naming the missing resource when the actors asked for cannot all be
     placed, instead of letting a job wait for an actor that will never start."""
@@ -144,16 +158,19 @@ def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: 
     if per_worker and n_workers * per_worker > gpus + 1e-9:
         raise PlacementError(f"{n_workers} model worker(s) need {n_workers * per_worker:g} GPU(s) "
                              f"({worker_gpus:g} each, LIPSYNC_WORKER_GPUS); the cluster has {gpus:g} GPU(s)")
-    n_comp = compositors or max(1, min(int(cpus) - n_workers, max_compositors))
-    if n_workers + n_comp > cpus + 1e-9:
-        raise PlacementError(f"{n_workers} model worker(s) and {n_comp} compositor(s) need {n_workers + n_comp} "
-                             f"CPU(s) (one each); the cluster has {cpus:g} CPU(s). Ask for fewer workers "
-                             f"(--workers/--compositors) or add CPUs")
+    n_comp = compositors or _default_compositors(cpus - n_workers, memory_bytes, compositor_cpus,
+                                                 compositor_memory_bytes)
+    need = n_workers + n_comp * compositor_cpus
+    if need > cpus + 1e-9:
+        raise PlacementError(f"{n_workers} model worker(s) and {n_comp} compositor(s) need {need:g} "
+                             f"CPU(s) (1 per worker, {compositor_cpus:g} per compositor); the cluster has "
+                             f"{cpus:g} CPU(s). Ask for fewer workers (--workers/--compositors) or add CPUs")
     return PoolSize(n_workers, n_comp, per_worker)
 
 
 def fit_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
-             worker_gpus: float, max_compositors: int = 8) -> PoolSize:
+             worker_gpus: float, *, memory_bytes: float = 0, compositor_cpus: float = 1.0,
+             compositor_memory_bytes: float = 400 * 2**20) -> PoolSize:
     """The pool that fits the cluster's resources *now*, for a running job manager whose cluster
     may have shrunk (a node left) or grown: what the settings ask for (`size_pool`'s defaults),
     but never more than the GPUs and CPUs that are there, so that no member waits for resources
@@ -162,16 +179,18 @@ def fit_pool(cpus: float, gpus: float, model_workers: int | None, compositors: i
     model worker's CPU leaves the pool without a model worker (docs/RELIABILITY.md).
 
     Model workers keep their place first (at least one, and one CPU left for a compositor);
-    compositors get the CPUs left, at least one, at most what was asked for. Never raises: at
-    start-up `size_pool` refuses a pool that does not fit; this follows the cluster afterwards."""
+    compositors get the CPUs left (and the memory, as in `size_pool`), at least one, at most what
+    was asked for. Never raises: at start-up `size_pool` refuses a pool that does not fit; this
+    follows the cluster afterwards."""
     per_worker = worker_gpus if gpus else 0.0
     n_workers = _asked_workers(gpus, model_workers, worker_gpus)
     if per_worker:
         n_workers = min(n_workers, int(gpus / per_worker + 1e-9))
     n_cpus = int(cpus + 1e-9)
     n_workers = max(1, min(n_workers, n_cpus - 1))
-    room = max(1, n_cpus - n_workers)
-    n_comp = min(compositors, room) if compositors else max(1, min(room, max_compositors))
+    room = max(1, _default_compositors(n_cpus - n_workers, memory_bytes, compositor_cpus,
+                                       compositor_memory_bytes))
+    n_comp = min(compositors, int((n_cpus - n_workers) / compositor_cpus + 1e-9) or 1) if compositors else room
     return PoolSize(n_workers, n_comp, per_worker)
 
 

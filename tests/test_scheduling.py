@@ -108,7 +108,30 @@ def test_pool_size_defaults_follow_the_cluster():
 
     assert size_pool(cpus=8, gpus=2, model_workers=None, compositors=None, worker_gpus=1) == PoolSize(2, 6, 1.0)
     assert size_pool(cpus=2, gpus=0, model_workers=None, compositors=None, worker_gpus=1) == PoolSize(1, 1, 0.0)
-    assert size_pool(cpus=64, gpus=0, model_workers=None, compositors=None, worker_gpus=1).compositors == 8
+    # no fixed cap (issue 19): a 16-CPU node gets 15 compositors beside its model worker
+    assert size_pool(cpus=16, gpus=1, model_workers=None, compositors=None, worker_gpus=1) == PoolSize(1, 15, 1.0)
+    assert size_pool(cpus=64, gpus=0, model_workers=None, compositors=None, worker_gpus=1).compositors == 63
+
+
+def test_memory_and_compositor_cpus_bound_the_default_pool():
+    from cluster.errors import PlacementError
+    from cluster.scheduling import fit_pool, size_pool
+
+    gib = 2**30
+    kw = dict(gpus=1, model_workers=None, compositors=None, worker_gpus=1)
+    # 16 CPUs, 128 GiB: the CPUs bound it; 3 GiB at 400 MiB each: the memory does (7, not 15)
+    assert size_pool(16, **kw, memory_bytes=128 * gib, compositor_memory_bytes=400 * 2**20).compositors == 15
+    assert size_pool(16, **kw, memory_bytes=3 * gib, compositor_memory_bytes=400 * 2**20).compositors == 7
+    assert fit_pool(16, **kw, memory_bytes=3 * gib, compositor_memory_bytes=400 * 2**20).compositors == 7
+    # too little memory for even one: still one (a pool without a compositor renders nothing)
+    assert size_pool(16, **kw, memory_bytes=100 * 2**20, compositor_memory_bytes=400 * 2**20).compositors == 1
+    # fewer, multi-threaded compositors: 2 CPUs each -> 7 on the 15 CPUs left
+    assert size_pool(16, **kw, compositor_cpus=2).compositors == 7
+    assert fit_pool(16, **kw, compositor_cpus=2).compositors == 7
+    # an explicit count must fit the CPUs at compositor_cpus each
+    with pytest.raises(PlacementError, match="CPU"):
+        size_pool(16, gpus=1, model_workers=None, compositors=8, worker_gpus=1, compositor_cpus=2)
+    assert fit_pool(16, gpus=1, model_workers=None, compositors=8, worker_gpus=1, compositor_cpus=2).compositors == 7
 
 
 @pytest.mark.parametrize("cpus,gpus,workers,compositors,worker_gpus,missing", [
@@ -133,7 +156,8 @@ def test_unplaceable_pools_fail_naming_the_resource(cpus, gpus, workers, composi
     (4, 1, 2, 4, (1, 3)),      # explicit workers beyond the GPUs left: one per GPU that is there
     (2, 2, None, None, (1, 1)),  # a CPU stays for a compositor: without one nothing renders
     (3, 0, None, None, (1, 2)),  # the embedded default on 2 cores is unchanged
-    (64, 0, None, None, (1, 8)),
+    (64, 0, None, None, (1, 63)),  # no fixed cap of 8 (issue 19)
+    (17, 1, None, None, (1, 16)),  # an embedded Ray on a 16-core node declares 17 CPUs
     (1, 0, None, 2, (1, 1)),   # even below one CPU each, one of each (the pool cannot render with less)
 ])
 def test_fit_pool_never_asks_for_more_than_the_cluster_holds(cpus, gpus, workers, compositors, expected):
@@ -172,3 +196,29 @@ def test_surplus_members_drops_what_waits_first_then_only_idle_live_ones():
     assert names(surplus_members(members, 5, now, stale_after_s=15, idle_too=True)) == \
         ["lost-long", "pending", "idle-fresh", "idle-used"]
     assert names(surplus_members(members, 1, now, stale_after_s=15, idle_too=True)) == ["lost-long"]
+
+
+def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
+    """The job manager's own sizing (`Supervisor.sizes`: Ray's CPUs, GPUs and memory resources and
+    the settings) on a real Ray that declares 16 CPUs and 1 GPU: 15 compositors, not a fixed 8."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, json, ray\n"
+        "from actors.supervision import Supervisor, TaskSet\n"
+        "from cluster.config import Settings\n"
+        f"s = Settings(storage_root={str(tmp_path)!r})\n"
+        "ray.init(address='local', num_cpus=16, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "try:\n"
+        "    size = Supervisor(s, TaskSet(), asyncio.Event()).sizes()\n"
+        "    print(json.dumps({'workers': size.model_workers, 'compositors': size.compositors,\n"
+        "                      'memory': ray.cluster_resources().get('memory', 0)}))\n"
+        "finally:\n"
+        "    ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["memory"] > 15 * 400 * 2**20, got  # this machine's memory does not bound it
+    assert got["workers"] == 1 and got["compositors"] == 15 > 8, got

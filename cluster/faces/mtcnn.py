@@ -118,8 +118,13 @@ class MTCNNDetector:
     def __init__(self, providers: list[str] | None = None, min_face: int = 40,
                  thresholds: Sequence[float] = (0.6, 0.7, 0.7), *,
                  scale_factor: float = _DEFAULT_SCALE_FACTOR, max_short_side: int = 480,
-                 intra_op_threads: int = 2) -> None:
+                 intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
+
+        from cluster.threads import current
+
+        if intra_op_threads is None:  # this process's thread plan (an actor's Ray CPUs), else 2
+            intra_op_threads = current().onnx_intra_op if current() else 2
 
         if min_face < 12:
             raise ValueError(f"min_face must be >= 12 pixels (P-Net's cell), got {min_face}")

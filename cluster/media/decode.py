@@ -37,6 +37,17 @@ def frame_to_bgr(frame: av.VideoFrame, dst: np.ndarray | None = None) -> np.ndar
     return bgr if dst is None else dst
 
 
+def size_decoder_threads(stream) -> None:
+    """libavcodec's decoder threads for `stream`: this process's thread plan (an actor's Ray CPUs,
+    `cluster.threads`), else the library's default (one per core, frame and slice threads)."""
+    from cluster.threads import current
+
+    plan = current()
+    stream.thread_type = "AUTO"
+    if plan is not None:
+        stream.codec_context.thread_count = plan.decoder
+
+
 def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
     """Contiguous runs [(first, last), ...] of a sorted array of unique ints."""
     if sorted_unique.size == 0:
@@ -81,7 +92,7 @@ class TemplateReader:
             raise MediaError(f"template {self.path} has no video stream", path=self.path,
                              stage="decode")
         self._stream = stream = self._container.streams.video[0]
-        stream.thread_type = "AUTO"
+        size_decoder_threads(stream)
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise MediaError(f"template {self.path} has no frame rate", path=self.path,
@@ -224,7 +235,7 @@ def iter_frames(path: str | os.PathLike, batch_size: int,
         if not container.streams.video:
             raise MediaError(f"{path} has no video stream", path=str(path), stage="decode")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        size_decoder_threads(stream)
         batch: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):

@@ -27,9 +27,17 @@ from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file
 WRITE_CHUNK_BYTES = 1 << 20
 
 
-def encoder_args(settings: Settings, fps: Fraction) -> list[str]:
+def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) -> list[str]:
     """Video codec arguments shared by every segment of a job (H.264, yuv420p, closed GOPs of
-    about two seconds; every segment starts with an IDR frame)."""
+    about two seconds; every segment starts with an IDR frame). `threads`: the encoder's threads
+    (`-threads`, x264's frame threads and lookahead), default this process's thread plan
+    (`cluster.threads.current()`: an actor's Ray CPUs); None without a plan: the encoder's
+    default (1.5 per core)."""
+    if threads is None:
+        from cluster.threads import current
+
+        plan = current()
+        threads = plan.x264 if plan else None
     gop = str(max(settings.gop_frames, round(2 * fps)))
     enc = settings.video_encoder
     if not ffmpeg_has_encoder(enc, settings):
@@ -45,6 +53,8 @@ def encoder_args(settings: Settings, fps: Fraction) -> list[str]:
         raise EncodeError(f"unsupported video encoder {enc!r} (expected libx264 or h264_nvenc)",
                           stage="encode")
     # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
+    if threads:
+        codec += ["-threads", str(int(threads))]
     return [*codec, "-sws_flags", "accurate_rnd+full_chroma_int", "-pix_fmt", "yuv420p", "-g", gop,
             "-keyint_min", gop,
             "-r", f"{fps.numerator}/{fps.denominator}"]

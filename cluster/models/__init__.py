@@ -73,7 +73,11 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
         return LatencyModel.from_spec(spec)
     path = resolve_model_path(spec, s)
     providers = list(providers) if providers is not None else select_providers(settings=s)
-    return LipSyncModel.load(path, providers=providers, threads=s.model_threads,
+    from cluster.threads import current
+
+    plan = current()  # a model worker's plan: its Ray CPUs (cluster/threads.py)
+    threads = s.model_threads or (plan.onnx_intra_op if plan else 0)
+    return LipSyncModel.load(path, providers=providers, threads=threads,
                              pad_batch=(pad_batch or s.batch_size) if uses_gpu(providers) else None)
 
 

@@ -197,6 +197,11 @@ class LipSyncModel:
 
     # --- properties ----------------------------------------------------------------------
     @property
+    def intra_op_threads(self) -> int:
+        """The session's intra-op threads as configured (0: onnxruntime's default, every core)."""
+        return self._session.get_session_options().intra_op_num_threads
+
+    @property
     def size(self) -> int:
         """Crop side S the model works at."""
         return self._c.size

@@ -1,0 +1,92 @@
+"""Thread pools sized from an actor's Ray CPUs (issue 19): the configured values, read back from
+the libraries and the processes themselves (not psutil thread counts, which also hold Ray's own
+threads and miss the ffmpeg children)."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from cluster import threads
+from cluster.threads import ThreadPlan, thread_plan
+
+
+@pytest.fixture
+def plan_of(monkeypatch):
+    """Make `plan` this process's current plan for the test only (what `apply_thread_plan` leaves
+    for the pools created later), without resizing the test process's own OpenCV/BLAS pools."""
+    def use(plan: ThreadPlan | None) -> ThreadPlan | None:
+        monkeypatch.setattr(threads, "_applied", plan)
+        return plan
+    return use
+
+
+def test_thread_plan_is_one_thread_per_ray_cpu():
+    assert thread_plan(1) == ThreadPlan(cpus=1, opencv=1, onnx_intra_op=1, decoder=1, x264=1, blas=1)
+    assert thread_plan(0.5).cpus == 1 and thread_plan(None).cpus == 1  # a fraction still runs on a thread
+    p = thread_plan(4)
+    assert (p.opencv, p.onnx_intra_op, p.decoder, p.x264, p.blas) == (4, 4, 4, 4, 4)
+
+
+def test_encoder_args_and_the_running_ffmpeg_get_the_x264_threads(tmp_path, plan_of):
+    from cluster.config import Settings
+    from cluster.media.encode import SegmentEncoder, encoder_args
+
+    s = Settings(storage_root=tmp_path)
+    plan_of(None)
+    assert "-threads" not in encoder_args(s, Fraction(25))  # no plan: the encoder's default
+    args = encoder_args(s, Fraction(25), threads=3)
+    assert args[args.index("-threads") + 1] == "3"
+    plan_of(thread_plan(1))
+    enc = SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s)
+    try:  # the ffmpeg child really runs with one encoder thread
+        cmdline = open(f"/proc/{enc._proc.pid}/cmdline", "rb").read().split(b"\0")
+        assert cmdline[cmdline.index(b"-threads") + 1] == b"1"
+        assert cmdline.index(b"-threads") > cmdline.index(b"-i")  # an output (encoder) option
+        enc.write(np.full((5, 48, 64, 3), 128, np.uint8))
+    finally:
+        assert enc.close() == 5
+
+
+def test_decoder_threads_follow_the_plan_and_frames_do_not_change(astronaut_video, plan_of):
+    from cluster.media.decode import TemplateReader
+
+    plan_of(None)
+    with TemplateReader(astronaut_video) as r:
+        want = r.read([0, 7, 30])
+    for n in (1, 5):
+        plan_of(thread_plan(n))
+        with TemplateReader(astronaut_video) as r:
+            assert r._stream.codec_context.thread_count == n
+            assert np.array_equal(r.read([0, 7, 30]), want)
+
+
+def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of):
+    from cluster.config import Settings
+    from cluster.faces.mtcnn import MTCNNDetector
+    from cluster.models import load_model
+
+    s = Settings(storage_root=tmp_path, providers="cpu")
+    plan_of(thread_plan(1))
+    assert load_model("builtin:96", s).intra_op_threads == 1
+    assert load_model("builtin:96", s.model_copy(update={"model_threads": 2})).intra_op_threads == 2  # explicit wins
+    plan_of(None)
+    assert load_model("builtin:96", s).intra_op_threads == 0  # no plan: onnxruntime's default
+    det = MTCNNDetector(intra_op_threads=1)
+    assert all(sess.get_session_options().intra_op_num_threads == 1 for sess, _, _ in det._sessions.values())
+
+
+def test_actors_size_their_pools_from_their_ray_cpus(runtime):
+    """In the session's compositors and model workers (1 Ray CPU each): OpenCV and every BLAS /
+    OpenMP pool at one thread, read back inside the actor; the model session at one intra-op thread."""
+    import ray
+
+    ns = runtime.settings.namespace
+    comp = ray.get(ray.get_actor("lipsync-compositor-0", namespace=ns).info.remote(), timeout=60)["threads"]
+    assert comp["plan"] == thread_plan(1).as_dict()
+    assert comp["opencv"] == 1
+    assert comp["blas"] and set(comp["blas"].values()) == {1}, comp
+    worker = ray.get(ray.get_actor("lipsync-model-worker-0", namespace=ns).info.remote(), timeout=60)["threads"]
+    assert worker["plan"]["cpus"] == 1 and worker["opencv"] == 1
+    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {1}, worker
