@@ -1,4 +1,4 @@
-"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all five.
+"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all six.
 
 Each prints its ratios, writes bench/results/NAME.json (machine, date, command, figures) and its
 table in docs/PERFORMANCE.md. `--quick` runs a short version on small inputs (a smoke check; it
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
     "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
+    "throughput": "bench.throughput",    # 6. a node's frames/s vs N classic pipelines side by side (issue 19)
 }
 #: Reliability runs (docs/RELIABILITY.md), by name only: they check promises and fail loudly.
 RELIABILITY = {
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=[*BENCHMARKS, *RELIABILITY, "all"])
     p.add_argument("--quick", action="store_true", help="short version on small inputs (smoke check)")
     p.add_argument("--seconds", type=float, action="append",
-                   help="speech lengths to run (classic, floor; repeatable), instead of the defaults")
+                   help="speech lengths to run (classic, floor, throughput; repeatable), instead of the defaults")
     p.add_argument("--model", action="append", choices=["builtin", "wav2lip96"],
                    help="models to run (repeatable); default both")
     p.add_argument("--load", type=int, default=0, metavar="N",

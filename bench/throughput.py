@@ -1,0 +1,328 @@
+"""Benchmark: a node's throughput at its hardware's pace (issue 19), against the same number of
+classic pipelines run side by side.
+
+For each model, in one run under the same load:
+  - warm service, prepared avatar: an embedded Ray in this process with its default pool for this
+    node (compositors sized from its CPUs and memory), the avatar prepared by a short job on the
+    same template, then one job of `--seconds` of speech on the 720p25 template (bench/common.py);
+    run twice: with every actor's thread pools sized from its Ray CPUs (`LIPSYNC_SIZE_THREADS`,
+    the default) and with the libraries' defaults (one thread per core per pool, as before);
+  - N classic pipelines (`bench/reference_pipeline.py`), N = the pool's compositors, started at
+    once as separate processes on the same inputs: what a user could run instead with a process
+    pool, the honest peer for throughput.
+Reported: frames/s, CPU per output frame by process kind (compositor, its ffmpeg children, model
+worker, job manager, Ray's own processes, this driver), the compositors' busy share (CPU seconds /
+wall seconds: 1 - it is the time they wait), peak PSS per kind and per compositor, GPU utilisation
+sampled each second with nvidia-smi (or "no GPU"), the pool, and the ratios side by side.
+
+    python -m bench throughput --seconds 180          # the issue's run (writes the docs table)
+    python -m bench throughput --quick                # smoke check: 4 s, 640x360, built-in only
+    python -m bench.throughput --model latency:24:256 --seconds 30 --no-classic --variants sized
+                                                      # compositor idle share against a latency-only model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import (
+    CACHE,
+    MODELS,
+    bench_env,
+    machine,
+    make_inputs,
+    md_table,
+    model_spec,
+    run_measured,
+    write_result,
+)
+
+VARIANTS = {"sized": "true", "library": "false"}  # LIPSYNC_SIZE_THREADS
+VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools"}
+KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
+
+
+# --- who is who in the process tree --------------------------------------------------------
+def _kind(p, driver_pid: int) -> str:
+    if p.pid == driver_pid:
+        return "driver"
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - a process that just left
+        return "ray system"
+    for needle, kind in (("Compositor", "compositor"), ("ModelWorker", "model worker"),
+                         ("JobManager", "job manager")):
+        if needle in cmd:
+            return kind
+    return "ray system"
+
+
+def _snapshot(driver_pid: int) -> dict[int, tuple[str, float, float]]:
+    """pid -> (kind, own CPU s, reaped children's CPU s) of the driver and all its descendants."""
+    import psutil
+
+    root = psutil.Process(driver_pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (_kind(p, driver_pid), t.user + t.system, t.children_user + t.children_system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, by kind. A compositor's reaped children are its
+    ffmpeg encoders (and probes); the driver's reaped children are not counted (none run here)."""
+    out = dict.fromkeys(KINDS, 0.0)
+    for pid, (kind, own, children) in after.items():
+        _, own0, children0 = before.get(pid, (kind, 0.0, 0.0))
+        out[kind] += own - own0
+        if kind == "compositor":
+            out["compositor ffmpeg children"] += children - children0
+    return out
+
+
+class KindSampler:
+    """Peak PSS by process kind (sum) and the largest compositor's, sampled every `every_s` in a
+    thread; and, where nvidia-smi exists, GPU utilisation each second."""
+
+    def __init__(self, driver_pid: int, every_s: float = 2.0) -> None:
+        self.driver_pid, self.every_s = driver_pid, every_s
+        self.peak: dict[str, float] = {}
+        self.peak_total = 0.0
+        self.peak_compositor = 0.0
+        self.gpu: list[float] | None = [] if shutil.which("nvidia-smi") else None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._mem_loop, daemon=True)]
+        if self.gpu is not None:
+            self._threads.append(threading.Thread(target=self._gpu_loop, daemon=True))
+
+    def _mem_loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            sums: dict[str, float] = {}
+            root = psutil.Process(self.driver_pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    pss = p.memory_full_info().pss / 2**20
+                    kind = "compositor ffmpeg children" if p.name().startswith("ffmpeg") else _kind(p, self.driver_pid)
+                except psutil.Error:
+                    continue
+                sums[kind] = sums.get(kind, 0.0) + pss
+                if kind == "compositor":
+                    self.peak_compositor = max(self.peak_compositor, pss)
+            for k, v in sums.items():
+                self.peak[k] = max(self.peak.get(k, 0.0), v)
+            self.peak_total = max(self.peak_total, sum(sums.values()))
+            self._stop.wait(self.every_s)
+
+    def _gpu_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                vals = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+                if vals:
+                    self.gpu.append(sum(vals) / len(vals))
+            except (OSError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> KindSampler:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+    def figures(self) -> dict:
+        gpu = ({"gpu_util_mean_pct": sum(self.gpu) / len(self.gpu), "gpu_util_max_pct": max(self.gpu)}
+               if self.gpu else {"gpu_util": "no GPU (nvidia-smi absent)" if self.gpu is None else "no samples"})
+        return {"peak_pss_mb_by_kind": self.peak, "peak_pss_mb": self.peak_total,
+                "peak_pss_mb_per_compositor": self.peak_compositor, **gpu}
+
+
+# --- the runs -------------------------------------------------------------------------------
+def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
+    """One warm service with `variant`'s thread setting: model loaded and avatar prepared, then
+    the measured job."""
+    from bench.classic import WarmService
+    from cluster.schemas import RenderRequest
+
+    os.environ["LIPSYNC_SIZE_THREADS"] = VARIANTS[variant]
+    try:
+        service = WarmService(work / f"storage-{variant}")
+    finally:
+        os.environ.pop("LIPSYNC_SIZE_THREADS", None)
+    try:
+        service.render(prep.audio, inp.video, model, str(work / "prepare.mp4"))  # model loaded, avatar prepared
+        pool = service.rt.call("refresh", timeout=60)
+        me = os.getpid()
+        request = RenderRequest(audio=inp.audio, video=inp.video, output=str(work / f"out-{variant}.mp4"),
+                                model=model)
+        with KindSampler(me) as sampler:
+            before = _snapshot(me)
+            t0 = time.perf_counter()
+            status = service.rt.render(request, timeout=7200)
+            wall = time.perf_counter() - t0
+            after = _snapshot(me)
+        if status.state.value != "succeeded":
+            raise RuntimeError(f"job {status.id} ended {status.state.value}: {status.error}")
+        cpu = cpu_by_kind(before, after)
+        comps = pool.get("compositors", [])
+        return {"wall_s": wall, "frames": inp.frames, "fps": inp.frames / wall,
+                "cpu_s_by_kind": cpu, "cpu_s": sum(cpu.values()),
+                "compositor_busy_share": cpu["compositor"] / (wall * max(1, len(comps))),
+                **sampler.figures(),
+                "pool": {"model_workers": len(pool.get("models", [])), "compositors": len(comps),
+                         "threads": comps[0].get("threads") if comps else None,
+                         "ray_cpus": __import__("ray").cluster_resources().get("CPU")}}
+    finally:
+        service.close()
+
+
+def _classic_peers(n: int, model: str, inp, work: Path) -> dict:
+    """`n` classic pipelines on the same inputs, started at once as separate processes."""
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        try:
+            results[i] = run_measured([sys.executable, "-m", "bench.reference_pipeline", "--audio", inp.audio,
+                                       "--video", inp.video, "-o", str(work / f"classic-{i}.mp4"), "--model", model],
+                                      env=bench_env(str(work / f"classic-storage-{i}")))
+        except Exception as e:  # noqa: BLE001 - reported below, with the others' results
+            results[i] = e
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=7200)
+    wall = time.perf_counter() - t0
+    failed = [r for r in results if not isinstance(r, dict)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n} classic pipelines failed: {failed[0]!r}")
+    frames = n * inp.frames
+    cpu = sum(r["cpu_s"] for r in results)
+    return {"n": n, "wall_s": wall, "frames": frames, "fps": frames / wall, "cpu_s": cpu,
+            "peak_pss_mb_sum": sum(r["peak_pss_mb"] for r in results)}
+
+
+def run(quick: bool = False, seconds: list[float] | None = None, models: list[str] | None = None,
+        variants: list[str] | None = None, classic: bool = True, publish: bool = True) -> dict:
+    if quick:
+        secs, size, template_s = (seconds or [4.0])[0], (640, 360), 2.0
+        models, variants = models or ["builtin"], variants or ["sized"]
+    else:
+        secs, size, template_s = (seconds or [180.0])[0], (1280, 720), 10.0
+        models, variants = models or list(MODELS), variants or list(VARIANTS)
+    started = machine()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-", dir=CACHE))
+    results: dict = {"size": f"{size[0]}x{size[1]}", "speech_s": secs, "runs": []}
+    try:
+        inp = make_inputs(secs, size, template_s)
+        prep = make_inputs(2.0, size, template_s)  # same template: prepares its avatar
+        for model_name in models:
+            model = model_spec(model_name)
+            row: dict = {"model": model_name}
+            for variant in variants:
+                print(f"[throughput] {model_name}: warm service, {VARIANT_LABELS[variant]} ...", flush=True)
+                row[variant] = _service_run(variant, model, inp, prep, work)
+                print(f"[throughput] {model_name} {variant}: {row[variant]['fps']:.1f} frames/s", flush=True)
+            n = row[variants[0]]["pool"]["compositors"]
+            if classic:
+                print(f"[throughput] {model_name}: {n} classic pipelines side by side ...", flush=True)
+                row["classic"] = _classic_peers(n, model, inp, work)
+            results["runs"].append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report(results, variants, quick, started, publish)
+    return results
+
+
+def _report(results: dict, variants: list[str], quick: bool, started: dict, publish: bool = True) -> None:
+    header = ["model", "run", "frames/s", "vs classic xN", "CPU ms/frame", *[f"{k} ms/frame" for k in KINDS],
+              "compositor busy", "peak PSS MiB", "per compositor MiB", "GPU util"]
+    rows = []
+    for r in results["runs"]:
+        c = r.get("classic")
+        for v in variants:
+            m = r[v]
+            f = m["frames"]
+            gpu = (f"{m['gpu_util_mean_pct']:.0f} % (max {m['gpu_util_max_pct']:.0f} %)"
+                   if "gpu_util_mean_pct" in m else m.get("gpu_util", ""))
+            rows.append([r["model"], f"warm prepared, {VARIANT_LABELS[v]}", m["fps"],
+                         f"{m['fps'] / c['fps']:.2f}x" if c else "", 1000 * m["cpu_s"] / f,
+                         *[1000 * m["cpu_s_by_kind"][k] / f for k in KINDS],
+                         f"{100 * m['compositor_busy_share']:.0f} %", m["peak_pss_mb"],
+                         m["peak_pss_mb_per_compositor"], gpu])
+        if c:
+            rows.append([r["model"], f"{c['n']} classic pipelines side by side", c["fps"], "1x",
+                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", c["peak_pss_mb_sum"], "", ""])
+    pool = results["runs"][0][variants[0]]["pool"] if results["runs"] else {}
+    table = md_table(header, rows)
+    ratios = []
+    for r in results["runs"]:
+        if "sized" in r and "library" in r:
+            s, lib = r["sized"], r["library"]
+            ratios.append(f"{r['model']}: sized / library thread pools: frames/s "
+                          f"{s['fps'] / lib['fps']:.2f}x, CPU per frame {s['cpu_s'] / lib['cpu_s']:.2f}x")
+        if r.get("classic"):
+            v = r[variants[0]]
+            ratios.append(f"{r['model']}: warm service / {r['classic']['n']} classic pipelines: frames/s "
+                          f"{v['fps'] / r['classic']['fps']:.2f}x, CPU per frame "
+                          f"{(v['cpu_s'] / v['frames']) / (r['classic']['cpu_s'] / r['classic']['frames']):.2f}x, "
+                          f"peak PSS {v['peak_pss_mb'] / r['classic']['peak_pss_mb_sum']:.2f}x")
+    notes = (f"{results['speech_s']:g} s of speech ({results['size']}, 25 fps) per run. Pool: "
+             f"{pool.get('model_workers')} model worker(s), {pool.get('compositors')} compositor(s) on "
+             f"{pool.get('ray_cpus')} Ray CPUs; compositor threads {pool.get('threads')}.\n\n"
+             + "\n".join(f"- {x}" for x in ratios))
+    print("\n".join(f"[throughput] {x}" for x in ratios), flush=True)
+    if publish:
+        write_result("throughput", results, table, notes=notes, started=started, quick=quick)
+    else:  # an ad-hoc run (other models, fewer variants): its own file, the docs table left alone
+        import json
+
+        from bench.common import RESULTS
+
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / "throughput.adhoc.json"
+        path.write_text(json.dumps({"command": " ".join(sys.argv), "machine": started, "figures": results},
+                                   indent=2, default=str) + "\n")
+        print(table + "\n\n" + notes)
+        print(f"wrote {path.relative_to(Path(__file__).resolve().parent.parent)} (ad-hoc run: docs left alone)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Extra knobs beyond `python -m bench throughput`: any model spec (e.g. `latency:24:256`),
+    the variants to run, no classic peers."""
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seconds", type=float)
+    p.add_argument("--model", action="append", help="builtin, wav2lip96 or any model spec (repeatable)")
+    p.add_argument("--variants", default="", help="comma-separated of " + ",".join(VARIANTS))
+    p.add_argument("--no-classic", action="store_true")
+    a = p.parse_args(argv)
+    run(quick=a.quick, seconds=[a.seconds] if a.seconds else None, models=a.model,
+        variants=[v for v in a.variants.split(",") if v] or None, classic=not a.no_classic,
+        publish=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
