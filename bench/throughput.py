@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 from bench.common import (
@@ -308,6 +309,66 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
         print(f"wrote {path.relative_to(Path(__file__).resolve().parent.parent)} (ad-hoc run: docs left alone)")
 
 
+# --- per-chunk fixed costs (no Ray): what a chunk pays once, against what each frame pays -------
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (ffmpeg encoders)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def chunk_costs(size: tuple[int, int] = (1280, 720), repeats: int = 5) -> dict:
+    """Per-chunk fixed costs of a compositor at one thread per pool (its plan on 1 Ray CPU), in
+    CPU and wall ms (median of `repeats`), in this process: opening the normalised template
+    (container, packet count, first frame), the first batch after a seek against the next batch
+    read in sequence, starting and closing an encoder (one frame), and per frame: decode and
+    encode (50 frames)."""
+    import statistics
+
+    from cluster.config import Settings
+    from cluster.media.decode import TemplateReader
+    from cluster.media.encode import SegmentEncoder
+    from cluster.media.normalize import normalize_template
+    from cluster.threads import apply_thread_plan, thread_plan
+
+    apply_thread_plan(thread_plan(1))
+    work = Path(tempfile.mkdtemp(prefix="bench-chunk-costs-", dir=CACHE))
+    try:
+        s = Settings(storage_root=work / "storage")
+        template = normalize_template(make_inputs(2.0, size, 10.0).video, s).path
+        out: dict[str, list] = {}
+
+        def timed(name: str, fn, *args) -> object:
+            c0, t0 = _cpu(), time.perf_counter()
+            got = fn(*args)
+            out.setdefault(name, []).append((1000 * (_cpu() - c0), 1000 * (time.perf_counter() - t0)))
+            return got
+
+        def encode(name: str, frames, n: int) -> None:
+            with SegmentEncoder(work / name, size[0], size[1], Fraction(25), s) as enc:
+                for k in range(0, n, len(frames)):
+                    enc.write(frames[:n - k])
+
+        for _ in range(repeats):
+            reader = timed("open template (container, packet count, first frame)", TemplateReader, template, s)
+            timed("first batch of 16 after a seek (mid-template)", reader.read, range(103, 119))
+            frames = timed("next batch of 16 in sequence", reader.read, range(119, 135))
+            reader.close()
+            timed("encoder start + close (1 frame)", encode, "one.mp4", frames, 1)
+            timed("encoder, 50 frames", encode, "fifty.mp4", frames, 50)
+        med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in out.items()}
+        fixed_cpu = (med["open template (container, packet count, first frame)"][0]
+                     + med["first batch of 16 after a seek (mid-template)"][0]
+                     - med["next batch of 16 in sequence"][0] + med["encoder start + close (1 frame)"][0])
+        enc_frame = (med["encoder, 50 frames"][0] - med["encoder start + close (1 frame)"][0]) / 49
+        dec_frame = med["next batch of 16 in sequence"][0] / 16
+        return {"size": f"{size[0]}x{size[1]}", "median_ms_cpu_wall": med, "fixed_cpu_ms_per_chunk": fixed_cpu,
+                "decode_cpu_ms_per_frame": dec_frame, "encode_cpu_ms_per_frame": enc_frame}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Extra knobs beyond `python -m bench throughput`: any model spec (e.g. `latency:24:256`),
     the variants to run, no classic peers."""
@@ -317,7 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="builtin, wav2lip96 or any model spec (repeatable)")
     p.add_argument("--variants", default="", help="comma-separated of " + ",".join(VARIANTS))
     p.add_argument("--no-classic", action="store_true")
+    p.add_argument("--chunk-costs", action="store_true", help="only the per-chunk fixed costs (no Ray)")
     a = p.parse_args(argv)
+    if a.chunk_costs:
+        import json
+
+        got = chunk_costs()
+        for k, (c, w) in got.pop("median_ms_cpu_wall").items():
+            print(f"{k:55s} CPU {c:7.1f} ms   wall {w:7.1f} ms")
+        print(json.dumps(got, indent=1))
+        return 0
     run(quick=a.quick, seconds=[a.seconds] if a.seconds else None, models=a.model,
         variants=[v for v in a.variants.split(",") if v] or None, classic=not a.no_classic,
         publish=False)

@@ -90,3 +90,21 @@ def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     worker = ray.get(ray.get_actor("lipsync-model-worker-0", namespace=ns).info.remote(), timeout=60)["threads"]
     assert worker["plan"]["cpus"] == 1 and worker["opencv"] == 1
     assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {1}, worker
+
+
+def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_path):
+    """LIPSYNC_CUDA_OPTIONS reaches the CUDA provider's options (what to try for float16 on a GPU:
+    prefer_nhwc, cuDNN's algorithm search), checked on a CPU machine with injected device facts."""
+    from cluster.config import Settings
+    from cluster.errors import ModelLoadError
+    from cluster.models.providers import CPU, CUDA, DeviceFacts, select_providers
+
+    facts = DeviceFacts(available=(CUDA, CPU), cuda_devices=1, device_memory=(80 * 2**30,))
+    s = Settings(storage_root=tmp_path, cuda_options="prefer_nhwc=1, cudnn_conv_algo_search=EXHAUSTIVE")
+    got = select_providers(gpu_ids=[0], settings=s, facts=facts)
+    assert got == [(CUDA, {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "device_id": 0}), CPU]
+    assert select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path), facts=facts)[0] == \
+        (CUDA, {"device_id": 0})
+    for bad in ("prefer_nchw=1", "prefer_nhwc"):
+        with pytest.raises(ModelLoadError, match="LIPSYNC_CUDA_OPTIONS"):
+            select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path, cuda_options=bad), facts=facts)

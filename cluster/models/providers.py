@@ -134,6 +134,31 @@ def parse_providers(text: str) -> list[str]:
     return names[:names.index(CPU) + 1]
 
 
+#: CUDA provider options `LIPSYNC_CUDA_OPTIONS` may set (onnxruntime's names); others are refused.
+CUDA_OPTION_NAMES = ("prefer_nhwc", "cudnn_conv_algo_search", "cudnn_conv_use_max_workspace",
+                     "cudnn_conv1d_pad_to_nc1d", "do_copy_in_default_stream", "arena_extend_strategy",
+                     "enable_cuda_graph", "use_tf32", "tunable_op_enable", "tunable_op_tuning_enable")
+
+
+def parse_cuda_options(text: str) -> dict[str, str]:
+    """'prefer_nhwc=1,cudnn_conv_algo_search=EXHAUSTIVE' -> {name: value} for the CUDA provider.
+
+    Raises ModelLoadError for a malformed pair or a name not in `CUDA_OPTION_NAMES` (the setting
+    is LIPSYNC_CUDA_OPTIONS): a misspelt option must not be silently ignored."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not name or not value:
+            raise ModelLoadError(f"LIPSYNC_CUDA_OPTIONS: {part!r} in {text!r} is not key=value")
+        if name not in CUDA_OPTION_NAMES:
+            raise ModelLoadError(f"LIPSYNC_CUDA_OPTIONS: unknown CUDA provider option {name!r} "
+                                 f"(expected one of {list(CUDA_OPTION_NAMES)})")
+        out[name] = value
+    return out
+
+
 def device_ordinals(gpu_ids: Sequence[Any] | None, visible: str | None = None) -> list[int]:
     """CUDA device ordinals (as this process sees them) of the GPUs Ray assigned.
 
@@ -174,7 +199,7 @@ def select_providers(gpu_ids: Sequence[Any] | None = None, settings: Settings | 
         notes.append(f"assigned GPU ordinal {ordinal} is not among the {facts.cuda_devices} visible CUDA device(s)")
     else:
         notes.append(f"{facts.cuda_devices} CUDA device(s) visible, using ordinal {ordinal}")
-        cuda_opts: dict = {"device_id": ordinal}
+        cuda_opts: dict = {**parse_cuda_options(s.cuda_options), "device_id": ordinal}
         if s.worker_gpus < 1 and ordinal < len(facts.device_memory):
             cuda_opts["gpu_mem_limit"] = int(facts.device_memory[ordinal] * s.worker_gpus)
         for name in wanted:
