@@ -156,6 +156,45 @@ class KindSampler:
                 "peak_pss_mb_per_compositor": self.peak_compositor, **gpu}
 
 
+def _thread_sched(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (ns on a CPU, ns runnable but waiting for a CPU) of each thread of `pid`
+    (/proc/PID/task/TID/schedstat; empty where it cannot be read)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
+            out[int(tid)] = (run_ns, wait_ns)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def render_thread_shares(before: dict[int, dict], after: dict[int, dict], wall_s: float) -> dict:
+    """Where each compositor's render thread (its thread with the most CPU in the run) spent the
+    run, averaged over compositors: on a CPU, runnable but waiting for a CPU (the machine's
+    contention, not the design's), and blocked (waiting for the model's batch, the encoder's pipe
+    or the disk: the compositor's real idle share). Robust to a loaded machine, unlike CPU / wall."""
+    shares = []
+    for pid, threads in after.items():
+        deltas = [(run - before.get(pid, {}).get(tid, (0, 0))[0], wait - before.get(pid, {}).get(tid, (0, 0))[1])
+                  for tid, (run, wait) in threads.items()]
+        if not deltas:
+            continue
+        run, wait = max(deltas)
+        on, queued = run / 1e9 / wall_s, wait / 1e9 / wall_s
+        shares.append((on, queued, max(0.0, 1 - on - queued)))
+    if not shares:
+        return {}
+    n = len(shares)
+    return {"on_cpu": sum(s[0] for s in shares) / n, "waiting_for_cpu": sum(s[1] for s in shares) / n,
+            "blocked": sum(s[2] for s in shares) / n}
+
+
 # --- the runs -------------------------------------------------------------------------------
 def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
     """One warm service with `variant`'s thread setting: model loaded and avatar prepared, then
@@ -176,9 +215,12 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
                                 model=model)
         with KindSampler(me) as sampler:
             before = _snapshot(me)
+            comp_pids = [pid for pid, (kind, _, _) in before.items() if kind == "compositor"]
+            sched0 = {pid: _thread_sched(pid) for pid in comp_pids}
             t0 = time.perf_counter()
             status = service.rt.render(request, timeout=7200)
             wall = time.perf_counter() - t0
+            sched1 = {pid: _thread_sched(pid) for pid in comp_pids}
             after = _snapshot(me)
         if status.state.value != "succeeded":
             raise RuntimeError(f"job {status.id} ended {status.state.value}: {status.error}")
@@ -187,6 +229,7 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
         return {"wall_s": wall, "frames": inp.frames, "fps": inp.frames / wall,
                 "cpu_s_by_kind": cpu, "cpu_s": sum(cpu.values()),
                 "compositor_busy_share": cpu["compositor"] / (wall * max(1, len(comps))),
+                "render_thread": render_thread_shares(sched0, sched1, wall),
                 **sampler.figures(),
                 "pool": {"model_workers": len(pool.get("models", [])), "compositors": len(comps),
                          "threads": comps[0].get("threads") if comps else None,
@@ -256,9 +299,14 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     return results
 
 
+def _shares(t: dict | None) -> str:
+    return f"{100 * t['on_cpu']:.0f} / {100 * t['waiting_for_cpu']:.0f} / {100 * t['blocked']:.0f} %" if t else ""
+
+
 def _report(results: dict, variants: list[str], quick: bool, started: dict, publish: bool = True) -> None:
     header = ["model", "run", "frames/s", "vs classic xN", "CPU ms/frame", *[f"{k} ms/frame" for k in KINDS],
-              "compositor busy", "peak PSS MiB", "per compositor MiB", "GPU util"]
+              "compositor busy", "render thread on CPU / waiting for a CPU / blocked",
+              "peak PSS MiB", "per compositor MiB", "GPU util"]
     rows = []
     for r in results["runs"]:
         c = r.get("classic")
@@ -270,11 +318,12 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
             rows.append([r["model"], f"warm prepared, {VARIANT_LABELS[v]}", m["fps"],
                          f"{m['fps'] / c['fps']:.2f}x" if c else "", 1000 * m["cpu_s"] / f,
                          *[1000 * m["cpu_s_by_kind"][k] / f for k in KINDS],
-                         f"{100 * m['compositor_busy_share']:.0f} %", m["peak_pss_mb"],
+                         f"{100 * m['compositor_busy_share']:.0f} %", _shares(m.get("render_thread")),
+                         m["peak_pss_mb"],
                          m["peak_pss_mb_per_compositor"], gpu])
         if c:
             rows.append([r["model"], f"{c['n']} classic pipelines side by side", c["fps"], "1x",
-                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", c["peak_pss_mb_sum"], "", ""])
+                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", "", c["peak_pss_mb_sum"], "", ""])
     pool = results["runs"][0][variants[0]]["pool"] if results["runs"] else {}
     table = md_table(header, rows)
     ratios = []
@@ -291,7 +340,8 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
                           f"peak PSS {v['peak_pss_mb'] / r['classic']['peak_pss_mb_sum']:.2f}x")
     notes = (f"{results['speech_s']:g} s of speech ({results['size']}, 25 fps) per run. Pool: "
              f"{pool.get('model_workers')} model worker(s), {pool.get('compositors')} compositor(s) on "
-             f"{pool.get('ray_cpus')} Ray CPUs; compositor threads {pool.get('threads')}.\n\n"
+             f"{pool.get('ray_cpus')} Ray CPUs; compositor thread plan {(pool.get('threads') or {}).get('plan')} "
+             f"(OpenCV reads back {(pool.get('threads') or {}).get('opencv')}).\n\n"
              + "\n".join(f"- {x}" for x in ratios))
     print("\n".join(f"[throughput] {x}" for x in ratios), flush=True)
     if publish:
