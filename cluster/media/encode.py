@@ -52,9 +52,9 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) 
     else:
         raise EncodeError(f"unsupported video encoder {enc!r} (expected libx264 or h264_nvenc)",
                           stage="encode")
-    # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
     if threads:
         codec += ["-threads", str(int(threads))]
+    # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
     return [*codec, "-sws_flags", "accurate_rnd+full_chroma_int", "-pix_fmt", "yuv420p", "-g", gop,
             "-keyint_min", gop,
             "-r", f"{fps.numerator}/{fps.denominator}"]
