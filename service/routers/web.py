@@ -11,9 +11,8 @@ import mimetypes
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -36,14 +35,10 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 class StaticAssets(StaticFiles):
-    """service/static with the page's cache policy; a missing file answers the API's error body."""
+    """service/static with the page's cache policy (a missing file is the app's 404 error body)."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
-        try:
-            response = await super().get_response(path, scope)
-        except HTTPException as e:
-            return JSONResponse({"error": {"code": "not_found", "message": f"no such file: /static/{path}",
-                                           "field": None}}, status_code=e.status_code)
+        response = await super().get_response(path, scope)
         response.headers["Cache-Control"] = IMMUTABLE if path.startswith("vendor/") else "no-cache"
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
