@@ -355,8 +355,9 @@ function showJob(job, view) {
   showError($("job-error"), view.error || null);
   $("cancel-button").hidden = TERMINAL.has(view.state);
   $("download-button").disabled = view.state !== "succeeded";
-  if (view.watch_url && !job.playerStarted && (view.frames_done > 0 || view.state === "succeeded")) {
-    startPlayer(job, view.watch_url);
+  if (view.watch_url && !job.playerStarted && view.frames_done > 0) {
+    job.playerStarted = true;
+    whenStreamStarts(job, view.watch_url);
   }
   if (!view.watch_url && view.state === "succeeded" && !job.playerStarted) {
     const note = $("player-note");
@@ -381,8 +382,30 @@ function play(video) {
   });
 }
 
+// The player starts once the playlist lists a segment (an empty live playlist is an error to hls.js).
+// The watch URL is signed when the server has a token: no header is needed, nor sent.
+async function whenStreamStarts(job, url) {
+  let failures = 0;
+  while (!job.closed) {
+    try {
+      const response = await fetch(url, { cache: "no-store" });
+      if (response.ok && (await response.text()).includes("#EXTINF")) return startPlayer(job, url);
+      if (response.status === 401 && job.view) url = job.view.watch_url; // expired: the newest view's URL
+      else if (!response.ok && ++failures > 20) break;
+    } catch (_) {
+      if (++failures > 20) break;
+    }
+    if (job.view && TERMINAL.has(job.view.state) && job.view.state !== "succeeded") return; // nothing to watch
+    await sleep(500);
+  }
+  if (!job.closed) {
+    const note = $("player-note");
+    note.textContent = "The stream could not be loaded; download the mp4 when the job is done.";
+    note.hidden = false;
+  }
+}
+
 function startPlayer(job, url) {
-  job.playerStarted = true;
   const video = $("player");
   video.hidden = false;
   if (window.Hls && window.Hls.isSupported()) {
