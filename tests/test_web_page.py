@@ -1,7 +1,8 @@
-"""The web page (`GET /`) in a real browser: Debian's chromium driven by Playwright against a real
-`lipsync serve` whose model is slowed (`latency:` model), so that playing before `succeeded` is no
-race on 2 cores. One test: the page asks for the token, uploads two files, plays the job's stream
-while it renders, then downloads the mp4 through its button.
+"""The web page (`GET /`) in a real browser: Debian's chromium driven by Playwright against the
+session's real `lipsync serve` (token on). One test: the page asks for the token, uploads two files
+for a job on a slowed model (the page's Model option set to `latency:<ms>`, so that playing before
+`succeeded` is no race on 2 cores), plays the job's stream while it renders, then downloads the mp4
+through its button.
 
 Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and the `playwright`
 package (the `dev` extra); it skips, saying which is missing, without them. Playwright launches the
@@ -22,72 +23,71 @@ import httpx
 import pytest
 
 from tests.helpers import wait_until
-from tests.service_process import ServiceProcess
 
-MS_PER_FRAME = 60          # the slowed model: 150 frames take >= 9 s of model time, ~3x slower than real time
+MS_PER_FRAME = 60          # the slowed model: 150 frames (6 s) take >= 9 s of model time
 AUDIO_SECONDS = 6.0
 FPS = 25
 ARTIFACTS = Path(os.environ.get("LIPSYNC_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 
-def chromium_path() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    """The system chromium, for Playwright (skips when it or playwright is absent). Session-scoped and
+    first in the test's arguments, so a skip comes before the session's service is started for it."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    return path
 
 
 @pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium under Playwright (skips when either is absent)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
-    path = chromium_path()
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+def browser(chromium_executable):
+    """Debian's chromium under Playwright: the system binary, no browser download."""
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        chromium = p.chromium.launch(executable_path=path, args=args)
+        chromium = p.chromium.launch(executable_path=chromium_executable, args=args)
         yield chromium
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def slow_service(browser, tmp_path_factory):
-    """A `lipsync serve` of its own (token on) whose model sleeps MS_PER_FRAME per frame."""
-    svc = ServiceProcess(tmp_path_factory.mktemp("web-service"), env={"LIPSYNC_MODEL": f"latency:{MS_PER_FRAME}"})
-    svc.start()
-    yield svc
-    svc.cleanup()
-
-
 def mse_codec_string(mp4: bytes) -> str:
-    """The `codecs` of an mp4 (or fMP4 init segment) as MSE names them: `avc1.PPCCLL, mp4a.40.2`, read
-    from the avcC record (profile, constraints, level) and the AAC profile."""
+    """The `codecs` of an mp4 (or fMP4 init segment) as MSE names them, e.g. `avc1.64000d, mp4a.40.2`:
+    profile, constraints and level from the avcC record, the AAC object type from its
+    AudioSpecificConfig (the top 5 bits)."""
     import av
 
     with av.open(io.BytesIO(mp4)) as container:
         video = container.streams.video[0].codec_context
         audio = container.streams.audio[0].codec_context
-        avcc = video.extradata
+        avcc, asc = video.extradata, audio.extradata
         assert video.name == "h264" and avcc and avcc[0] == 1, (video.name, avcc)
-        assert audio.name == "aac" and audio.profile == "LC", (audio.name, audio.profile)
-        return f"avc1.{avcc[1]:02x}{avcc[2]:02x}{avcc[3]:02x}, mp4a.40.2"
+        assert audio.name == "aac" and asc, (audio.name, asc)
+        return f"avc1.{avcc[1]:02x}{avcc[2]:02x}{avcc[3]:02x}, mp4a.40.{asc[0] >> 3}"
 
 
 def init_segment(http: httpx.Client, watch_url: str) -> bytes:
-    """The fMP4 init segment named by the playlist's `#EXT-X-MAP` (what hls.js hands to MSE)."""
-    playlist = http.get(watch_url)
-    assert playlist.status_code == 200, playlist.text
-    found = re.search(r'#EXT-X-MAP:URI="([^"]+)"', playlist.text)
-    assert found, playlist.text
-    init = http.get(urljoin(str(playlist.url), found.group(1)))
+    """The fMP4 init segment named by the playlist's first `#EXT-X-MAP` (what hls.js hands to MSE),
+    once the playlist lists a segment."""
+    def mapped():
+        playlist = http.get(watch_url)
+        assert playlist.status_code == 200, playlist.text
+        found = re.search(r'#EXT-X-MAP:URI="([^"]+)"', playlist.text)
+        return found and urljoin(str(playlist.url), found.group(1))
+
+    init = http.get(wait_until(mapped, 60, 0.2, "the first segment in the job's playlist"))
     assert init.status_code == 200
     return init.content
 
 
 @pytest.mark.service
 @pytest.mark.slow
-def test_page_plays_a_job_while_it_renders_and_downloads_it(browser, slow_service, tmp_path):
+def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable, service, browser, tmp_path):
     from cluster.media.probe import count_video_frames, read_media_info
     from cluster.synth import astronaut_template, speech_like, write_audio
 
@@ -95,16 +95,16 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(browser, slow_servic
     video = astronaut_template(str(tmp_path / "person.mp4"), seconds=2.0, fps=FPS, size=(320, 240))
     frames = round(AUDIO_SECONDS * FPS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    api = httpx.Client(base_url=slow_service.url, headers={"Authorization": f"Bearer {slow_service.token}"},
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"},
                        timeout=30)
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     try:
         # the page is public; the API is not: the page asks for the token once
-        page.goto(slow_service.url + "/")
+        page.goto(service.url + "/")
         page.locator("#token-form").wait_for(state="visible", timeout=15_000)
-        page.fill("#token-input", slow_service.token)
+        page.fill("#token-input", service.token)
         page.click("#token-form button[type=submit]")
         page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
 
@@ -112,6 +112,8 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(browser, slow_servic
         page.set_input_files("#audio", audio)
         page.set_input_files("#video", video)
         page.select_option("#sync-mode", "pingpong")
+        page.click("details.more summary")
+        page.fill("#model", f"latency:{MS_PER_FRAME}")
         page.click("#submit-button")
         page.locator("#job-card").wait_for(state="visible", timeout=60_000)
         job_id = page.inner_text("#job-id").strip()

@@ -201,7 +201,8 @@ for (const radio of document.querySelectorAll("input[name=template]")) {
 
 function markInvalid(field) {
   for (const el of document.querySelectorAll("#submit-form .invalid")) el.classList.remove("invalid");
-  const byField = { audio: "audio", video: "video", avatar_id: "avatar-select", sync_mode: "sync-mode" };
+  const byField = { audio: "audio", video: "video", avatar_id: "avatar-select", sync_mode: "sync-mode", model: "model" };
+  if (field === "model") $("model").closest("details").open = true;
   if (field && byField[field]) $(byField[field]).classList.add("invalid");
 }
 
@@ -230,6 +231,8 @@ $("submit-form").addEventListener("submit", async (e) => {
     form.append("avatar_id", avatar);
   }
   form.append("sync_mode", $("sync-mode").value);
+  const model = $("model").value.trim();
+  if (model) form.append("model", model);
 
   const button = $("submit-button");
   const bar = $("upload-progress");
