@@ -392,7 +392,9 @@ async function whenStreamStarts(job, url) {
   while (!job.closed) {
     try {
       const response = await fetch(url, { cache: "no-store" });
-      if (response.ok && (await response.text()).includes("#EXTINF")) return startPlayer(job, url);
+      const playlist = response.ok ? await response.text() : "";
+      if (playlist.includes("#EXTINF")) return startPlayer(job, url);
+      if (playlist.includes("#EXT-X-ENDLIST")) break; // ended with nothing published (or none kept)
       if (response.status === 401 && job.view) url = job.view.watch_url; // expired: the newest view's URL
       else if (!response.ok && ++failures > 20) break;
     } catch (_) {
@@ -403,7 +405,9 @@ async function whenStreamStarts(job, url) {
   }
   if (!job.closed) {
     const note = $("player-note");
-    note.textContent = "The stream could not be loaded; download the mp4 when the job is done.";
+    note.textContent = job.view && job.view.state === "succeeded"
+      ? "This job has no stream to watch; download the mp4."
+      : "The stream could not be loaded; download the mp4 when the job is done.";
     note.hidden = false;
   }
 }
