@@ -108,8 +108,15 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         page.click("#token-form button[type=submit]")
         page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
 
-        # two files through the page's form
+        # a refused upload shows the API's message, not its JSON
         page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        error = page.locator("#submit-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "no video stream" in error.inner_text() and "{" not in error.inner_text(), error.inner_text()
+
+        # two files through the page's form
         page.set_input_files("#video", video)
         page.select_option("#sync-mode", "pingpong")
         page.click("details.more summary")
@@ -154,10 +161,15 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         assert mse_codec_string(out.read_bytes()) == codecs  # the stream and the file hold the same packets
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
 
-        # the recent jobs list shows it with its state
+        # the recent jobs list shows it with its state; nothing is wider than a phone
         page.click("[data-tab=jobs]")
         row = page.locator(".job-row", has_text=job_id)
         row.locator(".s-succeeded").wait_for(timeout=10_000)
+        page.set_viewport_size({"width": 360, "height": 740})
+        for tab in ("jobs", "render", "avatars"):
+            page.click(f"[data-tab={tab}]")
+            width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert width[0] <= width[1], (tab, width)
         assert problems == []
     finally:
         page.close()
