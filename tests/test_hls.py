@@ -317,3 +317,18 @@ def test_sse_segments_only_when_asked_and_the_sdk(service, hls_media):
         assert kinds.count("segment") == len(segments) and kinds[-1] == "status"
         assert json.loads(httpx.get(f"{service.url}/v1/jobs/{job_id}", headers=headers,
                                     trust_env=False).text)["watch_url"]
+
+
+@pytest.mark.service
+def test_cli_submit_watch_prints_the_url_once_a_segment_exists(service, hls_media):
+    import os
+    import sys
+
+    env = {**os.environ, "LIPSYNC_URL": service.url, "LIPSYNC_API_TOKEN": service.token}
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", hls_media["audio"], hls_media["video"],
+                        "--model", "latency:20", "--watch"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    url = r.stdout.strip()
+    assert url.startswith(service.url + "/v1/jobs/") and "/hls/index.m3u8?token=" in url, r.stdout
+    playlist = httpx.get(url, trust_env=False)  # no header: the signed URL
+    assert playlist.status_code == 200 and "#EXTINF" in playlist.text
