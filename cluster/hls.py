@@ -54,14 +54,19 @@ def hls_dir(job_dir: str | Path) -> Path:
     return Path(job_dir) / HLS_DIR
 
 
-def write_once(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` unless it exists (atomically: a reader sees all of it or nothing);
-    True when this call wrote it. The first write wins: a later one leaves the file as it is."""
+def stage_file(path: Path, data: bytes) -> Path:
+    """`data` in a temporary file next to `path`, on disk (fsynced): `link_once` publishes it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def link_once(tmp: Path, path: Path) -> bool:
+    """Give the staged file `tmp` the name `path` unless that exists (a reader sees all of it or
+    nothing), then drop `tmp`; True when this call published it. The first write wins."""
     try:
         os.link(tmp, path)
         return True
@@ -69,6 +74,11 @@ def write_once(path: Path, data: bytes) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_once(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` unless it exists (see `link_once`)."""
+    return link_once(stage_file(path, data), path)
 
 
 # --- the plan: parts and the timeline -------------------------------------------------------------
@@ -230,9 +240,12 @@ class HlsPublisher:
         thread.start()
 
     def _encode_audio(self) -> None:
+        track = self.track
         try:
-            self.track.encode()
-            self.track.save(self.dir / AUDIO_FILE)  # the final mp4 needs it even when HLS has stopped
+            track.encode()
+            if not track.done:  # stopped: the job ended
+                return
+            track.save(self.dir / AUDIO_FILE)  # the final mp4 needs it even when HLS has stopped
             with self._cond:
                 self._cond.notify_all()
         except Exception as e:
@@ -254,12 +267,17 @@ class HlsPublisher:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop publishing: once this returns no chunk is published any more."""
+        """Stop publishing: once this returns no chunk is published any more. Blocks at most for
+        the renames of one chunk's files (their bytes are staged on disk before the lock); drops
+        the audio packets (the job's runtime outlives the job)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         with self._lock:
             pass
+        if self.track is not None:
+            self.track.stop()
+            self.track = None
 
     def drain(self, timeout: float) -> None:
         """Wait until every chunk is published and the audio is saved; raises what stopped them."""
@@ -280,13 +298,15 @@ class HlsPublisher:
         try:
             self._publish_all()
         except Exception as e:
+            if self._closed:  # the job ended meanwhile: nothing is missing
+                return
             log.error("job %s: HLS publishing stopped at chunk %d: %r", self.plan.job_id, self.next_chunk, e)
             self._fail(e)
 
     def _publish_all(self) -> None:
-        plan, s = self.plan, self.settings
-        self.track.wait_format(s.chunk_timeout_s)
-        timeline = Timeline.of(plan.fps, self.track.sample_rate, self.track.priming)
+        plan, s, track = self.plan, self.settings, self.track
+        track.wait_format(s.chunk_timeout_s)
+        timeline = Timeline.of(plan.fps, track.sample_rate, track.priming)
         while True:
             with self._cond:
                 while not self._closed and self.next_chunk < len(plan.chunks) and self.next_chunk not in self._done:
@@ -297,29 +317,33 @@ class HlsPublisher:
             chunk = plan.chunks[index]
             parts = [p for p in self.parts if p.chunk == index]
             sequence0 = self.parts.index(parts[0])
-            avcc, segments = package_chunk(plan, chunk, parts, sequence0, self.track, timeline, plan.frames_total,
+            avcc, segments = package_chunk(plan, chunk, parts, sequence0, track, timeline, plan.frames_total,
                                            s.chunk_timeout_s)
+            init = self._init_for(track, timeline, avcc, index)
+            marker = {"chunk": index, "init": init, "parts": [
+                {"name": p.name, "start": float(Fraction(p.start) / plan.fps),
+                 "duration": float(Fraction(p.frames) / plan.fps)} for p, _ in segments]}
+            staged = [(stage_file(self.dir / part.name, data), self.dir / part.name) for part, data in segments]
+            staged.append((stage_file(self.dir / f"{index:05d}.json", json.dumps(marker).encode()),
+                           self.dir / f"{index:05d}.json"))  # the marker last: it publishes the chunk
             with self._lock:
+                for tmp, path in staged:
+                    if self._closed:
+                        tmp.unlink(missing_ok=True)
+                    else:
+                        link_once(tmp, path)
                 if self._closed:
                     return
-                init = self._init_for(avcc, index)
-                for part, data in segments:
-                    write_once(self.dir / part.name, data)
-                marker = {"chunk": index, "init": init, "parts": [
-                    {"name": p.name, "start": float(Fraction(p.start) / plan.fps),
-                     "duration": float(Fraction(p.frames) / plan.fps)} for p, _ in segments]}
-                write_once(self.dir / f"{index:05d}.json", json.dumps(marker).encode())
             with self._cond:
                 self.next_chunk = index + 1
                 self._cond.notify_all()
 
-    def _init_for(self, avcc: bytes, index: int) -> str:
+    def _init_for(self, track: AacTrack, timeline: Timeline, avcc: bytes, index: int) -> str:
         """The init segment for a chunk with this avcC: init.mp4 when it is the same as the first
-        chunk's (or this is the first), else its own `init-<chunk>.mp4` (EXT-X-MAP before it)."""
-        track = self.track
+        chunk's (or this is the first), else its own `init-<chunk>.mp4` (EXT-X-MAP before it).
+        Written before the chunk's marker, so it exists once the chunk is listed."""
         audio = fmp4.AudioTrack(track.sample_rate, track.channels, track.asc, track.bitrate)
-        video = fmp4.VideoTrack(self.plan.width, self.plan.height,
-                                Timeline.of(self.plan.fps, track.sample_rate, track.priming).timescale, avcc)
+        video = fmp4.VideoTrack(self.plan.width, self.plan.height, timeline.timescale, avcc)
         key = self.dir / "init.avcc"
         write_once(key, avcc)
         name = INIT_FILE if key.read_bytes() == avcc else f"init-{index:05d}.mp4"

@@ -150,6 +150,26 @@ def test_parts_cut_at_idr_frames_and_target_duration():
     assert [p.start for p in parts] == sorted(p.start for p in parts)
 
 
+def test_playlist_maps_each_init_and_ends():
+    from cluster.hls import render_playlist
+    from cluster.schemas import HlsIndex, HlsSegment, JobState
+
+    segs = [HlsSegment(index=i, name=f"0000{i}-000.m4s", start=i, duration=2.0, init=init)
+            for i, init in enumerate(["init.mp4", "init.mp4", "init-00002.mp4", "init.mp4"])]
+    text = render_playlist(HlsIndex(job_id="j", state=JobState.rendering, ended=False, target_duration=2,
+                                    segments=segs), "?token=1.ab")
+    lines = text.splitlines()
+    assert lines[:6] == ["#EXTM3U", "#EXT-X-VERSION:7", "#EXT-X-TARGETDURATION:2", "#EXT-X-MEDIA-SEQUENCE:0",
+                         "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    maps = [line for line in lines if line.startswith("#EXT-X-MAP")]
+    assert maps == ['#EXT-X-MAP:URI="init.mp4?token=1.ab"', '#EXT-X-MAP:URI="init-00002.mp4?token=1.ab"',
+                    '#EXT-X-MAP:URI="init.mp4?token=1.ab"']  # other SPS/PPS: their own init segment
+    assert "00003-000.m4s?token=1.ab" in lines and "#EXT-X-ENDLIST" not in text
+    ended = render_playlist(HlsIndex(job_id="j", state=JobState.failed, ended=True, target_duration=2,
+                                     segments=segs[:1]))
+    assert ended.rstrip().endswith("#EXT-X-ENDLIST") and ended.count("#EXTINF") == 1
+
+
 def test_watch_signatures():
     from cluster.hls import check_watch, sign_watch, watch_key
 
@@ -271,7 +291,9 @@ def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
             for url in (path, path.replace("index.m3u8", "init.mp4")):
                 r = anon.get(url, params={"token": bad})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "auth.invalid_signature", r.text
-        assert anon.get(watch).status_code == 200
+        own = anon.get(watch, headers={"Origin": service.url})  # CORS: the service's own page only
+        assert own.status_code == 200 and own.headers["access-control-allow-origin"] == service.url
+        assert "access-control-allow-origin" not in anon.get(watch, headers={"Origin": "https://evil.example"}).headers
         assert http.get("/v1/jobs/no-such-job/hls/index.m3u8").status_code == 404
         assert http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s").status_code == 404  # not published
         assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404
@@ -317,3 +339,18 @@ def test_sse_segments_only_when_asked_and_the_sdk(service, hls_media):
         assert kinds.count("segment") == len(segments) and kinds[-1] == "status"
         assert json.loads(httpx.get(f"{service.url}/v1/jobs/{job_id}", headers=headers,
                                     trust_env=False).text)["watch_url"]
+
+
+@pytest.mark.service
+def test_cli_submit_watch_prints_the_url_once_a_segment_exists(service, hls_media):
+    import os
+    import sys
+
+    env = {**os.environ, "LIPSYNC_URL": service.url, "LIPSYNC_API_TOKEN": service.token}
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", hls_media["audio"], hls_media["video"],
+                        "--model", "latency:20", "--watch"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    url = r.stdout.strip()
+    assert url.startswith(service.url + "/v1/jobs/") and "/hls/index.m3u8?token=" in url, r.stdout
+    playlist = httpx.get(url, trust_env=False)  # no header: the signed URL
+    assert playlist.status_code == 200 and "#EXTINF" in playlist.text

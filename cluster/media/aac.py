@@ -45,7 +45,14 @@ class AacTrack:
         self.priming = FRAME
         self.done = False
         self.error: Exception | None = None
+        self._stopped = False
         self._cond = threading.Condition()
+
+    def stop(self) -> None:
+        """Stop an `encode` in progress (the job ended): it returns soon, unfinished."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
     # --- producing ---------------------------------------------------------------------------
     def encode(self) -> "AacTrack":
@@ -101,6 +108,8 @@ class AacTrack:
                         self._cond.notify_all()
 
             for frame in inp.decode(stream):
+                if self._stopped:
+                    return
                 for part in resampler.resample(frame):
                     feed(part)
                 if fed >= total:
@@ -125,6 +134,8 @@ class AacTrack:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self.done and self.error is None and not (self.packets and self.packets[-1][0] >= sample):
+                if self._stopped:
+                    raise EncodeError(f"AAC encoding of {self.audio_path} was stopped", stage="encode")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise EncodeError(f"AAC encoding of {self.audio_path} did not reach sample {sample} within "
