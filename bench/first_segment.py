@@ -147,7 +147,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     try:
         for m in models:
             spec = model_spec(m)
-            warm = make_inputs(lengths[0], size, template_s)
+            warm = make_inputs(min(lengths[0], 10.0), size, template_s)
             service.warm.render(warm.audio, warm.video, spec, str(work / "prepare.mp4"))  # model + avatar ready
             with open(warm.video, "rb") as f:
                 avatar = service.http.post("/v1/avatars", files={"video": ("face.mp4", f)})
