@@ -161,9 +161,17 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         assert mse_codec_string(out.read_bytes()) == codecs  # the stream and the file hold the same packets
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
 
-        # the recent jobs list shows it with its state; nothing is wider than a phone
+        # the jobs list shows it with its state, on the first page or behind "Older jobs" (the order is
+        # the server's); nothing is wider than a phone
         page.click("[data-tab=jobs]")
         row = page.locator(".job-row", has_text=job_id)
+        deadline = time.monotonic() + 30
+        while not row.count():
+            assert time.monotonic() < deadline, f"job {job_id} is not in the page's jobs list"
+            more = page.locator("#jobs-more")
+            if more.is_visible():
+                more.click()
+            time.sleep(0.3)
         row.locator(".s-succeeded").wait_for(timeout=10_000)
         page.set_viewport_size({"width": 360, "height": 740})
         for tab in ("jobs", "render", "avatars"):
