@@ -15,7 +15,7 @@ BENCHMARKS = {
     "classic": "bench.classic",          # 1. against the classic single-process pipeline
     "floor": "bench.floor",              # 2. end to end against the sum of the stages alone
     "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
-    "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
+    "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first frame played over HLS
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
     "throughput": "bench.throughput",    # 6. a node's frames/s vs N classic pipelines side by side (issue 19)
 }

@@ -77,7 +77,12 @@ def targets_rows() -> list[list[str]]:
     add("peak memory, 5 min vs 30 s (one-shot, PSS)", "<= 1.2x", growth, None if growth is None else growth <= 1.2)
 
     first = _load("first_segment")
-    if first:
+    if first and "runs" in first["figures"]:  # submit -> ffmpeg's first frame over HLS (issue 20)
+        for r in first["figures"]["runs"]:
+            v = r["median_first_frame_s"]
+            add(f"first frame over HLS, prepared avatar, warm service ({r['model']}, {r['speech_s']:g} s speech)",
+                "<= 1 s", v, v <= 1.0, unit=" s")
+    elif first:  # results of the earlier benchmark: submit -> first chunk done
         for model, r in first["figures"]["models"].items():
             v = r["median_first_segment_s"]
             add(f"first segment, prepared avatar, warm service ({model})", "<= 1 s", v, v <= 1.0, unit=" s")

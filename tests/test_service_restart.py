@@ -66,6 +66,12 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         c.wait("c-done", timeout=180)
         done_before = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
         assert done_before["data"]["status"] == 2, done_before
+        # its HLS stream (every job has one, /easy too): the signed URL, the playlist and its segments
+        watch = svc.url + c.get("c-done").watch_url
+        hls_before = httpx.get(watch, timeout=30).text
+        assert "#EXT-X-ENDLIST" in hls_before and "#EXTINF" in hls_before
+        segments_before = {line: httpx.get(watch.replace("index.m3u8?", line.split("?")[0] + "?"), timeout=30).content
+                           for line in hls_before.splitlines() if line and not line.startswith("#")}
         job = c.submit(audio, video, id="durable-1", callback_url=good.url)
         # the queue holds one unfinished job: the next submission is refused with 429 + Retry-After
         r = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video},
@@ -86,11 +92,24 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         c2 = Client(svc.url, token=svc.token, retries=8)
         after = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
         assert after == done_before
+        # after the restart the same signed URL plays the same stream, byte for byte
+        assert httpx.get(watch, timeout=30).text == hls_before
+        for line, data in segments_before.items():
+            assert httpx.get(watch.replace("index.m3u8?", line.split("?")[0] + "?"), timeout=30).content == data
         assert c2.get("c-done").state.value == "succeeded"
         view = c2.wait("durable-1", timeout=240)
         assert view.state.value == "succeeded", view
         out = c2.download("durable-1", tmp_path_factory.mktemp("out") / "durable.mp4")
         verify_mp4(out, seconds)
+        # killed mid-render and resumed: its HLS stream still decodes to the final mp4, frame for frame
+        from tests.test_hls import decode_video
+
+        names = [line for line in httpx.get(f"{svc.url}/v1/jobs/durable-1/hls/index.m3u8", headers=hdr,
+                                            timeout=30).text.splitlines() if line and not line.startswith("#")]
+        whole = out.with_name("durable-hls.mp4")
+        whole.write_bytes(b"".join(httpx.get(f"{svc.url}/v1/jobs/durable-1/hls/{n}", headers=hdr, timeout=30).content
+                                   for n in ["init.mp4", *names]))
+        assert decode_video(str(whole)) == decode_video(str(out))
         # the callback (registered before the kill) is delivered once, signed with the API token
         wait_for = time.monotonic() + 30
         while not good.posts and time.monotonic() < wait_for:

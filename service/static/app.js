@@ -1,0 +1,649 @@
+// The lipsync web page: plain JavaScript, no build step. It talks to this server's /v1 API only.
+//
+// - Every API call carries `Authorization: Bearer <token>` when a token was typed; the token is kept
+//   in this tab's sessionStorage. The server's 401 is what asks for it.
+// - Errors are shown as the API's own message ({"error": {"code", "message", "field"}}).
+// - A job is followed over its Server-Sent Events (read with fetch: EventSource cannot send a header),
+//   with GET /v1/jobs/{id} as the fallback, and played while it renders from its `watch_url` (HLS:
+//   hls.js where Media Source Extensions exist, the browser's own HLS in Safari).
+// - Tabs: a `<button data-tab="x">` in the tab bar shows `<section data-panel="x">`. A later tab adds
+//   one of each and may use `window.lipsync` (api, apiJson, upload, showError, onTabShown).
+"use strict";
+
+const TOKEN_KEY = "lipsync.token";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const $ = (id) => document.getElementById(id);
+
+// --- API ------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, code, message, field) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.field = field || null;
+  }
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function authHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  const value = token();
+  if (value) headers.Authorization = "Bearer " + value;
+  return headers;
+}
+
+function errorFromBody(status, statusText, text) {
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch (_) {
+    body = null;
+  }
+  const detail = body && body.error;
+  if (detail && typeof detail.message === "string") {
+    return new ApiError(status, detail.code, detail.message, detail.field);
+  }
+  return new ApiError(status, "http." + status, ("The server answered " + status + " " + (statusText || "")).trim(), null);
+}
+
+async function api(path, options) {
+  options = options || {};
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, { headers: authHeaders(options.headers) }));
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, "network", "Could not reach the server (" + err.message + ")", null);
+  }
+  if (!response.ok) {
+    const error = errorFromBody(response.status, response.statusText, await response.text());
+    if (response.status === 401) askForToken(error);
+    throw error;
+  }
+  return response;
+}
+
+async function apiJson(path, options) {
+  return (await api(path, options)).json();
+}
+
+// A multipart POST with upload progress (fetch reports none): resolves to the JSON answer.
+function upload(path, formData, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    const headers = authHeaders();
+    for (const name of Object.keys(headers)) xhr.setRequestHeader(name, headers[name]);
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable && onProgress) onProgress(e.loaded / e.total);
+    };
+    xhr.onload = () => {
+      if (xhr.status >= 200 && xhr.status < 300) {
+        try {
+          resolve(JSON.parse(xhr.responseText));
+        } catch (_) {
+          reject(new ApiError(xhr.status, "http.body", "The server's answer could not be read", null));
+        }
+        return;
+      }
+      const error = errorFromBody(xhr.status, xhr.statusText, xhr.responseText);
+      if (xhr.status === 401) askForToken(error);
+      reject(error);
+    };
+    xhr.onerror = () => reject(new ApiError(0, "network", "Could not reach the server (the upload was interrupted)", null));
+    xhr.send(formData);
+  });
+}
+
+// --- messages -------------------------------------------------------------------------------
+function showError(element, error) {
+  if (!error) {
+    element.hidden = true;
+    element.textContent = "";
+    return;
+  }
+  element.textContent = "";
+  const message = error.message || String(error);
+  element.append(error.field ? error.field + ": " + message : message);
+  if (error.code && error.code !== "network") {
+    const code = document.createElement("span");
+    code.className = "code";
+    code.textContent = error.code;
+    element.append(" ", code);
+  }
+  element.hidden = false;
+}
+
+function seconds(value) {
+  if (value === null || value === undefined || !isFinite(value)) return "";
+  if (value < 60) return value.toFixed(1) + " s";
+  const m = Math.floor(value / 60);
+  return m + " min " + Math.round(value - 60 * m) + " s";
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// --- token ----------------------------------------------------------------------------------
+function askForToken(error) {
+  const hadToken = !!token();
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("token-state").hidden = true;
+  $("token-form").hidden = false;
+  // several calls may answer 401 for one wrong token: only the first still had it
+  if (hadToken) showError($("token-error"), new ApiError(401, error.code, "The server did not accept this token.", null));
+  $("token-input").focus();
+}
+
+function tokenChanged() {
+  $("token-state").hidden = !token();
+  loadAvatars();
+  loadJobs(false);
+  if (current) followJob(current);
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const value = $("token-input").value.trim();
+  if (!value) return;
+  sessionStorage.setItem(TOKEN_KEY, value);
+  showError($("token-error"), null);
+  $("token-input").value = "";
+  $("token-form").hidden = true;
+  tokenChanged();
+});
+
+$("token-forget").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  tokenChanged();
+});
+
+// --- tabs -----------------------------------------------------------------------------------
+const tabListeners = {};
+
+function onTabShown(name, listener) {
+  (tabListeners[name] = tabListeners[name] || []).push(listener);
+}
+
+function showTab(name) {
+  for (const button of document.querySelectorAll("[data-tab]")) {
+    button.setAttribute("aria-selected", String(button.dataset.tab === name));
+  }
+  for (const panel of document.querySelectorAll("[data-panel]")) {
+    panel.hidden = panel.dataset.panel !== name;
+  }
+  for (const listener of tabListeners[name] || []) listener();
+}
+
+document.querySelector(".tabs").addEventListener("click", (e) => {
+  const button = e.target.closest("[data-tab]");
+  if (button) showTab(button.dataset.tab);
+});
+
+// --- submit ---------------------------------------------------------------------------------
+function templateChoice() {
+  return document.querySelector("input[name=template]:checked").value;
+}
+
+function showTemplateChoice() {
+  const avatar = templateChoice() === "avatar";
+  $("template-video").hidden = avatar;
+  $("template-avatar").hidden = !avatar;
+}
+
+for (const radio of document.querySelectorAll("input[name=template]")) {
+  radio.addEventListener("change", showTemplateChoice);
+}
+
+function markInvalid(field) {
+  for (const el of document.querySelectorAll("#submit-form .invalid")) el.classList.remove("invalid");
+  const byField = { audio: "audio", video: "video", avatar_id: "avatar-select", sync_mode: "sync-mode", model: "model" };
+  if (field === "model") $("model").closest("details").open = true;
+  if (field && byField[field]) $(byField[field]).classList.add("invalid");
+}
+
+$("submit-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const error = $("submit-error");
+  showError(error, null);
+  markInvalid(null);
+  const form = new FormData();
+  const audio = $("audio").files[0];
+  if (!audio) return showError(error, new ApiError(0, null, "Choose a speech audio file.", "audio"));
+  form.append("audio", audio, audio.name);
+  if (templateChoice() === "video") {
+    const video = $("video").files[0];
+    if (!video) {
+      markInvalid("video");
+      return showError(error, new ApiError(0, null, "Choose a template video (or a prepared avatar).", "video"));
+    }
+    form.append("video", video, video.name);
+  } else {
+    const avatar = $("avatar-select").value;
+    if (!avatar) {
+      markInvalid("avatar_id");
+      return showError(error, new ApiError(0, null, "Choose a prepared avatar (or a template video).", "avatar_id"));
+    }
+    form.append("avatar_id", avatar);
+  }
+  form.append("sync_mode", $("sync-mode").value);
+  const model = $("model").value.trim();
+  if (model) form.append("model", model);
+
+  const button = $("submit-button");
+  const bar = $("upload-progress");
+  button.disabled = true;
+  button.textContent = "Uploading…";
+  bar.value = 0;
+  bar.hidden = false;
+  try {
+    const accepted = await upload("/v1/jobs", form, (fraction) => {
+      bar.value = fraction;
+      if (fraction >= 1) button.textContent = "Checking the files…";
+    });
+    openJob(accepted.id);
+    loadJobs(false);
+  } catch (err) {
+    markInvalid(err.field);
+    showError(error, err);
+  } finally {
+    button.disabled = false;
+    button.textContent = "Render";
+    bar.hidden = true;
+  }
+});
+
+// --- one job: progress, player, download ---------------------------------------------------
+let current = null; // {id, view, controller, hls, playerStarted}
+
+function openJob(id) {
+  closeJob();
+  current = { id: id, view: null, controller: null, hls: null, playerStarted: false };
+  history.replaceState(null, "", "#job=" + encodeURIComponent(id));
+  $("job-card").hidden = false;
+  $("job-id").textContent = id;
+  $("job-state").textContent = "";
+  $("job-state").className = "state";
+  $("job-progress").value = 0;
+  $("job-detail").textContent = "";
+  showError($("job-error"), null);
+  $("download-button").disabled = true;
+  $("cancel-button").hidden = true;
+  $("player-note").hidden = true;
+  showTab("render");
+  $("job-card").scrollIntoView({ block: "nearest" });
+  followJob(current);
+}
+
+function closeJob() {
+  if (!current) return;
+  current.closed = true;
+  if (current.controller) current.controller.abort();
+  if (current.hls) current.hls.destroy();
+  const video = $("player");
+  video.pause();
+  video.removeAttribute("src");
+  video.load();
+  video.hidden = true;
+  current = null;
+}
+
+// Reads a text/event-stream body and calls onView for each `status` event (a job view).
+async function readEvents(response, onView) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer = (buffer + value).replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+      }
+      if (data.length && (event === "status" || event === "message")) onView(JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+async function followJob(job) {
+  if (job.controller) job.controller.abort();
+  const controller = new AbortController();
+  job.controller = controller;
+  const path = "/v1/jobs/" + encodeURIComponent(job.id);
+  let failures = 0;
+  while (!job.closed && job.controller === controller) {
+    try {
+      const response = await api(path + "/events", { signal: controller.signal, headers: { Accept: "text/event-stream" } });
+      await readEvents(response, (view) => showJob(job, view));
+      // the stream ended: at a terminal state, or a proxy cut it; read the view to know which
+      showJob(job, await apiJson(path, { signal: controller.signal }));
+      failures = 0;
+    } catch (err) {
+      if (err.name === "AbortError" || job.closed) return;
+      if (err.status === 401 || err.status === 404) {
+        showError($("job-error"), err);
+        return;
+      }
+      failures += 1;
+      $("job-detail").textContent = "Lost contact with the server, retrying… (" + err.message + ")";
+    }
+    if (job.view && TERMINAL.has(job.view.state)) return;
+    await sleep(Math.min(5000, 500 * 2 ** Math.min(failures, 4)));
+  }
+}
+
+function showJob(job, view) {
+  if (job.closed) return;
+  job.view = view;
+  const state = $("job-state");
+  state.textContent = view.state;
+  state.className = "state s-" + view.state;
+  $("job-progress").value = view.progress;
+  const parts = [];
+  if (!TERMINAL.has(view.state)) parts.push(view.stage);
+  if (view.frames_total) parts.push(view.frames_done + " / " + view.frames_total + " frames");
+  if (view.output && view.output.duration) parts.push(seconds(view.output.duration) + " of video");
+  if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
+  $("job-detail").textContent = parts.join(" · ");
+  showError($("job-error"), view.error || null);
+  $("cancel-button").hidden = TERMINAL.has(view.state);
+  $("download-button").disabled = view.state !== "succeeded";
+  if (view.watch_url && !job.playerStarted && view.frames_done > 0) {
+    job.playerStarted = true;
+    whenStreamStarts(job, view.watch_url);
+  }
+  if (!view.watch_url && view.state === "succeeded" && !job.playerStarted) {
+    const note = $("player-note");
+    note.textContent = "This job has no stream to watch; download the mp4.";
+    note.hidden = false;
+  }
+}
+
+function tookSeconds(view) {
+  return (Date.parse(view.updated_at) - Date.parse(view.created_at)) / 1000;
+}
+
+function play(video) {
+  video.play().catch((err) => {
+    if (err.name !== "NotAllowedError") return;
+    // autoplay with sound refused (no click on this page yet): play muted, say so
+    video.muted = true;
+    video.play().catch(() => {});
+    const note = $("player-note");
+    note.textContent = "Playing muted (the browser blocks sound until you interact): unmute in the player.";
+    note.hidden = false;
+  });
+}
+
+// The player starts once the playlist lists a segment (an empty live playlist is an error to hls.js).
+// The watch URL is signed when the server has a token: no header is needed, nor sent.
+async function whenStreamStarts(job, url) {
+  let failures = 0;
+  while (!job.closed) {
+    try {
+      const response = await fetch(url, { cache: "no-store" });
+      const playlist = response.ok ? await response.text() : "";
+      if (playlist.includes("#EXTINF")) return startPlayer(job, url);
+      if (playlist.includes("#EXT-X-ENDLIST")) break; // ended with nothing published (or none kept)
+      if (response.status === 401 && job.view) url = job.view.watch_url; // expired: the newest view's URL
+      else if (!response.ok && ++failures > 20) break;
+    } catch (_) {
+      if (++failures > 20) break;
+    }
+    if (job.view && TERMINAL.has(job.view.state) && job.view.state !== "succeeded") return; // nothing to watch
+    await sleep(500);
+  }
+  if (!job.closed) {
+    const note = $("player-note");
+    note.textContent = job.view && job.view.state === "succeeded"
+      ? "This job has no stream to watch; download the mp4."
+      : "The stream could not be loaded; download the mp4 when the job is done.";
+    note.hidden = false;
+  }
+}
+
+function startPlayer(job, url) {
+  const video = $("player");
+  video.hidden = false;
+  if (window.Hls && window.Hls.isSupported()) {
+    // Start at the beginning even while the playlist is live (an EVENT playlist that grows).
+    const hls = new window.Hls({ startPosition: 0, liveDurationInfinity: false, backBufferLength: 30 });
+    job.hls = hls;
+    let retries = 0;
+    hls.on(window.Hls.Events.MANIFEST_PARSED, () => play(video));
+    hls.on(window.Hls.Events.ERROR, (_event, data) => {
+      if (!data.fatal || job.closed) return;
+      if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
+        hls.recoverMediaError();
+      } else if (retries < 5) {
+        retries += 1;
+        setTimeout(() => job.closed || hls.startLoad(), 1000 * retries);
+      } else {
+        const note = $("player-note");
+        note.textContent = "The stream could not be played (" + data.details + "); download the mp4 when the job is done.";
+        note.hidden = false;
+      }
+    });
+    hls.loadSource(url);
+    hls.attachMedia(video);
+  } else if (video.canPlayType("application/vnd.apple.mpegurl")) {
+    video.src = url; // Safari plays HLS itself
+    play(video);
+  } else {
+    video.hidden = true;
+    const note = $("player-note");
+    note.textContent = "This browser cannot play the stream while it renders; download the mp4 when the job is done.";
+    note.hidden = false;
+  }
+}
+
+$("download-button").addEventListener("click", async () => {
+  if (!current) return;
+  const job = current;
+  const button = $("download-button");
+  const path = "/v1/jobs/" + encodeURIComponent(job.id) + "/result";
+  const link = document.createElement("a");
+  link.download = job.id + ".mp4";
+  let objectUrl = null;
+  if (token()) {
+    // a link cannot carry the Authorization header: fetch the file, hand the browser a blob
+    button.disabled = true;
+    button.textContent = "Downloading…";
+    try {
+      objectUrl = URL.createObjectURL(await (await api(path)).blob());
+    } catch (err) {
+      showError($("job-error"), err);
+      return;
+    } finally {
+      button.disabled = false;
+      button.textContent = "Download mp4";
+    }
+    link.href = objectUrl;
+  } else {
+    link.href = path; // the browser's own download (Content-Disposition: attachment)
+  }
+  document.body.append(link);
+  link.click();
+  link.remove();
+  if (objectUrl) setTimeout(() => URL.revokeObjectURL(objectUrl), 60000);
+});
+
+$("cancel-button").addEventListener("click", async () => {
+  if (!current) return;
+  try {
+    showJob(current, await apiJson("/v1/jobs/" + encodeURIComponent(current.id), { method: "DELETE" }));
+  } catch (err) {
+    showError($("job-error"), err);
+  }
+});
+
+// --- recent jobs ----------------------------------------------------------------------------
+let jobsOffset = 0;
+
+async function loadJobs(append) {
+  const list = $("jobs-list");
+  const offset = append ? jobsOffset : 0;
+  let page;
+  try {
+    page = await apiJson("/v1/jobs?limit=20&offset=" + offset);
+  } catch (err) {
+    showError($("jobs-error"), err.status === 401 ? null : err); // a 401 asks for the token above
+    return;
+  }
+  showError($("jobs-error"), null);
+  if (!append) list.textContent = "";
+  for (const view of page.jobs) list.append(jobRow(view));
+  if (!list.children.length) {
+    const empty = document.createElement("li");
+    empty.className = "hint";
+    empty.textContent = "No jobs yet.";
+    list.append(empty);
+  }
+  jobsOffset = page.next_offset || 0;
+  $("jobs-more").hidden = page.next_offset === null || page.next_offset === undefined;
+}
+
+function jobRow(view) {
+  const row = document.createElement("li");
+  row.className = "job-row";
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "link";
+  open.textContent = view.id;
+  open.addEventListener("click", () => openJob(view.id));
+  const state = document.createElement("span");
+  state.className = "state s-" + view.state;
+  state.textContent = view.state;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const parts = [new Date(view.created_at).toLocaleString()];
+  if (view.output && view.output.duration) parts.push(seconds(view.output.duration) + " of video");
+  if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
+  else parts.push(Math.round(view.progress * 100) + " %");
+  meta.textContent = parts.join(" · ");
+  row.append(open, state, meta);
+  if (view.error) {
+    const error = document.createElement("p");
+    error.className = "error";
+    showError(error, view.error);
+    row.append(error);
+  }
+  return row;
+}
+
+$("jobs-refresh").addEventListener("click", () => loadJobs(false));
+$("jobs-more").addEventListener("click", () => loadJobs(true));
+onTabShown("jobs", () => loadJobs(false));
+
+// --- avatars --------------------------------------------------------------------------------
+async function loadAvatars() {
+  let avatars;
+  try {
+    avatars = await apiJson("/v1/avatars");
+  } catch (err) {
+    showError($("avatars-error"), err.status === 401 ? null : err);
+    return;
+  }
+  showError($("avatars-error"), null);
+  const select = $("avatar-select");
+  const chosen = select.value;
+  select.textContent = "";
+  const list = $("avatars-list");
+  list.textContent = "";
+  for (const avatar of avatars) {
+    const option = document.createElement("option");
+    option.value = avatar.id;
+    option.textContent = avatar.id + " (" + seconds(avatar.duration) + ")";
+    select.append(option);
+    list.append(avatarRow(avatar));
+  }
+  if (chosen) select.value = chosen;
+  $("avatar-empty").hidden = avatars.length > 0;
+  select.hidden = avatars.length === 0;
+  if (!avatars.length) {
+    const empty = document.createElement("li");
+    empty.className = "hint";
+    empty.textContent = "No prepared avatars yet.";
+    list.append(empty);
+  }
+}
+
+function avatarRow(avatar) {
+  const row = document.createElement("li");
+  row.className = "job-row";
+  const id = document.createElement("code");
+  id.textContent = avatar.id;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const parts = [avatar.frames + " frames"];
+  if (avatar.width && avatar.height) parts.push(avatar.width + "×" + avatar.height);
+  if (avatar.fps) parts.push(avatar.fps + " fps");
+  if (avatar.duration) parts.push(seconds(avatar.duration));
+  meta.textContent = parts.join(" · ");
+  const use = document.createElement("button");
+  use.type = "button";
+  use.textContent = "Use";
+  use.addEventListener("click", () => {
+    document.querySelector("input[name=template][value=avatar]").checked = true;
+    showTemplateChoice();
+    $("avatar-select").value = avatar.id;
+    showTab("render");
+  });
+  row.append(id, meta, use);
+  return row;
+}
+
+$("avatar-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const file = $("avatar-video").files[0];
+  const error = $("avatar-error");
+  const status = $("avatar-status");
+  showError(error, null);
+  if (!file) return showError(error, new ApiError(0, null, "Choose a template video.", "video"));
+  const form = new FormData();
+  form.append("video", file, file.name);
+  const button = $("avatar-button");
+  const bar = $("avatar-progress");
+  button.disabled = true;
+  bar.value = 0;
+  bar.hidden = false;
+  status.textContent = "Uploading…";
+  status.hidden = false;
+  try {
+    const avatar = await upload("/v1/avatars", form, (fraction) => {
+      bar.value = fraction;
+      if (fraction >= 1) status.textContent = "Preparing: finding and tracking the face in every frame…";
+    });
+    status.textContent = "Avatar " + avatar.id + " is ready (" + avatar.frames + " frames).";
+    $("avatar-video").value = "";
+    loadAvatars();
+  } catch (err) {
+    status.hidden = true;
+    showError(error, err);
+  } finally {
+    button.disabled = false;
+    bar.hidden = true;
+  }
+});
+
+onTabShown("avatars", loadAvatars);
+
+// --- start ----------------------------------------------------------------------------------
+window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, ApiError };
+
+$("token-state").hidden = !token();
+showTemplateChoice();
+loadAvatars();
+loadJobs(false);
+const opened = /^#job=(.+)$/.exec(location.hash);
+if (opened) openJob(decodeURIComponent(opened[1]));

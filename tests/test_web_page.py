@@ -1,0 +1,249 @@
+"""The web page (`GET /`) in a real browser: Debian's chromium driven by Playwright against the
+session's real `lipsync serve` (token on). One test: the page asks for the token, uploads two files
+for a job on a slowed model (the page's Model option set to `latency:<ms>`, so that playing before
+`succeeded` is no race on 2 cores), plays the job's stream while it renders, then downloads the mp4
+through its button.
+
+Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run` installs it) and the `playwright`
+package (the `dev` extra); it skips, saying which is missing, without them. Playwright launches the
+system chromium (`executable_path`, `--no-sandbox` when run as root): no browser download.
+The screenshot is left under `test-artifacts/` (or `$LIPSYNC_TEST_ARTIFACTS`).
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+
+from tests.helpers import wait_until
+
+MS_PER_FRAME = 60          # the slowed model: 150 frames (6 s) take >= 9 s of model time
+AUDIO_SECONDS = 6.0
+FPS = 25
+ARTIFACTS = Path(os.environ.get("LIPSYNC_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    """The system chromium, for Playwright (skips when it or playwright is absent). Session-scoped and
+    first in the test's arguments, so a skip comes before the session's service is started for it."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_executable):
+    """Debian's chromium under Playwright: the system binary, no browser download."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        chromium = p.chromium.launch(executable_path=chromium_executable, args=args)
+        yield chromium
+        chromium.close()
+
+
+def mse_codec_string(mp4: bytes) -> str:
+    """The `codecs` of an mp4 (or fMP4 init segment) as MSE names them, e.g. `avc1.64000d, mp4a.40.2`:
+    profile, constraints and level from the avcC record, the AAC object type from its
+    AudioSpecificConfig (the top 5 bits)."""
+    import av
+
+    with av.open(io.BytesIO(mp4)) as container:
+        video = container.streams.video[0].codec_context
+        audio = container.streams.audio[0].codec_context
+        avcc, asc = video.extradata, audio.extradata
+        assert video.name == "h264" and avcc and avcc[0] == 1, (video.name, avcc)
+        assert audio.name == "aac" and asc, (audio.name, asc)
+        return f"avc1.{avcc[1]:02x}{avcc[2]:02x}{avcc[3]:02x}, mp4a.40.{asc[0] >> 3}"
+
+
+def init_segment(http: httpx.Client, watch_url: str) -> bytes:
+    """The fMP4 init segment named by the playlist's first `#EXT-X-MAP` (what hls.js hands to MSE),
+    once the playlist lists a segment."""
+    def mapped():
+        playlist = http.get(watch_url)
+        assert playlist.status_code == 200, playlist.text
+        found = re.search(r'#EXT-X-MAP:URI="([^"]+)"', playlist.text)
+        return found and urljoin(str(playlist.url), found.group(1))
+
+    init = http.get(wait_until(mapped, 60, 0.2, "the first segment in the job's playlist"))
+    assert init.status_code == 200
+    return init.content
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable, service, browser, tmp_path):
+    from cluster.media.probe import count_video_frames, read_media_info
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(AUDIO_SECONDS, seed=5))
+    video = astronaut_template(str(tmp_path / "person.mp4"), seconds=2.0, fps=FPS, size=(320, 240))
+    frames = round(AUDIO_SECONDS * FPS)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"},
+                       timeout=30)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    try:
+        # the page is public; the API is not: the page asks for the token once
+        page.goto(service.url + "/")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#token-input", service.token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+
+        # a refused upload shows the API's message, not its JSON
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        error = page.locator("#submit-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "no video stream" in error.inner_text() and "{" not in error.inner_text(), error.inner_text()
+
+        # two files through the page's form
+        page.set_input_files("#video", video)
+        page.select_option("#sync-mode", "pingpong")
+        page.click("details.more summary")
+        page.fill("#model", f"latency:{MS_PER_FRAME}")
+        page.click("#submit-button")
+        page.locator("#job-card").wait_for(state="visible", timeout=60_000)
+        job_id = page.inner_text("#job-id").strip()
+
+        # the stream: Chromium's Media Source Extensions take what the server makes (a failure, not a skip)
+        watch_url = wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json().get("watch_url"), 30, 0.2,
+                               "the job's watch_url")
+        codecs = mse_codec_string(init_segment(api, watch_url))
+        assert page.evaluate(f"MediaSource.isTypeSupported('video/mp4; codecs=\"{codecs}\"')"), codecs
+
+        # the <video> plays while the job renders: currentTime advances, then the API still says rendering
+        playing: list[tuple[float, str]] = []
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            position = page.evaluate("document.getElementById('player').currentTime")
+            state = api.get(f"/v1/jobs/{job_id}").json()["state"]  # read after the position
+            playing.append((position, state))
+            if state == "succeeded" or position >= 1.0:
+                break
+            time.sleep(0.1)
+        before = [(pos, st) for pos, st in playing if st != "succeeded"]
+        assert before and before[-1][0] >= 1.0, f"the video did not play 1 s before the job succeeded: {playing}"
+        page.screenshot(path=str(ARTIFACTS / "web-page-playing.png"), full_page=True)
+
+        # once succeeded: the page says so and its download button hands over the mp4
+        page.locator("#job-state.s-succeeded").wait_for(timeout=60_000)
+        with page.expect_download(timeout=30_000) as download:
+            page.click("#download-button")
+        out = tmp_path / "downloaded.mp4"
+        download.value.save_as(out)
+        assert download.value.suggested_filename == f"{job_id}.mp4"
+        view = api.get(f"/v1/jobs/{job_id}").json()
+        assert view["frames_total"] == frames and out.stat().st_size == view["output"]["size"]
+        info = read_media_info(str(out))
+        assert info.video.codec == "h264" and (info.video.width, info.video.height) == (320, 240)
+        assert info.audio.codec == "aac" and abs(info.audio.duration - AUDIO_SECONDS) < 0.1, info.audio
+        assert count_video_frames(str(out)) == frames
+        assert mse_codec_string(out.read_bytes()) == codecs  # the stream and the file hold the same packets
+        page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+
+        # the jobs list shows it with its state, on the first page or behind "Older jobs" (the order is
+        # the server's); nothing is wider than a phone
+        page.click("[data-tab=jobs]")
+        row = page.locator(".job-row", has_text=job_id)
+        deadline = time.monotonic() + 30
+        while not row.count():
+            assert time.monotonic() < deadline, f"job {job_id} is not in the page's jobs list"
+            more = page.locator("#jobs-more")
+            if more.is_visible():
+                more.click()
+            time.sleep(0.3)
+        row.locator(".s-succeeded").wait_for(timeout=10_000)
+        page.set_viewport_size({"width": 360, "height": 740})
+        for tab in ("jobs", "render", "avatars"):
+            page.click(f"[data-tab={tab}]")
+            width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert width[0] <= width[1], (tab, width)
+        assert problems == []
+    finally:
+        page.close()
+        api.close()
+
+
+# --- without a browser: which routes are public, and how the page's files are served ----------------
+@pytest.fixture(scope="module")
+def app_client():
+    """The service's app (token set) in-process; no route here reaches the job manager."""
+    from fastapi.testclient import TestClient
+
+    from cluster.config import Settings
+    from service.app import create_app
+
+    with TestClient(create_app(Settings(api_token="secret"), gateway=None)) as client:
+        yield client
+
+
+def test_public_routes_are_exactly_the_page_its_files_the_api_docs_and_healthz(app_client):
+    from fastapi.routing import APIRoute
+    from starlette.routing import Mount
+
+    def routes(table):  # FastAPI >= 0.16x keeps an included router as one entry holding its routes
+        for route in table:
+            included = getattr(route, "original_router", None)
+            yield from routes(included.routes) if included is not None else [route]
+
+    public = set()
+    for route in routes(app_client.app.routes):
+        if isinstance(route, Mount):
+            probes = [("GET", route.path + "/app.js")]
+        elif isinstance(route, APIRoute) or hasattr(route, "methods"):
+            path = re.sub(r"\{[^}]+\}", "x", route.path)
+            probes = [(method, path) for method in sorted(route.methods)]
+        else:
+            continue
+        for method, path in probes:
+            if app_client.request(method, path).status_code != 401:
+                public.add(f"{method} {route.path}")
+    assert public == {"GET /", "HEAD /", "GET /static", "GET /healthz", "GET /openapi.json", "GET /docs",
+                      "HEAD /docs", "GET /docs/oauth2-redirect", "HEAD /docs/oauth2-redirect", "GET /redoc",
+                      "HEAD /redoc", "HEAD /openapi.json"}, sorted(public)
+
+
+def test_page_and_static_files_content_types_and_cache(app_client):
+    page = app_client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["cache-control"] == "no-cache"
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["referrer-policy"] == "no-referrer"
+    scripts = re.findall(r'<script src="([^"]+)"', page.text)
+    styles = re.findall(r'<link rel="stylesheet" href="([^"]+)"', page.text)
+    assert scripts == ["/static/vendor/hls.js-1.7.4/hls.light.min.js", "/static/app.js"]
+    assert styles == ["/static/style.css"]
+    for url in scripts + styles:
+        r = app_client.get(url)
+        assert r.status_code == 200 and len(r.content) > 1000, url
+        kind = "text/javascript" if url.endswith(".js") else "text/css"
+        assert r.headers["content-type"] == f"{kind}; charset=utf-8", url
+        assert r.headers["x-content-type-options"] == "nosniff"
+        cache = "public, max-age=31536000, immutable" if "/vendor/" in url else "no-cache"
+        assert r.headers["cache-control"] == cache, url
+        again = app_client.get(url, headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304, url
+    assert app_client.get("/static/vendor/hls.js-1.7.4/LICENSE").text.startswith("Copyright (c) 2017 Dailymotion")
+    for missing in ("/static/nope.js", "/static/..%2f..%2fapp.py", "/static/../routers/web.py"):
+        r = app_client.get(missing)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (missing, r.text)
