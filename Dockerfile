@@ -25,6 +25,7 @@ WORKDIR /app
 COPY pyproject.toml README.md serve_app.py ./
 COPY cluster ./cluster
 COPY actors ./actors
+COPY service ./service
 RUN pip install -e .
 RUN useradd --create-home --uid 1000 ray && mkdir -p /data/lipsync && chown -R 1000:1000 /data
 USER 1000
@@ -38,6 +39,7 @@ WORKDIR /app
 COPY pyproject.toml README.md serve_app.py ./
 COPY cluster ./cluster
 COPY actors ./actors
+COPY service ./service
 RUN pip install -e .
 RUN (id -u 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 ray) \
  && mkdir -p /data/lipsync && chown -R 1000:1000 /data

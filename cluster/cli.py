@@ -177,7 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
               f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
         return 2
-    from actors.service_support import start_service, stop_service
+    from service.launch import start_service, stop_service
 
     stop = threading.Event()
 

@@ -50,7 +50,7 @@ def test_each_image_installs_exactly_as_the_readme_says():
         installs = [ins[len("RUN "):] for ins in stages[target] if ins.startswith("RUN ") and "pip install" in ins]
         assert [_normalise(cmd) for cmd in installs] == [readme_install()], (target, installs)
         copies = " ".join(ins for ins in stages[target] if ins.startswith("COPY "))
-        for needed in ("pyproject.toml", "README.md", "cluster", "actors", "serve_app.py"):
+        for needed in ("pyproject.toml", "README.md", "cluster", "actors", "service", "serve_app.py"):
             assert needed in copies, (target, needed)  # the editable install needs the sources first
         assert any(ins.startswith("ENV ") and "PYTHONPATH=/app" in ins for ins in stages[target])
 

@@ -308,7 +308,8 @@ def test_operations_doc_explains_every_metric_and_failure_code():
     doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
     missing = [m.exported for m in METRICS.values() if f"`{m.exported}`" not in doc]
     assert not missing, f"docs/OPERATIONS.md, Metrics: add {missing}"
-    sources = [*(ROOT / "cluster").rglob("*.py"), *(ROOT / "actors").glob("*.py"), *ROOT.glob("serve_app.py")]
+    sources = [*(ROOT / "cluster").rglob("*.py"), *(ROOT / "actors").glob("*.py"), *(ROOT / "service").rglob("*.py"),
+               *ROOT.glob("serve_app.py")]
     codes = {code for path in sources  # every typed error's class-level code
              for code in re.findall(r'^\s+code = "([a-z_]+\.[a-z_.]+|cancelled)"', path.read_text(), flags=re.M)}
     assert len(codes) > 15

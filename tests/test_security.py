@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*REPO.glob("cluster/**/*.py"), *REPO.glob("actors/**/*.py"), *REPO.glob("serve_app.py")])
+SOURCES = sorted([*REPO.glob("cluster/**/*.py"), *REPO.glob("actors/**/*.py"), *REPO.glob("service/**/*.py"),
+                  *REPO.glob("serve_app.py")])
 #: Files whose ffmpeg inputs are only files they created themselves (the test/demo synthesiser).
 OWN_FILES_ONLY = {"cluster/synth.py"}
 

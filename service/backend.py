@@ -1,0 +1,248 @@
+"""What the routers share: admission, staging inputs, submitting a job, callbacks, streaming a
+result, and the compatibility API's files. `Backend` wraps the job manager's async handle
+(`actors.service_support.ManagerGateway`); one lives on `app.state.backend` (`get_backend`)."""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from cluster.config import Settings
+from cluster.errors import LipsyncError
+from cluster.netguard import download, is_url
+from cluster.render import new_job_id
+from cluster.schemas import JobState, JobStatus, RenderRequest
+from service.errors import ApiProblem, QueueFull
+
+SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
+                "remap": "remap"}
+
+
+def get_backend(request: Request) -> "Backend":
+    """The dependency routes declare: `backend: Backend = Depends(get_backend)`."""
+    return request.app.state.backend
+
+
+class Backend:
+    """The routes' shared logic on `gateway`, the job manager's async handle."""
+
+    def __init__(self, settings: Settings, gateway) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.tmp_root = Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}"
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        self._compat_progress: OrderedDict[str, int] = OrderedDict()
+
+    # admission ---------------------------------------------------------------------------------
+    async def admit_or_429(self) -> None:
+        n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
+        if n >= self.settings.max_queued_jobs:
+            raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
+                            f"{self.settings.max_queued_jobs}); retry later")
+
+    def tmpdir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))
+
+    async def stage_input(self, value: str, field: str, tmpdir: Path) -> str:
+        """A URL (downloaded under the address guard), an upload of this ingress, or a server path:
+        what the job manager's `submit` takes."""
+        if is_url(value):
+            dest = tmpdir / f"{field}-url{_suffix_of(value)}"
+            settings = self.settings
+            await asyncio.to_thread(download, value, dest, max_bytes=settings.max_upload_bytes,
+                                    timeout_s=settings.url_timeout_s, max_redirects=settings.url_max_redirects,
+                                    allow_private=settings.allow_private_urls, field=field)
+            return await self.gateway.upload(dest, dest.name)
+        compat_upload = self.compat_upload_path(value)
+        if compat_upload is not None:
+            return await self.gateway.upload(compat_upload, compat_upload.name)
+        # A server path: the job manager resolves it against the input roots on its own node
+        # (cluster.inputs.resolve_input_path: symlinks and '..' first, then the roots).
+        return value
+
+    def resolve_model(self, model: str | None) -> str | None:
+        if model is None or model.startswith("builtin"):
+            return model
+        path = self.settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx")
+        return str(path)
+
+    async def create_job(self, job_id: str | None, audio: str | Path, video: str | Path | None,
+                         avatar_id: str | None, sync_mode: str, model: str | None, tmpdir: Path,
+                         staged: dict[str, str] | None = None, crf: int | None = None,
+                         sources: dict[str, str] | None = None) -> JobStatus:
+        if sync_mode not in SYNC_TO_LOOP:
+            raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
+                             f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
+        if video is None and avatar_id is None:
+            raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
+        staged = dict(staged or {})
+        if "audio" not in staged:
+            staged["audio"] = await self.stage_input(str(audio), "audio", tmpdir)
+        if video is not None and "video" not in staged:
+            staged["video"] = await self.stage_input(str(video), "video", tmpdir)
+        request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
+                                model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf,
+                                sources=dict(sources or {}))
+        return await self.gateway.submit(job_id or new_job_id(), request)
+
+    # callbacks -------------------------------------------------------------------------------------
+    async def check_callback(self, url: str | None) -> None:
+        """Refuse a callback URL the address guard would refuse at delivery (400, field callback_url)."""
+        if url is None:
+            return
+        from cluster.netguard import check_url
+
+        await asyncio.to_thread(check_url, url, allow_private=self.settings.allow_private_urls, field="callback_url")
+
+    async def register_callback(self, job_id: str, url: str | None) -> None:
+        if url is None:
+            return
+        await self.sidecar("register", job_id, url)
+
+    async def sidecar(self, method: str, *args, timeout: float | None = None):
+        """Await one method of the service sidecar (callbacks, avatars); typed errors come back as
+        themselves, no answer in time as ManagerUnavailable (503)."""
+        from actors import task_cause
+        from actors.service_support import ManagerUnavailable, service_sidecar
+
+        ref = getattr(service_sidecar(self.settings), method).remote(*args)
+        try:
+            return await asyncio.wait_for(ref, timeout=timeout or self.settings.actor_call_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
+        except Exception as e:
+            cause = task_cause(e)
+            if isinstance(cause, LipsyncError):
+                raise cause from None
+            raise
+
+    # results ------------------------------------------------------------------------------------
+    async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:
+        st = await self.gateway.get(job_id)
+        if st.state != JobState.succeeded:
+            raise ApiProblem(409, "job.not_ready", f"job {job_id} is {st.state.value}; its result exists once "
+                             f"it has succeeded", None)
+        size = st.output_bytes
+        if size is None:
+            raise ApiProblem(500, "output.missing", f"job {job_id} reports no output size", None)
+        return st, size
+
+    async def stream_output(self, job_id: str, start: int, stop: int) -> AsyncIterator[bytes]:
+        part = min(self.settings.transfer_part_bytes, 1 << 20)
+        pos = start
+        while pos < stop:
+            data = await self.gateway.read_output(job_id, pos, min(part, stop - pos))
+            if not data:
+                raise RuntimeError(f"job {job_id}: output ended at byte {pos}, expected {stop}")
+            pos += len(data)
+            yield data
+
+    async def result_response(self, request: Request, job_id: str, filename: str | None = None) -> Response:
+        st, size = await self.succeeded(job_id)
+        etag = f'"{job_id}-{size}-{int(st.updated_at.timestamp())}"'
+        headers = {"Accept-Ranges": "bytes", "ETag": etag,
+                   "Content-Disposition": f'attachment; filename="{filename or job_id + ".mp4"}"'}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        start, stop, status = 0, size, 200
+        rng = request.headers.get("range")
+        if rng and (request.headers.get("if-range") in (None, etag)):
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            if m is None or (not m.group(1) and not m.group(2)):
+                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            if m.group(1):
+                start = int(m.group(1))
+                stop = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            else:
+                start, stop = max(0, size - int(m.group(2))), size
+            if start >= size or stop <= start:
+                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        headers["Content-Length"] = str(stop - start)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers, media_type="video/mp4")
+        return StreamingResponse(self.stream_output(job_id, start, stop), status_code=status, headers=headers,
+                                 media_type="video/mp4")
+
+    # compat -------------------------------------------------------------------------------------
+    def upload_dir(self) -> Path:
+        base = self.settings.compat_data_dir or (self.tmp_root / "compat")
+        d = Path(base) / "upload"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def compat_upload_path(self, value: str) -> Path | None:
+        """A file `POST /upload` stored (and only such a file), else None."""
+        d = self.upload_dir().resolve()
+        try:
+            p = Path(os.path.realpath(value))
+        except (OSError, ValueError):
+            return None
+        if p.parent == d and re.fullmatch(r"[0-9a-f]{32}\.[A-Za-z0-9]{1,8}|[0-9a-f]{32}", p.name) and p.is_file():
+            return p
+        return None
+
+    def compat_result_path(self, code: str) -> str:
+        if self.settings.compat_data_dir is not None:
+            return str(Path(self.settings.compat_data_dir) / "temp" / f"{code}-r.mp4")
+        return f"/temp/{code}-r.mp4"
+
+    async def publish_compat(self, code: str, size: int) -> None:
+        """Copy the verified output to <compat_data_dir>/temp/<code>-r.mp4 (atomically, checked length)."""
+        from cluster.fsutil import atomic_writer
+
+        dest = Path(self.settings.compat_data_dir) / "temp" / f"{code}-r.mp4"
+        if dest.is_file() and dest.stat().st_size == size:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with atomic_writer(dest) as f:
+            async for data in self.stream_output(code, 0, size):
+                await asyncio.to_thread(f.write, data)
+                written += len(data)
+            if written != size:
+                raise RuntimeError(f"published {written} bytes of {size}")
+
+    def forget_compat_progress(self, code: str) -> None:
+        self._compat_progress.pop(code, None)
+
+    def compat_progress(self, st: JobStatus) -> int:
+        now = time.time()
+        age = max(0.0, now - st.updated_at.timestamp())
+        creep = 1 - math.exp(-age / 20.0)
+        if st.state == JobState.queued:
+            p = 1 + 3 * creep
+        elif st.state == JobState.preparing:
+            p = 5 + 9 * creep
+        elif st.state == JobState.rendering:
+            frac = (st.frames_done / st.frames_total) if st.frames_total else 0.0
+            p = 15 + 80 * frac
+        elif st.state == JobState.finalizing:
+            p = 95 + 4 * creep
+        else:
+            p = 0
+        p = min(99, int(p))
+        prev = self._compat_progress.get(st.id, 0)
+        p = max(p, prev)
+        self._compat_progress[st.id] = p
+        self._compat_progress.move_to_end(st.id)
+        while len(self._compat_progress) > 10000:
+            self._compat_progress.popitem(last=False)
+        return p
+
+
+def _suffix_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    suffix = Path(urlsplit(url).path).suffix.lower()
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix or "") else ""

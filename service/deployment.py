@@ -1,0 +1,40 @@
+"""The Ray Serve deployment of the service: `lipsync-ingress`, a FastAPI ingress built by
+`service.app.create_app` on the job manager's gateway. `serve_app.py` (the entry point that
+`serve run serve_app:app` and the RayService config name) exposes `build_app` and `app` from here."""
+from __future__ import annotations
+
+import logging
+
+from cluster.config import Settings
+
+
+def _deployment():
+    from ray import serve
+
+    @serve.deployment(name="lipsync-ingress", ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=200, health_check_period_s=10)
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, settings: dict | None = None) -> None:
+            from actors import metrics
+
+            logging.basicConfig(level=logging.INFO)
+            self.settings = Settings(**(settings or {}))
+            metrics.install("lipsync-ingress", self.settings.log_format)  # JSON logs with actor and node
+
+        def __serve_build_asgi_app__(self):
+            from actors.service_support import ManagerGateway
+            from service.app import create_app
+
+            return create_app(self.settings, ManagerGateway(self.settings))
+
+    return Ingress
+
+
+def build_app(args: dict | None = None):
+    """A Serve application; `args` override LIPSYNC_* settings (a Serve config's `args`)."""
+    settings = Settings(**(args or {}))
+    overrides = settings.model_dump(mode="json")  # replicas get exactly this process's settings
+    if settings.api_token is not None:
+        overrides["api_token"] = settings.api_token.get_secret_value()
+    return _deployment().options(num_replicas=settings.serve_replicas).bind(overrides)

@@ -1,0 +1,101 @@
+"""The API's error answers: `{"error": {"code", "message", "field"}}` for every route, and the
+HTTP status of each typed error (`cluster.errors`). The handlers are installed once, by the app."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.errors import LipsyncError
+
+log = logging.getLogger("lipsync.service")
+
+# The error bodies a route may answer, for the OpenAPI schema.
+ERROR_CODES = (400, 401, 404, 409, 413, 422, 429, 503)
+
+
+class ApiProblem(Exception):
+    """An HTTP error answer with the API's error body."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+class QueueFull(LipsyncError):
+    code = "service.busy"
+
+
+def http_status(err: LipsyncError) -> int:
+    code = err.code
+    if code == "input.too_large":
+        return 413
+    if code == "input.not_found" and err.path in ("audio", "video", "avatar_id"):
+        return 400
+    if code.startswith("input.") or code.startswith("model.invalid"):
+        return 400
+    if code in ("job.not_found", "avatar.not_found"):
+        return 404
+    if code in ("job.conflict", "job.not_ready", "job.not_succeeded"):
+        return 409
+    if code == "service.busy":
+        return 429
+    if code in ("service.unavailable", "render.timeout"):
+        return 503
+    return 500
+
+
+def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
+    """The request field an error is about: its own path when that names one, else the field whose
+    value the error mentions."""
+    if err.path in values or err.path in ("audio", "video", "avatar_id", "file", "body", "callback_url"):
+        return err.path
+    for name, value in values.items():
+        if value and (err.path == value or (value in err.message)):
+            return name
+    return None
+
+
+def error_response(status: int, code: str, message: str, field: str | None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
+                        headers=headers)
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Every route answers errors the same way: ApiProblem, typed errors, invalid requests and
+    unknown paths all get the API's error body."""
+
+    @app.exception_handler(ApiProblem)
+    async def _problem(request: Request, e: ApiProblem):
+        return error_response(e.status, e.code, e.message, e.field, e.headers)
+
+    @app.exception_handler(LipsyncError)
+    async def _lipsync(request: Request, e: LipsyncError):
+        status = http_status(e)
+        retry_after = request.app.state.settings.retry_after_s
+        headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
+        field = getattr(e, "field", None) or field_of(e, getattr(request.state, "inputs", {}))
+        if status >= 500:
+            log.error("%s %s: %s: %s", request.method, request.url.path, e.code, e.message)
+        return error_response(status, e.code, e.message, field, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
+        return error_response(422, "input.invalid", f"{'.'.join(loc) or 'request'}: {first.get('msg')}",
+                              ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return error_response(404, "not_found", f"no such path: {request.url.path}", None)
+        if e.status_code == 405:
+            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on "
+                                  f"{request.url.path}", None, dict(e.headers or {}))
+        return error_response(e.status_code, "http_error", str(e.detail), None, dict(e.headers or {}))

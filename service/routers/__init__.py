@@ -1,0 +1,1 @@
+"""One router per resource; `service.app.create_app` includes them."""

@@ -1,0 +1,65 @@
+"""`/v1/avatars`: prepare a template once (face track, crops), read and list prepared avatars."""
+from __future__ import annotations
+
+import shutil
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from cluster.errors import InputNotFound
+from cluster.schemas import ApiError, AvatarCreate, AvatarView
+from service.auth import require_token
+from service.backend import Backend, get_backend
+from service.errors import ERROR_CODES, ApiProblem
+from service.uploads import Upload
+
+router = APIRouter(prefix="/v1/avatars", tags=["avatars"], dependencies=[Depends(require_token)],
+                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+
+
+@router.post("", status_code=201, response_model=AvatarView,
+             summary="Prepare a template once (multipart `video` or JSON {video})",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": AvatarCreate.model_json_schema()},
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["video"], "properties": {
+                     "video": {"type": "string", "format": "binary"}}}}}}})
+async def create_avatar(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    settings = backend.settings
+    tmpdir = backend.tmpdir()
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            up = Upload(tmpdir, settings.max_upload_bytes)
+            await up.read(request)
+            if "video" not in up.files:
+                raise ApiProblem(422, "input.invalid", "multipart field 'video' (a file) is required", "video")
+            path, fname = up.files["video"]
+            ref = await backend.gateway.upload(path, fname)
+        else:
+            try:
+                body = AvatarCreate.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            request.state.inputs = {"video": body.video}
+            ref = await backend.stage_input(body.video, "video", tmpdir)
+            if not ref.startswith("upload:"):  # a server path: stored through the manager first
+                raise ApiProblem(422, "input.invalid", "avatars are prepared from an upload or a URL", "video")
+        summary = await backend.sidecar("prepare_avatar", ref, timeout=settings.chunk_timeout_s)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return JSONResponse(AvatarView(**summary).model_dump(mode="json"), status_code=201)
+
+
+@router.get("/{avatar_id}", response_model=AvatarView, summary="A prepared avatar")
+async def get_avatar(avatar_id: str, backend: Backend = Depends(get_backend)) -> AvatarView:
+    try:
+        return AvatarView(**await backend.sidecar("get_avatar", avatar_id))
+    except InputNotFound as e:
+        raise ApiProblem(404, "avatar.not_found", e.message, "avatar_id") from None
+
+
+@router.get("", response_model=list[AvatarView], summary="Prepared avatars")
+async def list_avatars(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                       backend: Backend = Depends(get_backend)) -> list[AvatarView]:
+    return [AvatarView(**a) for a in await backend.sidecar("list_avatars", limit, offset)]

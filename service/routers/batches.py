@@ -1,0 +1,72 @@
+"""`/v1/batches`: many audios against one video or avatar, one job each (`<batch>--000`, ...)."""
+from __future__ import annotations
+
+import shutil
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from cluster.errors import JobNotFound
+from cluster.render import new_job_id
+from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
+from cluster.views import job_view
+from service.auth import require_token
+from service.backend import Backend, get_backend
+from service.errors import ERROR_CODES, ApiProblem, QueueFull
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(require_token)],
+                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+
+
+@router.post("", status_code=202, response_model=BatchView, summary="Many audios against one video or avatar")
+async def create_batch(body: BatchCreate, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    settings = backend.settings
+    if len(body.audios) > settings.max_batch_jobs:
+        raise ApiProblem(422, "input.invalid", f"a batch carries at most {settings.max_batch_jobs} audios "
+                         f"(LIPSYNC_MAX_BATCH_JOBS), got {len(body.audios)}", "audios")
+    await backend.check_callback(body.callback_url)
+    n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
+    if n + len(body.audios) > settings.max_queued_jobs:
+        raise QueueFull(f"the job queue cannot take {len(body.audios)} more jobs ({n} unfinished, "
+                        f"LIPSYNC_MAX_QUEUED_JOBS={settings.max_queued_jobs}); retry later")
+    batch_id = body.id or new_job_id()
+    tmpdir = backend.tmpdir()
+    try:
+        staged = {}
+        if body.video is not None:
+            staged["video"] = await backend.stage_input(body.video, "video", tmpdir)
+        for i, audio in enumerate(body.audios):
+            st = await backend.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id,
+                                          body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
+            await backend.register_callback(st.id, body.callback_url)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    view = await batch_view(backend, batch_id, len(body.audios))
+    return JSONResponse(view.model_dump(mode="json"), status_code=202)
+
+
+@router.get("/{batch_id}", response_model=BatchView, summary="One status over a batch's jobs")
+async def get_batch(batch_id: str, backend: Backend = Depends(get_backend)) -> BatchView:
+    return await batch_view(backend, batch_id)
+
+
+async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> BatchView:
+    jobs = []
+    i = 0
+    while n is None or i < n:
+        try:
+            jobs.append(job_view(await backend.gateway.get(f"{batch_id}--{i:03d}")))
+        except JobNotFound:
+            break
+        i += 1
+    if not jobs:
+        raise JobNotFound(f"batch {batch_id} does not exist")
+    counts: dict[str, int] = {}
+    for j in jobs:
+        counts[j.state.value] = counts.get(j.state.value, 0) + 1
+    if all(j.state.terminal for j in jobs):
+        state = JobState.succeeded if all(j.state == JobState.succeeded for j in jobs) else JobState.failed
+    else:
+        state = JobState.rendering if any(j.state != JobState.queued for j in jobs) else JobState.queued
+    return BatchView(id=batch_id, state=state, progress=sum(j.progress for j in jobs) / len(jobs),
+                     counts=counts, jobs=jobs)

@@ -1,0 +1,132 @@
+"""The compatibility API of the HeyGem-style servers: `/easy/submit`, `/easy/query`, `/upload`, and
+the result files it publishes (`<compat_data_dir>/temp/<code>-r.mp4`, also served over HTTP).
+Answers are envelopes `{code, success, msg, data}`, never HTTP errors, as those clients expect."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from cluster.errors import InputTooLarge, JobNotFound, LipsyncError
+from cluster.schemas import JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
+from service.auth import require_token
+from service.backend import Backend, get_backend
+from service.errors import ApiProblem, QueueFull, error_response, http_status
+from service.uploads import Upload
+
+log = logging.getLogger("lipsync.service")
+
+router = APIRouter(tags=["compat"], dependencies=[Depends(require_token)])
+_ID_RE = re.compile(JOB_ID_PATTERN)
+
+
+def envelope(code: int, success: bool, msg: str, data: CompatData | None = None) -> JSONResponse:
+    return JSONResponse(CompatEnvelope(code=code, success=success, msg=msg, data=data).model_dump(mode="json"))
+
+
+@router.post("/easy/submit", response_model=CompatEnvelope, tags=["compat"],
+          summary="Compatibility: submit {audio_url, video_url, code, pn, ...}")
+async def easy_submit(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    try:
+        raw = json.loads(await request.body() or b"{}")
+        body = CompatSubmit.model_validate(raw)
+    except (ValueError, ValidationError) as e:
+        return envelope(10002, False, f"bad parameter: the body must be a JSON object: {str(e)[:300]}")
+    notes = []
+    for name in ("chaofen", "watermark_switch", "digital_auth"):
+        if str(getattr(body, name) or 0) not in ("0", ""):
+            notes.append(f"{name} is not supported and was ignored")
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        notes.append(f"unknown fields ignored: {', '.join(extra)}")
+    if not body.audio_url or not body.video_url:
+        return envelope(10002, False, "bad parameter: audio_url and video_url are required")
+    code = body.code or str(uuid.uuid4())
+    if not _ID_RE.fullmatch(code):
+        return envelope(10002, False, f"bad parameter: code must match {JOB_ID_PATTERN}")
+    pn = str(body.pn if body.pn is not None else 1)
+    if pn not in ("0", "1"):
+        return envelope(10002, False, "bad parameter: pn must be 1 (ping-pong) or 0 (forward loop)")
+    tmpdir = backend.tmpdir()
+    try:
+        await backend.admit_or_429()
+        await backend.create_job(code, body.audio_url, body.video_url, None, "pingpong" if pn == "1" else "loop",
+                             None, tmpdir)
+    except QueueFull as e:
+        return envelope(10001, True, f"busy: {e.message}")
+    except ApiProblem as e:
+        return envelope(10002, False, f"bad parameter: {e.message}")
+    except LipsyncError as e:
+        status = http_status(e)
+        if status in (400, 404, 409, 413):
+            return envelope(10002, False, f"bad parameter: {e.code}: {e.message}")
+        return envelope(9999, False, f"error: {e.code}: {e.message}")
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return envelope(10000, True, "ok" + (f" ({'; '.join(notes)})" if notes else ""), CompatData(code=code))
+
+@router.get("/easy/query", response_model=CompatEnvelope, tags=["compat"],
+         summary="Compatibility: poll a job by code")
+async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) -> JSONResponse:
+    if not code or not _ID_RE.fullmatch(code):
+        return envelope(10004, True, "task not found", None)
+    try:
+        st = await backend.gateway.get(code)
+    except JobNotFound:
+        return envelope(10004, True, "task not found", None)
+    except LipsyncError as e:
+        return envelope(9999, False, f"error: {e.code}: {e.message}")
+    if st.state == JobState.succeeded:
+        size = st.output_bytes
+        try:
+            if size is None:
+                raise RuntimeError("the job reports no output size")
+            if backend.settings.compat_data_dir is not None:
+                await backend.publish_compat(code, size)
+        except Exception as e:
+            log.error("compat publish of %s failed: %r", code, e)
+            return envelope(9999, False, f"error: the result could not be published: {e}")
+        backend.forget_compat_progress(code)
+        return envelope(10000, True, "success", CompatData(code=code, status=2, progress=100,
+                                                           result=backend.compat_result_path(code)))
+    if st.state.terminal:
+        err = st.error
+        msg = f"{err.code}: {err.message}" if err else f"job {st.state.value}"
+        return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=backend.compat_progress(st),
+                                                          msg=msg))
+    return envelope(10000, True, "running", CompatData(code=code, status=1, progress=backend.compat_progress(st)))
+
+@router.post("/upload", response_model=CompatEnvelope, tags=["compat"],
+          summary="Compatibility: upload a file (multipart `file`/`audio`); answers its path")
+async def easy_upload(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    tmpdir = backend.tmpdir()
+    try:
+        up = Upload(tmpdir, backend.settings.max_upload_bytes)
+        try:
+            await up.read(request)
+        except InputTooLarge as e:
+            return envelope(10002, False, f"bad parameter: {e.message}")
+        if not up.files:
+            return envelope(10002, False, "bad parameter: no file part (multipart field 'file')")
+        path, fname = next(iter(up.files.values()))
+        suffix = Path(fname).suffix.lower()
+        suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
+        dest = backend.upload_dir() / f"{uuid.uuid4().hex}{suffix}"
+        shutil.move(str(path), dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return envelope(10000, True, "ok", CompatData(path=str(dest)))
+
+@router.api_route("/{prefix:path}temp/{code}-r.mp4", methods=["GET", "HEAD"], include_in_schema=False)
+async def compat_result(prefix: str, code: str, request: Request, backend: Backend = Depends(get_backend)) -> Response:
+    """Serve the `data.result` paths this service published (`GET <server><data.result>`), and nothing else."""
+    if _ID_RE.fullmatch(code) and request.url.path.lstrip("/") == backend.compat_result_path(code).lstrip("/"):
+        return await backend.result_response(request, code, f"{code}-r.mp4")
+    return error_response(404, "not_found", f"no such path: {request.url.path}", None)

@@ -1,0 +1,125 @@
+"""`/v1/jobs`: submit (multipart upload or JSON), list, read, cancel, and the SSE event stream."""
+from __future__ import annotations
+
+import shutil
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from cluster.errors import InputTooLarge
+from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
+from cluster.views import job_view
+from service.auth import require_token
+from service.backend import Backend, get_backend
+from service.errors import ERROR_CODES
+from service.uploads import Upload
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
+                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+
+MULTIPART_JOB = {"type": "object", "required": ["audio"], "properties": {
+    "audio": {"type": "string", "format": "binary"}, "video": {"type": "string", "format": "binary"},
+    "avatar_id": {"type": "string"}, "id": {"type": "string"}, "sync_mode": {"type": "string"},
+    "model": {"type": "string"}, "crf": {"type": "integer"}, "callback_url": {"type": "string"}}}
+
+
+@router.post("", status_code=202, response_model=JobAccepted,
+             summary="Submit a job (multipart upload, or JSON with URLs/paths)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {
+                     "schema": JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+                 "multipart/form-data": {"schema": MULTIPART_JOB}}}})
+async def submit_job(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    settings = backend.settings
+    await backend.admit_or_429()
+    ctype = request.headers.get("content-type", "")
+    tmpdir = backend.tmpdir()
+    try:
+        staged: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        if ctype.startswith("multipart/form-data"):
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
+                raise InputTooLarge(f"request body of {declared} bytes exceeds the upload limit "
+                                    f"({settings.max_upload_bytes} bytes per file)", path="body")
+            up = Upload(tmpdir, settings.max_upload_bytes)
+            await up.read(request)
+            fields = dict(up.fields)
+            for name in ("audio", "video"):
+                if name in up.files:
+                    fields[name] = up.files[name][1]
+            try:
+                body = JobCreate.model_validate({k: v for k, v in fields.items() if v != ""})
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            request.state.inputs = {"audio": body.audio, "video": body.video}
+            for name in ("audio", "video"):
+                if name in up.files:
+                    path, fname = up.files[name]
+                    staged[name] = await backend.gateway.upload(path, fname)
+                    sources[staged[name]] = fname  # errors name the client's file, not the ref
+        else:
+            try:
+                body = JobCreate.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            request.state.inputs = {"audio": body.audio, "video": body.video}
+        await backend.check_callback(body.callback_url)
+        st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
+                                      tmpdir, staged, crf=body.crf, sources=sources)
+        await backend.register_callback(st.id, body.callback_url)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return JSONResponse(JobAccepted(id=st.id, state=st.state).model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/jobs/{st.id}"})
+
+
+@router.get("", response_model=JobPage, summary="List jobs, newest first")
+async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Query(50, ge=1, le=500),
+                    offset: int = Query(0, ge=0), backend: Backend = Depends(get_backend)) -> JobPage:
+    jobs = await backend.gateway.list_jobs(state or None, limit + 1, offset)
+    more = len(jobs) > limit
+    return JobPage(jobs=[job_view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None)
+
+
+@router.get("/{job_id}", response_model=JobView,
+            summary="A job's state, stage, progress, timings, error and output")
+async def get_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
+    return job_view(await backend.gateway.get(job_id))
+
+
+@router.delete("/{job_id}", response_model=JobView, summary="Cancel a job (a finished job is left as it is)")
+async def cancel_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
+    return job_view(await backend.gateway.cancel(job_id))
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            summary="Server-Sent Events: one `status` event (a JobView) per change, until a terminal state")
+async def job_events(job_id: str, request: Request, backend: Backend = Depends(get_backend)) -> StreamingResponse:
+    gateway, settings = backend.gateway, backend.settings
+    first = await gateway.get(job_id)  # 404 before the stream starts
+
+    async def events() -> AsyncIterator[bytes]:
+        st, last, last_sent = first, None, time.monotonic()
+        deadline = time.monotonic() + settings.job_timeout_s
+        while True:
+            view = job_view(st)
+            key = (view.state, view.frames_done, view.frames_total, view.stage)
+            if key != last:
+                last, last_sent = key, time.monotonic()
+                yield f"event: status\ndata: {view.model_dump_json()}\n\n".encode()
+            if view.state.terminal or time.monotonic() > deadline:
+                return
+            if time.monotonic() - last_sent > 15:
+                last_sent = time.monotonic()
+                yield b": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+            st = await gateway.wait(job_id, 0.5)  # at once when the job ends, else after 0.5 s
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
