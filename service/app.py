@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from cluster.config import Settings
 from service.backend import Backend
 from service.errors import install_exception_handlers
-from service.routers import avatars, batches, compat, health, jobs, media
+from service.routers import avatars, batches, compat, health, jobs, media, sessions
 
 
 def create_app(settings: Settings, gateway) -> FastAPI:
@@ -27,6 +27,8 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.include_router(media.router)
     app.include_router(avatars.router)
     app.include_router(batches.router)
+    app.include_router(sessions.router)
+    app.include_router(sessions.public_router)  # the socket and the stream: the session's own token
     # >>> the web page (public: `/`, `/static/...`): `from service.routers import web` + app.include_router(web.router)
     app.include_router(compat.router)  # last: its result route matches `<any prefix>temp/<code>-r.mp4`
     return app

@@ -30,7 +30,8 @@ from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_binary, ffmp
 
 log = logging.getLogger("lipsync.live")
 
-PLAYLIST = "index.m3u8"
+PLAYLIST = "index.m3u8"  # what ffmpeg writes
+PUBLISHED = "live.m3u8"  # what is served: the same with a valid #EXT-X-TARGETDURATION
 INIT = "init.mp4"
 SEGMENT_PATTERN = "seg_%06d.m4s"
 SEGMENT_NAME = re.compile(r"^seg_\d{6}\.m4s$")
@@ -192,8 +193,12 @@ class LiveEncoder:
 
 # --- the playlist as published ---------------------------------------------------------------
 def read_playlist(path: str | os.PathLike) -> tuple[int, list[tuple[str, float]], bool]:
+    """(media sequence, [(segment name, seconds)], ended) of a live playlist file."""
+    return parse_playlist(Path(path).read_text())
+
+
+def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
     """(media sequence, [(segment name, seconds)], ended) of a live playlist."""
-    text = Path(path).read_text()
     seq = 0
     segments: list[tuple[str, float]] = []
     duration = None
@@ -207,6 +212,37 @@ def read_playlist(path: str | os.PathLike) -> tuple[int, list[tuple[str, float]]
             segments.append((line, duration))
             duration = None
     return seq, segments, "#EXT-X-ENDLIST" in text
+
+
+def publish_playlist(out_dir: str | os.PathLike) -> tuple[int, list[tuple[str, float]], bool] | None:
+    """Copy ffmpeg's playlist to the published one (atomically) when it changed, with
+    `#EXT-X-TARGETDURATION` the smallest integer >= every segment's duration (ffmpeg rounds 0.48 s
+    down to 0, which players refuse); its (media sequence, segments, ended), or None when unchanged
+    or not written yet."""
+    import math
+
+    from cluster.fsutil import write_atomic
+
+    src, dst = Path(out_dir) / PLAYLIST, Path(out_dir) / PUBLISHED
+    try:
+        text = src.read_text()
+    except OSError:
+        return None
+    try:
+        if _same_body(dst.read_text(), text):
+            return None
+    except OSError:
+        pass
+    seq, segments, ended = parse_playlist(text)
+    target = max(1, math.ceil(max((d for _, d in segments), default=1.0) - 1e-6))
+    fixed = re.sub(r"#EXT-X-TARGETDURATION:\d+", f"#EXT-X-TARGETDURATION:{target}", text)
+    write_atomic(dst, fixed)
+    return seq, segments, ended
+
+
+def _same_body(published: str, text: str) -> bool:
+    strip = lambda t: re.sub(r"#EXT-X-TARGETDURATION:\d+", "", t)  # noqa: E731
+    return strip(published) == strip(text)
 
 
 # --- the recording ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError
-from cluster.live.encoder import PLAYLIST, LiveEncoder, make_recording, read_playlist
+from cluster.live.encoder import LiveEncoder, make_recording, publish_playlist
 from cluster.live.schedule import FrameBatch, LiveScheduler
 from cluster.live.speech import SpeechInput, model_columns
 
@@ -297,12 +297,17 @@ class LiveSession:
             self._poll_playlist()
 
     def _poll_playlist(self) -> None:
-        path = self.out_dir / "hls" / PLAYLIST
         try:
-            seq, segments, _ = read_playlist(path)
-        except (OSError, ValueError):
-            return
+            published = publish_playlist(self.out_dir / "hls")
+        except (OSError, ValueError) as e:
+            log.warning("session %s: cannot publish the playlist: %s", self.id, e)
+            published = None
         now = self.clock()
+        if published is None:
+            if self._last_publication is not None and self.state == "live":
+                self.longest_gap_s = max(self.longest_gap_s, now - self._last_publication)
+            return
+        seq, segments, _ = published
         new = 0
         for i, (_name, seconds) in enumerate(segments):
             if seq + i not in self._seen_segments:
