@@ -115,6 +115,8 @@ class LiveSession:
         self._drain = False  # end once every received utterance has been rendered
         self._chunks: collections.deque = collections.deque()  # (arrival, utterance, last 16 kHz sample)
         self._rendered: collections.deque = collections.deque()  # (arrival, output frame)
+        self._written: collections.deque = collections.deque()  # (first output frame of a batch, when written)
+        self.encoder_delays: list[float] = []  # a segment's publication - its closing frame's write
         self.latencies: list[float] = []
         self.published_frames = 0
         self.segments_published = 0
@@ -237,6 +239,7 @@ class LiveSession:
                 if self.on_frames is not None:
                     self.on_frames(batch, frames, err is None)
                 self.encoder.write(frames, audio)
+                self._written.append((batch.first + len(batch), self.clock()))
         except Exception as e:  # the session ends with the truth: failed, and why
             log.exception("session %s failed", self.id)
             self.error = (e.to_info().model_dump() if isinstance(e, LipsyncError)
@@ -326,6 +329,10 @@ class LiveSession:
                 self.stalls += 1
         self._last_publication = now
         self.segments_published += new
+        while self._written and self._written[0][0] <= self.published_frames:
+            end, at = self._written.popleft()
+            if end == self.published_frames:  # the batch that completed the last published segment
+                self.encoder_delays.append(now - at)
         while self._rendered and self._rendered[0][1] < self.published_frames:
             arrival, _frame = self._rendered.popleft()
             self.latencies.append(now - arrival)
@@ -347,6 +354,7 @@ class LiveSession:
             "segments_published": self.segments_published,
             "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
             "latency_max_s": round(max(lat), 4) if lat else None, "latency_samples": len(lat),
+            "encoder_delay_p50_s": percentile(list(self.encoder_delays), 50),
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
             "recording_seconds": self.recording_seconds,
