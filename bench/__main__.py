@@ -1,4 +1,4 @@
-"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all five.
+"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all six.
 
 Each prints its ratios, writes bench/results/NAME.json (machine, date, command, figures) and its
 table in docs/PERFORMANCE.md. `--quick` runs a short version on small inputs (a smoke check; it
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scaling": "bench.scaling",          # 3. latency-only model on k logical GPUs
     "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first finished segment
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
+    "live": "bench.live",                # 6. live sessions: chunk arrival -> published segment, stalls
 }
 #: Reliability runs (docs/RELIABILITY.md), by name only: they check promises and fail loudly.
 RELIABILITY = {

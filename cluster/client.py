@@ -627,9 +627,10 @@ class LiveSession(_LiveBase):
 
         if len(pcm) % 2:
             raise ValueError(f"PCM s16le needs an even byte count, got {len(pcm)}")
+        ws = self._socket()  # opened (and resumed) before this chunk is remembered: sent once
         self._remember(pcm)
         try:
-            self._socket().send(pcm)
+            ws.send(pcm)
         except ConnectionClosed as e:
             code, reason = self._closed(e)
             self._ws = None
@@ -733,9 +734,10 @@ class AsyncLiveSession(_LiveBase):
 
         if len(pcm) % 2:
             raise ValueError(f"PCM s16le needs an even byte count, got {len(pcm)}")
+        ws = await self._socket()
         self._remember(pcm)
         try:
-            await (await self._socket()).send(pcm)
+            await ws.send(pcm)
         except ConnectionClosed as e:
             rcvd = getattr(e, "rcvd", None)
             self._ws = None
