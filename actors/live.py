@@ -52,6 +52,7 @@ class LiveWorkers:
         self.names: list[str] = []
         self.handles: dict[str, object] = {}
         self.refreshed = 0.0
+        self.retry_at = 0.0  # after a failure, batches go without the model until then
 
     def refresh(self) -> None:
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
@@ -134,6 +135,8 @@ class LiveSessionActor:
         """One batch on the first live worker's live lane, within `live_batch_timeout_s`; raises
         WorkerLost otherwise (the session shows the batch without the model and renders its
         speech on the next frames). Never waits longer than the deadline."""
+        if time.monotonic() < self.workers.retry_at:  # a worker just failed: no waiting on it meanwhile
+            raise WorkerLost("model workers unavailable (retrying shortly)", stage="live")
         if not self.workers.names or time.monotonic() - self.workers.refreshed > 30.0:
             try:
                 self.workers.refresh()
@@ -148,6 +151,7 @@ class LiveSessionActor:
         except Exception as e:  # noqa: BLE001 - died, stalled, raised: the next batch tries another
             self.workers.failed(name)
             self.workers.refreshed = 0.0  # ask the manager again next time
+            self.workers.retry_at = time.monotonic() + 0.5
             cause = getattr(e, "cause", None)
             raise WorkerLost(f"model worker {name}: {type(cause or e).__name__}: {cause or e}"[:500],
                              stage="live") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import httpx
 import numpy as np
@@ -120,4 +121,46 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
     with av.open(str(rec)) as container:
         assert container.streams.video and container.streams.audio
         assert container.streams.video[0].frames == round(final.recording_seconds * 25)
+    assert final.recording_seconds >= 3.2
+
+
+def _model_worker_pids(service) -> list[int]:
+    """PIDs of this service's model worker processes (descendants of its `lipsync serve`)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(service.proc.pid).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith("ray::ModelWorker"):
+                pids.append(child.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar, speech_wav, tmp_path):
+    """SIGKILL the model worker while speech streams in: the stream keeps advancing (batches go
+    out without the model meanwhile), the session does not end, and every second of speech is
+    rendered after the gap (the recording holds it all)."""
+    import os
+    import signal
+    import threading
+
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as client:
+        session = client.live(live_avatar)
+        sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
+        sender.start()
+        time.sleep(1.2)
+        pids = _model_worker_pids(service)
+        assert pids, "no model worker process of this service found"
+        os.kill(pids[0], signal.SIGKILL)
+        sender.join(60)
+        view = session.wait_rendered(timeout=120)
+        assert view.state == "live"
+        assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
+        assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+        final = session.close()
+    assert final.state == "ended" and final.model_faults >= 1
     assert final.recording_seconds >= 3.2
