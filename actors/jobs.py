@@ -17,6 +17,7 @@ from cluster import logs
 from cluster.config import Settings
 from cluster.errors import ChunkFailed, JobCancelled, LipsyncError, RenderError, RenderTimeout, WorkerLost
 from cluster.fsutil import write_atomic
+from cluster.hls import HlsPublisher
 from cluster.jobstore import JobStore
 from cluster.render import (
     BLOB_FIELDS,
@@ -53,6 +54,7 @@ class JobRuntime:
     attempts: dict[int, int] = field(default_factory=dict)      # chunk -> failed attempts
     losses: dict[int, int] = field(default_factory=dict)        # chunk -> attempts lost with a process
     tokens: dict[int, str] = field(default_factory=dict)        # chunk -> token of the live attempt
+    hls: HlsPublisher | None = None  # the job's AAC and HLS segments, published as chunks are verified
     finished: bool = False
     commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # commit + `succeeded`, or cancel: never both
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,8 +111,10 @@ class JobMachine:
     def finish(self, job_id: str, state: JobState, error: ErrorInfo | None = None, output: str | None = None) -> None:
         """Persist a terminal state (first one wins), then stop the job's work. Never reads the
         stored request: a job whose row no longer validates still ends."""
-        ended = self.store.end(job_id, state, error=error, output=output)
         job = self.jobs.get(job_id)
+        if job is not None and job.hls is not None:
+            job.hls.close()  # before the end is stored: a playlist with ENDLIST never grows
+        ended = self.store.end(job_id, state, error=error, output=output)
         if job is not None:
             job.finished = True
             job.all_done.set()
@@ -198,6 +202,10 @@ class JobMachine:
                 job.plan = await asyncio.to_thread(with_blobs, job.plan)
             self._register(job.plan)
         st = self.store.get(job.id)
+        job.hls = await asyncio.to_thread(HlsPublisher(job.plan, self.s).start)
+        if job.finished:
+            job.hls.close()
+            return
         if st.state == JobState.rendering:
             job.stage = "render"
             self.store.stage_started(job.id, "render")
@@ -210,6 +218,8 @@ class JobMachine:
                     if seg is not None:
                         self.store.forget_chunk(job.id, chunk.index)
                     self.dispatcher.queue.push(job.id, chunk)
+            for index in job.done:
+                job.hls.chunk_done(index)
             if len(job.done) == len(job.plan.chunks):
                 job.all_done.set()
             self.dispatcher.work.set()
@@ -220,6 +230,7 @@ class JobMachine:
             self.store.transition(job.id, JobState.finalizing)
         job.stage = "finalize"
         self.store.stage_started(job.id, "finalize")
+        await self._drain_hls(job)
         await self.dispatcher.run_step("finalize", job, job.plan)
         async with job.commit_lock:  # one step that cancel cannot split
             if job.finished:  # cancelled or failed meanwhile: the verified output is not published
@@ -227,6 +238,17 @@ class JobMachine:
                 return
             await asyncio.to_thread(commit_output, job.plan, self.s)
             self.finish(job.id, JobState.succeeded, output=job.plan.output_path)
+
+    async def _drain_hls(self, job: JobRuntime) -> None:
+        """Wait until every chunk is published as HLS and the job's AAC is saved (the final mp4
+        copies it). HLS publishing that failed is logged, not the job's failure: the final mp4 is
+        built without it (finalize encodes the AAC itself if needed)."""
+        for index in range(len(job.plan.chunks)):
+            job.hls.chunk_done(index)  # resumed in finalizing: every chunk is done
+        try:
+            await asyncio.to_thread(job.hls.drain, self.s.chunk_timeout_s)
+        except LipsyncError as e:
+            log.error("job %s: HLS publishing stopped: %s: %s", job.id, e.code, e.message)
 
     async def _watch(self, job: JobRuntime) -> None:
         """Wait for every chunk; fail the job when the cluster has had no live compositor or no live
@@ -258,6 +280,8 @@ class JobMachine:
                 return
         self.store.chunk_done(job.id, chunk.index, result.frames, result.segment)
         job.done[chunk.index] = result.frames
+        if job.hls is not None:
+            job.hls.chunk_done(chunk.index)
         job.inflight_frames.pop(chunk.index, None)
         if len(job.done) == len(job.plan.chunks):
             job.all_done.set()

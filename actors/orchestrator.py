@@ -30,6 +30,7 @@ from cluster.errors import (
     InputsGone,
     JobAbandoned,
     JobConflict,
+    JobNotFound,
     JobNotReady,
     LipsyncError,
     OutputPathInUse,
@@ -40,7 +41,7 @@ from cluster.inputs import UploadStore
 from cluster.jobstore import JobStore
 from cluster.owners import identity_gone
 from cluster.render import admit_on_manager
-from cluster.schemas import JobState, JobStatus, RenderRequest, StoredInput, utcnow
+from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest, StoredInput, utcnow
 
 log = logging.getLogger("lipsync.orchestrator")
 
@@ -270,6 +271,35 @@ class JobManager:
         except OSError as e:
             raise LipsyncError(f"job {job_id}: its output {st.output} cannot be read: {e}", code="output.unreadable",
                                job_id=job_id, path=st.output, cause=repr(e)) from e
+
+
+    # --- progressive output: the job's HLS stream -------------------------------------------------
+    def _plan(self, job_id: str):
+        from cluster.render import JobPlan
+
+        job = self.machine.jobs.get(job_id)
+        if job is not None and job.plan is not None:
+            return job.plan
+        raw = self.store.plan(job_id)
+        return JobPlan.model_validate(raw) if raw else None
+
+    async def hls_index(self, job_id: str) -> HlsIndex:
+        """What the job's playlist lists now (cluster.hls); unknown jobs raise `job.not_found`."""
+        from cluster.hls import hls_index
+
+        st = self.store.get(job_id)  # the state first: a playlist that has ended never grows
+        return await asyncio.to_thread(hls_index, job_id, self._plan(job_id), st.state, self.s)
+
+    async def read_hls(self, job_id: str, name: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes (at most transfer_part_bytes) of a published HLS file of the job."""
+        from cluster.hls import read_published
+
+        self.store.get(job_id)
+        plan = self._plan(job_id)
+        if plan is None:
+            raise JobNotFound(f"job {job_id} has no published HLS file {name} yet", job_id=job_id)
+        length = max(0, min(int(length), self.s.transfer_part_bytes))
+        return await asyncio.to_thread(read_published, plan, name, int(offset), length)
 
 
 def head_node_id() -> str:

@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors import ORCHESTRATOR_NAME, task_cause
 from cluster.config import Settings
 from cluster.errors import LipsyncError, RenderError
-from cluster.schemas import JobState, JobStatus, RenderRequest
+from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest
 
 log = logging.getLogger("lipsync.service")
 
@@ -110,6 +110,12 @@ class ManagerGateway:
 
     async def read_output(self, job_id: str, offset: int, length: int) -> bytes:
         return await self.call("read_output", job_id, offset, length)
+
+    async def hls_index(self, job_id: str) -> HlsIndex:
+        return await self.call("hls_index", job_id)
+
+    async def read_hls(self, job_id: str, name: str, offset: int, length: int) -> bytes:
+        return await self.call("read_hls", job_id, name, offset, length)
 
     async def ready(self, timeout: float) -> dict:
         return await self.call("ready", timeout, timeout=timeout + 5)

@@ -239,10 +239,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
         with _client(args) as c:
             job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
                            model=args.model, crf=args.crf, callback_url=args.callback_url)
+            if args.watch:  # the watch URL on stdout as soon as the first segment exists
+                print(job.id, file=sys.stderr)
+                segments = job.segments(timeout=args.timeout)
+                try:
+                    first = next(segments, None)
+                finally:
+                    segments.close()
+                if first is None:
+                    view = job.status()
+                    print(f"lipsync: error: job {job.id} ended {view.state.value} before publishing a segment"
+                          + (f": {view.error.code}: {view.error.message}" if view.error else ""), file=sys.stderr)
+                    return 1
+                print(job.watch_url, flush=True)
             if not (args.wait or args.output):
-                print(job.id)
+                if not args.watch:
+                    print(job.id)
                 return 0
-            print(job.id, file=sys.stderr)
+            if not args.watch:
+                print(job.id, file=sys.stderr)
             view = job.wait(progress=not args.quiet, timeout=args.timeout)
             if args.output:
                 job.download(args.output)
@@ -363,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--model", help="'builtin' or a model name on the server")
     sb.add_argument("--crf", type=int, help="output quality (x264 CRF 0-51; lower is better)")
     sb.add_argument("--callback-url", help="POSTed the final status (signed) when the job ends")
+    sb.add_argument("--watch", action="store_true", help="print the job's HLS watch URL (for a player) as soon as "
+                    "its first segment exists")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end")
     sb.add_argument("-o", "--output", help="download the result here (implies --wait)")
     sb.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")

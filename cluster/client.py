@@ -3,6 +3,9 @@
     from cluster.client import Client
     c = Client("http://127.0.0.1:8000", token="...")
     job = c.submit("speech.wav", "person.mp4", sync_mode="pingpong")
+    print(job.watch_url)                      # its HLS stream, playable while it renders
+    for segment in job.segments():            # each finished segment, as it is published
+        print(segment.index, segment.url)
     job.wait(progress=True, timeout=600)
     job.download("out.mp4")
 
@@ -24,7 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 
-from cluster.schemas import AvatarView, BatchView, JobAccepted, JobPage, JobState, JobView
+from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView
 
 RETRY_STATUS = (429, 502, 503, 504)
 
@@ -110,6 +113,10 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
 
+    def absolute(self, path: str) -> str:
+        """A URL the service answered (e.g. `/v1/jobs/<id>/hls/index.m3u8?token=...`), made absolute."""
+        return path if "://" in path else self.url + path
+
 
 # --- sync ---------------------------------------------------------------------------------------
 class Job:
@@ -118,9 +125,20 @@ class Job:
     def __init__(self, client: "Client", view: JobView | JobAccepted) -> None:
         self.client, self.id = client, view.id
         self.view = view if isinstance(view, JobView) else None
+        self._watch = view.watch_url
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, {self.view.state.value if self.view else '?'})"
+
+    @property
+    def watch_url(self) -> str | None:
+        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player."""
+        watch = (self.view.watch_url if self.view is not None else None) or self._watch
+        return self.client.absolute(watch) if watch else None
+
+    def segments(self, timeout: float | None = None) -> Iterator[HlsSegment]:
+        """Each finished HLS segment (absolute `url`) as it is published, until the job ends."""
+        return self.client.segments(self.id, timeout=timeout)
 
     def status(self) -> JobView:
         self.view = self.client.get(self.id)
@@ -236,6 +254,29 @@ class Client(_Base):
             for view in _parse_sse(r.iter_lines()):
                 yield view
 
+    def segments(self, job_id: str, timeout: float | None = None) -> Iterator[HlsSegment]:
+        """The job's HLS segments as they are published (SSE `segment` events, `?segments=1`), from the
+        first, until the job ends; each `url` absolute (signed: fetch it with any HTTP client)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
+                              timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+            if r.status_code != 200:
+                r.read()
+                raise ApiError.from_response(r)
+            for event, data in _sse_events(r.iter_lines()):
+                if event == "segment":
+                    segment = HlsSegment.model_validate_json(data)
+                    yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WaitTimeout(f"job {job_id}: segments still coming after {timeout:.0f} s")
+
+    def fetch(self, segment: HlsSegment) -> bytes:
+        """A segment's bytes (an init segment: fetch `segment.init` the same way)."""
+        r = self.http.get(segment.url)
+        if r.status_code != 200:
+            raise ApiError.from_response(r)
+        return r.content
+
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
              raise_on_failure: bool = True) -> JobView:
         """Follow the job (SSE; polling when the stream breaks) until it ends; `JobFailed` for a failed
@@ -340,6 +381,20 @@ class Client(_Base):
         return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
 
 
+def _sse_events(lines) -> Iterator[tuple[str, str]]:
+    """(event type, data) of each Server-Sent Event."""
+    event, data = "message", []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
 def _parse_sse(lines) -> Iterator[JobView]:
     data: list[str] = []
     for line in lines:
@@ -377,10 +432,21 @@ class AsyncJob:
     def __init__(self, client: "AsyncClient", view: JobView | JobAccepted) -> None:
         self.client, self.id = client, view.id
         self.view = view if isinstance(view, JobView) else None
+        self._watch = view.watch_url
 
     async def status(self) -> JobView:
         self.view = await self.client.get(self.id)
         return self.view
+
+    @property
+    def watch_url(self) -> str | None:
+        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player."""
+        watch = (self.view.watch_url if self.view is not None else None) or self._watch
+        return self.client.absolute(watch) if watch else None
+
+    def segments(self, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
+        """Each finished HLS segment (absolute `url`) as it is published, until the job ends."""
+        return self.client.segments(self.id, timeout=timeout)
 
     async def wait(self, timeout: float | None = None, poll_s: float = 1.0, raise_on_failure: bool = True) -> JobView:
         self.view = await self.client.wait(self.id, timeout=timeout, poll_s=poll_s,
@@ -490,6 +556,35 @@ class AsyncClient(_Base):
                         data = []
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip())
+
+    async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
+        """The async twin of `Client.segments`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
+                                    timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise ApiError.from_response(r)
+            event, data = "message", []
+            async for line in r.aiter_lines():
+                if line == "":
+                    if data and event == "segment":
+                        segment = HlsSegment.model_validate_json("\n".join(data))
+                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WaitTimeout(f"job {job_id}: segments still coming after {timeout:.0f} s")
+
+    async def fetch(self, segment: HlsSegment) -> bytes:
+        """The async twin of `Client.fetch`."""
+        r = await self.http.get(segment.url)
+        if r.status_code != 200:
+            raise ApiError.from_response(r)
+        return r.content
 
     async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0,
                    raise_on_failure: bool = True) -> JobView:

@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files "
                                   "older than this (0: keep forever); never a running job's")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
+    watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
+                                 "stays valid, when LIPSYNC_API_TOKEN is set")
 
     # --- live sessions (`POST /v1/sessions`, cluster/live/) ----------------------------------
     max_live_sessions: int = Field(4, ge=1, description="live sessions running at once; beyond: HTTP 429")

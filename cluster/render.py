@@ -436,8 +436,9 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
                                           job_id=plan.job_id, stage="finalize", path=missing[0])
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            info = finalize_output(segments, plan.audio_path, str(pending), frames_expected=plan.frames_total,
-                                   fps=plan.fps, audio_duration=plan.audio_duration, settings=s)
+            aac = job_aac(plan, s)
+            info = finalize_output(segments, str(aac), str(pending), frames_expected=plan.frames_total,
+                                   fps=plan.fps, audio_duration=plan.audio_duration, settings=s, audio_copy=True)
         except LipsyncError as e:
             e.with_context(job_id=plan.job_id, stage="finalize")
             raise
@@ -447,8 +448,22 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
     return info
 
 
+def job_aac(plan: JobPlan, settings: Settings) -> Path:
+    """The job's AAC track (`hls/audio.m4a`): encoded once, ahead of the video, by the job's HLS
+    publisher; encoded here when there was none (e.g. a job planned before HLS existed)."""
+    from cluster.hls import AUDIO_FILE, hls_dir
+    from cluster.media.aac import AacTrack
+
+    path = hls_dir(plan.job_dir) / AUDIO_FILE
+    if not path.exists():
+        AacTrack(plan.audio_path, plan.audio_duration, settings.audio_bitrate).encode().save(path)
+    return path
+
+
 def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
-    """Rename the verified pending output to the output path, record that, drop the segments."""
+    """Rename the verified pending output to the output path, record that, drop the rendered
+    segments (the verified output holds everything they did). The job's HLS files (`hls/`) stay
+    until retention removes the job, for viewers behind the live edge."""
     s = settings or get_settings()
     out, pending = Path(plan.output_path), pending_output_path(plan)
     if pending.exists():
@@ -457,7 +472,7 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
         raise OutputVerificationError(f"job {plan.job_id}: no verified output to commit at {pending}",
                                       job_id=plan.job_id, stage="finalize", path=str(pending))
     _committed_marker(plan).write_text(str(out))
-    if not s.keep_segments:  # the verified output holds everything they did
+    if not s.keep_segments:
         shutil.rmtree(Path(plan.job_dir) / "segments", ignore_errors=True)
 
 
@@ -485,6 +500,14 @@ def render_local(request: RenderRequest, settings: Settings | None = None, model
         if progress is not None:
             progress(done, plan.frames_total)
 
-    for chunk in plan.chunks:
-        render_chunk(plan, chunk, model.generate, s, progress=tick)
-    return finalize_job(plan, s)
+    from cluster.hls import HlsPublisher
+
+    publisher = HlsPublisher(plan, s).start()  # the same HLS output as in the cluster
+    try:
+        for chunk in plan.chunks:
+            render_chunk(plan, chunk, model.generate, s, progress=tick)
+            publisher.chunk_done(chunk.index)
+        publisher.drain(s.chunk_timeout_s)
+        return finalize_job(plan, s)
+    finally:
+        publisher.close()

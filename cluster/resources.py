@@ -66,7 +66,8 @@ def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Sett
     """(bytes under the storage root, bytes next to the output) a job will need at its peak.
 
     Storage root: copies of both inputs, the normalised template (when `video` is given; an
-    avatar's is stored already), the segments of every output frame, mel features. Output
+    avatar's is stored already), the segments of every output frame, mel features, and the HLS
+    stream (the same video and the job's AAC again, kept until retention removes the job). Output
     directory: the finished mp4 (segments + AAC), written under a pending name while the
     segments still exist."""
     s = settings or get_settings()
@@ -81,7 +82,8 @@ def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Sett
     video_bytes = math.ceil(frames * width * height * BITS_PER_PIXEL / 8)
     audio_bytes = math.ceil(seconds * _bitrate_bytes_per_s(s.audio_bitrate))
     inputs = audio.size_bytes + (video.size_bytes if video is not None else 0)
-    storage = inputs + template_bytes + video_bytes + OVERHEAD_BYTES
+    hls_bytes = video_bytes + 2 * audio_bytes  # fragments + the AAC track (hls/audio.m4a)
+    storage = inputs + template_bytes + video_bytes + hls_bytes + OVERHEAD_BYTES
     return storage, video_bytes + audio_bytes
 
 

@@ -1,7 +1,7 @@
 """Retention: remove old outputs and temporary files, never a running job's.
 
 `LIPSYNC_RETENTION_DAYS` (0: keep forever). A finished job (succeeded, failed, cancelled) whose
-last change is older than that loses its working directory (inputs, segments, mel features) and
+last change is older than that loses its working directory (inputs, segments, its HLS stream, mel features) and
 its output file when that lies under the storage root; its row stays in the job table, so it
 remains queryable. Files `POST /upload` stored in the compatibility data directory, and results
 published there, are removed after the same time. Unfinished jobs are never touched.

@@ -163,7 +163,7 @@ template for the audio's length; `cut_off` stops at the shorter of the two; `sil
 the whole template, audio padded with silence; `remap` stretches the template to the audio."""
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 
 
 class JobOptions(BaseModel):
@@ -188,6 +188,7 @@ class JobCreate(JobOptions):
 class JobAccepted(BaseModel):
     id: str
     state: JobState
+    watch_url: str | None = None  # as JobView.watch_url
 
 
 class OutputInfo(BaseModel):
@@ -213,6 +214,27 @@ class JobView(BaseModel):
     output: OutputInfo | None = None
     sync_mode: str | None = None
     batch_id: str | None = None
+    watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
+                                  "(signed and expiring when the service has a token: no header needed)")
+
+
+class HlsSegment(BaseModel):
+    """One published media segment of a job's HLS stream (`GET /v1/jobs/{id}/hls/<name>`)."""
+    index: int
+    name: str
+    start: float = Field(..., description="seconds from the job's start")
+    duration: float
+    init: str = Field("init.mp4", description="its init segment (EXT-X-MAP)")
+    url: str | None = Field(None, description="where to fetch it (signed when the service has a token)")
+
+
+class HlsIndex(BaseModel):
+    """What a job's playlist lists: its contiguous published segments; `ended` adds EXT-X-ENDLIST."""
+    job_id: str
+    state: JobState
+    ended: bool
+    target_duration: int
+    segments: list[HlsSegment] = Field(default_factory=list)
 
 
 class JobPage(BaseModel):

@@ -9,7 +9,8 @@ STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.ren
           JobState.cancelled: "done"}
 
 
-def job_view(st: JobStatus) -> JobView:
+def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
+    """The view of `st`; `watch_url` is its HLS playlist's URL (the ingress signs it)."""
     out = None
     if st.state == JobState.succeeded:
         if st.output_bytes is not None:
@@ -27,4 +28,4 @@ def job_view(st: JobStatus) -> JobView:
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
                    timings=timings, error=st.error, output=out, sync_mode=sync,
-                   batch_id=st.id.split("--", 1)[0] if "--" in st.id else None)
+                   batch_id=st.id.split("--", 1)[0] if "--" in st.id else None, watch_url=watch_url)

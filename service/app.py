@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from cluster.config import Settings
+from cluster.hls import watch_key
 from service.backend import Backend
 from service.errors import install_exception_handlers
 from service.routers import avatars, batches, compat, health, jobs, media, sessions
@@ -20,11 +21,13 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.state.settings = settings
     app.state.backend = Backend(settings, gateway)
     app.state.api_token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+    app.state.watch_key = watch_key(settings.api_token.get_secret_value()) if settings.api_token else None
     install_exception_handlers(app)
 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(media.router)
+    app.include_router(media.hls_router)  # the bearer token or a signed ?token= (players send no header)
     app.include_router(avatars.router)
     app.include_router(batches.router)
     app.include_router(sessions.router)

@@ -2,13 +2,17 @@
 are public (`/healthz`, the web page and its static files) are simply routers without it.
 
     router = APIRouter(dependencies=[Depends(require_token)])
+
+A job's HLS stream is for players, which cannot send a header: its routes take either the bearer
+token or a signed, expiring `?token=` for that job (`require_watch_access`, cluster.hls).
 """
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Query, Request
 
+from cluster.hls import check_watch
 from service.errors import ApiProblem
 
 
@@ -30,3 +34,21 @@ def require_token(request: Request) -> None:
     if not bearer_token_ok(request):
         raise ApiProblem(401, "auth.invalid_token", "missing or wrong bearer token (Authorization: Bearer ...)",
                          None, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_watch_access(job_id: str, request: Request, token: str | None = Query(
+        None, description="the signed token of the job's watch_url (instead of the bearer token)")) -> str:
+    """The query the HLS URIs of this answer carry: `?token=...` when the request came with a valid
+    signed token for this job, "" with the bearer token (or none configured); else 401. A token
+    that is given must be valid: a wrong or expired one is refused even next to a header."""
+    if token is not None:
+        key = request.app.state.watch_key
+        if key is not None and check_watch(key, job_id, token):
+            return f"?token={token}"
+        if key is not None:
+            raise ApiProblem(401, "auth.invalid_signature", "the watch URL's token is wrong or has expired; "
+                             "ask the job again for a fresh watch_url", None)
+    if not bearer_token_ok(request):
+        raise ApiProblem(401, "auth.invalid_token", "missing or wrong bearer token (Authorization: Bearer ...) "
+                         "or signed ?token=", None, headers={"WWW-Authenticate": "Bearer"})
+    return ""

@@ -18,9 +18,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from cluster.config import Settings
 from cluster.errors import LipsyncError
+from cluster.hls import sign_watch, watch_key
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
-from cluster.schemas import JobState, JobStatus, RenderRequest
+from cluster.schemas import JobState, JobStatus, JobView, RenderRequest
+from cluster.views import job_view
 from service.errors import ApiProblem, QueueFull
 
 SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
@@ -41,6 +43,24 @@ class Backend:
         self.tmp_root = Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        self.watch_key = watch_key(token) if token else None
+
+    # views ----------------------------------------------------------------------------------------
+    def watch_query(self, job_id: str) -> str:
+        """`?token=<expires>.<signature>` for a job's HLS URLs when the service has a token, else "".
+        The expiry is rounded up to the hour, so that the URL stays the same between polls."""
+        if self.watch_key is None:
+            return ""
+        expires = math.ceil((time.time() + self.settings.watch_url_ttl_s) / 3600) * 3600
+        return f"?token={sign_watch(self.watch_key, job_id, expires)}"
+
+    def watch_url(self, job_id: str) -> str:
+        return f"/v1/jobs/{job_id}/hls/index.m3u8{self.watch_query(job_id)}"
+
+    def view(self, st: JobStatus) -> JobView:
+        """The API's view of a job, with its watch_url."""
+        return job_view(st, watch_url=self.watch_url(st.id))
 
     # admission ---------------------------------------------------------------------------------
     async def admit_or_429(self) -> None:
@@ -70,7 +90,9 @@ class Backend:
         return value
 
     def resolve_model(self, model: str | None) -> str | None:
-        if model is None or model.startswith("builtin"):
+        from cluster.models import is_named_model
+
+        if model is None or is_named_model(model):  # builtin[:S], latency:<ms>[:S] (slow test/bench jobs)
             return model
         path = self.settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx")
         return str(path)

@@ -37,8 +37,10 @@ def write_concat_list(segments: list[str], list_path: str | os.PathLike) -> None
 
 def finalize_output(segments: list[str], audio_path: str, out_path: str, *, frames_expected: int,
                     fps: Fraction, audio_duration: float,
-                    settings: Settings | None = None) -> MediaInfo:
-    """Concatenate `segments` by stream copy, mux `audio_path` as AAC trimmed to `audio_duration`,
+                    settings: Settings | None = None, audio_copy: bool = False) -> MediaInfo:
+    """Concatenate `segments` by stream copy, mux `audio_path` as AAC trimmed to `audio_duration`
+    (with `audio_copy`: `audio_path` is the job's AAC track, `cluster.media.aac`, copied packet for
+    packet, the same packets its HLS segments hold),
     keep exactly `frames_expected` video frames, write to a temporary name next to `out_path`,
     `verify_output` it, then rename it to `out_path` atomically. On any failure the temporary
     file is removed and the error raised (`MediaError`, `RenderTimeout`,
@@ -61,10 +63,10 @@ def finalize_output(segments: list[str], audio_path: str, out_path: str, *, fram
         run_ffmpeg([
             "-loglevel", "error",
             "-f", "concat", "-safe", "0", *input_args(list_path),
-            "-t", f"{audio_duration:.6f}", *input_args(audio_path),
+            *(() if audio_copy else ("-t", f"{audio_duration:.6f}")), *input_args(audio_path),
             "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1",
             "-c:v", "copy", "-frames:v", str(frames_expected),
-            "-c:a", "aac", "-b:a", s.audio_bitrate,
+            *(("-c:a", "copy") if audio_copy else ("-c:a", "aac", "-b:a", s.audio_bitrate)),
             "-movflags", "+faststart", "-f", "mp4", file_url(tmp),
         ], timeout=s.ffmpeg_timeout_s, settings=s, stage="finalize", path=str(out))
         verify_output(tmp, frames_expected=frames_expected, fps=fps,

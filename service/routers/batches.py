@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse
 from cluster.errors import JobNotFound
 from cluster.render import new_job_id
 from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
-from cluster.views import job_view
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES, ApiProblem, QueueFull
@@ -55,7 +54,7 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
     i = 0
     while n is None or i < n:
         try:
-            jobs.append(job_view(await backend.gateway.get(f"{batch_id}--{i:03d}")))
+            jobs.append(backend.view(await backend.gateway.get(f"{batch_id}--{i:03d}")))
         except JobNotFound:
             break
         i += 1

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from cluster.errors import InputTooLarge
 from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
-from cluster.views import job_view
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES
@@ -74,7 +73,8 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         await backend.register_callback(st.id, body.callback_url)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return JSONResponse(JobAccepted(id=st.id, state=st.state).model_dump(mode="json"), status_code=202,
+    accepted = JobAccepted(id=st.id, state=st.state, watch_url=backend.watch_url(st.id))
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{st.id}"})
 
 
@@ -83,31 +83,44 @@ async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Que
                     offset: int = Query(0, ge=0), backend: Backend = Depends(get_backend)) -> JobPage:
     jobs = await backend.gateway.list_jobs(state or None, limit + 1, offset)
     more = len(jobs) > limit
-    return JobPage(jobs=[job_view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None)
+    return JobPage(jobs=[backend.view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None)
 
 
 @router.get("/{job_id}", response_model=JobView,
             summary="A job's state, stage, progress, timings, error and output")
 async def get_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
-    return job_view(await backend.gateway.get(job_id))
+    return backend.view(await backend.gateway.get(job_id))
 
 
 @router.delete("/{job_id}", response_model=JobView, summary="Cancel a job (a finished job is left as it is)")
 async def cancel_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
-    return job_view(await backend.gateway.cancel(job_id))
+    return backend.view(await backend.gateway.cancel(job_id))
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
-            summary="Server-Sent Events: one `status` event (a JobView) per change, until a terminal state")
-async def job_events(job_id: str, request: Request, backend: Backend = Depends(get_backend)) -> StreamingResponse:
+            summary="Server-Sent Events: one `status` event (a JobView) per change, until a terminal state; "
+                    "with ?segments=1 also one `segment` event per published HLS segment")
+async def job_events(job_id: str, request: Request, segments: bool = Query(
+        False, description="also send `segment` events (an HlsSegment each); off by default, because SDKs "
+                           "that read every `data:` line as a JobView predate them"),
+        backend: Backend = Depends(get_backend)) -> StreamingResponse:
     gateway, settings = backend.gateway, backend.settings
     first = await gateway.get(job_id)  # 404 before the stream starts
+    base = f"/v1/jobs/{job_id}/hls/"
 
     async def events() -> AsyncIterator[bytes]:
         st, last, last_sent = first, None, time.monotonic()
         deadline = time.monotonic() + settings.job_timeout_s
+        sent_segments = 0
         while True:
-            view = job_view(st)
+            view = backend.view(st)
+            if segments:  # before the status: a terminal status is the stream's last event
+                index = await gateway.hls_index(job_id)
+                query = backend.watch_query(job_id)
+                for seg in index.segments[sent_segments:]:
+                    seg.url = f"{base}{seg.name}{query}"
+                    yield f"event: segment\ndata: {seg.model_dump_json()}\n\n".encode()
+                sent_segments = max(sent_segments, len(index.segments))
             key = (view.state, view.frames_done, view.frames_total, view.stage)
             if key != last:
                 last, last_sent = key, time.monotonic()
@@ -119,7 +132,7 @@ async def job_events(job_id: str, request: Request, backend: Backend = Depends(g
                 yield b": keep-alive\n\n"
             if await request.is_disconnected():
                 return
-            st = await gateway.wait(job_id, 0.5)  # at once when the job ends, else after 0.5 s
+            st = await gateway.wait(job_id, 0.5 if not segments else 0.25)  # at once when the job ends
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

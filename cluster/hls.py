@@ -1,0 +1,406 @@
+"""Progressive output: every job as an HLS stream (fMP4) from its first verified chunk.
+
+Layout under the job's directory (kept until retention removes the job):
+
+    hls/audio.m4a           the job's AAC, encoded once (cluster.media.aac); the final mp4 copies it
+    hls/init.mp4            ftyp + moov (H.264 + AAC); init-<chunk>.mp4 if a chunk's SPS/PPS differ
+    hls/<chunk>-<part>.m4s  one fragment per part: a chunk cut at its 2 s IDR frames, video + audio
+    hls/<chunk>.json        the chunk's marker, written last: its parts are published
+
+A chunk is packaged once its segment is verified (frame count) and every chunk before it is
+packaged: the published segments are always a contiguous prefix. Every file is written once: the
+first verified write wins, a late retry never replaces it (`write_once`).
+
+The timeline: video frame F of the job is presented at `(F + shift_frames) / fps` and decoded
+from `F / fps` (each fragment's `tfdt` is its first frame: composition offsets stay >= 0 with
+B-frames); the audio's first sample is presented with the video's first frame, so the encoder's
+priming packet starts `priming` samples earlier, at or after 0. No edit lists: players such as
+hls.js ignore them. Each AAC packet goes, whole, to the part in whose time range it starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from cluster.config import Settings
+from cluster.errors import JobNotFound, LipsyncError, OutputVerificationError
+from cluster.media import fmp4
+from cluster.media.aac import AacTrack
+from cluster.schemas import HlsIndex, HlsSegment
+
+log = logging.getLogger("lipsync.hls")
+
+HLS_DIR = "hls"
+AUDIO_FILE = "audio.m4a"
+INIT_FILE = "init.mp4"
+PLAYLIST = "index.m3u8"
+#: Names a client may ask for: the init segment(s) and media segments.
+FILE_NAME = re.compile(r"init(-\d{5})?\.mp4|\d{5}-\d{3}\.m4s")
+MIN_SHIFT_FRAMES = 4  # > the encoder's B-frame reorder delay (x264 presets: at most 2)
+
+
+def hls_dir(job_dir: str | Path) -> Path:
+    return Path(job_dir) / HLS_DIR
+
+
+def write_once(path: Path, data: bytes) -> bool:
+    """Write `data` to `path` unless it exists (atomically: a reader sees all of it or nothing);
+    True when this call wrote it. The first write wins: a later one leaves the file as it is."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- the plan: parts and the timeline -------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    chunk: int
+    part: int
+    start: int   # first frame (job's numbering)
+    frames: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.chunk:05d}-{self.part:03d}.m4s"
+
+
+def gop_frames(settings: Settings, fps: Fraction) -> int:
+    """The IDR interval of rendered segments (`cluster.media.encode.encoder_args`)."""
+    return max(settings.gop_frames, round(2 * fps))
+
+
+def plan_parts(chunks, gop: int) -> list[Part]:
+    """Each chunk cut at its IDR frames (every `gop` frames from its start)."""
+    parts = []
+    for chunk in chunks:
+        for k, start in enumerate(range(chunk.start, chunk.stop, gop)):
+            parts.append(Part(chunk.index, k, start, min(gop, chunk.stop - start)))
+    return parts
+
+
+def target_duration(parts: list[Part], fps: Fraction) -> int:
+    return max(1, math.ceil(max((p.frames for p in parts), default=1) / fps - Fraction(1, 1000)))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    fps: Fraction
+    timescale: int        # video
+    frame_ticks: int      # one frame in video ticks
+    shift_frames: int     # the presentation shift (B-frames, AAC priming), in frames
+    sample_rate: int
+    audio_shift: int      # the same shift in audio samples
+
+    @classmethod
+    def of(cls, fps: Fraction, sample_rate: int, priming: int) -> "Timeline":
+        fps = Fraction(fps)
+        scale = 90000 if (90000 * fps.denominator) % fps.numerator == 0 else fps.numerator
+        ticks = scale * fps.denominator // fps.numerator
+        shift = max(MIN_SHIFT_FRAMES, math.ceil(Fraction(priming) * fps / sample_rate))
+        return cls(fps, scale, ticks, shift, sample_rate, round(Fraction(shift) / fps * sample_rate))
+
+    def boundary(self, frame: int) -> int:
+        """The audio sample (encoder timeline, first real sample 0) where video frame `frame` starts."""
+        return math.floor(Fraction(frame) / self.fps * self.sample_rate)
+
+
+# --- packaging one chunk ---------------------------------------------------------------------------
+@dataclass
+class VideoPacket:
+    data: bytes
+    frame: int  # presentation index within the chunk
+    keyframe: bool
+
+
+def read_chunk_video(path: str, fps: Fraction) -> tuple[bytes, int, int, list[VideoPacket]]:
+    """(avcC, width, height, packets in decode order) of a rendered chunk segment."""
+    import av
+
+    from cluster.media.ffmpeg import file_url
+
+    with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        stream = container.streams.video[0]
+        raw = [(p.pts, bool(p.is_keyframe), bytes(p)) for p in container.demux(stream) if p.size]
+        avcc = bytes(stream.codec_context.extradata or b"")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        base = min(pts for pts, _, _ in raw) if raw else 0
+        tb = Fraction(stream.time_base)
+    packets = [VideoPacket(data, round((pts - base) * tb * fps), key) for pts, key, data in raw]
+    return avcc, width, height, packets
+
+
+def package_chunk(plan, chunk, parts: list[Part], sequence0: int, track: AacTrack, timeline: Timeline,
+                  frames_total: int, audio_timeout: float) -> tuple[bytes, list[tuple[Part, bytes]]]:
+    """(the chunk's avcC, [(part, media segment bytes)]) of one verified chunk segment."""
+    path = plan.segment_path(chunk.index)
+    avcc, width, height, packets = read_chunk_video(path, timeline.fps)
+    if len(packets) != chunk.frames or sorted(p.frame for p in packets) != list(range(chunk.frames)):
+        raise OutputVerificationError(f"job {plan.job_id}: segment {path} of chunk {chunk.index} holds "
+                                      f"{len(packets)} frames, expected {chunk.frames}", path=path, stage="hls")
+    delay = max(i - p.frame for i, p in enumerate(packets))
+    if delay > timeline.shift_frames:
+        raise OutputVerificationError(f"job {plan.job_id}: chunk {chunk.index} reorders {delay} frames, more than "
+                                      f"the HLS timeline allows ({timeline.shift_frames})", path=path, stage="hls")
+    track.wait_until(timeline.boundary(chunk.stop), audio_timeout)
+    audio = track.snapshot()
+    out = []
+    at = 0  # decode index into packets
+    for n, part in enumerate(parts):
+        first = part.start - chunk.start
+        if not (packets[at].keyframe and packets[at].frame == first):
+            raise OutputVerificationError(f"job {plan.job_id}: chunk {chunk.index} has no IDR frame at frame "
+                                          f"{part.start} to cut part {part.part} at", path=path, stage="hls")
+        video = fmp4.Run(fmp4.VIDEO_TRACK, part.start * timeline.frame_ticks)
+        stop = at + part.frames
+        for i in range(at, stop):
+            p = packets[i]
+            offset = (p.frame - i + timeline.shift_frames) * timeline.frame_ticks  # presented - decoded
+            video.add(p.data, timeline.frame_ticks, fmp4.SYNC_SAMPLE if p.keyframe else fmp4.NON_SYNC_SAMPLE, offset)
+        at = stop
+        lo = timeline.boundary(part.start) if part.start > 0 else None
+        hi = timeline.boundary(part.start + part.frames) if part.start + part.frames < frames_total else None
+        mine = [(pts, data) for pts, data in audio if (lo is None or pts >= lo) and (hi is None or pts < hi)]
+        sound = fmp4.Run(fmp4.AUDIO_TRACK, timeline.audio_shift + mine[0][0] if mine else 0)
+        for _, data in mine:
+            sound.add(data, 1024)
+        out.append((part, fmp4.media_segment(sequence0 + n + 1, [video, sound])))
+    return avcc, out
+
+
+# --- the publisher: one per running job -------------------------------------------------------------
+class HlsPublisher:
+    """Encodes a job's AAC (a thread, from `start`) and packages its chunks in order as they are
+    verified (`chunk_done`), in one worker thread; `drain` waits until everything is published
+    and the audio saved for the final mp4; `close` stops publishing (no file appears after it)."""
+
+    def __init__(self, plan, settings: Settings) -> None:
+        self.plan, self.settings = plan, settings
+        self.dir = hls_dir(plan.job_dir)
+        self.parts = plan_parts(plan.chunks, gop_frames(settings, plan.fps))
+        self._lock = threading.Lock()       # file writes vs close
+        self._cond = threading.Condition()  # done chunks, progress
+        self._done: set[int] = set()
+        self._closed = False
+        self.next_chunk = 0
+        self.error: Exception | None = None
+        self.track: AacTrack | None = None
+        self._threads: list[threading.Thread] = []
+
+    # lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "HlsPublisher":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.next_chunk = len(published_chunks(self.dir, len(self.plan.chunks)))
+        saved = self.dir / AUDIO_FILE
+        if saved.exists():
+            try:
+                self.track = AacTrack.load(saved, self.plan.audio_path, self.plan.audio_duration,
+                                           self.settings.audio_bitrate)
+            except Exception as e:  # damaged: encoded again (the encoder is deterministic)
+                log.warning("job %s: saved audio %s unreadable (%r); encoding again", self.plan.job_id, saved, e)
+                saved.unlink(missing_ok=True)
+        if self.track is None:
+            self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate)
+            self._spawn(self._encode_audio, "aac")
+        self._spawn(self._publish_loop, "hls")
+        return self
+
+    def _spawn(self, target, what: str) -> None:
+        thread = threading.Thread(target=target, name=f"{what}-{self.plan.job_id}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _encode_audio(self) -> None:
+        try:
+            self.track.encode()
+            self.track.save(self.dir / AUDIO_FILE)  # the final mp4 needs it even when HLS has stopped
+            with self._cond:
+                self._cond.notify_all()
+        except Exception as e:
+            log.error("job %s: AAC encoding failed: %r", self.plan.job_id, e)
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        if not isinstance(e, LipsyncError):
+            e = OutputVerificationError(f"job {self.plan.job_id}: HLS publishing failed: {e!r}", stage="hls",
+                                        job_id=self.plan.job_id, cause=repr(e))
+        with self._cond:
+            if self.error is None:
+                self.error = e
+            self._cond.notify_all()
+
+    def chunk_done(self, index: int) -> None:
+        with self._cond:
+            self._done.add(index)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop publishing: once this returns no chunk is published any more."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        with self._lock:
+            pass
+
+    def drain(self, timeout: float) -> None:
+        """Wait until every chunk is published and the audio is saved; raises what stopped them."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.error is None and not (self.next_chunk >= len(self.plan.chunks)
+                                              and (self.dir / AUDIO_FILE).exists()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OutputVerificationError(f"job {self.plan.job_id}: HLS publishing did not finish within "
+                                                  f"{timeout:.0f} s", stage="hls")
+                self._cond.wait(min(left, 0.5))
+            if self.error is not None:
+                raise self.error
+
+    # the worker -------------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        try:
+            self._publish_all()
+        except Exception as e:
+            log.error("job %s: HLS publishing stopped at chunk %d: %r", self.plan.job_id, self.next_chunk, e)
+            self._fail(e)
+
+    def _publish_all(self) -> None:
+        plan, s = self.plan, self.settings
+        self.track.wait_format(s.chunk_timeout_s)
+        timeline = Timeline.of(plan.fps, self.track.sample_rate, self.track.priming)
+        while True:
+            with self._cond:
+                while not self._closed and self.next_chunk < len(plan.chunks) and self.next_chunk not in self._done:
+                    self._cond.wait(1.0)
+                if self._closed or self.next_chunk >= len(plan.chunks):
+                    return
+                index = self.next_chunk
+            chunk = plan.chunks[index]
+            parts = [p for p in self.parts if p.chunk == index]
+            sequence0 = self.parts.index(parts[0])
+            avcc, segments = package_chunk(plan, chunk, parts, sequence0, self.track, timeline, plan.frames_total,
+                                           s.chunk_timeout_s)
+            with self._lock:
+                if self._closed:
+                    return
+                init = self._init_for(avcc, index)
+                for part, data in segments:
+                    write_once(self.dir / part.name, data)
+                marker = {"chunk": index, "init": init, "parts": [
+                    {"name": p.name, "start": float(Fraction(p.start) / plan.fps),
+                     "duration": float(Fraction(p.frames) / plan.fps)} for p, _ in segments]}
+                write_once(self.dir / f"{index:05d}.json", json.dumps(marker).encode())
+            with self._cond:
+                self.next_chunk = index + 1
+                self._cond.notify_all()
+
+    def _init_for(self, avcc: bytes, index: int) -> str:
+        """The init segment for a chunk with this avcC: init.mp4 when it is the same as the first
+        chunk's (or this is the first), else its own `init-<chunk>.mp4` (EXT-X-MAP before it)."""
+        track = self.track
+        audio = fmp4.AudioTrack(track.sample_rate, track.channels, track.asc, track.bitrate)
+        video = fmp4.VideoTrack(self.plan.width, self.plan.height,
+                                Timeline.of(self.plan.fps, track.sample_rate, track.priming).timescale, avcc)
+        key = self.dir / "init.avcc"
+        write_once(key, avcc)
+        name = INIT_FILE if key.read_bytes() == avcc else f"init-{index:05d}.mp4"
+        write_once(self.dir / name, fmp4.init_segment(video, audio))
+        return name
+
+
+# --- reading what is published ------------------------------------------------------------------------
+def published_chunks(directory: Path, chunk_count: int) -> list[dict]:
+    """The markers of the contiguous published prefix of a job's chunks."""
+    out = []
+    for index in range(chunk_count):
+        try:
+            out.append(json.loads((directory / f"{index:05d}.json").read_text()))
+        except (OSError, ValueError):
+            break
+    return out
+
+
+def hls_index(job_id: str, plan, state, settings: Settings) -> HlsIndex:
+    """What the playlist lists for a job: its published segments, and whether it has ended."""
+    segments: list[HlsSegment] = []
+    target = 2
+    if plan is not None:
+        parts = plan_parts(plan.chunks, gop_frames(settings, plan.fps))
+        target = target_duration(parts, plan.fps)
+        for marker in published_chunks(hls_dir(plan.job_dir), len(plan.chunks)):
+            for p in marker["parts"]:
+                segments.append(HlsSegment(index=len(segments), name=p["name"], start=p["start"],
+                                           duration=p["duration"], init=marker["init"]))
+    return HlsIndex(job_id=job_id, state=state, ended=state.terminal, target_duration=target, segments=segments)
+
+
+def render_playlist(index: HlsIndex, query: str = "") -> str:
+    """The m3u8 text: an EVENT playlist, `#EXT-X-ENDLIST` once the job has ended (whatever was
+    published by then); `query` (e.g. `?token=...`) is appended to every URI."""
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{index.target_duration}",
+             "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    current = None
+    for seg in index.segments:
+        if seg.init != current:
+            lines.append(f'#EXT-X-MAP:URI="{seg.init}{query}"')
+            current = seg.init
+        lines += [f"#EXTINF:{seg.duration:.6f},", f"{seg.name}{query}"]
+    if index.ended:
+        lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"
+
+
+def read_published(plan, name: str, offset: int, length: int) -> bytes:
+    """Bytes of a published HLS file of a job (init segment or media segment)."""
+    directory = hls_dir(plan.job_dir)
+    listed = {INIT_FILE}
+    for marker in published_chunks(directory, len(plan.chunks)):
+        listed.add(marker["init"])
+        listed.update(p["name"] for p in marker["parts"])
+    if not FILE_NAME.fullmatch(name) or name not in listed or not (directory / name).is_file():
+        raise JobNotFound(f"job {plan.job_id} has no published HLS file {name}", job_id=plan.job_id)
+    with open(directory / name, "rb") as f:
+        f.seek(max(0, offset))
+        return f.read(max(0, length))
+
+
+# --- signed watch URLs ----------------------------------------------------------------------------
+WATCH_KEY_LABEL = b"lipsync watch url v1"
+
+
+def watch_key(api_token: str) -> bytes:
+    """The key that signs watch URLs: derived from the API token for this purpose only (callbacks
+    are signed with another)."""
+    return hmac.new(api_token.encode(), WATCH_KEY_LABEL, hashlib.sha256).digest()
+
+
+def sign_watch(key: bytes, job_id: str, expires: int) -> str:
+    """`<expires>.<signature>`: HMAC-SHA256 over the job id and the expiry (unix seconds)."""
+    mac = hmac.new(key, f"{job_id}\n{int(expires)}".encode(), hashlib.sha256).hexdigest()
+    return f"{int(expires)}.{mac}"
+
+
+def check_watch(key: bytes, job_id: str, token: str, now: float | None = None) -> bool:
+    expires, _, _ = token.partition(".")
+    if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+        return False
+    return hmac.compare_digest(sign_watch(key, job_id, int(expires)), token)

@@ -1,0 +1,188 @@
+"""A job's audio encoded to AAC once, progressively, ahead of the video.
+
+One encoder over the whole audio (per-segment encoding would add the encoder's priming samples
+and a click at every segment boundary): its packets are what both the HLS segments and the final
+mp4 carry. `AacTrack.encode` runs in a thread and makes packets available as it goes
+(`wait_until`), so a job's first segment does not wait for the whole audio to be encoded; the
+finished track is saved as an `.m4a` (`save`) for the final mp4 and for a restarted job manager
+(`load`). The encoder is deterministic: encoding the same audio again gives the same packets.
+
+Packet timestamps are in samples on the encoder's timeline: the first packet starts at
+`-priming` (the encoder's delay, 1024 samples), the audio's first sample is at 0.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from cluster.errors import EncodeError, MediaError
+from cluster.media.ffmpeg import file_url
+
+#: AAC-LC sample rates an `.m4a`'s 16-bit sample-rate field and every player take; others are resampled.
+AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+FRAME = 1024
+
+
+def _bitrate(text: str | int) -> int:
+    text = str(text).strip().lower()
+    return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
+
+
+class AacTrack:
+    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)]."""
+
+    def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k") -> None:
+        self.audio_path, self.duration, self.bitrate = str(audio_path), float(duration), _bitrate(bitrate)
+        self.packets: list[tuple[int, bytes]] = []
+        self.sample_rate = 0
+        self.channels = 0
+        self.asc = b""
+        self.priming = FRAME
+        self.done = False
+        self.error: Exception | None = None
+        self._cond = threading.Condition()
+
+    # --- producing ---------------------------------------------------------------------------
+    def encode(self) -> "AacTrack":
+        """Encode the whole audio (call in a thread); packets become visible as they are made."""
+        try:
+            self._encode()
+        except Exception as e:
+            with self._cond:
+                self.error = e if isinstance(e, MediaError) else EncodeError(
+                    f"AAC encoding of {self.audio_path} failed: {e}", path=self.audio_path, stage="encode",
+                    cause=repr(e))
+                self._cond.notify_all()
+            raise self.error from None
+        return self
+
+    def _encode(self) -> None:
+        with av.open(file_url(self.audio_path), options={"protocol_whitelist": "file"}) as inp:
+            stream = inp.streams.audio[0]
+            rate = stream.codec_context.sample_rate or 48000
+            rate = rate if rate in AAC_RATES else 48000
+            channels = min(2, stream.codec_context.channels or 1)
+            layout = "stereo" if channels == 2 else "mono"
+            encoder = av.CodecContext.create("aac", "w")
+            encoder.sample_rate, encoder.layout, encoder.format = rate, layout, "fltp"
+            encoder.bit_rate = self.bitrate
+            encoder.time_base = Fraction(1, rate)
+            encoder.open()
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate, frame_size=FRAME)
+            with self._cond:
+                self.sample_rate, self.channels = rate, channels
+                self.asc = bytes(encoder.extradata or b"")
+                self.priming = encoder.delay if getattr(encoder, "delay", None) else FRAME
+                self._cond.notify_all()
+            total = round(self.duration * rate)
+            fed = 0
+
+            def feed(frame) -> None:
+                nonlocal fed
+                if frame is not None:
+                    n = min(frame.samples, total - fed)
+                    if n <= 0:
+                        return
+                    if n < frame.samples:
+                        data = frame.to_ndarray()[:, :n]
+                        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format="fltp", layout=layout)
+                        frame.sample_rate = rate
+                    frame.pts, frame.time_base = fed, Fraction(1, rate)
+                    fed += n
+                out = [(p.pts, bytes(p)) for p in encoder.encode(frame)]
+                if out:
+                    with self._cond:
+                        self.packets.extend(out)
+                        self._cond.notify_all()
+
+            for frame in inp.decode(stream):
+                for part in resampler.resample(frame):
+                    feed(part)
+                if fed >= total:
+                    break
+            for part in resampler.resample(None):
+                feed(part)
+            if fed < total:  # the file holds less than it said: pad with silence to the planned length
+                while fed < total:
+                    n = min(FRAME, total - fed)
+                    silence = av.AudioFrame.from_ndarray(np.zeros((channels, n), np.float32), format="fltp",
+                                                         layout=layout)
+                    silence.sample_rate = rate
+                    feed(silence)
+            feed(None)
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    # --- consuming -----------------------------------------------------------------------------
+    def wait_until(self, sample: int, timeout: float) -> None:
+        """Block until every packet starting before `sample` exists (or the track is done)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.done and self.error is None and not (self.packets and self.packets[-1][0] >= sample):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EncodeError(f"AAC encoding of {self.audio_path} did not reach sample {sample} within "
+                                      f"{timeout:.0f} s", path=self.audio_path, stage="encode")
+                self._cond.wait(min(left, 1.0))
+            if self.error is not None:
+                raise self.error
+
+    def wait_format(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.sample_rate and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EncodeError(f"AAC encoding of {self.audio_path} did not start within {timeout:.0f} s",
+                                      path=self.audio_path, stage="encode")
+                self._cond.wait(min(left, 1.0))
+            if self.error is not None:
+                raise self.error
+
+    def snapshot(self) -> list[tuple[int, bytes]]:
+        with self._cond:
+            return list(self.packets)
+
+    # --- the finished track as a file ------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the finished track as an `.m4a` (the same packets; the muxer's edit list trims the
+        priming) to `path`, atomically."""
+        from cluster.fsutil import atomic_writer
+
+        if not self.done:
+            raise EncodeError(f"AAC track of {self.audio_path} is not finished", stage="encode")
+        with atomic_writer(path) as f:
+            with av.open(f, "w", format="ipod") as out:
+                stream = out.add_stream("aac", rate=self.sample_rate,
+                                        layout="stereo" if self.channels == 2 else "mono")
+                stream.bit_rate = self.bitrate
+                for pts, data in self.packets:
+                    packet = av.Packet(data)
+                    packet.pts = packet.dts = pts
+                    packet.duration = FRAME
+                    packet.time_base = Fraction(1, self.sample_rate)
+                    packet.stream = stream
+                    out.mux(packet)
+
+    @classmethod
+    def load(cls, path: str | Path, audio_path: str, duration: float, bitrate: str | int) -> "AacTrack":
+        """A finished track saved by `save`."""
+        track = cls(audio_path, duration, bitrate)
+        with av.open(file_url(str(path)), options={"protocol_whitelist": "file"}) as inp:
+            stream = inp.streams.audio[0]
+            track.sample_rate = stream.codec_context.sample_rate
+            track.channels = stream.codec_context.channels
+            track.asc = bytes(stream.codec_context.extradata or b"")
+            scale = Fraction(stream.time_base) * track.sample_rate
+            track.packets = [(int(p.pts * scale), bytes(p)) for p in inp.demux(stream) if p.size]
+        if not track.packets:
+            raise MediaError(f"saved AAC track {path} holds no packets", path=str(path))
+        track.priming = -track.packets[0][0]
+        track.done = True
+        return track

@@ -1,0 +1,334 @@
+"""Progressive output: every job as HLS (fMP4) from its first verified chunk (cluster/hls.py).
+
+In process (no Ray): the decoded HLS of a job equals its final mp4 (frames exact, audio the same
+samples, no gap or overlap at any segment boundary); a re-rendered chunk packages to the same
+bytes and a published file is never replaced. Over HTTP (the session's `lipsync serve`): a real
+ffmpeg reads a running job's signed playlist without a header; the playlist grows while the job
+renders and ends; segments never change; signatures are checked; SSE segment events only when
+asked, so an SDK of today still reads every event as a job view.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+FRAME_BYTES = 320 * 240 * 3 // 2  # yuv420p
+
+
+def _ffmpeg() -> str:
+    from cluster.config import Settings
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    return ffmpeg_binary(Settings())
+
+
+def decode_video(src: str, *before: str) -> bytes:
+    """Every frame as decoded (no frame rate conversion), yuv420p."""
+    r = subprocess.run([_ffmpeg(), "-v", "error", *before, "-i", src, "-map", "0:v:0", "-fps_mode", "passthrough",
+                        "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    return r.stdout
+
+
+def decode_audio(path: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(samples of channel 0, [(pts, samples)] per decoded frame) with PyAV, no edit-list trimming."""
+    import av
+
+    out, frames = [], []
+    with av.open(path) as c:
+        for frame in c.decode(audio=0):
+            frames.append((frame.pts, frame.samples))
+            out.append(frame.to_ndarray()[0])
+    return np.concatenate(out), frames
+
+
+def hls_bytes(directory: Path, names: list[str]) -> bytes:
+    return b"".join((directory / n).read_bytes() for n in ["init.mp4", *names])
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory, speech_wav, astronaut_video):
+    """A 3.2 s job rendered in process with 1 s chunks (a 0.25 s first chunk), segments kept."""
+    from cluster.config import Settings
+    from cluster.render import admit, finalize_job, prepare_job, render_chunk
+    from cluster.schemas import RenderRequest
+
+    root = tmp_path_factory.mktemp("hls-local")
+    s = Settings(storage_root=root / "store", chunk_seconds=1.0, keep_segments=True)
+    from cluster.hls import HlsPublisher
+    from cluster.models import load_model
+
+    model = load_model("builtin", s)
+    request = admit("hls-local", RenderRequest(audio=speech_wav, video=astronaut_video, output=str(root / "o.mp4")), s)
+    plan = prepare_job("hls-local", request, s, model_size=model.size)
+    publisher = HlsPublisher(plan, s).start()
+    for chunk in reversed(plan.chunks):  # out of order: published only as a contiguous prefix
+        render_chunk(plan, chunk, model.generate, s)
+        publisher.chunk_done(chunk.index)
+        if chunk.index > 0:
+            time.sleep(0.3)
+            assert not list((Path(plan.job_dir) / "hls").glob("*.m4s")), "published past a missing chunk"
+    publisher.drain(120)
+    publisher.close()
+    info = finalize_job(plan, s)
+    return {"plan": plan, "settings": s, "model": model, "output": info.path}
+
+
+def test_decoded_hls_equals_the_final_mp4(local_job, tmp_path):
+    from cluster.hls import hls_dir, published_chunks
+
+    plan = local_job["plan"]
+    directory = hls_dir(plan.job_dir)
+    markers = published_chunks(directory, len(plan.chunks))
+    assert [m["chunk"] for m in markers] == [c.index for c in plan.chunks]
+    names = [p["name"] for m in markers for p in m["parts"]]
+    whole = tmp_path / "hls.mp4"  # init + every media segment: one fragmented mp4
+    whole.write_bytes(hls_bytes(directory, names))
+    hls_frames, mp4_frames = decode_video(str(whole)), decode_video(local_job["output"])
+    assert len(hls_frames) == plan.frames_total * FRAME_BYTES
+    assert hls_frames == mp4_frames  # the same packets, frame for frame
+    # audio: the same samples once the encoder's priming (played explicitly, no edit list) is skipped
+    hls_audio, hls_audio_frames = decode_audio(str(whole))
+    mp4_audio, _ = decode_audio(local_job["output"])
+    for (pts, n), (next_pts, _) in zip(hls_audio_frames, hls_audio_frames[1:]):
+        assert next_pts == pts + n, "a gap or an overlap in the HLS audio"
+    priming = 1024
+    n = min(len(hls_audio) - priming, len(mp4_audio))
+    assert abs((len(hls_audio) - priming) - len(mp4_audio)) <= 1024  # within one AAC frame
+    assert np.abs(hls_audio[priming:priming + n] - mp4_audio[:n]).max() < 1e-6
+    # each segment's audio starts where the previous one's ended, and with the video (timeline shift)
+    import av
+
+    with av.open(str(whole)) as c:
+        v0 = next(p for p in c.demux(video=0) if p.size).pts * c.streams.video[0].time_base
+    with av.open(str(whole)) as c:
+        a0 = next(p for p in c.demux(audio=0) if p.size).pts * c.streams.audio[0].time_base
+        rate = c.streams.audio[0].rate
+    assert abs(float(v0 - a0) - priming / rate) < 1 / rate + 1e-6  # the first real sample with frame 0
+
+
+def test_a_rerendered_chunk_publishes_the_same_bytes_and_first_write_wins(local_job, tmp_path):
+    from cluster.hls import Timeline, gop_frames, hls_dir, package_chunk, plan_parts, published_chunks, write_once
+    from cluster.media.aac import AacTrack
+    from cluster.render import render_chunk
+
+    plan, s = local_job["plan"], local_job["settings"]
+    chunk = plan.chunks[1]
+    published = {p["name"]: (hls_dir(plan.job_dir) / p["name"]).read_bytes()
+                 for m in published_chunks(hls_dir(plan.job_dir), len(plan.chunks)) for p in m["parts"]
+                 if m["chunk"] == chunk.index}
+    again = plan.model_copy(update={"job_dir": str(tmp_path / "again")})  # a retry after a fault, elsewhere
+    render_chunk(again, chunk, local_job["model"].generate, s)
+    track = AacTrack(plan.audio_path, plan.audio_duration, s.audio_bitrate).encode()
+    all_parts = plan_parts(plan.chunks, gop_frames(s, plan.fps))
+    parts = [p for p in all_parts if p.chunk == chunk.index]
+    _, segments = package_chunk(again, chunk, parts, all_parts.index(parts[0]), track,
+                                Timeline.of(plan.fps, track.sample_rate, track.priming), plan.frames_total, 30)
+    assert {part.name: data for part, data in segments} == published
+    target = hls_dir(plan.job_dir) / parts[0].name
+    assert write_once(target, b"a late retry") is False and target.read_bytes() == published[parts[0].name]
+
+
+def test_parts_cut_at_idr_frames_and_target_duration():
+    from fractions import Fraction
+
+    from cluster.hls import plan_parts, target_duration
+    from cluster.plan import make_chunks
+
+    chunks = make_chunks(25 * 150, Fraction(25), 60.0, 0.25)  # 150 s in 60 s chunks
+    parts = plan_parts(chunks, 50)
+    assert all(p.frames <= 50 for p in parts) and sum(p.frames for p in parts) == 25 * 150
+    assert target_duration(parts, Fraction(25)) == 2
+    assert [p.start for p in parts] == sorted(p.start for p in parts)
+
+
+def test_watch_signatures():
+    from cluster.hls import check_watch, sign_watch, watch_key
+
+    key = watch_key("secret")
+    token = sign_watch(key, "job1", int(time.time()) + 60)
+    assert check_watch(key, "job1", token)
+    assert not check_watch(key, "job2", token)
+    assert not check_watch(watch_key("other"), "job1", token)
+    assert not check_watch(key, "job1", token[:-1] + ("0" if token[-1] != "0" else "1"))
+    assert not check_watch(key, "job1", sign_watch(key, "job1", int(time.time()) - 1))
+    from cluster.callbacks import sign as sign_callback
+
+    assert sign_callback(b"x", "secret") != sign_watch(key, "x", 0)  # not the callbacks' key
+
+
+# --- over HTTP -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hls_media(service):
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    root = service.input_root
+    return {"video": astronaut_template(str(root / "hls-face.mp4"), seconds=1.0, fps=25, size=(320, 240)),
+            "audio": write_audio(str(root / "hls-speech.wav"), speech_like(4.0, seed=5))}
+
+
+def _playlist_state(text: str) -> tuple[int, bool]:
+    return text.count("#EXTINF"), "#EXT-X-ENDLIST" in text
+
+
+@pytest.mark.service
+def test_ffmpeg_plays_a_running_job_from_its_signed_playlist(service, hls_media, tmp_path):
+    from cluster.client import Client
+
+    job_id = f"hls-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {service.token}"}
+    with Client(service.url, token=service.token) as c:
+        watch = c.submit(hls_media["audio"], hls_media["video"], id=job_id, model="latency:60").watch_url
+    assert watch.startswith(f"{service.url}/v1/jobs/{job_id}/hls/index.m3u8?token=")
+    live_video, live_audio = tmp_path / "live.yuv", tmp_path / "live.f32"
+    anon = httpx.Client(timeout=30, trust_env=False)
+    with httpx.Client(base_url=service.url, headers=headers, timeout=30, trust_env=False) as http:
+        states, seen, ffmpeg = [], {}, None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            view = http.get(f"/v1/jobs/{job_id}").json()
+            r = anon.get(watch)  # no header: the signed URL
+            assert r.status_code == 200 and r.headers["cache-control"] == "no-cache", r.text
+            assert r.headers["referrer-policy"] == "no-referrer"
+            count, ended = _playlist_state(r.text)
+            if not states or states[-1][:2] != (count, ended):
+                states.append((count, ended, view["frames_done"] / max(1, view["frames_total"])))
+            if count and ffmpeg is None:  # a real ffmpeg plays the live playlist from its first segment
+                ffmpeg = subprocess.Popen(
+                    [_ffmpeg(), "-v", "error", "-allowed_extensions", "ALL", "-live_start_index", "0", "-i", watch,
+                     "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "yuv420p",
+                     str(live_video), "-map", "0:a:0", "-f", "f32le", "-ac", "1", str(live_audio)],
+                    stderr=subprocess.PIPE)
+            for line in r.text.splitlines():  # every listed segment, fetched as a player does
+                if line and not line.startswith("#") and line.split("?")[0] not in seen:
+                    seg = anon.get(watch.replace("index.m3u8?", line.split("?")[0] + "?"))
+                    assert seg.status_code == 200 and "immutable" in seg.headers["cache-control"]
+                    seen[line.split("?")[0]] = seg.content
+            if ended:
+                break
+            time.sleep(0.15)
+        assert ffmpeg is not None, states
+        out, err = ffmpeg.communicate(timeout=120)
+        assert ffmpeg.returncode == 0, err.decode()[-2000:]
+        growing = [s for s in states if not s[1] and s[0] > 0]
+        assert len(growing) >= 3, states  # >= 3 playlist states with growing segment counts before ENDLIST
+        assert [s[0] for s in growing] == sorted({s[0] for s in growing}), states
+        assert growing[0][2] < 0.5, states  # the first one while less than half the frames were done
+        final = http.get(f"/v1/jobs/{job_id}").json()
+        assert final["state"] == "succeeded" and states[-1][1]
+        # every segment is byte-identical when fetched again; the init segment too
+        for name, data in seen.items():
+            assert http.get(f"/v1/jobs/{job_id}/hls/{name}").content == data, name
+        init = http.get(f"/v1/jobs/{job_id}/hls/init.mp4")
+        assert init.status_code == 200 and init.content[4:8] == b"ftyp"
+        # what ffmpeg decoded live is the final mp4, frame for frame; its audio the same samples
+        mp4 = tmp_path / "out.mp4"
+        mp4.write_bytes(http.get(f"/v1/jobs/{job_id}/result").content)
+        assert live_video.read_bytes() == decode_video(str(mp4))
+        mp4_audio, _ = decode_audio(str(mp4))
+        live = np.fromfile(live_audio, np.float32)
+        assert abs(len(live) - 1024 - len(mp4_audio)) <= 1024
+        n = min(len(live) - 1024, len(mp4_audio))
+        assert np.abs(live[1024:1024 + n] - mp4_audio[:n]).max() < 1e-4
+    anon.close()
+
+
+@pytest.mark.service
+def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
+    from cluster.hls import sign_watch, watch_key
+
+    headers = {"Authorization": f"Bearer {service.token}"}
+    job_id = f"hlsc-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=service.url, headers=headers, timeout=30, trust_env=False) as http, \
+            httpx.Client(base_url=service.url, timeout=30, trust_env=False) as anon:
+        r = http.post("/v1/jobs", json={"id": job_id, "audio": hls_media["audio"], "video": hls_media["video"],
+                                        "model": "latency:200"})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 120
+        while True:
+            view = http.get(f"/v1/jobs/{job_id}").json()
+            text = http.get(f"/v1/jobs/{job_id}/hls/index.m3u8").text  # the bearer token works too
+            if "#EXTINF" in text:
+                break
+            assert time.monotonic() < deadline and view["state"] not in ("failed", "succeeded"), view
+            time.sleep(0.1)
+        assert "?token=" not in text  # asked with the header: URIs without a signature
+        watch = view["watch_url"]
+        path, _, token = watch.partition("?token=")
+        assert anon.get(path).status_code == 401  # neither header nor signature
+        altered = token[:-1] + ("0" if token[-1] != "0" else "1")
+        for bad in (altered, sign_watch(watch_key(service.token), job_id, int(time.time()) - 5),
+                    sign_watch(watch_key(service.token), "another-job", int(time.time()) + 600),
+                    sign_watch(watch_key("not-the-token"), job_id, int(time.time()) + 600)):
+            for url in (path, path.replace("index.m3u8", "init.mp4")):
+                r = anon.get(url, params={"token": bad})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "auth.invalid_signature", r.text
+        assert anon.get(watch).status_code == 200
+        assert http.get("/v1/jobs/no-such-job/hls/index.m3u8").status_code == 404
+        assert http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s").status_code == 404  # not published
+        assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404
+        # cancelled mid-run: the playlist ends (ENDLIST) after what was published, and stays so
+        assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+        text = anon.get(watch).text
+        count, ended = _playlist_state(text)
+        assert ended and count >= 1
+        time.sleep(1.0)
+        assert anon.get(watch).text == text
+    assert token not in service.tail(1 << 20)  # signed tokens never logged
+
+
+@pytest.mark.service
+def test_sse_segments_only_when_asked_and_the_sdk(service, hls_media):
+    from cluster.client import Client
+    from cluster.schemas import HlsSegment, JobView
+
+    job_id = f"hlss-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {service.token}"}
+    with Client(service.url, token=service.token) as c:
+        job = c.submit(hls_media["audio"], hls_media["video"], id=job_id, model="latency:20")
+        results: dict = {}
+
+        def old_sdk() -> None:  # today's SDK: every data: line is a job view
+            with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/events", headers=headers, timeout=120,
+                              trust_env=False) as r:
+                results["old"] = [JobView.model_validate_json(line[5:].strip())
+                                  for line in r.iter_lines() if line.startswith("data:")]
+
+        thread = threading.Thread(target=old_sdk)
+        thread.start()
+        segments = list(job.segments(timeout=120))
+        thread.join(130)
+        assert results["old"] and results["old"][-1].state.value == "succeeded"
+        assert [s.index for s in segments] == list(range(len(segments))) and len(segments) >= 4
+        assert all(isinstance(s, HlsSegment) and s.url.startswith(service.url) for s in segments)
+        assert httpx.get(segments[0].url, trust_env=False).status_code == 200  # signed: no header needed
+        assert job.watch_url.startswith(service.url + f"/v1/jobs/{job_id}/hls/index.m3u8?token=")
+        with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/events", params={"segments": 1},
+                          headers=headers, timeout=60, trust_env=False) as r:
+            kinds = [line.split(":", 1)[1].strip() for line in r.iter_lines() if line.startswith("event:")]
+        assert kinds.count("segment") == len(segments) and kinds[-1] == "status"
+        assert json.loads(httpx.get(f"{service.url}/v1/jobs/{job_id}", headers=headers,
+                                    trust_env=False).text)["watch_url"]
+
+
+@pytest.mark.service
+def test_cli_submit_watch_prints_the_url_once_a_segment_exists(service, hls_media):
+    import os
+    import sys
+
+    env = {**os.environ, "LIPSYNC_URL": service.url, "LIPSYNC_API_TOKEN": service.token}
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", hls_media["audio"], hls_media["video"],
+                        "--model", "latency:20", "--watch"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    url = r.stdout.strip()
+    assert url.startswith(service.url + "/v1/jobs/") and "/hls/index.m3u8?token=" in url, r.stdout
+    playlist = httpx.get(url, trust_env=False)  # no header: the signed URL
+    assert playlist.status_code == 200 and "#EXTINF" in playlist.text
