@@ -14,9 +14,7 @@ registry that admits them.
 """
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -81,8 +79,6 @@ class LiveSessionActor:
         logging.basicConfig(level=logging.INFO)
         self.id, self.s = session_id, settings
         self.session = None
-        self.token = secrets.token_urlsafe(24)
-        self.token_expires = time.time() + settings.live_token_ttl_s
         self.workers = LiveWorkers(settings)
         self.model = settings.model
         self.created = time.time()
@@ -177,10 +173,7 @@ class LiveSessionActor:
             raise RuntimeError("session not begun")
         return self.session
 
-    # --- auth and files ---------------------------------------------------------------------------
-    def token_ok(self, token: str | None) -> bool:
-        return bool(token) and time.time() < self.token_expires and hmac.compare_digest(token, self.token)
-
+    # --- files ---------------------------------------------------------------------------
     def read_hls(self, name: str) -> bytes | None:
         """A file of the live stream (the published playlist, the init segment, a segment), or None."""
         from cluster.live.encoder import SEGMENT_NAME
@@ -205,8 +198,7 @@ class LiveSessionActor:
         session = self._live()
         stats = session.stats()
         recording_bytes = session.recording.stat().st_size if session.recording is not None else None
-        return {**stats, "avatar_id": getattr(self, "avatar_id", None), "model": self.model,
-                "token": self.token, "token_expires": self.token_expires, "created": self.created,
+        return {**stats, "avatar_id": getattr(self, "avatar_id", None), "model": self.model, "created": self.created,
                 "recording_bytes": recording_bytes}
 
     def state(self) -> str:

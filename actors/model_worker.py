@@ -174,5 +174,11 @@ class ModelWorker:
     def infer_live(self, spec: str, mel: np.ndarray, crops: np.ndarray):
         """`execute` in the live lane: a live session's (small) batch runs at once in the lane's
         own thread instead of queueing behind job batches, which keep their lane and progress
-        meanwhile (one live batch at a time: the live share of the worker is bounded)."""
+        meanwhile (one live batch at a time: the live share of the worker is bounded). The lane's
+        thread runs at `live_nice` (where permitted)."""
+        if not getattr(self, "_live_lane_niced", False):
+            from cluster.live.session import raise_priority
+
+            raise_priority(self.settings.live_nice)
+            self._live_lane_niced = True
         return self.execute(spec, mel, crops)

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     live_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a session's token (audio socket, "
                                     "playlist URLs)")
     live_keep_ended_s: float = Field(900.0, gt=0, description="an ended session serves its recording this long")
+    live_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of a session's render "
+                           "thread and encoder, and of the model workers' live lane, so batch work on the same "
+                           "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")
     live_crf: int = Field(23, ge=0, le=51)
     live_preset: str = Field("veryfast", description="x264 preset of live streams")
 

@@ -181,7 +181,7 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
                 audio_samples += frame.samples
     listed = round(sum(d for _, d in segments) * 25)
     assert video_frames == listed
-    assert audio_samples / 16000 == pytest.approx(listed / 25, abs=0.1)
+    assert audio_samples / 48000 == pytest.approx(listed / 25, abs=0.1)  # the encoder is fed 48 kHz
     # the recording: every frame streamed, verified (frame count, audio as long as the video)
     assert session.recording is not None and Path(session.recording).is_file()
     assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)

@@ -35,6 +35,9 @@ PUBLISHED = "live.m3u8"  # what is served: the same with a valid #EXT-X-TARGETDU
 INIT = "init.mp4"
 SEGMENT_PATTERN = "seg_%06d.m4s"
 SEGMENT_NAME = re.compile(r"^seg_\d{6}\.m4s$")
+#: The rate the encoder is fed: ffmpeg reads raw PCM in packets of 1024 samples and AAC delays by
+#: about 2048, so 48 kHz holds the audio (and the muxer, which interleaves) 3x shorter than 16 kHz.
+AUDIO_RATE = 48000
 
 
 def gop_frames(fps: Fraction, segment_seconds: float) -> int:
@@ -54,8 +57,8 @@ def live_encoder_args(settings: Settings, fps: Fraction, gop: int) -> list[str]:
     else:
         codec = ["-c:v", "libx264", "-preset", settings.live_preset, "-tune", "zerolatency",
                  "-crf", str(settings.live_crf), "-x264-params", "open-gop=0:scenecut=0"]
-    return [*codec, "-pix_fmt", "yuv420p", "-g", str(gop), "-keyint_min", str(gop),
-            "-r", f"{fps.numerator}/{fps.denominator}"]
+    # no output -r: its fps filter would hold each frame until the next one arrives
+    return [*codec, "-pix_fmt", "yuv420p", "-g", str(gop), "-keyint_min", str(gop)]
 
 
 def _to_yuv420(frames: np.ndarray) -> bytes:
@@ -87,7 +90,7 @@ class LiveEncoder:
         args = ["-loglevel", "error",
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{self.width}x{self.height}",
                 "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
-                "-f", "s16le", "-ar", str(self.rate), "-ac", "1",
+                "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
                 "-protocol_whitelist", PROTOCOL_WHITELIST, "-i", file_url(self._fifo),
                 "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
                 "-c:a", "aac", "-b:a", "96k",
@@ -100,6 +103,9 @@ class LiveEncoder:
         depth = max(4, int(2 * float(self.fps)))  # batches queued before write() pushes back
         self._video: queue.Queue = queue.Queue(maxsize=depth)
         self._audio: queue.Queue = queue.Queue(maxsize=depth)
+        from cluster.live.speech import StreamResampler
+
+        self._upsample = StreamResampler(self.rate, AUDIO_RATE)
         self._threads = [threading.Thread(target=self._feed_video, name="live-video", daemon=True),
                          threading.Thread(target=self._feed_audio, name="live-audio", daemon=True)]
         for t in self._threads:
@@ -159,18 +165,26 @@ class LiveEncoder:
                               stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail())
         try:
             self._video.put(_to_yuv420(frames), timeout=timeout)
-            self._audio.put(np.asarray(pcm, dtype="<i2").tobytes(), timeout=timeout)
+            self._audio.put(self._pcm48(np.asarray(pcm, dtype=np.int16)), timeout=timeout)
         except queue.Full:
             raise EncodeError(f"live encoder for {self.out_dir} took no input for {timeout:g} s",
                               stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail()) from None
         self.frames_written += len(frames)
         self.samples_written += len(pcm)
 
+    def _pcm48(self, pcm: np.ndarray, final: bool = False) -> bytes:
+        wav = self._upsample.flush() if final else self._upsample.push(pcm.astype(np.float32) / np.float32(32768.0))
+        return (np.clip(np.round(wav * 32768.0), -32768, 32767)).astype("<i2").tobytes()
+
     def alive(self) -> bool:
         return self._run.proc.poll() is None and not self.error
 
     def close(self, timeout: float = 30.0) -> int:
         """End both inputs and wait for ffmpeg (its last segment, `#EXT-X-ENDLIST`); exit code."""
+        try:
+            self._audio.put(self._pcm48(np.zeros(0, np.int16), final=True), timeout=timeout)
+        except queue.Full:
+            self._run.kill()
         for q in (self._video, self._audio):
             try:
                 q.put(None, timeout=timeout)

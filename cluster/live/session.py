@@ -73,6 +73,19 @@ class LiveRenderer:
         self.reader.close()
 
 
+def raise_priority(nice: int) -> bool:
+    """Set the calling thread's nice value (Linux: per thread; threads and processes it starts
+    afterwards inherit it). False when not permitted (below 0 needs CAP_SYS_NICE)."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        return True
+    except (OSError, AttributeError) as e:
+        log.info("cannot set nice %d for the live render thread: %s", nice, e)
+        return False
+
+
 def percentile(values, q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 4) if len(values) else None
 
@@ -112,6 +125,8 @@ class LiveSession:
         self.recording: Path | None = None
         self.recording_seconds: float | None = None
         self._stop = threading.Event()
+        self._started = threading.Event()
+        self.prioritised = False
         self._drain = False  # end once every received utterance has been rendered
         self._chunks: collections.deque = collections.deque()  # (arrival, utterance, last 16 kHz sample)
         self._rendered: collections.deque = collections.deque()  # (arrival, output frame)
@@ -129,11 +144,14 @@ class LiveSession:
         self._watcher = threading.Thread(target=self._watch, name=f"live-watch-{session_id}", daemon=True)
 
     # --- control -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
-                                   self.speech.rate, self.s)
-        self.state = "live"
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the render thread (which starts the encoder, at its priority) and the watcher."""
         self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError(f"session {self.id}: the render thread did not start in {timeout:g} s")
+        if self.error is not None:
+            self._thread.join(timeout)
+            raise LipsyncError(self.error["message"], code=self.error["code"], stage="live")
         self._watcher.start()
 
     @property
@@ -214,7 +232,19 @@ class LiveSession:
     def _run(self) -> None:
         s, fps = self.s, self.fps
         batch_frames = s.live_batch_frames
+        self.prioritised = raise_priority(s.live_nice)
+        try:
+            self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
+                                       self.speech.rate, self.s)
+        except LipsyncError as e:
+            self.error = e.to_info().model_dump()
+            self.state = "failed"
+            self.renderer.close()
+            self._started.set()
+            return
+        self.state = "live"
         self.started = t0 = self.clock()
+        self._started.set()
         try:
             while not self._stop.is_set():
                 due = t0 + self.scheduler.next_frame / float(fps) - s.live_lead_s

@@ -41,15 +41,15 @@ def pcm_to_float(pcm: bytes | memoryview) -> np.ndarray:
 
 
 class StreamResampler:
-    """Resamples a stream to 16 kHz with `scipy.signal.resample_poly`'s filter, emitting each
+    """Resamples a stream to 16 kHz (or `target`) with `scipy.signal.resample_poly`'s filter, emitting each
     output sample once the input samples its filter reads have arrived: the concatenated output
     equals `resample_poly(whole input, up, down)` (to float rounding of float32)."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, target: int = SAMPLE_RATE) -> None:
         if rate not in SESSION_RATES:
             raise ValueError(f"sample rate {rate} is not offered (16000, 24000 or 48000)")
-        g = math.gcd(SAMPLE_RATE, rate)
-        self.up, self.down = SAMPLE_RATE // g, rate // g
+        g = math.gcd(target, rate)
+        self.up, self.down = target // g, rate // g
         self.half = 10 * max(self.up, self.down)  # resample_poly's default filter half-length (upsampled rate)
         self._x = np.zeros(0, np.float32)  # input samples kept (from index self._x0)
         self._x0 = 0

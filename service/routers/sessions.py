@@ -8,7 +8,8 @@ the byte offset the socket's `ready` message reports).
 Two routers: `router` needs the API's bearer token (create, read, delete, POST audio, the
 recording); `public_router` holds what browsers and players open without headers (the audio
 WebSocket, the playlist and its segments), authorised by the session's own token in the query
-string (`?token=`, from the create response; it expires after `LIPSYNC_LIVE_TOKEN_TTL_S`).
+string (`?token=`, from the create response: signed as jobs' watch URLs are, scoped to the session,
+expiring after `LIPSYNC_LIVE_TOKEN_TTL_S`).
 A refused WebSocket is accepted and closed at once with an application code and a reason (a
 browser cannot read a refused handshake's status):
 
@@ -84,18 +85,41 @@ def _actor(settings, session_id: str):
         raise ApiProblem(404, "session.not_found", e.message, "session_id") from None
 
 
+def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
+    """A signed, expiring token for this session's socket and stream (the same signing as jobs'
+    watch URLs, `cluster.hls.sign_watch`, scoped to `session:<id>`); (None, None) when the service
+    runs without an API token (then these routes are open, as the rest of the API)."""
+    import time
+
+    from cluster.hls import sign_watch
+
+    key = request.app.state.watch_key
+    if key is None:
+        return None, None
+    expires = int(time.time() + _settings(request).live_token_ttl_s)
+    return sign_watch(key, f"session:{session_id}", expires), expires
+
+
+def token_ok(request: Request | WebSocket, session_id: str, token: str | None) -> bool:
+    from cluster.hls import check_watch
+
+    key = request.app.state.watch_key
+    return key is None or (bool(token) and check_watch(key, f"session:{session_id}", token))
+
+
 def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
     base = str(request.base_url).rstrip("/")
     sid = raw["id"]
-    token = raw.get("token")
+    token, expires = session_token(request, sid)
+    query = f"?token={token}" if token else ""
     ws_base = "ws" + base[4:] if base.startswith("http") else base
     own = ("token", "token_expires", "hls_url", "audio_ws", "audio_url", "recording_url")
     return SessionView(**{k: v for k, v in raw.items() if k in SessionView.model_fields and k not in own},
-                       hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8?token={token}",
-                       audio_ws=f"{ws_base}/v1/sessions/{sid}/audio?token={token}",
+                       hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8{query}",
+                       audio_ws=f"{ws_base}/v1/sessions/{sid}/audio{query}",
                        audio_url=f"{base}/v1/sessions/{sid}/audio",
                        token=token if with_token else None,
-                       token_expires=datetime.fromtimestamp(raw["token_expires"], timezone.utc),
+                       token_expires=datetime.fromtimestamp(expires, timezone.utc) if expires else None,
                        recording_url=f"{base}/v1/sessions/{sid}/recording" if raw.get("recording_bytes") else None)
 
 
@@ -133,7 +157,7 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
 async def get_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     raw = await _call(_actor(settings, session_id).view.remote(), settings.actor_call_timeout_s)
-    return _view(request, raw, with_token=False)
+    return _view(request, raw)
 
 
 @router.delete("/{session_id}", response_model=SessionView,
@@ -218,16 +242,18 @@ async def get_recording(session_id: str, request: Request) -> Response:
 async def get_hls(session_id: str, name: str, request: Request, token: str = Query("")) -> Response:
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    if not await _call(actor.token_ok.remote(token), settings.actor_call_timeout_s):
+    if not token_ok(request, session_id, token):
         raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
     data = await _call(actor.read_hls.remote("live.m3u8" if name == "index.m3u8" else name),
                        settings.actor_call_timeout_s)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
-    if name == "index.m3u8":  # the segments' URIs carry the token too (relative URIs drop the query)
+    if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
         text = re.sub(r'^(?!#)(\S+)$', rf"\1?token={token}", data.decode(), flags=re.M)
         text = re.sub(r'URI="([^"]+)"', rf'URI="\1?token={token}"', text)
         return Response(text, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
+    if name == "index.m3u8":
+        return Response(data, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
     media = "video/mp4" if name.endswith(".mp4") else "video/iso.segment"
     return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
@@ -254,7 +280,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     except (SessionNotFound, ApiProblem):
         await websocket.close(4404, f"no live session {session_id}")
         return
-    if not await _call(actor.token_ok.remote(token), settings.actor_call_timeout_s):
+    if not token_ok(websocket, session_id, token):
         await websocket.close(4401, "missing, wrong or expired session token (?token=)")
         return
     if raw["state"] not in ("live", "starting"):
