@@ -84,6 +84,13 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             r = api.post(path, params={"offset": len(pcm) + 2}, content=b"\x00\x00")
             assert r.status_code == 409 and r.json()["error"]["code"] == "session.offset_gap"
             assert api.post(path, params={"offset": len(pcm)}, content=b"\x00").status_code == 400
+            # backpressure: a sender faster than real time is refused (429) once the buffer is full
+            burst = (np.sin(np.arange(16000 * 6) / 9.0) * 6000).astype("<i2").tobytes()
+            assert api.post(path, params={"offset": len(pcm)}, content=burst).status_code == 200
+            r = api.post(path, params={"offset": len(pcm) + len(burst)}, content=b"\x00\x00")
+            assert r.status_code == 429 and r.json()["error"]["code"] == "session.buffer_full"
+            assert r.headers["retry-after"]
+            pcm += burst
             # a reconnecting socket learns the offset to resume from
             with connect(ws_url, open_timeout=30) as ws:
                 assert json.loads(ws.recv(timeout=30)) == {"type": "ready", "offset": len(pcm), "sample_rate": 16000}
@@ -164,3 +171,17 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
         final = session.close()
     assert final.state == "ended" and final.model_faults >= 1
     assert final.recording_seconds >= 3.2
+
+
+def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, speech_wav):
+    import os
+    import shutil
+    import sys
+
+    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", speech_wav, "--url", service.url,
+                          "--token", service.token], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "/hls/index.m3u8?token=" in lines[0]
+    assert "ended (deleted)" in lines[-1] and "3.20 s rendered" in lines[-1] and "latency p50" in lines[-1]
