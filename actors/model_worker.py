@@ -21,7 +21,7 @@ from cluster.threads import actor_thread_plan, applied_threads
 log = logging.getLogger("lipsync.worker")
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1, "live": 1})
 class ModelWorker:
     """Loads the default model once (and warms it up) in `__init__`; other models a job asks for
     are loaded on first use and kept (least recently used out first, the default never).
@@ -174,4 +174,17 @@ class ModelWorker:
     @ray.method(num_returns=2)
     def infer(self, spec: str, mel: np.ndarray, crops: np.ndarray):
         """`execute` under the name the runtime calls."""
+        return self.execute(spec, mel, crops)
+
+    @ray.method(num_returns=2, concurrency_group="live")
+    def infer_live(self, spec: str, mel: np.ndarray, crops: np.ndarray):
+        """`execute` in the live lane: a live session's (small) batch runs at once in the lane's
+        own thread instead of queueing behind job batches, which keep their lane and progress
+        meanwhile (one live batch at a time: the live share of the worker is bounded). The lane's
+        thread runs at `live_nice` (where permitted)."""
+        if not getattr(self, "_live_lane_niced", False):
+            from cluster.live.session import raise_priority
+
+            raise_priority(self.settings.live_nice)
+            self._live_lane_niced = True
         return self.execute(spec, mel, crops)

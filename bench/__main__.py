@@ -18,6 +18,7 @@ BENCHMARKS = {
     "first_segment": "bench.first_segment",  # 4. prepared avatar: submit -> first frame played over HLS
     "concurrency": "bench.concurrency",  # 5. 8 jobs at once vs one after another
     "throughput": "bench.throughput",    # 6. a node's frames/s vs N classic pipelines side by side (issue 19)
+    "live": "bench.live",                # 7. live sessions: chunk arrival -> published segment, stalls
 }
 #: Reliability runs (docs/RELIABILITY.md), by name only: they check promises and fail loudly.
 RELIABILITY = {

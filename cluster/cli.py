@@ -300,6 +300,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _client_call(run)
 
 
+def cmd_live(args: argparse.Namespace) -> int:
+    """A live session on a prepared avatar driven by an audio file: the playlist URL first, the
+    latency figures at the end."""
+    def run() -> int:
+        with _client(args) as c:
+            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate)
+            print(session.hls_url, flush=True)
+            try:
+                seconds = session.send_file(args.audio, realtime=args.realtime)
+                session.wait_rendered(timeout=max(60.0, seconds * 2))
+            finally:
+                view = session.close()
+            if args.recording:
+                session.download_recording(args.recording)
+                print(f"wrote {args.recording}", file=sys.stderr)
+            print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
+                  f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
+                  f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
+                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s")
+            return 0 if view.state == "ended" else 1
+    return _client_call(run)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models in the model directory: contract, crop recipe, precision, device."""
     import json
@@ -396,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-q", "--quiet", action="store_true")
         remote(sp)
         sp.set_defaults(func=fn)
+    lv = sub.add_parser("live", help="stream an audio file into a live session; prints the HLS URL and latency")
+    lv.add_argument("--avatar", required=True, help="a prepared avatar id (POST /v1/avatars)")
+    lv.add_argument("--audio", required=True, help="a local audio file (sent as PCM over the session's socket)")
+    lv.add_argument("--realtime", action="store_true", help="pace the audio at real time (as a microphone would)")
+    lv.add_argument("--sample-rate", type=int, choices=[16000, 24000, 48000], default=16000)
+    lv.add_argument("--model", help="'builtin' or a model name on the server")
+    lv.add_argument("--recording", help="download the session's recording (mp4) here at the end")
+    remote(lv)
+    lv.set_defaults(func=cmd_live)
     dl = sub.add_parser("download", help="download a job's result")
     dl.add_argument("id")
     dl.add_argument("output")

@@ -630,4 +630,295 @@ class AsyncClient(_Base):
         return dest
 
 
-__all__ = ["ApiError", "AsyncClient", "AsyncJob", "Client", "Job", "JobFailed", "WaitTimeout"]
+
+# --- live sessions (`/v1/sessions`): `client.live(avatar_id)` --------------------------------------
+# Added to Client / AsyncClient below the classes (this section is the live sessions' own).
+from cluster.schemas import SessionCreate, SessionView  # noqa: E402
+
+
+def _ws_error(code: int | None, reason: str) -> ApiError:
+    names = {4400: "input.odd_pcm", 4401: "auth.invalid_token", 4404: "session.not_found",
+             4409: "session.socket_in_use", 4410: "session.ended", 4415: "input.sample_rate",
+             4422: "input.invalid_message"}
+    return ApiError(code or 0, names.get(code or 0, "session.socket_closed"), reason or f"socket closed ({code})")
+
+
+def _pcm_of_file(path: str | os.PathLike, sample_rate: int) -> bytes:
+    """A local audio file as PCM s16le mono at `sample_rate` (decoded with the project's ffmpeg)."""
+    import numpy as np
+
+    from cluster.audio import load_audio
+
+    wav = load_audio(str(path), sample_rate=sample_rate)
+    return (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class _LiveBase:
+    """What both twins keep: the session's view, the bytes the server confirmed, the bytes sent
+    after that (re-sent from the server's offset when a socket is reopened)."""
+
+    def __init__(self, view: SessionView, chunk_ms: int) -> None:
+        self.view = view
+        self.id, self.hls_url, self.sample_rate = view.id, view.hls_url, view.sample_rate
+        self.chunk_bytes = max(2, int(view.sample_rate * chunk_ms / 1000) * 2)
+        self._base = 0  # server offset of self._unconfirmed[0]
+        self._unconfirmed = bytearray()
+        self.sent = 0
+
+    def __repr__(self) -> str:
+        return f"LiveSession({self.id!r}, {self.view.state})"
+
+    def _ready(self, message: str | bytes) -> None:
+        import json
+
+        info = json.loads(message)
+        offset = int(info.get("offset", 0))
+        drop = max(0, offset - self._base)
+        del self._unconfirmed[:drop]
+        self._base = max(self._base, offset)
+
+    def _remember(self, pcm: bytes) -> None:
+        self._unconfirmed += pcm
+        self.sent += len(pcm)
+        if len(self._unconfirmed) > 64 * 1024 * 1024:  # keep the last 64 MiB for a resume
+            cut = len(self._unconfirmed) - 64 * 1024 * 1024
+            del self._unconfirmed[:cut]
+            self._base += cut
+
+
+class LiveSession(_LiveBase):
+    """A live session (sync). `send(pcm)` streams PCM s16le mono at `sample_rate` over the
+    session's WebSocket (reopened and resumed from the server's offset if it drops);
+    `send_file(path, realtime=True)` paces a file at real time; `stats()` the figures; leaving
+    the `with` block ends the speech, waits until it is rendered and ends the session."""
+
+    def __init__(self, client: "Client", view: SessionView, chunk_ms: int = 20) -> None:
+        super().__init__(view, chunk_ms)
+        self.client = client
+        self._ws = None
+
+    def _socket(self):
+        if self._ws is None:
+            from websockets.sync.client import connect
+
+            self._ws = connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
+            try:
+                self._ready(self._ws.recv(timeout=self.client.timeout))
+            except Exception as e:
+                code, reason = self._closed(e)
+                self._ws = None
+                raise _ws_error(code, reason) from None
+            if self._unconfirmed:  # resume: what the server did not get yet
+                self._ws.send(bytes(self._unconfirmed))
+        return self._ws
+
+    def _closed(self, e: Exception) -> tuple[int | None, str]:
+        rcvd = getattr(e, "rcvd", None)
+        return (rcvd.code, rcvd.reason) if rcvd is not None else (None, repr(e))
+
+    def send(self, pcm: bytes) -> None:
+        """Send PCM (an even number of bytes); reopens a dropped socket once and resumes."""
+        from websockets.exceptions import ConnectionClosed
+
+        if len(pcm) % 2:
+            raise ValueError(f"PCM s16le needs an even byte count, got {len(pcm)}")
+        ws = self._socket()  # opened (and resumed) before this chunk is remembered: sent once
+        self._remember(pcm)
+        try:
+            ws.send(pcm)
+        except ConnectionClosed as e:
+            code, reason = self._closed(e)
+            self._ws = None
+            if code is not None and 4000 <= code < 5000:
+                raise _ws_error(code, reason) from None
+            self._socket()  # reopened: re-sends everything after the server's offset, this chunk included
+
+    def end(self) -> None:
+        """End the utterance (its tail renders now; the session stays, idle)."""
+        import json
+
+        ws = self._socket()
+        ws.send(json.dumps({"type": "end"}))
+        self._ready(ws.recv(timeout=self.client.timeout))
+
+    def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
+        """Send a local audio file (any format ffmpeg reads, resampled to the session's rate) in
+        chunks, paced at real time when `realtime`; then end the utterance. Its seconds."""
+        pcm = _pcm_of_file(path, self.sample_rate)
+        t0 = time.monotonic()
+        for i in range(0, len(pcm), self.chunk_bytes):
+            self.send(pcm[i:i + self.chunk_bytes])
+            if realtime:
+                time.sleep(max(0.0, t0 + (i + self.chunk_bytes) / (2 * self.sample_rate) - time.monotonic()))
+        self.end()
+        return len(pcm) / (2 * self.sample_rate)
+
+    def stats(self) -> SessionView:
+        self.view = SessionView.model_validate(self.client.request("GET", f"/v1/sessions/{self.id}").json())
+        return self.view
+
+    def wait_rendered(self, timeout: float = 60.0, poll_s: float = 0.25) -> SessionView:
+        """Wait until everything received has been rendered (or the session ended)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.stats()
+            if view.state != "live" or (view.seconds_rendered >= view.seconds_received - 1e-3
+                                        and view.buffered_seconds == 0):
+                return view
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
+            time.sleep(poll_s)
+
+    def close(self, wait_s: float = 60.0) -> SessionView:
+        """End the speech, wait (bounded) until it is rendered, end the session: its final view."""
+        try:
+            if self._ws is not None and self.view.state == "live":
+                self.end()
+                self.wait_rendered(wait_s)
+        finally:
+            if self._ws is not None:
+                self._ws.close()
+                self._ws = None
+        self.view = SessionView.model_validate(
+            self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
+        return self.view
+
+    def download_recording(self, path: str | os.PathLike) -> Path:
+        dest = Path(path).expanduser()
+        with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
+            if r.status_code != 200:
+                r.read()
+                raise ApiError.from_response(r)
+            with open(dest, "wb") as f:
+                for block in r.iter_bytes(1 << 16):
+                    f.write(block)
+        return dest
+
+    def __enter__(self) -> "LiveSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncLiveSession(_LiveBase):
+    """The async twin of `LiveSession`."""
+
+    def __init__(self, client: "AsyncClient", view: SessionView, chunk_ms: int = 20) -> None:
+        super().__init__(view, chunk_ms)
+        self.client = client
+        self._ws = None
+
+    async def _socket(self):
+        if self._ws is None:
+            from websockets.asyncio.client import connect
+
+            self._ws = await connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
+            try:
+                self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
+            except Exception as e:
+                rcvd = getattr(e, "rcvd", None)
+                self._ws = None
+                raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
+            if self._unconfirmed:
+                await self._ws.send(bytes(self._unconfirmed))
+        return self._ws
+
+    async def send(self, pcm: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if len(pcm) % 2:
+            raise ValueError(f"PCM s16le needs an even byte count, got {len(pcm)}")
+        ws = await self._socket()
+        self._remember(pcm)
+        try:
+            await ws.send(pcm)
+        except ConnectionClosed as e:
+            rcvd = getattr(e, "rcvd", None)
+            self._ws = None
+            if rcvd is not None and 4000 <= rcvd.code < 5000:
+                raise _ws_error(rcvd.code, rcvd.reason) from None
+            await self._socket()
+
+    async def end(self) -> None:
+        import json
+
+        ws = await self._socket()
+        await ws.send(json.dumps({"type": "end"}))
+        self._ready(await asyncio.wait_for(ws.recv(), self.client.timeout))
+
+    async def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
+        pcm = await asyncio.to_thread(_pcm_of_file, path, self.sample_rate)
+        t0 = time.monotonic()
+        for i in range(0, len(pcm), self.chunk_bytes):
+            await self.send(pcm[i:i + self.chunk_bytes])
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + (i + self.chunk_bytes) / (2 * self.sample_rate) - time.monotonic()))
+        await self.end()
+        return len(pcm) / (2 * self.sample_rate)
+
+    async def stats(self) -> SessionView:
+        r = await self.client.request("GET", f"/v1/sessions/{self.id}")
+        self.view = SessionView.model_validate(r.json())
+        return self.view
+
+    async def wait_rendered(self, timeout: float = 60.0, poll_s: float = 0.25) -> SessionView:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self.stats()
+            if view.state != "live" or (view.seconds_rendered >= view.seconds_received - 1e-3
+                                        and view.buffered_seconds == 0):
+                return view
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def close(self, wait_s: float = 60.0) -> SessionView:
+        try:
+            if self._ws is not None and self.view.state == "live":
+                await self.end()
+                await self.wait_rendered(wait_s)
+        finally:
+            if self._ws is not None:
+                await self._ws.close()
+                self._ws = None
+        r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
+        self.view = SessionView.model_validate(r.json())
+        return self.view
+
+    async def __aenter__(self) -> "AsyncLiveSession":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _session_body(avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None) -> dict:
+    return SessionCreate(avatar_id=avatar_id, model=model, sample_rate=sample_rate,
+                         max_seconds=max_seconds).model_dump(exclude_none=True)
+
+
+def _client_live(self: Client, avatar_id: str, *, model: str | None = None, sample_rate: int = 16000,
+                 max_seconds: float | None = None, chunk_ms: int = 20) -> LiveSession:
+    """Start a live session on a prepared avatar: `with client.live(avatar_id) as s: s.send(pcm)`."""
+    r = self.request("POST", "/v1/sessions", ok=(201,), idempotent=False,
+                     json=_session_body(avatar_id, model, sample_rate, max_seconds),
+                     timeout=max(self.timeout, 360.0))
+    return LiveSession(self, SessionView.model_validate(r.json()), chunk_ms)
+
+
+async def _async_client_live(self: AsyncClient, avatar_id: str, *, model: str | None = None, sample_rate: int = 16000,
+                             max_seconds: float | None = None, chunk_ms: int = 20) -> AsyncLiveSession:
+    """`async with await client.live(avatar_id) as s: await s.send(pcm)`."""
+    r = await self.request("POST", "/v1/sessions", ok=(201,), idempotent=False,
+                           json=_session_body(avatar_id, model, sample_rate, max_seconds),
+                           timeout=max(self.timeout, 360.0))
+    return AsyncLiveSession(self, SessionView.model_validate(r.json()), chunk_ms)
+
+
+Client.live = _client_live
+AsyncClient.live = _async_client_live
+
+
+__all__ = ["ApiError", "AsyncClient", "AsyncJob", "AsyncLiveSession", "Client", "Job", "JobFailed", "LiveSession",
+           "WaitTimeout"]

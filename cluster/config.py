@@ -127,6 +127,33 @@ class Settings(BaseSettings):
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set")
 
+    # --- live sessions (`POST /v1/sessions`, cluster/live/) ----------------------------------
+    max_live_sessions: int = Field(4, ge=1, description="live sessions running at once; beyond: HTTP 429")
+    live_idle_timeout_s: float = Field(30.0, gt=0, description="a session that received no audio for this "
+                                       "long (and has nothing left to render) ends")
+    live_max_seconds: float = Field(3600.0, gt=0, description="the longest a session may run (wall clock); "
+                                    "a request's max_seconds may only lower it")
+    live_buffer_seconds: float = Field(5.0, gt=0, description="speech received but not yet rendered a session "
+                                       "holds; a faster sender is slowed (WebSocket not read, POST 429)")
+    live_batch_frames: int = Field(4, ge=1, le=64, description="frames per model batch of a session")
+    live_segment_seconds: float = Field(0.5, ge=0.04, le=6.0, description="the longest live HLS segment "
+                                        "(= one GOP: the frames that fit)")
+    live_playlist_segments: int = Field(8, ge=3, le=100, description="segments in the live playlist's window")
+    live_lead_s: float = Field(0.1, ge=0, le=2.0, description="how far ahead of its due time a batch is rendered")
+    live_batch_timeout_s: float = Field(1.0, gt=0, description="a live batch the model has not answered by "
+                                        "then is shown without the model (template frames) and its speech "
+                                        "rendered again")
+    live_flush_after_s: float = Field(0.5, gt=0, description="speech waiting for lookahead that gets no more "
+                                      "audio for this long is rendered as an utterance's end")
+    live_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a session's token (audio socket, "
+                                    "playlist URLs)")
+    live_keep_ended_s: float = Field(900.0, gt=0, description="an ended session serves its recording this long")
+    live_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of a session's render "
+                           "thread and encoder, and of the model workers' live lane, so batch work on the same "
+                           "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")
+    live_crf: int = Field(23, ge=0, le=51)
+    live_preset: str = Field("veryfast", description="x264 preset of live streams")
+
     @field_validator("storage_root", mode="after")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

@@ -312,3 +312,53 @@ class CompatEnvelope(BaseModel):
     success: bool
     msg: str
     data: CompatData | None = None
+
+
+# --- live sessions (`/v1/sessions`) ------------------------------------------------------------
+class SessionCreate(BaseModel):
+    """`POST /v1/sessions`: a live session on a prepared avatar."""
+    model_config = ConfigDict(extra="forbid")
+    avatar_id: str = Field(min_length=8, max_length=64, pattern="^[0-9a-f]+$")
+    model: str | None = Field(None, description="'builtin' (default) or a model file under the storage root")
+    sample_rate: Literal[16000, 24000, 48000] = Field(16000, description="rate of the PCM s16le mono sent")
+    max_seconds: float | None = Field(None, gt=0, description="end the session after this long "
+                                      "(never beyond LIPSYNC_LIVE_MAX_SECONDS)")
+
+
+class SessionView(BaseModel):
+    """A live session: where to send speech and watch the stream, and its figures so far."""
+    id: str
+    state: str  # live, ending, ended, failed
+    reason: str | None = None  # why it ended: finished, deleted, idle_timeout, max_seconds, failed
+    error: ErrorInfo | None = None
+    avatar_id: str | None = None
+    model: str | None = None
+    sample_rate: int
+    hls_url: str
+    audio_ws: str
+    audio_url: str
+    token: str | None = None  # for the socket's and the playlist's query string (browsers)
+    token_expires: datetime | None = None
+    bytes_received: int = 0
+    seconds_received: float = 0.0
+    seconds_rendered: float = 0.0
+    seconds_streamed: float = 0.0
+    buffered_seconds: float = 0.0
+    segments_published: int = 0
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    latency_max_s: float | None = None
+    latency_samples: int = 0
+    stalls: int = 0
+    longest_gap_s: float = 0.0
+    model_faults: int = 0
+    recording_url: str | None = None
+    recording_seconds: float | None = None
+    recording_bytes: int | None = None
+
+
+class AudioAppended(BaseModel):
+    """`POST /v1/sessions/{id}/audio?offset=N`: the stream's byte offset after this append."""
+    offset: int
+    accepted: bool
+    buffered_seconds: float

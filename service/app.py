@@ -9,7 +9,7 @@ from cluster.config import Settings
 from cluster.hls import watch_key
 from service.backend import Backend
 from service.errors import install_exception_handlers
-from service.routers import avatars, batches, compat, health, jobs, media, web
+from service.routers import avatars, batches, compat, health, jobs, media, sessions, web
 
 
 def create_app(settings: Settings, gateway) -> FastAPI:
@@ -31,5 +31,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.include_router(avatars.router)
     app.include_router(batches.router)
     app.include_router(web.router)  # public: the page `/` and its files `/static/...`
+    app.include_router(sessions.router)
+    app.include_router(sessions.public_router)  # the socket and the stream: the session's own token
     app.include_router(compat.router)  # last: its result route matches `<any prefix>temp/<code>-r.mp4`
     return app

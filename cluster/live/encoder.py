@@ -1,0 +1,286 @@
+"""The persistent encoder of a live session: one ffmpeg process for the session's whole life.
+
+Raw frames (yuv420p, converted here as `cluster.media.encode` does) go to its stdin and the
+session's PCM (speech as received, silence while idle) through a named pipe, both timed by their
+counts (frames at the template's rate, samples at the session's rate), so they stay in sync.
+x264 runs with `-tune zerolatency` (no lookahead, no B-frames) and a keyframe every
+`gop` frames; the HLS muxer cuts a fMP4 segment at each keyframe, so every segment is `gop`
+frames (<= `live_segment_seconds`), `#EXT-X-TARGETDURATION` is 1, and the playlist is a sliding
+window of the last `live_playlist_segments`. Segments stay on disk: at the end they are the
+session's recording (init + segments, remuxed to one mp4 and verified).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cluster.config import Settings, get_settings
+from cluster.errors import EncodeError
+from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, run_ffmpeg
+
+log = logging.getLogger("lipsync.live")
+
+PLAYLIST = "index.m3u8"  # what ffmpeg writes
+PUBLISHED = "live.m3u8"  # what is served: the same with a valid #EXT-X-TARGETDURATION
+INIT = "init.mp4"
+SEGMENT_PATTERN = "seg_%06d.m4s"
+SEGMENT_NAME = re.compile(r"^seg_\d{6}\.m4s$")
+#: The rate the encoder is fed: ffmpeg reads raw PCM in packets of 1024 samples and AAC delays by
+#: about 2048, so 48 kHz holds the audio (and the muxer, which interleaves) 3x shorter than 16 kHz.
+AUDIO_RATE = 48000
+
+
+def gop_frames(fps: Fraction, segment_seconds: float) -> int:
+    """Frames per segment (= per GOP): the most that fit in `segment_seconds`, at least 1."""
+    return max(1, int(Fraction(segment_seconds) * Fraction(fps)))
+
+
+def live_encoder_args(settings: Settings, fps: Fraction, gop: int) -> list[str]:
+    """H.264 for a live stream: closed GOPs of exactly `gop` frames, no lookahead, no B-frames."""
+    enc = settings.video_encoder
+    if not ffmpeg_has_encoder(enc, settings):
+        raise EncodeError(f"ffmpeg ({ffmpeg_binary(settings)}) has no {enc} encoder; set "
+                          f"LIPSYNC_VIDEO_ENCODER=libx264", stage="encode")
+    if enc == "h264_nvenc":
+        codec = ["-c:v", "h264_nvenc", "-preset", "p1", "-tune", "ull", "-rc", "vbr", "-cq",
+                 str(settings.live_crf), "-b:v", "0", "-bf", "0"]
+    else:
+        codec = ["-c:v", "libx264", "-preset", settings.live_preset, "-tune", "zerolatency",
+                 "-crf", str(settings.live_crf), "-x264-params", "open-gop=0:scenecut=0"]
+    # no output -r: its fps filter would hold each frame until the next one arrives
+    return [*codec, "-pix_fmt", "yuv420p", "-g", str(gop), "-keyint_min", str(gop)]
+
+
+def _to_yuv420(frames: np.ndarray) -> bytes:
+    return b"".join(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_BGR2YUV_I420).tobytes() for f in frames)
+
+
+class LiveEncoder:
+    """One ffmpeg writing `<out_dir>/index.m3u8`, `init.mp4` and `seg_NNNNNN.m4s`.
+
+    `write(frames, pcm)` queues a batch (never blocks on ffmpeg: two writer threads feed its
+    stdin and the audio pipe); `close()` ends both inputs and waits for ffmpeg to finish the last
+    segment and the final playlist (`#EXT-X-ENDLIST`)."""
+
+    def __init__(self, out_dir: str | os.PathLike, width: int, height: int, fps: Fraction, sample_rate: int,
+                 settings: Settings | None = None) -> None:
+        self.settings = s = settings or get_settings()
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.width, self.height, self.fps, self.rate = int(width), int(height), Fraction(fps), int(sample_rate)
+        self.gop = gop_frames(self.fps, s.live_segment_seconds)
+        self.frames_written = 0
+        self.samples_written = 0
+        self.error: str | None = None
+        self._fifo = self.out_dir / "audio.fifo"
+        if self._fifo.exists():
+            self._fifo.unlink()
+        os.mkfifo(self._fifo, 0o600)
+        hls_time = (self.gop - 0.5) / float(self.fps)  # a cut at every keyframe, never between two
+        args = ["-loglevel", "error",
+                "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{self.width}x{self.height}",
+                "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
+                "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
+                "-protocol_whitelist", PROTOCOL_WHITELIST, "-i", file_url(self._fifo),
+                "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
+                "-c:a", "aac", "-b:a", "96k",
+                "-f", "hls", "-hls_time", f"{hls_time:.4f}", "-hls_list_size", str(s.live_playlist_segments),
+                "-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", INIT,
+                "-hls_segment_filename", str(self.out_dir / SEGMENT_PATTERN),
+                "-hls_flags", "independent_segments+temp_file", str(self.out_dir / PLAYLIST)]
+        self._run = FFmpeg(args, settings=s, stage="live-encode", path=str(self.out_dir), stdin=True,
+                           error=EncodeError, timeout_error=EncodeError)
+        depth = max(4, int(2 * float(self.fps)))  # batches queued before write() pushes back
+        self._video: queue.Queue = queue.Queue(maxsize=depth)
+        self._audio: queue.Queue = queue.Queue(maxsize=depth)
+        from cluster.live.speech import StreamResampler
+
+        self._upsample = StreamResampler(self.rate, AUDIO_RATE)
+        self._threads = [threading.Thread(target=self._feed_video, name="live-video", daemon=True),
+                         threading.Thread(target=self._feed_audio, name="live-audio", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # --- feeding ---------------------------------------------------------------------------
+    def _feed_video(self) -> None:
+        stdin = self._run.proc.stdin
+        try:
+            while (item := self._video.get()) is not None:
+                stdin.write(item)
+                stdin.flush()
+        except (OSError, ValueError) as e:
+            self.error = self.error or f"video pipe: {e}"
+        finally:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    def _feed_audio(self) -> None:
+        fd = self._open_fifo()
+        if fd is None:
+            return
+        try:
+            while (item := self._audio.get()) is not None:
+                view = memoryview(item)
+                while view:
+                    view = view[os.write(fd, view):]
+        except OSError as e:
+            self.error = self.error or f"audio pipe: {e}"
+        finally:
+            os.close(fd)
+
+    def _open_fifo(self) -> int | None:
+        """The audio pipe's write end, once ffmpeg opened its read end (bounded wait)."""
+        deadline = time.monotonic() + self.settings.probe_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                fd = os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                if self._run.proc.poll() is not None:
+                    break
+                time.sleep(0.01)
+                continue
+            os.set_blocking(fd, True)
+            return fd
+        self.error = self.error or "ffmpeg never opened the audio pipe"
+        return None
+
+    def write(self, frames: np.ndarray, pcm: np.ndarray, timeout: float = 10.0) -> None:
+        """Queue `frames` ([n, H, W, 3] uint8 BGR) and their audio (int16 at the session's rate)."""
+        if self._run.proc.poll() is not None or self.error:
+            raise EncodeError(f"live encoder for {self.out_dir} stopped: {self.error or self._run.stderr_tail()}",
+                              stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail())
+        try:
+            self._video.put(_to_yuv420(frames), timeout=timeout)
+            self._audio.put(self._pcm48(np.asarray(pcm, dtype=np.int16)), timeout=timeout)
+        except queue.Full:
+            raise EncodeError(f"live encoder for {self.out_dir} took no input for {timeout:g} s",
+                              stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail()) from None
+        self.frames_written += len(frames)
+        self.samples_written += len(pcm)
+
+    def _pcm48(self, pcm: np.ndarray, final: bool = False) -> bytes:
+        wav = self._upsample.flush() if final else self._upsample.push(pcm.astype(np.float32) / np.float32(32768.0))
+        return (np.clip(np.round(wav * 32768.0), -32768, 32767)).astype("<i2").tobytes()
+
+    def alive(self) -> bool:
+        return self._run.proc.poll() is None and not self.error
+
+    def close(self, timeout: float = 30.0) -> int:
+        """End both inputs and wait for ffmpeg (its last segment, `#EXT-X-ENDLIST`); exit code."""
+        try:
+            self._audio.put(self._pcm48(np.zeros(0, np.int16), final=True), timeout=timeout)
+        except queue.Full:
+            self._run.kill()
+        for q in (self._video, self._audio):
+            try:
+                q.put(None, timeout=timeout)
+            except queue.Full:
+                self._run.kill()
+        for t in self._threads:
+            t.join(timeout)
+        try:
+            code = self._run.wait(timeout)
+        finally:
+            self._fifo.unlink(missing_ok=True)
+        self._run.check("live encoding")
+        self._run.close()
+        return code
+
+    def kill(self) -> None:
+        self._run.kill()
+        self._fifo.unlink(missing_ok=True)
+
+
+# --- the playlist as published ---------------------------------------------------------------
+def read_playlist(path: str | os.PathLike) -> tuple[int, list[tuple[str, float]], bool]:
+    """(media sequence, [(segment name, seconds)], ended) of a live playlist file."""
+    return parse_playlist(Path(path).read_text())
+
+
+def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
+    """(media sequence, [(segment name, seconds)], ended) of a live playlist."""
+    seq = 0
+    segments: list[tuple[str, float]] = []
+    duration = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#EXT-X-MEDIA-SEQUENCE:"):
+            seq = int(line.split(":", 1)[1])
+        elif line.startswith("#EXTINF:"):
+            duration = float(line.split(":", 1)[1].split(",")[0])
+        elif line and not line.startswith("#") and duration is not None:
+            segments.append((line, duration))
+            duration = None
+    return seq, segments, "#EXT-X-ENDLIST" in text
+
+
+def publish_playlist(out_dir: str | os.PathLike) -> tuple[int, list[tuple[str, float]], bool] | None:
+    """Copy ffmpeg's playlist to the published one (atomically) when it changed, with
+    `#EXT-X-TARGETDURATION` the smallest integer >= every segment's duration (ffmpeg rounds 0.48 s
+    down to 0, which players refuse); its (media sequence, segments, ended), or None when unchanged
+    or not written yet."""
+    import math
+
+    from cluster.fsutil import write_atomic
+
+    src, dst = Path(out_dir) / PLAYLIST, Path(out_dir) / PUBLISHED
+    try:
+        text = src.read_text()
+    except OSError:
+        return None
+    try:
+        if _same_body(dst.read_text(), text):
+            return None
+    except OSError:
+        pass
+    seq, segments, ended = parse_playlist(text)
+    target = max(1, math.ceil(max((d for _, d in segments), default=1.0) - 1e-6))
+    fixed = re.sub(r"#EXT-X-TARGETDURATION:\d+", f"#EXT-X-TARGETDURATION:{target}", text)
+    write_atomic(dst, fixed)
+    return seq, segments, ended
+
+
+def _same_body(published: str, text: str) -> bool:
+    strip = lambda t: re.sub(r"#EXT-X-TARGETDURATION:\d+", "", t)  # noqa: E731
+    return strip(published) == strip(text)
+
+
+# --- the recording ---------------------------------------------------------------------------
+def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, frames_expected: int, fps: Fraction,
+                   settings: Settings | None = None) -> float:
+    """Join `init.mp4` and every segment (in order) into one mp4 at `dest` (stream copy,
+    faststart) and verify it: a video and an audio stream, exactly `frames_expected` frames, audio
+    as long as the video (within a frame and an AAC frame). Returns its duration in seconds."""
+    from cluster.fsutil import atomic_writer
+    from cluster.media.finalize import verify_output
+
+    s = settings or get_settings()
+    out_dir, dest = Path(out_dir), Path(dest)
+    segments = sorted(p for p in out_dir.iterdir() if SEGMENT_NAME.match(p.name))
+    joined = out_dir / "recording.fmp4"
+    with atomic_writer(joined) as f:
+        for part in [out_dir / INIT, *segments]:
+            f.write(part.read_bytes())
+    tmp = dest.with_name(f".{dest.stem}.tmp.mp4")
+    run_ffmpeg(["-loglevel", "error", *["-protocol_whitelist", PROTOCOL_WHITELIST, "-i", file_url(joined)],
+                "-map", "0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
+               timeout=s.ffmpeg_timeout_s, settings=s, stage="live-recording", path=str(dest))
+    joined.unlink(missing_ok=True)
+    seconds = frames_expected / float(fps)
+    verify_output(str(tmp), frames_expected=frames_expected, fps=fps, audio_duration=seconds, settings=s)
+    os.replace(tmp, dest)
+    return seconds

@@ -1,0 +1,130 @@
+"""The live frame scheduler: what each output frame of a session shows.
+
+Per output frame: the next speech frame when one is ready (its model input final), else an idle
+frame (the template frame with the model's silent mouth: a window of silence). The template's
+ping-pong phase advances with every output frame, speech or idle, so output frame `f` always
+shows template frame `template_indices(f)`: a session that starts speaking on its first frame
+shows the same template frames, with the same mel windows, as a batch job of that speech.
+
+A planned batch is either committed (its audio is taken from the speech as received; silence for
+idle frames) or rolled back (the model did not answer: the frames go out without the model and
+their speech is planned again on the next frames, so none is lost).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from cluster.audio import MEL_STEP, N_MELS
+from cluster.live.speech import SILENT_MEL, SpeechInput
+from cluster.plan import template_indices
+
+
+@dataclass
+class FrameBatch:
+    first: int  # output frame index of the batch's first frame
+    template_index: np.ndarray  # [n] template frame of each output frame
+    mel: np.ndarray  # [n, 1, 80, 16] the model's input
+    speech: list[tuple[int, int] | None] = field(default_factory=list)  # (utterance, speech frame) or idle
+
+    def __len__(self) -> int:
+        return len(self.template_index)
+
+    @property
+    def speech_frames(self) -> int:
+        return sum(1 for s in self.speech if s is not None)
+
+
+class LiveScheduler:
+    def __init__(self, speech: SpeechInput, template_frames: int, fps: Fraction, loop: str = "pingpong") -> None:
+        self.speech = speech
+        self.template_frames = int(template_frames)
+        self.fps = Fraction(fps)
+        self.loop = loop
+        self.next_frame = 0  # the next output frame to plan
+        self._utt = 0  # the utterance speech frames come from
+        self.speech_frames_done = 0
+
+    def audio_span(self, frame: int) -> int:
+        """Samples (at the session's rate) of output frame `frame`'s display interval."""
+        rate, fps = self.speech.rate, self.fps
+        a = frame * rate * fps.denominator // fps.numerator
+        b = (frame + 1) * rate * fps.denominator // fps.numerator
+        return int(b - a)
+
+    def pending_speech_frames(self) -> int:
+        """Speech frames received (ready or waiting for lookahead) and not yet planned."""
+        with self.speech.lock:
+            n = 0
+            for u in self.speech.utterances[self._utt:]:
+                total = u.total_frames()
+                have = total if total is not None else u.frame_of_sample(u.n)
+                n += max(0, have - u.scheduled)
+            return n
+
+    def plan(self, n: int) -> FrameBatch:
+        """The next `n` output frames."""
+        with self.speech.lock:
+            utts = self.speech.utterances
+            slots: list[tuple[int, int] | None] = []
+            for _ in range(n):
+                slot = None
+                while self._utt < len(utts):
+                    u = utts[self._utt]
+                    if u.scheduled < u.ready_frames():
+                        slot = (u.index, u.scheduled)
+                        u.scheduled += 1
+                        break
+                    total = u.total_frames()
+                    if total is not None and u.scheduled >= total:
+                        self._utt += 1
+                        continue
+                    break
+                slots.append(slot)
+            mel = np.full((n, 1, N_MELS, MEL_STEP), SILENT_MEL, np.float32)
+            i = 0
+            while i < n:  # runs of consecutive speech frames of one utterance: one windows() each
+                if slots[i] is None:
+                    i += 1
+                    continue
+                u_index, k0 = slots[i]
+                j = i
+                while j + 1 < n and slots[j + 1] is not None and slots[j + 1][0] == u_index:
+                    j += 1
+                mel[i:j + 1] = utts[u_index].windows(k0, k0 + (j - i) + 1)
+                i = j + 1
+        first = self.next_frame
+        self.next_frame += n
+        idx = template_indices(first, first + n, self.template_frames, self.loop)
+        return FrameBatch(first=first, template_index=idx, mel=mel, speech=slots)
+
+    def commit(self, batch: FrameBatch) -> np.ndarray:
+        """The batch was rendered: its audio (int16 at the session's rate)."""
+        parts = []
+        with self.speech.lock:
+            utts = self.speech.utterances
+            for offset, slot in enumerate(batch.speech):
+                span = self.audio_span(batch.first + offset)
+                if slot is None:
+                    parts.append(np.zeros(span, np.int16))
+                else:
+                    parts.append(utts[slot[0]].take_pcm(span))
+                    self.speech_frames_done += 1
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+    def rollback(self, batch: FrameBatch) -> np.ndarray:
+        """The batch went out without the model: its speech frames are planned again next (none
+        is lost); its audio is silence."""
+        with self.speech.lock:
+            utts = self.speech.utterances
+            firsts: dict[int, int] = {}
+            for slot in batch.speech:
+                if slot is not None:
+                    firsts[slot[0]] = min(firsts.get(slot[0], slot[1]), slot[1])
+            for u_index, k in firsts.items():
+                utts[u_index].scheduled = min(utts[u_index].scheduled, k)
+            if firsts:
+                self._utt = min(self._utt, min(firsts))
+        return np.zeros(sum(self.audio_span(batch.first + i) for i in range(len(batch))), np.int16)

@@ -1,0 +1,264 @@
+"""Streaming speech features: resampling to 16 kHz and mel columns of the audio received so far.
+
+The batch path decodes a whole file, computes `cluster.audio.melspectrogram` of it and gives
+output frame `i` the window `mel_windows(mel, fps, i, i+1)`. A live utterance computes the same
+columns as the audio arrives: column `j` (centred on sample `200 j`, 50 ms wide, pre-emphasised)
+is final once samples up to `200 j + 400` are in, and at the end of the utterance the remaining
+columns are computed with the same zero padding as the batch path. A speech frame is ready when
+the columns the model reads are final (`model_columns`: 3 for the built-in model, 16 for
+Wav2Lip-class models), so the lookahead is what the model's window needs and no more.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from fractions import Fraction
+
+import numpy as np
+
+from cluster.audio import HOP, MEL_STEP, N_FFT, N_MELS, SAMPLE_RATE, mel_frame_count, mel_window_starts, melspectrogram
+from cluster.plan import frame_count_from_samples
+
+#: PCM rates a session accepts (s16le mono).
+SESSION_RATES = (16000, 24000, 48000)
+#: The mel value of silence (dB-normalised floor): idle frames' windows.
+SILENT_MEL = -4.0
+
+
+def model_columns(model: str) -> int:
+    """Mel columns of its window the model reads: the built-in model only its first
+    `OWN_COLUMNS` (the frame's own sound), others all 16."""
+    if model.strip().startswith("builtin"):
+        from cluster.models.builtin import OWN_COLUMNS
+
+        return OWN_COLUMNS
+    return MEL_STEP
+
+
+def pcm_to_float(pcm: bytes | memoryview) -> np.ndarray:
+    """s16le mono -> float32 in [-1, 1) (s / 32768, as ffmpeg converts s16 to float)."""
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
+class StreamResampler:
+    """Resamples a stream to 16 kHz (or `target`) with `scipy.signal.resample_poly`'s filter, emitting each
+    output sample once the input samples its filter reads have arrived: the concatenated output
+    equals `resample_poly(whole input, up, down)` (to float rounding of float32)."""
+
+    def __init__(self, rate: int, target: int = SAMPLE_RATE) -> None:
+        if rate not in SESSION_RATES:
+            raise ValueError(f"sample rate {rate} is not offered (16000, 24000 or 48000)")
+        g = math.gcd(target, rate)
+        self.up, self.down = target // g, rate // g
+        self.half = 10 * max(self.up, self.down)  # resample_poly's default filter half-length (upsampled rate)
+        self._x = np.zeros(0, np.float32)  # input samples kept (from index self._x0)
+        self._x0 = 0
+        self._emitted = 0  # output samples emitted so far
+
+    def _emit(self, final: bool) -> np.ndarray:
+        from scipy.signal import resample_poly
+
+        n_in = self._x0 + len(self._x)
+        total_out = -(-n_in * self.up // self.down)
+        if final:
+            last = total_out
+        else:  # output m reads inputs up to (m*down + half)/up
+            last = max(0, min(total_out, (n_in * self.up - self.half - 1) // self.down))
+        if last <= self._emitted:
+            return np.zeros(0, np.float32)
+        # start at an input index that is a multiple of `down` (output grid aligned) far enough back
+        reach = self.half // self.up + 2
+        a = max(0, (self._emitted * self.down // self.up) - reach)
+        a -= a % self.down
+        a = max(a, self._x0)
+        assert a % self.down == 0 or a == 0
+        y = resample_poly(self._x[a - self._x0:].astype(np.float64), self.up, self.down)
+        off = a * self.up // self.down
+        out = y[self._emitted - off: last - off].astype(np.float32)
+        if not final and len(out) != last - self._emitted:  # the segment's right edge: never happens
+            raise AssertionError("resampler segment too short")
+        self._emitted += len(out)
+        # keep only what the next outputs can read
+        keep_from = max(self._x0, (self._emitted * self.down // self.up) - reach - self.down)
+        keep_from -= keep_from % self.down
+        if keep_from > self._x0:
+            self._x = self._x[keep_from - self._x0:]
+            self._x0 = keep_from
+        return out
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        if self.up == self.down:
+            return samples.astype(np.float32, copy=False)
+        self._x = np.concatenate([self._x, samples.astype(np.float32, copy=False)])
+        return self._emit(final=False)
+
+    def flush(self) -> np.ndarray:
+        if self.up == self.down:
+            return np.zeros(0, np.float32)
+        return self._emit(final=True)
+
+
+class Utterance:
+    """One stretch of speech (until `end`): its 16 kHz samples and the mel columns that are final.
+
+    Not thread-safe by itself; `cluster.live.session` holds a lock around it."""
+
+    def __init__(self, fps: Fraction, columns_needed: int, index: int = 0) -> None:
+        self.fps = Fraction(fps)
+        self.columns_needed = int(columns_needed)
+        self.index = index
+        self.samples = np.zeros(1 << 16, np.float32)
+        self.n = 0  # 16 kHz samples received
+        self.ended = False
+        self.mel = np.zeros((N_MELS, 256), np.float32)
+        self.columns = 0  # final mel columns computed
+        self.scheduled = 0  # speech frames handed to the renderer (see schedule.py)
+        self.pcm = np.zeros(1 << 16, np.int16)  # the PCM as received, at the session's rate
+        self.pcm_n = 0
+        self.pcm_taken = 0  # PCM samples already put into the output's audio
+
+    def append_pcm(self, ints: np.ndarray) -> None:
+        need = self.pcm_n + len(ints)
+        if need > len(self.pcm):
+            grown = np.zeros(max(need, 2 * len(self.pcm)), np.int16)
+            grown[:self.pcm_n] = self.pcm[:self.pcm_n]
+            self.pcm = grown
+        self.pcm[self.pcm_n:need] = ints
+        self.pcm_n = need
+
+    def take_pcm(self, n: int) -> np.ndarray:
+        """The next `n` samples of received PCM for the output (zeros past what was received);
+        once all speech frames are out, what is left over (under a frame) is dropped."""
+        a = self.pcm_taken
+        b = min(self.pcm_n, a + n)
+        b = max(a, b)
+        out = np.zeros(n, np.int16)
+        out[:b - a] = self.pcm[a:b]
+        self.pcm_taken = a + n
+        return out
+
+    # --- audio in -------------------------------------------------------------------------
+    def append(self, wav16: np.ndarray) -> None:
+        if self.ended:
+            raise ValueError("utterance already ended")
+        need = self.n + len(wav16)
+        if need > len(self.samples):
+            grown = np.zeros(max(need, 2 * len(self.samples)), np.float32)
+            grown[:self.n] = self.samples[:self.n]
+            self.samples = grown
+        self.samples[self.n:need] = wav16
+        self.n = need
+        self._update_columns()
+
+    def end(self) -> None:
+        self.ended = True
+        self._update_columns()
+
+    # --- features ---------------------------------------------------------------------------
+    def final_columns(self) -> int:
+        """Mel columns that can no longer change: all of them once ended, else those whose
+        50 ms frame (plus the sample pre-emphasis reads before it) has arrived."""
+        if self.ended:
+            return mel_frame_count(self.n)
+        return max(0, (self.n - N_FFT // 2) // HOP + 1)
+
+    def _update_columns(self) -> None:
+        c0, c1 = self.columns, self.final_columns()
+        if c1 <= c0:
+            return
+        # a slice starting 3 columns before c0 reproduces columns >= c0 exactly (the first of
+        # them reads samples from 200*c0 - 400, pre-emphasis one more); from 0: the same padding
+        s0 = max(0, (c0 - 3) * HOP)
+        s1 = self.n if self.ended else min(self.n, (c1 - 1) * HOP + N_FFT // 2)
+        part = melspectrogram(self.samples[s0:s1])
+        off = s0 // HOP
+        if c1 > self.mel.shape[1]:
+            grown = np.zeros((N_MELS, max(c1, 2 * self.mel.shape[1])), np.float32)
+            grown[:, :c0] = self.mel[:, :c0]
+            self.mel = grown
+        self.mel[:, c0:c1] = part[:, c0 - off:c1 - off]
+        self.columns = c1
+
+    # --- frames ---------------------------------------------------------------------------------
+    def total_frames(self) -> int | None:
+        """Speech frames of the whole utterance once it has ended (the batch path's count)."""
+        if not self.ended:
+            return None
+        return frame_count_from_samples(self.n, SAMPLE_RATE, self.fps) if self.n else 0
+
+    def ready_frames(self) -> int:
+        """Speech frames whose model input is final."""
+        total = self.total_frames()
+        if total is not None:
+            return total
+        if self.columns == 0:
+            return 0
+        # frame k is ready when floor(k*80/fps) + columns_needed - 1 < self.columns
+        last_start = self.columns - self.columns_needed  # the largest window start allowed
+        if last_start < 0:
+            return 0
+        fps = self.fps
+        # largest k with floor(k*80*den/num) <= last_start  <=>  k*80*den < (last_start+1)*num
+        k = ((last_start + 1) * fps.numerator - 1) // (80 * fps.denominator)
+        return int(k) + 1
+
+    def windows(self, start: int, stop: int) -> np.ndarray:
+        """The model input of speech frames [start, stop): float32 [n, 1, 80, 16]; columns past
+        the final ones repeat the last final column (the batch path's rule at the end; before the
+        end only columns the model does not read are affected)."""
+        if stop > self.ready_frames():
+            raise ValueError(f"speech frames up to {stop} requested, {self.ready_frames()} ready")
+        mel = self.mel[:, :self.columns]
+        cols = mel_window_starts(self.fps, start, stop)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
+        np.minimum(cols, mel.shape[1] - 1, out=cols)
+        return np.ascontiguousarray(mel[:, cols].transpose(1, 0, 2)[:, None], dtype=np.float32)
+
+    def frame_of_sample(self, sample16: int) -> int:
+        """The speech frame whose display interval holds 16 kHz sample `sample16`."""
+        return int(sample16 * self.fps.numerator // (SAMPLE_RATE * self.fps.denominator))
+
+
+class SpeechInput:
+    """What a session received: PCM at the declared rate, cut into utterances, with the byte
+    offset of the stream (for idempotent appends and resumed sockets)."""
+
+    def __init__(self, rate: int, fps: Fraction, columns_needed: int) -> None:
+        if rate not in SESSION_RATES:
+            raise ValueError(f"sample rate {rate} is not offered (16000, 24000 or 48000)")
+        self.rate = rate
+        self.fps = Fraction(fps)
+        self.columns_needed = columns_needed
+        self.lock = threading.RLock()
+        self.bytes_received = 0
+        self.utterances: list[Utterance] = []
+        self._resampler = StreamResampler(rate)
+
+    def current(self) -> Utterance:
+        if not self.utterances or self.utterances[-1].ended:
+            self.utterances.append(Utterance(self.fps, self.columns_needed, len(self.utterances)))
+            self._resampler = StreamResampler(self.rate)
+        return self.utterances[-1]
+
+    def append(self, pcm: bytes) -> tuple[int, int]:
+        """Add PCM (whole samples); (utterance index, its 16 kHz samples after this chunk)."""
+        if len(pcm) % 2:
+            raise ValueError(f"PCM s16le needs an even byte count, got {len(pcm)}")
+        with self.lock:
+            utt = self.current()
+            ints = np.frombuffer(pcm, dtype="<i2")
+            utt.append_pcm(ints)
+            utt.append(self._resampler.push(ints.astype(np.float32) / np.float32(32768.0)))
+            self.bytes_received += len(pcm)
+            # the 16 kHz sample this chunk's last sample becomes, once resampled
+            return utt.index, -(-utt.pcm_n * SAMPLE_RATE // self.rate)
+
+    def end(self) -> bool:
+        """End the current utterance (its tail renders with the batch path's end padding);
+        False when there was none open."""
+        with self.lock:
+            if not self.utterances or self.utterances[-1].ended:
+                return False
+            utt = self.utterances[-1]
+            utt.append(self._resampler.flush())
+            utt.end()
+            return True

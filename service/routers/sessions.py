@@ -1,0 +1,334 @@
+"""`/v1/sessions`: live avatars. Speech in (WebSocket or idempotent POSTs of PCM), a live HLS
+stream out, figures while it runs, the recording afterwards.
+
+The session lives in its own actor (`actors.live.LiveSessionActor`), not in this replica: a
+replica that dies loses its open socket, not the session (the client reconnects and resumes from
+the byte offset the socket's `ready` message reports).
+
+Two routers: `router` needs the API's bearer token (create, read, delete, POST audio, the
+recording); `public_router` holds what browsers and players open without headers (the audio
+WebSocket, the playlist and its segments), authorised by the session's own token in the query
+string (`?token=`, from the create response: signed as jobs' watch URLs are, scoped to the session,
+expiring after `LIPSYNC_LIVE_TOKEN_TTL_S`).
+A refused WebSocket is accepted and closed at once with an application code and a reason (a
+browser cannot read a refused handshake's status):
+
+| code | why |
+|---|---|
+| 4400 | a binary message with an odd byte count (PCM s16le is 2 bytes a sample) |
+| 4401 | the session token is missing, wrong or expired |
+| 4404 | no such session |
+| 4409 | another audio socket is open on the session |
+| 4410 | the session has ended |
+| 4415 | `?sample_rate=` is not the session's or not offered (16000, 24000, 48000) |
+| 4422 | a text message that is not `{"type": "end"}` JSON |
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from cluster.errors import LipsyncError
+from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView
+from service.auth import require_token
+from service.errors import ERROR_CODES, ApiProblem
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
+                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+public_router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+RATES = (16000, 24000, 48000)
+_SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+# --- talking to the session's actor ----------------------------------------------------------------
+def _settings(request: Request | WebSocket):
+    return request.app.state.settings
+
+
+async def _call(ref, timeout: float):
+    """Await an actor call; typed errors come back as themselves, no answer as 503."""
+    from actors import task_cause
+
+    try:
+        return await asyncio.wait_for(ref, timeout=timeout)
+    except asyncio.TimeoutError:
+        raise ApiProblem(503, "service.unavailable", "the live session did not answer in time", None,
+                         headers={"Retry-After": "1"}) from None
+    except Exception as e:
+        cause = task_cause(e)
+        if isinstance(cause, LipsyncError):
+            raise cause from None
+        from ray.exceptions import RayActorError
+
+        if isinstance(e, RayActorError):
+            raise ApiProblem(410, "session.ended", "the live session's actor is gone", None) from None
+        raise
+
+
+def _actor(settings, session_id: str):
+    from actors.live import session_actor
+    from cluster.live import SessionNotFound
+
+    if not _SESSION_ID.match(session_id):
+        raise ApiProblem(404, "session.not_found", f"no live session {session_id}", "session_id")
+    try:
+        return session_actor(settings, session_id)
+    except SessionNotFound as e:
+        raise ApiProblem(404, "session.not_found", e.message, "session_id") from None
+
+
+def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
+    """A signed, expiring token for this session's socket and stream (the same signing as jobs'
+    watch URLs, `cluster.hls.sign_watch`, scoped to `session:<id>`); (None, None) when the service
+    runs without an API token (then these routes are open, as the rest of the API)."""
+    import time
+
+    from cluster.hls import sign_watch
+
+    key = request.app.state.watch_key
+    if key is None:
+        return None, None
+    expires = int(time.time() + _settings(request).live_token_ttl_s)
+    return sign_watch(key, f"session:{session_id}", expires), expires
+
+
+def token_ok(request: Request | WebSocket, session_id: str, token: str | None) -> bool:
+    from cluster.hls import check_watch
+
+    key = request.app.state.watch_key
+    return key is None or (bool(token) and check_watch(key, f"session:{session_id}", token))
+
+
+def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
+    base = str(request.base_url).rstrip("/")
+    sid = raw["id"]
+    token, expires = session_token(request, sid)
+    query = f"?token={token}" if token else ""
+    ws_base = "ws" + base[4:] if base.startswith("http") else base
+    own = ("token", "token_expires", "hls_url", "audio_ws", "audio_url", "recording_url")
+    return SessionView(**{k: v for k, v in raw.items() if k in SessionView.model_fields and k not in own},
+                       hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8{query}",
+                       audio_ws=f"{ws_base}/v1/sessions/{sid}/audio{query}",
+                       audio_url=f"{base}/v1/sessions/{sid}/audio",
+                       token=token if with_token else None,
+                       token_expires=datetime.fromtimestamp(expires, timezone.utc) if expires else None,
+                       recording_url=f"{base}/v1/sessions/{sid}/recording" if raw.get("recording_bytes") else None)
+
+
+def _problem(e: LipsyncError) -> ApiProblem:
+    status = {"avatar.not_found": 404, "session.not_found": 404, "avatar.not_ready": 409,
+              "session.capacity": 429, "session.ended": 410}.get(e.code)
+    if status is None:
+        status = 400 if e.code.startswith(("input.", "model.invalid")) else 500
+    headers = {"Retry-After": "5"} if status == 429 else None
+    return ApiProblem(status, e.code, e.message, e.path if e.path in ("avatar_id", "model") else None, headers)
+
+
+# --- create, read, delete ------------------------------------------------------------------------
+@router.post("", status_code=201, response_model=SessionView,
+             summary="Start a live session on a prepared avatar (404 unknown, 409 not prepared yet, "
+                     "429 at LIPSYNC_MAX_LIVE_SESSIONS)")
+async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
+    from actors.live import live_registry
+
+    settings = _settings(request)
+    model = body.model
+    if model is not None and not model.startswith("builtin"):
+        model = str(settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx"))
+    session_id = uuid.uuid4().hex[:16]
+    try:
+        raw = await _call(live_registry(settings).create.remote(session_id, body.avatar_id, model,
+                                                                body.sample_rate, body.max_seconds),
+                          timeout=settings.model_load_timeout_s + 60)
+    except LipsyncError as e:
+        raise _problem(e) from None
+    return JSONResponse(_view(request, raw).model_dump(mode="json"), status_code=201)
+
+
+@router.get("/{session_id}", response_model=SessionView, summary="A session's state and figures")
+async def get_session(session_id: str, request: Request) -> SessionView:
+    settings = _settings(request)
+    raw = await _call(_actor(settings, session_id).view.remote(), settings.actor_call_timeout_s)
+    return _view(request, raw)
+
+
+@router.delete("/{session_id}", response_model=SessionView,
+               summary="End the session now; its recording is then at /recording")
+async def delete_session(session_id: str, request: Request) -> SessionView:
+    settings = _settings(request)
+    raw = await _call(_actor(settings, session_id).stop.remote("deleted"), 90.0)
+    return _view(request, raw, with_token=False)
+
+
+@router.post("/{session_id}/end", response_model=SessionView,
+             summary="End the speech and the session once everything received is rendered")
+async def finish_session(session_id: str, request: Request) -> SessionView:
+    settings = _settings(request)
+    actor = _actor(settings, session_id)
+    await _call(actor.finish.remote(), settings.actor_call_timeout_s)
+    return _view(request, await _call(actor.view.remote(), settings.actor_call_timeout_s), with_token=False)
+
+
+@router.post("/{session_id}/audio", response_model=AudioAppended,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+             summary="Append raw PCM s16le at the session's rate, idempotent by `offset` (bytes already "
+                     "received are skipped); 409 for a gap, 429 while the buffer is full")
+async def append_audio(session_id: str, request: Request, offset: int = Query(..., ge=0),
+                       end: bool = Query(False, description="also end the utterance")) -> JSONResponse:
+    settings = _settings(request)
+    actor = _actor(settings, session_id)
+    body = await request.body()
+    if len(body) % 2:
+        raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
+                         "body")
+    try:
+        answer = await _call(actor.append.remote(body, offset), settings.actor_call_timeout_s)
+    except ValueError as e:
+        raise ApiProblem(409, "session.offset_gap", str(e), "offset") from None
+    if answer.get("state") in ("ending", "ended", "failed"):
+        raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
+    if not answer["accepted"]:
+        raise ApiProblem(429, "session.buffer_full", f"{answer['buffered_s']:.1f} s of speech are waiting to be "
+                         f"rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']}",
+                         None, headers={"Retry-After": "1"})
+    if end:
+        await _call(actor.end_speech.remote(), settings.actor_call_timeout_s)
+    return JSONResponse(AudioAppended(offset=answer["offset"], accepted=True,
+                                      buffered_seconds=answer["buffered_s"]).model_dump())
+
+
+@router.get("/{session_id}/recording", response_class=StreamingResponse,
+            responses={200: {"content": {"video/mp4": {}}}},
+            summary="The whole session as one verified mp4 (409 until the session has ended)")
+async def get_recording(session_id: str, request: Request) -> Response:
+    settings = _settings(request)
+    actor = _actor(settings, session_id)
+    raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+    size = raw.get("recording_bytes")
+    if not size:
+        state = raw["state"]
+        raise ApiProblem(409, "session.not_ended" if state not in ("ended", "failed") else "session.no_recording",
+                         f"session {session_id} is {state}; the recording exists once it has ended"
+                         + (f" ({raw['error']['message']})" if raw.get("error") else ""), None)
+
+    async def parts():
+        pos = 0
+        while pos < size:
+            data = await _call(actor.read_recording.remote(pos, min(1 << 20, size - pos)),
+                               settings.actor_call_timeout_s)
+            if not data:
+                raise RuntimeError(f"session {session_id}: recording ended at byte {pos} of {size}")
+            pos += len(data)
+            yield data
+
+    return StreamingResponse(parts(), media_type="video/mp4",
+                             headers={"Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
+
+
+# --- the stream (players: no headers, the session token in the query) -------------------------------
+@public_router.get("/{session_id}/hls/{name}", include_in_schema=True,
+                   summary="The live HLS playlist (index.m3u8: sliding window, fMP4 segments <= 0.5 s) "
+                           "and its init and media segments; ?token= the session token")
+async def get_hls(session_id: str, name: str, request: Request, token: str = Query("")) -> Response:
+    settings = _settings(request)
+    actor = _actor(settings, session_id)
+    if not token_ok(request, session_id, token):
+        raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
+    data = await _call(actor.read_hls.remote("live.m3u8" if name == "index.m3u8" else name),
+                       settings.actor_call_timeout_s)
+    if data is None:
+        raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
+    if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
+        text = re.sub(r'^(?!#)(\S+)$', rf"\1?token={token}", data.decode(), flags=re.M)
+        text = re.sub(r'URI="([^"]+)"', rf'URI="\1?token={token}"', text)
+        return Response(text, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
+    if name == "index.m3u8":
+        return Response(data, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
+    media = "video/mp4" if name.endswith(".mp4") else "video/iso.segment"
+    return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+
+@public_router.websocket("/{session_id}/audio")
+async def audio_socket(websocket: WebSocket, session_id: str) -> None:
+    """Binary messages: PCM s16le mono at the session's rate, any size; text `{"type": "end"}` ends
+    the utterance (the session stays, idle, until DELETE, idle timeout or max_seconds). On
+    connect the server sends `{"type": "ready", "offset": N}`: the bytes it has; a client that
+    reconnects resumes from there. Backpressure: while the session's buffer of unrendered speech
+    is full, the socket is not read."""
+    from cluster.live import SessionNotFound
+
+    settings = _settings(websocket)
+    await websocket.accept()
+    token = websocket.query_params.get("token", "")
+    try:
+        if not _SESSION_ID.match(session_id):
+            raise SessionNotFound(f"no live session {session_id}")
+        from actors.live import session_actor
+
+        actor = session_actor(settings, session_id)
+        raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+    except (SessionNotFound, ApiProblem):
+        await websocket.close(4404, f"no live session {session_id}")
+        return
+    if not token_ok(websocket, session_id, token):
+        await websocket.close(4401, "missing, wrong or expired session token (?token=)")
+        return
+    if raw["state"] not in ("live", "starting"):
+        await websocket.close(4410, f"session {session_id} is {raw['state']}")
+        return
+    rate = websocket.query_params.get("sample_rate")
+    if rate is not None and (not rate.isdigit() or int(rate) not in RATES or int(rate) != raw["sample_rate"]):
+        await websocket.close(4415, f"sample_rate {rate} not offered: this session takes {raw['sample_rate']} "
+                                    f"(rates offered: {', '.join(map(str, RATES))})")
+        return
+    lease = uuid.uuid4().hex
+    if not await _call(actor.attach.remote(lease), settings.actor_call_timeout_s):
+        await websocket.close(4409, "another audio socket is open on this session")
+        return
+    try:
+        await websocket.send_text(json.dumps({"type": "ready", "offset": raw["bytes_received"],
+                                              "sample_rate": raw["sample_rate"]}))
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data, text = message.get("bytes"), message.get("text")
+            if data is not None:
+                if len(data) % 2:
+                    await websocket.close(4400, f"binary message of {len(data)} bytes: PCM s16le needs whole "
+                                                f"2-byte samples")
+                    return
+                while True:  # backpressure: the socket is not read while the buffer is full
+                    answer = await _call(actor.append.remote(data), settings.actor_call_timeout_s)
+                    if answer["accepted"]:
+                        break
+                    if answer.get("state") not in ("live", "starting"):
+                        await websocket.close(4410, f"session {session_id} is {answer.get('state')}")
+                        return
+                    await asyncio.sleep(0.05)
+                actor.touch.remote(lease)
+            elif text is not None:
+                try:
+                    kind = json.loads(text).get("type")
+                except (ValueError, AttributeError):
+                    kind = None
+                if kind != "end":
+                    await websocket.close(4422, 'text messages must be JSON {"type": "end"}')
+                    return
+                await _call(actor.end_speech.remote(), settings.actor_call_timeout_s)
+                raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+                await websocket.send_text(json.dumps({"type": "ended", "offset": raw["bytes_received"]}))
+    except (WebSocketDisconnect, ValidationError):
+        return
+    finally:
+        actor.detach.remote(lease)

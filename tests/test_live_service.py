@@ -1,0 +1,187 @@
+"""Live sessions through the real service (`lipsync serve`, Ray, the session actor, model
+workers' live lane): create/read/delete, the audio socket and its refusals, idempotent POST
+appends, the live playlist read by a real ffmpeg, the recording."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def live_avatar(service, astronaut_video) -> str:
+    with open(astronaut_video, "rb") as f:
+        r = httpx.post(f"{service.url}/v1/avatars", headers={"Authorization": f"Bearer {service.token}"},
+                       files={"video": ("astronaut.mp4", f, "video/mp4")}, timeout=300)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _api(service) -> httpx.Client:
+    return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=120)
+
+
+def _close_code(url: str, send=None) -> tuple[int | None, str]:
+    """Open the socket, optionally send one message, return the close code and reason."""
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(url, open_timeout=30) as ws:
+        try:
+            first = ws.recv(timeout=30)
+            if send is not None:
+                ws.send(send)
+                ws.recv(timeout=30)
+            return None, first
+        except ConnectionClosed as e:
+            return e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else ""
+
+
+def test_create_refusals(service, live_avatar):
+    with _api(service) as api:
+        r = api.post("/v1/sessions", json={"avatar_id": "ab" * 8})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "avatar.not_found"
+        preparing = service.storage_root / "avatars" / ("cd" * 8)
+        preparing.mkdir(parents=True, exist_ok=True)  # a preparation under way: no avatar.json yet
+        r = api.post("/v1/sessions", json={"avatar_id": "cd" * 8})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "avatar.not_ready"
+        r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "sample_rate": 22050})
+        assert r.status_code == 422 and "sample_rate" in r.json()["error"]["message"]
+        assert httpx.post(f"{service.url}/v1/sessions", json={"avatar_id": live_avatar}).status_code == 401
+
+
+def test_socket_refusals_and_idempotent_post(service, live_avatar):
+    with _api(service) as api:
+        view = api.post("/v1/sessions", json={"avatar_id": live_avatar}).json()
+        sid, ws_url = view["id"], view["audio_ws"]
+        try:
+            bad_token = ws_url.split("?token=")[0] + "?token=wrong"
+            assert _close_code(bad_token)[0] == 4401
+            assert _close_code(ws_url.replace(sid, "f" * 16))[0] == 4404
+            code, reason = _close_code(ws_url + "&sample_rate=44100")
+            assert code == 4415 and "44100" in reason
+            code, reason = _close_code(ws_url, send=b"\x00\x01\x02")
+            assert code == 4400 and "3 bytes" in reason
+            code, reason = _close_code(ws_url, send="hello")
+            assert code == 4422
+            with connect(ws_url, open_timeout=30) as first:  # one audio socket at a time
+                assert json.loads(first.recv(timeout=30))["type"] == "ready"
+                assert _close_code(ws_url)[0] == 4409
+            # POST appends: idempotent by offset
+            pcm = (np.sin(np.arange(16000) / 8.0) * 8000).astype("<i2").tobytes()
+            a, b = pcm[:12000], pcm[12000:]
+            path = f"/v1/sessions/{sid}/audio"
+            assert api.post(path, params={"offset": 0}, content=a).json()["offset"] == 12000
+            assert api.post(path, params={"offset": 0}, content=a).json()["offset"] == 12000  # a retry
+            assert api.post(path, params={"offset": 10000}, content=pcm[10000:14000]).json()["offset"] == 14000
+            assert api.post(path, params={"offset": 12000}, content=b).json()["offset"] == len(pcm)
+            r = api.post(path, params={"offset": len(pcm) + 2}, content=b"\x00\x00")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "session.offset_gap"
+            assert api.post(path, params={"offset": len(pcm)}, content=b"\x00").status_code == 400
+            # backpressure: a sender faster than real time is refused (429) once the buffer is full
+            burst = (np.sin(np.arange(16000 * 6) / 9.0) * 6000).astype("<i2").tobytes()
+            assert api.post(path, params={"offset": len(pcm)}, content=burst).status_code == 200
+            r = api.post(path, params={"offset": len(pcm) + len(burst)}, content=b"\x00\x00")
+            assert r.status_code == 429 and r.json()["error"]["code"] == "session.buffer_full"
+            assert r.headers["retry-after"]
+            pcm += burst
+            # a reconnecting socket learns the offset to resume from
+            with connect(ws_url, open_timeout=30) as ws:
+                assert json.loads(ws.recv(timeout=30)) == {"type": "ready", "offset": len(pcm), "sample_rate": 16000}
+            assert api.get(f"/v1/sessions/{sid}").json()["bytes_received"] == len(pcm)
+        finally:
+            api.delete(f"/v1/sessions/{sid}")
+
+
+def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, speech_wav, tmp_path):
+    from cluster.client import Client
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    with Client(service.url, token=service.token) as client:
+        with client.live(live_avatar) as session:
+            assert session.hls_url.endswith(f"/v1/sessions/{session.id}/hls/index.m3u8?token={session.view.token}")
+            session.send_file(speech_wav, realtime=True)
+            view = session.wait_rendered(timeout=60)
+            assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+            assert view.seconds_rendered == pytest.approx(3.2, abs=0.04)
+            playlist = httpx.get(session.hls_url, timeout=30).text
+            assert "#EXT-X-TARGETDURATION:1" in playlist and "?token=" in playlist
+            assert "#EXT-X-ENDLIST" not in playlist  # live: the avatar idles after the speech
+            # a real ffmpeg reads the live playlist (for 2 s of it) and decodes video and audio
+            out = subprocess.run([ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-i", session.hls_url,
+                                  "-t", "2", "-map", "0:v", "-map", "0:a", "-f", "null", "-"],
+                                 capture_output=True, text=True, timeout=90)
+            assert out.returncode == 0, out.stderr
+            live_view = session.stats()
+            assert live_view.state == "live" and live_view.latency_samples > 0
+        final = session.view
+        assert final.state == "ended" and final.reason == "deleted"
+        rec = session.download_recording(tmp_path / "rec.mp4")
+    import av
+
+    with av.open(str(rec)) as container:
+        assert container.streams.video and container.streams.audio
+        assert container.streams.video[0].frames == round(final.recording_seconds * 25)
+    assert final.recording_seconds >= 3.2
+
+
+def _model_worker_pids(service) -> list[int]:
+    """PIDs of this service's model worker processes (descendants of its `lipsync serve`)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(service.proc.pid).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith("ray::ModelWorker"):
+                pids.append(child.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar, speech_wav, tmp_path):
+    """SIGKILL the model worker while speech streams in: the stream keeps advancing (batches go
+    out without the model meanwhile), the session does not end, and every second of speech is
+    rendered after the gap (the recording holds it all)."""
+    import os
+    import signal
+    import threading
+
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as client:
+        session = client.live(live_avatar)
+        sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
+        sender.start()
+        time.sleep(1.2)
+        pids = _model_worker_pids(service)
+        assert pids, "no model worker process of this service found"
+        os.kill(pids[0], signal.SIGKILL)
+        sender.join(60)
+        view = session.wait_rendered(timeout=120)
+        assert view.state == "live"
+        assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
+        assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+        final = session.close()
+    assert final.state == "ended" and final.model_faults >= 1
+    assert final.recording_seconds >= 3.2
+
+
+def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, speech_wav):
+    import os
+    import shutil
+    import sys
+
+    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", speech_wav, "--url", service.url,
+                          "--token", service.token], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "/hls/index.m3u8?token=" in lines[0]
+    assert "ended (deleted)" in lines[-1] and "3.20 s rendered" in lines[-1] and "latency p50" in lines[-1]
