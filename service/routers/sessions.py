@@ -240,10 +240,10 @@ async def get_recording(session_id: str, request: Request) -> Response:
                    summary="The live HLS playlist (index.m3u8: sliding window, fMP4 segments <= 0.5 s) "
                            "and its init and media segments; ?token= the session token")
 async def get_hls(session_id: str, name: str, request: Request, token: str = Query("")) -> Response:
+    if not token_ok(request, session_id, token):  # before the lookup: no session's existence is told without it
+        raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    if not token_ok(request, session_id, token):
-        raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
     data = await _call(actor.read_hls.remote("live.m3u8" if name == "index.m3u8" else name),
                        settings.actor_call_timeout_s)
     if data is None:
@@ -270,6 +270,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     settings = _settings(websocket)
     await websocket.accept()
     token = websocket.query_params.get("token", "")
+    if not token_ok(websocket, session_id, token):
+        await websocket.close(4401, "missing, wrong or expired session token (?token=)")
+        return
     try:
         if not _SESSION_ID.match(session_id):
             raise SessionNotFound(f"no live session {session_id}")
@@ -279,9 +282,6 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
     except (SessionNotFound, ApiProblem):
         await websocket.close(4404, f"no live session {session_id}")
-        return
-    if not token_ok(websocket, session_id, token):
-        await websocket.close(4401, "missing, wrong or expired session token (?token=)")
         return
     if raw["state"] not in ("live", "starting"):
         await websocket.close(4410, f"session {session_id} is {raw['state']}")
