@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,34 @@ from cluster.errors import LipsyncError, RenderError
 from cluster.schemas import JobState, JobStatus, RenderRequest
 
 log = logging.getLogger("lipsync.service")
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """In a Serve replica of an embedded Ray (started private by `actors.runtime.start_embedded_ray`,
+    whose processes inherit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): bind the replica's
+    inter-deployment gRPC server to loopback. Ray 2.60 binds it to every interface by a literal
+    address, whatever the node's IP, in ray/serve/_private/replica.py, `Replica._on_initialized`:
+        self._internal_grpc_port = add_port_to_grpc_server(self._server, "[::]:0")
+    That runs after the deployment's constructor, which imports this module (the ingress's gateway
+    lives here); a replica of a joined cluster, or any other process, is left alone."""
+    replica = sys.modules.get("ray.serve._private.replica")
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0" or replica is None:
+        return
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback_only", False):
+        return
+
+    def add_port_to_grpc_server(server, address: str):
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):  # noqa: S104 - the wildcard addresses replaced
+            address = f"127.0.0.1:{port}"
+        return add_port(server, address)
+
+    add_port_to_grpc_server.loopback_only = True
+    replica.add_port_to_grpc_server = add_port_to_grpc_server
+
+
+keep_replica_grpc_on_loopback()
 
 
 class ManagerUnavailable(RenderError):
@@ -131,25 +161,22 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     `on_ray_started` runs as soon as Ray is up (e.g. to install signal handlers: Ray's own
     replaces any installed before). When `stop` is set meanwhile, the start ends early with
     `ready: False`; the caller then takes down what was started (`stop_service`)."""
-    import os
     import urllib.request
 
     from ray import serve
 
-    from actors.runtime import Runtime, _check_reachable, embedded_cpus
+    from actors.runtime import Runtime, _check_reachable, start_embedded_ray
     from serve_app import build_app
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = dict(namespace=settings.namespace, log_to_driver=False)
     try:
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
-            ctx = ray.init(address=address, **kwargs)
-        else:
-            ctx = ray.init(address="local", num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
-                           include_dashboard=dashboard,
-                           dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                           _temp_dir=ray_temp_dir, **kwargs)
+            ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+        else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept
+            ctx = start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                                     dashboard_port=dashboard_port, temp_dir=ray_temp_dir,
+                                     keep_signal_handlers=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
@@ -186,15 +213,31 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     return urls
 
 
-def stop_service(embedded: bool) -> None:
-    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start)."""
+#: Seconds a stopping service gives Serve to stop the app's replicas and its proxies (an open SSE
+#: stream holds a replica up to the app's graceful_shutdown_timeout_s, 20 s by default, and Serve's
+#: controller waited 30 s) before the embedded Ray is taken down with everything on it.
+SERVE_STOP_BUDGET_S = 3.0
+
+
+def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) -> None:
+    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start).
+
+    Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
+    in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
+    the service in a few seconds, also with event streams open (they are cut). Joined cluster: the
+    app is deleted without waiting for its replicas to drain (the cluster's controller finishes
+    that); the cluster itself stays."""
     from ray import serve
 
     try:
         if embedded:
-            serve.shutdown()
+            from ray.serve.context import _get_global_client
+
+            client = _get_global_client(raise_if_no_controller_running=False)
+            if client is not None:
+                client.shutdown(timeout_s=serve_budget_s)
         else:
-            serve.delete("lipsync")
+            serve.delete("lipsync", _blocking=False)
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
     ray.shutdown()
