@@ -80,6 +80,9 @@ EMBEDDED_RAY_ENV = {
 }
 
 
+STARTUP_ATTEMPTS = 3
+
+
 def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_gpus: int | None = None,
                        include_dashboard: bool = False, dashboard_port: int | None = None,
                        temp_dir: str | None = None, keep_signal_handlers: bool = False):
@@ -110,10 +113,23 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     handlers = _SignalHandlersKept() if keep_signal_handlers else contextlib.nullcontext()
     try:
         with handlers:
-            ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,
-                           num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
-                           include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-                           dashboard_port=dashboard_port, _temp_dir=str(root))
+            for attempt in range(1, STARTUP_ATTEMPTS + 1):
+                try:
+                    ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,
+                                   num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
+                                   include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+                                   dashboard_port=dashboard_port, _temp_dir=str(root))
+                    break
+                except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+                    # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py,
+                    # `raylet_start_wait_time_s = 30`): an overloaded machine misses it; start again.
+                    if "timed out during startup" not in str(e):
+                        raise
+                    if attempt == STARTUP_ATTEMPTS:
+                        raise RuntimeError(f"{e} ({attempt} attempts)") from e
+                    log.warning("Ray's start timed out (attempt %d of %d, the machine is overloaded): again",
+                                attempt, STARTUP_ATTEMPTS)
+                    ray.shutdown()
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for k, v in saved_env.items():

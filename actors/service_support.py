@@ -216,7 +216,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
 #: Seconds a stopping service gives Serve to stop the app's replicas and its proxies (an open SSE
 #: stream holds a replica up to the app's graceful_shutdown_timeout_s, 20 s by default, and Serve's
 #: controller waited 30 s) before the embedded Ray is taken down with everything on it.
-SERVE_STOP_BUDGET_S = 3.0
+SERVE_STOP_BUDGET_S = 2.0
 
 
 def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) -> None:

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-gpus", type=int, help="logical GPUs of the embedded Ray head")
     sv.add_argument("--no-dashboard", action="store_true", help="no Ray dashboard (faster start)")
     sv.add_argument("--dashboard-port", type=int, default=8265)
-    sv.add_argument("--ray-temp-dir", help="Ray's session directory (a short path)")
+    sv.add_argument("--ray-temp-dir", help="a directory of yours for Ray's sessions (made 0700; they go in its ray/; "
+                    "a short path; default: lipsync-UID in the temporary directory)")
     sv.set_defaults(func=cmd_serve)
 
     def remote(sp: argparse.ArgumentParser) -> None:
