@@ -164,3 +164,68 @@ def _report(results: dict, started: dict, quick: bool) -> None:
                f"{table.strip()}\n\n{notes}\n<!-- /bench:long -->")
     _replace_section("long", section)
     print(f"wrote {path} and the long section of docs/PERFORMANCE.md")
+
+
+# --- the prepare step alone: what grew with the speech's length -----------------------------------
+PREPARE_CHILD = r"""
+import json, resource, sys, threading, time
+import psutil
+from cluster.config import Settings
+from cluster.render import admit, prepare_job
+from cluster.schemas import RenderRequest
+audio, video, root, job = sys.argv[1:5]
+me, peak, stop = psutil.Process(), {"kids": 0}, threading.Event()
+def sample():  # ffmpeg children's RSS every 20 ms
+    while not stop.wait(0.02):
+        k = 0
+        for c in me.children(recursive=True):
+            try:
+                if "ffmpeg" in c.name():
+                    k += c.memory_info().rss
+            except psutil.Error:
+                pass
+        peak["kids"] = max(peak["kids"], k)
+s = Settings(storage_root=root)
+req = admit(job, RenderRequest(audio=audio, video=video), s)
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.time()
+plan = prepare_job(job, req, s, model_size=256)
+stop.set()
+print(json.dumps({"seconds": time.time() - t0, "frames": plan.frames_total,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "ffmpeg_peak_rss_mb": peak["kids"] / 2**20}))
+"""
+
+
+def prepare_memory(lengths: list[float]) -> list[dict]:
+    """Peak RSS of a job's prepare step (decode the speech, mel features, plan) for each speech
+    length, each in a fresh process, the avatar prepared beforehand (so that only what depends on
+    the speech is compared)."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.common import bench_env
+
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=CACHE))
+    rows = []
+    try:
+        for i, secs in enumerate([lengths[0], *lengths]):  # the first run prepares the avatar
+            inp = make_inputs(secs, SIZE, TEMPLATE_SECONDS)
+            out = subprocess.run([sys.executable, "-c", PREPARE_CHILD, inp.audio, inp.video, str(work / "storage"),
+                                  f"job{i}"], env={**__import__("os").environ, **bench_env(str(work / "storage"))},
+                                 capture_output=True, text=True, timeout=3600, check=True)
+            if i:
+                rows.append({"speech_s": secs, **json.loads(out.stdout.strip().splitlines()[-1])})
+                print(f"[prepare] {secs:g} s of speech: {rows[-1]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":  # python -m bench.long --prepare 300 3600
+    import argparse
+
+    ap = argparse.ArgumentParser(description="peak memory of the prepare step against the speech's length")
+    ap.add_argument("--prepare", type=float, nargs="+", required=True, metavar="SECONDS")
+    prepare_memory(ap.parse_args().prepare)
