@@ -5,6 +5,7 @@ Calls to the job manager survive its restart: they are retried until their deadl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -37,8 +38,9 @@ def embedded_cpus(settings: Settings) -> int:
 
 def connect(settings: Settings, address: str | None = None, num_cpus: int | None = None,
             num_gpus: int | None = None) -> bool:
-    """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process; True when
-    it started an embedded Ray (the jobs of this run are then owned by this process).
+    """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process (private
+    to this machine and user, `start_embedded_ray`); True when it started an embedded Ray (the
+    jobs of this run are then owned by this process).
 
     Ray 2.60 enables token authentication by default: an embedded Ray generates its token, and
     joining a cluster needs its token (`RAY_AUTH_TOKEN` or the token file), as Ray documents.
@@ -50,20 +52,175 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
     if address:
         _check_reachable(address, settings.actor_call_timeout_s)
         _enable_token_auth_when_available()
-    if not address and num_cpus is None:
-        num_cpus = embedded_cpus(settings)
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # "local": always a new instance of our own, never a cluster another `ray start` on
-            # this machine registered in /tmp/ray (ray.init() would silently join that one).
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join {where}: {e}{hint}", stage="connect", cause=repr(e)) from e
     return not address
+
+
+#: Set while an embedded Ray starts, for the processes it starts (they inherit them).
+EMBEDDED_RAY_ENV = {
+    # Ray's own local-only mode (what it does on macOS and Windows): the node's IP is 127.0.0.1,
+    # so the GCS, the raylet, the core workers' gRPC servers, the dashboard agent (gRPC, HTTP,
+    # metrics) and the runtime-env agent bind to loopback. Ray turns ray.init(_node_ip_address=
+    # "127.0.0.1") back into the machine's address (services.resolve_ip_for_localhost), so the
+    # address alone cannot do it; without a cluster, get_node_ip_address returns the loopback IP.
+    # (Serve replicas' own gRPC server: actors.service_support.keep_replica_grpc_on_loopback.)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Serve's shutdown waits: per tier of deployments (30 s) and per proxy (5 s); a stopping
+    # service gives them `SERVE_STOP_BUDGET_S` in all (cluster/cli.py's serve, stop_service).
+    "RAY_SERVE_SHUTDOWN_TIER_TIMEOUT_S": "2",
+    "RAY_SERVE_PROXY_GRACEFUL_SHUTDOWN_TIMEOUT_S": "1",
+}
+
+
+STARTUP_ATTEMPTS = 3
+
+
+def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_gpus: int | None = None,
+                       include_dashboard: bool = False, dashboard_port: int | None = None,
+                       temp_dir: str | None = None, keep_signal_handlers: bool = False):
+    """Start this process's own Ray (`address="local"`: never a cluster another `ray start` on
+    this machine registered in /tmp/ray), private to this machine and this user:
+
+    - every socket of its processes on loopback (`EMBEDDED_RAY_ENV`), the dashboard too;
+    - its token file (Ray's `RAY_AUTH_TOKEN_PATH`, else ~/.ray/auth_token) created here with mode
+      0600 in a 0700 directory, or an existing one tightened to that (`private_token_file`);
+    - its session directories (sockets, logs) inside a directory of mode 0700 (`private_ray_root`).
+
+    `keep_signal_handlers`: the SIGTERM/SIGINT handlers installed now stay in force throughout
+    the start (`lipsync serve` installs its own first): ray.init replaces SIGTERM's with one of
+    its own, and the driver's C++ core worker installs a failure handler that dumps a stack and
+    aborts on SIGTERM ("*** SIGTERM received"); a signal in that window killed the service.
+    Returns ray.init's context."""
+    import ray._private.ray_constants as ray_constants
+
+    private_token_file()
+    root = private_ray_root(temp_dir)
+    # The driver's own C++ failure handler off (Ray's documented switch, read by ray.init from this
+    # constant): a SIGTERM reaches Python's handler; Ray's other processes keep theirs.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    saved_env = {k: os.environ.get(k) for k in EMBEDDED_RAY_ENV}
+    saved_cluster = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(EMBEDDED_RAY_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported Ray
+    handlers = _SignalHandlersKept() if keep_signal_handlers else contextlib.nullcontext()
+    try:
+        with handlers:
+            for attempt in range(1, STARTUP_ATTEMPTS + 1):
+                try:
+                    ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,
+                                   num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
+                                   include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+                                   dashboard_port=dashboard_port, _temp_dir=str(root))
+                    break
+                except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+                    # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py,
+                    # `raylet_start_wait_time_s = 30`): an overloaded machine misses it; start again.
+                    if "timed out during startup" not in str(e):
+                        raise
+                    if attempt == STARTUP_ATTEMPTS:
+                        raise RuntimeError(f"{e} ({attempt} attempts)") from e
+                    log.warning("Ray's start timed out (attempt %d of %d, the machine is overloaded): again",
+                                attempt, STARTUP_ATTEMPTS)
+                    ray.shutdown()
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ctx
+
+
+def private_ray_root(temp_dir: str | None = None) -> Path:
+    """Where an embedded Ray keeps its files (sessions: sockets, logs): `ray/` inside a directory
+    of this user's with mode 0700, `temp_dir` or `lipsync-UID` in the system's temporary
+    directory (Ray's RAY_TMPDIR, TMPDIR, else /tmp). Ray makes its own root and session
+    directories 0777 (ray/_common/utils.py, `try_make_directory_shared`:
+    `os.chmod(directory_path, 0o0777)`), again in every worker process it starts, so the privacy
+    comes from the directory above, which Ray never touches. Raises `RenderError` when that
+    directory belongs to another user."""
+    if temp_dir:
+        parent = Path(temp_dir).expanduser().absolute()
+    else:
+        from ray._common.utils import get_default_system_temp_dir
+
+        parent = Path(get_default_system_temp_dir()) / f"lipsync-{os.getuid()}"
+    _private_dir(parent)
+    if parent.stat().st_uid != os.getuid():
+        raise RenderError(f"{parent} (for Ray's session files) belongs to another user: pass --ray-temp-dir "
+                          f"with a directory of your own", stage="connect", path=str(parent))
+    return parent / "ray"
+
+
+class _SignalHandlersKept:
+    """Keep this process's SIGTERM/SIGINT handlers through ray.init: Ray's own is not installed
+    (ray.init calls `ray._private.utils.set_sigterm_handler` first thing), and the handlers are
+    put back afterwards in case anything else replaced them."""
+
+    def __enter__(self):
+        import signal
+
+        import ray._private.utils as ray_utils
+
+        self.saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.ray_utils, self.ray_setter = ray_utils, ray_utils.set_sigterm_handler
+        ray_utils.set_sigterm_handler = lambda handler: None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.ray_utils.set_sigterm_handler = self.ray_setter
+        for sig, handler in self.saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _private_dir(path: Path) -> None:
+    """`path` exists with mode 0700 (created so, or tightened when it is ours)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def private_token_file() -> Path | None:
+    """The Ray token file an embedded Ray will use, private: created here (Ray's own token format)
+    with mode 0600 in a 0700 directory when missing, tightened when it exists with wider modes
+    (Ray itself writes ~/.ray/auth_token with the umask's 0644: readable by every local user,
+    who could then run code in the cluster). None when no file is involved (`RAY_AUTH_TOKEN`
+    set, or token authentication disabled)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    _private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return path
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+    try:  # Ray caches whether it found a token
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):
+        pass
+    log.info("created Ray's token file %s (mode 0600)", path)
+    return path
 
 
 def stop_embedded() -> None:

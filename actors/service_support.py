@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,34 @@ from cluster.errors import LipsyncError, RenderError
 from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest
 
 log = logging.getLogger("lipsync.service")
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """In a Serve replica of an embedded Ray (started private by `actors.runtime.start_embedded_ray`,
+    whose processes inherit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): bind the replica's
+    inter-deployment gRPC server to loopback. Ray 2.60 binds it to every interface by a literal
+    address, whatever the node's IP, in ray/serve/_private/replica.py, `Replica._on_initialized`:
+        self._internal_grpc_port = add_port_to_grpc_server(self._server, "[::]:0")
+    That runs after the deployment's constructor, which imports this module (the ingress's gateway
+    lives here); a replica of a joined cluster, or any other process, is left alone."""
+    replica = sys.modules.get("ray.serve._private.replica")
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0" or replica is None:
+        return
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "loopback_only", False):
+        return
+
+    def add_port_to_grpc_server(server, address: str):
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):  # noqa: S104 - the wildcard addresses replaced
+            address = f"127.0.0.1:{port}"
+        return add_port(server, address)
+
+    add_port_to_grpc_server.loopback_only = True
+    replica.add_port_to_grpc_server = add_port_to_grpc_server
+
+
+keep_replica_grpc_on_loopback()
 
 
 class ManagerUnavailable(RenderError):

@@ -24,6 +24,7 @@ BENCHMARKS = {
 RELIABILITY = {
     "chaos": "bench.chaos",              # jobs under random kills of workers, compositors, manager, nodes
     "soak": "bench.soak",                # many short jobs through the service; memory start/peak/end
+    "long": "bench.long",                # an hour of speech in one job vs 5 minutes: memory, frames/s
 }
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=[*BENCHMARKS, *RELIABILITY, "all"])
     p.add_argument("--quick", action="store_true", help="short version on small inputs (smoke check)")
     p.add_argument("--seconds", type=float, action="append",
-                   help="speech lengths to run (classic, floor, throughput; repeatable), instead of the defaults")
+                   help="speech lengths to run (classic, floor, throughput, long; repeatable), instead of the defaults")
     p.add_argument("--model", action="append", choices=["builtin", "wav2lip96"],
                    help="models to run (repeatable); default both")
     p.add_argument("--load", type=int, default=0, metavar="N",

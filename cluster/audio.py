@@ -13,6 +13,8 @@ import os
 import selectors
 import time
 from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -41,25 +43,16 @@ _NO_STREAM_MARKERS = ("does not contain any stream", "matches no streams")
 
 
 # --- decoding ------------------------------------------------------------------------------
-def load_audio(path: str, settings: Settings | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream of `path` (an audio file or a video's audio track) to
-    float32 mono at `sample_rate` with ffmpeg.
-
-    Raises `InputNotFound` for a missing file, `NoAudioStream` when the file has no audio stream,
-    `InputUnreadable` when ffmpeg cannot decode it and `MediaError` when ffmpeg runs past
-    `settings.ffmpeg_timeout_s` or cannot be started.
-    """
-    s = settings or get_settings()
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputNotFound(f"audio input {path!r} does not exist or is not a file", path=path)
+def _decode_args(path: str, sample_rate: int) -> list[str]:
     import ffmpeg  # ffmpeg-python builds the command line
 
-    args = ["-loglevel", "error", *ffmpeg_args(
+    return ["-loglevel", "error", *ffmpeg_args(
         ffmpeg.input(file_url(path), protocol_whitelist=PROTOCOL_WHITELIST)
         .output("pipe:1", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
-    raw, stderr, rc = _run_collect(args, timeout_s=s.ffmpeg_timeout_s, what=f"decoding audio of {path!r}",
-                                   settings=s)
+
+
+def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:
+    """The typed error for a failed or empty decode of `path` (nothing when it went well)."""
     err_text = stderr.decode("utf-8", "replace").strip()
     if rc != 0:
         if any(m in err_text for m in _NO_STREAM_MARKERS):
@@ -67,11 +60,107 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
                                 f"an audio track)", path=path, cause=err_text[-2000:])
         raise InputUnreadable(f"cannot decode audio of {path!r}: ffmpeg exited with status {rc}",
                               path=path, cause=err_text[-2000:])
-    wav = raw.view(np.float32)
-    if wav.size == 0:
+    if n_samples == 0:
         raise InputUnreadable(f"audio of {path!r} decodes to no samples", path=path,
                               cause=err_text[-2000:] or None)
+
+
+def load_audio(path: str, settings: Settings | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of `path` (an audio file or a video's audio track) to
+    float32 mono at `sample_rate` with ffmpeg, held whole in memory (64 KB a second: a job's
+    prepare step streams instead, `decode_audio_to_file`).
+
+    Raises `InputNotFound` for a missing file, `NoAudioStream` when the file has no audio stream,
+    `InputUnreadable` when ffmpeg cannot decode it and `MediaError` when ffmpeg runs past
+    `settings.ffmpeg_timeout_s` or cannot be started.
+    """
+    s = settings or get_settings()
+    path = _existing(path)
+    raw, stderr, rc = _run_collect(_decode_args(path, sample_rate), timeout_s=s.ffmpeg_timeout_s,
+                                   what=f"decoding audio of {path!r}", settings=s)
+    wav = raw.view(np.float32)
+    _check_decoded(path, rc, stderr, wav.size)
     return wav
+
+
+def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = None,
+                         sample_rate: int = SAMPLE_RATE) -> int:
+    """Decode like `load_audio`, but stream the float32 samples into the open binary file `out`
+    block by block instead of holding them: memory stays a few hundred KB whatever the length
+    (an hour of speech is 230 MB of samples). Returns the number of samples written; the same
+    typed errors as `load_audio`."""
+    s = settings or get_settings()
+    path = _existing(path)
+    deadline = time.monotonic() + s.ffmpeg_timeout_s
+    written = 0
+    tail = b""  # bytes of a sample split across two reads
+    with FFmpeg(_decode_args(path, sample_rate), settings=s, stage="decode-audio", stdout=True,
+                timeout_error=MediaError) as run:
+        fd = run.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(run.proc.stdout, selectors.EVENT_READ)
+            while sel.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    run.kill()
+                    raise MediaError(f"ffmpeg timed out after {s.ffmpeg_timeout_s:g} s decoding audio of {path!r}",
+                                     cause=run.stderr_tail())
+                for _key, _ in sel.select(timeout=min(remaining, 1.0)):
+                    data = os.read(fd, _READ_BLOCK)
+                    if not data:
+                        sel.unregister(run.proc.stdout)
+                        break
+                    data = tail + data
+                    whole = len(data) - len(data) % 4
+                    out.write(data[:whole])
+                    tail = data[whole:]
+                    written += whole // 4
+        rc = run.wait(max(0.1, deadline - time.monotonic()))
+        stderr = run.stderr_tail().encode()
+    out.flush()  # readers read the file descriptor (SampleFile), not this buffer
+    _check_decoded(path, rc, stderr, written)
+    return written
+
+
+def _existing(path: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputNotFound(f"audio input {path!r} does not exist or is not a file", path=path)
+    return path
+
+
+class SampleFile:
+    """Random access to `n_file` float32 samples stored raw in the open binary file `f` (as
+    `decode_audio_to_file` writes them), seen as a signal of `length` samples: trimmed when
+    shorter, padded with silence when longer. Each `read` reads only its own range (no mmap:
+    a sweep over a mapped file would keep every page it touched in this process's memory)."""
+
+    def __init__(self, f: BinaryIO, n_file: int, length: int | None = None) -> None:
+        self.f, self.n_file = f, int(n_file)
+        self.length = self.n_file if length is None else int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Samples [lo, hi) of the signal, float32 (zeros past the end of the file)."""
+        lo, hi = max(0, int(lo)), min(int(hi), self.length)
+        out = np.zeros(max(hi - lo, 0), dtype=np.float32)
+        stop = min(hi, self.n_file)
+        if stop > lo:
+            out[:stop - lo] = self._read_file(lo, stop)
+        return out
+
+    def _read_file(self, lo: int, hi: int) -> np.ndarray:
+        data = os.pread(self.f.fileno(), (hi - lo) * 4, lo * 4)
+        if len(data) != (hi - lo) * 4:
+            raise MediaError(f"decoded audio file ended at {lo + len(data) // 4} samples, expected {hi}")
+        return np.frombuffer(data, dtype=np.float32)
+
+    def blocks(self, block: int = 1 << 18):
+        """(start, samples) over the whole signal, `block` samples at a time."""
+        for a in range(0, self.length, block):
+            yield a, self.read(a, min(a + block, self.length))
 
 
 def _run_collect(args: list[str], *, timeout_s: float, what: str,
@@ -180,39 +269,73 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise ValueError(f"melspectrogram expects a mono 1-D signal, got shape {wav.shape}")
-    n = wav.shape[0]
+    out = np.empty((N_MELS, mel_frame_count(wav.shape[0])), dtype=np.float32)
+    for f0, f1, block in _mel_blocks(lambda lo, hi: wav[lo:hi], wav.shape[0]):
+        out[:, f0:f1] = block
+    return out
+
+
+def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int, path: str | os.PathLike) -> int:
+    """`melspectrogram` of the `n_samples`-sample signal that `read(lo, hi)` returns samples of,
+    written to `path` as a .npy file (float32 [80, T], the same bytes as `np.save` of the whole
+    spectrogram) block by block: memory stays a few MB whatever the length. Atomic (a temporary
+    renamed into place once complete and synced). Returns T."""
+    from cluster.fsutil import publish
+
+    path = Path(path)
+    n_frames = mel_frame_count(int(n_samples))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # the header for the final shape; the file is sized (sparse) and filled by pwrite, never mapped
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(N_MELS, n_frames))
+        offset = header.offset
+        del header
+        with open(tmp, "r+b") as f:
+            fd = f.fileno()
+            for f0, _f1, block in _mel_blocks(read, int(n_samples)):
+                for row in range(N_MELS):
+                    os.pwrite(fd, block[row].tobytes(), offset + (row * n_frames + f0) * 4)
+            os.fsync(fd)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n_frames
+
+
+def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int):
+    """(f0, f1, float32 [80, f1-f0]) over the mel frames of an `n`-sample signal, `read(lo, hi)`
+    giving its samples [lo, hi) (each block reads only the samples its frames cover)."""
     n_frames = mel_frame_count(n)
     basis = mel_filterbank()
     window = _hann(WIN)
     pad = N_FFT // 2
-    out = np.empty((N_MELS, n_frames), dtype=np.float32)
     for f0 in range(0, n_frames, _STFT_BLOCK_FRAMES):
         f1 = min(n_frames, f0 + _STFT_BLOCK_FRAMES)
         # samples [a, b) of the zero-padded, pre-emphasised signal cover frames [f0, f1)
         a = f0 * HOP
         b = (f1 - 1) * HOP + N_FFT
-        seg = _preemphasized_padded(wav, a, b, pad)
+        seg = _preemphasized_padded(read, n, a, b, pad)
         frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
         spec = np.abs(np.fft.rfft(frames * window, axis=1))  # [frames, 401]
         mel = basis @ spec.T  # [80, frames] float64
         np.maximum(mel, 1e-5, out=mel)
         db = 20.0 * np.log10(mel) - REF_LEVEL_DB
         norm = (2 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
-        np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE, out=out[:, f0:f1])
-    return out
+        yield f0, f1, np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
 
 
-def _preemphasized_padded(wav: np.ndarray, a: int, b: int, pad: int) -> np.ndarray:
-    """Samples [a, b) of `concat(zeros(pad), lfilter([1, -0.97], [1], wav), zeros(pad))`, float64."""
-    n = wav.shape[0]
+def _preemphasized_padded(read: Callable[[int, int], np.ndarray], n: int, a: int, b: int, pad: int) -> np.ndarray:
+    """Samples [a, b) of `concat(zeros(pad), lfilter([1, -0.97], [1], wav), zeros(pad))`, float64,
+    for the `n`-sample signal `wav` that `read(lo, hi)` returns slices of."""
     seg = np.zeros(b - a, dtype=np.float64)
     lo, hi = max(a - pad, 0), min(b - pad, n)  # range of wav indices inside the block
     if hi > lo:
-        x = wav[lo:hi].astype(np.float64)
+        x = np.asarray(read(lo, hi), dtype=np.float64)
         y = x.copy()
         y[1:] -= PREEMPHASIS * x[:-1]
         if lo > 0:
-            y[0] -= PREEMPHASIS * float(wav[lo - 1])
+            y[0] -= PREEMPHASIS * float(read(lo - 1, lo)[0])
         seg[lo + pad - a: hi + pad - a] = y
     return seg
 

@@ -169,8 +169,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
     import signal
     import threading
+    import time
 
     settings = Settings()
     if args.host not in LOOPBACK_HOSTS and settings.api_token is None and not args.insecure:
@@ -180,19 +182,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.launch import start_service, stop_service
 
     stop = threading.Event()
-
-    def on_ray_started() -> None:
-        # Installed once Ray is up (Ray's own SIGTERM handler, installed by ray.init, would abort
-        # the process mid-start or mid-shutdown); a signal from then on is a clean stop.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-
+    # Installed before Ray starts and kept through its start (Ray's own SIGTERM handling would
+    # abort the process mid-start or mid-shutdown): a signal at any point is a clean stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    embedded = not os.environ.get("RAY_ADDRESS")
     try:
         urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                              dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
-                             ray_temp_dir=args.ray_temp_dir, on_ray_started=on_ray_started, stop=stop)
+                             ray_temp_dir=args.ray_temp_dir, stop=stop)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
+        _stop_started(stop_service, embedded)
         return e.exit_code
     if urls["ready"]:
         print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
@@ -203,8 +204,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         print("lipsync: stopping the service", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
         stop_service(urls["embedded"])
+        print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0
+
+
+def _stop_started(stop_service, embedded: bool) -> None:
+    """Take down what a failed start left running (Ray is up when the service itself failed)."""
+    import ray
+
+    if ray.is_initialized():
+        stop_service(embedded)
 
 
 def _client(args: argparse.Namespace):
@@ -385,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-gpus", type=int, help="logical GPUs of the embedded Ray head")
     sv.add_argument("--no-dashboard", action="store_true", help="no Ray dashboard (faster start)")
     sv.add_argument("--dashboard-port", type=int, default=8265)
-    sv.add_argument("--ray-temp-dir", help="Ray's session directory (a short path)")
+    sv.add_argument("--ray-temp-dir", help="a directory of yours for Ray's sessions (made 0700; they go in its ray/; "
+                    "a short path; default: lipsync-UID in the temporary directory)")
     sv.set_defaults(func=cmd_serve)
 
     def remote(sp: argparse.ArgumentParser) -> None:

@@ -7,13 +7,15 @@ already rendered so that a resumed job re-renders only the rest.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
-from cluster.errors import JobNotFound, LipsyncError
+from cluster.errors import DiskFull, JobNotFound, LipsyncError
 from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, StageTime, utcnow
 
 _SCHEMA = """
@@ -47,6 +49,8 @@ CREATE TABLE IF NOT EXISTS stages (
 );
 """
 
+log = logging.getLogger("lipsync.jobstore")
+
 # Columns added after the first release: added to an existing database when it is opened.
 _ADDED_COLUMNS = {"owner": "TEXT", "client": "TEXT", "request_key": "TEXT"}
 
@@ -79,13 +83,38 @@ def _request_or_none(raw: str) -> RenderRequest | None:
         return None
 
 
+def _is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the disk that holds the database (or its WAL) has no room for the write."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc).lower())
+
+
+class PendingEnd(NamedTuple):
+    """A terminal state that could not be written (the disk was full): reported as the job's state
+    from memory and written as soon as a write succeeds again."""
+    state: JobState
+    error: ErrorInfo | None
+    output: str | None
+    at: str
+
+
 class JobStore:
-    """A small, thread-safe facade over one SQLite file (WAL mode, busy timeout)."""
+    """A small, thread-safe facade over one SQLite file (WAL mode, busy timeout).
+
+    A full disk: a write that hits SQLITE_FULL raises `DiskFull` (`resource.disk`), its
+    transaction rolled back, the store usable as before. A terminal state that cannot be written
+    (`end`) is kept in memory and reported as the job's state (`get`, `list`, ...) until it is
+    written: at the next write, or a read at least a second after the last attempt, once space is
+    back. A process that stops before then leaves the job unfinished on disk: it is resumed."""
+
+    FLUSH_EVERY_S = 1.0
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._pending: dict[str, PendingEnd] = {}
+        self._flushed_at = 0.0
         self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
                                      isolation_level=None)
         self._conn.row_factory = sqlite3.Row
@@ -107,15 +136,77 @@ class JobStore:
             self._conn.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, job_id: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error, COMMIT's
+        own included (a failed COMMIT must not leave the connection inside a transaction: every
+        later BEGIN would fail); SQLITE_FULL becomes `DiskFull`. Pending ends are written first."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._flush_locked()
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                with self._raw_tx() as conn:
+                    yield conn
+            except sqlite3.OperationalError as e:
+                if _is_full(e):
+                    raise DiskFull(f"the job store {self.path} could not be written: the disk is full ({e})",
+                                   job_id=job_id, path=str(self.path), cause=str(e)) from e
                 raise
-            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _raw_tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as e:  # SQLite may have rolled it back itself
+                    log.warning("rollback of %s: %s", self.path, e)
+            raise
+
+    def _flush_locked(self) -> None:
+        """Write the pending ends (under the lock); those that still do not fit stay pending."""
+        if not self._pending:
+            return
+        self._flushed_at = time.monotonic()
+        for job_id, end in list(self._pending.items()):
+            try:
+                with self._raw_tx() as c:
+                    self._write_end(c, job_id, end)
+            except JobNotFound:  # deleted meanwhile (retention): nothing left to end
+                del self._pending[job_id]
+                continue
+            except sqlite3.OperationalError as e:
+                if not _is_full(e):
+                    log.error("job %s: writing its pending end %s failed: %s", job_id, end.state.value, e)
+                return
+            del self._pending[job_id]
+            log.warning("job %s: its end (%s) is written now that the disk has room", job_id, end.state.value)
+
+    def _maybe_flush(self) -> None:
+        """On reads: retry pending ends at most every FLUSH_EVERY_S (under the lock)."""
+        if self._pending and time.monotonic() - self._flushed_at >= self.FLUSH_EVERY_S:
+            self._flush_locked()
+
+    @staticmethod
+    def _write_end(c: sqlite3.Connection, job_id: str, end: PendingEnd) -> bool:
+        row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id)
+        if row["state"] in {s.value for s in JobState if s.terminal}:
+            return False
+        c.execute("UPDATE jobs SET state = ?, error = COALESCE(?, error), output = COALESCE(?, output), "
+                  "updated_at = ? WHERE id = ?",
+                  (end.state.value, end.error.model_dump_json() if end.error else None, end.output, end.at, job_id))
+        c.execute("UPDATE stages SET ended_at = ? WHERE job_id = ? AND ended_at IS NULL", (end.at, job_id))
+        return True
+
+    def pending_ends(self) -> dict[str, PendingEnd]:
+        """Terminal states reported but not yet written (the disk was full)."""
+        with self._lock:
+            return dict(self._pending)
 
     # --- reading -------------------------------------------------------------------------
     def _row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
@@ -125,6 +216,16 @@ class JobStore:
         return row
 
     def _status(self, conn: sqlite3.Connection, row: sqlite3.Row) -> JobStatus:
+        st = self._status_on_disk(conn, row)
+        end = self._pending.get(row["id"])
+        if end is None:
+            return st
+        return st.model_copy(update={
+            "state": end.state, "error": end.error or st.error, "output": end.output or st.output,
+            "updated_at": end.at,
+            "output_seconds": _output_seconds(row) if end.state == JobState.succeeded else None})
+
+    def _status_on_disk(self, conn: sqlite3.Connection, row: sqlite3.Row) -> JobStatus:
         done = conn.execute("SELECT COUNT(*), COALESCE(SUM(frames), 0) FROM chunks WHERE job_id = ?",
                             (row["id"],)).fetchone()
         return JobStatus(
@@ -142,6 +243,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobStatus:
         with self._lock:
+            self._maybe_flush()
             return self._status(self._conn, self._row(self._conn, job_id))
 
     def exists(self, job_id: str) -> bool:
@@ -149,14 +251,24 @@ class JobStore:
             return self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
     def list(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
-        sql, args = "SELECT * FROM jobs", []
-        if states:
-            sql += f" WHERE state IN ({','.join('?' * len(states))})"
-            args += [s.value for s in states]
-        sql += " ORDER BY created_at, id LIMIT ? OFFSET ?"
-        args += [limit, offset]
         with self._lock:
-            return [self._status(self._conn, r) for r in self._conn.execute(sql, args).fetchall()]
+            self._maybe_flush()
+            pending = bool(self._pending)
+            wanted = set(states or [])
+            if pending and states:  # a pending end's row still holds its unfinished state on disk
+                states = [*states, *(s for s in JobState if not s.terminal and s not in wanted)]
+            sql, args = "SELECT * FROM jobs", []
+            if states:
+                sql += f" WHERE state IN ({','.join('?' * len(states))})"
+                args += [s.value for s in states]
+            sql += " ORDER BY created_at, id"
+            if not pending:
+                sql += " LIMIT ? OFFSET ?"
+                args += [limit, offset]
+            found = [self._status(self._conn, r) for r in self._conn.execute(sql, args).fetchall()]
+        if pending:
+            found = [st for st in found if not wanted or st.state in wanted][offset:offset + limit]
+        return found
 
     def unfinished_ids(self, owner: str | None = None) -> list[str]:
         """Ids of the jobs not yet terminal, of `owner` only when given (no validation: a row that
@@ -165,9 +277,16 @@ class JobStore:
                 if owner is None or job_owner == owner]
 
     def count_by_state(self) -> dict[str, int]:
-        """How many jobs are in each state (for the jobs-by-state gauge)."""
-        with self._tx() as conn:
-            return {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        """How many jobs are in each state (for the jobs-by-state gauge; a read, so it answers on a
+        full disk too)."""
+        with self._lock:
+            counts = {state: n for state, n in self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+            for job_id, end in self._pending.items():
+                row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None and row["state"] != end.state.value:
+                    counts[row["state"]] -= 1
+                    counts[end.state.value] = counts.get(end.state.value, 0) + 1
+            return {state: n for state, n in counts.items() if n}
 
     def unfinished_owners(self) -> list[tuple[str, str | None, str | None]]:
         """(id, owner, client) of every job not yet terminal, oldest first."""
@@ -175,7 +294,8 @@ class JobStore:
         with self._lock:
             rows = self._conn.execute(f"SELECT id, owner, client FROM jobs WHERE state IN "
                                       f"({','.join('?' * len(states))}) ORDER BY created_at, id", states).fetchall()
-        return [(r["id"], r["owner"], r["client"]) for r in rows]
+            ended = set(self._pending)
+        return [(r["id"], r["owner"], r["client"]) for r in rows if r["id"] not in ended]
 
     def request_key(self, job_id: str) -> str | None:
         with self._lock:
@@ -187,7 +307,10 @@ class JobStore:
         with self._lock:
             rows = self._conn.execute(f"SELECT id, request FROM jobs WHERE state IN "
                                       f"({','.join('?' * len(states))})", states).fetchall()
+            ended = set(self._pending)
         for r in rows:
+            if r["id"] in ended:
+                continue
             try:
                 if json.loads(r["request"]).get("output") == output:
                     return r["id"]
@@ -229,7 +352,7 @@ class JobStore:
         `request_key`: a digest of what was asked, to tell a resubmission from a conflict;
         `admitted_at`: when admission began (recorded as the `admit` stage, ending now)."""
         now = utcnow().isoformat()
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is not None:
                 return self._status(c, row), False
@@ -244,22 +367,22 @@ class JobStore:
 
     def stage_started(self, job_id: str, stage: str) -> None:
         """Record that `stage` (re)starts now (a resumed stage keeps its first start)."""
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             c.execute("INSERT INTO stages (job_id, stage, started_at) VALUES (?, ?, ?) "
                       "ON CONFLICT(job_id, stage) DO UPDATE SET ended_at = NULL",
                       (job_id, stage, utcnow().isoformat()))
 
     def stage_ended(self, job_id: str, stage: str) -> None:
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             c.execute("UPDATE stages SET ended_at = ? WHERE job_id = ? AND stage = ? AND ended_at IS NULL",
                       (utcnow().isoformat(), job_id, stage))
 
     def transition(self, job_id: str, state: JobState, *, error: ErrorInfo | None = None,
                    output: str | None = None) -> JobStatus:
         """Move a job forward; refuses moves TRANSITIONS does not allow (e.g. out of a terminal state)."""
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             row = self._row(c, job_id)
-            current = JobState(row["state"])
+            current = self._pending[job_id].state if job_id in self._pending else JobState(row["state"])
             if state != current and state not in TRANSITIONS[current]:
                 raise InvalidTransition(f"job {job_id}: cannot move from {current.value} to {state.value}",
                                         job_id=job_id)
@@ -275,38 +398,48 @@ class JobStore:
     def end(self, job_id: str, state: JobState, *, error: ErrorInfo | None = None, output: str | None = None) -> bool:
         """Move a job to the terminal `state` unless it is terminal already (the first end wins);
         reads nothing but the state, so a row that no longer validates can still be ended.
-        Returns whether this call ended it."""
+        Returns whether this call ended it.
+
+        On a full disk the end is kept in memory (`PendingEnd`), reported as the job's state and
+        written once a write succeeds again: a job still ends, truthfully, when the store cannot
+        record it."""
         assert state.terminal
-        now = utcnow().isoformat()
-        with self._tx() as c:
-            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id)
-            if row["state"] in {s.value for s in JobState if s.terminal}:
+        end = PendingEnd(state, error, output, utcnow().isoformat())
+        with self._lock:
+            if job_id in self._pending:
                 return False
-            c.execute("UPDATE jobs SET state = ?, error = COALESCE(?, error), output = COALESCE(?, output), "
-                      "updated_at = ? WHERE id = ?",
-                      (state.value, error.model_dump_json() if error else None, output, now, job_id))
-            c.execute("UPDATE stages SET ended_at = ? WHERE job_id = ? AND ended_at IS NULL", (now, job_id))
+        try:
+            with self._tx(job_id) as c:
+                return self._write_end(c, job_id, end)
+        except DiskFull as e:
+            with self._lock:
+                row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id) from e
+                if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:
+                    return False
+                self._pending[job_id] = end
+            log.error("job %s ended %s%s, but the disk is full: the job store records it once there is room (%s)",
+                      job_id, state.value, f" ({error.code})" if error else "", e.cause)
             return True
 
     def set_plan(self, job_id: str, plan: dict, frames_total: int, chunks_total: int) -> None:
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             self._row(c, job_id)
             c.execute("UPDATE jobs SET plan = ?, frames_total = ?, chunks_total = ?, updated_at = ? WHERE id = ?",
                       (json.dumps(plan), frames_total, chunks_total, utcnow().isoformat(), job_id))
 
     def chunk_done(self, job_id: str, idx: int, frames: int, segment: str) -> None:
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             c.execute("INSERT OR REPLACE INTO chunks (job_id, idx, frames, segment) VALUES (?, ?, ?, ?)",
                       (job_id, idx, frames, segment))
             c.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (utcnow().isoformat(), job_id))
 
     def forget_chunk(self, job_id: str, idx: int) -> None:
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             c.execute("DELETE FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx))
 
     def set_frames_done(self, job_id: str, frames_done: int) -> None:
-        with self._tx() as c:
+        with self._tx(job_id) as c:
             c.execute("UPDATE jobs SET frames_done = ?, updated_at = ? WHERE id = ?",
                       (frames_done, utcnow().isoformat(), job_id))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -25,6 +26,9 @@ from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerifi
 from cluster.fsutil import atomic_writer
 from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
+
+if TYPE_CHECKING:
+    from cluster.audio import SampleFile
 
 log = logging.getLogger("lipsync.render")
 
@@ -241,7 +245,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
 
     The output goes to `output_path` (the cluster passes `output_path_for(job_id)`), else to the
     request's output, else into the job's directory."""
-    from cluster.audio import load_audio, melspectrogram
+    from cluster.audio import SampleFile, decode_audio_to_file, write_melspectrogram
     from cluster.faces.avatar import load_avatar, prepare_avatar
     from cluster.plan import make_chunks
 
@@ -251,24 +255,28 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         if p is not None and not Path(p).exists():
             raise InputsGone(f"job {job_id}: stored {key} input {p} no longer exists", job_id=job_id,
                              stage="prepare", path=p)
-    try:
-        if request.video is not None:
-            avatar = prepare_avatar(request.video, s, detector=detector)
-        else:
-            avatar = load_avatar(request.avatar_id, s)
-        wav = load_audio(request.audio, s)
-    except LipsyncError as e:
-        _name_sources(e, request).with_context(job_id=job_id, stage="prepare")
-        raise
-    vinfo = avatar.info.video
-    assert vinfo is not None
-    fps = vinfo.fps
     jd = job_dir(job_id, s)
     jd.mkdir(parents=True, exist_ok=True)
-    frames_total, audio_path, wav = _fit_to_sync_mode(wav, request, avatar.frame_count, fps, jd)
-    mel_path = jd / "mel.npy"
-    with atomic_writer(mel_path) as f:
-        np.save(f, melspectrogram(wav))
+    # The audio is streamed, never held whole (an hour of speech is 230 MB of float32 samples and
+    # 92 MB of mel): decoded into an unnamed file in the job's directory, read back block by block.
+    with tempfile.TemporaryFile(dir=jd, prefix="audio16k.") as raw:
+        try:
+            if request.video is not None:
+                avatar = prepare_avatar(request.video, s, detector=detector)
+            else:
+                avatar = load_avatar(request.avatar_id, s)
+            n_samples = decode_audio_to_file(request.audio, raw, s)
+        except LipsyncError as e:
+            _name_sources(e, request).with_context(job_id=job_id, stage="prepare")
+            raise
+        vinfo = avatar.info.video
+        assert vinfo is not None
+        fps = vinfo.fps
+        frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
+                                                              avatar.frame_count, fps, jd)
+        mel_path = jd / "mel.npy"
+        write_melspectrogram(samples.read, len(samples), mel_path)
+    n_fitted = len(samples)
     chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
     model = request.model or s.model
     if model_size is None:
@@ -279,7 +287,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
 
     crop = crop_for_spec(model, request.crop, s)
     return JobPlan(
-        job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=len(wav) / 16000.0,
+        job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=n_fitted / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
@@ -288,24 +296,30 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     )
 
 
-def _fit_to_sync_mode(wav: np.ndarray, request: RenderRequest, template_frames: int, fps: Fraction,
-                      jd: Path) -> tuple[int, str, np.ndarray]:
+def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_frames: int, fps: Fraction,
+                      jd: Path) -> tuple[int, str, SampleFile]:
     """(output frames, the audio file to mux, the 16 kHz samples) for the request's sync mode:
     `cut_off` trims the audio to a shorter template, `silence` pads it with silence to a longer
-    one (written next to the job as audio_fitted.wav); other modes keep the audio as given."""
+    one (written next to the job as audio_fitted.wav, block by block); other modes keep the audio
+    as given."""
+    import wave
+
+    from cluster.audio import SampleFile
     from cluster.plan import fit_audio_samples, frame_count_from_samples, sync_frame_count
 
-    audio_frames = frame_count_from_samples(len(wav), 16000, fps)
+    audio_frames = frame_count_from_samples(len(samples), 16000, fps)
     frames = sync_frame_count(audio_frames, template_frames, request.loop)
     if frames == audio_frames:
-        return frames, request.audio, wav
-    n = fit_audio_samples(frames, fps, 16000)
-    fitted = wav[:n] if n <= len(wav) else np.concatenate([wav, np.zeros(n - len(wav), wav.dtype)])
+        return frames, request.audio, samples
+    fitted = SampleFile(samples.f, samples.n_file, fit_audio_samples(frames, fps, 16000))
     path = jd / "audio_fitted.wav"
     with atomic_writer(path) as f:
-        from scipy.io import wavfile
-
-        wavfile.write(f, 16000, (np.clip(fitted, -1.0, 1.0) * 32767).astype(np.int16))
+        with wave.open(f, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            for _, block in fitted.blocks():
+                w.writeframes((np.clip(block, -1.0, 1.0) * 32767).astype("<i2").tobytes())
     return frames, str(path), fitted
 
 

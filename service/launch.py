@@ -29,21 +29,19 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     `ready: False`; the caller then takes down what was started (`stop_service`)."""
     from ray import serve
 
-    from actors.runtime import Runtime, _check_reachable, embedded_cpus
+    from actors.runtime import Runtime, _check_reachable, start_embedded_ray
     from actors.service_support import service_sidecar
     from service.deployment import build_app
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = dict(namespace=settings.namespace, log_to_driver=False)
     try:
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
-            ctx = ray.init(address=address, **kwargs)
-        else:
-            ctx = ray.init(address="local", num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
-                           include_dashboard=dashboard,
-                           dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                           _temp_dir=ray_temp_dir, **kwargs)
+            ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+        else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept
+            ctx = start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                                     dashboard_port=dashboard_port, temp_dir=ray_temp_dir,
+                                     keep_signal_handlers=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
@@ -80,17 +78,31 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     return urls
 
 
-def stop_service(embedded: bool) -> None:
-    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start)."""
+#: Seconds a stopping service gives Serve to stop the app's replicas and its proxies (an open SSE
+#: stream holds a replica up to the app's graceful_shutdown_timeout_s, 20 s by default, and Serve's
+#: controller waited 30 s) before the embedded Ray is taken down with everything on it.
+SERVE_STOP_BUDGET_S = 2.0
+
+
+def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) -> None:
+    """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start).
+
+    Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
+    in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
+    the service in a few seconds, also with event streams open (they are cut). Joined cluster: the
+    app is deleted without waiting for its replicas to drain (the cluster's controller finishes
+    that); the cluster itself stays."""
     from ray import serve
 
     try:
         if embedded:
-            serve.shutdown()
+            from ray.serve.context import _get_global_client
+
+            client = _get_global_client(raise_if_no_controller_running=False)
+            if client is not None:
+                client.shutdown(timeout_s=serve_budget_s)
         else:
-            serve.delete("lipsync")
+            serve.delete("lipsync", _blocking=False)
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
     ray.shutdown()
-
-

@@ -32,7 +32,8 @@ def free_port() -> int:
 class ServiceProcess:
     """`lipsync serve` on 127.0.0.1:<port> with `storage_root`; `url`, `token`, `storage_root`."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None, token: str | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str | None] | None = None, token: str | None = None,
+                 dashboard: bool = False) -> None:
         self.root = Path(root)
         self.storage_root = self.root / "storage"
         self.input_root = self.root / "inputs"
@@ -42,7 +43,8 @@ class ServiceProcess:
         self.token = token or secrets.token_hex(16)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.extra_env = dict(env or {})
+        self.extra_env = dict(env or {})  # a value None removes the variable
+        self.dashboard = dashboard
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "serve.log"
         self._ray_dirs: list[str] = []
@@ -54,7 +56,7 @@ class ServiceProcess:
                    LIPSYNC_INPUT_ROOTS=str(self.input_root), LIPSYNC_COMPAT_DATA_DIR=str(self.compat_dir),
                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
         env.update(self.extra_env)
-        return env
+        return {k: v for k, v in env.items() if v is not None}
 
     def launch(self) -> "ServiceProcess":
         """Start `lipsync serve` without waiting for it to be ready."""
@@ -62,7 +64,7 @@ class ServiceProcess:
         self._ray_dirs.append(ray_dir)
         lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
         cmd = [lipsync, "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
-               "--no-dashboard", "--ray-temp-dir", ray_dir]
+               "--ray-temp-dir", ray_dir, *([] if self.dashboard else ["--no-dashboard"])]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self

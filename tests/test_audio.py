@@ -183,3 +183,32 @@ def test_frame_energy_spans_at_ntsc_rate():
 def test_audio_duration():
     assert audio.audio_duration(np.zeros(24000, np.float32)) == 1.5
     assert audio.audio_duration(np.zeros(100, np.float32), sample_rate=100) == 1.0
+
+
+def test_streamed_decode_and_mel_equal_the_whole_signal_ones(media, tmp_path):
+    """A job's prepare step streams: the samples decoded into a file and the mel written block by
+    block from it are the bytes `load_audio` and `np.save(melspectrogram(...))` give, also for a
+    signal trimmed or padded with silence (sync modes), with blocks that do not divide the length."""
+    whole = audio.load_audio(media["flac"])
+    with open(tmp_path / "raw.f32", "w+b") as raw:
+        n = audio.decode_audio_to_file(media["flac"], raw)
+        assert n == whole.size
+        for length in (n, n - 3333, n + 7777):
+            samples = audio.SampleFile(raw, n, length)
+            expected = np.zeros(length, np.float32)
+            expected[:min(n, length)] = whole[:length]
+            np.testing.assert_array_equal(np.concatenate([b for _, b in samples.blocks(block=5000)]), expected)
+            assert audio.write_melspectrogram(samples.read, length, tmp_path / "mel.npy") == \
+                audio.mel_frame_count(length)
+            np.save(tmp_path / "whole.npy", audio.melspectrogram(expected))
+            assert (tmp_path / "mel.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+
+
+def test_streamed_decode_typed_errors(media, tmp_path):
+    with open(tmp_path / "raw.f32", "w+b") as raw:
+        with pytest.raises(NoAudioStream):
+            audio.decode_audio_to_file(media["no_audio"], raw)
+        with pytest.raises(InputUnreadable):
+            audio.decode_audio_to_file(media["garbage"], raw)
+        with pytest.raises(InputNotFound):
+            audio.decode_audio_to_file(str(tmp_path / "missing.wav"), raw)

@@ -69,3 +69,71 @@ def test_list_filters_and_pages(tmp_path):
     assert [j.id for j in s.list([JobState.queued], limit=2)] == ["j0", "j2"]
     assert [j.id for j in s.list([JobState.queued], limit=2, offset=2)] == ["j3", "j4"]
     assert [j.id for j in s.list([JobState.cancelled])] == ["j1"]
+
+
+def _unshare_works() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
+                              timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
+def test_the_disk_that_holds_the_job_store_fills_up(speech_wav, astronaut_video):
+    """A real 12 MiB tmpfs as the storage root, SQLite on it, filled while a job renders: the
+    chunk fails `resource.disk` and writing that end hits SQLITE_FULL; the job still reads as
+    failed `resource.disk` (kept in memory), not as unfinished; writes fail typed (`DiskFull`),
+    never as a raw sqlite3 error; once space is back the end is written, SQLite's integrity check
+    passes, and a new job renders to the end."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    mountpoint = tempfile.mkdtemp(dir="/tmp", prefix="lipsync-store-disk-")
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = (f"mount -t tmpfs -o size=12m tmpfs {mountpoint} && exec {sys.executable} "
+              f"{repo / 'tests' / 'store_disk_scenario.py'} {mountpoint} {speech_wav} {astronaut_video}")
+    try:
+        proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        os.rmdir(mountpoint)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["write_on_full_disk"] == {"code": "resource.disk", "type": "DiskFull", "job_id": "running"}
+    assert r["chunk_on_full_disk"]["code"] == "resource.disk", r["chunk_on_full_disk"]
+    assert r["end_on_full_disk"] == {"ok": True, "value": True}
+    assert r["pending_while_full"] == ["running"]
+    assert r["status_while_full"] == {"state": "failed", "code": "resource.disk"}
+    assert r["failed_listed_while_full"] == ["running"] and r["unfinished_while_full"] == []
+    assert r["counts_while_full"] == {"failed": 1}
+    assert r["end_again_while_full"] == {"ok": True, "value": False}  # the first end wins
+    assert r["create_while_full"]["code"] == "resource.disk" and r["create_while_full"]["type"] == "DiskFull"
+    assert r["restart_view_while_full"] == {"state": "rendering", "code": None}  # resumable after a restart
+    assert r["status_after"] == {"state": "failed", "code": "resource.disk"} and r["pending_after"] == []
+    assert r["restart_view_after"] == {"state": "failed", "code": "resource.disk"}
+    assert r["integrity"] == "ok"
+    assert r["after"] == {"state": "succeeded", "code": None} and r["after_output"] > 0
+
+
+def test_a_failed_commit_leaves_the_store_usable(tmp_path):
+    """A COMMIT that fails (here: a deferred foreign-key violation) is rolled back, and the next
+    write works (a connection left inside the failed transaction would refuse every later one)."""
+    import sqlite3
+
+    s = JobStore(tmp_path / "jobs.sqlite3")
+    s.create("j1", REQ)
+    with pytest.raises(sqlite3.IntegrityError):
+        with s._tx() as c:
+            c.execute("PRAGMA defer_foreign_keys=ON")
+            c.execute("INSERT INTO chunks (job_id, idx, frames, segment) VALUES ('nope', 0, 1, 's')")
+    assert not s._conn.in_transaction
+    s.chunk_done("j1", 0, 25, "/seg/0.mp4")
+    assert s.get("j1").chunks_done == 1

@@ -71,3 +71,56 @@ def test_the_embedded_ray_refuses_a_client_without_its_token(runtime, tmp_path):
                           check=False)
     assert proc.returncode != 0 and "JOINED" not in proc.stdout
     assert "AuthenticationError" in proc.stderr and "token is missing or incorrect" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_embedded_rays_token_file_is_private(tmp_path, monkeypatch):
+    """The token file an embedded Ray uses: created 0600 in a 0700 directory (Ray's own format),
+    an existing 0644 one (as Ray writes it) tightened and kept; none with RAY_AUTH_TOKEN."""
+    import os
+    import stat
+
+    from actors.runtime import private_token_file
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "new"))
+    made = private_token_file()
+    assert made == tmp_path / "new" / ".ray" / "auth_token" and len(made.read_text().strip()) >= 32
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600 and stat.S_IMODE(made.parent.stat().st_mode) == 0o700
+
+    path = tmp_path / "given" / "token"
+    path.parent.mkdir(mode=0o755)
+    path.write_text("existing")
+    os.chmod(path, 0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert private_token_file() == path and path.read_text() == "existing"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    assert private_token_file() is None
+
+
+def test_an_embedded_rays_sessions_live_in_a_private_directory(tmp_path):
+    """Ray makes its root and session directories 0777 (in every worker it starts): they go inside
+    a 0700 directory of this user's (tightened when wider); one of another user's is refused."""
+    import os
+    import stat
+
+    from actors.runtime import private_ray_root
+    from cluster.errors import RenderError
+
+    given = tmp_path / "rt"
+    given.mkdir(mode=0o755)
+    os.chmod(given, 0o755)
+    assert private_ray_root(str(given)) == given / "ray"
+    assert stat.S_IMODE(given.stat().st_mode) == 0o700
+    default = private_ray_root()
+    assert default.name == "ray" and default.parent.name == f"lipsync-{os.getuid()}"
+    assert stat.S_IMODE(default.parent.stat().st_mode) == 0o700
+    if os.getuid() == 0:  # a directory squatted by another user (here: nobody) is not used
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(RenderError, match="belongs to another user"):
+            private_ray_root(str(other))
