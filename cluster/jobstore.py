@@ -319,7 +319,8 @@ class JobStore:
         return None
 
     def unfinished(self) -> list[JobStatus]:
-        return self.list([s for s in JobState if not s.terminal], limit=1_000_000)
+        # oldest first: resumed in the order they were admitted (`list` answers newest first)
+        return self.list([s for s in JobState if not s.terminal], limit=1_000_000)[::-1]
 
     def request(self, job_id: str) -> RenderRequest:
         """The stored request, validated; `JobCorrupt` (with the validation error as cause) if it is not."""
