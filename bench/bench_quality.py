@@ -31,17 +31,6 @@ import numpy as np
 SILENCE_FRACTION = 0.01  # as in tests/test_lipsync_quality.py
 
 
-def _face_box(matrix: np.ndarray, size: int, shape, margin: float = 0.0) -> tuple[int, int, int, int]:
-    """Frame-pixel box (x0, y0, x1, y1) around the aligned crop square, clipped to the frame."""
-    lo, hi = -margin * size, (1 + margin) * size
-    corners = np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]], dtype=np.float64)
-    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
-    p = corners @ inv[:, :2].T + inv[:, 2]
-    h, w = shape[:2]
-    x0, y0 = max(int(p[:, 0].min()), 0), max(int(p[:, 1].min()), 0)
-    return x0, y0, min(int(np.ceil(p[:, 0].max())), w), min(int(np.ceil(p[:, 1].max())), h)
-
-
 LOWER_FACE: tuple[float, float, float, float] = (0.22, 0.58, 0.78, 0.95)
 """The lower face in the canonical crop (x0, y0, x1, y1, normalised): what the strip shows."""
 
@@ -140,7 +129,8 @@ def main() -> None:
         quiet = energy < SILENCE_FRACTION * float(energy.max())
         silent = quiet & np.roll(quiet, 1) & np.roll(quiet, -1)
 
-        print(f"case                 : {width}x{height}{' skin-textured' if args.skin_texture else ''} template of {avatar.frame_count} frames, "
+        textured = " skin-textured" if args.skin_texture else ""
+        print(f"case                 : {width}x{height}{textured} template of {avatar.frame_count} frames, "
               f"{args.seconds:g} s speech -> {n} frames ({info.video.frame_count} in the file), "
               f"model {model.size}px, crf {s.crf}")
         print(f"pearson              : {pearson(motion, energy):.3f}   (target >= 0.6)")

@@ -85,7 +85,7 @@ ROUND_FULL = 2.0    # ... and is full
 ROUND_GATE = 4.0    # rounding and spreading are scaled by clip(ROUND_GATE * opening, 0, 1)
 SPREAD_HIGH = 0.95  # low-minus-high band energy below which the lips spread (bright /i/, /e/)
 SPREAD_FULL = 0.5   # ... fully spread
-SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 12 %)
+SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 17 %)
 SPREAD_CLOSE = 0.3  # full spreading opens the jaw 30 % less (/i/ is a narrow vowel)
 ROUND_OPEN = 0.5    # full rounding opens the jaw half-way further towards full (a round opening)
 
