@@ -23,29 +23,37 @@ What the graph computes, per batch item:
    of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
    by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
    = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
-   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel).
+   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel); rounding
+   opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow, round
+   opening and /i/, /e/ a wide, flat one (width / height about 2-3 against 5-7 on the astronaut).
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
    `cluster.faces.canonical`: D_open lifts the upper lip by up to `LIP_LIFT` (of S) and drops
-   the lower lip by up to `JAW_DROP` with a lens-shaped profile between the mouth corners that
-   turns, below the lip, into a rigid jaw drop: lower lip and chin move down together, and the
-   motion falls off in the neck under the chin (which is compressed, never folded) and towards
-   the cheeks, all inside `canonical.JAW_REGION`. The source rows are clamped at the lip line
-   so the opened gap stretches the lip line instead of repeating a lip. D_round pulls the mouth
-   horizontally towards its centre (negative multiples widen it); D_open is read (with a
-   one-channel GridSample) at the narrowed columns, so a rounded mouth also opens narrower.
-5. **Inside of the mouth.** The opened gap is filled with a mouth interior, faded in over
-   `SHADE_SOFT` from the lower lip: tongue-red near the lower lip, darkening towards the back
-   (the deepest part of the gap, under the upper teeth, which stay where they were).
+   the lower lip by up to `JAW_DROP`, both with the profile `lens` = (1 - (x/span)^2)^LENS_POWER
+   between the mouth corners, so the lips part around a curved inner contour (both lips are the
+   template's own, moved); below the lip it turns into a rigid jaw drop: lower lip and chin move
+   down together, and the motion falls off in the neck under the chin (which is compressed,
+   never folded) and towards the cheeks, all inside `canonical.JAW_REGION`. The source rows are
+   clamped at the lip line, so the opening between the lips samples only the lip line (covered
+   by step 5). D_round pulls the mouth horizontally towards its centre (negative multiples widen
+   it); D_open and `lens` are read (with a two-channel GridSample) at the narrowed columns, so a
+   rounded mouth also opens narrower.
+5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
+   mouth interior faded in over `SHADE_SOFT` at either lip. Its colour follows t, 0 under the
+   upper lip to 1 over the lower lip (from the lift and drop times `lens` at that column): from
+   `LIP_BGR` at the lips to `THROAT_BGR` half-way (the back of the mouth, darkest), `TONGUE_BGR`
+   in the lower part, and a band of `TEETH_BGR` (upper teeth) under the upper lip once the
+   opening passes `TEETH_FROM`.
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
 
 Steps 4-6 run only on `region_box`, the smallest box holding JAW_REGION's blend weight (about 13 %
 of the crop); the rest of the output is the reference, copied. The graph is deterministic, has no
-trained weights, and runs a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per crop;
-4.4 ms when steps 4-6 ran on the whole crop).
+trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per
+crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
+crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms).
 """
 from __future__ import annotations
 
