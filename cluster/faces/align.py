@@ -44,6 +44,7 @@ _DETAIL_LOW, _DETAIL_HIGH = 40.0, 100.0  # |generated - moved original| (levels,
 # detail below, none above. New content (an opened mouth's inside) differs by 100 levels and more;
 # skin and lips moved by a flow that is a pixel off differ by tens in the crop's fine texture
 _STD_RATIO_LIMITS = (0.8, 1.25)
+_FLOW_MARGIN = 16  # crop pixels around the changed pixels' box on which the flow is computed
 _FLOW_MIN_CHANGE = 1.0  # |generated - original| (levels) below which a pixel did not change (no flow)
 CROP_RECIPES = ("wav2lip", "aligned")
 _MASKS = {"aligned": canonical.LOWER_FACE_MASK, "wav2lip": canonical.WAV2LIP_LOWER_FACE_MASK}
@@ -229,18 +230,28 @@ _DIS = None
 
 
 def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
-    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), kept
-    only near pixels the model changed (inside the paste mask, `inside`); None when nothing changed."""
+    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), computed
+    on the box around the pixels the model changed (inside the paste mask, `inside`), widened by
+    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere); None when nothing changed."""
     global _DIS
     changed = (_channel_max(cv2.absdiff(generated, original)) > _FLOW_MIN_CHANGE) & inside
     if not changed.any():
         return None
     if _DIS is None:
-        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)  # ~2 ms per 256 px crop
-    g = cv2.cvtColor(np.ascontiguousarray(generated), cv2.COLOR_BGR2GRAY)
-    o = cv2.cvtColor(np.ascontiguousarray(original), cv2.COLOR_BGR2GRAY)
-    flow = _DIS.calc(g, o, None)
+        # DIS down to half the crop's resolution (finest scale 1, not the fast preset's 2): flow
+        # accurate to about a pixel on the moved lips (at scale 2 the frame's detail landed a few
+        # pixels off the lips it belongs to: lip texture ratio 0.89 instead of 0.93-1.0 on a
+        # textured 1080p face), on the changed box only (about 2.5x cheaper than the whole crop)
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
+        _DIS.setFinestScale(1)
     size = generated.shape[0]
+    rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+    r0, r1 = max(0, rows[0] - _FLOW_MARGIN), min(size, rows[-1] + 1 + _FLOW_MARGIN)
+    c0, c1 = max(0, cols[0] - _FLOW_MARGIN), min(size, cols[-1] + 1 + _FLOW_MARGIN)
+    g = cv2.cvtColor(np.ascontiguousarray(generated[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
+    o = cv2.cvtColor(np.ascontiguousarray(original[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
+    flow = np.zeros((size, size, 2), np.float32)
+    flow[r0:r1, c0:c1] = _DIS.calc(g, o, None)
     near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
     return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
 
