@@ -6,10 +6,17 @@ built-in model, paste-back, H.264 encode, finalise), decodes the output and prin
 metric, the same quality numbers as tests/test_lipsync_quality.py, plus the render throughput:
 cold (avatar preparation included) and warm (a second job on the cached avatar).
 
-    python bench/bench_quality.py [--seconds 20] [--size 640x480] [--png /tmp/quality_frames.png]
+    python bench/bench_quality.py [--seconds 20] [--size 640x480] [--skin-texture] [--png strip.png]
 
-`--png` writes side-by-side face regions (template | output, 2x nearest) of the loudest frame
-(top row) and of a frame in the middle of the longest pause (bottom row).
+`--skin-texture` draws fine skin texture (grain, pores, wrinkle lines) on the photo at the frame's
+resolution (`cluster.synth.add_skin_texture`): with `--size 1920x1080` a face with high-frequency
+detail at high resolution, on which `lip texture ratio` is the paste-back's test (target 0.92-1.1).
+The mouth's shape by vowel class: the opening's width / height on loud frames of rounded vowels
+(/o/, /u/) and of spread ones (/i/, /e/), from the synthesised speech's own syllable plan.
+
+`--png` writes a strip, one row per frame, of the lower face at full resolution, template | output:
+the loudest frames of an /a/, a rounded and a spread vowel, and a frame in the middle of the
+longest pause.
 """
 from __future__ import annotations
 
@@ -24,28 +31,34 @@ import numpy as np
 SILENCE_FRACTION = 0.01  # as in tests/test_lipsync_quality.py
 
 
-def _face_box(matrix: np.ndarray, size: int, shape, margin: float = 0.0) -> tuple[int, int, int, int]:
-    """Frame-pixel box (x0, y0, x1, y1) around the aligned crop square, clipped to the frame."""
-    lo, hi = -margin * size, (1 + margin) * size
-    corners = np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]], dtype=np.float64)
+LOWER_FACE: tuple[float, float, float, float] = (0.22, 0.58, 0.78, 0.95)
+"""The lower face in the canonical crop (x0, y0, x1, y1, normalised): what the strip shows."""
+
+
+def _lower_face_box(matrix: np.ndarray, size: int, shape) -> tuple[int, int, int, int]:
+    """Frame-pixel box (x0, y0, x1, y1) around `LOWER_FACE` of the aligned crop, clipped."""
+    x0, y0, x1, y1 = (v * size for v in LOWER_FACE)
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], dtype=np.float64)
     inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
     p = corners @ inv[:, :2].T + inv[:, 2]
     h, w = shape[:2]
-    x0, y0 = max(int(p[:, 0].min()), 0), max(int(p[:, 1].min()), 0)
-    return x0, y0, min(int(np.ceil(p[:, 0].max())), w), min(int(np.ceil(p[:, 1].max())), h)
+    return (max(int(p[:, 0].min()), 0), max(int(p[:, 1].min()), 0),
+            min(int(np.ceil(p[:, 0].max())), w), min(int(np.ceil(p[:, 1].max())), h))
 
 
 def save_side_by_side(path: str, template: np.ndarray, output: np.ndarray, matrices: np.ndarray, size: int,
                       rows: list[tuple[str, int]]) -> None:
-    """One row per (label, frame index): the face region of template | output, 2x nearest."""
+    """One row per (label, frame index): the lower face of template | output at full resolution
+    (small frames, whose lower face is under 240 px high, are enlarged 2x nearest)."""
     tiles = []
     for label, i in rows:
-        x0, y0, x1, y1 = _face_box(matrices[i], size, template.shape[1:3])
-        pair = [cv2.resize(f[i, y0:y1, x0:x1], None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+        x0, y0, x1, y1 = _lower_face_box(matrices[i], size, template.shape[1:3])
+        k = 1 if y1 - y0 >= 240 else 2
+        pair = [cv2.resize(f[i, y0:y1, x0:x1], None, fx=k, fy=k, interpolation=cv2.INTER_NEAREST)
                 for f in (template, output)]
         row = np.hstack([pair[0], np.full((pair[0].shape[0], 6, 3), 255, np.uint8), pair[1]])
-        cv2.putText(row, f"{label} frame {i}: template | output", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                    (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(row, f"{label}, frame {i}: template | output", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
+                    (255, 255, 255), 2, cv2.LINE_AA)
         tiles.append(row)
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 6), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
@@ -58,7 +71,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="speech length")
     ap.add_argument("--template-seconds", type=float, default=4.0)
     ap.add_argument("--size", default="640x480", help="template WIDTHxHEIGHT")
-    ap.add_argument("--png", default=None, help="write template|output face regions of a loud and a silent frame")
+    ap.add_argument("--skin-texture", action="store_true", help="fine skin texture drawn at the frame's resolution")
+    ap.add_argument("--png", default=None, help="write the template|output strip of loud frames and a silent one")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -75,6 +89,7 @@ def main() -> None:
         lip_sharpness,
         loudest,
         mouth_motion,
+        opening_shape,
         pearson,
         psnr_outside_mask,
         seam_score,
@@ -85,12 +100,12 @@ def main() -> None:
         lip_texture_ratio = None
     from cluster.render import render_local
     from cluster.schemas import RenderRequest
-    from cluster.synth import astronaut_template, speech_like, write_audio
+    from cluster.synth import astronaut_template, speech_like, speech_vowels, write_audio
 
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-quality-") as d:
         s = Settings(storage_root=os.path.join(d, "storage"))
         video = astronaut_template(os.path.join(d, "template.mp4"), seconds=args.template_seconds, fps=25,
-                                   size=(width, height), seed=5)
+                                   size=(width, height), seed=5, skin_texture=args.skin_texture)
         audio = write_audio(os.path.join(d, "speech.wav"), speech_like(args.seconds, seed=11))
         model = load_model("builtin", s)
 
@@ -114,7 +129,8 @@ def main() -> None:
         quiet = energy < SILENCE_FRACTION * float(energy.max())
         silent = quiet & np.roll(quiet, 1) & np.roll(quiet, -1)
 
-        print(f"case                 : {width}x{height} template of {avatar.frame_count} frames, "
+        textured = " skin-textured" if args.skin_texture else ""
+        print(f"case                 : {width}x{height}{textured} template of {avatar.frame_count} frames, "
               f"{args.seconds:g} s speech -> {n} frames ({info.video.frame_count} in the file), "
               f"model {model.size}px, crf {s.crf}")
         print(f"pearson              : {pearson(motion, energy):.3f}   (target >= 0.6)")
@@ -137,18 +153,41 @@ def main() -> None:
         if lip_texture_ratio is not None:
             texture = lip_texture_ratio(output, template, matrices, model.size)
             print(f"lip texture ratio    : loudest fifth {np.median(texture[top]):.3f}, "
-                  f"silent {np.median(texture[silent]):.3f}   (as above without the open mouth's inside)")
+                  f"silent {np.median(texture[silent]):.3f}   (as above without the open mouth's inside; "
+                  f"target 0.92-1.1 loud)")
+        # the mouth's shape by vowel class: loud frames (the loudest half of the speech) whose time
+        # lies inside a syllable of that vowel
+        fps = float(avatar.info.video.fps)
+        vowel_at = np.full(n, "", dtype=object)
+        for t0_s, t1_s, v in speech_vowels(args.seconds, seed=11):
+            vowel_at[int(np.ceil(t0_s * fps)):int(np.floor(t1_s * fps))] = v
+        shape = opening_shape(output, template, matrices, model.size)
+        ratio = shape[:, 0] / shape[:, 1]
+        half = energy >= np.median(energy[~quiet]) if (~quiet).any() else ~quiet
+        classes = {"rounded /o u/": ("o", "u"), "open /a/": ("a",), "spread /i e/": ("i", "e")}
+        picks = {}
+        for name, vowels in classes.items():
+            sel = half & np.isin(vowel_at, vowels) & np.isfinite(ratio)
+            picks[name] = sel
+            print(f"opening w/h {name:<13}: median {np.median(ratio[sel]) if sel.any() else float('nan'):.2f} "
+                  f"(width {np.nanmedian(shape[sel, 0]) if sel.any() else float('nan'):.0f} px, height "
+                  f"{np.nanmedian(shape[sel, 1]) if sel.any() else float('nan'):.0f} px) over {sel.sum()} loud frames")
         print(f"throughput cold      : {n / cold:.1f} frames/s ({cold:.1f} s, avatar preparation included)")
         print(f"throughput warm      : {n / warm:.1f} frames/s ({warm:.1f} s, cached avatar)")
 
         if args.png:
-            loud = int(np.argmax(energy))
+            rows = []
+            for name, sel in picks.items():
+                if sel.any():
+                    i = int(np.flatnonzero(sel)[np.argmax(energy[sel])])
+                    rows.append((f"loud {name}", i))
+            if not rows:
+                rows.append(("loud", int(np.argmax(energy))))
             runs = np.flatnonzero(np.diff(np.concatenate(([0], silent.astype(np.int8), [0]))))
             starts, stops = runs[::2], runs[1::2]
             k = int(np.argmax(stops - starts))
             pause = int((starts[k] + stops[k]) // 2)
-            save_side_by_side(args.png, template, output, matrices, model.size,
-                              [("loud", loud), ("silent", pause)])
+            save_side_by_side(args.png, template, output, matrices, model.size, [*rows, ("silent", pause)])
             print(f"png                  : {args.png}")
 
 

@@ -9,6 +9,8 @@ the inverse of each matrix.
 - `pearson`, `best_lag`: how that motion follows the speech energy, and with which delay.
 - `psnr_outside_mask`: that nothing outside the paste mask changed.
 - `seam_score`: whether the paste-back leaves a visible edge.
+- `lip_texture_ratio`, `lip_sharpness`, `chin_motion`: detail and jaw motion (issue 10, 22).
+- `opening_shape`: width and height of the opened mouth's dark inside (mouth shapes by sound).
 """
 from __future__ import annotations
 
@@ -276,6 +278,34 @@ def lip_texture_ratio(output_frames: np.ndarray, template_frames: np.ndarray, ma
             lap_t = cv2.Laplacian(g_tmpl, cv2.CV_64F)[keep].var()
             if lap_t > 0:
                 result[i] = float(cv2.Laplacian(g_out, cv2.CV_64F)[keep].var() / lap_t)
+    return result
+
+
+OPENING_BOX: tuple[float, float, float, float] = (0.25, 0.62, 0.75, 0.86)
+"""Where an opened mouth's inside can lie in the canonical crop (x0, y0, x1, y1, normalised)."""
+
+
+def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
+                  size: int) -> np.ndarray:
+    """Width and height (frame pixels) of the opened mouth per frame: float64 [n,2]. The opening
+    is the pixels of `OPENING_BOX` much darker in the output than in the template (as in
+    `lip_texture_ratio`); width: the columns it spans, height: its tallest column. NaN for a frame
+    with fewer than 8 such pixels (a closed mouth) or whose box is outside the frame."""
+    out, matrices = _check(output_frames, matrices, "output_frames")
+    tmpl = np.asarray(template_frames)
+    result = np.full((out.shape[0], 2), np.nan)
+    for i in range(out.shape[0]):
+        b = _frame_box(matrices[i], OPENING_BOX, size, out.shape[1:3])
+        if b is None:
+            continue
+        x0, y0, x1, y1 = b
+        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+                         for f in (out, tmpl))
+        dark = (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
+        dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
+        if dark.sum() >= 8:
+            cols = np.flatnonzero(dark.any(axis=0))
+            result[i] = (cols[-1] - cols[0] + 1, dark.sum(axis=0).max())
     return result
 
 

@@ -143,6 +143,16 @@ def speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0, pause_e
     return voiced
 
 
+def speech_vowels(seconds: float, sample_rate: int = 16000, seed: int = 0, pause_every: float | None = 2.2,
+                  pause_seconds: tuple[float, float] = (0.3, 0.8)) -> list[tuple[float, float, str]]:
+    """The syllables of `speech_like` with the same arguments: (start s, stop s, vowel) each, in
+    order, so a benchmark knows which vowel was spoken when (the same plan, replayed)."""
+    n = int(round(seconds * sample_rate))
+    rng = np.random.default_rng(seed)
+    return [(s.start / sample_rate, s.stop / sample_rate, s.vowel)
+            for s in _plan_syllables(n, sample_rate, rng, pause_every, pause_seconds)]
+
+
 def _plan_syllables(n: int, sample_rate: int, rng: np.random.Generator, pause_every: float | None,
                     pause_seconds: tuple[float, float]) -> list[_Syllable]:
     """Syllables in order: speech runs of about `pause_every` s separated by pauses."""
@@ -239,10 +249,112 @@ _ASTRONAUT_FACE_BOX = (183.0, 78.0, 270.0, 182.0)
 """Face (hairline to chin, cheek to cheek) in skimage.data.astronaut() pixels: x0, y0, x1, y1."""
 
 
+ASTRONAUT_LANDMARKS = np.array([[203.3, 101.2], [247.6, 103.5], [223.4, 128.7], [200.3, 139.7], [245.7, 143.0]],
+                               np.float32)
+"""The 5 landmarks (left eye, right eye, nose tip, left / right mouth corner) of the face in
+skimage.data.astronaut() pixels, as MTCNN finds them."""
+
+
+def add_skin_texture(image: np.ndarray, landmarks: np.ndarray, seed: int = 0, strength: float = 1.0) -> np.ndarray:
+    """`image` (BGR uint8, any size) with fine skin texture drawn at its own resolution around
+    the face of `landmarks` [5,2] (image pixels): film grain and pores (1-2 px), and wrinkle lines
+    about 1-2 px wide around the mouth and chin (smile lines, vertical lip lines, chin creases),
+    the detail a downscaled photo lacks and a 1080p camera sees. Deterministic for a seed; returns
+    a new image. Use it after scaling a photo up, so the texture is as fine as the frame's pixels.
+    """
+    rng = np.random.default_rng(seed)
+    img = image.astype(np.float32)
+    h, w = img.shape[:2]
+    pts = np.asarray(landmarks, np.float64).reshape(5, 2)
+    eye_mid, mouth_l, mouth_r = (pts[0] + pts[1]) / 2, pts[3], pts[4]
+    mouth_c = (mouth_l + mouth_r) / 2
+    unit = float(np.linalg.norm(mouth_c - eye_mid))      # eyes-to-mouth distance: the face's scale
+    down = (mouth_c - eye_mid) / max(unit, 1e-9)
+    right = np.array([down[1], -down[0]]) * -1.0           # perpendicular, towards the right mouth corner
+    if np.dot(right, mouth_r - mouth_l) < 0:
+        right = -right
+    # where the texture lies: the face, strongest on the lower face (a soft ellipse)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    face_c = eye_mid + 0.55 * unit * down
+    du = (xx - face_c[0]) * right[0] + (yy - face_c[1]) * right[1]
+    dv = (xx - face_c[0]) * down[0] + (yy - face_c[1]) * down[1]
+    face = np.clip(1.3 - np.sqrt((du / (1.05 * unit)) ** 2 + (dv / (1.45 * unit)) ** 2), 0.0, 1.0).astype(np.float32)
+    del yy, xx, du, dv
+    # grain and pores: per-pixel luminance noise, slightly correlated, and sparse dark dots
+    grain = cv2.GaussianBlur(rng.normal(0.0, 1.0, (h, w)).astype(np.float32), (0, 0), 0.6)
+    grain *= 9.0 / max(float(grain.std()), 1e-6)
+    pores = (rng.random((h, w)) < 0.012).astype(np.float32)
+    pores = cv2.GaussianBlur(pores, (0, 0), 0.8) * -60.0
+    layer = (grain + pores) * face
+    # wrinkles: thin darker curves (with a faint light edge below) in face coordinates
+    lines = np.zeros((h, w), np.float32)
+
+    def to_img(u: float, v: float) -> tuple[int, int]:
+        p = mouth_c + u * unit * right + v * unit * down
+        return int(round(p[0] * 16)), int(round(p[1] * 16))  # 4 fractional bits
+
+    def curve(u0, v0, u1, v1, bend, depth, thickness):
+        t = np.linspace(0.0, 1.0, 24)
+        u = u0 + (u1 - u0) * t + bend * np.sin(np.pi * t) * (v1 - v0)
+        v = v0 + (v1 - v0) * t - bend * np.sin(np.pi * t) * (u1 - u0)
+        poly = np.array([to_img(a, b) for a, b in zip(u, v)], np.int32)
+        cv2.polylines(lines, [poly], False, float(depth), thickness, cv2.LINE_AA, shift=4)
+
+    for side in (-1.0, 1.0):
+        # smile lines from beside the nose wing to beyond the mouth corners, a fainter one beside
+        curve(side * 0.50, -0.50, side * 0.78, 0.18, side * 0.10, rng.uniform(24, 32), 2)
+        curve(side * 0.56, -0.42, side * 0.84, 0.12, side * 0.10, rng.uniform(12, 18), 1)
+        # marionette lines from beyond the mouth corners down
+        curve(side * 0.70, 0.12, side * 0.60, 0.55, side * -0.08, rng.uniform(18, 26), 2)
+    for _ in range(14):  # vertical lines on the lips and just above / below them
+        u = rng.uniform(-0.45, 0.45)
+        v0 = rng.uniform(-0.28, -0.05) if rng.random() < 0.5 else rng.uniform(0.02, 0.2)
+        curve(u, v0, u + rng.uniform(-0.03, 0.03), v0 + rng.uniform(0.06, 0.13), 0.1, rng.uniform(18, 30), 1)
+    for _ in range(6):  # creases across the chin
+        u0, v0 = rng.uniform(-0.35, 0.0), rng.uniform(0.35, 0.75)
+        curve(u0, v0, u0 + rng.uniform(0.25, 0.4), v0 + rng.uniform(-0.03, 0.03), 0.15, rng.uniform(18, 30), 1)
+    for _ in range(30):  # fine crossing lines all over the lower face
+        u0, v0 = rng.uniform(-0.9, 0.9), rng.uniform(-0.6, 0.8)
+        a = rng.uniform(0, np.pi)
+        ln = rng.uniform(0.06, 0.18)
+        curve(u0, v0, u0 + ln * np.cos(a), v0 + ln * np.sin(a), rng.uniform(-0.2, 0.2), rng.uniform(10, 18), 1)
+    highlight = np.roll(lines, 1, axis=0) * 0.35  # the lit edge of each crease
+    layer -= strength * (lines - highlight)
+    layer *= strength
+    out = img + layer[..., None] * np.array([0.9, 0.95, 1.0], np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A still frame (BGR uint8, `size` = (width, height)) of the bundled astronaut photograph
+    scaled up so the face fills about 42 % of the height, with fine skin texture drawn after the
+    scaling (`add_skin_texture`), and its 5 landmarks [5,2] float32 in frame pixels: a face with
+    real high-frequency detail at high resolution, made offline."""
+    import skimage.data  # deferred: only the test media need the bundled photograph
+
+    width, height = int(size[0]), int(size[1])
+    source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    matrix = _astronaut_placement(width, height)
+    frame = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+    landmarks = (ASTRONAUT_LANDMARKS @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+    return add_skin_texture(frame, landmarks, seed=seed), landmarks
+
+
+def _astronaut_placement(width: int, height: int) -> np.ndarray:
+    """The affine [2,3] (photo -> frame) that scales and centres the astronaut's face as
+    `astronaut_template` places it."""
+    x0, y0, x1, y1 = _ASTRONAUT_FACE_BOX
+    face_w, face_h = x1 - x0, y1 - y0
+    scale = min(0.42 * height / face_h, 0.6 * width / face_w)
+    target_c = np.array([width / 2.0, (0.40 if height > width else 0.50) * height])
+    face_c = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])
+    return np.hstack([np.eye(2) * scale, (target_c - scale * face_c)[:, None]])
+
+
 def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25,
                        size: tuple[int, int] = (320, 240), head_motion: bool = True,
                        audio: np.ndarray | None = None, rotation: int = 0, seed: int = 0,
-                       settings: Settings | None = None) -> str:
+                       skin_texture: bool = False, settings: Settings | None = None) -> str:
     """Write a template video of a real photographed face (scikit-image's astronaut) to `path`.
 
     `size` (width, height) is the display size; the face fills about 40% of its height (portrait
@@ -251,7 +363,9 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     yuv420p at exactly `fps` (e.g. Fraction(30000, 1001)), `round(seconds * fps)` frames; `audio`
     (16 kHz mono float) is muxed as AAC. `rotation` (0/90/180/270) is the clockwise rotation a
     player applies (display matrix): the frames are stored pre-rotated so the face is upright
-    once displayed. Returns `path`.
+    once displayed. `skin_texture`: the photograph is first scaled to the frame's resolution and
+    fine skin texture is drawn on it there (`add_skin_texture`), so a large face has the detail a
+    real camera would see instead of a smooth upscaled photo. Returns `path`.
     """
     s = settings or get_settings()
     path = os.fspath(path)
@@ -277,6 +391,12 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     target_c = np.array([width / 2.0, (0.40 if height > width else 0.50) * height])
     rng = np.random.default_rng(seed)
     phases = rng.uniform(0.0, 2.0 * np.pi, size=6)
+    if skin_texture:  # the photo at the frame's scale, textured there; the frames then only sway it
+        up = np.array([[scale, 0.0, 0.0], [0.0, scale, 0.0]])
+        big = (int(np.ceil(source.shape[1] * scale)), int(np.ceil(source.shape[0] * scale)))
+        source = cv2.warpAffine(source, up, big, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
+        source = add_skin_texture(source, ASTRONAUT_LANDMARKS * scale, seed=seed)
+        face_c, face_h, scale = face_c * scale, face_h * scale, 1.0
 
     tmp_audio = None
     cmd = ["-loglevel", "error"]

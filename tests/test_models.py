@@ -284,6 +284,9 @@ def vowel(formants, rms_dbfs: float, seconds: float = 0.4, f0: float = 120.0) ->
 
 VOWEL_A = [(730, 90), (1090, 110), (2440, 170)]
 VOWEL_U = [(300, 60), (870, 80), (2240, 150)]
+VOWEL_O = [(570, 80), (840, 90), (2410, 150)]
+VOWEL_I = [(300, 60), (2250, 100), (3000, 150)]
+VOWEL_E = [(530, 80), (1840, 100), (2480, 150)]
 
 
 def mel_window(wav: np.ndarray) -> np.ndarray:
@@ -411,9 +414,10 @@ def test_builtin_opening_grows_with_energy_and_stays_in_the_mouth_region(builtin
     assert abs(darker_rows.mean() - my) < 0.08 * size  # ... between the lips
 
 
-def test_builtin_jaw_drops_and_the_mouth_darkens_towards_the_back(builtin256):
-    """At full opening the chin moves down with the lower lip (by about JAW_DROP * S), and the
-    inside of the mouth is darkest under the upper teeth, lighter towards the lower lip."""
+def test_builtin_jaw_drops_and_the_lips_part_around_a_dark_inside(builtin256):
+    """At full opening the chin moves down with the lower lip (by about JAW_DROP * S), the upper
+    lip lifts, so the opening lies on both sides of the lip line, and the inside of the mouth is
+    darkest half-way between the lips (the back of the mouth), lighter towards either lip."""
     size = builtin256.size
     crop = real_crop(size)
     out = builtin256.generate(mel_window(vowel(VOWEL_A, -18)), crop[None])[0]
@@ -425,11 +429,32 @@ def test_builtin_jaw_drops_and_the_mouth_darkens_towards_the_back(builtin256):
     errors = {d: np.abs(g_out[rows] - g_ref[rows - d]).mean() for d in range(0, 16)}
     drop = min(errors, key=errors.get)
     assert abs(drop - builtin_mod.JAW_DROP * size) <= 3 and errors[drop] < 0.5 * errors[0], (drop, errors)
-    # the gap: darker than the template, darkest in its upper half
+    # the opening: darker than the template, above and below the lip line
     gap = np.flatnonzero(g_ref - g_out > 40)
-    assert gap.size >= 6 and gap.min() >= my - 2
-    upper, lower = g_out[gap[: gap.size // 2]].mean(), g_out[gap[gap.size // 2:]].mean()
-    assert upper < lower - 5, (upper, lower)
+    assert gap.size >= 10 and gap.min() < my < gap.max(), (gap, my)
+    third = gap.size // 3
+    middle, edges = g_out[gap[third:-third]].mean(), np.r_[g_out[gap[:2]], g_out[gap[-2:]]].mean()
+    assert middle < edges - 5, (middle, edges)
+
+
+def test_builtin_mouth_shape_differs_by_vowel(builtin256):
+    """Rounded vowels (/o/, /u/) open a narrow, round mouth, spread ones (/i/, /e/) a wide, flat
+    one: the opening's width / height (`cluster.quality.opening_shape`) of every spread vowel is
+    over 1.5 times that of every rounded one, and /a/ lies between."""
+    from cluster.quality import opening_shape
+
+    crop = real_crop(builtin256.size)
+    vowels = {"a": VOWEL_A, "o": VOWEL_O, "u": VOWEL_U, "i": VOWEL_I, "e": VOWEL_E}
+    mels = np.concatenate([mel_window(vowel(f, -20)) for f in vowels.values()])
+    crops = np.repeat(crop[None], len(vowels), axis=0)
+    out = builtin256.generate(mels, crops)
+    identity = np.repeat(np.array([[1, 0, 0], [0, 1, 0]], np.float32)[None], len(vowels), axis=0)
+    shape = opening_shape(out, crops, identity, builtin256.size)
+    ratio = dict(zip(vowels, shape[:, 0] / shape[:, 1]))
+    assert np.all(shape[:, 1] >= 6), shape  # every one of them opens the mouth
+    rounded, spread = max(ratio["o"], ratio["u"]), min(ratio["i"], ratio["e"])
+    assert spread > 1.5 * rounded, ratio
+    assert rounded < ratio["a"] < spread, ratio
 
 
 def test_builtin_bright_vowels_spread_the_lips(builtin256):

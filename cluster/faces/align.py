@@ -20,11 +20,14 @@ Paste-back details:
 - detail keep: where the generated crop is the original crop moved (a warp: lips and jaw that
   moved) or unchanged, the frame's own high frequencies are kept, moved the same way at the
   frame's resolution: the motion is estimated as a dense optical flow (DIS) from the generated
-  crop to the original one, and the frame's detail layer (frame minus the original crop brought
-  back to the frame) is resampled along it (`generated + (moved frame - moved original)`). So the
-  lips keep their sharpness while they move, even when the crop is much smaller than the face.
-  Where the model made new content (an open mouth's inside) the generated pixels are used. A
-  generated crop identical to the original pastes back to the original frame exactly (no flow);
+  crop to the original one, and the frame's detail layer (the frame minus the original crop
+  brought back to it: everything finer than the crop, the texture the crop round trip loses) is
+  moved along it by whole frame pixels (nearest: sampling between pixels would halve the finest
+  grain) and added to the generated crop brought back. So skin and lips keep their texture while
+  they move, even when the crop is much smaller than the face. Where the model made new content
+  (an open mouth's inside: differing from the moved original by more than `_DETAIL_LOW` levels
+  once both are smoothed) the generated pixels are used. A generated crop identical to the
+  original pastes back to the original frame exactly (no flow);
 - pixels outside the mask (weight 0) are bit-identical to the input frame.
 """
 from __future__ import annotations
@@ -37,8 +40,11 @@ import numpy as np
 from cluster.faces import canonical
 
 _BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
-_DETAIL_LOW, _DETAIL_HIGH = 3.0, 15.0  # |generated - original| (levels): keep frame detail below, none above
+_DETAIL_LOW, _DETAIL_HIGH = 40.0, 100.0  # |generated - moved original| (levels, smoothed): keep the frame's
+# detail below, none above. New content (an opened mouth's inside) differs by 100 levels and more;
+# skin and lips moved by a flow that is a pixel off differ by tens in the crop's fine texture
 _STD_RATIO_LIMITS = (0.8, 1.25)
+_FLOW_MARGIN = 16  # crop pixels around the changed pixels' box on which the flow is computed
 _FLOW_MIN_CHANGE = 1.0  # |generated - original| (levels) below which a pixel did not change (no flow)
 CROP_RECIPES = ("wav2lip", "aligned")
 _MASKS = {"aligned": canonical.LOWER_FACE_MASK, "wav2lip": canonical.WAV2LIP_LOWER_FACE_MASK}
@@ -224,18 +230,28 @@ _DIS = None
 
 
 def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
-    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), kept
-    only near pixels the model changed (inside the paste mask, `inside`); None when nothing changed."""
+    """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), computed
+    on the box around the pixels the model changed (inside the paste mask, `inside`), widened by
+    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere); None when nothing changed."""
     global _DIS
     changed = (_channel_max(cv2.absdiff(generated, original)) > _FLOW_MIN_CHANGE) & inside
     if not changed.any():
         return None
     if _DIS is None:
-        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)  # ~2 ms per 256 px crop
-    g = cv2.cvtColor(np.ascontiguousarray(generated), cv2.COLOR_BGR2GRAY)
-    o = cv2.cvtColor(np.ascontiguousarray(original), cv2.COLOR_BGR2GRAY)
-    flow = _DIS.calc(g, o, None)
+        # DIS down to half the crop's resolution (finest scale 1, not the fast preset's 2): flow
+        # accurate to about a pixel on the moved lips (at scale 2 the frame's detail landed a few
+        # pixels off the lips it belongs to: lip texture ratio 0.89 instead of 0.93-1.0 on a
+        # textured 1080p face), on the changed box only (about 2.5x cheaper than the whole crop)
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
+        _DIS.setFinestScale(1)
     size = generated.shape[0]
+    rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+    r0, r1 = max(0, rows[0] - _FLOW_MARGIN), min(size, rows[-1] + 1 + _FLOW_MARGIN)
+    c0, c1 = max(0, cols[0] - _FLOW_MARGIN), min(size, cols[-1] + 1 + _FLOW_MARGIN)
+    g = cv2.cvtColor(np.ascontiguousarray(generated[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
+    o = cv2.cvtColor(np.ascontiguousarray(original[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
+    flow = np.zeros((size, size, 2), np.float32)
+    flow[r0:r1, c0:c1] = _DIS.calc(g, o, None)
     near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
     return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
 
@@ -249,23 +265,37 @@ def _remap_by(img: np.ndarray, flow: np.ndarray, rect: tuple[int, int, int, int]
     return cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def _remap_frame(frame: np.ndarray, flow_roi: np.ndarray, m: np.ndarray, x0: int, y0: int) -> np.ndarray:
-    """The frame region at (x0, y0) of flow_roi's size, each pixel p sampled at p + A^-1 flow(p),
-    where flow_roi is a crop-pixel flow brought to the region and A the matrix's linear part:
-    the crop's motion at the frame's resolution. float32."""
+def _move_detail(detail: np.ndarray, flow_roi: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The detail layer `detail` [h,w,3] of a frame region, each pixel p taken from the nearest
+    pixel to p + A^-1 flow(p), where flow_roi is a crop-pixel flow brought to the region and A
+    the matrix's linear part: the crop's motion at the frame's resolution. Nearest, not bilinear:
+    bilinear sampling between pixels averages neighbours and halves the finest texture (grain,
+    pores, 1-px wrinkles); a shift rounded to whole pixels keeps it (the detail is high-pass, so
+    the half-pixel rounding does not show as steps)."""
     h, w = flow_roi.shape[:2]
     a_inv = np.linalg.inv(m[:, :2]).astype(np.float32)
     fx, fy = flow_roi[..., 0], flow_roi[..., 1]
     map_x = fx * a_inv[0, 0] + fy * a_inv[0, 1]
-    map_x += np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+    map_x += np.arange(w, dtype=np.float32)[None, :]
     map_y = fx * a_inv[1, 0] + fy * a_inv[1, 1]
-    map_y += np.arange(y0, y0 + h, dtype=np.float32)[:, None]
-    return cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    map_y += np.arange(h, dtype=np.float32)[:, None]
+    return cv2.remap(detail, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _content_change(generated: np.ndarray, moved_original: np.ndarray, blur_sigma: float) -> np.ndarray:
+    """How much the generated crop differs from the original moved along the estimated motion,
+    per pixel (levels, the largest channel): both smoothed first by `blur_sigma`, so texture the
+    flow placed a pixel off does not count as new content (it would throw the texture away),
+    then the difference smoothed once more. Large where the model made new content."""
+    g = cv2.GaussianBlur(generated, (0, 0), blur_sigma)
+    o = cv2.GaussianBlur(moved_original, (0, 0), blur_sigma)
+    return cv2.GaussianBlur(_channel_max(cv2.absdiff(g, o)), (0, 0), blur_sigma)
 
 
 def _detail_blur_sigma(size: int) -> float:
-    """Sigma (crop pixels) of the blur that smooths the detail-keep map."""
-    return max(0.5, size / 96.0)
+    """Sigma (crop pixels) of the blurs that smooth the detail-keep map (1 px at S=256: wider keeps the
+    frame's texture off a band of lips around the opening)."""
+    return max(0.5, size / 256.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -274,8 +304,8 @@ def _work_rect(size: int, recipe: str) -> tuple[int, int, int, int]:
     bounding rect, widened by the reach of the detail map's blur (and bilinear sampling), so
     every value the mask can weigh is the same as if the whole crop were computed."""
     _, _, _, _, (u0, v0, u1, v1) = _mask_geometry(size, recipe)
-    # cv2.GaussianBlur's kernel radius for float32 is about 4 sigma
-    reach = int(np.ceil(4.0 * _detail_blur_sigma(size))) + 3
+    # cv2.GaussianBlur's kernel radius for float32 is about 4 sigma, and the keep map blurs twice
+    reach = int(np.ceil(8.0 * _detail_blur_sigma(size))) + 3
     return (max(int(v0) - reach, 0), min(int(v1) + reach + 1, size),
             max(int(u0) - reach, 0), min(int(u1) + reach + 1, size))
 
@@ -323,25 +353,26 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         gen = _match_colour(generated[i, r0:r1, c0:c1].astype(np.float32), orig, ring_r, ring_pixels)
         roi = frames[i, y0:y1, x0:x1].astype(np.float32)
         flow = _motion(generated[i], original_crops[i], inside)
-        if flow is None:  # nothing moved: the frame's detail stays where it is
-            moved_orig, moved_roi = orig, roi
-        else:
-            moved_orig = _remap_by(original_crops[i].astype(np.float32), flow, (r0, r1, c0, c1))
-            moved_roi = _remap_frame(frames[i], back(flow, m_roi, cv2.BORDER_CONSTANT), m, x0, y0)
-        change = cv2.GaussianBlur(_channel_max(cv2.absdiff(gen, moved_orig)), (0, 0), blur_sigma)
-        # two 4-channel warps instead of four: the mask is 0 along the rect's edge, so replicating
-        # the border there is the same as a constant 0
+        moved_orig = orig if flow is None else _remap_by(original_crops[i].astype(np.float32), flow, (r0, r1, c0, c1))
+        change = _content_change(gen, moved_orig, blur_sigma)
+        # two 4-channel warps: the mask is 0 along the rect's edge, so replicating the border there
+        # is the same as a constant 0
+        np.subtract(_DETAIL_HIGH, change, out=change)
+        np.multiply(change, 1.0 / (_DETAIL_HIGH - _DETAIL_LOW), out=change)
+        keep = np.clip(change, 0.0, 1.0, out=change)  # how much of the frame's own detail to keep
         four[..., :3] = gen
         four[..., 3] = mask_r
         gen_w = back(four, m_rect)
-        four[..., :3] = moved_orig
-        np.subtract(_DETAIL_HIGH, change, out=change)
-        np.multiply(change, 1.0 / (_DETAIL_HIGH - _DETAIL_LOW), out=change)
-        np.clip(change, 0.0, 1.0, out=four[..., 3])  # how much of the frame's own detail to keep
+        four[..., :3] = orig
+        four[..., 3] = keep
         orig_w = back(four, m_rect)
-        # blended = roi + weight * (content - roi), content = generated + keep * (moved frame - moved
-        # original), both brought back to the frame; computed in place, in that order
-        blended = np.subtract(moved_roi, orig_w[..., :3])
+        # the frame's detail above the crop's resolution (what the crop round trip loses), moved
+        # with the model's motion by whole frame pixels: resampling between pixels would blur it
+        detail = np.subtract(roi, orig_w[..., :3])
+        if flow is not None:
+            detail = _move_detail(detail, back(flow, m_roi, cv2.BORDER_CONSTANT), m)
+        # blended = roi + weight * (generated + keep * detail - roi), computed in place in that order
+        blended = detail
         blended *= orig_w[..., 3:]
         blended += gen_w[..., :3]
         blended -= roi

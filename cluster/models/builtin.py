@@ -23,29 +23,37 @@ What the graph computes, per batch item:
    of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
    by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
    = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
-   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel).
+   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel); rounding
+   opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow, round
+   opening and /i/, /e/ a wide, flat one (width / height about 2-3 against 5-7 on the astronaut).
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
    `cluster.faces.canonical`: D_open lifts the upper lip by up to `LIP_LIFT` (of S) and drops
-   the lower lip by up to `JAW_DROP` with a lens-shaped profile between the mouth corners that
-   turns, below the lip, into a rigid jaw drop: lower lip and chin move down together, and the
-   motion falls off in the neck under the chin (which is compressed, never folded) and towards
-   the cheeks, all inside `canonical.JAW_REGION`. The source rows are clamped at the lip line
-   so the opened gap stretches the lip line instead of repeating a lip. D_round pulls the mouth
-   horizontally towards its centre (negative multiples widen it); D_open is read (with a
-   one-channel GridSample) at the narrowed columns, so a rounded mouth also opens narrower.
-5. **Inside of the mouth.** The opened gap is filled with a mouth interior, faded in over
-   `SHADE_SOFT` from the lower lip: tongue-red near the lower lip, darkening towards the back
-   (the deepest part of the gap, under the upper teeth, which stay where they were).
+   the lower lip by up to `JAW_DROP`, both with the profile `lens` = (1 - (x/span)^2)^LENS_POWER
+   between the mouth corners, so the lips part around a curved inner contour (both lips are the
+   template's own, moved); below the lip it turns into a rigid jaw drop: lower lip and chin move
+   down together, and the motion falls off in the neck under the chin (which is compressed,
+   never folded) and towards the cheeks, all inside `canonical.JAW_REGION`. The source rows are
+   clamped at the lip line, so the opening between the lips samples only the lip line (covered
+   by step 5). D_round pulls the mouth horizontally towards its centre (negative multiples widen
+   it); D_open and `lens` are read (with a two-channel GridSample) at the narrowed columns, so a
+   rounded mouth also opens narrower.
+5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
+   mouth interior faded in over `SHADE_SOFT` at either lip. Its colour follows t, 0 under the
+   upper lip to 1 over the lower lip (from the lift and drop times `lens` at that column): from
+   `LIP_BGR` at the lips to `THROAT_BGR` half-way (the back of the mouth, darkest), `TONGUE_BGR`
+   in the lower part, and a band of `TEETH_BGR` (upper teeth) under the upper lip once the
+   opening passes `TEETH_FROM`.
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
 
 Steps 4-6 run only on `region_box`, the smallest box holding JAW_REGION's blend weight (about 13 %
 of the crop); the rest of the output is the reference, copied. The graph is deterministic, has no
-trained weights, and runs a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per crop;
-4.4 ms when steps 4-6 ran on the whole crop).
+trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per
+crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
+crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms).
 """
 from __future__ import annotations
 
@@ -64,7 +72,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -85,13 +93,15 @@ ROUND_FULL = 2.0    # ... and is full
 ROUND_GATE = 4.0    # rounding and spreading are scaled by clip(ROUND_GATE * opening, 0, 1)
 SPREAD_HIGH = 0.95  # low-minus-high band energy below which the lips spread (bright /i/, /e/)
 SPREAD_FULL = 0.5   # ... fully spread
-SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 12 %)
+SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 17 %)
 SPREAD_CLOSE = 0.3  # full spreading opens the jaw 30 % less (/i/ is a narrow vowel)
+ROUND_OPEN = 0.5    # full rounding opens the jaw half-way further towards full (a round opening)
 
 JAW_DROP = 0.040    # lower lip and chin drop at full opening, fraction of S (10 px at S=256)
-LIP_LIFT = 0.006    # upper lip lift at full opening (the upper teeth stay where they were)
-NARROWING = 0.25    # sampling stretch at full rounding: the mouth gets 1/(1+0.25) = 80 % as wide
+LIP_LIFT = 0.024    # upper lip lift at full opening (6 px at S=256): the opening's upper contour curves too
+NARROWING = 0.35    # sampling stretch at full rounding: the mouth gets 1/(1+0.35) = 74 % as wide
 MOUTH_SPAN = 1.15   # horizontal half-extent of the lip opening, in MOUTH_HALF_WIDTH
+LENS_POWER = 1.0    # the opening's height across the mouth: (1 - (x / span)^2) ** LENS_POWER
 LIP_TO_JAW = 0.08   # below the lip line the lens-shaped lip profile turns into the jaw's over this depth
 JAW_RIGID = 0.15    # the jaw moves rigidly to this depth below the lip line (to the chin's lower part) ...
 JAW_END = 0.21      # ... and its motion falls off to 0 at this depth (the neck is compressed under the chin)
@@ -99,9 +109,14 @@ JAW_HALF = 0.10     # horizontally rigid within this distance of the mouth centr
 JAW_FADE = 0.11     # ... falling to 0 this much further out (the cheeks stretch)
 ROUND_AXES = (0.156, 0.072)  # the ellipse (about the lip line) in which rounding / spreading act
 BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of JAW_REGION
-SHADE_SOFT = 0.006  # gap depth (fraction of S) over which the inside of the mouth fades in at the lower lip
-TONGUE_BGR = (0.24, 0.24, 0.44)  # the inside of the mouth near the lower lip (B, G, R)
-THROAT_BGR = (0.06, 0.05, 0.09)  # ... and at the back, under the upper teeth
+SHADE_SOFT = 0.005  # gap depth (fraction of S) over which the inside of the mouth fades in at either lip
+LIP_BGR = (0.22, 0.22, 0.42)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
+THROAT_BGR = (0.05, 0.04, 0.08)  # ... and at the back, half-way between the lips
+TONGUE_BGR = (0.20, 0.22, 0.48)  # the tongue, in the lower part of a wide opening
+TONGUE_FROM = 0.6  # the tongue shows from this fraction of the opening's height down (fully a third further)
+TEETH_BGR = (0.70, 0.76, 0.80)   # the upper teeth, under the upper lip of a wide opening
+TEETH_DEPTH = 0.28  # the teeth fill this fraction of the opening's height under the upper lip ...
+TEETH_FROM = 0.45   # ... once the opening exceeds this (fully at TEETH_FROM + 0.35)
 
 
 # --- mel bins -------------------------------------------------------------------------------
@@ -145,7 +160,8 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
     base_x [S] / base_y [S]: identity grid; d_open_y: source-row shift at full opening (upper lip
     up; lower lip, chin and jaw down together); d_round_x: source-column shift at full rounding
     (negative multiples spread the lips); clamp_lo_y / clamp_hi_y [S]: lip-line clamps per row;
-    blend: the region weight (0 outside JAW_REGION).
+    blend: the region weight (0 outside JAW_REGION); lens: the opening's height profile across the
+    mouth (1 at the centre, 0 at and beyond the corners), the same on every row.
     """
     S = int(size)
     a = (np.arange(S) + 0.5) / S          # normalised x (and y) of pixel centres
@@ -160,7 +176,7 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
     # the lips: a lens-shaped opening between the mouth corners
     span = MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH
     q = np.abs(X - mx) / span
-    lens = np.clip(1.0 - q * q, 0.0, 1.0) ** 1.5
+    lens = np.clip(1.0 - q * q, 0.0, 1.0) ** LENS_POWER
     # the jaw: rigid around the chin, falling off towards the cheeks and into the neck
     jaw_x = _falloff(np.abs(X - mx), JAW_HALF, JAW_HALF + JAW_FADE)
     depth = Y - lip_y
@@ -185,6 +201,7 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
         "clamp_lo_y": np.where(row_is_below, 2.0 * lip_y - 1.0, -big),
         "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
         "blend": blend,
+        "lens": lens * (np.abs(X - mx) < span),
     }
 
 
@@ -243,22 +260,28 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("round_low", ROUND_LOW), const("round_inv_range", 1.0 / (ROUND_FULL - ROUND_LOW)),
         const("round_gate", ROUND_GATE),
         const("spread_high", SPREAD_HIGH), const("spread_inv_range", 1.0 / (SPREAD_HIGH - SPREAD_FULL)),
-        const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE),
-        const("gap_full", 2.0 * JAW_DROP), const("tiny", 1e-4),
+        const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE), const("round_open", ROUND_OPEN),
+        const("lift2", 2.0 * LIP_LIFT), const("drop2", 2.0 * JAW_DROP), const("tiny", 1e-4),
+        const("four", 4.0), const("lens_gain", 3.0), const("tongue_from", TONGUE_FROM),
+        const("teeth_from", TEETH_FROM), const("teeth_inv_range", 1.0 / 0.35),
+        const("teeth_depth", TEETH_DEPTH), const("teeth_inv_soft", 1.0 / 0.08),
+        const("y_rel", (f["base_y"][r0:r1] - (2.0 * canonical.MOUTH_CENTER[1] - 1.0)).reshape(1, 1, h, 1)),
         const("zero", 0.0), const("one", 1.0), const("two", 2.0), const("three", 3.0),
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("d_open_y", f["d_open_y"].reshape(1, 1, S, S)),
+        const("d_fields", np.stack([f["d_open_y"], f["lens"]]).reshape(1, 2, S, S)),
         const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
-        const("field_tail_shape", [1, S, S], np.int64),
+        const("field_tail_shape", [2, S, S], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
         const("clamp_lo_y", f["clamp_lo_y"][r0:r1].reshape(1, h, 1, 1)),
         const("clamp_hi_y", f["clamp_hi_y"][r0:r1].reshape(1, h, 1, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
+        const("lip_bgr", np.asarray(LIP_BGR).reshape(1, 3, 1, 1)),
+        const("throat_minus_lip", (np.asarray(THROAT_BGR) - np.asarray(LIP_BGR)).reshape(1, 3, 1, 1)),
         const("tongue_bgr", np.asarray(TONGUE_BGR).reshape(1, 3, 1, 1)),
-        const("throat_minus_tongue", (np.asarray(THROAT_BGR) - np.asarray(TONGUE_BGR)).reshape(1, 3, 1, 1)),
+        const("teeth_bgr", np.asarray(TEETH_BGR).reshape(1, 3, 1, 1)),
         const("ref_starts", [3], np.int64), const("ref_ends", [6], np.int64), const("ch_axes", [1], np.int64),
         const("box_starts", [r0, c0], np.int64), const("box_ends", [r1, c1], np.int64),
         const("hw_axes", [2, 3], np.int64),
@@ -299,7 +322,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Sub", ["rounding", "spread_x"], ["shape_x"]),                          # >0 narrower, <0 wider
         N("Mul", ["spreading", "spread_close"], ["close_by"]),
         N("Sub", ["one", "close_by"], ["open_scale"]),
-        N("Mul", ["opening", "open_scale"], ["jaw_open"]),
+        N("Mul", ["opening", "open_scale"], ["jaw_open0"]),
+        # rounding opens the jaw further towards full (/o/, /u/: a round, taller opening)
+        N("Sub", ["one", "jaw_open0"], ["jaw_rest"]),
+        N("Mul", ["jaw_rest", "rounding"], ["jaw_more0"]),
+        N("Mul", ["jaw_more0", "round_open"], ["jaw_more"]),
+        N("Add", ["jaw_open0", "jaw_more"], ["jaw_open"]),
         N("Reshape", ["jaw_open", "scalar_shape"], ["opening4"]),                 # [B,1,1,1]
         N("Reshape", ["shape_x", "scalar_shape"], ["rounding4"]),
         # 4. sampling grid
@@ -311,9 +339,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Concat", ["grid_x", "base_y_full"], ["grid_narrow"], axis=3),
         N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
         N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
-        N("Expand", ["d_open_y", "field_shape"], ["d_open_batch"]),              # [B,1,S,S]
-        N("GridSample", ["d_open_batch", "grid_narrow"], ["d_open_at"], mode="bilinear",
+        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,2,S,S]
+        N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
+        N("Split", ["d_fields_at"], ["d_open_at", "lens_at"], axis=1),          # [B,1,h,w] each
         N("Transpose", ["d_open_at"], ["d_open_nhwc"], perm=[0, 2, 3, 1]),       # [B,S,S,1]
         N("Mul", ["opening4", "d_open_nhwc"], ["shift_y"]),
         N("Add", ["base_y", "shift_y"], ["src_y"]),
@@ -323,20 +352,53 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Slice", ["video_frames", "ref_starts", "ref_ends", "ch_axes"], ["reference"]),  # [B,3,S,S]
         N("GridSample", ["reference", "grid"], ["warped"], mode="bilinear", padding_mode="border",
           align_corners=0),
-        # 5. the inside of the opened gap: faded in at the lower lip, tongue-red there, darkening
-        #    towards the back (under the upper teeth, the deepest part of the gap)
+        # 5. the inside of the opened gap (where the lip line's row was stretched), faded in at both
+        #    lips: t runs from 0 under the upper lip to 1 over the lower lip (the opening's upper and
+        #    lower contours are the lip lift and the drop times the lens profile at the narrowed
+        #    column); darkest half-way (the back of the mouth), reddish at the lips, the tongue in
+        #    the lower part, and a band of upper teeth under the upper lip once the mouth is wide open
         N("Sub", ["grid_y", "src_y"], ["gap_signed"]),
         N("Abs", ["gap_signed"], ["gap"]),                                        # [B,S,S,1] grid units
         N("Transpose", ["gap"], ["gap_nchw"], perm=[0, 3, 1, 2]),                 # [B,1,S,S]
         N("Mul", ["gap_nchw", "shade_inv_soft"], ["alpha_t0"]),
         N("Clip", ["alpha_t0", "zero", "one"], ["alpha"]),
-        N("Mul", ["opening4", "gap_full"], ["gap_max0"]),
-        N("Add", ["gap_max0", "tiny"], ["gap_max"]),
-        N("Div", ["gap_nchw", "gap_max"], ["depth_t0"]),
-        N("Clip", ["depth_t0", "zero", "one"], ["depth_t"]),
-        *_smoothstep_nodes("depth_t", "depth_s"),
-        N("Mul", ["depth_s", "throat_minus_tongue"], ["inner_d"]),
-        N("Add", ["tongue_bgr", "inner_d"], ["inner"]),                           # [B,3,S,S]
+        N("Mul", ["opening4", "lens_at"], ["open_lens"]),
+        N("Mul", ["open_lens", "lift2"], ["h_up"]),
+        N("Mul", ["open_lens", "drop2"], ["h_low"]),
+        N("Add", ["y_rel", "h_up"], ["below_upper"]),
+        N("Add", ["h_up", "h_low"], ["h_sum0"]),
+        N("Add", ["h_sum0", "tiny"], ["h_sum"]),
+        N("Div", ["below_upper", "h_sum"], ["t0"]),
+        N("Clip", ["t0", "zero", "one"], ["t"]),
+        N("Sub", ["one", "t"], ["one_minus_t"]),
+        N("Mul", ["t", "one_minus_t"], ["mid0"]),
+        N("Mul", ["mid0", "four"], ["mid"]),                                      # 1 half-way, 0 at the lips
+        *_smoothstep_nodes("mid", "depth_s"),
+        N("Mul", ["depth_s", "throat_minus_lip"], ["inner_d"]),
+        N("Add", ["lip_bgr", "inner_d"], ["inner_dark"]),                         # [B,3,h,w]
+        # the tongue: the lower part of the opening, faded in
+        N("Sub", ["t", "tongue_from"], ["tongue_t0"]),
+        N("Mul", ["tongue_t0", "three"], ["tongue_t1"]),
+        N("Clip", ["tongue_t1", "zero", "one"], ["tongue_t"]),
+        *_smoothstep_nodes("tongue_t", "tongue_s"),
+        N("Sub", ["tongue_bgr", "inner_dark"], ["to_tongue"]),
+        N("Mul", ["to_tongue", "tongue_s"], ["to_tongue_w"]),
+        N("Add", ["inner_dark", "to_tongue_w"], ["inner_soft"]),
+        # the upper teeth: under the upper lip, only when the opening is wide, fading at the corners
+        N("Sub", ["opening4", "teeth_from"], ["teeth_o0"]),
+        N("Mul", ["teeth_o0", "teeth_inv_range"], ["teeth_o1"]),
+        N("Clip", ["teeth_o1", "zero", "one"], ["teeth_o"]),
+        *_smoothstep_nodes("teeth_o", "teeth_on"),                                # [B,1,1,1]
+        N("Sub", ["teeth_depth", "t"], ["band0"]),
+        N("Mul", ["band0", "teeth_inv_soft"], ["band1"]),
+        N("Clip", ["band1", "zero", "one"], ["band"]),
+        N("Mul", ["lens_at", "lens_gain"], ["lens_g0"]),
+        N("Clip", ["lens_g0", "zero", "one"], ["lens_g"]),
+        N("Mul", ["band", "lens_g"], ["teeth_w0"]),
+        N("Mul", ["teeth_w0", "teeth_on"], ["teeth_w"]),
+        N("Sub", ["teeth_bgr", "inner_soft"], ["to_teeth"]),
+        N("Mul", ["to_teeth", "teeth_w"], ["to_teeth_w"]),
+        N("Add", ["inner_soft", "to_teeth_w"], ["inner"]),
         N("Sub", ["inner", "warped"], ["to_inner"]),
         N("Mul", ["to_inner", "alpha"], ["to_inner_a"]),
         N("Add", ["warped", "to_inner_a"], ["shaded"]),
