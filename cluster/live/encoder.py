@@ -26,7 +26,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
-from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, run_ffmpeg
+from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, input_args, run_ffmpeg
 
 log = logging.getLogger("lipsync.live")
 
@@ -91,7 +91,7 @@ class LiveEncoder:
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{self.width}x{self.height}",
                 "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
                 "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
-                "-protocol_whitelist", PROTOCOL_WHITELIST, "-i", file_url(self._fifo),
+                *input_args(self._fifo),
                 "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
                 "-c:a", "aac", "-b:a", "96k",
                 "-f", "hls", "-hls_time", f"{hls_time:.4f}", "-hls_list_size", str(s.live_playlist_segments),
@@ -276,7 +276,7 @@ def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, frames_e
         for part in [out_dir / INIT, *segments]:
             f.write(part.read_bytes())
     tmp = dest.with_name(f".{dest.stem}.tmp.mp4")
-    run_ffmpeg(["-loglevel", "error", *["-protocol_whitelist", PROTOCOL_WHITELIST, "-i", file_url(joined)],
+    run_ffmpeg(["-loglevel", "error", *input_args(joined),
                 "-map", "0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
                timeout=s.ffmpeg_timeout_s, settings=s, stage="live-recording", path=str(dest))
     joined.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ Packet timestamps are in samples on the encoder's timeline: the first packet sta
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from fractions import Fraction
@@ -23,9 +24,28 @@ import numpy as np
 from cluster.errors import EncodeError, MediaError
 from cluster.media.ffmpeg import file_url
 
+log = logging.getLogger("lipsync.aac")
+
 #: AAC-LC sample rates an `.m4a`'s 16-bit sample-rate field and every player take; others are resampled.
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 FRAME = 1024
+
+
+def _decoded_frames(container, stream, path: str):
+    """The audio frames of `stream`, a packet that does not decode skipped (logged), as ffmpeg's
+    own decode of the job's audio skips it: an mp3 with a corrupt stretch renders (the speech
+    features came from that decode) and its AAC track must not fail the job's stream over it."""
+    bad = 0
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            bad += 1
+            if bad == 1:
+                log.warning("%s: an audio packet at %s does not decode; skipped as ffmpeg skips it", path,
+                            packet.pts)
+    if bad > 1:
+        log.warning("%s: %d audio packets did not decode and were skipped", path, bad)
 
 
 def _bitrate(text: str | int) -> int:
@@ -107,7 +127,7 @@ class AacTrack:
                         self.packets.extend(out)
                         self._cond.notify_all()
 
-            for frame in inp.decode(stream):
+            for frame in _decoded_frames(inp, stream, self.audio_path):
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):
@@ -168,8 +188,9 @@ class AacTrack:
 
         if not self.done:
             raise EncodeError(f"AAC track of {self.audio_path} is not finished", stage="encode")
-        with atomic_writer(path) as f:
-            with av.open(f, "w", format="ipod") as out:
+        with atomic_writer(path) as f:  # the muxer writes through the file's descriptor, by the file protocol
+            with av.open(file_url(f"/proc/self/fd/{f.fileno()}"), "w", format="ipod",
+                         options={"protocol_whitelist": "file"}) as out:
                 stream = out.add_stream("aac", rate=self.sample_rate,
                                         layout="stereo" if self.channels == 2 else "mono")
                 stream.bit_rate = self.bitrate
