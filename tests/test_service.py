@@ -115,7 +115,8 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "sync_mode": "loop"})
         assert r.status_code == 202, r.text
         body = r.json()
-        assert set(body) == {"id", "state"} and body["state"] in ("queued", "preparing", "rendering")
+        assert set(body) == {"id", "state", "watch_url"} and body["state"] in ("queued", "preparing", "rendering")
+        assert body["watch_url"].startswith(f"/v1/jobs/{body['id']}/hls/index.m3u8?token=")  # signed: a token is set
         job_id = body["id"]
         assert r.headers["location"] == f"/v1/jobs/{job_id}"
         # SSE: one event per change, ending at the terminal state, progress never going back
