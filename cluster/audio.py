@@ -94,27 +94,23 @@ def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = N
     deadline = time.monotonic() + s.ffmpeg_timeout_s
     written = 0
     tail = b""  # bytes of a sample split across two reads
+
+    def take(fd: int) -> int:
+        nonlocal tail, written
+        data = os.read(fd, _READ_BLOCK)
+        if not data:
+            return 0
+        data = tail + data
+        whole = len(data) - len(data) % 4
+        out.write(data[:whole])
+        tail = data[whole:]
+        written += whole // 4
+        return len(data)
+
     with FFmpeg(_decode_args(path, sample_rate), settings=s, stage="decode-audio", stdout=True,
                 timeout_error=MediaError) as run:
-        fd = run.proc.stdout.fileno()
-        with selectors.DefaultSelector() as sel:
-            sel.register(run.proc.stdout, selectors.EVENT_READ)
-            while sel.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    run.kill()
-                    raise MediaError(f"ffmpeg timed out after {s.ffmpeg_timeout_s:g} s decoding audio of {path!r}",
-                                     cause=run.stderr_tail())
-                for _key, _ in sel.select(timeout=min(remaining, 1.0)):
-                    data = os.read(fd, _READ_BLOCK)
-                    if not data:
-                        sel.unregister(run.proc.stdout)
-                        break
-                    data = tail + data
-                    whole = len(data) - len(data) % 4
-                    out.write(data[:whole])
-                    tail = data[whole:]
-                    written += whole // 4
+        _pump_stdout(run, deadline, f"ffmpeg timed out after {s.ffmpeg_timeout_s:g} s decoding audio of {path!r}",
+                     take)
         rc = run.wait(max(0.1, deadline - time.monotonic()))
         stderr = run.stderr_tail().encode()
     out.flush()  # readers read the file descriptor (SampleFile), not this buffer
@@ -163,6 +159,22 @@ class SampleFile:
             yield a, self.read(a, min(a + block, self.length))
 
 
+def _pump_stdout(run, deadline: float, timeout_message: str, take: Callable[[int], int]) -> None:
+    """Call `take(fd)` each time the ffmpeg run's stdout is readable, until it reads 0 bytes (end
+    of file); at `deadline` ffmpeg is killed and `MediaError(timeout_message)` raised."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(run.proc.stdout, selectors.EVENT_READ)
+        fd = run.proc.stdout.fileno()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                run.kill()
+                raise MediaError(timeout_message, cause=run.stderr_tail())
+            for _key, _ in sel.select(timeout=min(remaining, 1.0)):
+                if take(fd) == 0:
+                    return
+
+
 def _run_collect(args: list[str], *, timeout_s: float, what: str,
                  settings: Settings | None = None) -> tuple[np.ndarray, bytes, int]:
     """Run ffmpeg with `args` through the one runner, collect its stdout into a growing uint8
@@ -174,25 +186,19 @@ def _run_collect(args: list[str], *, timeout_s: float, what: str,
     deadline = time.monotonic() + timeout_s
     buf = np.empty(1 << 20, dtype=np.uint8)
     n = 0
+    def take(fd: int) -> int:
+        nonlocal buf, n
+        if buf.size - n < _READ_BLOCK:
+            grown = np.empty(max(2 * buf.size, n + _READ_BLOCK), dtype=np.uint8)
+            grown[:n] = buf[:n]
+            buf = grown
+        got = os.readv(fd, [memoryview(buf)[n:]])
+        n += got
+        return got
+
     with FFmpeg(args, settings=settings, stage="decode-audio", stdout=True,
                 timeout_error=MediaError) as run:
-        fd = run.proc.stdout.fileno()
-        with selectors.DefaultSelector() as sel:
-            sel.register(run.proc.stdout, selectors.EVENT_READ)
-            while sel.get_map():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    run.kill()
-                    raise MediaError(f"ffmpeg timed out after {timeout_s:g} s {what}", cause=run.stderr_tail())
-                for _key, _ in sel.select(timeout=min(remaining, 1.0)):
-                    if buf.size - n < _READ_BLOCK:
-                        grown = np.empty(max(2 * buf.size, n + _READ_BLOCK), dtype=np.uint8)
-                        grown[:n] = buf[:n]
-                        buf = grown
-                    got = os.readv(fd, [memoryview(buf)[n:]])
-                    if got == 0:
-                        sel.unregister(run.proc.stdout)
-                    n += got
+        _pump_stdout(run, deadline, f"ffmpeg timed out after {timeout_s:g} s {what}", take)
         rc = run.wait(max(0.1, deadline - time.monotonic()))
         stderr = run.stderr_tail().encode()
     n -= n % 4
