@@ -269,16 +269,23 @@ def lip_texture_ratio(output_frames: np.ndarray, template_frames: np.ndarray, ma
         b = _frame_box(matrices[i], LIPS_BOX, size, out.shape[1:3])
         if b is None:
             continue
-        x0, y0, x1, y1 = b
-        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
-                         for f in (out, tmpl))
-        inside = (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
+        g_out, g_tmpl, inside = _gray_and_darker(out[i], tmpl[i], b)
         keep = cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
         if keep.sum() >= 16:
             lap_t = cv2.Laplacian(g_tmpl, cv2.CV_64F)[keep].var()
             if lap_t > 0:
                 result[i] = float(cv2.Laplacian(g_out, cv2.CV_64F)[keep].var() / lap_t)
     return result
+
+
+def _gray_and_darker(out_frame: np.ndarray, template_frame: np.ndarray,
+                     box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The output's and the template's grey crops of `box` (x0, y0, x1, y1) and the mask of the
+    pixels much darker in the output (an opened mouth's inside)."""
+    x0, y0, x1, y1 = box
+    g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
+                     for f in (out_frame, template_frame))
+    return g_out, g_tmpl, (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
 
 
 OPENING_BOX: tuple[float, float, float, float] = (0.25, 0.62, 0.75, 0.86)
@@ -298,10 +305,7 @@ def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matric
         b = _frame_box(matrices[i], OPENING_BOX, size, out.shape[1:3])
         if b is None:
             continue
-        x0, y0, x1, y1 = b
-        g_out, g_tmpl = (cv2.cvtColor(np.ascontiguousarray(f[i, y0:y1, x0:x1]), cv2.COLOR_BGR2GRAY)
-                         for f in (out, tmpl))
-        dark = (g_tmpl.astype(np.int16) - g_out) > _MOUTH_INSIDE_DARKER
+        _, _, dark = _gray_and_darker(out[i], tmpl[i], b)
         dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
         if dark.sum() >= 8:
             cols = np.flatnonzero(dark.any(axis=0))
