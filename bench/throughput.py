@@ -419,6 +419,32 @@ def chunk_costs(size: tuple[int, int] = (1280, 720), repeats: int = 5) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def classic_only(n: int, seconds: float, models: list[str]) -> int:
+    """`n` classic pipelines side by side on the 720p25 inputs, per model: the peer of a service
+    run measured in another invocation (a GPU machine lent for minutes runs the steps apart)."""
+    import json
+
+    from bench.common import RESULTS
+
+    started = machine()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-classic-", dir=CACHE))
+    out = {"command": " ".join(sys.argv), "machine": started, "speech_s": seconds, "runs": []}
+    try:
+        inp = make_inputs(seconds, (1280, 720), 10.0)
+        for name in models:
+            print(f"[throughput] {name}: {n} classic pipelines side by side ...", flush=True)
+            got = _classic_peers(n, model_spec(name), inp, work)
+            print(f"[throughput] {name}: {got['fps']:.1f} frames/s, {1000 * got['cpu_s'] / got['frames']:.1f} "
+                  f"CPU ms/frame, peak PSS {got['peak_pss_mb_sum']:.0f} MiB", flush=True)
+            out["runs"].append({"model": name, "classic": got})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.classic.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Extra knobs beyond `python -m bench throughput`: any model spec (e.g. `latency:24:256`),
     the variants to run, no classic peers."""
@@ -429,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma-separated of " + ",".join(VARIANTS))
     p.add_argument("--no-classic", action="store_true")
     p.add_argument("--chunk-costs", action="store_true", help="only the per-chunk fixed costs (no Ray)")
+    p.add_argument("--classic-only", type=int, metavar="N",
+                   help="only N classic pipelines side by side (no service run; e.g. N from an earlier run's pool)")
     a = p.parse_args(argv)
     if a.chunk_costs:
         import json
@@ -438,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:55s} CPU {c:7.1f} ms   wall {w:7.1f} ms")
         print(json.dumps(got, indent=1))
         return 0
+    if a.classic_only:
+        return classic_only(a.classic_only, a.seconds or 180.0, a.model or ["wav2lip96"])
     run(quick=a.quick, seconds=[a.seconds] if a.seconds else None, models=a.model,
         variants=[v for v in a.variants.split(",") if v] or None, classic=not a.no_classic,
         publish=False)

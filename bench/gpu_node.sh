@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The issue-19 measurements on a GPU machine lent for minutes (one H200, 16 cores), in one go, each
+# step bounded so that a slow one cannot eat the next: the kit (`.gpu/`, see its run.sh) unpacked,
+# then (1) `bench.throughput` warm service, thread pools sized, both models, 180 s of speech;
+# (2) `bench/gpu_precision.py` (float16 vs float32 under CUDA options, I/O binding, graph placement);
+# (3) N classic pipelines side by side (N = the pool's compositors from step 1) on the Wav2Lip-sized
+# model; (4) the Wav2Lip-sized model with the libraries' default thread pools. Results land in
+# $OUT (or ./gpu-out): run.log, sized.json, gpu_precision-*.json, classic.json, library.json.
+#   bash bench/gpu_node.sh [classic seconds, default 90]
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+R="bash .gpu/run.sh"; CLASSIC_S=${1:-90}
+reap() { pkill -9 -f 'ray::|raylet|gcs_server|dashboard|bench.reference_pipeline' 2>/dev/null; sleep 2; }
+step() { echo "=== $(date -u +%T) $*"; }
+step machine; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
+step kit; time $R python3 -c 'import onnxruntime as o, ray, av; print(o.__version__, o.get_available_providers(), ray.__version__)'
+step "1 sized"; timeout 230 $R python3 -m bench.throughput --seconds 180 --variants sized --no-classic \
+  --model builtin --model wav2lip96; cp bench/results/throughput.adhoc.json "$OUT/sized.json"; reap
+step "2 precision"; timeout 120 $R python3 bench/gpu_precision.py --out "$OUT" --iters 15; reap
+N=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['figures']['runs'][0]['sized']['pool']['compositors'])" "$OUT/sized.json" 2>/dev/null || echo 14)
+step "3 classic x$N ${CLASSIC_S}s"; timeout 170 $R python3 -m bench.throughput --classic-only "$N" --seconds "$CLASSIC_S" \
+  --model wav2lip96; cp bench/results/throughput.classic.json "$OUT/classic.json"; reap
+step "4 library"; timeout 75 $R python3 -m bench.throughput --seconds 180 --variants library --no-classic --model wav2lip96 \
+  && cp bench/results/throughput.adhoc.json "$OUT/library.json"; reap
+step done
