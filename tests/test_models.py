@@ -532,8 +532,8 @@ def test_default_is_cuda_on_the_assigned_device_and_cpu_without_one(tmp_path, mo
     assert select_providers(None, s, NO_GPU_BOX) == [CPU]
     assert select_providers([], s, GPU_BOX) == [CPU]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # Ray gave this actor GPUs 3 and 5
-    assert select_providers(["3", "5"], s, GPU_BOX) == [(CUDA, {"device_id": 0}), CPU]
-    assert select_providers(["3", "5"], s, GPU_BOX, device_index=1) == [(CUDA, {"device_id": 1}), CPU]
+    assert select_providers(["3", "5"], s, GPU_BOX) == [(CUDA, {"prefer_nhwc": "1", "device_id": 0}), CPU]
+    assert select_providers(["3", "5"], s, GPU_BOX, device_index=1) == [(CUDA, {"prefer_nhwc": "1", "device_id": 1}), CPU]
     assert device_ordinals(["5"], visible="3,5") == [1]
     assert device_ordinals([2], visible="") == [2]  # Ray told not to set CUDA_VISIBLE_DEVICES
     assert device_ordinals(None) == [0]
@@ -575,7 +575,7 @@ def test_tensorrt_profiles_cover_batch_1_to_the_batch_size(tmp_path):
     assert trt[1]["trt_profile_min_shapes"] == "audio_sequences:1x1x80x16,face_sequences:1x6x96x96"
     assert trt[1]["trt_profile_opt_shapes"] == trt[1]["trt_profile_max_shapes"] == \
         "audio_sequences:16x1x80x16,face_sequences:16x6x96x96"
-    assert cuda == (CUDA, {"device_id": 0}) and cpu == CPU
+    assert cuda == (CUDA, {"prefer_nhwc": "1", "device_id": 0}) and cpu == CPU
 
 
 class _ShapeSpy:
@@ -628,6 +628,24 @@ def test_float16_export_runs_with_casts_at_the_edge(tmp_path):
     a, b = m32.generate(mel, crops).astype(int), m16.generate(mel, crops).astype(int)
     assert a.shape == b.shape and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.5
     assert list_models(Settings(storage_root=tmp_path))  # the directory listing copes with it too
+
+
+def test_float16_edge_conversions_equal_numpys_and_their_table_fallbacks():
+    """generate's float16 input and output conversions (OpenCV, or tables where OpenCV has no
+    float16 arithmetic) give exactly what numpy's scalar casts give, NaN and overflow included."""
+    from cluster.models.adapter import _FLOAT16_OF_BYTE, _UINT8_OF_FLOAT16, float16_to_uint8, scaled_float16
+
+    planes = np.random.default_rng(3).integers(0, 256, (5, 3, 96, 96), dtype=np.uint8)
+    want = (planes * np.float32(1.0 / 255.0)).astype(np.float16)
+    np.testing.assert_array_equal(scaled_float16(planes), want)
+    np.testing.assert_array_equal(_FLOAT16_OF_BYTE[planes], want)
+    out = (np.random.default_rng(4).random((5, 3, 96, 96)) * 1.4 - 0.2).astype(np.float16)
+    out.flat[:6] = [np.nan, np.inf, -np.inf, 65504, -0.0, 0.5 / 255]
+    with np.errstate(invalid="ignore"):
+        ref = np.rint(np.clip(np.nan_to_num(out.astype(np.float32) * np.float32(255), nan=0.0), 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(float16_to_uint8(out), ref)
+    np.testing.assert_array_equal(_UINT8_OF_FLOAT16[out.view(np.uint16)], ref)
+    assert float16_to_uint8(out).flat[0] == 0  # NaN -> 0, as the float32 path gives
 
 
 def test_two_replicas_split_a_batch_and_agree(tmp_path):

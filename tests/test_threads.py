@@ -103,8 +103,11 @@ def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_
     s = Settings(storage_root=tmp_path, cuda_options="prefer_nhwc=1, cudnn_conv_algo_search=EXHAUSTIVE")
     got = select_providers(gpu_ids=[0], settings=s, facts=facts)
     assert got == [(CUDA, {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "device_id": 0}), CPU]
+    # NHWC by default (measured faster on an H200); '' gives onnxruntime's own defaults
     assert select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path), facts=facts)[0] == \
-        (CUDA, {"device_id": 0})
+        (CUDA, {"prefer_nhwc": "1", "device_id": 0})
+    assert select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path, cuda_options=""),
+                            facts=facts)[0] == (CUDA, {"device_id": 0})
     for bad in ("prefer_nchw=1", "prefer_nhwc"):
         with pytest.raises(ModelLoadError, match="LIPSYNC_CUDA_OPTIONS"):
             select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path, cuda_options=bad), facts=facts)
