@@ -90,8 +90,10 @@ class Dispatcher:
                 return
             token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
             job.inflight_frames[chunk.index] = 0
-            ref = member.handle.render_chunk.options(name=f"Compositor.render job={job_id} chunk={chunk.index}").remote(
-                job.plan, chunk, token, self.on_this_node(member))
+            # Ray's own task name (`Compositor.render_chunk`): a name unique to each call costs the
+            # caller ~10 KiB that it keeps, and the GCS more (docs/PERFORMANCE.md, an hour of speech);
+            # the job and chunk are in the compositor's log context instead
+            ref = member.handle.render_chunk.remote(job.plan, chunk, token, self.on_this_node(member))
             answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
             what = f"job {job_id} chunk {chunk.index}"
             if answer.kind == Kind.died:
@@ -151,8 +153,7 @@ class Dispatcher:
                 if model in member.info.get("models", ()):
                     step = "a batch"
                     queued = max(1, member.inflight)  # batches ahead of this one on that worker, this one included
-                    meta_ref, out_ref = member.handle.infer.options(
-                        name=f"ModelWorker.infer job={job_id} chunk={chunk_index}").remote(model, mel_ref, crops_ref)
+                    meta_ref, out_ref = member.handle.infer.remote(model, mel_ref, crops_ref)
                     answer = await outcome(meta_ref, timeout=self.s.batch_timeout_s * queued)
                 if answer.kind in (Kind.stalled, Kind.died):
                     last = answer.describe(member.name, step)
@@ -222,7 +223,7 @@ class Dispatcher:
             if member is None:  # no compositor here is live: the step runs in this process
                 return await self._run_here(method, job, args, timeout)
             try:
-                ref = getattr(member.handle, method).options(name=f"Compositor.{method} job={job.id}").remote(*args)
+                ref = getattr(member.handle, method).remote(*args)
                 answer = await outcome(ref, timeout=timeout)
             finally:
                 await table.release(member)

@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 import psutil
 
-#: Ray sets an actor process's title to `ray::<Class>[.<method>]`, and to the task's name while it runs
-#: a named task: the dispatcher names them `<Class>.<step> job=...` (actors/dispatch.py) for this.
+#: Ray sets an actor process's title to `ray::<Class>` while idle and `ray::<Class>.<method>` (the
+#: task's name) while it runs one; the dispatcher keeps Ray's names (actors/dispatch.py).
 PROCESS_TITLES = {
     "model_worker": re.compile(r"^ray::ModelWorker\b"),
     "compositor": re.compile(r"^ray::Compositor\b"),
