@@ -232,6 +232,15 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         page.locator(f"#live-avatar option[value='{live_avatar}']").wait_for(state="attached", timeout=15_000)
         page.select_option("#live-avatar", live_avatar)
 
+        # an RTMP URL the address guard refuses (this service allows no loopback): the API's message
+        page.click("[data-panel=live] details.more summary")
+        page.fill("#live-rtmp", "rtmp://127.0.0.1:1935/live/key")
+        page.click("#live-speak")
+        error = page.locator("#live-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "rtmp_url" in error.inner_text() and "non-public" in error.inner_text(), error.inner_text()
+        page.fill("#live-rtmp", "")
+
         # a socket the server refuses shows its code and reason (the session's token spoiled on its way to
         # the page, so the server really answers 4401)
         def spoil_token(route):
@@ -242,8 +251,7 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
 
         page.route("**/v1/sessions", spoil_token)
         page.click("#live-speak")
-        error = page.locator("#live-error")
-        error.wait_for(state="visible", timeout=60_000)
+        page.locator("#live-error", has_text="4401").wait_for(timeout=60_000)
         assert "4401" in error.inner_text() and "token" in error.inner_text(), error.inner_text()
         sid = page.inner_text("#live-id").strip()
         sessions.append(sid)

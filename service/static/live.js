@@ -34,7 +34,7 @@
     const speaking = !!(live && live.speaking);
     const open = !!(live && live.view && !ENDED.has(live.view.state));
     $("live-speak").disabled = speaking;
-    $("live-avatar").disabled = speaking || open;
+    $("live-avatar").disabled = $("live-rtmp").disabled = speaking || open;
     $("live-stop").disabled = !speaking;
     $("live-end").hidden = !open;
     $("live-recording").hidden = !(live && live.view && live.view.recording_url);
@@ -247,6 +247,10 @@
       ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + " samples)" : "–";
     $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "");
     const hls = session.hls;
+    const rtmp = $("live-rtmp-state");
+    rtmp.hidden = rtmp.previousElementSibling.hidden = !view.rtmp_url;
+    rtmp.textContent = view.rtmp_url ? (view.rtmp_state || "starting") + " to " + view.rtmp_url +
+      (view.rtmp_error ? ": " + view.rtmp_error : "") : "";
     $("live-player-latency").textContent = hls && isFinite(hls.latency) && hls.latency > 0 ? secs(hls.latency) : "–";
     if (view.error) showError($("live-error"), view.error);
     if (ENDED.has(view.state)) {
@@ -318,7 +322,8 @@
         const view = await apiJson("/v1/sessions", {
           method: "POST",
           headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ avatar_id: avatar, sample_rate: mic.rate }),
+          body: JSON.stringify(Object.assign({ avatar_id: avatar, sample_rate: mic.rate },
+            $("live-rtmp").value.trim() ? { rtmp_url: $("live-rtmp").value.trim() } : {})),
         });
         session = { id: view.id, view: view, rate: mic.rate, pending: chunks.splice(0), reconnects: 0, closed: false };
         live = session;
