@@ -143,6 +143,8 @@ class LiveEncoder:
         protocols = "tcp,rtmp" if rtmp.scheme == "rtmp" else "tcp,tls,rtmps"
         args = ["-loglevel", "error", "-f", "flv", *input_args("pipe:0"), "-map", "0", "-c", "copy",
                 "-protocol_whitelist", protocols, "-rtmp_tcurl", rtmp.tc_url, "-rtmp_live", "live",
+                # a server that stops reading fails the push within 10 s (never holds the encoder's end)
+                "-rw_timeout", "10000000",
                 "-f", "flv", rtmp.connect_url]
         encoder_out = self._run.proc.stdout
         try:
