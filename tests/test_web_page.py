@@ -279,7 +279,7 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         # Stop: {"type": "end"} ends the speech; the session stays (the avatar idles), receiving nothing more
         page.click("#live-stop")
         page.locator("#live-speak:not([disabled])").wait_for(timeout=10_000)
-        page.locator("#live-note", has_text="Speech ended").wait_for(timeout=60_000)  # the server's "ended"
+        page.locator("#live-note", has_text="Speech ended").wait_for(timeout=120_000)  # the server's "ended"
         received = api.get(f"/v1/sessions/{sid}").json()["seconds_received"]
         time.sleep(1.0)
         after = api.get(f"/v1/sessions/{sid}").json()
