@@ -85,7 +85,8 @@ class LiveSessionActor:
         self._exit_timer: threading.Timer | None = None
 
     # --- start --------------------------------------------------------------------------------
-    def begin(self, avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None) -> dict:
+    def begin(self, avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,
+              rtmp=None) -> dict:
         """Load the avatar, learn the model's crop size from a worker, start the loop and the
         encoder. Typed errors: InputNotFound (avatar), ModelLoadError."""
         from cluster.faces.avatar import load_avatar
@@ -100,7 +101,8 @@ class LiveSessionActor:
         self.session = LiveSession(self.id, template_path=avatar.template_path, track_path=avatar.track_path,
                                    model=self.model, model_size=int(info["size"]), crop=crop,
                                    generate=self._generate, sample_rate=sample_rate,
-                                   out_dir=session_dir(s, self.id), settings=s, max_seconds=max_seconds)
+                                   out_dir=session_dir(s, self.id), settings=s, max_seconds=max_seconds,
+                                   rtmp=rtmp)
         self.avatar_id = avatar_id
         self.session.start()
         return self.view()
@@ -270,9 +272,12 @@ class LiveRegistry:
         return ids
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
-               max_seconds: float | None) -> dict:
+               max_seconds: float | None, rtmp_url: str | None = None) -> dict:
         from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
+        from cluster.netguard import vet_rtmp_url
 
+        # an RTMP output is an outbound connection: the input URLs' guard, its address pinned for ffmpeg
+        rtmp = vet_rtmp_url(rtmp_url, allow_private=self.s.allow_private_urls) if rtmp_url else None
         with self._lock:
             state = avatar_state(avatar_id, self.s)
             if state == "unknown":
@@ -287,7 +292,7 @@ class LiveRegistry:
                                    f"{self.s.max_live_sessions}); retry later")
             actor = create_session_actor(self.s, session_id)
             try:
-                return ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds),
+                return ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp),
                                timeout=self.s.model_load_timeout_s + 30)
             except Exception as e:
                 ray.kill(actor, no_restart=True)

@@ -316,7 +316,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     latency figures at the end."""
     def run() -> int:
         with _client(args) as c:
-            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate)
+            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp)
             print(session.hls_url, flush=True)
             try:
                 seconds = session.send_file(args.audio, realtime=args.realtime)
@@ -329,7 +329,9 @@ def cmd_live(args: argparse.Namespace) -> int:
             print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
                   f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
                   f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
-                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s")
+                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s"
+                  + (f"; RTMP {view.rtmp_state} to {view.rtmp_url}" + (f" ({view.rtmp_error})" if view.rtmp_error
+                                                                        else "") if view.rtmp_url else ""))
             return 0 if view.state == "ended" else 1
     return _client_call(run)
 
@@ -438,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--sample-rate", type=int, choices=[16000, 24000, 48000], default=16000)
     lv.add_argument("--model", help="'builtin' or a model name on the server")
     lv.add_argument("--recording", help="download the session's recording (mp4) here at the end")
+    lv.add_argument("--rtmp", metavar="URL", help="also push the stream to this RTMP server "
+                    "(rtmp://host/app/stream-key, e.g. a live-stream platform's ingest URL)")
     remote(lv)
     lv.set_defaults(func=cmd_live)
     dl = sub.add_parser("download", help="download a job's result")

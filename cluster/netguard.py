@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit
@@ -47,20 +48,26 @@ def address_is_public(addr: str) -> bool:
                                  or ip.is_reserved or ip.is_unspecified)
 
 
+HTTP_PORTS = {"http": 80, "https": 443}
+#: RTMP outputs (`rtmp_url` of a live session): the schemes and their default ports.
+RTMP_PORTS = {"rtmp": 1935, "rtmps": 443}
+
+
 def check_url(url: str, *, allow_private: bool, resolve: Resolver = system_resolver,
-              field: str = "url") -> tuple[str, int, str]:
-    """Refuse a URL the guard does not allow; return (host, port, the vetted address to connect to)."""
+              field: str = "url", schemes: dict[str, int] = HTTP_PORTS) -> tuple[str, int, str]:
+    """Refuse a URL the guard does not allow; return (host, port, the vetted address to connect to).
+    `schemes`: the schemes accepted, each with its default port."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise UnsafeInput(f"{field}: only http and https URLs are accepted, got {parts.scheme or 'no'} scheme",
-                          path=field)
+    if parts.scheme not in schemes:
+        raise UnsafeInput(f"{field}: only {' and '.join(schemes)} URLs are accepted, got {parts.scheme or 'no'} "
+                          f"scheme", path=field)
     if not parts.hostname:
         raise UnsafeInput(f"{field}: the URL {url!r} has no host", path=field)
     if parts.username or parts.password:
         raise UnsafeInput(f"{field}: URLs with credentials are not accepted", path=field)
     host = parts.hostname
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or schemes[parts.scheme]
     except ValueError as e:
         raise UnsafeInput(f"{field}: bad port in {url!r}: {e}", path=field) from e
     try:
@@ -191,3 +198,38 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: floa
 
 def is_url(value: str) -> bool:
     return urlsplit(value).scheme.lower() in ("http", "https") or "://" in value
+
+
+@dataclass(frozen=True)
+class RtmpTarget:
+    """An RTMP output the guard has vetted. ffmpeg connects to `connect_url` (the vetted address in
+    place of the host name, so that a DNS answer cannot change between check and connect) and
+    announces `tc_url` (the URL's own host) to the server; `shown` is the URL without its stream
+    key, for views and logs (a stream key is a credential)."""
+    connect_url: str
+    tc_url: str
+    shown: str
+    scheme: str
+
+
+def vet_rtmp_url(url: str, *, allow_private: bool, resolve: Resolver = system_resolver,
+                 field: str = "rtmp_url") -> RtmpTarget:
+    """`rtmp://host[:port]/app/stream-key` (or rtmps) checked as input URLs are: public addresses
+    only unless `allow_private`; typed `UnsafeInput` / `UrlFetchError` naming `field`."""
+    if len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url):
+        raise UnsafeInput(f"{field}: not a URL (longer than 2048 characters or holding spaces/control "
+                          f"characters)", path=field)
+    host, port, address = check_url(url, allow_private=allow_private, resolve=resolve, field=field,
+                                    schemes=RTMP_PORTS)
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    if len(segments) < 2:
+        raise UnsafeInput(f"{field}: an RTMP URL names an application and a stream key "
+                          f"(rtmp://host/app/key), got {parts.path or 'no'} path", path=field)
+    if parts.query or parts.fragment:
+        raise UnsafeInput(f"{field}: an RTMP URL takes no query or fragment", path=field)
+    netloc = f"[{address}]" if ":" in address else address
+    app = "/".join(segments[:-1])
+    return RtmpTarget(connect_url=f"{parts.scheme}://{netloc}:{port}{parts.path}",
+                      tc_url=f"{parts.scheme}://{parts.netloc}/{app}",
+                      shown=f"{parts.scheme}://{parts.netloc}/{app}/…", scheme=parts.scheme)

@@ -323,6 +323,9 @@ class SessionCreate(BaseModel):
     sample_rate: Literal[16000, 24000, 48000] = Field(16000, description="rate of the PCM s16le mono sent")
     max_seconds: float | None = Field(None, gt=0, description="end the session after this long "
                                       "(never beyond LIPSYNC_LIVE_MAX_SECONDS)")
+    rtmp_url: str | None = Field(None, max_length=2048, description="also push the stream (video and audio) to this "
+                                 "RTMP server, rtmp[s]://host[:port]/app/stream-key; public addresses only, as "
+                                 "for input URLs (LIPSYNC_ALLOW_PRIVATE_URLS)")
 
 
 class SessionView(BaseModel):
@@ -355,6 +358,9 @@ class SessionView(BaseModel):
     recording_url: str | None = None
     recording_seconds: float | None = None
     recording_bytes: int | None = None
+    rtmp_url: str | None = None  # where the stream is pushed, its stream key left out
+    rtmp_state: str | None = None  # pushing, ended, failed (the HLS stream goes on without it)
+    rtmp_error: str | None = None
 
 
 class AudioAppended(BaseModel):

@@ -185,3 +185,186 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
     # the recording: every frame streamed, verified (frame count, audio as long as the video)
     assert session.recording is not None and Path(session.recording).is_file()
     assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)
+
+
+# --- RTMP: the session's stream pushed to a real RTMP server (Debian's nginx + its RTMP module) ------
+NGINX = "/usr/sbin/nginx"
+NGINX_RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
+
+
+@pytest.fixture
+def rtmp_server(tmp_path):
+    """nginx with its RTMP module on a free loopback port, in the foreground, for this test only
+    (stopped at its end; bound to this process's life). Yields the port."""
+    import shutil
+    import socket
+    import subprocess
+
+    from cluster.media.ffmpeg import die_with_parent_hook
+    from tests.helpers import wait_until
+
+    nginx = shutil.which("nginx") or NGINX
+    if not Path(nginx).exists() or not Path(NGINX_RTMP_MODULE).exists():
+        pytest.skip("nginx with its RTMP module is not installed (apt-get install -y nginx libnginx-mod-rtmp; "
+                    ".ci/run installs them)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "nginx"
+    root.mkdir()
+    (root / "nginx.conf").write_text(f"""
+load_module {NGINX_RTMP_MODULE};
+daemon off;
+master_process off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log info;
+events {{ worker_connections 64; }}
+rtmp {{
+    server {{
+        listen 127.0.0.1:{port};
+        application live {{ live on; record off; }}
+    }}
+}}
+""")
+    log = open(root / "stderr.log", "wb")
+    proc = subprocess.Popen([nginx, "-p", str(root), "-e", str(root / "error.log"), "-c", str(root / "nginx.conf")],
+                            stdout=log, stderr=log, preexec_fn=die_with_parent_hook())
+
+    def listening():
+        assert proc.poll() is None, (root / "stderr.log").read_text() + (root / "error.log").read_text()
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, 10, 0.05, "nginx to listen")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def test_live_session_pushes_video_and_audio_to_an_rtmp_server(rtmp_server, speech_wav, astronaut_video, tmp_path):
+    """`rtmp_url`: the session's stream (video and its audio) reaches a real RTMP server, read back
+    from it by ffmpeg; the stream key never shows in the session's figures; the HLS is unchanged."""
+    import time
+
+    import av
+
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.encoder import PUBLISHED, read_playlist
+    from cluster.live.session import LiveSession
+    from cluster.media.ffmpeg import FFmpeg
+    from cluster.models import crop_for_spec, load_model
+    from cluster.netguard import vet_rtmp_url
+
+    s = get_settings()
+    url = f"rtmp://127.0.0.1:{rtmp_server}/live/secret-key"
+    target = vet_rtmp_url(url, allow_private=True)  # loopback: allowed here as LIPSYNC_ALLOW_PRIVATE_URLS does
+    model = load_model("builtin", s)
+    avatar = prepare_avatar(astronaut_video, s)
+    session = LiveSession("r", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=tmp_path / "session", settings=s, rtmp=target)
+    session.start()
+    back = tmp_path / "back.flv"
+    try:
+        session.append(_pcm16(speech_wav)[:16000 * 3].tobytes())  # 3 s at once: within the 5 s buffer
+        time.sleep(0.5)
+        stats = session.stats()
+        assert stats["rtmp_state"] == "pushing", stats
+        assert stats["rtmp_url"] == f"rtmp://127.0.0.1:{rtmp_server}/live/…" and "secret" not in str(stats)
+        # a player reads the stream back from the server: 2 s of it
+        with FFmpeg(["-loglevel", "error", "-rw_timeout", "20000000", "-i", url, "-t", "2", "-map", "0", "-c", "copy",
+                     "-f", "flv", str(back)], stage="rtmp-read") as reader:
+            assert reader.wait(60) == 0, reader.stderr_tail()
+    finally:
+        session.finish()
+        assert session.join(60)
+    stats = session.stats()
+    assert stats["state"] == "ended" and stats["rtmp_state"] == "ended" and stats["rtmp_error"] is None, stats
+    with av.open(str(back)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert (video.codec_context.name, video.width, video.height) == ("h264", 320, 240)
+        assert audio.codec_context.name == "aac"
+        frames = samples = 0
+        for frame in container.decode(video=0, audio=0):
+            if isinstance(frame, av.VideoFrame):
+                frames += 1
+            else:
+                samples += frame.samples
+    assert frames >= 40 and samples / audio.rate >= 1.5, (frames, samples)
+    _seq, segments, ended = read_playlist(tmp_path / "session" / "hls" / PUBLISHED)  # the HLS as without RTMP
+    assert ended and segments and all(d <= s.live_segment_seconds for _, d in segments)
+
+
+def test_rtmp_urls_pass_the_same_address_guard_as_input_urls():
+    from cluster.errors import UnsafeInput
+    from cluster.netguard import vet_rtmp_url
+
+    def resolve(host, port):
+        return {"stream.example.com": ["93.184.216.34"], "rebind.example.com": ["127.0.0.1"]}[host]
+
+    target = vet_rtmp_url("rtmp://stream.example.com/live2/abc-key", allow_private=False, resolve=resolve)
+    assert target.connect_url == "rtmp://93.184.216.34:1935/live2/abc-key"  # the vetted address, pinned
+    assert target.tc_url == "rtmp://stream.example.com/live2" and target.shown == "rtmp://stream.example.com/live2/…"
+    assert vet_rtmp_url("rtmps://stream.example.com/app/k", allow_private=False, resolve=resolve).connect_url \
+        == "rtmps://93.184.216.34:443/app/k"
+    for bad, words in [("rtmp://127.0.0.1/live/k", "non-public"), ("rtmp://rebind.example.com/live/k", "non-public"),
+                       ("rtmp://169.254.169.254/live/k", "non-public"), ("http://stream.example.com/live/k", "rtmp"),
+                       ("file:///etc/passwd", "rtmp"), ("rtmp://stream.example.com/onlyapp", "stream key"),
+                       ("rtmp://u:p@stream.example.com/live/k", "credentials"),
+                       ("rtmp://stream.example.com/live/k?x=1", "query"),
+                       ("rtmp://stream.example.com/live/k -y", "spaces")]:
+        with pytest.raises(UnsafeInput, match=words) as e:
+            vet_rtmp_url(bad, allow_private=False, resolve=resolve)
+        assert e.value.path == "rtmp_url"
+    assert vet_rtmp_url("rtmp://127.0.0.1:1935/live/k", allow_private=True).connect_url == "rtmp://127.0.0.1:1935/live/k"
+
+
+def test_a_refused_rtmp_push_fails_alone_and_the_session_streams_on(speech_wav, astronaut_video, tmp_path):
+    """No RTMP server at the address: `rtmp_state` says failed and why; the session stays live and its
+    HLS stream and recording are whole."""
+    import socket
+
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.encoder import PUBLISHED, read_playlist
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+    from cluster.netguard import vet_rtmp_url
+    from tests.helpers import wait_until
+
+    s = get_settings()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model = load_model("builtin", s)
+    avatar = prepare_avatar(astronaut_video, s)
+    session = LiveSession("f", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=tmp_path / "session", settings=s,
+                          rtmp=vet_rtmp_url(f"rtmp://127.0.0.1:{port}/live/secret-key", allow_private=True))
+    session.start()
+    try:
+        session.append(_pcm16(speech_wav)[:16000].tobytes())
+        stats = wait_until(lambda: (lambda st: st if st["rtmp_state"] == "failed" else None)(session.stats()), 30,
+                           0.1, "the RTMP push to fail")
+        assert f"127.0.0.1:{port}" in stats["rtmp_error"] and "refused" in stats["rtmp_error"].lower(), stats
+        assert "secret" not in str(stats), stats  # the stream key is never shown
+        assert stats["state"] == "live"
+        wait_until(lambda: session.stats()["seconds_rendered"] >= 0.96, 30, 0.1, "the speech to be rendered")
+    finally:
+        session.finish()
+        assert session.join(60)
+    stats = session.stats()
+    assert stats["state"] == "ended" and stats["reason"] == "finished" and stats["rtmp_state"] == "failed", stats
+    _seq, segments, ended = read_playlist(tmp_path / "session" / "hls" / PUBLISHED)
+    assert ended and segments
+    assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)

@@ -54,6 +54,22 @@ def test_create_refusals(service, live_avatar):
         r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "sample_rate": 22050})
         assert r.status_code == 422 and "sample_rate" in r.json()["error"]["message"]
         assert httpx.post(f"{service.url}/v1/sessions", json={"avatar_id": live_avatar}).status_code == 401
+        # an RTMP output passes the input URLs' address guard (this service allows no private address)
+        for url, words in [("rtmp://127.0.0.1:1935/live/key", "non-public"), ("http://example.com/live/k", "rtmp")]:
+            r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "rtmp_url": url})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "input.unsafe" and error["field"] == "rtmp_url", r.text
+            assert words in error["message"], error
+    # the CLI hands --rtmp to the server: its refusal comes back as a bad input (exit 2)
+    import os
+    import shutil
+    import sys
+
+    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", "unused.wav", "--rtmp",
+                          "rtmp://127.0.0.1/live/key", "--url", service.url, "--token", service.token],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "rtmp_url" in out.stderr and "non-public" in out.stderr, (out.returncode, out.stderr)
 
 
 def test_socket_refusals_and_idempotent_post(service, live_avatar):

@@ -45,12 +45,23 @@ def chromium_executable() -> str:
 
 
 @pytest.fixture(scope="module")
-def browser(chromium_executable):
-    """Debian's chromium under Playwright: the system binary, no browser download."""
+def fake_microphone(tmp_path_factory) -> str:
+    """The speech chromium's fake microphone plays (in a loop) to the Live tab."""
+    from cluster.synth import speech_like, write_audio
+
+    return write_audio(str(tmp_path_factory.mktemp("mic") / "speech.wav"), speech_like(4.0, seed=11))
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_executable, fake_microphone):
+    """Debian's chromium under Playwright: the system binary, no browser download. Its microphone is
+    the fake device playing `fake_microphone`, granted without asking."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        args += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={fake_microphone}"]
         chromium = p.chromium.launch(executable_path=chromium_executable, args=args)
         yield chromium
         chromium.close()
@@ -184,6 +195,126 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         api.close()
 
 
+@pytest.fixture(scope="module")
+def live_avatar(service, astronaut_video) -> str:
+    """A prepared avatar (the session's 2 s 320x240 template) for the Live tab."""
+    with open(astronaut_video, "rb") as f:
+        r = httpx.post(f"{service.url}/v1/avatars", headers={"Authorization": f"Bearer {service.token}"},
+                       files={"video": ("astronaut.mp4", f, "video/mp4")}, timeout=300)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
+    """The Live tab in the real chromium, its microphone the fake device playing speech: a socket the
+    server refuses shows its close code and reason; Speak streams the microphone's PCM to a session
+    whose live HLS plays in the page's <video>; Stop ends the speech; End session ends the session,
+    and its recording (downloaded through the page) holds the microphone's speech and the video."""
+    import json
+
+    import numpy as np
+
+    from cluster.media.probe import read_media_info
+
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=30)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page.add_init_script(f"sessionStorage.setItem('lipsync.token', {json.dumps(service.token)})")
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    sessions: list[str] = []
+    player = "(() => { const v = document.getElementById('live-player'); " \
+             "return [v.currentTime, v.videoWidth, v.readyState]; })()"
+    try:
+        page.goto(service.url + "/")
+        page.click("[data-tab=live]")
+        page.locator(f"#live-avatar option[value='{live_avatar}']").wait_for(state="attached", timeout=15_000)
+        page.select_option("#live-avatar", live_avatar)
+
+        # an RTMP URL the address guard refuses (this service allows no loopback): the API's message
+        page.click("[data-panel=live] details.more summary")
+        page.fill("#live-rtmp", "rtmp://127.0.0.1:1935/live/key")
+        page.click("#live-speak")
+        error = page.locator("#live-error")
+        error.wait_for(state="visible", timeout=30_000)
+        assert "rtmp_url" in error.inner_text() and "non-public" in error.inner_text(), error.inner_text()
+        page.fill("#live-rtmp", "")
+
+        # a socket the server refuses shows its code and reason (the session's token spoiled on its way to
+        # the page, so the server really answers 4401)
+        def spoil_token(route):
+            response = route.fetch()
+            body = response.json()
+            body["audio_ws"] = re.sub(r"token=[^&]+", "token=spoiled", body["audio_ws"])
+            route.fulfill(response=response, json=body)
+
+        page.route("**/v1/sessions", spoil_token)
+        page.click("#live-speak")
+        page.locator("#live-error", has_text="4401").wait_for(timeout=60_000)
+        assert "4401" in error.inner_text() and "token" in error.inner_text(), error.inner_text()
+        sid = page.inner_text("#live-id").strip()
+        sessions.append(sid)
+        page.unroute("**/v1/sessions")
+        assert page.is_enabled("#live-speak") and not page.is_enabled("#live-stop")
+
+        # Speak again: the same session, a fresh token; the microphone drives it and its stream plays
+        page.click("#live-speak")
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        assert page.inner_text("#live-id").strip() == sid
+        assert page.is_hidden("#live-error"), page.inner_text("#live-error")
+        start = wait_until(lambda: (lambda p: p if p[2] >= 2 else None)(page.evaluate(player)), 60, 0.2,
+                           "the live <video> to have data")
+        played = wait_until(lambda: (lambda p: p if p[0] >= start[0] + 1.0 else None)(page.evaluate(player)), 30,
+                            0.2, "the live <video> to play 1 s")
+        assert played[1] == 320, played  # the avatar's frames (videoWidth)
+        view = wait_until(lambda: (lambda v: v if v["seconds_rendered"] > 0.5 else None)(
+            api.get(f"/v1/sessions/{sid}").json()), 30, 0.2, "the session to render the microphone's speech")
+        assert view["state"] == "live" and view["seconds_received"] > 0.5
+        assert view["sample_rate"] in (16000, 24000, 48000)
+        wait_until(lambda: float(page.inner_text("#live-received").split()[0]) > 0.5, 10, 0.2,
+                   "the page to show the speech received")  # (wait_for_function's eval is refused by the CSP)
+        page.screenshot(path=str(ARTIFACTS / "web-page-live.png"), full_page=True)
+
+        # Stop: {"type": "end"} ends the speech; the session stays (the avatar idles), receiving nothing more
+        page.click("#live-stop")
+        page.locator("#live-speak:not([disabled])").wait_for(timeout=10_000)
+        page.locator("#live-note", has_text="Speech ended").wait_for(timeout=120_000)  # the server's "ended"
+        received = api.get(f"/v1/sessions/{sid}").json()["seconds_received"]
+        time.sleep(1.0)
+        after = api.get(f"/v1/sessions/{sid}").json()
+        assert after["state"] == "live" and after["seconds_received"] == received, (received, after)
+
+        # End session, then its recording through the page: the microphone's speech and the avatar's video
+        page.click("#live-end")
+        page.locator("#live-recording").wait_for(state="visible", timeout=90_000)
+        with page.expect_download(timeout=30_000) as download:
+            page.click("#live-recording")
+        out = tmp_path / "live.mp4"
+        download.value.save_as(out)
+        info = read_media_info(str(out))
+        assert info.video.codec == "h264" and (info.video.width, info.video.height) == (320, 240)
+        assert info.audio.codec == "aac" and info.audio.duration >= received
+        import av
+
+        with av.open(str(out)) as container:
+            pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+        window = info.audio.sample_rate // 2
+        loudest = max(np.sqrt(np.mean(pcm[i:i + window].astype(np.float64) ** 2)) for i in range(0, len(pcm), window))
+        assert loudest > 0.02, f"the recording's audio is silent (loudest 0.5 s RMS {loudest:.4f})"
+
+        # nothing wider than a phone
+        page.set_viewport_size({"width": 360, "height": 740})
+        width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width[0] <= width[1], width
+        assert problems == []
+    finally:
+        page.close()
+        for sid in sessions:
+            api.delete(f"/v1/sessions/{sid}")
+        api.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():
@@ -231,9 +362,9 @@ def test_page_and_static_files_content_types_and_cache(app_client):
     assert page.headers["referrer-policy"] == "no-referrer"
     scripts = re.findall(r'<script src="([^"]+)"', page.text)
     styles = re.findall(r'<link rel="stylesheet" href="([^"]+)"', page.text)
-    assert scripts == ["/static/vendor/hls.js-1.7.4/hls.light.min.js", "/static/app.js"]
+    assert scripts == ["/static/vendor/hls.js-1.7.4/hls.light.min.js", "/static/app.js", "/static/live.js"]
     assert styles == ["/static/style.css"]
-    for url in scripts + styles:
+    for url in scripts + styles + ["/static/pcm-worklet.js"]:
         r = app_client.get(url)
         assert r.status_code == 200 and len(r.content) > 1000, url
         kind = "text/javascript" if url.endswith(".js") else "text/css"

@@ -26,7 +26,16 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
-from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, input_args, run_ffmpeg
+from cluster.media.ffmpeg import (
+    FFmpeg,
+    ffmpeg_binary,
+    ffmpeg_has_encoder,
+    file_url,
+    input_args,
+    run_ffmpeg,
+    stderr_summary,
+)
+from cluster.netguard import RtmpTarget
 
 log = logging.getLogger("lipsync.live")
 
@@ -73,7 +82,7 @@ class LiveEncoder:
     segment and the final playlist (`#EXT-X-ENDLIST`)."""
 
     def __init__(self, out_dir: str | os.PathLike, width: int, height: int, fps: Fraction, sample_rate: int,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, rtmp: RtmpTarget | None = None) -> None:
         self.settings = s = settings or get_settings()
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,13 +102,28 @@ class LiveEncoder:
                 "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
                 *input_args(self._fifo),
                 "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
-                "-c:a", "aac", "-b:a", "96k",
-                "-f", "hls", "-hls_time", f"{hls_time:.4f}", "-hls_list_size", str(s.live_playlist_segments),
-                "-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", INIT,
-                "-hls_segment_filename", str(self.out_dir / SEGMENT_PATTERN),
-                "-hls_flags", "independent_segments+temp_file", str(self.out_dir / PLAYLIST)]
+                "-c:a", "aac", "-b:a", "96k"]
+        hls = {"hls_time": f"{hls_time:.4f}", "hls_list_size": str(s.live_playlist_segments),
+               "hls_segment_type": "fmp4", "hls_fmp4_init_filename": INIT,
+               "hls_segment_filename": SEGMENT_PATTERN, "hls_flags": "independent_segments+temp_file"}
+        self.rtmp = rtmp
+        self.rtmp_error: str | None = None
+        self._pusher: FFmpeg | None = None
+        if rtmp is None:
+            args += ["-f", "hls", *[a for k, v in hls.items() for a in (f"-{k}", v)], PLAYLIST]
+        else:
+            # the same packets to the HLS files and, as FLV on stdout, to the RTMP pusher (`_start_pusher`);
+            # the FLV branch runs behind its own queue (fifo) that drops packets rather than hold the HLS
+            # branch when the pusher is slow, and is dropped (onfail=ignore) when the pusher is gone
+            slave = ":".join(f"{k}={v}" for k, v in hls.items())
+            args += ["-flags", "+global_header", "-f", "tee",
+                     f"[f=hls:{slave}]{PLAYLIST}|[f=flv:onfail=ignore:use_fifo=1:"
+                     f"fifo_options=drop_pkts_on_overflow=1]pipe\\:1"]
+        # run in out_dir: every name ffmpeg writes is relative (nothing for the tee muxer to escape)
         self._run = FFmpeg(args, settings=s, stage="live-encode", path=str(self.out_dir), stdin=True,
-                           error=EncodeError, timeout_error=EncodeError)
+                           stdout=rtmp is not None, error=EncodeError, timeout_error=EncodeError, cwd=self.out_dir)
+        if rtmp is not None:
+            self._start_pusher(rtmp)
         depth = max(4, int(2 * float(self.fps)))  # batches queued before write() pushes back
         self._video: queue.Queue = queue.Queue(maxsize=depth)
         self._audio: queue.Queue = queue.Queue(maxsize=depth)
@@ -110,6 +134,45 @@ class LiveEncoder:
                          threading.Thread(target=self._feed_audio, name="live-audio", daemon=True)]
         for t in self._threads:
             t.start()
+
+    # --- RTMP --------------------------------------------------------------------------------
+    def _start_pusher(self, rtmp: RtmpTarget) -> None:
+        """A second ffmpeg that copies the encoder's FLV (its stdout, read directly) to the RTMP
+        server: the network protocols are whitelisted for this output only, the connection goes to
+        the vetted address. It failing never stops the session's HLS (the tee drops its branch)."""
+        protocols = "tcp,rtmp" if rtmp.scheme == "rtmp" else "tcp,tls,rtmps"
+        args = ["-loglevel", "error", "-f", "flv", *input_args("pipe:0"), "-map", "0", "-c", "copy",
+                "-protocol_whitelist", protocols, "-rtmp_tcurl", rtmp.tc_url, "-rtmp_live", "live",
+                # a server that stops reading fails the push within 10 s (never holds the encoder's end)
+                "-rw_timeout", "10000000",
+                "-f", "flv", rtmp.connect_url]
+        encoder_out = self._run.proc.stdout
+        try:
+            self._pusher = FFmpeg(args, settings=self.settings, stage="live-rtmp", path=rtmp.shown,
+                                  stdin=encoder_out, error=EncodeError, timeout_error=EncodeError)
+        except EncodeError as e:
+            self.rtmp_error = e.message
+        finally:
+            encoder_out.close()  # the pusher's alone: when it ends, the encoder's FLV branch sees EPIPE
+
+    def _redact(self, text: str) -> str:
+        """ffmpeg's words without the stream key (it names the URL it could not open)."""
+        path = "/" + self.rtmp.connect_url.split("://", 1)[1].split("/", 1)[1]
+        return text.replace(self.rtmp.connect_url, self.rtmp.shown).replace(path, "/…")
+
+    def rtmp_state(self) -> tuple[str | None, str | None]:
+        """("pushing" | "failed" | "ended" | None without RTMP, why it failed)."""
+        if self.rtmp is None:
+            return None, None
+        if self.rtmp_error is None and self._pusher is not None:
+            code = self._pusher.proc.poll()
+            if code is None:
+                return "pushing", None
+            if code == 0 and self._run.proc.poll() is not None:
+                return "ended", None
+            why = stderr_summary(self._pusher.stderr_tail()) or "no message"
+            self.rtmp_error = f"the RTMP push to {self.rtmp.shown} stopped (exit code {code}): {self._redact(why)}"
+        return "failed", self.rtmp_error
 
     # --- feeding ---------------------------------------------------------------------------
     def _feed_video(self) -> None:
@@ -196,12 +259,27 @@ class LiveEncoder:
             code = self._run.wait(timeout)
         finally:
             self._fifo.unlink(missing_ok=True)
+            self._close_pusher(timeout)
         self._run.check("live encoding")
         self._run.close()
         return code
 
+    def _close_pusher(self, timeout: float) -> None:
+        """The pusher ends at the encoder's end of file (its last packets sent); killed past `timeout`."""
+        if self._pusher is None:
+            return
+        self.rtmp_state()  # a failure before the end is told as such
+        try:
+            self._pusher.wait(timeout)
+        except EncodeError as e:
+            self.rtmp_error = self.rtmp_error or e.message
+        self.rtmp_state()
+        self._pusher.close()
+
     def kill(self) -> None:
         self._run.kill()
+        if self._pusher is not None:
+            self._pusher.kill()
         self._fifo.unlink(missing_ok=True)
 
 

@@ -28,6 +28,7 @@ from cluster.errors import LipsyncError
 from cluster.live.encoder import LiveEncoder, make_recording, publish_playlist
 from cluster.live.schedule import FrameBatch, LiveScheduler
 from cluster.live.speech import SpeechInput, model_columns
+from cluster.netguard import RtmpTarget
 
 log = logging.getLogger("lipsync.live")
 
@@ -100,8 +101,9 @@ class LiveSession:
                  crop: str, generate: GenerateFn, sample_rate: int, out_dir: str | Path,
                  settings: Settings | None = None, max_seconds: float | None = None,
                  on_frames: Callable[[FrameBatch, np.ndarray, bool], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, rtmp: RtmpTarget | None = None) -> None:
         self.id = session_id
+        self.rtmp = rtmp  # the stream pushed there too (vetted by cluster.netguard.vet_rtmp_url)
         self.s = s = settings or get_settings()
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,7 @@ class LiveSession:
         self.prioritised = raise_priority(s.live_nice)
         try:
             self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
-                                       self.speech.rate, self.s)
+                                       self.speech.rate, self.s, rtmp=self.rtmp)
         except LipsyncError as e:
             self.error = e.to_info().model_dump()
             self.state = "failed"
@@ -388,4 +390,11 @@ class LiveSession:
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
             "recording_seconds": self.recording_seconds,
+            **self._rtmp_stats(),
         }
+
+    def _rtmp_stats(self) -> dict:
+        if self.rtmp is None:
+            return {}
+        state, error = self.encoder.rtmp_state() if self.encoder is not None else ("starting", None)
+        return {"rtmp_url": self.rtmp.shown, "rtmp_state": state, "rtmp_error": error}

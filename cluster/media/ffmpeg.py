@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import IO
 
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError, MediaError, RenderTimeout
@@ -114,7 +115,8 @@ class FFmpeg:
     """One running ffmpeg: the only place the project starts ffmpeg.
 
     `ffmpeg -hide_banner -nostdin -y *args` with stdin / stdout as pipes when asked (else
-    /dev/null), stderr to a temporary file (never a pipe nobody drains), and the child bound to
+    /dev/null; stdin may also be another ffmpeg's stdout, read directly), stderr to a temporary
+    file (never a pipe nobody drains), and the child bound to
     this process's life (`die_with_parent_hook`). It owns the kill-and-reap on every way out:
     `wait`/`communicate` past their deadline kill, reap and raise `timeout_error`; leaving a
     `with` block by an exception kills and reaps; `check` turns a nonzero exit into `error` with
@@ -125,18 +127,20 @@ class FFmpeg:
     """
 
     def __init__(self, args: list[str], *, settings: Settings | None = None, stage: str = "ffmpeg",
-                 path: str | None = None, stdin: bool = False, stdout: bool = False,
+                 path: str | None = None, stdin: bool | IO[bytes] = False, stdout: bool = False,
                  error: type[LipsyncError] = MediaError,
-                 timeout_error: type[LipsyncError] = RenderTimeout) -> None:
+                 timeout_error: type[LipsyncError] = RenderTimeout, cwd: str | os.PathLike | None = None) -> None:
         self.stage, self.path = stage, path
         self.error, self.timeout_error = error, timeout_error
         self.cmd = [ffmpeg_binary(settings), "-hide_banner", "-nostdin", "-y", *args]
         self._stderr = tempfile.TemporaryFile()
+        # stdin: True a pipe of ours, a file object (another ffmpeg's stdout) read directly, else none
+        child_stdin = subprocess.PIPE if stdin is True else (stdin or subprocess.DEVNULL)
         try:
             self.proc = subprocess.Popen(
-                self.cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                self.cmd, stdin=child_stdin,
                 stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self._stderr,
-                preexec_fn=die_with_parent_hook())
+                preexec_fn=die_with_parent_hook(), cwd=cwd)
         except OSError as exc:
             self._stderr.close()
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: {exc}",

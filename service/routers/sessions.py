@@ -129,13 +129,14 @@ def _problem(e: LipsyncError) -> ApiProblem:
     if status is None:
         status = 400 if e.code.startswith(("input.", "model.invalid")) else 500
     headers = {"Retry-After": "5"} if status == 429 else None
-    return ApiProblem(status, e.code, e.message, e.path if e.path in ("avatar_id", "model") else None, headers)
+    return ApiProblem(status, e.code, e.message, e.path if e.path in ("avatar_id", "model", "rtmp_url") else None,
+                      headers)
 
 
 # --- create, read, delete ------------------------------------------------------------------------
 @router.post("", status_code=201, response_model=SessionView,
              summary="Start a live session on a prepared avatar (404 unknown, 409 not prepared yet, "
-                     "429 at LIPSYNC_MAX_LIVE_SESSIONS)")
+                     "429 at LIPSYNC_MAX_LIVE_SESSIONS, 400 an rtmp_url the address guard refuses)")
 async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
     from actors.live import live_registry
 
@@ -146,7 +147,8 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
     session_id = uuid.uuid4().hex[:16]
     try:
         raw = await _call(live_registry(settings).create.remote(session_id, body.avatar_id, model,
-                                                                body.sample_rate, body.max_seconds),
+                                                                body.sample_rate, body.max_seconds,
+                                                                body.rtmp_url),
                           timeout=settings.model_load_timeout_s + 60)
     except LipsyncError as e:
         raise _problem(e) from None

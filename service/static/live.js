@@ -1,0 +1,407 @@
+// The Live tab: the browser's microphone drives a prepared avatar, whose live stream plays here.
+//
+// Speak: getUserMedia (needs a secure origin: https:// or localhost) -> an AudioWorklet
+// (pcm-worklet.js) that hands PCM s16le mono at a rate the session takes (16, 24 or 48 kHz) ->
+// POST /v1/sessions {avatar_id, sample_rate} -> binary messages on the session's `audio_ws` (its
+// short-lived token in the query string). The live HLS (`hls_url`, token in its query) plays in the
+// <video> through hls.js with low-latency settings. Stop sends {"type": "end"}: the avatar finishes
+// what it heard and idles. End session deletes it; its recording can then be downloaded.
+// The figures come from GET /v1/sessions/{id} once a second. A socket the server closes with a code
+// (4401 token, 4409 a second socket, 4410 ended, ...) shows that code and the server's reason; a
+// dropped connection is reopened (the server keeps the session; the speech captured meanwhile is lost).
+"use strict";
+
+(() => {
+  const { api, apiJson, showError, onTabShown, ApiError } = window.lipsync;
+  const $ = (id) => document.getElementById(id);
+  const RATES = [16000, 24000, 48000];
+  const CHUNK_SECONDS = 0.04; // one WebSocket message per 40 ms of speech
+  const ENDED = new Set(["ended", "failed"]);
+  const RETRYABLE_CLOSE = new Set([1001, 1006, 1011, 1012, 1013]); // going away, lost, server error, restart
+
+  let live = null; // {id, view, rate, ws, mic, hls, poll, speaking, closed, reconnects}
+
+  function secs(value) {
+    return value === null || value === undefined || !isFinite(value) ? "–" : value.toFixed(2) + " s";
+  }
+
+  function note(text) {
+    $("live-note").textContent = text || "";
+    $("live-note").hidden = !text;
+  }
+
+  function buttons() {
+    const speaking = !!(live && live.speaking);
+    const open = !!(live && live.view && !ENDED.has(live.view.state));
+    $("live-speak").disabled = speaking;
+    $("live-avatar").disabled = $("live-rtmp").disabled = speaking || open;
+    $("live-stop").disabled = !speaking;
+    $("live-end").hidden = !open;
+    $("live-recording").hidden = !(live && live.view && live.view.recording_url);
+  }
+
+  // --- avatars ------------------------------------------------------------------------------
+  async function loadAvatars() {
+    let avatars;
+    try {
+      avatars = await apiJson("/v1/avatars");
+    } catch (err) {
+      if (err.status !== 401) showError($("live-error"), err);
+      return;
+    }
+    const select = $("live-avatar");
+    const chosen = select.value;
+    select.textContent = "";
+    for (const avatar of avatars) {
+      const option = document.createElement("option");
+      option.value = avatar.id;
+      const size = avatar.width && avatar.height ? ", " + avatar.width + "×" + avatar.height : "";
+      option.textContent = avatar.id + " (" + avatar.frames + " frames" + size + ")";
+      select.append(option);
+    }
+    if (chosen) select.value = chosen;
+    select.hidden = !avatars.length;
+    $("live-avatar-empty").hidden = avatars.length > 0;
+  }
+
+  // --- microphone -----------------------------------------------------------------------------
+  async function openMicrophone(onChunk) {
+    if (!window.isSecureContext || !navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      throw new ApiError(0, "microphone.insecure", "The browser offers the microphone only to a secure page: open " +
+        "this page over https:// (or on localhost).", null);
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({
+        audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      });
+    } catch (err) {
+      const why = err.name === "NotAllowedError" ? "access was refused" : err.name === "NotFoundError"
+        ? "no microphone was found" : err.message || err.name;
+      throw new ApiError(0, "microphone." + err.name, "The microphone could not be opened: " + why + ".", null);
+    }
+    const context = new AudioContext();
+    try {
+      if (!context.audioWorklet) throw new Error("this browser has no AudioWorklet");
+      await context.audioWorklet.addModule("/static/pcm-worklet.js");
+      const rate = RATES.includes(context.sampleRate) ? context.sampleRate : 48000; // else resampled up
+      const source = context.createMediaStreamSource(stream);
+      const capture = new AudioWorkletNode(context, "pcm-capture", {
+        numberOfOutputs: 1,
+        processorOptions: { targetRate: rate, chunkSamples: Math.round(rate * CHUNK_SECONDS) },
+      });
+      capture.port.onmessage = (e) => onChunk(e.data);
+      const silent = context.createGain(); // the graph is pulled from the destination; nothing is heard
+      silent.gain.value = 0;
+      source.connect(capture).connect(silent).connect(context.destination);
+      await context.resume();
+      const mic = { stream, context, capture, rate, inputRate: context.sampleRate };
+      mic.label = (stream.getAudioTracks()[0] || {}).label || "microphone";
+      return mic;
+    } catch (err) {
+      for (const track of stream.getTracks()) track.stop();
+      context.close();
+      throw new ApiError(0, "microphone.capture", "The microphone could not be captured: " + err.message, null);
+    }
+  }
+
+  function closeMicrophone(mic, flush) {
+    if (!mic) return;
+    if (flush) mic.capture.port.postMessage("flush");
+    for (const track of mic.stream.getTracks()) track.stop();
+    setTimeout(() => mic.context.close().catch(() => {}), flush ? 100 : 0); // the flushed chunk comes first
+  }
+
+  // --- the audio socket -------------------------------------------------------------------------
+  // The session's URLs on this page's own origin: behind a TLS reverse proxy the server may name itself
+  // by its inner http:// address, which an https:// page may not open (mixed content).
+  function onThisOrigin(url, socket) {
+    const u = new URL(url, location.href);
+    const origin = socket ? (location.protocol === "https:" ? "wss://" : "ws://") + location.host : location.origin;
+    return origin + u.pathname + u.search;
+  }
+
+  function socketUrl(session) {
+    const url = onThisOrigin(session.view.audio_ws, true);
+    return url + (url.includes("?") ? "&" : "?") + "sample_rate=" + session.rate;
+  }
+
+  function openSocket(session) {
+    const ws = new WebSocket(socketUrl(session));
+    ws.binaryType = "arraybuffer";
+    session.ws = ws;
+    session.pending = session.pending || [];
+    ws.onmessage = (e) => {
+      if (typeof e.data !== "string") return;
+      let message = null;
+      try {
+        message = JSON.parse(e.data);
+      } catch (_) {
+        return;
+      }
+      if (message.type === "ready") {
+        session.reconnects = 0;
+        for (const chunk of session.pending.splice(0)) ws.send(chunk);
+        if (!session.speaking) ws.send(JSON.stringify({ type: "end" })); // Stop came while connecting
+      } else if (message.type === "ended" && !session.speaking) {
+        ws.close(1000, "speech ended");
+        note("Speech ended: the server received " + secs(message.offset / 2 / session.rate) + "; the avatar says " +
+          "the rest of it, then idles. Speak again, or End session.");
+      }
+    };
+    ws.onclose = (e) => {
+      if (session.ws !== ws) return;
+      session.ws = null;
+      if (session.closed || e.code === 1000) return;
+      if (RETRYABLE_CLOSE.has(e.code) && session.speaking && session.reconnects < 5) {
+        session.reconnects += 1;
+        note("The audio connection dropped (" + e.code + "); reconnecting…");
+        setTimeout(() => !session.closed && session.speaking && openSocket(session), 500 * session.reconnects);
+        return;
+      }
+      // a refusal: the server's code and reason (a browser cannot read a refused handshake's status)
+      const reason = e.reason || (e.code === 1006 ? "the connection was lost" : "no reason given");
+      showError($("live-error"), new ApiError(0, "websocket." + e.code,
+        "The audio socket was closed with code " + e.code + ": " + reason, null));
+      stopSpeaking(session, false);
+    };
+  }
+
+  function sendChunk(session, buffer) {
+    const ws = session.ws;
+    if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length) {
+      ws.send(buffer);
+      // the server stops reading while its buffer of unrendered speech is full (backpressure)
+      const behind = ws.bufferedAmount / (2 * session.rate);
+      if (behind > 1) note("The server is " + behind.toFixed(1) + " s behind the microphone.");
+    } else if (session.pending.length < 2 / CHUNK_SECONDS) {
+      session.pending.push(buffer); // until the socket is ready (at most 2 s)
+    }
+  }
+
+  // --- the stream -------------------------------------------------------------------------------
+  async function whenStreamStarts(session) {
+    while (!session.closed) {
+      try {
+        const response = await fetch(onThisOrigin(session.view.hls_url, false), { cache: "no-store" });
+        if (response.ok && (await response.text()).includes("#EXTINF")) return startPlayer(session);
+      } catch (_) {
+        // not published yet, or a moment without the server: try again
+      }
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    }
+  }
+
+  function startPlayer(session) {
+    if (session.closed) return;
+    const video = $("live-player");
+    video.hidden = false;
+    video.muted = true; // your own voice a second late would be picked up by the microphone again
+    if (window.Hls && window.Hls.isSupported()) {
+      // Low latency: play 1 s (two 0.5 s segments) behind the live edge, speed up a little when further
+      // behind (in seconds: hls.js counts segments as #EXT-X-TARGETDURATION, which is 1 s here).
+      const hls = new window.Hls({
+        lowLatencyMode: true, liveSyncDuration: 1.0, liveMaxLatencyDuration: 3.0,
+        maxLiveSyncPlaybackRate: 1.25, maxBufferLength: 4, backBufferLength: 4,
+        manifestLoadingMaxRetry: 6, levelLoadingMaxRetry: 6, fragLoadingMaxRetry: 6,
+      });
+      session.hls = hls;
+      let failures = 0;
+      hls.on(window.Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
+      hls.on(window.Hls.Events.FRAG_BUFFERED, () => { failures = 0; });
+      hls.on(window.Hls.Events.ERROR, (_event, data) => {
+        if (!data.fatal || session.closed) return;
+        if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
+          hls.recoverMediaError();
+        } else if (++failures <= 5) {
+          setTimeout(() => session.closed || hls.startLoad(), 1000 * failures);
+        } else {
+          note("The stream could not be played (" + data.details + ").");
+        }
+      });
+      hls.loadSource(onThisOrigin(session.view.hls_url, false));
+      hls.attachMedia(video);
+    } else if (video.canPlayType("application/vnd.apple.mpegurl")) {
+      video.src = onThisOrigin(session.view.hls_url, false); // Safari plays HLS itself
+      video.play().catch(() => {});
+    } else {
+      video.hidden = true;
+      note("This browser cannot play the live stream (no Media Source Extensions, no native HLS).");
+    }
+    note("Playing muted, so the microphone does not hear the avatar: unmute in the player (use headphones).");
+  }
+
+  // --- figures ------------------------------------------------------------------------------------
+  function showView(session, view) {
+    session.view = view;
+    const state = $("live-state");
+    state.hidden = false;
+    state.textContent = view.state + (view.reason ? " (" + view.reason + ")" : "");
+    state.className = "state s-" + view.state;
+    $("live-stats").hidden = false;
+    $("live-id").textContent = view.id;
+    $("live-received").textContent = secs(view.seconds_received);
+    $("live-rendered").textContent = secs(view.seconds_rendered) + (view.buffered_seconds > 0.05
+      ? " (" + secs(view.buffered_seconds) + " waiting)" : "");
+    $("live-latency").textContent = view.latency_samples
+      ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + " samples)" : "–";
+    $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "");
+    const hls = session.hls;
+    const rtmp = $("live-rtmp-state");
+    rtmp.hidden = rtmp.previousElementSibling.hidden = !view.rtmp_url;
+    rtmp.textContent = view.rtmp_url ? (view.rtmp_state || "starting") + " to " + view.rtmp_url +
+      (view.rtmp_error ? ": " + view.rtmp_error : "") : "";
+    $("live-player-latency").textContent = hls && isFinite(hls.latency) && hls.latency > 0 ? secs(hls.latency) : "–";
+    if (view.error) showError($("live-error"), view.error);
+    if (ENDED.has(view.state)) {
+      stopSpeaking(session, false);
+      session.closed = true;
+      if (view.reason === "idle_timeout") note("The session ended after a while without speech.");
+    }
+    buttons();
+  }
+
+  async function poll(session) {
+    let failures = 0;
+    while (live === session && !(session.view && ENDED.has(session.view.state))) {
+      try {
+        showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id)));
+        failures = 0;
+      } catch (err) {
+        if (err.status === 404 || err.status === 401 || ++failures > 10) {
+          showError($("live-error"), err);
+          session.closed = true;
+          stopSpeaking(session, false);
+          buttons();
+          return;
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+
+  // --- buttons ------------------------------------------------------------------------------------
+  function stopSpeaking(session, sendEnd) {
+    if (!session.speaking) return;
+    session.speaking = false;
+    closeMicrophone(session.mic, sendEnd);
+    session.mic = null;
+    if (sendEnd) {
+      // after the flushed last chunk; `ready` sends it for a socket still connecting
+      setTimeout(() => {
+        const ws = session.ws;
+        if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length) ws.send(JSON.stringify({ type: "end" }));
+      }, 150);
+    } else if (session.ws) {
+      session.ws.close(1000, "stopped");
+    }
+    buttons();
+  }
+
+  async function speak() {
+    showError($("live-error"), null);
+    const avatar = $("live-avatar").value;
+    if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", "avatar_id"));
+    $("live-speak").disabled = true;
+    let session = live && live.view && !ENDED.has(live.view.state) ? live : null;
+    let mic;
+    try {
+      const chunks = [];
+      mic = await openMicrophone((buffer) => (session ? sendChunk(session, buffer) : chunks.push(buffer)));
+      if (session && session.rate !== mic.rate) { // the open session takes another rate: a new session
+        await endSession();
+        session = null;
+      }
+      if (session) {
+        // a fresh view: its token for the socket (the one in hand may have expired, or been refused)
+        showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id)));
+        if (ENDED.has(session.view.state)) session = null;
+      }
+      if (!session) {
+        closeLive();
+        const view = await apiJson("/v1/sessions", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(Object.assign({ avatar_id: avatar, sample_rate: mic.rate },
+            $("live-rtmp").value.trim() ? { rtmp_url: $("live-rtmp").value.trim() } : {})),
+        });
+        session = { id: view.id, view: view, rate: mic.rate, pending: chunks.splice(0), reconnects: 0, closed: false };
+        live = session;
+        showView(session, view);
+        poll(session);
+        whenStreamStarts(session);
+      }
+      session.mic = mic;
+      session.speaking = true;
+      $("live-mic").textContent = mic.label + ": " + mic.inputRate / 1000 + " kHz, sent as PCM s16le at " +
+        mic.rate / 1000 + " kHz" + (mic.rate !== mic.inputRate ? " (resampled)" : "");
+      if (!session.ws || session.ws.readyState > WebSocket.OPEN) openSocket(session);
+    } catch (err) {
+      closeMicrophone(mic, false);
+      showError($("live-error"), err);
+    } finally {
+      buttons();
+    }
+  }
+
+  async function endSession() {
+    const session = live;
+    if (!session) return;
+    stopSpeaking(session, false);
+    try {
+      showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id), { method: "DELETE" }));
+    } catch (err) {
+      showError($("live-error"), err);
+    }
+    buttons();
+  }
+
+  function closeLive() {
+    if (!live) return;
+    live.closed = true;
+    stopSpeaking(live, false);
+    if (live.ws) live.ws.close(1000, "closed");
+    if (live.hls) live.hls.destroy();
+    const video = $("live-player");
+    video.pause();
+    video.removeAttribute("src");
+    video.load();
+    video.hidden = true;
+    live = null;
+  }
+
+  async function downloadRecording() {
+    if (!live || !live.view.recording_url) return;
+    const button = $("live-recording");
+    button.disabled = true;
+    button.textContent = "Downloading…";
+    try {
+      const blob = await (await api("/v1/sessions/" + encodeURIComponent(live.id) + "/recording")).blob();
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(blob);
+      link.download = live.id + ".mp4";
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+    } catch (err) {
+      showError($("live-error"), err);
+    } finally {
+      button.disabled = false;
+      button.textContent = "Download recording";
+    }
+  }
+
+  $("live-speak").addEventListener("click", speak);
+  $("live-stop").addEventListener("click", () => live && stopSpeaking(live, true));
+  $("live-end").addEventListener("click", endSession);
+  $("live-recording").addEventListener("click", downloadRecording);
+  // leaving the page ends its session (keepalive: the request outlives the page)
+  window.addEventListener("pagehide", () => {
+    if (live && live.view && !ENDED.has(live.view.state)) {
+      api("/v1/sessions/" + encodeURIComponent(live.id), { method: "DELETE", keepalive: true }).catch(() => {});
+    }
+  });
+  onTabShown("live", loadAvatars);
+  buttons();
+})();
