@@ -203,3 +203,51 @@ def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, spe
     lines = out.stdout.strip().splitlines()
     assert "/hls/index.m3u8?token=" in lines[0]
     assert "ended (deleted)" in lines[-1] and "3.20 s rendered" in lines[-1] and "latency p50" in lines[-1]
+
+
+def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avatar, speech_wav):
+    """SIGKILL the job manager while speech streams in: the session (its own actor) keeps
+    streaming and renders all its speech; once Ray has restarted the manager, a new session and a
+    batch job are served again (last in this module: the manager is restarted here)."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    from cluster.client import Client
+
+    def manager_pids() -> list[int]:
+        out = []
+        for child in psutil.Process(service.proc.pid).children(recursive=True):
+            try:
+                if " ".join(child.cmdline()).startswith("ray::JobManager"):
+                    out.append(child.pid)
+            except psutil.Error:
+                continue
+        return out
+
+    with Client(service.url, token=service.token) as client:
+        session = client.live(live_avatar)
+        sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
+        sender.start()
+        time.sleep(1.0)
+        pids = manager_pids()
+        assert pids, "no job manager process of this service found"
+        os.kill(pids[0], signal.SIGKILL)
+        sender.join(60)
+        assert not sender.is_alive()
+        view = session.wait_rendered(timeout=120)
+        assert view.state == "live"
+        assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+        assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
+        final = session.close()
+        assert final.state == "ended" and final.recording_seconds >= 3.2
+        # the manager is back (a new process): sessions are created and speak again
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not manager_pids() or manager_pids() == pids):
+            time.sleep(0.5)
+        assert manager_pids() and manager_pids() != pids
+        with client.live(live_avatar) as again:
+            again.send_file(speech_wav)
+            assert again.wait_rendered(timeout=120).seconds_rendered == pytest.approx(3.2, abs=0.04)
