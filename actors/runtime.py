@@ -78,6 +78,16 @@ EMBEDDED_RAY_ENV = {
     "RAY_SERVE_SHUTDOWN_TIER_TIMEOUT_S": "2",
     "RAY_SERVE_PROXY_GRACEFUL_SHUTDOWN_TIMEOUT_S": "1",
 }
+#: Ray system settings of an embedded Ray (`ray.init(_system_config=...)`; a joined cluster keeps its own):
+EMBEDDED_RAY_SYSTEM_CONFIG = {
+    # Ray starts one idle task worker per CPU for the first driver; every process of ours is an
+    # actor with its own worker, so on a 16-core node that was 16 Python processes booting beside
+    # the actors (one-shot `lipsync render` start-up, issue 19) for nothing.
+    "prestart_worker_first_driver": False,
+    # The GCS keeps the events of the last N tasks for the dashboard (100000 by default, ~6-10 KiB
+    # each for our calls: an hour-long job grew the GCS by hundreds of MiB, docs/PERFORMANCE.md).
+    "task_events_max_num_task_in_gcs": 10000,
+}
 
 
 STARTUP_ATTEMPTS = 3
@@ -118,7 +128,8 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
                     ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,
                                    num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
                                    include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-                                   dashboard_port=dashboard_port, _temp_dir=str(root))
+                                   dashboard_port=dashboard_port, _temp_dir=str(root),
+                                   _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
                     break
                 except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
                     # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py,
