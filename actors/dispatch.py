@@ -91,7 +91,9 @@ class Dispatcher:
             token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
             job.inflight_frames[chunk.index] = 0
             ref = member.handle.render_chunk.options(name=f"Compositor.render job={job_id} chunk={chunk.index}").remote(
-                job.plan, chunk, token, self.on_this_node(member))
+                job.plan_for(chunk), chunk, token, self.on_this_node(member))
+            if chunk.index == 0:
+                job.first_sent.set()  # the job's whole mel may be written now (JobMachine._write_mel)
             answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
             what = f"job {job_id} chunk {chunk.index}"
             if answer.kind == Kind.died:
@@ -267,7 +269,7 @@ class Dispatcher:
             self._steps_waiting -= 1
 
     async def _run_here(self, method: str, job: JobRuntime, args: tuple, timeout: float):
-        from cluster.render import finalize_job, prepare_job
+        from cluster.render import finalize_job, prepare_job, write_job_mel
 
         if method == "prepare":
             if self._detector is None:
@@ -276,7 +278,10 @@ class Dispatcher:
                 self._detector = MTCNNDetector()
             job_id, request, model_size, output_path = args
             call = lambda: prepare_job(job_id, request, self.s, model_size=model_size, detector=self._detector,  # noqa: E731
-                                       output_path=output_path)
+                                       output_path=output_path, defer_mel=True)
+        elif method == "write_mel":
+            plan, request = args
+            call = lambda: write_job_mel(plan, request, self.s)  # noqa: E731
         elif method == "finalize":
             (plan,) = args
             call = lambda: finalize_job(plan, self.s, commit=False)  # noqa: E731

@@ -54,10 +54,16 @@ def _bitrate(text: str | int) -> int:
 
 
 class AacTrack:
-    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)]."""
+    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)].
 
-    def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k") -> None:
+    `hold_after_s`: `encode` pauses once its packets reach that time, until `release` (or `stop`, or
+    `hold_max_s` seconds): a job's first segment needs only its own audio, and the rest of the
+    encoding would compete with its rendering for the CPU."""
+
+    def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k",
+                 hold_after_s: float | None = None, hold_max_s: float = 60.0) -> None:
         self.audio_path, self.duration, self.bitrate = str(audio_path), float(duration), _bitrate(bitrate)
+        self._hold_after_s, self._hold_max_s = hold_after_s, float(hold_max_s)
         self.packets: list[tuple[int, bytes]] = []
         self.sample_rate = 0
         self.channels = 0
@@ -73,6 +79,23 @@ class AacTrack:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+
+    def release(self) -> None:
+        """Let a held `encode` (see `hold_after_s`) go on to the end."""
+        with self._cond:
+            self._hold_after_s = None
+            self._cond.notify_all()
+
+    def _hold(self) -> None:
+        """Pause (bounded) while the packets have reached `hold_after_s` and nothing released them."""
+        with self._cond:
+            if self._hold_after_s is None or not self.packets or \
+                    self.packets[-1][0] < self._hold_after_s * self.sample_rate:
+                return
+            deadline = time.monotonic() + self._hold_max_s
+            while self._hold_after_s is not None and not self._stopped and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(left, 1.0))
+            self._hold_after_s = None
 
     # --- producing ---------------------------------------------------------------------------
     def encode(self) -> "AacTrack":
@@ -128,6 +151,7 @@ class AacTrack:
                         self._cond.notify_all()
 
             for frame in _decoded_frames(inp, stream, self.audio_path):
+                self._hold()
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):
