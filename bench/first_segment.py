@@ -202,7 +202,7 @@ def job_timeline(service: HttpService, job_id: str, wall0: float) -> dict:
 def run(quick: bool = False, seconds: list[float] | None = None, models: list[str] | None = None) -> dict:
     size, template_s = ((640, 360), 2.0) if quick else ((1280, 720), 10.0)
     models = models or (["builtin"] if quick else list(MODELS))
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     lengths = seconds or [10.0]
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-first-", dir=CACHE))
@@ -217,11 +217,15 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                 avatar = service.http.post("/v1/avatars", files={"video": ("face.mp4", f)})
             avatar.raise_for_status()
             avatar_id, name = avatar.json()["id"], service.install_model(spec)
+            inputs = {length: make_inputs(length, size, template_s) for length in lengths}
+            runs: dict[float, list[dict]] = {length: [] for length in lengths}
+            for _ in range(repeats):  # the lengths in turn: a load that drifts weighs on each alike
+                for length in lengths:
+                    runs[length].append(first_frame(service, inputs[length].audio, avatar_id, name,
+                                                    cancel=length > 60))
             for length in lengths:
-                inp = make_inputs(length, size, template_s)
-                runs = [first_frame(service, inp.audio, avatar_id, name, cancel=length > 60) for _ in range(repeats)]
-                row = {"model": m, "speech_s": length, "jobs": runs,
-                       "median_first_frame_s": statistics.median(r["first_frame_s"] for r in runs)}
+                row = {"model": m, "speech_s": length, "jobs": runs[length],
+                       "median_first_frame_s": statistics.median(r["first_frame_s"] for r in runs[length])}
                 results["runs"].append(row)
                 print(f"[first_segment] {m} {length:g} s: {row}", flush=True)
     finally:
@@ -241,8 +245,16 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
                       "min", "max", "target <= 1 s", "job total s (median)"], rows)
     table += "\n\nThe job's own timeline, seconds from the submit's start (medians; - where no job had it):\n\n"
     table += md_table(["model", "speech s", *TIMELINE_COLUMNS.values()], steps)
-    notes = (f"Template {results['size']} prepared as an avatar, {repeats} jobs per row one after another on a warm "
-             "service over HTTP (loopback, token on; the player reads the signed watch_url without a header); "
+    for m in models:
+        mine = sorted((r for r in results["runs"] if r["model"] == m), key=lambda r: r["speech_s"])
+        if len(mine) > 1:  # does the first frame wait longer for a longer job? (same run, lengths in turn)
+            ratio = mine[-1]["median_first_frame_s"] / mine[0]["median_first_frame_s"]
+            results.setdefault("length_ratio", {})[m] = ratio
+            table += (f"\n\n{m}: first frame of {mine[-1]['speech_s']:g} s of speech vs {mine[0]['speech_s']:g} s, "
+                      f"medians in this run: **{ratio:.2f}x**")
+    notes = (f"Template {results['size']} prepared as an avatar, {repeats} jobs per row on a warm "
+             "service over HTTP (loopback, token on; the player reads the signed watch_url without a header), "
+             "the lengths in turn; "
              "times from the start of the submit (the speech upload included). Jobs over 60 s are cancelled once "
              "their first frame is decoded, or once chunk 1 is published (at most 60 s later).")
     write_result("first_segment", results, table, notes, quick=quick)
