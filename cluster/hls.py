@@ -49,6 +49,7 @@ PLAYLIST = "index.m3u8"
 #: Names a client may ask for: the init segment(s) and media segments.
 FILE_NAME = re.compile(r"init(-\d{5})?\.mp4|\d{5}-\d{3}\.m4s")
 MIN_SHIFT_FRAMES = 4  # > the encoder's B-frame reorder delay (x264 presets: at most 2)
+AUDIO_LEAD_S = 20.0  # once the first segment is out, the AAC is encoded this far ahead of the next chunk's end
 
 
 def hls_dir(job_dir: str | Path) -> Path:
@@ -244,7 +245,7 @@ class HlsPublisher:
             except Exception as e:  # damaged: encoded again (the encoder is deterministic)
                 log.warning("job %s: saved audio %s unreadable (%r); encoding again", self.plan.job_id, saved, e)
                 saved.unlink(missing_ok=True)
-        if self.track is None:  # the first chunk's audio first; the rest once it is published
+        if self.track is None:  # the first chunk's audio first; the rest as the chunks are published
             first = self.plan.chunks[0]
             hold = float(Fraction(first.stop) / self.plan.fps) if self.next_chunk == 0 else None
             self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate,
@@ -343,6 +344,8 @@ class HlsPublisher:
                     return
                 index = self.next_chunk
             chunk = plan.chunks[index]
+            if index > 0:  # (the first chunk's audio is allowed from the start)
+                track.allow_until(self._end_s(index) + AUDIO_LEAD_S)
             parts = [p for p in self.parts if p.chunk == index]
             sequence0 = self.parts.index(parts[0])
             avcc, segments = package_chunk(plan, chunk, parts, sequence0, track, timeline, plan.frames_total,
@@ -367,9 +370,14 @@ class HlsPublisher:
             with self._cond:
                 self.next_chunk = index + 1
                 self._cond.notify_all()
-            track.release()  # the first segment is out: the rest of the audio may be encoded
+            # the audio of the next chunks, ahead of them; not the whole at once, which would compete
+            # with their rendering (`drain` lets it go on to the end)
+            track.allow_until(self._end_s(min(index + 1, len(plan.chunks) - 1)) + AUDIO_LEAD_S)
             if self.on_publish is not None:
                 self.on_publish()
+
+    def _end_s(self, index: int) -> float:
+        return float(Fraction(self.plan.chunks[index].stop) / self.plan.fps)
 
     def _init_for(self, track: AacTrack, timeline: Timeline, avcc: bytes, index: int) -> str:
         """The init segment for a chunk with this avcC: init.mp4 when it is the same as the first

@@ -107,3 +107,26 @@ def test_cluster_job_renders_its_first_chunk_from_the_mel_head(runtime, long_wav
     assert len(frames) == round(LONG_SECONDS * 25)
     markers = published_chunks(hls_dir(job_dir), 10_000)
     assert sum(round(p["duration"] * 25) for m in markers for p in m["parts"]) == len(frames)
+
+
+def test_aac_is_encoded_up_to_its_limit_and_paced_on(long_wav):
+    import threading
+
+    from cluster.media.aac import AacTrack
+
+    track = AacTrack(long_wav, LONG_SECONDS, hold_after_s=1.0, hold_max_s=60)
+    worker = threading.Thread(target=track.encode, daemon=True)
+    worker.start()
+    try:
+        track.wait_format(60)
+        for limit in (1.0, 5.0):  # held at each limit, never far past it
+            track.wait_until(round(limit * track.sample_rate), 60)
+            time.sleep(0.3)
+            assert track.packets[-1][0] < track.sample_rate * (limit + 0.5) and not track.done
+            track.allow_until(limit + 4.0)
+        track.allow_until(2.0)  # a limit never moves back
+        track.release()
+        worker.join(60)
+        assert track.done and track.packets[-1][0] >= track.sample_rate * (LONG_SECONDS - 0.1)
+    finally:
+        track.stop()
