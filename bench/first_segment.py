@@ -256,6 +256,6 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
              "service over HTTP (loopback, token on; the player reads the signed watch_url without a header), "
              "the lengths in turn; "
              "times from the start of the submit (the speech upload included). Jobs over 60 s are cancelled once "
-             "their first frame is decoded, or once chunk 1 is published (at most 60 s later).")
+             "chunk 1 is published (at most 60 s after their first frame).")
     write_result("first_segment", results, table, notes, quick=quick)
     return results
