@@ -109,6 +109,26 @@ def test_cluster_job_renders_its_first_chunk_from_the_mel_head(runtime, long_wav
     assert sum(round(p["duration"] * 25) for m in markers for p in m["parts"]) == len(frames)
 
 
+@pytest.mark.ray
+def test_a_restarted_manager_writes_a_missing_whole_mel_again(runtime, long_wav, astronaut_video, tmp_path):
+    import ray
+
+    from cluster.audio import load_audio, melspectrogram
+
+    # a model that takes 40 ms a frame (no CPU): the job is still rendering when the manager goes
+    job = runtime.submit(RenderRequest(audio=long_wav, video=astronaut_video, output=str(tmp_path / "o.mp4"),
+                                       model="latency:40:96"))
+    mel = Path(runtime.settings.storage_root) / "jobs" / job.id / "mel.npy"
+    wait_until(lambda: mel.exists() or runtime.status(job.id).state.terminal, 120, what="the whole mel")
+    assert not runtime.status(job.id).state.terminal
+    ray.kill(runtime.manager(), no_restart=False)
+    mel.unlink()  # the head stays: the resumed job writes the whole mel again before its other chunks
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert len(decode_all(st.output)) == round(LONG_SECONDS * 25)
+    assert np.array_equal(np.load(mel), melspectrogram(load_audio(long_wav)))
+
+
 def test_aac_is_encoded_up_to_its_limit_and_paced_on(long_wav):
     import threading
 
