@@ -17,7 +17,7 @@ from cluster import logs
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
 from cluster.nodecache import entries as cache_entries
-from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepare_job, render_chunk
+from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepare_job, render_chunk, write_job_mel
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 from cluster.threads import actor_thread_plan, applied_threads
 
@@ -46,7 +46,12 @@ class Compositor:
         if self._detector is None:
             self._detector = MTCNNDetector()  # intra-op threads: this actor's thread plan
         return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
-                           output_path=output_path)
+                           output_path=output_path, defer_mel=True)
+
+    def write_mel(self, plan: JobPlan, request: RenderRequest) -> None:
+        """The job's whole mel spectrogram, while its first chunk renders from the head (`write_job_mel`)."""
+        logs.set_context(job_id=plan.job_id)
+        write_job_mel(plan, request, self.settings)
 
     def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str, shared_storage: bool = True) -> ChunkResult:
         """Render one chunk. Without `shared_storage` (this node is not the job manager's), the

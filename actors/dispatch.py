@@ -90,10 +90,12 @@ class Dispatcher:
                 return
             token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
             job.inflight_frames[chunk.index] = 0
-            # Ray's own task name (`Compositor.render_chunk`): a name unique to each call costs the
-            # caller ~10 KiB that it keeps, and the GCS more (docs/PERFORMANCE.md, an hour of speech);
+            # Ray's own task name (`Compositor.render_chunk`): a name unique to each call cost the
+            # job manager and the GCS memory they kept (docs/PERFORMANCE.md, an hour of speech);
             # the job and chunk are in the compositor's log context instead
-            ref = member.handle.render_chunk.remote(job.plan, chunk, token, self.on_this_node(member))
+            ref = member.handle.render_chunk.remote(job.plan_for(chunk), chunk, token, self.on_this_node(member))
+            if chunk.index == 0:
+                job.first_sent.set()  # the job's whole mel may be written now (JobMachine._write_mel)
             answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
             what = f"job {job_id} chunk {chunk.index}"
             if answer.kind == Kind.died:
@@ -268,7 +270,7 @@ class Dispatcher:
             self._steps_waiting -= 1
 
     async def _run_here(self, method: str, job: JobRuntime, args: tuple, timeout: float):
-        from cluster.render import finalize_job, prepare_job
+        from cluster.render import finalize_job, prepare_job, write_job_mel
 
         if method == "prepare":
             if self._detector is None:
@@ -277,7 +279,10 @@ class Dispatcher:
                 self._detector = MTCNNDetector()
             job_id, request, model_size, output_path = args
             call = lambda: prepare_job(job_id, request, self.s, model_size=model_size, detector=self._detector,  # noqa: E731
-                                       output_path=output_path)
+                                       output_path=output_path, defer_mel=True)
+        elif method == "write_mel":
+            plan, request = args
+            call = lambda: write_job_mel(plan, request, self.s)  # noqa: E731
         elif method == "finalize":
             (plan,) = args
             call = lambda: finalize_job(plan, self.s, commit=False)  # noqa: E731

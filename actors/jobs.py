@@ -27,6 +27,7 @@ from cluster.render import (
     commit_output,
     discard_output,
     output_path_for,
+    plan_for_chunk,
     prepare_deadline,
     with_blobs,
 )
@@ -55,12 +56,19 @@ class JobRuntime:
     losses: dict[int, int] = field(default_factory=dict)        # chunk -> attempts lost with a process
     tokens: dict[int, str] = field(default_factory=dict)        # chunk -> token of the live attempt
     hls: HlsPublisher | None = None  # the job's AAC and HLS segments, published as chunks are verified
+    first_plan: JobPlan | None = None  # the first chunk's plan (the mel head) while the whole mel is written
+    first_sent: asyncio.Event = field(default_factory=asyncio.Event)  # the first chunk went to a compositor
+    published: asyncio.Event = field(default_factory=asyncio.Event)  # replaced once set: a segment was published
     finished: bool = False
     commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # commit + `succeeded`, or cancel: never both
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # a terminal state is stored (`finish`)
     reported: int = 0
     capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
+
+    def plan_for(self, chunk: Chunk) -> JobPlan:
+        """The plan `chunk` renders with (`cluster.render.plan_for_chunk`)."""
+        return self.first_plan if chunk.index == 0 and self.first_plan is not None else self.plan
 
 
 class JobMachine:
@@ -87,6 +95,29 @@ class JobMachine:
             job.reported = min(st.frames_total, max(job.reported, live, st.frames_done))
             st.frames_done = job.reported
         return st
+
+    @staticmethod
+    def _published(job: JobRuntime) -> None:
+        """Wake whoever waits for the job's next segment (`wait_published`)."""
+        event, job.published = job.published, asyncio.Event()
+        event.set()
+
+    async def wait_published(self, job_id: str, known: int, timeout: float) -> None:
+        """Return once the job has published more than `known` HLS segments or has ended, or after
+        `timeout` seconds (a job not running here is looked at again every 0.25 s, as `wait_end`)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            await asyncio.sleep(min(0.25, timeout))
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not job.finished and (job.hls is None or job.hls.published_segments <= known):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(job.published.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     async def wait_end(self, job_id: str, timeout: float) -> None:
         """Return once `job_id` has ended here, or after `timeout` seconds, whichever is first (a job
@@ -121,6 +152,8 @@ class JobMachine:
             job.ended.set()
             if ended and state != JobState.succeeded and job.plan is not None:
                 discard_output(job.plan)
+        if job is not None:
+            self._published(job)  # a segment waiter learns of the end at once
         if ended:
             log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
             try:
@@ -202,7 +235,9 @@ class JobMachine:
                 job.plan = await asyncio.to_thread(with_blobs, job.plan)
             self._register(job.plan)
         st = self.store.get(job.id)
-        job.hls = await asyncio.to_thread(HlsPublisher(job.plan, self.s).start)
+        loop = asyncio.get_running_loop()
+        publisher = HlsPublisher(job.plan, self.s, on_publish=lambda: loop.call_soon_threadsafe(self._published, job))
+        job.hls = await asyncio.to_thread(publisher.start)
         if job.finished:
             job.hls.close()
             return
@@ -210,6 +245,7 @@ class JobMachine:
             job.stage = "render"
             self.store.stage_started(job.id, "render")
             recorded = self.store.done_chunks(job.id)
+            todo = []
             for chunk in job.plan.chunks:
                 seg = recorded.get(chunk.index)
                 if seg is not None and Path(seg).exists():
@@ -217,11 +253,19 @@ class JobMachine:
                 else:
                     if seg is not None:
                         self.store.forget_chunk(job.id, chunk.index)
-                    self.dispatcher.queue.push(job.id, chunk)
+                    todo.append(chunk)
             for index in job.done:
                 job.hls.chunk_done(index)
             if len(job.done) == len(job.plan.chunks):
                 job.all_done.set()
+            if job.plan.mel_pending:  # the first chunk goes now, from the mel head; the others once the mel is whole
+                first = [c for c in todo if c.index == 0]
+                await self._write_mel(job, request, first)
+                if job.finished:
+                    return
+                todo = [c for c in todo if c.index != 0]
+            for chunk in todo:
+                self.dispatcher.queue.push(job.id, chunk)
             self.dispatcher.work.set()
             await self._watch(job)
             if job.finished:
@@ -238,6 +282,34 @@ class JobMachine:
                 return
             await asyncio.to_thread(commit_output, job.plan, self.s)
             self.finish(job.id, JobState.succeeded, output=job.plan.output_path)
+
+    async def _write_mel(self, job: JobRuntime, request, first: list[Chunk]) -> None:
+        """Queue the first chunk (`first`, unless it is rendered already) with the plan that reads
+        the mel head, wait (bounded) until a compositor has it, then have the whole mel written on
+        a compositor of this node (`write_job_mel`) and store the plan with its hash: what a job's
+        first segment waits for does not grow with the length of its audio."""
+        job.first_plan = await asyncio.to_thread(plan_for_chunk, job.plan, job.plan.chunks[0])
+        self._register(job.first_plan)
+        for chunk in first:
+            self.dispatcher.queue.push(job.id, chunk)
+            self.dispatcher.work.set()
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + self.s.chunk_timeout_s  # all compositors busy: the mel goes anyway
+            while not (job.first_sent.is_set() or job.finished) and loop.time() < give_up:
+                try:
+                    await asyncio.wait_for(job.first_sent.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+        if job.finished:
+            return
+        self.store.stage_started(job.id, "features")
+        timeout = await asyncio.to_thread(prepare_deadline, request, self.s)
+        await self.dispatcher.run_step("write_mel", job, job.plan, request, timeout=timeout)
+        job.plan = await asyncio.to_thread(with_blobs, job.plan)
+        self._register(job.plan)
+        self.store.set_plan(job.id, job.plan.model_dump(mode="json"), job.plan.frames_total, len(job.plan.chunks))
+        job.first_plan = None
+        self.store.stage_ended(job.id, "features")
 
     async def _drain_hls(self, job: JobRuntime) -> None:
         """Wait until every chunk is published as HLS and the job's AAC is saved (the final mp4

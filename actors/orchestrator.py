@@ -290,6 +290,12 @@ class JobManager:
         st = self.store.get(job_id)  # the state first: a playlist that has ended never grows
         return await asyncio.to_thread(hls_index, job_id, self._plan(job_id), st.state, self.s)
 
+    async def wait_hls(self, job_id: str, known: int, timeout: float) -> None:
+        """A long poll for a job's segments: returns once it has published more than `known` HLS
+        segments or has ended, or after `timeout` seconds (at most `MAX_WAIT_S`). Unknown jobs raise."""
+        self.store.get(job_id)
+        await self.machine.wait_published(job_id, int(known), min(max(timeout, 0.0), MAX_WAIT_S))
+
     async def read_hls(self, job_id: str, name: str, offset: int, length: int) -> bytes:
         """Up to `length` bytes (at most transfer_part_bytes) of a published HLS file of the job."""
         from cluster.hls import read_published

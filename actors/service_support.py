@@ -144,6 +144,10 @@ class ManagerGateway:
     async def hls_index(self, job_id: str) -> HlsIndex:
         return await self.call("hls_index", job_id)
 
+    async def wait_hls(self, job_id: str, known: int, window: float) -> None:
+        """Until the job has published more than `known` HLS segments or ended, or `window` seconds."""
+        await self.call("wait_hls", job_id, known, window, timeout=window + self.s.actor_call_timeout_s)
+
     async def read_hls(self, job_id: str, name: str, offset: int, length: int) -> bytes:
         return await self.call("read_hls", job_id, name, offset, length)
 

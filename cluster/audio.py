@@ -281,15 +281,20 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int, path: str | os.PathLike) -> int:
+def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int, path: str | os.PathLike,
+                         columns: int | None = None) -> int:
     """`melspectrogram` of the `n_samples`-sample signal that `read(lo, hi)` returns samples of,
     written to `path` as a .npy file (float32 [80, T], the same bytes as `np.save` of the whole
     spectrogram) block by block: memory stays a few MB whatever the length. Atomic (a temporary
-    renamed into place once complete and synced). Returns T."""
+    renamed into place once complete and synced). Returns T.
+
+    `columns`: only the first columns, at least that many (whole blocks of the computation, so
+    each column is bit for bit the one the whole spectrogram has; all of them when fewer): reads
+    only the samples they cover. A job's first chunk renders from these (`mel_head_columns`)."""
     from cluster.fsutil import publish
 
     path = Path(path)
-    n_frames = mel_frame_count(int(n_samples))
+    n_frames = mel_frame_count(int(n_samples)) if columns is None else mel_head_columns(columns, int(n_samples))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # the header for the final shape; the file is sized (sparse) and filled by pwrite, never mapped
@@ -298,7 +303,7 @@ def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int,
         del header
         with open(tmp, "r+b") as f:
             fd = f.fileno()
-            for f0, _f1, block in _mel_blocks(read, int(n_samples)):
+            for f0, _f1, block in _mel_blocks(read, int(n_samples), n_frames):
                 for row in range(N_MELS):
                     os.pwrite(fd, block[row].tobytes(), offset + (row * n_frames + f0) * 4)
             os.fsync(fd)
@@ -309,10 +314,11 @@ def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int,
     return n_frames
 
 
-def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int):
-    """(f0, f1, float32 [80, f1-f0]) over the mel frames of an `n`-sample signal, `read(lo, hi)`
-    giving its samples [lo, hi) (each block reads only the samples its frames cover)."""
-    n_frames = mel_frame_count(n)
+def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int, stop: int | None = None):
+    """(f0, f1, float32 [80, f1-f0]) over the mel frames of an `n`-sample signal (the first `stop`
+    of them), `read(lo, hi)` giving its samples [lo, hi) (each block reads only the samples its
+    frames cover)."""
+    n_frames = mel_frame_count(n) if stop is None else min(stop, mel_frame_count(n))
     basis = mel_filterbank()
     window = _hann(WIN)
     pad = N_FFT // 2
@@ -353,6 +359,16 @@ def mel_window_starts(fps: Fraction, start: int, stop: int) -> np.ndarray:
     fps = Fraction(fps)
     i = np.arange(start, stop, dtype=np.int64)
     return (i * (MEL_COLUMNS_PER_SECOND * fps.denominator)) // fps.numerator
+
+
+def mel_head_columns(columns: int, n_samples: int) -> int:
+    """Columns `write_melspectrogram(..., columns=columns)` writes for an `n_samples`-sample signal."""
+    return min(mel_frame_count(n_samples), -(-max(int(columns), 1) // _STFT_BLOCK_FRAMES) * _STFT_BLOCK_FRAMES)
+
+
+def mel_columns_needed(fps: Fraction, stop: int) -> int:
+    """Mel columns the windows of output frames [0, stop) read (before clamping at the end)."""
+    return int(mel_window_starts(fps, stop - 1, stop)[0]) + MEL_STEP if stop > 0 else 0
 
 
 def mel_windows(mel: np.ndarray, fps: Fraction, start: int, stop: int) -> np.ndarray:

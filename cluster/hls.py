@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 from cluster.config import Settings
 from cluster.errors import JobNotFound, LipsyncError, OutputVerificationError
@@ -48,20 +49,35 @@ PLAYLIST = "index.m3u8"
 #: Names a client may ask for: the init segment(s) and media segments.
 FILE_NAME = re.compile(r"init(-\d{5})?\.mp4|\d{5}-\d{3}\.m4s")
 MIN_SHIFT_FRAMES = 4  # > the encoder's B-frame reorder delay (x264 presets: at most 2)
+AUDIO_LEAD_S = 20.0  # once the first segment is out, the AAC is encoded this far ahead of the next chunk's end
 
 
 def hls_dir(job_dir: str | Path) -> Path:
     return Path(job_dir) / HLS_DIR
 
 
-def stage_file(path: Path, data: bytes) -> Path:
-    """`data` in a temporary file next to `path`, on disk (fsynced): `link_once` publishes it."""
+def stage_file(path: Path, data: bytes, sync: bool = True) -> Path:
+    """`data` in a temporary file next to `path`, on disk (fsynced; without `sync` the caller
+    calls `sync_files` before publishing): `link_once` publishes it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     return tmp
+
+
+def sync_files(paths: list[Path]) -> None:
+    """fsync files written one after another: the first sync commits the journal with all their
+    data (ext4 ordered mode), so the others cost little (one write-and-sync each waits for the disk
+    every time)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def link_once(tmp: Path, path: Path) -> bool:
@@ -203,8 +219,9 @@ class HlsPublisher:
     verified (`chunk_done`), in one worker thread; `drain` waits until everything is published
     and the audio saved for the final mp4; `close` stops publishing (no file appears after it)."""
 
-    def __init__(self, plan, settings: Settings) -> None:
+    def __init__(self, plan, settings: Settings, on_publish: Callable[[], None] | None = None) -> None:
         self.plan, self.settings = plan, settings
+        self.on_publish = on_publish  # called (in the worker thread) after each chunk is published
         self.dir = hls_dir(plan.job_dir)
         self.parts = plan_parts(plan.chunks, gop_frames(settings, plan.fps))
         self._lock = threading.Lock()       # file writes vs close
@@ -228,8 +245,11 @@ class HlsPublisher:
             except Exception as e:  # damaged: encoded again (the encoder is deterministic)
                 log.warning("job %s: saved audio %s unreadable (%r); encoding again", self.plan.job_id, saved, e)
                 saved.unlink(missing_ok=True)
-        if self.track is None:
-            self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate)
+        if self.track is None:  # the first chunk's audio first; the rest as the chunks are published
+            first = self.plan.chunks[0]
+            hold = float(Fraction(first.stop) / self.plan.fps) if self.next_chunk == 0 else None
+            self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate,
+                                  hold_after_s=hold, hold_max_s=self.settings.chunk_timeout_s)
             self._spawn(self._encode_audio, "aac")
         self._spawn(self._publish_loop, "hls")
         return self
@@ -260,6 +280,13 @@ class HlsPublisher:
             if self.error is None:
                 self.error = e
             self._cond.notify_all()
+        if (track := self.track) is not None:
+            track.release()  # the final mp4 still needs the whole track
+
+    @property
+    def published_segments(self) -> int:
+        """Media segments published so far (the parts of the published chunks)."""
+        return sum(1 for p in self.parts if p.chunk < self.next_chunk)
 
     def chunk_done(self, index: int) -> None:
         with self._cond:
@@ -282,6 +309,8 @@ class HlsPublisher:
     def drain(self, timeout: float) -> None:
         """Wait until every chunk is published and the audio is saved; raises what stopped them."""
         deadline = time.monotonic() + timeout
+        if (track := self.track) is not None:
+            track.release()
         with self._cond:
             while self.error is None and not (self.next_chunk >= len(self.plan.chunks)
                                               and (self.dir / AUDIO_FILE).exists()):
@@ -315,6 +344,8 @@ class HlsPublisher:
                     return
                 index = self.next_chunk
             chunk = plan.chunks[index]
+            if index > 0:  # (the first chunk's audio is allowed from the start)
+                track.allow_until(self._end_s(index) + AUDIO_LEAD_S)
             parts = [p for p in self.parts if p.chunk == index]
             sequence0 = self.parts.index(parts[0])
             avcc, segments = package_chunk(plan, chunk, parts, sequence0, track, timeline, plan.frames_total,
@@ -323,9 +354,11 @@ class HlsPublisher:
             marker = {"chunk": index, "init": init, "parts": [
                 {"name": p.name, "start": float(Fraction(p.start) / plan.fps),
                  "duration": float(Fraction(p.frames) / plan.fps)} for p, _ in segments]}
-            staged = [(stage_file(self.dir / part.name, data), self.dir / part.name) for part, data in segments]
-            staged.append((stage_file(self.dir / f"{index:05d}.json", json.dumps(marker).encode()),
+            staged = [(stage_file(self.dir / part.name, data, sync=False), self.dir / part.name)
+                      for part, data in segments]
+            staged.append((stage_file(self.dir / f"{index:05d}.json", json.dumps(marker).encode(), sync=False),
                            self.dir / f"{index:05d}.json"))  # the marker last: it publishes the chunk
+            sync_files([tmp for tmp, _ in staged])
             with self._lock:
                 for tmp, path in staged:
                     if self._closed:
@@ -337,6 +370,14 @@ class HlsPublisher:
             with self._cond:
                 self.next_chunk = index + 1
                 self._cond.notify_all()
+            # the audio of the next chunks, ahead of them; not the whole at once, which would compete
+            # with their rendering (`drain` lets it go on to the end)
+            track.allow_until(self._end_s(min(index + 1, len(plan.chunks) - 1)) + AUDIO_LEAD_S)
+            if self.on_publish is not None:
+                self.on_publish()
+
+    def _end_s(self, index: int) -> float:
+        return float(Fraction(self.plan.chunks[index].stop) / self.plan.fps)
 
     def _init_for(self, track: AacTrack, timeline: Timeline, avcc: bytes, index: int) -> str:
         """The init segment for a chunk with this avcC: init.mp4 when it is the same as the first

@@ -65,6 +65,11 @@ class JobPlan(BaseModel):
     output_path: str
     crf: int | None = None  # the request's output quality; None: the settings' crf
     blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
+    # Set when prepare wrote only the mel columns the first chunk reads (`prepare_job(defer_mel=True)`):
+    # that file; `write_job_mel` writes the whole `mel_path` afterwards, from the same samples.
+    mel_head_path: str = ""
+    decoded_samples: int = 0  # 16 kHz samples the audio input decoded to
+    audio_samples: int = 0    # samples of the signal the mel describes (the audio fitted to the sync mode)
 
     @property
     def fps(self) -> Fraction:
@@ -72,6 +77,22 @@ class JobPlan(BaseModel):
 
     def segment_path(self, index: int) -> str:
         return str(Path(self.job_dir) / "segments" / f"{index:05d}.mp4")
+
+    @property
+    def mel_pending(self) -> bool:
+        """Only the first chunk's mel columns are written yet (`write_job_mel` writes the rest)."""
+        return bool(self.mel_head_path) and not Path(self.mel_path).exists()
+
+
+def plan_for_chunk(plan: JobPlan, chunk: Chunk) -> JobPlan:
+    """The plan `chunk` renders with: while the whole mel is still being written (`mel_pending`), the
+    first chunk reads the mel head (the same columns, bit for bit); other chunks wait for the whole."""
+    if chunk.index != 0 or not plan.mel_pending:
+        return plan
+    from cluster.fsutil import file_sha256
+
+    blobs = {**plan.blobs, "mel": file_sha256(plan.mel_head_path)} if plan.blobs else {}
+    return plan.model_copy(update={"mel_path": plan.mel_head_path, "blobs": blobs})
 
 
 class ChunkResult(BaseModel):
@@ -87,11 +108,13 @@ BLOB_FIELDS = {"template": "template_path", "track": "track_path", "mel": "mel_p
 
 
 def with_blobs(plan: JobPlan) -> JobPlan:
-    """The plan with the content hash of each prepared file it reads (see `localized`)."""
+    """The plan with the content hash of each prepared file it reads (see `localized`); the mel's
+    once it is written (`plan_for_chunk` hashes the head the first chunk reads meanwhile)."""
     from cluster.fsutil import file_sha256
 
     return plan.model_copy(update={"blobs": {role: file_sha256(getattr(plan, field))
-                                             for role, field in BLOB_FIELDS.items()}})
+                                             for role, field in BLOB_FIELDS.items()
+                                             if not (role == "mel" and plan.mel_pending)}})
 
 
 def localized(plan: JobPlan, cache_root: Path, fetcher: Callable[[str], Callable[[int, int], bytes]],
@@ -240,12 +263,23 @@ def prepare_deadline(request: RenderRequest, settings: Settings | None = None) -
 
 @disk_full_guard("prepare")
 def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None = None,
-                model_size: int | None = None, detector=None, output_path: str | None = None) -> JobPlan:
+                model_size: int | None = None, detector=None, output_path: str | None = None,
+                defer_mel: bool = False) -> JobPlan:
     """Prepare the avatar (cached), decode audio to mel features, plan frames and chunks.
 
     The output goes to `output_path` (the cluster passes `output_path_for(job_id)`), else to the
-    request's output, else into the job's directory."""
-    from cluster.audio import SampleFile, decode_audio_to_file, write_melspectrogram
+    request's output, else into the job's directory. With `defer_mel`, a job of several chunks
+    gets only the mel columns its first chunk reads (`mel_head_path`, whole blocks of the
+    computation: a few seconds of audio), so the first chunk can render at once, however long the
+    audio; `write_job_mel` writes the whole spectrogram afterwards."""
+    from cluster.audio import (
+        SampleFile,
+        decode_audio_to_file,
+        mel_columns_needed,
+        mel_frame_count,
+        mel_head_columns,
+        write_melspectrogram,
+    )
     from cluster.faces.avatar import load_avatar, prepare_avatar
     from cluster.plan import make_chunks
 
@@ -274,10 +308,15 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         fps = vinfo.fps
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps, jd)
-        mel_path = jd / "mel.npy"
-        write_melspectrogram(samples.read, len(samples), mel_path)
+        chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
+        mel_path, head_path = jd / "mel.npy", ""
+        head = mel_columns_needed(fps, chunks[0].stop)
+        if defer_mel and len(chunks) > 1 and mel_head_columns(head, len(samples)) < mel_frame_count(len(samples)):
+            head_path = str(jd / "mel-head.npy")
+            write_melspectrogram(samples.read, len(samples), head_path, columns=head)
+        else:
+            write_melspectrogram(samples.read, len(samples), mel_path)
     n_fitted = len(samples)
-    chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
     model = request.model or s.model
     if model_size is None:
         from cluster.models import load_model
@@ -293,7 +332,50 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
         output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
+        mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted,
     )
+
+
+@disk_full_guard("prepare")
+def write_job_mel(plan: JobPlan, request: RenderRequest, settings: Settings | None = None) -> None:
+    """The whole mel spectrogram (`plan.mel_path`) of a job prepared with `defer_mel`: its audio
+    decoded again (the same samples as at prepare, checked), the sync mode's fitting applied, the
+    columns checked against the head the first chunk rendered from, then published atomically.
+    Nothing to do when it is written already (a step run again after a restart)."""
+    from cluster.audio import SampleFile, decode_audio_to_file, write_melspectrogram
+    from cluster.fsutil import publish
+
+    s = settings or get_settings()
+    mel_path = Path(plan.mel_path)
+    if mel_path.exists() or not plan.mel_head_path:
+        return
+    where = dict(job_id=plan.job_id, stage="prepare")
+    if request.audio is None or not Path(request.audio).exists():
+        raise InputsGone(f"job {plan.job_id}: stored audio input {request.audio} no longer exists", path=request.audio,
+                         **where)
+    tmp = mel_path.with_name(f".{mel_path.name}.{uuid.uuid4().hex[:8]}.whole.npy")
+    try:
+        with tempfile.TemporaryFile(dir=plan.job_dir, prefix="audio16k.") as raw:
+            try:
+                n_samples = decode_audio_to_file(request.audio, raw, s)
+            except LipsyncError as e:
+                _name_sources(e, request).with_context(**where)
+                raise
+            if n_samples != plan.decoded_samples:
+                raise OutputVerificationError(f"job {plan.job_id}: its audio decodes to {n_samples} samples now, "
+                                              f"{plan.decoded_samples} when it was prepared", path=request.audio,
+                                              **where)
+            samples = SampleFile(raw, n_samples, plan.audio_samples)
+            write_melspectrogram(samples.read, len(samples), tmp)
+        head = np.load(plan.mel_head_path, mmap_mode="r")
+        whole = np.load(tmp, mmap_mode="r")
+        if not np.array_equal(head, whole[:, :head.shape[1]]):
+            raise OutputVerificationError(f"job {plan.job_id}: the mel features differ from the head its first "
+                                          f"chunk rendered from", path=plan.mel_head_path, **where)
+        del head, whole
+        publish(tmp, mel_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_frames: int, fps: Fraction,
@@ -325,9 +407,11 @@ def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_fram
 
 def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:
     """Raise `InputsGone` naming the first stored input or prepared file that no longer exists
-    (`render_only`: only those a chunk reads)."""
-    files = [("normalised template", plan.template_path), ("face track", plan.track_path),
-             ("mel features", plan.mel_path)]
+    (`render_only`: only those a chunk reads, the whole mel among them; otherwise, while the whole
+    mel is pending, its head instead)."""
+    pending = plan.mel_pending and not render_only
+    mel = ("mel features (first chunk)", plan.mel_head_path) if pending else ("mel features", plan.mel_path)
+    files = [("normalised template", plan.template_path), ("face track", plan.track_path), mel]
     for what, p in files if render_only else [("audio input", plan.audio_path), *files]:
         if not Path(p).exists():
             raise InputsGone(f"job {plan.job_id}: the {what} {p} no longer exists", job_id=plan.job_id, path=p)
@@ -505,7 +589,7 @@ def render_local(request: RenderRequest, settings: Settings | None = None, model
     job_id = job_id or new_job_id()
     model = model or load_model(request.model or s.model, s)
     admitted = admit(job_id, request, s)
-    plan = prepare_job(job_id, admitted, s, model_size=model.size)
+    plan = prepare_job(job_id, admitted, s, model_size=model.size, defer_mel=True)
     done = 0
 
     def tick(n: int) -> None:
@@ -518,9 +602,11 @@ def render_local(request: RenderRequest, settings: Settings | None = None, model
 
     publisher = HlsPublisher(plan, s).start()  # the same HLS output as in the cluster
     try:
-        for chunk in plan.chunks:
-            render_chunk(plan, chunk, model.generate, s, progress=tick)
+        for chunk in plan.chunks:  # the first one from the mel head, as in the cluster
+            render_chunk(plan_for_chunk(plan, chunk), chunk, model.generate, s, progress=tick)
             publisher.chunk_done(chunk.index)
+            if chunk.index == 0:
+                write_job_mel(plan, admitted, s)
         publisher.drain(s.chunk_timeout_s)
         return finalize_job(plan, s)
     finally:

@@ -54,10 +54,17 @@ def _bitrate(text: str | int) -> int:
 
 
 class AacTrack:
-    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)]."""
+    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)].
 
-    def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k") -> None:
+    `hold_after_s`: `encode` pauses once its packets reach that time, until `allow_until` moves the
+    limit on, `release` lifts it (or `stop`; a pause lasts at most `hold_max_s` seconds, then the
+    limit is gone): a job's first segment needs only its own audio, and encoding the whole audio at
+    once would compete with the rendering of the first segments for the CPU."""
+
+    def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k",
+                 hold_after_s: float | None = None, hold_max_s: float = 60.0) -> None:
         self.audio_path, self.duration, self.bitrate = str(audio_path), float(duration), _bitrate(bitrate)
+        self._hold_after_s, self._hold_max_s = hold_after_s, float(hold_max_s)
         self.packets: list[tuple[int, bytes]] = []
         self.sample_rate = 0
         self.channels = 0
@@ -73,6 +80,34 @@ class AacTrack:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+
+    def release(self) -> None:
+        """Let a held `encode` (see `hold_after_s`) go on to the end."""
+        with self._cond:
+            self._hold_after_s = None
+            self._cond.notify_all()
+
+    def allow_until(self, seconds: float) -> None:
+        """Let a held `encode` go on up to `seconds` (never moves the limit back; none stays none)."""
+        with self._cond:
+            if self._hold_after_s is not None and seconds > self._hold_after_s:
+                self._hold_after_s = float(seconds)
+                self._cond.notify_all()
+
+    def _reached_limit(self) -> bool:
+        return (self._hold_after_s is not None and bool(self.packets)
+                and self.packets[-1][0] >= self._hold_after_s * self.sample_rate)
+
+    def _hold(self) -> None:
+        """Pause (bounded) while the packets have reached the limit (`hold_after_s`)."""
+        with self._cond:
+            if not self._reached_limit():
+                return
+            deadline = time.monotonic() + self._hold_max_s
+            while self._reached_limit() and not self._stopped and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(left, 1.0))
+            if self._reached_limit():  # nobody moved it on in time: no limit any more
+                self._hold_after_s = None
 
     # --- producing ---------------------------------------------------------------------------
     def encode(self) -> "AacTrack":
@@ -128,6 +163,7 @@ class AacTrack:
                         self._cond.notify_all()
 
             for frame in _decoded_frames(inp, stream, self.audio_path):
+                self._hold()
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):

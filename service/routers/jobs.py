@@ -132,7 +132,11 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
                 yield b": keep-alive\n\n"
             if await request.is_disconnected():
                 return
-            st = await gateway.wait(job_id, 0.5 if not segments else 0.25)  # at once when the job ends
+            if segments:  # at once when a segment is published or the job ends
+                await gateway.wait_hls(job_id, sent_segments, 0.25)
+                st = await gateway.get(job_id)  # the state before the index (top): an ended playlist never grows
+            else:
+                st = await gateway.wait(job_id, 0.5)  # at once when the job ends
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,152 @@
+"""A job's first segment does not wait for the whole of its audio (issue 20's first-frame target).
+
+Prepare writes only the mel columns the first chunk reads (`prepare_job(defer_mel=True)`); the
+first chunk renders and publishes from them while the whole spectrogram is written afterwards
+(`write_job_mel`), bit for bit the one a whole prepare writes. The job's AAC is encoded up to
+the first chunk's end, then held until the first segment is published. Checked on real files:
+the first segment's HLS marker exists while `mel.npy` does not.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.schemas import JobState, RenderRequest
+from tests.helpers import decode_all, wait_until
+
+LONG_SECONDS = 13.2  # > 1024 mel columns (12.8 s): the first chunk's columns are a head, not the whole
+
+
+@pytest.fixture(scope="module")
+def long_wav(media_dir) -> str:
+    from cluster.synth import speech_like, write_audio
+
+    return write_audio(str(media_dir / "speech_long.wav"), speech_like(LONG_SECONDS, seed=5))
+
+
+def test_first_chunk_is_published_before_the_whole_mel_is_written(tmp_path, long_wav, astronaut_video):
+    from cluster.audio import load_audio, mel_frame_count, melspectrogram
+    from cluster.config import Settings
+    from cluster.errors import InputsGone
+    from cluster.hls import AUDIO_FILE, HlsPublisher, hls_dir, published_chunks
+    from cluster.models import load_model
+    from cluster.render import admit, plan_for_chunk, prepare_job, render_chunk, write_job_mel
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0, keep_segments=True)
+    model = load_model("builtin", s)
+    request = admit("deferred", RenderRequest(audio=long_wav, video=astronaut_video), s)
+    plan = prepare_job("deferred", request, s, model_size=model.size, defer_mel=True)
+    mel, head_path = Path(plan.mel_path), Path(plan.mel_head_path)
+    assert plan.mel_pending and head_path.is_file() and not mel.exists()
+    head = np.load(head_path)
+    assert head.shape[1] < mel_frame_count(plan.audio_samples)  # a head, not the whole spectrogram
+    with pytest.raises(InputsGone):  # the other chunks wait for the whole mel
+        render_chunk(plan, plan.chunks[1], model.generate, s)
+
+    publisher = HlsPublisher(plan, s).start()
+    try:
+        first = plan.chunks[0]
+        # the AAC stops at the first chunk's end until its segment is out
+        track = publisher.track
+        track.wait_format(60)
+        end = float(first.stop / plan.fps)
+        track.wait_until(round(end * track.sample_rate), 60)
+        time.sleep(0.3)
+        assert track.packets[-1][0] < track.sample_rate * (end + 0.5) and not track.done
+        render_chunk(plan_for_chunk(plan, first), first, model.generate, s)
+        publisher.chunk_done(0)
+        directory = hls_dir(plan.job_dir)
+        wait_until(lambda: published_chunks(directory, len(plan.chunks)), 60, what="the first segment")
+        assert not mel.exists()  # published from the head alone
+        wait_until(lambda: (directory / AUDIO_FILE).exists(), 60, what="the whole AAC once the segment is out")
+    finally:
+        publisher.close()
+    first_from_head = decode_all(plan.segment_path(0))
+
+    write_job_mel(plan, request, s)
+    assert not plan.mel_pending
+    whole = np.load(mel)
+    assert np.array_equal(whole, melspectrogram(load_audio(long_wav, s)))
+    assert np.array_equal(whole[:, :head.shape[1]], head)
+    reference = prepare_job("whole", admit("whole", RenderRequest(audio=long_wav, video=astronaut_video), s), s,
+                            model_size=model.size)
+    assert not reference.mel_head_path and mel.read_bytes() == Path(reference.mel_path).read_bytes()
+    render_chunk(plan, plan.chunks[0], model.generate, s)  # the first chunk again, from the whole mel
+    assert np.array_equal(decode_all(plan.segment_path(0)), first_from_head)
+
+    mel.unlink()  # a step run again (e.g. after a restart) writes the same file
+    assert plan.mel_pending
+    write_job_mel(plan, request, s)
+    assert np.array_equal(np.load(mel), whole)
+
+
+def test_a_short_job_writes_its_whole_mel_at_prepare(tmp_path, speech_wav, astronaut_video):
+    from cluster.config import Settings
+    from cluster.render import admit, prepare_job
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0)
+    plan = prepare_job("short", admit("short", RenderRequest(audio=speech_wav, video=astronaut_video), s), s,
+                       model_size=96, defer_mel=True)
+    assert len(plan.chunks) > 1 and not plan.mel_head_path and Path(plan.mel_path).is_file()
+
+
+@pytest.mark.ray
+def test_cluster_job_renders_its_first_chunk_from_the_mel_head(runtime, long_wav, astronaut_video, tmp_path):
+    from cluster.hls import hls_dir, published_chunks
+
+    job = runtime.submit(RenderRequest(audio=long_wav, video=astronaut_video, output=str(tmp_path / "o.mp4")))
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert "features" in {stage.stage for stage in st.stages}  # the whole mel was its own step
+    job_dir = Path(runtime.settings.storage_root) / "jobs" / job.id
+    assert (job_dir / "mel-head.npy").is_file() and (job_dir / "mel.npy").is_file()
+    frames = decode_all(st.output)
+    assert len(frames) == round(LONG_SECONDS * 25)
+    markers = published_chunks(hls_dir(job_dir), 10_000)
+    assert sum(round(p["duration"] * 25) for m in markers for p in m["parts"]) == len(frames)
+
+
+@pytest.mark.ray
+def test_a_restarted_manager_writes_a_missing_whole_mel_again(runtime, long_wav, astronaut_video, tmp_path):
+    import ray
+
+    from cluster.audio import load_audio, melspectrogram
+
+    # a model that takes 40 ms a frame (no CPU): the job is still rendering when the manager goes
+    job = runtime.submit(RenderRequest(audio=long_wav, video=astronaut_video, output=str(tmp_path / "o.mp4"),
+                                       model="latency:40:96"))
+    mel = Path(runtime.settings.storage_root) / "jobs" / job.id / "mel.npy"
+    wait_until(lambda: mel.exists() or runtime.status(job.id).state.terminal, 120, what="the whole mel")
+    assert not runtime.status(job.id).state.terminal
+    ray.kill(runtime.manager(), no_restart=False)
+    mel.unlink()  # the head stays: the resumed job writes the whole mel again before its other chunks
+    st = runtime.wait(job.id, timeout=300)
+    assert st.state == JobState.succeeded, st.error
+    assert len(decode_all(st.output)) == round(LONG_SECONDS * 25)
+    assert np.array_equal(np.load(mel), melspectrogram(load_audio(long_wav)))
+
+
+def test_aac_is_encoded_up_to_its_limit_and_paced_on(long_wav):
+    import threading
+
+    from cluster.media.aac import AacTrack
+
+    track = AacTrack(long_wav, LONG_SECONDS, hold_after_s=1.0, hold_max_s=60)
+    worker = threading.Thread(target=track.encode, daemon=True)
+    worker.start()
+    try:
+        track.wait_format(60)
+        for limit in (1.0, 5.0):  # held at each limit, never far past it
+            track.wait_until(round(limit * track.sample_rate), 60)
+            time.sleep(0.3)
+            assert track.packets[-1][0] < track.sample_rate * (limit + 0.5) and not track.done
+            track.allow_until(limit + 4.0)
+        track.allow_until(2.0)  # a limit never moves back
+        track.release()
+        worker.join(60)
+        assert track.done and track.packets[-1][0] >= track.sample_rate * (LONG_SECONDS - 0.1)
+    finally:
+        track.stop()
