@@ -90,9 +90,9 @@ class Dispatcher:
                 return
             token = job.tokens[chunk.index] = uuid.uuid4().hex[:12]
             job.inflight_frames[chunk.index] = 0
-            # Ray's own task name (`Compositor.render_chunk`): a name unique to each call cost the
-            # job manager and the GCS memory they kept (docs/PERFORMANCE.md, an hour of speech);
-            # the job and chunk are in the compositor's log context instead
+            # Ray's own task name (`Compositor.render_chunk`): Ray keeps state per task name, so
+            # names unique to each call grew with a job's length (docs/PERFORMANCE.md, an hour of
+            # speech); the job and chunk are in the compositor's log context instead
             ref = member.handle.render_chunk.remote(job.plan_for(chunk), chunk, token, self.on_this_node(member))
             if chunk.index == 0:
                 job.first_sent.set()  # the job's whole mel may be written now (JobMachine._write_mel)
