@@ -149,14 +149,15 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
     assert final.recording_seconds >= 3.2
 
 
-def _model_worker_pids(service) -> list[int]:
-    """PIDs of this service's model worker processes (descendants of its `lipsync serve`)."""
+def _actor_pids(service, title: str) -> list[int]:
+    """PIDs of this service's processes (descendants of its `lipsync serve`) whose Ray title
+    starts with `title` (e.g. `ray::ModelWorker`)."""
     import psutil
 
     pids = []
     for child in psutil.Process(service.proc.pid).children(recursive=True):
         try:
-            if " ".join(child.cmdline()).startswith("ray::ModelWorker"):
+            if " ".join(child.cmdline()).startswith(title):
                 pids.append(child.pid)
         except psutil.Error:
             continue
@@ -178,7 +179,7 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         time.sleep(1.2)
-        pids = _model_worker_pids(service)
+        pids = _actor_pids(service, "ray::ModelWorker")
         assert pids, "no model worker process of this service found"
         os.kill(pids[0], signal.SIGKILL)
         sender.join(60)
@@ -213,19 +214,10 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
     import signal
     import threading
 
-    import psutil
-
     from cluster.client import Client
 
     def manager_pids() -> list[int]:
-        out = []
-        for child in psutil.Process(service.proc.pid).children(recursive=True):
-            try:
-                if " ".join(child.cmdline()).startswith("ray::JobManager"):
-                    out.append(child.pid)
-            except psutil.Error:
-                continue
-        return out
+        return _actor_pids(service, "ray::JobManager")
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
