@@ -139,6 +139,7 @@ def first_frame(service: HttpService, audio: str, avatar_id: str, model: str, ca
             time.sleep(0.05)
         service.http.delete(f"/v1/jobs/{job_id}")
         total = None
+        _wait_chunks_drained(service, job_id)
     else:
         while (view := service.http.get(f"/v1/jobs/{job_id}").json())["state"] not in TERMINAL:
             time.sleep(0.1)
@@ -160,6 +161,22 @@ TIMELINE_COLUMNS = {"prepare_started": "prepare started", "mel_head_written": "m
 def _median_of(jobs: list[dict], key: str):
     values = [j["timeline"][key] for j in jobs if key in j["timeline"]]
     return statistics.median(values) if values else "-"
+
+
+def _wait_chunks_drained(service: HttpService, job_id: str, timeout: float = 120.0) -> None:
+    """After a cancel: until the job is terminal and no chunk of it is still being rendered (a
+    chunk in progress writes `<segment>.<id>.tmp.mp4` and cannot be interrupted), so that the next
+    job measured does not wait behind the cancelled one's last chunks."""
+    from cluster.render import job_dir
+
+    segments = job_dir(job_id, service.warm.settings) / "segments"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = service.http.get(f"/v1/jobs/{job_id}").json()["state"]
+        if state in TERMINAL and not list(segments.glob("*.tmp.mp4")):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"cancelled job {job_id} still had chunks rendering after {timeout:.0f} s")
 
 
 def _second_marker(service: HttpService, job_id: str) -> Path:
