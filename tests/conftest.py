@@ -110,19 +110,6 @@ def speech4_wav(media_dir) -> str:
     return write_audio(str(media_dir / "speech4.wav"), speech_like(4.0, seed=7))
 
 
-@pytest.fixture(scope="session")
-def reference_4s(ray_settings, speech4_wav, astronaut_video, media_dir) -> str:
-    """`speech4_wav` on `astronaut_video` rendered in this process without Ray, with the Ray tests'
-    chunk and batch sizes: the frames every fault test of that job must reproduce (tests/test_runtime.py,
-    the multi-node scenarios). Rendered once for the session."""
-    from cluster.render import render_local
-    from cluster.schemas import RenderRequest
-
-    out = media_dir / "reference4.mp4"
-    render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(out)), ray_settings)
-    return str(out)
-
-
 # --- the hostile input corpus (tests/corpus.py) -----------------------------------------------
 @pytest.fixture(scope="session")
 def hostile_corpus():

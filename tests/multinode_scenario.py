@@ -21,13 +21,11 @@ from cluster.schemas import JobState, RenderRequest
 from tests.helpers import decode_all, wait_until
 
 
-def main(audio: str, video: str, out_dir: str, reference_mp4: str | None = None) -> None:
+def main(audio: str, video: str, out_dir: str) -> None:
     settings = Settings(model_workers=2, compositors=3, chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0,
                         stall_timeout_s=60.0, max_chunk_attempts=2)
-    # the fault-free frames: rendered once by the test session (tests/conftest.py `reference_4s`,
-    # the same chunk and batch sizes), or here when run alone
-    reference = decode_all(reference_mp4 or str(render_local(
-        RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"), settings).path))
+    reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),
+                                            settings).path))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=3, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes(timeout=120)
@@ -59,4 +57,4 @@ def main(audio: str, video: str, out_dir: str, reference_mp4: str | None = None)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:4])

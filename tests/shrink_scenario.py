@@ -66,13 +66,11 @@ def _converge(rt: Runtime, settings: Settings, want: dict, timeout: float = 120.
     return None
 
 
-def main(audio: str, video: str, out_dir: str, reference_mp4: str | None = None) -> None:
+def main(audio: str, video: str, out_dir: str) -> None:
     settings = Settings(compositors=3, chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0,
                         stall_timeout_s=24.0, pool_reconcile_s=1.0, max_chunk_attempts=3)
-    # the fault-free frames: rendered once by the test session (tests/conftest.py `reference_4s`,
-    # the same chunk and batch sizes), or here when run alone
-    reference = decode_all(reference_mp4 or str(render_local(
-        RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"), settings).path))
+    reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),
+                                            settings).path))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "_system_config": FAST_NODE_DEATH})
     ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
@@ -122,4 +120,4 @@ def main(audio: str, video: str, out_dir: str, reference_mp4: str | None = None)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:4])

@@ -15,13 +15,12 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _scenario(module: str, speech4_wav: str, astronaut_video: str, tmp_path: Path, timeout: float,
-              *reference: str) -> dict:
+def _scenario(module: str, speech4_wav: str, astronaut_video: str, tmp_path: Path, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["LIPSYNC_STORAGE_ROOT"] = str(tmp_path / "storage")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", module, speech4_wav, astronaut_video, str(tmp_path), *reference],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", module, speech4_wav, astronaut_video, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
@@ -47,7 +46,7 @@ def test_nodes_without_the_storage_root_render_grow_and_survive_a_node_kill(spee
     assert result["model_file_loaded_on_isolated_node"] == 96, result  # a model file fetched through Ray
 
 
-def test_job_survives_removal_of_a_worker_node(speech4_wav, astronaut_video, reference_4s, tmp_path):
+def test_job_survives_removal_of_a_worker_node(speech4_wav, astronaut_video, tmp_path):
     """The same fault on `ray.cluster_utils.Cluster` nodes (one shared disk): a removed node's
     chunks are rendered on the rest. Runs where mount namespaces are not permitted (the test
     above covers it, more strictly, where they are)."""
@@ -55,21 +54,20 @@ def test_job_survives_removal_of_a_worker_node(speech4_wav, astronaut_video, ref
 
     if mount_namespaces_work(tmp_path / "probe") is None:
         pytest.skip("covered by test_nodes_without_the_storage_root_render_grow_and_survive_a_node_kill")
-    result = _scenario("tests.multinode_scenario", speech4_wav, astronaut_video, tmp_path, 560, reference_4s)
+    result = _scenario("tests.multinode_scenario", speech4_wav, astronaut_video, tmp_path, timeout=560)
     assert result["state_at_removal"] == "rendering", result
     assert result["actors_on_removed_node"], result
     assert result["state"] == "succeeded", result
     assert result["identical"], result
 
 
-def test_pool_follows_a_cluster_that_grows_into_it_and_shrinks_below_it(speech4_wav, astronaut_video, reference_4s,
-                                                                        tmp_path):
+def test_pool_follows_a_cluster_that_grows_into_it_and_shrinks_below_it(speech4_wav, astronaut_video, tmp_path):
     """3 compositors asked for on a 1-CPU head: a submit is refused at once (`cluster.unplaceable`);
     two GPU nodes join and the pool starts by itself (2 workers, 3 compositors). A node leaves
     (3 CPUs, 1 GPU left): the pool becomes 1 model worker and 2 compositors, all live, none of ours
     waiting in Ray for resources that are gone; the job manager and then the model worker are
     SIGKILLed, and a job renders the fault-free frames."""
-    result = _scenario("tests.shrink_scenario", speech4_wav, astronaut_video, tmp_path, 560, reference_4s)
+    result = _scenario("tests.shrink_scenario", speech4_wav, astronaut_video, tmp_path, timeout=560)
     assert result["refused"] and result["refused"]["code"] == "cluster.unplaceable", result
     assert result["refused"]["s"] < 30 and "CPU(s)" in result["refused"]["message"], result
     assert len(result["pool_before"]["models"]) == 2 and len(result["pool_before"]["compositors"]) == 3, result

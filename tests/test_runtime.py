@@ -16,9 +16,13 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def reference(reference_4s):
-    """The fault-free frames of the same job, rendered in-process without Ray (tests/conftest.py)."""
-    return decode_all(reference_4s)
+def reference(ray_settings, speech4_wav, astronaut_video, tmp_path_factory):
+    """The fault-free output of the same job, rendered in-process without Ray."""
+    from cluster.render import render_local
+
+    out = tmp_path_factory.mktemp("ref") / "reference.mp4"
+    render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(out)), ray_settings)
+    return decode_all(str(out))
 
 
 def _request(audio, video, tmp_path, name="out.mp4", **kw) -> RenderRequest:
