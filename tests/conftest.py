@@ -84,8 +84,17 @@ def runtime(ray_settings):
 
     from actors.runtime import Runtime
 
-    ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace, include_dashboard=False,
-             log_to_driver=False)
+    for attempt in (1, 2, 3):
+        try:
+            ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace,
+                     include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            # Ray gives its raylet a fixed 30 s to register: an overloaded machine misses it (as
+            # `lipsync serve` does, actors/runtime.py, start again)
+            if "timed out during startup" not in str(e) or attempt == 3:
+                raise
+            ray.shutdown()
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
     assert any(m["health"] == "live" for m in state["models"]), state

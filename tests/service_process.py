@@ -64,7 +64,10 @@ class ServiceProcess:
         self._ray_dirs.append(ray_dir)
         lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
         cmd = [lipsync, "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
-               "--ray-temp-dir", ray_dir, *([] if self.dashboard else ["--no-dashboard"])]
+               "--ray-temp-dir", ray_dir,
+               # a free port: `lipsync serve` asks Ray for exactly 8265 by default, which another Ray
+               # on a shared machine may hold
+               *(["--dashboard-port", str(free_port())] if self.dashboard else ["--no-dashboard"])]
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self

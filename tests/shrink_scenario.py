@@ -32,6 +32,11 @@ from cluster.schemas import JobState, RenderRequest
 from tests.helpers import decode_all
 
 WAITING = {"PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"}
+#: The GCS declares a node dead after this many failed health checks this far apart (Ray's
+#: defaults, 5 x 3 s, made every removal here wait about 15 s before the pool could react);
+#: a check still times out only after Ray's 10 s.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+POLL_S = 0.5
 
 
 def _ours_waiting(namespace: str) -> list[str]:
@@ -57,7 +62,7 @@ def _converge(rt: Runtime, settings: Settings, want: dict, timeout: float = 120.
         if (all(len(pool[k]) == n and all(h == "live" for _, h in pool[k]) for k, n in want.items())
                 and not _ours_waiting(settings.namespace)):
             return round(time.monotonic() - t0, 1)
-        time.sleep(2)
+        time.sleep(POLL_S)
     return None
 
 
@@ -66,7 +71,8 @@ def main(audio: str, video: str, out_dir: str) -> None:
                         stall_timeout_s=24.0, pool_reconcile_s=1.0, max_chunk_attempts=3)
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),
                                             settings).path))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": FAST_NODE_DEATH})
     ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
     result: dict = {}
     try:
@@ -84,7 +90,7 @@ def main(audio: str, video: str, out_dir: str) -> None:
             pool = _pool(rt)
             if len(pool["models"]) == 2 and all(h == "live" for k in pool for _, h in pool[k]):
                 break
-            time.sleep(2)
+            time.sleep(POLL_S)
         result["pool_before"] = _pool(rt)
         cluster.remove_node(nodes[0], allow_graceful=False)
         want = {"models": 1, "compositors": 2}

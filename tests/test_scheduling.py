@@ -210,7 +210,9 @@ def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
         "from actors.supervision import Supervisor, TaskSet\n"
         "from cluster.config import Settings\n"
         f"s = Settings(storage_root={str(tmp_path)!r})\n"
-        "ray.init(address='local', num_cpus=16, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+        # no 16 idle workers started ahead for the driver (Ray's default): nothing runs here
+        "ray.init(address='local', num_cpus=16, num_gpus=1, include_dashboard=False, log_to_driver=False,\n"
+        "         _system_config={'prestart_worker_first_driver': False})\n"
         "try:\n"
         "    size = Supervisor(s, TaskSet(), asyncio.Event()).sizes()\n"
         "    print(json.dumps({'workers': size.model_workers, 'compositors': size.compositors,\n"

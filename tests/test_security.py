@@ -66,6 +66,9 @@ def test_the_embedded_ray_refuses_a_client_without_its_token(runtime, tmp_path):
     gcs = ray.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)
+    # Ray tries a refused connection to the GCS 20 times, 1 s apart, before it gives up: 3 are
+    # enough to see the refusal (the answer is the same each time); no authentication setting
+    env["RAY_NUM_REDIS_GET_RETRIES"] = "3"
     script = f"import ray\nray.init(address={gcs!r}, log_to_driver=False)\nprint('JOINED')"
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           check=False)

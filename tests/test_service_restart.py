@@ -1,5 +1,6 @@
-"""Durability and admission of the HTTP service: a bounded queue answers 429; SIGKILL of the whole
-`lipsync serve` process group mid-job, a start on the same storage root, and the job finishes."""
+"""Durability, admission and privacy of the HTTP service: a bounded queue answers 429; SIGKILL of
+the whole `lipsync serve` process group mid-job, a start on the same storage root, and the job
+finishes; its sockets and Ray's files are private; SIGTERM stops it cleanly, also while it starts."""
 from __future__ import annotations
 
 import ipaddress
@@ -47,20 +48,43 @@ class Receiver:
 
 
 def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
+    """One `lipsync serve` that a new user starts on one machine (embedded Ray, Ray's own token file
+    under HOME) with a queue bound of 1:
+    - a finished job (and its HLS stream) answers the same after a restart; a second unfinished job
+      is refused 429 + Retry-After (and 10001 on /easy); SIGKILL of the whole process group while a
+      job renders, a start on the same storage root (dashboard on, as by default): the job
+      finishes, its HLS decodes to its mp4, its callback is delivered once, signed; a failing
+      callback is retried, the job stays succeeded;
+    - that start is private (_check_private);
+    - with an SSE stream open on a rendering job, SIGTERM stops it promptly (_stop_with_a_stream_open).
+    (One service for all three: the privacy and prompt-stop checks used to start their own, about
+    15 s a start on 2 cores. Only one start has the dashboard: when Ray's start times out on an
+    overloaded machine, `lipsync serve`'s second attempt finds its dashboard port still held by the
+    first, and exits.)"""
     from cluster.callbacks import verify
     from cluster.client import Client
     from cluster.synth import astronaut_template, speech_like, write_audio
     from tests.test_service import verify_mp4
 
+    root = tmp_path_factory.mktemp("svc-restart")
+    home = root / "home"
+    (home / ".ray").mkdir(parents=True)
+    token_file = home / ".ray" / "auth_token"
+    token_file.write_text("0123456789abcdef0123456789abcdef")
+    os.chmod(token_file, 0o644)
+    os.chmod(home / ".ray", 0o755)
+    # Ray's own token file (no RAY_AUTH_TOKEN) under this HOME; no wider binding asked for anywhere;
     # private URLs allowed here so that callbacks can reach the loopback receivers of this test
-    svc = ServiceProcess(tmp_path_factory.mktemp("svc-restart"),
-                         env={"LIPSYNC_MAX_QUEUED_JOBS": "1", "LIPSYNC_ALLOW_PRIVATE_URLS": "1",
-                              "LIPSYNC_CALLBACK_ATTEMPTS": "3"})
+    svc = ServiceProcess(root / "svc",
+                         env={"HOME": str(home), "RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None,
+                              "LIPSYNC_STALL_TIMEOUT_S": "120", "LIPSYNC_MAX_QUEUED_JOBS": "1",
+                              "LIPSYNC_ALLOW_PRIVATE_URLS": "1", "LIPSYNC_CALLBACK_ATTEMPTS": "3"})
     good, bad = Receiver(200), Receiver(500)
     video = astronaut_template(str(svc.input_root / "face.mp4"), seconds=1.0, fps=25, size=(320, 240))
     seconds = 3.0
     audio = write_audio(str(svc.input_root / "long.wav"), speech_like(seconds, seed=5))
     short = write_audio(str(svc.input_root / "short.wav"), speech_like(0.8, seed=6))
+    longer = write_audio(str(svc.input_root / "longer.wav"), speech_like(30.0, seed=9))
     svc.start()
     try:
         c = Client(svc.url, token=svc.token, retries=0)
@@ -94,7 +118,9 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
             time.sleep(0.2)
         assert job.view.state.value == "rendering", job.view
         svc.kill()
+        svc.dashboard = True  # started again as by default, dashboard on (one start with it: see _check_private)
         svc.start()
+        _check_private(svc, token_file)
         c2 = Client(svc.url, token=svc.token, retries=8)
         after = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
         assert after == done_before
@@ -133,8 +159,8 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert len(bad.posts) == 3
         time.sleep(1.0)
         assert len(bad.posts) == 3 and c2.get("cb-fails").state.value == "succeeded"
-        # SIGTERM stops the service cleanly (exit status 0)
-        assert svc.stop() == 0
+        # SIGTERM stops the service cleanly (exit status 0) and promptly, with an event stream open
+        _stop_with_a_stream_open(svc, c2, longer, video)
     finally:
         svc.cleanup()
         good.close()
@@ -218,83 +244,65 @@ def _alive(pids: list[int]) -> list[str]:
     return left
 
 
-def test_a_service_on_one_machine_is_private_and_stops_promptly(tmp_path):
+def _check_private(svc: ServiceProcess, token_file: Path) -> None:
     """`lipsync serve` with its embedded Ray (dashboard on, as by default), as a new user runs it:
     every listening socket of its process tree is on loopback; Ray's token file (an existing 0644
     one, as Ray writes it) is 0600 in a 0700 directory, and Ray's session directory inside a 0700
-    directory (Ray makes its own 0777); after a
-    job, with an SSE stream open on a job that is rendering, SIGTERM stops it within 10 s, exit
-    status 0, no process of the tree left, the unfinished job left resumable (not terminal)."""
-    from cluster.client import Client
+    directory (Ray makes its own 0777)."""
+    pids = _tree(svc.proc.pid)
+    sockets = _listening(pids)
+    assert any(port == svc.port for *_, port in sockets), sockets
+    wide = [s for s in sockets if not _is_loopback(s[2])]
+    assert not wide, f"listening beyond loopback: {wide}"
+    assert token_file.read_text() == "0123456789abcdef0123456789abcdef"  # tightened, not replaced
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    private = Path(svc._ray_dirs[-1])  # --ray-temp-dir: Ray's sessions go under it, in ray/
+    session = (private / "ray" / "session_latest").resolve()
+    assert session.is_relative_to(private) and (session / "sockets").is_dir()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700 and private.stat().st_uid == os.getuid()
+
+
+def _stop_with_a_stream_open(svc: ServiceProcess, c, longer: str, video: str) -> None:
+    """After jobs, with an SSE stream open on a job that is rendering, SIGTERM stops the service
+    within 10 s, exit status 0, no process of the tree left, the unfinished job left resumable
+    (not terminal)."""
     from cluster.jobstore import JobStore
-    from cluster.synth import astronaut_template, speech_like, write_audio
 
-    home = tmp_path / "home"
-    (home / ".ray").mkdir(parents=True)
-    token_file = home / ".ray" / "auth_token"
-    token_file.write_text("0123456789abcdef0123456789abcdef")
-    os.chmod(token_file, 0o644)
-    os.chmod(home / ".ray", 0o755)
-    # Ray's own token file (no RAY_AUTH_TOKEN) under this HOME; no wider binding asked for anywhere
-    svc = ServiceProcess(tmp_path / "svc", dashboard=True,
-                         env={"HOME": str(home), "RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None,
-                              "LIPSYNC_STALL_TIMEOUT_S": "120"})
-    video = astronaut_template(str(svc.input_root / "face.mp4"), seconds=1.0, fps=25, size=(320, 240))
-    short = write_audio(str(svc.input_root / "short.wav"), speech_like(1.0, seed=8))
-    longer = write_audio(str(svc.input_root / "longer.wav"), speech_like(30.0, seed=9))
-    svc.start()
-    try:
-        pids = _tree(svc.proc.pid)
-        sockets = _listening(pids)
-        assert any(port == svc.port for *_, port in sockets), sockets
-        wide = [s for s in sockets if not _is_loopback(s[2])]
-        assert not wide, f"listening beyond loopback: {wide}"
-        assert token_file.read_text() == "0123456789abcdef0123456789abcdef"  # tightened, not replaced
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
-        private = Path(svc._ray_dirs[-1])  # --ray-temp-dir: Ray's sessions go under it, in ray/
-        session = (private / "ray" / "session_latest").resolve()
-        assert session.is_relative_to(private) and (session / "sockets").is_dir()
-        assert stat.S_IMODE(private.stat().st_mode) == 0o700 and private.stat().st_uid == os.getuid()
+    job = c.submit(longer, video, id="open-at-stop")
+    deadline = time.monotonic() + 240
+    while job.status().state.value != "rendering":
+        assert time.monotonic() < deadline and not job.view.state.terminal, job.view
+        time.sleep(0.2)
+    events: list[bytes] = []
 
-        c = Client(svc.url, token=svc.token, retries=0)
-        assert c.wait(c.submit(short, video, id="before-stop").id, timeout=240).state.value == "succeeded"
-        job = c.submit(longer, video, id="open-at-stop")
-        deadline = time.monotonic() + 240
-        while job.status().state.value != "rendering":
-            assert time.monotonic() < deadline and not job.view.state.terminal, job.view
-            time.sleep(0.2)
-        events: list[bytes] = []
+    def watch() -> None:  # an SSE client that stays connected until the service goes
+        try:
+            with httpx.stream("GET", f"{svc.url}/v1/jobs/{job.id}/events", timeout=120,
+                              headers={"Authorization": f"Bearer {svc.token}"}) as s:
+                for line in s.iter_lines():
+                    events.append(line.encode())
+        except httpx.HTTPError:
+            pass
 
-        def watch() -> None:  # an SSE client that stays connected until the service goes
-            try:
-                with httpx.stream("GET", f"{svc.url}/v1/jobs/{job.id}/events", timeout=120,
-                                  headers={"Authorization": f"Bearer {svc.token}"}) as s:
-                    for line in s.iter_lines():
-                        events.append(line.encode())
-            except httpx.HTTPError:
-                pass
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        deadline = time.monotonic() + 30
-        while not any(e.startswith(b"data:") for e in events):
-            assert time.monotonic() < deadline, "no SSE event"
-            time.sleep(0.1)
-        pids = _tree(svc.proc.pid)
-        t0 = time.monotonic()
-        svc.proc.send_signal(signal.SIGTERM)
-        rc = svc.proc.wait(timeout=60)
-        while _alive(pids) and time.monotonic() - t0 < 60:
-            time.sleep(0.1)
-        took = time.monotonic() - t0
-        print(f"SIGTERM to no process left: {took:.1f} s")
-        assert rc == 0, svc.tail()
-        assert not _alive(pids), _alive(pids)
-        assert took <= 10.0, f"the service took {took:.1f} s to stop"
-        watcher.join(timeout=10)
-        assert not watcher.is_alive()
-        state = JobStore(svc.storage_root / "jobs.sqlite3").get("open-at-stop").state
-        assert not state.terminal, state  # resumed by the next start (test_queue_bound_then_kill_mid_job_and_resume)
-    finally:
-        svc.cleanup()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 30
+    while not any(e.startswith(b"data:") for e in events):
+        assert time.monotonic() < deadline, "no SSE event"
+        time.sleep(0.1)
+    pids = _tree(svc.proc.pid)
+    t0 = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    rc = svc.proc.wait(timeout=60)
+    while _alive(pids) and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    took = time.monotonic() - t0
+    print(f"SIGTERM to no process left: {took:.1f} s")
+    assert rc == 0, svc.tail()
+    assert not _alive(pids), _alive(pids)
+    assert took <= 10.0, f"the service took {took:.1f} s to stop"
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()
+    state = JobStore(svc.storage_root / "jobs.sqlite3").get("open-at-stop").state
+    assert not state.terminal, state  # a later start resumes it (as "durable-1" above)
