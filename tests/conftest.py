@@ -131,3 +131,16 @@ def service():
     svc = ServiceProcess(_ROOT / "service").start()
     yield svc
     svc.cleanup()
+
+
+@pytest.fixture(scope="session")
+def live_avatar(service, astronaut_video) -> str:
+    """An avatar prepared on the session's service from the 2 s 320x240 template (live sessions,
+    the web page's Live tab)."""
+    import httpx
+
+    with open(astronaut_video, "rb") as f:
+        r = httpx.post(f"{service.url}/v1/avatars", headers={"Authorization": f"Bearer {service.token}"},
+                       files={"video": ("astronaut.mp4", f, "video/mp4")}, timeout=300)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]

@@ -15,15 +15,6 @@ from websockets.sync.client import connect
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def live_avatar(service, astronaut_video) -> str:
-    with open(astronaut_video, "rb") as f:
-        r = httpx.post(f"{service.url}/v1/avatars", headers={"Authorization": f"Bearer {service.token}"},
-                       files={"video": ("astronaut.mp4", f, "video/mp4")}, timeout=300)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
 def _api(service) -> httpx.Client:
     return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=120)
 

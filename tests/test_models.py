@@ -533,7 +533,8 @@ def test_default_is_cuda_on_the_assigned_device_and_cpu_without_one(tmp_path, mo
     assert select_providers([], s, GPU_BOX) == [CPU]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # Ray gave this actor GPUs 3 and 5
     assert select_providers(["3", "5"], s, GPU_BOX) == [(CUDA, {"prefer_nhwc": "1", "device_id": 0}), CPU]
-    assert select_providers(["3", "5"], s, GPU_BOX, device_index=1) == [(CUDA, {"prefer_nhwc": "1", "device_id": 1}), CPU]
+    assert select_providers(["3", "5"], s, GPU_BOX, device_index=1) == \
+        [(CUDA, {"prefer_nhwc": "1", "device_id": 1}), CPU]
     assert device_ordinals(["5"], visible="3,5") == [1]
     assert device_ordinals([2], visible="") == [2]  # Ray told not to set CUDA_VISIBLE_DEVICES
     assert device_ordinals(None) == [0]
@@ -642,7 +643,8 @@ def test_float16_edge_conversions_equal_numpys_and_their_table_fallbacks():
     out = (np.random.default_rng(4).random((5, 3, 96, 96)) * 1.4 - 0.2).astype(np.float16)
     out.flat[:6] = [np.nan, np.inf, -np.inf, 65504, -0.0, 0.5 / 255]
     with np.errstate(invalid="ignore"):
-        ref = np.rint(np.clip(np.nan_to_num(out.astype(np.float32) * np.float32(255), nan=0.0), 0, 255)).astype(np.uint8)
+        scaled = np.nan_to_num(out.astype(np.float32) * np.float32(255), nan=0.0)
+        ref = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
     np.testing.assert_array_equal(float16_to_uint8(out), ref)
     np.testing.assert_array_equal(_UINT8_OF_FLOAT16[out.view(np.uint16)], ref)
     assert float16_to_uint8(out).flat[0] == 0  # NaN -> 0, as the float32 path gives

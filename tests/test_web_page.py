@@ -195,16 +195,6 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         api.close()
 
 
-@pytest.fixture(scope="module")
-def live_avatar(service, astronaut_video) -> str:
-    """A prepared avatar (the session's 2 s 320x240 template) for the Live tab."""
-    with open(astronaut_video, "rb") as f:
-        r = httpx.post(f"{service.url}/v1/avatars", headers={"Authorization": f"Bearer {service.token}"},
-                       files={"video": ("astronaut.mp4", f, "video/mp4")}, timeout=300)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
-
-
 @pytest.mark.service
 @pytest.mark.slow
 def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
