@@ -39,3 +39,39 @@ def uploads_left_after_sweep(storage_root, within_s: float) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
+
+
+def unshare_works() -> bool:
+    """Whether `unshare --mount --map-root-user` is permitted here (a private mount namespace)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
+                              timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def run_on_small_tmpfs(scenario: str, args: list[str], timeout: float, size: str = "12m") -> dict:
+    """Run `tests/<scenario>` with a real tmpfs of `size` mounted at a fresh folder (its first
+    argument, before `args`) in a private mount namespace; assert it exited 0 and return the JSON
+    of its last output line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    mountpoint = tempfile.mkdtemp(dir="/tmp", prefix="lipsync-tmpfs-")
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mountpoint} && exec {sys.executable} "
+              f"{repo / 'tests' / scenario} {mountpoint} {' '.join(map(str, args))}")
+    try:
+        proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    finally:
+        os.rmdir(mountpoint)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ import pytest
 from cluster.errors import JobNotFound
 from cluster.jobstore import InvalidTransition, JobStore
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
+from tests.helpers import run_on_small_tmpfs, unshare_works
 
 REQ = RenderRequest(audio="/a.wav", video="/v.mp4")
 
@@ -71,42 +72,14 @@ def test_list_filters_and_pages(tmp_path):
     assert [j.id for j in s.list([JobState.cancelled])] == ["j1"]
 
 
-def _unshare_works() -> bool:
-    import subprocess
-
-    try:
-        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
-                              timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-@pytest.mark.skipif(not _unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
+@pytest.mark.skipif(not unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
 def test_the_disk_that_holds_the_job_store_fills_up(speech_wav, astronaut_video):
     """A real 12 MiB tmpfs as the storage root, SQLite on it, filled while a job renders: the
     chunk fails `resource.disk` and writing that end hits SQLITE_FULL; the job still reads as
     failed `resource.disk` (kept in memory), not as unfinished; writes fail typed (`DiskFull`),
     never as a raw sqlite3 error; once space is back the end is written, SQLite's integrity check
     passes, and a new job renders to the end."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parent.parent
-    mountpoint = tempfile.mkdtemp(dir="/tmp", prefix="lipsync-store-disk-")
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    script = (f"mount -t tmpfs -o size=12m tmpfs {mountpoint} && exec {sys.executable} "
-              f"{repo / 'tests' / 'store_disk_scenario.py'} {mountpoint} {speech_wav} {astronaut_video}")
-    try:
-        proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-    finally:
-        os.rmdir(mountpoint)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_on_small_tmpfs("store_disk_scenario.py", [speech_wav, astronaut_video], timeout=300)
     assert r["write_on_full_disk"] == {"code": "resource.disk", "type": "DiskFull", "job_id": "running"}
     assert r["chunk_on_full_disk"]["code"] == "resource.disk", r["chunk_on_full_disk"]
     assert r["end_on_full_disk"] == {"ok": True, "value": True}

@@ -4,11 +4,6 @@ leaving no temporary, no segment of the failed chunk and no output; the next job
 from __future__ import annotations
 
 import errno
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +19,7 @@ from cluster.resources import (
     is_disk_full,
 )
 from cluster.schemas import RenderRequest
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import run_on_small_tmpfs, unshare_works
 
 
 def tree_bytes(*roots: Path) -> int:
@@ -75,29 +69,11 @@ def test_disk_full_errors_are_recognised():
     assert (err.code, err.stage, err.chunk, err.job_id) == ("resource.disk", "encode", 3, "job1")
 
 
-def _unshare_works() -> bool:
-    try:
-        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True,
-                              timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-@pytest.mark.skipif(not _unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
+@pytest.mark.skipif(not unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")
 def test_a_disk_that_fills_mid_job_fails_that_job_cleanly(hostile_corpus):
     """A real 12 MiB tmpfs over the storage root (in a private mount namespace), filled by a
     ballast file after admission, before prepare, between chunks and before finalising."""
-    mountpoint = tempfile.mkdtemp(dir="/tmp", prefix="lipsync-disk-")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    script = (f"mount -t tmpfs -o size=12m tmpfs {mountpoint} && exec {sys.executable} "
-              f"{REPO / 'tests' / 'disk_scenario.py'} {mountpoint} {hostile_corpus.speech} {hostile_corpus.template}")
-    try:
-        proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], env=env,
-                              capture_output=True, text=True, timeout=180, check=False)
-    finally:
-        os.rmdir(mountpoint)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_on_small_tmpfs("disk_scenario.py", [hostile_corpus.speech, hostile_corpus.template], timeout=180)
     assert r["admit_refused"]["code"] == "resource.disk" and not r["admit_refused_left_job_dir"]
     for step, job in (("prepare_full", "prep"), ("render_full", "mid"), ("finalize_full", "mid")):
         assert r[step]["code"] == "resource.disk", r[step]
