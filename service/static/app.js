@@ -284,12 +284,16 @@ function closeJob() {
   current.closed = true;
   if (current.controller) current.controller.abort();
   if (current.hls) current.hls.destroy();
-  const video = $("player");
+  emptyPlayer($("player"));
+  current = null;
+}
+
+// Stops a <video> and lets go of its source (the Watch and Live players).
+function emptyPlayer(video) {
   video.pause();
   video.removeAttribute("src");
   video.load();
   video.hidden = true;
-  current = null;
 }
 
 // Reads a text/event-stream body and calls onView for each `status` event (a job view).
@@ -639,7 +643,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
 onTabShown("avatars", loadAvatars);
 
 // --- start ----------------------------------------------------------------------------------
-window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, ApiError };
+window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError };
 
 $("token-state").hidden = !token();
 showTemplateChoice();

@@ -12,7 +12,7 @@
 "use strict";
 
 (() => {
-  const { api, apiJson, showError, onTabShown, ApiError } = window.lipsync;
+  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError } = window.lipsync;
   const $ = (id) => document.getElementById(id);
   const RATES = [16000, 24000, 48000];
   const CHUNK_SECONDS = 0.04; // one WebSocket message per 40 ms of speech
@@ -362,11 +362,7 @@
     stopSpeaking(live, false);
     if (live.ws) live.ws.close(1000, "closed");
     if (live.hls) live.hls.destroy();
-    const video = $("live-player");
-    video.pause();
-    video.removeAttribute("src");
-    video.load();
-    video.hidden = true;
+    emptyPlayer($("live-player"));
     live = null;
   }
 
