@@ -75,3 +75,16 @@ def run_on_small_tmpfs(scenario: str, args: list[str], timeout: float, size: str
         os.rmdir(mountpoint)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def decoded_counts(container) -> tuple[int, int]:
+    """(video frames, audio samples) a PyAV container decodes to (its first video and audio streams)."""
+    import av
+
+    frames = samples = 0
+    for frame in container.decode(video=0, audio=0):
+        if isinstance(frame, av.VideoFrame):
+            frames += 1
+        else:
+            samples += frame.samples
+    return frames, samples

@@ -12,6 +12,7 @@ import pytest
 
 from cluster.audio import mel_windows, melspectrogram
 from cluster.live.speech import SpeechInput, StreamResampler
+from tests.helpers import decoded_counts
 
 
 def _chunks(data, rng, most):
@@ -173,12 +174,7 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
     assert ended and all(d <= s.live_segment_seconds for _, d in segments)
     with av.open(str(hls / PUBLISHED)) as container:  # a real demuxer/decoder reads the playlist
         assert container.streams.video and container.streams.audio
-        video_frames = audio_samples = 0
-        for frame in container.decode(video=0, audio=0):
-            if isinstance(frame, av.VideoFrame):
-                video_frames += 1
-            else:
-                audio_samples += frame.samples
+        video_frames, audio_samples = decoded_counts(container)
     listed = round(sum(d for _, d in segments) * 25)
     assert video_frames == listed
     assert audio_samples / 48000 == pytest.approx(listed / 25, abs=0.1)  # the encoder is fed 48 kHz
@@ -293,12 +289,7 @@ def test_live_session_pushes_video_and_audio_to_an_rtmp_server(rtmp_server, spee
         video, audio = container.streams.video[0], container.streams.audio[0]
         assert (video.codec_context.name, video.width, video.height) == ("h264", 320, 240)
         assert audio.codec_context.name == "aac"
-        frames = samples = 0
-        for frame in container.decode(video=0, audio=0):
-            if isinstance(frame, av.VideoFrame):
-                frames += 1
-            else:
-                samples += frame.samples
+        frames, samples = decoded_counts(container)
     assert frames >= 40 and samples / audio.rate >= 1.5, (frames, samples)
     _seq, segments, ended = read_playlist(tmp_path / "session" / "hls" / PUBLISHED)  # the HLS as without RTMP
     assert ended and segments and all(d <= s.live_segment_seconds for _, d in segments)
