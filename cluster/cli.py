@@ -207,14 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         stop_service(urls["embedded"])
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
-    # Everything is stopped and flushed. The interpreter's own teardown after a Ray driver (the
-    # destructors of Ray's core worker and gRPC) took 2 s more after an idle start and 7-8 s after
-    # one job (py-spy: the main thread in C code, no Python frame): a supervisor's SIGTERM grace
-    # period is spent on nothing. Leave now.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
 
 
 def _stop_started(stop_service, embedded: bool) -> None:
@@ -470,5 +463,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `lipsync` command (and `python -m cluster.cli`): `main`, then exit with its status.
+    A process that ran a Ray driver leaves with `os._exit` once its logs and output are flushed:
+    everything of ours is stopped by then (the embedded Ray by `stop_embedded` / `stop_service`),
+    and the interpreter's own teardown of a Ray driver (the destructors of Ray's core worker and
+    gRPC; py-spy: the main thread in C code, no Python frame) took ~1 s after `lipsync render` and
+    2-8 s after `lipsync serve` (idle / after one job): time a supervisor's SIGTERM grace period
+    or a one-shot render's user spent on nothing."""
+    code = main()
+    if "ray" not in sys.modules:
+        sys.exit(code)
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
