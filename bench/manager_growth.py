@@ -1,9 +1,11 @@
 """How much the job manager and the GCS keep after one job (issue 23: an hour-long job's memory).
 
-A warm service (embedded Ray in this process), the avatar prepared and two warm-up jobs, then one
+A warm service (embedded Ray in this process), the avatar prepared and three warm-up jobs, then one
 job of `--seconds` of speech on a 320x240 template with the built-in model; PSS of the job
-manager and of the GCS before and after it, the job manager's `smaps_rollup` (anonymous vs
-shared), and what `malloc_trim(0)` in the job manager gives back. Settings come from the
+manager and of the GCS before and after it, the job manager's anonymous memory (`Pss_Anon` of
+`smaps_rollup`: read this one on a shared machine, where the libraries' file pages in PSS move
+as other processes come and go) before, once submitted, at its peak and after, where that memory
+is (`_heap`, run inside the manager), and what `malloc_trim(0)` in the job manager gives back. Settings come from the
 environment as usual (e.g. `LIPSYNC_BATCH_SIZE=4`, `LIPSYNC_CHUNK_SECONDS=1`,
 `RAY_task_events_report_interval_ms=0`, `MALLOC_ARENA_MAX=2`), so runs differ in one thing.
 
@@ -90,6 +92,7 @@ def _heap(self) -> dict:  # runs inside the job manager (__ray_call__): where it
     def grab(pattern: str) -> int:
         m = re.search(pattern, text)
         return int(m.group(1).replace(",", "")) if m else -1
+    gc.collect()  # garbage in reference cycles is not held
     counts = collections.Counter(type(o).__name__ for o in gc.get_objects())
     fd, path = tempfile.mkstemp()  # glibc's own account, arena by arena
     os.close(fd)
@@ -182,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             st = service.rt.submit(RenderRequest(audio=inp.audio, video=inp.video, output=str(work / "out.mp4"),
                                                  model="builtin"))
-        submitted = {"job_manager": _pss_mib(me, "JobManager")}  # its inputs uploaded, the job admitted
-        peak, late, t0 = 0.0, None, time.monotonic()
+        anon = lambda: _rollup_mib(me, "JobManager").get("Pss_Anon", 0)  # noqa: E731
+        submitted = {"job_manager": _pss_mib(me, "JobManager"), "job_manager_anon": anon()}  # inputs uploaded
+        peak, peak_anon, late, t0 = 0.0, 0, None, time.monotonic()
         deadline = t0 + (a.idle or 4 * 3600)
         while not (status := service.rt.status(st.id)).state.terminal or (a.idle and time.monotonic() < deadline):
             if time.monotonic() > deadline and not a.idle:
                 raise TimeoutError(f"job {st.id} still {status.state.value} after 4 h")
-            peak = max(peak, _pss_mib(me, "JobManager"))
+            peak, peak_anon = max(peak, _pss_mib(me, "JobManager")), max(peak_anon, anon())
             if late is None and status.frames_total and status.frames_done >= 0.9 * status.frames_total and (
                     not a.idle or time.monotonic() > t0 + 0.9 * a.idle):
                 late = {"job_manager": _pss_mib(me, "JobManager"), "job_manager_heap": heap()}
@@ -209,9 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                 snap["job_manager_heap"].pop("objects")
         out = {"state": status.state.value, "speech_s": a.seconds, "frames": status.frames_total,
                "before_mib": before, "submitted_mib": submitted, "at_90_percent_mib": late, "after_mib": after,
-               "job_manager_peak_mib": round(peak, 1), "job_manager_after_malloc_trim_mib": trimmed,
+               "job_manager_peak_mib": round(peak, 1), "job_manager_peak_anon_mib": peak_anon,
+               "job_manager_after_malloc_trim_mib": trimmed,
                "job_manager_heap_after_malloc_trim": trimmed_heap,
                "object_types_grown": grown,
+               "job_manager_anon_peak_growth_kib_per_speech_s": round(
+                   1024 * (peak_anon - before["job_manager_smaps"]["Pss_Anon"]) / a.seconds, 1),
+               "job_manager_anon_growth_kib_per_speech_s": round(
+                   1024 * (after["job_manager_smaps"]["Pss_Anon"] - before["job_manager_smaps"]["Pss_Anon"])
+                   / a.seconds, 1),
                "job_manager_peak_growth_kib_per_speech_s": round(1024 * (peak - before["job_manager"]) / a.seconds, 1),
                "job_manager_growth_kib_per_speech_s": round(1024 * (after["job_manager"] - before["job_manager"])
                                                             / a.seconds, 1),
@@ -249,13 +259,22 @@ def compare(commit: str, seconds: float) -> int:
                        timeout=120)
         shutil.rmtree(where, ignore_errors=True)
     rows = [
+        ("job manager anonymous memory (Pss_Anon) before -> once submitted -> peak -> after, MiB",
+         lambda r: "{} -> {} -> {} -> {}".format(r["before_mib"]["job_manager_smaps"]["Pss_Anon"],
+                                                 r["submitted_mib"]["job_manager_anon"],
+                                                 r["job_manager_peak_anon_mib"],
+                                                 r["after_mib"]["job_manager_smaps"]["Pss_Anon"])),
+        ("anonymous memory: peak growth, KiB per second of speech",
+         lambda r: r["job_manager_anon_peak_growth_kib_per_speech_s"]),
+        ("anonymous memory: growth after the job, KiB per second of speech",
+         lambda r: r["job_manager_anon_growth_kib_per_speech_s"]),
         ("job manager PSS before the job, MiB", lambda r: r["before_mib"]["job_manager"]),
         ("job manager PSS once submitted (inputs uploaded), MiB", lambda r: r["submitted_mib"]["job_manager"]),
         ("job manager PSS peak during the job, MiB", lambda r: r["job_manager_peak_mib"]),
         ("job manager PSS after the job, MiB", lambda r: r["after_mib"]["job_manager"]),
         ("job manager PSS after malloc_trim(0), MiB", lambda r: r["job_manager_after_malloc_trim_mib"]),
-        ("peak growth, KiB per second of speech", lambda r: r["job_manager_peak_growth_kib_per_speech_s"]),
-        ("growth after the job, KiB per second of speech", lambda r: r["job_manager_growth_kib_per_speech_s"]),
+        ("PSS: peak growth, KiB per second of speech", lambda r: r["job_manager_peak_growth_kib_per_speech_s"]),
+        ("PSS: growth after the job, KiB per second of speech", lambda r: r["job_manager_growth_kib_per_speech_s"]),
         ("glibc thread arenas RSS before -> at 90 %, MiB", lambda r: "{} -> {}".format(
             r["before_mib"]["job_manager_heap"]["rss_by_mapping_mib"].get("anon-glibc-thread-arena"),
             (r["at_90_percent_mib"] or r["after_mib"])["job_manager_heap"]["rss_by_mapping_mib"].get(
@@ -263,6 +282,8 @@ def compare(commit: str, seconds: float) -> int:
         ("glibc in use before -> at 90 %, MiB", lambda r: "{} -> {}".format(
             r["before_mib"]["job_manager_heap"]["glibc_in_use_mib"],
             (r["at_90_percent_mib"] or r["after_mib"])["job_manager_heap"]["glibc_in_use_mib"])),
+        ("job manager file-backed PSS (Pss_File) before -> after, MiB", lambda r: "{} -> {}".format(
+            r["before_mib"]["job_manager_smaps"]["Pss_File"], r["after_mib"]["job_manager_smaps"]["Pss_File"])),
         ("GCS growth, MiB", lambda r: r["gcs_growth_mib"]),
     ]
     names = list(runs)
