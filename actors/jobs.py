@@ -67,8 +67,11 @@ class JobRuntime:
     capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
 
     def plan_for(self, chunk: Chunk) -> JobPlan:
-        """The plan `chunk` renders with (`cluster.render.plan_for_chunk`)."""
-        return self.first_plan if chunk.index == 0 and self.first_plan is not None else self.plan
+        """The plan `chunk` renders with (`cluster.render.plan_for_chunk`), listing that chunk only:
+        what each render call carries does not grow with the job's length (an hour's whole plan
+        lists 1800 chunks, 90 KB pickled, sent with every chunk)."""
+        plan = self.first_plan if chunk.index == 0 and self.first_plan is not None else self.plan
+        return plan.model_copy(update={"chunks": [chunk]})
 
 
 class JobMachine:
@@ -154,6 +157,8 @@ class JobMachine:
                 discard_output(job.plan)
         if job is not None:
             self._published(job)  # a segment waiter learns of the end at once
+            if self.jobs.get(job_id) is job:  # its state is in the store now: the runtime (plan, chunk
+                del self.jobs[job_id]  # books, publisher) is not kept for the manager's lifetime
         if ended:
             log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
             try:
@@ -352,6 +357,7 @@ class JobMachine:
                 return
         self.store.chunk_done(job.id, chunk.index, result.frames, result.segment)
         job.done[chunk.index] = result.frames
+        job.tokens.pop(chunk.index, None)  # committed: any attempt still running is stale
         if job.hls is not None:
             job.hls.chunk_done(chunk.index)
         job.inflight_frames.pop(chunk.index, None)

@@ -25,6 +25,7 @@ from actors import MAX_WAIT_S, ORCHESTRATOR_NAME, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
+from cluster import heap
 from cluster.config import Settings
 from cluster.errors import (
     InputsGone,
@@ -62,6 +63,7 @@ class JobManager:
     def __init__(self, settings: Settings, owner: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         metrics.install(ORCHESTRATOR_NAME, settings.log_format)
+        heap.pin_mmap_threshold(settings.manager_mmap_threshold_bytes)
         self.s = settings
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
+    manager_mmap_threshold_bytes: int = Field(
+        128 * 1024, ge=0, le=32 * 1024**2,
+        description="the job manager's glibc heap: blocks of this size or more are mapped on their own "
+        "and returned when freed, and freed heap past it is trimmed (cluster/heap.py); 0: glibc's "
+        "dynamic thresholds, under which the manager kept several MiB per thread arena")
     upload_idle_timeout_s: float = Field(600.0, gt=0, description="an upload that received no part for this "
                                          "long is removed (its client died mid-upload)")
     min_face_fraction: float = Field(0.5, ge=0, le=1,

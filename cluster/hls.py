@@ -188,7 +188,7 @@ def package_chunk(plan, chunk, parts: list[Part], sequence0: int, track: AacTrac
         raise OutputVerificationError(f"job {plan.job_id}: chunk {chunk.index} reorders {delay} frames, more than "
                                       f"the HLS timeline allows ({timeline.shift_frames})", path=path, stage="hls")
     track.wait_until(timeline.boundary(chunk.stop), audio_timeout)
-    audio = track.snapshot()
+    upto = track.packet_count  # the packets made by now: only this chunk's are read (`between`)
     out = []
     at = 0  # decode index into packets
     for n, part in enumerate(parts):
@@ -205,7 +205,7 @@ def package_chunk(plan, chunk, parts: list[Part], sequence0: int, track: AacTrac
         at = stop
         lo = timeline.boundary(part.start) if part.start > 0 else None
         hi = timeline.boundary(part.start + part.frames) if part.start + part.frames < frames_total else None
-        mine = [(pts, data) for pts, data in audio if (lo is None or pts >= lo) and (hi is None or pts < hi)]
+        mine = track.between(lo, hi, upto)
         sound = fmp4.Run(fmp4.AUDIO_TRACK, timeline.audio_shift + mine[0][0] if mine else 0)
         for _, data in mine:
             sound.add(data, 1024)
@@ -241,7 +241,7 @@ class HlsPublisher:
         if saved.exists():
             try:
                 self.track = AacTrack.load(saved, self.plan.audio_path, self.plan.audio_duration,
-                                           self.settings.audio_bitrate)
+                                           self.settings.audio_bitrate, spill_dir=self.dir)
             except Exception as e:  # damaged: encoded again (the encoder is deterministic)
                 log.warning("job %s: saved audio %s unreadable (%r); encoding again", self.plan.job_id, saved, e)
                 saved.unlink(missing_ok=True)
@@ -249,7 +249,7 @@ class HlsPublisher:
             first = self.plan.chunks[0]
             hold = float(Fraction(first.stop) / self.plan.fps) if self.next_chunk == 0 else None
             self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate,
-                                  hold_after_s=hold, hold_max_s=self.settings.chunk_timeout_s)
+                                  hold_after_s=hold, hold_max_s=self.settings.chunk_timeout_s, spill_dir=self.dir)
             self._spawn(self._encode_audio, "aac")
         self._spawn(self._publish_loop, "hls")
         return self
@@ -269,6 +269,8 @@ class HlsPublisher:
             with self._cond:
                 self._cond.notify_all()
         except Exception as e:
+            if self._closed:  # the job ended meanwhile (its packets are dropped): nothing is missing
+                return
             log.error("job %s: AAC encoding failed: %r", self.plan.job_id, e)
             self._fail(e)
 
@@ -290,20 +292,21 @@ class HlsPublisher:
 
     def chunk_done(self, index: int) -> None:
         with self._cond:
-            self._done.add(index)
+            if index >= self.next_chunk:
+                self._done.add(index)
             self._cond.notify_all()
 
     def close(self) -> None:
         """Stop publishing: once this returns no chunk is published any more. Blocks at most for
         the renames of one chunk's files (their bytes are staged on disk before the lock); drops
-        the audio packets (the job's runtime outlives the job)."""
+        the audio packets (their file) and stops their encoding."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         with self._lock:
             pass
         if self.track is not None:
-            self.track.stop()
+            self.track.close()
             self.track = None
 
     def drain(self, timeout: float) -> None:
@@ -369,6 +372,7 @@ class HlsPublisher:
                     return
             with self._cond:
                 self.next_chunk = index + 1
+                self._done.discard(index)  # published: only chunks ahead are remembered
                 self._cond.notify_all()
             # the audio of the next chunks, ahead of them; not the whole at once, which would compete
             # with their rendering (`drain` lets it go on to the end)

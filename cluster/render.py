@@ -554,7 +554,11 @@ def job_aac(plan: JobPlan, settings: Settings) -> Path:
 
     path = hls_dir(plan.job_dir) / AUDIO_FILE
     if not path.exists():
-        AacTrack(plan.audio_path, plan.audio_duration, settings.audio_bitrate).encode().save(path)
+        track = AacTrack(plan.audio_path, plan.audio_duration, settings.audio_bitrate, spill_dir=plan.job_dir)
+        try:
+            track.encode().save(path)
+        finally:
+            track.close()
     return path
 
 

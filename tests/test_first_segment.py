@@ -55,7 +55,7 @@ def test_first_chunk_is_published_before_the_whole_mel_is_written(tmp_path, long
         end = float(first.stop / plan.fps)
         track.wait_until(round(end * track.sample_rate), 60)
         time.sleep(0.3)
-        assert track.packets[-1][0] < track.sample_rate * (end + 0.5) and not track.done
+        assert track.last_pts < track.sample_rate * (end + 0.5) and not track.done
         render_chunk(plan_for_chunk(plan, first), first, model.generate, s)
         publisher.chunk_done(0)
         directory = hls_dir(plan.job_dir)
@@ -142,11 +142,11 @@ def test_aac_is_encoded_up_to_its_limit_and_paced_on(long_wav):
         for limit in (1.0, 5.0):  # held at each limit, never far past it
             track.wait_until(round(limit * track.sample_rate), 60)
             time.sleep(0.3)
-            assert track.packets[-1][0] < track.sample_rate * (limit + 0.5) and not track.done
+            assert track.last_pts < track.sample_rate * (limit + 0.5) and not track.done
             track.allow_until(limit + 4.0)
         track.allow_until(2.0)  # a limit never moves back
         track.release()
         worker.join(60)
-        assert track.done and track.packets[-1][0] >= track.sample_rate * (LONG_SECONDS - 0.1)
+        assert track.done and track.last_pts >= track.sample_rate * (LONG_SECONDS - 0.1)
     finally:
         track.stop()

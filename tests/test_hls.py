@@ -137,6 +137,41 @@ def test_a_rerendered_chunk_publishes_the_same_bytes_and_first_write_wins(local_
     assert write_once(target, b"a late retry") is False and target.read_bytes() == published[parts[0].name]
 
 
+def test_aac_packets_are_kept_in_a_file_and_read_back_by_time(speech_wav, tmp_path):
+    """A job's AAC packets live in an unnamed file in the job's directory, not in the job
+    manager's memory (an hour is ~70 MB): read back by time range they are the packets a saved
+    and loaded track holds; closing the track removes the file."""
+    import os
+
+    from cluster.errors import EncodeError
+    from cluster.media.aac import FRAME, AacTrack
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+
+    def open_in_spill() -> list[str]:  # descriptors of this process on (unlinked) files there
+        fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}")]
+        return [f for f in fds if f.startswith(str(spill))]
+
+    track = AacTrack(speech_wav, 3.2, spill_dir=spill).encode()
+    everything = track.between(None, None)
+    assert track.done and len(everything) == track.packet_count > 40
+    assert [pts for pts, _ in everything] == [-track.priming + k * FRAME for k in range(len(everything))]
+    assert len(open_in_spill()) == 1 and not os.listdir(spill)  # unnamed: nothing to clean up after a crash
+    lo, hi = 16000, 32000  # one second of 16 kHz audio
+    assert track.between(lo, hi) == [(pts, d) for pts, d in everything if lo <= pts < hi]
+    assert track.between(lo, hi, upto=20) == [(pts, d) for pts, d in everything[:20] if lo <= pts < hi]
+    track.save(tmp_path / "a.m4a")
+    loaded = AacTrack.load(tmp_path / "a.m4a", speech_wav, 3.2, "160k", spill_dir=spill)
+    assert loaded.between(None, None) == everything and loaded.priming == track.priming
+    track.close()
+    loaded.close()
+    assert open_in_spill() == []
+    with pytest.raises(EncodeError):
+        track.between(None, None)
+
+
 def test_parts_cut_at_idr_frames_and_target_duration():
     from fractions import Fraction
 

@@ -52,7 +52,7 @@ def test_workers_one_per_logical_gpu_on_cpu_provider(runtime):
 
 
 def test_two_jobs_together_each_get_their_own_output(runtime, reference, speech_wav, speech4_wav,
-                                                     astronaut_video, tmp_path):
+                                                     astronaut_video, tmp_path, ray_settings):
     a = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "a.mp4"))
     b = runtime.submit(_request(speech_wav, astronaut_video, tmp_path, "b.mp4", loop="forward"))
     sa, sb = runtime.wait(a.id, timeout=300), runtime.wait(b.id, timeout=300)
@@ -62,6 +62,17 @@ def test_two_jobs_together_each_get_their_own_output(runtime, reference, speech_
     assert np.array_equal(fa, reference)
     assert len(fb) == 80  # 3.2 s at 25 fps
     assert sa.frames_done == sa.frames_total == 100
+    # ended jobs leave nothing behind in the job manager: no runtime (plan, chunk books, HLS
+    # publisher), no file open in their directories (the AAC packets' unnamed file)
+    manager = runtime.call("workers")["manager"]["pid"]
+    from cluster.render import job_dir
+
+    job_dirs = [str(job_dir(a.id, ray_settings)), str(job_dir(b.id, ray_settings))]
+    assert ray.get(runtime.manager().__ray_call__.remote(lambda self: [j for j in (a.id, b.id)
+                                                                     if j in self.machine.jobs]), timeout=60) == []
+    open_there = [os.readlink(f"/proc/{manager}/fd/{fd}") for fd in os.listdir(f"/proc/{manager}/fd")
+                  if os.path.lexists(f"/proc/{manager}/fd/{fd}")]
+    assert not [f for f in open_there if any(f.startswith(d) for d in job_dirs)], open_there
 
 
 def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):

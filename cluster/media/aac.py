@@ -7,14 +7,23 @@ mp4 carry. `AacTrack.encode` runs in a thread and makes packets available as it 
 finished track is saved as an `.m4a` (`save`) for the final mp4 and for a restarted job manager
 (`load`). The encoder is deterministic: encoding the same audio again gives the same packets.
 
+The packets are kept in an unnamed file (`PacketFile`), not in memory: an hour of speech is
+about 70 MB of AAC at 160 kb/s, which the job manager held for the whole job (and whose heap it
+kept afterwards). Only their timestamps and offsets stay in memory (16 bytes a packet); each
+chunk's packaging reads just the packets of its own time range (`between`).
+
 Packet timestamps are in samples on the encoder's timeline: the first packet starts at
 `-priming` (the encoder's delay, 1024 samples), the audio's first sample is at 0.
 """
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import tempfile
 import threading
 import time
+from array import array
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,8 +62,72 @@ def _bitrate(text: str | int) -> int:
     return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
 
 
+class PacketFile:
+    """Packets `(pts, bytes)` appended in pts order to an unnamed file (in `directory`, removed
+    when closed); read back by pts range. Not thread-safe by itself: `AacTrack` calls it under
+    its lock."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=".aac-packets.")
+        self._pts = array("q")
+        self._ends = array("q")  # byte offset where each packet ends (the next one starts)
+
+    def __len__(self) -> int:
+        return len(self._pts)
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    @property
+    def last_pts(self) -> int | None:
+        return self._pts[-1] if self._pts else None
+
+    @property
+    def first_pts(self) -> int | None:
+        return self._pts[0] if self._pts else None
+
+    def append(self, packets: list[tuple[int, bytes]]) -> None:
+        if not packets:
+            return
+        start = self._ends[-1] if self._ends else 0
+        data = b"".join(d for _, d in packets)
+        written = 0
+        while written < len(data):  # pwrite may write less than asked
+            written += os.pwrite(self._file.fileno(), data[written:], start + written)
+        end = start
+        for pts, d in packets:
+            end += len(d)
+            self._pts.append(pts)
+            self._ends.append(end)
+
+    def read(self, first: int, stop: int) -> list[tuple[int, bytes]]:
+        """Packets `first`..`stop - 1` (indices), in one read."""
+        if stop <= first:
+            return []
+        lo = self._ends[first - 1] if first else 0
+        data = os.pread(self._file.fileno(), self._ends[stop - 1] - lo, lo)
+        out, at = [], 0
+        for i in range(first, stop):
+            n = self._ends[i] - lo - at
+            out.append((self._pts[i], data[at:at + n]))
+            at += n
+        return out
+
+    def index_range(self, lo: int | None, hi: int | None) -> tuple[int, int]:
+        """Indices of the packets with `lo <= pts < hi` (None: no bound)."""
+        first = 0 if lo is None else bisect.bisect_left(self._pts, lo)
+        stop = len(self._pts) if hi is None else bisect.bisect_left(self._pts, hi)
+        return first, max(first, stop)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class AacTrack:
-    """The AAC packets of one audio file cut to `duration` seconds: `packets` [(pts, bytes)].
+    """The AAC packets of one audio file cut to `duration` seconds, in a `PacketFile` (in
+    `spill_dir`, the system's temporary directory by default): `between` reads them by time.
+    `close` drops them.
 
     `hold_after_s`: `encode` pauses once its packets reach that time, until `allow_until` moves the
     limit on, `release` lifts it (or `stop`; a pause lasts at most `hold_max_s` seconds, then the
@@ -62,10 +135,11 @@ class AacTrack:
     once would compete with the rendering of the first segments for the CPU."""
 
     def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k",
-                 hold_after_s: float | None = None, hold_max_s: float = 60.0) -> None:
+                 hold_after_s: float | None = None, hold_max_s: float = 60.0,
+                 spill_dir: str | Path | None = None) -> None:
         self.audio_path, self.duration, self.bitrate = str(audio_path), float(duration), _bitrate(bitrate)
         self._hold_after_s, self._hold_max_s = hold_after_s, float(hold_max_s)
-        self.packets: list[tuple[int, bytes]] = []
+        self._packets = PacketFile(spill_dir)
         self.sample_rate = 0
         self.channels = 0
         self.asc = b""
@@ -81,6 +155,24 @@ class AacTrack:
             self._stopped = True
             self._cond.notify_all()
 
+    def close(self) -> None:
+        """Stop any `encode` and drop the packets (their file); reading them raises afterwards."""
+        with self._cond:
+            self._stopped = True
+            self._packets.close()
+            self._cond.notify_all()
+
+    @property
+    def packet_count(self) -> int:
+        with self._cond:
+            return len(self._packets)
+
+    @property
+    def last_pts(self) -> int | None:
+        """The timestamp of the newest packet (None before the first)."""
+        with self._cond:
+            return self._packets.last_pts
+
     def release(self) -> None:
         """Let a held `encode` (see `hold_after_s`) go on to the end."""
         with self._cond:
@@ -95,8 +187,8 @@ class AacTrack:
                 self._cond.notify_all()
 
     def _reached_limit(self) -> bool:
-        return (self._hold_after_s is not None and bool(self.packets)
-                and self.packets[-1][0] >= self._hold_after_s * self.sample_rate)
+        last = self._packets.last_pts
+        return self._hold_after_s is not None and last is not None and last >= self._hold_after_s * self.sample_rate
 
     def _hold(self) -> None:
         """Pause (bounded) while the packets have reached the limit (`hold_after_s`)."""
@@ -159,7 +251,9 @@ class AacTrack:
                 out = [(p.pts, bytes(p)) for p in encoder.encode(frame)]
                 if out:
                     with self._cond:
-                        self.packets.extend(out)
+                        if self._packets.closed:  # closed meanwhile (the job ended): nothing to keep
+                            return
+                        self._packets.append(out)
                         self._cond.notify_all()
 
             for frame in _decoded_frames(inp, stream, self.audio_path):
@@ -189,7 +283,8 @@ class AacTrack:
         """Block until every packet starting before `sample` exists (or the track is done)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not self.done and self.error is None and not (self.packets and self.packets[-1][0] >= sample):
+            while not self.done and self.error is None and not ((last := self._packets.last_pts) is not None
+                                                                and last >= sample):
                 if self._stopped:
                     raise EncodeError(f"AAC encoding of {self.audio_path} was stopped", stage="encode")
                 left = deadline - time.monotonic()
@@ -212,9 +307,23 @@ class AacTrack:
             if self.error is not None:
                 raise self.error
 
-    def snapshot(self) -> list[tuple[int, bytes]]:
+    def between(self, lo: int | None, hi: int | None, upto: int | None = None) -> list[tuple[int, bytes]]:
+        """The packets `(pts, bytes)` with `lo <= pts < hi` (None: no bound) among the first `upto`
+        (`packet_count` at some earlier moment; None: all made so far)."""
         with self._cond:
-            return list(self.packets)
+            if self._packets.closed:
+                raise EncodeError(f"AAC track of {self.audio_path} was closed", stage="encode")
+            first, stop = self._packets.index_range(lo, hi)
+            return self._packets.read(first, stop if upto is None else min(stop, upto))
+
+    def _blocks(self, size: int = 4096):
+        """Every packet, `size` at a time."""
+        with self._cond:
+            count = len(self._packets)
+        for first in range(0, count, size):
+            with self._cond:
+                block = self._packets.read(first, min(count, first + size))
+            yield from block
 
     # --- the finished track as a file ------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -230,7 +339,7 @@ class AacTrack:
                 stream = out.add_stream("aac", rate=self.sample_rate,
                                         layout="stereo" if self.channels == 2 else "mono")
                 stream.bit_rate = self.bitrate
-                for pts, data in self.packets:
+                for pts, data in self._blocks():
                     packet = av.Packet(data)
                     packet.pts = packet.dts = pts
                     packet.duration = FRAME
@@ -239,18 +348,30 @@ class AacTrack:
                     out.mux(packet)
 
     @classmethod
-    def load(cls, path: str | Path, audio_path: str, duration: float, bitrate: str | int) -> "AacTrack":
-        """A finished track saved by `save`."""
-        track = cls(audio_path, duration, bitrate)
-        with av.open(file_url(str(path)), options={"protocol_whitelist": "file"}) as inp:
-            stream = inp.streams.audio[0]
-            track.sample_rate = stream.codec_context.sample_rate
-            track.channels = stream.codec_context.channels
-            track.asc = bytes(stream.codec_context.extradata or b"")
-            scale = Fraction(stream.time_base) * track.sample_rate
-            track.packets = [(int(p.pts * scale), bytes(p)) for p in inp.demux(stream) if p.size]
-        if not track.packets:
-            raise MediaError(f"saved AAC track {path} holds no packets", path=str(path))
-        track.priming = -track.packets[0][0]
+    def load(cls, path: str | Path, audio_path: str, duration: float, bitrate: str | int,
+             spill_dir: str | Path | None = None) -> "AacTrack":
+        """A finished track saved by `save` (its packets copied block by block into the track's file)."""
+        track = cls(audio_path, duration, bitrate, spill_dir=spill_dir)
+        try:
+            with av.open(file_url(str(path)), options={"protocol_whitelist": "file"}) as inp:
+                stream = inp.streams.audio[0]
+                track.sample_rate = stream.codec_context.sample_rate
+                track.channels = stream.codec_context.channels
+                track.asc = bytes(stream.codec_context.extradata or b"")
+                scale = Fraction(stream.time_base) * track.sample_rate
+                block: list[tuple[int, bytes]] = []
+                for p in inp.demux(stream):
+                    if p.size:
+                        block.append((int(p.pts * scale), bytes(p)))
+                    if len(block) >= 4096:
+                        track._packets.append(block)
+                        block = []
+                track._packets.append(block)
+            if not len(track._packets):
+                raise MediaError(f"saved AAC track {path} holds no packets", path=str(path))
+        except BaseException:
+            track.close()
+            raise
+        track.priming = -track._packets.first_pts
         track.done = True
         return track
