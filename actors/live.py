@@ -83,6 +83,7 @@ class LiveWorkers:
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
+        self._born = time.monotonic()
         from cluster.live.journal import SessionJournal
 
         logging.basicConfig(level=logging.INFO)
@@ -136,6 +137,7 @@ class LiveSessionActor:
         from cluster.live.session import LiveSession
         from cluster.netguard import RtmpTarget
 
+        t0 = time.monotonic()
         meta = self.journal.meta()
         self.avatar_id, self.model, self.created = meta["avatar_id"], meta["model"], meta["created"]
         self.final = self.journal.final()
@@ -150,6 +152,8 @@ class LiveSessionActor:
                                    max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
         stop = self.session.restore()
         self.session.start()
+        log.info("session %s resumed in %.2f s (this process up %.2f s before)", self.id, time.monotonic() - t0,
+                 t0 - self._born)
         if stop is not None:  # it was being ended: end it (in the background; __init__ returns now)
             threading.Thread(target=self.session.stop, args=(stop,), daemon=True).start()
 

@@ -309,6 +309,37 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     assert heard / spoken == pytest.approx(1.0, abs=0.1), (heard / spoken)
 
 
+def test_a_session_whose_actor_is_gone_for_good_reads_failed(service, live_avatar):
+    """What Ray leaves once a session's actor has used its restarts (`LIPSYNC_LIVE_MAX_RESTARTS`):
+    a journal that never ended and no actor under the session's name. The API tells the truth
+    from the journal: `failed`, naming the stage and the session, with what it had received; audio
+    is refused with 410 and the socket closes with 4410; nothing waits."""
+    sid = "0123456789abcdef"
+    journal = service.storage_root / "sessions" / sid
+    journal.mkdir(parents=True)
+    (journal / "session.json").write_text(json.dumps({"avatar_id": live_avatar, "model": "builtin", "size": 96,
+                                                      "crop": "x", "sample_rate": 16000, "max_seconds": None,
+                                                      "created": time.time(), "started_wall": time.time()}))
+    (journal / "audio.pcm").write_bytes(b"\x00\x01" * 16000)  # 1 s received
+    (journal / "speech.jsonl").write_text('{"restart": 1}\n{"restart": 2}\n{"restart": 3}\n')
+    (journal / "published.jsonl").write_text(json.dumps({"name": "seg_000000.m4s", "seconds": 0.48, "frames": 12,
+                                                         "epoch": 0, "init": "init.mp4", "end_frame": 12}) + "\n")
+    with _api(service) as api:
+        t0 = time.monotonic()
+        r = api.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 200, r.text
+        view = r.json()
+        assert view["state"] == "failed" and view["error"]["code"] == "session.actor_lost", view
+        assert view["error"]["stage"] == "live" and sid in view["error"]["message"], view
+        assert "LIPSYNC_LIVE_MAX_RESTARTS" in view["error"]["message"] and "3 restart(s)" in view["error"]["message"]
+        assert view["seconds_received"] == 1.0 and view["segments_published"] == 1
+        r = api.post(f"/v1/sessions/{sid}/audio", params={"offset": 32000}, content=b"\x00\x00")
+        assert r.status_code == 410 and sid in r.json()["error"]["message"], r.text
+        assert time.monotonic() - t0 < 10
+    code, reason = _close_code(view["audio_ws"])  # the view's own socket URL and token
+    assert code == 4410 and sid in reason, (code, reason)
+
+
 def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avatar, speech_wav):
     """SIGKILL the job manager while speech streams in: the session (its own actor) keeps
     streaming and renders all its speech; once Ray has restarted the manager, a new session and a

@@ -269,7 +269,10 @@ class LiveSession:
         self.state = "live"
         now = self.clock()
         self.started = now - self._elapsed_before  # max_seconds counts from the session's start
-        t0 = now - self.scheduler.next_frame / float(fps)  # the next frame (after a restart: not 0) is due now
+        # the next frame (after a restart: not 0) is due now; after a restart, the whole first segment is:
+        # the stream stood still while the actor came back, its first segment is rendered at once
+        ahead = self.encoder.gop if self.restarts else 0
+        t0 = now - (self.scheduler.next_frame + ahead) / float(fps)
         self._started.set()
         try:
             while not self._stop.is_set():

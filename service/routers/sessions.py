@@ -212,7 +212,7 @@ async def get_session(session_id: str, request: Request) -> SessionView:
     try:
         actor = _actor(settings, session_id)
     except SessionLost as e:
-        return _view(request, e.view, with_token=False)
+        return _view(request, e.view)
     return _view(request, await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s))
 
 
@@ -333,9 +333,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         if not _SESSION_ID.match(session_id):
             raise SessionNotFound(f"no live session {session_id}")
-        from actors.live import session_actor
-
-        actor = session_actor(settings, session_id)
+        actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     except SessionLost as e:
         await websocket.close(4410, e.message[:120])
