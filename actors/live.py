@@ -128,7 +128,11 @@ class LiveSessionActor:
         self.journal.save_meta({"avatar_id": avatar_id, "model": self.model, "size": int(info["size"]), "crop": crop,
                                 "sample_rate": sample_rate, "max_seconds": max_seconds, "created": self.created,
                                 "started_wall": time.time(), "rtmp": dataclasses.asdict(rtmp) if rtmp else None})
-        self.session.start()
+        try:
+            self.session.start()
+        except BaseException:
+            self.journal.forget()  # it never began: no restart resumes it, no view reports it lost
+            raise
         return self.view()
 
     def _resume(self) -> None:

@@ -262,12 +262,14 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         wait_until(lambda: len(advances) >= 2, 30, 0.05, "the live playlist to advance")  # mid-stream
         time.sleep(0.3)
         pid = wait_until(lambda: _session_actor_pid(service, session.id), 10, 0.1, "the session's actor")
+        socket_before = session._ws
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: (_session_actor_pid(service, session.id) or pid) != pid, 60, 0.05, "the restarted actor")
         encoding_again = time.monotonic() - killed_at
         sender.join(90)
         assert not sender.is_alive()
+        assert socket_before is not None and session._ws is socket_before  # the same socket: never reconnected
         view = session.wait_rendered(timeout=120)
         assert view.state == "live" and view.restarts == 1, view
         new_pid = _session_actor_pid(service, session.id)
@@ -284,12 +286,12 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     assert final.state == "ended" and final.reason == "deleted" and final.restarts == 1
     positions = [p for _, p in advances]
     assert positions == sorted(positions) and positions[-1] > positions[0]
-    after = [t for t, _ in advances if t > killed_at]
-    assert after, "the playlist never advanced after the kill"
+    after = [t for t, _ in advances if t > killed_at + encoding_again]
+    assert after, "the playlist never advanced once the restarted actor was encoding"
     stall = max(b[0] - a[0] for a, b in zip(advances, advances[1:]))
-    print(f"\nsession actor SIGKILLed: its restarted actor encoding again after {encoding_again:.2f} s, the "
-          f"playlist advancing again after {after[0] - killed_at:.2f} s; longest stall seen by a poller {stall:.2f} s, "
-          f"by the session: restart_gap_s {final.restart_gap_s}, longest_gap_s {final.longest_gap_s}")
+    print(f"\nsession actor SIGKILLed: its restarted actor encoding again after {encoding_again:.2f} s; longest "
+          f"playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the session: restart_gap_s "
+          f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}")
     assert stall < 30.0  # measured and reported; the 2 s target is not met on a loaded 2-core machine
     # the restarted encoder's segments follow a discontinuity, with its own init segment
     assert "#EXT-X-DISCONTINUITY" in playlist or "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist, playlist
@@ -306,6 +308,7 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     sent = subprocess.run([ffmpeg_binary(), "-v", "error", "-i", speech_wav, "-ac", "1", "-ar", "16000", "-f", "s16le",
                            "-"], capture_output=True, timeout=60).stdout
     spoken = _speech_energy(np.frombuffer(sent, "<i2"))
+    print(f"recording: {final.recording_seconds} s, its audio energy / the speech's {heard / spoken:.3f}")
     assert heard / spoken == pytest.approx(1.0, abs=0.1), (heard / spoken)
 
 

@@ -119,7 +119,9 @@ class LiveEncoder:
                 "-c:a", "aac", "-b:a", "96k"]
         if start_frame:
             args += ["-output_ts_offset", f"{start_frame / float(self.fps):.6f}"]
-        hls = {"hls_time": f"{hls_time:.4f}", "hls_list_size": str(s.live_playlist_segments),
+        # ffmpeg's own list is longer than the published window (`LivePlaylist`), so that a watcher
+        # that was held up for a while still sees every segment it has not published yet
+        hls = {"hls_time": f"{hls_time:.4f}", "hls_list_size": str(s.live_playlist_segments + 32),
                "start_number": str(int(start_number)),
                "hls_segment_type": "fmp4", "hls_fmp4_init_filename": self.init,
                "hls_segment_filename": SEGMENT_PATTERN, "hls_flags": "independent_segments+temp_file"}

@@ -65,6 +65,10 @@ class SessionJournal:
         write_atomic(self.dir / SESSION_FILE, json.dumps(meta))
         os.chmod(self.dir / SESSION_FILE, 0o600)  # it may hold an RTMP stream key
 
+    def forget(self) -> None:
+        """The session never began (its start failed): remove `session.json`."""
+        (self.dir / SESSION_FILE).unlink(missing_ok=True)
+
     def meta(self) -> dict:
         return json.loads((self.dir / SESSION_FILE).read_text())
 
