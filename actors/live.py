@@ -48,6 +48,10 @@ def session_dir(settings: Settings, session_id: str) -> Path:
     return settings.dir("sessions") / session_id
 
 
+def _import_resampler() -> None:
+    import scipy.signal  # noqa: F401
+
+
 class LiveWorkers:
     """The model workers a session sends its batches to: the live ones the job manager knows,
     refreshed when one fails; the one that answered last is used first."""
@@ -84,6 +88,9 @@ class LiveWorkers:
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
         self._born = time.monotonic()
+        # the encoder's first write needs scipy's resampler (16/24 kHz -> 48 kHz): seconds of import on
+        # a busy node, so it is imported beside the rest of the start, not in front of the first segment
+        threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
         from cluster.live.journal import SessionJournal
 
         logging.basicConfig(level=logging.INFO)
@@ -155,6 +162,11 @@ class LiveSessionActor:
                                    out_dir=session_dir(self.s, self.id), settings=self.s,
                                    max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
         stop = self.session.restore()
+        # the model workers are listed beside the first batches, not before them: until the list is
+        # in, batches go out without the model (their speech is rendered on the next frames), so the
+        # stream moves again as soon as the encoder runs
+        self.workers.retry_at = time.monotonic() + self.s.actor_call_timeout_s
+        threading.Thread(target=self._list_workers, name=f"live-workers-{self.id}", daemon=True).start()
         self.session.start()
         log.info("session %s resumed in %.2f s (this process up %.2f s before)", self.id, time.monotonic() - t0,
                  t0 - self._born)
@@ -181,6 +193,16 @@ class LiveSessionActor:
             time.sleep(0.5)
         raise ModelLoadError(f"model {model!r} was not ready on any worker within "
                              f"{self.s.model_load_timeout_s:.0f} s ({last})", path=model)
+
+    def _list_workers(self) -> None:
+        try:
+            self.workers.refresh()
+            if self.workers.names:
+                self.workers.handle(self.workers.names[0])
+        except Exception as e:  # noqa: BLE001 - the batches ask again (and say why) when it failed
+            log.warning("session %s: cannot list the model workers yet: %r", self.id, e)
+        finally:
+            self.workers.retry_at = 0.0
 
     # --- the model, through the live lane ---------------------------------------------------------
     def _generate(self, mel: np.ndarray, crops: np.ndarray) -> np.ndarray:

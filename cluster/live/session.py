@@ -354,6 +354,7 @@ class LiveSession:
         self.state = "ended" if ok else "failed"
         if self.journal is not None:
             self.journal.save_final({**self.stats(), "ended_wall": time.time()})
+            self.journal.close()
         log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
 
     # --- publication -----------------------------------------------------------------------------
@@ -444,6 +445,7 @@ class LiveSession:
         if entries:
             last = entries[-1]
             self._frames_before = self.published_frames = int(last["end_frame"])
+            self.segments_published = len(entries)
             self.scheduler.resume(self._frames_before, last.get("mark"))
             self._last_published_wall = float(last["at"])
             figures = last.get("figures") or {}
