@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set")
+    public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+                                   description="the service's address as its clients reach it (e.g. "
+                                   "https://avatars.example.com behind a TLS proxy): the base of the absolute "
+                                   "URLs a live session's view carries; unset: the request's own address, "
+                                   "with a proxy's X-Forwarded-Proto/-Host")
 
     # --- live sessions (`POST /v1/sessions`, cluster/live/) ----------------------------------
     max_live_sessions: int = Field(4, ge=1, description="live sessions running at once; beyond: HTTP 429")

@@ -27,14 +27,35 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
               "test_a_disk_that_fills_mid_job")
 
 
+#: The session-wide fixtures that start a Ray (the `runtime` fixture's and the `service`'s `lipsync
+#: serve`): under pytest-xdist (`-n 2` in pyproject.toml) every test that uses one runs on the same
+#: worker as the others that use it, so each starts once.
+SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
-    the quick inner loop; plain `pytest` runs everything."""
+    the quick inner loop; plain `pytest` runs everything.
+    Each test also gets its `xdist_group` (`--dist loadgroup`): the group of the session fixture it
+    uses, else its module (so a module's own fixtures start once)."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
                 or item.name.startswith(SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("xdist_group") is None:
+            fixtures = set(getattr(item, "fixturenames", ()))
+            group = next((g for name, g in SESSION_GROUPS if name in fixtures), module)
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config):
+    """Ray's token file is created (0600) before any worker starts a Ray: two Rays started at
+    once by two xdist workers must not each write their own token to it."""
+    if not hasattr(config, "workerinput"):
+        from actors.runtime import private_token_file
+
+        private_token_file()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -106,6 +106,14 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             with connect(ws_url, open_timeout=30) as ws:
                 assert json.loads(ws.recv(timeout=30)) == {"type": "ready", "offset": len(pcm), "sample_rate": 16000}
             assert api.get(f"/v1/sessions/{sid}").json()["bytes_received"] == len(pcm)
+            # behind a TLS proxy the view's URLs are the ones its client reached (X-Forwarded-Proto/-Host);
+            # a forwarded host that is not a plain host[:port] is ignored
+            proxied = api.get(f"/v1/sessions/{sid}", headers={"X-Forwarded-Proto": "https",
+                                                               "X-Forwarded-Host": "avatars.example.com"}).json()
+            assert proxied["hls_url"].startswith(f"https://avatars.example.com/v1/sessions/{sid}/hls/index.m3u8?")
+            assert proxied["audio_ws"].startswith(f"wss://avatars.example.com/v1/sessions/{sid}/audio?")
+            odd = api.get(f"/v1/sessions/{sid}", headers={"X-Forwarded-Host": "evil.example/x?"}).json()
+            assert odd["hls_url"].startswith(service.url + "/"), odd["hls_url"]
         finally:
             api.delete(f"/v1/sessions/{sid}")
 

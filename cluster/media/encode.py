@@ -21,7 +21,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
-from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary
+from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary, wait_exit
 
 #: Bytes handed to the pipe per write call.
 WRITE_CHUNK_BYTES = 1 << 20
@@ -162,7 +162,7 @@ class SegmentEncoder:
             except OSError:
                 pass  # a dead encoder; its exit code and stderr explain it below
             try:
-                code = self._proc.wait(timeout=self.settings.ffmpeg_timeout_s)
+                code = wait_exit(self._proc, self.settings.ffmpeg_timeout_s)
             except subprocess.TimeoutExpired:
                 limit = self.settings.ffmpeg_timeout_s
                 raise self._fail(f"ffmpeg did not finish within {limit:g} s") from None

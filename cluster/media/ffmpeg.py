@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -111,6 +112,43 @@ def die_with_parent_hook():
     return hook
 
 
+@functools.lru_cache(maxsize=1)
+def pdeathsig_launcher() -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL --` (util-linux), which sets the same parent-death signal as
+    `die_with_parent_hook` and then execs ffmpeg: with it, no `preexec_fn` is needed, so Python
+    starts the child with vfork instead of copying this process's page tables (a fork of a
+    compositor took 5-50 ms per ffmpeg: issue 20's first segment). Empty where setpriv is missing
+    or has no --pdeathsig (the hook is used then)."""
+    exe = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if exe is None:
+        return ()
+    launcher = (exe, "--pdeathsig", "KILL", "--")
+    try:
+        subprocess.run([*launcher, "true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return launcher
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    """`proc.wait(timeout)` that wakes when the child exits (a pidfd), not on Python's polling
+    steps of up to 50 ms; raises subprocess.TimeoutExpired past `timeout`."""
+    if proc.returncode is None and timeout > 0 and hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:  # already reaped elsewhere, or a kernel without pidfds
+            fd = None
+        if fd is not None:
+            try:
+                poller = select.poll()  # (select.select refuses descriptors past 1023)
+                poller.register(fd, select.POLLIN)
+                if not poller.poll(timeout * 1000):
+                    raise subprocess.TimeoutExpired(proc.args, timeout)
+            finally:
+                os.close(fd)
+    return proc.wait(timeout=timeout)
+
+
 class FFmpeg:
     """One running ffmpeg: the only place the project starts ffmpeg.
 
@@ -136,11 +174,16 @@ class FFmpeg:
         self._stderr = tempfile.TemporaryFile()
         # stdin: True a pipe of ours, a file object (another ffmpeg's stdout) read directly, else none
         child_stdin = subprocess.PIPE if stdin is True else (stdin or subprocess.DEVNULL)
+        launcher = pdeathsig_launcher()  # the child dies with this process: by setpriv, else a preexec hook
+        if launcher and shutil.which(self.cmd[0]) is None:  # (setpriv would report it only as exit code 127)
+            self._stderr.close()
+            raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: not an executable file",
+                        stage=stage, path=path, cause=f"{self.cmd[0]}: not an executable file")
         try:
             self.proc = subprocess.Popen(
-                self.cmd, stdin=child_stdin,
+                [*launcher, *self.cmd], stdin=child_stdin,
                 stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self._stderr,
-                preexec_fn=die_with_parent_hook(), cwd=cwd)
+                preexec_fn=None if launcher else die_with_parent_hook(), cwd=cwd)
         except OSError as exc:
             self._stderr.close()
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: {exc}",
@@ -183,7 +226,7 @@ class FFmpeg:
     def wait(self, timeout: float) -> int:
         """The exit code; past `timeout` seconds ffmpeg is killed and reaped and `timeout_error` raised."""
         try:
-            return self.proc.wait(timeout=timeout)
+            return wait_exit(self.proc, timeout)
         except subprocess.TimeoutExpired:
             raise self._timed_out(timeout) from None
 

@@ -158,8 +158,28 @@ def token_ok(request: Request | WebSocket, session_id: str, token: str | None) -
     return key is None or (bool(token) and check_watch(key, f"session:{session_id}", token))
 
 
+_FORWARDED_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+def public_base(request: Request) -> str:
+    """The base of the absolute URLs a session's view carries: LIPSYNC_PUBLIC_URL when set, else
+    the request's own address as its client used it, through a TLS proxy too (the first value of
+    X-Forwarded-Proto, http or https, and of X-Forwarded-Host, a plain host[:port])."""
+    configured = _settings(request).public_url
+    if configured:
+        return configured.rstrip("/")
+    url = request.base_url
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        url = url.replace(scheme=proto)
+    host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    if host and _FORWARDED_HOST.match(host):
+        url = url.replace(netloc=host)
+    return str(url).rstrip("/")
+
+
 def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
-    base = str(request.base_url).rstrip("/")
+    base = public_base(request)
     sid = raw["id"]
     token, expires = session_token(request, sid)
     query = f"?token={token}" if token else ""
