@@ -433,8 +433,10 @@ def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, entries:
                          for _, g in groupby(entries, key=lambda e: e["epoch"])]
             listing.write_text("".join(f"file '{p.name}'\nduration {d:.6f}\n" for p, d in zip(parts, durations)))
             inputs = ["-f", "concat", "-safe", "0", *input_args(listing)]
+            # the last epoch's audio runs past its video by its AAC padding: the whole is cut at the video's end
             codecs = ["-map", "0:v", "-map", "0:a", "-c:v", "copy", "-c:a", "aac", "-b:a", "96k",
-                      "-af", "aresample=async=1:first_pts=0"]
+                      "-af", "aresample=async=1:first_pts=0",
+                      "-t", f"{sum(e['frames'] for e in entries) / float(fps):.6f}"]
         run_ffmpeg(["-loglevel", "error", *inputs, *codecs, "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
                    timeout=s.ffmpeg_timeout_s, settings=s, stage="live-recording", path=str(dest))
     finally:
