@@ -8,12 +8,19 @@ registry that admits them.
   group of its own: never queued behind job batches). A worker that dies or does not answer
   within `live_batch_timeout_s` costs one batch shown without the model; its speech is rendered
   on the next frames, and the next batch goes to another live worker (or the restarted one).
-  The session's state lives here, not in a Serve replica.
+  The session's state lives here, not in a Serve replica, and what must outlive this process
+  (the speech received, the stream published, the resume point) in its journal on disk
+  (`cluster.live.journal`). Ray restarts the actor when it dies (`LIPSYNC_LIVE_MAX_RESTARTS`);
+  its `__init__` finds the journal and resumes the session: the playlist goes on (a new encoder
+  epoch after an `#EXT-X-DISCONTINUITY`), the speech not yet published is rendered. A restart
+  that cannot resume leaves the session `failed`, saying why; past the restarts the ingress
+  reads the journal and answers `failed` too.
 - `LiveRegistry` (named `lipsync-live-sessions`, detached): admission (`LIPSYNC_MAX_LIVE_SESSIONS`),
   creation and lookup, one at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -39,6 +46,10 @@ def session_actor_name(session_id: str) -> str:
 
 def session_dir(settings: Settings, session_id: str) -> Path:
     return settings.dir("sessions") / session_id
+
+
+def _import_resampler() -> None:
+    import scipy.signal  # noqa: F401
 
 
 class LiveWorkers:
@@ -76,13 +87,30 @@ class LiveWorkers:
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
+        self._born = time.monotonic()
+        # the encoder's first write needs scipy's resampler (16/24 kHz -> 48 kHz): seconds of import on
+        # a busy node, so it is imported beside the rest of the start, not in front of the first segment
+        threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
+        from cluster.live.journal import SessionJournal
+
         logging.basicConfig(level=logging.INFO)
         self.id, self.s = session_id, settings
         self.session = None
         self.workers = LiveWorkers(settings)
         self.model = settings.model
         self.created = time.time()
-        self._exit_timer: threading.Timer | None = None
+        self.journal = SessionJournal(session_dir(settings, session_id))
+        self.final: dict | None = None  # the final view of an ended session (from the journal)
+        self.lost: dict | None = None  # why a restart could not resume the session
+        if self.journal.begun():  # Ray restarted this actor: resume (never raise here: Ray would not retry)
+            try:
+                self._resume()
+            except Exception as e:  # noqa: BLE001 - the session ends failed, saying why
+                log.exception("session %s: the restarted actor cannot resume", session_id)
+                cause = e.to_info().message if isinstance(e, LipsyncError) else repr(e)
+                self.lost = {"code": "session.restart_failed", "stage": "live",
+                             "message": f"live session {session_id}: its actor restarted but could not resume "
+                                        f"the session ({cause})"[:2000]}
 
     # --- start --------------------------------------------------------------------------------
     def begin(self, avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,
@@ -102,10 +130,48 @@ class LiveSessionActor:
                                    model=self.model, model_size=int(info["size"]), crop=crop,
                                    generate=self._generate, sample_rate=sample_rate,
                                    out_dir=session_dir(s, self.id), settings=s, max_seconds=max_seconds,
-                                   rtmp=rtmp)
+                                   rtmp=rtmp, journal=self.journal)
         self.avatar_id = avatar_id
-        self.session.start()
+        self.journal.save_meta({"avatar_id": avatar_id, "model": self.model, "size": int(info["size"]), "crop": crop,
+                                "sample_rate": sample_rate, "max_seconds": max_seconds, "created": self.created,
+                                "started_wall": time.time(), "rtmp": dataclasses.asdict(rtmp) if rtmp else None})
+        try:
+            self.session.start()
+        except BaseException:
+            self.journal.forget()  # it never began: no restart resumes it, no view reports it lost
+            raise
         return self.view()
+
+    def _resume(self) -> None:
+        """This actor died and Ray started it again: the session goes on from its journal."""
+        from cluster.faces.avatar import load_avatar
+        from cluster.live.session import LiveSession
+        from cluster.netguard import RtmpTarget
+
+        t0 = time.monotonic()
+        meta = self.journal.meta()
+        self.avatar_id, self.model, self.created = meta["avatar_id"], meta["model"], meta["created"]
+        self.final = self.journal.final()
+        if self.final is not None:  # it had ended: serve its view and recording
+            return
+        avatar = load_avatar(self.avatar_id, self.s)
+        rtmp = RtmpTarget(**meta["rtmp"]) if meta.get("rtmp") else None
+        self.session = LiveSession(self.id, template_path=avatar.template_path, track_path=avatar.track_path,
+                                   model=self.model, model_size=int(meta["size"]), crop=meta["crop"],
+                                   generate=self._generate, sample_rate=int(meta["sample_rate"]),
+                                   out_dir=session_dir(self.s, self.id), settings=self.s,
+                                   max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
+        stop = self.session.restore()
+        # the model workers are listed beside the first batches, not before them: until the list is
+        # in, batches go out without the model (their speech is rendered on the next frames), so the
+        # stream moves again as soon as the encoder runs
+        self.workers.retry_at = time.monotonic() + self.s.actor_call_timeout_s
+        threading.Thread(target=self._list_workers, name=f"live-workers-{self.id}", daemon=True).start()
+        self.session.start()
+        log.info("session %s resumed in %.2f s (this process up %.2f s before)", self.id, time.monotonic() - t0,
+                 t0 - self._born)
+        if stop is not None:  # it was being ended: end it (in the background; __init__ returns now)
+            threading.Thread(target=self.session.stop, args=(stop,), daemon=True).start()
 
     def _describe(self, model: str) -> dict:
         deadline = time.monotonic() + self.s.model_load_timeout_s
@@ -127,6 +193,16 @@ class LiveSessionActor:
             time.sleep(0.5)
         raise ModelLoadError(f"model {model!r} was not ready on any worker within "
                              f"{self.s.model_load_timeout_s:.0f} s ({last})", path=model)
+
+    def _list_workers(self) -> None:
+        try:
+            self.workers.refresh()
+            if self.workers.names:
+                self.workers.handle(self.workers.names[0])
+        except Exception as e:  # noqa: BLE001 - the batches ask again (and say why) when it failed
+            log.warning("session %s: cannot list the model workers yet: %r", self.id, e)
+        finally:
+            self.workers.retry_at = 0.0
 
     # --- the model, through the live lane ---------------------------------------------------------
     def _generate(self, mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
@@ -171,7 +247,12 @@ class LiveSessionActor:
         return self.view()
 
     def _live(self):
+        from cluster.live import SessionEnded
+
         if self.session is None:
+            if self.lost is not None or self.final is not None:
+                raise SessionEnded(f"live session {self.id} has "
+                                   + (f"failed: {self.lost['message']}" if self.lost else "ended"))
             raise RuntimeError("session not begun")
         return self.session
 
@@ -188,28 +269,49 @@ class LiveSessionActor:
             return None
 
     def read_recording(self, offset: int, length: int) -> bytes:
-        session = self._live()
-        if session.recording is None:
+        if self.session is None and self.final is not None:
+            path = session_dir(self.s, self.id) / "recording.mp4" if self.final.get("recording_seconds") else None
+        else:
+            path = self._live().recording
+        if path is None:
             return b""
-        with open(session.recording, "rb") as f:
+        with open(path, "rb") as f:
             f.seek(offset)
             return f.read(length)
 
     # --- state ------------------------------------------------------------------------------------
     def view(self) -> dict:
+        if self.session is None and (self.final is not None or self.lost is not None):
+            return self._stored_view()
         session = self._live()
         stats = session.stats()
         recording_bytes = session.recording.stat().st_size if session.recording is not None else None
         return {**stats, "avatar_id": getattr(self, "avatar_id", None), "model": self.model, "created": self.created,
                 "recording_bytes": recording_bytes}
 
+    def _stored_view(self) -> dict:
+        """The view of a session this process did not run: ended before the restart (its final
+        view), or one the restart could not resume (failed, and why)."""
+        if self.final is not None:
+            path = session_dir(self.s, self.id) / "recording.mp4"
+            size = path.stat().st_size if self.final.get("recording_seconds") and path.is_file() else None
+            return {**self.final, "avatar_id": self.avatar_id, "model": self.model, "created": self.created,
+                    "recording_bytes": size}
+        return lost_session_view(self.s, self.id, self.lost)
+
     def state(self) -> str:
-        return self.session.state if self.session is not None else "starting"
+        if self.session is None:
+            return "failed" if self.lost else (self.final or {}).get("state", "starting")
+        return self.session.state
 
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
         session = self.session
-        if session is None or not session.ended:
+        if session is None:
+            if self.final is not None:
+                return time.time() - float(self.final.get("ended_wall", time.time()))
+            return 0.0 if self.lost is not None else None
+        if not session.ended:
             return None
         return time.monotonic() - session.ended_at
 
@@ -226,7 +328,7 @@ class LiveSessionActor:
 
     def touch(self, lease: str) -> None:
         held = getattr(self, "_socket", None)
-        if held is not None and held[0] == lease:
+        if held is None or held[0] == lease:  # after a restart the open socket takes its lease back
             self._socket = (lease, time.monotonic())
 
     def detach(self, lease: str) -> None:
@@ -313,7 +415,7 @@ def create_session_actor(settings: Settings, session_id: str):
         opts["resources"] = {settings.manager_resource: 0.01}
     else:
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head_node_id(), soft=False)
-    return LiveSessionActor.options(**opts).remote(session_id, settings)
+    return LiveSessionActor.options(max_restarts=settings.live_max_restarts, **opts).remote(session_id, settings)
 
 
 def live_registry(settings: Settings):
@@ -330,3 +432,30 @@ def session_actor(settings: Settings, session_id: str):
         return ray.get_actor(session_actor_name(session_id), namespace=settings.namespace)
     except ValueError:
         raise SessionNotFound(f"no live session {session_id}", path="session_id") from None
+
+
+def lost_session_view(settings: Settings, session_id: str, lost: dict | None = None) -> dict:
+    """The truthful view of a session whose actor is gone for good (Ray's restarts exhausted) or
+    whose restart could not resume it, from its journal: `failed`, with what it had received and
+    published, and an error naming the stage and the session."""
+    from cluster.live.journal import SessionJournal
+
+    journal = SessionJournal(session_dir(settings, session_id))
+    meta = journal.meta()
+    published = journal.published()
+    events = journal.events()
+    audio = journal.dir / "audio.pcm"
+    received = audio.stat().st_size if audio.is_file() else 0
+    rate = int(meta["sample_rate"])
+    restarts = sum(1 for e in events if "restart" in e)
+    error = lost or {"code": "session.actor_lost", "stage": "live",
+                     "message": f"live session {session_id}: its actor ({session_actor_name(session_id)}) died "
+                                f"and was not restarted (LIPSYNC_LIVE_MAX_RESTARTS={settings.live_max_restarts}, "
+                                f"{restarts} restart(s) used); its stream stopped after {len(published)} segments"}
+    last = published[-1] if published else {}
+    fps = (last["frames"] / last["seconds"]) if last.get("seconds") else 25.0
+    return {"id": session_id, "state": "failed", "reason": "failed", "error": error,
+            "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
+            "sample_rate": rate, "bytes_received": received, "seconds_received": round(received / 2 / rate, 3),
+            "seconds_streamed": round(last.get("end_frame", 0) / fps, 3), "segments_published": len(published),
+            "restarts": restarts, "recording_bytes": None}

@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     live_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of a session's render "
                            "thread and encoder, and of the model workers' live lane, so batch work on the same "
                            "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")
+    live_max_restarts: int = Field(3, ge=0, description="times Ray restarts a session's actor (its compositing "
+                                   "and encoder) that died; it resumes from the session's journal on disk. Past "
+                                   "that the session ends failed")
+    live_restart_wait_s: float = Field(30.0, gt=0, description="how long the service retries a call that met a "
+                                       "session's actor dead (restarting) before answering 503")
     live_crf: int = Field(23, ge=0, le=51)
     live_preset: str = Field("veryfast", description="x264 preset of live streams")
 

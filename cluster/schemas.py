@@ -355,6 +355,8 @@ class SessionView(BaseModel):
     stalls: int = 0
     longest_gap_s: float = 0.0
     model_faults: int = 0
+    restarts: int = 0  # times the session's actor died and resumed from its journal
+    restart_gap_s: float | None = None  # the playlist's stand-still across the last restart
     recording_url: str | None = None
     recording_seconds: float | None = None
     recording_bytes: int | None = None

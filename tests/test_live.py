@@ -359,3 +359,54 @@ def test_a_refused_rtmp_push_fails_alone_and_the_session_streams_on(speech_wav, 
     _seq, segments, ended = read_playlist(tmp_path / "session" / "hls" / PUBLISHED)
     assert ended and segments
     assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)
+
+
+def test_a_restarted_encoder_continues_the_playlist_and_the_recording_joins_its_epochs(tmp_path):
+    """Two encoder epochs (a session's actor restarted between them) in one live playlist: the
+    second's segments follow `#EXT-X-DISCONTINUITY` and its own init segment, media sequence numbers
+    go on, each segment decodes after the init segment its EXT-X-MAP names, and the recording holds
+    every frame of both and their audio."""
+    import io
+    import re
+
+    import av
+
+    from cluster.config import get_settings
+    from cluster.live.encoder import PUBLISHED, LiveEncoder, LivePlaylist, make_recording, parse_playlist
+
+    s = get_settings().model_copy(update={"live_playlist_segments": 3})
+    hls = tmp_path / "hls"
+    fps = Fraction(25)
+    playlist = LivePlaylist(hls, s.live_playlist_segments)
+    rng = np.random.default_rng(3)
+    tone = (np.sin(np.arange(640 * 30) * 2 * np.pi * 440 / 16000) * 8000).astype(np.int16)
+    for epoch, frames in ((0, 36), (1, 24)):
+        encoder = LiveEncoder(hls, 160, 120, fps, 16000, s, epoch=epoch, start_number=len(playlist.entries),
+                              start_frame=sum(e["frames"] for e in playlist.entries))
+        for first in range(0, frames, 4):
+            encoder.write(rng.integers(0, 255, (4, 120, 160, 3), dtype=np.uint8), tone[first * 640:(first + 4) * 640])
+        encoder.close()
+        playlist.poll(encoder.playlist, encoder.epoch, encoder.init, fps, final=epoch == 1)
+    text = (hls / PUBLISHED).read_text()
+    assert [e["frames"] for e in playlist.entries] == [12, 12, 12, 12, 12]
+    assert "#EXT-X-MEDIA-SEQUENCE:2" in text and "#EXT-X-DISCONTINUITY-SEQUENCE:0" in text
+    assert text.count("#EXT-X-DISCONTINUITY\n") == 1 and '#EXT-X-MAP:URI="init-1.mp4"' in text
+    assert text.index("#EXT-X-DISCONTINUITY\n") < text.index('URI="init-1.mp4"') < text.index("seg_000003.m4s")
+    assert text.rstrip().endswith("#EXT-X-ENDLIST")
+    # what a player fetches: each listed segment after the init segment its EXT-X-MAP names, timestamps going on
+    _seq, listed, _ended = parse_playlist(text)
+    maps = re.findall(r'URI="([^"]+)"', text)
+    assert [name for name, _ in listed] == ["seg_000002.m4s", "seg_000003.m4s", "seg_000004.m4s"]
+    starts = []
+    for (name, _), init in zip(listed, [maps[0], maps[1], maps[1]]):
+        with av.open(io.BytesIO((hls / init).read_bytes() + (hls / name).read_bytes())) as container:
+            stream = container.streams.video[0]
+            packets = [p for p in container.demux(stream) if p.size]
+            starts.append(float(packets[0].pts * stream.time_base))
+            assert sum(len(p.decode()) for p in packets) == 12
+    assert starts == sorted(starts) and starts[1] == pytest.approx(36 / 25, abs=0.03)
+    seconds = make_recording(hls, tmp_path / "rec.mp4", playlist.entries, fps, s)
+    assert seconds == pytest.approx(60 / 25)
+    with av.open(str(tmp_path / "rec.mp4")) as container:
+        video_frames, audio_samples = decoded_counts(container)
+    assert video_frames == 60 and audio_samples / 48000 == pytest.approx(2.4, abs=0.05)

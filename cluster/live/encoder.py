@@ -44,6 +44,13 @@ PUBLISHED = "live.m3u8"  # what is served: the same with a valid #EXT-X-TARGETDU
 INIT = "init.mp4"
 SEGMENT_PATTERN = "seg_%06d.m4s"
 SEGMENT_NAME = re.compile(r"^seg_\d{6}\.m4s$")
+INIT_NAME = re.compile(r"^init(-\d+)?\.mp4$")
+
+
+def epoch_names(epoch: int) -> tuple[str, str]:
+    """(ffmpeg's playlist, init segment) of encoder epoch `epoch` (0: the session's first encoder;
+    each restart of the session's actor starts the next)."""
+    return (PLAYLIST, INIT) if epoch == 0 else (f"index-{epoch}.m3u8", f"init-{epoch}.mp4")
 #: The rate the encoder is fed: ffmpeg reads raw PCM in packets of 1024 samples and AAC delays by
 #: about 2048, so 48 kHz holds the audio (and the muxer, which interleaves) 3x shorter than 16 kHz.
 AUDIO_RATE = 48000
@@ -82,16 +89,23 @@ class LiveEncoder:
     segment and the final playlist (`#EXT-X-ENDLIST`)."""
 
     def __init__(self, out_dir: str | os.PathLike, width: int, height: int, fps: Fraction, sample_rate: int,
-                 settings: Settings | None = None, rtmp: RtmpTarget | None = None) -> None:
+                 settings: Settings | None = None, rtmp: RtmpTarget | None = None, epoch: int = 0,
+                 start_number: int = 0, start_frame: int = 0) -> None:
         self.settings = s = settings or get_settings()
         self.out_dir = Path(out_dir)
+        # a restarted session's encoder (epoch > 0) writes its own playlist and init segment,
+        # numbers its segments on from `start_number` and its timestamps from output frame
+        # `start_frame` (see `LivePlaylist`; players' demuxers that ignore a discontinuity see
+        # timestamps that go on)
+        self.epoch = int(epoch)
+        self.playlist, self.init = epoch_names(self.epoch)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.width, self.height, self.fps, self.rate = int(width), int(height), Fraction(fps), int(sample_rate)
         self.gop = gop_frames(self.fps, s.live_segment_seconds)
         self.frames_written = 0
         self.samples_written = 0
         self.error: str | None = None
-        self._fifo = self.out_dir / "audio.fifo"
+        self._fifo = self.out_dir / f"audio-{self.epoch}.fifo"
         if self._fifo.exists():
             self._fifo.unlink()
         os.mkfifo(self._fifo, 0o600)
@@ -103,21 +117,26 @@ class LiveEncoder:
                 *input_args(self._fifo),
                 "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
                 "-c:a", "aac", "-b:a", "96k"]
-        hls = {"hls_time": f"{hls_time:.4f}", "hls_list_size": str(s.live_playlist_segments),
-               "hls_segment_type": "fmp4", "hls_fmp4_init_filename": INIT,
+        if start_frame:
+            args += ["-output_ts_offset", f"{start_frame / float(self.fps):.6f}"]
+        # ffmpeg's own list is longer than the published window (`LivePlaylist`), so that a watcher
+        # that was held up for a while still sees every segment it has not published yet
+        hls = {"hls_time": f"{hls_time:.4f}", "hls_list_size": str(s.live_playlist_segments + 32),
+               "start_number": str(int(start_number)),
+               "hls_segment_type": "fmp4", "hls_fmp4_init_filename": self.init,
                "hls_segment_filename": SEGMENT_PATTERN, "hls_flags": "independent_segments+temp_file"}
         self.rtmp = rtmp
         self.rtmp_error: str | None = None
         self._pusher: FFmpeg | None = None
         if rtmp is None:
-            args += ["-f", "hls", *[a for k, v in hls.items() for a in (f"-{k}", v)], PLAYLIST]
+            args += ["-f", "hls", *[a for k, v in hls.items() for a in (f"-{k}", v)], self.playlist]
         else:
             # the same packets to the HLS files and, as FLV on stdout, to the RTMP pusher (`_start_pusher`);
             # the FLV branch runs behind its own queue (fifo) that drops packets rather than hold the HLS
             # branch when the pusher is slow, and is dropped (onfail=ignore) when the pusher is gone
             slave = ":".join(f"{k}={v}" for k, v in hls.items())
             args += ["-flags", "+global_header", "-f", "tee",
-                     f"[f=hls:{slave}]{PLAYLIST}|[f=flv:onfail=ignore:use_fifo=1:"
+                     f"[f=hls:{slave}]{self.playlist}|[f=flv:onfail=ignore:use_fifo=1:"
                      f"fifo_options=drop_pkts_on_overflow=1]pipe\\:1"]
         # run in out_dir: every name ffmpeg writes is relative (nothing for the tee muxer to escape)
         self._run = FFmpeg(args, settings=s, stage="live-encode", path=str(self.out_dir), stdin=True,
@@ -306,59 +325,126 @@ def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
     return seq, segments, "#EXT-X-ENDLIST" in text
 
 
-def publish_playlist(out_dir: str | os.PathLike) -> tuple[int, list[tuple[str, float]], bool] | None:
-    """Copy ffmpeg's playlist to the published one (atomically) when it changed, with
-    `#EXT-X-TARGETDURATION` the smallest integer >= every segment's duration (ffmpeg rounds 0.48 s
-    down to 0, which players refuse); its (media sequence, segments, ended), or None when unchanged
-    or not written yet."""
-    import math
+class LivePlaylist:
+    """The published live playlist (`live.m3u8`), over every encoder epoch of the session.
 
-    from cluster.fsutil import write_atomic
+    `poll(encoder)` reads the current encoder's own playlist; each segment not seen before is
+    appended to `entries` (and handed to `on_segment`, which makes it durable) and the published
+    playlist is rewritten: a sliding window of `window` segments, `#EXT-X-TARGETDURATION` the
+    smallest integer >= every segment (ffmpeg rounds 0.48 s down to 0, which players refuse), media
+    sequence numbers that keep increasing across epochs, and `#EXT-X-DISCONTINUITY` plus the
+    epoch's own `#EXT-X-MAP` where a restarted encoder's segments begin (its timestamps start
+    again at 0), counted in `#EXT-X-DISCONTINUITY-SEQUENCE` once they slide out of the window."""
 
-    src, dst = Path(out_dir) / PLAYLIST, Path(out_dir) / PUBLISHED
-    try:
-        text = src.read_text()
-    except OSError:
-        return None
-    try:
-        if _same_body(dst.read_text(), text):
-            return None
-    except OSError:
-        pass
-    seq, segments, ended = parse_playlist(text)
-    target = max(1, math.ceil(max((d for _, d in segments), default=1.0) - 1e-6))
-    fixed = re.sub(r"#EXT-X-TARGETDURATION:\d+", f"#EXT-X-TARGETDURATION:{target}", text)
-    write_atomic(dst, fixed)
-    return seq, segments, ended
+    def __init__(self, out_dir: str | os.PathLike, window: int, entries: list[dict] | None = None,
+                 on_segment=None) -> None:
+        self.out_dir = Path(out_dir)
+        self.window = int(window)
+        self.entries: list[dict] = list(entries or [])
+        self.on_segment = on_segment
+        self._known = {e["name"] for e in self.entries}
+        self.ended = False
 
+    def poll(self, playlist: str, epoch: int, init: str, fps: Fraction, final: bool = False) -> list[dict]:
+        """New segments of the epoch's playlist `playlist` (published), [] when none."""
+        try:
+            _seq, segments, ended = read_playlist(self.out_dir / playlist)
+        except (OSError, ValueError):
+            return []
+        new = []
+        for name, seconds in segments:
+            if name in self._known:
+                continue
+            entry = {"name": name, "seconds": seconds, "frames": round(seconds * float(fps)), "epoch": epoch,
+                     "init": init}
+            if self.on_segment is not None:
+                self.on_segment(entry)  # durable before it is served
+            self._known.add(name)
+            self.entries.append(entry)
+            new.append(entry)
+        if new or (final and ended and not self.ended):
+            self.ended = self.ended or (final and ended)
+            self.write()
+        return new
 
-def _same_body(published: str, text: str) -> bool:
-    strip = lambda t: re.sub(r"#EXT-X-TARGETDURATION:\d+", "", t)  # noqa: E731
-    return strip(published) == strip(text)
+    def text(self) -> str:
+        import math
+
+        first = max(0, len(self.entries) - self.window)
+        shown = self.entries[first:]
+        target = max(1, math.ceil(max((e["seconds"] for e in shown), default=1.0) - 1e-6))
+        disc = sum(1 for i in range(1, first + 1) if self.entries[i]["epoch"] != self.entries[i - 1]["epoch"])
+        lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}",
+                 f"#EXT-X-MEDIA-SEQUENCE:{first}", f"#EXT-X-DISCONTINUITY-SEQUENCE:{disc}",
+                 "#EXT-X-INDEPENDENT-SEGMENTS"]
+        previous = None
+        for e in shown:
+            if previous is not None and e["epoch"] != previous["epoch"]:
+                lines.append("#EXT-X-DISCONTINUITY")
+            if previous is None or e["init"] != previous["init"]:
+                lines.append(f'#EXT-X-MAP:URI="{e["init"]}"')
+            lines += [f"#EXTINF:{e['seconds']:.6f},", e["name"]]
+            previous = e
+        if self.ended:
+            lines.append("#EXT-X-ENDLIST")
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        from cluster.fsutil import write_atomic
+
+        write_atomic(self.out_dir / PUBLISHED, self.text())
 
 
 # --- the recording ---------------------------------------------------------------------------
-def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, frames_expected: int, fps: Fraction,
+def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, entries: list[dict], fps: Fraction,
                    settings: Settings | None = None) -> float:
-    """Join `init.mp4` and every segment (in order) into one mp4 at `dest` (stream copy,
-    faststart) and verify it: a video and an audio stream, exactly `frames_expected` frames, audio
-    as long as the video (within a frame and an AAC frame). Returns its duration in seconds."""
+    """Join the published segments `entries` (`LivePlaylist.entries`, in order) into one mp4 at
+    `dest` and verify it: a video and an audio stream, exactly their frames, audio as long as the
+    video (within a frame and an AAC frame). One encoder epoch: its init segment and segments,
+    stream copy. Several (the session's actor restarted): each epoch joined as above, then the
+    epochs concatenated (video copied; the audio encoded once more across the joins, so that its
+    timestamps run on without a gap or an overlap at a restart). Returns its duration in seconds."""
+    from itertools import groupby
+
     from cluster.fsutil import atomic_writer
     from cluster.media.finalize import verify_output
 
     s = settings or get_settings()
     out_dir, dest = Path(out_dir), Path(dest)
-    segments = sorted(p for p in out_dir.iterdir() if SEGMENT_NAME.match(p.name))
-    joined = out_dir / "recording.fmp4"
-    with atomic_writer(joined) as f:
-        for part in [out_dir / INIT, *segments]:
-            f.write(part.read_bytes())
+    if not entries:
+        raise EncodeError(f"live session in {out_dir} published no segment: no recording", stage="live-recording",
+                          path=str(dest))
+    parts = []
+    for epoch, group in groupby(entries, key=lambda e: e["epoch"]):
+        group = list(group)
+        joined = out_dir / f"recording-{epoch}.fmp4"
+        with atomic_writer(joined) as f:
+            for name in [group[0]["init"], *(e["name"] for e in group)]:
+                f.write((out_dir / name).read_bytes())
+        parts.append(joined)
     tmp = dest.with_name(f".{dest.stem}.tmp.mp4")
-    run_ffmpeg(["-loglevel", "error", *input_args(joined),
-                "-map", "0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
-               timeout=s.ffmpeg_timeout_s, settings=s, stage="live-recording", path=str(dest))
-    joined.unlink(missing_ok=True)
-    seconds = frames_expected / float(fps)
-    verify_output(str(tmp), frames_expected=frames_expected, fps=fps, audio_duration=seconds, settings=s)
+    try:
+        if len(parts) == 1:
+            inputs, codecs = input_args(parts[0]), ["-map", "0", "-c", "copy"]
+        else:
+            listing = out_dir / "recording.concat"
+            # each epoch lasts its frames (its audio runs an AAC frame longer): the next starts there
+            durations = [sum(e["frames"] for e in g) / float(fps)
+                         for _, g in groupby(entries, key=lambda e: e["epoch"])]
+            listing.write_text("".join(f"file '{p.name}'\nduration {d:.6f}\n" for p, d in zip(parts, durations)))
+            inputs = ["-f", "concat", "-safe", "0", *input_args(listing)]
+            # the last epoch's audio runs past its video by its AAC padding: the whole is cut at the video's end
+            codecs = ["-map", "0:v", "-map", "0:a", "-c:v", "copy", "-c:a", "aac", "-b:a", "96k",
+                      "-af", "aresample=async=1:first_pts=0",
+                      "-t", f"{sum(e['frames'] for e in entries) / float(fps):.6f}"]
+        run_ffmpeg(["-loglevel", "error", *inputs, *codecs, "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
+                   timeout=s.ffmpeg_timeout_s, settings=s, stage="live-recording", path=str(dest))
+    finally:
+        for p in parts:
+            p.unlink(missing_ok=True)
+        (out_dir / "recording.concat").unlink(missing_ok=True)
+    frames = sum(e["frames"] for e in entries)
+    seconds = frames / float(fps)
+    verify_output(str(tmp), frames_expected=frames, fps=fps, audio_duration=seconds, settings=s)
     os.replace(tmp, dest)
     return seconds

@@ -12,6 +12,7 @@ their speech is planned again on the next frames, so none is lost).
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -46,6 +47,10 @@ class LiveScheduler:
         self.next_frame = 0  # the next output frame to plan
         self._utt = 0  # the utterance speech frames come from
         self.speech_frames_done = 0
+        # committed speech frames not yet known published: (output frame, utterance, speech frame,
+        # its utterance's PCM samples taken after it, speech frames done after it)
+        self.marks: collections.deque = collections.deque()
+        self.resume_mark: list | None = None  # the last speech frame published (see `published`)
 
     def audio_span(self, frame: int) -> int:
         """Samples (at the session's rate) of output frame `frame`'s display interval."""
@@ -110,8 +115,11 @@ class LiveScheduler:
                 if slot is None:
                     parts.append(np.zeros(span, np.int16))
                 else:
-                    parts.append(utts[slot[0]].take_pcm(span))
+                    u = utts[slot[0]]
+                    parts.append(u.take_pcm(span))
                     self.speech_frames_done += 1
+                    self.marks.append((batch.first + offset, slot[0], slot[1], u.pcm_taken,
+                                       self.speech_frames_done))
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
     def rollback(self, batch: FrameBatch) -> np.ndarray:
@@ -128,3 +136,30 @@ class LiveScheduler:
             if firsts:
                 self._utt = min(self._utt, min(firsts))
         return np.zeros(sum(self.audio_span(batch.first + i) for i in range(len(batch))), np.int16)
+
+    # --- durability (cluster.live.journal) ---------------------------------------------------------
+    def published(self, frames: int) -> list | None:
+        """Output frames [0, frames) are published: the last speech frame among them,
+        [utterance, speech frame, PCM taken, speech frames done] (None if none yet), the point a
+        restarted session resumes from."""
+        while self.marks and self.marks[0][0] < frames:
+            self.resume_mark = list(self.marks.popleft()[1:])
+        return self.resume_mark
+
+    def resume(self, next_frame: int, mark: list | None) -> None:
+        """Continue at output frame `next_frame` (the ping-pong phase follows it) with the speech
+        after `mark` (see `published`): every speech frame after it is planned again."""
+        self.next_frame = int(next_frame)
+        self.resume_mark = list(mark) if mark else None
+        if not mark:
+            return
+        u_index, k, taken, done = (int(v) for v in mark)
+        with self.speech.lock:
+            utts = self.speech.utterances
+            for u in utts[:u_index]:
+                u.scheduled = u.total_frames() or 0
+                u.pcm_taken = u.pcm_n
+            utts[u_index].scheduled = k + 1
+            utts[u_index].pcm_taken = taken
+            self._utt = u_index
+            self.speech_frames_done = done

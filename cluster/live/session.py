@@ -25,7 +25,8 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError
-from cluster.live.encoder import LiveEncoder, make_recording, publish_playlist
+from cluster.live.encoder import LiveEncoder, LivePlaylist, make_recording
+from cluster.live.journal import SessionJournal
 from cluster.live.schedule import FrameBatch, LiveScheduler
 from cluster.live.speech import SpeechInput, model_columns
 from cluster.netguard import RtmpTarget
@@ -33,6 +34,7 @@ from cluster.netguard import RtmpTarget
 log = logging.getLogger("lipsync.live")
 
 STALL_S = 1.0
+RESTART_GRACE_S = 2.0  # see LiveSession.restore
 GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
 
 
@@ -101,8 +103,10 @@ class LiveSession:
                  crop: str, generate: GenerateFn, sample_rate: int, out_dir: str | Path,
                  settings: Settings | None = None, max_seconds: float | None = None,
                  on_frames: Callable[[FrameBatch, np.ndarray, bool], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, rtmp: RtmpTarget | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, rtmp: RtmpTarget | None = None,
+                 journal: SessionJournal | None = None) -> None:
         self.id = session_id
+        self.journal = journal  # speech and publication made durable (a restarted actor resumes: `restore`)
         self.rtmp = rtmp  # the stream pushed there too (vetted by cluster.netguard.vet_rtmp_url)
         self.s = s = settings or get_settings()
         self.out_dir = Path(out_dir)
@@ -140,8 +144,15 @@ class LiveSession:
         self.stalls = 0
         self.longest_gap_s = 0.0
         self._last_publication: float | None = None
-        self._seen_segments: set[int] = set()
         self._lock = threading.Lock()
+        self.playlist = LivePlaylist(self.out_dir / "hls", s.live_playlist_segments,
+                                     on_segment=self._segment_published if journal is not None else None)
+        self.epoch = 0  # the encoder's: each restart of the session's actor starts the next
+        self.restarts = 0
+        self.restart_gap_s: float | None = None  # the playlist's stand-still across the last restart
+        self._elapsed_before = 0.0  # seconds the session ran before this process
+        self._frames_before = 0  # output frames published before this process
+        self._last_published_wall: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"live-{session_id}", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name=f"live-watch-{session_id}", daemon=True)
 
@@ -186,6 +197,8 @@ class LiveSession:
             if buffered >= self.s.live_buffer_seconds:
                 return {"offset": received, "accepted": False, "buffered_s": buffered, "state": self.state}
             now = self.clock()
+            if self.journal is not None:  # on disk before it is acknowledged
+                self.journal.write_audio(bytes(pcm))
             utt, end16 = self.speech.append(bytes(pcm))
             self.last_audio = now
             self._chunks.append((now, utt, end16))
@@ -194,15 +207,23 @@ class LiveSession:
 
     def end_speech(self) -> bool:
         """The end of an utterance: its tail renders now (with the batch path's end padding)."""
-        return self.speech.end()
+        with self.speech.lock:  # noted before any batch can plan the tail
+            ended = self.speech.end()
+            if ended and self.journal is not None:
+                self.journal.note({"end": self.speech.bytes_received})
+        return ended
 
     def finish(self) -> None:
         """End the speech and the session once everything received has been rendered."""
         self.end_speech()
+        if self.journal is not None and not self._drain:
+            self.journal.note({"finish": True})
         self._drain = True
 
     def stop(self, reason: str = "deleted", timeout: float = 60.0) -> None:
         """End now (speech not yet rendered is not rendered), finish the stream and the recording."""
+        if self.journal is not None and not self._stop.is_set():
+            self.journal.note({"stop": reason})
         self.reason = self.reason or reason
         self._stop.set()
         self.join(timeout)
@@ -221,7 +242,7 @@ class LiveSession:
             open_utt = utts[-1] if utts and not utts[-1].ended else None
             if open_utt is not None and now - self.last_audio > self.s.live_flush_after_s \
                     and open_utt.scheduled >= open_utt.ready_frames():
-                self.speech.end()  # the sender paused mid-window: render the tail now
+                self.end_speech()  # the sender paused mid-window: render the tail now
         pending = sched.pending_speech_frames()
         if self._drain and pending == 0:
             return "finished"
@@ -237,7 +258,8 @@ class LiveSession:
         self.prioritised = raise_priority(s.live_nice)
         try:
             self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
-                                       self.speech.rate, self.s, rtmp=self.rtmp)
+                                       self.speech.rate, self.s, rtmp=self.rtmp, epoch=self.epoch,
+                                       start_number=len(self.playlist.entries), start_frame=self._frames_before)
         except LipsyncError as e:
             self.error = e.to_info().model_dump()
             self.state = "failed"
@@ -245,7 +267,12 @@ class LiveSession:
             self._started.set()
             return
         self.state = "live"
-        self.started = t0 = self.clock()
+        now = self.clock()
+        self.started = now - self._elapsed_before  # max_seconds counts from the session's start
+        # the next frame (after a restart: not 0) is due now; after a restart, the whole first segment is:
+        # the stream stood still while the actor came back, its first segment is rendered at once
+        ahead = self.encoder.gop if self.restarts else 0
+        t0 = now - (self.scheduler.next_frame + ahead) / float(fps)
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -311,12 +338,13 @@ class LiveSession:
         finally:
             self.renderer.close()
         self._stop.set()
-        self._watcher.join(5.0)
-        self._poll_playlist()
+        if self._watcher.is_alive():
+            self._watcher.join(5.0)
+        self._poll_playlist(final=True)
         if ok:
             try:
                 dest = self.out_dir / "recording.mp4"
-                self.recording_seconds = make_recording(self.out_dir / "hls", dest, self.encoder.frames_written,
+                self.recording_seconds = make_recording(self.out_dir / "hls", dest, self.playlist.entries,
                                                         self.fps, self.s)
                 self.recording = dest
             except LipsyncError as e:
@@ -324,6 +352,9 @@ class LiveSession:
                 self.error = e.to_info().model_dump()
         self.ended_at = self.clock()
         self.state = "ended" if ok else "failed"
+        if self.journal is not None:
+            self.journal.save_final({**self.stats(), "ended_wall": time.time()})
+            self.journal.close()
         log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
 
     # --- publication -----------------------------------------------------------------------------
@@ -331,29 +362,30 @@ class LiveSession:
         while not self._stop.wait(0.02):
             self._poll_playlist()
 
-    def _poll_playlist(self) -> None:
-        try:
-            published = publish_playlist(self.out_dir / "hls")
-        except (OSError, ValueError) as e:
-            log.warning("session %s: cannot publish the playlist: %s", self.id, e)
-            published = None
-        now = self.clock()
-        if published is None:
-            if self._last_publication is not None and self.state == "live":
-                self.longest_gap_s = max(self.longest_gap_s, now - self._last_publication)
+    def _poll_playlist(self, final: bool = False) -> None:
+        encoder = self.encoder
+        if encoder is None:
             return
-        seq, segments, _ = published
-        new = 0
-        for i, (_name, seconds) in enumerate(segments):
-            if seq + i not in self._seen_segments:
-                self._seen_segments.add(seq + i)
-                self.published_frames += round(seconds * float(self.fps))
-                new += 1
+        try:
+            published = self.playlist.poll(encoder.playlist, encoder.epoch, encoder.init, self.fps, final)
+        except OSError as e:
+            log.warning("session %s: cannot publish the playlist: %s", self.id, e)
+            published = []
+        now = self.clock()
+        new = len(published)
+        self.published_frames += sum(e["frames"] for e in published)
         if not new:
             if self._last_publication is not None and self.state == "live":
                 gap = now - self._last_publication
                 self.longest_gap_s = max(self.longest_gap_s, gap)
             return
+        if self._last_publication is None and self._last_published_wall is not None:
+            # the first publication after a restart: the stand-still, from the last one before it
+            gap = time.time() - self._last_published_wall
+            self.restart_gap_s = round(gap, 3)
+            self.longest_gap_s = max(self.longest_gap_s, gap)
+            if gap > STALL_S:
+                self.stalls += 1
         if self._last_publication is not None:
             gap = now - self._last_publication
             self.longest_gap_s = max(self.longest_gap_s, gap)
@@ -369,6 +401,66 @@ class LiveSession:
             arrival, _frame = self._rendered.popleft()
             self.latencies.append(now - arrival)
 
+    # --- durability (cluster.live.journal) ---------------------------------------------------------
+    def _segment_published(self, entry: dict) -> None:
+        """A new segment, made durable before it is served: with the point a restarted session
+        resumes from (the output frames published and the last speech frame among them)."""
+        end = (self.playlist.entries[-1]["end_frame"] if self.playlist.entries else 0) + entry["frames"]
+        entry.update(end_frame=end, mark=self.scheduler.published(end), at=time.time(),
+                     figures={"stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
+                              "model_faults": self.model_faults})
+        self.journal.publish(entry)
+
+    def restore(self) -> str | None:
+        """Before `start`, in a restarted actor: the speech received (replayed from the journal,
+        utterances cut where they were), the stream published (the playlist goes on from its
+        entries, the next encoder epoch numbers its segments after them), and the render position
+        after the last published speech frame; so speech that was rendered but not published when
+        the actor died is rendered again. Returns the stop reason if the session was being ended."""
+        j = self.journal
+        pcm = j.audio()
+        stop = None
+        pos = 0
+        for event in j.events():
+            if "end" in event:
+                end = min(int(event["end"]), len(pcm))
+                if end > pos:
+                    self.speech.append(pcm[pos:end])
+                    pos = end
+                self.speech.end()
+            elif event.get("finish"):
+                self._drain = True
+            elif "stop" in event:
+                stop = stop or str(event["stop"])
+            elif "restart" in event:
+                self.restarts += 1
+        if pos < len(pcm):
+            self.speech.append(pcm[pos:])
+        self.restarts += 1
+        self.epoch = self.restarts
+        j.note({"restart": time.time()})
+        entries = j.published()
+        self.playlist.entries = entries
+        self.playlist._known = {e["name"] for e in entries}
+        if entries:
+            last = entries[-1]
+            self._frames_before = self.published_frames = int(last["end_frame"])
+            self.segments_published = len(entries)
+            self.scheduler.resume(self._frames_before, last.get("mark"))
+            self._last_published_wall = float(last["at"])
+            figures = last.get("figures") or {}
+            self.stalls = int(figures.get("stalls", 0))
+            self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
+            self.model_faults = int(figures.get("model_faults", 0))
+        # the service repeats the appends the dead actor did not answer once this one is up: until
+        # then the open utterance is not taken for paused (its tail is not flushed early)
+        self.last_audio = self.clock() + RESTART_GRACE_S
+        meta = j.meta()
+        self._elapsed_before = max(0.0, time.time() - float(meta.get("started_wall", time.time())))
+        log.info("session %s restored (restart %d): %d bytes of speech, %d segments published, resuming at "
+                 "frame %d", self.id, self.restarts, len(pcm), len(entries), self.scheduler.next_frame)
+        return stop
+
     # --- figures ---------------------------------------------------------------------------------
     def stats(self) -> dict:
         fps = float(self.fps)
@@ -381,7 +473,8 @@ class LiveSession:
             "bytes_received": self.speech.bytes_received,
             "seconds_received": round(received, 3),
             "seconds_rendered": round(self.scheduler.speech_frames_done / fps, 3),
-            "seconds_streamed": round((self.encoder.frames_written if self.encoder else 0) / fps, 3),
+            "seconds_streamed": round((self._frames_before + (self.encoder.frames_written if self.encoder else 0))
+                                      / fps, 3),
             "buffered_seconds": round(self.buffered_seconds(), 3),
             "segments_published": self.segments_published,
             "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
@@ -389,6 +482,7 @@ class LiveSession:
             "encoder_delay_p50_s": percentile(list(self.encoder_delays), 50),
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
+            "restarts": self.restarts, "restart_gap_s": self.restart_gap_s,
             "recording_seconds": self.recording_seconds,
             **self._rtmp_stats(),
         }

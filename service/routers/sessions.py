@@ -53,8 +53,9 @@ def _settings(request: Request | WebSocket):
     return request.app.state.settings
 
 
-async def _call(ref, timeout: float):
-    """Await an actor call; typed errors come back as themselves, no answer as 503."""
+async def _call(ref, timeout: float, raw_actor_errors: bool = False):
+    """Await an actor call; typed errors come back as themselves, no answer as 503, a dead actor
+    as 410 (or as Ray's error with `raw_actor_errors`, for `_ask` to retry)."""
     from actors import task_cause
 
     try:
@@ -66,11 +67,22 @@ async def _call(ref, timeout: float):
         cause = task_cause(e)
         if isinstance(cause, LipsyncError):
             raise cause from None
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
+        if raw_actor_errors and isinstance(e, (RayActorError, ActorUnavailableError)):
+            raise
         if isinstance(e, RayActorError):
             raise ApiProblem(410, "session.ended", "the live session's actor is gone", None) from None
         raise
+
+
+class SessionLost(ApiProblem):
+    """The session's actor is gone for good (Ray's restarts exhausted) though its journal says it
+    never ended: 410, and `view` its truthful `failed` view (GET answers with it)."""
+
+    def __init__(self, view: dict) -> None:
+        super().__init__(410, "session.ended", view["error"]["message"], None)
+        self.view = view
 
 
 def _actor(settings, session_id: str):
@@ -82,7 +94,46 @@ def _actor(settings, session_id: str):
     try:
         return session_actor(settings, session_id)
     except SessionNotFound as e:
+        lost = _lost(settings, session_id)
+        if lost is not None:
+            raise SessionLost(lost) from None
         raise ApiProblem(404, "session.not_found", e.message, "session_id") from None
+
+
+def _lost(settings, session_id: str) -> dict | None:
+    """The `failed` view of a session that began and never ended but has no actor, else None."""
+    from actors.live import lost_session_view, session_dir
+    from cluster.live.journal import SessionJournal
+
+    journal = SessionJournal(session_dir(settings, session_id))
+    try:
+        if not journal.begun() or journal.final() is not None:
+            return None
+        return lost_session_view(settings, session_id)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+async def _ask(settings, session_id: str, actor, method: str, *args, timeout: float):
+    """Call the session's actor. A call that meets it dead or restarting (Ray restarts it,
+    `LIPSYNC_LIVE_MAX_RESTARTS`) is made again, on the same handle, until `live_restart_wait_s`
+    has passed (then 503 with Retry-After); one gone for good is `SessionLost` (410). Every call
+    must be safe to repeat: appends carry their byte offset."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(timeout, settings.live_restart_wait_s)
+    while True:
+        remaining = max(0.5, deadline - loop.time())
+        try:
+            return await _call(getattr(actor, method).remote(*args), min(timeout, remaining), raw_actor_errors=True)
+        except (RayActorError, ActorUnavailableError) as e:
+            if loop.time() >= deadline:
+                raise ApiProblem(503, "service.unavailable", f"live session {session_id}: its actor did not come "
+                                 f"back within {settings.live_restart_wait_s:g} s ({type(e).__name__})", None,
+                                 headers={"Retry-After": "1"}) from None
+            await asyncio.sleep(0.2)
+            actor = _actor(settings, session_id)  # SessionLost once Ray has given it up
 
 
 def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
@@ -178,15 +229,18 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
 @router.get("/{session_id}", response_model=SessionView, summary="A session's state and figures")
 async def get_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
-    raw = await _call(_actor(settings, session_id).view.remote(), settings.actor_call_timeout_s)
-    return _view(request, raw)
+    try:
+        actor = _actor(settings, session_id)
+    except SessionLost as e:
+        return _view(request, e.view)
+    return _view(request, await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s))
 
 
 @router.delete("/{session_id}", response_model=SessionView,
                summary="End the session now; its recording is then at /recording")
 async def delete_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
-    raw = await _call(_actor(settings, session_id).stop.remote("deleted"), 90.0)
+    raw = await _ask(settings, session_id, _actor(settings, session_id), "stop", "deleted", timeout=90.0)
     return _view(request, raw, with_token=False)
 
 
@@ -195,8 +249,9 @@ async def delete_session(session_id: str, request: Request) -> SessionView:
 async def finish_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    await _call(actor.finish.remote(), settings.actor_call_timeout_s)
-    return _view(request, await _call(actor.view.remote(), settings.actor_call_timeout_s), with_token=False)
+    await _ask(settings, session_id, actor, "finish", timeout=settings.actor_call_timeout_s)
+    return _view(request, await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s),
+                 with_token=False)
 
 
 @router.post("/{session_id}/audio", response_model=AudioAppended,
@@ -213,7 +268,7 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
         raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
                          "body")
     try:
-        answer = await _call(actor.append.remote(body, offset), settings.actor_call_timeout_s)
+        answer = await _ask(settings, session_id, actor, "append", body, offset, timeout=settings.actor_call_timeout_s)
     except ValueError as e:
         raise ApiProblem(409, "session.offset_gap", str(e), "offset") from None
     if answer.get("state") in ("ending", "ended", "failed"):
@@ -223,7 +278,7 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
                          f"rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']}",
                          None, headers={"Retry-After": "1"})
     if end:
-        await _call(actor.end_speech.remote(), settings.actor_call_timeout_s)
+        await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
     return JSONResponse(AudioAppended(offset=answer["offset"], accepted=True,
                                       buffered_seconds=answer["buffered_s"]).model_dump())
 
@@ -234,7 +289,7 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
 async def get_recording(session_id: str, request: Request) -> Response:
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+    raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     size = raw.get("recording_bytes")
     if not size:
         state = raw["state"]
@@ -245,8 +300,8 @@ async def get_recording(session_id: str, request: Request) -> Response:
     async def parts():
         pos = 0
         while pos < size:
-            data = await _call(actor.read_recording.remote(pos, min(1 << 20, size - pos)),
-                               settings.actor_call_timeout_s)
+            data = await _ask(settings, session_id, actor, "read_recording", pos, min(1 << 20, size - pos),
+                              timeout=settings.actor_call_timeout_s)
             if not data:
                 raise RuntimeError(f"session {session_id}: recording ended at byte {pos} of {size}")
             pos += len(data)
@@ -266,8 +321,8 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
         raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    data = await _call(actor.read_hls.remote("live.m3u8" if name == "index.m3u8" else name),
-                       settings.actor_call_timeout_s)
+    data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8" if name == "index.m3u8" else name,
+                      timeout=settings.actor_call_timeout_s)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
@@ -298,10 +353,11 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         if not _SESSION_ID.match(session_id):
             raise SessionNotFound(f"no live session {session_id}")
-        from actors.live import session_actor
-
-        actor = session_actor(settings, session_id)
-        raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+        actor = _actor(settings, session_id)
+        raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+    except SessionLost as e:
+        await websocket.close(4410, e.message[:120])
+        return
     except (SessionNotFound, ApiProblem):
         await websocket.close(4404, f"no live session {session_id}")
         return
@@ -314,11 +370,12 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                                     f"(rates offered: {', '.join(map(str, RATES))})")
         return
     lease = uuid.uuid4().hex
-    if not await _call(actor.attach.remote(lease), settings.actor_call_timeout_s):
+    if not await _ask(settings, session_id, actor, "attach", lease, timeout=settings.actor_call_timeout_s):
         await websocket.close(4409, "another audio socket is open on this session")
         return
+    offset = raw["bytes_received"]  # the client sends from here on: every append names its offset
     try:
-        await websocket.send_text(json.dumps({"type": "ready", "offset": raw["bytes_received"],
+        await websocket.send_text(json.dumps({"type": "ready", "offset": offset,
                                               "sample_rate": raw["sample_rate"]}))
         while True:
             message = await websocket.receive()
@@ -331,8 +388,15 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                                                 f"2-byte samples")
                     return
                 while True:  # backpressure: the socket is not read while the buffer is full
-                    answer = await _call(actor.append.remote(data), settings.actor_call_timeout_s)
+                    # by offset: repeated across a restart of the session's actor, never twice
+                    try:
+                        answer = await _ask(settings, session_id, actor, "append", data, offset,
+                                            timeout=settings.actor_call_timeout_s)
+                    except ValueError as e:  # the session has less than this socket sent: resend
+                        await websocket.close(1011, str(e)[:120])
+                        return
                     if answer["accepted"]:
+                        offset += len(data)
                         break
                     if answer.get("state") not in ("live", "starting"):
                         await websocket.close(4410, f"session {session_id} is {answer.get('state')}")
@@ -347,10 +411,13 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                 if kind != "end":
                     await websocket.close(4422, 'text messages must be JSON {"type": "end"}')
                     return
-                await _call(actor.end_speech.remote(), settings.actor_call_timeout_s)
-                raw = await _call(actor.view.remote(), settings.actor_call_timeout_s)
+                await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
+                raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
                 await websocket.send_text(json.dumps({"type": "ended", "offset": raw["bytes_received"]}))
     except (WebSocketDisconnect, ValidationError):
+        return
+    except ApiProblem as e:  # the session's actor did not come back in time, or is gone for good
+        await websocket.close(1011 if e.status == 503 else 4410, e.message[:120])
         return
     finally:
         actor.detach.remote(lease)

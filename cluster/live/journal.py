@@ -1,0 +1,132 @@
+"""What a live session keeps on disk so that its actor can die and come back without losing speech.
+
+Under the session's directory (`<storage root>/sessions/<id>/`):
+
+- `session.json`: how it began (avatar, model, crop and size, rate, limits, wall-clock start, the
+  vetted RTMP target); written once, before the render loop starts.
+- `audio.pcm`: every PCM byte received, in order. A byte is written here (to the OS: it survives
+  the process, not a power loss of the host, which ends the session's node anyway) before `append`
+  reports it received, so the acknowledged offset never runs ahead of the file.
+- `speech.jsonl`: the events that shape the speech, with the byte offset they happened at
+  (`{"end": N}` an utterance ended there, `{"finish": true}`, `{"stop": reason}`,
+  `{"restart": wall time}`).
+- `published.jsonl`: one line per published live segment (name, seconds, frames, encoder epoch,
+  its init segment) with the resume point after it: the output frames published so far and the
+  last speech frame they hold (utterance, frame, PCM samples taken, speech frames done). A
+  restarted actor continues from the last line: frames rendered but not published are rendered
+  again; nothing published is rendered twice.
+- `final.json`: the session's final view once it has ended (its recording beside it).
+
+Plain Python; `actors.live` drives it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SESSION_FILE = "session.json"
+AUDIO_FILE = "audio.pcm"
+EVENTS_FILE = "speech.jsonl"
+PUBLISHED_FILE = "published.jsonl"
+FINAL_FILE = "final.json"
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of `path` (a line cut short by a crash is dropped)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+class SessionJournal:
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self._audio = None
+        self._events = None
+        self._published = None
+
+    # --- how it began ---------------------------------------------------------------------------
+    def begun(self) -> bool:
+        return (self.dir / SESSION_FILE).is_file()
+
+    def save_meta(self, meta: dict) -> None:
+        from cluster.fsutil import write_atomic
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / SESSION_FILE, json.dumps(meta))
+        os.chmod(self.dir / SESSION_FILE, 0o600)  # it may hold an RTMP stream key
+
+    def forget(self) -> None:
+        """The session never began (its start failed): remove `session.json`."""
+        (self.dir / SESSION_FILE).unlink(missing_ok=True)
+
+    def meta(self) -> dict:
+        return json.loads((self.dir / SESSION_FILE).read_text())
+
+    # --- speech in ------------------------------------------------------------------------------
+    def audio(self) -> bytes:
+        """The PCM received (whole samples: a byte of a sample cut by a crash is dropped)."""
+        path = self.dir / AUDIO_FILE
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return b""
+        if size % 2:
+            os.truncate(path, size - 1)
+        return path.read_bytes()
+
+    def write_audio(self, pcm: bytes) -> None:
+        """Append PCM; returns once the OS has it."""
+        if self._audio is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._audio = open(self.dir / AUDIO_FILE, "ab", buffering=0)
+        view = memoryview(pcm)
+        while view:
+            view = view[self._audio.write(view):]
+
+    def note(self, event: dict) -> None:
+        self._events = self._append_line(self._events, EVENTS_FILE, event)
+
+    def events(self) -> list[dict]:
+        return _read_lines(self.dir / EVENTS_FILE)
+
+    # --- stream out -----------------------------------------------------------------------------
+    def publish(self, entry: dict) -> None:
+        self._published = self._append_line(self._published, PUBLISHED_FILE, entry)
+
+    def published(self) -> list[dict]:
+        return _read_lines(self.dir / PUBLISHED_FILE)
+
+    def _append_line(self, f, name: str, record: dict):
+        if f is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / name, "ab", buffering=0)
+        f.write((json.dumps(record) + "\n").encode())
+        return f
+
+    # --- the end --------------------------------------------------------------------------------
+    def save_final(self, view: dict) -> None:
+        from cluster.fsutil import write_atomic
+
+        write_atomic(self.dir / FINAL_FILE, json.dumps(view, default=str))
+
+    def final(self) -> dict | None:
+        try:
+            return json.loads((self.dir / FINAL_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def close(self) -> None:
+        for f in (self._audio, self._events, self._published):
+            if f is not None:
+                f.close()
+        self._audio = self._events = self._published = None
