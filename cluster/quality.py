@@ -292,12 +292,19 @@ OPENING_BOX: tuple[float, float, float, float] = (0.25, 0.62, 0.75, 0.86)
 """Where an opened mouth's inside can lie in the canonical crop (x0, y0, x1, y1, normalised)."""
 
 
+_OPENING_DARK = 0.55
+"""An opened mouth's inside is darker than this fraction of the template's median grey level
+around the mouth (`OPENING_BOX`), besides being much darker than the template at that pixel."""
+
+
 def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
                   size: int) -> np.ndarray:
     """Width and height (frame pixels) of the opened mouth per frame: float64 [n,2]. The opening
-    is the pixels of `OPENING_BOX` much darker in the output than in the template (as in
-    `lip_texture_ratio`); width: the columns it spans, height: its tallest column. NaN for a frame
-    with fewer than 8 such pixels (a closed mouth) or whose box is outside the frame."""
+    is the largest connected patch of pixels of `OPENING_BOX` much darker in the output than in the
+    template (as in `lip_texture_ratio`) and dark in themselves (below `_OPENING_DARK` of the
+    template's median there: not lips, shadows or blurred teeth that merely got darker); width: the
+    columns it spans, height: its tallest column. NaN for a frame with fewer than 8 such pixels (a
+    closed mouth) or whose box is outside the frame."""
     out, matrices = _check(output_frames, matrices, "output_frames")
     tmpl = np.asarray(template_frames)
     result = np.full((out.shape[0], 2), np.nan)
@@ -305,11 +312,16 @@ def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matric
         b = _frame_box(matrices[i], OPENING_BOX, size, out.shape[1:3])
         if b is None:
             continue
-        _, _, dark = _gray_and_darker(out[i], tmpl[i], b)
-        dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
-        if dark.sum() >= 8:
-            cols = np.flatnonzero(dark.any(axis=0))
-            result[i] = (cols[-1] - cols[0] + 1, dark.sum(axis=0).max())
+        g_out, g_tmpl, darker = _gray_and_darker(out[i], tmpl[i], b)
+        dark = darker & (g_out < _OPENING_DARK * float(np.median(g_tmpl)))
+        dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+        if count < 2:
+            continue
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if stats[k, cv2.CC_STAT_AREA] >= 8:
+            patch = labels == k
+            result[i] = (stats[k, cv2.CC_STAT_WIDTH], patch.sum(axis=0).max())
     return result
 
 
