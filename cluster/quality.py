@@ -11,6 +11,7 @@ the inverse of each matrix.
 - `seam_score`: whether the paste-back leaves a visible edge.
 - `lip_texture_ratio`, `lip_sharpness`, `chin_motion`: detail and jaw motion (issue 10, 22).
 - `opening_shape`: width and height of the opened mouth's dark inside (mouth shapes by sound).
+- `closure_frames`: the near-silent frames just before a syllable (where /m b p/ close the lips).
 """
 from __future__ import annotations
 
@@ -323,6 +324,16 @@ def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matric
             patch = labels == k
             result[i] = (stats[k, cv2.CC_STAT_WIDTH], patch.sum(axis=0).max())
     return result
+
+
+def closure_frames(energy: np.ndarray, quiet: float = 0.03, loud_next: float = 0.25) -> np.ndarray:
+    """Boolean mask of the frames whose own speech energy is below `quiet` of the peak while the
+    next frame's is above `loud_next` of it: the closure just before a syllable starts, what
+    /m b p/ look like in the audio (a short near-silence, then the release)."""
+    energy = np.asarray(energy, dtype=np.float64)
+    peak = float(energy.max()) if energy.size else 0.0
+    following = np.r_[energy[1:], 0.0]
+    return (energy < quiet * peak) & (following > loud_next * peak)
 
 
 def loudest(energy: np.ndarray, fraction: float = 0.2) -> np.ndarray:

@@ -27,6 +27,7 @@ from cluster.plan import template_indices
 from cluster.quality import (
     best_lag,
     chin_motion,
+    closure_frames,
     frame_paste_mask,
     lip_sharpness,
     lip_texture_ratio,
@@ -228,21 +229,13 @@ def test_lips_keep_their_sharpness_while_they_move(case):
 
 
 # --- mouth shapes by sound (issue 22) -------------------------------------------------------------
-def _closure_frames(energy: np.ndarray) -> np.ndarray:
-    """Frames whose own sound is near silence while the next frame is loud: the closure before a
-    syllable starts (what /m b p/ look like in the audio)."""
-    peak = float(energy.max())
-    nxt = np.r_[energy[1:], 0.0]
-    return (energy < 0.03 * peak) & (nxt > 0.25 * peak)
-
-
 def test_bilabial_closures_close_the_mouth(case):
     """In the closure before a syllable (own sound near silence, the next frame loud) the lips
     press together: the mouth changes from the template (the lips move onto each other) and shows
     no opening, while silent frames stay exactly the template (before encoding)."""
     from cluster.quality import opening_shape
 
-    closures = _closure_frames(case.energy)
+    closures = closure_frames(case.energy)
     motion = mouth_motion(case.before_encoding, case.template, case.matrices, case.size)
     shape = opening_shape(case.before_encoding, case.template, case.matrices, case.size)
     loud_height = np.nanmedian(shape[case.loud, 1])

@@ -11,7 +11,8 @@ What the graph computes, per batch item:
    open the mouth for sound that comes up to 200 ms later, i.e. the mouth would lead the voice.
    So the graph reads only the first `OWN_COLUMNS` = 3 columns: with hop 12.5 ms and centred STFT
    frames of 50 ms, their centres lie at +0, +12.5 and +25 ms, the sound of the frame's own
-   display interval (40 ms at 25 fps, 33 ms at 30 fps).
+   display interval (40 ms at 25 fps, 33 ms at 30 fps). Only a closure (step 3b) also reads the
+   next three (`AHEAD_COLUMNS`, centres +37.5 to +62.5 ms), and only to close the lips.
 2. **Mouth opening.** Mel values are dB-normalised: v = 0.08 * dB + 4 clipped to [-4, 4]
    (silence = -4, one unit = 12.5 dB). The energy of the speech band (mel bins centred in
    300-3000 Hz) is averaged in the linear amplitude domain over bins and columns and brought back
@@ -20,12 +21,19 @@ What the graph computes, per batch item:
    silence (E = -4) and for a noise floor below about -55 dBFS; fully open for a voiced vowel at
    about -20 dBFS RMS.
 3. **Lip shape.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
-   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
-   by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
-   = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
-   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel); rounding
-   opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow, round
-   opening and /i/, /e/ a wide, flat one (width / height about 2-3 against 5-7 on the astronaut).
+   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/ or /i/, /e/: rounding =
+   smoothstep of that difference (same units) above `ROUND_LOW`. Spread vowels (/i/, /e/) have
+   their second formant above ~1.7 kHz, /a/, /o/, /u/ below: spreading = smoothstep of the energy
+   of 1700-3000 Hz over that of 1000-1700 Hz above `SPREAD_LOW` (in synthetic speech about -1.8
+   for /a/, -1 for /o/, /u/, +0.4 to +0.7 for /e/, /i/). Both are gated by the opening (0 when the
+   mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
+   rounding opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow,
+   round opening and /i/, /e/ a wide, flat one.
+3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
+   of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
+   the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
+   over `PRESS_AHEAD`. It is 0 whenever the mouth opens (the own energy is then above the
+   opening's floor) and in a pause (nothing ahead), so silence stays the template, bit for bit.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -37,14 +45,20 @@ What the graph computes, per batch item:
    never folded) and towards the cheeks, all inside `canonical.JAW_REGION`. The source rows are
    clamped at the lip line, so the opening between the lips samples only the lip line (covered
    by step 5). D_round pulls the mouth horizontally towards its centre (negative multiples widen
-   it); D_open and `lens` are read (with a two-channel GridSample) at the narrowed columns, so a
-   rounded mouth also opens narrower.
+   it); D_open and `lens` are read (with a three-channel GridSample) at the narrowed columns, so
+   a rounded mouth also opens narrower. A closure adds press * D_press: the upper lip moves down
+   by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
+   lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
+   close over most of them) and closed lips get thinner, pressed.
 5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
-   mouth interior faded in over `SHADE_SOFT` at either lip. Its colour follows t, 0 under the
-   upper lip to 1 over the lower lip (from the lift and drop times `lens` at that column): from
-   `LIP_BGR` at the lips to `THROAT_BGR` half-way (the back of the mouth, darkest), `TONGUE_BGR`
-   in the lower part, and a band of `TEETH_BGR` (upper teeth) under the upper lip once the
-   opening passes `TEETH_FROM`.
+   mouth interior faded in (smoothstep) over `SHADE_SOFT` of opened gap at either lip, so its
+   edge is soft and the corners, where the lips barely part, taper into the template's own lip
+   line instead of ending in a dark point. Its colour follows t, 0 under the upper lip to 1 over
+   the lower lip (from the lift and drop times `lens` at that column): `LIP_BGR` (wet, reddish)
+   in a rim along the lips, darkening towards `THROAT_BGR` half-way (the back of the mouth, a dark
+   red-brown, not black), `TONGUE_BGR` in the lower part, and a band of `TEETH_BGR` (upper teeth)
+   under the upper lip once the opening passes `TEETH_FROM`. A closure darkens the lip line where
+   the lips meet by up to `PRESS_SEAM` (the seam).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
@@ -53,7 +67,9 @@ Steps 4-6 run only on `region_box`, the smallest box holding JAW_REGION's blend 
 of the crop); the rest of the output is the reference, copied. The graph is deterministic, has no
 trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per
 crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
-crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms).
+crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms);
+v5's closure, F2 band and softer shading about 0.3 ms per crop more (one thread, batch of 16,
+side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10).
 """
 from __future__ import annotations
 
@@ -72,7 +88,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -96,12 +112,12 @@ ROUND_FULL = 2.0    # ... and is full
 ROUND_GATE = 4.0    # rounding and spreading are scaled by clip(ROUND_GATE * opening, 0, 1)
 SPREAD_LOW = -0.5   # top-minus-mid band energy above which the lips spread (F2 high: /i/, /e/) ...
 SPREAD_FULL = 0.2   # ... fully spread
-SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 17 %)
-SPREAD_CLOSE = 0.15 # full spreading opens the jaw 30 % less (/i/ is a narrow vowel)
-ROUND_OPEN = 0.7    # full rounding opens the jaw half-way further towards full (a round opening)
+SPREAD_WIDTH = 0.5  # full spreading widens by NARROWING * SPREAD_WIDTH (about 20 %)
+SPREAD_CLOSE = 0.15 # full spreading opens the jaw 15 % less (/i/ is a narrow vowel)
+ROUND_OPEN = 0.7    # full rounding opens the jaw 70 % of the way further towards full (a round opening)
 
 JAW_DROP = 0.040    # lower lip and chin drop at full opening, fraction of S (10 px at S=256)
-LIP_LIFT = 0.028    # upper lip lift at full opening (6 px at S=256): the opening's upper contour curves too
+LIP_LIFT = 0.028    # upper lip lift at full opening (7 px at S=256): the opening's upper contour curves too
 NARROWING = 0.4     # sampling stretch at full rounding: the mouth gets about 74 % as wide (corners)
 MOUTH_SPAN = 1.0    # horizontal half-extent of the lip opening, in MOUTH_HALF_WIDTH
 LENS_POWER = 1.0    # the opening's height across the mouth: (1 - (x / span)^2) ** LENS_POWER
@@ -119,7 +135,7 @@ PRESS_AHEAD = (-2.2, -1.2)  # speech-band energy of the next ~40 ms at which a c
 PRESS_UP = 0.016    # a closure pulls the upper lip down by this (fraction of S) at the mouth centre ...
 PRESS_LOW = 0.018   # ... and the lower lip up by this: the lips meet, pressed (the band between them is hidden)
 PRESS_REACH = 0.05  # ... over this depth above and below the lip line
-PRESS_SEAM = 0.25   # the pressed lips' seam: the lip line darkened by up to 35 % ...
+PRESS_SEAM = 0.25   # the pressed lips' seam: the lip line darkened by up to 25 % ...
 SEAM_HALF = 0.006   # ... over about this half-height
 LIP_BGR = (0.26, 0.27, 0.52)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
 THROAT_BGR = (0.08, 0.06, 0.15)  # ... and at the back, half-way between the lips
