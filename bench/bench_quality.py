@@ -62,7 +62,7 @@ def save_side_by_side(path: str, template: np.ndarray, output: np.ndarray, matri
         tiles.append(row)
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 6), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-    if not cv2.imwrite(path, np.vstack(tiles)):
+    if not cv2.imwrite(path, np.vstack(tiles), [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise OSError(f"cannot write {path}")
 
 
