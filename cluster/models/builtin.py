@@ -102,6 +102,9 @@ HIGH_BAND = (1000.0, 3000.0)
 MID_BAND = (1000.0, 1700.0)   # F2 of /a/, /o/, /u/ lies here or below ...
 TOP_BAND = (1700.0, 3000.0)   # ... F2 and F3 of /i/, /e/ here
 AHEAD_COLUMNS = (3, 6)        # the next ~40 ms (centres +37.5 .. +62.5 ms): is a syllable about to start?
+READ_COLUMNS = AHEAD_COLUMNS[1]
+"""Mel columns of its window the graph reads at all (the rest never change its output): what a live
+session must have final before the frame can be rendered (lookahead about 87.5 ms)."""
 _DB_PER_UNIT = 12.5
 _C = float(np.log(10.0) * _DB_PER_UNIT / 20.0)  # normalised units -> natural log of amplitude
 
