@@ -15,8 +15,8 @@ The mouth's shape by vowel class: the opening's width / height on loud frames of
 (/o/, /u/) and of spread ones (/i/, /e/), from the synthesised speech's own syllable plan.
 
 `--png` writes a strip, one row per frame, of the lower face at full resolution, template | output:
-the loudest frames of an /a/, a rounded and a spread vowel, and a frame in the middle of the
-longest pause.
+the loudest frames of an /a/, a rounded and a spread vowel, a closure before a syllable (/m b p/:
+the lips pressed together) and a frame in the middle of the longest pause.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def save_side_by_side(path: str, template: np.ndarray, output: np.ndarray, matri
         tiles.append(row)
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 6), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-    if not cv2.imwrite(path, np.vstack(tiles)):
+    if not cv2.imwrite(path, np.vstack(tiles), [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise OSError(f"cannot write {path}")
 
 
@@ -172,6 +172,17 @@ def main() -> None:
             print(f"opening w/h {name:<13}: median {np.median(ratio[sel]) if sel.any() else float('nan'):.2f} "
                   f"(width {np.nanmedian(shape[sel, 0]) if sel.any() else float('nan'):.0f} px, height "
                   f"{np.nanmedian(shape[sel, 1]) if sel.any() else float('nan'):.0f} px) over {sel.sum()} loud frames")
+        try:  # added with issue 22's closures; absent when measuring an older checkout
+            from cluster.quality import closure_frames
+        except ImportError:
+            closure_frames = None
+        if closure_frames is not None:
+            closures = closure_frames(energy)
+            highest = np.nan_to_num(shape[closures, 1]).max() if closures.any() else 0.0
+            print(f"closures /m b p/     : {closures.sum()} frames (near silence, next frame loud): mouth change "
+                  f"mean {motion[closures].mean() if closures.any() else float('nan'):.2f} levels "
+                  f"(silent {motion[silent].mean():.2f}), opening height max {highest:.0f} px "
+                  f"(loud median {np.nanmedian(shape[half, 1]):.0f} px)")
         print(f"throughput cold      : {n / cold:.1f} frames/s ({cold:.1f} s, avatar preparation included)")
         print(f"throughput warm      : {n / warm:.1f} frames/s ({warm:.1f} s, cached avatar)")
 
@@ -187,6 +198,9 @@ def main() -> None:
             starts, stops = runs[::2], runs[1::2]
             k = int(np.argmax(stops - starts))
             pause = int((starts[k] + stops[k]) // 2)
+            if closure_frames is not None and closure_frames(energy).any():
+                closures = np.flatnonzero(closure_frames(energy))
+                rows.append(("closure /m b p/", int(closures[np.argmax(energy[np.minimum(closures + 1, n - 1)])])))
             save_side_by_side(args.png, template, output, matrices, model.size, [*rows, ("silent", pause)])
             print(f"png                  : {args.png}")
 

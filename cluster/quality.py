@@ -11,6 +11,7 @@ the inverse of each matrix.
 - `seam_score`: whether the paste-back leaves a visible edge.
 - `lip_texture_ratio`, `lip_sharpness`, `chin_motion`: detail and jaw motion (issue 10, 22).
 - `opening_shape`: width and height of the opened mouth's dark inside (mouth shapes by sound).
+- `closure_frames`: the near-silent frames just before a syllable (where /m b p/ close the lips).
 """
 from __future__ import annotations
 
@@ -292,12 +293,19 @@ OPENING_BOX: tuple[float, float, float, float] = (0.25, 0.62, 0.75, 0.86)
 """Where an opened mouth's inside can lie in the canonical crop (x0, y0, x1, y1, normalised)."""
 
 
+_OPENING_DARK = 0.55
+"""An opened mouth's inside is darker than this fraction of the template's median grey level
+around the mouth (`OPENING_BOX`), besides being much darker than the template at that pixel."""
+
+
 def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matrices: np.ndarray,
                   size: int) -> np.ndarray:
     """Width and height (frame pixels) of the opened mouth per frame: float64 [n,2]. The opening
-    is the pixels of `OPENING_BOX` much darker in the output than in the template (as in
-    `lip_texture_ratio`); width: the columns it spans, height: its tallest column. NaN for a frame
-    with fewer than 8 such pixels (a closed mouth) or whose box is outside the frame."""
+    is the largest connected patch of pixels of `OPENING_BOX` much darker in the output than in the
+    template (as in `lip_texture_ratio`) and dark in themselves (below `_OPENING_DARK` of the
+    template's median there: not lips, shadows or blurred teeth that merely got darker); width: the
+    columns it spans, height: its tallest column. NaN for a frame with fewer than 8 such pixels (a
+    closed mouth) or whose box is outside the frame."""
     out, matrices = _check(output_frames, matrices, "output_frames")
     tmpl = np.asarray(template_frames)
     result = np.full((out.shape[0], 2), np.nan)
@@ -305,12 +313,27 @@ def opening_shape(output_frames: np.ndarray, template_frames: np.ndarray, matric
         b = _frame_box(matrices[i], OPENING_BOX, size, out.shape[1:3])
         if b is None:
             continue
-        _, _, dark = _gray_and_darker(out[i], tmpl[i], b)
-        dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8)) > 0
-        if dark.sum() >= 8:
-            cols = np.flatnonzero(dark.any(axis=0))
-            result[i] = (cols[-1] - cols[0] + 1, dark.sum(axis=0).max())
+        g_out, g_tmpl, darker = _gray_and_darker(out[i], tmpl[i], b)
+        dark = darker & (g_out < _OPENING_DARK * float(np.median(g_tmpl)))
+        dark = cv2.morphologyEx(dark.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+        if count < 2:
+            continue
+        k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if stats[k, cv2.CC_STAT_AREA] >= 8:
+            patch = labels == k
+            result[i] = (stats[k, cv2.CC_STAT_WIDTH], patch.sum(axis=0).max())
     return result
+
+
+def closure_frames(energy: np.ndarray, quiet: float = 0.03, loud_next: float = 0.25) -> np.ndarray:
+    """Boolean mask of the frames whose own speech energy is below `quiet` of the peak while the
+    next frame's is above `loud_next` of it: the closure just before a syllable starts, what
+    /m b p/ look like in the audio (a short near-silence, then the release)."""
+    energy = np.asarray(energy, dtype=np.float64)
+    peak = float(energy.max()) if energy.size else 0.0
+    following = np.r_[energy[1:], 0.0]
+    return (energy < quiet * peak) & (following > loud_next * peak)
 
 
 def loudest(energy: np.ndarray, fraction: float = 0.2) -> np.ndarray:

@@ -5,7 +5,7 @@ output frame `i` the window `mel_windows(mel, fps, i, i+1)`. A live utterance co
 columns as the audio arrives: column `j` (centred on sample `200 j`, 50 ms wide, pre-emphasised)
 is final once samples up to `200 j + 400` are in, and at the end of the utterance the remaining
 columns are computed with the same zero padding as the batch path. A speech frame is ready when
-the columns the model reads are final (`model_columns`: 3 for the built-in model, 16 for
+the columns the model reads are final (`model_columns`: 6 for the built-in model, 16 for
 Wav2Lip-class models), so the lookahead is what the model's window needs and no more.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ SILENT_MEL = -4.0
 
 def model_columns(model: str) -> int:
     """Mel columns of its window the model reads: the built-in model only its first
-    `OWN_COLUMNS` (the frame's own sound), others all 16."""
+    `READ_COLUMNS` (the frame's own sound, and the next ~40 ms for a closure), others all 16."""
     if model.strip().startswith("builtin"):
-        from cluster.models.builtin import OWN_COLUMNS
+        from cluster.models.builtin import READ_COLUMNS
 
-        return OWN_COLUMNS
+        return READ_COLUMNS
     return MEL_STEP
 
 

@@ -11,7 +11,8 @@ What the graph computes, per batch item:
    open the mouth for sound that comes up to 200 ms later, i.e. the mouth would lead the voice.
    So the graph reads only the first `OWN_COLUMNS` = 3 columns: with hop 12.5 ms and centred STFT
    frames of 50 ms, their centres lie at +0, +12.5 and +25 ms, the sound of the frame's own
-   display interval (40 ms at 25 fps, 33 ms at 30 fps).
+   display interval (40 ms at 25 fps, 33 ms at 30 fps). Only a closure (step 3b) also reads the
+   next three (`AHEAD_COLUMNS`, centres +37.5 to +62.5 ms), and only to close the lips.
 2. **Mouth opening.** Mel values are dB-normalised: v = 0.08 * dB + 4 clipped to [-4, 4]
    (silence = -4, one unit = 12.5 dB). The energy of the speech band (mel bins centred in
    300-3000 Hz) is averaged in the linear amplitude domain over bins and columns and brought back
@@ -20,12 +21,19 @@ What the graph computes, per batch item:
    silence (E = -4) and for a noise floor below about -55 dBFS; fully open for a voiced vowel at
    about -20 dBFS RMS.
 3. **Lip shape.** Rounded vowels (/u/, /o/) have both formants below ~1 kHz, so the energy
-   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/; bright vowels (/i/, /e/)
-   by less. Rounding = smoothstep of that difference (same units) above `ROUND_LOW`, spreading
-   = smoothstep below `SPREAD_HIGH`, both gated by the opening (0 when the mouth is shut).
-   Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel); rounding
-   opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow, round
-   opening and /i/, /e/ a wide, flat one (width / height about 2-3 against 5-7 on the astronaut).
+   of 300-1000 Hz exceeds that of 1000-3000 Hz by more than for /a/ or /i/, /e/: rounding =
+   smoothstep of that difference (same units) above `ROUND_LOW`. Spread vowels (/i/, /e/) have
+   their second formant above ~1.7 kHz, /a/, /o/, /u/ below: spreading = smoothstep of the energy
+   of 1700-3000 Hz over that of 1000-1700 Hz above `SPREAD_LOW` (in synthetic speech about -1.8
+   for /a/, -1 for /o/, /u/, +0.4 to +0.7 for /e/, /i/). Both are gated by the opening (0 when the
+   mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
+   rounding opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow,
+   round opening and /i/, /e/ a wide, flat one.
+3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
+   of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
+   the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
+   over `PRESS_AHEAD`. It is 0 whenever the mouth opens (the own energy is then above the
+   opening's floor) and in a pause (nothing ahead), so silence stays the template, bit for bit.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -37,14 +45,20 @@ What the graph computes, per batch item:
    never folded) and towards the cheeks, all inside `canonical.JAW_REGION`. The source rows are
    clamped at the lip line, so the opening between the lips samples only the lip line (covered
    by step 5). D_round pulls the mouth horizontally towards its centre (negative multiples widen
-   it); D_open and `lens` are read (with a two-channel GridSample) at the narrowed columns, so a
-   rounded mouth also opens narrower.
+   it); D_open and `lens` are read (with a three-channel GridSample) at the narrowed columns, so
+   a rounded mouth also opens narrower. A closure adds press * D_press: the upper lip moves down
+   by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
+   lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
+   close over most of them) and closed lips get thinner, pressed.
 5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
-   mouth interior faded in over `SHADE_SOFT` at either lip. Its colour follows t, 0 under the
-   upper lip to 1 over the lower lip (from the lift and drop times `lens` at that column): from
-   `LIP_BGR` at the lips to `THROAT_BGR` half-way (the back of the mouth, darkest), `TONGUE_BGR`
-   in the lower part, and a band of `TEETH_BGR` (upper teeth) under the upper lip once the
-   opening passes `TEETH_FROM`.
+   mouth interior faded in (smoothstep) over `SHADE_SOFT` of opened gap at either lip, so its
+   edge is soft and the corners, where the lips barely part, taper into the template's own lip
+   line instead of ending in a dark point. Its colour follows t, 0 under the upper lip to 1 over
+   the lower lip (from the lift and drop times `lens` at that column): `LIP_BGR` (wet, reddish)
+   in a rim along the lips, darkening towards `THROAT_BGR` half-way (the back of the mouth, a dark
+   red-brown, not black), `TONGUE_BGR` in the lower part, and a band of `TEETH_BGR` (upper teeth)
+   under the upper lip once the opening passes `TEETH_FROM`. A closure darkens the lip line where
+   the lips meet by up to `PRESS_SEAM` (the seam).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
@@ -53,7 +67,9 @@ Steps 4-6 run only on `region_box`, the smallest box holding JAW_REGION's blend 
 of the crop); the rest of the output is the reference, copied. The graph is deterministic, has no
 trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CPU (0.8 ms per
 crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
-crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms).
+crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms);
+v5's closure, F2 band and softer shading about 0.3 ms per crop more (one thread, batch of 16,
+side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10).
 """
 from __future__ import annotations
 
@@ -72,7 +88,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -83,6 +99,12 @@ OWN_COLUMNS = 3
 SPEECH_BAND = (300.0, 3000.0)
 LOW_BAND = (300.0, 1000.0)
 HIGH_BAND = (1000.0, 3000.0)
+MID_BAND = (1000.0, 1700.0)   # F2 of /a/, /o/, /u/ lies here or below ...
+TOP_BAND = (1700.0, 3000.0)   # ... F2 and F3 of /i/, /e/ here
+AHEAD_COLUMNS = (3, 6)        # the next ~40 ms (centres +37.5 .. +62.5 ms): is a syllable about to start?
+READ_COLUMNS = AHEAD_COLUMNS[1]
+"""Mel columns of its window the graph reads at all (the rest never change its output): what a live
+session must have final before the frame can be rendered (lookahead about 87.5 ms)."""
 _DB_PER_UNIT = 12.5
 _C = float(np.log(10.0) * _DB_PER_UNIT / 20.0)  # normalised units -> natural log of amplitude
 
@@ -91,28 +113,36 @@ OPEN_FULL = -0.4    # ... and at which it is fully open
 ROUND_LOW = 1.2     # low-minus-high band energy at which rounding starts
 ROUND_FULL = 2.0    # ... and is full
 ROUND_GATE = 4.0    # rounding and spreading are scaled by clip(ROUND_GATE * opening, 0, 1)
-SPREAD_HIGH = 0.95  # low-minus-high band energy below which the lips spread (bright /i/, /e/)
-SPREAD_FULL = 0.5   # ... fully spread
-SPREAD_WIDTH = 0.5  # full spreading widens as much as NARROWING * SPREAD_WIDTH narrows (about 17 %)
-SPREAD_CLOSE = 0.3  # full spreading opens the jaw 30 % less (/i/ is a narrow vowel)
-ROUND_OPEN = 0.5    # full rounding opens the jaw half-way further towards full (a round opening)
+SPREAD_LOW = -0.5   # top-minus-mid band energy above which the lips spread (F2 high: /i/, /e/) ...
+SPREAD_FULL = 0.2   # ... fully spread
+SPREAD_WIDTH = 0.5  # full spreading widens by NARROWING * SPREAD_WIDTH (about 20 %)
+SPREAD_CLOSE = 0.15 # full spreading opens the jaw 15 % less (/i/ is a narrow vowel)
+ROUND_OPEN = 0.7    # full rounding opens the jaw 70 % of the way further towards full (a round opening)
 
 JAW_DROP = 0.040    # lower lip and chin drop at full opening, fraction of S (10 px at S=256)
-LIP_LIFT = 0.024    # upper lip lift at full opening (6 px at S=256): the opening's upper contour curves too
-NARROWING = 0.35    # sampling stretch at full rounding: the mouth gets 1/(1+0.35) = 74 % as wide
-MOUTH_SPAN = 1.15   # horizontal half-extent of the lip opening, in MOUTH_HALF_WIDTH
+LIP_LIFT = 0.028    # upper lip lift at full opening (7 px at S=256): the opening's upper contour curves too
+NARROWING = 0.4     # sampling stretch at full rounding: the mouth gets about 74 % as wide (corners)
+MOUTH_SPAN = 1.0    # horizontal half-extent of the lip opening, in MOUTH_HALF_WIDTH
 LENS_POWER = 1.0    # the opening's height across the mouth: (1 - (x / span)^2) ** LENS_POWER
 LIP_TO_JAW = 0.08   # below the lip line the lens-shaped lip profile turns into the jaw's over this depth
 JAW_RIGID = 0.15    # the jaw moves rigidly to this depth below the lip line (to the chin's lower part) ...
 JAW_END = 0.21      # ... and its motion falls off to 0 at this depth (the neck is compressed under the chin)
 JAW_HALF = 0.10     # horizontally rigid within this distance of the mouth centre ...
 JAW_FADE = 0.11     # ... falling to 0 this much further out (the cheeks stretch)
-ROUND_AXES = (0.156, 0.072)  # the ellipse (about the lip line) in which rounding / spreading act
+ROUND_AXES = (0.20, 0.075)  # the ellipse (about the lip line) in which rounding / spreading act ...
+ROUND_FADE = 0.8    # ... fading from its centre over this fraction of its radius
 BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of JAW_REGION
-SHADE_SOFT = 0.005  # gap depth (fraction of S) over which the inside of the mouth fades in at either lip
-LIP_BGR = (0.22, 0.22, 0.42)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
-THROAT_BGR = (0.05, 0.04, 0.08)  # ... and at the back, half-way between the lips
-TONGUE_BGR = (0.20, 0.22, 0.48)  # the tongue, in the lower part of a wide opening
+SHADE_SOFT = 0.024  # gap depth (fraction of S) over which the inside of the mouth fades in at either lip
+PRESS_QUIET = (OPEN_FLOOR - 0.8, OPEN_FLOOR)  # own speech-band energy: fully quiet below, not at all from the floor
+PRESS_AHEAD = (-2.2, -1.2)  # speech-band energy of the next ~40 ms at which a closure starts / is full
+PRESS_UP = 0.016    # a closure pulls the upper lip down by this (fraction of S) at the mouth centre ...
+PRESS_LOW = 0.018   # ... and the lower lip up by this: the lips meet, pressed (the band between them is hidden)
+PRESS_REACH = 0.05  # ... over this depth above and below the lip line
+PRESS_SEAM = 0.25   # the pressed lips' seam: the lip line darkened by up to 25 % ...
+SEAM_HALF = 0.006   # ... over about this half-height
+LIP_BGR = (0.26, 0.27, 0.52)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
+THROAT_BGR = (0.08, 0.06, 0.15)  # ... and at the back, half-way between the lips
+TONGUE_BGR = (0.30, 0.32, 0.62)  # the tongue, in the lower part of a wide opening
 TONGUE_FROM = 0.6  # the tongue shows from this fraction of the opening's height down (fully a third further)
 TEETH_BGR = (0.70, 0.76, 0.80)   # the upper teeth, under the upper lip of a wide opening
 TEETH_DEPTH = 0.28  # the teeth fill this fraction of the opening's height under the upper lip ...
@@ -126,10 +156,10 @@ def mel_bin_centres(n_mels: int = N_MELS, fmin: float = FMIN, fmax: float = FMAX
 
 
 def band_weights() -> np.ndarray:
-    """float32 [80, 3]: averaging weights over the speech, low and high bands (columns)."""
+    """float32 [80, 5]: averaging weights over the speech, low, high, mid and top bands (columns)."""
     centres = mel_bin_centres()
     cols = []
-    for lo, hi in (SPEECH_BAND, LOW_BAND, HIGH_BAND):
+    for lo, hi in (SPEECH_BAND, LOW_BAND, HIGH_BAND, MID_BAND, TOP_BAND):
         sel = ((centres >= lo) & (centres < hi)).astype(np.float64)
         cols.append(sel / sel.sum())
     return np.stack(cols, axis=1).astype(np.float32)
@@ -161,7 +191,9 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
     up; lower lip, chin and jaw down together); d_round_x: source-column shift at full rounding
     (negative multiples spread the lips); clamp_lo_y / clamp_hi_y [S]: lip-line clamps per row;
     blend: the region weight (0 outside JAW_REGION); lens: the opening's height profile across the
-    mouth (1 at the centre, 0 at and beyond the corners), the same on every row.
+    mouth (1 at the centre, 0 at and beyond the corners), the same on every row; d_press_y: the
+    source-row shift of a full closure (upper lip down, lower lip up); seam: where the closed lips
+    meet (a thin line along the lip line, 1 at the centre).
     """
     S = int(size)
     a = (np.arange(S) + 0.5) / S          # normalised x (and y) of pixel centres
@@ -187,9 +219,15 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
     inside = _smoothstep((1.0 - rho) / 0.3)
     d_open_y = (LIP_LIFT * upper - JAW_DROP * lower) * inside   # source shift (normalised crop units)
 
+    # a closure (/m b p/): upper lip down, lower lip up, meeting at the lip line across the mouth
+    lens_press = np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0))
+    press = np.where(depth < 0, -PRESS_UP * _falloff(-depth, 0.0, PRESS_REACH),
+                     PRESS_LOW * _falloff(depth, 0.0, PRESS_REACH)) * lens_press * inside
+    seam = np.exp(-((depth + 0.5 / S) / SEAM_HALF) ** 2) * lens_press * blend
+
     # horizontal narrowing: sample farther from the centre -> content moves inwards
     rho_n = np.sqrt(((X - mx) / ROUND_AXES[0]) ** 2 + ((Y - lip_y) / ROUND_AXES[1]) ** 2)
-    d_round_x = NARROWING * (X - mx) * _smoothstep((1.0 - rho_n) / 0.6) * inside
+    d_round_x = NARROWING * (X - mx) * _smoothstep((1.0 - rho_n) / ROUND_FADE) * inside
 
     row_is_below = a >= lip_y
     big = 3.0
@@ -198,6 +236,8 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
         "base_y": 2.0 * a - 1.0,
         "d_open_y": 2.0 * d_open_y,
         "d_round_x": 2.0 * d_round_x,
+        "d_press_y": 2.0 * press,
+        "seam": seam,
         "clamp_lo_y": np.where(row_is_below, 2.0 * lip_y - 1.0, -big),
         "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
         "blend": blend,
@@ -206,8 +246,8 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
 
 
 def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
-    """The warp at full opening, at full rounding and at full spreading never folds (source
-    coordinates monotone) and every displacement lies inside JAW_REGION."""
+    """The warp at full opening, at full rounding, at full spreading and at a full closure never
+    folds (source coordinates monotone) and every displacement lies inside JAW_REGION."""
     for k in (1.0, -SPREAD_WIDTH):
         src_x = f["base_x"][None, :] + k * f["d_round_x"]
         # the opening field is read at the narrowed columns, as the graph does with GridSample
@@ -216,7 +256,10 @@ def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
                            f["clamp_hi_y"][:, None])
         if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
             raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
-    moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0)
+    src_y = f["base_y"][:, None] + f["d_press_y"]
+    if np.any(np.diff(src_y, axis=0) < -1e-9):
+        raise AssertionError(f"built-in closure folds at S={size}")
+    moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
     if np.any(moved & (f["blend"] <= 0)):
         raise AssertionError(f"built-in warp displaces pixels outside JAW_REGION at S={size}")
 
@@ -259,7 +302,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("open_floor", OPEN_FLOOR), const("open_inv_range", 1.0 / (OPEN_FULL - OPEN_FLOOR)),
         const("round_low", ROUND_LOW), const("round_inv_range", 1.0 / (ROUND_FULL - ROUND_LOW)),
         const("round_gate", ROUND_GATE),
-        const("spread_high", SPREAD_HIGH), const("spread_inv_range", 1.0 / (SPREAD_HIGH - SPREAD_FULL)),
+        const("spread_low", SPREAD_LOW), const("spread_inv_range", 1.0 / (SPREAD_FULL - SPREAD_LOW)),
+        const("ahead_starts", [AHEAD_COLUMNS[0]], np.int64), const("ahead_ends", [AHEAD_COLUMNS[1]], np.int64),
+        const("speech_w", band_weights()[:, :1]),
+        const("quiet_from", PRESS_QUIET[0]), const("quiet_inv_range", 1.0 / (PRESS_QUIET[1] - PRESS_QUIET[0])),
+        const("ahead_from", PRESS_AHEAD[0]), const("ahead_inv_range", 1.0 / (PRESS_AHEAD[1] - PRESS_AHEAD[0])),
+        const("press_seam", PRESS_SEAM),
         const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE), const("round_open", ROUND_OPEN),
         const("lift2", 2.0 * LIP_LIFT), const("drop2", 2.0 * JAW_DROP), const("tiny", 1e-4),
         const("four", 4.0), const("lens_gain", 3.0), const("tongue_from", TONGUE_FROM),
@@ -270,13 +318,14 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("d_fields", np.stack([f["d_open_y"], f["lens"]]).reshape(1, 2, S, S)),
+        const("d_fields", np.stack([f["d_open_y"], f["lens"], f["d_press_y"]]).reshape(1, 3, S, S)),
         const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
-        const("field_tail_shape", [2, S, S], np.int64),
+        const("field_tail_shape", [3, S, S], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
         const("clamp_lo_y", f["clamp_lo_y"][r0:r1].reshape(1, h, 1, 1)),
         const("clamp_hi_y", f["clamp_hi_y"][r0:r1].reshape(1, h, 1, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
+        const("seam", f["seam"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
         const("lip_bgr", np.asarray(LIP_BGR).reshape(1, 3, 1, 1)),
         const("throat_minus_lip", (np.asarray(THROAT_BGR) - np.asarray(LIP_BGR)).reshape(1, 3, 1, 1)),
@@ -294,10 +343,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Exp", ["mel_scaled"], ["mel_amp"]),
         N("ReduceMean", ["mel_amp"], ["amp_per_bin"], axes=[3], keepdims=0),     # [B,1,80]
         N("Reshape", ["amp_per_bin", "flat_shape"], ["amp_flat"]),                # [B,80]
-        N("MatMul", ["amp_flat", "band_w"], ["band_amp"]),                         # [B,3]
+        N("MatMul", ["amp_flat", "band_w"], ["band_amp"]),                         # [B,5]
         N("Log", ["band_amp"], ["band_log"]),
         N("Mul", ["band_log", "inv_c"], ["band_energy"]),
-        N("Split", ["band_energy"], ["e_speech", "e_low", "e_high"], axis=1),             # [B,1] each
+        N("Split", ["band_energy"], ["e_speech", "e_low", "e_high", "e_mid", "e_top"], axis=1),  # [B,1] each
         # opening = smoothstep((E - floor) / range)
         N("Sub", ["e_speech", "open_floor"], ["open_d"]),
         N("Mul", ["open_d", "open_inv_range"], ["open_t0"]),
@@ -312,8 +361,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["opening", "round_gate"], ["gate0"]),
         N("Clip", ["gate0", "zero", "one"], ["gate"]),
         N("Mul", ["round_s", "gate"], ["rounding"]),
-        # spreading = smoothstep((high - tilt) / range) * gate; it narrows the jaw's opening
-        N("Sub", ["spread_high", "tilt"], ["spread_d"]),
+        # spreading = smoothstep((top - mid - low) / range) * gate (F2 high: /i/, /e/); it narrows the
+        # jaw's opening
+        N("Sub", ["e_top", "e_mid"], ["f2_tilt"]),
+        N("Sub", ["f2_tilt", "spread_low"], ["spread_d"]),
         N("Mul", ["spread_d", "spread_inv_range"], ["spread_t0"]),
         N("Clip", ["spread_t0", "zero", "one"], ["spread_t"]),
         *_smoothstep_nodes("spread_t", "spread_s"),
@@ -330,6 +381,27 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Add", ["jaw_open0", "jaw_more"], ["jaw_open"]),
         N("Reshape", ["jaw_open", "scalar_shape"], ["opening4"]),                 # [B,1,1,1]
         N("Reshape", ["shape_x", "scalar_shape"], ["rounding4"]),
+        # 3b. a closure (/m b p/): the frame's own sound is quiet (below the opening's floor) and a
+        #     syllable starts in the next ~40 ms: press = (1 - smoothstep(own)) * smoothstep(ahead)
+        N("Slice", ["mel_spectrogram", "ahead_starts", "ahead_ends", "own_cols_axes"], ["mel_ahead"]),
+        N("Mul", ["mel_ahead", "c"], ["ahead_scaled"]),
+        N("Exp", ["ahead_scaled"], ["ahead_amp"]),
+        N("ReduceMean", ["ahead_amp"], ["ahead_per_bin"], axes=[3], keepdims=0),
+        N("Reshape", ["ahead_per_bin", "flat_shape"], ["ahead_flat"]),
+        N("MatMul", ["ahead_flat", "speech_w"], ["ahead_band"]),
+        N("Log", ["ahead_band"], ["ahead_log"]),
+        N("Mul", ["ahead_log", "inv_c"], ["e_ahead"]),                            # [B,1]
+        N("Sub", ["e_speech", "quiet_from"], ["quiet_d"]),
+        N("Mul", ["quiet_d", "quiet_inv_range"], ["quiet_t0"]),
+        N("Clip", ["quiet_t0", "zero", "one"], ["quiet_t"]),
+        *_smoothstep_nodes("quiet_t", "not_quiet"),
+        N("Sub", ["one", "not_quiet"], ["quiet"]),
+        N("Sub", ["e_ahead", "ahead_from"], ["ahead_d"]),
+        N("Mul", ["ahead_d", "ahead_inv_range"], ["ahead_t0"]),
+        N("Clip", ["ahead_t0", "zero", "one"], ["ahead_t"]),
+        *_smoothstep_nodes("ahead_t", "ahead_s"),
+        N("Mul", ["quiet", "ahead_s"], ["press"]),
+        N("Reshape", ["press", "scalar_shape"], ["press4"]),                     # [B,1,1,1]
         # 4. sampling grid
         N("Mul", ["rounding4", "d_round_x"], ["shift_x"]),
         N("Add", ["base_x", "shift_x"], ["grid_x"]),                               # [B,S,S,1]
@@ -339,12 +411,14 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Concat", ["grid_x", "base_y_full"], ["grid_narrow"], axis=3),
         N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
         N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
-        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,2,S,S]
+        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,3,S,S]
         N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "lens_at"], axis=1),          # [B,1,h,w] each
-        N("Transpose", ["d_open_at"], ["d_open_nhwc"], perm=[0, 2, 3, 1]),       # [B,S,S,1]
-        N("Mul", ["opening4", "d_open_nhwc"], ["shift_y"]),
+        N("Split", ["d_fields_at"], ["d_open_at", "lens_at", "d_press_at"], axis=1),  # [B,1,h,w] each
+        N("Mul", ["opening4", "d_open_at"], ["shift_open"]),
+        N("Mul", ["press4", "d_press_at"], ["shift_press"]),
+        N("Add", ["shift_open", "shift_press"], ["shift_nchw"]),
+        N("Transpose", ["shift_nchw"], ["shift_y"], perm=[0, 2, 3, 1]),          # [B,h,w,1]
         N("Add", ["base_y", "shift_y"], ["src_y"]),
         N("Max", ["src_y", "clamp_lo_y"], ["src_y_lo"]),
         N("Min", ["src_y_lo", "clamp_hi_y"], ["grid_y"]),
@@ -361,7 +435,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Abs", ["gap_signed"], ["gap"]),                                        # [B,S,S,1] grid units
         N("Transpose", ["gap"], ["gap_nchw"], perm=[0, 3, 1, 2]),                 # [B,1,S,S]
         N("Mul", ["gap_nchw", "shade_inv_soft"], ["alpha_t0"]),
-        N("Clip", ["alpha_t0", "zero", "one"], ["alpha"]),
+        N("Clip", ["alpha_t0", "zero", "one"], ["alpha_t"]),
+        *_smoothstep_nodes("alpha_t", "alpha"),
         N("Mul", ["opening4", "lens_at"], ["open_lens"]),
         N("Mul", ["open_lens", "lift2"], ["h_up"]),
         N("Mul", ["open_lens", "drop2"], ["h_low"]),
@@ -372,7 +447,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Clip", ["t0", "zero", "one"], ["t"]),
         N("Sub", ["one", "t"], ["one_minus_t"]),
         N("Mul", ["t", "one_minus_t"], ["mid0"]),
-        N("Mul", ["mid0", "four"], ["mid"]),                                      # 1 half-way, 0 at the lips
+        N("Mul", ["mid0", "four"], ["mid1"]),                                     # 1 half-way, 0 at the lips
+        N("Mul", ["mid1", "mid1"], ["mid"]),                                      # ... flat near the lips
         *_smoothstep_nodes("mid", "depth_s"),
         N("Mul", ["depth_s", "throat_minus_lip"], ["inner_d"]),
         N("Add", ["lip_bgr", "inner_d"], ["inner_dark"]),                         # [B,3,h,w]
@@ -401,7 +477,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Add", ["inner_soft", "to_teeth_w"], ["inner"]),
         N("Sub", ["inner", "warped"], ["to_inner"]),
         N("Mul", ["to_inner", "alpha"], ["to_inner_a"]),
-        N("Add", ["warped", "to_inner_a"], ["shaded"]),
+        N("Add", ["warped", "to_inner_a"], ["shaded_open"]),
+        # a closure's seam: the lip line, where the pressed lips meet, a little darker
+        N("Mul", ["press4", "press_seam"], ["seam_k"]),
+        N("Mul", ["seam", "seam_k"], ["seam_w"]),
+        N("Sub", ["one", "seam_w"], ["seam_keep"]),
+        N("Mul", ["shaded_open", "seam_keep"], ["shaded"]),
         # 6. blend inside JAW_REGION only
         N("Slice", ["reference", "box_starts", "box_ends", "hw_axes"], ["reference_box"]),  # [B,3,h,w]
         N("Sub", ["shaded", "reference_box"], ["delta"]),
