@@ -348,26 +348,17 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["band_log", "inv_c"], ["band_energy"]),
         N("Split", ["band_energy"], ["e_speech", "e_low", "e_high", "e_mid", "e_top"], axis=1),  # [B,1] each
         # opening = smoothstep((E - floor) / range)
-        N("Sub", ["e_speech", "open_floor"], ["open_d"]),
-        N("Mul", ["open_d", "open_inv_range"], ["open_t0"]),
-        N("Clip", ["open_t0", "zero", "one"], ["open_t"]),
-        *_smoothstep_nodes("open_t", "opening"),
+        *_ramp_nodes("e_speech", "open_floor", "open_inv_range", "opening"),
         # 3. rounding = smoothstep((E_low - E_high - low) / range) * clip(gate * opening, 0, 1)
         N("Sub", ["e_low", "e_high"], ["tilt"]),
-        N("Sub", ["tilt", "round_low"], ["round_d"]),
-        N("Mul", ["round_d", "round_inv_range"], ["round_t0"]),
-        N("Clip", ["round_t0", "zero", "one"], ["round_t"]),
-        *_smoothstep_nodes("round_t", "round_s"),
+        *_ramp_nodes("tilt", "round_low", "round_inv_range", "round_s"),
         N("Mul", ["opening", "round_gate"], ["gate0"]),
         N("Clip", ["gate0", "zero", "one"], ["gate"]),
         N("Mul", ["round_s", "gate"], ["rounding"]),
         # spreading = smoothstep((top - mid - low) / range) * gate (F2 high: /i/, /e/); it narrows the
         # jaw's opening
         N("Sub", ["e_top", "e_mid"], ["f2_tilt"]),
-        N("Sub", ["f2_tilt", "spread_low"], ["spread_d"]),
-        N("Mul", ["spread_d", "spread_inv_range"], ["spread_t0"]),
-        N("Clip", ["spread_t0", "zero", "one"], ["spread_t"]),
-        *_smoothstep_nodes("spread_t", "spread_s"),
+        *_ramp_nodes("f2_tilt", "spread_low", "spread_inv_range", "spread_s"),
         N("Mul", ["spread_s", "gate"], ["spreading"]),
         N("Mul", ["spreading", "spread_width"], ["spread_x"]),
         N("Sub", ["rounding", "spread_x"], ["shape_x"]),                          # >0 narrower, <0 wider
@@ -391,15 +382,9 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("MatMul", ["ahead_flat", "speech_w"], ["ahead_band"]),
         N("Log", ["ahead_band"], ["ahead_log"]),
         N("Mul", ["ahead_log", "inv_c"], ["e_ahead"]),                            # [B,1]
-        N("Sub", ["e_speech", "quiet_from"], ["quiet_d"]),
-        N("Mul", ["quiet_d", "quiet_inv_range"], ["quiet_t0"]),
-        N("Clip", ["quiet_t0", "zero", "one"], ["quiet_t"]),
-        *_smoothstep_nodes("quiet_t", "not_quiet"),
+        *_ramp_nodes("e_speech", "quiet_from", "quiet_inv_range", "not_quiet"),
         N("Sub", ["one", "not_quiet"], ["quiet"]),
-        N("Sub", ["e_ahead", "ahead_from"], ["ahead_d"]),
-        N("Mul", ["ahead_d", "ahead_inv_range"], ["ahead_t0"]),
-        N("Clip", ["ahead_t0", "zero", "one"], ["ahead_t"]),
-        *_smoothstep_nodes("ahead_t", "ahead_s"),
+        *_ramp_nodes("e_ahead", "ahead_from", "ahead_inv_range", "ahead_s"),
         N("Mul", ["quiet", "ahead_s"], ["press"]),
         N("Reshape", ["press", "scalar_shape"], ["press4"]),                     # [B,1,1,1]
         # 4. sampling grid
@@ -533,6 +518,15 @@ def _paste_box_nodes(full: str, box: str, rows_cols: tuple[int, int, int, int], 
         column.append(piece("ref_bottom", [r1, 0], [size, size]))
     nodes.append(N("Concat", column, [out], axis=2) if len(column) > 1 else N("Identity", column, [out]))
     return nodes
+
+
+def _ramp_nodes(x: str, low: str, inv_range: str, out: str) -> list[onnx.NodeProto]:
+    """out = smoothstep(clip((x - low) * inv_range, 0, 1)): a soft 0 -> 1 ramp of `x` from `low`."""
+    N = helper.make_node
+    return [N("Sub", [x, low], [f"{out}_d"]),
+            N("Mul", [f"{out}_d", inv_range], [f"{out}_t0"]),
+            N("Clip", [f"{out}_t0", "zero", "one"], [f"{out}_t"]),
+            *_smoothstep_nodes(f"{out}_t", out)]
 
 
 def _smoothstep_nodes(t: str, out: str) -> list[onnx.NodeProto]:
