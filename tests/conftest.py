@@ -33,6 +33,15 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
 SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
 
 
+#: The groups that take longest (serial seconds of a loaded 2-core run, 2026-12-04: the session
+#: service ~215, the restart file ~196, the session Ray ~168, multinode ~124, the CLI ~88, render
+#: cases ~87, the soak ~71, deploy ~58, chaos ~53), handed to the workers first (`--no-loadscope-
+#: reorder`: in this order, not by test count), so that no long group starts last on one worker
+#: while the other has nothing left to do.
+LONGEST_GROUPS = ("session-service", "test_service_restart", "session-ray", "test_multinode", "test_cli",
+                  "test_render_cases", "test_soak", "test_deploy_local", "test_chaos", "test_hostile_inputs")
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
     the quick inner loop; plain `pytest` runs everything.
@@ -47,6 +56,8 @@ def pytest_collection_modifyitems(config, items):
             fixtures = set(getattr(item, "fixturenames", ()))
             group = next((g for name, g in SESSION_GROUPS if name in fixtures), module)
             item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: k for k, group in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 def pytest_configure(config):
