@@ -42,6 +42,7 @@ LONGEST_GROUPS = ("session-service", "test_service_restart", "session-ray", "tes
                   "test_render_cases", "test_soak", "test_deploy_local", "test_chaos", "test_hostile_inputs")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns `xdist_group` into the nodeid's "@group"
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
     the quick inner loop; plain `pytest` runs everything.

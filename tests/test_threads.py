@@ -40,8 +40,15 @@ def test_encoder_args_and_the_running_ffmpeg_get_the_x264_threads(tmp_path, plan
     assert args[args.index("-threads") + 1] == "3"
     plan_of(thread_plan(1))
     enc = SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s)
-    try:  # the ffmpeg child really runs with one encoder thread
-        cmdline = open(f"/proc/{enc._proc.pid}/cmdline", "rb").read().split(b"\0")
+    try:  # the ffmpeg child really runs with one encoder thread (once it is ffmpeg: it may be
+        # started through `setpriv --pdeathsig`, which then execs it)
+        from cluster.media.ffmpeg import ffmpeg_binary
+        from tests.helpers import wait_until
+
+        def ffmpeg_cmdline():
+            argv = open(f"/proc/{enc._proc.pid}/cmdline", "rb").read().split(b"\0")
+            return argv if argv[0] == ffmpeg_binary(s).encode() else None
+        cmdline = wait_until(ffmpeg_cmdline, 10, 0.01, "the encoder's ffmpeg to run")
         assert cmdline[cmdline.index(b"-threads") + 1] == b"1"
         assert cmdline.index(b"-threads") > cmdline.index(b"-i")  # an output (encoder) option
         enc.write(np.full((5, 48, 64, 3), 128, np.uint8))
