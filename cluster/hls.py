@@ -236,6 +236,9 @@ class HlsPublisher:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> "HlsPublisher":
         self.dir.mkdir(parents=True, exist_ok=True)
+        # files a publisher killed mid-write left staged (`stage_file`): never published, never read
+        for stale in self.dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         self.next_chunk = len(published_chunks(self.dir, len(self.plan.chunks)))
         saved = self.dir / AUDIO_FILE
         if saved.exists():

@@ -137,6 +137,22 @@ def test_a_rerendered_chunk_publishes_the_same_bytes_and_first_write_wins(local_
     assert write_once(target, b"a late retry") is False and target.read_bytes() == published[parts[0].name]
 
 
+def test_a_publisher_that_starts_again_removes_what_a_killed_one_left_staged(local_job):
+    """A job manager SIGKILLed while it staged a file (`stage_file`: `.init.avcc.<hex>.tmp`) leaves it
+    behind; the resumed job's publisher removes it and keeps every published file."""
+    from cluster.hls import HlsPublisher, hls_dir
+
+    plan, s = local_job["plan"], local_job["settings"]
+    d = hls_dir(plan.job_dir)
+    published = {p.name: p.read_bytes() for p in d.iterdir()}
+    stale = d / ".init.avcc.0123abcd.tmp"
+    stale.write_bytes(b"half an avcC")
+    publisher = HlsPublisher(plan, s).start()
+    publisher.close()
+    assert not stale.exists()
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == published
+
+
 def test_aac_packets_are_kept_in_a_file_and_read_back_by_time(speech_wav, tmp_path):
     """A job's AAC packets live in an unnamed file in the job's directory, not in the job
     manager's memory (an hour is ~70 MB): read back by time range they are the packets a saved
