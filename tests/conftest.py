@@ -27,38 +27,18 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
               "test_a_disk_that_fills_mid_job")
 
 
-#: The session-wide fixtures that start a Ray (the `runtime` fixture's and the `service`'s `lipsync
-#: serve`): under pytest-xdist (`-n 2` in pyproject.toml) every test that uses one runs on the same
-#: worker as the others that use it, so each starts once.
-SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
-
-
-#: The groups that take longest (serial seconds of a loaded 2-core run, 2026-12-04: the session
-#: service ~215, the restart file ~196, the session Ray ~168, multinode ~124, the CLI ~88, render
-#: cases ~87, the soak ~71, deploy ~58, chaos ~53), handed to the workers first (`--no-loadscope-
-#: reorder`: in this order, not by test count), so that no long group starts last on one worker
-#: while the other has nothing left to do.
-LONGEST_GROUPS = ("session-service", "test_service_restart", "session-ray", "test_multinode", "test_cli",
-                  "test_render_cases", "test_soak", "test_deploy_local", "test_chaos", "test_hostile_inputs")
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns `xdist_group` into the nodeid's "@group"
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
     the quick inner loop; plain `pytest` runs everything.
-    Each test also gets its `xdist_group` (`--dist loadgroup`): the group of the session fixture it
-    uses, else its module (so a module's own fixtures start once)."""
+    (The suite runs on two pytest-xdist workers, `--dist load`: each worker that needs the session
+    service or the session Ray starts its own. Keeping each on one worker (`--dist loadgroup`) made a
+    fresh clone's suite 440-460 s instead of 635 s, but in both such runs three tests of the shared
+    service failed that pass otherwise: docs/RELIABILITY.md, known defects.)"""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
                 or item.name.startswith(SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("xdist_group") is None:
-            fixtures = set(getattr(item, "fixturenames", ()))
-            group = next((g for name, g in SESSION_GROUPS if name in fixtures), module)
-            item.add_marker(pytest.mark.xdist_group(group))
-    rank = {group: k for k, group in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 def pytest_configure(config):
