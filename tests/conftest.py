@@ -30,10 +30,10 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
     the quick inner loop; plain `pytest` runs everything.
-    (The suite runs on two pytest-xdist workers, `--dist load`: each worker that needs the session
-    service or the session Ray starts its own. Keeping each on one worker (`--dist loadgroup`) made a
-    fresh clone's suite 440-460 s instead of 635 s, but in both such runs three tests of the shared
-    service failed that pass otherwise: docs/RELIABILITY.md, known defects.)"""
+    (With `pytest -n 2` each xdist worker that needs the session service or the session Ray starts
+    its own. Keeping each on one worker (`--dist loadgroup`) made a fresh clone's suite 440-460 s
+    instead of 635 s, but three tests of the shared service failed in both such runs; the service
+    chaos test's frame mismatch also showed with `--dist load`: docs/RELIABILITY.md, known defects.)"""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
