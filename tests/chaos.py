@@ -234,6 +234,7 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
                 report.identical += 1
             else:
                 report.mismatched.append(f"{spec.id}: {_difference(got, want)}")
+                _keep_evidence(backend, spec.id, work_dir / "evidence" / spec.id, log)
         elif out.state == "failed":
             text = f"{out.message}"
             if out.code not in FAULT_CODES or not FAULT_WORDS.search(text):
@@ -244,6 +245,24 @@ def run_chaos(backend: Backend, specs: list[JobSpec], references: dict[str, np.n
         report.stray_outputs = backend.stray_outputs(report.outcomes)
     log(report.summary())
     return report
+
+
+def _keep_evidence(backend: Backend, job_id: str, dest: Path, log: Callable[[str], None]) -> None:
+    """A mismatched job's directory (its plan, segments, HLS, log) and its view, copied next to the
+    test's other files (pytest keeps the last runs' temporary directories), for whoever looks next."""
+    import shutil
+
+    root = getattr(getattr(backend, "service", None), "storage_root", None)
+    if root is None and hasattr(backend, "runtime"):
+        root = backend.runtime.settings.storage_root
+    try:
+        if root is not None and (Path(root) / "jobs" / job_id).is_dir():
+            shutil.copytree(Path(root) / "jobs" / job_id, dest, dirs_exist_ok=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "outcome.txt").write_text(repr(_safe_outcome(backend, job_id)))
+        log(f"{job_id}: evidence kept in {dest}")
+    except OSError as e:  # the evidence is a courtesy: the mismatch itself is reported regardless
+        log(f"{job_id}: could not keep evidence in {dest}: {e!r}")
 
 
 def _difference(got: np.ndarray, want: np.ndarray) -> str:
