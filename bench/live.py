@@ -9,8 +9,8 @@ Sections (all on one warm embedded cluster, one after the other; `--only a,b` ru
   compositing against job batches);
 - `720p`: the same figures for a 1280x720 avatar;
 - `wav2lip`: the Wav2Lip-sized model (bench/wav2lip_sized.py) on the 640x360 avatar, with its
-  real-time factor on this CPU: the model workers' busy seconds per second of stream (every frame
-  of a live stream goes through the model, idle or not);
+  real-time factor on this CPU: the model workers' busy seconds per second of video they generated
+  (every frame of a live stream goes through the model, idle or not);
 - `ramp`: 1, 2, 3, ... sessions at once (640x360, built-in), each paced at real time for a bounded
   time, until the first count where a session misses p95 <= 1 s or stalls: the largest count that
   holds is what this machine carries (`LIPSYNC_MAX_LIVE_SESSIONS` raised for it);
@@ -114,15 +114,28 @@ def _holds(r: dict) -> bool:
 
 
 # --- sections -----------------------------------------------------------------------------------
+def _model_counters(service) -> tuple[int, float] | None:
+    """(frames generated, busy wall seconds) summed over the model workers, or None."""
+    try:
+        models = service.rt.call("refresh", timeout=30)["models"]
+        return (sum(m["frames"] for m in models),
+                sum(m["frames"] / m["fps"] for m in models if m.get("fps")))
+    except Exception as e:  # noqa: BLE001 - the figure is optional; say why it is missing
+        print(f"[live] model counters unavailable: {e!r}", flush=True)
+        return None
+
+
 def _single(service, avatar_id: str, speech_s: float, label: str, model: str = "builtin",
             size: str = "640x360") -> dict:
     pcm = _speech_pcm(make_inputs(speech_s, (640, 360), 4.0).audio)
-    busy0 = service.model_busy_s()
+    before = _model_counters(service)
     r = _session(service.settings, avatar_id, pcm, label, model)
-    busy1 = service.model_busy_s()
-    if busy0 is not None and busy1 is not None and r.get("seconds_streamed"):
-        # the model workers' busy (wall) seconds per second of stream: < 1 keeps real time
-        r["model_s_per_stream_s"] = (busy1 - busy0) / r["seconds_streamed"]
+    after = _model_counters(service)
+    if before and after and after[0] > before[0]:
+        # the model's real-time factor: its workers' busy (wall) seconds per second of video it generated
+        # (every live frame goes through it, idle or speaking; < 1 is faster than real time)
+        frames, busy = after[0] - before[0], after[1] - before[1]
+        r.update(model_frames=frames, model_busy_s=busy, model_rtf=busy / (frames / r["fps"]))
     r["size"] = size
     print(f"[live] {label}: {r}", flush=True)
     return r
@@ -321,10 +334,18 @@ def _previous() -> dict:
 
 def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
     runs = results["runs"]
-    alone = (runs.get("alone") or {}).get("latency_p50_s") or float("nan")
+    alone_run = runs.get("alone") or {}
 
     def stamp(label: str, r: dict) -> str:
         return label if r.get("measured", date) == date else f"{label} (measured {r['measured']})"
+
+    def earlier(r: dict) -> str:
+        return "" if r.get("measured", date) == date else f"measured {r['measured']}; "
+
+    def vs_alone(r: dict):  # side by side in one run only
+        if alone_run.get("measured", date) != r.get("measured", date) or not alone_run.get("latency_p50_s"):
+            return "-"
+        return (r["latency_p50_s"] or float("nan")) / alone_run["latency_p50_s"]
 
     rows = []
     for key, label in RUN_LABELS.items():
@@ -334,12 +355,12 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
         p50, p95 = r["latency_p50_s"], r["latency_p95_s"]
         met = "met" if (p50 is not None and p50 <= TARGET_P50 and p95 <= TARGET_P95 and r["stalls"] == 0) else "NOT met"
         rows.append([stamp(label, r), r.get("size", "640x360"), "Wav2Lip-sized" if key == "wav2lip" else "built-in",
-                     r["seconds_received"], p50, p95, r["latency_max_s"], (p50 or float("nan")) / alone,
+                     r["seconds_received"], p50, p95, r["latency_max_s"], vs_alone(r),
                      r["stalls"], r["longest_gap_s"], r["encoder_delay_p50_s"], r["model_faults"],
-                     r.get("model_s_per_stream_s", "-"), r.get("batch_jobs_finished", "-"), met])
+                     r.get("model_rtf", "-"), r.get("batch_jobs_finished", "-"), met])
     header = ["session", "avatar", "model", "speech s", "latency p50 s", "p95 s", "max s", "p50 vs alone",
               "stalls", "longest playlist gap s", "encoder delay p50 s", "batches without model",
-              "model s per stream s", "batch jobs done meanwhile", "target p50 <= 0.6, p95 <= 1.0, 0 stalls"]
+              "model RTF (busy s per video s)", "batch jobs done meanwhile", "target p50 <= 0.6, p95 <= 1.0, 0 stalls"]
     parts = [md_table(header, rows)] if rows else []
     ramp = results.get("ramp")
     if ramp:
@@ -347,7 +368,7 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
                  s["longest_gap_s"], s["model_faults"], s["backpressure_waited_s"],
                  "holds" if s["holds"] else "misses" + (f" ({'; '.join(s['errors'])})" if s["errors"] else "")]
                 for s in ramp["steps"]]
-        parts.append(f"**Sessions at once** ({stamp('ramp', ramp)}; 640x360, built-in, each "
+        parts.append(f"**Sessions at once** ({earlier(ramp)}640x360, built-in, each "
                      f"{ramp['speech_s']:g} s of speech at real time; stopped at {ramp['stopped']}): "
                      f"**{ramp['sessions_held']}** held p95 <= 1 s with 0 stalls.\n\n"
                      + md_table(["sessions at once", "speech s each", "worst p50 s", "worst p95 s", "max s",
@@ -358,7 +379,7 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
         ses = player["session"]
         share = (player["g2g_p50_s"] - ses["latency_p50_s"]) if player["g2g_p50_s"] is not None \
             and ses.get("latency_p50_s") is not None else None
-        parts.append(f"**Glass-to-glass** ({stamp('player', player)}; {player['player']}, the Live tab's settings "
+        parts.append(f"**Glass-to-glass** ({earlier(player)}{player['player']}, the Live tab's settings "
                      f"`{player['hls_config']}`):\n\n" + md_table(
                          ["player", "speech s", "glass-to-glass p50 s", "p95 s", "max s",
                           "session latency p50 s (same session)", "p95 s", "player's part of p50 s",
@@ -373,9 +394,10 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
              "= 12-frame GOPs, x264 veryfast zerolatency); templates 4 s. Latency = chunk arrival at the session -> "
              "the published playlist lists the segment holding its last frame; 'encoder delay' = a segment's "
              "publication - when the batch closing it was handed to ffmpeg. 'with batch jobs': while 10 s batch "
-             "jobs (640x360) render one after another. 'model s per stream s': the model workers' busy (wall) "
-             "seconds over the session's stream seconds (every live frame, idle or speaking, goes through the "
-             "model; < 1 is faster than real time; on a loaded machine busy wall time includes waiting for a core). "
+             "jobs (640x360) render one after another. 'model RTF': the model workers' busy (wall) seconds per "
+             "second of video they generated during the session (every live frame, idle or speaking, goes through "
+             "the model; < 1 is faster than real time; on a loaded machine busy wall time includes waiting for a "
+             "core; batches the session gave up on after LIPSYNC_LIVE_BATCH_TIMEOUT_S count too). "
              "Ramp: n sessions started together (created one after another), each fed the same speech. "
              "Glass-to-glass: the playlist's #EXT-X-PROGRAM-DATE-TIME is the arrival at the session of the speech "
              "a segment shows; Chromium's requestVideoFrameCallback gives each presented frame's media time and "
@@ -394,10 +416,10 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     from bench.classic import WarmService
     from cluster.faces.avatar import prepare_avatar
 
-    sections = list(only or SECTIONS)
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in only or () if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown live sections {unknown} (choose from {', '.join(SECTIONS)})")
+    sections = [s for s in SECTIONS if s in (only or SECTIONS)]  # in this order whatever the order asked
     q = 1 if quick else 0
     speech = {k: v[q] for k, v in SPEECH_S.items()}
     if seconds:
