@@ -357,10 +357,12 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
         rows.append([stamp(label, r), r.get("size", "640x360"), "Wav2Lip-sized" if key == "wav2lip" else "built-in",
                      r["seconds_received"], p50, p95, r["latency_max_s"], vs_alone(r),
                      r["stalls"], r["longest_gap_s"], r["encoder_delay_p50_s"], r["model_faults"],
-                     r.get("model_rtf", "-"), r.get("batch_jobs_finished", "-"), met])
+                     r.get("model_rtf", "-"), r.get("backpressure_waited_s", "-"), r.get("batch_jobs_finished", "-"),
+                     met])
     header = ["session", "avatar", "model", "speech s", "latency p50 s", "p95 s", "max s", "p50 vs alone",
               "stalls", "longest playlist gap s", "encoder delay p50 s", "batches without model",
-              "model RTF (busy s per video s)", "batch jobs done meanwhile", "target p50 <= 0.6, p95 <= 1.0, 0 stalls"]
+              "model RTF (busy s per video s)", "sender held back s", "batch jobs done meanwhile",
+              "target p50 <= 0.6, p95 <= 1.0, 0 stalls"]
     parts = [md_table(header, rows)] if rows else []
     ramp = results.get("ramp")
     if ramp:
@@ -397,7 +399,9 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
              "jobs (640x360) render one after another. 'model RTF': the model workers' busy (wall) seconds per "
              "second of video they generated during the session (every live frame, idle or speaking, goes through "
              "the model; < 1 is faster than real time; on a loaded machine busy wall time includes waiting for a "
-             "core; batches the session gave up on after LIPSYNC_LIVE_BATCH_TIMEOUT_S count too). "
+             "core; batches the session gave up on after LIPSYNC_LIVE_BATCH_TIMEOUT_S count too). 'sender held back': "
+             "seconds the sender waited because the session's buffer of unrendered speech was full (it could not "
+             "keep real time). "
              "Ramp: n sessions started together (created one after another), each fed the same speech. "
              "Glass-to-glass: the playlist's #EXT-X-PROGRAM-DATE-TIME is the arrival at the session of the speech "
              "a segment shows; Chromium's requestVideoFrameCallback gives each presented frame's media time and "
