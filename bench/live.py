@@ -196,9 +196,10 @@ def _ramp(service, avatar_id: str, speech_s: float, most: int) -> dict:
         if not step["holds"]:
             break
     held = [s["sessions"] for s in steps if s["holds"]]
-    return {"speech_s": speech_s, "most_tried": most, "steps": steps,
-            "sessions_held": max(held) if held else 0,
-            "stopped": "a count missed" if steps and not steps[-1]["holds"] else f"the ramp's limit ({most})"}
+    return {"speech_s": speech_s, "most_tried": most, "steps": steps, "sessions_held": max(held) if held else 0,
+            "max_live_sessions": service.settings.max_live_sessions,
+            "stopped": f"{steps[-1]['sessions']} at once missed" if steps and not steps[-1]["holds"]
+            else f"the ramp's limit ({most}) reached"}
 
 
 PLAYER_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>live player bench</title></head>
@@ -371,7 +372,7 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
                  "holds" if s["holds"] else "misses" + (f" ({'; '.join(s['errors'])})" if s["errors"] else "")]
                 for s in ramp["steps"]]
         parts.append(f"**Sessions at once** ({earlier(ramp)}640x360, built-in, each "
-                     f"{ramp['speech_s']:g} s of speech at real time; stopped at {ramp['stopped']}): "
+                     f"{ramp['speech_s']:g} s of speech at real time; stopped: {ramp['stopped']}): "
                      f"**{ramp['sessions_held']}** held p95 <= 1 s with 0 stalls.\n\n"
                      + md_table(["sessions at once", "speech s each", "worst p50 s", "worst p95 s", "max s",
                                  "stalls (all)", "longest playlist gap s", "batches without model (all)",
