@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to run (repeatable); default both")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="chaos only: N processes that keep a CPU busy for the whole run (an overloaded machine)")
+    p.add_argument("--only", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], metavar="A,B",
+                   help="live only: the sections to run (alone, batch, 720p, wav2lip, ramp, player; default all); "
+                        "the others keep their last figures")
     return p
 
 
@@ -46,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     if args.load and names != ["chaos"]:
         build_parser().error("--load is for the chaos run only")
+    if args.only and names != ["live"]:
+        build_parser().error("--only is for the live run only")
     for name in names:
         module = importlib.import_module({**BENCHMARKS, **RELIABILITY}[name])
         t0 = time.perf_counter()
         print(f"=== {name}{' (quick)' if args.quick else ''} ===", flush=True)
-        extra = {"load": args.load} if name == "chaos" else {}
+        extra = {"load": args.load} if name == "chaos" else {"only": args.only} if name == "live" else {}
         module.run(quick=args.quick, seconds=args.seconds, models=args.model, **extra)
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s ===", flush=True)
     return 0

@@ -70,11 +70,11 @@ def _oneshot(inp, model: str, work: Path, attempts: int = 3) -> dict:
 class WarmService:
     """An embedded Ray with the job manager and its workers up, in this process."""
 
-    def __init__(self, storage_root: Path) -> None:
+    def __init__(self, storage_root: Path, **settings) -> None:
         from actors.runtime import Runtime, connect
         from cluster.config import Settings
 
-        self.settings = Settings(storage_root=storage_root)
+        self.settings = Settings(storage_root=storage_root, **settings)
         for attempt in range(3):  # Ray's own start-up can time out on an overloaded machine
             try:
                 connect(self.settings)

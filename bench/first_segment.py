@@ -42,15 +42,17 @@ def _free_port() -> int:
 
 
 class HttpService:
-    """The warm service (bench.classic.WarmService) with the HTTP ingress (serve_app) on a loopback port."""
+    """The warm service (bench.classic.WarmService) with the HTTP ingress (serve_app) on a loopback port.
+    `warm`: an already running warm service to put the ingress on (left running by `close`)."""
 
-    def __init__(self, storage_root: Path) -> None:
+    def __init__(self, storage_root: Path | None = None, warm=None) -> None:
         from ray import serve
 
         from bench.classic import WarmService
         from service.deployment import build_app
 
-        self.warm = WarmService(storage_root)
+        self.owns_warm = warm is None
+        self.warm = warm or WarmService(storage_root)
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{_free_port()}"
         overrides = {**self.warm.settings.model_dump(mode="json"), "api_token": self.token}
@@ -87,7 +89,8 @@ class HttpService:
         try:
             serve.shutdown()
         finally:
-            self.warm.close()
+            if self.owns_warm:
+                self.warm.close()
 
 
 def first_frame(service: HttpService, audio: str, avatar_id: str, model: str, cancel: bool) -> dict:

@@ -325,6 +325,13 @@ def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
     return seq, segments, "#EXT-X-ENDLIST" in text
 
 
+def program_date_time(wall: float) -> str:
+    """`wall` (seconds since the epoch) as an `#EXT-X-PROGRAM-DATE-TIME` value (UTC, milliseconds)."""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class LivePlaylist:
     """The published live playlist (`live.m3u8`), over every encoder epoch of the session.
 
@@ -334,7 +341,11 @@ class LivePlaylist:
     smallest integer >= every segment (ffmpeg rounds 0.48 s down to 0, which players refuse), media
     sequence numbers that keep increasing across epochs, and `#EXT-X-DISCONTINUITY` plus the
     epoch's own `#EXT-X-MAP` where a restarted encoder's segments begin (its timestamps start
-    again at 0), counted in `#EXT-X-DISCONTINUITY-SEQUENCE` once they slide out of the window."""
+    again at 0), counted in `#EXT-X-DISCONTINUITY-SEQUENCE` once they slide out of the window.
+    A segment whose entry has `pdt` (a session's segment showing speech) carries it as
+    `#EXT-X-PROGRAM-DATE-TIME`: the wall clock when the speech its first frame shows arrived, so a
+    player's position as a date (hls.js `playingDate`) subtracted from the time it is shown is the
+    delay from speech in to picture out; segments without speech carry none (players extrapolate)."""
 
     def __init__(self, out_dir: str | os.PathLike, window: int, entries: list[dict] | None = None,
                  on_segment=None) -> None:
@@ -383,6 +394,8 @@ class LivePlaylist:
                 lines.append("#EXT-X-DISCONTINUITY")
             if previous is None or e["init"] != previous["init"]:
                 lines.append(f'#EXT-X-MAP:URI="{e["init"]}"')
+            if e.get("pdt"):  # the arrival of the speech its first frame shows (LiveSession._speech_arrival)
+                lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{program_date_time(e['pdt'])}")
             lines += [f"#EXTINF:{e['seconds']:.6f},", e["name"]]
             previous = e
         if self.ended:

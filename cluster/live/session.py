@@ -407,9 +407,22 @@ class LiveSession:
         resumes from (the output frames published and the last speech frame among them)."""
         end = (self.playlist.entries[-1]["end_frame"] if self.playlist.entries else 0) + entry["frames"]
         entry.update(end_frame=end, mark=self.scheduler.published(end), at=time.time(),
+                     pdt=self._speech_arrival(end - entry["frames"], end),
                      figures={"stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
                               "model_faults": self.model_faults})
         self.journal.publish(entry)
+
+    def _speech_arrival(self, first: int, end: int) -> float | None:
+        """The playlist's `#EXT-X-PROGRAM-DATE-TIME` of the segment of output frames [first, end):
+        the wall-clock arrival of the speech its first frame shows. Each chunk whose last frame is
+        in the segment gives its arrival less its frame's distance from `first` at the frame rate;
+        the median of those. None for a segment without such a chunk (idle; after a restart)."""
+        fps = float(self.fps)
+        marks = sorted(arrival - (frame - first) / fps for arrival, frame in list(self._rendered)
+                       if first <= frame < end)
+        if not marks:
+            return None
+        return round(time.time() - (self.clock() - marks[len(marks) // 2]), 3)
 
     def restore(self) -> str | None:
         """Before `start`, in a restarted actor: the speech received (replayed from the journal,
