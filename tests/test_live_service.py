@@ -150,6 +150,46 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
     assert final.recording_seconds >= 3.2
 
 
+class PlaylistWatcher:
+    """Polls a live playlist every 0.1 s, as a player would, noting when its position (media
+    sequence + segments listed) changes: `.advances` [(monotonic time, position)]."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url = url
+        self.advances: list[tuple[float, int]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import re
+
+        last = None
+        while not self._done.wait(0.1):
+            try:
+                text = httpx.get(self.url, timeout=30).text
+            except httpx.HTTPError:
+                continue
+            seq = re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text)
+            if seq is None:
+                continue
+            position = int(seq.group(1)) + text.count("#EXTINF")
+            if position != last:
+                self.advances.append((time.monotonic(), position))
+                last = position
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(35)
+
+    def longest_stall(self) -> float:
+        """The longest time between two advances of the playlist."""
+        times = [t for t, _ in self.advances]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
 def _actor_pids(service, title: str) -> list[int]:
     """PIDs of this service's processes (descendants of its `lipsync serve`) whose Ray title
     starts with `title` (e.g. `ray::ModelWorker`)."""
@@ -177,19 +217,28 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
+        watcher = PlaylistWatcher(session.hls_url)
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         time.sleep(1.2)
         pids = _actor_pids(service, "ray::ModelWorker")
         assert pids, "no model worker process of this service found"
+        killed_at = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
         sender.join(60)
         view = session.wait_rendered(timeout=120)
         assert view.state == "live"
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
         assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+        time.sleep(1.0)  # the idle avatar streams on after the speech
+        watcher.stop()
         final = session.close()
     assert final.state == "ended" and final.model_faults >= 1
+    stall = watcher.longest_stall()
+    after = [t for t, _ in watcher.advances if t > killed_at]
+    print(f"\nmodel worker SIGKILLed: longest playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the "
+          f"session: longest_gap_s {final.longest_gap_s}, {final.model_faults} batch(es) shown without the model; "
+          f"{len(after)} advances after the kill")
     assert final.recording_seconds >= 3.2
 
 
@@ -233,7 +282,6 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     sequence numbers, the session does not end, and every second of speech is rendered once: the
     recording decodes with all of it (its energy equals the speech's, nothing lost, nothing doubled)."""
     import os
-    import re
     import signal
     import threading
 
@@ -245,33 +293,17 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
-        advances: list[tuple[float, int]] = []  # (when, media sequence + segments) as a player sees it
-        watching = threading.Event()
-
-        def watch():
-            last = None
-            while not watching.wait(0.1):
-                try:
-                    text = httpx.get(session.hls_url, timeout=30).text
-                except httpx.HTTPError:
-                    continue
-                seq = re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text)
-                if seq is None:
-                    continue
-                position = int(seq.group(1)) + text.count("#EXTINF")
-                if position != last:
-                    advances.append((time.monotonic(), position))
-                    last = position
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        # the session's warm standby (LIPSYNC_LIVE_STANDBY) is ready a few seconds after its start
+        wait_until(lambda: session.stats().standby == "ready", 60, 0.1, "the session's standby to be ready")
+        watcher = PlaylistWatcher(session.hls_url)
+        advances = watcher.advances
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         wait_until(lambda: len(advances) >= 2, 30, 0.05, "the live playlist to advance")  # mid-stream
         time.sleep(0.3)
         pid = wait_until(lambda: _session_actor_pid(service, session.id), 10, 0.1, "the session's actor")
         socket_before = session._ws
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: (_session_actor_pid(service, session.id) or pid) != pid, 60, 0.05, "the restarted actor")
         encoding_again = time.monotonic() - killed_at
@@ -287,8 +319,7 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.041), journal  # within a frame
         time.sleep(1.0)  # the idle avatar streams on after the speech
         playlist = httpx.get(session.hls_url, timeout=30).text
-        watching.set()
-        watcher.join(10)
+        watcher.stop()
         final = session.close()
         rec = session.download_recording(tmp_path / "rec.mp4")
     assert final.state == "ended" and final.reason == "deleted" and final.restarts == 1
@@ -296,10 +327,12 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     assert positions == sorted(positions) and positions[-1] > positions[0]
     after = [t for t, _ in advances if t > killed_at + encoding_again]
     assert after, "the playlist never advanced once the restarted actor was encoding"
-    stall = max(b[0] - a[0] for a, b in zip(advances, advances[1:]))
+    stall = watcher.longest_stall()
+    steps = sorted((final.restart_timeline or {}).items(), key=lambda kv: kv[1])
     print(f"\nsession actor SIGKILLed: its restarted actor encoding again after {encoding_again:.2f} s; longest "
           f"playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the session: restart_gap_s "
-          f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}")
+          f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}; the resume's steps after the kill: "
+          + ", ".join(f"{name} {at - killed_wall:+.2f} s" for name, at in steps))
     assert stall < 30.0  # measured and reported; the issue's 2 s target is not met on a loaded 2-core machine
     # the restarted encoder's segments follow a discontinuity, with its own init segment
     assert "#EXT-X-DISCONTINUITY" in playlist or "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist, playlist

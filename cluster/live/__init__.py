@@ -24,6 +24,12 @@ class SessionEnded(LipsyncError):
     retryable = False
 
 
+class SessionStandby(LipsyncError):
+    """This actor is the session's standby, not the one running it: ask the other (the ingress
+    does, `actors.live.SessionActors`); retryable, it may be taking the session over now."""
+    code = "session.standby"
+
+
 class LiveCapacity(LipsyncError):
     """`LIPSYNC_MAX_LIVE_SESSIONS` sessions are running (HTTP 429 with Retry-After)."""
     code = "session.capacity"

@@ -38,6 +38,14 @@ RESTART_GRACE_S = 2.0  # see LiveSession.restore
 GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
 
 
+class _CatchingUp(Exception):
+    """The batch is rendered without the model (see `LiveSession._run`)."""
+
+
+def _catching_up(mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    raise _CatchingUp
+
+
 class LiveRenderer:
     """Template frames + face track of a prepared avatar; renders `FrameBatch`es."""
 
@@ -117,7 +125,8 @@ class LiveSession:
         self.max_seconds = min(max_seconds or s.live_max_seconds, s.live_max_seconds)
         self.renderer = LiveRenderer(template_path, track_path, model_size, crop, s)
         self.fps = Fraction(self.renderer.fps)
-        self.speech = SpeechInput(sample_rate, self.fps, model_columns(model))
+        self.columns = model_columns(model)
+        self.speech = SpeechInput(sample_rate, self.fps, self.columns)
         self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps)
         self.encoder: LiveEncoder | None = None
         self.state = "starting"
@@ -153,6 +162,8 @@ class LiveSession:
         self._elapsed_before = 0.0  # seconds the session ran before this process
         self._frames_before = 0  # output frames published before this process
         self._last_published_wall: float | None = None
+        # after a restart: when each step of the resume happened (wall clock), for the figures
+        self.restart_timeline: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name=f"live-{session_id}", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name=f"live-watch-{session_id}", daemon=True)
 
@@ -267,12 +278,17 @@ class LiveSession:
             self._started.set()
             return
         self.state = "live"
+        self._mark("encoder_started")
         now = self.clock()
         self.started = now - self._elapsed_before  # max_seconds counts from the session's start
         # the next frame (after a restart: not 0) is due now; after a restart, the whole first segment is:
         # the stream stood still while the actor came back, its first segment is rendered at once
         ahead = self.encoder.gop if self.restarts else 0
         t0 = now - (self.scheduler.next_frame + ahead) / float(fps)
+        # ...and without the model up to the frame that closes it (the next segment's keyframe): the
+        # playlist moves again as soon as template frames can be encoded; the speech planned there is
+        # put back and rendered, with the model, on the frames after
+        catch_up_end = self.scheduler.next_frame + ahead if self.restarts else -1
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -285,10 +301,13 @@ class LiveSession:
                     self.reason = self.reason or why
                     break
                 batch = self.scheduler.plan(batch_frames)
-                frames, err = self.renderer.render(batch, self.generate)
+                catching_up = batch.first <= catch_up_end
+                frames, err = self.renderer.render(batch, _catching_up if catching_up else self.generate)
                 if err is None:
                     audio = self.scheduler.commit(batch)
                     self._rendered_batch(batch)
+                elif catching_up:
+                    audio = self.scheduler.rollback(batch)
                 else:
                     audio = self.scheduler.rollback(batch)
                     self.model_faults += 1
@@ -298,6 +317,7 @@ class LiveSession:
                 if self.on_frames is not None:
                     self.on_frames(batch, frames, err is None)
                 self.encoder.write(frames, audio)
+                self._mark("first_batch_written")
                 self._written.append((batch.first + len(batch), self.clock()))
         except Exception as e:  # the session ends with the truth: failed, and why
             log.exception("session %s failed", self.id)
@@ -381,6 +401,7 @@ class LiveSession:
             return
         if self._last_publication is None and self._last_published_wall is not None:
             # the first publication after a restart: the stand-still, from the last one before it
+            self._mark("first_published")
             gap = time.time() - self._last_published_wall
             self.restart_gap_s = round(gap, 3)
             self.longest_gap_s = max(self.longest_gap_s, gap)
@@ -400,6 +421,23 @@ class LiveSession:
         while self._rendered and self._rendered[0][1] < self.published_frames:
             arrival, _frame = self._rendered.popleft()
             self.latencies.append(now - arrival)
+
+    def warm(self) -> None:
+        """Run the render path once off the record (a scratch schedule of idle frames, pasted back,
+        converted for the encoder; nothing encoded or published), so that a standby that takes the
+        session over renders its first batch with warm code: imports, the template's decoder, the
+        crop, paste-back, colour and resampling steps."""
+        from cluster.live.encoder import AUDIO_RATE, _to_yuv420
+        from cluster.live.speech import StreamResampler
+
+        scratch = LiveScheduler(SpeechInput(self.speech.rate, self.fps, self.columns), self.renderer.frame_count,
+                                self.fps)
+        batch = scratch.plan(self.s.live_batch_frames)
+        frames, err = self.renderer.render(batch, lambda mel, crops: crops)
+        if err is not None:
+            raise err
+        _to_yuv420(frames)
+        StreamResampler(self.speech.rate, AUDIO_RATE).push(np.zeros(self.speech.rate // 10, np.float32))
 
     # --- durability (cluster.live.journal) ---------------------------------------------------------
     def _segment_published(self, entry: dict) -> None:
@@ -462,6 +500,11 @@ class LiveSession:
         return stop
 
     # --- figures ---------------------------------------------------------------------------------
+    def _mark(self, step: str) -> None:
+        """Note when a step of a restarted session's resume happened (once each)."""
+        if self.restarts and step not in self.restart_timeline:
+            self.restart_timeline[step] = round(time.time(), 3)
+
     def stats(self) -> dict:
         fps = float(self.fps)
         utts = list(self.speech.utterances)
@@ -483,6 +526,7 @@ class LiveSession:
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
             "restarts": self.restarts, "restart_gap_s": self.restart_gap_s,
+            "restart_timeline": dict(self.restart_timeline) or None,
             "recording_seconds": self.recording_seconds,
             **self._rtmp_stats(),
         }
