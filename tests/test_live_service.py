@@ -239,6 +239,7 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
     print(f"\nmodel worker SIGKILLed: longest playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the "
           f"session: longest_gap_s {final.longest_gap_s}, {final.model_faults} batch(es) shown without the model; "
           f"{len(after)} advances after the kill")
+    assert len(after) >= 3 and stall < 6.0  # the target 2 s (measured 0.9-1.5 s); loaded-machine bound
     assert final.recording_seconds >= 3.2
 
 
@@ -303,6 +304,7 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         time.sleep(0.3)
         pid = wait_until(lambda: _session_actor_pid(service, session.id), 10, 0.1, "the session's actor")
         socket_before = session._ws
+        standby = json.loads((service.storage_root / "sessions" / session.id / "standby.json").read_text())["pid"]
         killed_at, killed_wall = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: (_session_actor_pid(service, session.id) or pid) != pid, 60, 0.05, "the restarted actor")
@@ -313,7 +315,7 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         view = session.wait_rendered(timeout=120)
         assert view.state == "live" and view.restarts == 1, view
         new_pid = _session_actor_pid(service, session.id)
-        assert new_pid and new_pid != pid
+        assert new_pid == standby != pid  # the warm standby took the session over, not a restart of the dead one
         assert view.seconds_received == pytest.approx(3.2, abs=0.01)
         journal = (service.storage_root / "sessions" / session.id / "speech.jsonl").read_text()
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.041), journal  # within a frame
@@ -333,7 +335,9 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
           f"playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the session: restart_gap_s "
           f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}; the resume's steps after the kill: "
           + ", ".join(f"{name} {at - killed_wall:+.2f} s" for name, at in steps))
-    assert stall < 30.0  # measured and reported; the 2 s target is not met on a loaded 2-core machine
+    # the target is 2 s (measured 0.3-0.7 s, more under heavy load); a bound that holds on a loaded
+    # machine and still catches a regression to waiting for Ray's restart of the dead actor
+    assert stall < 6.0
     # the restarted encoder's segments follow a discontinuity, with its own init segment
     assert "#EXT-X-DISCONTINUITY" in playlist or "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist, playlist
     # the recording: every published frame, and all the speech, once
