@@ -367,6 +367,14 @@ class LiveSessionActor:
             return "failed" if self.lost else (self.final or {}).get("state", "starting")
         return self.session.state
 
+    def load(self) -> dict:
+        """What admission needs: {ended_for, render_load, cores}. A standby refuses (SessionStandby)."""
+        if self.session is None and self.final is None and self.lost is None:
+            self._live()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return {"ended_for": self.ended_for(), "cores": cores,
+                "render_load": self.session.render_load() if self.session is not None else None}
+
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
         session = self.session
@@ -423,30 +431,40 @@ class LiveRegistry:
                     out.setdefault(name[len(prefix):], []).append(name)
         return out
 
-    def running(self) -> list[str]:
-        """Ids of sessions not yet ended. Sessions ended longer than `live_keep_ended_s` ago
-        (their recording served that long) are removed here, with their standby."""
-        ids = []
+    def running(self) -> dict[str, dict]:
+        """Sessions not yet ended: id -> {render_load, cores} (`LiveSessionActor.load`). Sessions
+        ended longer than `live_keep_ended_s` ago (their recording served that long) are removed
+        here, with their standby."""
+        out = {}
         for session_id, names in self._sessions().items():
-            handles, ended_for = [], None
-            for name in names:
+            for name in names:  # the one running it answers; a standby refuses
                 try:
-                    handles.append(ray.get_actor(name, namespace=self.s.namespace))
-                    ended_for = ray.get(handles[-1].ended_for.remote(), timeout=5.0)
+                    figures = ray.get(ray.get_actor(name, namespace=self.s.namespace).load.remote(), timeout=5.0)
                     break
-                except Exception:  # noqa: BLE001 - gone or stuck: ask its partner
+                except Exception:  # noqa: BLE001 - gone, stuck or standing by: ask its partner
                     continue
             else:
                 continue  # none answered: not running
+            ended_for = figures.pop("ended_for")
             if ended_for is None:
-                ids.append(session_id)
+                out[session_id] = figures
             elif ended_for > self.s.live_keep_ended_s:
                 for name in names:
                     try:
                         ray.kill(ray.get_actor(name, namespace=self.s.namespace), no_restart=True)
                     except ValueError:
                         continue
-        return ids
+        return out
+
+    def admission(self, running: dict[str, dict] | None = None):
+        """Would one more session fit (`cluster.live.admission`), from the running ones' figures."""
+        from cluster.live.admission import decide_admission
+
+        running = self.running() if running is None else running
+        cores = self.s.live_node_cpus or max((f["cores"] or 0 for f in running.values()), default=0) \
+            or os.cpu_count() or 1
+        return decide_admission([f["render_load"] for f in running.values()], float(cores), self.s.live_cpu_share,
+                                self.s.live_session_load)
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
                max_seconds: float | None, rtmp_url: str | None = None) -> dict:
@@ -467,6 +485,9 @@ class LiveRegistry:
             if len(running) >= self.s.max_live_sessions:
                 raise LiveCapacity(f"{len(running)} live sessions are running (LIPSYNC_MAX_LIVE_SESSIONS="
                                    f"{self.s.max_live_sessions}); retry later")
+            admission = self.admission(running)
+            if not admission.admitted:
+                raise LiveCapacity(f"{admission.message}; retry later")
             actor = create_session_actor(self.s, session_id)
             try:
                 view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp),

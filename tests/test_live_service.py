@@ -425,3 +425,34 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
         with client.live(live_avatar) as again:
             again.send_file(speech_wav)
             assert again.wait_rendered(timeout=120).seconds_rendered == pytest.approx(3.2, abs=0.04)
+
+
+def test_admission_counts_the_running_sessions_measured_load(service, live_avatar, speech_wav):
+    """The shared service's live share is tiny (conftest: LIPSYNC_LIVE_CPU_SHARE=0.02): with no
+    session running one is admitted; once it has measured its render load, a second is refused
+    with 429 `session.capacity`, Retry-After, and a message naming the measured figures; when the
+    first has ended a session is admitted again."""
+    import re
+
+    from cluster.client import Client
+    from tests.conftest import LIVE_CPU_SHARE
+    from tests.helpers import wait_until
+
+    with Client(service.url, token=service.token) as client, _api(service) as api:
+        with client.live(live_avatar) as first:
+            first.send_file(speech_wav)  # as fast as it is taken: the stream renders speech, then idles
+            load = wait_until(lambda: first.stats().render_load, 60, 0.2, "the session to measure its load")
+            assert 0 < load < 5, load
+            r = api.post("/v1/sessions", json={"avatar_id": live_avatar})
+            assert r.status_code == 429 and r.headers["retry-after"], r.text
+            error = r.json()["error"]
+            assert error["code"] == "session.capacity", error
+            message = error["message"]
+            assert "1 live session(s) running" in message and "(1 measured)" in message, message
+            assert f"LIPSYNC_LIVE_CPU_SHARE={float(LIVE_CPU_SHARE):g}" in message, message
+            measured = float(re.search(r"take (\d+\.\d+) s of rendering per second of stream", message).group(1))
+            estimate = float(re.search(r"a new one \(estimated (\d+\.\d+)\)", message).group(1))
+            assert measured == estimate and measured > 0, message  # one measured session: the estimate is its load
+            print(f"\nadmission refused: {message}; the session's own view: render_load {load}")
+        with client.live(live_avatar) as again:  # the first has ended: nothing runs, one is admitted
+            assert again.stats().state == "live"

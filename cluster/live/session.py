@@ -34,6 +34,8 @@ from cluster.netguard import RtmpTarget
 log = logging.getLogger("lipsync.live")
 
 STALL_S = 1.0
+LOAD_WINDOW_BATCHES = 50  # the render load is measured over the last this many batches
+LOAD_MIN_BATCHES = 10  # ...once at least this many were rendered
 RESTART_GRACE_S = 2.0  # see LiveSession.restore
 GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
 
@@ -146,6 +148,7 @@ class LiveSession:
         self._chunks: collections.deque = collections.deque()  # (arrival, utterance, last 16 kHz sample)
         self._rendered: collections.deque = collections.deque()  # (arrival, output frame)
         self._written: collections.deque = collections.deque()  # (first output frame of a batch, when written)
+        self._busy: collections.deque = collections.deque(maxlen=LOAD_WINDOW_BATCHES)  # (frames, seconds)
         self.encoder_delays: list[float] = []  # a segment's publication - its closing frame's write
         self.latencies: list[float] = []
         self.published_frames = 0
@@ -300,6 +303,7 @@ class LiveSession:
                 if why is not None:
                     self.reason = self.reason or why
                     break
+                busy_from = time.perf_counter()
                 batch = self.scheduler.plan(batch_frames)
                 catching_up = batch.first <= catch_up_end
                 frames, err = self.renderer.render(batch, _catching_up if catching_up else self.generate)
@@ -317,6 +321,7 @@ class LiveSession:
                 if self.on_frames is not None:
                     self.on_frames(batch, frames, err is None)
                 self.encoder.write(frames, audio)
+                self._busy.append((len(batch), time.perf_counter() - busy_from))
                 self._mark("first_batch_written")
                 self._written.append((batch.first + len(batch), self.clock()))
         except Exception as e:  # the session ends with the truth: failed, and why
@@ -505,6 +510,17 @@ class LiveSession:
         if self.restarts and step not in self.restart_timeline:
             self.restart_timeline[step] = round(time.time(), 3)
 
+    def render_load(self) -> float | None:
+        """Seconds of rendering (compositing, the model's answer, handing the batch to the encoder)
+        per second of stream over the last `LOAD_WINDOW_BATCHES` batches: what the session takes of
+        the node (1.0 = one core busy all the time, or a session that cannot keep real time); None
+        until `LOAD_MIN_BATCHES` were rendered."""
+        busy = list(self._busy)
+        if len(busy) < LOAD_MIN_BATCHES:
+            return None
+        frames = sum(n for n, _ in busy)
+        return round(sum(t for _, t in busy) / (frames / float(self.fps)), 4)
+
     def stats(self) -> dict:
         fps = float(self.fps)
         utts = list(self.speech.utterances)
@@ -525,6 +541,7 @@ class LiveSession:
             "encoder_delay_p50_s": percentile(list(self.encoder_delays), 50),
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
+            "render_load": self.render_load(),
             "restarts": self.restarts, "restart_gap_s": self.restart_gap_s,
             "restart_timeline": dict(self.restart_timeline) or None,
             "recording_seconds": self.recording_seconds,
