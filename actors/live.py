@@ -177,7 +177,7 @@ class LiveSessionActor:
                     return
             time.sleep(0.02)
         steps["took_over"] = round(time.time(), 3)
-        self.journal.clear_standby()
+        self.journal.clear_standby(os.getpid())
         try:
             self._resume(steps)
         except Exception as e:  # noqa: BLE001 - the session ends failed, saying why

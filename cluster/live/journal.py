@@ -103,8 +103,13 @@ class SessionJournal:
 
         write_atomic(self.dir / STANDBY_FILE, json.dumps({"pid": pid}))
 
-    def clear_standby(self) -> None:
-        (self.dir / STANDBY_FILE).unlink(missing_ok=True)
+    def clear_standby(self, pid: int) -> None:
+        """`pid` stands by no more (it took the session over): its mark goes, another's stays."""
+        try:
+            if int(json.loads((self.dir / STANDBY_FILE).read_text())["pid"]) == pid:
+                (self.dir / STANDBY_FILE).unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError):
+            return
 
     def standby_ready(self) -> bool:
         """A standby process is ready to take the session over (and still alive)."""
