@@ -456,3 +456,47 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
             print(f"\nadmission refused: {message}; the session's own view: render_load {load}")
         with client.live(live_avatar) as again:  # the first has ended: nothing runs, one is admitted
             assert again.stats().state == "live"
+
+
+def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avatar, speech_wav, astronaut_video):
+    """A batch job submitted while a live session speaks keeps progressing (its frames advance
+    throughout, it finishes: the live lane and the session's own compositing take a bounded share,
+    they do not starve jobs), and the session stays live: its playlist keeps advancing and all its
+    speech is rendered."""
+    import threading
+
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as client:
+        with client.live(live_avatar) as session:
+            watcher = PlaylistWatcher(session.hls_url)
+            sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
+            sender.start()
+            job = client.submit(speech_wav, astronaut_video)
+            submitted = time.monotonic()
+            progress: list[tuple[float, int]] = []  # (when, frames done) whenever it changed
+            deadline = submitted + 180
+            while (view := client.get(job.id)).state.terminal is False:
+                if not progress or view.frames_done != progress[-1][1]:
+                    progress.append((time.monotonic(), view.frames_done))
+                assert time.monotonic() < deadline, f"job {job.id} still {view.state.value} after 180 s: {progress}"
+                time.sleep(0.2)
+            finished = time.monotonic()
+            sender.join(60)
+            live = session.wait_rendered(timeout=60)
+            watcher.stop()
+        assert view.state.value == "succeeded", view
+        assert view.frames_done == view.frames_total > 0
+        steps = [(round(t - submitted, 2), frames) for t, frames in progress]
+        advances = [t for (t, a), (_, b) in zip(progress, progress[1:]) if b > a] + [finished]
+        longest = max(b - a for a, b in zip([submitted, *advances], advances))
+        print(f"\nbatch job beside a live session: {view.frames_total} frames in {finished - submitted:.1f} s, "
+              f"longest time without progress {longest:.1f} s, frames done over time {steps}; the session: "
+              f"{live.seconds_rendered} s rendered, longest playlist stall {watcher.longest_stall():.2f} s")
+        assert len({frames for _, frames in progress if 0 < frames < view.frames_total}) >= 1, steps  # seen midway
+        assert longest < 60, steps  # never starved (its chunks take a few seconds each here)
+        assert live.state == "live" and live.seconds_rendered == pytest.approx(3.2, abs=0.04)
+        assert watcher.longest_stall() < 6.0
+        during = [t for t, _ in watcher.advances if submitted <= t <= finished]
+        assert len(during) >= 2, (during, steps)  # the stream advanced while the job rendered
+    assert session.view.state == "ended"
