@@ -540,10 +540,14 @@ class SessionActors:
 
     _last_good: dict[str, object] = {}  # session id -> the actor id that answered last (this process)
     _died: dict[object, float] = {}  # actor id -> when a call met it dead (monotonic)
+    _known: dict[str, tuple[float, list]] = {}  # session id -> (when looked up, handles): a player polls often
+    KNOWN_S = 10.0
 
     def __init__(self, settings: Settings, session_id: str) -> None:
         self.s, self.id = settings, session_id
-        self.handles = self._lookup()
+        known = self._known.get(session_id)
+        fresh = known is not None and time.monotonic() - known[0] < self.KNOWN_S
+        self.handles = known[1] if fresh else self._lookup()
         good = self._last_good.get(session_id)
         self.current = next((h for h in self.handles if h._actor_id == good), self.handles[0])
 
@@ -557,7 +561,11 @@ class SessionActors:
             except ValueError:
                 continue
         if not handles:
+            self._known.pop(self.id, None)
             raise SessionNotFound(f"no live session {self.id}", path="session_id")
+        if len(self._known) > 10000:
+            self._known.clear()
+        self._known[self.id] = (time.monotonic(), handles)
         return handles
 
     def _other(self):

@@ -60,7 +60,8 @@ class SessionJournal:
         self._audio = None
         self._events = None
         self._published = None
-        self._lock = None  # the open `active.lock` while this process holds it
+        self._lock = None  # the open `active.lock`
+        self._held = False  # ...locked by this process
 
     # --- one process runs the session -------------------------------------------------------------
     def take(self) -> bool:
@@ -68,16 +69,16 @@ class SessionJournal:
         (it keeps it until it exits), False while another process holds it. Never blocks."""
         import fcntl
 
-        if self._lock is not None:
+        if self._held:
             return True
-        self.dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.dir / LOCK_FILE, "a+b")  # not inherited by child processes (ffmpeg)
+        if self._lock is None:  # kept open between tries (a standby tries every 20 ms)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.dir / LOCK_FILE, "a+b")  # not inherited by child processes (ffmpeg)
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
             return False
-        self._lock = f
+        self._held = True
         return True
 
     # --- how it began ---------------------------------------------------------------------------
