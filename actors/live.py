@@ -10,13 +10,18 @@ registry that admits them.
   on the next frames, and the next batch goes to another live worker (or the restarted one).
   The session's state lives here, not in a Serve replica, and what must outlive this process
   (the speech received, the stream published, the resume point) in its journal on disk
-  (`cluster.live.journal`). Ray restarts the actor when it dies (`LIPSYNC_LIVE_MAX_RESTARTS`);
-  its `__init__` finds the journal and resumes the session: the playlist goes on (a new encoder
-  epoch after an `#EXT-X-DISCONTINUITY`), the speech not yet published is rendered. A restart
-  that cannot resume leaves the session `failed`, saying why; past the restarts the ingress
-  reads the journal and answers `failed` too.
-- `LiveRegistry` (named `lipsync-live-sessions`, detached): admission (`LIPSYNC_MAX_LIVE_SESSIONS`),
-  creation and lookup, one at a time.
+  (`cluster.live.journal`). A second actor of the same class stands by (named
+  `lipsync-standby-<id>`, `LIPSYNC_LIVE_STANDBY`): the session loaded and its render path run
+  once, it waits on the journal's lock, which the kernel frees the moment the running actor dies,
+  and takes the session over at once: the playlist goes on (a new encoder epoch after an
+  `#EXT-X-DISCONTINUITY`), the speech not yet published is rendered. Ray restarts the dead one
+  (`LIPSYNC_LIVE_MAX_RESTARTS`), which finds the lock taken and becomes the new standby (or, with
+  no standby, finds it free and resumes the session itself). A takeover that cannot resume leaves
+  the session `failed`, saying why; past the restarts the ingress reads the journal and answers
+  `failed` too. The ingress reaches both through `SessionActors`.
+- `LiveRegistry` (named `lipsync-live-sessions`, detached): admission (`LIPSYNC_MAX_LIVE_SESSIONS`,
+  and the running sessions' measured render load: `cluster.live.admission`), creation (with the
+  standby) and lookup, one at a time.
 """
 from __future__ import annotations
 
