@@ -222,8 +222,6 @@ class LiveSessionActor:
         session, self._spare = self._spare or self._load_session(), None
         steps["session_loaded"] = round(time.time(), 3)
         stop = session.restore()
-        if session._last_published_wall is not None:
-            steps["last_published"] = round(session._last_published_wall, 3)
         session.restart_timeline.update(steps)
         if not self.workers.names:
             # the model workers are listed beside the first batches, not before them: until the list is

@@ -491,6 +491,7 @@ class LiveSession:
             self.segments_published = len(entries)
             self.scheduler.resume(self._frames_before, last.get("mark"))
             self._last_published_wall = float(last["at"])
+            self.restart_timeline["last_published"] = round(self._last_published_wall, 3)
             figures = last.get("figures") or {}
             self.stalls = int(figures.get("stalls", 0))
             self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
