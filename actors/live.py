@@ -72,7 +72,14 @@ def _import_resampler() -> None:
 
 class LiveWorkers:
     """The model workers a session sends its batches to: the live ones the job manager knows,
-    refreshed when one fails; the one that answered last is used first."""
+    listed again (in the background: never in the render thread's way) every 30 s and after a
+    failure; the one that answered last is used first. A worker that failed is on probation until
+    it answers again: a batch waits for it `PROBATION_TIMEOUT_S` at most (a restarting worker
+    must not hold the stream a second at each try), and the pause before the next try doubles
+    with each failure in a row (0.5 s to 2 s); batches meanwhile go out without the model."""
+
+    PROBATION_TIMEOUT_S = 0.5
+    LONGEST_PAUSE_S = 2.0
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -80,6 +87,33 @@ class LiveWorkers:
         self.handles: dict[str, object] = {}
         self.refreshed = 0.0
         self.retry_at = 0.0  # after a failure, batches go without the model until then
+        self.failures = 0  # in a row
+        self.probation: set[str] = set()
+        self._listing = threading.Lock()
+
+    def refresh_soon(self) -> None:
+        """List the workers again in a thread of its own (one listing at a time)."""
+        if not self._listing.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001 - the manager restarting: the next batch asks again
+                log.warning("cannot list the model workers: %r", e)
+                self.refreshed = time.monotonic() - 25.0  # again in 5 s
+            finally:
+                self._listing.release()
+
+        threading.Thread(target=run, name="live-list-workers", daemon=True).start()
+
+    def timeout(self, name: str) -> float:
+        normal = self.s.live_batch_timeout_s
+        return min(normal, self.PROBATION_TIMEOUT_S) if name in self.probation else normal
+
+    def answered(self, name: str) -> None:
+        self.probation.discard(name)
+        self.failures = 0
 
     def refresh(self) -> None:
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
@@ -95,11 +129,16 @@ class LiveWorkers:
         return self.handles[name]
 
     def failed(self, name: str) -> None:
-        """Put `name` last and forget its handle (Ray may restart it under the same name)."""
+        """Put `name` last, on probation, and forget its handle (Ray may restart it under the same
+        name); pause the model calls (longer after each failure in a row); list the workers again."""
         self.handles.pop(name, None)
         if name in self.names:
             self.names.remove(name)
             self.names.append(name)
+        self.probation.add(name)
+        self.retry_at = time.monotonic() + min(self.LONGEST_PAUSE_S, 0.5 * 2 ** self.failures)
+        self.failures += 1
+        self.refreshed = 0.0
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
@@ -269,29 +308,27 @@ class LiveSessionActor:
 
     # --- the model, through the live lane ---------------------------------------------------------
     def _generate(self, mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
-        """One batch on the first live worker's live lane, within `live_batch_timeout_s`; raises
-        WorkerLost otherwise (the session shows the batch without the model and renders its
-        speech on the next frames). Never waits longer than the deadline."""
+        """One batch on the first live worker's live lane, within `live_batch_timeout_s` (a worker
+        on probation: `LiveWorkers.PROBATION_TIMEOUT_S`); raises WorkerLost otherwise (the session
+        shows the batch without the model and renders its speech on the next frames). Never waits
+        longer than the deadline; never lists the workers in the render thread's way."""
         if time.monotonic() < self.workers.retry_at:  # a worker just failed: no waiting on it meanwhile
             raise WorkerLost("model workers unavailable (retrying shortly)", stage="live")
         if not self.workers.names or time.monotonic() - self.workers.refreshed > 30.0:
-            try:
-                self.workers.refresh()
-            except Exception as e:  # noqa: BLE001 - the manager restarting: this batch goes without the model
-                raise WorkerLost(f"cannot list model workers: {e!r}"[:500], stage="live") from e
+            self.workers.refresh_soon()
         if not self.workers.names:
-            raise WorkerLost("no live model worker", stage="live")
+            raise WorkerLost("no live model worker known (listing them)", stage="live")
         name = self.workers.names[0]
         try:
             meta_ref, out_ref = self.workers.handle(name).infer_live.remote(self.model, mel, crops)
-            return ray.get(out_ref, timeout=self.s.live_batch_timeout_s)
+            generated = ray.get(out_ref, timeout=self.workers.timeout(name))
         except Exception as e:  # noqa: BLE001 - died, stalled, raised: the next batch tries another
             self.workers.failed(name)
-            self.workers.refreshed = 0.0  # ask the manager again next time
-            self.workers.retry_at = time.monotonic() + 0.5
             cause = getattr(e, "cause", None)
             raise WorkerLost(f"model worker {name}: {type(cause or e).__name__}: {cause or e}"[:500],
                              stage="live") from e
+        self.workers.answered(name)
+        return generated
 
     # --- audio in --------------------------------------------------------------------------------
     def append(self, pcm: bytes, offset: int | None = None) -> dict:
