@@ -10,18 +10,24 @@ registry that admits them.
   on the next frames, and the next batch goes to another live worker (or the restarted one).
   The session's state lives here, not in a Serve replica, and what must outlive this process
   (the speech received, the stream published, the resume point) in its journal on disk
-  (`cluster.live.journal`). Ray restarts the actor when it dies (`LIPSYNC_LIVE_MAX_RESTARTS`);
-  its `__init__` finds the journal and resumes the session: the playlist goes on (a new encoder
-  epoch after an `#EXT-X-DISCONTINUITY`), the speech not yet published is rendered. A restart
-  that cannot resume leaves the session `failed`, saying why; past the restarts the ingress
-  reads the journal and answers `failed` too.
-- `LiveRegistry` (named `lipsync-live-sessions`, detached): admission (`LIPSYNC_MAX_LIVE_SESSIONS`),
-  creation and lookup, one at a time.
+  (`cluster.live.journal`). A second actor of the same class stands by (named
+  `lipsync-standby-<id>`, `LIPSYNC_LIVE_STANDBY`): the session loaded and its render path run
+  once, it waits on the journal's lock, which the kernel frees the moment the running actor dies,
+  and takes the session over at once: the playlist goes on (a new encoder epoch after an
+  `#EXT-X-DISCONTINUITY`), the speech not yet published is rendered. Ray restarts the dead one
+  (`LIPSYNC_LIVE_MAX_RESTARTS`), which finds the lock taken and becomes the new standby (or, with
+  no standby, finds it free and resumes the session itself). A takeover that cannot resume leaves
+  the session `failed`, saying why; past the restarts the ingress reads the journal and answers
+  `failed` too. The ingress reaches both through `SessionActors`.
+- `LiveRegistry` (named `lipsync-live-sessions`, detached): admission (`LIPSYNC_MAX_LIVE_SESSIONS`,
+  and the running sessions' measured render load: `cluster.live.admission`), creation (with the
+  standby) and lookup, one at a time.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -36,6 +42,7 @@ from cluster.errors import InputNotFound, LipsyncError, ModelLoadError, WorkerLo
 log = logging.getLogger("lipsync.live")
 
 SESSION_PREFIX = "lipsync-live-"
+STANDBY_PREFIX = "lipsync-standby-"
 REGISTRY_NAME = "lipsync-live-sessions"
 HLS_FILES = ("live.m3u8", "init.mp4")
 
@@ -44,8 +51,19 @@ def session_actor_name(session_id: str) -> str:
     return SESSION_PREFIX + session_id
 
 
+def standby_actor_name(session_id: str) -> str:
+    return STANDBY_PREFIX + session_id
+
+
 def session_dir(settings: Settings, session_id: str) -> Path:
     return settings.dir("sessions") / session_id
+
+
+def _process_started() -> float:
+    """When this process started (wall clock)."""
+    import psutil
+
+    return round(psutil.Process().create_time(), 3)
 
 
 def _import_resampler() -> None:
@@ -54,7 +72,14 @@ def _import_resampler() -> None:
 
 class LiveWorkers:
     """The model workers a session sends its batches to: the live ones the job manager knows,
-    refreshed when one fails; the one that answered last is used first."""
+    listed again (in the background: never in the render thread's way) every 30 s and after a
+    failure; the one that answered last is used first. A worker that failed is on probation until
+    it answers again: a batch waits for it `PROBATION_TIMEOUT_S` at most (a restarting worker
+    must not hold the stream a second at each try), and the pause before the next try doubles
+    with each failure in a row (0.5 s to 2 s); batches meanwhile go out without the model."""
+
+    PROBATION_TIMEOUT_S = 0.5
+    LONGEST_PAUSE_S = 2.0
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -62,6 +87,33 @@ class LiveWorkers:
         self.handles: dict[str, object] = {}
         self.refreshed = 0.0
         self.retry_at = 0.0  # after a failure, batches go without the model until then
+        self.failures = 0  # in a row
+        self.probation: set[str] = set()
+        self._listing = threading.Lock()
+
+    def refresh_soon(self) -> None:
+        """List the workers again in a thread of its own (one listing at a time)."""
+        if not self._listing.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001 - the manager restarting: the next batch asks again
+                log.warning("cannot list the model workers: %r", e)
+                self.refreshed = time.monotonic() - 25.0  # again in 5 s
+            finally:
+                self._listing.release()
+
+        threading.Thread(target=run, name="live-list-workers", daemon=True).start()
+
+    def timeout(self, name: str) -> float:
+        normal = self.s.live_batch_timeout_s
+        return min(normal, self.PROBATION_TIMEOUT_S) if name in self.probation else normal
+
+    def answered(self, name: str) -> None:
+        self.probation.discard(name)
+        self.failures = 0
 
     def refresh(self) -> None:
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
@@ -77,17 +129,22 @@ class LiveWorkers:
         return self.handles[name]
 
     def failed(self, name: str) -> None:
-        """Put `name` last and forget its handle (Ray may restart it under the same name)."""
+        """Put `name` last, on probation, and forget its handle (Ray may restart it under the same
+        name); pause the model calls (longer after each failure in a row); list the workers again."""
         self.handles.pop(name, None)
         if name in self.names:
             self.names.remove(name)
             self.names.append(name)
+        self.probation.add(name)
+        self.retry_at = time.monotonic() + min(self.LONGEST_PAUSE_S, 0.5 * 2 ** self.failures)
+        self.failures += 1
+        self.refreshed = 0.0
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
-        self._born = time.monotonic()
+        self._born, self._born_wall = time.monotonic(), time.time()
         # the encoder's first write needs scipy's resampler (16/24 kHz -> 48 kHz): seconds of import on
         # a busy node, so it is imported beside the rest of the start, not in front of the first segment
         threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
@@ -102,15 +159,11 @@ class LiveSessionActor:
         self.journal = SessionJournal(session_dir(settings, session_id))
         self.final: dict | None = None  # the final view of an ended session (from the journal)
         self.lost: dict | None = None  # why a restart could not resume the session
-        if self.journal.begun():  # Ray restarted this actor: resume (never raise here: Ray would not retry)
-            try:
-                self._resume()
-            except Exception as e:  # noqa: BLE001 - the session ends failed, saying why
-                log.exception("session %s: the restarted actor cannot resume", session_id)
-                cause = e.to_info().message if isinstance(e, LipsyncError) else repr(e)
-                self.lost = {"code": "session.restart_failed", "stage": "live",
-                             "message": f"live session {session_id}: its actor restarted but could not resume "
-                                        f"the session ({cause})"[:2000]}
+        self._spare = None  # a standby's warm LiveSession, not yet restored
+        if self.journal.begun():
+            # the session's standby, or this actor restarted by Ray: it takes the session over as soon
+            # as no other process runs it (never raising here: Ray would not retry)
+            threading.Thread(target=self._stand_by, name=f"live-standby-{session_id}", daemon=True).start()
 
     # --- start --------------------------------------------------------------------------------
     def begin(self, avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,
@@ -122,6 +175,8 @@ class LiveSessionActor:
         from cluster.models import crop_for_spec
 
         s = self.s
+        if not self.journal.take():
+            raise RuntimeError(f"live session {self.id} is run by another process")
         self.model = model or s.model
         avatar = load_avatar(avatar_id, s)
         info = self._describe(self.model)
@@ -142,35 +197,82 @@ class LiveSessionActor:
             raise
         return self.view()
 
-    def _resume(self) -> None:
-        """This actor died and Ray started it again: the session goes on from its journal."""
+    # --- standing by, taking over -----------------------------------------------------------------
+    def _stand_by(self) -> None:
+        """Get ready (the session loaded, its render path warmed, the model workers listed), then
+        wait until no process runs the session (its `active.lock` free: the one that ran it died)
+        and take it over from the journal. A session that ends meanwhile is served from its journal."""
+        steps = {"process_started": _process_started(), "init": round(self._born_wall, 3)}
+        try:
+            self._spare = self._load_session()
+            self._spare.warm()
+            self._list_workers()
+        except Exception as e:  # noqa: BLE001 - the takeover loads the session again (and says why then)
+            log.warning("session %s: the standby could not get ready: %r", self.id, e)
+            self._spare = None
+        steps["ready"] = round(time.time(), 3)
+        self.journal.mark_standby(os.getpid())
+        checked = 0.0
+        while not self.journal.take():
+            if time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                if self.journal.final() is not None:  # it ended: nothing to take over
+                    self._stored()
+                    return
+            time.sleep(0.02)
+        steps["took_over"] = round(time.time(), 3)
+        self.journal.clear_standby(os.getpid())
+        try:
+            self._resume(steps)
+        except Exception as e:  # noqa: BLE001 - the session ends failed, saying why
+            log.exception("session %s: the restarted actor cannot resume", self.id)
+            cause = e.to_info().message if isinstance(e, LipsyncError) else repr(e)
+            self.lost = {"code": "session.restart_failed", "stage": "live",
+                         "message": f"live session {self.id}: its actor restarted but could not resume "
+                                    f"the session ({cause})"[:2000]}
+
+    def _stored(self) -> None:
+        meta = self.journal.meta()
+        self.avatar_id, self.model, self.created = meta["avatar_id"], meta["model"], meta["created"]
+        self.final = self.journal.final()
+
+    def _load_session(self):
+        """The session as its journal began it (not yet restored): avatar, renderer, encoder settings."""
         from cluster.faces.avatar import load_avatar
         from cluster.live.session import LiveSession
         from cluster.netguard import RtmpTarget
 
-        t0 = time.monotonic()
         meta = self.journal.meta()
-        self.avatar_id, self.model, self.created = meta["avatar_id"], meta["model"], meta["created"]
-        self.final = self.journal.final()
+        avatar = load_avatar(meta["avatar_id"], self.s)
+        rtmp = RtmpTarget(**meta["rtmp"]) if meta.get("rtmp") else None
+        return LiveSession(self.id, template_path=avatar.template_path, track_path=avatar.track_path,
+                           model=meta["model"], model_size=int(meta["size"]), crop=meta["crop"],
+                           generate=self._generate, sample_rate=int(meta["sample_rate"]),
+                           out_dir=session_dir(self.s, self.id), settings=self.s,
+                           max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
+
+    def _resume(self, steps: dict) -> None:
+        """The process that ran the session died (this actor is its standby, or Ray restarted
+        it): the session goes on from its journal."""
+        t0 = time.monotonic()
+        self._stored()
         if self.final is not None:  # it had ended: serve its view and recording
             return
-        avatar = load_avatar(self.avatar_id, self.s)
-        rtmp = RtmpTarget(**meta["rtmp"]) if meta.get("rtmp") else None
-        self.session = LiveSession(self.id, template_path=avatar.template_path, track_path=avatar.track_path,
-                                   model=self.model, model_size=int(meta["size"]), crop=meta["crop"],
-                                   generate=self._generate, sample_rate=int(meta["sample_rate"]),
-                                   out_dir=session_dir(self.s, self.id), settings=self.s,
-                                   max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
-        stop = self.session.restore()
-        # the model workers are listed beside the first batches, not before them: until the list is
-        # in, batches go out without the model (their speech is rendered on the next frames), so the
-        # stream moves again as soon as the encoder runs
-        self.workers.retry_at = time.monotonic() + self.s.actor_call_timeout_s
-        threading.Thread(target=self._list_workers, name=f"live-workers-{self.id}", daemon=True).start()
+        session, self._spare = self._spare or self._load_session(), None
+        steps["session_loaded"] = round(time.time(), 3)
+        stop = session.restore()
+        session.restart_timeline.update(steps)
+        if not self.workers.names:
+            # the model workers are listed beside the first batches, not before them: until the list is
+            # in, batches go out without the model (their speech is rendered on the next frames), so the
+            # stream moves again as soon as the encoder runs
+            self.workers.retry_at = time.monotonic() + self.s.actor_call_timeout_s
+            threading.Thread(target=self._list_workers, name=f"live-workers-{self.id}", daemon=True).start()
+        self.session = session
         self.session.start()
         log.info("session %s resumed in %.2f s (this process up %.2f s before)", self.id, time.monotonic() - t0,
                  t0 - self._born)
-        if stop is not None:  # it was being ended: end it (in the background; __init__ returns now)
+        if stop is not None:  # it was being ended: end it (in the background)
             threading.Thread(target=self.session.stop, args=(stop,), daemon=True).start()
 
     def _describe(self, model: str) -> dict:
@@ -206,29 +308,27 @@ class LiveSessionActor:
 
     # --- the model, through the live lane ---------------------------------------------------------
     def _generate(self, mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
-        """One batch on the first live worker's live lane, within `live_batch_timeout_s`; raises
-        WorkerLost otherwise (the session shows the batch without the model and renders its
-        speech on the next frames). Never waits longer than the deadline."""
+        """One batch on the first live worker's live lane, within `live_batch_timeout_s` (a worker
+        on probation: `LiveWorkers.PROBATION_TIMEOUT_S`); raises WorkerLost otherwise (the session
+        shows the batch without the model and renders its speech on the next frames). Never waits
+        longer than the deadline; never lists the workers in the render thread's way."""
         if time.monotonic() < self.workers.retry_at:  # a worker just failed: no waiting on it meanwhile
             raise WorkerLost("model workers unavailable (retrying shortly)", stage="live")
         if not self.workers.names or time.monotonic() - self.workers.refreshed > 30.0:
-            try:
-                self.workers.refresh()
-            except Exception as e:  # noqa: BLE001 - the manager restarting: this batch goes without the model
-                raise WorkerLost(f"cannot list model workers: {e!r}"[:500], stage="live") from e
+            self.workers.refresh_soon()
         if not self.workers.names:
-            raise WorkerLost("no live model worker", stage="live")
+            raise WorkerLost("no live model worker known (listing them)", stage="live")
         name = self.workers.names[0]
         try:
             meta_ref, out_ref = self.workers.handle(name).infer_live.remote(self.model, mel, crops)
-            return ray.get(out_ref, timeout=self.s.live_batch_timeout_s)
+            generated = ray.get(out_ref, timeout=self.workers.timeout(name))
         except Exception as e:  # noqa: BLE001 - died, stalled, raised: the next batch tries another
             self.workers.failed(name)
-            self.workers.refreshed = 0.0  # ask the manager again next time
-            self.workers.retry_at = time.monotonic() + 0.5
             cause = getattr(e, "cause", None)
             raise WorkerLost(f"model worker {name}: {type(cause or e).__name__}: {cause or e}"[:500],
                              stage="live") from e
+        self.workers.answered(name)
+        return generated
 
     # --- audio in --------------------------------------------------------------------------------
     def append(self, pcm: bytes, offset: int | None = None) -> dict:
@@ -247,12 +347,14 @@ class LiveSessionActor:
         return self.view()
 
     def _live(self):
-        from cluster.live import SessionEnded
+        from cluster.live import SessionEnded, SessionStandby
 
         if self.session is None:
             if self.lost is not None or self.final is not None:
                 raise SessionEnded(f"live session {self.id} has "
                                    + (f"failed: {self.lost['message']}" if self.lost else "ended"))
+            if self.journal.begun():
+                raise SessionStandby(f"live session {self.id}: this actor stands by; another runs the session")
             raise RuntimeError("session not begun")
         return self.session
 
@@ -287,7 +389,8 @@ class LiveSessionActor:
         stats = session.stats()
         recording_bytes = session.recording.stat().st_size if session.recording is not None else None
         return {**stats, "avatar_id": getattr(self, "avatar_id", None), "model": self.model, "created": self.created,
-                "recording_bytes": recording_bytes}
+                "recording_bytes": recording_bytes,
+                "standby": "ready" if not session.ended and self.journal.standby_ready() else None}
 
     def _stored_view(self) -> dict:
         """The view of a session this process did not run: ended before the restart (its final
@@ -304,6 +407,14 @@ class LiveSessionActor:
             return "failed" if self.lost else (self.final or {}).get("state", "starting")
         return self.session.state
 
+    def load(self) -> dict:
+        """What admission needs: {ended_for, render_load, cores}. A standby refuses (SessionStandby)."""
+        if self.session is None and self.final is None and self.lost is None:
+            self._live()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return {"ended_for": self.ended_for(), "cores": cores,
+                "render_load": self.session.render_load() if self.session is not None else None}
+
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
         session = self.session
@@ -319,6 +430,7 @@ class LiveSessionActor:
     def attach(self, lease: str) -> bool:
         """Take the session's audio socket for `lease`; False while another socket holds it
         (one whose holder went silent for 10 s, e.g. a dead replica, is taken over)."""
+        self._live()  # a standby refuses (SessionStandby): the socket is the running actor's
         now = time.monotonic()
         held = getattr(self, "_socket", None)
         if held is not None and held[0] != lease and now - held[1] < 10.0:
@@ -346,32 +458,53 @@ class LiveRegistry:
         self.s = settings
         self._lock = threading.Lock()
 
-    def _sessions(self) -> dict[str, object]:
+    def _sessions(self) -> dict[str, list[str]]:
+        """Session id -> the names of its actors (the one that began it, its standby)."""
         from ray.util import list_named_actors
 
-        out = {}
+        out: dict[str, list[str]] = {}
         for entry in list_named_actors(all_namespaces=True):
             name = entry["name"] if isinstance(entry, dict) else entry
             ns = entry.get("namespace") if isinstance(entry, dict) else self.s.namespace
-            if ns == self.s.namespace and name.startswith(SESSION_PREFIX):
-                out[name[len(SESSION_PREFIX):]] = name
+            for prefix in (SESSION_PREFIX, STANDBY_PREFIX):
+                if ns == self.s.namespace and name.startswith(prefix):
+                    out.setdefault(name[len(prefix):], []).append(name)
         return out
 
-    def running(self) -> list[str]:
-        """Ids of sessions not yet ended. Sessions ended longer than `live_keep_ended_s` ago
-        (their recording served that long) are removed here."""
-        ids = []
-        for session_id, name in self._sessions().items():
-            try:
-                handle = ray.get_actor(name, namespace=self.s.namespace)
-                ended_for = ray.get(handle.ended_for.remote(), timeout=5.0)
-            except Exception:  # noqa: BLE001 - gone or stuck: not running
-                continue
+    def running(self) -> dict[str, dict]:
+        """Sessions not yet ended: id -> {render_load, cores} (`LiveSessionActor.load`). Sessions
+        ended longer than `live_keep_ended_s` ago (their recording served that long) are removed
+        here, with their standby."""
+        out = {}
+        for session_id, names in self._sessions().items():
+            for name in names:  # the one running it answers; a standby refuses
+                try:
+                    figures = ray.get(ray.get_actor(name, namespace=self.s.namespace).load.remote(), timeout=5.0)
+                    break
+                except Exception:  # noqa: BLE001 - gone, stuck or standing by: ask its partner
+                    continue
+            else:
+                continue  # none answered: not running
+            ended_for = figures.pop("ended_for")
             if ended_for is None:
-                ids.append(session_id)
+                out[session_id] = figures
             elif ended_for > self.s.live_keep_ended_s:
-                ray.kill(handle, no_restart=True)
-        return ids
+                for name in names:
+                    try:
+                        ray.kill(ray.get_actor(name, namespace=self.s.namespace), no_restart=True)
+                    except ValueError:
+                        continue
+        return out
+
+    def admission(self, running: dict[str, dict] | None = None):
+        """Would one more session fit (`cluster.live.admission`), from the running ones' figures."""
+        from cluster.live.admission import decide_admission
+
+        running = self.running() if running is None else running
+        cores = self.s.live_node_cpus or max((f["cores"] or 0 for f in running.values()), default=0) \
+            or os.cpu_count() or 1
+        return decide_admission([f["render_load"] for f in running.values()], float(cores), self.s.live_cpu_share,
+                                self.s.live_session_load)
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
                max_seconds: float | None, rtmp_url: str | None = None) -> dict:
@@ -392,9 +525,12 @@ class LiveRegistry:
             if len(running) >= self.s.max_live_sessions:
                 raise LiveCapacity(f"{len(running)} live sessions are running (LIPSYNC_MAX_LIVE_SESSIONS="
                                    f"{self.s.max_live_sessions}); retry later")
+            admission = self.admission(running)
+            if not admission.admitted:
+                raise LiveCapacity(f"{admission.message}; retry later")
             actor = create_session_actor(self.s, session_id)
             try:
-                return ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp),
+                view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp),
                                timeout=self.s.model_load_timeout_s + 30)
             except Exception as e:
                 ray.kill(actor, no_restart=True)
@@ -402,15 +538,24 @@ class LiveRegistry:
                 if isinstance(cause, LipsyncError):
                     raise cause from None
                 raise
+            if self.s.live_standby:  # it gets ready beside the session and takes it over if its actor dies
+                try:
+                    create_session_actor(self.s, session_id, standby=True)
+                except Exception as e:  # noqa: BLE001 - the session runs on; Ray's restart is its fallback
+                    log.warning("session %s: no standby (%r); a restart of its actor resumes it instead",
+                                session_id, e)
+            return view
 
 
-def create_session_actor(settings: Settings, session_id: str):
-    """The detached session actor, on the job manager's node (the storage root's)."""
+def create_session_actor(settings: Settings, session_id: str, standby: bool = False):
+    """The detached session actor (or its standby), on the job manager's node (the storage
+    root's: the session's journal and its lock are there)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.orchestrator import head_node_id
 
-    opts = dict(name=session_actor_name(session_id), namespace=settings.namespace, lifetime="detached")
+    name = standby_actor_name(session_id) if standby else session_actor_name(session_id)
+    opts = dict(name=name, namespace=settings.namespace, lifetime="detached")
     if settings.manager_resource:
         opts["resources"] = {settings.manager_resource: 0.01}
     else:
@@ -424,8 +569,83 @@ def live_registry(settings: Settings):
                                 get_if_exists=True).remote(settings)
 
 
+class SessionActors:
+    """The service's handle on a session: its actor and its standby, either of which may be the
+    one running it (the other answers `SessionStandby`). Calls go to `current`. After a death
+    (`failed`) the other is tried; after a standby's refusal (`standing_by`) the other is tried
+    unless it died lately (Ray restarting it would hold the call until it is back, and it would
+    only stand by then): its partner is taking the session over and is asked again. The one that
+    answered last (`answered`) is where the next handle of this process starts.
+    Attribute access forwards to `current` (`actors.touch.remote(...)`)."""
+
+    _last_good: dict[str, object] = {}  # session id -> the actor id that answered last (this process)
+    _died: dict[object, float] = {}  # actor id -> when a call met it dead (monotonic)
+    _known: dict[str, tuple[float, list]] = {}  # session id -> (when looked up, handles): a player polls often
+    KNOWN_S = 10.0
+
+    def __init__(self, settings: Settings, session_id: str) -> None:
+        self.s, self.id = settings, session_id
+        known = self._known.get(session_id)
+        fresh = known is not None and time.monotonic() - known[0] < self.KNOWN_S
+        self.handles = known[1] if fresh else self._lookup()
+        good = self._last_good.get(session_id)
+        self.current = next((h for h in self.handles if h._actor_id == good), self.handles[0])
+
+    def _lookup(self) -> list:
+        from cluster.live import SessionNotFound
+
+        handles = []
+        for name in (session_actor_name(self.id), standby_actor_name(self.id)):
+            try:
+                handles.append(ray.get_actor(name, namespace=self.s.namespace))
+            except ValueError:
+                continue
+        if not handles:
+            self._known.pop(self.id, None)
+            raise SessionNotFound(f"no live session {self.id}", path="session_id")
+        if len(self._known) > 10000:
+            self._known.clear()
+        self._known[self.id] = (time.monotonic(), handles)
+        return handles
+
+    def _other(self):
+        self.handles = handles = self._lookup()
+        others = [h for h in handles if h._actor_id != self.current._actor_id]
+        return others[0] if others else handles[0]
+
+    def partner(self):
+        """The other actor of the session (as looked up last), None when it has only one."""
+        return next((h for h in self.handles if h._actor_id != self.current._actor_id), None)
+
+    def answered(self) -> None:
+        if len(self._last_good) > 10000:
+            self._last_good.clear()
+        self._last_good[self.id] = self.current._actor_id
+
+    def failed(self) -> None:
+        """A call met `current` dead or restarting: turn to the other (SessionNotFound if none is left)."""
+        now = time.monotonic()
+        for actor_id, at in list(self._died.items()):
+            if now - at > self.s.live_restart_wait_s:
+                del self._died[actor_id]
+        self._died[self.current._actor_id] = now
+        self.current = self._other()
+
+    def standing_by(self) -> None:
+        """`current` stands by: turn to the other, unless that one died lately."""
+        other = self._other()
+        died = self._died.get(other._actor_id)
+        if died is None or time.monotonic() - died > self.s.live_restart_wait_s:
+            self.current = other
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("s", "id", "current", "handles"):
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+
 def session_actor(settings: Settings, session_id: str):
-    """The session's actor; raises SessionNotFound."""
+    """The session's actor (the one that began it); raises SessionNotFound."""
     from cluster.live import SessionNotFound
 
     try:

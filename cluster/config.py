@@ -140,6 +140,15 @@ class Settings(BaseSettings):
 
     # --- live sessions (`POST /v1/sessions`, cluster/live/) ----------------------------------
     max_live_sessions: int = Field(4, ge=1, description="live sessions running at once; beyond: HTTP 429")
+    live_cpu_share: float = Field(0.75, gt=0, le=1, description="the share of the node's cores live sessions may "
+                                  "take: a new session is refused (429) when the running ones' measured render load "
+                                  "plus its estimate exceeds cores x share (cluster/live/admission.py); the rest "
+                                  "is left to batch jobs")
+    live_node_cpus: float = Field(0.0, ge=0, description="the cores admission counts for the node that runs live "
+                                  "sessions; 0: the cores the sessions' processes may run on, as they report them")
+    live_session_load: float = Field(0.5, gt=0, description="a session's render load (seconds of compositing + "
+                                     "model per second of stream) assumed until it has measured its own, and a "
+                                     "new session's estimate before any is measured")
     live_idle_timeout_s: float = Field(30.0, gt=0, description="a session that received no audio for this "
                                        "long (and has nothing left to render) ends")
     live_max_seconds: float = Field(3600.0, gt=0, description="the longest a session may run (wall clock); "
@@ -162,6 +171,10 @@ class Settings(BaseSettings):
     live_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of a session's render "
                            "thread and encoder, and of the model workers' live lane, so batch work on the same "
                            "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")
+    live_standby: bool = Field(True, description="a second, warm actor per session (the avatar loaded, its render "
+                               "path run once) that takes the session over from its journal the moment the one "
+                               "running it dies: the stream stands still well under 2 s instead of a Ray "
+                               "restart's 3-5 s (costs one idle process per session)")
     live_max_restarts: int = Field(3, ge=0, description="times Ray restarts a session's actor (its compositing "
                                    "and encoder) that died; it resumes from the session's journal on disk. Past "
                                    "that the session ends failed")

@@ -355,8 +355,14 @@ class SessionView(BaseModel):
     stalls: int = 0
     longest_gap_s: float = 0.0
     model_faults: int = 0
+    # seconds of rendering (compositing + the model) per second of stream, lately (admission counts it)
+    render_load: float | None = None
     restarts: int = 0  # times the session's actor died and resumed from its journal
     restart_gap_s: float | None = None  # the playlist's stand-still across the last restart
+    # the last restart's steps (wall-clock times): the last publication before it, the new process,
+    # its imports, the session loaded, the encoder started, the first batch written, the first publication
+    restart_timeline: dict[str, float] | None = None
+    standby: str | None = None  # "ready": a warm standby waits to take the session over (LIPSYNC_LIVE_STANDBY)
     recording_url: str | None = None
     recording_seconds: float | None = None
     recording_bytes: int | None = None

@@ -410,3 +410,36 @@ def test_a_restarted_encoder_continues_the_playlist_and_the_recording_joins_its_
     with av.open(str(tmp_path / "rec.mp4")) as container:
         video_frames, audio_samples = decoded_counts(container)
     assert video_frames == 60 and audio_samples / 48000 == pytest.approx(2.4, abs=0.05)
+
+
+def test_one_process_runs_a_session_and_its_death_frees_the_session_at_once(tmp_path):
+    """The journal's lock: while a process holds it no other takes it; SIGKILLed, the kernel frees
+    it and the standby's next try (every 20 ms) takes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cluster.live.journal import SessionJournal
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from cluster.live.journal import SessionJournal\n"
+                               f"journal = SessionJournal({str(tmp_path)!r})\nassert journal.take()\n"
+                               "print('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        standby = SessionJournal(tmp_path)
+        assert not standby.take() and not standby.take()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        t0 = time.monotonic()
+        while not standby.take():
+            assert time.monotonic() - t0 < 1.0, "the dead holder's lock was not freed"
+            time.sleep(0.02)
+        assert standby.take()  # held: asking again is a no-op
+        standby.mark_standby(holder.pid)
+        assert not standby.standby_ready()  # its process is gone
+    finally:
+        holder.kill()
+        holder.wait(10)

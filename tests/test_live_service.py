@@ -150,6 +150,46 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
     assert final.recording_seconds >= 3.2
 
 
+class PlaylistWatcher:
+    """Polls a live playlist every 0.1 s, as a player would, noting when its position (media
+    sequence + segments listed) changes: `.advances` [(monotonic time, position)]."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url = url
+        self.advances: list[tuple[float, int]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import re
+
+        last = None
+        while not self._done.wait(0.1):
+            try:
+                text = httpx.get(self.url, timeout=30).text
+            except httpx.HTTPError:
+                continue
+            seq = re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text)
+            if seq is None:
+                continue
+            position = int(seq.group(1)) + text.count("#EXTINF")
+            if position != last:
+                self.advances.append((time.monotonic(), position))
+                last = position
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(35)
+
+    def longest_stall(self) -> float:
+        """The longest time between two advances of the playlist."""
+        times = [t for t, _ in self.advances]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
 def _actor_pids(service, title: str) -> list[int]:
     """PIDs of this service's processes (descendants of its `lipsync serve`) whose Ray title
     starts with `title` (e.g. `ray::ModelWorker`)."""
@@ -177,19 +217,29 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
+        watcher = PlaylistWatcher(session.hls_url)
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         time.sleep(1.2)
         pids = _actor_pids(service, "ray::ModelWorker")
         assert pids, "no model worker process of this service found"
+        killed_at = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
         sender.join(60)
         view = session.wait_rendered(timeout=120)
         assert view.state == "live"
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
         assert view.seconds_received == pytest.approx(3.2, abs=0.01)
+        time.sleep(1.0)  # the idle avatar streams on after the speech
+        watcher.stop()
         final = session.close()
     assert final.state == "ended" and final.model_faults >= 1
+    stall = watcher.longest_stall()
+    after = [t for t, _ in watcher.advances if t > killed_at]
+    print(f"\nmodel worker SIGKILLed: longest playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the "
+          f"session: longest_gap_s {final.longest_gap_s}, {final.model_faults} batch(es) shown without the model; "
+          f"{len(after)} advances after the kill")
+    assert len(after) >= 3 and stall < 6.0  # the issue's target 2 s (measured 0.9-1.5 s); loaded-machine bound
     assert final.recording_seconds >= 3.2
 
 
@@ -233,7 +283,6 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     sequence numbers, the session does not end, and every second of speech is rendered once: the
     recording decodes with all of it (its energy equals the speech's, nothing lost, nothing doubled)."""
     import os
-    import re
     import signal
     import threading
 
@@ -245,33 +294,18 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
-        advances: list[tuple[float, int]] = []  # (when, media sequence + segments) as a player sees it
-        watching = threading.Event()
-
-        def watch():
-            last = None
-            while not watching.wait(0.1):
-                try:
-                    text = httpx.get(session.hls_url, timeout=30).text
-                except httpx.HTTPError:
-                    continue
-                seq = re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text)
-                if seq is None:
-                    continue
-                position = int(seq.group(1)) + text.count("#EXTINF")
-                if position != last:
-                    advances.append((time.monotonic(), position))
-                    last = position
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        # the session's warm standby (LIPSYNC_LIVE_STANDBY) is ready a few seconds after its start
+        wait_until(lambda: session.stats().standby == "ready", 60, 0.1, "the session's standby to be ready")
+        watcher = PlaylistWatcher(session.hls_url)
+        advances = watcher.advances
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         wait_until(lambda: len(advances) >= 2, 30, 0.05, "the live playlist to advance")  # mid-stream
         time.sleep(0.3)
         pid = wait_until(lambda: _session_actor_pid(service, session.id), 10, 0.1, "the session's actor")
         socket_before = session._ws
-        killed_at = time.monotonic()
+        standby = json.loads((service.storage_root / "sessions" / session.id / "standby.json").read_text())["pid"]
+        killed_at, killed_wall = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: (_session_actor_pid(service, session.id) or pid) != pid, 60, 0.05, "the restarted actor")
         encoding_again = time.monotonic() - killed_at
@@ -281,14 +315,13 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         view = session.wait_rendered(timeout=120)
         assert view.state == "live" and view.restarts == 1, view
         new_pid = _session_actor_pid(service, session.id)
-        assert new_pid and new_pid != pid
+        assert new_pid == standby != pid  # the warm standby took the session over, not a restart of the dead one
         assert view.seconds_received == pytest.approx(3.2, abs=0.01)
         journal = (service.storage_root / "sessions" / session.id / "speech.jsonl").read_text()
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.041), journal  # within a frame
         time.sleep(1.0)  # the idle avatar streams on after the speech
         playlist = httpx.get(session.hls_url, timeout=30).text
-        watching.set()
-        watcher.join(10)
+        watcher.stop()
         final = session.close()
         rec = session.download_recording(tmp_path / "rec.mp4")
     assert final.state == "ended" and final.reason == "deleted" and final.restarts == 1
@@ -296,11 +329,15 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
     assert positions == sorted(positions) and positions[-1] > positions[0]
     after = [t for t, _ in advances if t > killed_at + encoding_again]
     assert after, "the playlist never advanced once the restarted actor was encoding"
-    stall = max(b[0] - a[0] for a, b in zip(advances, advances[1:]))
+    stall = watcher.longest_stall()
+    steps = sorted((final.restart_timeline or {}).items(), key=lambda kv: kv[1])
     print(f"\nsession actor SIGKILLed: its restarted actor encoding again after {encoding_again:.2f} s; longest "
           f"playlist stall seen by a poller (0.1 s) {stall:.2f} s, by the session: restart_gap_s "
-          f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}")
-    assert stall < 30.0  # measured and reported; the issue's 2 s target is not met on a loaded 2-core machine
+          f"{final.restart_gap_s}, longest_gap_s {final.longest_gap_s}; the resume's steps after the kill: "
+          + ", ".join(f"{name} {at - killed_wall:+.2f} s" for name, at in steps))
+    # the issue's target is 2 s (measured 0.3-0.7 s, more under heavy load); a bound that holds on a loaded
+    # machine and still catches a regression to waiting for Ray's restart of the dead actor
+    assert stall < 6.0
     # the restarted encoder's segments follow a discontinuity, with its own init segment
     assert "#EXT-X-DISCONTINUITY" in playlist or "#EXT-X-DISCONTINUITY-SEQUENCE:1" in playlist, playlist
     # the recording: every published frame, and all the speech, once
@@ -388,3 +425,79 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
         with client.live(live_avatar) as again:
             again.send_file(speech_wav)
             assert again.wait_rendered(timeout=120).seconds_rendered == pytest.approx(3.2, abs=0.04)
+
+
+def test_admission_counts_the_running_sessions_measured_load(service, live_avatar, speech_wav):
+    """The shared service's live share is tiny (conftest: LIPSYNC_LIVE_CPU_SHARE=0.02): with no
+    session running one is admitted; once it has measured its render load, a second is refused
+    with 429 `session.capacity`, Retry-After, and a message naming the measured figures; when the
+    first has ended a session is admitted again."""
+    import re
+
+    from cluster.client import Client
+    from tests.conftest import LIVE_CPU_SHARE
+    from tests.helpers import wait_until
+
+    with Client(service.url, token=service.token) as client, _api(service) as api:
+        with client.live(live_avatar) as first:
+            first.send_file(speech_wav)  # as fast as it is taken: the stream renders speech, then idles
+            load = wait_until(lambda: first.stats().render_load, 60, 0.2, "the session to measure its load")
+            assert 0 < load < 5, load
+            r = api.post("/v1/sessions", json={"avatar_id": live_avatar})
+            assert r.status_code == 429 and r.headers["retry-after"], r.text
+            error = r.json()["error"]
+            assert error["code"] == "session.capacity", error
+            message = error["message"]
+            assert "1 live session(s) running" in message and "(1 measured)" in message, message
+            assert f"LIPSYNC_LIVE_CPU_SHARE={float(LIVE_CPU_SHARE):g}" in message, message
+            measured = float(re.search(r"take (\d+\.\d+) s of rendering per second of stream", message).group(1))
+            estimate = float(re.search(r"a new one \(estimated (\d+\.\d+)\)", message).group(1))
+            assert measured == estimate and measured > 0, message  # one measured session: the estimate is its load
+            print(f"\nadmission refused: {message}; the session's own view: render_load {load}")
+        with client.live(live_avatar) as again:  # the first has ended: nothing runs, one is admitted
+            assert again.stats().state == "live"
+
+
+def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avatar, speech_wav, astronaut_video):
+    """A batch job submitted while a live session speaks keeps progressing (its frames advance
+    throughout, it finishes: the live lane and the session's own compositing take a bounded share,
+    they do not starve jobs), and the session stays live: its playlist keeps advancing and all its
+    speech is rendered."""
+    import threading
+
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as client:
+        with client.live(live_avatar) as session:
+            watcher = PlaylistWatcher(session.hls_url)
+            sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
+            sender.start()
+            job = client.submit(speech_wav, astronaut_video)
+            submitted = time.monotonic()
+            progress: list[tuple[float, int]] = []  # (when, frames done) whenever it changed
+            deadline = submitted + 180
+            while (view := client.get(job.id)).state.terminal is False:
+                if not progress or view.frames_done != progress[-1][1]:
+                    progress.append((time.monotonic(), view.frames_done))
+                assert time.monotonic() < deadline, f"job {job.id} still {view.state.value} after 180 s: {progress}"
+                time.sleep(0.2)
+            finished = time.monotonic()
+            sender.join(60)
+            live = session.wait_rendered(timeout=60)
+            watcher.stop()
+        assert view.state.value == "succeeded", view
+        assert view.frames_done == view.frames_total > 0
+        steps = [(round(t - submitted, 2), frames) for t, frames in progress]
+        advances = [t for (t, a), (_, b) in zip(progress, progress[1:]) if b > a] + [finished]
+        longest = max(b - a for a, b in zip([submitted, *advances], advances))
+        print(f"\nbatch job beside a live session: {view.frames_total} frames in {finished - submitted:.1f} s, "
+              f"longest time without progress {longest:.1f} s, frames done over time {steps}; the session: "
+              f"{live.seconds_rendered} s rendered, longest playlist stall {watcher.longest_stall():.2f} s")
+        assert len({frames for _, frames in progress if 0 < frames < view.frames_total}) >= 1, steps  # seen midway
+        assert longest < 60, steps  # never starved (its chunks take a few seconds each here)
+        assert live.state == "live" and live.seconds_received == pytest.approx(3.2, abs=0.01)
+        assert live.seconds_rendered == pytest.approx(live.seconds_received, abs=0.041)  # within a frame
+        assert watcher.longest_stall() < 6.0
+        during = [t for t, _ in watcher.advances if submitted <= t <= finished]
+        assert len(during) >= 2, (during, steps)  # the stream advanced while the job rendered
+    assert session.view.state == "ended"

@@ -8,7 +8,10 @@ Plain Python (no Ray), in the order the data flows:
 - `cluster.live.encoder`: one long-lived ffmpeg per session writing a live HLS playlist of
   short fMP4 segments (video + audio), and the whole session as one verified mp4 at the end;
 - `cluster.live.session`: the render loop that ties them together at real-time pace, with
-  latency and stall figures.
+  latency, stall and render-load figures;
+- `cluster.live.journal`: what must outlive the session's process (speech, publication, the lock
+  that says which process runs it); `cluster.live.admission`: whether one more session fits,
+  from the running sessions' measured render load.
 """
 
 from cluster.errors import LipsyncError
@@ -22,6 +25,12 @@ class SessionNotFound(LipsyncError):
 class SessionEnded(LipsyncError):
     code = "session.ended"
     retryable = False
+
+
+class SessionStandby(LipsyncError):
+    """This actor is the session's standby, not the one running it: ask the other (the ingress
+    does, `actors.live.SessionActors`); retryable, it may be taking the session over now."""
+    code = "session.standby"
 
 
 class LiveCapacity(LipsyncError):

@@ -16,6 +16,11 @@ Under the session's directory (`<storage root>/sessions/<id>/`):
   restarted actor continues from the last line: frames rendered but not published are rendered
   again; nothing published is rendered twice.
 - `final.json`: the session's final view once it has ended (its recording beside it).
+- `active.lock`: locked (`flock`, exclusive) by the one process that runs the session. The kernel
+  releases it the moment that process dies, however it dies: the session's standby, waiting for
+  it, takes the session over at once (`actors.live`), and two processes never both write here.
+- `standby.json`: the standby's process id, written once it is ready to take over (the
+  running session reports it in its view), removed when it takes over.
 
 Plain Python; `actors.live` drives it.
 """
@@ -30,6 +35,8 @@ AUDIO_FILE = "audio.pcm"
 EVENTS_FILE = "speech.jsonl"
 PUBLISHED_FILE = "published.jsonl"
 FINAL_FILE = "final.json"
+LOCK_FILE = "active.lock"
+STANDBY_FILE = "standby.json"
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -53,6 +60,26 @@ class SessionJournal:
         self._audio = None
         self._events = None
         self._published = None
+        self._lock = None  # the open `active.lock`
+        self._held = False  # ...locked by this process
+
+    # --- one process runs the session -------------------------------------------------------------
+    def take(self) -> bool:
+        """Become the process that runs the session: True once this process holds `active.lock`
+        (it keeps it until it exits), False while another process holds it. Never blocks."""
+        import fcntl
+
+        if self._held:
+            return True
+        if self._lock is None:  # kept open between tries (a standby tries every 20 ms)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.dir / LOCK_FILE, "a+b")  # not inherited by child processes (ffmpeg)
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._held = True
+        return True
 
     # --- how it began ---------------------------------------------------------------------------
     def begun(self) -> bool:
@@ -71,6 +98,28 @@ class SessionJournal:
 
     def meta(self) -> dict:
         return json.loads((self.dir / SESSION_FILE).read_text())
+
+    def mark_standby(self, pid: int) -> None:
+        from cluster.fsutil import write_atomic
+
+        write_atomic(self.dir / STANDBY_FILE, json.dumps({"pid": pid}))
+
+    def clear_standby(self, pid: int) -> None:
+        """`pid` stands by no more (it took the session over): its mark goes, another's stays."""
+        try:
+            if int(json.loads((self.dir / STANDBY_FILE).read_text())["pid"]) == pid:
+                (self.dir / STANDBY_FILE).unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError):
+            return
+
+    def standby_ready(self) -> bool:
+        """A standby process is ready to take the session over (and still alive)."""
+        try:
+            pid = int(json.loads((self.dir / STANDBY_FILE).read_text())["pid"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError):
+            return False
+        return pid != os.getpid()
 
     # --- speech in ------------------------------------------------------------------------------
     def audio(self) -> bytes:

@@ -34,8 +34,18 @@ from cluster.netguard import RtmpTarget
 log = logging.getLogger("lipsync.live")
 
 STALL_S = 1.0
+LOAD_WINDOW_BATCHES = 50  # the render load is measured over the last this many batches
+LOAD_MIN_BATCHES = 10  # ...once at least this many were rendered
 RESTART_GRACE_S = 2.0  # see LiveSession.restore
 GenerateFn = Callable[[np.ndarray, np.ndarray], "np.ndarray | Callable[[], np.ndarray]"]
+
+
+class _CatchingUp(Exception):
+    """The batch is rendered without the model (see `LiveSession._run`)."""
+
+
+def _catching_up(mel: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    raise _CatchingUp
 
 
 class LiveRenderer:
@@ -117,7 +127,8 @@ class LiveSession:
         self.max_seconds = min(max_seconds or s.live_max_seconds, s.live_max_seconds)
         self.renderer = LiveRenderer(template_path, track_path, model_size, crop, s)
         self.fps = Fraction(self.renderer.fps)
-        self.speech = SpeechInput(sample_rate, self.fps, model_columns(model))
+        self.columns = model_columns(model)
+        self.speech = SpeechInput(sample_rate, self.fps, self.columns)
         self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps)
         self.encoder: LiveEncoder | None = None
         self.state = "starting"
@@ -137,6 +148,7 @@ class LiveSession:
         self._chunks: collections.deque = collections.deque()  # (arrival, utterance, last 16 kHz sample)
         self._rendered: collections.deque = collections.deque()  # (arrival, output frame)
         self._written: collections.deque = collections.deque()  # (first output frame of a batch, when written)
+        self._busy: collections.deque = collections.deque(maxlen=LOAD_WINDOW_BATCHES)  # (frames, seconds)
         self.encoder_delays: list[float] = []  # a segment's publication - its closing frame's write
         self.latencies: list[float] = []
         self.published_frames = 0
@@ -153,6 +165,8 @@ class LiveSession:
         self._elapsed_before = 0.0  # seconds the session ran before this process
         self._frames_before = 0  # output frames published before this process
         self._last_published_wall: float | None = None
+        # after a restart: when each step of the resume happened (wall clock), for the figures
+        self.restart_timeline: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name=f"live-{session_id}", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name=f"live-watch-{session_id}", daemon=True)
 
@@ -267,12 +281,17 @@ class LiveSession:
             self._started.set()
             return
         self.state = "live"
+        self._mark("encoder_started")
         now = self.clock()
         self.started = now - self._elapsed_before  # max_seconds counts from the session's start
         # the next frame (after a restart: not 0) is due now; after a restart, the whole first segment is:
         # the stream stood still while the actor came back, its first segment is rendered at once
         ahead = self.encoder.gop if self.restarts else 0
         t0 = now - (self.scheduler.next_frame + ahead) / float(fps)
+        # ...and without the model up to the frame that closes it (the next segment's keyframe): the
+        # playlist moves again as soon as template frames can be encoded; the speech planned there is
+        # put back and rendered, with the model, on the frames after
+        catch_up_end = self.scheduler.next_frame + ahead if self.restarts else -1
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -284,11 +303,15 @@ class LiveSession:
                 if why is not None:
                     self.reason = self.reason or why
                     break
+                busy_from = time.perf_counter()
                 batch = self.scheduler.plan(batch_frames)
-                frames, err = self.renderer.render(batch, self.generate)
+                catching_up = batch.first <= catch_up_end
+                frames, err = self.renderer.render(batch, _catching_up if catching_up else self.generate)
                 if err is None:
                     audio = self.scheduler.commit(batch)
                     self._rendered_batch(batch)
+                elif catching_up:
+                    audio = self.scheduler.rollback(batch)
                 else:
                     audio = self.scheduler.rollback(batch)
                     self.model_faults += 1
@@ -298,6 +321,8 @@ class LiveSession:
                 if self.on_frames is not None:
                     self.on_frames(batch, frames, err is None)
                 self.encoder.write(frames, audio)
+                self._busy.append((len(batch), time.perf_counter() - busy_from))
+                self._mark("first_batch_written")
                 self._written.append((batch.first + len(batch), self.clock()))
         except Exception as e:  # the session ends with the truth: failed, and why
             log.exception("session %s failed", self.id)
@@ -381,6 +406,7 @@ class LiveSession:
             return
         if self._last_publication is None and self._last_published_wall is not None:
             # the first publication after a restart: the stand-still, from the last one before it
+            self._mark("first_published")
             gap = time.time() - self._last_published_wall
             self.restart_gap_s = round(gap, 3)
             self.longest_gap_s = max(self.longest_gap_s, gap)
@@ -400,6 +426,23 @@ class LiveSession:
         while self._rendered and self._rendered[0][1] < self.published_frames:
             arrival, _frame = self._rendered.popleft()
             self.latencies.append(now - arrival)
+
+    def warm(self) -> None:
+        """Run the render path once off the record (a scratch schedule of idle frames, pasted back,
+        converted for the encoder; nothing encoded or published), so that a standby that takes the
+        session over renders its first batch with warm code: imports, the template's decoder, the
+        crop, paste-back, colour and resampling steps."""
+        from cluster.live.encoder import AUDIO_RATE, _to_yuv420
+        from cluster.live.speech import StreamResampler
+
+        scratch = LiveScheduler(SpeechInput(self.speech.rate, self.fps, self.columns), self.renderer.frame_count,
+                                self.fps)
+        batch = scratch.plan(self.s.live_batch_frames)
+        frames, err = self.renderer.render(batch, lambda mel, crops: crops)
+        if err is not None:
+            raise err
+        _to_yuv420(frames)
+        StreamResampler(self.speech.rate, AUDIO_RATE).push(np.zeros(self.speech.rate // 10, np.float32))
 
     # --- durability (cluster.live.journal) ---------------------------------------------------------
     def _segment_published(self, entry: dict) -> None:
@@ -461,6 +504,7 @@ class LiveSession:
             self.segments_published = len(entries)
             self.scheduler.resume(self._frames_before, last.get("mark"))
             self._last_published_wall = float(last["at"])
+            self.restart_timeline["last_published"] = round(self._last_published_wall, 3)
             figures = last.get("figures") or {}
             self.stalls = int(figures.get("stalls", 0))
             self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
@@ -475,6 +519,22 @@ class LiveSession:
         return stop
 
     # --- figures ---------------------------------------------------------------------------------
+    def _mark(self, step: str) -> None:
+        """Note when a step of a restarted session's resume happened (once each)."""
+        if self.restarts and step not in self.restart_timeline:
+            self.restart_timeline[step] = round(time.time(), 3)
+
+    def render_load(self) -> float | None:
+        """Seconds of rendering (compositing, the model's answer, handing the batch to the encoder)
+        per second of stream over the last `LOAD_WINDOW_BATCHES` batches: what the session takes of
+        the node (1.0 = one core busy all the time, or a session that cannot keep real time); None
+        until `LOAD_MIN_BATCHES` were rendered."""
+        busy = list(self._busy)
+        if len(busy) < LOAD_MIN_BATCHES:
+            return None
+        frames = sum(n for n, _ in busy)
+        return round(sum(t for _, t in busy) / (frames / float(self.fps)), 4)
+
     def stats(self) -> dict:
         fps = float(self.fps)
         utts = list(self.speech.utterances)
@@ -495,7 +555,9 @@ class LiveSession:
             "encoder_delay_p50_s": percentile(list(self.encoder_delays), 50),
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
             "model_faults": self.model_faults, "last_fault": self.last_fault,
+            "render_load": self.render_load(),
             "restarts": self.restarts, "restart_gap_s": self.restart_gap_s,
+            "restart_timeline": dict(self.restart_timeline) or None,
             "recording_seconds": self.recording_seconds,
             **self._rtmp_stats(),
         }

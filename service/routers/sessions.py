@@ -86,13 +86,14 @@ class SessionLost(ApiProblem):
 
 
 def _actor(settings, session_id: str):
-    from actors.live import session_actor
+    """The session's actors (`actors.live.SessionActors`); SessionLost, or 404."""
+    from actors.live import SessionActors
     from cluster.live import SessionNotFound
 
     if not _SESSION_ID.match(session_id):
         raise ApiProblem(404, "session.not_found", f"no live session {session_id}", "session_id")
     try:
-        return session_actor(settings, session_id)
+        return SessionActors(settings, session_id)
     except SessionNotFound as e:
         lost = _lost(settings, session_id)
         if lost is not None:
@@ -114,26 +115,74 @@ def _lost(settings, session_id: str) -> dict | None:
         return None
 
 
-async def _ask(settings, session_id: str, actor, method: str, *args, timeout: float):
-    """Call the session's actor. A call that meets it dead or restarting (Ray restarts it,
-    `LIPSYNC_LIVE_MAX_RESTARTS`) is made again, on the same handle, until `live_restart_wait_s`
-    has passed (then 503 with Retry-After); one gone for good is `SessionLost` (410). Every call
-    must be safe to repeat: appends carry their byte offset."""
+# calls either of a session's actors may answer, or that only the running one accepts and that are
+# safe to repeat (an append carries its offset): asked of the partner too when the first is slow
+HEDGED = frozenset({"read_hls", "read_recording", "view", "append"})
+HEDGE_AFTER_S = 0.25
+
+
+async def _hedged(actors, method: str, args: tuple, timeout: float):
+    """Ask `actors.current`; if it has not answered within `HEDGE_AFTER_S` (it may have just died:
+    Ray takes a second or two to say so), ask its partner too. The first answer wins (a standby's
+    refusal or a death is no answer); when neither answers, the first one's error is raised."""
+    first = asyncio.ensure_future(_call(getattr(actors.current, method).remote(*args), timeout,
+                                        raw_actor_errors=True))
+    done, _ = await asyncio.wait({first}, timeout=HEDGE_AFTER_S)
+    partner = None if done else actors.partner()
+    if partner is None:
+        return await first
+    second = asyncio.ensure_future(_call(getattr(partner, method).remote(*args), timeout, raw_actor_errors=True))
+    pending = {first, second}
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.exception() is None:
+                for other in pending:
+                    other.cancel()
+                if task is second:
+                    actors.current = partner
+                return task.result()
+    return first.result()  # raises its error
+
+
+async def _ask(settings, session_id: str, actors, method: str, *args, timeout: float):
+    """Call the session's running actor (`actors`: `SessionActors`). A call that meets it dead,
+    restarting (Ray restarts it, `LIPSYNC_LIVE_MAX_RESTARTS`) or standing by is made again, on
+    its partner or itself, until `live_restart_wait_s` has passed (then 503 with Retry-After);
+    a session whose actors are gone for good is `SessionLost` (410). Every call must be safe to
+    repeat: appends carry their byte offset."""
     from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from cluster.live import SessionNotFound, SessionStandby
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(timeout, settings.live_restart_wait_s)
     while True:
         remaining = max(0.5, deadline - loop.time())
         try:
-            return await _call(getattr(actor, method).remote(*args), min(timeout, remaining), raw_actor_errors=True)
-        except (RayActorError, ActorUnavailableError) as e:
+            if method in HEDGED:
+                answer = await _hedged(actors, method, args, min(timeout, remaining))
+            else:
+                answer = await _call(getattr(actors.current, method).remote(*args), min(timeout, remaining),
+                                     raw_actor_errors=True)
+            actors.answered()
+            return answer
+        except (RayActorError, ActorUnavailableError, SessionStandby) as e:
             if loop.time() >= deadline:
                 raise ApiProblem(503, "service.unavailable", f"live session {session_id}: its actor did not come "
                                  f"back within {settings.live_restart_wait_s:g} s ({type(e).__name__})", None,
                                  headers={"Retry-After": "1"}) from None
-            await asyncio.sleep(0.2)
-            actor = _actor(settings, session_id)  # SessionLost once Ray has given it up
+            await asyncio.sleep(0.05 if isinstance(e, SessionStandby) else 0.02)
+            try:  # its standby (taking over), or itself again once Ray has restarted it
+                if isinstance(e, SessionStandby):
+                    actors.standing_by()
+                else:
+                    actors.failed()
+            except SessionNotFound:
+                lost = _lost(settings, session_id)
+                if lost is not None:
+                    raise SessionLost(lost) from None
+                raise ApiProblem(404, "session.not_found", f"no live session {session_id}", "session_id") from None
 
 
 def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
