@@ -325,6 +325,38 @@ def add_skin_texture(image: np.ndarray, landmarks: np.ndarray, seed: int = 0, st
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def close_mouth(photo: np.ndarray) -> np.ndarray:
+    """The astronaut photograph (`skimage.data.astronaut()`, BGR, 512x512) with its smile closed:
+    in each column of the mouth the opening between the lips (the teeth and the dark corners,
+    between contours traced on the photo) is removed by stretching the upper lip down and the
+    lower lip up until they meet at a seam (a per-column remap, so the lips keep their own colour
+    and texture), and the seam is darkened a little. A face whose template mouth is closed, made
+    offline. Returns a new image."""
+    if photo.shape[:2] != (512, 512):
+        raise ValueError(f"close_mouth expects the 512x512 astronaut photograph, got {photo.shape[:2]}")
+    left, right, centre = 201.5, 248.5, 225.0   # the smile's corners (photo pixels)
+    upper_lip, lower_lip = 5.0, 6.0             # lip thickness kept above / below the opening (px)
+    map_x, map_y = np.meshgrid(np.arange(512, dtype=np.float32), np.arange(512, dtype=np.float32))
+    seam_rows = {}
+    for x in range(int(np.floor(left)) - 1, int(np.ceil(right)) + 2):
+        q = np.clip((x - centre) / (right - centre if x >= centre else centre - left), -1.0, 1.0)
+        top = 140.6 + 0.6 * q                                         # the upper lip's inner edge
+        height = 1.0 + 7.6 * (1.0 - q * q) ** 0.9                     # the opening, tallest at the centre
+        bottom = top + height
+        mid = top + 0.45 * height                                     # where the lips meet
+        a, b = top - upper_lip, bottom + lower_lip                     # the band that is remapped
+        y = np.arange(int(np.floor(a)), int(np.ceil(b)) + 1)
+        yf = y.astype(np.float32)
+        src = np.where(yf < mid, a + (yf - a) * (top - a) / (mid - a), bottom + (yf - mid) * (b - bottom) / (b - mid))
+        map_y[y, x] = np.clip(src, a, b)
+        seam_rows[x] = mid
+    closed = cv2.remap(photo.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR)
+    for x, mid in seam_rows.items():  # the seam: a soft darker line where the lips meet
+        y = np.arange(int(mid) - 2, int(mid) + 3)
+        closed[y, x] *= (1.0 - 0.28 * np.exp(-((y - mid + 0.5) / 0.9) ** 2))[:, None]
+    return np.clip(np.rint(closed), 0, 255).astype(np.uint8)
+
+
 def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A still frame (BGR uint8, `size` = (width, height)) of the bundled astronaut photograph
     scaled up so the face fills about 42 % of the height, with fine skin texture drawn after the
