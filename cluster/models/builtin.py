@@ -346,8 +346,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("row_axis", [1], np.int64), const("half", 0.5), const("valley_sharp", VALLEY_SHARP),
         const("valley_from", VALLEY_MIN[0]), const("valley_inv_range", 1.0 / (VALLEY_MIN[1] - VALLEY_MIN[0])),
         const("valley_rows", (2.0 * (np.arange(lr0 + vk, lr1 - vk) + 0.5) / S - 2.0 * lip_y).reshape(-1, 1)),
-        const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S), const("lip_edge", 2.0 * LIP_EDGE), const("teeth_score_from", TEETH_SCORE[0]),
-        const("teeth_score_inv", 1.0 / (TEETH_SCORE[1] - TEETH_SCORE[0])), const("big", 3.0), const("minus_big", -3.0), const("round_press", ROUND_PRESS),
+        const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S),
+        const("lip_edge", 2.0 * LIP_EDGE), const("teeth_score_from", TEETH_SCORE[0]),
+        const("teeth_score_inv", 1.0 / (TEETH_SCORE[1] - TEETH_SCORE[0])), const("big", 3.0),
+        const("minus_big", -3.0), const("round_press", ROUND_PRESS),
         const("zero", 0.0), const("one", 1.0), const("two", 2.0), const("three", 3.0),
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
