@@ -357,15 +357,19 @@ def close_mouth(photo: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(closed), 0, 255).astype(np.uint8)
 
 
-def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0,
+                  closed_mouth: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A still frame (BGR uint8, `size` = (width, height)) of the bundled astronaut photograph
     scaled up so the face fills about 42 % of the height, with fine skin texture drawn after the
     scaling (`add_skin_texture`), and its 5 landmarks [5,2] float32 in frame pixels: a face with
-    real high-frequency detail at high resolution, made offline."""
+    real high-frequency detail at high resolution, made offline. `closed_mouth`: its smile closed
+    first (`close_mouth`)."""
     import skimage.data  # deferred: only the test media need the bundled photograph
 
     width, height = int(size[0]), int(size[1])
     source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    if closed_mouth:
+        source = close_mouth(source)
     matrix = _astronaut_placement(width, height)
     frame = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
     landmarks = (ASTRONAUT_LANDMARKS @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
@@ -386,7 +390,7 @@ def _astronaut_placement(width: int, height: int) -> np.ndarray:
 def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25,
                        size: tuple[int, int] = (320, 240), head_motion: bool = True,
                        audio: np.ndarray | None = None, rotation: int = 0, seed: int = 0,
-                       skin_texture: bool = False, settings: Settings | None = None) -> str:
+                       skin_texture: bool = False, closed_mouth: bool = False, settings: Settings | None = None) -> str:
     """Write a template video of a real photographed face (scikit-image's astronaut) to `path`.
 
     `size` (width, height) is the display size; the face fills about 40% of its height (portrait
@@ -397,7 +401,8 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     player applies (display matrix): the frames are stored pre-rotated so the face is upright
     once displayed. `skin_texture`: the photograph is first scaled to the frame's resolution and
     fine skin texture is drawn on it there (`add_skin_texture`), so a large face has the detail a
-    real camera would see instead of a smooth upscaled photo. Returns `path`.
+    real camera would see instead of a smooth upscaled photo. `closed_mouth`: the face's smile is
+    closed first (`close_mouth`), a template whose mouth is closed. Returns `path`.
     """
     s = settings or get_settings()
     path = os.fspath(path)
@@ -416,6 +421,8 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     import skimage.data  # deferred: only this function needs the bundled photograph
 
     source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    if closed_mouth:
+        source = close_mouth(source)
     x0, y0, x1, y1 = _ASTRONAUT_FACE_BOX
     face_w, face_h = x1 - x0, y1 - y0
     face_c = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])

@@ -148,7 +148,7 @@ TEETH_SCORE = (0.45, 0.55)  # a row of the band whose grey minus twice its chrom
                             # the canonical lip line (under its upper teeth) instead of the valley above them
 LIP_EDGE = 0.007        # an open mouth's lips are sampled this far (fraction of S, times the opening) off the line
 HOLE_NARROWING = 1.2  # rounding narrows the opening between the lips this much more than the lips themselves
-ROUND_PRESS = 0.6   # rounding presses the lips towards each other outside the opening (a closure's field):
+ROUND_PRESS = 0.3   # rounding presses the lips towards each other outside the opening (a closure's field):
                     # pursed, protruding lips around a small round opening
 PRESS_QUIET = (OPEN_FLOOR - 0.8, OPEN_FLOOR)  # own speech-band energy: fully quiet below, not at all from the floor
 PRESS_AHEAD = (-2.2, -1.2)  # speech-band energy of the next ~40 ms at which a closure starts / is full
