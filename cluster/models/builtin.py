@@ -27,13 +27,23 @@ What the graph computes, per batch item:
    of 1700-3000 Hz over that of 1000-1700 Hz above `SPREAD_LOW` (in synthetic speech about -1.8
    for /a/, -1 for /o/, /u/, +0.4 to +0.7 for /e/, /i/). Both are gated by the opening (0 when the
    mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
-   rounding opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow,
-   round opening and /i/, /e/ a wide, flat one.
+   rounding opens it `ROUND_OPEN` of the way further towards full, narrows the opening between the
+   lips `HOLE_NARROWING` more than the lips themselves and purses the lips (a closure's press field,
+   times `ROUND_PRESS`), so /o/, /u/ give a small, round hole between narrowed, pursed lips and
+   /i/, /e/ a wide, flat opening.
 3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
    of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
    the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
    over `PRESS_AHEAD`. It is 0 whenever the mouth opens (the own energy is then above the
    opening's floor) and in a pause (nothing ahead), so silence stays the template, bit for bit.
+4a. **The template's own lip line.** The alignment puts a real face's lip line a few pixels off the
+   canonical one (the astronaut's closed mouth: 8 px above it at S=256). In a band about the
+   canonical line (`LIP_SEARCH`, columns near the mouth's centre) the graph takes each row's grey
+   level, the depth of each row as a valley against the rows `VALLEY_REACH` above and below, and a
+   softmax over those depths: the lip line is the darkest valley (a closed mouth's seam), rounded to
+   whole pixels, and every field below moves with it. Where no row is a clear valley
+   (`VALLEY_MIN`) or the band shows teeth (a row bright and unsaturated: `TEETH_SCORE`, a smile
+   showing its teeth, whose opening belongs under the upper teeth) the canonical line is kept.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -50,15 +60,20 @@ What the graph computes, per batch item:
    by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
    lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
    close over most of them) and closed lips get thinner, pressed.
-5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
-   mouth interior faded in (smoothstep) over `SHADE_SOFT` of opened gap at either lip, so its
-   edge is soft and the corners, where the lips barely part, taper into the template's own lip
-   line instead of ending in a dark point. Its colour follows t, 0 under the upper lip to 1 over
-   the lower lip (from the lift and drop times `lens` at that column): `LIP_BGR` (wet, reddish)
-   in a rim along the lips, darkening towards `THROAT_BGR` half-way (the back of the mouth, a dark
-   red-brown, not black), `TONGUE_BGR` in the lower part, and a band of `TEETH_BGR` (upper teeth)
-   under the upper lip once the opening passes `TEETH_FROM`. A closure darkens the lip line where
-   the lips meet by up to `PRESS_SEAM` (the seam).
+5. **Inside of the mouth.** The opening (where the source row was clamped; an open mouth's rows
+   are clamped up to `LIP_EDGE` off the lip line, so each lip's inner edge is stretched, not a
+   closed mouth's dark seam) is filled with a mouth interior faded in (smoothstep) over
+   `SHADE_SOFT` of opened gap at either lip, so its edge is soft and the corners, where the lips
+   barely part, taper into the template's own lip line. The gap (how far past the lip line a row
+   was stretched) is 0 at either lip's inner contour and largest at the lip line at the centre of
+   the opening, so it is the opening's depth: the colour goes from `LIP_BGR` (a wet, reddish rim;
+   `TONGUE_BGR` behind the lower lip of a wide opening) to `THROAT_BGR` (the back of the mouth)
+   as the gap reaches `DEEP_GAP`: a small opening and the corners stay reddish, a wide one is dark
+   at its centre. Once the opening passes `TEETH_FROM` a band of `TEETH_BGR` (upper teeth, a
+   little darker deeper in) hangs under the upper lip with an edge of its own, fading out towards
+   the lip line (`TEETH_END`) and the corners; pursed lips hide it, and a template that shows its
+   own teeth (step 4a) gets none. A closure darkens the lip line where the lips meet by up to
+   `PRESS_SEAM` (the seam).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
@@ -69,7 +84,8 @@ trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CP
 crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
 crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms);
 v5's closure, F2 band and softer shading about 0.3 ms per crop more (one thread, batch of 16,
-side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10).
+side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10); v6's lip-line search and
+depth shading: see docs/PERFORMANCE.md (`bench/builtin_cost.py`).
 """
 from __future__ import annotations
 
@@ -88,7 +104,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
