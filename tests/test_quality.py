@@ -148,12 +148,11 @@ def test_metrics_on_a_builtin_render_pasted_back(tmp_path, closed_mouth):
     bit for bit; speech opens a dark mouth that grows with loudness."""
     import skimage.data
 
-    from cluster.quality import opening_shape
-    from cluster.synth import close_mouth
-
     from cluster.config import Settings
     from cluster.faces.align import alignment_matrices, cut_crops, paste_back
     from cluster.models import load_model
+    from cluster.quality import opening_shape
+    from cluster.synth import close_mouth
 
     # skimage's astronaut photograph and its 5 MTCNN landmarks
     landmarks = np.array([[203.3, 101.2], [247.6, 103.5], [223.4, 128.7], [200.3, 139.7], [245.7, 143.0]], np.float32)
