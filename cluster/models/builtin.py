@@ -29,8 +29,9 @@ What the graph computes, per batch item:
    mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
    rounding opens it `ROUND_OPEN` of the way further towards full, narrows the opening between the
    lips `HOLE_NARROWING` more than the lips themselves and purses the lips (a closure's press field,
-   times `ROUND_PRESS`), so /o/, /u/ give a small, round hole between narrowed, pursed lips and
-   /i/, /e/ a wide, flat opening.
+   times `ROUND_PRESS`); on a template that shows its teeth (step 4a) it also moves the upper lip
+   down over them, rigidly (`COVER_UP`, the skin above it stretching). So /o/, /u/ give a small,
+   round hole between narrowed, pursed lips and /i/, /e/ a wide, flat opening.
 3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
    of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
    the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
@@ -163,6 +164,9 @@ TEETH_SCORE = (0.45, 0.55)  # a row of the band whose grey minus twice its chrom
                             # these shows teeth (bright, unsaturated): a template smiling with its teeth keeps
                             # the canonical lip line (under its upper teeth) instead of the valley above them
 LIP_EDGE = 0.007        # an open mouth's lips are sampled this far (fraction of S, times the opening) off the line
+COVER_UP = 0.024    # rounding on a template that shows its teeth: the upper lip moves down this far (of S) ...
+COVER_RIGID = 0.02  # ... rigidly up to this far above the lip line, falling off to 0 ...
+COVER_REACH = 0.075 # ... this far above it
 HOLE_NARROWING = 1.2  # rounding narrows the opening between the lips this much more than the lips themselves
 ROUND_PRESS = 0.3   # rounding presses the lips towards each other outside the opening (a closure's field):
                     # pursed, protruding lips around a small round opening
@@ -255,6 +259,9 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
 
     # a closure (/m b p/): upper lip down, lower lip up, meeting at the lip line across the mouth
     lens_press = np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0))
+    # pursed lips over a template's teeth: the upper lip moves down rigidly over the upper teeth,
+    # the skin above it stretching
+    cover = np.where(depth < 0, -COVER_UP * _falloff(-depth, COVER_RIGID, COVER_REACH), 0.0) * lens_press * inside
     press = np.where(depth < 0, -PRESS_UP * _falloff(-depth, 0.0, PRESS_REACH),
                      PRESS_LOW * _falloff(depth, 0.0, PRESS_REACH)) * lens_press * inside
     seam = np.exp(-((depth + 0.5 / S) / SEAM_HALF) ** 2) * lens_press * blend
@@ -276,12 +283,14 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
         "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
         "blend": blend,
         "lens": lens * (np.abs(X - mx) < span),
+        "d_cover_y": 2.0 * cover,
     }
 
 
 def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
-    """The warp at full opening, at full rounding, at full spreading and at a full closure never
-    folds (source coordinates monotone) and every displacement lies inside JAW_REGION."""
+    """The warp at full opening, at full rounding, at full spreading, at a full closure and with
+    the upper lip over the teeth never folds (source coordinates monotone) and every displacement
+    lies inside JAW_REGION."""
     for k in (1.0, -SPREAD_WIDTH):
         src_x = f["base_x"][None, :] + k * f["d_round_x"]
         # the opening field is read at the narrowed columns, as the graph does with GridSample
@@ -290,10 +299,13 @@ def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
                            f["clamp_hi_y"][:, None])
         if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
             raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
-    src_y = f["base_y"][:, None] + f["d_press_y"]
-    if np.any(np.diff(src_y, axis=0) < -1e-9):
-        raise AssertionError(f"built-in closure folds at S={size}")
-    moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
+    for name, field in (("closure", f["d_press_y"]), ("cover", f["d_cover_y"]),
+                        ("cover + pucker", f["d_cover_y"] + ROUND_PRESS * f["d_press_y"])):
+        src_y = f["base_y"][:, None] + field
+        if np.any(np.diff(src_y, axis=0) < -1e-9):
+            raise AssertionError(f"built-in {name} folds at S={size}")
+    moved = ((np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
+             | (np.abs(f["d_cover_y"]) > 0))
     if np.any(moved & (f["blend"] <= 0)):
         raise AssertionError(f"built-in warp displaces pixels outside JAW_REGION at S={size}")
 
@@ -370,9 +382,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("d_fields", np.stack([f["d_open_y"], f["lens"], f["d_press_y"], f["seam"]]).reshape(1, 4, S, S)),
+        const("d_fields", np.stack([f["d_open_y"], f["lens"], f["d_press_y"], f["seam"],
+                                       f["d_cover_y"]]).reshape(1, 5, S, S)),
         const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
-        const("field_tail_shape", [4, S, S], np.int64),
+        const("field_tail_shape", [5, S, S], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
@@ -468,6 +481,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("ReduceMax", ["valley"], ["valley_max"], axes=[1], keepdims=1),
         *_ramp_nodes("valley_max", "valley_from", "valley_inv_range", "valley_found"),
         N("Sub", ["one", "teeth_seen"], ["no_teeth"]),
+        N("Reshape", ["no_teeth", "scalar_shape"], ["no_teeth4"]),
         N("Mul", ["valley_found", "no_teeth"], ["lip_found"]),
         N("Mul", ["lip_dy0", "lip_found"], ["lip_dy1"]),
         N("Mul", ["lip_dy1", "half_s"], ["lip_dy_px0"]),                          # whole pixels: the fields'
@@ -493,10 +507,14 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,4,S,S]
         N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "lens_at", "d_press_at", "seam_at"], axis=1),  # [B,1,h,w]
+        N("Split", ["d_fields_at"], ["d_open_at", "lens_at", "d_press_at", "seam_at", "d_cover_at"], axis=1),
         N("Mul", ["opening4", "d_open_at"], ["shift_open"]),
         N("Mul", ["lips_press4", "d_press_at"], ["shift_press"]),
-        N("Add", ["shift_open", "shift_press"], ["shift_nchw"]),
+        N("Add", ["shift_open", "shift_press"], ["shift_op"]),
+        N("Sub", ["one", "no_teeth4"], ["teeth_seen4"]),
+        N("Mul", ["round_only4", "teeth_seen4"], ["cover4"]),
+        N("Mul", ["cover4", "d_cover_at"], ["shift_cover"]),
+        N("Add", ["shift_op", "shift_cover"], ["shift_nchw"]),
         N("Transpose", ["shift_nchw"], ["shift_y"], perm=[0, 2, 3, 1]),          # [B,h,w,1]
         # an opened mouth samples each lip's inner edge, up to LIP_EDGE off the line (not the line
         # itself: a closed mouth's dark seam would be stretched over the opening)
@@ -538,7 +556,6 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         *_smoothstep_nodes("teeth_o", "teeth_on0"),                               # [B,1,1,1]
         N("Sub", ["one", "round_only4"], ["unrounded4"]),
         N("Mul", ["teeth_on0", "unrounded4"], ["teeth_on1"]),                     # pursed lips hide them
-        N("Reshape", ["no_teeth", "scalar_shape"], ["no_teeth4"]),
         N("Mul", ["teeth_on1", "no_teeth4"], ["teeth_on"]),                       # the template shows its own
         # the rim (just inside the lips): wet, reddish; behind the lower lip the tongue's colour
         N("Mul", ["lower_side", "teeth_on"], ["tongue_w"]),
