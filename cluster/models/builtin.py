@@ -367,6 +367,13 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("deep_inv", 1.0 / (2.0 * DEEP_GAP)), const("teeth_edge_inv", 1.0 / (2.0 * 0.004)),
         const("teeth_shade", TEETH_SHADE),
         const("hole_narrowing", HOLE_NARROWING),
+        const("mouth_x", 2.0 * mx - 1.0), const("inv_span", 1.0 / (2.0 * MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH)),
+        const("nchw_shape", [-1, 1, h, w], np.int64), const("nhwc_shape", [-1, h, w, 1], np.int64),
+        const("base_y_col", f["base_y"][r0:r1].reshape(1, 1, h, 1)),
+        const("seam_off", 1.0 / S), const("seam_inv", 1.0 / (2.0 * SEAM_HALF)),
+        const("seam_cols", np.sqrt(np.clip(1.0 - ((f["base_x"][c0:c1] - (2.0 * mx - 1.0))
+                                                 / (2.0 * MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH)) ** 2, 0.0, 1.0))
+              .reshape(1, 1, 1, w)),
         const("lip_band_starts", [lr0, lc0], np.int64), const("lip_band_ends", [lr1, lc1], np.int64),
         const("valley_up_starts", [0], np.int64), const("valley_up_ends", [lr1 - lr0 - 2 * vk], np.int64),
         const("valley_mid_starts", [vk], np.int64), const("valley_mid_ends", [lr1 - lr0 - vk], np.int64),
@@ -382,10 +389,9 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("d_fields", np.stack([f["d_open_y"], f["lens"], f["d_press_y"], f["seam"],
-                                       f["d_cover_y"]]).reshape(1, 5, S, S)),
+        const("d_fields", np.stack([f["d_open_y"], f["d_press_y"], f["d_cover_y"]]).reshape(1, 3, S, S)),
         const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
-        const("field_tail_shape", [5, S, S], np.int64),
+        const("field_tail_shape", [3, S, S], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
@@ -504,10 +510,17 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Concat", ["field_x", "field_y"], ["grid_narrow"], axis=3),
         N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
         N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
-        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,4,S,S]
+        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,3,S,S]
         N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "lens_at", "d_press_at", "seam_at", "d_cover_at"], axis=1),
+        N("Split", ["d_fields_at"], ["d_open_at", "d_press_at", "d_cover_at"], axis=1),  # [B,1,h,w]
+        # the lens profile (the opening's height across the mouth) at the narrowed columns, computed
+        N("Sub", ["field_x", "mouth_x"], ["lens_d"]),
+        N("Mul", ["lens_d", "inv_span"], ["lens_q"]),
+        N("Mul", ["lens_q", "lens_q"], ["lens_qq"]),
+        N("Sub", ["one", "lens_qq"], ["lens_0"]),
+        N("Clip", ["lens_0", "zero", "one"], ["lens_nhwc"]),
+        N("Reshape", ["lens_nhwc", "nchw_shape"], ["lens_at"]),                  # [B,1,h,w]
         N("Mul", ["opening4", "d_open_at"], ["shift_open"]),
         N("Mul", ["lips_press4", "d_press_at"], ["shift_press"]),
         N("Add", ["shift_open", "shift_press"], ["shift_op"]),
@@ -515,12 +528,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["round_only4", "teeth_seen4"], ["cover4"]),
         N("Mul", ["cover4", "d_cover_at"], ["shift_cover"]),
         N("Add", ["shift_op", "shift_cover"], ["shift_nchw"]),
-        N("Transpose", ["shift_nchw"], ["shift_y"], perm=[0, 2, 3, 1]),          # [B,h,w,1]
+        N("Reshape", ["shift_nchw", "nhwc_shape"], ["shift_y"]),                 # [B,h,w,1]
         # an opened mouth samples each lip's inner edge, up to LIP_EDGE off the line (not the line
         # itself: a closed mouth's dark seam would be stretched over the opening)
         N("Mul", ["opening4", "lip_edge"], ["lip_edge4"]),
         N("Mul", ["lens_at", "lip_edge4"], ["lip_edge_nchw"]),
-        N("Transpose", ["lip_edge_nchw"], ["lip_edge_y"], perm=[0, 2, 3, 1]),    # [B,h,w,1]
+        N("Reshape", ["lip_edge_nchw", "nhwc_shape"], ["lip_edge_y"]),           # [B,h,w,1]
         N("Add", ["lip_at", "lip_edge_y"], ["lip_lower_edge"]),
         N("Sub", ["lip_at", "lip_edge_y"], ["lip_upper_edge"]),
         N("Where", ["row_below", "lip_lower_edge", "minus_big"], ["clamp_lo_y"]),
@@ -538,7 +551,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         #    wide opening) to the dark back of the mouth, and a band of upper teeth hangs under the
         #    upper lip once the mouth is wide open
         N("Sub", ["grid_y", "src_y"], ["gap_signed"]),                           # < 0 under the upper lip
-        N("Transpose", ["gap_signed"], ["gap_s_nchw"], perm=[0, 3, 1, 2]),        # [B,1,h,w] grid units
+        N("Reshape", ["gap_signed", "nchw_shape"], ["gap_s_nchw"]),               # [B,1,h,w] grid units
         N("Abs", ["gap_s_nchw"], ["gap_nchw"]),                                   # 0 at either lip
         N("Mul", ["gap_nchw", "shade_inv_soft"], ["alpha_t0"]),
         N("Clip", ["alpha_t0", "zero", "one"], ["alpha_t"]),
@@ -593,7 +606,14 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Add", ["shaded_inner", "to_teeth_w"], ["shaded_open"]),
         # a closure's seam: the lip line, where the pressed lips meet, a little darker
         N("Mul", ["press4", "press_seam"], ["seam_k"]),
-        N("Mul", ["seam_at", "seam_k"], ["seam_w"]),
+        N("Sub", ["base_y_col", "lip_at"], ["seam_d0"]),                          # [B,1,h,1]
+        N("Add", ["seam_d0", "seam_off"], ["seam_d1"]),
+        N("Mul", ["seam_d1", "seam_inv"], ["seam_d2"]),
+        N("Mul", ["seam_d2", "seam_d2"], ["seam_d3"]),
+        N("Neg", ["seam_d3"], ["seam_d4"]),
+        N("Exp", ["seam_d4"], ["seam_rows"]),
+        N("Mul", ["seam_rows", "seam_k"], ["seam_rows_k"]),
+        N("Mul", ["seam_rows_k", "seam_cols"], ["seam_w"]),                     # [B,1,h,w]
         N("Sub", ["one", "seam_w"], ["seam_keep"]),
         N("Mul", ["shaded_open", "seam_keep"], ["shaded"]),
         # 6. blend inside JAW_REGION only
