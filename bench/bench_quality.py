@@ -6,11 +6,13 @@ built-in model, paste-back, H.264 encode, finalise), decodes the output and prin
 metric, the same quality numbers as tests/test_lipsync_quality.py, plus the render throughput:
 cold (avatar preparation included) and warm (a second job on the cached avatar).
 
-    python bench/bench_quality.py [--seconds 20] [--size 640x480] [--skin-texture] [--png strip.png]
+    python bench/bench_quality.py [--seconds 20] [--size 640x480] [--skin-texture] [--closed-mouth] [--png strip.png]
 
 `--skin-texture` draws fine skin texture (grain, pores, wrinkle lines) on the photo at the frame's
 resolution (`cluster.synth.add_skin_texture`): with `--size 1920x1080` a face with high-frequency
 detail at high resolution, on which `lip texture ratio` is the paste-back's test (target 0.92-1.1).
+`--closed-mouth` closes the photo's smile first (`cluster.synth.close_mouth`): a template whose mouth
+is closed, on which the opening must appear on speech and the silent frames stay the template.
 The mouth's shape by vowel class: the opening's width / height on loud frames of rounded vowels
 (/o/, /u/) and of spread ones (/i/, /e/), from the synthesised speech's own syllable plan.
 
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--template-seconds", type=float, default=4.0)
     ap.add_argument("--size", default="640x480", help="template WIDTHxHEIGHT")
     ap.add_argument("--skin-texture", action="store_true", help="fine skin texture drawn at the frame's resolution")
+    ap.add_argument("--closed-mouth", action="store_true", help="the photo's smile closed: a closed-mouth template")
     ap.add_argument("--png", default=None, help="write the template|output strip of loud frames and a silent one")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -105,7 +108,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-quality-") as d:
         s = Settings(storage_root=os.path.join(d, "storage"))
         video = astronaut_template(os.path.join(d, "template.mp4"), seconds=args.template_seconds, fps=25,
-                                   size=(width, height), seed=5, skin_texture=args.skin_texture)
+                                   size=(width, height), seed=5, skin_texture=args.skin_texture,
+                                   **({"closed_mouth": True} if args.closed_mouth else {}))
         audio = write_audio(os.path.join(d, "speech.wav"), speech_like(args.seconds, seed=11))
         model = load_model("builtin", s)
 
@@ -129,7 +133,7 @@ def main() -> None:
         quiet = energy < SILENCE_FRACTION * float(energy.max())
         silent = quiet & np.roll(quiet, 1) & np.roll(quiet, -1)
 
-        textured = " skin-textured" if args.skin_texture else ""
+        textured = (" skin-textured" if args.skin_texture else "") + (" closed-mouth" if args.closed_mouth else "")
         print(f"case                 : {width}x{height}{textured} template of {avatar.frame_count} frames, "
               f"{args.seconds:g} s speech -> {n} frames ({info.video.frame_count} in the file), "
               f"model {model.size}px, crf {s.crf}")

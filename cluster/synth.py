@@ -325,15 +325,51 @@ def add_skin_texture(image: np.ndarray, landmarks: np.ndarray, seed: int = 0, st
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def close_mouth(photo: np.ndarray) -> np.ndarray:
+    """The astronaut photograph (`skimage.data.astronaut()`, BGR, 512x512) with its smile closed:
+    in each column of the mouth the opening between the lips (the teeth and the dark corners,
+    between contours traced on the photo) is removed by stretching the upper lip down and the
+    lower lip up until they meet at a seam (a per-column remap, so the lips keep their own colour
+    and texture), and the seam is darkened a little. A face whose template mouth is closed, made
+    offline. Returns a new image."""
+    if photo.shape[:2] != (512, 512):
+        raise ValueError(f"close_mouth expects the 512x512 astronaut photograph, got {photo.shape[:2]}")
+    left, right, centre = 201.5, 248.5, 225.0   # the smile's corners (photo pixels)
+    upper_lip, lower_lip = 5.0, 6.0             # lip thickness kept above / below the opening (px)
+    map_x, map_y = np.meshgrid(np.arange(512, dtype=np.float32), np.arange(512, dtype=np.float32))
+    seam_rows = {}
+    for x in range(int(np.floor(left)) - 1, int(np.ceil(right)) + 2):
+        q = np.clip((x - centre) / (right - centre if x >= centre else centre - left), -1.0, 1.0)
+        top = 140.6 + 0.6 * q                                         # the upper lip's inner edge
+        height = 1.0 + 7.6 * (1.0 - q * q) ** 0.9                     # the opening, tallest at the centre
+        bottom = top + height
+        mid = top + 0.45 * height                                     # where the lips meet
+        a, b = top - upper_lip, bottom + lower_lip                     # the band that is remapped
+        y = np.arange(int(np.floor(a)), int(np.ceil(b)) + 1)
+        yf = y.astype(np.float32)
+        src = np.where(yf < mid, a + (yf - a) * (top - a) / (mid - a), bottom + (yf - mid) * (b - bottom) / (b - mid))
+        map_y[y, x] = np.clip(src, a, b)
+        seam_rows[x] = mid
+    closed = cv2.remap(photo.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR)
+    for x, mid in seam_rows.items():  # the seam: a soft darker line where the lips meet
+        y = np.arange(int(mid) - 2, int(mid) + 3)
+        closed[y, x] *= (1.0 - 0.28 * np.exp(-((y - mid + 0.5) / 0.9) ** 2))[:, None]
+    return np.clip(np.rint(closed), 0, 255).astype(np.uint8)
+
+
+def textured_face(size: tuple[int, int] = (1920, 1080), seed: int = 0,
+                  closed_mouth: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A still frame (BGR uint8, `size` = (width, height)) of the bundled astronaut photograph
     scaled up so the face fills about 42 % of the height, with fine skin texture drawn after the
     scaling (`add_skin_texture`), and its 5 landmarks [5,2] float32 in frame pixels: a face with
-    real high-frequency detail at high resolution, made offline."""
+    real high-frequency detail at high resolution, made offline. `closed_mouth`: its smile closed
+    first (`close_mouth`)."""
     import skimage.data  # deferred: only the test media need the bundled photograph
 
     width, height = int(size[0]), int(size[1])
     source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    if closed_mouth:
+        source = close_mouth(source)
     matrix = _astronaut_placement(width, height)
     frame = cv2.warpAffine(source, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
     landmarks = (ASTRONAUT_LANDMARKS @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
@@ -354,7 +390,7 @@ def _astronaut_placement(width: int, height: int) -> np.ndarray:
 def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25,
                        size: tuple[int, int] = (320, 240), head_motion: bool = True,
                        audio: np.ndarray | None = None, rotation: int = 0, seed: int = 0,
-                       skin_texture: bool = False, settings: Settings | None = None) -> str:
+                       skin_texture: bool = False, closed_mouth: bool = False, settings: Settings | None = None) -> str:
     """Write a template video of a real photographed face (scikit-image's astronaut) to `path`.
 
     `size` (width, height) is the display size; the face fills about 40% of its height (portrait
@@ -365,7 +401,8 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     player applies (display matrix): the frames are stored pre-rotated so the face is upright
     once displayed. `skin_texture`: the photograph is first scaled to the frame's resolution and
     fine skin texture is drawn on it there (`add_skin_texture`), so a large face has the detail a
-    real camera would see instead of a smooth upscaled photo. Returns `path`.
+    real camera would see instead of a smooth upscaled photo. `closed_mouth`: the face's smile is
+    closed first (`close_mouth`), a template whose mouth is closed. Returns `path`.
     """
     s = settings or get_settings()
     path = os.fspath(path)
@@ -384,6 +421,8 @@ def astronaut_template(path: str, seconds: float = 3.0, fps: Fraction | int = 25
     import skimage.data  # deferred: only this function needs the bundled photograph
 
     source = cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+    if closed_mouth:
+        source = close_mouth(source)
     x0, y0, x1, y1 = _ASTRONAUT_FACE_BOX
     face_w, face_h = x1 - x0, y1 - y0
     face_c = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])

@@ -562,6 +562,61 @@ def test_builtin_rounded_vowel_opens_narrower(builtin256):
     assert real_widths[1] < real_widths[0], real_widths
 
 
+def closed_mouth_crop(size: int) -> np.ndarray:
+    """`real_crop` of the astronaut photo with its smile closed (`cluster.synth.close_mouth`): a
+    template whose mouth is closed, its lip line (the seam) a few pixels above the canonical one."""
+    import skimage.data
+
+    from cluster.synth import close_mouth
+
+    image = close_mouth(np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1]))
+    matrix, _ = cv2.estimateAffinePartial2D(ASTRONAUT_LANDMARKS, canonical.canonical_points(size), method=cv2.LMEDS)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def test_builtin_opens_a_closed_mouth_at_its_own_lip_line(builtin256):
+    """On a template whose mouth is closed, speech opens the mouth where the lips meet (the seam,
+    found by the graph) rather than at the canonical lip line; the opening is darkest at its centre
+    (the back of the mouth) and lighter towards its corners, with a lighter band of upper teeth under
+    the upper lip at full opening; a rounded vowel opens a much narrower hole; silence is the
+    template, bit for bit."""
+    from cluster.quality import opening_shape
+
+    size = builtin256.size
+    crop = closed_mouth_crop(size)
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    grey = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)[:, mx - 8:mx + 9].astype(np.float64).mean(axis=1)
+    seam = my - 16 + int(np.argmin(grey[my - 16:my + 8]))
+    assert seam <= my - 4, (seam, my)  # the template's lip line lies above the canonical one
+    mels = np.concatenate([mel_window(vowel(VOWEL_A, -18)), mel_window(vowel(VOWEL_U, -18)),
+                           np.full((1, 1, 80, 16), -4.0, np.float32)])
+    crops = np.repeat(crop[None], 3, axis=0)
+    out = builtin256.generate(mels, crops)
+    assert np.array_equal(out[2], crop)
+    identity = np.repeat(np.array([[[1, 0, 0], [0, 1, 0]]], np.float32), 3, axis=0)
+    shape = opening_shape(out, crops, identity, size)
+    assert shape[0, 1] >= 6 and shape[1, 1] >= 4, shape
+    assert shape[1, 0] < 0.6 * shape[0, 0], shape  # /u/: a small round hole between pursed lips
+    g_out = cv2.cvtColor(out[0], cv2.COLOR_BGR2GRAY).astype(np.float64)
+    g_ref = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float64)
+    column = g_out[:, mx - 2:mx + 3].mean(axis=1)
+    gap = np.flatnonzero(g_ref[:, mx - 2:mx + 3].mean(axis=1) - column > 30)
+    print(f"\n[builtin] closed mouth: seam row {seam}, canonical lip row {my}, opened rows {gap.min()}-{gap.max()}, "
+          f"shapes (w, h) /a/ {shape[0].tolist()}, /u/ {shape[1].tolist()}")
+    assert gap.min() <= seam + 1 and gap.max() >= seam + 3, (gap, seam)
+    assert abs(0.5 * (gap.min() + gap.max()) - seam) < abs(0.5 * (gap.min() + gap.max()) - my), (gap, seam, my)
+    deepest = column[gap].min()
+    teeth = column[gap[:max(2, gap.size // 3)]].max()  # the upper third of the opening
+    assert teeth > deepest + 60, (teeth, deepest)
+    # darker at the centre than towards the corners (at 60 % of the opening's half-width)
+    dark = (g_ref - g_out > 30) & (g_out < 0.55 * np.median(g_ref))
+    cols = np.flatnonzero(dark.any(axis=0))
+    half = 0.5 * (cols.max() - cols.min())
+    side = [int(round(0.5 * (cols.min() + cols.max()) + k * 0.6 * half)) for k in (-1, 1)]
+    side_grey = np.mean([g_out[dark[:, c], c].mean() for c in side])
+    assert g_out[dark[:, mx], mx].min() < side_grey - 15, (g_out[dark[:, mx], mx], side_grey)
+
+
 def test_builtin_is_deterministic_and_fast(builtin256):
     rng = np.random.default_rng(3)
     mels = rng.uniform(-4, 2, (16, 1, 80, 16)).astype(np.float32)

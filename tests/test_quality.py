@@ -141,17 +141,23 @@ def test_seam_score_is_high_for_a_hard_edge(scene):
     assert math.isnan(seam_score(frames, np.stack([frame_to_crop(0, 1.0, centre=(-500.0, -500.0))] * 4), SIZE))
 
 
-def test_metrics_on_a_builtin_render_pasted_back(tmp_path):
-    """End to end on a real face: built-in model -> paste-back -> metrics."""
+@pytest.mark.parametrize("closed_mouth", [False, True], ids=["smiling", "closed-mouth"])
+def test_metrics_on_a_builtin_render_pasted_back(tmp_path, closed_mouth):
+    """End to end on a real face, smiling with its teeth or with its mouth closed
+    (`cluster.synth.close_mouth`): built-in model -> paste-back -> metrics. Silence is the frame,
+    bit for bit; speech opens a dark mouth that grows with loudness."""
     import skimage.data
 
     from cluster.config import Settings
     from cluster.faces.align import alignment_matrices, cut_crops, paste_back
     from cluster.models import load_model
+    from cluster.quality import opening_shape
+    from cluster.synth import close_mouth
 
     # skimage's astronaut photograph and its 5 MTCNN landmarks
     landmarks = np.array([[203.3, 101.2], [247.6, 103.5], [223.4, 128.7], [200.3, 139.7], [245.7, 143.0]], np.float32)
-    frames = np.repeat(np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1])[None], 4, axis=0)
+    photo = np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1])
+    frames = np.repeat((close_mouth(photo) if closed_mouth else photo)[None], 4, axis=0)
     size = 256
     matrices = alignment_matrices(np.repeat(landmarks[None], 4, axis=0), size)
     crops = cut_crops(frames, matrices, size)
@@ -165,6 +171,9 @@ def test_metrics_on_a_builtin_render_pasted_back(tmp_path):
     assert pearson(motion, loudness) > 0.9
     assert psnr_outside_mask(out, frames, matrices, size) == math.inf
     assert seam_score(out, matrices, size) < 1.3
+    assert np.array_equal(out[0], frames[0])
+    heights = np.nan_to_num(opening_shape(out, frames, matrices, size)[:, 1])
+    assert heights[0] == 0 and heights[-1] >= 6 and heights[-1] >= heights[1], heights
 
 
 def test_lip_texture_survives_paste_back_on_a_textured_1080p_face(tmp_path):

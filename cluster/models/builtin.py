@@ -27,13 +27,24 @@ What the graph computes, per batch item:
    of 1700-3000 Hz over that of 1000-1700 Hz above `SPREAD_LOW` (in synthetic speech about -1.8
    for /a/, -1 for /o/, /u/, +0.4 to +0.7 for /e/, /i/). Both are gated by the opening (0 when the
    mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
-   rounding opens it `ROUND_OPEN` of the way further towards full, so /o/, /u/ give a narrow,
-   round opening and /i/, /e/ a wide, flat one.
+   rounding opens it `ROUND_OPEN` of the way further towards full, narrows the opening between the
+   lips `HOLE_NARROWING` more than the lips themselves and purses the lips (a closure's press field,
+   times `ROUND_PRESS`); on a template that shows its teeth (step 4a) it also moves the upper lip
+   down over them, rigidly (`COVER_UP`, the skin above it stretching). So /o/, /u/ give a small,
+   round hole between narrowed, pursed lips and /i/, /e/ a wide, flat opening.
 3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
    of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
    the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
    over `PRESS_AHEAD`. It is 0 whenever the mouth opens (the own energy is then above the
    opening's floor) and in a pause (nothing ahead), so silence stays the template, bit for bit.
+4a. **The template's own lip line.** The alignment puts a real face's lip line a few pixels off the
+   canonical one (the astronaut's closed mouth: 8 px above it at S=256). In a band about the
+   canonical line (`LIP_SEARCH`, columns near the mouth's centre) the graph takes each row's grey
+   level, the depth of each row as a valley against the rows `VALLEY_REACH` above and below, and a
+   softmax over those depths: the lip line is the darkest valley (a closed mouth's seam), rounded to
+   whole pixels, and every field below moves with it. Where no row is a clear valley
+   (`VALLEY_MIN`) or the band shows teeth (a row bright and unsaturated: `TEETH_SCORE`, a smile
+   showing its teeth, whose opening belongs under the upper teeth) the canonical line is kept.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -50,15 +61,20 @@ What the graph computes, per batch item:
    by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
    lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
    close over most of them) and closed lips get thinner, pressed.
-5. **Inside of the mouth.** The opening (where the source row was clamped) is filled with a
-   mouth interior faded in (smoothstep) over `SHADE_SOFT` of opened gap at either lip, so its
-   edge is soft and the corners, where the lips barely part, taper into the template's own lip
-   line instead of ending in a dark point. Its colour follows t, 0 under the upper lip to 1 over
-   the lower lip (from the lift and drop times `lens` at that column): `LIP_BGR` (wet, reddish)
-   in a rim along the lips, darkening towards `THROAT_BGR` half-way (the back of the mouth, a dark
-   red-brown, not black), `TONGUE_BGR` in the lower part, and a band of `TEETH_BGR` (upper teeth)
-   under the upper lip once the opening passes `TEETH_FROM`. A closure darkens the lip line where
-   the lips meet by up to `PRESS_SEAM` (the seam).
+5. **Inside of the mouth.** The opening (where the source row was clamped; an open mouth's rows
+   are clamped up to `LIP_EDGE` off the lip line, so each lip's inner edge is stretched, not a
+   closed mouth's dark seam) is filled with a mouth interior faded in (smoothstep) over
+   `SHADE_SOFT` of opened gap at either lip, so its edge is soft and the corners, where the lips
+   barely part, taper into the template's own lip line. The gap (how far past the lip line a row
+   was stretched) is 0 at either lip's inner contour and largest at the lip line at the centre of
+   the opening, so it is the opening's depth: the colour goes from `LIP_BGR` (a wet, reddish rim;
+   `TONGUE_BGR` behind the lower lip of a wide opening) to `THROAT_BGR` (the back of the mouth)
+   as the gap reaches `DEEP_GAP`: a small opening and the corners stay reddish, a wide one is dark
+   at its centre. Once the opening passes `TEETH_FROM` a band of `TEETH_BGR` (upper teeth, a
+   little darker deeper in) hangs under the upper lip with an edge of its own, fading out towards
+   the lip line (`TEETH_END`) and the corners; pursed lips hide it, and a template that shows its
+   own teeth (step 4a) gets none. A closure darkens the lip line where the lips meet by up to
+   `PRESS_SEAM` (the seam).
 6. **Blend.** out = ref + W * (shaded - ref), W a smooth weight that is exactly 0 outside
    `JAW_REGION`, so no pixel outside the region can change; with opening 0 the grid is the
    identity and the output equals the reference (to float rounding).
@@ -69,7 +85,8 @@ trained weights, and ran (v3) a batch of 16 crops of 256 px in about 13 ms of CP
 crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs about 0.5 ms per
 crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms);
 v5's closure, F2 band and softer shading about 0.3 ms per crop more (one thread, batch of 16,
-side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10).
+side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10); v6's lip-line search and
+depth shading: see docs/PERFORMANCE.md (`bench/builtin_cost.py`).
 """
 from __future__ import annotations
 
@@ -88,7 +105,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -133,6 +150,26 @@ ROUND_AXES = (0.20, 0.075)  # the ellipse (about the lip line) in which rounding
 ROUND_FADE = 0.8    # ... fading from its centre over this fraction of its radius
 BLEND_FADE = 0.2    # the blend weight fades from 1 to 0 over the outer 20 % of JAW_REGION
 SHADE_SOFT = 0.024  # gap depth (fraction of S) over which the inside of the mouth fades in at either lip
+DEEP_GAP = 0.034    # gap depth (fraction of S) at which the inside is darkest (the back of the mouth): shallow
+                    # parts (the corners, near the lips, a small opening) stay the lighter, reddish rim colour
+LIP_SEARCH = (-0.045, 0.015)  # where the template's own lip line is looked for: rows (fraction of S) about the
+                              # canonical lip line (the alignment puts a real face's lip line a few pixels off)
+LIP_SEARCH_HALF = 0.35  # ... over the columns within this fraction of MOUTH_HALF_WIDTH of the mouth's centre
+VALLEY_REACH = 0.012    # the lip line is the darkest row relative to the rows this far (fraction of S) above
+                        # and below it (a closed mouth's seam, the shadow between the lips) ...
+VALLEY_MIN = (0.05, 0.10)  # ... found (fully) when that valley is deeper than these (grey, 0-1); the
+                           # canonical lip line is kept where no row is that dark (e.g. teeth)
+VALLEY_SHARP = 60.0     # softmax sharpness over the valley depths (grey units)
+TEETH_SCORE = (0.45, 0.55)  # a row of the band whose grey minus twice its chroma (max - min of B, G, R) exceeds
+                            # these shows teeth (bright, unsaturated): a template smiling with its teeth keeps
+                            # the canonical lip line (under its upper teeth) instead of the valley above them
+LIP_EDGE = 0.007        # an open mouth's lips are sampled this far (fraction of S, times the opening) off the line
+COVER_UP = 0.024    # rounding on a template that shows its teeth: the upper lip moves down this far (of S) ...
+COVER_RIGID = 0.02  # ... rigidly up to this far above the lip line, falling off to 0 ...
+COVER_REACH = 0.075 # ... this far above it
+HOLE_NARROWING = 1.2  # rounding narrows the opening between the lips this much more than the lips themselves
+ROUND_PRESS = 0.3   # rounding presses the lips towards each other outside the opening (a closure's field):
+                    # pursed, protruding lips around a small round opening
 PRESS_QUIET = (OPEN_FLOOR - 0.8, OPEN_FLOOR)  # own speech-band energy: fully quiet below, not at all from the floor
 PRESS_AHEAD = (-2.2, -1.2)  # speech-band energy of the next ~40 ms at which a closure starts / is full
 PRESS_UP = 0.016    # a closure pulls the upper lip down by this (fraction of S) at the mouth centre ...
@@ -140,13 +177,14 @@ PRESS_LOW = 0.018   # ... and the lower lip up by this: the lips meet, pressed (
 PRESS_REACH = 0.05  # ... over this depth above and below the lip line
 PRESS_SEAM = 0.25   # the pressed lips' seam: the lip line darkened by up to 25 % ...
 SEAM_HALF = 0.006   # ... over about this half-height
-LIP_BGR = (0.26, 0.27, 0.52)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
-THROAT_BGR = (0.08, 0.06, 0.15)  # ... and at the back, half-way between the lips
+LIP_BGR = (0.30, 0.30, 0.56)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
+THROAT_BGR = (0.05, 0.04, 0.12)  # ... and at the back, where the opening is deepest
 TONGUE_BGR = (0.30, 0.32, 0.62)  # the tongue, in the lower part of a wide opening
-TONGUE_FROM = 0.6  # the tongue shows from this fraction of the opening's height down (fully a third further)
-TEETH_BGR = (0.70, 0.76, 0.80)   # the upper teeth, under the upper lip of a wide opening
-TEETH_DEPTH = 0.28  # the teeth fill this fraction of the opening's height under the upper lip ...
-TEETH_FROM = 0.45   # ... once the opening exceeds this (fully at TEETH_FROM + 0.35)
+TEETH_BGR = (0.64, 0.71, 0.77)   # the upper teeth, under the upper lip of a wide opening (warm ivory) ...
+TEETH_SHADE = 0.2   # ... darker by up to this towards the back of the mouth
+TEETH_END = 0.85    # the teeth end (fully) where the gap under the upper lip reaches this fraction of LIP_LIFT ...
+TEETH_FADE = 0.30   # ... fading out over this much more of it
+TEETH_FROM = 0.55   # ... once the opening exceeds this (fully at TEETH_FROM + 0.35)
 
 
 # --- mel bins -------------------------------------------------------------------------------
@@ -221,6 +259,9 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
 
     # a closure (/m b p/): upper lip down, lower lip up, meeting at the lip line across the mouth
     lens_press = np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0))
+    # pursed lips over a template's teeth: the upper lip moves down rigidly over the upper teeth,
+    # the skin above it stretching
+    cover = np.where(depth < 0, -COVER_UP * _falloff(-depth, COVER_RIGID, COVER_REACH), 0.0) * lens_press * inside
     press = np.where(depth < 0, -PRESS_UP * _falloff(-depth, 0.0, PRESS_REACH),
                      PRESS_LOW * _falloff(depth, 0.0, PRESS_REACH)) * lens_press * inside
     seam = np.exp(-((depth + 0.5 / S) / SEAM_HALF) ** 2) * lens_press * blend
@@ -242,12 +283,14 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
         "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
         "blend": blend,
         "lens": lens * (np.abs(X - mx) < span),
+        "d_cover_y": 2.0 * cover,
     }
 
 
 def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
-    """The warp at full opening, at full rounding, at full spreading and at a full closure never
-    folds (source coordinates monotone) and every displacement lies inside JAW_REGION."""
+    """The warp at full opening, at full rounding, at full spreading, at a full closure and with
+    the upper lip over the teeth never folds (source coordinates monotone) and every displacement
+    lies inside JAW_REGION."""
     for k in (1.0, -SPREAD_WIDTH):
         src_x = f["base_x"][None, :] + k * f["d_round_x"]
         # the opening field is read at the narrowed columns, as the graph does with GridSample
@@ -256,10 +299,13 @@ def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
                            f["clamp_hi_y"][:, None])
         if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
             raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
-    src_y = f["base_y"][:, None] + f["d_press_y"]
-    if np.any(np.diff(src_y, axis=0) < -1e-9):
-        raise AssertionError(f"built-in closure folds at S={size}")
-    moved = (np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
+    for name, field in (("closure", f["d_press_y"]), ("cover", f["d_cover_y"]),
+                        ("cover + pucker", f["d_cover_y"] + ROUND_PRESS * f["d_press_y"])):
+        src_y = f["base_y"][:, None] + field
+        if np.any(np.diff(src_y, axis=0) < -1e-9):
+            raise AssertionError(f"built-in {name} folds at S={size}")
+    moved = ((np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
+             | (np.abs(f["d_cover_y"]) > 0))
     if np.any(moved & (f["blend"] <= 0)):
         raise AssertionError(f"built-in warp displaces pixels outside JAW_REGION at S={size}")
 
@@ -288,6 +334,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
     _check_fields(f, S)
     r0, r1, c0, c1 = (0, S, 0, S) if whole_crop else region_box(f["blend"])
     h, w = r1 - r0, c1 - c0
+    # the band of the reference in which the template's lip line is looked for (step 4a)
+    mx, lip_y = canonical.MOUTH_CENTER
+    vk = max(1, int(round(VALLEY_REACH * S)))
+    lr0, lr1 = int(round((lip_y + LIP_SEARCH[0]) * S)) - vk, int(round((lip_y + LIP_SEARCH[1]) * S)) + vk
+    half_w = LIP_SEARCH_HALF * canonical.MOUTH_HALF_WIDTH
+    lc0, lc1 = int(round((mx - half_w) * S)), max(int(round((mx + half_w) * S)), int(round((mx - half_w) * S)) + 1)
 
     def const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
@@ -309,27 +361,43 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("ahead_from", PRESS_AHEAD[0]), const("ahead_inv_range", 1.0 / (PRESS_AHEAD[1] - PRESS_AHEAD[0])),
         const("press_seam", PRESS_SEAM),
         const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE), const("round_open", ROUND_OPEN),
-        const("lift2", 2.0 * LIP_LIFT), const("drop2", 2.0 * JAW_DROP), const("tiny", 1e-4),
-        const("four", 4.0), const("lens_gain", 3.0), const("tongue_from", TONGUE_FROM),
+        const("lens_gain", 3.0), const("side_k", 1.0 / (2.0 * 0.003)),
         const("teeth_from", TEETH_FROM), const("teeth_inv_range", 1.0 / 0.35),
-        const("teeth_depth", TEETH_DEPTH), const("teeth_inv_soft", 1.0 / 0.08),
-        const("y_rel", (f["base_y"][r0:r1] - (2.0 * canonical.MOUTH_CENTER[1] - 1.0)).reshape(1, 1, h, 1)),
+        const("teeth_end", 2.0 * TEETH_END * LIP_LIFT), const("teeth_fade_inv", 1.0 / (2.0 * TEETH_FADE * LIP_LIFT)),
+        const("deep_inv", 1.0 / (2.0 * DEEP_GAP)), const("teeth_edge_inv", 1.0 / (2.0 * 0.004)),
+        const("teeth_shade", TEETH_SHADE),
+        const("hole_narrowing", HOLE_NARROWING),
+        const("mouth_x", 2.0 * mx - 1.0), const("inv_span", 1.0 / (2.0 * MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH)),
+        const("nchw_shape", [-1, 1, h, w], np.int64), const("nhwc_shape", [-1, h, w, 1], np.int64),
+        const("base_y_col", f["base_y"][r0:r1].reshape(1, 1, h, 1)),
+        const("seam_off", 1.0 / S), const("seam_inv", 1.0 / (2.0 * SEAM_HALF)),
+        const("seam_cols", np.sqrt(np.clip(1.0 - ((f["base_x"][c0:c1] - (2.0 * mx - 1.0))
+                                                 / (2.0 * MOUTH_SPAN * canonical.MOUTH_HALF_WIDTH)) ** 2, 0.0, 1.0))
+              .reshape(1, 1, 1, w)),
+        const("lip_band_starts", [lr0, lc0], np.int64), const("lip_band_ends", [lr1, lc1], np.int64),
+        const("valley_up_starts", [0], np.int64), const("valley_up_ends", [lr1 - lr0 - 2 * vk], np.int64),
+        const("valley_mid_starts", [vk], np.int64), const("valley_mid_ends", [lr1 - lr0 - vk], np.int64),
+        const("valley_dn_starts", [2 * vk], np.int64), const("valley_dn_ends", [lr1 - lr0], np.int64),
+        const("row_axis", [1], np.int64), const("half", 0.5), const("valley_sharp", VALLEY_SHARP),
+        const("valley_from", VALLEY_MIN[0]), const("valley_inv_range", 1.0 / (VALLEY_MIN[1] - VALLEY_MIN[0])),
+        const("valley_rows", (2.0 * (np.arange(lr0 + vk, lr1 - vk) + 0.5) / S - 2.0 * lip_y).reshape(-1, 1)),
+        const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S),
+        const("lip_edge", 2.0 * LIP_EDGE), const("teeth_score_from", TEETH_SCORE[0]),
+        const("teeth_score_inv", 1.0 / (TEETH_SCORE[1] - TEETH_SCORE[0])), const("big", 3.0),
+        const("minus_big", -3.0), const("round_press", ROUND_PRESS),
         const("zero", 0.0), const("one", 1.0), const("two", 2.0), const("three", 3.0),
         # the grid and the fields on the region's box; GridSample reads the whole reference
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("d_fields", np.stack([f["d_open_y"], f["lens"], f["d_press_y"]]).reshape(1, 3, S, S)),
+        const("d_fields", np.stack([f["d_open_y"], f["d_press_y"], f["d_cover_y"]]).reshape(1, 3, S, S)),
         const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
         const("field_tail_shape", [3, S, S], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
-        const("clamp_lo_y", f["clamp_lo_y"][r0:r1].reshape(1, h, 1, 1)),
-        const("clamp_hi_y", f["clamp_hi_y"][r0:r1].reshape(1, h, 1, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
-        const("seam", f["seam"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
         const("lip_bgr", np.asarray(LIP_BGR).reshape(1, 3, 1, 1)),
-        const("throat_minus_lip", (np.asarray(THROAT_BGR) - np.asarray(LIP_BGR)).reshape(1, 3, 1, 1)),
-        const("tongue_bgr", np.asarray(TONGUE_BGR).reshape(1, 3, 1, 1)),
+        const("throat_bgr", np.asarray(THROAT_BGR).reshape(1, 3, 1, 1)),
+        const("tongue_minus_lip", (np.asarray(TONGUE_BGR) - np.asarray(LIP_BGR)).reshape(1, 3, 1, 1)),
         const("teeth_bgr", np.asarray(TEETH_BGR).reshape(1, 3, 1, 1)),
         const("ref_starts", [3], np.int64), const("ref_ends", [6], np.int64), const("ch_axes", [1], np.int64),
         const("box_starts", [r0, c0], np.int64), const("box_ends", [r1, c1], np.int64),
@@ -372,6 +440,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Add", ["jaw_open0", "jaw_more"], ["jaw_open"]),
         N("Reshape", ["jaw_open", "scalar_shape"], ["opening4"]),                 # [B,1,1,1]
         N("Reshape", ["shape_x", "scalar_shape"], ["rounding4"]),
+        N("Reshape", ["rounding", "scalar_shape"], ["round_only4"]),
         # 3b. a closure (/m b p/): the frame's own sound is quiet (below the opening's floor) and a
         #     syllable starts in the next ~40 ms: press = (1 - smoothstep(own)) * smoothstep(ahead)
         N("Slice", ["mel_spectrogram", "ahead_starts", "ahead_ends", "own_cols_axes"], ["mel_ahead"]),
@@ -387,85 +456,164 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         *_ramp_nodes("e_ahead", "ahead_from", "ahead_inv_range", "ahead_s"),
         N("Mul", ["quiet", "ahead_s"], ["press"]),
         N("Reshape", ["press", "scalar_shape"], ["press4"]),                     # [B,1,1,1]
+        # rounding purses the lips: a closure's press, weaker, outside the (narrower) opening
+        N("Mul", ["round_only4", "round_press"], ["pucker4"]),
+        N("Add", ["press4", "pucker4"], ["lips_press4"]),
+        # 4a. the template's own lip line: the darkest row (against the rows VALLEY_REACH above and
+        #     below) of a band about the canonical lip line at the mouth's centre, by a softmax over the
+        #     valley depths; kept at the canonical line where no row is a clear valley. Every field
+        #     below is moved down by lip_dy, so the lips part where the template's lips meet
+        N("Slice", ["video_frames", "ref_starts", "ref_ends", "ch_axes"], ["reference"]),  # [B,3,S,S]
+        N("Slice", ["reference", "lip_band_starts", "lip_band_ends", "hw_axes"], ["lip_band"]),
+        N("ReduceMean", ["lip_band"], ["lip_grey"], axes=[1], keepdims=0),       # [B,rows,cols]
+        N("ReduceMean", ["lip_grey"], ["lip_profile"], axes=[2], keepdims=0),     # [B,rows]
+        N("ReduceMax", ["lip_band"], ["lip_max"], axes=[1], keepdims=0),
+        N("ReduceMin", ["lip_band"], ["lip_min"], axes=[1], keepdims=0),
+        N("Sub", ["lip_max", "lip_min"], ["lip_chroma"]),
+        N("ReduceMean", ["lip_chroma"], ["chroma_profile"], axes=[2], keepdims=0),
+        N("Mul", ["chroma_profile", "two"], ["chroma2"]),
+        N("Sub", ["lip_profile", "chroma2"], ["teeth_score"]),
+        N("ReduceMax", ["teeth_score"], ["teeth_score_max"], axes=[1], keepdims=1),  # [B,1]
+        *_ramp_nodes("teeth_score_max", "teeth_score_from", "teeth_score_inv", "teeth_seen"),
+        N("Slice", ["lip_profile", "valley_up_starts", "valley_up_ends", "row_axis"], ["prof_up"]),
+        N("Slice", ["lip_profile", "valley_mid_starts", "valley_mid_ends", "row_axis"], ["prof_mid"]),
+        N("Slice", ["lip_profile", "valley_dn_starts", "valley_dn_ends", "row_axis"], ["prof_dn"]),
+        N("Add", ["prof_up", "prof_dn"], ["prof_around0"]),
+        N("Mul", ["prof_around0", "half"], ["prof_around"]),
+        N("Sub", ["prof_around", "prof_mid"], ["valley"]),                         # [B,rows-2k]
+        N("Mul", ["valley", "valley_sharp"], ["valley_s"]),
+        N("Softmax", ["valley_s"], ["valley_w"], axis=1),
+        N("MatMul", ["valley_w", "valley_rows"], ["lip_dy0"]),                     # [B,1] grid units
+        N("ReduceMax", ["valley"], ["valley_max"], axes=[1], keepdims=1),
+        *_ramp_nodes("valley_max", "valley_from", "valley_inv_range", "valley_found"),
+        N("Sub", ["one", "teeth_seen"], ["no_teeth"]),
+        N("Reshape", ["no_teeth", "scalar_shape"], ["no_teeth4"]),
+        N("Mul", ["valley_found", "no_teeth"], ["lip_found"]),
+        N("Mul", ["lip_dy0", "lip_found"], ["lip_dy1"]),
+        N("Mul", ["lip_dy1", "half_s"], ["lip_dy_px0"]),                          # whole pixels: the fields'
+        N("Round", ["lip_dy_px0"], ["lip_dy_px"]),                                # step at the lip line moves
+        N("Mul", ["lip_dy_px", "two_over_s"], ["lip_dy"]),                        # with the rows' clamp
+        N("Reshape", ["lip_dy", "scalar_shape"], ["lip_dy4"]),                    # [B,1,1,1]
+        N("Add", ["lip_g", "lip_dy4"], ["lip_at"]),
+        N("GreaterOrEqual", ["base_y", "lip_at"], ["row_below"]),                 # [B,h,1,1]
         # 4. sampling grid
         N("Mul", ["rounding4", "d_round_x"], ["shift_x"]),
         N("Add", ["base_x", "shift_x"], ["grid_x"]),                               # [B,S,S,1]
-        # the opening field read at the narrowed columns, so the opening narrows with rounding
+        # the opening field read at columns narrowed more than the lips are (HOLE_NARROWING more
+        # when rounded), so a rounded mouth opens a small round hole between the lips
+        N("Mul", ["round_only4", "hole_narrowing"], ["hole_k"]),
+        N("Mul", ["hole_k", "d_round_x"], ["hole_shift_x"]),
+        N("Add", ["grid_x", "hole_shift_x"], ["field_x"]),
         N("Shape", ["grid_x"], ["grid_x_shape"]),                                 # [B,S,S,1]
         N("Expand", ["base_y", "grid_x_shape"], ["base_y_full"]),
-        N("Concat", ["grid_x", "base_y_full"], ["grid_narrow"], axis=3),
+        N("Sub", ["base_y_full", "lip_dy4"], ["field_y"]),
+        N("Concat", ["field_x", "field_y"], ["grid_narrow"], axis=3),
         N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
         N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
         N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,3,S,S]
         N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "lens_at", "d_press_at"], axis=1),  # [B,1,h,w] each
+        N("Split", ["d_fields_at"], ["d_open_at", "d_press_at", "d_cover_at"], axis=1),  # [B,1,h,w]
+        # the lens profile (the opening's height across the mouth) at the narrowed columns, computed
+        N("Sub", ["field_x", "mouth_x"], ["lens_d"]),
+        N("Mul", ["lens_d", "inv_span"], ["lens_q"]),
+        N("Mul", ["lens_q", "lens_q"], ["lens_qq"]),
+        N("Sub", ["one", "lens_qq"], ["lens_0"]),
+        N("Clip", ["lens_0", "zero", "one"], ["lens_nhwc"]),
+        N("Reshape", ["lens_nhwc", "nchw_shape"], ["lens_at"]),                  # [B,1,h,w]
         N("Mul", ["opening4", "d_open_at"], ["shift_open"]),
-        N("Mul", ["press4", "d_press_at"], ["shift_press"]),
-        N("Add", ["shift_open", "shift_press"], ["shift_nchw"]),
-        N("Transpose", ["shift_nchw"], ["shift_y"], perm=[0, 2, 3, 1]),          # [B,h,w,1]
+        N("Mul", ["lips_press4", "d_press_at"], ["shift_press"]),
+        N("Add", ["shift_open", "shift_press"], ["shift_op"]),
+        N("Sub", ["one", "no_teeth4"], ["teeth_seen4"]),
+        N("Mul", ["round_only4", "teeth_seen4"], ["cover4"]),
+        N("Mul", ["cover4", "d_cover_at"], ["shift_cover"]),
+        N("Add", ["shift_op", "shift_cover"], ["shift_nchw"]),
+        N("Reshape", ["shift_nchw", "nhwc_shape"], ["shift_y"]),                 # [B,h,w,1]
+        # an opened mouth samples each lip's inner edge, up to LIP_EDGE off the line (not the line
+        # itself: a closed mouth's dark seam would be stretched over the opening)
+        N("Mul", ["opening4", "lip_edge"], ["lip_edge4"]),
+        N("Mul", ["lens_at", "lip_edge4"], ["lip_edge_nchw"]),
+        N("Reshape", ["lip_edge_nchw", "nhwc_shape"], ["lip_edge_y"]),           # [B,h,w,1]
+        N("Add", ["lip_at", "lip_edge_y"], ["lip_lower_edge"]),
+        N("Sub", ["lip_at", "lip_edge_y"], ["lip_upper_edge"]),
+        N("Where", ["row_below", "lip_lower_edge", "minus_big"], ["clamp_lo_y"]),
+        N("Where", ["row_below", "big", "lip_upper_edge"], ["clamp_hi_y"]),
         N("Add", ["base_y", "shift_y"], ["src_y"]),
         N("Max", ["src_y", "clamp_lo_y"], ["src_y_lo"]),
         N("Min", ["src_y_lo", "clamp_hi_y"], ["grid_y"]),
         N("Concat", ["grid_x", "grid_y"], ["grid"], axis=3),                      # [B,S,S,2]
-        N("Slice", ["video_frames", "ref_starts", "ref_ends", "ch_axes"], ["reference"]),  # [B,3,S,S]
         N("GridSample", ["reference", "grid"], ["warped"], mode="bilinear", padding_mode="border",
           align_corners=0),
         # 5. the inside of the opened gap (where the lip line's row was stretched), faded in at both
-        #    lips: t runs from 0 under the upper lip to 1 over the lower lip (the opening's upper and
-        #    lower contours are the lip lift and the drop times the lens profile at the narrowed
-        #    column); darkest half-way (the back of the mouth), reddish at the lips, the tongue in
-        #    the lower part, and a band of upper teeth under the upper lip once the mouth is wide open
-        N("Sub", ["grid_y", "src_y"], ["gap_signed"]),
-        N("Abs", ["gap_signed"], ["gap"]),                                        # [B,S,S,1] grid units
-        N("Transpose", ["gap"], ["gap_nchw"], perm=[0, 3, 1, 2]),                 # [B,1,S,S]
+        #    lips; the gap (how far past the lip line the row was stretched) is 0 at either lip's
+        #    inner contour and largest at the lip line in the middle of the opening: the inside's
+        #    colour goes with it from a reddish rim (the tongue's colour behind the lower lip of a
+        #    wide opening) to the dark back of the mouth, and a band of upper teeth hangs under the
+        #    upper lip once the mouth is wide open
+        N("Sub", ["grid_y", "src_y"], ["gap_signed"]),                           # < 0 under the upper lip
+        N("Reshape", ["gap_signed", "nchw_shape"], ["gap_s_nchw"]),               # [B,1,h,w] grid units
+        N("Abs", ["gap_s_nchw"], ["gap_nchw"]),                                   # 0 at either lip
         N("Mul", ["gap_nchw", "shade_inv_soft"], ["alpha_t0"]),
         N("Clip", ["alpha_t0", "zero", "one"], ["alpha_t"]),
         *_smoothstep_nodes("alpha_t", "alpha"),
-        N("Mul", ["opening4", "lens_at"], ["open_lens"]),
-        N("Mul", ["open_lens", "lift2"], ["h_up"]),
-        N("Mul", ["open_lens", "drop2"], ["h_low"]),
-        N("Add", ["y_rel", "h_up"], ["below_upper"]),
-        N("Add", ["h_up", "h_low"], ["h_sum0"]),
-        N("Add", ["h_sum0", "tiny"], ["h_sum"]),
-        N("Div", ["below_upper", "h_sum"], ["t0"]),
-        N("Clip", ["t0", "zero", "one"], ["t"]),
-        N("Sub", ["one", "t"], ["one_minus_t"]),
-        N("Mul", ["t", "one_minus_t"], ["mid0"]),
-        N("Mul", ["mid0", "four"], ["mid1"]),                                     # 1 half-way, 0 at the lips
-        N("Mul", ["mid1", "mid1"], ["mid"]),                                      # ... flat near the lips
-        *_smoothstep_nodes("mid", "depth_s"),
-        N("Mul", ["depth_s", "throat_minus_lip"], ["inner_d"]),
-        N("Add", ["lip_bgr", "inner_d"], ["inner_dark"]),                         # [B,3,h,w]
-        # the tongue: the lower part of the opening, faded in
-        N("Sub", ["t", "tongue_from"], ["tongue_t0"]),
-        N("Mul", ["tongue_t0", "three"], ["tongue_t1"]),
-        N("Clip", ["tongue_t1", "zero", "one"], ["tongue_t"]),
-        *_smoothstep_nodes("tongue_t", "tongue_s"),
-        N("Sub", ["tongue_bgr", "inner_dark"], ["to_tongue"]),
-        N("Mul", ["to_tongue", "tongue_s"], ["to_tongue_w"]),
-        N("Add", ["inner_dark", "to_tongue_w"], ["inner_soft"]),
-        # the upper teeth: under the upper lip, only when the opening is wide, fading at the corners
+        # which side of the lip line: the upper teeth hang from the upper lip, the tongue lies behind
+        # the lower one
+        N("Mul", ["gap_s_nchw", "side_k"], ["side0"]),
+        N("Clip", ["side0", "zero", "one"], ["lower_side"]),
+        N("Neg", ["side0"], ["side1"]),
+        N("Clip", ["side1", "zero", "one"], ["upper_side"]),
+        # the wide opening shows teeth and tongue
         N("Sub", ["opening4", "teeth_from"], ["teeth_o0"]),
         N("Mul", ["teeth_o0", "teeth_inv_range"], ["teeth_o1"]),
         N("Clip", ["teeth_o1", "zero", "one"], ["teeth_o"]),
-        *_smoothstep_nodes("teeth_o", "teeth_on"),                                # [B,1,1,1]
-        N("Sub", ["teeth_depth", "t"], ["band0"]),
-        N("Mul", ["band0", "teeth_inv_soft"], ["band1"]),
-        N("Clip", ["band1", "zero", "one"], ["band"]),
-        N("Mul", ["lens_at", "lens_gain"], ["lens_g0"]),
-        N("Clip", ["lens_g0", "zero", "one"], ["lens_g"]),
-        N("Mul", ["band", "lens_g"], ["teeth_w0"]),
-        N("Mul", ["teeth_w0", "teeth_on"], ["teeth_w"]),
-        N("Sub", ["teeth_bgr", "inner_soft"], ["to_teeth"]),
-        N("Mul", ["to_teeth", "teeth_w"], ["to_teeth_w"]),
-        N("Add", ["inner_soft", "to_teeth_w"], ["inner"]),
+        *_smoothstep_nodes("teeth_o", "teeth_on0"),                               # [B,1,1,1]
+        N("Sub", ["one", "round_only4"], ["unrounded4"]),
+        N("Mul", ["teeth_on0", "unrounded4"], ["teeth_on1"]),                     # pursed lips hide them
+        N("Mul", ["teeth_on1", "no_teeth4"], ["teeth_on"]),                       # the template shows its own
+        # the rim (just inside the lips): wet, reddish; behind the lower lip the tongue's colour
+        N("Mul", ["lower_side", "teeth_on"], ["tongue_w"]),
+        N("Mul", ["tongue_w", "tongue_minus_lip"], ["rim_d"]),
+        N("Add", ["lip_bgr", "rim_d"], ["rim"]),                                  # [B,3,h,w]
+        # darker the deeper the opening is there (gap: 0 at either lip, most at the lip line at the
+        # centre): a small opening and the corners stay the rim's colour, a wide one is dark at the back
+        N("Mul", ["gap_nchw", "deep_inv"], ["deep_t0"]),
+        N("Clip", ["deep_t0", "zero", "one"], ["deep_t"]),
+        *_smoothstep_nodes("deep_t", "depth_s"),
+        N("Sub", ["throat_bgr", "rim"], ["to_throat"]),
+        N("Mul", ["to_throat", "depth_s"], ["to_throat_d"]),
+        N("Add", ["rim", "to_throat_d"], ["inner"]),
         N("Sub", ["inner", "warped"], ["to_inner"]),
         N("Mul", ["to_inner", "alpha"], ["to_inner_a"]),
-        N("Add", ["warped", "to_inner_a"], ["shaded_open"]),
+        N("Add", ["warped", "to_inner_a"], ["shaded_inner"]),
+        # the upper teeth: a lighter band under the upper lip of a wide opening, with an edge of its own
+        # right under the lip, fading out towards the lip line and at the corners
+        N("Mul", ["gap_nchw", "teeth_edge_inv"], ["teeth_e0"]),
+        N("Clip", ["teeth_e0", "zero", "one"], ["teeth_e"]),
+        N("Sub", ["teeth_end", "gap_nchw"], ["teeth_f0"]),
+        N("Mul", ["teeth_f0", "teeth_fade_inv"], ["teeth_f1"]),
+        N("Clip", ["teeth_f1", "zero", "one"], ["teeth_f"]),
+        N("Mul", ["lens_at", "lens_gain"], ["lens_g0"]),
+        N("Clip", ["lens_g0", "zero", "one"], ["lens_g"]),
+        N("Mul", ["teeth_e", "teeth_f"], ["teeth_w0"]),
+        N("Mul", ["teeth_w0", "upper_side"], ["teeth_w1"]),
+        N("Mul", ["teeth_w1", "lens_g"], ["teeth_w2"]),
+        N("Mul", ["teeth_w2", "teeth_on"], ["teeth_w"]),
+        N("Mul", ["depth_s", "teeth_shade"], ["teeth_dim0"]),
+        N("Sub", ["one", "teeth_dim0"], ["teeth_dim"]),
+        N("Mul", ["teeth_bgr", "teeth_dim"], ["teeth_col"]),
+        N("Sub", ["teeth_col", "shaded_inner"], ["to_teeth"]),
+        N("Mul", ["to_teeth", "teeth_w"], ["to_teeth_w"]),
+        N("Add", ["shaded_inner", "to_teeth_w"], ["shaded_open"]),
         # a closure's seam: the lip line, where the pressed lips meet, a little darker
         N("Mul", ["press4", "press_seam"], ["seam_k"]),
-        N("Mul", ["seam", "seam_k"], ["seam_w"]),
+        N("Sub", ["base_y_col", "lip_at"], ["seam_d0"]),                          # [B,1,h,1]
+        N("Add", ["seam_d0", "seam_off"], ["seam_d1"]),
+        N("Mul", ["seam_d1", "seam_inv"], ["seam_d2"]),
+        N("Mul", ["seam_d2", "seam_d2"], ["seam_d3"]),
+        N("Neg", ["seam_d3"], ["seam_d4"]),
+        N("Exp", ["seam_d4"], ["seam_rows"]),
+        N("Mul", ["seam_rows", "seam_k"], ["seam_rows_k"]),
+        N("Mul", ["seam_rows_k", "seam_cols"], ["seam_w"]),                     # [B,1,h,w]
         N("Sub", ["one", "seam_w"], ["seam_keep"]),
         N("Mul", ["shaded_open", "seam_keep"], ["shaded"]),
         # 6. blend inside JAW_REGION only
