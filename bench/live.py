@@ -439,7 +439,8 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     work = Path(tempfile.mkdtemp(prefix="bench-live-", dir=CACHE))
     # the ramp runs more sessions at once than the default admits, by count and by measured load
     # (admission would refuse a third 640x360 session on 2 cores: the ramp measures what holds instead)
-    service = WarmService(work / "warm", max_live_sessions=max(16, RAMP_MAX[q] + 1), live_cpu_share=1.0, live_node_cpus=1000.0)
+    service = WarmService(work / "warm", max_live_sessions=max(16, RAMP_MAX[q] + 1), live_cpu_share=1.0,
+                          live_node_cpus=1000.0)
     failed: dict[str, str] = {}
     try:
         avatar = prepare_avatar(make_inputs(speech["alone"], (640, 360), 4.0).video, service.settings).id

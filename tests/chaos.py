@@ -259,6 +259,14 @@ def _keep_evidence(backend: Backend, job_id: str, dest: Path, log: Callable[[str
         if root is not None and (Path(root) / "jobs" / job_id).is_dir():
             shutil.copytree(Path(root) / "jobs" / job_id, dest, dirs_exist_ok=True)
         dest.mkdir(parents=True, exist_ok=True)
+        if root is not None and (Path(root) / "avatars").is_dir():  # the face tracks the chunks read
+            shutil.copytree(Path(root) / "avatars", dest / "avatars", dirs_exist_ok=True)
+        service_log = getattr(getattr(backend, "service", None), "log", None)
+        if service_log is not None and Path(service_log).is_file():
+            (dest / "serve.log").write_bytes(Path(service_log).read_bytes()[-2_000_000:])
+        for log_file in (Path(root).rglob("*.log") if root is not None else []):  # the job manager's, if any
+            if log_file.stat().st_size and job_id.encode() in log_file.read_bytes():
+                shutil.copy(log_file, dest / log_file.name)
         (dest / "outcome.txt").write_text(repr(_safe_outcome(backend, job_id)))
         log(f"{job_id}: evidence kept in {dest}")
     except OSError as e:  # the evidence is a courtesy: the mismatch itself is reported regardless

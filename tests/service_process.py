@@ -48,6 +48,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "serve.log"
         self._ray_dirs: list[str] = []
+        self._ready_once = False  # a start that failed to bind its port moves to another only before this
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_") and k != "RAY_ADDRESS"}
@@ -75,8 +76,20 @@ class ServiceProcess:
     def start(self, timeout: float = 240.0) -> "ServiceProcess":
         self.launch()
         deadline = time.monotonic() + timeout
+        moves = 0
         while b"lipsync service ready" not in self.log.read_bytes():
             if self.proc.poll() is not None:
+                # `free_port` cannot reserve the port: another process (e.g. a second pytest-xdist
+                # worker's Ray) may take it before Serve binds it. A first start moves to another
+                # port; a restart keeps its URL (the tests that restart a service rely on it).
+                if b"Failed to bind to address" in self.log.read_bytes() and not self._ready_once and moves < 3:
+                    moves += 1
+                    self.kill()  # what the failed start left of its process group (its Ray)
+                    self.port = free_port()
+                    self.url = f"http://127.0.0.1:{self.port}"
+                    self.log.write_bytes(b"")
+                    self.launch()
+                    continue
                 raise RuntimeError(f"lipsync serve exited {self.proc.returncode}:\n{self.tail()}")
             if time.monotonic() > deadline:
                 self.kill()
@@ -84,6 +97,7 @@ class ServiceProcess:
             time.sleep(0.2)
         # the next start's readiness is judged on its own lines
         self.log.write_bytes(b"")
+        self._ready_once = True
         return self
 
     def tail(self, n: int = 4000) -> str:
