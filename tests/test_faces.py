@@ -131,6 +131,26 @@ def test_tracking_between_keyframes_follows_the_face_and_notices_its_loss(detect
         assert np.abs(tracked[0].landmarks - detected[0].landmarks).max() < 3.0  # within 3 px of a full detection
 
 
+def test_the_faces_found_do_not_depend_on_how_the_frames_are_batched(detector, tmp_path):
+    """A template's track must not depend on a performance knob: detect_sequence over the same clip
+    in batches of 1, 3, 8 or 50 frames (prepare_avatar batches by `settings.batch_size`) gives the
+    same faces, bit for bit. (With the keyframes' pyramid floor shared per batch, batches of 4 and 8
+    gave crop matrices up to 1.7 px apart and mouths up to 58 levels apart after rendering.)"""
+    from cluster.media.decode import iter_frames
+    from cluster.synth import astronaut_template
+
+    clip = astronaut_template(str(tmp_path / "face.mp4"), seconds=1.0, fps=25, size=(320, 240), seed=5)
+
+    def faces(batch_size: int) -> list:
+        return [[(d.box.tobytes(), d.landmarks.tobytes()) for d in frame]
+                for frame in detector.detect_sequence(iter_frames(clip, batch_size, Settings()), 5)]
+
+    one = faces(1)
+    assert len(one) == 25 and all(len(f) == 1 for f in one)
+    for batch_size in (3, 8, 50):
+        assert faces(batch_size) == one, batch_size
+
+
 def test_keyframes_look_for_faces_near_the_known_size_and_find_a_much_smaller_one_in_full():
     """Once a face is known, a keyframe's pyramid stops at half the smallest known face (cheaper);
     a keyframe that finds fewer faces than known is detected again down to the detector's min_face."""
