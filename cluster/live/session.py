@@ -310,10 +310,9 @@ class LiveSession:
                 if err is None:
                     audio = self.scheduler.commit(batch)
                     self._rendered_batch(batch)
-                elif catching_up:
+                else:  # its speech is put back and rendered on the next frames
                     audio = self.scheduler.rollback(batch)
-                else:
-                    audio = self.scheduler.rollback(batch)
+                if err is not None and not catching_up:
                     self.model_faults += 1
                     self.last_fault = f"{type(err).__name__}: {err}"[:500]
                     log.warning("session %s: batch at frame %d shown without the model: %s", self.id, batch.first,

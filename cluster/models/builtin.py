@@ -563,10 +563,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Neg", ["side0"], ["side1"]),
         N("Clip", ["side1", "zero", "one"], ["upper_side"]),
         # the wide opening shows teeth and tongue
-        N("Sub", ["opening4", "teeth_from"], ["teeth_o0"]),
-        N("Mul", ["teeth_o0", "teeth_inv_range"], ["teeth_o1"]),
-        N("Clip", ["teeth_o1", "zero", "one"], ["teeth_o"]),
-        *_smoothstep_nodes("teeth_o", "teeth_on0"),                               # [B,1,1,1]
+        *_ramp_nodes("opening4", "teeth_from", "teeth_inv_range", "teeth_on0"),  # [B,1,1,1]
         N("Sub", ["one", "round_only4"], ["unrounded4"]),
         N("Mul", ["teeth_on0", "unrounded4"], ["teeth_on1"]),                     # pursed lips hide them
         N("Mul", ["teeth_on1", "no_teeth4"], ["teeth_on"]),                       # the template shows its own

@@ -95,10 +95,16 @@ def _actor(settings, session_id: str):
     try:
         return SessionActors(settings, session_id)
     except SessionNotFound as e:
-        lost = _lost(settings, session_id)
-        if lost is not None:
-            raise SessionLost(lost) from None
-        raise ApiProblem(404, "session.not_found", e.message, "session_id") from None
+        raise _gone(settings, session_id, e.message) from None
+
+
+def _gone(settings, session_id: str, message: str) -> ApiProblem:
+    """What to answer for a session without an actor: `SessionLost` (410) when its journal says it
+    began and never ended, else 404."""
+    lost = _lost(settings, session_id)
+    if lost is not None:
+        return SessionLost(lost)
+    return ApiProblem(404, "session.not_found", message, "session_id")
 
 
 def _lost(settings, session_id: str) -> dict | None:
@@ -178,11 +184,8 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                     actors.standing_by()
                 else:
                     actors.failed()
-            except SessionNotFound:
-                lost = _lost(settings, session_id)
-                if lost is not None:
-                    raise SessionLost(lost) from None
-                raise ApiProblem(404, "session.not_found", f"no live session {session_id}", "session_id") from None
+            except SessionNotFound as gone:
+                raise _gone(settings, session_id, gone.message) from None
 
 
 def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
