@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+TEMPORARY_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -19,13 +21,33 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A fresh hidden name next to `path` for a file written before it is renamed to `path`
+    (`.NAME.XXXXXXXX.tmp`): one pattern for every writer, so that `sweep_temporaries` finds what a
+    writer killed mid-write left behind."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")
+
+
+def sweep_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (`temporary_name`) a killed writer left in `directory` (not below
+    it); call it only where no writer of that directory can be running. Returns what it removed."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for stale in directory.glob(f".*{TEMPORARY_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
 @contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s directory; on success it is fsynced and renamed to `path`
     (atomic on POSIX), on any exception it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -28,7 +28,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable
 
 from cluster.config import Settings
 from cluster.errors import JobNotFound, LipsyncError, OutputVerificationError
+from cluster.fsutil import sweep_temporaries, temporary_name
 from cluster.media import fmp4
 from cluster.media.aac import AacTrack
 from cluster.schemas import HlsIndex, HlsSegment
@@ -59,7 +59,7 @@ def hls_dir(job_dir: str | Path) -> Path:
 def stage_file(path: Path, data: bytes, sync: bool = True) -> Path:
     """`data` in a temporary file next to `path`, on disk (fsynced; without `sync` the caller
     calls `sync_files` before publishing): `link_once` publishes it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         if sync:
@@ -236,9 +236,8 @@ class HlsPublisher:
     # lifecycle ------------------------------------------------------------------------------
     def start(self) -> "HlsPublisher":
         self.dir.mkdir(parents=True, exist_ok=True)
-        # files a publisher killed mid-write left staged (`stage_file`): never published, never read
-        for stale in self.dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        # files a publisher killed mid-write left staged (`stage_file`, the saved AAC): never published, never read
+        sweep_temporaries(self.dir)
         self.next_chunk = len(published_chunks(self.dir, len(self.plan.chunks)))
         saved = self.dir / AUDIO_FILE
         if saved.exists():

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
-from cluster.fsutil import atomic_writer
+from cluster.fsutil import atomic_writer, sweep_temporaries, temporary_name
 from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -162,7 +162,7 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
             continue
         dst = inputs / f"{key}{Path(src).suffix.lower()}"
         if not dst.exists():
-            tmp = dst.with_name(dst.name + f".{uuid.uuid4().hex[:6]}.tmp")
+            tmp = temporary_name(dst)
             try:
                 if not link:  # a user's file: a link would change its link count (see resolve_input_path)
                     raise OSError("copy requested")
@@ -566,6 +566,8 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
     """Rename the verified pending output to the output path, record that, drop the rendered
     segments (the verified output holds everything they did). The job's HLS files (`hls/`) stay
     until retention removes the job, for viewers behind the live edge."""
+    from cluster.hls import hls_dir
+
     s = settings or get_settings()
     out, pending = Path(plan.output_path), pending_output_path(plan)
     if pending.exists():
@@ -574,6 +576,11 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
         raise OutputVerificationError(f"job {plan.job_id}: no verified output to commit at {pending}",
                                       job_id=plan.job_id, stage="finalize", path=str(pending))
     _committed_marker(plan).write_text(str(out))
+    # what a writer killed mid-write left (a retried admission's input copy, the saved AAC): the
+    # job's writers are done once its output is committed
+    for directory in (Path(plan.job_dir) / "inputs", hls_dir(plan.job_dir)):
+        for stale in sweep_temporaries(directory):
+            log.info("job %s: removed %s, left by a writer that was killed", plan.job_id, stale)
     if not s.keep_segments:
         shutil.rmtree(Path(plan.job_dir) / "segments", ignore_errors=True)
 

@@ -1,7 +1,10 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -88,3 +91,15 @@ def decoded_counts(container) -> tuple[int, int]:
         else:
             samples += frame.samples
     return frames, samples
+
+
+def writer_killed_mid_write(path: Path) -> Path:
+    """Run `atomic_writer(path)` in a child process that is SIGKILLed mid-write; return what it left."""
+    before = set(path.parent.iterdir())
+    code = ("import os, signal, sys; from cluster.fsutil import atomic_writer\n"
+            "with atomic_writer(sys.argv[1]) as f:\n"
+            "    f.write(b'half a file'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], timeout=60)
+    assert proc.returncode == -9
+    (left,) = set(path.parent.iterdir()) - before
+    return left

@@ -141,16 +141,19 @@ def test_a_publisher_that_starts_again_removes_what_a_killed_one_left_staged(loc
     """A job manager SIGKILLed while it staged a file (`stage_file`: `.init.avcc.<hex>.tmp`) leaves it
     behind; the resumed job's publisher removes it and keeps every published file."""
     from cluster.hls import HlsPublisher, hls_dir
+    from tests.helpers import writer_killed_mid_write
 
     plan, s = local_job["plan"], local_job["settings"]
     d = hls_dir(plan.job_dir)
     published = {p.name: p.read_bytes() for p in d.iterdir()}
     stale = d / ".init.avcc.0123abcd.tmp"
     stale.write_bytes(b"half an avcC")
+    killed_mid_save = writer_killed_mid_write(d / "audio.m4a")  # as the saved AAC's writer leaves it
     publisher = HlsPublisher(plan, s).start()
     publisher.close()
-    assert not stale.exists()
+    assert not stale.exists() and not killed_mid_save.exists()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == published
+
 
 
 def test_aac_packets_are_kept_in_a_file_and_read_back_by_time(speech_wav, tmp_path):

@@ -356,7 +356,9 @@ def test_finalize_is_idempotent_after_success(d, model, template_1s, tmp_path):
 def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
     """The cluster finalises under a pending name and commits (renames) only if the job is still
     wanted: a cancelled job's verified output is discarded, never published."""
+    from cluster.hls import hls_dir
     from cluster.render import commit_output, discard_output, pending_output_path
+    from tests.helpers import writer_killed_mid_write
 
     s = get_settings()
     audio, _ = _speech(d, "speech_commit.wav", 16000, seed=19)
@@ -372,7 +374,9 @@ def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
     discard_output(plan)  # cancelled
     assert not pending.exists() and not out.exists()
     finalize_job(plan, s, commit=False)  # segments are still there: rebuilt
+    killed_mid_save = writer_killed_mid_write(hls_dir(plan.job_dir) / "audio.m4a")
     commit_output(plan, s)
     assert out.exists() and not pending.exists()
+    assert not killed_mid_save.exists()  # a killed writer's temporary goes with the job's commit
     assert not (Path(plan.job_dir) / "segments").exists()
     check_output(out, 16000, Fraction(25), SMALL)
