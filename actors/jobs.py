@@ -253,6 +253,12 @@ class JobMachine:
             todo = []
             for chunk in job.plan.chunks:
                 seg = recorded.get(chunk.index)
+                if seg is None and Path(job.plan.segment_path(chunk.index)).exists():
+                    # rendered and verified before the manager died, not recorded yet: a segment
+                    # has its final name only once its frames were counted (`render_chunk`)
+                    seg = job.plan.segment_path(chunk.index)
+                    self.store.chunk_done(job.id, chunk.index, chunk.frames, seg)
+                    log.info("job %s: chunk %d adopted from %s (rendered before the restart)", job.id, chunk.index, seg)
                 if seg is not None and Path(seg).exists():
                     job.done[chunk.index] = chunk.frames
                 else:

@@ -476,7 +476,15 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
             raise OutputVerificationError(
                 f"segment {tmp} of chunk {chunk.index} has {written} frames, expected {chunk.frames}",
                 path=str(tmp))
-        os.replace(tmp, final)
+        # the first verified render of a chunk wins: a late duplicate (an attempt a job manager
+        # killed meanwhile had started, a straggler's twin) renders the same frames; it never
+        # replaces a segment that a resumed job may already have adopted (`adopt_segment`)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            log.info("job %s chunk %d: segment %s was already rendered; this render is dropped",
+                     plan.job_id, chunk.index, final)
+        tmp.unlink()
     except LipsyncError as e:
         tmp.unlink(missing_ok=True)
         e.with_context(job_id=plan.job_id, chunk=chunk.index, stage="render")

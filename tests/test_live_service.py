@@ -413,8 +413,8 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
         assert not sender.is_alive()
         view = session.wait_rendered(timeout=120)
         assert view.state == "live"
-        assert view.seconds_received == pytest.approx(3.2, abs=0.01)
-        assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.04)
+        assert view.seconds_received == pytest.approx(3.2, abs=0.01), view
+        assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=0.041), view  # within a frame
         final = session.close()
         assert final.state == "ended" and final.recording_seconds >= 3.2
         # the manager is back (a new process): sessions are created and speak again

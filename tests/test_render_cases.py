@@ -9,6 +9,7 @@ frame, far from the face, against the planned template frame).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -351,6 +352,25 @@ def test_finalize_is_idempotent_after_success(d, model, template_1s, tmp_path):
     again = finalize_job(plan, s)
     assert again.video.frame_count == 25 and again.path == str(out)
     assert out.stat().st_mtime_ns == mtime
+
+
+def test_a_chunk_rendered_twice_keeps_its_first_segment(d, model, template_1s, tmp_path):
+    """A late duplicate render of a chunk (an attempt a killed job manager had started, a
+    straggler's twin) never replaces the segment a resumed job may have adopted: the first wins."""
+    s = get_settings()
+    audio, _ = _speech(d, "speech_twice.wav", 16000, seed=23)
+    job_id = new_job_id()
+    plan = prepare_job(job_id, admit(job_id, RenderRequest(audio=audio, video=template_1s,
+                                                           output=str(tmp_path / "twice.mp4")), s), s,
+                       model_size=model.size)
+    chunk = plan.chunks[0]
+    first = render_chunk(plan, chunk, model.generate, s)
+    st = os.stat(first.segment)
+    again = render_chunk(plan, chunk, model.generate, s)
+    assert again.segment == first.segment and again.frames == chunk.frames
+    st2 = os.stat(first.segment)
+    assert (st2.st_ino, st2.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert sorted(p.name for p in Path(first.segment).parent.iterdir()) == [Path(first.segment).name]
 
 
 def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
