@@ -478,7 +478,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 path=str(tmp))
         # the first verified render of a chunk wins: a late duplicate (an attempt a job manager
         # killed meanwhile had started, a straggler's twin) renders the same frames; it never
-        # replaces a segment that a resumed job may already have adopted (`adopt_segment`)
+        # replaces a segment that a resumed job manager may already have adopted (actors/jobs.py)
         try:
             os.link(tmp, final)
         except FileExistsError:
