@@ -167,7 +167,7 @@ class LiveSessionActor:
 
     # --- start --------------------------------------------------------------------------------
     def begin(self, avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,
-              rtmp=None) -> dict:
+              rtmp=None, segment_seconds: float | None = None) -> dict:
         """Load the avatar, learn the model's crop size from a worker, start the loop and the
         encoder. Typed errors: InputNotFound (avatar), ModelLoadError."""
         from cluster.faces.avatar import load_avatar
@@ -185,10 +185,11 @@ class LiveSessionActor:
                                    model=self.model, model_size=int(info["size"]), crop=crop,
                                    generate=self._generate, sample_rate=sample_rate,
                                    out_dir=session_dir(s, self.id), settings=s, max_seconds=max_seconds,
-                                   rtmp=rtmp, journal=self.journal)
+                                   rtmp=rtmp, journal=self.journal, segment_seconds=segment_seconds)
         self.avatar_id = avatar_id
         self.journal.save_meta({"avatar_id": avatar_id, "model": self.model, "size": int(info["size"]), "crop": crop,
                                 "sample_rate": sample_rate, "max_seconds": max_seconds, "created": self.created,
+                                "segment_seconds": segment_seconds,
                                 "started_wall": time.time(), "rtmp": dataclasses.asdict(rtmp) if rtmp else None})
         try:
             self.session.start()
@@ -249,7 +250,8 @@ class LiveSessionActor:
                            model=meta["model"], model_size=int(meta["size"]), crop=meta["crop"],
                            generate=self._generate, sample_rate=int(meta["sample_rate"]),
                            out_dir=session_dir(self.s, self.id), settings=self.s,
-                           max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal)
+                           max_seconds=meta.get("max_seconds"), rtmp=rtmp, journal=self.journal,
+                           segment_seconds=meta.get("segment_seconds"))
 
     def _resume(self, steps: dict) -> None:
         """The process that ran the session died (this actor is its standby, or Ray restarted
@@ -507,7 +509,7 @@ class LiveRegistry:
                                 self.s.live_session_load)
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
-               max_seconds: float | None, rtmp_url: str | None = None) -> dict:
+               max_seconds: float | None, rtmp_url: str | None = None, segment_seconds: float | None = None) -> dict:
         from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
         from cluster.netguard import vet_rtmp_url
 
@@ -530,7 +532,7 @@ class LiveRegistry:
                 raise LiveCapacity(f"{admission.message}; retry later")
             actor = create_session_actor(self.s, session_id)
             try:
-                view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp),
+                view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp, segment_seconds),
                                timeout=self.s.model_load_timeout_s + 30)
             except Exception as e:
                 ray.kill(actor, no_restart=True)

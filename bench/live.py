@@ -235,14 +235,17 @@ video.requestVideoFrameCallback(onFrame);
 """
 
 
-def _player_settings() -> tuple[str, str]:
-    """(the vendored hls.js's URL path, the Live tab's hls.js configuration as written in live.js)."""
+def _player_settings() -> tuple[str, str, float | None]:
+    """(the vendored hls.js's URL path, the Live tab's hls.js configuration as written in live.js,
+    the segment length the Live tab asks its sessions for)."""
     static = Path(__file__).resolve().parent.parent / "service" / "static"
     script = sorted(static.glob("vendor/hls.js-*/hls.light.min.js"))[-1]
     found = re.search(r"new window\.Hls\((\{.*?\})\);", (static / "live.js").read_text(), re.S)
     if found is None:
         raise RuntimeError("the Live tab's hls.js settings were not found in service/static/live.js")
-    return "/static/" + script.relative_to(static).as_posix(), found.group(1)
+    segment = re.search(r"segment_seconds: ([0-9.]+)", (static / "live.js").read_text())
+    segment_seconds = float(segment.group(1)) if segment else None
+    return "/static/" + script.relative_to(static).as_posix(), found.group(1), segment_seconds
 
 
 def _player(service, avatar_id: str, speech_s: float) -> dict:
@@ -258,11 +261,11 @@ def _player(service, avatar_id: str, speech_s: float) -> dict:
     if chromium is None:
         raise RuntimeError("chromium is not installed (apt-get install -y chromium)")
     audio = make_inputs(speech_s, (640, 360), 4.0).audio
-    script, config = _player_settings()
+    script, config, segment_seconds = _player_settings()
     http = HttpService(warm=service)
     try:
         client = Client(http.url, http.token, timeout=60)
-        live = client.live(avatar_id)
+        live = client.live(avatar_id, segment_seconds=segment_seconds)
         page_url = f"{http.url}/bench/live-player.html"
         html = (PLAYER_PAGE.replace("HLS_SCRIPT", script).replace("HLS_CONFIG", config)
                 .replace("HLS_URL", json.dumps(live.hls_url)))
@@ -304,7 +307,8 @@ def _player(service, avatar_id: str, speech_s: float) -> dict:
     rates = sorted({round(s[4], 2) for s in played})
     behind = [s[5] for s in played if s[5] is not None]
     r = {"player": "hls.js " + script.split("hls.js-")[1].split("/")[0] + " in Chromium (headless)",
-         "hls_config": " ".join(config.split()), "speech_s": speech_s, "frames_sampled": len(samples),
+         "hls_config": " ".join(config.split()), "segment_seconds": segment_seconds, "speech_s": speech_s,
+         "frames_sampled": len(samples),
          "frames_dated": len(dated), "waiting_events": sum(1 for w in waiting if w / 1000 >= t_speech),
          "hls_latency_p50_s": float(np.percentile(behind, 50)) if behind else None,
          "frames_total_dropped": quality, "errors": errors,
@@ -382,8 +386,10 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
         ses = player["session"]
         share = (player["g2g_p50_s"] - ses["latency_p50_s"]) if player["g2g_p50_s"] is not None \
             and ses.get("latency_p50_s") is not None else None
+        segments = (f", its sessions' segments {player['segment_seconds']:g} s" if player.get("segment_seconds")
+                    else "")
         parts.append(f"**Glass-to-glass** ({earlier(player)}{player['player']}, the Live tab's settings "
-                     f"`{player['hls_config']}`):\n\n" + md_table(
+                     f"`{player['hls_config']}`{segments}):\n\n" + md_table(
                          ["player", "speech s", "glass-to-glass p50 s", "p95 s", "max s",
                           "session latency p50 s (same session)", "p95 s", "player's part of p50 s",
                           "hls.js latency p50 s", "frames dated", "waiting events during speech",

@@ -894,27 +894,30 @@ class AsyncLiveSession(_LiveBase):
 
 
 def _session_body(avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,
-                  rtmp_url: str | None = None) -> dict:
+                  rtmp_url: str | None = None, segment_seconds: float | None = None) -> dict:
     return SessionCreate(avatar_id=avatar_id, model=model, sample_rate=sample_rate, max_seconds=max_seconds,
-                         rtmp_url=rtmp_url).model_dump(exclude_none=True)
+                         rtmp_url=rtmp_url, segment_seconds=segment_seconds).model_dump(exclude_none=True)
 
 
 def _client_live(self: Client, avatar_id: str, *, model: str | None = None, sample_rate: int = 16000,
-                 max_seconds: float | None = None, chunk_ms: int = 20, rtmp_url: str | None = None) -> LiveSession:
+                 max_seconds: float | None = None, chunk_ms: int = 20, rtmp_url: str | None = None,
+                 segment_seconds: float | None = None) -> LiveSession:
     """Start a live session on a prepared avatar: `with client.live(avatar_id) as s: s.send(pcm)`.
-    `rtmp_url`: the stream is also pushed to this RTMP server (rtmp://host/app/stream-key)."""
+    `rtmp_url`: the stream is also pushed to this RTMP server (rtmp://host/app/stream-key).
+    `segment_seconds`: the stream's longest HLS segment (shorter: closer to live, more bitrate)."""
     r = self.request("POST", "/v1/sessions", ok=(201,), idempotent=False,
-                     json=_session_body(avatar_id, model, sample_rate, max_seconds, rtmp_url),
+                     json=_session_body(avatar_id, model, sample_rate, max_seconds, rtmp_url, segment_seconds),
                      timeout=max(self.timeout, 360.0))
     return LiveSession(self, SessionView.model_validate(r.json()), chunk_ms)
 
 
 async def _async_client_live(self: AsyncClient, avatar_id: str, *, model: str | None = None, sample_rate: int = 16000,
                              max_seconds: float | None = None, chunk_ms: int = 20,
-                             rtmp_url: str | None = None) -> AsyncLiveSession:
+                             rtmp_url: str | None = None, segment_seconds: float | None = None) -> AsyncLiveSession:
     """`async with await client.live(avatar_id) as s: await s.send(pcm)`."""
     r = await self.request("POST", "/v1/sessions", ok=(201,), idempotent=False,
-                           json=_session_body(avatar_id, model, sample_rate, max_seconds, rtmp_url),
+                           json=_session_body(avatar_id, model, sample_rate, max_seconds, rtmp_url,
+                                              segment_seconds),
                            timeout=max(self.timeout, 360.0))
     return AsyncLiveSession(self, SessionView.model_validate(r.json()), chunk_ms)
 

@@ -326,6 +326,11 @@ class SessionCreate(BaseModel):
     rtmp_url: str | None = Field(None, max_length=2048, description="also push the stream (video and audio) to this "
                                  "RTMP server, rtmp[s]://host[:port]/app/stream-key; public addresses only, as "
                                  "for input URLs (LIPSYNC_ALLOW_PRIVATE_URLS)")
+    segment_seconds: float | None = Field(None, ge=0.2, le=6.0, description="the longest HLS segment of this "
+                                          "session (default LIPSYNC_LIVE_SEGMENT_SECONDS, 0.5): shorter segments "
+                                          "bring a player closer to live at more keyframes (0.25: about 0.2 s "
+                                          "closer with hls.js, about +40 % bitrate; the web page's Live tab asks "
+                                          "for it); an RTMP push shares them")
 
 
 class SessionView(BaseModel):
@@ -362,6 +367,7 @@ class SessionView(BaseModel):
     # the last restart's steps (wall-clock times): the last publication before it, the new process,
     # its imports, the session loaded, the encoder started, the first batch written, the first publication
     restart_timeline: dict[str, float] | None = None
+    segment_seconds: float | None = None  # the longest HLS segment of this session
     standby: str | None = None  # "ready": a warm standby waits to take the session over (LIPSYNC_LIVE_STANDBY)
     recording_url: str | None = None
     recording_seconds: float | None = None

@@ -76,6 +76,17 @@ def _pcm16(path: str) -> np.ndarray:
     return data
 
 
+def test_a_session_asking_for_its_own_segment_length_gets_it_and_the_service_keeps_its_own():
+    from cluster.config import Settings
+    from cluster.live.session import session_settings
+
+    s = Settings(live_segment_seconds=0.5, live_playlist_segments=8)
+    assert session_settings(s, None) is s and session_settings(s, 0.5) is s
+    short = session_settings(s, 0.25)
+    assert (short.live_segment_seconds, short.live_playlist_segments) == (0.25, 8)
+    assert s.live_segment_seconds == 0.5  # the service's own settings are left as they are
+
+
 def test_session_frames_equal_a_batch_jobs(speech_wav, astronaut_video, tmp_path, monkeypatch):
     """Same 16 kHz speech, same first template frame: the speech frames a live session renders
     (in its small batches, with its streaming features) equal the frames of a batch job, before

@@ -46,6 +46,8 @@ def test_create_refusals(service, live_avatar):
         assert r.status_code == 409 and r.json()["error"]["code"] == "avatar.not_ready"
         r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "sample_rate": 22050})
         assert r.status_code == 422 and "sample_rate" in r.json()["error"]["message"]
+        r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "segment_seconds": 0.1})
+        assert r.status_code == 422 and "segment_seconds" in r.json()["error"]["message"]
         assert httpx.post(f"{service.url}/v1/sessions", json={"avatar_id": live_avatar}).status_code == 401
         # an RTMP output passes the input URLs' address guard (this service allows no private address)
         for url, words in [("rtmp://127.0.0.1:1935/live/key", "non-public"), ("http://example.com/live/k", "rtmp")]:

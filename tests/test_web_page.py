@@ -263,6 +263,12 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
             api.get(f"/v1/sessions/{sid}").json()), 30, 0.2, "the session to render the microphone's speech")
         assert view["state"] == "live" and view["seconds_received"] > 0.5
         assert view["sample_rate"] in (16000, 24000, 48000)
+        # the page asks for 0.25-s segments (closer to live): the playlist's segments are that short
+        assert view["segment_seconds"] == 0.25, view
+        playlist = api.get(view["hls_url"]).text  # signed: the session token in the query
+        durations = [float(line.split(":")[1].rstrip(",")) for line in playlist.splitlines()
+                     if line.startswith("#EXTINF:")]
+        assert durations and max(durations) <= 0.25, playlist
         wait_until(lambda: float(page.inner_text("#live-received").split()[0]) > 0.5, 10, 0.2,
                    "the page to show the speech received")  # (wait_for_function's eval is refused by the CSP)
         page.screenshot(path=str(ARTIFACTS / "web-page-live.png"), full_page=True)

@@ -103,6 +103,16 @@ def percentile(values, q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 4) if len(values) else None
 
 
+def session_settings(s: Settings, segment_seconds: float | None) -> Settings:
+    """The settings a session runs with: its own longest segment (`SessionCreate.segment_seconds`).
+    The playlist keeps its count of segments (`LIVE_PLAYLIST_SEGMENTS`), so shorter segments make a
+    shorter window: hls.js starts that much nearer the live edge (with 0.25-s segments, a 16-segment
+    window put it 1.7 s behind, the 8-segment one 1.0 s; docs/PERFORMANCE.md)."""
+    if not segment_seconds or segment_seconds == s.live_segment_seconds:
+        return s
+    return s.model_copy(update={"live_segment_seconds": float(segment_seconds)})
+
+
 class LiveSession:
     """One session: `append` PCM, `end_speech`, `stop`; `stats()` at any time.
 
@@ -114,11 +124,11 @@ class LiveSession:
                  settings: Settings | None = None, max_seconds: float | None = None,
                  on_frames: Callable[[FrameBatch, np.ndarray, bool], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, rtmp: RtmpTarget | None = None,
-                 journal: SessionJournal | None = None) -> None:
+                 journal: SessionJournal | None = None, segment_seconds: float | None = None) -> None:
         self.id = session_id
         self.journal = journal  # speech and publication made durable (a restarted actor resumes: `restore`)
         self.rtmp = rtmp  # the stream pushed there too (vetted by cluster.netguard.vet_rtmp_url)
-        self.s = s = settings or get_settings()
+        self.s = s = session_settings(settings or get_settings(), segment_seconds)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.generate = generate
@@ -545,6 +555,7 @@ class LiveSession:
             "bytes_received": self.speech.bytes_received,
             "seconds_received": round(received, 3),
             "seconds_rendered": round(self.scheduler.speech_frames_done / fps, 3),
+            "segment_seconds": self.s.live_segment_seconds,
             "seconds_streamed": round((self._frames_before + (self.encoder.frames_written if self.encoder else 0))
                                       / fps, 3),
             "buffered_seconds": round(self.buffered_seconds(), 3),

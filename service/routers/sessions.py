@@ -271,7 +271,7 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
     try:
         raw = await _call(live_registry(settings).create.remote(session_id, body.avatar_id, model,
                                                                 body.sample_rate, body.max_seconds,
-                                                                body.rtmp_url),
+                                                                body.rtmp_url, body.segment_seconds),
                           timeout=settings.model_load_timeout_s + 60)
     except LipsyncError as e:
         raise _problem(e) from None

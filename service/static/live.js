@@ -202,7 +202,7 @@
       // behind (in seconds: hls.js counts segments as #EXT-X-TARGETDURATION, which is 1 s here). On an
       // idle 2-core machine this gave 1.58 s glass to glass with no waiting (1 s gave 2.04 s; bench live).
       const hls = new window.Hls({
-        lowLatencyMode: true, liveSyncDuration: 0.5, liveMaxLatencyDuration: 2.0,
+        lowLatencyMode: true, liveSyncDuration: 0.3, liveMaxLatencyDuration: 2.0,
         maxLiveSyncPlaybackRate: 1.25, maxBufferLength: 4, backBufferLength: 4,
         manifestLoadingMaxRetry: 6, levelLoadingMaxRetry: 6, fragLoadingMaxRetry: 6,
       });
@@ -323,7 +323,8 @@
         const view = await apiJson("/v1/sessions", {
           method: "POST",
           headers: { "Content-Type": "application/json" },
-          body: JSON.stringify(Object.assign({ avatar_id: avatar, sample_rate: mic.rate },
+          // 0.25-s segments: about 0.2 s closer to live in hls.js than the default 0.5 (docs/PERFORMANCE.md)
+          body: JSON.stringify(Object.assign({ avatar_id: avatar, sample_rate: mic.rate, segment_seconds: 0.25 },
             $("live-rtmp").value.trim() ? { rtmp_url: $("live-rtmp").value.trim() } : {})),
         });
         session = { id: view.id, view: view, rate: mic.rate, pending: chunks.splice(0), reconnects: 0, closed: false };
