@@ -23,7 +23,7 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 def temporary_name(path: str | os.PathLike) -> Path:
     """A fresh hidden name next to `path` for a file written before it is renamed to `path`
-    (`.NAME.XXXXXXXX.tmp`): one pattern for every writer, so that `sweep_temporaries` finds what a
+    (`.NAME.<8 hex digits>.tmp`): one pattern for every writer, so that `sweep_temporaries` finds what a
     writer killed mid-write left behind."""
     path = Path(path)
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")

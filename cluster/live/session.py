@@ -322,11 +322,11 @@ class LiveSession:
                     self._rendered_batch(batch)
                 else:  # its speech is put back and rendered on the next frames
                     audio = self.scheduler.rollback(batch)
-                if err is not None and not catching_up:
-                    self.model_faults += 1
-                    self.last_fault = f"{type(err).__name__}: {err}"[:500]
-                    log.warning("session %s: batch at frame %d shown without the model: %s", self.id, batch.first,
-                                self.last_fault)
+                    if not catching_up:
+                        self.model_faults += 1
+                        self.last_fault = f"{type(err).__name__}: {err}"[:500]
+                        log.warning("session %s: batch at frame %d shown without the model: %s", self.id,
+                                    batch.first, self.last_fault)
                 if self.on_frames is not None:
                     self.on_frames(batch, frames, err is None)
                 self.encoder.write(frames, audio)

@@ -198,9 +198,10 @@
     video.hidden = false;
     video.muted = true; // your own voice a second late would be picked up by the microphone again
     if (window.Hls && window.Hls.isSupported()) {
-      // Low latency: play 0.5 s (one segment) behind the live edge, speed up a little when further
-      // behind (in seconds: hls.js counts segments as #EXT-X-TARGETDURATION, which is 1 s here). On an
-      // idle 2-core machine this gave 1.58 s glass to glass with no waiting (1 s gave 2.04 s; bench live).
+      // Low latency: play 0.3 s behind the live edge (this page's sessions have 0.25-s segments), speed
+      // up a little when further behind (in seconds: hls.js counts segments as #EXT-X-TARGETDURATION, 1 s
+      // here). On an idle 2-core machine: 1.39 s glass to glass, no waiting (0.5 s segments and 0.5 s
+      // behind gave 1.58 s; 1 s behind 2.04 s; python -m bench live --only player).
       const hls = new window.Hls({
         lowLatencyMode: true, liveSyncDuration: 0.3, liveMaxLatencyDuration: 2.0,
         maxLiveSyncPlaybackRate: 1.25, maxBufferLength: 4, backBufferLength: 4,
