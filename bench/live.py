@@ -207,18 +207,32 @@ PLAYER_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>live pl
 <script src="HLS_SCRIPT"></script>
 <script>
 "use strict";
-window.samples = []; window.errors = []; window.waiting = [];
+window.samples = []; window.errors = []; window.waiting = []; window.loads = [];
 const video = document.getElementById("v");
 video.addEventListener("waiting", () => { window.waiting.push(Date.now()); });
 const hls = new Hls(HLS_CONFIG);
 window.hls = hls;
-hls.on(Hls.Events.ERROR, (_e, d) => { if (d.fatal) window.errors.push(d.type + ": " + d.details); });
+hls.on(Hls.Events.ERROR, (_e, d) => {
+  if (d.fatal) window.errors.push(d.type + ": " + d.details + (d.error ? " (" + d.error.message + ")" : "")
+                                  + (d.reason ? " " + d.reason : ""));
+});
 hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch((e) => window.errors.push("play: " + e)));
+// what hls.js loaded and when (LIPSYNC_BENCH_PLAYER_LOADS=<file> keeps it): playlists, then fragments/parts
+hls.on(Hls.Events.LEVEL_LOADED, (_e, d) => {
+  const x = d.details;
+  window.loads.push(["L", Date.now(), x.endSN, x.partList ? x.partList.length : 0,
+                     x.fragmentHint ? x.fragmentHint.sn : null, x.edge, video.currentTime]);
+});
+hls.on(Hls.Events.FRAG_LOADED, (_e, d) => {
+  window.loads.push(["F", Date.now(), d.frag.sn, d.part ? d.part.index : null, video.currentTime]);
+});
 hls.loadSource(HLS_URL);
 hls.attachMedia(video);
 function fragmentAt(t) {
   const level = hls.levels[hls.currentLevel >= 0 ? hls.currentLevel : 0];
-  const frags = level && level.details ? level.details.fragments : [];
+  const d = level && level.details;
+  // the stream's in-progress segment (LL-HLS: the newest, listed by its part) is the fragment hint
+  const frags = d ? (d.fragmentHint ? d.fragments.concat([d.fragmentHint]) : d.fragments) : [];
   for (const f of frags) if (t >= f.start - 0.001 && t < f.start + f.duration - 0.001) return f;
   return null;
 }
@@ -292,6 +306,8 @@ def _player(service, avatar_id: str, speech_s: float) -> dict:
                 live.wait_rendered(60)
                 page.wait_for_timeout(4000)  # the player shows the last segments
                 samples = page.evaluate("window.samples")
+                if os.environ.get("LIPSYNC_BENCH_PLAYER_LOADS"):
+                    Path(os.environ["LIPSYNC_BENCH_PLAYER_LOADS"]).write_text(json.dumps(page.evaluate("window.loads")))
                 waiting = page.evaluate("window.waiting")
                 quality = page.evaluate("(() => { const q = document.getElementById('v').getVideoPlaybackQuality();"
                                         " return [q.totalVideoFrames, q.droppedVideoFrames]; })()")

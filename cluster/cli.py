@@ -229,6 +229,8 @@ def _print_view(view) -> None:
 
 
 def _client_call(fn) -> int:
+    from pydantic import ValidationError
+
     from cluster.client import ApiError, JobFailed, WaitTimeout
 
     try:
@@ -243,6 +245,12 @@ def _client_call(fn) -> int:
     except WaitTimeout as e:
         print(f"lipsync: error: {e}", file=sys.stderr)
         return 1
+    except ValidationError as e:  # the SDK checks a request against the shared schema before sending it
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or e.title
+            print(f"lipsync: error: request.invalid: {field}: {err['msg']} (got {err.get('input')!r})",
+                  file=sys.stderr)
+        return 2
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -316,7 +324,8 @@ def cmd_live(args: argparse.Namespace) -> int:
     latency figures at the end."""
     def run() -> int:
         with _client(args) as c:
-            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp)
+            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp,
+                             segment_seconds=args.segment_seconds, max_seconds=args.max_seconds)
             print(session.hls_url, flush=True)
             try:
                 seconds = session.send_file(args.audio, realtime=args.realtime)
@@ -329,7 +338,8 @@ def cmd_live(args: argparse.Namespace) -> int:
             print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
                   f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
                   f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
-                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s"
+                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s; segments <= "
+                  f"{view.segment_seconds} s"
                   + (f"; RTMP {view.rtmp_state} to {view.rtmp_url}" + (f" ({view.rtmp_error})" if view.rtmp_error
                                                                         else "") if view.rtmp_url else ""))
             return 0 if view.state == "ended" else 1
@@ -440,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--sample-rate", type=int, choices=[16000, 24000, 48000], default=16000)
     lv.add_argument("--model", help="'builtin' or a model name on the server")
     lv.add_argument("--recording", help="download the session's recording (mp4) here at the end")
+    lv.add_argument("--segment-seconds", type=float, metavar="S",
+                    help="the stream's longest HLS segment, 0.2-6 s (server default 0.5; shorter: closer to live, "
+                    "more bitrate)")
+    lv.add_argument("--max-seconds", type=float, metavar="S", help="end the session after this long")
     lv.add_argument("--rtmp", metavar="URL", help="also push the stream to this RTMP server "
                     "(rtmp://host/app/stream-key, e.g. a live-stream platform's ingest URL)")
     remote(lv)

@@ -274,3 +274,16 @@ def test_unreachable_ray_address_fails_fast_with_one_line(inputs, env, workdir):
     assert rc == 1 and elapsed < BAD_INPUT_DEADLINE_S, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in lines[0], err
+
+
+def test_a_request_the_schema_refuses_exits_2_naming_each_field(env, workdir):
+    """The SDK checks a request against the shared schema before it sends it: the command line
+    prints one line per refused field (which field, why, what it got) and exits 2; no traceback,
+    nothing sent (the URL has nothing listening)."""
+    rc, _, err, elapsed = run_cli([*CLI, "live", "--avatar", "x", "--audio", "speech.wav", "--segment-seconds", "0.05",
+                                   "--url", "http://127.0.0.1:9", "--token", "t"], env, workdir, timeout=60)
+    assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 2, err
+    assert lines[0].startswith("lipsync: error: request.invalid: avatar_id: ") and "'x'" in lines[0], err
+    assert lines[1].startswith("lipsync: error: request.invalid: segment_seconds: ") and "0.05" in lines[1], err

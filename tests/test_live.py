@@ -194,6 +194,53 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
     assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)
 
 
+def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_wav, astronaut_video, tmp_path):
+    """A sender that stops for longer than `live_flush_after_s` with part of a frame's audio sent:
+    the session renders that tail at once (padded to a whole frame) and the rest becomes a new
+    utterance, padded again at its end. The view counts speech, not padding: 3.2 s received, 3.2 s
+    rendered (it said 3.24 before: 81 speech frames for 80 frames of speech), and the recording's
+    audio holds every received sample once (its energy equals the speech's)."""
+    import time
+
+    import av
+
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+
+    s = get_settings()
+    model = load_model("builtin", s)
+    avatar = prepare_avatar(astronaut_video, s)
+    session = LiveSession("p", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=tmp_path / "session", settings=s)
+    session.start()
+    speech = _pcm16(speech_wav)
+    assert len(speech) == 51200  # 3.2 s: 80 frames at 25 fps
+    cut = 24160  # 37.75 frames: the pause leaves three quarters of a frame waiting for lookahead
+    for part in (speech[:cut], speech[cut:]):
+        data = part.tobytes()
+        for i in range(0, len(data), 6400):
+            deadline = time.monotonic() + 30
+            while not session.append(data[i:i + 6400])["accepted"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        if part is not speech[cut:]:
+            time.sleep(s.live_flush_after_s + 1.0)  # the pause: the tail is rendered as an utterance's end
+    session.finish()
+    assert session.join(30)
+    stats = session.stats()
+    assert len(session.speech.utterances) == 2  # the pause split the speech
+    assert session.scheduler.speech_frames_done == 38 + 43  # each part padded to whole frames
+    assert stats["seconds_received"] == 3.2 and stats["seconds_rendered"] == 3.2, stats
+    with av.open(str(session.recording)) as container:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    # AAC at 48 kHz, float: the speech's energy (int16 at 16 kHz) within the codec's error, once
+    energy = float(np.sum((speech / 32768.0) ** 2)) * 3  # 3x the samples at 48 kHz
+    assert float(np.sum(audio.astype(np.float64) ** 2)) == pytest.approx(energy, rel=0.1)
+
+
 # --- RTMP: the session's stream pushed to a real RTMP server (Debian's nginx + its RTMP module) ------
 NGINX = "/usr/sbin/nginx"
 NGINX_RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
@@ -421,6 +468,60 @@ def test_a_restarted_encoder_continues_the_playlist_and_the_recording_joins_its_
     with av.open(str(tmp_path / "rec.mp4")) as container:
         video_frames, audio_samples = decoded_counts(container)
     assert video_frames == 60 and audio_samples / 48000 == pytest.approx(2.4, abs=0.05)
+
+
+def test_the_live_playlist_lists_its_last_segments_as_low_latency_parts(tmp_path):
+    """LL-HLS: each segment (one GOP, a keyframe first) is also one partial segment, listed with
+    `#EXT-X-PART` for the segments within three target durations of the end; `#EXT-X-PART-INF`'s
+    PART-TARGET is at least every part, `PART-HOLD-BACK` three times it. A player in low-latency
+    mode may then stay a part behind the edge instead of a whole target duration (hls.js bounds its
+    live position at edge - PART-TARGET, else edge - TARGETDURATION). Without a part target the
+    playlist has none of these tags."""
+    import re
+
+    from cluster.live.encoder import LivePlaylist, parse_playlist
+
+    entries = [{"name": f"seg_{i:06d}.m4s", "seconds": 0.24, "frames": 6, "epoch": 0, "init": "init.mp4"}
+               for i in range(20)]
+    text = LivePlaylist(tmp_path, 16, entries, part_target=0.25).text()
+    _seq, listed, _ended = parse_playlist(text)
+    # the newest (19) is the in-progress segment: listed by its part alone, at the end
+    assert [n for n, _ in listed] == [f"seg_{i:06d}.m4s" for i in range(4, 19)]
+    assert text.endswith('#EXT-X-PART:DURATION=0.240000,URI="seg_000019.m4s",INDEPENDENT=YES\n')
+    assert "#EXT-X-PART-INF:PART-TARGET=0.250\n" in text
+    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK=0.750\n" in text
+    parts = re.findall(r'#EXT-X-PART:DURATION=([0-9.]+),URI="([^"]+)",INDEPENDENT=YES\n#EXTINF:([0-9.]+),\n(\S+)', text)
+    # TARGETDURATION 1: the 12 segments of the last 3 s carry a part each, the part being the segment
+    assert [p[1] for p in parts] == [f"seg_{i:06d}.m4s" for i in range(8, 19)]
+    assert all(p[1] == p[3] and p[0] == p[2] and float(p[0]) <= 0.25 for p in parts)
+    # a segment longer than asked for raises the part target with it (every part <= PART-TARGET)
+    longer = LivePlaylist(tmp_path, 16, [*entries, {**entries[0], "name": "seg_000020.m4s", "seconds": 0.28}],
+                          part_target=0.25).text()
+    assert "#EXT-X-PART-INF:PART-TARGET=0.280\n" in longer
+    plain = LivePlaylist(tmp_path, 16, entries).text()
+    assert "#EXT-X-PART" not in plain and "SERVER-CONTROL" not in plain
+
+
+def test_blocking_playlist_reload_waits_for_the_part_or_segment_asked_for(tmp_path):
+    """`playlist_has(text, msn, part)`: what a blocking reload (`?_HLS_msn=&_HLS_part=`) waits for.
+    Segments 2-8 whole, 9 in progress (its one part listed): part 0 of 9 is there, part 1 of 9 is
+    not (it is answered by the next segment's first part, 'or a later one'), segment 9 whole is not;
+    more than two segments past the last: None (400); an ended playlist has everything."""
+    from cluster.live.encoder import LivePlaylist, playlist_has
+
+    entries = [{"name": f"seg_{i:06d}.m4s", "seconds": 0.24, "frames": 6, "epoch": 0, "init": "init.mp4"}
+               for i in range(10)]
+    playlist = LivePlaylist(tmp_path, 8, entries, part_target=0.25)
+    text = playlist.text()
+    assert [playlist_has(text, *q) for q in ((8, None), (9, None), (9, 0), (9, 1), (10, 0), (11, 0), (12, 0))] == \
+        [True, False, True, False, False, False, None]
+    playlist.entries.append({**entries[0], "name": "seg_000010.m4s"})
+    text = playlist.text()
+    assert playlist_has(text, 9, None) and playlist_has(text, 9, 1) and playlist_has(text, 10, 0)
+    playlist.ended = True
+    ended = playlist.text()
+    assert ended.rstrip().endswith("#EXT-X-ENDLIST") and "#EXTINF:0.240000,\nseg_000010.m4s" in ended
+    assert playlist_has(ended, 11, None) and playlist_has(ended, 12, 3)
 
 
 def test_one_process_runs_a_session_and_its_death_frees_the_session_at_once(tmp_path):

@@ -325,6 +325,32 @@ def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
     return seq, segments, "#EXT-X-ENDLIST" in text
 
 
+def playlist_has(text: str, msn: int, part: int | None) -> bool | None:
+    """LL-HLS blocking playlist reload (`?_HLS_msn=N[&_HLS_part=M]`): does the live playlist `text`
+    hold media segment `msn` whole (no `part`) or partial segment `part` of segment `msn` or a later
+    one (segments count in media sequence numbers, parts from 0 in each)? True once it has ended.
+    None when `msn` is more than two segments past the last one listed (a request to refuse)."""
+    seq, whole, parts, ended = 0, 0, 0, "#EXT-X-ENDLIST" in text
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-MEDIA-SEQUENCE:"):
+            seq = int(line.split(":", 1)[1])
+        elif line.startswith("#EXT-X-PART:"):
+            parts += 1
+        elif line and not line.startswith("#"):
+            whole += 1
+            last_parts, parts = parts, 0
+    if ended:
+        return True
+    last_whole = seq + whole - 1
+    # the last part listed: of the in-progress segment after the whole ones, else of the last whole one
+    last_part = (seq + whole, parts - 1) if parts else (last_whole, max(0, last_parts - 1) if whole else -1)
+    if msn > last_part[0] + 2:
+        return None
+    if part is None:
+        return last_whole >= msn
+    return last_part >= (msn, part)
+
+
 def program_date_time(wall: float) -> str:
     """`wall` (seconds since the epoch) as an `#EXT-X-PROGRAM-DATE-TIME` value (UTC, milliseconds)."""
     import datetime as dt
@@ -345,12 +371,23 @@ class LivePlaylist:
     A segment whose entry has `pdt` (a session's segment showing speech) carries it as
     `#EXT-X-PROGRAM-DATE-TIME`: the wall clock when the speech its first frame shows arrived, so a
     player's position as a date (hls.js `playingDate`) subtracted from the time it is shown is the
-    delay from speech in to picture out; segments without speech carry none (players extrapolate)."""
+    delay from speech in to picture out; segments without speech carry none (players extrapolate).
+
+    Low-latency HLS (`part_target`, the session's segment length): each segment is one GOP, a
+    keyframe first, and is also listed as one independent partial segment (`#EXT-X-PART`) while it
+    is within three target durations of the end; `#EXT-X-PART-INF` and `PART-HOLD-BACK` (three
+    parts) announce them. The newest segment is listed as the in-progress segment, by its part alone,
+    as LL-HLS playlists end; it gets its `#EXTINF` when the next one is published (or the stream
+    ends). A low-latency player (hls.js `lowLatencyMode`) may then play a part behind the edge, not a
+    whole target duration (hls.js keeps its live position <= edge - PART-TARGET, else edge -
+    TARGETDURATION: with 1-s target durations it stayed 1 s behind); other players see each segment
+    once the next is published."""
 
     def __init__(self, out_dir: str | os.PathLike, window: int, entries: list[dict] | None = None,
-                 on_segment=None) -> None:
+                 on_segment=None, part_target: float | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.window = int(window)
+        self.part_target = part_target
         self.entries: list[dict] = list(entries or [])
         self.on_segment = on_segment
         self._known = {e["name"] for e in self.entries}
@@ -388,14 +425,29 @@ class LivePlaylist:
         lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}",
                  f"#EXT-X-MEDIA-SEQUENCE:{first}", f"#EXT-X-DISCONTINUITY-SEQUENCE:{disc}",
                  "#EXT-X-INDEPENDENT-SEGMENTS"]
+        parted = 0  # the last segments, within 3 target durations of the end, are also listed as parts
+        if self.part_target:
+            part = max(self.part_target, *(e["seconds"] for e in shown)) if shown else self.part_target
+            lines[3:3] = [f"#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={3 * part:.3f}",
+                          f"#EXT-X-PART-INF:PART-TARGET={part:.3f}"]
+            total = 0.0
+            for e in reversed(shown):
+                total += e["seconds"]
+                if total > 3 * target:
+                    break
+                parted += 1
         previous = None
-        for e in shown:
+        for i, e in enumerate(shown):
             if previous is not None and e["epoch"] != previous["epoch"]:
                 lines.append("#EXT-X-DISCONTINUITY")
             if previous is None or e["init"] != previous["init"]:
                 lines.append(f'#EXT-X-MAP:URI="{e["init"]}"')
             if e.get("pdt"):  # the arrival of the speech its first frame shows (LiveSession._speech_arrival)
                 lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{program_date_time(e['pdt'])}")
+            if i >= len(shown) - parted:  # one part, the whole segment (a keyframe starts it)
+                lines.append(f'#EXT-X-PART:DURATION={e["seconds"]:.6f},URI="{e["name"]}",INDEPENDENT=YES')
+                if i == len(shown) - 1 and not self.ended:
+                    break  # the newest: listed as the stream's in-progress segment, its one part (see above)
             lines += [f"#EXTINF:{e['seconds']:.6f},", e["name"]]
             previous = e
         if self.ended:

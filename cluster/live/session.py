@@ -168,7 +168,8 @@ class LiveSession:
         self._last_publication: float | None = None
         self._lock = threading.Lock()
         self.playlist = LivePlaylist(self.out_dir / "hls", s.live_playlist_segments,
-                                     on_segment=self._segment_published if journal is not None else None)
+                                     on_segment=self._segment_published if journal is not None else None,
+                                     part_target=s.live_segment_seconds)
         self.epoch = 0  # the encoder's: each restart of the session's actor starts the next
         self.restarts = 0
         self.restart_gap_s: float | None = None  # the playlist's stand-still across the last restart
@@ -546,15 +547,20 @@ class LiveSession:
 
     def stats(self) -> dict:
         fps = float(self.fps)
-        utts = list(self.speech.utterances)
-        received = sum(u.n for u in utts) / 16000.0
+        rate = self.speech.rate
+        with self.speech.lock:
+            # speech as received, and the part of it that is in the output (a tail padded to a whole
+            # frame counts its received samples only: a sender's pause that splits an utterance
+            # pads each part, and the padding is not speech)
+            received = sum(u.pcm_n for u in self.speech.utterances) / rate
+            rendered = sum(min(u.pcm_taken, u.pcm_n) for u in self.speech.utterances) / rate
         lat = list(self.latencies)
         return {
             "id": self.id, "state": self.state, "reason": self.reason, "error": self.error,
             "sample_rate": self.speech.rate, "fps": fps,
             "bytes_received": self.speech.bytes_received,
             "seconds_received": round(received, 3),
-            "seconds_rendered": round(self.scheduler.speech_frames_done / fps, 3),
+            "seconds_rendered": round(rendered, 3),
             "segment_seconds": self.s.live_segment_seconds,
             "seconds_streamed": round((self._frames_before + (self.encoder.frames_written if self.encoder else 0))
                                       / fps, 3),

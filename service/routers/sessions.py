@@ -123,6 +123,9 @@ def _lost(settings, session_id: str) -> dict | None:
 
 # calls either of a session's actors may answer, or that only the running one accepts and that are
 # safe to repeat (an append carries its offset): asked of the partner too when the first is slow
+FIRST_PLAYLIST_WAIT_S = 10.0  # how long a playlist request waits for a new session's first segment
+BLOCKING_RELOAD_MAX_S = 3.0  # LL-HLS: a blocking playlist reload waits at most 3 target durations (1 s)
+BLOCKING_RELOAD_POLL_S = 0.04  # ... looking at the playlist this often (a frame at 25 fps)
 HEDGED = frozenset({"read_hls", "read_recording", "view", "append"})
 HEDGE_AFTER_S = 0.25
 
@@ -375,8 +378,19 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     actor = _actor(settings, session_id)
     data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8" if name == "index.m3u8" else name,
                       timeout=settings.actor_call_timeout_s)
+    if data is None and name == "index.m3u8":
+        # a new session's playlist exists once its first segment is published (about a segment's
+        # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_PLAYLIST_WAIT_S
+        while data is None and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+            data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8",
+                              timeout=settings.actor_call_timeout_s)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
+    if name == "index.m3u8" and "_HLS_msn" in request.query_params:
+        data = await _blocking_reload(request, settings, session_id, actor, data)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
         text = re.sub(r'^(?!#)(\S+)$', rf"\1?token={token}", data.decode(), flags=re.M)
         text = re.sub(r'URI="([^"]+)"', rf'URI="\1?token={token}"', text)
@@ -385,6 +399,34 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
         return Response(data, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
     media = "video/mp4" if name.endswith(".mp4") else "video/iso.segment"
     return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+
+async def _blocking_reload(request: Request, settings, session_id: str, actor, data: bytes) -> bytes:
+    """LL-HLS blocking playlist reload: `?_HLS_msn=N[&_HLS_part=M]` is answered once the playlist
+    holds segment N (or part M of it, or a later one; `cluster.live.encoder.playlist_has`), so a
+    player learns of each part as it is published instead of polling for it. Bounded at three
+    target durations (then the playlist as it is); N more than two segments ahead: 400."""
+    from cluster.live.encoder import playlist_has
+
+    try:
+        msn = int(request.query_params["_HLS_msn"])
+        part = int(request.query_params["_HLS_part"]) if "_HLS_part" in request.query_params else None
+        if msn < 0 or (part is not None and part < 0):
+            raise ValueError("negative")
+    except ValueError:
+        raise ApiProblem(400, "request.invalid", "_HLS_msn and _HLS_part must be integers >= 0", "_HLS_msn") from None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BLOCKING_RELOAD_MAX_S
+    while True:
+        ready = playlist_has(data.decode(), msn, part)
+        if ready is None:
+            raise ApiProblem(400, "request.invalid", f"_HLS_msn={msn} is more than two segments past the live "
+                             f"playlist's last of session {session_id}", "_HLS_msn")
+        if ready or loop.time() >= deadline:
+            return data
+        await asyncio.sleep(BLOCKING_RELOAD_POLL_S)
+        data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8",
+                          timeout=settings.actor_call_timeout_s) or data
 
 
 @public_router.websocket("/{session_id}/audio")

@@ -198,12 +198,13 @@
     video.hidden = false;
     video.muted = true; // your own voice a second late would be picked up by the microphone again
     if (window.Hls && window.Hls.isSupported()) {
-      // Low latency: play 0.3 s behind the live edge (this page's sessions have 0.25-s segments), speed
-      // up a little when further behind (in seconds: hls.js counts segments as #EXT-X-TARGETDURATION, 1 s
-      // here). On an idle 2-core machine: 1.39 s glass to glass, no waiting (0.5 s segments and 0.5 s
-      // behind gave 1.58 s; 1 s behind 2.04 s; python -m bench live --only player).
+      // Low-latency HLS: this page's sessions have 0.25-s segments, each also a part (EXT-X-PART), and
+      // the service holds a playlist request until the part asked for is published (blocking reload).
+      // Play 0.5 s behind the live edge, jump back to it when more than 1 s behind (after a stall).
+      // On an idle 2-core machine: 1.05-1.15 s glass to glass, no waiting; 0.3 or 0.4 s behind
+      // stalled twice in 40 s (python -m bench live --only player; docs/PERFORMANCE.md).
       const hls = new window.Hls({
-        lowLatencyMode: true, liveSyncDuration: 0.3, liveMaxLatencyDuration: 2.0,
+        lowLatencyMode: true, liveSyncDuration: 0.5, liveMaxLatencyDuration: 1.0,
         maxLiveSyncPlaybackRate: 1.25, maxBufferLength: 4, backBufferLength: 4,
         manifestLoadingMaxRetry: 6, levelLoadingMaxRetry: 6, fragLoadingMaxRetry: 6,
       });
