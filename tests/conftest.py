@@ -27,18 +27,37 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
               "test_a_disk_that_fills_mid_job")
 
 
+#: The session-wide fixtures that start a Ray (the `runtime` fixture's and the `service`'s `lipsync
+#: serve`): under pytest-xdist (`-n 2` in pyproject.toml, `--dist loadgroup`) every test that uses one
+#: runs on the same worker as the others that use it, so each starts once.
+SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
+
+#: The groups that take longest (seconds under `-n 2` on 2 cores, 2026-12-05: the session service
+#: ~300, the restart file ~120, the session Ray ~110, multinode ~130, deploy ~80, the CLI ~76, the
+#: soak ~41, render cases ~25), handed to the workers first (`--no-loadscope-reorder`: in this order,
+#: not by test count), so that no long group starts last on one worker while the other is idle.
+LONGEST_GROUPS = ("session-service", "test_multinode", "test_service_restart", "session-ray", "test_deploy_local",
+                  "test_cli", "test_soak", "test_render_cases", "test_chaos", "test_hostile_inputs")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns `xdist_group` into the nodeid's "@group"
 def pytest_collection_modifyitems(config, items):
     """Every test that needs Ray, or is listed above, is also `slow`: `pytest -m "not slow"` is
     the quick inner loop; plain `pytest` runs everything.
-    (With `pytest -n 2` each xdist worker that needs the session service or the session Ray starts
-    its own. Keeping each on one worker (`--dist loadgroup`) made a fresh clone's suite 440-460 s
-    instead of 635 s, but three tests of the shared service failed in both such runs; the service
-    chaos test's frame mismatch also showed with `--dist load`: docs/RELIABILITY.md, known defects.)"""
+    Each test also gets its `xdist_group` (`--dist loadgroup`): the group of the session fixture it
+    uses, else its module (so a module's own fixtures start once). With `--dist load` each worker
+    started its own session service and session Ray: 600-630 s on 2 cores, against 440-460 s."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
                 or item.name.startswith(SLOW_TESTS)):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("xdist_group") is None:
+            fixtures = set(getattr(item, "fixturenames", ()))
+            group = next((g for name, g in SESSION_GROUPS if name in fixtures), module)
+            item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: k for k, group in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 def pytest_configure(config):

@@ -67,10 +67,17 @@ def _converge(rt: Runtime, settings: Settings, want: dict, timeout: float = 120.
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
+    start = time.monotonic()
+    timeline: dict = {}
+
+    def mark(what: str) -> None:  # seconds since the start at the end of each phase (where the minute goes)
+        timeline[what] = round(time.monotonic() - start, 1)
+
     settings = Settings(compositors=3, chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0,
                         stall_timeout_s=24.0, pool_reconcile_s=1.0, max_chunk_attempts=3)
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),
                                             settings).path))
+    mark("reference")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "_system_config": FAST_NODE_DEATH})
     ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
@@ -83,8 +90,10 @@ def main(audio: str, video: str, out_dir: str) -> None:
             result["refused"] = None
         except LipsyncError as e:
             result["refused"] = {"code": e.code, "message": e.message, "s": round(time.monotonic() - t0, 1)}
+        mark("refused")
         nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes(timeout=120)
+        mark("nodes_added")
         t0 = time.monotonic()
         while time.monotonic() - t0 < 180:  # the pool starts by itself once the cluster holds it
             pool = _pool(rt)
@@ -92,10 +101,12 @@ def main(audio: str, video: str, out_dir: str) -> None:
                 break
             time.sleep(POLL_S)
         result["pool_before"] = _pool(rt)
+        mark("pool_started")
         cluster.remove_node(nodes[0], allow_graceful=False)
         want = {"models": 1, "compositors": 2}
         converged = _converge(rt, settings, want)
         result.update(pool_after=_pool(rt), waiting_after=_ours_waiting(settings.namespace), converged_s=converged)
+        mark("shrunk")
         # The job manager restarts on a cluster smaller than its settings: it re-attaches.
         os.kill(rt.call("workers")["manager"]["pid"], signal.SIGKILL)
         time.sleep(1)
@@ -105,17 +116,22 @@ def main(audio: str, video: str, out_dir: str) -> None:
             worker = next((m for m in rt.call("workers", timeout=120)["models"] if m["health"] == "live"), None)
             time.sleep(0.5)
         result["manager_restart_live_s"] = round(time.monotonic() - t0, 1)
+        mark("manager_restarted")
         os.kill(worker["pid"], signal.SIGKILL)
         job = rt.submit(RenderRequest(audio=audio, video=video, output=f"{out_dir}/out.mp4"))
         st = rt.wait(job.id, timeout=300)
+        mark("job_done")
         result.update(
             killed=worker["name"], state=st.state.value, error=st.error.model_dump() if st.error else None,
             identical=bool(st.state == JobState.succeeded and np.array_equal(decode_all(st.output), reference)),
             reconverged_s=_converge(rt, settings, want), pool_end=_pool(rt),
             waiting_end=_ours_waiting(settings.namespace))
+        mark("reconverged")
     finally:
         ray.shutdown()
         cluster.shutdown()
+    mark("shut_down")
+    result["timeline"] = timeline
     print(json.dumps(result))
 
 

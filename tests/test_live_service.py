@@ -229,16 +229,17 @@ def test_low_latency_hls_parts_and_blocking_playlist_reload(service, live_avatar
             assert not text.rstrip().splitlines()[-1].startswith("seg_")  # it ends with the in-progress part
             newest = int(re.search(r"seg_(\d+)\.m4s", parts[-1]).group(1))
             assert httpx.get(urljoin(url, parts[-1]), timeout=30).content[4:8] in (b"styp", b"moof")
-            # the part after the newest: held until it is published
+            # the part after the newest: held until it (or a later one: a loaded machine may publish
+            # several at once) is published, within the bound
             started = time.monotonic()
             r = httpx.get(f"{url}&_HLS_msn={newest + 1}&_HLS_part=0", timeout=30)
             waited = time.monotonic() - started
-            assert r.status_code == 200 and f'URI="seg_{newest + 1:06d}.m4s?' in r.text, r.text
-            assert playlist_has(r.text, newest + 1, 0) and waited < 3.0, waited
-            # one already published: at once
+            assert r.status_code == 200 and playlist_has(r.text, newest + 1, 0), r.text
+            assert not playlist_has(text, newest + 1, 0) and waited < 3.0, waited  # it was not there before
+            # one already published: answered before the bound
             started = time.monotonic()
-            assert f"seg_{newest:06d}.m4s" in httpx.get(f"{url}&_HLS_msn={newest}&_HLS_part=0", timeout=30).text
-            assert time.monotonic() - started < 1.0
+            assert playlist_has(httpx.get(f"{url}&_HLS_msn={newest}&_HLS_part=0", timeout=30).text, newest, 0)
+            assert time.monotonic() - started < 2.0
             for query in (f"_HLS_msn={newest + 10000}", "_HLS_msn=x", f"_HLS_msn={newest}&_HLS_part=-1"):
                 r = httpx.get(f"{url}&{query}", timeout=30)
                 assert r.status_code == 400 and r.json()["error"]["code"] == "request.invalid", (query, r.text)
