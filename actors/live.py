@@ -413,9 +413,20 @@ class LiveSessionActor:
         """What admission needs: {ended_for, render_load, cores}. A standby refuses (SessionStandby)."""
         if self.session is None and self.final is None and self.lost is None:
             self._live()
+        import psutil
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        memory = psutil.Process().memory_info().rss  # this actor's process, with its standby's below
+        standby = self.journal.standby_pid() if self.journal is not None else None
+        if standby is not None:
+            try:
+                memory += psutil.Process(standby).memory_info().rss
+            except psutil.Error:
+                pass
         return {"ended_for": self.ended_for(), "cores": cores,
-                "render_load": self.session.render_load() if self.session is not None else None}
+                "render_load": self.session.render_load() if self.session is not None else None,
+                "memory_bytes": memory if self.session is not None else None,
+                "available_bytes": psutil.virtual_memory().available}
 
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
@@ -474,9 +485,9 @@ class LiveRegistry:
         return out
 
     def running(self) -> dict[str, dict]:
-        """Sessions not yet ended: id -> {render_load, cores} (`LiveSessionActor.load`). Sessions
-        ended longer than `live_keep_ended_s` ago (their recording served that long) are removed
-        here, with their standby."""
+        """Sessions not yet ended: id -> {render_load, cores, memory_bytes, available_bytes}
+        (`LiveSessionActor.load`). Sessions ended longer than `live_keep_ended_s` ago (their
+        recording served that long) are removed here, with their standby."""
         out = {}
         for session_id, names in self._sessions().items():
             for name in names:  # the one running it answers; a standby refuses
@@ -505,8 +516,12 @@ class LiveRegistry:
         running = self.running() if running is None else running
         cores = self.s.live_node_cpus or max((f["cores"] or 0 for f in running.values()), default=0) \
             or os.cpu_count() or 1
+        # the node's available memory as the sessions' actors see it (they all run on the job manager's node)
+        available = min((f["available_bytes"] for f in running.values() if f.get("available_bytes")), default=None)
         return decide_admission([f["render_load"] for f in running.values()], float(cores), self.s.live_cpu_share,
-                                self.s.live_session_load)
+                                self.s.live_session_load, memories=[f.get("memory_bytes") for f in running.values()],
+                                available=available, reserve=self.s.live_memory_reserve_mb * (1 << 20),
+                                default_memory=self.s.live_session_memory_mb * (1 << 20))
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
                max_seconds: float | None, rtmp_url: str | None = None, segment_seconds: float | None = None) -> dict:

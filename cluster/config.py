@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     live_session_load: float = Field(0.5, gt=0, description="a session's render load (seconds of compositing + "
                                      "model per second of stream) assumed until it has measured its own, and a "
                                      "new session's estimate before any is measured")
+    live_memory_reserve_mb: float = Field(1024.0, ge=0, description="memory (MiB) of the sessions' node a new "
+                                          "session must leave available (for batch jobs and the system): it is "
+                                          "refused (429) when the node's available memory less its estimate (the "
+                                          "running sessions' mean, their standbys included) would fall below this")
+    live_session_memory_mb: float = Field(600.0, gt=0, description="a new session's memory (MiB, its actor and "
+                                          "its standby) assumed before any session has measured its own")
     live_idle_timeout_s: float = Field(30.0, gt=0, description="a session that received no audio for this "
                                        "long (and has nothing left to render) ends")
     live_max_seconds: float = Field(3600.0, gt=0, description="the longest a session may run (wall clock); "

@@ -206,17 +206,20 @@ def hostile_corpus():
 
 # --- the HTTP service: one real `lipsync serve` for the session --------------------------------
 LIVE_CPU_SHARE = "0.02"
+LIVE_MEMORY_RESERVE_MB = "100000000"  # more than any node has: a second session is refused for memory too
 
 
 @pytest.fixture(scope="session")
 def service():
     """A running `lipsync serve` on a free loopback port (token auth on, input root and compat data
     directory set): `.url`, `.token`, `.storage_root`, `.input_root`, `.compat_dir`. Its live
-    capacity is tiny (`LIVE_CPU_SHARE`): one live session runs at a time (a node with none running
-    always admits one), a second is refused by its measured load (test_live_service)."""
+    capacity is tiny (`LIVE_CPU_SHARE`, `LIVE_MEMORY_RESERVE_MB`): one live session runs at a time (a
+    node with none running always admits one), a second is refused by its measured load and memory
+    (test_live_service)."""
     from tests.service_process import ServiceProcess
 
-    svc = ServiceProcess(_ROOT / "service", env={"LIPSYNC_LIVE_CPU_SHARE": LIVE_CPU_SHARE}).start()
+    svc = ServiceProcess(_ROOT / "service", env={"LIPSYNC_LIVE_CPU_SHARE": LIVE_CPU_SHARE,
+                                                 "LIPSYNC_LIVE_MEMORY_RESERVE_MB": LIVE_MEMORY_RESERVE_MB}).start()
     yield svc
     svc.cleanup()
 

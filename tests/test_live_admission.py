@@ -29,3 +29,21 @@ def test_sessions_not_yet_measured_count_at_the_default_load():
     assert "1 measured, 1 not yet, counted at LIPSYNC_LIVE_SESSION_LOAD=0.7" in decision.message
     assert decide_admission([None], cpus=4, share=0.5, default_load=0.7).admitted  # 0.7 + 0.7 <= 2.0
     assert not decide_admission([None], cpus=2, share=0.5, default_load=0.7).admitted  # 1.4 > 1.0
+
+
+def test_a_session_whose_memory_would_eat_the_reserve_is_refused_naming_the_figures():
+    """Each running session reports its processes' resident memory (its actor and its standby) and
+    the node's available memory: a new one, estimated at their mean, must leave the reserve."""
+    mib = 1 << 20
+    common = dict(cpus=16, share=0.75, default_load=0.5, reserve=1024 * mib, default_memory=450 * mib)
+    fits = decide_admission([0.2, 0.2], memories=[400 * mib, 500 * mib], available=2000 * mib, **common)
+    assert fits.admitted and fits.memory_estimate == 450 * mib  # 2000 - 450 >= 1024
+    full = decide_admission([0.2, 0.2], memories=[400 * mib, 500 * mib], available=1400 * mib, **common)
+    assert not full.admitted and not full.memory_fits  # 1400 - 450 < 1024, though the cores have room
+    assert "fits within this node's live capacity" in full.message
+    assert full.message.endswith("; its memory (estimated 450 MiB with its standby) would leave 950 MiB of the "
+                                 "node's 1400 MiB available, under LIPSYNC_LIVE_MEMORY_RESERVE_MB=1024")
+    # not reported yet: the default estimate; unknown availability: memory is not checked
+    assert not decide_admission([0.2], memories=[None], available=1400 * mib, **common).admitted
+    assert decide_admission([0.2], memories=[None], available=None, **common).admitted
+    assert decide_admission([], available=10 * mib, **common).admitted  # nothing running: the first is admitted

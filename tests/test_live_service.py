@@ -475,14 +475,15 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
 
 
 def test_admission_counts_the_running_sessions_measured_load(service, live_avatar, speech_wav):
-    """The shared service's live share is tiny (conftest: LIPSYNC_LIVE_CPU_SHARE=0.02): with no
-    session running one is admitted; once it has measured its render load, a second is refused
-    with 429 `session.capacity`, Retry-After, and a message naming the measured figures; when the
-    first has ended a session is admitted again."""
+    """The shared service's live share is tiny (conftest: LIPSYNC_LIVE_CPU_SHARE=0.02) and its
+    memory reserve more than the node has: with no session running one is admitted; once it has
+    measured its render load, a second is refused with 429 `session.capacity`, Retry-After, and a
+    message naming the measured figures (load, and memory: the session's actor and standby against
+    the node's available memory); when the first has ended a session is admitted again."""
     import re
 
     from cluster.client import Client
-    from tests.conftest import LIVE_CPU_SHARE
+    from tests.conftest import LIVE_CPU_SHARE, LIVE_MEMORY_RESERVE_MB
     from tests.helpers import wait_until
 
     with Client(service.url, token=service.token) as client, _api(service) as api:
@@ -490,6 +491,7 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
             first.send_file(speech_wav)  # as fast as it is taken: the stream renders speech, then idles
             load = wait_until(lambda: first.stats().render_load, 60, 0.2, "the session to measure its load")
             assert 0 < load < 5, load
+            wait_until(lambda: first.stats().standby == "ready", 60, 0.2, "the session's standby to be ready")
             r = api.post("/v1/sessions", json={"avatar_id": live_avatar})
             assert r.status_code == 429 and r.headers["retry-after"], r.text
             error = r.json()["error"]
@@ -500,6 +502,18 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
             measured = float(re.search(r"take (\d+\.\d+) s of rendering per second of stream", message).group(1))
             estimate = float(re.search(r"a new one \(estimated (\d+\.\d+)\)", message).group(1))
             assert measured == estimate and measured > 0, message  # one measured session: the estimate is its load
+            # ...and memory: the session's actor and its standby, measured, against what the node has available
+            memory = re.search(r"its memory \(estimated (\d+) MiB with its standby\) would leave (-?\d+) MiB of the "
+                               r"node's (\d+) MiB available, under LIPSYNC_LIVE_MEMORY_RESERVE_MB=(\d+)", message)
+            assert memory, message
+            estimated, left, available, reserve = (int(g) for g in memory.groups())
+            assert left == available - estimated and reserve == int(LIVE_MEMORY_RESERVE_MB), message
+            # the estimate is the resident memory of the session's actor and of its standby, as the test sees them
+            import psutil
+
+            standby = json.loads((service.storage_root / "sessions" / first.id / "standby.json").read_text())["pid"]
+            rss = sum(psutil.Process(pid).memory_info().rss for pid in (_session_actor_pid(service, first.id), standby))
+            assert estimated == pytest.approx(rss / (1 << 20), rel=0.25), (message, rss)
             print(f"\nadmission refused: {message}; the session's own view: render_load {load}")
         with client.live(live_avatar) as again:  # the first has ended: nothing runs, one is admitted
             assert again.stats().state == "live"

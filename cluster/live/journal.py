@@ -112,12 +112,21 @@ class SessionJournal:
         except (OSError, ValueError, KeyError):
             return
 
+    def standby_pid(self) -> int | None:
+        """The process standing by (ready to take the session over), if any is marked."""
+        try:
+            return int(json.loads((self.dir / STANDBY_FILE).read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
     def standby_ready(self) -> bool:
         """A standby process is ready to take the session over (and still alive)."""
+        pid = self.standby_pid()
+        if pid is None:
+            return False
         try:
-            pid = int(json.loads((self.dir / STANDBY_FILE).read_text())["pid"])
             os.kill(pid, 0)
-        except (OSError, ValueError, KeyError):
+        except OSError:
             return False
         return pid != os.getpid()
 
