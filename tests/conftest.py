@@ -70,8 +70,9 @@ def pytest_configure(config):
 
 
 # --- tests that run alone under pytest-xdist --------------------------------------------------
-# A test marked `alone` runs while the other xdist worker runs nothing: it waits for that worker's
-# current test to end, and that worker starts no test until it is done. The faults-and-frames
+# A test marked `alone` runs (its call; its fixtures start beside the other worker's tests) while the
+# other xdist worker runs nothing: it waits for that worker's current test to end, and that worker
+# starts no test until it is done. The faults-and-frames
 # tests are marked: their fault-free frame comparison is what found the service chaos mismatch, which
 # showed only with another worker's tests loading the machine (docs/RELIABILITY.md, known defects);
 # alone they see the machine as `pytest -n 0` gives it to them. Without xdist this is a no-op.
@@ -93,31 +94,63 @@ def _flock(f, mode: int, what: str) -> None:
             time.sleep(0.05)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    import fcntl
-
+def _locks(item):
+    """(turnstile, room) lock files of this xdist run, None in one process."""
     workerinput = getattr(item.config, "workerinput", None)
-    if workerinput is None:  # one process: nothing else runs
-        yield
-        return
+    if workerinput is None:
+        return None
     locks = Path(tempfile.gettempdir()) / f"lipsync-pytest-{workerinput['testrunuid']}"
     locks.mkdir(exist_ok=True)
-    alone = item.get_closest_marker("alone") is not None
-    with open(locks / "turnstile", "a+") as turnstile, open(locks / "room", "a+") as room:
-        # the turnstile lets a waiting `alone` test in ahead of the other worker's next tests
+    return locks / "turnstile", locks / "room"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test holds the room shared from setup to teardown; it enters through the turnstile, so
+    that an `alone` test waiting for the room keeps the other worker's next tests out."""
+    import fcntl
+
+    paths = _locks(item)
+    if paths is None:  # one process: nothing else runs
+        yield
+        return
+    with open(paths[0], "a+") as turnstile, open(paths[1], "a+") as room:
         _flock(turnstile, fcntl.LOCK_EX, "the turnstile")
         try:
-            _flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH, "the other worker's test to end")
+            _flock(room, fcntl.LOCK_SH, "an alone test to end")
         finally:
-            if not alone:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        item._lipsync_locks = (turnstile, room)
         try:
             yield
         finally:
+            del item._lipsync_locks
             fcntl.flock(room, fcntl.LOCK_UN)
-            if alone:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """An `alone` test's call (not its setup or teardown: starting its fixtures needs no quiet
+    machine) runs with the room to itself: it lets go of its shared hold (so that another alone test
+    waiting at the turnstile does not hold the room against it), takes the turnstile, waits for the
+    other worker's test in the room to end, runs, and gives the room back shared."""
+    import fcntl
+
+    locks = getattr(item, "_lipsync_locks", None)
+    if locks is None or item.get_closest_marker("alone") is None:
+        yield
+        return
+    turnstile, room = locks
+    fcntl.flock(room, fcntl.LOCK_UN)
+    _flock(turnstile, fcntl.LOCK_EX, "the turnstile")
+    try:
+        _flock(room, fcntl.LOCK_EX, "the other worker's test to end")
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_SH)  # a downgrade: never waits
+    finally:
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def pytest_sessionfinish(session, exitstatus):
