@@ -68,6 +68,24 @@ def test_odd_and_unoffered_input_is_refused():
         SpeechInput(16000, Fraction(25), 3).append(b"\x00\x01\x02")
 
 
+def _builtin_session(session_id: str, template: str, out_dir: Path):
+    """(a started in-process `LiveSession` on the built-in model over `template` prepared as an
+    avatar, the settings it runs with)."""
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+
+    s = get_settings()
+    model = load_model("builtin", s)
+    avatar = prepare_avatar(template, s)
+    session = LiveSession(session_id, template_path=avatar.template_path, track_path=avatar.track_path,
+                          model="builtin", model_size=model.size, crop=crop_for_spec("builtin", None, s),
+                          generate=model.generate, sample_rate=16000, out_dir=out_dir, settings=s)
+    session.start()
+    return session, s
+
+
 def _pcm16(path: str) -> np.ndarray:
     from scipy.io import wavfile
 
@@ -153,19 +171,9 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
 
     import av
 
-    from cluster.config import get_settings
-    from cluster.faces.avatar import prepare_avatar
     from cluster.live.encoder import PUBLISHED, read_playlist
-    from cluster.live.session import LiveSession
-    from cluster.models import crop_for_spec, load_model
 
-    s = get_settings()
-    model = load_model("builtin", s)
-    avatar = prepare_avatar(astronaut_video, s)
-    session = LiveSession("t", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
-                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
-                          sample_rate=16000, out_dir=tmp_path / "session", settings=s)
-    session.start()
+    session, s = _builtin_session("t", astronaut_video, tmp_path / "session")
     pcm = _pcm16(speech_wav)[:16000 * 2].tobytes()
     t0 = time.monotonic()
     for i in range(0, len(pcm), 3200):  # 100 ms chunks at real time
@@ -204,18 +212,7 @@ def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_
 
     import av
 
-    from cluster.config import get_settings
-    from cluster.faces.avatar import prepare_avatar
-    from cluster.live.session import LiveSession
-    from cluster.models import crop_for_spec, load_model
-
-    s = get_settings()
-    model = load_model("builtin", s)
-    avatar = prepare_avatar(astronaut_video, s)
-    session = LiveSession("p", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
-                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
-                          sample_rate=16000, out_dir=tmp_path / "session", settings=s)
-    session.start()
+    session, s = _builtin_session("p", astronaut_video, tmp_path / "session")
     speech = _pcm16(speech_wav)
     assert len(speech) == 51200  # 3.2 s: 80 frames at 25 fps
     cut = 24160  # 37.75 frames: the pause leaves three quarters of a frame waiting for lookahead
