@@ -121,11 +121,11 @@ def _lost(settings, session_id: str) -> dict | None:
         return None
 
 
-# calls either of a session's actors may answer, or that only the running one accepts and that are
-# safe to repeat (an append carries its offset): asked of the partner too when the first is slow
 FIRST_PLAYLIST_WAIT_S = 10.0  # how long a playlist request waits for a new session's first segment
 BLOCKING_RELOAD_MAX_S = 3.0  # LL-HLS: a blocking playlist reload waits at most 3 target durations (1 s)
 BLOCKING_RELOAD_POLL_S = 0.04  # ... looking at the playlist this often (a frame at 25 fps)
+# calls either of a session's actors may answer, or that only the running one accepts and that are
+# safe to repeat (an append carries its offset): asked of the partner too when the first is slow
 HEDGED = frozenset({"read_hls", "read_recording", "view", "append"})
 HEDGE_AFTER_S = 0.25
 
