@@ -85,7 +85,14 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
     audio = write_audio(str(svc.input_root / "long.wav"), speech_like(seconds, seed=5))
     short = write_audio(str(svc.input_root / "short.wav"), speech_like(0.8, seed=6))
     longer = write_audio(str(svc.input_root / "longer.wav"), speech_like(30.0, seed=9))
+    t_start = time.monotonic()
+    timeline: dict = {}
+
+    def mark(what: str) -> None:  # where the test's minute goes (printed at the end)
+        timeline[what] = round(time.monotonic() - t_start, 1)
+
     svc.start()
+    mark("started")
     try:
         c = Client(svc.url, token=svc.token, retries=0)
         hdr = {"Authorization": f"Bearer {svc.token}"}
@@ -94,6 +101,7 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
                                                         "pn": 1}, headers=hdr, timeout=60).json()
         assert r["code"] == 10000, r
         c.wait("c-done", timeout=180)
+        mark("first_job_done")
         done_before = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
         assert done_before["data"]["status"] == 2, done_before
         # its HLS stream (every job has one, /easy too): the signed URL, the playlist and its segments
@@ -117,9 +125,11 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert job.view.state.value == "rendering", job.view
+        mark("rendering")
         svc.kill()
         svc.dashboard = True  # started again as by default, dashboard on (one start with it: see _check_private)
         svc.start()
+        mark("restarted")
         _check_private(svc, token_file)
         c2 = Client(svc.url, token=svc.token, retries=8)
         after = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
@@ -131,6 +141,7 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert c2.get("c-done").state.value == "succeeded"
         view = c2.wait("durable-1", timeout=240)
         assert view.state.value == "succeeded", view
+        mark("resumed_job_done")
         out = c2.download("durable-1", tmp_path_factory.mktemp("out") / "durable.mp4")
         verify_mp4(out, seconds)
         # killed mid-render and resumed: its HLS stream still decodes to the final mp4, frame for frame
@@ -147,6 +158,7 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         while not good.posts and time.monotonic() < wait_for:
             time.sleep(0.2)
         assert len(good.posts) == 1
+        mark("callback")
         headers, body = good.posts[0]
         assert verify(body, svc.token, headers["x-lipsync-signature"]) and headers["x-lipsync-job"] == "durable-1"
         assert json.loads(body)["state"] == "succeeded" and json.loads(body)["id"] == "durable-1"
@@ -159,8 +171,11 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert len(bad.posts) == 3
         time.sleep(1.0)
         assert len(bad.posts) == 3 and c2.get("cb-fails").state.value == "succeeded"
+        mark("failing_callback")
         # SIGTERM stops the service cleanly (exit status 0) and promptly, with an event stream open
         _stop_with_a_stream_open(svc, c2, longer, video)
+        mark("stopped")
+        print(f"timeline (s since the first start): {timeline}")
     finally:
         svc.cleanup()
         good.close()
