@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], metavar="A,B",
                    help="live only: the sections to run (alone, batch, 720p, wav2lip, ramp, player; default all); "
                         "the others keep their last figures")
+    p.add_argument("--ramp", type=lambda v: [int(s) for s in v.split(",") if s.strip()], metavar="N,M",
+                   help="live only: the session counts the ramp tries, in order (default 1..8), with the first "
+                        "--model")
     return p
 
 
@@ -49,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     if args.load and names != ["chaos"]:
         build_parser().error("--load is for the chaos run only")
-    if args.only and names != ["live"]:
-        build_parser().error("--only is for the live run only")
+    if (args.only or args.ramp) and names != ["live"]:
+        build_parser().error("--only and --ramp are for the live run only")
     for name in names:
         module = importlib.import_module({**BENCHMARKS, **RELIABILITY}[name])
         t0 = time.perf_counter()
         print(f"=== {name}{' (quick)' if args.quick else ''} ===", flush=True)
-        extra = {"load": args.load} if name == "chaos" else {"only": args.only} if name == "live" else {}
+        extra = {"load": args.load} if name == "chaos" else {"only": args.only, "ramp": args.ramp} \
+            if name == "live" else {}
         module.run(quick=args.quick, seconds=args.seconds, models=args.model, **extra)
         print(f"=== {name}: {time.perf_counter() - t0:.0f} s ===", flush=True)
     return 0

@@ -158,17 +158,19 @@ def _with_batch_jobs(service, avatar_id: str, speech_s: float, work: Path) -> di
     return r
 
 
-def _ramp(service, avatar_id: str, speech_s: float, most: int) -> dict:
-    """n = 1, 2, ... sessions at once until one misses p95 <= 1 s or stalls (or `most`)."""
+def _ramp(service, avatar_id: str, speech_s: float, counts: list[int], model: str = "builtin") -> dict:
+    """`counts[0]`, `counts[1]`, ... sessions at once (1, 2, ... by default) until one count misses
+    p95 <= 1 s or stalls."""
     pcm = _speech_pcm(make_inputs(speech_s, (640, 360), 4.0).audio)
     steps = []
-    for n in range(1, most + 1):
+    most = max(counts)
+    for n in counts:
         results: list = [None] * n
         errors: list = []
 
         def one(k: int, n: int, results: list, errors: list) -> None:
             try:
-                results[k] = _session(service.settings, avatar_id, pcm, f"ramp {n}: session {k + 1}")
+                results[k] = _session(service.settings, avatar_id, pcm, f"ramp {n}: session {k + 1}", model)
             except Exception as e:  # noqa: BLE001 - the step fails, saying why
                 errors.append(f"session {k + 1}: {e!r}"[:500])
 
@@ -196,7 +198,8 @@ def _ramp(service, avatar_id: str, speech_s: float, most: int) -> dict:
         if not step["holds"]:
             break
     held = [s["sessions"] for s in steps if s["holds"]]
-    return {"speech_s": speech_s, "most_tried": most, "steps": steps, "sessions_held": max(held) if held else 0,
+    return {"speech_s": speech_s, "model": model, "counts": counts, "most_tried": most, "steps": steps,
+            "sessions_held": max(held) if held else 0,
             "max_live_sessions": service.settings.max_live_sessions,
             "stopped": f"{steps[-1]['sessions']} at once missed" if steps and not steps[-1]["holds"]
             else f"the ramp's limit ({most}) reached"}
@@ -391,7 +394,8 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
                  s["longest_gap_s"], s["model_faults"], s["backpressure_waited_s"],
                  "holds" if s["holds"] else "misses" + (f" ({'; '.join(s['errors'])})" if s["errors"] else "")]
                 for s in ramp["steps"]]
-        parts.append(f"**Sessions at once** ({earlier(ramp)}640x360, built-in, each "
+        name = "Wav2Lip-sized" if "wav2lip" in str(ramp.get("model", "builtin")) else "built-in"
+        parts.append(f"**Sessions at once** ({earlier(ramp)}640x360, {name}, each "
                      f"{ramp['speech_s']:g} s of speech at real time; stopped: {ramp['stopped']}): "
                      f"**{ramp['sessions_held']}** held p95 <= 1 s with 0 stalls.\n\n"
                      + md_table(["sessions at once", "speech s each", "worst p50 s", "worst p95 s", "max s",
@@ -437,7 +441,11 @@ def _report(results: dict, quick: bool, date: str) -> tuple[str, str]:
 
 
 def run(quick: bool = False, seconds: list[float] | None = None, models: list[str] | None = None,
-        only: list[str] | None = None) -> dict:
+        only: list[str] | None = None, ramp: list[int] | None = None) -> dict:
+    """`seconds`: each session's speech (every section; default `SPEECH_S`); `ramp`: the session
+    counts the ramp tries (default 1..8, --quick 1..2), with `models[0]` (default the built-in one):
+    on a GPU node, e.g. `--only ramp --ramp 1,4,8,12,16 --model wav2lip96 --seconds 20` gives the
+    sessions one GPU holds (bench/gpu_node.sh runs it)."""
     import datetime as dt
 
     from bench.classic import WarmService
@@ -450,7 +458,9 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     q = 1 if quick else 0
     speech = {k: v[q] for k, v in SPEECH_S.items()}
     if seconds:
-        speech["alone"] = seconds[0]
+        speech = {k: seconds[0] for k in speech}
+    counts = ramp or list(range(1, RAMP_MAX[q] + 1))
+    ramp_model = model_spec(models[0]) if models else "builtin"
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results: dict = {} if quick else _previous()
     results.update(chunk_s=CHUNK_S, sections_run=sections)
@@ -461,7 +471,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     work = Path(tempfile.mkdtemp(prefix="bench-live-", dir=CACHE))
     # the ramp runs more sessions at once than the default admits, by count and by measured load
     # (admission would refuse a third 640x360 session on 2 cores: the ramp measures what holds instead)
-    service = WarmService(work / "warm", max_live_sessions=max(16, RAMP_MAX[q] + 1), live_cpu_share=1.0,
+    service = WarmService(work / "warm", max_live_sessions=max(16, max(counts) + 1), live_cpu_share=1.0,
                           live_node_cpus=1000.0)
     failed: dict[str, str] = {}
     try:
@@ -478,7 +488,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
             "wav2lip": (("runs", "Wav2Lip-sized alone"),
                         lambda: _single(service, avatar, speech["wav2lip"], "Wav2Lip-sized alone",
                                         model=model_spec("wav2lip96"))),
-            "ramp": (("ramp",), lambda: _ramp(service, avatar, speech["ramp"], RAMP_MAX[q])),
+            "ramp": (("ramp",), lambda: _ramp(service, avatar, speech["ramp"], counts, ramp_model)),
             "player": (("player",), lambda: _player(service, avatar, speech["player"])),
         }
         for name in sections:

@@ -59,6 +59,11 @@ def test_bench_cli_lists_the_five_benchmarks():
     assert args.quick and args.model == ["builtin"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["nonsense"])
+    live = build_parser().parse_args(["live", "--only", "ramp", "--ramp", "1,4,8", "--model", "wav2lip96"])
+    assert live.only == ["ramp"] and live.ramp == [1, 4, 8] and live.model == ["wav2lip96"]
+    refused = subprocess.run([sys.executable, "-m", "bench", "floor", "--ramp", "2"], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "for the live run only" in refused.stderr, refused.stderr
     out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "all" in out.stdout
 
