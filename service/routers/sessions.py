@@ -425,8 +425,12 @@ async def _blocking_reload(request: Request, settings, session_id: str, actor, d
         if ready or loop.time() >= deadline:
             return data
         await asyncio.sleep(BLOCKING_RELOAD_POLL_S)
-        data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8",
-                          timeout=settings.actor_call_timeout_s) or data
+        try:  # an actor that is restarting is waited for up to the bound, not longer: the playlist as it was
+            data = await asyncio.wait_for(_ask(settings, session_id, actor, "read_hls", "live.m3u8",
+                                               timeout=settings.actor_call_timeout_s),
+                                          max(0.05, deadline - loop.time())) or data
+        except asyncio.TimeoutError:
+            return data
 
 
 @public_router.websocket("/{session_id}/audio")
