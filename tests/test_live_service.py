@@ -507,7 +507,8 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
                                r"node's (\d+) MiB available, under LIPSYNC_LIVE_MEMORY_RESERVE_MB=(\d+)", message)
             assert memory, message
             estimated, left, available, reserve = (int(g) for g in memory.groups())
-            assert left == available - estimated and reserve == int(LIVE_MEMORY_RESERVE_MB), message
+            # each MiB figure is rounded on its own
+            assert abs(left - (available - estimated)) <= 1 and reserve == int(LIVE_MEMORY_RESERVE_MB), message
             # the estimate is the resident memory of the session's actor and of its standby, as the test sees them
             import psutil
 
