@@ -17,13 +17,11 @@ at the running ones' mean (`LIPSYNC_LIVE_SESSION_MEMORY_MB` before any reported)
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Admission:
-    admitted: bool
     running: int  # sessions running
     measured: int  # ...of which have measured their load
     load: float  # their render load (measured, or the default for those not yet measured)
@@ -37,15 +35,25 @@ class Admission:
     reserve: float = 0.0  # bytes that must stay available
 
     @property
+    def load_fits(self) -> bool:
+        """A new session's estimated load fits beside the running ones' (with none running, always)."""
+        return self.running == 0 or self.load + self.estimate <= self.capacity
+
+    @property
     def memory_fits(self) -> bool:
         return self.available is None or self.available - self.memory_estimate >= self.reserve
+
+    @property
+    def admitted(self) -> bool:
+        """With no session running one is always admitted; else its load and its memory must fit."""
+        return self.running == 0 or (self.load_fits and self.memory_fits)
 
     @property
     def message(self) -> str:
         measured = (f"{self.measured} measured" if self.measured == self.running else
                     f"{self.measured} measured, {self.running - self.measured} not yet, counted at "
                     f"LIPSYNC_LIVE_SESSION_LOAD={self.default_load:g}")
-        verdict = "fits within" if self.running == 0 or self.load + self.estimate <= self.capacity else "would exceed"
+        verdict = "fits within" if self.load_fits else "would exceed"
         text = (f"{self.running} live session(s) running take {self.load:.2f} s of rendering per second of stream "
                 f"({measured}); a new one (estimated {self.estimate:.2f}) {verdict} this node's live capacity "
                 f"of {self.capacity:.2f} ({self.cpus:g} cores x LIPSYNC_LIVE_CPU_SHARE={self.share:g})")
@@ -68,10 +76,7 @@ def decide_admission(loads: list[float | None], cpus: float, share: float, defau
     estimate = sum(measured) / len(measured) if measured else default_load
     capacity = cpus * share
     sizes = [float(m) for m in (memories or []) if m]
-    decision = Admission(admitted=False, running=len(loads), measured=len(measured), load=round(load, 4),
-                         estimate=round(estimate, 4), capacity=round(capacity, 4), cpus=cpus, share=share,
-                         default_load=default_load,
-                         memory_estimate=sum(sizes) / len(sizes) if sizes else float(default_memory),
-                         available=None if available is None else float(available), reserve=float(reserve))
-    admitted = not loads or (load + estimate <= capacity and decision.memory_fits)
-    return dataclasses.replace(decision, admitted=admitted)
+    return Admission(running=len(loads), measured=len(measured), load=load, estimate=estimate, capacity=capacity,
+                     cpus=cpus, share=share, default_load=default_load,
+                     memory_estimate=sum(sizes) / len(sizes) if sizes else float(default_memory),
+                     available=None if available is None else float(available), reserve=float(reserve))
