@@ -381,12 +381,8 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     if data is None and name == "index.m3u8":
         # a new session's playlist exists once its first segment is published (about a segment's
         # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FIRST_PLAYLIST_WAIT_S
-        while data is None and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-            data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8",
-                              timeout=settings.actor_call_timeout_s)
+        data = await _playlist_until(settings, session_id, actor, data, lambda text: True, FIRST_PLAYLIST_WAIT_S,
+                                     0.1)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
     if name == "index.m3u8" and "_HLS_msn" in request.query_params:
@@ -415,22 +411,30 @@ async def _blocking_reload(request: Request, settings, session_id: str, actor, d
             raise ValueError("negative")
     except ValueError:
         raise ApiProblem(400, "request.invalid", "_HLS_msn and _HLS_part must be integers >= 0", "_HLS_msn") from None
+    if playlist_has(data.decode(), msn, part) is None:
+        raise ApiProblem(400, "request.invalid", f"_HLS_msn={msn} is more than two segments past the live "
+                         f"playlist's last of session {session_id}", "_HLS_msn")
+    return await _playlist_until(settings, session_id, actor, data,
+                                 lambda text: playlist_has(text, msn, part) is not False,
+                                 BLOCKING_RELOAD_MAX_S, BLOCKING_RELOAD_POLL_S)
+
+
+async def _playlist_until(settings, session_id: str, actor, data: bytes | None, done, bound_s: float,
+                          every_s: float) -> bytes | None:
+    """The session's published playlist once `done(its text)`, read again every `every_s`; at
+    `bound_s` (an actor that is restarting is waited for up to it, not longer), the last one read
+    (`data`, None when there was none)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + BLOCKING_RELOAD_MAX_S
-    while True:
-        ready = playlist_has(data.decode(), msn, part)
-        if ready is None:
-            raise ApiProblem(400, "request.invalid", f"_HLS_msn={msn} is more than two segments past the live "
-                             f"playlist's last of session {session_id}", "_HLS_msn")
-        if ready or loop.time() >= deadline:
-            return data
-        await asyncio.sleep(BLOCKING_RELOAD_POLL_S)
-        try:  # an actor that is restarting is waited for up to the bound, not longer: the playlist as it was
+    deadline = loop.time() + bound_s
+    while not (data is not None and done(data.decode())) and loop.time() < deadline:
+        await asyncio.sleep(every_s)
+        try:
             data = await asyncio.wait_for(_ask(settings, session_id, actor, "read_hls", "live.m3u8",
                                                timeout=settings.actor_call_timeout_s),
                                           max(0.05, deadline - loop.time())) or data
         except asyncio.TimeoutError:
-            return data
+            break
+    return data
 
 
 @public_router.websocket("/{session_id}/audio")
