@@ -257,10 +257,11 @@ def _player_settings() -> tuple[str, str, float | None]:
     the segment length the Live tab asks its sessions for)."""
     static = Path(__file__).resolve().parent.parent / "service" / "static"
     script = sorted(static.glob("vendor/hls.js-*/hls.light.min.js"))[-1]
-    found = re.search(r"new window\.Hls\((\{.*?\})\);", (static / "live.js").read_text(), re.S)
+    page = (static / "live.js").read_text()
+    found = re.search(r"new window\.Hls\((\{.*?\})\);", page, re.S)
     if found is None:
         raise RuntimeError("the Live tab's hls.js settings were not found in service/static/live.js")
-    segment = re.search(r"segment_seconds: ([0-9.]+)", (static / "live.js").read_text())
+    segment = re.search(r"segment_seconds: ([0-9.]+)", page)
     segment_seconds = float(segment.group(1)) if segment else None
     return "/static/" + script.relative_to(static).as_posix(), found.group(1), segment_seconds
 

@@ -46,7 +46,8 @@ def pytest_collection_modifyitems(config, items):
     the quick inner loop; plain `pytest` runs everything.
     Each test also gets its `xdist_group` (`--dist loadgroup`): the group of the session fixture it
     uses, else its module (so a module's own fixtures start once). With `--dist load` each worker
-    started its own session service and session Ray: 600-630 s on 2 cores, against 440-460 s."""
+    started its own session service and session Ray: 632 s on 2 cores, against 545 s on the same
+    machine an hour apart (2026-12-05; fresh clones since: 505-584 s)."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if (item.get_closest_marker("ray") is not None or module in SLOW_MODULES
@@ -72,10 +73,10 @@ def pytest_configure(config):
 # --- tests that run alone under pytest-xdist --------------------------------------------------
 # A test marked `alone` runs (its call; its fixtures start beside the other worker's tests) while the
 # other xdist worker runs nothing: it waits for that worker's current test to end, and that worker
-# starts no test until it is done. The faults-and-frames
-# tests are marked: their fault-free frame comparison is what found the service chaos mismatch, which
-# showed only with another worker's tests loading the machine (docs/RELIABILITY.md, known defects);
-# alone they see the machine as `pytest -n 0` gives it to them. Without xdist this is a no-op.
+# starts no test until it is done. The faults-and-frames tests are marked: their fault-free frame
+# comparison is what found the service chaos mismatch, which showed only with another worker's tests
+# loading the machine (docs/RELIABILITY.md, known defects); alone they see the machine as `pytest -n 0`
+# gives it to them. Without xdist this is a no-op.
 ALONE_LOCK_WAIT_S = 900.0
 
 
