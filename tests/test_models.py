@@ -562,6 +562,40 @@ def test_builtin_rounded_vowel_opens_narrower(builtin256):
     assert real_widths[1] < real_widths[0], real_widths
 
 
+def test_builtin_rounded_vowel_covers_a_smiles_teeth_with_the_lips(builtin256):
+    """On a template smiling with its teeth (the renderer's crop of the astronaut), /u/ and /o/ move
+    the lips over the teeth around a small dark opening: at most 30 % of the template's teeth pixels
+    (bright and unsaturated) still show, under half of what /a/ leaves (its upper teeth hang under the
+    lifted upper lip). Before the lips covered them, /u/ left 58 % showing between stretched lips."""
+    from cluster.faces.align import alignment_matrices, cut_crops
+    from cluster.quality import opening_shape
+    from cluster.synth import textured_face
+
+    size = builtin256.size
+    frame, landmarks = textured_face((640, 480), seed=1)
+    crop = cut_crops(frame[None], alignment_matrices(landmarks[None], size), size)[0]
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    mels = np.concatenate([mel_window(vowel(VOWEL_A, -18)), mel_window(vowel(VOWEL_U, -18)),
+                           mel_window(vowel(VOWEL_O, -18))])
+    crops = np.repeat(crop[None], 3, axis=0)
+    out = builtin256.generate(mels, crops)
+
+    def teeth_pixels(img: np.ndarray) -> int:
+        box = img[my - 16:my + 10, mx - 32:mx + 33].astype(np.float64) / 255.0
+        return int((box.mean(axis=2) - 3.0 * (box.max(axis=2) - box.min(axis=2)) > 0.3).sum())
+
+    shown = [teeth_pixels(o) for o in out]
+    identity = np.repeat(np.array([[[1, 0, 0], [0, 1, 0]]], np.float32), 3, axis=0)
+    shape = opening_shape(out, crops, identity, size)
+    print(f"\n[builtin] teeth pixels: template {teeth_pixels(crop)}, /a/ {shown[0]}, /u/ {shown[1]}, /o/ {shown[2]}; "
+          f"openings (w, h) {shape.tolist()}")
+    template_teeth = teeth_pixels(crop)
+    assert template_teeth > 150, template_teeth
+    for rounded in shown[1:]:
+        assert rounded <= 0.3 * template_teeth and rounded < 0.5 * shown[0], shown
+    assert np.all(shape[1:, 1] >= 6) and np.all(shape[1:, 0] < 0.75 * shape[0, 0]), shape  # a small round hole
+
+
 def closed_mouth_crop(size: int) -> np.ndarray:
     """`real_crop` of the astronaut photo with its smile closed (`cluster.synth.close_mouth`): a
     template whose mouth is closed, its lip line (the seam) a few pixels above the canonical one."""

@@ -29,9 +29,9 @@ What the graph computes, per batch item:
    mouth is shut). Spreading also opens the jaw up to `SPREAD_CLOSE` less (/i/ is a narrow vowel);
    rounding opens it `ROUND_OPEN` of the way further towards full, narrows the opening between the
    lips `HOLE_NARROWING` more than the lips themselves and purses the lips (a closure's press field,
-   times `ROUND_PRESS`); on a template that shows its teeth (step 4a) it also moves the upper lip
-   down over them, rigidly (`COVER_UP`, the skin above it stretching). So /o/, /u/ give a small,
-   round hole between narrowed, pursed lips and /i/, /e/ a wide, flat opening.
+   times `ROUND_PRESS`); on a template that shows its teeth (step 4a) it moves both lips over them
+   instead (step 4), so the lips meet where the teeth were. So /o/, /u/ give a small, round hole
+   between narrowed, pursed lips and /i/, /e/ a wide, flat opening.
 3b. **Closure (/m b p/).** Before a bilabial release the lips are pressed together: the sound
    of the frame is near silence and a syllable starts right after it. press = (1 - smoothstep of
    the own speech-band energy over `PRESS_QUIET`) * smoothstep of the energy of the next ~40 ms
@@ -44,7 +44,10 @@ What the graph computes, per batch item:
    softmax over those depths: the lip line is the darkest valley (a closed mouth's seam), rounded to
    whole pixels, and every field below moves with it. Where no row is a clear valley
    (`VALLEY_MIN`) or the band shows teeth (a row bright and unsaturated: `TEETH_SCORE`, a smile
-   showing its teeth, whose opening belongs under the upper teeth) the canonical line is kept.
+   showing its teeth, whose opening belongs under the upper teeth) the canonical line is kept. On
+   such a template the band of teeth is measured too: its rows (`TEETH_ROW`) in the run that reaches
+   the canonical line (`TEETH_RUN_GAP`), counted above and below it, plus `COVER_MARGIN`, at most
+   `COVER_MAX`: where the upper lip's and the lower lip's inner edges lie.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -60,7 +63,12 @@ What the graph computes, per batch item:
    a rounded mouth also opens narrower. A closure adds press * D_press: the upper lip moves down
    by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
    lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
-   close over most of them) and closed lips get thinner, pressed.
+   close over most of them) and closed lips get thinner, pressed. Rounding on a template that shows
+   its teeth adds cover * D_cover, each lip moved rigidly by its measured distance from the line
+   towards it (`COVER_RIGID`, falling off by `COVER_REACH`), across the mouth within `COVER_SPAN`;
+   there the rows are clamped at the lips' inner edges rather than at the line, so the teeth are
+   never sampled: the lips meet over them, at a faint seam (`COVER_SEAM`), and the rounded opening
+   between them is shaded as an inside.
 5. **Inside of the mouth.** The opening (where the source row was clamped; an open mouth's rows
    are clamped up to `LIP_EDGE` off the lip line, so each lip's inner edge is stretched, not a
    closed mouth's dark seam) is filled with a mouth interior faded in (smoothstep) over
@@ -86,7 +94,7 @@ crop; 4.4 ms when steps 4-6 ran on the whole crop); v4's interior shading costs 
 crop more (batch of 16, one thread, side by side on a loaded machine: v3 25.9 ms, v4 34.3 ms);
 v5's closure, F2 band and softer shading about 0.3 ms per crop more (one thread, batch of 16,
 side by side, loaded machine: v4 1.74, v5 2.05 ms per crop, min of 10); v6's lip-line search and
-depth shading: see docs/PERFORMANCE.md (`bench/builtin_cost.py`).
+depth shading and v7's lips over the teeth: see docs/PERFORMANCE.md (`bench/builtin_cost.py`).
 """
 from __future__ import annotations
 
@@ -105,7 +113,7 @@ from cluster.fsutil import write_atomic
 
 log = logging.getLogger("lipsync.models")
 
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 """Bump when the graph changes in a way the source hash would not catch."""
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 17       # GridSample needs >= 16
@@ -160,13 +168,22 @@ VALLEY_REACH = 0.012    # the lip line is the darkest row relative to the rows t
 VALLEY_MIN = (0.05, 0.10)  # ... found (fully) when that valley is deeper than these (grey, 0-1); the
                            # canonical lip line is kept where no row is that dark (e.g. teeth)
 VALLEY_SHARP = 60.0     # softmax sharpness over the valley depths (grey units)
-TEETH_SCORE = (0.45, 0.55)  # a row of the band whose grey minus twice its chroma (max - min of B, G, R) exceeds
-                            # these shows teeth (bright, unsaturated): a template smiling with its teeth keeps
-                            # the canonical lip line (under its upper teeth) instead of the valley above them
+TEETH_SCORE = (0.38, 0.46)  # a row of the band whose grey minus three times its chroma (max - min of B, G, R)
+                            # exceeds these shows teeth (bright, unsaturated; the astronaut's teeth 0.50-0.67 in
+                            # 96-384 px crops, the bright skin above a closed mouth's lips at most 0.33): a template
+                            # smiling with its teeth keeps the canonical lip line (under its upper teeth) instead of
+                            # the valley above them
 LIP_EDGE = 0.007        # an open mouth's lips are sampled this far (fraction of S, times the opening) off the line
-COVER_UP = 0.024    # rounding on a template that shows its teeth: the upper lip moves down this far (of S) ...
-COVER_RIGID = 0.02  # ... rigidly up to this far above the lip line, falling off to 0 ...
-COVER_REACH = 0.075 # ... this far above it
+TEETH_ROW = (0.2, 0.4)    # a row of the band whose teeth score (above) exceeds these is a row of teeth: on a
+                          # template that shows its teeth, their rows above and below the lip line are counted ...
+TEETH_RUN_GAP = 0.012  # ... the run of such rows that reaches to within this (fraction of S) of the line ...
+COVER_MARGIN = 0.008  # ... and this much (fraction of S) added on either side (the teeth's blurred edge):
+                      # how far the upper lip's and the lower lip's inner edges lie from the lip line
+COVER_MAX = 0.025   # ... at most (a wider band of teeth is covered this far only: the warp must not fold)
+COVER_SPAN = (0.55, 0.9)  # ... across the mouth: fully within this fraction of MOUTH_HALF_WIDTH of its centre,
+                           # not at all beyond the second
+COVER_RIGID = 0.02  # rounding on such a template moves each lip over the teeth by that much, rigidly up to this
+COVER_REACH = 0.075 # far from the lip line, falling off to 0 this far from it (the skin beyond stretches)
 HOLE_NARROWING = 1.2  # rounding narrows the opening between the lips this much more than the lips themselves
 ROUND_PRESS = 0.3   # rounding presses the lips towards each other outside the opening (a closure's field):
                     # pursed, protruding lips around a small round opening
@@ -176,6 +193,7 @@ PRESS_UP = 0.016    # a closure pulls the upper lip down by this (fraction of S)
 PRESS_LOW = 0.018   # ... and the lower lip up by this: the lips meet, pressed (the band between them is hidden)
 PRESS_REACH = 0.05  # ... over this depth above and below the lip line
 PRESS_SEAM = 0.25   # the pressed lips' seam: the lip line darkened by up to 25 % ...
+COVER_SEAM = 0.1    # ... and by up to 10 % where rounding moved the lips over the teeth to meet
 SEAM_HALF = 0.006   # ... over about this half-height
 LIP_BGR = (0.30, 0.30, 0.56)     # the inside of the mouth just inside the lips (B, G, R): wet, reddish
 THROAT_BGR = (0.05, 0.04, 0.12)  # ... and at the back, where the opening is deepest
@@ -261,7 +279,12 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
     lens_press = np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0))
     # pursed lips over a template's teeth: the upper lip moves down rigidly over the upper teeth,
     # the skin above it stretching
-    cover = np.where(depth < 0, -COVER_UP * _falloff(-depth, COVER_RIGID, COVER_REACH), 0.0) * lens_press * inside
+    # (one field: the graph scales its upper and lower halves by the teeth above and below the line);
+    # across the mouth rigid up to near the corners (the teeth reach them; rounding narrows the lips, so
+    # an output column within COVER_SPAN[0] shows a source column within the mouth)
+    cover_cols = _smoothstep((COVER_SPAN[1] - q) / (COVER_SPAN[1] - COVER_SPAN[0]))
+    cover = np.where(depth < 0, -_falloff(-depth, COVER_RIGID, COVER_REACH),
+                     _falloff(depth, COVER_RIGID, COVER_REACH)) * inside
     press = np.where(depth < 0, -PRESS_UP * _falloff(-depth, 0.0, PRESS_REACH),
                      PRESS_LOW * _falloff(depth, 0.0, PRESS_REACH)) * lens_press * inside
     seam = np.exp(-((depth + 0.5 / S) / SEAM_HALF) ** 2) * lens_press * blend
@@ -283,7 +306,8 @@ def warp_fields(size: int) -> dict[str, np.ndarray]:
         "clamp_hi_y": np.where(row_is_below, big, 2.0 * lip_y - 1.0),
         "blend": blend,
         "lens": lens * (np.abs(X - mx) < span),
-        "d_cover_y": 2.0 * cover,
+        "d_cover_y": cover,       # per unit of displacement (grid units), without its columns' profile:
+        "cover_cols": cover_cols, # the graph scales it by the template's teeth band above / below the line
     }
 
 
@@ -299,13 +323,13 @@ def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
                            f["clamp_hi_y"][:, None])
         if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
             raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
-    for name, field in (("closure", f["d_press_y"]), ("cover", f["d_cover_y"]),
-                        ("cover + pucker", f["d_cover_y"] + ROUND_PRESS * f["d_press_y"])):
+    cover = 2.0 * COVER_MAX * f["d_cover_y"] * f["cover_cols"]
+    for name, field in (("closure", f["d_press_y"]), ("cover", cover)):  # pucker: a weaker closure
         src_y = f["base_y"][:, None] + field
         if np.any(np.diff(src_y, axis=0) < -1e-9):
             raise AssertionError(f"built-in {name} folds at S={size}")
     moved = ((np.abs(f["d_open_y"]) > 0) | (np.abs(f["d_round_x"]) > 0) | (np.abs(f["d_press_y"]) > 0)
-             | (np.abs(f["d_cover_y"]) > 0))
+             | (np.abs(f["d_cover_y"] * f["cover_cols"]) > 0))
     if np.any(moved & (f["blend"] <= 0)):
         raise AssertionError(f"built-in warp displaces pixels outside JAW_REGION at S={size}")
 
@@ -359,7 +383,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("speech_w", band_weights()[:, :1]),
         const("quiet_from", PRESS_QUIET[0]), const("quiet_inv_range", 1.0 / (PRESS_QUIET[1] - PRESS_QUIET[0])),
         const("ahead_from", PRESS_AHEAD[0]), const("ahead_inv_range", 1.0 / (PRESS_AHEAD[1] - PRESS_AHEAD[0])),
-        const("press_seam", PRESS_SEAM),
+        const("press_seam", PRESS_SEAM), const("cover_seam", COVER_SEAM),
         const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE), const("round_open", ROUND_OPEN),
         const("lens_gain", 3.0), const("side_k", 1.0 / (2.0 * 0.003)),
         const("teeth_from", TEETH_FROM), const("teeth_inv_range", 1.0 / 0.35),
@@ -382,6 +406,18 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("valley_from", VALLEY_MIN[0]), const("valley_inv_range", 1.0 / (VALLEY_MIN[1] - VALLEY_MIN[0])),
         const("valley_rows", (2.0 * (np.arange(lr0 + vk, lr1 - vk) + 0.5) / S - 2.0 * lip_y).reshape(-1, 1)),
         const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S),
+        const("teeth_row_from", TEETH_ROW[0]), const("teeth_row_inv", 1.0 / (TEETH_ROW[1] - TEETH_ROW[0])),
+        const("rows_above", (np.arange(lr0, lr1) + 0.5) / S < lip_y),
+        const("rows_below", (np.arange(lr0, lr1) + 0.5) / S >= lip_y),
+        const("row_pitch_up", np.where((np.arange(lr0, lr1) + 0.5) / S < lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
+        const("row_pitch_dn", np.where((np.arange(lr0, lr1) + 0.5) / S >= lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
+        const("near_line", np.abs((np.arange(lr0, lr1) + 0.5) / S - lip_y) < TEETH_RUN_GAP),
+        const("tiny", 1e-4), const("row_axis_scalar", 1, np.int64),
+        const("cover_cols", f["cover_cols"][0, c0:c1].reshape(1, 1, 1, w)),
+        const("cover_cols_x", f["cover_cols"][0, c0:c1].reshape(1, 1, w, 1)),
+        const("lips_lens", f["lens"][0, c0:c1].reshape(1, 1, w, 1)),
+        const("row_shape", [-1, 1, h, 1], np.int64),
+        const("cover_margin", 2.0 * COVER_MARGIN), const("cover_max", 2.0 * COVER_MAX),
         const("lip_edge", 2.0 * LIP_EDGE), const("teeth_score_from", TEETH_SCORE[0]),
         const("teeth_score_inv", 1.0 / (TEETH_SCORE[1] - TEETH_SCORE[0])), const("big", 3.0),
         const("minus_big", -3.0), const("round_press", ROUND_PRESS),
@@ -456,9 +492,6 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         *_ramp_nodes("e_ahead", "ahead_from", "ahead_inv_range", "ahead_s"),
         N("Mul", ["quiet", "ahead_s"], ["press"]),
         N("Reshape", ["press", "scalar_shape"], ["press4"]),                     # [B,1,1,1]
-        # rounding purses the lips: a closure's press, weaker, outside the (narrower) opening
-        N("Mul", ["round_only4", "round_press"], ["pucker4"]),
-        N("Add", ["press4", "pucker4"], ["lips_press4"]),
         # 4a. the template's own lip line: the darkest row (against the rows VALLEY_REACH above and
         #     below) of a band about the canonical lip line at the mouth's centre, by a softmax over the
         #     valley depths; kept at the canonical line where no row is a clear valley. Every field
@@ -471,10 +504,31 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("ReduceMin", ["lip_band"], ["lip_min"], axes=[1], keepdims=0),
         N("Sub", ["lip_max", "lip_min"], ["lip_chroma"]),
         N("ReduceMean", ["lip_chroma"], ["chroma_profile"], axes=[2], keepdims=0),
-        N("Mul", ["chroma_profile", "two"], ["chroma2"]),
-        N("Sub", ["lip_profile", "chroma2"], ["teeth_score"]),
+        N("Mul", ["chroma_profile", "three"], ["chroma3"]),
+        N("Sub", ["lip_profile", "chroma3"], ["teeth_score"]),
         N("ReduceMax", ["teeth_score"], ["teeth_score_max"], axes=[1], keepdims=1),  # [B,1]
         *_ramp_nodes("teeth_score_max", "teeth_score_from", "teeth_score_inv", "teeth_seen"),
+        # the band of teeth: its rows above and below the canonical lip line, counted (grid units)
+        # (only the run of teeth rows that touches the line: a product over the rows between a row and
+        # the line, as the exponential of a cumulative sum of logarithms)
+        *_ramp_nodes("teeth_score", "teeth_row_from", "teeth_row_inv", "teeth_row"),    # [B,rows]
+        N("Max", ["teeth_row", "near_line"], ["teeth_row_near"]),                 # rows next to the line join
+        N("Max", ["teeth_row_near", "tiny"], ["teeth_row_pos"]),
+        N("Log", ["teeth_row_pos"], ["teeth_row_log"]),
+        N("Mul", ["teeth_row_log", "rows_above"], ["teeth_log_up"]),
+        N("Mul", ["teeth_row_log", "rows_below"], ["teeth_log_dn"]),
+        N("CumSum", ["teeth_log_up", "row_axis_scalar"], ["teeth_run_up_log"], reverse=1),
+        N("CumSum", ["teeth_log_dn", "row_axis_scalar"], ["teeth_run_dn_log"]),
+        N("Exp", ["teeth_run_up_log"], ["teeth_run_up"]),
+        N("Exp", ["teeth_run_dn_log"], ["teeth_run_dn"]),
+        N("MatMul", ["teeth_run_up", "row_pitch_up"], ["teeth_up0"]),              # [B,1]
+        N("MatMul", ["teeth_run_dn", "row_pitch_dn"], ["teeth_dn0"]),
+        N("Add", ["teeth_up0", "cover_margin"], ["teeth_up1"]),
+        N("Add", ["teeth_dn0", "cover_margin"], ["teeth_dn1"]),
+        N("Clip", ["teeth_up1", "zero", "cover_max"], ["teeth_up"]),
+        N("Clip", ["teeth_dn1", "zero", "cover_max"], ["teeth_dn"]),
+        N("Reshape", ["teeth_up", "scalar_shape"], ["teeth_up4"]),
+        N("Reshape", ["teeth_dn", "scalar_shape"], ["teeth_dn4"]),
         N("Slice", ["lip_profile", "valley_up_starts", "valley_up_ends", "row_axis"], ["prof_up"]),
         N("Slice", ["lip_profile", "valley_mid_starts", "valley_mid_ends", "row_axis"], ["prof_mid"]),
         N("Slice", ["lip_profile", "valley_dn_starts", "valley_dn_ends", "row_axis"], ["prof_dn"]),
@@ -488,6 +542,11 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         *_ramp_nodes("valley_max", "valley_from", "valley_inv_range", "valley_found"),
         N("Sub", ["one", "teeth_seen"], ["no_teeth"]),
         N("Reshape", ["no_teeth", "scalar_shape"], ["no_teeth4"]),
+        # rounding purses the lips: a closure's press, weaker, outside the (narrower) opening (on a
+        # template that shows its teeth the lips cover them instead: step 4)
+        N("Mul", ["round_only4", "round_press"], ["pucker0"]),
+        N("Mul", ["pucker0", "no_teeth4"], ["pucker4"]),
+        N("Add", ["press4", "pucker4"], ["lips_press4"]),
         N("Mul", ["valley_found", "no_teeth"], ["lip_found"]),
         N("Mul", ["lip_dy0", "lip_found"], ["lip_dy1"]),
         N("Mul", ["lip_dy1", "half_s"], ["lip_dy_px0"]),                          # whole pixels: the fields'
@@ -513,7 +572,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,3,S,S]
         N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
           padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "d_press_at", "d_cover_at"], axis=1),  # [B,1,h,w]
+        N("Split", ["d_fields_at"], ["d_open_at", "d_press_at", "d_cover_at"], axis=1),
         # the lens profile (the opening's height across the mouth) at the narrowed columns, computed
         N("Sub", ["field_x", "mouth_x"], ["lens_d"]),
         N("Mul", ["lens_d", "inv_span"], ["lens_q"]),
@@ -524,18 +583,31 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["opening4", "d_open_at"], ["shift_open"]),
         N("Mul", ["lips_press4", "d_press_at"], ["shift_press"]),
         N("Add", ["shift_open", "shift_press"], ["shift_op"]),
+        # rounding on a template that shows its teeth: each lip moves over its teeth (the band's
+        # measured extent above / below the lip line), so the lips meet where the mouth is not open
         N("Sub", ["one", "no_teeth4"], ["teeth_seen4"]),
         N("Mul", ["round_only4", "teeth_seen4"], ["cover4"]),
-        N("Mul", ["cover4", "d_cover_at"], ["shift_cover"]),
+        N("Mul", ["cover4", "teeth_up4"], ["cover_up4"]),                         # [B,1,1,1]
+        N("Mul", ["cover4", "teeth_dn4"], ["cover_dn4"]),
+        N("Reshape", ["row_below", "row_shape"], ["row_below_nchw"]),             # [B,1,h,1]
+        N("Where", ["row_below_nchw", "cover_dn4", "cover_up4"], ["cover_rows"]),
+        N("Mul", ["cover_rows", "cover_cols"], ["cover_amp"]),                   # [B,1,h,w]
+        N("Mul", ["cover_amp", "d_cover_at"], ["shift_cover"]),
         N("Add", ["shift_op", "shift_cover"], ["shift_nchw"]),
         N("Reshape", ["shift_nchw", "nhwc_shape"], ["shift_y"]),                 # [B,h,w,1]
         # an opened mouth samples each lip's inner edge, up to LIP_EDGE off the line (not the line
         # itself: a closed mouth's dark seam would be stretched over the opening)
         N("Mul", ["opening4", "lip_edge"], ["lip_edge4"]),
-        N("Mul", ["lens_at", "lip_edge4"], ["lip_edge_nchw"]),
-        N("Reshape", ["lip_edge_nchw", "nhwc_shape"], ["lip_edge_y"]),           # [B,h,w,1]
-        N("Add", ["lip_at", "lip_edge_y"], ["lip_lower_edge"]),
-        N("Sub", ["lip_at", "lip_edge_y"], ["lip_upper_edge"]),
+        # (across the lips at the output's columns, not the opening's narrower ones: a rounded opening
+        # would sample a closed mouth's seam at its sides)
+        N("Mul", ["lips_lens", "lip_edge4"], ["lip_edge_y"]),                     # [B,1,w,1]
+        # ... and where the lips cover teeth, never the teeth: the clamp moves to the lips' inner edges
+        N("Mul", ["cover_up4", "cover_cols_x"], ["cover_up_y"]),                  # [B,1,w,1]
+        N("Mul", ["cover_dn4", "cover_cols_x"], ["cover_dn_y"]),
+        N("Add", ["lip_edge_y", "cover_dn_y"], ["lip_edge_dn"]),
+        N("Add", ["lip_edge_y", "cover_up_y"], ["lip_edge_up"]),
+        N("Add", ["lip_at", "lip_edge_dn"], ["lip_lower_edge"]),
+        N("Sub", ["lip_at", "lip_edge_up"], ["lip_upper_edge"]),
         N("Where", ["row_below", "lip_lower_edge", "minus_big"], ["clamp_lo_y"]),
         N("Where", ["row_below", "big", "lip_upper_edge"], ["clamp_hi_y"]),
         N("Add", ["base_y", "shift_y"], ["src_y"]),
@@ -609,8 +681,12 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["seam_d2", "seam_d2"], ["seam_d3"]),
         N("Neg", ["seam_d3"], ["seam_d4"]),
         N("Exp", ["seam_d4"], ["seam_rows"]),
-        N("Mul", ["seam_rows", "seam_k"], ["seam_rows_k"]),
-        N("Mul", ["seam_rows_k", "seam_cols"], ["seam_w"]),                     # [B,1,h,w]
+        # (lips moved over the teeth meet too, where they were moved)
+        N("Mul", ["seam_k", "seam_cols"], ["seam_press_cols"]),                  # [B,1,1,w]
+        N("Mul", ["cover4", "cover_seam"], ["cover_seam_k"]),
+        N("Mul", ["cover_seam_k", "cover_cols"], ["seam_cover_cols"]),
+        N("Add", ["seam_press_cols", "seam_cover_cols"], ["seam_cols_k"]),
+        N("Mul", ["seam_rows", "seam_cols_k"], ["seam_w"]),                      # [B,1,h,w]
         N("Sub", ["one", "seam_w"], ["seam_keep"]),
         N("Mul", ["shaded_open", "seam_keep"], ["shaded"]),
         # 6. blend inside JAW_REGION only
