@@ -164,6 +164,30 @@ def test_face_input_is_built_like_wav2lip(tmp_path):
     np.testing.assert_array_equal(reference.generate(mel, crops), crops)  # exact uint8 round trip
 
 
+def test_a_model_that_reads_only_the_reference_gets_no_masked_crop(tmp_path):
+    """`lipsync.face_input=reference` (the built-in model's metadata): channels 0-2 of the face
+    input are zeros instead of the masked crop, the reference is as before; another value is a
+    contract error naming the key."""
+    size = 96
+    mel, crops = _random_inputs(2, size)
+    masked_path = channel_picker(tmp_path / "masked.onnx", size, 0)
+    m = onnx.load(masked_path)
+    helper.set_model_props(m, {"lipsync.face_input": "reference"})
+    onnx.save(m, masked_path)
+    model = LipSyncModel.load(masked_path, providers=CPU_ONLY)
+    assert model.reference_only
+    assert not model.generate(mel, crops).any()  # what channels 0-2 held: zeros
+    ref_path = channel_picker(tmp_path / "ref.onnx", size, 3)
+    m = onnx.load(ref_path)
+    helper.set_model_props(m, {"lipsync.face_input": "reference"})
+    onnx.save(m, ref_path)
+    np.testing.assert_array_equal(LipSyncModel.load(ref_path, providers=CPU_ONLY).generate(mel, crops), crops)
+    helper.set_model_props(m, {"lipsync.face_input": "masked-and-reference"})
+    onnx.save(m, ref_path)
+    with pytest.raises(ModelContractError, match="lipsync.face_input"):
+        LipSyncModel.load(ref_path, providers=CPU_ONLY)
+
+
 def test_generate_rounds_and_clips(tmp_path):
     model = LipSyncModel.load(channel_picker(tmp_path / "ref.onnx", 96, 3), providers=CPU_ONLY)
     mel, crops = _random_inputs(1, 96)

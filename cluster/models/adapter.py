@@ -39,6 +39,9 @@ _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _ONNX_ELEM_TYPES = {1: "tensor(float)", 10: "tensor(float16)"}
 CROP_RECIPES = ("wav2lip", "aligned")
 CROP_METADATA_KEY = "lipsync.crop"
+FACE_INPUT_METADATA_KEY = "lipsync.face_input"
+"""`reference`: the model reads only the reference crop (channels 3-5 of its face input), so the
+masked crop of channels 0-2 is not built (zeros instead). Absent: Wav2Lip's full face input."""
 
 
 def scaled_float16(planes: np.ndarray) -> np.ndarray:
@@ -189,6 +192,11 @@ class LipSyncModel:
             raise ModelContractError(f"model {path}: metadata {CROP_METADATA_KEY}={crop!r} is not a known crop "
                                      f"recipe (expected one of {list(CROP_RECIPES)})", path=path)
         self.crop = crop or default_crop(contract.size)
+        face_input = self.metadata.get(FACE_INPUT_METADATA_KEY, "").strip().lower()
+        if face_input and face_input != "reference":
+            raise ModelContractError(f"model {path}: metadata {FACE_INPUT_METADATA_KEY}={face_input!r} is not "
+                                     f"known (expected 'reference' or no such key)", path=path)
+        self.reference_only = face_input == "reference"
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -340,8 +348,11 @@ class LipSyncModel:
             np.multiply(crops.transpose(0, 3, 1, 2), np.float32(1.0 / 255.0), out=faces[:, 3:])
         else:
             faces[:, 3:] = scaled_float16(crops.transpose(0, 3, 1, 2))
-        faces[:, :3, :S // 2] = faces[:, 3:, :S // 2]
-        faces[:, :3, S // 2:] = 0.0
+        if self.reference_only:  # the masked crop is never read (a contiguous block per item: a memset)
+            faces[:, :3] = 0.0
+        else:
+            faces[:, :3, :S // 2] = faces[:, 3:, :S // 2]
+            faces[:, :3, S // 2:] = 0.0
         out = self._infer_in_precision(mel_windows, faces)
         if out.dtype == np.float16:
             return np.ascontiguousarray(float16_to_uint8(out).transpose(0, 2, 3, 1))

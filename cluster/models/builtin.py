@@ -772,7 +772,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
                               producer_name="lipsync-cluster", producer_version=str(GENERATOR_VERSION),
                               doc_string="Procedural lip-sync model (mel energy -> mouth warp); Wav2Lip contract.")
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"lipsync.crop": "aligned"})  # built on the canonical geometry
+    # built on the canonical geometry; reads only the reference crop (channels 3-5)
+    helper.set_model_props(model, {"lipsync.crop": "aligned", "lipsync.face_input": "reference"})
     onnx.checker.check_model(model, full_check=True)
     return model
 
