@@ -448,8 +448,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("base_x", f["base_x"][c0:c1].reshape(1, 1, w, 1)),
         const("base_y", f["base_y"][r0:r1].reshape(1, h, 1, 1)),
         const("d_fields", np.stack([f["d_open_y"], f["d_press_y"], f["d_cover_y"]]).reshape(1, 3, S, S)),
-        const("batch_starts", [0], np.int64), const("batch_ends", [1], np.int64),
-        const("field_tail_shape", [3, S, S], np.int64),
+        const("stacked_grid_shape", [1, -1, w, 2], np.int64),
         const("d_round_x", f["d_round_x"][r0:r1, c0:c1].reshape(1, h, w, 1)),
         const("blend", f["blend"][r0:r1, c0:c1].reshape(1, 1, h, w)),
         const("shade_inv_soft", 1.0 / (2.0 * SHADE_SOFT)),  # gap is in grid units (2 per S)
@@ -608,12 +607,15 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Expand", ["base_y", "grid_x_shape"], ["base_y_full"]),
         N("Sub", ["base_y_full", "lip_dy4"], ["field_y"]),
         N("Concat", ["field_x", "field_y"], ["grid_narrow"], axis=3),
-        N("Slice", ["grid_x_shape", "batch_starts", "batch_ends"], ["batch_dim"]),
-        N("Concat", ["batch_dim", "field_tail_shape"], ["field_shape"], axis=0),
-        N("Expand", ["d_fields", "field_shape"], ["d_fields_batch"]),            # [B,3,S,S]
-        N("GridSample", ["d_fields_batch", "grid_narrow"], ["d_fields_at"], mode="bilinear",
-          padding_mode="border", align_corners=0),
-        N("Split", ["d_fields_at"], ["d_open_at", "d_press_at", "d_cover_at"], axis=1),
+        # the constant fields sampled once for the whole batch (the batch's grids stacked as rows of
+        # one grid: no copy of the fields per item)
+        N("Reshape", ["grid_narrow", "stacked_grid_shape"], ["grid_stacked"]),   # [1,B*h,w,2]
+        N("GridSample", ["d_fields", "grid_stacked"], ["d_fields_at"], mode="bilinear",
+          padding_mode="border", align_corners=0),                                # [1,3,B*h,w]
+        N("Split", ["d_fields_at"], ["d_open_st", "d_press_st", "d_cover_st"], axis=1),
+        N("Reshape", ["d_open_st", "nchw_shape"], ["d_open_at"]),                # [B,1,h,w]
+        N("Reshape", ["d_press_st", "nchw_shape"], ["d_press_at"]),
+        N("Reshape", ["d_cover_st", "nchw_shape"], ["d_cover_at"]),
         # the lens profile (the opening's height across the mouth) at the narrowed columns, computed
         N("Sub", ["field_x", "mouth_x"], ["lens_d"]),
         N("Mul", ["lens_d", "inv_span"], ["lens_q"]),
