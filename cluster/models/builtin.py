@@ -45,12 +45,9 @@ What the graph computes, per batch item:
    whole pixels, and every field below moves with it. Where no row is a clear valley
    (`VALLEY_MIN`) or the band shows teeth (a row bright and unsaturated: `TEETH_SCORE`, a smile
    showing its teeth, whose opening belongs under the upper teeth) the canonical line is kept. On
-   such a template the band of teeth is measured too, per column across the mouth
-   (`TEETH_MAP_HALF`): how far above and below the canonical line the teeth reach (`TEETH_ROW`,
-   gaps between teeth filled: `TEETH_GAP_FILL`), by a run of teeth rows from the line
-   (`TEETH_RUN_GAP`) that may step sideways (`TEETH_CLIMB`: a smile's teeth climb towards its
-   corners), plus `COVER_MARGIN`, smoothed across (`TEETH_SMOOTH`): where the upper lip's and the
-   lower lip's inner edges lie in each column.
+   such a template the band of teeth is measured too: its rows (`TEETH_ROW`) in the run that reaches
+   the canonical line (`TEETH_RUN_GAP`), counted above and below it, plus `COVER_MARGIN`, at most
+   `COVER_MAX`: where the upper lip's and the lower lip's inner edges lie.
 4. **Warp.** A `GridSample` (bilinear, align_corners=0, border padding) resamples the reference
    crop with a grid = identity + jaw_open * D_open + (rounding - SPREAD_WIDTH * spreading) *
    D_round, where the constant fields are computed here with numpy from
@@ -67,14 +64,11 @@ What the graph computes, per batch item:
    by up to `PRESS_UP`, the lower lip up by up to `PRESS_LOW`, fading over `PRESS_REACH` from the
    lip line, so the band between the lips is hidden (on a template that shows its teeth the lips
    close over most of them) and closed lips get thinner, pressed. Rounding on a template that shows
-   its teeth moves the lip line to where the lips are to meet (the middle of the band's tallest
-   columns, as little off it as the upper lip's limit asks) and adds cover * D_cover: in each column
-   (the band read at the column the narrowed lips come from) each lip moves rigidly from its teeth's
-   edge towards that line (`COVER_RIGID`, falling off by `COVER_REACH`), by at most `COVER_MAX`
-   (upper) / `COVER_MAX_LOW` (lower), within `COVER_SPAN`. The rows are clamped at the teeth's edges
-   rather than at the line, so the teeth are never sampled: the lips meet over them at a faint seam
-   (`COVER_SEAM`); the rounded opening between them, and whatever of a band too tall for the lips'
-   limits they cannot reach, is shaded as the mouth's inside.
+   its teeth adds cover * D_cover, each lip moved rigidly by its measured distance from the line
+   towards it (`COVER_RIGID`, falling off by `COVER_REACH`), across the mouth within `COVER_SPAN`;
+   there the rows are clamped at the lips' inner edges rather than at the line, so the teeth are
+   never sampled: the lips meet over them, at a faint seam (`COVER_SEAM`), and the rounded opening
+   between them is shaded as an inside.
 5. **Inside of the mouth.** The opening (where the source row was clamped; an open mouth's rows
    are clamped up to `LIP_EDGE` off the lip line, so each lip's inner edge is stretched, not a
    closed mouth's dark seam) is filled with a mouth interior faded in (smoothstep) over
@@ -185,13 +179,8 @@ TEETH_ROW = (0.2, 0.4)    # a row of the band whose teeth score (above) exceeds 
 TEETH_RUN_GAP = 0.012  # ... the run of such rows that reaches to within this (fraction of S) of the line ...
 COVER_MARGIN = 0.008  # ... and this much (fraction of S) added on either side (the teeth's blurred edge):
                       # how far the upper lip's and the lower lip's inner edges lie from the lip line
-COVER_MAX = 0.025   # ... the upper lip moves at most this far, the lower lip COVER_MAX_LOW (the warp must not
-COVER_MAX_LOW = 0.033  # fold); of a taller band the rest shows as the mouth's inside, never as teeth
-TEETH_MAP_HALF = 1.3  # the band of teeth is measured per column, over this fraction of MOUTH_HALF_WIDTH either side
-TEETH_GAP_FILL = 0.02  # ... each row's teeth score the largest within this (fraction of S) across: gaps between teeth
-TEETH_CLIMB = 0.008    # ... the run of teeth rows from the line may step this far (fraction of S) across per row
-TEETH_SMOOTH = 0.035   # ... and the extents averaged over this width (fraction of S): the lips' edge stays smooth
-COVER_SPAN = (0.75, 1.1)  # ... across the mouth: fully within this fraction of MOUTH_HALF_WIDTH of its centre,
+COVER_MAX = 0.025   # ... at most (a wider band of teeth is covered this far only: the warp must not fold)
+COVER_SPAN = (0.55, 0.9)  # ... across the mouth: fully within this fraction of MOUTH_HALF_WIDTH of its centre,
                            # not at all beyond the second
 COVER_RIGID = 0.02  # rounding on such a template moves each lip over the teeth by that much, rigidly up to this
 COVER_REACH = 0.075 # far from the lip line, falling off to 0 this far from it (the skin beyond stretches)
@@ -334,7 +323,7 @@ def _check_fields(f: dict[str, np.ndarray], size: int) -> None:
                            f["clamp_hi_y"][:, None])
         if np.any(np.diff(src_y, axis=0) < -1e-9) or np.any(np.diff(src_x, axis=1) < -1e-9):
             raise AssertionError(f"built-in warp folds at S={size} (rounding {k})")
-    cover = 2.0 * np.where(f["d_cover_y"] < 0, COVER_MAX, COVER_MAX_LOW) * f["d_cover_y"] * f["cover_cols"]
+    cover = 2.0 * COVER_MAX * f["d_cover_y"] * f["cover_cols"]
     for name, field in (("closure", f["d_press_y"]), ("cover", cover)):  # pucker: a weaker closure
         src_y = f["base_y"][:, None] + field
         if np.any(np.diff(src_y, axis=0) < -1e-9):
@@ -375,16 +364,6 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
     lr0, lr1 = int(round((lip_y + LIP_SEARCH[0]) * S)) - vk, int(round((lip_y + LIP_SEARCH[1]) * S)) + vk
     half_w = LIP_SEARCH_HALF * canonical.MOUTH_HALF_WIDTH
     lc0, lc1 = int(round((mx - half_w) * S)), max(int(round((mx + half_w) * S)), int(round((mx - half_w) * S)) + 1)
-    # the band in which the teeth are measured per column (step 4a)
-    map_w = TEETH_MAP_HALF * canonical.MOUTH_HALF_WIDTH
-    tc0, tc1 = max(int(round((mx - map_w) * S)), 0), min(int(round((mx + map_w) * S)), S)
-    gap_k = 2 * max(1, int(round(TEETH_GAP_FILL * S / 2))) + 1          # odd kernels, centred
-    smooth_k = 2 * max(1, int(round(TEETH_SMOOTH * S / 2))) + 1
-    line_row = min(max(int(lip_y * S), r0), r1 - 1)                      # the box's row at the lip line
-    band_rows = (np.arange(lr0, lr1) + 0.5) / S
-    rows_up = [(int(i), 2.0 * (lip_y - (lr0 + i) / S)) for i in np.flatnonzero(band_rows < lip_y)[::-1]]
-    rows_dn = [(int(i), 2.0 * ((lr0 + i + 1) / S - lip_y)) for i in np.flatnonzero(band_rows >= lip_y)]
-    run_k = max(1, int(round(TEETH_CLIMB * S)))
 
     def const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
@@ -405,7 +384,6 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("quiet_from", PRESS_QUIET[0]), const("quiet_inv_range", 1.0 / (PRESS_QUIET[1] - PRESS_QUIET[0])),
         const("ahead_from", PRESS_AHEAD[0]), const("ahead_inv_range", 1.0 / (PRESS_AHEAD[1] - PRESS_AHEAD[0])),
         const("press_seam", PRESS_SEAM), const("cover_seam", COVER_SEAM),
-        const("cover_seam_inv", 1.0 / (2.0 * 2.0 * COVER_MARGIN)),
         const("spread_width", SPREAD_WIDTH), const("spread_close", SPREAD_CLOSE), const("round_open", ROUND_OPEN),
         const("lens_gain", 3.0), const("side_k", 1.0 / (2.0 * 0.003)),
         const("teeth_from", TEETH_FROM), const("teeth_inv_range", 1.0 / 0.35),
@@ -429,14 +407,14 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("valley_rows", (2.0 * (np.arange(lr0 + vk, lr1 - vk) + 0.5) / S - 2.0 * lip_y).reshape(-1, 1)),
         const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S),
         const("teeth_row_from", TEETH_ROW[0]), const("teeth_row_inv", 1.0 / (TEETH_ROW[1] - TEETH_ROW[0])),
-        const("teeth_map_starts", [lr0, tc0], np.int64), const("teeth_map_ends", [lr1, tc1], np.int64),
-        const("near_line", (np.abs((np.arange(lr0, lr1) + 0.5) / S - lip_y) < TEETH_RUN_GAP).reshape(1, 1, -1, 1)),
-        const("map_row_axis", [2], np.int64), const("pair_shape", [-1, 2], np.int64),
-        # the lips' source column on the lip line (rounding narrows them) in the teeth map's coordinates
-        const("tmap_gx_scale", S / (tc1 - tc0)), const("tmap_gx_shift", (S - 2.0 * tc0) / (tc1 - tc0) - 1.0),
-        const("line_row_starts", [line_row - r0], np.int64), const("line_row_ends", [line_row - r0 + 1], np.int64),
-        const("cover_max_low", 2.0 * COVER_MAX_LOW), const("edge_shape", [-1, 1, w, 1], np.int64),
+        const("rows_above", (np.arange(lr0, lr1) + 0.5) / S < lip_y),
+        const("rows_below", (np.arange(lr0, lr1) + 0.5) / S >= lip_y),
+        const("row_pitch_up", np.where((np.arange(lr0, lr1) + 0.5) / S < lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
+        const("row_pitch_dn", np.where((np.arange(lr0, lr1) + 0.5) / S >= lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
+        const("near_line", np.abs((np.arange(lr0, lr1) + 0.5) / S - lip_y) < TEETH_RUN_GAP),
+        const("tiny", 1e-4), const("row_axis_scalar", 1, np.int64),
         const("cover_cols", f["cover_cols"][0, c0:c1].reshape(1, 1, 1, w)),
+        const("cover_cols_x", f["cover_cols"][0, c0:c1].reshape(1, 1, w, 1)),
         const("lips_lens", f["lens"][0, c0:c1].reshape(1, 1, w, 1)),
         const("row_shape", [-1, 1, h, 1], np.int64),
         const("cover_margin", 2.0 * COVER_MARGIN), const("cover_max", 2.0 * COVER_MAX),
@@ -529,39 +507,27 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Sub", ["lip_profile", "chroma3"], ["teeth_score"]),
         N("ReduceMax", ["teeth_score"], ["teeth_score_max"], axes=[1], keepdims=1),  # [B,1]
         *_ramp_nodes("teeth_score_max", "teeth_score_from", "teeth_score_inv", "teeth_seen"),
-        # the band of teeth per column across the mouth (a smile's teeth climb towards its corners): in
-        # each column the run of teeth rows that reaches the canonical lip line, counted above and below
-        # it (grid units; a product over the rows between a row and the line, as the exponential of a
-        # cumulative sum of logarithms), plus a margin, in the columns that show teeth at all
-        N("Slice", ["reference", "teeth_map_starts", "teeth_map_ends", "hw_axes"], ["tmap"]),  # [B,3,rows,W]
-        N("ReduceMean", ["tmap"], ["tmap_grey"], axes=[1], keepdims=1),          # [B,1,rows,W]
-        N("ReduceMax", ["tmap"], ["tmap_max"], axes=[1], keepdims=1),
-        N("ReduceMin", ["tmap"], ["tmap_min"], axes=[1], keepdims=1),
-        N("Sub", ["tmap_max", "tmap_min"], ["tmap_chroma"]),
-        N("Mul", ["tmap_chroma", "three"], ["tmap_chroma3"]),
-        N("Sub", ["tmap_grey", "tmap_chroma3"], ["tmap_score0"]),
-        N("MaxPool", ["tmap_score0"], ["tmap_score"], kernel_shape=[1, gap_k], pads=[0, gap_k // 2, 0, gap_k // 2]),
-        *_ramp_nodes("tmap_score", "teeth_row_from", "teeth_row_inv", "tmap_teeth"),
-        N("ReduceMax", ["tmap_teeth"], ["tcol_teeth"], axes=[2], keepdims=1),    # [B,1,1,W]
-        N("Mul", ["near_line", "tcol_teeth"], ["tmap_near"]),                     # rows next to the line join
-        N("Max", ["tmap_teeth", "tmap_near"], ["tmap_joined"]),                   # [B,1,rows,W]
-        *_teeth_run_nodes("tmap_joined", rows_up, rows_dn, run_k, "tcol0", inits),  # [B,2,1,W]
-        N("Add", ["tcol0", "cover_margin"], ["tcol1"]),
-        N("Mul", ["tcol1", "tcol_teeth"], ["tcol2"]),
-        N("AveragePool", ["tcol2"], ["tcol"], kernel_shape=[1, smooth_k],
-          pads=[0, smooth_k // 2, 0, smooth_k // 2], count_include_pad=0),      # [B,2,1,W] grid units
-        # where rounding makes the lips meet over them: the middle of the band's tallest columns (each
-        # lip then moves about as far), moved as little as the upper lip's limit asks; > 0 above the line
-        N("ReduceMax", ["tcol"], ["tcol_max"], axes=[3], keepdims=0),             # [B,2,1]
-        N("Reshape", ["tcol_max", "pair_shape"], ["tcol_max2"]),                  # [B,2]
-        N("Split", ["tcol_max2"], ["teeth_up_max", "teeth_dn_max"], axis=1),      # [B,1] each
-        N("Sub", ["teeth_up_max", "teeth_dn_max"], ["meet_d"]),
-        N("Mul", ["meet_d", "half"], ["meet0"]),
-        N("Sub", ["teeth_up_max", "cover_max"], ["meet_lo"]),
-        N("Max", ["meet0", "meet_lo"], ["meet1"]),
-        N("Sub", ["cover_max_low", "teeth_dn_max"], ["meet_hi0"]),
-        N("Max", ["meet_hi0", "zero"], ["meet_hi"]),
-        N("Min", ["meet1", "meet_hi"], ["meet"]),                                  # [B,1] grid units
+        # the band of teeth: its rows above and below the canonical lip line, counted (grid units)
+        # (only the run of teeth rows that touches the line: a product over the rows between a row and
+        # the line, as the exponential of a cumulative sum of logarithms)
+        *_ramp_nodes("teeth_score", "teeth_row_from", "teeth_row_inv", "teeth_row"),    # [B,rows]
+        N("Max", ["teeth_row", "near_line"], ["teeth_row_near"]),                 # rows next to the line join
+        N("Max", ["teeth_row_near", "tiny"], ["teeth_row_pos"]),
+        N("Log", ["teeth_row_pos"], ["teeth_row_log"]),
+        N("Mul", ["teeth_row_log", "rows_above"], ["teeth_log_up"]),
+        N("Mul", ["teeth_row_log", "rows_below"], ["teeth_log_dn"]),
+        N("CumSum", ["teeth_log_up", "row_axis_scalar"], ["teeth_run_up_log"], reverse=1),
+        N("CumSum", ["teeth_log_dn", "row_axis_scalar"], ["teeth_run_dn_log"]),
+        N("Exp", ["teeth_run_up_log"], ["teeth_run_up"]),
+        N("Exp", ["teeth_run_dn_log"], ["teeth_run_dn"]),
+        N("MatMul", ["teeth_run_up", "row_pitch_up"], ["teeth_up0"]),              # [B,1]
+        N("MatMul", ["teeth_run_dn", "row_pitch_dn"], ["teeth_dn0"]),
+        N("Add", ["teeth_up0", "cover_margin"], ["teeth_up1"]),
+        N("Add", ["teeth_dn0", "cover_margin"], ["teeth_dn1"]),
+        N("Clip", ["teeth_up1", "zero", "cover_max"], ["teeth_up"]),
+        N("Clip", ["teeth_dn1", "zero", "cover_max"], ["teeth_dn"]),
+        N("Reshape", ["teeth_up", "scalar_shape"], ["teeth_up4"]),
+        N("Reshape", ["teeth_dn", "scalar_shape"], ["teeth_dn4"]),
         N("Slice", ["lip_profile", "valley_up_starts", "valley_up_ends", "row_axis"], ["prof_up"]),
         N("Slice", ["lip_profile", "valley_mid_starts", "valley_mid_ends", "row_axis"], ["prof_mid"]),
         N("Slice", ["lip_profile", "valley_dn_starts", "valley_dn_ends", "row_axis"], ["prof_dn"]),
@@ -583,15 +549,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         N("Mul", ["valley_found", "no_teeth"], ["lip_found"]),
         N("Mul", ["lip_dy0", "lip_found"], ["lip_dy1"]),
         N("Mul", ["lip_dy1", "half_s"], ["lip_dy_px0"]),                          # whole pixels: the fields'
-        N("Round", ["lip_dy_px0"], ["lip_dy_own_px"]),                            # step at the lip line moves
-        N("Mul", ["rounding", "teeth_seen"], ["cover"]),                          # with the rows' clamp; and
-        N("Mul", ["cover", "meet"], ["meet_c"]),                                  # rounding over teeth moves
-        N("Mul", ["meet_c", "half_s"], ["meet_px0"]),                             # the line to where the lips
-        N("Round", ["meet_px0"], ["meet_px"]),                                    # meet
-        N("Sub", ["lip_dy_own_px", "meet_px"], ["lip_dy_px"]),
-        N("Mul", ["meet_px", "two_over_s"], ["meet_g"]),
-        N("Reshape", ["meet_g", "scalar_shape"], ["meet4"]),                      # [B,1,1,1]
-        N("Mul", ["lip_dy_px", "two_over_s"], ["lip_dy"]),
+        N("Round", ["lip_dy_px0"], ["lip_dy_px"]),                                # step at the lip line moves
+        N("Mul", ["lip_dy_px", "two_over_s"], ["lip_dy"]),                        # with the rows' clamp
         N("Reshape", ["lip_dy", "scalar_shape"], ["lip_dy4"]),                    # [B,1,1,1]
         N("Add", ["lip_g", "lip_dy4"], ["lip_at"]),
         N("GreaterOrEqual", ["base_y", "lip_at"], ["row_below"]),                 # [B,h,1,1]
@@ -630,25 +589,11 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # measured extent above / below the lip line), so the lips meet where the mouth is not open
         N("Sub", ["one", "no_teeth4"], ["teeth_seen4"]),
         N("Mul", ["round_only4", "teeth_seen4"], ["cover4"]),
-        # the band read at each output column's source column on the lip line (rounding narrows the
-        # lips: the teeth an output column would show lie further out)
-        N("Slice", ["grid_x", "line_row_starts", "line_row_ends", "row_axis"], ["grid_x_line"]),  # [B,1,w,1]
-        N("Mul", ["grid_x_line", "tmap_gx_scale"], ["tmap_gx0"]),
-        N("Add", ["tmap_gx0", "tmap_gx_shift"], ["tmap_gx"]),
-        N("Mul", ["tmap_gx", "zero"], ["tmap_gy"]),
-        N("Concat", ["tmap_gx", "tmap_gy"], ["tmap_grid"], axis=3),              # [B,1,w,2]
-        N("GridSample", ["tcol", "tmap_grid"], ["tcol_at"], mode="bilinear", padding_mode="zeros",
-          align_corners=0),                                                       # [B,2,1,w]
-        N("Mul", ["tcol_at", "cover_cols"], ["tcol_in"]),
-        N("Mul", ["tcol_in", "cover4"], ["teeth_at"]),
-        N("Split", ["teeth_at"], ["teeth_up_at", "teeth_dn_at"], axis=1),        # [B,1,1,w] each
-        # each lip moves from its teeth's edge to where the lips meet, as far as it may
-        N("Sub", ["teeth_up_at", "meet4"], ["cover_up0"]),
-        N("Clip", ["cover_up0", "zero", "cover_max"], ["cover_up_c"]),
-        N("Add", ["teeth_dn_at", "meet4"], ["cover_dn0"]),
-        N("Clip", ["cover_dn0", "zero", "cover_max_low"], ["cover_dn_c"]),
+        N("Mul", ["cover4", "teeth_up4"], ["cover_up4"]),                         # [B,1,1,1]
+        N("Mul", ["cover4", "teeth_dn4"], ["cover_dn4"]),
         N("Reshape", ["row_below", "row_shape"], ["row_below_nchw"]),             # [B,1,h,1]
-        N("Where", ["row_below_nchw", "cover_dn_c", "cover_up_c"], ["cover_amp"]),  # [B,1,h,w]
+        N("Where", ["row_below_nchw", "cover_dn4", "cover_up4"], ["cover_rows"]),
+        N("Mul", ["cover_rows", "cover_cols"], ["cover_amp"]),                   # [B,1,h,w]
         N("Mul", ["cover_amp", "d_cover_at"], ["shift_cover"]),
         N("Add", ["shift_op", "shift_cover"], ["shift_nchw"]),
         N("Reshape", ["shift_nchw", "nhwc_shape"], ["shift_y"]),                 # [B,h,w,1]
@@ -659,14 +604,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # would sample a closed mouth's seam at its sides)
         N("Mul", ["lips_lens", "lip_edge4"], ["lip_edge_y"]),                     # [B,1,w,1]
         # ... and where the lips cover teeth, never the teeth: the clamp moves to the lips' inner edges
-        # (the teeth's edges from the moved line; where a lip could not reach its edge, the rows
-        # between are the mouth's inside)
-        N("Sub", ["teeth_up_at", "meet4"], ["edge_up0"]),
-        N("Max", ["edge_up0", "zero"], ["edge_up"]),
-        N("Add", ["teeth_dn_at", "meet4"], ["edge_dn0"]),
-        N("Max", ["edge_dn0", "zero"], ["edge_dn"]),
-        N("Reshape", ["edge_up", "edge_shape"], ["cover_up_y"]),                  # [B,1,w,1]
-        N("Reshape", ["edge_dn", "edge_shape"], ["cover_dn_y"]),
+        N("Mul", ["cover_up4", "cover_cols_x"], ["cover_up_y"]),                  # [B,1,w,1]
+        N("Mul", ["cover_dn4", "cover_cols_x"], ["cover_dn_y"]),
         N("Add", ["lip_edge_y", "cover_dn_y"], ["lip_edge_dn"]),
         N("Add", ["lip_edge_y", "cover_up_y"], ["lip_edge_up"]),
         N("Add", ["lip_at", "lip_edge_dn"], ["lip_lower_edge"]),
@@ -747,10 +686,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         # (lips moved over the teeth meet too, where they were moved)
         N("Mul", ["seam_k", "seam_cols"], ["seam_press_cols"]),                  # [B,1,1,w]
         N("Mul", ["cover4", "cover_seam"], ["cover_seam_k"]),
-        N("Add", ["cover_up_c", "cover_dn_c"], ["cover_both"]),                  # where the lips moved
-        N("Mul", ["cover_both", "cover_seam_inv"], ["cover_both_t"]),
-        N("Clip", ["cover_both_t", "zero", "one"], ["cover_moved"]),
-        N("Mul", ["cover_seam_k", "cover_moved"], ["seam_cover_cols"]),
+        N("Mul", ["cover_seam_k", "cover_cols"], ["seam_cover_cols"]),
         N("Add", ["seam_press_cols", "seam_cover_cols"], ["seam_cols_k"]),
         N("Mul", ["seam_rows", "seam_cols_k"], ["seam_w"]),                      # [B,1,h,w]
         N("Sub", ["one", "seam_w"], ["seam_keep"]),
@@ -805,38 +741,6 @@ def _paste_box_nodes(full: str, box: str, rows_cols: tuple[int, int, int, int], 
     if r1 < size:
         column.append(piece("ref_bottom", [r1, 0], [size, size]))
     nodes.append(N("Concat", column, [out], axis=2) if len(column) > 1 else N("Identity", column, [out]))
-    return nodes
-
-
-def _teeth_run_nodes(mask: str, rows_up: list[tuple[int, float]], rows_dn: list[tuple[int, float]], k: int,
-                     out: str, inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
-    """out [B,2,1,W] = how far (grid units) the teeth reach above (channel 0) and below (channel 1)
-    the lip line in each column of `mask` [B,1,rows,W] (teeth 0-1 per row and column): the farthest
-    row reached from the line by a run of teeth rows, each row's run taken from the row before it
-    within `k` columns either way (a smile's teeth climb towards its corners, away from the line).
-    `rows_up` / `rows_dn`: (the band's row index, that row's far edge's distance from the line in
-    grid units), from the line outwards, up and down."""
-    N = helper.make_node
-    nodes: list[onnx.NodeProto] = []
-    for side, rows in (("up", rows_up), ("dn", rows_dn)):
-        prev, reached = None, []
-        for r, dist in rows:
-            name = f"teeth_{side}_{r}"
-            inits.extend([numpy_helper.from_array(np.asarray([r], np.int64), f"{name}_starts"),
-                          numpy_helper.from_array(np.asarray([r + 1], np.int64), f"{name}_ends")])
-            nodes.append(N("Slice", [mask, f"{name}_starts", f"{name}_ends", "map_row_axis"], [f"{name}_mask"]))
-            if prev is None:
-                run = f"{name}_mask"
-            else:
-                nodes.append(N("MaxPool", [prev], [f"{name}_from"], kernel_shape=[1, 2 * k + 1], pads=[0, k, 0, k]))
-                nodes.append(N("Mul", [f"{name}_mask", f"{name}_from"], [f"{name}_run"]))
-                run = f"{name}_run"
-            inits.append(numpy_helper.from_array(np.asarray(dist, np.float32), f"{name}_dist"))
-            nodes.append(N("Mul", [run, f"{name}_dist"], [f"{name}_reach"]))
-            reached.append(f"{name}_reach")
-            prev = run
-        nodes.append(N("Max", reached, [f"{out}_{side}"]))
-    nodes.append(N("Concat", [f"{out}_up", f"{out}_dn"], [out], axis=1))
     return nodes
 
 
