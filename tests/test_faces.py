@@ -511,3 +511,26 @@ def test_paste_back_on_the_mask_rect_equals_paste_back_on_the_whole_crop(astrona
     diff = np.abs(on_rect.astype(int) - on_crop)
     assert np.abs(on_crop.astype(int) - frames).max() > 60  # the change is there
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-4 * diff.size, (diff.max(), np.count_nonzero(diff))
+
+
+def test_paste_back_does_not_depend_on_what_the_process_pasted_before():
+    """Paste-back's optical flow must be a function of its inputs only. OpenCV's DIS object keeps
+    state between `calc` calls: one call on a small changed box (a closure's few changed pixels)
+    changed the flow of the next, larger one by up to 3 px, so a chunk re-rendered after a fault on
+    another compositor, whose earlier jobs differed, came out different (the service chaos test's
+    mismatch, docs/RELIABILITY.md). The same paste before and after a small one: bit for bit."""
+    from cluster.synth import textured_face
+
+    frame, landmarks = textured_face((320, 240), seed=2)
+    size = 256
+    matrices = align.alignment_matrices(landmarks[None], size)
+    crop = align.cut_crops(frame[None], matrices, size)
+    mx, my = (int(v * size) for v in canonical.MOUTH_CENTER)
+    large = crop.copy()  # a wide, shifted mouth region: a large changed box
+    large[0, my - 12:my + 14, mx - 40:mx + 40] = np.roll(crop[0, my - 12:my + 14, mx - 40:mx + 40], 3, axis=0)
+    small = crop.copy()  # a few changed pixels: a small changed box
+    small[0, my:my + 4, mx:mx + 4] = 255 - crop[0, my:my + 4, mx:mx + 4]
+    first = align.paste_back(frame[None].copy(), large, matrices, size, original_crops=crop)
+    align.paste_back(frame[None].copy(), small, matrices, size, original_crops=crop)
+    again = align.paste_back(frame[None].copy(), large, matrices, size, original_crops=crop)
+    assert np.array_equal(first, again), int(np.abs(first.astype(int) - again.astype(int)).max())

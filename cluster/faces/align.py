@@ -226,24 +226,30 @@ def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray,
     return generated * ratio.astype(np.float32) + (mo - mg * ratio).astype(np.float32)
 
 
-_DIS = None
+def _optical_flow() -> "cv2.DISOpticalFlow":
+    """A new DIS optical flow object for one call. Not one kept per process: OpenCV's DIS keeps state
+    between `calc` calls (a call on a small box changed the next, larger one's flow by up to 3 px), so
+    a reused object made paste-back depend on what the process had pasted before: a chunk rendered
+    again on another compositor after a fault came out different (docs/RELIABILITY.md). Creating
+    one costs about 0.01 ms.
+
+    DIS down to half the crop's resolution (finest scale 1, not the fast preset's 2): flow accurate to
+    about a pixel on the moved lips (at scale 2 the frame's detail landed a few pixels off the lips it
+    belongs to: lip texture ratio 0.89 instead of 0.93-1.0 on a textured 1080p face), on the changed
+    box only (about 2.5x cheaper than the whole crop)."""
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
+    dis.setFinestScale(1)
+    return dis
 
 
 def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
     """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), computed
     on the box around the pixels the model changed (inside the paste mask, `inside`), widened by
-    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere); None when nothing changed."""
-    global _DIS
+    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere); None when nothing changed. A
+    function of its inputs only (`_optical_flow`)."""
     changed = (_channel_max(cv2.absdiff(generated, original)) > _FLOW_MIN_CHANGE) & inside
     if not changed.any():
         return None
-    if _DIS is None:
-        # DIS down to half the crop's resolution (finest scale 1, not the fast preset's 2): flow
-        # accurate to about a pixel on the moved lips (at scale 2 the frame's detail landed a few
-        # pixels off the lips it belongs to: lip texture ratio 0.89 instead of 0.93-1.0 on a
-        # textured 1080p face), on the changed box only (about 2.5x cheaper than the whole crop)
-        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
-        _DIS.setFinestScale(1)
     size = generated.shape[0]
     rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
     r0, r1 = max(0, rows[0] - _FLOW_MARGIN), min(size, rows[-1] + 1 + _FLOW_MARGIN)
@@ -251,7 +257,7 @@ def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> 
     g = cv2.cvtColor(np.ascontiguousarray(generated[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
     o = cv2.cvtColor(np.ascontiguousarray(original[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
     flow = np.zeros((size, size, 2), np.float32)
-    flow[r0:r1, c0:c1] = _DIS.calc(g, o, None)
+    flow[r0:r1, c0:c1] = _optical_flow().calc(g, o, None)
     near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
     return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
 
