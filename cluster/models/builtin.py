@@ -364,6 +364,8 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
     lr0, lr1 = int(round((lip_y + LIP_SEARCH[0]) * S)) - vk, int(round((lip_y + LIP_SEARCH[1]) * S)) + vk
     half_w = LIP_SEARCH_HALF * canonical.MOUTH_HALF_WIDTH
     lc0, lc1 = int(round((mx - half_w) * S)), max(int(round((mx + half_w) * S)), int(round((mx - half_w) * S)) + 1)
+    band_rows = (np.arange(lr0, lr1) + 0.5) / S  # the band's row centres, normalised
+    band_above = band_rows < lip_y               # ... above the canonical lip line
 
     def const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
@@ -407,11 +409,10 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
         const("valley_rows", (2.0 * (np.arange(lr0 + vk, lr1 - vk) + 0.5) / S - 2.0 * lip_y).reshape(-1, 1)),
         const("lip_g", 2.0 * lip_y - 1.0), const("half_s", S / 2.0), const("two_over_s", 2.0 / S),
         const("teeth_row_from", TEETH_ROW[0]), const("teeth_row_inv", 1.0 / (TEETH_ROW[1] - TEETH_ROW[0])),
-        const("rows_above", (np.arange(lr0, lr1) + 0.5) / S < lip_y),
-        const("rows_below", (np.arange(lr0, lr1) + 0.5) / S >= lip_y),
-        const("row_pitch_up", np.where((np.arange(lr0, lr1) + 0.5) / S < lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
-        const("row_pitch_dn", np.where((np.arange(lr0, lr1) + 0.5) / S >= lip_y, 2.0 / S, 0.0).reshape(-1, 1)),
-        const("near_line", np.abs((np.arange(lr0, lr1) + 0.5) / S - lip_y) < TEETH_RUN_GAP),
+        const("rows_above", band_above), const("rows_below", ~band_above),
+        const("row_pitch_up", np.where(band_above, 2.0 / S, 0.0).reshape(-1, 1)),
+        const("row_pitch_dn", np.where(band_above, 0.0, 2.0 / S).reshape(-1, 1)),
+        const("near_line", np.abs(band_rows - lip_y) < TEETH_RUN_GAP),
         const("tiny", 1e-4), const("row_axis_scalar", 1, np.int64),
         const("cover_cols", f["cover_cols"][0, c0:c1].reshape(1, 1, 1, w)),
         const("cover_cols_x", f["cover_cols"][0, c0:c1].reshape(1, 1, w, 1)),
