@@ -5,8 +5,10 @@ For each model, in one run under the same load:
   - warm service, prepared avatar: an embedded Ray in this process with its default pool for this
     node (compositors sized from its CPUs and memory), the avatar prepared by a short job on the
     same template, then one job of `--seconds` of speech on the 720p25 template (bench/common.py);
-    run twice: with every actor's thread pools sized from its Ray CPUs (`LIPSYNC_SIZE_THREADS`,
-    the default) and with the libraries' defaults (one thread per core per pool, as before);
+    run three times: with every actor's thread pools sized from its Ray CPUs (`LIPSYNC_SIZE_THREADS`,
+    the default), with the libraries' defaults (one thread per core per pool, as before), and
+    sized but with each segment encoded by an ffmpeg child instead of in the compositor
+    (`LIPSYNC_ENCODE_IN_PROCESS=false`, as before);
   - N classic pipelines (`bench/reference_pipeline.py`), N = the pool's compositors, started at
     once as separate processes on the same inputs: what a user could run instead with a process
     pool, the honest peer for throughput.
@@ -45,8 +47,11 @@ from bench.common import (
     write_result,
 )
 
-VARIANTS = {"sized": "true", "library": "false"}  # LIPSYNC_SIZE_THREADS
-VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools"}
+VARIANTS = {"sized": {"LIPSYNC_SIZE_THREADS": "true"},  # the service's environment per variant
+            "library": {"LIPSYNC_SIZE_THREADS": "false"},
+            "ffmpeg": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_ENCODE_IN_PROCESS": "false"}}
+VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools",
+                  "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment"}
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 
@@ -202,11 +207,12 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
     from bench.classic import WarmService
     from cluster.schemas import RenderRequest
 
-    os.environ["LIPSYNC_SIZE_THREADS"] = VARIANTS[variant]
+    os.environ.update(VARIANTS[variant])
     try:
         service = WarmService(work / f"storage-{variant}")
     finally:
-        os.environ.pop("LIPSYNC_SIZE_THREADS", None)
+        for name in VARIANTS[variant]:
+            os.environ.pop(name, None)
     try:
         service.render(prep.audio, inp.video, model, str(work / "prepare.mp4"))  # model loaded, avatar prepared
         pool = service.rt.call("refresh", timeout=60)
@@ -332,6 +338,11 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
             s, lib = r["sized"], r["library"]
             ratios.append(f"{r['model']}: sized / library thread pools: frames/s "
                           f"{s['fps'] / lib['fps']:.2f}x, CPU per frame {s['cpu_s'] / lib['cpu_s']:.2f}x")
+        if "sized" in r and "ffmpeg" in r:
+            s, ff = r["sized"], r["ffmpeg"]
+            ratios.append(f"{r['model']}: segments encoded in the compositor / by an ffmpeg child: frames/s "
+                          f"{s['fps'] / ff['fps']:.2f}x, CPU per frame {s['cpu_s'] / ff['cpu_s']:.2f}x, peak PSS "
+                          f"{s['peak_pss_mb'] / ff['peak_pss_mb']:.2f}x")
         if r.get("classic"):
             v = r[variants[0]]
             ratios.append(f"{r['model']}: warm service / {r['classic']['n']} classic pipelines: frames/s "
@@ -373,7 +384,8 @@ def chunk_costs(size: tuple[int, int] = (1280, 720), repeats: int = 5) -> dict:
     CPU and wall ms (median of `repeats`), in this process: opening the normalised template
     (container, packet count, first frame), the first batch after a seek against the next batch
     read in sequence, starting and closing an encoder (one frame), and per frame: decode and
-    encode (50 frames)."""
+    encode (50 frames); the encoder in this process (the default) and as an ffmpeg child, taking
+    turns."""
     import statistics
 
     from cluster.config import Settings
@@ -395,23 +407,29 @@ def chunk_costs(size: tuple[int, int] = (1280, 720), repeats: int = 5) -> dict:
             out.setdefault(name, []).append((1000 * (_cpu() - c0), 1000 * (time.perf_counter() - t0)))
             return got
 
-        def encode(name: str, frames, n: int) -> None:
-            with SegmentEncoder(work / name, size[0], size[1], Fraction(25), s) as enc:
-                for k in range(0, n, len(frames)):
-                    enc.write(frames[:n - k])
+        encoders = {"in the compositor": s, "ffmpeg child": s.model_copy(update={"encode_in_process": False})}
+
+        def encode(name: str, frames, n: int, settings) -> None:  # frames in sequence, batches of 16
+            with SegmentEncoder(work / name, size[0], size[1], Fraction(25), settings) as enc:
+                for k in range(0, n, 16):
+                    enc.write(frames[k:min(n, k + 16)])
 
         for _ in range(repeats):
             reader = timed("open template (container, packet count, first frame)", TemplateReader, template, s)
             timed("first batch of 16 after a seek (mid-template)", reader.read, range(103, 119))
-            frames = timed("next batch of 16 in sequence", reader.read, range(119, 135))
+            timed("next batch of 16 in sequence", reader.read, range(119, 135))
+            frames = reader.read(range(135, 185))
             reader.close()
-            timed("encoder start + close (1 frame)", encode, "one.mp4", frames, 1)
-            timed("encoder, 50 frames", encode, "fifty.mp4", frames, 50)
+            for kind, settings in encoders.items():  # taking turns, so both meet the same load
+                timed(f"encoder start + close (1 frame), {kind}", encode, "one.mp4", frames, 1, settings)
+                timed(f"encoder, 50 frames, {kind}", encode, "fifty.mp4", frames, 50, settings)
         med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in out.items()}
-        fixed_cpu = (med["open template (container, packet count, first frame)"][0]
+        fixed_cpu = {kind: med["open template (container, packet count, first frame)"][0]
                      + med["first batch of 16 after a seek (mid-template)"][0]
-                     - med["next batch of 16 in sequence"][0] + med["encoder start + close (1 frame)"][0])
-        enc_frame = (med["encoder, 50 frames"][0] - med["encoder start + close (1 frame)"][0]) / 49
+                     - med["next batch of 16 in sequence"][0] + med[f"encoder start + close (1 frame), {kind}"][0]
+                     for kind in encoders}
+        enc_frame = {kind: (med[f"encoder, 50 frames, {kind}"][0] - med[f"encoder start + close (1 frame), {kind}"][0])
+                     / 49 for kind in encoders}
         dec_frame = med["next batch of 16 in sequence"][0] / 16
         return {"size": f"{size[0]}x{size[1]}", "median_ms_cpu_wall": med, "fixed_cpu_ms_per_chunk": fixed_cpu,
                 "decode_cpu_ms_per_frame": dec_frame, "encode_cpu_ms_per_frame": enc_frame}

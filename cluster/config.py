@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     crf: int = Field(18, ge=0, le=51)
     preset: str = "superfast"
     video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
+    encode_in_process: bool = Field(True, description="libx264 segments encoded in the compositor's process "
+                                    "(PyAV's libx264, on a thread of its own; about 100 ms of CPU less per "
+                                    "segment than starting an ffmpeg); false: an ffmpeg child per segment, "
+                                    "as h264_nvenc always is")
     audio_bitrate: str = "160k"
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
 
@@ -93,9 +97,9 @@ class Settings(BaseSettings):
                                     "and memory (see compositor_cpus, compositor_memory_mb)")
     compositor_cpus: float = Field(1.0, gt=0, le=64, description="Ray CPUs per compositor; its thread pools "
                                    "(OpenCV, decoder, x264) are sized from them")
-    compositor_memory_mb: int = Field(400, ge=64, description="memory one compositor needs (measured 250-300 "
-                                      "MiB PSS at 720p); the default pool holds no more compositors than the "
-                                      "cluster's Ray memory has room for")
+    compositor_memory_mb: int = Field(500, ge=64, description="memory one compositor needs (measured 370-410 "
+                                      "MiB PSS at 720p with its encoder); the default pool holds no more "
+                                      "compositors than the cluster's Ray memory has room for")
     size_threads: bool = Field(True, description="size every thread pool of an actor (OpenCV, onnxruntime, "
                                "PyAV, x264, OpenBLAS) from its Ray CPUs; false: the libraries' defaults "
                                "(one thread per core each; for comparison)")

@@ -111,8 +111,10 @@ class Part:
 
 
 def gop_frames(settings: Settings, fps: Fraction) -> int:
-    """The IDR interval of rendered segments (`cluster.media.encode.encoder_args`)."""
-    return max(settings.gop_frames, round(2 * fps))
+    """The IDR interval of rendered segments (`cluster.media.encode.segment_gop`)."""
+    from cluster.media.encode import segment_gop
+
+    return segment_gop(settings, fps)
 
 
 def plan_parts(chunks, gop: int) -> list[Part]:

@@ -2,7 +2,7 @@
 
 Every library a compositor or model worker uses starts a thread pool sized to the *machine* by
 default: OpenCV (one thread per core), onnxruntime's intra-op pool (one per physical core),
-PyAV's frame-threaded H.264 decoder, x264 in the ffmpeg child (1.5 threads per core plus
+PyAV's frame-threaded H.264 decoder, x264 (1.5 threads per core plus
 lookahead) and OpenBLAS/OpenMP. With 8-16 such processes on a 16-core node that is 80+ threads
 per compositor spinning and contending for 16 cores: each frame cost 1.8-3.8x the CPU it costs on
 2 cores (issue 19). So each actor sizes every pool from its own Ray CPUs, explicitly:
@@ -40,7 +40,7 @@ class ThreadPlan:
     opencv: int        # cv2.setNumThreads
     onnx_intra_op: int  # onnxruntime intra-op threads per session (models, MTCNN detector)
     decoder: int       # PyAV (libavcodec) decoder threads of a template reader
-    x264: int          # the ffmpeg encoder child's `-threads`
+    x264: int          # libx264's threads (in-process encoder, or the ffmpeg child's `-threads`)
     blas: int          # OpenBLAS / OpenMP (threadpoolctl and the children's environment)
 
     def as_dict(self) -> dict:
@@ -52,8 +52,8 @@ def thread_plan(cpus: float | None) -> ThreadPlan:
     as one, None or 0 as one).
 
     One thread per CPU for each pool: the pools of a compositor work in turn on one batch
-    (decode, paste-back, encode), not at the same time, except x264, which runs in its own
-    process beside the compositor's Python (measured on the GPU node: OpenCV, OpenMP and x264 at
+    (decode, paste-back, encode), not at the same time, except x264, which runs on its own
+    thread (or in its own process) beside the compositor's Python (measured on the GPU node: OpenCV, OpenMP and x264 at
     one thread each cut the compositors' CPU per frame from 69-86 to 42-55 ms at the same frames
     per second)."""
     n = max(1, int(cpus or 0))

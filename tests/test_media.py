@@ -337,7 +337,9 @@ def test_verify_output_rejects_wrong_files(template, media, settings, tmp_path):
     assert info.video.frame_count == 50
 
 
-def test_encoder_failure_carries_stderr(tmp_path, settings):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ffmpeg-child"])
+def test_encoder_failure_carries_stderr(tmp_path, settings, in_process):
+    settings = settings.model_copy(update={"encode_in_process": in_process})
     path = tmp_path / "broken.mp4"
     bad = settings.model_copy(update={"preset": "no-such-preset"})
     frames = np.zeros((4, 240, 320, 3), np.uint8)
@@ -355,10 +357,138 @@ def test_encoder_failure_carries_stderr(tmp_path, settings):
     assert (tmp_path / "shape.mp4").is_file()
 
 
-def test_encoder_abort_removes_partial_file(tmp_path, settings):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ffmpeg-child"])
+def test_encoder_abort_removes_partial_file(tmp_path, settings, in_process):
     path = tmp_path / "partial.mp4"
     with pytest.raises(RuntimeError):
-        with SegmentEncoder(path, 320, 240, Fraction(25), settings) as enc:
+        with SegmentEncoder(path, 320, 240, Fraction(25),
+                            settings.model_copy(update={"encode_in_process": in_process})) as enc:
             enc.write(np.zeros((3, 240, 320, 3), np.uint8))
             raise RuntimeError("compositor failed")
-    assert not path.exists() and enc._proc.returncode is not None
+    assert not path.exists()
+    if in_process:
+        assert not enc._sink._open  # the encoder thread closed its file
+    else:
+        assert enc._sink._proc.returncode is not None  # ffmpeg reaped
+
+
+def test_segments_encoded_in_process_and_by_ffmpeg_are_one_stream(template, media, settings, tmp_path):
+    """The in-process encoder (PyAV's libx264) and the ffmpeg child write the same stream: the
+    same parameter sets, time base and keyframes, so segments of either kind concatenate by
+    stream copy (a cluster whose nodes are configured differently still finalises its jobs)."""
+    import av
+
+    _, frames = template
+    plan = np.concatenate([frames, frames[-1:]])  # 51 frames: 2.03 s of audio at 25 fps
+    segments = []
+    for k, (in_process, start, stop) in enumerate([(True, 0, 20), (False, 20, 40), (True, 40, 51)]):
+        path = tmp_path / f"seg{k}.mp4"
+        with SegmentEncoder(path, 320, 240, Fraction(25),
+                            settings.model_copy(update={"encode_in_process": in_process})) as enc:
+            for b in range(start, stop, 8):
+                enc.write(plan[b:min(b + 8, stop)])
+        segments.append(str(path))
+    streams = []
+    for path in segments[:2]:
+        with av.open(path) as c:
+            v = c.streams.video[0]
+            keys = [p.pts for p in c.demux(v) if p.is_keyframe]
+            streams.append((bytes(v.codec_context.extradata), v.time_base, v.frames, keys))
+    assert streams[0] == streams[1] and streams[0][2] == 20 and streams[0][3] == [0]
+    # the same frames give the same pictures bit for bit (a job's retried chunk may be rendered
+    # by a compositor configured otherwise; and the chaos tests compare outputs exactly)
+    again = tmp_path / "again.mp4"
+    with SegmentEncoder(again, 320, 240, Fraction(25), settings.model_copy(update={"encode_in_process": False})) as enc:
+        enc.write(plan[0:20])
+    assert np.array_equal(np.concatenate(list(iter_frames(again, 64, settings))),
+                          np.concatenate(list(iter_frames(segments[0], 64, settings))))
+    out = tmp_path / "mixed.mp4"
+    info = finalize_output(segments, str(media["wav"]), str(out), frames_expected=51, fps=Fraction(25),
+                           audio_duration=2.03, settings=settings)
+    assert info.video.frame_count == 51
+    decoded = np.concatenate(list(iter_frames(out, 64, settings)))
+    assert np.abs(decoded.astype(int) - plan.astype(int)).mean() < 3
+
+
+def test_a_pyav_without_libx264_hands_segments_to_an_ffmpeg_child(tmp_path, settings, monkeypatch):
+    import av
+
+    from cluster.media import encode
+
+    monkeypatch.setattr(av, "codecs_available", set(av.codecs_available) - {"libx264"})
+    encode.pyav_has_libx264.cache_clear()
+    try:
+        with SegmentEncoder(tmp_path / "seg.mp4", 320, 240, Fraction(25), settings) as enc:
+            assert type(enc._sink).__name__ == "_FFmpegSink"
+            enc.write(np.zeros((3, 240, 320, 3), np.uint8))
+        assert enc.close() == 3
+    finally:
+        monkeypatch.undo()
+        encode.pyav_has_libx264.cache_clear()
+    with SegmentEncoder(tmp_path / "seg2.mp4", 320, 240, Fraction(25), settings) as enc:
+        assert type(enc._sink).__name__ == "_LibavSink"  # this machine's PyAV has it (PyPI's wheel)
+        enc.write(np.zeros((3, 240, 320, 3), np.uint8))
+
+
+def test_a_finished_encoder_is_freed_at_once(tmp_path, settings):
+    """An encoder holds a batch's buffers and libx264's state (tens of MiB at 720p): it must not
+    sit in a reference cycle until the garbage collector runs (a compositor grew to 1 GiB so)."""
+    import gc
+    import weakref
+
+    frames = np.zeros((4, 240, 320, 3), np.uint8)
+    gc.disable()
+    try:
+        for in_process in (True, False):
+            with SegmentEncoder(tmp_path / f"s{in_process}.mp4", 320, 240, Fraction(25),
+                                settings.model_copy(update={"encode_in_process": in_process})) as enc:
+                enc.write(frames)
+                enc.write(frames)
+            refs = [weakref.ref(enc), weakref.ref(enc._sink)]
+            del enc
+            assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+_FULL_DISK_ENCODE = """
+import json, resource, signal, sys
+from fractions import Fraction
+import numpy as np
+from cluster.config import Settings
+from cluster.errors import EncodeError
+from cluster.media.encode import SegmentEncoder
+from cluster.resources import is_disk_full
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+frames = np.random.default_rng(0).integers(0, 256, (16, 240, 320, 3), dtype=np.uint8)  # noise: large frames
+path = sys.argv[1]
+try:
+    with SegmentEncoder(path, 320, 240, Fraction(25), Settings(storage_root=sys.argv[2])) as enc:
+        for _ in range(20):
+            enc.write(frames)
+    print(json.dumps({"error": None}))
+except EncodeError as e:
+    print(json.dumps({"error": str(e), "stage": e.stage, "path": e.path, "cause": e.cause,
+                      "disk_full": is_disk_full(e)}))
+"""
+
+
+def test_an_in_process_encoder_that_cannot_write_fails_the_segment_with_the_cause(tmp_path):
+    """A real write failure on the encoder thread (the file size limit, as a full disk would): the
+    next write or the close raises EncodeError naming the segment and the system's error, which
+    the render step recognises as a full disk, and the partial file is removed."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "seg.mp4"
+    run = subprocess.run([sys.executable, "-c", _FULL_DISK_ENCODE, str(path), str(tmp_path / "storage")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["error"] and str(path) in got["error"] and got["stage"] == "encode"
+    assert "too large" in got["cause"].lower()  # EFBIG: File too large
+    assert got["disk_full"]  # so the render step reports DiskFull, as for ffmpeg's stderr
+    assert not path.exists()

@@ -39,14 +39,14 @@ def test_encoder_args_and_the_running_ffmpeg_get_the_x264_threads(tmp_path, plan
     args = encoder_args(s, Fraction(25), threads=3)
     assert args[args.index("-threads") + 1] == "3"
     plan_of(thread_plan(1))
-    enc = SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s)
+    enc = SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s.model_copy(update={"encode_in_process": False}))
     try:  # the ffmpeg child really runs with one encoder thread (once it is ffmpeg: it may be
         # started through `setpriv --pdeathsig`, which then execs it)
         from cluster.media.ffmpeg import ffmpeg_binary
         from tests.helpers import wait_until
 
         def ffmpeg_cmdline():
-            argv = open(f"/proc/{enc._proc.pid}/cmdline", "rb").read().split(b"\0")
+            argv = open(f"/proc/{enc._sink._proc.pid}/cmdline", "rb").read().split(b"\0")
             return argv if argv[0] == ffmpeg_binary(s).encode() else None
         cmdline = wait_until(ffmpeg_cmdline, 10, 0.01, "the encoder's ffmpeg to run")
         assert cmdline[cmdline.index(b"-threads") + 1] == b"1"
@@ -54,6 +54,18 @@ def test_encoder_args_and_the_running_ffmpeg_get_the_x264_threads(tmp_path, plan
         enc.write(np.full((5, 48, 64, 3), 128, np.uint8))
     finally:
         assert enc.close() == 5
+
+
+def test_the_in_process_encoder_gets_the_x264_threads(tmp_path, plan_of):
+    from cluster.config import Settings
+    from cluster.media.encode import SegmentEncoder
+
+    s = Settings(storage_root=tmp_path)
+    for plan, want in ((thread_plan(1), 1), (thread_plan(3), 3), (None, 0)):  # 0: libx264's own choice
+        plan_of(plan)
+        with SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s) as enc:
+            assert enc._sink._stream.codec_context.thread_count == want  # the opened libx264's
+            enc.write(np.full((5, 48, 64, 3), 128, np.uint8))
 
 
 def test_decoder_threads_follow_the_plan_and_frames_do_not_change(astronaut_video, plan_of):

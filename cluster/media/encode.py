@@ -1,17 +1,29 @@
-"""Encoding BGR frames to an H.264 mp4 segment through an ffmpeg pipe.
+"""Encoding BGR frames to an H.264 mp4 segment.
 
 Frames are converted to yuv420p in this process with OpenCV's BT.601 conversion (the inverse of the
-one `decode.frame_to_bgr` uses, so unchanged pixels round-trip) and piped as yuv420p: half the
-bytes of BGR, and about 30 % less encoder CPU than swscale's accurate BGR path in ffmpeg.
+one `decode.frame_to_bgr` uses, so unchanged pixels round-trip: about 30 % less encoder CPU than
+swscale's accurate BGR path). Then, for libx264 (`Settings.encode_in_process`, the default),
+PyAV's libx264 encodes them in this process, on the one encoder thread the process keeps (libx264
+runs without the GIL, so the caller's next batch is prepared meanwhile): no ffmpeg process started
+per segment, about 90 ms of CPU less per 50-frame 720p segment. Otherwise (h264_nvenc,
+`encode_in_process` false, or a PyAV without libx264) an ffmpeg child reads them from a pipe.
+Both write the same stream: the same libx264 options and thread type, so the same parameter sets,
+time base, keyframes and pictures.
 
 Segments of one job share encoder, size, frame rate, pixel format and GOP settings and start with
 an IDR frame (closed GOPs), so `finalize_output` can concatenate them by stream copy.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import logging
 import os
 import select
 import subprocess
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -23,8 +35,36 @@ from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
 from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary, wait_exit
 
+log = logging.getLogger("lipsync.encode")
+
 #: Bytes handed to the pipe per write call.
 WRITE_CHUNK_BYTES = 1 << 20
+
+
+def segment_gop(settings: Settings, fps: Fraction) -> int:
+    """Frames per closed GOP of rendered segments: about two seconds."""
+    return max(settings.gop_frames, round(2 * fps))
+
+
+def x264_threads() -> int | None:
+    """The encoder's threads from this process's thread plan (`cluster.threads.current()`: an
+    actor's Ray CPUs); None without a plan: the encoder's default (1.5 per core)."""
+    from cluster.threads import current
+
+    plan = current()
+    return plan.x264 if plan else None
+
+
+@functools.cache
+def pyav_has_libx264() -> bool:
+    """Whether this process's PyAV can encode with libx264 (PyPI's wheels can; a PyAV built against
+    another FFmpeg may not: its segments then go to an ffmpeg child, as before)."""
+    import av
+
+    if "libx264" in av.codecs_available:
+        return True
+    log.warning("PyAV %s has no libx264 encoder: segments are encoded by ffmpeg children", av.__version__)
+    return False
 
 
 def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) -> list[str]:
@@ -34,11 +74,8 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) 
     (`cluster.threads.current()`: an actor's Ray CPUs); None without a plan: the encoder's
     default (1.5 per core)."""
     if threads is None:
-        from cluster.threads import current
-
-        plan = current()
-        threads = plan.x264 if plan else None
-    gop = str(max(settings.gop_frames, round(2 * fps)))
+        threads = x264_threads()
+    gop = str(segment_gop(settings, fps))
     enc = settings.video_encoder
     if not ffmpeg_has_encoder(enc, settings):
         raise EncodeError(f"ffmpeg ({ffmpeg_binary(settings)}) has no {enc} encoder; set "
@@ -61,9 +98,11 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) 
 
 
 class SegmentEncoder:
-    """Context manager feeding `[n, H, W, 3]` uint8 BGR frames to ffmpeg, which writes an H.264
-    mp4 segment to `path`. `close()` returns the number of frames written. On an exception
-    inside the `with` block the encoder is killed and reaped and the partial file removed."""
+    """Context manager encoding `[n, H, W, 3]` uint8 BGR frames into the H.264 mp4 segment `path`
+    (in this process or through an ffmpeg child, see the module). `close()` returns the number
+    of frames written. On an exception inside the `with` block the encoder is stopped and the
+    partial file removed. Every wait is bounded: a write that makes no progress for
+    `stall_timeout_s` and a close that takes longer than `ffmpeg_timeout_s` raise EncodeError."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: Fraction,
                  settings: Settings | None = None) -> None:
@@ -75,43 +114,15 @@ class SegmentEncoder:
                               f"and even (yuv420p)", path=self.path, stage="encode")
         self.frames_written = 0
         self._closed = False
-        self._yuv: np.ndarray | None = None  # the yuv420p batch buffer, reused between writes
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        args = ["-loglevel", "error",
-                "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{self.width}x{self.height}",
-                "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
-                "-an", *encoder_args(self.settings, self.fps),
-                "-movflags", "+faststart", "-f", "mp4", file_url(self.path)]
-        self._run = FFmpeg(args, settings=self.settings, stage="encode", path=self.path, stdin=True,
-                           error=EncodeError, timeout_error=EncodeError)
-        self._proc = self._run.proc
-        self._stdin_fd = self._proc.stdin.fileno()
-        os.set_blocking(self._stdin_fd, False)
-
-    def _stderr_text(self) -> str:
-        return self._run.stderr_tail()
-
-    def _fail(self, what: str, grace: float = 0.0) -> EncodeError:
-        """Kill (after `grace` seconds for it to exit by itself) and reap ffmpeg, remove the
-        partial file; an EncodeError carrying the exit code and stderr. The encoder is closed."""
-        try:
-            self._proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        code = self._proc.poll()
-        self._kill()
-        if code is not None:
-            what += f" (ffmpeg exit code {code})"
-        tail = self._stderr_text()
-        self._closed = True
-        self._run.close()
-        Path(self.path).unlink(missing_ok=True)
-        return EncodeError(f"encoding segment {self.path} failed: {what}: {stderr_summary(tail)}",
-                           path=self.path, stage="encode", cause=tail)
+        in_process = (self.settings.encode_in_process and self.settings.video_encoder == "libx264"
+                      and pyav_has_libx264())
+        sink = _LibavSink if in_process else _FFmpegSink  # no reference back to this object: no cycle
+        self._sink: _LibavSink | _FFmpegSink = sink(self.path, self.width, self.height, self.fps, self.settings)
 
     def write(self, frames: np.ndarray) -> None:
         """Append frames `[n, H, W, 3]` uint8 BGR (or one `[H, W, 3]` frame). A write that makes no
-        progress for `stall_timeout_s`, or to an encoder that died, raises EncodeError."""
+        progress for `stall_timeout_s`, or to an encoder that failed, raises EncodeError."""
         if self._closed:
             raise EncodeError(f"segment {self.path} is already closed", path=self.path,
                               stage="encode")
@@ -123,17 +134,260 @@ class SegmentEncoder:
                               f"{self.width}, 3] uint8, got {list(frames.shape)} {frames.dtype}",
                               path=self.path, stage="encode")
         n = frames.shape[0]
+        try:
+            yuv = self._sink.buffer(n)
+            for k in range(n):
+                cv2.cvtColor(frames[k], cv2.COLOR_BGR2YUV_I420, dst=yuv[k])
+            self._sink.send(yuv, n)
+        except EncodeError:
+            self._closed = True  # the sink is stopped and the partial file removed
+            raise
+        self.frames_written += n
+
+    def close(self) -> int:
+        """Finish the segment; returns the frames written. Waits up to `ffmpeg_timeout_s` and
+        raises EncodeError (the encoder's error output in `cause`) on a timeout or a failure."""
+        if self._closed:
+            return self.frames_written
+        self._closed = True
+        try:
+            self._sink.finish()
+            if self.frames_written == 0:
+                raise EncodeError(f"segment {self.path} has no frames", path=self.path,
+                                  stage="encode")
+            return self.frames_written
+        except BaseException:
+            self._sink.stop()
+            Path(self.path).unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        """Stop the encoder and remove the partial file (idempotent)."""
+        self._closed = True
+        self._sink.stop()
+        Path(self.path).unlink(missing_ok=True)
+
+    def __enter__(self) -> "SegmentEncoder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+_x264_thread: concurrent.futures.ThreadPoolExecutor | None = None
+_x264_thread_lock = threading.Lock()
+
+
+def _encoder_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one libx264 thread, kept for the process's life. One, because a compositor
+    renders one chunk at a time; kept, because libx264's frame buffers then always come from the
+    same glibc arena: a thread per segment drew a different arena each time (Ray's own threads
+    use up glibc's arena limit, after which new threads take arenas in turn), each of which kept
+    the freed buffers, and a compositor's PSS doubled to ~570 MiB over a job."""
+    global _x264_thread
+    with _x264_thread_lock:
+        if _x264_thread is None:
+            _x264_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="x264")
+        return _x264_thread
+
+
+class _LibavSink:
+    """libx264 through PyAV in this process, on the process's encoder thread: the writer fills
+    one yuv420p buffer while the thread encodes the other (two buffers; a buffer is filled again
+    only once the batch that used it is encoded)."""
+
+    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
+        import av
+
+        self.path, self.width, self.height, self.settings = path, width, height, settings
+        self.frames_sent = 0
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._buffers = 0
+        self._pts = 0
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._open = True
+        gop = segment_gop(settings, fps)
+        options = {"preset": settings.preset, "crf": str(settings.crf), "x264-params": "open-gop=0",
+                   "g": str(gop), "keyint_min": str(gop)}
+        try:
+            self._container = av.open(file_url(path), "w", format="mp4",
+                                      options={"movflags": "+faststart", "protocol_whitelist": "file"})
+        except av.FFmpegError as exc:
+            raise EncodeError(f"encoding segment {path} failed: cannot create it: {exc}",
+                              path=path, stage="encode", cause=str(exc)) from None
+        try:
+            stream = self._container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = options
+            # x264's frame threads, as ffmpeg gives it (PyAV's default, slice threads, cuts each
+            # frame into slices: another bitstream than the child's for the same frames)
+            stream.codec_context.thread_type = "FRAME"
+            threads = x264_threads()
+            if threads:
+                stream.codec_context.thread_count = threads
+            with _libav_errors():  # the error names libx264's own complaint
+                stream.codec_context.open()
+        except av.FFmpegError as exc:
+            self._container.close()
+            Path(path).unlink(missing_ok=True)
+            raise EncodeError(f"encoding segment {path} failed: libx264 could not start: {exc}",
+                              path=path, stage="encode", cause=str(exc)) from None
+        self._stream = stream
+
+    # --- on the encoder thread ---------------------------------------------------------------
+    def _encode(self, yuv: np.ndarray, n: int) -> np.ndarray:
+        import av
+
+        if self._error is None:
+            try:
+                for k in range(n):
+                    if self._stopping.is_set():
+                        break
+                    frame = av.VideoFrame.from_ndarray(yuv[k], format="yuv420p")
+                    frame.pts = self._pts
+                    self._pts += 1
+                    for packet in self._stream.encode(frame):
+                        self._container.mux(packet)
+            except BaseException as exc:  # the writer's next call reports it
+                self._error = exc
+        return yuv
+
+    def _close(self, flush: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if flush and self._error is None:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+            self._container.close()
+        except BaseException as exc:
+            if flush and self._error is None:
+                self._error = exc
+            else:  # a failed or aborted segment's file, removed by the writer
+                log.debug("closing the unfinished segment %s", self.path, exc_info=True)
+
+    # --- on the writer's thread --------------------------------------------------------------
+    def _wait(self, future: concurrent.futures.Future, limit: float, what: str):
+        try:
+            return future.result(timeout=limit)
+        except concurrent.futures.TimeoutError:
+            raise self._failed(f"{what} within {limit:g} s") from None
+
+    def buffer(self, n: int) -> np.ndarray:
+        """A yuv420p buffer for `n` frames that the encoder thread is done with."""
+        shape = (self.height * 3 // 2, self.width)
+        if self._buffers < 2:
+            self._buffers += 1
+            return np.empty((n, *shape), np.uint8)
+        buf = self._wait(self._pending.popleft(), self.settings.stall_timeout_s, "libx264 took no frames")
+        if self._error is not None:
+            raise self._failed("libx264 failed")
+        return buf if buf.shape[0] >= n else np.empty((n, *shape), np.uint8)
+
+    def send(self, yuv: np.ndarray, n: int) -> None:
+        if self._error is not None:
+            raise self._failed("libx264 failed")
+        self._pending.append(_encoder_thread().submit(self._encode, yuv, n))
+        self.frames_sent += n
+
+    def _failed(self, what: str) -> EncodeError:
+        exc = self._error
+        self.stop()
+        Path(self.path).unlink(missing_ok=True)
+        if exc is not None:
+            what = f"{what}: {exc}"
+        return EncodeError(f"encoding segment {self.path} failed after {self.frames_sent} frames: {what}",
+                           path=self.path, stage="encode", cause=str(exc) if exc else what)
+
+    def finish(self) -> None:
+        done = _encoder_thread().submit(self._close, True)
+        self._wait(done, self.settings.ffmpeg_timeout_s, "libx264 did not finish")
+        self._pending.clear()
+        if self._error is not None:
+            raise self._failed("libx264 failed")
+
+    def stop(self) -> None:
+        """Stop encoding (after the frame being encoded) and close the file (idempotent)."""
+        self._stopping.set()
+        self._pending.clear()
+        if self._open:
+            done = _encoder_thread().submit(self._close, False)
+            try:
+                done.result(timeout=self.settings.stall_timeout_s)
+            except concurrent.futures.TimeoutError:
+                log.warning("segment %s: the encoder thread did not stop within %g s", self.path,
+                            self.settings.stall_timeout_s)
+
+
+@contextlib.contextmanager
+def _libav_errors():
+    """Within: libav's error messages are kept (PyAV then adds the last one to its exceptions)."""
+    import av.logging
+
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture():
+            yield
+    finally:
+        av.logging.set_level(level)
+
+
+class _FFmpegSink:
+    """An ffmpeg child encoding the yuv420p frames it reads from a pipe."""
+
+    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
+        self.path, self.width, self.height, self.settings = path, width, height, settings
+        self.frames_sent = 0
+        self._yuv: np.ndarray | None = None  # the yuv420p batch buffer, reused between writes
+        args = ["-loglevel", "error",
+                "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
+                "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
+                "-an", *encoder_args(settings, fps),
+                "-movflags", "+faststart", "-f", "mp4", file_url(path)]
+        self._run = FFmpeg(args, settings=settings, stage="encode", path=path, stdin=True,
+                           error=EncodeError, timeout_error=EncodeError)
+        self._proc = self._run.proc
+        self._stdin_fd = self._proc.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)
+        self._done = False
+
+    def buffer(self, n: int) -> np.ndarray:
         if self._yuv is None or self._yuv.shape[0] < n:
             self._yuv = np.empty((n, self.height * 3 // 2, self.width), np.uint8)
-        for k in range(n):
-            cv2.cvtColor(frames[k], cv2.COLOR_BGR2YUV_I420, dst=self._yuv[k])
-        data = memoryview(self._yuv[:n]).cast("B")
+        return self._yuv
+
+    def _fail(self, what: str, grace: float = 0.0) -> EncodeError:
+        """Kill (after `grace` seconds for it to exit by itself) and reap ffmpeg, remove the
+        partial file; an EncodeError carrying the exit code and stderr. The encoder is closed."""
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        code = self._proc.poll()
+        self._run.kill()
+        if code is not None:
+            what += f" (ffmpeg exit code {code})"
+        tail = self._run.stderr_tail()
+        self._done = True
+        self._run.close()
+        Path(self.path).unlink(missing_ok=True)
+        return EncodeError(f"encoding segment {self.path} failed: {what}: {stderr_summary(tail)}",
+                           path=self.path, stage="encode", cause=tail)
+
+    def send(self, yuv: np.ndarray, n: int) -> None:
+        data = memoryview(yuv[:n]).cast("B")
         stall = self.settings.stall_timeout_s
         offset = 0
         deadline = time.monotonic() + stall
         while offset < len(data):
             if self._proc.poll() is not None:
-                raise self._fail(f"ffmpeg exited after {self.frames_written} frames")
+                raise self._fail(f"ffmpeg exited after {self.frames_sent} frames")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._fail(f"ffmpeg accepted no data for {stall:g} s")
@@ -145,55 +399,29 @@ class SegmentEncoder:
             except BlockingIOError:
                 continue
             except (BrokenPipeError, OSError) as exc:
-                raise self._fail(f"writing to ffmpeg failed after {self.frames_written} frames "
+                raise self._fail(f"writing to ffmpeg failed after {self.frames_sent} frames "
                                  f"({exc.strerror or exc})", grace=5.0) from None
             deadline = time.monotonic() + stall
-        self.frames_written += frames.shape[0]
+        self.frames_sent += n
 
-    def close(self) -> int:
-        """Finish the segment; returns the frames written. Waits up to `ffmpeg_timeout_s` and
-        raises EncodeError (stderr tail in `cause`) on a timeout or a nonzero exit."""
-        if self._closed:
-            return self.frames_written
-        self._closed = True
+    def finish(self) -> None:
         try:
-            try:
-                self._proc.stdin.close()
-            except OSError:
-                pass  # a dead encoder; its exit code and stderr explain it below
-            try:
-                code = wait_exit(self._proc, self.settings.ffmpeg_timeout_s)
-            except subprocess.TimeoutExpired:
-                limit = self.settings.ffmpeg_timeout_s
-                raise self._fail(f"ffmpeg did not finish within {limit:g} s") from None
-            if code != 0:
-                raise self._fail("ffmpeg failed")
-            if self.frames_written == 0:
-                raise EncodeError(f"segment {self.path} has no frames", path=self.path,
-                                  stage="encode")
-            return self.frames_written
-        except BaseException:
-            Path(self.path).unlink(missing_ok=True)
-            raise
-        finally:
+            self._proc.stdin.close()
+        except OSError:
+            pass  # a dead encoder; its exit code and stderr explain it below
+        try:
+            code = wait_exit(self._proc, self.settings.ffmpeg_timeout_s)
+        except subprocess.TimeoutExpired:
+            limit = self.settings.ffmpeg_timeout_s
+            raise self._fail(f"ffmpeg did not finish within {limit:g} s") from None
+        if code != 0:
+            raise self._fail("ffmpeg failed")
+        self._done = True
+        self._run.close()
+
+    def stop(self) -> None:
+        """Kill and reap ffmpeg (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._run.kill()
             self._run.close()
-
-    def _kill(self) -> None:
-        self._run.kill()
-
-    def abort(self) -> None:
-        """Kill and reap ffmpeg and remove the partial file (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._kill()
-            self._run.close()
-        Path(self.path).unlink(missing_ok=True)
-
-    def __enter__(self) -> "SegmentEncoder":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
