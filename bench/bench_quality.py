@@ -153,7 +153,8 @@ def main() -> None:
               f"{chin[top].mean() / max(chin[silent].mean(), 1e-9):.2f}x, r with speech "
               f"{pearson(chin, energy):.3f}   (targets >= 2.5x, r >= 0.5; before issue 10: 1.33x)")
         print(f"lip sharpness ratio  : loudest fifth {np.median(sharp[top]):.3f}, silent {np.median(sharp[silent]):.3f}"
-              f"   (target >= 0.92 loud; before issue 10: 0.88 loud, 0.95 silent)")
+              f"   (no target since issue 22: it counts the template's teeth edges, which a rounded vowel's lips "
+              f"now cover; the texture ratio below is the measure)")
         if lip_texture_ratio is not None:
             texture = lip_texture_ratio(output, template, matrices, model.size)
             print(f"lip texture ratio    : loudest fifth {np.median(texture[top]):.3f}, "

@@ -4,18 +4,19 @@
 # then (1) `bench.throughput` warm service, thread pools sized, both models, 180 s of speech;
 # (2) `bench/gpu_precision.py` (float16 vs float32 under CUDA options, I/O binding, graph placement);
 # (3) N classic pipelines side by side (N = the pool's compositors from step 1) on the Wav2Lip-sized
-# model; (4) the Wav2Lip-sized model with each segment encoded by an ffmpeg child (the encoder before
-# 2026-12-05; step 1 encodes in the compositors; the libraries' default thread pools were measured on
-# 2026-12-04: `--variants library`); (5) issue 21's live
+# model; (4) the Wav2Lip-sized model, 120 s of speech, with each segment encoded by an ffmpeg child
+# (the encoder before 2026-12-05; step 1 encodes in the compositors) and with two model batches in
+# flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`; the libraries' default thread pools were
+# measured on 2026-12-04: `--variants library`); (5) issue 21's live
 # sessions per GPU: `bench live --only ramp` (sessions driven through the runtime, no HTTP service:
 # the kit has no FastAPI) with the Wav2Lip-sized model, 1, 4, 8, 12, 16 sessions at once, 20 s of
 # speech each. Results land in $OUT (or ./gpu-out): run.log, sized.json, gpu_precision-*.json,
-# classic.json, ffmpeg.json, live.json.
-#   bash bench/gpu_node.sh [classic seconds, default 90]
+# classic.json, variants.json, live.json.
+#   bash bench/gpu_node.sh [classic seconds, default 30: 16 pipelines of 30 s fitted in 170 s on the H200 node]
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
-R="bash .gpu/run.sh"; CLASSIC_S=${1:-90}
+R="bash .gpu/run.sh"; CLASSIC_S=${1:-30}
 reap() { pkill -9 -f 'ray::|raylet|gcs_server|dashboard|bench.reference_pipeline' 2>/dev/null; sleep 2; }
 step() { echo "=== $(date -u +%T) $*"; }
 step machine; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
@@ -26,8 +27,8 @@ step "2 precision"; timeout 120 $R python3 bench/gpu_precision.py --out "$OUT" -
 N=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['figures']['runs'][0]['sized']['pool']['compositors'])" "$OUT/sized.json" 2>/dev/null || echo 14)
 step "3 classic x$N ${CLASSIC_S}s"; timeout 170 $R python3 -m bench.throughput --classic-only "$N" --seconds "$CLASSIC_S" \
   --model wav2lip96; cp bench/results/throughput.classic.json "$OUT/classic.json"; reap
-step "4 ffmpeg child"; timeout 75 $R python3 -m bench.throughput --seconds 180 --variants ffmpeg --no-classic --model wav2lip96 \
-  && cp bench/results/throughput.adhoc.json "$OUT/ffmpeg.json"; reap
+step "4 ffmpeg child, two batches in flight"; timeout 120 $R python3 -m bench.throughput --seconds 120 \
+  --variants ffmpeg,inflight2 --no-classic --model wav2lip96 && cp bench/results/throughput.adhoc.json "$OUT/variants.json"; reap
 step "5 live ramp"; timeout 200 $R python3 -m bench live --only ramp --ramp 1,4,8,12,16 --model wav2lip96 \
   --seconds 20; cp bench/results/live.json "$OUT/live.json"; reap
 step done

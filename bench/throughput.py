@@ -8,7 +8,8 @@ For each model, in one run under the same load:
     run three times: with every actor's thread pools sized from its Ray CPUs (`LIPSYNC_SIZE_THREADS`,
     the default), with the libraries' defaults (one thread per core per pool, as before), and
     sized but with each segment encoded by an ffmpeg child instead of in the compositor
-    (`LIPSYNC_ENCODE_IN_PROCESS=false`, as before);
+    (`LIPSYNC_ENCODE_IN_PROCESS=false`, as before); `--variants inflight2`: two model batches in
+    flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`; not in the default run);
   - N classic pipelines (`bench/reference_pipeline.py`), N = the pool's compositors, started at
     once as separate processes on the same inputs: what a user could run instead with a process
     pool, the honest peer for throughput.
@@ -49,9 +50,11 @@ from bench.common import (
 
 VARIANTS = {"sized": {"LIPSYNC_SIZE_THREADS": "true"},  # the service's environment per variant
             "library": {"LIPSYNC_SIZE_THREADS": "false"},
-            "ffmpeg": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_ENCODE_IN_PROCESS": "false"}}
+            "ffmpeg": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_ENCODE_IN_PROCESS": "false"},
+            "inflight2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_BATCHES_IN_FLIGHT": "2"}}
 VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools",
-                  "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment"}
+                  "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment",
+                  "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor"}
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 
@@ -279,7 +282,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         models, variants = models or ["builtin"], variants or ["sized"]
     else:
         secs, size, template_s = (seconds or [180.0])[0], (1280, 720), 10.0
-        models, variants = models or list(MODELS), variants or list(VARIANTS)
+        models, variants = models or list(MODELS), variants or ["sized", "library", "ffmpeg"]
     started = machine()
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-", dir=CACHE))
@@ -303,6 +306,11 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         shutil.rmtree(work, ignore_errors=True)
     _report(results, variants, quick, started, publish)
     return results
+
+
+def _blocked(m: dict) -> str:
+    t = m.get("render_thread")
+    return f"{100 * t['blocked']:.0f} %" if t and "blocked" in t else "?"
 
 
 def _shares(t: dict | None) -> str:
@@ -343,6 +351,11 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
             ratios.append(f"{r['model']}: segments encoded in the compositor / by an ffmpeg child: frames/s "
                           f"{s['fps'] / ff['fps']:.2f}x, CPU per frame {s['cpu_s'] / ff['cpu_s']:.2f}x, peak PSS "
                           f"{s['peak_pss_mb'] / ff['peak_pss_mb']:.2f}x")
+        if "sized" in r and "inflight2" in r:
+            s, two = r["sized"], r["inflight2"]
+            ratios.append(f"{r['model']}: two model batches in flight / one: frames/s {two['fps'] / s['fps']:.2f}x, "
+                          f"render thread blocked {_blocked(two)} against {_blocked(s)}, peak PSS "
+                          f"{two['peak_pss_mb'] / s['peak_pss_mb']:.2f}x")
         if r.get("classic"):
             v = r[variants[0]]
             ratios.append(f"{r['model']}: warm service / {r['classic']['n']} classic pipelines: frames/s "

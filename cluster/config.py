@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     first_chunk_seconds: float = Field(0.25, ge=0, le=60, description="length of a job's first chunk, so its "
                                        "first segment is ready sooner (0 or >= chunk_seconds: as the others)")
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
+    batches_in_flight: int = Field(1, ge=1, le=8, description="model batches a compositor keeps submitted "
+                                   "while it prepares the next one (each holds its frames: ~44 MiB at 720p)")
     loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
     gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
     # x264 superfast at CRF 18 against veryfast at CRF 16 on 720p (docs/PERFORMANCE.md): 27 % less

@@ -7,6 +7,7 @@ distributes exactly the same functions: compositors call `prepare_job`, `render_
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -457,7 +458,9 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 if progress is not None:
                     progress(len(frames))
 
-            pending = None  # the batch submitted last, not yet pasted: at most one batch ahead
+            # batches submitted and not yet pasted: at most `batches_in_flight` besides the one
+            # being prepared, so the model works on them while this process decodes and crops
+            pending: collections.deque = collections.deque()
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
                 idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)
@@ -465,12 +468,11 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
                                          (plan.width, plan.height))
                 crops = cut_crops(frames, matrices, size)
-                generated = generate(mel_windows(mel, plan.fps, b0, b1), crops)
-                if pending is not None:
-                    finish(*pending)
-                pending = (frames, matrices, crops, generated)
-            if pending is not None:
-                finish(*pending)
+                pending.append((frames, matrices, crops, generate(mel_windows(mel, plan.fps, b0, b1), crops)))
+                while len(pending) > s.batches_in_flight:
+                    finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
             written = encoder.close()
         if written != chunk.frames:
             raise OutputVerificationError(

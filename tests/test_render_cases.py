@@ -400,3 +400,36 @@ def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
     assert not killed_mid_save.exists()  # a killed writer's temporary goes with the job's commit
     assert not (Path(plan.job_dir) / "segments").exists()
     check_output(out, 16000, Fraction(25), SMALL)
+
+
+def test_batches_in_flight_bound_the_submitted_batches_and_change_no_frame(d, model, template_1s, tmp_path):
+    """A compositor keeps up to `batches_in_flight` model batches submitted while it prepares the
+    next (the model works meanwhile); the frames are the same whatever the depth."""
+    from cluster.media.decode import iter_frames
+
+    audio, _ = _speech(d, "speech_inflight.wav", 32000, seed=19)  # 2 s: 50 frames, batches of 8
+    segments, most_ahead = {}, {}
+    for depth in (1, 2, 3):
+        s = get_settings().model_copy(update={"batches_in_flight": depth, "batch_size": 8})
+        job_id = new_job_id()
+        plan = prepare_job(job_id, admit(job_id, RenderRequest(audio=audio, video=template_1s,
+                                                               output=str(tmp_path / f"d{depth}.mp4")), s), s,
+                           model_size=model.size)
+        unfinished, ahead = [], []
+
+        def generate(mel, crops, unfinished=unfinished, ahead=ahead):  # a model elsewhere: fetched later
+            ticket = object()
+            unfinished.append(ticket)
+            ahead.append(len(unfinished) - 1)  # batches submitted and not yet fetched, besides this one
+
+            def result(unfinished=unfinished):
+                unfinished.remove(ticket)
+                return model.generate(mel, crops)
+            return result
+        chunk = plan.chunks[-1]
+        render_chunk(plan, chunk, generate, s)
+        assert not unfinished
+        most_ahead[depth] = max(ahead)
+        segments[depth] = np.concatenate(list(iter_frames(plan.segment_path(chunk.index), 64, s)))
+    assert most_ahead == {1: 1, 2: 2, 3: 3}
+    assert np.array_equal(segments[1], segments[2]) and np.array_equal(segments[1], segments[3])
