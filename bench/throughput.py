@@ -9,7 +9,8 @@ For each model, in one run under the same load:
     the default), with the libraries' defaults (one thread per core per pool, as before), and
     sized but with each segment encoded by an ffmpeg child instead of in the compositor
     (`LIPSYNC_ENCODE_IN_PROCESS=false`, as before); `--variants inflight2`: two model batches in
-    flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`; not in the default run);
+    flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`), `--variants ultrafast`: x264's
+    `ultrafast` preset (`LIPSYNC_PRESET`; more bytes per frame); neither in the default run;
   - N classic pipelines (`bench/reference_pipeline.py`), N = the pool's compositors, started at
     once as separate processes on the same inputs: what a user could run instead with a process
     pool, the honest peer for throughput.
@@ -51,10 +52,12 @@ from bench.common import (
 VARIANTS = {"sized": {"LIPSYNC_SIZE_THREADS": "true"},  # the service's environment per variant
             "library": {"LIPSYNC_SIZE_THREADS": "false"},
             "ffmpeg": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_ENCODE_IN_PROCESS": "false"},
-            "inflight2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_BATCHES_IN_FLIGHT": "2"}}
+            "inflight2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_BATCHES_IN_FLIGHT": "2"},
+            "ultrafast": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_PRESET": "ultrafast"}}
 VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools",
                   "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment",
-                  "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor"}
+                  "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor",
+                  "ultrafast": "thread pools from Ray CPUs, x264 preset ultrafast"}
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 
@@ -236,6 +239,7 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
         cpu = cpu_by_kind(before, after)
         comps = pool.get("compositors", [])
         return {"wall_s": wall, "frames": inp.frames, "fps": inp.frames / wall,
+                "output_bytes": os.path.getsize(request.output),
                 "cpu_s_by_kind": cpu, "cpu_s": sum(cpu.values()),
                 "compositor_busy_share": cpu["compositor"] / (wall * max(1, len(comps))),
                 "render_thread": render_thread_shares(sched0, sched1, wall),
@@ -356,6 +360,11 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
             ratios.append(f"{r['model']}: two model batches in flight / one: frames/s {two['fps'] / s['fps']:.2f}x, "
                           f"render thread blocked {_blocked(two)} against {_blocked(s)}, peak PSS "
                           f"{two['peak_pss_mb'] / s['peak_pss_mb']:.2f}x")
+        if "sized" in r and "ultrafast" in r:
+            s, uf = r["sized"], r["ultrafast"]
+            ratios.append(f"{r['model']}: x264 ultrafast / superfast: frames/s "
+                          f"{uf['fps'] / s['fps']:.2f}x, CPU per frame {uf['cpu_s'] / s['cpu_s']:.2f}x, output bytes "
+                          f"{uf['output_bytes'] / s['output_bytes']:.2f}x")
         if r.get("classic"):
             v = r[variants[0]]
             ratios.append(f"{r['model']}: warm service / {r['classic']['n']} classic pipelines: frames/s "
