@@ -58,6 +58,11 @@ VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library def
                   "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment",
                   "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor",
                   "ultrafast": "thread pools from Ray CPUs, x264 preset ultrafast"}
+#: (variant, against variant, what the ratio says) printed under the table when both ran
+COMPARISONS = [("sized", "library", "sized / library thread pools"),
+               ("sized", "ffmpeg", "segments encoded in the compositor / by an ffmpeg child"),
+               ("inflight2", "sized", "two model batches in flight / one"),
+               ("ultrafast", "sized", "x264 ultrafast / superfast")]
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 
@@ -346,25 +351,13 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
     table = md_table(header, rows)
     ratios = []
     for r in results["runs"]:
-        if "sized" in r and "library" in r:
-            s, lib = r["sized"], r["library"]
-            ratios.append(f"{r['model']}: sized / library thread pools: frames/s "
-                          f"{s['fps'] / lib['fps']:.2f}x, CPU per frame {s['cpu_s'] / lib['cpu_s']:.2f}x")
-        if "sized" in r and "ffmpeg" in r:
-            s, ff = r["sized"], r["ffmpeg"]
-            ratios.append(f"{r['model']}: segments encoded in the compositor / by an ffmpeg child: frames/s "
-                          f"{s['fps'] / ff['fps']:.2f}x, CPU per frame {s['cpu_s'] / ff['cpu_s']:.2f}x, peak PSS "
-                          f"{s['peak_pss_mb'] / ff['peak_pss_mb']:.2f}x")
-        if "sized" in r and "inflight2" in r:
-            s, two = r["sized"], r["inflight2"]
-            ratios.append(f"{r['model']}: two model batches in flight / one: frames/s {two['fps'] / s['fps']:.2f}x, "
-                          f"render thread blocked {_blocked(two)} against {_blocked(s)}, peak PSS "
-                          f"{two['peak_pss_mb'] / s['peak_pss_mb']:.2f}x")
-        if "sized" in r and "ultrafast" in r:
-            s, uf = r["sized"], r["ultrafast"]
-            ratios.append(f"{r['model']}: x264 ultrafast / superfast: frames/s "
-                          f"{uf['fps'] / s['fps']:.2f}x, CPU per frame {uf['cpu_s'] / s['cpu_s']:.2f}x, output bytes "
-                          f"{uf['output_bytes'] / s['output_bytes']:.2f}x")
+        for new, old, label in COMPARISONS:
+            if new in r and old in r:
+                a, b = r[new], r[old]
+                ratios.append(f"{r['model']}: {label}: frames/s {a['fps'] / b['fps']:.2f}x, CPU per frame "
+                              f"{a['cpu_s'] / b['cpu_s']:.2f}x, peak PSS {a['peak_pss_mb'] / b['peak_pss_mb']:.2f}x, "
+                              f"output bytes {a['output_bytes'] / b['output_bytes']:.2f}x, render thread blocked "
+                              f"{_blocked(a)} against {_blocked(b)}")
         if r.get("classic"):
             v = r[variants[0]]
             ratios.append(f"{r['model']}: warm service / {r['classic']['n']} classic pipelines: frames/s "
