@@ -32,12 +32,14 @@ class Compositor:
         self.threads = actor_thread_plan(ray.get_runtime_context().get_assigned_resources().get("CPU"),
                                          settings.size_threads)
         self._detector = None
+        # chunks rendered by this process and where their render thread waited (issue 19)
+        self.rendered = {"chunks": 0, "frames": 0, "seconds": 0.0, "waited_model_s": 0.0, "waited_encoder_s": 0.0}
 
     @ray.method(concurrency_group="control")  # answers while a chunk renders
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "settings": self.settings.fingerprint(), "cached_files": cache_entries(self._cache_root()),
-                "threads": applied_threads()}
+                "threads": applied_threads(), "rendered": dict(self.rendered)}
 
     def prepare(self, job_id: str, request: RenderRequest, model_size: int, output_path: str | None = None) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
@@ -88,6 +90,9 @@ class Compositor:
             return result
 
         result = render_chunk(plan, chunk, generate, self.settings)
+        for key, value in (("chunks", 1), ("frames", result.frames), ("seconds", result.seconds),
+                           ("waited_model_s", result.waited_model_s), ("waited_encoder_s", result.waited_encoder_s)):
+            self.rendered[key] += value
         if not shared_storage:
             segment = Path(result.segment)
             result = result.model_copy(update={"data": segment.read_bytes()})

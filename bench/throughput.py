@@ -211,6 +211,22 @@ def render_thread_shares(before: dict[int, dict], after: dict[int, dict], wall_s
             "blocked": sum(s[2] for s in shares) / n}
 
 
+def compositor_waits(before: list[dict], after: list[dict]) -> dict | None:
+    """Of the time the compositors spent rendering chunks between two pool snapshots (each
+    compositor's `info()["rendered"]`), the share their render thread waited for the model's
+    answers and for the encoder to take frames."""
+    was = {c.get("name"): c.get("rendered") or {} for c in before}
+    spent = {"seconds": 0.0, "waited_model_s": 0.0, "waited_encoder_s": 0.0}
+    for c in after:
+        now, then = c.get("rendered") or {}, was.get(c.get("name"), {})
+        for key in spent:
+            spent[key] += now.get(key, 0.0) - then.get(key, 0.0)
+    if spent["seconds"] <= 0:
+        return None
+    return {"model": spent["waited_model_s"] / spent["seconds"],
+            "encoder": spent["waited_encoder_s"] / spent["seconds"], "chunk_seconds": spent["seconds"]}
+
+
 # --- the runs -------------------------------------------------------------------------------
 def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
     """One warm service with `variant`'s thread setting: model loaded and avatar prepared, then
@@ -243,8 +259,9 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
             raise RuntimeError(f"job {status.id} ended {status.state.value}: {status.error}")
         cpu = cpu_by_kind(before, after)
         comps = pool.get("compositors", [])
+        waits = compositor_waits(comps, service.rt.call("refresh", timeout=60).get("compositors", []))
         return {"wall_s": wall, "frames": inp.frames, "fps": inp.frames / wall,
-                "output_bytes": os.path.getsize(request.output),
+                "output_bytes": os.path.getsize(request.output), "compositor_waits": waits,
                 "cpu_s_by_kind": cpu, "cpu_s": sum(cpu.values()),
                 "compositor_busy_share": cpu["compositor"] / (wall * max(1, len(comps))),
                 "render_thread": render_thread_shares(sched0, sched1, wall),
@@ -317,6 +334,10 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     return results
 
 
+def _waits(w: dict | None) -> str:
+    return f"{100 * w['model']:.0f} / {100 * w['encoder']:.0f} %" if w else ""
+
+
 def _blocked(m: dict) -> str:
     t = m.get("render_thread")
     return f"{100 * t['blocked']:.0f} %" if t and "blocked" in t else "?"
@@ -329,6 +350,7 @@ def _shares(t: dict | None) -> str:
 def _report(results: dict, variants: list[str], quick: bool, started: dict, publish: bool = True) -> None:
     header = ["model", "run", "frames/s", "vs classic xN", "CPU ms/frame", *[f"{k} ms/frame" for k in KINDS],
               "compositor busy", "render thread on CPU / waiting for a CPU / blocked",
+              "chunks' time waiting for the model / the encoder",
               "peak PSS MiB", "per compositor MiB", "GPU util"]
     rows = []
     for r in results["runs"]:
@@ -342,11 +364,13 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
                          f"{m['fps'] / c['fps']:.2f}x" if c else "", 1000 * m["cpu_s"] / f,
                          *[1000 * m["cpu_s_by_kind"][k] / f for k in KINDS],
                          f"{100 * m['compositor_busy_share']:.0f} %", _shares(m.get("render_thread")),
+                         _waits(m.get("compositor_waits")),
                          m["peak_pss_mb"],
                          m["peak_pss_mb_per_compositor"], gpu])
         if c:
             rows.append([r["model"], f"{c['n']} classic pipelines side by side", c["fps"], "1x",
-                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", "", c["peak_pss_mb_sum"], "", ""])
+                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", "", "", c["peak_pss_mb_sum"], "",
+                         ""])
     pool = results["runs"][0][variants[0]]["pool"] if results["runs"] else {}
     table = md_table(header, rows)
     ratios = []

@@ -101,6 +101,10 @@ class ChunkResult(BaseModel):
     frames: int
     segment: str
     seconds: float
+    # of `seconds`, how long the render thread waited for the model's answers and for the encoder
+    # to take frames (where a compositor waits, issue 19)
+    waited_model_s: float = 0.0
+    waited_encoder_s: float = 0.0
     data: bytes | None = None  # the segment's bytes, when rendered on a node without the storage root
 
 
@@ -450,9 +454,14 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
                                s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
 
+            waited_model = 0.0
+
             def finish(frames, matrices, crops, generated) -> None:
+                nonlocal waited_model
                 if callable(generated):
+                    t = time.monotonic()
                     generated = generated()
+                    waited_model += time.monotonic() - t
                 encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
                                          recipe=plan.crop, inplace=True))  # frames are this batch's own
                 if progress is not None:
@@ -474,6 +483,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
             while pending:
                 finish(*pending.popleft())
             written = encoder.close()
+            waited_encoder = encoder.waited_s
         if written != chunk.frames:
             raise OutputVerificationError(
                 f"segment {tmp} of chunk {chunk.index} has {written} frames, expected {chunk.frames}",
@@ -495,7 +505,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
         tmp.unlink(missing_ok=True)
         raise
     return ChunkResult(index=chunk.index, frames=chunk.frames, segment=str(final),
-                       seconds=time.monotonic() - t0)
+                       seconds=time.monotonic() - t0, waited_model_s=waited_model, waited_encoder_s=waited_encoder)
 
 
 # --- finalise ----------------------------------------------------------------------------

@@ -433,3 +433,29 @@ def test_batches_in_flight_bound_the_submitted_batches_and_change_no_frame(d, mo
         segments[depth] = np.concatenate(list(iter_frames(plan.segment_path(chunk.index), 64, s)))
     assert most_ahead == {1: 1, 2: 2, 3: 3}
     assert np.array_equal(segments[1], segments[2]) and np.array_equal(segments[1], segments[3])
+
+
+def test_a_chunk_tells_how_long_it_waited_for_the_model(d, model, template_1s):
+    """`ChunkResult.waited_model_s`: the time the render thread spent fetching the model's answers
+    (a model elsewhere answering 0.1 s after each batch is asked for); the encoder's share too."""
+    import time
+
+    audio, _ = _speech(d, "speech_waits.wav", 32000, seed=20)
+    s = get_settings().model_copy(update={"batch_size": 8})
+    job_id = new_job_id()
+    plan = prepare_job(job_id, admit(job_id, RenderRequest(audio=audio, video=template_1s,
+                                                           output=str(d / "waits.mp4")), s), s, model_size=model.size)
+
+    def generate(mel, crops):
+        ready = time.monotonic() + 0.1
+
+        def result():
+            time.sleep(max(0.0, ready - time.monotonic()))
+            return model.generate(mel, crops)
+        return result
+    chunk = plan.chunks[-1]  # 44 frames: 6 batches
+    got = render_chunk(plan, chunk, generate, s)
+    assert 0.05 <= got.waited_model_s < got.seconds
+    assert 0 <= got.waited_encoder_s < got.seconds
+    fast = render_chunk(plan, chunk, model.generate, s)  # an in-process model: nothing to wait for
+    assert fast.waited_model_s == 0

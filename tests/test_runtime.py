@@ -76,6 +76,11 @@ def test_two_jobs_together_each_get_their_own_output(runtime, reference, speech_
     open_there = [os.readlink(f"/proc/{manager}/fd/{fd}") for fd in os.listdir(f"/proc/{manager}/fd")
                   if os.path.lexists(f"/proc/{manager}/fd/{fd}")]
     assert not [f for f in open_there if any(f.startswith(d) for d in job_dirs)], open_there
+    # each compositor counts what it rendered and where its render thread waited (bench throughput reads it)
+    rendered = [c["rendered"] for c in runtime.call("refresh")["compositors"] if c.get("rendered")]
+    assert sum(r["frames"] for r in rendered) >= 180 and sum(r["chunks"] for r in rendered) >= 4, rendered
+    assert 0 < sum(r["waited_model_s"] for r in rendered) < sum(r["seconds"] for r in rendered), rendered
+    assert all(0 <= r["waited_encoder_s"] <= r["seconds"] for r in rendered), rendered
 
 
 def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):

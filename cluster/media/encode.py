@@ -120,6 +120,11 @@ class SegmentEncoder:
         sink = _LibavSink if in_process else _FFmpegSink  # no reference back to this object: no cycle
         self._sink: _LibavSink | _FFmpegSink = sink(self.path, self.width, self.height, self.fps, self.settings)
 
+    @property
+    def waited_s(self) -> float:
+        """Seconds the writer spent waiting for the encoder (a free buffer, the pipe, the finish)."""
+        return self._sink.waited_s
+
     def write(self, frames: np.ndarray) -> None:
         """Append frames `[n, H, W, 3]` uint8 BGR (or one `[H, W, 3]` frame). A write that makes no
         progress for `stall_timeout_s`, or to an encoder that failed, raises EncodeError."""
@@ -204,6 +209,7 @@ class _LibavSink:
 
         self.path, self.width, self.height, self.settings = path, width, height, settings
         self.frames_sent = 0
+        self.waited_s = 0.0
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
         self._buffers = 0
         self._pts = 0
@@ -273,10 +279,13 @@ class _LibavSink:
 
     # --- on the writer's thread --------------------------------------------------------------
     def _wait(self, future: concurrent.futures.Future, limit: float, what: str):
+        t = time.monotonic()
         try:
             return future.result(timeout=limit)
         except concurrent.futures.TimeoutError:
             raise self._failed(f"{what} within {limit:g} s") from None
+        finally:
+            self.waited_s += time.monotonic() - t
 
     def buffer(self, n: int) -> np.ndarray:
         """A yuv420p buffer for `n` frames that the encoder thread is done with."""
@@ -344,6 +353,7 @@ class _FFmpegSink:
     def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
         self.path, self.width, self.height, self.settings = path, width, height, settings
         self.frames_sent = 0
+        self.waited_s = 0.0
         self._yuv: np.ndarray | None = None  # the yuv420p batch buffer, reused between writes
         args = ["-loglevel", "error",
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
@@ -391,7 +401,9 @@ class _FFmpegSink:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._fail(f"ffmpeg accepted no data for {stall:g} s")
+            t = time.monotonic()
             _, ready, _ = select.select([], [self._stdin_fd], [], min(remaining, 1.0))
+            self.waited_s += time.monotonic() - t
             if not ready:
                 continue
             try:
@@ -409,11 +421,14 @@ class _FFmpegSink:
             self._proc.stdin.close()
         except OSError:
             pass  # a dead encoder; its exit code and stderr explain it below
+        t = time.monotonic()
         try:
             code = wait_exit(self._proc, self.settings.ffmpeg_timeout_s)
         except subprocess.TimeoutExpired:
             limit = self.settings.ffmpeg_timeout_s
             raise self._fail(f"ffmpeg did not finish within {limit:g} s") from None
+        finally:
+            self.waited_s += time.monotonic() - t
         if code != 0:
             raise self._fail("ffmpeg failed")
         self._done = True
