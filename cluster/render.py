@@ -8,6 +8,7 @@ distributes exactly the same functions: compositors call `prepare_job`, `render_
 from __future__ import annotations
 
 import collections
+import glob
 import logging
 import os
 import shutil
@@ -515,6 +516,20 @@ def pending_output_path(plan: JobPlan) -> Path:
     return out.with_name(f".{out.stem}.{plan.job_id}.pending{out.suffix}")
 
 
+def sweep_finalize_temporaries(plan: JobPlan) -> list[Path]:
+    """Remove what a finalize killed mid-way (its compositor SIGKILLed) left next to the output:
+    `finalize_output`'s temporary output and concat list, named after the job's pending output, so
+    only this job's are touched. Call it where no finalize of this job can be running."""
+    pending = pending_output_path(plan)
+    removed = []
+    for stale in pending.parent.glob(f".{glob.escape(pending.stem)}-*"):
+        if stale.suffix in (".mp4", ".ffconcat") and stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+            log.info("job %s: removed %s, left by a finalize that was killed", plan.job_id, stale)
+    return removed
+
+
 def _committed_marker(plan: JobPlan) -> Path:
     return Path(plan.job_dir) / "output.committed"
 
@@ -547,6 +562,7 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
         return info
     info = _verify(pending, plan, s) if pending.exists() else None
     if info is None:
+        sweep_finalize_temporaries(plan)  # an earlier attempt's, killed mid-way
         segments = [plan.segment_path(c.index) for c in plan.chunks]
         missing = [p for p in segments if not Path(p).exists()]
         if missing:
@@ -596,6 +612,7 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
         raise OutputVerificationError(f"job {plan.job_id}: no verified output to commit at {pending}",
                                       job_id=plan.job_id, stage="finalize", path=str(pending))
     _committed_marker(plan).write_text(str(out))
+    sweep_finalize_temporaries(plan)
     # what a writer killed mid-write left (a retried admission's input copy, the saved AAC): the
     # job's writers are done once its output is committed
     for directory in (Path(plan.job_dir) / "inputs", hls_dir(plan.job_dir)):
@@ -606,8 +623,10 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
 
 
 def discard_output(plan: JobPlan) -> None:
-    """Remove a pending output that will not be committed (the job was cancelled or failed)."""
+    """Remove a pending output that will not be committed (the job was cancelled or failed), and
+    what a killed finalize of it left."""
     pending_output_path(plan).unlink(missing_ok=True)
+    sweep_finalize_temporaries(plan)
 
 
 # --- everything in this process ------------------------------------------------------------

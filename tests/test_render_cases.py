@@ -459,3 +459,45 @@ def test_a_chunk_tells_how_long_it_waited_for_the_model(d, model, template_1s):
     assert 0 <= got.waited_encoder_s < got.seconds
     fast = render_chunk(plan, chunk, model.generate, s)  # an in-process model: nothing to wait for
     assert fast.waited_model_s == 0
+
+
+def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, template_1s, tmp_path):
+    """A compositor killed mid-finalize leaves `finalize_output`'s temporary output and concat
+    list in the user's output directory (the service chaos test saw it): the next finalize of the
+    job, and its commit, remove this job's, and nobody else's."""
+    import tempfile
+
+    from cluster.render import commit_output, discard_output, pending_output_path
+
+    s = get_settings()
+    audio, _ = _speech(d, "speech_killed_finalize.wav", 16000, seed=21)
+    out_dir = tmp_path / "out"
+    plans = []
+    for name in ("a.mp4", "b.mp4"):
+        job_id = new_job_id()
+        request = RenderRequest(audio=audio, video=template_1s, output=str(out_dir / name))
+        plan = prepare_job(job_id, admit(job_id, request, s), s, model_size=model.size)
+        for chunk in plan.chunks:
+            render_chunk(plan, chunk, model.generate, s)
+        plans.append(plan)
+
+    def leftovers(plan):  # what finalize_output's mkstemp calls create next to the pending output
+        pending = pending_output_path(plan)
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        made = []
+        for suffix in (".mp4", ".ffconcat"):
+            fd, name = tempfile.mkstemp(prefix=f".{pending.stem}-", suffix=suffix, dir=pending.parent)
+            os.close(fd)
+            made.append(Path(name))
+        return made
+    a, b = plans
+    left_a, left_b = leftovers(a), leftovers(b)
+    finalize_job(a, s)
+    assert not any(p.exists() for p in left_a) and all(p.exists() for p in left_b)
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == ["a.mp4"]
+    again = leftovers(a)  # killed after the pending output was verified: the commit sweeps too
+    commit_output(a, s)
+    assert not any(p.exists() for p in again)
+    discard_output(b)  # a job that ends without its output: its leftovers go with the pending output
+    assert not any(p.exists() for p in left_b)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.mp4"]
