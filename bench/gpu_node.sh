@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The issue-19 measurements on a GPU machine lent for minutes (one H200, 16 cores), in one go, each
-# step bounded so that a slow one cannot eat the next: the kit (`.gpu/`, see its run.sh) unpacked,
-# then (1) `bench.throughput` warm service, thread pools sized, both models, 180 s of speech;
-# (2) `bench/gpu_precision.py` (float16 vs float32 under CUDA options, I/O binding, graph placement);
-# (3) N classic pipelines side by side (N = the pool's compositors from step 1) on the Wav2Lip-sized
-# model; (4) the Wav2Lip-sized model, 120 s of speech, with each segment encoded by an ffmpeg child
-# (the encoder before 2026-12-05; step 1 encodes in the compositors) and with two model batches in
-# flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`; the libraries' default thread pools were
-# measured on 2026-12-04: `--variants library`); (5) issue 21's live
-# sessions per GPU: `bench live --only ramp` (sessions driven through the runtime, no HTTP service:
-# the kit has no FastAPI) with the Wav2Lip-sized model, 1, 4, 8, 12, 16 sessions at once, 20 s of
-# speech each. Results land in $OUT (or ./gpu-out): run.log, sized.json, gpu_precision-*.json,
-# classic.json, variants.json, live.json.
+# The issue-19 measurements on a GPU machine lent for minutes (one H100/H200, 16 cores), in one go,
+# the most wanted first, each step bounded so that a slow one cannot eat the next: the kit (`.gpu/`,
+# see its run.sh) unpacked, then (1) `bench.throughput` warm service, thread pools sized, segments
+# encoded in the compositors, both models, 180 s of speech (frames/s, CPU per frame, where the
+# compositors wait); (2) the Wav2Lip-sized model, 120 s of speech, with each segment encoded by an
+# ffmpeg child (the encoder before 2026-12-05) and with two model batches in flight per compositor
+# (`LIPSYNC_BATCHES_IN_FLIGHT=2`); (3) issue 21's live sessions per GPU: `bench live --only ramp`
+# (sessions driven through the runtime, no HTTP service: the kit has no FastAPI) with the
+# Wav2Lip-sized model, 1, 4, 8, 12, 16 sessions at once, 20 s of speech each; (4)
+# `bench/gpu_precision.py` (float16 vs float32 under CUDA options, I/O binding, graph placement);
+# (5) N classic pipelines side by side (N = the pool's compositors from step 1) on the Wav2Lip-sized
+# model (measured on 2026-12-04: 132 frames/s; the libraries' default thread pools too:
+# `--variants library`). Results land in $OUT (or ./gpu-out): run.log, sized.json, variants.json,
+# live.json, gpu_precision-*.json, classic.json.
 #   bash bench/gpu_node.sh [classic seconds, default 30: 16 pipelines of 30 s fitted in 170 s on the H200 node]
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -23,12 +24,12 @@ step machine; nvidia-smi --query-gpu=name,memory.total,driver_version --format=c
 step kit; time $R python3 -c 'import onnxruntime as o, ray, av; print(o.__version__, o.get_available_providers(), ray.__version__)'
 step "1 sized"; timeout 230 $R python3 -m bench.throughput --seconds 180 --variants sized --no-classic \
   --model builtin --model wav2lip96; cp bench/results/throughput.adhoc.json "$OUT/sized.json"; reap
-step "2 precision"; timeout 120 $R python3 bench/gpu_precision.py --out "$OUT" --iters 15; reap
-N=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['figures']['runs'][0]['sized']['pool']['compositors'])" "$OUT/sized.json" 2>/dev/null || echo 14)
-step "3 classic x$N ${CLASSIC_S}s"; timeout 170 $R python3 -m bench.throughput --classic-only "$N" --seconds "$CLASSIC_S" \
-  --model wav2lip96; cp bench/results/throughput.classic.json "$OUT/classic.json"; reap
-step "4 ffmpeg child, two batches in flight"; timeout 120 $R python3 -m bench.throughput --seconds 120 \
+step "2 ffmpeg child, two batches in flight"; timeout 120 $R python3 -m bench.throughput --seconds 120 \
   --variants ffmpeg,inflight2 --no-classic --model wav2lip96 && cp bench/results/throughput.adhoc.json "$OUT/variants.json"; reap
-step "5 live ramp"; timeout 200 $R python3 -m bench live --only ramp --ramp 1,4,8,12,16 --model wav2lip96 \
+step "3 live ramp"; timeout 200 $R python3 -m bench live --only ramp --ramp 1,4,8,12,16 --model wav2lip96 \
   --seconds 20; cp bench/results/live.json "$OUT/live.json"; reap
+step "4 precision"; timeout 120 $R python3 bench/gpu_precision.py --out "$OUT" --iters 15; reap
+N=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['figures']['runs'][0]['sized']['pool']['compositors'])" "$OUT/sized.json" 2>/dev/null || echo 14)
+step "5 classic x$N ${CLASSIC_S}s"; timeout 170 $R python3 -m bench.throughput --classic-only "$N" --seconds "$CLASSIC_S" \
+  --model wav2lip96; cp bench/results/throughput.classic.json "$OUT/classic.json"; reap
 step done
