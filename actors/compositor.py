@@ -93,6 +93,7 @@ class Compositor:
         for key, value in (("chunks", 1), ("frames", result.frames), ("seconds", result.seconds),
                            ("waited_model_s", result.waited_model_s), ("waited_encoder_s", result.waited_encoder_s)):
             self.rendered[key] += value
+        metrics.record_compositor_chunk(result.seconds, result.waited_model_s, result.waited_encoder_s)
         if not shared_storage:
             segment = Path(result.segment)
             result = result.model_copy(update={"data": segment.read_bytes()})

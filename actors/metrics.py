@@ -77,6 +77,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("lipsync_avatar_cache", "counter",
                "Avatar preparations answered from the cache (result=hit) or computed (result=miss).",
                ("result",)),
+    MetricSpec("lipsync_compositor_seconds", "counter",
+               "Seconds compositors spent rendering chunks (part=chunk) and, of those, waiting for the model's "
+               "answers (part=model_wait) or for the encoder to take frames (part=encoder_wait).", ("part",)),
     MetricSpec("lipsync_object_store_bytes_per_frame", "histogram",
                "Bytes through Ray's object store per generated frame (mel and crop in, crop out), per batch.",
                (), tuple(BYTES_PER_FRAME_BOUNDARIES)),
@@ -211,6 +214,13 @@ def record_replacement(kind: str, reason: str) -> None:
 
 def record_avatar_cache(hit: bool) -> None:
     _record("lipsync_avatar_cache", 1, {"result": "hit" if hit else "miss"})
+
+
+def record_compositor_chunk(seconds: float, model_wait_s: float, encoder_wait_s: float) -> None:
+    """A compositor rendered a chunk in `seconds`, of which its render thread waited so long for
+    the model and for the encoder (`cluster.render.ChunkResult`)."""
+    for part, value in (("chunk", seconds), ("model_wait", model_wait_s), ("encoder_wait", encoder_wait_s)):
+        _record("lipsync_compositor_seconds", value, {"part": part})
 
 
 def record_object_store_bytes(nbytes: int, frames: int) -> None:

@@ -182,7 +182,7 @@ def parse_metrics(text: str) -> dict[str, float]:
         if not match:
             continue
         name, labels, value = match.groups()
-        keep = dict(re.findall(r'\b(state|stage|result|code|le)="([^"]*)"', labels or ""))
+        keep = dict(re.findall(r'\b(state|stage|result|code|le|part)="([^"]*)"', labels or ""))
         key = name + "".join(f"|{k}={v}" for k, v in sorted(keep.items()))
         out[key] = out.get(key, 0.0) + float(value)
     return out
@@ -237,6 +237,9 @@ def test_batch_client_through_ray_address_moves_every_metric(local_cluster, spee
     assert moved(after, "ray_lipsync_model_batch_seconds_count") >= frames / 8
     assert moved(after, "ray_lipsync_model_worker_busy_seconds_total") > 0
     assert moved(after, "ray_lipsync_object_store_bytes_per_frame_count") > 0
+    chunk_s = moved(after, "ray_lipsync_compositor_seconds_total|part=chunk")
+    assert chunk_s > 0 and 0 < moved(after, "ray_lipsync_compositor_seconds_total|part=model_wait") < chunk_s, after
+    assert 0 <= moved(after, "ray_lipsync_compositor_seconds_total|part=encoder_wait") < chunk_s, after
     assert moved(after, "ray_lipsync_job_seconds_count|state=succeeded") == 1
     assert moved(after, "ray_lipsync_job_seconds_count|state=failed") == 1
     assert counted(after, "ray_lipsync_failures_total|code=input.no_face") == 1, after
