@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -29,13 +30,15 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}")
 
 
-def sweep_temporaries(directory: str | os.PathLike) -> list[Path]:
+def sweep_temporaries(directory: str | os.PathLike, of: str | os.PathLike | None = None) -> list[Path]:
     """Remove the temporaries (`temporary_name`) a killed writer left in `directory` (not below
-    it); call it only where no writer of that directory can be running. Returns what it removed."""
+    it), or only those of the file `of` (in a directory others write to as well); call it only
+    where no writer of them can be running. Returns what it removed."""
     directory = Path(directory)
+    pattern = f".*{TEMPORARY_SUFFIX}" if of is None else f".{glob.escape(Path(of).name)}.{'?' * 8}{TEMPORARY_SUFFIX}"
     removed = []
     if directory.is_dir():
-        for stale in directory.glob(f".*{TEMPORARY_SUFFIX}"):
+        for stale in directory.glob(pattern):
             stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed

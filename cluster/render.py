@@ -8,7 +8,6 @@ distributes exactly the same functions: compositors call `prepare_job`, `render_
 from __future__ import annotations
 
 import collections
-import glob
 import logging
 import os
 import shutil
@@ -518,15 +517,12 @@ def pending_output_path(plan: JobPlan) -> Path:
 
 def sweep_finalize_temporaries(plan: JobPlan) -> list[Path]:
     """Remove what a finalize killed mid-way (its compositor SIGKILLed) left next to the output:
-    `finalize_output`'s temporary output and concat list, named after the job's pending output, so
+    `finalize_output`'s temporary output and concat list, the pending output's temporaries, so
     only this job's are touched. Call it where no finalize of this job can be running."""
     pending = pending_output_path(plan)
-    removed = []
-    for stale in pending.parent.glob(f".{glob.escape(pending.stem)}-*"):
-        if stale.suffix in (".mp4", ".ffconcat") and stale.is_file():
-            stale.unlink(missing_ok=True)
-            removed.append(stale)
-            log.info("job %s: removed %s, left by a finalize that was killed", plan.job_id, stale)
+    removed = sweep_temporaries(pending.parent, of=pending)
+    for stale in removed:
+        log.info("job %s: removed %s, left by a finalize that was killed", plan.job_id, stale)
     return removed
 
 

@@ -465,8 +465,7 @@ def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, tem
     """A compositor killed mid-finalize leaves `finalize_output`'s temporary output and concat
     list in the user's output directory (the service chaos test saw it): the next finalize of the
     job, and its commit, remove this job's, and nobody else's."""
-    import tempfile
-
+    from cluster.fsutil import temporary_name
     from cluster.render import commit_output, discard_output, pending_output_path
 
     s = get_settings()
@@ -481,14 +480,12 @@ def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, tem
             render_chunk(plan, chunk, model.generate, s)
         plans.append(plan)
 
-    def leftovers(plan):  # what finalize_output's mkstemp calls create next to the pending output
+    def leftovers(plan):  # what finalize_output creates next to the pending output (output, concat list)
         pending = pending_output_path(plan)
         pending.parent.mkdir(parents=True, exist_ok=True)
-        made = []
-        for suffix in (".mp4", ".ffconcat"):
-            fd, name = tempfile.mkstemp(prefix=f".{pending.stem}-", suffix=suffix, dir=pending.parent)
-            os.close(fd)
-            made.append(Path(name))
+        made = [temporary_name(pending), temporary_name(pending)]
+        for path in made:
+            path.write_bytes(b"half written")
         return made
     a, b = plans
     left_a, left_b = leftovers(a), leftovers(b)

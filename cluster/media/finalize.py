@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import av
 
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, OutputVerificationError
-from cluster.fsutil import publish
+from cluster.fsutil import publish, temporary_name
 from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
 from cluster.media.probe import read_media_info
 from cluster.schemas import MediaInfo
@@ -54,10 +53,9 @@ def finalize_output(segments: list[str], audio_path: str, out_path: str, *, fram
                                       path=out_path)
     out = Path(out_path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".mp4", dir=out.parent)
-    os.close(fd)
-    fd, list_path = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".ffconcat", dir=out.parent)
-    os.close(fd)
+    # the project's temporary names (`temporary_name`), so a killed finalize's are found by
+    # `sweep_temporaries(out.parent, of=out)`
+    tmp, list_path = str(temporary_name(out)), str(temporary_name(out))
     try:
         write_concat_list([str(Path(seg).resolve()) for seg in segments], list_path)
         run_ffmpeg([
