@@ -67,6 +67,12 @@ def pyav_has_libx264() -> bool:
     return False
 
 
+def x264_options(settings: Settings) -> dict[str, str]:
+    """libx264's options for segments: the same in this process and in an ffmpeg child, so both
+    write the same stream (the GOP, `segment_gop`, is shared with NVENC's)."""
+    return {"preset": settings.preset, "crf": str(settings.crf), "x264-params": "open-gop=0"}
+
+
 def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) -> list[str]:
     """Video codec arguments shared by every segment of a job (H.264, yuv420p, closed GOPs of
     about two seconds; every segment starts with an IDR frame). `threads`: the encoder's threads
@@ -81,8 +87,9 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) 
         raise EncodeError(f"ffmpeg ({ffmpeg_binary(settings)}) has no {enc} encoder; set "
                           f"LIPSYNC_VIDEO_ENCODER=libx264", stage="encode")
     if enc == "libx264":
-        codec = ["-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf),
-                 "-x264-params", "open-gop=0"]
+        codec = ["-c:v", "libx264"]
+        for key, value in x264_options(settings).items():
+            codec += [f"-{key}", value]
     elif enc == "h264_nvenc":
         codec = ["-c:v", "h264_nvenc", "-preset", "p4", "-rc", "vbr", "-cq", str(settings.crf),
                  "-b:v", "0"]
@@ -210,15 +217,13 @@ class _LibavSink:
         self.path, self.width, self.height, self.settings = path, width, height, settings
         self.frames_sent = 0
         self.waited_s = 0.0
-        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
-        self._buffers = 0
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()  # each holds a buffer
         self._pts = 0
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._open = True
         gop = segment_gop(settings, fps)
-        options = {"preset": settings.preset, "crf": str(settings.crf), "x264-params": "open-gop=0",
-                   "g": str(gop), "keyint_min": str(gop)}
+        options = {**x264_options(settings), "g": str(gop), "keyint_min": str(gop)}
         try:
             self._container = av.open(file_url(path), "w", format="mp4",
                                       options={"movflags": "+faststart", "protocol_whitelist": "file"})
@@ -290,8 +295,7 @@ class _LibavSink:
     def buffer(self, n: int) -> np.ndarray:
         """A yuv420p buffer for `n` frames that the encoder thread is done with."""
         shape = (self.height * 3 // 2, self.width)
-        if self._buffers < 2:
-            self._buffers += 1
+        if len(self._pending) < 2:  # the first two batches: a buffer each
             return np.empty((n, *shape), np.uint8)
         buf = self._wait(self._pending.popleft(), self.settings.stall_timeout_s, "libx264 took no frames")
         if self._error is not None:
