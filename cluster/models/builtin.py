@@ -110,6 +110,7 @@ from cluster.audio import mel_band_edges
 from cluster.config import Settings, get_settings
 from cluster.faces import canonical
 from cluster.fsutil import write_atomic
+from cluster.models.adapter import CROP_METADATA_KEY, FACE_INPUT_METADATA_KEY
 
 log = logging.getLogger("lipsync.models")
 
@@ -712,7 +713,7 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
                               doc_string="Procedural lip-sync model (mel energy -> mouth warp); Wav2Lip contract.")
     model.ir_version = IR_VERSION
     # built on the canonical geometry; reads only the reference crop (channels 3-5)
-    helper.set_model_props(model, {"lipsync.crop": "aligned", "lipsync.face_input": "reference"})
+    helper.set_model_props(model, {CROP_METADATA_KEY: "aligned", FACE_INPUT_METADATA_KEY: "reference"})
     onnx.checker.check_model(model, full_check=True)
     return model
 
