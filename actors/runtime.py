@@ -56,7 +56,7 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus)
+            start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, job_only=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
@@ -90,12 +90,46 @@ EMBEDDED_RAY_SYSTEM_CONFIG = {
 }
 
 
+#: Ray head processes an embedded Ray started for jobs (`connect`: `lipsync render`, `lipsync demo`,
+#: a driver of the Python API) goes without, as `ray._private.parameter.RayParams` names them: the
+#: autoscaler's monitor (one node, nothing to scale) and the log monitor (it sends the workers' output
+#: to the drivers, and ours ask for none: `log_to_driver=False`; the log files are written as before).
+#: Together they cost this machine's Ray start 1.0 s of its 3.5 s and 1 s of CPU (issue 19, one-shot
+#: start-up; docs/PERFORMANCE.md). `lipsync serve` keeps Ray's whole set.
+JOB_ONLY_RAY_PARAMS = {"no_monitor": True, "include_log_monitor": False}
+
 STARTUP_ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def _ray_params_for_jobs():
+    """While ray.init runs in this block, the node it starts gets `JOB_ONLY_RAY_PARAMS` (ray.init
+    passes no such options through). A Ray whose RayParams lacks one of them is left to its
+    defaults for that one, with a warning (the test of the processes then fails)."""
+    import inspect
+
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+    known = inspect.signature(init).parameters
+    applied = {k: v for k, v in JOB_ONLY_RAY_PARAMS.items() if k in known}
+    if len(applied) < len(JOB_ONLY_RAY_PARAMS):
+        log.warning("this Ray's node parameters lack %s: Ray starts those processes",
+                    sorted(set(JOB_ONLY_RAY_PARAMS) - set(applied)))
+
+    def for_jobs(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, **applied})
+
+    parameter.RayParams.__init__ = for_jobs
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = init
 
 
 def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_gpus: int | None = None,
                        include_dashboard: bool = False, dashboard_port: int | None = None,
-                       temp_dir: str | None = None, keep_signal_handlers: bool = False):
+                       temp_dir: str | None = None, keep_signal_handlers: bool = False, job_only: bool = False):
     """Start this process's own Ray (`address="local"`: never a cluster another `ray start` on
     this machine registered in /tmp/ray), private to this machine and this user:
 
@@ -108,6 +142,7 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     the start (`lipsync serve` installs its own first): ray.init replaces SIGTERM's with one of
     its own, and the driver's C++ core worker installs a failure handler that dumps a stack and
     aborts on SIGTERM ("*** SIGTERM received"); a signal in that window killed the service.
+    `job_only`: without the head processes that jobs do not use (`JOB_ONLY_RAY_PARAMS`).
     Returns ray.init's context."""
     import ray._private.ray_constants as ray_constants
 
@@ -121,8 +156,9 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     os.environ.update(EMBEDDED_RAY_ENV)
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported Ray
     handlers = _SignalHandlersKept() if keep_signal_handlers else contextlib.nullcontext()
+    params = _ray_params_for_jobs() if job_only else contextlib.nullcontext()
     try:
-        with handlers:
+        with handlers, params:
             for attempt in range(1, STARTUP_ATTEMPTS + 1):
                 try:
                     ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,

@@ -224,3 +224,40 @@ def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["memory"] > 15 * 500 * 2**20, got  # this machine's memory does not bound it
     assert got["workers"] == 1 and got["compositors"] == 15 > 8, got
+
+
+def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
+    """`connect` (what `lipsync render` and `lipsync demo` start) runs Ray without the autoscaler's
+    monitor and the log monitor (`JOB_ONLY_RAY_PARAMS`: a second of a one-shot's start-up on 2
+    cores), and that Ray runs actors; the service's Ray (`start_embedded_ray` as `lipsync serve`
+    calls it) keeps them."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, os, sys, psutil, ray\n"
+        "from actors.runtime import connect, start_embedded_ray, stop_embedded\n"
+        "from cluster.config import Settings\n"
+        f"s = Settings(storage_root={str(tmp_path)!r})\n"
+        "connect(s) if sys.argv[1] == 'jobs' else start_embedded_ray(s, num_cpus=2)\n"
+        "try:\n"
+        "    pid = ray.get(ray.remote(lambda: os.getpid()).remote(), timeout=120)\n"
+        "    names = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]\n"
+        "    print(json.dumps({'ran': pid != os.getpid(), 'names': names}))\n"
+        "finally:\n"
+        "    stop_embedded()\n")
+    got = {}
+    for kind in ("jobs", "service"):
+        out = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def running(kind: str, program: str) -> bool:
+        return any(program in name for name in got[kind]["names"])
+
+    for kind in ("jobs", "service"):
+        assert got[kind]["ran"] and running(kind, "gcs_server") and running(kind, "raylet"), got[kind]
+    assert not running("jobs", "autoscaler/_private/monitor.py"), got["jobs"]["names"]
+    assert not running("jobs", "log_monitor.py"), got["jobs"]["names"]
+    assert running("service", "autoscaler/_private/monitor.py") and running("service", "log_monitor.py"), got
