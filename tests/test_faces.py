@@ -354,6 +354,39 @@ class CountingDetector(MTCNNDetector):
         return super().refine_batch(frames, candidates)
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def test_a_large_face_is_prescaled_bilinearly_when_it_shrinks_little_and_still_not_aliased(monkeypatch):
+    """`cut_crops` pre-scales a face region bilinearly where it shrinks it little
+    (`PRESCALE_LINEAR_MIN`, a seventh of INTER_AREA's cost): the crop is INTER_AREA's within 45 dB
+    on a photographed face, and stripes at
+    the frame's finest frequency are filtered nearly as well as INTER_AREA filters them (1.3x the
+    amplitude left), far better than by a warp without the pre-scale."""
+    size, scale = 256, 0.55  # crop pixels per frame pixel: pre-scale 0.825 (the 720p bench face's 0.82)
+    photo = cv2.resize(skdata.astronaut()[:, :, ::-1], (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    stripes = np.zeros((1024, 1024, 3), np.uint8)
+    stripes[:, ::2] = 255  # period 2 px: the frame's Nyquist frequency
+    m = np.array([[scale, 0.0, -300 * scale], [0.0, scale, -200 * scale]], np.float32)[None]
+
+    def crops(frame: np.ndarray, linear_min: float) -> np.ndarray:
+        monkeypatch.setattr(align, "PRESCALE_LINEAR_MIN", linear_min)
+        return align.cut_crops(frame[None], m, size)[0]
+
+    linear_min = align.PRESCALE_LINEAR_MIN
+    assert linear_min <= 0.825
+    fast, area = crops(photo, linear_min), crops(photo, 2.0)  # 2.0: every pre-scale by INTER_AREA
+    assert not np.array_equal(fast, area)  # the bilinear path ran
+    assert _psnr(fast, area) > 45, _psnr(fast, area)
+    direct = cv2.warpAffine(stripes, m[0].astype(np.float64), (size, size), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REPLICATE)
+    left = {name: float(c.astype(np.float64).std()) for name, c in
+            (("fast", crops(stripes, linear_min)), ("area", crops(stripes, 2.0)), ("no pre-scale", direct))}
+    assert left["fast"] <= 1.4 * left["area"] and left["fast"] < 0.7 * left["no pre-scale"], left
+
+
 def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
     settings = Settings(storage_root=tmp_path / "store", batch_size=16, detect_interval=5)
     det = CountingDetector()
