@@ -362,9 +362,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_a_large_face_is_prescaled_bilinearly_when_it_shrinks_little_and_still_not_aliased(monkeypatch):
     """`cut_crops` pre-scales a face region bilinearly where it shrinks it little
     (`PRESCALE_LINEAR_MIN`, a seventh of INTER_AREA's cost): the crop is INTER_AREA's within 45 dB
-    on a photographed face, and stripes at
-    the frame's finest frequency are filtered nearly as well as INTER_AREA filters them (1.3x the
-    amplitude left), far better than by a warp without the pre-scale."""
+    on a photographed face, and stripes at the frame's finest frequency are filtered nearly as well
+    as INTER_AREA filters them (1.3x the amplitude left), far better than by a warp without the
+    pre-scale."""
     size, scale = 256, 0.55  # crop pixels per frame pixel: pre-scale 0.825 (the 720p bench face's 0.82)
     photo = cv2.resize(skdata.astronaut()[:, :, ::-1], (1024, 1024), interpolation=cv2.INTER_CUBIC)
     stripes = np.zeros((1024, 1024, 3), np.uint8)

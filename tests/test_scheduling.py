@@ -229,7 +229,7 @@ def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
 def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
     """`connect` (what `lipsync render` and `lipsync demo` start) runs Ray without the autoscaler's
     monitor and the log monitor (`JOB_ONLY_RAY_PARAMS`: a second of a one-shot's start-up on 2
-    cores), and that Ray runs actors; the service's Ray (`start_embedded_ray` as `lipsync serve`
+    cores), and that Ray runs work; the service's Ray (`start_embedded_ray` as `lipsync serve`
     calls it) keeps them."""
     import json
     import subprocess
