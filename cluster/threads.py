@@ -13,7 +13,8 @@ per compositor spinning and contending for 16 cores: each frame cost 1.8-3.8x th
 - `current()` is that plan (None in a process that applied none: the CLI's in-process render and
   the classic reference pipeline keep the libraries' defaults), read where a pool is created:
   the ffmpeg encoder's `-threads` (`cluster.media.encode`), PyAV's decoder threads
-  (`cluster.media.decode`), onnxruntime's intra-op threads (`cluster.models`, the MTCNN detector).
+  (`cluster.media.decode`), onnxruntime's intra-op threads (the MTCNN detector; a model's on a GPU
+  provider only, `cluster.models.model_intra_op_threads`: on the CPU provider the model gets every core).
 
 `Settings.size_threads=false` leaves every pool at the library default (the behaviour before
 issue 19, kept to measure the difference side by side: `python -m bench throughput`).

@@ -84,21 +84,30 @@ def test_decoder_threads_follow_the_plan_and_frames_do_not_change(astronaut_vide
 def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of):
     from cluster.config import Settings
     from cluster.faces.mtcnn import MTCNNDetector
-    from cluster.models import load_model
+    from cluster.models import load_model, model_intra_op_threads
 
     s = Settings(storage_root=tmp_path, providers="cpu")
     plan_of(thread_plan(1))
-    assert load_model("builtin:96", s).intra_op_threads == 1
+    # on the CPU provider the model is the CPU work: onnxruntime's default (every core), plan or not
+    assert load_model("builtin:96", s).intra_op_threads == 0
     assert load_model("builtin:96", s.model_copy(update={"model_threads": 2})).intra_op_threads == 2  # explicit wins
     plan_of(None)
     assert load_model("builtin:96", s).intra_op_threads == 0  # no plan: onnxruntime's default
+    # with a GPU provider the worker's CPU threads only feed the GPU: its plan
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert model_intra_op_threads(s, thread_plan(1), cuda) == 1
+    assert model_intra_op_threads(s, thread_plan(3), cuda) == 3
+    assert model_intra_op_threads(s, None, cuda) == 0
+    assert model_intra_op_threads(s, thread_plan(1), ["CPUExecutionProvider"]) == 0
+    assert model_intra_op_threads(s.model_copy(update={"model_threads": 4}), thread_plan(1), cuda) == 4
     det = MTCNNDetector(intra_op_threads=1)
     assert all(sess.get_session_options().intra_op_num_threads == 1 for sess, _, _ in det._sessions.values())
 
 
 def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     """In the session's compositors and model workers (1 Ray CPU each): OpenCV and every BLAS /
-    OpenMP pool at one thread, read back inside the actor; the model session at one intra-op thread."""
+    OpenMP pool at one thread, read back inside the actor; the model session, on the CPU provider
+    here, at onnxruntime's default (0: every core, `model_intra_op_threads`)."""
     import ray
 
     ns = runtime.settings.namespace
@@ -108,7 +117,7 @@ def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     assert comp["blas"] and set(comp["blas"].values()) == {1}, comp
     worker = ray.get(ray.get_actor("lipsync-model-worker-0", namespace=ns).info.remote(), timeout=60)["threads"]
     assert worker["plan"]["cpus"] == 1 and worker["opencv"] == 1
-    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {1}, worker
+    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {0}, worker
 
 
 def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_path):
