@@ -121,8 +121,8 @@ class Settings(BaseSettings):
                       "as Wav2Lip was trained) or 'aligned' (similarity-aligned canonical crop); empty: "
                       "the model's `lipsync.crop` metadata, else wav2lip for S=96 and aligned otherwise")
     model_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per loaded model; "
-                               "0: on a GPU the model worker's Ray CPUs (size_threads), on the CPU provider "
-                               "onnxruntime's default (every core)")
+                               "0: the model worker's Ray CPUs (size_threads) on a GPU and for the built-in "
+                               "model, else onnxruntime's default (every core)")
 
     # --- HTTP service (`lipsync serve`, serve_app.py) --------------------------------------
     max_queued_jobs: int = Field(64, ge=1, description="unfinished jobs admitted at once; beyond: HTTP 429")

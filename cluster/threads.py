@@ -14,7 +14,8 @@ per compositor spinning and contending for 16 cores: each frame cost 1.8-3.8x th
   the classic reference pipeline keep the libraries' defaults), read where a pool is created:
   the ffmpeg encoder's `-threads` (`cluster.media.encode`), PyAV's decoder threads
   (`cluster.media.decode`), onnxruntime's intra-op threads (the MTCNN detector; a model's on a GPU
-  provider only, `cluster.models.model_intra_op_threads`: on the CPU provider the model gets every core).
+  provider and the built-in model's, `cluster.models.model_intra_op_threads`: a network on the CPU
+  provider gets every core).
 
 `Settings.size_threads=false` leaves every pool at the library default (the behaviour before
 issue 19, kept to measure the difference side by side: `python -m bench throughput`).

@@ -88,8 +88,7 @@ def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of
 
     s = Settings(storage_root=tmp_path, providers="cpu")
     plan_of(thread_plan(1))
-    # on the CPU provider the model is the CPU work: onnxruntime's default (every core), plan or not
-    assert load_model("builtin:96", s).intra_op_threads == 0
+    assert load_model("builtin:96", s).intra_op_threads == 1  # the light built-in model: the plan
     assert load_model("builtin:96", s.model_copy(update={"model_threads": 2})).intra_op_threads == 2  # explicit wins
     plan_of(None)
     assert load_model("builtin:96", s).intra_op_threads == 0  # no plan: onnxruntime's default
@@ -98,7 +97,9 @@ def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of
     assert model_intra_op_threads(s, thread_plan(1), cuda) == 1
     assert model_intra_op_threads(s, thread_plan(3), cuda) == 3
     assert model_intra_op_threads(s, None, cuda) == 0
+    # a network on the CPU provider is the CPU work the compositors wait for: every core
     assert model_intra_op_threads(s, thread_plan(1), ["CPUExecutionProvider"]) == 0
+    assert model_intra_op_threads(s, thread_plan(1), ["CPUExecutionProvider"], light=True) == 1
     assert model_intra_op_threads(s.model_copy(update={"model_threads": 4}), thread_plan(1), cuda) == 4
     det = MTCNNDetector(intra_op_threads=1)
     assert all(sess.get_session_options().intra_op_num_threads == 1 for sess, _, _ in det._sessions.values())
@@ -106,8 +107,8 @@ def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of
 
 def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     """In the session's compositors and model workers (1 Ray CPU each): OpenCV and every BLAS /
-    OpenMP pool at one thread, read back inside the actor; the model session, on the CPU provider
-    here, at onnxruntime's default (0: every core, `model_intra_op_threads`)."""
+    OpenMP pool at one thread, read back inside the actor; the built-in model's session at one
+    intra-op thread (`model_intra_op_threads`)."""
     import ray
 
     ns = runtime.settings.namespace
@@ -117,7 +118,7 @@ def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     assert comp["blas"] and set(comp["blas"].values()) == {1}, comp
     worker = ray.get(ray.get_actor("lipsync-model-worker-0", namespace=ns).info.remote(), timeout=60)["threads"]
     assert worker["plan"]["cpus"] == 1 and worker["opencv"] == 1
-    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {0}, worker
+    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {1}, worker
 
 
 def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_path):

@@ -75,22 +75,25 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     providers = list(providers) if providers is not None else select_providers(settings=s)
     from cluster.threads import current
 
-    threads = model_intra_op_threads(s, current(), providers)
+    threads = model_intra_op_threads(s, current(), providers, light=spec.startswith("builtin"))
     return LipSyncModel.load(path, providers=providers, threads=threads,
                              pad_batch=(pad_batch or s.batch_size) if uses_gpu(providers) else None)
 
 
-def model_intra_op_threads(settings: Settings, plan, providers: Sequence) -> int:
+def model_intra_op_threads(settings: Settings, plan, providers: Sequence, light: bool = False) -> int:
     """onnxruntime's intra-op threads for a model session (0: onnxruntime's default, every core):
-    `settings.model_threads` when set; else, with a GPU provider, the process's thread plan (a
-    model worker's Ray CPUs, `cluster.threads`: its CPU threads only feed the GPU); on the CPU
-    provider the default, because there the model is the CPU work the compositors wait for, and
-    every core speeds it up (idle intra-op threads sleep, `allow_spinning=0`): on 2 cores the
-    Wav2Lip-sized model's warm service ran 1.46x the frames/s with 2 threads than with 1, the
-    built-in model's 0.99x (docs/PERFORMANCE.md)."""
+    `settings.model_threads` when set; else the process's thread plan (a model worker's Ray CPUs,
+    `cluster.threads`) with a GPU provider (its CPU threads only feed the GPU) or for a `light`
+    model (the built-in one, under 1 ms a crop); a network on the CPU provider gets the default,
+    because there it is the CPU work the compositors wait for, and every core speeds it up (idle
+    intra-op threads sleep, `allow_spinning=0`). On 2 cores the Wav2Lip-sized model's warm service
+    ran 1.46x the frames/s with 2 threads than with 1; the built-in model's 0.99x, and live sessions
+    waited longer (p95 0.97 s against 0.62 s) (docs/PERFORMANCE.md)."""
     if settings.model_threads:
         return int(settings.model_threads)
-    return plan.onnx_intra_op if plan is not None and uses_gpu(providers) else 0
+    if plan is not None and (light or uses_gpu(providers)):
+        return plan.onnx_intra_op
+    return 0
 
 
 def crop_recipe(model: LipSyncModel, override: str | None = None, settings: Settings | None = None) -> str:
