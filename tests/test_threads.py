@@ -108,7 +108,8 @@ def test_onnxruntime_sessions_get_the_planned_intra_op_threads(tmp_path, plan_of
 def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     """In the session's compositors and model workers (1 Ray CPU each): OpenCV and every BLAS /
     OpenMP pool at one thread, read back inside the actor; the built-in model's session at one
-    intra-op thread (`model_intra_op_threads`)."""
+    intra-op thread, a network's (on the CPU provider here) at onnxruntime's default
+    (`model_intra_op_threads`)."""
     import ray
 
     ns = runtime.settings.namespace
@@ -118,7 +119,9 @@ def test_actors_size_their_pools_from_their_ray_cpus(runtime):
     assert comp["blas"] and set(comp["blas"].values()) == {1}, comp
     worker = ray.get(ray.get_actor("lipsync-model-worker-0", namespace=ns).info.remote(), timeout=60)["threads"]
     assert worker["plan"]["cpus"] == 1 and worker["opencv"] == 1
-    assert worker["onnx_intra_op"] and set(worker["onnx_intra_op"].values()) == {1}, worker
+    intra = worker["onnx_intra_op"]  # the session's worker may also hold other tests' networks
+    assert intra.get("builtin") == 1, worker  # the light built-in model: the plan's one thread
+    assert all(v == 0 for k, v in intra.items() if not k.startswith("builtin")), worker  # a network: every core
 
 
 def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_path):
