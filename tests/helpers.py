@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -20,6 +21,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB, peak 255) of two images or frame stacks; infinite when they are identical."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    mse = float(np.mean(d * d))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def decode_all(path: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from cluster.faces import align, canonical
 from cluster.faces.avatar import load_avatar, prepare_avatar
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track, smooth_one_euro
+from tests.helpers import psnr
 
 W, H, FPS = 320, 240, 25
 
@@ -354,11 +355,6 @@ class CountingDetector(MTCNNDetector):
         return super().refine_batch(frames, candidates)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
-
-
 def test_a_large_face_is_prescaled_bilinearly_when_it_shrinks_little_and_still_not_aliased(monkeypatch):
     """`cut_crops` pre-scales a face region bilinearly where it shrinks it little
     (`PRESCALE_LINEAR_MIN`, a seventh of INTER_AREA's cost): the crop is INTER_AREA's within 45 dB
@@ -379,7 +375,7 @@ def test_a_large_face_is_prescaled_bilinearly_when_it_shrinks_little_and_still_n
     assert linear_min <= 0.825
     fast, area = crops(photo, linear_min), crops(photo, 2.0)  # 2.0: every pre-scale by INTER_AREA
     assert not np.array_equal(fast, area)  # the bilinear path ran
-    assert _psnr(fast, area) > 45, _psnr(fast, area)
+    assert psnr(fast, area) > 45, psnr(fast, area)
     direct = cv2.warpAffine(stripes, m[0].astype(np.float64), (size, size), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_REPLICATE)
     left = {name: float(c.astype(np.float64).std()) for name, c in

@@ -28,7 +28,7 @@ from cluster.quality import pearson
 from cluster.render import admit, finalize_job, job_dir, new_job_id, prepare_job, render_chunk, render_local
 from cluster.schemas import MediaInfo, RenderRequest
 from cluster.synth import astronaut_template, speech_like, write_audio
-from tests.helpers import decode_all
+from tests.helpers import decode_all, psnr
 
 SR = 16000
 SMALL = (320, 240)
@@ -57,9 +57,7 @@ def pingpong_order(n: int, t: int) -> list[int]:
 def top_psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR (dB) of the top fifth of two frames: far from the face and the paste mask."""
     rows = a.shape[0] // 5
-    d = a[:rows].astype(np.float64) - b[:rows].astype(np.float64)
-    mse = float(np.mean(d * d))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    return psnr(a[:rows], b[:rows])
 
 
 def tone_fraction(wav: np.ndarray, hz: float = 1000.0, sample_rate: int = SR) -> float:
