@@ -75,7 +75,7 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     providers = list(providers) if providers is not None else select_providers(settings=s)
     from cluster.threads import current
 
-    threads = model_intra_op_threads(s, current(), providers, light=spec.startswith("builtin"))
+    threads = model_intra_op_threads(s, current(), providers, light=bool(_BUILTIN.match(spec)))
     return LipSyncModel.load(path, providers=providers, threads=threads,
                              pad_batch=(pad_batch or s.batch_size) if uses_gpu(providers) else None)
 
