@@ -42,7 +42,7 @@ class _Clock:
 def stage_costs(inp, model_name: str, work: Path) -> dict:
     from cluster.audio import load_audio, mel_windows, melspectrogram
     from cluster.config import Settings
-    from cluster.faces.align import alignment_matrices, cut_crops, paste_back
+    from cluster.faces.align import alignment_matrices, cut_crops_yuv, paste_back_yuv
     from cluster.faces.mtcnn import MTCNNDetector
     from cluster.faces.track import build_track
     from cluster.media.decode import TemplateReader, iter_frames
@@ -90,12 +90,12 @@ def stage_costs(inp, model_name: str, work: Path) -> dict:
         for b0 in range(0, total, s.batch_size):
             b1 = min(b0 + s.batch_size, total)
             idx = template_indices(b0, b1, n_template, "pingpong")
-            frames = clock.time("decode", reader.read, idx)
+            frames = clock.time("decode", reader.read_yuv, idx)  # as render_chunk: I420 frames
             matrices = clock.time("crop", alignment_matrices, track.landmarks[idx], size)
-            crops = clock.time("crop", cut_crops, frames, matrices, size)
+            crops = clock.time("crop", cut_crops_yuv, frames, matrices, size)
             generated = clock.time("model", model.generate, mel_windows(mel, fps, b0, b1), crops)
-            pasted = clock.time("paste", paste_back, frames, generated, matrices, size, original_crops=crops)
-            clock.time("encode", encoder.write, pasted)
+            pasted = clock.time("paste", paste_back_yuv, frames, generated, matrices, size, original_crops=crops)
+            clock.time("encode", encoder.write_yuv, pasted)
         clock.time("encode", encoder.close)
     clock.time("mux", finalize_output, [seg], inp.audio, str(work / "out.mp4"), frames_expected=total,
                fps=fps, audio_duration=len(wav) / 16000, settings=s)

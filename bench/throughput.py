@@ -451,13 +451,13 @@ def chunk_costs(size: tuple[int, int] = (1280, 720), repeats: int = 5) -> dict:
         def encode(name: str, frames, n: int, settings) -> None:  # frames in sequence, batches of 16
             with SegmentEncoder(work / name, size[0], size[1], Fraction(25), settings) as enc:
                 for k in range(0, n, 16):
-                    enc.write(frames[k:min(n, k + 16)])
+                    enc.write_yuv(frames[k:min(n, k + 16)])  # I420, as render_chunk (read only: no copy)
 
         for _ in range(repeats):
             reader = timed("open template (container, packet count, first frame)", TemplateReader, template, s)
-            timed("first batch of 16 after a seek (mid-template)", reader.read, range(103, 119))
-            timed("next batch of 16 in sequence", reader.read, range(119, 135))
-            frames = reader.read(range(135, 185))
+            timed("first batch of 16 after a seek (mid-template)", reader.read_yuv, range(103, 119))
+            timed("next batch of 16 in sequence", reader.read_yuv, range(119, 135))
+            frames = reader.read_yuv(range(135, 185))
             reader.close()
             for kind, settings in encoders.items():  # taking turns, so both meet the same load
                 timed(f"encoder start + close (1 frame), {kind}", encode, "one.mp4", frames, 1, settings)

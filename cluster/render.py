@@ -429,12 +429,14 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     """Render output frames [chunk.start, chunk.stop) into the chunk's H.264 segment.
 
     Streams batch by batch: decode the template frames the plan maps to, cut aligned crops,
-    `generate` new crops, paste them back, encode. Memory is bounded by one batch. The segment
+    `generate` new crops, paste them back, encode. Frames stay yuv420p from the decoder to the
+    encoder (`cluster.media.yuv`): only the face regions are converted to BGR. Memory is bounded
+    by the batches in flight (`Settings.batches_in_flight`) and the encoder's two. The segment
     is written under a unique temporary name and renamed into place only when complete, so a
     killed attempt never leaves a segment that looks finished.
     """
     from cluster.audio import mel_windows
-    from cluster.faces.align import crop_matrices, cut_crops, paste_back
+    from cluster.faces.align import crop_matrices, cut_crops_yuv, paste_back_yuv
     from cluster.faces.track import FaceTrack
     from cluster.media.decode import TemplateReader
     from cluster.media.encode import SegmentEncoder
@@ -462,8 +464,9 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                     t = time.monotonic()
                     generated = generated()
                     waited_model += time.monotonic() - t
-                encoder.write(paste_back(frames, generated, matrices, size, original_crops=crops,
-                                         recipe=plan.crop, inplace=True))  # frames are this batch's own
+                # the batch's frames are its own: pasted into, then given to the encoder
+                encoder.write_yuv(paste_back_yuv(frames, generated, matrices, size, original_crops=crops,
+                                                 recipe=plan.crop))
                 if progress is not None:
                     progress(len(frames))
 
@@ -473,10 +476,10 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
             for b0 in range(chunk.start, chunk.stop, plan.batch_size):
                 b1 = min(b0 + plan.batch_size, chunk.stop)
                 idx = template_indices(b0, b1, plan.template_frames, plan.loop, plan.frames_total)
-                frames = reader.read(idx)
+                frames = reader.read_yuv(idx)
                 matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
                                          (plan.width, plan.height))
-                crops = cut_crops(frames, matrices, size)
+                crops = cut_crops_yuv(frames, matrices, size)
                 pending.append((frames, matrices, crops, generate(mel_windows(mel, plan.fps, b0, b1), crops)))
                 while len(pending) > s.batches_in_flight:
                     finish(*pending.popleft())

@@ -563,3 +563,50 @@ def test_paste_back_does_not_depend_on_what_the_process_pasted_before():
     align.paste_back(frame[None].copy(), small, matrices, size, original_crops=crop)
     again = align.paste_back(frame[None].copy(), large, matrices, size, original_crops=crop)
     assert np.array_equal(first, again), int(np.abs(first.astype(int) - again.astype(int)).max())
+
+
+@pytest.mark.parametrize("size, recipe", [(256, "aligned"), (96, "wav2lip")])
+def test_crops_and_paste_back_of_i420_frames_are_those_of_their_bgr(astronaut_video, astronaut_track, size, recipe):
+    """A render keeps its frames as the decoder's yuv420p (`cut_crops_yuv`, `paste_back_yuv`): the
+    crops are those cut from the frames in BGR, the pasted pixels those of BGR paste-back converted
+    (to within a level on a few pixels: the region's shifted warps round differently), and outside
+    the paste mask every byte is the decoder's own (a whole-frame BGR round trip moved some)."""
+    from cluster.media import yuv
+    from cluster.media.decode import TemplateReader
+
+    frames, _, track = astronaut_track
+    n = 8
+    with TemplateReader(astronaut_video) as reader:
+        planes = reader.read_yuv(range(n))
+    bgr = np.stack([yuv.to_bgr(p) for p in planes])
+    assert np.array_equal(bgr, frames[:n])
+    mats = align.crop_matrices(track.landmarks[:n], track.boxes[:n], size, recipe, (W, H))
+    crops = align.cut_crops(bgr, mats, size)
+    crops_diff = np.abs(align.cut_crops_yuv(planes, mats, size).astype(int) - crops)
+    assert crops_diff.max() <= 1 and np.count_nonzero(crops_diff) <= 1e-4 * crops.size
+    moved = crops.copy()  # the lower face shifted down 3 px (a jaw drop) and a dark gap
+    lower = slice(int(0.6 * size), size)
+    moved[:, lower] = np.roll(crops[:, lower], 3, axis=1)
+    for c in moved:
+        cv2.ellipse(c, (size // 2, int(0.72 * size)), (size // 8, size // 30), 0, 0, 360, (30, 20, 60), -1)
+    expected = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420) for f in
+                         align.paste_back(bgr, moved, mats, size, original_crops=crops, recipe=recipe)])
+    got = align.paste_back_yuv(planes.copy(), moved, mats, size, original_crops=crops, recipe=recipe)
+    mask = align.paste_mask(size, recipe)
+    for i in range(n):
+        weight = cv2.warpAffine(mask, mats[i], (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        (gy, gu, gv), (ey, eu, ev), (oy, ou, ov) = (yuv.planes(f[i]) for f in (got, expected, planes))
+        inside, blocks = weight > 0, cv2.resize(weight, (W // 2, H // 2), interpolation=cv2.INTER_AREA) > 0
+        assert np.abs(gy.astype(int) - oy)[inside].max() > 60  # the mouth changed
+        assert np.array_equal(gy[~inside], oy[~inside])
+        assert np.array_equal(gu[~blocks], ou[~blocks]) and np.array_equal(gv[~blocks], ov[~blocks])
+        for g, e in ((gy, ey), (gu, eu), (gv, ev)):
+            d = np.abs(g.astype(int) - e)
+            inner = inside if g is gy else blocks
+            assert np.count_nonzero(d[inner] > 1) <= 1e-3 * d.size, np.count_nonzero(d[inner] > 1)
+    # an identity-contract model: the frames come back, the mask's pixels through BGR and back (which
+    # moves a few colours outside BGR's gamut by some levels), every other byte as it was
+    same = align.paste_back_yuv(planes.copy(), crops.copy(), mats, size, original_crops=crops, recipe=recipe)
+    round_trip = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420) for f in bgr])
+    assert np.all((same == planes) | (same == round_trip))

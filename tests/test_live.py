@@ -121,9 +121,9 @@ def test_session_frames_equal_a_batch_jobs(speech_wav, astronaut_video, tmp_path
     batch_frames = []
 
     class RecordingEncoder(encode.SegmentEncoder):  # the real encoder; the frames it gets are kept
-        def write(self, frames):
+        def write_yuv(self, frames):
             batch_frames.append(np.array(frames))
-            return super().write(frames)
+            return super().write_yuv(frames)
 
     monkeypatch.setattr(encode, "SegmentEncoder", RecordingEncoder)
     s = get_settings()
@@ -427,6 +427,7 @@ def test_a_restarted_encoder_continues_the_playlist_and_the_recording_joins_its_
     import av
 
     from cluster.config import get_settings
+    from cluster.errors import EncodeError
     from cluster.live.encoder import PUBLISHED, LiveEncoder, LivePlaylist, make_recording, parse_playlist
 
     s = get_settings().model_copy(update={"live_playlist_segments": 3})
@@ -438,8 +439,11 @@ def test_a_restarted_encoder_continues_the_playlist_and_the_recording_joins_its_
     for epoch, frames in ((0, 36), (1, 24)):
         encoder = LiveEncoder(hls, 160, 120, fps, 16000, s, epoch=epoch, start_number=len(playlist.entries),
                               start_frame=sum(e["frames"] for e in playlist.entries))
+        if epoch == 0:  # frames of another layout (BGR) are refused, not streamed as garbage
+            with pytest.raises(EncodeError, match=r"expected I420 frames \[n, 180, 160\] uint8, got \[4, 120, 160, 3"):
+                encoder.write(np.zeros((4, 120, 160, 3), np.uint8), tone[:4 * 640])
         for first in range(0, frames, 4):
-            encoder.write(rng.integers(0, 255, (4, 120, 160, 3), dtype=np.uint8), tone[first * 640:(first + 4) * 640])
+            encoder.write(rng.integers(0, 255, (4, 180, 160), dtype=np.uint8), tone[first * 640:(first + 4) * 640])
         encoder.close()
         playlist.poll(encoder.playlist, encoder.epoch, encoder.init, fps, final=epoch == 1)
     text = (hls / PUBLISHED).read_text()

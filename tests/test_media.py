@@ -258,6 +258,93 @@ def test_reader_random_access_equals_sequential(template, settings):
                 reader.read(bad)
 
 
+def test_reader_gives_i420_frames_whose_bgr_is_what_read_gives(template, settings):
+    """`read_yuv` (what a render decodes into) gives the decoder's yuv420p planes, half of BGR's
+    bytes; converted, they are `read`'s BGR frames, for any order and repeats."""
+    from cluster.media import yuv
+
+    path, frames = template
+    with TemplateReader(path, settings) as reader:
+        for idx in ([0, 1, 2, 3], [48, 49, 0, 1, 2], [5, 5, 5], [30, 12]):
+            planes = reader.read_yuv(idx)
+            assert planes.shape == (len(idx), 360, 320) and planes.dtype == np.uint8
+            np.testing.assert_array_equal(np.stack([yuv.to_bgr(f) for f in planes]), frames[idx])
+        with av.open(path) as c:  # the bytes are the decoder's own, not a conversion's
+            first = next(c.decode(video=0)).to_ndarray(format="yuv420p")
+        np.testing.assert_array_equal(reader.read_yuv([0])[0], first)
+        assert reader.read_yuv([]).shape == (0, 360, 320)
+        with pytest.raises(ValueError, match="outside"):
+            reader.read_yuv([50])
+
+
+def test_i420_regions_convert_exactly_as_the_whole_frame():
+    """A region with even corners converts to BGR and back exactly as those pixels of the whole frame
+    would (one chroma value per 2x2 block), and writing it back leaves every other byte alone."""
+    import cv2
+
+    from cluster.media import yuv
+
+    rng = np.random.default_rng(1)
+    bgr = cv2.GaussianBlur(rng.integers(0, 256, (240, 320, 3), np.uint8), (0, 0), 1.5)
+    frame = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)
+    whole = yuv.to_bgr(frame)
+    for box in [(0, 0, 320, 240), (10, 20, 100, 64), (200, 100, 320, 240), (0, 238, 2, 240)]:
+        x0, y0, x1, y1 = box
+        region = yuv.region_to_bgr(frame, box)
+        np.testing.assert_array_equal(region, whole[y0:y1, x0:x1])
+        changed = region.copy()
+        changed[::3] = 255 - changed[::3]
+        into = frame.copy()
+        yuv.region_from_bgr(into, box, changed)
+        pasted = whole.copy()
+        pasted[y0:y1, x0:x1] = changed
+        expected = cv2.cvtColor(pasted, cv2.COLOR_BGR2YUV_I420)
+        y, u, v = yuv.planes(into)
+        ey, eu, ev = yuv.planes(expected)
+        oy, ou, ov = yuv.planes(frame)
+        np.testing.assert_array_equal(y[y0:y1, x0:x1], ey[y0:y1, x0:x1])
+        np.testing.assert_array_equal(u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], eu[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+        np.testing.assert_array_equal(v[y0 // 2:y1 // 2, x0 // 2:x1 // 2], ev[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+        outside = np.ones((240, 320), bool)
+        outside[y0:y1, x0:x1] = False
+        np.testing.assert_array_equal(y[outside], oy[outside])
+        assert np.array_equal(u[outside[::2, ::2]], ou[outside[::2, ::2]])
+        assert np.array_equal(v[outside[::2, ::2]], ov[outside[::2, ::2]])
+    assert yuv.even_box((3, 5, 101, 239), 320, 240) == (2, 4, 102, 240)
+    for odd in [(1, 0, 10, 10), (0, 0, 9, 10)]:
+        with pytest.raises(ValueError, match="even corners"):
+            yuv.region_to_bgr(frame, odd)
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_i420_frames_are_encoded_as_given(template, settings, tmp_path, in_process):
+    """`write_yuv` hands I420 frames to the encoder as they are (no conversion, no copy): the segment
+    is the one `write` makes of the same frames in BGR; a batch of the wrong shape is refused."""
+    import cv2
+
+    from cluster.errors import EncodeError
+
+    _, frames = template
+    frames = frames[:20]
+    s = settings.model_copy(update={"encode_in_process": in_process})
+    planes = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420) for f in frames])
+    with SegmentEncoder(tmp_path / "bgr.mp4", 320, 240, Fraction(25), s) as enc:
+        for b in range(0, 20, 8):
+            enc.write(frames[b:b + 8])
+    with SegmentEncoder(tmp_path / "yuv.mp4", 320, 240, Fraction(25), s) as enc:
+        for b in range(0, 20, 8):
+            enc.write_yuv(planes[b:b + 8].copy())
+        assert enc.frames_written == 20
+    decoded = [[f.to_ndarray(format="yuv420p") for f in av.open(str(tmp_path / n)).decode(video=0)]
+               for n in ("bgr.mp4", "yuv.mp4")]
+    assert len(decoded[1]) == 20 and np.array_equal(np.stack(decoded[0]), np.stack(decoded[1]))
+    enc = SegmentEncoder(tmp_path / "bad.mp4", 320, 240, Fraction(25), s)
+    with pytest.raises(EncodeError, match=r"expected I420 frames \[n, 360, 320\] uint8, got \[2, 240, 320, 3\]"):
+        enc.write_yuv(frames[:2])
+    enc.abort()
+    assert not (tmp_path / "bad.mp4").exists()
+
+
 def test_reader_sequential_batches_do_not_seek(template, settings):
     path, frames = template
     with TemplateReader(path, settings) as reader:

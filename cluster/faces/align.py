@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from cluster.faces import canonical
+from cluster.media import yuv
 
 _BORDER_TAPER = 1.0  # fraction of MASK_FEATHER over which the mask is forced to 0 at the crop edge
 _DETAIL_LOW, _DETAIL_HIGH = 40.0, 100.0  # |generated - moved original| (levels, smoothed): keep the frame's
@@ -152,30 +153,57 @@ def cut_crops(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray
     where it shrinks more.
     """
     frames = np.asarray(frames)
-    n, h, w = frames.shape[:3]
-    out = np.empty((n, size, size, frames.shape[3]), dtype=np.uint8)
+    out = np.empty((frames.shape[0], size, size, frames.shape[3]), dtype=np.uint8)
+    for i in range(frames.shape[0]):
+        _cut_crop(frames[i], matrices[i].astype(np.float64), size, out[i])
+    return out
+
+
+def cut_crops_yuv(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.ndarray:
+    """`cut_crops` of I420 frames [n, H * 3 // 2, W] (`cluster.media.yuv`): each crop is cut from its
+    face region converted to BGR, not from the whole frame (the region reaches every pixel the crop
+    reads, or the frame's edge, so the crop is the one `cut_crops` cuts from the converted frame)."""
+    n = frames.shape[0]
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    if n == 0:
+        return out
+    w, h = yuv.frame_size(frames[0])
     for i in range(n):
         m = matrices[i].astype(np.float64)
-        scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
-        box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=2.0 / max(scale, 1e-6) + 2)
-        if box is None or scale >= 0.67:
-            out[i] = cv2.warpAffine(frames[i], m, (size, size), flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REPLICATE)
+        box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(m))
+        if box is None:
+            _cut_crop(yuv.to_bgr(frames[i]), m, size, out[i])
             continue
-        x0, y0, x1, y1 = box
-        k = 1.5 * scale
-        rw, rh = x1 - x0, y1 - y0
-        nw, nh = max(1, round(rw * k)), max(1, round(rh * k))
-        shrink = min(nw / rw, nh / rh)
-        small = cv2.resize(frames[i, y0:y1, x0:x1], (nw, nh),
-                           interpolation=cv2.INTER_LINEAR if shrink >= PRESCALE_LINEAR_MIN else cv2.INTER_AREA)
-        kx, ky = nw / rw, nh / rh
-        # small-image pixel q -> frame pixel p (pixel-centre convention of cv2.resize)
-        q_to_p = np.array([[1 / kx, 0, 0.5 / kx - 0.5 + x0], [0, 1 / ky, 0.5 / ky - 0.5 + y0], [0, 0, 1]])
-        m_small = m @ q_to_p
-        out[i] = cv2.warpAffine(small, m_small, (size, size), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REPLICATE)
+        box = yuv.even_box(box, w, h)
+        _cut_crop(yuv.region_to_bgr(frames[i], box), _shift(m, box[0], box[1]), size, out[i])
     return out
+
+
+def _crop_margin(m: np.ndarray) -> float:
+    """Frame pixels around a crop's footprint that its warp (and pre-scale) may read."""
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
+    return 2.0 / max(scale, 1e-6) + 2
+
+
+def _cut_crop(frame: np.ndarray, m: np.ndarray, size: int, out: np.ndarray) -> None:
+    """One crop of `cut_crops` into `out` [S,S,3] from `frame` [H,W,3] with the frame->crop matrix `m`."""
+    h, w = frame.shape[:2]
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
+    box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(m))
+    if box is None or scale >= 0.67:
+        cv2.warpAffine(frame, m, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return
+    x0, y0, x1, y1 = box
+    k = 1.5 * scale
+    rw, rh = x1 - x0, y1 - y0
+    nw, nh = max(1, round(rw * k)), max(1, round(rh * k))
+    shrink = min(nw / rw, nh / rh)
+    small = cv2.resize(frame[y0:y1, x0:x1], (nw, nh),
+                       interpolation=cv2.INTER_LINEAR if shrink >= PRESCALE_LINEAR_MIN else cv2.INTER_AREA)
+    kx, ky = nw / rw, nh / rh
+    # small-image pixel q -> frame pixel p (pixel-centre convention of cv2.resize)
+    q_to_p = np.array([[1 / kx, 0, 0.5 / kx - 0.5 + x0], [0, 1 / ky, 0.5 / ky - 0.5 + y0], [0, 0, 1]])
+    cv2.warpAffine(small, m @ q_to_p, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _smootherstep(x: np.ndarray) -> np.ndarray:
@@ -340,10 +368,41 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
     """
     frames = np.asarray(frames)
     n, h, w = frames.shape[:3]
-    if generated.shape[:3] != (n, size, size):
-        raise ValueError(f"generated crops must be [{n},{size},{size},3], got {generated.shape}")
     if original_crops is None:
         original_crops = cut_crops(frames, matrices, size)
+    out = frames if inplace else frames.copy()
+    for i, (x0, y0, x1, y1), _, blended in _blends(n, w, h, generated, matrices, size, original_crops, recipe,
+                                                  lambda i, b: frames[i, b[1]:b[3], b[0]:b[2]]):
+        out[i, y0:y1, x0:x1] = blended
+    return out
+
+
+def paste_back_yuv(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
+                   original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
+    """`paste_back` into I420 frames [n, H * 3 // 2, W] (`cluster.media.yuv`), in place: only the
+    region each blend touches is converted to BGR (widened to even corners, so it converts exactly
+    as the whole frame would), and only the pixels the blend weighs are written back (a pixel's
+    luma, its 2x2 block's chroma); every other pixel keeps its bytes. Returns `frames`."""
+    n = frames.shape[0]
+    if n == 0:
+        return frames
+    w, h = yuv.frame_size(frames[0])
+    if original_crops is None:
+        original_crops = cut_crops_yuv(frames, matrices, size)
+    for i, box, weight, blended in _blends(n, w, h, generated, matrices, size, original_crops, recipe,
+                                           lambda i, b: yuv.region_to_bgr(frames[i], b), even=True):
+        yuv.region_from_bgr(frames[i], box, blended.astype(np.uint8), changed=weight > 0)
+    return frames
+
+
+def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray, size: int,
+            original_crops: np.ndarray, recipe: str, region_of, even: bool = False):
+    """Paste-back's work, frame by frame: yields (i, box, weight, blended) with `blended` the float32
+    BGR pixels (whole levels, 0..255) of frame i's region `box` (x0, y0, x1, y1), computed from the
+    region's pixels `region_of(i, box)` (uint8 BGR), and `weight` [h, w] the blend's weight there
+    (0: the pixel is the region's own); `even`: boxes widened to even corners."""
+    if generated.shape[:3] != (n, size, size):
+        raise ValueError(f"generated crops must be [{n},{size},{size},3], got {generated.shape}")
     if recipe not in _MASKS:
         raise ValueError(f"unknown crop recipe {recipe!r} (expected one of {list(CROP_RECIPES)})")
     mask, inside, ring, ring_pixels, crop_rect = _mask_geometry(int(size), recipe)
@@ -351,13 +410,14 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
     r0, r1, c0, c1 = _work_rect(int(size), recipe)
     mask_r, ring_r = mask[r0:r1, c0:c1], ring[r0:r1, c0:c1]
     blur_sigma = _detail_blur_sigma(size)
-    out = frames if inplace else frames.copy()
     four = np.empty((r1 - r0, c1 - c0, 4), np.float32)  # the 4-channel image each warp reads
     for i in range(n):
         m = matrices[i].astype(np.float64)
         box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
         if box is None:
             continue
+        if even:  # the widened border's weight is 0: those pixels come out as they went in
+            box = yuv.even_box(box, w, h)
         x0, y0, x1, y1 = box
         m_roi = _shift(m, x0, y0)
         m_rect = m_roi.copy()  # the same map read from the rect: crop coordinates less its origin
@@ -370,7 +430,7 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
 
         orig = original_crops[i, r0:r1, c0:c1].astype(np.float32)
         gen = _match_colour(generated[i, r0:r1, c0:c1].astype(np.float32), orig, ring_r, ring_pixels)
-        roi = frames[i, y0:y1, x0:x1].astype(np.float32)
+        roi = region_of(i, box).astype(np.float32)
         flow = _motion(generated[i], original_crops[i], inside)
         moved_orig = orig if flow is None else _remap_by(original_crops[i].astype(np.float32), flow, (r0, r1, c0, c1))
         change = _content_change(gen, moved_orig, blur_sigma)
@@ -399,5 +459,4 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         blended += roi
         np.rint(blended, out=blended)
         np.clip(blended, 0, 255, out=blended)
-        out[i, y0:y1, x0:x1] = blended
-    return out
+        yield i, box, gen_w[..., 3], blended

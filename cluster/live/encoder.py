@@ -21,7 +21,6 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from cluster.config import Settings, get_settings
@@ -75,10 +74,6 @@ def live_encoder_args(settings: Settings, fps: Fraction, gop: int) -> list[str]:
                  "-crf", str(settings.live_crf), "-x264-params", "open-gop=0:scenecut=0"]
     # no output -r: its fps filter would hold each frame until the next one arrives
     return [*codec, "-pix_fmt", "yuv420p", "-g", str(gop), "-keyint_min", str(gop)]
-
-
-def _to_yuv420(frames: np.ndarray) -> bytes:
-    return b"".join(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_BGR2YUV_I420).tobytes() for f in frames)
 
 
 class LiveEncoder:
@@ -241,12 +236,18 @@ class LiveEncoder:
         return None
 
     def write(self, frames: np.ndarray, pcm: np.ndarray, timeout: float = 10.0) -> None:
-        """Queue `frames` ([n, H, W, 3] uint8 BGR) and their audio (int16 at the session's rate)."""
+        """Queue `frames` ([n, H * 3 // 2, W] uint8 I420, `cluster.media.yuv`) and their audio (int16 at
+        the session's rate)."""
         if self._run.proc.poll() is not None or self.error:
             raise EncodeError(f"live encoder for {self.out_dir} stopped: {self.error or self._run.stderr_tail()}",
                               stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail())
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.shape[1:] != (self.height * 3 // 2, self.width):
+            raise EncodeError(f"live encoder for {self.out_dir}: expected I420 frames [n, {self.height * 3 // 2}, "
+                              f"{self.width}] uint8, got {list(frames.shape)} {frames.dtype}",
+                              stage="live-encode", path=str(self.out_dir))
         try:
-            self._video.put(_to_yuv420(frames), timeout=timeout)
+            self._video.put(np.ascontiguousarray(frames).tobytes(), timeout=timeout)
             self._audio.put(self._pcm48(np.asarray(pcm, dtype=np.int16)), timeout=timeout)
         except queue.Full:
             raise EncodeError(f"live encoder for {self.out_dir} took no input for {timeout:g} s",

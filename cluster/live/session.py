@@ -64,23 +64,23 @@ class LiveRenderer:
         self.frame_count = self.reader.frame_count
 
     def render(self, batch: FrameBatch, generate: GenerateFn) -> tuple[np.ndarray, BaseException | None]:
-        """(frames [n,H,W,3] BGR, None) with the model's mouths pasted in; on any failure of the
-        model (`generate` raising), (the template frames as decoded, the error)."""
-        from cluster.faces.align import crop_matrices, cut_crops, paste_back
+        """(frames [n, H * 3 // 2, W] I420, `cluster.media.yuv`, None) with the model's mouths pasted
+        in; on any failure of the model (`generate` raising), (the template frames as decoded, the
+        error)."""
+        from cluster.faces.align import crop_matrices, cut_crops_yuv, paste_back_yuv
 
         idx = batch.template_index
-        frames = self.reader.read(idx)
+        frames = self.reader.read_yuv(idx)
         matrices = crop_matrices(self.track.landmarks[idx], self.track.boxes[idx], self.size, self.crop,
                                  (self.width, self.height))
-        crops = cut_crops(frames, matrices, self.size)
+        crops = cut_crops_yuv(frames, matrices, self.size)
         try:
             generated = generate(batch.mel, crops)
             if callable(generated):
                 generated = generated()
         except Exception as e:  # the model is away: the stream goes on with template frames
             return frames, e
-        return paste_back(frames, generated, matrices, self.size, original_crops=crops, recipe=self.crop,
-                          inplace=True), None
+        return paste_back_yuv(frames, generated, matrices, self.size, original_crops=crops, recipe=self.crop), None
 
     def close(self) -> None:
         self.reader.close()
@@ -117,7 +117,8 @@ class LiveSession:
     """One session: `append` PCM, `end_speech`, `stop`; `stats()` at any time.
 
     `generate` is where the model is reached (in-process here, a model worker's live lane in the
-    cluster, `actors.live`). `on_frames(batch, frames, ok)` sees every batch before encoding."""
+    cluster, `actors.live`). `on_frames(batch, frames, ok)` sees every batch (I420 frames) before
+    encoding."""
 
     def __init__(self, session_id: str, *, template_path: str, track_path: str, model: str, model_size: int,
                  crop: str, generate: GenerateFn, sample_rate: int, out_dir: str | Path,
@@ -438,11 +439,11 @@ class LiveSession:
             self.latencies.append(now - arrival)
 
     def warm(self) -> None:
-        """Run the render path once off the record (a scratch schedule of idle frames, pasted back,
-        converted for the encoder; nothing encoded or published), so that a standby that takes the
-        session over renders its first batch with warm code: imports, the template's decoder, the
-        crop, paste-back, colour and resampling steps."""
-        from cluster.live.encoder import AUDIO_RATE, _to_yuv420
+        """Run the render path once off the record (a scratch schedule of idle frames, pasted back;
+        nothing encoded or published), so that a standby that takes the session over renders its
+        first batch with warm code: imports, the template's decoder, the crop, paste-back, colour
+        and resampling steps."""
+        from cluster.live.encoder import AUDIO_RATE
         from cluster.live.speech import StreamResampler
 
         scratch = LiveScheduler(SpeechInput(self.speech.rate, self.fps, self.columns), self.renderer.frame_count,
@@ -451,7 +452,6 @@ class LiveSession:
         frames, err = self.renderer.render(batch, lambda mel, crops: crops)
         if err is not None:
             raise err
-        _to_yuv420(frames)
         StreamResampler(self.speech.rate, AUDIO_RATE).push(np.zeros(self.speech.rate // 10, np.float32))
 
     # --- durability (cluster.live.journal) ---------------------------------------------------------

@@ -14,6 +14,7 @@ from cluster.config import Settings, get_settings
 from cluster.errors import MediaError
 from cluster.media.ffmpeg import file_url
 from cluster.media.probe import count_packets
+from cluster.media.yuv import from_av_frame, i420_shape
 
 # Full-chroma, accurately rounded yuv420p -> BGR: the default swscale path darkens frames by
 # about a level and smears chroma, which shows as a difference outside the paste mask.
@@ -59,7 +60,8 @@ def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
 
 
 class TemplateReader:
-    """Reads template frames by index as BGR uint8 arrays, keeping the container open.
+    """Reads template frames by index as BGR (`read`) or I420 (`read_yuv`) uint8 arrays, keeping the
+    container open.
 
     Frame `i` has pts `first_pts + round(i / fps / time_base)`. `read` decodes each contiguous
     run of the requested indices once: it seeks (backward, to the keyframe) only when the run
@@ -148,20 +150,20 @@ class TemplateReader:
         self._frames = self._container.decode(self._stream)
         self._next_index = None
 
-    def _decode_run(self, first: int, last: int, out: dict[int, np.ndarray]) -> None:
-        """Decode frames first..last into `out[index]` (preallocated [H, W, 3] arrays)."""
+    def _decode_run(self, first: int, last: int, out: dict[int, np.ndarray], convert) -> None:
+        """Decode frames first..last into `out[index]` (preallocated arrays) with `convert(frame, dst)`."""
         ahead = self._next_index
         if ahead is None or first < ahead or first - ahead > self.settings.gop_frames:
             self._seek(first)
-            if self._decode_until(first, last, out):
+            if self._decode_until(first, last, out, convert):
                 return
             # the seek landed after `first` (no keyframe before it in the index): from the start
             self._seek(0)
-        if not self._decode_until(first, last, out):
+        if not self._decode_until(first, last, out, convert):
             raise MediaError(f"template {self.path}: decoding frame {first} went past it without "
                              f"producing it", path=self.path, stage="decode")
 
-    def _decode_until(self, first: int, last: int, out: dict[int, np.ndarray]) -> bool:
+    def _decode_until(self, first: int, last: int, out: dict[int, np.ndarray], convert) -> bool:
         """Decode forward keeping frames first..last; False when the decoder starts past `first`."""
         started = False
         while True:
@@ -179,26 +181,34 @@ class TemplateReader:
                 return False
             started = True
             if index >= first:
-                frame_to_bgr(frame, dst=out[index])
+                convert(frame, out[index])
             if index >= last:
                 return True
 
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Frames `indices` (any order, repeats allowed) as `[len(indices), H, W, 3]` uint8 BGR.
         Raises `ValueError` for an index outside `[0, frame_count)`."""
+        return self._read(indices, (self.height, self.width, 3), lambda frame, dst: frame_to_bgr(frame, dst=dst))
+
+    def read_yuv(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Frames `indices` as `[len(indices), H * 3 // 2, W]` uint8 I420 (`cluster.media.yuv`): the
+        decoder's own bytes, half of BGR's, no conversion. Otherwise as `read`."""
+        return self._read(indices, i420_shape(self.width, self.height), from_av_frame)
+
+    def _read(self, indices: Sequence[int] | np.ndarray, shape: tuple[int, ...], convert) -> np.ndarray:
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         if wanted.size == 0:
-            return np.empty((0, self.height, self.width, 3), np.uint8)
+            return np.empty((0, *shape), np.uint8)
         if wanted.min() < 0 or wanted.max() >= self.frame_count:
             bad = wanted[(wanted < 0) | (wanted >= self.frame_count)][0]
             raise ValueError(f"frame index {bad} outside template {self.path} "
                              f"(0..{self.frame_count - 1})")
         unique, first_pos = np.unique(wanted, return_index=True)
-        out = np.empty((wanted.size, self.height, self.width, 3), np.uint8)
+        out = np.empty((wanted.size, *shape), np.uint8)
         # each distinct frame is decoded straight into its first place in `out`; repeats copied after
         place = dict(zip(unique.tolist(), first_pos.tolist()))
         for first, last in _runs(unique):
-            self._decode_run(first, last, {i: out[place[i]] for i in range(first, last + 1)})
+            self._decode_run(first, last, {i: out[place[i]] for i in range(first, last + 1)}, convert)
         for k, i in enumerate(wanted.tolist()):
             if k != place[i]:
                 out[k] = out[place[i]]

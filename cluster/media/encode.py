@@ -156,6 +156,24 @@ class SegmentEncoder:
             raise
         self.frames_written += n
 
+    def write_yuv(self, frames: np.ndarray) -> None:
+        """Append I420 frames `[n, H * 3 // 2, W]` uint8 (`cluster.media.yuv`) as they are, without a
+        conversion or a copy: the encoder reads them until it has encoded them, so the caller gives
+        them up (it must not change them). Otherwise as `write`."""
+        if self._closed:
+            raise EncodeError(f"segment {self.path} is already closed", path=self.path, stage="encode")
+        shape = (self.height * 3 // 2, self.width)
+        if frames.ndim != 3 or frames.dtype != np.uint8 or frames.shape[1:] != shape:
+            raise EncodeError(f"segment {self.path}: expected I420 frames [n, {shape[0]}, {shape[1]}] uint8, "
+                              f"got {list(frames.shape)} {frames.dtype}", path=self.path, stage="encode")
+        n = frames.shape[0]
+        try:
+            self._sink.send_owned(np.ascontiguousarray(frames), n)
+        except EncodeError:
+            self._closed = True  # the sink is stopped and the partial file removed
+            raise
+        self.frames_written += n
+
     def close(self) -> int:
         """Finish the segment; returns the frames written. Waits up to `ffmpeg_timeout_s` and
         raises EncodeError (the encoder's error output in `cause`) on a timeout or a failure."""
@@ -308,6 +326,20 @@ class _LibavSink:
         self._pending.append(_encoder_thread().submit(self._encode, yuv, n))
         self.frames_sent += n
 
+    def send_owned(self, yuv: np.ndarray, n: int) -> None:
+        """`send` frames the caller gave up (`SegmentEncoder.write_yuv`): no buffer of this sink's,
+        and at most two batches queued, as with the buffers. A batch is let go once encoded."""
+        while self._pending and (self._pending[0].done() or len(self._pending) >= 2):
+            self._wait(self._pending.popleft(), self.settings.stall_timeout_s, "libx264 took no frames")
+        if self._error is not None:
+            raise self._failed("libx264 failed")
+
+        def encode() -> None:  # holds nothing once done
+            self._encode(yuv, n)
+
+        self._pending.append(_encoder_thread().submit(encode))
+        self.frames_sent += n
+
     def _failed(self, what: str) -> EncodeError:
         exc = self._error
         self.stop()
@@ -419,6 +451,8 @@ class _FFmpegSink:
                                  f"({exc.strerror or exc})", grace=5.0) from None
             deadline = time.monotonic() + stall
         self.frames_sent += n
+
+    send_owned = send  # written to the pipe before it returns: nothing kept
 
     def finish(self) -> None:
         try:
