@@ -173,6 +173,7 @@ class LiveSessionActor:
         from cluster.faces.avatar import load_avatar
         from cluster.live.session import LiveSession
         from cluster.models import crop_for_spec
+        from cluster.schemas import is_builtin_model
 
         s = self.s
         if not self.journal.take():
@@ -180,7 +181,7 @@ class LiveSessionActor:
         self.model = model or s.model
         avatar = load_avatar(avatar_id, s)
         info = self._describe(self.model)
-        crop = crop_for_spec(self.model, None, s) if self.model.startswith("builtin") else info["crop"]
+        crop = crop_for_spec(self.model, None, s) if is_builtin_model(self.model) else info["crop"]
         self.session = LiveSession(self.id, template_path=avatar.template_path, track_path=avatar.track_path,
                                    model=self.model, model_size=int(info["size"]), crop=crop,
                                    generate=self._generate, sample_rate=sample_rate,

@@ -75,7 +75,9 @@ class HttpService:
 
     def install_model(self, spec: str) -> str:
         """The API's name of a model spec (a file goes into the server's model directory)."""
-        if spec.startswith("builtin"):
+        from cluster.schemas import is_builtin_model
+
+        if is_builtin_model(spec):
             return spec
         models = self.warm.settings.storage_root / "models"
         models.mkdir(parents=True, exist_ok=True)

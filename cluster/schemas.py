@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime, timezone
 from fractions import Fraction
 from typing import Literal
@@ -164,6 +165,14 @@ the whole template, audio padded with silence; `remap` stretches the template to
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+#: A spec of the built-in model: `builtin`, `builtin:S` (or `builtin-S`); group 1 is S. A model file
+#: whose name merely starts with "builtin" is not one.
+BUILTIN_MODEL = re.compile(r"^builtin(?:[:\-](\d+))?$")
+
+
+def is_builtin_model(spec: str) -> bool:
+    """Whether the model spec `spec` names the built-in model (`BUILTIN_MODEL`, spaces around ignored)."""
+    return bool(BUILTIN_MODEL.match(spec.strip()))
 
 
 class JobOptions(BaseModel):

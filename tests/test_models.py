@@ -142,6 +142,23 @@ def test_public_export_layouts_load_and_generate(tmp_path, mel_name, face_name, 
     assert model.warmup() >= 0
 
 
+def test_the_built_in_model_is_named_by_its_spec_not_by_a_prefix():
+    """One pattern says which specs are the built-in model (the model worker's threads, a live
+    session's mel columns and crop, the sessions API's model directory all ask it): a model file
+    whose name starts with "builtin" is a network like any other."""
+    from cluster.live.speech import MEL_STEP, model_columns
+    from cluster.models import is_named_model
+    from cluster.models.builtin import READ_COLUMNS
+    from cluster.schemas import is_builtin_model
+
+    for spec in ("builtin", "builtin:96", "builtin-128", " builtin "):
+        assert is_builtin_model(spec) and is_named_model(spec) and model_columns(spec) == READ_COLUMNS
+    for spec in ("builtin_lips.onnx", "builtins", "/models/builtin.onnx", "latency:5", "builtin:"):
+        assert not is_builtin_model(spec)
+        assert model_columns(spec) == MEL_STEP
+    assert READ_COLUMNS < MEL_STEP
+
+
 def test_unnamed_dynamic_batch_dimension(tmp_path):
     path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96, batch=None)
     m = onnx.load(path)

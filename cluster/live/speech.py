@@ -28,7 +28,9 @@ SILENT_MEL = -4.0
 def model_columns(model: str) -> int:
     """Mel columns of its window the model reads: the built-in model only its first
     `READ_COLUMNS` (the frame's own sound, and the next ~40 ms for a closure), others all 16."""
-    if model.strip().startswith("builtin"):
+    from cluster.schemas import is_builtin_model
+
+    if is_builtin_model(model):
         from cluster.models.builtin import READ_COLUMNS
 
         return READ_COLUMNS

@@ -3,7 +3,6 @@ choice of onnxruntime execution providers, crop recipes and the model directory 
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -23,24 +22,23 @@ from cluster.models.providers import (
     select_providers,
     uses_gpu,
 )
+from cluster.schemas import BUILTIN_MODEL, is_builtin_model
 
 __all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devices", "is_named_model",
            "build_builtin_model", "builtin_model_path", "select_providers", "active_providers", "crop_recipe",
            "CROP_RECIPES", "CROP_METADATA_KEY", "list_models", "crop_for_spec"]
-
-_BUILTIN = re.compile(r"^builtin(?:[:\-](\d+))?$")
 
 
 def is_named_model(spec: str) -> bool:
     """Whether `spec` names a model that is not a file: `builtin[:S]` or `latency:<ms>[:S]`."""
     from cluster.models.latency import is_latency_spec
 
-    return bool(_BUILTIN.match(spec.strip())) or is_latency_spec(spec)
+    return is_builtin_model(spec) or is_latency_spec(spec)
 
 
 def resolve_model_path(spec: str, settings: Settings) -> str:
     """The .onnx path for a model spec ('builtin[:S]' is generated and cached)."""
-    m = _BUILTIN.match(spec)
+    m = BUILTIN_MODEL.match(spec)
     if m:
         size = int(m.group(1) or 256)
         if size < 32:
@@ -75,7 +73,7 @@ def load_model(spec: str | None = None, settings: Settings | None = None,
     providers = list(providers) if providers is not None else select_providers(settings=s)
     from cluster.threads import current
 
-    threads = model_intra_op_threads(s, current(), providers, light=bool(_BUILTIN.match(spec)))
+    threads = model_intra_op_threads(s, current(), providers, light=is_builtin_model(spec))
     return LipSyncModel.load(path, providers=providers, threads=threads,
                              pad_batch=(pad_batch or s.batch_size) if uses_gpu(providers) else None)
 

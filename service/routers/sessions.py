@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.errors import LipsyncError
-from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView
+from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
 from service.errors import ERROR_CODES, ApiProblem
 
@@ -268,7 +268,7 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
 
     settings = _settings(request)
     model = body.model
-    if model is not None and not model.startswith("builtin"):
+    if model is not None and not is_builtin_model(model):
         model = str(settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx"))
     session_id = uuid.uuid4().hex[:16]
     try:
