@@ -525,6 +525,40 @@ def test_blocking_playlist_reload_waits_for_the_part_or_segment_asked_for(tmp_pa
     assert playlist_has(ended, 11, None) and playlist_has(ended, 12, 3)
 
 
+def test_a_resumed_session_removes_what_its_killed_process_left_half_written(astronaut_video, tmp_path):
+    """A session's process SIGKILLed in a playlist's (or a journal file's) atomic write leaves its
+    temporary; the process that resumes the session (`restore`, holding the journal) removes it, and
+    only such temporaries."""
+    import time
+
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.journal import SessionJournal
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+
+    s = get_settings()
+    model = load_model("builtin", s)
+    avatar = prepare_avatar(astronaut_video, s)
+    out = tmp_path / "session"
+    (out / "hls").mkdir(parents=True)
+    stale = [out / "hls" / ".live.m3u8.un5rien_.tmp", out / ".final.json.0123abcd.tmp"]
+    kept = [out / "hls" / "seg_000000.m4s", out / "events.jsonl"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    journal = SessionJournal(out)
+    assert journal.take()
+    journal.save_meta({"avatar_id": avatar.id, "model": "builtin", "started_wall": time.time()})
+    session = LiveSession("z", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=out, settings=s, journal=journal)
+    try:
+        assert session.restore() is None
+    finally:
+        session.renderer.close()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
 def test_one_process_runs_a_session_and_its_death_frees_the_session_at_once(tmp_path):
     """The journal's lock: while a process holds it no other takes it; SIGKILLed, the kernel frees
     it and the standby's next try (every 20 ms) takes it."""

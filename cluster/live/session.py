@@ -483,7 +483,14 @@ class LiveSession:
         entries, the next encoder epoch numbers its segments after them), and the render position
         after the last published speech frame; so speech that was rendered but not published when
         the actor died is rendered again. Returns the stop reason if the session was being ended."""
+        from cluster.fsutil import sweep_temporaries
+
         j = self.journal
+        # what the dead process's writes cut short (the playlist, the journal's files): this process,
+        # holding the journal, is their only writer now
+        for directory in (self.out_dir, self.playlist.out_dir):
+            for stale in sweep_temporaries(directory):
+                log.info("session %s: removed %s, left by the process that ran it before", self.id, stale)
         pcm = j.audio()
         stop = None
         pos = 0
