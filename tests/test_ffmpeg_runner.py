@@ -24,6 +24,22 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def test_a_child_whose_parent_died_before_its_death_signal_was_set_does_not_run():
+    """The window `setpriv --pdeathsig` leaves (the parent SIGKILLed while setpriv loads, before the
+    signal is set: the signal then never comes) is closed as `die_with_parent_hook` closes it: the
+    launcher runs the command only if the process that started it is still its parent."""
+    from cluster.media.ffmpeg import launch_command, pdeathsig_launcher
+
+    if not pdeathsig_launcher():
+        pytest.skip("no setpriv with --pdeathsig here: the preexec hook is used (it checks the same)")
+    argv, _ = launch_command(["sleep", "30"])
+    t0 = time.monotonic()
+    parent = argv.index(str(os.getpid()))
+    orphan = subprocess.run([*argv[:parent], "1", *argv[parent + 1:]], timeout=20)  # as if reparented to init
+    assert orphan.returncode == 137 and time.monotonic() - t0 < 10
+    assert subprocess.run(launch_command(["true"])[0], timeout=20).returncode == 0
+
+
 def test_runner_kills_and_reaps_on_timeout_and_on_exceptions():
     run = FFmpeg(ENDLESS, stage="t")
     with pytest.raises(RenderTimeout, match="timed out"):

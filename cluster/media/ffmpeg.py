@@ -112,22 +112,41 @@ def die_with_parent_hook():
     return hook
 
 
+#: Run by `pdeathsig_launcher`'s shell after setpriv has set the parent-death signal: ffmpeg only if the
+#: parent (its pid in $0) is still the one that started it; if it died before the signal was set (a
+#: compositor SIGKILLed while setpriv loaded, on a loaded machine) the signal will never come: exit.
+_EXEC_IF_PARENT_LIVES = 'test "$PPID" = "$0" || exit 137; exec "$@"'
+
+
 @functools.lru_cache(maxsize=1)
 def pdeathsig_launcher() -> tuple[str, ...]:
-    """`setpriv --pdeathsig KILL --` (util-linux), which sets the same parent-death signal as
-    `die_with_parent_hook` and then execs ffmpeg: with it, no `preexec_fn` is needed, so Python
-    starts the child with vfork instead of copying this process's page tables (a fork of a
-    compositor took 5-50 ms per ffmpeg: issue 20's first segment). Empty where setpriv is missing
-    or has no --pdeathsig (the hook is used then)."""
+    """`setpriv --pdeathsig KILL -- sh -c _EXEC_IF_PARENT_LIVES` (util-linux), which sets the same
+    parent-death signal as `die_with_parent_hook`, checks as it does that the parent is still
+    there, and then execs ffmpeg: with it, no `preexec_fn` is needed, so Python starts the child
+    with vfork instead of copying this process's page tables (a fork of a compositor took 5-50 ms
+    per ffmpeg: issue 20's first segment). The caller appends its own pid, then ffmpeg's command
+    (`launch_command`). Empty where setpriv or a shell is missing or setpriv has no --pdeathsig
+    (the hook is used then)."""
     exe = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    if exe is None:
+    shell = shutil.which("sh")
+    if exe is None or shell is None:
         return ()
-    launcher = (exe, "--pdeathsig", "KILL", "--")
+    launcher = (exe, "--pdeathsig", "KILL", "--", shell, "-c", _EXEC_IF_PARENT_LIVES)
     try:
-        subprocess.run([*launcher, "true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=True)
+        subprocess.run([*launcher, str(os.getpid()), "true"], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return ()
     return launcher
+
+
+def launch_command(cmd: list[str]) -> tuple[list[str], object]:
+    """(argv, preexec_fn) that start `cmd` so that it dies with this process (`pdeathsig_launcher`,
+    else `die_with_parent_hook`)."""
+    launcher = pdeathsig_launcher()
+    if launcher:
+        return [*launcher, str(os.getpid()), *cmd], None
+    return list(cmd), die_with_parent_hook()
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
@@ -179,11 +198,11 @@ class FFmpeg:
             self._stderr.close()
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: not an executable file",
                         stage=stage, path=path, cause=f"{self.cmd[0]}: not an executable file")
+        argv, preexec = launch_command(self.cmd)
         try:
-            self.proc = subprocess.Popen(
-                [*launcher, *self.cmd], stdin=child_stdin,
-                stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stderr=self._stderr,
-                preexec_fn=None if launcher else die_with_parent_hook(), cwd=cwd)
+            self.proc = subprocess.Popen(argv, stdin=child_stdin,
+                                         stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                                         stderr=self._stderr, preexec_fn=preexec, cwd=cwd)
         except OSError as exc:
             self._stderr.close()
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: {exc}",
