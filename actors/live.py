@@ -149,8 +149,14 @@ class LiveSessionActor:
         # a busy node, so it is imported beside the rest of the start, not in front of the first segment
         threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
         from cluster.live.journal import SessionJournal
+        from cluster.threads import actor_thread_plan
 
         logging.basicConfig(level=logging.INFO)
+        # its thread pools (OpenCV, the template's decoder) at one thread, as an actor of one Ray CPU
+        # (it asks for none): a live batch is a few frames' face regions, which threads sized to the
+        # machine only contend over (render load 0.47-0.49 with OpenCV's default 2 threads, 0.35-0.41
+        # with 1, in one process on 2 cores)
+        self.threads = actor_thread_plan(1, settings.size_threads)
         self.id, self.s = session_id, settings
         self.session = None
         self.workers = LiveWorkers(settings)

@@ -143,3 +143,25 @@ def test_cuda_provider_options_come_from_the_settings_and_typos_are_refused(tmp_
     for bad in ("prefer_nchw=1", "prefer_nhwc"):
         with pytest.raises(ModelLoadError, match="LIPSYNC_CUDA_OPTIONS"):
             select_providers(gpu_ids=[0], settings=Settings(storage_root=tmp_path, cuda_options=bad), facts=facts)
+
+
+def test_a_live_session_actor_sizes_its_pools_as_one_cpu(tmp_path):
+    """A live session's actor asks Ray for no CPU; its OpenCV, decoder and BLAS pools are sized as one
+    CPU's (a live batch is a few frames' face regions), not to the machine. In a child process: the
+    plan is process-wide."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from cluster.config import Settings\n"
+        "from actors.live import LiveSessionActor\n"
+        "from cluster.threads import applied_threads\n"
+        "actor = LiveSessionActor.__ray_metadata__.modified_class('t', Settings(storage_root=sys.argv[1]))\n"
+        "print(json.dumps(applied_threads()))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    applied = json.loads(out.strip().splitlines()[-1])
+    assert applied["plan"]["opencv"] == applied["plan"]["decoder"] == 1 and applied["opencv"] == 1, applied
+    assert all(n == 1 for n in (applied["blas"] or {}).values()), applied
