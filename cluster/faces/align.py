@@ -170,7 +170,7 @@ def cut_crops_yuv(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.nda
     w, h = yuv.frame_size(frames[0])
     for i in range(n):
         m = matrices[i].astype(np.float64)
-        box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(m))
+        box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(_crop_scale(m)))
         if box is None:
             _cut_crop(yuv.to_bgr(frames[i]), m, size, out[i])
             continue
@@ -179,17 +179,21 @@ def cut_crops_yuv(frames: np.ndarray, matrices: np.ndarray, size: int) -> np.nda
     return out
 
 
-def _crop_margin(m: np.ndarray) -> float:
-    """Frame pixels around a crop's footprint that its warp (and pre-scale) may read."""
-    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
+def _crop_scale(m: np.ndarray) -> float:
+    """Crop pixels per frame pixel of the frame->crop matrix `m`."""
+    return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+
+
+def _crop_margin(scale: float) -> float:
+    """Frame pixels around a crop's footprint that its warp (and pre-scale) may read, at `scale`."""
     return 2.0 / max(scale, 1e-6) + 2
 
 
 def _cut_crop(frame: np.ndarray, m: np.ndarray, size: int, out: np.ndarray) -> None:
     """One crop of `cut_crops` into `out` [S,S,3] from `frame` [H,W,3] with the frame->crop matrix `m`."""
     h, w = frame.shape[:2]
-    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per frame pixel
-    box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(m))
+    scale = _crop_scale(m)
+    box = _bbox_in_frame(m, (-1, -1, size, size), w, h, margin=_crop_margin(scale))
     if box is None or scale >= 0.67:
         cv2.warpAffine(frame, m, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         return

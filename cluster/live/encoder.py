@@ -34,6 +34,7 @@ from cluster.media.ffmpeg import (
     run_ffmpeg,
     stderr_summary,
 )
+from cluster.media.yuv import batch_problem
 from cluster.netguard import RtmpTarget
 
 log = logging.getLogger("lipsync.live")
@@ -242,10 +243,10 @@ class LiveEncoder:
             raise EncodeError(f"live encoder for {self.out_dir} stopped: {self.error or self._run.stderr_tail()}",
                               stage="live-encode", path=str(self.out_dir), cause=self._run.stderr_tail())
         frames = np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.shape[1:] != (self.height * 3 // 2, self.width):
-            raise EncodeError(f"live encoder for {self.out_dir}: expected I420 frames [n, {self.height * 3 // 2}, "
-                              f"{self.width}] uint8, got {list(frames.shape)} {frames.dtype}",
-                              stage="live-encode", path=str(self.out_dir))
+        problem = batch_problem(frames, self.width, self.height)
+        if problem:
+            raise EncodeError(f"live encoder for {self.out_dir}: {problem}", stage="live-encode",
+                              path=str(self.out_dir))
         try:
             self._video.put(np.ascontiguousarray(frames).tobytes(), timeout=timeout)
             self._audio.put(self._pcm48(np.asarray(pcm, dtype=np.int16)), timeout=timeout)

@@ -34,6 +34,7 @@ import numpy as np
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
 from cluster.media.ffmpeg import FFmpeg, ffmpeg_binary, ffmpeg_has_encoder, file_url, stderr_summary, wait_exit
+from cluster.media.yuv import batch_problem, i420_shape
 
 log = logging.getLogger("lipsync.encode")
 
@@ -135,9 +136,7 @@ class SegmentEncoder:
     def write(self, frames: np.ndarray) -> None:
         """Append frames `[n, H, W, 3]` uint8 BGR (or one `[H, W, 3]` frame). A write that makes no
         progress for `stall_timeout_s`, or to an encoder that failed, raises EncodeError."""
-        if self._closed:
-            raise EncodeError(f"segment {self.path} is already closed", path=self.path,
-                              stage="encode")
+        self._check_open()
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
@@ -146,29 +145,34 @@ class SegmentEncoder:
                               f"{self.width}, 3] uint8, got {list(frames.shape)} {frames.dtype}",
                               path=self.path, stage="encode")
         n = frames.shape[0]
-        try:
+
+        def convert_and_send() -> None:
             yuv = self._sink.buffer(n)
             for k in range(n):
                 cv2.cvtColor(frames[k], cv2.COLOR_BGR2YUV_I420, dst=yuv[k])
             self._sink.send(yuv, n)
-        except EncodeError:
-            self._closed = True  # the sink is stopped and the partial file removed
-            raise
-        self.frames_written += n
+
+        self._deliver(n, convert_and_send)
 
     def write_yuv(self, frames: np.ndarray) -> None:
         """Append I420 frames `[n, H * 3 // 2, W]` uint8 (`cluster.media.yuv`) as they are, without a
         conversion or a copy: the encoder reads them until it has encoded them, so the caller gives
         them up (it must not change them). Otherwise as `write`."""
+        self._check_open()
+        problem = batch_problem(frames, self.width, self.height)
+        if problem:
+            raise EncodeError(f"segment {self.path}: {problem}", path=self.path, stage="encode")
+        n = frames.shape[0]
+        self._deliver(n, lambda: self._sink.send_owned(np.ascontiguousarray(frames), n))
+
+    def _check_open(self) -> None:
         if self._closed:
             raise EncodeError(f"segment {self.path} is already closed", path=self.path, stage="encode")
-        shape = (self.height * 3 // 2, self.width)
-        if frames.ndim != 3 or frames.dtype != np.uint8 or frames.shape[1:] != shape:
-            raise EncodeError(f"segment {self.path}: expected I420 frames [n, {shape[0]}, {shape[1]}] uint8, "
-                              f"got {list(frames.shape)} {frames.dtype}", path=self.path, stage="encode")
-        n = frames.shape[0]
+
+    def _deliver(self, n: int, send) -> None:
+        """Run `send` (which hands n frames to the sink) and count them; a sink that failed is closed."""
         try:
-            self._sink.send_owned(np.ascontiguousarray(frames), n)
+            send()
         except EncodeError:
             self._closed = True  # the sink is stopped and the partial file removed
             raise
@@ -312,7 +316,7 @@ class _LibavSink:
 
     def buffer(self, n: int) -> np.ndarray:
         """A yuv420p buffer for `n` frames that the encoder thread is done with."""
-        shape = (self.height * 3 // 2, self.width)
+        shape = i420_shape(self.width, self.height)
         if len(self._pending) < 2:  # the first two batches: a buffer each
             return np.empty((n, *shape), np.uint8)
         buf = self._wait(self._pending.popleft(), self.settings.stall_timeout_s, "libx264 took no frames")
@@ -405,7 +409,7 @@ class _FFmpegSink:
 
     def buffer(self, n: int) -> np.ndarray:
         if self._yuv is None or self._yuv.shape[0] < n:
-            self._yuv = np.empty((n, self.height * 3 // 2, self.width), np.uint8)
+            self._yuv = np.empty((n, *i420_shape(self.width, self.height)), np.uint8)
         return self._yuv
 
     def _fail(self, what: str, grace: float = 0.0) -> EncodeError:

@@ -46,18 +46,24 @@ def even_box(box: Box, width: int, height: int) -> Box:
     return max(x0 - x0 % 2, 0), max(y0 - y0 % 2, 0), min(x1 + x1 % 2, width), min(y1 + y1 % 2, height)
 
 
-def region_to_bgr(frame: np.ndarray, box: Box) -> np.ndarray:
-    """The BGR pixels [y1 - y0, x1 - x0, 3] of an I420 frame's region `box` (even corners)."""
+def _region_planes(frame: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of the Y, U and V samples of an I420 frame's region `box` (even corners)."""
     x0, y0, x1, y1 = box
     if (x0 | y0 | x1 | y1) & 1:
         raise ValueError(f"region {box} must have even corners")
     y, u, v = planes(frame)
-    h, w = y1 - y0, x1 - x0
+    cy, cx = slice(y0 // 2, y1 // 2), slice(x0 // 2, x1 // 2)
+    return y[y0:y1, x0:x1], u[cy, cx], v[cy, cx]
+
+
+def region_to_bgr(frame: np.ndarray, box: Box) -> np.ndarray:
+    """The BGR pixels [y1 - y0, x1 - x0, 3] of an I420 frame's region `box` (even corners)."""
+    y, u, v = _region_planes(frame, box)
+    h, w = y.shape
     packed = np.empty((h * 3 // 2, w), np.uint8)
-    packed[:h] = y[y0:y1, x0:x1]
+    packed[:h] = y
     chroma = packed[h:].reshape(2, h // 2, w // 2)
-    chroma[0] = u[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
-    chroma[1] = v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+    chroma[0], chroma[1] = u, v
     return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
 
 
@@ -66,22 +72,25 @@ def region_from_bgr(frame: np.ndarray, box: Box, bgr: np.ndarray, changed: np.nd
     With `changed` ([y1 - y0, x1 - x0] bool), only those pixels' luma and the chroma of
     the 2x2 blocks holding one are written: the others keep their bytes (BGR -> I420 does not give back
     every yuv value exactly: colours outside BGR's gamut move by a few levels)."""
-    x0, y0, x1, y1 = box
-    if (x0 | y0 | x1 | y1) & 1:
-        raise ValueError(f"region {box} must have even corners")
-    h, w = y1 - y0, x1 - x0
+    y, u, v = _region_planes(frame, box)
+    h, w = y.shape
     packed = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2YUV_I420)
-    y, u, v = planes(frame)
     chroma = packed[h:].reshape(2, h // 2, w // 2)
-    cy, cx = slice(y0 // 2, y1 // 2), slice(x0 // 2, x1 // 2)
     if changed is None:
-        y[y0:y1, x0:x1] = packed[:h]
-        u[cy, cx], v[cy, cx] = chroma
+        y[...], u[...], v[...] = packed[:h], chroma[0], chroma[1]
         return
-    np.copyto(y[y0:y1, x0:x1], packed[:h], where=changed)
+    np.copyto(y, packed[:h], where=changed)
     blocks = changed[0::2, 0::2] | changed[0::2, 1::2] | changed[1::2, 0::2] | changed[1::2, 1::2]
-    np.copyto(u[cy, cx], chroma[0], where=blocks)
-    np.copyto(v[cy, cx], chroma[1], where=blocks)
+    np.copyto(u, chroma[0], where=blocks)
+    np.copyto(v, chroma[1], where=blocks)
+
+
+def batch_problem(frames: np.ndarray, width: int, height: int) -> str | None:
+    """What is wrong with `frames` as a batch of I420 frames of `width` x `height`; None when nothing."""
+    shape = i420_shape(width, height)
+    if frames.ndim == 3 and frames.dtype == np.uint8 and frames.shape[1:] == shape:
+        return None
+    return f"expected I420 frames [n, {shape[0]}, {shape[1]}] uint8, got {list(frames.shape)} {frames.dtype}"
 
 
 def to_bgr(frame: np.ndarray) -> np.ndarray:
