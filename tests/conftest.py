@@ -28,16 +28,16 @@ SLOW_TESTS = ("test_lipsync_render_", "test_large_templates", "test_valid_but_od
 
 
 #: The session-wide fixtures that start a Ray (the `runtime` fixture's and the `service`'s `lipsync
-#: serve`): under pytest-xdist (`-n 2` in pyproject.toml, `--dist loadgroup`) every test that uses one
+#: serve`): under pytest-xdist (`-n 3` in pyproject.toml, `--dist loadgroup`) every test that uses one
 #: runs on the same worker as the others that use it, so each starts once.
 SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
 
-#: The groups that take longest (seconds under `-n 2` on 2 cores, 2026-12-05: the session service
-#: ~300, the restart file ~120, the session Ray ~110, multinode ~130, deploy ~80, the CLI ~76, the
-#: soak ~41, render cases ~25), handed to the workers first (`--no-loadscope-reorder`: in this order,
-#: not by test count), so that no long group starts last on one worker while the other is idle.
+#: The groups that take longest (seconds under `-n 3` on a 2-core Intel Xeon, 2026-12-05: the session
+#: service ~380, multinode ~220, the session Ray ~200, the restart file ~180, the CLI ~170, deploy ~100,
+#: the soak ~70, render cases ~40), handed to the workers first (`--no-loadscope-reorder`: in this
+#: order, not by test count), so that no long group starts last on one worker while the others are idle.
 LONGEST_GROUPS = ("session-service", "test_multinode", "test_service_restart", "session-ray", "test_deploy_local",
-                  "test_cli", "test_soak", "test_render_cases", "test_chaos", "test_hostile_inputs")
+                  "test_cli", "test_soak", "test_render_cases", "test_scheduling", "test_hostile_inputs")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns `xdist_group` into the nodeid's "@group"
@@ -68,90 +68,6 @@ def pytest_configure(config):
         from actors.runtime import private_token_file
 
         private_token_file()
-
-
-# --- tests that run alone under pytest-xdist --------------------------------------------------
-# A test marked `alone` runs (its call; its fixtures start beside the other worker's tests) while the
-# other xdist worker runs nothing: it waits for that worker's current test to end, and that worker
-# starts no test until it is done. The faults-and-frames tests are marked: their fault-free frame
-# comparison is what found the service chaos mismatch, which showed only with another worker's tests
-# loading the machine (docs/RELIABILITY.md, known defects); alone they see the machine as `pytest -n 0`
-# gives it to them. Without xdist this is a no-op.
-ALONE_LOCK_WAIT_S = 900.0
-
-
-def _flock(f, mode: int, what: str) -> None:
-    import fcntl
-    import time
-
-    deadline = time.monotonic() + ALONE_LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(f, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"waited {ALONE_LOCK_WAIT_S:.0f} s for {what}") from None
-            time.sleep(0.05)
-
-
-def _locks(item):
-    """(turnstile, room) lock files of this xdist run, None in one process."""
-    workerinput = getattr(item.config, "workerinput", None)
-    if workerinput is None:
-        return None
-    locks = Path(tempfile.gettempdir()) / f"lipsync-pytest-{workerinput['testrunuid']}"
-    locks.mkdir(exist_ok=True)
-    return locks / "turnstile", locks / "room"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Every test holds the room shared from setup to teardown; it enters through the turnstile, so
-    that an `alone` test waiting for the room keeps the other worker's next tests out."""
-    import fcntl
-
-    paths = _locks(item)
-    if paths is None:  # one process: nothing else runs
-        yield
-        return
-    with open(paths[0], "a+") as turnstile, open(paths[1], "a+") as room:
-        _flock(turnstile, fcntl.LOCK_EX, "the turnstile")
-        try:
-            _flock(room, fcntl.LOCK_SH, "an alone test to end")
-        finally:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        item._lipsync_locks = (turnstile, room)
-        try:
-            yield
-        finally:
-            del item._lipsync_locks
-            fcntl.flock(room, fcntl.LOCK_UN)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    """An `alone` test's call (not its setup or teardown: starting its fixtures needs no quiet
-    machine) runs with the room to itself: it lets go of its shared hold (so that another alone test
-    waiting at the turnstile does not hold the room against it), takes the turnstile, waits for the
-    other worker's test in the room to end, runs, and gives the room back shared."""
-    import fcntl
-
-    locks = getattr(item, "_lipsync_locks", None)
-    if locks is None or item.get_closest_marker("alone") is None:
-        yield
-        return
-    turnstile, room = locks
-    fcntl.flock(room, fcntl.LOCK_UN)
-    _flock(turnstile, fcntl.LOCK_EX, "the turnstile")
-    try:
-        _flock(room, fcntl.LOCK_EX, "the other worker's test to end")
-        try:
-            yield
-        finally:
-            fcntl.flock(room, fcntl.LOCK_SH)  # a downgrade: never waits
-    finally:
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -10,7 +10,7 @@ from cluster.schemas import RenderRequest
 from tests.chaos import JobSpec, RuntimeBackend, run_chaos
 from tests.helpers import decode_all
 
-pytestmark = [pytest.mark.ray, pytest.mark.alone]  # alone: see tests/conftest.py
+pytestmark = pytest.mark.ray
 
 SEED = 12
 

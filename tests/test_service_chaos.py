@@ -12,7 +12,7 @@ from cluster.schemas import RenderRequest
 from tests.chaos import JobSpec, ServiceBackend, run_chaos
 from tests.helpers import decode_all
 
-pytestmark = [pytest.mark.service, pytest.mark.alone]  # alone: see tests/conftest.py
+pytestmark = pytest.mark.service
 pytest.importorskip("cluster.client", reason="the HTTP service (issue 7) is not in this tree yet")
 
 SEED = 7

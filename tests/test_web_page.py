@@ -197,7 +197,6 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
 
 @pytest.mark.service
 @pytest.mark.slow
-@pytest.mark.alone  # its recording came out shorter than the speech twice beside another worker's tests
 def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
     """The Live tab in the real chromium, its microphone the fake device playing speech: a socket the
     server refuses shows its close code and reason; Speak streams the microphone's PCM to a session
