@@ -62,8 +62,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Ray's token file is created (0600) before any worker starts a Ray: two Rays started at
-    once by two xdist workers must not each write their own token to it."""
+    """Ray's token file is created (0600) before any worker starts a Ray: two Rays started
+    at once by two xdist workers must not each write their own token to it."""
     if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
         from actors.runtime import private_token_file
 
