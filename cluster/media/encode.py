@@ -338,8 +338,8 @@ class _LibavSink:
         if self._error is not None:
             raise self._failed("libx264 failed")
 
-        def encode() -> None:  # holds nothing once done
-            self._encode(yuv, n)
+        def encode() -> None:  # not `submit(self._encode, ...)`: its future would keep the batch it
+            self._encode(yuv, n)  # returns (for `buffer`'s reuse) until popped; this one keeps nothing
 
         self._pending.append(_encoder_thread().submit(encode))
         self.frames_sent += n
