@@ -610,3 +610,78 @@ def test_crops_and_paste_back_of_i420_frames_are_those_of_their_bgr(astronaut_vi
     same = align.paste_back_yuv(planes.copy(), crops.copy(), mats, size, original_crops=crops, recipe=recipe)
     round_trip = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420) for f in bgr])
     assert np.all((same == planes) | (same == round_trip))
+
+
+def _changed_masks(size: int) -> list[np.ndarray]:
+    """Changed-pixel masks for the flow's helpers: a mouth in the middle, one at a crop corner, one
+    along the bottom edge."""
+    masks = []
+    for (cy, cx), (ry, rx) in [((0.72, 0.5), (0.06, 0.15)), ((0.97, 0.02), (0.05, 0.05)), ((0.99, 0.5), (0.03, 0.4))]:
+        m = np.zeros((size, size), np.uint8)
+        cv2.ellipse(m, (int(cx * size), int(cy * size)), (max(1, int(rx * size)), max(1, int(ry * size))), 0, 0, 360,
+                    1, -1)
+        masks.append(m.astype(bool))
+    return masks
+
+
+@pytest.mark.parametrize("size", [96, 256, 512])
+def test_flow_weight_on_the_changed_box_equals_the_whole_crops(size):
+    """`_near` computes the flow's weight (changed pixels dilated and blurred) on their box widened
+    by the filters' reach: bit for bit what the whole crop gives, in the middle and at its edges."""
+    for changed in _changed_masks(size):
+        rows, cols = np.flatnonzero(changed.any(axis=1)), np.flatnonzero(changed.any(axis=0))
+        whole = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0),
+                                 size / 128.0)
+        got = align._near(changed, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+        assert got.shape == whole.shape and np.array_equal(got, whole)
+
+
+def _flow_case(size: int, seed: int = 0):
+    """A crop-space flow that is 0 outside a box, as `_motion` returns it, with that box."""
+    rng = np.random.default_rng(seed)
+    r0, r1, c0, c1 = int(0.55 * size), int(0.9 * size), int(0.25 * size), int(0.75 * size)
+    flow = np.zeros((size, size, 2), np.float32)
+    flow[r0:r1, c0:c1] = cv2.GaussianBlur(rng.normal(0, 2.5, (r1 - r0, c1 - c0, 2)).astype(np.float32), (0, 0), 3)
+    return flow, (r0, r1, c0, c1)
+
+
+def test_a_crop_moved_by_the_flow_is_sampled_only_in_the_flows_box():
+    """`_moved_crop` resamples the crop only where the flow's box meets the work rect: the result is
+    bit for bit the whole rect's resampling (elsewhere the flow is 0 and a pixel is itself)."""
+    size = 256
+    crop = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    flow, box = _flow_case(size)
+    for rect in [(128, 256, 27, 230), (0, size, 0, size), (0, 100, 0, size)]:
+        r0, r1, c0, c1 = rect
+        map_x = flow[r0:r1, c0:c1, 0] + np.arange(c0, c1, dtype=np.float32)[None, :]
+        map_y = flow[r0:r1, c0:c1, 1] + np.arange(r0, r1, dtype=np.float32)[:, None]
+        whole = cv2.remap(crop.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        unmoved = crop[r0:r1, c0:c1].astype(np.float32)
+        got = align._moved_crop(crop, flow, box, rect, unmoved)
+        assert np.array_equal(got, whole)
+        assert np.array_equal(unmoved, crop[r0:r1, c0:c1])  # its input is not changed
+
+
+def test_the_frames_detail_moves_only_where_the_flow_reaches_and_as_on_the_whole_region():
+    """`_move_detail` brings the flow to the frame region only on the region's pixels that can see
+    the flow's box: every other pixel keeps its detail bit for bit, and the moved ones are those of
+    the whole region's computation but where the warp, started at another origin, rounds a
+    coordinate to the neighbouring 1/32 px (a level or two on a few pixels)."""
+    size = 256
+    flow, box = _flow_case(size, seed=2)
+    # region -> crop: a face of ~470 frame px, turned a little; the region's middle at the crop's mouth
+    m_roi = np.array([[0.55, 0.08, -19.2], [-0.08, 0.55, 94.7]])
+    h, w = 380, 480
+    detail = np.random.default_rng(3).normal(0, 20, (h, w, 3)).astype(np.float32)
+    flow_roi = cv2.warpAffine(flow, m_roi, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT)
+    assert np.count_nonzero(flow_roi[..., 0]) > 0.1 * h * w  # the flow reaches a good part of the region
+    a_inv = np.linalg.inv(m_roi[:, :2]).astype(np.float32)
+    map_x = flow_roi[..., 0] * a_inv[0, 0] + flow_roi[..., 1] * a_inv[0, 1] + np.arange(w, dtype=np.float32)
+    map_y = flow_roi[..., 0] * a_inv[1, 0] + flow_roi[..., 1] * a_inv[1, 1] + np.arange(h, dtype=np.float32)[:, None]
+    whole = cv2.remap(detail, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+    got = align._move_detail(detail.copy(), flow, box, m_roi)
+    reached = np.abs(flow_roi).max(axis=2) > 0
+    assert np.array_equal(got[~reached], detail[~reached]) and np.array_equal(whole[~reached], detail[~reached])
+    moved = np.abs(got - whole).max(axis=2) > 0
+    assert np.count_nonzero(moved) <= 0.002 * np.count_nonzero(reached), np.count_nonzero(moved)

@@ -824,7 +824,7 @@ def test_float16_export_runs_with_casts_at_the_edge(tmp_path):
 def test_float16_edge_conversions_equal_numpys_and_their_table_fallbacks():
     """generate's float16 input and output conversions (OpenCV, or tables where OpenCV has no
     float16 arithmetic) give exactly what numpy's scalar casts give, NaN and overflow included."""
-    from cluster.models.adapter import _FLOAT16_OF_BYTE, _UINT8_OF_FLOAT16, float16_to_uint8, scaled_float16
+    from cluster.models.adapter import _FLOAT16_OF_BYTE, _UINT8_OF_FLOAT16, scaled_float16, unit_to_uint8
 
     planes = np.random.default_rng(3).integers(0, 256, (5, 3, 96, 96), dtype=np.uint8)
     want = (planes * np.float32(1.0 / 255.0)).astype(np.float16)
@@ -835,9 +835,31 @@ def test_float16_edge_conversions_equal_numpys_and_their_table_fallbacks():
     with np.errstate(invalid="ignore"):
         scaled = np.nan_to_num(out.astype(np.float32) * np.float32(255), nan=0.0)
         ref = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
-    np.testing.assert_array_equal(float16_to_uint8(out), ref)
+    np.testing.assert_array_equal(unit_to_uint8(out), ref)
     np.testing.assert_array_equal(_UINT8_OF_FLOAT16[out.view(np.uint16)], ref)
-    assert float16_to_uint8(out).flat[0] == 0  # NaN -> 0, as the float32 path gives
+    assert unit_to_uint8(out).flat[0] == 0  # NaN -> 0, as the float32 path gives
+
+
+def test_float32_output_conversion_and_channel_order_equal_numpys():
+    """generate's float32 output conversion (OpenCV's saturating one) gives numpy's
+    rint(clip(x * 255)) for every value, halves between levels, NaN (0) and infinities included, and
+    the channels-last copy is numpy's transpose."""
+    from cluster.models.adapter import channels_last, unit_to_uint8
+
+    rng = np.random.default_rng(5)
+    out = (rng.random((4, 3, 64, 64)) * 1.4 - 0.2).astype(np.float32)
+    halves = ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)).astype(np.float32)
+    out.flat[:256] = halves
+    out.flat[256:256 + 256] = np.nextafter(halves, np.float32(0))
+    out.flat[512:518] = [np.nan, np.inf, -np.inf, 3e38, -0.0, -3e38]
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.nan_to_num(out * np.float32(255), nan=0.0)
+    ref = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+    got = unit_to_uint8(out)
+    np.testing.assert_array_equal(got, ref)
+    assert got.flat[512] == 0
+    np.testing.assert_array_equal(channels_last(got), got.transpose(0, 2, 3, 1))
+    assert channels_last(got).flags.c_contiguous
 
 
 def test_two_replicas_split_a_batch_and_agree(tmp_path):

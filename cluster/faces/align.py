@@ -268,7 +268,13 @@ def _match_colour(generated: np.ndarray, original: np.ndarray, ring: np.ndarray,
     mo, so = (v.ravel() for v in cv2.meanStdDev(original, mask=ring))
     ratio = np.where(sg > 1e-3, so / np.maximum(sg, 1e-3), 1.0)
     ratio = np.clip(ratio, *_STD_RATIO_LIMITS)
-    return generated * ratio.astype(np.float32) + (mo - mg * ratio).astype(np.float32)
+    # per-channel scale and offset as rows as long as the image's (a broadcast over a 3-wide last
+    # axis runs numpy's inner loop 3 elements at a time: several times slower, same result)
+    h, w = generated.shape[:2]
+    rows = generated.reshape(h, w * 3)
+    out = rows * np.tile(ratio.astype(np.float32), w)
+    out += np.tile((mo - mg * ratio).astype(np.float32), w)
+    return out.reshape(h, w, 3)
 
 
 def _optical_flow() -> "cv2.DISOpticalFlow":
@@ -287,11 +293,13 @@ def _optical_flow() -> "cv2.DISOpticalFlow":
     return dis
 
 
-def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
+def _motion(generated: np.ndarray, original: np.ndarray,
+            inside: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """Dense flow [S,S,2] float32 (crop pixels) with generated(x) ~ original(x + flow(x)), computed
     on the box around the pixels the model changed (inside the paste mask, `inside`), widened by
-    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere); None when nothing changed. A
-    function of its inputs only (`_optical_flow`)."""
+    `_FLOW_MARGIN`, and kept only near those pixels (0 elsewhere), with that box (r0, r1, c0, c1)
+    outside which the flow is 0; None when nothing changed. A function of its inputs only
+    (`_optical_flow`)."""
     changed = (_channel_max(cv2.absdiff(generated, original)) > _FLOW_MIN_CHANGE) & inside
     if not changed.any():
         return None
@@ -301,36 +309,79 @@ def _motion(generated: np.ndarray, original: np.ndarray, inside: np.ndarray) -> 
     c0, c1 = max(0, cols[0] - _FLOW_MARGIN), min(size, cols[-1] + 1 + _FLOW_MARGIN)
     g = cv2.cvtColor(np.ascontiguousarray(generated[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
     o = cv2.cvtColor(np.ascontiguousarray(original[r0:r1, c0:c1]), cv2.COLOR_BGR2GRAY)
+    box_flow = _optical_flow().calc(g, o, None)
+    near = np.clip(_near(changed, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)[r0:r1, c0:c1], 0.0, 1.0)
+    box_flow[..., 0] *= near
+    box_flow[..., 1] *= near
     flow = np.zeros((size, size, 2), np.float32)
-    flow[r0:r1, c0:c1] = _optical_flow().calc(g, o, None)
-    near = cv2.GaussianBlur(cv2.dilate(changed.astype(np.float32), np.ones((5, 5), np.uint8)), (0, 0), size / 128.0)
-    return (flow * np.clip(near, 0.0, 1.0)[..., None]).astype(np.float32)
+    flow[r0:r1, c0:c1] = box_flow
+    return flow, (r0, r1, c0, c1)
 
 
-def _remap_by(img: np.ndarray, flow: np.ndarray, rect: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """img sampled at x + flow(x) (bilinear, border replicated); with `rect` (r0, r1, c0, c1) only
-    for the pixels x of that rect (sampling still reads the whole image)."""
-    r0, r1, c0, c1 = rect or (0, flow.shape[0], 0, flow.shape[1])
-    map_x = flow[r0:r1, c0:c1, 0] + np.arange(c0, c1, dtype=np.float32)[None, :]
-    map_y = flow[r0:r1, c0:c1, 1] + np.arange(r0, r1, dtype=np.float32)[:, None]
-    return cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+def _near(changed: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """How near each crop pixel is to a changed one (`changed` [S,S] bool, all inside rows r0:r1,
+    columns c0:c1): the changed pixels dilated by 2 and blurred, float32 [S,S]. Computed on that box
+    widened by the reach of both filters twice, clipped to the crop, and 0 elsewhere: past the
+    box's edge the whole-crop result is 0, and the filters' borders there read only 0s, so every
+    value is the one the whole crop would give."""
+    size = changed.shape[0]
+    sigma = size / 128.0
+    radius = (int(round(sigma * 4 * 2 + 1)) | 1) // 2  # cv2.GaussianBlur's kernel for float32 images
+    reach = 2 * (2 + radius)
+    r0, r1, c0, c1 = max(r0 - reach, 0), min(r1 + reach, size), max(c0 - reach, 0), min(c1 + reach, size)
+    near = np.zeros(changed.shape, np.float32)
+    dilated = cv2.dilate(changed[r0:r1, c0:c1].astype(np.float32), np.ones((5, 5), np.uint8))
+    near[r0:r1, c0:c1] = cv2.GaussianBlur(dilated, (0, 0), sigma)
+    return near
 
 
-def _move_detail(detail: np.ndarray, flow_roi: np.ndarray, m: np.ndarray) -> np.ndarray:
+def _moved_crop(crop: np.ndarray, flow: np.ndarray, flow_box: tuple[int, int, int, int],
+                rect: tuple[int, int, int, int], unmoved: np.ndarray) -> np.ndarray:
+    """The crop `crop` [S,S,3] sampled at x + flow(x) (bilinear, border replicated) for the pixels x
+    of `rect` (r0, r1, c0, c1), float32; `unmoved` is the crop's float32 pixels of that rect. Sampled
+    only where the flow's box `flow_box` (0 outside) meets the rect: elsewhere the flow is 0 and
+    bilinear sampling at a whole pixel gives the pixel itself, which `unmoved` holds."""
+    r0, r1, c0, c1 = rect
+    f0, f1, g0, g1 = max(r0, flow_box[0]), min(r1, flow_box[1]), max(c0, flow_box[2]), min(c1, flow_box[3])
+    if f1 <= f0 or g1 <= g0:
+        return unmoved
+    map_x = flow[f0:f1, g0:g1, 0] + np.arange(g0, g1, dtype=np.float32)[None, :]
+    map_y = flow[f0:f1, g0:g1, 1] + np.arange(f0, f1, dtype=np.float32)[:, None]
+    moved = unmoved.copy()
+    moved[f0 - r0:f1 - r0, g0 - c0:g1 - c0] = cv2.remap(crop.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                                                        borderMode=cv2.BORDER_REPLICATE)
+    return moved
+
+
+def _move_detail(detail: np.ndarray, flow: np.ndarray, flow_box: tuple[int, int, int, int],
+                 m_roi: np.ndarray) -> np.ndarray:
     """The detail layer `detail` [h,w,3] of a frame region, each pixel p taken from the nearest
-    pixel to p + A^-1 flow(p), where flow_roi is a crop-pixel flow brought to the region and A
-    the matrix's linear part: the crop's motion at the frame's resolution. Nearest, not bilinear:
-    bilinear sampling between pixels averages neighbours and halves the finest texture (grain,
-    pores, 1-px wrinkles); a shift rounded to whole pixels keeps it (the detail is high-pass, so
-    the half-pixel rounding does not show as steps)."""
-    h, w = flow_roi.shape[:2]
-    a_inv = np.linalg.inv(m[:, :2]).astype(np.float32)
+    pixel to p + A^-1 flow(p), where flow(p) is the crop-pixel `flow` [S,S,2] brought to the region
+    (whose region->crop matrix is `m_roi`) and A the matrix's linear part: the crop's motion at the
+    frame's resolution. Nearest, not bilinear: bilinear sampling between pixels averages neighbours
+    and halves the finest texture (grain, pores, 1-px wrinkles); a shift rounded to whole pixels
+    keeps it (the detail is high-pass, so the half-pixel rounding does not show as steps).
+
+    Computed on the region's pixels that can see the flow's box `flow_box` (crop rows r0:r1,
+    columns c0:c1, 0 outside): elsewhere the flow brought over is 0 and every pixel keeps its own.
+    Changes `detail` in place and returns it."""
+    h, w = detail.shape[:2]
+    r0, r1, c0, c1 = flow_box
+    box = _bbox_in_frame(m_roi, (c0 - 1.0, r0 - 1.0, float(c1), float(r1)), w, h, margin=1.0)
+    if box is None:
+        return detail
+    x0, y0, x1, y1 = box
+    flow_roi = cv2.warpAffine(flow, _shift(m_roi, x0, y0), (x1 - x0, y1 - y0),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+    a_inv = np.linalg.inv(m_roi[:, :2]).astype(np.float32)
     fx, fy = flow_roi[..., 0], flow_roi[..., 1]
     map_x = fx * a_inv[0, 0] + fy * a_inv[0, 1]
-    map_x += np.arange(w, dtype=np.float32)[None, :]
+    map_x += np.arange(x0, x1, dtype=np.float32)[None, :]
     map_y = fx * a_inv[1, 0] + fy * a_inv[1, 1]
-    map_y += np.arange(h, dtype=np.float32)[:, None]
-    return cv2.remap(detail, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+    map_y += np.arange(y0, y1, dtype=np.float32)[:, None]
+    moved = cv2.remap(detail, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+    detail[y0:y1, x0:x1] = moved
+    return detail
 
 
 def _content_change(generated: np.ndarray, moved_original: np.ndarray, blur_sigma: float) -> np.ndarray:
@@ -399,6 +450,11 @@ def paste_back_yuv(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarr
     return frames
 
 
+def _colour_and_alpha(bgra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The colour [h,w,3] and 4th channel [h,w] of a float32 4-channel image, each contiguous."""
+    return cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR), cv2.extractChannel(bgra, 3)
+
+
 def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray, size: int,
             original_crops: np.ndarray, recipe: str, region_of, even: bool = False):
     """Paste-back's work, frame by frame: yields (i, box, weight, blended) with `blended` the float32
@@ -414,7 +470,6 @@ def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray,
     r0, r1, c0, c1 = _work_rect(int(size), recipe)
     mask_r, ring_r = mask[r0:r1, c0:c1], ring[r0:r1, c0:c1]
     blur_sigma = _detail_blur_sigma(size)
-    four = np.empty((r1 - r0, c1 - c0, 4), np.float32)  # the 4-channel image each warp reads
     for i in range(n):
         m = matrices[i].astype(np.float64)
         box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
@@ -428,39 +483,37 @@ def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray,
         m_rect[:, 2] -= (c0, r0)
         dsize = (x1 - x0, y1 - y0)
 
-        def back(img, m_src, border=cv2.BORDER_REPLICATE, dsize=dsize):
-            return cv2.warpAffine(img, m_src, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                  borderMode=border, borderValue=0)
+        def back(img, m_rect=m_rect, dsize=dsize):  # rect pixels -> the frame region
+            return cv2.warpAffine(img, m_rect, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE)
 
         orig = original_crops[i, r0:r1, c0:c1].astype(np.float32)
         gen = _match_colour(generated[i, r0:r1, c0:c1].astype(np.float32), orig, ring_r, ring_pixels)
         roi = region_of(i, box).astype(np.float32)
-        flow = _motion(generated[i], original_crops[i], inside)
-        moved_orig = orig if flow is None else _remap_by(original_crops[i].astype(np.float32), flow, (r0, r1, c0, c1))
+        motion = _motion(generated[i], original_crops[i], inside)
+        moved_orig = orig if motion is None else _moved_crop(original_crops[i], *motion, (r0, r1, c0, c1), orig)
         change = _content_change(gen, moved_orig, blur_sigma)
-        # two 4-channel warps: the mask is 0 along the rect's edge, so replicating the border there
-        # is the same as a constant 0
         np.subtract(_DETAIL_HIGH, change, out=change)
         np.multiply(change, 1.0 / (_DETAIL_HIGH - _DETAIL_LOW), out=change)
         keep = np.clip(change, 0.0, 1.0, out=change)  # how much of the frame's own detail to keep
-        four[..., :3] = gen
-        four[..., 3] = mask_r
-        gen_w = back(four, m_rect)
-        four[..., :3] = orig
-        four[..., 3] = keep
-        orig_w = back(four, m_rect)
+        # two 4-channel warps: the mask is 0 along the rect's edge, so replicating the border there
+        # is the same as a constant 0
+        gen_w, weight = _colour_and_alpha(back(cv2.merge((gen, mask_r))))
+        orig_w, keep_w = _colour_and_alpha(back(cv2.merge((orig, keep))))
         # the frame's detail above the crop's resolution (what the crop round trip loses), moved
         # with the model's motion by whole frame pixels: resampling between pixels would blur it
-        detail = np.subtract(roi, orig_w[..., :3])
-        if flow is not None:
-            detail = _move_detail(detail, back(flow, m_roi, cv2.BORDER_CONSTANT), m)
+        detail = np.subtract(roi, orig_w)
+        if motion is not None:
+            detail = _move_detail(detail, *motion, m_roi)
         # blended = roi + weight * (generated + keep * detail - roi), computed in place in that order
+        # on contiguous 3-channel arrays (the weights repeated per channel: numpy runs a broadcast
+        # over a 3-wide last axis 3 elements at a time)
         blended = detail
-        blended *= orig_w[..., 3:]
-        blended += gen_w[..., :3]
+        blended *= cv2.cvtColor(keep_w, cv2.COLOR_GRAY2BGR)
+        blended += gen_w
         blended -= roi
-        blended *= gen_w[..., 3:]
+        blended *= cv2.cvtColor(weight, cv2.COLOR_GRAY2BGR)
         blended += roi
         np.rint(blended, out=blended)
         np.clip(blended, 0, 255, out=blended)
-        yield i, box, gen_w[..., 3], blended
+        yield i, box, weight, blended
