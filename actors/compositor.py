@@ -6,6 +6,7 @@ through the object store, by way of the job manager's `dispatch`.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,29 @@ class Compositor:
                                          settings.size_threads)
         self._detector = None
         # chunks rendered by this process and where their render thread waited (issue 19)
-        self.rendered = {"chunks": 0, "frames": 0, "seconds": 0.0, "waited_model_s": 0.0, "waited_encoder_s": 0.0}
+        self.rendered = {"chunks": 0, "frames": 0, "seconds": 0.0, "waited_model_s": 0.0, "waited_encoder_s": 0.0,
+                         "most_at_once": 0}
+        # calls run on `chunks_per_compositor` threads at once: what they share is changed under this
+        self._lock = threading.Lock()
+        self._rendering = 0
 
     @ray.method(concurrency_group="control")  # answers while a chunk renders
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "settings": self.settings.fingerprint(), "cached_files": cache_entries(self._cache_root()),
-                "threads": applied_threads(), "rendered": dict(self.rendered)}
+                "threads": applied_threads(), "rendered": self._rendered()}
+
+    def _rendered(self) -> dict:
+        with self._lock:
+            return dict(self.rendered)
 
     def prepare(self, job_id: str, request: RenderRequest, model_size: int, output_path: str | None = None) -> JobPlan:
         from cluster.faces.mtcnn import MTCNNDetector
 
         logs.set_context(job_id=job_id)
-        if self._detector is None:
-            self._detector = MTCNNDetector()  # intra-op threads: this actor's thread plan
+        with self._lock:
+            if self._detector is None:
+                self._detector = MTCNNDetector()  # intra-op threads: this actor's thread plan
         return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
                            output_path=output_path, defer_mel=True)
 
@@ -89,10 +99,19 @@ class Compositor:
 
             return result
 
-        result = render_chunk(plan, chunk, generate, self.settings)
-        for key, value in (("chunks", 1), ("frames", result.frames), ("seconds", result.seconds),
-                           ("waited_model_s", result.waited_model_s), ("waited_encoder_s", result.waited_encoder_s)):
-            self.rendered[key] += value
+        with self._lock:
+            self._rendering += 1
+            self.rendered["most_at_once"] = max(self.rendered["most_at_once"], self._rendering)
+        try:
+            result = render_chunk(plan, chunk, generate, self.settings)
+        finally:
+            with self._lock:
+                self._rendering -= 1
+        with self._lock:
+            for key, value in (("chunks", 1), ("frames", result.frames), ("seconds", result.seconds),
+                               ("waited_model_s", result.waited_model_s),
+                               ("waited_encoder_s", result.waited_encoder_s)):
+                self.rendered[key] += value
         metrics.record_compositor_chunk(result.seconds, result.waited_model_s, result.waited_encoder_s)
         if not shared_storage:
             segment = Path(result.segment)

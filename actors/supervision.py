@@ -54,7 +54,7 @@ class Supervisor:
         self.tasks = tasks
         self.work = work  # set whenever capacity changes, so the scheduler looks again
         self.models = WorkerTable(settings.max_inflight_per_worker)
-        self.compositors = WorkerTable(max_inflight=1)
+        self.compositors = WorkerTable(max_inflight=settings.chunks_per_compositor)
         self._factories: dict[str, functools.partial] = {}
         self._requested = 0  # model worker bundles asked of the autoscaler
         self._surplus_since: dict[str, float] = {}  # pool prefix -> when it first had more members than fit
@@ -69,7 +69,8 @@ class Supervisor:
 
     def _create_compositor(self, name: str):
         return Compositor.options(name=name, namespace=self.s.namespace, lifetime="detached",
-                                  get_if_exists=True, num_cpus=self.s.compositor_cpus).remote(self.s, name)
+                                  get_if_exists=True, num_cpus=self.s.compositor_cpus,
+                                  max_concurrency=self.s.chunks_per_compositor).remote(self.s, name)
 
     def _pool_resources(self) -> dict:
         """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory."""

@@ -12,7 +12,9 @@ For each model, in one run under the same load:
     flight per compositor (`LIPSYNC_BATCHES_IN_FLIGHT=2`), `--variants ultrafast`: x264's
     `ultrafast` preset (`LIPSYNC_PRESET`; more bytes per frame), `--variants wide`: half the
     compositors, each with 2 Ray CPUs and its thread pools at two threads (`LIPSYNC_COMPOSITOR_CPUS=2`:
-    fewer, multi-threaded compositors against one per CPU); none of these in the default run;
+    fewer, multi-threaded compositors against one per CPU), `--variants chunks2`: each compositor
+    renders two chunks at once (`LIPSYNC_CHUNKS_PER_COMPOSITOR=2`: the next chunk starts while the
+    last one's encoder finishes); none of these in the default run;
   - N classic pipelines (`bench/reference_pipeline.py`), N = the pool's compositors, started at
     once as separate processes on the same inputs: what a user could run instead with a process
     pool, the honest peer for throughput.
@@ -56,18 +58,21 @@ VARIANTS = {"sized": {"LIPSYNC_SIZE_THREADS": "true"},  # the service's environm
             "ffmpeg": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_ENCODE_IN_PROCESS": "false"},
             "inflight2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_BATCHES_IN_FLIGHT": "2"},
             "ultrafast": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_PRESET": "ultrafast"},
-            "wide": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_COMPOSITOR_CPUS": "2"}}
+            "wide": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_COMPOSITOR_CPUS": "2"},
+            "chunks2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_CHUNKS_PER_COMPOSITOR": "2"}}
 VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools",
                   "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment",
                   "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor",
                   "ultrafast": "thread pools from Ray CPUs, x264 preset ultrafast",
-                  "wide": "half the compositors, 2 Ray CPUs and two threads per pool each"}
+                  "wide": "half the compositors, 2 Ray CPUs and two threads per pool each",
+                  "chunks2": "thread pools from Ray CPUs, two chunks at once per compositor"}
 #: (variant, against variant, what the ratio says) printed under the table when both ran
 COMPARISONS = [("sized", "library", "sized / library thread pools"),
                ("sized", "ffmpeg", "segments encoded in the compositor / by an ffmpeg child"),
                ("inflight2", "sized", "two model batches in flight / one"),
                ("ultrafast", "sized", "x264 ultrafast / superfast"),
-               ("wide", "sized", "half the compositors at 2 CPUs each / one per CPU")]
+               ("wide", "sized", "half the compositors at 2 CPUs each / one per CPU"),
+               ("chunks2", "sized", "two chunks at once per compositor / one")]
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 

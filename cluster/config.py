@@ -35,7 +35,10 @@ class Settings(BaseSettings):
                                        "first segment is ready sooner (0 or >= chunk_seconds: as the others)")
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
     batches_in_flight: int = Field(1, ge=1, le=8, description="model batches a compositor keeps submitted "
-                                   "while it prepares the next one (each holds its frames: ~44 MiB at 720p)")
+                                   "while it prepares the next one (each holds its frames: ~21 MiB at 720p)")
+    chunks_per_compositor: int = Field(1, ge=1, le=4, description="chunks a compositor renders at once, each on "
+                                       "its own thread: 2 lets a chunk start while the last one's encoder "
+                                       "finishes its frames (and holds a second chunk's frames and encoder)")
     loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
     gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
     # x264 superfast at CRF 18 against veryfast at CRF 16 on 720p (docs/PERFORMANCE.md): 27 % less

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -261,3 +262,50 @@ def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
     assert not running("jobs", "autoscaler/_private/monitor.py"), got["jobs"]["names"]
     assert not running("jobs", "log_monitor.py"), got["jobs"]["names"]
     assert running("service", "autoscaler/_private/monitor.py") and running("service", "log_monitor.py"), got
+
+
+def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the_same(tmp_path, speech4_wav,
+                                                                                      astronaut_video):
+    """`chunks_per_compositor=2`: the job manager hands one compositor two chunks and the actor runs
+    them on two threads at once (`most_at_once`), and the output is frame for frame the one
+    rendered in one process, chunk after chunk (the threads share the process's encoder thread,
+    OpenCV and the face tables)."""
+    import json
+    import subprocess
+    import sys
+
+    from cluster.config import Settings
+    from cluster.render import render_local
+    from cluster.schemas import RenderRequest
+    from tests.conftest import RAY_TEST_SETTINGS
+    from tests.helpers import decode_all
+
+    base = {**RAY_TEST_SETTINGS, "model_workers": 1, "compositors": 1, "keep_segments": False}
+    script = (
+        "import json, sys\n"
+        "from actors.runtime import Runtime, connect, stop_embedded\n"
+        "from cluster.config import Settings\n"
+        "from cluster.schemas import RenderRequest\n"
+        f"s = Settings(storage_root={str(tmp_path / 'store')!r}, chunks_per_compositor=2, **{base!r})\n"
+        "connect(s)\n"
+        "try:\n"
+        "    rt = Runtime(s)\n"
+        "    rt.ready(timeout=240)\n"
+        f"    req = RenderRequest(audio={speech4_wav!r}, video={astronaut_video!r},\n"
+        f"                        output={str(tmp_path / 'two.mp4')!r})\n"
+        "    st = rt.wait(rt.submit(req).id, timeout=300)\n"
+        "    comps = rt.call('refresh')['compositors']\n"
+        "    print(json.dumps({'state': st.state.value, 'error': str(st.error), 'output': st.output,\n"
+        "                      'rendered': [c.get('rendered') for c in comps]}))\n"
+        "finally:\n"
+        "    stop_embedded()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=420)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["state"] == "succeeded", got
+    (rendered,) = got["rendered"]
+    assert rendered["chunks"] == 5 and rendered["most_at_once"] == 2, rendered  # 0.25 s, then 1 s chunks
+    reference = tmp_path / "one.mp4"
+    render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(reference)),
+                 Settings(storage_root=tmp_path / "local", **base))
+    assert np.array_equal(decode_all(got["output"]), decode_all(str(reference)))
