@@ -20,7 +20,16 @@ from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
 from cluster.config import Settings
 from cluster.errors import ModelLoadError, PlacementError
-from cluster.scheduling import Health, Member, PoolSize, WorkerTable, fit_pool, size_pool, surplus_members
+from cluster.scheduling import (
+    Health,
+    Member,
+    PoolSize,
+    WorkerTable,
+    compositor_memory_bytes,
+    fit_pool,
+    size_pool,
+    surplus_members,
+)
 
 log = logging.getLogger("lipsync.supervision")
 
@@ -76,7 +85,8 @@ class Supervisor:
         """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory."""
         return dict(memory_bytes=float(ray.cluster_resources().get("memory", 0)),
                     compositor_cpus=self.s.compositor_cpus,
-                    compositor_memory_bytes=self.s.compositor_memory_mb * 2**20)
+                    compositor_memory_bytes=compositor_memory_bytes(self.s.compositor_memory_mb,
+                                                                    self.s.chunks_per_compositor))
 
     def sizes(self) -> PoolSize:
         """The pool for the cluster's resources now (`PlacementError` when it cannot be placed)."""

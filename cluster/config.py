@@ -102,9 +102,10 @@ class Settings(BaseSettings):
                                     "and memory (see compositor_cpus, compositor_memory_mb)")
     compositor_cpus: float = Field(1.0, gt=0, le=64, description="Ray CPUs per compositor; its thread pools "
                                    "(OpenCV, decoder, x264) are sized from them")
-    compositor_memory_mb: int = Field(500, ge=64, description="memory one compositor needs (measured 330-340 "
-                                      "MiB PSS at 720p with its encoder); the default pool holds no more "
-                                      "compositors than the cluster's Ray memory has room for")
+    compositor_memory_mb: int = Field(500, ge=64, description="memory one compositor needs for one chunk at a "
+                                      "time (measured 330-340 MiB PSS at 720p with its encoder), 40 % more for "
+                                      "each further chunk at once; the default pool holds no more compositors "
+                                      "than the cluster's Ray memory has room for")
     size_threads: bool = Field(True, description="size every thread pool of an actor (OpenCV, onnxruntime, "
                                "PyAV, x264, OpenBLAS) from its Ray CPUs; false: the libraries' defaults "
                                "(one thread per core each; for comparison)")

@@ -140,6 +140,18 @@ def _default_compositors(room_cpus: float, memory_bytes: float, compositor_cpus:
     return max(1, min(by_cpu, by_memory))
 
 
+#: What each chunk a compositor renders at once beyond the first adds to its memory, as a share of
+#: `compositor_memory_mb` (its batches and a second libx264: +130-170 MiB measured at 720p against
+#: 330-340 MiB for one chunk, docs/PERFORMANCE.md).
+EXTRA_CHUNK_MEMORY_SHARE = 0.4
+
+
+def compositor_memory_bytes(compositor_memory_mb: float, chunks_at_once: int) -> float:
+    """The memory the pool sizing counts per compositor: `compositor_memory_mb` for one chunk at a
+    time, and `EXTRA_CHUNK_MEMORY_SHARE` of it more for each further chunk it renders at once."""
+    return compositor_memory_mb * 2**20 * (1 + EXTRA_CHUNK_MEMORY_SHARE * (chunks_at_once - 1))
+
+
 def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: int | None,
               worker_gpus: float, *, memory_bytes: float = 0, compositor_cpus: float = 1.0,
               compositor_memory_bytes: float = 400 * 2**20) -> PoolSize:

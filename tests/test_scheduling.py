@@ -133,6 +133,14 @@ def test_memory_and_compositor_cpus_bound_the_default_pool():
     with pytest.raises(PlacementError, match="CPU"):
         size_pool(16, gpus=1, model_workers=None, compositors=8, worker_gpus=1, compositor_cpus=2)
     assert fit_pool(16, gpus=1, model_workers=None, compositors=8, worker_gpus=1, compositor_cpus=2).compositors == 7
+    # two chunks at once per compositor count 1.4x the memory of one: 3 GiB at 500 MiB holds 6, at 700 MiB 4
+    from cluster.scheduling import compositor_memory_bytes
+
+    assert compositor_memory_bytes(500, 1) == 500 * 2**20 and compositor_memory_bytes(500, 2) == 700 * 2**20
+    assert size_pool(16, **kw, memory_bytes=3 * gib, compositor_memory_bytes=compositor_memory_bytes(500, 1)) \
+        .compositors == 6
+    assert size_pool(16, **kw, memory_bytes=3 * gib, compositor_memory_bytes=compositor_memory_bytes(500, 2)) \
+        .compositors == 4
 
 
 @pytest.mark.parametrize("cpus,gpus,workers,compositors,worker_gpus,missing", [
