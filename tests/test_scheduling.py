@@ -277,7 +277,8 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
     """`chunks_per_compositor=2`: the job manager hands one compositor two chunks and the actor runs
     them on two threads at once (`most_at_once`), and the output is frame for frame the one
     rendered in one process, chunk after chunk (the threads share the process's encoder thread,
-    OpenCV and the face tables)."""
+    OpenCV and the face tables). A second job whose compositor is SIGKILLed while it renders two
+    of its chunks loses neither: both are rendered again and the output is the same."""
     import json
     import subprocess
     import sys
@@ -290,7 +291,7 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
 
     base = {**RAY_TEST_SETTINGS, "model_workers": 1, "compositors": 1, "keep_segments": False}
     script = (
-        "import json, sys\n"
+        "import json, os, sys, time\n"
         "from actors.runtime import Runtime, connect, stop_embedded\n"
         "from cluster.config import Settings\n"
         "from cluster.schemas import RenderRequest\n"
@@ -303,8 +304,17 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
         f"                        output={str(tmp_path / 'two.mp4')!r})\n"
         "    st = rt.wait(rt.submit(req).id, timeout=300)\n"
         "    comps = rt.call('refresh')['compositors']\n"
+        f"    req = req.model_copy(update={{'output': {str(tmp_path / 'killed.mp4')!r}}})\n"
+        "    job = rt.submit(req).id\n"
+        "    t0 = time.monotonic()\n"  # the kill lands while its compositor renders two chunks
+        "    while not any(c['inflight'] == 2 for c in rt.call('refresh')['compositors']):\n"
+        "        assert time.monotonic() - t0 < 120 and not rt.status(job).state.terminal, rt.status(job)\n"
+        "        time.sleep(0.02)\n"
+        "    os.kill(next(c['pid'] for c in rt.call('refresh')['compositors'] if c['inflight'] == 2), 9)\n"
+        "    killed = rt.wait(job, timeout=300)\n"
         "    print(json.dumps({'state': st.state.value, 'error': str(st.error), 'output': st.output,\n"
-        "                      'rendered': [c.get('rendered') for c in comps]}))\n"
+        "                      'rendered': [c.get('rendered') for c in comps],\n"
+        "                      'killed': [killed.state.value, str(killed.error), killed.output]}))\n"
         "finally:\n"
         "    stop_embedded()\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=420)
@@ -316,4 +326,8 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
     reference = tmp_path / "one.mp4"
     render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(reference)),
                  Settings(storage_root=tmp_path / "local", **base))
-    assert np.array_equal(decode_all(got["output"]), decode_all(str(reference)))
+    expected = decode_all(str(reference))
+    assert np.array_equal(decode_all(got["output"]), expected)
+    state, error, output = got["killed"]
+    assert state == "succeeded", error
+    assert np.array_equal(decode_all(output), expected)
