@@ -207,12 +207,20 @@ def test_surplus_members_drops_what_waits_first_then_only_idle_live_ones():
     assert names(surplus_members(members, 1, now, stale_after_s=15, idle_too=True)) == ["lost-long"]
 
 
-def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
-    """The job manager's own sizing (`Supervisor.sizes`: Ray's CPUs, GPUs and memory resources and
-    the settings) on a real Ray that declares 16 CPUs and 1 GPU: 15 compositors, not a fixed 8."""
+def _script_json(script: str, *args: str, timeout: float) -> dict:
+    """Run a Python script in a new process (its own Ray) and return the JSON of its last line."""
     import json
     import subprocess
     import sys
+
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
+    """The job manager's own sizing (`Supervisor.sizes`: Ray's CPUs, GPUs and memory resources and
+    the settings) on a real Ray that declares 16 CPUs and 1 GPU: 15 compositors, not a fixed 8."""
 
     script = (
         "import asyncio, json, ray\n"
@@ -228,9 +236,7 @@ def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
         "                      'memory': ray.cluster_resources().get('memory', 0)}))\n"
         "finally:\n"
         "    ray.shutdown()\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _script_json(script, timeout=180)
     assert got["memory"] > 15 * 500 * 2**20, got  # this machine's memory does not bound it
     assert got["workers"] == 1 and got["compositors"] == 15 > 8, got
 
@@ -240,9 +246,6 @@ def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
     monitor and the log monitor (`JOB_ONLY_RAY_PARAMS`: a second of a one-shot's start-up on 2
     cores), and that Ray runs work; the service's Ray (`start_embedded_ray` as `lipsync serve`
     calls it) keeps them."""
-    import json
-    import subprocess
-    import sys
 
     script = (
         "import json, os, sys, psutil, ray\n"
@@ -258,9 +261,7 @@ def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
         "    stop_embedded()\n")
     got = {}
     for kind in ("jobs", "service"):
-        out = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-3000:]
-        got[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        got[kind] = _script_json(script, kind, timeout=180)
 
     def running(kind: str, program: str) -> bool:
         return any(program in name for name in got[kind]["names"])
@@ -279,9 +280,6 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
     rendered in one process, chunk after chunk (the threads share the process's encoder thread,
     OpenCV and the face tables). A second job whose compositor is SIGKILLed while it renders two
     of its chunks loses neither: both are rendered again and the output is the same."""
-    import json
-    import subprocess
-    import sys
 
     from cluster.config import Settings
     from cluster.render import render_local
@@ -317,9 +315,7 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
         "                      'killed': [killed.state.value, str(killed.error), killed.output]}))\n"
         "finally:\n"
         "    stop_embedded()\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=420)
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _script_json(script, timeout=420)
     assert got["state"] == "succeeded", got
     (rendered,) = got["rendered"]
     assert rendered["chunks"] == 5 and rendered["most_at_once"] == 2, rendered  # 0.25 s, then 1 s chunks
