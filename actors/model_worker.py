@@ -134,7 +134,7 @@ class ModelWorker:
     def check_health(self) -> dict:
         """Liveness and readiness: whether the default model is loaded, on which providers."""
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-               "gpus": [str(g) for g in self.gpu_ids], "frames": self.frames,
+               "gpus": [str(g) for g in self.gpu_ids], "frames": self.frames, "busy_s": round(self.busy_s, 3),
                "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
                "models": list(self.models), "settings": self.settings.fingerprint(),
                "threads": {**applied_threads(), "onnx_intra_op": {

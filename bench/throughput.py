@@ -20,7 +20,8 @@ For each model, in one run under the same load:
     pool, the honest peer for throughput.
 Reported: frames/s, CPU per output frame by process kind (compositor, its ffmpeg children, model
 worker, job manager, Ray's own processes, this driver), the compositors' busy share (CPU seconds /
-wall seconds: 1 - it is the time they wait), peak PSS per kind and per compositor, GPU utilisation
+wall seconds: 1 - it is the time they wait), the busiest model worker's share of the run spent in
+batches (near 100 %: one worker is the pool's serial limit), peak PSS per kind and per compositor, GPU utilisation
 sampled each second with nvidia-smi (or "no GPU"), the pool, and the ratios side by side.
 
     python -m bench throughput --seconds 180          # the issue's run (writes the docs table)
@@ -221,6 +222,15 @@ def render_thread_shares(before: dict[int, dict], after: dict[int, dict], wall_s
             "blocked": sum(s[2] for s in shares) / n}
 
 
+def worker_busy_share(before: list[dict], after: list[dict], wall_s: float) -> float | None:
+    """The largest share of `wall_s` a model worker spent running batches (`generate`: its
+    `info()["busy_s"]` between two pool snapshots). A worker runs one job batch at a time, so near
+    1 it is the pool's serial limit (the model, or the CPU around it)."""
+    was = {m.get("name"): m.get("busy_s") or 0.0 for m in before}
+    shares = [((m.get("busy_s") or 0.0) - was.get(m.get("name"), 0.0)) / wall_s for m in after if wall_s > 0]
+    return max(shares) if shares else None
+
+
 def compositor_waits(before: list[dict], after: list[dict]) -> dict | None:
     """Of the time the compositors spent rendering chunks between two pool snapshots (each
     compositor's `info()["rendered"]`), the share their render thread waited for the model's
@@ -269,11 +279,13 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
             raise RuntimeError(f"job {status.id} ended {status.state.value}: {status.error}")
         cpu = cpu_by_kind(before, after)
         comps = pool.get("compositors", [])
-        waits = compositor_waits(comps, service.rt.call("refresh", timeout=60).get("compositors", []))
+        now = service.rt.call("refresh", timeout=60)
+        waits = compositor_waits(comps, now.get("compositors", []))
         return {"wall_s": wall, "frames": inp.frames, "fps": inp.frames / wall,
                 "output_bytes": os.path.getsize(request.output), "compositor_waits": waits,
                 "cpu_s_by_kind": cpu, "cpu_s": sum(cpu.values()),
                 "compositor_busy_share": cpu["compositor"] / (wall * max(1, len(comps))),
+                "model_worker_busy_share": worker_busy_share(pool.get("models", []), now.get("models", []), wall),
                 "render_thread": render_thread_shares(sched0, sched1, wall),
                 **sampler.figures(),
                 "pool": {"model_workers": len(pool.get("models", [])), "compositors": len(comps),
@@ -344,6 +356,10 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
     return results
 
 
+def _percent(share: float | None) -> str:
+    return f"{100 * share:.0f} %" if share is not None else ""
+
+
 def _waits(w: dict | None) -> str:
     return f"{100 * w['model']:.0f} / {100 * w['encoder']:.0f} %" if w else ""
 
@@ -359,7 +375,8 @@ def _shares(t: dict | None) -> str:
 
 def _report(results: dict, variants: list[str], quick: bool, started: dict, publish: bool = True) -> None:
     header = ["model", "run", "frames/s", "vs classic xN", "CPU ms/frame", *[f"{k} ms/frame" for k in KINDS],
-              "compositor busy", "render thread on CPU / waiting for a CPU / blocked",
+              "compositor busy", "busiest model worker's share in batches",
+              "render thread on CPU / waiting for a CPU / blocked",
               "chunks' time waiting for the model / the encoder",
               "peak PSS MiB", "per compositor MiB", "GPU util"]
     rows = []
@@ -373,13 +390,14 @@ def _report(results: dict, variants: list[str], quick: bool, started: dict, publ
             rows.append([r["model"], f"warm prepared, {VARIANT_LABELS[v]}", m["fps"],
                          f"{m['fps'] / c['fps']:.2f}x" if c else "", 1000 * m["cpu_s"] / f,
                          *[1000 * m["cpu_s_by_kind"][k] / f for k in KINDS],
-                         f"{100 * m['compositor_busy_share']:.0f} %", _shares(m.get("render_thread")),
+                         f"{100 * m['compositor_busy_share']:.0f} %", _percent(m.get("model_worker_busy_share")),
+                         _shares(m.get("render_thread")),
                          _waits(m.get("compositor_waits")),
                          m["peak_pss_mb"],
                          m["peak_pss_mb_per_compositor"], gpu])
         if c:
             rows.append([r["model"], f"{c['n']} classic pipelines side by side", c["fps"], "1x",
-                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", "", "", c["peak_pss_mb_sum"], "",
+                         1000 * c["cpu_s"] / c["frames"], *[""] * len(KINDS), "", "", "", "", c["peak_pss_mb_sum"], "",
                          ""])
     pool = results["runs"][0][variants[0]]["pool"] if results["runs"] else {}
     table = md_table(header, rows)
