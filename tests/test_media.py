@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 import subprocess
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -579,3 +580,34 @@ def test_an_in_process_encoder_that_cannot_write_fails_the_segment_with_the_caus
     assert "too large" in got["cause"].lower()  # EFBIG: File too large
     assert got["disk_full"]  # so the render step reports DiskFull, as for ffmpeg's stderr
     assert not path.exists()
+
+
+def test_segments_encoded_at_once_get_an_encoder_thread_each_and_the_threads_are_kept(template, settings, tmp_path):
+    """A compositor that renders two chunks at once (`chunks_per_compositor`) encodes their segments
+    on two libx264 threads side by side, not one after the other on one; the threads are kept
+    for the process's life and lent again (their glibc arenas keep the encoder's buffers), and
+    each segment is the stream one encoder alone writes."""
+    from cluster.media import encode
+
+    _, frames = template
+    s = settings.model_copy(update={"encode_in_process": True})
+    with SegmentEncoder(tmp_path / "alone.mp4", 320, 240, Fraction(25), s) as enc:
+        enc.write(frames[:20])
+    made = encode._encoder_threads.made
+    with SegmentEncoder(tmp_path / "a.mp4", 320, 240, Fraction(25), s) as a, \
+            SegmentEncoder(tmp_path / "b.mp4", 320, 240, Fraction(25), s) as b:
+        assert a._sink._thread is not b._sink._thread
+        ran_on = [a._sink._thread.submit(threading.get_ident).result(timeout=10),
+                  b._sink._thread.submit(threading.get_ident).result(timeout=10)]
+        for k in range(0, 20, 5):  # interleaved, as two render threads write
+            a.write(frames[k:k + 5])
+            b.write(frames[k:k + 5])
+    assert ran_on[0] != ran_on[1]
+    assert encode._encoder_threads.made == max(made, 2)  # the first one's thread lent again
+    again = encode._encoder_threads.made
+    with SegmentEncoder(tmp_path / "c.mp4", 320, 240, Fraction(25), s) as enc:
+        enc.write(frames[:20])
+    assert encode._encoder_threads.made == again  # kept and lent again, not a new one
+    alone = np.concatenate(list(iter_frames(tmp_path / "alone.mp4", 64, settings)))
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        assert np.array_equal(np.concatenate(list(iter_frames(tmp_path / name, 64, settings))), alone)

@@ -211,27 +211,39 @@ class SegmentEncoder:
             self.close()
 
 
-_x264_thread: concurrent.futures.ThreadPoolExecutor | None = None
-_x264_thread_lock = threading.Lock()
+class _EncoderThreads:
+    """The process's libx264 threads, each kept for the process's life and lent to one segment
+    encoder at a time: as many as segments were ever encoded at once here (one, unless a compositor
+    renders several chunks at once, `Settings.chunks_per_compositor`), so those encode side by side.
+    Kept, because libx264's frame buffers then always come from the same glibc arenas: a thread per
+    segment drew a different arena each time (Ray's own threads use up glibc's arena limit, after
+    which new threads take arenas in turn), each of which kept the freed buffers, and a
+    compositor's PSS doubled to ~570 MiB over a job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[concurrent.futures.ThreadPoolExecutor] = []
+        self.made = 0
+
+    def lend(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+            return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"x264-{self.made}")
+
+    def take_back(self, thread: concurrent.futures.ThreadPoolExecutor) -> None:
+        with self._lock:
+            self._free.append(thread)
 
 
-def _encoder_thread() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's one libx264 thread, kept for the process's life. One, because a compositor
-    renders one chunk at a time; kept, because libx264's frame buffers then always come from the
-    same glibc arena: a thread per segment drew a different arena each time (Ray's own threads
-    use up glibc's arena limit, after which new threads take arenas in turn), each of which kept
-    the freed buffers, and a compositor's PSS doubled to ~570 MiB over a job."""
-    global _x264_thread
-    with _x264_thread_lock:
-        if _x264_thread is None:
-            _x264_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="x264")
-        return _x264_thread
+_encoder_threads = _EncoderThreads()
 
 
 class _LibavSink:
-    """libx264 through PyAV in this process, on the process's encoder thread: the writer fills
-    one yuv420p buffer while the thread encodes the other (two buffers; a buffer is filled again
-    only once the batch that used it is encoded)."""
+    """libx264 through PyAV in this process, on an encoder thread of the process's (lent for the
+    segment, `_EncoderThreads`): the writer fills one yuv420p buffer while the thread encodes the
+    other (two buffers; a buffer is filled again only once the batch that used it is encoded)."""
 
     def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
         import av
@@ -270,6 +282,7 @@ class _LibavSink:
             raise EncodeError(f"encoding segment {path} failed: libx264 could not start: {exc}",
                               path=path, stage="encode", cause=str(exc)) from None
         self._stream = stream
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = _encoder_threads.lend()
 
     # --- on the encoder thread ---------------------------------------------------------------
     def _encode(self, yuv: np.ndarray, n: int) -> np.ndarray:
@@ -327,7 +340,7 @@ class _LibavSink:
     def send(self, yuv: np.ndarray, n: int) -> None:
         if self._error is not None:
             raise self._failed("libx264 failed")
-        self._pending.append(_encoder_thread().submit(self._encode, yuv, n))
+        self._pending.append(self._thread.submit(self._encode, yuv, n))
         self.frames_sent += n
 
     def send_owned(self, yuv: np.ndarray, n: int) -> None:
@@ -341,7 +354,7 @@ class _LibavSink:
         def encode() -> None:  # not `submit(self._encode, ...)`: its future would keep the batch it
             self._encode(yuv, n)  # returns (for `buffer`'s reuse) until popped; this one keeps nothing
 
-        self._pending.append(_encoder_thread().submit(encode))
+        self._pending.append(self._thread.submit(encode))
         self.frames_sent += n
 
     def _failed(self, what: str) -> EncodeError:
@@ -354,23 +367,34 @@ class _LibavSink:
                            path=self.path, stage="encode", cause=str(exc) if exc else what)
 
     def finish(self) -> None:
-        done = _encoder_thread().submit(self._close, True)
+        done = self._thread.submit(self._close, True)
         self._wait(done, self.settings.ffmpeg_timeout_s, "libx264 did not finish")
+        self._give_back_thread()
         self._pending.clear()
         if self._error is not None:
             raise self._failed("libx264 failed")
+
+    def _give_back_thread(self) -> None:
+        """The encoder thread back to the process's, once this segment's last task has run on it
+        (one that did not end in time is not lent again: a new thread serves the next segment)."""
+        if self._thread is not None:
+            _encoder_threads.take_back(self._thread)
+            self._thread = None
 
     def stop(self) -> None:
         """Stop encoding (after the frame being encoded) and close the file (idempotent)."""
         self._stopping.set()
         self._pending.clear()
-        if self._open:
-            done = _encoder_thread().submit(self._close, False)
+        if self._open and self._thread is not None:
+            done = self._thread.submit(self._close, False)
             try:
                 done.result(timeout=self.settings.stall_timeout_s)
             except concurrent.futures.TimeoutError:
                 log.warning("segment %s: the encoder thread did not stop within %g s", self.path,
                             self.settings.stall_timeout_s)
+                self._thread = None
+                return
+        self._give_back_thread()
 
 
 @contextlib.contextmanager
