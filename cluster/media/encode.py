@@ -6,10 +6,9 @@ swscale's accurate BGR path). Then, for libx264 (`Settings.encode_in_process`, t
 PyAV's libx264 encodes them in this process, on an encoder thread the process keeps (one per
 segment encoded at once; libx264 runs without the GIL, so the caller's next batch is prepared
 meanwhile): no ffmpeg process started per segment, about 90 ms of CPU less per 50-frame 720p
-segment. Otherwise (h264_nvenc,
-`encode_in_process` false, or a PyAV without libx264) an ffmpeg child reads them from a pipe.
-Both write the same stream: the same libx264 options and thread type, so the same parameter sets,
-time base, keyframes and pictures.
+segment. Otherwise (h264_nvenc, `encode_in_process` false, or a PyAV without libx264) an ffmpeg
+child reads them from a pipe. Both write the same stream: the same libx264 options and thread
+type, so the same parameter sets, time base, keyframes and pictures.
 
 Segments of one job share encoder, size, frame rate, pixel format and GOP settings and start with
 an IDR frame (closed GOPs), so `finalize_output` can concatenate them by stream copy.
