@@ -141,7 +141,7 @@ def _default_compositors(room_cpus: float, memory_bytes: float, compositor_cpus:
 
 
 #: What each chunk a compositor renders at once beyond the first adds to its memory, as a share of
-#: `compositor_memory_mb` (its batches and a second libx264: +130-170 MiB measured at 720p against
+#: `compositor_memory_mb` (its batches and a second libx264: +130-200 MiB measured at 720p against
 #: 330-340 MiB for one chunk, docs/PERFORMANCE.md).
 EXTRA_CHUNK_MEMORY_SHARE = 0.4
 
