@@ -843,8 +843,8 @@ def test_float16_edge_conversions_equal_numpys_and_their_table_fallbacks():
 def test_float32_output_conversion_and_channel_order_equal_numpys():
     """generate's float32 output conversion (OpenCV's saturating one) gives numpy's
     rint(clip(x * 255)) for every value, halves between levels, NaN (0) and infinities included, and
-    the channels-last copy is numpy's transpose."""
-    from cluster.models.adapter import channels_last, unit_to_uint8
+    the channels-last copy is numpy's transpose (and channels-first its inverse)."""
+    from cluster.models.adapter import channels_first, channels_last, unit_to_uint8
 
     rng = np.random.default_rng(5)
     out = (rng.random((4, 3, 64, 64)) * 1.4 - 0.2).astype(np.float32)
@@ -860,6 +860,7 @@ def test_float32_output_conversion_and_channel_order_equal_numpys():
     assert got.flat[512] == 0
     np.testing.assert_array_equal(channels_last(got), got.transpose(0, 2, 3, 1))
     assert channels_last(got).flags.c_contiguous
+    np.testing.assert_array_equal(channels_first(channels_last(got)), got)  # its inverse, for the input
 
 
 def test_two_replicas_split_a_batch_and_agree(tmp_path):
