@@ -21,8 +21,9 @@ For each model, in one run under the same load:
 Reported: frames/s, CPU per output frame by process kind (compositor, its ffmpeg children, model
 worker, job manager, Ray's own processes, this driver), the compositors' busy share (CPU seconds /
 wall seconds: 1 - it is the time they wait), the busiest model worker's share of the run spent in
-batches (near 100 %: one worker is the pool's serial limit), peak PSS per kind and per compositor, GPU utilisation
-sampled each second with nvidia-smi (or "no GPU"), the pool, and the ratios side by side.
+batches (near 100 %: one worker is the pool's serial limit), peak PSS per kind and per compositor,
+GPU utilisation sampled each second with nvidia-smi (or "no GPU"), the pool, and the ratios side
+by side.
 
     python -m bench throughput --seconds 180          # the issue's run (writes the docs table)
     python -m bench throughput --quick                # smoke check: 4 s, 640x360, built-in only
@@ -226,9 +227,10 @@ def worker_busy_share(before: list[dict], after: list[dict], wall_s: float) -> f
     """The largest share of `wall_s` a model worker spent running batches (`generate`: its
     `info()["busy_s"]` between two pool snapshots). A worker runs one job batch at a time, so near
     1 it is the pool's serial limit (the model, or the CPU around it)."""
+    if wall_s <= 0 or not after:
+        return None
     was = {m.get("name"): m.get("busy_s") or 0.0 for m in before}
-    shares = [((m.get("busy_s") or 0.0) - was.get(m.get("name"), 0.0)) / wall_s for m in after if wall_s > 0]
-    return max(shares) if shares else None
+    return max(((m.get("busy_s") or 0.0) - was.get(m.get("name"), 0.0)) / wall_s for m in after)
 
 
 def compositor_waits(before: list[dict], after: list[dict]) -> dict | None:
