@@ -469,6 +469,10 @@ class LiveSessionActor:
             self._socket = None
 
 
+#: The longest a session's creation waits for the one before it (`LiveRegistry.create`).
+CREATE_LOCK_WAIT_S = 25.0
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=64)
 class LiveRegistry:
     """Admits and finds sessions. Creation is serialised (a lock), so two requests never both
@@ -532,43 +536,58 @@ class LiveRegistry:
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
                max_seconds: float | None, rtmp_url: str | None = None, segment_seconds: float | None = None) -> dict:
-        from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
+        from cluster.live import LiveCapacity
         from cluster.netguard import vet_rtmp_url
 
         # an RTMP output is an outbound connection: the input URLs' guard, its address pinned for ffmpeg
         rtmp = vet_rtmp_url(rtmp_url, allow_private=self.s.allow_private_urls) if rtmp_url else None
-        with self._lock:
-            state = avatar_state(avatar_id, self.s)
-            if state == "unknown":
-                raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it with POST /v1/avatars)",
-                                    code="avatar.not_found", path="avatar_id")
-            if state == "preparing":
-                raise AvatarNotReady(f"avatar {avatar_id} is still being prepared; retry when it is ready",
-                                     path="avatar_id")
-            running = self.running()
-            if len(running) >= self.s.max_live_sessions:
-                raise LiveCapacity(f"{len(running)} live sessions are running (LIPSYNC_MAX_LIVE_SESSIONS="
-                                   f"{self.s.max_live_sessions}); retry later")
-            admission = self.admission(running)
-            if not admission.admitted:
-                raise LiveCapacity(f"{admission.message}; retry later")
-            actor = create_session_actor(self.s, session_id)
+        # the HTTP request waits `model_load_timeout_s + 60` s, a session's `begin` below up to
+        # `model_load_timeout_s + 30`: waiting for the lock at most 25 s more, no session is started
+        # after its request was answered 503 (one nobody would know the id of)
+        if not self._lock.acquire(timeout=CREATE_LOCK_WAIT_S):
+            raise LiveCapacity(f"another live session has been starting for over {CREATE_LOCK_WAIT_S:.0f} s "
+                               f"(its model loading); retry later")
+        try:
+            return self._create_locked(session_id, avatar_id, model, sample_rate, max_seconds, rtmp,
+                                       segment_seconds)
+        finally:
+            self._lock.release()
+
+    def _create_locked(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
+                       max_seconds: float | None, rtmp, segment_seconds: float | None) -> dict:
+        from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
+
+        state = avatar_state(avatar_id, self.s)
+        if state == "unknown":
+            raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it with POST /v1/avatars)",
+                                code="avatar.not_found", path="avatar_id")
+        if state == "preparing":
+            raise AvatarNotReady(f"avatar {avatar_id} is still being prepared; retry when it is ready",
+                                 path="avatar_id")
+        running = self.running()
+        if len(running) >= self.s.max_live_sessions:
+            raise LiveCapacity(f"{len(running)} live sessions are running (LIPSYNC_MAX_LIVE_SESSIONS="
+                               f"{self.s.max_live_sessions}); retry later")
+        admission = self.admission(running)
+        if not admission.admitted:
+            raise LiveCapacity(f"{admission.message}; retry later")
+        actor = create_session_actor(self.s, session_id)
+        try:
+            view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp, segment_seconds),
+                           timeout=self.s.model_load_timeout_s + 30)
+        except Exception as e:
+            ray.kill(actor, no_restart=True)
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, LipsyncError):
+                raise cause from None
+            raise
+        if self.s.live_standby:  # it gets ready beside the session and takes it over if its actor dies
             try:
-                view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp, segment_seconds),
-                               timeout=self.s.model_load_timeout_s + 30)
-            except Exception as e:
-                ray.kill(actor, no_restart=True)
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, LipsyncError):
-                    raise cause from None
-                raise
-            if self.s.live_standby:  # it gets ready beside the session and takes it over if its actor dies
-                try:
-                    create_session_actor(self.s, session_id, standby=True)
-                except Exception as e:  # noqa: BLE001 - the session runs on; Ray's restart is its fallback
-                    log.warning("session %s: no standby (%r); a restart of its actor resumes it instead",
-                                session_id, e)
-            return view
+                create_session_actor(self.s, session_id, standby=True)
+            except Exception as e:  # noqa: BLE001 - the session runs on; Ray's restart is its fallback
+                log.warning("session %s: no standby (%r); a restart of its actor resumes it instead",
+                            session_id, e)
+        return view
 
 
 def create_session_actor(settings: Settings, session_id: str, standby: bool = False):

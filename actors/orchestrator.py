@@ -149,8 +149,8 @@ class JobManager:
     async def upload_begin(self, filename: str) -> str:
         return await asyncio.to_thread(self.uploads.begin, filename)
 
-    async def upload_part(self, upload_id: str, data: bytes) -> int:
-        return await asyncio.to_thread(self.uploads.part, upload_id, data)
+    async def upload_part(self, upload_id: str, data: bytes, offset: int | None = None) -> int:
+        return await asyncio.to_thread(self.uploads.part, upload_id, data, offset)
 
     async def upload_finish(self, upload_id: str, sha256: str | None = None) -> StoredInput:
         return await asyncio.to_thread(self.uploads.finish, upload_id, sha256)

@@ -378,9 +378,12 @@ class Runtime:
         upload_id = self.call("upload_begin", path.name)
         try:
             with f:
+                offset = 0
                 while data := f.read(part):
                     digest.update(data)
-                    self.call("upload_part", upload_id, data, timeout=max(60.0, self.settings.actor_call_timeout_s))
+                    self.call("upload_part", upload_id, data, offset,
+                              timeout=max(60.0, self.settings.actor_call_timeout_s))
+                    offset += len(data)
             return self.call("upload_finish", upload_id, digest.hexdigest(), timeout=120.0)
         except BaseException:
             try:

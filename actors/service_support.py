@@ -11,6 +11,7 @@ come back the same way (`read_output`), so the ingress may run on any node.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -102,15 +103,25 @@ class ManagerGateway:
     async def upload(self, path: str | Path, filename: str) -> str:
         """Send a node-local file to the manager's storage in parts; the stored input's reference."""
         part = self.s.transfer_part_bytes
+        digest = hashlib.sha256()
         upload_id = await self.call("upload_begin", filename)
         try:
             with open(path, "rb") as f:
+                offset = 0
+
+                def read_part() -> bytes:
+                    data = f.read(part)
+                    digest.update(data)
+                    return data
+
                 while True:
-                    data = await asyncio.to_thread(f.read, part)
+                    data = await asyncio.to_thread(read_part)
                     if not data:
                         break
-                    await self.call("upload_part", upload_id, data)
-            stored = await self.call("upload_finish", upload_id)
+                    # `call` sends a part again when an answer is late: the offset makes that harmless
+                    await self.call("upload_part", upload_id, data, offset)
+                    offset += len(data)
+            stored = await self.call("upload_finish", upload_id, digest.hexdigest())
         except BaseException:
             try:
                 await self.call("upload_abort", upload_id, timeout=5)

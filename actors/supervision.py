@@ -263,45 +263,53 @@ class Supervisor:
     async def probe(self, table: WorkerTable, member: Member) -> None:
         """Ask a member for `info` until it answers live. A member that stays silent past the
         deadline is killed (Ray restarts it); one dead for good, or built with other settings, is
-        replaced; one whose model cannot load is `failed`, and its load is retried now and then."""
+        replaced; one whose model cannot load is `failed`, and its load is retried now and then.
+        A step that raises (Ray's control store briefly unreachable, a replacement whose name is
+        still taken) is logged and the round tried again: a probe ends only with the member live
+        or dropped from the pool, never leaving it out of rotation for good."""
         first_timeout = self._first_timeout(table)
         deadline = time.monotonic() + first_timeout
         while True:
-            if table.members.get(member.name) is not member:  # dropped from the pool
-                return
-            answer = await outcome(member.handle.info.remote(),
-                                   timeout=min(10.0, max(1.0, deadline - time.monotonic())))
-            if table.members.get(member.name) is not member:  # dropped while it was asked
-                return
-            if not answer.ok:
-                if answer.kind == Kind.died and not self.alive(member.name):
-                    await self._replace(member, f"died for good: {answer.error}")
+            try:
+                if table.members.get(member.name) is not member:  # dropped from the pool
+                    return
+                answer = await outcome(member.handle.info.remote(),
+                                       timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+                if table.members.get(member.name) is not member:  # dropped while it was asked
+                    return
+                if not answer.ok:
+                    if answer.kind == Kind.died and not self.alive(member.name):
+                        await self._replace(member, f"died for good: {answer.error}")
+                        deadline = time.monotonic() + first_timeout
+                    elif time.monotonic() > deadline:
+                        log.error("%s gave no answer within %.0f s (%s): killing it for a restart", member.name,
+                                  first_timeout, answer.describe(member.name, "info"))
+                        self.kill_for_restart(member)
+                        deadline = time.monotonic() + first_timeout
+                    await asyncio.sleep(0.5)
+                    continue
+                info = answer.value
+                if info.get("settings") != self.s.fingerprint():
+                    await self._replace(member, "it was built with other settings", kill=True)
                     deadline = time.monotonic() + first_timeout
-                elif time.monotonic() > deadline:
-                    log.error("%s gave no answer within %.0f s (%s): killing it for a restart", member.name,
-                              first_timeout, answer.describe(member.name, "info"))
-                    self.kill_for_restart(member)
-                    deadline = time.monotonic() + first_timeout
-                await asyncio.sleep(0.5)
-                continue
-            info = answer.value
-            if info.get("settings") != self.s.fingerprint():
-                await self._replace(member, "it was built with other settings", kill=True)
-                deadline = time.monotonic() + first_timeout
-                continue
-            if info.get("ready", True):
-                await table.set_health(member, Health.live, info=info)
-                log.info("%s live: %s", member.name, info)
+                    continue
+                if info.get("ready", True):
+                    await table.set_health(member, Health.live, info=info)
+                    log.info("%s live: %s", member.name, info)
+                    self.work.set()
+                    return
+                await table.set_health(member, Health.failed, info=info, error=info.get("error"))
                 self.work.set()
-                return
-            await table.set_health(member, Health.failed, info=info, error=info.get("error"))
-            self.work.set()
-            await asyncio.sleep(self.s.model_retry_s)  # then try the load again: it may have been transient
-            retried = await outcome(member.handle.describe.remote(self.s.model), timeout=self.s.model_load_timeout_s)
-            if not retried.ok:
-                log.warning("%s still cannot load %s: %s", member.name, self.s.model,
-                            retried.describe(member.name, "describe"))
-            deadline = time.monotonic() + first_timeout
+                await asyncio.sleep(self.s.model_retry_s)  # then try the load again: it may have been transient
+                retried = await outcome(member.handle.describe.remote(self.s.model),
+                                        timeout=self.s.model_load_timeout_s)
+                if not retried.ok:
+                    log.warning("%s still cannot load %s: %s", member.name, self.s.model,
+                                retried.describe(member.name, "describe"))
+                deadline = time.monotonic() + first_timeout
+            except Exception:
+                log.exception("probing %s failed; trying again in 1 s", member.name)
+                await asyncio.sleep(1.0)
 
     async def lost(self, table: WorkerTable, member: Member, why: str, kill: bool = False) -> None:
         """Take a member out of rotation (killing it first where it is stuck) and probe it back."""

@@ -18,6 +18,7 @@ onnxruntime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -60,6 +61,40 @@ class JobFailed(ApiError):
 
 class WaitTimeout(TimeoutError):
     pass
+
+
+class _Deadline:
+    """The deadline of an event stream (`timeout` seconds from now; None: none): the stream's
+    reads wait no longer than it (`http`), each line checks it (`lines`, `check`), and a read
+    that timed out at it (`reads`) is `WaitTimeout` too."""
+
+    def __init__(self, timeout: float | None, message: str) -> None:
+        self.at = None if timeout is None else time.monotonic() + timeout
+        self.message = message
+
+    def http(self, timeout: float) -> httpx.Timeout:
+        read = max(30.0, timeout)  # the server sends a keep-alive every 15 s
+        if self.at is not None:
+            read = min(read, max(0.1, self.at - time.monotonic()) + 0.05)
+        return httpx.Timeout(timeout, read=read)
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() > self.at:
+            raise WaitTimeout(self.message)
+
+    def lines(self, lines: Iterator[str]) -> Iterator[str]:
+        for line in lines:
+            yield line
+            self.check()
+
+    @contextlib.contextmanager
+    def reads(self):
+        try:
+            yield
+        except httpx.ReadTimeout:
+            if self.at is not None and time.monotonic() >= self.at:
+                raise WaitTimeout(self.message) from None
+            raise
 
 
 def _is_local_file(value: str | os.PathLike) -> bool:
@@ -245,30 +280,31 @@ class Client(_Base):
         return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{job_id}").json())
 
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[JobView]:
-        """The job's Server-Sent Events, as JobViews, until a terminal state."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
-                              timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+        """The job's Server-Sent Events, as JobViews, until a terminal state; `WaitTimeout` once
+        `timeout` seconds have passed, whether or not an event came (the deadline is checked on
+        every line, the server's keep-alives included, and no read waits past it)."""
+        deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=deadline.http(self.timeout)) as r:
             if r.status_code != 200:
                 r.read()
                 raise ApiError.from_response(r)
-            for view in _parse_sse(r.iter_lines()):
-                yield view
+            with deadline.reads():
+                yield from _parse_sse(deadline.lines(r.iter_lines()))
 
     def segments(self, job_id: str, timeout: float | None = None) -> Iterator[HlsSegment]:
         """The job's HLS segments as they are published (SSE `segment` events, `?segments=1`), from the
         first, until the job ends; each `url` absolute (signed: fetch it with any HTTP client)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
         with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                              timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+                              timeout=deadline.http(self.timeout)) as r:
             if r.status_code != 200:
                 r.read()
                 raise ApiError.from_response(r)
-            for event, data in _sse_events(r.iter_lines()):
-                if event == "segment":
-                    segment = HlsSegment.model_validate_json(data)
-                    yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                if deadline is not None and time.monotonic() > deadline:
-                    raise WaitTimeout(f"job {job_id}: segments still coming after {timeout:.0f} s")
+            with deadline.reads():
+                for event, data in _sse_events(deadline.lines(r.iter_lines())):
+                    if event == "segment":
+                        segment = HlsSegment.model_validate_json(data)
+                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
 
     def fetch(self, segment: HlsSegment) -> bytes:
         """A segment's bytes (an init segment: fetch `segment.init` the same way)."""
@@ -286,17 +322,17 @@ class Client(_Base):
         view = None
         try:
             try:
-                for view in self.events(job_id):
+                for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
                     bar.show(view)
-                    if view.state.terminal or time.monotonic() > deadline:
+                    if view.state.terminal:
                         break
-            except (httpx.HTTPError, ApiError) as e:
+            except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
                 if isinstance(e, ApiError) and e.status == 404:
                     raise
             while view is None or not view.state.terminal:
                 if time.monotonic() > deadline:
                     raise WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after "
-                                      f"{timeout:.0f} s")
+                                      f"{timeout if timeout is not None else 6 * 3600:.0f} s")
                 view = self.get(job_id)
                 bar.show(view)
                 if not view.state.terminal:
@@ -542,42 +578,45 @@ class AsyncClient(_Base):
     async def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{job_id}")).json())
 
-    async def events(self, job_id: str) -> AsyncIterator[JobView]:
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events",
-                                    timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+    async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobView]:
+        """The async twin of `Client.events`."""
+        deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=deadline.http(self.timeout)) as r:
             if r.status_code != 200:
                 await r.aread()
                 raise ApiError.from_response(r)
             data: list[str] = []
-            async for line in r.aiter_lines():
-                if line == "":
-                    if data:
-                        yield JobView.model_validate_json("\n".join(data))
-                        data = []
-                elif line.startswith("data:"):
-                    data.append(line[5:].lstrip())
+            with deadline.reads():
+                async for line in r.aiter_lines():
+                    if line == "":
+                        if data:
+                            yield JobView.model_validate_json("\n".join(data))
+                            data = []
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip())
+                    deadline.check()
 
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
         """The async twin of `Client.segments`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
         async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                                    timeout=httpx.Timeout(self.timeout, read=max(30.0, self.timeout))) as r:
+                                    timeout=deadline.http(self.timeout)) as r:
             if r.status_code != 200:
                 await r.aread()
                 raise ApiError.from_response(r)
             event, data = "message", []
-            async for line in r.aiter_lines():
-                if line == "":
-                    if data and event == "segment":
-                        segment = HlsSegment.model_validate_json("\n".join(data))
-                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                    event, data = "message", []
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].lstrip())
-                if deadline is not None and time.monotonic() > deadline:
-                    raise WaitTimeout(f"job {job_id}: segments still coming after {timeout:.0f} s")
+            with deadline.reads():
+                async for line in r.aiter_lines():
+                    if line == "":
+                        if data and event == "segment":
+                            segment = HlsSegment.model_validate_json("\n".join(data))
+                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+                        event, data = "message", []
+                    elif line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip())
+                    deadline.check()
 
     async def fetch(self, segment: HlsSegment) -> bytes:
         """The async twin of `Client.fetch`."""
@@ -591,10 +630,10 @@ class AsyncClient(_Base):
         deadline = time.monotonic() + (timeout if timeout is not None else 6 * 3600)
         view = None
         try:
-            async for view in self.events(job_id):
-                if view.state.terminal or time.monotonic() > deadline:
+            async for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
+                if view.state.terminal:
                     break
-        except (httpx.HTTPError, ApiError) as e:
+        except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
             if isinstance(e, ApiError) and e.status == 404:
                 raise
         while view is None or not view.state.terminal:

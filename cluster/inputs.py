@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class _Upload:
     filename: str
     size: int = 0
     digest: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a part and its retry never interleave
 
 
 class UploadStore:
@@ -110,17 +112,31 @@ class UploadStore:
             raise UploadNotFound(f"no upload in progress with id {upload_id!r}")
         return up
 
-    def part(self, upload_id: str, data: bytes) -> int:
+    def part(self, upload_id: str, data: bytes, offset: int | None = None) -> int:
+        """Append `data`; returns the bytes received so far. With `offset` (where `data` starts in
+        the file) a part is stored once however often it is sent: a caller that retried a call
+        that had in fact arrived (its answer was lost or late) sends the same part again, and a
+        part that would leave a gap or overlap differently is refused."""
         up = self._get(upload_id)
-        if up.size + len(data) > self.s.max_upload_bytes:
-            self.abort(upload_id)
-            raise InputTooLarge(f"upload {up.filename} is larger than the limit of {self.s.max_upload_bytes} bytes "
-                                f"(LIPSYNC_MAX_UPLOAD_BYTES)", path=up.filename)
-        with open(up.path, "ab") as f:
-            f.write(data)
-        up.digest.update(data)
-        up.size += len(data)
-        return up.size
+        if not up.lock.acquire(timeout=self.s.actor_call_timeout_s):
+            raise UploadCorrupt(f"upload {up.filename}: an earlier part is still being written", path=up.filename)
+        try:
+            if offset is not None and offset != up.size:
+                if offset + len(data) == up.size:  # this part again: already stored
+                    return up.size
+                raise UploadCorrupt(f"upload {up.filename}: a part at byte {offset} does not follow the "
+                                    f"{up.size} bytes received", path=up.filename)
+            if up.size + len(data) > self.s.max_upload_bytes:
+                self.abort(upload_id)
+                raise InputTooLarge(f"upload {up.filename} is larger than the limit of {self.s.max_upload_bytes} "
+                                    f"bytes (LIPSYNC_MAX_UPLOAD_BYTES)", path=up.filename)
+            with open(up.path, "ab") as f:
+                f.write(data)
+            up.digest.update(data)
+            up.size += len(data)
+            return up.size
+        finally:
+            up.lock.release()
 
     def finish(self, upload_id: str, sha256: str | None = None) -> StoredInput:
         up = self._get(upload_id)

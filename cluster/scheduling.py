@@ -106,9 +106,9 @@ class WorkerTable:
                 m.info = info
             if error is not None:
                 m.error = error
-            if health == Health.lost:
-                m.lost_at = time.monotonic()
-                m.inflight = 0
+            if health == Health.lost:  # its slots stay counted: each holder releases its own when its
+                m.lost_at = time.monotonic()  # call ends (every call has a deadline), so a member that
+                # comes back live is not handed more than `max_inflight` while calls from before still run
             self._changed.notify_all()
 
     def snapshot(self) -> list[dict]:

@@ -66,3 +66,79 @@ def test_a_get_is_retried_after_a_bare_500_async_twin_too():
 
     r = asyncio.run(main())
     assert r.status_code == 200 and len(seen) == 2
+
+
+@pytest.fixture
+def silent_job_server():
+    """A real HTTP server on loopback whose job stays `queued`: its event stream sends the first
+    view, then only the server's keep-alive comments (`/keepalive/...`) or nothing at all
+    (`/silent/...`), for up to 20 s."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cluster.schemas import JobView
+
+    view = JobView(id="j1", state="queued", stage="queued", progress=0.0, frames_done=0, frames_total=0,
+                   created_at=time.time(), updated_at=time.time()).model_dump_json().encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if not path.endswith("/events"):
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(view)))
+                self.end_headers()
+                self.wfile.write(view)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            try:
+                self.wfile.write(b"data: " + view + b"\n\n")
+                self.wfile.flush()
+                for _ in range(100):
+                    time.sleep(0.2)
+                    if path.startswith("/keepalive"):
+                        self.wfile.write(b": keep-alive\n\n")
+                        self.wfile.flush()
+            except OSError:  # the client left
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("stream", ["keepalive", "silent"])
+def test_wait_keeps_its_deadline_while_the_job_sends_no_event(silent_job_server, stream):
+    """`wait(timeout=...)` (and `lipsync wait --timeout`) raises WaitTimeout at its deadline while
+    the job sits queued: between events the stream carries only keep-alives, or nothing; it
+    used to notice the deadline only at the job's next event (up to the server's 6 h)."""
+    import time
+
+    from cluster.client import WaitTimeout
+
+    with Client(f"{silent_job_server}/{stream}", retries=0) as client:
+        t0 = time.monotonic()
+        with pytest.raises(WaitTimeout, match="queued"):
+            client.wait("j1", timeout=1.5, poll_s=0.2)
+        assert 1.5 <= time.monotonic() - t0 < 5
+
+    async def twin():
+        async with AsyncClient(f"{silent_job_server}/{stream}", retries=0) as client:
+            t0 = time.monotonic()
+            with pytest.raises(WaitTimeout):
+                await client.wait("j1", timeout=1.5, poll_s=0.2)
+            return time.monotonic() - t0
+
+    assert 1.5 <= asyncio.run(twin()) < 5

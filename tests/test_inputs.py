@@ -74,6 +74,24 @@ def test_upload_in_parts_is_content_addressed(tmp_path):
     assert list((settings.storage_root / "uploads").iterdir()) == []  # no part files left
 
 
+def test_an_upload_part_sent_again_is_stored_once(tmp_path):
+    """The service's gateway and the batch client send a part again when its answer was lost or
+    late although the part had arrived: with its offset it is stored once (without one the
+    input would hold it twice and render as another file); a part that leaves a gap is refused."""
+    settings = Settings(storage_root=tmp_path / "storage")
+    store = UploadStore(settings)
+    data = os.urandom(3000)
+    up = store.begin("speech.wav")
+    assert store.part(up, data[:1000], 0) == 1000
+    assert store.part(up, data[:1000], 0) == 1000  # the retry of a part that had arrived
+    assert store.part(up, data[1000:2000], 1000) == 2000
+    with pytest.raises(UploadCorrupt, match="byte 2500"):
+        store.part(up, data[2500:], 2500)  # a part lost in between
+    assert store.part(up, data[2000:], 2000) == 3000
+    stored = store.finish(up, hashlib.sha256(data).hexdigest())
+    assert upload_ref_path(stored.ref, settings).read_bytes() == data
+
+
 def test_upload_limits_checksum_and_unknown_ids(tmp_path):
     settings = Settings(storage_root=tmp_path / "storage", max_upload_bytes=100)
     store = UploadStore(settings)

@@ -202,6 +202,22 @@ def test_live_session_streams_hls_that_ffmpeg_reads_and_a_verified_recording(spe
     assert stats["recording_seconds"] == pytest.approx(stats["seconds_streamed"], abs=1e-6)
 
 
+def test_a_recording_that_cannot_be_written_fails_the_session_with_its_cause(speech_wav, astronaut_video, tmp_path):
+    """Joining the recording raises an OS error (here its file's name is taken by a directory; a
+    full disk is the same path): the session ends `failed` with that cause and its stage, within
+    its join's deadline, instead of staying `ending` for good."""
+    session, _ = _builtin_session("w", astronaut_video, tmp_path / "session")
+    (tmp_path / "session" / "hls" / "recording-0.fmp4").mkdir(parents=True)
+    session.append(_pcm16(speech_wav)[:8000].tobytes())
+    session.finish()
+    assert session.join(60)
+    stats = session.stats()
+    assert stats["state"] == "failed", stats
+    assert stats["error"]["code"] == "live.internal" and stats["error"]["stage"] == "live-recording", stats
+    assert "recording-0.fmp4" in stats["error"]["message"] and "IsADirectoryError" in stats["error"]["message"]
+    assert session.recording is None
+
+
 def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_wav, astronaut_video, tmp_path):
     """A sender that stops for longer than `live_flush_after_s` with part of a frame's audio sent:
     the session renders that tail at once (padded to a whole frame) and the rest becomes a new

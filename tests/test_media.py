@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -611,3 +612,42 @@ def test_segments_encoded_at_once_get_an_encoder_thread_each_and_the_threads_are
     alone = np.concatenate(list(iter_frames(tmp_path / "alone.mp4", 64, settings)))
     for name in ("a.mp4", "b.mp4", "c.mp4"):
         assert np.array_equal(np.concatenate(list(iter_frames(tmp_path / name, 64, settings))), alone)
+
+
+def test_an_encoder_thread_still_closing_past_its_deadline_is_not_lent_again(template, settings, tmp_path):
+    """A segment whose closing (libx264's flush, the faststart rewrite) outlasts `ffmpeg_timeout_s`
+    fails with EncodeError, and its thread, still busy, is not lent to the next segment (which
+    would otherwise wait behind it and fail as a stall)."""
+    from cluster.media import encode
+
+    _, frames = template
+    s = settings.model_copy(update={"encode_in_process": True, "ffmpeg_timeout_s": 0.5})
+    release = threading.Event()
+
+    class SlowToClose:  # the real container, whose close waits (a storage that stalls)
+        def __init__(self, container) -> None:
+            self.container = container
+
+        def mux(self, packet) -> None:
+            self.container.mux(packet)
+
+        def close(self) -> None:
+            release.wait(30)
+            self.container.close()
+
+    enc = SegmentEncoder(tmp_path / "slow.mp4", 320, 240, Fraction(25), s)
+    enc.write(frames[:10])
+    stuck = enc._sink._thread
+    enc._sink._container = SlowToClose(enc._sink._container)
+    try:
+        with pytest.raises(EncodeError, match="did not finish"):
+            enc.close()
+        assert stuck not in encode._encoder_threads._free
+        t0 = time.monotonic()
+        with SegmentEncoder(tmp_path / "next.mp4", 320, 240, Fraction(25), s) as nxt:
+            assert nxt._sink._thread is not stuck
+            nxt.write(frames[:10])
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+    assert len(list(iter_frames(tmp_path / "next.mp4", 64, settings))[0]) == 10

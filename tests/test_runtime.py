@@ -318,3 +318,54 @@ def test_model_worker_retries_a_failed_load_and_keeps_its_default(runtime, ray_s
         assert info["ready"] is True and info["size"] == 96 and str(late) in info["models"]
     finally:
         ray.kill(worker)
+
+
+@ray.remote(num_cpus=0)
+class _Answers:
+    """A pool member that answers its probe live (the supervisor's `info` contract)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+    def info(self) -> dict:
+        return {"settings": self.fingerprint, "ready": True, "pid": os.getpid()}
+
+
+def test_a_probe_whose_replacement_fails_once_tries_again_and_brings_the_member_back(runtime, ray_settings):
+    """A member dead for good is replaced by its factory; when that raises once (the name still
+    taken, Ray's control store briefly away), the probe logs it and tries again instead of
+    dying and leaving the member out of rotation until the job manager restarts."""
+    import asyncio
+
+    from actors.supervision import Supervisor, TaskSet
+    from cluster.scheduling import Health
+
+    fingerprint = ray_settings.fingerprint()
+    calls = []
+
+    def factory():
+        calls.append(len(calls))
+        if len(calls) == 2:  # the first replacement
+            raise ValueError("The name probe-member (namespace=test) is already taken")
+        return _Answers.remote(fingerprint)
+
+    async def scenario():
+        sup = Supervisor(ray_settings, TaskSet(), asyncio.Event())
+        member = sup._add(sup.compositors, "probe-member-never-named", factory)
+        for _ in range(300):
+            if member.health == Health.live:
+                break
+            await asyncio.sleep(0.1)
+        assert member.health == Health.live
+        first = member.handle
+        ray.kill(first, no_restart=True)  # dead for good
+        await sup.lost(sup.compositors, member, "test: killed for good")
+        for _ in range(300):
+            if member.health == Health.live:
+                break
+            await asyncio.sleep(0.1)
+        return member, first
+
+    member, first = asyncio.run(scenario())
+    assert member.health == Health.live and member.handle is not first
+    assert len(calls) == 3  # created, the replacement that raised, the one that answered

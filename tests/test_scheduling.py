@@ -50,6 +50,28 @@ def test_lost_worker_is_skipped_until_it_answers_again():
     run(scenario())
 
 
+def test_a_member_lost_and_back_keeps_counting_the_calls_still_running_on_it():
+    """A compositor rendering two chunks at once (`chunks_per_compositor`) is marked lost by one
+    call's failure while its other call still runs: once live again it is handed only the free
+    slot, and the late call's release does not leave it under-counted."""
+    async def scenario():
+        t = WorkerTable(max_inflight=2)
+        a = t.add("a", 1)
+        await t.set_health(a, Health.live)
+        first, second = await t.acquire(1), await t.acquire(1)
+        assert first is second is a
+        await t.set_health(a, Health.lost)  # the first call failed; the second still runs on it
+        await t.release(first, ok=False)
+        await t.set_health(a, Health.live)  # it answered its probe
+        assert (await t.acquire(1)) is a  # the free slot
+        assert await t.acquire(0.1) is None  # not a third call while the second still runs
+        await t.release(second)
+        assert a.inflight == 1  # the call handed out after its return, still running
+        assert (await t.acquire(1)) is a
+
+    run(scenario())
+
+
 def test_all_failed_returns_at_once():
     async def scenario():
         t = WorkerTable(max_inflight=1)

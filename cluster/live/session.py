@@ -33,6 +33,21 @@ from cluster.netguard import RtmpTarget
 
 log = logging.getLogger("lipsync.live")
 
+
+def _error_info(exc: BaseException, stage: str) -> dict:
+    """A session's error from any exception: ours as it is, a full disk as `resource.disk`,
+    anything else as `live.internal`; each with the stage it happened in."""
+    from cluster.resources import as_disk_full, is_disk_full
+
+    if is_disk_full(exc):
+        exc = as_disk_full(exc, stage)
+    if isinstance(exc, LipsyncError):
+        return exc.with_context(stage=stage).to_info().model_dump()
+    path = getattr(exc, "filename2", None) or getattr(exc, "filename", None)  # an OSError's files
+    return {"code": "live.internal", "message": f"{stage}: {type(exc).__name__}: {exc}"[:2000], "stage": stage,
+            "path": str(path) if path is not None else None}
+
+
 STALL_S = 1.0
 LOAD_WINDOW_BATCHES = 50  # the render load is measured over the last this many batches
 LOAD_MIN_BATCHES = 10  # ...once at least this many were rendered
@@ -286,8 +301,9 @@ class LiveSession:
             self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
                                        self.speech.rate, self.s, rtmp=self.rtmp, epoch=self.epoch,
                                        start_number=len(self.playlist.entries), start_frame=self._frames_before)
-        except LipsyncError as e:
-            self.error = e.to_info().model_dump()
+        except Exception as e:  # e.g. its audio pipe could not be made: the session fails with the cause
+            log.exception("session %s: its encoder did not start", self.id)
+            self.error = _error_info(e, "live-encoder")
             self.state = "failed"
             self.renderer.close()
             self._started.set()
@@ -337,8 +353,7 @@ class LiveSession:
                 self._written.append((batch.first + len(batch), self.clock()))
         except Exception as e:  # the session ends with the truth: failed, and why
             log.exception("session %s failed", self.id)
-            self.error = (e.to_info().model_dump() if isinstance(e, LipsyncError)
-                          else {"code": "live.internal", "message": repr(e)[:2000]})
+            self.error = _error_info(e, "live")
             self.reason = self.reason or "failed"
         finally:
             self._finish()
@@ -363,35 +378,43 @@ class LiveSession:
                 self._rendered.append((arrival, batch.first + offset))
 
     def _finish(self) -> None:
+        """Close the encoder, publish the last segments and join the recording; whatever fails on
+        the way (a full disk, an ffmpeg that hangs) the session ends `failed` with its cause, and
+        its end is journalled: it never stays `ending`."""
         ok = self.error is None
         self.state = "ending"
         try:
-            if self.encoder is not None:
-                self.encoder.close(timeout=max(30.0, self.s.probe_timeout_s))
-        except LipsyncError as e:
-            ok = False
-            self.error = self.error or e.to_info().model_dump()
-        finally:
-            self.renderer.close()
-        self._stop.set()
-        if self._watcher.is_alive():
-            self._watcher.join(5.0)
-        self._poll_playlist(final=True)
-        if ok:
             try:
+                if self.encoder is not None:
+                    self.encoder.close(timeout=max(30.0, self.s.probe_timeout_s))
+            except Exception as e:
+                log.exception("session %s: closing its encoder failed", self.id)
+                ok = False
+                self.error = self.error or _error_info(e, "live-encoder")
+            finally:
+                self.renderer.close()
+            self._stop.set()
+            if self._watcher.is_alive():
+                self._watcher.join(5.0)
+            self._poll_playlist(final=True)
+            if ok:
                 dest = self.out_dir / "recording.mp4"
                 self.recording_seconds = make_recording(self.out_dir / "hls", dest, self.playlist.entries,
                                                         self.fps, self.s)
                 self.recording = dest
-            except LipsyncError as e:
-                ok = False
-                self.error = e.to_info().model_dump()
-        self.ended_at = self.clock()
-        self.state = "ended" if ok else "failed"
-        if self.journal is not None:
-            self.journal.save_final({**self.stats(), "ended_wall": time.time()})
-            self.journal.close()
-        log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
+        except Exception as e:
+            log.exception("session %s: its recording failed", self.id)
+            ok = False
+            self.error = self.error or _error_info(e, "live-recording")
+        finally:
+            self.ended_at = self.clock()
+            self.state = "ended" if ok else "failed"
+            if self.journal is not None:
+                try:
+                    self.journal.save_final({**self.stats(), "ended_wall": time.time()})
+                finally:
+                    self.journal.close()
+            log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
 
     # --- publication -----------------------------------------------------------------------------
     def _watch(self) -> None:

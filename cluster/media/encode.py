@@ -283,6 +283,7 @@ class _LibavSink:
                               path=path, stage="encode", cause=str(exc)) from None
         self._stream = stream
         self._thread: concurrent.futures.ThreadPoolExecutor | None = _encoder_threads.lend()
+        self._last_task: concurrent.futures.Future | None = None
 
     # --- on the encoder thread ---------------------------------------------------------------
     def _encode(self, yuv: np.ndarray, n: int) -> np.ndarray:
@@ -340,7 +341,7 @@ class _LibavSink:
     def send(self, yuv: np.ndarray, n: int) -> None:
         if self._error is not None:
             raise self._failed("libx264 failed")
-        self._pending.append(self._thread.submit(self._encode, yuv, n))
+        self._pending.append(self._submit(self._encode, yuv, n))
         self.frames_sent += n
 
     def send_owned(self, yuv: np.ndarray, n: int) -> None:
@@ -354,7 +355,7 @@ class _LibavSink:
         def encode() -> None:  # not `submit(self._encode, ...)`: its future would keep the batch it
             self._encode(yuv, n)  # returns (for `buffer`'s reuse) until popped; this one keeps nothing
 
-        self._pending.append(self._thread.submit(encode))
+        self._pending.append(self._submit(encode))
         self.frames_sent += n
 
     def _failed(self, what: str) -> EncodeError:
@@ -367,18 +368,26 @@ class _LibavSink:
                            path=self.path, stage="encode", cause=str(exc) if exc else what)
 
     def finish(self) -> None:
-        done = self._thread.submit(self._close, True)
+        done = self._submit(self._close, True)
         self._wait(done, self.settings.ffmpeg_timeout_s, "libx264 did not finish")
         self._give_back_thread()
         self._pending.clear()
         if self._error is not None:
             raise self._failed("libx264 failed")
 
+    def _submit(self, fn, *args) -> concurrent.futures.Future:
+        self._last_task = self._thread.submit(fn, *args)
+        return self._last_task
+
     def _give_back_thread(self) -> None:
         """The encoder thread back to the process's, once this segment's last task has run on it
-        (one that did not end in time is not lent again: a new thread serves the next segment)."""
+        (one still running, e.g. a flush that did not end in time, is not lent again: a new
+        thread serves the next segment)."""
         if self._thread is not None:
-            _encoder_threads.take_back(self._thread)
+            if self._last_task is None or self._last_task.done():
+                _encoder_threads.take_back(self._thread)
+            else:
+                log.warning("segment %s: its encoder thread is still busy; it is not lent again", self.path)
             self._thread = None
 
     def stop(self) -> None:
@@ -386,7 +395,7 @@ class _LibavSink:
         self._stopping.set()
         self._pending.clear()
         if self._open and self._thread is not None:
-            done = self._thread.submit(self._close, False)
+            done = self._submit(self._close, False)
             try:
                 done.result(timeout=self.settings.stall_timeout_s)
             except concurrent.futures.TimeoutError:
@@ -397,18 +406,28 @@ class _LibavSink:
         self._give_back_thread()
 
 
+#: libav's log level is the process's: one opening at a time sets and restores it (a compositor
+#: rendering two chunks at once opens two encoders at once)
+_libav_log_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _libav_errors():
     """Within: libav's error messages are kept (PyAV then adds the last one to its exceptions)."""
     import av.logging
 
-    level = av.logging.get_level()
-    av.logging.set_level(av.logging.ERROR)
+    if not _libav_log_lock.acquire(timeout=30.0):  # held only while a codec opens
+        raise EncodeError("another libx264 encoder of this process did not open within 30 s", stage="encode")
     try:
-        with av.logging.Capture():
-            yield
+        level = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
+        try:
+            with av.logging.Capture():
+                yield
+        finally:
+            av.logging.set_level(level)
     finally:
-        av.logging.set_level(level)
+        _libav_log_lock.release()
 
 
 class _FFmpegSink:
