@@ -280,20 +280,23 @@ class Dispatcher:
     async def _run_here(self, method: str, job: JobRuntime, args: tuple, timeout: float):
         from cluster.render import finalize_job, prepare_job, write_job_mel
 
+        # a thread cannot be stopped: its ffmpeg children are, no later than the step's deadline, so a
+        # step that timed out (its job failed) does not go on writing for `ffmpeg_timeout_s` after it
+        s = self.s.model_copy(update={"ffmpeg_timeout_s": min(self.s.ffmpeg_timeout_s, timeout)})
         if method == "prepare":
             if self._detector is None:
                 from cluster.faces.mtcnn import MTCNNDetector
 
                 self._detector = MTCNNDetector()
             job_id, request, model_size, output_path = args
-            call = lambda: prepare_job(job_id, request, self.s, model_size=model_size, detector=self._detector,  # noqa: E731
+            call = lambda: prepare_job(job_id, request, s, model_size=model_size, detector=self._detector,  # noqa: E731
                                        output_path=output_path, defer_mel=True)
         elif method == "write_mel":
             plan, request = args
-            call = lambda: write_job_mel(plan, request, self.s)  # noqa: E731
+            call = lambda: write_job_mel(plan, request, s)  # noqa: E731
         elif method == "finalize":
             (plan,) = args
-            call = lambda: finalize_job(plan, self.s, commit=False)  # noqa: E731
+            call = lambda: finalize_job(plan, s, commit=False)  # noqa: E731
         else:
             raise ValueError(method)
         try:

@@ -260,12 +260,17 @@ class ServiceSidecar:
         from cluster.views import job_view
 
         try:
+            # a job ends within job_timeout_s of its (re)start by a job manager, which counts anew after
+            # a manager restart: the watch lasts that long after the job last changed, not after now
             deadline = time.monotonic() + self.s.job_timeout_s + 60
+            seen = None
             while True:
                 try:
                     st = await self.gw.get(job_id)
                     if st.state.terminal:
                         break
+                    if st.updated_at != seen:
+                        seen, deadline = st.updated_at, time.monotonic() + self.s.job_timeout_s + 60
                 except LipsyncError as e:  # manager restarting: keep watching until the deadline
                     log.warning("callback watch of %s: %s", job_id, e)
                 if time.monotonic() > deadline:
