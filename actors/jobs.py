@@ -197,7 +197,8 @@ class JobMachine:
         logs.bind(job_id=job_id)  # every line of this job's task carries its id
         job = self.jobs[job_id]
         try:
-            await asyncio.wait_for(self._drive(job), timeout=self.s.job_timeout_s)
+            if await asyncio.wait_for(self._drive(job), timeout=self.s.job_timeout_s):
+                await self._commit(job)  # past the deadline's reach: a commit is never cut in half
         except asyncio.TimeoutError:
             self.fail(job_id, RenderTimeout(f"job {job_id} did not finish within {self.s.job_timeout_s:.0f} s"))
         except LipsyncError as e:
@@ -206,7 +207,8 @@ class JobMachine:
             log.exception("job %s: internal error", job_id)
             self.fail(job_id, RenderError(f"job {job_id}: internal error in {job.stage}: {e!r}", cause=repr(e)))
 
-    async def _drive(self, job: JobRuntime) -> None:
+    async def _drive(self, job: JobRuntime) -> bool:
+        """Prepare, render and finalize `job`; True when its verified output waits to be committed."""
         st = self.store.get(job.id)
         request = self.store.request(job.id)  # JobCorrupt when the stored row no longer validates
         model = request.model or self.s.model
@@ -218,7 +220,7 @@ class JobMachine:
             self.store.stage_started(job.id, "prepare")
             size = await self.dispatcher.model_size(model)
             if job.finished:  # cancelled while the model loaded: do not prepare
-                return
+                return False
             # The output is committed under the storage root (this node), never at a client's
             # path: clients fetch it through the job manager.
             output = str(output_path_for(job.id, self.s))
@@ -228,7 +230,7 @@ class JobMachine:
             self._register(job.plan)
             self.store.set_plan(job.id, job.plan.model_dump(mode="json"), job.plan.frames_total, len(job.plan.chunks))
             if job.finished:
-                return
+                return False
             self.store.stage_ended(job.id, "prepare")
             if st.state == JobState.preparing:
                 self.store.transition(job.id, JobState.rendering)
@@ -245,7 +247,7 @@ class JobMachine:
         job.hls = await asyncio.to_thread(publisher.start)
         if job.finished:
             job.hls.close()
-            return
+            return False
         if st.state == JobState.rendering:
             job.stage = "render"
             self.store.stage_started(job.id, "render")
@@ -273,21 +275,28 @@ class JobMachine:
                 first = [c for c in todo if c.index == 0]
                 await self._write_mel(job, request, first)
                 if job.finished:
-                    return
+                    return False
                 todo = [c for c in todo if c.index != 0]
             for chunk in todo:
                 self.dispatcher.queue.push(job.id, chunk)
             self.dispatcher.work.set()
             await self._watch(job)
             if job.finished:
-                return
+                return False
             self.store.stage_ended(job.id, "render")
             self.store.transition(job.id, JobState.finalizing)
         job.stage = "finalize"
         self.store.stage_started(job.id, "finalize")
         await self._drain_hls(job)
+        if job.finished:  # cancelled while its stream was drained: nothing to finalize
+            return False
         await self.dispatcher.run_step("finalize", job, job.plan)
-        async with job.commit_lock:  # one step that cancel cannot split
+        return True
+
+    async def _commit(self, job: JobRuntime) -> None:
+        """Publish the verified output and end the job `succeeded`: one step that neither a cancel nor
+        the job's deadline can split (a cancel waits for it; the deadline does not reach it)."""
+        async with job.commit_lock:
             if job.finished:  # cancelled or failed meanwhile: the verified output is not published
                 await asyncio.to_thread(discard_output, job.plan)
                 return

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +62,49 @@ class JobFailed(ApiError):
 
 class WaitTimeout(TimeoutError):
     pass
+
+
+class _Partial:
+    """A download's partial file `<path>.part` and, beside it, the ETag of the result it holds
+    (`<path>.part.etag`): a download resumes it only for that same result (`If-Range`: another
+    result's server answers 200 and it is written anew), and one of unknown origin is started
+    over, never spliced with another job's bytes."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.part = dest.with_name(dest.name + ".part")
+        self.tag = dest.with_name(dest.name + ".part.etag")
+
+    def resume(self) -> tuple[int, dict[str, str]]:
+        """(bytes held, the request's Range headers)."""
+        have = self.part.stat().st_size if self.part.exists() else 0
+        etag = None
+        if have:
+            try:
+                etag = self.tag.read_text().strip() or None
+            except OSError:
+                etag = None
+            if etag is None:
+                self.discard()
+                return 0, {}
+        return have, ({"Range": f"bytes={have}-", "If-Range": etag} if etag else {})
+
+    def open(self, etag: str | None, have: int):
+        """The partial file to write the answer to: appended to (`have` > 0, a 206 for its result) or
+        written anew; the result's ETag recorded first."""
+        if etag:
+            self.tag.write_text(etag)
+        else:
+            self.tag.unlink(missing_ok=True)
+        return open(self.part, "ab" if have else "wb")
+
+    def discard(self) -> None:
+        self.part.unlink(missing_ok=True)
+        self.tag.unlink(missing_ok=True)
+
+    def done(self) -> None:
+        os.replace(self.part, self.dest)
+        self.tag.unlink(missing_ok=True)
 
 
 class _Deadline:
@@ -114,7 +158,7 @@ def _retryable(r: httpx.Response, idempotent: bool) -> bool:
 def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
     if r is not None:
         ra = r.headers.get("retry-after", "")
-        if ra.isdigit():
+        if re.fullmatch(r"[0-9]{1,6}", ra):
             return min(float(ra), 30.0)
     return min(base * 2 ** attempt, 15.0) * (0.5 + random.random() / 2)
 
@@ -348,21 +392,19 @@ class Client(_Base):
         length against the server's, renames into place when complete."""
         dest = Path(path).expanduser()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        size = etag = None
+        partial = _Partial(dest)
+        part = partial.part
+        size = None
         for attempt in range(self.retries + 1):
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            if have and etag:
-                headers["If-Range"] = etag
+            have, headers = partial.resume()
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
                     if r.status_code == 416 and have:  # the partial file may already be complete
                         total = r.headers.get("content-range", "").rpartition("/")[2]
-                        if total.isdigit() and int(total) == have:
+                        if re.fullmatch(r"[0-9]{1,19}", total) and int(total) == have:
                             size = have
                             break
-                        part.unlink(missing_ok=True)  # longer than the result: start over
+                        partial.discard()  # longer than the result: start over
                         continue
                     if r.status_code not in (200, 206):
                         r.read()
@@ -371,13 +413,12 @@ class Client(_Base):
                             time.sleep(_retry_delay(attempt, r, self.backoff_s))
                             continue
                         raise err
-                    etag = r.headers.get("etag")
                     if r.status_code == 200:
                         have = 0
                         size = int(r.headers["content-length"])
                     else:
                         size = int(r.headers["content-range"].rsplit("/", 1)[1])
-                    with open(part, "ab" if have else "wb") as f:
+                    with partial.open(r.headers.get("etag"), have) as f:
                         for block in r.iter_bytes(1 << 16):
                             f.write(block)
                 if part.stat().st_size == size:
@@ -389,7 +430,7 @@ class Client(_Base):
         got = part.stat().st_size if part.exists() else 0
         if size is None or got != size:
             raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
-        os.replace(part, dest)
+        partial.done()
         return dest
 
     def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
@@ -648,24 +689,32 @@ class AsyncClient(_Base):
 
     async def download(self, job_id: str, path: str | os.PathLike) -> Path:
         dest = Path(path).expanduser()
-        part = dest.with_name(dest.name + ".part")
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = _Partial(dest)
+        have, headers = partial.resume()
         async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
-            if r.status_code not in (200, 206):
+            if r.status_code == 416 and have:  # the partial file may already be complete
+                total = r.headers.get("content-range", "").rpartition("/")[2]
+                if not (re.fullmatch(r"[0-9]{1,19}", total) and int(total) == have):
+                    partial.discard()
+                    raise ApiError(416, "download.restart", f"job {job_id}: the partial {partial.part} is longer "
+                                   f"than the result; it was removed, download again")
+                size = have
+            elif r.status_code not in (200, 206):
                 await r.aread()
                 raise ApiError.from_response(r)
-            if r.status_code == 200:
-                have, size = 0, int(r.headers["content-length"])
             else:
-                size = int(r.headers["content-range"].rsplit("/", 1)[1])
-            with open(part, "ab" if have else "wb") as f:
-                async for block in r.aiter_bytes(1 << 16):
-                    f.write(block)
-        got = part.stat().st_size
+                if r.status_code == 200:
+                    have, size = 0, int(r.headers["content-length"])
+                else:
+                    size = int(r.headers["content-range"].rsplit("/", 1)[1])
+                with partial.open(r.headers.get("etag"), have) as f:
+                    async for block in r.aiter_bytes(1 << 16):
+                        f.write(block)
+        got = partial.part.stat().st_size
         if got != size:
             raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
-        os.replace(part, dest)
+        partial.done()
         return dest
 
 

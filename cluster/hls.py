@@ -314,13 +314,14 @@ class HlsPublisher:
             self.track = None
 
     def drain(self, timeout: float) -> None:
-        """Wait until every chunk is published and the audio is saved; raises what stopped them."""
+        """Wait until every chunk is published and the audio is saved; raises what stopped them.
+        Returns at once when the publisher was closed (the job ended: nothing more is published)."""
         deadline = time.monotonic() + timeout
         if (track := self.track) is not None:
             track.release()
         with self._cond:
-            while self.error is None and not (self.next_chunk >= len(self.plan.chunks)
-                                              and (self.dir / AUDIO_FILE).exists()):
+            while self.error is None and not self._closed and not (self.next_chunk >= len(self.plan.chunks)
+                                                                   and (self.dir / AUDIO_FILE).exists()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OutputVerificationError(f"job {self.plan.job_id}: HLS publishing did not finish within "
@@ -472,8 +473,16 @@ def sign_watch(key: bytes, job_id: str, expires: int) -> str:
     return f"{int(expires)}.{mac}"
 
 
+#: what `sign_watch` makes: unix seconds, a dot, 64 lowercase hex digits
+_WATCH_TOKEN = re.compile(r"[0-9]{1,12}\.[0-9a-f]{64}")
+
+
 def check_watch(key: bytes, job_id: str, token: str, now: float | None = None) -> bool:
-    expires, _, _ = token.partition(".")
-    if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+    """Whether `token` is `sign_watch`'s for `job_id` and not expired; False for anything else
+    (a token of another shape is refused before it is parsed: never an exception)."""
+    if not isinstance(token, str) or not _WATCH_TOKEN.fullmatch(token):
         return False
-    return hmac.compare_digest(sign_watch(key, job_id, int(expires)), token)
+    expires = int(token.partition(".")[0])
+    if expires < (now if now is not None else time.time()):
+        return False
+    return hmac.compare_digest(sign_watch(key, job_id, expires).encode(), token.encode())

@@ -13,6 +13,7 @@ beyond loopback.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ def download(url: str, dest: str | Path, *, max_bytes: int, timeout_s: float, ma
         if resp.status_code != 200:
             raise UrlFetchError(f"{field}: {url} answered HTTP {resp.status_code}", path=field)
         declared = resp.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
+        if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > max_bytes:
             raise InputTooLarge(f"{field}: {url} is {int(declared)} bytes; the limit is {max_bytes}", path=field)
         with open(dest, "wb") as f:
             for block in resp.iter_bytes():  # as data arrives: a sized read would wait out a slow drip

@@ -328,7 +328,8 @@ class SessionCreate(BaseModel):
     """`POST /v1/sessions`: a live session on a prepared avatar."""
     model_config = ConfigDict(extra="forbid")
     avatar_id: str = Field(min_length=8, max_length=64, pattern="^[0-9a-f]+$")
-    model: str | None = Field(None, description="'builtin' (default) or a model file under the storage root")
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
+                              description="'builtin' (default) or a model name from the server's model directory")
     sample_rate: Literal[16000, 24000, 48000] = Field(16000, description="rate of the PCM s16le mono sent")
     max_seconds: float | None = Field(None, gt=0, description="end the session after this long "
                                       "(never beyond LIPSYNC_LIVE_MAX_SECONDS)")

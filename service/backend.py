@@ -4,6 +4,7 @@ result, and the compatibility API's files. `Backend` wraps the job manager's asy
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -24,6 +25,11 @@ from cluster.render import new_job_id
 from cluster.schemas import JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
 from service.errors import ApiProblem, QueueFull
+
+log = logging.getLogger("lipsync.service")
+
+#: How long `POST /upload` files are kept in a replica's temporary directory (no compat_data_dir)
+COMPAT_TMP_UPLOAD_TTL_S = 24 * 3600.0
 
 SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
                 "remap": "remap"}
@@ -178,7 +184,7 @@ class Backend:
         start, stop, status = 0, size, 200
         rng = request.headers.get("range")
         if rng and (request.headers.get("if-range") in (None, etag)):
-            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            m = re.fullmatch(r"bytes=([0-9]{0,18})-([0-9]{0,18})", rng.strip())  # ASCII digits, int64
             if m is None or (not m.group(1) and not m.group(2)):
                 return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
             if m.group(1):
@@ -203,6 +209,26 @@ class Backend:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def sweep_compat_uploads(self, now: float | None = None) -> int:
+        """Remove `POST /upload` files older than `COMPAT_TMP_UPLOAD_TTL_S` (or the retention time, if
+        shorter) where they are kept in this replica's temporary directory (no `compat_data_dir`:
+        retention does not see them there); returns how many. Run at each upload, so they never pile up."""
+        if self.settings.compat_data_dir is not None:
+            return 0
+        ttl = COMPAT_TMP_UPLOAD_TTL_S
+        if self.settings.retention_days > 0:
+            ttl = min(ttl, self.settings.retention_days * 86400)
+        limit = (now if now is not None else time.time()) - ttl
+        removed = 0
+        for f in self.upload_dir().iterdir():
+            try:
+                if f.is_file() and f.stat().st_mtime < limit:
+                    f.unlink()
+                    removed += 1
+            except OSError as e:
+                log.warning("cannot remove the old upload %s: %s", f, e)
+        return removed
+
     def compat_upload_path(self, value: str) -> Path | None:
         """A file `POST /upload` stored (and only such a file), else None."""
         d = self.upload_dir().resolve()
@@ -220,20 +246,35 @@ class Backend:
         return f"/temp/{code}-r.mp4"
 
     async def publish_compat(self, code: str, size: int) -> None:
-        """Copy the verified output to <compat_data_dir>/temp/<code>-r.mp4 (atomically, checked length)."""
-        from cluster.fsutil import atomic_writer
+        """Copy the verified output to <compat_data_dir>/temp/<code>-r.mp4 (atomically, checked length;
+        every file operation in a thread: none blocks the event loop, the final fsync included)."""
+        from cluster.fsutil import publish, temporary_name
 
         dest = Path(self.settings.compat_data_dir) / "temp" / f"{code}-r.mp4"
-        if dest.is_file() and dest.stat().st_size == size:
+        if await asyncio.to_thread(lambda: dest.is_file() and dest.stat().st_size == size):
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        written = 0
-        with atomic_writer(dest) as f:
+        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+        tmp = temporary_name(dest)
+        f = await asyncio.to_thread(open, tmp, "wb")
+        try:
+            written = 0
             async for data in self.stream_output(code, 0, size):
                 await asyncio.to_thread(f.write, data)
                 written += len(data)
             if written != size:
                 raise RuntimeError(f"published {written} bytes of {size}")
+
+            def finish() -> None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                publish(tmp, dest)
+
+            await asyncio.to_thread(finish)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
 
     def forget_compat_progress(self, code: str) -> None:
         self._compat_progress.pop(code, None)

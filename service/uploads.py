@@ -1,7 +1,11 @@
-"""Multipart uploads streamed to disk as they arrive (never held in memory), each file bounded
-while streaming (`LIPSYNC_MAX_UPLOAD_BYTES`)."""
+"""Request bodies, bounded: multipart uploads streamed to disk as they arrive (never held in
+memory), each file bounded while streaming (`LIPSYNC_MAX_UPLOAD_BYTES`); other bodies read into
+memory up to a limit (`read_body`). Every body arrives within an idle deadline: a client that
+stops sending mid-body gets 408 instead of holding the request (and its files) forever."""
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +14,48 @@ from fastapi import Request
 from cluster.errors import InputError, InputTooLarge, LipsyncError
 from service.errors import ApiProblem
 
+#: The longest a request's body may pause between two blocks
+BODY_IDLE_TIMEOUT_S = 60.0
+#: The largest JSON body a route reads (a batch of many URLs fits many times over)
+JSON_BODY_LIMIT = 4 * 1024 * 1024
+
+
+async def body_blocks(request: Request, idle_s: float = BODY_IDLE_TIMEOUT_S):
+    """The request body's blocks as they arrive; 408 when none comes for `idle_s`."""
+    blocks = request.stream().__aiter__()
+    while True:
+        try:
+            block = await asyncio.wait_for(blocks.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiProblem(408, "input.timeout", f"the request body stopped arriving (nothing for {idle_s:.0f} s)",
+                             "body") from None
+        yield block
+
+
+async def read_body(request: Request, limit: int = JSON_BODY_LIMIT) -> bytes:
+    """The whole body, at most `limit` bytes (413 past it: the declared length is checked first,
+    then the bytes as they arrive, so a chunked body cannot get around it)."""
+    declared = request.headers.get("content-length")
+    if declared and re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > limit:
+        raise ApiProblem(413, "input.too_large", f"request body of {declared} bytes exceeds the limit of {limit} "
+                         f"bytes", "body")
+    chunks, size = [], 0
+    async for block in body_blocks(request):
+        size += len(block)
+        if size > limit:
+            raise ApiProblem(413, "input.too_large", f"request body exceeds the limit of {limit} bytes", "body")
+        chunks.append(block)
+    return b"".join(chunks)
+
 
 class Upload:
     """A multipart body parsed as it arrives: file parts go to files in `tmpdir` (each bounded by
     `max_bytes` while streaming), small text parts to `fields`."""
 
     TEXT_LIMIT = 16 * 1024
+    FIELDS_LIMIT = 64  # text fields in one body
 
     def __init__(self, tmpdir: Path, max_bytes: int) -> None:
         self.tmpdir, self.max_bytes = tmpdir, max_bytes
@@ -48,11 +88,17 @@ class Upload:
             filename = p.get(b"filename")
             state["name"], state["size"] = name, 0
             if filename is not None and name in ("audio", "video", "file"):
+                if name in self.files:  # one file per field: a body cannot fill the disk with repeats
+                    problem.append(InputError(f"{name}: more than one file in this field", path=name))
+                    state["file"], state["text"] = None, bytearray()
+                    return
                 fname = Path(filename.decode("utf-8", "replace")).name or name
                 path = self.tmpdir / f"{name}{Path(fname).suffix.lower()[:12]}"
                 state["file"] = open(path, "wb")
                 self.files[name] = (path, fname)
             else:
+                if len(self.fields) >= self.FIELDS_LIMIT:
+                    problem.append(InputError(f"more than {self.FIELDS_LIMIT} form fields", path="body"))
                 state["file"], state["text"] = None, bytearray()
 
         def on_part_data(data, start, end):
@@ -87,12 +133,12 @@ class Upload:
             on_header_field=on_header_field, on_header_value=on_header_value, on_header_end=on_header_end,
             on_headers_finished=on_headers_finished, on_part_data=on_part_data, on_part_end=on_part_end))
         try:
-            async for block in request.stream():
+            async for block in body_blocks(request):
                 parser.write(block)
                 if problem:
                     raise problem[0]
             parser.finalize()
-        except LipsyncError:
+        except (LipsyncError, ApiProblem):
             raise
         except Exception as e:
             raise ApiProblem(400, "input.invalid", f"malformed multipart body: {e}", "body") from e

@@ -55,7 +55,7 @@ def auth(service) -> dict:
 
 # --- SDK ------------------------------------------------------------------------------------------
 def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
-    from cluster.client import ApiError, Client
+    from cluster.client import ApiError, AsyncClient, Client
 
     job_id = f"sdk-{uuid.uuid4().hex[:8]}"
     with Client(service.url, token=service.token) as c:
@@ -79,13 +79,35 @@ def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
         with pytest.raises(ApiError) as e:
             c.submit(str(other), svc_media["video"], id=job_id)
         assert e.value.status == 409 and e.value.code == "job.conflict"
-        # resumable download: a partial file is completed with a Range request
-        part = tmp_path / "resume.mp4.part"
-        part.write_bytes(out.read_bytes()[:1000])
+        # resumable download: the partial file an interrupted download left (its bytes and the ETag
+        # of the result they are of) is completed with a Range request: its bytes are kept
+        etag = c.http.head(f"/v1/jobs/{job_id}/result").headers["etag"]
+        (tmp_path / "resume.mp4.part").write_bytes(b"\0" * 1000)
+        (tmp_path / "resume.mp4.part.etag").write_text(etag)
         resumed = c.download(job_id, tmp_path / "resume.mp4")
-        assert resumed.read_bytes() == out.read_bytes()
+        assert resumed.read_bytes() == b"\0" * 1000 + out.read_bytes()[1000:]
+        assert not (tmp_path / "resume.mp4.part.etag").exists()
         (tmp_path / "whole.mp4.part").write_bytes(out.read_bytes())  # already complete: 416, kept
+        (tmp_path / "whole.mp4.part.etag").write_text(etag)
         assert c.download(job_id, tmp_path / "whole.mp4").read_bytes() == out.read_bytes()
+        # a partial of another result (another job's download to the same path), or of unknown origin,
+        # is never spliced with this one: the download starts over
+        for name, tag in (("other.mp4", '"another-job-123-1"'), ("unknown.mp4", None)):
+            (tmp_path / f"{name}.part").write_bytes(b"\0" * 1000)
+            if tag:
+                (tmp_path / f"{name}.part.etag").write_text(tag)
+            assert c.download(job_id, tmp_path / name).read_bytes() == out.read_bytes()
+
+        async def download_async(name: str):
+            async with AsyncClient(service.url, token=service.token) as ac:
+                return await ac.download(job_id, tmp_path / name)
+
+        (tmp_path / "async.mp4.part").write_bytes(b"\0" * 1000)  # the async twin, the same rules
+        (tmp_path / "async.mp4.part.etag").write_text('"another-job-123-1"')
+        assert asyncio.run(download_async("async.mp4")).read_bytes() == out.read_bytes()
+        (tmp_path / "async-resume.mp4.part").write_bytes(b"\0" * 1000)
+        (tmp_path / "async-resume.mp4.part.etag").write_text(etag)
+        assert asyncio.run(download_async("async-resume.mp4")).read_bytes() == b"\0" * 1000 + out.read_bytes()[1000:]
         listed = c.list(state="succeeded", limit=500)
         assert job_id in [j.id for j in listed.jobs]
 

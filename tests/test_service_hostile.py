@@ -283,3 +283,55 @@ def test_the_service_keeps_serving_and_left_no_temporaries(service, http, svc_co
     assert all(j["state"] in ("succeeded", "failed", "cancelled", "queued", "preparing", "rendering",
                               "finalizing") for j in listed)
     json.dumps(listed)
+
+
+def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
+    """Requests that used to answer a plain-text 500 (or break the socket) get a 4xx naming the
+    problem: signed tokens of odd shapes (non-ASCII digits, 5000 digits, a non-ASCII signature),
+    out-of-range numbers, a chunked JSON body past the limit (no Content-Length to refuse it by),
+    the same file field twice, a live session's model that is a path, a socket close reason that
+    would exceed a close frame; the compatibility routes answer envelopes for broken bodies."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from cluster.hls import sign_watch, watch_key
+
+    odd_tokens = ["%C2%B2.a", "9999999999.%C3%A9", "9" * 5000 + ".ab", "1.%00", "²" * 3 + "." + "a" * 64]
+    for token in odd_tokens:
+        for path in ("/v1/jobs/nojob/hls/index.m3u8", "/v1/sessions/0123456789abcdef/hls/index.m3u8"):
+            r = httpx.get(f"{service.url}{path}?token={token}", timeout=30)
+            assert r.status_code == 401, (path, token[:20], r.status_code, r.text[:200])
+            assert r.json()["error"]["code"].startswith("auth."), r.text[:200]
+    assert http.get("/v1/jobs", params={"offset": 10 ** 19}).status_code == 422
+    done = http.get("/v1/jobs", params={"state": "succeeded", "limit": 1}).json()["jobs"]
+    if done:  # a Range past int64 on a real result: 416, not a 500
+        r = http.get(f"/v1/jobs/{done[0]['id']}/result", headers={"Range": "bytes=" + "9" * 4400 + "-"})
+        assert r.status_code == 416, r.status_code
+
+    def chunked():
+        yield b'{"audio": "'
+        for _ in range(6):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = http.post("/v1/jobs", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "input.too_large", r.text[:200]
+    r = http.post("/v1/jobs", files=[("audio", ("a.wav", b"RIFF" * 10)), ("audio", ("b.mp3", b"ID3" * 10)),
+                                     ("video", ("v.mp4", b"\0" * 10))])
+    assert r.status_code == 400 and r.json()["error"]["field"] == "audio", r.text[:200]
+    r = http.post("/v1/sessions", json={"avatar_id": "abcdefab", "model": "/any/dir/x"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "model", r.text[:200]
+    nested = http.post("/easy/submit", content=b"[" * 100000 + b"]" * 100000,
+                       headers={"content-type": "application/json"})
+    assert nested.status_code == 200 and nested.json()["code"] == 10002, nested.text[:200]
+    not_multipart = http.post("/upload", content=b"plain", headers={"content-type": "text/plain"})
+    assert not_multipart.status_code == 200 and not_multipart.json()["code"] == 10002, not_multipart.text[:200]
+    # a socket for a session id far longer than any: refused with its code, the reason cut to fit
+    sid = "f" * 400
+    token = sign_watch(watch_key(service.token), f"session:{sid}", int(time.time()) + 60)
+    ws_url = service.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/audio?token={token}&sample_rate=" + "9" * 60
+    with connect(ws_url, open_timeout=30) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404, closed.value
+    assert http.get("/readyz").status_code == 200

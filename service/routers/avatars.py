@@ -13,7 +13,7 @@ from cluster.schemas import ApiError, AvatarCreate, AvatarView
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES, ApiProblem
-from service.uploads import Upload
+from service.uploads import Upload, read_body
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -38,7 +38,7 @@ async def create_avatar(request: Request, backend: Backend = Depends(get_backend
             ref = await backend.gateway.upload(path, fname)
         else:
             try:
-                body = AvatarCreate.model_validate_json(await request.body())
+                body = AvatarCreate.model_validate_json(await read_body(request))
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
             request.state.inputs = {"video": body.video}
@@ -60,6 +60,6 @@ async def get_avatar(avatar_id: str, backend: Backend = Depends(get_backend)) ->
 
 
 @router.get("", response_model=list[AvatarView], summary="Prepared avatars")
-async def list_avatars(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+async def list_avatars(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**53),
                        backend: Backend = Depends(get_backend)) -> list[AvatarView]:
     return [AvatarView(**a) for a in await backend.sidecar("list_avatars", limit, offset)]

@@ -3,6 +3,7 @@ the result files it publishes (`<compat_data_dir>/temp/<code>-r.mp4`, also serve
 Answers are envelopes `{code, success, msg, data}`, never HTTP errors, as those clients expect."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,12 +15,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from cluster.errors import InputTooLarge, JobNotFound, LipsyncError
+from cluster.errors import JobNotFound, LipsyncError
 from cluster.schemas import JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_response, http_status
-from service.uploads import Upload
+from service.uploads import Upload, read_body
 
 log = logging.getLogger("lipsync.service")
 
@@ -35,9 +36,9 @@ def envelope(code: int, success: bool, msg: str, data: CompatData | None = None)
           summary="Compatibility: submit {audio_url, video_url, code, pn, ...}")
 async def easy_submit(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     try:
-        raw = json.loads(await request.body() or b"{}")
+        raw = json.loads(await read_body(request) or b"{}")
         body = CompatSubmit.model_validate(raw)
-    except (ValueError, ValidationError) as e:
+    except (ValueError, ValidationError, RecursionError) as e:  # RecursionError: JSON nested too deep
         return envelope(10002, False, f"bad parameter: the body must be a JSON object: {str(e)[:300]}")
     notes = []
     for name in ("chaofen", "watermark_switch", "digital_auth"):
@@ -108,10 +109,13 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
 async def easy_upload(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     tmpdir = backend.tmpdir()
     try:
+        await asyncio.to_thread(backend.sweep_compat_uploads)
         up = Upload(tmpdir, backend.settings.max_upload_bytes)
         try:
             await up.read(request)
-        except InputTooLarge as e:
+        except ApiProblem as e:  # not multipart, no boundary: an envelope, as these clients expect
+            return envelope(10002, False, f"bad parameter: {e.message}")
+        except LipsyncError as e:
             return envelope(10002, False, f"bad parameter: {e.message}")
         if not up.files:
             return envelope(10002, False, "bad parameter: no file part (multipart field 'file')")
@@ -119,9 +123,9 @@ async def easy_upload(request: Request, backend: Backend = Depends(get_backend))
         suffix = Path(fname).suffix.lower()
         suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
         dest = backend.upload_dir() / f"{uuid.uuid4().hex}{suffix}"
-        shutil.move(str(path), dest)
+        await asyncio.to_thread(shutil.move, str(path), dest)  # a copy where the directory is on another disk
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, tmpdir, ignore_errors=True)
     return envelope(10000, True, "ok", CompatData(path=str(dest)))
 
 @router.api_route("/{prefix:path}temp/{code}-r.mp4", methods=["GET", "HEAD"], include_in_schema=False)

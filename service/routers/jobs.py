@@ -1,6 +1,7 @@
 """`/v1/jobs`: submit (multipart upload or JSON), list, read, cancel, and the SSE event stream."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from typing import AsyncIterator
@@ -15,7 +16,7 @@ from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState,
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES
-from service.uploads import Upload
+from service.uploads import Upload, read_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -42,7 +43,8 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         sources: dict[str, str] = {}
         if ctype.startswith("multipart/form-data"):
             declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
+            if declared and re.fullmatch(r"[0-9]{1,19}", declared) and \
+                    int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
                 raise InputTooLarge(f"request body of {declared} bytes exceeds the upload limit "
                                     f"({settings.max_upload_bytes} bytes per file)", path="body")
             up = Upload(tmpdir, settings.max_upload_bytes)
@@ -63,7 +65,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                     sources[staged[name]] = fname  # errors name the client's file, not the ref
         else:
             try:
-                body = JobCreate.model_validate_json(await request.body())
+                body = JobCreate.model_validate_json(await read_body(request))
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
             request.state.inputs = {"audio": body.audio, "video": body.video}
@@ -80,7 +82,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
 async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Query(50, ge=1, le=500),
-                    offset: int = Query(0, ge=0), backend: Backend = Depends(get_backend)) -> JobPage:
+                    offset: int = Query(0, ge=0, le=2**53), backend: Backend = Depends(get_backend)) -> JobPage:
     jobs = await backend.gateway.list_jobs(state or None, limit + 1, offset)
     more = len(jobs) > limit
     return JobPage(jobs=[backend.view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.parse
 import uuid
 from datetime import datetime, timezone
 
@@ -39,6 +40,7 @@ from cluster.errors import LipsyncError
 from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
 from service.errors import ERROR_CODES, ApiProblem
+from service.uploads import read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -277,6 +279,10 @@ async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
                                                                 body.rtmp_url, body.segment_seconds),
                           timeout=settings.model_load_timeout_s + 60)
     except LipsyncError as e:
+        if e.code == "model.load_failed" and model is not None and not is_builtin_model(model):
+            # the model this request named cannot be loaded (no such file, not a lip-sync model): the
+            # request's problem, not the server's
+            raise ApiProblem(400, e.code, f"model {body.model!r} cannot be loaded: {e.message}", "model") from None
         raise _problem(e) from None
     return JSONResponse(_view(request, raw).model_dump(mode="json"), status_code=201)
 
@@ -314,11 +320,11 @@ async def finish_session(session_id: str, request: Request) -> SessionView:
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
              summary="Append raw PCM s16le at the session's rate, idempotent by `offset` (bytes already "
                      "received are skipped); 409 for a gap, 429 while the buffer is full")
-async def append_audio(session_id: str, request: Request, offset: int = Query(..., ge=0),
+async def append_audio(session_id: str, request: Request, offset: int = Query(..., ge=0, le=2**53),
                        end: bool = Query(False, description="also end the utterance")) -> JSONResponse:
     settings = _settings(request)
     actor = _actor(settings, session_id)
-    body = await request.body()
+    body = await read_body(request, AUDIO_POST_LIMIT)
     if len(body) % 2:
         raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
                          "body")
@@ -388,8 +394,9 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     if name == "index.m3u8" and "_HLS_msn" in request.query_params:
         data = await _blocking_reload(request, settings, session_id, actor, data)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
-        text = re.sub(r'^(?!#)(\S+)$', rf"\1?token={token}", data.decode(), flags=re.M)
-        text = re.sub(r'URI="([^"]+)"', rf'URI="\1?token={token}"', text)
+        query = "?token=" + urllib.parse.quote(token, safe="")  # as given (checked above, where a key exists)
+        text = re.sub(r'^(?!#)(\S+)$', lambda m: m.group(1) + query, data.decode(), flags=re.M)
+        text = re.sub(r'URI="([^"]+)"', lambda m: f'URI="{m.group(1)}{query}"', text)
         return Response(text, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
     if name == "index.m3u8":
         return Response(data, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-cache"})
@@ -437,6 +444,20 @@ async def _playlist_until(settings, session_id: str, actor, data: bytes | None, 
     return data
 
 
+#: The largest PCM body one `POST .../audio` takes (87 s at 48 kHz; a session buffers a few seconds)
+AUDIO_POST_LIMIT = 8 * 1024 * 1024
+
+#: How often an audio socket whose client sends nothing looks at its session (closed once it ended)
+SOCKET_IDLE_CHECK_S = 30.0
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Close with `reason` cut to what a close frame holds (123 bytes of UTF-8): a longer one (a
+    long session id or sample rate echoed in it) would fail the close itself."""
+    data = reason.encode()[:120]
+    await websocket.close(code, data.decode(errors="ignore"))
+
+
 @public_router.websocket("/{session_id}/audio")
 async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     """Binary messages: PCM s16le mono at the session's rate, any size; text `{"type": "end"}` ends
@@ -450,7 +471,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     await websocket.accept()
     token = websocket.query_params.get("token", "")
     if not token_ok(websocket, session_id, token):
-        await websocket.close(4401, "missing, wrong or expired session token (?token=)")
+        await _close(websocket, 4401, "missing, wrong or expired session token (?token=)")
         return
     try:
         if not _SESSION_ID.match(session_id):
@@ -458,35 +479,51 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     except SessionLost as e:
-        await websocket.close(4410, e.message[:120])
+        await _close(websocket, 4410, e.message)
         return
-    except (SessionNotFound, ApiProblem):
-        await websocket.close(4404, f"no live session {session_id}")
+    except SessionNotFound:
+        await _close(websocket, 4404, f"no live session {session_id}")
+        return
+    except ApiProblem as e:  # 503: its actor did not answer in time (restarting): the client tries again later
+        await _close(websocket, 1013 if e.status == 503 else 4404,
+                     e.message if e.status == 503 else f"no live session {session_id}")
         return
     if raw["state"] not in ("live", "starting"):
-        await websocket.close(4410, f"session {session_id} is {raw['state']}")
+        await _close(websocket, 4410, f"session {session_id} is {raw['state']}")
         return
     rate = websocket.query_params.get("sample_rate")
-    if rate is not None and (not rate.isdigit() or int(rate) not in RATES or int(rate) != raw["sample_rate"]):
-        await websocket.close(4415, f"sample_rate {rate} not offered: this session takes {raw['sample_rate']} "
+    if rate is not None and (not re.fullmatch(r"[0-9]{1,6}", rate) or int(rate) not in RATES
+                             or int(rate) != raw["sample_rate"]):
+        await _close(websocket, 4415, f"sample_rate {rate} not offered: this session takes {raw['sample_rate']} "
                                     f"(rates offered: {', '.join(map(str, RATES))})")
         return
     lease = uuid.uuid4().hex
-    if not await _ask(settings, session_id, actor, "attach", lease, timeout=settings.actor_call_timeout_s):
-        await websocket.close(4409, "another audio socket is open on this session")
+    try:
+        if not await _ask(settings, session_id, actor, "attach", lease, timeout=settings.actor_call_timeout_s):
+            await _close(websocket, 4409, "another audio socket is open on this session")
+            return
+    except ApiProblem as e:
+        await _close(websocket, 1013 if e.status == 503 else 4410, e.message)
         return
     offset = raw["bytes_received"]  # the client sends from here on: every append names its offset
     try:
         await websocket.send_text(json.dumps({"type": "ready", "offset": offset,
                                               "sample_rate": raw["sample_rate"]}))
         while True:
-            message = await websocket.receive()
+            try:  # a client that sends nothing: the session is looked at now and then, and once it has
+                message = await asyncio.wait_for(websocket.receive(), SOCKET_IDLE_CHECK_S)  # ended, closed
+            except asyncio.TimeoutError:
+                raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+                if raw["state"] not in ("live", "starting"):
+                    await _close(websocket, 4410, f"session {session_id} is {raw['state']}")
+                    return
+                continue
             if message["type"] == "websocket.disconnect":
                 return
             data, text = message.get("bytes"), message.get("text")
             if data is not None:
                 if len(data) % 2:
-                    await websocket.close(4400, f"binary message of {len(data)} bytes: PCM s16le needs whole "
+                    await _close(websocket, 4400, f"binary message of {len(data)} bytes: PCM s16le needs whole "
                                                 f"2-byte samples")
                     return
                 while True:  # backpressure: the socket is not read while the buffer is full
@@ -495,13 +532,13 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                         answer = await _ask(settings, session_id, actor, "append", data, offset,
                                             timeout=settings.actor_call_timeout_s)
                     except ValueError as e:  # the session has less than this socket sent: resend
-                        await websocket.close(1011, str(e)[:120])
+                        await _close(websocket, 1011, str(e))
                         return
                     if answer["accepted"]:
                         offset += len(data)
                         break
                     if answer.get("state") not in ("live", "starting"):
-                        await websocket.close(4410, f"session {session_id} is {answer.get('state')}")
+                        await _close(websocket, 4410, f"session {session_id} is {answer.get('state')}")
                         return
                     await asyncio.sleep(0.05)
                 actor.touch.remote(lease)
@@ -511,7 +548,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                 except (ValueError, AttributeError):
                     kind = None
                 if kind != "end":
-                    await websocket.close(4422, 'text messages must be JSON {"type": "end"}')
+                    await _close(websocket, 4422, 'text messages must be JSON {"type": "end"}')
                     return
                 await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
                 raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
@@ -519,7 +556,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     except (WebSocketDisconnect, ValidationError):
         return
     except ApiProblem as e:  # the session's actor did not come back in time, or is gone for good
-        await websocket.close(1011 if e.status == 503 else 4410, e.message[:120])
+        await _close(websocket, 1011 if e.status == 503 else 4410, e.message)
         return
     finally:
         actor.detach.remote(lease)
