@@ -234,6 +234,9 @@ def test_watch_signatures():
     assert not check_watch(watch_key("other"), "job1", token)
     assert not check_watch(key, "job1", token[:-1] + ("0" if token[-1] != "0" else "1"))
     assert not check_watch(key, "job1", sign_watch(key, "job1", int(time.time()) - 1))
+    for odd in ("²." + token.partition(".")[2], "9" * 5000 + ".ab", token.partition(".")[0] + ".é" * 32, "", ".",
+                token + "0", token.upper()):  # refused, never raised on
+        assert not check_watch(key, "job1", odd)
     from cluster.callbacks import sign as sign_callback
 
     assert sign_callback(b"x", "secret") != sign_watch(key, "x", 0)  # not the callbacks' key
