@@ -22,6 +22,8 @@ browser cannot read a refused handshake's status):
 | 4410 | the session has ended |
 | 4415 | `?sample_rate=` is not the session's or not offered (16000, 24000, 48000) |
 | 4422 | a text message that is not `{"type": "end"}` JSON |
+| 1013 | the session's actor did not answer in time (restarting): connect again shortly |
+| 1011 | the session's actor did not come back, or has less speech than the socket sent |
 """
 from __future__ import annotations
 
