@@ -165,6 +165,7 @@ class LiveSessionActor:
         self.journal = SessionJournal(session_dir(settings, session_id))
         self.final: dict | None = None  # the final view of an ended session (from the journal)
         self.lost: dict | None = None  # why a restart could not resume the session
+        self.lost_at: float | None = None  # when (monotonic): the registry removes it after live_keep_ended_s
         self._spare = None  # a standby's warm LiveSession, not yet restored
         if self.journal.begun():
             # the session's standby, or this actor restarted by Ray: it takes the session over as soon
@@ -235,6 +236,7 @@ class LiveSessionActor:
         except Exception as e:  # noqa: BLE001 - the session ends failed, saying why
             log.exception("session %s: the restarted actor cannot resume", self.id)
             cause = e.to_info().message if isinstance(e, LipsyncError) else repr(e)
+            self.lost_at = time.monotonic()
             self.lost = {"code": "session.restart_failed", "stage": "live",
                          "message": f"live session {self.id}: its actor restarted but could not resume "
                                     f"the session ({cause})"[:2000]}
@@ -370,9 +372,10 @@ class LiveSessionActor:
     # --- files ---------------------------------------------------------------------------
     def read_hls(self, name: str) -> bytes | None:
         """A file of the live stream (the published playlist, the init segment, a segment), or None."""
-        from cluster.live.encoder import SEGMENT_NAME
+        from cluster.live.encoder import INIT_NAME, SEGMENT_NAME
 
-        if name not in HLS_FILES and not SEGMENT_NAME.match(name):
+        # init.mp4, or init-<epoch>.mp4 of the encoder a restart or a takeover started
+        if name not in HLS_FILES and not SEGMENT_NAME.match(name) and not INIT_NAME.match(name):
             return None
         try:
             return (session_dir(self.s, self.id) / "hls" / name).read_bytes()
@@ -441,7 +444,9 @@ class LiveSessionActor:
         if session is None:
             if self.final is not None:
                 return time.time() - float(self.final.get("ended_wall", time.time()))
-            return 0.0 if self.lost is not None else None
+            if self.lost is not None:  # a takeover that failed ended the session then
+                return time.monotonic() - (self.lost_at if self.lost_at is not None else time.monotonic())
+            return None
         if not session.ended:
             return None
         return time.monotonic() - session.ended_at

@@ -138,8 +138,9 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(100, ge=1, description="audios one POST /v1/batches may carry")
     callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
     callback_timeout_s: float = Field(10.0, gt=0)
-    retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files "
-                                  "older than this (0: keep forever); never a running job's")
+    retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files, "
+                                  "and ended live sessions' files, older than this (0: keep forever); never a "
+                                  "running job's or session's")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set")

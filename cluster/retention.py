@@ -4,7 +4,9 @@
 last change is older than that loses its working directory (inputs, segments, its HLS stream, mel features) and
 its output file when that lies under the storage root; its row stays in the job table, so it
 remains queryable. Files `POST /upload` stored in the compatibility data directory, and results
-published there, are removed after the same time. Unfinished jobs are never touched.
+published there, are removed after the same time, and so is an ended live session's directory
+(its speech, stream and recording; judged by its `final.json`). Unfinished jobs and running
+sessions are never touched.
 """
 from __future__ import annotations
 
@@ -61,6 +63,17 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
                         f.unlink()
                 except OSError as e:
                     log.warning("retention: cannot remove %s: %s", f, e)
-    if removed:
-        log.info("retention removed the files of %d finished jobs", len(removed))
+    sessions = settings.storage_root / "sessions"
+    ended_sessions = 0
+    for d in sessions.iterdir() if sessions.is_dir() else []:
+        try:  # only an ended session has its final view; a running one is never touched
+            ended = (d / "final.json").stat().st_mtime
+        except OSError:
+            continue
+        if ended < cutoff.timestamp():
+            shutil.rmtree(d, ignore_errors=True)
+            ended_sessions += 1
+    if removed or ended_sessions:
+        log.info("retention removed the files of %d finished jobs and %d ended live sessions", len(removed),
+                 ended_sessions)
     return removed

@@ -4,6 +4,7 @@ appends, the live playlist read by a real ffmpeg, the recording."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -368,6 +369,15 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         assert view.seconds_rendered == pytest.approx(view.seconds_received, abs=1e-3), journal
         time.sleep(1.0)  # the idle avatar streams on after the speech
         playlist = httpx.get(session.hls_url, timeout=30).text
+        # a player can load what the playlist lists since the takeover: the new encoder's own init
+        # segment (init-1.mp4) and its segments (each URI relative, with the session token)
+        base = session.hls_url.split("?")[0].rsplit("/", 1)[0]
+        maps = re.findall(r'URI="([^"]+)"', playlist)
+        assert any(m.startswith("init-1.mp4") for m in maps), playlist
+        media = [line for line in playlist.splitlines() if line and not line.startswith("#")]
+        for uri in maps + media[-3:]:
+            got = httpx.get(f"{base}/{uri}", timeout=30)
+            assert got.status_code == 200 and got.content, (uri, got.status_code)
         watcher.stop()
         final = session.close()
         rec = session.download_recording(tmp_path / "rec.mp4")

@@ -39,3 +39,24 @@ def test_sweep_keeps_running_jobs_and_recent_ones(tmp_path):
     (s.dir("jobs") / "new-done2").mkdir()
     assert sweep(s, store) == []
     assert Path(s.storage_root / "jobs" / "old-running").exists()
+
+
+def test_sweep_removes_ended_live_sessions_only(tmp_path):
+    """An ended live session's directory (speech, segments, recording: hundreds of MB an hour) goes
+    once its final view is older than the retention; a running one (no final view) never does."""
+    import os
+    import time
+
+    s = Settings(storage_root=tmp_path / "st", retention_days=1)
+    store = JobStore(s.db_path)
+    for name in ("ended-long-ago", "running", "ended-now"):
+        d = s.dir("sessions") / name
+        (d / "hls").mkdir(parents=True)
+        (d / "audio.pcm").write_bytes(b"\0" * 100)
+    for name in ("ended-long-ago", "ended-now"):
+        (s.dir("sessions") / name / "final.json").write_text("{}")
+    long_ago = time.time() - 3 * 86400
+    os.utime(s.dir("sessions") / "ended-long-ago" / "final.json", (long_ago, long_ago))
+    os.utime(s.dir("sessions") / "running" / "audio.pcm", (long_ago, long_ago))  # old speech, still running
+    sweep(s, store)
+    assert sorted(p.name for p in s.dir("sessions").iterdir()) == ["ended-now", "running"]

@@ -202,6 +202,7 @@ class LiveSession:
         """Start the render thread (which starts the encoder, at its priority) and the watcher."""
         self._thread.start()
         if not self._started.wait(timeout):
+            self._stop.set()  # it ends (journalled) whenever it gets going: not a session that never streams
             raise RuntimeError(f"session {self.id}: the render thread did not start in {timeout:g} s")
         if self.error is not None:
             self._thread.join(timeout)
@@ -304,9 +305,10 @@ class LiveSession:
         except Exception as e:  # e.g. its audio pipe could not be made: the session fails with the cause
             log.exception("session %s: its encoder did not start", self.id)
             self.error = _error_info(e, "live-encoder")
-            self.state = "failed"
-            self.renderer.close()
-            self._started.set()
+            try:
+                self._finish()  # ended, journalled: a takeover's registry sees it end, its standby stops waiting
+            finally:
+                self._started.set()
             return
         self.state = "live"
         self._mark("encoder_started")
