@@ -49,6 +49,65 @@ def test_streaming_mel_columns_equal_the_whole_files_and_only_final_ones_are_use
         assert np.array_equal(seen, mel_windows(whole, fps, 0, k)[:, :, :, :3])
 
 
+def _stream_and_render(pcm: np.ndarray, rate: int, seed: int) -> tuple[list, list, list]:
+    """Feed `pcm` in random chunks, plan and commit what is ready (every seventh batch rolled back
+    first, as a model fault does), end the speech halfway and at the end: (the mel windows and
+    the audio of every committed batch, the largest buffers an utterance held, in entries)."""
+    from cluster.live.schedule import LiveScheduler
+
+    rng = np.random.default_rng(seed)
+    speech = SpeechInput(rate, Fraction(25), columns_needed=3)
+    scheduler = LiveScheduler(speech, 250, Fraction(25))
+    mels, audio, held = [], [], []
+    batches = 0
+
+    def render_ready() -> None:
+        nonlocal batches
+        while scheduler.pending_speech_frames():
+            planned = scheduler.plan(4)
+            if not any(slot is not None for slot in planned.speech):
+                break
+            batches += 1
+            if batches % 7 == 0:  # shown without the model: its speech is planned again
+                scheduler.rollback(planned)
+                continue
+            mels.append(planned.mel.copy())
+            audio.append(scheduler.commit(planned))
+        held.append(max((len(u.pcm), len(u.samples), u.mel.shape[1]) for u in speech.utterances))
+
+    half = len(pcm) // 2
+    for part in _chunks(pcm[:half], rng, rate // 2):
+        speech.append(part.tobytes())
+        render_ready()
+    speech.end()
+    render_ready()
+    for part in _chunks(pcm[half:], rng, rate // 2):
+        speech.append(part.tobytes())
+        render_ready()
+    speech.end()
+    render_ready()
+    return mels, audio, held
+
+
+def test_a_long_session_holds_only_the_speech_not_yet_out(monkeypatch):
+    """Three minutes of speech at 48 kHz streamed in random chunks, rendered as it becomes ready
+    (with rollbacks): what went out is let go, so an utterance's buffers stay a few seconds long
+    instead of growing with the session (an hour held about 1 GB); the model's input and the
+    output's audio are exactly those of the same stream with nothing let go."""
+    import cluster.live.speech as speech_module
+
+    pcm = (np.random.default_rng(5).standard_normal(48000 * 180) * 3000).astype(np.int16)
+    mels, audio, held = _stream_and_render(pcm, 48000, seed=1)
+    monkeypatch.setattr(speech_module, "TRIM_MIN_ENTRIES", 1 << 62)  # nothing let go but whole utterances
+    ref_mels, ref_audio, ref_held = _stream_and_render(pcm, 48000, seed=1)
+    assert len(mels) == len(ref_mels) > 1000
+    assert all(np.array_equal(a, b) for a, b in zip(mels, ref_mels))
+    assert np.array_equal(np.concatenate(audio), np.concatenate(ref_audio))
+    most = max(max(h) for h in held)
+    assert max(max(h) for h in ref_held) >= 48000 * 90  # kept whole: half the speech at 48 kHz
+    assert most <= 4 * speech_module.TRIM_MIN_ENTRIES, most  # a few seconds at most
+
+
 @pytest.mark.parametrize("rate", [24000, 48000])
 def test_streaming_resampler_equals_one_pass_resampling(rate):
     from scipy.signal import resample_poly
@@ -606,3 +665,30 @@ def test_one_process_runs_a_session_and_its_death_frees_the_session_at_once(tmp_
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_journal_audio_write_that_fails_midway_leaves_none_of_it(tmp_path):
+    """The disk fills while a chunk of speech is journalled: none of it stays (the client sends it
+    again from the same offset), so the journal's bytes stay at their offsets for a takeover."""
+    import errno
+
+    from cluster.live.journal import AUDIO_FILE, SessionJournal
+
+    journal = SessionJournal(tmp_path)
+    journal.write_audio(b"ab" * 10)
+    real = journal._audio
+
+    class FillsUp:  # the real file: part of the chunk goes in, then the disk is full
+        def write(self, view) -> int:
+            real.write(view[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+    journal._audio = FillsUp()
+    with pytest.raises(OSError):
+        journal.write_audio(b"cd" * 10)
+    journal._audio = real
+    journal.write_audio(b"cd" * 10)  # sent again
+    assert (tmp_path / AUDIO_FILE).read_bytes() == b"ab" * 10 + b"cd" * 10

@@ -143,13 +143,20 @@ class SessionJournal:
         return path.read_bytes()
 
     def write_audio(self, pcm: bytes) -> None:
-        """Append PCM; returns once the OS has it."""
+        """Append PCM; returns once the OS has it. A write that fails midway (a full disk) leaves
+        none of `pcm` behind: the client sends it again from the same offset, and the file's bytes
+        stay the session's bytes at their offsets (a restored session reads them back)."""
         if self._audio is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._audio = open(self.dir / AUDIO_FILE, "ab", buffering=0)
+        start = os.fstat(self._audio.fileno()).st_size
         view = memoryview(pcm)
-        while view:
-            view = view[self._audio.write(view):]
+        try:
+            while view:
+                view = view[self._audio.write(view):]
+        except BaseException:
+            os.ftruncate(self._audio.fileno(), start)
+            raise
 
     def note(self, event: dict) -> None:
         self._events = self._append_line(self._events, EVENTS_FILE, event)

@@ -110,6 +110,7 @@ class LiveScheduler:
         parts = []
         with self.speech.lock:
             utts = self.speech.utterances
+            touched = set()
             for offset, slot in enumerate(batch.speech):
                 span = self.audio_span(batch.first + offset)
                 if slot is None:
@@ -117,9 +118,13 @@ class LiveScheduler:
                 else:
                     u = utts[slot[0]]
                     parts.append(u.take_pcm(span))
+                    u.committed = max(u.committed, slot[1] + 1)
+                    touched.add(slot[0])
                     self.speech_frames_done += 1
                     self.marks.append((batch.first + offset, slot[0], slot[1], u.pcm_taken,
                                        self.speech_frames_done))
+            for u_index in touched:  # what went out is let go (memory does not grow with the session)
+                utts[u_index].trim()
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
     def rollback(self, batch: FrameBatch) -> np.ndarray:
@@ -157,9 +162,11 @@ class LiveScheduler:
         with self.speech.lock:
             utts = self.speech.utterances
             for u in utts[:u_index]:
-                u.scheduled = u.total_frames() or 0
+                u.scheduled = u.committed = u.total_frames() or 0
                 u.pcm_taken = u.pcm_n
-            utts[u_index].scheduled = k + 1
+                u.trim()
+            utts[u_index].scheduled = utts[u_index].committed = k + 1
             utts[u_index].pcm_taken = taken
+            utts[u_index].trim()
             self._utt = u_index
             self.speech_frames_done = done

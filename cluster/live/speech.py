@@ -100,8 +100,48 @@ class StreamResampler:
         return self._emit(final=True)
 
 
+def _grown(buf: np.ndarray, used: int, need: int, axis: int = 0) -> np.ndarray:
+    """`buf` with room for `need` entries along `axis` (doubling), its first `used` kept."""
+    if need <= buf.shape[axis]:
+        return buf
+    shape = list(buf.shape)
+    shape[axis] = max(need, 2 * buf.shape[axis])
+    grown = np.zeros(shape, buf.dtype)
+    index = (slice(None),) * axis + (slice(0, used),)
+    grown[index] = buf[index]
+    return grown
+
+
+def _drop_head(buf: np.ndarray, base: int, keep_from: int, end: int, axis: int = 0,
+               release: bool = False) -> tuple[np.ndarray, int]:
+    """(`buf`, `base`) without its entries before absolute index `keep_from` (`buf` holds [base,
+    end)), compacted only once the dead head is as long as what is kept and at least
+    `TRIM_MIN_ENTRIES` (amortised: each entry is copied a bounded number of times); `release`
+    lets go of a wholly dead buffer whatever its size."""
+    dead, live = keep_from - base, end - keep_from
+    if dead <= 0 or not (release and live <= 0 or dead >= max(live, TRIM_MIN_ENTRIES)):
+        return buf, base
+    shape = list(buf.shape)
+    shape[axis] = max(live, 0) if release and live <= 0 else max(2 * live, TRIM_MIN_ENTRIES)
+    kept = np.zeros(shape, buf.dtype)
+    if live > 0:
+        src = (slice(None),) * axis + (slice(dead, dead + live),)
+        dst = (slice(None),) * axis + (slice(0, live),)
+        kept[dst] = buf[src]
+    return kept, keep_from
+
+
+#: A buffer's dead head is let go once it is at least this many entries (and as long as the rest)
+TRIM_MIN_ENTRIES = 1 << 16
+
+
 class Utterance:
     """One stretch of speech (until `end`): its 16 kHz samples and the mel columns that are final.
+
+    Memory does not grow with the session's length: what no frame can read again (PCM already in
+    the output, samples behind the final mel columns, mel columns before the first frame that can
+    still be planned) is let go as the speech goes out (`trim`); each buffer is indexed from a
+    base (`_p0`, `_s0`, `_c0`: the absolute index of its first entry).
 
     Not thread-safe by itself; `cluster.live.session` holds a lock around it."""
 
@@ -110,23 +150,24 @@ class Utterance:
         self.columns_needed = int(columns_needed)
         self.index = index
         self.samples = np.zeros(1 << 16, np.float32)
+        self._s0 = 0
         self.n = 0  # 16 kHz samples received
         self.ended = False
         self.mel = np.zeros((N_MELS, 256), np.float32)
+        self._c0 = 0
         self.columns = 0  # final mel columns computed
         self.scheduled = 0  # speech frames handed to the renderer (see schedule.py)
+        self.committed = 0  # speech frames whose audio went out: never planned again (rollback stops there)
         self.pcm = np.zeros(1 << 16, np.int16)  # the PCM as received, at the session's rate
+        self._p0 = 0
         self.pcm_n = 0
         self.pcm_taken = 0  # PCM samples already put into the output's audio
 
     def append_pcm(self, ints: np.ndarray) -> None:
-        need = self.pcm_n + len(ints)
-        if need > len(self.pcm):
-            grown = np.zeros(max(need, 2 * len(self.pcm)), np.int16)
-            grown[:self.pcm_n] = self.pcm[:self.pcm_n]
-            self.pcm = grown
-        self.pcm[self.pcm_n:need] = ints
-        self.pcm_n = need
+        used, need = self.pcm_n - self._p0, self.pcm_n - self._p0 + len(ints)
+        self.pcm = _grown(self.pcm, used, need)
+        self.pcm[used:need] = ints
+        self.pcm_n += len(ints)
 
     def take_pcm(self, n: int) -> np.ndarray:
         """The next `n` samples of received PCM for the output (zeros past what was received);
@@ -135,22 +176,33 @@ class Utterance:
         b = min(self.pcm_n, a + n)
         b = max(a, b)
         out = np.zeros(n, np.int16)
-        out[:b - a] = self.pcm[a:b]
+        out[:b - a] = self.pcm[a - self._p0:b - self._p0]
         self.pcm_taken = a + n
         return out
+
+    def trim(self) -> None:
+        """Let go of what no frame can read again (see the class); an ended utterance whose speech
+        is all out lets go of everything."""
+        done = self.ended and self.committed >= (self.total_frames() or 0) and self.pcm_taken >= self.pcm_n
+        self.pcm, self._p0 = _drop_head(self.pcm, self._p0, min(self.pcm_taken, self.pcm_n), self.pcm_n,
+                                        release=done)
+        # the next mel columns read samples from 3 columns before them (see _update_columns)
+        keep = self.n if self.ended else min(self.n, max(0, (self.columns - 3) * HOP))
+        self.samples, self._s0 = _drop_head(self.samples, self._s0, keep, self.n, release=done)
+        first = self.columns if done else int(mel_window_starts(self.fps, self.committed, self.committed + 1)[0])
+        self.mel, self._c0 = _drop_head(self.mel, self._c0, min(self.columns, max(0, first)), self.columns, axis=1,
+                                        release=done)
 
     # --- audio in -------------------------------------------------------------------------
     def append(self, wav16: np.ndarray) -> None:
         if self.ended:
             raise ValueError("utterance already ended")
-        need = self.n + len(wav16)
-        if need > len(self.samples):
-            grown = np.zeros(max(need, 2 * len(self.samples)), np.float32)
-            grown[:self.n] = self.samples[:self.n]
-            self.samples = grown
-        self.samples[self.n:need] = wav16
-        self.n = need
+        used, need = self.n - self._s0, self.n - self._s0 + len(wav16)
+        self.samples = _grown(self.samples, used, need)
+        self.samples[used:need] = wav16
+        self.n += len(wav16)
         self._update_columns()
+        self.trim()
 
     def end(self) -> None:
         self.ended = True
@@ -172,13 +224,10 @@ class Utterance:
         # them reads samples from 200*c0 - 400, pre-emphasis one more); from 0: the same padding
         s0 = max(0, (c0 - 3) * HOP)
         s1 = self.n if self.ended else min(self.n, (c1 - 1) * HOP + N_FFT // 2)
-        part = melspectrogram(self.samples[s0:s1])
+        part = melspectrogram(self.samples[s0 - self._s0:s1 - self._s0])
         off = s0 // HOP
-        if c1 > self.mel.shape[1]:
-            grown = np.zeros((N_MELS, max(c1, 2 * self.mel.shape[1])), np.float32)
-            grown[:, :c0] = self.mel[:, :c0]
-            self.mel = grown
-        self.mel[:, c0:c1] = part[:, c0 - off:c1 - off]
+        self.mel = _grown(self.mel, c0 - self._c0, c1 - self._c0, axis=1)
+        self.mel[:, c0 - self._c0:c1 - self._c0] = part[:, c0 - off:c1 - off]
         self.columns = c1
 
     # --- frames ---------------------------------------------------------------------------------
@@ -210,8 +259,12 @@ class Utterance:
         end only columns the model does not read are affected)."""
         if stop > self.ready_frames():
             raise ValueError(f"speech frames up to {stop} requested, {self.ready_frames()} ready")
-        mel = self.mel[:, :self.columns]
+        mel = self.mel[:, :self.columns - self._c0]
         cols = mel_window_starts(self.fps, start, stop)[:, None] + np.arange(MEL_STEP, dtype=np.int64)[None, :]
+        cols -= self._c0
+        if cols.size and cols.min() < 0:
+            raise ValueError(f"speech frames from {start} requested; frames before {self.committed} went out and "
+                             f"their mel is let go")
         np.minimum(cols, mel.shape[1] - 1, out=cols)
         return np.ascontiguousarray(mel[:, cols].transpose(1, 0, 2)[:, None], dtype=np.float32)
 
