@@ -486,6 +486,18 @@ class LiveRegistry:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self._lock = threading.Lock()
+        # ended sessions' actors go `live_keep_ended_s` after their end whether or not another
+        # session is created meanwhile (`running` removes them; it ran only at a creation)
+        threading.Thread(target=self._reap_ended, name="live-reaper", daemon=True).start()
+
+    def _reap_ended(self) -> None:
+        period = min(60.0, max(1.0, self.s.live_keep_ended_s / 4))
+        while True:
+            time.sleep(period)
+            try:
+                self.running()
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("removing ended live sessions failed; trying again in %.0f s", period)
 
     def _sessions(self) -> dict[str, list[str]]:
         """Session id -> the names of its actors (the one that began it, its standby)."""

@@ -369,3 +369,37 @@ def test_a_probe_whose_replacement_fails_once_tries_again_and_brings_the_member_
     member, first = asyncio.run(scenario())
     assert member.health == Health.live and member.handle is not first
     assert len(calls) == 3  # created, the replacement that raised, the one that answered
+
+
+@ray.remote(num_cpus=0)
+class _EndedSession:
+    """A live session's actor as the registry sees one that ended long ago (`LiveSessionActor.load`)."""
+
+    def load(self) -> dict:
+        return {"ended_for": 1000.0, "render_load": 0.0, "cores": 1, "memory_bytes": 0, "available_bytes": 0}
+
+
+def test_the_live_registry_removes_ended_sessions_without_waiting_for_a_new_one(runtime, ray_settings):
+    """An ended session's actors go `live_keep_ended_s` after its end even when no other session is
+    created (they were removed only when one was, so a service used now and then kept them)."""
+    import uuid
+
+    from actors.live import SESSION_PREFIX, LiveRegistry
+    from tests.helpers import wait_until
+
+    s = ray_settings.model_copy(update={"live_keep_ended_s": 2.0})
+    name = SESSION_PREFIX + uuid.uuid4().hex[:16]
+    ended = _EndedSession.options(name=name, namespace=s.namespace).remote()
+    ray.get(ended.load.remote(), timeout=60)
+    registry = LiveRegistry.options(name=f"test-registry-{uuid.uuid4().hex[:8]}", namespace=s.namespace).remote(s)
+    try:
+        def gone() -> bool:
+            try:
+                ray.get_actor(name, namespace=s.namespace)
+                return False
+            except ValueError:
+                return True
+
+        wait_until(gone, 30, 0.2, "the ended session's actor to be removed")
+    finally:
+        ray.kill(registry, no_restart=True)
