@@ -401,9 +401,10 @@ class JobStore:
         reads nothing but the state, so a row that no longer validates can still be ended.
         Returns whether this call ended it.
 
-        On a full disk the end is kept in memory (`PendingEnd`), reported as the job's state and
+        On a full disk, or any other failed write (the database locked past its busy timeout, an
+        I/O error), the end is kept in memory (`PendingEnd`), reported as the job's state and
         written once a write succeeds again: a job still ends, truthfully, when the store cannot
-        record it."""
+        record it (the caller never sees the job stay unfinished for a failed write)."""
         assert state.terminal
         end = PendingEnd(state, error, output, utcnow().isoformat())
         with self._lock:
@@ -412,7 +413,7 @@ class JobStore:
         try:
             with self._tx(job_id) as c:
                 return self._write_end(c, job_id, end)
-        except DiskFull as e:
+        except (DiskFull, sqlite3.OperationalError) as e:
             with self._lock:
                 row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None:
@@ -420,8 +421,10 @@ class JobStore:
                 if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:
                     return False
                 self._pending[job_id] = end
-            log.error("job %s ended %s%s, but the disk is full: the job store records it once there is room (%s)",
-                      job_id, state.value, f" ({error.code})" if error else "", e.cause)
+            why = "the disk is full" if isinstance(e, DiskFull) else "the write failed"
+            log.error("job %s ended %s%s, but %s: the job store records it once a write succeeds (%s)",
+                      job_id, state.value, f" ({error.code})" if error else "", why,
+                      e.cause if isinstance(e, DiskFull) else e)
             return True
 
     def set_plan(self, job_id: str, plan: dict, frames_total: int, chunks_total: int) -> None:

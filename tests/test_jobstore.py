@@ -110,3 +110,28 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path):
     assert not s._conn.in_transaction
     s.chunk_done("j1", 0, 25, "/seg/0.mp4")
     assert s.get("j1").chunks_done == 1
+
+
+def test_an_end_the_store_cannot_write_yet_is_kept_and_written_later(tmp_path):
+    """Another process holds the database's write lock past the busy timeout when a job ends: the
+    end is not lost with an exception (the job would stay unfinished until a restart), it is the
+    job's state at once and is written once the lock is free."""
+    import sqlite3
+
+    db = tmp_path / "jobs.sqlite3"
+    s = JobStore(db, busy_timeout_s=0.2)
+    s.create("j1", REQ)
+    s.transition("j1", JobState.preparing)
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # e.g. a backup tool, or a stuck process on the same file
+    try:
+        assert s.end("j1", JobState.failed, error=ErrorInfo(code="render.failed", message="x")) is True
+        assert s.get("j1").state == JobState.failed  # reported at once
+        assert s.end("j1", JobState.succeeded) is False  # the first end wins
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    s.create("j2", REQ)  # the next write writes the pending end first
+    s.close()
+    again = JobStore(db)
+    assert again.get("j1").state == JobState.failed and again.get("j1").error.code == "render.failed"
