@@ -456,6 +456,19 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
             assert job["batch_id"] == "batch-1" and job["frames_total"] == expected_frames(0.8 + 0.2 * i)
         too_many = http.post("/v1/batches", json={"audios": ["x"] * 101, "avatar_id": avatar["id"]})
         assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "audios"
+        # an audio that fails after others were accepted: the answer names them and how to go on
+        missing = str(service.input_root / "no-such.wav")
+        half = http.post("/v1/batches", json={"id": "batch-2", "audios": [audios[0], missing],
+                                              "avatar_id": avatar["id"]})
+        assert half.status_code == 400, half.text
+        message = half.json()["error"]["message"]
+        assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
+        again = http.post("/v1/batches", json={"id": "batch-2", "audios": [audios[0], audios[1]],
+                                               "avatar_id": avatar["id"]})
+        assert again.status_code == 202 and len(again.json()["jobs"]) == 2, again.text
+        done2 = wait_until(lambda: (b := http.get("/v1/batches/batch-2").json())["state"] in ("succeeded", "failed")
+                           and b, 240, 0.5, "batch-2")
+        assert done2["counts"] == {"succeeded": 2}, done2
     with Client(service.url, token=service.token) as c:
         assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
         job = c.submit(svc_media["audio"], avatar=avatar["id"])

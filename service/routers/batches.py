@@ -6,7 +6,7 @@ import shutil
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from cluster.errors import JobNotFound
+from cluster.errors import JobNotFound, LipsyncError
 from cluster.render import new_job_id
 from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
 from service.auth import require_token
@@ -35,9 +35,18 @@ async def create_batch(body: BatchCreate, backend: Backend = Depends(get_backend
         if body.video is not None:
             staged["video"] = await backend.stage_input(body.video, "video", tmpdir)
         for i, audio in enumerate(body.audios):
-            st = await backend.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id,
-                                          body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
-            await backend.register_callback(st.id, body.callback_url)
+            try:
+                st = await backend.create_job(f"{batch_id}--{i:03d}", audio, body.video, body.avatar_id,
+                                              body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
+                await backend.register_callback(st.id, body.callback_url)
+            except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
+                if i:
+                    accepted = (f"its job {batch_id}--000 was" if i == 1 else
+                                f"its jobs {batch_id}--000 to {batch_id}--{i - 1:03d} were")
+                    e.message = (f"batch {batch_id}: audio {i} ({audio}): {e.message}; {accepted} accepted (send "
+                                 f"the request again with id {batch_id}: jobs already accepted are not submitted "
+                                 f"twice)")
+                raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     view = await batch_view(backend, batch_id, len(body.audios))

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from cluster.errors import InputTooLarge
+from cluster.errors import InputTooLarge, LipsyncError
 from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, get_backend
@@ -72,7 +72,13 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
-        await backend.register_callback(st.id, body.callback_url)
+        try:
+            await backend.register_callback(st.id, body.callback_url)
+        except LipsyncError as e:  # the job runs: say so, and how to get its callback registered
+            e.message = (f"job {st.id} was accepted, but its callback could not be registered ({e.message}); "
+                         f"send the same request with id {st.id} again to register it")
+            e.job_id = e.job_id or st.id
+            raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     accepted = JobAccepted(id=st.id, state=st.state, watch_url=backend.watch_url(st.id))
