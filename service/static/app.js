@@ -107,7 +107,8 @@ function showError(element, error) {
   }
   element.textContent = "";
   const message = error.message || String(error);
-  element.append(error.field ? error.field + ": " + message : message);
+  const named = error.field && !message.startsWith(error.field + ":"); // the server's 422 names it already
+  element.append(named ? error.field + ": " + message : message);
   if (error.code && error.code !== "network") {
     const code = document.createElement("span");
     code.className = "code";
@@ -399,8 +400,11 @@ async function whenStreamStarts(job, url) {
       const playlist = response.ok ? await response.text() : "";
       if (playlist.includes("#EXTINF")) return startPlayer(job, url);
       if (playlist.includes("#EXT-X-ENDLIST")) break; // ended with nothing published (or none kept)
-      if (response.status === 401 && job.view) url = job.view.watch_url; // expired: the newest view's URL
-      else if (!response.ok && ++failures > 20) break;
+      // expired: the newest view's URL (a 401 counts too: a view that no longer changes, e.g. after the
+      // API token changed, would be asked again and again)
+      if (response.status === 401 && job.view) url = job.view.watch_url;
+      if (response.ok) failures = 0;
+      else if (++failures > 20) break;
     } catch (_) {
       if (++failures > 20) break;
     }
@@ -650,4 +654,10 @@ showTemplateChoice();
 loadAvatars();
 loadJobs(false);
 const opened = /^#job=(.+)$/.exec(location.hash);
-if (opened) openJob(decodeURIComponent(opened[1]));
+if (opened) {
+  try {
+    openJob(decodeURIComponent(opened[1]));
+  } catch (e) { // a malformed link (#job=%E0): nothing to open
+    if (!(e instanceof URIError)) throw e;
+  }
+}

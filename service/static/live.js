@@ -293,7 +293,10 @@
       // after the flushed last chunk; `ready` sends it for a socket still connecting
       setTimeout(() => {
         const ws = session.ws;
-        if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length) ws.send(JSON.stringify({ type: "end" }));
+        // not when Speak was pressed again meanwhile: that utterance is not ended
+        if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length && !session.mic) {
+          ws.send(JSON.stringify({ type: "end" }));
+        }
       }, 150);
     } else if (session.ws) {
       session.ws.close(1000, "stopped");
@@ -306,7 +309,8 @@
     const avatar = $("live-avatar").value;
     if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", "avatar_id"));
     $("live-speak").disabled = true;
-    let session = live && live.view && !ENDED.has(live.view.state) ? live : null;
+    // a session the page stopped following (its figures gave up, e.g. after a 401) is not reused
+    let session = live && live.view && !live.closed && !ENDED.has(live.view.state) ? live : null;
     let mic;
     try {
       const chunks = [];
