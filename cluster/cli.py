@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
@@ -16,11 +18,11 @@ from cluster.schemas import ErrorInfo, JobState, RenderRequest
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:
         overrides["model_workers"] = args.workers
-    if getattr(args, "compositors", None):
+    if getattr(args, "compositors", None) is not None:
         overrides["compositors"] = args.compositors
-    if getattr(args, "chunk_seconds", None):
+    if getattr(args, "chunk_seconds", None) is not None:
         overrides["chunk_seconds"] = args.chunk_seconds
     if getattr(args, "model", None):
         overrides["model"] = _model_spec(args.model)
@@ -32,6 +34,20 @@ def _model_spec(model: str) -> str:
     from cluster.models import is_named_model
 
     return model if is_named_model(model) else str(Path(model).expanduser().resolve())
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why an output file cannot be written at `path` (checked before any work), or None."""
+    if path.is_dir():
+        return "is a directory (give a file name, e.g. out.mp4)"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"its directory {parent} does not exist"
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"its directory {parent} is not writable"
+    return None
 
 
 def _fail_line(err: ErrorInfo) -> str:
@@ -52,7 +68,9 @@ class _ProgressBar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=0, unit="frame", desc="render", disable=self.quiet, dynamic_ncols=True)
+            # disable=None: tqdm draws only on a terminal (no carriage returns into a log or a pipe)
+            self.bar = tqdm(total=0, unit="frame", desc="render", disable=True if self.quiet else None,
+                            dynamic_ncols=True)
         self.bar.total = total or self.bar.total
         self.bar.n = done
         if postfix is not None:
@@ -68,6 +86,10 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
             cluster_options: list[str] = ()) -> int:
     out = Path(output).expanduser().resolve()
+    problem = _output_problem(out)
+    if problem:  # now, not after the whole render
+        print(f"lipsync: error: input.invalid: output {output}: {problem}", file=sys.stderr)
+        return 2
     # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
@@ -229,7 +251,7 @@ def _print_view(view) -> None:
 
 
 def _client_call(fn) -> int:
-    from pydantic import ValidationError
+    import httpx
 
     from cluster.client import ApiError, JobFailed, WaitTimeout
 
@@ -251,9 +273,45 @@ def _client_call(fn) -> int:
             print(f"lipsync: error: request.invalid: {field}: {err['msg']} (got {err.get('input')!r})",
                   file=sys.stderr)
         return 2
+    except LipsyncError as e:  # a local file the SDK reads (live --audio): missing, unreadable
+        print(_fail_line(e.to_info()), file=sys.stderr)
+        return e.exit_code
+    except httpx.HTTPError as e:  # a URL it cannot use, a server that never answered
+        print(f"lipsync: error: connection.failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a local file it cannot write (a download's destination)
+        print(f"lipsync: error: output.unwritable: {e}", file=sys.stderr)
+        return 1
+
+
+def _local_input_problem(value: str | None, name: str) -> str | None:
+    """Why `value` cannot be a `submit` input: not a URL, not an existing local file, and not an
+    absolute path (which may name a file under the server's input roots)."""
+    if value is None or "://" in value or Path(value).expanduser().is_file():
+        return None
+    if Path(value).is_absolute():
+        return None  # a server-side path: the server judges it
+    return f"{name} file {value} does not exist (a server-side path must be absolute)"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.avatar and args.video:
+        print("lipsync: error: input.invalid: give a video or --avatar, not both", file=sys.stderr)
+        return 2
+    if not args.avatar and not args.video:
+        print("lipsync: error: input.invalid: a job needs a video (or --avatar)", file=sys.stderr)
+        return 2
+    for value, name in ((args.audio, "audio"), (args.video, "video")):
+        problem = _local_input_problem(value, name)
+        if problem:
+            print(f"lipsync: error: input.not_found: {problem}", file=sys.stderr)
+            return 2
+    if args.output:
+        problem = _output_problem(Path(args.output).expanduser().resolve())
+        if problem:
+            print(f"lipsync: error: input.invalid: output {args.output}: {problem}", file=sys.stderr)
+            return 2
+
     def run() -> int:
         with _client(args) as c:
             job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
@@ -303,6 +361,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    problem = _output_problem(Path(args.output).expanduser().resolve())
+    if problem:
+        print(f"lipsync: error: input.invalid: output {args.output}: {problem}", file=sys.stderr)
+        return 2
+
     def run() -> int:
         with _client(args) as c:
             c.download(args.id, args.output)
@@ -322,6 +385,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """A live session on a prepared avatar driven by an audio file: the playlist URL first, the
     latency figures at the end."""
+    if not Path(args.audio).expanduser().is_file():  # before a session is created for it
+        print(f"lipsync: error: input.not_found: audio file {args.audio} does not exist", file=sys.stderr)
+        return 2
+    if args.recording:
+        problem = _output_problem(Path(args.recording).expanduser().resolve())
+        if problem:
+            print(f"lipsync: error: input.invalid: recording {args.recording}: {problem}", file=sys.stderr)
+            return 2
+
     def run() -> int:
         with _client(args) as c:
             session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp,
@@ -475,6 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lipsync: interrupted", file=sys.stderr)
         return 130
+    except ValidationError as e:  # a setting (LIPSYNC_* or a flag that sets one) out of its range
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or e.title
+            print(f"lipsync: error: settings.invalid: {field}: {err['msg']} (got {err.get('input')!r}; "
+                  f"LIPSYNC_{field.upper()} or its flag)", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

@@ -155,6 +155,11 @@ def _retryable(r: httpx.Response, idempotent: bool) -> bool:
     return idempotent and r.status_code == 500 and ApiError.from_response(r).code == "http.500"
 
 
+def _within(deadline: float, timeout: float) -> float:
+    """An attempt's HTTP timeout that ends by `deadline` (at least half a second)."""
+    return max(0.5, min(timeout, deadline - time.monotonic()))
+
+
 def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
     if r is not None:
         ra = r.headers.get("retry-after", "")
@@ -254,7 +259,7 @@ class Client(_Base):
         self.close()
 
     def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
-                idempotent: bool | None = None, **kw) -> httpx.Response:
+                idempotent: bool | None = None, deadline: float | None = None, **kw) -> httpx.Response:
         """One API call, retried on connection errors and 429/502/503/504 with backoff (and on a
         bare 500 when the call is safe to repeat: GET/HEAD/DELETE, or a submission with an id)."""
         idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
@@ -264,6 +269,8 @@ class Client(_Base):
             try:
                 if rewind is not None:
                     kw.update(rewind())
+                if deadline is not None:  # no attempt, and no wait between them, past the caller's deadline
+                    kw["timeout"] = _within(deadline, self.timeout)
                 r = self.http.request(method, path, **kw)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
                 last = e
@@ -274,7 +281,10 @@ class Client(_Base):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
-                time.sleep(_retry_delay(attempt, r, self.backoff_s))
+                delay = _retry_delay(attempt, r, self.backoff_s)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    break
+                time.sleep(delay)
         if isinstance(last, ApiError):
             raise last
         raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
@@ -311,8 +321,8 @@ class Client(_Base):
     def job(self, job_id: str) -> Job:
         return Job(self, self.get(job_id))
 
-    def get(self, job_id: str) -> JobView:
-        return JobView.model_validate(self.request("GET", f"/v1/jobs/{job_id}").json())
+    def get(self, job_id: str, deadline: float | None = None) -> JobView:
+        return JobView.model_validate(self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline).json())
 
     def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
@@ -377,7 +387,7 @@ class Client(_Base):
                 if time.monotonic() > deadline:
                     raise WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after "
                                       f"{timeout if timeout is not None else 6 * 3600:.0f} s")
-                view = self.get(job_id)
+                view = self.get(job_id, deadline=deadline)
                 bar.show(view)
                 if not view.state.terminal:
                     time.sleep(poll_s)
@@ -493,7 +503,8 @@ class _Bar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=max(1, view.frames_total), unit="frame", desc=view.id[:16], dynamic_ncols=True)
+            self.bar = tqdm(total=max(1, view.frames_total), unit="frame", desc=view.id[:16], dynamic_ncols=True,
+                            disable=None)  # drawn on a terminal only: no carriage returns into a log
         self.bar.total = max(1, view.frames_total or self.bar.total)
         self.bar.n = view.frames_total if view.state == JobState.succeeded else view.frames_done
         self.bar.set_postfix_str(view.state.value)
@@ -558,7 +569,7 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
-                      idempotent: bool | None = None, **kw) -> httpx.Response:
+                      idempotent: bool | None = None, deadline: float | None = None, **kw) -> httpx.Response:
         idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -566,6 +577,8 @@ class AsyncClient(_Base):
             try:
                 if rewind is not None:
                     kw.update(rewind())
+                if deadline is not None:
+                    kw["timeout"] = _within(deadline, self.timeout)
                 r = await self.http.request(method, path, **kw)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
                 last = e
@@ -576,7 +589,10 @@ class AsyncClient(_Base):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
-                await asyncio.sleep(_retry_delay(attempt, r, self.backoff_s))
+                delay = _retry_delay(attempt, r, self.backoff_s)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
         if isinstance(last, ApiError):
             raise last
         raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
@@ -597,8 +613,8 @@ class AsyncClient(_Base):
             r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=rewind)
         return AsyncJob(self, JobAccepted.model_validate(r.json()))
 
-    async def get(self, job_id: str) -> JobView:
-        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}")).json())
+    async def get(self, job_id: str, deadline: float | None = None) -> JobView:
+        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline)).json())
 
     async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         if _is_local_file(video):
@@ -680,7 +696,7 @@ class AsyncClient(_Base):
         while view is None or not view.state.terminal:
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout:.0f} s")
-            view = await self.get(job_id)
+            view = await self.get(job_id, deadline=deadline)
             if not view.state.terminal:
                 await asyncio.sleep(poll_s)
         if raise_on_failure and view.state != JobState.succeeded:
@@ -872,12 +888,14 @@ class LiveSession(_LiveBase):
         return self.view
 
     def download_recording(self, path: str | os.PathLike) -> Path:
+        from cluster.fsutil import atomic_writer
+
         dest = Path(path).expanduser()
         with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
             if r.status_code != 200:
                 r.read()
                 raise ApiError.from_response(r)
-            with open(dest, "wb") as f:
+            with atomic_writer(dest) as f:  # whole or not at all (an error or Ctrl-C leaves no half mp4)
                 for block in r.iter_bytes(1 << 16):
                     f.write(block)
         return dest

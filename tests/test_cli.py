@@ -276,7 +276,7 @@ def test_unreachable_ray_address_fails_fast_with_one_line(inputs, env, workdir):
     assert len(lines) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in lines[0], err
 
 
-def test_a_request_the_schema_refuses_exits_2_naming_each_field(env, workdir):
+def test_a_request_the_schema_refuses_exits_2_naming_each_field(inputs, env, workdir):
     """The SDK checks a request against the shared schema before it sends it: the command line
     prints one line per refused field (which field, why, what it got) and exits 2; no traceback,
     nothing sent (the URL has nothing listening)."""
@@ -287,3 +287,34 @@ def test_a_request_the_schema_refuses_exits_2_naming_each_field(env, workdir):
     assert "Traceback" not in err and len(lines) == 2, err
     assert lines[0].startswith("lipsync: error: request.invalid: avatar_id: ") and "'x'" in lines[0], err
     assert lines[1].startswith("lipsync: error: request.invalid: segment_seconds: ") and "0.05" in lines[1], err
+
+
+def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir):
+    """Each of these used to cost a whole render, a session created for nothing, a wait past the
+    user's timeout or a traceback: an output that is a directory, a local file that does not exist
+    (it was sent to the server as a server path), a video and an avatar at once, a download onto a
+    directory, a URL that is not one, a setting out of range, a wait whose server is unreachable."""
+    out_dir = workdir / "an-output-dir"
+    out_dir.mkdir(exist_ok=True)
+    nowhere = ["--url", "http://127.0.0.1:9", "--token", "t"]  # nothing listens: nothing may be sent
+    cases = [
+        ("render -o DIR", [*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                           "-o", str(out_dir)], 2, "is a directory"),
+        ("submit missing", [*CLI, "submit", "typo.wav", str(inputs["template"]), *nowhere], 2,
+         "audio file typo.wav does not exist"),
+        ("submit video and avatar", [*CLI, "submit", str(inputs["speech"]), str(inputs["template"]), "--avatar",
+                                     "0123456789abcdef", *nowhere], 2, "not both"),
+        ("download onto a dir", [*CLI, "download", "job1", str(out_dir), *nowhere], 2, "is a directory"),
+        ("live missing audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", "typo.wav", *nowhere], 2,
+         "audio file typo.wav does not exist"),
+        ("status bad url", [*CLI, "status", "job1", "--url", "foo", "--token", "t"], 1, "connection.failed"),
+        ("setting out of range", [*CLI, "render", "--audio", str(inputs["speech"]), "--video",
+                                  str(inputs["template"]), "-o", str(workdir / "x.mp4"), "--chunk-seconds", "0"], 2,
+         "settings.invalid: chunk_seconds"),
+    ]
+    for what, args, code, said in cases:
+        rc, _, err, elapsed = run_cli(args, env, workdir, timeout=60)
+        assert rc == code and said in err and "Traceback" not in err, (what, rc, err[-2000:])
+        assert elapsed < BAD_INPUT_DEADLINE_S, (what, elapsed)
+    rc, _, err, elapsed = run_cli([*CLI, "wait", "job1", "--timeout", "1", *nowhere], env, workdir, timeout=60)
+    assert rc == 1 and "Traceback" not in err and elapsed < 8, (rc, elapsed, err[-2000:])
