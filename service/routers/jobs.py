@@ -15,7 +15,7 @@ from cluster.errors import InputTooLarge, LipsyncError
 from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ERROR_CODES
+from service.errors import ERROR_CODES, ApiProblem
 from service.uploads import Upload, read_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
@@ -58,6 +58,10 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
             request.state.inputs = {"audio": body.audio, "video": body.video}
+            # what can be refused is refused before the files travel to the job manager
+            if body.video is None and body.avatar_id is None:
+                raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
+            await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
                     path, fname = up.files[name]
@@ -69,7 +73,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
             request.state.inputs = {"audio": body.audio, "video": body.video}
-        await backend.check_callback(body.callback_url)
+            await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
         try:
