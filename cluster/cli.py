@@ -50,6 +50,14 @@ def _output_problem(path: Path) -> str | None:
     return None
 
 
+def _refused_output(output: str | None, what: str = "output") -> bool:
+    """Print why `output` cannot be written (`_output_problem`) and say so; False when it can."""
+    problem = _output_problem(Path(output).expanduser().resolve()) if output else None
+    if problem:
+        print(f"lipsync: error: input.invalid: {what} {output}: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def _fail_line(err: ErrorInfo) -> str:
     chunk = f", chunk {err.chunk}" if err.chunk is not None else ""
     where = f" (stage {err.stage}{chunk})" if err.stage else ""
@@ -86,9 +94,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
             cluster_options: list[str] = ()) -> int:
     out = Path(output).expanduser().resolve()
-    problem = _output_problem(out)
-    if problem:  # now, not after the whole render
-        print(f"lipsync: error: input.invalid: output {output}: {problem}", file=sys.stderr)
+    if _refused_output(output):  # now, not after the whole render
         return 2
     # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
@@ -306,11 +312,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if problem:
             print(f"lipsync: error: input.not_found: {problem}", file=sys.stderr)
             return 2
-    if args.output:
-        problem = _output_problem(Path(args.output).expanduser().resolve())
-        if problem:
-            print(f"lipsync: error: input.invalid: output {args.output}: {problem}", file=sys.stderr)
-            return 2
+    if _refused_output(args.output):
+        return 2
 
     def run() -> int:
         with _client(args) as c:
@@ -361,9 +364,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    problem = _output_problem(Path(args.output).expanduser().resolve())
-    if problem:
-        print(f"lipsync: error: input.invalid: output {args.output}: {problem}", file=sys.stderr)
+    if _refused_output(args.output):
         return 2
 
     def run() -> int:
@@ -388,11 +389,8 @@ def cmd_live(args: argparse.Namespace) -> int:
     if not Path(args.audio).expanduser().is_file():  # before a session is created for it
         print(f"lipsync: error: input.not_found: audio file {args.audio} does not exist", file=sys.stderr)
         return 2
-    if args.recording:
-        problem = _output_problem(Path(args.recording).expanduser().resolve())
-        if problem:
-            print(f"lipsync: error: input.invalid: recording {args.recording}: {problem}", file=sys.stderr)
-            return 2
+    if _refused_output(args.recording, "recording"):
+        return 2
 
     def run() -> int:
         with _client(args) as c:
