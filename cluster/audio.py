@@ -48,7 +48,10 @@ def _decode_args(path: str, sample_rate: int) -> list[str]:
 
     return ["-loglevel", "error", *ffmpeg_args(
         ffmpeg.input(file_url(path), protocol_whitelist=PROTOCOL_WHITELIST)
-        .output("pipe:1", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
+        # the first audio stream, as the job's AAC and the admission probe read it (without -map,
+        # ffmpeg picks the stream with the most channels or the default flag: lips would follow
+        # another track than the one heard)
+        .output("pipe:1", map="0:a:0", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
 
 
 def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:

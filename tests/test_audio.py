@@ -212,3 +212,18 @@ def test_streamed_decode_typed_errors(media, tmp_path):
             audio.decode_audio_to_file(media["garbage"], raw)
         with pytest.raises(InputNotFound):
             audio.decode_audio_to_file(str(tmp_path / "missing.wav"), raw)
+
+
+def test_the_mel_is_of_the_first_audio_stream_the_one_the_output_plays(tmp_path):
+    """A file with two audio streams (speech first, then a silent 5.1 track flagged default): the
+    mel is computed from the first, the stream the job's AAC is made of and admission probes;
+    ffmpeg on its own picks the default one, and the lips would follow silence."""
+    speech = synth.write_audio(str(tmp_path / "speech.wav"), synth.speech_like(1.0, seed=3))
+    both = tmp_path / "two-tracks.mka"
+    _ffmpeg("-i", speech, "-f", "lavfi", "-i", "anullsrc=channel_layout=5.1:sample_rate=48000", "-t", "1",
+            "-map", "0:a", "-map", "1:a", "-c:a", "pcm_s16le", "-disposition:a:0", "0", "-disposition:a:1", "default",
+            str(both))
+    alone = audio.load_audio(speech)
+    first = audio.load_audio(str(both))
+    assert np.abs(first).max() > 0.05  # the speech, not the silent track
+    assert np.allclose(first[:len(alone)], alone, atol=1e-3)

@@ -318,8 +318,8 @@ def probe_audio(path: str | os.PathLike, settings: Settings | None = None) -> Me
     if a is None:
         raise NoAudioStream(f"{info.path} has no audio stream (expected speech audio)",
                             path=info.path)
-    if a.duration <= 0 or a.sample_rate <= 0:
+    if a.duration <= 0 or a.sample_rate <= 0 or a.channels <= 0:
         raise InputUnreadable(f"audio {info.path} has no usable samples (duration {a.duration} s, "
-                              f"{a.sample_rate} Hz)", path=info.path)
+                              f"{a.sample_rate} Hz, {a.channels} channels)", path=info.path)
     _check_duration(info, a.duration, "audio", s)
     return info
