@@ -124,8 +124,10 @@ class ModelWorker:
         log.info("model worker %s: model %s S=%d crop=%s %s providers=%s gpus=%s warm-up %.2f s", self.name,
                  spec, model.size, model.crop, model.precision, model.providers, self.gpu_ids, warm_s)
         self.models[spec] = model
-        for old in [k for k in self.models if k != self.default_model][: max(0, len(self.models) -
-                                                                              self.settings.models_per_worker)]:
+        # least recently used first; never the default, nor the model just loaded (with room for one
+        # other model, evicting it would reload it at every batch)
+        evictable = [k for k in self.models if k not in (self.default_model, spec)]
+        for old in evictable[: max(0, len(self.models) - self.settings.models_per_worker)]:
             del self.models[old]
             log.info("model worker %s: unloaded %s", self.name, old)
         return model

@@ -79,16 +79,16 @@ class Settings(BaseSettings):
                                      description="fail with input.no_face when fewer frames have a face")
 
     # --- timeouts (seconds); every wait has a deadline -------------------------------------
-    probe_timeout_s: float = 30.0
-    ffmpeg_timeout_s: float = 1800.0
-    batch_timeout_s: float = 120.0
-    chunk_timeout_s: float = 900.0
+    probe_timeout_s: float = Field(30.0, gt=0)
+    ffmpeg_timeout_s: float = Field(1800.0, gt=0)
+    batch_timeout_s: float = Field(120.0, gt=0)
+    chunk_timeout_s: float = Field(900.0, gt=0)
     prepare_seconds_per_template_second: float = Field(
         3.0, gt=0, description="prepare's deadline: chunk_timeout_s plus this per second of template")
-    stall_timeout_s: float = 120.0
-    model_load_timeout_s: float = 300.0
-    actor_call_timeout_s: float = 30.0
-    job_timeout_s: float = 6 * 3600.0
+    stall_timeout_s: float = Field(120.0, gt=0)
+    model_load_timeout_s: float = Field(300.0, gt=0)
+    actor_call_timeout_s: float = Field(30.0, gt=0)
+    job_timeout_s: float = Field(6 * 3600.0, gt=0)
 
     # --- retries --------------------------------------------------------------------------
     max_chunk_attempts: int = Field(3, ge=1)
@@ -201,10 +201,23 @@ class Settings(BaseSettings):
     live_crf: int = Field(23, ge=0, le=51)
     live_preset: str = Field("veryfast", description="x264 preset of live streams")
 
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, str) and not v.strip():  # Path("") is the current directory: never meant
+            raise ValueError("is empty (LIPSYNC_STORAGE_ROOT=): give a directory, or unset it for the default")
+        return v
+
     @field_validator("storage_root", mode="after")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _model_home(cls, v: str) -> str:
+        """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x)."""
+        return str(Path(v).expanduser()) if v.startswith("~") else v
 
     def fingerprint(self) -> str:
         """A short hash of every setting: actors built with other settings are replaced."""

@@ -126,7 +126,8 @@ class PoolSize:
 def _asked_workers(gpus: float, model_workers: int | None, worker_gpus: float) -> int:
     """The model workers the settings ask for: `model_workers`, else one per `worker_gpus` GPUs
     (at least 1), else 1 on a cluster without GPUs."""
-    return model_workers or (max(1, int(gpus // worker_gpus)) if gpus else 1)
+    # true division (with a hair of slack): 1 // 0.2 is 4.0 in floating point, not 5
+    return model_workers or (max(1, int(gpus / worker_gpus + 1e-9)) if gpus else 1)
 
 
 def _default_compositors(room_cpus: float, memory_bytes: float, compositor_cpus: float,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -767,6 +768,27 @@ def test_tensorrt_profiles_cover_batch_1_to_the_batch_size(tmp_path):
     assert trt[1]["trt_profile_opt_shapes"] == trt[1]["trt_profile_max_shapes"] == \
         "audio_sequences:16x1x80x16,face_sequences:16x6x96x96"
     assert cuda == (CUDA, {"prefer_nhwc": "1", "device_id": 0}) and cpu == CPU
+
+
+def test_each_model_has_its_own_tensorrt_engine_cache(tmp_path):
+    """onnxruntime names a cached engine after the graph, not the weights: two models of one
+    architecture (a retrained one saved under the same name) get caches of their own, by content."""
+    from cluster.fsutil import file_sha256
+    from cluster.models.providers import tensorrt_cache_of_model
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = wav2lip_like(tmp_path / "a" / "m.onnx", "audio_sequences", "face_sequences", "output", 96)
+    b = wav2lip_like(tmp_path / "b" / "m.onnx", "audio_sequences", "face_sequences", "output", 96, seed=1)
+    s = Settings(storage_root=tmp_path, providers="tensorrt,cuda,cpu")
+    paths = []
+    for model in (a, b):
+        trt, cuda, cpu = tensorrt_cache_of_model(select_providers([0], s, GPU_BOX), file_sha256(model)[:16])
+        assert trt[1]["trt_engine_cache_path"] == trt[1]["trt_timing_cache_path"]
+        assert Path(trt[1]["trt_engine_cache_path"]).parent == tmp_path / "models" / "tensorrt"
+        assert Path(trt[1]["trt_engine_cache_path"]).is_dir() and cuda[0] == CUDA and cpu == CPU
+        paths.append(trt[1]["trt_engine_cache_path"])
+    assert paths[0] != paths[1]
 
 
 class _ShapeSpy:

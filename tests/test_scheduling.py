@@ -343,3 +343,13 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
     render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(reference)),
                  Settings(storage_root=tmp_path / "local", **base))
     assert np.array_equal(decode_all(got["output"]), decode_all(str(reference)))
+
+
+def test_workers_per_gpu_share_count_every_share():
+    """LIPSYNC_WORKER_GPUS=0.2 on 1 GPU is 5 workers (floor division of floats gave 4), 0.4 on 2
+    GPUs is 5, 1 on 3 GPUs is 3."""
+    from cluster.scheduling import _asked_workers
+
+    assert [_asked_workers(g, None, share) for g, share in ((1, 0.2), (1, 0.1), (2, 0.4), (3, 1), (1, 0.5))] == \
+        [5, 10, 5, 3, 2]
+    assert _asked_workers(4, 2, 0.2) == 2 and _asked_workers(0, None, 0.5) == 1

@@ -28,7 +28,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster.errors import ModelContractError, ModelInferenceError, ModelLoadError
-from cluster.models.providers import TENSORRT, active_providers, provider_name, select_providers, tensorrt_profiles
+from cluster.fsutil import file_sha256
+from cluster.models.providers import (
+    TENSORRT,
+    active_providers,
+    provider_name,
+    select_providers,
+    tensorrt_cache_of_model,
+    tensorrt_profiles,
+)
 
 log = logging.getLogger("lipsync.models")
 
@@ -248,6 +256,7 @@ class LipSyncModel:
             c = contract_from_file(path)
             providers = tensorrt_profiles(providers, c.mel_name, c.face_name, c.size,
                                           c.batch_fixed or pad_batch or 1)
+            providers = tensorrt_cache_of_model(providers, file_sha256(path)[:16])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

@@ -255,6 +255,23 @@ def tensorrt_profiles(providers: Sequence, mel_name: str, face_name: str, size: 
     return out
 
 
+def tensorrt_cache_of_model(providers: Sequence, model_key: str) -> list:
+    """The providers with TensorRT's engine and timing caches in a directory of this model's own
+    (`model_key`: its content hash): onnxruntime names a cached engine after the graph's names, not
+    its weights, so a retrained model saved under the same name would otherwise get the old engine."""
+    out = []
+    for p in providers:
+        if provider_name(p) == TENSORRT and not isinstance(p, str):
+            opts = dict(p[1])
+            for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+                if opts.get(key):
+                    opts[key] = os.path.join(opts[key], model_key)
+                    os.makedirs(opts[key], exist_ok=True)
+            p = (TENSORRT, opts)
+        out.append(p)
+    return out
+
+
 def active_providers(session) -> list[str]:
     """The providers an onnxruntime session really uses (it drops ones that failed to start)."""
     return list(session.get_providers())

@@ -1,0 +1,32 @@
+"""Settings (`cluster.config`, env prefix LIPSYNC_): values that would break later are refused now."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import Settings
+
+
+@pytest.mark.parametrize("field", ["probe_timeout_s", "ffmpeg_timeout_s", "batch_timeout_s", "chunk_timeout_s",
+                                   "stall_timeout_s", "model_load_timeout_s", "actor_call_timeout_s",
+                                   "job_timeout_s"])
+def test_a_deadline_of_zero_or_less_is_refused(field, tmp_path):
+    """`LIPSYNC_ACTOR_CALL_TIMEOUT_S=0` made every submission time out at once."""
+    for value in (0, -1):
+        with pytest.raises(ValidationError, match=field):
+            Settings(storage_root=tmp_path, **{field: value})
+
+
+def test_an_empty_storage_root_is_refused_and_a_model_under_home_is_expanded(monkeypatch, tmp_path):
+    """`LIPSYNC_STORAGE_ROOT=` was the current directory; `LIPSYNC_MODEL=~/m.onnx` was looked for
+    under a directory named `~`."""
+    monkeypatch.setenv("LIPSYNC_STORAGE_ROOT", "")
+    with pytest.raises(ValidationError, match="storage_root"):
+        Settings()
+    monkeypatch.setenv("LIPSYNC_STORAGE_ROOT", str(tmp_path))
+    monkeypatch.setenv("LIPSYNC_MODEL", "~/models/m.onnx")
+    assert Settings().model == str(Path.home() / "models" / "m.onnx")
+    monkeypatch.setenv("LIPSYNC_MODEL", "builtin")
+    assert Settings().model == "builtin"
