@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
-from cluster.fsutil import atomic_writer, sweep_temporaries, temporary_name
+from cluster.fsutil import sweep_temporaries, temporary_name
 from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -312,7 +312,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         assert vinfo is not None
         fps = vinfo.fps
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
-                                                              avatar.frame_count, fps, jd)
+                                                              avatar.frame_count, fps)
         chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
         mel_path, head_path = jd / "mel.npy", ""
         head = mel_columns_needed(fps, chunks[0].stop)
@@ -383,14 +383,13 @@ def write_job_mel(plan: JobPlan, request: RenderRequest, settings: Settings | No
         tmp.unlink(missing_ok=True)
 
 
-def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_frames: int, fps: Fraction,
-                      jd: Path) -> tuple[int, str, SampleFile]:
+def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_frames: int,
+                      fps: Fraction) -> tuple[int, str, SampleFile]:
     """(output frames, the audio file to mux, the 16 kHz samples) for the request's sync mode:
     `cut_off` trims the audio to a shorter template, `silence` pads it with silence to a longer
-    one (written next to the job as audio_fitted.wav, block by block); other modes keep the audio
-    as given."""
-    import wave
-
+    one. The mel is made of the fitted 16 kHz samples; the output's audio is the file as given,
+    at its own rate and channels, which the job's AAC track cuts or pads to the fitted length (it
+    used to be a 16 kHz mono copy: nothing above 8 kHz in these modes)."""
     from cluster.audio import SampleFile
     from cluster.plan import fit_audio_samples, frame_count_from_samples, sync_frame_count
 
@@ -398,16 +397,7 @@ def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_fram
     frames = sync_frame_count(audio_frames, template_frames, request.loop)
     if frames == audio_frames:
         return frames, request.audio, samples
-    fitted = SampleFile(samples.f, samples.n_file, fit_audio_samples(frames, fps, 16000))
-    path = jd / "audio_fitted.wav"
-    with atomic_writer(path) as f:
-        with wave.open(f, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            for _, block in fitted.blocks():
-                w.writeframes((np.clip(block, -1.0, 1.0) * 32767).astype("<i2").tobytes())
-    return frames, str(path), fitted
+    return frames, request.audio, SampleFile(samples.f, samples.n_file, fit_audio_samples(frames, fps, 16000))
 
 
 def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:

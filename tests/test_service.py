@@ -411,10 +411,15 @@ def test_20_concurrent_submissions(service, svc_media, tmp_path):
 def test_sync_modes_output_lengths(service, svc_media, tmp_path):
     """Length mismatch: 1 s template (25 frames) against 1.2 s and 0.6 s audios."""
     from cluster.client import Client
+    from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.media.probe import probe
     from cluster.synth import speech_like, write_audio
 
     short = write_audio(str(tmp_path / "short.wav"), speech_like(0.6, seed=21))
-    cases = [("cut_off", svc_media["audio"], 25, 1.0), ("silence", short, 25, 1.0),
+    hifi = tmp_path / "stereo48k.wav"  # the output keeps the audio's own rate and channels in every mode
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-i", svc_media["audio"], "-ar", "48000", "-ac", "2", str(hifi)],
+                   check=True, timeout=60)
+    cases = [("cut_off", str(hifi), 25, 1.0), ("silence", short, 25, 1.0),
              ("remap", svc_media["audio"], 30, 1.2), ("silence", svc_media["audio"], 30, 1.2)]
     with Client(service.url, token=service.token) as c:
         jobs = [c.submit(audio, svc_media["video"], sync_mode=mode) for mode, audio, _, _ in cases]
@@ -422,7 +427,11 @@ def test_sync_modes_output_lengths(service, svc_media, tmp_path):
         for job, (mode, _, frames, seconds) in zip(jobs, cases):
             view = job.wait(timeout=180)
             assert view.sync_mode == mode and view.frames_total == frames, (mode, view)
-            verify_mp4(job.download(tmp_path / f"{job.id}.mp4"), seconds, frames)
+            out = job.download(tmp_path / f"{job.id}.mp4")
+            verify_mp4(out, seconds, frames)
+            if mode == "cut_off":  # it was a 16 kHz mono copy in cut_off and silence
+                sound = probe(str(out)).audio
+                assert (sound.sample_rate, sound.channels) == (48000, 2), sound
         # output quality: a lower crf gives a larger file of the same length
         assert fine.wait(timeout=180).output.size > 1.5 * coarse.wait(timeout=180).output.size
 
