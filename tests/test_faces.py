@@ -383,6 +383,31 @@ def test_a_large_face_is_prescaled_bilinearly_when_it_shrinks_little_and_still_n
     assert left["fast"] <= 1.4 * left["area"] and left["fast"] < 0.7 * left["no pre-scale"], left
 
 
+def test_a_template_prepared_by_two_jobs_at_once_is_prepared_once(tmp_path, template_video):
+    """The jobs of a batch share a template: two preparations at once (threads here, processes on a
+    node alike: a file lock) normalise and detect once; the second reads what the first stored
+    (the files were replaced under a job that had hashed them, and a remote node's copy failed its hash)."""
+    import threading
+
+    settings = Settings(storage_root=tmp_path / "store", batch_size=16, detect_interval=5)
+    det = CountingDetector()
+    results: list = []
+    barrier = threading.Barrier(2)
+
+    def prepare() -> None:
+        barrier.wait(timeout=30)
+        results.append(prepare_avatar(template_video, settings, detector=det))
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2 and sorted(a.cached for a in results) == [False, True]
+    assert det.full_frames == 10  # detected once
+    assert results[0].model_dump(exclude={"cached"}) == results[1].model_dump(exclude={"cached"})
+
+
 def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
     settings = Settings(storage_root=tmp_path / "store", batch_size=16, detect_interval=5)
     det = CountingDetector()

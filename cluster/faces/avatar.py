@@ -5,9 +5,11 @@ avatar directory without `avatar.json` is an unfinished preparation and is redon
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputNotFound, LipsyncError
+from cluster.errors import InputNotFound, LipsyncError, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
 from cluster.fsutil import write_atomic
@@ -84,8 +86,39 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         return stored
-    telemetry.emit("avatar_cache", result="miss")
+    # one preparation of a template at a time (the jobs of a batch share one): a second waits, then
+    # reads what the first stored, instead of normalising again and replacing its files under it
+    with _preparing(template_id, s):
+        stored = _read_stored(template_id, s)
+        if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
+            telemetry.emit("avatar_cache", result="hit")
+            return stored
+        telemetry.emit("avatar_cache", result="miss")
+        return _prepare(source, template_id, s, detector)
 
+
+@contextlib.contextmanager
+def _preparing(template_id: str, s: Settings):
+    """Hold the template's preparation lock (a file lock: other processes of this storage root
+    wait too), waiting at most `chunk_timeout_s` for another preparation to end."""
+    import fcntl
+
+    path = s.dir("avatars") / f".{template_id}.lock"
+    deadline = time.monotonic() + s.chunk_timeout_s
+    with open(path, "a+b") as f:  # closing it releases the lock
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RenderTimeout(f"template {template_id} has been prepared by another job for over "
+                                        f"{s.chunk_timeout_s:.0f} s", stage="prepare", path=str(path)) from None
+                time.sleep(0.1)
+        yield
+
+
+def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector | None) -> Avatar:
     detector = detector or MTCNNDetector()
     template, detections = None, None
     if frames_map_one_to_one(source, probe_video(source, s)):
