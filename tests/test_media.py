@@ -651,3 +651,26 @@ def test_an_encoder_thread_still_closing_past_its_deadline_is_not_lent_again(tem
     finally:
         release.set()
     assert len(list(iter_frames(tmp_path / "next.mp4", 64, settings))[0]) == 10
+
+
+def test_a_template_that_drops_frames_late_is_not_taken_as_constant_rate(tmp_path, settings):
+    """A phone clip steady for its first seconds that drops frames later: the probe samples the
+    first packets only and sees a constant rate, but the template is neither used as is nor has
+    its faces found on its own frames (which ffmpeg's re-timing would shift against the track):
+    both judge the timing of every packet."""
+    from cluster.media.normalize import frames_map_one_to_one, reusable_as_is
+
+    clip = tmp_path / "drops-late.mp4"
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=16",  # 2 of 400 frames dropped
+                "-vf", "select='not(between(n,300,301))'", "-fps_mode", "passthrough", "-c:v", "libx264",
+                "-g", "10", "-pix_fmt", "yuv420p", "-an", str(clip)], timeout=60, settings=settings)
+    steady = tmp_path / "steady.mp4"
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=16", "-c:v", "libx264", "-g", "10",
+                "-pix_fmt", "yuv420p", "-an", str(steady)], timeout=60, settings=settings)
+    info = probe(str(clip), settings)
+    assert info.video.variable_frame_rate is False  # what the sampled probe sees
+    assert not frames_map_one_to_one(str(clip), info)
+    assert reusable_as_is(str(clip), info, settings) is None
+    steady_info = probe(str(steady), settings)
+    assert frames_map_one_to_one(str(steady), steady_info)  # the same clip without the gap: one for one
+    assert reusable_as_is(str(steady), steady_info, settings) == 400

@@ -83,23 +83,29 @@ def _load_cached(template_id: str, path: Path, source: str,
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
 
-def keyframe_layout(path: str | os.PathLike) -> tuple[int, int, bool]:
-    """(frames, longest keyframe interval in frames, square pixels) of the first video stream, by
-    demuxing (no decoding)."""
+def keyframe_layout(path: str | os.PathLike) -> tuple[int, int, bool, bool]:
+    """(frames, longest keyframe interval in frames, square pixels, evenly timed) of the first video
+    stream, by demuxing (no decoding). Evenly timed is judged on every packet (the probe samples
+    the first ones only: a clip steady at first that drops frames later is variable-rate here)."""
     import av
+
+    from cluster.media.probe import pts_uneven
 
     with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
         stream = container.streams.video[0]
         sar = stream.sample_aspect_ratio
         square = sar is None or sar.numerator == 0 or sar == 1
         frames, longest, run = 0, 0, 0
+        pts: list[int] = []
         for packet in container.demux(stream):
             if packet.size == 0 or packet.is_discard:
                 continue
             frames += 1
             run = 1 if packet.is_keyframe else run + 1
             longest = max(longest, run)
-    return frames, longest, square
+            if packet.pts is not None:
+                pts.append(packet.pts)
+    return frames, longest, square, not pts_uneven(pts)
 
 
 def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | None:
@@ -111,11 +117,11 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
             or v.rotation != 0 or v.width % 2 or v.height % 2):
         return None
     try:
-        frames, longest, square = keyframe_layout(source)
+        frames, longest, square, even = keyframe_layout(source)
     except Exception:  # noqa: BLE001 - anything odd about the file: normalise it instead
         return None
     expected, tolerance = _expected_frames(info, v.fps)
-    if not square or longest > 2 * settings.gop_frames or abs(frames - expected) > tolerance:
+    if not square or not even or longest > 2 * settings.gop_frames or abs(frames - expected) > tolerance:
         return None
     return frames
 
@@ -129,10 +135,10 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
             or v.width % 2 or v.height % 2 or not v.frame_count):
         return False
     try:
-        frames, _, square = keyframe_layout(source)
+        frames, _, square, even = keyframe_layout(source)
     except Exception:  # noqa: BLE001 - anything odd about the file: detect on the normalised template
         return False
-    return square and frames == v.frame_count
+    return square and even and frames == v.frame_count
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -185,7 +185,16 @@ def _is_variable(stream, fps: Fraction, pts: list[int]) -> bool:
         return True
     # Packets come in decode order: with B-frames the last few sampled pts leave gaps that later
     # packets would fill, so the tail (one reorder window) is not judged.
-    ordered = sorted(set(pts))[:-REORDER_WINDOW] if len(pts) >= VFR_SAMPLE_PACKETS else sorted(set(pts))
+    return pts_uneven(pts, skip_tail=REORDER_WINDOW if len(pts) >= VFR_SAMPLE_PACKETS else 0)
+
+
+def pts_uneven(pts: list[int], skip_tail: int = 0) -> bool:
+    """Whether presentation times (any order) are unevenly spaced: an interval off the median by
+    more than `VFR_TOLERANCE` (and a tick). `skip_tail`: the last times not judged (a sample cut
+    in decode order)."""
+    ordered = sorted(set(pts))
+    if skip_tail:
+        ordered = ordered[:-skip_tail]
     deltas = [b - a for a, b in zip(ordered, ordered[1:])]
     if len(deltas) < 2:
         return False
