@@ -251,6 +251,16 @@ class JobManager:
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         sha = self._model_hashes.get(key)
         if sha is None:
+            from cluster.models.adapter import external_data_files
+
+            # workers on other nodes receive the one file: weights kept beside it would be missing there
+            # (it would load on this node only, and fail on the others as if at random)
+            external = await asyncio.to_thread(external_data_files, str(path))
+            if external:
+                raise ModelLoadError(
+                    f"model file {path} keeps its weights in other files ({', '.join(external)}); save it as one "
+                    f"file to use it on every node: onnx.save(onnx.load(p), p, save_as_external_data=False)",
+                    path=str(path))
             sha = self._model_hashes[key] = await asyncio.to_thread(file_sha256, path)
         self.machine.blobs[sha] = str(path)
         return {"sha256": sha, "suffix": path.suffix or ".onnx", "node": ray.get_runtime_context().get_node_id()}

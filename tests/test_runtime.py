@@ -403,3 +403,20 @@ def test_the_live_registry_removes_ended_sessions_without_waiting_for_a_new_one(
         wait_until(gone, 30, 0.2, "the ended session's actor to be removed")
     finally:
         ray.kill(registry, no_restart=True)
+
+
+def test_a_model_with_its_weights_in_another_file_is_refused_by_name(runtime, tmp_path):
+    """A model saved with external data (`model.onnx` + `model.onnx.data`) would load on the job
+    manager's node and fail on every other (only the .onnx travels): refused everywhere, naming
+    the weights file and how to save the model as one file."""
+    import onnx
+
+    from cluster.errors import ModelLoadError
+    from tests.test_models import wav2lip_like
+
+    single = wav2lip_like(str(tmp_path / "one.onnx"), "audio_sequences", "face_sequences", "output", 96)
+    onnx.save(onnx.load(single), str(tmp_path / "split.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="split.onnx.data", size_threshold=0)
+    with pytest.raises(ModelLoadError, match=r"split\.onnx\.data.*save_as_external_data=False"):
+        runtime.call("model_blob", str(tmp_path / "split.onnx"))
+    assert runtime.call("model_blob", single)["sha256"]  # one file: fine

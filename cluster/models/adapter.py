@@ -209,6 +209,23 @@ def contract_from_file(path: str) -> _Contract:
     return resolve_contract(inputs, [_Arg(vi) for vi in m.graph.output], path)
 
 
+def external_data_files(path: str) -> list[str]:
+    """The files an ONNX model keeps its weights in besides itself (`save_as_external_data`: newer
+    exporters write `model.onnx.data` next to a large model), by their location in the model."""
+    import onnx
+
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf / IO errors
+        raise ModelLoadError(f"cannot read model {path} as ONNX: {exc}", path=path,
+                             cause=f"{type(exc).__name__}: {exc}") from exc
+    files = set()
+    for tensor in m.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(files)
+
+
 class LipSyncModel:
     """A loaded Wav2Lip-class model. Create with `LipSyncModel.load(path)`.
 
