@@ -37,7 +37,7 @@ def _close_code(url: str, send=None) -> tuple[int | None, str]:
             return e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else ""
 
 
-def test_create_refusals(service, live_avatar):
+def test_create_refusals(service, live_avatar, tmp_path):
     with _api(service) as api:
         r = api.post("/v1/sessions", json={"avatar_id": "ab" * 8})
         assert r.status_code == 404 and r.json()["error"]["code"] == "avatar.not_found"
@@ -61,8 +61,11 @@ def test_create_refusals(service, live_avatar):
     import shutil
     import sys
 
+    from cluster.synth import speech_like, write_audio
+
     lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
-    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", "unused.wav", "--rtmp",
+    audio = write_audio(str(tmp_path / "never-sent.wav"), speech_like(0.5, seed=2))  # checked before the session
+    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", audio, "--rtmp",
                           "rtmp://127.0.0.1/live/key", "--url", service.url, "--token", service.token],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "rtmp_url" in out.stderr and "non-public" in out.stderr, (out.returncode, out.stderr)
