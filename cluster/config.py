@@ -213,6 +213,13 @@ class Settings(BaseSettings):
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
 
+    @field_validator("worker_gpus", mode="after")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):  # Ray places fractions of one GPU only
+            raise ValueError(f"{v:g}: a share above 1 GPU must be a whole number (fractions only below 1)")
+        return v
+
     @field_validator("model", mode="after")
     @classmethod
     def _model_home(cls, v: str) -> str:

@@ -167,6 +167,8 @@ def size_pool(cpus: float, gpus: float, model_workers: int | None, compositors: 
     from cluster.errors import PlacementError
 
     n_workers = _asked_workers(gpus, model_workers, worker_gpus)
+    if model_workers is None:  # the default (one per GPU share) leaves a CPU for a compositor, as fit_pool does
+        n_workers = max(1, min(n_workers, int(cpus + 1e-9) - 1))
     per_worker = worker_gpus if gpus else 0.0
     if per_worker and n_workers * per_worker > gpus + 1e-9:
         raise PlacementError(f"{n_workers} model worker(s) need {n_workers * per_worker:g} GPU(s) "

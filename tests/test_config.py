@@ -30,3 +30,11 @@ def test_an_empty_storage_root_is_refused_and_a_model_under_home_is_expanded(mon
     assert Settings().model == str(Path.home() / "models" / "m.onnx")
     monkeypatch.setenv("LIPSYNC_MODEL", "builtin")
     assert Settings().model == "builtin"
+
+
+def test_a_gpu_share_above_one_must_be_whole(tmp_path):
+    """Ray places fractions of one GPU only: 1.5 was accepted and failed at placement."""
+    with pytest.raises(ValidationError, match="worker_gpus"):
+        Settings(storage_root=tmp_path, worker_gpus=1.5)
+    assert Settings(storage_root=tmp_path, worker_gpus=2).worker_gpus == 2
+    assert Settings(storage_root=tmp_path, worker_gpus=0.25).worker_gpus == 0.25

@@ -353,3 +353,14 @@ def test_workers_per_gpu_share_count_every_share():
     assert [_asked_workers(g, None, share) for g, share in ((1, 0.2), (1, 0.1), (2, 0.4), (3, 1), (1, 0.5))] == \
         [5, 10, 5, 3, 2]
     assert _asked_workers(4, 2, 0.2) == 2 and _asked_workers(0, None, 0.5) == 1
+
+
+def test_the_default_pool_on_more_gpus_than_cpus_leaves_a_cpu_for_a_compositor():
+    """8 GPUs and 4 CPUs: the default (one worker per GPU) was refused with "ask for fewer workers"
+    although none were asked for; it now takes 3 workers and 1 compositor, as the running pool would."""
+    from cluster.scheduling import fit_pool, size_pool
+
+    assert size_pool(4, 8, None, None, 1.0) == fit_pool(4, 8, None, None, 1.0)
+    assert (size_pool(4, 8, None, None, 1.0).model_workers, size_pool(4, 8, None, None, 1.0).compositors) == (3, 1)
+    with pytest.raises(Exception, match="fewer workers"):  # asked for: refused as before
+        size_pool(4, 8, 8, None, 1.0)
