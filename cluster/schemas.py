@@ -61,6 +61,7 @@ class VideoStreamInfo(BaseModel):
     rotation: int = 0     # degrees clockwise the player must rotate (0/90/180/270)
     variable_frame_rate: bool = False
     pix_fmt: str | None = None
+    hdr_transfer: str | None = None  # "smpte2084" (PQ) or "arib-std-b67" (HLG); None for SDR
 
     @property
     def fps(self) -> Fraction:

@@ -674,3 +674,39 @@ def test_a_template_that_drops_frames_late_is_not_taken_as_constant_rate(tmp_pat
     steady_info = probe(str(steady), settings)
     assert frames_map_one_to_one(str(steady), steady_info)  # the same clip without the gap: one for one
     assert reusable_as_is(str(steady), steady_info, settings) == 400
+
+
+def test_an_hdr_template_is_brought_to_sdr_or_refused_by_name(tmp_path, settings, monkeypatch):
+    """A phone's default video is HDR (HLG, 10-bit, BT.2020): cut to 8 bits as it was, it played washed
+    out. It is tone-mapped to SDR BT.709 when normalised (never used as is, nor its faces found on its
+    own frames), and refused with its transfer named where ffmpeg has no zscale/tonemap."""
+    import cv2
+
+    from cluster.errors import InputError
+    from cluster.media import normalize as normalize_module
+    from cluster.media.normalize import frames_map_one_to_one, reusable_as_is
+
+    sdr = tmp_path / "sdr.png"
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=1", "-frames:v", "1", str(sdr)],
+               timeout=60, settings=settings)
+    hlg = tmp_path / "hlg.mp4"
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=1",
+                "-vf", "zscale=tin=bt709:min=bt709:pin=bt709:t=arib-std-b67:m=bt2020nc:p=bt2020:r=tv,"
+                "format=yuv420p10le",
+                "-c:v", "libx264", "-g", "10", "-color_trc", "arib-std-b67", "-color_primaries", "bt2020",
+                "-colorspace", "bt2020nc", str(hlg)], timeout=60, settings=settings)
+    info = probe(str(hlg), settings)
+    assert info.video.hdr_transfer == "arib-std-b67"
+    assert not frames_map_one_to_one(str(hlg), info) and reusable_as_is(str(hlg), info, settings) is None
+    template = normalize_template(str(hlg), settings)
+    assert template.info.video.pix_fmt == "yuv420p" and template.info.video.hdr_transfer is None
+    with av.open(template.path) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="bgr24").astype(float)
+    reference = cv2.imread(str(sdr)).astype(float)
+    assert np.abs(first - reference).mean() < 25  # the SDR picture the HLG clip was made from
+    monkeypatch.setattr(normalize_module, "ffmpeg_has_filters", lambda *names, settings=None: False)
+    other = tmp_path / "hlg-2.mp4"
+    other.write_bytes(hlg.read_bytes() + b"\0")  # another content id: not the cached template
+    with pytest.raises(InputError, match="HDR video .transfer arib-std-b67.") as refused:
+        normalize_template(str(other), settings)
+    assert refused.value.code == "input.unsupported" and refused.value.path == str(other)

@@ -319,6 +319,26 @@ def _encoders(binary: str, timeout: float) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=8)
+def _filters(binary: str, timeout: float) -> frozenset[str]:
+    try:
+        out = subprocess.run([binary, "-hide_banner", "-nostdin", "-filters"], capture_output=True,
+                             timeout=timeout, check=True).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MediaError(f"cannot list the filters of ffmpeg ({binary}): {exc}",
+                         stage="ffmpeg", cause=str(exc)) from exc
+    # lines look like " .S zscale   V->V   Apply resizing ..." (flags, name, in->out, text)
+    return frozenset(parts[1] for line in out.splitlines()
+                     if len(parts := line.split()) >= 3 and "->" in parts[2])
+
+
+def ffmpeg_has_filters(*names: str, settings: Settings | None = None) -> bool:
+    """Whether the resolved ffmpeg binary has every filter in `names` (e.g. `zscale`); cached."""
+    s = settings or get_settings()
+    have = _filters(ffmpeg_binary(s), s.probe_timeout_s)
+    return all(n in have for n in names)
+
+
 def ffmpeg_has_encoder(name: str, settings: Settings | None = None) -> bool:
     """Whether the resolved ffmpeg binary has encoder `name` (e.g. `h264_nvenc`); cached."""
     s = settings or get_settings()

@@ -17,7 +17,7 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
 from cluster.fsutil import file_sha256, publish
-from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
+from cluster.media.ffmpeg import ffmpeg_has_filters, file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.schemas import MediaInfo
 
@@ -114,7 +114,7 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     `2 * gop_frames` frames), so it is used as is instead of re-encoded; None otherwise."""
     v = info.video
     if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
-            or v.rotation != 0 or v.width % 2 or v.height % 2):
+            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer):
         return None
     try:
         frames, longest, square, even = keyframe_layout(source)
@@ -132,13 +132,34 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
     its faces can be found on the source's own frames while ffmpeg re-encodes it (for short GOPs)."""
     v = info.video
     if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
-            or v.width % 2 or v.height % 2 or not v.frame_count):
+            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer):
         return False
     try:
         frames, _, square, even = keyframe_layout(source)
     except Exception:  # noqa: BLE001 - anything odd about the file: detect on the normalised template
         return False
     return square and even and frames == v.frame_count
+
+
+#: HDR (PQ or HLG) to SDR BT.709: linear light, BT.709 primaries, Mobius's curve (linear up to 70 % of
+#: the peak, highlights above compressed: an HLG round trip of an SDR picture comes back within 16 levels
+#: on average, where Hable's curve darkened it by a third), BT.709 transfer, limited range
+TONEMAP_TO_SDR = ("zscale=t=linear:npl=100,format=gbrpf32le,zscale=p=bt709,tonemap=tonemap=mobius:param=0.7:desat=0,"
+                  "zscale=t=bt709:m=bt709:r=tv,")
+
+
+def sdr_filters(source: str, info: MediaInfo, settings: Settings) -> str:
+    """The filters that bring an HDR template (a phone's default HLG, PQ) to SDR, as the output is
+    (8-bit BT.709: cut to 8 bits without them, it plays washed out); "" for SDR. An ffmpeg without
+    `zscale` and `tonemap` cannot: the template is refused, saying how to convert it."""
+    transfer = info.video.hdr_transfer if info.video else None
+    if transfer is None:
+        return ""
+    if not ffmpeg_has_filters("zscale", "tonemap", settings=settings):
+        raise InputError(f"template {source} is HDR video (transfer {transfer}) and this server's ffmpeg has no "
+                         f"zscale/tonemap filters to bring it to SDR; convert it to SDR (BT.709) first, or set "
+                         f"LIPSYNC_FFMPEG to an ffmpeg with zimg", code="input.unsupported", path=source)
+    return TONEMAP_TO_SDR
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -189,7 +210,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
         return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source, cached=False)
     fps = target_fps(src_info)
     fps_arg = f"{fps.numerator}/{fps.denominator}"
-    vf = (f"fps={fps_arg},"
+    vf = (f"fps={fps_arg},{sdr_filters(source, src_info, s)}"
           "scale=trunc(iw*sar/2)*2:trunc(ih/2)*2,setsar=1,format=yuv420p")
     fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
     os.close(fd)

@@ -37,6 +37,8 @@ UNSAFE_SIGNATURES = (b"#extm3u", b"#ext-x-", b"ffconcat", b"[playlist]", b"v=0",
 #: Demuxers that read other files or URLs; refused even if the sniffing missed them.
 UNSAFE_FORMATS = frozenset({"hls", "applehttp", "concat", "ffconcat", "sdp", "rtp", "rtsp", "dash",
                             "image2", "image2pipe", "tee", "data", "ffmetadata", "mpd"})
+#: Transfer characteristics (AVColorTransferCharacteristic) of HDR video: a phone's default HLG, PQ.
+HDR_TRANSFERS = {16: "smpte2084", 18: "arib-std-b67"}
 #: Video packets demuxed to measure frame-rate variability.
 VFR_SAMPLE_PACKETS = 120
 #: Tolerated relative deviation of a frame interval from the median before a file counts as VFR.
@@ -241,7 +243,7 @@ def _video_info(path: str, container, stream, container_duration: float,
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
-                           pix_fmt=pix_fmt)
+                           pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)))
 
 
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
