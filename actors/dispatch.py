@@ -21,7 +21,7 @@ from actors.supervision import Supervisor, TaskSet
 from cluster import logs
 from cluster.config import Settings
 from cluster.errors import ChunkFailed, LipsyncError, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
-from cluster.resources import as_disk_full, is_disk_full
+from cluster.resources import as_typed
 from cluster.scheduling import FairQueue, Health, Member
 from cluster.schemas import Chunk
 
@@ -119,12 +119,8 @@ class Dispatcher:
                           "failed" if isinstance(e, LipsyncError) else "internal error")
             if job is not None and not job.finished:  # a typed error, or a full disk while the chunk was
                 # recorded, ends the job as itself (`resource.disk`); anything else as an internal error
-                if is_disk_full(e):
-                    err = as_disk_full(e, "render", job_id)
-                elif isinstance(e, LipsyncError):
-                    err = e
-                else:
-                    err = RenderError(f"internal error on chunk {chunk.index}: {e!r}", cause=repr(e))
+                err = as_typed(e, "render", job_id) or RenderError(f"internal error on chunk {chunk.index}: {e!r}",
+                                                                   cause=repr(e))
                 machine.fail(job_id, err.with_context(chunk=chunk.index))
         finally:
             await self.pool.compositors.release(member, ok=ok)

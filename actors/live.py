@@ -444,8 +444,8 @@ class LiveSessionActor:
         if session is None:
             if self.final is not None:
                 return time.time() - float(self.final.get("ended_wall", time.time()))
-            if self.lost is not None:  # a takeover that failed ended the session then
-                return time.monotonic() - (self.lost_at if self.lost_at is not None else time.monotonic())
+            if self.lost_at is not None:  # a takeover that failed ended the session then
+                return time.monotonic() - self.lost_at
             return None
         if not session.ended:
             return None

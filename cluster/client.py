@@ -468,29 +468,36 @@ class Client(_Base):
         return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
 
 
+class _SseParser:
+    """Server-Sent Events, line by line: one parser for the sync and the async streams. `feed`
+    answers (event type, data) when a line completes an event, else None."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if line == "":
+            done = (self.event, "\n".join(self.data)) if self.data else None
+            self.event, self.data = "message", []
+            return done
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].lstrip())
+        return None
+
+
 def _sse_events(lines) -> Iterator[tuple[str, str]]:
     """(event type, data) of each Server-Sent Event."""
-    event, data = "message", []
+    parser = _SseParser()
     for line in lines:
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
+        if (done := parser.feed(line)) is not None:
+            yield done
 
 
 def _parse_sse(lines) -> Iterator[JobView]:
-    data: list[str] = []
-    for line in lines:
-        if line == "":
-            if data:
-                yield JobView.model_validate_json("\n".join(data))
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
+    for _, data in _sse_events(lines):
+        yield JobView.model_validate_json(data)
 
 
 class _Bar:
@@ -642,15 +649,11 @@ class AsyncClient(_Base):
             if r.status_code != 200:
                 await r.aread()
                 raise ApiError.from_response(r)
-            data: list[str] = []
+            parser = _SseParser()
             with deadline.reads():
                 async for line in r.aiter_lines():
-                    if line == "":
-                        if data:
-                            yield JobView.model_validate_json("\n".join(data))
-                            data = []
-                    elif line.startswith("data:"):
-                        data.append(line[5:].lstrip())
+                    if (done := parser.feed(line)) is not None:
+                        yield JobView.model_validate_json(done[1])
                     deadline.check()
 
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
@@ -661,18 +664,12 @@ class AsyncClient(_Base):
             if r.status_code != 200:
                 await r.aread()
                 raise ApiError.from_response(r)
-            event, data = "message", []
+            parser = _SseParser()
             with deadline.reads():
                 async for line in r.aiter_lines():
-                    if line == "":
-                        if data and event == "segment":
-                            segment = HlsSegment.model_validate_json("\n".join(data))
-                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                        event, data = "message", []
-                    elif line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].lstrip())
+                    if (done := parser.feed(line)) is not None and done[0] == "segment":
+                        segment = HlsSegment.model_validate_json(done[1])
+                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
                     deadline.check()
 
     async def fetch(self, segment: HlsSegment) -> bytes:

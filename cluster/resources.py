@@ -150,6 +150,14 @@ def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | Non
     return DiskFull(f"the disk filled up{where}: {exc}", cause=cause[-2000:], **info)
 
 
+def as_typed(exc: BaseException, stage: str | None = None, job_id: str | None = None) -> LipsyncError | None:
+    """`exc` as one of our typed errors: a full disk as `DiskFull` (whatever raised it), ours as
+    itself; None for anything else (the caller says what that is)."""
+    if is_disk_full(exc):
+        return as_disk_full(exc, stage, job_id)
+    return exc if isinstance(exc, LipsyncError) else None
+
+
 def disk_full_guard(stage: str) -> Callable[[F], F]:
     """Decorate a render step taking (job_id | plan, ...): a full disk becomes `DiskFull`."""
     def wrap(fn: F) -> F:

@@ -82,19 +82,24 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     s = settings or get_settings()
     source = str(video_path)
     template_id = content_id(source)
-    stored = _read_stored(template_id, s)
-    if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
-        telemetry.emit("avatar_cache", result="hit")
+    if (stored := _cached(template_id, s)) is not None:
         return stored
     # one preparation of a template at a time (the jobs of a batch share one): a second waits, then
     # reads what the first stored, instead of normalising again and replacing its files under it
     with _preparing(template_id, s):
-        stored = _read_stored(template_id, s)
-        if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
-            telemetry.emit("avatar_cache", result="hit")
+        if (stored := _cached(template_id, s)) is not None:
             return stored
         telemetry.emit("avatar_cache", result="miss")
         return _prepare(source, template_id, s, detector)
+
+
+def _cached(template_id: str, s: Settings) -> Avatar | None:
+    """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None."""
+    stored = _read_stored(template_id, s)
+    if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
+        telemetry.emit("avatar_cache", result="hit")
+        return stored
+    return None
 
 
 @contextlib.contextmanager

@@ -37,12 +37,11 @@ log = logging.getLogger("lipsync.live")
 def _error_info(exc: BaseException, stage: str) -> dict:
     """A session's error from any exception: ours as it is, a full disk as `resource.disk`,
     anything else as `live.internal`; each with the stage it happened in."""
-    from cluster.resources import as_disk_full, is_disk_full
+    from cluster.resources import as_typed
 
-    if is_disk_full(exc):
-        exc = as_disk_full(exc, stage)
-    if isinstance(exc, LipsyncError):
-        return exc.with_context(stage=stage).to_info().model_dump()
+    typed = as_typed(exc, stage)
+    if typed is not None:
+        return typed.with_context(stage=stage).to_info().model_dump()
     path = getattr(exc, "filename2", None) or getattr(exc, "filename", None)  # an OSError's files
     return {"code": "live.internal", "message": f"{stage}: {type(exc).__name__}: {exc}"[:2000], "stage": stage,
             "path": str(path) if path is not None else None}

@@ -302,16 +302,21 @@ def run_ffmpeg(args: list[str], *, timeout: float, settings: Settings | None = N
         return subprocess.CompletedProcess(run.cmd, run.proc.returncode, stdout, run.stderr_tail().encode())
 
 
+@functools.lru_cache(maxsize=16)
+def _listing(binary: str, timeout: float, what: str) -> str:
+    """The output of `ffmpeg -<what>` (`encoders`, `filters`); cached per binary."""
+    try:
+        return subprocess.run([binary, "-hide_banner", "-nostdin", f"-{what}"], capture_output=True,
+                              timeout=timeout, check=True).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MediaError(f"cannot list the {what} of ffmpeg ({binary}): {exc}",
+                         stage="ffmpeg", cause=str(exc)) from exc
+
+
 @functools.lru_cache(maxsize=8)
 def _encoders(binary: str, timeout: float) -> frozenset[str]:
-    try:
-        out = subprocess.run([binary, "-hide_banner", "-nostdin", "-encoders"], capture_output=True,
-                             timeout=timeout, check=True).stdout.decode("utf-8", "replace")
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise MediaError(f"cannot list the encoders of ffmpeg ({binary}): {exc}",
-                         stage="ffmpeg", cause=str(exc)) from exc
     names = set()
-    for line in out.splitlines():
+    for line in _listing(binary, timeout, "encoders").splitlines():
         parts = line.split()
         # lines look like " V....D libx264  libx264 H.264 ..."; the legend ends at "------"
         if len(parts) >= 2 and len(parts[0]) == 6 and parts[0][0] in "VAS" and parts[1] != "=":
@@ -321,14 +326,8 @@ def _encoders(binary: str, timeout: float) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=8)
 def _filters(binary: str, timeout: float) -> frozenset[str]:
-    try:
-        out = subprocess.run([binary, "-hide_banner", "-nostdin", "-filters"], capture_output=True,
-                             timeout=timeout, check=True).stdout.decode("utf-8", "replace")
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise MediaError(f"cannot list the filters of ffmpeg ({binary}): {exc}",
-                         stage="ffmpeg", cause=str(exc)) from exc
     # lines look like " .S zscale   V->V   Apply resizing ..." (flags, name, in->out, text)
-    return frozenset(parts[1] for line in out.splitlines()
+    return frozenset(parts[1] for line in _listing(binary, timeout, "filters").splitlines()
                      if len(parts := line.split()) >= 3 and "->" in parts[2])
 
 
