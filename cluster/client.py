@@ -9,11 +9,13 @@
     job.wait(progress=True, timeout=600)
     job.download("out.mp4")
 
-Typed with the server's pydantic models (`cluster.schemas`). Connection errors, 429 and 503 are
-retried with exponential backoff (honouring Retry-After); other errors raise `ApiError` carrying
-the server's error code. Local files are uploaded (multipart, streamed); `http(s)://` URLs and
-server paths (under the server's input roots) are passed as such. Imports neither ray nor
-onnxruntime.
+Typed with the server's pydantic models (`cluster.schemas`). Refusals that did nothing (429, 503)
+and connections that could not be opened are retried with exponential backoff (honouring
+Retry-After); requests that are safe to repeat (reads, and submissions, which carry an id) also
+on broken connections and gateway errors. Every other error raises `ApiError` carrying the
+server's error code (`connection.failed` / `connection.timeout` when no answer came). Local
+files are uploaded (multipart, streamed from disk); `http(s)://` URLs and server paths (under
+the server's input roots) are passed as such. Imports neither ray nor onnxruntime.
 """
 from __future__ import annotations
 
@@ -107,6 +109,66 @@ class _Partial:
         self.tag.unlink(missing_ok=True)
 
 
+class _Download:
+    """One download of a job's result to `path`, shared by both clients: what each answer of
+    `GET /v1/jobs/<id>/result` means (`verdict`), the partial file it resumes, the length it checks."""
+
+    def __init__(self, job_id: str, path: str | os.PathLike) -> None:
+        self.job_id = job_id
+        dest = Path(path).expanduser()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = _Partial(dest)
+        self.size: int | None = None
+        self.have = 0
+
+    def headers(self) -> dict[str, str]:
+        """The next request's headers (resuming what the partial file holds)."""
+        self.have, headers = self.partial.resume()
+        return headers
+
+    def verdict(self, r: httpx.Response, attempt: int, retries: int) -> str:
+        """`done` (the partial file is the whole result), `again` (it was longer than the result: it
+        is gone, ask again), `retry` (an overload answer: wait, ask again), `write` (write the body to
+        `open()`); any other answer raises its `ApiError` (an error answer's body read first)."""
+        if r.status_code == 416 and self.have:  # the partial file may already be complete
+            total = r.headers.get("content-range", "").rpartition("/")[2]
+            if re.fullmatch(r"[0-9]{1,19}", total) and int(total) == self.have:
+                self.size = self.have
+                return "done"
+            self.partial.discard()
+            return "again"
+        if r.status_code not in (200, 206):
+            if r.status_code in RETRY_STATUS and attempt < retries:
+                return "retry"
+            raise ApiError.from_response(r)
+        if r.status_code == 200:
+            self.have = 0
+            length = r.headers.get("content-length", "")
+            self.size = int(length) if re.fullmatch(r"[0-9]{1,19}", length) else None
+        else:
+            self.size = int(r.headers["content-range"].rsplit("/", 1)[1])
+        return "write"
+
+    def open(self, r: httpx.Response):
+        return self.partial.open(r.headers.get("etag"), self.have)
+
+    def complete(self, stream_ended: bool) -> bool:
+        """The partial file holds the whole result (its announced length; without one, a body
+        that ended cleanly)."""
+        got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
+        return got == self.size if self.size is not None else stream_ended
+
+    def finish(self) -> Path:
+        got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
+        if self.size is not None and got != self.size:
+            raise ApiError(0, "download.incomplete", f"job {self.job_id}: got {got} bytes of {self.size}")
+        self.partial.done()
+        return self.partial.dest
+
+    def failed(self, e: Exception) -> ApiError:
+        return ApiError(0, "connection.failed", f"download of {self.job_id} failed: {e!r}")
+
+
 class _Deadline:
     """The deadline of an event stream (`timeout` seconds from now; None: none): the stream's
     reads wait no longer than it (`http`), each line checks it (`lines`, `check`), and a read
@@ -147,12 +209,38 @@ def _is_local_file(value: str | os.PathLike) -> bool:
 
 
 def _retryable(r: httpx.Response, idempotent: bool) -> bool:
-    """Worth sending again: overload answers (429/502/503/504), and, for a request that is safe to
-    repeat, a bare 500 that is not our error envelope (the Serve proxy's answer when the ingress
-    replica died under the request)."""
-    if r.status_code in RETRY_STATUS:
+    """Worth sending again: a refusal that did nothing (429, 503: overloaded, or not ready yet), and,
+    for a request that is safe to repeat, a gateway's 502/504 (the request may have been carried
+    out behind it) and a bare 500 that is not our error envelope (the Serve proxy's answer when the
+    ingress replica died under the request)."""
+    if r.status_code in (429, 503):
         return True
-    return idempotent and r.status_code == 500 and ApiError.from_response(r).code == "http.500"
+    if not idempotent:
+        return False
+    return r.status_code in (502, 504) or (r.status_code == 500 and ApiError.from_response(r).code == "http.500")
+
+
+# The request never reached the server: sending it again is safe whatever it does.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The request may have reached the server (and been carried out): sent again only when safe to repeat.
+_MAYBE_SENT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.WriteTimeout)
+
+
+def _retryable_error(e: httpx.TransportError, idempotent: bool) -> bool:
+    return isinstance(e, _NOT_SENT) or (idempotent and isinstance(e, _MAYBE_SENT))
+
+
+def _connection_error(e: Exception | None, url: str, method: str, path: str, idempotent: bool) -> ApiError:
+    """The ApiError of a request that got no answer: `connection.timeout` or `connection.failed`,
+    saying whether the server may have carried it out."""
+    code = "connection.timeout" if isinstance(e, httpx.TimeoutException) else "connection.failed"
+    maybe = "" if idempotent or isinstance(e, _NOT_SENT) else (
+        "; the request may have reached the server: check its state before sending it again")
+    return ApiError(0, code, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
+
+
+def _wait_timeout(job_id: str, view: JobView | None, limit: float) -> WaitTimeout:
+    return WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after {limit:.0f} s")
 
 
 def _within(deadline: float, timeout: float) -> float:
@@ -166,6 +254,28 @@ def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
         if re.fullmatch(r"[0-9]{1,6}", ra):
             return min(float(ra), 30.0)
     return min(base * 2 ** attempt, 15.0) * (0.5 + random.random() / 2)
+
+
+class _Uploads:
+    """Local files of a request, opened anew for each attempt (a retry sends them again from their
+    start) and streamed from disk by both clients; `close` (in a `finally`) closes the last ones."""
+
+    def __init__(self, files: dict[str, str | os.PathLike], data: dict | None = None) -> None:
+        self.files, self.data, self.handles = files, data, []
+
+    def __call__(self) -> dict:
+        self.close()
+        parts = {}
+        for k, v in self.files.items():
+            h = open(Path(v).expanduser(), "rb")
+            self.handles.append(h)
+            parts[k] = (Path(v).name, h, "application/octet-stream")
+        return {"files": parts} if self.data is None else {"files": parts, "data": self.data}
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.close()
+        self.handles.clear()
 
 
 def _form(audio, video, avatar, options: dict[str, Any]):
@@ -260,8 +370,11 @@ class Client(_Base):
 
     def request(self, method: str, path: str, *, ok=(200,), rewind: Callable[[], dict] | None = None,
                 idempotent: bool | None = None, deadline: float | None = None, **kw) -> httpx.Response:
-        """One API call, retried on connection errors and 429/502/503/504 with backoff (and on a
-        bare 500 when the call is safe to repeat: GET/HEAD/DELETE, or a submission with an id)."""
+        """One API call, retried with backoff (honouring Retry-After) on a refusal that did nothing
+        (429, 503) and on a connection that could not be opened; a call that is safe to repeat
+        (GET/HEAD/DELETE, or a submission with an id) also on a broken or timed-out connection, a
+        gateway's 502/504 and a bare 500. No answer: `ApiError` `connection.failed` or
+        `connection.timeout`."""
         idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -272,7 +385,9 @@ class Client(_Base):
                 if deadline is not None:  # no attempt, and no wait between them, past the caller's deadline
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
+            except httpx.TransportError as e:
+                if not _retryable_error(e, idempotent):
+                    raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
                 if r.status_code in ok:
@@ -283,11 +398,11 @@ class Client(_Base):
             if attempt < self.retries:
                 delay = _retry_delay(attempt, r, self.backoff_s)
                 if deadline is not None and time.monotonic() + delay >= deadline:
-                    break
+                    raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
                 time.sleep(delay)
         if isinstance(last, ApiError):
             raise last
-        raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
+        raise _connection_error(last, self.url, method, path, idempotent)
 
     def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None, avatar: str | None = None,
                *, id: str | None = None, sync_mode: str | None = None, model: str | None = None,
@@ -298,24 +413,11 @@ class Client(_Base):
         if body is not None:
             r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
         else:
-            handles: list = []
-
-            def rewind() -> dict:  # re-open the files on each attempt (a retry re-sends them)
-                for h in handles:
-                    h.close()
-                handles.clear()
-                parts = {}
-                for k, v in files.items():
-                    h = open(Path(v).expanduser(), "rb")
-                    handles.append(h)
-                    parts[k] = (Path(v).name, h, "application/octet-stream")
-                return {"files": parts, "data": data}
-
+            uploads = _Uploads(files, data)
             try:
-                r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=rewind)
+                r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads)
             finally:
-                for h in handles:
-                    h.close()
+                uploads.close()
         return Job(self, JobAccepted.model_validate(r.json()))
 
     def job(self, job_id: str) -> Job:
@@ -371,7 +473,8 @@ class Client(_Base):
              raise_on_failure: bool = True) -> JobView:
         """Follow the job (SSE; polling when the stream breaks) until it ends; `JobFailed` for a failed
         or cancelled job (unless `raise_on_failure=False`), `WaitTimeout` past `timeout`."""
-        deadline = time.monotonic() + (timeout if timeout is not None else 6 * 3600)
+        limit = timeout if timeout is not None else 6 * 3600
+        deadline = time.monotonic() + limit
         bar = _Bar(progress)
         view = None
         try:
@@ -385,9 +488,11 @@ class Client(_Base):
                     raise
             while view is None or not view.state.terminal:
                 if time.monotonic() > deadline:
-                    raise WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after "
-                                      f"{timeout if timeout is not None else 6 * 3600:.0f} s")
-                view = self.get(job_id, deadline=deadline)
+                    raise _wait_timeout(job_id, view, limit)
+                try:
+                    view = self.get(job_id, deadline=deadline)
+                except WaitTimeout as e:  # no answer before the deadline
+                    raise _wait_timeout(job_id, view, limit) from e
                 bar.show(view)
                 if not view.state.terminal:
                     time.sleep(poll_s)
@@ -398,58 +503,44 @@ class Client(_Base):
         return view
 
     def download(self, job_id: str, path: str | os.PathLike) -> Path:
-        """Fetch the output mp4 to `path`: resumes a partial `<path>.part` with Range, checks the
-        length against the server's, renames into place when complete."""
-        dest = Path(path).expanduser()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = _Partial(dest)
-        part = partial.part
-        size = None
+        """Fetch the output mp4 to `path`: resumes a partial `<path>.part` with Range (for the same
+        result only), retries overload answers and broken connections, checks the length against
+        the server's, renames into place when complete."""
+        dl = _Download(job_id, path)
+        done = False
         for attempt in range(self.retries + 1):
-            have, headers = partial.resume()
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
-                    if r.status_code == 416 and have:  # the partial file may already be complete
-                        total = r.headers.get("content-range", "").rpartition("/")[2]
-                        if re.fullmatch(r"[0-9]{1,19}", total) and int(total) == have:
-                            size = have
-                            break
-                        partial.discard()  # longer than the result: start over
-                        continue
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
                     if r.status_code not in (200, 206):
                         r.read()
-                        err = ApiError.from_response(r)
-                        if r.status_code in RETRY_STATUS and attempt < self.retries:
-                            time.sleep(_retry_delay(attempt, r, self.backoff_s))
-                            continue
-                        raise err
-                    if r.status_code == 200:
-                        have = 0
-                        size = int(r.headers["content-length"])
-                    else:
-                        size = int(r.headers["content-range"].rsplit("/", 1)[1])
-                    with partial.open(r.headers.get("etag"), have) as f:
-                        for block in r.iter_bytes(1 << 16):
-                            f.write(block)
-                if part.stat().st_size == size:
+                    verdict = dl.verdict(r, attempt, self.retries)
+                    if verdict == "write":
+                        with dl.open(r) as f:
+                            for block in r.iter_bytes(1 << 16):
+                                f.write(block)
+                if verdict == "retry":
+                    time.sleep(_retry_delay(attempt, r, self.backoff_s))
+                    continue
+                if verdict == "done" or (verdict == "write" and dl.complete(stream_ended=True)):
+                    done = True
                     break
             except httpx.TransportError as e:
                 if attempt >= self.retries:
-                    raise ApiError(0, "connection.failed", f"download of {job_id} failed: {e!r}") from e
+                    raise dl.failed(e) from e
                 time.sleep(_retry_delay(attempt, None, self.backoff_s))
-        got = part.stat().st_size if part.exists() else 0
-        if size is None or got != size:
-            raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
-        partial.done()
-        return dest
+        if not done and dl.size is None:
+            raise ApiError(0, "download.incomplete", f"job {job_id}: no complete answer in {self.retries + 1} tries")
+        return dl.finish()
 
     def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         """Prepare a template once (`POST /v1/avatars`; a local file is uploaded, else a URL);
         then `submit(audio, avatar=view.id)`."""
         if _is_local_file(video):
-            def rewind() -> dict:
-                return {"files": {"video": (Path(video).name, open(Path(video).expanduser(), "rb"))}}
-            r = self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+            uploads = _Uploads({"video": video})
+            try:
+                r = self.request("POST", "/v1/avatars", ok=(201,), rewind=uploads, timeout=max(self.timeout, 900))
+            finally:
+                uploads.close()
         else:
             r = self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
                              timeout=max(self.timeout, 900))
@@ -460,12 +551,21 @@ class Client(_Base):
 
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
-        body = {"audios": audios, "video": video, "avatar_id": avatar, **options}
-        r = self.request("POST", "/v1/batches", ok=(202,), json={k: v for k, v in body.items() if v is not None})
+        """Many audios (server paths or URLs) against one template or avatar; its jobs are
+        `<batch id>--000`, `--001`, ... (an id chosen here, unless given: safe to retry)."""
+        r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
+                         json=_batch_body(audios, video, avatar, options))
         return BatchView.model_validate(r.json())
 
     def batch(self, batch_id: str) -> BatchView:
         return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
+
+
+def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any]) -> dict:
+    body = {"audios": [str(a) for a in audios], "video": None if video is None else str(video),
+            "avatar_id": avatar, **options}
+    body["id"] = body.get("id") or uuid.uuid4().hex
+    return {k: v for k, v in body.items() if v is not None}
 
 
 class _SseParser:
@@ -495,9 +595,13 @@ def _sse_events(lines) -> Iterator[tuple[str, str]]:
             yield done
 
 
+STATUS_EVENTS = ("status", "message")  # the events that carry a JobView; others (a newer server's) are skipped
+
+
 def _parse_sse(lines) -> Iterator[JobView]:
-    for _, data in _sse_events(lines):
-        yield JobView.model_validate_json(data)
+    for event, data in _sse_events(lines):
+        if event in STATUS_EVENTS:
+            yield JobView.model_validate_json(data)
 
 
 class _Bar:
@@ -543,8 +647,9 @@ class AsyncJob:
         """Each finished HLS segment (absolute `url`) as it is published, until the job ends."""
         return self.client.segments(self.id, timeout=timeout)
 
-    async def wait(self, timeout: float | None = None, poll_s: float = 1.0, raise_on_failure: bool = True) -> JobView:
-        self.view = await self.client.wait(self.id, timeout=timeout, poll_s=poll_s,
+    async def wait(self, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
+                   raise_on_failure: bool = True) -> JobView:
+        self.view = await self.client.wait(self.id, progress=progress, timeout=timeout, poll_s=poll_s,
                                            raise_on_failure=raise_on_failure)
         return self.view
 
@@ -587,7 +692,9 @@ class AsyncClient(_Base):
                 if deadline is not None:
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = await self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as e:
+            except httpx.TransportError as e:
+                if not _retryable_error(e, idempotent):
+                    raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
                 if r.status_code in ok:
@@ -598,11 +705,11 @@ class AsyncClient(_Base):
             if attempt < self.retries:
                 delay = _retry_delay(attempt, r, self.backoff_s)
                 if deadline is not None and time.monotonic() + delay >= deadline:
-                    break
+                    raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
                 await asyncio.sleep(delay)
         if isinstance(last, ApiError):
             raise last
-        raise ApiError(0, "connection.failed", f"cannot reach {self.url}: {last!r}")
+        raise _connection_error(last, self.url, method, path, idempotent)
 
     async def submit(self, audio: str | os.PathLike, video: str | os.PathLike | None = None,
                      avatar: str | None = None, *, id: str | None = None, sync_mode: str | None = None,
@@ -613,21 +720,40 @@ class AsyncClient(_Base):
         if body is not None:
             r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
         else:
-            def rewind() -> dict:  # small bodies are read whole; Client streams large files
-                return {"files": {k: (Path(v).name, Path(v).expanduser().read_bytes(), "application/octet-stream")
-                                  for k, v in files.items()}, "data": data}
-
-            r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=rewind)
+            uploads = _Uploads(files, data)
+            try:
+                r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads)
+            finally:
+                uploads.close()
         return AsyncJob(self, JobAccepted.model_validate(r.json()))
+
+    async def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, await self.get(job_id))
+
+    async def avatar(self, avatar_id: str) -> AvatarView:
+        return AvatarView.model_validate((await self.request("GET", f"/v1/avatars/{avatar_id}")).json())
+
+    async def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
+                           **options) -> BatchView:
+        """The async twin of `Client.submit_batch`."""
+        r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
+                               json=_batch_body(audios, video, avatar, options))
+        return BatchView.model_validate(r.json())
+
+    async def batch(self, batch_id: str) -> BatchView:
+        return BatchView.model_validate((await self.request("GET", f"/v1/batches/{batch_id}")).json())
 
     async def get(self, job_id: str, deadline: float | None = None) -> JobView:
         return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline)).json())
 
     async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         if _is_local_file(video):
-            def rewind() -> dict:
-                return {"files": {"video": (Path(video).name, Path(video).expanduser().read_bytes())}}
-            r = await self.request("POST", "/v1/avatars", ok=(201,), rewind=rewind, timeout=max(self.timeout, 900))
+            uploads = _Uploads({"video": video})
+            try:
+                r = await self.request("POST", "/v1/avatars", ok=(201,), rewind=uploads,
+                                       timeout=max(self.timeout, 900))
+            finally:
+                uploads.close()
         else:
             r = await self.request("POST", "/v1/avatars", ok=(201,), json={"video": str(video)},
                                    timeout=max(self.timeout, 900))
@@ -652,7 +778,7 @@ class AsyncClient(_Base):
             parser = _SseParser()
             with deadline.reads():
                 async for line in r.aiter_lines():
-                    if (done := parser.feed(line)) is not None:
+                    if (done := parser.feed(line)) is not None and done[0] in STATUS_EVENTS:
                         yield JobView.model_validate_json(done[1])
                     deadline.check()
 
@@ -679,57 +805,65 @@ class AsyncClient(_Base):
             raise ApiError.from_response(r)
         return r.content
 
-    async def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0,
+    async def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
                    raise_on_failure: bool = True) -> JobView:
-        deadline = time.monotonic() + (timeout if timeout is not None else 6 * 3600)
+        """The async twin of `Client.wait`."""
+        limit = timeout if timeout is not None else 6 * 3600
+        deadline = time.monotonic() + limit
+        bar = _Bar(progress)
         view = None
         try:
-            async for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
-                if view.state.terminal:
-                    break
-        except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
-            if isinstance(e, ApiError) and e.status == 404:
-                raise
-        while view is None or not view.state.terminal:
-            if time.monotonic() > deadline:
-                raise WaitTimeout(f"job {job_id} not finished after {timeout:.0f} s")
-            view = await self.get(job_id, deadline=deadline)
-            if not view.state.terminal:
-                await asyncio.sleep(poll_s)
+            try:
+                async for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
+                    bar.show(view)
+                    if view.state.terminal:
+                        break
+            except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
+                if isinstance(e, ApiError) and e.status == 404:
+                    raise
+            while view is None or not view.state.terminal:
+                if time.monotonic() > deadline:
+                    raise _wait_timeout(job_id, view, limit)
+                try:
+                    view = await self.get(job_id, deadline=deadline)
+                except WaitTimeout as e:  # no answer before the deadline
+                    raise _wait_timeout(job_id, view, limit) from e
+                bar.show(view)
+                if not view.state.terminal:
+                    await asyncio.sleep(poll_s)
+        finally:
+            bar.close()
         if raise_on_failure and view.state != JobState.succeeded:
             raise JobFailed(view)
         return view
 
     async def download(self, job_id: str, path: str | os.PathLike) -> Path:
-        dest = Path(path).expanduser()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = _Partial(dest)
-        have, headers = partial.resume()
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=headers) as r:
-            if r.status_code == 416 and have:  # the partial file may already be complete
-                total = r.headers.get("content-range", "").rpartition("/")[2]
-                if not (re.fullmatch(r"[0-9]{1,19}", total) and int(total) == have):
-                    partial.discard()
-                    raise ApiError(416, "download.restart", f"job {job_id}: the partial {partial.part} is longer "
-                                   f"than the result; it was removed, download again")
-                size = have
-            elif r.status_code not in (200, 206):
-                await r.aread()
-                raise ApiError.from_response(r)
-            else:
-                if r.status_code == 200:
-                    have, size = 0, int(r.headers["content-length"])
-                else:
-                    size = int(r.headers["content-range"].rsplit("/", 1)[1])
-                with partial.open(r.headers.get("etag"), have) as f:
-                    async for block in r.aiter_bytes(1 << 16):
-                        f.write(block)
-        got = partial.part.stat().st_size
-        if got != size:
-            raise ApiError(0, "download.incomplete", f"job {job_id}: got {got} bytes of {size}")
-        partial.done()
-        return dest
-
+        """The async twin of `Client.download` (same resume, retries and checks)."""
+        dl = _Download(job_id, path)
+        done = False
+        for attempt in range(self.retries + 1):
+            try:
+                async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
+                    if r.status_code not in (200, 206):
+                        await r.aread()
+                    verdict = dl.verdict(r, attempt, self.retries)
+                    if verdict == "write":
+                        with dl.open(r) as f:
+                            async for block in r.aiter_bytes(1 << 16):
+                                f.write(block)
+                if verdict == "retry":
+                    await asyncio.sleep(_retry_delay(attempt, r, self.backoff_s))
+                    continue
+                if verdict == "done" or (verdict == "write" and dl.complete(stream_ended=True)):
+                    done = True
+                    break
+            except httpx.TransportError as e:
+                if attempt >= self.retries:
+                    raise dl.failed(e) from e
+                await asyncio.sleep(_retry_delay(attempt, None, self.backoff_s))
+        if not done and dl.size is None:
+            raise ApiError(0, "download.incomplete", f"job {job_id}: no complete answer in {self.retries + 1} tries")
+        return dl.finish()
 
 
 # --- live sessions (`/v1/sessions`): `client.live(avatar_id)` --------------------------------------
@@ -807,7 +941,8 @@ class LiveSession(_LiveBase):
                 self._ready(self._ws.recv(timeout=self.client.timeout))
             except Exception as e:
                 code, reason = self._closed(e)
-                self._ws = None
+                ws, self._ws = self._ws, None
+                ws.close()  # not left open behind us: the server allows one audio socket per session
                 raise _ws_error(code, reason) from None
             if self._unconfirmed:  # resume: what the server did not get yet
                 self._ws.send(bytes(self._unconfirmed))
@@ -871,17 +1006,21 @@ class LiveSession(_LiveBase):
             time.sleep(poll_s)
 
     def close(self, wait_s: float = 60.0) -> SessionView:
-        """End the speech, wait (bounded) until it is rendered, end the session: its final view."""
+        """End the speech, wait (bounded) until it is rendered, end the session: its final view. The
+        session is ended (DELETE) even when ending the speech or the wait failed (that error is
+        raised after it): it never keeps its live slot behind a failed close."""
         try:
-            if self._ws is not None and self.view.state == "live":
-                self.end()
-                self.wait_rendered(wait_s)
+            try:
+                if self._ws is not None and self.view.state == "live":
+                    self.end()
+                    self.wait_rendered(wait_s)
+            finally:
+                if self._ws is not None:
+                    ws, self._ws = self._ws, None
+                    ws.close()
         finally:
-            if self._ws is not None:
-                self._ws.close()
-                self._ws = None
-        self.view = SessionView.model_validate(
-            self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
+            self.view = SessionView.model_validate(
+                self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
         return self.view
 
     def download_recording(self, path: str | os.PathLike) -> Path:
@@ -921,7 +1060,8 @@ class AsyncLiveSession(_LiveBase):
                 self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
             except Exception as e:
                 rcvd = getattr(e, "rcvd", None)
-                self._ws = None
+                ws, self._ws = self._ws, None
+                await ws.close()
                 raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
             if self._unconfirmed:
                 await self._ws.send(bytes(self._unconfirmed))
@@ -978,16 +1118,32 @@ class AsyncLiveSession(_LiveBase):
 
     async def close(self, wait_s: float = 60.0) -> SessionView:
         try:
-            if self._ws is not None and self.view.state == "live":
-                await self.end()
-                await self.wait_rendered(wait_s)
+            try:
+                if self._ws is not None and self.view.state == "live":
+                    await self.end()
+                    await self.wait_rendered(wait_s)
+            finally:
+                if self._ws is not None:
+                    ws, self._ws = self._ws, None
+                    await ws.close()
         finally:
-            if self._ws is not None:
-                await self._ws.close()
-                self._ws = None
-        r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
-        self.view = SessionView.model_validate(r.json())
+            r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
+            self.view = SessionView.model_validate(r.json())
         return self.view
+
+    async def download_recording(self, path: str | os.PathLike) -> Path:
+        """The async twin of `LiveSession.download_recording`."""
+        from cluster.fsutil import atomic_writer
+
+        dest = Path(path).expanduser()
+        async with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise ApiError.from_response(r)
+            with atomic_writer(dest) as f:
+                async for block in r.aiter_bytes(1 << 16):
+                    f.write(block)
+        return dest
 
     async def __aenter__(self) -> "AsyncLiveSession":
         return self

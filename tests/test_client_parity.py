@@ -1,0 +1,218 @@
+"""The SDK's two faces are one model: the same public methods and parameters, the same retry
+rules (a request that may have been carried out is not sent twice unless it is safe to repeat),
+the same download (resume, retries, checks), and neither breaks on what a newer server adds.
+Against in-process transports (no socket is opened)."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+
+import httpx
+import pytest
+
+from cluster import client as sdk
+from cluster.client import ApiError, AsyncClient, Client, WaitTimeout
+
+VIEW = {"id": "j1", "state": "rendering", "stage": "render", "progress": 0.5, "frames_done": 10, "frames_total": 20,
+        "created_at": "2026-12-06T00:00:00+00:00", "updated_at": "2026-12-06T00:00:01+00:00"}
+AVATAR = "0123456789abcdef"
+SESSION = {"id": "s1", "state": "live", "avatar_id": AVATAR, "model": "builtin", "sample_rate": 16000,
+           "hls_url": "/v1/sessions/s1/hls/index.m3u8", "audio_ws": "ws://api.test/v1/sessions/s1/audio",
+           "audio_url": "/v1/sessions/s1/audio"}
+
+
+def _public(cls) -> dict[str, inspect.Signature]:
+    return {n: inspect.signature(getattr(cls, n)) for n in dir(cls)
+            if not n.startswith("_") and callable(getattr(cls, n))}
+
+
+@pytest.mark.parametrize("sync, twin", [(Client, AsyncClient), (sdk.Job, sdk.AsyncJob),
+                                        (sdk.LiveSession, sdk.AsyncLiveSession)])
+def test_the_async_face_has_every_method_of_the_sync_one_with_the_same_parameters(sync, twin):
+    a, b = _public(sync), _public(twin)
+    missing = set(a) - set(b) - {"close"}  # AsyncClient.aclose
+    assert not missing, f"{twin.__name__} lacks {sorted(missing)}"
+    for name in set(a) & set(b):
+        pa = [(p.name, p.kind, p.default) for p in a[name].parameters.values()]
+        pb = [(p.name, p.kind, p.default) for p in b[name].parameters.values()]
+        if name == "__init__":
+            continue
+        assert pa == pb, f"{name}: {a[name]} != {b[name]}"
+
+
+def _both(handler, call, backoff_s: float = 0.01, retries: int = 3):
+    """Run `call(client)` on a sync Client and an AsyncClient over the same handler; both outcomes
+    (a value, or the exception raised) and the requests each sent."""
+    outcomes = []
+    for face in ("sync", "async"):
+        seen: list[httpx.Request] = []
+
+        def recording(request: httpx.Request, seen=seen) -> httpx.Response:
+            seen.append(request)
+            return handler(request, len(seen))
+
+        if face == "sync":
+            with Client("http://api.test", transport=httpx.MockTransport(recording), backoff_s=backoff_s,
+                        retries=retries) as c:
+                try:
+                    outcomes.append((call(c), seen))
+                except Exception as e:  # compared below
+                    outcomes.append((e, seen))
+        else:
+            async def arecording(request: httpx.Request, seen=seen) -> httpx.Response:
+                await request.aread()
+                return recording(request)
+
+            async def main():
+                async with AsyncClient("http://api.test", transport=httpx.MockTransport(arecording),
+                                       backoff_s=backoff_s, retries=retries) as c:
+                    result = call(c)
+                    return await result if inspect.isawaitable(result) else result
+
+            try:
+                outcomes.append((asyncio.run(main()), seen))
+            except Exception as e:
+                outcomes.append((e, seen))
+    return outcomes
+
+
+@pytest.mark.parametrize("failure", ["read_error", "504", "read_timeout"])
+def test_a_live_session_is_not_created_twice_when_the_first_request_may_have_reached_the_server(failure):
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            if failure == "read_error":
+                raise httpx.ReadError("connection reset", request=request)
+            if failure == "read_timeout":
+                raise httpx.ReadTimeout("timed out", request=request)
+            return httpx.Response(504, text="Gateway Timeout")
+        return httpx.Response(201, json=SESSION)
+
+    for outcome, seen in _both(handler, lambda c: c.live(AVATAR)):
+        assert len(seen) == 1, f"{failure}: the session was requested {len(seen)} times"
+        assert isinstance(outcome, ApiError)
+        if failure != "504":
+            assert outcome.code == ("connection.timeout" if failure == "read_timeout" else "connection.failed")
+            assert "may have reached the server" in outcome.message
+
+
+@pytest.mark.parametrize("failure", ["connect_error", "503"])
+def test_a_live_session_is_requested_again_when_the_first_request_did_nothing(failure):
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            if failure == "connect_error":
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(503, headers={"retry-after": "0"}, json={"error": {
+                "code": "service.unavailable", "message": "starting", "field": None}})
+        return httpx.Response(201, json=SESSION)
+
+    for outcome, seen in _both(handler, lambda c: c.live(AVATAR)):
+        assert len(seen) == 2 and outcome.id == "s1", outcome
+
+
+def test_a_batch_carries_an_id_and_is_sent_again_after_a_gateway_timeout_with_the_same_one():
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            return httpx.Response(504, text="Gateway Timeout")
+        body = json.loads(request.content)
+        return httpx.Response(202, json={"id": body["id"], "state": "queued", "progress": 0.0, "counts": {},
+                                         "jobs": []})
+
+    for outcome, seen in _both(handler, lambda c: c.submit_batch(["/data/a.wav", "/data/b.wav"],
+                                                                 video="/data/v.mp4")):
+        ids = [json.loads(r.content)["id"] for r in seen]
+        assert len(seen) == 2 and ids[0] == ids[1] == outcome.id and len(ids[0]) == 32, ids
+
+
+def test_a_read_timeout_of_a_get_is_retried_and_no_answer_at_all_is_an_api_error():
+    def flaky(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            raise httpx.ReadTimeout("timed out", request=request)
+        return httpx.Response(200, json=VIEW)
+
+    for outcome, seen in _both(flaky, lambda c: c.get("j1")):
+        assert len(seen) == 2 and outcome.id == "j1", outcome
+
+    def dead(request: httpx.Request, n: int) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    for outcome, seen in _both(dead, lambda c: c.get("j1")):
+        assert isinstance(outcome, ApiError) and outcome.code == "connection.timeout", outcome
+        assert len(seen) == 4  # retries=3
+
+
+def test_events_a_newer_server_adds_are_skipped_not_fatal():
+    stream = (f"event: status\ndata: {json.dumps(VIEW)}\n\n"
+              "event: log\ndata: {\"line\": \"a newer server's event\"}\n\n"
+              ": keep-alive\n\n"
+              f"event: status\ndata: {json.dumps({**VIEW, 'state': 'succeeded', 'progress': 1.0})}\n\n")
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    def sync_events(c):
+        return [v.state.value for v in c.events("j1", timeout=5)]
+
+    async def async_events(c):
+        return [v.state.value async for v in c.events("j1", timeout=5)]
+
+    outcomes = _both(handler, lambda c: sync_events(c) if isinstance(c, Client) else async_events(c))
+    for outcome, _ in outcomes:
+        assert outcome == ["rendering", "succeeded"], outcome
+
+
+def test_a_wait_whose_server_stops_answering_ends_in_wait_timeout_at_its_deadline():
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def call(c):
+        return c.wait("j1", False, 1.0, 0.1)  # positional: progress, timeout, poll_s, the same in both faces
+
+    for outcome, seen in _both(handler, call, backoff_s=0.4, retries=6):  # retries outlast the deadline
+        assert isinstance(outcome, WaitTimeout) and "job j1 still unknown after 1 s" in str(outcome), repr(outcome)
+        assert len(seen) >= 2
+
+
+def _result_server(body: bytes, first: list):
+    """A result endpoint that answers `first` (one answer made per request) and then the body,
+    honouring Range."""
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if n <= len(first):
+            return first[n - 1]()
+        rng = request.headers.get("range")
+        etag = '"j1-%d"' % len(body)
+        if rng and request.headers.get("if-range") in (None, etag):
+            start = int(rng.split("=")[1].rstrip("-"))
+            if start >= len(body):
+                return httpx.Response(416, headers={"content-range": f"bytes */{len(body)}", "etag": etag})
+            return httpx.Response(206, content=body[start:], headers={
+                "content-range": f"bytes {start}-{len(body) - 1}/{len(body)}", "etag": etag})
+        return httpx.Response(200, content=body, headers={"etag": etag})
+    return handler
+
+
+def test_both_downloads_retry_an_overloaded_server_and_resume_the_same_result(tmp_path):
+    body = bytes(range(256)) * 400
+    def busy():
+        return httpx.Response(503, headers={"retry-after": "0"}, json={"error": {
+            "code": "service.unavailable", "message": "busy", "field": None}})
+
+    for outcome, seen in _both(_result_server(body, [busy]), lambda c: c.download("j1", tmp_path / f"out{id(c)}.mp4")):
+        assert not isinstance(outcome, Exception), repr(outcome)
+        assert outcome.read_bytes() == body and len(seen) == 2
+
+    # a partial file of this result resumes with Range; one longer than the result starts over
+    for name, held, tag in (("resume", body[:1000], '"j1-%d"' % len(body)), ("longer", body + b"x" * 10, None)):
+        dests = []
+        for face in ("sync", "async"):
+            dest = tmp_path / f"{name}-{face}.mp4"
+            dest.with_name(dest.name + ".part").write_bytes(held)
+            dest.with_name(dest.name + ".part.etag").write_text(tag or '"j1-%d"' % len(body))
+            dests.append(dest)
+        results = _both(_result_server(body, []), lambda c, dests=dests: c.download(
+            "j1", dests[0] if isinstance(c, Client) else dests[1]))
+        for outcome, seen in results:
+            assert not isinstance(outcome, Exception), repr(outcome)
+            assert outcome.read_bytes() == body, name
+            if name == "resume":
+                assert seen[0].headers["range"] == "bytes=1000-"
