@@ -25,6 +25,7 @@ from cluster.scheduling import (
     Member,
     PoolSize,
     WorkerTable,
+    autoscaler_bundles,
     compositor_memory_bytes,
     fit_pool,
     size_pool,
@@ -65,7 +66,7 @@ class Supervisor:
         self.models = WorkerTable(settings.max_inflight_per_worker)
         self.compositors = WorkerTable(max_inflight=settings.chunks_per_compositor)
         self._factories: dict[str, functools.partial] = {}
-        self._requested = 0  # model worker bundles asked of the autoscaler
+        self._requested: list[dict[str, float]] = []  # the bundles asked of the autoscaler
         self._surplus_since: dict[str, float] = {}  # pool prefix -> when it first had more members than fit
         self.started = False  # the pool was created (or re-attached to)
 
@@ -201,23 +202,21 @@ class Supervisor:
             self.work.set()
 
     def _request_capacity(self, queued_chunks: int) -> None:
-        """Ask Ray's autoscaler for one more GPU worker bundle while chunks wait and every live
-        worker is at its limit; release the request when the queue is empty."""
+        """Ask Ray's autoscaler for one more model worker and/or compositor while chunks wait and
+        those are busy (`autoscaler_bundles`); release the request when the queue is empty."""
         try:
             from ray.autoscaler.sdk import request_resources
         except ImportError:
             return
-        busy = all(m.inflight >= self.models.max_inflight for m in self.models.live())
-        if queued_chunks > len(self.compositors.live()) and busy:
-            n = len(self.models.members) + 1
-            bundle = {"CPU": 1, "GPU": self.s.worker_gpus}
-            if self._requested != n:
-                log.info("asking the autoscaler for %d model worker bundle(s) %s", n, bundle)
-                request_resources(bundles=[bundle] * n)
-                self._requested = n
-        elif queued_chunks == 0 and self._requested:
-            request_resources(bundles=[])
-            self._requested = 0
+        bundles = autoscaler_bundles(queued_chunks, self.models, self.compositors,
+                                     float(ray.cluster_resources().get("GPU", 0)), self.s.worker_gpus,
+                                     self.s.compositor_cpus)
+        if bundles != self._requested:
+            if bundles:
+                log.info("asking the autoscaler for %d bundle(s) %s", len(bundles), sorted(
+                    {str(b) for b in bundles}))
+            request_resources(bundles=bundles)
+            self._requested = bundles
 
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:
         self._factories[name] = factory

@@ -233,10 +233,10 @@ def _retryable_error(e: httpx.TransportError, idempotent: bool) -> bool:
 def _connection_error(e: Exception | None, url: str, method: str, path: str, idempotent: bool) -> ApiError:
     """The ApiError of a request that got no answer: `connection.timeout` or `connection.failed`,
     saying whether the server may have carried it out."""
-    code = "connection.timeout" if isinstance(e, httpx.TimeoutException) else "connection.failed"
+    what = "connection.timeout" if isinstance(e, httpx.TimeoutException) else "connection.failed"
     maybe = "" if idempotent or isinstance(e, _NOT_SENT) else (
         "; the request may have reached the server: check its state before sending it again")
-    return ApiError(0, code, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
+    return ApiError(0, what, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
 
 
 def _wait_timeout(job_id: str, view: JobView | None, limit: float) -> WaitTimeout:

@@ -209,6 +209,28 @@ def fit_pool(cpus: float, gpus: float, model_workers: int | None, compositors: i
     return PoolSize(n_workers, n_comp, per_worker)
 
 
+def autoscaler_bundles(queued_chunks: int, models: WorkerTable, compositors: WorkerTable, cluster_gpus: float,
+                       worker_gpus: float, compositor_cpus: float) -> list[dict[str, float]]:
+    """What to ask Ray's autoscaler for (`ray.autoscaler.sdk.request_resources`: the whole set of
+    bundles the cluster should be able to hold; [] releases the request): while chunks wait and
+    every live model worker is at its limit, one more model worker's bundle (a GPU in it only on a
+    cluster that has GPUs: a CPU cluster's autoscaler cannot place one); while more chunks wait
+    than the compositors take and every live compositor is at its limit, one more compositor's.
+    The pool then grows into the nodes that join (`fit_pool`)."""
+    if queued_chunks <= 0:
+        return []
+    bundles: list[dict[str, float]] = []
+    live_models, live_comps = models.live(), compositors.live()
+    models_busy = all(m.inflight >= models.max_inflight for m in live_models)
+    comps_busy = all(m.inflight >= compositors.max_inflight for m in live_comps)
+    if models_busy and queued_chunks > len(live_comps):
+        worker = {"CPU": 1.0, "GPU": worker_gpus} if cluster_gpus > 0 else {"CPU": 1.0}
+        bundles += [worker] * (len(models.members) + 1)
+    if comps_busy and queued_chunks > len(live_comps) * compositors.max_inflight:
+        bundles += [{"CPU": compositor_cpus}] * (len(compositors.members) + 1)
+    return bundles
+
+
 def surplus_members(members: list[Member], surplus: int, now: float, stale_after_s: float,
                     idle_too: bool) -> list[Member]:
     """Which members to drop when a pool has `surplus` more members than the cluster holds, best

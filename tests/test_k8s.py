@@ -237,7 +237,9 @@ def test_gpu_overlay_has_a_gpu_worker_group_and_cpu_overlay_none():
         assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert _env(pod["containers"][0])["LIPSYNC_WORKER_GPUS"] == "1"
+        # read by the job manager only (the pool's actors are built with its settings): on the head
+        assert _env(spec["headGroupSpec"]["template"]["spec"]["containers"][0])["LIPSYNC_WORKER_GPUS"] == "1"
+        assert "LIPSYNC_WORKER_GPUS" not in _env(pod["containers"][0])
         assert gpu_group["maxReplicas"] > gpu_group["minReplicas"]
         comp = dict(groups(spec))["compositors"]["template"]["spec"]
         assert "nvidia.com/gpu" not in str(comp) and "nvidia.com/gpu" not in str(spec["headGroupSpec"])
@@ -252,9 +254,15 @@ def test_service_probes_and_podmonitor(overlay):
     container = head["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["serve"] == 8000
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}
-    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "serve"}
+    # KubeRay deploys serveConfigV2 only once the head pod is Ready: a head probe on the Serve port
+    # would never pass (kuberay rayservice_controller.go, reconcileServe); KubeRay's own probes apply
+    assert not {"livenessProbe", "startupProbe", "readinessProbe"} & set(container), container
+    assert service["spec"]["upgradeStrategy"] == {"type": "None"}  # never a second head on the same store
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        # HeadOnly: no Serve proxy on workers; without their own probes KubeRay would probe one (never ready)
+        worker = group["template"]["spec"]["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert worker[probe]["httpGet"] == {"path": "/api/healthz", "port": 52365}, (group["groupName"], probe)
     assert _env(container)["LIPSYNC_API_TOKEN"]["secretKeyRef"] == {"name": "lipsync-api-token", "key": "token"}
     api = service["spec"]["serveService"]
     assert api["metadata"]["name"] == "lipsync-api"

@@ -364,3 +364,28 @@ def test_the_default_pool_on_more_gpus_than_cpus_leaves_a_cpu_for_a_compositor()
     assert (size_pool(4, 8, None, None, 1.0).model_workers, size_pool(4, 8, None, None, 1.0).compositors) == (3, 1)
     with pytest.raises(Exception, match="fewer workers"):  # asked for: refused as before
         size_pool(4, 8, 8, None, 1.0)
+
+
+def _table(max_inflight: int, inflight: list[int]) -> WorkerTable:
+    table = WorkerTable(max_inflight)
+    for i, n in enumerate(inflight):
+        member = table.add(f"m{i}", None)
+        member.health, member.inflight = Health.live, n
+    return table
+
+
+def test_the_autoscaler_is_asked_for_what_the_cluster_can_place_and_for_compositors_too():
+    from cluster.scheduling import autoscaler_bundles
+
+    busy_models, busy_comps = _table(2, [2]), _table(1, [1, 1])
+    # a CPU cluster: a model worker's bundle without a GPU (one with a GPU could never be placed)
+    cpu = autoscaler_bundles(8, busy_models, busy_comps, cluster_gpus=0, worker_gpus=1.0, compositor_cpus=1.0)
+    assert cpu == [{"CPU": 1.0}] * 2 + [{"CPU": 1.0}] * 3
+    gpu = autoscaler_bundles(8, busy_models, busy_comps, cluster_gpus=1, worker_gpus=0.5, compositor_cpus=2.0)
+    assert gpu == [{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 2.0}] * 3
+    # compositors with room: only the model worker; model workers with room: only compositors
+    assert autoscaler_bundles(8, busy_models, _table(1, [1, 0]), 1, 1.0, 1.0) == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert autoscaler_bundles(8, _table(2, [1]), busy_comps, 1, 1.0, 1.0) == [{"CPU": 1.0}] * 3
+    # nothing waiting, or no more chunks than the compositors take: nothing asked (the request released)
+    assert autoscaler_bundles(0, busy_models, busy_comps, 1, 1.0, 1.0) == []
+    assert autoscaler_bundles(2, busy_models, busy_comps, 1, 1.0, 1.0) == []

@@ -242,10 +242,11 @@ def test_guards_refuse(service, svc_media, tmp_path):
             r = http.post("/v1/jobs", files={"audio": ("big.wav", f), "video": ("face.mp4", v)})
         assert r.status_code == 413 and r.json()["error"]["code"] == "input.too_large"
         assert r.json()["error"]["field"] == "audio"
-    # wrong or missing token: 401 on every route but /healthz
+    # wrong or missing token: 401 on every route but the probes (/healthz, /readyz)
     for headers in ({"Authorization": "Bearer wrong"}, {}):
+        assert httpx.get(service.url + "/readyz", headers=headers, timeout=30).status_code == 200
         for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/easy/query?code=x"),
-                             ("GET", "/readyz"), ("GET", "/v1/jobs/x/result")):
+                             ("GET", "/v1/jobs/x/result")):
             r = httpx.request(method, service.url + path, headers=headers, timeout=30)
             assert r.status_code == 401 and r.json()["error"]["code"] == "auth.invalid_token", (method, path)
     assert service.token not in service.tail(10**6)  # never logged

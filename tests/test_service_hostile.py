@@ -231,7 +231,7 @@ def test_wrong_or_missing_token_is_refused_everywhere(service):
     with httpx.Client(base_url=service.url, timeout=30, trust_env=False) as anon:
         for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
                              ("GET", "/easy/query?code=x"), ("POST", "/easy/submit"), ("POST", "/upload"),
-                             ("GET", "/readyz")):
+                             ("POST", "/v1/batches"), ("POST", "/v1/sessions")):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {service.token}"},
                             {"Authorization": f"Bearer {service.token}x"}):
                 r = anon.request(method, path, headers=headers)

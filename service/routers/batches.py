@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
@@ -12,13 +12,16 @@ from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES, ApiProblem, QueueFull
+from service.uploads import json_body, openapi_json_body
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
 
 
-@router.post("", status_code=202, response_model=BatchView, summary="Many audios against one video or avatar")
-async def create_batch(body: BatchCreate, backend: Backend = Depends(get_backend)) -> JSONResponse:
+@router.post("", status_code=202, response_model=BatchView, summary="Many audios against one video or avatar",
+             openapi_extra=openapi_json_body(BatchCreate))
+async def create_batch(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    body = await json_body(request, BatchCreate)  # read once the token is checked
     settings = backend.settings
     if len(body.audios) > settings.max_batch_jobs:
         raise ApiProblem(422, "input.invalid", f"a batch carries at most {settings.max_batch_jobs} audios "

@@ -42,7 +42,7 @@ from cluster.errors import LipsyncError
 from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
 from service.errors import ERROR_CODES, ApiProblem
-from service.uploads import read_body
+from service.uploads import json_body, openapi_json_body, read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -266,10 +266,12 @@ def _problem(e: LipsyncError) -> ApiProblem:
 # --- create, read, delete ------------------------------------------------------------------------
 @router.post("", status_code=201, response_model=SessionView,
              summary="Start a live session on a prepared avatar (404 unknown, 409 not prepared yet, "
-                     "429 at LIPSYNC_MAX_LIVE_SESSIONS, 400 an rtmp_url the address guard refuses)")
-async def create_session(body: SessionCreate, request: Request) -> JSONResponse:
+                     "429 at LIPSYNC_MAX_LIVE_SESSIONS, 400 an rtmp_url the address guard refuses)",
+             openapi_extra=openapi_json_body(SessionCreate))
+async def create_session(request: Request) -> JSONResponse:
     from actors.live import live_registry
 
+    body = await json_body(request, SessionCreate)  # read once the token is checked
     settings = _settings(request)
     model = body.model
     if model is not None and not is_builtin_model(model):
