@@ -31,6 +31,7 @@ from cluster.render import (
     prepare_deadline,
     with_blobs,
 )
+from cluster.resources import as_typed
 from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus
 
 if TYPE_CHECKING:
@@ -201,11 +202,12 @@ class JobMachine:
                 await self._commit(job)  # past the deadline's reach: a commit is never cut in half
         except asyncio.TimeoutError:
             self.fail(job_id, RenderTimeout(f"job {job_id} did not finish within {self.s.job_timeout_s:.0f} s"))
-        except LipsyncError as e:
-            self.fail(job_id, e)
         except Exception as e:
-            log.exception("job %s: internal error", job_id)
-            self.fail(job_id, RenderError(f"job {job_id}: internal error in {job.stage}: {e!r}", cause=repr(e)))
+            typed = as_typed(e, job.stage, job_id)  # a full disk (e.g. at the commit) as `resource.disk`
+            if typed is None:
+                log.exception("job %s: internal error", job_id)
+                typed = RenderError(f"job {job_id}: internal error in {job.stage}: {e!r}", cause=repr(e))
+            self.fail(job_id, typed)
 
     async def _drive(self, job: JobRuntime) -> bool:
         """Prepare, render and finalize `job`; True when its verified output waits to be committed."""

@@ -95,6 +95,8 @@ class JobManager:
         self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         self.tasks.spawn(self._expire_uploads())
         for job_id, owner, client in self.store.unfinished_owners():
+            if owner is None and client is None and self.store.claim_unowned(job_id, self.owner):
+                owner = self.owner  # admitted by a version before owners: resumed by the first manager up
             if owner == self.owner:
                 log.info("resuming job %s", job_id)
                 self.machine.start(job_id)

@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
@@ -15,11 +16,39 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file that another process (ffmpeg) wrote to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the names created or renamed in `directory` durable (a rename is not, until then)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a filesystem without directory handles: nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # not supported there: as durable as it gets
+            raise
+    finally:
+        os.close(fd)
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Rename a finished temporary file into place with ordinary permissions (mkstemp makes
-    0600 files; outputs should be readable as any file the user writes: 0666 less the umask)."""
+    0600 files; outputs should be readable as any file the user writes: 0666 less the umask),
+    durably: its bytes reach the disk before the rename and the rename before this returns, so a
+    crash never leaves a published name on a short file (what is recorded as done is on disk)."""
     os.chmod(tmp, 0o666 & ~_UMASK)
+    fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def temporary_name(path: str | os.PathLike) -> Path:

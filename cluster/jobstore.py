@@ -297,6 +297,13 @@ class JobStore:
             ended = set(self._pending)
         return [(r["id"], r["owner"], r["client"]) for r in rows if r["id"] not in ended]
 
+    def claim_unowned(self, job_id: str, owner: str) -> bool:
+        """Make `owner` the owner of a job that has none (admitted before jobs had owners: a store
+        of an older version); True when this call claimed it (one manager resumes it, not two)."""
+        with self._tx(job_id) as c:
+            return c.execute("UPDATE jobs SET owner = ? WHERE id = ? AND owner IS NULL AND client IS NULL",
+                             (owner, job_id)).rowcount == 1
+
     def request_key(self, job_id: str) -> str | None:
         with self._lock:
             return self._row(self._conn, job_id)["request_key"]

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
-from cluster.fsutil import sweep_temporaries, temporary_name
+from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
@@ -157,7 +157,12 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
 
     s = settings or get_settings()
     audio_info, video_info = check_inputs(request, s)
-    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id)
+    stored = None
+    if video_info is None and request.avatar_id is not None:  # sized by the avatar's template
+        from cluster.faces.avatar import load_avatar
+
+        stored = load_avatar(request.avatar_id, s).info
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=stored)
     inputs = job_dir(job_id, s) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
@@ -484,8 +489,10 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
         # the first verified render of a chunk wins: a late duplicate (an attempt a job manager
         # killed meanwhile had started, a straggler's twin) renders the same frames; it never
         # replaces a segment that a resumed job manager may already have adopted (actors/jobs.py)
+        fsync_file(tmp)  # on disk before it is linked and recorded as done
         try:
             os.link(tmp, final)
+            fsync_dir(final.parent)
         except FileExistsError:
             log.info("job %s chunk %d: segment %s was already rendered; this render is dropped",
                      plan.job_id, chunk.index, final)
@@ -596,7 +603,8 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
     s = settings or get_settings()
     out, pending = Path(plan.output_path), pending_output_path(plan)
     if pending.exists():
-        os.replace(pending, out)
+        os.replace(pending, out)  # the pending output was published (fsynced) by finalize
+        fsync_dir(out.parent)
     elif not (_committed_marker(plan).exists() and out.exists()):
         raise OutputVerificationError(f"job {plan.job_id}: no verified output to commit at {pending}",
                                       job_id=plan.job_id, stage="finalize", path=str(pending))

@@ -62,18 +62,22 @@ def _bitrate_bytes_per_s(rate: str) -> float:
 
 
 def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Settings | None = None,
-                       ) -> tuple[int, int]:
+                       stored_template: MediaInfo | None = None) -> tuple[int, int]:
     """(bytes under the storage root, bytes next to the output) a job will need at its peak.
 
     Storage root: copies of both inputs, the normalised template (when `video` is given; an
     avatar's is stored already), the segments of every output frame, mel features, and the HLS
     stream (the same video and the job's AAC again, kept until retention removes the job). Output
     directory: the finished mp4 (segments + AAC), written under a pending name while the
-    segments still exist."""
+    segments still exist. An avatar job (`video` None) renders at its stored template's size
+    (`stored_template`; without one, the largest allowed)."""
     s = settings or get_settings()
     seconds = audio.audio.duration if audio.audio else audio.duration
-    width, height, fps = s.max_width, s.max_height, 60.0  # avatar jobs: the largest allowed
+    width, height, fps = s.max_width, s.max_height, 60.0
     template_bytes = 0
+    if video is None and stored_template is not None and stored_template.video is not None:
+        v = stored_template.video  # stored already: nothing to copy or normalise
+        width, height, fps = v.width, v.height, float(v.fps)
     if video is not None and video.video is not None:
         v = video.video
         width, height, fps = v.width, v.height, float(v.fps)
@@ -88,12 +92,13 @@ def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Sett
 
 
 def check_job_disk(audio: MediaInfo, video: MediaInfo | None, output: str | None,
-                   settings: Settings | None = None, job_id: str | None = None) -> None:
+                   settings: Settings | None = None, job_id: str | None = None,
+                   stored_template: MediaInfo | None = None) -> None:
     """Raise `DiskFull` when the job's estimated needs plus `disk_reserve_bytes` exceed the free
     space of the storage root's filesystem (and of the output's, counted together when they are
     the same filesystem). Writes nothing."""
     s = settings or get_settings()
-    storage, output_bytes = estimate_job_bytes(audio, video, s)
+    storage, output_bytes = estimate_job_bytes(audio, video, s, stored_template)
     needs: dict[str, int] = {str(s.storage_root): storage}
     out_dir = str(Path(output).parent) if output else str(s.storage_root)
     if _same_filesystem(out_dir, str(s.storage_root)) or s.simulate_free_bytes is not None:

@@ -135,3 +135,23 @@ def test_an_end_the_store_cannot_write_yet_is_kept_and_written_later(tmp_path):
     s.close()
     again = JobStore(db)
     assert again.get("j1").state == JobState.failed and again.get("j1").error.code == "render.failed"
+
+
+def test_a_job_of_a_store_from_before_owners_is_claimed_once(tmp_path):
+    """A store written before jobs had owners: its unfinished jobs have none, and would wait for
+    ever (no manager resumed them, none abandoned them, and they counted against the queue bound).
+    The first manager up claims each; a second one does not."""
+    import sqlite3
+
+    db = tmp_path / "jobs.sqlite3"
+    s = JobStore(db)
+    s.create("legacy", REQ)
+    s.create("owned", REQ, owner="cluster:a")
+    s.close()
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE jobs SET owner = NULL, client = NULL WHERE id = 'legacy'")
+    s = JobStore(db)
+    assert ("legacy", None, None) in s.unfinished_owners()
+    assert s.claim_unowned("legacy", "cluster:b")
+    assert not s.claim_unowned("legacy", "cluster:c") and not s.claim_unowned("owned", "cluster:c")
+    assert dict((i, o) for i, o, _ in s.unfinished_owners()) == {"legacy": "cluster:b", "owned": "cluster:a"}

@@ -59,6 +59,23 @@ def test_a_job_that_would_not_fit_is_refused_before_it_starts(hostile_corpus, tm
     check_job_disk(audio, video, req.output, s.model_copy(update={"simulate_free_bytes": need}))
 
 
+def test_an_avatar_job_is_sized_by_its_stored_template_not_the_largest_allowed(hostile_corpus, tmp_path):
+    """An avatar job has no template to probe: it was estimated at 4096x4096, 60 fps (4 GiB for 30 s
+    of speech, ~500 GiB for an hour: refused on most disks); its stored template gives its size."""
+    from cluster.faces.avatar import prepare_avatar
+
+    s = Settings(storage_root=tmp_path / "store", disk_reserve_bytes=1 << 20)
+    audio, video = probe_audio(hostile_corpus.speech, s), probe_video(hostile_corpus.template, s)
+    with_video = sum(estimate_job_bytes(audio, video, s))
+    avatar = prepare_avatar(str(hostile_corpus.template), s)
+    stored = sum(estimate_job_bytes(audio, None, s, avatar.info))
+    assert stored < with_video  # no input copy nor normalised template: the avatar holds them
+    assert stored * 100 < sum(estimate_job_bytes(audio, None, s))  # the old estimate
+    req = RenderRequest(audio=str(hostile_corpus.speech), avatar_id=avatar.id)
+    fits = s.model_copy(update={"simulate_free_bytes": with_video + s.disk_reserve_bytes})
+    assert admit("by-avatar", req, fits).avatar_id == avatar.id
+
+
 def test_disk_full_errors_are_recognised():
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(EncodeError("encoding failed", cause="av_interleaved_write_frame(): No space left on device"))
