@@ -34,6 +34,7 @@ from cluster.errors import (
     JobNotFound,
     JobNotReady,
     LipsyncError,
+    OutputExpired,
     OutputPathInUse,
     PlacementError,
     RenderError,
@@ -282,6 +283,12 @@ class JobManager:
                 return f.read(length)
         try:
             return await asyncio.to_thread(read)
+        except FileNotFoundError as e:
+            days = self.s.retention_days
+            raise OutputExpired(f"job {job_id} succeeded, but its output {st.output} no longer exists"
+                                + (f" (retention removes outputs after {days:g} days, LIPSYNC_RETENTION_DAYS)"
+                                   if days > 0 else " (it was removed)") + "; submit the job again for a new one",
+                                job_id=job_id, path=st.output) from e
         except OSError as e:
             raise LipsyncError(f"job {job_id}: its output {st.output} cannot be read: {e}", code="output.unreadable",
                                job_id=job_id, path=st.output, cause=repr(e)) from e

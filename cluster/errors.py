@@ -177,6 +177,13 @@ class JobConflict(LipsyncError):
     retryable = False
 
 
+class OutputExpired(LipsyncError):
+    """A succeeded job whose output no longer exists: removed by retention (`LIPSYNC_RETENTION_DAYS`)
+    or by hand (HTTP 410). The job stays succeeded; its result is gone."""
+    code = "output.expired"
+    retryable = False
+
+
 class JobNotReady(LipsyncError):
     """The job's output was asked for before the job succeeded (HTTP 409)."""
     code = "job.not_succeeded"

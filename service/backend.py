@@ -164,9 +164,12 @@ class Backend:
             raise ApiProblem(500, "output.missing", f"job {job_id} reports no output size", None)
         return st, size
 
-    async def stream_output(self, job_id: str, start: int, stop: int) -> AsyncIterator[bytes]:
+    async def stream_output(self, job_id: str, start: int, stop: int, first: bytes = b"") -> AsyncIterator[bytes]:
         part = min(self.settings.transfer_part_bytes, 1 << 20)
         pos = start
+        if first:
+            pos += len(first)
+            yield first
         while pos < stop:
             data = await self.gateway.read_output(job_id, pos, min(part, stop - pos))
             if not data:
@@ -197,10 +200,14 @@ class Backend:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         headers["Content-Length"] = str(stop - start)
+        # the first part is read before the answer starts: an output that is gone (retention) is a
+        # 410 naming why, not a 200 whose body breaks off
+        first = await self.gateway.read_output(job_id, start, 0 if request.method == "HEAD" else
+                                               min(self.settings.transfer_part_bytes, 1 << 20, stop - start))
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers, media_type="video/mp4")
-        return StreamingResponse(self.stream_output(job_id, start, stop), status_code=status, headers=headers,
-                                 media_type="video/mp4")
+        return StreamingResponse(self.stream_output(job_id, start, stop, first), status_code=status,
+                                 headers=headers, media_type="video/mp4")
 
     # compat -------------------------------------------------------------------------------------
     def upload_dir(self) -> Path:
@@ -275,6 +282,11 @@ class Backend:
             f.close()
             tmp.unlink(missing_ok=True)
             raise
+
+    def compat_last_progress(self, code: str) -> int:
+        """The progress a compat query answered last for `code` (never lower: a client's bar does
+        not move back while the job manager is briefly away)."""
+        return self._compat_progress.get(code, 1)
 
     def forget_compat_progress(self, code: str) -> None:
         self._compat_progress.pop(code, None)

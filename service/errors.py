@@ -42,6 +42,8 @@ def http_status(err: LipsyncError) -> int:
         return 404
     if code in ("job.conflict", "job.not_ready", "job.not_succeeded"):
         return 409
+    if code == "output.expired":
+        return 410
     if code == "service.busy":
         return 429
     if code in ("service.unavailable", "render.timeout"):

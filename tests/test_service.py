@@ -206,6 +206,18 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         if http.get(f"/v1/jobs/{job_id}").json()["state"] != "succeeded":
             assert res.status_code in (409, 200)
         wait_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 120, 0.5, "job")
+        # its output removed (as retention does): the job stays succeeded, its result is a 410 naming
+        # why, never a 200 that breaks off; /easy/query says the task failed, with the same reason
+        (output,) = (service.storage_root / "outputs").glob(f"{job_id}.mp4")
+        output.unlink()
+        for method in ("GET", "HEAD"):
+            res = http.request(method, f"/v1/jobs/{job_id}/result")
+            assert res.status_code == 410, (method, res.status_code)
+        assert res.headers.get("content-length") != str(http.get(f"/v1/jobs/{job_id}").json()["output_bytes"])
+        err = http.get(f"/v1/jobs/{job_id}/result").json()["error"]
+        assert err["code"] == "output.expired" and "no longer exists" in err["message"], err
+        q = http.get("/easy/query", params={"code": job_id}).json()
+        assert q["data"]["status"] == 3 and "output.expired" in q["data"]["msg"], q
 
 
 # --- guards ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from cluster.errors import JobNotFound, LipsyncError
+from cluster.errors import JobNotFound, LipsyncError, OutputExpired
 from cluster.schemas import JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
@@ -78,11 +78,17 @@ async def easy_submit(request: Request, backend: Backend = Depends(get_backend))
 async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) -> JSONResponse:
     if not code or not _ID_RE.fullmatch(code):
         return envelope(10004, True, "task not found", None)
+    # An answer the client takes as the task's end (9999, status 3) only for what really ends it:
+    # a job manager restarting, or a publish that failed for now, reads "running" (status 1) with the
+    # reason, and the next poll asks again (the stock client marks a task failed for good on 9999).
     try:
         st = await backend.gateway.get(code)
     except JobNotFound:
         return envelope(10004, True, "task not found", None)
     except LipsyncError as e:
+        if http_status(e) == 503:
+            return envelope(10000, True, f"running ({e.code}: {e.message})",
+                            CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
         return envelope(9999, False, f"error: {e.code}: {e.message}")
     if st.state == JobState.succeeded:
         size = st.output_bytes
@@ -91,9 +97,15 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
                 raise RuntimeError("the job reports no output size")
             if backend.settings.compat_data_dir is not None:
                 await backend.publish_compat(code, size)
+            else:  # served from the job's output: it must still exist
+                await backend.gateway.read_output(code, 0, 0)
+        except OutputExpired as e:
+            return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=100,
+                                                              msg=f"{e.code}: {e.message}"))
         except Exception as e:
-            log.error("compat publish of %s failed: %r", code, e)
-            return envelope(9999, False, f"error: the result could not be published: {e}")
+            log.error("compat publish of %s failed (asked again at the next query): %r", code, e)
+            return envelope(10000, True, f"running (the result could not be published yet: {e})",
+                            CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
         backend.forget_compat_progress(code)
         return envelope(10000, True, "success", CompatData(code=code, status=2, progress=100,
                                                            result=backend.compat_result_path(code)))
