@@ -160,7 +160,8 @@ class Backend:
             raise ApiProblem(409, "job.not_ready", f"job {job_id} is {st.state.value}; its result exists once "
                              f"it has succeeded", None)
         size = st.output_bytes
-        if size is None:
+        if size is None:  # no file to measure: `output.expired` (410) when it is gone
+            await self.gateway.read_output(job_id, 0, 0)
             raise ApiProblem(500, "output.missing", f"job {job_id} reports no output size", None)
         return st, size
 

@@ -93,7 +93,8 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
     if st.state == JobState.succeeded:
         size = st.output_bytes
         try:
-            if size is None:
+            if size is None:  # no file to measure: OutputExpired when it is gone
+                await backend.gateway.read_output(code, 0, 0)
                 raise RuntimeError("the job reports no output size")
             if backend.settings.compat_data_dir is not None:
                 await backend.publish_compat(code, size)
