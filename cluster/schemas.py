@@ -356,7 +356,7 @@ class SessionView(BaseModel):
     hls_url: str
     audio_ws: str
     audio_url: str
-    token: str | None = None  # for the socket's and the playlist's query string (browsers)
+    token: str | None = None  # the audio socket's (and the stream's) query token; hls_url carries a watch-only one
     token_expires: datetime | None = None
     bytes_received: int = 0
     seconds_received: float = 0.0

@@ -78,6 +78,14 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
         try:
             bad_token = ws_url.split("?token=")[0] + "?token=wrong"
             assert _close_code(bad_token)[0] == 4401
+            # the stream's token (what viewers get in hls_url) does not open the audio socket: whoever
+            # can watch cannot make the avatar speak; the socket's token opens the stream too
+            watch_token = view["hls_url"].split("?token=")[1]
+            assert watch_token != ws_url.split("?token=")[1]
+            assert _close_code(ws_url.split("?token=")[0] + "?token=" + watch_token)[0] == 4401
+            stream = view["hls_url"].split("?token=")[0]
+            assert api.get(stream, params={"token": ws_url.split("?token=")[1]}, timeout=30).status_code != 401
+            assert api.get(stream, params={"token": "wrong"}, timeout=30).status_code == 401
             # a token is scoped to its session and checked first: another id (existing or not) is refused
             # the same way, so the socket tells nobody without a token which sessions exist
             assert _close_code(ws_url.replace(sid, "f" * 16))[0] == 4401
@@ -130,7 +138,9 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
 
     with Client(service.url, token=service.token) as client:
         with client.live(live_avatar) as session:
-            assert session.hls_url.endswith(f"/v1/sessions/{session.id}/hls/index.m3u8?token={session.view.token}")
+            assert session.hls_url.split("?token=")[0].endswith(f"/v1/sessions/{session.id}/hls/index.m3u8")
+            assert session.view.audio_ws.endswith(f"?token={session.view.token}")  # the socket's: not in hls_url
+            assert session.view.token not in session.hls_url
             session.send_file(speech_wav, realtime=True)
             view = session.wait_rendered(timeout=60)
             assert view.seconds_received == 3.2 and view.seconds_rendered == 3.2, view

@@ -195,10 +195,12 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                 raise _gone(settings, session_id, gone.message) from None
 
 
-def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | None, int | None]:
-    """A signed, expiring token for this session's socket and stream (the same signing as jobs'
-    watch URLs, `cluster.hls.sign_watch`, scoped to `session:<id>`); (None, None) when the service
-    runs without an API token (then these routes are open, as the rest of the API)."""
+def session_token(request: Request | WebSocket, session_id: str, speak: bool = True) -> tuple[str | None, int | None]:
+    """A signed, expiring token of this session (the same signing as jobs' watch URLs,
+    `cluster.hls.sign_watch`): `speak` for its audio socket (and its stream), scoped to
+    `session:<id>:speak`; else for its stream only (`session:<id>`), what `hls_url` carries, so
+    that a URL given to viewers cannot be used to make the avatar speak. (None, None) when the
+    service runs without an API token (then these routes are open, as the rest of the API)."""
     import time
 
     from cluster.hls import sign_watch
@@ -207,14 +209,20 @@ def session_token(request: Request | WebSocket, session_id: str) -> tuple[str | 
     if key is None:
         return None, None
     expires = int(time.time() + _settings(request).live_token_ttl_s)
-    return sign_watch(key, f"session:{session_id}", expires), expires
+    return sign_watch(key, f"session:{session_id}" + (":speak" if speak else ""), expires), expires
 
 
-def token_ok(request: Request | WebSocket, session_id: str, token: str | None) -> bool:
+def token_ok(request: Request | WebSocket, session_id: str, token: str | None, speak: bool = False) -> bool:
+    """Whether `token` opens this session's audio socket (`speak`) or its stream (either token)."""
     from cluster.hls import check_watch
 
     key = request.app.state.watch_key
-    return key is None or (bool(token) and check_watch(key, f"session:{session_id}", token))
+    if key is None:
+        return True
+    if not token:
+        return False
+    return check_watch(key, f"session:{session_id}:speak", token) or (
+        not speak and check_watch(key, f"session:{session_id}", token))
 
 
 _FORWARDED_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -241,11 +249,13 @@ def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
     base = public_base(request)
     sid = raw["id"]
     token, expires = session_token(request, sid)
+    watch, _ = session_token(request, sid, speak=False)
     query = f"?token={token}" if token else ""
+    watch_query = f"?token={watch}" if watch else ""
     ws_base = "ws" + base[4:] if base.startswith("http") else base
     own = ("token", "token_expires", "hls_url", "audio_ws", "audio_url", "recording_url")
     return SessionView(**{k: v for k, v in raw.items() if k in SessionView.model_fields and k not in own},
-                       hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8{query}",
+                       hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8{watch_query}",  # for viewers: watch only
                        audio_ws=f"{ws_base}/v1/sessions/{sid}/audio{query}",
                        audio_url=f"{base}/v1/sessions/{sid}/audio",
                        token=token if with_token else None,
@@ -474,8 +484,8 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     settings = _settings(websocket)
     await websocket.accept()
     token = websocket.query_params.get("token", "")
-    if not token_ok(websocket, session_id, token):
-        await _close(websocket, 4401, "missing, wrong or expired session token (?token=)")
+    if not token_ok(websocket, session_id, token, speak=True):  # the stream's token does not open it
+        await _close(websocket, 4401, "missing, wrong or expired session token (?token= of audio_ws)")
         return
     try:
         if not _SESSION_ID.match(session_id):
