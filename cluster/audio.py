@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from cluster.config import Settings, get_settings
-from cluster.errors import InputNotFound, InputUnreadable, MediaError, NoAudioStream
+from cluster.errors import InputNotFound, InputTooLong, InputUnreadable, MediaError, NoAudioStream
 from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_args, file_url
 
 SAMPLE_RATE = 16000
@@ -91,10 +91,12 @@ def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = N
     """Decode like `load_audio`, but stream the float32 samples into the open binary file `out`
     block by block instead of holding them: memory stays a few hundred KB whatever the length
     (an hour of speech is 230 MB of samples). Returns the number of samples written; the same
-    typed errors as `load_audio`."""
+    typed errors as `load_audio`; `InputTooLong` as soon as more than `max_input_seconds` have
+    been decoded (a header can claim a second and hide hours: the admission probe reads the header)."""
     s = settings or get_settings()
     path = _existing(path)
     deadline = time.monotonic() + s.ffmpeg_timeout_s
+    limit = int(s.max_input_seconds * sample_rate) + sample_rate  # a second of slack over the limit
     written = 0
     tail = b""  # bytes of a sample split across two reads
 
@@ -108,6 +110,9 @@ def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = N
         out.write(data[:whole])
         tail = data[whole:]
         written += whole // 4
+        if written > limit:
+            raise InputTooLong(f"audio {path!r} decodes to more than the limit of {s.max_input_seconds:g} s "
+                               f"(its header said less)", path=path)
         return len(data)
 
     with FFmpeg(_decode_args(path, sample_rate), settings=s, stage="decode-audio", stdout=True,

@@ -38,12 +38,21 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
+# Ranges refused whatever the Python version's address tables say (older ones call some global):
+# IPv6 forms that embed an IPv4 address (6to4, NAT64) and IPv4 special-purpose blocks.
+NON_PUBLIC_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "2002::/16", "64:ff9b::/96", "64:ff9b:1::/48", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15",
+    "100.64.0.0/10"))
+
+
 def address_is_public(addr: str) -> bool:
     """Whether an IP address is a public unicast one (IPv4-mapped IPv6 judged as its IPv4)."""
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return False
+    if any(ip in net for net in NON_PUBLIC_NETWORKS if net.version == ip.version):
         return False
     return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
                                  or ip.is_reserved or ip.is_unspecified)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import tracemalloc
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,28 @@ def test_the_mel_is_of_the_first_audio_stream_the_one_the_output_plays(tmp_path)
     first = audio.load_audio(str(both))
     assert np.abs(first).max() > 0.05  # the speech, not the silent track
     assert np.allclose(first[:len(alone)], alone, atol=1e-3)
+
+
+def test_audio_whose_header_hides_its_length_is_refused_while_decoding(tmp_path):
+    """A FLAC whose STREAMINFO claims 1 s over 3 s of speech passes the probe (it reads the header);
+    the decode stops at the limit (`max_input_seconds`) with `InputTooLong` instead of writing and
+    rendering whatever length is hidden behind it."""
+    import struct
+
+    from cluster.config import Settings
+    from cluster.errors import InputTooLong
+    from cluster.media.probe import probe_audio
+    from cluster.synth import speech_like, write_audio
+
+    path = write_audio(str(tmp_path / "lying.flac"), speech_like(3.0, seed=1))
+    data = bytearray(Path(path).read_bytes())
+    assert data[:4] == b"fLaC"
+    (fields,) = struct.unpack(">Q", bytes(data[18:26]))  # sample rate, channels, bits, 36-bit total samples
+    data[18:26] = struct.pack(">Q", (fields & ~((1 << 36) - 1)) | 16000)  # "1 s"
+    Path(path).write_bytes(data)
+    s = Settings(storage_root=tmp_path / "store", max_input_seconds=1.5)
+    assert probe_audio(path, s).audio.duration == 1.0  # the header passes admission
+    with open(tmp_path / "raw.f32", "w+b") as raw:
+        with pytest.raises(InputTooLong, match="1.5 s"):
+            audio.decode_audio_to_file(path, raw, s)
+        assert raw.tell() <= (1.5 + 1) * 16000 * 4 + (1 << 20)  # stopped near the limit

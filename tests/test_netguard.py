@@ -36,9 +36,14 @@ def connector(routes: dict[str, httpx.Response], seen: list[str]):
 
 @pytest.mark.parametrize("addr", ["127.0.0.1", "127.9.9.9", "10.0.0.1", "172.16.5.5", "192.168.1.1",
                                   "169.254.169.254", "100.100.100.200", "0.0.0.0", "224.0.0.251", "::1",
-                                  "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "fd00:ec2::254"])
+                                  "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "fd00:ec2::254",
+                                  # 6to4 / NAT64 forms of loopback and private IPv4, special-purpose IPv4
+                                  # blocks (Python 3.11's tables call some of them global)
+                                  "2002:7f00:1::1", "2002:a00:1::1", "64:ff9b::a00:1", "192.0.0.8",
+                                  "192.88.99.1", "198.18.0.1", "100.64.0.1"])
 def test_non_public_addresses_refused(addr):
-    assert not address_is_public(addr)
+    assert not address_is_public(addr), addr
+    assert address_is_public("93.184.216.34") and address_is_public("2606:2800:220:1::1")
     seen: list[str] = []
     with pytest.raises(UnsafeInput) as e:
         download("http://media.example/a.wav", "/dev/null", max_bytes=100, timeout_s=5, allow_private=False,
