@@ -1,6 +1,7 @@
 """Settings (`cluster.config`, env prefix LIPSYNC_): values that would break later are refused now."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,20 @@ def test_a_gpu_share_above_one_must_be_whole(tmp_path):
         Settings(storage_root=tmp_path, worker_gpus=1.5)
     assert Settings(storage_root=tmp_path, worker_gpus=2).worker_gpus == 2
     assert Settings(storage_root=tmp_path, worker_gpus=0.25).worker_gpus == 0.25
+
+
+def test_serve_replicas_get_what_the_builder_was_given_and_read_the_rest_themselves(monkeypatch, tmp_path):
+    """Serve's build task may run on another node than the ingress replicas: a setting that node
+    lacks (its default, e.g. no API token) must not override the replicas' own environment; what
+    the builder was given (the config's args, its LIPSYNC_* environment) is passed on, the token as
+    its value."""
+    from service.deployment import build_app
+
+    for name in [k for k in os.environ if k.startswith("LIPSYNC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LIPSYNC_STORAGE_ROOT", str(tmp_path))
+    (args,) = build_app({"crf": 20})._bound_deployment.init_args
+    assert args == {"storage_root": str(tmp_path), "crf": 20}  # no api_token: the replica's env decides
+    monkeypatch.setenv("LIPSYNC_API_TOKEN", "s3cret-token")
+    (args,) = build_app()._bound_deployment.init_args
+    assert args["api_token"] == "s3cret-token"
