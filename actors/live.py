@@ -425,7 +425,9 @@ class LiveSessionActor:
             self._live()
         import psutil
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from cluster.resources import available_memory_bytes, usable_cpus
+
+        cores = usable_cpus()  # the container's (a pod's limit), not the host's
         memory = psutil.Process().memory_info().rss  # this actor's process, with its standby's below
         standby = self.journal.standby_pid() if self.journal is not None else None
         if standby is not None:
@@ -436,7 +438,7 @@ class LiveSessionActor:
         return {"ended_for": self.ended_for(), "cores": cores,
                 "render_load": self.session.render_load() if self.session is not None else None,
                 "memory_bytes": memory if self.session is not None else None,
-                "available_bytes": psutil.virtual_memory().available}
+                "available_bytes": available_memory_bytes()}
 
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
@@ -542,8 +544,10 @@ class LiveRegistry:
         from cluster.live.admission import decide_admission
 
         running = self.running() if running is None else running
+        from cluster.resources import usable_cpus
+
         cores = self.s.live_node_cpus or max((f["cores"] or 0 for f in running.values()), default=0) \
-            or os.cpu_count() or 1
+            or usable_cpus()
         # the node's available memory as the sessions' actors see it (they all run on the job manager's node)
         available = min((f["available_bytes"] for f in running.values() if f.get("available_bytes")), default=None)
         return decide_admission([f["render_load"] for f in running.values()], float(cores), self.s.live_cpu_share,

@@ -178,3 +178,58 @@ def disk_full_guard(stage: str) -> Callable[[F], F]:
                 raise as_disk_full(exc, stage, job_id) from exc
         return inner  # type: ignore[return-value]
     return wrap
+
+
+# --- a container's limits (Kubernetes pods: cgroups), not the host's ----------------------------
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> float:
+    """The CPUs this process may use: its CPU affinity, bounded by its container's CPU quota
+    (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`): a pod limited to 2 CPUs on
+    a 64-core node has 2, not 64."""
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    quota = period = None
+    v2 = _read(cgroup_root / "cpu.max")
+    if v2:
+        parts = v2.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota, period = parts
+    else:
+        v1 = cgroup_root / "cpu"
+        quota, period = _read(v1 / "cpu.cfs_quota_us"), _read(v1 / "cpu.cfs_period_us")
+    try:
+        if quota is not None and period is not None and int(quota) > 0 and int(period) > 0:
+            cpus = min(cpus, int(quota) / int(period))
+    except ValueError:
+        pass
+    return max(cpus, 0.01)
+
+
+def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Memory this process's container can still take: the system's available memory (psutil),
+    bounded by the container's limit less its usage (cgroup v2 `memory.max` / `memory.current`,
+    v1 `memory.limit_in_bytes` / `memory.usage_in_bytes`)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _read(cgroup_root / limit_file), _read(cgroup_root / usage_file)
+        if limit is None or usage is None:
+            continue
+        try:
+            limit_n, usage_n = int(limit), int(usage)
+        except ValueError:  # "max": no limit
+            continue
+        if limit_n < psutil.virtual_memory().total:  # v1 writes a huge number for "no limit"
+            available = min(available, max(0, limit_n - usage_n))
+        break
+    return available

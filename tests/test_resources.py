@@ -99,3 +99,36 @@ def test_a_disk_that_fills_mid_job_fails_that_job_cleanly(hostile_corpus):
     assert not r["output_exists"]
     assert r["after"] == {"ok": True} and r["after_output"] > 0
     assert r["temporaries"] == []
+
+
+@pytest.mark.parametrize("layout", ["v2", "v1", "none"])
+def test_a_containers_cpu_and_memory_limits_bound_what_live_admission_sees(tmp_path, layout):
+    """A pod limited to 2 CPUs and 1 GiB on a big node: live sessions' admission counts the pod's
+    CPUs and the memory left under its limit, not the host's (it admitted sessions until the OOM)."""
+    import os
+
+    import psutil
+
+    from cluster.resources import available_memory_bytes, usable_cpus
+
+    root = tmp_path / "cgroup"
+    limit, usage = 1 << 30, 300 << 20
+    if layout == "v2":
+        root.mkdir()
+        (root / "cpu.max").write_text("200000 100000\n")
+        (root / "memory.max").write_text(f"{limit}\n")
+        (root / "memory.current").write_text(f"{usage}\n")
+    elif layout == "v1":
+        (root / "cpu").mkdir(parents=True)
+        (root / "memory").mkdir()
+        (root / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+        (root / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+        (root / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    host_cpus = len(os.sched_getaffinity(0))
+    if layout == "none":
+        assert usable_cpus(root) == host_cpus
+        assert available_memory_bytes(root) > 0
+        return
+    assert usable_cpus(root) == min(2.0, host_cpus)
+    assert available_memory_bytes(root) == min(limit - usage, psutil.virtual_memory().available)
