@@ -337,18 +337,24 @@ def head_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def storage_node_placement(settings: Settings) -> dict:
+    """Actor options that place an actor on the storage root's node: the custom resource
+    `LIPSYNC_MANAGER_RESOURCE` (e.g. lipsync_head on KubeRay's head pod, where the storage claim
+    is) when set, else the head node (hard affinity)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if settings.manager_resource:
+        if settings.manager_resource not in ray.cluster_resources():
+            raise PlacementError(f"the job manager needs the custom resource {settings.manager_resource!r} "
+                                 f"(LIPSYNC_MANAGER_RESOURCE), which no node of the cluster offers")
+        return {"resources": {settings.manager_resource: 0.01}}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head_node_id(), soft=False)}
+
+
 def create_job_manager(settings: Settings, owner: str | None = None):
     """Get or create the named, detached job manager on the head node, where the storage root
     lives (it needs no CPU, so a head that keeps its CPUs from actors still takes it; a soft
     affinity let Ray place it on a worker node, whose disk then held the jobs)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    opts = dict(name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True)
-    if settings.manager_resource:  # e.g. lipsync_head on KubeRay's head pod: the storage claim is there
-        if settings.manager_resource not in ray.cluster_resources():
-            raise PlacementError(f"the job manager needs the custom resource {settings.manager_resource!r} "
-                                 f"(LIPSYNC_MANAGER_RESOURCE), which no node of the cluster offers")
-        opts["resources"] = {settings.manager_resource: 0.01}
-    else:
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head_node_id(), soft=False)
+    opts = dict(name=ORCHESTRATOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
+                **storage_node_placement(settings))
     return JobManager.options(**opts).remote(settings, owner)

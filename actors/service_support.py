@@ -313,9 +313,13 @@ def avatar_summary(avatar) -> dict:
 
 
 def service_sidecar(settings: Settings):
-    """The named notifier (created on first use, detached), preferring the job manager's node."""
+    """The named notifier (created on first use, detached) on the job manager's node: it reads and
+    writes the storage root (callbacks, retention, avatars); anywhere else it would open a store
+    of its own on that node's disk."""
+    from actors.orchestrator import storage_node_placement
+
     try:
         return ray.get_actor(SIDECAR_NAME, namespace=settings.namespace)
     except ValueError:
         return ServiceSidecar.options(name=SIDECAR_NAME, namespace=settings.namespace, lifetime="detached",
-                                        get_if_exists=True).remote(settings)
+                                      get_if_exists=True, **storage_node_placement(settings)).remote(settings)

@@ -692,3 +692,22 @@ def test_a_journal_audio_write_that_fails_midway_leaves_none_of_it(tmp_path):
     journal._audio = real
     journal.write_audio(b"cd" * 10)  # sent again
     assert (tmp_path / AUDIO_FILE).read_bytes() == b"ab" * 10 + b"cd" * 10
+
+
+def test_a_journal_line_cut_short_by_a_crash_does_not_swallow_the_next_one(tmp_path):
+    """A crash mid-append leaves a torn last line; the next process's first record must not be
+    glued to it (both would be dropped when read: a published segment or an utterance's end lost
+    after a restart)."""
+    from cluster.live.journal import EVENTS_FILE, PUBLISHED_FILE, SessionJournal
+
+    first = SessionJournal(tmp_path)
+    first.publish({"seq": 0})
+    first.note({"end": 1})
+    for name in (PUBLISHED_FILE, EVENTS_FILE):
+        with open(tmp_path / name, "ab") as f:
+            f.write(b'{"seq": 1, "na')  # the crash
+    again = SessionJournal(tmp_path)
+    again.publish({"seq": 2})
+    again.note({"end": 2})
+    assert again.published() == [{"seq": 0}, {"seq": 2}]
+    assert again.events() == [{"end": 1}, {"end": 2}]

@@ -54,6 +54,20 @@ def _read_lines(path: Path) -> list[dict]:
     return out
 
 
+def _drop_torn_line(f) -> None:
+    """Cut an append-only JSON-lines file back to its last complete line."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return
+    f.seek(max(0, size - 65536))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size - len(tail))
+    os.ftruncate(f.fileno(), keep)
+
+
 class SessionJournal:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
@@ -172,10 +186,21 @@ class SessionJournal:
         return _read_lines(self.dir / PUBLISHED_FILE)
 
     def _append_line(self, f, name: str, record: dict):
+        """Append one JSON line whole or not at all: a short write is continued, a failed one cut
+        back, and a line a crash cut short is cut off when the file is opened (else the next
+        record would be glued to it and both lost on reading)."""
         if f is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            f = open(self.dir / name, "ab", buffering=0)
-        f.write((json.dumps(record) + "\n").encode())
+            f = open(self.dir / name, "a+b", buffering=0)
+            _drop_torn_line(f)
+        start = os.fstat(f.fileno()).st_size
+        view = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            while view:
+                view = view[f.write(view):]
+        except BaseException:
+            os.ftruncate(f.fileno(), start)
+            raise
         return f
 
     # --- the end --------------------------------------------------------------------------------
