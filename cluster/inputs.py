@@ -151,6 +151,7 @@ class UploadStore:
             os.fsync(f.fileno())
         if dest.exists():
             up.path.unlink(missing_ok=True)
+            os.utime(dest)  # used now: retention judges stored inputs by their last use
         else:
             os.replace(up.path, dest)
         return StoredInput(ref=f"{UPLOAD_PREFIX}{digest}{up.suffix}", size=up.size, sha256=digest)

@@ -5,8 +5,13 @@ last change is older than that loses its working directory (inputs, segments, it
 its output file when that lies under the storage root; its row stays in the job table, so it
 remains queryable. Files `POST /upload` stored in the compatibility data directory, and results
 published there, are removed after the same time, and so is an ended live session's directory
-(its speech, stream and recording; judged by its `final.json`). Unfinished jobs and running
-sessions are never touched.
+(its speech, stream and recording; judged by its `final.json`), or one that no process runs
+(its lock free) and nothing wrote to for that long (a session whose actor died for good).
+What nothing refers to any more goes too once that old: job directories without a row (an
+admission that failed half-way), stored uploads (`inputs/`, judged by their last use), and avatars
+with their normalised templates unused for that long (`avatar.json`'s mtime, renewed at each use;
+never one an unfinished job or a running session uses). Unfinished jobs and running sessions are
+never touched.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cluster.config import Settings
+from cluster.errors import LipsyncError
 from cluster.jobstore import JobStore
 from cluster.schemas import JobState
 
@@ -63,17 +69,127 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
                         f.unlink()
                 except OSError as e:
                     log.warning("retention: cannot remove %s: %s", f, e)
-    sessions = settings.storage_root / "sessions"
-    ended_sessions = 0
-    for d in sessions.iterdir() if sessions.is_dir() else []:
-        try:  # only an ended session has its final view; a running one is never touched
-            ended = (d / "final.json").stat().st_mtime
+    ended_sessions, sessions_in_use = _sweep_sessions(settings.storage_root / "sessions", cutoff.timestamp())
+    orphans = _sweep_unreferenced(settings, store, root, cutoff.timestamp(), sessions_in_use)
+    if removed or ended_sessions or orphans:
+        log.info("retention removed the files of %d finished jobs, %d ended live sessions and %d unused "
+                 "inputs, avatars and orphaned job directories", len(removed), ended_sessions, orphans)
+    return removed
+
+
+def _newest_mtime(d: Path) -> float:
+    """The latest change in a directory or the files directly in it."""
+    newest = d.stat().st_mtime
+    for f in d.iterdir():
+        try:
+            newest = max(newest, f.stat().st_mtime)
         except OSError:
             continue
-        if ended < cutoff.timestamp():
+    return newest
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a process holds the `flock` on `path` (a live session's `active.lock`)."""
+    import fcntl
+
+    try:
+        with open(path, "rb") as f:  # no lock file: nobody holds it (and none is made here)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def _sweep_sessions(sessions: Path, cutoff: float) -> tuple[int, set[str]]:
+    """Remove ended sessions' directories (final view older than `cutoff`), and those no process
+    runs (lock free) that nothing wrote to since `cutoff` (an actor that died for good); (how many,
+    the avatars the remaining ones use)."""
+    import json
+
+    from cluster.live.journal import FINAL_FILE, LOCK_FILE, SESSION_FILE
+
+    removed, in_use = 0, set()
+    for d in sessions.iterdir() if sessions.is_dir() else []:
+        try:
+            final = d / FINAL_FILE
+            if final.exists():
+                gone = final.stat().st_mtime < cutoff
+            else:  # never ended: gone only when no process runs it and it is old
+                gone = _newest_mtime(d) < cutoff and not _lock_held(d / LOCK_FILE)
+        except OSError:
+            continue
+        if gone:
             shutil.rmtree(d, ignore_errors=True)
-            ended_sessions += 1
-    if removed or ended_sessions:
-        log.info("retention removed the files of %d finished jobs and %d ended live sessions", len(removed),
-                 ended_sessions)
+            removed += 1
+            continue
+        try:
+            in_use.add(json.loads((d / SESSION_FILE).read_text())["avatar_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return removed, in_use
+
+
+def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff: float,
+                        sessions_in_use: set[str]) -> int:
+    """Remove what no job row, unfinished job or running session refers to and that is older than
+    `cutoff`: job directories without a row, stored uploads, avatars with their templates."""
+    from cluster.errors import JobNotFound
+    from cluster.faces.avatar import AVATAR_FILE, _preparing
+
+    removed = 0
+    jobs = root / "jobs"
+    for d in jobs.iterdir() if jobs.is_dir() else []:
+        try:
+            if _newest_mtime(d) >= cutoff:
+                continue
+            store.get(d.name)
+        except JobNotFound:  # an admission that failed after it made the directory
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+        except (OSError, LipsyncError):
+            continue
+    inputs = root / "inputs"
+    for f in inputs.iterdir() if inputs.is_dir() else []:
+        try:
+            if f.is_file() and f.stat().st_mtime < cutoff:
+                f.unlink()
+                removed += 1
+        except OSError as e:
+            log.warning("retention: cannot remove %s: %s", f, e)
+    # avatars (and their templates) that unfinished jobs or running sessions use stay, whatever their age
+    in_use = set(sessions_in_use)
+    for job_id in store.unfinished_ids():
+        try:
+            request = store.request(job_id)
+            plan = store.plan(job_id) or {}
+        except LipsyncError:
+            continue
+        in_use.update(x for x in (request.avatar_id, plan.get("avatar_id")) if x)
+    avatars, templates = root / "avatars", root / "templates"
+    for d in list(avatars.iterdir()) if avatars.is_dir() else []:
+        if not d.is_dir() or d.name in in_use:
+            continue
+        try:
+            with _preparing(d.name, settings):  # not while a job prepares or reads it again
+                meta = d / AVATAR_FILE
+                last_use = meta.stat().st_mtime if meta.exists() else _newest_mtime(d)
+                if last_use >= cutoff:
+                    continue
+                shutil.rmtree(templates / d.name, ignore_errors=True)
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+            (avatars / f".{d.name}.lock").unlink(missing_ok=True)
+        except (OSError, LipsyncError) as e:
+            log.warning("retention: cannot remove the avatar %s: %s", d.name, e)
+    for d in templates.iterdir() if templates.is_dir() else []:  # a template whose avatar was never stored
+        try:
+            if d.name not in in_use and not (avatars / d.name).exists() and _newest_mtime(d) < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
     return removed

@@ -47,16 +47,89 @@ def test_sweep_removes_ended_live_sessions_only(tmp_path):
     import os
     import time
 
+    from cluster.live.journal import SessionJournal
+
     s = Settings(storage_root=tmp_path / "st", retention_days=1)
     store = JobStore(s.db_path)
-    for name in ("ended-long-ago", "running", "ended-now"):
+    for name in ("ended-long-ago", "running", "ended-now", "dead-long-ago", "dead-now"):
         d = s.dir("sessions") / name
         (d / "hls").mkdir(parents=True)
         (d / "audio.pcm").write_bytes(b"\0" * 100)
     for name in ("ended-long-ago", "ended-now"):
         (s.dir("sessions") / name / "final.json").write_text("{}")
+    running = SessionJournal(s.dir("sessions") / "running")
+    assert running.take()  # a process runs it (its lock held)
     long_ago = time.time() - 3 * 86400
     os.utime(s.dir("sessions") / "ended-long-ago" / "final.json", (long_ago, long_ago))
-    os.utime(s.dir("sessions") / "running" / "audio.pcm", (long_ago, long_ago))  # old speech, still running
+    for name in ("running", "dead-long-ago"):  # old speech: one still running, one whose actor died for good
+        d = s.dir("sessions") / name
+        for f in [d, *d.iterdir()]:
+            os.utime(f, (long_ago, long_ago))
     sweep(s, store)
-    assert sorted(p.name for p in s.dir("sessions").iterdir()) == ["ended-now", "running"]
+    assert sorted(p.name for p in s.dir("sessions").iterdir()) == ["dead-now", "ended-now", "running"]
+
+
+def test_sweep_removes_what_nothing_refers_to_once_old(tmp_path):
+    """Stored uploads, avatars with their templates, and job directories without a row grew for
+    ever under retention; they go once unused for that long, never while an unfinished job or a
+    running session uses them."""
+    import json
+    import os
+    import time
+
+    from cluster.live.journal import SessionJournal
+
+    s = Settings(storage_root=tmp_path / "st", retention_days=1)
+    store = JobStore(s.db_path)
+    long_ago = time.time() - 3 * 86400
+
+    def old(*paths: Path) -> None:
+        for path in paths:
+            for f in [path, *(path.rglob("*") if path.is_dir() else [])]:
+                os.utime(f, (long_ago, long_ago))
+
+    for name in ("old.wav", "new.wav"):
+        (s.dir("inputs") / name).write_bytes(b"x")
+    old(s.dir("inputs") / "old.wav")
+    for avatar in ("a-unused", "a-queued-job", "a-session", "a-recent"):
+        (s.dir("avatars") / avatar).mkdir()
+        (s.dir("avatars") / avatar / "avatar.json").write_text("{}")
+        (s.dir("templates") / avatar).mkdir()
+        (s.dir("templates") / avatar / "template.mp4").write_bytes(b"t")
+        if avatar != "a-recent":
+            old(s.dir("avatars") / avatar, s.dir("templates") / avatar)
+    (s.dir("templates") / "t-orphan").mkdir()
+    old(s.dir("templates") / "t-orphan")
+    store.create("queued", RenderRequest(audio="a.wav", avatar_id="a-queued-job"))
+    session = s.dir("sessions") / "live"
+    session.mkdir(parents=True)
+    (session / "session.json").write_text(json.dumps({"avatar_id": "a-session"}))
+    assert SessionJournal(session).take()
+    for job_dir in ("no-row-old", "no-row-new", "queued"):
+        (s.dir("jobs") / job_dir / "inputs").mkdir(parents=True)
+    old(s.dir("jobs") / "no-row-old", s.dir("jobs") / "queued")
+    sweep(s, store)
+    assert sorted(p.name for p in s.dir("inputs").iterdir()) == ["new.wav"]
+    assert sorted(p.name for p in s.dir("avatars").iterdir() if p.is_dir()) == ["a-queued-job", "a-recent",
+                                                                                 "a-session"]
+    assert sorted(p.name for p in s.dir("templates").iterdir()) == ["a-queued-job", "a-recent", "a-session"]
+    assert sorted(p.name for p in s.dir("jobs").iterdir()) == ["no-row-new", "queued"]
+
+
+def test_an_avatar_in_use_is_renewed(tmp_path, astronaut_video):
+    """Each use of an avatar renews it (its avatar.json's mtime): one used every day is never
+    removed, however long ago it was prepared."""
+    import os
+    import time
+
+    from cluster.faces.avatar import AVATAR_FILE, load_avatar, prepare_avatar
+
+    s = Settings(storage_root=tmp_path / "st", retention_days=1)
+    avatar = prepare_avatar(astronaut_video, s)
+    meta = s.dir("avatars") / avatar.id / AVATAR_FILE
+    long_ago = time.time() - 3 * 86400
+    os.utime(meta, (long_ago, long_ago))
+    load_avatar(avatar.id, s)
+    assert meta.stat().st_mtime > time.time() - 60
+    os.utime(meta, (long_ago, long_ago))
+    assert prepare_avatar(astronaut_video, s).cached and meta.stat().st_mtime > time.time() - 60

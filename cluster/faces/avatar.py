@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,8 +99,18 @@ def _cached(template_id: str, s: Settings) -> Avatar | None:
     stored = _read_stored(template_id, s)
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
+        touch_avatar(template_id, s)
         return stored
     return None
+
+
+def touch_avatar(avatar_id: str, s: Settings) -> None:
+    """Record a use of a stored avatar (its `avatar.json`'s mtime): retention removes avatars, and
+    their templates, unused for `LIPSYNC_RETENTION_DAYS`."""
+    try:
+        os.utime(_avatar_dir(avatar_id, s) / AVATAR_FILE)
+    except OSError:  # gone meanwhile, or a read-only store: the next use prepares or reads it again
+        pass
 
 
 @contextlib.contextmanager
@@ -180,6 +191,7 @@ def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
     avatar = _read_stored(avatar_id, s)
     if avatar is None:
         raise InputNotFound(f"avatar {avatar_id} does not exist under {s.dir('avatars')} "
-                            f"(prepare it first)")
+                            f"(prepare it first; avatars unused for LIPSYNC_RETENTION_DAYS are removed)")
+    touch_avatar(avatar_id, s)
     return avatar
 
