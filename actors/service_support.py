@@ -194,6 +194,7 @@ class ServiceSidecar:
         self.store = CallbackStore(settings.storage_root / "callbacks.sqlite3")
         self.gw = ManagerGateway(settings)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._preparing = 0  # avatar preparations running (threads: one the client gave up on still counts)
         for job_id, url in self.store.pending():
             self._watch(job_id, url)
         if settings.retention_days > 0:
@@ -229,11 +230,19 @@ class ServiceSidecar:
     # avatars ---------------------------------------------------------------------------------------
     async def prepare_avatar(self, video_ref: str) -> dict:
         """Prepare (or find, by content hash) the avatar of an uploaded template; its summary."""
+        from cluster.errors import TooManyPreparations
         from cluster.faces.avatar import prepare_avatar
         from cluster.inputs import upload_ref_path
 
         path = upload_ref_path(video_ref, self.s)
-        avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
+        if self._preparing >= self.s.max_avatar_preparations:  # each holds a template's frames and a detector
+            raise TooManyPreparations(f"{self._preparing} avatars are being prepared (LIPSYNC_MAX_AVATAR_PREPARATIONS"
+                                      f"={self.s.max_avatar_preparations}); retry later")
+        self._preparing += 1
+        try:
+            avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
+        finally:
+            self._preparing -= 1
         return avatar_summary(avatar)
 
     async def get_avatar(self, avatar_id: str) -> dict:

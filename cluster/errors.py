@@ -177,6 +177,12 @@ class JobConflict(LipsyncError):
     retryable = False
 
 
+class TooManyPreparations(LipsyncError):
+    """`LIPSYNC_MAX_AVATAR_PREPARATIONS` avatars are being prepared already (HTTP 429: retry later)."""
+    code = "service.busy"
+    retryable = True
+
+
 class OutputExpired(LipsyncError):
     """A succeeded job whose output no longer exists: removed by retention (`LIPSYNC_RETENTION_DAYS`)
     or by hand (HTTP 410). The job stays succeeded; its result is gone."""
