@@ -288,8 +288,8 @@ class ServiceSidecar:
                 await asyncio.sleep(1.0)
             body = job_view(st).model_dump_json().encode()
             headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
-            if self.s.api_token is not None:
-                headers[SIGNATURE_HEADER] = sign(body, self.s.api_token.get_secret_value())
+            if (key := self.s.callback_key()) is not None:
+                headers[SIGNATURE_HEADER] = sign(body, key)
             attempts = self.s.callback_attempts
             for attempt in range(attempts):
                 error = None

@@ -1,8 +1,9 @@
 """Job-end callbacks: durable delivery records (SQLite under the storage root) and signing.
 
 When a job that carries a `callback_url` ends, its final `JobView` is POSTed there as JSON with
-`X-Lipsync-Signature: sha256=<hex HMAC-SHA256 of the body under LIPSYNC_API_TOKEN>` (no
-signature header when no token is set) and `X-Lipsync-Job`. Deliveries are retried with
+`X-Lipsync-Signature: sha256=<hex HMAC-SHA256 of the body under LIPSYNC_CALLBACK_SECRET>` (or,
+where none is set, under LIPSYNC_API_TOKEN: set a callback secret so that receivers never hold the
+API token; no signature header when neither is set) and `X-Lipsync-Job`. Deliveries are retried with
 exponential backoff up to `callback_attempts`; the URL passes the same address guard as URL
 inputs, at registration and again at each delivery. A callback never changes the job's state.
 """

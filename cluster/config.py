@@ -22,6 +22,13 @@ class Settings(BaseSettings):
                                description="inputs, avatars, segments, outputs, the job database")
     input_roots: str = Field("", description="':'-separated directories path inputs may be read from")
     api_token: SecretStr | None = None
+    # the key of callbacks' signatures (X-Lipsync-Signature): a secret of their own, so that a
+    # receiver that verifies them never holds the API token; unset: the API token (as before)
+    callback_secret: SecretStr | None = None
+
+    def callback_key(self) -> str | None:
+        secret = self.callback_secret or self.api_token
+        return secret.get_secret_value() if secret is not None else None
     model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
     ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
     log_format: str = Field("text", pattern="^(text|json)$",

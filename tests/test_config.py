@@ -56,3 +56,16 @@ def test_serve_replicas_get_what_the_builder_was_given_and_read_the_rest_themsel
     monkeypatch.setenv("LIPSYNC_API_TOKEN", "s3cret-token")
     (args,) = build_app()._bound_deployment.init_args
     assert args["api_token"] == "s3cret-token"
+
+
+def test_callbacks_are_signed_with_their_own_secret_where_one_is_set(tmp_path):
+    """A webhook receiver verifies signatures with the key they were made with: the callback
+    secret where one is set (it then never holds the API token), else the API token."""
+    from cluster.callbacks import sign, verify
+
+    both = Settings(storage_root=tmp_path, api_token="api-token-1", callback_secret="hook-secret")
+    assert both.callback_key() == "hook-secret"
+    assert verify(b"{}", "hook-secret", sign(b"{}", both.callback_key()))
+    assert not verify(b"{}", "api-token-1", sign(b"{}", both.callback_key()))
+    assert Settings(storage_root=tmp_path, api_token="api-token-1").callback_key() == "api-token-1"
+    assert Settings(storage_root=tmp_path).callback_key() is None
