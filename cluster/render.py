@@ -157,30 +157,41 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
 
     s = settings or get_settings()
     audio_info, video_info = check_inputs(request, s)
-    stored = None
+    template_info = None
     if video_info is None and request.avatar_id is not None:  # sized by the avatar's template
         from cluster.faces.avatar import load_avatar
 
-        stored = load_avatar(request.avatar_id, s).info
-    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=stored)
-    inputs = job_dir(job_id, s) / "inputs"
+        template_info = load_avatar(request.avatar_id, s).info
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=template_info)
+    jdir = job_dir(job_id, s)
+    made = not jdir.exists()  # by this call: removed again if it fails (retention never sees a dir without a row)
+    inputs = jdir / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     stored = {}
-    for key in ("audio", "video"):
-        src = getattr(request, key)
-        if src is None:
-            continue
-        dst = inputs / f"{key}{Path(src).suffix.lower()}"
-        if not dst.exists():
-            tmp = temporary_name(dst)
-            try:
-                if not link:  # a user's file: a link would change its link count (see resolve_input_path)
-                    raise OSError("copy requested")
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        stored[key] = str(dst)
+    try:
+        for key in ("audio", "video"):
+            src = getattr(request, key)
+            if src is None:
+                continue
+            dst = inputs / f"{key}{Path(src).suffix.lower()}"
+            if not dst.exists():
+                tmp = temporary_name(dst)
+                try:
+                    try:
+                        if not link:  # a user's file: a link would change its link count (see resolve_input_path)
+                            raise OSError("copy requested")
+                        os.link(src, tmp)
+                    except OSError:
+                        shutil.copyfile(src, tmp)
+                    os.replace(tmp, dst)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a copy cut short (a full disk) is not left behind
+                    raise
+            stored[key] = str(dst)
+    except BaseException:
+        if made:
+            shutil.rmtree(jdir, ignore_errors=True)
+        raise
     # stored copy -> what the user gave (through any earlier mapping, e.g. an upload's reference)
     sources = {**request.sources, **{stored[k]: request.sources.get(getattr(request, k), getattr(request, k))
                                      for k in stored}}

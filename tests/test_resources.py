@@ -132,3 +132,24 @@ def test_a_containers_cpu_and_memory_limits_bound_what_live_admission_sees(tmp_p
         return
     assert usable_cpus(root) == min(2.0, host_cpus)
     assert available_memory_bytes(root) == min(limit - usage, psutil.virtual_memory().available)
+
+
+def test_an_admission_whose_copy_fails_leaves_nothing_behind(hostile_corpus, tmp_path, monkeypatch):
+    """The disk fills while a job's input is copied: `resource.disk`, and neither the half copy nor
+    the job's directory stays (it has no row: nothing would ever remove it)."""
+    import shutil
+
+    s = Settings(storage_root=tmp_path / "store")
+    real_copy = shutil.copyfile
+
+    def full_disk(src, dst, *a, **kw):
+        if str(dst).endswith(".tmp") and "video" in str(dst):
+            Path(dst).write_bytes(b"half a copy")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    req = RenderRequest(audio=str(hostile_corpus.speech), video=str(hostile_corpus.template))
+    with pytest.raises(DiskFull):
+        admit("copy-fails", req, s)
+    assert not (s.storage_root / "jobs" / "copy-fails").exists()
