@@ -73,6 +73,9 @@ class Settings(BaseSettings):
                                             "check sees instead of asking the filesystem")
     detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
+    node_cache_gb: float = Field(20.0, gt=0, description="node-local cache of a node without the storage root "
+                                 "(templates, face tracks, mel features, model files fetched from the job "
+                                 "manager): cut back to this size, least recently used first")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
     manager_mmap_threshold_bytes: int = Field(

@@ -7,6 +7,9 @@ Plain Python: `fetch(offset, length) -> bytes` is how bytes arrive (an actor cal
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,11 +19,23 @@ from cluster.fsutil import atomic_writer
 FetchFn = Callable[[int, int], bytes]
 
 
-def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes: int) -> Path:
-    """The local copy of the file with content hash `sha256` (fetched and verified on first use).
-    Concurrent fetches on one node are harmless: each writes its own temporary, the rename is atomic."""
+DEFAULT_BUDGET_BYTES = 20 * 1024**3  # the k8s manifests give the cache an emptyDir of 50 GiB
+KEEP_RECENT_S = 3600.0  # a file used this recently stays whatever the budget (a chunk may be about to read it)
+
+
+def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes: int,
+                budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Path:
+    """The local copy of the file with content hash `sha256` (fetched and verified on first use;
+    each use renews it). Concurrent fetches on one node are harmless: each writes its own
+    temporary, the rename is atomic. After a fetch the cache is cut back to `budget_bytes`, least
+    recently used first (`evict`): every job's mel features are new files, and a node's disk (a
+    pod's emptyDir: evicted when full) would fill."""
     path = Path(root) / f"{sha256}{suffix}"
     if path.is_file():
+        try:
+            os.utime(path)
+        except OSError:
+            pass
         return path
     digest = hashlib.sha256()
     offset = 0
@@ -35,7 +50,42 @@ def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes
         if digest.hexdigest() != sha256:
             raise OutputVerificationError(f"node cache: fetched {offset} bytes whose sha256 {digest.hexdigest()} "
                                           f"is not the {sha256} asked for", path=str(path))
+    evict(Path(root), budget_bytes, keep=path)
     return path
+
+
+def evict(root: Path, budget_bytes: int, keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Cut the cache back to `budget_bytes`: remove its least recently used files (their mtime,
+    renewed at each use), never `keep` nor one used in the last `KEEP_RECENT_S`; and the working
+    directories of jobs (`jobs/<id>`: a killed render's segments) untouched for a day. What it removed."""
+    now = time.time() if now is None else now
+    files = []
+    for p in root.iterdir() if root.is_dir() else []:
+        try:
+            if p.is_file():
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for mtime, size, p in sorted(files, key=lambda f: f[0]):
+        if total <= budget_bytes:
+            break
+        if p == keep or now - mtime < KEEP_RECENT_S:
+            continue
+        p.unlink(missing_ok=True)
+        total -= size
+        removed.append(p)
+    jobs = root / "jobs"
+    for d in jobs.iterdir() if jobs.is_dir() else []:
+        try:
+            if now - d.stat().st_mtime > 86400:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        except OSError:
+            continue
+    return removed
 
 
 def entries(root: Path) -> int:

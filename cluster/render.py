@@ -123,13 +123,14 @@ def with_blobs(plan: JobPlan) -> JobPlan:
 
 
 def localized(plan: JobPlan, cache_root: Path, fetcher: Callable[[str], Callable[[int, int], bytes]],
-              part_bytes: int) -> JobPlan:
+              part_bytes: int, budget_bytes: int | None = None) -> JobPlan:
     """The plan as a node without the storage root renders it: each prepared file from the
     node-local cache (fetched once per node by content hash), segments under the cache."""
     from cluster.nodecache import cached_file
 
+    budget = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
     update = {field: str(cached_file(cache_root, plan.blobs[role], Path(getattr(plan, field)).suffix,
-                                     fetcher(plan.blobs[role]), part_bytes))
+                                     fetcher(plan.blobs[role]), part_bytes, **budget))
               for role, field in BLOB_FIELDS.items()}
     return plan.model_copy(update={**update, "job_dir": str(Path(cache_root) / "jobs" / plan.job_id)})
 
