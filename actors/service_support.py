@@ -231,10 +231,13 @@ class ServiceSidecar:
     async def prepare_avatar(self, video_ref: str) -> dict:
         """Prepare (or find, by content hash) the avatar of an uploaded template; its summary."""
         from cluster.errors import TooManyPreparations
-        from cluster.faces.avatar import prepare_avatar
+        from cluster.faces.avatar import prepare_avatar, stored_avatar_for
         from cluster.inputs import upload_ref_path
 
         path = upload_ref_path(video_ref, self.s)
+        cached = await asyncio.to_thread(stored_avatar_for, str(path), self.s)
+        if cached is not None:  # prepared already: no preparation slot taken
+            return avatar_summary(cached)
         if self._preparing >= self.s.max_avatar_preparations:  # each holds a template's frames and a detector
             raise TooManyPreparations(f"{self._preparing} avatars are being prepared (LIPSYNC_MAX_AVATAR_PREPARATIONS"
                                       f"={self.s.max_avatar_preparations}); retry later")

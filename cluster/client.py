@@ -386,7 +386,9 @@ class Client(_Base):
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError as e:
-                if not _retryable_error(e, idempotent):
+                # an upload that timed out is not sent again whole: the server may be admitting it still
+                if not _retryable_error(e, idempotent and not (rewind is not None
+                                                               and isinstance(e, httpx.TimeoutException))):
                     raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
@@ -414,8 +416,9 @@ class Client(_Base):
             r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
         else:
             uploads = _Uploads(files, data)
-            try:
-                r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads)
+            try:  # the answer comes once the files are stored and probed: more than a read's usual wait
+                r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads,
+                                 timeout=max(self.timeout, 600))
             finally:
                 uploads.close()
         return Job(self, JobAccepted.model_validate(r.json()))
@@ -693,7 +696,9 @@ class AsyncClient(_Base):
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = await self.http.request(method, path, **kw)
             except httpx.TransportError as e:
-                if not _retryable_error(e, idempotent):
+                # an upload that timed out is not sent again whole: the server may be admitting it still
+                if not _retryable_error(e, idempotent and not (rewind is not None
+                                                               and isinstance(e, httpx.TimeoutException))):
                     raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
@@ -722,7 +727,8 @@ class AsyncClient(_Base):
         else:
             uploads = _Uploads(files, data)
             try:
-                r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads)
+                r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads,
+                                       timeout=max(self.timeout, 600))
             finally:
                 uploads.close()
         return AsyncJob(self, JobAccepted.model_validate(r.json()))

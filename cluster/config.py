@@ -26,9 +26,6 @@ class Settings(BaseSettings):
     # receiver that verifies them never holds the API token; unset: the API token (as before)
     callback_secret: SecretStr | None = None
 
-    def callback_key(self) -> str | None:
-        secret = self.callback_secret or self.api_token
-        return secret.get_secret_value() if secret is not None else None
     model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
     ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
     log_format: str = Field("text", pattern="^(text|json)$",
@@ -239,6 +236,20 @@ class Settings(BaseSettings):
         """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x)."""
         return str(Path(v).expanduser()) if v.startswith("~") else v
 
+    def callback_key(self) -> str | None:
+        secret = self.callback_secret or self.api_token
+        return secret.get_secret_value() if secret is not None else None
+
+    def overrides(self, only_set: bool = False) -> dict:
+        """These settings as plain values for another process (`Settings(**overrides)`): secrets as
+        their values (a JSON dump masks them as `**********`); `only_set`: only what was given
+        (arguments, LIPSYNC_* environment), the rest left to that process's own environment."""
+        out = self.model_dump(mode="json", exclude_unset=only_set)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) and (not only_set or name in self.model_fields_set):
+                out[name] = value.get_secret_value()
+        return out
     def fingerprint(self) -> str:
         """A short hash of every setting: actors built with other settings are replaced."""
         import hashlib

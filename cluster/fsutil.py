@@ -40,15 +40,19 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, synced: bool = False, sync_dir: bool = True) -> None:
     """Rename a finished temporary file into place with ordinary permissions (mkstemp makes
     0600 files; outputs should be readable as any file the user writes: 0666 less the umask),
-    durably: its bytes reach the disk before the rename and the rename before this returns, so a
-    crash never leaves a published name on a short file (what is recorded as done is on disk)."""
+    durably: its bytes reach the disk before the rename (`synced`: the caller did that) and the
+    rename before this returns (`sync_dir=False`: a file rewritten many times a second, such as
+    a live playlist, whose next version follows anyway), so a crash never leaves a published name
+    on a short file (what is recorded as done is on disk)."""
     os.chmod(tmp, 0o666 & ~_UMASK)
-    fsync_file(tmp)
+    if not synced:
+        fsync_file(tmp)
     os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
+    if sync_dir:
+        fsync_dir(Path(path).parent)
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -74,7 +78,7 @@ def sweep_temporaries(directory: str | os.PathLike, of: str | os.PathLike | None
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, sync_dir: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s directory; on success it is fsynced and renamed to `path`
     (atomic on POSIX), on any exception it is removed and `path` is left as it was."""
     path = Path(path)
@@ -85,15 +89,15 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        publish(tmp, path)
+        publish(tmp, path, synced=True, sync_dir=sync_dir)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically."""
-    with atomic_writer(path) as f:
+def write_atomic(path: str | os.PathLike, data: bytes | str, sync_dir: bool = True) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically (`publish`)."""
+    with atomic_writer(path, sync_dir) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 

@@ -39,17 +39,22 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 # Ranges refused whatever the Python version's address tables say (older ones call some global):
-# IPv6 forms that embed an IPv4 address (6to4, NAT64) and IPv4 special-purpose blocks.
+# the local-use NAT64 prefix and IPv4 special-purpose blocks.
 NON_PUBLIC_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "2002::/16", "64:ff9b::/96", "64:ff9b:1::/48", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15",
-    "100.64.0.0/10"))
+    "64:ff9b:1::/48", "192.0.0.0/24", "192.88.99.0/24", "198.18.0.0/15", "100.64.0.0/10"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: DNS64 answers on IPv6-only clusters
 
 
 def address_is_public(addr: str) -> bool:
     """Whether an IP address is a public unicast one (IPv4-mapped IPv6 judged as its IPv4)."""
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # forms that carry an IPv4 address: judged as that address
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
         return False
     if any(ip in net for net in NON_PUBLIC_NETWORKS if net.version == ip.version):

@@ -220,8 +220,10 @@ def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
     import psutil
 
     available = psutil.virtual_memory().available
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file, stat_file, inactive_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
         limit, usage = _read(cgroup_root / limit_file), _read(cgroup_root / usage_file)
         if limit is None or usage is None:
             continue
@@ -229,7 +231,13 @@ def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
             limit_n, usage_n = int(limit), int(usage)
         except ValueError:  # "max": no limit
             continue
+        # the usage counts the page cache; its inactive part is reclaimable (the kubelet's working set)
+        inactive = 0
+        for line in (_read(cgroup_root / stat_file) or "").splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key and value.strip().isdigit():
+                inactive = int(value)
         if limit_n < psutil.virtual_memory().total:  # v1 writes a huge number for "no limit"
-            available = min(available, max(0, limit_n - usage_n))
+            available = min(available, max(0, limit_n - max(0, usage_n - inactive)))
         break
     return available

@@ -16,6 +16,7 @@ never touched.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from datetime import datetime, timedelta, timezone
@@ -137,21 +138,18 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
                         sessions_in_use: set[str]) -> int:
     """Remove what no job row, unfinished job or running session refers to and that is older than
     `cutoff`: job directories without a row, stored uploads, avatars with their templates."""
-    from cluster.errors import JobNotFound
     from cluster.faces.avatar import AVATAR_FILE, _preparing
 
     removed = 0
     jobs = root / "jobs"
     for d in jobs.iterdir() if jobs.is_dir() else []:
         try:
-            if _newest_mtime(d) >= cutoff:
+            if _newest_mtime(d) >= cutoff or store.exists(d.name):
                 continue
-            store.get(d.name)
-        except JobNotFound:  # an admission that failed after it made the directory
-            shutil.rmtree(d, ignore_errors=True)
-            removed += 1
-        except (OSError, LipsyncError):
+        except OSError:
             continue
+        shutil.rmtree(d, ignore_errors=True)  # an admission that failed after it made the directory
+        removed += 1
     inputs = root / "inputs"
     for f in inputs.iterdir() if inputs.is_dir() else []:
         try:
@@ -171,18 +169,24 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
         in_use.update(x for x in (request.avatar_id, plan.get("avatar_id")) if x)
     avatars, templates = root / "avatars", root / "templates"
     for d in list(avatars.iterdir()) if avatars.is_dir() else []:
-        if not d.is_dir() or d.name in in_use:
+        if d.is_dir() and d.name.startswith(".removing-"):  # a sweep killed half-way
+            shutil.rmtree(d, ignore_errors=True)
+            continue
+        if not d.is_dir() or d.name.startswith(".") or d.name in in_use:
             continue
         try:
-            with _preparing(d.name, settings):  # not while a job prepares or reads it again
-                meta = d / AVATAR_FILE
+            with _preparing(d.name, settings):  # not while a job prepares it (its lock file stays: a
+                meta = d / AVATAR_FILE          # waiter holds that inode; unlinking it would split the lock)
                 last_use = meta.stat().st_mtime if meta.exists() else _newest_mtime(d)
                 if last_use >= cutoff:
                     continue
+                # out of readers' sight at once (a rename), then removed: a job that reads it from now
+                # on finds no avatar and prepares it again
+                aside = avatars / f".removing-{d.name}"
+                os.replace(d, aside)
+                shutil.rmtree(aside, ignore_errors=True)
                 shutil.rmtree(templates / d.name, ignore_errors=True)
-                shutil.rmtree(d, ignore_errors=True)
                 removed += 1
-            (avatars / f".{d.name}.lock").unlink(missing_ok=True)
         except (OSError, LipsyncError) as e:
             log.warning("retention: cannot remove the avatar %s: %s", d.name, e)
     for d in templates.iterdir() if templates.is_dir() else []:  # a template whose avatar was never stored

@@ -37,7 +37,5 @@ def build_app(args: dict | None = None):
     # replicas get what this process was given (the args, its LIPSYNC_* environment) and read the rest
     # from their own environment: Serve's build task may run on another node than the replicas, and a
     # default dumped here (no API token on that node) would override the replicas' own (the head's)
-    overrides = settings.model_dump(mode="json", exclude_unset=True)
-    if "api_token" in settings.model_fields_set and settings.api_token is not None:
-        overrides["api_token"] = settings.api_token.get_secret_value()
+    overrides = settings.overrides(only_set=True)
     return _deployment().options(num_replicas=settings.serve_replicas).bind(overrides)

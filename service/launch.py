@@ -58,9 +58,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     if stopped():
         return urls
     serve.start(http_options={"host": host, "port": port})
-    overrides = settings.model_dump(mode="json")
-    if settings.api_token is not None:
-        overrides["api_token"] = settings.api_token.get_secret_value()
+    overrides = settings.overrides()  # secrets as their values
     if stopped():
         return urls
     serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)

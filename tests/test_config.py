@@ -54,8 +54,12 @@ def test_serve_replicas_get_what_the_builder_was_given_and_read_the_rest_themsel
     (args,) = build_app({"crf": 20})._bound_deployment.init_args
     assert args == {"storage_root": str(tmp_path), "crf": 20}  # no api_token: the replica's env decides
     monkeypatch.setenv("LIPSYNC_API_TOKEN", "s3cret-token")
+    monkeypatch.setenv("LIPSYNC_CALLBACK_SECRET", "hook-secret")
     (args,) = build_app()._bound_deployment.init_args
     assert args["api_token"] == "s3cret-token"
+    # every secret travels as its value (a JSON dump masks it as "**********": callbacks were signed with that)
+    assert Settings(**args).callback_key() == "hook-secret"
+    assert Settings(**Settings().overrides()).callback_key() == "hook-secret"
 
 
 def test_callbacks_are_signed_with_their_own_secret_where_one_is_set(tmp_path):

@@ -44,6 +44,8 @@ def connector(routes: dict[str, httpx.Response], seen: list[str]):
 def test_non_public_addresses_refused(addr):
     assert not address_is_public(addr), addr
     assert address_is_public("93.184.216.34") and address_is_public("2606:2800:220:1::1")
+    # 6to4 and NAT64 forms of a public IPv4 address are public (DNS64 on IPv6-only clusters)
+    assert address_is_public("64:ff9b::5db8:d822") and address_is_public("2002:5db8:d822::1")
     seen: list[str] = []
     with pytest.raises(UnsafeInput) as e:
         download("http://media.example/a.wav", "/dev/null", max_bytes=100, timeout_s=5, allow_private=False,

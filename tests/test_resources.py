@@ -112,19 +112,21 @@ def test_a_containers_cpu_and_memory_limits_bound_what_live_admission_sees(tmp_p
     from cluster.resources import available_memory_bytes, usable_cpus
 
     root = tmp_path / "cgroup"
-    limit, usage = 1 << 30, 300 << 20
+    limit, usage, cache = 1 << 30, 300 << 20, 600 << 20  # reclaimable page cache: not taken
     if layout == "v2":
         root.mkdir()
         (root / "cpu.max").write_text("200000 100000\n")
         (root / "memory.max").write_text(f"{limit}\n")
-        (root / "memory.current").write_text(f"{usage}\n")
+        (root / "memory.current").write_text(f"{usage + cache}\n")  # usage counts the page cache
+        (root / "memory.stat").write_text(f"anon {usage}\nfile {cache}\ninactive_file {cache}\n")
     elif layout == "v1":
         (root / "cpu").mkdir(parents=True)
         (root / "memory").mkdir()
         (root / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
         (root / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
         (root / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
-        (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (root / "memory" / "memory.usage_in_bytes").write_text(f"{usage + cache}\n")
+        (root / "memory" / "memory.stat").write_text(f"cache {cache}\ntotal_inactive_file {cache}\n")
     host_cpus = len(os.sched_getaffinity(0))
     if layout == "none":
         assert usable_cpus(root) == host_cpus

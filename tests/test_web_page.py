@@ -318,13 +318,19 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():
-    """The service's app (token set) in-process; no route here reaches the job manager."""
+    """The service's app (token set) in-process, without a job manager: the one public route that
+    asks for it (/readyz) finds none answering, as when it is down."""
     from fastapi.testclient import TestClient
 
+    from actors.service_support import ManagerUnavailable
     from cluster.config import Settings
     from service.app import create_app
 
-    with TestClient(create_app(Settings(api_token="secret"), gateway=None)) as client:
+    class NoManager:
+        async def ready(self, timeout: float):
+            raise ManagerUnavailable("no job manager in this test")
+
+    with TestClient(create_app(Settings(api_token="secret"), gateway=NoManager())) as client:
         yield client
 
 
@@ -349,7 +355,8 @@ def test_public_routes_are_exactly_the_page_its_files_the_api_docs_and_healthz(a
         for method, path in probes:
             if app_client.request(method, path).status_code != 401:
                 public.add(f"{method} {route.path}")
-    assert public == {"GET /", "HEAD /", "GET /static", "GET /healthz", "GET /openapi.json", "GET /docs",
+    assert app_client.get("/readyz").status_code == 503  # public (probes carry no token): not ready here
+    assert public == {"GET /", "HEAD /", "GET /static", "GET /healthz", "GET /readyz", "GET /openapi.json", "GET /docs",
                       "HEAD /docs", "GET /docs/oauth2-redirect", "HEAD /docs/oauth2-redirect", "GET /redoc",
                       "HEAD /redoc", "HEAD /openapi.json"}, sorted(public)
 

@@ -94,6 +94,12 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
         return _prepare(source, template_id, s, detector)
 
 
+def stored_avatar_for(video_path: str, settings: Settings | None = None) -> Avatar | None:
+    """The avatar already prepared from this template's bytes (by content hash), else None."""
+    s = settings or get_settings()
+    return _cached(content_id(str(video_path)), s)
+
+
 def _cached(template_id: str, s: Settings) -> Avatar | None:
     """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None."""
     stored = _read_stored(template_id, s)

@@ -459,7 +459,7 @@ class LivePlaylist:
     def write(self) -> None:
         from cluster.fsutil import write_atomic
 
-        write_atomic(self.out_dir / PUBLISHED, self.text())
+        write_atomic(self.out_dir / PUBLISHED, self.text(), sync_dir=False)  # rewritten with every segment
 
 
 # --- the recording ---------------------------------------------------------------------------

@@ -55,17 +55,21 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def _drop_torn_line(f) -> None:
-    """Cut an append-only JSON-lines file back to its last complete line."""
+    """Cut an append-only JSON-lines file back to its last complete line (to nothing when none is)."""
     size = os.fstat(f.fileno()).st_size
-    if size == 0:
-        return
-    f.seek(max(0, size - 65536))
-    tail = f.read()
-    if tail.endswith(b"\n"):
-        return
-    cut = tail.rfind(b"\n")
-    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size - len(tail))
-    os.ftruncate(f.fileno(), keep)
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        f.seek(start)
+        block = f.read(end - start)
+        if end == size and block.endswith(b"\n"):
+            return
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(f.fileno(), start + cut + 1)
+            return
+        end = start
+    os.ftruncate(f.fileno(), 0)
 
 
 class SessionJournal:

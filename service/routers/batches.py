@@ -28,7 +28,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                          f"(LIPSYNC_MAX_BATCH_JOBS), got {len(body.audios)}", "audios")
     await backend.check_callback(body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
-    if n + len(body.audios) > settings.max_queued_jobs:
+    if n + len(body.audios) > settings.max_queued_jobs and not await _exists(backend, body.id):
         raise QueueFull(f"the job queue cannot take {len(body.audios)} more jobs ({n} unfinished, "
                         f"LIPSYNC_MAX_QUEUED_JOBS={settings.max_queued_jobs}); retry later")
     batch_id = body.id or new_job_id()
@@ -54,6 +54,18 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         shutil.rmtree(tmpdir, ignore_errors=True)
     view = await batch_view(backend, batch_id, len(body.audios))
     return JSONResponse(view.model_dump(mode="json"), status_code=202)
+
+
+async def _exists(backend: Backend, batch_id: str | None) -> bool:
+    """Whether a batch of this id was accepted already (a client's retry: its jobs count in the
+    queue already, and are not submitted twice)."""
+    if batch_id is None:
+        return False
+    try:
+        await backend.gateway.get(f"{batch_id}--000")
+        return True
+    except JobNotFound:
+        return False
 
 
 @router.get("/{batch_id}", response_model=BatchView, summary="One status over a batch's jobs")

@@ -100,13 +100,17 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
                 await backend.publish_compat(code, size)
             else:  # served from the job's output: it must still exist
                 await backend.gateway.read_output(code, 0, 0)
-        except OutputExpired as e:
-            return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=100,
-                                                              msg=f"{e.code}: {e.message}"))
         except Exception as e:
-            log.error("compat publish of %s failed (asked again at the next query): %r", code, e)
-            return envelope(10000, True, f"running (the result could not be published yet: {e})",
-                            CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
+            from cluster.resources import is_disk_full
+
+            if not isinstance(e, OutputExpired) and (is_disk_full(e) or (isinstance(e, LipsyncError)
+                                                                          and http_status(e) == 503)):
+                log.warning("compat publish of %s failed for now (asked again at the next query): %r", code, e)
+                return envelope(10000, True, f"running (the result could not be published yet: {e})",
+                                CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
+            log.error("compat publish of %s failed: %r", code, e)
+            msg = f"{e.code}: {e.message}" if isinstance(e, LipsyncError) else f"the result could not be published: {e}"
+            return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=100, msg=msg))
         backend.forget_compat_progress(code)
         return envelope(10000, True, "success", CompatData(code=code, status=2, progress=100,
                                                            result=backend.compat_result_path(code)))

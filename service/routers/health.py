@@ -3,8 +3,10 @@ kubelet's or load balancer's probe carries no token, and neither says more than 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from cluster.errors import LipsyncError
@@ -13,6 +15,7 @@ from service.backend import Backend, get_backend
 from service.errors import error_response
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("lipsync.service")
 
 
 @router.get("/healthz", summary="The process is up")
@@ -20,17 +23,33 @@ async def healthz() -> dict:
     return {"ok": True}
 
 
+READY_CACHE_S = 2.0  # probes (public) ask the job manager at most this often per replica
+
+
 @router.get("/readyz", summary="Job manager reachable and model workers loaded (503 until then)",
             responses={503: {"model": ApiError}})
-async def readyz(backend: Backend = Depends(get_backend)) -> JSONResponse:
-    retry = {"Retry-After": str(backend.settings.retry_after_s)}
+async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
+    now = time.monotonic()
+    cached = getattr(request.app.state, "readyz", None)
+    if cached is None or now - cached[0] > READY_CACHE_S:
+        cached = (now, await _readiness(backend))
+        request.app.state.readyz = cached
+    status, body = cached[1]
+    if status != 200:
+        return error_response(status, "service.not_ready", body, None,
+                              {"Retry-After": str(backend.settings.retry_after_s)})
+    return JSONResponse(body)
+
+
+async def _readiness(backend: Backend) -> tuple[int, dict | str]:
+    """(200, counts) or (503, why, in words that name no internals: the route is public)."""
     try:
         state = await backend.gateway.ready(timeout=2.0)
     except (LipsyncError, asyncio.TimeoutError) as e:
-        return error_response(503, "service.not_ready", f"job manager not ready: {e}", None, retry)
+        log.info("readiness: the job manager is not ready: %s", e)
+        return 503, "the job manager is not ready"
     live = [m for m in state.get("models", []) if m.get("health") == "live"]
     comps = [m for m in state.get("compositors", []) if m.get("health") == "live"]
     if not live or not comps:
-        return error_response(503, "service.not_ready", f"{len(live)} live model workers, {len(comps)} live "
-                              f"compositors", None, retry)
-    return JSONResponse({"ok": True, "model_workers": len(live), "compositors": len(comps)})
+        return 503, f"{len(live)} live model workers, {len(comps)} live compositors"
+    return 200, {"ok": True, "model_workers": len(live), "compositors": len(comps)}
