@@ -62,6 +62,7 @@ class VideoStreamInfo(BaseModel):
     variable_frame_rate: bool = False
     pix_fmt: str | None = None
     hdr_transfer: str | None = None  # "smpte2084" (PQ) or "arib-std-b67" (HLG); None for SDR
+    sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
 
     @property
     def fps(self) -> Fraction:

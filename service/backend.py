@@ -40,14 +40,30 @@ def get_backend(request: Request) -> "Backend":
     return request.app.state.backend
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only this user can enter (uploads in flight pass through it); where
+    another user made it first (a shared /tmp), or it is a link, a fresh private one instead."""
+    import stat
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            os.chmod(path, 0o700)
+            return path
+    except OSError:
+        pass
+    log.warning("%s is not this user's own directory: using a private one instead", path)
+    return Path(tempfile.mkdtemp(prefix=f"lipsync-ingress-{os.getuid()}-"))
+
+
 class Backend:
     """The routes' shared logic on `gateway`, the job manager's async handle."""
 
     def __init__(self, settings: Settings, gateway) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.tmp_root = Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}"
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        self.tmp_root = private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}")
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.watch_key = watch_key(token) if token else None

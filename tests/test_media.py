@@ -157,6 +157,12 @@ def test_limits(media, settings):
         probe(media["pal"], settings.model_copy(update={"max_upload_bytes": 1000}))
     with pytest.raises(InputTooLarge, match="320x240"):
         probe_video(media["pal"], settings.model_copy(update={"max_width": 160}))
+    # pixels 8 times wider than high: 320x240 coded, 2560x240 once normalised to square pixels
+    wide = media["pal"].with_name("wide-pixels.mp4")
+    ffmpeg("-i", str(media["pal"]), "-vf", "setsar=8", *H264, "-an", str(wide))
+    assert probe_video(wide, settings).video.sar == 8.0
+    with pytest.raises(InputTooLarge, match="sample aspect ratio 8: 2560x240"):
+        probe_video(wide, settings.model_copy(update={"max_width": 1920}))
     with pytest.raises(InputTooLong):
         probe_video(media["pal"], settings.model_copy(update={"max_input_seconds": 1.0}))
     with pytest.raises(InputTooLong):

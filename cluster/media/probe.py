@@ -240,10 +240,12 @@ def _video_info(path: str, container, stream, container_duration: float,
     if rotation in (90, 270):
         width, height = height, width
     pix_fmt = ctx.pix_fmt or (first.format.name if first.format else None)
+    sar = stream.sample_aspect_ratio
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
-                           pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)))
+                           pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)),
+                           sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0)
 
 
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
@@ -310,8 +312,13 @@ def probe_video(path: str | os.PathLike, settings: Settings | None = None) -> Me
     if v is None:
         raise NoVideoStream(f"{info.path} has no video stream (expected a template video)",
                             path=info.path)
-    if v.width > s.max_width or v.height > s.max_height:
-        raise InputTooLarge(f"video {info.path} is {v.width}x{v.height}, larger than the limit of "
+    # the size its frames will have once normalised (square pixels: a sample aspect ratio widens them)
+    wide = round(v.width * v.sar) if v.rotation not in (90, 270) else v.width
+    high = v.height if v.rotation not in (90, 270) else round(v.height * v.sar)
+    if max(v.width, wide) > s.max_width or max(v.height, high) > s.max_height:
+        shown = f"{v.width}x{v.height}" + (f" (with its sample aspect ratio {v.sar:g}: {wide}x{high})"
+                                           if (wide, high) != (v.width, v.height) else "")
+        raise InputTooLarge(f"video {info.path} is {shown}, larger than the limit of "
                             f"{s.max_width}x{s.max_height}", path=info.path)
     if v.width < 2 or v.height < 2 or v.frame_count < 1:
         raise InputUnreadable(f"video {info.path} has no usable picture ({v.width}x{v.height}, "
