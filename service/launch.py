@@ -52,6 +52,8 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     urls = {"api": url, "docs": url + "/docs", "dashboard": f"http://{dash}" if dash else None,
             "embedded": not address, "ready": False}
     stopped = lambda: stop is not None and stop.is_set()  # noqa: E731
+    if stopped():  # asked to stop while Ray started: boot nothing more (no pool started only to be stopped)
+        return urls
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
     service_sidecar(settings)  # resumes pending callbacks

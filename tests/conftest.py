@@ -38,6 +38,9 @@ SESSION_GROUPS = (("service", "session-service"), ("runtime", "session-ray"))
 #: order, not by test count), so that no long group starts last on one worker while the others are idle.
 LONGEST_GROUPS = ("session-service", "test_multinode", "test_service_restart", "session-ray", "test_deploy_local",
                   "test_cli", "test_soak", "test_render_cases", "test_scheduling", "test_hostile_inputs")
+#: Small groups that mostly wait (a slow-drip time limit, retries' backoff, sleeps), handed out next:
+#: at the end of the run, when the cores have room, only groups that keep them busy are left.
+WAITING_GROUPS = ("test_url_guard", "test_client_retries", "test_perf", "test_live", "test_live_playlist")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns `xdist_group` into the nodeid's "@group"
@@ -57,8 +60,31 @@ def pytest_collection_modifyitems(config, items):
             fixtures = set(getattr(item, "fixturenames", ()))
             group = next((g for name, g in SESSION_GROUPS if name in fixtures), module)
             item.add_marker(pytest.mark.xdist_group(group))
-    rank = {group: k for k, group in enumerate(LONGEST_GROUPS)}
+    rank = {group: k for k, group in enumerate(LONGEST_GROUPS + WAITING_GROUPS)}
     items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
+
+
+#: Session fixtures that start processes (`SESSION_GROUPS`), stopped once their group's last test
+#: has run instead of idling beside the other groups until the worker ends (their teardown, at the
+#: session's end, is then a no-op): name -> stop function, filled when the fixture starts.
+_STOPPERS: dict = {}
+_STOPPED: set = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name in list(_STOPPERS):
+        if name in getattr(item, "fixturenames", ()) and (
+                nextitem is None or name not in getattr(nextitem, "fixturenames", ())):
+            _STOPPERS.pop(name)()
+            _STOPPED.add(name)
+
+
+def pytest_runtest_setup(item):
+    stopped = _STOPPED & set(getattr(item, "fixturenames", ()))
+    if stopped:  # cannot happen while each session fixture's tests run together (loadgroup): say so if it does
+        pytest.fail(f"the session fixture(s) {sorted(stopped)} were stopped after their group's last test")
 
 
 def pytest_configure(config):
@@ -131,6 +157,7 @@ def runtime(ray_settings):
     rt = Runtime(ray_settings)
     state = rt.ready(timeout=240)
     assert any(m["health"] == "live" for m in state["models"]), state
+    _STOPPERS["runtime"] = ray.shutdown
     yield rt
     ray.shutdown()
 
@@ -170,6 +197,7 @@ def service():
 
     svc = ServiceProcess(_ROOT / "service", env={"LIPSYNC_LIVE_CPU_SHARE": LIVE_CPU_SHARE,
                                                  "LIPSYNC_LIVE_MEMORY_RESERVE_MB": LIVE_MEMORY_RESERVE_MB}).start()
+    _STOPPERS["service"] = svc.cleanup
     yield svc
     svc.cleanup()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,83 +241,55 @@ def _script_json(script: str, *args: str, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(tmp_path):
-    """The job manager's own sizing (`Supervisor.sizes`: Ray's CPUs, GPUs and memory resources and
-    the settings) on a real Ray that declares 16 CPUs and 1 GPU: 15 compositors, not a fixed 8."""
+# Two Rays for the tests below (each start ~10 s of the suite on 2 cores): the service's, as
+# `lipsync serve` starts it, declaring 16 CPUs and a GPU; and a driver's for its jobs (`connect`, as
+# `lipsync render` starts it), which renders a job on a compositor that takes two chunks at once.
+_PROCESS_FACTS = (
+    "    pid = ray.get(ray.remote(lambda: os.getpid()).remote(), timeout=120)\n"
+    "    facts['ran'] = pid != os.getpid()\n"
+    "    facts['names'] = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]\n")
 
+
+@pytest.fixture(scope="module")
+def service_ray(tmp_path_factory) -> dict:
+    """What a service's Ray (`start_embedded_ray`) with 16 logical CPUs and 1 GPU runs and sizes."""
     script = (
-        "import asyncio, json, ray\n"
+        "import asyncio, json, os, psutil, ray\n"
+        "from actors.runtime import start_embedded_ray, stop_embedded\n"
         "from actors.supervision import Supervisor, TaskSet\n"
         "from cluster.config import Settings\n"
-        f"s = Settings(storage_root={str(tmp_path)!r})\n"
-        # no 16 idle workers started ahead for the driver (Ray's default): nothing runs here
-        "ray.init(address='local', num_cpus=16, num_gpus=1, include_dashboard=False, log_to_driver=False,\n"
-        "         _system_config={'prestart_worker_first_driver': False})\n"
+        f"s = Settings(storage_root={str(tmp_path_factory.mktemp('service-ray'))!r})\n"
+        "start_embedded_ray(s, num_cpus=16, num_gpus=1)\n"
+        "facts = {}\n"
         "try:\n"
         "    size = Supervisor(s, TaskSet(), asyncio.Event()).sizes()\n"
-        "    print(json.dumps({'workers': size.model_workers, 'compositors': size.compositors,\n"
-        "                      'memory': ray.cluster_resources().get('memory', 0)}))\n"
-        "finally:\n"
-        "    ray.shutdown()\n")
-    got = _script_json(script, timeout=180)
-    assert got["memory"] > 15 * 500 * 2**20, got  # this machine's memory does not bound it
-    assert got["workers"] == 1 and got["compositors"] == 15 > 8, got
-
-
-def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(tmp_path):
-    """`connect` (what `lipsync render` and `lipsync demo` start) runs Ray without the autoscaler's
-    monitor and the log monitor (`JOB_ONLY_RAY_PARAMS`: a second of a one-shot's start-up on 2
-    cores), and that Ray runs work; the service's Ray (`start_embedded_ray` as `lipsync serve`
-    calls it) keeps them."""
-
-    script = (
-        "import json, os, sys, psutil, ray\n"
-        "from actors.runtime import connect, start_embedded_ray, stop_embedded\n"
-        "from cluster.config import Settings\n"
-        f"s = Settings(storage_root={str(tmp_path)!r})\n"
-        "connect(s) if sys.argv[1] == 'jobs' else start_embedded_ray(s, num_cpus=2)\n"
-        "try:\n"
-        "    pid = ray.get(ray.remote(lambda: os.getpid()).remote(), timeout=120)\n"
-        "    names = [' '.join(p.cmdline()) for p in psutil.Process().children(recursive=True)]\n"
-        "    print(json.dumps({'ran': pid != os.getpid(), 'names': names}))\n"
+        "    facts.update(workers=size.model_workers, compositors=size.compositors,\n"
+        "                 memory=ray.cluster_resources().get('memory', 0))\n"
+        + _PROCESS_FACTS +
+        "    print(json.dumps(facts))\n"
         "finally:\n"
         "    stop_embedded()\n")
-    got = {}
-    for kind in ("jobs", "service"):
-        got[kind] = _script_json(script, kind, timeout=180)
-
-    def running(kind: str, program: str) -> bool:
-        return any(program in name for name in got[kind]["names"])
-
-    for kind in ("jobs", "service"):
-        assert got[kind]["ran"] and running(kind, "gcs_server") and running(kind, "raylet"), got[kind]
-    assert not running("jobs", "autoscaler/_private/monitor.py"), got["jobs"]["names"]
-    assert not running("jobs", "log_monitor.py"), got["jobs"]["names"]
-    assert running("service", "autoscaler/_private/monitor.py") and running("service", "log_monitor.py"), got
+    return _script_json(script, timeout=180)
 
 
-def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the_same(tmp_path, speech4_wav,
-                                                                                      astronaut_video):
-    """`chunks_per_compositor=2`: the job manager hands one compositor two chunks and the actor runs
-    them on two threads at once (its own count, `most_at_once`, says so). SIGKILLed then, while two
-    chunks are in its hands, it loses neither: both are rendered again, and the output is frame for
-    frame the one rendered in one process, chunk after chunk (the chunks rendered side by side,
-    before and after the kill, share the process's OpenCV, face tables and encoder threads)."""
-    from cluster.config import Settings
-    from cluster.render import render_local
-    from cluster.schemas import RenderRequest
+@pytest.fixture(scope="module")
+def jobs_ray(tmp_path_factory, speech4_wav, astronaut_video) -> dict:
+    """What a driver's Ray for its jobs (`connect`) runs, and a job rendered on it with
+    `chunks_per_compositor=2`, whose compositor is SIGKILLed while it holds two chunks."""
     from tests.conftest import RAY_TEST_SETTINGS
-    from tests.helpers import decode_all
 
+    tmp_path = tmp_path_factory.mktemp("jobs-ray")
     base = {**RAY_TEST_SETTINGS, "model_workers": 1, "compositors": 1, "keep_segments": False}
     script = (
-        "import json, os, sys, time\n"
+        "import json, os, psutil, sys, time, ray\n"
         "from actors.runtime import Runtime, connect, stop_embedded\n"
         "from cluster.config import Settings\n"
         "from cluster.schemas import RenderRequest\n"
         f"s = Settings(storage_root={str(tmp_path / 'store')!r}, chunks_per_compositor=2, **{base!r})\n"
         "connect(s)\n"
+        "facts = {}\n"
         "try:\n"
+        + _PROCESS_FACTS +
         "    rt = Runtime(s)\n"
         "    rt.ready(timeout=240)\n"
         f"    req = RenderRequest(audio={speech4_wav!r}, video={astronaut_video!r},\n"
@@ -332,16 +305,60 @@ def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the
         "        time.sleep(0.02)\n"
         "    os.kill(busy[0]['pid'], 9)\n"
         "    st = rt.wait(job, timeout=300)\n"
-        "    print(json.dumps({'state': st.state.value, 'error': str(st.error), 'output': st.output,\n"
-        "                      'killed_while': busy[0]['rendered']}))\n"
+        "    facts.update(state=st.state.value, error=str(st.error), output=st.output,\n"
+        "                 killed_while=busy[0]['rendered'])\n"
+        "    print(json.dumps(facts))\n"
         "finally:\n"
         "    stop_embedded()\n")
-    got = _script_json(script, timeout=420)
+    facts = _script_json(script, timeout=420)
+    facts["settings"], facts["tmp_path"] = base, str(tmp_path)
+    return facts
+
+
+def test_a_ray_with_16_logical_cpus_gets_more_than_8_compositors(service_ray):
+    """The job manager's own sizing (`Supervisor.sizes`: Ray's CPUs, GPUs and memory resources and
+    the settings) on a real Ray that declares 16 CPUs and 1 GPU: 15 compositors, not a fixed 8."""
+    got = {k: service_ray[k] for k in ("workers", "compositors", "memory")}
+    assert got["memory"] > 15 * 500 * 2**20, got  # this machine's memory does not bound it
+    assert got["workers"] == 1 and got["compositors"] == 15 > 8, got
+
+
+def test_the_ray_a_driver_starts_for_its_jobs_runs_no_monitors(service_ray, jobs_ray):
+    """`connect` (what `lipsync render` and `lipsync demo` start) runs Ray without the autoscaler's
+    monitor and the log monitor (`JOB_ONLY_RAY_PARAMS`: a second of a one-shot's start-up on 2
+    cores), and that Ray runs work; the service's Ray (`start_embedded_ray` as `lipsync serve`
+    calls it) keeps them."""
+    got = {"jobs": jobs_ray, "service": service_ray}
+
+    def running(kind: str, program: str) -> bool:
+        return any(program in name for name in got[kind]["names"])
+
+    for kind in ("jobs", "service"):
+        assert got[kind]["ran"] and running(kind, "gcs_server") and running(kind, "raylet"), got[kind]["names"]
+    assert not running("jobs", "autoscaler/_private/monitor.py"), got["jobs"]["names"]
+    assert not running("jobs", "log_monitor.py"), got["jobs"]["names"]
+    assert running("service", "autoscaler/_private/monitor.py") and running("service", "log_monitor.py"), \
+        got["service"]["names"]
+
+
+def test_a_compositor_asked_for_two_chunks_at_once_renders_them_together_and_the_same(jobs_ray, speech4_wav,
+                                                                                      astronaut_video):
+    """`chunks_per_compositor=2`: the job manager hands one compositor two chunks and the actor runs
+    them on two threads at once (its own count, `most_at_once`, says so). SIGKILLed then, while two
+    chunks are in its hands, it loses neither: both are rendered again, and the output is frame for
+    frame the one rendered in one process, chunk after chunk (the chunks rendered side by side,
+    before and after the kill, share the process's OpenCV, face tables and encoder threads)."""
+    from cluster.config import Settings
+    from cluster.render import render_local
+    from cluster.schemas import RenderRequest
+    from tests.helpers import decode_all
+
+    got = jobs_ray
     assert got["state"] == "succeeded", got
     assert got["killed_while"]["most_at_once"] == 2, got
-    reference = tmp_path / "one.mp4"
+    reference = Path(got["tmp_path"]) / "one.mp4"
     render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(reference)),
-                 Settings(storage_root=tmp_path / "local", **base))
+                 Settings(storage_root=Path(got["tmp_path"]) / "local", **got["settings"]))
     assert np.array_equal(decode_all(got["output"]), decode_all(str(reference)))
 
 
