@@ -141,12 +141,15 @@ def runtime(ray_settings):
     """The job manager on a session-wide Ray with 8 logical CPUs and 2 logical GPUs."""
     import ray
 
-    from actors.runtime import Runtime
+    from actors.runtime import EMBEDDED_RAY_SYSTEM_CONFIG, Runtime, _ray_params_for_jobs
 
     for attempt in (1, 2, 3):
         try:
-            ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace,
-                     include_dashboard=False, log_to_driver=False)
+            # as `lipsync render` starts its Ray: no worker prestarted per logical CPU, no monitors
+            # (these tests read no Ray logs and need no autoscaler), less for 2 cores to carry
+            with _ray_params_for_jobs():
+                ray.init(address="local", num_cpus=8, num_gpus=2, namespace=ray_settings.namespace,
+                         include_dashboard=False, log_to_driver=False, _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
             break
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
             # Ray gives its raylet a fixed 30 s to register: an overloaded machine misses it (as
