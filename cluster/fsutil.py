@@ -77,6 +77,22 @@ def sweep_temporaries(directory: str | os.PathLike, of: str | os.PathLike | None
     return removed
 
 
+def remove_files_older_than(directory: str | os.PathLike, cutoff: float, log=None) -> int:
+    """Remove the files directly in `directory` last changed before `cutoff` (epoch seconds); how
+    many. One that cannot be removed is named in `log`'s warnings and left."""
+    removed = 0
+    directory = Path(directory)
+    for f in directory.iterdir() if directory.is_dir() else []:
+        try:
+            if f.is_file() and f.stat().st_mtime < cutoff:
+                f.unlink()
+                removed += 1
+        except OSError as e:
+            if log is not None:
+                log.warning("cannot remove the old file %s: %s", f, e)
+    return removed
+
+
 @contextmanager
 def atomic_writer(path: str | os.PathLike, sync_dir: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s directory; on success it is fsynced and renamed to `path`

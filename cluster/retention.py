@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cluster.config import Settings
 from cluster.errors import LipsyncError
+from cluster.fsutil import remove_files_older_than
 from cluster.jobstore import JobStore
 from cluster.schemas import JobState
 
@@ -63,13 +64,7 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
     if settings.compat_data_dir is not None:
         limit = time.time() - settings.retention_days * 86400
         for sub in ("upload", "temp"):
-            d = Path(settings.compat_data_dir) / sub
-            for f in d.glob("*") if d.is_dir() else []:
-                try:
-                    if f.is_file() and f.stat().st_mtime < limit:
-                        f.unlink()
-                except OSError as e:
-                    log.warning("retention: cannot remove %s: %s", f, e)
+            remove_files_older_than(Path(settings.compat_data_dir) / sub, limit, log)
     ended_sessions, sessions_in_use = _sweep_sessions(settings.storage_root / "sessions", cutoff.timestamp())
     orphans = _sweep_unreferenced(settings, store, root, cutoff.timestamp(), sessions_in_use)
     if removed or ended_sessions or orphans:
@@ -150,14 +145,7 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
             continue
         shutil.rmtree(d, ignore_errors=True)  # an admission that failed after it made the directory
         removed += 1
-    inputs = root / "inputs"
-    for f in inputs.iterdir() if inputs.is_dir() else []:
-        try:
-            if f.is_file() and f.stat().st_mtime < cutoff:
-                f.unlink()
-                removed += 1
-        except OSError as e:
-            log.warning("retention: cannot remove %s: %s", f, e)
+    removed += remove_files_older_than(root / "inputs", cutoff, log)  # stored uploads, by their last use
     # avatars (and their templates) that unfinished jobs or running sessions use stay, whatever their age
     in_use = set(sessions_in_use)
     for job_id in store.unfinished_ids():

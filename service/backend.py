@@ -242,16 +242,9 @@ class Backend:
         ttl = COMPAT_TMP_UPLOAD_TTL_S
         if self.settings.retention_days > 0:
             ttl = min(ttl, self.settings.retention_days * 86400)
-        limit = (now if now is not None else time.time()) - ttl
-        removed = 0
-        for f in self.upload_dir().iterdir():
-            try:
-                if f.is_file() and f.stat().st_mtime < limit:
-                    f.unlink()
-                    removed += 1
-            except OSError as e:
-                log.warning("cannot remove the old upload %s: %s", f, e)
-        return removed
+        from cluster.fsutil import remove_files_older_than
+
+        return remove_files_older_than(self.upload_dir(), (now if now is not None else time.time()) - ttl, log)
 
     def compat_upload_path(self, value: str) -> Path | None:
         """A file `POST /upload` stored (and only such a file), else None."""

@@ -133,3 +133,22 @@ def test_an_avatar_in_use_is_renewed(tmp_path, astronaut_video):
     assert meta.stat().st_mtime > time.time() - 60
     os.utime(meta, (long_ago, long_ago))
     assert prepare_avatar(astronaut_video, s).cached and meta.stat().st_mtime > time.time() - 60
+
+
+def test_compat_uploads_kept_by_a_replica_expire(tmp_path):
+    """`POST /upload` files kept in a replica's temporary directory (no compat data directory,
+    which retention would see) go after a day at most, at each upload."""
+    import os
+    import time
+
+    from service.backend import COMPAT_TMP_UPLOAD_TTL_S, Backend
+
+    backend = Backend(Settings(storage_root=tmp_path / "st"), gateway=None)
+    old, new = backend.upload_dir() / "old.wav", backend.upload_dir() / "new.wav"
+    for f in (old, new):
+        f.write_bytes(b"x")
+    long_ago = time.time() - COMPAT_TMP_UPLOAD_TTL_S - 60
+    os.utime(old, (long_ago, long_ago))
+    assert backend.sweep_compat_uploads() == 1
+    assert not old.exists() and new.exists()
+    new.unlink()
