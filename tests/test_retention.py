@@ -135,13 +135,17 @@ def test_an_avatar_in_use_is_renewed(tmp_path, astronaut_video):
     assert prepare_avatar(astronaut_video, s).cached and meta.stat().st_mtime > time.time() - 60
 
 
-def test_compat_uploads_kept_by_a_replica_expire(tmp_path):
+def test_compat_uploads_kept_by_a_replica_expire(tmp_path, monkeypatch):
     """`POST /upload` files kept in a replica's temporary directory (no compat data directory,
     which retention would see) go after a day at most, at each upload."""
     import os
+    import tempfile
     import time
 
     from service.backend import COMPAT_TMP_UPLOAD_TTL_S, Backend
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # not the machine's own /tmp
+    (tmp_path / "tmp").mkdir()
 
     backend = Backend(Settings(storage_root=tmp_path / "st"), gateway=None)
     old, new = backend.upload_dir() / "old.wav", backend.upload_dir() / "new.wav"
@@ -151,4 +155,4 @@ def test_compat_uploads_kept_by_a_replica_expire(tmp_path):
     os.utime(old, (long_ago, long_ago))
     assert backend.sweep_compat_uploads() == 1
     assert not old.exists() and new.exists()
-    new.unlink()
+    assert str(backend.upload_dir()).startswith(str(tmp_path))
