@@ -11,9 +11,11 @@
 
 Typed with the server's pydantic models (`cluster.schemas`). Refusals that did nothing (429, 503)
 and connections that could not be opened are retried with exponential backoff (honouring
-Retry-After); requests that are safe to repeat (reads, and submissions, which carry an id) also
-on broken connections and gateway errors. Every other error raises `ApiError` carrying the
-server's error code (`connection.failed` / `connection.timeout` when no answer came). Local
+Retry-After); requests that are safe to repeat (reads, and submissions and batches, which carry an
+id) also on broken or timed-out connections and gateway errors, except an upload whose answer
+timed out (not sent again whole). Every other error raises `ApiError` carrying the server's error
+code (`connection.failed` / `connection.timeout` when no answer came); a wait past its deadline
+raises `WaitTimeout`. Local
 files are uploaded (multipart, streamed from disk); `http(s)://` URLs and server paths (under
 the server's input roots) are passed as such. Imports neither ray nor onnxruntime.
 """
@@ -372,9 +374,9 @@ class Client(_Base):
                 idempotent: bool | None = None, deadline: float | None = None, **kw) -> httpx.Response:
         """One API call, retried with backoff (honouring Retry-After) on a refusal that did nothing
         (429, 503) and on a connection that could not be opened; a call that is safe to repeat
-        (GET/HEAD/DELETE, or a submission with an id) also on a broken or timed-out connection, a
-        gateway's 502/504 and a bare 500. No answer: `ApiError` `connection.failed` or
-        `connection.timeout`."""
+        (GET/HEAD/DELETE, or a submission or batch with an id) also on a broken or timed-out
+        connection (an upload's timeout excepted), a gateway's 502/504 and a bare 500. No answer:
+        `ApiError` `connection.failed` or `connection.timeout`; none before `deadline`: `WaitTimeout`."""
         idempotent = method in ("GET", "HEAD", "DELETE") if idempotent is None else idempotent
         last: Exception | None = None
         for attempt in range(self.retries + 1):

@@ -22,7 +22,7 @@ from typing import Iterator
 
 FIELDS = ("job_id", "chunk", "actor", "node")
 MAX_MESSAGE_CHARS = 4000
-SECRET_ENV = ("LIPSYNC_API_TOKEN", "RAY_AUTH_TOKEN")
+SECRET_ENV = ("LIPSYNC_API_TOKEN", "LIPSYNC_CALLBACK_SECRET", "RAY_AUTH_TOKEN")
 
 # No default: a shared mutable default would be one dict for every context; `.get({})` reads it.
 _context: contextvars.ContextVar[dict] = contextvars.ContextVar("lipsync_log_context")

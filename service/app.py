@@ -1,6 +1,6 @@
 """The app factory: the FastAPI app of the service on a job-manager gateway, built from one
 router per resource. The API routers each require the bearer token (`service.auth.require_token`,
-when `LIPSYNC_API_TOKEN` is set); public routers (health's `/healthz`, the web page) don't."""
+when `LIPSYNC_API_TOKEN` is set); public routers (health's `/healthz` and `/readyz`, the web page) don't."""
 from __future__ import annotations
 
 from fastapi import FastAPI

@@ -1,5 +1,5 @@
 """The bearer token (`LIPSYNC_API_TOKEN`): a dependency each API router declares, so routes that
-are public (`/healthz`, the web page and its static files) are simply routers without it.
+are public (`/healthz`, `/readyz`, the web page and its static files) are simply routers without it.
 
     router = APIRouter(dependencies=[Depends(require_token)])
 

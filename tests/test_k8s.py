@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu")
 KUBE_VERSION = "1.35.0"  # the API version pod templates are checked against (a supported release)
-SECRETS = {"lipsync-api-token": {"token"}, "lipsync-ray-auth": {"auth_token"}}
+SECRETS = {"lipsync-api-token": {"token"}, "lipsync-ray-auth": {"auth_token"}, "lipsync-callback-secret": {"secret"}}
 HEAD_RESOURCE = "lipsync_head"
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are 2 MB of YAML
 

@@ -7,16 +7,17 @@ the byte offset the socket's `ready` message reports).
 
 Two routers: `router` needs the API's bearer token (create, read, delete, POST audio, the
 recording); `public_router` holds what browsers and players open without headers (the audio
-WebSocket, the playlist and its segments), authorised by the session's own token in the query
-string (`?token=`, from the create response: signed as jobs' watch URLs are, scoped to the session,
-expiring after `LIPSYNC_LIVE_TOKEN_TTL_S`).
+WebSocket, the playlist and its segments), authorised by one of the session's two tokens in the
+query string (`?token=`, from the create response: signed as jobs' watch URLs are, expiring after
+`LIPSYNC_LIVE_TOKEN_TTL_S`): the speaking one (`token`, in `audio_ws`) opens the socket and the
+stream, the watch-only one in `hls_url` only the stream.
 A refused WebSocket is accepted and closed at once with an application code and a reason (a
 browser cannot read a refused handshake's status):
 
 | code | why |
 |---|---|
 | 4400 | a binary message with an odd byte count (PCM s16le is 2 bytes a sample) |
-| 4401 | the session token is missing, wrong or expired |
+| 4401 | the session token is missing, wrong or expired, or it is `hls_url`'s watch-only one |
 | 4404 | no such session |
 | 4409 | another audio socket is open on the session |
 | 4410 | the session has ended |
