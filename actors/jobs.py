@@ -31,7 +31,7 @@ from cluster.render import (
     prepare_deadline,
     with_blobs,
 )
-from cluster.resources import as_typed
+from cluster.resources import RESERVATIONS, as_typed
 from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class JobMachine:
         if job is not None and job.hls is not None:
             job.hls.close()  # before the end is stored: a playlist with ENDLIST never grows
         ended = self.store.end(job_id, state, error=error, output=output)
+        RESERVATIONS.release(job_id)
         if job is not None:
             job.finished = True
             job.all_done.set()
@@ -236,6 +237,7 @@ class JobMachine:
             self.store.stage_ended(job.id, "prepare")
             if st.state == JobState.preparing:
                 self.store.transition(job.id, JobState.rendering)
+            RESERVATIONS.release(job.id)  # what it writes from now on shows in the free space
         else:
             job.stage = "render" if st.state == JobState.rendering else "finalize"
             job.plan = JobPlan.model_validate(self.store.plan(job.id))

@@ -176,9 +176,20 @@ class JobManager:
                 raise OutputPathInUse(f"job {other} is already writing {request.output}; choose another output "
                                       f"path or wait for it to finish", path=request.output, stage="admit")
         admitted_at = utcnow()
-        admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
-        _, created = self.store.create(job_id, admitted, owner=self.owner, client=owner, request_key=key,
-                                       admitted_at=admitted_at)
+        try:
+            admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
+            _, created = self.store.create(job_id, admitted, owner=self.owner, client=owner, request_key=key,
+                                           admitted_at=admitted_at)
+        except BaseException:
+            try:
+                known = self.store.exists(job_id)  # admitted by a concurrent submission of the same id
+            except Exception:  # noqa: BLE001 - the store's own failure is what is raised below
+                known = False
+            if not known:  # not admitted: nothing is promised to it
+                from cluster.resources import RESERVATIONS  # not a global of this actor class (Ray pickles it)
+
+                RESERVATIONS.release(job_id)
+            raise
         if not created:  # the same id was admitted concurrently
             return self._resubmitted(job_id, key)
         log.info("job %s accepted", job_id)

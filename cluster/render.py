@@ -25,7 +25,7 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
-from cluster.resources import check_job_disk, disk_full_guard
+from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
         from cluster.faces.avatar import load_avatar
 
         template_info = load_avatar(request.avatar_id, s).info
-    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=template_info)
+    check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=template_info,
+                   reserve=True)  # promised until the job renders (actors/jobs.py releases it)
     jdir = job_dir(job_id, s)
     made = not jdir.exists()  # by this call: removed again if it fails (retention never sees a dir without a row)
     inputs = jdir / "inputs"
@@ -190,6 +191,7 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
                     raise
             stored[key] = str(dst)
     except BaseException:
+        RESERVATIONS.release(job_id)
         if made:
             shutil.rmtree(jdir, ignore_errors=True)
         raise
@@ -648,7 +650,10 @@ def render_local(request: RenderRequest, settings: Settings | None = None, model
     job_id = job_id or new_job_id()
     model = model or load_model(request.model or s.model, s)
     admitted = admit(job_id, request, s)
-    plan = prepare_job(job_id, admitted, s, model_size=model.size, defer_mel=True)
+    try:
+        plan = prepare_job(job_id, admitted, s, model_size=model.size, defer_mel=True)
+    finally:
+        RESERVATIONS.release(job_id)  # rendering now: what it writes shows in the free space
     done = 0
 
     def tick(n: int) -> None:

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -91,12 +92,43 @@ def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Sett
     return storage, video_bytes + audio_bytes
 
 
+class DiskReservations:
+    """The disk space promised to admitted jobs that have not started rendering (this process's:
+    the job manager's), counted against the storage root at each admission: the jobs of a batch
+    were each checked against the same free space, and the disk filled mid-render. A job's
+    promise ends when it starts rendering (what it writes then shows in the free space) or ends."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.admission = threading.Lock()  # held across a check and its promise
+        self._bytes: dict[str, tuple[str, int]] = {}  # job id -> (storage root, bytes)
+
+    def reserve(self, job_id: str, root: str, nbytes: int) -> None:
+        with self.lock:
+            self._bytes[job_id] = (root, max(0, int(nbytes)))
+
+    def release(self, job_id: str) -> None:
+        with self.lock:
+            self._bytes.pop(job_id, None)
+
+    def held(self, root: str, excluding: str | None = None) -> tuple[int, int]:
+        """(bytes, jobs) promised under the storage root `root`, `excluding` one job's."""
+        with self.lock:
+            held = [b for j, (r, b) in self._bytes.items() if r == root and j != excluding]
+        return sum(held), len(held)
+
+
+RESERVATIONS = DiskReservations()
+
+
 def check_job_disk(audio: MediaInfo, video: MediaInfo | None, output: str | None,
                    settings: Settings | None = None, job_id: str | None = None,
-                   stored_template: MediaInfo | None = None) -> None:
+                   stored_template: MediaInfo | None = None, reserve: bool = False) -> None:
     """Raise `DiskFull` when the job's estimated needs plus `disk_reserve_bytes` exceed the free
     space of the storage root's filesystem (and of the output's, counted together when they are
-    the same filesystem). Writes nothing."""
+    the same filesystem), less what admitted jobs that have not started rendering were promised
+    (`RESERVATIONS`). `reserve`: promise this job its needs too (checked and promised at once:
+    two admissions at the same time do not both take the same space). Writes nothing."""
     s = settings or get_settings()
     storage, output_bytes = estimate_job_bytes(audio, video, s, stored_template)
     needs: dict[str, int] = {str(s.storage_root): storage}
@@ -105,13 +137,21 @@ def check_job_disk(audio: MediaInfo, video: MediaInfo | None, output: str | None
         needs[str(s.storage_root)] += output_bytes
     else:
         needs[out_dir] = output_bytes
-    for where, need in needs.items():
-        free = free_bytes(where, s)
-        if need + s.disk_reserve_bytes > free:
-            raise DiskFull(
-                f"not enough disk space for this job under {where}: it needs about "
-                f"{_mib(need)} MiB plus a reserve of {_mib(s.disk_reserve_bytes)} MiB, "
-                f"{_mib(free)} MiB are free", stage="admit", job_id=job_id, path=where)
+    with RESERVATIONS.admission:  # one check-and-promise at a time
+        promised, promised_jobs = RESERVATIONS.held(str(s.storage_root), excluding=job_id)
+        for where, need in needs.items():
+            free = free_bytes(where, s)
+            others = promised if where == str(s.storage_root) else 0
+            if need + s.disk_reserve_bytes + others > free:
+                held = (f"; {_mib(others)} MiB of them are promised to {promised_jobs} admitted job(s) that "
+                        f"have not started rendering") if others else ""
+                raise DiskFull(
+                    f"not enough disk space for this job under {where}: it needs about "
+                    f"{_mib(need)} MiB plus a reserve of {_mib(s.disk_reserve_bytes)} MiB, "
+                    f"{_mib(free)} MiB are free{held}", stage="admit", job_id=job_id, path=where)
+        if reserve and job_id is not None:
+            inputs = audio.size_bytes + (video.size_bytes if video is not None else 0)  # copied at admission
+            RESERVATIONS.reserve(job_id, str(s.storage_root), storage + output_bytes - inputs)
 
 
 def _same_filesystem(a: str, b: str) -> bool:

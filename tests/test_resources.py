@@ -155,3 +155,27 @@ def test_an_admission_whose_copy_fails_leaves_nothing_behind(hostile_corpus, tmp
     with pytest.raises(DiskFull):
         admit("copy-fails", req, s)
     assert not (s.storage_root / "jobs" / "copy-fails").exists()
+
+
+def test_jobs_admitted_but_not_rendering_yet_keep_their_space(hostile_corpus, tmp_path):
+    """The jobs of a batch were each checked against the same free space, and the disk filled
+    mid-render: an admitted job keeps its estimated space promised until it renders (or ends), and
+    the next admission counts it; the message says so."""
+    from cluster.resources import RESERVATIONS
+
+    s = Settings(storage_root=tmp_path / "store", disk_reserve_bytes=1 << 20)
+    audio, video = probe_audio(hostile_corpus.speech, s), probe_video(hostile_corpus.template, s)
+    need = sum(estimate_job_bytes(audio, video, s)) + s.disk_reserve_bytes
+    room_for_one = s.model_copy(update={"simulate_free_bytes": int(need * 1.5)})
+    req = RenderRequest(audio=str(hostile_corpus.speech), video=str(hostile_corpus.template))
+    try:
+        admit("first", req, room_for_one)
+        with pytest.raises(DiskFull, match="promised to 1 admitted job"):
+            admit("second", req, room_for_one)
+        assert not (s.storage_root / "jobs" / "second").exists()
+        admit("first", req, room_for_one)  # its own promise does not count against it (a retried admission)
+        RESERVATIONS.release("first")  # it renders: its writes show in the free space from now on
+        admit("second", req, room_for_one)
+    finally:
+        RESERVATIONS.release("first")
+        RESERVATIONS.release("second")
