@@ -122,6 +122,7 @@ class _Download:
         self.partial = _Partial(dest)
         self.size: int | None = None
         self.have = 0
+        self.complete = False
 
     def headers(self) -> dict[str, str]:
         """The next request's headers (resuming what the partial file holds)."""
@@ -154,16 +155,21 @@ class _Download:
     def open(self, r: httpx.Response):
         return self.partial.open(r.headers.get("etag"), self.have)
 
-    def complete(self, stream_ended: bool) -> bool:
-        """The partial file holds the whole result (its announced length; without one, a body
-        that ended cleanly)."""
-        got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
-        return got == self.size if self.size is not None else stream_ended
+    def whole(self, verdict: str) -> bool:
+        """After an answer's `verdict` was acted on: the partial file holds the whole result (its
+        announced length; without one, a body that ended cleanly)."""
+        if verdict == "done":
+            self.complete = True
+        elif verdict == "write":
+            got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
+            self.complete = got == self.size if self.size is not None else True
+        return self.complete
 
-    def finish(self) -> Path:
+    def finish(self, retries: int) -> Path:
         got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
-        if self.size is not None and got != self.size:
-            raise ApiError(0, "download.incomplete", f"job {self.job_id}: got {got} bytes of {self.size}")
+        if not self.complete:
+            raise ApiError(0, "download.incomplete", f"job {self.job_id}: got {got} bytes"
+                           + (f" of {self.size}" if self.size is not None else "") + f" in {retries + 1} tries")
         self.partial.done()
         return self.partial.dest
 
@@ -241,8 +247,50 @@ def _connection_error(e: Exception | None, url: str, method: str, path: str, ide
     return ApiError(0, what, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
 
 
-def _wait_timeout(job_id: str, view: JobView | None, limit: float) -> WaitTimeout:
-    return WaitTimeout(f"job {job_id} still {view.state.value if view else 'unknown'} after {limit:.0f} s")
+class _Wait:
+    """One `wait` of a job, shared by both clients: its deadline (6 h without a timeout), progress
+    bar and last view; each face only does the I/O (the event stream, then polling)."""
+
+    def __init__(self, job_id: str, progress: bool, timeout: float | None) -> None:
+        self.job_id = job_id
+        self.limit = timeout if timeout is not None else 6 * 3600
+        self.deadline = time.monotonic() + self.limit
+        self.bar = _Bar(progress)
+        self.view: JobView | None = None
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def seen(self, view: JobView) -> bool:
+        """Record a view; True once the job has ended."""
+        self.view = view
+        self.bar.show(view)
+        return view.state.terminal
+
+    def stream_broke(self, e: Exception) -> None:
+        """The event stream failed: polling follows, but an unknown job is an answer."""
+        if isinstance(e, ApiError) and e.status == 404:
+            raise e
+
+    def polling(self) -> bool:
+        """Whether to ask again (`WaitTimeout` once past the deadline)."""
+        if self.view is not None and self.view.state.terminal:
+            return False
+        if time.monotonic() > self.deadline:
+            raise self.timeout()
+        return True
+
+    def timeout(self) -> WaitTimeout:
+        state = self.view.state.value if self.view else "unknown"
+        return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:.0f} s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def result(self, raise_on_failure: bool) -> JobView:
+        if raise_on_failure and self.view.state != JobState.succeeded:
+            raise JobFailed(self.view)
+        return self.view
 
 
 def _within(deadline: float, timeout: float) -> float:
@@ -478,41 +526,30 @@ class Client(_Base):
              raise_on_failure: bool = True) -> JobView:
         """Follow the job (SSE; polling when the stream breaks) until it ends; `JobFailed` for a failed
         or cancelled job (unless `raise_on_failure=False`), `WaitTimeout` past `timeout`."""
-        limit = timeout if timeout is not None else 6 * 3600
-        deadline = time.monotonic() + limit
-        bar = _Bar(progress)
-        view = None
+        w = _Wait(job_id, progress, timeout)
         try:
             try:
-                for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
-                    bar.show(view)
-                    if view.state.terminal:
+                for view in self.events(job_id, timeout=w.left()):
+                    if w.seen(view):
                         break
             except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
-                if isinstance(e, ApiError) and e.status == 404:
-                    raise
-            while view is None or not view.state.terminal:
-                if time.monotonic() > deadline:
-                    raise _wait_timeout(job_id, view, limit)
+                w.stream_broke(e)
+            while w.polling():
                 try:
-                    view = self.get(job_id, deadline=deadline)
+                    view = self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
-                    raise _wait_timeout(job_id, view, limit) from e
-                bar.show(view)
-                if not view.state.terminal:
+                    raise w.timeout() from e
+                if not w.seen(view):
                     time.sleep(poll_s)
         finally:
-            bar.close()
-        if raise_on_failure and view.state != JobState.succeeded:
-            raise JobFailed(view)
-        return view
+            w.close()
+        return w.result(raise_on_failure)
 
     def download(self, job_id: str, path: str | os.PathLike) -> Path:
         """Fetch the output mp4 to `path`: resumes a partial `<path>.part` with Range (for the same
         result only), retries overload answers and broken connections, checks the length against
         the server's, renames into place when complete."""
         dl = _Download(job_id, path)
-        done = False
         for attempt in range(self.retries + 1):
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
@@ -525,17 +562,13 @@ class Client(_Base):
                                 f.write(block)
                 if verdict == "retry":
                     time.sleep(_retry_delay(attempt, r, self.backoff_s))
-                    continue
-                if verdict == "done" or (verdict == "write" and dl.complete(stream_ended=True)):
-                    done = True
+                elif dl.whole(verdict):
                     break
             except httpx.TransportError as e:
                 if attempt >= self.retries:
                     raise dl.failed(e) from e
                 time.sleep(_retry_delay(attempt, None, self.backoff_s))
-        if not done and dl.size is None:
-            raise ApiError(0, "download.incomplete", f"job {job_id}: no complete answer in {self.retries + 1} tries")
-        return dl.finish()
+        return dl.finish(self.retries)
 
     def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         """Prepare a template once (`POST /v1/avatars`; a local file is uploaded, else a URL);
@@ -816,39 +849,28 @@ class AsyncClient(_Base):
     async def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
                    raise_on_failure: bool = True) -> JobView:
         """The async twin of `Client.wait`."""
-        limit = timeout if timeout is not None else 6 * 3600
-        deadline = time.monotonic() + limit
-        bar = _Bar(progress)
-        view = None
+        w = _Wait(job_id, progress, timeout)
         try:
             try:
-                async for view in self.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
-                    bar.show(view)
-                    if view.state.terminal:
+                async for view in self.events(job_id, timeout=w.left()):
+                    if w.seen(view):
                         break
             except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
-                if isinstance(e, ApiError) and e.status == 404:
-                    raise
-            while view is None or not view.state.terminal:
-                if time.monotonic() > deadline:
-                    raise _wait_timeout(job_id, view, limit)
+                w.stream_broke(e)
+            while w.polling():
                 try:
-                    view = await self.get(job_id, deadline=deadline)
+                    view = await self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
-                    raise _wait_timeout(job_id, view, limit) from e
-                bar.show(view)
-                if not view.state.terminal:
+                    raise w.timeout() from e
+                if not w.seen(view):
                     await asyncio.sleep(poll_s)
         finally:
-            bar.close()
-        if raise_on_failure and view.state != JobState.succeeded:
-            raise JobFailed(view)
-        return view
+            w.close()
+        return w.result(raise_on_failure)
 
     async def download(self, job_id: str, path: str | os.PathLike) -> Path:
         """The async twin of `Client.download` (same resume, retries and checks)."""
         dl = _Download(job_id, path)
-        done = False
         for attempt in range(self.retries + 1):
             try:
                 async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
@@ -861,17 +883,13 @@ class AsyncClient(_Base):
                                 f.write(block)
                 if verdict == "retry":
                     await asyncio.sleep(_retry_delay(attempt, r, self.backoff_s))
-                    continue
-                if verdict == "done" or (verdict == "write" and dl.complete(stream_ended=True)):
-                    done = True
+                elif dl.whole(verdict):
                     break
             except httpx.TransportError as e:
                 if attempt >= self.retries:
                     raise dl.failed(e) from e
                 await asyncio.sleep(_retry_delay(attempt, None, self.backoff_s))
-        if not done and dl.size is None:
-            raise ApiError(0, "download.incomplete", f"job {job_id}: no complete answer in {self.retries + 1} tries")
-        return dl.finish()
+        return dl.finish(self.retries)
 
 
 # --- live sessions (`/v1/sessions`): `client.live(avatar_id)` --------------------------------------
