@@ -4,16 +4,14 @@ from __future__ import annotations
 import shutil
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from cluster.errors import InputNotFound
 from cluster.schemas import ApiError, AvatarCreate, AvatarView
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES, ApiProblem
-from service.uploads import Upload, read_body
+from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -37,10 +35,7 @@ async def create_avatar(request: Request, backend: Backend = Depends(get_backend
             path, fname = up.files["video"]
             ref = await backend.gateway.upload(path, fname)
         else:
-            try:
-                body = AvatarCreate.model_validate_json(await read_body(request))
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+            body = await json_body(request, AvatarCreate)
             request.state.inputs = {"video": body.video}
             ref = await backend.stage_input(body.video, "video", tmpdir)
             if not ref.startswith("upload:"):  # a server path: stored through the manager first

@@ -16,7 +16,7 @@ from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState,
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ERROR_CODES, ApiProblem
-from service.uploads import Upload, read_body
+from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
                    responses={c: {"model": ApiError} for c in ERROR_CODES})
@@ -68,10 +68,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                     staged[name] = await backend.gateway.upload(path, fname)
                     sources[staged[name]] = fname  # errors name the client's file, not the ref
         else:
-            try:
-                body = JobCreate.model_validate_json(await read_body(request))
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+            body = await json_body(request, JobCreate)
             request.state.inputs = {"audio": body.audio, "video": body.video}
             await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
