@@ -15,9 +15,9 @@ Retry-After); requests that are safe to repeat (reads, and submissions and batch
 id) also on broken or timed-out connections and gateway errors, except an upload whose answer
 timed out (not sent again whole). Every other error raises `ApiError` carrying the server's error
 code (`connection.failed` / `connection.timeout` when no answer came); a wait past its deadline
-raises `WaitTimeout`. Local
-files are uploaded (multipart, streamed from disk); `http(s)://` URLs and server paths (under
-the server's input roots) are passed as such. Imports neither ray nor onnxruntime.
+raises `WaitTimeout`. Local files are uploaded (multipart, streamed from disk); `http(s)://` URLs
+and server paths (under the server's input roots) are passed as such. Imports neither ray nor
+onnxruntime.
 """
 from __future__ import annotations
 
@@ -166,8 +166,8 @@ class _Download:
         return self.complete
 
     def finish(self, retries: int) -> Path:
-        got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
         if not self.complete:
+            got = self.partial.part.stat().st_size if self.partial.part.exists() else 0
             raise ApiError(0, "download.incomplete", f"job {self.job_id}: got {got} bytes"
                            + (f" of {self.size}" if self.size is not None else "") + f" in {retries + 1} tries")
         self.partial.done()
@@ -234,8 +234,13 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.WriteTimeout)
 
 
-def _retryable_error(e: httpx.TransportError, idempotent: bool) -> bool:
-    return isinstance(e, _NOT_SENT) or (idempotent and isinstance(e, _MAYBE_SENT))
+def _retryable_error(e: httpx.TransportError, idempotent: bool, upload: bool = False) -> bool:
+    """Worth sending again: a request that never reached the server; one that may have, when safe
+    to repeat, unless it is an upload whose answer timed out (not sent again whole: the server may
+    be admitting it still)."""
+    if isinstance(e, _NOT_SENT):
+        return True
+    return idempotent and isinstance(e, _MAYBE_SENT) and not (upload and isinstance(e, httpx.TimeoutException))
 
 
 def _connection_error(e: Exception | None, url: str, method: str, path: str, idempotent: bool) -> ApiError:
@@ -436,9 +441,7 @@ class Client(_Base):
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError as e:
-                # an upload that timed out is not sent again whole: the server may be admitting it still
-                if not _retryable_error(e, idempotent and not (rewind is not None
-                                                               and isinstance(e, httpx.TimeoutException))):
+                if not _retryable_error(e, idempotent, upload=rewind is not None):
                     raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
@@ -731,9 +734,7 @@ class AsyncClient(_Base):
                     kw["timeout"] = _within(deadline, self.timeout)
                 r = await self.http.request(method, path, **kw)
             except httpx.TransportError as e:
-                # an upload that timed out is not sent again whole: the server may be admitting it still
-                if not _retryable_error(e, idempotent and not (rewind is not None
-                                                               and isinstance(e, httpx.TimeoutException))):
+                if not _retryable_error(e, idempotent, upload=rewind is not None):
                     raise _connection_error(e, self.url, method, path, idempotent) from e
                 last = e
             else:
