@@ -135,7 +135,7 @@ class Compositor:
                 raise answer.typed(WorkerLost, f"fetching {sha256[:12]} for job {plan.job_id} from the job manager",
                                    stage="render", job_id=plan.job_id)
             return fetch
-        return localized(plan, self._cache_root(), fetcher, s.transfer_part_bytes, int(s.node_cache_gb * 1024**3))
+        return localized(plan, self._cache_root(), fetcher, s.transfer_part_bytes, s.node_cache_bytes)
 
     def finalize(self, plan: JobPlan) -> MediaInfo:
         """Build and verify the output under its pending name; the job manager commits it."""

@@ -542,10 +542,9 @@ class LiveRegistry:
     def admission(self, running: dict[str, dict] | None = None):
         """Would one more session fit (`cluster.live.admission`), from the running ones' figures."""
         from cluster.live.admission import decide_admission
-
-        running = self.running() if running is None else running
         from cluster.resources import usable_cpus
 
+        running = self.running() if running is None else running
         cores = self.s.live_node_cpus or max((f["cores"] or 0 for f in running.values()), default=0) \
             or usable_cpus()
         # the node's available memory as the sessions' actors see it (they all run on the job manager's node)

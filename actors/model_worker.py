@@ -95,7 +95,7 @@ class ModelWorker:
             return part.value
 
         path = cached_file(s.storage_root / "node-cache", blob["sha256"], blob["suffix"], fetch, s.transfer_part_bytes,
-                           int(s.node_cache_gb * 1024**3))
+                           s.node_cache_bytes)
         log.info("model worker %s: model file %s fetched from the job manager's node into %s", self.name, spec, path)
         return str(path)
 

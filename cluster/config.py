@@ -149,8 +149,8 @@ class Settings(BaseSettings):
     callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
     callback_timeout_s: float = Field(10.0, gt=0)
     retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files, "
-                                  "and ended live sessions' files, older than this (0: keep forever); never a "
-                                  "running job's or session's")
+                                  "ended live sessions' files, and stored uploads and avatars unused, older than "
+                                  "this (0: keep forever); never a running job's or session's, or what they use")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set")
@@ -250,6 +250,11 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr) and (not only_set or name in self.model_fields_set):
                 out[name] = value.get_secret_value()
         return out
+
+    @property
+    def node_cache_bytes(self) -> int:
+        return int(self.node_cache_gb * 1024**3)
+
     def fingerprint(self) -> str:
         """A short hash of every setting: actors built with other settings are replaced."""
         import hashlib

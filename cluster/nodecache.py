@@ -50,13 +50,13 @@ def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes
         if digest.hexdigest() != sha256:
             raise OutputVerificationError(f"node cache: fetched {offset} bytes whose sha256 {digest.hexdigest()} "
                                           f"is not the {sha256} asked for", path=str(path))
-    evict(Path(root), budget_bytes, keep=path)
+    evict(Path(root), budget_bytes)  # the file just fetched is recent: it stays
     return path
 
 
-def evict(root: Path, budget_bytes: int, keep: Path | None = None, now: float | None = None) -> list[Path]:
+def evict(root: Path, budget_bytes: int, now: float | None = None) -> list[Path]:
     """Cut the cache back to `budget_bytes`: remove its least recently used files (their mtime,
-    renewed at each use), never `keep` nor one used in the last `KEEP_RECENT_S`; and the working
+    renewed at each use), never one used (or fetched) in the last `KEEP_RECENT_S`; and the working
     directories of jobs (`jobs/<id>`: a killed render's segments) untouched for a day. What it removed."""
     now = time.time() if now is None else now
     files = []
@@ -72,7 +72,7 @@ def evict(root: Path, budget_bytes: int, keep: Path | None = None, now: float | 
     for mtime, size, p in sorted(files, key=lambda f: f[0]):
         if total <= budget_bytes:
             break
-        if p == keep or now - mtime < KEEP_RECENT_S:
+        if now - mtime < KEEP_RECENT_S:
             continue
         p.unlink(missing_ok=True)
         total -= size

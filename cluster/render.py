@@ -123,14 +123,13 @@ def with_blobs(plan: JobPlan) -> JobPlan:
 
 
 def localized(plan: JobPlan, cache_root: Path, fetcher: Callable[[str], Callable[[int, int], bytes]],
-              part_bytes: int, budget_bytes: int | None = None) -> JobPlan:
+              part_bytes: int, budget_bytes: int) -> JobPlan:
     """The plan as a node without the storage root renders it: each prepared file from the
     node-local cache (fetched once per node by content hash), segments under the cache."""
     from cluster.nodecache import cached_file
 
-    budget = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
     update = {field: str(cached_file(cache_root, plan.blobs[role], Path(getattr(plan, field)).suffix,
-                                     fetcher(plan.blobs[role]), part_bytes, **budget))
+                                     fetcher(plan.blobs[role]), part_bytes, budget_bytes))
               for role, field in BLOB_FIELDS.items()}
     return plan.model_copy(update={**update, "job_dir": str(Path(cache_root) / "jobs" / plan.job_id)})
 
@@ -177,18 +176,7 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
                 continue
             dst = inputs / f"{key}{Path(src).suffix.lower()}"
             if not dst.exists():
-                tmp = temporary_name(dst)
-                try:
-                    try:
-                        if not link:  # a user's file: a link would change its link count (see resolve_input_path)
-                            raise OSError("copy requested")
-                        os.link(src, tmp)
-                    except OSError:
-                        shutil.copyfile(src, tmp)
-                    os.replace(tmp, dst)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)  # a copy cut short (a full disk) is not left behind
-                    raise
+                _store_input(src, dst, link)
             stored[key] = str(dst)
     except BaseException:
         RESERVATIONS.release(job_id)
@@ -224,6 +212,24 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
         _name_sources(e, request)
         raise
     return audio, video
+
+
+def _store_input(src: str, dst: Path, link: bool) -> None:
+    """`src` stored as `dst` whole or not at all: a user's file is copied (a link would change its
+    link count, see resolve_input_path), one of ours hard-linked where the filesystem allows; a copy
+    cut short (a full disk) is not left behind."""
+    tmp = temporary_name(dst)
+    try:
+        try:
+            if not link:
+                raise OSError("copy requested")
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | None = None) -> RenderRequest:

@@ -76,13 +76,12 @@ def estimate_job_bytes(audio: MediaInfo, video: MediaInfo | None, settings: Sett
     seconds = audio.audio.duration if audio.audio else audio.duration
     width, height, fps = s.max_width, s.max_height, 60.0
     template_bytes = 0
-    if video is None and stored_template is not None and stored_template.video is not None:
-        v = stored_template.video  # stored already: nothing to copy or normalise
+    template = video if video is not None else stored_template  # an avatar's is stored already
+    if template is not None and template.video is not None:
+        v = template.video
         width, height, fps = v.width, v.height, float(v.fps)
-    if video is not None and video.video is not None:
-        v = video.video
-        width, height, fps = v.width, v.height, float(v.fps)
-        template_bytes = math.ceil(v.frame_count * v.width * v.height * BITS_PER_PIXEL / 8)
+        if template is video:  # copied, then normalised
+            template_bytes = math.ceil(v.frame_count * v.width * v.height * BITS_PER_PIXEL / 8)
     frames = math.ceil(seconds * fps)
     video_bytes = math.ceil(frames * width * height * BITS_PER_PIXEL / 8)
     audio_bytes = math.ceil(seconds * _bitrate_bytes_per_s(s.audio_bitrate))
@@ -259,7 +258,8 @@ def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
     v1 `memory.limit_in_bytes` / `memory.usage_in_bytes`)."""
     import psutil
 
-    available = psutil.virtual_memory().available
+    memory = psutil.virtual_memory()
+    available = memory.available
     for limit_file, usage_file, stat_file, inactive_key in (
             ("memory.max", "memory.current", "memory.stat", "inactive_file"),
             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
@@ -277,7 +277,7 @@ def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
             key, _, value = line.partition(" ")
             if key == inactive_key and value.strip().isdigit():
                 inactive = int(value)
-        if limit_n < psutil.virtual_memory().total:  # v1 writes a huge number for "no limit"
+        if limit_n < memory.total:  # v1 writes a huge number for "no limit"
             available = min(available, max(0, limit_n - max(0, usage_n - inactive)))
         break
     return available
