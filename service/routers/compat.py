@@ -81,33 +81,34 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
     # An answer the client takes as the task's end (9999, status 3) only for what really ends it:
     # a job manager restarting, or a publish that failed for now, reads "running" (status 1) with the
     # reason, and the next poll asks again (the stock client marks a task failed for good on 9999).
+    def running_for_now(why: str) -> JSONResponse:
+        return envelope(10000, True, f"running ({why})",
+                        CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
+
     try:
         st = await backend.gateway.get(code)
     except JobNotFound:
         return envelope(10004, True, "task not found", None)
     except LipsyncError as e:
         if http_status(e) == 503:
-            return envelope(10000, True, f"running ({e.code}: {e.message})",
-                            CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
+            return running_for_now(f"{e.code}: {e.message}")
         return envelope(9999, False, f"error: {e.code}: {e.message}")
     if st.state == JobState.succeeded:
         size = st.output_bytes
         try:
-            if size is None:  # no file to measure: OutputExpired when it is gone
-                await backend.gateway.read_output(code, 0, 0)
-                raise RuntimeError("the job reports no output size")
-            if backend.settings.compat_data_dir is not None:
+            if backend.settings.compat_data_dir is not None and size is not None:
                 await backend.publish_compat(code, size)
-            else:  # served from the job's output: it must still exist
+            else:  # served from the job's output: it must still exist (OutputExpired when gone)
                 await backend.gateway.read_output(code, 0, 0)
+                if size is None:
+                    raise RuntimeError("the job reports no output size")
         except Exception as e:
             from cluster.resources import is_disk_full
 
             if not isinstance(e, OutputExpired) and (is_disk_full(e) or (isinstance(e, LipsyncError)
                                                                           and http_status(e) == 503)):
                 log.warning("compat publish of %s failed for now (asked again at the next query): %r", code, e)
-                return envelope(10000, True, f"running (the result could not be published yet: {e})",
-                                CompatData(code=code, status=1, progress=backend.compat_last_progress(code)))
+                return running_for_now(f"the result could not be published yet: {e}")
             log.error("compat publish of %s failed: %r", code, e)
             msg = f"{e.code}: {e.message}" if isinstance(e, LipsyncError) else f"the result could not be published: {e}"
             return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=100, msg=msg))
