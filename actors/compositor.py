@@ -120,7 +120,7 @@ class Compositor:
         return result
 
     def _cache_root(self) -> Path:
-        return self.settings.storage_root / "node-cache"
+        return self.settings.node_cache_dir
 
     def _localized(self, plan: JobPlan, manager) -> JobPlan:
         s = self.settings

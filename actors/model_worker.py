@@ -94,7 +94,7 @@ class ModelWorker:
                 raise part.typed(ModelLoadError, f"fetching model file {spec} from the job manager", path=spec)
             return part.value
 
-        path = cached_file(s.storage_root / "node-cache", blob["sha256"], blob["suffix"], fetch, s.transfer_part_bytes,
+        path = cached_file(s.node_cache_dir, blob["sha256"], blob["suffix"], fetch, s.transfer_part_bytes,
                            s.node_cache_bytes)
         log.info("model worker %s: model file %s fetched from the job manager's node into %s", self.name, spec, path)
         return str(path)

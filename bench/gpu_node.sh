@@ -3,9 +3,10 @@
 # the most wanted first, each step bounded so that a slow one cannot eat the next: the kit (`.gpu/`,
 # see its run.sh) unpacked, then (1) `bench.throughput` warm service, thread pools sized, segments
 # encoded in the compositors, both models, 180 s of speech (frames/s, CPU per frame, where the
-# compositors wait); (2) the Wav2Lip-sized model, 120 s of speech, with each segment encoded by an
-# ffmpeg child (the encoder before 2026-12-05), with two model batches in flight per compositor
-# (`LIPSYNC_BATCHES_IN_FLIGHT=2`), with half the compositors at 2 CPUs each (`--variants wide`:
+# compositors wait; template frames from the node's frame cache); (2) the Wav2Lip-sized model, 120 s
+# of speech, with the template decoded per chunk (`--variants decoded`: no frame cache, the render
+# before 2026-12-06), with each segment encoded by an ffmpeg child (the encoder before 2026-12-05),
+# with half the compositors at 2 CPUs each (`--variants wide`:
 # fewer, multi-threaded compositors against one per CPU) and with two chunks at once per compositor
 # (`--variants chunks2`: the next chunk starts while the last one's encoder finishes); (3) issue 21's live sessions per GPU: `bench live --only ramp`
 # (sessions driven through the runtime, no HTTP service: the kit has no FastAPI) with the
@@ -34,8 +35,8 @@ step "1 sized"; timeout 230 $R python3 -m bench.throughput --seconds 180 --varia
   --model builtin --model wav2lip96; cp bench/results/throughput.adhoc.json "$OUT/sized.json"; reap
 fi
 if want 2; then
-step "2 ffmpeg child, two batches in flight, wide compositors, two chunks at once"; timeout 230 $R python3 \
-  -m bench.throughput --seconds 120 --variants chunks2,wide,inflight2,ffmpeg --no-classic --model wav2lip96 && cp bench/results/throughput.adhoc.json "$OUT/variants.json"; reap
+step "2 decoded per chunk, wide compositors, two chunks at once, ffmpeg child"; timeout 230 $R python3 \
+  -m bench.throughput --seconds 120 --variants decoded,chunks2,wide,ffmpeg --no-classic --model wav2lip96 && cp bench/results/throughput.adhoc.json "$OUT/variants.json"; reap
 fi
 if want 3; then
 step "3 live ramp"; timeout 200 $R python3 -m bench live --only ramp --ramp 1,4,8,12,16 --model wav2lip96 \

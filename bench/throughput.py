@@ -61,20 +61,23 @@ VARIANTS = {"sized": {"LIPSYNC_SIZE_THREADS": "true"},  # the service's environm
             "inflight2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_BATCHES_IN_FLIGHT": "2"},
             "ultrafast": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_PRESET": "ultrafast"},
             "wide": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_COMPOSITOR_CPUS": "2"},
-            "chunks2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_CHUNKS_PER_COMPOSITOR": "2"}}
+            "chunks2": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_CHUNKS_PER_COMPOSITOR": "2"},
+            "decoded": {"LIPSYNC_SIZE_THREADS": "true", "LIPSYNC_FRAME_CACHE": "false"}}
 VARIANT_LABELS = {"sized": "thread pools from Ray CPUs", "library": "library default thread pools",
                   "ffmpeg": "thread pools from Ray CPUs, an ffmpeg child encoding each segment",
                   "inflight2": "thread pools from Ray CPUs, two model batches in flight per compositor",
                   "ultrafast": "thread pools from Ray CPUs, x264 preset ultrafast",
                   "wide": "half the compositors, 2 Ray CPUs and two threads per pool each",
-                  "chunks2": "thread pools from Ray CPUs, two chunks at once per compositor"}
+                  "chunks2": "thread pools from Ray CPUs, two chunks at once per compositor",
+                  "decoded": "thread pools from Ray CPUs, template frames decoded per chunk (no frame cache)"}
 #: (variant, against variant, what the ratio says) printed under the table when both ran
 COMPARISONS = [("sized", "library", "sized / library thread pools"),
                ("sized", "ffmpeg", "segments encoded in the compositor / by an ffmpeg child"),
                ("inflight2", "sized", "two model batches in flight / one"),
                ("ultrafast", "sized", "x264 ultrafast / superfast"),
                ("wide", "sized", "half the compositors at 2 CPUs each / one per CPU"),
-               ("chunks2", "sized", "two chunks at once per compositor / one")]
+               ("chunks2", "sized", "two chunks at once per compositor / one"),
+               ("sized", "decoded", "template frames from the node's frame cache / decoded per chunk")]
 KINDS = ("compositor", "compositor ffmpeg children", "model worker", "job manager", "ray system", "driver")
 
 
@@ -250,6 +253,17 @@ def compositor_waits(before: list[dict], after: list[dict]) -> dict | None:
 
 
 # --- the runs -------------------------------------------------------------------------------
+def _wait_for_frame_file(cache: Path, timeout: float) -> None:
+    """Until the template's frame file (built beside the avatar's first render) is in the node
+    cache, so the measured job reads it from its first chunk."""
+    deadline = time.monotonic() + timeout
+    while not any(cache.glob("frames-*.i420")):
+        if time.monotonic() > deadline:
+            print(f"warning: no template frame file in {cache} within {timeout:g} s", file=sys.stderr)
+            return
+        time.sleep(0.2)
+
+
 def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
     """One warm service with `variant`'s thread setting: model loaded and avatar prepared, then
     the measured job."""
@@ -264,6 +278,8 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
             os.environ.pop(name, None)
     try:
         service.render(prep.audio, inp.video, model, str(work / "prepare.mp4"))  # model loaded, avatar prepared
+        if VARIANTS[variant].get("LIPSYNC_FRAME_CACHE") != "false":  # and its frames cached on the node
+            _wait_for_frame_file(work / f"storage-{variant}" / "node-cache", 120.0)
         pool = service.rt.call("refresh", timeout=60)
         me = os.getpid()
         request = RenderRequest(audio=inp.audio, video=inp.video, output=str(work / f"out-{variant}.mp4"),
@@ -332,7 +348,7 @@ def run(quick: bool = False, seconds: list[float] | None = None, models: list[st
         models, variants = models or ["builtin"], variants or ["sized"]
     else:
         secs, size, template_s = (seconds or [180.0])[0], (1280, 720), 10.0
-        models, variants = models or list(MODELS), variants or ["sized", "library", "ffmpeg"]
+        models, variants = models or list(MODELS), variants or ["sized", "decoded", "library", "ffmpeg"]
     started = machine()
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-", dir=CACHE))

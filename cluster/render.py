@@ -453,8 +453,8 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     from cluster.audio import mel_windows
     from cluster.faces.align import crop_matrices, cut_crops_yuv, paste_back_yuv
     from cluster.faces.track import FaceTrack
-    from cluster.media.decode import TemplateReader
     from cluster.media.encode import SegmentEncoder
+    from cluster.media.framecache import TemplateFrames
     from cluster.plan import template_indices
 
     s = settings or get_settings()
@@ -467,7 +467,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
     size = plan.model_size
     try:
-        with TemplateReader(plan.template_path, s) as reader, \
+        with TemplateFrames(plan.template_path, s) as reader, \
                 SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
                                s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
 

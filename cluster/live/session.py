@@ -68,12 +68,12 @@ class LiveRenderer:
     def __init__(self, template_path: str, track_path: str, model_size: int, crop: str,
                  settings: Settings | None = None) -> None:
         from cluster.faces.track import FaceTrack
-        from cluster.media.decode import TemplateReader
+        from cluster.media.framecache import TemplateFrames
 
         self.settings = settings or get_settings()
         self.size, self.crop = int(model_size), crop
         self.track = FaceTrack.load(track_path)
-        self.reader = TemplateReader(template_path, self.settings)
+        self.reader = TemplateFrames(template_path, self.settings)
         self.width, self.height, self.fps = self.reader.width, self.reader.height, self.reader.fps
         self.frame_count = self.reader.frame_count
 

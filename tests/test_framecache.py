@@ -1,0 +1,129 @@
+"""Decoded template frames kept in the node cache (`cluster.media.framecache`): built once per node
+beside the first render, read back as the decoder's very bytes, within the cache's budget, never
+trusted when cut short; a chunk rendered from them is the segment a decoded chunk is."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.config import Settings
+from cluster.media import framecache
+from cluster.media.decode import TemplateReader
+from cluster.media.framecache import TemplateFrames, build_frame_file, frame_file
+from cluster.media.normalize import normalize_template
+from tests.helpers import wait_until
+
+
+@pytest.fixture(scope="module")
+def template(astronaut_video, tmp_path_factory) -> str:
+    s = Settings(storage_root=tmp_path_factory.mktemp("framecache-templates"))
+    return str(normalize_template(astronaut_video, s).path)
+
+
+def frames_path(template: str, s: Settings) -> Path:
+    with TemplateReader(template, s) as r:
+        return frame_file(template, s.node_cache_dir, r.width, r.height, r.frame_count, r.fps)
+
+
+def test_the_first_reader_builds_the_frame_file_and_later_ones_read_the_decoders_bytes(template, tmp_path):
+    s = Settings(storage_root=tmp_path)
+    path = frames_path(template, s)
+    with TemplateFrames(template, s) as first:
+        assert not first.cached  # decoding, while a thread builds the file
+        wait_until(lambda: path.is_file(), timeout=60, what="the frame file")
+        assert not any(p.name.endswith(".lock") for p in s.node_cache_dir.iterdir())
+    rng = np.random.default_rng(3)
+    with TemplateFrames(template, s) as cached, TemplateReader(template, s) as decoder:
+        assert cached.cached
+        assert (cached.width, cached.height, cached.fps, cached.frame_count) == \
+            (decoder.width, decoder.height, decoder.fps, decoder.frame_count)
+        for idx in ([0, 1, 2], [cached.frame_count - 1, 0, 5, 5], rng.integers(0, cached.frame_count, 16)):
+            np.testing.assert_array_equal(cached.read_yuv(idx), decoder.read_yuv(idx))
+        assert cached.read_yuv([]).shape[0] == 0
+        for bad in ([cached.frame_count], [-1]):
+            with pytest.raises(ValueError, match="outside"):
+                cached.read_yuv(bad)
+
+
+def test_a_reader_open_before_the_file_was_built_moves_to_it(template, tmp_path, monkeypatch):
+    """A live session keeps its reader for its whole life: it reads the file once it is there."""
+    s = Settings(storage_root=tmp_path)
+    monkeypatch.setattr(framecache, "_start_build", lambda *a: None)
+    monkeypatch.setattr(TemplateFrames, "RECHECK_S", 0.0)
+    with TemplateFrames(template, s) as frames:
+        before = frames.read_yuv([3, 4])
+        assert not frames.cached
+        assert build_frame_file(template, frames.path, frames._size, s)
+        np.testing.assert_array_equal(frames.read_yuv([3, 4]), before)
+        assert frames.cached
+
+
+def test_a_cut_frame_file_is_not_read_and_off_means_no_file(template, tmp_path, monkeypatch):
+    s = Settings(storage_root=tmp_path)
+    path = frames_path(template, s)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\0" * 1000)  # a build cut short (the real ones are renamed into place whole)
+    monkeypatch.setattr(framecache, "_start_build", lambda *a: None)
+    with TemplateFrames(template, s) as frames, TemplateReader(template, s) as decoder:
+        assert not frames.cached
+        np.testing.assert_array_equal(frames.read_yuv([7]), decoder.read_yuv([7]))
+    path.unlink()
+    off = s.model_copy(update={"frame_cache": False})
+    with TemplateFrames(template, off) as frames:
+        assert not frames.cached and frames.path is None
+    assert not path.exists()
+
+
+def test_the_cache_takes_a_template_only_within_its_budget_and_one_builder_per_node(template, tmp_path):
+    s = Settings(storage_root=tmp_path)
+    with TemplateReader(template, s) as r:
+        size = r.frame_count * r.width * r.height * 3 // 2
+    path = frames_path(template, s)
+    # a template over a quarter of the node cache's budget is decoded, never cached
+    small = s.model_copy(update={"node_cache_gb": 3 * size / 1024**3})
+    assert not build_frame_file(template, path, size, small)
+    assert not path.exists()
+    # another process of the node holds the build's lock: this one leaves it alone
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not build_frame_file(template, path, size, s)
+    assert not path.exists()
+    # the least recently used files of the cache make room for it
+    old = s.node_cache_dir / "old-mel.npy"
+    old.write_bytes(b"x" * int(3.5 * size))
+    os.utime(old, (1, 1))
+    fits = s.model_copy(update={"node_cache_gb": 4.2 * size / 1024**3})
+    assert build_frame_file(template, path, size, fits)
+    assert path.stat().st_size == size and not old.exists()
+
+
+def test_a_chunk_rendered_from_cached_frames_is_the_segment_a_decoded_chunk_is(astronaut_video, speech_wav, tmp_path):
+    from cluster.models import load_model
+    from cluster.render import admit, prepare_job, render_chunk
+    from cluster.schemas import RenderRequest
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0, frame_cache=False)
+    model = load_model("builtin", s)
+    request = admit("framecache", RenderRequest(audio=speech_wav, video=astronaut_video), s)
+    plan = prepare_job("framecache", request, s, model_size=model.size)
+    chunk = plan.chunks[1]
+
+    def segment(settings: Settings) -> str:
+        result = render_chunk(plan, chunk, model.generate, settings)
+        digest = hashlib.sha256(Path(result.segment).read_bytes()).hexdigest()
+        Path(result.segment).unlink()
+        return digest
+
+    decoded = segment(s)
+    on = s.model_copy(update={"frame_cache": True})
+    path = frames_path(plan.template_path, on)
+    assert build_frame_file(plan.template_path, path, plan.template_frames * plan.width * plan.height * 3 // 2, on)
+    with TemplateFrames(plan.template_path, on) as frames:
+        assert frames.cached
+    assert segment(on) == decoded
