@@ -23,7 +23,10 @@ from tests.helpers import run_on_small_tmpfs, unshare_works
 
 
 def tree_bytes(*roots: Path) -> int:
-    return sum(p.stat().st_size for r in roots if r.exists() for p in r.rglob("*") if p.is_file())
+    """Bytes of the files under `roots`, but the node cache's: the node's (decoded template frames,
+    `cluster.media.framecache`), bounded by its own budget and free-space margin, not a job's writes."""
+    return sum(p.stat().st_size for r in roots if r.exists() for p in r.rglob("*")
+               if p.is_file() and "node-cache" not in p.relative_to(r).parts)
 
 
 def test_estimate_covers_what_a_job_writes(hostile_corpus, tmp_path):

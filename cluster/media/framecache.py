@@ -13,8 +13,10 @@ later chunk on that node (batch jobs and live sessions) reads its frames from th
 The file is a disposable cache: the node cache's budget (`Settings.node_cache_gb`) covers it,
 least recently used first (`cluster.nodecache.evict`); a template whose frames would take more
 than a quarter of that budget, or leave less than 1 GiB or a tenth of the disk free, is not cached
-(its chunks decode, as before). One process per node builds a given file (a lock file), others decode
-meanwhile. `Settings.frame_cache=false` turns it off.
+(its chunks decode, as before). The job manager's disk admission does not count these files (they
+are the node's, not a job's): that margin is what keeps room for the jobs it admitted. One process
+per node builds a given file (a lock file), others decode meanwhile. `Settings.frame_cache=false`
+turns it off.
 """
 from __future__ import annotations
 
