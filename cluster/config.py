@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     max_avatar_preparations: int = Field(2, ge=1, description="avatars prepared at once by the service "
                                          "(POST /v1/avatars: normalising and face detection on the job "
                                          "manager's node); beyond: HTTP 429")
+    max_event_streams: int = Field(256, ge=1, description="job event streams (GET /v1/jobs/ID/events) one "
+                                   "ingress replica keeps open at once (each asks the job manager about its job "
+                                   "twice a second); beyond: HTTP 429 (the SDK's wait then polls)")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429 and 503")
     allow_private_urls: bool = Field(False, description="URL inputs may resolve to private/loopback addresses")
     url_timeout_s: float = Field(60.0, gt=0, description="whole-download deadline of one URL input")

@@ -183,6 +183,13 @@ class TooManyPreparations(LipsyncError):
     retryable = True
 
 
+class TooManyEventStreams(LipsyncError):
+    """`LIPSYNC_MAX_EVENT_STREAMS` job event streams are open on this ingress replica (HTTP 429: poll
+    `GET /v1/jobs/ID`, or retry later)."""
+    code = "service.busy"
+    retryable = True
+
+
 class OutputExpired(LipsyncError):
     """A succeeded job whose output no longer exists: removed by retention (`LIPSYNC_RETENTION_DAYS`)
     or by hand (HTTP 410). The job stays succeeded; its result is gone."""

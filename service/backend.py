@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from cluster.config import Settings
-from cluster.errors import LipsyncError
+from cluster.errors import LipsyncError, TooManyEventStreams
 from cluster.hls import sign_watch, watch_key
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
@@ -65,6 +65,7 @@ class Backend:
         self.gateway = gateway
         self.tmp_root = private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}")
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
+        self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.watch_key = watch_key(token) if token else None
 
@@ -90,6 +91,15 @@ class Backend:
         if n >= self.settings.max_queued_jobs:
             raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
                             f"{self.settings.max_queued_jobs}); retry later")
+
+    def check_event_streams(self) -> None:
+        """Refuse another job event stream while `max_event_streams` are open on this replica: each
+        one asks the job manager about its job twice a second, and the manager also schedules every
+        render's batches."""
+        if self.event_streams >= self.settings.max_event_streams:
+            raise TooManyEventStreams(f"{self.event_streams} job event streams are open on this service replica "
+                                      f"(LIPSYNC_MAX_EVENT_STREAMS={self.settings.max_event_streams}); poll "
+                                      f"GET /v1/jobs/ID instead, or retry later")
 
     def tmpdir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))

@@ -195,11 +195,12 @@ def service():
     directory set): `.url`, `.token`, `.storage_root`, `.input_root`, `.compat_dir`. Its live
     capacity is tiny (`LIVE_CPU_SHARE`, `LIVE_MEMORY_RESERVE_MB`): one live session runs at a time (a
     node with none running always admits one), a second is refused by its measured load and memory
-    (test_live_service)."""
+    (test_live_service). At most 4 job event streams are open at once (test_service)."""
     from tests.service_process import ServiceProcess
 
     svc = ServiceProcess(_ROOT / "service", env={"LIPSYNC_LIVE_CPU_SHARE": LIVE_CPU_SHARE,
-                                                 "LIPSYNC_LIVE_MEMORY_RESERVE_MB": LIVE_MEMORY_RESERVE_MB}).start()
+                                                 "LIPSYNC_LIVE_MEMORY_RESERVE_MB": LIVE_MEMORY_RESERVE_MB,
+                                                 "LIPSYNC_MAX_EVENT_STREAMS": "4"}).start()
     _STOPPERS["service"] = svc.cleanup
     yield svc
     svc.cleanup()

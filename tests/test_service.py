@@ -131,6 +131,52 @@ def test_async_client_and_cancel(service, svc_media):
 
 
 # --- raw HTTP ---------------------------------------------------------------------------------------
+def test_event_streams_past_the_bound_are_refused_and_a_closed_one_frees_its_place(service, svc_media):
+    """Each job event stream asks the job manager twice a second: a replica keeps at most
+    `LIPSYNC_MAX_EVENT_STREAMS` (4 in the session service) open. The next is refused (429
+    `service.busy`, Retry-After, naming the setting); a stream the client closes frees its place.
+    (`test_20_concurrent_submissions` waits on 20 jobs at once through the SDK, whose `wait` polls
+    when its stream is refused.)"""
+    import contextlib
+
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(service.input_root / "speech-events-bound.wav"), speech_like(120.0, seed=21))
+    with httpx.Client(base_url=service.url, headers=auth(service), timeout=60) as http:
+        job_id = http.post("/v1/jobs", json={"audio": audio, "video": svc_media["video"]}).json()["id"]
+
+        def open_stream(stack: contextlib.ExitStack):
+            """An open stream's response and its lines (kept: a line iterator let go closes the connection)."""
+            deadline = time.monotonic() + 15  # a stream closed just before may not be noticed yet (0.5 s)
+            while True:
+                ctx = http.stream("GET", f"/v1/jobs/{job_id}/events")
+                r = ctx.__enter__()
+                if r.status_code == 200:
+                    stack.callback(ctx.__exit__, None, None, None)
+                    lines = r.iter_lines()
+                    assert next(lines).startswith("event: status")  # running: it counts
+                    return r, lines
+                ctx.__exit__(None, None, None)
+                assert r.status_code == 429 and time.monotonic() < deadline, r.status_code
+                time.sleep(0.3)
+
+        try:
+            with contextlib.ExitStack() as stack:
+                streams = [open_stream(stack) for _ in range(4)]
+                with http.stream("GET", f"/v1/jobs/{job_id}/events") as over:
+                    over.read()
+                    assert over.status_code == 429, over.text
+                    error = over.json()["error"]
+                    assert error["code"] == "service.busy" and "LIPSYNC_MAX_EVENT_STREAMS=4" in error["message"]
+                    assert int(over.headers["retry-after"]) >= 1
+                assert http.get(f"/v1/jobs/{job_id}").json()["state"] not in ("succeeded", "failed", "cancelled")
+                streams[0][0].close()
+                with contextlib.ExitStack() as again:
+                    open_stream(again)  # the closed stream's place
+        finally:
+            http.delete(f"/v1/jobs/{job_id}")
+
+
 def test_raw_http_json_paths_events_range(service, svc_media):
     h = auth(service)
     with httpx.Client(base_url=service.url, headers=h, timeout=60) as http:

@@ -115,9 +115,18 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
         backend: Backend = Depends(get_backend)) -> StreamingResponse:
     gateway, settings = backend.gateway, backend.settings
     first = await gateway.get(job_id)  # 404 before the stream starts
+    backend.check_event_streams()  # 429 beyond the replica's bound (counted once the stream runs)
     base = f"/v1/jobs/{job_id}/hls/"
 
     async def events() -> AsyncIterator[bytes]:
+        backend.event_streams += 1
+        try:
+            async for part in stream():
+                yield part
+        finally:  # the stream ended, or the client went away (noticed below, or the send failed)
+            backend.event_streams -= 1
+
+    async def stream() -> AsyncIterator[bytes]:
         st, last, last_sent = first, None, time.monotonic()
         deadline = time.monotonic() + settings.job_timeout_s
         sent_segments = 0

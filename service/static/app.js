@@ -339,6 +339,17 @@ async function followJob(job) {
         showError($("job-error"), err);
         return;
       }
+      if (err.status === 429) {
+        // every event stream of this server is taken (LIPSYNC_MAX_EVENT_STREAMS): poll the job meanwhile
+        try {
+          showJob(job, await apiJson(path, { signal: controller.signal }));
+        } catch (pollErr) {
+          if (pollErr.name === "AbortError" || job.closed) return;
+        }
+        if (job.view && TERMINAL.has(job.view.state)) return;
+        await sleep(2000);
+        continue;
+      }
       failures += 1;
       $("job-detail").textContent = "Lost contact with the server, retrying… (" + err.message + ")";
     }
