@@ -278,7 +278,8 @@ def _service_run(variant: str, model: str, inp, prep, work: Path) -> dict:
             os.environ.pop(name, None)
     try:
         service.render(prep.audio, inp.video, model, str(work / "prepare.mp4"))  # model loaded, avatar prepared
-        if VARIANTS[variant].get("LIPSYNC_FRAME_CACHE") != "false":  # and its frames cached on the node
+        if VARIANTS[variant].get("LIPSYNC_FRAME_CACHE") != "false":  # and its frames cached on the node,
+            service.render(prep.audio, inp.video, model, str(work / "prepare.mp4"))  # built at a second use
             _wait_for_frame_file(work / f"storage-{variant}" / "node-cache", 120.0)
         pool = service.rt.call("refresh", timeout=60)
         me = os.getpid()

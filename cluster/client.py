@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -200,6 +201,14 @@ class _Deadline:
         for line in lines:
             yield line
             self.check()
+
+    def refused_wait(self, r: httpx.Response, attempt: int, backoff_s: float) -> float | None:
+        """Seconds to wait before opening a stream the server refused for now (429: its streams are
+        all taken; Retry-After honoured), None for any other refusal or past the deadline."""
+        if r.status_code != 429:
+            return None
+        delay = _retry_delay(attempt, r, backoff_s)
+        return None if self.at is not None and time.monotonic() + delay >= self.at else delay
 
     @contextlib.contextmanager
     def reads(self):
@@ -507,16 +516,22 @@ class Client(_Base):
         """The job's HLS segments as they are published (SSE `segment` events, `?segments=1`), from the
         first, until the job ends; each `url` absolute (signed: fetch it with any HTTP client)."""
         deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                              timeout=deadline.http(self.timeout)) as r:
-            if r.status_code != 200:
-                r.read()
-                raise ApiError.from_response(r)
-            with deadline.reads():
-                for event, data in _sse_events(deadline.lines(r.iter_lines())):
-                    if event == "segment":
-                        segment = HlsSegment.model_validate_json(data)
-                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+        for attempt in itertools.count():  # a stream refused while the server's are all taken: again later
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
+                                  timeout=deadline.http(self.timeout)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    delay = deadline.refused_wait(r, attempt, self.backoff_s)
+                    if delay is None:
+                        raise ApiError.from_response(r)
+                    time.sleep(delay)
+                    continue
+                with deadline.reads():
+                    for event, data in _sse_events(deadline.lines(r.iter_lines())):
+                        if event == "segment":
+                            segment = HlsSegment.model_validate_json(data)
+                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+                return
 
     def fetch(self, segment: HlsSegment) -> bytes:
         """A segment's bytes (an init segment: fetch `segment.init` the same way)."""
@@ -827,18 +842,24 @@ class AsyncClient(_Base):
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
         """The async twin of `Client.segments`."""
         deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                                    timeout=deadline.http(self.timeout)) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise ApiError.from_response(r)
-            parser = _SseParser()
-            with deadline.reads():
-                async for line in r.aiter_lines():
-                    if (done := parser.feed(line)) is not None and done[0] == "segment":
-                        segment = HlsSegment.model_validate_json(done[1])
-                        yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                    deadline.check()
+        for attempt in itertools.count():  # a stream refused while the server's are all taken: again later
+            async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
+                                        timeout=deadline.http(self.timeout)) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    delay = deadline.refused_wait(r, attempt, self.backoff_s)
+                    if delay is None:
+                        raise ApiError.from_response(r)
+                    await asyncio.sleep(delay)
+                    continue
+                parser = _SseParser()
+                with deadline.reads():
+                    async for line in r.aiter_lines():
+                        if (done := parser.feed(line)) is not None and done[0] == "segment":
+                            segment = HlsSegment.model_validate_json(done[1])
+                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
+                        deadline.check()
+                return
 
     async def fetch(self, segment: HlsSegment) -> bytes:
         """The async twin of `Client.fetch`."""

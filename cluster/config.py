@@ -70,12 +70,14 @@ class Settings(BaseSettings):
                                             "check sees instead of asking the filesystem")
     detect_interval: int = Field(5, ge=1, le=50, description="full face detection on every Nth template "
                                  "frame; the frames between are tracked (MTCNN's O-Net on the last faces)")
-    node_cache_gb: float = Field(20.0, gt=0, description="node-local cache of a node without the storage root "
-                                 "(templates, face tracks, mel features, model files fetched from the job "
-                                 "manager): cut back to this size, least recently used first")
+    node_cache_gb: float = Field(20.0, gt=0, description="each node's disposable cache (decoded template frames; "
+                                 "on a node without the storage root also the templates, face tracks, mel "
+                                 "features and model files fetched from the job manager): cut back to this "
+                                 "size, least recently used first")
     frame_cache: bool = Field(True, description="keep a template's decoded frames in the node cache (built once "
-                              "per node on a thread beside the first render; 1.4 MB per 720p frame, at most a "
-                              "quarter of node_cache_gb per template): later chunks read them instead of decoding")
+                              "per node on a thread once a second job or a live session renders the template; "
+                              "1.4 MB per 720p frame, at most a quarter of node_cache_gb or of the free disk "
+                              "per template): later chunks read them instead of decoding")
     transfer_part_bytes: int = Field(8 * 1024**2, ge=1024, le=64 * 1024**2,
                                      description="bytes per part of uploads and output downloads through Ray")
     manager_mmap_threshold_bytes: int = Field(

@@ -467,7 +467,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:8]}.tmp.mp4")
     size = plan.model_size
     try:
-        with TemplateFrames(plan.template_path, s) as reader, \
+        with TemplateFrames(plan.template_path, s, user=plan.job_id) as reader, \
                 SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
                                s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
 

@@ -92,14 +92,24 @@ class Backend:
             raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
                             f"{self.settings.max_queued_jobs}); retry later")
 
-    def check_event_streams(self) -> None:
-        """Refuse another job event stream while `max_event_streams` are open on this replica: each
-        one asks the job manager about its job twice a second, and the manager also schedules every
-        render's batches."""
+    def open_event_stream(self):
+        """Count one more job event stream, or refuse it (`TooManyEventStreams`) while
+        `max_event_streams` are open on this replica: each one asks the job manager about its job
+        twice a second, and the manager also schedules every render's batches. Returns the stream's
+        release (call it once the stream is over; later calls do nothing)."""
         if self.event_streams >= self.settings.max_event_streams:
             raise TooManyEventStreams(f"{self.event_streams} job event streams are open on this service replica "
                                       f"(LIPSYNC_MAX_EVENT_STREAMS={self.settings.max_event_streams}); poll "
                                       f"GET /v1/jobs/ID instead, or retry later")
+        self.event_streams += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.event_streams -= 1
+        return release
 
     def tmpdir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))

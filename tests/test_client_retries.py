@@ -142,3 +142,43 @@ def test_wait_keeps_its_deadline_while_the_job_sends_no_event(silent_job_server,
             return time.monotonic() - t0
 
     assert 1.5 <= asyncio.run(twin()) < 5
+
+
+def _segment_events() -> bytes:
+    segment = {"index": 0, "name": "seg00000.m4s", "start": 0.0, "duration": 0.25,
+               "url": "/v1/jobs/j1/hls/seg00000.m4s"}
+    return (f"event: segment\ndata: {json.dumps(segment)}\n\n"
+            'event: status\ndata: {"id": "j1", "state": "succeeded"}\n\n').encode()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_segment_stream_refused_while_the_servers_are_all_taken_is_opened_again(face):
+    """429 on `/events` (LIPSYNC_MAX_EVENT_STREAMS reached): `segments()` (what `lipsync submit --watch`
+    reads) waits Retry-After and opens it again instead of failing a job that runs; any other
+    refusal is raised at once."""
+    busy = {"error": {"code": "service.busy", "message": "4 job event streams are open", "field": None}}
+    seen: list[httpx.Request] = []
+    answers = [httpx.Response(429, json=busy, headers={"Retry-After": "0"}),
+               httpx.Response(429, json=busy, headers={"Retry-After": "0"}),
+               httpx.Response(200, content=_segment_events(), headers={"content-type": "text/event-stream"})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    if face == "sync":
+        with Client("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01) as client:
+            got = list(client.segments("j1", timeout=10))
+    else:
+        async def main():
+            async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01) as c:
+                return [s async for s in c.segments("j1", timeout=10)]
+        got = asyncio.run(main())
+    assert len(seen) == 3 and [s.name for s in got] == ["seg00000.m4s"]
+    assert got[0].url == "http://api.test/v1/jobs/j1/hls/seg00000.m4s"
+
+    gone = [httpx.Response(404, json={"error": {"code": "job.not_found", "message": "no job j2", "field": None}})]
+    with Client("http://api.test", transport=httpx.MockTransport(_flaky(gone, seen)), backoff_s=0.01) as client:
+        with pytest.raises(ApiError) as info:
+            list(client.segments("j2", timeout=10))
+    assert info.value.status == 404

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,10 @@ def frames_path(template: str, s: Settings) -> Path:
         return frame_file(template, s.node_cache_dir, r.width, r.height, r.frame_count, r.fps)
 
 
-def test_the_first_reader_builds_the_frame_file_and_later_ones_read_the_decoders_bytes(template, tmp_path):
+def test_a_live_reader_builds_the_frame_file_at_once_and_later_ones_read_the_decoders_bytes(template, tmp_path):
     s = Settings(storage_root=tmp_path)
     path = frames_path(template, s)
-    with TemplateFrames(template, s) as first:
+    with TemplateFrames(template, s) as first:  # no job: a live session's, which reads for long
         assert not first.cached  # decoding, while a thread builds the file
         wait_until(lambda: path.is_file(), timeout=60, what="the frame file")
         assert not any(p.name.endswith(".lock") for p in s.node_cache_dir.iterdir())
@@ -48,6 +49,22 @@ def test_the_first_reader_builds_the_frame_file_and_later_ones_read_the_decoders
         for bad in ([cached.frame_count], [-1]):
             with pytest.raises(ValueError, match="outside"):
                 cached.read_yuv(bad)
+
+
+def test_a_job_builds_the_frame_file_only_where_another_job_used_the_template_before(template, tmp_path):
+    """A template rendered once (an upload of one job) costs no build; a second job's chunk starts it."""
+    s = Settings(storage_root=tmp_path)
+    path = frames_path(template, s)
+    for _ in range(2):  # the first job's chunks: decoded, no build
+        with TemplateFrames(template, s, user="job-1") as frames:
+            assert not frames.cached
+    time.sleep(0.5)
+    assert not path.exists() and not list(s.node_cache_dir.glob("*.lock"))
+    with TemplateFrames(template, s, user="job-2") as frames:
+        assert not frames.cached
+        wait_until(lambda: path.is_file(), timeout=60, what="the frame file")
+    with TemplateFrames(template, s, user="job-1") as frames:
+        assert frames.cached
 
 
 def test_a_reader_open_before_the_file_was_built_moves_to_it(template, tmp_path, monkeypatch):
@@ -88,19 +105,56 @@ def test_the_cache_takes_a_template_only_within_its_budget_and_one_builder_per_n
     small = s.model_copy(update={"node_cache_gb": 3 * size / 1024**3})
     assert not build_frame_file(template, path, size, small)
     assert not path.exists()
-    # another process of the node holds the build's lock: this one leaves it alone
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as held:
+    # another process of the node is building (this or another template): this one leaves it alone
+    lock = s.node_cache_dir / framecache.BUILD_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert not build_frame_file(template, path, size, s)
+        assert build_frame_file(template, path, size, s) is None
     assert not path.exists()
+    # more than a quarter of the free space, or less than 1 GiB left free: not cached
+    for free in (3 * size, 1024**3 + size // 2):
+        assert build_frame_file(template, path, size, s.model_copy(update={"simulate_free_bytes": free})) is False
+    assert not path.exists()
+    # a build killed mid-way left its temporary: the next build removes it
+    stale = path.parent / f".{path.name}.0123abcd.tmp"
+    stale.write_bytes(b"x" * 1000)
     # the least recently used files of the cache make room for it
     old = s.node_cache_dir / "old-mel.npy"
     old.write_bytes(b"x" * int(3.5 * size))
     os.utime(old, (1, 1))
     fits = s.model_copy(update={"node_cache_gb": 4.2 * size / 1024**3})
-    assert build_frame_file(template, path, size, fits)
-    assert path.stat().st_size == size and not old.exists()
+    assert build_frame_file(template, path, size, fits) is True
+    assert path.stat().st_size == size and not old.exists() and not stale.exists()
+
+
+def test_a_fetched_template_renewed_by_the_node_cache_keeps_its_frame_file(template, tmp_path):
+    """A node without the storage root renews a fetched template's mtime at each use (its LRU order):
+    the frame file's key must not move with it, or each chunk would build another copy."""
+    s = Settings(storage_root=tmp_path)
+    path = frames_path(template, s)
+    os.utime(template, (1, 1))
+    assert frames_path(template, s) == path
+    assert build_frame_file(template, path, os.path.getsize(path) if path.exists() else _size(template, s), s)
+    os.utime(template)
+    with TemplateFrames(template, s, user="job-9") as frames:
+        assert frames.cached
+
+
+def test_a_frame_file_that_cannot_be_read_sends_its_reader_back_to_decoding(template, tmp_path):
+    s = Settings(storage_root=tmp_path)
+    path = frames_path(template, s)
+    assert build_frame_file(template, path, _size(template, s), s)
+    with TemplateFrames(template, s, user="job-1") as frames, TemplateReader(template, s) as decoder:
+        assert frames.cached
+        os.truncate(path, 1000)  # cut under it (a disk error reads the same way)
+        np.testing.assert_array_equal(frames.read_yuv([9, 10]), decoder.read_yuv([9, 10]))
+        assert not frames.cached
+
+
+def _size(template: str, s: Settings) -> int:
+    with TemplateReader(template, s) as r:
+        return r.frame_count * r.width * r.height * 3 // 2
 
 
 def test_a_chunk_rendered_from_cached_frames_is_the_segment_a_decoded_chunk_is(astronaut_video, speech_wav, tmp_path):

@@ -72,7 +72,7 @@ def pyav_has_libx264() -> bool:
 #: scene-cut search (segments start with an IDR frame every ~2 s anyway; a talking head has no
 #: cuts, and a template with one still encodes right: the frame after it is a P-frame of mostly
 #: intra blocks). At `superfast`, 720p, one thread: the same bytes for the bench template, 1-15 %
-#: less CPU per frame (two runs of 5 and 9 taking turns, a noisy machine). A fixed B-frame pattern
+#: less CPU per frame (three series of 3, 5 and 9 runs taking turns, a noisy machine). A fixed B-frame pattern
 #: (`b-adapt=0`) would save 14 % more but cost 0.9 dB outside the mouth at 320x240
 #: (`tests/test_lipsync_quality.py`): not taken.
 X264_PARAMS = "open-gop=0:scenecut=0"

@@ -4,19 +4,24 @@ node instead of once per chunk.
 A chunk's render decodes its template frames (PyAV, one thread): about 3 ms of CPU per 720p frame
 on the 2-core machine, plus ~55 ms per chunk to open the container and decode from the keyframe
 before its first frame; reading the same I420 bytes back from the page cache costs ~0.4 ms
-(`docs/PERFORMANCE.md`). So the first render of a template on a node starts, on a thread beside
-it, decoding the whole template once into a raw file in the node cache (`frames-<key>.i420`: the
-frames one after another, `cluster.media.yuv`'s I420 layout, exactly the decoder's bytes); every
-later chunk on that node (batch jobs and live sessions) reads its frames from that file with
-`pread` (no mapping: the page cache is shared, nothing counts in a process's memory).
+(`docs/PERFORMANCE.md`). So when a second job renders a template on a node (the first one only
+leaves a marker: a template rendered once, such as an upload used by one job, costs no build; in a
+one-shot `lipsync render` on 2 cores the build cost 3-6 % of the wall time), or a live session uses
+it, a thread beside the render decodes the whole template once into a raw file in the node cache
+(`frames-<key>-WxHxN@fps.i420`: the frames one after another, `cluster.media.yuv`'s I420 layout,
+exactly the decoder's bytes); every later chunk on that node (batch jobs and live sessions) reads
+its frames from that file with `pread` (no mapping: the page cache is shared, nothing counts in a
+process's memory).
 
 The file is a disposable cache: the node cache's budget (`Settings.node_cache_gb`) covers it,
-least recently used first (`cluster.nodecache.evict`); a template whose frames would take more
-than a quarter of that budget, or leave less than 1 GiB or a tenth of the disk free, is not cached
-(its chunks decode, as before). The job manager's disk admission does not count these files (they
-are the node's, not a job's): that margin is what keeps room for the jobs it admitted. One process
-per node builds a given file (a lock file), others decode meanwhile. `Settings.frame_cache=false`
-turns it off.
+least recently used first (`cluster.nodecache.evict`). A template's frames are not cached where
+they would take more than a quarter of that budget or of the disk's free space, or leave less than
+1 GiB or a tenth of the disk free: its chunks decode, as before. The job manager's disk admission
+does not count these files (they are the node's, not a job's), so a build can still take space a
+rendering job counted on; those bounds keep that to a quarter of what is free. One build runs at a
+time per node (a lock in the cache), so the checks hold while it writes; a build refused or failed
+is not tried again by that process for 5 minutes; a frame file that cannot be read sends its
+readers back to decoding. `Settings.frame_cache=false` turns it off.
 """
 from __future__ import annotations
 
@@ -44,10 +49,19 @@ log = logging.getLogger("lipsync.framecache")
 #: or a tenth of the filesystem where that is more.
 FREE_MARGIN_BYTES = 1024**3
 FREE_MARGIN_SHARE = 0.1
-#: A template's frames take at most this share of the node cache's budget.
+#: A template's frames take at most this share of the node cache's budget, and of the free space.
 MAX_BUDGET_SHARE = 0.25
+MAX_FREE_SHARE = 0.25
+#: A build refused (no room) or failed is not tried again by this process for this long; one
+#: skipped because another process of the node was building, for this long.
+RETRY_AFTER_S = 300.0
+BUSY_RETRY_S = 10.0
+#: One build at a time per node (its budget and free-space checks hold while it writes), under
+#: this lock in the node cache (a directory: the cache's eviction never removes it).
+BUILD_LOCK = ".frames-build/lock"
 
 _building: set[Path] = set()  # files this process is building (one thread each)
+_not_before: dict[Path, float] = {}  # files this process could not build, and when to try again
 _building_lock = threading.Lock()
 
 
@@ -61,15 +75,17 @@ def _boot_id() -> str:
 
 
 def _key(template_path: str | os.PathLike) -> str:
+    # not its times: the node cache renews a fetched template's mtime at each use (its LRU order);
+    # templates are written whole under a new name or inode (content-addressed), never in place
     st = os.stat(template_path)
-    ident = f"{os.path.realpath(template_path)}|{st.st_size}|{st.st_mtime_ns}|{_boot_id()}"
+    ident = f"{os.path.realpath(template_path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{_boot_id()}"
     return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
 
 def frame_file(template_path: str | os.PathLike, root: Path, width: int, height: int, frames: int,
                fps: Fraction) -> Path:
-    """Where the decoded frames of this template (this very file: path, size, modification time)
-    are kept in the node cache `root`; the name also says their size, count and rate, so a reader
+    """Where the decoded frames of this template (this very file: path, device, inode, size) are
+    kept in the node cache `root`; the name also says their size, count and rate, so a reader
     needs no decoder to use them. The key holds the machine's boot id: a file is written without
     fsync (a cache of 0.3-2 GB whose flush would stall the segments' own fsyncs), so one a power
     loss may have left short or empty is never read after the reboot (the cache's eviction removes
@@ -130,15 +146,32 @@ class FrameFileReader:
         self.close()
 
 
+def _used_before(template_path, root: Path, user: str | None) -> bool:
+    """Whether to build the template's frame file now: for `user` (a job id) when another job used
+    the template on this node before (the first one only leaves a marker naming itself, so a
+    template rendered once, an upload used by one job, costs no build), at once for a live session
+    (`user` None: it reads the template for as long as it runs)."""
+    if user is None:
+        return True
+    marker = Path(root) / f"frames-{_key(template_path)}.seen"
+    try:
+        return marker.read_text() != user
+    except FileNotFoundError:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(user)  # two first readers at once (one job's chunks) write the same name
+        return False
+
+
 class TemplateFrames:
     """The template's frames (`read_yuv`, `width`, `height`, `fps`, `frame_count`, `close`): from its
     frame file where this node has it, else decoded by a `TemplateReader` (the frame file's build
-    then started on a thread, once per node, where the cache takes it; a reader open that long, a
-    live session's, moves to the file once it is there)."""
+    then started on a thread, once per node, where the cache takes it and the template is used
+    again, `_used_before`; a reader open that long, a live session's, moves to the file once it is
+    there). `user`: the job reading (None: a live session)."""
 
     RECHECK_S = 1.0
 
-    def __init__(self, template_path: str | os.PathLike, settings: Settings) -> None:
+    def __init__(self, template_path: str | os.PathLike, settings: Settings, user: str | None = None) -> None:
         from cluster.media.decode import TemplateReader
 
         self.template_path, self.settings = template_path, settings
@@ -162,7 +195,8 @@ class TemplateFrames:
                 try:
                     self.path = frame_file(template_path, settings.node_cache_dir, r.width, r.height,
                                            r.frame_count, r.fps)
-                    _start_build(template_path, self.path, self._size, settings)
+                    if _used_before(template_path, settings.node_cache_dir, user):
+                        _start_build(template_path, self.path, self._size, settings)
                 except OSError as e:
                     log.warning("template frames of %s not cached: %s", template_path, e)
                     self.path = None
@@ -197,7 +231,17 @@ class TemplateFrames:
             except OSError as e:
                 log.warning("template frames %s unreadable: %s", self.path, e)
                 self.path = None
-        return self.reader.read_yuv(indices)
+        try:
+            return self.reader.read_yuv(indices)
+        except (OSError, MediaError) as e:
+            if not self.cached:
+                raise
+            from cluster.media.decode import TemplateReader
+
+            log.warning("template frames %s unreadable (%s): decoding %s instead", self.path, e, self.template_path)
+            self.reader.close()
+            self.reader, self.path = TemplateReader(self.template_path, self.settings), None
+            return self.reader.read_yuv(indices)
 
     def close(self) -> None:
         self.reader.close()
@@ -217,30 +261,45 @@ def _renew(path: Path) -> None:
         pass
 
 
+def _cache_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+
+
 def _start_build(template_path, path: Path, size: int, settings: Settings) -> None:
     with _building_lock:
-        if path in _building:
+        if path in _building or time.monotonic() < _not_before.get(path, 0.0):
             return
         _building.add(path)
 
     def run() -> None:
+        built = None
         try:
-            build_frame_file(template_path, path, size, settings)
+            built = build_frame_file(template_path, path, size, settings)
         except Exception as e:  # a cache: logged, and the chunks decode as before
+            built = False
             log.warning("building the template frames %s of %s failed: %s", path.name, template_path, e)
         finally:
             with _building_lock:
                 _building.discard(path)
+                if built is not True:  # no room, or failed: not for a while; another builder: soon
+                    _not_before[path] = time.monotonic() + (RETRY_AFTER_S if built is False else BUSY_RETRY_S)
 
-    threading.Thread(target=run, name="frame-cache-build", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="frame-cache-build", daemon=True).start()
+    except RuntimeError as e:  # no thread to be had: the chunks decode
+        log.warning("template frames of %s not cached: %s", template_path, e)
+        with _building_lock:
+            _building.discard(path)
 
 
-def build_frame_file(template_path, path: Path, size: int, settings: Settings) -> bool:
-    """Decode the whole template into `path` (atomically), unless another process of this node is
-    at it or the cache cannot take it. Whether the file was written."""
-    from cluster.fsutil import temporary_name
+def build_frame_file(template_path, path: Path, size: int, settings: Settings) -> bool | None:
+    """Decode the whole template into `path` (atomically), one build per node at a time. True: the
+    file was written; None: another process of the node is building (one, maybe this one's, later);
+    False: the cache cannot take it (over its share of the budget or of the free space)."""
+    from cluster.fsutil import TEMPORARY_SUFFIX, temporary_name
     from cluster.media.decode import TemplateReader
     from cluster.nodecache import evict
+    from cluster.resources import free_bytes
 
     root = path.parent
     budget = settings.node_cache_bytes
@@ -248,21 +307,27 @@ def build_frame_file(template_path, path: Path, size: int, settings: Settings) -
         log.info("template frames of %s (%d MiB) not cached: over a quarter of the node cache's %d MiB",
                  template_path, size >> 20, budget >> 20)
         return False
-    root.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_suffix(".lock")
+    lock_path = root / BUILD_LOCK
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process of this node builds it
-            return False
+        except BlockingIOError:  # another process of this node builds (this or another template)
+            return None
         if path.is_file() and path.stat().st_size == size:
-            return False
-        evict(root, budget - size)
-        used = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
-        disk = shutil.disk_usage(root)
-        if used + size > budget or disk.free - size < max(FREE_MARGIN_BYTES, FREE_MARGIN_SHARE * disk.total):
-            log.info("template frames of %s (%d MiB) not cached: the node cache holds %d of %d MiB, "
-                     "the disk has %d MiB free", template_path, size >> 20, used >> 20, budget >> 20, disk.free >> 20)
+            return True
+        for stale in root.glob(f".frames-*{TEMPORARY_SUFFIX}"):  # a build killed mid-way: none runs now
+            stale.unlink(missing_ok=True)
+        free, total = free_bytes(root, settings), shutil.disk_usage(root).total
+        used = _cache_bytes(root)
+        if size <= free * MAX_FREE_SHARE and free - size >= max(FREE_MARGIN_BYTES, FREE_MARGIN_SHARE * total) \
+                and used + size > budget:
+            evict(root, budget - size)  # least recently used first, never one used in the last hour
+            used = _cache_bytes(root)
+        if used + size > budget or size > free * MAX_FREE_SHARE \
+                or free - size < max(FREE_MARGIN_BYTES, FREE_MARGIN_SHARE * total):
+            log.info("template frames of %s (%d MiB) not cached: the node cache holds %d of %d MiB, the disk "
+                     "has %d MiB free", template_path, size >> 20, used >> 20, budget >> 20, free >> 20)
             return False
         tmp = temporary_name(path)
         try:
@@ -276,6 +341,5 @@ def build_frame_file(template_path, path: Path, size: int, settings: Settings) -
             os.replace(tmp, path)  # whole or absent (no fsync: see `frame_file`)
         finally:
             tmp.unlink(missing_ok=True)
-        lock_path.unlink(missing_ok=True)
     log.info("template frames of %s cached on this node: %s (%d MiB)", template_path, path.name, size >> 20)
     return True

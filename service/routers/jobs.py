@@ -114,19 +114,15 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
                            "that read every `data:` line as a JobView predate them"),
         backend: Backend = Depends(get_backend)) -> StreamingResponse:
     gateway, settings = backend.gateway, backend.settings
-    first = await gateway.get(job_id)  # 404 before the stream starts
-    backend.check_event_streams()  # 429 beyond the replica's bound (counted once the stream runs)
+    release = backend.open_event_stream()  # 429 past the replica's bound, counted from here
+    try:
+        first = await gateway.get(job_id)  # 404 before the stream starts
+    except BaseException:
+        release()
+        raise
     base = f"/v1/jobs/{job_id}/hls/"
 
     async def events() -> AsyncIterator[bytes]:
-        backend.event_streams += 1
-        try:
-            async for part in stream():
-                yield part
-        finally:  # the stream ended, or the client went away (noticed below, or the send failed)
-            backend.event_streams -= 1
-
-    async def stream() -> AsyncIterator[bytes]:
         st, last, last_sent = first, None, time.monotonic()
         deadline = time.monotonic() + settings.job_timeout_s
         sent_segments = 0
@@ -156,5 +152,20 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
             else:
                 st = await gateway.wait(job_id, 0.5)  # at once when the job ends
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return ReleasingStreamingResponse(events(), release, media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ReleasingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `release` once it is over, however it ends: its body done, the
+    client gone (Starlette then stops the body, or the next send fails), or never started."""
+
+    def __init__(self, content, release, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
