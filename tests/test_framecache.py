@@ -181,3 +181,20 @@ def test_a_chunk_rendered_from_cached_frames_is_the_segment_a_decoded_chunk_is(a
     with TemplateFrames(plan.template_path, on) as frames:
         assert frames.cached
     assert segment(on) == decoded
+
+
+def test_the_build_runs_on_a_thread_that_lets_the_renders_go_first(template, tmp_path, monkeypatch):
+    import threading
+
+    niceness = []
+
+    def build(template_path, path, size, settings):  # what the build thread runs, observed
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return True
+
+    monkeypatch.setattr(framecache, "build_frame_file", build)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    with TemplateFrames(template, Settings(storage_root=tmp_path)):
+        wait_until(lambda: niceness, timeout=30, what="the build thread")
+    assert niceness == [min(19, before + framecache.BUILD_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process's own threads unchanged

@@ -56,6 +56,8 @@ MAX_FREE_SHARE = 0.25
 #: skipped because another process of the node was building, for this long.
 RETRY_AFTER_S = 300.0
 BUSY_RETRY_S = 10.0
+#: The build thread's niceness above its process's: the renders of its process and node go first.
+BUILD_NICENESS = 10
 #: One build at a time per node (its budget and free-space checks hold while it writes), under
 #: this lock in the node cache (a directory: the cache's eviction never removes it).
 BUILD_LOCK = ".frames-build/lock"
@@ -274,6 +276,11 @@ def _start_build(template_path, path: Path, size: int, settings: Settings) -> No
     def run() -> None:
         built = None
         try:
+            try:  # this thread only (Linux: a thread's id names it): the renders beside it go first
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BUILD_NICENESS))
+            except (OSError, AttributeError):
+                pass
             built = build_frame_file(template_path, path, size, settings)
         except Exception as e:  # a cache: logged, and the chunks decode as before
             built = False
