@@ -343,11 +343,14 @@ async function followJob(job) {
         // every event stream of this server is taken (LIPSYNC_MAX_EVENT_STREAMS): poll the job meanwhile
         try {
           showJob(job, await apiJson(path, { signal: controller.signal }));
+          $("job-detail").textContent += " · polled: the server's event streams are all taken";
         } catch (pollErr) {
           if (pollErr.name === "AbortError" || job.closed) return;
+          $("job-detail").textContent = "Lost contact with the server, retrying… (" + pollErr.message + ")";
         }
         if (job.view && TERMINAL.has(job.view.state)) return;
-        await sleep(2000);
+        await sleep(Math.min(5000, 2000 * 2 ** Math.min(failures, 2)));
+        failures += 1;
         continue;
       }
       failures += 1;
