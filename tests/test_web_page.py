@@ -196,6 +196,55 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
 
 
 @pytest.mark.service
+def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_taken(
+        chromium_executable, service, browser, tmp_path):
+    """The session service keeps 4 job event streams at most (conftest): with 4 held open, the page
+    is refused its stream (429) and follows its job by polling, saying so, to the job's end."""
+    import contextlib
+
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(2.0, seed=7))
+    video = astronaut_template(str(tmp_path / "person.mp4"), seconds=1.0, fps=FPS, size=(320, 240))
+    long_audio = write_audio(str(service.input_root / "speech-page-busy.wav"), speech_like(120.0, seed=8))
+    face = astronaut_template(str(service.input_root / "face-page-busy.mp4"), seconds=1.0, fps=FPS, size=(320, 240))
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=30)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    busy_job = api.post("/v1/jobs", json={"audio": long_audio, "video": face}).json()["id"]
+    try:
+        with contextlib.ExitStack() as held:
+            for _ in range(4):  # every stream of the service taken (one closed just before may linger 0.5 s)
+                def opened():
+                    ctx = api.stream("GET", f"/v1/jobs/{busy_job}/events")
+                    r = ctx.__enter__()
+                    if r.status_code == 200:
+                        held.callback(ctx.__exit__, None, None, None)
+                        lines = r.iter_lines()
+                        held.callback(lambda keep=lines: keep)  # the iterator kept: letting it go closes the stream
+                        next(lines)
+                        return True
+                    ctx.__exit__(None, None, None)
+                    return False
+                wait_until(opened, timeout=15, interval=0.3, what="an event stream of the service")
+            page.goto(service.url + "/")
+            page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+            page.fill("#token-input", service.token)
+            page.click("#token-form button[type=submit]")
+            page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+            page.set_input_files("#audio", audio)
+            page.set_input_files("#video", video)
+            page.click("#submit-button")
+            page.locator("#job-card").wait_for(state="visible", timeout=60_000)
+            wait_until(lambda: "polled" in page.inner_text("#job-detail"), timeout=30, what="the page saying it polls")
+            page.locator("#job-state.s-succeeded").wait_for(timeout=120_000)
+            assert api.get(f"/v1/jobs/{busy_job}").json()["state"] not in ("succeeded", "failed", "cancelled")
+    finally:
+        api.delete(f"/v1/jobs/{busy_job}")
+        page.close()
+        api.close()
+
+
+@pytest.mark.service
 @pytest.mark.slow
 def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
     """The Live tab in the real chromium, its microphone the fake device playing speech: a socket the
