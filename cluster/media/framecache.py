@@ -255,7 +255,6 @@ class TemplateFrames:
         self.close()
 
 
-
 def _renew(path: Path) -> None:
     try:
         os.utime(path)  # recently used: the cache's eviction keeps it
