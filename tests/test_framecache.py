@@ -67,6 +67,21 @@ def test_a_job_builds_the_frame_file_only_where_another_job_used_the_template_be
         assert frames.cached
 
 
+def test_first_use_markers_older_than_a_day_are_swept(template, tmp_path, monkeypatch):
+    """A service whose every job brings its own template leaves a marker per job: they do not pile up."""
+    s = Settings(storage_root=tmp_path)
+    seen = s.node_cache_dir / framecache.SEEN_DIR
+    seen.mkdir(parents=True)
+    old, recent = seen / ("0" * 20), seen / ("1" * 20)
+    old.write_text("job-old")
+    recent.write_text("job-recent")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    monkeypatch.setattr(framecache, "_last_sweep", 0.0)
+    with TemplateFrames(template, s, user="job-new"):
+        pass
+    assert not old.exists() and recent.exists() and len(list(seen.iterdir())) == 2  # and the new one
+
+
 def test_a_reader_open_before_the_file_was_built_moves_to_it(template, tmp_path, monkeypatch):
     """A live session keeps its reader for its whole life: it reads the file once it is there."""
     s = Settings(storage_root=tmp_path)

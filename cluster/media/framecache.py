@@ -58,6 +58,10 @@ RETRY_AFTER_S = 300.0
 BUSY_RETRY_S = 10.0
 #: The build thread's niceness above its process's: the renders of its process and node go first.
 BUILD_NICENESS = 10
+#: Where a template's first job leaves its marker (`_used_before`), and how long one is kept.
+SEEN_DIR = ".frames-build/seen"
+MARKER_TTL_S = 86400.0
+_last_sweep = 0.0
 #: One build at a time per node (its budget and free-space checks hold while it writes), under
 #: this lock in the node cache (a directory: the cache's eviction never removes it).
 BUILD_LOCK = ".frames-build/lock"
@@ -155,13 +159,27 @@ def _used_before(template_path, root: Path, user: str | None) -> bool:
     (`user` None: it reads the template for as long as it runs)."""
     if user is None:
         return True
-    marker = Path(root) / f"frames-{_key(template_path)}.seen"
+    seen = Path(root) / SEEN_DIR
+    marker = seen / _key(template_path)
     try:
         return marker.read_text() != user
     except FileNotFoundError:
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        seen.mkdir(parents=True, exist_ok=True)
+        _sweep_markers(seen)
         marker.write_text(user)  # two first readers at once (one job's chunks) write the same name
         return False
+
+
+def _sweep_markers(seen: Path) -> None:
+    """Markers older than `MARKER_TTL_S` go (at most once an hour per process): a service whose every
+    job brings its own template would otherwise keep one per job for ever."""
+    global _last_sweep
+    from cluster.fsutil import remove_files_older_than
+
+    now = time.time()
+    if now - _last_sweep >= 3600:
+        _last_sweep = now
+        remove_files_older_than(seen, now - MARKER_TTL_S, log)
 
 
 class TemplateFrames:
