@@ -96,6 +96,15 @@ def init_segment(http: httpx.Client, watch_url: str) -> bytes:
     return init.content
 
 
+def sign_in(page, service) -> None:
+    """Open the page: it is public, the API is not, so it asks for the token once."""
+    page.goto(service.url + "/")
+    page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+    page.fill("#token-input", service.token)
+    page.click("#token-form button[type=submit]")
+    page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+
+
 @pytest.mark.service
 @pytest.mark.slow
 def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable, service, browser, tmp_path):
@@ -113,11 +122,7 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     try:
         # the page is public; the API is not: the page asks for the token once
-        page.goto(service.url + "/")
-        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
-        page.fill("#token-input", service.token)
-        page.click("#token-form button[type=submit]")
-        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+        sign_in(page, service)
 
         # a refused upload shows the API's message, not its JSON
         page.set_input_files("#audio", audio)
@@ -226,11 +231,7 @@ def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_t
                     ctx.__exit__(None, None, None)
                     return False
                 wait_until(opened, timeout=15, interval=0.3, what="an event stream of the service")
-            page.goto(service.url + "/")
-            page.locator("#token-form").wait_for(state="visible", timeout=15_000)
-            page.fill("#token-input", service.token)
-            page.click("#token-form button[type=submit]")
-            page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+            sign_in(page, service)
             page.set_input_files("#audio", audio)
             page.set_input_files("#video", video)
             page.click("#submit-button")
