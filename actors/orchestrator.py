@@ -37,6 +37,7 @@ from cluster.errors import (
     OutputExpired,
     OutputPathInUse,
     PlacementError,
+    QueueFull,
     RenderError,
 )
 from cluster.inputs import UploadStore
@@ -68,6 +69,7 @@ class JobManager:
         self.s = settings
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)
+        self._admitting: set[str] = set()  # jobs being admitted now (`submit`): they count in the queue bound
         self.uploads = UploadStore(settings)
         self._model_hashes: dict[tuple, str] = {}  # (path, size, mtime) -> sha256 of a model file
         self.tasks = TaskSet()
@@ -162,10 +164,14 @@ class JobManager:
         await asyncio.to_thread(self.uploads.abort, upload_id)
 
     # --- jobs ------------------------------------------------------------------------------------
-    async def submit(self, job_id: str, request: RenderRequest, owner: str | None = None) -> JobStatus:
+    async def submit(self, job_id: str, request: RenderRequest, owner: str | None = None,
+                     max_unfinished: int | None = None) -> JobStatus:
         """Admit a request (inputs: upload references or paths under input_roots) on this node, in
         a thread, and start it. Idempotent: the same id with the same request is the same job; the
-        same id with another request raises `job.conflict`."""
+        same id with another request raises `job.conflict`. `max_unfinished` (the service's
+        `LIPSYNC_MAX_QUEUED_JOBS`): `QueueFull` when that many jobs are unfinished or being admitted,
+        counted here, in one step with this admission's start (the ingress's own check comes before
+        the inputs travel, and a burst of requests could all pass it)."""
         await self._wait_booted()
         key = request_key(request)
         if self.store.exists(job_id):
@@ -175,7 +181,13 @@ class JobManager:
             if other is not None:
                 raise OutputPathInUse(f"job {other} is already writing {request.output}; choose another output "
                                       f"path or wait for it to finish", path=request.output, stage="admit")
+        if max_unfinished is not None:
+            n = len(self.store.unfinished_ids()) + len(self._admitting)
+            if n >= max_unfinished:
+                raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
+                                f"{max_unfinished}); retry later", job_id=job_id, stage="admit")
         admitted_at = utcnow()
+        self._admitting.add(job_id)
         try:
             admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
             _, created = self.store.create(job_id, admitted, owner=self.owner, client=owner, request_key=key,
@@ -190,6 +202,8 @@ class JobManager:
 
                 RESERVATIONS.release(job_id)
             raise
+        finally:
+            self._admitting.discard(job_id)
         if not created:  # the same id was admitted concurrently
             return self._resubmitted(job_id, key)
         log.info("job %s accepted", job_id)

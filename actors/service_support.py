@@ -131,9 +131,10 @@ class ManagerGateway:
         return stored.ref
 
     async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
+        """Admit a job, within the service's queue bound (checked by the job manager as it admits)."""
         # Admission (probing) runs on the manager's node; allow it more than a plain call.
-        return await self.call("submit", job_id, request, timeout=max(self.s.actor_call_timeout_s,
-                                                                       self.s.probe_timeout_s * 2 + 10))
+        return await self.call("submit", job_id, request, None, self.s.max_queued_jobs,
+                               timeout=max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10))
 
     async def get(self, job_id: str) -> JobStatus:
         return await self.call("get", job_id)

@@ -183,6 +183,12 @@ class TooManyPreparations(LipsyncError):
     retryable = True
 
 
+class QueueFull(LipsyncError):
+    """`LIPSYNC_MAX_QUEUED_JOBS` jobs are unfinished already (HTTP 429; compat API code 10001): retry later."""
+    code = "service.busy"
+    retryable = True
+
+
 class TooManyEventStreams(LipsyncError):
     """`LIPSYNC_MAX_EVENT_STREAMS` job event streams are open on this ingress replica (HTTP 429: poll
     `GET /v1/jobs/ID`, or retry later)."""

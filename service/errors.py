@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.errors import LipsyncError
+from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the routes import it from here)
 
 log = logging.getLogger("lipsync.service")
 
@@ -24,10 +24,6 @@ class ApiProblem(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
-
-
-class QueueFull(LipsyncError):
-    code = "service.busy"
 
 
 def http_status(err: LipsyncError) -> int:

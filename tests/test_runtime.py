@@ -420,3 +420,32 @@ def test_a_model_with_its_weights_in_another_file_is_refused_by_name(runtime, tm
     with pytest.raises(ModelLoadError, match=r"split\.onnx\.data.*save_as_external_data=False"):
         runtime.call("model_blob", str(tmp_path / "split.onnx"))
     assert runtime.call("model_blob", single)["sha256"]  # one file: fine
+
+
+def test_the_manager_holds_the_queue_bound_for_submissions_arriving_at_once(runtime, speech4_wav, astronaut_video,
+                                                                           tmp_path):
+    """The service checks its queue bound before the inputs travel; a burst could pass that check
+    together. The job manager counts again as it admits (jobs being admitted included): of three
+    submissions sent at once where one more job fits, one is admitted and two get `service.busy`."""
+    import uuid
+
+    from cluster.errors import QueueFull
+
+    unfinished = len(runtime.call("list_jobs", [s for s in JobState if not s.terminal], 1000, 0))
+    requests = [runtime.upload_request(_request(speech4_wav, astronaut_video, tmp_path, f"q{i}.mp4")) for i in range(3)]
+    refs = [runtime.manager().submit.remote(f"bound-{uuid.uuid4().hex[:8]}", r, None, unfinished + 1) for r in requests]
+    admitted, refused = [], []
+    for i, ref in enumerate(refs):
+        try:
+            admitted.append((i, ray.get(ref, timeout=120)))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.as_instanceof_cause()
+            assert isinstance(cause, QueueFull), e
+            refused.append(cause)
+    assert len(admitted) == 1 and len(refused) == 2, (admitted, refused)
+    assert all(e.code == "service.busy" and f"LIPSYNC_MAX_QUEUED_JOBS={unfinished + 1}" in e.message for e in refused)
+    # a resubmission of the admitted job is not refused by the bound (a client's retry)
+    (i, job), = admitted
+    again = runtime.manager().submit.remote(job.id, requests[i], None, unfinished + 1)
+    assert ray.get(again, timeout=120).id == job.id
+    assert runtime.wait(job.id, timeout=300).state == JobState.succeeded
