@@ -77,6 +77,15 @@ def sweep_temporaries(directory: str | os.PathLike, of: str | os.PathLike | None
     return removed
 
 
+def touch(path: str | os.PathLike) -> None:
+    """Mark `path` used now (its mtime: what caches and retention judge last use by); a file gone
+    meanwhile, or a read-only store, is left as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def remove_files_older_than(directory: str | os.PathLike, cutoff: float, log=None) -> int:
     """Remove the files directly in `directory` last changed before `cutoff` (epoch seconds); how
     many. One that cannot be removed is named in `log`'s warnings and left."""

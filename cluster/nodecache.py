@@ -7,14 +7,13 @@ Plain Python: `fetch(offset, length) -> bytes` is how bytes arrive (an actor cal
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from cluster.errors import OutputVerificationError
-from cluster.fsutil import atomic_writer
+from cluster.fsutil import atomic_writer, touch
 
 FetchFn = Callable[[int, int], bytes]
 
@@ -32,10 +31,7 @@ def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes
     pod's emptyDir: evicted when full) would fill."""
     path = Path(root) / f"{sha256}{suffix}"
     if path.is_file():
-        try:
-            os.utime(path)
-        except OSError:
-            pass
+        touch(path)
         return path
     digest = hashlib.sha256()
     offset = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, LipsyncError, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
-from cluster.fsutil import write_atomic
+from cluster.fsutil import touch, write_atomic
 from cluster.media.decode import iter_frames
 from cluster.media.normalize import content_id, frames_map_one_to_one, normalize_template, template_path_for
 from cluster.media.probe import probe_video
@@ -113,10 +112,7 @@ def _cached(template_id: str, s: Settings) -> Avatar | None:
 def touch_avatar(avatar_id: str, s: Settings) -> None:
     """Record a use of a stored avatar (its `avatar.json`'s mtime): retention removes avatars, and
     their templates, unused for `LIPSYNC_RETENTION_DAYS`."""
-    try:
-        os.utime(_avatar_dir(avatar_id, s) / AVATAR_FILE)
-    except OSError:  # gone meanwhile, or a read-only store: the next use prepares or reads it again
-        pass
+    touch(_avatar_dir(avatar_id, s) / AVATAR_FILE)  # gone meanwhile: the next use prepares it again
 
 
 @contextlib.contextmanager

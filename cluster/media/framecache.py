@@ -41,6 +41,7 @@ import numpy as np
 
 from cluster.config import Settings
 from cluster.errors import MediaError
+from cluster.fsutil import touch
 from cluster.media.yuv import i420_shape
 
 log = logging.getLogger("lipsync.framecache")
@@ -204,7 +205,7 @@ class TemplateFrames:
                 if found is not None:
                     self.path, self.width, self.height, self.frame_count, self.fps = found
                     self.reader = FrameFileReader(*found)
-                    _renew(self.path)
+                    touch(self.path)  # recently used: the cache's eviction keeps it
             except OSError as e:  # the cache is an optimisation: the decoder serves
                 log.warning("template frames of %s unreadable: %s", template_path, e)
                 self.path = None
@@ -240,7 +241,7 @@ class TemplateFrames:
             return False
         self.reader.close()
         self.reader = cached
-        _renew(self.path)
+        touch(self.path)
         return True
 
     def read_yuv(self, indices) -> np.ndarray:
@@ -271,13 +272,6 @@ class TemplateFrames:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _renew(path: Path) -> None:
-    try:
-        os.utime(path)  # recently used: the cache's eviction keeps it
-    except OSError:
-        pass
 
 
 def _cache_bytes(root: Path) -> int:
