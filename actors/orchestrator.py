@@ -184,8 +184,7 @@ class JobManager:
         if max_unfinished is not None:
             n = len(self.store.unfinished_ids()) + len(self._admitting)
             if n >= max_unfinished:
-                raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
-                                f"{max_unfinished}); retry later", job_id=job_id, stage="admit")
+                raise QueueFull.at(n, max_unfinished).with_context(job_id=job_id, stage="admit")
         admitted_at = utcnow()
         self._admitting.add(job_id)
         try:

@@ -188,6 +188,12 @@ class QueueFull(LipsyncError):
     code = "service.busy"
     retryable = True
 
+    @classmethod
+    def at(cls, unfinished: int, bound: int) -> QueueFull:
+        """The queue holds `unfinished` jobs of at most `bound`."""
+        return cls(f"the job queue is full ({unfinished} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS={bound}); "
+                   f"retry later")
+
 
 class TooManyEventStreams(LipsyncError):
     """`LIPSYNC_MAX_EVENT_STREAMS` job event streams are open on this ingress replica (HTTP 429: poll

@@ -89,8 +89,7 @@ class Backend:
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
         if n >= self.settings.max_queued_jobs:
-            raise QueueFull(f"the job queue is full ({n} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS="
-                            f"{self.settings.max_queued_jobs}); retry later")
+            raise QueueFull.at(n, self.settings.max_queued_jobs)
 
     def open_event_stream(self):
         """Count one more job event stream, or refuse it (`TooManyEventStreams`) while
