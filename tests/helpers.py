@@ -111,3 +111,28 @@ def writer_killed_mid_write(path: Path) -> Path:
     assert proc.returncode == -9
     (left,) = set(path.parent.iterdir()) - before
     return left
+
+
+def hold_event_stream(http, job_id: str, stack, timeout: float = 15.0):
+    """Open the job's event stream on the httpx client `http` and keep it open until `stack` (an
+    ExitStack) closes: (the response, its line iterator; the stack keeps the iterator, since one
+    let go closes the connection). Retried while the service refuses it with 429 (a stream closed just before may
+    still count for its 0.5 s poll); its first event read (a running stream: it counts)."""
+    held = []
+
+    def opened() -> bool:
+        ctx = http.stream("GET", f"/v1/jobs/{job_id}/events")
+        r = ctx.__enter__()
+        if r.status_code != 200:
+            ctx.__exit__(None, None, None)
+            assert r.status_code == 429, r.status_code
+            return False
+        stack.callback(ctx.__exit__, None, None, None)
+        lines = r.iter_lines()
+        stack.callback(lambda keep=lines: keep)  # referenced until the stack closes, whatever the caller keeps
+        assert next(lines).startswith("event: status")
+        held.append((r, lines))
+        return True
+
+    wait_until(opened, timeout=timeout, interval=0.3, what=f"an event stream of job {job_id}")
+    return held[0]

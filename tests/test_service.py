@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import hold_event_stream, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -145,24 +145,9 @@ def test_event_streams_past_the_bound_are_refused_and_a_closed_one_frees_its_pla
     with httpx.Client(base_url=service.url, headers=auth(service), timeout=60) as http:
         job_id = http.post("/v1/jobs", json={"audio": audio, "video": svc_media["video"]}).json()["id"]
 
-        def open_stream(stack: contextlib.ExitStack):
-            """An open stream's response and its lines (kept: a line iterator let go closes the connection)."""
-            deadline = time.monotonic() + 15  # a stream closed just before may not be noticed yet (0.5 s)
-            while True:
-                ctx = http.stream("GET", f"/v1/jobs/{job_id}/events")
-                r = ctx.__enter__()
-                if r.status_code == 200:
-                    stack.callback(ctx.__exit__, None, None, None)
-                    lines = r.iter_lines()
-                    assert next(lines).startswith("event: status")  # running: it counts
-                    return r, lines
-                ctx.__exit__(None, None, None)
-                assert r.status_code == 429 and time.monotonic() < deadline, r.status_code
-                time.sleep(0.3)
-
         try:
             with contextlib.ExitStack() as stack:
-                streams = [open_stream(stack) for _ in range(4)]
+                streams = [hold_event_stream(http, job_id, stack) for _ in range(4)]
                 with http.stream("GET", f"/v1/jobs/{job_id}/events") as over:
                     over.read()
                     assert over.status_code == 429, over.text
@@ -172,7 +157,7 @@ def test_event_streams_past_the_bound_are_refused_and_a_closed_one_frees_its_pla
                 assert http.get(f"/v1/jobs/{job_id}").json()["state"] not in ("succeeded", "failed", "cancelled")
                 streams[0][0].close()
                 with contextlib.ExitStack() as again:
-                    open_stream(again)  # the closed stream's place
+                    hold_event_stream(http, job_id, again)  # the closed stream's place
         finally:
             http.delete(f"/v1/jobs/{job_id}")
 

@@ -22,7 +22,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import hold_event_stream, wait_until
 
 MS_PER_FRAME = 60          # the slowed model: 150 frames (6 s) take >= 9 s of model time
 AUDIO_SECONDS = 6.0
@@ -218,19 +218,8 @@ def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_t
     busy_job = api.post("/v1/jobs", json={"audio": long_audio, "video": face}).json()["id"]
     try:
         with contextlib.ExitStack() as held:
-            for _ in range(4):  # every stream of the service taken (one closed just before may linger 0.5 s)
-                def opened():
-                    ctx = api.stream("GET", f"/v1/jobs/{busy_job}/events")
-                    r = ctx.__enter__()
-                    if r.status_code == 200:
-                        held.callback(ctx.__exit__, None, None, None)
-                        lines = r.iter_lines()
-                        held.callback(lambda keep=lines: keep)  # the iterator kept: letting it go closes the stream
-                        next(lines)
-                        return True
-                    ctx.__exit__(None, None, None)
-                    return False
-                wait_until(opened, timeout=15, interval=0.3, what="an event stream of the service")
+            for _ in range(4):  # every stream of the service taken
+                hold_event_stream(api, busy_job, held)
             sign_in(page, service)
             page.set_input_files("#audio", audio)
             page.set_input_files("#video", video)
