@@ -26,6 +26,10 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
     if len(body.audios) > settings.max_batch_jobs:
         raise ApiProblem(422, "input.invalid", f"a batch carries at most {settings.max_batch_jobs} audios "
                          f"(LIPSYNC_MAX_BATCH_JOBS), got {len(body.audios)}", "audios")
+    if len(body.audios) > settings.max_queued_jobs:  # would be refused as busy on an idle service too
+        raise ApiProblem(422, "input.invalid", f"a batch of {len(body.audios)} audios can never fit the job queue, "
+                         f"which holds at most {settings.max_queued_jobs} unfinished jobs (LIPSYNC_MAX_QUEUED_JOBS): "
+                         f"send at most {settings.max_queued_jobs} per batch", "audios")
     await backend.check_callback(body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and not await _exists(backend, body.id):
