@@ -21,10 +21,13 @@ class Settings(BaseSettings):
     storage_root: Path = Field(default_factory=_default_storage_root,
                                description="inputs, avatars, segments, outputs, the job database")
     input_roots: str = Field("", description="':'-separated directories path inputs may be read from")
-    api_token: SecretStr | None = None
+    api_token: SecretStr | None = Field(None, description="the bearer token every API call must carry (and the key "
+                                        "watch URLs are signed with); unset: no authentication (loopback and trusted "
+                                        "networks only)")
     # the key of callbacks' signatures (X-Lipsync-Signature): a secret of their own, so that a
     # receiver that verifies them never holds the API token; unset: the API token (as before)
-    callback_secret: SecretStr | None = None
+    callback_secret: SecretStr | None = Field(None, description="the key of callbacks' signatures "
+                                              "(X-Lipsync-Signature); unset: the API token")
 
     model: str = Field("builtin", description="'builtin' or a path to a Wav2Lip-class .onnx file")
     ffmpeg: str | None = Field(None, description="ffmpeg binary; else `ffmpeg` on PATH; else imageio-ffmpeg's")
@@ -34,7 +37,8 @@ class Settings(BaseSettings):
                                   "ingress) requires, e.g. lipsync_head on KubeRay's head; empty: none")
 
     # --- rendering ------------------------------------------------------------------------
-    chunk_seconds: float = Field(2.0, gt=0.1, le=60)
+    chunk_seconds: float = Field(2.0, gt=0.1, le=60, description="output seconds per chunk: the unit a compositor "
+                                 "renders, retries and writes as one H.264 segment")
     first_chunk_seconds: float = Field(0.25, ge=0, le=60, description="length of a job's first chunk, so its "
                                        "first segment is ready sooner (0 or >= chunk_seconds: as the others)")
     batch_size: int = Field(16, ge=1, le=512, description="frames per model batch")
@@ -43,25 +47,27 @@ class Settings(BaseSettings):
     chunks_per_compositor: int = Field(1, ge=1, le=4, description="chunks a compositor renders at once, each on "
                                        "its own thread: 2 lets a chunk start while the last one's encoder "
                                        "finishes its frames (and holds a second chunk's frames and encoder)")
-    loop: str = Field("pingpong", pattern="^(pingpong|forward)$")
     gop_frames: int = Field(10, ge=1, le=250, description="GOP length of normalised templates")
     # x264 superfast at CRF 18 against veryfast at CRF 16 on 720p (docs/PERFORMANCE.md): 27 % less
     # encoder CPU, +0.7 dB PSNR, +26 % bytes
-    crf: int = Field(18, ge=0, le=51)
-    preset: str = "superfast"
+    crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor of rendered video (lower: better, "
+                     "bigger); a request's crf overrides it")
+    preset: str = Field("superfast", description="x264 preset of rendered video")
     video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
     encode_in_process: bool = Field(True, description="libx264 segments encoded in the compositor's process "
                                     "(PyAV's libx264, on a thread of its own; about 90 ms of CPU less per 50-frame "
                                     "720p segment than starting an ffmpeg); false: an ffmpeg child per segment, "
                                     "as h264_nvenc always is")
-    audio_bitrate: str = "160k"
+    audio_bitrate: str = Field("160k", description="AAC bitrate of the output's audio")
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
 
     # --- limits ---------------------------------------------------------------------------
-    max_input_seconds: float = Field(3 * 3600.0, gt=0)
-    max_width: int = Field(4096, ge=16)
-    max_height: int = Field(4096, ge=16)
-    max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    max_input_seconds: float = Field(3 * 3600.0, gt=0, description="longest speech audio accepted (input.too_long "
+                                     "beyond)")
+    max_width: int = Field(4096, ge=16, description="widest template accepted (input.too_large beyond)")
+    max_height: int = Field(4096, ge=16, description="tallest template accepted (input.too_large beyond)")
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest input file (an upload, a URL's download, a "
+                                  "path) accepted (input.too_large beyond)")
     disk_reserve_bytes: int = Field(64 * 1024**2, ge=0,
                                     description="free space a job must leave on the storage root's "
                                     "filesystem beyond its estimated needs (resource.disk otherwise)")
@@ -91,23 +97,36 @@ class Settings(BaseSettings):
                                      description="fail with input.no_face when fewer frames have a face")
 
     # --- timeouts (seconds); every wait has a deadline -------------------------------------
-    probe_timeout_s: float = Field(30.0, gt=0)
-    ffmpeg_timeout_s: float = Field(1800.0, gt=0)
-    batch_timeout_s: float = Field(120.0, gt=0)
-    chunk_timeout_s: float = Field(900.0, gt=0)
+    probe_timeout_s: float = Field(30.0, gt=0, description="probing one input file (its streams, duration)")
+    ffmpeg_timeout_s: float = Field(1800.0, gt=0, description="one ffmpeg run or decode (an audio's decoding, a "
+                                    "template's normalisation, the final mux, a segment's encoder closing)")
+    batch_timeout_s: float = Field(120.0, gt=0, description="one model batch, per batch queued ahead of it on its "
+                                   "worker: past it the batch is tried again (on another worker where there is one)")
+    chunk_timeout_s: float = Field(900.0, gt=0, description="one chunk's render on a compositor (past it the chunk is "
+                                   "tried again, up to max_chunk_attempts), and the bound of other per-chunk waits: "
+                                   "HLS publishing, an avatar's preparation")
     prepare_seconds_per_template_second: float = Field(
         3.0, gt=0, description="prepare's deadline: chunk_timeout_s plus this per second of template")
-    stall_timeout_s: float = Field(120.0, gt=0)
-    model_load_timeout_s: float = Field(300.0, gt=0)
-    actor_call_timeout_s: float = Field(30.0, gt=0)
-    job_timeout_s: float = Field(6 * 3600.0, gt=0)
+    stall_timeout_s: float = Field(120.0, gt=0, description="how long a wait may see no progress: libx264 taking no "
+                                   "frames, a batch finding no live model worker, a job with no live compositor or "
+                                   "model worker; past it that wait fails (render.worker_lost, render.encode_failed)")
+    model_load_timeout_s: float = Field(300.0, gt=0, description="a model loading on a model worker: past "
+                                        "it the batch's job fails (render.timeout)")
+    actor_call_timeout_s: float = Field(30.0, gt=0, description="one short call to an actor (a job's status, a cancel, "
+                                        "reading a stored file's part): past it the call fails")
+    job_timeout_s: float = Field(6 * 3600.0, gt=0, description="a whole job, from admission to its verified output: "
+                                 "past it the job fails with render.timeout")
 
     # --- retries --------------------------------------------------------------------------
-    max_chunk_attempts: int = Field(3, ge=1)
-    max_batch_attempts: int = Field(4, ge=1)
+    max_chunk_attempts: int = Field(3, ge=1, description="tries of one chunk that failed before the job "
+                                    "fails (render.chunk_failed); three times as many where its compositor died "
+                                    "(not the chunk's fault)")
+    max_batch_attempts: int = Field(4, ge=1, description="tries of one model batch (its worker died or timed out) "
+                                    "before its chunk fails with render.worker_lost")
 
     # --- Ray runtime ----------------------------------------------------------------------
-    namespace: str = "lipsync"
+    namespace: str = Field("lipsync", description="the Ray namespace of the product's named actors (two services on "
+                           "one Ray cluster need two)")
     model_workers: int | None = Field(None, ge=1, description="model workers; default one per GPU, else 1")
     worker_gpus: float = Field(1.0, gt=0, le=8, description="GPUs per model worker (fractions allowed)")
     compositors: int | None = Field(None, ge=1, description="compositor actors; default from the cluster's CPUs "
@@ -121,7 +140,7 @@ class Settings(BaseSettings):
     size_threads: bool = Field(True, description="size every thread pool of an actor (OpenCV, onnxruntime, "
                                "PyAV, x264, OpenBLAS) from its Ray CPUs; false: the libraries' defaults "
                                "(one thread per core each; for comparison)")
-    max_inflight_per_worker: int = Field(2, ge=1)
+    max_inflight_per_worker: int = Field(2, ge=1, description="model batches a model worker is given at once")
     pool_reconcile_s: float = Field(5.0, gt=0, description="how often the pool follows the cluster's resources")
     models_per_worker: int = Field(2, ge=1, description="models a worker keeps loaded (LRU)")
     model_retry_s: float = Field(30.0, gt=0, description="a model that failed to load is tried again after this")
@@ -140,22 +159,23 @@ class Settings(BaseSettings):
                                "0: the model worker's Ray CPUs (size_threads) on a GPU and for the built-in "
                                "model, else onnxruntime's default (every core)")
 
-    # --- HTTP service (`lipsync serve`, serve_app.py) --------------------------------------
+    # --- HTTP service (`lipsync serve`, service/) ------------------------------------------
     max_queued_jobs: int = Field(64, ge=1, description="unfinished jobs admitted at once; beyond: HTTP 429")
     max_avatar_preparations: int = Field(2, ge=1, description="avatars prepared at once by the service "
                                          "(POST /v1/avatars: normalising and face detection on the job "
                                          "manager's node); beyond: HTTP 429")
     max_event_streams: int = Field(256, ge=1, description="job event streams (GET /v1/jobs/ID/events) one "
                                    "ingress replica keeps open at once (each asks the job manager about its job "
-                                   "twice a second); beyond: HTTP 429 (the SDK's wait then polls)")
+                                   "twice a second, with ?segments=1 up to twelve times); beyond: HTTP 429 (the "
+                                   "SDK's wait then polls)")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429 and 503")
     allow_private_urls: bool = Field(False, description="URL inputs may resolve to private/loopback addresses")
     url_timeout_s: float = Field(60.0, gt=0, description="whole-download deadline of one URL input")
-    url_max_redirects: int = Field(5, ge=0, le=20)
+    url_max_redirects: int = Field(5, ge=0, le=20, description="redirects one URL input may follow")
     compat_data_dir: Path | None = Field(None, description="publish compat results as temp/<code>-r.mp4 here")
     max_batch_jobs: int = Field(100, ge=1, description="audios one POST /v1/batches may carry")
     callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
-    callback_timeout_s: float = Field(10.0, gt=0)
+    callback_timeout_s: float = Field(10.0, gt=0, description="one callback delivery (POST to the callback_url)")
     retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files, "
                                   "ended live sessions' files, and stored uploads and avatars unused, older than "
                                   "this (0: keep forever); never a running job's or session's, or what they use")
@@ -216,7 +236,7 @@ class Settings(BaseSettings):
                                    "that the session ends failed")
     live_restart_wait_s: float = Field(30.0, gt=0, description="how long the service retries a call that met a "
                                        "session's actor dead (restarting) before answering 503")
-    live_crf: int = Field(23, ge=0, le=51)
+    live_crf: int = Field(23, ge=0, le=51, description="x264 constant rate factor of live streams")
     live_preset: str = Field("veryfast", description="x264 preset of live streams")
 
     @field_validator("storage_root", mode="before")
@@ -294,3 +314,41 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def settings_reference() -> str:
+    """docs/SETTINGS.md: every setting with its environment variable, default and description, in the
+    sections of `Settings` (its `# --- name ---` comments). `python -m cluster.config > docs/SETTINGS.md`
+    writes it; tests/test_config.py keeps the file equal to it."""
+    import inspect
+    import re
+
+    def default(field) -> str:
+        if field.default_factory is not None:
+            value = Path(field.default_factory())  # (the storage root's: shown under ~, as for any user)
+            return f"`~/{value.relative_to(Path.home())}`" if value.is_relative_to(Path.home()) else f"`{value}`"
+        if field.default is None:
+            return "unset"
+        if isinstance(field.default, bool):
+            return f"`{str(field.default).lower()}`"
+        return f"`{field.default}`" if field.default != "" else "empty"
+
+    out = ["# Settings", "",
+           "Every setting is an environment variable (`LIPSYNC_<NAME>`), read by every process of the product",
+           "(`cluster/config.py`, pydantic settings): set it where `lipsync` runs, and in a Ray cluster on every",
+           "node (the KubeRay manifests' `env`). This file is generated from the code: `python -m cluster.config",
+           "> docs/SETTINGS.md`.", ""]
+    fields = Settings.model_fields
+    for line in inspect.getsource(Settings).splitlines():
+        if m := re.match(r"\s+# --- (.+?) -+$", line):
+            title = m.group(1)[0].upper() + m.group(1)[1:]
+            out += ([""] if out[-1] else []) + [f"## {title}", "", "| variable | default | what |", "|---|---|---|"]
+        elif (m := re.match(r"    (\w+): ", line)) and m.group(1) in fields:
+            field = fields[m.group(1)]
+            what = (field.description or "").replace("|", "\\|")
+            out.append(f"| `LIPSYNC_{m.group(1).upper()}` | {default(field)} | {what} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")
