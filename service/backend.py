@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from cluster.config import Settings
-from cluster.errors import LipsyncError, TooManyEventStreams
+from cluster.errors import JobNotReady, LipsyncError, TooManyEventStreams
 from cluster.hls import sign_watch, watch_key
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
@@ -192,8 +192,8 @@ class Backend:
     async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:
         st = await self.gateway.get(job_id)
         if st.state != JobState.succeeded:
-            raise ApiProblem(409, "job.not_ready", f"job {job_id} is {st.state.value}; its result exists once "
-                             f"it has succeeded", None)
+            raise JobNotReady(f"job {job_id} is {st.state.value}; its result exists once it has succeeded",
+                              job_id=job_id)
         size = st.output_bytes
         if size is None:  # no file to measure: `output.expired` (410) when it is gone
             await self.gateway.read_output(job_id, 0, 0)

@@ -36,7 +36,7 @@ def http_status(err: LipsyncError) -> int:
         return 400
     if code in ("job.not_found", "avatar.not_found"):
         return 404
-    if code in ("job.conflict", "job.not_ready", "job.not_succeeded"):
+    if code in ("job.conflict", "job.not_succeeded"):
         return 409
     if code == "output.expired":
         return 410

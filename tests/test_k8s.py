@@ -318,8 +318,13 @@ def test_operations_doc_explains_every_metric_and_failure_code():
     assert not missing, f"docs/OPERATIONS.md, Metrics: add {missing}"
     sources = [*(ROOT / "cluster").rglob("*.py"), *(ROOT / "actors").glob("*.py"), *(ROOT / "service").rglob("*.py"),
                *ROOT.glob("serve_app.py")]
-    codes = {code for path in sources  # every typed error's class-level code
-             for code in re.findall(r'^\s+code = "([a-z_]+\.[a-z_.]+|cancelled)"', path.read_text(), flags=re.M)}
-    assert len(codes) > 15
-    missing = sorted(c for c in codes if f"| `{c}` |" not in doc)
+    patterns = (r'^\s+code = "([a-z_]+\.[a-z_.]+|cancelled)"',  # every typed error's class-level code,
+                r'ApiProblem\(\s*\d+,\s*"([a-z_]+\.[a-z_]+)"',   # every HTTP problem's,
+                r'\bcode="([a-z_]+\.[a-z_]+)"',                   # every code given to an error,
+                r'error_response\([^)]*?"([a-z_]+\.[a-z_]+)"',    # every error answer's
+                r' else "([a-z_]+\.[a-z_]+)"')                    # and a conditional one's
+    codes = {code for path in sources for pattern in patterns
+             for code in re.findall(pattern, path.read_text(), flags=re.M)}
+    assert len(codes) > 40 and {"auth.invalid_token", "session.no_recording", "output.unreadable"} <= codes
+    missing = sorted(c for c in codes if not re.search(rf"^\| `{re.escape(c)}`[ (/]", doc, flags=re.M))
     assert not missing, f"docs/OPERATIONS.md, Failure codes: add {missing}"
