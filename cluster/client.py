@@ -37,6 +37,9 @@ import httpx
 from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView
 
 RETRY_STATUS = (429, 502, 503, 504)
+# how long `segments()` without a timeout keeps opening a job's event stream that the server refuses
+# (429: its LIPSYNC_MAX_EVENT_STREAMS are all taken) before it raises that answer
+REFUSED_STREAM_PATIENCE_S = 600.0
 
 
 class ApiError(Exception):
@@ -186,6 +189,7 @@ class _Deadline:
     def __init__(self, timeout: float | None, message: str) -> None:
         self.at = None if timeout is None else time.monotonic() + timeout
         self.message = message
+        self.refused_since: float | None = None
 
     def http(self, timeout: float) -> httpx.Timeout:
         read = max(30.0, timeout)  # the server sends a keep-alive every 15 s
@@ -204,11 +208,16 @@ class _Deadline:
 
     def refused_wait(self, r: httpx.Response, attempt: int, backoff_s: float) -> float | None:
         """Seconds to wait before opening a stream the server refused for now (429: its streams are
-        all taken; Retry-After honoured), None for any other refusal or past the deadline."""
+        all taken; Retry-After honoured), None for any other refusal or past the deadline; without
+        one, past `REFUSED_STREAM_PATIENCE_S` from the first refusal."""
         if r.status_code != 429:
             return None
+        now = time.monotonic()
+        if self.refused_since is None:
+            self.refused_since = now
         delay = _retry_delay(attempt, r, backoff_s)
-        return None if self.at is not None and time.monotonic() + delay >= self.at else delay
+        give_up = self.at if self.at is not None else self.refused_since + REFUSED_STREAM_PATIENCE_S
+        return None if now + delay >= give_up else delay
 
     @contextlib.contextmanager
     def reads(self):
@@ -317,7 +326,7 @@ def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
         ra = r.headers.get("retry-after", "")
         if re.fullmatch(r"[0-9]{1,6}", ra):
             return min(float(ra), 30.0)
-    return min(base * 2 ** attempt, 15.0) * (0.5 + random.random() / 2)
+    return min(base * 2 ** min(attempt, 16), 15.0) * (0.5 + random.random() / 2)
 
 
 class _Uploads:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -182,3 +183,31 @@ def test_a_segment_stream_refused_while_the_servers_are_all_taken_is_opened_agai
         with pytest.raises(ApiError) as info:
             list(client.segments("j2", timeout=10))
     assert info.value.status == 404
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_segment_stream_refused_for_too_long_without_a_timeout_raises_the_refusal(face, monkeypatch):
+    """`segments()` without a timeout (`lipsync submit --watch`'s default) opened a refused stream again
+    for ever: every wait has a deadline, so past `REFUSED_STREAM_PATIENCE_S` the 429 is raised."""
+    import cluster.client
+
+    monkeypatch.setattr(cluster.client, "REFUSED_STREAM_PATIENCE_S", 1.5)
+    busy = {"error": {"code": "service.busy", "message": "4 job event streams are open", "field": None}}
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(429, json=busy, headers={"Retry-After": "1"})
+
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as info:
+        if face == "sync":
+            with Client("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01) as client:
+                list(client.segments("j1"))
+        else:
+            async def main():
+                async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01) as c:
+                    return [s async for s in c.segments("j1")]
+            asyncio.run(main())
+    assert info.value.status == 429 and info.value.code == "service.busy"
+    assert len(seen) == 2 and 0.9 < time.monotonic() - t0 < 5
