@@ -95,6 +95,26 @@ def test_a_reader_open_before_the_file_was_built_moves_to_it(template, tmp_path,
         assert frames.cached
 
 
+def test_a_live_reader_refused_a_build_while_another_ran_asks_again_and_moves_to_the_file(template, tmp_path,
+                                                                                         monkeypatch):
+    """A live session whose build met another template's (the node's one builder) asked only once, and
+    decoded for its whole life (up to an hour); it now asks again once that build is over."""
+    s = Settings(storage_root=tmp_path)
+    monkeypatch.setattr(framecache, "BUSY_RETRY_S", 0.2)
+    monkeypatch.setattr(TemplateFrames, "RECHECK_S", 0.0)
+    lock = s.node_cache_dir / framecache.BUILD_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with TemplateFrames(template, s) as frames:
+        with open(lock, "w") as held:  # another template's build holds the node's builder
+            fcntl.flock(held, fcntl.LOCK_EX)
+            wait_until(lambda: frames.path in framecache._not_before, timeout=30, what="the refused build")
+            assert not frames.path.exists()
+        before = frames.read_yuv([1, 2])
+        wait_until(lambda: frames.read_yuv([1, 2]) is not None and frames.cached, timeout=60, interval=0.1,
+                   what="the session reading the frame file")
+        np.testing.assert_array_equal(frames.read_yuv([1, 2]), before)
+
+
 def test_a_cut_frame_file_is_not_read_and_off_means_no_file(template, tmp_path, monkeypatch):
     s = Settings(storage_root=tmp_path)
     path = frames_path(template, s)

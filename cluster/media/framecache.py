@@ -160,6 +160,8 @@ def _used_before(template_path, root: Path, user: str | None) -> bool:
     (`user` None: it reads the template for as long as it runs)."""
     if user is None:
         return True
+    from cluster.fsutil import write_atomic
+
     seen = Path(root) / SEEN_DIR
     marker = seen / _key(template_path)
     try:
@@ -167,7 +169,9 @@ def _used_before(template_path, root: Path, user: str | None) -> bool:
     except FileNotFoundError:
         seen.mkdir(parents=True, exist_ok=True)
         _sweep_markers(seen)
-        marker.write_text(user)  # two first readers at once (one job's chunks) write the same name
+        # whole or not at all (a reader beside it never sees it empty, which would read as another
+        # job's); two first readers at once (one job's chunks) write the same name
+        write_atomic(marker, user, sync_dir=False)
         return False
 
 
@@ -199,6 +203,7 @@ class TemplateFrames:
         self.reader: TemplateReader | FrameFileReader | None = None
         self.path: Path | None = None
         self._checked = time.monotonic()
+        self._wants_build = False  # the file is wanted here: its build is asked for again if refused
         if settings.frame_cache:
             try:
                 found = find_frame_file(template_path, settings.node_cache_dir)
@@ -217,6 +222,7 @@ class TemplateFrames:
                     self.path = frame_file(template_path, settings.node_cache_dir, r.width, r.height,
                                            r.frame_count, r.fps)
                     if _used_before(template_path, settings.node_cache_dir, user):
+                        self._wants_build = True
                         _start_build(template_path, self.path, self._size, settings)
                 except OSError as e:
                     log.warning("template frames of %s not cached: %s", template_path, e)
@@ -248,7 +254,10 @@ class TemplateFrames:
         """Frames `indices` as `[len(indices), H * 3 // 2, W]` uint8 I420 (`TemplateReader.read_yuv`)."""
         if self.path is not None and not self.cached and time.monotonic() - self._checked > self.RECHECK_S:
             try:
-                self._use_file()
+                if not self._use_file() and self._wants_build:
+                    # a build refused while another template's ran (or past its back-off) is asked
+                    # for again: a live session reads for up to an hour
+                    _start_build(self.template_path, self.path, self._size, self.settings)
             except OSError as e:
                 log.warning("template frames %s unreadable: %s", self.path, e)
                 self.path = None
@@ -275,7 +284,14 @@ class TemplateFrames:
 
 
 def _cache_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+    total = 0
+    for p in root.iterdir():
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:  # renamed or evicted meanwhile
+            pass
+    return total
 
 
 def _start_build(template_path, path: Path, size: int, settings: Settings) -> None:
