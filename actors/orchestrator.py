@@ -69,7 +69,8 @@ class JobManager:
         self.s = settings
         self.owner = owner or default_owner(settings)
         self.store = JobStore(settings.db_path)
-        self._admitting: set[str] = set()  # jobs being admitted now (`submit`): they count in the queue bound
+        # jobs being admitted now (`submit`), each set when its admission ends: they count in the queue bound
+        self._admitting: dict[str, asyncio.Event] = {}
         self.uploads = UploadStore(settings)
         self._model_hashes: dict[tuple, str] = {}  # (path, size, mtime) -> sha256 of a model file
         self.tasks = TaskSet()
@@ -176,6 +177,12 @@ class JobManager:
         key = request_key(request)
         if self.store.exists(job_id):
             return self._resubmitted(job_id, key)
+        while (admitting := self._admitting.get(job_id)) is not None:
+            # the same id being admitted (a client's retry of a submission its gateway gave up on): that
+            # admission's outcome, not a second one beside it (bounded: the gateway's own wait ends sooner)
+            await asyncio.wait_for(admitting.wait(), timeout=self.s.ffmpeg_timeout_s)
+            if self.store.exists(job_id):
+                return self._resubmitted(job_id, key)
         if request.output is not None:
             other = self.store.job_writing_to(str(Path(request.output).expanduser().resolve()))
             if other is not None:
@@ -186,7 +193,7 @@ class JobManager:
             if n >= max_unfinished:
                 raise QueueFull.at(n, max_unfinished).with_context(job_id=job_id, stage="admit")
         admitted_at = utcnow()
-        self._admitting.add(job_id)
+        self._admitting[job_id] = asyncio.Event()
         try:
             admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
             _, created = self.store.create(job_id, admitted, owner=self.owner, client=owner, request_key=key,
@@ -202,7 +209,7 @@ class JobManager:
                 RESERVATIONS.release(job_id)
             raise
         finally:
-            self._admitting.discard(job_id)
+            self._admitting.pop(job_id).set()
         if not created:  # the same id was admitted concurrently
             return self._resubmitted(job_id, key)
         log.info("job %s accepted", job_id)

@@ -448,4 +448,11 @@ def test_the_manager_holds_the_queue_bound_for_submissions_arriving_at_once(runt
     (i, job), = admitted
     again = runtime.manager().submit.remote(job.id, requests[i], None, unfinished + 1)
     assert ray.get(again, timeout=120).id == job.id
+    # a new id sent twice at once (a retry while the first is being admitted): the retry waits for that
+    # admission and answers its job, instead of admitting the same inputs a second time beside it
+    twin = f"twin-{uuid.uuid4().hex[:8]}"
+    other = requests[(i + 1) % 3]
+    refs = [runtime.manager().submit.remote(twin, other, None, None) for _ in range(2)]
+    assert [ray.get(r, timeout=120).id for r in refs] == [twin, twin]
     assert runtime.wait(job.id, timeout=300).state == JobState.succeeded
+    assert runtime.wait(twin, timeout=300).state == JobState.succeeded
