@@ -888,10 +888,18 @@ def test_float32_output_conversion_and_channel_order_equal_numpys():
 def test_two_replicas_split_a_batch_and_agree(tmp_path):
     path = wav2lip_like(tmp_path / "m.onnx", "mel_spectrogram", "video_frames", "output", 96)
     one = LipSyncModel.load(path, providers=CPU_ONLY)
-    pair = ReplicatedModel([LipSyncModel.load(path, providers=CPU_ONLY) for _ in range(2)])
+    pair = ReplicatedModel([LipSyncModel.load(path, providers=CPU_ONLY) for _ in range(2)], timeout_s=60)
     assert (pair.size, pair.crop, pair.providers) == (96, "wav2lip", CPU_ONLY)
     mel, crops = _random_inputs(7, 96)
     np.testing.assert_array_equal(pair.generate(mel, crops), one.generate(mel, crops))
+
+    class Stuck:  # a replica whose device hangs: the batch fails, typed, by its deadline
+        def generate(self, mel, crops):
+            time.sleep(3)
+            return crops
+
+    with pytest.raises(ModelInferenceError, match="did not answer its share of a batch of 7 within 0.3 s"):
+        ReplicatedModel([one, Stuck()], timeout_s=0.3).generate(mel, crops)
     # no usable GPU: one CPU session, whatever Ray assigned
     s = Settings(storage_root=tmp_path, model=path)
     assert isinstance(load_model_on_devices(path, s, ["0", "1"], NO_GPU_BOX), LipSyncModel)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from cluster.config import Settings, get_settings
-from cluster.errors import LipsyncError, ModelLoadError
+from cluster.errors import LipsyncError, ModelInferenceError, ModelLoadError
 from cluster.models.adapter import CROP_METADATA_KEY, CROP_RECIPES, LipSyncModel, default_crop
 from cluster.models.builtin import build_builtin_model, builtin_model_path
 from cluster.models.providers import (
@@ -128,10 +129,11 @@ class ReplicatedModel:
     """One model loaded once per GPU a worker was given; a batch is split across the replicas
     and run in threads (onnxruntime releases the GIL). Same interface as LipSyncModel."""
 
-    def __init__(self, replicas: Sequence[LipSyncModel]) -> None:
+    def __init__(self, replicas: Sequence[LipSyncModel], timeout_s: float) -> None:
         if not replicas:
             raise ValueError("ReplicatedModel needs at least one replica")
         self.replicas = list(replicas)
+        self.timeout_s = timeout_s  # a batch's share on one replica (the worker's batch deadline)
         self._pool = ThreadPoolExecutor(len(self.replicas), thread_name_prefix="replica")
 
     def __getattr__(self, name):  # size, crop, precision, path, metadata, ...: the first replica's
@@ -150,7 +152,11 @@ class ReplicatedModel:
         bounds = np.linspace(0, n, min(k, n) + 1).round().astype(int)
         futures = [self._pool.submit(r.generate, mel_windows[a:b], crops[a:b])
                    for r, a, b in zip(self.replicas, bounds[:-1], bounds[1:])]
-        return np.concatenate([f.result() for f in futures])
+        try:
+            return np.concatenate([f.result(timeout=self.timeout_s) for f in futures])
+        except FuturesTimeout:
+            raise ModelInferenceError(f"a replica of {self.replicas[0].path} did not answer its share of a batch of "
+                                      f"{n} within {self.timeout_s:g} s (LIPSYNC_BATCH_TIMEOUT_S)") from None
 
     def warmup(self, batch_size: int | None = None) -> float:
         return max(r.warmup(batch_size) for r in self.replicas)
@@ -168,7 +174,7 @@ def load_model_on_devices(spec: str, settings: Settings, gpu_ids: Sequence | Non
     share = -(-settings.batch_size // k)  # ReplicatedModel gives each replica at most this many
     replicas = [load_model(spec, settings, providers=select_providers(gpu_ids, settings, facts, device_index=i),
                            pad_batch=share) for i in range(k)]
-    return ReplicatedModel(replicas)
+    return ReplicatedModel(replicas, timeout_s=settings.batch_timeout_s)
 
 
 def list_models(settings: Settings | None = None, facts: DeviceFacts | None = None) -> list[dict]:
