@@ -261,7 +261,7 @@ class JobStore:
             if states:
                 sql += f" WHERE state IN ({','.join('?' * len(states))})"
                 args += [s.value for s in states]
-            sql += " ORDER BY created_at, id"
+            sql += " ORDER BY created_at DESC, id DESC"  # newest first (the API's and the page's order)
             if not pending:
                 sql += " LIMIT ? OFFSET ?"
                 args += [limit, offset]

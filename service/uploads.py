@@ -101,11 +101,13 @@ class Upload:
             state["hvalue"] += data[start:end]
 
         def on_header_end():
-            state["headers"][state["hname"].decode("latin-1").lower()] = state["hvalue"].decode("utf-8", "replace")
+            # the value's raw bytes: a file name is UTF-8 there (browsers, curl, httpx), and decoding it to
+            # text first made the parser encode it back as Latin-1 (a name with 話 was a 400, é garbled)
+            state["headers"][state["hname"].decode("latin-1").lower()] = state["hvalue"]
             state["hname"], state["hvalue"] = b"", b""
 
         def on_headers_finished():
-            _, p = parse_options_header(state["headers"].get("content-disposition", ""))
+            _, p = parse_options_header(state["headers"].get("content-disposition", b""))
             name = p.get(b"name", b"").decode("utf-8", "replace")
             filename = p.get(b"filename")
             state["name"], state["size"] = name, 0

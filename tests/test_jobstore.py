@@ -67,8 +67,9 @@ def test_list_filters_and_pages(tmp_path):
     for i in range(5):
         s.create(f"j{i}", REQ)
     s.transition("j1", JobState.cancelled)
-    assert [j.id for j in s.list([JobState.queued], limit=2)] == ["j0", "j2"]
-    assert [j.id for j in s.list([JobState.queued], limit=2, offset=2)] == ["j3", "j4"]
+    # newest first, as GET /v1/jobs promises and the web page's Jobs tab shows (it listed the oldest)
+    assert [j.id for j in s.list([JobState.queued], limit=2)] == ["j4", "j3"]
+    assert [j.id for j in s.list([JobState.queued], limit=2, offset=2)] == ["j2", "j0"]
     assert [j.id for j in s.list([JobState.cancelled])] == ["j1"]
 
 

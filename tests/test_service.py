@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -204,6 +205,10 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert len(page["jobs"]) == 1 and page["jobs"][0]["state"] == "succeeded"
         listed = http.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"]
         assert all(j["state"] == "succeeded" for j in listed)
+        # newest first, as the route says (it answered oldest first: the page's Jobs tab hid the recent ones)
+        everything = http.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
+        created = [datetime.fromisoformat(j["created_at"]) for j in everything]
+        assert len(created) > 1 and created == sorted(created, reverse=True), created
         # unknown job: 404 with the error body; result before success: 409
         nf = http.get("/v1/jobs/does-not-exist")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "job.not_found"

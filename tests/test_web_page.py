@@ -177,8 +177,8 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         assert mse_codec_string(out.read_bytes()) == codecs  # the stream and the file hold the same packets
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
 
-        # the jobs list shows it with its state, on the first page or behind "Older jobs" (the order is
-        # the server's); nothing is wider than a phone
+        # the jobs list shows it with its state, on the first page (newest first) unless many jobs came
+        # after it, then behind "Older jobs"; nothing is wider than a phone
         page.click("[data-tab=jobs]")
         row = page.locator(".job-row", has_text=job_id)
         deadline = time.monotonic() + 30

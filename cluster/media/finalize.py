@@ -17,6 +17,8 @@ from cluster.schemas import MediaInfo
 #: An AAC frame holds 1024 samples; the last one is padded, so the audio stream may run up to one
 #: AAC frame past the source (ffmpeg's mp4 edit list trims the encoder's priming, not this tail).
 AAC_FRAME_SAMPLES = 1024
+#: how much shorter than the speech an output's audio may be (container time stamps round to a few samples)
+AUDIO_SHORT_TOLERANCE_S = 0.002
 
 
 def _ffconcat_quote(path: str) -> str:
@@ -63,7 +65,9 @@ def finalize_output(segments: list[str], audio_path: str, out_path: str, *, fram
             "-f", "concat", "-safe", "0", *input_args(list_path),
             *(() if audio_copy else ("-t", f"{audio_duration:.6f}")), *input_args(audio_path),
             "-map", "0:v:0", "-map", "1:a:0", "-map_metadata", "-1",
-            "-c:v", "copy", "-frames:v", str(frames_expected),
+            # every frame of the segments (verified to be `frames_expected` below): `-frames:v` ended the
+            # output at the last frame and cut the audio's last packet, up to an AAC frame of speech
+            "-c:v", "copy",
             *(("-c:a", "copy") if audio_copy else ("-c:a", "aac", "-b:a", s.audio_bitrate)),
             "-movflags", "+faststart", "-f", "mp4", file_url(tmp),
         ], timeout=s.ffmpeg_timeout_s, settings=s, stage="finalize", path=str(out))
@@ -132,6 +136,9 @@ def verify_output(path: str, *, frames_expected: int, fps: Fraction, audio_durat
         raise fail(f"video stream lasts {video_span:.4f} s, expected {audio_duration:.4f} s "
                    f"within one frame ({frame:.4f} s)")
     audio_slack = frame + AAC_FRAME_SAMPLES / max(info.audio.sample_rate, 1)
+    if audio_duration - info.audio.duration > AUDIO_SHORT_TOLERANCE_S:
+        raise fail(f"audio stream lasts {info.audio.duration:.4f} s, {audio_duration - info.audio.duration:.4f} s "
+                   f"short of the speech's {audio_duration:.4f} s: its end was cut")
     if abs(info.audio.duration - audio_duration) > audio_slack:
         raise fail(f"audio stream lasts {info.audio.duration:.4f} s, expected "
                    f"{audio_duration:.4f} s "
