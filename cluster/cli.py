@@ -196,6 +196,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on now (e.g. another process listens there), or None."""
+    import socket
+
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -207,6 +218,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
               f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
         return 2
+    if problem := _port_in_use(args.host, args.port):  # said now, not in Serve's traceback after Ray started
+        print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
+              f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
+        return 1
     from service.launch import start_service, stop_service
 
     stop = threading.Event()
@@ -295,6 +310,8 @@ def _local_input_problem(value: str | None, name: str) -> str | None:
     absolute path (which may name a file under the server's input roots)."""
     if value is None or "://" in value or Path(value).expanduser().is_file():
         return None
+    if Path(value).expanduser().is_dir():
+        return f"{name} {value} is a directory, not a file"
     if Path(value).is_absolute():
         return None  # a server-side path: the server judges it
     return f"{name} file {value} does not exist (a server-side path must be absolute)"
@@ -310,7 +327,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for value, name in ((args.audio, "audio"), (args.video, "video")):
         problem = _local_input_problem(value, name)
         if problem:
-            print(f"lipsync: error: input.not_found: {problem}", file=sys.stderr)
+            code = "input.invalid" if "is a directory" in problem else "input.not_found"
+            print(f"lipsync: error: {code}: {problem}", file=sys.stderr)
             return 2
     if _refused_output(args.output):
         return 2
@@ -330,7 +348,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     view = job.status()
                     print(f"lipsync: error: job {job.id} ended {view.state.value} before publishing a segment"
                           + (f": {view.error.code}: {view.error.message}" if view.error else ""), file=sys.stderr)
-                    return 1
+                    return 2 if view.error and view.error.code.startswith("input.") else 1  # as `wait` says
                 print(job.watch_url, flush=True)
             if not (args.wait or args.output):
                 if not args.watch:
@@ -391,6 +409,13 @@ def cmd_live(args: argparse.Namespace) -> int:
         return 2
     if _refused_output(args.recording, "recording"):
         return 2
+    from cluster.media.probe import probe_audio
+
+    try:  # empty, not media, no audio stream: said now, not after a session (and its actors) started for it
+        probe_audio(Path(args.audio).expanduser())
+    except LipsyncError as e:
+        print(_fail_line(e.to_info()), file=sys.stderr)
+        return e.exit_code
 
     def run() -> int:
         with _client(args) as c:

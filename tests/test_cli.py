@@ -297,6 +297,8 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     out_dir = workdir / "an-output-dir"
     out_dir.mkdir(exist_ok=True)
     nowhere = ["--url", "http://127.0.0.1:9", "--token", "t"]  # nothing listens: nothing may be sent
+    empty = workdir / "empty.wav"
+    empty.write_bytes(b"")
     cases = [
         ("render -o DIR", [*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
                            "-o", str(out_dir)], 2, "is a directory"),
@@ -307,6 +309,12 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         ("download onto a dir", [*CLI, "download", "job1", str(out_dir), *nowhere], 2, "is a directory"),
         ("live missing audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", "typo.wav", *nowhere], 2,
          "audio file typo.wav does not exist"),
+        ("live empty audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", str(empty), *nowhere], 2,
+         "input.unreadable: input file"),
+        ("live video without sound", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio",
+                                      str(inputs["template"]), *nowhere], 2, "input.no_audio_stream"),
+        ("submit a directory", [*CLI, "submit", str(inputs["speech"]), str(out_dir), *nowhere], 2,
+         "is a directory, not a file"),
         ("status bad url", [*CLI, "status", "job1", "--url", "foo", "--token", "t"], 1, "connection.failed"),
         ("setting out of range", [*CLI, "render", "--audio", str(inputs["speech"]), "--video",
                                   str(inputs["template"]), "-o", str(workdir / "x.mp4"), "--chunk-seconds", "0"], 2,
@@ -318,3 +326,9 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         assert elapsed < BAD_INPUT_DEADLINE_S, (what, elapsed)
     rc, _, err, elapsed = run_cli([*CLI, "wait", "job1", "--timeout", "1", *nowhere], env, workdir, timeout=60)
     assert rc == 1 and "Traceback" not in err and elapsed < 8, (rc, elapsed, err[-2000:])
+    # a port another process listens on: one line before Ray starts (it was Serve's traceback after 13 s)
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", str(held.getsockname()[1])], env, workdir, timeout=60)
+    assert rc == 1 and "service.port_in_use" in err and "Traceback" not in err and elapsed < 8, (rc, err[-2000:])
