@@ -342,8 +342,18 @@ class LiveSessionActor:
         return generated
 
     # --- audio in --------------------------------------------------------------------------------
-    def append(self, pcm: bytes, offset: int | None = None) -> dict:
-        return self._live().append(pcm, offset)
+    def append(self, pcm: bytes, offset: int | None = None, lease: str | None = None) -> dict:
+        """`pcm` at byte `offset` of the speech; from an audio socket (`lease`) only while that socket
+        holds the session (else `socket_taken`: a newer socket took it over, and these bytes, sent
+        from this socket's stale offset, would be dropped as already had)."""
+        session = self._live()
+        if lease is not None:
+            held = getattr(self, "_socket", None)
+            if held is not None and held[0] != lease:
+                return {"accepted": False, "socket_taken": True, "offset": session.speech.bytes_received,
+                        "buffered_s": 0.0, "state": session.state}
+            self._socket = (lease, time.monotonic())  # held, and fresh (after a restart: taken back)
+        return session.append(pcm, offset)
 
     def end_speech(self) -> bool:
         return self._live().end_speech()

@@ -273,6 +273,7 @@ def _print_view(view) -> None:
 
 def _client_call(fn) -> int:
     import httpx
+    from websockets.exceptions import WebSocketException
 
     from cluster.client import ApiError, JobFailed, WaitTimeout
 
@@ -298,6 +299,12 @@ def _client_call(fn) -> int:
         print(_fail_line(e.to_info()), file=sys.stderr)
         return e.exit_code
     except httpx.HTTPError as e:  # a URL it cannot use, a server that never answered
+        print(f"lipsync: error: connection.failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except TimeoutError as e:  # (an OSError: not a file's problem) a socket that did not answer in time
+        print(f"lipsync: error: connection.timeout: {e or 'no answer in time'}", file=sys.stderr)
+        return 1
+    except WebSocketException as e:  # a live session's audio socket that failed in a way the SDK does not name
         print(f"lipsync: error: connection.failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a local file it cannot write (a download's destination)

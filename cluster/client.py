@@ -40,6 +40,9 @@ RETRY_STATUS = (429, 502, 503, 504)
 # how long `segments()` without a timeout keeps opening a job's event stream that the server refuses
 # (429: its LIPSYNC_MAX_EVENT_STREAMS are all taken) before it raises that answer
 REFUSED_STREAM_PATIENCE_S = 600.0
+# how long a live session's audio socket, reopened after its connection was lost, keeps asking while
+# the server still counts the lost one as holding the session (it lets go 10 s after its last audio)
+SOCKET_TAKEOVER_S = 12.0
 
 
 class ApiError(Exception):
@@ -956,6 +959,12 @@ class _LiveBase:
         self._base = 0  # server offset of self._unconfirmed[0]
         self._unconfirmed = bytearray()
         self.sent = 0
+        self._opened = False  # an audio socket was open once: a refusal as "in use" then is our own lost one
+
+    def _end_timeout(self) -> float:
+        """How long the end of the speech may take to be confirmed: the server reads the speech queued
+        ahead of it at its rendering pace (backpressure), so at least the seconds not yet confirmed."""
+        return self.client.timeout + len(self._unconfirmed) / (2 * self.sample_rate)
 
     def __repr__(self) -> str:
         return f"LiveSession({self.id!r}, {self.view.state})"
@@ -991,19 +1000,36 @@ class LiveSession(_LiveBase):
 
     def _socket(self):
         if self._ws is None:
-            from websockets.sync.client import connect
-
-            self._ws = connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
-            try:
-                self._ready(self._ws.recv(timeout=self.client.timeout))
-            except Exception as e:
-                code, reason = self._closed(e)
-                ws, self._ws = self._ws, None
-                ws.close()  # not left open behind us: the server allows one audio socket per session
-                raise _ws_error(code, reason) from None
-            if self._unconfirmed:  # resume: what the server did not get yet
-                self._ws.send(bytes(self._unconfirmed))
+            deadline = time.monotonic() + SOCKET_TAKEOVER_S
+            while True:
+                try:
+                    self._open_socket()
+                    break
+                except ApiError as e:  # a reconnect meets the lost socket's hold for a few seconds
+                    if not (e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline):
+                        raise
+                    time.sleep(0.5)
         return self._ws
+
+    def _open_socket(self) -> None:
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        try:
+            self._ws = connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
+        except (OSError, WebSocketException) as e:  # refused, timed out, a handshake answered with an error
+            raise ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
+                           f"opened: {e!r}") from None
+        try:
+            self._ready(self._ws.recv(timeout=self.client.timeout))
+        except Exception as e:
+            code, reason = self._closed(e)
+            ws, self._ws = self._ws, None
+            ws.close()  # not left open behind us: the server allows one audio socket per session
+            raise _ws_error(code, reason) from None
+        self._opened = True
+        if self._unconfirmed:  # resume: what the server did not get yet
+            self._ws.send(bytes(self._unconfirmed))
 
     def _closed(self, e: Exception) -> tuple[int | None, str]:
         rcvd = getattr(e, "rcvd", None)
@@ -1030,9 +1056,18 @@ class LiveSession(_LiveBase):
         """End the utterance (its tail renders now; the session stays, idle)."""
         import json
 
+        from websockets.exceptions import ConnectionClosed
+
         ws = self._socket()
-        ws.send(json.dumps({"type": "end"}))
-        self._ready(ws.recv(timeout=self.client.timeout))
+        try:
+            ws.send(json.dumps({"type": "end"}))
+            self._ready(ws.recv(timeout=self._end_timeout()))
+        except ConnectionClosed as e:
+            self._ws = None
+            raise _ws_error(*self._closed(e)) from None
+        except TimeoutError:
+            raise WaitTimeout(f"live session {self.id}: the end of the speech was not confirmed within "
+                              f"{self._end_timeout():.0f} s") from None
 
     def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
         """Send a local audio file (any format ffmpeg reads, resampled to the session's rate) in
@@ -1069,8 +1104,13 @@ class LiveSession(_LiveBase):
         try:
             try:
                 if self._ws is not None and self.view.state == "live":
-                    self.end()
-                    self.wait_rendered(wait_s)
+                    try:
+                        self.end()
+                    except ApiError as e:
+                        if e.code != "session.ended":  # ended by itself (idle): its view says so below
+                            raise
+                    else:
+                        self.wait_rendered(wait_s)
             finally:
                 if self._ws is not None:
                     ws, self._ws = self._ws, None
@@ -1110,19 +1150,36 @@ class AsyncLiveSession(_LiveBase):
 
     async def _socket(self):
         if self._ws is None:
-            from websockets.asyncio.client import connect
-
-            self._ws = await connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
-            try:
-                self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
-            except Exception as e:
-                rcvd = getattr(e, "rcvd", None)
-                ws, self._ws = self._ws, None
-                await ws.close()
-                raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
-            if self._unconfirmed:
-                await self._ws.send(bytes(self._unconfirmed))
+            deadline = time.monotonic() + SOCKET_TAKEOVER_S
+            while True:
+                try:
+                    await self._open_socket()
+                    break
+                except ApiError as e:  # a reconnect meets the lost socket's hold for a few seconds
+                    if not (e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline):
+                        raise
+                    await asyncio.sleep(0.5)
         return self._ws
+
+    async def _open_socket(self) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import WebSocketException
+
+        try:
+            self._ws = await connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
+        except (OSError, WebSocketException) as e:
+            raise ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
+                           f"opened: {e!r}") from None
+        try:
+            self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
+        except Exception as e:
+            rcvd = getattr(e, "rcvd", None)
+            ws, self._ws = self._ws, None
+            await ws.close()
+            raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
+        self._opened = True
+        if self._unconfirmed:
+            await self._ws.send(bytes(self._unconfirmed))
 
     async def send(self, pcm: bytes) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -1143,9 +1200,19 @@ class AsyncLiveSession(_LiveBase):
     async def end(self) -> None:
         import json
 
+        from websockets.exceptions import ConnectionClosed
+
         ws = await self._socket()
-        await ws.send(json.dumps({"type": "end"}))
-        self._ready(await asyncio.wait_for(ws.recv(), self.client.timeout))
+        try:
+            await ws.send(json.dumps({"type": "end"}))
+            self._ready(await asyncio.wait_for(ws.recv(), self._end_timeout()))
+        except ConnectionClosed as e:
+            self._ws = None
+            rcvd = getattr(e, "rcvd", None)
+            raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
+        except (TimeoutError, asyncio.TimeoutError):
+            raise WaitTimeout(f"live session {self.id}: the end of the speech was not confirmed within "
+                              f"{self._end_timeout():.0f} s") from None
 
     async def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
         pcm = await asyncio.to_thread(_pcm_of_file, path, self.sample_rate)
@@ -1177,8 +1244,13 @@ class AsyncLiveSession(_LiveBase):
         try:
             try:
                 if self._ws is not None and self.view.state == "live":
-                    await self.end()
-                    await self.wait_rendered(wait_s)
+                    try:
+                        await self.end()
+                    except ApiError as e:
+                        if e.code != "session.ended":  # ended by itself (idle): its view says so below
+                            raise
+                    else:
+                        await self.wait_rendered(wait_s)
             finally:
                 if self._ws is not None:
                     ws, self._ws = self._ws, None

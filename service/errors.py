@@ -34,8 +34,14 @@ def http_status(err: LipsyncError) -> int:
         return 400
     if code.startswith("input.") or code.startswith("model.invalid"):
         return 400
-    if code in ("job.not_found", "avatar.not_found"):
+    if code in ("job.not_found", "avatar.not_found", "session.not_found"):
         return 404
+    if code in ("session.ended", "session.actor_lost", "session.restart_failed"):
+        return 410  # a session that has ended (or failed): what the HTTP routes and the socket (4410) say
+    if code in ("avatar.not_ready", "session.not_ended", "session.no_recording", "session.offset_gap"):
+        return 409
+    if code == "session.capacity":
+        return 429
     if code in ("job.conflict", "job.not_succeeded"):
         return 409
     if code == "output.expired":

@@ -11,6 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.helpers import decoded_counts
@@ -98,6 +99,17 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             with connect(ws_url, open_timeout=30) as first:  # one audio socket at a time
                 assert json.loads(first.recv(timeout=30))["type"] == "ready"
                 assert _close_code(ws_url)[0] == 4409
+                # one silent for 10 s (or whose connection was lost) is taken over; it is told so when it
+                # sends again (4409), and what it sends is not taken (it was dropped as bytes the session
+                # already had, silently, from the stale offset of a socket that did not know)
+                time.sleep(10.5)
+                with connect(ws_url, open_timeout=30) as second:
+                    assert json.loads(second.recv(timeout=30)) == {"type": "ready", "offset": 0, "sample_rate": 16000}
+                    first.send(b"\x00\x01" * 800)
+                    with pytest.raises(ConnectionClosed) as taken:
+                        first.recv(timeout=30)
+                    assert taken.value.rcvd is not None and taken.value.rcvd.code == 4409, taken.value
+                assert api.get(f"/v1/sessions/{sid}").json()["bytes_received"] == 0
             # POST appends: idempotent by offset
             pcm = (np.sin(np.arange(16000) / 8.0) * 8000).astype("<i2").tobytes()
             a, b = pcm[:12000], pcm[12000:]

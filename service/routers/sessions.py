@@ -42,7 +42,7 @@ from pydantic import ValidationError
 from cluster.errors import LipsyncError
 from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
-from service.errors import ERROR_CODES, ApiProblem
+from service.errors import ERROR_CODES, ApiProblem, http_status
 from service.uploads import json_body, openapi_json_body, read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
@@ -265,10 +265,7 @@ def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
 
 
 def _problem(e: LipsyncError) -> ApiProblem:
-    status = {"avatar.not_found": 404, "session.not_found": 404, "avatar.not_ready": 409,
-              "session.capacity": 429, "session.ended": 410}.get(e.code)
-    if status is None:
-        status = 400 if e.code.startswith(("input.", "model.invalid")) else 500
+    status = http_status(e)
     headers = {"Retry-After": "5"} if status == 429 else None
     return ApiProblem(status, e.code, e.message, e.path if e.path in ("avatar_id", "model", "rtmp_url") else None,
                       headers)
@@ -544,10 +541,14 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                 while True:  # backpressure: the socket is not read while the buffer is full
                     # by offset: repeated across a restart of the session's actor, never twice
                     try:
-                        answer = await _ask(settings, session_id, actor, "append", data, offset,
+                        answer = await _ask(settings, session_id, actor, "append", data, offset, lease,
                                             timeout=settings.actor_call_timeout_s)
                     except ValueError as e:  # the session has less than this socket sent: resend
                         await _close(websocket, 1011, str(e))
+                        return
+                    if answer.get("socket_taken"):  # told, never dropped as bytes the session already had
+                        await _close(websocket, 4409, "another audio socket took this session over (this one "
+                                                      "sent nothing for 10 s, or its connection was lost)")
                         return
                     if answer["accepted"]:
                         offset += len(data)
@@ -572,6 +573,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         return
     except ApiProblem as e:  # the session's actor did not come back in time, or is gone for good
         await _close(websocket, 1011 if e.status == 503 else 4410, e.message)
+        return
+    except LipsyncError as e:  # the session ended meanwhile (its actor says so), or another typed refusal
+        await _close(websocket, 4410 if http_status(e) == 410 else 1011, e.message)
         return
     finally:
         actor.detach.remote(lease)

@@ -49,14 +49,28 @@ function errorFromBody(status, statusText, text) {
   return new ApiError(status, "http." + status, ("The server answered " + status + " " + (statusText || "")).trim(), null);
 }
 
+// How long a call waits for the server's answer to begin (its body, e.g. a download, is not bounded):
+// above the server's own 30 s deadline on the actors it asks; `options.timeoutMs` for slower calls.
+const API_TIMEOUT_MS = 45000;
+
 async function api(path, options) {
   options = options || {};
+  const limit = options.timeoutMs || API_TIMEOUT_MS;
+  const deadline = new AbortController();
+  const timer = setTimeout(() => deadline.abort(), limit);
+  const caller = options.signal;
+  if (caller) caller.addEventListener("abort", () => deadline.abort(), { once: true });
   let response;
   try {
-    response = await fetch(path, Object.assign({}, options, { headers: authHeaders(options.headers) }));
+    response = await fetch(path, Object.assign({}, options, { signal: deadline.signal, headers: authHeaders(options.headers) }));
   } catch (err) {
-    if (err.name === "AbortError") throw err;
+    if (caller && caller.aborted) throw err; // the caller's own abort (an AbortError)
+    if (deadline.signal.aborted) {
+      throw new ApiError(0, "network", "The server did not answer within " + Math.round(limit / 1000) + " s", null);
+    }
     throw new ApiError(0, "network", "Could not reach the server (" + err.message + ")", null);
+  } finally {
+    clearTimeout(timer);
   }
   if (!response.ok) {
     const error = errorFromBody(response.status, response.statusText, await response.text());
@@ -410,7 +424,7 @@ async function whenStreamStarts(job, url) {
   let failures = 0;
   while (!job.closed) {
     try {
-      const response = await fetch(url, { cache: "no-store" });
+      const response = await fetch(url, { cache: "no-store", signal: AbortSignal.timeout(15000) });
       const playlist = response.ok ? await response.text() : "";
       if (playlist.includes("#EXTINF")) return startPlayer(job, url);
       if (playlist.includes("#EXT-X-ENDLIST")) break; // ended with nothing published (or none kept)

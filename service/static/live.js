@@ -153,10 +153,14 @@
       if (session.ws !== ws) return;
       session.ws = null;
       if (session.closed || e.code === 1000) return;
-      if (RETRYABLE_CLOSE.has(e.code) && session.speaking && session.reconnects < 5) {
+      // 4409 on a reconnect: the server still counts the lost socket as holding the session (it lets
+      // go 10 s after that socket's last audio), so it is asked again, for about 13 s in all
+      const retryable = RETRYABLE_CLOSE.has(e.code) || (e.code === 4409 && session.reconnects > 0);
+      if (retryable && session.speaking && session.reconnects < 8) {
         session.reconnects += 1;
         note("The audio connection dropped (" + e.code + "); reconnecting…");
-        setTimeout(() => !session.closed && session.speaking && openSocket(session), 500 * session.reconnects);
+        setTimeout(() => !session.closed && session.speaking && openSocket(session),
+          Math.min(500 * session.reconnects, 2000));
         return;
       }
       // a refusal: the server's code and reason (a browser cannot read a refused handshake's status)
@@ -183,7 +187,8 @@
   async function whenStreamStarts(session) {
     while (!session.closed) {
       try {
-        const response = await fetch(onThisOrigin(session.view.hls_url, false), { cache: "no-store" });
+        const response = await fetch(onThisOrigin(session.view.hls_url, false),
+          { cache: "no-store", signal: AbortSignal.timeout(15000) }); // a stalled probe is tried again
         if (response.ok && (await response.text()).includes("#EXTINF")) return startPlayer(session);
       } catch (_) {
         // not published yet, or a moment without the server: try again
@@ -328,6 +333,7 @@
         closeLive();
         const view = await apiJson("/v1/sessions", {
           method: "POST",
+          timeoutMs: 420000, // the model may load first (LIPSYNC_MODEL_LOAD_TIMEOUT_S, 300 s)
           headers: { "Content-Type": "application/json" },
           // 0.25-s segments: about 0.2 s closer to live in hls.js than the default 0.5 (docs/PERFORMANCE.md)
           body: JSON.stringify(Object.assign({ avatar_id: avatar, sample_rate: mic.rate, segment_seconds: 0.25 },
@@ -357,7 +363,8 @@
     if (!session) return;
     stopSpeaking(session, false);
     try {
-      showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id), { method: "DELETE" }));
+      showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id),
+        { method: "DELETE", timeoutMs: 150000 })); // it waits up to 60 s for the speech's tail to render
     } catch (err) {
       showError($("live-error"), err);
     }
