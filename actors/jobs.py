@@ -149,6 +149,11 @@ class JobMachine:
         job = self.jobs.get(job_id)
         if job is not None and job.hls is not None:
             job.hls.close()  # before the end is stored: a playlist with ENDLIST never grows
+        if job is not None and job.reported and state != JobState.succeeded:
+            try:  # the progress it last showed (frames of chunks in flight too): a view never goes back
+                self.store.set_frames_done(job_id, job.reported)
+            except Exception as e:  # noqa: BLE001 - a figure; the end below is what must be stored
+                log.warning("job %s: its last progress (%d frames) was not stored: %r", job_id, job.reported, e)
         ended = self.store.end(job_id, state, error=error, output=output)
         RESERVATIONS.release(job_id)
         if job is not None:

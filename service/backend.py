@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import OrderedDict
@@ -57,6 +58,27 @@ def private_dir(path: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"lipsync-ingress-{os.getuid()}-"))
 
 
+def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
+    """Remove the request directories (`Backend.tmpdir`) under `root` that nothing wrote to for
+    `older_than_s`: a request's `finally` removes its own, so these are of an ingress killed
+    mid-request (its inputs, up to an upload's size each, would stay for ever). Another replica's
+    requests on this node are younger (an upload that stalls past `upload_idle_timeout_s` is
+    dropped)."""
+    cutoff, removed = time.time() - older_than_s, []
+    for d in root.glob("req-*"):
+        try:
+            if max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())]) < cutoff:
+                shutil.rmtree(d)
+                removed.append(d)
+        except FileNotFoundError:  # removed meanwhile (its request ended)
+            continue
+        except OSError as e:
+            log.warning("cannot remove the stale request directory %s: %s", d, e)
+    if removed:
+        log.info("removed %d request directories left by a stopped ingress under %s", len(removed), root)
+    return removed
+
+
 class Backend:
     """The routes' shared logic on `gateway`, the job manager's async handle."""
 
@@ -64,6 +86,7 @@ class Backend:
         self.settings = settings
         self.gateway = gateway
         self.tmp_root = private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}")
+        sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
         token = settings.api_token.get_secret_value() if settings.api_token else None

@@ -223,9 +223,12 @@ def test_model_that_cannot_load_fails_jobs_clearly(runtime, speech_wav, astronau
 def test_cancel_mid_job_stops_it_and_the_cluster_keeps_working(runtime, speech4_wav, astronaut_video, tmp_path):
     job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "cancelled.mp4"))
     _wait_rendering(runtime, job.id)
+    shown = runtime.status(job.id).frames_done
     st = runtime.cancel(job.id)
     assert st.state == JobState.cancelled and st.error.code == "cancelled"
     assert runtime.wait(job.id, timeout=30).state == JobState.cancelled  # stays cancelled
+    # its progress does not go back at the end (it showed frames of chunks in flight, then only done ones)
+    assert runtime.status(job.id).frames_done >= shown > 0
     assert not (tmp_path / "cancelled.mp4").exists()
     after = runtime.wait(runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "next.mp4")).id, timeout=300)
     assert after.state == JobState.succeeded, after.error

@@ -289,6 +289,24 @@ def test_the_service_keeps_serving_and_left_no_temporaries(service, http, svc_co
     json.dumps(listed)
 
 
+def test_request_directories_of_a_killed_ingress_are_swept_when_an_ingress_starts(tmp_path):
+    """A request's directory holds its uploads until its `finally`; an ingress killed mid-request left
+    them for ever (19 of them, inputs and all, under /tmp on the project's machine)."""
+    import os
+
+    from service.backend import sweep_request_dirs
+
+    old, young, other = tmp_path / "req-old", tmp_path / "req-young", tmp_path / "compat"
+    for d in (old, young, other):
+        d.mkdir()
+        (d / "audio.wav").write_bytes(b"RIFF")
+    for p in (old, old / "audio.wav", other, other / "audio.wav"):
+        os.utime(p, (time.time() - 7200,) * 2)
+    os.utime(young, (time.time() - 7200,) * 2)  # an old directory whose upload is still being written
+    assert sweep_request_dirs(tmp_path, 3600) == [old]
+    assert not old.exists() and (young / "audio.wav").exists() and (other / "audio.wav").exists()
+
+
 def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     """Requests that used to answer a plain-text 500 (or break the socket) get a 4xx naming the
     problem: signed tokens of odd shapes (non-ASCII digits, 5000 digits, a non-ASCII signature),
