@@ -43,6 +43,8 @@ REFUSED_STREAM_PATIENCE_S = 600.0
 # how long a live session's audio socket, reopened after its connection was lost, keeps asking while
 # the server still counts the lost one as holding the session (it lets go 10 s after its last audio)
 SOCKET_TAKEOVER_S = 12.0
+# how long `download_recording` waits for a session that is still ending (its recording is written then)
+RECORDING_WAIT_S = 300.0
 
 
 class ApiError(Exception):
@@ -1120,18 +1122,25 @@ class LiveSession(_LiveBase):
                 self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
         return self.view
 
-    def download_recording(self, path: str | os.PathLike) -> Path:
+    def download_recording(self, path: str | os.PathLike, timeout: float = RECORDING_WAIT_S) -> Path:
+        """The session's recording (once it has ended: a session still ending, e.g. just after a
+        `close` that waited its bound, is waited for up to `timeout`)."""
         from cluster.fsutil import atomic_writer
 
         dest = Path(path).expanduser()
-        with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
-            if r.status_code != 200:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
+                if r.status_code == 200:
+                    with atomic_writer(dest) as f:  # whole or not at all (an error or Ctrl-C leaves no half mp4)
+                        for block in r.iter_bytes(1 << 16):
+                            f.write(block)
+                    return dest
                 r.read()
-                raise ApiError.from_response(r)
-            with atomic_writer(dest) as f:  # whole or not at all (an error or Ctrl-C leaves no half mp4)
-                for block in r.iter_bytes(1 << 16):
-                    f.write(block)
-        return dest
+                error = ApiError.from_response(r)
+            if error.code != "session.not_ended" or time.monotonic() >= deadline:
+                raise error
+            time.sleep(1.0)
 
     def __enter__(self) -> "LiveSession":
         return self
@@ -1260,19 +1269,24 @@ class AsyncLiveSession(_LiveBase):
             self.view = SessionView.model_validate(r.json())
         return self.view
 
-    async def download_recording(self, path: str | os.PathLike) -> Path:
+    async def download_recording(self, path: str | os.PathLike, timeout: float = RECORDING_WAIT_S) -> Path:
         """The async twin of `LiveSession.download_recording`."""
         from cluster.fsutil import atomic_writer
 
         dest = Path(path).expanduser()
-        async with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
-            if r.status_code != 200:
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.client.http.stream("GET", f"/v1/sessions/{self.id}/recording") as r:
+                if r.status_code == 200:
+                    with atomic_writer(dest) as f:
+                        async for block in r.aiter_bytes(1 << 16):
+                            f.write(block)
+                    return dest
                 await r.aread()
-                raise ApiError.from_response(r)
-            with atomic_writer(dest) as f:
-                async for block in r.aiter_bytes(1 << 16):
-                    f.write(block)
-        return dest
+                error = ApiError.from_response(r)
+            if error.code != "session.not_ended" or time.monotonic() >= deadline:
+                raise error
+            await asyncio.sleep(1.0)
 
     async def __aenter__(self) -> "AsyncLiveSession":
         return self

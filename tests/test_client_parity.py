@@ -216,3 +216,21 @@ def test_both_downloads_retry_an_overloaded_server_and_resume_the_same_result(tm
             assert outcome.read_bytes() == body, name
             if name == "resume":
                 assert seen[0].headers["range"] == "bytes=1000-"
+
+
+def test_a_recording_asked_for_while_its_session_still_ends_is_waited_for(tmp_path):
+    """`lipsync live --recording` right after `close()` (which waits a bounded time): the session may
+    still be ending; both faces wait for its recording instead of failing with session.not_ended."""
+    from cluster.schemas import SessionView
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            return httpx.Response(409, json={"error": {"code": "session.not_ended", "message": "s1 is ending",
+                                                       "field": None}})
+        return httpx.Response(200, content=b"mp4 bytes")
+
+    view = SessionView.model_validate(SESSION)
+    outcomes = _both(handler, lambda c: (sdk.LiveSession if isinstance(c, Client) else sdk.AsyncLiveSession)(
+        c, view).download_recording(tmp_path / f"rec-{type(c).__name__}.mp4", timeout=30))
+    for outcome, seen in outcomes:
+        assert len(seen) == 2 and outcome.read_bytes() == b"mp4 bytes", (outcome, seen)
