@@ -50,8 +50,10 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
     if not real.exists():
         raise InputNotFound(f"input file {path} does not exist", path=path)
     st = real.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise InputOutsideRoots(f"input path {path} is not a regular file", path=path)
+    if stat.S_ISDIR(st.st_mode):  # a mistake, not an attempt: said as one
+        raise InputError(f"input path {path} is a directory, not a file", path=path)
+    if not stat.S_ISREG(st.st_mode):  # a device or a pipe: never read
+        raise InputOutsideRoots(f"input path {path} is not a regular file (a device or a pipe)", path=path)
     if st.st_nlink > 1:  # a hard link inside a root may be a file from anywhere: realpath cannot tell
         raise InputOutsideRoots(f"input path {path} is a hard link ({st.st_nlink} links); it may name a file "
                                 f"outside the input roots, so it is refused: copy the file instead", path=path)

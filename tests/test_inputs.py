@@ -7,7 +7,7 @@ import os
 import pytest
 
 from cluster.config import Settings
-from cluster.errors import InputNotFound, InputOutsideRoots, InputTooLarge
+from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge
 from cluster.inputs import UploadCorrupt, UploadNotFound, UploadStore, resolve_input_path, upload_ref_path
 
 
@@ -114,9 +114,13 @@ def test_hard_links_and_non_files_under_a_root_are_refused(roots):
     os.link(secret / "s.wav", allowed / "hard.wav")
     with pytest.raises(InputOutsideRoots, match="hard link"):
         resolve_input_path(str(allowed / "hard.wav"), settings)
-    (allowed / "dir.wav").mkdir()
-    with pytest.raises(InputOutsideRoots, match="not a regular file"):
+    (allowed / "dir.wav").mkdir()  # a directory is a mistake (input.invalid), not outside the roots
+    with pytest.raises(InputError, match="is a directory, not a file") as info:
         resolve_input_path(str(allowed / "dir.wav"), settings)
+    assert info.value.code == "input.invalid"
+    os.mkfifo(allowed / "pipe.wav")  # a pipe would block whoever reads it
+    with pytest.raises(InputOutsideRoots, match="not a regular file"):
+        resolve_input_path(str(allowed / "pipe.wav"), settings)
 
 
 def test_an_upload_idle_past_the_timeout_is_removed_and_a_live_one_kept(tmp_path):
