@@ -610,7 +610,11 @@ class LiveRegistry:
             cause = getattr(e, "cause", None)
             if isinstance(cause, LipsyncError):
                 raise cause from None
-            raise
+            why = (f"did not start within {self.s.model_load_timeout_s + 30:.0f} s"
+                   if isinstance(e, ray.exceptions.GetTimeoutError) else f"could not start: {cause or e!r}")
+            log.error("live session %s %s", session_id, why)
+            raise LipsyncError(f"live session {session_id} {why}", code="session.start_failed",
+                               cause=repr(cause or e)) from None
         if self.s.live_standby:  # it gets ready beside the session and takes it over if its actor dies
             try:
                 create_session_actor(self.s, session_id, standby=True)

@@ -124,7 +124,7 @@ def main() -> None:
         output = np.concatenate(list(iter_frames(out_path, 64, s)))
         n = output.shape[0]
         avatar = prepare_avatar(video, s)
-        indices = template_indices(0, n, avatar.frame_count, s.loop)
+        indices = template_indices(0, n, avatar.frame_count, "pingpong")
         with TemplateReader(avatar.template_path, s) as reader:
             template = reader.read(indices)
         matrices = alignment_matrices(avatar.load_track().landmarks[indices], model.size)

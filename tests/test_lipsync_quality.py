@@ -110,7 +110,7 @@ def case(tmp_path_factory) -> RenderedCase:
     avatar = prepare_avatar(video, settings)  # the render's avatar, read from the cache
     assert avatar.cached
     fps = avatar.info.video.fps
-    indices = template_indices(0, len(output), avatar.frame_count, settings.loop)
+    indices = template_indices(0, len(output), avatar.frame_count, "pingpong")
     assert avatar.frame_count < len(output) and indices.max() == avatar.frame_count - 1  # it loops
     with TemplateReader(avatar.template_path, settings) as reader:
         template = reader.read(indices)

@@ -142,7 +142,10 @@
       if (message.type === "ready") {
         session.reconnects = 0;
         for (const chunk of session.pending.splice(0)) ws.send(chunk);
-        if (!session.speaking) ws.send(JSON.stringify({ type: "end" })); // Stop came while connecting
+        if (!session.speaking) { // Stop came while connecting
+          ws.send(JSON.stringify({ type: "end" }));
+          if (session.utterance) session.utterance.ended = true;
+        }
       } else if (message.type === "ended" && !session.speaking) {
         ws.close(1000, "speech ended");
         note("Speech ended: the server received " + secs(message.offset / 2 / session.rate) + "; the avatar says " +
@@ -301,6 +304,7 @@
         // not when Speak was pressed again meanwhile: that utterance is not ended
         if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length && !session.mic) {
           ws.send(JSON.stringify({ type: "end" }));
+          if (session.utterance) session.utterance.ended = true;
         }
       }, 150);
     } else if (session.ws) {
@@ -319,7 +323,12 @@
     let mic;
     try {
       const chunks = [];
-      mic = await openMicrophone((buffer) => (session ? sendChunk(session, buffer) : chunks.push(buffer)));
+      // once this utterance's end is sent, a late chunk of its microphone (a slow machine's flush) is not
+      // sent after it: the server would take it as the start of the next utterance
+      const utterance = { ended: false };
+      mic = await openMicrophone((buffer) => {
+        if (!utterance.ended) session ? sendChunk(session, buffer) : chunks.push(buffer);
+      });
       if (session && session.rate !== mic.rate) { // the open session takes another rate: a new session
         await endSession();
         session = null;
@@ -346,6 +355,7 @@
         whenStreamStarts(session);
       }
       session.mic = mic;
+      session.utterance = utterance;
       session.speaking = true;
       $("live-mic").textContent = mic.label + ": " + mic.inputRate / 1000 + " kHz, sent as PCM s16le at " +
         mic.rate / 1000 + " kHz" + (mic.rate !== mic.inputRate ? " (resampled)" : "");
