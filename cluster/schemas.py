@@ -63,6 +63,7 @@ class VideoStreamInfo(BaseModel):
     pix_fmt: str | None = None
     hdr_transfer: str | None = None  # "smpte2084" (PQ) or "arib-std-b67" (HLG); None for SDR
     sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
+    base_fps: float | None = None  # the stream's cadence (r_frame_rate): a variable-rate stream's frames lie on it
 
     @property
     def fps(self) -> Fraction:

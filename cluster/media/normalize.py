@@ -47,17 +47,25 @@ def template_path_for(template_id: str, settings: Settings) -> Path:
     return settings.dir("templates") / template_id / TEMPLATE_FILE
 
 
+def _standard(fps: Fraction | float) -> Fraction | None:
+    """The standard rate within 1 % of `fps`, if any."""
+    return next((rate for rate in STANDARD_RATES if abs(fps - rate) <= rate / 100), None)
+
+
 def target_fps(info: MediaInfo) -> Fraction:
-    """The constant rate of the normalised template: the source's exact rate; for a variable-rate
-    source its average rate, snapped to a standard rate within 1 % (29.87 -> 30000/1001)."""
+    """The constant rate of the normalised template: the source's exact rate. For a variable-rate
+    source, the standard rate its frames are laid on (its cadence, r_frame_rate: a 25 fps recording
+    that dropped frames stays 25 fps, the gaps filled by repeating frames, rather than becoming a
+    10 fps video whose mouth would move 10 times a second); else its average rate, snapped to a
+    standard rate within 1 % (29.87 -> 30000/1001)."""
     v = info.video
     fps = v.fps
     if not v.variable_frame_rate:
         return fps
-    for rate in STANDARD_RATES:
-        if abs(fps - rate) <= rate / 100:
-            return rate
-    return fps.limit_denominator(1001)
+    cadence = _standard(v.base_fps) if v.base_fps else None
+    if cadence is not None and cadence > fps:
+        return cadence
+    return _standard(fps) or fps.limit_denominator(1001)
 
 
 def _expected_frames(info: MediaInfo, fps: Fraction) -> tuple[int, int]:

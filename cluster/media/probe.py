@@ -245,7 +245,9 @@ def _video_info(path: str, container, stream, container_duration: float,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
                            pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)),
-                           sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0)
+                           sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0,
+                           base_fps=float(stream.base_rate) if stream.base_rate and stream.base_rate.numerator > 0
+                           else None)
 
 
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
