@@ -229,9 +229,10 @@ class ServiceSidecar:
         return self.store.get(job_id)
 
     # avatars ---------------------------------------------------------------------------------------
-    async def prepare_avatar(self, video_ref: str) -> dict:
-        """Prepare (or find, by content hash) the avatar of an uploaded template; its summary."""
-        from cluster.errors import TooManyPreparations
+    async def prepare_avatar(self, video_ref: str, source: str | None = None) -> dict:
+        """Prepare (or find, by content hash) the avatar of an uploaded template; its summary. Errors
+        name `source` (the client's file name or URL), not this node's stored copy."""
+        from cluster.errors import LipsyncError, TooManyPreparations
         from cluster.faces.avatar import prepare_avatar, stored_avatar_for
         from cluster.inputs import upload_ref_path
 
@@ -245,6 +246,12 @@ class ServiceSidecar:
         self._preparing += 1
         try:
             avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
+        except LipsyncError as e:
+            if source and e.code != "service.busy":
+                for stored in (str(path), video_ref):
+                    e.message = e.message.replace(stored, source)
+                e.args, e.path = (e.message,), "video"
+            raise
         finally:
             self._preparing -= 1
         return avatar_summary(avatar)

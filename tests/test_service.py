@@ -500,6 +500,12 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert avatar["id"] in [a["id"] for a in http.get("/v1/avatars").json()]
         nf = http.get("/v1/avatars/0123456789abcdef")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "avatar.not_found"
+        # a file that is no video: the error names the client's file and field (it named the server's
+        # stored copy, /.../inputs/<sha256>.mp4, with no field)
+        bad = http.post("/v1/avatars", files={"video": ("my face.mp4", b"not a video at all" * 50)})
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and error["field"] == "video" and "my face.mp4" in error["message"], error
+        assert "/inputs/" not in error["message"], error
         audios = [write_audio(str(service.input_root / f"batch{i}.wav"), speech_like(0.8 + 0.2 * i, seed=40 + i))
                   for i in range(3)]
         r = http.post("/v1/batches", json={"id": "batch-1", "audios": audios, "avatar_id": avatar["id"]})

@@ -32,15 +32,15 @@ async def create_avatar(request: Request, backend: Backend = Depends(get_backend
             await up.read(request)
             if "video" not in up.files:
                 raise ApiProblem(422, "input.invalid", "multipart field 'video' (a file) is required", "video")
-            path, fname = up.files["video"]
-            ref = await backend.gateway.upload(path, fname)
+            path, source = up.files["video"]
+            ref = await backend.gateway.upload(path, source)
         else:
             body = await json_body(request, AvatarCreate)
             request.state.inputs = {"video": body.video}
-            ref = await backend.stage_input(body.video, "video", tmpdir)
+            ref, source = await backend.stage_input(body.video, "video", tmpdir), body.video
             if not ref.startswith("upload:"):  # a server path: stored through the manager first
                 raise ApiProblem(422, "input.invalid", "avatars are prepared from an upload or a URL", "video")
-        summary = await backend.sidecar("prepare_avatar", ref, timeout=settings.chunk_timeout_s)
+        summary = await backend.sidecar("prepare_avatar", ref, source, timeout=settings.chunk_timeout_s)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return JSONResponse(AvatarView(**summary).model_dump(mode="json"), status_code=201)
