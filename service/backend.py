@@ -170,14 +170,15 @@ class Backend:
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
         if video is None and avatar_id is None:
             raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
-        staged = dict(staged or {})
-        if "audio" not in staged:
-            staged["audio"] = await self.stage_input(str(audio), "audio", tmpdir)
-        if video is not None and "video" not in staged:
-            staged["video"] = await self.stage_input(str(video), "video", tmpdir)
+        staged, sources = dict(staged or {}), dict(sources or {})
+        for name, given in (("audio", audio), ("video", video)):
+            if given is not None and name not in staged:
+                staged[name] = await self.stage_input(str(given), name, tmpdir)
+                if staged[name] != str(given):  # a URL fetched, a compat path: errors name what was given
+                    sources.setdefault(staged[name], str(given))
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
                                 model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf,
-                                sources=dict(sources or {}))
+                                sources=sources)
         return await self.gateway.submit(job_id or new_job_id(), request)
 
     # callbacks -------------------------------------------------------------------------------------

@@ -139,6 +139,16 @@ def test_compat_submit_refuses_bad_inputs(http, svc_corpus, name):
     svc_corpus.canaries.assert_untouched(r.text)
 
 
+def test_compat_errors_name_the_path_the_client_gave(http):
+    """A file stored by /upload and refused at /easy/submit: the message names the data.path the client
+    sent (it named the server's upload:<sha256> reference)."""
+    up = http.post("/upload", files={"file": ("bad.mp4", b"not media at all" * 100)})
+    assert up.status_code == 200 and up.json()["code"] == 10000, up.text
+    path = up.json()["data"]["path"]
+    r = http.post("/easy/submit", json={"audio_url": path, "video_url": path, "code": "compat-named"}).json()
+    assert r["code"] == 10002 and path in r["msg"] and "upload:" not in r["msg"], r
+
+
 def test_compat_submit_refuses_paths_outside_the_root(http, svc_corpus):
     for name in ("dotdot", "absolute", "symlink_out", "etc_passwd"):
         r = http.post("/easy/submit", json={"audio_url": svc_corpus.escapes[name],
