@@ -196,15 +196,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def _port_in_use(host: str, port: int) -> str | None:
-    """Why `host:port` cannot be listened on now (e.g. another process listens there), or None."""
-    import socket
+#: how long `lipsync serve` waits for its port to be free (a killed predecessor's proxy dies a little later)
+PORT_WAIT_S = 15.0
 
-    try:
-        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
-            return None
-    except OSError as e:
-        return e.strerror or str(e)
+
+def _port_in_use(host: str, port: int, wait_s: float = PORT_WAIT_S) -> str | None:
+    """Why `host:port` cannot be listened on (e.g. another process listens there), or None. A port
+    held by a service that is going away (a restart right after the last one was killed: its Serve
+    proxy dies a few seconds later) is waited for up to `wait_s`."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+                return None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                return (e.strerror or str(e)) + (f" for {wait_s:g} s" if wait_s else "")
+        time.sleep(0.5)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -104,11 +104,12 @@ def test_a_live_reader_refused_a_build_while_another_ran_asks_again_and_moves_to
     monkeypatch.setattr(TemplateFrames, "RECHECK_S", 0.0)
     lock = s.node_cache_dir / framecache.BUILD_LOCK
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with TemplateFrames(template, s) as frames:
-        with open(lock, "w") as held:  # another template's build holds the node's builder
-            fcntl.flock(held, fcntl.LOCK_EX)
-            wait_until(lambda: frames.path in framecache._not_before, timeout=30, what="the refused build")
-            assert not frames.path.exists()
+    with open(lock, "w") as held:  # another template's build holds the node's builder (from before the session)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        frames = TemplateFrames(template, s)
+        wait_until(lambda: frames.path in framecache._not_before, timeout=30, what="the refused build")
+        assert not frames.path.exists()
+    with frames:
         before = frames.read_yuv([1, 2])
         wait_until(lambda: frames.read_yuv([1, 2]) is not None and frames.cached, timeout=60, interval=0.1,
                    what="the session reading the frame file")
