@@ -90,11 +90,10 @@ def check_output(path: str | Path, n_samples: int, fps: Fraction, size: tuple[in
         assert (first.width, first.height) == size
         assert not first.rotation, first.rotation
     assert abs(info.video.duration - seconds) <= frame + 1e-3, (info.video.duration, seconds)
-    # all of the speech (its last AAC packet was once cut off), and an AAC stream may run up to one
-    # 1024-sample frame past the source (the encoder's padding): the file as long as that
-    padding = 1024 / info.audio.sample_rate
-    assert seconds - 0.002 <= info.audio.duration <= seconds + frame + padding, (info.audio, seconds)
-    assert abs(info.duration - seconds) <= frame + padding + 1e-3, (info.duration, seconds)
+    # exactly the speech: its last AAC packet was once cut off, and then the encoder's padding after it
+    # counted (the edit list now ends at the last real sample)
+    assert abs(info.audio.duration - seconds) <= 0.002, (info.audio, seconds)
+    assert abs(info.duration - seconds) <= frame + 1e-3, (info.duration, seconds)
     return info
 
 

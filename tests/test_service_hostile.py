@@ -200,8 +200,8 @@ def test_sdk_renders_a_tenth_of_a_second(service, svc_corpus, tmp_path):
         job.wait(timeout=180)
         out = job.download(tmp_path / "blip.mp4")
     info = probe(out)
-    # all of the speech (its last AAC packet was cut: 0.064 s of 0.1 s came out), at most a padded frame more
-    assert info.video.frame_count == 3 and 0.098 <= info.audio.duration <= 0.1 + 0.07, info.audio
+    # all of the speech, exactly (its last AAC packet was cut: 0.064 s of 0.1 s came out)
+    assert info.video.frame_count == 3 and info.audio.duration == pytest.approx(0.1, abs=0.002), info.audio
 
 
 # --- hostile requests ----------------------------------------------------------------------------

@@ -328,7 +328,9 @@ class AacTrack:
     # --- the finished track as a file ------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the finished track as an `.m4a` (the same packets; the muxer's edit list trims the
-        priming) to `path`, atomically."""
+        priming, and the encoder's padding after the last real sample: the last packet lasts only the
+        samples it holds, so the file, and the mp4 its packets are copied into, lasts the speech's
+        exact length) to `path`, atomically."""
         from cluster.fsutil import atomic_writer
 
         if not self.done:
@@ -339,10 +341,11 @@ class AacTrack:
                 stream = out.add_stream("aac", rate=self.sample_rate,
                                         layout="stereo" if self.channels == 2 else "mono")
                 stream.bit_rate = self.bitrate
+                total = round(self.duration * self.sample_rate)  # the real samples (the encoder's 0 on)
                 for pts, data in self._blocks():
                     packet = av.Packet(data)
                     packet.pts = packet.dts = pts
-                    packet.duration = FRAME
+                    packet.duration = max(1, min(FRAME, total - pts))
                     packet.time_base = Fraction(1, self.sample_rate)
                     packet.stream = stream
                     out.mux(packet)
