@@ -609,6 +609,9 @@ def entry() -> None:
         sys.exit(code)
     import os
 
+    if (framecache := sys.modules.get("cluster.media.framecache")) is not None:
+        framecache.abandon_builds()  # (atexit does not run past os._exit) no half-written frame file left
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -234,3 +234,26 @@ def test_the_build_runs_on_a_thread_that_lets_the_renders_go_first(template, tmp
         wait_until(lambda: niceness, timeout=30, what="the build thread")
     assert niceness == [min(19, before + framecache.BUILD_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process's own threads unchanged
+
+
+def test_a_build_still_writing_when_its_process_exits_stops_and_leaves_nothing(template, tmp_path, monkeypatch):
+    """A one-shot `lipsync render` that ends while its frame file is being built left the half-written
+    temporary in the node cache until the next build; the process's exit now stops the build and
+    removes it (atexit; `lipsync`'s own exit calls it too, as `os._exit` skips atexit)."""
+    import threading
+
+    s = Settings(storage_root=tmp_path)
+    monkeypatch.setattr(framecache, "_exiting", threading.Event())  # this test's "exit", not the process's
+    slow_read = TemplateReader.read_yuv
+
+    def read_yuv(self, indices):
+        time.sleep(0.05)
+        return slow_read(self, indices)
+
+    monkeypatch.setattr(TemplateReader, "read_yuv", read_yuv)
+    with TemplateFrames(template, s) as frames:  # a live session's reader: its build starts at once
+        cache = s.node_cache_dir
+        wait_until(lambda: list(cache.glob(".frames-*.tmp")), timeout=30, what="the build writing")
+        framecache.abandon_builds()
+        assert not list(cache.glob(".frames-*.tmp")) and not frames.path.exists()
+        assert not any(t.is_alive() for t in framecache._build_threads)

@@ -21,6 +21,7 @@ from cluster.media.probe import probe, read_media_info
 from cluster.render import admit, prepare_job, render_local
 from cluster.schemas import RenderRequest
 from tests.corpus import CASES, REFUSAL_DEADLINE_S
+from tests.helpers import wait_until
 
 TEMP_MARKS = (".tmp", ".pending", ".template-", ".ffconcat", ".out-")
 ADMIT_CASES = [n for n, (_, code, stage) in CASES.items() if code and stage == "admit"]
@@ -148,7 +149,9 @@ def test_valid_but_odd_input_renders_correctly(hostile_corpus, settings, model, 
     assert abs(info.video.frame_count - math.ceil(seconds * fps)) <= 1, (info.video.frame_count, seconds)
     assert info.audio.duration == pytest.approx(seconds, abs=0.07)
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
-    assert not temporaries(settings.storage_root)
+    # none left behind; a node-cache frame file still being built (a thread of this process, started by
+    # a template's second job) may be writing its own for a moment
+    wait_until(lambda: not temporaries(settings.storage_root), 60, 0.2, "temporaries gone")
     hostile_corpus.canaries.assert_untouched(out.read_bytes())
     assert case.note  # each odd case says what it exercises
 

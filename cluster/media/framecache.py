@@ -25,6 +25,7 @@ readers back to decoding. `Settings.frame_cache=false` turns it off.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import hashlib
@@ -70,6 +71,28 @@ BUILD_LOCK = ".frames-build/lock"
 _building: set[Path] = set()  # files this process is building (one thread each)
 _not_before: dict[Path, float] = {}  # files this process could not build, and when to try again
 _building_lock = threading.Lock()
+#: Set when the process exits: a build still writing stops and removes its temporary (a one-shot
+#: `lipsync render` would otherwise leave a half-written frame file behind until the next build).
+_exiting = threading.Event()
+_build_threads: set[threading.Thread] = set()
+#: How long the process's exit waits for its builds to stop (each stops within a few frames).
+EXIT_WAIT_S = 2.0
+
+
+class BuildAbandoned(Exception):
+    """A build stopped because its process exits."""
+
+
+@atexit.register
+def abandon_builds() -> None:
+    """Stop this process's builds and remove their temporaries (at its exit; bounded by `EXIT_WAIT_S`)."""
+    _exiting.set()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with _building_lock:
+        threads = list(_build_threads)
+    for thread in threads:
+        if thread.is_alive():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 @functools.cache
@@ -309,21 +332,28 @@ def _start_build(template_path, path: Path, size: int, settings: Settings) -> No
             except (OSError, AttributeError):
                 pass
             built = build_frame_file(template_path, path, size, settings)
+        except BuildAbandoned:  # its temporary removed; the next process of the node builds it
+            built = None
         except Exception as e:  # a cache: logged, and the chunks decode as before
             built = False
             log.warning("building the template frames %s of %s failed: %s", path.name, template_path, e)
         finally:
             with _building_lock:
                 _building.discard(path)
+                _build_threads.discard(threading.current_thread())
                 if built is not True:  # no room, or failed: not for a while; another builder: soon
                     _not_before[path] = time.monotonic() + (RETRY_AFTER_S if built is False else BUSY_RETRY_S)
 
     try:
-        threading.Thread(target=run, name="frame-cache-build", daemon=True).start()
+        thread = threading.Thread(target=run, name="frame-cache-build", daemon=True)
+        with _building_lock:
+            _build_threads.add(thread)
+        thread.start()
     except RuntimeError as e:  # no thread to be had: the chunks decode
         log.warning("template frames of %s not cached: %s", template_path, e)
         with _building_lock:
             _building.discard(path)
+            _build_threads.discard(thread)
 
 
 def build_frame_file(template_path, path: Path, size: int, settings: Settings) -> bool | None:
@@ -368,6 +398,8 @@ def build_frame_file(template_path, path: Path, size: int, settings: Settings) -
             with TemplateReader(template_path, settings) as reader, open(tmp, "wb") as f:
                 step = 4  # frames at once: little memory in the thread's own malloc arena
                 for first in range(0, reader.frame_count, step):
+                    if _exiting.is_set():
+                        raise BuildAbandoned(f"template frames of {template_path}: the process exits")
                     f.write(reader.read_yuv(range(first, min(first + step, reader.frame_count))).data)
                 if f.tell() != size:
                     raise MediaError(f"template frames of {template_path}: wrote {f.tell()} bytes, expected {size}",
