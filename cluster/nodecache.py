@@ -50,11 +50,9 @@ def cached_file(root: Path, sha256: str, suffix: str, fetch: FetchFn, part_bytes
     return path
 
 
-def evict(root: Path, budget_bytes: int, now: float | None = None) -> list[Path]:
-    """Cut the cache back to `budget_bytes`: remove its least recently used files (their mtime,
-    renewed at each use), never one used (or fetched) in the last `KEEP_RECENT_S`; and the working
-    directories of jobs (`jobs/<id>`: a killed render's segments) untouched for a day. What it removed."""
-    now = time.time() if now is None else now
+def _files(root: Path) -> list[tuple[float, int, Path]]:
+    """(mtime, size, path) of the cache's files (not its directories); one renamed or removed while
+    it is listed is left out."""
     files = []
     for p in root.iterdir() if root.is_dir() else []:
         try:
@@ -63,6 +61,20 @@ def evict(root: Path, budget_bytes: int, now: float | None = None) -> list[Path]
                 files.append((st.st_mtime, st.st_size, p))
         except OSError:
             continue
+    return files
+
+
+def cache_bytes(root: Path) -> int:
+    """The bytes the cache's files hold now (what `evict` counts against its budget)."""
+    return sum(size for _, size, _ in _files(root))
+
+
+def evict(root: Path, budget_bytes: int, now: float | None = None) -> list[Path]:
+    """Cut the cache back to `budget_bytes`: remove its least recently used files (their mtime,
+    renewed at each use), never one used (or fetched) in the last `KEEP_RECENT_S`; and the working
+    directories of jobs (`jobs/<id>`: a killed render's segments) untouched for a day. What it removed."""
+    now = time.time() if now is None else now
+    files = _files(root)
     total = sum(size for _, size, _ in files)
     removed = []
     for mtime, size, p in sorted(files, key=lambda f: f[0]):

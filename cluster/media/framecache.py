@@ -306,17 +306,6 @@ class TemplateFrames:
         self.close()
 
 
-def _cache_bytes(root: Path) -> int:
-    total = 0
-    for p in root.iterdir():
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except FileNotFoundError:  # renamed or evicted meanwhile
-            pass
-    return total
-
-
 def _start_build(template_path, path: Path, size: int, settings: Settings) -> None:
     with _building_lock:
         if path in _building or time.monotonic() < _not_before.get(path, 0.0):
@@ -362,7 +351,7 @@ def build_frame_file(template_path, path: Path, size: int, settings: Settings) -
     False: the cache cannot take it (over its share of the budget or of the free space)."""
     from cluster.fsutil import TEMPORARY_SUFFIX, temporary_name
     from cluster.media.decode import TemplateReader
-    from cluster.nodecache import evict
+    from cluster.nodecache import cache_bytes, evict
     from cluster.resources import free_bytes
 
     root = path.parent
@@ -383,13 +372,13 @@ def build_frame_file(template_path, path: Path, size: int, settings: Settings) -
         for stale in root.glob(f".frames-*{TEMPORARY_SUFFIX}"):  # a build killed mid-way: none runs now
             stale.unlink(missing_ok=True)
         free, total = free_bytes(root, settings), shutil.disk_usage(root).total
-        used = _cache_bytes(root)
-        if size <= free * MAX_FREE_SHARE and free - size >= max(FREE_MARGIN_BYTES, FREE_MARGIN_SHARE * total) \
-                and used + size > budget:
+        disk_takes_it = size <= free * MAX_FREE_SHARE and free - size >= max(FREE_MARGIN_BYTES,
+                                                                             FREE_MARGIN_SHARE * total)
+        used = cache_bytes(root)
+        if disk_takes_it and used + size > budget:
             evict(root, budget - size)  # least recently used first, never one used in the last hour
-            used = _cache_bytes(root)
-        if used + size > budget or size > free * MAX_FREE_SHARE \
-                or free - size < max(FREE_MARGIN_BYTES, FREE_MARGIN_SHARE * total):
+            used = cache_bytes(root)
+        if not disk_takes_it or used + size > budget:
             log.info("template frames of %s (%d MiB) not cached: the node cache holds %d of %d MiB, the disk "
                      "has %d MiB free", template_path, size >> 20, used >> 20, budget >> 20, free >> 20)
             return False
