@@ -968,6 +968,21 @@ class _LiveBase:
         ahead of it at its rendering pace (backpressure), so at least the seconds not yet confirmed."""
         return self.client.timeout + len(self._unconfirmed) / (2 * self.sample_rate)
 
+    def _end_not_confirmed(self) -> WaitTimeout:
+        return WaitTimeout(f"live session {self.id}: the end of the speech was not confirmed within "
+                           f"{self._end_timeout():.0f} s")
+
+    def _held_by_our_lost_socket(self, e: ApiError, deadline: float) -> bool:
+        """Whether to open the socket again after `e`: a reconnect (a socket was open before) meets the
+        lost one's hold on the session (4409) for a few seconds, until `deadline`."""
+        return e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline
+
+    @staticmethod
+    def _closed(e: Exception) -> tuple[int | None, str]:
+        """The close code and reason a socket error carries (None and the error without one)."""
+        rcvd = getattr(e, "rcvd", None)
+        return (rcvd.code, rcvd.reason) if rcvd is not None else (None, repr(e))
+
     def __repr__(self) -> str:
         return f"LiveSession({self.id!r}, {self.view.state})"
 
@@ -1007,8 +1022,8 @@ class LiveSession(_LiveBase):
                 try:
                     self._open_socket()
                     break
-                except ApiError as e:  # a reconnect meets the lost socket's hold for a few seconds
-                    if not (e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline):
+                except ApiError as e:
+                    if not self._held_by_our_lost_socket(e, deadline):
                         raise
                     time.sleep(0.5)
         return self._ws
@@ -1032,10 +1047,6 @@ class LiveSession(_LiveBase):
         self._opened = True
         if self._unconfirmed:  # resume: what the server did not get yet
             self._ws.send(bytes(self._unconfirmed))
-
-    def _closed(self, e: Exception) -> tuple[int | None, str]:
-        rcvd = getattr(e, "rcvd", None)
-        return (rcvd.code, rcvd.reason) if rcvd is not None else (None, repr(e))
 
     def send(self, pcm: bytes) -> None:
         """Send PCM (an even number of bytes); reopens a dropped socket once and resumes."""
@@ -1068,8 +1079,7 @@ class LiveSession(_LiveBase):
             self._ws = None
             raise _ws_error(*self._closed(e)) from None
         except TimeoutError:
-            raise WaitTimeout(f"live session {self.id}: the end of the speech was not confirmed within "
-                              f"{self._end_timeout():.0f} s") from None
+            raise self._end_not_confirmed() from None
 
     def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
         """Send a local audio file (any format ffmpeg reads, resampled to the session's rate) in
@@ -1164,8 +1174,8 @@ class AsyncLiveSession(_LiveBase):
                 try:
                     await self._open_socket()
                     break
-                except ApiError as e:  # a reconnect meets the lost socket's hold for a few seconds
-                    if not (e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline):
+                except ApiError as e:
+                    if not self._held_by_our_lost_socket(e, deadline):
                         raise
                     await asyncio.sleep(0.5)
         return self._ws
@@ -1182,10 +1192,10 @@ class AsyncLiveSession(_LiveBase):
         try:
             self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
         except Exception as e:
-            rcvd = getattr(e, "rcvd", None)
+            code, reason = self._closed(e)
             ws, self._ws = self._ws, None
             await ws.close()
-            raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
+            raise _ws_error(code, reason) from None
         self._opened = True
         if self._unconfirmed:
             await self._ws.send(bytes(self._unconfirmed))
@@ -1200,10 +1210,10 @@ class AsyncLiveSession(_LiveBase):
         try:
             await ws.send(pcm)
         except ConnectionClosed as e:
-            rcvd = getattr(e, "rcvd", None)
+            code, reason = self._closed(e)
             self._ws = None
-            if rcvd is not None and 4000 <= rcvd.code < 5000:
-                raise _ws_error(rcvd.code, rcvd.reason) from None
+            if code is not None and 4000 <= code < 5000:
+                raise _ws_error(code, reason) from None
             await self._socket()
 
     async def end(self) -> None:
@@ -1217,11 +1227,9 @@ class AsyncLiveSession(_LiveBase):
             self._ready(await asyncio.wait_for(ws.recv(), self._end_timeout()))
         except ConnectionClosed as e:
             self._ws = None
-            rcvd = getattr(e, "rcvd", None)
-            raise _ws_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else repr(e)) from None
+            raise _ws_error(*self._closed(e)) from None
         except (TimeoutError, asyncio.TimeoutError):
-            raise WaitTimeout(f"live session {self.id}: the end of the speech was not confirmed within "
-                              f"{self._end_timeout():.0f} s") from None
+            raise self._end_not_confirmed() from None
 
     async def send_file(self, path: str | os.PathLike, realtime: bool = True) -> float:
         pcm = await asyncio.to_thread(_pcm_of_file, path, self.sample_rate)
