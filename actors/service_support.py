@@ -248,9 +248,7 @@ class ServiceSidecar:
             avatar = await asyncio.to_thread(prepare_avatar, str(path), self.s)
         except LipsyncError as e:
             if source and e.code != "service.busy":
-                for stored in (str(path), video_ref):
-                    e.message = e.message.replace(stored, source)
-                e.args, e.path = (e.message,), "video"
+                e.naming({str(path): source, video_ref: source}).path = "video"
             raise
         finally:
             self._preparing -= 1

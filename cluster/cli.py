@@ -323,16 +323,16 @@ def _client_call(fn) -> int:
         return 1
 
 
-def _local_input_problem(value: str | None, name: str) -> str | None:
-    """Why `value` cannot be a `submit` input: not a URL, not an existing local file, and not an
-    absolute path (which may name a file under the server's input roots)."""
+def _local_input_problem(value: str | None, name: str) -> tuple[str, str] | None:
+    """Why `value` cannot be a `submit` input, as (code, message): not a URL, not an existing local
+    file, and not an absolute path (which may name a file under the server's input roots)."""
     if value is None or "://" in value or Path(value).expanduser().is_file():
         return None
     if Path(value).expanduser().is_dir():
-        return f"{name} {value} is a directory, not a file"
+        return "input.invalid", f"{name} {value} is a directory, not a file"
     if Path(value).is_absolute():
         return None  # a server-side path: the server judges it
-    return f"{name} file {value} does not exist (a server-side path must be absolute)"
+    return "input.not_found", f"{name} file {value} does not exist (a server-side path must be absolute)"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -345,8 +345,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for value, name in ((args.audio, "audio"), (args.video, "video")):
         problem = _local_input_problem(value, name)
         if problem:
-            code = "input.invalid" if "is a directory" in problem else "input.not_found"
-            print(f"lipsync: error: {code}: {problem}", file=sys.stderr)
+            print("lipsync: error: {}: {}".format(*problem), file=sys.stderr)
             return 2
     if _refused_output(args.output):
         return 2

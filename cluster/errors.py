@@ -41,6 +41,17 @@ class LipsyncError(Exception):
                 setattr(self, k, v)
         return self
 
+    def naming(self, sources: dict[str, str]) -> "LipsyncError":
+        """Name what the user gave instead of the stored copies `sources` maps from (a path, an
+        upload reference), in the message and the path; returns self."""
+        for stored, original in sources.items():
+            if stored in self.message:
+                self.message = self.message.replace(stored, original)
+                self.args = (self.message,)
+            if self.path == stored:
+                self.path = original
+        return self
+
     def to_info(self):
         from cluster.schemas import ErrorInfo
         return ErrorInfo(code=self.code, message=self.message, stage=self.stage, chunk=self.chunk,

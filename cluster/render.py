@@ -259,13 +259,7 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
 
 def _name_sources(err: LipsyncError, request: RenderRequest) -> LipsyncError:
     """Errors about a stored copy name the file the user gave instead."""
-    for stored, original in request.sources.items():
-        if stored in err.message:
-            err.message = err.message.replace(stored, original)
-            err.args = (err.message,)
-        if err.path == stored:
-            err.path = original
-    return err
+    return err.naming(request.sources)
 
 
 # --- prepare -----------------------------------------------------------------------------

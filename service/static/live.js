@@ -142,10 +142,7 @@
       if (message.type === "ready") {
         session.reconnects = 0;
         for (const chunk of session.pending.splice(0)) ws.send(chunk);
-        if (!session.speaking) { // Stop came while connecting
-          ws.send(JSON.stringify({ type: "end" }));
-          if (session.utterance) session.utterance.ended = true;
-        }
+        if (!session.speaking) endUtterance(session, ws); // Stop came while connecting
       } else if (message.type === "ended" && !session.speaking) {
         ws.close(1000, "speech ended");
         note("Speech ended: the server received " + secs(message.offset / 2 / session.rate) + "; the avatar says " +
@@ -172,6 +169,12 @@
         "The audio socket was closed with code " + e.code + ": " + reason, null));
       stopSpeaking(session, false);
     };
+  }
+
+  // ends the utterance on the server; its microphone's late chunks are not sent after this
+  function endUtterance(session, ws) {
+    ws.send(JSON.stringify({ type: "end" }));
+    if (session.utterance) session.utterance.ended = true;
   }
 
   function sendChunk(session, buffer) {
@@ -303,8 +306,7 @@
         const ws = session.ws;
         // not when Speak was pressed again meanwhile: that utterance is not ended
         if (ws && ws.readyState === WebSocket.OPEN && !session.pending.length && !session.mic) {
-          ws.send(JSON.stringify({ type: "end" }));
-          if (session.utterance) session.utterance.ended = true;
+          endUtterance(session, ws);
         }
       }, 150);
     } else if (session.ws) {
