@@ -362,6 +362,12 @@ def test_a_probe_whose_replacement_fails_once_tries_again_and_brings_the_member_
         assert member.health == Health.live
         first = member.handle
         ray.kill(first, no_restart=True)  # dead for good
+        for _ in range(300):  # ray.kill returns before the actor is gone: a probe could still get its answer
+            try:
+                await asyncio.wait_for(first.info.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                break
+            await asyncio.sleep(0.1)
         await sup.lost(sup.compositors, member, "test: killed for good")
         for _ in range(300):  # live again on a new handle (a probe of the killed one may still answer first)
             if member.health == Health.live and member.handle is not first:
