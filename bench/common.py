@@ -246,6 +246,8 @@ def write_result(name: str, figures: dict, table_md: str, notes: str = "", start
         else " ".join([Path(sys.executable).name, *sys.argv])
     doc = {"name": name, "date": date, "command": command, "machine": mach, "figures": figures}
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+    if not quick:
+        _keep_runs_not_renewed(path, figures)
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if quick:
         print(table_md)
@@ -266,6 +268,21 @@ def write_result(name: str, figures: dict, table_md: str, notes: str = "", start
     print(table_md)
     print(f"wrote {path.relative_to(REPO)} and the {name} section of {DOCS.relative_to(REPO)}")
     return path
+
+
+def _keep_runs_not_renewed(path: Path, figures: dict) -> None:
+    """Before a run replaces NAME.json, move the stored result aside as NAME.<date>.json when it holds runs
+    (model, speech length) the new one does not measure: a partial run (`--model builtin`) renews its own
+    rows of the targets table (bench/summary.py reads them all) and loses none of the others."""
+    try:
+        old = json.loads(path.read_text())
+        old_keys = {(r["model"], r["speech_s"]) for r in old["figures"].get("runs", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    new_keys = {(r["model"], r["speech_s"]) for r in figures.get("runs", [])}
+    if old_keys - new_keys:
+        stamp = _dt.datetime.strptime(old["date"], "%Y-%m-%d %H:%M UTC").strftime("%Y%m%d-%H%M")
+        path.rename(path.with_name(f"{path.stem}.{stamp}.json"))
 
 
 def _replace_section(name: str, section: str) -> None:

@@ -13,6 +13,47 @@ def _load(name: str) -> dict | None:
         return None
 
 
+def _stored(name: str) -> list[dict]:
+    """NAME.json and the dated NAME.*.json kept beside it (not the quick runs' NAME.quick.json)."""
+    docs = []
+    for path in sorted(RESULTS.glob(f"{name}*.json")):
+        if path.name.endswith(".quick.json") or not (path.stem == name or path.stem.startswith(name + ".")):
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc.get("figures"), dict) and "date" in doc:
+            docs.append(doc)
+    return docs
+
+
+def _newest_runs(name: str) -> list[dict]:
+    """Every run of NAME's stored results, the newest per (model, speech length), each with its result's
+    date under "date"."""
+    newest: dict[tuple, dict] = {}
+    for doc in _stored(name):
+        for run in doc["figures"].get("runs", []):
+            key = (run["model"], run["speech_s"])
+            if key not in newest or doc["date"] > newest[key]["date"]:
+                newest[key] = {**run, "date": doc["date"]}
+    return list(newest.values())
+
+
+def _newest_pair(name: str, model: str, a: float, b: float) -> tuple[dict, dict] | None:
+    """The runs of MODEL at speech lengths A and B from the newest stored result that holds both."""
+    best = None
+    for doc in _stored(name):
+        runs = {r["speech_s"]: r for r in doc["figures"].get("runs", []) if r["model"] == model}
+        if a in runs and b in runs and (best is None or doc["date"] > best[1]["date"]):
+            best = ({**runs[a], "date": doc["date"]}, {**runs[b], "date": doc["date"]})
+    return best
+
+
+def _day(date: str | None) -> str:
+    return (date or "")[:10]
+
+
 def _fmt(v: float | None, unit: str = "x") -> str:
     return "not measured" if v is None else f"{v:.2f}{unit}"
 
@@ -20,37 +61,36 @@ def _fmt(v: float | None, unit: str = "x") -> str:
 def targets_rows() -> list[list[str]]:
     rows: list[list[str]] = []
 
-    def add(what: str, target: str, measured: float | None, ok: bool | None, unit: str = "x", src: str = "") -> None:
+    def add(what: str, target: str, measured: float | None, ok: bool | None, unit: str = "x", src: str = "",
+            date: str | None = None) -> None:
         verdict = "not measured" if measured is None or ok is None else ("met" if ok else "**not met**")
         rows.append([what, target, _fmt(measured, unit) + (f" ({src})" if src and measured is not None else ""),
-                     verdict])
+                     verdict, _day(date) if measured is not None else ""])
 
-    classic = _load("classic")
-    runs = classic["figures"]["runs"] if classic else []
+    runs = _newest_runs("classic")
 
-    def speed(situation: str, model: str, secs: float = 30.0) -> float | None:
-        for r in runs:
-            if r["model"] == model and r["speech_s"] == secs:
-                return r[situation]["speed_vs_classic"]
-        return None
+    def run_of(model: str, secs: float) -> dict | None:
+        return next((r for r in runs if r["model"] == model and r["speech_s"] == secs), None)
 
     for situation, label, targets in (
             ("oneshot", "one-shot `lipsync render`, cold avatar, vs classic", {"builtin": 1.3, "wav2lip96": 1.5}),
             ("warm_cold", "warm service, cold avatar, vs classic", {"builtin": 2.0, "wav2lip96": 1.7}),
             ("warm_prepared", "warm service, prepared avatar, vs classic", {"builtin": 4.0})):
         for model, t in targets.items():
-            v = speed(situation, model)
-            add(f"{label} ({model}, 30 s)", f">= {t}x", v, None if v is None else v >= t)
+            r = run_of(model, 30.0)
+            v = r[situation]["speed_vs_classic"] if r else None
+            add(f"{label} ({model}, 30 s)", f">= {t}x", v, None if v is None else v >= t, date=r and r["date"])
 
     floor = _load("floor")
     if floor:
         for model, r in floor["figures"]["models"].items():
             add(f"end to end vs floor ({model}, warm service, cold avatar)", "<= 1.25x", r["cold_vs_floor"],
-                r["cold_vs_floor"] <= 1.25, src=f"dominant stage: {r['dominant']}")
+                r["cold_vs_floor"] <= 1.25, src=f"dominant stage: {r['dominant']}", date=floor["date"])
             busy = r.get("model_busy_fraction")
             if model == "wav2lip96":
                 add("Wav2Lip-sized model, render phase: model workers busy", ">= 85 %",
-                    None if busy is None else 100 * busy, None if busy is None else busy >= 0.85, unit=" %")
+                    None if busy is None else 100 * busy, None if busy is None else busy >= 0.85, unit=" %",
+                    date=floor["date"])
     else:
         add("end to end vs floor", "<= 1.25x", None, None)
 
@@ -59,48 +99,41 @@ def targets_rows() -> list[list[str]]:
         rows_k = scaling["figures"]["rows"]
         worst = min(rows_k, key=lambda r: r["efficiency"])
         add("scaling, k = 1..8: throughput / (k x throughput at k = 1)", ">= 0.9",
-            worst["efficiency"], worst["efficiency"] >= 0.9, unit="", src=f"worst at k = {worst['k']}")
+            worst["efficiency"], worst["efficiency"] >= 0.9, unit="", src=f"worst at k = {worst['k']}",
+            date=scaling["date"])
         v = scaling["figures"]["object_store_vs_crop"]
-        add("object-store bytes per frame vs crop bytes", "<= 2.5x", v, v <= 2.5)
+        add("object-store bytes per frame vs crop bytes", "<= 2.5x", v, v <= 2.5, date=scaling["date"])
     else:
         add("scaling, k = 1..8", ">= 0.9 k", None, None)
 
-    mem30 = next((r["warm_prepared"]["memory_vs_classic"] for r in runs
-                  if r["speech_s"] == 30.0 and r["model"] == "builtin"), None)
+    r30 = run_of("builtin", 30.0)
+    mem30 = r30["warm_prepared"]["memory_vs_classic"] if r30 else None
     add("peak memory, 30 s, vs classic (warm service, whole process tree, PSS)", "<= 0.33x", mem30,
-        None if mem30 is None else mem30 <= 1 / 3)
-    by_len = {}
-    for r in runs:
-        if r["model"] == "builtin":
-            by_len[r["speech_s"]] = r["oneshot"]["peak_pss_mb"]
-    growth = by_len[300.0] / by_len[30.0] if 30.0 in by_len and 300.0 in by_len else None
-    add("peak memory, 5 min vs 30 s (one-shot, PSS)", "<= 1.2x", growth, None if growth is None else growth <= 1.2)
+        None if mem30 is None else mem30 <= 1 / 3, date=r30 and r30["date"])
+    pair = _newest_pair("classic", "builtin", 30.0, 300.0)  # both lengths from one run, not from two days
+    growth = pair[1]["oneshot"]["peak_pss_mb"] / pair[0]["oneshot"]["peak_pss_mb"] if pair else None
+    add("peak memory, 5 min vs 30 s (one-shot, PSS)", "<= 1.2x", growth, None if growth is None else growth <= 1.2,
+        date=pair and pair[1]["date"])
 
-    first = _load("first_segment")
-    if first and "runs" in first["figures"]:  # submit -> ffmpeg's first frame over HLS (issue 20)
-        for r in first["figures"]["runs"]:
-            v = r["median_first_frame_s"]
-            add(f"first frame over HLS, prepared avatar, warm service ({r['model']}, {r['speech_s']:g} s speech)",
-                "<= 1 s", v, v <= 1.0, unit=" s")
-    elif first:  # results of the earlier benchmark: submit -> first chunk done
-        for model, r in first["figures"]["models"].items():
-            v = r["median_first_segment_s"]
-            add(f"first segment, prepared avatar, warm service ({model})", "<= 1 s", v, v <= 1.0, unit=" s")
-    else:
-        add("first segment, prepared avatar, warm service", "<= 1 s", None, None)
+    for r in sorted(_newest_runs("first_segment"), key=lambda r: (r["model"], r["speech_s"])):
+        v = r["median_first_frame_s"]  # submit -> ffmpeg's first frame over HLS (issue 20)
+        add(f"first frame over HLS, prepared avatar, warm service ({r['model']}, {r['speech_s']:g} s speech)",
+            "<= 1 s", v, v <= 1.0, unit=" s", date=r["date"])
 
     conc = _load("concurrency")
     if conc:
         for model, r in conc["figures"]["models"].items():
             rows.append([f"8 jobs at once vs one after another ({model})", "(no target)",
-                         f"{r['speedup']:.2f}x", ""])
+                         f"{r['speedup']:.2f}x", "", _day(conc["date"])])
     return rows
 
 
 def targets_markdown() -> str:
     from bench.common import md_table
 
-    return md_table(["what", "target", "measured", "verdict"], targets_rows())
+    return ("Each figure is from the newest stored run of its benchmark (`bench/results/`, dated in the last "
+            "column; a partial run, e.g. `--model builtin`, renews only its own rows).\n\n"
+            + md_table(["what", "target", "measured", "verdict", "measured on"], targets_rows()))
 
 
 def write_targets() -> str:

@@ -134,3 +134,55 @@ def test_render_chunk_submits_the_next_batch_before_waiting_for_one(tmp_path, as
     seg2 = render_chunk(plan, chunk, model.generate, s).segment
     with TemplateReader(seg2, s) as r:
         assert np.array_equal(r.read(range(chunk.frames)), deferred_frames)
+
+
+def test_targets_table_takes_each_row_from_the_newest_stored_run(tmp_path, monkeypatch):
+    """A partial run (one model, one length) renews its own rows and leaves the others to the runs that
+    measured them, each row dated; quick runs never count; the growth of memory with length compares two
+    lengths of one run only."""
+    import json
+
+    from bench import summary
+
+    def run(model, secs, oneshot, pss=1000.0):
+        situation = {"speed_vs_classic": oneshot, "peak_pss_mb": pss, "memory_vs_classic": 0.5}
+        return {"model": model, "speech_s": secs, "oneshot": situation, "warm_cold": situation,
+                "warm_prepared": situation}
+
+    def store(name, date, runs):
+        (tmp_path / name).write_text(json.dumps({"date": date, "figures": {"runs": runs}}))
+
+    store("classic.json", "2026-11-29 13:57 UTC", [run("builtin", 30.0, 1.1), run("builtin", 300.0, 1.4, 1100.0),
+                                                   run("wav2lip96", 30.0, 1.05)])
+    store("classic.builtin30.20261206-0816.json", "2026-12-06 08:16 UTC", [run("builtin", 30.0, 1.9, 2000.0)])
+    store("classic.quick.json", "2026-12-07 00:00 UTC", [run("builtin", 30.0, 9.9), run("wav2lip96", 30.0, 9.9)])
+    monkeypatch.setattr(summary, "RESULTS", tmp_path)
+    rows = {r[0]: r for r in summary.targets_rows()}
+    assert rows["one-shot `lipsync render`, cold avatar, vs classic (builtin, 30 s)"][2:] == \
+        ["1.90x", "met", "2026-12-06"]
+    assert rows["one-shot `lipsync render`, cold avatar, vs classic (wav2lip96, 30 s)"][2:] == \
+        ["1.05x", "**not met**", "2026-11-29"]
+    assert rows["peak memory, 5 min vs 30 s (one-shot, PSS)"][2:] == ["1.10x", "met", "2026-11-29"]
+
+
+def test_a_partial_run_moves_the_runs_it_does_not_renew_aside(tmp_path, monkeypatch):
+    import json
+
+    from bench import common
+
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "DOCS", tmp_path / "PERFORMANCE.md")
+    monkeypatch.setattr("bench.summary.RESULTS", tmp_path)
+    stored = {"date": "2026-11-29 13:57 UTC", "figures": {"runs": [{"model": "builtin", "speech_s": 30.0},
+                                                                    {"model": "wav2lip96", "speech_s": 30.0}]}}
+    (tmp_path / "classic.json").write_text(json.dumps(stored))
+    common.write_result("classic", {"runs": [{"model": "builtin", "speech_s": 30.0}]}, "| t |", started={
+        "host_cpus": 2, "cpu": "x", "load_1min_at_start": 0.1})
+    assert json.loads((tmp_path / "classic.20261129-1357.json").read_text()) == stored
+    assert json.loads((tmp_path / "classic.json").read_text())["figures"]["runs"] == [
+        {"model": "builtin", "speech_s": 30.0}]
+    # a run that renews every stored row replaces the file
+    common.write_result("classic", {"runs": [{"model": "builtin", "speech_s": 30.0}]}, "| t |", started={
+        "host_cpus": 2, "cpu": "x", "load_1min_at_start": 0.1})
+    assert sorted(p.name for p in tmp_path.glob("classic*.json")) == ["classic.20261129-1357.json", "classic.json"]
