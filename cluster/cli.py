@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for
     try:
         return args.func(args)
     except KeyboardInterrupt:

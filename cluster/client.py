@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import random
 import re
@@ -37,6 +38,8 @@ import httpx
 from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView
 
 RETRY_STATUS = (429, 502, 503, 504)
+log = logging.getLogger("lipsync.client")
+
 # how long `segments()` without a timeout keeps opening a job's event stream that the server refuses
 # (429: its LIPSYNC_MAX_EVENT_STREAMS are all taken) before it raises that answer
 REFUSED_STREAM_PATIENCE_S = 600.0
@@ -385,6 +388,20 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
 
+    def _retry_wait(self, method: str, path: str, attempt: int, r: httpx.Response | None, last: Exception | None,
+                    deadline: float | None) -> float:
+        """How long to wait before a request's next attempt (`WaitTimeout` past the caller's deadline),
+        said at INFO on `lipsync.client` (the CLI shows it: a command against a service that is down or
+        restarting says what it waits for instead of being silent until its retries are spent)."""
+        delay = _retry_delay(attempt, r, self.backoff_s)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
+        cause = (f"answered {last.status} {last.code}" if isinstance(last, ApiError)
+                 else f"no answer from {self.url} ({type(last).__name__}: {last})")
+        log.info("%s %s: %s; trying again in %.1f s (attempt %d of %d)", method, path, cause, delay, attempt + 2,
+                 self.retries + 1)
+        return delay
+
     def absolute(self, path: str) -> str:
         """A URL the service answered (e.g. `/v1/jobs/<id>/hls/index.m3u8?token=...`), made absolute."""
         return path if "://" in path else self.url + path
@@ -474,10 +491,7 @@ class Client(_Base):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
-                delay = _retry_delay(attempt, r, self.backoff_s)
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
-                time.sleep(delay)
+                time.sleep(self._retry_wait(method, path, attempt, r, last, deadline))
         if isinstance(last, ApiError):
             raise last
         raise _connection_error(last, self.url, method, path, idempotent)
@@ -773,10 +787,7 @@ class AsyncClient(_Base):
                     raise ApiError.from_response(r)
                 last = ApiError.from_response(r)
             if attempt < self.retries:
-                delay = _retry_delay(attempt, r, self.backoff_s)
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._retry_wait(method, path, attempt, r, last, deadline))
         if isinstance(last, ApiError):
             raise last
         raise _connection_error(last, self.url, method, path, idempotent)

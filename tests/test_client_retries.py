@@ -211,3 +211,32 @@ def test_a_segment_stream_refused_for_too_long_without_a_timeout_raises_the_refu
             asyncio.run(main())
     assert info.value.status == 429 and info.value.code == "service.busy"
     assert len(seen) == 2 and 0.9 < time.monotonic() - t0 < 5
+
+
+def test_each_retry_says_what_it_waits_for_on_both_faces(caplog):
+    """A command against a service that is down or overloaded says why it waits (the CLI shows
+    `lipsync.client` at INFO) instead of being silent until its retries are spent."""
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    busy = httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting", "field": None}})
+    caplog.set_level("INFO", logger="lipsync.client")
+    with Client("http://api.test", transport=httpx.MockTransport(refused), retries=2, backoff_s=0.01) as client:
+        with pytest.raises(ApiError) as info:
+            client.get("j1")
+    assert info.value.code == "connection.failed"
+
+    async def overloaded(request: httpx.Request) -> httpx.Response:
+        return busy
+
+    async def main():
+        async with AsyncClient("http://api.test", transport=httpx.MockTransport(overloaded), retries=1,
+                               backoff_s=0.01) as client:
+            with pytest.raises(ApiError):
+                await client.get("j1")
+    asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "lipsync.client"]
+    assert len(said) == 3, said
+    assert "GET /v1/jobs/j1: no answer from http://api.test (ConnectError: [Errno 111] Connection refused)" \
+        in said[0] and "(attempt 2 of 3)" in said[0] and "(attempt 3 of 3)" in said[1]
+    assert "answered 503 service.not_ready; trying again in" in said[2] and "(attempt 2 of 2)" in said[2]
