@@ -65,14 +65,19 @@ class JobCorrupt(LipsyncError):
     retryable = False
 
 
-def _output_seconds(row: sqlite3.Row) -> float | None:
-    """A finished job's output length from its stored plan (frames at the template's rate; the
-    finalise step verified the file against them)."""
+def _output_facts(row: sqlite3.Row) -> dict:
+    """A succeeded job's output as its stored plan made it (the finalise step verified the file against
+    it): its length (frames at the template's rate), its picture size and rate; nothing for any other
+    state (the figures of a plan that did not finish describe no file)."""
+    if row["state"] != JobState.succeeded.value:
+        return {}
     try:
         plan = json.loads(row["plan"] or "null")
-        return round(plan["frames_total"] * plan["fps_den"] / plan["fps_num"], 3)
+        fps = plan["fps_num"] / plan["fps_den"]
+        return {"output_seconds": round(plan["frames_total"] / fps, 3), "output_width": int(plan["width"]),
+                "output_height": int(plan["height"]), "output_fps": round(fps, 3)}
     except (ValueError, TypeError, KeyError, ZeroDivisionError):
-        return None
+        return {}
 
 
 def _request_or_none(raw: str) -> RenderRequest | None:
@@ -220,10 +225,11 @@ class JobStore:
         end = self._pending.get(row["id"])
         if end is None:
             return st
+        facts = _output_facts({**dict(row), "state": end.state.value})
         return st.model_copy(update={
             "state": end.state, "error": end.error or st.error, "output": end.output or st.output,
-            "updated_at": end.at,
-            "output_seconds": _output_seconds(row) if end.state == JobState.succeeded else None})
+            "updated_at": end.at, "output_seconds": None, "output_width": None, "output_height": None,
+            "output_fps": None, **facts})
 
     def _status_on_disk(self, conn: sqlite3.Connection, row: sqlite3.Row) -> JobStatus:
         done = conn.execute("SELECT COUNT(*), COALESCE(SUM(frames), 0) FROM chunks WHERE job_id = ?",
@@ -233,7 +239,7 @@ class JobStore:
             frames_done=max(int(row["frames_done"]), int(done[1])), frames_total=row["frames_total"],
             chunks_done=int(done[0]), chunks_total=row["chunks_total"],
             created_at=row["created_at"], updated_at=row["updated_at"], output=row["output"],
-            output_seconds=_output_seconds(row) if row["state"] == JobState.succeeded.value else None,
+            **_output_facts(row),
             error=ErrorInfo.model_validate_json(row["error"]) if row["error"] else None,
             request=_request_or_none(row["request"]),
             stages=[StageTime(stage=r["stage"], started_at=r["started_at"], ended_at=r["ended_at"])

@@ -149,6 +149,9 @@ class JobStatus(BaseModel):
     output: str | None = None         # on the job manager's node; clients fetch it with read_output
     output_bytes: int | None = None   # size of the committed output, once succeeded
     output_seconds: float | None = None  # its length (the planned frames at the template's rate), once succeeded
+    output_width: int | None = None   # its picture as rendered (the template's, upright, even), once succeeded
+    output_height: int | None = None
+    output_fps: float | None = None
     error: ErrorInfo | None = None
     request: RenderRequest | None = None
     stages: list[StageTime] = Field(default_factory=list)
@@ -207,6 +210,10 @@ class OutputInfo(BaseModel):
     size: int
     duration: float | None = None
     url: str
+    width: int | None = Field(None, description="the picture as rendered: the template's as a player shows it "
+                              "(rotation and pixel aspect applied), rounded down to even numbers (H.264 4:2:0)")
+    height: int | None = None
+    fps: float | None = None
 
 
 class JobView(BaseModel):

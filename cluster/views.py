@@ -14,7 +14,8 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
     out = None
     if st.state == JobState.succeeded:
         if st.output_bytes is not None:
-            out = OutputInfo(size=st.output_bytes, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result")
+            out = OutputInfo(size=st.output_bytes, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result",
+                             width=st.output_width, height=st.output_height, fps=st.output_fps)
     timings = {}
     for stage in getattr(st, "stages", None) or []:  # StageTime rows of the job manager
         seconds = getattr(stage, "seconds", None)

@@ -156,3 +156,33 @@ def test_a_job_of_a_store_from_before_owners_is_claimed_once(tmp_path):
     assert s.claim_unowned("legacy", "cluster:b")
     assert not s.claim_unowned("legacy", "cluster:c") and not s.claim_unowned("owned", "cluster:c")
     assert dict((i, o) for i, o, _ in s.unfinished_owners()) == {"legacy": "cluster:b", "owned": "cluster:a"}
+
+
+def test_a_succeeded_job_tells_its_outputs_length_picture_and_rate(tmp_path):
+    """From the plan the finalise step verified the file against: a 321x241 template renders 320x240
+    (even, for 4:2:0), and the job says so; a job that did not succeed tells none of it, also while
+    its end waits for the database's lock."""
+    import sqlite3
+
+    db = tmp_path / "jobs.sqlite3"
+    s = JobStore(db, busy_timeout_s=0.2)
+    plan = {"width": 320, "height": 240, "fps_num": 30000, "fps_den": 1001, "frames_total": 90}
+    for job_id in ("ok", "failed", "pending"):
+        s.create(job_id, REQ)
+        s.transition(job_id, JobState.preparing)
+        s.set_plan(job_id, plan, frames_total=90, chunks_total=1)
+    assert s.get("ok").output_width is None  # not before the end
+    s.end("ok", JobState.succeeded, output="/out/ok.mp4")
+    s.end("failed", JobState.failed, error=ErrorInfo(code="render.failed", message="x"))
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        s.end("pending", JobState.succeeded, output="/out/p.mp4")  # kept in memory: the lock is taken
+        pending = s.get("pending")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    for st in (s.get("ok"), pending):
+        assert (st.output_width, st.output_height, st.output_fps, st.output_seconds) == (320, 240, 29.97, 3.003)
+    failed = s.get("failed")
+    assert (failed.output_width, failed.output_height, failed.output_fps, failed.output_seconds) == (None,) * 4

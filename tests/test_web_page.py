@@ -163,6 +163,7 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
 
         # once succeeded: the page says so and its download button hands over the mp4
         page.locator("#job-state.s-succeeded").wait_for(timeout=60_000)
+        assert "320x240 at 25 fps" in page.inner_text("#job-detail")  # what the file holds
         with page.expect_download(timeout=30_000) as download:
             page.click("#download-button")
         out = tmp_path / "downloaded.mp4"
@@ -189,6 +190,7 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
                 more.click()
             time.sleep(0.3)
         row.locator(".s-succeeded").wait_for(timeout=10_000)
+        assert "320x240 at 25 fps" in row.inner_text()
         page.set_viewport_size({"width": 360, "height": 740})
         for tab in ("jobs", "render", "avatars"):
             page.click(f"[data-tab={tab}]")

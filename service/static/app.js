@@ -132,6 +132,15 @@ function showError(element, error) {
   element.hidden = false;
 }
 
+// "3.0 s of video, 320x240 at 25 fps": what the finished file holds (its picture size may differ from
+// the template's by a pixel: H.264's 4:2:0 needs even sizes)
+function outputSummary(output) {
+  let text = seconds(output.duration) + " of video";
+  if (output.width && output.height) text += ", " + output.width + "x" + output.height;
+  if (output.fps) text += " at " + (Math.round(output.fps * 100) / 100) + " fps";
+  return text;
+}
+
 function seconds(value) {
   if (value === null || value === undefined || !isFinite(value)) return "";
   if (value < 60) return value.toFixed(1) + " s";
@@ -385,7 +394,7 @@ function showJob(job, view) {
   const parts = [];
   if (!TERMINAL.has(view.state)) parts.push(view.stage);
   if (view.frames_total) parts.push(view.frames_done + " / " + view.frames_total + " frames");
-  if (view.output && view.output.duration) parts.push(seconds(view.output.duration) + " of video");
+  if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   $("job-detail").textContent = parts.join(" · ");
   showError($("job-error"), view.error || null);
@@ -563,7 +572,7 @@ function jobRow(view) {
   const meta = document.createElement("span");
   meta.className = "meta";
   const parts = [new Date(view.created_at).toLocaleString()];
-  if (view.output && view.output.duration) parts.push(seconds(view.output.duration) + " of video");
+  if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   else parts.push(Math.round(view.progress * 100) + " %");
   meta.textContent = parts.join(" · ");
