@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ import ray
 
 from actors import ORCHESTRATOR_NAME
 from cluster.config import Settings
-from cluster.errors import InputNotFound, LipsyncError, ModelLoadError, WorkerLost
+from cluster.errors import InputNotFound, LipsyncError, ModelLoadError, RenderTimeout, WorkerLost
 
 log = logging.getLogger("lipsync.live")
 
@@ -197,7 +198,7 @@ class LiveSessionActor:
         self.avatar_id = avatar_id
         self.journal.save_meta({"avatar_id": avatar_id, "model": self.model, "size": int(info["size"]), "crop": crop,
                                 "sample_rate": sample_rate, "max_seconds": max_seconds, "created": self.created,
-                                "segment_seconds": segment_seconds,
+                                "segment_seconds": segment_seconds, "fps": str(self.session.fps),
                                 "started_wall": time.time(), "rtmp": dataclasses.asdict(rtmp) if rtmp else None})
         try:
             self.session.start()
@@ -750,9 +751,59 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
                                 f"and was not restarted (LIPSYNC_LIVE_MAX_RESTARTS={settings.live_max_restarts}, "
                                 f"{restarts} restart(s) used); its stream stopped after {len(published)} segments"}
     last = published[-1] if published else {}
-    fps = (last["frames"] / last["seconds"]) if last.get("seconds") else 25.0
+    fps = float(_journal_fps(meta, published))
+    streamed = round(last.get("end_frame", 0) / fps, 3)
+    recording = journal.dir / "recording.mp4"
+    size = recording.stat().st_size if recording.is_file() else None
     return {"id": session_id, "state": "failed", "reason": "failed", "error": error,
             "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
             "sample_rate": rate, "bytes_received": received, "seconds_received": round(received / 2 / rate, 3),
-            "seconds_streamed": round(last.get("end_frame", 0) / fps, 3), "segments_published": len(published),
-            "restarts": restarts, "recording_bytes": None}
+            # what was published was rendered first; what was rendered and not yet published died with it
+            "seconds_rendered": streamed, "seconds_streamed": streamed, "segments_published": len(published),
+            "restarts": restarts, "recording_bytes": size, "recording_seconds": streamed if size else None}
+
+
+def _journal_fps(meta: dict, published: list[dict]) -> Fraction:
+    """A journalled session's frame rate: its meta's (sessions since 2026-12-06), else its segments'."""
+    if meta.get("fps"):
+        return Fraction(meta["fps"])
+    last = published[-1] if published else {}
+    if last.get("seconds"):
+        return Fraction(last["frames"] / last["seconds"]).limit_denominator(1001)
+    return Fraction(25)
+
+
+LOST_RECORDING_WAIT_S = 300.0  # how long a request waits while another process joins the same recording
+
+
+def lost_session_recording(settings: Settings, session_id: str) -> Path | None:
+    """The recording of a session whose actor is gone for good (`lost_session_view`): its published
+    segments joined and verified as an ended session's are (`make_recording`), made once on first
+    request under the session directory's lock (two ingress replicas asked at once make it once);
+    None when it published nothing."""
+    import fcntl
+
+    from cluster.live.encoder import make_recording
+    from cluster.live.journal import SessionJournal
+
+    journal = SessionJournal(session_dir(settings, session_id))
+    dest = journal.dir / "recording.mp4"
+    with open(journal.dir / "recording.lock", "a+") as lock:
+        deadline = time.monotonic() + LOST_RECORDING_WAIT_S
+        while True:  # another replica may be joining it
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RenderTimeout(f"live session {session_id}: its recording is being made by another "
+                                        f"process for over {LOST_RECORDING_WAIT_S:g} s", stage="live-recording",
+                                        path=str(dest)) from None
+                time.sleep(0.1)
+        if dest.is_file():
+            return dest
+        published = journal.published()
+        if not published:
+            return None
+        make_recording(journal.dir / "hls", dest, published, _journal_fps(journal.meta(), published), settings)
+        return dest

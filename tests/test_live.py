@@ -277,6 +277,33 @@ def test_a_recording_that_cannot_be_written_fails_the_session_with_its_cause(spe
     assert session.recording is None
 
 
+def test_a_session_that_fails_midway_keeps_a_recording_of_what_it_streamed(speech_wav, astronaut_video, tmp_path,
+                                                                           monkeypatch):
+    """The encoder's input breaks after 1.5 s of stream (a full disk, a dead pipe): the session ends
+    `failed` with that cause, and its recording holds every segment it had published (viewers saw
+    them; nothing is lost), verified like any other."""
+    from cluster.live.encoder import LiveEncoder
+
+    write = LiveEncoder.write
+
+    def breaks_after_a_while(self, frames, pcm, timeout=10.0):
+        if self.frames_written >= 38:
+            raise OSError(28, "No space left on device")
+        return write(self, frames, pcm, timeout)
+
+    monkeypatch.setattr(LiveEncoder, "write", breaks_after_a_while)
+    session, _ = _builtin_session("f", astronaut_video, tmp_path / "session")
+    session.append(_pcm16(speech_wav)[:16000 * 3].tobytes())
+    assert session.join(60)
+    stats = session.stats()
+    assert stats["state"] == "failed" and stats["error"]["stage"] == "live", stats
+    assert "No space left on device" in stats["error"]["message"]
+    published = sum(e["frames"] for e in session.playlist.entries)
+    assert published >= 25 and stats["segments_published"] == len(session.playlist.entries)
+    assert session.recording is not None and Path(session.recording).is_file()
+    assert stats["recording_seconds"] == pytest.approx(published / 25, abs=1e-6)
+
+
 def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_wav, astronaut_video, tmp_path):
     """A sender that stops for longer than `live_flush_after_s` with part of a frame's audio sent:
     the session renders that tail at once (padded to a whole frame) and the rest becomes a new

@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -467,8 +468,64 @@ def test_a_session_whose_actor_is_gone_for_good_reads_failed(service, live_avata
         r = api.post(f"/v1/sessions/{sid}/audio", params={"offset": 32000}, content=b"\x00\x00")
         assert r.status_code == 410 and sid in r.json()["error"]["message"], r.text
         assert time.monotonic() - t0 < 10
+        # its one journalled segment's file is not there: no recording, and the answer says why
+        r = api.get(f"/v1/sessions/{sid}/recording")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session.no_recording", r.text
+        assert "could not be joined" in r.json()["error"]["message"] and "init.mp4" in r.text, r.text
     code, reason = _close_code(view["audio_ws"])  # the view's own socket URL and token
     assert code == 4410 and sid in reason, (code, reason)
+
+
+def test_a_session_gone_for_good_still_gives_the_recording_of_what_it_streamed(service, speech_wav,
+                                                                               astronaut_video):
+    """A real session run in this process, journalled where the service keeps sessions, whose end is
+    then taken back (its final view and recording removed): what a session whose actors died for good
+    after streaming leaves. Its view tells what was rendered (what was published), and its recording
+    is joined from the published segments on request, verified, once."""
+    import uuid
+
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.journal import SessionJournal
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+    from tests.test_live import _pcm16
+
+    sid = uuid.uuid4().hex[:16]
+    s = get_settings()
+    model, avatar = load_model("builtin", s), prepare_avatar(astronaut_video, s)
+    out = service.storage_root / "sessions" / sid
+    journal = SessionJournal(out)
+    assert journal.take()
+    session = LiveSession(sid, template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=out, settings=s, journal=journal)
+    journal.save_meta({"avatar_id": avatar.id, "model": "builtin", "size": model.size, "crop": "aligned",
+                       "sample_rate": 16000, "max_seconds": None, "created": time.time(),
+                       "started_wall": time.time(), "fps": str(session.fps)})
+    session.start()
+    session.append(_pcm16(speech_wav)[:16000 * 2].tobytes())
+    session.finish()
+    assert session.join(60) and session.stats()["state"] == "ended"
+    streamed = session.stats()["seconds_streamed"]
+    for name in ("final.json", "recording.mp4"):
+        (out / name).unlink()
+    journal.close()
+    with _api(service) as api:
+        view = api.get(f"/v1/sessions/{sid}").json()
+        assert view["state"] == "failed" and view["error"]["code"] == "session.actor_lost", view
+        assert view["seconds_rendered"] == view["seconds_streamed"] == streamed and streamed >= 1.9, view
+        assert view["recording_url"] is None
+        r = api.get(f"/v1/sessions/{sid}/recording")
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", r.text
+        rec = service.storage_root / f"{sid}.mp4"
+        rec.write_bytes(r.content)
+        with av.open(str(rec)) as container:
+            frames, samples = decoded_counts(container)
+        assert frames == round(streamed * 25) and samples / 48000 == pytest.approx(streamed, abs=0.1)
+        view = api.get(f"/v1/sessions/{sid}").json()  # made once: the view now offers it
+        assert view["recording_bytes"] == len(r.content) and view["recording_url"], view
+        assert api.get(f"/v1/sessions/{sid}/recording").content == r.content
 
 
 def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avatar, speech_wav):

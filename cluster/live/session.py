@@ -398,7 +398,7 @@ class LiveSession:
             if self._watcher.is_alive():
                 self._watcher.join(5.0)
             self._poll_playlist(final=True)
-            if ok:
+            if ok or self.playlist.entries:  # a failed session's recording holds what it had published
                 dest = self.out_dir / "recording.mp4"
                 self.recording_seconds = make_recording(self.out_dir / "hls", dest, self.playlist.entries,
                                                         self.fps, self.s)

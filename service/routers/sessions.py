@@ -361,8 +361,11 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
             summary="The whole session as one verified mp4 (409 until the session has ended)")
 async def get_recording(session_id: str, request: Request) -> Response:
     settings = _settings(request)
-    actor = _actor(settings, session_id)
-    raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+    try:
+        actor = _actor(settings, session_id)
+        raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+    except SessionLost as lost:  # its actors are gone for good: what it had published, joined here
+        return await _lost_recording(settings, session_id, lost)
     size = raw.get("recording_bytes")
     if not size:
         state = raw["state"]
@@ -383,6 +386,25 @@ async def get_recording(session_id: str, request: Request) -> Response:
     return StreamingResponse(parts(), media_type="video/mp4",
                              headers={"Content-Length": str(size),
                                       "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
+
+
+async def _lost_recording(settings, session_id: str, lost: SessionLost) -> Response:
+    """The recording of a session whose actors died for good (`actors.live.lost_session_recording`),
+    or 409 `session.no_recording` naming why there is none."""
+    from fastapi.responses import FileResponse
+
+    from actors.live import LOST_RECORDING_WAIT_S, lost_session_recording
+
+    try:  # another request's join waited for, then ffmpeg's own deadlines
+        path = await asyncio.wait_for(asyncio.to_thread(lost_session_recording, settings, session_id),
+                                      timeout=2 * LOST_RECORDING_WAIT_S)
+    except (LipsyncError, OSError, asyncio.TimeoutError) as e:
+        raise ApiProblem(409, "session.no_recording", f"session {session_id} failed ({lost.message}) and the "
+                         f"segments it had published could not be joined: {e}", None) from e
+    if path is None:
+        raise ApiProblem(409, "session.no_recording", f"session {session_id} failed before it published a "
+                         f"segment ({lost.message})", None)
+    return FileResponse(path, media_type="video/mp4", filename=f"{session_id}.mp4")
 
 
 # --- the stream (players: no headers, the session token in the query) -------------------------------
