@@ -237,6 +237,40 @@ def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_t
 
 
 @pytest.mark.service
+def test_an_upload_that_stalls_is_given_up_with_a_message(chromium_executable, service, browser, tmp_path):
+    """The page's upload (XMLHttpRequest, for its progress) has deadlines like every other call: one
+    that sends nothing for 60 s is given up, with the reason on the page, and the form is usable again
+    (then 600 s for the answer once the last byte is sent, the SDK's bound). Playwright holds the request
+    (the browser hands it the body: no byte reaches a server), and the page's clock is Playwright's."""
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(1.0, seed=9))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    held = []
+    try:
+        page.clock.install()
+        sign_in(page, service)
+        page.route("**/v1/jobs", lambda route: held.append(route) if route.request.method == "POST"
+                   else route.continue_())
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        wait_until(lambda: held, timeout=30, what="the page's upload")
+        page.clock.run_for(55_000)
+        assert page.locator("#submit-error").is_hidden(), page.inner_text("#submit-error")
+        assert page.locator("#submit-button").is_disabled()
+        page.clock.run_for(6_000)
+        error = page.locator("#submit-error")
+        error.wait_for(state="visible", timeout=10_000)
+        assert "The upload made no progress for 60 s" in error.inner_text(), error.inner_text()
+        assert page.locator("#submit-button").is_enabled()
+    finally:
+        for route in held:
+            route.abort()
+        page.close()
+
+
+@pytest.mark.service
 @pytest.mark.slow
 def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
     """The Live tab in the real chromium, its microphone the fake device playing speech: a socket the

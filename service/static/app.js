@@ -84,17 +84,38 @@ async function apiJson(path, options) {
   return (await api(path, options)).json();
 }
 
-// A multipart POST with upload progress (fetch reports none): resolves to the JSON answer.
-function upload(path, formData, onProgress) {
+// An upload that sends no byte for this long is given up (a network that stalled: the browser would
+// wait for ever); a large file on a slow link still goes through, however long it takes.
+const UPLOAD_STALL_MS = 60000;
+
+// A multipart POST with upload progress (fetch reports none): resolves to the JSON answer, which must
+// come within `answerMs` of the upload's end (the SDK's bounds: 600 s for a job's inputs to be checked
+// and staged, 900 s for an avatar to be prepared).
+function upload(path, formData, onProgress, answerMs) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
+    let timer = null;
+    let givenUp = null;
+    const giveUpAfter = (ms, message) => {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        givenUp = message;
+        xhr.abort();
+      }, ms);
+    };
     xhr.open("POST", path);
     const headers = authHeaders();
     for (const name of Object.keys(headers)) xhr.setRequestHeader(name, headers[name]);
+    const stalled = "The upload made no progress for " + UPLOAD_STALL_MS / 1000 + " s (the connection stalled); try again";
+    giveUpAfter(UPLOAD_STALL_MS, stalled);
     xhr.upload.onprogress = (e) => {
+      giveUpAfter(UPLOAD_STALL_MS, stalled);
       if (e.lengthComputable && onProgress) onProgress(e.loaded / e.total);
     };
+    xhr.upload.onload = () =>
+      giveUpAfter(answerMs, "The server did not answer within " + Math.round(answerMs / 1000) + " s of the upload's end");
     xhr.onload = () => {
+      clearTimeout(timer);
       if (xhr.status >= 200 && xhr.status < 300) {
         try {
           resolve(JSON.parse(xhr.responseText));
@@ -107,7 +128,14 @@ function upload(path, formData, onProgress) {
       if (xhr.status === 401) askForToken(error);
       reject(error);
     };
-    xhr.onerror = () => reject(new ApiError(0, "network", "Could not reach the server (the upload was interrupted)", null));
+    xhr.onerror = () => {
+      clearTimeout(timer);
+      reject(new ApiError(0, "network", "Could not reach the server (the upload was interrupted)", null));
+    };
+    xhr.onabort = () => {
+      clearTimeout(timer);
+      reject(new ApiError(0, "network", givenUp || "The upload was stopped", null));
+    };
     xhr.send(formData);
   });
 }
@@ -268,7 +296,7 @@ $("submit-form").addEventListener("submit", async (e) => {
     const accepted = await upload("/v1/jobs", form, (fraction) => {
       bar.value = fraction;
       if (fraction >= 1) button.textContent = "Checking the files…";
-    });
+    }, 600000);
     openJob(accepted.id);
     loadJobs(false);
   } catch (err) {
@@ -668,7 +696,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
     const avatar = await upload("/v1/avatars", form, (fraction) => {
       bar.value = fraction;
       if (fraction >= 1) status.textContent = "Preparing: finding and tracking the face in every frame…";
-    });
+    }, 900000);
     status.textContent = "Avatar " + avatar.id + " is ready (" + avatar.frames + " frames).";
     $("avatar-video").value = "";
     loadAvatars();
