@@ -304,6 +304,32 @@ def test_a_session_that_fails_midway_keeps_a_recording_of_what_it_streamed(speec
     assert stats["recording_seconds"] == pytest.approx(published / 25, abs=1e-6)
 
 
+def test_an_ended_sessions_journal_stays_closed(speech_wav, astronaut_video, tmp_path):
+    """`finish` and `end_speech` that come after a session's end (a client's late call) note nothing:
+    its journal is closed and stays so (it reopened its events file, which nothing closed again)."""
+    from cluster.config import get_settings
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.journal import EVENTS_FILE, SessionJournal
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+
+    s = get_settings()
+    model, avatar = load_model("builtin", s), prepare_avatar(astronaut_video, s)
+    journal = SessionJournal(tmp_path / "session")
+    session = LiveSession("j", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=tmp_path / "session", settings=s, journal=journal)
+    session.start()
+    session.append(_pcm16(speech_wav)[:16000].tobytes())  # an utterance still open when it is deleted
+    session.stop("deleted")
+    assert session.join(60) and session.stats()["state"] == "ended"
+    events = (tmp_path / "session" / EVENTS_FILE).read_text()
+    session.finish()
+    assert session.end_speech() is False
+    assert (tmp_path / "session" / EVENTS_FILE).read_text() == events
+    assert journal._events is None and journal._audio is None
+
+
 def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_wav, astronaut_video, tmp_path):
     """A sender that stops for longer than `live_flush_after_s` with part of a frame's audio sent:
     the session renders that tail at once (padded to a whole frame) and the rest becomes a new

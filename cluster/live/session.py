@@ -247,15 +247,21 @@ class LiveSession:
                     "state": self.state}
 
     def end_speech(self) -> bool:
-        """The end of an utterance: its tail renders now (with the batch path's end padding)."""
+        """The end of an utterance: its tail renders now (with the batch path's end padding). Nothing
+        once the session is ending or has ended (its journal is closed: nothing is noted after its end)."""
         with self.speech.lock:  # noted before any batch can plan the tail
+            if self.state in ("ending", "ended", "failed"):
+                return False
             ended = self.speech.end()
             if ended and self.journal is not None:
                 self.journal.note({"end": self.speech.bytes_received})
         return ended
 
     def finish(self) -> None:
-        """End the speech and the session once everything received has been rendered."""
+        """End the speech and the session once everything received has been rendered (nothing once
+        it is ending or has ended)."""
+        if self.state in ("ending", "ended", "failed"):
+            return
         self.end_speech()
         if self.journal is not None and not self._drain:
             self.journal.note({"finish": True})
