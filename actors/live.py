@@ -537,8 +537,11 @@ class LiveRegistry:
                     break
                 except Exception:  # noqa: BLE001 - gone, stuck or standing by: ask its partner
                     continue
-            else:
-                continue  # none answered: not running
+            else:  # none answered (restarting, taking over, stuck): running unless its journal ended it
+                if self._journal_running(session_id):
+                    out[session_id] = {"render_load": None, "cores": None, "memory_bytes": None,
+                                       "available_bytes": None}  # counted, at the defaults: it may come back
+                continue
             ended_for = figures.pop("ended_for")
             if ended_for is None:
                 out[session_id] = figures
@@ -549,6 +552,15 @@ class LiveRegistry:
                     except ValueError:
                         continue
         return out
+
+    def _journal_running(self, session_id: str) -> bool:
+        from cluster.live.journal import SessionJournal
+
+        journal = SessionJournal(session_dir(self.s, session_id))
+        try:
+            return journal.begun() and journal.final() is None
+        except OSError:
+            return True  # unreadable: counted, rather than a session too many admitted
 
     def admission(self, running: dict[str, dict] | None = None):
         """Would one more session fit (`cluster.live.admission`), from the running ones' figures."""

@@ -414,6 +414,42 @@ def test_the_live_registry_removes_ended_sessions_without_waiting_for_a_new_one(
         ray.kill(registry, no_restart=True)
 
 
+@ray.remote(num_cpus=0)
+class _TakingOverSession:
+    """A live session's actor that does not answer (dying, restarting, or a standby that refuses)."""
+
+    def load(self) -> dict:
+        raise RuntimeError("standing by")
+
+
+def test_a_session_whose_actors_do_not_answer_still_counts_until_its_journal_ends_it(runtime, ray_settings):
+    """Admission counts running sessions (`LIPSYNC_MAX_LIVE_SESSIONS`, the node's load): one whose
+    actor is being restarted or taken over answers no load, and was not counted, so a session too
+    many could be admitted meanwhile. It counts (at the default load) while its journal has not ended
+    it; once the journal holds its end it does not."""
+    import json
+    import uuid
+
+    from actors.live import SESSION_PREFIX, LiveRegistry, session_dir
+
+    s = ray_settings
+    sid = uuid.uuid4().hex[:16]
+    journal = session_dir(s, sid)
+    journal.mkdir(parents=True)
+    (journal / "session.json").write_text(json.dumps({"avatar_id": "a", "sample_rate": 16000}))
+    silent = _TakingOverSession.options(name=SESSION_PREFIX + sid, namespace=s.namespace).remote()
+    registry = LiveRegistry.options(name=f"test-registry-{uuid.uuid4().hex[:8]}", namespace=s.namespace).remote(s)
+    try:
+        running = ray.get(registry.running.remote(), timeout=60)
+        assert running.get(sid) == {"render_load": None, "cores": None, "memory_bytes": None,
+                                    "available_bytes": None}, running
+        (journal / "final.json").write_text(json.dumps({"state": "ended"}))
+        assert sid not in ray.get(registry.running.remote(), timeout=60)
+    finally:
+        ray.kill(registry, no_restart=True)
+        ray.kill(silent, no_restart=True)
+
+
 def test_a_model_with_its_weights_in_another_file_is_refused_by_name(runtime, tmp_path):
     """A model saved with external data (`model.onnx` + `model.onnx.data`) would load on the job
     manager's node and fail on every other (only the .onnx travels): refused everywhere, naming
