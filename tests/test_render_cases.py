@@ -274,6 +274,21 @@ def test_rotated_template(d, model):
     assert db.min() > MATCH_DB, np.round(db, 1)
 
 
+def test_a_template_whose_half_height_is_odd(d, model):
+    """240x426 (as 480x854, 640x362: H/2 odd, the chroma planes end mid-row of the frame's width):
+    renders at its size, the frames far from the face as the template's (it failed every chunk)."""
+    size = (240, 426)
+    template = astronaut_template(str(d / "portrait.mp4"), seconds=1.0, fps=25, size=size, seed=6)
+    audio, _ = _speech(d, "speech_portrait.wav", 16000, seed=17)
+    out = d / "out_portrait.mp4"
+    render(audio, template, out, model)
+    check_output(out, 16000, Fraction(25), size)
+    frames, tmpl = decode_all(str(out)), decode_all(template)
+    assert frames.shape == (25, 426, 240, 3)
+    db = np.array([top_psnr(frames[i], tmpl[k]) for i, k in enumerate(pingpong_order(25, 25))])
+    assert db.min() > MATCH_DB, np.round(db, 1)
+
+
 def test_verify_output_rejects_wrong_files(loop_renders):
     good = str(loop_renders["pingpong"])
     seconds = 38400 / SR

@@ -34,10 +34,15 @@ def frame_size(frame: np.ndarray) -> tuple[int, int]:
 
 
 def planes(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Views of an I420 frame's Y [H, W], U and V [H/2, W/2] planes."""
+    """Views of an I420 frame's Y [H, W], U and V [H/2, W/2] planes. The chroma planes are cut from
+    the bytes after the Y plane, not from whole rows of the frame's width: where H/2 is odd (854,
+    362, ...) the U plane ends in the middle of a row."""
     w, h = frame_size(frame)
-    q = h // 4
-    return frame[:h], frame[h:h + q].reshape(h // 2, w // 2), frame[h + q:h + 2 * q].reshape(h // 2, w // 2)
+    n = (h // 2) * (w // 2)
+    if not frame.flags.c_contiguous:  # its chroma would be a copy, and writes into it lost
+        raise ValueError("an I420 frame must be C-contiguous")
+    chroma = frame[h:].reshape(-1)
+    return frame[:h], chroma[:n].reshape(h // 2, w // 2), chroma[n:2 * n].reshape(h // 2, w // 2)
 
 
 def even_box(box: Box, width: int, height: int) -> Box:
