@@ -467,7 +467,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
 
             waited_model = 0.0
 
-            def finish(frames, matrices, crops, generated) -> None:
+            def finish(frames, matrices, crops, shown, generated) -> None:
                 nonlocal waited_model
                 if callable(generated):
                     t = time.monotonic()
@@ -475,7 +475,7 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                     waited_model += time.monotonic() - t
                 # the batch's frames are its own: pasted into, then given to the encoder
                 encoder.write_yuv(paste_back_yuv(frames, generated, matrices, size, original_crops=crops,
-                                                 recipe=plan.crop))
+                                                 recipe=plan.crop, shown=shown))
                 if progress is not None:
                     progress(len(frames))
 
@@ -489,7 +489,8 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
                 matrices = crop_matrices(track.landmarks[idx], track.boxes[idx], size, plan.crop,
                                          (plan.width, plan.height))
                 crops = cut_crops_yuv(frames, matrices, size)
-                pending.append((frames, matrices, crops, generate(mel_windows(mel, plan.fps, b0, b1), crops)))
+                pending.append((frames, matrices, crops, track.shown[idx],
+                                generate(mel_windows(mel, plan.fps, b0, b1), crops)))
                 while len(pending) > s.batches_in_flight:
                     finish(*pending.popleft())
             while pending:

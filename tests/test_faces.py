@@ -198,6 +198,23 @@ def test_track_fills_a_gap_by_interpolation():
     assert np.abs(track.landmarks - truth).max() < 1.0  # the missing frames continue the motion
 
 
+def test_the_mouth_is_drawn_where_the_face_is_and_never_where_it_is_gone():
+    """`FaceTrack.shown`: a detector's short miss (up to MAX_FILLED_GAP_FRAMES) is drawn where the
+    track interpolates the face; a longer absence (the face out of the picture), and the frames
+    before the first or after the last detection, are shown as they are."""
+    from cluster.faces.track import MAX_FILLED_GAP_FRAMES
+
+    present = [t not in (0, 1) and not 10 <= t < 10 + MAX_FILLED_GAP_FRAMES
+               and not 30 <= t < 31 + MAX_FILLED_GAP_FRAMES and t < 55 for t in range(60)]
+    dets = [[_synthetic_face(100, 120, 100)] if p else [] for p in present]
+    track = build_track(dets, (W, H), 0.5)
+    shown = track.shown.tolist()
+    assert shown[:2] == [False, False] and shown[55:] == [False] * 5  # before the first, after the last
+    assert all(shown[10:10 + MAX_FILLED_GAP_FRAMES])  # a short miss: interpolated, drawn
+    assert not any(shown[30:31 + MAX_FILLED_GAP_FRAMES])  # gone a frame longer: left alone
+    assert [t for t in range(60) if shown[t] != present[t]] == list(range(10, 10 + MAX_FILLED_GAP_FRAMES))
+
+
 def test_subject_lost_for_long_is_joined_again():
     # the head turns away for 60 frames (longer than the linking gap) and returns elsewhere;
     # a small face in the background is seen throughout

@@ -289,6 +289,34 @@ def test_a_template_whose_half_height_is_odd(d, model):
     assert db.min() > MATCH_DB, np.round(db, 1)
 
 
+def test_frames_where_the_face_is_gone_are_left_as_they_are(d, model):
+    """The face leaves the picture for a second (a plain grey frame): those frames come out as the
+    template's, nothing drawn on them (a mouth floated on the grey, the track holding the face's last
+    place); the frames with the face get their mouth."""
+    import subprocess
+
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    face = astronaut_template(str(d / "leaves_src.mp4"), seconds=3.0, fps=25, size=SMALL, seed=8)
+    template = str(d / "leaves.mp4")
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", face, "-vf",
+                    "drawbox=x=0:y=0:w=iw:h=ih:color=gray:t=fill:enable='between(t,1,2)'", "-c:v", "libx264",
+                    "-crf", "12", template], check=True, timeout=60)
+    audio, _ = _speech(d, "speech_leaves.wav", 48000, seed=18)
+    out = d / "out_leaves.mp4"
+    render(audio, template, out, model)
+    check_output(out, 48000, Fraction(25), SMALL)
+    frames, tmpl = decode_all(str(out)), decode_all(template)
+    grey = [i for i in range(75) if tmpl[i].std() < 2.0]
+    assert len(grey) >= 24, len(grey)
+    for i in grey:  # output frame i shows template frame i (3 s of speech, 3 s of template)
+        assert np.abs(frames[i].astype(int) - tmpl[i].astype(int)).max() <= 3, i
+    faces = [i for i in range(75) if i not in grey]
+    lower = slice(SMALL[1] // 3, SMALL[1])
+    moved = [np.abs(frames[i][lower].astype(int) - tmpl[i][lower].astype(int)).max() for i in faces]
+    assert sum(m > 20 for m in moved) > len(faces) // 2, moved  # the mouth is drawn where the face is
+
+
 def test_verify_output_rejects_wrong_files(loop_renders):
     good = str(loop_renders["pingpong"])
     seconds = 38400 / SR

@@ -413,9 +413,11 @@ def _work_rect(size: int, recipe: str) -> tuple[int, int, int, int]:
 
 
 def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
-               original_crops: np.ndarray | None = None, recipe: str = "aligned", inplace: bool = False) -> np.ndarray:
+               original_crops: np.ndarray | None = None, recipe: str = "aligned", inplace: bool = False,
+               shown: np.ndarray | None = None) -> np.ndarray:
     """Blend generated crops [n,S,S,3] into frames [n,H,W,3] inside the feathered lower-face mask
-    of the crop `recipe` (the matrices must be that recipe's).
+    of the crop `recipe` (the matrices must be that recipe's). `shown` ([n] bool, `FaceTrack.shown`):
+    only those frames are blended into; the others (the face is gone) stay as they are.
 
     `original_crops` are the crops the model was given (as cut by `cut_crops`); when None they
     are cut here. Returns new frames (`inplace`: `frames` itself, changed); pixels outside the
@@ -427,17 +429,19 @@ def paste_back(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, 
         original_crops = cut_crops(frames, matrices, size)
     out = frames if inplace else frames.copy()
     for i, (x0, y0, x1, y1), _, blended in _blends(n, w, h, generated, matrices, size, original_crops, recipe,
-                                                  lambda i, b: frames[i, b[1]:b[3], b[0]:b[2]]):
+                                                  lambda i, b: frames[i, b[1]:b[3], b[0]:b[2]], shown=shown):
         out[i, y0:y1, x0:x1] = blended
     return out
 
 
 def paste_back_yuv(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarray, size: int,
-                   original_crops: np.ndarray | None = None, recipe: str = "aligned") -> np.ndarray:
+                   original_crops: np.ndarray | None = None, recipe: str = "aligned",
+                   shown: np.ndarray | None = None) -> np.ndarray:
     """`paste_back` into I420 frames [n, H * 3 // 2, W] (`cluster.media.yuv`), in place: only the
     region each blend touches is converted to BGR (widened to even corners, so it converts exactly
     as the whole frame would), and only the pixels the blend weighs are written back (a pixel's
-    luma, its 2x2 block's chroma); every other pixel keeps its bytes. Returns `frames`."""
+    luma, its 2x2 block's chroma); every other pixel keeps its bytes; frames not `shown` keep all
+    theirs. Returns `frames`."""
     n = frames.shape[0]
     if n == 0:
         return frames
@@ -445,7 +449,7 @@ def paste_back_yuv(frames: np.ndarray, generated: np.ndarray, matrices: np.ndarr
     if original_crops is None:
         original_crops = cut_crops_yuv(frames, matrices, size)
     for i, box, weight, blended in _blends(n, w, h, generated, matrices, size, original_crops, recipe,
-                                           lambda i, b: yuv.region_to_bgr(frames[i], b), even=True):
+                                           lambda i, b: yuv.region_to_bgr(frames[i], b), even=True, shown=shown):
         yuv.region_from_bgr(frames[i], box, blended.astype(np.uint8), changed=weight > 0)
     return frames
 
@@ -456,7 +460,8 @@ def _colour_and_alpha(bgra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray, size: int,
-            original_crops: np.ndarray, recipe: str, region_of, even: bool = False):
+            original_crops: np.ndarray, recipe: str, region_of, even: bool = False,
+            shown: np.ndarray | None = None):
     """Paste-back's work, frame by frame: yields (i, box, weight, blended) with `blended` the float32
     BGR pixels (whole levels, 0..255) of frame i's region `box` (x0, y0, x1, y1), computed from the
     region's pixels `region_of(i, box)` (uint8 BGR), and `weight` [h, w] the blend's weight there
@@ -471,6 +476,8 @@ def _blends(n: int, w: int, h: int, generated: np.ndarray, matrices: np.ndarray,
     mask_r, ring_r = mask[r0:r1, c0:c1], ring[r0:r1, c0:c1]
     blur_sigma = _detail_blur_sigma(size)
     for i in range(n):
+        if shown is not None and not shown[i]:  # the face is gone from this frame
+            continue
         m = matrices[i].astype(np.float64)
         box = _bbox_in_frame(m, crop_rect, w, h, margin=1.0)
         if box is None:

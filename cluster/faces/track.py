@@ -10,6 +10,7 @@ smoothing while the head is still, little while it moves, so crops do not jitter
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from cluster.fsutil import atomic_writer
 _LINK_IOU = 0.3
 _LINK_CENTRE = 0.5
 _MAX_GAP_FRAMES = 50  # a track not seen for longer than this stops accepting detections
+# A gap of at most this many frames between two frames where the subject was detected is the
+# detector missing a face that is there (blur, a hand): the mouth is drawn where the track puts it
+# (interpolated). A longer gap, or the frames before the first or after the last detection, is the
+# face gone (out of the picture, turned away, a cut): those frames are shown as they are.
+MAX_FILLED_GAP_FRAMES = 6
 _MIN_FRAGMENT_FRAMES = 3  # a later fragment of the subject's face must be seen this often to join
 _SIZE_RATIO = (0.67, 1.5)  # ... and have a similar face size
 
@@ -40,6 +46,17 @@ class FaceTrack:
     landmarks: np.ndarray  # [T,5,2] float32 (smoothed)
     boxes: np.ndarray      # [T,4] float32 (x1,y1,x2,y2)
     detected: np.ndarray   # [T] bool: the subject was detected in this frame (else interpolated)
+
+    @functools.cached_property
+    def shown(self) -> np.ndarray:
+        """[T] bool: the frames whose mouth is drawn (`MAX_FILLED_GAP_FRAMES`): detected, or in a
+        short gap between two detected frames; never where the face is gone."""
+        shown = self.detected.astype(bool).copy()
+        found = np.flatnonzero(shown)
+        for a, b in zip(found[:-1], found[1:]):
+            if 1 < b - a <= MAX_FILLED_GAP_FRAMES + 1:
+                shown[a + 1:b] = True
+        return shown
 
     def __len__(self) -> int:
         return int(self.landmarks.shape[0])

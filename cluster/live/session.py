@@ -94,7 +94,8 @@ class LiveRenderer:
                 generated = generated()
         except Exception as e:  # the model is away: the stream goes on with template frames
             return frames, e
-        return paste_back_yuv(frames, generated, matrices, self.size, original_crops=crops, recipe=self.crop), None
+        return paste_back_yuv(frames, generated, matrices, self.size, original_crops=crops, recipe=self.crop,
+                              shown=self.track.shown[idx]), None
 
     def close(self) -> None:
         self.reader.close()
