@@ -62,6 +62,7 @@ class VideoStreamInfo(BaseModel):
     variable_frame_rate: bool = False
     pix_fmt: str | None = None
     hdr_transfer: str | None = None  # "smpte2084" (PQ) or "arib-std-b67" (HLG); None for SDR
+    full_range: bool = False  # full-range (0-255, "pc", yuvj*) samples: normalising brings them to limited range
     sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
     base_fps: float | None = None  # the stream's cadence (r_frame_rate): a variable-rate stream's frames lie on it
 

@@ -231,6 +231,36 @@ def test_normalize_applies_rotation(media, settings):
     assert np.abs(normalised - np.rot90(source, -k)).mean() > 20
 
 
+@pytest.mark.parametrize("recipe", [["-c:v", "mjpeg", "-q:v", "3"],  # an MJPEG .avi camera's: yuvj420p
+                                    ["-vf", "scale=out_range=full", "-pix_fmt", "yuvj420p", "-c:v", "libx264",
+                                     "-crf", "12", "-color_range", "pc"]])  # a phone's full-range H.264
+def test_a_full_range_template_keeps_its_colours(media, settings, tmp_path, recipe):
+    """Full-range samples (0-255) are brought to the limited range the output is: they were kept as they
+    were and shown as limited, the picture washed out and over-contrasted (brighter by ~8 levels, its
+    highlights clipped)."""
+    source = tmp_path / ("full.avi" if "mjpeg" in recipe else "full.mp4")
+    ffmpeg("-i", str(media["pal"]), "-an", *recipe, str(source))
+    assert probe(source, settings).video.full_range
+    t = normalize_template(source, settings)
+    assert not t.info.video.full_range and t.info.video.pix_fmt == "yuv420p"
+    reference = np.concatenate(list(iter_frames(media["pal"], 16, settings))).astype(int)
+    normalised = np.concatenate(list(iter_frames(t.path, 16, settings))).astype(int)
+    assert abs(normalised.mean() - reference.mean()) < 1.0 and np.abs(normalised - reference).mean() < 3.5
+
+
+def test_an_odd_sized_template_loses_its_last_column_and_row_not_its_sharpness(media, settings, tmp_path):
+    """321x241 (H.264 4:2:0 needs even sizes): cropped to 320x240, its pixels kept, where it was rescaled."""
+    odd = tmp_path / "odd.mp4"
+    ffmpeg("-i", str(media["pal"]), "-an", "-vf", "format=yuv444p,pad=321:241:0:0:red", "-c:v", "libx264",
+           "-crf", "10", "-pix_fmt", "yuv444p", str(odd))
+    assert (probe(odd, settings).video.width, probe(odd, settings).video.height) == (321, 241)
+    t = normalize_template(odd, settings)
+    assert (t.info.video.width, t.info.video.height) == (320, 240)
+    reference = np.concatenate(list(iter_frames(media["pal"], 16, settings))).astype(int)
+    normalised = np.concatenate(list(iter_frames(t.path, 16, settings))).astype(int)
+    assert np.abs(normalised - reference).mean() < 4.3  # 3.5 (4:4:4 to 4:2:0 included); rescaled: 5.2
+
+
 @pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])
 def test_normalize_refuses_truncated(media, settings, name):
     with pytest.raises(InputUnreadable, match="truncated"):

@@ -86,7 +86,7 @@ def _load_cached(template_id: str, path: Path, source: str,
         info = read_media_info(path, settings)
     except InputError:
         return None  # an unreadable cache entry is rebuilt
-    if info.video is None:
+    if info.video is None or info.video.full_range:  # stored before ranges were converted: made again
         return None
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
@@ -122,7 +122,7 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     `2 * gop_frames` frames), so it is used as is instead of re-encoded; None otherwise."""
     v = info.video
     if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
-            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer):
+            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range):
         return None
     try:
         frames, longest, square, even = keyframe_layout(source)
@@ -140,7 +140,7 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
     its faces can be found on the source's own frames while ffmpeg re-encodes it (for short GOPs)."""
     v = info.video
     if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
-            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer):
+            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range):
         return False
     try:
         frames, _, square, even = keyframe_layout(source)
@@ -218,8 +218,12 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
         return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source, cached=False)
     fps = target_fps(src_info)
     fps_arg = f"{fps.numerator}/{fps.denominator}"
+    # square pixels, then an odd width or height cropped by its last column or row (not rescaled: the
+    # picture keeps its pixels); full-range samples (MJPEG, yuvj420p phone video) brought to the limited
+    # range the output is (and every player assumes of untagged H.264)
+    to_limited = ":in_range=full:out_range=limited" if src_info.video.full_range else ""
     vf = (f"fps={fps_arg},{sdr_filters(source, src_info, s)}"
-          "scale=trunc(iw*sar/2)*2:trunc(ih/2)*2,setsar=1,format=yuv420p")
+          f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,format=yuv420p")
     fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
     os.close(fd)
     try:

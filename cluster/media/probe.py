@@ -240,11 +240,14 @@ def _video_info(path: str, container, stream, container_duration: float,
     if rotation in (90, 270):
         width, height = height, width
     pix_fmt = ctx.pix_fmt or (first.format.name if first.format else None)
+    # JPEG-style full range: a yuvj* format (MJPEG, older phones) or the stream's range flag (AVCOL_RANGE_JPEG)
+    full_range = (pix_fmt or "").startswith("yuvj") or int(getattr(ctx, "color_range", 0) or 0) == 2
     sar = stream.sample_aspect_ratio
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
                            pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)),
+                           full_range=full_range,
                            sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0,
                            base_fps=float(stream.base_rate) if stream.base_rate and stream.base_rate.numerator > 0
                            else None)
