@@ -261,6 +261,17 @@ def test_an_odd_sized_template_loses_its_last_column_and_row_not_its_sharpness(m
     assert np.abs(normalised - reference).mean() < 4.3  # 3.5 (4:4:4 to 4:2:0 included); rescaled: 5.2
 
 
+def test_a_video_that_starts_late_is_not_called_truncated(media, settings, tmp_path):
+    """A video track starting 0.5 s into its file (an edit, `-itsoffset`): its header's duration counts
+    fewer frames than it decodes to. More frames than promised are kept (it was refused as "truncated or
+    corrupt"); fewer are still a truncation (below)."""
+    late = tmp_path / "late.mp4"
+    ffmpeg("-itsoffset", "0.5", "-i", str(media["pal"]), "-i", str(media["wav"]), "-map", "0:v", "-map", "1:a",
+           "-c:v", "copy", "-c:a", "aac", str(late))
+    t = normalize_template(late, settings)
+    assert t.info.video.fps == 25 and 50 <= t.info.video.frame_count <= 64, t.info.video
+
+
 @pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])
 def test_normalize_refuses_truncated(media, settings, name):
     with pytest.raises(InputUnreadable, match="truncated"):

@@ -6,6 +6,8 @@ It is stored once per content hash under `<storage_root>/templates/<id>/template
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 from fractions import Fraction
@@ -20,6 +22,8 @@ from cluster.fsutil import file_sha256, publish
 from cluster.media.ffmpeg import ffmpeg_has_filters, file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.schemas import MediaInfo
+
+log = logging.getLogger("lipsync.normalize")
 
 TEMPLATE_FILE = "template.mp4"
 #: Common frame rates a variable-rate source snaps to when its average is within 1 % of one.
@@ -224,13 +228,17 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     to_limited = ":in_range=full:out_range=limited" if src_info.video.full_range else ""
     vf = (f"fps={fps_arg},{sdr_filters(source, src_info, s)}"
           f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,format=yuv420p")
+    expected, tolerance = _expected_frames(src_info, fps)
+    # more frames than the header says are kept (a variable-rate or late-starting video's header may
+    # undercount them); timestamps that run far past it (a corrupt file: hours of repeated frames) stop here
+    most = 2 * expected + 2 * math.ceil(fps)
     fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
     os.close(fd)
     try:
         run_ffmpeg([
             "-loglevel", "error", *input_args(source),
             "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
-            "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr",
+            "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr", "-frames:v", str(most),
             # tuned for decoding (no CABAC, no deblocking): the template is decoded again for every
             # render of the avatar, and 720p decodes in a third less CPU for 0.1 dB of PSNR
             # (docs/PERFORMANCE.md); segments for users are not tuned so
@@ -245,11 +253,18 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
         except InputError as exc:
             raise MediaError(f"normalised template {tmp} of {source} is unreadable: {exc}",
                              path=source, stage="normalize", cause=exc.cause) from exc
-        expected, tolerance = _expected_frames(src_info, fps)
-        if abs(found - expected) > tolerance:
+        if found < expected - tolerance:
             raise InputUnreadable(
                 f"template {source} decodes to {found} frames but its header promises {expected} "
                 f"(+-{tolerance}) at {fps_arg} fps: the file is truncated or corrupt", path=source)
+        if found >= most:
+            raise InputUnreadable(
+                f"template {source}: its video's timestamps run far past its header's duration "
+                f"({src_info.video.duration:.2f} s, {expected} frames at {fps_arg} fps; stopped at {found}): "
+                f"the file's timing is corrupt", path=source)
+        if found > expected + tolerance:  # a variable-rate or late-starting video whose header undercounts it
+            log.info("template %s: %d frames at %s fps where its header promises %d: kept", source, found,
+                     fps_arg, expected)
         if info.video is None or info.video.rotation != 0:
             raise MediaError(f"normalised template {tmp} of {source} still carries rotation "
                              f"{info.video.rotation if info.video else None}", path=source,
