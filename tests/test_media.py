@@ -272,6 +272,44 @@ def test_a_video_that_starts_late_is_not_called_truncated(media, settings, tmp_p
     assert t.info.video.fps == 25 and 50 <= t.info.video.frame_count <= 64, t.info.video
 
 
+def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(media, settings, tmp_path):
+    """PNG, JPEG, WebP and BMP photos are templates (ffmpeg's image2 demuxer stays refused: Pillow
+    reads them): one frame at 25 fps, upright as a viewer sees it (a phone's EXIF orientation), sized
+    against the limits from its header before a pixel is decoded; a cut file is a typed error."""
+    from PIL import Image
+
+    from cluster.errors import InputTooLarge
+
+    frame = next(iter_frames(media["pal"], 1, settings))[0]  # BGR 240x320
+    photo = Image.fromarray(np.ascontiguousarray(frame[:, :, ::-1]))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise
+    paths = {"png": tmp_path / "face.png", "webp": tmp_path / "face.webp", "bmp": tmp_path / "face.bmp",
+             "jpg": tmp_path / "sideways.jpg"}
+    photo.save(paths["png"])
+    photo.save(paths["webp"], lossless=True)
+    photo.save(paths["bmp"])
+    photo.transpose(Image.Transpose.ROTATE_90).save(paths["jpg"], quality=95, exif=exif)
+    for name, path in paths.items():
+        info = probe(path, settings)
+        v = info.video
+        assert (v.width, v.height, v.fps, v.frame_count) == (320, 240, 25, 1) and info.audio is None, (name, v)
+        t = normalize_template(path, settings)
+        assert t.info.video.codec == "h264" and t.info.video.frame_count == 1
+        out = next(iter_frames(t.path, 1, settings))[0].astype(int)
+        # the JPEG is lossy (a sideways one: ~50 off); the others only pass through 4:2:0 H.264
+        assert out.shape == (240, 320, 3) and np.abs(out - frame.astype(int)).mean() < (
+            6.0 if name == "jpg" else 3.0), name
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (settings.max_width + 2, 16)).save(huge)
+    with pytest.raises(InputTooLarge, match="huge.png is 4098x16"):
+        probe_video(huge, settings)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(paths["jpg"].read_bytes()[:2000])
+    with pytest.raises(InputUnreadable, match="cut.jpg"):
+        normalize_template(cut, settings)
+
+
 @pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])
 def test_normalize_refuses_truncated(media, settings, name):
     with pytest.raises(InputUnreadable, match="truncated"):

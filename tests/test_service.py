@@ -507,6 +507,17 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         error = bad.json()["error"]
         assert bad.status_code == 400 and error["field"] == "video" and "my face.mp4" in error["message"], error
         assert "/inputs/" not in error["message"], error
+        # a photo is a template too: one frame, its size as a viewer sees it
+        import av
+
+        with av.open(svc_media["video"]) as container:
+            still = next(container.decode(video=0)).to_image()
+        photo = tmp_path / "portrait.jpg"
+        still.save(photo, quality=92)
+        with open(photo, "rb") as f:
+            r = http.post("/v1/avatars", files={"video": ("portrait.jpg", f, "image/jpeg")})
+        assert r.status_code == 201, r.text
+        assert r.json()["frames"] == 1 and (r.json()["width"], r.json()["height"]) == (320, 240), r.json()
         audios = [write_audio(str(service.input_root / f"batch{i}.wav"), speech_like(0.8 + 0.2 * i, seed=40 + i))
                   for i in range(3)]
         r = http.post("/v1/batches", json={"id": "batch-1", "audios": audios, "avatar_id": avatar["id"]})

@@ -21,6 +21,7 @@ from cluster.errors import InputError, InputUnreadable, MediaError
 from cluster.fsutil import file_sha256, publish
 from cluster.media.ffmpeg import ffmpeg_has_filters, file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
+from cluster.media.still import is_still, write_still_template
 from cluster.schemas import MediaInfo
 
 log = logging.getLogger("lipsync.normalize")
@@ -184,6 +185,20 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
+def _normalize_still(source: str, template_id: str, out_path: Path, s: Settings) -> NormalizedTemplate:
+    fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_path.parent)
+    os.close(fd)
+    try:
+        write_still_template(source, tmp, s)
+        info = read_media_info(tmp, s)
+        publish(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    info = info.model_copy(update={"path": str(out_path)})
+    return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source, cached=False)
+
+
 @telemetry.timed("stage_seconds", stage="normalise")
 def normalize_template(path: str | os.PathLike, settings: Settings | None = None,
                        template_id: str | None = None) -> NormalizedTemplate:
@@ -206,6 +221,8 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
         return cached
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if is_still(source):  # a photo: one H.264 frame (cluster.media.still)
+        return _normalize_still(source, template_id, out_path, s)
     as_is = reusable_as_is(source, src_info, s)
     if as_is is not None:  # already constant-rate H.264 with short GOPs: no re-encode
         fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)

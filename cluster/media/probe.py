@@ -269,8 +269,13 @@ def probe(path: str | os.PathLike, settings: Settings | None = None) -> MediaInf
     """Streams, duration, exact fps, display size (rotation applied), frame count, frame-rate
     variability of a media file. Raises the `InputError` subclasses of `check_input_file`, and
     `InputUnreadable` naming the file when it is not media, truncated or undecodable."""
+    from cluster.media.still import is_still, still_media_info
+
     s = settings or get_settings()
-    return read_media_info(check_input_file(path, s), s)
+    checked = check_input_file(path, s)
+    if is_still(checked):  # a photo: read by Pillow, not by ffmpeg's image2 demuxer (cluster.media.still)
+        return still_media_info(checked, s)
+    return read_media_info(checked, s)
 
 
 def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:

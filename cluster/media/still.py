@@ -1,0 +1,118 @@
+"""Still photos as templates: a PNG, JPEG, WebP or BMP becomes a one-frame template video.
+
+A photo of a person is a common template ("make this portrait speak"). ffmpeg would open it with its
+image2 demuxer, which the probe refuses (it expands file-name patterns: it can read other files), so a
+photo is recognised by its leading bytes and read here with Pillow instead: its header first (the size
+limits apply before a pixel is decoded), then its pixels, turned as its EXIF orientation says (a
+phone's portrait photo is stored sideways). Normalising it writes one H.264 frame at
+`STILL_FPS`: the render maps every output frame to it, and only the mouth moves.
+"""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import Settings, get_settings
+from cluster.errors import InputTooLarge, InputUnreadable
+from cluster.schemas import MediaInfo, VideoStreamInfo
+
+#: Leading bytes of the photo formats accepted, and Pillow's name of each.
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
+#: The frame rate of a still's template (and so of the videos rendered from it).
+STILL_FPS = Fraction(25)
+
+
+def still_format(head: bytes) -> str | None:
+    """Pillow's format name of a photo whose file starts with `head`, else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
+
+
+def is_still(path: str | os.PathLike) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return still_format(f.read(16)) is not None
+    except OSError:
+        return False
+
+
+def _open(path: str, fmt: str, settings: Settings):
+    """The photo opened by Pillow (its header read, no pixel decoded), its size checked."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path, formats=[fmt])
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputUnreadable(f"photo {path} cannot be read as {fmt}: {exc}", path=path, cause=str(exc)) from exc
+    width, height = _displayed_size(image)
+    if width > settings.max_width or height > settings.max_height:
+        image.close()
+        raise InputTooLarge(f"photo {path} is {width}x{height}, larger than the limit of "
+                            f"{settings.max_width}x{settings.max_height}", path=path)
+    if width < 2 or height < 2:
+        image.close()
+        raise InputUnreadable(f"photo {path} has no usable picture ({width}x{height})", path=path)
+    return image
+
+
+def _displayed_size(image) -> tuple[int, int]:
+    """(width, height) as a viewer sees the photo: EXIF orientations 5 to 8 turn it a quarter."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: shown as stored
+        orientation = 1
+    w, h = image.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def still_media_info(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """What `probe` tells of a photo: one frame of video at `STILL_FPS`, its size as displayed."""
+    s = settings or get_settings()
+    p = str(path)
+    with open(p, "rb") as f:
+        fmt = still_format(f.read(16))
+    if fmt is None:
+        raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP or BMP photo", path=p)
+    with _open(p, fmt, s) as image:
+        width, height = _displayed_size(image)
+    seconds = float(1 / STILL_FPS)
+    video = VideoStreamInfo(codec=fmt.lower(), width=width, height=height, fps_num=STILL_FPS.numerator,
+                            fps_den=STILL_FPS.denominator, frame_count=1, duration=seconds, pix_fmt="rgb24")
+    return MediaInfo(path=p, format=fmt.lower(), duration=seconds, size_bytes=os.path.getsize(p), video=video)
+
+
+def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.ndarray:
+    """The photo's pixels as BGR [H, W, 3] uint8, upright (EXIF orientation applied), cropped to even
+    sizes by its last column or row (4:2:0 video); a transparent photo's alpha is dropped."""
+    from PIL import ImageOps
+
+    s = settings or get_settings()
+    p = str(path)
+    with open(p, "rb") as f:
+        fmt = still_format(f.read(16))
+    if fmt is None:
+        raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP or BMP photo", path=p)
+    with _open(p, fmt, s) as image:
+        try:
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as exc:  # a cut or corrupt file shows itself decoding
+            raise InputUnreadable(f"photo {p} cannot be decoded: {exc}", path=p, cause=str(exc)) from exc
+    rgb = np.asarray(upright)
+    h, w = rgb.shape[:2]
+    return np.ascontiguousarray(rgb[: h - h % 2, : w - w % 2, ::-1])
+
+
+def write_still_template(source: str | os.PathLike, dest: str | os.PathLike, settings: Settings | None = None) -> int:
+    """Write the photo `source` as a one-frame H.264 template video at `dest`; returns its frame count."""
+    from cluster.media.encode import SegmentEncoder
+
+    s = settings or get_settings()
+    bgr = read_still(source, s)
+    h, w = bgr.shape[:2]
+    with SegmentEncoder(str(Path(dest)), w, h, STILL_FPS, s) as encoder:
+        encoder.write(bgr[None])
+    return 1
