@@ -99,7 +99,9 @@ def _open(path: str, settings: Settings) -> av.container.InputContainer:
         container = av.open(file_url(path), options={"protocol_whitelist": "file"},
                             timeout=settings.probe_timeout_s)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise InputUnreadable(f"{path} is not a readable audio/video file: {exc}", path=path,
+        # FFmpeg's own words ("Invalid data found when processing input"), not its error number and URL
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise InputUnreadable(f"{path} is not a readable audio/video file: {why}", path=path,
                               cause=str(exc)) from exc
     names = set(container.format.name.split(","))
     if names & UNSAFE_FORMATS:
