@@ -121,6 +121,10 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             assert api.post(path, params={"offset": 12000}, content=b).json()["offset"] == len(pcm)
             r = api.post(path, params={"offset": len(pcm) + 2}, content=b"\x00\x00")
             assert r.status_code == 409 and r.json()["error"]["code"] == "session.offset_gap"
+            # the session's own words, where to resend from, not Ray's traceback of the actor
+            gap = r.json()["error"]
+            assert gap["message"] == (f"offset {len(pcm) + 2} is past the {len(pcm)} bytes received (a gap): send "
+                                      f"again from offset {len(pcm)}") and gap["field"] == "offset", gap
             assert api.post(path, params={"offset": len(pcm)}, content=b"\x00").status_code == 400
             # backpressure: a sender faster than real time is refused (429) once the buffer is full
             burst = (np.sin(np.arange(16000 * 6) / 9.0) * 6000).astype("<i2").tobytes()

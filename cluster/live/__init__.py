@@ -27,6 +27,13 @@ class SessionEnded(LipsyncError):
     retryable = False
 
 
+class SessionOffsetGap(LipsyncError):
+    """An append whose byte offset is past what the session has received, or off a sample boundary:
+    the sender must send again from the session's offset (HTTP 409, socket close 1011)."""
+    code = "session.offset_gap"
+    retryable = False
+
+
 class SessionStandby(LipsyncError):
     """This actor is the session's standby, not the one running it: ask the other (the ingress
     does, `actors.live.SessionActors`); retryable, it may be taking the session over now."""

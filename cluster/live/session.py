@@ -25,6 +25,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError
+from cluster.live import SessionOffsetGap
 from cluster.live.encoder import LiveEncoder, LivePlaylist, make_recording
 from cluster.live.journal import SessionJournal
 from cluster.live.schedule import FrameBatch, LiveScheduler
@@ -225,10 +226,12 @@ class LiveSession:
             received = self.speech.bytes_received
             if offset is not None:
                 if offset > received:
-                    raise ValueError(f"offset {offset} is past the {received} bytes received (a gap)")
+                    raise SessionOffsetGap(f"offset {offset} is past the {received} bytes received (a gap): "
+                                           f"send again from offset {received}", path="offset")
                 skip = received - offset
                 if skip % 2:
-                    raise ValueError(f"offset {offset} is not on a sample boundary")
+                    raise SessionOffsetGap(f"offset {offset} is not on a sample boundary (2-byte samples): send "
+                                           f"again from offset {received}", path="offset")
                 pcm = pcm[skip:] if skip < len(pcm) else b""
             if self.state not in ("live", "starting"):
                 return {"offset": received, "accepted": False, "buffered_s": 0.0, "state": self.state}

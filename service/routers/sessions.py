@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.errors import LipsyncError
+from cluster.live import SessionOffsetGap
 from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
 from service.errors import ERROR_CODES, ApiProblem, http_status
@@ -342,8 +343,8 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
                          "body")
     try:
         answer = await _ask(settings, session_id, actor, "append", body, offset, timeout=settings.actor_call_timeout_s)
-    except ValueError as e:
-        raise ApiProblem(409, "session.offset_gap", str(e), "offset") from None
+    except SessionOffsetGap as e:  # the actor's own words (as themselves, not Ray's traceback)
+        raise ApiProblem(409, "session.offset_gap", e.message, "offset") from None
     if answer.get("state") in ("ending", "ended", "failed"):
         raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
     if not answer["accepted"]:
@@ -565,8 +566,8 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                     try:
                         answer = await _ask(settings, session_id, actor, "append", data, offset, lease,
                                             timeout=settings.actor_call_timeout_s)
-                    except ValueError as e:  # the session has less than this socket sent: resend
-                        await _close(websocket, 1011, str(e))
+                    except SessionOffsetGap as e:  # the session has less than this socket sent: resend
+                        await _close(websocket, 1011, e.message)
                         return
                     if answer.get("socket_taken"):  # told, never dropped as bytes the session already had
                         await _close(websocket, 4409, "another audio socket took this session over (this one "
