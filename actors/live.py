@@ -241,6 +241,10 @@ class LiveSessionActor:
             self.lost = {"code": "session.restart_failed", "stage": "live",
                          "message": f"live session {self.id}: its actor restarted but could not resume "
                                     f"the session ({cause})"[:2000]}
+            try:  # its end, journalled: the ingress tells it once this actor has left (live_keep_ended_s)
+                self.journal.save_final(lost_session_view(self.s, self.id, self.lost))
+            except Exception:  # noqa: BLE001 - the actor still answers with it while it stays
+                log.exception("session %s: its end could not be journalled", self.id)
 
     def _stored(self) -> None:
         meta = self.journal.meta()
@@ -383,15 +387,7 @@ class LiveSessionActor:
     # --- files ---------------------------------------------------------------------------
     def read_hls(self, name: str) -> bytes | None:
         """A file of the live stream (the published playlist, the init segment, a segment), or None."""
-        from cluster.live.encoder import INIT_NAME, SEGMENT_NAME
-
-        # init.mp4, or init-<epoch>.mp4 of the encoder a restart or a takeover started
-        if name not in HLS_FILES and not SEGMENT_NAME.match(name) and not INIT_NAME.match(name):
-            return None
-        try:
-            return (session_dir(self.s, self.id) / "hls" / name).read_bytes()
-        except OSError:
-            return None
+        return read_hls_file(self.s, self.id, name)
 
     def read_recording(self, offset: int, length: int) -> bytes:
         if self.session is None and self.final is not None:
@@ -419,10 +415,7 @@ class LiveSessionActor:
         """The view of a session this process did not run: ended before the restart (its final
         view), or one the restart could not resume (failed, and why)."""
         if self.final is not None:
-            path = session_dir(self.s, self.id) / "recording.mp4"
-            size = path.stat().st_size if self.final.get("recording_seconds") and path.is_file() else None
-            return {**self.final, "avatar_id": self.avatar_id, "model": self.model, "created": self.created,
-                    "recording_bytes": size}
+            return ended_session_view(self.s, self.id)
         return lost_session_view(self.s, self.id, self.lost)
 
     def state(self) -> str:
@@ -500,11 +493,12 @@ class LiveRegistry:
         self.s = settings
         self._lock = threading.Lock()
         # ended sessions' actors go `live_keep_ended_s` after their end whether or not another
-        # session is created meanwhile (`running` removes them; it ran only at a creation)
+        # session is created meanwhile (`running` removes them; it ran only at a creation): two idle
+        # processes of ~250 MB each per ended session otherwise (the ingress serves it from disk after)
         threading.Thread(target=self._reap_ended, name="live-reaper", daemon=True).start()
 
     def _reap_ended(self) -> None:
-        period = min(60.0, max(1.0, self.s.live_keep_ended_s / 4))
+        period = min(60.0, max(1.0, self.s.live_keep_ended_s / 2))
         while True:
             time.sleep(period)
             try:
@@ -742,6 +736,37 @@ def session_actor(settings: Settings, session_id: str):
         return ray.get_actor(session_actor_name(session_id), namespace=settings.namespace)
     except ValueError:
         raise SessionNotFound(f"no live session {session_id}", path="session_id") from None
+
+
+def read_hls_file(settings: Settings, session_id: str, name: str) -> bytes | None:
+    """A file of a session's stream (the published playlist, an init segment, a segment) from its
+    directory, or None: what its actor serves, and the ingress once the actors of an ended session are gone."""
+    from cluster.live.encoder import INIT_NAME, SEGMENT_NAME
+
+    # init.mp4, or init-<epoch>.mp4 of the encoder a restart or a takeover started
+    if name not in HLS_FILES and not SEGMENT_NAME.match(name) and not INIT_NAME.match(name):
+        return None
+    try:
+        return (session_dir(settings, session_id) / "hls" / name).read_bytes()
+    except OSError:
+        return None
+
+
+def ended_session_view(settings: Settings, session_id: str) -> dict | None:
+    """The view of an ended session from its journal (its final view, as it was when it ended), with
+    its recording's size when it has one; None when the journal holds no end. Served by the ingress
+    once the session's actors are gone (`LIPSYNC_LIVE_KEEP_ENDED_S` after its end), until retention."""
+    from cluster.live.journal import SessionJournal
+
+    journal = SessionJournal(session_dir(settings, session_id))
+    final = journal.final()
+    if final is None:
+        return None
+    meta = journal.meta()
+    path = journal.dir / "recording.mp4"
+    size = path.stat().st_size if final.get("recording_seconds") and path.is_file() else None
+    return {**final, "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
+            "recording_bytes": size}
 
 
 def lost_session_view(settings: Settings, session_id: str, lost: dict | None = None) -> dict:

@@ -223,7 +223,10 @@ class Settings(BaseSettings):
                                       "audio for this long is rendered as an utterance's end")
     live_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a session's token (audio socket, "
                                     "playlist URLs)")
-    live_keep_ended_s: float = Field(900.0, gt=0, description="an ended session serves its recording this long")
+    live_keep_ended_s: float = Field(10.0, gt=0, description="an ended session's actors (its process and its "
+                                     "standby) leave this long after its end; its view, stream and recording are "
+                                     "then served from its directory until retention removes it "
+                                     "(LIPSYNC_RETENTION_DAYS)")
     live_nice: int = Field(-10, ge=-20, le=19, description="scheduling priority (nice) of a session's render "
                            "thread and encoder, and of the model workers' live lane, so batch work on the same "
                            "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")

@@ -180,6 +180,33 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
         assert container.streams.video and container.streams.audio
         assert container.streams.video[0].frames == round(final.recording_seconds * 25)
     assert final.recording_seconds >= 3.2
+    # its two processes (the actor and its standby, ~250 MB each) leave LIPSYNC_LIVE_KEEP_ENDED_S (10 s) after
+    # its end (they stayed 15 minutes); its view, stream and recording are then served from its directory
+    import json
+
+    import psutil
+
+    from cluster.live.journal import LOCK_FILE, STANDBY_FILE
+    from cluster.retention import _lock_held
+    from tests.helpers import wait_until
+
+    journal = service.storage_root / "sessions" / session.id
+    standby = json.loads((journal / STANDBY_FILE).read_text())["pid"]
+    wait_until(lambda: not _lock_held(journal / LOCK_FILE) and not psutil.pid_exists(standby), 60, 0.5,
+               "the ended session's actor and standby to leave")
+    with _api(service) as api:
+        view = api.get(f"/v1/sessions/{session.id}").json()
+        assert view["state"] == "ended" and view["recording_bytes"] == rec.stat().st_size, view
+        assert view["seconds_rendered"] == final.seconds_rendered and view["recording_url"], view
+        assert api.get(f"/v1/sessions/{session.id}/recording").content == rec.read_bytes()
+        playlist = httpx.get(session.hls_url, timeout=30).text
+        assert "#EXT-X-ENDLIST" in playlist, playlist
+        first = re.search(r"^(?!#)(\S+)$", playlist, re.M).group(1)  # its first segment, from disk
+        assert httpx.get(session.hls_url.split("/index.m3u8")[0] + "/" + first, timeout=30).content
+        again = api.delete(f"/v1/sessions/{session.id}")  # a repeated DELETE: the same end
+        assert again.status_code == 200 and again.json()["reason"] == "deleted", again.text
+        late = api.post(f"/v1/sessions/{session.id}/audio", params={"offset": 0}, content=b"\x00\x00")
+        assert late.status_code == 410 and late.json()["error"]["code"] == "session.ended", late.text
 
 
 class PlaylistWatcher:

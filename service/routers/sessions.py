@@ -82,17 +82,20 @@ async def _call(ref, timeout: float, raw_actor_errors: bool = False):
         raise
 
 
-class SessionLost(ApiProblem):
-    """The session's actor is gone for good (Ray's restarts exhausted) though its journal says it
-    never ended: 410, and `view` its truthful `failed` view (GET answers with it)."""
+class SessionGone(ApiProblem):
+    """The session's actors are gone and its journal tells how it ended: `view` (GET, DELETE and /end
+    answer with it; what needs a running session gets 410). `lost`: it never ended, its actor died
+    for good (Ray's restarts exhausted), the view says `failed` and why; else it ended, and its
+    actors left `LIPSYNC_LIVE_KEEP_ENDED_S` after (its view, stream and recording served from disk)."""
 
-    def __init__(self, view: dict) -> None:
-        super().__init__(410, "session.ended", view["error"]["message"], None)
-        self.view = view
+    def __init__(self, view: dict, lost: bool) -> None:
+        super().__init__(410, "session.ended", view["error"]["message"] if lost else
+                         f"session {view['id']} has {view.get('state', 'ended')}", None)
+        self.view, self.lost = view, lost
 
 
 def _actor(settings, session_id: str):
-    """The session's actors (`actors.live.SessionActors`); SessionLost, or 404."""
+    """The session's actors (`actors.live.SessionActors`); SessionGone, or 404."""
     from actors.live import SessionActors
     from cluster.live import SessionNotFound
 
@@ -105,26 +108,21 @@ def _actor(settings, session_id: str):
 
 
 def _gone(settings, session_id: str, message: str) -> ApiProblem:
-    """What to answer for a session without an actor: `SessionLost` (410) when its journal says it
-    began and never ended, else 404."""
-    lost = _lost(settings, session_id)
-    if lost is not None:
-        return SessionLost(lost)
-    return ApiProblem(404, "session.not_found", message, "session_id")
-
-
-def _lost(settings, session_id: str) -> dict | None:
-    """The `failed` view of a session that began and never ended but has no actor, else None."""
-    from actors.live import lost_session_view, session_dir
+    """What to answer for a session without an actor: `SessionGone` when its journal says it began
+    (ended, or lost: never ended), else 404."""
+    from actors.live import ended_session_view, lost_session_view, session_dir
     from cluster.live.journal import SessionJournal
 
     journal = SessionJournal(session_dir(settings, session_id))
     try:
-        if not journal.begun() or journal.final() is not None:
-            return None
-        return lost_session_view(settings, session_id)
+        if journal.begun():
+            ended = ended_session_view(settings, session_id)
+            if ended is not None:
+                return SessionGone(ended, lost=False)
+            return SessionGone(lost_session_view(settings, session_id), lost=True)
     except (OSError, ValueError, KeyError):
-        return None
+        pass
+    return ApiProblem(404, "session.not_found", message, "session_id")
 
 
 FIRST_PLAYLIST_WAIT_S = 10.0  # how long a playlist request waits for a new session's first segment
@@ -164,7 +162,7 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
     """Call the session's running actor (`actors`: `SessionActors`). A call that meets it dead,
     restarting (Ray restarts it, `LIPSYNC_LIVE_MAX_RESTARTS`) or standing by is made again, on
     its partner or itself, until `live_restart_wait_s` has passed (then 503 with Retry-After);
-    a session whose actors are gone for good is `SessionLost` (410). Every call must be safe to
+    a session whose actors are gone for good is `SessionGone` (410). Every call must be safe to
     repeat: appends carry their byte offset."""
     from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -305,16 +303,20 @@ async def get_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     try:
         actor = _actor(settings, session_id)
-    except SessionLost as e:
+        raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+    except SessionGone as e:
         return _view(request, e.view)
-    return _view(request, await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s))
+    return _view(request, raw)
 
 
 @router.delete("/{session_id}", response_model=SessionView,
                summary="End the session now; its recording is then at /recording")
 async def delete_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
-    raw = await _ask(settings, session_id, _actor(settings, session_id), "stop", "deleted", timeout=90.0)
+    try:
+        raw = await _ask(settings, session_id, _actor(settings, session_id), "stop", "deleted", timeout=90.0)
+    except SessionGone as e:  # ended already (a repeated DELETE): its view, as the first one answered
+        raw = e.view
     return _view(request, raw, with_token=False)
 
 
@@ -322,10 +324,13 @@ async def delete_session(session_id: str, request: Request) -> SessionView:
              summary="End the speech and the session once everything received is rendered")
 async def finish_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
-    actor = _actor(settings, session_id)
-    await _ask(settings, session_id, actor, "finish", timeout=settings.actor_call_timeout_s)
-    return _view(request, await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s),
-                 with_token=False)
+    try:
+        actor = _actor(settings, session_id)
+        await _ask(settings, session_id, actor, "finish", timeout=settings.actor_call_timeout_s)
+        raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
+    except SessionGone as e:
+        raw = e.view
+    return _view(request, raw, with_token=False)
 
 
 @router.post("/{session_id}/audio", response_model=AudioAppended,
@@ -365,8 +370,13 @@ async def get_recording(session_id: str, request: Request) -> Response:
     try:
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionLost as lost:  # its actors are gone for good: what it had published, joined here
-        return await _lost_recording(settings, session_id, lost)
+    except SessionGone as gone:
+        if gone.view.get("recording_bytes"):  # ended: its recording, from disk
+            return _ended_recording(settings, session_id)
+        if gone.view.get("state") == "failed":  # what it had published, joined here
+            return await _lost_recording(settings, session_id, gone)
+        raise ApiProblem(409, "session.no_recording", f"session {session_id} ended without a recording", None) \
+            from None
     size = raw.get("recording_bytes")
     if not size:
         state = raw["state"]
@@ -389,7 +399,17 @@ async def get_recording(session_id: str, request: Request) -> Response:
                                       "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
 
 
-async def _lost_recording(settings, session_id: str, lost: SessionLost) -> Response:
+def _ended_recording(settings, session_id: str) -> Response:
+    """The recording of an ended session whose actors have left, from its directory."""
+    from fastapi.responses import FileResponse
+
+    from actors.live import session_dir
+
+    return FileResponse(session_dir(settings, session_id) / "recording.mp4", media_type="video/mp4",
+                        filename=f"{session_id}.mp4")
+
+
+async def _lost_recording(settings, session_id: str, lost: SessionGone) -> Response:
     """The recording of a session whose actors died for good (`actors.live.lost_session_recording`),
     or 409 `session.no_recording` naming why there is none."""
     from fastapi.responses import FileResponse
@@ -416,17 +436,23 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     if not token_ok(request, session_id, token):  # before the lookup: no session's existence is told without it
         raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
     settings = _settings(request)
-    actor = _actor(settings, session_id)
-    data = await _ask(settings, session_id, actor, "read_hls", "live.m3u8" if name == "index.m3u8" else name,
-                      timeout=settings.actor_call_timeout_s)
-    if data is None and name == "index.m3u8":
+    file = "live.m3u8" if name == "index.m3u8" else name
+    try:
+        actor = _actor(settings, session_id)
+        data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
+    except SessionGone:  # its actors have left: the stream as it ended (or stopped), from its directory
+        from actors.live import read_hls_file
+
+        actor = None
+        data = await asyncio.to_thread(read_hls_file, settings, session_id, file)
+    if data is None and name == "index.m3u8" and actor is not None:
         # a new session's playlist exists once its first segment is published (about a segment's
         # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
         data = await _playlist_until(settings, session_id, actor, data, lambda text: True, FIRST_PLAYLIST_WAIT_S,
                                      0.1)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
-    if name == "index.m3u8" and "_HLS_msn" in request.query_params:
+    if name == "index.m3u8" and "_HLS_msn" in request.query_params and actor is not None:
         data = await _blocking_reload(request, settings, session_id, actor, data)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
         query = "?token=" + urllib.parse.quote(token, safe="")  # as given (checked above, where a key exists)
@@ -513,7 +539,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
             raise SessionNotFound(f"no live session {session_id}")
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionLost as e:
+    except SessionGone as e:
         await _close(websocket, 4410, e.message)
         return
     except SessionNotFound:
