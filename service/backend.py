@@ -170,6 +170,8 @@ class Backend:
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
         if video is None and avatar_id is None:
             raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
+        if video is not None and avatar_id is not None:  # which one would it render? (the CLI refuses it too)
+            raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
         staged, sources = dict(staged or {}), dict(sources or {})
         for name, given in (("audio", audio), ("video", video)):
             if given is not None and name not in staged:

@@ -53,11 +53,17 @@ def http_status(err: LipsyncError) -> int:
     return 500
 
 
+# errors that are about one input whatever file it is (the same file sent as audio and video is both)
+_FIELD_OF_CODE = {"input.no_video_stream": "video", "input.no_face": "video", "input.no_audio_stream": "audio"}
+
+
 def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
-    """The request field an error is about: its own path when that names one, else the field whose
-    value the error mentions."""
+    """The request field an error is about: its own path when that names one, else the field its
+    code is about, else the field whose value the error mentions."""
     if err.path in values or err.path in ("audio", "video", "avatar_id", "file", "body", "callback_url"):
         return err.path
+    if err.code in _FIELD_OF_CODE and _FIELD_OF_CODE[err.code] in values:
+        return _FIELD_OF_CODE[err.code]
     for name, value in values.items():
         if value and (err.path == value or (value in err.message)):
             return name

@@ -234,6 +234,21 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         assert err["code"].startswith("input.") and err["field"] == "video", err
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "crf": 99})
         assert r.status_code == 422 and r.json()["error"]["field"] == "crf"
+        # a video and an avatar: which to render? refused, as the CLI refuses it (it rendered one of them)
+        for form in ({"json": {"audio": svc_media["audio"], "video": svc_media["video"],
+                               "avatar_id": "0123456789abcdef"}},
+                     {"data": {"avatar_id": "0123456789abcdef"},
+                      "files": {"audio": open(svc_media["audio"], "rb"), "video": open(svc_media["video"], "rb")}}):
+            r = http.post("/v1/jobs", **form)
+            assert r.status_code == 422 and r.json()["error"]["field"] == "avatar_id", r.text
+        # an unknown avatar: its field, and no server path in the message
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "avatar_id": "0123456789abcdef"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["field"] == "avatar_id" and "0123456789abcdef" in err["message"], err
+        assert str(service.storage_root) not in err["message"], err
+        # the same file sent as audio and as video: the error is about the video
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["audio"]})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "video", r.text
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
                                         "model": "/etc/passwd"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "model"

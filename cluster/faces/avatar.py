@@ -189,11 +189,12 @@ def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
     """A prepared avatar by id; raises `InputNotFound` if there is none (or it is incomplete)."""
     s = settings or get_settings()
     if not isinstance(avatar_id, str) or not _AVATAR_ID.match(avatar_id):
-        raise InputNotFound(f"unknown avatar id {avatar_id!r} (expected a hex content hash)")
+        raise InputNotFound(f"unknown avatar id {avatar_id!r} (expected a hex content hash)", path="avatar_id")
     avatar = _read_stored(avatar_id, s)
     if avatar is None:
-        raise InputNotFound(f"avatar {avatar_id} does not exist under {s.dir('avatars')} "
-                            f"(prepare it first; avatars unused for LIPSYNC_RETENTION_DAYS are removed)")
+        raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it first: POST /v1/avatars, or a job "
+                            f"with its video; avatars unused for LIPSYNC_RETENTION_DAYS are removed)",
+                            path="avatar_id")
     touch_avatar(avatar_id, s)
     return avatar
 

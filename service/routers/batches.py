@@ -30,6 +30,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         raise ApiProblem(422, "input.invalid", f"a batch of {len(body.audios)} audios can never fit the job queue, "
                          f"which holds at most {settings.max_queued_jobs} unfinished jobs (LIPSYNC_MAX_QUEUED_JOBS): "
                          f"send at most {settings.max_queued_jobs} per batch", "audios")
+    if body.video is not None and body.avatar_id is not None:
+        raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
     await backend.check_callback(body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and not await _exists(backend, body.id):

@@ -57,10 +57,12 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                 body = JobCreate.model_validate({k: v for k, v in fields.items() if v != ""})
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
-            request.state.inputs = {"audio": body.audio, "video": body.video}
+            request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             if body.video is None and body.avatar_id is None:
                 raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
+            if body.video is not None and body.avatar_id is not None:
+                raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
             await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
@@ -69,7 +71,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                     sources[staged[name]] = fname  # errors name the client's file, not the ref
         else:
             body = await json_body(request, JobCreate)
-            request.state.inputs = {"audio": body.audio, "video": body.video}
+            request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
