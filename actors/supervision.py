@@ -19,7 +19,7 @@ from actors.calls import Kind, outcome
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
 from cluster.config import Settings
-from cluster.errors import ModelLoadError, PlacementError
+from cluster.errors import ModelContractError, ModelLoadError, PlacementError
 from cluster.scheduling import (
     Health,
     Member,
@@ -320,11 +320,14 @@ class Supervisor:
         await table.set_health(member, Health.lost)
         self.tasks.spawn(self.probe(table, member))
 
-    def load_error(self) -> ModelLoadError:
+    def load_error(self) -> ModelLoadError | ModelContractError:
+        """Why no model worker serves, as the workers' load failed: a model that does not fit the
+        contract keeps its own code (bad input, exit 2), as when it is loaded in process."""
         err = next((m.error for m in self.models.members.values() if isinstance(m.error, dict)), None) or {}
-        return ModelLoadError(f"no model worker can serve: the default model {self.s.model!r} cannot be "
-                              f"loaded: {err.get('message')}", stage="prepare", cause=err.get("cause"),
-                              path=err.get("path"))
+        kind = ModelContractError if err.get("code") == ModelContractError.code else ModelLoadError
+        return kind(f"no model worker can serve: the model {self.s.model!r} (LIPSYNC_MODEL, or the command's "
+                    f"--model) cannot be loaded: {err.get('message')}", stage="prepare", cause=err.get("cause"),
+                    path=err.get("path"))
 
     # --- reporting -----------------------------------------------------------------------
     def settled(self) -> bool:

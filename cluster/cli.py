@@ -103,6 +103,9 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
     bar = _ProgressBar(quiet)
     embedded = False
     try:
+        from cluster.render import check_inputs
+
+        check_inputs(request, settings)  # bad input fails here (before Ray starts, or the model loads)
         if local:
             from cluster.render import render_local
 
@@ -113,9 +116,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
 
         from actors.runtime import Runtime, connect
         from cluster.owners import process_identity
-        from cluster.render import check_inputs, new_job_id
+        from cluster.render import new_job_id
 
-        check_inputs(request, settings)  # bad input fails here, before Ray starts
         early = _prepare_avatar_while(request, settings)
         embedded = connect(settings)
         if not embedded and cluster_options:

@@ -237,9 +237,11 @@ def test_demo_renders_a_moving_mouth(env, workdir):
     assert probe(str(out)).video.width == 640
 
 
-def test_missing_model_file_is_bad_input(inputs, env, workdir):
+@pytest.mark.parametrize("local", [[], ["--local"]], ids=["ray", "local"])
+def test_missing_model_file_is_bad_input(inputs, env, workdir, local):
+    """The same answer with and without --local (in process it was model.load_failed, exit 1)."""
     rc, _, err, elapsed = run_cli([*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
-                                   "-o", str(workdir / "nomodel.mp4"), "--model", str(workdir / "nope.onnx")],
+                                   "-o", str(workdir / "nomodel.mp4"), "--model", str(workdir / "nope.onnx"), *local],
                                   env, workdir, timeout=60)
     assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S, err
     assert err.strip().splitlines() == [
