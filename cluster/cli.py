@@ -475,12 +475,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"models in {settings.dir('models')} (put Wav2Lip-class .onnx files there):")
+    print(f"models in {settings.dir('models')} (put Wav2Lip-class .onnx files there; a job names one by its "
+          f"name, a local render also by its path):")
     for r in rows:
+        where = f" ({r['model']})" if r["model"] != r["name"] else ""
         if "error" in r:
-            print(f"  {r['model']}: cannot load: {r['error']}")
+            print(f"  {r['name']}{where}: cannot load: {r['error']}")
             continue
-        print(f"  {r['model']}: S={r['size']} batch={r['batch']} crop={r['crop']} ({r['crop_from']}) "
+        print(f"  {r['name']}{where}: S={r['size']} batch={r['batch']} crop={r['crop']} ({r['crop_from']}) "
               f"{r['precision']} device={r['device'].replace('ExecutionProvider', '')}")
     return 0
 

@@ -201,6 +201,12 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
     from cluster.models import is_named_model
 
     if not is_named_model(model) and not Path(model).is_file():
+        models = s.dir("models")
+        if Path(model).parent == models:  # a name the service resolved (`model: tiny96`): its names, not a path
+            names = sorted(p.stem for p in models.glob("*.onnx") if not p.name.startswith("builtin-"))
+            raise InputNotFound(f"unknown model {Path(model).stem!r}: this service has builtin"
+                                + "".join(f", {n}" for n in names) + " (ONNX files in its models directory)",
+                                path="model")
         raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
                             path=model)
     try:

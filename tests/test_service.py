@@ -246,6 +246,12 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         err = r.json()["error"]
         assert r.status_code == 400 and err["field"] == "avatar_id" and "0123456789abcdef" in err["message"], err
         assert str(service.storage_root) not in err["message"], err
+        # an unknown model name: the service's model names, not a path on the server
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "model": "nosuch"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["field"] == "model", err
+        assert err["message"].startswith("unknown model 'nosuch': this service has builtin"), err
+        assert str(service.storage_root) not in err["message"], err
         # the same file sent as audio and as video: the error is about the video
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["audio"]})
         assert r.status_code == 400 and r.json()["error"]["field"] == "video", r.text

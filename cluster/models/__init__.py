@@ -190,7 +190,8 @@ def list_models(settings: Settings | None = None, facts: DeviceFacts | None = No
                                  if not p.name.startswith("builtin-"))
     rows = []
     for spec in specs:
-        row: dict = {"model": spec, "device": names[0]}
+        # `name`: what a job or a session names it (`model: tiny96`); `model`: its file (or builtin)
+        row: dict = {"name": Path(spec).stem if spec.endswith(".onnx") else spec, "model": spec, "device": names[0]}
         try:
             m = LipSyncModel.load(resolve_model_path(spec, s), providers=[provider_name(providers[-1])])
         except LipsyncError as e:
