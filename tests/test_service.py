@@ -563,6 +563,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert half.status_code == 400, half.text
         message = half.json()["error"]["message"]
         assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
+        assert half.json()["error"]["field"] == "audios", half.text
         again = http.post("/v1/batches", json={"id": "batch-2", "audios": [audios[0], audios[1]],
                                                "avatar_id": avatar["id"]})
         assert again.status_code == 202 and len(again.json()["jobs"]) == 2, again.text
@@ -575,3 +576,17 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         view = job.wait(timeout=180)
         verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
         assert view.frames_total == expected_frames(svc_media["audio_seconds"])
+
+
+def test_a_batch_reads_as_its_jobs_are():
+    """A batch whose jobs are still being prepared reads `preparing` (it read `rendering`)."""
+    from cluster.schemas import JobState as S
+    from service.routers.batches import batch_state
+
+    assert batch_state([S.preparing, S.preparing]) == S.preparing
+    assert batch_state([S.queued, S.preparing]) == S.preparing
+    assert batch_state([S.queued, S.queued]) == S.queued
+    assert batch_state([S.preparing, S.rendering]) == S.rendering
+    assert batch_state([S.succeeded, S.queued]) == S.rendering  # one made its frames already
+    assert batch_state([S.succeeded, S.succeeded]) == S.succeeded
+    assert batch_state([S.succeeded, S.cancelled]) == S.failed

@@ -49,6 +49,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                               body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
+                if getattr(e, "field", None) is None:  # about the shared video, else about this audio
+                    e.field = "video" if body.video and body.video in e.message else "audios"
                 if i:
                     accepted = (f"its job {batch_id}--000 was" if i == 1 else
                                 f"its jobs {batch_id}--000 to {batch_id}--{i - 1:03d} were")
@@ -93,9 +95,16 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.state.value] = counts.get(j.state.value, 0) + 1
-    if all(j.state.terminal for j in jobs):
-        state = JobState.succeeded if all(j.state == JobState.succeeded for j in jobs) else JobState.failed
-    else:
-        state = JobState.rendering if any(j.state != JobState.queued for j in jobs) else JobState.queued
+    state = batch_state([j.state for j in jobs])
     return BatchView(id=batch_id, state=state, progress=sum(j.progress for j in jobs) / len(jobs),
                      counts=counts, jobs=jobs)
+
+
+def batch_state(states: list[JobState]) -> JobState:
+    """One state over a batch's jobs: once all ended, succeeded only if every job did (else failed);
+    rendering once any job is past preparing; preparing while any is (none rendering yet); else queued."""
+    if all(st.terminal for st in states):
+        return JobState.succeeded if all(st == JobState.succeeded for st in states) else JobState.failed
+    if any(st not in (JobState.queued, JobState.preparing) for st in states):
+        return JobState.rendering
+    return JobState.preparing if JobState.preparing in states else JobState.queued
