@@ -363,6 +363,8 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         # End session, then its recording through the page: the microphone's speech and the avatar's video
         page.click("#live-end")
         page.locator("#live-recording").wait_for(state="visible", timeout=90_000)
+        ended = page.inner_text("#live-note")  # what is left to do, not "Speak again, or End session"
+        assert ended.startswith("The session has ended (deleted).") and "End session" not in ended, ended
         with page.expect_download(timeout=30_000) as download:
             page.click("#live-recording")
         out = tmp_path / "live.mp4"

@@ -270,7 +270,10 @@
     if (ENDED.has(view.state)) {
       stopSpeaking(session, false);
       session.closed = true;
-      if (view.reason === "idle_timeout") note("The session ended after a while without speech.");
+      // the note said what to do while it ran ("Speak again, or End session"): now what is left to do
+      note((view.reason === "idle_timeout" ? "The session ended after a while without speech."
+        : "The session has " + view.state + (view.reason ? " (" + view.reason + ")" : "") + ".") +
+        (view.recording_url ? " Its recording can be downloaded." : "") + " Speak to start a new session.");
     }
     buttons();
   }
