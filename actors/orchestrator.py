@@ -113,8 +113,14 @@ class JobManager:
         self._boot_error = None
 
     def _abandon(self, job_id: str, owner: str | None, client: str | None) -> None:
-        err = JobAbandoned(f"job {job_id} was abandoned: the run that admitted it ({client or owner}) is gone",
-                           job_id=job_id, stage="admit")
+        from cluster.views import STAGES
+
+        try:  # the stage it had reached when its run went (a killed render was rendering, not admitting)
+            stage = STAGES[self.store.get(job_id).state]
+        except Exception:  # noqa: BLE001 - the abandonment is told whatever the row says
+            stage = "admit"
+        err = JobAbandoned(f"job {job_id} was abandoned: the run that admitted it ({client or owner}) is gone "
+                           f"(it was at {stage})", job_id=job_id, stage=stage)
         if self.store.end(job_id, JobState.failed, error=err.to_info()):  # unless it ended meanwhile
             log.warning("job %s: %s", job_id, err)
 

@@ -31,6 +31,10 @@ def test_manager_restart_ends_corrupt_and_abandoned_jobs_and_leaves_other_runs_a
     request = RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "old.mp4"))
     # A job left by a killed `lipsync render`, and one of a run that is still alive (this process).
     store.create("abandoned-job", request, owner=_dead_identity(), client=None)
+    store.create("abandoned-rendering-job", request, owner=_dead_identity(), client=None)  # killed mid-render
+    store.transition("abandoned-rendering-job", JobState.preparing)
+    store.set_plan("abandoned-rendering-job", {"k": 1}, frames_total=100, chunks_total=4)
+    store.transition("abandoned-rendering-job", JobState.rendering)
     store.create("other-live-run-job", request, owner=process_identity(), client=None)
     # One of our own jobs, whose stored row stops validating while it renders.
     job = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "c.mp4")))
@@ -52,6 +56,9 @@ def test_manager_restart_ends_corrupt_and_abandoned_jobs_and_leaves_other_runs_a
     abandoned = wait_until(lambda: (lambda st: st if st.state.terminal else None)(runtime.status("abandoned-job")),
                            60, what="the abandoned job to end")
     assert abandoned.state == JobState.failed and abandoned.error.code == "job.abandoned"
+    assert abandoned.error.stage == "queued", abandoned.error
+    mid_render = runtime.status("abandoned-rendering-job")  # the stage it had reached, not "admit"
+    assert mid_render.error.code == "job.abandoned" and mid_render.error.stage == "render", mid_render.error
     assert not (tmp_path / "old.mp4").exists()
     other = runtime.status("other-live-run-job")
     assert other.state == JobState.queued  # not ours, and its run is alive: untouched
