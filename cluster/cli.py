@@ -198,6 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+#: the Ray dashboard's usual port (`lipsync serve` takes a free one when another service holds it)
+DASHBOARD_PORT = 8265
 #: how long `lipsync serve` waits for its port to be free (a killed predecessor's proxy dies a little later)
 PORT_WAIT_S = 15.0
 
@@ -220,6 +222,15 @@ def _port_in_use(host: str, port: int, wait_s: float = PORT_WAIT_S) -> str | Non
         time.sleep(0.5)
 
 
+def _free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -237,6 +248,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from service.launch import start_service, stop_service
 
+    dashboard_port = args.dashboard_port
+    if not args.no_dashboard and dashboard_port is None:  # Ray's 8265, else a free one (a second service here)
+        dashboard_port = DASHBOARD_PORT if _port_in_use("127.0.0.1", DASHBOARD_PORT, wait_s=0) is None \
+            else _free_port()
     stop = threading.Event()
     # Installed before Ray starts and kept through its start (Ray's own SIGTERM handling would
     # abort the process mid-start or mid-shutdown): a signal at any point is a clean stop.
@@ -245,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = not os.environ.get("RAY_ADDRESS")
     try:
         urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                             dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
+                             dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
                              ray_temp_dir=args.ray_temp_dir, stop=stop)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
@@ -523,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-cpus", type=int, help="logical CPUs of the embedded Ray head")
     sv.add_argument("--num-gpus", type=int, help="logical GPUs of the embedded Ray head")
     sv.add_argument("--no-dashboard", action="store_true", help="no Ray dashboard (faster start)")
-    sv.add_argument("--dashboard-port", type=int, default=8265)
+    sv.add_argument("--dashboard-port", type=int, default=None,
+                    help=f"the Ray dashboard's port (default {DASHBOARD_PORT}, or a free one when another process "
+                         f"holds it)")
     sv.add_argument("--ray-temp-dir", help="a directory of yours for Ray's sessions (made 0700; they go in its ray/; "
                     "a short path; default: lipsync-UID in the temporary directory)")
     sv.set_defaults(func=cmd_serve)

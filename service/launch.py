@@ -17,6 +17,17 @@ from cluster.errors import RenderError
 log = logging.getLogger("lipsync.service")
 
 
+class _DropLine(logging.Filter):
+    """Drops the log records whose message holds `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def start_service(settings: Settings, host: str, port: int, *, address: str | None = None,
                   num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False,
                   dashboard_port: int | None = None, ray_temp_dir: str | None = None,
@@ -63,7 +74,14 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     overrides = settings.overrides()  # secrets as their values
     if stopped():
         return urls
-    serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)
+    # serve.run connects to the Serve instance started just above and says "New http_options ... will not
+    # be applied" although they were (they were given to serve.start): an operator reads it as a failure
+    quiet = _DropLine("New http_options/controller_options will not be applied")
+    logging.getLogger("ray.serve").addFilter(quiet)
+    try:
+        serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)
+    finally:
+        logging.getLogger("ray.serve").removeFilter(quiet)
     deadline = time.monotonic() + ready_timeout_s
     while not stopped():
         try:

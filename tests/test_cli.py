@@ -335,3 +335,36 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     with socket.create_server(("127.0.0.1", 0)) as held:
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", str(held.getsockname()[1])], env, workdir, timeout=60)
     assert rc == 1 and "service.port_in_use" in err and "Traceback" not in err and elapsed < 25, (rc, err[-2000:])
+
+
+def test_serve_takes_a_free_dashboard_port_when_the_usual_one_is_held(monkeypatch):
+    """A second `lipsync serve` on one machine: Ray's dashboard port 8265 is held by the first, and the
+    start failed ("Failed to bind to 127.0.0.1:8265"). The default now takes a free port then; a port
+    given explicitly is used as given."""
+    import socket
+
+    from cluster import cli
+
+    seen = {}
+
+    def start_service(settings, host, port, **kw):
+        seen["dashboard_port"] = kw["dashboard_port"]
+        raise cli.LipsyncError("stop here", code="test.stop")
+
+    monkeypatch.setattr("service.launch.start_service", start_service)
+    monkeypatch.setattr(cli, "_port_in_use", lambda host, port, wait_s=cli.PORT_WAIT_S:
+                        "held" if port == cli.DASHBOARD_PORT else None)
+    monkeypatch.setattr(cli, "_stop_started", lambda *a, **k: None)
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # serve installs its own
+    try:
+        assert cli.main(["serve", "--port", "8299"]) == 1
+        assert seen["dashboard_port"] not in (None, cli.DASHBOARD_PORT)
+        with socket.socket() as s:  # it was free
+            s.bind(("127.0.0.1", seen["dashboard_port"]))
+        assert cli.main(["serve", "--port", "8299", "--dashboard-port", "9123"]) == 1
+        assert seen["dashboard_port"] == 9123
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
