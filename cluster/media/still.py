@@ -69,14 +69,19 @@ def _displayed_size(image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def still_media_info(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
-    """What `probe` tells of a photo: one frame of video at `STILL_FPS`, its size as displayed."""
-    s = settings or get_settings()
-    p = str(path)
+def _format_of(p: str) -> str:
     with open(p, "rb") as f:
         fmt = still_format(f.read(16))
     if fmt is None:
         raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP or BMP photo", path=p)
+    return fmt
+
+
+def still_media_info(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:
+    """What `probe` tells of a photo: one frame of video at `STILL_FPS`, its size as displayed."""
+    s = settings or get_settings()
+    p = str(path)
+    fmt = _format_of(p)
     with _open(p, fmt, s) as image:
         width, height = _displayed_size(image)
     seconds = float(1 / STILL_FPS)
@@ -92,11 +97,7 @@ def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.
 
     s = settings or get_settings()
     p = str(path)
-    with open(p, "rb") as f:
-        fmt = still_format(f.read(16))
-    if fmt is None:
-        raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP or BMP photo", path=p)
-    with _open(p, fmt, s) as image:
+    with _open(p, _format_of(p), s) as image:
         try:
             upright = ImageOps.exif_transpose(image).convert("RGB")
         except (OSError, ValueError, SyntaxError) as exc:  # a cut or corrupt file shows itself decoding
