@@ -242,7 +242,7 @@ class LiveSessionActor:
                          "message": f"live session {self.id}: its actor restarted but could not resume "
                                     f"the session ({cause})"[:2000]}
             try:  # its end, journalled: the ingress tells it once this actor has left (live_keep_ended_s)
-                self.journal.save_final(lost_session_view(self.s, self.id, self.lost))
+                self.journal.save_final({**lost_session_view(self.s, self.id, self.lost), "ended_wall": time.time()})
             except Exception:  # noqa: BLE001 - the actor still answers with it while it stays
                 log.exception("session %s: its end could not be journalled", self.id)
 
@@ -444,12 +444,21 @@ class LiveSessionActor:
                 "memory_bytes": memory if self.session is not None else None,
                 "available_bytes": available_memory_bytes()}
 
+    def _final_written(self) -> float:
+        from cluster.live.journal import FINAL_FILE
+
+        try:
+            return (self.journal.dir / FINAL_FILE).stat().st_mtime
+        except OSError:
+            return self._born_wall
+
     def ended_for(self) -> float | None:
         """Seconds since the session ended, None while it runs."""
         session = self.session
         if session is None:
-            if self.final is not None:
-                return time.time() - float(self.final.get("ended_wall", time.time()))
+            if self.final is not None:  # when it ended; a final view without the time: when it was written
+                ended = self.final.get("ended_wall") or self._final_written()
+                return time.time() - float(ended)
             if self.lost_at is not None:  # a takeover that failed ended the session then
                 return time.monotonic() - self.lost_at
             return None
@@ -547,6 +556,42 @@ class LiveRegistry:
                         continue
         return out
 
+    # --- ended sessions, from their directories (their actors have left: live_keep_ended_s) --------
+    # The registry lives on the storage root's node with the sessions' actors: an ingress on any node
+    # reads what an ended session left through these (it may have no storage root of its own).
+    def stored_view(self, session_id: str) -> dict | None:
+        """The view of a session whose actors have left, from its journal: ended (its final view) or
+        lost (it never ended: `failed`, and why); None when no session of that id began here."""
+        from cluster.live.journal import SessionJournal
+
+        if not SessionJournal(session_dir(self.s, session_id)).begun():
+            return None
+        return ended_session_view(self.s, session_id) or lost_session_view(self.s, session_id)
+
+    def read_hls(self, session_id: str, name: str) -> bytes | None:
+        return read_hls_file(self.s, session_id, name)
+
+    def read_recording(self, session_id: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a session's recording (b"" past its end or without one)."""
+        try:
+            with open(session_dir(self.s, session_id) / "recording.mp4", "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            return b""
+
+    def join_recording(self, session_id: str) -> int | None:
+        """The size of the recording of a failed session whose actors have left, joined from its published
+        segments on first request (`lost_session_recording`); None when it published none."""
+        from cluster.errors import MediaError
+
+        try:
+            path = lost_session_recording(self.s, session_id)
+        except OSError as e:  # a published segment's file missing or unreadable: typed, with its cause
+            raise MediaError(f"live session {session_id}: its recording could not be joined: {e}",
+                             stage="live-recording", cause=repr(e)) from None
+        return path.stat().st_size if path is not None else None
+
     def _journal_running(self, session_id: str) -> bool:
         from cluster.live.journal import SessionJournal
 
@@ -631,26 +676,29 @@ class LiveRegistry:
         return view
 
 
-def create_session_actor(settings: Settings, session_id: str, standby: bool = False):
-    """The detached session actor (or its standby), on the job manager's node (the storage
-    root's: the session's journal and its lock are there)."""
+def _on_storage_node(settings: Settings, opts: dict) -> dict:
+    """`opts` placing a detached actor on the job manager's node: the storage root's, where the sessions'
+    journals, their locks and their files are."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.orchestrator import head_node_id
 
-    name = standby_actor_name(session_id) if standby else session_actor_name(session_id)
-    opts = dict(name=name, namespace=settings.namespace, lifetime="detached")
     if settings.manager_resource:
-        opts["resources"] = {settings.manager_resource: 0.01}
-    else:
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head_node_id(), soft=False)
+        return {**opts, "resources": {settings.manager_resource: 0.01}}
+    return {**opts, "scheduling_strategy": NodeAffinitySchedulingStrategy(head_node_id(), soft=False)}
+
+
+def create_session_actor(settings: Settings, session_id: str, standby: bool = False):
+    """The detached session actor (or its standby), on the job manager's node."""
+    name = standby_actor_name(session_id) if standby else session_actor_name(session_id)
+    opts = _on_storage_node(settings, dict(name=name, namespace=settings.namespace, lifetime="detached"))
     return LiveSessionActor.options(max_restarts=settings.live_max_restarts, **opts).remote(session_id, settings)
 
 
 def live_registry(settings: Settings):
-    """The registry actor (created on first use)."""
-    return LiveRegistry.options(name=REGISTRY_NAME, namespace=settings.namespace, lifetime="detached",
-                                get_if_exists=True).remote(settings)
+    """The registry actor (created on first use, on the job manager's node: it reads the sessions' journals)."""
+    return LiveRegistry.options(**_on_storage_node(settings, dict(
+        name=REGISTRY_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True))).remote(settings)
 
 
 class SessionActors:
@@ -764,7 +812,9 @@ def ended_session_view(settings: Settings, session_id: str) -> dict | None:
         return None
     meta = journal.meta()
     path = journal.dir / "recording.mp4"
-    size = path.stat().st_size if final.get("recording_seconds") and path.is_file() else None
+    # a failed session's recording may be joined after its end (`lost_session_recording`)
+    size = path.stat().st_size if (final.get("recording_seconds") or final.get("state") == "failed") \
+        and path.is_file() else None
     return {**final, "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
             "recording_bytes": size}
 

@@ -764,3 +764,17 @@ def test_a_journal_line_cut_short_by_a_crash_does_not_swallow_the_next_one(tmp_p
     again.note({"end": 2})
     assert again.published() == [{"seq": 0}, {"seq": 2}]
     assert again.events() == [{"end": 1}, {"end": 2}]
+
+
+def test_a_closed_journal_takes_no_more_events(tmp_path):
+    """A finish racing the session's end (its check passes, the end closes the journal, then it notes)
+    writes nothing after the end: the closed journal's files stay closed and unchanged."""
+    from cluster.live.journal import EVENTS_FILE, PUBLISHED_FILE, SessionJournal
+
+    journal = SessionJournal(tmp_path / "s")
+    journal.note({"end": 2})
+    journal.close()
+    journal.note({"finish": True})
+    journal.publish({"name": "seg_000001.m4s"})
+    assert (tmp_path / "s" / EVENTS_FILE).read_text() == '{"end": 2}\n'
+    assert not (tmp_path / "s" / PUBLISHED_FILE).exists() and journal._events is None

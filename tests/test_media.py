@@ -302,8 +302,15 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
             6.0 if name == "jpg" else 3.0), name
     huge = tmp_path / "huge.png"
     Image.new("RGB", (settings.max_width + 2, 16)).save(huge)
-    with pytest.raises(InputTooLarge, match="huge.png is 4098x16"):
-        probe_video(huge, settings)
+    from PIL import PngImagePlugin as PngImageFile
+
+    decoded = []  # reading a PNG's EXIF decodes it: the size is refused from the header before that
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PngImageFile.PngImageFile, "load", lambda *_: decoded.append(1))
+        with pytest.raises(InputTooLarge, match="huge.png is 4098x16"):
+            probe_video(huge, settings)
+    assert not decoded, "the huge photo was decoded before its size was checked"
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(paths["jpg"].read_bytes()[:2000])
     with pytest.raises(InputUnreadable, match="cut.jpg"):

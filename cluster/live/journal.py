@@ -80,6 +80,7 @@ class SessionJournal:
         self._published = None
         self._lock = None  # the open `active.lock`
         self._held = False  # ...locked by this process
+        self._closed = False  # the session ended: its journal takes no more events or segments
 
     # --- one process runs the session -------------------------------------------------------------
     def take(self) -> bool:
@@ -177,6 +178,8 @@ class SessionJournal:
             raise
 
     def note(self, event: dict) -> None:
+        if self._closed:  # a late call (a finish racing the session's end) writes nothing after the end
+            return
         self._events = self._append_line(self._events, EVENTS_FILE, event)
 
     def events(self) -> list[dict]:
@@ -184,6 +187,8 @@ class SessionJournal:
 
     # --- stream out -----------------------------------------------------------------------------
     def publish(self, entry: dict) -> None:
+        if self._closed:
+            return
         self._published = self._append_line(self._published, PUBLISHED_FILE, entry)
 
     def published(self) -> list[dict]:
@@ -224,3 +229,4 @@ class SessionJournal:
             if f is not None:
                 f.close()
         self._audio = self._events = self._published = None
+        self._closed = True

@@ -48,6 +48,13 @@ def _open(path: str, fmt: str, settings: Settings):
         image = Image.open(path, formats=[fmt])
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputUnreadable(f"photo {path} cannot be read as {fmt}: {exc}", path=path, cause=str(exc)) from exc
+    # from the header alone first: reading a PNG's EXIF (for its orientation) may decode the whole picture
+    w, h = image.size
+    if max(w, h) > max(settings.max_width, settings.max_height) or min(w, h) > min(settings.max_width,
+                                                                                    settings.max_height):
+        image.close()
+        raise InputTooLarge(f"photo {path} is {w}x{h}, larger than the limit of "
+                            f"{settings.max_width}x{settings.max_height}", path=path)
     width, height = _displayed_size(image)
     if width > settings.max_width or height > settings.max_height:
         image.close()

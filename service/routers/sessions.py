@@ -82,20 +82,28 @@ async def _call(ref, timeout: float, raw_actor_errors: bool = False):
         raise
 
 
-class SessionGone(ApiProblem):
-    """The session's actors are gone and its journal tells how it ended: `view` (GET, DELETE and /end
-    answer with it; what needs a running session gets 410). `lost`: it never ended, its actor died
-    for good (Ray's restarts exhausted), the view says `failed` and why; else it ended, and its
-    actors left `LIPSYNC_LIVE_KEEP_ENDED_S` after (its view, stream and recording served from disk)."""
+class NoActor(ApiProblem):
+    """No actor runs the session (none began it, or its actors have left: ended, or died for good).
+    Routes ask the registry what its journal says (`_stored`): a 404, or its stored view."""
 
-    def __init__(self, view: dict, lost: bool) -> None:
-        super().__init__(410, "session.ended", view["error"]["message"] if lost else
+    def __init__(self, session_id: str, message: str) -> None:
+        super().__init__(404, "session.not_found", message, "session_id")
+        self.session_id = session_id
+
+
+class SessionGone(ApiProblem):
+    """410 for what needs a running session, of one whose actors have left: `view` its journalled end
+    (ended; or `failed` and why: a session whose actor died for good, Ray's restarts exhausted)."""
+
+    def __init__(self, view: dict) -> None:
+        error = view.get("error") or {}
+        super().__init__(410, "session.ended", error.get("message") or
                          f"session {view['id']} has {view.get('state', 'ended')}", None)
-        self.view, self.lost = view, lost
+        self.view = view
 
 
 def _actor(settings, session_id: str):
-    """The session's actors (`actors.live.SessionActors`); SessionGone, or 404."""
+    """The session's actors (`actors.live.SessionActors`); NoActor when none runs it."""
     from actors.live import SessionActors
     from cluster.live import SessionNotFound
 
@@ -104,25 +112,20 @@ def _actor(settings, session_id: str):
     try:
         return SessionActors(settings, session_id)
     except SessionNotFound as e:
-        raise _gone(settings, session_id, e.message) from None
+        raise NoActor(session_id, e.message) from None
 
 
-def _gone(settings, session_id: str, message: str) -> ApiProblem:
-    """What to answer for a session without an actor: `SessionGone` when its journal says it began
-    (ended, or lost: never ended), else 404."""
-    from actors.live import ended_session_view, lost_session_view, session_dir
-    from cluster.live.journal import SessionJournal
+async def _stored(settings, missing: NoActor) -> dict:
+    """The view of a session without an actor as its journal tells it, from the registry (it runs on
+    the storage root's node; this ingress may not): ended, or `failed` (lost); `missing` (404) when no
+    such session began."""
+    from actors.live import live_registry
 
-    journal = SessionJournal(session_dir(settings, session_id))
-    try:
-        if journal.begun():
-            ended = ended_session_view(settings, session_id)
-            if ended is not None:
-                return SessionGone(ended, lost=False)
-            return SessionGone(lost_session_view(settings, session_id), lost=True)
-    except (OSError, ValueError, KeyError):
-        pass
-    return ApiProblem(404, "session.not_found", message, "session_id")
+    view = await _call(live_registry(settings).stored_view.remote(missing.session_id),
+                       settings.actor_call_timeout_s)
+    if view is None:
+        raise missing
+    return view
 
 
 FIRST_PLAYLIST_WAIT_S = 10.0  # how long a playlist request waits for a new session's first segment
@@ -162,7 +165,7 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
     """Call the session's running actor (`actors`: `SessionActors`). A call that meets it dead,
     restarting (Ray restarts it, `LIPSYNC_LIVE_MAX_RESTARTS`) or standing by is made again, on
     its partner or itself, until `live_restart_wait_s` has passed (then 503 with Retry-After);
-    a session whose actors are gone for good is `SessionGone` (410). Every call must be safe to
+    a session whose actors are gone is `NoActor` (see `_stored`). Every call must be safe to
     repeat: appends carry their byte offset."""
     from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -192,7 +195,7 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                 else:
                     actors.failed()
             except SessionNotFound as gone:
-                raise _gone(settings, session_id, gone.message) from None
+                raise NoActor(session_id, gone.message) from None
 
 
 def session_token(request: Request | WebSocket, session_id: str, speak: bool = True) -> tuple[str | None, int | None]:
@@ -304,8 +307,8 @@ async def get_session(session_id: str, request: Request) -> SessionView:
     try:
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionGone as e:
-        return _view(request, e.view)
+    except NoActor as e:
+        raw = await _stored(settings, e)
     return _view(request, raw)
 
 
@@ -315,8 +318,8 @@ async def delete_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     try:
         raw = await _ask(settings, session_id, _actor(settings, session_id), "stop", "deleted", timeout=90.0)
-    except SessionGone as e:  # ended already (a repeated DELETE): its view, as the first one answered
-        raw = e.view
+    except NoActor as e:  # ended already (a repeated DELETE): its view, as the first one answered
+        raw = await _stored(settings, e)
     return _view(request, raw, with_token=False)
 
 
@@ -328,8 +331,8 @@ async def finish_session(session_id: str, request: Request) -> SessionView:
         actor = _actor(settings, session_id)
         await _ask(settings, session_id, actor, "finish", timeout=settings.actor_call_timeout_s)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionGone as e:
-        raw = e.view
+    except NoActor as e:
+        raw = await _stored(settings, e)
     return _view(request, raw, with_token=False)
 
 
@@ -341,23 +344,27 @@ async def finish_session(session_id: str, request: Request) -> SessionView:
 async def append_audio(session_id: str, request: Request, offset: int = Query(..., ge=0, le=2**53),
                        end: bool = Query(False, description="also end the utterance")) -> JSONResponse:
     settings = _settings(request)
-    actor = _actor(settings, session_id)
-    body = await read_body(request, AUDIO_POST_LIMIT)
-    if len(body) % 2:
-        raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
-                         "body")
     try:
-        answer = await _ask(settings, session_id, actor, "append", body, offset, timeout=settings.actor_call_timeout_s)
-    except SessionOffsetGap as e:  # the actor's own words (as themselves, not Ray's traceback)
-        raise ApiProblem(409, "session.offset_gap", e.message, "offset") from None
-    if answer.get("state") in ("ending", "ended", "failed"):
-        raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
-    if not answer["accepted"]:
-        raise ApiProblem(429, "session.buffer_full", f"{answer['buffered_s']:.1f} s of speech are waiting to be "
-                         f"rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']}",
-                         None, headers={"Retry-After": "1"})
-    if end:
-        await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
+        actor = _actor(settings, session_id)
+        body = await read_body(request, AUDIO_POST_LIMIT)
+        if len(body) % 2:
+            raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
+                             "body")
+        try:
+            answer = await _ask(settings, session_id, actor, "append", body, offset,
+                                timeout=settings.actor_call_timeout_s)
+        except SessionOffsetGap as e:  # the actor's own words (as themselves, not Ray's traceback)
+            raise ApiProblem(409, "session.offset_gap", e.message, "offset") from None
+        if answer.get("state") in ("ending", "ended", "failed"):
+            raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
+        if not answer["accepted"]:
+            raise ApiProblem(429, "session.buffer_full", f"{answer['buffered_s']:.1f} s of speech are waiting to "
+                             f"be rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']}",
+                             None, headers={"Retry-After": "1"})
+        if end:
+            await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
+    except NoActor as e:
+        raise SessionGone(await _stored(settings, e)) from None
     return JSONResponse(AudioAppended(offset=answer["offset"], accepted=True,
                                       buffered_seconds=answer["buffered_s"]).model_dump())
 
@@ -366,18 +373,29 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
             responses={200: {"content": {"video/mp4": {}}}},
             summary="The whole session as one verified mp4 (409 until the session has ended)")
 async def get_recording(session_id: str, request: Request) -> Response:
+    """Once the session has ended its recording is read through the registry (on the storage root's
+    node, for the service's life): never through the session's actors, which leave
+    `LIPSYNC_LIVE_KEEP_ENDED_S` after the end, maybe in the middle of a download."""
+    from actors.live import LOST_RECORDING_WAIT_S, live_registry
+
     settings = _settings(request)
     try:
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionGone as gone:
-        if gone.view.get("recording_bytes"):  # ended: its recording, from disk
-            return _ended_recording(settings, session_id)
-        if gone.view.get("state") == "failed":  # what it had published, joined here
-            return await _lost_recording(settings, session_id, gone)
-        raise ApiProblem(409, "session.no_recording", f"session {session_id} ended without a recording", None) \
-            from None
+        gone = False
+    except NoActor as e:
+        raw, gone = await _stored(settings, e), True
+    registry = live_registry(settings)
     size = raw.get("recording_bytes")
+    if not size and gone and raw.get("state") == "failed":  # what it had published, joined now (once)
+        try:
+            size = await _call(registry.join_recording.remote(session_id), 2 * LOST_RECORDING_WAIT_S)
+        except LipsyncError as e:
+            raise ApiProblem(409, "session.no_recording", f"session {session_id} failed and the segments it had "
+                             f"published could not be joined: {e.message}", None) from None
+        if not size:
+            raise ApiProblem(409, "session.no_recording", f"session {session_id} failed before it published a "
+                             f"segment ({(raw.get('error') or {}).get('message')})", None)
     if not size:
         state = raw["state"]
         raise ApiProblem(409, "session.not_ended" if state not in ("ended", "failed") else "session.no_recording",
@@ -387,8 +405,8 @@ async def get_recording(session_id: str, request: Request) -> Response:
     async def parts():
         pos = 0
         while pos < size:
-            data = await _ask(settings, session_id, actor, "read_recording", pos, min(1 << 20, size - pos),
-                              timeout=settings.actor_call_timeout_s)
+            data = await _call(registry.read_recording.remote(session_id, pos, min(1 << 20, size - pos)),
+                               settings.actor_call_timeout_s)
             if not data:
                 raise RuntimeError(f"session {session_id}: recording ended at byte {pos} of {size}")
             pos += len(data)
@@ -397,35 +415,6 @@ async def get_recording(session_id: str, request: Request) -> Response:
     return StreamingResponse(parts(), media_type="video/mp4",
                              headers={"Content-Length": str(size),
                                       "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
-
-
-def _ended_recording(settings, session_id: str) -> Response:
-    """The recording of an ended session whose actors have left, from its directory."""
-    from fastapi.responses import FileResponse
-
-    from actors.live import session_dir
-
-    return FileResponse(session_dir(settings, session_id) / "recording.mp4", media_type="video/mp4",
-                        filename=f"{session_id}.mp4")
-
-
-async def _lost_recording(settings, session_id: str, lost: SessionGone) -> Response:
-    """The recording of a session whose actors died for good (`actors.live.lost_session_recording`),
-    or 409 `session.no_recording` naming why there is none."""
-    from fastapi.responses import FileResponse
-
-    from actors.live import LOST_RECORDING_WAIT_S, lost_session_recording
-
-    try:  # another request's join waited for, then ffmpeg's own deadlines
-        path = await asyncio.wait_for(asyncio.to_thread(lost_session_recording, settings, session_id),
-                                      timeout=2 * LOST_RECORDING_WAIT_S)
-    except (LipsyncError, OSError, asyncio.TimeoutError) as e:
-        raise ApiProblem(409, "session.no_recording", f"session {session_id} failed ({lost.message}) and the "
-                         f"segments it had published could not be joined: {e}", None) from e
-    if path is None:
-        raise ApiProblem(409, "session.no_recording", f"session {session_id} failed before it published a "
-                         f"segment ({lost.message})", None)
-    return FileResponse(path, media_type="video/mp4", filename=f"{session_id}.mp4")
 
 
 # --- the stream (players: no headers, the session token in the query) -------------------------------
@@ -440,11 +429,12 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     try:
         actor = _actor(settings, session_id)
         data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
-    except SessionGone:  # its actors have left: the stream as it ended (or stopped), from its directory
-        from actors.live import read_hls_file
+    except NoActor as e:  # its actors have left: the stream as it ended (or stopped), through the registry
+        from actors.live import live_registry
 
+        await _stored(settings, e)  # 404 unless the session began
         actor = None
-        data = await asyncio.to_thread(read_hls_file, settings, session_id, file)
+        data = await _call(live_registry(settings).read_hls.remote(session_id, file), settings.actor_call_timeout_s)
     if data is None and name == "index.m3u8" and actor is not None:
         # a new session's playlist exists once its first segment is published (about a segment's
         # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
@@ -539,8 +529,13 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
             raise SessionNotFound(f"no live session {session_id}")
         actor = _actor(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
-    except SessionGone as e:
-        await _close(websocket, 4410, e.message)
+    except NoActor as e:
+        try:
+            gone = SessionGone(await _stored(settings, e))
+        except ApiProblem:  # none began (404), or the registry did not answer
+            await _close(websocket, 4404, f"no live session {session_id}")
+            return
+        await _close(websocket, 4410, gone.message)
         return
     except SessionNotFound:
         await _close(websocket, 4404, f"no live session {session_id}")
