@@ -564,6 +564,9 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         message = half.json()["error"]["message"]
         assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
         assert half.json()["error"]["field"] == "audios", half.text
+        # an error about what the batch shares names that field, not `audios`
+        unknown = http.post("/v1/batches", json={"audios": [audios[0]], "avatar_id": "0123456789abcdef"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "avatar_id", unknown.text
         again = http.post("/v1/batches", json={"id": "batch-2", "audios": [audios[0], audios[1]],
                                                "avatar_id": avatar["id"]})
         assert again.status_code == 202 and len(again.json()["jobs"]) == 2, again.text

@@ -11,7 +11,7 @@ from cluster.render import new_job_id
 from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ERROR_CODES, ApiProblem, QueueFull
+from service.errors import ERROR_CODES, ApiProblem, QueueFull, field_of
 from service.uploads import json_body, openapi_json_body
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(require_token)],
@@ -49,8 +49,10 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                               body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
-                if getattr(e, "field", None) is None:  # about the shared video, else about this audio
-                    e.field = "video" if body.video and body.video in e.message else "audios"
+                if getattr(e, "field", None) is None:  # the field it is about; this audio's is `audios`
+                    field = field_of(e, {"audio": str(audio), "video": body.video, "avatar_id": body.avatar_id,
+                                         "model": body.model}) if isinstance(e, LipsyncError) else None
+                    e.field = "audios" if field in (None, "audio") else field
                 if i:
                     accepted = (f"its job {batch_id}--000 was" if i == 1 else
                                 f"its jobs {batch_id}--000 to {batch_id}--{i - 1:03d} were")
