@@ -727,3 +727,23 @@ def test_the_frames_detail_moves_only_where_the_flow_reaches_and_as_on_the_whole
     assert np.array_equal(got[~reached], detail[~reached]) and np.array_equal(whole[~reached], detail[~reached])
     moved = np.abs(got - whole).max(axis=2) > 0
     assert np.count_nonzero(moved) <= 0.002 * np.count_nonzero(reached), np.count_nonzero(moved)
+
+
+def test_an_avatar_stored_with_a_full_range_template_is_prepared_again(tmp_path, template_video):
+    """Avatars prepared before full-range templates were converted kept a yuvj420p template (washed-out
+    renders): such a stored avatar is not served; the next preparation makes a limited-range one."""
+    import json
+
+    from cluster.media.probe import probe
+
+    s = Settings(storage_root=tmp_path)
+    first = prepare_avatar(template_video, s)
+    meta = tmp_path / "avatars" / first.id / "avatar.json"
+    stored = json.loads(meta.read_text())
+    stored["info"]["video"]["pix_fmt"] = "yuvj420p"  # as an avatar of the old normalisation says
+    meta.write_text(json.dumps(stored))
+    with pytest.raises(InputNotFound):
+        load_avatar(first.id, s)
+    again = prepare_avatar(template_video, s)
+    assert not again.cached and probe(again.template_path, s).video.pix_fmt == "yuv420p"
+    assert load_avatar(first.id, s).id == first.id

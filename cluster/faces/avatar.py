@@ -62,6 +62,9 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
         return None  # a damaged entry is rebuilt
     if avatar.id != avatar_id or not Path(avatar.track_path).is_file() or not Path(avatar.template_path).is_file():
         return None
+    video = avatar.info.video
+    if video is not None and (video.full_range or (video.pix_fmt or "").startswith("yuvj")):
+        return None  # prepared before full-range templates were brought to limited range: prepared again
     return avatar.model_copy(update={"cached": True})
 
 
