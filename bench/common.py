@@ -272,15 +272,17 @@ def write_result(name: str, figures: dict, table_md: str, notes: str = "", start
 
 def _keep_runs_not_renewed(path: Path, figures: dict) -> None:
     """Before a run replaces NAME.json, move the stored result aside as NAME.<date>.json when it holds runs
-    (model, speech length) the new one does not measure: a partial run (`--model builtin`) renews its own
-    rows of the targets table (bench/summary.py reads them all) and loses none of the others."""
+    (model, speech length) or models the new one does not measure: a partial run (`--model builtin`)
+    renews its own rows of the targets table (bench/summary.py reads them all) and loses none of the others."""
+    def keys(fig: dict) -> set:  # what a result measured: runs (model, speech length), or models
+        return {(r["model"], r["speech_s"]) for r in fig.get("runs", [])} | set(fig.get("models") or {})
+
     try:
         old = json.loads(path.read_text())
-        old_keys = {(r["model"], r["speech_s"]) for r in old["figures"].get("runs", [])}
+        old_keys = keys(old["figures"])
     except (OSError, ValueError, KeyError, TypeError):
         return
-    new_keys = {(r["model"], r["speech_s"]) for r in figures.get("runs", [])}
-    if old_keys - new_keys:
+    if old_keys - keys(figures):
         stamp = _dt.datetime.strptime(old["date"], "%Y-%m-%d %H:%M UTC").strftime("%Y%m%d-%H%M")
         path.rename(path.with_name(f"{path.stem}.{stamp}.json"))
 
