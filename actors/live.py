@@ -639,6 +639,10 @@ class LiveRegistry:
                        max_seconds: float | None, rtmp, segment_seconds: float | None) -> dict:
         from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
 
+        if model is not None:  # an unknown name: the service's names, before any actor starts
+            from cluster.render import check_model
+
+            check_model(model, self.s)
         state = avatar_state(avatar_id, self.s)
         if state == "unknown":
             raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it with POST /v1/avatars)",

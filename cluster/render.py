@@ -191,24 +191,29 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
     return request.model_copy(update={**stored, "sources": sources})
 
 
+def check_model(model: str, settings: Settings) -> None:
+    """`InputNotFound` for a model that names no file: a name the service resolved into its models
+    directory (`model: tiny96`) is answered with the service's model names, not a path on the server."""
+    from cluster.models import is_named_model
+
+    if is_named_model(model) or Path(model).is_file():
+        return
+    models = settings.dir("models")
+    if Path(model).parent == models:
+        names = sorted(p.stem for p in models.glob("*.onnx") if not p.name.startswith("builtin-"))
+        raise InputNotFound(f"unknown model {Path(model).stem!r}: this service has builtin"
+                            + "".join(f", {n}" for n in names) + " (ONNX files in its models directory)",
+                            path="model")
+    raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)", path=model)
+
+
 def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tuple[MediaInfo, MediaInfo | None]:
     """Probe a request's inputs where they are (typed errors naming the file, within seconds);
     returns what was found (audio, video or None for an avatar job)."""
     from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
-    model = request.model or s.model
-    from cluster.models import is_named_model
-
-    if not is_named_model(model) and not Path(model).is_file():
-        models = s.dir("models")
-        if Path(model).parent == models:  # a name the service resolved (`model: tiny96`): its names, not a path
-            names = sorted(p.stem for p in models.glob("*.onnx") if not p.name.startswith("builtin-"))
-            raise InputNotFound(f"unknown model {Path(model).stem!r}: this service has builtin"
-                                + "".join(f", {n}" for n in names) + " (ONNX files in its models directory)",
-                                path="model")
-        raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)",
-                            path=model)
+    check_model(request.model or s.model, s)
     try:
         audio = probe_audio(request.audio, s)
         video = probe_video(request.video, s) if request.video is not None else None

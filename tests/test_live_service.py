@@ -52,6 +52,12 @@ def test_create_refusals(service, live_avatar, tmp_path):
         r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "segment_seconds": 0.1})
         assert r.status_code == 422 and "segment_seconds" in r.json()["error"]["message"]
         assert httpx.post(f"{service.url}/v1/sessions", json={"avatar_id": live_avatar}).status_code == 401
+        # an unknown model: the service's model names, as a job is answered (it was a path on the server)
+        r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "model": "nosuch"})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "input.not_found" and error["field"] == "model", r.text
+        assert error["message"].startswith("unknown model 'nosuch': this service has builtin"), error
+        assert str(service.storage_root) not in error["message"], error
         # an RTMP output passes the input URLs' address guard (this service allows no private address)
         for url, words in [("rtmp://127.0.0.1:1935/live/key", "non-public"), ("http://example.com/live/k", "rtmp")]:
             r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "rtmp_url": url})
