@@ -17,6 +17,7 @@ import pytest
 from cluster.config import Settings
 from cluster.errors import (
     EncodeError,
+    InputError,
     InputNotFound,
     InputTooLarge,
     InputTooLong,
@@ -278,8 +279,6 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     against the limits from its header before a pixel is decoded; a cut file is a typed error."""
     from PIL import Image
 
-    from cluster.errors import InputTooLarge
-
     frame = next(iter_frames(media["pal"], 1, settings))[0]  # BGR 240x320
     photo = Image.fromarray(np.ascontiguousarray(frame[:, :, ::-1]))
     exif = Image.Exif()
@@ -313,8 +312,26 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     assert not decoded, "the huge photo was decoded before its size was checked"
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(paths["jpg"].read_bytes()[:2000])
-    with pytest.raises(InputUnreadable, match="cut.jpg"):
-        normalize_template(cut, settings)
+    with pytest.raises(InputUnreadable, match="cut.jpg cannot be decoded"):  # at admission's probe, not later
+        probe_video(cut, settings)
+    bomb = tmp_path / "bomb.png"  # 48 KB whose header names 400 million pixels
+    Image.new("1", (20000, 20000)).save(bomb)
+    with pytest.raises(InputTooLarge, match="bomb.png is larger than the limit of 4096x4096"):
+        probe_video(bomb, settings)
+    # a GIF or TIFF photo too; an animated GIF is refused by name (it became a 100 fps video)
+    photo.save(tmp_path / "face.gif")
+    photo.save(tmp_path / "face.tiff")
+    for name in ("face.gif", "face.tiff"):
+        assert probe(tmp_path / name, settings).video.frame_count == 1
+    photo.save(tmp_path / "anim.gif", save_all=True, append_images=[photo.rotate(5)], duration=100)
+    with pytest.raises(InputError, match="animated GIF") as refused:
+        probe_video(tmp_path / "anim.gif", settings)
+    assert refused.value.code == "input.unsupported"
+    # a 16-bit greyscale PNG keeps its levels (convert("RGB") clipped it to white: "no face")
+    grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    out = next(iter_frames(normalize_template(tmp_path / "grey16.png", settings).path, 1, settings))[0]
+    assert abs(float(out.mean()) - float(grey.mean())) < 2.0
 
 
 @pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])

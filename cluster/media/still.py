@@ -1,11 +1,12 @@
-"""Still photos as templates: a PNG, JPEG, WebP or BMP becomes a one-frame template video.
+"""Still photos as templates: a PNG, JPEG, WebP, BMP, TIFF or GIF becomes a one-frame template video.
 
 A photo of a person is a common template ("make this portrait speak"). ffmpeg would open it with its
 image2 demuxer, which the probe refuses (it expands file-name patterns: it can read other files), so a
 photo is recognised by its leading bytes and read here with Pillow instead: its header first (the size
 limits apply before a pixel is decoded), then its pixels, turned as its EXIF orientation says (a
 phone's portrait photo is stored sideways). Normalising it writes one H.264 frame at
-`STILL_FPS`: the render maps every output frame to it, and only the mouth moves.
+`STILL_FPS`: the render maps every output frame to it, and only the mouth moves. An animated GIF or
+WebP is refused by name (convert it to a video); a 16-bit greyscale PNG is brought to 8 bits.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import Settings, get_settings
-from cluster.errors import InputTooLarge, InputUnreadable
+from cluster.errors import InputError, InputTooLarge, InputUnreadable
 from cluster.schemas import MediaInfo, VideoStreamInfo
 
 #: Leading bytes of the photo formats accepted, and Pillow's name of each.
-SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF87a", "GIF"),
+              (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+#: Formats whose files may hold an animation: refused when they do (a template is then a video)
+ANIMATED = frozenset({"GIF", "WEBP"})
 #: The frame rate of a still's template (and so of the videos rendered from it).
 STILL_FPS = Fraction(25)
 
@@ -46,8 +50,16 @@ def _open(path: str, fmt: str, settings: Settings):
 
     try:
         image = Image.open(path, formats=[fmt])
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # its header names more pixels than Pillow will open
+        raise InputTooLarge(f"photo {path} is larger than the limit of {settings.max_width}x{settings.max_height} "
+                            f"({exc})", path=path) from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputUnreadable(f"photo {path} cannot be read as {fmt}: {exc}", path=path, cause=str(exc)) from exc
+    if fmt in ANIMATED and getattr(image, "n_frames", 1) > 1:
+        frames = image.n_frames
+        image.close()
+        raise InputError(f"{path} is an animated {fmt} ({frames} frames): a template is a video or a still "
+                         f"photo; convert it to a video (e.g. mp4)", code="input.unsupported", path=path)
     # from the header alone first: reading a PNG's EXIF (for its orientation) may decode the whole picture
     w, h = image.size
     if max(w, h) > max(settings.max_width, settings.max_height) or min(w, h) > min(settings.max_width,
@@ -91,6 +103,10 @@ def still_media_info(path: str | os.PathLike, settings: Settings | None = None) 
     fmt = _format_of(p)
     with _open(p, fmt, s) as image:
         width, height = _displayed_size(image)
+        try:  # decoded now (a photo takes milliseconds): a cut file is refused at admission, not in prepare
+            image.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InputUnreadable(f"photo {p} cannot be decoded: {exc}", path=p, cause=str(exc)) from exc
     seconds = float(1 / STILL_FPS)
     video = VideoStreamInfo(codec=fmt.lower(), width=width, height=height, fps_num=STILL_FPS.numerator,
                             fps_den=STILL_FPS.denominator, frame_count=1, duration=seconds, pix_fmt="rgb24")
@@ -106,6 +122,8 @@ def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.
     p = str(path)
     with _open(p, _format_of(p), s) as image:
         try:
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("RGB") clips it
+                image = image.point(lambda v: v / 257).convert("L")
             upright = ImageOps.exif_transpose(image).convert("RGB")
         except (OSError, ValueError, SyntaxError) as exc:  # a cut or corrupt file shows itself decoding
             raise InputUnreadable(f"photo {p} cannot be decoded: {exc}", path=p, cause=str(exc)) from exc
