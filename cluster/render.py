@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.errors import InputError, InputNotFound, InputsGone, LipsyncError, OutputVerificationError
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
@@ -162,6 +162,11 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
         from cluster.faces.avatar import load_avatar
 
         template_info = load_avatar(request.avatar_id, s).info
+    template = (video_info or template_info).video
+    if request.loop == "cut_off" and template is not None and template.frame_count == 1:
+        raise InputError("sync_mode cut_off ends the video at the shorter of the speech and the template, and this "
+                         "template is one frame (a photo): the video would last 0.04 s. Use pingpong or loop",
+                         path="sync_mode", job_id=job_id)
     check_job_disk(audio_info, video_info, request.output, s, job_id=job_id, stored_template=template_info,
                    reserve=True)  # promised until the job renders (actors/jobs.py releases it)
     jdir = job_dir(job_id, s)

@@ -60,7 +60,8 @@ _FIELD_OF_CODE = {"input.no_video_stream": "video", "input.no_face": "video", "i
 def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
     """The request field an error is about: its own path when that names one, else the field its
     code is about, else the field whose value the error mentions."""
-    if err.path in values or err.path in ("audio", "video", "avatar_id", "model", "file", "body", "callback_url"):
+    if err.path in values or err.path in ("audio", "video", "avatar_id", "model", "sync_mode", "file", "body",
+                                          "callback_url"):
         return err.path
     if err.code in _FIELD_OF_CODE and _FIELD_OF_CODE[err.code] in values:
         return _FIELD_OF_CODE[err.code]

@@ -317,6 +317,23 @@ def test_frames_where_the_face_is_gone_are_left_as_they_are(d, model):
     assert sum(m > 20 for m in moved) > len(faces) // 2, moved  # the mouth is drawn where the face is
 
 
+def test_cut_off_on_a_photo_is_refused_at_admission(d, model):
+    """`cut_off` ends at the shorter of speech and template: on a photo (one frame) the video would last
+    0.04 s and the speech be thrown away; refused by name instead (it succeeded with 1 frame)."""
+    import cv2
+
+    from cluster.errors import InputError
+
+    photo = str(d / "portrait.png")
+    cv2.imwrite(photo, decode_all(astronaut_template(str(d / "for_photo.mp4"), seconds=0.2, fps=25, size=SMALL))[0])
+    audio, _ = _speech(d, "speech_photo.wav", 16000, seed=19)
+    with pytest.raises(InputError, match="cut_off") as refused:
+        render(audio, photo, d / "out_photo_cut.mp4", model, loop="cut_off")
+    assert refused.value.path == "sync_mode" and refused.value.code == "input.invalid"
+    render(audio, photo, d / "out_photo.mp4", model)  # ping-pong over one frame: the speech's length
+    check_output(d / "out_photo.mp4", 16000, Fraction(25), SMALL)
+
+
 def test_verify_output_rejects_wrong_files(loop_renders):
     good = str(loop_renders["pingpong"])
     seconds = 38400 / SR
