@@ -326,6 +326,9 @@ def test_an_ended_sessions_journal_stays_closed(speech_wav, astronaut_video, tmp
     events = (tmp_path / "session" / EVENTS_FILE).read_text()
     session.finish()
     assert session.end_speech() is False
+    # an append past its offset after the end is told it ended (410), not to resend from an offset (409)
+    late = session.append(b"\x00\x00" * 10, offset=10 ** 6)
+    assert late["accepted"] is False and late["state"] == "ended", late
     assert (tmp_path / "session" / EVENTS_FILE).read_text() == events
     assert journal._events is None and journal._audio is None
 

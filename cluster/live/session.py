@@ -224,6 +224,8 @@ class LiveSession:
         (the sender must wait) or the session has ended."""
         with self._lock:
             received = self.speech.bytes_received
+            if self.state not in ("live", "starting"):  # ended first: no "resend from offset N" to a session
+                return {"offset": received, "accepted": False, "buffered_s": 0.0, "state": self.state}
             if offset is not None:
                 if offset > received:
                     raise SessionOffsetGap(f"offset {offset} is past the {received} bytes received (a gap): "
@@ -233,8 +235,6 @@ class LiveSession:
                     raise SessionOffsetGap(f"offset {offset} is not on a sample boundary (2-byte samples): send "
                                            f"again from offset {received}", path="offset")
                 pcm = pcm[skip:] if skip < len(pcm) else b""
-            if self.state not in ("live", "starting"):
-                return {"offset": received, "accepted": False, "buffered_s": 0.0, "state": self.state}
             if not pcm:
                 return {"offset": received, "accepted": True, "buffered_s": self.buffered_seconds(),
                         "state": self.state}
