@@ -299,15 +299,19 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
         # the JPEG is lossy (a sideways one: ~50 off); the others only pass through 4:2:0 H.264
         assert out.shape == (240, 320, 3) and np.abs(out - frame.astype(int)).mean() < (
             6.0 if name == "jpg" else 3.0), name
-    huge = tmp_path / "huge.png"
-    Image.new("RGB", (settings.max_width + 2, 16)).save(huge)
+    wide = tmp_path / "wide.png"  # larger than the limits (a phone's 48 MP photo): scaled down to fit them
+    Image.new("RGB", (2 * settings.max_width, 64)).save(wide)
+    v = probe_video(wide, settings).video
+    assert (v.width, v.height) == (settings.max_width, 32), v
+    huge = tmp_path / "huge.png"  # more than 4x larger: refused
+    Image.new("RGB", (4 * settings.max_width + 2, 16)).save(huge)
     from PIL import PngImagePlugin as PngImageFile
 
     decoded = []  # reading a PNG's EXIF decodes it: the size is refused from the header before that
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PngImageFile.PngImageFile, "load", lambda *_: decoded.append(1))
-        with pytest.raises(InputTooLarge, match="huge.png is 4098x16"):
+        with pytest.raises(InputTooLarge, match="huge.png is 16386x16, larger than 4x the limit"):
             probe_video(huge, settings)
     assert not decoded, "the huge photo was decoded before its size was checked"
     cut = tmp_path / "cut.jpg"

@@ -27,6 +27,9 @@ SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", 
 ANIMATED = frozenset({"GIF", "WEBP"})
 #: The frame rate of a still's template (and so of the videos rendered from it).
 STILL_FPS = Fraction(25)
+#: A photo larger than the template limits (a phone's 48 MP, 8000x6000) is scaled down to fit them;
+#: one more than this many times larger on a side is refused (decoding it would cost too much memory).
+MAX_PHOTO_SCALE = 4
 
 
 def still_format(head: bytes) -> str | None:
@@ -62,16 +65,18 @@ def _open(path: str, fmt: str, settings: Settings):
                          f"photo; convert it to a video (e.g. mp4)", code="input.unsupported", path=path)
     # from the header alone first: reading a PNG's EXIF (for its orientation) may decode the whole picture
     w, h = image.size
-    if max(w, h) > max(settings.max_width, settings.max_height) or min(w, h) > min(settings.max_width,
-                                                                                    settings.max_height):
+    most_w, most_h = MAX_PHOTO_SCALE * settings.max_width, MAX_PHOTO_SCALE * settings.max_height
+    if max(w, h) > max(most_w, most_h) or min(w, h) > min(most_w, most_h):
         image.close()
-        raise InputTooLarge(f"photo {path} is {w}x{h}, larger than the limit of "
-                            f"{settings.max_width}x{settings.max_height}", path=path)
+        raise InputTooLarge(f"photo {path} is {w}x{h}, larger than {MAX_PHOTO_SCALE}x the limit of "
+                            f"{settings.max_width}x{settings.max_height} (a photo up to that is scaled down to "
+                            f"fit it)", path=path)
     width, height = _displayed_size(image)
-    if width > settings.max_width or height > settings.max_height:
+    if width > most_w or height > most_h:
         image.close()
-        raise InputTooLarge(f"photo {path} is {width}x{height}, larger than the limit of "
-                            f"{settings.max_width}x{settings.max_height}", path=path)
+        raise InputTooLarge(f"photo {path} is {width}x{height}, larger than {MAX_PHOTO_SCALE}x the limit of "
+                            f"{settings.max_width}x{settings.max_height} (a photo up to that is scaled down to "
+                            f"fit it)", path=path)
     if width < 2 or height < 2:
         image.close()
         raise InputUnreadable(f"photo {path} has no usable picture ({width}x{height})", path=path)
@@ -88,6 +93,12 @@ def _displayed_size(image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+def _fitted(width: int, height: int, settings: Settings) -> tuple[int, int]:
+    """A photo's size scaled down (aspect kept) to fit within the template limits, else as it is."""
+    scale = min(1.0, settings.max_width / width, settings.max_height / height)
+    return (width, height) if scale >= 1.0 else (max(2, int(width * scale)), max(2, int(height * scale)))
+
+
 def _format_of(p: str) -> str:
     with open(p, "rb") as f:
         fmt = still_format(f.read(16))
@@ -102,7 +113,7 @@ def still_media_info(path: str | os.PathLike, settings: Settings | None = None) 
     p = str(path)
     fmt = _format_of(p)
     with _open(p, fmt, s) as image:
-        width, height = _displayed_size(image)
+        width, height = _fitted(*_displayed_size(image), s)
         try:  # decoded now (a photo takes milliseconds): a cut file is refused at admission, not in prepare
             image.load()
         except (OSError, ValueError, SyntaxError) as exc:
@@ -125,6 +136,11 @@ def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("RGB") clips it
                 image = image.point(lambda v: v / 257).convert("L")
             upright = ImageOps.exif_transpose(image).convert("RGB")
+            fitted = _fitted(*upright.size, s)
+            if fitted != upright.size:  # larger than the limits: scaled down to fit them
+                from PIL import Image
+
+                upright = upright.resize(fitted, Image.Resampling.LANCZOS)
         except (OSError, ValueError, SyntaxError) as exc:  # a cut or corrupt file shows itself decoding
             raise InputUnreadable(f"photo {p} cannot be decoded: {exc}", path=p, cause=str(exc)) from exc
     rgb = np.asarray(upright)
