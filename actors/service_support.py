@@ -259,6 +259,12 @@ class ServiceSidecar:
 
         return avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s))
 
+    async def check_model(self, model: str) -> None:
+        """`cluster.render.check_model` on the storage root's node: an unknown model name, typed."""
+        from cluster.render import check_model
+
+        check_model(model, self.s)
+
     async def list_avatars(self, limit: int, offset: int) -> list[dict]:
         from cluster.faces.avatar import AVATAR_FILE, load_avatar
 

@@ -21,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from cluster.config import Settings
 from cluster.errors import JobNotReady, LipsyncError, TooManyEventStreams
 from cluster.hls import sign_watch, watch_key
+from cluster.models import is_named_model
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
 from cluster.schemas import JobState, JobStatus, JobView, RenderRequest
@@ -154,8 +155,6 @@ class Backend:
         return value
 
     def resolve_model(self, model: str | None) -> str | None:
-        from cluster.models import is_named_model
-
         if model is None or is_named_model(model):  # builtin[:S], latency:<ms>[:S] (slow test/bench jobs)
             return model
         path = self.settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx")
@@ -173,6 +172,12 @@ class Backend:
         if video is not None and avatar_id is not None:  # which one would it render? (the CLI refuses it too)
             raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
         staged, sources = dict(staged or {}), dict(sources or {})
+        if any(is_url(str(v)) for v in (audio, video) if v is not None):
+            # what the job manager would refuse anyway is refused before a download that may be large
+            if avatar_id is not None:
+                await self.sidecar("get_avatar", avatar_id)
+            if model is not None and not is_named_model(model):
+                await self.sidecar("check_model", self.resolve_model(model))
         for name, given in (("audio", audio), ("video", video)):
             if given is not None and name not in staged:
                 staged[name] = await self.stage_input(str(given), name, tmpdir)

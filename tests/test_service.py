@@ -252,6 +252,13 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         assert r.status_code == 400 and err["field"] == "model", err
         assert err["message"].startswith("unknown model 'nosuch': this service has builtin"), err
         assert str(service.storage_root) not in err["message"], err
+        # with an audio URL to fetch, a bad avatar or model is refused before the download (the URL here
+        # would be refused itself, input.unsafe: the answers show it was never tried)
+        r = http.post("/v1/jobs", json={"audio": "http://127.0.0.1:9/a.wav", "avatar_id": "0123456789abcdef"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "avatar_id", r.text
+        r = http.post("/v1/jobs", json={"audio": "http://127.0.0.1:9/a.wav", "video": svc_media["video"],
+                                        "model": "nosuch"})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "model", r.text
         # the same file sent as audio and as video: the error is about the video
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["audio"]})
         assert r.status_code == 400 and r.json()["error"]["field"] == "video", r.text
