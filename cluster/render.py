@@ -65,6 +65,7 @@ class JobPlan(BaseModel):
     chunks: list[Chunk]
     output_path: str
     crf: int | None = None  # the request's output quality; None: the settings' crf
+    color: list[int] | None = None  # the template's colour tags (VideoStreamInfo.color), carried to the output
     blobs: dict[str, str] = Field(default_factory=dict)  # "template"/"track"/"mel" -> sha256, for node caches
     # Set when prepare wrote only the mel columns the first chunk reads (`prepare_job(defer_mel=True)`):
     # that file; `write_job_mel` writes the whole `mel_path` afterwards, from the same samples.
@@ -372,7 +373,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
         output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
-        mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted,
+        mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
     )
 
 
@@ -479,7 +480,8 @@ def render_chunk(plan: JobPlan, chunk: Chunk, generate: GenerateFn, settings: Se
     try:
         with TemplateFrames(plan.template_path, s, user=plan.job_id) as reader, \
                 SegmentEncoder(str(tmp), plan.width, plan.height, plan.fps,
-                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf})) as encoder:
+                               s if plan.crf is None else s.model_copy(update={"crf": plan.crf}),
+                               color=plan.color) as encoder:
 
             waited_model = 0.0
 

@@ -63,6 +63,9 @@ class VideoStreamInfo(BaseModel):
     pix_fmt: str | None = None
     hdr_transfer: str | None = None  # "smpte2084" (PQ) or "arib-std-b67" (HLG); None for SDR
     full_range: bool = False  # full-range (0-255, "pc", yuvj*) samples: normalising brings them to limited range
+    # [primaries, transfer, matrix] as FFmpeg's AVCOL_* codes when the stream names any (1 = BT.709, 6 =
+    # SMPTE 170M / BT.601...): the rendered segments carry them on (the pixels outside the mouth are its own)
+    color: list[int] | None = None
     sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
     base_fps: float | None = None  # the stream's cadence (r_frame_rate): a variable-rate stream's frames lie on it
 

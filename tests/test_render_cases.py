@@ -334,6 +334,30 @@ def test_cut_off_on_a_photo_is_refused_at_admission(d, model):
     check_output(d / "out_photo.mp4", 16000, Fraction(25), SMALL)
 
 
+def test_the_output_carries_the_templates_colour_tags(d, model):
+    """The pixels outside the mouth are the template's own: the output says what they are, as the
+    template does (an HD clip tagged BT.601 came out untagged, and players assume BT.709 for HD)."""
+    import subprocess
+
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    face = astronaut_template(str(d / "tagged_src.mp4"), seconds=1.0, fps=25, size=SMALL, seed=9)
+    tagged = str(d / "tagged601.mp4")
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", face, "-vf",
+                    "setparams=color_primaries=smpte170m:color_trc=smpte170m:colorspace=smpte170m",
+                    "-c:v", "libx264", "-crf", "12", tagged], check=True, timeout=60)
+    assert probe(tagged).video.color == [6, 6, 6]
+    audio, _ = _speech(d, "speech_tagged.wav", 16000, seed=20)
+    for settings_update in ({"encode_in_process": True}, {"encode_in_process": False}):
+        out = d / f"out_tagged_{settings_update['encode_in_process']}.mp4"
+        render_local(RenderRequest(audio=audio, video=tagged, output=str(out)),
+                     get_settings().model_copy(update=settings_update), model=model)
+        assert probe(str(out)).video.color == [6, 6, 6], settings_update
+    assert probe(face).video.color is None  # an untagged template: an untagged output, as before
+    render(audio, face, d / "out_untagged.mp4", model)
+    assert probe(str(d / "out_untagged.mp4")).video.color is None
+
+
 def test_verify_output_rejects_wrong_files(loop_renders):
     good = str(loop_renders["pingpong"])
     seconds = 38400 / SR

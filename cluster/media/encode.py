@@ -84,7 +84,11 @@ def x264_options(settings: Settings) -> dict[str, str]:
     return {"preset": settings.preset, "crf": str(settings.crf), "x264-params": X264_PARAMS}
 
 
-def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) -> list[str]:
+COLOR_OPTIONS = ("color_primaries", "color_trc", "colorspace")
+
+
+def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None,
+                 color: list[int] | None = None) -> list[str]:
     """Video codec arguments shared by every segment of a job (H.264, yuv420p, closed GOPs of
     about two seconds; every segment starts with an IDR frame). `threads`: the encoder's threads
     (`-threads`, x264's frame threads and lookahead), default this process's thread plan
@@ -109,6 +113,8 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None) 
                           stage="encode")
     if threads:
         codec += ["-threads", str(int(threads))]
+    for option, code in zip(COLOR_OPTIONS, color or ()):  # the template's colour tags, as the child's VUI
+        codec += [f"-{option}", str(int(code))]
     # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
     return [*codec, "-sws_flags", "accurate_rnd+full_chroma_int", "-pix_fmt", "yuv420p", "-g", gop,
             "-keyint_min", gop,
@@ -123,7 +129,7 @@ class SegmentEncoder:
     `stall_timeout_s` and a close that takes longer than `ffmpeg_timeout_s` raise EncodeError."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: Fraction,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, color: list[int] | None = None) -> None:
         self.settings = settings or get_settings()
         self.path = str(path)
         self.width, self.height, self.fps = int(width), int(height), Fraction(fps)
@@ -136,7 +142,7 @@ class SegmentEncoder:
         in_process = (self.settings.encode_in_process and self.settings.video_encoder == "libx264"
                       and pyav_has_libx264())
         sink = _LibavSink if in_process else _FFmpegSink  # no reference back to this object: no cycle
-        self._sink: _LibavSink | _FFmpegSink = sink(self.path, self.width, self.height, self.fps, self.settings)
+        self._sink: _LibavSink | _FFmpegSink = sink(self.path, self.width, self.height, self.fps, self.settings, color)
 
     @property
     def waited_s(self) -> float:
@@ -255,7 +261,8 @@ class _LibavSink:
     segment, `_EncoderThreads`): the writer fills one yuv420p buffer while the thread encodes the
     other (two buffers; a buffer is filled again only once the batch that used it is encoded)."""
 
-    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
+    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings,
+                 color: list[int] | None = None) -> None:
         import av
 
         self.path, self.width, self.height, self.settings = path, width, height, settings
@@ -284,6 +291,8 @@ class _LibavSink:
             threads = x264_threads()
             if threads:
                 stream.codec_context.thread_count = threads
+            for option, code in zip(COLOR_OPTIONS, color or ()):  # the template's colour tags (VUI)
+                setattr(stream.codec_context, option, int(code))
             with _libav_errors():  # the error names libx264's own complaint
                 stream.codec_context.open()
         except av.FFmpegError as exc:
@@ -443,15 +452,19 @@ def _libav_errors():
 class _FFmpegSink:
     """An ffmpeg child encoding the yuv420p frames it reads from a pipe."""
 
-    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings) -> None:
+    def __init__(self, path: str, width: int, height: int, fps: Fraction, settings: Settings,
+                 color: list[int] | None = None) -> None:
         self.path, self.width, self.height, self.settings = path, width, height, settings
         self.frames_sent = 0
         self.waited_s = 0.0
         self._yuv: np.ndarray | None = None  # the yuv420p batch buffer, reused between writes
         args = ["-loglevel", "error",
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
-                "-framerate", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0",
-                "-an", *encoder_args(settings, fps),
+                "-framerate", f"{fps.numerator}/{fps.denominator}",
+                # the frames' own colour tags (ffmpeg's encoder takes the frames', not only its options)
+                *[arg for option, code in zip(COLOR_OPTIONS, color or ()) for arg in (f"-{option}", str(int(code)))],
+                "-i", "pipe:0",
+                "-an", *encoder_args(settings, fps, color=color),
                 "-movflags", "+faststart", "-f", "mp4", file_url(path)]
         self._run = FFmpeg(args, settings=settings, stage="encode", path=path, stdin=True,
                            error=EncodeError, timeout_error=EncodeError)

@@ -244,12 +244,14 @@ def _video_info(path: str, container, stream, container_duration: float,
     pix_fmt = ctx.pix_fmt or (first.format.name if first.format else None)
     # JPEG-style full range: a yuvj* format (MJPEG, older phones) or the stream's range flag (AVCOL_RANGE_JPEG)
     full_range = (pix_fmt or "").startswith("yuvj") or int(getattr(ctx, "color_range", 0) or 0) == 2
+    # 0 and 2 say nothing (reserved / unspecified; a matrix of 0 is RGB, not a YUV stream's)
+    color = [int(getattr(ctx, name, 2) or 2) for name in ("color_primaries", "color_trc", "colorspace")]
     sar = stream.sample_aspect_ratio
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
                            pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)),
-                           full_range=full_range,
+                           full_range=full_range, color=color if any(c not in (0, 2) for c in color) else None,
                            sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0,
                            base_fps=float(stream.base_rate) if stream.base_rate and stream.base_rate.numerator > 0
                            else None)
