@@ -781,3 +781,21 @@ def test_a_closed_journal_takes_no_more_events(tmp_path):
     journal.publish({"name": "seg_000001.m4s"})
     assert (tmp_path / "s" / EVENTS_FILE).read_text() == '{"end": 2}\n'
     assert not (tmp_path / "s" / PUBLISHED_FILE).exists() and journal._events is None
+
+
+def test_a_live_stream_carries_its_templates_colour_tags(speech_wav, astronaut_video, tmp_path):
+    """As a job's output: a template tagged BT.601 gives a stream (and recording) tagged BT.601."""
+    import subprocess
+
+    from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.media.probe import probe
+
+    tagged = str(tmp_path / "tagged.mp4")
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", astronaut_video, "-vf",
+                    "setparams=color_primaries=smpte170m:color_trc=smpte170m:colorspace=smpte170m",
+                    "-c:v", "libx264", "-crf", "12", tagged], check=True, timeout=60)
+    session, _ = _builtin_session("c", tagged, tmp_path / "session")
+    session.append(_pcm16(speech_wav)[:16000].tobytes())
+    session.finish()
+    assert session.join(60) and session.stats()["state"] == "ended"
+    assert probe(str(session.recording)).video.color == [6, 6, 6]

@@ -25,6 +25,7 @@ import numpy as np
 
 from cluster.config import Settings, get_settings
 from cluster.errors import EncodeError
+from cluster.media.encode import color_args
 from cluster.media.ffmpeg import (
     FFmpeg,
     ffmpeg_binary,
@@ -86,7 +87,7 @@ class LiveEncoder:
 
     def __init__(self, out_dir: str | os.PathLike, width: int, height: int, fps: Fraction, sample_rate: int,
                  settings: Settings | None = None, rtmp: RtmpTarget | None = None, epoch: int = 0,
-                 start_number: int = 0, start_frame: int = 0) -> None:
+                 start_number: int = 0, start_frame: int = 0, color: list[int] | None = None) -> None:
         self.settings = s = settings or get_settings()
         self.out_dir = Path(out_dir)
         # a restarted session's encoder (epoch > 0) writes its own playlist and init segment,
@@ -108,10 +109,10 @@ class LiveEncoder:
         hls_time = (self.gop - 0.5) / float(self.fps)  # a cut at every keyframe, never between two
         args = ["-loglevel", "error",
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{self.width}x{self.height}",
-                "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", "-i", "pipe:0",
+                "-framerate", f"{self.fps.numerator}/{self.fps.denominator}", *color_args(color), "-i", "pipe:0",
                 "-f", "s16le", "-ar", str(AUDIO_RATE), "-ac", "1",
                 *input_args(self._fifo),
-                "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop),
+                "-map", "0:v", "-map", "1:a", *live_encoder_args(s, self.fps, self.gop), *color_args(color),
                 "-c:a", "aac", "-b:a", "96k"]
         if start_frame:
             args += ["-output_ts_offset", f"{start_frame / float(self.fps):.6f}"]

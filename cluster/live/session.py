@@ -77,6 +77,10 @@ class LiveRenderer:
         self.reader = TemplateFrames(template_path, self.settings)
         self.width, self.height, self.fps = self.reader.width, self.reader.height, self.reader.fps
         self.frame_count = self.reader.frame_count
+        from cluster.media.probe import read_media_info
+
+        # the template's colour tags, carried to the stream as a job's output carries them
+        self.color = read_media_info(template_path, self.settings).video.color
 
     def render(self, batch: FrameBatch, generate: GenerateFn) -> tuple[np.ndarray, BaseException | None]:
         """(frames [n, H * 3 // 2, W] I420, `cluster.media.yuv`, None) with the model's mouths pasted
@@ -310,7 +314,8 @@ class LiveSession:
         try:
             self.encoder = LiveEncoder(self.out_dir / "hls", self.renderer.width, self.renderer.height, self.fps,
                                        self.speech.rate, self.s, rtmp=self.rtmp, epoch=self.epoch,
-                                       start_number=len(self.playlist.entries), start_frame=self._frames_before)
+                                       start_number=len(self.playlist.entries), start_frame=self._frames_before,
+                                       color=self.renderer.color)
         except Exception as e:  # e.g. its audio pipe could not be made: the session fails with the cause
             log.exception("session %s: its encoder did not start", self.id)
             self.error = _error_info(e, "live-encoder")

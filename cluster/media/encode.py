@@ -87,6 +87,12 @@ def x264_options(settings: Settings) -> dict[str, str]:
 COLOR_OPTIONS = ("color_primaries", "color_trc", "colorspace")
 
 
+def color_args(color: list[int] | None) -> list[str]:
+    """ffmpeg options tagging frames (as input options of a raw pipe: the encoder takes the frames' tags)
+    or an encoder's VUI with colour tags [primaries, transfer, matrix] (`VideoStreamInfo.color`)."""
+    return [arg for option, code in zip(COLOR_OPTIONS, color or ()) for arg in (f"-{option}", str(int(code)))]
+
+
 def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None,
                  color: list[int] | None = None) -> list[str]:
     """Video codec arguments shared by every segment of a job (H.264, yuv420p, closed GOPs of
@@ -113,8 +119,7 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None,
                           stage="encode")
     if threads:
         codec += ["-threads", str(int(threads))]
-    for option, code in zip(COLOR_OPTIONS, color or ()):  # the template's colour tags, as the child's VUI
-        codec += [f"-{option}", str(int(code))]
+    codec += color_args(color)  # the template's colour tags, as the child's VUI
     # accurate_rnd: BGR -> yuv420p without swscale's ~2-level darkening (frames must round-trip).
     return [*codec, "-sws_flags", "accurate_rnd+full_chroma_int", "-pix_fmt", "yuv420p", "-g", gop,
             "-keyint_min", gop,
@@ -461,8 +466,7 @@ class _FFmpegSink:
         args = ["-loglevel", "error",
                 "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{width}x{height}",
                 "-framerate", f"{fps.numerator}/{fps.denominator}",
-                # the frames' own colour tags (ffmpeg's encoder takes the frames', not only its options)
-                *[arg for option, code in zip(COLOR_OPTIONS, color or ()) for arg in (f"-{option}", str(int(code)))],
+                *color_args(color),  # the frames' own tags (ffmpeg's encoder takes the frames', not only its options)
                 "-i", "pipe:0",
                 "-an", *encoder_args(settings, fps, color=color),
                 "-movflags", "+faststart", "-f", "mp4", file_url(path)]
