@@ -38,7 +38,7 @@ import ray
 
 from actors import ORCHESTRATOR_NAME
 from cluster.config import Settings
-from cluster.errors import InputNotFound, LipsyncError, ModelLoadError, RenderTimeout, WorkerLost
+from cluster.errors import InputNotFound, LipsyncError, MediaError, ModelLoadError, RenderTimeout, WorkerLost
 
 log = logging.getLogger("lipsync.live")
 
@@ -564,9 +564,13 @@ class LiveRegistry:
         lost (it never ended: `failed`, and why); None when no session of that id began here."""
         from cluster.live.journal import SessionJournal
 
-        if not SessionJournal(session_dir(self.s, session_id)).begun():
+        try:
+            if not SessionJournal(session_dir(self.s, session_id)).begun():
+                return None
+            return ended_session_view(self.s, session_id) or lost_session_view(self.s, session_id)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or half-removed journal: not told
+            log.warning("session %s: its journal cannot be read (%r): answered as unknown", session_id, e)
             return None
-        return ended_session_view(self.s, session_id) or lost_session_view(self.s, session_id)
 
     def read_hls(self, session_id: str, name: str) -> bytes | None:
         return read_hls_file(self.s, session_id, name)
@@ -583,8 +587,6 @@ class LiveRegistry:
     def join_recording(self, session_id: str) -> int | None:
         """The size of the recording of a failed session whose actors have left, joined from its published
         segments on first request (`lost_session_recording`); None when it published none."""
-        from cluster.errors import MediaError
-
         try:
             path = lost_session_recording(self.s, session_id)
         except OSError as e:  # a published segment's file missing or unreadable: typed, with its cause
@@ -682,14 +684,10 @@ class LiveRegistry:
 
 def _on_storage_node(settings: Settings, opts: dict) -> dict:
     """`opts` placing a detached actor on the job manager's node: the storage root's, where the sessions'
-    journals, their locks and their files are."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    journals, their locks and their files are (`actors.orchestrator.storage_node_placement`)."""
+    from actors.orchestrator import storage_node_placement
 
-    from actors.orchestrator import head_node_id
-
-    if settings.manager_resource:
-        return {**opts, "resources": {settings.manager_resource: 0.01}}
-    return {**opts, "scheduling_strategy": NodeAffinitySchedulingStrategy(head_node_id(), soft=False)}
+    return {**opts, **storage_node_placement(settings)}
 
 
 def create_session_actor(settings: Settings, session_id: str, standby: bool = False):
@@ -700,9 +698,15 @@ def create_session_actor(settings: Settings, session_id: str, standby: bool = Fa
 
 
 def live_registry(settings: Settings):
-    """The registry actor (created on first use, on the job manager's node: it reads the sessions' journals)."""
-    return LiveRegistry.options(**_on_storage_node(settings, dict(
-        name=REGISTRY_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True))).remote(settings)
+    """The registry actor (created on first use, on the job manager's node: it reads the sessions' journals).
+    An existing one is found by name, without asking the cluster where to place it (a GCS round trip
+    that the ingress would otherwise make for every ended session's request)."""
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=settings.namespace)
+    except ValueError:  # none yet
+        return LiveRegistry.options(**_on_storage_node(settings, dict(
+            name=REGISTRY_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True))).remote(
+                settings)
 
 
 class SessionActors:
@@ -893,8 +897,16 @@ def lost_session_recording(settings: Settings, session_id: str) -> Path | None:
                 time.sleep(0.1)
         if dest.is_file():
             return dest
+        failed = journal.dir / "recording.failed"  # a join that failed: told again, not run again each request
+        if failed.is_file():
+            raise MediaError(failed.read_text(errors="replace")[:2000], stage="live-recording", path=str(dest))
         published = journal.published()
         if not published:
             return None
-        make_recording(journal.dir / "hls", dest, published, _journal_fps(journal.meta(), published), settings)
+        try:
+            make_recording(journal.dir / "hls", dest, published, _journal_fps(journal.meta(), published), settings)
+        except (LipsyncError, OSError) as e:
+            message = e.message if isinstance(e, LipsyncError) else f"{type(e).__name__}: {e}"
+            failed.write_text(f"live session {session_id}: its recording could not be joined: {message}")
+            raise
         return dest

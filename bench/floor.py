@@ -111,8 +111,10 @@ def stage_costs(inp, model_name: str, work: Path) -> dict:
                 encoder.write_yuv(np.fromfile(f, np.uint8, count=int(np.prod(shape))).reshape(shape))
             encoder.close()
 
-    clock.time("encode", encode)
-    spill.unlink()
+    try:
+        clock.time("encode", encode)
+    finally:  # up to 10 GB for 300 s of 720p: never left behind by a failed run
+        spill.unlink(missing_ok=True)
     clock.time("mux", finalize_output, [seg], inp.audio, str(work / "out.mp4"), frames_expected=total,
                fps=fps, audio_duration=len(wav) / 16000, settings=s)
     return {"frames": total, "template_frames": n_template, "cpu_s": clock.cpu}

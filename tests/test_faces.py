@@ -729,21 +729,31 @@ def test_the_frames_detail_moves_only_where_the_flow_reaches_and_as_on_the_whole
     assert np.count_nonzero(moved) <= 0.002 * np.count_nonzero(reached), np.count_nonzero(moved)
 
 
-def test_an_avatar_stored_with_a_full_range_template_is_prepared_again(tmp_path, template_video):
-    """Avatars prepared before full-range templates were converted kept a yuvj420p template (washed-out
-    renders): such a stored avatar is not served; the next preparation makes a limited-range one."""
+def test_an_avatar_stored_by_an_older_version_is_brought_up_to_date(tmp_path, template_video):
+    """Avatars stored before full-range templates were converted, and before colour tags were read, are
+    updated in place on first use (the template converted frame for frame, the tags read), not served as
+    they were (washed out, untagged) and not lost (their source video is not kept)."""
     import json
+    import os
+    import subprocess
 
+    from cluster.media.ffmpeg import ffmpeg_binary
     from cluster.media.probe import probe
 
     s = Settings(storage_root=tmp_path)
     first = prepare_avatar(template_video, s)
+    template = first.template_path
+    full = template + ".full.mp4"  # the template as the old normalisation left a full-range one
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", template, "-vf", "scale=out_range=full",
+                    "-pix_fmt", "yuvj420p", "-color_range", "pc", "-c:v", "libx264", full], check=True, timeout=60)
+    os.replace(full, template)
     meta = tmp_path / "avatars" / first.id / "avatar.json"
     stored = json.loads(meta.read_text())
-    stored["info"]["video"]["pix_fmt"] = "yuvj420p"  # as an avatar of the old normalisation says
+    stored["info"]["video"]["pix_fmt"] = "yuvj420p"
+    del stored["info"]["video"]["color"]  # not read by the older version
     meta.write_text(json.dumps(stored))
-    with pytest.raises(InputNotFound):
-        load_avatar(first.id, s)
-    again = prepare_avatar(template_video, s)
-    assert not again.cached and probe(again.template_path, s).video.pix_fmt == "yuv420p"
-    assert load_avatar(first.id, s).id == first.id
+    again = load_avatar(first.id, s)
+    assert again.id == first.id and again.frame_count == first.frame_count
+    v = probe(again.template_path, s).video
+    assert v.pix_fmt == "yuv420p" and not v.full_range and v.frame_count == first.frame_count, v
+    assert "color" in json.loads(meta.read_text())["info"]["video"]  # stored again: done once

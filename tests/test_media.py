@@ -320,7 +320,7 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
         probe_video(cut, settings)
     bomb = tmp_path / "bomb.png"  # 48 KB whose header names 400 million pixels
     Image.new("1", (20000, 20000)).save(bomb)
-    with pytest.raises(InputTooLarge, match="bomb.png is larger than the limit of 4096x4096"):
+    with pytest.raises(InputTooLarge, match="bomb.png has more than the 120 MP a photo may have"):
         probe_video(bomb, settings)
     # a GIF or TIFF photo too; an animated GIF is refused by name (it became a 100 fps video)
     photo.save(tmp_path / "face.gif")
@@ -331,11 +331,16 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     with pytest.raises(InputError, match="animated GIF") as refused:
         probe_video(tmp_path / "anim.gif", settings)
     assert refused.value.code == "input.unsupported"
-    # a 16-bit greyscale PNG keeps its levels (convert("RGB") clipped it to white: "no face")
+    # a 16-bit greyscale PNG, or a camera's big-endian 16-bit TIFF, keeps its levels (convert("RGB")
+    # clipped it to white: "no face"; Pillow's point() refused the big-endian mode)
     grey = np.asarray(photo.convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
-    out = next(iter_frames(normalize_template(tmp_path / "grey16.png", settings).path, 1, settings))[0]
-    assert abs(float(out.mean()) - float(grey.mean())) < 2.0
+    Image.frombytes("I;16B", photo.size, (grey.astype(">u2") * 257).tobytes()).save(tmp_path / "grey16be.tif")
+    for name in ("grey16.png", "grey16be.tif"):
+        template = normalize_template(tmp_path / name, settings)
+        out = next(iter_frames(template.path, 1, settings))[0]
+        assert abs(float(out.mean()) - float(grey.mean())) < 2.0, name
+        assert template.info.video.color == [1, 13, 6]  # a photo's colours: sRGB, BT.601's matrix
 
 
 @pytest.mark.parametrize("name", ["cut_tail", "cut_mkv"])

@@ -63,9 +63,47 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
     if avatar.id != avatar_id or not Path(avatar.track_path).is_file() or not Path(avatar.template_path).is_file():
         return None
     video = avatar.info.video
-    if video is not None and (video.full_range or (video.pix_fmt or "").startswith("yuvj")):
-        return None  # prepared before full-range templates were brought to limited range: prepared again
+    if video is not None and (video.full_range or (video.pix_fmt or "").startswith("yuvj")
+                              or "color" not in video.model_fields_set):
+        # stored by an older version: a full-range template (washed-out renders) or no colour tags read.
+        # Brought up to date once, in place: the face track stays valid (same frames, same geometry)
+        try:
+            avatar = _update_stored(avatar, meta, settings)
+        except LipsyncError as e:
+            log.warning("avatar %s could not be brought up to date (%s): prepared again", avatar_id, e)
+            return None
     return avatar.model_copy(update={"cached": True})
+
+
+def _update_stored(avatar: Avatar, meta: Path, settings: Settings) -> Avatar:
+    """An avatar stored by an older version, with its template converted to limited range where it was
+    full range (frames kept one for one) and its colour tags read, stored again (`avatar.json` last)."""
+    from cluster.media.ffmpeg import file_url, input_args, run_ffmpeg
+    from cluster.media.normalize import x264_template_args
+    from cluster.media.probe import read_media_info
+
+    template = Path(avatar.template_path)
+    video = avatar.info.video
+    if video.full_range or (video.pix_fmt or "").startswith("yuvj"):
+        import uuid
+
+        tmp = template.with_name(f".{template.stem}.limited.{uuid.uuid4().hex[:8]}.mp4")  # two updaters at once
+        try:
+            run_ffmpeg(["-loglevel", "error", *input_args(template), "-map", "0:v:0", "-an", "-fps_mode", "passthrough",
+                        "-vf", "scale=in_range=full:out_range=limited,format=yuv420p",
+                        *x264_template_args(settings), "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
+                       timeout=settings.ffmpeg_timeout_s, settings=settings, stage="normalize", path=str(template))
+            tmp.replace(template)
+        finally:
+            tmp.unlink(missing_ok=True)
+    info = read_media_info(template, settings)
+    if info.video is None or info.video.frame_count != avatar.frame_count:
+        raise InputNotFound(f"avatar {avatar.id}: its converted template has "
+                            f"{info.video.frame_count if info.video else 0} frames, expected {avatar.frame_count}",
+                            path="avatar_id")
+    updated = avatar.model_copy(update={"info": info.model_copy(update={"path": str(template)})})
+    write_atomic(meta, updated.model_dump_json(indent=2))
+    return updated
 
 
 def prepare_avatar(video_path: str, settings: Settings | None = None,

@@ -513,6 +513,9 @@ def make_recording(out_dir: str | os.PathLike, dest: str | os.PathLike, entries:
         (out_dir / "recording.concat").unlink(missing_ok=True)
     frames = sum(e["frames"] for e in entries)
     seconds = frames / float(fps)
-    verify_output(str(tmp), frames_expected=frames, fps=fps, audio_duration=seconds, settings=s)
-    os.replace(tmp, dest)
+    try:
+        verify_output(str(tmp), frames_expected=frames, fps=fps, audio_duration=seconds, settings=s)
+        os.replace(tmp, dest)
+    finally:  # a recording that failed verification leaves nothing behind
+        tmp.unlink(missing_ok=True)
     return seconds

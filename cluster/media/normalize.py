@@ -199,6 +199,15 @@ def _normalize_still(source: str, template_id: str, out_path: Path, s: Settings)
     return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source, cached=False)
 
 
+def x264_template_args(s: Settings) -> list[str]:
+    """The encoder of normalised templates: libx264 tuned for decoding (no CABAC, no deblocking: the
+    template is decoded again for every render of the avatar, and 720p decodes in a third less CPU for
+    0.1 dB of PSNR, docs/PERFORMANCE.md; segments for users are not tuned so), closed GOPs of `gop_frames`."""
+    return ["-c:v", "libx264", "-preset", s.preset, "-tune", "fastdecode", "-crf", str(s.crf),
+            "-pix_fmt", "yuv420p", "-g", str(s.gop_frames), "-keyint_min", str(s.gop_frames), "-sc_threshold", "0",
+            "-x264-params", "open-gop=0"]
+
+
 @telemetry.timed("stage_seconds", stage="normalise")
 def normalize_template(path: str | os.PathLike, settings: Settings | None = None,
                        template_id: str | None = None) -> NormalizedTemplate:
@@ -256,12 +265,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
             "-loglevel", "error", *input_args(source),
             "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
             "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr", "-frames:v", str(most),
-            # tuned for decoding (no CABAC, no deblocking): the template is decoded again for every
-            # render of the avatar, and 720p decodes in a third less CPU for 0.1 dB of PSNR
-            # (docs/PERFORMANCE.md); segments for users are not tuned so
-            "-c:v", "libx264", "-preset", s.preset, "-tune", "fastdecode", "-crf", str(s.crf),
-            "-pix_fmt", "yuv420p", "-g", str(s.gop_frames), "-keyint_min", str(s.gop_frames), "-sc_threshold", "0",
-            "-x264-params", "open-gop=0",
+            *x264_template_args(s),
             "-movflags", "+faststart", "-f", "mp4", file_url(tmp),
         ], timeout=s.ffmpeg_timeout_s, settings=s, stage="normalize", path=source)
         try:

@@ -23,8 +23,13 @@ from cluster.schemas import MediaInfo, VideoStreamInfo
 #: Leading bytes of the photo formats accepted, and Pillow's name of each.
 SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"GIF87a", "GIF"),
               (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-#: Formats whose files may hold an animation: refused when they do (a template is then a video)
-ANIMATED = frozenset({"GIF", "WEBP"})
+#: Formats whose files may hold more than one picture (an animation, pages): refused when they do
+ANIMATED = frozenset({"GIF", "WEBP", "PNG", "TIFF"})
+#: The most pixels a photo may have (a 108 MP phone photo is 12000x9000): decoding costs 3 bytes a pixel
+MAX_PHOTO_PIXELS = 120_000_000
+#: A photo's colours as a template carries them: sRGB's primaries and transfer, BT.601's matrix (how
+#: OpenCV's BGR -> I420 converts), as FFmpeg's AVCOL_* codes (`VideoStreamInfo.color`)
+PHOTO_COLOR = [1, 13, 6]
 #: The frame rate of a still's template (and so of the videos rendered from it).
 STILL_FPS = Fraction(25)
 #: A photo larger than the template limits (a phone's 48 MP, 8000x6000) is scaled down to fit them;
@@ -49,12 +54,16 @@ def is_still(path: str | os.PathLike) -> bool:
 
 def _open(path: str, fmt: str, settings: Settings):
     """The photo opened by Pillow (its header read, no pixel decoded), its size checked."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path, formats=[fmt])
+        with warnings.catch_warnings():  # the budget is ours (MAX_PHOTO_PIXELS), checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=[fmt])
     except Image.DecompressionBombError as exc:  # its header names more pixels than Pillow will open
-        raise InputTooLarge(f"photo {path} is larger than the limit of {settings.max_width}x{settings.max_height} "
+        raise InputTooLarge(f"photo {path} has more than the {MAX_PHOTO_PIXELS // 1_000_000} MP a photo may have "
                             f"({exc})", path=path) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputUnreadable(f"photo {path} cannot be read as {fmt}: {exc}", path=path, cause=str(exc)) from exc
@@ -66,6 +75,10 @@ def _open(path: str, fmt: str, settings: Settings):
     # from the header alone first: reading a PNG's EXIF (for its orientation) may decode the whole picture
     w, h = image.size
     most_w, most_h = MAX_PHOTO_SCALE * settings.max_width, MAX_PHOTO_SCALE * settings.max_height
+    if w * h > MAX_PHOTO_PIXELS:
+        image.close()
+        raise InputTooLarge(f"photo {path} is {w}x{h} ({w * h / 1e6:.0f} MP), more than the "
+                            f"{MAX_PHOTO_PIXELS // 1_000_000} MP a photo may have", path=path)
     if max(w, h) > max(most_w, most_h) or min(w, h) > min(most_w, most_h):
         image.close()
         raise InputTooLarge(f"photo {path} is {w}x{h}, larger than {MAX_PHOTO_SCALE}x the limit of "
@@ -80,6 +93,9 @@ def _open(path: str, fmt: str, settings: Settings):
     if width < 2 or height < 2:
         image.close()
         raise InputUnreadable(f"photo {path} has no usable picture ({width}x{height})", path=path)
+    if fmt == "JPEG":  # decoded at 1/2, 1/4 or 1/8 where that still covers the template's limits
+        side = min(settings.max_width, settings.max_height)
+        image.draft("RGB", (min(w, side), min(h, side)))
     return image
 
 
@@ -103,7 +119,7 @@ def _format_of(p: str) -> str:
     with open(p, "rb") as f:
         fmt = still_format(f.read(16))
     if fmt is None:
-        raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP or BMP photo", path=p)
+        raise InputUnreadable(f"{p} is not a PNG, JPEG, WebP, BMP, TIFF or GIF photo", path=p)
     return fmt
 
 
@@ -133,8 +149,12 @@ def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.
     p = str(path)
     with _open(p, _format_of(p), s) as image:
         try:
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: convert("RGB") clips it
-                image = image.point(lambda v: v / 257).convert("L")
+            if image.mode.startswith("I"):  # 16-bit greyscale (any byte order): convert("RGB") clips it
+                from PIL import Image
+
+                levels = np.asarray(image).astype(np.float64)
+                image = Image.fromarray(np.clip(levels / 257.0 if image.mode.startswith("I;16") else levels,
+                                                0, 255).astype(np.uint8))
             upright = ImageOps.exif_transpose(image).convert("RGB")
             fitted = _fitted(*upright.size, s)
             if fitted != upright.size:  # larger than the limits: scaled down to fit them
@@ -155,6 +175,6 @@ def write_still_template(source: str | os.PathLike, dest: str | os.PathLike, set
     s = settings or get_settings()
     bgr = read_still(source, s)
     h, w = bgr.shape[:2]
-    with SegmentEncoder(str(Path(dest)), w, h, STILL_FPS, s) as encoder:
+    with SegmentEncoder(str(Path(dest)), w, h, STILL_FPS, s, color=PHOTO_COLOR) as encoder:
         encoder.write(bgr[None])
     return 1

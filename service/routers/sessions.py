@@ -119,10 +119,16 @@ async def _stored(settings, missing: NoActor) -> dict:
     """The view of a session without an actor as its journal tells it, from the registry (it runs on
     the storage root's node; this ingress may not): ended, or `failed` (lost); `missing` (404) when no
     such session began."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
     from actors.live import live_registry
 
-    view = await _call(live_registry(settings).stored_view.remote(missing.session_id),
-                       settings.actor_call_timeout_s)
+    try:
+        view = await _call(live_registry(settings).stored_view.remote(missing.session_id),
+                           settings.actor_call_timeout_s, raw_actor_errors=True)
+    except (RayActorError, ActorUnavailableError) as e:  # the registry itself restarting (Ray restarts it)
+        raise ApiProblem(503, "service.unavailable", f"live session {missing.session_id}: the live registry did "
+                         f"not answer ({type(e).__name__}); try again", None, headers={"Retry-After": "1"}) from None
     if view is None:
         raise missing
     return view
@@ -532,8 +538,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     except NoActor as e:
         try:
             gone = SessionGone(await _stored(settings, e))
-        except ApiProblem:  # none began (404), or the registry did not answer
-            await _close(websocket, 4404, f"no live session {session_id}")
+        except ApiProblem as problem:  # none began (404), or the registry did not answer (503: try again)
+            await _close(websocket, 1013 if problem.status == 503 else 4404,
+                         problem.message if problem.status == 503 else f"no live session {session_id}")
             return
         await _close(websocket, 4410, gone.message)
         return
