@@ -435,21 +435,20 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     try:
         actor = _actor(settings, session_id)
         data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
-    except NoActor as e:  # its actors have left: the stream as it ended (or stopped), through the registry
+        if data is None and name == "index.m3u8":
+            # a new session's playlist exists once its first segment is published (about a segment's
+            # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
+            data = await _playlist_until(settings, session_id, actor, data, lambda text: True,
+                                         FIRST_PLAYLIST_WAIT_S, 0.1)
+        if data is not None and name == "index.m3u8" and "_HLS_msn" in request.query_params:
+            data = await _blocking_reload(request, settings, session_id, actor, data)
+    except NoActor as e:  # its actors have left (maybe while this request waited): the stream as it ended
         from actors.live import live_registry
 
         await _stored(settings, e)  # 404 unless the session began
-        actor = None
         data = await _call(live_registry(settings).read_hls.remote(session_id, file), settings.actor_call_timeout_s)
-    if data is None and name == "index.m3u8" and actor is not None:
-        # a new session's playlist exists once its first segment is published (about a segment's
-        # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
-        data = await _playlist_until(settings, session_id, actor, data, lambda text: True, FIRST_PLAYLIST_WAIT_S,
-                                     0.1)
     if data is None:
         raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
-    if name == "index.m3u8" and "_HLS_msn" in request.query_params and actor is not None:
-        data = await _blocking_reload(request, settings, session_id, actor, data)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
         query = "?token=" + urllib.parse.quote(token, safe="")  # as given (checked above, where a key exists)
         text = re.sub(r'^(?!#)(\S+)$', lambda m: m.group(1) + query, data.decode(), flags=re.M)
