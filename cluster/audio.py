@@ -21,6 +21,7 @@ import numpy as np
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputTooLong, InputUnreadable, MediaError, NoAudioStream
 from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_args, file_url
+from cluster.media.probe import speech_stream
 
 SAMPLE_RATE = 16000
 N_FFT = 800
@@ -48,10 +49,10 @@ def _decode_args(path: str, sample_rate: int) -> list[str]:
 
     return ["-loglevel", "error", *ffmpeg_args(
         ffmpeg.input(file_url(path), protocol_whitelist=PROTOCOL_WHITELIST)
-        # the first audio stream, as the job's AAC and the admission probe read it (without -map,
-        # ffmpeg picks the stream with the most channels or the default flag: lips would follow
-        # another track than the one heard)
-        .output("pipe:1", map="0:a:0", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
+        # the audio stream with the speech (`speech_stream`: of several, the loudest), as the job's AAC
+        # and the admission probe read it (without -map, ffmpeg picks the stream with the most channels
+        # or the default flag: lips would follow another track than the one heard)
+        .output("pipe:1", map=f"0:a:{speech_stream(path)}", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
 
 
 def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:

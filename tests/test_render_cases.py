@@ -358,6 +358,27 @@ def test_the_output_carries_the_templates_colour_tags(d, model):
     assert probe(str(d / "out_untagged.mp4")).video.color is None
 
 
+def test_speech_from_a_file_with_a_silent_first_audio_track(d, model):
+    """A speech file with two audio tracks, the first silent (a muted original beside the narration):
+    the job follows and plays the one with the speech, the loudest (it used the first, silently)."""
+    import subprocess
+
+    from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.media.probe import speech_stream
+
+    speech, wav = _speech(d, "speech_second_track.wav", 32000, seed=21)
+    both = str(d / "two_tracks.m4a")
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono",
+                    "-i", speech, "-map", "0:a", "-map", "1:a", "-c:a", "aac", "-t", "2", both], check=True,
+                   timeout=60)
+    assert speech_stream(both) == 1
+    template = astronaut_template(str(d / "two_tracks_face.mp4"), seconds=1.0, fps=25, size=SMALL, seed=10)
+    out = d / "out_two_tracks.mp4"
+    render(both, template, out, model)
+    heard = load_audio(str(out), get_settings())
+    assert np.sqrt(np.mean(heard ** 2)) > 0.5 * np.sqrt(np.mean(wav ** 2)), "the output plays the silent track"
+
+
 def test_verify_output_rejects_wrong_files(loop_renders):
     good = str(loop_renders["pingpong"])
     seconds = 38400 / SR

@@ -216,8 +216,11 @@ class AacTrack:
         return self
 
     def _encode(self) -> None:
+        from cluster.media.probe import speech_stream
+
+        index = speech_stream(self.audio_path)  # the track the mel features follow
         with av.open(file_url(self.audio_path), options={"protocol_whitelist": "file"}) as inp:
-            stream = inp.streams.audio[0]
+            stream = inp.streams.audio[index]
             rate = stream.codec_context.sample_rate or 48000
             rate = rate if rate in AAC_RATES else 48000
             channels = min(2, stream.codec_context.channels or 1)

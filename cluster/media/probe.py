@@ -6,6 +6,7 @@ demuxer sees them; `probe` reads streams, exact frame rate, rotation and frame-r
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from fractions import Fraction
@@ -257,6 +258,50 @@ def _video_info(path: str, container, stream, container_duration: float,
                            else None)
 
 
+#: How much of each audio stream `speech_stream` decodes to tell which one holds the speech
+SPEECH_PROBE_S = 30.0
+
+
+def speech_stream(path: str | os.PathLike) -> int:
+    """Which of a file's audio streams holds the speech (its index among the audio streams): the only
+    one; of several, the loudest over its first `SPEECH_PROBE_S` (a recording's first track may be
+    silent beside the narration, or a muted original). The admission probe, the mel features and the
+    job's AAC all read this one. Remembered per file version."""
+    try:
+        st = os.stat(path)
+        return _speech_stream(str(path), st.st_size, st.st_mtime_ns)
+    except (OSError, av.error.FFmpegError):  # unreadable: the first, and its reader says what is wrong
+        return 0
+
+
+@functools.lru_cache(maxsize=64)
+def _speech_stream(path: str, _size: int, _mtime_ns: int) -> int:
+    import numpy as np
+
+    with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        count = len(container.streams.audio)
+    if count <= 1:
+        return 0
+    energy = []
+    for index in range(count):
+        total, n = 0.0, 0
+        try:
+            with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+                stream = container.streams.audio[index]
+                for frame in container.decode(stream):
+                    samples = frame.to_ndarray().astype(np.float64)
+                    if samples.dtype.kind in "iu" or np.abs(samples).max(initial=0) > 1.5:
+                        samples = samples / 32768.0
+                    total += float(np.square(samples).sum())
+                    n += samples.size
+                    if frame.time is not None and frame.time >= SPEECH_PROBE_S:
+                        break
+        except av.error.FFmpegError:  # an undecodable track holds no speech we could use
+            pass
+        energy.append(total / n if n else -1.0)
+    return int(max(range(count), key=lambda i: energy[i]))
+
+
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
     ctx = stream.codec_context
     channels = getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 0)
@@ -299,7 +344,7 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
         if not videos and not audios:
             raise InputUnreadable(f"{p} has neither an audio nor a video stream", path=p)
         video = _video_info(p, container, videos[0], duration, size) if videos else None
-        audio = _audio_info(audios[0], duration) if audios else None
+        audio = _audio_info(audios[speech_stream(p) if len(audios) > 1 else 0], duration) if audios else None
         if not duration:
             duration = max(video.duration if video else 0.0, audio.duration if audio else 0.0)
         return MediaInfo(path=p, format=container.format.name, duration=duration, size_bytes=size,
