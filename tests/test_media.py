@@ -331,6 +331,13 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     with pytest.raises(InputError, match="animated GIF") as refused:
         probe_video(tmp_path / "anim.gif", settings)
     assert refused.value.code == "input.unsupported"
+    # a cut-out portrait (transparent background) lies on white, not on the colour its transparent pixels hold
+    cutout = photo.convert("RGBA")
+    cutout.putalpha(Image.fromarray(np.where(np.arange(320)[None, :] < 160, 0, 255).astype(np.uint8)
+                                    .repeat(240, axis=0)))
+    cutout.save(tmp_path / "cutout.png")
+    left = next(iter_frames(normalize_template(tmp_path / "cutout.png", settings).path, 1, settings))[0][:, :150]
+    assert left.mean() > 245, left.mean()  # the transparent half is white
     # a 16-bit greyscale PNG, or a camera's big-endian 16-bit TIFF, keeps its levels (convert("RGB")
     # clipped it to white: "no face"; Pillow's point() refused the big-endian mode)
     grey = np.asarray(photo.convert("L"))

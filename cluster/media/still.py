@@ -142,7 +142,7 @@ def still_media_info(path: str | os.PathLike, settings: Settings | None = None) 
 
 def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.ndarray:
     """The photo's pixels as BGR [H, W, 3] uint8, upright (EXIF orientation applied), cropped to even
-    sizes by its last column or row (4:2:0 video); a transparent photo's alpha is dropped."""
+    sizes by its last column or row (4:2:0 video); a transparent photo is laid on white."""
     from PIL import ImageOps
 
     s = settings or get_settings()
@@ -155,7 +155,14 @@ def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.
                 levels = np.asarray(image).astype(np.float64)
                 image = Image.fromarray(np.clip(levels / 257.0 if image.mode.startswith("I;16") else levels,
                                                 0, 255).astype(np.uint8))
-            upright = ImageOps.exif_transpose(image).convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                # a cut-out portrait: on white, not on whatever colour its transparent pixels hold
+                from PIL import Image
+
+                rgba = upright.convert("RGBA")
+                upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            upright = upright.convert("RGB")
             fitted = _fitted(*upright.size, s)
             if fitted != upright.size:  # larger than the limits: scaled down to fit them
                 from PIL import Image
