@@ -42,6 +42,8 @@ SETTINGS = dict(model=MODEL, chunk_seconds=0.5, batch_size=4, batch_timeout_s=10
 #: defaults, 5 x 3 s, kept the killed node's actors "alive" about 15 s); a check still times out
 #: only after Ray's 10 s.
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+#: The line (on stderr) that names the scenario's Ray temp dir
+TEMP_DIR_LINE = "scenario ray temp dir: "
 
 
 def free_ports(n: int) -> list[int]:
@@ -95,6 +97,9 @@ def main(audio: str, video: str, out_dir: str) -> None:
                                                                         "model": "latency:0"})).path))
     token = secrets.token_hex(24)
     temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="rt")
+    # told first: a driver that Ray aborts (e.g. "Failed to connect to GCS") runs no `finally`, and the
+    # test then reads the nodes' logs from here and stops what is left of them
+    print(f"{TEMP_DIR_LINE}{temp_dir}", file=sys.stderr, flush=True)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     node_env = {**base_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "LIPSYNC_STORAGE_ROOT": str(storage),
                 "OMP_NUM_THREADS": "1"}

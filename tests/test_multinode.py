@@ -21,10 +21,32 @@ def _scenario(module: str, speech4_wav: str, astronaut_video: str, tmp_path: Pat
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", module, speech4_wav, astronaut_video, str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:] + _ray_logs_of_a_failed_scenario(proc.stderr)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
     return result
+
+
+def _ray_logs_of_a_failed_scenario(stderr: str) -> str:
+    """The tails of the GCS's and the raylets' logs of a scenario whose driver died (Ray aborts it on a
+    lost GCS: "Failed to connect to GCS within 60 seconds"), once its nodes left behind are stopped."""
+    import re
+
+    from tests.isolated_nodes_scenario import TEMP_DIR_LINE, _kill_strays
+
+    found = re.search(re.escape(TEMP_DIR_LINE) + r"(\S+)", stderr)
+    if not found:
+        return ""
+    temp_dir = Path(found.group(1))
+    _kill_strays(str(temp_dir))
+    tails = []
+    logs = sorted(temp_dir.glob("session_*/logs/gcs_server.out")) + sorted(temp_dir.glob("session_*/logs/raylet*.out"))
+    for log in logs:
+        try:
+            tails.append(f"\n--- {log} (last 1500 characters) ---\n{log.read_text(errors='replace')[-1500:]}")
+        except OSError:
+            continue
+    return "".join(tails)
 
 
 def test_nodes_without_the_storage_root_render_grow_and_survive_a_node_kill(speech4_wav, astronaut_video, tmp_path):
