@@ -389,17 +389,6 @@ class LiveSessionActor:
         """A file of the live stream (the published playlist, the init segment, a segment), or None."""
         return read_hls_file(self.s, self.id, name)
 
-    def read_recording(self, offset: int, length: int) -> bytes:
-        if self.session is None and self.final is not None:
-            path = session_dir(self.s, self.id) / "recording.mp4" if self.final.get("recording_seconds") else None
-        else:
-            path = self._live().recording
-        if path is None:
-            return b""
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
     # --- state ------------------------------------------------------------------------------------
     def view(self) -> dict:
         if self.session is None and (self.final is not None or self.lost is not None):
@@ -876,25 +865,16 @@ def lost_session_recording(settings: Settings, session_id: str) -> Path | None:
     segments joined and verified as an ended session's are (`make_recording`), made once on first
     request under the session directory's lock (two ingress replicas asked at once make it once);
     None when it published nothing."""
-    import fcntl
-
+    from cluster.fsutil import lock_within
     from cluster.live.encoder import make_recording
     from cluster.live.journal import SessionJournal
 
     journal = SessionJournal(session_dir(settings, session_id))
     dest = journal.dir / "recording.mp4"
     with open(journal.dir / "recording.lock", "a+") as lock:
-        deadline = time.monotonic() + LOST_RECORDING_WAIT_S
-        while True:  # another replica may be joining it
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RenderTimeout(f"live session {session_id}: its recording is being made by another "
-                                        f"process for over {LOST_RECORDING_WAIT_S:g} s", stage="live-recording",
-                                        path=str(dest)) from None
-                time.sleep(0.1)
+        if not lock_within(lock, LOST_RECORDING_WAIT_S):  # another process may be joining it
+            raise RenderTimeout(f"live session {session_id}: its recording is being made by another process for "
+                                f"over {LOST_RECORDING_WAIT_S:g} s", stage="live-recording", path=str(dest))
         if dest.is_file():
             return dest
         failed = journal.dir / "recording.failed"  # a join that failed: told again, not run again each request

@@ -55,6 +55,23 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, synced: bool = F
         fsync_dir(Path(path).parent)
 
 
+def lock_within(f, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Take an exclusive `flock` on the open file `f`, waiting at most `timeout_s` for another
+    process that holds it (closing `f` releases it); False when it was not had in time."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll_s)
+
+
 def temporary_name(path: str | os.PathLike) -> Path:
     """A fresh hidden name next to `path` for a file written before it is renamed to `path`
     (`.NAME.<8 hex digits>.tmp`): one pattern for every writer, so that `sweep_temporaries` finds what a

@@ -65,6 +65,9 @@ class JobCorrupt(LipsyncError):
     retryable = False
 
 
+OUTPUT_FACTS = ("output_seconds", "output_width", "output_height", "output_fps")
+
+
 def _output_facts(row: sqlite3.Row) -> dict:
     """A succeeded job's output as its stored plan made it (the finalise step verified the file against
     it): its length (frames at the template's rate), its picture size and rate; nothing for any other
@@ -228,8 +231,7 @@ class JobStore:
         facts = _output_facts({**dict(row), "state": end.state.value})
         return st.model_copy(update={
             "state": end.state, "error": end.error or st.error, "output": end.output or st.output,
-            "updated_at": end.at, "output_seconds": None, "output_width": None, "output_height": None,
-            "output_fps": None, **facts})
+            "updated_at": end.at, **dict.fromkeys(OUTPUT_FACTS), **facts})
 
     def _status_on_disk(self, conn: sqlite3.Connection, row: sqlite3.Row) -> JobStatus:
         done = conn.execute("SELECT COUNT(*), COALESCE(SUM(frames), 0) FROM chunks WHERE job_id = ?",

@@ -31,3 +31,18 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("crash mid-write")
     assert p.read_bytes() == b"old"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["track.npz"]
+
+
+def test_lock_within_waits_a_bounded_time_for_a_held_lock(tmp_path):
+    """One bounded wait for an exclusive file lock (avatar preparation, a lost session's recording)."""
+    import time
+
+    from cluster.fsutil import lock_within
+
+    path = tmp_path / "x.lock"
+    with open(path, "a+") as holder, open(path, "a+") as other:
+        assert lock_within(holder, 1.0)
+        t0 = time.monotonic()
+        assert lock_within(other, 0.3) is False and time.monotonic() - t0 < 5
+        holder.close()  # released: the next try takes it
+        assert lock_within(other, 1.0)

@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, LipsyncError, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
-from cluster.fsutil import touch, write_atomic
+from cluster.fsutil import lock_within, publish, temporary_name, touch, write_atomic
 from cluster.media.decode import iter_frames
 from cluster.media.normalize import content_id, frames_map_one_to_one, normalize_template, template_path_for
 from cluster.media.probe import probe_video
@@ -63,8 +62,7 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
     if avatar.id != avatar_id or not Path(avatar.track_path).is_file() or not Path(avatar.template_path).is_file():
         return None
     video = avatar.info.video
-    if video is not None and (video.full_range or (video.pix_fmt or "").startswith("yuvj")
-                              or "color" not in video.model_fields_set):
+    if video is not None and (_full_range(video) or "color" not in video.model_fields_set):
         # stored by an older version: a full-range template (washed-out renders) or no colour tags read.
         # Brought up to date once, in place: the face track stays valid (same frames, same geometry)
         try:
@@ -75,6 +73,12 @@ def _read_stored(avatar_id: str, settings: Settings) -> Avatar | None:
     return avatar.model_copy(update={"cached": True})
 
 
+def _full_range(video) -> bool:
+    """Whether a stored template is full range (avatars stored before `full_range` was read say so by
+    their yuvj* pixel format only)."""
+    return video.full_range or (video.pix_fmt or "").startswith("yuvj")
+
+
 def _update_stored(avatar: Avatar, meta: Path, settings: Settings) -> Avatar:
     """An avatar stored by an older version, with its template converted to limited range where it was
     full range (frames kept one for one) and its colour tags read, stored again (`avatar.json` last)."""
@@ -83,17 +87,14 @@ def _update_stored(avatar: Avatar, meta: Path, settings: Settings) -> Avatar:
     from cluster.media.probe import read_media_info
 
     template = Path(avatar.template_path)
-    video = avatar.info.video
-    if video.full_range or (video.pix_fmt or "").startswith("yuvj"):
-        import uuid
-
-        tmp = template.with_name(f".{template.stem}.limited.{uuid.uuid4().hex[:8]}.mp4")  # two updaters at once
+    if _full_range(avatar.info.video):
+        tmp = temporary_name(template)  # unique: two processes may update it at once
         try:
             run_ffmpeg(["-loglevel", "error", *input_args(template), "-map", "0:v:0", "-an", "-fps_mode", "passthrough",
                         "-vf", "scale=in_range=full:out_range=limited,format=yuv420p",
                         *x264_template_args(settings), "-movflags", "+faststart", "-f", "mp4", file_url(tmp)],
                        timeout=settings.ffmpeg_timeout_s, settings=settings, stage="normalize", path=str(template))
-            tmp.replace(template)
+            publish(tmp, template)
         finally:
             tmp.unlink(missing_ok=True)
     info = read_media_info(template, settings)
@@ -160,20 +161,11 @@ def touch_avatar(avatar_id: str, s: Settings) -> None:
 def _preparing(template_id: str, s: Settings):
     """Hold the template's preparation lock (a file lock: other processes of this storage root
     wait too), waiting at most `chunk_timeout_s` for another preparation to end."""
-    import fcntl
-
     path = s.dir("avatars") / f".{template_id}.lock"
-    deadline = time.monotonic() + s.chunk_timeout_s
     with open(path, "a+b") as f:  # closing it releases the lock
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RenderTimeout(f"template {template_id} has been prepared by another job for over "
-                                        f"{s.chunk_timeout_s:.0f} s", stage="prepare", path=str(path)) from None
-                time.sleep(0.1)
+        if not lock_within(f, s.chunk_timeout_s):
+            raise RenderTimeout(f"template {template_id} has been prepared by another job for over "
+                                f"{s.chunk_timeout_s:.0f} s", stage="prepare", path=str(path))
         yield
 
 

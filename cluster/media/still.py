@@ -75,21 +75,22 @@ def _open(path: str, fmt: str, settings: Settings):
     # from the header alone first: reading a PNG's EXIF (for its orientation) may decode the whole picture
     w, h = image.size
     most_w, most_h = MAX_PHOTO_SCALE * settings.max_width, MAX_PHOTO_SCALE * settings.max_height
+
+    def too_large(width: int, height: int) -> InputTooLarge:
+        image.close()
+        return InputTooLarge(f"photo {path} is {width}x{height}, larger than {MAX_PHOTO_SCALE}x the limit of "
+                             f"{settings.max_width}x{settings.max_height} (a photo up to that is scaled down to "
+                             f"fit it)", path=path)
+
     if w * h > MAX_PHOTO_PIXELS:
         image.close()
         raise InputTooLarge(f"photo {path} is {w}x{h} ({w * h / 1e6:.0f} MP), more than the "
                             f"{MAX_PHOTO_PIXELS // 1_000_000} MP a photo may have", path=path)
-    if max(w, h) > max(most_w, most_h) or min(w, h) > min(most_w, most_h):
-        image.close()
-        raise InputTooLarge(f"photo {path} is {w}x{h}, larger than {MAX_PHOTO_SCALE}x the limit of "
-                            f"{settings.max_width}x{settings.max_height} (a photo up to that is scaled down to "
-                            f"fit it)", path=path)
+    if max(w, h) > max(most_w, most_h) or min(w, h) > min(most_w, most_h):  # either way up
+        raise too_large(w, h)
     width, height = _displayed_size(image)
-    if width > most_w or height > most_h:
-        image.close()
-        raise InputTooLarge(f"photo {path} is {width}x{height}, larger than {MAX_PHOTO_SCALE}x the limit of "
-                            f"{settings.max_width}x{settings.max_height} (a photo up to that is scaled down to "
-                            f"fit it)", path=path)
+    if width > most_w or height > most_h:  # the way a viewer sees it
+        raise too_large(width, height)
     if width < 2 or height < 2:
         image.close()
         raise InputUnreadable(f"photo {path} has no usable picture ({width}x{height})", path=path)
@@ -143,30 +144,24 @@ def still_media_info(path: str | os.PathLike, settings: Settings | None = None) 
 def read_still(path: str | os.PathLike, settings: Settings | None = None) -> np.ndarray:
     """The photo's pixels as BGR [H, W, 3] uint8, upright (EXIF orientation applied), cropped to even
     sizes by its last column or row (4:2:0 video); a transparent photo is laid on white."""
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     s = settings or get_settings()
     p = str(path)
     with _open(p, _format_of(p), s) as image:
         try:
             if image.mode.startswith("I"):  # 16-bit greyscale (any byte order): convert("RGB") clips it
-                from PIL import Image
-
                 levels = np.asarray(image).astype(np.float64)
                 image = Image.fromarray(np.clip(levels / 257.0 if image.mode.startswith("I;16") else levels,
                                                 0, 255).astype(np.uint8))
             upright = ImageOps.exif_transpose(image)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
                 # a cut-out portrait: on white, not on whatever colour its transparent pixels hold
-                from PIL import Image
-
                 rgba = upright.convert("RGBA")
                 upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             upright = upright.convert("RGB")
             fitted = _fitted(*upright.size, s)
             if fitted != upright.size:  # larger than the limits: scaled down to fit them
-                from PIL import Image
-
                 upright = upright.resize(fitted, Image.Resampling.LANCZOS)
         except (OSError, ValueError, SyntaxError) as exc:  # a cut or corrupt file shows itself decoding
             raise InputUnreadable(f"photo {p} cannot be decoded: {exc}", path=p, cause=str(exc)) from exc

@@ -139,7 +139,7 @@ BLOCKING_RELOAD_MAX_S = 3.0  # LL-HLS: a blocking playlist reload waits at most 
 BLOCKING_RELOAD_POLL_S = 0.04  # ... looking at the playlist this often (a frame at 25 fps)
 # calls either of a session's actors may answer, or that only the running one accepts and that are
 # safe to repeat (an append carries its offset): asked of the partner too when the first is slow
-HEDGED = frozenset({"read_hls", "read_recording", "view", "append"})
+HEDGED = frozenset({"read_hls", "view", "append"})
 HEDGE_AFTER_S = 0.25
 
 
