@@ -37,6 +37,15 @@ SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off",
                 "remap": "remap"}
 
 
+def check_template_choice(video, avatar_id) -> None:
+    """A job's template is a video or a prepared avatar: one of them, not both (which would it render?
+    the CLI refuses it too); 422 naming the field otherwise."""
+    if video is None and avatar_id is None:
+        raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
+    if video is not None and avatar_id is not None:
+        raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
+
+
 def get_backend(request: Request) -> "Backend":
     """The dependency routes declare: `backend: Backend = Depends(get_backend)`."""
     return request.app.state.backend
@@ -167,10 +176,7 @@ class Backend:
         if sync_mode not in SYNC_TO_LOOP:
             raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
-        if video is None and avatar_id is None:
-            raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
-        if video is not None and avatar_id is not None:  # which one would it render? (the CLI refuses it too)
-            raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
+        check_template_choice(video, avatar_id)
         staged, sources = dict(staged or {}), dict(sources or {})
         if any(is_url(str(v)) for v in (audio, video) if v is not None):
             # what the job manager would refuse anyway is refused before a download that may be large

@@ -218,6 +218,11 @@ class LiveSession:
     def ended(self) -> bool:
         return self.state in ("ended", "failed")
 
+    @property
+    def closing(self) -> bool:
+        """Ending or ended: nothing more is noted in its journal."""
+        return self.state in ("ending", "ended", "failed")
+
     def buffered_seconds(self) -> float:
         return self.scheduler.pending_speech_frames() / float(self.fps)
 
@@ -258,7 +263,7 @@ class LiveSession:
         """The end of an utterance: its tail renders now (with the batch path's end padding). Nothing
         once the session is ending or has ended (its journal is closed: nothing is noted after its end)."""
         with self.speech.lock:  # noted before any batch can plan the tail
-            if self.state in ("ending", "ended", "failed"):
+            if self.closing:
                 return False
             ended = self.speech.end()
             if ended and self.journal is not None:
@@ -268,7 +273,7 @@ class LiveSession:
     def finish(self) -> None:
         """End the speech and the session once everything received has been rendered (nothing once
         it is ending or has ended)."""
-        if self.state in ("ending", "ended", "failed"):
+        if self.closing:
             return
         self.end_speech()
         if self.journal is not None and not self._drain:

@@ -10,7 +10,7 @@ from cluster.errors import JobNotFound, LipsyncError
 from cluster.render import new_job_id
 from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
 from service.auth import require_token
-from service.backend import Backend, get_backend
+from service.backend import Backend, check_template_choice, get_backend
 from service.errors import ERROR_CODES, ApiProblem, QueueFull, field_of
 from service.uploads import json_body, openapi_json_body
 
@@ -30,8 +30,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         raise ApiProblem(422, "input.invalid", f"a batch of {len(body.audios)} audios can never fit the job queue, "
                          f"which holds at most {settings.max_queued_jobs} unfinished jobs (LIPSYNC_MAX_QUEUED_JOBS): "
                          f"send at most {settings.max_queued_jobs} per batch", "audios")
-    if body.video is not None and body.avatar_id is not None:
-        raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
+    check_template_choice(body.video, body.avatar_id)
     await backend.check_callback(body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and not await _exists(backend, body.id):

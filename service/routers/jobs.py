@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from cluster.errors import InputTooLarge, LipsyncError
 from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
-from service.backend import Backend, get_backend
-from service.errors import ERROR_CODES, ApiProblem
+from service.backend import Backend, check_template_choice, get_backend
+from service.errors import ERROR_CODES
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
@@ -59,10 +59,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                 raise RequestValidationError(e.errors()) from None
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
-            if body.video is None and body.avatar_id is None:
-                raise ApiProblem(422, "input.invalid", "a job needs a video (or an avatar_id)", "video")
-            if body.video is not None and body.avatar_id is not None:
-                raise ApiProblem(422, "input.invalid", "give a video or an avatar_id, not both", "avatar_id")
+            check_template_choice(body.video, body.avatar_id)
             await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
