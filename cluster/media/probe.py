@@ -276,30 +276,38 @@ def speech_stream(path: str | os.PathLike) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _speech_stream(path: str, _size: int, _mtime_ns: int) -> int:
+    """One pass over the file: each audio stream's mean power over its first `SPEECH_PROBE_S`, in full
+    scale (integer samples divided by their type's range); a stream that does not decode counts as none."""
     import numpy as np
 
     with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
-        count = len(container.streams.audio)
-    if count <= 1:
-        return 0
-    energy = []
-    for index in range(count):
-        total, n = 0.0, 0
-        try:
-            with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
-                stream = container.streams.audio[index]
-                for frame in container.decode(stream):
-                    samples = frame.to_ndarray().astype(np.float64)
-                    if samples.dtype.kind in "iu" or np.abs(samples).max(initial=0) > 1.5:
-                        samples = samples / 32768.0
-                    total += float(np.square(samples).sum())
-                    n += samples.size
-                    if frame.time is not None and frame.time >= SPEECH_PROBE_S:
-                        break
-        except av.error.FFmpegError:  # an undecodable track holds no speech we could use
-            pass
-        energy.append(total / n if n else -1.0)
-    return int(max(range(count), key=lambda i: energy[i]))
+        streams = list(container.streams.audio)
+        if len(streams) <= 1:
+            return 0
+        power = {s.index: [0.0, 0] for s in streams}  # stream index -> [sum of squares, samples]
+        broken: set[int] = set()
+        heard: set[int] = set()  # streams decoded past SPEECH_PROBE_S
+        for packet in container.demux(*streams):
+            i = packet.stream.index
+            if i in broken or i in heard:
+                if len(broken | heard) == len(streams):
+                    break
+                continue
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:  # an undecodable track holds no speech we could use
+                broken.add(i)
+                continue
+            for frame in frames:
+                samples = frame.to_ndarray()
+                scale = float(np.iinfo(samples.dtype).max + 1) if samples.dtype.kind in "iu" else 1.0
+                power[i][0] += float(np.square(samples.astype(np.float64) / scale).sum())
+                power[i][1] += samples.size
+                if frame.time is not None and frame.time >= SPEECH_PROBE_S:
+                    heard.add(i)
+        order = [s.index for s in streams]  # read while the file is open
+    mean = [power[i][0] / power[i][1] if power[i][1] and i not in broken else -1.0 for i in order]
+    return int(max(range(len(order)), key=lambda k: mean[k]))
 
 
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
