@@ -28,26 +28,25 @@ def _stored(name: str) -> list[dict]:
     return docs
 
 
-def _newest_runs(name: str) -> list[dict]:
-    """Every run of NAME's stored results, the newest per (model, speech length), each with its result's
-    date under "date"."""
-    newest: dict[tuple, dict] = {}
+def _newest(name: str, entries) -> dict:
+    """Key -> the newest stored figures of that key (`entries(figures)` yields (key, figures) of one
+    result), each with its result's date under "date"."""
+    newest: dict = {}
     for doc in _stored(name):
-        for run in doc["figures"].get("runs", []):
-            key = (run["model"], run["speech_s"])
+        for key, row in entries(doc["figures"]):
             if key not in newest or doc["date"] > newest[key]["date"]:
-                newest[key] = {**run, "date": doc["date"]}
-    return list(newest.values())
+                newest[key] = {**row, "date": doc["date"]}
+    return newest
+
+
+def _newest_runs(name: str) -> list[dict]:
+    """Every run of NAME's stored results, the newest per (model, speech length)."""
+    return list(_newest(name, lambda f: (((r["model"], r["speech_s"]), r) for r in f.get("runs", []))).values())
 
 
 def _newest_models(name: str) -> dict[str, dict]:
-    """Model -> its newest stored figures (results keyed by model: floor, concurrency), with their date."""
-    newest: dict[str, dict] = {}
-    for doc in _stored(name):
-        for model, row in (doc["figures"].get("models") or {}).items():
-            if model not in newest or doc["date"] > newest[model]["date"]:
-                newest[model] = {**row, "date": doc["date"]}
-    return newest
+    """Model -> its newest stored figures (results keyed by model: floor, concurrency)."""
+    return _newest(name, lambda f: (f.get("models") or {}).items())
 
 
 def _newest_pair(name: str, model: str, a: float, b: float) -> tuple[dict, dict] | None:
