@@ -650,7 +650,8 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
             assert again.stats().state == "live"
 
 
-def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avatar, speech_wav, astronaut_video):
+def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avatar, speech_wav, astronaut_video,
+                                                             tmp_path):
     """A batch job submitted while a live session speaks keeps progressing (its frames advance
     throughout, it finishes: the live lane and the session's own compositing take a bounded share,
     they do not starve jobs), and the session stays live: its playlist keeps advancing and all its
@@ -658,13 +659,17 @@ def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avata
     import threading
 
     from cluster.client import Client
+    from cluster.synth import speech_like, write_audio
 
+    # the job's speech is six times the session's, so the job outlasts the session's 3.2 s of real-time
+    # speech on any machine (a fast one rendered 3.2 s of job in 1.0 s: the stream had no time to advance)
+    job_speech = write_audio(str(tmp_path / "job_speech.wav"), speech_like(19.2, seed=2))
     with Client(service.url, token=service.token) as client:
         with client.live(live_avatar) as session:
             watcher = PlaylistWatcher(session.hls_url)
             sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
             sender.start()
-            job = client.submit(speech_wav, astronaut_video)
+            job = client.submit(job_speech, astronaut_video)
             submitted = time.monotonic()
             progress: list[tuple[float, int]] = []  # (when, frames done) whenever it changed
             deadline = submitted + 180
