@@ -201,7 +201,7 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float = 3600.
         cpu = max(cpu, sampler.sample())
         if time.perf_counter() > deadline:
             os.killpg(proc.pid, 9)
-            proc.wait()
+            proc.wait(timeout=30)
             raise TimeoutError(f"{cmd[:4]} ran past {timeout:g} s")
         time.sleep(0.1)
     wall = time.perf_counter() - t0
