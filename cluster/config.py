@@ -249,6 +249,17 @@ class Settings(BaseSettings):
             raise ValueError("is empty (LIPSYNC_STORAGE_ROOT=): give a directory, or unset it for the default")
         return v
 
+    @field_validator("api_token", "callback_secret", mode="after")
+    @classmethod
+    def _secret_not_blank(cls, v: SecretStr | None, info) -> SecretStr | None:
+        """A secret that is set but blank (`LIPSYNC_API_TOKEN=`, a missing k8s secret key, an empty
+        EnvironmentFile line) is a mistake, never a request for no authentication: refused."""
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError(f"is set but empty (LIPSYNC_{info.field_name.upper()}=): give it a value, or unset "
+                             "the variable" + (" for no authentication (loopback only)" if info.field_name ==
+                                               "api_token" else " to sign callbacks with the API token"))
+        return v
+
     @field_validator("storage_root", mode="after")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

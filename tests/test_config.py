@@ -87,3 +87,17 @@ def test_docs_settings_lists_every_setting_with_what_it_does():
         assert f"| `LIPSYNC_{name.upper()}` |" in reference, name
     docs = Path(__file__).resolve().parents[1] / "docs" / "SETTINGS.md"
     assert docs.read_text() == reference, "docs/SETTINGS.md is stale: python -m cluster.config > docs/SETTINGS.md"
+
+
+@pytest.mark.parametrize("variable", ["LIPSYNC_API_TOKEN", "LIPSYNC_CALLBACK_SECRET"])
+def test_a_secret_that_is_set_but_blank_is_refused(variable, monkeypatch, tmp_path):
+    """`LIPSYNC_API_TOKEN=` (a k8s secret without its key, an empty EnvironmentFile line) was a
+    token that is not None, so `lipsync serve --host 0.0.0.0` let it pass as "a token is set",
+    while the app read it as false and installed no authentication: an open API on the network."""
+    monkeypatch.setenv("LIPSYNC_STORAGE_ROOT", str(tmp_path))
+    for blank in ("", "  "):
+        monkeypatch.setenv(variable, blank)
+        with pytest.raises(ValidationError, match=f"is set but empty \\({variable}=\\)"):
+            Settings()
+    monkeypatch.setenv(variable, "a-value")
+    assert Settings().callback_key() == "a-value"
