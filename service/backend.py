@@ -26,7 +26,7 @@ from cluster.netguard import download, is_url
 from cluster.render import new_job_id
 from cluster.schemas import JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
-from service.errors import ApiProblem, QueueFull
+from service.errors import ApiProblem, QueueFull, error_response
 
 log = logging.getLogger("lipsync.service")
 
@@ -255,21 +255,17 @@ class Backend:
         etag = f'"{job_id}-{size}-{int(st.updated_at.timestamp())}"'
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Content-Disposition": f'attachment; filename="{filename or job_id + ".mp4"}"'}
-        if request.headers.get("if-none-match") == etag:
+        if _none_match(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         start, stop, status = 0, size, 200
         rng = request.headers.get("range")
-        if rng and (request.headers.get("if-range") in (None, etag)):
-            m = re.fullmatch(r"bytes=([0-9]{0,18})-([0-9]{0,18})", rng.strip())  # ASCII digits, int64
-            if m is None or (not m.group(1) and not m.group(2)):
-                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
-            if m.group(1):
-                start = int(m.group(1))
-                stop = min(size, int(m.group(2)) + 1) if m.group(2) else size
-            else:
-                start, stop = max(0, size - int(m.group(2))), size
-            if start >= size or stop <= start:
-                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        span = _byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
+        if span == "unsatisfiable":
+            return error_response(416, "input.range_not_satisfiable",
+                                  f"Range {rng!r} starts at or past the end of the {size}-byte output", "Range",
+                                  headers={**headers, "Content-Range": f"bytes */{size}"})
+        if span is not None:
+            start, stop = span
             status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         headers["Content-Length"] = str(stop - start)
@@ -387,3 +383,32 @@ def _suffix_of(url: str) -> str:
 
     suffix = Path(urlsplit(url).path).suffix.lower()
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix or "") else ""
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: `*`, or any tag of the list equal to `etag` by weak comparison."""
+    if not header:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """The [start, stop) one `bytes=` range asks for (RFC 9110 14.2), "unsatisfiable" when it
+    starts at or past the end, or None where the header is to be ignored and the whole output
+    sent: another unit, a range that is not valid (first past last), several ranges (a server
+    may answer those whole)."""
+    unit, _, ranges = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*)-([0-9]*)\s*", ranges)  # ASCII digits
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = (None if not d else int(d) if len(d) <= 18 else 1 << 63 for d in m.groups())  # past any file
+    if first is None:  # the last N bytes
+        return (max(0, size - last), size) if last > 0 and size > 0 else "unsatisfiable"
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        return "unsatisfiable"
+    return first, min(size, last + 1) if last is not None else size

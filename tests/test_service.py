@@ -199,8 +199,14 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert part.headers["content-range"] == f"bytes 100-199/{size}"
         tail = http.get(f"/v1/jobs/{job_id}/result", headers={"Range": "bytes=-50"})
         assert tail.status_code == 206 and tail.content == full.content[-50:]
-        assert http.get(f"/v1/jobs/{job_id}/result", headers={"Range": f"bytes={size}-"}).status_code == 416
+        past = http.get(f"/v1/jobs/{job_id}/result", headers={"Range": f"bytes={size}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+        assert past.json()["error"]["code"] == "input.range_not_satisfiable"
+        # several ranges: the whole file (it was a 416: a downloader asking for two parts got nothing)
+        both = http.get(f"/v1/jobs/{job_id}/result", headers={"Range": "bytes=0-1,5-9"})
+        assert both.status_code == 200 and both.content == full.content
         assert http.get(f"/v1/jobs/{job_id}/result", headers={"If-None-Match": etag}).status_code == 304
+        assert http.get(f"/v1/jobs/{job_id}/result", headers={"If-None-Match": f'"x", W/{etag}'}).status_code == 304
         # listing: filter and pagination
         page = http.get("/v1/jobs", params={"state": "succeeded", "limit": 1}).json()
         assert len(page["jobs"]) == 1 and page["jobs"][0]["state"] == "succeeded"
