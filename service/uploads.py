@@ -72,6 +72,11 @@ def openapi_json_body(model: type[BaseModel]) -> dict:
         "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
 
+def _repeated(name: str) -> ApiProblem:
+    """A multipart field given more than once: refused like any other invalid field (422)."""
+    return ApiProblem(422, "input.invalid", f"{name}: given more than once (one value per field)", name)
+
+
 class Upload:
     """A multipart body parsed as it arrives: file parts go to files in `tmpdir` (each bounded by
     `max_bytes` while streaming), small text parts to `fields`."""
@@ -112,8 +117,8 @@ class Upload:
             filename = p.get(b"filename")
             state["name"], state["size"] = name, 0
             if filename is not None and name in ("audio", "video", "file"):
-                if name in self.files:  # one file per field: a body cannot fill the disk with repeats
-                    problem.append(InputError(f"{name}: more than one file in this field", path=name))
+                if name in self.files or name in self.fields:  # one value per field: no silent choice, and
+                    problem.append(_repeated(name))          # a body cannot fill the disk with repeats
                     state["file"], state["text"] = None, bytearray()
                     return
                 fname = Path(filename.decode("utf-8", "replace")).name or name
@@ -148,7 +153,10 @@ class Upload:
             if state.get("file") is not None:
                 state["file"].close()
             elif "text" in state and state.get("name"):
-                self.fields[state["name"]] = bytes(state["text"]).decode("utf-8", "replace")
+                if state["name"] in self.fields or state["name"] in self.files:
+                    problem.append(_repeated(state["name"]))  # e.g. two `id`s: which one is the job's key?
+                else:
+                    self.fields[state["name"]] = bytes(state["text"]).decode("utf-8", "replace")
             state["headers"] = {}
             state.pop("text", None)
             state["file"] = None
@@ -162,6 +170,8 @@ class Upload:
                 if problem:
                     raise problem[0]
             parser.finalize()
+            if problem:
+                raise problem[0]
         except (LipsyncError, ApiProblem):
             raise
         except Exception as e:

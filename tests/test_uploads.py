@@ -1,0 +1,48 @@
+"""Multipart bodies as `service.uploads.Upload` reads them (in process, a real Starlette request):
+a field given twice is refused with 422 `input.invalid` naming it, text field or file alike (a
+second `id` silently became the job's idempotency key; a second file was a 400)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.requests import Request
+
+from service.errors import ApiProblem
+from service.uploads import Upload
+
+
+def _multipart(*parts: tuple[str, str | None, bytes]) -> bytes:
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--B\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + b"--B--\r\n"
+
+
+def _read(body: bytes, tmp_path) -> Upload:
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+                       "headers": [(b"content-type", b"multipart/form-data; boundary=B")]}, receive)
+    upload = Upload(tmp_path, max_bytes=1 << 20)
+    asyncio.run(upload.read(request))
+    return upload
+
+
+def test_one_value_per_field_is_read(tmp_path):
+    upload = _read(_multipart(("audio", "a.wav", b"RIFF"), ("id", None, b"job-1")), tmp_path)
+    assert upload.fields == {"id": "job-1"} and upload.files["audio"][1] == "a.wav"
+
+
+@pytest.mark.parametrize("parts,field", [
+    ((("id", None, b"dupa"), ("id", None, b"dupb")), "id"),
+    ((("audio", "a.wav", b"RIFF"), ("audio", "b.wav", b"RIFF")), "audio"),
+    ((("video", None, b"https://example.com/v.mp4"), ("video", "v.mp4", b"....")), "video"),
+])
+def test_a_field_given_twice_is_refused_naming_it(parts, field, tmp_path):
+    with pytest.raises(ApiProblem) as refused:
+        _read(_multipart(*parts), tmp_path)
+    assert (refused.value.status, refused.value.code, refused.value.field) == (422, "input.invalid", field)
+    assert "given more than once" in refused.value.message
