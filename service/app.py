@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from cluster.config import Settings
 from cluster.hls import watch_key
 from service.backend import Backend
-from service.errors import install_exception_handlers
+from service.errors import install_exception_handlers, openapi_with_one_error_body
 from service.routers import avatars, batches, compat, health, jobs, media, sessions, web
 
 
@@ -34,4 +34,5 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(sessions.public_router)  # the socket and the stream: the session's own token
     app.include_router(compat.router)  # last: its result route matches `<any prefix>temp/<code>-r.mp4`
+    app.openapi = lambda: openapi_with_one_error_body(app)
     return app

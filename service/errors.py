@@ -14,7 +14,36 @@ from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the
 log = logging.getLogger("lipsync.service")
 
 # The error bodies a route may answer, for the OpenAPI schema.
-ERROR_CODES = (400, 401, 404, 409, 413, 422, 429, 503)
+ERROR_CODES = (400, 401, 404, 409, 410, 413, 422, 429, 503)
+
+
+def error_responses(*codes: int) -> dict:
+    """A router's or a route's `responses` for these statuses (default `ERROR_CODES`): each with the
+    API's error body."""
+    from cluster.schemas import ApiError
+
+    return {c: {"model": ApiError} for c in codes or ERROR_CODES}
+
+
+def openapi_with_one_error_body(app: FastAPI) -> dict:
+    """The app's OpenAPI description, where every validation answer (422) is described with the
+    body it really has, the API's error body (FastAPI adds its own `HTTPValidationError` to each
+    route with parameters that does not declare 422)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = spec.get("components", {}).get("schemas", {})
+        for path in spec["paths"].values():
+            for operation in path.values():
+                for answer in operation.get("responses", {}).values():
+                    content = answer.get("content", {}).get("application/json", {})
+                    if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        content["schema"] = {"$ref": "#/components/schemas/ApiError"}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 class ApiProblem(Exception):

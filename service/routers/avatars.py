@@ -7,14 +7,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from cluster.errors import InputNotFound
-from cluster.schemas import ApiError, AvatarCreate, AvatarView
+from cluster.schemas import AvatarCreate, AvatarView
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ERROR_CODES, ApiProblem
+from service.errors import ApiProblem, error_responses
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"], dependencies=[Depends(require_token)],
-                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+                   responses=error_responses())
 
 
 @router.post("", status_code=201, response_model=AvatarView,

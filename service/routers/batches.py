@@ -8,14 +8,14 @@ from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
 from cluster.render import new_job_id
-from cluster.schemas import ApiError, BatchCreate, BatchView, JobState
+from cluster.schemas import BatchCreate, BatchView, JobState
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
-from service.errors import ERROR_CODES, ApiProblem, QueueFull, field_of
+from service.errors import ApiProblem, QueueFull, error_responses, field_of
 from service.uploads import json_body, openapi_json_body
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], dependencies=[Depends(require_token)],
-                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+                   responses=error_responses())
 
 
 @router.post("", status_code=202, response_model=BatchView, summary="Many audios against one video or avatar",

@@ -19,12 +19,12 @@ from cluster.errors import JobNotFound, LipsyncError, OutputExpired
 from cluster.schemas import JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ApiProblem, QueueFull, error_response, http_status
-from service.uploads import Upload, read_body
+from service.errors import ApiProblem, QueueFull, error_response, error_responses, http_status
+from service.uploads import Upload, openapi_json_body, read_body
 
 log = logging.getLogger("lipsync.service")
 
-router = APIRouter(tags=["compat"], dependencies=[Depends(require_token)])
+router = APIRouter(tags=["compat"], dependencies=[Depends(require_token)], responses=error_responses(401, 422))
 _ID_RE = re.compile(JOB_ID_PATTERN)
 
 
@@ -33,7 +33,8 @@ def envelope(code: int, success: bool, msg: str, data: CompatData | None = None)
 
 
 @router.post("/easy/submit", response_model=CompatEnvelope, tags=["compat"],
-          summary="Compatibility: submit {audio_url, video_url, code, pn, ...}")
+          summary="Compatibility: submit {audio_url, video_url, code, pn, ...}",
+          openapi_extra=openapi_json_body(CompatSubmit))
 async def easy_submit(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     try:
         raw = json.loads(await read_body(request) or b"{}")
@@ -123,7 +124,10 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
     return envelope(10000, True, "running", CompatData(code=code, status=1, progress=backend.compat_progress(st)))
 
 @router.post("/upload", response_model=CompatEnvelope, tags=["compat"],
-          summary="Compatibility: upload a file (multipart `file`/`audio`); answers its path")
+          summary="Compatibility: upload a file (multipart `file`/`audio`); answers its path",
+          openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+              "type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                               "audio": {"type": "string", "format": "binary"}}}}}}})
 async def easy_upload(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     tmpdir = backend.tmpdir()
     try:

@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.errors import InputTooLarge, LipsyncError
-from cluster.schemas import ApiError, JobAccepted, JobCreate, JobPage, JobState, JobView
+from cluster.schemas import JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
-from service.errors import ERROR_CODES
+from service.errors import error_responses
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
-                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+                   responses=error_responses())
 
 MULTIPART_JOB = {"type": "object", "required": ["audio"], "properties": {
     "audio": {"type": "string", "format": "binary"}, "video": {"type": "string", "format": "binary"},

@@ -6,13 +6,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cluster.hls import FILE_NAME, render_playlist
-from cluster.schemas import ApiError
 from service.auth import require_token, require_watch_access
 from service.backend import Backend, get_backend
-from service.errors import ERROR_CODES, ApiProblem
+from service.errors import ApiProblem, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
-                   responses={c: {"model": ApiError} for c in ERROR_CODES})
+                   responses=error_responses())
 
 
 @router.head("/{job_id}/result", include_in_schema=False)
@@ -21,7 +20,8 @@ async def job_result_head(job_id: str, request: Request, backend: Backend = Depe
 
 
 @router.get("/{job_id}/result", response_class=StreamingResponse,
-            responses={200: {"content": {"video/mp4": {}}}, 206: {"content": {"video/mp4": {}}}},
+            responses={200: {"content": {"video/mp4": {}}}, 206: {"content": {"video/mp4": {}}},
+                       **error_responses(410, 416)},
             summary="The output mp4 (Range, ETag); 409 until the job has succeeded")
 async def job_result(job_id: str, request: Request, backend: Backend = Depends(get_backend)) -> Response:
     return await backend.result_response(request, job_id)
@@ -29,7 +29,7 @@ async def job_result(job_id: str, request: Request, backend: Backend = Depends(g
 
 # --- the job's HLS stream (cluster.hls): playable while the job renders -------------------------------
 hls_router = APIRouter(prefix="/v1/jobs/{job_id}/hls", tags=["hls"],
-                       responses={c: {"model": ApiError} for c in (401, 404, 503)})
+                       responses=error_responses(401, 404, 422, 503))
 IMMUTABLE = "private, max-age=31536000, immutable"  # a published segment never changes
 
 

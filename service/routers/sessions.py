@@ -41,14 +41,15 @@ from pydantic import ValidationError
 
 from cluster.errors import LipsyncError
 from cluster.live import SessionOffsetGap
-from cluster.schemas import ApiError, AudioAppended, SessionCreate, SessionView, is_builtin_model
+from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
-from service.errors import ERROR_CODES, ApiProblem, http_status
+from service.errors import ApiProblem, error_responses, http_status
 from service.uploads import json_body, openapi_json_body, read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
-                   responses={c: {"model": ApiError} for c in ERROR_CODES})
-public_router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+                   responses=error_responses())
+public_router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
+                              responses=error_responses(401, 404, 410, 422, 503))
 
 RATES = (16000, 24000, 48000)
 _SESSION_ID = re.compile(r"^[0-9a-f]{16}$")

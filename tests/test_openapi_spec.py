@@ -1,0 +1,28 @@
+"""The API's OpenAPI description (`/openapi.json`, built in process without Ray) tells what the
+routes really answer: every 422 is the API's error body (FastAPI's own `HTTPValidationError`,
+which no route answers, was declared on the HLS and compat routes), the statuses the routes
+answer are declared, and the compat routes declare their bodies."""
+from __future__ import annotations
+
+import json
+
+
+def test_the_description_declares_the_bodies_and_statuses_the_routes_answer(tmp_path):
+    from cluster.config import Settings
+    from service.app import create_app
+
+    spec = create_app(Settings(storage_root=tmp_path), None).openapi()
+    assert "HTTPValidationError" not in json.dumps(spec)
+    paths = spec["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            answer = operation["responses"].get("422")
+            if answer is not None:
+                assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ApiError"}, \
+                    (method, path)
+    assert {"404", "410", "401"} <= set(paths["/v1/sessions/{session_id}/hls/{name}"]["get"]["responses"])
+    assert {"410", "416"} <= set(paths["/v1/jobs/{job_id}/result"]["get"]["responses"])
+    assert "401" in paths["/easy/submit"]["post"]["responses"]
+    submit = paths["/easy/submit"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"audio_url", "video_url", "code", "pn"} <= set(submit["properties"])
+    assert "file" in paths["/upload"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
