@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from fractions import Fraction
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def utcnow() -> datetime:
@@ -174,6 +174,7 @@ template for the audio's length; `cut_off` stops at the shorter of the two; `sil
 the whole template, audio padded with silence; `remap` stretches the template to the audio."""
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BATCH_SEPARATOR = "--"  # a batch's jobs are `<batch>--000`, `<batch>--001`, ...
 MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 #: A spec of the built-in model: `builtin`, `builtin:S` (or `builtin-S`); group 1 is S. A model file
 #: whose name merely starts with "builtin" is not one.
@@ -202,6 +203,20 @@ class JobCreate(JobOptions):
     audio: str = Field(..., min_length=1, max_length=4096)
     video: str | None = Field(None, max_length=4096)
     avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
+
+    @field_validator("id")
+    @classmethod
+    def _not_a_batch_member(cls, v: str | None) -> str | None:
+        return _without_batch_separator(v)
+
+
+def _without_batch_separator(v: str | None) -> str | None:
+    """`--` joins a batch's id and its jobs' numbers (`<batch>--000`): a job or a batch of the
+    client's own with it in its id would be shown as a member of a batch it never was."""
+    if v is not None and BATCH_SEPARATOR in v:
+        raise ValueError(f"'{BATCH_SEPARATOR}' is reserved: it joins a batch's id and its jobs' numbers "
+                         f"(<batch>{BATCH_SEPARATOR}000)")
+    return v
 
 
 class JobAccepted(BaseModel):
@@ -298,6 +313,11 @@ class BatchCreate(JobOptions):
     audios: list[str] = Field(..., min_length=1)
     video: str | None = Field(None, max_length=4096)
     avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
+
+    @field_validator("id")
+    @classmethod
+    def _not_joined(cls, v: str | None) -> str | None:
+        return _without_batch_separator(v)
 
 
 class BatchView(BaseModel):

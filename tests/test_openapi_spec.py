@@ -26,3 +26,18 @@ def test_the_description_declares_the_bodies_and_statuses_the_routes_answer(tmp_
     submit = paths["/easy/submit"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"audio_url", "video_url", "code", "pn"} <= set(submit["properties"])
     assert "file" in paths["/upload"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+
+
+def test_a_client_id_with_the_batch_separator_is_refused():
+    """`<batch>--NNN` are a batch's jobs: a job the client named `zz--000` was shown as a member of a
+    batch `zz` it never was (`batch_id`, `GET /v1/batches/zz`), and a later batch `zz` adopted it."""
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.schemas import BatchCreate, JobCreate
+
+    for model, fields in ((JobCreate, {"audio": "a.wav", "id": "zz--000"}),
+                          (BatchCreate, {"audios": ["a.wav"], "id": "a--b"})):
+        with pytest.raises(ValidationError, match="'--' is reserved"):
+            model(**fields)
+    assert JobCreate(audio="a.wav", id="a-b_c.1").id == "a-b_c.1"

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from cluster.errors import JobNotFound, LipsyncError, OutputExpired
-from cluster.schemas import JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
+from cluster.schemas import BATCH_SEPARATOR, JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_response, error_responses, http_status
@@ -51,8 +51,9 @@ async def easy_submit(request: Request, backend: Backend = Depends(get_backend))
     if not body.audio_url or not body.video_url:
         return envelope(10002, False, "bad parameter: audio_url and video_url are required")
     code = body.code or str(uuid.uuid4())
-    if not _ID_RE.fullmatch(code):
-        return envelope(10002, False, f"bad parameter: code must match {JOB_ID_PATTERN}")
+    if not _ID_RE.fullmatch(code) or BATCH_SEPARATOR in code:
+        return envelope(10002, False, f"bad parameter: code must match {JOB_ID_PATTERN}, without "
+                                      f"'{BATCH_SEPARATOR}' (it joins a batch's id and its jobs' numbers)")
     pn = str(body.pn if body.pn is not None else 1)
     if pn not in ("0", "1"):
         return envelope(10002, False, "bad parameter: pn must be 1 (ping-pong) or 0 (forward loop)")
