@@ -161,9 +161,13 @@ class Upload:
             state.pop("text", None)
             state["file"] = None
 
+        def on_end():
+            state["complete"] = True
+
         parser = MultipartParser(boundary, dict(
             on_header_field=on_header_field, on_header_value=on_header_value, on_header_end=on_header_end,
-            on_headers_finished=on_headers_finished, on_part_data=on_part_data, on_part_end=on_part_end))
+            on_headers_finished=on_headers_finished, on_part_data=on_part_data, on_part_end=on_part_end,
+            on_end=on_end))
         try:
             async for block in body_blocks(request):
                 parser.write(block)
@@ -172,6 +176,11 @@ class Upload:
             parser.finalize()
             if problem:
                 raise problem[0]
+            if not state.get("complete"):  # the parser takes a body cut short (a client or proxy that gave
+                # up mid-upload) for whole: its last file would be rendered as if it were the whole file
+                raise ApiProblem(400, "input.invalid", "multipart body ended before its closing boundary: the "
+                                 "upload was cut short" + (f" in field {state['name']!r}" if state.get("name") else ""),
+                                 state.get("name") or "body")
         except (LipsyncError, ApiProblem):
             raise
         except Exception as e:

@@ -46,3 +46,15 @@ def test_a_field_given_twice_is_refused_naming_it(parts, field, tmp_path):
         _read(_multipart(*parts), tmp_path)
     assert (refused.value.status, refused.value.code, refused.value.field) == (422, "input.invalid", field)
     assert "given more than once" in refused.value.message
+
+
+def test_a_body_cut_short_is_refused_not_taken_for_whole(tmp_path):
+    """A body that ends before its closing boundary (a client or proxy that gave up mid-upload)
+    was read as complete: its last file, half a wav, rendered a half-length video that succeeded."""
+    whole = _multipart(("video", "v.mp4", b"...."), ("audio", "a.wav", b"RIFF" + b"\0" * 1000))
+    cut = whole[:whole.index(b"--B--") - 500]
+    with pytest.raises(ApiProblem) as refused:
+        _read(cut, tmp_path)
+    assert (refused.value.status, refused.value.code, refused.value.field) == (400, "input.invalid", "audio")
+    assert "cut short" in refused.value.message
+    assert _read(whole, tmp_path).files.keys() == {"video", "audio"}
