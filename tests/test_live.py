@@ -369,6 +369,30 @@ def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_
     assert float(np.sum(audio.astype(np.float64) ** 2)) == pytest.approx(energy, rel=0.1)
 
 
+def test_the_buffer_takes_what_it_has_room_for_and_the_rest_is_offered_again(speech_wav, astronaut_video, tmp_path,
+                                                                             monkeypatch):
+    """One message of 3.2 s into a 1-s buffer: the buffer used to take the whole message when it was
+    not yet full (30 s in one message sat past a 5-s limit); it takes 1 s, says so by its offset, and
+    the sender offers the rest again from there; every byte is received once."""
+    import time
+
+    session, s = _builtin_session("b", astronaut_video, tmp_path / "session")
+    monkeypatch.setattr(s, "live_buffer_seconds", 1.0)
+    data = _pcm16(speech_wav).tobytes()
+    first = session.append(data, offset=0)
+    assert first["accepted"] and first["offset"] == 32000, first  # 1 s at 16 kHz, 2 bytes a sample
+    offset, deadline = first["offset"], time.monotonic() + 60
+    while offset < len(data):
+        assert time.monotonic() < deadline, offset
+        answer = session.append(data[offset:], offset=offset)
+        assert answer["buffered_s"] <= 1.0 + 1e-6, answer
+        offset = answer["offset"] if answer["accepted"] else offset
+        time.sleep(0.05)
+    session.finish()
+    assert session.join(60)
+    assert session.stats()["seconds_received"] == 3.2 and session.speech.bytes_received == len(data)
+
+
 # --- RTMP: the session's stream pushed to a real RTMP server (Debian's nginx + its RTMP module) ------
 NGINX = "/usr/sbin/nginx"
 NGINX_RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"

@@ -132,12 +132,21 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             assert gap["message"] == (f"offset {len(pcm) + 2} is past the {len(pcm)} bytes received (a gap): send "
                                       f"again from offset {len(pcm)}") and gap["field"] == "offset", gap
             assert api.post(path, params={"offset": len(pcm)}, content=b"\x00").status_code == 400
-            # backpressure: a sender faster than real time is refused (429) once the buffer is full
+            # backpressure: the buffer (5 s) takes what it has room for of 6 s sent at once (it took all
+            # of it); the 429 says where to resend from; the same body at the same offset, once there is
+            # room, adds the rest, nothing twice
             burst = (np.sin(np.arange(16000 * 6) / 9.0) * 6000).astype("<i2").tobytes()
-            assert api.post(path, params={"offset": len(pcm)}, content=burst).status_code == 200
-            r = api.post(path, params={"offset": len(pcm) + len(burst)}, content=b"\x00\x00")
-            assert r.status_code == 429 and r.json()["error"]["code"] == "session.buffer_full"
+            r = api.post(path, params={"offset": len(pcm)}, content=burst)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "session.buffer_full", r.text
             assert r.headers["retry-after"]
+            taken = api.get(f"/v1/sessions/{sid}").json()["bytes_received"] - len(pcm)
+            assert 0 < taken < len(burst), taken
+            assert f"send again from offset {len(pcm) + taken}" in r.json()["error"]["message"]
+            deadline = time.monotonic() + 60
+            while (r := api.post(path, params={"offset": len(pcm)}, content=burst)).status_code == 429:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["offset"] == len(pcm) + len(burst), r.text
             pcm += burst
             # a reconnecting socket learns the offset to resume from
             with connect(ws_url, open_timeout=30) as ws:

@@ -230,7 +230,9 @@ class LiveSession:
         """Add PCM s16le at the session's rate. `offset`: the stream byte offset of `pcm`'s first
         byte (idempotent: bytes already received are skipped; a gap is refused). Returns
         {offset, accepted, buffered_s}: not accepted when the buffer of unrendered speech is full
-        (the sender must wait) or the session has ended."""
+        (the sender must wait) or the session has ended; `offset` is the stream's offset after what
+        was taken: the buffer takes what it has room for (`LIPSYNC_LIVE_BUFFER_SECONDS`), the
+        sender offers the rest again from there."""
         with self._lock:
             received = self.speech.bytes_received
             if self.state not in ("live", "starting"):  # ended first: no "resend from offset N" to a session
@@ -248,8 +250,10 @@ class LiveSession:
                 return {"offset": received, "accepted": True, "buffered_s": self.buffered_seconds(),
                         "state": self.state}
             buffered = self.buffered_seconds()
-            if buffered >= self.s.live_buffer_seconds:
+            room = int((self.s.live_buffer_seconds - buffered) * self.speech.rate) * 2  # whole samples
+            if room <= 0:
                 return {"offset": received, "accepted": False, "buffered_s": buffered, "state": self.state}
+            pcm = pcm[:room]  # what the buffer has room for: the sender offers the rest again (from `offset`)
             now = self.clock()
             if self.journal is not None:  # on disk before it is acknowledged
                 self.journal.write_audio(bytes(pcm))

@@ -364,9 +364,10 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
             raise ApiProblem(409, "session.offset_gap", e.message, "offset") from None
         if answer.get("state") in ("ending", "ended", "failed"):
             raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
-        if not answer["accepted"]:
+        if not answer["accepted"] or answer["offset"] < offset + len(body):  # full, or it took a part
             raise ApiProblem(429, "session.buffer_full", f"{answer['buffered_s']:.1f} s of speech are waiting to "
-                             f"be rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']}",
+                             f"be rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']} "
+                             "(the same body at the same offset will do: bytes already received are skipped)",
                              None, headers={"Retry-After": "1"})
         if end:
             await _ask(settings, session_id, actor, "end_speech", timeout=settings.actor_call_timeout_s)
@@ -507,6 +508,59 @@ AUDIO_POST_LIMIT = 8 * 1024 * 1024
 #: How often an audio socket whose client sends nothing looks at its session (closed once it ended)
 SOCKET_IDLE_CHECK_S = 30.0
 
+#: Bytes an audio socket reads ahead of its session (then it stops reading: TCP slows the sender),
+#: and the most that one call to the session's actor carries: messages that are waiting are sent
+#: together (one call per 10-ms message fell behind real time on a busy node)
+SOCKET_INBOX_BYTES = 256 * 1024
+
+
+class _SocketInbox:
+    """The messages of an audio socket, read by a task of their own as they arrive (at most
+    `SOCKET_INBOX_BYTES` of PCM ahead), so that those that wait while the session is called are
+    taken together."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket, self.queue, self.bytes = websocket, asyncio.Queue(), 0
+        self.room = asyncio.Condition()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            async with self.room:
+                await self.room.wait_for(lambda: self.bytes < SOCKET_INBOX_BYTES)
+            try:
+                message = await self.websocket.receive()
+            except Exception as e:  # e.g. the connection went: the loop sees it as a disconnect, with why
+                message = {"type": "websocket.disconnect", "error": e}
+            self.bytes += len(message.get("bytes") or b"")
+            self.queue.put_nowait(message)
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def _taken(self, message: dict) -> dict:
+        self.bytes -= len(message.get("bytes") or b"")
+        async with self.room:
+            self.room.notify()
+        return message
+
+    async def get(self, timeout: float) -> dict:
+        """The next message (asyncio.TimeoutError after `timeout` without one)."""
+        return await self._taken(await asyncio.wait_for(self.queue.get(), timeout))
+
+    async def more_pcm(self, limit: int) -> bytes | None:
+        """The next message if it is already here and is PCM of whole samples (None otherwise: it
+        stays first, for the loop to answer)."""
+        if self.queue.empty():
+            return None
+        message = self.queue._queue[0]  # a peek: asyncio.Queue keeps its items in a deque
+        data = message.get("bytes")
+        if message["type"] != "websocket.receive" or data is None or len(data) % 2 or len(data) > limit:
+            return None
+        return (await self._taken(self.queue.get_nowait()))["bytes"]
+
+    def close(self) -> None:
+        self.task.cancel()
+
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     """Close with `reason` cut to what a close frame holds (123 bytes of UTF-8): a longer one (a
@@ -569,12 +623,13 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, 1013 if e.status == 503 else 4410, e.message)
         return
     offset = raw["bytes_received"]  # the client sends from here on: every append names its offset
+    inbox = _SocketInbox(websocket)
     try:
         await websocket.send_text(json.dumps({"type": "ready", "offset": offset,
                                               "sample_rate": raw["sample_rate"]}))
         while True:
             try:  # a client that sends nothing: the session is looked at now and then, and once it has
-                message = await asyncio.wait_for(websocket.receive(), SOCKET_IDLE_CHECK_S)  # ended, closed
+                message = await inbox.get(SOCKET_IDLE_CHECK_S)  # ended, closed
             except asyncio.TimeoutError:
                 raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
                 if raw["state"] not in ("live", "starting"):
@@ -589,11 +644,17 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                     await _close(websocket, 4400, f"binary message of {len(data)} bytes: PCM s16le needs whole "
                                                 f"2-byte samples")
                     return
-                while True:  # backpressure: the socket is not read while the buffer is full
-                    # by offset: repeated across a restart of the session's actor, never twice
+                parts = [data]  # with the messages that came meanwhile: one call for them all
+                while (more := await inbox.more_pcm(SOCKET_INBOX_BYTES - sum(map(len, parts)))) is not None:
+                    parts.append(more)
+                data = b"".join(parts)
+                start, sent = offset, offset + len(data)
+                while offset < sent:  # backpressure: the socket is not read while the buffer is full
+                    # by offset: repeated across a restart of the session's actor, never twice; the
+                    # session takes what its buffer has room for, the rest is offered again
                     try:
-                        answer = await _ask(settings, session_id, actor, "append", data, offset, lease,
-                                            timeout=settings.actor_call_timeout_s)
+                        answer = await _ask(settings, session_id, actor, "append", data[offset - start:], offset,
+                                            lease, timeout=settings.actor_call_timeout_s)
                     except SessionOffsetGap as e:  # the session has less than this socket sent: resend
                         await _close(websocket, 1011, e.message)
                         return
@@ -601,9 +662,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                         await _close(websocket, 4409, "another audio socket took this session over (this one "
                                                       "sent nothing for 10 s, or its connection was lost)")
                         return
-                    if answer["accepted"]:
-                        offset += len(data)
-                        break
+                    if answer["accepted"] and answer["offset"] > offset:
+                        offset = min(answer["offset"], sent)
+                        continue
                     if answer.get("state") not in ("live", "starting"):
                         await _close(websocket, 4410, f"session {session_id} is {answer.get('state')}")
                         return
@@ -629,4 +690,5 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, 4410 if http_status(e) == 410 else 1011, e.message)
         return
     finally:
+        inbox.close()
         actor.detach.remote(lease)
