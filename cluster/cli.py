@@ -242,6 +242,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
               f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
         return 2
+    embedded = not os.environ.get("RAY_ADDRESS")
+    # this machine's storage root, model file and ffmpeg, when the service runs here: said now, not as
+    # a job manager that restarts for ever (a service "ready" that never was) or every job failing
+    for problem in (_local_setting_problems(settings) if embedded else []):
+        print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
+        return 2
     if problem := _port_in_use(args.host, args.port):  # said now, not in Serve's traceback after Ray started
         print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
               f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
@@ -257,7 +263,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # abort the process mid-start or mid-shutdown): a signal at any point is a clean stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    embedded = not os.environ.get("RAY_ADDRESS")
     try:
         urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                              dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
@@ -279,6 +284,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_service(urls["embedded"])
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+def _local_setting_problems(settings: Settings) -> list[str]:
+    """What is wrong with the settings that name things on this machine: the storage root (a
+    directory this user can create and write), the default model (`builtin`, a name, or a file),
+    the ffmpeg binary (an executable). Each as `field: why (got ...; LIPSYNC_FIELD)`."""
+    import os
+    import shutil
+    import tempfile
+
+    from cluster.models import is_named_model
+
+    problems = []
+    root = settings.storage_root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        problems.append(f"storage_root: not a directory this user can write: {e.strerror or e} "
+                        f"(got '{root}'; LIPSYNC_STORAGE_ROOT)")
+    if not is_named_model(settings.model) and not Path(settings.model).is_file():
+        problems.append(f"model: no such file (expected 'builtin' or an .onnx file) (got '{settings.model}'; "
+                        f"LIPSYNC_MODEL)")
+    if settings.ffmpeg and not (os.access(settings.ffmpeg, os.X_OK) and Path(settings.ffmpeg).is_file()
+                                or shutil.which(settings.ffmpeg)):
+        problems.append(f"ffmpeg: not an executable file (got '{settings.ffmpeg}'; LIPSYNC_FFMPEG)")
+    return problems
 
 
 def _stop_started(stop_service, embedded: bool) -> None:

@@ -328,6 +328,13 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         assert elapsed < BAD_INPUT_DEADLINE_S, (what, elapsed)
     rc, _, err, elapsed = run_cli([*CLI, "wait", "job1", "--timeout", "1", *nowhere], env, workdir, timeout=60)
     assert rc == 1 and "Traceback" not in err and elapsed < 8, (rc, elapsed, err[-2000:])
+    # a service whose storage root, model or ffmpeg cannot work here: refused before Ray starts (a file as the
+    # storage root printed "ready", then its job manager restarted for ever; a missing model failed every job)
+    for variable, value in (("LIPSYNC_STORAGE_ROOT", "/etc/passwd"), ("LIPSYNC_MODEL", str(workdir / "none.onnx")),
+                            ("LIPSYNC_FFMPEG", str(workdir / "no-ffmpeg"))):
+        rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, variable: value}, workdir, timeout=60)
+        assert rc == 2 and "settings.invalid" in err and variable in err and "Traceback" not in err, (rc, err[-2000:])
+        assert elapsed < BAD_INPUT_DEADLINE_S, (variable, elapsed)
     # a port another process keeps listening on: one line before Ray starts, once it waited for the port
     # (PORT_WAIT_S; it was Serve's traceback after 13 s)
     import socket
