@@ -358,7 +358,15 @@ class LiveSessionActor:
                 return {"accepted": False, "socket_taken": True, "offset": session.speech.bytes_received,
                         "buffered_s": 0.0, "state": session.state}
             self._socket = (lease, time.monotonic())  # held, and fresh (after a restart: taken back)
+        elif self._socket_held():  # POST beside an open socket: the socket's next bytes would be skipped as had
+            return {"accepted": False, "socket_held": True, "offset": session.speech.bytes_received,
+                    "buffered_s": 0.0, "state": session.state}
         return session.append(pcm, offset)
+
+    def _socket_held(self) -> bool:
+        """An audio socket holds the session: it sent or connected in the last 10 s."""
+        held = getattr(self, "_socket", None)
+        return held is not None and time.monotonic() - held[1] < 10.0
 
     def end_speech(self) -> bool:
         return self._live().end_speech()

@@ -116,12 +116,20 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
                     with pytest.raises(ConnectionClosed) as taken:
                         first.recv(timeout=30)
                     assert taken.value.rcvd is not None and taken.value.rcvd.code == 4409, taken.value
+                    # a POST beside the open socket is refused: it took bytes, and the socket's next ones,
+                    # sent from its own offset, were skipped as already had (speech lost, silently)
+                    r = api.post(f"/v1/sessions/{sid}/audio", params={"offset": 0}, content=b"\x00\x01" * 800)
+                    assert r.status_code == 409 and r.json()["error"]["code"] == "session.socket_open", r.text
                 assert api.get(f"/v1/sessions/{sid}").json()["bytes_received"] == 0
-            # POST appends: idempotent by offset
+            # POST appends: idempotent by offset (once the closed socket has let go of the session)
             pcm = (np.sin(np.arange(16000) / 8.0) * 8000).astype("<i2").tobytes()
             a, b = pcm[:12000], pcm[12000:]
             path = f"/v1/sessions/{sid}/audio"
-            assert api.post(path, params={"offset": 0}, content=a).json()["offset"] == 12000
+            deadline = time.monotonic() + 30
+            while (r := api.post(path, params={"offset": 0}, content=a)).status_code == 409:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.2)
+            assert r.json()["offset"] == 12000
             assert api.post(path, params={"offset": 0}, content=a).json()["offset"] == 12000  # a retry
             assert api.post(path, params={"offset": 10000}, content=pcm[10000:14000]).json()["offset"] == 14000
             assert api.post(path, params={"offset": 12000}, content=b).json()["offset"] == len(pcm)

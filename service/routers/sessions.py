@@ -364,6 +364,9 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
             raise ApiProblem(409, "session.offset_gap", e.message, "offset") from None
         if answer.get("state") in ("ending", "ended", "failed"):
             raise ApiProblem(410, "session.ended", f"session {session_id} has ended", None)
+        if answer.get("socket_held"):
+            raise ApiProblem(409, "session.socket_open", "an audio socket is sending to this session: send through "
+                             "it, or close it first (a socket that sent nothing for 10 s lets go)", None)
         if not answer["accepted"] or answer["offset"] < offset + len(body):  # full, or it took a part
             raise ApiProblem(429, "session.buffer_full", f"{answer['buffered_s']:.1f} s of speech are waiting to "
                              f"be rendered (LIPSYNC_LIVE_BUFFER_SECONDS); send again from offset {answer['offset']} "
