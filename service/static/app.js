@@ -193,6 +193,12 @@ function askForToken(error) {
 
 function tokenChanged() {
   $("token-state").hidden = !token();
+  for (const id of ["submit-error", "job-error", "avatar-error"]) { // a 401 left there asked for the token
+    const element = $(id);
+    if (element && element.querySelector(".code") && /^auth\./.test(element.querySelector(".code").textContent)) {
+      showError(element, null);
+    }
+  }
   loadAvatars();
   loadJobs(false);
   if (current) followJob(current);
@@ -320,10 +326,12 @@ function openJob(id) {
   $("job-id").textContent = id;
   $("job-state").textContent = "";
   $("job-state").className = "state";
+  $("job-state").hidden = true; // until its view comes (an empty pill was a grey blob)
   $("job-progress").value = 0;
   $("job-detail").textContent = "";
   showError($("job-error"), null);
   $("download-button").disabled = true;
+  $("download-button").hidden = false;
   $("cancel-button").hidden = true;
   $("player-note").hidden = true;
   showTab("render");
@@ -416,6 +424,7 @@ function showJob(job, view) {
   if (job.closed) return;
   job.view = view;
   const state = $("job-state");
+  state.hidden = false;
   state.textContent = view.state;
   state.className = "state s-" + view.state;
   $("job-progress").value = view.progress;
@@ -425,9 +434,11 @@ function showJob(job, view) {
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   $("job-detail").textContent = parts.join(" · ");
-  showError($("job-error"), view.error || null);
+  // a cancel the user asked for is not an error: the state says it
+  showError($("job-error"), view.state === "cancelled" ? null : view.error || null);
   $("cancel-button").hidden = TERMINAL.has(view.state);
   $("download-button").disabled = view.state !== "succeeded";
+  $("download-button").hidden = view.state === "failed" || view.state === "cancelled"; // none will come
   if (view.watch_url && !job.playerStarted && view.frames_done > 0) {
     job.playerStarted = true;
     whenStreamStarts(job, view.watch_url);
@@ -553,6 +564,7 @@ $("download-button").addEventListener("click", async () => {
 
 $("cancel-button").addEventListener("click", async () => {
   if (!current) return;
+  if (!window.confirm("Cancel job " + current.id + "? What it rendered so far is not kept.")) return;
   try {
     showJob(current, await apiJson("/v1/jobs/" + encodeURIComponent(current.id), { method: "DELETE" }));
   } catch (err) {
@@ -562,6 +574,7 @@ $("cancel-button").addEventListener("click", async () => {
 
 // --- recent jobs ----------------------------------------------------------------------------
 let jobsOffset = 0;
+let jobsRefresh = null;
 
 async function loadJobs(append) {
   const list = $("jobs-list");
@@ -584,6 +597,11 @@ async function loadJobs(append) {
   }
   jobsOffset = page.next_offset || 0;
   $("jobs-more").hidden = page.next_offset === null || page.next_offset === undefined;
+  // while a listed job is unfinished and the tab is shown, the first page is read again every 2 s
+  clearTimeout(jobsRefresh);
+  if (!append && page.jobs.some((view) => !TERMINAL.has(view.state))) {
+    jobsRefresh = setTimeout(() => !document.querySelector("[data-panel=jobs]").hidden && loadJobs(false), 2000);
+  }
 }
 
 function jobRow(view) {
@@ -658,10 +676,10 @@ function avatarRow(avatar) {
   id.textContent = avatar.id;
   const meta = document.createElement("span");
   meta.className = "meta";
-  const parts = [avatar.frames + " frames"];
+  const parts = [avatar.frames === 1 ? "a photo" : avatar.frames + " frames"];
   if (avatar.width && avatar.height) parts.push(avatar.width + "×" + avatar.height);
-  if (avatar.fps) parts.push(avatar.fps + " fps");
-  if (avatar.duration) parts.push(seconds(avatar.duration));
+  if (avatar.fps && avatar.frames > 1) parts.push(avatar.fps + " fps");
+  if (avatar.duration && avatar.frames > 1) parts.push(seconds(avatar.duration));
   meta.textContent = parts.join(" · ");
   const use = document.createElement("button");
   use.type = "button";

@@ -5,7 +5,8 @@
 // POST /v1/sessions {avatar_id, sample_rate} -> binary messages on the session's `audio_ws` (its
 // short-lived token in the query string). The live HLS (`hls_url`, token in its query) plays in the
 // <video> through hls.js with low-latency settings. Stop sends {"type": "end"}: the avatar finishes
-// what it heard and idles. End session deletes it; its recording can then be downloaded.
+// what it heard and idles. End session ends it once what it heard is said (POST .../end; leaving the
+// page ends it at once, DELETE); its recording can then be downloaded.
 // The figures come from GET /v1/sessions/{id} once a second. A socket the server closes with a code
 // (4401 token, 4409 a second socket, 4410 ended, ...) shows that code and the server's reason; a
 // dropped connection is reopened (the server keeps the session; the speech captured meanwhile is lost).
@@ -284,13 +285,24 @@
       try {
         showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id)));
         failures = 0;
+        if (session.waitingFor) { // the token was given again, or the server is back
+          session.waitingFor = null;
+          showError($("live-error"), null);
+        }
       } catch (err) {
-        if (err.status === 404 || err.status === 401 || ++failures > 10) {
+        // a 401 (the token was forgotten or changed) waits for the token above; a server that is away (a
+        // restart) is asked again for 2 minutes; a session that is gone (404) is not followed any more
+        if (err.status === 404 || ++failures > 120) {
           showError($("live-error"), err);
           session.closed = true;
           stopSpeaking(session, false);
           buttons();
           return;
+        }
+        if (err.status === 401 || failures === 3) {
+          session.waitingFor = err.status === 401 ? "token" : "server";
+          showError($("live-error"), err.status === 401 ? err : new ApiError(0, null, "The server does not answer; " +
+            "still trying (the session goes on on the server if it is only this connection).", null));
         }
       }
       await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -332,7 +344,9 @@
       // sent after it: the server would take it as the start of the next utterance
       const utterance = { ended: false };
       mic = await openMicrophone((buffer) => {
-        if (!utterance.ended) session ? sendChunk(session, buffer) : chunks.push(buffer);
+        if (utterance.ended) return;
+        if (session) sendChunk(session, buffer);
+        else if (chunks.length < 2 / CHUNK_SECONDS) chunks.push(buffer); // at most 2 s before the session is there
       });
       if (session && session.rate !== mic.rate) { // the open session takes another rate: a new session
         await endSession();
@@ -345,6 +359,8 @@
       }
       if (!session) {
         closeLive();
+        note("Starting a live session (the first one after the service starts loads the model: up to a minute). " +
+          "Start speaking once the stream shows.");
         const view = await apiJson("/v1/sessions", {
           method: "POST",
           timeoutMs: 420000, // the model may load first (LIPSYNC_MODEL_LOAD_TIMEOUT_S, 300 s)
@@ -373,13 +389,22 @@
     }
   }
 
+  // Ends the session once what it heard is said: the speech it holds still renders (DELETE would drop it).
   async function endSession() {
     const session = live;
     if (!session) return;
     stopSpeaking(session, false);
+    const ws = session.ws; // closed by the page, not by the server's 4410 (which would read as a refusal)
+    session.ws = null;
+    if (ws) ws.close(1000, "ending");
     try {
-      showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id),
-        { method: "DELETE", timeoutMs: 150000 })); // it waits up to 60 s for the speech's tail to render
+      const view = await apiJson("/v1/sessions/" + encodeURIComponent(session.id) + "/end",
+        { method: "POST", timeoutMs: 60000 });
+      showView(session, view);
+      if (!ENDED.has(view.state)) {
+        note("Ending: the avatar says the rest of what it heard" + (view.buffered_seconds > 0.05
+          ? " (" + secs(view.buffered_seconds) + ")" : "") + ", then the session ends and its recording is offered.");
+      }
     } catch (err) {
       showError($("live-error"), err);
     }
