@@ -57,7 +57,7 @@
       const option = document.createElement("option");
       option.value = avatar.id;
       const size = avatar.width && avatar.height ? ", " + avatar.width + "×" + avatar.height : "";
-      option.textContent = avatar.id + " (" + avatar.frames + " frames" + size + ")";
+      option.textContent = avatar.id + " (" + (avatar.frames === 1 ? "a photo" : avatar.frames + " frames") + size + ")";
       select.append(option);
     }
     if (chosen) select.value = chosen;
