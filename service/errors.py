@@ -14,7 +14,7 @@ from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the
 log = logging.getLogger("lipsync.service")
 
 # The error bodies a route may answer, for the OpenAPI schema.
-ERROR_CODES = (400, 401, 404, 409, 410, 413, 422, 429, 503)
+ERROR_CODES = (400, 401, 404, 409, 410, 413, 415, 422, 429, 503)
 
 
 def error_responses(*codes: int) -> dict:

@@ -54,12 +54,16 @@ async def read_body(request: Request, limit: int = JSON_BODY_LIMIT) -> bytes:
 M = TypeVar("M", bound=BaseModel)
 
 
-async def json_body(request: Request, model: type[M]) -> M:
+async def json_body(request: Request, model: type[M], multipart_too: bool = False) -> M:
     """The request's JSON body as `model`, read (bounded, `read_body`) only when the route asks for it,
     i.e. after its dependencies (the token check) passed: a body parameter would be read and parsed
     by FastAPI before any of them, whoever sent it. Invalid: 422 as FastAPI's own."""
     from fastapi.exceptions import RequestValidationError
 
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):  # none: taken as JSON
+        raise ApiProblem(415, "input.content_type", f"a body of type {ctype!r}: this route takes application/json"
+                         + (" or multipart/form-data" if multipart_too else ""), "body")
     try:
         return model.model_validate_json(await read_body(request))
     except ValidationError as e:

@@ -58,3 +58,26 @@ def test_a_body_cut_short_is_refused_not_taken_for_whole(tmp_path):
     assert (refused.value.status, refused.value.code, refused.value.field) == (400, "input.invalid", "audio")
     assert "cut short" in refused.value.message
     assert _read(whole, tmp_path).files.keys() == {"video", "audio"}
+
+
+@pytest.mark.parametrize("ctype,refused", [("text/plain", True), ("application/x-www-form-urlencoded", True),
+                                           ("application/json; charset=utf-8", False), ("", False),
+                                           ("application/merge-patch+json", False)])
+def test_a_json_route_refuses_a_body_of_another_type_by_name(ctype, refused):
+    """`curl -d 'audio=x&video=y'` (form-encoded) was 'Invalid JSON: expected value at line 1'."""
+    from cluster.schemas import JobCreate
+    from service.uploads import json_body
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"audio": "a.wav"}', "more_body": False}
+
+    headers = [(b"content-type", ctype.encode())] if ctype else []
+    request = Request({"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"", "headers": headers},
+                      receive)
+    if refused:
+        with pytest.raises(ApiProblem) as e:
+            asyncio.run(json_body(request, JobCreate, multipart_too=True))
+        assert (e.value.status, e.value.code) == (415, "input.content_type") and ctype in e.value.message
+        assert "multipart/form-data" in e.value.message
+    else:
+        assert asyncio.run(json_body(request, JobCreate)).audio == "a.wav"

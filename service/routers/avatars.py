@@ -35,7 +35,7 @@ async def create_avatar(request: Request, backend: Backend = Depends(get_backend
             path, source = up.files["video"]
             ref = await backend.gateway.upload(path, source)
         else:
-            body = await json_body(request, AvatarCreate)
+            body = await json_body(request, AvatarCreate, multipart_too=True)
             request.state.inputs = {"video": body.video}
             ref, source = await backend.stage_input(body.video, "video", tmpdir), body.video
             if not ref.startswith("upload:"):  # a server path: stored through the manager first

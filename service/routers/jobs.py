@@ -67,7 +67,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                     staged[name] = await backend.gateway.upload(path, fname)
                     sources[staged[name]] = fname  # errors name the client's file, not the ref
         else:
-            body = await json_body(request, JobCreate)
+            body = await json_body(request, JobCreate, multipart_too=True)
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
