@@ -106,6 +106,22 @@ def error_response(status: int, code: str, message: str, field: str | None,
                         headers=headers)
 
 
+# what a field whose pattern did not match takes, said in words (the pattern itself is no help to a user)
+_PATTERN_WORDS = {
+    "model": "'builtin', 'builtin:S' (S a crop size), 'latency:MS' or the name of one of the service's models "
+             "(`lipsync models`)",
+    "id": "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+    "avatar_id": "the hex id that POST /v1/avatars answered",
+}
+
+
+def _said_plainly(error: dict, field: str | None) -> str:
+    """A validation error's message, where pydantic's words would be a regular expression."""
+    if error.get("type") == "string_pattern_mismatch" and field in _PATTERN_WORDS:
+        return f"{error.get('input')!r} is not valid: expected {_PATTERN_WORDS[field]}"
+    return str(error.get("msg"))
+
+
 def install_exception_handlers(app: FastAPI) -> None:
     """Every route answers errors the same way: ApiProblem, typed errors, invalid requests and
     unknown paths all get the API's error body."""
@@ -127,9 +143,12 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path")]
-        return error_response(422, "input.invalid", f"{'.'.join(loc) or 'request'}: {first.get('msg')}",
-                              ".".join(loc) or None)
+        where = list(first.get("loc", ()))
+        if where[:1] in (["query"], ["path"]):  # a parameter: its name (`state`, not `state.0` of a repeated one)
+            where = where[1:2]
+        loc = [str(x) for x in where if x != "body"]
+        field = ".".join(loc) or None
+        return error_response(422, "input.invalid", f"{field or 'request'}: {_said_plainly(first, field)}", field)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # a bug: logged with its traceback, answered in the

@@ -240,6 +240,12 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         assert err["code"].startswith("input.") and err["field"] == "video", err
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "crf": 99})
         assert r.status_code == 422 and r.json()["error"]["field"] == "crf"
+        # a pattern is said in words, not as its regular expression; a repeated query parameter by its name
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "model": "a b"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "model", r.text
+        assert "'builtin'" in r.json()["error"]["message"] and "^(" not in r.json()["error"]["message"], r.text
+        r = http.get("/v1/jobs", params={"state": "bogus"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "state", r.text
         # a video and an avatar: which to render? refused, as the CLI refuses it (it rendered one of them)
         for form in ({"json": {"audio": svc_media["audio"], "video": svc_media["video"],
                                "avatar_id": "0123456789abcdef"}},
