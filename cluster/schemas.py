@@ -5,7 +5,7 @@ import enum
 import re
 from datetime import datetime, timezone
 from fractions import Fraction
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -201,7 +201,7 @@ class JobCreate(JobOptions):
     """`POST /v1/jobs` as JSON: inputs are http(s) URLs or paths under the server's input roots."""
     id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id: resubmission is idempotent")
     audio: str = Field(..., min_length=1, max_length=4096)
-    video: str | None = Field(None, max_length=4096)
+    video: str | None = Field(None, min_length=1, max_length=4096)
     avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
 
     @field_validator("id")
@@ -310,8 +310,8 @@ class AvatarCreate(BaseModel):
 class BatchCreate(JobOptions):
     """`POST /v1/batches`: many audios against one template video or avatar."""
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
-    audios: list[str] = Field(..., min_length=1)
-    video: str | None = Field(None, max_length=4096)
+    audios: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(..., min_length=1)
+    video: str | None = Field(None, min_length=1, max_length=4096)
     avatar_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
 
     @field_validator("id")

@@ -41,3 +41,18 @@ def test_a_client_id_with_the_batch_separator_is_refused():
         with pytest.raises(ValidationError, match="'--' is reserved"):
             model(**fields)
     assert JobCreate(audio="a.wav", id="a-b_c.1").id == "a-b_c.1"
+
+
+def test_an_empty_input_is_refused_by_its_field():
+    """`"video": ""` in JSON was looked for as a server path (400, no field); `"audios": [""]` too."""
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.schemas import BatchCreate, JobCreate
+
+    with pytest.raises(ValidationError) as e:
+        JobCreate(audio="a.wav", video="")
+    assert e.value.errors()[0]["loc"] == ("video",)
+    with pytest.raises(ValidationError) as e:
+        BatchCreate(audios=["a.wav", ""], video="v.mp4")
+    assert e.value.errors()[0]["loc"] == ("audios", 1)
