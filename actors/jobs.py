@@ -236,9 +236,9 @@ class JobMachine:
             plan = await self.dispatcher.run_step("prepare", job, job.id, request, size, output, timeout=timeout)
             job.plan = await asyncio.to_thread(with_blobs, plan)
             self._register(job.plan)
-            self.store.set_plan(job.id, job.plan.model_dump(mode="json"), job.plan.frames_total, len(job.plan.chunks))
-            if job.finished:
+            if job.finished:  # cancelled while it prepared: its row stays as the cancel left it
                 return False
+            self.store.set_plan(job.id, job.plan.model_dump(mode="json"), job.plan.frames_total, len(job.plan.chunks))
             self.store.stage_ended(job.id, "prepare")
             if st.state == JobState.preparing:
                 self.store.transition(job.id, JobState.rendering)
