@@ -149,10 +149,12 @@ class LiveSessionActor:
         # the encoder's first write needs scipy's resampler (16/24 kHz -> 48 kHz): seconds of import on
         # a busy node, so it is imported beside the rest of the start, not in front of the first segment
         threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
+        from actors import metrics
         from cluster.live.journal import SessionJournal
         from cluster.threads import actor_thread_plan
 
         logging.basicConfig(level=logging.INFO)
+        metrics.install(f"live-session-{session_id}", settings.log_format)  # LIPSYNC_LOG_FORMAT
         # its thread pools (OpenCV, the template's decoder) at one thread, as an actor of one Ray CPU
         # (it asks for none): a live batch is a few frames' face regions, which threads sized to the
         # machine only contend over (render load 0.47-0.49 with OpenCV's default 2 threads, 0.35-0.41
@@ -496,6 +498,9 @@ class LiveRegistry:
     take the last place."""
 
     def __init__(self, settings: Settings) -> None:
+        from actors import metrics
+
+        metrics.install("live-registry", settings.log_format)  # LIPSYNC_LOG_FORMAT
         self.s = settings
         self._lock = threading.Lock()
         # ended sessions' actors go `live_keep_ended_s` after their end whether or not another

@@ -188,9 +188,11 @@ class ServiceSidecar:
     with backoff and recorded; it never touches the job."""
 
     def __init__(self, settings: Settings) -> None:
+        from actors import metrics
         from cluster.callbacks import CallbackStore
 
         logging.basicConfig(level=logging.INFO)
+        metrics.install("service-sidecar", settings.log_format)  # LIPSYNC_LOG_FORMAT: its lines as the others'
         self.s = settings
         self.store = CallbackStore(settings.storage_root / "callbacks.sqlite3")
         self.gw = ManagerGateway(settings)

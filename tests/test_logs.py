@@ -123,3 +123,21 @@ def test_telemetry_reaches_listeners_and_survives_a_broken_one():
         telemetry.remove_listener(good)
     telemetry.emit("avatar_cache", result="miss")  # no listener: nothing happens
     assert seen == [("avatar_cache", 1.0, {"result": "hit"}), ("stage_seconds", 0.0, {"stage": "detect"})]
+
+
+def test_every_actor_sets_up_the_structured_logs():
+    """Each Ray actor's `__init__` installs the `lipsync` log handler (LIPSYNC_LOG_FORMAT, its name
+    and node on every line): the service's sidecar (retention, callbacks, avatars) and the live
+    actors logged Python's plain default lines under LIPSYNC_LOG_FORMAT=json."""
+    import ast
+    import inspect
+    import textwrap
+
+    found = {}
+    for module in ("compositor", "live", "model_worker", "orchestrator", "service_support"):
+        source = inspect.getsource(__import__(f"actors.{module}", fromlist=["_"]))
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef) and any("ray.remote" in ast.unparse(d) for d in node.decorator_list):
+                init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+                found[node.name] = "metrics.install(" in textwrap.dedent(ast.unparse(init))
+    assert len(found) == 6 and all(found.values()), found
