@@ -484,16 +484,28 @@ def cmd_live(args: argparse.Namespace) -> int:
         print(_fail_line(e.to_info()), file=sys.stderr)
         return e.exit_code
 
+    from cluster.client import ApiError
+
     def run() -> int:
         with _client(args) as c:
             session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp,
                              segment_seconds=args.segment_seconds, max_seconds=args.max_seconds)
             print(session.hls_url, flush=True)
+            ended = None  # the session ended before the audio did: --max-seconds, or an idle timeout
             try:
                 seconds = session.send_file(args.audio, realtime=args.realtime)
                 session.wait_rendered(timeout=max(60.0, seconds * 2))
+            except ApiError as e:
+                if e.code != "session.ended":
+                    raise
+                ended = e
             finally:
                 view = session.close()
+            if ended is not None:
+                if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one
+                    raise ended
+                print(f"lipsync: the session reached --max-seconds ({args.max_seconds:g} s) before the end of "
+                      f"{args.audio}: what it received is in its stream and recording", file=sys.stderr)
             if args.recording:
                 session.download_recording(args.recording)
                 print(f"wrote {args.recording}", file=sys.stderr)

@@ -365,7 +365,7 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
     assert final.recording_seconds >= 3.2
 
 
-def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, speech_wav):
+def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, speech_wav, tmp_path):
     import os
     import shutil
     import sys
@@ -384,6 +384,15 @@ def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, spe
                           "--token", service.token, "--segment-seconds", "0.05"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "segment_seconds" in out.stderr, (out.stdout, out.stderr)
+    # the session reaches the --max-seconds asked for before the audio's end: that is no failure (it was
+    # exit 1, "session.ended", no summary, no recording though one was asked for)
+    recording = tmp_path / "limited.mp4"
+    out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", speech_wav, "--url", service.url,
+                          "--token", service.token, "--realtime", "--max-seconds", "2", "--recording", str(recording)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and "reached --max-seconds (2 s)" in out.stderr, (out.stdout, out.stderr)
+    assert "ended (max_seconds)" in out.stdout.strip().splitlines()[-1], out.stdout
+    assert recording.stat().st_size > 1000
 
 
 def _session_actor_pid(service, session_id: str) -> int | None:
