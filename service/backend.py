@@ -255,11 +255,11 @@ class Backend:
         etag = f'"{job_id}-{size}-{int(st.updated_at.timestamp())}"'
         headers = {"Accept-Ranges": "bytes", "ETag": etag,
                    "Content-Disposition": f'attachment; filename="{filename or job_id + ".mp4"}"'}
-        if _none_match(request.headers.get("if-none-match"), etag):
+        if none_match(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         start, stop, status = 0, size, 200
         rng = request.headers.get("range")
-        span = _byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
+        span = byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
         if span == "unsatisfiable":
             return error_response(416, "input.range_not_satisfiable",
                                   f"Range {rng!r} starts at or past the end of the {size}-byte output", "Range",
@@ -385,7 +385,7 @@ def _suffix_of(url: str) -> str:
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix or "") else ""
 
 
-def _none_match(header: str | None, etag: str) -> bool:
+def none_match(header: str | None, etag: str) -> bool:
     """RFC 9110 13.1.2: `*`, or any tag of the list equal to `etag` by weak comparison."""
     if not header:
         return False
@@ -393,7 +393,7 @@ def _none_match(header: str | None, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+def byte_range(header: str, size: int) -> tuple[int, int] | str | None:
     """The [start, stop) one `bytes=` range asks for (RFC 9110 14.2), "unsatisfiable" when it
     starts at or past the end, or None where the header is to be ignored and the whole output
     sent: another unit, a range that is not valid (first past last), several ranges (a server

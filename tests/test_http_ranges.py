@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.backend import _byte_range, _none_match
+from service.backend import byte_range, none_match
 
 
 @pytest.mark.parametrize("header,expected", [
@@ -28,11 +28,11 @@ from service.backend import _byte_range, _none_match
     ("bytes=²-3", None),          # digits are ASCII digits
 ])
 def test_a_range_is_served_ignored_or_unsatisfiable_as_rfc_9110_says(header, expected):
-    assert _byte_range(header, 1000) == expected
+    assert byte_range(header, 1000) == expected
 
 
 def test_if_none_match_takes_a_star_lists_and_weak_tags():
     etag = '"job-10-20"'
-    assert _none_match(etag, etag) and _none_match("*", etag)
-    assert _none_match(f'"other", {etag}', etag) and _none_match(f"W/{etag}", etag)
-    assert not _none_match('"other"', etag) and not _none_match(None, etag) and not _none_match("", etag)
+    assert none_match(etag, etag) and none_match("*", etag)
+    assert none_match(f'"other", {etag}', etag) and none_match(f"W/{etag}", etag)
+    assert not none_match('"other"', etag) and not none_match(None, etag) and not none_match("", etag)

@@ -221,7 +221,14 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
         view = api.get(f"/v1/sessions/{session.id}").json()
         assert view["state"] == "ended" and view["recording_bytes"] == rec.stat().st_size, view
         assert view["seconds_rendered"] == final.seconds_rendered and view["recording_url"], view
-        assert api.get(f"/v1/sessions/{session.id}/recording").content == rec.read_bytes()
+        whole = api.get(f"/v1/sessions/{session.id}/recording")
+        assert whole.content == rec.read_bytes() and whole.headers["accept-ranges"] == "bytes"
+        # resumable and cacheable as a job's result (a Range was answered with the whole file)
+        part = api.get(f"/v1/sessions/{session.id}/recording", headers={"Range": "bytes=100-"})
+        assert part.status_code == 206 and part.content == whole.content[100:], part.status_code
+        assert part.headers["content-range"] == f"bytes 100-{len(whole.content) - 1}/{len(whole.content)}"
+        assert api.get(f"/v1/sessions/{session.id}/recording",
+                       headers={"If-None-Match": whole.headers["etag"]}).status_code == 304
         playlist = httpx.get(session.hls_url, timeout=30).text
         assert "#EXT-X-ENDLIST" in playlist, playlist
         first = re.search(r"^(?!#)(\S+)$", playlist, re.M).group(1)  # its first segment, from disk

@@ -43,7 +43,8 @@ from cluster.errors import LipsyncError
 from cluster.live import SessionOffsetGap
 from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
-from service.errors import ApiProblem, error_responses, http_status
+from service.backend import byte_range, none_match
+from service.errors import ApiProblem, error_response, error_responses, http_status
 from service.uploads import json_body, openapi_json_body, read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
@@ -381,8 +382,9 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
 
 
 @router.get("/{session_id}/recording", response_class=StreamingResponse,
-            responses={200: {"content": {"video/mp4": {}}}},
-            summary="The whole session as one verified mp4 (409 until the session has ended)")
+            responses={200: {"content": {"video/mp4": {}}}, 206: {"content": {"video/mp4": {}}},
+                       **error_responses(416)},
+            summary="The whole session as one verified mp4 (Range, ETag; 409 until the session has ended)")
 async def get_recording(session_id: str, request: Request) -> Response:
     """Once the session has ended its recording is read through the registry (on the storage root's
     node, for the service's life): never through the session's actors, which leave
@@ -413,19 +415,35 @@ async def get_recording(session_id: str, request: Request) -> Response:
                          f"session {session_id} is {state}; the recording exists once it has ended"
                          + (f" ({raw['error']['message']})" if raw.get("error") else ""), None)
 
+    # a finished recording never changes: resumable (Range, If-Range) and cacheable (ETag), as a job's result
+    etag = f'"{session_id}-{size}"'
+    headers = {"Accept-Ranges": "bytes", "ETag": etag,
+               "Content-Disposition": f'attachment; filename="{session_id}.mp4"'}
+    if none_match(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    start, stop, status = 0, size, 200
+    rng = request.headers.get("range")
+    span = byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
+    if span == "unsatisfiable":
+        return error_response(416, "input.range_not_satisfiable",
+                              f"Range {rng!r} starts at or past the end of the {size}-byte recording", "Range",
+                              headers={**headers, "Content-Range": f"bytes */{size}"})
+    if span is not None:
+        (start, stop), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    headers["Content-Length"] = str(stop - start)
+
     async def parts():
-        pos = 0
-        while pos < size:
-            data = await _call(registry.read_recording.remote(session_id, pos, min(1 << 20, size - pos)),
+        pos = start
+        while pos < stop:
+            data = await _call(registry.read_recording.remote(session_id, pos, min(1 << 20, stop - pos)),
                                settings.actor_call_timeout_s)
             if not data:
                 raise RuntimeError(f"session {session_id}: recording ended at byte {pos} of {size}")
             pos += len(data)
             yield data
 
-    return StreamingResponse(parts(), media_type="video/mp4",
-                             headers={"Content-Length": str(size),
-                                      "Content-Disposition": f'attachment; filename="{session_id}.mp4"'})
+    return StreamingResponse(parts(), status_code=status, media_type="video/mp4", headers=headers)
 
 
 # --- the stream (players: no headers, the session token in the query) -------------------------------
