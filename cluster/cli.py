@@ -248,6 +248,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for problem in (_local_setting_problems(settings) if embedded else []):
         print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
         return 2
+    if embedded and (holder := _hold_storage_root(settings)) is not None:
+        print(f"lipsync: error: service.storage_in_use: another lipsync serve ({holder}) uses the storage root "
+              f"{settings.storage_root}: two job managers on one job database would render the same jobs twice "
+              f"(stop it, or give this one its own LIPSYNC_STORAGE_ROOT)", file=sys.stderr)
+        return 2
     if problem := _port_in_use(args.host, args.port):  # said now, not in Serve's traceback after Ray started
         print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
               f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
@@ -284,6 +289,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_service(urls["embedded"])
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+_STORAGE_LOCK = None  # the open lock file of this process's `lipsync serve`: held until the process ends
+
+
+def _hold_storage_root(settings: Settings) -> str | None:
+    """Hold the storage root for this `lipsync serve` (an exclusive lock on `serve.lock` in it, let
+    go by the kernel when the process ends, however it ends); None when held, else who holds it."""
+    import fcntl
+    import os
+
+    global _STORAGE_LOCK
+    if _STORAGE_LOCK is not None:  # an earlier `serve` of this process (`cli.main` called again) has returned
+        _STORAGE_LOCK.close()
+        _STORAGE_LOCK = None
+    path = settings.storage_root / "serve.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        return holder or "a process"
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    _STORAGE_LOCK = f
+    return None
 
 
 def _local_setting_problems(settings: Settings) -> list[str]:

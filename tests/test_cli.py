@@ -335,6 +335,18 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, variable: value}, workdir, timeout=60)
         assert rc == 2 and "settings.invalid" in err and variable in err and "Traceback" not in err, (rc, err[-2000:])
         assert elapsed < BAD_INPUT_DEADLINE_S, (variable, elapsed)
+    # a second `lipsync serve` on a storage root that one holds: refused (both ran, and both rendered the same
+    # unfinished job); the holder is named from the lock file
+    import fcntl
+
+    root = Path(env["LIPSYNC_STORAGE_ROOT"])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "serve.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on test-host")
+        held.flush()
+        rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], env, workdir, timeout=60)
+    assert rc == 2 and "service.storage_in_use" in err and "pid 4242 on test-host" in err, (rc, err[-2000:])
     # a port another process keeps listening on: one line before Ray starts, once it waited for the port
     # (PORT_WAIT_S; it was Serve's traceback after 13 s)
     import socket
