@@ -372,7 +372,9 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         track_path=avatar.track_path, template_frames=avatar.frame_count, width=vinfo.width,
         height=vinfo.height, fps_num=fps.numerator, fps_den=fps.denominator, frames_total=frames_total,
         loop=request.loop, model=model, model_size=model_size, crop=crop, batch_size=s.batch_size, chunks=chunks,
-        output_path=output_path or request.output or str(jd / "output.mp4"), crf=request.crf,
+        output_path=output_path or request.output or str(jd / "output.mp4"),
+        crf=request.crf if request.crf is not None else s.crf,  # fixed for the job: a restart with another
+        # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
     )
 

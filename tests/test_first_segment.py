@@ -93,6 +93,21 @@ def test_a_short_job_writes_its_whole_mel_at_prepare(tmp_path, speech_wav, astro
     assert len(plan.chunks) > 1 and not plan.mel_head_path and Path(plan.mel_path).is_file()
 
 
+def test_a_job_keeps_the_quality_it_was_planned_with(tmp_path, speech_wav, astronaut_video):
+    """The plan fixes the job's CRF: a service restarted mid-job with another LIPSYNC_CRF rendered
+    the job's remaining chunks at the new quality (one video, two qualities: 1 MB per 20 s, then
+    150 KB)."""
+    from cluster.config import Settings
+    from cluster.render import admit, plan_for_chunk, prepare_job
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0, crf=30)
+    plan = prepare_job("q", admit("q", RenderRequest(audio=speech_wav, video=astronaut_video), s), s, model_size=96)
+    assert plan.crf == 30 and plan_for_chunk(plan, plan.chunks[-1]).crf == 30
+    asked = prepare_job("q2", admit("q2", RenderRequest(audio=speech_wav, video=astronaut_video, crf=12), s), s,
+                        model_size=96)
+    assert asked.crf == 12
+
+
 @pytest.mark.ray
 def test_cluster_job_renders_its_first_chunk_from_the_mel_head(runtime, long_wav, astronaut_video, tmp_path):
     from cluster.hls import hls_dir, published_chunks
