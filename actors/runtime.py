@@ -32,8 +32,18 @@ def embedded_cpus(settings: Settings) -> int:
     the model and on its encoder part of the time: on 2 cores one compositor left about a fifth of
     the machine idle, and a second one rendered 17 % faster, docs/PERFORMANCE.md); and at least
     what the actors asked for need (one each), so `--workers 2` on a 2-core laptop runs,
-    oversubscribed, instead of leaving the compositor unschedulable."""
-    return max((os.cpu_count() or 1) + 1, (settings.model_workers or 1) + (settings.compositors or 1))
+    oversubscribed, instead of leaving the compositor unschedulable. Past four processes per core
+    (`LIPSYNC_MODEL_WORKERS=50` on 2 cores) the machine cannot hold them: `PlacementError`, said
+    before Ray starts (Serve's proxy, starved by 50 Python processes starting, died in a traceback)."""
+    from cluster.errors import PlacementError
+
+    cores = os.cpu_count() or 1
+    asked = (settings.model_workers or 1) + (settings.compositors or 1)
+    if asked > 4 * cores + 2:
+        raise PlacementError(f"{settings.model_workers or 1} model worker(s) and {settings.compositors or 1} "
+                             f"compositor(s) on this machine's {cores} cores: at most {4 * cores + 2} together "
+                             f"(LIPSYNC_MODEL_WORKERS, LIPSYNC_COMPOSITORS; a bigger pool needs a Ray cluster)")
+    return max(cores + 1, asked)
 
 
 def connect(settings: Settings, address: str | None = None, num_cpus: int | None = None,

@@ -209,7 +209,7 @@ class ServiceSidecar:
         from cluster.retention import sweep
 
         store = JobStore(self.s.db_path)
-        period = min(3600.0, self.s.retention_days * 86400 / 10)
+        period = max(10.0, min(3600.0, self.s.retention_days * 86400 / 10))  # not a busy loop for a tiny one
         while True:
             try:
                 await asyncio.to_thread(sweep, self.s, store)

@@ -582,6 +582,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_int(low: int, high: int | None, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+    return parse
+
+
+_port_number = _bounded_int(1, 65535, "a TCP port (1-65535)")
+_positive_int = _bounded_int(1, None, "1 or more")
+_count = _bounded_int(0, None, "0 or more")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -613,12 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="start Ray (or join RAY_ADDRESS) and the HTTP service")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port_number, default=8000)
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
-    sv.add_argument("--num-cpus", type=int, help="logical CPUs of the embedded Ray head")
-    sv.add_argument("--num-gpus", type=int, help="logical GPUs of the embedded Ray head")
+    sv.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of the embedded Ray head")
+    sv.add_argument("--num-gpus", type=_count, help="logical GPUs of the embedded Ray head")
     sv.add_argument("--no-dashboard", action="store_true", help="no Ray dashboard (faster start)")
-    sv.add_argument("--dashboard-port", type=int, default=None,
+    sv.add_argument("--dashboard-port", type=_port_number, default=None,
                     help=f"the Ray dashboard's port (default {DASHBOARD_PORT}, or a free one when another process "
                          f"holds it)")
     sv.add_argument("--ray-temp-dir", help="a directory of yours for Ray's sessions (made 0700; they go in its ray/; "

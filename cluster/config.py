@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(100, ge=1, description="audios one POST /v1/batches may carry")
     callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
     callback_timeout_s: float = Field(10.0, gt=0, description="one callback delivery (POST to the callback_url)")
-    retention_days: float = Field(0.0, ge=0, description="remove finished jobs' outputs and temporary files, "
+    retention_days: float = Field(0.0, ge=0, le=36500, description="remove finished jobs' outputs and temporary files, "
                                   "ended live sessions' files, and stored uploads and avatars unused, older than "
                                   "this (0: keep forever); never a running job's or session's, or what they use")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")

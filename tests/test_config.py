@@ -101,3 +101,11 @@ def test_a_secret_that_is_set_but_blank_is_refused(variable, monkeypatch, tmp_pa
             Settings()
     monkeypatch.setenv(variable, "a-value")
     assert Settings().callback_key() == "a-value"
+
+
+def test_a_retention_time_the_sweep_cannot_use_is_refused(tmp_path):
+    """`LIPSYNC_RETENTION_DAYS=inf` (or 1e10) made every sweep fail with OverflowError, for ever."""
+    for value in (float("inf"), 1e10):
+        with pytest.raises(ValidationError, match="retention_days"):
+            Settings(storage_root=tmp_path, retention_days=value)
+    assert Settings(storage_root=tmp_path, retention_days=30).retention_days == 30

@@ -406,3 +406,20 @@ def test_the_autoscaler_is_asked_for_what_the_cluster_can_place_and_for_composit
     # nothing waiting, or no more chunks than the compositors take: nothing asked (the request released)
     assert autoscaler_bundles(0, busy_models, busy_comps, 1, 1.0, 1.0) == []
     assert autoscaler_bundles(2, busy_models, busy_comps, 1, 1.0, 1.0) == []
+
+
+def test_an_embedded_ray_refuses_a_pool_the_machine_cannot_hold(monkeypatch, tmp_path):
+    """LIPSYNC_MODEL_WORKERS=50 on 2 cores declared 51 logical CPUs: 50 Python processes starting
+    starved Serve's proxy, and `lipsync serve` died in a 35-line traceback. Now one typed refusal,
+    before Ray starts; a pool of a few processes per core still runs, oversubscribed."""
+    import os
+
+    from actors.runtime import embedded_cpus
+    from cluster.config import Settings
+    from cluster.errors import PlacementError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(PlacementError, match="LIPSYNC_MODEL_WORKERS"):
+        embedded_cpus(Settings(storage_root=tmp_path, model_workers=50))
+    assert embedded_cpus(Settings(storage_root=tmp_path, model_workers=2, compositors=2)) == 4
+    assert embedded_cpus(Settings(storage_root=tmp_path)) == 3
