@@ -567,6 +567,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
         return 2
+    except OSError as e:  # its models directory cannot be made or read: the storage root is not one
+        print(f"lipsync: error: settings.invalid: storage_root: {e.strerror or e} ({e.filename}; "
+              f"LIPSYNC_STORAGE_ROOT)", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -335,6 +335,8 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, variable: value}, workdir, timeout=60)
         assert rc == 2 and "settings.invalid" in err and variable in err and "Traceback" not in err, (rc, err[-2000:])
         assert elapsed < BAD_INPUT_DEADLINE_S, (variable, elapsed)
+    rc, _, err, _ = run_cli([*CLI, "models"], {**env, "LIPSYNC_STORAGE_ROOT": "/etc/passwd"}, workdir, timeout=60)
+    assert rc == 2 and "settings.invalid: storage_root" in err and "Traceback" not in err, err[-2000:]
     # a second `lipsync serve` on a storage root that one holds: refused (both ran, and both rendered the same
     # unfinished job); the holder is named from the lock file
     import fcntl
