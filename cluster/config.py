@@ -219,6 +219,9 @@ class Settings(BaseSettings):
     live_batch_timeout_s: float = Field(1.0, gt=0, description="a live batch the model has not answered by "
                                         "then is shown without the model (template frames) and its speech "
                                         "rendered again")
+    live_rebuffer_seconds: float = Field(0.2, ge=0, le=2.0, description="speech that ran out mid-utterance "
+                                         "(a sender slower than real time) speaks again once this much of it is "
+                                         "ready: stretches of speech and a few pauses, not fragments; 0: at once")
     live_flush_after_s: float = Field(0.5, gt=0, description="speech waiting for lookahead that gets no more "
                                       "audio for this long is rendered as an utterance's end")
     live_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a session's token (audio socket, "

@@ -403,6 +403,9 @@ class SessionView(BaseModel):
     latency_samples: int = 0
     stalls: int = 0
     longest_gap_s: float = 0.0
+    # an utterance's speech ran out before its end (its sender behind real time): a pause in the speech
+    # each, of LIPSYNC_LIVE_REBUFFER_SECONDS at least
+    speech_underruns: int = 0
     model_faults: int = 0
     # seconds of rendering (compositing + the model) per second of stream, lately (admission counts it)
     render_load: float | None = None

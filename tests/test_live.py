@@ -89,6 +89,36 @@ def _stream_and_render(pcm: np.ndarray, rate: int, seed: int) -> tuple[list, lis
     return mels, audio, held
 
 
+def test_speech_that_runs_out_mid_utterance_speaks_again_in_stretches():
+    """A sender at half real time: once an utterance's speech ran out before its end, it speaks
+    again when 5 frames (0.2 s) of it are ready (its first frame still goes as soon as it is
+    ready), not frame by frame between idle frames (1-frame fragments, the mouth closing and
+    opening each time); each underrun is counted; the end plays whatever is left; a rebuffer of 0
+    keeps the frame-by-frame behaviour."""
+    from itertools import groupby
+
+    from cluster.live.schedule import LiveScheduler
+
+    pcm = (np.random.default_rng(3).standard_normal(16000 * 4) * 3000).astype(np.int16)
+    for rebuffer in (5, 0):
+        speech = SpeechInput(16000, Fraction(25), columns_needed=3)
+        scheduler = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=rebuffer)
+        shown = []
+        for frame in range(150):  # one output frame per 40 ms; 20 ms of speech arrive meanwhile
+            speech.append(pcm[320 * frame:320 * (frame + 1)].tobytes())
+            shown.append(scheduler.plan(1).speech[0] is not None)
+        runs = [len(list(group)) for spoken, group in groupby(shown) if spoken]
+        gaps = sum(1 for spoken, _ in groupby(shown) if not spoken)
+        if rebuffer:
+            assert min(runs[1:-1]) >= 5, runs  # after the first (latency first: it goes as soon as it is ready)
+        else:
+            assert max(runs) <= 2, runs  # fragments
+        assert scheduler.underruns == gaps - 1, (scheduler.underruns, gaps)  # every gap after the first speech
+        speech.end()  # the end: what is left plays at once, whatever its length
+        left = scheduler.pending_speech_frames()
+        assert sum(s is not None for s in scheduler.plan(left + 5).speech) == left and (left > 0 or not rebuffer)
+
+
 def test_a_long_session_holds_only_the_speech_not_yet_out(monkeypatch):
     """Three minutes of speech at 48 kHz streamed in random chunks, rendered as it becomes ready
     (with rollbacks): what went out is let go, so an utterance's buffers stay a few seconds long

@@ -1,7 +1,10 @@
 """The live frame scheduler: what each output frame of a session shows.
 
 Per output frame: the next speech frame when one is ready (its model input final), else an idle
-frame (the template frame with the model's silent mouth: a window of silence). The template's
+frame (the template frame with the model's silent mouth: a window of silence). When an utterance's
+speech runs out before its end (an underrun: the sender fell behind real time), it speaks again once
+`rebuffer_frames` of it are ready, or its end has come: a sender a little slower than real time gives
+stretches of speech with a few pauses, not 1-3 frame fragments between idle frames. The template's
 ping-pong phase advances with every output frame, speech or idle, so output frame `f` always
 shows template frame `template_indices(f)`: a session that starts speaking on its first frame
 shows the same template frames, with the same mel windows, as a batch job of that speech.
@@ -39,8 +42,11 @@ class FrameBatch:
 
 
 class LiveScheduler:
-    def __init__(self, speech: SpeechInput, template_frames: int, fps: Fraction, loop: str = "pingpong") -> None:
+    def __init__(self, speech: SpeechInput, template_frames: int, fps: Fraction, loop: str = "pingpong",
+                 rebuffer_frames: int = 0) -> None:
         self.speech = speech
+        self.rebuffer_frames = int(rebuffer_frames)
+        self.underruns = 0  # an utterance's speech ran out before its end (each one a pause in the speech)
         self.template_frames = int(template_frames)
         self.fps = Fraction(fps)
         self.loop = loop
@@ -78,14 +84,20 @@ class LiveScheduler:
                 slot = None
                 while self._utt < len(utts):
                     u = utts[self._utt]
-                    if u.scheduled < u.ready_frames():
+                    ready, total = u.ready_frames(), u.total_frames()
+                    if u.rebuffering and (total is not None or ready - u.scheduled >= self.rebuffer_frames):
+                        u.rebuffering = False  # enough has come (or all of it): it speaks again
+                    if u.scheduled < ready and not u.rebuffering:
                         slot = (u.index, u.scheduled)
                         u.scheduled += 1
+                        u.starved = False
                         break
-                    total = u.total_frames()
                     if total is not None and u.scheduled >= total:
                         self._utt += 1
                         continue
+                    if u.scheduled > 0 and not u.starved and u.scheduled >= ready:  # ran out mid-utterance
+                        u.starved, u.rebuffering = True, self.rebuffer_frames > 0
+                        self.underruns += 1
                     break
                 slots.append(slot)
             mel = np.full((n, 1, N_MELS, MEL_STEP), SILENT_MEL, np.float32)

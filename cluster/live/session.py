@@ -160,7 +160,8 @@ class LiveSession:
         self.fps = Fraction(self.renderer.fps)
         self.columns = model_columns(model)
         self.speech = SpeechInput(sample_rate, self.fps, self.columns)
-        self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps)
+        self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps,
+                                       rebuffer_frames=round(self.s.live_rebuffer_seconds * float(self.fps)))
         self.encoder: LiveEncoder | None = None
         self.state = "starting"
         self.reason: str | None = None  # why it ended
@@ -305,7 +306,7 @@ class LiveSession:
             utts = self.speech.utterances
             open_utt = utts[-1] if utts and not utts[-1].ended else None
             if open_utt is not None and now - self.last_audio > self.s.live_flush_after_s \
-                    and open_utt.scheduled >= open_utt.ready_frames():
+                    and (open_utt.scheduled >= open_utt.ready_frames() or open_utt.rebuffering):
                 self.end_speech()  # the sender paused mid-window: render the tail now
         pending = sched.pending_speech_frames()
         if self._drain and pending == 0:
@@ -510,7 +511,7 @@ class LiveSession:
         entry.update(end_frame=end, mark=self.scheduler.published(end), at=time.time(),
                      pdt=self._speech_arrival(end - entry["frames"], end),
                      figures={"stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
-                              "model_faults": self.model_faults})
+                              "model_faults": self.model_faults, "speech_underruns": self.scheduler.underruns})
         self.journal.publish(entry)
 
     def _speech_arrival(self, first: int, end: int) -> float | None:
@@ -574,6 +575,7 @@ class LiveSession:
             self.stalls = int(figures.get("stalls", 0))
             self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
             self.model_faults = int(figures.get("model_faults", 0))
+            self.scheduler.underruns = int(figures.get("speech_underruns", 0))
         # the service repeats the appends the dead actor did not answer once this one is up: until
         # then the open utterance is not taken for paused (its tail is not flushed early)
         self.last_audio = self.clock() + RESTART_GRACE_S
@@ -625,6 +627,7 @@ class LiveSession:
             "latency_max_s": round(max(lat), 4) if lat else None, "latency_samples": len(lat),
             "encoder_delay_p50_s": percentile(list(self.encoder_delays), 50),
             "stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
+            "speech_underruns": self.scheduler.underruns,
             "model_faults": self.model_faults, "last_fault": self.last_fault,
             "render_load": self.render_load(),
             "restarts": self.restarts, "restart_gap_s": self.restart_gap_s,

@@ -157,6 +157,8 @@ class Utterance:
         self._c0 = 0
         self.columns = 0  # final mel columns computed
         self.scheduled = 0  # speech frames handed to the renderer (see schedule.py)
+        self.starved = False  # its speech ran out before its end, and has not spoken since (schedule.py)
+        self.rebuffering = False  # ...and waits for enough of it to speak again
         self.committed = 0  # speech frames whose audio went out: never planned again (rollback stops there)
         self.pcm = np.zeros(1 << 16, np.int16)  # the PCM as received, at the session's rate
         self._p0 = 0

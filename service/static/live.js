@@ -260,7 +260,8 @@
       ? " (" + secs(view.buffered_seconds) + " waiting)" : "");
     $("live-latency").textContent = view.latency_samples
       ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + " samples)" : "–";
-    $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "");
+    $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "") +
+      (view.speech_underruns ? "; the speech ran out " + view.speech_underruns + " time(s): it comes slower than real time" : "");
     const hls = session.hls;
     const rtmp = $("live-rtmp-state");
     rtmp.hidden = rtmp.previousElementSibling.hidden = !view.rtmp_url;
