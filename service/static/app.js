@@ -503,15 +503,18 @@ function startPlayer(job, url) {
     // Start at the beginning even while the playlist is live (an EVENT playlist that grows).
     const hls = new window.Hls({ startPosition: 0, liveDurationInfinity: false, backBufferLength: 30 });
     job.hls = hls;
+    // a server that is away (a restart takes about a minute) is asked again for about 3 minutes; a fragment
+    // that loads resets the count (it gave up after 15 s: the player stayed stuck once the job came back)
     let retries = 0;
     hls.on(window.Hls.Events.MANIFEST_PARSED, () => play(video));
+    hls.on(window.Hls.Events.FRAG_LOADED, () => { retries = 0; });
     hls.on(window.Hls.Events.ERROR, (_event, data) => {
       if (!data.fatal || job.closed) return;
       if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
         hls.recoverMediaError();
-      } else if (retries < 5) {
+      } else if (retries < 40) {
         retries += 1;
-        setTimeout(() => job.closed || hls.startLoad(), 1000 * retries);
+        setTimeout(() => job.closed || hls.startLoad(), Math.min(1000 * retries, 5000));
       } else {
         const note = $("player-note");
         note.textContent = "The stream could not be played (" + data.details + "); download the mp4 when the job is done.";
