@@ -1029,11 +1029,16 @@ class LiveSession(_LiveBase):
     def _socket(self):
         if self._ws is None:
             deadline = time.monotonic() + SOCKET_TAKEOVER_S
+            refreshed = False
             while True:
                 try:
                     self._open_socket()
                     break
                 except ApiError as e:
+                    if e.code == "auth.invalid_token" and not refreshed:  # its token expired (a reconnect after
+                        refreshed = True  # LIPSYNC_LIVE_TOKEN_TTL_S): the session's view carries a fresh one
+                        self.stats()
+                        continue
                     if not self._held_by_our_lost_socket(e, deadline):
                         raise
                     time.sleep(0.5)
@@ -1181,11 +1186,16 @@ class AsyncLiveSession(_LiveBase):
     async def _socket(self):
         if self._ws is None:
             deadline = time.monotonic() + SOCKET_TAKEOVER_S
+            refreshed = False
             while True:
                 try:
                     await self._open_socket()
                     break
                 except ApiError as e:
+                    if e.code == "auth.invalid_token" and not refreshed:  # expired: a fresh token (as sync)
+                        refreshed = True
+                        await self.stats()
+                        continue
                     if not self._held_by_our_lost_socket(e, deadline):
                         raise
                     await asyncio.sleep(0.5)

@@ -731,3 +731,24 @@ def test_a_batch_job_progresses_while_a_live_session_streams(service, live_avata
         during = [t for t, _ in watcher.advances if submitted <= t <= finished]
         assert len(during) >= 2, (during, steps)  # the stream advanced while the job rendered
     assert session.view.state == "ended"
+
+
+def test_the_sdk_reconnects_with_a_fresh_token_once_its_own_expired(service, live_avatar):
+    """A session outliving its token (LIPSYNC_LIVE_TOKEN_TTL_S): the SDK's reconnect used the token
+    it was given at creation and failed with 4401; it now takes a fresh one from the session's view
+    once, and resumes. (The token in hand is spoiled here, as an expired one is refused.)"""
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as client:
+        with client.live(live_avatar) as session:
+            session.send(b"\x00\x01" * 1600)  # opens the socket
+            session._ws.close()  # the connection goes (a network change); the client's token has expired
+            session._ws = None
+            session.view = session.view.model_copy(update={"audio_ws": re.sub(r"token=[^&]+", "token=expired",
+                                                                              session.view.audio_ws)})
+            session.send(b"\x00\x01" * 1600)
+            deadline = time.monotonic() + 30
+            while session.stats().bytes_received < 6400:
+                assert time.monotonic() < deadline, session.view
+                time.sleep(0.2)
+            assert session.view.bytes_received == 6400 and "token=expired" not in session.view.audio_ws
