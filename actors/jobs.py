@@ -167,7 +167,11 @@ class JobMachine:
             if self.jobs.get(job_id) is job:  # its state is in the store now: the runtime (plan, chunk
                 del self.jobs[job_id]  # books, publisher) is not kept for the manager's lifetime
         if ended:
-            log.info("job %s %s%s", job_id, state.value, f": {error.code}: {error.message}" if error else "")
+            # a failure is a warning, with its stage and code as fields (a log shipper filters on them)
+            log.log(logging.WARNING if state == JobState.failed else logging.INFO, "job %s %s%s", job_id, state.value,
+                    f": {error.code}: {error.message}" + (f" (cause: {error.cause})" if error.cause else "")
+                    if error else "", extra={"job_id": job_id, "stage": error.stage if error else None,
+                                             "code": error.code if error else None})
             try:
                 metrics.record_job_end(self.store.get(job_id))
             except Exception:  # a metric must never keep a job from ending

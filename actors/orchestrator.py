@@ -218,7 +218,7 @@ class JobManager:
             self._admitting.pop(job_id).set()
         if not created:  # the same id was admitted concurrently
             return self._resubmitted(job_id, key)
-        log.info("job %s accepted", job_id)
+        log.info("job %s accepted", job_id, extra={"job_id": job_id})
         self.machine.start(job_id)
         return self.get(job_id)
 

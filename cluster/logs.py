@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Iterator
 
-FIELDS = ("job_id", "chunk", "actor", "node")
+FIELDS = ("job_id", "chunk", "stage", "code", "actor", "node")  # stage, code: a failed job's
 MAX_MESSAGE_CHARS = 4000
 SECRET_ENV = ("LIPSYNC_API_TOKEN", "LIPSYNC_CALLBACK_SECRET", "RAY_AUTH_TOKEN")
 

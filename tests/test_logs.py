@@ -48,6 +48,10 @@ def test_json_lines_carry_job_chunk_actor_node_from_context_extra_and_process(ca
         ("next call", "job-4", None), ("nothing about a job", None, None)]
     assert all(x["actor"] == "lipsync-compositor-0" and x["node"] == "ab12" for x in lines)
     assert lines[1]["level"] == "WARNING" and lines[1]["logger"] == "lipsync.test"
+    # a failed job's line carries its stage and error code as fields (a shipper filters on them)
+    log.warning("job j failed: render.failed: ...", extra={"job_id": "j", "stage": "render", "code": "render.failed"})
+    failed = json.loads(out.getvalue().splitlines()[-1])
+    assert (failed["job_id"], failed["stage"], failed["code"]) == ("j", "render", "render.failed"), failed
 
 
 def test_each_asyncio_task_keeps_its_own_job(captured):
