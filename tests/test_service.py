@@ -592,6 +592,16 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         done2 = wait_until(lambda: (b := http.get("/v1/batches/batch-2").json())["state"] in ("succeeded", "failed")
                            and b, 240, 0.5, "batch-2")
         assert done2["counts"] == {"succeeded": 2}, done2
+        # a batch is cancelled as one (DELETE was a 405); a finished job of it is left as it is
+        long_audios = [write_audio(str(service.input_root / f"long{i}.wav"), speech_like(6.0, seed=50 + i))
+                       for i in range(2)]
+        assert http.post("/v1/batches", json={"id": "batch-3", "audios": long_audios, "avatar_id": avatar["id"],
+                                              "model": "latency:150"}).status_code == 202
+        cancelled = http.delete("/v1/batches/batch-3")
+        assert cancelled.status_code == 200 and cancelled.json()["counts"] == {"cancelled": 2}, cancelled.text
+        assert http.delete("/v1/batches/batch-2").json()["counts"] == {"succeeded": 2}
+        nf = http.get("/v1/batches/no-such-batch")
+        assert nf.status_code == 404 and nf.json()["error"]["code"] == "batch.not_found", nf.text
     with Client(service.url, token=service.token) as c:
         assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
         job = c.submit(svc_media["audio"], avatar=avatar["id"])

@@ -82,6 +82,16 @@ async def get_batch(batch_id: str, backend: Backend = Depends(get_backend)) -> B
     return await batch_view(backend, batch_id)
 
 
+@router.delete("/{batch_id}", response_model=BatchView,
+               summary="Cancel the batch's unfinished jobs (finished ones are left as they are)")
+async def cancel_batch(batch_id: str, backend: Backend = Depends(get_backend)) -> BatchView:
+    view = await batch_view(backend, batch_id)
+    for job in view.jobs:
+        if not job.state.terminal:
+            await backend.gateway.cancel(job.id)
+    return await batch_view(backend, batch_id, len(view.jobs))
+
+
 async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> BatchView:
     jobs = []
     i = 0
@@ -92,7 +102,7 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
             break
         i += 1
     if not jobs:
-        raise JobNotFound(f"batch {batch_id} does not exist")
+        raise JobNotFound(f"batch {batch_id} does not exist", code="batch.not_found", path="batch_id")
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.state.value] = counts.get(j.state.value, 0) + 1
