@@ -644,6 +644,10 @@ class Client(_Base):
     def batch(self, batch_id: str) -> BatchView:
         return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
 
+    def cancel_batch(self, batch_id: str) -> BatchView:
+        """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
+        return BatchView.model_validate(self.request("DELETE", f"/v1/batches/{batch_id}").json())
+
 
 def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any]) -> dict:
     body = {"audios": [str(a) for a in audios], "video": None if video is None else str(video),
@@ -824,6 +828,10 @@ class AsyncClient(_Base):
 
     async def batch(self, batch_id: str) -> BatchView:
         return BatchView.model_validate((await self.request("GET", f"/v1/batches/{batch_id}")).json())
+
+    async def cancel_batch(self, batch_id: str) -> BatchView:
+        """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
+        return BatchView.model_validate((await self.request("DELETE", f"/v1/batches/{batch_id}")).json())
 
     async def get(self, job_id: str, deadline: float | None = None) -> JobView:
         return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline)).json())
