@@ -253,22 +253,11 @@ class Backend:
     async def result_response(self, request: Request, job_id: str, filename: str | None = None) -> Response:
         st, size = await self.succeeded(job_id)
         etag = f'"{job_id}-{size}-{int(st.updated_at.timestamp())}"'
-        headers = {"Accept-Ranges": "bytes", "ETag": etag,
-                   "Content-Disposition": f'attachment; filename="{filename or job_id + ".mp4"}"'}
-        if none_match(request.headers.get("if-none-match"), etag):
-            return Response(status_code=304, headers=headers)
-        start, stop, status = 0, size, 200
-        rng = request.headers.get("range")
-        span = byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
-        if span == "unsatisfiable":
-            return error_response(416, "input.range_not_satisfiable",
-                                  f"Range {rng!r} starts at or past the end of the {size}-byte output", "Range",
-                                  headers={**headers, "Content-Range": f"bytes */{size}"})
-        if span is not None:
-            start, stop = span
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-        headers["Content-Length"] = str(stop - start)
+        headers = {"Content-Disposition": f'attachment; filename="{filename or job_id + ".mp4"}"'}
+        answer = conditional_range(request, size, etag, headers, "output")
+        if isinstance(answer, Response):
+            return answer
+        start, stop, status = answer
         # the first part is read before the answer starts: an output that is gone (retention) is a
         # 410 naming why, not a 200 whose body breaks off
         first = await self.gateway.read_output(job_id, start, 0 if request.method == "HEAD" else
@@ -383,6 +372,28 @@ def _suffix_of(url: str) -> str:
 
     suffix = Path(urlsplit(url).path).suffix.lower()
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix or "") else ""
+
+
+def conditional_range(request: Request, size: int, etag: str, headers: dict[str, str],
+                      what: str) -> Response | tuple[int, int, int]:
+    """The answer to a GET of an immutable file of `size` bytes tagged `etag`: a 304 or 416
+    `Response`, else (start, stop, status) of the bytes to send (206 for a served Range, else 200);
+    `headers` gets Accept-Ranges, ETag, Content-Length and, for a 206, Content-Range."""
+    headers.update({"Accept-Ranges": "bytes", "ETag": etag})
+    if none_match(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    start, stop, status = 0, size, 200
+    rng = request.headers.get("range")
+    span = byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
+    if span == "unsatisfiable":
+        return error_response(416, "input.range_not_satisfiable",
+                              f"Range {rng!r} starts at or past the end of the {size}-byte {what}", "Range",
+                              headers={**headers, "Content-Range": f"bytes */{size}"})
+    if span is not None:
+        (start, stop), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    headers["Content-Length"] = str(stop - start)
+    return start, stop, status
 
 
 def none_match(header: str | None, etag: str) -> bool:

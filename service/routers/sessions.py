@@ -43,8 +43,8 @@ from cluster.errors import LipsyncError
 from cluster.live import SessionOffsetGap
 from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
 from service.auth import require_token
-from service.backend import byte_range, none_match
-from service.errors import ApiProblem, error_response, error_responses, http_status
+from service.backend import conditional_range
+from service.errors import ApiProblem, error_responses, http_status
 from service.uploads import json_body, openapi_json_body, read_body
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
@@ -416,22 +416,11 @@ async def get_recording(session_id: str, request: Request) -> Response:
                          + (f" ({raw['error']['message']})" if raw.get("error") else ""), None)
 
     # a finished recording never changes: resumable (Range, If-Range) and cacheable (ETag), as a job's result
-    etag = f'"{session_id}-{size}"'
-    headers = {"Accept-Ranges": "bytes", "ETag": etag,
-               "Content-Disposition": f'attachment; filename="{session_id}.mp4"'}
-    if none_match(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
-    start, stop, status = 0, size, 200
-    rng = request.headers.get("range")
-    span = byte_range(rng, size) if rng and request.headers.get("if-range") in (None, etag) else None
-    if span == "unsatisfiable":
-        return error_response(416, "input.range_not_satisfiable",
-                              f"Range {rng!r} starts at or past the end of the {size}-byte recording", "Range",
-                              headers={**headers, "Content-Range": f"bytes */{size}"})
-    if span is not None:
-        (start, stop), status = span, 206
-        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    headers["Content-Length"] = str(stop - start)
+    headers = {"Content-Disposition": f'attachment; filename="{session_id}.mp4"'}
+    answer = conditional_range(request, size, f'"{session_id}-{size}"', headers, "recording")
+    if isinstance(answer, Response):
+        return answer
+    start, stop, status = answer
 
     async def parts():
         pos = start
