@@ -363,6 +363,8 @@ class LiveSessionActor:
         elif self._socket_held():  # POST beside an open socket: the socket's next bytes would be skipped as had
             return {"accepted": False, "socket_held": True, "offset": session.speech.bytes_received,
                     "buffered_s": 0.0, "state": session.state}
+        elif getattr(self, "_socket", None) is not None:  # a socket silent for 10 s: the POST takes the session
+            self._socket = ("post", time.monotonic())  # over, and that socket is told (4409) when it sends again
         return session.append(pcm, offset)
 
     def _socket_held(self) -> bool:

@@ -77,7 +77,8 @@ def _session(settings, avatar_id: str, pcm: bytes, label: str, model: str = "bui
         waited = 0.0
         for i in range(0, len(pcm), chunk):
             answer = ray.get(actor.append.remote(pcm[i:i + chunk], i), timeout=30)
-            while not answer["accepted"]:  # the session's buffer is full: it cannot keep real time
+            # the session's buffer is full (it cannot keep real time), or took a part: the rest again
+            while not answer["accepted"] or answer["offset"] < i + chunk:
                 time.sleep(0.05)
                 waited += 0.05
                 answer = ray.get(actor.append.remote(pcm[i:i + chunk], i), timeout=30)

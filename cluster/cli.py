@@ -313,6 +313,11 @@ def _hold_storage_root(settings: Settings) -> str | None:
         holder = f.read().strip()
         f.close()
         return holder or "a process"
+    except OSError as e:  # a filesystem without locks (NFS `nolock`, some FUSE): said, and the service runs
+        f.close()
+        print(f"lipsync: warning: the storage root {settings.storage_root} cannot be locked ({e.strerror or e}): "
+              f"nothing stops a second lipsync serve on it", file=sys.stderr)
+        return None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {os.uname().nodename}")

@@ -110,7 +110,7 @@ def error_response(status: int, code: str, message: str, field: str | None,
 _PATTERN_WORDS = {
     "model": "'builtin', 'builtin:S' (S a crop size), 'latency:MS' or the name of one of the service's models "
              "(`lipsync models`)",
-    "id": "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64",
+    "id": "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 (48 for a batch)",
     "avatar_id": "the hex id that POST /v1/avatars answered",
 }
 

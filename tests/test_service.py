@@ -599,6 +599,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
                                               "model": "latency:150"}).status_code == 202
         cancelled = http.delete("/v1/batches/batch-3")
         assert cancelled.status_code == 200 and cancelled.json()["counts"] == {"cancelled": 2}, cancelled.text
+        assert cancelled.json()["state"] == "cancelled", cancelled.text  # asked for: not "failed"
         with Client(service.url, token=service.token) as c:  # the SDK's face of it
             assert c.cancel_batch("batch-2").counts == {"succeeded": 2}
         nf = http.get("/v1/batches/no-such-batch")
@@ -622,4 +623,5 @@ def test_a_batch_reads_as_its_jobs_are():
     assert batch_state([S.preparing, S.rendering]) == S.rendering
     assert batch_state([S.succeeded, S.queued]) == S.rendering  # one made its frames already
     assert batch_state([S.succeeded, S.succeeded]) == S.succeeded
-    assert batch_state([S.succeeded, S.cancelled]) == S.failed
+    assert batch_state([S.succeeded, S.cancelled]) == S.cancelled  # a user's cancel is no failure
+    assert batch_state([S.failed, S.cancelled]) == S.failed

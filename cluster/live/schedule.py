@@ -32,6 +32,7 @@ class FrameBatch:
     template_index: np.ndarray  # [n] template frame of each output frame
     mel: np.ndarray  # [n, 1, 80, 16] the model's input
     speech: list[tuple[int, int] | None] = field(default_factory=list)  # (utterance, speech frame) or idle
+    underruns: int = 0  # utterances that spoke again in this batch after their speech ran out
 
     def __len__(self) -> int:
         return len(self.template_index)
@@ -80,6 +81,7 @@ class LiveScheduler:
         with self.speech.lock:
             utts = self.speech.utterances
             slots: list[tuple[int, int] | None] = []
+            resumed = 0
             for _ in range(n):
                 slot = None
                 while self._utt < len(utts):
@@ -90,14 +92,15 @@ class LiveScheduler:
                     if u.scheduled < ready and not u.rebuffering:
                         slot = (u.index, u.scheduled)
                         u.scheduled += 1
-                        u.starved = False
+                        if u.starved:  # it speaks again: an underrun when more speech came (not its end: a
+                            resumed += total is None  # sender that paused before ending is no slow sender)
+                            u.starved = False
                         break
                     if total is not None and u.scheduled >= total:
                         self._utt += 1
                         continue
                     if u.scheduled > 0 and not u.starved and u.scheduled >= ready:  # ran out mid-utterance
                         u.starved, u.rebuffering = True, self.rebuffer_frames > 0
-                        self.underruns += 1
                     break
                 slots.append(slot)
             mel = np.full((n, 1, N_MELS, MEL_STEP), SILENT_MEL, np.float32)
@@ -114,8 +117,9 @@ class LiveScheduler:
                 i = j + 1
         first = self.next_frame
         self.next_frame += n
+        self.underruns += resumed
         idx = template_indices(first, first + n, self.template_frames, self.loop)
-        return FrameBatch(first=first, template_index=idx, mel=mel, speech=slots)
+        return FrameBatch(first=first, template_index=idx, mel=mel, speech=slots, underruns=resumed)
 
     def commit(self, batch: FrameBatch) -> np.ndarray:
         """The batch was rendered: its audio (int16 at the session's rate)."""
@@ -150,6 +154,9 @@ class LiveScheduler:
                     firsts[slot[0]] = min(firsts.get(slot[0], slot[1]), slot[1])
             for u_index, k in firsts.items():
                 utts[u_index].scheduled = min(utts[u_index].scheduled, k)
+                # planned again from there as if it had not run out (its frames were ready: no pause for them)
+                utts[u_index].starved = utts[u_index].rebuffering = False
+            self.underruns -= batch.underruns  # counted again when they are planned again
             if firsts:
                 self._utt = min(self._utt, min(firsts))
         return np.zeros(sum(self.audio_span(batch.first + i) for i in range(len(batch))), np.int16)

@@ -161,7 +161,10 @@ class LiveSession:
         self.columns = model_columns(model)
         self.speech = SpeechInput(sample_rate, self.fps, self.columns)
         self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps,
-                                       rebuffer_frames=round(self.s.live_rebuffer_seconds * float(self.fps)))
+                                       # at most half the buffer: a rebuffer the buffer cannot hold would wait
+                                       # for the flush (the end of the utterance) each time
+                                       rebuffer_frames=round(min(self.s.live_rebuffer_seconds,
+                                                                 self.s.live_buffer_seconds / 2) * float(self.fps)))
         self.encoder: LiveEncoder | None = None
         self.state = "starting"
         self.reason: str | None = None  # why it ended

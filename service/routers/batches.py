@@ -86,9 +86,15 @@ async def get_batch(batch_id: str, backend: Backend = Depends(get_backend)) -> B
                summary="Cancel the batch's unfinished jobs (finished ones are left as they are)")
 async def cancel_batch(batch_id: str, backend: Backend = Depends(get_backend)) -> BatchView:
     view = await batch_view(backend, batch_id)
-    for job in view.jobs:
+    refused = None
+    for job in view.jobs:  # each is asked: one that does not answer in time does not leave the others running
         if not job.state.terminal:
-            await backend.gateway.cancel(job.id)
+            try:
+                await backend.gateway.cancel(job.id)
+            except LipsyncError as e:
+                refused = refused or e
+    if refused is not None:
+        raise refused
     return await batch_view(backend, batch_id, len(view.jobs))
 
 
@@ -112,10 +118,13 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
 
 
 def batch_state(states: list[JobState]) -> JobState:
-    """One state over a batch's jobs: once all ended, succeeded only if every job did (else failed);
+    """One state over a batch's jobs: once all ended, succeeded only if every job did, failed if any
+    failed, else cancelled (a batch cancelled by its user is no failure);
     rendering once any job is past preparing; preparing while any is (none rendering yet); else queued."""
     if all(st.terminal for st in states):
-        return JobState.succeeded if all(st == JobState.succeeded for st in states) else JobState.failed
+        if all(st == JobState.succeeded for st in states):
+            return JobState.succeeded
+        return JobState.failed if JobState.failed in states else JobState.cancelled  # cancelled: asked for
     if any(st not in (JobState.queued, JobState.preparing) for st in states):
         return JobState.rendering
     return JobState.preparing if JobState.preparing in states else JobState.queued

@@ -663,8 +663,9 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                     # by offset: repeated across a restart of the session's actor, never twice; the
                     # session takes what its buffer has room for, the rest is offered again
                     try:
-                        answer = await _ask(settings, session_id, actor, "append", data[offset - start:], offset,
-                                            lease, timeout=settings.actor_call_timeout_s)
+                        part = data[offset - start:offset - start + SOCKET_INBOX_BYTES]  # not a 16-MiB message each try
+                        answer = await _ask(settings, session_id, actor, "append", part, offset, lease,
+                                            timeout=settings.actor_call_timeout_s)
                     except SessionOffsetGap as e:  # the session has less than this socket sent: resend
                         await _close(websocket, 1011, e.message)
                         return

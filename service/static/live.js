@@ -144,6 +144,8 @@
         session.reconnects = 0;
         for (const chunk of session.pending.splice(0)) ws.send(chunk);
         if (!session.speaking) endUtterance(session, ws); // Stop came while connecting
+      } else if (message.type === "ended" && session.onEnded) {
+        session.onEnded(); // End session waits for this: every byte sent is in the session
       } else if (message.type === "ended" && !session.speaking) {
         ws.close(1000, "speech ended");
         note("Speech ended: the server received " + secs(message.offset / 2 / session.rate) + "; the avatar says " +
@@ -293,7 +295,8 @@
       } catch (err) {
         // a 401 (the token was forgotten or changed) waits for the token above; a server that is away (a
         // restart) is asked again for 2 minutes; a session that is gone (404) is not followed any more
-        if (err.status === 404 || ++failures > 120) {
+        // (a 401 is not counted: the tab waits for the token as long as it takes)
+        if (err.status === 404 || (err.status !== 401 && ++failures > 120)) {
           showError($("live-error"), err);
           session.closed = true;
           stopSpeaking(session, false);
@@ -394,9 +397,25 @@
   async function endSession() {
     const session = live;
     if (!session) return;
-    stopSpeaking(session, false);
-    const ws = session.ws; // closed by the page, not by the server's 4410 (which would read as a refusal)
-    session.ws = null;
+    if (session.speaking) { // the microphone stops; its socket stays open for the end below
+      session.speaking = false;
+      if (session.utterance) session.utterance.ended = true;
+      closeMicrophone(session.mic, false);
+      session.mic = null;
+      buttons();
+    }
+    const ws = session.ws;
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      // the speech still on its way (in the socket, in the server's read-ahead) reaches the session before it
+      // is asked to end: {"type": "end"}, then the server's "ended" (at most 5 s)
+      await new Promise((resolve) => {
+        session.onEnded = resolve;
+        setTimeout(resolve, 5000);
+        ws.send(JSON.stringify({ type: "end" }));
+      });
+      session.onEnded = null;
+    }
+    session.ws = null; // closed by the page, not by the server's 4410 (which would read as a refusal)
     if (ws) ws.close(1000, "ending");
     try {
       const view = await apiJson("/v1/sessions/" + encodeURIComponent(session.id) + "/end",
