@@ -351,10 +351,12 @@ def settings_reference() -> str:
         return f"`{field.default}`" if field.default != "" else "empty"
 
     out = ["# Settings", "",
-           "Every setting is an environment variable (`LIPSYNC_<NAME>`), read by every process of the product",
-           "(`cluster/config.py`, pydantic settings): set it where `lipsync` runs, and in a Ray cluster on every",
-           "node (the KubeRay manifests' `env`). This file is generated from the code: `python -m cluster.config",
-           "> docs/SETTINGS.md`.", ""]
+           "Every setting is an environment variable (`LIPSYNC_<NAME>`; `cluster/config.py`, pydantic settings).",
+           "Set it where the service starts: where `lipsync serve` or `lipsync render` runs, or on the head pod in",
+           "KubeRay (the manifests' `env`). The actors it starts (job manager, model workers, compositors, live",
+           "sessions) are given its settings, on whatever node they run; the manifests also set",
+           "`LIPSYNC_STORAGE_ROOT` and `LIPSYNC_LOG_FORMAT` on the worker pods, for what runs there before an",
+           "actor does. This file is generated from the code: `python -m cluster.config > docs/SETTINGS.md`.", ""]
     fields = Settings.model_fields
     for line in inspect.getsource(Settings).splitlines():
         if m := re.match(r"\s+# --- (.+?) -+$", line):
