@@ -251,8 +251,9 @@ class JobManager:
                 return st
             await self.machine.wait_end(job_id, remaining)
 
-    def list_jobs(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
-        return [self.get(j.id) for j in self.store.list(states, limit, offset)]
+    def list_jobs(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0,
+                  before: str | None = None) -> list[JobStatus]:
+        return [self.get(j.id) for j in self.store.list(states, limit, offset, before)]
 
     async def cancel(self, job_id: str) -> JobStatus:
         """Cancel a job; one already committing its verified output finishes as succeeded."""

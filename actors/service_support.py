@@ -144,8 +144,8 @@ class ManagerGateway:
         return await self.call("wait", job_id, window, timeout=window + self.s.actor_call_timeout_s)
 
     async def list_jobs(self, states: list[JobState] | None = None, limit: int = 100,
-                        offset: int = 0) -> list[JobStatus]:
-        return await self.call("list_jobs", states, limit, offset)
+                        offset: int = 0, before: str | None = None) -> list[JobStatus]:
+        return await self.call("list_jobs", states, limit, offset, before)
 
     async def cancel(self, job_id: str) -> JobStatus:
         return await self.call("cancel", job_id)

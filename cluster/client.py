@@ -519,8 +519,12 @@ class Client(_Base):
     def get(self, job_id: str, deadline: float | None = None) -> JobView:
         return JobView.model_validate(self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline).json())
 
-    def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
+    def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0,
+             before: str | None = None) -> JobPage:
+        """Newest first; the next page is `before=page.next_before` (steady while jobs are submitted)."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if before is not None:
+            params["before"] = before
         if state:
             params["state"] = [state] if isinstance(state, str) else list(state)
         return JobPage.model_validate(self.request("GET", "/v1/jobs", params=params).json())
@@ -849,8 +853,12 @@ class AsyncClient(_Base):
                                    timeout=max(self.timeout, 900))
         return AvatarView.model_validate(r.json())
 
-    async def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
+    async def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0,
+                   before: str | None = None) -> JobPage:
+        """Newest first; the next page is `before=page.next_before` (steady while jobs are submitted)."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if before is not None:
+            params["before"] = before
         if state:
             params["state"] = [state] if isinstance(state, str) else list(state)
         return JobPage.model_validate((await self.request("GET", "/v1/jobs", params=params)).json())

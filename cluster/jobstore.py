@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from cluster.errors import DiskFull, JobNotFound, LipsyncError
+from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError
 from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, StageTime, utcnow
 
 _SCHEMA = """
@@ -258,17 +258,32 @@ class JobStore:
         with self._lock:
             return self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
-    def list(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
+    def list(self, states: list[JobState] | None = None, limit: int = 100, offset: int = 0,
+             before: str | None = None) -> list[JobStatus]:
+        """Newest first; `before`: only jobs older than that job (a page after the one it ended: new jobs
+        submitted meanwhile do not shift it, as they shift an offset)."""
         with self._lock:
+            after = None
+            if before is not None:
+                row = self._conn.execute("SELECT created_at FROM jobs WHERE id = ?", (before,)).fetchone()
+                if row is None:
+                    raise InputError(f"before: no job {before} (a page's `next_before` names a job of this "
+                                     f"service)", path="before")
+                after = (row["created_at"], before)
             self._maybe_flush()
             pending = bool(self._pending)
             wanted = set(states or [])
             if pending and states:  # a pending end's row still holds its unfinished state on disk
                 states = [*states, *(s for s in JobState if not s.terminal and s not in wanted)]
-            sql, args = "SELECT * FROM jobs", []
+            sql, args, where = "SELECT * FROM jobs", [], []
             if states:
-                sql += f" WHERE state IN ({','.join('?' * len(states))})"
+                where.append(f"state IN ({','.join('?' * len(states))})")
                 args += [s.value for s in states]
+            if after is not None:
+                where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+                args += [after[0], after[0], after[1]]
+            if where:
+                sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY created_at DESC, id DESC"  # newest first (the API's and the page's order)
             if not pending:
                 sql += " LIMIT ? OFFSET ?"

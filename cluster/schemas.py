@@ -278,6 +278,7 @@ class HlsIndex(BaseModel):
 class JobPage(BaseModel):
     jobs: list[JobView]
     next_offset: int | None = None
+    next_before: str | None = None  # the next page: `?before=<this>` (steady while jobs are submitted)
 
 
 class ApiErrorDetail(BaseModel):

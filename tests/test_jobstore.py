@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.errors import JobNotFound
+from cluster.errors import InputError, JobNotFound
 from cluster.jobstore import InvalidTransition, JobStore
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
 from tests.helpers import run_on_small_tmpfs, unshare_works
@@ -71,6 +71,17 @@ def test_list_filters_and_pages(tmp_path):
     assert [j.id for j in s.list([JobState.queued], limit=2)] == ["j4", "j3"]
     assert [j.id for j in s.list([JobState.queued], limit=2, offset=2)] == ["j2", "j0"]
     assert [j.id for j in s.list([JobState.cancelled])] == ["j1"]
+
+    # a page after another by `before` (its last job): jobs submitted meanwhile do not shift it, as they
+    # shift an offset (the next page repeated a job of the last one)
+    first = s.list(limit=2)
+    assert [j.id for j in first] == ["j4", "j3"]
+    s.create("j5", REQ)
+    assert [j.id for j in s.list(limit=2, offset=2)] == ["j3", "j2"]  # the offset repeats j3
+    assert [j.id for j in s.list(limit=2, before=first[-1].id)] == ["j2", "j1"]
+    assert [j.id for j in s.list([JobState.queued], before="j3")] == ["j2", "j0"]
+    with pytest.raises(InputError, match="before"):
+        s.list(before="nope")
 
 
 @pytest.mark.skipif(not unshare_works(), reason="mount namespaces (unshare --mount) are not permitted here")

@@ -212,10 +212,15 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert len(page["jobs"]) == 1 and page["jobs"][0]["state"] == "succeeded"
         listed = http.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"]
         assert all(j["state"] == "succeeded" for j in listed)
+        # the next page by `before` (steady while jobs are submitted): the rest of the list, in order
+        first = http.get("/v1/jobs", params={"limit": 1}).json()
+        rest = http.get("/v1/jobs", params={"limit": 500, "before": first["next_before"]}).json()["jobs"] \
+            if first["next_before"] else []
         # newest first, as the route says (it answered oldest first: the page's Jobs tab hid the recent ones)
         everything = http.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
+        assert [j["id"] for j in everything] == [first["jobs"][0]["id"]] + [j["id"] for j in rest]
         created = [datetime.fromisoformat(j["created_at"]) for j in everything]
-        assert len(created) > 1 and created == sorted(created, reverse=True), created
+        assert created and created == sorted(created, reverse=True), created  # (one job when run alone)
         # unknown job: 404 with the error body; result before success: 409
         nf = http.get("/v1/jobs/does-not-exist")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "job.not_found"

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.errors import InputTooLarge, LipsyncError
-from cluster.schemas import JobAccepted, JobCreate, JobPage, JobState, JobView
+from cluster.schemas import JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
 from service.errors import error_responses
@@ -88,10 +88,15 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
 async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Query(50, ge=1, le=500),
-                    offset: int = Query(0, ge=0, le=2**53), backend: Backend = Depends(get_backend)) -> JobPage:
-    jobs = await backend.gateway.list_jobs(state or None, limit + 1, offset)
+                    offset: int = Query(0, ge=0, le=2**53),
+                    before: str | None = Query(None, pattern=JOB_ID_PATTERN, description=(
+                        "only jobs older than this one: the next page is `before=<next_before>`, which jobs "
+                        "submitted meanwhile do not shift (as they shift an offset)")),
+                    backend: Backend = Depends(get_backend)) -> JobPage:
+    jobs = await backend.gateway.list_jobs(state or None, limit + 1, offset, before)
     more = len(jobs) > limit
-    return JobPage(jobs=[backend.view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None)
+    return JobPage(jobs=[backend.view(j) for j in jobs[:limit]], next_offset=offset + limit if more else None,
+                   next_before=jobs[limit - 1].id if more else None)
 
 
 @router.get("/{job_id}", response_model=JobView,

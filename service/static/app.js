@@ -576,15 +576,15 @@ $("cancel-button").addEventListener("click", async () => {
 });
 
 // --- recent jobs ----------------------------------------------------------------------------
-let jobsOffset = 0;
+let jobsBefore = null; // the next page: the jobs older than this one (new jobs do not shift it, as an offset)
 let jobsRefresh = null;
 
 async function loadJobs(append) {
   const list = $("jobs-list");
-  const offset = append ? jobsOffset : 0;
+  const before = append && jobsBefore ? "&before=" + encodeURIComponent(jobsBefore) : "";
   let page;
   try {
-    page = await apiJson("/v1/jobs?limit=20&offset=" + offset);
+    page = await apiJson("/v1/jobs?limit=20" + before);
   } catch (err) {
     showError($("jobs-error"), err.status === 401 ? null : err); // a 401 asks for the token above
     return;
@@ -598,9 +598,10 @@ async function loadJobs(append) {
     empty.textContent = "No jobs yet.";
     list.append(empty);
   }
-  jobsOffset = page.next_offset || 0;
-  $("jobs-more").hidden = page.next_offset === null || page.next_offset === undefined;
-  // while a listed job is unfinished and the tab is shown, the first page is read again every 2 s
+  jobsBefore = page.next_before || null;
+  $("jobs-more").hidden = !page.next_before;
+  // while a listed job is unfinished and the tab is shown, the first page is read again every 2 s (not once
+  // older pages were added below it: they would be taken away)
   clearTimeout(jobsRefresh);
   if (!append && page.jobs.some((view) => !TERMINAL.has(view.state))) {
     jobsRefresh = setTimeout(() => !document.querySelector("[data-panel=jobs]").hidden && loadJobs(false), 2000);
