@@ -237,6 +237,7 @@ class Supervisor:
 
     def kill_for_restart(self, member: Member) -> None:
         metrics.record_replacement(metrics.actor_kind(member.name), "restart")
+        member.replacement_counted = True
         try:
             ray.kill(member.handle, no_restart=False)
         except Exception as e:  # already gone: Ray restarts it, or the probe replaces it
@@ -246,6 +247,7 @@ class Supervisor:
         """Create a member anew under its name (dead for good, or built with other settings)."""
         log.warning("replacing %s: %s", member.name, why)
         metrics.record_replacement(metrics.actor_kind(member.name), "killed" if kill else "dead")
+        member.replacement_counted = True
         if kill:
             ray.kill(member.handle, no_restart=True)
             for _ in range(100):
@@ -293,6 +295,12 @@ class Supervisor:
                     deadline = time.monotonic() + first_timeout
                     continue
                 if info.get("ready", True):
+                    before = member.info.get("pid")
+                    if before and info.get("pid") and info["pid"] != before and not member.replacement_counted:
+                        # a new process that the supervisor did not make: Ray restarted the actor after its
+                        # process died (SIGKILL, the OOM killer), which the counter missed
+                        metrics.record_replacement(metrics.actor_kind(member.name), "died")
+                    member.replacement_counted = False
                     await table.set_health(member, Health.live, info=info)
                     log.info("%s live: %s", member.name, info)
                     self.work.set()

@@ -31,6 +31,7 @@ class Member:
     error: Any = None
     lost_at: float = 0.0
     created_at: float = field(default_factory=time.monotonic)
+    replacement_counted: bool = False  # its next new process is one the supervisor made (and counted)
 
 
 class WorkerTable:
