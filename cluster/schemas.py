@@ -252,6 +252,9 @@ class JobView(BaseModel):
     output: OutputInfo | None = None
     sync_mode: str | None = None
     batch_id: str | None = None
+    inputs: dict[str, str] | None = Field(None, description="what the job was given, by name: the file names "
+                                          "(or the last part of a URL or path) of its audio and video, or its "
+                                          "avatar_id")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
                                   "(signed and expiring when the service has a token: no header needed)")
 

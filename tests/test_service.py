@@ -186,6 +186,8 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert progress == sorted(progress) and progress[-1] == 1.0
         v = http.get(f"/v1/jobs/{job_id}").json()
         assert v["state"] == "succeeded" and v["stage"] == "done" and v["sync_mode"] == "loop"
+        # what it was given, by name (the page's job list tells jobs apart by it): not the server's paths
+        assert v["inputs"] == {"audio": Path(svc_media["audio"]).name, "video": Path(svc_media["video"]).name}, v
         assert v["frames_done"] == v["frames_total"] == expected_frames(svc_media["audio_seconds"])
         assert v["error"] is None and v["output"]["size"] > 1000
         size = v["output"]["size"]
@@ -613,6 +615,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
         job = c.submit(svc_media["audio"], avatar=avatar["id"])
         view = job.wait(timeout=180)
+        assert view.inputs == {"audio": Path(svc_media["audio"]).name, "avatar_id": avatar["id"]}, view.inputs
         verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
         assert view.frames_total == expected_frames(svc_media["audio_seconds"])
 

@@ -622,6 +622,9 @@ function jobRow(view) {
   const meta = document.createElement("span");
   meta.className = "meta";
   const parts = [new Date(view.created_at).toLocaleString()];
+  if (view.inputs) { // what it was given, by name: tells jobs apart where their ids do not
+    parts.push(view.inputs.audio + " + " + (view.inputs.video || "avatar " + (view.inputs.avatar_id || "?")));
+  }
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   else parts.push(Math.round(view.progress * 100) + " %");
