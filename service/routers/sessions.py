@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import urllib.parse
 import uuid
@@ -47,10 +48,12 @@ from service.backend import conditional_range
 from service.errors import ApiProblem, error_responses, http_status
 from service.uploads import json_body, openapi_json_body, read_body
 
+log = logging.getLogger("lipsync.service")
+
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Depends(require_token)],
                    responses=error_responses())
 public_router = APIRouter(prefix="/v1/sessions", tags=["sessions"],
-                              responses=error_responses(401, 404, 410, 422, 503))
+                          responses=error_responses(401, 404, 410, 422, 503))
 
 RATES = (16000, 24000, 48000)
 _SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -647,6 +650,8 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                     return
                 continue
             if message["type"] == "websocket.disconnect":
+                if message.get("error") is not None:  # the read itself failed: said, not swallowed
+                    log.info("session %s: its audio socket's read ended: %r", session_id, message["error"])
                 return
             data, text = message.get("bytes"), message.get("text")
             if data is not None:
