@@ -560,16 +560,20 @@ class _SocketInbox:
         """The next message (asyncio.TimeoutError after `timeout` without one)."""
         return await self._taken(await asyncio.wait_for(self.queue.get(), timeout))
 
-    async def more_pcm(self, limit: int) -> bytes | None:
-        """The next message if it is already here and is PCM of whole samples (None otherwise: it
-        stays first, for the loop to answer)."""
-        if self.queue.empty():
-            return None
-        message = self.queue._queue[0]  # a peek: asyncio.Queue keeps its items in a deque
-        data = message.get("bytes")
-        if message["type"] != "websocket.receive" or data is None or len(data) % 2 or len(data) > limit:
-            return None
-        return (await self._taken(self.queue.get_nowait()))["bytes"]
+    async def with_waiting_pcm(self, first: bytes) -> bytes:
+        """`first` and the PCM messages of whole samples that are here already, up to
+        `SOCKET_INBOX_BYTES` in all: one call to the session for them. A message of another kind (or
+        one past the bound) stays first, for the loop to answer."""
+        parts, size = [first], len(first)
+        while not self.queue.empty():
+            message = self.queue._queue[0]  # a peek: asyncio.Queue keeps its items in a deque
+            data = message.get("bytes")
+            if message["type"] != "websocket.receive" or data is None or len(data) % 2 or \
+                    size + len(data) > SOCKET_INBOX_BYTES:
+                break
+            parts.append((await self._taken(self.queue.get_nowait()))["bytes"])
+            size += len(data)
+        return b"".join(parts)
 
     def close(self) -> None:
         self.task.cancel()
@@ -659,10 +663,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                     await _close(websocket, 4400, f"binary message of {len(data)} bytes: PCM s16le needs whole "
                                                 f"2-byte samples")
                     return
-                parts = [data]  # with the messages that came meanwhile: one call for them all
-                while (more := await inbox.more_pcm(SOCKET_INBOX_BYTES - sum(map(len, parts)))) is not None:
-                    parts.append(more)
-                data = b"".join(parts)
+                data = await inbox.with_waiting_pcm(data)  # with the messages that came meanwhile
                 start, sent = offset, offset + len(data)
                 while offset < sent:  # backpressure: the socket is not read while the buffer is full
                     # by offset: repeated across a restart of the session's actor, never twice; the
