@@ -142,10 +142,16 @@ class LiveWorkers:
         self.refreshed = 0.0
 
 
+#: An audio socket that sent (or connected) within this long holds its session: a second socket, or a
+#: POST of audio, is refused; one silent longer is taken over (a dead replica's, a lost connection's).
+SOCKET_HOLD_S = 10.0
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
         self._born, self._born_wall = time.monotonic(), time.time()
+        self._socket: tuple[str, float] | None = None  # (lease, last heard) of the socket holding its audio
         # the encoder's first write needs scipy's resampler (16/24 kHz -> 48 kHz): seconds of import on
         # a busy node, so it is imported beside the rest of the start, not in front of the first segment
         threading.Thread(target=_import_resampler, name="live-import", daemon=True).start()
@@ -355,7 +361,7 @@ class LiveSessionActor:
         from this socket's stale offset, would be dropped as already had)."""
         session = self._live()
         if lease is not None:
-            held = getattr(self, "_socket", None)
+            held = self._socket
             if held is not None and held[0] != lease:
                 return {"accepted": False, "socket_taken": True, "offset": session.speech.bytes_received,
                         "buffered_s": 0.0, "state": session.state}
@@ -363,14 +369,15 @@ class LiveSessionActor:
         elif self._socket_held():  # POST beside an open socket: the socket's next bytes would be skipped as had
             return {"accepted": False, "socket_held": True, "offset": session.speech.bytes_received,
                     "buffered_s": 0.0, "state": session.state}
-        elif getattr(self, "_socket", None) is not None:  # a socket silent for 10 s: the POST takes the session
+        elif self._socket is not None:  # a socket silent for SOCKET_HOLD_S: the POST takes the session
             self._socket = ("post", time.monotonic())  # over, and that socket is told (4409) when it sends again
         return session.append(pcm, offset)
 
-    def _socket_held(self) -> bool:
-        """An audio socket holds the session: it sent or connected in the last 10 s."""
-        held = getattr(self, "_socket", None)
-        return held is not None and time.monotonic() - held[1] < 10.0
+    def _socket_held(self, other_than: str | None = None) -> bool:
+        """An audio socket (other than lease `other_than`) holds the session: it sent or connected in
+        the last `SOCKET_HOLD_S`."""
+        held = self._socket
+        return held is not None and held[0] != other_than and time.monotonic() - held[1] < SOCKET_HOLD_S
 
     def end_speech(self) -> bool:
         return self._live().end_speech()
@@ -472,20 +479,18 @@ class LiveSessionActor:
         """Take the session's audio socket for `lease`; False while another socket holds it
         (one whose holder went silent for 10 s, e.g. a dead replica, is taken over)."""
         self._live()  # a standby refuses (SessionStandby): the socket is the running actor's
-        now = time.monotonic()
-        held = getattr(self, "_socket", None)
-        if held is not None and held[0] != lease and now - held[1] < 10.0:
+        if self._socket_held(other_than=lease):
             return False
-        self._socket = (lease, now)
+        self._socket = (lease, time.monotonic())
         return True
 
     def touch(self, lease: str) -> None:
-        held = getattr(self, "_socket", None)
+        held = self._socket
         if held is None or held[0] == lease:  # after a restart the open socket takes its lease back
             self._socket = (lease, time.monotonic())
 
     def detach(self, lease: str) -> None:
-        held = getattr(self, "_socket", None)
+        held = self._socket
         if held is not None and held[0] == lease:
             self._socket = None
 
