@@ -330,11 +330,10 @@ def _local_setting_problems(settings: Settings) -> list[str]:
     """What is wrong with the settings that name things on this machine: the storage root (a
     directory this user can create and write), the default model (`builtin`, a name, or a file),
     the ffmpeg binary (an executable). Each as `field: why (got ...; LIPSYNC_FIELD)`."""
-    import os
     import shutil
     import tempfile
 
-    from cluster.models import is_named_model
+    from cluster.render import check_model
 
     problems = []
     root = settings.storage_root
@@ -345,11 +344,11 @@ def _local_setting_problems(settings: Settings) -> list[str]:
     except OSError as e:
         problems.append(f"storage_root: not a directory this user can write: {e.strerror or e} "
                         f"(got '{root}'; LIPSYNC_STORAGE_ROOT)")
-    if not is_named_model(settings.model) and not Path(settings.model).is_file():
-        problems.append(f"model: no such file (expected 'builtin' or an .onnx file) (got '{settings.model}'; "
-                        f"LIPSYNC_MODEL)")
-    if settings.ffmpeg and not (os.access(settings.ffmpeg, os.X_OK) and Path(settings.ffmpeg).is_file()
-                                or shutil.which(settings.ffmpeg)):
+    try:  # the check a job's model gets
+        check_model(settings.model, settings)
+    except LipsyncError as e:
+        problems.append(f"model: {e.message} (got '{settings.model}'; LIPSYNC_MODEL)")
+    if settings.ffmpeg and not shutil.which(settings.ffmpeg):  # a path: an executable file there; a name: on PATH
         problems.append(f"ffmpeg: not an executable file (got '{settings.ffmpeg}'; LIPSYNC_FFMPEG)")
     return problems
 
