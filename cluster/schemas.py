@@ -175,6 +175,16 @@ the whole template, audio padded with silence; `remap` stretches the template to
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 BATCH_SEPARATOR = "--"  # a batch's jobs are `<batch>--000`, `<batch>--001`, ...
+
+
+def batch_job_id(batch_id: str, index: int) -> str:
+    """The id of a batch's job `index` (its audio's place in the batch)."""
+    return f"{batch_id}{BATCH_SEPARATOR}{index:03d}"
+
+
+def batch_of(job_id: str) -> str | None:
+    """The batch a job belongs to, or None."""
+    return job_id.split(BATCH_SEPARATOR, 1)[0] if BATCH_SEPARATOR in job_id else None
 MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 #: A spec of the built-in model: `builtin`, `builtin:S` (or `builtin-S`); group 1 is S. A model file
 #: whose name merely starts with "builtin" is not one.

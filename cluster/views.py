@@ -2,7 +2,7 @@
 shared by the HTTP ingress and the callback notifier."""
 from __future__ import annotations
 
-from cluster.schemas import BATCH_SEPARATOR, JobState, JobStatus, JobView, OutputInfo
+from cluster.schemas import JobState, JobStatus, JobView, OutputInfo, batch_of
 
 STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
           JobState.finalizing: "finalize", JobState.succeeded: "done", JobState.failed: "done",
@@ -34,8 +34,7 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
                    timings=timings, error=st.error, output=out, sync_mode=sync,
-                   batch_id=st.id.split(BATCH_SEPARATOR, 1)[0] if BATCH_SEPARATOR in st.id else None,
-                   watch_url=watch_url, inputs=inputs)
+                   batch_id=batch_of(st.id), watch_url=watch_url, inputs=inputs)
 
 
 def _given_name(given: str) -> str:

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
 from cluster.render import new_job_id
-from cluster.schemas import BATCH_SEPARATOR, BatchCreate, BatchView, JobState
+from cluster.schemas import BatchCreate, BatchView, JobState, batch_job_id
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
 from service.errors import ApiProblem, QueueFull, error_responses, field_of
@@ -44,7 +44,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
             staged["video"] = await backend.stage_input(body.video, "video", tmpdir)
         for i, audio in enumerate(body.audios):
             try:
-                st = await backend.create_job(f"{batch_id}{BATCH_SEPARATOR}{i:03d}", audio, body.video, body.avatar_id,
+                st = await backend.create_job(batch_job_id(batch_id, i), audio, body.video, body.avatar_id,
                                               body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
@@ -53,8 +53,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                          "model": body.model}) if isinstance(e, LipsyncError) else None
                     e.field = "audios" if field in (None, "audio") else field
                 if i:
-                    accepted = (f"its job {batch_id}--000 was" if i == 1 else
-                                f"its jobs {batch_id}--000 to {batch_id}--{i - 1:03d} were")
+                    accepted = (f"its job {batch_job_id(batch_id, 0)} was" if i == 1 else
+                                f"its jobs {batch_job_id(batch_id, 0)} to {batch_job_id(batch_id, i - 1)} were")
                     e.message = (f"batch {batch_id}: audio {i} ({audio}): {e.message}; {accepted} accepted (send "
                                  f"the request again with id {batch_id}: jobs already accepted are not submitted "
                                  f"twice)")
@@ -71,7 +71,7 @@ async def _exists(backend: Backend, batch_id: str | None) -> bool:
     if batch_id is None:
         return False
     try:
-        await backend.gateway.get(f"{batch_id}{BATCH_SEPARATOR}000")
+        await backend.gateway.get(batch_job_id(batch_id, 0))
         return True
     except JobNotFound:
         return False
@@ -103,7 +103,7 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
     i = 0
     while n is None or i < n:
         try:
-            jobs.append(backend.view(await backend.gateway.get(f"{batch_id}{BATCH_SEPARATOR}{i:03d}")))
+            jobs.append(backend.view(await backend.gateway.get(batch_job_id(batch_id, i))))
         except JobNotFound:
             break
         i += 1
