@@ -676,6 +676,11 @@ async function loadAvatars() {
   }
 }
 
+// an avatar's frames as a user counts them: a photo is one
+function framesLabel(avatar) {
+  return avatar.frames === 1 ? "a photo" : avatar.frames + " frames";
+}
+
 function avatarRow(avatar) {
   const row = document.createElement("li");
   row.className = "job-row";
@@ -683,7 +688,7 @@ function avatarRow(avatar) {
   id.textContent = avatar.id;
   const meta = document.createElement("span");
   meta.className = "meta";
-  const parts = [avatar.frames === 1 ? "a photo" : avatar.frames + " frames"];
+  const parts = [framesLabel(avatar)];
   if (avatar.width && avatar.height) parts.push(avatar.width + "×" + avatar.height);
   if (avatar.fps && avatar.frames > 1) parts.push(avatar.fps + " fps");
   if (avatar.duration && avatar.frames > 1) parts.push(seconds(avatar.duration));
@@ -737,7 +742,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
 onTabShown("avatars", loadAvatars);
 
 // --- start ----------------------------------------------------------------------------------
-window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError };
+window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError, framesLabel };
 
 $("token-state").hidden = !token();
 showTemplateChoice();

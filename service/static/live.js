@@ -13,7 +13,7 @@
 "use strict";
 
 (() => {
-  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError } = window.lipsync;
+  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError, framesLabel } = window.lipsync;
   const $ = (id) => document.getElementById(id);
   const RATES = [16000, 24000, 48000];
   const CHUNK_SECONDS = 0.04; // one WebSocket message per 40 ms of speech
@@ -57,7 +57,7 @@
       const option = document.createElement("option");
       option.value = avatar.id;
       const size = avatar.width && avatar.height ? ", " + avatar.width + "×" + avatar.height : "";
-      option.textContent = avatar.id + " (" + (avatar.frames === 1 ? "a photo" : avatar.frames + " frames") + size + ")";
+      option.textContent = avatar.id + " (" + framesLabel(avatar) + size + ")";
       select.append(option);
     }
     if (chosen) select.value = chosen;
@@ -314,11 +314,16 @@
   }
 
   // --- buttons ------------------------------------------------------------------------------------
+  // the microphone stops (`flush`: its last part is sent first); its socket is left as it is
+  function stopMicrophone(session, flush) {
+    session.speaking = false;
+    closeMicrophone(session.mic, flush);
+    session.mic = null;
+  }
+
   function stopSpeaking(session, sendEnd) {
     if (!session.speaking) return;
-    session.speaking = false;
-    closeMicrophone(session.mic, sendEnd);
-    session.mic = null;
+    stopMicrophone(session, sendEnd);
     if (sendEnd) {
       // after the flushed last chunk; `ready` sends it for a socket still connecting
       setTimeout(() => {
@@ -397,11 +402,9 @@
   async function endSession() {
     const session = live;
     if (!session) return;
-    if (session.speaking) { // the microphone stops; its socket stays open for the end below
-      session.speaking = false;
+    if (session.speaking) { // its socket stays open for the end below
       if (session.utterance) session.utterance.ended = true;
-      closeMicrophone(session.mic, false);
-      session.mic = null;
+      stopMicrophone(session, false);
       buttons();
     }
     const ws = session.ws;
