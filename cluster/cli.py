@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -350,6 +351,13 @@ def _local_setting_problems(settings: Settings) -> list[str]:
         problems.append(f"model: {e.message} (got '{settings.model}'; LIPSYNC_MODEL)")
     if settings.ffmpeg and not shutil.which(settings.ffmpeg):  # a path: an executable file there; a name: on PATH
         problems.append(f"ffmpeg: not an executable file (got '{settings.ffmpeg}'; LIPSYNC_FFMPEG)")
+    elif settings.video_encoder != "libx264":  # every job's segments would fail at their encode
+        from cluster.media.ffmpeg import ffmpeg_binary, ffmpeg_has_encoder
+
+        if not ffmpeg_has_encoder(settings.video_encoder, settings):
+            problems.append(f"video_encoder: the ffmpeg here ({ffmpeg_binary(settings)}) has no "
+                            f"{settings.video_encoder} encoder (got '{settings.video_encoder}'; LIPSYNC_VIDEO_ENCODER: "
+                            "libx264, or name an ffmpeg that has it in LIPSYNC_FFMPEG)")
     return problems
 
 
@@ -477,6 +485,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             _print_view(c.get(args.id))
             return 0
     return _client_call(run)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """The service's jobs, newest first: one line each (id, state, frames, age, inputs or error), or
+    the page as JSON; the next page's `--before` on stderr when there is one."""
+    def run() -> int:
+        with _client(args) as c:
+            page = c.list(state=args.state, limit=args.limit, before=args.before)
+        if args.json:
+            print(page.model_dump_json(indent=2))
+        else:
+            now = datetime.now(timezone.utc)
+            for view in page.jobs:
+                what = (f"{view.error.code}: {view.error.message}" if view.error
+                        else " ".join(f"{k}={v}" for k, v in (view.inputs or {}).items()))
+                print(f"{view.id}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
+                      f"{_age(now - view.created_at):>4} ago  {what}")
+            if not page.jobs:
+                print("no jobs" + (f" in state {', '.join(args.state)}" if args.state else ""), file=sys.stderr)
+        if page.next_before:
+            print(f"more: lipsync list --before {page.next_before}", file=sys.stderr)
+        return 0
+    return _client_call(run)
+
+
+def _age(delta) -> str:
+    """A duration as its largest unit: 42s, 7m, 3h, 12d."""
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -681,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-q", "--quiet", action="store_true")
         remote(sp)
         sp.set_defaults(func=fn)
+    ls = sub.add_parser("list", help="the service's jobs, newest first")
+    ls.add_argument("--state", action="append", choices=[s.value for s in JobState],
+                    help="only jobs in this state (repeatable)")
+    ls.add_argument("--limit", type=_bounded_int(1, 500, "1-500"), default=20, help="jobs per page (default 20)")
+    ls.add_argument("--before", metavar="ID", help="the page after this job (what the last page printed)")
+    ls.add_argument("--json", action="store_true", help="the page as JSON (JobPage)")
+    remote(ls)
+    ls.set_defaults(func=cmd_list)
     lv = sub.add_parser("live", help="stream an audio file into a live session; prints the HLS URL and latency")
     lv.add_argument("--avatar", required=True, help="a prepared avatar id (POST /v1/avatars)")
     lv.add_argument("--audio", required=True, help="a local audio file (sent as PCM over the session's socket)")

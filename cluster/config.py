@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# x264's presets, fastest first (what libx264 and ffmpeg's -preset take)
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                     "placebo"]
 
 
 def _default_storage_root() -> Path:
@@ -52,8 +57,9 @@ class Settings(BaseSettings):
     # encoder CPU, +0.7 dB PSNR, +26 % bytes
     crf: int = Field(18, ge=0, le=51, description="x264 constant rate factor of rendered video (lower: better, "
                      "bigger); a request's crf overrides it")
-    preset: str = Field("superfast", description="x264 preset of rendered video")
-    video_encoder: str = Field("libx264", description="libx264, or h264_nvenc where the ffmpeg has it")
+    preset: X264Preset = Field("superfast", description="x264 preset of rendered video")
+    video_encoder: Literal["libx264", "h264_nvenc"] = Field("libx264", description="libx264, or h264_nvenc where "
+                                                            "the ffmpeg has it")
     encode_in_process: bool = Field(True, description="libx264 segments encoded in the compositor's process "
                                     "(PyAV's libx264, on a thread of its own; about 90 ms of CPU less per 50-frame "
                                     "720p segment than starting an ffmpeg); false: an ffmpeg child per segment, "
@@ -243,7 +249,7 @@ class Settings(BaseSettings):
     live_restart_wait_s: float = Field(30.0, gt=0, description="how long the service retries a call that met a "
                                        "session's actor dead (restarting) before answering 503")
     live_crf: int = Field(23, ge=0, le=51, description="x264 constant rate factor of live streams")
-    live_preset: str = Field("veryfast", description="x264 preset of live streams")
+    live_preset: X264Preset = Field("veryfast", description="x264 preset of live streams")
 
     @field_validator("storage_root", mode="before")
     @classmethod

@@ -321,9 +321,18 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         ("setting out of range", [*CLI, "render", "--audio", str(inputs["speech"]), "--video",
                                   str(inputs["template"]), "-o", str(workdir / "x.mp4"), "--chunk-seconds", "0"], 2,
          "settings.invalid: chunk_seconds"),
+        # a preset x264 does not have failed every job's encode, after its prepare
+        ("x264 preset misspelt", [*CLI, "render", "--audio", str(inputs["speech"]), "--video",
+                                  str(inputs["template"]), "-o", str(workdir / "x.mp4"), "LIPSYNC_PRESET=superfst"], 2,
+         "settings.invalid: preset: Input should be 'ultrafast', 'superfast'"),
+        ("encoder unknown", [*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                             "-o", str(workdir / "x.mp4"), "LIPSYNC_VIDEO_ENCODER=libx265"], 2,
+         "settings.invalid: video_encoder"),
     ]
     for what, args, code, said in cases:
-        rc, _, err, elapsed = run_cli(args, env, workdir, timeout=60)
+        variables = dict(a.split("=", 1) for a in args if a.startswith("LIPSYNC_"))
+        args = [a for a in args if not a.startswith("LIPSYNC_")]
+        rc, _, err, elapsed = run_cli(args, {**env, **variables}, workdir, timeout=60)
         assert rc == code and said in err and "Traceback" not in err, (what, rc, err[-2000:])
         assert elapsed < BAD_INPUT_DEADLINE_S, (what, elapsed)
     rc, _, err, elapsed = run_cli([*CLI, "wait", "job1", "--timeout", "1", *nowhere], env, workdir, timeout=60)

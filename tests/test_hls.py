@@ -351,6 +351,12 @@ def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
         own = anon.get(watch, headers={"Origin": service.url})  # CORS: the service's own page only
         assert own.status_code == 200 and own.headers["access-control-allow-origin"] == service.url
         assert "access-control-allow-origin" not in anon.get(watch, headers={"Origin": "https://evil.example"}).headers
+        for url in (watch, watch.replace("index.m3u8", "init.mp4")):  # HEAD (a player or CDN probing first)
+            got, probe = anon.get(url), anon.head(url)
+            assert probe.status_code == 200 and not probe.content, (url, probe.status_code)
+            assert probe.headers["content-length"] == str(len(got.content))
+            assert probe.headers["content-type"] == got.headers["content-type"]
+        assert anon.head(path).status_code == 401  # the same access as GET
         assert http.get("/v1/jobs/no-such-job/hls/index.m3u8").status_code == 404
         assert http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s").status_code == 404  # not published
         assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404

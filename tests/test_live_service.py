@@ -234,7 +234,13 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
         playlist = httpx.get(session.hls_url, timeout=30).text
         assert "#EXT-X-ENDLIST" in playlist, playlist
         first = re.search(r"^(?!#)(\S+)$", playlist, re.M).group(1)  # its first segment, from disk
-        assert httpx.get(session.hls_url.split("/index.m3u8")[0] + "/" + first, timeout=30).content
+        segment = httpx.get(session.hls_url.split("/index.m3u8")[0] + "/" + first, timeout=30)
+        assert segment.content
+        # a player or CDN that asks HEAD first gets the headers a GET has, without the body
+        probe = httpx.head(session.hls_url.split("/index.m3u8")[0] + "/" + first, timeout=30)
+        assert probe.status_code == 200 and not probe.content, probe.status_code
+        assert probe.headers["content-length"] == str(len(segment.content))
+        assert httpx.head(session.hls_url, timeout=30).status_code == 200
         again = api.delete(f"/v1/sessions/{session.id}")  # a repeated DELETE: the same end
         assert again.status_code == 200 and again.json()["reason"] == "deleted", again.text
         late = api.post(f"/v1/sessions/{session.id}/audio", params={"offset": 0}, content=b"\x00\x00")

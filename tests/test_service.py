@@ -373,6 +373,22 @@ def test_shell_client(service, svc_media, tmp_path):
     new_id = r.stdout.strip()
     r = subprocess.run(lipsync + ["cancel", new_id], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["state"] in ("cancelled", "succeeded")
+    new_state = json.loads(r.stdout)["state"]
+    # the jobs, newest first, one line each; filtered by state; as JSON; paged with --before
+    r = subprocess.run(lipsync + ["list", "--state", "succeeded", "--limit", "500"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith(job_id + " "))
+    assert line.split()[1] == "succeeded" and "audio=" in line, line
+    assert (new_id in r.stdout) == (new_state == "succeeded"), (new_state, r.stdout)  # filtered by its state
+    r = subprocess.run(lipsync + ["list", "--limit", "1", "--json"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    page = json.loads(r.stdout)
+    assert r.returncode == 0 and [v["id"] for v in page["jobs"]] == [new_id], r.stdout  # the newest
+    assert f"--before {page['next_before']}" in r.stderr
+    r = subprocess.run(lipsync + ["list", "--limit", "1", "--before", new_id], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 and new_id not in r.stdout, r.stdout
     r = subprocess.run(lipsync + ["status", "no-such-job"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "job.not_found" in r.stderr
     r = subprocess.run(lipsync + ["status", job_id, "--token", "wrong"], env=env, capture_output=True, text=True,

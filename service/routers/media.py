@@ -44,6 +44,7 @@ def _stream_headers(request: Request, signed: str) -> dict[str, str]:
     return headers
 
 
+@hls_router.head("/index.m3u8", include_in_schema=False)  # a player or CDN probing first
 @hls_router.get("/index.m3u8", response_class=Response,
                 responses={200: {"content": {"application/vnd.apple.mpegurl": {}}}},
                 summary="The job's HLS playlist: EVENT while it renders, ENDLIST once it has ended")
@@ -54,6 +55,7 @@ async def hls_playlist(job_id: str, request: Request, signed: str = Depends(requ
                     headers={"Cache-Control": "no-cache", **_stream_headers(request, signed)})
 
 
+@hls_router.head("/{name}", include_in_schema=False)  # a player or CDN probing first
 @hls_router.get("/{name}", response_class=Response,
                 responses={200: {"content": {"video/mp4": {}, "video/iso.segment": {}}}},
                 summary="An init segment (init.mp4) or media segment (.m4s) of the job's HLS stream")

@@ -439,6 +439,7 @@ async def get_recording(session_id: str, request: Request) -> Response:
 
 
 # --- the stream (players: no headers, the session token in the query) -------------------------------
+@public_router.head("/{session_id}/hls/{name}", include_in_schema=False)  # a player or CDN probing first
 @public_router.get("/{session_id}/hls/{name}", include_in_schema=True,
                    summary="The live HLS playlist (index.m3u8: sliding window, fMP4 segments <= 0.5 s) "
                            "and its init and media segments; ?token= the session token")
