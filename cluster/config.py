@@ -345,6 +345,7 @@ def settings_reference() -> str:
     writes it; tests/test_config.py keeps the file equal to it."""
     import inspect
     import re
+    import typing
 
     def default(field) -> str:
         if field.default_factory is not None:
@@ -371,6 +372,8 @@ def settings_reference() -> str:
         elif (m := re.match(r"    (\w+): ", line)) and m.group(1) in fields:
             field = fields[m.group(1)]
             what = (field.description or "").replace("|", "\\|")
+            if typing.get_origin(field.annotation) is Literal:  # what it takes, all of it
+                what += f" (one of: {', '.join(map(str, typing.get_args(field.annotation)))})"
             out.append(f"| `LIPSYNC_{m.group(1).upper()}` | {default(field)} | {what} |")
     return "\n".join(out) + "\n"
 
