@@ -355,6 +355,16 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         time.sleep(1.0)
         after = api.get(f"/v1/sessions/{sid}").json()
         assert after["state"] == "live" and after["seconds_received"] == received, (received, after)
+        # leaving the page (a reload, a closed tab) would end the session: the browser asks first; declined,
+        # the page and its session stay
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        asked = []
+        page.once("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+        with pytest.raises(PlaywrightTimeout):  # declined: the reload never happens
+            page.reload(timeout=3000)
+        assert asked == ["beforeunload"] and page.is_enabled("#live-end"), asked
+        assert api.get(f"/v1/sessions/{sid}").json()["state"] == "live"
 
         # End session at once: the speech it still holds is said first (the page used DELETE, which drops
         # it: 2.7 s of 9 were never rendered), and the page closes its socket itself (the server's 4410

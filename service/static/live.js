@@ -470,6 +470,13 @@
   $("live-stop").addEventListener("click", () => live && stopSpeaking(live, true));
   $("live-end").addEventListener("click", endSession);
   $("live-recording").addEventListener("click", downloadRecording);
+  // a reload or a closed tab ends a running session: the browser asks first
+  window.addEventListener("beforeunload", (event) => {
+    if (live && live.view && !ENDED.has(live.view.state)) {
+      event.preventDefault();
+      event.returnValue = ""; // (older browsers ask only when it is set)
+    }
+  });
   // leaving the page ends its session (keepalive: the request outlives the page)
   window.addEventListener("pagehide", () => {
     if (live && live.view && !ENDED.has(live.view.state)) {
