@@ -234,6 +234,9 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
         playlist = httpx.get(session.hls_url, timeout=30).text
         assert "#EXT-X-ENDLIST" in playlist, playlist
         first = re.search(r"^(?!#)(\S+)$", playlist, re.M).group(1)  # its first segment, from disk
+        # the journal's PCM went with the end: the recording holds that speech (it was kept until retention)
+        journal = service.storage_root / "sessions" / session.id
+        assert (journal / "final.json").exists() and not (journal / "audio.pcm").exists()
         segment = httpx.get(session.hls_url.split("/index.m3u8")[0] + "/" + first, timeout=30)
         assert segment.content
         # a player or CDN that asks HEAD first gets the headers a GET has, without the body

@@ -15,7 +15,8 @@ Under the session's directory (`<storage root>/sessions/<id>/`):
   last speech frame they hold (utterance, frame, PCM samples taken, speech frames done). A
   restarted actor continues from the last line: frames rendered but not published are rendered
   again; nothing published is rendered twice.
-- `final.json`: the session's final view once it has ended (its recording beside it).
+- `final.json`: the session's final view once it has ended (its recording beside it); a session
+  that ended with its recording has `audio.pcm` removed then (the recording holds that speech).
 - `active.lock`: locked (`flock`, exclusive) by the one process that runs the session. The kernel
   releases it the moment that process dies, however it dies: the session's standby, waiting for
   it, takes the session over at once (`actors.live`), and two processes never both write here.
@@ -176,6 +177,15 @@ class SessionJournal:
         except BaseException:
             os.ftruncate(self._audio.fileno(), start)
             raise
+
+    def drop_audio(self) -> None:
+        """Remove the PCM received: once the session has ended with its recording, which holds that
+        speech, the journal's copy (there for a restarted actor) is 115 MB an hour at 16 kHz kept
+        for nothing."""
+        if self._audio is not None:
+            self._audio.close()
+            self._audio = None
+        (self.dir / AUDIO_FILE).unlink(missing_ok=True)
 
     def note(self, event: dict) -> None:
         if self._closed:  # a late call (a finish racing the session's end) writes nothing after the end

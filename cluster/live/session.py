@@ -441,6 +441,8 @@ class LiveSession:
             if self.journal is not None:
                 try:
                     self.journal.save_final({**self.stats(), "ended_wall": time.time()})
+                    if ok and self.recording is not None:  # the recording holds its speech now
+                        self.journal.drop_audio()
                 finally:
                     self.journal.close()
             log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
