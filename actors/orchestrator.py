@@ -28,10 +28,10 @@ from actors.supervision import Supervisor, TaskSet
 from cluster import heap
 from cluster.config import Settings
 from cluster.errors import (
+    HlsNotPublished,
     InputsGone,
     JobAbandoned,
     JobConflict,
-    JobNotFound,
     JobNotReady,
     LipsyncError,
     OutputExpired,
@@ -362,7 +362,8 @@ class JobManager:
         self.store.get(job_id)
         plan = self._plan(job_id)
         if plan is None:
-            raise JobNotFound(f"job {job_id} has no published HLS file {name} yet", job_id=job_id)
+            raise HlsNotPublished(f"job {job_id} has no published HLS file {name} yet (it is being prepared)",
+                                  job_id=job_id)
         length = max(0, min(int(length), self.s.transfer_part_bytes))
         return await asyncio.to_thread(read_published, plan, name, int(offset), length)
 

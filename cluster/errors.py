@@ -181,6 +181,13 @@ class JobNotFound(LipsyncError):
     retryable = False
 
 
+class HlsNotPublished(LipsyncError):
+    """A file of a job's HLS stream that is not published (yet, or at all): the job exists (HTTP 404)."""
+    code = "hls.not_published"
+    exit_code = 2
+    retryable = False
+
+
 class JobConflict(LipsyncError):
     """The same job id was submitted again with other inputs (HTTP 409)."""
     code = "job.conflict"

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.config import Settings
-from cluster.errors import JobNotFound, LipsyncError, OutputVerificationError
+from cluster.errors import HlsNotPublished, LipsyncError, OutputVerificationError
 from cluster.fsutil import sweep_temporaries, temporary_name
 from cluster.media import fmp4
 from cluster.media.aac import AacTrack
@@ -451,7 +451,8 @@ def read_published(plan, name: str, offset: int, length: int) -> bytes:
         listed.add(marker["init"])
         listed.update(p["name"] for p in marker["parts"])
     if not FILE_NAME.fullmatch(name) or name not in listed or not (directory / name).is_file():
-        raise JobNotFound(f"job {plan.job_id} has no published HLS file {name}", job_id=plan.job_id)
+        raise HlsNotPublished(f"job {plan.job_id} has no published HLS file {name} (its playlist lists what is)",
+                              job_id=plan.job_id)
     with open(directory / name, "rb") as f:
         f.seek(max(0, offset))
         return f.read(max(0, length))

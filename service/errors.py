@@ -63,7 +63,7 @@ def http_status(err: LipsyncError) -> int:
         return 400
     if code.startswith("input.") or code.startswith("model.invalid"):
         return 400
-    if code in ("job.not_found", "avatar.not_found", "session.not_found", "batch.not_found"):
+    if code in ("job.not_found", "avatar.not_found", "session.not_found", "batch.not_found", "hls.not_published"):
         return 404
     if code in ("session.ended", "session.actor_lost", "session.restart_failed"):
         return 410  # a session that has ended (or failed): what the HTTP routes and the socket (4410) say

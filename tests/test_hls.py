@@ -358,7 +358,8 @@ def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
             assert probe.headers["content-type"] == got.headers["content-type"]
         assert anon.head(path).status_code == 401  # the same access as GET
         assert http.get("/v1/jobs/no-such-job/hls/index.m3u8").status_code == 404
-        assert http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s").status_code == 404  # not published
+        unpublished = http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s")  # the job exists: not job.not_found
+        assert unpublished.status_code == 404 and unpublished.json()["error"]["code"] == "hls.not_published"
         assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404
         # cancelled mid-run: the playlist ends (ENDLIST) after what was published, and stays so
         assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
