@@ -121,6 +121,31 @@ def test_probe_counts_frames_behind_an_edit_list(media, settings):
     assert v.frame_count == decoded == 37  # the header says 50
 
 
+def test_files_whose_header_tells_no_duration_are_measured_from_their_packets(media, settings, tmp_path):
+    """A browser's MediaRecorder WebM, a Matroska written to a pipe and a raw H.264 stream say no
+    duration in their header: they were refused as "no usable picture (0 frames)" and "no usable
+    samples (duration 0.0 s)". Their packets are counted; a raw stream (no timestamps) keeps its
+    demuxer's rate (its base rate, 50, made it a 50 fps template of doubled frames)."""
+    live = tmp_path / "recorded.webm"
+    ffmpeg("-i", str(media["pal"]), "-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libopus", "-live", "1",
+           "-f", "webm", str(live))
+    piped, raw = tmp_path / "piped.mkv", tmp_path / "raw.h264"
+    with open(piped, "wb") as out:
+        subprocess.run([ffmpeg_binary(settings), "-v", "error", "-i", str(media["pal"]), "-c", "copy", "-f", "matroska",
+                        "-"], stdout=out, check=True, timeout=60)
+    ffmpeg("-i", str(media["pal"]), "-c:v", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264", str(raw))
+    for path in (live, piped, raw):
+        with av.open(str(path)) as c:  # what made them fail: no duration anywhere in the header
+            assert not c.duration and not c.streams.video[0].duration, path
+        v = probe_video(path, settings).video
+        assert v.frame_count == 50 and v.duration == pytest.approx(2.0, abs=0.05) and v.fps == 25, (path, v)
+        assert not v.variable_frame_rate, path
+    a = probe_audio(live, settings).audio
+    assert a.duration == pytest.approx(2.0, abs=0.05), a
+    t = normalize_template(raw, settings)
+    assert t.info.video.fps == 25 and t.info.video.frame_count == 50, t.info.video
+
+
 def test_probe_rotation_swaps_display_size(media, settings):
     v = probe(media["rot"], settings).video
     assert v.rotation in (90, 270)

@@ -143,6 +143,29 @@ def count_packets(container: av.container.InputContainer, stream) -> int:
     return sum(1 for packet in container.demux(stream) if packet.size > 0 and not packet.is_discard)
 
 
+def scan_streams(path: str, indices: list[int]) -> dict[int, tuple[int, float | None]]:
+    """Per stream index: (packets with data, seconds from its first packet's start to its last's end,
+    None where the packets carry no timestamps), by demuxing the whole file once (no decoding). For
+    files whose header tells no duration: a browser's MediaRecorder WebM, a piped Matroska, a raw
+    H.264 stream."""
+    counts = {i: 0 for i in indices}
+    first: dict[int, int] = {}
+    end: dict[int, int] = {}
+    with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        streams = [container.streams[i] for i in indices]
+        bases = {s.index: s.time_base for s in streams}
+        for packet in container.demux(*streams):
+            i = packet.stream.index
+            if i not in counts or packet.size <= 0 or packet.is_discard:
+                continue
+            counts[i] += 1
+            if packet.pts is not None:
+                first[i] = min(first.get(i, packet.pts), packet.pts)
+                end[i] = max(end.get(i, packet.pts), packet.pts + (packet.duration or 0))
+    return {i: (counts[i], float((end[i] - first[i]) * bases[i]) if i in end and bases[i] else None)
+            for i in indices}
+
+
 def count_video_frames(path: str | os.PathLike) -> int:
     """Exact number of frames of the first video stream of a file, by demuxing it."""
     try:
@@ -185,6 +208,8 @@ REORDER_WINDOW = 16  # the deepest B-frame reordering H.264 allows (max_dec_fram
 
 
 def _is_variable(stream, fps: Fraction, pts: list[int]) -> bool:
+    if not pts:  # no timestamps at all (a raw H.264 stream): frames laid at the demuxer's rate, one after another
+        return False
     base = stream.base_rate
     if base and base.numerator > 0 and abs(float(base) - float(fps)) > VFR_TOLERANCE * float(fps):
         return True
@@ -352,7 +377,18 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
         if not videos and not audios:
             raise InputUnreadable(f"{p} has neither an audio nor a video stream", path=p)
         video = _video_info(p, container, videos[0], duration, size) if videos else None
-        audio = _audio_info(audios[speech_stream(p) if len(audios) > 1 else 0], duration) if audios else None
+        speech = audios[speech_stream(p) if len(audios) > 1 else 0] if audios else None
+        audio = _audio_info(speech, duration) if speech is not None else None
+        untimed = [s.index for s, info in ((videos[0] if videos else None, video), (speech, audio))
+                   if info is not None and info.duration <= 0]
+        if untimed:  # a header without durations (a live or piped recording): the packets tell
+            extent = scan_streams(p, untimed)
+            if video is not None and videos[0].index in extent:
+                frames, seconds = extent[videos[0].index]
+                video = video.model_copy(update={"frame_count": frames,
+                                                 "duration": seconds or frames / video.fps_num * video.fps_den})
+            if audio is not None and speech.index in extent:
+                audio = audio.model_copy(update={"duration": extent[speech.index][1] or 0.0})
         if not duration:
             duration = max(video.duration if video else 0.0, audio.duration if audio else 0.0)
         return MediaInfo(path=p, format=container.format.name, duration=duration, size_bytes=size,
