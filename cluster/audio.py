@@ -69,6 +69,17 @@ def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:
                               cause=err_text[-2000:] or None)
 
 
+def _check_finite(path: str, samples: np.ndarray, first: int, sample_rate: int) -> None:
+    """`InputUnreadable` when decoded samples (the file's from sample `first`) hold NaN or infinity: a
+    float file that is corrupt. They reached the mel (and the job's AAC encoder, which refused them as
+    "Invalid argument", a render fault naming the server's copy of the file)."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        at = (first + int(np.argmin(finite))) / sample_rate
+        raise InputUnreadable(f"audio {path} holds samples that are not numbers (NaN or infinite), "
+                              f"the first at {at:.2f} s: the file is corrupt (export it again)", path=path)
+
+
 def load_audio(path: str, settings: Settings | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode the first audio stream of `path` (an audio file or a video's audio track) to
     float32 mono at `sample_rate` with ffmpeg, held whole in memory (64 KB a second: a job's
@@ -84,6 +95,7 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
                                    what=f"decoding audio of {path!r}", settings=s)
     wav = raw.view(np.float32)
     _check_decoded(path, rc, stderr, wav.size)
+    _check_finite(path, wav, 0, sample_rate)
     return wav
 
 
@@ -108,6 +120,7 @@ def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = N
             return 0
         data = tail + data
         whole = len(data) - len(data) % 4
+        _check_finite(path, np.frombuffer(data, np.float32, whole // 4), written, sample_rate)
         out.write(data[:whole])
         tail = data[whole:]
         written += whole // 4

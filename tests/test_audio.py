@@ -253,3 +253,24 @@ def test_audio_whose_header_hides_its_length_is_refused_while_decoding(tmp_path)
         with pytest.raises(InputTooLong, match="1.5 s"):
             audio.decode_audio_to_file(path, raw, s)
         assert raw.tell() <= (1.5 + 1) * 16000 * 4 + (1 << 20)  # stopped near the limit
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_float_audio_holding_nan_or_infinity_is_refused_naming_where(tmp_path, bad):
+    """A float WAV with NaN or infinite samples passed admission and the mel, then failed the job's
+    AAC encoder ("Invalid argument": `render.encode_failed`, exit 1, naming the server's copy); the
+    decode now refuses it as corrupt input, with the time of the first such sample."""
+    import scipy.io.wavfile
+
+    samples = (0.1 * np.sin(np.arange(3 * SR) * 2 * np.pi * TONE_HZ / SR)).astype(np.float32)
+    samples[int(1.5 * SR):int(1.5 * SR) + 100] = bad
+    path = tmp_path / "corrupt.wav"
+    scipy.io.wavfile.write(path, SR, samples)
+    with open(tmp_path / "raw.f32", "w+b") as raw:
+        with pytest.raises(InputUnreadable, match=r"corrupt.wav holds samples that are not numbers .* at 1\.[45]"):
+            audio.decode_audio_to_file(str(path), raw)
+    with pytest.raises(InputUnreadable, match="not numbers"):
+        audio.load_audio(str(path))
+    samples[int(1.5 * SR):int(1.5 * SR) + 100] = 0.0  # the same file without them decodes
+    scipy.io.wavfile.write(path, SR, samples)
+    assert audio.load_audio(str(path)).size == 3 * SR
