@@ -244,6 +244,19 @@ def test_normalize_variable_rate_becomes_constant(media, settings):
     assert len({b - a for a, b in zip(pts, pts[1:])}) == 1
 
 
+@pytest.mark.parametrize("rate, expected", [("2", 25), ("1000", 50), ("120", 60), ("90", 30)])
+def test_a_template_rate_out_of_bounds_is_brought_within_them(settings, tmp_path, rate, expected):
+    """A slideshow (2 fps) gave a 2 fps output whose mouth moved twice a second, a 1000 fps source a
+    1000 fps output (40 times the frames to render): frames are repeated up to 25 fps, or taken at
+    even intervals down to the highest of 60, 50, 30, 25 that divides the rate."""
+    source = tmp_path / f"r{rate}.mp4"
+    ffmpeg(*video_src(rate, seconds=2), *H264, str(source))
+    assert probe_video(source, settings).video.fps == int(rate)
+    t = normalize_template(source, settings)
+    v = t.info.video
+    assert v.fps == expected and abs(v.frame_count - 2 * expected) <= 1 and not v.variable_frame_rate, v
+
+
 def test_normalize_applies_rotation(media, settings):
     t = normalize_template(media["rot"], settings)
     v = t.info.video

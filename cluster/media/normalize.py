@@ -57,12 +57,32 @@ def _standard(fps: Fraction | float) -> Fraction | None:
     return next((rate for rate in STANDARD_RATES if abs(fps - rate) <= rate / 100), None)
 
 
+#: The rates a template is brought within (`target_fps`): below MIN its frames are repeated at
+#: LOW_RATE_TARGET, as a photo's (a 1 fps slideshow gave a 1 fps output, its mouth moving once a
+#: second); above MAX, frames are dropped to a rate no higher (a 1000 fps source gave a 1000 fps
+#: output, 40 times the render for frames no player shows).
+MIN_TEMPLATE_FPS, LOW_RATE_TARGET, MAX_TEMPLATE_FPS = Fraction(10), Fraction(25), Fraction(60)
+#: Rates a fast source is brought down to, preferred in this order where they divide its rate (frames
+#: then taken at even intervals: 1000 -> 50, 120 -> 60, 90 -> 30); else MAX_TEMPLATE_FPS.
+HIGH_RATE_TARGETS = (Fraction(60), Fraction(50), Fraction(30), Fraction(25))
+
+
 def target_fps(info: MediaInfo) -> Fraction:
     """The constant rate of the normalised template: the source's exact rate. For a variable-rate
     source, the standard rate its frames are laid on (its cadence, r_frame_rate: a 25 fps recording
     that dropped frames stays 25 fps, the gaps filled by repeating frames, rather than becoming a
     10 fps video whose mouth would move 10 times a second); else its average rate, snapped to a
-    standard rate within 1 % (29.87 -> 30000/1001)."""
+    standard rate within 1 % (29.87 -> 30000/1001). Then brought within MIN_TEMPLATE_FPS and
+    MAX_TEMPLATE_FPS."""
+    fps = _source_rate(info)
+    if fps < MIN_TEMPLATE_FPS:
+        return LOW_RATE_TARGET
+    if fps > MAX_TEMPLATE_FPS:
+        return next((rate for rate in HIGH_RATE_TARGETS if (fps / rate).denominator == 1), MAX_TEMPLATE_FPS)
+    return fps
+
+
+def _source_rate(info: MediaInfo) -> Fraction:
     v = info.video
     fps = v.fps
     if not v.variable_frame_rate:
@@ -92,6 +112,8 @@ def _load_cached(template_id: str, path: Path, source: str,
     except InputError:
         return None  # an unreadable cache entry is rebuilt
     if info.video is None or info.video.full_range:  # stored before ranges were converted: made again
+        return None
+    if not MIN_TEMPLATE_FPS <= info.video.fps <= MAX_TEMPLATE_FPS:  # stored before rates were bounded
         return None
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
@@ -127,7 +149,8 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     `2 * gop_frames` frames), so it is used as is instead of re-encoded; None otherwise."""
     v = info.video
     if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
-            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range):
+            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range
+            or target_fps(info) != v.fps):
         return None
     try:
         frames, longest, square, even = keyframe_layout(source)
@@ -145,7 +168,8 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
     its faces can be found on the source's own frames while ffmpeg re-encodes it (for short GOPs)."""
     v = info.video
     if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
-            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range):
+            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range
+            or target_fps(info) != v.fps):
         return False
     try:
         frames, _, square, even = keyframe_layout(source)
