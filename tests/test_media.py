@@ -358,8 +358,10 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
         probe_video(cut, settings)
     bomb = tmp_path / "bomb.png"  # 48 KB whose header names 400 million pixels
     Image.new("1", (20000, 20000)).save(bomb)
-    with pytest.raises(InputTooLarge, match="bomb.png has more than the 120 MP a photo may have"):
+    with pytest.raises(InputTooLarge, match="bomb.png has more than the 120 MP a photo may have") as refused:
         probe_video(bomb, settings)
+    assert refused.value.message.endswith("(400 MP, says its header)"), refused.value.message  # not Pillow's text
+    assert "decompression bomb" in refused.value.cause
     # a GIF or TIFF photo too; an animated GIF is refused by name (it became a 100 fps video)
     photo.save(tmp_path / "face.gif")
     photo.save(tmp_path / "face.tiff")

@@ -11,6 +11,7 @@ WebP is refused by name (convert it to a video); a 16-bit greyscale PNG is broug
 from __future__ import annotations
 
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -63,8 +64,10 @@ def _open(path: str, fmt: str, settings: Settings):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path, formats=[fmt])
     except Image.DecompressionBombError as exc:  # its header names more pixels than Pillow will open
-        raise InputTooLarge(f"photo {path} has more than the {MAX_PHOTO_PIXELS // 1_000_000} MP a photo may have "
-                            f"({exc})", path=path) from exc
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's words, kept as the cause
+        said = f" ({int(pixels.group(1)) / 1e6:,.0f} MP, says its header)" if pixels else ""
+        raise InputTooLarge(f"photo {path} has more than the {MAX_PHOTO_PIXELS // 1_000_000} MP a photo may "
+                            f"have{said}", path=path, cause=str(exc)) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputUnreadable(f"photo {path} cannot be read as {fmt}: {exc}", path=path, cause=str(exc)) from exc
     if fmt in ANIMATED and getattr(image, "n_frames", 1) > 1:
