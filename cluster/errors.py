@@ -112,6 +112,12 @@ class NoFace(InputError):
     code = "input.no_face"
 
 
+class FaceSideways(InputError):
+    """The template's face lies on its side (`cluster.faces.avatar`): found, but not upright enough to
+    lip-sync (the mouth would be drawn where an upright face's would be)."""
+    code = "input.face_sideways"
+
+
 # --- models --------------------------------------------------------------------------------
 class ModelError(LipsyncError):
     code = "model.error"

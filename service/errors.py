@@ -83,7 +83,8 @@ def http_status(err: LipsyncError) -> int:
 
 
 # errors that are about one input whatever file it is (the same file sent as audio and video is both)
-_FIELD_OF_CODE = {"input.no_video_stream": "video", "input.no_face": "video", "input.no_audio_stream": "audio"}
+_FIELD_OF_CODE = {"input.no_video_stream": "video", "input.no_face": "video", "input.face_sideways": "video",
+                  "input.no_audio_stream": "audio"}
 
 
 def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:

@@ -1,6 +1,8 @@
 """Faces: MTCNN detection on a real photographed face, subject tracking, alignment, paste-back, avatars."""
 from __future__ import annotations
 
+import subprocess
+
 import av
 import cv2
 import numpy as np
@@ -421,8 +423,36 @@ def test_a_template_prepared_by_two_jobs_at_once_is_prepared_once(tmp_path, temp
     for t in threads:
         t.join(120)
     assert len(results) == 2 and sorted(a.cached for a in results) == [False, True]
-    assert det.full_frames == 10  # detected once
+    assert det.full_frames == 10 + ROLL_CHECK_FRAMES  # detected once
     assert results[0].model_dump(exclude={"cached"}) == results[1].model_dump(exclude={"cached"})
+
+
+ROLL_CHECK_FRAMES = 3 * 3  # `_check_upright`: 3 frames of the track, each region in 3 orientations
+
+
+def test_a_face_lying_on_its_side_is_refused_and_a_tilted_one_rendered(tmp_path, astronaut_video):
+    """A face on its side (a phone clip that lost its rotation flag, a person lying down) was found by
+    MTCNN with landmarks placed as if upright: a mouth drawn on the cheek, the real one still, and the
+    job `succeeded`. It is refused, saying which way to turn the video; a head tilted 50 degrees still
+    renders (its landmarks align the crop)."""
+    from cluster.errors import FaceSideways
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    settings = Settings(storage_root=tmp_path / "store")
+    made = {}
+    for name, vf in (("sideways", "transpose=1"), ("other_side", "transpose=2"), ("tilted", "rotate=50*PI/180")):
+        made[name] = tmp_path / f"{name}.mp4"
+        subprocess.run([ffmpeg_binary(settings), "-v", "error", "-i", astronaut_video, "-vf", vf, "-c:v", "libx264",
+                        str(made[name])], check=True, timeout=60)
+    with pytest.raises(FaceSideways, match=r"sideways.mp4 lies on its side .* turn the video a quarter "
+                                           r"counter-clockwise"):
+        prepare_avatar(str(made["sideways"]), settings)
+    with pytest.raises((FaceSideways, NoFace)):  # MTCNN may not find it at all this way round
+        prepare_avatar(str(made["other_side"]), settings)
+    tilted = prepare_avatar(str(made["tilted"]), settings)
+    eyes = tilted.load_track().landmarks[:, 1] - tilted.load_track().landmarks[:, 0]  # left eye to right eye
+    roll = np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0]))
+    assert 35 < np.median(roll) < 65, np.median(roll)  # its eye line, as the track has it
 
 
 def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
@@ -430,8 +460,9 @@ def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video)
     det = CountingDetector()
     avatar = prepare_avatar(template_video, settings, detector=det)
     assert not avatar.cached and avatar.frame_count == 2 * FPS
-    # every 5th frame detected in full, the 40 between tracked (none lost on this steady face)
-    assert (det.full_frames, det.tracked_frames) == (10, 40)
+    # every 5th frame detected in full, the 40 between tracked (none lost on this steady face); the face's
+    # roll checked on 3 of its frames, each region searched in 3 orientations
+    assert (det.full_frames, det.tracked_frames) == (10 + ROLL_CHECK_FRAMES, 40)
     track = avatar.load_track()
     assert len(track) == 2 * FPS and track.detected.mean() > 0.9
     # landmarks follow the sway of the face: the eye x moves with the frame's shift
@@ -441,7 +472,7 @@ def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video)
     assert (tmp_path / "store" / "avatars" / avatar.id / "avatar.json").is_file()
 
     again = prepare_avatar(template_video, settings, detector=det)
-    assert again.cached and det.full_frames == 10 and again.id == avatar.id
+    assert again.cached and det.full_frames == 10 + ROLL_CHECK_FRAMES and again.id == avatar.id
     assert again.model_dump(exclude={"cached"}) == avatar.model_dump(exclude={"cached"})
     loaded = load_avatar(avatar.id, settings)
     assert loaded.track_path == avatar.track_path

@@ -12,15 +12,16 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputNotFound, LipsyncError, RenderTimeout
+from cluster.errors import FaceSideways, InputNotFound, LipsyncError, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
 from cluster.fsutil import lock_within, publish, temporary_name, touch, write_atomic
-from cluster.media.decode import iter_frames
+from cluster.media.decode import TemplateReader, iter_frames
 from cluster.media.normalize import content_id, frames_map_one_to_one, normalize_template, template_path_for
 from cluster.media.probe import probe_video
 from cluster.schemas import MediaInfo
@@ -191,6 +192,7 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
     video = template.info.video
     track = build_track(detections, (video.width, video.height), s.min_face_fraction,
                         path_for_errors=source, fps=float(video.fps))
+    _check_upright(detector, template.path, track, source, s)
 
     out_dir = _avatar_dir(template.id, s)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +203,33 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
     write_atomic(out_dir / AVATAR_FILE, avatar.model_dump_json(indent=2))
     _return_freed_memory()
     return avatar
+
+
+#: The most a template's face may be turned in the picture's plane (its eye line from level, degrees):
+#: past it, a face lying on its side, whose mouth MTCNN places where an upright face's would be (a dark
+#: slit drawn on the cheek, the real mouth still, and the job `succeeded`). Aligned crops handle less.
+MAX_FACE_ROLL_DEG = 65.0
+#: Frames of the face's track whose roll is measured (spread over it; the median decides)
+ROLL_SAMPLES = 3
+
+
+def _check_upright(detector: MTCNNDetector, template_path: str, track, source: str, s: Settings) -> None:
+    """`FaceSideways` when the track's face lies on its side (`MTCNNDetector.roll_degrees` on a few
+    of its frames)."""
+    found = np.flatnonzero(track.detected)
+    picks = sorted({int(found[len(found) * (2 * k + 1) // (2 * ROLL_SAMPLES)]) for k in range(ROLL_SAMPLES)})
+    with TemplateReader(template_path, s) as reader:
+        frames = reader.read(picks)
+    rolls = [roll for frame, i in zip(frames, picks)
+             if (roll := detector.roll_degrees(frame, track.boxes[i])) is not None]
+    if not rolls:
+        return
+    roll = float(np.median(rolls))
+    if abs(roll) >= MAX_FACE_ROLL_DEG:
+        turn = "counter-clockwise" if roll > 0 else "clockwise"
+        raise FaceSideways(f"the face in {source} lies on its side (its eyes {abs(roll):.0f} degrees from level): "
+                           f"lip-sync needs a face within {MAX_FACE_ROLL_DEG:.0f} degrees of upright; turn the video "
+                           f"a quarter {turn} (or correct its rotation metadata)", path=source)
 
 
 def _return_freed_memory() -> None:

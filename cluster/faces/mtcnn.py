@@ -174,6 +174,38 @@ class MTCNNDetector:
                 results[i] = dets
         return results
 
+    def roll_degrees(self, frame_bgr: np.ndarray, box: np.ndarray) -> float | None:
+        """How far the face in `box` (x1, y1, x2, y2) of the frame is turned in the picture's plane:
+        the angle of its eye line, degrees, 0 upright, +-90 on its side; None when no face is found
+        there. MTCNN is trained on upright faces: on a face lying on its side it still finds one, less
+        sure, with landmarks placed as if upright (a mouth on the cheek). So the region around the box
+        is also searched turned a quarter each way, and the surest of the three finds says the angle
+        (its landmarks brought back to the frame's axes). About 20 ms."""
+        h, w = frame_bgr.shape[:2]
+        x1, y1, x2, y2 = (float(v) for v in box)
+        side = 1.6 * max(x2 - x1, y2 - y1)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+        region = frame_bgr[top:int(min(h, cy + side / 2)), left:int(min(w, cx + side / 2))]
+        if region.shape[0] < 12 or region.shape[1] < 12:
+            return None
+        best = None
+        for quarter in (0, 1, 3):  # np.rot90's quarter turns, counter-clockwise
+            for face in self.detect(np.ascontiguousarray(np.rot90(region, quarter))):
+                if best is None or face.score > best[0] + (0.005 if best[1] == 0 else 0.0):
+                    best = (face.score, quarter, face.landmarks)
+                break  # the surest face of this turn
+        if best is None:
+            return None
+        _, quarter, points = best
+        rows, cols = region.shape[:2]
+        x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+        if quarter == 1:  # turned counter-clockwise: (x', y') came from (cols - 1 - y', x')
+            x, y = cols - 1 - y, x
+        elif quarter == 3:  # turned clockwise: (x', y') came from (y', rows - 1 - x')
+            x, y = y, rows - 1 - x
+        return math.degrees(math.atan2(y[1] - y[0], x[1] - x[0]))  # left eye to right eye
+
     # --- pipeline ---------------------------------------------------------------------------
     def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
         sess, input_name, output_names = self._sessions[name]
