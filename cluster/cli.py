@@ -16,6 +16,10 @@ from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
 
+#: The settings a command-line flag sets (`_settings`), named beside their variable when refused
+FLAG_OF_SETTING = {"model_workers": "--workers", "compositors": "--compositors", "chunk_seconds": "--chunk-seconds",
+                   "model": "--model"}
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
@@ -94,9 +98,15 @@ class _ProgressBar:
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
             quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
             cluster_options: list[str] = ()) -> int:
+    import os
+
     out = Path(output).expanduser().resolve()
     if _refused_output(output):  # now, not after the whole render
         return 2
+    if local or not os.environ.get("RAY_ADDRESS"):  # what this machine runs with: checked before any work
+        for problem in _local_setting_problems(settings):
+            print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
+            return 2
     # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
@@ -395,12 +405,12 @@ def _client_call(fn) -> int:
         print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else ""), file=sys.stderr)
         return 2 if 400 <= e.status < 500 else 1
     except WaitTimeout as e:
-        print(f"lipsync: error: {e}", file=sys.stderr)
+        print(f"lipsync: error: wait.timeout: {e}", file=sys.stderr)
         return 1
     except ValidationError as e:  # the SDK checks a request against the shared schema before sending it
-        for err in e.errors():
+        for err in e.errors():  # (the server's code for the same refusal)
             field = ".".join(str(p) for p in err["loc"]) or e.title
-            print(f"lipsync: error: request.invalid: {field}: {err['msg']} (got {err.get('input')!r})",
+            print(f"lipsync: error: input.invalid: {field}: {err['msg']} (got {err.get('input')!r})",
                   file=sys.stderr)
         return 2
     except LipsyncError as e:  # a local file the SDK reads (live --audio): missing, unreadable
@@ -642,6 +652,16 @@ def _bounded_int(low: int, high: int | None, what: str):
     return parse
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a number of seconds above 0")
+    return value
+
+
 _port_number = _bounded_int(1, 65535, "a TCP port (1-65535)")
 _positive_int = _bounded_int(1, None, "1 or more")
 _count = _bounded_int(0, None, "0 or more")
@@ -707,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its first segment exists")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end")
     sb.add_argument("-o", "--output", help="download the result here (implies --wait)")
-    sb.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    sb.add_argument("--timeout", type=_positive_seconds, default=None, help="seconds to wait at most")
     sb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     remote(sb)
     sb.set_defaults(func=cmd_submit)
@@ -717,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=hlp)
         sp.add_argument("id")
         if name == "wait":
-            sp.add_argument("--timeout", type=float, default=None)
+            sp.add_argument("--timeout", type=_positive_seconds, default=None)
             sp.add_argument("-q", "--quiet", action="store_true")
         remote(sp)
         sp.set_defaults(func=fn)
@@ -765,8 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:  # a setting (LIPSYNC_* or a flag that sets one) out of its range
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or e.title
+            flag = f" or {FLAG_OF_SETTING[field]}" if field in FLAG_OF_SETTING else ""
             print(f"lipsync: error: settings.invalid: {field}: {err['msg']} (got {err.get('input')!r}; "
-                  f"LIPSYNC_{field.upper()} or its flag)", file=sys.stderr)
+                  f"LIPSYNC_{field.upper()}{flag})", file=sys.stderr)
         return 2
 
 

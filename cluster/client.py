@@ -32,9 +32,11 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 
+from cluster.errors import InputError
 from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView
 
 RETRY_STATUS = (429, 502, 503, 504)
@@ -383,6 +385,9 @@ class _Base:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
                  retries: int = 6, backoff_s: float = 0.5) -> None:
         url = url or os.environ.get("LIPSYNC_URL") or "http://127.0.0.1:8000"
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:  # said now, not as a connection failure
+            raise InputError(f"the service URL {url!r} is not an http(s) URL (e.g. http://HOST:8000)", path="url")
         token = token if token is not None else os.environ.get("LIPSYNC_API_TOKEN")
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}

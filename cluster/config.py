@@ -64,7 +64,9 @@ class Settings(BaseSettings):
                                     "(PyAV's libx264, on a thread of its own; about 90 ms of CPU less per 50-frame "
                                     "720p segment than starting an ffmpeg); false: an ffmpeg child per segment, "
                                     "as h264_nvenc always is")
-    audio_bitrate: str = Field("160k", description="AAC bitrate of the output's audio")
+    audio_bitrate: str = Field("160k", description="AAC bitrate of the output's audio, 8k-512k (bits a second, or "
+                               "k for thousands); AAC caps it at low sample rates: 16 kHz mono speech comes out "
+                               "at 64 kb/s")
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
 
     # --- limits ---------------------------------------------------------------------------
@@ -273,6 +275,18 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("audio_bitrate", mode="after")
+    @classmethod
+    def _aac_bitrate(cls, v: str) -> str:
+        """A bitrate the AAC encoder takes (it was parsed only at a job's encode: a typo failed every job)."""
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kK]?)\s*", v)
+        bps = float(m.group(1)) * (1000 if m.group(2) else 1) if m else None
+        if bps is None or not 8000 <= bps <= 512000:
+            raise ValueError(f"{v!r} is not an AAC bitrate of 8k-512k (e.g. 128k, or 128000 bits a second)")
+        return v.strip()
 
     @field_validator("worker_gpus", mode="after")
     @classmethod

@@ -287,8 +287,8 @@ def test_a_request_the_schema_refuses_exits_2_naming_each_field(inputs, env, wor
     assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) == 2, err
-    assert lines[0].startswith("lipsync: error: request.invalid: avatar_id: ") and "'x'" in lines[0], err
-    assert lines[1].startswith("lipsync: error: request.invalid: segment_seconds: ") and "0.05" in lines[1], err
+    assert lines[0].startswith("lipsync: error: input.invalid: avatar_id: ") and "'x'" in lines[0], err
+    assert lines[1].startswith("lipsync: error: input.invalid: segment_seconds: ") and "0.05" in lines[1], err
 
 
 def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir):
@@ -317,7 +317,15 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
                                       str(inputs["template"]), *nowhere], 2, "input.no_audio_stream"),
         ("submit a directory", [*CLI, "submit", str(inputs["speech"]), str(out_dir), *nowhere], 2,
          "is a directory, not a file"),
-        ("status bad url", [*CLI, "status", "job1", "--url", "foo", "--token", "t"], 1, "connection.failed"),
+        ("status bad url", [*CLI, "status", "job1", "--url", "foo", "--token", "t"], 2,
+         "input.invalid: the service URL 'foo' is not an http(s) URL"),  # was connection.failed, exit 1
+        ("wait negative timeout", [*CLI, "wait", "job1", "--timeout", "-5", *nowhere], 2, "not a number of seconds"),
+        ("render without ffmpeg", [*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                                   "-o", str(workdir / "x.mp4"), "--local", "LIPSYNC_FFMPEG=/nonexistent"], 2,
+         "settings.invalid: ffmpeg"),  # was media.ffmpeg_failed, exit 1 (lipsync serve checked it already)
+        ("bitrate misspelt", [*CLI, "render", "--audio", str(inputs["speech"]), "--video", str(inputs["template"]),
+                              "-o", str(workdir / "x.mp4"), "--local", "LIPSYNC_AUDIO_BITRATE=abc"], 2,
+         "settings.invalid: audio_bitrate: Value error, 'abc' is not an AAC bitrate"),
         ("setting out of range", [*CLI, "render", "--audio", str(inputs["speech"]), "--video",
                                   str(inputs["template"]), "-o", str(workdir / "x.mp4"), "--chunk-seconds", "0"], 2,
          "settings.invalid: chunk_seconds"),
@@ -337,6 +345,7 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         assert elapsed < BAD_INPUT_DEADLINE_S, (what, elapsed)
     rc, _, err, elapsed = run_cli([*CLI, "wait", "job1", "--timeout", "1", *nowhere], env, workdir, timeout=60)
     assert rc == 1 and "Traceback" not in err and elapsed < 8, (rc, elapsed, err[-2000:])
+    assert err.strip().splitlines()[-1].startswith("lipsync: error: wait.timeout: "), err[-2000:]  # with its code
     # a service whose storage root, model or ffmpeg cannot work here: refused before Ray starts (a file as the
     # storage root printed "ready", then its job manager restarted for ever; a missing model failed every job)
     for variable, value in (("LIPSYNC_STORAGE_ROOT", "/etc/passwd"), ("LIPSYNC_MODEL", str(workdir / "none.onnx")),

@@ -109,3 +109,17 @@ def test_a_retention_time_the_sweep_cannot_use_is_refused(tmp_path):
         with pytest.raises(ValidationError, match="retention_days"):
             Settings(storage_root=tmp_path, retention_days=value)
     assert Settings(storage_root=tmp_path, retention_days=30).retention_days == 30
+
+
+def test_settings_read_only_at_a_jobs_encode_are_checked_at_start(tmp_path):
+    """`LIPSYNC_AUDIO_BITRATE=abc` was parsed at each job's AAC encode (a traceback for `render --local`,
+    `render.failed` after 21 s through Ray, every job of a service failed); a misspelt x264 preset failed
+    every job's normalisation. Both are refused when the settings are read."""
+    for bad in ("abc", "-5k", "600k", "7999"):
+        with pytest.raises(ValidationError, match="not an AAC bitrate of 8k-512k"):
+            Settings(storage_root=tmp_path, audio_bitrate=bad)
+    assert Settings(storage_root=tmp_path, audio_bitrate=" 96k").audio_bitrate == "96k"
+    assert Settings(storage_root=tmp_path, audio_bitrate="128000").audio_bitrate == "128000"
+    for field in ("preset", "live_preset"):
+        with pytest.raises(ValidationError, match="'ultrafast', 'superfast'"):
+            Settings(storage_root=tmp_path, **{field: "bogus"})
