@@ -659,6 +659,11 @@ class Client(_Base):
 
 
 def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any]) -> dict:
+    for field, value in [*(("audios", a) for a in audios), ("video", video)]:
+        if value is not None and "://" not in str(value) and not Path(value).is_absolute():
+            raise InputError(f"{field}: {value!r} is neither a URL nor an absolute server path, which a batch takes "
+                             f"(files under the server's LIPSYNC_INPUT_ROOTS); send a local file with submit() (a "
+                             f"job each), a local template with prepare_avatar() and its id as avatar", path=field)
     body = {"audios": [str(a) for a in audios], "video": None if video is None else str(video),
             "avatar_id": avatar, **options}
     body["id"] = body.get("id") or uuid.uuid4().hex
