@@ -189,7 +189,9 @@ class Settings(BaseSettings):
                                   "this (0: keep forever); never a running job's or session's, or what they use")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
-                                 "stays valid, when LIPSYNC_API_TOKEN is set")
+                                 "stays valid, when LIPSYNC_API_TOKEN is set: at least this, at most this plus "
+                                 "the shorter of it and an hour (the expiry is rounded up, so the URL stays the "
+                                 "same between polls)")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
                                    description="the service's address as its clients reach it (e.g. "
                                    "https://avatars.example.com behind a TLS proxy): the base of the absolute "

@@ -468,6 +468,14 @@ def watch_key(api_token: str) -> bytes:
     return hmac.new(api_token.encode(), WATCH_KEY_LABEL, hashlib.sha256).digest()
 
 
+def watch_expiry(now: float, ttl_s: int) -> int:
+    """When a watch URL signed at `now` expires: `ttl_s` later, rounded up to a step of the TTL or an
+    hour, the shorter, so that the URL stays the same between polls (and lasts no more than twice a
+    short TTL: rounded to the hour, a 60 s TTL lasted up to an hour)."""
+    step = max(1, min(3600, int(ttl_s)))
+    return math.ceil((now + ttl_s) / step) * step
+
+
 def sign_watch(key: bytes, job_id: str, expires: int) -> str:
     """`<expires>.<signature>`: HMAC-SHA256 over the job id and the expiry (unix seconds)."""
     mac = hmac.new(key, f"{job_id}\n{int(expires)}".encode(), hashlib.sha256).hexdigest()

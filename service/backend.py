@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from cluster.config import Settings
 from cluster.errors import JobNotReady, LipsyncError, TooManyEventStreams
-from cluster.hls import sign_watch, watch_key
+from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
@@ -105,10 +105,12 @@ class Backend:
     # views ----------------------------------------------------------------------------------------
     def watch_query(self, job_id: str) -> str:
         """`?token=<expires>.<signature>` for a job's HLS URLs when the service has a token, else "".
-        The expiry is rounded up to the hour, so that the URL stays the same between polls."""
+        The expiry is rounded up to a step of the TTL or an hour, the shorter, so that the URL stays
+        the same between polls and lasts no more than twice a short TTL (a 60 s TTL lasted up to an
+        hour)."""
         if self.watch_key is None:
             return ""
-        expires = math.ceil((time.time() + self.settings.watch_url_ttl_s) / 3600) * 3600
+        expires = watch_expiry(time.time(), self.settings.watch_url_ttl_s)
         return f"?token={sign_watch(self.watch_key, job_id, expires)}"
 
     def watch_url(self, job_id: str) -> str:

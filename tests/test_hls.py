@@ -224,6 +224,19 @@ def test_playlist_maps_each_init_and_ends():
     assert ended.rstrip().endswith("#EXT-X-ENDLIST") and ended.count("#EXTINF") == 1
 
 
+def test_a_watch_url_lasts_its_ttl_and_at_most_twice_a_short_one():
+    """The expiry was rounded up to the hour: a 60 s TTL (set for security) gave URLs valid for up to an
+    hour. It is rounded to a step of the TTL or an hour, the shorter: the URL stays the same between polls."""
+    from cluster.hls import watch_expiry
+
+    for ttl in (60, 600, 3600, 86400):
+        for now in (1_796_569_523.4, 1_796_572_799.9, 1_796_572_800.0):
+            expires = watch_expiry(now, ttl)
+            assert ttl <= expires - now <= ttl + min(ttl, 3600), (ttl, now, expires)
+            assert watch_expiry(now + 0.5 * min(ttl, 3600) - 1, ttl) in (expires, expires + min(ttl, 3600))
+    assert watch_expiry(1_796_569_523.4, 60) == watch_expiry(1_796_569_530.0, 60)  # the same URL between polls
+
+
 def test_watch_signatures():
     from cluster.hls import check_watch, sign_watch, watch_key
 
