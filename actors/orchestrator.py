@@ -323,12 +323,14 @@ class JobManager:
             return await asyncio.to_thread(read)
         except FileNotFoundError as e:
             days = self.s.retention_days
-            raise OutputExpired(f"job {job_id} succeeded, but its output {st.output} no longer exists"
+            # (the message reaches API clients: the server's path stays in `path`, for the operator's log)
+            raise OutputExpired(f"job {job_id} succeeded, but its output file no longer exists"
                                 + (f" (retention removes outputs after {days:g} days, LIPSYNC_RETENTION_DAYS)"
                                    if days > 0 else " (it was removed)") + "; submit the job again for a new one",
                                 job_id=job_id, path=st.output) from e
         except OSError as e:
-            raise LipsyncError(f"job {job_id}: its output {st.output} cannot be read: {e}", code="output.unreadable",
+            raise LipsyncError(f"job {job_id}: its output file cannot be read: {e.strerror or type(e).__name__}",
+                               code="output.unreadable",
                                job_id=job_id, path=st.output, cause=repr(e)) from e
 
 

@@ -301,6 +301,7 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         assert err["code"] == "output.expired" and "no longer exists" in err["message"], err
         q = http.get("/easy/query", params={"code": job_id}).json()
         assert q["data"]["status"] == 3 and "output.expired" in q["data"]["msg"], q
+        assert str(service.storage_root) not in err["message"] + q["data"]["msg"]  # no server path told clients
 
 
 # --- guards ---------------------------------------------------------------------------------------------
