@@ -250,7 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     if args.host not in LOOPBACK_HOSTS and settings.api_token is None and not args.insecure:
-        print(f"lipsync: error: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
+        print(f"lipsync: error: settings.invalid: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
               f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
         return 2
     embedded = not os.environ.get("RAY_ADDRESS")

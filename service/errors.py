@@ -91,7 +91,7 @@ def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
     """The request field an error is about: its own path when that names one, else the field its
     code is about, else the field whose value the error mentions."""
     if err.path in values or err.path in ("audio", "video", "avatar_id", "model", "sync_mode", "file", "body",
-                                          "callback_url"):
+                                          "callback_url", "before"):
         return err.path
     if err.code in _FIELD_OF_CODE and _FIELD_OF_CODE[err.code] in values:
         return _FIELD_OF_CODE[err.code]
@@ -99,6 +99,16 @@ def field_of(err: LipsyncError, values: dict[str, str | None]) -> str | None:
         if value and (err.path == value or (value in err.message)):
             return name
     return None
+
+
+def _methods_of_path(request: Request) -> str:
+    """The methods the app's routes take at this request's path, comma-separated (each route asked:
+    FastAPI's included routers keep their routes to themselves)."""
+    from starlette.routing import Match
+
+    return ", ".join(method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+                     if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                            for route in request.app.routes))
 
 
 def error_response(status: int, code: str, message: str, field: str | None,
@@ -160,7 +170,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
             return error_response(404, "not_found", f"no such path: {request.url.path}", None)
-        if e.status_code == 405:
+        if e.status_code == 405:  # Starlette's Allow names the first route of the path only: every one's
+            allowed = _methods_of_path(request) or (e.headers or {}).get("Allow", "")
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed on "
-                                  f"{request.url.path}", None, dict(e.headers or {}))
+                                  f"{request.url.path} (allowed: {allowed})", None, {"Allow": allowed})
         return error_response(e.status_code, "http_error", str(e.detail), None, dict(e.headers or {}))

@@ -223,6 +223,12 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert [j["id"] for j in everything] == [first["jobs"][0]["id"]] + [j["id"] for j in rest]
         created = [datetime.fromisoformat(j["created_at"]) for j in everything]
         assert created and created == sorted(created, reverse=True), created  # (one job when run alone)
+        unknown = http.get("/v1/jobs", params={"before": "no-such-job"})  # the refusal names its parameter
+        assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "before", unknown.text
+        # a route without the method: 405 with the methods it takes
+        wrong = http.put(f"/v1/jobs/{job_id}")
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed", wrong.text
+        assert {"GET", "DELETE"} <= {m.strip() for m in wrong.headers["allow"].split(",")}, wrong.headers
         # unknown job: 404 with the error body; result before success: 409
         nf = http.get("/v1/jobs/does-not-exist")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "job.not_found"
