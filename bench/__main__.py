@@ -1,4 +1,5 @@
-"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs all six.
+"""`python -m bench NAME [--quick]` runs one benchmark, `python -m bench all` runs the seven of
+`BENCHMARKS` (the reliability runs only by name).
 
 Each prints its ratios, writes bench/results/NAME.json (machine, date, command, figures) and its
 table in docs/PERFORMANCE.md. `--quick` runs a short version on small inputs (a smoke check; it

@@ -82,8 +82,9 @@ class _ProgressBar:
 
         if self.bar is None:
             # disable=None: tqdm draws only on a terminal (no carriage returns into a log or a pipe)
-            self.bar = tqdm(total=0, unit="frame", desc="render", disable=True if self.quiet else None,
-                            dynamic_ncols=True)
+            # initial: the frames done before this bar (a job already rendering) are not counted in its rate
+            self.bar = tqdm(total=total or 0, initial=done, unit="frame", desc="render",
+                            disable=True if self.quiet else None, dynamic_ncols=True)
         self.bar.total = total or self.bar.total
         self.bar.n = done
         if postfix is not None:
