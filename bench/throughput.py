@@ -552,7 +552,8 @@ def classic_only(n: int, seconds: float, models: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Extra knobs beyond `python -m bench throughput`: any model spec (e.g. `latency:24:256`),
     the variants to run, no classic peers."""
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="python -m bench.throughput",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seconds", type=float)
     p.add_argument("--model", action="append", help="builtin, wav2lip96 or any model spec (repeatable)")
