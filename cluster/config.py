@@ -13,6 +13,10 @@ X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "me
                      "placebo"]
 
 
+#: What LIPSYNC_PROVIDERS may name (`cluster.models.providers.PROVIDER_NAMES` maps them to onnxruntime's)
+PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt", "trt")
+
+
 def _default_storage_root() -> Path:
     return Path.home() / ".cache" / "lipsync-cluster"
 
@@ -277,6 +281,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _provider_names(cls, v: str) -> str:
+        """Names `cluster.models.providers.PROVIDER_NAMES` knows (a typo failed every model load)."""
+        unknown = [p for p in (x.strip().lower() for x in v.split(",")) if p and p not in PROVIDER_CHOICES]
+        if unknown:
+            raise ValueError(f"unknown provider {unknown[0]!r} in {v!r} (expected a comma-separated list of "
+                             f"{', '.join(PROVIDER_CHOICES)}, best first)")
+        return v
 
     @field_validator("audio_bitrate", mode="after")
     @classmethod

@@ -756,6 +756,15 @@ def test_tensorrt_is_opt_in_with_a_cache_under_the_storage_root(tmp_path):
     assert parse_providers("TRT, cuda") == [TENSORRT, CUDA, CPU]
     with pytest.raises(ModelLoadError, match="LIPSYNC_PROVIDERS: unknown provider 'rocm'"):
         parse_providers("rocm,cpu")
+    # and refused with the settings (a typo failed every model load, as model.load_failed)
+    from pydantic import ValidationError
+
+    from cluster.config import PROVIDER_CHOICES
+    from cluster.models.providers import PROVIDER_NAMES
+
+    assert set(PROVIDER_CHOICES) == set(PROVIDER_NAMES)
+    with pytest.raises(ValidationError, match="unknown provider 'rocm'"):
+        Settings(storage_root=tmp_path, providers="rocm,cpu")
 
 
 def test_tensorrt_profiles_cover_batch_1_to_the_batch_size(tmp_path):
