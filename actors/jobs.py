@@ -161,7 +161,11 @@ class JobMachine:
             job.all_done.set()
             job.ended.set()
             if ended and state != JobState.succeeded and job.plan is not None:
-                discard_output(job.plan)
+                try:  # its half-made output: a storage root gone read-only (or any OSError) must not cut the end short
+                    discard_output(job.plan)
+                except OSError as e:
+                    log.warning("job %s: its unfinished output was not removed: %s", job_id, e,
+                                extra={"job_id": job_id})
         if job is not None:
             self._published(job)  # a segment waiter learns of the end at once
             if self.jobs.get(job_id) is job:  # its state is in the store now: the runtime (plan, chunk

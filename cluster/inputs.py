@@ -5,6 +5,7 @@ Plain Python: the job manager calls these (in a thread) for the bytes clients se
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from cluster.config import Settings
 from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge
+from cluster.resources import disk_full_guard
 from cluster.schemas import StoredInput
 
 UPLOAD_PREFIX = "upload:"
@@ -98,6 +100,7 @@ class UploadStore:
         self.s = settings
         self._open: dict[str, _Upload] = {}
 
+    @disk_full_guard("upload")  # a full or read-only storage root: resource.disk, not a 500
     def begin(self, filename: str) -> str:
         suffix = Path(filename).suffix.lower()
         if not re.fullmatch(r"\.[a-z0-9]{1,10}", suffix or ""):
@@ -114,6 +117,7 @@ class UploadStore:
             raise UploadNotFound(f"no upload in progress with id {upload_id!r}")
         return up
 
+    @disk_full_guard("upload")  # a full or read-only storage root: resource.disk, not a 500
     def part(self, upload_id: str, data: bytes, offset: int | None = None) -> int:
         """Append `data`; returns the bytes received so far. With `offset` (where `data` starts in
         the file) a part is stored once however often it is sent: a caller that retried a call
@@ -132,14 +136,20 @@ class UploadStore:
                 self.abort(upload_id)
                 raise InputTooLarge(f"upload {up.filename} is larger than the limit of {self.s.max_upload_bytes} "
                                     f"bytes (LIPSYNC_MAX_UPLOAD_BYTES)", path=up.filename)
-            with open(up.path, "ab") as f:
-                f.write(data)
+            try:
+                with open(up.path, "ab") as f:
+                    f.write(data)
+            except OSError:  # (a full disk) none of the part is kept: its retry appends after what is counted
+                with contextlib.suppress(OSError):
+                    os.truncate(up.path, up.size)
+                raise
             up.digest.update(data)
             up.size += len(data)
             return up.size
         finally:
             up.lock.release()
 
+    @disk_full_guard("upload")  # a full or read-only storage root: resource.disk, not a 500
     def finish(self, upload_id: str, sha256: str | None = None) -> StoredInput:
         up = self._get(upload_id)
         digest = up.digest.hexdigest()

@@ -173,8 +173,8 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether an exception (ours or the OS's) says the disk or a quota is full."""
     if isinstance(exc, DiskFull):
         return True
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return True  # (a read-only filesystem takes no byte either: the same refusal, and no retry helps)
     texts = [str(exc)]
     if isinstance(exc, LipsyncError) and exc.cause:
         texts.append(exc.cause)
@@ -191,7 +191,8 @@ def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | Non
                     path=exc.path)
     where = f" during {info['stage']}" if info["stage"] else ""
     cause = (exc.cause if isinstance(exc, LipsyncError) else None) or str(exc)
-    return DiskFull(f"the disk filled up{where}: {exc}", cause=cause[-2000:], **info)
+    what = "the storage is read-only" if getattr(exc, "errno", None) == errno.EROFS else "the disk filled up"
+    return DiskFull(f"{what}{where}: {exc}", cause=cause[-2000:], **info)
 
 
 def as_typed(exc: BaseException, stage: str | None = None, job_id: str | None = None) -> LipsyncError | None:

@@ -14,7 +14,7 @@ from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the
 log = logging.getLogger("lipsync.service")
 
 # The error bodies a route may answer, for the OpenAPI schema.
-ERROR_CODES = (400, 401, 404, 409, 410, 413, 415, 422, 429, 503)
+ERROR_CODES = (400, 401, 404, 409, 410, 413, 415, 422, 429, 503, 507)
 
 
 def error_responses(*codes: int) -> dict:
@@ -77,6 +77,8 @@ def http_status(err: LipsyncError) -> int:
         return 410
     if code == "service.busy":
         return 429
+    if code == "resource.disk":  # the storage root is full (or read-only): Insufficient Storage
+        return 507
     if code in ("service.unavailable", "render.timeout"):
         return 503
     return 500

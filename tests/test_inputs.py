@@ -143,3 +143,44 @@ def test_an_upload_idle_past_the_timeout_is_removed_and_a_live_one_kept(tmp_path
     with pytest.raises(UploadNotFound):
         store.part(orphan, b"more")
     assert store.part(live, b"y") == 11 and store.finish(live).size == 11
+
+
+def test_an_upload_on_a_full_or_read_only_disk_is_refused_as_resource_disk_and_keeps_no_half_part(
+        tmp_path, monkeypatch):
+    """ENOSPC or EROFS while an upload is stored answered HTTP 500 `render.failed` ("job manager
+    upload_part failed: [Errno 28]"); it is `resource.disk` (507), and a part the disk cut off is not
+    kept: the client's retry of the same part appends after the bytes counted, not after half a part."""
+    import errno
+    import io
+
+    import cluster.inputs as inputs
+    from cluster.errors import DiskFull
+    from service.errors import http_status
+
+    store = UploadStore(Settings(storage_root=tmp_path / "store"))
+    up = store.begin("speech.wav")
+    assert store.part(up, b"a" * 100, offset=0) == 100
+    real_open = open
+
+    class HalfWritten(io.FileIO):
+        def write(self, data):
+            super().write(bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+
+    monkeypatch.setattr(inputs, "open", lambda path, mode="r", *a, **k: HalfWritten(path, "a") if "a" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(DiskFull) as full:
+        store.part(up, b"b" * 100, offset=100)
+    assert full.value.code == "resource.disk" and http_status(full.value) == 507
+    assert full.value.message.startswith("the disk filled up during upload")
+    monkeypatch.undo()
+    assert store.part(up, b"b" * 100, offset=100) == 200  # the retry, once there is room
+    stored = store.finish(up)
+    assert upload_ref_path(stored.ref, store.s).read_bytes() == b"a" * 100 + b"b" * 100
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "store" / "uploads" / "x.part"))
+
+    monkeypatch.setattr(inputs.Path, "write_bytes", read_only)
+    with pytest.raises(DiskFull, match="the storage is read-only during upload"):
+        store.begin("speech.wav")
