@@ -287,6 +287,53 @@ def stop_embedded() -> None:
     ray.shutdown()
 
 
+#: The embedded Ray's processes without which nothing of it works (`embedded_ray_lost`)
+VITAL_RAY_PROCESSES = ("raylet", "gcs_server")
+
+
+def embedded_ray_lost() -> str | None:
+    """Which vital process of the embedded Ray this process started has died (e.g. `raylet (pid
+    4242)`), else None. Its raylet SIGKILLed, the service kept running and answered nothing (an
+    orphaned Serve proxy held the port); its GCS, Ray ended the process 60 s later without a word."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return None
+    try:
+        dead = [(kind, proc.pid) for kind, proc in node.dead_processes() if kind in VITAL_RAY_PROCESSES]
+    except Exception:  # noqa: BLE001 - Ray's own bookkeeping: a check that cannot run says nothing
+        return None
+    return ", ".join(f"{kind} (pid {pid})" for kind, pid in dead) or None
+
+
+#: Set in the environment of a process that starts an embedded Ray (`mark_embedded_ray_owner`): every
+#: process of that Ray inherits it (its raylet, GCS, workers: each its own process group), and
+#: `kill_embedded_ray` finds them by it. (Not LIPSYNC_*: the settings would read it.)
+RAY_OWNER_VARIABLE = "OWNER_PID_OF_LIPSYNC_RAY"
+
+
+def mark_embedded_ray_owner() -> None:
+    """Before an embedded Ray starts: its processes will carry this process's id (`RAY_OWNER_VARIABLE`)."""
+    os.environ[RAY_OWNER_VARIABLE] = str(os.getpid())
+
+
+def kill_embedded_ray() -> int:
+    """SIGKILL what is left of the embedded Ray this process started (`mark_embedded_ray_owner`) once a
+    vital process of it died (`ray.shutdown` waits on a GCS that is gone): its workers and actors outlive
+    a dead raylet, an orphaned Serve proxy still holding the API's port. Never this process; never
+    another service's Ray. Returns how many."""
+    import psutil
+
+    me, killed = os.getpid(), 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and proc.environ().get(RAY_OWNER_VARIABLE) == str(me):
+                proc.kill()
+                killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
 def ray_token_source() -> str | None:
     """Where a Ray token is available to this process (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
     Ray's token file ~/.ray/auth_token), else None."""

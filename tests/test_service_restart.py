@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import wait_until
 from tests.service_process import ServiceProcess
 
 pytestmark = pytest.mark.service
@@ -180,6 +181,60 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         svc.cleanup()
         good.close()
         bad.close()
+
+
+def test_a_service_whose_raylet_dies_says_so_ends_and_its_job_resumes_on_the_next_start(tmp_path):
+    """The embedded Ray's raylet SIGKILLed while a job rendered: `lipsync serve` kept running and answered
+    nothing (an orphaned Serve proxy held its port, /healthz and every call hung), and its orphaned job
+    manager failed the job for good 120 s later (`render.worker_lost`, its cause unnamed). Now the service
+    says what died (`service.ray_lost`), ends with status 1 within seconds, leaving no Ray process and a
+    free port, and the next start resumes the job."""
+    import psutil
+
+    from cluster.client import Client
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    svc = ServiceProcess(tmp_path)
+    video = astronaut_template(str(svc.input_root / "face.mp4"), seconds=1.0, fps=25, size=(320, 240))
+    audio = write_audio(str(svc.input_root / "speech.wav"), speech_like(12.0, seed=7))
+    try:
+        svc.start()
+        c = Client(svc.url, token=svc.token, retries=8)
+        job = c.submit(audio, video, id="raylet-1", model="latency:40")
+        wait_until(lambda: job.status().chunks_done >= 1, 180, 0.2, "a chunk rendered before the kill")
+        group = [p for p in psutil.process_iter(["cmdline"]) if _in_group(p, svc.proc.pid)]
+        (raylet,) = [p for p in group if any(part.endswith("/raylet") for part in p.info["cmdline"] or [])]
+        session = os.getsid(svc.proc.pid)
+        raylet.kill()
+        rc = svc.proc.wait(timeout=60)
+        log = svc.tail(20000)
+        assert rc == 1 and f"service.ray_lost: the embedded Ray's raylet (pid {raylet.pid}) died" in log, log
+        # nothing of its Ray is left: its workers (each its own process group) included
+        wait_until(lambda: not [p for p in psutil.process_iter(["name", "status"]) if _session(p) == session
+                                and p.info["status"] != psutil.STATUS_ZOMBIE], 10, 0.1, "its Ray's processes gone")
+        # the API's port is let go: no orphaned Serve proxy listens on it
+        assert not [c for c in psutil.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port == svc.port]
+        svc.proc = None
+        svc.start()
+        view = Client(svc.url, token=svc.token, retries=8).wait("raylet-1", timeout=240)
+        assert view.state.value == "succeeded", view  # resumed, not failed by a manager that had lost its node
+    finally:
+        svc.cleanup()
+
+
+def _session(proc) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except OSError:
+        return None
+
+
+def _in_group(proc, pgid: int) -> bool:
+    try:
+        return os.getpgid(proc.pid) == pgid
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("when", ["during_ray_start", "after_ray_start"])
