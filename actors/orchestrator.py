@@ -361,11 +361,12 @@ class JobManager:
         """Up to `length` bytes (at most transfer_part_bytes) of a published HLS file of the job."""
         from cluster.hls import read_published
 
-        self.store.get(job_id)
+        st = self.store.get(job_id)
         plan = self._plan(job_id)
         if plan is None:
-            raise HlsNotPublished(f"job {job_id} has no published HLS file {name} yet (it is being prepared)",
-                                  job_id=job_id)
+            why = (f"it ended {st.state.value} before it was planned" if st.state.terminal
+                   else "yet: it is being prepared")
+            raise HlsNotPublished(f"job {job_id} has no published HLS file {name} ({why})", job_id=job_id)
         length = max(0, min(int(length), self.s.transfer_part_bytes))
         return await asyncio.to_thread(read_published, plan, name, int(offset), length)
 

@@ -375,11 +375,10 @@ def _local_setting_problems(settings: Settings) -> list[str]:
     if settings.ffmpeg and not shutil.which(settings.ffmpeg):  # a path: an executable file there; a name: on PATH
         problems.append(f"ffmpeg: not an executable file (got '{settings.ffmpeg}'; LIPSYNC_FFMPEG)")
     elif settings.video_encoder != "libx264":  # every job's segments would fail at their encode
-        from cluster.media.ffmpeg import ffmpeg_binary, ffmpeg_has_encoder
+        from cluster.media.ffmpeg import encoder_problem
 
-        if not ffmpeg_has_encoder(settings.video_encoder, settings):
-            problems.append(f"video_encoder: the ffmpeg here ({ffmpeg_binary(settings)}) has no "
-                            f"{settings.video_encoder} encoder (got '{settings.video_encoder}'; LIPSYNC_VIDEO_ENCODER: "
+        if problem := encoder_problem(settings.video_encoder, settings):
+            problems.append(f"video_encoder: {problem} (got '{settings.video_encoder}'; LIPSYNC_VIDEO_ENCODER: "
                             "libx264, or name an ffmpeg that has it in LIPSYNC_FFMPEG)")
     return problems
 
@@ -527,8 +526,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                       f"{_age(now - view.created_at):>4} ago  {what}")
             if not page.jobs:
                 print("no jobs" + (f" in state {', '.join(args.state)}" if args.state else ""), file=sys.stderr)
-        if page.next_before:
-            print(f"more: lipsync list --before {page.next_before}", file=sys.stderr)
+        if page.next_before:  # the same filters, the next page
+            given = "".join(f" --state {s}" for s in args.state or []) + \
+                (f" --limit {args.limit}" if args.limit != 20 else "")
+            print(f"more: lipsync list{given} --before {page.next_before}", file=sys.stderr)
         return 0
     return _client_call(run)
 
@@ -798,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:  # a setting (LIPSYNC_* or a flag that sets one) out of its range
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or e.title
-            flag = f" or {FLAG_OF_SETTING[field]}" if field in FLAG_OF_SETTING else ""
+            flag = f" or {FLAG_OF_SETTING[field]}" if field in FLAG_OF_SETTING and args.command in ("render", "demo") \
+                else ""  # (the commands with those flags)
             print(f"lipsync: error: settings.invalid: {field}: {err['msg']} (got {err.get('input')!r}; "
                   f"LIPSYNC_{field.upper()}{flag})", file=sys.stderr)
         return 2

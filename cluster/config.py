@@ -195,7 +195,7 @@ class Settings(BaseSettings):
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set: at least this, at most this plus "
                                  "the shorter of it and an hour (the expiry is rounded up, so the URL stays the "
-                                 "same between polls)")
+                                 "same between polls); a player still on it then gets 401 and stops")
     public_url: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
                                    description="the service's address as its clients reach it (e.g. "
                                    "https://avatars.example.com behind a TLS proxy): the base of the absolute "
@@ -302,7 +302,7 @@ class Settings(BaseSettings):
         bps = float(m.group(1)) * (1000 if m.group(2) else 1) if m else None
         if bps is None or not 8000 <= bps <= 512000:
             raise ValueError(f"{v!r} is not an AAC bitrate of 8k-512k (e.g. 128k, or 128000 bits a second)")
-        return v.strip()
+        return v.strip() if m.group(2) else str(int(bps))  # whole bits a second, as the encoder takes them
 
     @field_validator("worker_gpus", mode="after")
     @classmethod

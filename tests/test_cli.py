@@ -348,8 +348,11 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     assert err.strip().splitlines()[-1].startswith("lipsync: error: wait.timeout: "), err[-2000:]  # with its code
     # a service whose storage root, model or ffmpeg cannot work here: refused before Ray starts (a file as the
     # storage root printed "ready", then its job manager restarted for ever; a missing model failed every job)
+    from cluster.media.ffmpeg import encoder_problem
+
+    unusable = [("LIPSYNC_VIDEO_ENCODER", "h264_nvenc")] if encoder_problem("h264_nvenc") else []  # (no GPU here)
     for variable, value in (("LIPSYNC_STORAGE_ROOT", "/etc/passwd"), ("LIPSYNC_MODEL", str(workdir / "none.onnx")),
-                            ("LIPSYNC_FFMPEG", str(workdir / "no-ffmpeg"))):
+                            ("LIPSYNC_FFMPEG", str(workdir / "no-ffmpeg")), *unusable):
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, variable: value}, workdir, timeout=60)
         assert rc == 2 and "settings.invalid" in err and variable in err and "Traceback" not in err, (rc, err[-2000:])
         assert elapsed < BAD_INPUT_DEADLINE_S, (variable, elapsed)

@@ -120,6 +120,7 @@ def test_settings_read_only_at_a_jobs_encode_are_checked_at_start(tmp_path):
             Settings(storage_root=tmp_path, audio_bitrate=bad)
     assert Settings(storage_root=tmp_path, audio_bitrate=" 96k").audio_bitrate == "96k"
     assert Settings(storage_root=tmp_path, audio_bitrate="128000").audio_bitrate == "128000"
+    assert Settings(storage_root=tmp_path, audio_bitrate="96000.5").audio_bitrate == "96000"  # what AAC takes
     for field in ("preset", "live_preset"):
         with pytest.raises(ValidationError, match="'ultrafast', 'superfast'"):
             Settings(storage_root=tmp_path, **{field: "bogus"})

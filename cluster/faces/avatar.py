@@ -22,7 +22,14 @@ from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
 from cluster.fsutil import lock_within, publish, temporary_name, touch, write_atomic
 from cluster.media.decode import TemplateReader, iter_frames
-from cluster.media.normalize import content_id, frames_map_one_to_one, normalize_template, template_path_for
+from cluster.media.normalize import (
+    MAX_TEMPLATE_FPS,
+    MIN_TEMPLATE_FPS,
+    content_id,
+    frames_map_one_to_one,
+    normalize_template,
+    template_path_for,
+)
 from cluster.media.probe import probe_video
 from cluster.schemas import MediaInfo
 
@@ -145,6 +152,9 @@ def stored_avatar_for(video_path: str, settings: Settings | None = None) -> Avat
 def _cached(template_id: str, s: Settings) -> Avatar | None:
     """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None."""
     stored = _read_stored(template_id, s)
+    video = stored.info.video if stored is not None else None
+    if video is not None and not MIN_TEMPLATE_FPS <= video.fps <= MAX_TEMPLATE_FPS:
+        return None  # prepared before template rates were bounded: prepared again from its video
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         touch_avatar(template_id, s)
@@ -208,7 +218,7 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
 #: The most a template's face may be turned in the picture's plane (its eye line from level, degrees):
 #: past it, a face lying on its side, whose mouth MTCNN places where an upright face's would be (a dark
 #: slit drawn on the cheek, the real mouth still, and the job `succeeded`). Aligned crops handle less.
-MAX_FACE_ROLL_DEG = 65.0
+MAX_FACE_ROLL_DEG = 75.0  # (the estimate reads a real tilt of 55-60 degrees up to 6 degrees high)
 #: Frames of the face's track whose roll is measured (spread over it; the median decides)
 ROLL_SAMPLES = 3
 
@@ -226,10 +236,12 @@ def _check_upright(detector: MTCNNDetector, template_path: str, track, source: s
         return
     roll = float(np.median(rolls))
     if abs(roll) >= MAX_FACE_ROLL_DEG:
-        turn = "counter-clockwise" if roll > 0 else "clockwise"
-        raise FaceSideways(f"the face in {source} lies on its side (its eyes {abs(roll):.0f} degrees from level): "
+        how = ("half a turn" if abs(roll) >= 135 else
+               f"a quarter {'counter-clockwise' if roll > 0 else 'clockwise'}")
+        lies = "upside down" if abs(roll) >= 135 else "on its side"
+        raise FaceSideways(f"the face in {source} lies {lies} (its eyes {abs(roll):.0f} degrees from level): "
                            f"lip-sync needs a face within {MAX_FACE_ROLL_DEG:.0f} degrees of upright; turn the video "
-                           f"a quarter {turn} (or correct its rotation metadata)", path=source)
+                           f"{how} (or correct its rotation metadata)", path=source)
 
 
 def _return_freed_memory() -> None:

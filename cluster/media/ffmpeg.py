@@ -338,6 +338,27 @@ def ffmpeg_has_filters(*names: str, settings: Settings | None = None) -> bool:
     return all(n in have for n in names)
 
 
+def encoder_problem(name: str, settings: Settings | None = None) -> str | None:
+    """Why the resolved ffmpeg cannot encode H.264 with `name` here, else None: absent from its list, or a
+    one-frame trial that fails (`-encoders` lists h264_nvenc in builds on machines without the driver or
+    a GPU, where every segment's encode then fails: "Cannot load libcuda.so.1")."""
+    from cluster.errors import LipsyncError
+
+    s = settings or get_settings()
+    if not ffmpeg_has_encoder(name, s):
+        return f"the ffmpeg here ({ffmpeg_binary(s)}) has no {name} encoder"
+    try:
+        run_ffmpeg(["-loglevel", "error", "-f", "lavfi", "-i", "color=s=256x256:r=25:d=0.04", "-frames:v", "1",
+                    "-c:v", name, "-f", "null", "-"], timeout=max(10.0, s.probe_timeout_s), settings=s,
+                   stage="encoder-check")
+    except LipsyncError as e:
+        lines = (e.cause or e.message).strip().splitlines() or [e.message]
+        said = next((line for line in lines if f"[{name} @" in line), lines[0])  # the encoder's own words
+        said = said.split("] ", 1)[-1] if said.startswith("[") else said
+        return f"the ffmpeg here ({ffmpeg_binary(s)}) cannot encode with {name} on this machine: {said[:300]}"
+    return None
+
+
 def ffmpeg_has_encoder(name: str, settings: Settings | None = None) -> bool:
     """Whether the resolved ffmpeg binary has encoder `name` (e.g. `h264_nvenc`); cached."""
     s = settings or get_settings()

@@ -63,8 +63,10 @@ def _standard(fps: Fraction | float) -> Fraction | None:
 #: output, 40 times the render for frames no player shows).
 MIN_TEMPLATE_FPS, LOW_RATE_TARGET, MAX_TEMPLATE_FPS = Fraction(10), Fraction(25), Fraction(60)
 #: Rates a fast source is brought down to, preferred in this order where they divide its rate (frames
-#: then taken at even intervals: 1000 -> 50, 120 -> 60, 90 -> 30); else MAX_TEMPLATE_FPS.
-HIGH_RATE_TARGETS = (Fraction(60), Fraction(50), Fraction(30), Fraction(25))
+#: then taken at even intervals: 1000 -> 50, 120 -> 60, 119.88 -> 59.94, 144 -> 48, 90 -> 30, 72 -> 24);
+#: else MAX_TEMPLATE_FPS.
+HIGH_RATE_TARGETS = (Fraction(60), Fraction(60000, 1001), Fraction(50), Fraction(48), Fraction(30),
+                     Fraction(30000, 1001), Fraction(25), Fraction(24))
 
 
 def target_fps(info: MediaInfo) -> Fraction:

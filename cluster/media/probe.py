@@ -384,9 +384,9 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
         if untimed:  # a header without durations (a live or piped recording): the packets tell
             extent = scan_streams(p, untimed)
             if video is not None and videos[0].index in extent:
-                frames, seconds = extent[videos[0].index]
-                video = video.model_copy(update={"frame_count": frames,
-                                                 "duration": seconds or frames / video.fps_num * video.fps_den})
+                frames, seconds = extent[videos[0].index]  # (packets without durations miss the last frame's)
+                laid = frames / video.fps_num * video.fps_den
+                video = video.model_copy(update={"frame_count": frames, "duration": max(seconds or 0.0, laid)})
             if audio is not None and speech.index in extent:
                 audio = audio.model_copy(update={"duration": extent[speech.index][1] or 0.0})
         if not duration:
