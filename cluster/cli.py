@@ -105,7 +105,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
     if _refused_output(output):  # now, not after the whole render
         return 2
     if local or not os.environ.get("RAY_ADDRESS"):  # what this machine runs with: checked before any work
-        for problem in _local_setting_problems(settings):
+        # (not the model: the render's own check says what is wrong with it, --model or LIPSYNC_MODEL)
+        for problem in _local_setting_problems(settings, model=False):
             print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
             return 2
     # Per-job options travel with the job (a joined cluster has its own defaults).
@@ -350,7 +351,7 @@ def _hold_storage_root(settings: Settings) -> str | None:
     return None
 
 
-def _local_setting_problems(settings: Settings) -> list[str]:
+def _local_setting_problems(settings: Settings, model: bool = True) -> list[str]:
     """What is wrong with the settings that name things on this machine: the storage root (a
     directory this user can create and write), the default model (`builtin`, a name, or a file),
     the ffmpeg binary (an executable). Each as `field: why (got ...; LIPSYNC_FIELD)`."""
@@ -368,10 +369,11 @@ def _local_setting_problems(settings: Settings) -> list[str]:
     except OSError as e:
         problems.append(f"storage_root: not a directory this user can write: {e.strerror or e} "
                         f"(got '{root}'; LIPSYNC_STORAGE_ROOT)")
-    try:  # the check a job's model gets
-        check_model(settings.model, settings)
-    except LipsyncError as e:
-        problems.append(f"model: {e.message} (got '{settings.model}'; LIPSYNC_MODEL)")
+    if model:
+        try:  # the check a job's model gets
+            check_model(settings.model, settings)
+        except LipsyncError as e:
+            problems.append(f"model: {e.message} (got '{settings.model}'; LIPSYNC_MODEL)")
     if settings.ffmpeg and not shutil.which(settings.ffmpeg):  # a path: an executable file there; a name: on PATH
         problems.append(f"ffmpeg: not an executable file (got '{settings.ffmpeg}'; LIPSYNC_FFMPEG)")
     elif settings.video_encoder != "libx264":  # every job's segments would fail at their encode

@@ -980,3 +980,20 @@ def test_a_96_export_renders_with_the_wav2lip_crop(tmp_path, astronaut_video, sp
     out, template = decode_all(str(tmp_path / "out.mp4")), decode_all(astronaut_video)
     k = min(len(template), len(out))
     assert np.abs(out[:k].astype(int) - template[:k]).mean() < 2.0
+
+
+def test_a_gpu_the_user_named_and_did_not_get_is_a_warning(tmp_path, caplog):
+    """`LIPSYNC_PROVIDERS=cuda` on a machine without a usable GPU ran every model on the CPU with an INFO
+    line only; the fallback stays (a node without its GPU still renders), said as a WARNING. Without
+    the setting (CUDA when a device exists) it stays INFO."""
+    import logging
+
+    import cluster.models.providers as providers
+
+    providers._logged_choices.clear()
+    with caplog.at_level(logging.INFO, logger="lipsync.models"):
+        assert select_providers(None, Settings(storage_root=tmp_path, providers="cuda"), NO_GPU_BOX) == [CPU]
+        assert select_providers(None, Settings(storage_root=tmp_path), NO_GPU_BOX) == [CPU]
+    levels = [(r.levelname, "asked for a GPU" in r.getMessage()) for r in caplog.records
+              if "onnxruntime providers" in r.getMessage()]
+    assert levels == [("WARNING", True), ("INFO", False)], levels

@@ -224,8 +224,10 @@ def select_providers(gpu_ids: Sequence[Any] | None = None, settings: Settings | 
     key = (tuple(provider_name(p) for p in providers), tuple(notes))
     if key not in _logged_choices:
         _logged_choices.add(key)
-        log.info("onnxruntime providers: %s (%s; gpu_ids=%s)", list(key[0]), "; ".join(notes),
-                 None if gpu_ids is None else list(gpu_ids))
+        # a GPU the user named and did not get is a warning: the models run on the CPU, many times slower
+        gpu_refused = explicit and not uses_gpu(providers) and any(n != CPU for n in wanted)
+        log.log(logging.WARNING if gpu_refused else logging.INFO, "onnxruntime providers: %s (%s; gpu_ids=%s)",
+                list(key[0]), "; ".join(notes), None if gpu_ids is None else list(gpu_ids))
     return providers
 
 
