@@ -212,9 +212,10 @@ def test_a_service_whose_raylet_dies_says_so_ends_and_its_job_resumes_on_the_nex
         # nothing of its Ray is left: its workers (each its own process group) included
         wait_until(lambda: not [p for p in psutil.process_iter(["name", "status"]) if _session(p) == session
                                 and p.info["status"] != psutil.STATUS_ZOMBIE], 10, 0.1, "its Ray's processes gone")
-        # the API's port is let go: no orphaned Serve proxy listens on it
-        assert not [c for c in psutil.net_connections(kind="tcp")
-                    if c.status == psutil.CONN_LISTEN and c.laddr.port == svc.port]
+        # the API's port is let go: no orphaned Serve proxy listens on it (once the killed are gone)
+        wait_until(lambda: not [c for c in psutil.net_connections(kind="tcp")
+                                if c.status == psutil.CONN_LISTEN and c.laddr.port == svc.port], 15, 0.2,
+                   "the API's port let go")
         svc.proc = None
         svc.start()
         view = Client(svc.url, token=svc.token, retries=8).wait("raylet-1", timeout=240)
