@@ -521,10 +521,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(page.model_dump_json(indent=2))
         else:
             now = datetime.now(timezone.utc)
+            width = max((len(view.id) for view in page.jobs), default=0)  # the columns line up
             for view in page.jobs:
                 what = (f"{view.error.code}: {view.error.message}" if view.error
                         else " ".join(f"{k}={v}" for k, v in (view.inputs or {}).items()))
-                print(f"{view.id}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
+                print(f"{view.id:<{width}}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
                       f"{_age(now - view.created_at):>4} ago  {what}")
             if not page.jobs:
                 print("no jobs" + (f" in state {', '.join(args.state)}" if args.state else ""), file=sys.stderr)
