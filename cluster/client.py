@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from cluster.errors import InputError
-from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView
+from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView, UploadedFile
 
 RETRY_STATUS = (429, 502, 503, 504)
 log = logging.getLogger("lipsync.client")
@@ -645,10 +645,19 @@ class Client(_Base):
 
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
-        """Many audios (server paths or URLs) against one template or avatar; its jobs are
-        `<batch id>--000`, `--001`, ... (an id chosen here, unless given: safe to retry)."""
+        """Many audios (local files, URLs or server paths) against one template or avatar; its jobs
+        are `<batch id>--000`, `--001`, ... (an id chosen here, unless given: safe to retry). Local
+        files are uploaded first, each once (`POST /v1/uploads`)."""
+        uploaded = {}
+        for path in _batch_locals(audios, video):
+            uploads = _Uploads({"file": path})
+            try:
+                r = self.request("POST", "/v1/uploads", ok=(201,), rewind=uploads, timeout=max(self.timeout, 600))
+            finally:
+                uploads.close()
+            uploaded[path] = UploadedFile.model_validate(r.json()).ref
         r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
-                         json=_batch_body(audios, video, avatar, options))
+                         json=_batch_body(audios, video, avatar, options, uploaded))
         return BatchView.model_validate(r.json())
 
     def batch(self, batch_id: str) -> BatchView:
@@ -659,13 +668,27 @@ class Client(_Base):
         return BatchView.model_validate(self.request("DELETE", f"/v1/batches/{batch_id}").json())
 
 
-def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any]) -> dict:
+def _batch_locals(audios: list[str], video: str | None) -> list[str]:
+    """The batch's inputs that are local files (uploaded first, as `submit` uploads its own: a batch
+    is JSON); anything else that is neither a URL nor an absolute server path is refused here."""
+    local = []
     for field, value in [*(("audios", a) for a in audios), ("video", video)]:
-        if value is not None and "://" not in str(value) and not str(value).startswith("upload:") \
-                and not PurePosixPath(str(value)).is_absolute():  # (the server's paths, whatever the client's OS)
-            raise InputError(f"{field}: {value!r} is neither a URL nor an absolute server path, which a batch takes "
-                             f"(files under the server's LIPSYNC_INPUT_ROOTS); send a local file with submit() (a "
-                             f"job each), a local template with prepare_avatar() and its id as avatar", path=field)
+        if value is None:
+            continue
+        if _is_local_file(value):
+            local.append(str(value))
+        elif "://" not in str(value) and not str(value).startswith("upload:") \
+                and not PurePosixPath(str(value)).is_absolute():  # (the server's paths, whatever this OS)
+            raise InputError(f"{field}: {str(value)!r} is not a local file, a URL or an absolute server path",
+                             path=field)
+    return list(dict.fromkeys(local))
+
+
+def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any],
+                uploaded: dict[str, str] | None = None) -> dict:
+    uploaded = uploaded or {}
+    audios = [uploaded.get(str(a), a) for a in audios]
+    video = uploaded.get(str(video), video) if video is not None else None
     body = {"audios": [str(a) for a in audios], "video": None if video is None else str(video),
             "avatar_id": avatar, **options}
     body["id"] = body.get("id") or uuid.uuid4().hex
@@ -840,8 +863,16 @@ class AsyncClient(_Base):
     async def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                            **options) -> BatchView:
         """The async twin of `Client.submit_batch`."""
+        uploaded = {}
+        for path in _batch_locals(audios, video):
+            uploads = _Uploads({"file": path})
+            try:
+                r = await self.request("POST", "/v1/uploads", ok=(201,), rewind=uploads, timeout=max(self.timeout, 600))
+            finally:
+                uploads.close()
+            uploaded[path] = UploadedFile.model_validate(r.json()).ref
         r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
-                               json=_batch_body(audios, video, avatar, options))
+                               json=_batch_body(audios, video, avatar, options, uploaded))
         return BatchView.model_validate(r.json())
 
     async def batch(self, batch_id: str) -> BatchView:

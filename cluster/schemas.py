@@ -122,6 +122,13 @@ class RenderRequest(BaseModel):
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
 
 
+class UploadedFile(BaseModel):
+    """What `POST /v1/uploads` answers: `ref` names the stored bytes as a job's or a batch's input."""
+    ref: str = Field(..., description="upload:<sha256><.ext>: give it as an audio, audios item or video")
+    name: str = Field(..., description="the file's name as sent")
+    size: int
+
+
 class StoredInput(BaseModel):
     """Bytes a client uploaded to the job manager: `ref` ("upload:<sha256><.ext>") names them in
     a RenderRequest's `audio`/`video`."""
@@ -208,7 +215,8 @@ class JobOptions(BaseModel):
 
 
 class JobCreate(JobOptions):
-    """`POST /v1/jobs` as JSON: inputs are http(s) URLs or paths under the server's input roots."""
+    """`POST /v1/jobs` as JSON: inputs are http(s) URLs, paths under the server's input roots, or the `ref` of
+    a file stored with `POST /v1/uploads`."""
     id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id: resubmission is idempotent")
     audio: str = Field(..., min_length=1, max_length=4096)
     video: str | None = Field(None, min_length=1, max_length=4096)

@@ -9,7 +9,7 @@ from cluster.config import Settings
 from cluster.hls import watch_key
 from service.backend import Backend
 from service.errors import install_exception_handlers, openapi_with_one_error_body
-from service.routers import avatars, batches, compat, health, jobs, media, sessions, web
+from service.routers import avatars, batches, compat, health, jobs, media, sessions, uploads, web
 
 
 def create_app(settings: Settings, gateway) -> FastAPI:
@@ -30,6 +30,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.include_router(media.hls_router)  # the bearer token or a signed ?token= (players send no header)
     app.include_router(avatars.router)
     app.include_router(batches.router)
+    app.include_router(uploads.router)
     app.include_router(web.router)  # public: the page `/` and its files `/static/...`
     app.include_router(sessions.router)
     app.include_router(sessions.public_router)  # the socket and the stream: the session's own token

@@ -125,15 +125,17 @@ def test_a_batch_carries_an_id_and_is_sent_again_after_a_gateway_timeout_with_th
 
 
 def test_a_batch_of_local_files_is_refused_before_anything_is_sent_and_a_bad_url_at_once():
-    """A batch takes URLs and server paths; `submit_batch(["speech.wav"], ...)` reached the server and came
-    back as `input.outside_roots` about a path that is not absolute, where the user had meant a local file
-    (which `submit` uploads). And `Client("foo")` failed at its first call as a connection error."""
+    """A batch's local files are uploaded first (test_service); a name that is none of a local file, a URL
+    or an absolute server path (`submit_batch(["speech.wav"], ...)` where no speech.wav is) reached the
+    server and came back as `input.outside_roots`. And `Client("foo")` failed at its first call as a
+    connection error."""
     from cluster.errors import InputError
 
     for outcome, seen in _both(lambda request, n: httpx.Response(500),
                                lambda c: c.submit_batch(["/data/a.wav", "speech.wav"], avatar="0123456789abcdef")):
         assert isinstance(outcome, InputError) and not seen, outcome
-        assert outcome.path == "audios" and "'speech.wav' is neither a URL nor an absolute server path" in str(outcome)
+        assert outcome.path == "audios" and "'speech.wav' is not a local file, a URL or an absolute server path" \
+            in str(outcome), outcome
     with pytest.raises(InputError, match="the service URL 'foo' is not an http"):
         Client("foo")
     with pytest.raises(InputError, match="not an http"):

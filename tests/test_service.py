@@ -632,6 +632,28 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert cancelled.json()["state"] == "cancelled", cancelled.text  # asked for: not "failed"
         with Client(service.url, token=service.token) as c:  # the SDK's face of it
             assert c.cancel_batch("batch-2").counts == {"succeeded": 2}
+            # local files (a laptop: no input roots): uploaded first through POST /v1/uploads, each once
+            local = [tmp_path / "mine0.wav", tmp_path / "mine1.wav"]
+            for i, path in enumerate(local):
+                write_audio(str(path), speech_like(0.6 + 0.2 * i, seed=60 + i))
+            batch = c.submit_batch([str(p) for p in local] + [str(local[0])], avatar=avatar["id"])
+            done4 = wait_until(lambda: (b := c.batch(batch.id)).state.value in ("succeeded", "failed") and b, 240,
+                               0.5, "a batch of local files")
+            assert done4.counts == {"succeeded": 3}, done4
+            assert [j.frames_total for j in done4.jobs] == [expected_frames(0.6), expected_frames(0.8),
+                                                            expected_frames(0.6)]
+            given = [j.inputs["audio"] for j in done4.jobs]  # the stored refs (a ref keeps no file name)
+            assert all(g.startswith("upload:") for g in given) and given[0] == given[2] != given[1], given
+        # the upload route itself: one `file` field, stored by content; anything else refused by its field
+        stored = http.post("/v1/uploads", files={"file": ("take 1.wav", open(audios[0], "rb"))})
+        assert stored.status_code == 201 and stored.json()["ref"].startswith("upload:"), stored.text
+        assert stored.json()["name"] == "take 1.wav" and stored.json()["size"] == os.path.getsize(audios[0])
+        for bad in ({"files": {"audio": ("a.wav", b"RIFF")}}, {"json": {"file": "x"}},
+                    {"files": {"file": ("empty.wav", b"")}}):
+            refused = http.post("/v1/uploads", **bad)
+            assert refused.status_code == 400 and refused.json()["error"]["field"] == "file", refused.text
+        job = http.post("/v1/jobs", json={"audio": stored.json()["ref"], "avatar_id": avatar["id"]})
+        assert job.status_code == 202, job.text  # a ref is an input, as a URL or a server path is
         nf = http.get("/v1/batches/no-such-batch")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "batch.not_found", nf.text
     with Client(service.url, token=service.token) as c:
