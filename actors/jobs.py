@@ -372,10 +372,13 @@ class JobMachine:
             if models.live() and compositors.live():
                 job.capacity_seen = time.monotonic()
             elif time.monotonic() - job.capacity_seen > self.s.stall_timeout_s:
+                log.warning("job %s: no live capacity for %.0f s: model workers %s, compositors %s", job.id,
+                            self.s.stall_timeout_s, models.snapshot(), compositors.snapshot(),
+                            extra={"job_id": job.id})  # the whole record, for the operator
                 raise WorkerLost(
                     f"job {job.id}: no live {'model worker' if not models.live() else 'compositor'} for "
-                    f"{self.s.stall_timeout_s:.0f} s; model workers {models.snapshot()}, "
-                    f"compositors {compositors.snapshot()}", job_id=job.id, stage="render")
+                    f"{self.s.stall_timeout_s:.0f} s (model workers: {models.summary()}; compositors: "
+                    f"{compositors.summary()})", job_id=job.id, stage="render")
 
     # --- chunk outcomes (from the dispatcher) ---------------------------------------------------
     async def chunk_done(self, job: JobRuntime, chunk: Chunk, result: ChunkResult) -> None:

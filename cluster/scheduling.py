@@ -116,6 +116,15 @@ class WorkerTable:
         return [{"name": m.name, "health": m.health.value, "inflight": m.inflight, "served": m.served,
                  **({"error": str(m.error)} if m.error else {}), **m.info} for m in self.members.values()]
 
+    def summary(self) -> str:
+        """The members in a few words, for an error a user reads: how many in each health, and the
+        last error seen (`snapshot` is the whole record, for the logs)."""
+        counts = collections.Counter(m.health.value for m in self.members.values())
+        errors = [m for m in self.members.values() if m.error]
+        last = max(errors, key=lambda m: m.lost_at or m.created_at, default=None)
+        said = ", ".join(f"{n} {health}" for health, n in sorted(counts.items())) or "none"
+        return said + (f" (last error: {str(last.error)[:200]})" if last is not None else "")
+
 
 @dataclass(frozen=True)
 class PoolSize:

@@ -423,3 +423,17 @@ def test_an_embedded_ray_refuses_a_pool_the_machine_cannot_hold(monkeypatch, tmp
         embedded_cpus(Settings(storage_root=tmp_path, model_workers=50))
     assert embedded_cpus(Settings(storage_root=tmp_path, model_workers=2, compositors=2)) == 4
     assert embedded_cpus(Settings(storage_root=tmp_path)) == 3
+
+
+def test_a_tables_summary_is_a_few_words_with_the_last_error():
+    """A job failed for lack of workers said `model workers [{...}]`: 1,310 characters of dumped member
+    records naming no cause (the whole record goes to the log). Its error now counts them by health and
+    names the last error seen."""
+    t = WorkerTable(max_inflight=2)
+    assert t.summary() == "none"
+    for name, health, error, lost_at in (("w0", Health.live, None, 0.0), ("w1", Health.lost, "died: SIGKILL", 5.0),
+                                         ("w2", Health.lost, "no answer to a probe in 10 s", 9.0)):
+        member = t.add(name, object())
+        member.health, member.error, member.lost_at = health, error, lost_at
+        member.info = {"pid": 4242, "node": "n" * 56, "models": ["builtin"]}
+    assert t.summary() == "1 live, 2 lost (last error: no answer to a probe in 10 s)"
