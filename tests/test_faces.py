@@ -427,6 +427,23 @@ def test_a_template_prepared_by_two_jobs_at_once_is_prepared_once(tmp_path, temp
     assert results[0].model_dump(exclude={"cached"}) == results[1].model_dump(exclude={"cached"})
 
 
+def test_a_damaged_video_without_a_face_says_it_decodes_with_errors(tmp_path, astronaut_video):
+    """300 bytes flipped in a template: ffmpeg decodes it with 40 errors, no frame shows a face, and the
+    refusal said only "no face found" (helper's report: the real problem is the damage)."""
+    import random
+    from pathlib import Path
+
+    data = bytearray(Path(astronaut_video).read_bytes())
+    rng = random.Random(3)
+    for i in rng.sample(range(2000, len(data) - 2000), 300):
+        data[i] ^= 0xFF
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data)
+    with pytest.raises(NoFace, match=r"damaged.mp4: .* its video also decodes with errors \(ffmpeg: .+\): the "
+                                     r"file may be damaged"):
+        prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
+
+
 ROLL_CHECK_FRAMES = 3 * 3  # `_check_upright`: 3 frames of the track, each region in 3 orientations
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import FaceSideways, InputNotFound, LipsyncError, RenderTimeout
+from cluster.errors import FaceSideways, InputNotFound, LipsyncError, NoFace, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
 from cluster.fsutil import lock_within, publish, temporary_name, touch, write_atomic
@@ -200,8 +200,15 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
     if detections is None:
         detections = _detect(detector, template.path, s)
     video = template.info.video
-    track = build_track(detections, (video.width, video.height), s.min_face_fraction,
-                        path_for_errors=source, fps=float(video.fps))
+    try:
+        track = build_track(detections, (video.width, video.height), s.min_face_fraction,
+                            path_for_errors=source, fps=float(video.fps))
+    except NoFace as e:  # a damaged file's garbled frames show no face: the damage is the news
+        if template.decode_error:
+            e.message += (f"; its video also decodes with errors (ffmpeg: {template.decode_error}): the file may be "
+                          f"damaged")
+            e.args = (e.message,)
+        raise
     _check_upright(detector, template.path, track, source, s)
 
     out_dir = _avatar_dir(template.id, s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +41,7 @@ class NormalizedTemplate(BaseModel):
     info: MediaInfo
     source: str
     cached: bool = False
+    decode_error: str | None = None  # what a decoder of the source said while it was normalised (a damaged file)
 
 
 def content_id(path: str | os.PathLike) -> str:
@@ -287,7 +289,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     fd, tmp = tempfile.mkstemp(prefix=".template-", suffix=".mp4", dir=out_dir)
     os.close(fd)
     try:
-        run_ffmpeg([
+        done = run_ffmpeg([
             "-loglevel", "error", *input_args(source),
             "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
             "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr", "-frames:v", str(most),
@@ -322,5 +324,19 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
         raise
     video = info.video.model_copy(update={"frame_count": found})
     info = info.model_copy(update={"path": str(out_path), "video": video})
+    said = _decoder_error(done.stderr.decode("utf-8", "replace"))
+    if said:
+        log.warning("template %s: its video decodes with errors (ffmpeg: %s)", source, said)
     return NormalizedTemplate(id=template_id, path=str(out_path), info=info, source=source,
-                              cached=False)
+                              cached=False, decode_error=said)
+
+
+#: An error line of a decoder in ffmpeg's output ("[h264 @ 0x55..] error while decoding MB 6 0, ..."), not
+#: of the encoder it feeds (libx264's would fail the run)
+_DECODER_LINE = re.compile(r"^\[(?!libx264|vost|out#|vf#)[\w-]+ @ 0x[0-9a-f]+\] (.+)$", re.M)
+
+
+def _decoder_error(stderr: str) -> str | None:
+    """The first thing a decoder complained of in ffmpeg's `stderr`, else None."""
+    m = _DECODER_LINE.search(stderr)
+    return m.group(1).strip()[:200] if m else None
