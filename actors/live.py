@@ -850,10 +850,12 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
     received = audio.stat().st_size if audio.is_file() else 0
     rate = int(meta["sample_rate"])
     restarts = sum(1 for e in events if "restart" in e)
+    why = (f"died and was not restarted (LIPSYNC_LIVE_MAX_RESTARTS={settings.live_max_restarts}, {restarts} "
+           f"restart(s) used)" if restarts >= settings.live_max_restarts else
+           f"is gone: the service or its Ray stopped while the session ran ({restarts} restart(s) used)")
     error = lost or {"code": "session.actor_lost", "stage": "live",
-                     "message": f"live session {session_id}: its actor ({session_actor_name(session_id)}) died "
-                                f"and was not restarted (LIPSYNC_LIVE_MAX_RESTARTS={settings.live_max_restarts}, "
-                                f"{restarts} restart(s) used); its stream stopped after {len(published)} segments"}
+                     "message": f"live session {session_id}: its actor ({session_actor_name(session_id)}) {why}; "
+                                f"its stream stopped after {len(published)} segments"}
     last = published[-1] if published else {}
     fps = float(_journal_fps(meta, published))
     streamed = round(last.get("end_frame", 0) / fps, 3)

@@ -595,6 +595,8 @@ def test_a_session_gone_for_good_still_gives_the_recording_of_what_it_streamed(s
     with _api(service) as api:
         view = api.get(f"/v1/sessions/{sid}").json()
         assert view["state"] == "failed" and view["error"]["code"] == "session.actor_lost", view
+        # no restart used: not "died and was not restarted" (a whole service killed read so)
+        assert "is gone: the service or its Ray stopped while the session ran" in view["error"]["message"], view
         assert view["seconds_rendered"] == view["seconds_streamed"] == streamed and streamed >= 1.9, view
         assert view["recording_url"] is None
         r = api.get(f"/v1/sessions/{sid}/recording")
