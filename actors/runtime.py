@@ -311,22 +311,37 @@ def embedded_ray_lost() -> str | None:
 RAY_OWNER_VARIABLE = "OWNER_PID_OF_LIPSYNC_RAY"
 
 
-def mark_embedded_ray_owner() -> None:
-    """Before an embedded Ray starts: its processes will carry this process's id (`RAY_OWNER_VARIABLE`)."""
-    os.environ[RAY_OWNER_VARIABLE] = str(os.getpid())
+@contextlib.contextmanager
+def embedded_ray_owner_mark():
+    """While an embedded Ray starts, its processes inherit a mark of this process (`RAY_OWNER_VARIABLE`:
+    its pid and a random token, so neither a reused pid nor another pid namespace matches); yields the
+    mark for `kill_embedded_ray`. The mark is this process's only while its Ray starts: its raylet
+    passes it on to the workers it starts later, and no other child of this process carries it."""
+    import uuid
+
+    mark = f"{os.getpid()}-{uuid.uuid4().hex}"
+    before = os.environ.get(RAY_OWNER_VARIABLE)
+    os.environ[RAY_OWNER_VARIABLE] = mark
+    try:
+        yield mark
+    finally:
+        if before is None:
+            os.environ.pop(RAY_OWNER_VARIABLE, None)
+        else:
+            os.environ[RAY_OWNER_VARIABLE] = before
 
 
-def kill_embedded_ray() -> int:
-    """SIGKILL what is left of the embedded Ray this process started (`mark_embedded_ray_owner`) once a
+def kill_embedded_ray(mark: str) -> int:
+    """SIGKILL what is left of the embedded Ray started under `mark` (`embedded_ray_owner_mark`) once a
     vital process of it died (`ray.shutdown` waits on a GCS that is gone): its workers and actors outlive
     a dead raylet, an orphaned Serve proxy still holding the API's port. Never this process; never
-    another service's Ray. Returns how many."""
+    another service's Ray; only this user's processes. Returns how many."""
     import psutil
 
-    me, killed = os.getpid(), 0
-    for proc in psutil.process_iter():
+    me, uid, killed = os.getpid(), os.getuid(), 0
+    for proc in psutil.process_iter(["uids"]):
         try:
-            if proc.pid != me and proc.environ().get(RAY_OWNER_VARIABLE) == str(me):
+            if proc.pid != me and proc.info["uids"].real == uid and proc.environ().get(RAY_OWNER_VARIABLE) == mark:
                 proc.kill()
                 killed += 1
         except (psutil.Error, OSError):

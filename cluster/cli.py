@@ -270,11 +270,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
               f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
         return 1
-    from actors.runtime import embedded_ray_lost, kill_embedded_ray, mark_embedded_ray_owner
+    from actors.runtime import embedded_ray_lost, embedded_ray_owner_mark, kill_embedded_ray
     from service.launch import start_service, stop_service
-
-    if embedded:
-        mark_embedded_ray_owner()  # its processes findable if its raylet or GCS dies (`kill_embedded_ray`)
 
     dashboard_port = args.dashboard_port
     if not args.no_dashboard and dashboard_port is None:  # Ray's 8265, else a free one (a second service here)
@@ -285,10 +282,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # abort the process mid-start or mid-shutdown): a signal at any point is a clean stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                             dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
-                             ray_temp_dir=args.ray_temp_dir, stop=stop)
+    try:  # its Ray's processes marked: findable if its raylet or GCS dies (`kill_embedded_ray`)
+        with embedded_ray_owner_mark() as ray_mark:
+            urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                                 dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
+                                 ray_temp_dir=args.ray_temp_dir, stop=stop)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
         _stop_started(stop_service, embedded)
@@ -299,14 +297,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  dashboard: {urls['dashboard']}", flush=True)
     try:
         while not stop.wait(1.0):
-            if urls["embedded"] and (lost := embedded_ray_lost()):
+            if urls["embedded"] and not stop.is_set() and (lost := embedded_ray_lost()):
                 # a service without its Ray answers nothing and would fail its jobs as workers lost:
                 # said, ended at once (a supervisor restarts it; the jobs resume from their segments)
                 print(f"lipsync: error: service.ray_lost: the embedded Ray's {lost} died; the service cannot go "
                       f"on without it and stops now (unfinished jobs resume on the next start on this storage "
                       f"root)", file=sys.stderr, flush=True)
-                n = kill_embedded_ray()
+                n = kill_embedded_ray(ray_mark)
                 print(f"lipsync: stopped ({n} Ray processes left behind were killed)", file=sys.stderr, flush=True)
+                logging.shutdown()  # (os._exit flushes no log handler)
                 os._exit(1)
     finally:
         print("lipsync: stopping the service", file=sys.stderr, flush=True)

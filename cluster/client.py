@@ -652,7 +652,8 @@ class Client(_Base):
         for path in _batch_locals(audios, video):
             uploads = _Uploads({"file": path})
             try:
-                r = self.request("POST", "/v1/uploads", ok=(201,), rewind=uploads, timeout=max(self.timeout, 600))
+                r = self.request("POST", "/v1/uploads", ok=(201,), idempotent=True,  # stored by content
+                                 rewind=uploads, timeout=max(self.timeout, 600))
             finally:
                 uploads.close()
             uploaded[path] = UploadedFile.model_validate(r.json()).ref
@@ -867,7 +868,8 @@ class AsyncClient(_Base):
         for path in _batch_locals(audios, video):
             uploads = _Uploads({"file": path})
             try:
-                r = await self.request("POST", "/v1/uploads", ok=(201,), rewind=uploads, timeout=max(self.timeout, 600))
+                r = await self.request("POST", "/v1/uploads", ok=(201,), idempotent=True,  # stored by content
+                                       rewind=uploads, timeout=max(self.timeout, 600))
             finally:
                 uploads.close()
             uploaded[path] = UploadedFile.model_validate(r.json()).ref

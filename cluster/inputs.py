@@ -157,7 +157,6 @@ class UploadStore:
             self.abort(upload_id)
             raise UploadCorrupt(f"upload {up.filename}: sha256 {digest} of the bytes received differs from the "
                                 f"{sha256} the client sent", path=up.filename)
-        del self._open[upload_id]
         dest = self.s.dir("inputs") / f"{digest}{up.suffix}"
         with open(up.path, "rb+") as f:
             os.fsync(f.fileno())
@@ -166,6 +165,7 @@ class UploadStore:
             os.utime(dest)  # used now: retention judges stored inputs by their last use
         else:
             os.replace(up.path, dest)
+        del self._open[upload_id]  # (not before: a finish the disk refused leaves it for `abort` to remove)
         return StoredInput(ref=f"{UPLOAD_PREFIX}{digest}{up.suffix}", size=up.size, sha256=digest)
 
     def abort(self, upload_id: str) -> None:

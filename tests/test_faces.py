@@ -439,9 +439,10 @@ def test_a_damaged_video_without_a_face_says_it_decodes_with_errors(tmp_path, as
         data[i] ^= 0xFF
     damaged = tmp_path / "damaged.mp4"
     damaged.write_bytes(data)
-    with pytest.raises(NoFace, match=r"damaged.mp4: .* its video also decodes with errors \(ffmpeg: .+\): the "
-                                     r"file may be damaged"):
-        prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
+    for _attempt in ("first", "again"):  # again: its template normalised before (cached), the damage still named
+        with pytest.raises(NoFace, match=r"damaged.mp4: .* its video also decodes with errors \(ffmpeg: .+\): the "
+                                         r"file may be damaged"):
+            prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
 
 
 ROLL_CHECK_FRAMES = 3 * 3  # `_check_upright`: 3 frames of the track, each region in 3 orientations

@@ -249,7 +249,7 @@ def test_normalize_variable_rate_becomes_constant(media, settings):
 def test_a_template_rate_out_of_bounds_is_brought_within_them(settings, tmp_path, rate, expected):
     """A slideshow (2 fps) gave a 2 fps output whose mouth moved twice a second, a 1000 fps source a
     1000 fps output (40 times the frames to render): frames are repeated up to 25 fps, or taken at
-    even intervals down to the highest of 60, 50, 30, 25 that divides the rate."""
+    even intervals down to the first of 60, 59.94, 50, 48, 30, 29.97, 25, 24 that divides the rate."""
     source = tmp_path / f"r{rate.replace('/', '_')}.mp4"
     ffmpeg(*video_src(rate, seconds=2), *H264, str(source))
     assert probe_video(source, settings).video.fps == Fraction(rate)

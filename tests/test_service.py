@@ -648,10 +648,10 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         stored = http.post("/v1/uploads", files={"file": ("take 1.wav", open(audios[0], "rb"))})
         assert stored.status_code == 201 and stored.json()["ref"].startswith("upload:"), stored.text
         assert stored.json()["name"] == "take 1.wav" and stored.json()["size"] == os.path.getsize(audios[0])
-        for bad in ({"files": {"audio": ("a.wav", b"RIFF")}}, {"json": {"file": "x"}},
-                    {"files": {"file": ("empty.wav", b"")}}):
+        for bad, status in (({"files": {"audio": ("a.wav", b"RIFF")}}, 400), ({"json": {"file": "x"}}, 415),
+                            ({"files": {"file": ("empty.wav", b"")}}, 400)):
             refused = http.post("/v1/uploads", **bad)
-            assert refused.status_code == 400 and refused.json()["error"]["field"] == "file", refused.text
+            assert refused.status_code == status and refused.json()["error"]["field"] == "file", refused.text
         job = http.post("/v1/jobs", json={"audio": stored.json()["ref"], "avatar_id": avatar["id"]})
         assert job.status_code == 202, job.text  # a ref is an input, as a URL or a server path is
         nf = http.get("/v1/batches/no-such-batch")

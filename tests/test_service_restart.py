@@ -224,6 +224,36 @@ def test_a_service_whose_raylet_dies_says_so_ends_and_its_job_resumes_on_the_nex
         svc.cleanup()
 
 
+def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_path):
+    """`kill_embedded_ray` takes the processes that inherited this service's mark, and no other: not one
+    marked by another service (or by a pid equal to ours in another namespace: the mark has a random
+    part), not one without a mark, not this process, and not a child started after its Ray did."""
+    import subprocess
+    import sys
+
+    from actors.runtime import RAY_OWNER_VARIABLE, embedded_ray_owner_mark, kill_embedded_ray
+
+    def sleeper(env_mark: str | None) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != RAY_OWNER_VARIABLE}
+        if env_mark is not None:
+            env[RAY_OWNER_VARIABLE] = env_mark
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+
+    with embedded_ray_owner_mark() as mark:
+        ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # inherits the mark
+    assert RAY_OWNER_VARIABLE not in os.environ  # this process's mark only while its Ray starts
+    others = [sleeper(f"{os.getpid()}-0123456789abcdef"), sleeper(None), sleeper(mark.split("-")[0])]
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert kill_embedded_ray(mark) == 1
+        assert ours.wait(timeout=10) == -signal.SIGKILL
+        assert all(p.poll() is None for p in [*others, later])
+    finally:
+        for p in [ours, *others, later]:
+            p.kill()
+            p.wait(timeout=10)
+
+
 def _session(proc) -> int | None:
     try:
         return os.getsid(proc.pid)

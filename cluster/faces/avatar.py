@@ -26,6 +26,7 @@ from cluster.media.normalize import (
     MAX_TEMPLATE_FPS,
     MIN_TEMPLATE_FPS,
     content_id,
+    decode_error,
     frames_map_one_to_one,
     normalize_template,
     template_path_for,
@@ -204,9 +205,9 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
         track = build_track(detections, (video.width, video.height), s.min_face_fraction,
                             path_for_errors=source, fps=float(video.fps))
     except NoFace as e:  # a damaged file's garbled frames show no face: the damage is the news
-        if template.decode_error:
-            e.message += (f"; its video also decodes with errors (ffmpeg: {template.decode_error}): the file may be "
-                          f"damaged")
+        said = template.decode_error or decode_error(source, s)  # (cached, or used as it was: asked now)
+        if said:
+            e.message += f"; its video also decodes with errors (ffmpeg: {said}): the file may be damaged"
             e.args = (e.message,)
         raise
     _check_upright(detector, template.path, track, source, s)

@@ -340,3 +340,17 @@ def _decoder_error(stderr: str) -> str | None:
     """The first thing a decoder complained of in ffmpeg's `stderr`, else None."""
     m = _DECODER_LINE.search(stderr)
     return m.group(1).strip()[:200] if m else None
+
+
+def decode_error(source: str, settings: Settings) -> str | None:
+    """What the decoder of `source`'s video says when it is decoded whole (None: nothing, or it could not be
+    asked in time): for a refusal to name the damage where the template was normalised before (cached)
+    or used as it is. Its cost, a decode of the whole video, is paid on that failure path only."""
+    from cluster.errors import LipsyncError
+
+    try:
+        done = run_ffmpeg(["-loglevel", "error", *input_args(source), "-map", "0:v:0", "-f", "null", "-"],
+                          timeout=settings.ffmpeg_timeout_s, settings=settings, stage="decode-check", path=source)
+    except LipsyncError as e:  # it does not decode at all: that is what it says
+        return _decoder_error(e.cause or "")
+    return _decoder_error(done.stderr.decode("utf-8", "replace"))

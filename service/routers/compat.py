@@ -107,8 +107,9 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
         except Exception as e:
             from cluster.resources import is_disk_full
 
-            if not isinstance(e, OutputExpired) and (is_disk_full(e) or (isinstance(e, LipsyncError)
-                                                                          and http_status(e) == 503)):
+            read_only = "read-only" in str(e).lower()  # (counted as resource.disk, but no later query helps)
+            if not isinstance(e, OutputExpired) and not read_only and (is_disk_full(e) or (
+                    isinstance(e, LipsyncError) and http_status(e) == 503)):
                 log.warning("compat publish of %s failed for now (asked again at the next query): %r", code, e)
                 return running_for_now(f"the result could not be published yet: {e}")
             log.error("compat publish of %s failed: %r", code, e)

@@ -10,7 +10,7 @@ from cluster.errors import InputError
 from cluster.schemas import UploadedFile
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import error_responses
+from service.errors import ApiProblem, error_responses
 from service.uploads import Upload
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], dependencies=[Depends(require_token)],
@@ -23,8 +23,10 @@ router = APIRouter(prefix="/v1/uploads", tags=["uploads"], dependencies=[Depends
                  "type": "object", "required": ["file"],
                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
 async def upload_file(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise InputError("a file is sent as multipart/form-data, in the field 'file'", path="file")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise ApiProblem(415, "input.content_type", f"a body of type {ctype or 'none'!r}: this route takes "
+                         "multipart/form-data, the file in the field 'file'", "file")
     tmpdir = backend.tmpdir()
     try:
         up = Upload(tmpdir, backend.settings.max_upload_bytes)
