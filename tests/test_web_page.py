@@ -178,6 +178,10 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
         assert mse_codec_string(out.read_bytes()) == codecs  # the stream and the file hold the same packets
         page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
 
+        # a job whose input is an upload's ref: a long unbroken name in the list (it widened a phone's page)
+        refs = [api.post("/v1/uploads", files={"file": (Path(p).name, open(p, "rb"))}).json()["ref"]
+                for p in (audio, video)]
+        assert api.post("/v1/jobs", json={"audio": refs[0], "video": refs[1]}).status_code == 202
         # the jobs list shows it with its state, on the first page (newest first) unless many jobs came
         # after it, then behind "Older jobs"; nothing is wider than a phone
         page.click("[data-tab=jobs]")
