@@ -473,6 +473,24 @@ def test_a_face_lying_on_its_side_is_refused_and_a_tilted_one_rendered(tmp_path,
     assert 35 < np.median(roll) < 65, np.median(roll)  # its eye line, as the track has it
 
 
+def test_an_avatar_stored_at_a_rate_now_out_of_bounds_is_refused_by_id_and_prepared_again(tmp_path,
+                                                                                           astronaut_video):
+    """Templates are brought within 10-60 fps; an avatar prepared before at 1000 fps rendered at 1000 fps by
+    its id. By id it is refused, saying how to make it again; from its video it is prepared again."""
+    import json
+
+    settings = Settings(storage_root=tmp_path / "store")
+    avatar = prepare_avatar(astronaut_video, settings)
+    meta = tmp_path / "store" / "avatars" / avatar.id / "avatar.json"
+    stored = json.loads(meta.read_text())
+    stored["info"]["video"]["fps_num"], stored["info"]["video"]["fps_den"] = 1000, 1  # as stored before
+    meta.write_text(json.dumps(stored))
+    with pytest.raises(InputNotFound, match=r"prepared at 1000 fps, .* prepare it again from its video"):
+        load_avatar(avatar.id, settings)
+    again = prepare_avatar(astronaut_video, settings)
+    assert not again.cached and again.id == avatar.id and load_avatar(avatar.id, settings).info.video.fps == 25
+
+
 def test_prepare_avatar_detects_every_frame_and_caches(tmp_path, template_video):
     settings = Settings(storage_root=tmp_path / "store", batch_size=16, detect_interval=5)
     det = CountingDetector()

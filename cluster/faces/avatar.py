@@ -277,6 +277,11 @@ def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
         raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it first: POST /v1/avatars, or a job "
                             f"with its video; avatars unused for LIPSYNC_RETENTION_DAYS are removed)",
                             path="avatar_id")
+    video = avatar.info.video
+    if video is not None and not MIN_TEMPLATE_FPS <= video.fps <= MAX_TEMPLATE_FPS:  # (see `_cached`)
+        raise InputNotFound(f"avatar {avatar_id} was prepared at {float(video.fps):g} fps, before templates were "
+                            f"brought within {MIN_TEMPLATE_FPS}-{MAX_TEMPLATE_FPS} fps: prepare it again from its "
+                            f"video (POST /v1/avatars; it keeps its id)", path="avatar_id")
     touch_avatar(avatar_id, s)
     return avatar
 
