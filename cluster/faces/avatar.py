@@ -29,6 +29,7 @@ from cluster.media.normalize import (
     decode_error,
     frames_map_one_to_one,
     normalize_template,
+    rate_out_of_bounds,
     template_path_for,
 )
 from cluster.media.probe import probe_video
@@ -153,9 +154,8 @@ def stored_avatar_for(video_path: str, settings: Settings | None = None) -> Avat
 def _cached(template_id: str, s: Settings) -> Avatar | None:
     """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None."""
     stored = _read_stored(template_id, s)
-    video = stored.info.video if stored is not None else None
-    if video is not None and not MIN_TEMPLATE_FPS <= video.fps <= MAX_TEMPLATE_FPS:
-        return None  # prepared before template rates were bounded: prepared again from its video
+    if stored is not None and rate_out_of_bounds(stored.info):
+        return None  # prepared again from its video
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         touch_avatar(template_id, s)
@@ -277,11 +277,10 @@ def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
         raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it first: POST /v1/avatars, or a job "
                             f"with its video; avatars unused for LIPSYNC_RETENTION_DAYS are removed)",
                             path="avatar_id")
-    video = avatar.info.video
-    if video is not None and not MIN_TEMPLATE_FPS <= video.fps <= MAX_TEMPLATE_FPS:  # (see `_cached`)
-        raise InputNotFound(f"avatar {avatar_id} was prepared at {float(video.fps):g} fps, before templates were "
-                            f"brought within {MIN_TEMPLATE_FPS}-{MAX_TEMPLATE_FPS} fps: prepare it again from its "
-                            f"video (POST /v1/avatars; it keeps its id)", path="avatar_id")
+    if rate_out_of_bounds(avatar.info):
+        raise InputNotFound(f"avatar {avatar_id} was prepared at {float(avatar.info.video.fps):g} fps, before "
+                            f"templates were brought within {MIN_TEMPLATE_FPS}-{MAX_TEMPLATE_FPS} fps: prepare it "
+                            f"again from its video (POST /v1/avatars; it keeps its id)", path="avatar_id")
     touch_avatar(avatar_id, s)
     return avatar
 

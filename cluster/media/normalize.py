@@ -71,6 +71,12 @@ HIGH_RATE_TARGETS = (Fraction(60), Fraction(60000, 1001), Fraction(50), Fraction
                      Fraction(30000, 1001), Fraction(25), Fraction(24))
 
 
+def rate_out_of_bounds(info: MediaInfo) -> bool:
+    """Whether a stored template (or an avatar's) was normalised before rates were brought within
+    MIN_TEMPLATE_FPS-MAX_TEMPLATE_FPS: it is made again (from its video), never used by its id."""
+    return info.video is not None and not MIN_TEMPLATE_FPS <= info.video.fps <= MAX_TEMPLATE_FPS
+
+
 def target_fps(info: MediaInfo) -> Fraction:
     """The constant rate of the normalised template: the source's exact rate. For a variable-rate
     source, the standard rate its frames are laid on (its cadence, r_frame_rate: a 25 fps recording
@@ -117,7 +123,7 @@ def _load_cached(template_id: str, path: Path, source: str,
         return None  # an unreadable cache entry is rebuilt
     if info.video is None or info.video.full_range:  # stored before ranges were converted: made again
         return None
-    if not MIN_TEMPLATE_FPS <= info.video.fps <= MAX_TEMPLATE_FPS:  # stored before rates were bounded
+    if rate_out_of_bounds(info):
         return None
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
