@@ -181,6 +181,15 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(t in text.lower() for text in texts for t in DISK_FULL_TEXTS)
 
 
+def is_read_only(exc: BaseException) -> bool:
+    """Whether an exception (ours or the OS's) says the storage is read-only: `is_disk_full` counts it,
+    but unlike a full disk no later attempt finds room."""
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return True
+    texts = [str(exc)] + ([exc.cause] if isinstance(exc, LipsyncError) and exc.cause else [])
+    return any("read-only" in text.lower() for text in texts)
+
+
 def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | None = None) -> DiskFull:
     """`DiskFull` for an exception `is_disk_full` recognised, keeping its stage, chunk and path."""
     if isinstance(exc, DiskFull):
@@ -191,7 +200,7 @@ def as_disk_full(exc: BaseException, stage: str | None = None, job_id: str | Non
                     path=exc.path)
     where = f" during {info['stage']}" if info["stage"] else ""
     cause = (exc.cause if isinstance(exc, LipsyncError) else None) or str(exc)
-    what = "the storage is read-only" if getattr(exc, "errno", None) == errno.EROFS else "the disk filled up"
+    what = "the storage is read-only" if is_read_only(exc) else "the disk filled up"
     return DiskFull(f"{what}{where}: {exc}", cause=cause[-2000:], **info)
 
 

@@ -105,10 +105,10 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
                 if size is None:
                     raise RuntimeError("the job reports no output size")
         except Exception as e:
-            from cluster.resources import is_disk_full
+            from cluster.resources import is_disk_full, is_read_only
 
-            read_only = "read-only" in str(e).lower()  # (counted as resource.disk, but no later query helps)
-            if not isinstance(e, OutputExpired) and not read_only and (is_disk_full(e) or (
+            # a full disk (or a busy service) for now: asked again at the next query; read-only: no query helps
+            if not isinstance(e, OutputExpired) and not is_read_only(e) and (is_disk_full(e) or (
                     isinstance(e, LipsyncError) and http_status(e) == 503)):
                 log.warning("compat publish of %s failed for now (asked again at the next query): %r", code, e)
                 return running_for_now(f"the result could not be published yet: {e}")
