@@ -147,7 +147,14 @@ def scan_streams(path: str, indices: list[int]) -> dict[int, tuple[int, float | 
     """Per stream index: (packets with data, seconds from its first packet's start to its last's end,
     None where the packets carry no timestamps), by demuxing the whole file once (no decoding). For
     files whose header tells no duration: a browser's MediaRecorder WebM, a piped Matroska, a raw
-    H.264 stream."""
+    H.264 stream. Remembered per file version: a job probes its inputs several times."""
+    st = os.stat(path)
+    return dict(_scan_streams(str(path), tuple(indices), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_streams(path: str, indices: tuple[int, ...], _size: int,
+                  _mtime_ns: int) -> dict[int, tuple[int, float | None]]:
     counts = {i: 0 for i in indices}
     first: dict[int, int] = {}
     end: dict[int, int] = {}
