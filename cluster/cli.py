@@ -104,11 +104,10 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
     out = Path(output).expanduser().resolve()
     if _refused_output(output):  # now, not after the whole render
         return 2
-    if local or not os.environ.get("RAY_ADDRESS"):  # what this machine runs with: checked before any work
-        # (not the model: the render's own check says what is wrong with it, --model or LIPSYNC_MODEL)
-        for problem in _local_setting_problems(settings, model=False):
-            print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
-            return 2
+    # what this machine runs with: checked before any work (not the model: the render's own check says
+    # what is wrong with it, --model or LIPSYNC_MODEL)
+    if (local or not os.environ.get("RAY_ADDRESS")) and _refused_settings(settings, model=False):
+        return 2
     # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
@@ -258,8 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = not os.environ.get("RAY_ADDRESS")
     # this machine's storage root, model file and ffmpeg, when the service runs here: said now, not as
     # a job manager that restarts for ever (a service "ready" that never was) or every job failing
-    for problem in (_local_setting_problems(settings) if embedded else []):
-        print(f"lipsync: error: settings.invalid: {problem}", file=sys.stderr)
+    if embedded and _refused_settings(settings):
         return 2
     if embedded and (holder := _hold_storage_root(settings)) is not None:
         print(f"lipsync: error: service.storage_in_use: another lipsync serve ({holder}) uses the storage root "
@@ -348,6 +346,14 @@ def _hold_storage_root(settings: Settings) -> str | None:
     f.flush()
     _STORAGE_LOCK = f
     return None
+
+
+def _refused_settings(settings: Settings, model: bool = True) -> bool:
+    """Print the first of `_local_setting_problems` and say so; False when there is none."""
+    problems = _local_setting_problems(settings, model)
+    if problems:
+        print(f"lipsync: error: settings.invalid: {problems[0]}", file=sys.stderr)
+    return bool(problems)
 
 
 def _local_setting_problems(settings: Settings, model: bool = True) -> list[str]:
