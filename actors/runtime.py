@@ -331,22 +331,49 @@ def embedded_ray_owner_mark():
             os.environ[RAY_OWNER_VARIABLE] = before
 
 
-def kill_embedded_ray(mark: str) -> int:
+def kill_embedded_ray(mark: str, session_dir: str | None = None) -> int:
     """SIGKILL what is left of the embedded Ray started under `mark` (`embedded_ray_owner_mark`) once a
     vital process of it died (`ray.shutdown` waits on a GCS that is gone): its workers and actors outlive
-    a dead raylet, an orphaned Serve proxy still holding the API's port. Never this process; never
-    another service's Ray; only this user's processes. Returns how many."""
+    a dead raylet, an orphaned Serve proxy still holding the API's port. A process of it carries the mark
+    in its environment or holds a file open in that Ray's session directory (`session_dir`, by default
+    the one of the Ray this process started): its logs (a Ray agent's new title can wipe the block its
+    environment is read from, and its mark with it). Never this process; never another service's Ray;
+    only this user's processes. Returns how many."""
     import psutil
 
+    if session_dir is None:
+        node = getattr(ray._private.worker, "_global_node", None)
+        session_dir = node.get_session_dir_path() if node is not None else None
     me, uid, killed = os.getpid(), os.getuid(), 0
     for proc in psutil.process_iter(["uids"]):
         try:
-            if proc.pid != me and proc.info["uids"].real == uid and proc.environ().get(RAY_OWNER_VARIABLE) == mark:
+            if proc.pid != me and proc.info["uids"].real == uid and (
+                    _carries(proc, RAY_OWNER_VARIABLE, mark) or _holds_file_in(proc, session_dir)):
                 proc.kill()
                 killed += 1
         except (psutil.Error, OSError):
             continue
     return killed
+
+
+def _holds_file_in(proc, directory: str | None) -> bool:
+    """Whether `proc` has a file open under `directory`."""
+    if not directory:
+        return False
+    prefix = os.path.join(os.path.realpath(directory), "")
+    return any(f.path.startswith(prefix) for f in proc.open_files())
+
+
+def _carries(proc, variable: str, value: str) -> bool:
+    """Whether `variable=value` is in the environment `proc` started with. Read from /proc as it is: a
+    Ray process that set a long title (its agents, `ray::IDLE`) wrote NULs over the start of that block,
+    where psutil's `environ()` stops and answers nothing."""
+    try:
+        with open(f"/proc/{proc.pid}/environ", "rb") as f:
+            block = f.read()
+    except FileNotFoundError:  # no /proc (not Linux)
+        return proc.environ().get(variable) == value
+    return f"{variable}={value}".encode() in block.split(b"\0")
 
 
 def ray_token_source() -> str | None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -113,7 +115,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
                             model=_model_spec(model) if model else None, chunk_seconds=chunk_seconds)
     bar = _ProgressBar(quiet)
-    embedded = False
+    embedded, watch = False, None
     try:
         from cluster.render import check_inputs
 
@@ -131,7 +133,13 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         from cluster.render import new_job_id
 
         early = _prepare_avatar_while(request, settings)
-        embedded = connect(settings)
+        from actors.runtime import embedded_ray_owner_mark
+
+        with embedded_ray_owner_mark() as ray_mark:  # its processes findable if its raylet or GCS dies
+            embedded = connect(settings)
+        if embedded:  # a render without its Ray waited for the job manager until its deadline
+            watch = _RayWatch(ray_mark, "render.ray_lost", "the render cannot go on without it and stops now "
+                                                           "(render again)")
         if not embedded and cluster_options:
             print(f"lipsync: note: {', '.join(cluster_options)} size a new job manager; the running cluster at "
                   f"RAY_ADDRESS keeps its own, so they were not applied", file=sys.stderr)
@@ -164,6 +172,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         return e.exit_code
     finally:
         bar.close()
+        if watch is not None:  # before Ray's own stop, whose dying processes are not a loss
+            watch.stop()
         if embedded:  # now, not in Ray's exit hook (which first sleeps 0.5 s for log lines we do not print)
             from actors.runtime import stop_embedded
 
@@ -268,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
               f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
         return 1
-    from actors.runtime import embedded_ray_lost, embedded_ray_owner_mark, kill_embedded_ray
+    from actors.runtime import embedded_ray_owner_mark
     from service.launch import start_service, stop_service
 
     dashboard_port = args.dashboard_port
@@ -295,22 +305,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  dashboard: {urls['dashboard']}", flush=True)
     try:
         while not stop.wait(1.0):
-            if urls["embedded"] and not stop.is_set() and (lost := embedded_ray_lost()):
+            if urls["embedded"] and not stop.is_set():
                 # a service without its Ray answers nothing and would fail its jobs as workers lost:
                 # said, ended at once (a supervisor restarts it; the jobs resume from their segments)
-                print(f"lipsync: error: service.ray_lost: the embedded Ray's {lost} died; the service cannot go "
-                      f"on without it and stops now (unfinished jobs resume on the next start on this storage "
-                      f"root)", file=sys.stderr, flush=True)
-                n = kill_embedded_ray(ray_mark)
-                print(f"lipsync: stopped ({n} Ray processes left behind were killed)", file=sys.stderr, flush=True)
-                logging.shutdown()  # (os._exit flushes no log handler)
-                os._exit(1)
+                _exit_if_ray_lost(ray_mark, "service.ray_lost", "the service cannot go on without it and stops "
+                                  "now (unfinished jobs resume on the next start on this storage root)")
     finally:
         print("lipsync: stopping the service", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         stop_service(urls["embedded"])
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+def _exit_if_ray_lost(mark: str, code: str, consequence: str) -> None:
+    """When a vital process of the embedded Ray started under `mark` has died, say which (`code`, then
+    `consequence`), kill what is left of that Ray and end this process with status 1."""
+    from actors.runtime import embedded_ray_lost, kill_embedded_ray
+
+    if (lost := embedded_ray_lost()) is None:
+        return
+    print(f"lipsync: error: {code}: the embedded Ray's {lost} died; {consequence}", file=sys.stderr, flush=True)
+    n = kill_embedded_ray(mark)
+    print(f"lipsync: stopped ({n} Ray processes left behind were killed)", file=sys.stderr, flush=True)
+    logging.shutdown()  # (os._exit flushes no log handler)
+    os._exit(1)
+
+
+class _RayWatch:
+    """`_exit_if_ray_lost` once a second on a thread of its own, until `stop` (which waits for a check under
+    way: Ray's own stop, whose processes end, must not read as a loss)."""
+
+    def __init__(self, mark: str, code: str, consequence: str) -> None:
+        self._lock, self._stopped = threading.Lock(), threading.Event()
+        self._args = (mark, code, consequence)
+        threading.Thread(target=self._run, name="ray-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(1.0):
+            with self._lock:
+                if not self._stopped.is_set():
+                    _exit_if_ray_lost(*self._args)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped.set()
 
 
 _STORAGE_LOCK = None  # the open lock file of this process's `lipsync serve`: held until the process ends

@@ -224,6 +224,50 @@ def test_a_service_whose_raylet_dies_says_so_ends_and_its_job_resumes_on_the_nex
         svc.cleanup()
 
 
+def test_a_one_shot_render_whose_gcs_dies_says_so_and_ends_at_once(tmp_path):
+    """`lipsync render` with its embedded Ray's GCS SIGKILLed mid-render: it waited on the job manager
+    until its call deadline (76 s, then `render.timeout`, naming nothing). Now it says what died
+    (`render.ray_lost`) and ends with status 1 within seconds, leaving no process of its Ray: its agents
+    included, whose new titles had wiped the environment their mark was read from."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    video = astronaut_template(str(tmp_path / "face.mp4"), seconds=1.0, fps=25, size=(320, 240))
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(20.0, seed=7))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_") and k != "RAY_ADDRESS"}
+    env.update(LIPSYNC_STORAGE_ROOT=str(tmp_path / "store"), LIPSYNC_COMPOSITORS="1", LIPSYNC_MODEL_WORKERS="1")
+    log = tmp_path / "render.log"
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "render", "--audio", audio, "--video", video,
+                             "-o", str(tmp_path / "out.mp4"), "--model", "latency:40", "-q"], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    session = os.getsid(proc.pid)
+
+    def group():
+        return [p for p in psutil.process_iter(["cmdline", "status"]) if _session(p) == session
+                and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+    def named(suffix: str):
+        return [p for p in group() if any(part.endswith(suffix) for part in p.info["cmdline"] or [])]
+
+    try:
+        # rendering: the compositor has started (a Ray worker titled after its actor)
+        wait_until(lambda: any("Compositor" in " ".join(p.info["cmdline"] or []) for p in group()), 120, 0.2,
+                   "the render's compositor started")
+        (gcs,) = named("/gcs_server")
+        gcs.kill()
+        rc = proc.wait(timeout=30)
+        text = log.read_text(errors="replace")
+        assert rc == 1 and f"render.ray_lost: the embedded Ray's gcs_server (pid {gcs.pid}) died" in text, text
+        wait_until(lambda: not group(), 10, 0.1, "its Ray's processes gone")
+    finally:
+        for p in group():
+            p.kill()
+
+
 def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_path):
     """`kill_embedded_ray` takes the processes that inherited this service's mark, and no other: not one
     marked by another service (or by a pid equal to ours in another namespace: the mark has a random
@@ -244,12 +288,22 @@ def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_
     assert RAY_OWNER_VARIABLE not in os.environ  # this process's mark only while its Ray starts
     others = [sleeper(f"{os.getpid()}-0123456789abcdef"), sleeper(None), sleeper(mark.split("-")[0])]
     later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a Ray agent's new title can wipe its environment's block: found by a log it holds in the session
+    # directory, and not one holding a file in another Ray's directory
+    session, other_session = tmp_path / "session_ours", tmp_path / "session_other"
+    holders = []
+    for directory in (session, other_session):
+        (directory / "logs").mkdir(parents=True)
+        holders.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={
+            k: v for k, v in os.environ.items() if k != RAY_OWNER_VARIABLE},
+            stdout=open(directory / "logs" / "agent.out", "w")))
+    others.append(holders[1])
     try:
-        assert kill_embedded_ray(mark) == 1
-        assert ours.wait(timeout=10) == -signal.SIGKILL
+        assert kill_embedded_ray(mark, session_dir=str(session)) == 2
+        assert ours.wait(timeout=10) == -signal.SIGKILL and holders[0].wait(timeout=10) == -signal.SIGKILL
         assert all(p.poll() is None for p in [*others, later])
     finally:
-        for p in [ours, *others, later]:
+        for p in [ours, *others, later, holders[0]]:
             p.kill()
             p.wait(timeout=10)
 
