@@ -887,3 +887,25 @@ def test_an_hdr_template_is_brought_to_sdr_or_refused_by_name(tmp_path, settings
     with pytest.raises(InputError, match="HDR video .transfer arib-std-b67.") as refused:
         normalize_template(str(other), settings)
     assert refused.value.code == "input.unsupported" and refused.value.path == str(other)
+
+
+def test_an_ffmpeg_encoder_writes_through_a_pipe_numbered_past_1023(tmp_path, settings):
+    """A busy worker process holds many descriptors (Ray's sockets, decoders, pipes): the ffmpeg
+    child's stdin can be numbered past 1023, which `select.select` refuses (every write of the
+    segment raised ValueError, an untyped failure retried until the job failed)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("this process may not open 1200 descriptors")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with SegmentEncoder(tmp_path / "seg.mp4", 320, 240, Fraction(25),
+                            settings.model_copy(update={"encode_in_process": False})) as enc:
+            assert enc._sink._stdin_fd > 1023
+            enc.write(np.zeros((3, 240, 320, 3), np.uint8))
+        assert enc.close() == 3
+    finally:
+        for fd in held:
+            os.close(fd)
+    with av.open(str(tmp_path / "seg.mp4")) as c:
+        assert c.streams.video[0].frames == 3

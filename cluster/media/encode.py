@@ -505,6 +505,8 @@ class _FFmpegSink:
         stall = self.settings.stall_timeout_s
         offset = 0
         deadline = time.monotonic() + stall
+        writable = select.poll()  # (select.select refuses descriptors past 1023: a busy worker's pipe can be one)
+        writable.register(self._stdin_fd, select.POLLOUT)
         while offset < len(data):
             if self._proc.poll() is not None:
                 raise self._fail(f"ffmpeg exited after {self.frames_sent} frames")
@@ -512,7 +514,7 @@ class _FFmpegSink:
             if remaining <= 0:
                 raise self._fail(f"ffmpeg accepted no data for {stall:g} s")
             t = time.monotonic()
-            _, ready, _ = select.select([], [self._stdin_fd], [], min(remaining, 1.0))
+            ready = writable.poll(min(remaining, 1.0) * 1000)
             self.waited_s += time.monotonic() - t
             if not ready:
                 continue
