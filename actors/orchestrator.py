@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -28,6 +29,7 @@ from actors.supervision import Supervisor, TaskSet
 from cluster import heap
 from cluster.config import Settings
 from cluster.errors import (
+    AdmissionTooLate,
     HlsNotPublished,
     InputsGone,
     JobAbandoned,
@@ -172,13 +174,16 @@ class JobManager:
 
     # --- jobs ------------------------------------------------------------------------------------
     async def submit(self, job_id: str, request: RenderRequest, owner: str | None = None,
-                     max_unfinished: int | None = None) -> JobStatus:
+                     max_unfinished: int | None = None, within_s: float | None = None) -> JobStatus:
         """Admit a request (inputs: upload references or paths under input_roots) on this node, in
         a thread, and start it. Idempotent: the same id with the same request is the same job; the
         same id with another request raises `job.conflict`. `max_unfinished` (the service's
         `LIPSYNC_MAX_QUEUED_JOBS`): `QueueFull` when that many jobs are unfinished or being admitted,
         counted here, in one step with this admission's start (the ingress's own check comes before
-        the inputs travel, and a burst of requests could all pass it)."""
+        the inputs travel, and a burst of requests could all pass it). `within_s`: how long the caller
+        waits for the answer; an admission that ends later is not stored (`AdmissionTooLate`): its caller
+        was answered that it was not admitted, and a job it never heard of would render."""
+        answer_by = time.monotonic() + within_s if within_s is not None else None
         await self._wait_booted()
         key = request_key(request)
         if self.store.exists(job_id):
@@ -202,6 +207,9 @@ class JobManager:
         self._admitting[job_id] = asyncio.Event()
         try:
             admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
+            if answer_by is not None and time.monotonic() > answer_by:
+                raise AdmissionTooLate(f"job {job_id}'s admission took longer than its caller waited "
+                                       f"({within_s:.0f} s): not stored", job_id=job_id, stage="admit")
             _, created = self.store.create(job_id, admitted, owner=self.owner, client=owner, request_key=key,
                                            admitted_at=admitted_at)
         except BaseException:

@@ -131,10 +131,18 @@ class ManagerGateway:
         return stored.ref
 
     async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
-        """Admit a job, within the service's queue bound (checked by the job manager as it admits)."""
+        """Admit a job, within the service's queue bound (checked by the job manager as it admits).
+        The manager is told how long this waits: an admission that ends later is not stored (its caller
+        has been answered 503). The 503 names the job's id, under which a retry is the same job."""
         # Admission (probing) runs on the manager's node; allow it more than a plain call.
-        return await self.call("submit", job_id, request, None, self.s.max_queued_jobs,
-                               timeout=max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10))
+        timeout = max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10)
+        try:
+            return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, within_s=timeout - 1.0,
+                                   timeout=timeout)
+        except ManagerUnavailable as e:  # the id the caller may not have chosen: a retry with it is this job
+            raise ManagerUnavailable(f"{e.message}; job {job_id} was not admitted: submit it again with the id "
+                                     f"{job_id!r} (the same id is the same job)", job_id=job_id, stage="admit",
+                                     cause=e.cause) from e.__cause__
 
     async def get(self, job_id: str) -> JobStatus:
         return await self.call("get", job_id)

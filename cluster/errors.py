@@ -207,6 +207,12 @@ class TooManyPreparations(LipsyncError):
     retryable = True
 
 
+class AdmissionTooLate(LipsyncError):
+    """A job's admission ended after its caller stopped waiting for it (it was answered 503): not stored,
+    so no job renders that its caller was told was not admitted (HTTP 503)."""
+    code = "service.unavailable"
+
+
 class QueueFull(LipsyncError):
     """`LIPSYNC_MAX_QUEUED_JOBS` jobs are unfinished already (HTTP 429; compat API code 10001): retry later."""
     code = "service.busy"

@@ -501,3 +501,25 @@ def test_the_manager_holds_the_queue_bound_for_submissions_arriving_at_once(runt
     assert [ray.get(r, timeout=120).id for r in refs] == [twin, twin]
     assert runtime.wait(job.id, timeout=300).state == JobState.succeeded
     assert runtime.wait(twin, timeout=300).state == JobState.succeeded
+
+
+def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(runtime, speech4_wav, astronaut_video,
+                                                                              tmp_path):
+    """The service's gateway waits a bounded time for an admission, then answers 503; the manager's
+    admission (probing, copying the inputs) went on and started a job its caller had been told was not
+    admitted, under an id it never heard (a retry then rendered it twice). Told how long its caller
+    waits, the manager stores no admission that ends later."""
+    import uuid
+
+    from cluster.errors import AdmissionTooLate, JobNotFound
+
+    request = runtime.upload_request(_request(speech4_wav, astronaut_video, tmp_path, "late.mp4"))
+    job_id = f"late-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(runtime.manager().submit.remote(job_id, request, None, None, within_s=0.0), timeout=120)
+    cause = raised.value.as_instanceof_cause()
+    assert isinstance(cause, AdmissionTooLate) and cause.code == "service.unavailable", cause
+    assert cause.job_id == job_id and "longer than its caller waited" in cause.message
+    with pytest.raises(JobNotFound):
+        runtime.call("get", job_id)
+    assert job_id not in [j.id for j in runtime.call("list_jobs")]
