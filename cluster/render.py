@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputError, InputNotFound, InputsGone, LipsyncError, OutputVerificationError
+from cluster.errors import InputError, InputNotFound, InputsGone, LipsyncError, OutputVerificationError, RenderError
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
@@ -607,6 +607,10 @@ def finalize_job(plan: JobPlan, settings: Settings | None = None, commit: bool =
         except LipsyncError as e:
             e.with_context(job_id=plan.job_id, stage="finalize")
             raise
+        if _discarded_marker(plan).exists():  # (looked at after the pending output exists: `discard_output`
+            pending.unlink(missing_ok=True)   # marks before it removes, so one of the two removes it)
+            raise RenderError(f"job {plan.job_id} ended while its output was finalized: the output is discarded",
+                              job_id=plan.job_id, stage="finalize", path=str(pending))
     if commit:
         commit_output(plan, s)
         info = info.model_copy(update={"path": str(out)})
@@ -656,9 +660,16 @@ def commit_output(plan: JobPlan, settings: Settings | None = None) -> None:
 
 def discard_output(plan: JobPlan) -> None:
     """Remove a pending output that will not be committed (the job was cancelled or failed), and
-    what a killed finalize of it left."""
+    what a killed finalize of it left; a finalize of it still running (the job's deadline passed
+    while it ran: a step in a compositor is not stopped by that) removes what it made
+    (`_discarded_marker`)."""
+    _discarded_marker(plan).touch()
     pending_output_path(plan).unlink(missing_ok=True)
     sweep_finalize_temporaries(plan)
+
+
+def _discarded_marker(plan: JobPlan) -> Path:
+    return Path(plan.job_dir) / "output.discarded"
 
 
 # --- everything in this process ------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 
 from cluster.audio import frame_energy, load_audio
 from cluster.config import get_settings
-from cluster.errors import OutputVerificationError
+from cluster.errors import OutputVerificationError, RenderError
 from cluster.media.encode import SegmentEncoder
 from cluster.media.finalize import verify_output
 from cluster.media.probe import count_video_frames, probe
@@ -479,9 +479,9 @@ def test_a_chunk_rendered_twice_keeps_its_first_segment(d, model, template_1s, t
 
 def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
     """The cluster finalises under a pending name and commits (renames) only if the job is still
-    wanted: a cancelled job's verified output is discarded, never published."""
+    wanted (a cancelled job's verified output is discarded, never published: the next test)."""
     from cluster.hls import hls_dir
-    from cluster.render import commit_output, discard_output, pending_output_path
+    from cluster.render import commit_output, pending_output_path
     from tests.helpers import writer_killed_mid_write
 
     s = get_settings()
@@ -495,9 +495,6 @@ def test_output_is_published_only_on_commit(d, model, template_1s, tmp_path):
     finalize_job(plan, s, commit=False)
     pending = pending_output_path(plan)
     assert pending.exists() and not out.exists()
-    discard_output(plan)  # cancelled
-    assert not pending.exists() and not out.exists()
-    finalize_job(plan, s, commit=False)  # segments are still there: rebuilt
     killed_mid_save = writer_killed_mid_write(hls_dir(plan.job_dir) / "audio.m4a")
     commit_output(plan, s)
     assert out.exists() and not pending.exists()
@@ -599,6 +596,13 @@ def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, tem
     again = leftovers(a)  # killed after the pending output was verified: the commit sweeps too
     commit_output(a, s)
     assert not any(p.exists() for p in again)
+    finalize_job(b, s, commit=False)
+    assert pending_output_path(b).exists()
     discard_output(b)  # a job that ends without its output: its leftovers go with the pending output
-    assert not any(p.exists() for p in left_b)
+    assert not any(p.exists() for p in left_b) and not pending_output_path(b).exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.mp4"]
+    # a finalize still running when its job ended (its deadline passed mid-finalize: a step in a
+    # compositor is not stopped) made a pending output after the discard, which nothing then removed
+    with pytest.raises(RenderError, match="ended while its output was finalized"):
+        finalize_job(b, s, commit=False)
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.mp4"]
