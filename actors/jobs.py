@@ -85,10 +85,24 @@ class JobMachine:
         self.tasks = tasks
         self.jobs: dict[str, JobRuntime] = {}
         self.blobs: dict[str, str] = {}  # sha256 -> path of a prepared file nodes may fetch (read_blob)
+        self._blob_users: dict[str, set[str]] = {}  # sha256 of a job's prepared file -> the running jobs with it
+        self._job_blobs: dict[str, set[str]] = {}  # a running job -> the sha256 of the files it registered
 
     def _register(self, plan: JobPlan) -> None:
         for role, sha in plan.blobs.items():
             self.blobs[sha] = getattr(plan, BLOB_FIELDS[role])
+            self._blob_users.setdefault(sha, set()).add(plan.job_id)
+            self._job_blobs.setdefault(plan.job_id, set()).add(sha)
+
+    def _unregister(self, job_id: str) -> None:
+        """Its prepared files are no longer served once no running job has them (a manager's lifetime
+        of jobs kept every entry)."""
+        for sha in self._job_blobs.pop(job_id, ()):
+            users = self._blob_users.get(sha, set())
+            users.discard(job_id)
+            if not users:
+                self._blob_users.pop(sha, None)
+                self.blobs.pop(sha, None)
 
     # --- reading -----------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
@@ -170,6 +184,7 @@ class JobMachine:
             self._published(job)  # a segment waiter learns of the end at once
             if self.jobs.get(job_id) is job:  # its state is in the store now: the runtime (plan, chunk
                 del self.jobs[job_id]  # books, publisher) is not kept for the manager's lifetime
+            self._unregister(job_id)
         if ended:
             # a failure is a warning, with its stage and code as fields (a log shipper filters on them)
             log.log(logging.WARNING if state == JobState.failed else logging.INFO, "job %s %s%s", job_id, state.value,

@@ -276,6 +276,11 @@ def test_submit_with_same_id_is_idempotent(runtime, speech4_wav, astronaut_video
     assert first.id == second.id == "idempotent-job-1"
     assert runtime.wait(first.id, timeout=300).state == JobState.succeeded
     assert len([j for j in runtime.call("list_jobs") if j.id == "idempotent-job-1"]) == 1
+    # its prepared files (template, track, mel) are served to nodes while it runs, not for the manager's life
+    held = ray.get(runtime.manager().__ray_call__.remote(
+        lambda self: [sha in self.machine.blobs for sha in self.store.plan("idempotent-job-1")["blobs"].values()]),
+        timeout=60)
+    assert held and not any(held), held
 
 
 def test_compositor_dead_for_good_is_replaced(runtime, reference, speech4_wav, astronaut_video, tmp_path):
