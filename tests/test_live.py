@@ -858,3 +858,33 @@ def test_a_live_stream_carries_its_templates_colour_tags(speech_wav, astronaut_v
     session.finish()
     assert session.join(60) and session.stats()["state"] == "ended"
     assert probe(str(session.recording)).video.color == [6, 6, 6]
+
+
+def test_a_killed_live_encoder_ends_its_threads_and_a_failed_start_leaves_nothing(tmp_path, monkeypatch):
+    """`kill` (a session torn down) left both feeding threads blocked for good on their queues' `get`;
+    an encoder whose start failed after its ffmpeg started left that ffmpeg and the audio fifo behind."""
+    import psutil
+
+    from cluster.config import get_settings
+    from cluster.live import speech
+    from cluster.live.encoder import LiveEncoder
+
+    s = get_settings()
+    encoder = LiveEncoder(tmp_path / "a", 160, 120, Fraction(25), 16000, s)
+    encoder.write(np.zeros((4, 180, 160), np.uint8), np.zeros(4 * 640, np.int16))
+    encoder.kill()
+    for t in encoder._threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in encoder._threads)
+    assert encoder._run.proc.poll() is not None and not list((tmp_path / "a").glob("*.fifo"))
+
+    children_before = {p.pid for p in psutil.Process().children()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(speech, "StreamResampler", broken)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        LiveEncoder(tmp_path / "b", 160, 120, Fraction(25), 16000, s)
+    left = [p for p in psutil.Process().children() if p.pid not in children_before and p.status() != "zombie"]
+    assert not left and not list((tmp_path / "b").glob("*.fifo")), left

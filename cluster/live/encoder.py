@@ -138,18 +138,23 @@ class LiveEncoder:
         # run in out_dir: every name ffmpeg writes is relative (nothing for the tee muxer to escape)
         self._run = FFmpeg(args, settings=s, stage="live-encode", path=str(self.out_dir), stdin=True,
                            stdout=rtmp is not None, error=EncodeError, timeout_error=EncodeError, cwd=self.out_dir)
-        if rtmp is not None:
-            self._start_pusher(rtmp)
         depth = max(4, int(2 * float(self.fps)))  # batches queued before write() pushes back
         self._video: queue.Queue = queue.Queue(maxsize=depth)
         self._audio: queue.Queue = queue.Queue(maxsize=depth)
-        from cluster.live.speech import StreamResampler
+        self._threads: list[threading.Thread] = []
+        try:  # a start that fails half-way leaves no ffmpeg, fifo or thread behind (its caller holds nothing)
+            if rtmp is not None:
+                self._start_pusher(rtmp)
+            from cluster.live.speech import StreamResampler
 
-        self._upsample = StreamResampler(self.rate, AUDIO_RATE)
-        self._threads = [threading.Thread(target=self._feed_video, name="live-video", daemon=True),
-                         threading.Thread(target=self._feed_audio, name="live-audio", daemon=True)]
-        for t in self._threads:
-            t.start()
+            self._upsample = StreamResampler(self.rate, AUDIO_RATE)
+            for target, name in ((self._feed_video, "live-video"), (self._feed_audio, "live-audio")):
+                self._threads.append(threading.Thread(target=target, name=name, daemon=True))
+                self._threads[-1].start()
+        except BaseException:
+            self.kill()
+            self._run.close()
+            raise
 
     # --- RTMP --------------------------------------------------------------------------------
     def _start_pusher(self, rtmp: RtmpTarget) -> None:
@@ -299,9 +304,16 @@ class LiveEncoder:
         self._pusher.close()
 
     def kill(self) -> None:
+        """Kill ffmpeg (and the RTMP pusher); the feeding threads end: an idle one is handed its end,
+        a busy one's write fails on the dead pipe."""
         self._run.kill()
         if self._pusher is not None:
             self._pusher.kill()
+        for q in (self._video, self._audio):
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
         self._fifo.unlink(missing_ok=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import select
 import shutil
@@ -19,6 +20,8 @@ from typing import IO
 
 from cluster.config import Settings, get_settings
 from cluster.errors import LipsyncError, MediaError, RenderTimeout
+
+log = logging.getLogger("lipsync.ffmpeg")
 
 #: Protocols an ffmpeg input may use: local files and our own pipes, never the network.
 PROTOCOL_WHITELIST = "file,pipe"
@@ -234,7 +237,11 @@ class FFmpeg:
                     pipe.close()
                 except OSError:
                     pass
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # SIGKILLed, yet not gone (stuck in the kernel, e.g. on a dead NFS)
+            log.warning("ffmpeg (%s, pid %d)%s did not end within 30 s of SIGKILL; left to the kernel",
+                        self.stage, self.proc.pid, self._where)
 
     def _timed_out(self, timeout: float) -> LipsyncError:
         self.kill()
