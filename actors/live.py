@@ -628,26 +628,29 @@ class LiveRegistry:
                                 default_memory=self.s.live_session_memory_mb * (1 << 20))
 
     def create(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
-               max_seconds: float | None, rtmp_url: str | None = None, segment_seconds: float | None = None) -> dict:
+               max_seconds: float | None, rtmp_url: str | None = None, segment_seconds: float | None = None,
+               within_s: float | None = None) -> dict:
+        """Start a session. `within_s`: how long its caller waits for the answer; every wait here (the
+        lock, the session's `begin`) ends before then, and a session that did not begin by then is
+        killed: none is started after its request was answered 503 (one nobody would know the id of,
+        holding a slot until its idle timeout)."""
         from cluster.live import LiveCapacity
         from cluster.netguard import vet_rtmp_url
 
+        answer_by = time.monotonic() + (within_s if within_s is not None else self.s.model_load_timeout_s + 55)
         # an RTMP output is an outbound connection: the input URLs' guard, its address pinned for ffmpeg
         rtmp = vet_rtmp_url(rtmp_url, allow_private=self.s.allow_private_urls) if rtmp_url else None
-        # the HTTP request waits `model_load_timeout_s + 60` s, a session's `begin` below up to
-        # `model_load_timeout_s + 30`: waiting for the lock at most 25 s more, no session is started
-        # after its request was answered 503 (one nobody would know the id of)
-        if not self._lock.acquire(timeout=CREATE_LOCK_WAIT_S):
+        if not self._lock.acquire(timeout=max(0.0, min(CREATE_LOCK_WAIT_S, answer_by - time.monotonic() - 5))):
             raise LiveCapacity(f"another live session has been starting for over {CREATE_LOCK_WAIT_S:.0f} s "
                                f"(its model loading); retry later")
         try:
             return self._create_locked(session_id, avatar_id, model, sample_rate, max_seconds, rtmp,
-                                       segment_seconds)
+                                       segment_seconds, answer_by)
         finally:
             self._lock.release()
 
     def _create_locked(self, session_id: str, avatar_id: str, model: str | None, sample_rate: int,
-                       max_seconds: float | None, rtmp, segment_seconds: float | None) -> dict:
+                       max_seconds: float | None, rtmp, segment_seconds: float | None, answer_by: float) -> dict:
         from cluster.live import AvatarNotReady, LiveCapacity, avatar_state
 
         if model is not None:  # an unknown name: the service's names, before any actor starts
@@ -668,16 +671,20 @@ class LiveRegistry:
         admission = self.admission(running)
         if not admission.admitted:
             raise LiveCapacity(f"{admission.message}; retry later")
+        begin_within = min(self.s.model_load_timeout_s + 30, answer_by - time.monotonic())
+        if begin_within < 5:
+            raise LiveCapacity("the service took too long to admit this live session (its checks of the running "
+                               "sessions); retry later")
         actor = create_session_actor(self.s, session_id)
         try:
             view = ray.get(actor.begin.remote(avatar_id, model, sample_rate, max_seconds, rtmp, segment_seconds),
-                           timeout=self.s.model_load_timeout_s + 30)
+                           timeout=begin_within)
         except Exception as e:
             ray.kill(actor, no_restart=True)
             cause = getattr(e, "cause", None)
             if isinstance(cause, LipsyncError):
                 raise cause from None
-            why = (f"did not start within {self.s.model_load_timeout_s + 30:.0f} s"
+            why = (f"did not start within {begin_within:.0f} s"
                    if isinstance(e, ray.exceptions.GetTimeoutError) else f"could not start: {cause or e!r}")
             log.error("live session %s %s", session_id, why)
             raise LipsyncError(f"live session {session_id} {why}", code="session.start_failed",

@@ -301,7 +301,8 @@ async def create_session(request: Request) -> JSONResponse:
     try:
         raw = await _call(live_registry(settings).create.remote(session_id, body.avatar_id, model,
                                                                 body.sample_rate, body.max_seconds,
-                                                                body.rtmp_url, body.segment_seconds),
+                                                                body.rtmp_url, body.segment_seconds,
+                                                                within_s=settings.model_load_timeout_s + 55),
                           timeout=settings.model_load_timeout_s + 60)
     except LipsyncError as e:
         if e.code == "model.load_failed" and model is not None and not is_builtin_model(model):
