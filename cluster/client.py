@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import random
@@ -239,6 +238,51 @@ class _Deadline:
             raise
 
 
+class _Reconnects:
+    """When an event stream is opened again, for both clients: after a refusal the server gives for now
+    (429: its streams are all taken, `_Deadline.refused_wait`; 503, a gateway's 502/504, the Serve
+    proxy's bare 404 or 500) or a connection that could not be opened or broke mid-stream, after a
+    backoff, up to the client's `retries` failures in a row (an event received starts the count
+    again), never past the stream's deadline (`WaitTimeout`); anything else raises its `ApiError`."""
+
+    def __init__(self, client: "_Base", deadline: _Deadline, path: str) -> None:
+        self.client, self.deadline, self.path = client, deadline, path
+        self.failures = 0
+
+    def delivered(self) -> None:
+        self.failures = 0
+
+    def refused(self, r: httpx.Response) -> float:
+        """Seconds to wait before opening the stream again after answer `r`, else raised."""
+        if r.status_code == 429:
+            delay = self.deadline.refused_wait(r, self.failures, self.client.backoff_s)
+            if delay is None:
+                raise ApiError.from_response(r)
+            self.failures += 1
+            return delay
+        if not _retryable(r, True):
+            raise ApiError.from_response(r)
+        return self._again(ApiError.from_response(r), r)
+
+    def broke(self, e: httpx.TransportError) -> float:
+        """Seconds to wait before opening the stream again after `e`, else raised (`connection.*`)."""
+        return self._again(e, None)
+
+    def _again(self, last: Exception, r: httpx.Response | None) -> float:
+        if self.failures >= self.client.retries:
+            if isinstance(last, ApiError):
+                raise last
+            raise _connection_error(last, self.client.url, "GET", self.path, True) from last
+        delay = self.client._retry_wait("GET", self.path, self.failures, r, last, self.deadline.at)
+        self.failures += 1
+        return delay
+
+
+def _segment_urls(client: "_Base", segment: HlsSegment) -> HlsSegment:
+    return segment.model_copy(update={"url": client.absolute(segment.url or ""),
+                                      "init_url": client.absolute(segment.init_url) if segment.init_url else None})
+
+
 def _is_local_file(value: str | os.PathLike) -> bool:
     s = str(value)
     return "://" not in s and Path(s).expanduser().is_file()
@@ -248,9 +292,12 @@ def _retryable(r: httpx.Response, idempotent: bool) -> bool:
     """Worth sending again: a refusal that did nothing (429, 503: overloaded, or not ready yet), and,
     for a request that is safe to repeat, a gateway's 502/504 (the request may have been carried
     out behind it) and a bare 500 that is not our error envelope (the Serve proxy's answer when the
-    ingress replica died under the request)."""
+    ingress replica died under the request); a bare 404 is the proxy's answer while the service
+    starts (its app not deployed yet: the request reached nothing)."""
     if r.status_code in (429, 503):
         return True
+    if r.status_code == 404 and ApiError.from_response(r).code == "http.404":
+        return True  # not our error envelope: the Serve proxy's answer while the service's app is not deployed yet
     if not idempotent:
         return False
     return r.status_code in (502, 504) or (r.status_code == 500 and ApiError.from_response(r).code == "http.500")
@@ -302,8 +349,17 @@ class _Wait:
 
     def stream_broke(self, e: Exception) -> None:
         """The event stream failed: polling follows, but an unknown job is an answer."""
-        if isinstance(e, ApiError) and e.status == 404:
+        if isinstance(e, ApiError) and e.status == 404 and e.code != "http.404":
             raise e
+
+    def passing(self, e: ApiError) -> bool:
+        """Whether a poll's error is the service away for now (restarting, overloaded, starting), which
+        the wait outlasts until its own deadline: a restart takes longer than one request's retries."""
+        if e.code in ("connection.failed", "connection.timeout", "http.404", "http.500") or \
+                e.status in (429, 502, 503, 504):
+            log.info("job %s: %s; waiting on (%.0f s left)", self.job_id, e, self.left())
+            return True
+        return False
 
     def polling(self) -> bool:
         """Whether to ask again (`WaitTimeout` once past the deadline)."""
@@ -538,45 +594,52 @@ class Client(_Base):
     def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{job_id}").json())
 
+    def _events_of(self, job_id: str, params: dict | None, deadline: _Deadline) -> Iterator[tuple[str, str]]:
+        """(event type, data) of the job's event stream until it ends, opened again when it could not be
+        opened, was refused for now or broke (`_Reconnects`): a new stream starts with the job's state."""
+        path = f"/v1/jobs/{job_id}/events"
+        again = _Reconnects(self, deadline, path)
+        while True:
+            try:
+                with self.http.stream("GET", path, params=params, timeout=deadline.http(self.timeout)) as r:
+                    if r.status_code == 200:
+                        with deadline.reads():
+                            for event in _sse_events(deadline.lines(r.iter_lines())):
+                                again.delivered()
+                                yield event
+                        return
+                    r.read()
+                    delay = again.refused(r)
+            except httpx.TransportError as e:
+                delay = again.broke(e)
+            time.sleep(delay)
+
     def events(self, job_id: str, timeout: float | None = None) -> Iterator[JobView]:
         """The job's Server-Sent Events, as JobViews, until a terminal state; `WaitTimeout` once
         `timeout` seconds have passed, whether or not an event came (the deadline is checked on
-        every line, the server's keep-alives included, and no read waits past it)."""
+        every line, the server's keep-alives included, and no read waits past it). A stream that
+        could not be opened or broke is opened again (a view may then come twice), as `request`
+        retries; `ApiError` when it cannot be."""
         deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=deadline.http(self.timeout)) as r:
-            if r.status_code != 200:
-                r.read()
-                raise ApiError.from_response(r)
-            with deadline.reads():
-                yield from _parse_sse(deadline.lines(r.iter_lines()))
+        for event, data in self._events_of(job_id, None, deadline):
+            if event in STATUS_EVENTS:
+                yield JobView.model_validate_json(data)
 
     def segments(self, job_id: str, timeout: float | None = None) -> Iterator[HlsSegment]:
         """The job's HLS segments as they are published (SSE `segment` events, `?segments=1`), from the
-        first, until the job ends; each `url` absolute (signed: fetch it with any HTTP client)."""
+        first, until the job ends, each once (a broken stream is opened again); `url` and `init_url`
+        (its init segment) absolute (signed: fetch them with any HTTP client, or `fetch`)."""
         deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
-        for attempt in itertools.count():  # a stream refused while the server's are all taken: again later
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                                  timeout=deadline.http(self.timeout)) as r:
-                if r.status_code != 200:
-                    r.read()
-                    delay = deadline.refused_wait(r, attempt, self.backoff_s)
-                    if delay is None:
-                        raise ApiError.from_response(r)
-                    time.sleep(delay)
-                    continue
-                with deadline.reads():
-                    for event, data in _sse_events(deadline.lines(r.iter_lines())):
-                        if event == "segment":
-                            segment = HlsSegment.model_validate_json(data)
-                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                return
+        following = 0
+        for event, data in self._events_of(job_id, {"segments": 1}, deadline):
+            if event == "segment" and (segment := HlsSegment.model_validate_json(data)).index >= following:
+                following = segment.index + 1
+                yield _segment_urls(self, segment)
 
-    def fetch(self, segment: HlsSegment) -> bytes:
-        """A segment's bytes (an init segment: fetch `segment.init` the same way)."""
-        r = self.http.get(segment.url)
-        if r.status_code != 200:
-            raise ApiError.from_response(r)
-        return r.content
+    def fetch(self, segment: HlsSegment | str) -> bytes:
+        """A segment's bytes (`segment.url`), or those of a URL the service gave (e.g. `segment.init_url`);
+        retried as `request` does."""
+        return self.request("GET", segment if isinstance(segment, str) else segment.url).content
 
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
              raise_on_failure: bool = True) -> JobView:
@@ -595,6 +658,11 @@ class Client(_Base):
                     view = self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
                     raise w.timeout() from e
+                except ApiError as e:
+                    if not w.passing(e):
+                        raise
+                    time.sleep(min(poll_s * 2, w.left()))
+                    continue
                 if not w.seen(view):
                     time.sleep(poll_s)
         finally:
@@ -913,48 +981,48 @@ class AsyncClient(_Base):
     async def cancel(self, job_id: str) -> JobView:
         return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{job_id}")).json())
 
+    async def _events_of(self, job_id: str, params: dict | None,
+                         deadline: _Deadline) -> AsyncIterator[tuple[str, str]]:
+        """The async twin of `Client._events_of`."""
+        path = f"/v1/jobs/{job_id}/events"
+        again = _Reconnects(self, deadline, path)
+        while True:
+            try:
+                async with self.http.stream("GET", path, params=params, timeout=deadline.http(self.timeout)) as r:
+                    if r.status_code == 200:
+                        parser = _SseParser()
+                        with deadline.reads():
+                            async for line in r.aiter_lines():
+                                if (done := parser.feed(line)) is not None:
+                                    again.delivered()
+                                    yield done
+                                deadline.check()
+                        return
+                    await r.aread()
+                    delay = again.refused(r)
+            except httpx.TransportError as e:
+                delay = again.broke(e)
+            await asyncio.sleep(delay)
+
     async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobView]:
         """The async twin of `Client.events`."""
         deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=deadline.http(self.timeout)) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise ApiError.from_response(r)
-            parser = _SseParser()
-            with deadline.reads():
-                async for line in r.aiter_lines():
-                    if (done := parser.feed(line)) is not None and done[0] in STATUS_EVENTS:
-                        yield JobView.model_validate_json(done[1])
-                    deadline.check()
+        async for event, data in self._events_of(job_id, None, deadline):
+            if event in STATUS_EVENTS:
+                yield JobView.model_validate_json(data)
 
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
         """The async twin of `Client.segments`."""
         deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
-        for attempt in itertools.count():  # a stream refused while the server's are all taken: again later
-            async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params={"segments": 1},
-                                        timeout=deadline.http(self.timeout)) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    delay = deadline.refused_wait(r, attempt, self.backoff_s)
-                    if delay is None:
-                        raise ApiError.from_response(r)
-                    await asyncio.sleep(delay)
-                    continue
-                parser = _SseParser()
-                with deadline.reads():
-                    async for line in r.aiter_lines():
-                        if (done := parser.feed(line)) is not None and done[0] == "segment":
-                            segment = HlsSegment.model_validate_json(done[1])
-                            yield segment.model_copy(update={"url": self.absolute(segment.url or "")})
-                        deadline.check()
-                return
+        following = 0
+        async for event, data in self._events_of(job_id, {"segments": 1}, deadline):
+            if event == "segment" and (segment := HlsSegment.model_validate_json(data)).index >= following:
+                following = segment.index + 1
+                yield _segment_urls(self, segment)
 
-    async def fetch(self, segment: HlsSegment) -> bytes:
+    async def fetch(self, segment: HlsSegment | str) -> bytes:
         """The async twin of `Client.fetch`."""
-        r = await self.http.get(segment.url)
-        if r.status_code != 200:
-            raise ApiError.from_response(r)
-        return r.content
+        return (await self.request("GET", segment if isinstance(segment, str) else segment.url)).content
 
     async def wait(self, job_id: str, progress: bool = False, timeout: float | None = None, poll_s: float = 1.0,
                    raise_on_failure: bool = True) -> JobView:
@@ -972,6 +1040,11 @@ class AsyncClient(_Base):
                     view = await self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
                     raise w.timeout() from e
+                except ApiError as e:
+                    if not w.passing(e):
+                        raise
+                    await asyncio.sleep(min(poll_s * 2, w.left()))
+                    continue
                 if not w.seen(view):
                     await asyncio.sleep(poll_s)
         finally:

@@ -283,8 +283,9 @@ class HlsSegment(BaseModel):
     name: str
     start: float = Field(..., description="seconds from the job's start")
     duration: float
-    init: str = Field("init.mp4", description="its init segment (EXT-X-MAP)")
+    init: str = Field("init.mp4", description="its init segment's name (EXT-X-MAP)")
     url: str | None = Field(None, description="where to fetch it (signed when the service has a token)")
+    init_url: str | None = Field(None, description="where to fetch its init segment (signed as `url` is)")
 
 
 class HlsIndex(BaseModel):

@@ -240,3 +240,115 @@ def test_each_retry_says_what_it_waits_for_on_both_faces(caplog):
     assert "GET /v1/jobs/j1: no answer from http://api.test (ConnectError: [Errno 111] Connection refused)" \
         in said[0] and "(attempt 2 of 3)" in said[0] and "(attempt 3 of 3)" in said[1]
     assert "answered 503 service.not_ready; trying again in" in said[2] and "(attempt 2 of 2)" in said[2]
+
+
+class _BreaksAfter(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that sends `data`, then breaks as a service going down does."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self):
+        yield self.data
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    async def __aiter__(self):
+        yield self.data
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+def _segment(index: int) -> bytes:
+    body = {"index": index, "name": f"seg{index:05d}.m4s", "start": 2.0 * index, "duration": 2.0,
+            "init": "init.mp4", "url": f"/v1/jobs/j1/hls/seg{index:05d}.m4s?token=t",
+            "init_url": "/v1/jobs/j1/hls/init.mp4?token=t"}
+    return f"event: segment\ndata: {json.dumps(body)}\n\n".encode()
+
+
+def _refused(request: httpx.Request):
+    raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+
+def _run(face: str, handler, call, **kw):
+    """`call(client)` on the sync face, or awaited (or gathered, for an async iterator) on the async one."""
+    if face == "sync":
+        with Client("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01, **kw) as client:
+            got = call(client)
+            return list(got) if hasattr(got, "__next__") else got
+
+    async def main():
+        async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01, **kw) as c:
+            got = call(c)
+            return [x async for x in got] if hasattr(got, "__anext__") else await got
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_segment_stream_that_breaks_is_opened_again_and_gives_each_segment_once(face):
+    """A service restarted under `segments()`: the stream broke with httpx's RemoteProtocolError and the
+    rest of the job's segments were lost. It is opened again (the server sends every segment from the
+    first), each segment comes once, and its init segment's URL comes with it, absolute and signed."""
+    seen: list[httpx.Request] = []
+    sse = {"content-type": "text/event-stream"}
+    answers = [lambda r: httpx.Response(200, stream=_BreaksAfter(_segment(0)), headers=sse),
+               _refused,  # the service is restarting
+               lambda r: httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting",
+                                                             "field": None}}),
+               lambda r: httpx.Response(404, text="Path '/v1/jobs/j1/events' not found. Ping http://x/-/routes"),
+               lambda r: httpx.Response(200, content=_segment(0) + _segment(1) + b": keep-alive\n\n", headers=sse)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)(request)
+
+    got = _run(face, handler, lambda c: c.segments("j1", timeout=30))
+    assert len(seen) == 5 and [s.index for s in got] == [0, 1], got
+    assert got[1].url == "http://api.test/v1/jobs/j1/hls/seg00001.m4s?token=t"
+    assert got[1].init_url == "http://api.test/v1/jobs/j1/hls/init.mp4?token=t"
+
+    fetched: list[str] = []
+
+    def media(request: httpx.Request) -> httpx.Response:
+        fetched.append(str(request.url))
+        return httpx.Response(200, content=b"init bytes")
+    assert _run(face, media, lambda c: c.fetch(got[1].init_url)) == b"init bytes"
+    assert fetched == ["http://api.test/v1/jobs/j1/hls/init.mp4?token=t"]
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_event_stream_that_cannot_be_opened_is_an_api_error(face):
+    """`events()` and `segments()` raised httpx's ConnectError as it was, untried: now retried as every
+    request is, then `connection.failed`."""
+    for call in (lambda c: c.events("j1", timeout=30), lambda c: c.segments("j1", timeout=30)):
+        with pytest.raises(ApiError) as info:
+            _run(face, _refused, call, retries=2)
+        assert info.value.code == "connection.failed" and "Connection refused" in info.value.message
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_wait_outlasts_a_service_restart_until_its_own_deadline(face):
+    """`wait(timeout=400)` gave up with `connection.failed` about 25 s into a service's restart (one
+    request's retries), while the job resumed and succeeded: the wait goes on polling until its own
+    deadline through refused connections, a starting service's 503 and Serve's bare 404."""
+    seen: list[httpx.Request] = []
+    view = {"id": "j1", "stage": "render", "progress": 0.2, "frames_done": 10, "frames_total": 50,
+            "created_at": "2026-12-06T18:00:00Z", "updated_at": "2026-12-06T18:00:01Z"}
+    running, done = {**view, "state": "rendering"}, {**view, "state": "succeeded", "progress": 1.0, "frames_done": 50}
+    answers = ([lambda r: httpx.Response(200, stream=_BreaksAfter(
+        f"event: status\ndata: {json.dumps(running)}\n\n".encode()), headers={"content-type": "text/event-stream"})]
+        + [_refused] * 12
+        + [lambda r: httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting",
+                                                          "field": None}})] * 2
+        + [lambda r: httpx.Response(404, text="Path '/v1/jobs/j1' not found. Ping http://x/-/routes")] * 2
+        + [lambda r: httpx.Response(200, json=done)])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return (answers.pop(0) if len(answers) > 1 else answers[0])(request)
+
+    view = _run(face, handler, lambda c: c.wait("j1", timeout=60, poll_s=0.01), retries=2)
+    assert view.state.value == "succeeded" and len(seen) >= 17
+
+    gone = httpx.Response(404, json={"error": {"code": "job.not_found", "message": "no job j2", "field": None}})
+    with pytest.raises(ApiError) as info:  # a job that does not exist is an answer, not a passing problem
+        _run(face, lambda r: gone, lambda c: c.wait("j2", timeout=60, poll_s=0.01), retries=2)
+    assert info.value.code == "job.not_found"

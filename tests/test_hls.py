@@ -9,6 +9,7 @@ asked, so an SDK of today still reads every event as a job view.
 """
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -412,6 +414,11 @@ def test_sse_segments_only_when_asked_and_the_sdk(service, hls_media):
         assert [s.index for s in segments] == list(range(len(segments))) and len(segments) >= 4
         assert all(isinstance(s, HlsSegment) and s.url.startswith(service.url) for s in segments)
         assert httpx.get(segments[0].url, trust_env=False).status_code == 200  # signed: no header needed
+        # its init segment too (a bare name was all a client had: fetching it failed), and the two decode
+        init = httpx.get(segments[0].init_url, trust_env=False)
+        assert init.status_code == 200 and segments[0].init_url.startswith(service.url)
+        with av.open(io.BytesIO(init.content + c.fetch(segments[0]))) as container:
+            assert sum(1 for _ in container.decode(video=0)) > 0
         assert job.watch_url.startswith(service.url + f"/v1/jobs/{job_id}/hls/index.m3u8?token=")
         with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/events", params={"segments": 1},
                           headers=headers, timeout=60, trust_env=False) as r:

@@ -136,7 +136,7 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
                 index = await gateway.hls_index(job_id)
                 query = backend.watch_query(job_id)
                 for seg in index.segments[sent_segments:]:
-                    seg.url = f"{base}{seg.name}{query}"
+                    seg.url, seg.init_url = f"{base}{seg.name}{query}", f"{base}{seg.init}{query}"
                     yield f"event: segment\ndata: {seg.model_dump_json()}\n\n".encode()
                 sent_segments = max(sent_segments, len(index.segments))
             key = (view.state, view.frames_done, view.frames_total, view.stage)
