@@ -4,6 +4,7 @@ result, and the compatibility API's files. `Backend` wraps the job manager's asy
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -95,7 +96,10 @@ class Backend:
     def __init__(self, settings: Settings, gateway) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.tmp_root = private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}")
+        # this service's own (its storage root and namespace): another service of this user on the node
+        # neither takes its compat uploads as inputs nor sweeps its files
+        mine = hashlib.sha256(f"{settings.storage_root.resolve()}\0{settings.namespace}".encode()).hexdigest()[:12]
+        self.tmp_root = private_dir(private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}") / mine)
         sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)

@@ -156,3 +156,14 @@ def test_compat_uploads_kept_by_a_replica_expire(tmp_path, monkeypatch):
     assert backend.sweep_compat_uploads() == 1
     assert not old.exists() and new.exists()
     assert str(backend.upload_dir()).startswith(str(tmp_path))
+    # another service of this user on the node (its own storage root) has its own directory: it neither
+    # takes this one's uploads as inputs nor sweeps them (with a short retention it removed them)
+    other = Backend(Settings(storage_root=tmp_path / "other", retention_days=0.0001), gateway=None)
+    assert other.upload_dir() != backend.upload_dir()
+    stored = backend.upload_dir() / ("ab" * 16 + ".wav")
+    stored.write_bytes(b"x")
+    os.utime(stored, (long_ago, long_ago))
+    assert backend.compat_upload_path(str(stored)) == stored and other.compat_upload_path(str(stored)) is None
+    other.sweep_compat_uploads()
+    assert stored.exists()
+    assert Backend(Settings(storage_root=tmp_path / "st"), gateway=None).upload_dir() == backend.upload_dir()
