@@ -47,7 +47,7 @@ def embedded_cpus(settings: Settings) -> int:
 
 
 def connect(settings: Settings, address: str | None = None, num_cpus: int | None = None,
-            num_gpus: int | None = None) -> bool:
+            num_gpus: int | None = None, temp_dir: str | None = None) -> bool:
     """Join `address` (or `RAY_ADDRESS`), else start an embedded Ray for this process (private
     to this machine and user, `start_embedded_ray`); True when it started an embedded Ray (the
     jobs of this run are then owned by this process).
@@ -66,7 +66,7 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, job_only=True)
+            start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, job_only=True, temp_dir=temp_dir)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""

@@ -100,7 +100,7 @@ class _ProgressBar:
 
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
             quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
-            cluster_options: list[str] = ()) -> int:
+            cluster_options: list[str] = (), ray_temp_dir: str | None = None) -> int:
     import os
 
     out = Path(output).expanduser().resolve()
@@ -136,7 +136,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         from actors.runtime import embedded_ray_owner_mark
 
         with embedded_ray_owner_mark() as ray_mark:  # its processes findable if its raylet or GCS dies
-            embedded = connect(settings)
+            embedded = connect(settings, temp_dir=ray_temp_dir)
         if embedded:  # a render without its Ray waited for the job manager until its deadline
             watch = _RayWatch(ray_mark, "render.ray_lost", "the render cannot go on without it and stops now "
                                                            "(render again)")
@@ -204,7 +204,7 @@ def _cluster_options(args: argparse.Namespace) -> list[str]:
 
 def cmd_render(args: argparse.Namespace) -> int:
     return _render(args.audio, args.video, args.output, _settings(args), args.loop, args.local, args.quiet,
-                   args.model, args.chunk_seconds, _cluster_options(args))
+                   args.model, args.chunk_seconds, _cluster_options(args), args.ray_temp_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,7 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     audio, video = make_demo_inputs(str(settings.dir("demo")), settings=settings)
     return _render(audio, video, args.output, settings, "pingpong", args.local, args.quiet, args.model,
-                   args.chunk_seconds, _cluster_options(args))
+                   args.chunk_seconds, _cluster_options(args), args.ray_temp_dir)
 
 
 # --- the service and its shell client -------------------------------------------------------------
@@ -528,8 +528,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     segments.close()
                 if first is None:
                     view = job.status()
-                    print(f"lipsync: error: job {job.id} ended {view.state.value} before publishing a segment"
-                          + (f": {view.error.code}: {view.error.message}" if view.error else ""), file=sys.stderr)
+                    ended = f"job {job.id} ended {view.state.value} before publishing a segment"
+                    print(_fail_line(view.error.model_copy(update={"message": f"{ended}: {view.error.message}"}))
+                          if view.error else f"lipsync: error: {ended}", file=sys.stderr)
                     return 2 if view.error and view.error.code.startswith("input.") else 1  # as `wait` says
                 print(job.watch_url, flush=True)
             if not (args.wait or args.output):
@@ -728,6 +729,10 @@ _positive_int = _bounded_int(1, None, "1 or more")
 _count = _bounded_int(0, None, "0 or more")
 
 
+RAY_TEMP_DIR_HELP = ("a directory of yours for the embedded Ray's sessions (made 0700; they go in its ray/; a short "
+                     "path; default: lipsync-UID in the temporary directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -741,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--chunk-seconds", type=float, help="seconds of output per chunk (default 2)")
         sp.add_argument("--local", action="store_true", help="render in this process, without Ray")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--ray-temp-dir", help=RAY_TEMP_DIR_HELP)
 
     r = sub.add_parser("render", help="render a lip-synced video")
     r.add_argument("--audio", required=True, help="speech audio (any format ffmpeg reads)")
@@ -758,8 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     sv = sub.add_parser("serve", help="start Ray (or join RAY_ADDRESS) and the HTTP service")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=_port_number, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="the address the API listens on (default 127.0.0.1; "
+                    "another needs LIPSYNC_API_TOKEN or --insecure)")
+    sv.add_argument("--port", type=_port_number, default=8000, help="the API's port (default 8000)")
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
     sv.add_argument("--num-cpus", type=_positive_int, help="logical CPUs of the embedded Ray head")
     sv.add_argument("--num-gpus", type=_count, help="logical GPUs of the embedded Ray head")
@@ -767,8 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dashboard-port", type=_port_number, default=None,
                     help=f"the Ray dashboard's port (default {DASHBOARD_PORT}, or a free one when another process "
                          f"holds it)")
-    sv.add_argument("--ray-temp-dir", help="a directory of yours for Ray's sessions (made 0700; they go in its ray/; "
-                    "a short path; default: lipsync-UID in the temporary directory)")
+    sv.add_argument("--ray-temp-dir", help=RAY_TEMP_DIR_HELP)
     sv.set_defaults(func=cmd_serve)
 
     def remote(sp: argparse.ArgumentParser) -> None:
@@ -798,8 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=hlp)
         sp.add_argument("id")
         if name == "wait":
-            sp.add_argument("--timeout", type=_positive_seconds, default=None)
-            sp.add_argument("-q", "--quiet", action="store_true")
+            sp.add_argument("--timeout", type=_positive_seconds, default=None,
+                            help="seconds to wait at most (default: until the job ends, 6 h at most)")
+            sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         remote(sp)
         sp.set_defaults(func=fn)
     ls = sub.add_parser("list", help="the service's jobs, newest first")

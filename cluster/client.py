@@ -371,7 +371,7 @@ class _Wait:
 
     def timeout(self) -> WaitTimeout:
         state = self.view.state.value if self.view else "unknown"
-        return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:.0f} s")
+        return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:g} s")
 
     def close(self) -> None:
         self.bar.close()

@@ -112,7 +112,8 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
                     isinstance(e, LipsyncError) and http_status(e) == 503)):
                 log.warning("compat publish of %s failed for now (asked again at the next query): %r", code, e)
                 return running_for_now(f"the result could not be published yet: {e}")
-            log.error("compat publish of %s failed: %r", code, e)
+            # an expired output is retention at work, said to the client: not an error of the service
+            (log.info if isinstance(e, OutputExpired) else log.error)("compat publish of %s failed: %r", code, e)
             msg = f"{e.code}: {e.message}" if isinstance(e, LipsyncError) else f"the result could not be published: {e}"
             return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=100, msg=msg))
         backend.forget_compat_progress(code)
