@@ -200,9 +200,13 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
 def check_model(model: str, settings: Settings) -> None:
     """`InputNotFound` for a model that names no file: a name the service resolved into its models
     directory (`model: tiny96`) is answered with the service's model names, not a path on the server."""
-    from cluster.models import is_named_model
+    from cluster.models import is_named_model, named_model_problem
 
-    if is_named_model(model) or Path(model).is_file():
+    if is_named_model(model):
+        if (problem := named_model_problem(model)) is not None:  # at admission: not a model load failing later
+            raise InputError(f"model {model!r}: {problem}", path="model")
+        return
+    if Path(model).is_file():
         return
     models = settings.dir("models")
     if Path(model).parent == models:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -997,3 +998,22 @@ def test_a_gpu_the_user_named_and_did_not_get_is_a_warning(tmp_path, caplog):
     levels = [(r.levelname, "asked for a GPU" in r.getMessage()) for r in caplog.records
               if "onnxruntime providers" in r.getMessage()]
     assert levels == [("WARNING", True), ("INFO", False)], levels
+
+
+def test_a_named_model_of_a_size_that_cannot_work_is_refused_at_admission():
+    """`builtin:10`, `builtin:999` and `latency:5:16` were admitted (202) and failed later as
+    `model.load_failed`, a code documented as passing; a built-in size whose mouth warp folds too."""
+    from cluster.config import Settings
+    from cluster.errors import InputError
+    from cluster.render import check_model
+
+    settings = Settings()
+    for spec, said in (("builtin:10", "must be 32-384 pixels, got 10"), ("builtin:999", "got 999"),
+                       ("builtin:319", "folds at a crop size of 319 pixels: choose another (the nearest that "
+                                       "work: 318 or 320)"),
+                       ("latency:5:16", "32 pixels or more, got 16")):
+        with pytest.raises(InputError, match=re.escape(said)) as info:
+            check_model(spec, settings)
+        assert info.value.code == "input.invalid" and info.value.path == "model"
+    for spec in ("builtin", "builtin:96", "builtin:384", "latency:5", "latency:5:96"):
+        check_model(spec, settings)

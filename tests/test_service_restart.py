@@ -117,6 +117,15 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30)
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "service.busy" and int(r.headers["retry-after"]) >= 1
+        # ...but not a retry of the accepted job (its client lost the answer: it is answered its job), a
+        # conflicting reuse of its id, or a request that is wrong (told what is wrong, not to come back)
+        assert c.submit(audio, video, id="durable-1", callback_url=good.url).id == "durable-1"  # (retries=0)
+        other = httpx.post(svc.url + "/v1/jobs", json={"audio": short, "video": video, "id": "durable-1"},
+                           headers=hdr, timeout=30)
+        assert other.status_code == 409 and other.json()["error"]["code"] == "job.conflict", other.text
+        wrong = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video, "model": "../x"},
+                           headers=hdr, timeout=30)
+        assert wrong.status_code == 422, wrong.text
         q = httpx.post(svc.url + "/easy/submit", json={"audio_url": audio, "video_url": video, "code": "c-busy"},
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30).json()
         assert q["code"] == 10001 and q["success"] is True

@@ -2,6 +2,7 @@
 choice of onnxruntime execution providers, crop recipes and the model directory listing."""
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -35,6 +36,42 @@ def is_named_model(spec: str) -> bool:
     from cluster.models.latency import is_latency_spec
 
     return is_builtin_model(spec) or is_latency_spec(spec)
+
+
+#: Crop sizes of the built-in model that can be asked for (`builtin:S`): Wav2Lip-class models use 96-384
+BUILTIN_SIZES = (32, 384)
+
+
+def named_model_problem(spec: str) -> str | None:
+    """What is wrong with a named model's crop size (`builtin:S`, `latency:<ms>:S`), else None: the
+    built-in one takes sizes in `BUILTIN_SIZES` whose mouth warp does not fold, the latency one 32 or more."""
+    from cluster.models.latency import SPEC
+
+    m, lat = BUILTIN_MODEL.match(spec.strip()), SPEC.match(spec.strip())
+    if m is not None and m.group(1):
+        size = int(m.group(1))
+        lo, hi = BUILTIN_SIZES
+        if not lo <= size <= hi:
+            return f"the built-in model's crop size must be {lo}-{hi} pixels, got {size}"
+        if _builtin_warp_folds(size):
+            near = [n for n in (next((n for n in range(size - 1, lo - 1, -1) if not _builtin_warp_folds(n)), None),
+                                next((n for n in range(size + 1, hi + 1) if not _builtin_warp_folds(n)), None)) if n]
+            return (f"the built-in model's mouth warp folds at a crop size of {size} pixels: choose another"
+                    + (f" (the nearest that work: {' or '.join(map(str, near))})" if near else ""))
+    elif lat is not None and lat.group(2) and int(lat.group(2)) < 32:
+        return f"the latency model's crop size must be 32 pixels or more, got {lat.group(2)}"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _builtin_warp_folds(size: int) -> bool:
+    from cluster.models.builtin import _check_fields, warp_fields
+
+    try:
+        _check_fields(warp_fields(size), size)
+    except AssertionError:
+        return True
+    return False
 
 
 def resolve_model_path(spec: str, settings: Settings) -> str:

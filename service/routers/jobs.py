@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from cluster.errors import InputTooLarge, LipsyncError
+from cluster.errors import InputTooLarge, JobNotFound, LipsyncError
 from cluster.schemas import JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
@@ -35,7 +35,6 @@ MULTIPART_JOB = {"type": "object", "required": ["audio"], "properties": {
                  "multipart/form-data": {"schema": MULTIPART_JOB}}}})
 async def submit_job(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     settings = backend.settings
-    await backend.admit_or_429()
     ctype = request.headers.get("content-type", "")
     tmpdir = backend.tmpdir()
     try:
@@ -60,6 +59,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             check_template_choice(body.video, body.avatar_id)
+            await _admit_unless_known(backend, body.id)
             await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
@@ -69,6 +69,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         else:
             body = await json_body(request, JobCreate, multipart_too=True)
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
+            await _admit_unless_known(backend, body.id)
             await backend.check_callback(body.callback_url)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
@@ -84,6 +85,19 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
     accepted = JobAccepted(id=st.id, state=st.state, watch_url=backend.watch_url(st.id))
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{st.id}"})
+
+
+async def _admit_unless_known(backend: Backend, job_id: str | None) -> None:
+    """The queue's bound (429), checked once the request is known to be valid (a bad one is told what is
+    wrong with it, not to come back later), and not for an id already accepted: a client's retry of a
+    submission whose answer it lost is answered with its job (or `job.conflict`), full queue or not."""
+    if job_id is not None:
+        try:
+            await backend.gateway.get(job_id)
+            return
+        except JobNotFound:
+            pass
+    await backend.admit_or_429()
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
