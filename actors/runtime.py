@@ -158,6 +158,17 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
 
     private_token_file()
     root = private_ray_root(temp_dir)
+    # Ray puts its first driver's working directory on every worker's module path: a file there named
+    # like a module the service imports (an `av.py` of the user's) ran inside the service in its place.
+    # Ray starts from an empty directory of ours instead; relative paths the settings name are made
+    # absolute first, for the processes it starts.
+    absolute_path_variables()
+    workdir = root.parent / "workdir"
+    _private_dir(workdir)
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # started in a directory since removed
+        here = None
     # The driver's own C++ failure handler off (Ray's documented switch, read by ray.init from this
     # constant): a SIGTERM reaches Python's handler; Ray's other processes keep theirs.
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
@@ -168,6 +179,7 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     handlers = _SignalHandlersKept() if keep_signal_handlers else contextlib.nullcontext()
     params = _ray_params_for_jobs() if job_only else contextlib.nullcontext()
     try:
+        os.chdir(workdir)
         with handlers, params:
             for attempt in range(1, STARTUP_ATTEMPTS + 1):
                 try:
@@ -188,6 +200,8 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
                                 attempt, STARTUP_ATTEMPTS)
                     ray.shutdown()
     finally:
+        if here is not None:
+            os.chdir(here)
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for k, v in saved_env.items():
             if v is None:
@@ -195,6 +209,32 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
             else:
                 os.environ[k] = v
     return ctx
+
+
+#: Settings that name files or directories, as environment variables (`absolute_path_variables`)
+PATH_VARIABLES = ("LIPSYNC_STORAGE_ROOT", "LIPSYNC_MODEL", "LIPSYNC_COMPAT_DATA_DIR", "LIPSYNC_FFMPEG",
+                  "LIPSYNC_INPUT_ROOTS")
+
+
+def absolute_path_variables() -> None:
+    """The `PATH_VARIABLES` set in this process's environment, relative to its working directory, made
+    absolute (for processes started elsewhere: an embedded Ray's run in a directory of their own). Left
+    as they are: a model's name (`builtin`, `latency:...`), `~` (each process expands it), an ffmpeg
+    without a directory (looked up on PATH)."""
+    from cluster.models import is_named_model
+
+    for name in PATH_VARIABLES:
+        value = os.environ.get(name)
+        if not value or not value.strip():
+            continue
+        if name == "LIPSYNC_INPUT_ROOTS":
+            os.environ[name] = ":".join(os.path.abspath(p) if p.strip() and not p.startswith("~") else p
+                                        for p in value.split(":"))
+        elif value.startswith("~") or (name == "LIPSYNC_MODEL" and is_named_model(value)) or \
+                (name == "LIPSYNC_FFMPEG" and os.sep not in value):
+            continue
+        else:
+            os.environ[name] = os.path.abspath(value)
 
 
 def private_ray_root(temp_dir: str | None = None) -> Path:

@@ -277,10 +277,10 @@ class Settings(BaseSettings):
                                                "api_token" else " to sign callbacks with the API token"))
         return v
 
-    @field_validator("storage_root", mode="after")
+    @field_validator("storage_root", "compat_data_dir", mode="after")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
 
     @field_validator("providers", mode="after")
     @classmethod
@@ -315,7 +315,13 @@ class Settings(BaseSettings):
     @classmethod
     def _model_home(cls, v: str) -> str:
         """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x)."""
-        return str(Path(v).expanduser()) if v.startswith("~") else v
+        if v.startswith("~"):
+            return str(Path(v).expanduser())
+        from cluster.schemas import BUILTIN_MODEL  # (a model file relative to this process's directory: made
+        # absolute, as the processes that load it may run elsewhere)
+        if BUILTIN_MODEL.match(v.strip()) or v.strip().startswith("latency:") or Path(v).is_absolute():
+            return v
+        return str(Path(v).absolute())
 
     def callback_key(self) -> str | None:
         secret = self.callback_secret or self.api_token
