@@ -181,6 +181,9 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
             assert session.hls_url.split("?token=")[0].endswith(f"/v1/sessions/{session.id}/hls/index.m3u8")
             assert session.view.audio_ws.endswith(f"?token={session.view.token}")  # the socket's: not in hls_url
             assert session.view.token not in session.hls_url
+            # the first playlist asked for, at once: a whole segment listed (one with a part only made
+            # ffmpeg and ffplay fail with "Empty segment", the README's own recipe)
+            assert "#EXTINF" in httpx.get(session.hls_url, timeout=30).text
             session.send_file(speech_wav, realtime=True)
             view = session.wait_rendered(timeout=60)
             assert view.seconds_received == 3.2 and view.seconds_rendered == 3.2, view

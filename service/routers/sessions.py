@@ -452,11 +452,11 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     try:
         actor = _actor(settings, session_id)
         data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
-        if data is None and name == "index.m3u8":
-            # a new session's playlist exists once its first segment is published (about a segment's
-            # time): the request waits for it, bounded, since players (hls.js) give up on a 404 playlist
-            data = await _playlist_until(settings, session_id, actor, data, lambda text: True,
-                                         FIRST_PLAYLIST_WAIT_S, 0.1)
+        if name == "index.m3u8" and "_HLS_msn" not in request.query_params and not _has_segment(data):
+            # a new session's playlist exists once its first part is published, and lists a whole segment
+            # about a segment's time later: the request waits for that, bounded, since players give up on a
+            # 404 playlist (hls.js) or one without a segment (ffmpeg, ffplay: "Empty segment")
+            data = await _playlist_until(settings, session_id, actor, data, _has_segment, FIRST_PLAYLIST_WAIT_S, 0.1)
         if data is not None and name == "index.m3u8" and "_HLS_msn" in request.query_params:
             data = await _blocking_reload(request, settings, session_id, actor, data)
     except NoActor as e:  # its actors have left (maybe while this request waited): the stream as it ended
@@ -497,6 +497,14 @@ async def _blocking_reload(request: Request, settings, session_id: str, actor, d
     return await _playlist_until(settings, session_id, actor, data,
                                  lambda text: playlist_has(text, msn, part) is not False,
                                  BLOCKING_RELOAD_MAX_S, BLOCKING_RELOAD_POLL_S)
+
+
+def _has_segment(playlist: bytes | str | None) -> bool:
+    """Whether a live playlist lists a whole segment, or has ended."""
+    if playlist is None:
+        return False
+    text = playlist.decode(errors="replace") if isinstance(playlist, bytes) else playlist
+    return "#EXTINF" in text or "#EXT-X-ENDLIST" in text
 
 
 async def _playlist_until(settings, session_id: str, actor, data: bytes | None, done, bound_s: float,
