@@ -70,7 +70,14 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     service_sidecar(settings)  # resumes pending callbacks
     if stopped():
         return urls
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except ray.exceptions.RayActorError as e:
+        # Serve's controller killed a proxy that missed its readiness checks (an overloaded machine: this
+        # was a traceback and the end of the start); it starts another, which the readiness wait below
+        # waits for, within its deadline
+        log.warning("Ray Serve's HTTP proxy died while it started (%s); waiting for the one Serve starts "
+                    "instead", str(e).splitlines()[0])
     overrides = settings.overrides()  # secrets as their values
     if stopped():
         return urls
