@@ -31,7 +31,7 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -282,6 +282,12 @@ class _Reconnects:
 def _segment_urls(client: "_Base", segment: HlsSegment) -> HlsSegment:
     return segment.model_copy(update={"url": client.absolute(segment.url or ""),
                                       "init_url": client.absolute(segment.init_url) if segment.init_url else None})
+
+
+def _q(id_: str) -> str:
+    """An id as one path segment: a user's id with `/` or `..` reached other routes (`../batches/x`)."""
+    segment = quote(str(id_), safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment  # (URLs resolve dot segments)
 
 
 def _is_local_file(value: str | os.PathLike) -> bool:
@@ -580,7 +586,7 @@ class Client(_Base):
         return Job(self, self.get(job_id))
 
     def get(self, job_id: str, deadline: float | None = None) -> JobView:
-        return JobView.model_validate(self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline).json())
+        return JobView.model_validate(self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline).json())
 
     def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0,
              before: str | None = None) -> JobPage:
@@ -593,12 +599,12 @@ class Client(_Base):
         return JobPage.model_validate(self.request("GET", "/v1/jobs", params=params).json())
 
     def cancel(self, job_id: str) -> JobView:
-        return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{job_id}").json())
+        return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{_q(job_id)}").json())
 
     def _events_of(self, job_id: str, params: dict | None, deadline: _Deadline) -> Iterator[tuple[str, str]]:
         """(event type, data) of the job's event stream until it ends, opened again when it could not be
         opened, was refused for now or broke (`_Reconnects`): a new stream starts with the job's state."""
-        path = f"/v1/jobs/{job_id}/events"
+        path = f"/v1/jobs/{_q(job_id)}/events"
         again = _Reconnects(self, deadline, path)
         while True:
             try:
@@ -677,7 +683,7 @@ class Client(_Base):
         dl = _Download(job_id, path)
         for attempt in range(self.retries + 1):
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
+                with self.http.stream("GET", f"/v1/jobs/{_q(job_id)}/result", headers=dl.headers()) as r:
                     if r.status_code not in (200, 206):
                         r.read()
                     verdict = dl.verdict(r, attempt, self.retries)
@@ -710,7 +716,7 @@ class Client(_Base):
         return AvatarView.model_validate(r.json())
 
     def avatar(self, avatar_id: str) -> AvatarView:
-        return AvatarView.model_validate(self.request("GET", f"/v1/avatars/{avatar_id}").json())
+        return AvatarView.model_validate(self.request("GET", f"/v1/avatars/{_q(avatar_id)}").json())
 
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
@@ -731,11 +737,11 @@ class Client(_Base):
         return BatchView.model_validate(r.json())
 
     def batch(self, batch_id: str) -> BatchView:
-        return BatchView.model_validate(self.request("GET", f"/v1/batches/{batch_id}").json())
+        return BatchView.model_validate(self.request("GET", f"/v1/batches/{_q(batch_id)}").json())
 
     def cancel_batch(self, batch_id: str) -> BatchView:
         """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
-        return BatchView.model_validate(self.request("DELETE", f"/v1/batches/{batch_id}").json())
+        return BatchView.model_validate(self.request("DELETE", f"/v1/batches/{_q(batch_id)}").json())
 
 
 def _batch_locals(audios: list[str], video: str | None) -> list[str]:
@@ -928,7 +934,7 @@ class AsyncClient(_Base):
         return AsyncJob(self, await self.get(job_id))
 
     async def avatar(self, avatar_id: str) -> AvatarView:
-        return AvatarView.model_validate((await self.request("GET", f"/v1/avatars/{avatar_id}")).json())
+        return AvatarView.model_validate((await self.request("GET", f"/v1/avatars/{_q(avatar_id)}")).json())
 
     async def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                            **options) -> BatchView:
@@ -947,14 +953,14 @@ class AsyncClient(_Base):
         return BatchView.model_validate(r.json())
 
     async def batch(self, batch_id: str) -> BatchView:
-        return BatchView.model_validate((await self.request("GET", f"/v1/batches/{batch_id}")).json())
+        return BatchView.model_validate((await self.request("GET", f"/v1/batches/{_q(batch_id)}")).json())
 
     async def cancel_batch(self, batch_id: str) -> BatchView:
         """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
-        return BatchView.model_validate((await self.request("DELETE", f"/v1/batches/{batch_id}")).json())
+        return BatchView.model_validate((await self.request("DELETE", f"/v1/batches/{_q(batch_id)}")).json())
 
     async def get(self, job_id: str, deadline: float | None = None) -> JobView:
-        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{job_id}", deadline=deadline)).json())
+        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline)).json())
 
     async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         if _is_local_file(video):
@@ -980,12 +986,12 @@ class AsyncClient(_Base):
         return JobPage.model_validate((await self.request("GET", "/v1/jobs", params=params)).json())
 
     async def cancel(self, job_id: str) -> JobView:
-        return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{job_id}")).json())
+        return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{_q(job_id)}")).json())
 
     async def _events_of(self, job_id: str, params: dict | None,
                          deadline: _Deadline) -> AsyncIterator[tuple[str, str]]:
         """The async twin of `Client._events_of`."""
-        path = f"/v1/jobs/{job_id}/events"
+        path = f"/v1/jobs/{_q(job_id)}/events"
         again = _Reconnects(self, deadline, path)
         while True:
             try:
@@ -1057,7 +1063,7 @@ class AsyncClient(_Base):
         dl = _Download(job_id, path)
         for attempt in range(self.retries + 1):
             try:
-                async with self.http.stream("GET", f"/v1/jobs/{job_id}/result", headers=dl.headers()) as r:
+                async with self.http.stream("GET", f"/v1/jobs/{_q(job_id)}/result", headers=dl.headers()) as r:
                     if r.status_code not in (200, 206):
                         await r.aread()
                     verdict = dl.verdict(r, attempt, self.retries)

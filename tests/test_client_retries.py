@@ -352,3 +352,23 @@ def test_a_wait_outlasts_a_service_restart_until_its_own_deadline(face):
     with pytest.raises(ApiError) as info:  # a job that does not exist is an answer, not a passing problem
         _run(face, lambda r: gone, lambda c: c.wait("j2", timeout=60, poll_s=0.01), retries=2)
     assert info.value.code == "job.not_found"
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_id_is_one_path_segment(face):
+    """`lipsync cancel '../batches/victim'` sent DELETE /v1/batches/victim and cancelled another batch's jobs:
+    an id is sent escaped, as one segment of the path, whatever it holds."""
+    seen: list[httpx.Request] = []
+    gone = {"error": {"code": "not_found", "message": "no such path", "field": None}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(404, json=gone)
+
+    for call in (lambda c: c.cancel("../batches/victim"), lambda c: c.get("a/b?x=1#y"),
+                 lambda c: c.batch("../jobs/j1"), lambda c: c.avatar("..")):
+        with pytest.raises(ApiError):
+            _run(face, handler, call)
+    assert [r.url.raw_path for r in seen] == [b"/v1/jobs/..%2Fbatches%2Fvictim", b"/v1/jobs/a%2Fb%3Fx%3D1%23y",
+                                              b"/v1/batches/..%2Fjobs%2Fj1", b"/v1/avatars/%2E%2E"]
+    assert seen[0].method == "DELETE"
