@@ -666,8 +666,9 @@ class LiveRegistry:
                                  path="avatar_id")
         running = self.running()
         if len(running) >= self.s.max_live_sessions:
-            raise LiveCapacity(f"{len(running)} live sessions are running (LIPSYNC_MAX_LIVE_SESSIONS="
-                               f"{self.s.max_live_sessions}); retry later")
+            are = "live session is" if len(running) == 1 else "live sessions are"
+            raise LiveCapacity(f"{len(running)} {are} running (LIPSYNC_MAX_LIVE_SESSIONS={self.s.max_live_sessions}); "
+                               f"retry later")
         admission = self.admission(running)
         if not admission.admitted:
             raise LiveCapacity(f"{admission.message}; retry later")

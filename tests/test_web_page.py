@@ -308,6 +308,7 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         error = page.locator("#live-error")
         error.wait_for(state="visible", timeout=30_000)
         assert "rtmp_url" in error.inner_text() and "non-public" in error.inner_text(), error.inner_text()
+        assert not page.is_visible("#live-note")  # not "Starting a live session…" above why it did not start
         page.fill("#live-rtmp", "")
 
         # a socket the server refuses shows its code and reason (the session's token spoiled on its way to

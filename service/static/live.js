@@ -141,8 +141,11 @@
         return;
       }
       if (message.type === "ready") {
+        if (session.reconnects > 0) note("Reconnected: the avatar goes on from where the audio stopped.");
         session.reconnects = 0;
-        for (const chunk of session.pending.splice(0)) ws.send(chunk);
+        // the microphone's audio from before the socket was ready, less its leading quiet: sent in one
+        // go, the session renders it at the pace of speech, so all of it would delay the whole utterance
+        for (const chunk of withoutLeadingQuiet(session.pending.splice(0))) ws.send(chunk);
         if (!session.speaking) endUtterance(session, ws); // Stop came while connecting
       } else if (message.type === "ended" && session.onEnded) {
         session.onEnded(); // End session waits for this: every byte sent is in the session
@@ -178,6 +181,17 @@
   function endUtterance(session, ws) {
     ws.send(JSON.stringify({ type: "end" }));
     if (session.utterance) session.utterance.ended = true;
+  }
+
+  // PCM s16le chunks from the first one that is not quiet (RMS above about -45 dBFS: a room's noise is below)
+  function withoutLeadingQuiet(chunks) {
+    const first = chunks.findIndex((buffer) => {
+      const pcm = new Int16Array(buffer);
+      let sum = 0;
+      for (let i = 0; i < pcm.length; i++) sum += pcm[i] * pcm[i];
+      return pcm.length > 0 && Math.sqrt(sum / pcm.length) > 180;
+    });
+    return first < 0 ? [] : chunks.slice(first);
   }
 
   function sendChunk(session, buffer) {
@@ -392,6 +406,7 @@
       if (!session.ws || session.ws.readyState > WebSocket.OPEN) openSocket(session);
     } catch (err) {
       closeMicrophone(mic, false);
+      note(""); // not "Starting a live session…" above the reason it did not start
       showError($("live-error"), err);
     } finally {
       buttons();
