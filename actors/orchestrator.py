@@ -53,7 +53,9 @@ log = logging.getLogger("lipsync.orchestrator")
 
 def request_key(request: RenderRequest) -> str:
     """A digest of what a request asks for (not of where its inputs were stored)."""
-    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources"}),
+    # (a field left unset is left out: the keys of jobs stored before it existed stay the same)
+    unset = {"batch_size"} if request.batch_size is None else set()
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources"} | unset),
                                      sort_keys=True).encode()).hexdigest()
 
 

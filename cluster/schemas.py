@@ -120,6 +120,7 @@ class RenderRequest(BaseModel):
     crf: int | None = Field(None, ge=0, le=51)  # output quality (x264 CRF); None: the settings' crf
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
+    batch_size: int | None = Field(None, ge=1)  # a batch's first job: how many audios its batch asked for
 
 
 class UploadedFile(BaseModel):
@@ -347,7 +348,8 @@ class BatchView(BaseModel):
     id: str
     state: JobState
     progress: float
-    counts: dict[str, int]
+    counts: dict[str, int] = Field(..., description="jobs per state; `not_admitted`: audios of the batch that "
+                                   "were refused when it was submitted (the batch then ends failed)")
     jobs: list[JobView]
 
 

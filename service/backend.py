@@ -178,7 +178,7 @@ class Backend:
     async def create_job(self, job_id: str | None, audio: str | Path, video: str | Path | None,
                          avatar_id: str | None, sync_mode: str, model: str | None, tmpdir: Path,
                          staged: dict[str, str] | None = None, crf: int | None = None,
-                         sources: dict[str, str] | None = None) -> JobStatus:
+                         sources: dict[str, str] | None = None, batch_size: int | None = None) -> JobStatus:
         if sync_mode not in SYNC_TO_LOOP:
             raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
@@ -197,7 +197,7 @@ class Backend:
                     sources.setdefault(staged[name], str(given))
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
                                 model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf,
-                                sources=sources)
+                                sources=sources, batch_size=batch_size)
         return await self.gateway.submit(job_id or new_job_id(), request)
 
     # callbacks -------------------------------------------------------------------------------------

@@ -613,6 +613,15 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         message = half.json()["error"]["message"]
         assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
         assert half.json()["error"]["field"] == "audios", half.text
+        # ...and the batch's view counts the audio that was refused: it read as its one job, "succeeded"
+        partial = wait_until(lambda: (b := http.get("/v1/batches/batch-2").json())["counts"].get("queued") is None
+                             and b["counts"].get("preparing") is None and b["counts"].get("rendering") is None
+                             and b, 240, 0.5, "batch-2's first job")
+        assert partial["counts"]["not_admitted"] == 1 and partial["state"] == "failed", partial
+        assert partial["progress"] <= 0.5 and len(partial["jobs"]) == 1, partial
+        # the same id with another number of audios is another batch
+        other = http.post("/v1/batches", json={"id": "batch-2", "audios": [audios[0]], "avatar_id": avatar["id"]})
+        assert other.status_code == 409 and other.json()["error"]["code"] == "job.conflict", other.text
         # an error about what the batch shares names that field, not `audios`
         unknown = http.post("/v1/batches", json={"audios": [audios[0]], "avatar_id": "0123456789abcdef"})
         assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "avatar_id", unknown.text

@@ -44,8 +44,12 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
             staged["video"] = await backend.stage_input(body.video, "video", tmpdir)
         for i, audio in enumerate(body.audios):
             try:
+                # its first job holds how many audios the batch asked for: its view counts those refused
+                # (a batch whose later audio was refused read succeeded over the jobs before it), and the
+                # same id with more or fewer audios is another batch (job.conflict)
                 st = await backend.create_job(batch_job_id(batch_id, i), audio, body.video, body.avatar_id,
-                                              body.sync_mode, body.model, tmpdir, staged, crf=body.crf)
+                                              body.sync_mode, body.model, tmpdir, staged, crf=body.crf,
+                                              batch_size=len(body.audios) if i == 0 else None)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
                 if getattr(e, "field", None) is None:  # the field it is about; this audio's is `audios`
@@ -99,22 +103,35 @@ async def cancel_batch(batch_id: str, backend: Backend = Depends(get_backend)) -
 
 
 async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> BatchView:
+    """The batch's jobs and one state over them. Its size is the one its first job holds (a batch made
+    before it was recorded: its jobs up to the first id missing); audios of it that were never
+    admitted count as `not_admitted`, and make the batch `failed` once its other jobs ended."""
     jobs = []
-    i = 0
-    while n is None or i < n:
+    try:
+        first = await backend.gateway.get(batch_job_id(batch_id, 0))
+    except JobNotFound:
+        raise JobNotFound(f"batch {batch_id} does not exist", code="batch.not_found", path="batch_id") from None
+    size = first.request.batch_size if first.request is not None and first.request.batch_size else None
+    jobs.append(backend.view(first))
+    i = 1
+    while i < (size or n or 2**31):
         try:
             jobs.append(backend.view(await backend.gateway.get(batch_job_id(batch_id, i))))
         except JobNotFound:
-            break
+            if size is None:
+                break
         i += 1
-    if not jobs:
-        raise JobNotFound(f"batch {batch_id} does not exist", code="batch.not_found", path="batch_id")
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.state.value] = counts.get(j.state.value, 0) + 1
-    state = batch_state([j.state for j in jobs])
-    return BatchView(id=batch_id, state=state, progress=sum(j.progress for j in jobs) / len(jobs),
-                     counts=counts, jobs=jobs)
+    missing = (size or len(jobs)) - len(jobs)
+    states = [j.state for j in jobs]
+    if missing:
+        counts["not_admitted"] = missing
+        if all(s.terminal for s in states):
+            states.append(JobState.failed)
+    progress = sum(j.progress for j in jobs) / (size or len(jobs))
+    return BatchView(id=batch_id, state=batch_state(states), progress=progress, counts=counts, jobs=jobs)
 
 
 def batch_state(states: list[JobState]) -> JobState:
