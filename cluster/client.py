@@ -397,8 +397,8 @@ def _within(deadline: float, timeout: float) -> float:
 def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
     if r is not None:
         ra = r.headers.get("retry-after", "")
-        if re.fullmatch(r"[0-9]{1,6}", ra):
-            return min(float(ra), 30.0)
+        if re.fullmatch(r"[0-9]{1,6}", ra):  # honoured, spread by up to a quarter more: clients refused together
+            return min(float(ra), 30.0) * (1 + random.random() / 4)  # do not come back together
     return min(base * 2 ** min(attempt, 16), 15.0) * (0.5 + random.random() / 2)
 
 
