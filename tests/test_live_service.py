@@ -172,6 +172,41 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
             api.delete(f"/v1/sessions/{sid}")
 
 
+def test_a_socket_lost_in_the_middle_of_a_long_message_lets_go_of_the_session(service, live_avatar):
+    """A client sent 20 s of speech in one message, then lost its connection: the server went on feeding that
+    message to the session for its length, and the client's reconnects were refused (4409, "another audio
+    socket is open") for over 20 s, longer than the web page and the SDK try. The lost socket stops feeding
+    and lets go: the reconnect is taken at once and resumes from what the session has."""
+    import socket
+    import struct
+
+    with _api(service) as api:
+        view = api.post("/v1/sessions", json={"avatar_id": live_avatar}).json()
+        sid, ws_url = view["id"], view["audio_ws"]
+        try:
+            pcm = (np.sin(np.arange(16000 * 20) / 8.0) * 8000).astype("<i2").tobytes()
+            first = connect(ws_url, open_timeout=30)
+            assert json.loads(first.recv(timeout=30))["type"] == "ready"
+            first.send(pcm)
+            time.sleep(1.5)  # being fed (the session's buffer holds 5 s of it)
+            first.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            first.socket.close()  # a reset: the client's network went
+            lost, refused = time.monotonic(), 0
+            while True:
+                assert time.monotonic() - lost < 8, f"still refused after {refused} tries"
+                with connect(ws_url, open_timeout=30) as again:
+                    try:
+                        ready = json.loads(again.recv(timeout=30))
+                        break
+                    except ConnectionClosed as e:
+                        assert e.rcvd is not None and e.rcvd.code == 4409, e
+                        refused += 1
+                time.sleep(0.25)
+            assert ready["type"] == "ready" and 0 < ready["offset"] < len(pcm), ready
+        finally:
+            api.delete(f"/v1/sessions/{sid}")
+
+
 def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, speech_wav, tmp_path):
     from cluster.client import Client
     from cluster.media.ffmpeg import ffmpeg_binary

@@ -544,6 +544,7 @@ class _SocketInbox:
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket, self.queue, self.bytes = websocket, asyncio.Queue(), 0
+        self.disconnected = False  # the client is gone (what it sent and the session has not taken is not fed)
         self.room = asyncio.Condition()
         self.task = asyncio.create_task(self._read())
 
@@ -558,6 +559,7 @@ class _SocketInbox:
             self.bytes += len(message.get("bytes") or b"")
             self.queue.put_nowait(message)
             if message["type"] == "websocket.disconnect":
+                self.disconnected = True
                 return
 
     async def _taken(self, message: dict) -> dict:
@@ -676,6 +678,8 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                 data = await inbox.with_waiting_pcm(data)  # with the messages that came meanwhile
                 start, sent = offset, offset + len(data)
                 while offset < sent:  # backpressure: the socket is not read while the buffer is full
+                    if inbox.disconnected:  # its client is gone: it resumes from the session's offset when it
+                        return              # reconnects (a large message fed on held the session for its length)
                     # by offset: repeated across a restart of the session's actor, never twice; the
                     # session takes what its buffer has room for, the rest is offered again
                     try:
@@ -718,4 +722,5 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         return
     finally:
         inbox.close()
+        actor.detach.remote(lease)  # a client reconnecting at once is not refused as a second socket (4409)
         actor.detach.remote(lease)
