@@ -218,23 +218,22 @@ PATH_VARIABLES = ("LIPSYNC_STORAGE_ROOT", "LIPSYNC_MODEL", "LIPSYNC_COMPAT_DATA_
 
 def absolute_path_variables() -> None:
     """The `PATH_VARIABLES` set in this process's environment, relative to its working directory, made
-    absolute (for processes started elsewhere: an embedded Ray's run in a directory of their own). Left
-    as they are: a model's name (`builtin`, `latency:...`), `~` (each process expands it), an ffmpeg
+    absolute as `Settings` makes them (for processes started elsewhere: an embedded Ray's run in a
+    directory of their own). Left as they are: a model's name (`builtin`, `latency:...`), an ffmpeg
     without a directory (looked up on PATH)."""
-    from cluster.models import is_named_model
+    from cluster.config import absolute_path, model_names_a_file
 
     for name in PATH_VARIABLES:
         value = os.environ.get(name)
         if not value or not value.strip():
             continue
         if name == "LIPSYNC_INPUT_ROOTS":
-            os.environ[name] = ":".join(os.path.abspath(p) if p.strip() and not p.startswith("~") else p
-                                        for p in value.split(":"))
-        elif value.startswith("~") or (name == "LIPSYNC_MODEL" and is_named_model(value)) or \
-                (name == "LIPSYNC_FFMPEG" and os.sep not in value):
+            os.environ[name] = ":".join(absolute_path(p) if p.strip() else p for p in value.split(":"))
+        elif (name == "LIPSYNC_MODEL" and not model_names_a_file(value)) or \
+                (name == "LIPSYNC_FFMPEG" and os.sep not in value and not value.startswith("~")):
             continue
         else:
-            os.environ[name] = os.path.abspath(value)
+            os.environ[name] = absolute_path(value)
 
 
 def private_ray_root(temp_dir: str | None = None) -> Path:
@@ -397,8 +396,12 @@ def kill_embedded_ray(mark: str, session_dir: str | None = None) -> int:
 
 
 def _holds_file_in(proc, directory: str | None) -> bool:
-    """Whether `proc` has a file open under `directory`."""
+    """Whether `proc`, a Ray process (`ray::...`, or a command of Ray's package), has a file open under
+    `directory` (a user's `tail -f` of a log there is not one)."""
     if not directory:
+        return False
+    command = " ".join(proc.cmdline())
+    if not (command.startswith("ray::") or f"{os.sep}ray{os.sep}" in command):
         return False
     prefix = os.path.join(os.path.realpath(directory), "")
     return any(f.path.startswith(prefix) for f in proc.open_files())

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +17,17 @@ X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "me
 
 #: What LIPSYNC_PROVIDERS may name (`cluster.models.providers.PROVIDER_NAMES` maps them to onnxruntime's)
 PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt", "trt")
+
+
+def model_names_a_file(model: str) -> bool:
+    """Whether a model setting names a file (not `builtin[:S]` or `latency:<ms>[:S]`, names of models
+    made in process)."""
+    return not re.match(r"^\s*(builtin([:-][0-9]+)?|latency:[0-9.]+(:[0-9]+)?)\s*$", model)
+
+
+def absolute_path(value: str) -> str:
+    """`value` (a path, `~` expanded) made absolute against this process's directory."""
+    return str(Path(value).expanduser().absolute())
 
 
 def _default_storage_root() -> Path:
@@ -314,14 +327,20 @@ class Settings(BaseSettings):
     @field_validator("model", mode="after")
     @classmethod
     def _model_home(cls, v: str) -> str:
-        """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x)."""
-        if v.startswith("~"):
-            return str(Path(v).expanduser())
-        from cluster.schemas import BUILTIN_MODEL  # (a model file relative to this process's directory: made
-        # absolute, as the processes that load it may run elsewhere)
-        if BUILTIN_MODEL.match(v.strip()) or v.strip().startswith("latency:") or Path(v).is_absolute():
-            return v
-        return str(Path(v).absolute())
+        """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x), or
+        relative to this process's directory, made absolute: the processes that load it run elsewhere."""
+        return absolute_path(v) if model_names_a_file(v) else v
+
+    @field_validator("ffmpeg", mode="after")
+    @classmethod
+    def _ffmpeg_path(cls, v: str | None) -> str | None:
+        """An ffmpeg named by a path, made absolute (a bare name is looked up on PATH by each process)."""
+        return absolute_path(v) if v and (os.sep in v or v.startswith("~")) else v
+
+    @field_validator("input_roots", mode="after")
+    @classmethod
+    def _absolute_roots(cls, v: str) -> str:
+        return ":".join(absolute_path(p) if p.strip() else p for p in v.split(":"))
 
     def callback_key(self) -> str | None:
         secret = self.callback_secret or self.api_token

@@ -173,15 +173,16 @@ def test_two_embedded_renders_on_one_storage_root(inputs, env, workdir):
     # a file of the user's in the directory the renders start in, named like a module the render imports:
     # Ray put that directory on its workers' module path, and this ran in the render's place (the
     # `lipsync` command's own Python does not look there; `python -m` does, unless PYTHONSAFEPATH)
-    shadow = workdir / "shadowed-import"
-    (workdir / "av.py").write_text(f"open({str(shadow)!r}, 'w').close()\n"
-                                   "raise ImportError('the av.py of the working directory was imported')\n")
+    shadow, user_dir = workdir / "shadowed-import", workdir / "user-dir"  # (its own: the module's other tests
+    user_dir.mkdir(exist_ok=True)                                          # run their commands in workdir)
+    (user_dir / "av.py").write_text(f"open({str(shadow)!r}, 'w').close()\n"
+                                    "raise ImportError('the av.py of the working directory was imported')\n")
     runs = {
         "one.mp4": (inputs["speech"], 19200, ["--workers", "2"], {}),
         "two.mp4": (other, 25600, [], {"LIPSYNC_COMPOSITORS": "1", "LIPSYNC_MODEL_WORKERS": "1"}),
     }
     procs = {name: _popen([*CLI, "render", "--audio", str(audio), "--video", str(inputs["template"]), "-o",
-                           str(workdir / name), "-q", *flags], {**env, **extra, "PYTHONSAFEPATH": "1"}, workdir)
+                           str(workdir / name), "-q", *flags], {**env, **extra, "PYTHONSAFEPATH": "1"}, user_dir)
              for name, (audio, _, flags, extra) in runs.items()}
     try:
         results = {name: p.communicate(timeout=300) for name, p in procs.items()}

@@ -124,3 +124,33 @@ def test_settings_read_only_at_a_jobs_encode_are_checked_at_start(tmp_path):
     for field in ("preset", "live_preset"):
         with pytest.raises(ValidationError, match="'ultrafast', 'superfast'"):
             Settings(storage_root=tmp_path, **{field: "bogus"})
+
+
+def test_relative_paths_in_settings_are_made_absolute_for_processes_that_run_elsewhere(tmp_path, monkeypatch):
+    """An embedded Ray's processes run in a directory of their own (not the user's, which Ray put on their
+    module path): a storage root, model, ffmpeg, compat directory or input root given relative to the
+    user's directory is made absolute, in the settings handed to them and in the environment they inherit;
+    names that are not paths are left as they are."""
+    import os
+
+    from actors.runtime import absolute_path_variables
+    from cluster.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    s = Settings(storage_root="store", model="models/x.onnx", ffmpeg="bin/ffmpeg", compat_data_dir="compat",
+                 input_roots="media:/srv/in")
+    assert (s.storage_root, s.model, s.ffmpeg, s.compat_data_dir, s.input_roots) == (
+        (tmp_path / "store").resolve(), str(tmp_path / "models/x.onnx"), str(tmp_path / "bin/ffmpeg"),
+        (tmp_path / "compat").resolve(), f"{tmp_path / 'media'}:/srv/in")
+    for model in ("builtin", "builtin:96", "latency:5", "latency:2.5:96"):
+        assert Settings(model=model).model == model
+    assert Settings(ffmpeg="ffmpeg").ffmpeg == "ffmpeg"  # looked up on PATH
+    for name, value in (("LIPSYNC_STORAGE_ROOT", "store"), ("LIPSYNC_MODEL", "builtin:96"),
+                        ("LIPSYNC_FFMPEG", "ffmpeg"), ("LIPSYNC_INPUT_ROOTS", "media::/srv/in"),
+                        ("LIPSYNC_COMPAT_DATA_DIR", "compat")):
+        monkeypatch.setenv(name, value)
+    absolute_path_variables()
+    assert os.environ["LIPSYNC_STORAGE_ROOT"] == str(tmp_path / "store")
+    assert os.environ["LIPSYNC_MODEL"] == "builtin:96" and os.environ["LIPSYNC_FFMPEG"] == "ffmpeg"
+    assert os.environ["LIPSYNC_INPUT_ROOTS"] == f"{tmp_path / 'media'}::/srv/in"
+    assert os.environ["LIPSYNC_COMPAT_DATA_DIR"] == str(tmp_path / "compat")

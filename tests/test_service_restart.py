@@ -298,15 +298,19 @@ def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_
     others = [sleeper(f"{os.getpid()}-0123456789abcdef"), sleeper(None), sleeper(mark.split("-")[0])]
     later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     # a Ray agent's new title can wipe its environment's block: found by a log it holds in the session
-    # directory, and not one holding a file in another Ray's directory
+    # directory; not one holding a file in another Ray's directory, nor a process of the user's that is
+    # not Ray's (a `tail -f` of a log there)
     session, other_session = tmp_path / "session_ours", tmp_path / "session_other"
+    agent = tmp_path / "ray" / "agent.py"  # a command of Ray's package, as its agents' are
+    agent.parent.mkdir()
+    agent.write_text("import time\ntime.sleep(60)\n")
+    unmarked = {k: v for k, v in os.environ.items() if k != RAY_OWNER_VARIABLE}
     holders = []
-    for directory in (session, other_session):
-        (directory / "logs").mkdir(parents=True)
-        holders.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={
-            k: v for k, v in os.environ.items() if k != RAY_OWNER_VARIABLE},
-            stdout=open(directory / "logs" / "agent.out", "w")))
-    others.append(holders[1])
+    for directory, command in ((session, [sys.executable, str(agent)]), (other_session, [sys.executable, str(agent)]),
+                               (session, [sys.executable, "-c", "import time; time.sleep(60)"])):
+        (directory / "logs").mkdir(parents=True, exist_ok=True)
+        holders.append(subprocess.Popen(command, env=unmarked, stdout=open(directory / "logs" / "agent.out", "a")))
+    others += holders[1:]
     try:
         assert kill_embedded_ray(mark, session_dir=str(session)) == 2
         assert ours.wait(timeout=10) == -signal.SIGKILL and holders[0].wait(timeout=10) == -signal.SIGKILL
