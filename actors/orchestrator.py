@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from cluster.errors import (
 from cluster.inputs import UploadStore
 from cluster.jobstore import JobStore
 from cluster.owners import identity_gone
-from cluster.render import admit_on_manager
+from cluster.render import admit_on_manager, job_dir
 from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest, StoredInput, utcnow
 
 log = logging.getLogger("lipsync.orchestrator")
@@ -53,9 +54,9 @@ log = logging.getLogger("lipsync.orchestrator")
 
 def request_key(request: RenderRequest) -> str:
     """A digest of what a request asks for (not of where its inputs were stored)."""
-    # (a field left unset is left out: the keys of jobs stored before it existed stay the same)
-    unset = {"batch_size"} if request.batch_size is None else set()
-    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources"} | unset),
+    # (not its batch's size, compared on its own in `_resubmitted`: the keys of jobs stored before it was
+    # recorded stay the same, so a batch partly admitted then is admitted on when sent again)
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources", "batch_size"}),
                                      sort_keys=True).encode()).hexdigest()
 
 
@@ -189,13 +190,13 @@ class JobManager:
         await self._wait_booted()
         key = request_key(request)
         if self.store.exists(job_id):
-            return self._resubmitted(job_id, key)
+            return self._resubmitted(job_id, key, request)
         while (admitting := self._admitting.get(job_id)) is not None:
             # the same id being admitted (a client's retry of a submission its gateway gave up on): that
             # admission's outcome, not a second one beside it (bounded: the gateway's own wait ends sooner)
             await asyncio.wait_for(admitting.wait(), timeout=self.s.ffmpeg_timeout_s)
             if self.store.exists(job_id):
-                return self._resubmitted(job_id, key)
+                return self._resubmitted(job_id, key, request)
         if request.output is not None:
             other = self.store.job_writing_to(str(Path(request.output).expanduser().resolve()))
             if other is not None:
@@ -208,6 +209,9 @@ class JobManager:
         admitted_at = utcnow()
         self._admitting[job_id] = asyncio.Event()
         try:
+            # a directory of this id without a row (an admission that was refused late, or killed before it
+            # stored its row) holds no job: its input copies would be taken for this request's
+            await asyncio.to_thread(shutil.rmtree, job_dir(job_id, self.s), True)
             admitted = await asyncio.to_thread(admit_on_manager, job_id, request, self.s)
             if answer_by is not None and time.monotonic() > answer_by:
                 raise AdmissionTooLate(f"job {job_id}'s admission took longer than its caller waited "
@@ -219,24 +223,30 @@ class JobManager:
                 known = self.store.exists(job_id)  # admitted by a concurrent submission of the same id
             except Exception:  # noqa: BLE001 - the store's own failure is what is raised below
                 known = False
-            if not known:  # not admitted: nothing is promised to it
+            if not known:  # not admitted: nothing is promised to it, and nothing of it is kept
                 from cluster.resources import RESERVATIONS  # not a global of this actor class (Ray pickles it)
 
                 RESERVATIONS.release(job_id)
+                shutil.rmtree(job_dir(job_id, self.s), ignore_errors=True)
             raise
         finally:
             self._admitting.pop(job_id).set()
         if not created:  # the same id was admitted concurrently
-            return self._resubmitted(job_id, key)
+            return self._resubmitted(job_id, key, request)
         log.info("job %s accepted", job_id, extra={"job_id": job_id})
         self.machine.start(job_id)
         return self.get(job_id)
 
-    def _resubmitted(self, job_id: str, key: str) -> JobStatus:
+    def _resubmitted(self, job_id: str, key: str, request: RenderRequest) -> JobStatus:
         stored = self.store.request_key(job_id)
         if stored is not None and stored != key:
             raise JobConflict(f"job {job_id} already exists with other inputs or options", job_id=job_id,
                               stage="admit")
+        if request.batch_size is not None:  # the first job of a batch: the same batch has as many audios
+            had = self.store.get(job_id).request
+            if had is not None and had.batch_size is not None and had.batch_size != request.batch_size:
+                raise JobConflict(f"batch job {job_id} was submitted in a batch of {had.batch_size} audios, not "
+                                  f"{request.batch_size}", job_id=job_id, stage="admit")
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobStatus:

@@ -84,6 +84,8 @@ class ManagerGateway:
         timeout = timeout or self.s.actor_call_timeout_s
         deadline = time.monotonic() + timeout
         while True:
+            if "within_s" in kwargs:  # the callee is told what is left of this wait, at each attempt
+                kwargs["within_s"] = max(0.0, deadline - time.monotonic() - 1.0)
             try:
                 ref = getattr(self._manager(), method).remote(*args, **kwargs)
                 return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
@@ -137,7 +139,7 @@ class ManagerGateway:
         # Admission (probing) runs on the manager's node; allow it more than a plain call.
         timeout = max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10)
         try:
-            return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, within_s=timeout - 1.0,
+            return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, within_s=timeout,
                                    timeout=timeout)
         except ManagerUnavailable as e:  # the id the caller may not have chosen: a retry with it is this job
             raise ManagerUnavailable(f"{e.message}; job {job_id} was not admitted: submit it again with the id "

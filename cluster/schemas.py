@@ -123,6 +123,11 @@ class RenderRequest(BaseModel):
     batch_size: int | None = Field(None, ge=1)  # a batch's first job: how many audios its batch asked for
 
 
+#: A multipart submission's job id, ahead of its files (the SDK sends it): a retry of an accepted job is answered
+#: as that job, not refused by a full queue before the files are read (`service.routers.jobs`)
+JOB_ID_HEADER = "X-Lipsync-Job-Id"
+
+
 class UploadedFile(BaseModel):
     """What `POST /v1/uploads` answers: `ref` names the stored bytes as a job's or a batch's input."""
     ref: str = Field(..., description="upload:<sha256><.ext>: give it as an audio, audios item or video")

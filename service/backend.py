@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from cluster.config import Settings
-from cluster.errors import JobNotReady, LipsyncError, TooManyEventStreams
+from cluster.errors import JobNotFound, JobNotReady, LipsyncError, TooManyEventStreams
 from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
 from cluster.netguard import download, is_url
@@ -125,6 +125,16 @@ class Backend:
         return job_view(st, watch_url=self.watch_url(st.id))
 
     # admission ---------------------------------------------------------------------------------
+    async def known(self, job_id: str | None) -> bool:
+        """Whether a job of this id was accepted already (a client's retry: it counts in the queue already)."""
+        if job_id is None:
+            return False
+        try:
+            await self.gateway.get(job_id)
+            return True
+        except JobNotFound:
+            return False
+
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
         if n >= self.settings.max_queued_jobs:

@@ -508,8 +508,8 @@ def test_the_manager_holds_the_queue_bound_for_submissions_arriving_at_once(runt
     assert runtime.wait(twin, timeout=300).state == JobState.succeeded
 
 
-def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(runtime, speech4_wav, astronaut_video,
-                                                                              tmp_path):
+def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(runtime, ray_settings, speech4_wav,
+                                                                              astronaut_video, tmp_path):
     """The service's gateway waits a bounded time for an admission, then answers 503; the manager's
     admission (probing, copying the inputs) went on and started a job its caller had been told was not
     admitted, under an id it never heard (a retry then rendered it twice). Told how long its caller
@@ -528,3 +528,7 @@ def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(r
     with pytest.raises(JobNotFound):
         runtime.call("get", job_id)
     assert job_id not in [j.id for j in runtime.call("list_jobs")]
+    # nor its input copies: a later submission of the id with other speech took them for its own
+    from cluster.render import job_dir
+
+    assert not job_dir(job_id, ray_settings).exists()

@@ -614,9 +614,11 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
         assert half.json()["error"]["field"] == "audios", half.text
         # ...and the batch's view counts the audio that was refused: it read as its one job, "succeeded"
-        partial = wait_until(lambda: (b := http.get("/v1/batches/batch-2").json())["counts"].get("queued") is None
-                             and b["counts"].get("preparing") is None and b["counts"].get("rendering") is None
-                             and b, 240, 0.5, "batch-2's first job")
+        def batch_2_settled():  # every job it has ended
+            b = http.get("/v1/batches/batch-2").json()
+            return all(j["state"] in ("succeeded", "failed", "cancelled") for j in b["jobs"]) and b
+
+        partial = wait_until(batch_2_settled, 240, 0.5, "batch-2's first job")
         assert partial["counts"]["not_admitted"] == 1 and partial["state"] == "failed", partial
         assert partial["progress"] <= 0.5 and len(partial["jobs"]) == 1, partial
         # the same id with another number of audios is another batch

@@ -33,7 +33,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
     check_template_choice(body.video, body.avatar_id)
     await backend.check_callback(body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
-    if n + len(body.audios) > settings.max_queued_jobs and not await _exists(backend, body.id):
+    if n + len(body.audios) > settings.max_queued_jobs and \
+            not await backend.known(batch_job_id(body.id, 0) if body.id else None):
         raise QueueFull(f"the job queue cannot take {len(body.audios)} more jobs ({n} unfinished, "
                         f"LIPSYNC_MAX_QUEUED_JOBS={settings.max_queued_jobs}); retry later")
     batch_id = body.id or new_job_id()
@@ -67,18 +68,6 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         shutil.rmtree(tmpdir, ignore_errors=True)
     view = await batch_view(backend, batch_id, len(body.audios))
     return JSONResponse(view.model_dump(mode="json"), status_code=202)
-
-
-async def _exists(backend: Backend, batch_id: str | None) -> bool:
-    """Whether a batch of this id was accepted already (a client's retry: its jobs count in the
-    queue already, and are not submitted twice)."""
-    if batch_id is None:
-        return False
-    try:
-        await backend.gateway.get(batch_job_id(batch_id, 0))
-        return True
-    except JobNotFound:
-        return False
 
 
 @router.get("/{batch_id}", response_model=BatchView, summary="One status over a batch's jobs")

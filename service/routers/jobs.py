@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from cluster.errors import InputTooLarge, JobNotFound, LipsyncError
-from cluster.schemas import JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
+from cluster.errors import InputTooLarge, LipsyncError
+from cluster.schemas import JOB_ID_HEADER, JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
 from service.errors import error_responses
@@ -36,11 +36,15 @@ MULTIPART_JOB = {"type": "object", "required": ["audio"], "properties": {
 async def submit_job(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     settings = backend.settings
     ctype = request.headers.get("content-type", "")
+    multipart = ctype.startswith("multipart/form-data")
+    if multipart:  # the queue's bound before the files are read (not after a large upload), unless the job is
+        # known by the id given ahead of them (the SDK's header): a retry of an accepted job is answered as it
+        await _admit_unless_known(backend, request.headers.get(JOB_ID_HEADER))
     tmpdir = backend.tmpdir()
     try:
         staged: dict[str, str] = {}
         sources: dict[str, str] = {}
-        if ctype.startswith("multipart/form-data"):
+        if multipart:
             declared = request.headers.get("content-length")
             if declared and re.fullmatch(r"[0-9]{1,19}", declared) and \
                     int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
@@ -59,7 +63,6 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             check_template_choice(body.video, body.avatar_id)
-            await _admit_unless_known(backend, body.id)
             await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
@@ -88,16 +91,11 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
 
 
 async def _admit_unless_known(backend: Backend, job_id: str | None) -> None:
-    """The queue's bound (429), checked once the request is known to be valid (a bad one is told what is
-    wrong with it, not to come back later), and not for an id already accepted: a client's retry of a
-    submission whose answer it lost is answered with its job (or `job.conflict`), full queue or not."""
-    if job_id is not None:
-        try:
-            await backend.gateway.get(job_id)
-            return
-        except JobNotFound:
-            pass
-    await backend.admit_or_429()
+    """The queue's bound (429), not for an id already accepted: a client's retry of a submission whose
+    answer it lost is answered with its job (or `job.conflict`), full queue or not. A JSON request is
+    checked once it is known to be valid (a bad one is told what is wrong with it, not to come back)."""
+    if not await backend.known(job_id):
+        await backend.admit_or_429()
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
