@@ -472,7 +472,9 @@ def _client_call(fn) -> int:
                   file=sys.stderr)
         return 2
     except LipsyncError as e:  # a local file the SDK reads (live --audio): missing, unreadable
-        print(_fail_line(e.to_info()), file=sys.stderr)
+        for problem in getattr(e, "problems", None) or [None]:  # a request refused field by field: a line each
+            print(_fail_line(e.to_info()) if problem is None else f"lipsync: error: {e.code}: {problem}",
+                  file=sys.stderr)
         return e.exit_code
     except httpx.HTTPError as e:  # a URL it cannot use, a server that never answered
         print(f"lipsync: error: connection.failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -37,7 +38,17 @@ import httpx
 from pydantic import ValidationError
 
 from cluster.errors import InputError
-from cluster.schemas import AvatarView, BatchView, HlsSegment, JobAccepted, JobPage, JobState, JobView, UploadedFile
+from cluster.schemas import (
+    JOB_ID_HEADER,
+    AvatarView,
+    BatchView,
+    HlsSegment,
+    JobAccepted,
+    JobPage,
+    JobState,
+    JobView,
+    UploadedFile,
+)
 
 RETRY_STATUS = (429, 502, 503, 504)
 log = logging.getLogger("lipsync.client")
@@ -252,6 +263,7 @@ class _Reconnects:
 
     def delivered(self) -> None:
         self.failures = 0
+        self.deadline.refused_since = None  # a later refusal gets the whole patience again
 
     def refused(self, r: httpx.Response) -> float:
         """Seconds to wait before opening the stream again after answer `r`, else raised."""
@@ -279,6 +291,17 @@ class _Reconnects:
         return delay
 
 
+def _ends_the_job(event: tuple[str, str]) -> bool:
+    """Whether an event stream's (type, data) is the job's terminal status (the stream's last event)."""
+    kind, data = event
+    if kind not in STATUS_EVENTS:
+        return False
+    try:
+        return JobState(json.loads(data).get("state")).terminal
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
 def _segment_urls(client: "_Base", segment: HlsSegment) -> HlsSegment:
     return segment.model_copy(update={"url": client.absolute(segment.url or ""),
                                       "init_url": client.absolute(segment.init_url) if segment.init_url else None})
@@ -303,8 +326,8 @@ def _retryable(r: httpx.Response, idempotent: bool) -> bool:
     starts (its app not deployed yet: the request reached nothing)."""
     if r.status_code in (429, 503):
         return True
-    if r.status_code == 404 and ApiError.from_response(r).code == "http.404":
-        return True  # not our error envelope: the Serve proxy's answer while the service's app is not deployed yet
+    if _serve_starting(r):
+        return True
     if not idempotent:
         return False
     return r.status_code in (502, 504) or (r.status_code == 500 and ApiError.from_response(r).code == "http.500")
@@ -314,6 +337,13 @@ def _retryable(r: httpx.Response, idempotent: bool) -> bool:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The request may have reached the server (and been carried out): sent again only when safe to repeat.
 _MAYBE_SENT = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.WriteTimeout)
+
+
+def _serve_starting(r: httpx.Response) -> bool:
+    """The Serve proxy's 404 while the service's app is not deployed yet ("Path '/v1/...' not found. Ping
+    http://.../-/routes for available routes."): the request reached nothing. Not any bare 404: a wrong URL
+    behind another server is an answer."""
+    return r.status_code == 404 and "not found. Ping" in r.text and "/-/routes" in r.text
 
 
 def _retryable_error(e: httpx.TransportError, idempotent: bool, upload: bool = False) -> bool:
@@ -334,6 +364,10 @@ def _connection_error(e: Exception | None, url: str, method: str, path: str, ide
     return ApiError(0, what, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
 
 
+#: The longest a wait polls on through a service that does not answer, in a row (a restart takes 35-120 s)
+AWAY_PATIENCE_S = 600.0
+
+
 class _Wait:
     """One `wait` of a job, shared by both clients: its deadline (6 h without a timeout), progress
     bar and last view; each face only does the I/O (the event stream, then polling)."""
@@ -344,13 +378,14 @@ class _Wait:
         self.deadline = time.monotonic() + self.limit
         self.bar = _Bar(progress)
         self.view: JobView | None = None
+        self.away_since: float | None = None  # the service has not answered since (`passing`)
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
     def seen(self, view: JobView) -> bool:
         """Record a view; True once the job has ended."""
-        self.view = view
+        self.view, self.away_since = view, None
         self.bar.show(view)
         return view.state.terminal
 
@@ -361,11 +396,15 @@ class _Wait:
 
     def passing(self, e: ApiError) -> bool:
         """Whether a poll's error is the service away for now (restarting, overloaded, starting), which
-        the wait outlasts until its own deadline: a restart takes longer than one request's retries."""
-        if e.code in ("connection.failed", "connection.timeout", "http.404", "http.500") or \
-                e.status in (429, 502, 503, 504):
-            log.info("job %s: %s; waiting on (%.0f s left)", self.job_id, e, self.left())
-            return True
+        the wait outlasts, until its own deadline and for `AWAY_PATIENCE_S` in a row at most: a restart takes
+        longer than one request's retries; a service that stays away is said so."""
+        if e.code in ("connection.failed", "connection.timeout", "http.500") or e.status in (429, 502, 503, 504) \
+                or (e.code == "http.404" and "/-/routes" in e.message):
+            now = time.monotonic()
+            self.away_since = self.away_since or now
+            if now - self.away_since < AWAY_PATIENCE_S:
+                log.info("job %s: %s; waiting on (%.0f s left)", self.job_id, e, self.left())
+                return True
         return False
 
     def polling(self) -> bool:
@@ -398,7 +437,7 @@ def _retry_delay(attempt: int, r: httpx.Response | None, base: float) -> float:
     if r is not None:
         ra = r.headers.get("retry-after", "")
         if re.fullmatch(r"[0-9]{1,6}", ra):  # honoured, spread by up to a quarter more: clients refused together
-            return min(float(ra), 30.0) * (1 + random.random() / 4)  # do not come back together
+            return min(float(ra) * (1 + random.random() / 4), 30.0)  # do not come back together
     return min(base * 2 ** min(attempt, 16), 15.0) * (0.5 + random.random() / 2)
 
 
@@ -467,8 +506,8 @@ class _Base:
             raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
         cause = (f"answered {last.status} {last.code}" if isinstance(last, ApiError)
                  else f"no answer from {self.url} ({type(last).__name__}: {last})")
-        log.info("%s %s: %s; trying again in %.1f s (attempt %d of %d)", method, path, cause, delay, attempt + 2,
-                 self.retries + 1)
+        log.info("%s %s: %s; trying again in %.1f s (attempt %d of %d)", method, path.split("?")[0], cause, delay,
+                 attempt + 2, self.retries + 1)  # (not a signed URL's token)
         return delay
 
     def absolute(self, path: str) -> str:
@@ -577,7 +616,7 @@ class Client(_Base):
             uploads = _Uploads(files, data)
             try:  # the answer comes once the files are stored and probed: more than a read's usual wait
                 r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads,
-                                 timeout=max(self.timeout, 600))
+                                 timeout=max(self.timeout, 600), headers={JOB_ID_HEADER: opts["id"]})
             finally:
                 uploads.close()
         return Job(self, JobAccepted.model_validate(r.json()))
@@ -605,7 +644,7 @@ class Client(_Base):
         """(event type, data) of the job's event stream until it ends, opened again when it could not be
         opened, was refused for now or broke (`_Reconnects`): a new stream starts with the job's state."""
         path = f"/v1/jobs/{_q(job_id)}/events"
-        again = _Reconnects(self, deadline, path)
+        again, ended = _Reconnects(self, deadline, path), False
         while True:
             try:
                 with self.http.stream("GET", path, params=params, timeout=deadline.http(self.timeout)) as r:
@@ -613,10 +652,14 @@ class Client(_Base):
                         with deadline.reads():
                             for event in _sse_events(deadline.lines(r.iter_lines())):
                                 again.delivered()
+                                ended = ended or _ends_the_job(event)
                                 yield event
-                        return
-                    r.read()
-                    delay = again.refused(r)
+                        if ended:
+                            return
+                        delay = again.broke(httpx.RemoteProtocolError("the event stream ended before the job"))
+                    else:
+                        r.read()
+                        delay = again.refused(r)
             except httpx.TransportError as e:
                 delay = again.broke(e)
             time.sleep(delay)
@@ -925,7 +968,7 @@ class AsyncClient(_Base):
             uploads = _Uploads(files, data)
             try:
                 r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, rewind=uploads,
-                                       timeout=max(self.timeout, 600))
+                                       timeout=max(self.timeout, 600), headers={JOB_ID_HEADER: opts["id"]})
             finally:
                 uploads.close()
         return AsyncJob(self, JobAccepted.model_validate(r.json()))
@@ -992,7 +1035,7 @@ class AsyncClient(_Base):
                          deadline: _Deadline) -> AsyncIterator[tuple[str, str]]:
         """The async twin of `Client._events_of`."""
         path = f"/v1/jobs/{_q(job_id)}/events"
-        again = _Reconnects(self, deadline, path)
+        again, ended = _Reconnects(self, deadline, path), False
         while True:
             try:
                 async with self.http.stream("GET", path, params=params, timeout=deadline.http(self.timeout)) as r:
@@ -1002,11 +1045,15 @@ class AsyncClient(_Base):
                             async for line in r.aiter_lines():
                                 if (done := parser.feed(line)) is not None:
                                     again.delivered()
+                                    ended = ended or _ends_the_job(done)
                                     yield done
                                 deadline.check()
-                        return
-                    await r.aread()
-                    delay = again.refused(r)
+                        if ended:
+                            return
+                        delay = again.broke(httpx.RemoteProtocolError("the event stream ended before the job"))
+                    else:
+                        await r.aread()
+                        delay = again.refused(r)
             except httpx.TransportError as e:
                 delay = again.broke(e)
             await asyncio.sleep(delay)
@@ -1473,9 +1520,18 @@ def _session_body(avatar_id: str, model: str | None, sample_rate: int, max_secon
         return SessionCreate(avatar_id=avatar_id, model=model, sample_rate=sample_rate, max_seconds=max_seconds,
                              rtmp_url=rtmp_url, segment_seconds=segment_seconds).model_dump(exclude_none=True)
     except ValidationError as e:  # said as the SDK's other local refusals are (pydantic's own error was raised)
-        first = e.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InputError(f"{field}: {first['msg']} (got {first.get('input')!r})", path=field) from None
+        raise RequestInvalid(e) from None
+
+
+class RequestInvalid(InputError):
+    """A request the shared schema refuses, before it is sent: `problems`, one per field
+    ("field: why (got value)"), and the first field as `path`."""
+
+    def __init__(self, error: ValidationError) -> None:
+        self.problems = [f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']} "
+                         f"(got {err.get('input')!r})" for err in error.errors()]
+        first = error.errors()[0]["loc"]
+        super().__init__("; ".join(self.problems), path=".".join(str(part) for part in first) or "body")
 
 
 def _client_live(self: Client, avatar_id: str, *, model: str | None = None, sample_rate: int = 16000,

@@ -294,14 +294,17 @@ def test_a_segment_stream_that_breaks_is_opened_again_and_gives_each_segment_onc
                lambda r: httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting",
                                                              "field": None}}),
                lambda r: httpx.Response(404, text="Path '/v1/jobs/j1/events' not found. Ping http://x/-/routes"),
-               lambda r: httpx.Response(200, content=_segment(0) + _segment(1) + b": keep-alive\n\n", headers=sse)]
+               # a clean end before the job's (a replica stopped gracefully): not the end of the job's segments
+               lambda r: httpx.Response(200, content=_segment(0) + b": keep-alive\n\n", headers=sse),
+               lambda r: httpx.Response(200, content=_segment(0) + _segment(1) + b'event: status\ndata: {"id": "j1", '
+                                        b'"state": "succeeded"}\n\n', headers=sse)]
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return answers.pop(0)(request)
 
     got = _run(face, handler, lambda c: c.segments("j1", timeout=30))
-    assert len(seen) == 5 and [s.index for s in got] == [0, 1], got
+    assert len(seen) == 6 and [s.index for s in got] == [0, 1], got
     assert got[1].url == "http://api.test/v1/jobs/j1/hls/seg00001.m4s?token=t"
     assert got[1].init_url == "http://api.test/v1/jobs/j1/hls/init.mp4?token=t"
 
