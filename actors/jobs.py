@@ -89,6 +89,8 @@ class JobMachine:
         self._job_blobs: dict[str, set[str]] = {}  # a running job -> the sha256 of the files it registered
 
     def _register(self, plan: JobPlan) -> None:
+        if plan.job_id not in self.jobs:  # it ended meanwhile (cancelled while it prepared): nothing to serve
+            return
         for role, sha in plan.blobs.items():
             self.blobs[sha] = getattr(plan, BLOB_FIELDS[role])
             self._blob_users.setdefault(sha, set()).add(plan.job_id)

@@ -38,8 +38,9 @@ def is_named_model(spec: str) -> bool:
     return is_builtin_model(spec) or is_latency_spec(spec)
 
 
-#: Crop sizes of the built-in model that can be asked for (`builtin:S`): Wav2Lip-class models use 96-384
-BUILTIN_SIZES = (32, 384)
+#: Crop sizes of the built-in model that can be asked for (`builtin:S`, where its mouth warp does not fold):
+#: Wav2Lip-class models use 96-384
+BUILTIN_SIZES = (32, 512)
 
 
 def named_model_problem(spec: str) -> str | None:

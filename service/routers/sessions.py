@@ -722,5 +722,4 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         return
     finally:
         inbox.close()
-        actor.detach.remote(lease)  # a client reconnecting at once is not refused as a second socket (4409)
         actor.detach.remote(lease)

@@ -141,11 +141,14 @@
         return;
       }
       if (message.type === "ready") {
-        if (session.reconnects > 0) note("Reconnected: the avatar goes on from where the audio stopped.");
+        const reconnected = session.reconnects > 0;
+        if (reconnected) note("Reconnected: the avatar goes on from where the audio stopped.");
         session.reconnects = 0;
-        // the microphone's audio from before the socket was ready, less its leading quiet: sent in one
-        // go, the session renders it at the pace of speech, so all of it would delay the whole utterance
-        for (const chunk of withoutLeadingQuiet(session.pending.splice(0))) ws.send(chunk);
+        // the microphone's audio from before the session's first socket was ready, less its leading quiet:
+        // sent in one go, the session renders it at the pace of speech, so all of it would delay the whole
+        // utterance (what waited for a reconnect is sent whole: a pause in it is the speaker's)
+        const waiting = session.pending.splice(0);
+        for (const chunk of reconnected ? waiting : withoutLeadingQuiet(waiting)) ws.send(chunk);
         if (!session.speaking) endUtterance(session, ws); // Stop came while connecting
       } else if (message.type === "ended" && session.onEnded) {
         session.onEnded(); // End session waits for this: every byte sent is in the session
