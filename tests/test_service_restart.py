@@ -126,6 +126,9 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         wrong = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video, "model": "../x"},
                            headers=hdr, timeout=30)
         assert wrong.status_code == 422, wrong.text
+        tiny = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video, "model": "builtin:10"},
+                          headers=hdr, timeout=30)
+        assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
         q = httpx.post(svc.url + "/easy/submit", json={"audio_url": audio, "video_url": video, "code": "c-busy"},
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30).json()
         assert q["code"] == 10001 and q["success"] is True
