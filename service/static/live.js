@@ -248,12 +248,23 @@
         if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
           hls.recoverMediaError();
         } else if (++failures <= 5) {
-          setTimeout(() => session.closed || hls.startLoad(), 1000 * failures);
+          setTimeout(() => {
+            if (session.closed) return;
+            // the stream's token may have expired (LIPSYNC_LIVE_TOKEN_TTL_S shorter than the session: 401s):
+            // the session's view, polled each second, carries fresh ones
+            if (session.view.hls_url !== session.playing) {
+              session.playing = session.view.hls_url;
+              hls.loadSource(onThisOrigin(session.playing, false));
+            } else {
+              hls.startLoad();
+            }
+          }, 1000 * failures);
         } else {
           note("The stream could not be played (" + data.details + ").");
         }
       });
-      hls.loadSource(onThisOrigin(session.view.hls_url, false));
+      session.playing = session.view.hls_url;
+      hls.loadSource(onThisOrigin(session.playing, false));
       hls.attachMedia(video);
     } else if (video.canPlayType("application/vnd.apple.mpegurl")) {
       video.src = onThisOrigin(session.view.hls_url, false); // Safari plays HLS itself
