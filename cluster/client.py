@@ -254,15 +254,17 @@ class _Reconnects:
     """When an event stream is opened again, for both clients: after a refusal the server gives for now
     (429: its streams are all taken, `_Deadline.refused_wait`; 503, a gateway's 502/504, the Serve
     proxy's bare 404 or 500) or a connection that could not be opened or broke mid-stream, after a
-    backoff, up to the client's `retries` failures in a row (an event received starts the count
-    again), never past the stream's deadline (`WaitTimeout`); anything else raises its `ApiError`."""
+    backoff, never past the stream's deadline (`WaitTimeout`). A stream that never opened gives up after
+    the client's `retries` failures (a wrong URL, a service that is down: `ApiError`, also when the
+    deadline comes first); one that delivered events outlasts a service restart, for `AWAY_PATIENCE_S`
+    without an answer in a row. Any other refusal raises its `ApiError`."""
 
     def __init__(self, client: "_Base", deadline: _Deadline, path: str) -> None:
         self.client, self.deadline, self.path = client, deadline, path
-        self.failures = 0
+        self.failures, self.opened, self.away_since = 0, False, None
 
     def delivered(self) -> None:
-        self.failures = 0
+        self.failures, self.opened, self.away_since = 0, True, None
         self.deadline.refused_since = None  # a later refusal gets the whole patience again
 
     def refused(self, r: httpx.Response) -> float:
@@ -282,13 +284,24 @@ class _Reconnects:
         return self._again(e, None)
 
     def _again(self, last: Exception, r: httpx.Response | None) -> float:
-        if self.failures >= self.client.retries:
-            if isinstance(last, ApiError):
-                raise last
-            raise _connection_error(last, self.client.url, "GET", self.path, True) from last
-        delay = self.client._retry_wait("GET", self.path, self.failures, r, last, self.deadline.at)
+        now = time.monotonic()
+        self.away_since = self.away_since or now
+        patient = self.opened and now - self.away_since < AWAY_PATIENCE_S
+        if self.failures >= self.client.retries and not patient:
+            raise self._failed(last)
+        try:
+            delay = self.client._retry_wait("GET", self.path, self.failures, r, last, self.deadline.at)
+        except WaitTimeout:
+            if self.opened:
+                raise
+            raise self._failed(last) from None  # no answer at all: said as such, not as a timeout
         self.failures += 1
         return delay
+
+    def _failed(self, last: Exception) -> ApiError:
+        if isinstance(last, ApiError):
+            return last
+        return _connection_error(last, self.client.url, "GET", self.path, True)
 
 
 def _ends_the_job(event: tuple[str, str]) -> bool:
@@ -415,9 +428,10 @@ class _Wait:
             raise self.timeout()
         return True
 
-    def timeout(self) -> WaitTimeout:
+    def timeout(self, cause: Exception | None = None) -> WaitTimeout:
         state = self.view.state.value if self.view else "unknown"
-        return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:g} s")
+        why = f" ({cause})" if cause is not None and self.view is None else ""  # e.g. nothing answered at all
+        return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:g} s{why}")
 
     def close(self) -> None:
         self.bar.close()
@@ -506,8 +520,9 @@ class _Base:
             raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
         cause = (f"answered {last.status} {last.code}" if isinstance(last, ApiError)
                  else f"no answer from {self.url} ({type(last).__name__}: {last})")
-        log.info("%s %s: %s; trying again in %.1f s (attempt %d of %d)", method, path.split("?")[0], cause, delay,
-                 attempt + 2, self.retries + 1)  # (not a signed URL's token)
+        of = f"attempt {attempt + 2} of {self.retries + 1}" if attempt < self.retries else \
+            f"attempt {attempt + 2}: a stream that was open waits for its service to come back"
+        log.info("%s %s: %s; trying again in %.1f s (%s)", method, path.split("?")[0], cause, delay, of)
         return delay
 
     def absolute(self, path: str) -> str:
@@ -707,7 +722,7 @@ class Client(_Base):
                 try:
                     view = self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
-                    raise w.timeout() from e
+                    raise w.timeout(e) from e
                 except ApiError as e:
                     if not w.passing(e):
                         raise
@@ -1093,7 +1108,7 @@ class AsyncClient(_Base):
                 try:
                     view = await self.get(job_id, deadline=w.deadline)
                 except WaitTimeout as e:  # no answer before the deadline
-                    raise w.timeout() from e
+                    raise w.timeout(e) from e
                 except ApiError as e:
                     if not w.passing(e):
                         raise

@@ -270,13 +270,14 @@ def _refused(request: httpx.Request):
 
 def _run(face: str, handler, call, **kw):
     """`call(client)` on the sync face, or awaited (or gathered, for an async iterator) on the async one."""
+    kw.setdefault("backoff_s", 0.01)
     if face == "sync":
-        with Client("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01, **kw) as client:
+        with Client("http://api.test", transport=httpx.MockTransport(handler), **kw) as client:
             got = call(client)
             return list(got) if hasattr(got, "__next__") else got
 
     async def main():
-        async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler), backoff_s=0.01, **kw) as c:
+        async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler), **kw) as c:
             got = call(c)
             return [x async for x in got] if hasattr(got, "__anext__") else await got
     return asyncio.run(main())
@@ -375,3 +376,28 @@ def test_an_id_is_one_path_segment(face):
     assert [r.url.raw_path for r in seen] == [b"/v1/jobs/..%2Fbatches%2Fvictim", b"/v1/jobs/a%2Fb%3Fx%3D1%23y",
                                               b"/v1/batches/..%2Fjobs%2Fj1", b"/v1/avatars/%2E%2E"]
     assert seen[0].method == "DELETE"
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_stream_that_was_open_outlasts_more_failures_than_a_request_and_one_never_open_says_no_answer(face):
+    """`segments()` gave up after the client's retries (about 20 s) while its service restarted (30-45 s on
+    2 cores): a stream that delivered events is opened again until its service answers (10 minutes in a
+    row at most). One that never opened fails as a request does, with `connection.failed`, also when its
+    deadline comes first (it said WaitTimeout, hiding that nothing answered)."""
+    seen: list[httpx.Request] = []
+    sse = {"content-type": "text/event-stream"}
+    answers = ([lambda r: httpx.Response(200, stream=_BreaksAfter(_segment(0)), headers=sse)] + [_refused] * 6
+               + [lambda r: httpx.Response(200, content=_segment(0) + _segment(1) + b'event: status\ndata: {"id": '
+                                           b'"j1", "state": "succeeded"}\n\n', headers=sse)])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)(request)
+
+    got = _run(face, handler, lambda c: c.segments("j1", timeout=60), retries=2)
+    assert [s.index for s in got] == [0, 1] and len(seen) == 8
+
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as info:
+        _run(face, _refused, lambda c: c.events("j1", timeout=1), retries=6, backoff_s=4)
+    assert info.value.code == "connection.failed" and time.monotonic() - t0 < 5, info.value
