@@ -135,6 +135,14 @@ class Backend:
         except JobNotFound:
             return False
 
+    async def check_model_and_avatar(self, model: str | None, avatar_id: str | None) -> None:
+        """A model file the service does not have, an avatar it does not know: refused now (the job manager
+        would refuse them at admission), by the service sidecar."""
+        if avatar_id is not None:
+            await self.sidecar("get_avatar", avatar_id)
+        if model is not None and not is_named_model(model):
+            await self.sidecar("check_model", self.resolve_model(model))
+
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
         if n >= self.settings.max_queued_jobs:
@@ -196,10 +204,7 @@ class Backend:
         staged, sources = dict(staged or {}), dict(sources or {})
         if any(is_url(str(v)) for v in (audio, video) if v is not None):
             # what the job manager would refuse anyway is refused before a download that may be large
-            if avatar_id is not None:
-                await self.sidecar("get_avatar", avatar_id)
-            if model is not None and not is_named_model(model):
-                await self.sidecar("check_model", self.resolve_model(model))
+            await self.check_model_and_avatar(model, avatar_id)
         for name, given in (("audio", audio), ("video", video)):
             if given is not None and name not in staged:
                 staged[name] = await self.stage_input(str(given), name, tmpdir)

@@ -117,7 +117,7 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
     states = [j.state for j in jobs]
     if missing:
         counts["not_admitted"] = missing
-        if all(s.terminal for s in states):
+        if all(s.terminal for s in states) and JobState.cancelled not in states:  # (cancelled: asked for)
             states.append(JobState.failed)
     progress = sum(j.progress for j in jobs) / (size or len(jobs))
     return BatchView(id=batch_id, state=batch_state(states), progress=progress, counts=counts, jobs=jobs)

@@ -15,7 +15,7 @@ from cluster.errors import InputError, InputTooLarge, LipsyncError
 from cluster.schemas import JOB_ID_HEADER, JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
-from service.errors import error_responses
+from service.errors import ApiProblem, error_responses
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
@@ -60,6 +60,10 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                 body = JobCreate.model_validate({k: v for k, v in fields.items() if v != ""})
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
+            ahead = request.headers.get(JOB_ID_HEADER)
+            if ahead is not None and ahead != body.id:  # (the queue's bound was left to the job it names)
+                raise ApiProblem(422, "input.invalid", f"{JOB_ID_HEADER} names job {ahead!r}, the form's id is "
+                                 f"{body.id!r}: they must be the same", "id")
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             check_template_choice(body.video, body.avatar_id)
@@ -73,9 +77,13 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         else:
             body = await json_body(request, JobCreate, multipart_too=True)
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
+            # what can be refused without the inputs is refused before the queue's bound: a request that can
+            # never succeed is told why, not to come back later
+            check_template_choice(body.video, body.avatar_id)
             _check_named_model(body.model)
-            await _admit_unless_known(backend, body.id)
             await backend.check_callback(body.callback_url)
+            await backend.check_model_and_avatar(body.model, body.avatar_id)
+            await _admit_unless_known(backend, body.id)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
         try:

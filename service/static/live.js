@@ -141,14 +141,9 @@
         return;
       }
       if (message.type === "ready") {
-        const reconnected = session.reconnects > 0;
-        if (reconnected) note("Reconnected: the avatar goes on from where the audio stopped.");
+        if (session.reconnects > 0) note("Reconnected: the avatar goes on from where the audio stopped.");
         session.reconnects = 0;
-        // the microphone's audio from before the session's first socket was ready, less its leading quiet:
-        // sent in one go, the session renders it at the pace of speech, so all of it would delay the whole
-        // utterance (what waited for a reconnect is sent whole: a pause in it is the speaker's)
-        const waiting = session.pending.splice(0);
-        for (const chunk of reconnected ? waiting : withoutLeadingQuiet(waiting)) ws.send(chunk);
+        for (const chunk of session.pending.splice(0)) ws.send(chunk); // what was held (`hold`)
         if (!session.speaking) endUtterance(session, ws); // Stop came while connecting
       } else if (message.type === "ended" && session.onEnded) {
         session.onEnded(); // End session waits for this: every byte sent is in the session
@@ -186,15 +181,22 @@
     if (session.utterance) session.utterance.ended = true;
   }
 
-  // PCM s16le chunks from the first one that is not quiet (RMS above about -45 dBFS: a room's noise is below)
-  function withoutLeadingQuiet(chunks) {
-    const first = chunks.findIndex((buffer) => {
-      const pcm = new Int16Array(buffer);
-      let sum = 0;
-      for (let i = 0; i < pcm.length; i++) sum += pcm[i] * pcm[i];
-      return pcm.length > 0 && Math.sqrt(sum / pcm.length) > 180;
-    });
-    return first < 0 ? [] : chunks.slice(first);
+  // whether a PCM s16le chunk is quiet (RMS at or below about -45 dBFS: a room's noise is below)
+  function isQuiet(buffer) {
+    const pcm = new Int16Array(buffer);
+    let sum = 0;
+    for (let i = 0; i < pcm.length; i++) sum += pcm[i] * pcm[i];
+    return !pcm.length || Math.sqrt(sum / pcm.length) <= 180;
+  }
+
+  // Audio held until a socket is ready, sent in one go once it is: the session renders it at the pace of
+  // speech, so all of it delays the rest of the utterance. Held: the newest 2 s (a late start rather than a
+  // hole in the middle of words), and not the quiet before an utterance's first words (a reconnect's is
+  // held whole: a pause in it is the speaker's).
+  function hold(list, buffer, dropLeadingQuiet) {
+    if (dropLeadingQuiet && !list.length && isQuiet(buffer)) return;
+    list.push(buffer);
+    if (list.length > 2 / CHUNK_SECONDS) list.shift();
   }
 
   function sendChunk(session, buffer) {
@@ -204,8 +206,8 @@
       // the server stops reading while its buffer of unrendered speech is full (backpressure)
       const behind = ws.bufferedAmount / (2 * session.rate);
       if (behind > 1) note("The server is " + behind.toFixed(1) + " s behind the microphone.");
-    } else if (session.pending.length < 2 / CHUNK_SECONDS) {
-      session.pending.push(buffer); // until the socket is ready (at most 2 s)
+    } else {
+      hold(session.pending, buffer, session.reconnects === 0); // until the socket is ready
     }
   }
 
@@ -244,7 +246,15 @@
       hls.on(window.Hls.Events.MANIFEST_PARSED, () => video.play().catch(() => {}));
       hls.on(window.Hls.Events.FRAG_BUFFERED, () => { failures = 0; });
       hls.on(window.Hls.Events.ERROR, (_event, data) => {
-        if (!data.fatal || session.closed) return;
+        if (session.closed) return;
+        if (data.response && data.response.code === 401 && session.view.hls_url !== session.playing) {
+          // the stream's token expired (LIPSYNC_LIVE_TOKEN_TTL_S shorter than the session): the session's
+          // view, polled each second, carries a fresh one; at once, not after hls.js's own retries (31 s)
+          session.playing = session.view.hls_url;
+          hls.loadSource(onThisOrigin(session.playing, false));
+          return;
+        }
+        if (!data.fatal) return;
         if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
           hls.recoverMediaError();
         } else if (++failures <= 5) {
@@ -383,7 +393,7 @@
       mic = await openMicrophone((buffer) => {
         if (utterance.ended) return;
         if (session) sendChunk(session, buffer);
-        else if (chunks.length < 2 / CHUNK_SECONDS) chunks.push(buffer); // at most 2 s before the session is there
+        else hold(chunks, buffer, true); // until the session is there
       });
       if (session && session.rate !== mic.rate) { // the open session takes another rate: a new session
         await endSession();
@@ -394,6 +404,7 @@
         showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id)));
         if (ENDED.has(session.view.state)) session = null;
       }
+      if (session) note(""); // speaking again: not what was said when the last utterance ended
       if (!session) {
         closeLive();
         note("Starting a live session (the first one after the service starts loads the model: up to a minute). " +
