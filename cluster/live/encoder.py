@@ -231,6 +231,9 @@ class LiveEncoder:
             try:
                 fd = os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError as e:
+                if e.errno == errno.ENOENT:  # removed by `kill` (the encoder is gone): nothing to feed
+                    self.error = self.error or "the audio pipe was removed (the encoder was killed)"
+                    return None
                 if e.errno != errno.ENXIO:
                     raise
                 if self._run.proc.poll() is not None:
