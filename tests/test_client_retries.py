@@ -331,26 +331,37 @@ def test_an_event_stream_that_cannot_be_opened_is_an_api_error(face):
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_a_wait_outlasts_a_service_restart_until_its_own_deadline(face):
     """`wait(timeout=400)` gave up with `connection.failed` about 25 s into a service's restart (one
-    request's retries), while the job resumed and succeeded: the wait goes on polling until its own
-    deadline through refused connections, a starting service's 503 and Serve's bare 404."""
-    seen: list[httpx.Request] = []
+    request's retries), while the job resumed and succeeded. Its event stream, once open, is opened again
+    through refused connections, a starting service's 503 and Serve's 404 until the job's end comes; and
+    when the stream cannot be had, the polling goes on through the same until the wait's own deadline."""
+    sse = {"content-type": "text/event-stream"}
     view = {"id": "j1", "stage": "render", "progress": 0.2, "frames_done": 10, "frames_total": 50,
             "created_at": "2026-12-06T18:00:00Z", "updated_at": "2026-12-06T18:00:01Z"}
     running, done = {**view, "state": "rendering"}, {**view, "state": "succeeded", "progress": 1.0, "frames_done": 50}
+    away = ([_refused] * 4
+            + [lambda r: httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting",
+                                                              "field": None}})]
+            + [lambda r: httpx.Response(404, text="Path '/v1/jobs/j1' not found. Ping http://x/-/routes")])
+
+    def serving(answers: list, seen: list):
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return answers.pop(0)(request)
+        return handler
+
+    # the stream: open, broken by the restart, opened again (more failures than the client's retries)
+    seen: list[httpx.Request] = []
     answers = ([lambda r: httpx.Response(200, stream=_BreaksAfter(
-        f"event: status\ndata: {json.dumps(running)}\n\n".encode()), headers={"content-type": "text/event-stream"})]
-        + [_refused] * 12
-        + [lambda r: httpx.Response(503, json={"error": {"code": "service.not_ready", "message": "starting",
-                                                          "field": None}})] * 2
-        + [lambda r: httpx.Response(404, text="Path '/v1/jobs/j1' not found. Ping http://x/-/routes")] * 2
-        + [lambda r: httpx.Response(200, json=done)])
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return (answers.pop(0) if len(answers) > 1 else answers[0])(request)
-
-    view = _run(face, handler, lambda c: c.wait("j1", timeout=60, poll_s=0.01), retries=2)
-    assert view.state.value == "succeeded" and len(seen) >= 17
+        f"event: status\ndata: {json.dumps(running)}\n\n".encode()), headers=sse)] + away
+        + [lambda r: httpx.Response(200, content=f"event: status\ndata: {json.dumps(done)}\n\n".encode(),
+                                    headers=sse)])
+    got = _run(face, serving(answers, seen), lambda c: c.wait("j1", timeout=60, poll_s=0.01), retries=2)
+    assert got.state.value == "succeeded" and len(seen) == 8 and not answers
+    # polling: a stream the server does not offer (501), then the job's view through the same outage
+    seen, answers = [], ([lambda r: httpx.Response(501, text="Not Implemented")] + away
+                         + [lambda r: httpx.Response(200, json=done)])
+    got = _run(face, serving(answers, seen), lambda c: c.wait("j1", timeout=60, poll_s=0.01), retries=2)
+    assert got.state.value == "succeeded" and "/events" in str(seen[0].url) and not answers
 
     gone = httpx.Response(404, json={"error": {"code": "job.not_found", "message": "no job j2", "field": None}})
     with pytest.raises(ApiError) as info:  # a job that does not exist is an answer, not a passing problem
