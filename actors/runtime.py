@@ -221,7 +221,8 @@ def absolute_path_variables() -> None:
     absolute as `Settings` makes them (for processes started elsewhere: an embedded Ray's run in a
     directory of their own). Left as they are: a model's name (`builtin`, `latency:...`), an ffmpeg
     without a directory (looked up on PATH)."""
-    from cluster.config import absolute_path, model_names_a_file
+    from cluster.config import absolute_path
+    from cluster.schemas import is_named_model
 
     for name in PATH_VARIABLES:
         value = os.environ.get(name)
@@ -229,7 +230,7 @@ def absolute_path_variables() -> None:
             continue
         if name == "LIPSYNC_INPUT_ROOTS":
             os.environ[name] = ":".join(absolute_path(p) if p.strip() else p for p in value.split(":"))
-        elif (name == "LIPSYNC_MODEL" and not model_names_a_file(value)) or \
+        elif (name == "LIPSYNC_MODEL" and is_named_model(value)) or \
                 (name == "LIPSYNC_FFMPEG" and os.sep not in value and not value.startswith("~")):
             continue
         else:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,12 +16,6 @@ X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "me
 
 #: What LIPSYNC_PROVIDERS may name (`cluster.models.providers.PROVIDER_NAMES` maps them to onnxruntime's)
 PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt", "trt")
-
-
-def model_names_a_file(model: str) -> bool:
-    """Whether a model setting names a file (not `builtin[:S]` or `latency:<ms>[:S]`, names of models
-    made in process)."""
-    return not re.match(r"^\s*(builtin([:-][0-9]+)?|latency:[0-9.]+(:[0-9]+)?)\s*$", model)
 
 
 def absolute_path(value: str) -> str:
@@ -329,7 +322,9 @@ class Settings(BaseSettings):
     def _model_home(cls, v: str) -> str:
         """A model file under the user's home as `~/m.onnx` (the shell leaves `~` alone in KEY=~/x), or
         relative to this process's directory, made absolute: the processes that load it run elsewhere."""
-        return absolute_path(v) if model_names_a_file(v) else v
+        from cluster.schemas import is_named_model
+
+        return v if is_named_model(v) else absolute_path(v)
 
     @field_validator("ffmpeg", mode="after")
     @classmethod

@@ -204,9 +204,19 @@ MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|
 BUILTIN_MODEL = re.compile(r"^builtin(?:[:\-](\d+))?$")
 
 
+#: A spec of the latency test model: `latency:<ms_per_frame>[:<size>]` (`cluster.models.latency`)
+LATENCY_MODEL = re.compile(r"^latency:(\d+(?:\.\d+)?)(?::(\d+))?$")
+
+
 def is_builtin_model(spec: str) -> bool:
     """Whether the model spec `spec` names the built-in model (`BUILTIN_MODEL`, spaces around ignored)."""
     return bool(BUILTIN_MODEL.match(spec.strip()))
+
+
+def is_named_model(spec: str) -> bool:
+    """Whether `spec` names a model that is not a file: `builtin[:S]` or `latency:<ms>[:S]` (spaces
+    around ignored)."""
+    return is_builtin_model(spec) or bool(LATENCY_MODEL.match(spec.strip()))
 
 
 class JobOptions(BaseModel):

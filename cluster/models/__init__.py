@@ -24,18 +24,11 @@ from cluster.models.providers import (
     select_providers,
     uses_gpu,
 )
-from cluster.schemas import BUILTIN_MODEL, is_builtin_model
+from cluster.schemas import BUILTIN_MODEL, LATENCY_MODEL, is_builtin_model, is_named_model
 
 __all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devices", "is_named_model",
            "build_builtin_model", "builtin_model_path", "select_providers", "active_providers", "crop_recipe",
            "CROP_RECIPES", "CROP_METADATA_KEY", "list_models", "crop_for_spec"]
-
-
-def is_named_model(spec: str) -> bool:
-    """Whether `spec` names a model that is not a file: `builtin[:S]` or `latency:<ms>[:S]`."""
-    from cluster.models.latency import is_latency_spec
-
-    return is_builtin_model(spec) or is_latency_spec(spec)
 
 
 #: Crop sizes of the built-in model that can be asked for (`builtin:S`, where its mouth warp does not fold):
@@ -46,9 +39,7 @@ BUILTIN_SIZES = (32, 512)
 def named_model_problem(spec: str) -> str | None:
     """What is wrong with a named model's crop size (`builtin:S`, `latency:<ms>:S`), else None: the
     built-in one takes sizes in `BUILTIN_SIZES` whose mouth warp does not fold, the latency one 32 or more."""
-    from cluster.models.latency import SPEC
-
-    m, lat = BUILTIN_MODEL.match(spec.strip()), SPEC.match(spec.strip())
+    m, lat = BUILTIN_MODEL.match(spec.strip()), LATENCY_MODEL.match(spec.strip())
     if m is not None and m.group(1):
         size = int(m.group(1))
         lo, hi = BUILTIN_SIZES

@@ -7,14 +7,14 @@ machine's cores.
 """
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
 
 from cluster.errors import ModelInferenceError, ModelLoadError
+from cluster.schemas import LATENCY_MODEL
 
-SPEC = re.compile(r"^latency:(\d+(?:\.\d+)?)(?::(\d+))?$")
+SPEC = LATENCY_MODEL
 
 
 def is_latency_spec(spec: str) -> bool:
