@@ -200,11 +200,10 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
 def check_model(model: str, settings: Settings) -> None:
     """`InputNotFound` for a model that names no file: a name the service resolved into its models
     directory (`model: tiny96`) is answered with the service's model names, not a path on the server."""
-    from cluster.models import is_named_model, named_model_problem
+    from cluster.models import check_named_model, is_named_model
 
     if is_named_model(model):
-        if (problem := named_model_problem(model)) is not None:  # at admission: not a model load failing later
-            raise InputError(f"model {model!r}: {problem}", path="model")
+        check_named_model(model)  # at admission: not a model load failing later
         return
     if Path(model).is_file():
         return

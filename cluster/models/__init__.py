@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cluster.config import Settings, get_settings
-from cluster.errors import LipsyncError, ModelInferenceError, ModelLoadError
+from cluster.errors import InputError, LipsyncError, ModelInferenceError, ModelLoadError
 from cluster.models.adapter import CROP_METADATA_KEY, CROP_RECIPES, LipSyncModel, default_crop
 from cluster.models.builtin import build_builtin_model, builtin_model_path
 from cluster.models.providers import (
@@ -53,6 +53,13 @@ def named_model_problem(spec: str) -> str | None:
     elif lat is not None and lat.group(2) and int(lat.group(2)) < 32:
         return f"the latency model's crop size must be 32 pixels or more, got {lat.group(2)}"
     return None
+
+
+def check_named_model(spec: str | None) -> None:
+    """`InputError` (`input.invalid`, field `model`) for a named model of a crop size that cannot work
+    (`named_model_problem`); nothing for any other spec, or none."""
+    if spec and (problem := named_model_problem(spec)) is not None:
+        raise InputError(f"model {spec!r}: {problem}", path="model")
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from cluster.errors import InputError, InputTooLarge, LipsyncError
+from cluster.errors import InputTooLarge, LipsyncError
+from cluster.models import check_named_model
 from cluster.schemas import JOB_ID_HEADER, JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, check_template_choice, get_backend
@@ -67,7 +68,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             check_template_choice(body.video, body.avatar_id)
-            _check_named_model(body.model)
+            check_named_model(body.model)  # (the job manager checks it too, after the bound)
             await backend.check_callback(body.callback_url)
             for name in ("audio", "video"):
                 if name in up.files:
@@ -80,7 +81,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             # what can be refused without the inputs is refused before the queue's bound: a request that can
             # never succeed is told why, not to come back later
             check_template_choice(body.video, body.avatar_id)
-            _check_named_model(body.model)
+            check_named_model(body.model)  # (the job manager checks it too, after the bound)
             await backend.check_callback(body.callback_url)
             await backend.check_model_and_avatar(body.model, body.avatar_id)
             await _admit_unless_known(backend, body.id)
@@ -98,15 +99,6 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
     accepted = JobAccepted(id=st.id, state=st.state, watch_url=backend.watch_url(st.id))
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202,
                         headers={"Location": f"/v1/jobs/{st.id}"})
-
-
-def _check_named_model(model: str | None) -> None:
-    """A built-in or latency model of a crop size that cannot work, refused here (the job manager would,
-    at admission), before the queue's bound: a wrong request is told what is wrong with it."""
-    from cluster.models import named_model_problem
-
-    if model and (problem := named_model_problem(model)) is not None:
-        raise InputError(f"model {model!r}: {problem}", path="model")
 
 
 async def _admit_unless_known(backend: Backend, job_id: str | None) -> None:
