@@ -676,6 +676,24 @@ def test_segments_encoded_in_process_and_by_ffmpeg_are_one_stream(template, medi
     assert np.abs(decoded.astype(int) - plan.astype(int)).mean() < 3
 
 
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ffmpeg-child"])
+def test_large_segments_take_a_fixed_b_frame_pattern_small_ones_search_it(tmp_path, settings, in_process):
+    """From 848x480 a segment takes x264's B-frames in a fixed pattern (`b-adapt=0`: the same stream
+    as the search for the talking heads measured, at less CPU); below it, where the search picks
+    fewer B-frames and the fixed pattern costs quality, it searches. Both encoders write the same
+    options: read back from the settings libx264 records in the stream."""
+    from cluster.media.encode import FIXED_BFRAMES_FROM_PIXELS
+
+    s = settings.model_copy(update={"encode_in_process": in_process})
+    assert FIXED_BFRAMES_FROM_PIXELS == 848 * 480
+    for (w, h), adapt in [((320, 240), b"b_adapt=1"), ((848, 480), b"b_adapt=0")]:
+        path = tmp_path / f"{w}x{h}.mp4"
+        with SegmentEncoder(path, w, h, Fraction(25), s) as enc:
+            enc.write_yuv(np.full((4, h * 3 // 2, w), 128, np.uint8))
+        recorded = path.read_bytes()
+        assert b"x264 - core" in recorded and adapt in recorded and b"scenecut=0" in recorded, (w, h)
+
+
 def test_a_pyav_without_libx264_hands_segments_to_an_ffmpeg_child(tmp_path, settings, monkeypatch):
     import av
 

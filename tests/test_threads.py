@@ -35,8 +35,8 @@ def test_encoder_args_and_the_running_ffmpeg_get_the_x264_threads(tmp_path, plan
 
     s = Settings(storage_root=tmp_path)
     plan_of(None)
-    assert "-threads" not in encoder_args(s, Fraction(25))  # no plan: the encoder's default
-    args = encoder_args(s, Fraction(25), threads=3)
+    assert "-threads" not in encoder_args(s, Fraction(25), 64, 48)  # no plan: the encoder's default
+    args = encoder_args(s, Fraction(25), 64, 48, threads=3)
     assert args[args.index("-threads") + 1] == "3"
     plan_of(thread_plan(1))
     enc = SegmentEncoder(tmp_path / "seg.mp4", 64, 48, Fraction(25), s.model_copy(update={"encode_in_process": False}))

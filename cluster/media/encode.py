@@ -72,16 +72,29 @@ def pyav_has_libx264() -> bool:
 #: scene-cut search (segments start with an IDR frame every ~2 s anyway; a talking head has no
 #: cuts, and a template with one still encodes right: the frame after it is a P-frame of mostly
 #: intra blocks). At `superfast`, 720p, one thread: the same bytes for the bench template, 1-15 %
-#: less CPU per frame (three series of 3, 5 and 9 runs taking turns, a noisy machine). A fixed B-frame pattern
-#: (`b-adapt=0`) would save 14 % more but cost 0.9 dB outside the mouth at 320x240
-#: (`tests/test_lipsync_quality.py`): not taken.
+#: less CPU per frame.
 X264_PARAMS = "open-gop=0:scenecut=0"
 
+#: From this many pixels a frame (848x480), segments take the preset's B-frames in a fixed pattern
+#: (`b-adapt=0`) instead of x264's per-frame search for it. On the bench template, `superfast`, one
+#: thread: at 848x480, 960x544, 720p and 1080p the same bytes and PSNR as the search (it picked
+#: the same pattern) for 4-24 % less x264 CPU per frame (720p 7.1 -> 6.0 ms, 1080p 17.7 -> 13.4
+#: ms; a fast pan at 720p came out 4 % smaller at the same PSNR), and x264 is over half of a
+#: compositor's CPU. Below it the search picks fewer B-frames: at 320x240 the fixed pattern gave
+#: 44 % fewer bytes and 0.9 dB less, past `tests/test_lipsync_quality.py`'s silent-mouth bound.
+FIXED_BFRAMES_FROM_PIXELS = 848 * 480
 
-def x264_options(settings: Settings) -> dict[str, str]:
+
+def x264_params(width: int, height: int) -> str:
+    """libx264's `x264-params` of a segment of `width` x `height` frames."""
+    fixed = width * height >= FIXED_BFRAMES_FROM_PIXELS
+    return f"{X264_PARAMS}:b-adapt=0" if fixed else X264_PARAMS
+
+
+def x264_options(settings: Settings, width: int, height: int) -> dict[str, str]:
     """libx264's options for segments: the same in this process and in an ffmpeg child, so both
     write the same stream (the GOP, `segment_gop`, is shared with NVENC's)."""
-    return {"preset": settings.preset, "crf": str(settings.crf), "x264-params": X264_PARAMS}
+    return {"preset": settings.preset, "crf": str(settings.crf), "x264-params": x264_params(width, height)}
 
 
 COLOR_OPTIONS = ("color_primaries", "color_trc", "colorspace")
@@ -93,7 +106,7 @@ def color_args(color: list[int] | None) -> list[str]:
     return [arg for option, code in zip(COLOR_OPTIONS, color or ()) for arg in (f"-{option}", str(int(code)))]
 
 
-def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None,
+def encoder_args(settings: Settings, fps: Fraction, width: int, height: int, threads: int | None = None,
                  color: list[int] | None = None) -> list[str]:
     """Video codec arguments shared by every segment of a job (H.264, yuv420p, closed GOPs of
     about two seconds; every segment starts with an IDR frame). `threads`: the encoder's threads
@@ -109,7 +122,7 @@ def encoder_args(settings: Settings, fps: Fraction, threads: int | None = None,
                           f"LIPSYNC_VIDEO_ENCODER=libx264", stage="encode")
     if enc == "libx264":
         codec = ["-c:v", "libx264"]
-        for key, value in x264_options(settings).items():
+        for key, value in x264_options(settings, width, height).items():
             codec += [f"-{key}", value]
     elif enc == "h264_nvenc":
         codec = ["-c:v", "h264_nvenc", "-preset", "p4", "-rc", "vbr", "-cq", str(settings.crf),
@@ -279,7 +292,7 @@ class _LibavSink:
         self._stopping = threading.Event()
         self._open = True
         gop = segment_gop(settings, fps)
-        options = {**x264_options(settings), "g": str(gop), "keyint_min": str(gop)}
+        options = {**x264_options(settings, width, height), "g": str(gop), "keyint_min": str(gop)}
         try:
             self._container = av.open(file_url(path), "w", format="mp4",
                                       options={"movflags": "+faststart", "protocol_whitelist": "file"})
@@ -468,7 +481,7 @@ class _FFmpegSink:
                 "-framerate", f"{fps.numerator}/{fps.denominator}",
                 *color_args(color),  # the frames' own tags (ffmpeg's encoder takes the frames', not only its options)
                 "-i", "pipe:0",
-                "-an", *encoder_args(settings, fps, color=color),
+                "-an", *encoder_args(settings, fps, width, height, color=color),
                 "-movflags", "+faststart", "-f", "mp4", file_url(path)]
         self._run = FFmpeg(args, settings=settings, stage="encode", path=path, stdin=True,
                            error=EncodeError, timeout_error=EncodeError)
