@@ -184,8 +184,10 @@ class JobManager:
         `LIPSYNC_MAX_QUEUED_JOBS`): `QueueFull` when that many jobs are unfinished or being admitted,
         counted here, in one step with this admission's start (the ingress's own check comes before
         the inputs travel, and a burst of requests could all pass it). `within_s`: how long the caller
-        waits for the answer; an admission that ends later is not stored (`AdmissionTooLate`): its caller
-        was answered that it was not admitted, and a job it never heard of would render."""
+        waits for the answer, given for an id the caller minted (`ManagerGateway.submit`); an admission
+        that ends later is not stored (`AdmissionTooLate`): its client was answered that it was not
+        admitted, and a job it never heard of would render. Without it a late admission is stored: the
+        client chose the id, and its retry with it is answered this job."""
         answer_by = time.monotonic() + within_s if within_s is not None else None
         await self._wait_booted()
         key = request_key(request)
@@ -194,7 +196,11 @@ class JobManager:
         while (admitting := self._admitting.get(job_id)) is not None:
             # the same id being admitted (a client's retry of a submission its gateway gave up on): that
             # admission's outcome, not a second one beside it (bounded: the gateway's own wait ends sooner)
-            await asyncio.wait_for(admitting.wait(), timeout=self.s.ffmpeg_timeout_s)
+            try:
+                await asyncio.wait_for(admitting.wait(), timeout=self.s.ffmpeg_timeout_s)
+            except asyncio.TimeoutError:
+                raise AdmissionTooLate(f"job {job_id} is still being admitted after {self.s.ffmpeg_timeout_s:.0f} s: "
+                                       f"ask again later", job_id=job_id, stage="admit") from None
             if self.store.exists(job_id):
                 return self._resubmitted(job_id, key, request)
         if request.output is not None:

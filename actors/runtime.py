@@ -401,11 +401,21 @@ def _holds_file_in(proc, directory: str | None) -> bool:
     `directory` (a user's `tail -f` of a log there is not one)."""
     if not directory:
         return False
-    command = " ".join(proc.cmdline())
-    if not (command.startswith("ray::") or f"{os.sep}ray{os.sep}" in command):
+    command = proc.cmdline()
+    if not (command and command[0].startswith("ray::") or _runs_from(command[:2], _ray_package_dir())):
         return False
     prefix = os.path.join(os.path.realpath(directory), "")
     return any(f.path.startswith(prefix) for f in proc.open_files())
+
+
+def _ray_package_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.realpath(ray.__file__)), "")
+
+
+def _runs_from(command: list[str], directory: str) -> bool:
+    """Whether a command's program (its first word, or an interpreter's script: its second) lies in
+    `directory` (the session directory's own path, under Ray's `.../ray/`, names none of them)."""
+    return any(os.path.realpath(word).startswith(directory) for word in command if os.path.isabs(word))
 
 
 def _carries(proc, variable: str, value: str) -> bool:

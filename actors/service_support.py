@@ -132,15 +132,20 @@ class ManagerGateway:
             raise
         return stored.ref
 
-    async def submit(self, job_id: str, request: RenderRequest) -> JobStatus:
+    async def submit(self, job_id: str, request: RenderRequest, id_chosen: bool = True) -> JobStatus:
         """Admit a job, within the service's queue bound (checked by the job manager as it admits).
-        The manager is told how long this waits: an admission that ends later is not stored (its caller
-        has been answered 503). The 503 names the job's id, under which a retry is the same job."""
+        The 503 of an admission that outlasts this wait names the job's id, under which a retry is the
+        same job. `id_chosen`: the client chose the id; an admission that ends late is still stored, and
+        its client's retry with the id gets it (the manager waits for it, then answers the job). An id
+        minted here (`id_chosen` false) the client only learns from that 503: the manager is told how
+        long this waits, and does not store an admission that ends later (`AdmissionTooLate`), or a job
+        would render that its client was told was not admitted; a retry with the id is then an
+        admission whose id was chosen."""
         # Admission (probing) runs on the manager's node; allow it more than a plain call.
         timeout = max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10)
+        late = {} if id_chosen else {"within_s": timeout}
         try:
-            return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, within_s=timeout,
-                                   timeout=timeout)
+            return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, timeout=timeout, **late)
         except ManagerUnavailable as e:  # the id the caller may not have chosen: a retry with it is this job
             raise ManagerUnavailable(f"{e.message}; job {job_id} was not admitted: submit it again with the id "
                                      f"{job_id!r} (the same id is the same job)", job_id=job_id, stage="admit",

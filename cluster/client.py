@@ -368,13 +368,22 @@ def _retryable_error(e: httpx.TransportError, idempotent: bool, upload: bool = F
     return idempotent and isinstance(e, _MAYBE_SENT) and not (upload and isinstance(e, httpx.TimeoutException))
 
 
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*")
+
+
+def _shown(path: str) -> str:
+    """A request's path as messages and logs show it: a signed URL's token left out (it grants the
+    job's media until it expires; an error printed by the CLI lands in terminals and logs)."""
+    return _TOKEN_IN_QUERY.sub(r"\1...", path)
+
+
 def _connection_error(e: Exception | None, url: str, method: str, path: str, idempotent: bool) -> ApiError:
     """The ApiError of a request that got no answer: `connection.timeout` or `connection.failed`,
     saying whether the server may have carried it out."""
     what = "connection.timeout" if isinstance(e, httpx.TimeoutException) else "connection.failed"
     maybe = "" if idempotent or isinstance(e, _NOT_SENT) else (
         "; the request may have reached the server: check its state before sending it again")
-    return ApiError(0, what, f"{method} {path}: no answer from {url}: {e!r}{maybe}")
+    return ApiError(0, what, f"{method} {_shown(path)}: no answer from {url}: {e!r}{maybe}")
 
 
 #: The longest a wait polls on through a service that does not answer, in a row (a restart takes 35-120 s)
@@ -517,12 +526,12 @@ class _Base:
         restarting says what it waits for instead of being silent until its retries are spent)."""
         delay = _retry_delay(attempt, r, self.backoff_s)
         if deadline is not None and time.monotonic() + delay >= deadline:
-            raise WaitTimeout(f"{method} {path}: no answer before the deadline (last: {last})") from last
+            raise WaitTimeout(f"{method} {_shown(path)}: no answer before the deadline (last: {last})") from last
         cause = (f"answered {last.status} {last.code}" if isinstance(last, ApiError)
                  else f"no answer from {self.url} ({type(last).__name__}: {last})")
         of = f"attempt {attempt + 2} of {self.retries + 1}" if attempt < self.retries else \
             f"attempt {attempt + 2}: a stream that was open waits for its service to come back"
-        log.info("%s %s: %s; trying again in %.1f s (%s)", method, path.split("?")[0], cause, delay, of)
+        log.info("%s %s: %s; trying again in %.1f s (%s)", method, _shown(path), cause, delay, of)
         return delay
 
     def absolute(self, path: str) -> str:

@@ -324,6 +324,9 @@ class Settings(BaseSettings):
         relative to this process's directory, made absolute: the processes that load it run elsewhere."""
         from cluster.schemas import is_named_model
 
+        if not v.strip():  # not the current directory, as a path made absolute would read
+            raise ValueError("is empty: expected 'builtin', 'builtin:S', 'latency:<ms>[:S]' or the path of an "
+                             ".onnx file")
         return v if is_named_model(v) else absolute_path(v)
 
     @field_validator("ffmpeg", mode="after")

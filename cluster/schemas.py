@@ -364,7 +364,8 @@ class BatchView(BaseModel):
     state: JobState
     progress: float
     counts: dict[str, int] = Field(..., description="jobs per state; `not_admitted`: audios of the batch that "
-                                   "were refused when it was submitted (the batch then ends failed)")
+                                   "were refused when it was submitted, or are being admitted "
+                                   "(the batch ends failed once no request admits them)")
     jobs: list[JobView]
 
 

@@ -103,6 +103,7 @@ class Backend:
         sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
+        self.batches_admitting: dict[str, int] = {}  # batch id -> its POSTs admitting audios on this replica
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.watch_key = watch_key(token) if token else None
 
@@ -142,6 +143,12 @@ class Backend:
             await self.sidecar("get_avatar", avatar_id)
         if model is not None and not is_named_model(model):
             await self.sidecar("check_model", self.resolve_model(model))
+
+    def admission_window_s(self) -> float:
+        """The longest one job's admission may take from its request's staging to its answer: a URL input's
+        download, then the job manager's wait (`ManagerGateway.submit`)."""
+        s = self.settings
+        return s.url_timeout_s + max(s.actor_call_timeout_s, s.probe_timeout_s * 2 + 10) + 10
 
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
@@ -196,7 +203,10 @@ class Backend:
     async def create_job(self, job_id: str | None, audio: str | Path, video: str | Path | None,
                          avatar_id: str | None, sync_mode: str, model: str | None, tmpdir: Path,
                          staged: dict[str, str] | None = None, crf: int | None = None,
-                         sources: dict[str, str] | None = None, batch_size: int | None = None) -> JobStatus:
+                         sources: dict[str, str] | None = None, batch_size: int | None = None,
+                         id_chosen: bool | None = None) -> JobStatus:
+        """Stage the inputs and admit the job (`ManagerGateway.submit`); `job_id` None: one is minted.
+        `id_chosen`: whether the client chose the id (default: whether one was given)."""
         if sync_mode not in SYNC_TO_LOOP:
             raise ApiProblem(422, "input.unsupported", f"sync_mode {sync_mode!r} is not supported by this server "
                              f"(supported: {', '.join(SYNC_TO_LOOP)})", "sync_mode")
@@ -213,7 +223,8 @@ class Backend:
         request = RenderRequest(audio=staged["audio"], video=staged.get("video"), avatar_id=avatar_id,
                                 model=self.resolve_model(model), loop=SYNC_TO_LOOP[sync_mode], crf=crf,
                                 sources=sources, batch_size=batch_size)
-        return await self.gateway.submit(job_id or new_job_id(), request)
+        return await self.gateway.submit(job_id or new_job_id(), request,
+                                         id_chosen=job_id is not None if id_chosen is None else id_chosen)
 
     # callbacks -------------------------------------------------------------------------------------
     async def check_callback(self, url: str | None) -> None:

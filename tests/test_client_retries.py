@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import httpx
@@ -316,6 +317,20 @@ def test_a_segment_stream_that_breaks_is_opened_again_and_gives_each_segment_onc
         return httpx.Response(200, content=b"init bytes")
     assert _run(face, media, lambda c: c.fetch(got[1].init_url)) == b"init bytes"
     assert fetched == ["http://api.test/v1/jobs/j1/hls/init.mp4?token=t"]
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_signed_urls_token_stays_out_of_errors_and_logs(face, caplog):
+    """`fetch(url)` of a signed segment URL that got no answer raised `connection.failed` naming the URL
+    with its token, which the CLI prints: the token (it grants the job's media) is left out of the
+    error and of the retries' log lines; the rest of the URL stays."""
+    caplog.set_level(logging.INFO, logger="lipsync.client")
+    url = "http://api.test/v1/jobs/j1/hls/seg00001.m4s?token=1767225600.SIGNATURE&x=1"
+    with pytest.raises(ApiError) as info:
+        _run(face, _refused, lambda c: c.fetch(url), retries=1)
+    assert info.value.code == "connection.failed" and "/v1/jobs/j1/hls/seg00001.m4s?token=...&x=1" in info.value.message
+    assert "SIGNATURE" not in info.value.message and "SIGNATURE" not in caplog.text
+    assert "trying again" in caplog.text
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])

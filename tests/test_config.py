@@ -31,6 +31,9 @@ def test_an_empty_storage_root_is_refused_and_a_model_under_home_is_expanded(mon
     assert Settings().model == str(Path.home() / "models" / "m.onnx")
     monkeypatch.setenv("LIPSYNC_MODEL", "builtin")
     assert Settings().model == "builtin"
+    monkeypatch.setenv("LIPSYNC_MODEL", " ")  # was made the current directory, and failed to load as one
+    with pytest.raises(ValidationError, match="(?s)model.*is empty: expected 'builtin'"):
+        Settings()
 
 
 def test_a_gpu_share_above_one_must_be_whole(tmp_path):

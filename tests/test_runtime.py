@@ -508,6 +508,28 @@ def test_the_manager_holds_the_queue_bound_for_submissions_arriving_at_once(runt
     assert runtime.wait(twin, timeout=300).state == JobState.succeeded
 
 
+def test_only_an_admission_under_a_minted_id_is_refused_when_it_ends_late(tmp_path):
+    """An admission that outlasted the gateway's wait (a large input copied from slow storage) was refused
+    for every id, and a client's retry with its own id redid the whole admission and was refused again,
+    for ever. Only an id the service minted (its client learns it from the 503) gets a deadline; under a
+    chosen id a late admission is stored, and the retry is answered it."""
+    import asyncio
+
+    from actors.service_support import ManagerGateway
+    from cluster.config import Settings
+
+    gateway = ManagerGateway(Settings(storage_root=tmp_path))
+    calls = []
+
+    async def call(method, *args, timeout=None, **kwargs):
+        calls.append((method, kwargs))
+
+    gateway.call = call
+    asyncio.run(gateway.submit("chosen", None))
+    asyncio.run(gateway.submit("minted", None, id_chosen=False))
+    assert calls[0] == ("submit", {}) and calls[1][1]["within_s"] >= 60, calls
+
+
 def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(runtime, ray_settings, speech4_wav,
                                                                               astronaut_video, tmp_path):
     """The service's gateway waits a bounded time for an admission, then answers 503; the manager's

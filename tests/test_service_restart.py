@@ -129,6 +129,9 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         tiny = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video, "model": "builtin:10"},
                           headers=hdr, timeout=30)
         assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
+        tiny = httpx.post(svc.url + "/v1/batches", json={"audios": [audio], "video": video, "model": "builtin:10"},
+                          headers=hdr, timeout=30)  # a batch too (it was told to come back later)
+        assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
         q = httpx.post(svc.url + "/easy/submit", json={"audio_url": audio, "video_url": video, "code": "c-busy"},
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30).json()
         assert q["code"] == 10001 and q["success"] is True
@@ -280,13 +283,14 @@ def test_a_one_shot_render_whose_gcs_dies_says_so_and_ends_at_once(tmp_path):
             p.kill()
 
 
-def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_path):
+def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_path, monkeypatch):
     """`kill_embedded_ray` takes the processes that inherited this service's mark, and no other: not one
     marked by another service (or by a pid equal to ours in another namespace: the mark has a random
     part), not one without a mark, not this process, and not a child started after its Ray did."""
     import subprocess
     import sys
 
+    from actors import runtime
     from actors.runtime import RAY_OWNER_VARIABLE, embedded_ray_owner_mark, kill_embedded_ray
 
     def sleeper(env_mark: str | None) -> subprocess.Popen:
@@ -301,16 +305,20 @@ def test_only_the_processes_of_this_services_ray_are_killed_when_it_is_lost(tmp_
     others = [sleeper(f"{os.getpid()}-0123456789abcdef"), sleeper(None), sleeper(mark.split("-")[0])]
     later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     # a Ray agent's new title can wipe its environment's block: found by a log it holds in the session
-    # directory; not one holding a file in another Ray's directory, nor a process of the user's that is
-    # not Ray's (a `tail -f` of a log there)
-    session, other_session = tmp_path / "session_ours", tmp_path / "session_other"
-    agent = tmp_path / "ray" / "agent.py"  # a command of Ray's package, as its agents' are
-    agent.parent.mkdir()
+    # directory (under Ray's root, `.../ray/session_*`); not one holding a file in another Ray's directory,
+    # nor a process of the user's that is not Ray's, even one naming the log (a `tail -f` of it)
+    session, other_session = tmp_path / "ray" / "session_ours", tmp_path / "ray" / "session_other"
+    package = tmp_path / "site-packages" / "ray"
+    monkeypatch.setattr(runtime, "_ray_package_dir", lambda: os.path.join(str(package), ""))
+    agent = package / "dashboard" / "agent.py"  # a command of Ray's package, as its agents' are
+    agent.parent.mkdir(parents=True)
     agent.write_text("import time\ntime.sleep(60)\n")
     unmarked = {k: v for k, v in os.environ.items() if k != RAY_OWNER_VARIABLE}
+    tail = [sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); time.sleep(60)",
+            str(session / "logs" / "agent.out")]
     holders = []
     for directory, command in ((session, [sys.executable, str(agent)]), (other_session, [sys.executable, str(agent)]),
-                               (session, [sys.executable, "-c", "import time; time.sleep(60)"])):
+                               (session, [sys.executable, "-c", "import time; time.sleep(60)"]), (session, tail)):
         (directory / "logs").mkdir(parents=True, exist_ok=True)
         holders.append(subprocess.Popen(command, env=unmarked, stdout=open(directory / "logs" / "agent.out", "a")))
     others += holders[1:]

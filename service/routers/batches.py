@@ -1,12 +1,15 @@
 """`/v1/batches`: many audios against one video or avatar, one job each (`<batch>--000`, ...)."""
 from __future__ import annotations
 
+import asyncio
 import shutil
+from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
+from cluster.models import check_named_model
 from cluster.render import new_job_id
 from cluster.schemas import BatchCreate, BatchView, JobState, batch_job_id
 from service.auth import require_token
@@ -30,8 +33,12 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         raise ApiProblem(422, "input.invalid", f"a batch of {len(body.audios)} audios can never fit the job queue, "
                          f"which holds at most {settings.max_queued_jobs} unfinished jobs (LIPSYNC_MAX_QUEUED_JOBS): "
                          f"send at most {settings.max_queued_jobs} per batch", "audios")
+    # what can be refused without the inputs is refused before the queue's bound (as `POST /v1/jobs`): a
+    # batch that can never succeed is told why, not to come back later
     check_template_choice(body.video, body.avatar_id)
+    await asyncio.to_thread(check_named_model, body.model)
     await backend.check_callback(body.callback_url)
+    await backend.check_model_and_avatar(body.model, body.avatar_id)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and \
             not await backend.known(batch_job_id(body.id, 0) if body.id else None):
@@ -39,6 +46,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                         f"LIPSYNC_MAX_QUEUED_JOBS={settings.max_queued_jobs}); retry later")
     batch_id = body.id or new_job_id()
     tmpdir = backend.tmpdir()
+    admitting = backend.batches_admitting  # its view is not final while this admits its audios
+    admitting[batch_id] = admitting.get(batch_id, 0) + 1
     try:
         staged = {}
         if body.video is not None:
@@ -50,7 +59,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                 # same id with more or fewer audios is another batch (job.conflict)
                 st = await backend.create_job(batch_job_id(batch_id, i), audio, body.video, body.avatar_id,
                                               body.sync_mode, body.model, tmpdir, staged, crf=body.crf,
-                                              batch_size=len(body.audios) if i == 0 else None)
+                                              batch_size=len(body.audios) if i == 0 else None,
+                                              id_chosen=body.id is not None)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
                 if getattr(e, "field", None) is None:  # the field it is about; this audio's is `audios`
@@ -65,6 +75,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                  f"twice)")
                 raise
     finally:
+        if (left := admitting.pop(batch_id) - 1) > 0:
+            admitting[batch_id] = left
         shutil.rmtree(tmpdir, ignore_errors=True)
     view = await batch_view(backend, batch_id, len(body.audios))
     return JSONResponse(view.model_dump(mode="json"), status_code=202)
@@ -94,7 +106,8 @@ async def cancel_batch(batch_id: str, backend: Backend = Depends(get_backend)) -
 async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> BatchView:
     """The batch's jobs and one state over them. Its size is the one its first job holds (a batch made
     before it was recorded: its jobs up to the first id missing); audios of it that were never
-    admitted count as `not_admitted`, and make the batch `failed` once its other jobs ended."""
+    admitted count as `not_admitted`, and make the batch `failed` once its other jobs ended, unless a
+    request may still be admitting them (`_may_be_admitting`): they count as queued jobs until then."""
     jobs = []
     try:
         first = await backend.gateway.get(batch_job_id(batch_id, 0))
@@ -118,9 +131,22 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
     if missing:
         counts["not_admitted"] = missing
         if all(s.terminal for s in states) and JobState.cancelled not in states:  # (cancelled: asked for)
-            states.append(JobState.failed)
+            states.append(JobState.queued if _may_be_admitting(backend, batch_id, jobs) else JobState.failed)
     progress = sum(j.progress for j in jobs) / (size or len(jobs))
     return BatchView(id=batch_id, state=batch_state(states), progress=progress, counts=counts, jobs=jobs)
+
+
+def _may_be_admitting(backend: Backend, batch_id: str, jobs: list) -> bool:
+    """Whether a request may still be admitting audios of the batch: one on this replica is, or, where
+    the service has other ingress replicas (which may hold it), its newest job was admitted less than one
+    job's admission window ago. (A view read while its POST admitted a slow audio said `failed`, and
+    `succeeded` once that audio rendered.)"""
+    if batch_id in backend.batches_admitting:
+        return True
+    if backend.settings.serve_replicas <= 1:
+        return False
+    newest = max(j.created_at for j in jobs)
+    return (datetime.now(timezone.utc) - newest).total_seconds() < backend.admission_window_s()
 
 
 def batch_state(states: list[JobState]) -> JobState:
