@@ -187,8 +187,13 @@ class Supervisor:
             since = self._surplus_since.setdefault(prefix, now)
         else:
             since = self._surplus_since.pop(prefix, now)
+        lasted = now - since >= grace
+        # compositors whose chunks wait for a model worker that cannot start (a node with the only one left
+        # and the compositors hold every CPU): one goes even with a chunk in flight, or every job fails when
+        # its stall timeout ends (its chunk is dispatched again once the model worker is up)
+        no_model = table is self.compositors and not any(m.health == Health.live for m in self.models.members.values())
         drop = surplus_members(list(table.members.values()), surplus, now, stale_after_s=grace,
-                               idle_too=now - since >= grace)
+                               idle_too=lasted, busy_too=lasted and no_model)
         for member in drop:
             log.warning("dropping %s (%s): the cluster now holds %d of its kind, the pool had %d",
                         member.name, member.health.value, want, have)

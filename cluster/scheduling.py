@@ -242,12 +242,14 @@ def autoscaler_bundles(queued_chunks: int, models: WorkerTable, compositors: Wor
 
 
 def surplus_members(members: list[Member], surplus: int, now: float, stale_after_s: float,
-                    idle_too: bool) -> list[Member]:
+                    idle_too: bool, busy_too: bool = False) -> list[Member]:
     """Which members to drop when a pool has `surplus` more members than the cluster holds, best
     first: members that are not live (lost or still starting: waiting for a node or a restart)
     for longer than `stale_after_s`; then, when `idle_too` (the surplus has lasted that long),
-    live members with nothing in flight, the least used first. Never a member with a batch in
-    flight, never a `failed` one (it carries the model-load error jobs report)."""
+    live members with nothing in flight, the least used first; then, when `busy_too` (their work
+    cannot go on: compositors whose chunks wait for a model worker that has no CPU to start on),
+    live members with work in flight, the least loaded first (their chunks are dispatched again).
+    Never a `failed` member (it carries the model-load error jobs report)."""
     if surplus <= 0:
         return []
     stale = [m for m in members if m.health in (Health.lost, Health.starting)
@@ -255,7 +257,9 @@ def surplus_members(members: list[Member], surplus: int, now: float, stale_after
     stale.sort(key=lambda m: m.lost_at or m.created_at)
     idle = sorted((m for m in members if m.health == Health.live and m.inflight == 0),
                   key=lambda m: (m.served, m.name)) if idle_too else []
-    return (stale + idle)[:surplus]
+    busy = sorted((m for m in members if m.health == Health.live and m.inflight > 0),
+                  key=lambda m: (m.inflight, m.served, m.name)) if busy_too else []
+    return (stale + idle + busy)[:surplus]
 
 
 class FairQueue(Generic[K]):

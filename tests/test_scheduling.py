@@ -228,6 +228,10 @@ def test_surplus_members_drops_what_waits_first_then_only_idle_live_ones():
     assert names(surplus_members(members, 5, now, stale_after_s=15, idle_too=True)) == \
         ["lost-long", "pending", "idle-fresh", "idle-used"]
     assert names(surplus_members(members, 1, now, stale_after_s=15, idle_too=True)) == ["lost-long"]
+    # compositors whose chunks wait for a model worker that has no CPU to start on: the busy ones go too,
+    # last (a node with the only model worker left: every job failed at its stall timeout instead)
+    assert names(surplus_members(members, 5, now, stale_after_s=15, idle_too=True, busy_too=True)) == \
+        ["lost-long", "pending", "idle-fresh", "idle-used", "busy"]
 
 
 def _script_json(script: str, *args: str, timeout: float) -> dict:
