@@ -144,7 +144,8 @@ class JobManager:
         return self.workers()
 
     def workers(self) -> dict:
-        return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid()}}
+        return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid(),
+                                                    "storage_root": str(self.s.storage_root)}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
         await self.pool.refresh(timeout)

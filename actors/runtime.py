@@ -67,7 +67,7 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
             ray.init(address=address, **kwargs)
         else:
             start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, job_only=True, temp_dir=temp_dir)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # (RayError: a token missing)
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join {where}: {e}{hint}", stage="connect", cause=repr(e)) from e

@@ -274,7 +274,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{settings.storage_root}: two job managers on one job database would render the same jobs twice "
               f"(stop it, or give this one its own LIPSYNC_STORAGE_ROOT)", file=sys.stderr)
         return 2
-    if problem := _port_in_use(args.host, args.port):  # said now, not in Serve's traceback after Ray started
+    # said now, not in Serve's traceback after Ray started; on a joined cluster, the cluster's own Serve
+    # (an earlier service's, kept by the cluster) may be what holds it: decided once Ray is reached
+    problem = _port_in_use(args.host, args.port, wait_s=PORT_WAIT_S if embedded else 0)
+    if problem and embedded:
         print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
               f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
         return 1
@@ -294,10 +297,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with embedded_ray_owner_mark() as ray_mark:
             urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                  dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
-                                 ray_temp_dir=args.ray_temp_dir, stop=stop)
+                                 ray_temp_dir=args.ray_temp_dir, stop=stop, port_busy=problem)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
-        _stop_started(stop_service, embedded)
+        # a service found running on the cluster (`service.in_use`) is another's: left as it is
+        _stop_started(stop_service, embedded, other_service=e.code == "service.in_use")
         return e.exit_code
     if urls["ready"]:
         print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
@@ -429,12 +433,16 @@ def _local_setting_problems(settings: Settings, model: bool = True) -> list[str]
     return problems
 
 
-def _stop_started(stop_service, embedded: bool) -> None:
-    """Take down what a failed start left running (Ray is up when the service itself failed)."""
+def _stop_started(stop_service, embedded: bool, other_service: bool = False) -> None:
+    """Take down what a failed start left running (Ray is up when the service itself failed); only
+    leave the cluster where what runs there is another service's (`other_service`)."""
     import ray
 
     if ray.is_initialized():
-        stop_service(embedded)
+        if other_service and not embedded:
+            ray.shutdown()
+        else:
+            stop_service(embedded)
 
 
 def _client(args: argparse.Namespace):

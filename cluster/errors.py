@@ -263,6 +263,14 @@ class PlacementError(LipsyncError):
     retryable = False
 
 
+class ServiceInUse(LipsyncError):
+    """`lipsync serve` joining a cluster where what it would start already runs otherwise: Ray Serve's
+    HTTP proxy on another port, or this namespace's job manager on another storage root."""
+    code = "service.in_use"
+    exit_code = 2
+    retryable = False
+
+
 class InputsGone(LipsyncError):
     code = "job.inputs_missing"
     retryable = False

@@ -38,4 +38,7 @@ def build_app(args: dict | None = None):
     # from their own environment: Serve's build task may run on another node than the replicas, and a
     # default dumped here (no API token on that node) would override the replicas' own (the head's)
     overrides = settings.overrides(only_set=True)
-    return _deployment().options(num_replicas=settings.serve_replicas).bind(overrides)
+    options: dict = {"num_replicas": settings.serve_replicas}
+    if settings.manager_resource:  # on the job manager's node, as the docs and the KubeRay manifest place it
+        options["ray_actor_options"] = {"num_cpus": 0, "resources": {settings.manager_resource: 0.01}}
+    return _deployment().options(**options).bind(overrides)

@@ -32,15 +32,17 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
                   num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False,
                   dashboard_port: int | None = None, ray_temp_dir: str | None = None,
                   ready_timeout_s: float = 300.0, on_ray_started: Callable[[], None] | None = None,
-                  stop: threading.Event | None = None) -> dict:
+                  stop: threading.Event | None = None, port_busy: str | None = None) -> dict:
     """Start (or join) Ray, the job manager and the Serve app on host:port; the URLs, when ready.
+    `port_busy`: why host:port could not be listened on before a joined cluster's Ray was reached (its
+    own Serve may hold it: `_check_joined_serve`).
 
     `on_ray_started` runs as soon as Ray is up (e.g. to install signal handlers: Ray's own
     replaces any installed before). When `stop` is set meanwhile, the start ends early with
     `ready: False`; the caller then takes down what was started (`stop_service`)."""
     from ray import serve
 
-    from actors.runtime import Runtime, _check_reachable, start_embedded_ray
+    from actors.runtime import Runtime, _check_reachable, _SignalHandlersKept, start_embedded_ray
     from actors.service_support import service_sidecar
     from service.deployment import build_app
 
@@ -48,12 +50,13 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     try:
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
-            ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
+            with _SignalHandlersKept():  # SIGTERM while the service starts stops it cleanly, as embedded
+                ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept
             ctx = start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                                      dashboard_port=dashboard_port, temp_dir=ray_temp_dir,
                                      keep_signal_handlers=True)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # (RayError: a token missing)
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e
     if on_ray_started is not None:
@@ -65,8 +68,12 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     stopped = lambda: stop is not None and stop.is_set()  # noqa: E731
     if stopped():  # asked to stop while Ray started: boot nothing more (no pool started only to be stopped)
         return urls
+    if address:  # what of a service runs on the cluster already (a detached job manager, Serve) is reused
+        _check_joined_serve(address, host, port, port_busy)
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
+    if address:
+        _check_joined_manager(rt, settings)
     service_sidecar(settings)  # resumes pending callbacks
     if stopped():
         return urls
@@ -101,6 +108,41 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
                                   stage="serve") from e
         time.sleep(0.3)
     return urls
+
+
+def _check_joined_serve(address: str, host: str, port: int, port_busy: str | None) -> None:
+    """On a joined cluster: Ray Serve, once started there, keeps its HTTP proxies' host and port (a
+    later start with others is ignored: the service said it was ready on a port nothing listened on).
+    `ServiceInUse` when it runs with others; `port_busy` (why the port could not be listened on, said
+    before Ray started) is then a problem only where no Serve of the cluster is what holds it."""
+    from ray.serve.context import _get_global_client
+
+    from cluster.errors import ServiceInUse
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    http = getattr(client, "http_config", None) if client is not None else None
+    if http is not None and (int(http.port) != int(port) or str(http.host) != str(host)):
+        raise ServiceInUse(f"Ray Serve already runs on the cluster at {address} with its HTTP proxies on "
+                           f"{http.host}:{http.port}, which it keeps (this service asked for {host}:{port}): start "
+                           f"it with --host {http.host} --port {http.port}, or stop Serve there first (`serve "
+                           f"shutdown`, which stops every Serve application of the cluster)", stage="serve")
+    if http is None and port_busy:
+        raise ServiceInUse(f"cannot listen on {host}:{port}: {port_busy} (another process holds it: stop it, "
+                           f"or pick another --port)", stage="serve")
+
+
+def _check_joined_manager(rt, settings: Settings) -> None:
+    """On a joined cluster: the namespace's job manager is detached (it outlives a service's stop, and its
+    jobs resume); one that runs on another storage root than this service's would serve the cluster
+    with its own settings while this service says it uses these. `ServiceInUse` then."""
+    from cluster.errors import ServiceInUse
+
+    theirs = rt.call("workers")["manager"].get("storage_root")
+    if theirs is not None and theirs != str(settings.storage_root):
+        raise ServiceInUse(f"the job manager of namespace {settings.namespace!r} on this cluster runs on the storage "
+                           f"root {theirs}, not {settings.storage_root} (LIPSYNC_STORAGE_ROOT): it keeps the settings "
+                           f"it was started with. Give this service that storage root, or its own "
+                           f"LIPSYNC_NAMESPACE", stage="serve")
 
 
 #: Seconds a stopping service gives Serve to stop the app's replicas and its proxies (an open SSE

@@ -418,3 +418,29 @@ def test_serve_takes_a_free_dashboard_port_when_the_usual_one_is_held(monkeypatc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def test_joining_a_cluster_without_its_token_is_one_typed_error(monkeypatch, tmp_path):
+    """A cluster with token authentication joined without its token: Ray's `AuthenticationError` (a
+    RayError, not one of the errors `connect` caught) came out as a 27-line traceback of `lipsync render`
+    and `lipsync serve`; it is the `render.failed` error naming the cluster and the token to give."""
+    import ray
+
+    from actors import runtime
+    from cluster.config import Settings
+    from cluster.errors import RenderError
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray")
+
+    def refused(*args, **kwargs):
+        raise ray.exceptions.AuthenticationError("Token authentication is enabled but no authentication token "
+                                                 "was found")
+
+    monkeypatch.setattr(runtime, "_check_reachable", lambda address, timeout: None)
+    monkeypatch.setattr(runtime, "_enable_token_auth_when_available", lambda: None)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(RenderError) as info:
+        runtime.connect(Settings(storage_root=tmp_path), address="127.0.0.1:6499")
+    assert info.value.stage == "connect" and "RAY_AUTH_TOKEN" in info.value.message, info.value
+    assert "the Ray cluster at 127.0.0.1:6499" in info.value.message

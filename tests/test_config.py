@@ -63,6 +63,10 @@ def test_serve_replicas_get_what_the_builder_was_given_and_read_the_rest_themsel
     # every secret travels as its value (a JSON dump masks it as "**********": callbacks were signed with that)
     assert Settings(**args).callback_key() == "hook-secret"
     assert Settings(**Settings().overrides()).callback_key() == "hook-secret"
+    # the ingress goes where the job manager goes (`lipsync serve` on a cluster placed it on any node)
+    assert build_app()._bound_deployment.ray_actor_options == {"num_cpus": 0}
+    monkeypatch.setenv("LIPSYNC_MANAGER_RESOURCE", "lipsync_head")
+    assert build_app()._bound_deployment.ray_actor_options["resources"] == {"lipsync_head": 0.01}
 
 
 def test_callbacks_are_signed_with_their_own_secret_where_one_is_set(tmp_path):

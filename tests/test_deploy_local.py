@@ -312,3 +312,15 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
         return after.get("ray_lipsync_job_seconds_count|state=succeeded", 0) > before.get(
             "ray_lipsync_job_seconds_count|state=succeeded", 0)
     wait_until(job_counted, 30, 1.0, "the API job in ray_lipsync_job_seconds")
+    # `lipsync serve` joining this cluster (an operator restarting the service by hand) must not claim a port
+    # Serve does not listen on (Serve keeps its first one), nor another storage root than the running job
+    # manager's (it keeps its settings): it said "ready" on a port nothing listened on, and rendered into the
+    # old root. Refused at once, and the running service is left as it is.
+    for port, env, says in ((free_port(), {}, f"on 127.0.0.1:{local_cluster.http_port}, which it keeps"),
+                            (local_cluster.http_port, {"LIPSYNC_STORAGE_ROOT": str(tmp_path / "other-root")},
+                             "runs on the storage root")):
+        refused = local_cluster.run([str(Path(sys.executable).parent / "lipsync"), "serve", "--port", str(port)],
+                                    timeout=120, check=False, **env)
+        assert refused.returncode == 2 and "service.in_use" in refused.stderr and says in refused.stderr, \
+            refused.stderr[-3000:]
+    assert get("/healthz") == 200
