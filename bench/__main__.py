@@ -30,7 +30,7 @@ RELIABILITY = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("name", choices=[*BENCHMARKS, *RELIABILITY, "all"])
     p.add_argument("--quick", action="store_true", help="short version on small inputs (smoke check)")
     p.add_argument("--seconds", type=float, action="append",

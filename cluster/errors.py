@@ -221,7 +221,8 @@ class QueueFull(LipsyncError):
     @classmethod
     def at(cls, unfinished: int, bound: int) -> QueueFull:
         """The queue holds `unfinished` jobs of at most `bound`."""
-        return cls(f"the job queue is full ({unfinished} unfinished jobs, LIPSYNC_MAX_QUEUED_JOBS={bound}); "
+        return cls(f"the job queue is full ({unfinished} unfinished job{'' if unfinished == 1 else 's'}, "
+                   f"LIPSYNC_MAX_QUEUED_JOBS={bound}); "
                    f"retry later")
 
 

@@ -210,8 +210,9 @@ def check_model(model: str, settings: Settings) -> None:
     models = settings.dir("models")
     if Path(model).parent == models:
         names = sorted(p.stem for p in models.glob("*.onnx") if not p.name.startswith("builtin-"))
-        raise InputNotFound(f"unknown model {Path(model).stem!r}: this service has builtin"
-                            + "".join(f", {n}" for n in names) + " (ONNX files in its models directory)",
+        raise InputNotFound(f"unknown model {Path(model).stem!r}: this service has the built-in model ('builtin', "
+                            "'builtin:S')" + (f" and the ONNX files of its models directory: {', '.join(names)}"
+                                              if names else " and no ONNX file in its models directory"),
                             path="model")
     raise InputNotFound(f"model file {model} does not exist (expected 'builtin' or an .onnx file)", path=model)
 

@@ -198,7 +198,8 @@ def batch_job_id(batch_id: str, index: int) -> str:
 def batch_of(job_id: str) -> str | None:
     """The batch a job belongs to, or None."""
     return job_id.split(BATCH_SEPARATOR, 1)[0] if BATCH_SEPARATOR in job_id else None
-MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{2,3})?|latency:[0-9]{1,3}(:[0-9]{2,3})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+#: (sizes of up to 5 digits pass the pattern: what is wrong with one is said by `named_model_problem`)
+MODEL_NAME_PATTERN = r"^(builtin(:[0-9]{1,5})?|latency:[0-9]{1,3}(:[0-9]{1,5})?|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 #: A spec of the built-in model: `builtin`, `builtin:S` (or `builtin-S`); group 1 is S. A model file
 #: whose name merely starts with "builtin" is not one.
 BUILTIN_MODEL = re.compile(r"^builtin(?:[:\-](\d+))?$")

@@ -56,7 +56,7 @@ def test_create_refusals(service, live_avatar, tmp_path):
         r = api.post("/v1/sessions", json={"avatar_id": live_avatar, "model": "nosuch"})
         error = r.json()["error"]
         assert r.status_code == 400 and error["code"] == "input.not_found" and error["field"] == "model", r.text
-        assert error["message"].startswith("unknown model 'nosuch': this service has builtin"), error
+        assert error["message"].startswith("unknown model 'nosuch': this service has the built-in model"), error
         assert str(service.storage_root) not in error["message"], error
         # an RTMP output passes the input URLs' address guard (this service allows no private address)
         for url, words in [("rtmp://127.0.0.1:1935/live/key", "non-public"), ("http://example.com/live/k", "rtmp")]:

@@ -275,7 +275,7 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"], "model": "nosuch"})
         err = r.json()["error"]
         assert r.status_code == 400 and err["field"] == "model", err
-        assert err["message"].startswith("unknown model 'nosuch': this service has builtin"), err
+        assert err["message"].startswith("unknown model 'nosuch': this service has the built-in model"), err
         assert str(service.storage_root) not in err["message"], err
         # with an audio URL to fetch, a bad avatar or model is refused before the download (the URL here
         # would be refused itself, input.unsafe: the answers show it was never tried)

@@ -36,6 +36,10 @@ __all__ = ["LipSyncModel", "ReplicatedModel", "load_model", "load_model_on_devic
 BUILTIN_SIZES = (32, 512)
 
 
+#: The latency test model's largest crop size (its crops are held in memory batch by batch)
+LATENCY_MAX_SIZE = 999
+
+
 def named_model_problem(spec: str) -> str | None:
     """What is wrong with a named model's crop size (`builtin:S`, `latency:<ms>:S`), else None: the
     built-in one takes sizes in `BUILTIN_SIZES` whose mouth warp does not fold, the latency one 32 or more."""
@@ -50,8 +54,8 @@ def named_model_problem(spec: str) -> str | None:
                                 next((n for n in range(size + 1, hi + 1) if not _builtin_warp_folds(n)), None)) if n]
             return (f"the built-in model's mouth warp folds at a crop size of {size} pixels: choose another"
                     + (f" (the nearest that work: {' or '.join(map(str, near))})" if near else ""))
-    elif lat is not None and lat.group(2) and int(lat.group(2)) < 32:
-        return f"the latency model's crop size must be 32 pixels or more, got {lat.group(2)}"
+    elif lat is not None and lat.group(2) and not 32 <= int(lat.group(2)) <= LATENCY_MAX_SIZE:
+        return f"the latency model's crop size must be 32-{LATENCY_MAX_SIZE} pixels, got {lat.group(2)}"
     return None
 
 

@@ -217,7 +217,9 @@ $("token-form").addEventListener("submit", (e) => {
 
 $("token-forget").addEventListener("click", () => {
   sessionStorage.removeItem(TOKEN_KEY);
-  tokenChanged();
+  // what was read with the token (jobs, avatars, the open job and its player) leaves the screen with it
+  history.replaceState(null, "", location.pathname + location.search);
+  location.reload();
 });
 
 // --- tabs -----------------------------------------------------------------------------------
@@ -396,6 +398,7 @@ async function followJob(job) {
       if (err.name === "AbortError" || job.closed) return;
       if (err.status === 401 || err.status === 404) {
         showError($("job-error"), err);
+        if (err.status === 404 && !job.view) $("download-button").hidden = true; // no such job: nothing to download
         return;
       }
       if (err.status === 429) {
@@ -567,7 +570,8 @@ $("download-button").addEventListener("click", async () => {
 
 $("cancel-button").addEventListener("click", async () => {
   if (!current) return;
-  if (!window.confirm("Cancel job " + current.id + "? What it rendered so far is not kept.")) return;
+  if (!window.confirm("Cancel job " + current.id + "? It stops rendering and makes no mp4 (what it streamed so far " +
+                      "stays playable until the server's retention removes it).")) return;
   try {
     showJob(current, await apiJson("/v1/jobs/" + encodeURIComponent(current.id), { method: "DELETE" }));
   } catch (err) {
@@ -630,7 +634,7 @@ function jobRow(view) {
   else parts.push(Math.round(view.progress * 100) + " %");
   meta.textContent = parts.join(" · ");
   row.append(open, state, meta);
-  if (view.error) {
+  if (view.error && view.state !== "cancelled") { // a cancel the user asked for is not an error (as the card)
     const error = document.createElement("p");
     error.className = "error";
     showError(error, view.error);
@@ -727,7 +731,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
       bar.value = fraction;
       if (fraction >= 1) status.textContent = "Preparing: finding and tracking the face in every frame…";
     }, 900000);
-    status.textContent = "Avatar " + avatar.id + " is ready (" + avatar.frames + " frames).";
+    status.textContent = "Avatar " + avatar.id + " is ready (" + framesLabel(avatar) + ").";
     $("avatar-video").value = "";
     loadAvatars();
   } catch (err) {
@@ -748,11 +752,15 @@ $("token-state").hidden = !token();
 showTemplateChoice();
 loadAvatars();
 loadJobs(false);
-const opened = /^#job=(.+)$/.exec(location.hash);
-if (opened) {
+function openLinkedJob() {
+  const opened = /^#job=(.+)$/.exec(location.hash);
+  if (!opened) return;
   try {
-    openJob(decodeURIComponent(opened[1]));
+    const id = decodeURIComponent(opened[1]);
+    if (!current || current.id !== id) openJob(id);
   } catch (e) { // a malformed link (#job=%E0): nothing to open
     if (!(e instanceof URIError)) throw e;
   }
 }
+openLinkedJob();
+window.addEventListener("hashchange", openLinkedJob); // a job link edited or followed in this tab
