@@ -209,7 +209,8 @@ def build_track(detections: list[list[FaceDetection]], frame_size: tuple[int, in
         raise NoFace(f"no frames to detect a face in{where}", path=path_for_errors or None)
     tracks = _link(detections)
     if not tracks:
-        raise NoFace(f"no face found{where}: {total} of {total} frames had no face", path=path_for_errors or None)
+        raise NoFace(f"no face found{where}" + ("" if total == 1 else f": {total} of {total} frames had no face"),
+                     path=path_for_errors or None)
     subject = _choose_subject(tracks)
     found = len(subject)
     if found < min_face_fraction * total or found == 0:

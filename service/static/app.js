@@ -149,7 +149,9 @@ function showError(element, error) {
   }
   element.textContent = "";
   const message = error.message || String(error);
-  const named = error.field && !message.startsWith(error.field + ":"); // the server's 422 names it already
+  // the server's message may name the field already ("model: ...", "model 'x': ...", "sync_mode cut_off ...")
+  const named = error.field && !new RegExp("^" + error.field.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "[: ]")
+    .test(message);
   element.append(named ? error.field + ": " + message : message);
   if (error.code && error.code !== "network") {
     const code = document.createElement("span");
@@ -458,10 +460,15 @@ function tookSeconds(view) {
 }
 
 function play(video) {
+  if (video.dataset.autoMuted) { // muted by this page for an earlier job, not by the user: sound again if allowed
+    delete video.dataset.autoMuted;
+    video.muted = false;
+  }
   video.play().catch((err) => {
     if (err.name !== "NotAllowedError") return;
     // autoplay with sound refused (no click on this page yet): play muted, say so
     video.muted = true;
+    video.dataset.autoMuted = "1";
     video.play().catch(() => {});
     const note = $("player-note");
     note.textContent = "Playing muted (the browser blocks sound until you interact): unmute in the player.";
@@ -665,7 +672,7 @@ async function loadAvatars() {
   for (const avatar of avatars) {
     const option = document.createElement("option");
     option.value = avatar.id;
-    option.textContent = avatar.id + " (" + seconds(avatar.duration) + ")";
+    option.textContent = avatar.id + " (" + (avatar.frames > 1 ? seconds(avatar.duration) : framesLabel(avatar)) + ")";
     select.append(option);
     list.append(avatarRow(avatar));
   }

@@ -299,7 +299,7 @@
     $("live-rendered").textContent = secs(view.seconds_rendered) + (view.buffered_seconds > 0.05
       ? " (" + secs(view.buffered_seconds) + " waiting)" : "");
     $("live-latency").textContent = view.latency_samples
-      ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + " samples)" : "–";
+      ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + (view.latency_samples === 1 ? " sample)" : " samples)") : "–";
     $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "") +
       (view.speech_underruns ? "; the speech ran out " + view.speech_underruns + " time(s): it comes slower than real time" : "");
     const hls = session.hls;
