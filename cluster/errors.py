@@ -272,6 +272,13 @@ class ServiceInUse(LipsyncError):
     retryable = False
 
 
+class PortInUse(LipsyncError):
+    """`lipsync serve`: another process listens on the address it was asked to serve on."""
+    code = "service.port_in_use"
+    exit_code = 1
+    retryable = False
+
+
 class InputsGone(LipsyncError):
     code = "job.inputs_missing"
     retryable = False

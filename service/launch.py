@@ -40,6 +40,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     `on_ray_started` runs as soon as Ray is up (e.g. to install signal handlers: Ray's own
     replaces any installed before). When `stop` is set meanwhile, the start ends early with
     `ready: False`; the caller then takes down what was started (`stop_service`)."""
+    global _deployed
     from ray import serve
 
     from actors.runtime import Runtime, _check_reachable, _SignalHandlersKept, start_embedded_ray
@@ -77,23 +78,25 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     service_sidecar(settings)  # resumes pending callbacks
     if stopped():
         return urls
-    try:
-        serve.start(http_options={"host": host, "port": port})
-    except ray.exceptions.RayActorError as e:
-        # Serve's controller killed a proxy that missed its readiness checks (an overloaded machine: this
-        # was a traceback and the end of the start); it starts another, which the readiness wait below
-        # waits for, within its deadline
-        log.warning("Ray Serve's HTTP proxy died while it started (%s); waiting for the one Serve starts "
-                    "instead", str(e).splitlines()[0])
-    overrides = settings.overrides()  # secrets as their values
-    if stopped():
-        return urls
-    # serve.run connects to the Serve instance started just above and says "New http_options ... will not
-    # be applied" although they were (they were given to serve.start): an operator reads it as a failure
+    # serve.start on a cluster whose Serve runs, and serve.run after serve.start, say "New http_options ...
+    # will not be applied" although they were (the same ones: `_check_joined_serve`): an operator reads it
+    # as a failure
     quiet = _DropLine("New http_options/controller_options will not be applied")
     logging.getLogger("ray.serve").addFilter(quiet)
     try:
-        serve.run(build_app(overrides), name="lipsync", route_prefix="/", blocking=False)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except ray.exceptions.RayActorError as e:
+            # Serve's controller killed a proxy that missed its readiness checks (an overloaded machine: this
+            # was a traceback and the end of the start); it starts another, which the readiness wait below
+            # waits for, within its deadline
+            log.warning("Ray Serve's HTTP proxy died while it started (%s); waiting for the one Serve starts "
+                        "instead", str(e).splitlines()[0])
+        overrides = settings.overrides()  # secrets as their values
+        if stopped():
+            return urls
+        _deployed = True  # (from here a stop deletes the application: it may be half deployed)
+        serve.run(build_app(overrides), name=APP_NAME, route_prefix="/", blocking=False)
     finally:
         logging.getLogger("ray.serve").removeFilter(quiet)
     deadline = time.monotonic() + ready_timeout_s
@@ -117,18 +120,53 @@ def _check_joined_serve(address: str, host: str, port: int, port_busy: str | Non
     before Ray started) is then a problem only where no Serve of the cluster is what holds it."""
     from ray.serve.context import _get_global_client
 
-    from cluster.errors import ServiceInUse
+    from cluster.errors import PortInUse, ServiceInUse
 
     client = _get_global_client(raise_if_no_controller_running=False)
     http = getattr(client, "http_config", None) if client is not None else None
+    if client is not None:
+        _check_no_running_app(client, address)
     if http is not None and (int(http.port) != int(port) or str(http.host) != str(host)):
         raise ServiceInUse(f"Ray Serve already runs on the cluster at {address} with its HTTP proxies on "
                            f"{http.host}:{http.port}, which it keeps (this service asked for {host}:{port}): start "
                            f"it with --host {http.host} --port {http.port}, or stop Serve there first (`serve "
                            f"shutdown`, which stops every Serve application of the cluster)", stage="serve")
     if http is None and port_busy:
-        raise ServiceInUse(f"cannot listen on {host}:{port}: {port_busy} (another process holds it: stop it, "
-                           f"or pick another --port)", stage="serve")
+        raise PortInUse(f"cannot listen on {host}:{port}: {port_busy} (another process holds it: stop it, "
+                        f"or pick another --port)", stage="serve")
+
+
+#: The Serve application of the service (one per cluster: the HTTP proxies and the route `/` are shared)
+APP_NAME = "lipsync"
+#: Whether this process deployed the application (a joined cluster's stop deletes only its own)
+_deployed = False
+#: How long a joined start waits for the app a stopped service deleted to be gone
+APP_DELETED_WAIT_S = 60.0
+
+
+def _check_no_running_app(client, address: str) -> None:
+    """On a joined cluster: the Serve application `lipsync` outlives the `lipsync serve` that deployed
+    it (a SIGKILL, another operator's service): a second one deploying over it, then stopping, left the
+    first running with its API gone (404). `ServiceInUse` while it runs; one being deleted (the service
+    stopped just before) is waited for."""
+    from cluster.errors import ServiceInUse
+
+    deadline = time.monotonic() + APP_DELETED_WAIT_S
+    while True:
+        app = client.get_serve_status(APP_NAME).app_status.status  # NOT_STARTED: no such application
+        if str(getattr(app, "value", app)) == "NOT_STARTED":
+            return
+        if str(getattr(app, "value", app)) != "DELETING":
+            state = getattr(app, "value", app)
+            raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
+                               f"application {APP_NAME!r} is {state}): stop that `lipsync serve` first; if its "
+                               f"process is gone, stop the application with `serve shutdown` (every Serve "
+                               f"application of the cluster) or, from Python, `ray.serve.delete({APP_NAME!r})`",
+                               stage="serve")
+        if time.monotonic() > deadline:
+            raise ServiceInUse(f"the Ray Serve application {APP_NAME!r} on the cluster at {address} is still being "
+                               f"deleted after {APP_DELETED_WAIT_S:.0f} s: try again later", stage="serve")
+        time.sleep(0.5)
 
 
 def _check_joined_manager(rt, settings: Settings) -> None:
@@ -141,8 +179,8 @@ def _check_joined_manager(rt, settings: Settings) -> None:
     if theirs is not None and theirs != str(settings.storage_root):
         raise ServiceInUse(f"the job manager of namespace {settings.namespace!r} on this cluster runs on the storage "
                            f"root {theirs}, not {settings.storage_root} (LIPSYNC_STORAGE_ROOT): it keeps the settings "
-                           f"it was started with. Give this service that storage root, or its own "
-                           f"LIPSYNC_NAMESPACE", stage="serve")
+                           f"it was started with: give this service that storage root (one service runs on a "
+                           f"cluster: its Serve application and route are the cluster's)", stage="serve")
 
 
 #: Seconds a stopping service gives Serve to stop the app's replicas and its proxies (an open SSE
@@ -168,8 +206,8 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) ->
             client = _get_global_client(raise_if_no_controller_running=False)
             if client is not None:
                 client.shutdown(timeout_s=serve_budget_s)
-        else:
-            serve.delete("lipsync", _blocking=False)
+        elif _deployed:  # (not another service's, found running: `_check_no_running_app`)
+            serve.delete(APP_NAME, _blocking=False)
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
     ray.shutdown()

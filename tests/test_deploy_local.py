@@ -312,15 +312,21 @@ def test_serve_deploy_of_the_manifest_config(local_cluster, service_manifest, sp
         return after.get("ray_lipsync_job_seconds_count|state=succeeded", 0) > before.get(
             "ray_lipsync_job_seconds_count|state=succeeded", 0)
     wait_until(job_counted, 30, 1.0, "the API job in ray_lipsync_job_seconds")
-    # `lipsync serve` joining this cluster (an operator restarting the service by hand) must not claim a port
-    # Serve does not listen on (Serve keeps its first one), nor another storage root than the running job
+    # `lipsync serve` joining this cluster (an operator starting the service by hand) must not claim a port
+    # Serve does not listen on (Serve keeps its first one), deploy over the running application (stopping, it
+    # then took the running service's API away), or run on another storage root than the running job
     # manager's (it keeps its settings): it said "ready" on a port nothing listened on, and rendered into the
     # old root. Refused at once, and the running service is left as it is.
-    for port, env, says in ((free_port(), {}, f"on 127.0.0.1:{local_cluster.http_port}, which it keeps"),
-                            (local_cluster.http_port, {"LIPSYNC_STORAGE_ROOT": str(tmp_path / "other-root")},
-                             "runs on the storage root")):
-        refused = local_cluster.run([str(Path(sys.executable).parent / "lipsync"), "serve", "--port", str(port)],
-                                    timeout=120, check=False, **env)
-        assert refused.returncode == 2 and "service.in_use" in refused.stderr and says in refused.stderr, \
-            refused.stderr[-3000:]
-    assert get("/healthz") == 200
+    lipsync = str(Path(sys.executable).parent / "lipsync")
+
+    def refused(port: int, says: str, **env: str) -> None:
+        proc = local_cluster.run([lipsync, "serve", "--port", str(port)], timeout=120, check=False, **env)
+        assert proc.returncode == 2 and "service.in_use" in proc.stderr and says in proc.stderr, proc.stderr[-3000:]
+    refused(local_cluster.http_port, "a lipsync service already runs on the cluster")
+    assert get("/healthz") == 200 and get("/readyz") == 200
+    # its application deleted (as a stopped `lipsync serve` leaves the cluster: Serve, its proxies on their port,
+    # and the detached job manager stay): another port, then another storage root
+    local_cluster.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.delete('lipsync')"],
+                      timeout=120)
+    refused(free_port(), f"on 127.0.0.1:{local_cluster.http_port}, which it keeps")
+    refused(local_cluster.http_port, "runs on the storage root", LIPSYNC_STORAGE_ROOT=str(tmp_path / "other-root"))
