@@ -39,7 +39,7 @@ def _pool_is(rt: Runtime, models: int, compositors: int, timeout: float) -> bool
 
 def main(audio: str, video: str, out_dir: str) -> None:
     settings = Settings(chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0, stall_timeout_s=24.0,
-                        pool_reconcile_s=1.0, max_chunk_attempts=3, model="latency:100")
+                        pool_reconcile_s=1.0, max_chunk_attempts=3, model="latency:25")
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),
                                             settings).path))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
