@@ -619,6 +619,12 @@ async function loadJobs(append) {
   }
 }
 
+// an input as a row shows it: a stored upload's ref (`upload:` and 64 hex digits, given through the API) shortened
+function inputName(given) {
+  const ref = /^upload:([0-9a-f]{12})[0-9a-f]{52}(\.\w+)?$/.exec(given);
+  return ref ? "upload " + ref[1] + "…" + (ref[2] || "") : given;
+}
+
 function jobRow(view) {
   const row = document.createElement("li");
   row.className = "job-row";
@@ -634,7 +640,8 @@ function jobRow(view) {
   meta.className = "meta";
   const parts = [new Date(view.created_at).toLocaleString()];
   if (view.inputs) { // what it was given, by name: tells jobs apart where their ids do not
-    parts.push(view.inputs.audio + " + " + (view.inputs.video || "avatar " + (view.inputs.avatar_id || "?")));
+    parts.push(inputName(view.inputs.audio) + " + " +
+               (view.inputs.video ? inputName(view.inputs.video) : "avatar " + (view.inputs.avatar_id || "?")));
   }
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
