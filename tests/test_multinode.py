@@ -105,6 +105,6 @@ def test_jobs_survive_the_loss_of_the_only_model_workers_node(speech4_wav, astro
     them goes (its chunk is dispatched again) so that the model worker starts on the node left. Every job
     rendering then failed with `render.worker_lost` at its stall timeout (an operator's report, 3 of 3)."""
     result = _scenario("tests.model_node_loss_scenario", speech4_wav, astronaut_video, tmp_path, timeout=560)
-    assert result["pool_on_a"] and result["pool_on_both"] and result["state_at_removal"] == "rendering", result
+    assert result["pool_started"] and result["state_at_removal"] == "rendering", result
     assert result["states"] == ["succeeded", "succeeded"] and all(result["identical"]), result
     assert [h for _, h in result["pool_end"]["models"]] == ["live"], result
