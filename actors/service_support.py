@@ -141,8 +141,7 @@ class ManagerGateway:
         long this waits, and does not store an admission that ends later (`AdmissionTooLate`), or a job
         would render that its client was told was not admitted; a retry with the id is then an
         admission whose id was chosen."""
-        # Admission (probing) runs on the manager's node; allow it more than a plain call.
-        timeout = max(self.s.actor_call_timeout_s, self.s.probe_timeout_s * 2 + 10)
+        timeout = self.s.admission_timeout_s()
         late = {} if id_chosen else {"within_s": timeout}
         try:
             return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, timeout=timeout, **late)

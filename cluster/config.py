@@ -340,6 +340,11 @@ class Settings(BaseSettings):
     def _absolute_roots(cls, v: str) -> str:
         return ":".join(absolute_path(p) if p.strip() else p for p in v.split(":"))
 
+    def admission_timeout_s(self) -> float:
+        """How long the service waits for one job's admission by the job manager (probing both inputs on
+        its node, copying them): more than a plain call."""
+        return max(self.actor_call_timeout_s, self.probe_timeout_s * 2 + 10)
+
     def callback_key(self) -> str | None:
         secret = self.callback_secret or self.api_token
         return secret.get_secret_value() if secret is not None else None

@@ -147,8 +147,7 @@ class Backend:
     def admission_window_s(self) -> float:
         """The longest one job's admission may take from its request's staging to its answer: a URL input's
         download, then the job manager's wait (`ManagerGateway.submit`)."""
-        s = self.settings
-        return s.url_timeout_s + max(s.actor_call_timeout_s, s.probe_timeout_s * 2 + 10) + 10
+        return self.settings.url_timeout_s + self.settings.admission_timeout_s() + 10
 
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)
