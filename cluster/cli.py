@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster.config import Settings
-from cluster.errors import LipsyncError
+from cluster.errors import LipsyncError, PortInUse
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
 
 #: The settings a command-line flag sets (`_settings`), named beside their variable when refused
@@ -278,8 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # (an earlier service's, kept by the cluster) may be what holds it: decided once Ray is reached
     problem = _port_in_use(args.host, args.port, wait_s=PORT_WAIT_S if embedded else 0)
     if problem and embedded:
-        print(f"lipsync: error: service.port_in_use: cannot listen on {args.host}:{args.port}: {problem} "
-              f"(another process holds it: stop it, or pick another --port)", file=sys.stderr)
+        print(_fail_line(PortInUse.at(args.host, args.port, problem).to_info()), file=sys.stderr)
         return 1
     from actors.runtime import embedded_ray_owner_mark
     from service.launch import start_service, stop_service
@@ -300,8 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  ray_temp_dir=args.ray_temp_dir, stop=stop, port_busy=problem)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
-        # a service found running on the cluster (`service.in_use`) is another's: left as it is
-        _stop_started(stop_service, embedded, other_service=e.code == "service.in_use")
+        _stop_started(stop_service, embedded)  # (on a joined cluster only an application it deployed goes)
         return e.exit_code
     if urls["ready"]:
         print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
@@ -433,16 +431,12 @@ def _local_setting_problems(settings: Settings, model: bool = True) -> list[str]
     return problems
 
 
-def _stop_started(stop_service, embedded: bool, other_service: bool = False) -> None:
-    """Take down what a failed start left running (Ray is up when the service itself failed); only
-    leave the cluster where what runs there is another service's (`other_service`)."""
+def _stop_started(stop_service, embedded: bool) -> None:
+    """Take down what a failed start left running (Ray is up when the service itself failed)."""
     import ray
 
     if ray.is_initialized():
-        if other_service and not embedded:
-            ray.shutdown()
-        else:
-            stop_service(embedded)
+        stop_service(embedded)
 
 
 def _client(args: argparse.Namespace):

@@ -278,6 +278,10 @@ class PortInUse(LipsyncError):
     exit_code = 1
     retryable = False
 
+    @classmethod
+    def at(cls, host: str, port: int, why: str) -> PortInUse:
+        return cls(f"cannot listen on {host}:{port}: {why} (another process holds it: stop it, or pick another --port)")
+
 
 class InputsGone(LipsyncError):
     code = "job.inputs_missing"

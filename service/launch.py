@@ -132,8 +132,7 @@ def _check_joined_serve(address: str, host: str, port: int, port_busy: str | Non
                            f"it with --host {http.host} --port {http.port}, or stop Serve there first (`serve "
                            f"shutdown`, which stops every Serve application of the cluster)", stage="serve")
     if http is None and port_busy:
-        raise PortInUse(f"cannot listen on {host}:{port}: {port_busy} (another process holds it: stop it, "
-                        f"or pick another --port)", stage="serve")
+        raise PortInUse.at(host, port, port_busy).with_context(stage="serve")
 
 
 #: The Serve application of the service (one per cluster: the HTTP proxies and the route `/` are shared)
@@ -153,11 +152,11 @@ def _check_no_running_app(client, address: str) -> None:
 
     deadline = time.monotonic() + APP_DELETED_WAIT_S
     while True:
-        app = client.get_serve_status(APP_NAME).app_status.status  # NOT_STARTED: no such application
-        if str(getattr(app, "value", app)) == "NOT_STARTED":
+        status = client.get_serve_status(APP_NAME).app_status.status
+        state = str(getattr(status, "value", status))  # NOT_STARTED: no such application
+        if state == "NOT_STARTED":
             return
-        if str(getattr(app, "value", app)) != "DELETING":
-            state = getattr(app, "value", app)
+        if state != "DELETING":
             raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
                                f"application {APP_NAME!r} is {state}): stop that `lipsync serve` first; if its "
                                f"process is gone, stop the application with `serve shutdown` (every Serve "
