@@ -136,6 +136,20 @@ class Backend:
         except JobNotFound:
             return False
 
+    async def refuse_what_cannot_succeed(self, video: str | None, avatar_id: str | None, model: str | None,
+                                         callback_url: str | None, stored_too: bool = True) -> None:
+        """What a job or batch request can be refused for before its inputs travel or the queue's bound is
+        checked (a request that can never succeed is told why, not to come back later): the template's
+        choice, a named model's size (in a thread: a size not seen before takes up to 0.7 s of CPU; the
+        job manager checks it too), the callback URL and, `stored_too`, the model file and avatar."""
+        from cluster.models import check_named_model
+
+        check_template_choice(video, avatar_id)
+        await asyncio.to_thread(check_named_model, model)
+        await self.check_callback(callback_url)
+        if stored_too:
+            await self.check_model_and_avatar(model, avatar_id)
+
     async def check_model_and_avatar(self, model: str | None, avatar_id: str | None) -> None:
         """A model file the service does not have, an avatar it does not know: refused now (the job manager
         would refuse them at admission), by the service sidecar."""

@@ -1,7 +1,6 @@
 """`/v1/batches`: many audios against one video or avatar, one job each (`<batch>--000`, ...)."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 from datetime import datetime, timezone
 
@@ -9,11 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
-from cluster.models import check_named_model
 from cluster.render import new_job_id
 from cluster.schemas import BatchCreate, BatchView, JobState, batch_job_id
 from service.auth import require_token
-from service.backend import Backend, check_template_choice, get_backend
+from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_responses, field_of
 from service.uploads import json_body, openapi_json_body
 
@@ -33,12 +31,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
         raise ApiProblem(422, "input.invalid", f"a batch of {len(body.audios)} audios can never fit the job queue, "
                          f"which holds at most {settings.max_queued_jobs} unfinished jobs (LIPSYNC_MAX_QUEUED_JOBS): "
                          f"send at most {settings.max_queued_jobs} per batch", "audios")
-    # what can be refused without the inputs is refused before the queue's bound (as `POST /v1/jobs`): a
-    # batch that can never succeed is told why, not to come back later
-    check_template_choice(body.video, body.avatar_id)
-    await asyncio.to_thread(check_named_model, body.model)
-    await backend.check_callback(body.callback_url)
-    await backend.check_model_and_avatar(body.model, body.avatar_id)
+    await backend.refuse_what_cannot_succeed(body.video, body.avatar_id, body.model, body.callback_url)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and \
             not await backend.known(batch_job_id(body.id, 0) if body.id else None):

@@ -1,7 +1,6 @@
 """`/v1/jobs`: submit (multipart upload or JSON), list, read, cancel, and the SSE event stream."""
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import time
@@ -13,10 +12,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.errors import InputTooLarge, LipsyncError
-from cluster.models import check_named_model
 from cluster.schemas import JOB_ID_HEADER, JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
-from service.backend import Backend, check_template_choice, get_backend
+from service.backend import Backend, get_backend
 from service.errors import ApiProblem, error_responses
 from service.uploads import Upload, json_body
 
@@ -68,10 +66,8 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                                  f"{body.id!r}: they must be the same", "id")
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
-            check_template_choice(body.video, body.avatar_id)
-            await asyncio.to_thread(check_named_model, body.model)  # (the job manager checks it too, after
-            # the bound; in a thread: a size not seen before takes up to 0.7 s of CPU)
-            await backend.check_callback(body.callback_url)
+            await backend.refuse_what_cannot_succeed(body.video, body.avatar_id, body.model, body.callback_url,
+                                                     stored_too=False)
             for name in ("audio", "video"):
                 if name in up.files:
                     path, fname = up.files[name]
@@ -80,13 +76,7 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
         else:
             body = await json_body(request, JobCreate, multipart_too=True)
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
-            # what can be refused without the inputs is refused before the queue's bound: a request that can
-            # never succeed is told why, not to come back later
-            check_template_choice(body.video, body.avatar_id)
-            await asyncio.to_thread(check_named_model, body.model)  # (the job manager checks it too, after
-            # the bound; in a thread: a size not seen before takes up to 0.7 s of CPU)
-            await backend.check_callback(body.callback_url)
-            await backend.check_model_and_avatar(body.model, body.avatar_id)
+            await backend.refuse_what_cannot_succeed(body.video, body.avatar_id, body.model, body.callback_url)
             await _admit_unless_known(backend, body.id)
         st = await backend.create_job(body.id, body.audio, body.video, body.avatar_id, body.sync_mode, body.model,
                                       tmpdir, staged, crf=body.crf, sources=sources)
