@@ -402,7 +402,7 @@ def _holds_file_in(proc, directory: str | None) -> bool:
     if not directory:
         return False
     command = proc.cmdline()
-    if not (command and command[0].startswith("ray::") or _runs_from(command[:2], _ray_package_dir())):
+    if not (command and command[0].startswith("ray::") or _runs_from(command, _ray_package_dir())):
         return False
     prefix = os.path.join(os.path.realpath(directory), "")
     return any(f.path.startswith(prefix) for f in proc.open_files())
@@ -413,9 +413,12 @@ def _ray_package_dir() -> str:
 
 
 def _runs_from(command: list[str], directory: str) -> bool:
-    """Whether a command's program (its first word, or an interpreter's script: its second) lies in
-    `directory` (the session directory's own path, under Ray's `.../ray/`, names none of them)."""
-    return any(os.path.realpath(word).startswith(directory) for word in command if os.path.isabs(word))
+    """Whether a command's program (its first word, or an interpreter's script: its first word after the
+    interpreter's options, as in `python -u .../monitor.py`) lies in `directory` (the session directory's own
+    path, under Ray's `.../ray/`, names none of them)."""
+    script = next((word for word in command[1:] if not word.startswith("-")), None)
+    return any(os.path.realpath(word).startswith(directory) for word in (*command[:1], script)
+               if word and os.path.isabs(word))
 
 
 def _carries(proc, variable: str, value: str) -> bool:

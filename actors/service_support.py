@@ -146,9 +146,11 @@ class ManagerGateway:
         try:
             return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, timeout=timeout, **late)
         except ManagerUnavailable as e:  # the id the caller may not have chosen: a retry with it is this job
-            raise ManagerUnavailable(f"{e.message}; job {job_id} was not admitted: submit it again with the id "
-                                     f"{job_id!r} (the same id is the same job)", job_id=job_id, stage="admit",
-                                     cause=e.cause) from e.__cause__
+            fate = "may still be admitted" if id_chosen else "was not admitted"
+            late = ManagerUnavailable(f"{e.message}; job {job_id} {fate}: submit it again with the id {job_id!r} "
+                                      f"(the same id is the same job)", job_id=job_id, stage="admit", cause=e.cause)
+            late.unanswered, late.fate = e.message, fate  # (a batch says what to send again in its own words)
+            raise late from e.__cause__
 
     async def get(self, job_id: str) -> JobStatus:
         return await self.call("get", job_id)

@@ -16,6 +16,9 @@ from pydantic import ValidationError
 
 from cluster.config import Settings
 from cluster.errors import LipsyncError, PortInUse
+from cluster.ports import PORT_WAIT_S
+from cluster.ports import free_port as _free_port
+from cluster.ports import port_in_use as _port_in_use
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
 
 #: The settings a command-line flag sets (`_settings`), named beside their variable when refused
@@ -222,35 +225,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 #: the Ray dashboard's usual port (`lipsync serve` takes a free one when another service holds it)
 DASHBOARD_PORT = 8265
-#: how long `lipsync serve` waits for its port to be free (a killed predecessor's proxy dies a little later)
-PORT_WAIT_S = 15.0
-
-
-def _port_in_use(host: str, port: int, wait_s: float = PORT_WAIT_S) -> str | None:
-    """Why `host:port` cannot be listened on (e.g. another process listens there), or None. A port
-    held by a service that is going away (a restart right after the last one was killed: its Serve
-    proxy dies a few seconds later) is waited for up to `wait_s`."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
-                return None
-        except OSError as e:
-            if time.monotonic() >= deadline:
-                return (e.strerror or str(e)) + (f" for {wait_s:g} s" if wait_s else "")
-        time.sleep(0.5)
-
-
-def _free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -104,6 +104,9 @@ class Backend:
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
         self.batches_admitting: dict[str, int] = {}  # batch id -> its POSTs admitting audios on this replica
+        # batch id -> until when (monotonic) an audio of it answered 503 under the batch's own id may still be
+        # stored by the job manager (`batch_view` does not call the batch failed meanwhile)
+        self.batches_admitted_late: dict[str, float] = {}
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.watch_key = watch_key(token) if token else None
 
@@ -159,9 +162,12 @@ class Backend:
             await self.sidecar("check_model", self.resolve_model(model))
 
     def admission_window_s(self) -> float:
-        """The longest one job's admission may take from its request's staging to its answer: a URL input's
-        download, then the job manager's wait (`ManagerGateway.submit`)."""
-        return self.settings.url_timeout_s + self.settings.admission_timeout_s() + 10
+        """The longest one job's admission may take from its request's staging to its answer: for a URL input
+        the sidecar's check of the model and avatar and the download, then the job manager's wait
+        (`ManagerGateway.submit`), and the callback's registration (each a bounded call; a downloaded
+        input's parts sent to the job manager are not counted: a few calls at the transfer's pace)."""
+        s = self.settings
+        return s.url_timeout_s + s.admission_timeout_s() + 2 * s.actor_call_timeout_s + 10
 
     async def admit_or_429(self) -> None:
         n = await self.gateway.unfinished_count(self.settings.max_queued_jobs)

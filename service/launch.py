@@ -48,6 +48,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     from service.deployment import build_app
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    _deployed = False  # (this start's own; a stop after it deletes only an application it deployed)
     try:
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
@@ -70,7 +71,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     if stopped():  # asked to stop while Ray started: boot nothing more (no pool started only to be stopped)
         return urls
     if address:  # what of a service runs on the cluster already (a detached job manager, Serve) is reused
-        _check_joined_serve(address, host, port, port_busy)
+        _check_joined_serve(address, host, port, port_busy, settings, stop)
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
     if address:
@@ -95,6 +96,10 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         overrides = settings.overrides()  # secrets as their values
         if stopped():
             return urls
+        if address:  # again just before deploying: another service's start may have deployed meanwhile
+            _check_no_running_app(_serve_client(settings), address, settings, stop)
+            if stopped():
+                return urls
         _deployed = True  # (from here a stop deletes the application: it may be half deployed)
         serve.run(build_app(overrides), name=APP_NAME, route_prefix="/", blocking=False)
     finally:
@@ -113,26 +118,58 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     return urls
 
 
-def _check_joined_serve(address: str, host: str, port: int, port_busy: str | None) -> None:
+def _within(call: Callable, timeout_s: float, what: str):
+    """`call()`'s answer, or RenderError once it has not come within `timeout_s` (Ray Serve's client asks
+    its controller with `ray.get` and no deadline: a controller that does not answer hung the start)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    asking = threading.Thread(target=run, name=f"serve-{what}", daemon=True)
+    asking.start()
+    asking.join(timeout_s)
+    if asking.is_alive():
+        raise RenderError(f"Ray Serve's controller did not answer ({what}) within {timeout_s:g} s", stage="serve")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _serve_client(settings: Settings):
+    """The cluster's Serve controller client, None where Serve does not run there (within a call's deadline)."""
+    from ray.serve.context import _get_global_client
+
+    return _within(lambda: _get_global_client(raise_if_no_controller_running=False), settings.actor_call_timeout_s,
+                   "its client")
+
+
+def _check_joined_serve(address: str, host: str, port: int, port_busy: str | None, settings: Settings,
+                        stop: threading.Event | None = None) -> None:
     """On a joined cluster: Ray Serve, once started there, keeps its HTTP proxies' host and port (a
     later start with others is ignored: the service said it was ready on a port nothing listened on).
     `ServiceInUse` when it runs with others; `port_busy` (why the port could not be listened on, said
-    before Ray started) is then a problem only where no Serve of the cluster is what holds it."""
-    from ray.serve.context import _get_global_client
-
+    before Ray started) is then a problem only where no Serve of the cluster is what holds it (and the
+    port is waited for then, up to `PORT_WAIT_S`, as before an embedded start)."""
     from cluster.errors import PortInUse, ServiceInUse
+    from cluster.ports import PORT_WAIT_S, port_in_use
 
-    client = _get_global_client(raise_if_no_controller_running=False)
+    client = _serve_client(settings)
     http = getattr(client, "http_config", None) if client is not None else None
     if client is not None:
-        _check_no_running_app(client, address)
+        _check_no_running_app(client, address, settings, stop)
     if http is not None and (int(http.port) != int(port) or str(http.host) != str(host)):
         raise ServiceInUse(f"Ray Serve already runs on the cluster at {address} with its HTTP proxies on "
                            f"{http.host}:{http.port}, which it keeps (this service asked for {host}:{port}): start "
                            f"it with --host {http.host} --port {http.port}, or stop Serve there first (`serve "
                            f"shutdown`, which stops every Serve application of the cluster)", stage="serve")
-    if http is None and port_busy:
-        raise PortInUse.at(host, port, port_busy).with_context(stage="serve")
+    if http is None and port_busy:  # not Serve's: waited for now as before an embedded start (said before Ray)
+        problem = port_in_use(host, port, wait_s=PORT_WAIT_S)
+        if problem:
+            raise PortInUse.at(host, port, problem).with_context(stage="serve")
 
 
 #: The Serve application of the service (one per cluster: the HTTP proxies and the route `/` are shared)
@@ -143,16 +180,19 @@ _deployed = False
 APP_DELETED_WAIT_S = 60.0
 
 
-def _check_no_running_app(client, address: str) -> None:
+def _check_no_running_app(client, address: str, settings: Settings, stop: threading.Event | None = None) -> None:
     """On a joined cluster: the Serve application `lipsync` outlives the `lipsync serve` that deployed
     it (a SIGKILL, another operator's service): a second one deploying over it, then stopping, left the
     first running with its API gone (404). `ServiceInUse` while it runs; one being deleted (the service
-    stopped just before) is waited for."""
+    stopped just before) is waited for, unless `stop` is set meanwhile (the caller then ends its start)."""
     from cluster.errors import ServiceInUse
 
+    if client is None:
+        return
     deadline = time.monotonic() + APP_DELETED_WAIT_S
-    while True:
-        status = client.get_serve_status(APP_NAME).app_status.status
+    while stop is None or not stop.is_set():
+        status = _within(lambda: client.get_serve_status(APP_NAME), settings.actor_call_timeout_s,
+                         "the application's status").app_status.status
         state = str(getattr(status, "value", status))  # NOT_STARTED: no such application
         if state == "NOT_STARTED":
             return

@@ -46,3 +46,58 @@ def test_a_batch_whose_post_still_admits_audios_is_not_read_as_ended(tmp_path):
     assert not view().state.terminal
     first.created_at = utcnow() - timedelta(seconds=backend.admission_window_s() + 1)
     assert view().state == JobState.failed
+
+
+def _app_whose_manager_times_out_at(tmp_path, audio_index: int):
+    """The real ingress app (no Ray) before a job manager whose admission of a batch's audio `audio_index`
+    outlasts the gateway's wait (`ManagerUnavailable`, as `ManagerGateway.call` raises it)."""
+    from actors.service_support import ManagerGateway, ManagerUnavailable
+    from service.app import create_app
+
+    settings = Settings(storage_root=tmp_path / "st")
+    store: dict[str, JobStatus] = {}
+
+    class Manager(ManagerGateway):
+        async def call(self, method, *args, timeout=None, **kwargs):
+            if method == "list_jobs":
+                return list(store.values())
+            if method == "get":
+                if args[0] not in store:
+                    raise JobNotFound(f"job {args[0]} does not exist", job_id=args[0])
+                return store[args[0]]
+            assert method == "submit", method
+            job_id, request = args[0], args[1]
+            if job_id.endswith(f"--{audio_index:03d}"):
+                raise ManagerUnavailable(f"the job manager did not answer submit within {timeout:.0f} s")
+            store[job_id] = JobStatus(id=job_id, state=JobState.succeeded, created_at=utcnow(), request=request)
+            return store[job_id]
+
+    return create_app(settings, Manager(settings)), store
+
+
+def test_a_batch_answered_503_says_to_send_the_batch_again_and_is_not_failed_while_its_audio_may_be_stored(tmp_path):
+    """A batch whose audio's admission outlasts the ingress's wait: the 503 told the client to submit that
+    audio's job id (`<batch>--000`, an id the API refuses as reserved) and, under the batch's own id, that it
+    "was not admitted" while the job manager may still store it; the batch's view then read `failed`, and
+    `rendering` once the late admission was stored. Now it says to send the batch again under its id, what
+    may have become of that audio, and the view waits one admission window before calling the batch failed."""
+    from fastapi.testclient import TestClient
+
+    app, store = _app_whose_manager_times_out_at(tmp_path, 1)
+    with TestClient(app) as client:
+        r = client.post("/v1/batches", json={"id": "b2", "audios": ["/in/a0.wav", "/in/a1.wav"], "video": "/in/v.mp4"})
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "its job may still be admitted" in message and "send the request again with id b2" in message, message
+        assert "submit it again with the id" not in message, message
+        backend = app.state.backend
+        view = client.get("/v1/batches/b2").json()
+        assert view["state"] == "rendering" and view["counts"] == {"succeeded": 1, "not_admitted": 1}, view
+        backend.batches_admitted_late["b2"] = 0.0  # the admission window over: the audio was not stored
+        assert client.get("/v1/batches/b2").json()["state"] == "failed"
+    app, store = _app_whose_manager_times_out_at(tmp_path, 0)
+    with TestClient(app) as client:  # no id: the ingress minted it, and the manager stores nothing late
+        r = client.post("/v1/batches", json={"audios": ["/in/a0.wav"], "video": "/in/v.mp4"})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 503 and "its job was not admitted" in message, message
+        assert "send the request again with id " in message and "--000'" not in message, message

@@ -444,3 +444,51 @@ def test_joining_a_cluster_without_its_token_is_one_typed_error(monkeypatch, tmp
         runtime.connect(Settings(storage_root=tmp_path), address="127.0.0.1:6499")
     assert info.value.stage == "connect" and "RAY_AUTH_TOKEN" in info.value.message, info.value
     assert "the Ray cluster at 127.0.0.1:6499" in info.value.message
+
+
+def test_a_joined_start_waits_for_its_port_and_for_a_deleted_app_within_deadlines(monkeypatch, tmp_path):
+    """Joining a cluster whose Serve does not hold the port: a port still held by something going away is
+    waited for (up to PORT_WAIT_S, as before an embedded start; it was refused at once), then refused as
+    `service.port_in_use`. The wait for a deleted application ends when the start is stopped, and a Serve
+    controller that does not answer is a typed error within the call's deadline (it hung the start)."""
+    import socket
+    import threading
+
+    from cluster.config import Settings
+    from cluster.errors import LipsyncError, PortInUse
+    from service import launch
+
+    settings = Settings(storage_root=tmp_path / "st", actor_call_timeout_s=0.5)
+    monkeypatch.setattr(launch, "_serve_client", lambda s: None)  # no Serve on the cluster
+    monkeypatch.setattr("cluster.ports.PORT_WAIT_S", 3.0)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    threading.Timer(0.8, held.close).start()  # let go while the start waits
+    launch._check_joined_serve("ray://head:10001", "127.0.0.1", port, "Address already in use", settings)
+    with socket.socket() as keeps:
+        keeps.bind(("127.0.0.1", 0))
+        keeps.listen()
+        with pytest.raises(PortInUse, match=r"Address already in use .* for 3 s"):
+            launch._check_joined_serve("ray://head:10001", "127.0.0.1", keeps.getsockname()[1], "in use", settings)
+
+    class Deleting:  # an application being deleted for ever
+        def get_serve_status(self, name):
+            status = type("S", (), {"status": "DELETING"})()
+            return type("O", (), {"app_status": status})()
+
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    launch._check_no_running_app(Deleting(), "ray://head:10001", settings, stop)
+    assert time.monotonic() - t0 < 5
+
+    class Silent:
+        def get_serve_status(self, name):
+            time.sleep(30)
+
+    t0 = time.monotonic()
+    with pytest.raises(LipsyncError, match=r"did not answer \(the application's status\) within 0.5 s"):
+        launch._check_no_running_app(Silent(), "ray://head:10001", settings)
+    assert time.monotonic() - t0 < 5

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -512,10 +513,11 @@ def test_only_an_admission_under_a_minted_id_is_refused_when_it_ends_late(tmp_pa
     """An admission that outlasted the gateway's wait (a large input copied from slow storage) was refused
     for every id, and a client's retry with its own id redid the whole admission and was refused again,
     for ever. Only an id the service minted (its client learns it from the 503) gets a deadline; under a
-    chosen id a late admission is stored, and the retry is answered it."""
+    chosen id a late admission is stored, and the retry is answered it: its 503 says the job may still be
+    admitted (it said "was not admitted", and the job then rendered)."""
     import asyncio
 
-    from actors.service_support import ManagerGateway
+    from actors.service_support import ManagerGateway, ManagerUnavailable
     from cluster.config import Settings
 
     gateway = ManagerGateway(Settings(storage_root=tmp_path))
@@ -523,11 +525,17 @@ def test_only_an_admission_under_a_minted_id_is_refused_when_it_ends_late(tmp_pa
 
     async def call(method, *args, timeout=None, **kwargs):
         calls.append((method, kwargs))
+        raise ManagerUnavailable(f"the job manager did not answer {method} within {timeout:.0f} s")
 
     gateway.call = call
-    asyncio.run(gateway.submit("chosen", None))
-    asyncio.run(gateway.submit("minted", None, id_chosen=False))
+    told = []
+    for job_id, chosen in (("chosen", True), ("minted", False)):
+        with pytest.raises(ManagerUnavailable) as raised:
+            asyncio.run(gateway.submit(job_id, None, id_chosen=chosen))
+        told.append(raised.value.message)
     assert calls[0] == ("submit", {}) and calls[1][1]["within_s"] >= 60, calls
+    assert "job chosen may still be admitted: submit it again with the id 'chosen'" in told[0], told
+    assert "job minted was not admitted: submit it again with the id 'minted'" in told[1], told
 
 
 def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(runtime, ray_settings, speech4_wav,
@@ -554,3 +562,25 @@ def test_an_admission_that_ends_after_its_caller_stopped_waiting_is_not_stored(r
     from cluster.render import job_dir
 
     assert not job_dir(job_id, ray_settings).exists()
+
+
+def test_a_ray_daemon_run_by_an_interpreter_with_options_is_known_as_ray(tmp_path):
+    """`kill_embedded_ray`'s fallback knows a Ray process holding files in its session directory by its
+    program or its interpreter's script in Ray's package: `python -u .../autoscaler/_private/monitor.py` (the
+    option was taken for the script), not a `tail -f` of a log there, nor `python -c <code>`."""
+    from types import SimpleNamespace
+
+    from actors.runtime import _holds_file_in, _ray_package_dir
+
+    session = tmp_path / "ray" / "session_1"
+    log = str(session / "logs" / "monitor.log")
+
+    def process(*command: str):
+        return SimpleNamespace(cmdline=lambda: list(command), open_files=lambda: [SimpleNamespace(path=log)])
+
+    ray_dir, python = _ray_package_dir(), sys.executable
+    assert _holds_file_in(process(python, "-u", ray_dir + "autoscaler/_private/monitor.py", "--logs-dir=x"), session)
+    assert _holds_file_in(process(python, ray_dir + "dashboard/dashboard.py"), session)
+    assert _holds_file_in(process(ray_dir + "core/src/ray/raylet/raylet", "--raylet_socket_name=x"), session)
+    assert not _holds_file_in(process("/usr/bin/tail", "-f", log), session)
+    assert not _holds_file_in(process(python, "-B", "-c", "from multiprocessing.forkserver import main"), session)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Request
@@ -60,12 +61,19 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                     field = field_of(e, {"audio": str(audio), "video": body.video, "avatar_id": body.avatar_id,
                                          "model": body.model}) if isinstance(e, LipsyncError) else None
                     e.field = "audios" if field in (None, "audio") else field
-                if i:
-                    accepted = (f"its job {batch_job_id(batch_id, 0)} was" if i == 1 else
-                                f"its jobs {batch_job_id(batch_id, 0)} to {batch_job_id(batch_id, i - 1)} were")
-                    e.message = (f"batch {batch_id}: audio {i} ({audio}): {e.message}; {accepted} accepted (send "
-                                 f"the request again with id {batch_id}: jobs already accepted are not submitted "
-                                 f"twice)")
+                unanswered = getattr(e, "unanswered", None)  # the job manager's answer did not come in time
+                if i or unanswered is not None:  # the batch is sent again under its id, not its job's
+                    accepted = ("" if i == 0 else f"; its job {batch_job_id(batch_id, 0)} was accepted" if i == 1 else
+                                f"; its jobs {batch_job_id(batch_id, 0)} to {batch_job_id(batch_id, i - 1)} were "
+                                f"accepted")
+                    said = e.message if unanswered is None else f"{unanswered}; its job {e.fate}"
+                    e.message = (f"batch {batch_id}: audio {i} ({audio}): {said}{accepted} (send the request again "
+                                 f"with id {batch_id}: jobs already accepted are not submitted twice)")
+                if unanswered is not None and body.id is not None:  # stored late, maybe: not `failed` meanwhile
+                    now, late = time.monotonic(), backend.batches_admitted_late
+                    for gone in [b for b, until in late.items() if until <= now]:
+                        del late[gone]
+                    late[batch_id] = now + backend.admission_window_s()
                 raise
     finally:
         if (left := admitting.pop(batch_id) - 1) > 0:
@@ -130,11 +138,13 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
 
 
 def _may_be_admitting(backend: Backend, batch_id: str, jobs: list) -> bool:
-    """Whether a request may still be admitting audios of the batch: one on this replica is, or, where
+    """Whether a request may still be admitting audios of the batch: one on this replica is (or was answered
+    503 within one admission window, under the batch's own id: the job manager may still store that audio's
+    job, `ManagerGateway.submit`), or, where
     the service has other ingress replicas (which may hold it), its newest job was admitted less than one
     job's admission window ago. (A view read while its POST admitted a slow audio said `failed`, and
     `succeeded` once that audio rendered.)"""
-    if batch_id in backend.batches_admitting:
+    if batch_id in backend.batches_admitting or time.monotonic() < backend.batches_admitted_late.get(batch_id, 0):
         return True
     if backend.settings.serve_replicas <= 1:
         return False
