@@ -460,17 +460,17 @@ def test_a_joined_start_waits_for_its_port_and_for_a_deleted_app_within_deadline
 
     settings = Settings(storage_root=tmp_path / "st", actor_call_timeout_s=0.5)
     monkeypatch.setattr(launch, "_serve_client", lambda s: None)  # no Serve on the cluster
-    monkeypatch.setattr("cluster.ports.PORT_WAIT_S", 3.0)
+    monkeypatch.setattr("cluster.ports.PORT_WAIT_S", 1.5)
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
     port = held.getsockname()[1]
-    threading.Timer(0.8, held.close).start()  # let go while the start waits
+    threading.Timer(0.4, held.close).start()  # let go while the start waits
     launch._check_joined_serve("ray://head:10001", "127.0.0.1", port, "Address already in use", settings)
     with socket.socket() as keeps:
         keeps.bind(("127.0.0.1", 0))
         keeps.listen()
-        with pytest.raises(PortInUse, match=r"Address already in use .* for 3 s"):
+        with pytest.raises(PortInUse, match=r"Address already in use .* for 1.5 s"):
             launch._check_joined_serve("ray://head:10001", "127.0.0.1", keeps.getsockname()[1], "in use", settings)
 
     class Deleting:  # an application being deleted for ever
