@@ -48,21 +48,27 @@ def _model_spec(model: str) -> str:
 
 def _output_problem(path: Path) -> str | None:
     """Why an output file cannot be written at `path` (checked before any work), or None."""
-    if path.is_dir():
-        return "is a directory (give a file name, e.g. out.mp4)"
-    parent = path.parent
-    if not parent.is_dir():
-        return f"its directory {parent} does not exist"
-    import os
-
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"its directory {parent} is not writable"
+    try:
+        if path.is_dir():
+            return "is a directory (give a file name, e.g. out.mp4)"
+        parent = path.parent
+        if not parent.is_dir():
+            return f"its directory {parent} does not exist"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"its directory {parent} is not writable"
+        if len(os.fsencode(path.name)) > os.pathconf(parent, "PC_NAME_MAX"):
+            return f"its name is longer than its file system takes ({len(os.fsencode(path.name))} bytes)"
+    except (OSError, ValueError) as e:  # a name the system refuses (NUL, too long)
+        return f"cannot be used: {getattr(e, 'strerror', None) or e}"
     return None
 
 
 def _refused_output(output: str | None, what: str = "output") -> bool:
     """Print why `output` cannot be written (`_output_problem`) and say so; False when it can."""
-    problem = _output_problem(Path(output).expanduser().resolve()) if output else None
+    try:
+        problem = _output_problem(Path(output).expanduser().resolve()) if output else None
+    except (OSError, RuntimeError, ValueError) as e:  # resolve: a symlink loop, a name the system refuses
+        problem = f"cannot be used: {getattr(e, 'strerror', None) or e}"
     if problem:
         print(f"lipsync: error: input.invalid: {what} {output}: {problem}", file=sys.stderr)
     return problem is not None
@@ -469,10 +475,15 @@ def _client_call(fn) -> int:
 def _local_input_problem(value: str | None, name: str) -> tuple[str, str] | None:
     """Why `value` cannot be a `submit` input, as (code, message): not a URL, not an existing local
     file, and not an absolute path (which may name a file under the server's input roots)."""
-    if value is None or "://" in value or Path(value).expanduser().is_file():
+    if value is None or "://" in value:
         return None
-    if Path(value).expanduser().is_dir():
-        return "input.invalid", f"{name} {value} is a directory, not a file"
+    try:
+        if Path(value).expanduser().is_file():
+            return None
+        if Path(value).expanduser().is_dir():
+            return "input.invalid", f"{name} {value} is a directory, not a file"
+    except (OSError, ValueError) as e:  # a name the system refuses (NUL, too long): no file here, nor there
+        return "input.invalid", f"{name} {value}: {getattr(e, 'strerror', None) or e}"
     if Path(value).is_absolute():
         return None  # a server-side path: the server judges it
     return "input.not_found", f"{name} file {value} does not exist (a server-side path must be absolute)"
@@ -634,7 +645,9 @@ def cmd_live(args: argparse.Namespace) -> int:
                 if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one
                     raise ended
                 print(f"lipsync: the session reached --max-seconds ({args.max_seconds:g} s) before the end of "
-                      f"{args.audio}: what it received is in its stream and recording", file=sys.stderr)
+                      f"{args.audio}: it ended then, and its stream and recording hold what it had rendered by then "
+                      f"({view.seconds_rendered:.2f} of the {view.seconds_received:.2f} s of speech it received)",
+                      file=sys.stderr)
             if args.recording:
                 session.download_recording(args.recording)
                 print(f"wrote {args.recording}", file=sys.stderr)

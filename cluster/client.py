@@ -143,7 +143,14 @@ class _Download:
     def __init__(self, job_id: str, path: str | os.PathLike) -> None:
         self.job_id = job_id
         dest = Path(path).expanduser()
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:  # said before a byte is fetched (it failed at the end, leaving the whole file as `.part`)
+            if dest.is_dir():
+                raise InputError(f"download of job {job_id}: {dest} is a directory (give a file name, e.g. "
+                                 f"out.mp4)", path=str(dest))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as e:  # a name the system refuses, a parent that is a file or not writable
+            raise InputError(f"download of job {job_id}: {dest} cannot be written: "
+                             f"{getattr(e, 'strerror', None) or e}", path=str(dest)) from None
         self.partial = _Partial(dest)
         self.size: int | None = None
         self.have = 0
@@ -328,7 +335,10 @@ def _q(id_: str) -> str:
 
 def _is_local_file(value: str | os.PathLike) -> bool:
     s = str(value)
-    return "://" not in s and Path(s).expanduser().is_file()
+    try:
+        return "://" not in s and Path(s).expanduser().is_file()
+    except (OSError, ValueError):  # a name the system refuses (NUL, too long): no file here; the server judges it
+        return False
 
 
 def _retryable(r: httpx.Response, idempotent: bool) -> bool:
@@ -1085,18 +1095,20 @@ class AsyncClient(_Base):
     async def events(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobView]:
         """The async twin of `Client.events`."""
         deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
-        async for event, data in self._events_of(job_id, None, deadline):
-            if event in STATUS_EVENTS:
-                yield JobView.model_validate_json(data)
+        async with contextlib.aclosing(self._events_of(job_id, None, deadline)) as stream:  # closed with this
+            async for event, data in stream:
+                if event in STATUS_EVENTS:
+                    yield JobView.model_validate_json(data)
 
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
         """The async twin of `Client.segments`."""
         deadline = _Deadline(timeout, f"job {job_id}: segments still coming after {timeout or 0:.1f} s")
         following = 0
-        async for event, data in self._events_of(job_id, {"segments": 1}, deadline):
-            if event == "segment" and (segment := HlsSegment.model_validate_json(data)).index >= following:
-                following = segment.index + 1
-                yield _segment_urls(self, segment)
+        async with contextlib.aclosing(self._events_of(job_id, {"segments": 1}, deadline)) as stream:
+            async for event, data in stream:
+                if event == "segment" and (segment := HlsSegment.model_validate_json(data)).index >= following:
+                    following = segment.index + 1
+                    yield _segment_urls(self, segment)
 
     async def fetch(self, segment: HlsSegment | str) -> bytes:
         """The async twin of `Client.fetch`."""
@@ -1107,10 +1119,11 @@ class AsyncClient(_Base):
         """The async twin of `Client.wait`."""
         w = _Wait(job_id, progress, timeout)
         try:
-            try:
-                async for view in self.events(job_id, timeout=w.left()):
-                    if w.seen(view):
-                        break
+            try:  # the stream closed as the loop ends (left open, the event loop's shutdown closed it: an error)
+                async with contextlib.aclosing(self.events(job_id, timeout=w.left())) as views:
+                    async for view in views:
+                        if w.seen(view):
+                            break
             except (httpx.HTTPError, ApiError, WaitTimeout) as e:  # polled below (past the deadline: raised)
                 w.stream_broke(e)
             while w.polling():

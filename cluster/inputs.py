@@ -39,19 +39,26 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
     """The real path of a server-side input, which must lie under one of `settings.input_roots`
     (symlinks and '..' resolved first). Raises `input.outside_roots` naming the path otherwise,
     and `input.not_found` for a missing file."""
+    if "\0" in path:  # (the system refuses it: said as the input's mistake, not the job manager's failure)
+        raise InputError(f"input path {path!r} holds a NUL character", path=path)
     given = Path(path).expanduser()
     if not given.is_absolute():
         raise InputOutsideRoots(f"input path {path} is not absolute (server-side paths must be absolute "
                                 f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
-    real = given.resolve()
+    try:
+        real = given.resolve()
+        st = real.stat() if real.exists() else None
+    except (OSError, RuntimeError) as e:  # a name longer than the file system takes (ENAMETOOLONG), a symlink
+        # loop (ELOOP; Python's resolve says it as a RuntimeError)
+        reason = getattr(e, "strerror", None) or ("a symlink loop" if isinstance(e, RuntimeError) else str(e))
+        raise InputError(f"input path {path} cannot be used: {reason}", path=path) from None
     roots = settings.input_root_paths
     if not any(real == root or root in real.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
         raise InputOutsideRoots(f"input path {path} (resolved: {real}) is outside the allowed input roots: "
                                 f"{allowed}", path=path)
-    if not real.exists():
+    if st is None:
         raise InputNotFound(f"input file {path} does not exist", path=path)
-    st = real.stat()
     if stat.S_ISDIR(st.st_mode):  # a mistake, not an attempt: said as one
         raise InputError(f"input path {path} is a directory, not a file", path=path)
     if not stat.S_ISREG(st.st_mode):  # a device or a pipe: never read

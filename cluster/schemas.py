@@ -230,6 +230,15 @@ class JobOptions(BaseModel):
     callback_url: str | None = Field(None, max_length=2048,
                                      description="POSTed the final status (HMAC-SHA256 signed) when the job ends")
 
+    @field_validator("crf", mode="before")
+    @classmethod
+    def _crf_is_a_number(cls, value):
+        """JSON `true` was taken as CRF 1 (a near-lossless encode, four times the bytes): a number only (a form
+        field's text, "20", stays one)."""
+        if isinstance(value, bool):
+            raise ValueError("expected a number from 0 to 51, not true or false")
+        return value
+
 
 class JobCreate(JobOptions):
     """`POST /v1/jobs` as JSON: inputs are http(s) URLs, paths under the server's input roots, or the `ref` of

@@ -317,6 +317,11 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         ("submit video and avatar", [*CLI, "submit", str(inputs["speech"]), str(inputs["template"]), "--avatar",
                                      "0123456789abcdef", *nowhere], 2, "not both"),
         ("download onto a dir", [*CLI, "download", "job1", str(out_dir), *nowhere], 2, "is a directory"),
+        # names longer than the file system takes: tracebacks (OSError: File name too long)
+        ("download onto a name too long", [*CLI, "download", "job1", str(workdir / ("x" * 300 + ".mp4")), *nowhere],
+         2, "input.invalid: output"),
+        ("submit a name too long", [*CLI, "submit", "y" * 300 + ".wav", str(inputs["template"]), *nowhere], 2,
+         "input.invalid: audio yyy"),
         ("live missing audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", "typo.wav", *nowhere], 2,
          "audio file typo.wav does not exist"),
         ("live empty audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", str(empty), *nowhere], 2,

@@ -252,3 +252,67 @@ def test_a_recording_asked_for_while_its_session_still_ends_is_waited_for(tmp_pa
         c, view).download_recording(tmp_path / f"rec-{type(c).__name__}.mp4", timeout=30))
     for outcome, seen in outcomes:
         assert len(seen) == 2 and outcome.read_bytes() == b"mp4 bytes", (outcome, seen)
+
+
+def test_the_async_wait_closes_its_event_stream_when_the_job_ends():
+    """`AsyncClient.wait` left its event stream's generators open once the job ended: the event loop's
+    shutdown closed them, and printed "an error occurred during closing of asynchronous generator" after
+    every wait. Against a real HTTP server on loopback (in-process transports do not show it)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/jobs/j1/events")
+    async def events():
+        async def body():
+            yield f"event: status\ndata: {json.dumps(VIEW)}\n\n"
+            await asyncio.sleep(0.2)
+            yield f"event: status\ndata: {json.dumps({**VIEW, 'state': 'succeeded', 'stage': 'done'})}\n\n"
+            await asyncio.sleep(30)  # a stream the server keeps open: the client ends it
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/v1/jobs/j1")
+    async def get():
+        return JSONResponse({**VIEW, "state": "succeeded", "stage": "done"})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.05)
+        problems = []
+
+        async def main():
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context["message"]))
+            async with AsyncClient(f"http://127.0.0.1:{port}") as c:
+                return await c.wait("j1", timeout=20)
+
+        assert asyncio.run(main()).state.value == "succeeded"
+        assert problems == [], problems
+    finally:
+        server.should_exit = True
+
+
+def test_a_download_onto_a_directory_is_refused_before_a_byte_is_fetched(tmp_path):
+    """`download(job, <a directory>)` fetched the whole result, then failed to rename it (IsADirectoryError),
+    leaving `<dir>.part` beside it; a name longer than the file system takes raised OSError. Both faces now
+    raise InputError naming the path, before any request."""
+    from cluster.errors import InputError
+
+    for target, says in ((tmp_path, "is a directory"), (tmp_path / ("x" * 300 + ".mp4"), "cannot be written")):
+        for outcome, seen in _both(lambda request, n: httpx.Response(200, content=b"x"),
+                                   lambda c, target=target: c.download("j1", target)):
+            assert isinstance(outcome, InputError) and says in outcome.message, outcome
+            assert seen == [], seen
+    assert not list(tmp_path.parent.glob(tmp_path.name + ".part*"))

@@ -52,6 +52,18 @@ def test_no_roots_configured_refuses_every_path(roots):
         resolve_input_path(str(allowed / "a.wav"), settings.model_copy(update={"input_roots": ""}))
 
 
+def test_paths_the_system_cannot_take_are_the_inputs_mistake(roots):
+    """A NUL character, a name longer than the file system takes, a symlink loop: the system's ValueError
+    and OSError (ENAMETOOLONG, ELOOP) became the job manager's `render.failed`, HTTP 500. Now each is
+    `input.invalid` naming the path (HTTP 400)."""
+    settings, allowed, _ = roots
+    os.symlink(allowed / "loop.wav", allowed / "loop.wav")
+    for path in (f"{allowed}/a\0.wav", f"{allowed}/{'x' * 300}.wav", str(allowed / "loop.wav")):
+        with pytest.raises(InputError) as e:
+            resolve_input_path(path, settings)
+        assert e.value.code == "input.invalid" and e.value.path == path, e.value
+
+
 def test_missing_file_under_a_root_is_not_found(roots):
     settings, allowed, _ = roots
     with pytest.raises(InputNotFound):

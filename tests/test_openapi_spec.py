@@ -56,3 +56,19 @@ def test_an_empty_input_is_refused_by_its_field():
     with pytest.raises(ValidationError) as e:
         BatchCreate(audios=["a.wav", ""], video="v.mp4")
     assert e.value.errors()[0]["loc"] == ("audios", 1)
+
+
+def test_a_crf_of_true_or_false_is_refused():
+    """JSON `"crf": true` was taken as CRF 1 (a near-lossless encode at four times the bytes, shown nowhere);
+    a number, and a form field's text of one, stay accepted."""
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.schemas import BatchCreate, JobCreate
+
+    for model, fields in ((JobCreate, {"audio": "a.wav"}), (BatchCreate, {"audios": ["a.wav"]})):
+        for flag in (True, False):
+            with pytest.raises(ValidationError, match="not true or false") as e:
+                model(**fields, crf=flag)
+            assert e.value.errors()[0]["loc"] == ("crf",)
+        assert model(**fields, crf=20).crf == model(**fields, crf="20").crf == 20

@@ -281,15 +281,12 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
     server refuses shows its close code and reason; Speak streams the microphone's PCM to a session
     whose live HLS plays in the page's <video>; Stop ends the speech; End session ends the session,
     and its recording (downloaded through the page) holds the microphone's speech and the video."""
-    import json
-
     import numpy as np
 
     from cluster.media.probe import read_media_info
 
     api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=30)
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
-    page.add_init_script(f"sessionStorage.setItem('lipsync.token', {json.dumps(service.token)})")
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     sessions: list[str] = []
@@ -297,7 +294,12 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
              "return [v.currentTime, v.videoWidth, v.readyState]; })()"
     try:
         page.goto(service.url + "/")
+        # the token typed on the Live tab: its avatar list, left empty by the 401 before, is read again
+        # (it stayed empty, and Speak said "Prepare an avatar first")
         page.click("[data-tab=live]")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#token-input", service.token)
+        page.press("#token-input", "Enter")
         page.locator(f"#live-avatar option[value='{live_avatar}']").wait_for(state="attached", timeout=15_000)
         page.select_option("#live-avatar", live_avatar)
 

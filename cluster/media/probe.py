@@ -16,6 +16,7 @@ import av
 
 from cluster.config import Settings, get_settings
 from cluster.errors import (
+    InputError,
     InputNotFound,
     InputTooLarge,
     InputTooLong,
@@ -52,10 +53,14 @@ def check_input_file(path: str | os.PathLike, settings: Settings | None = None) 
     (`UnsafeInput`; such files make ffmpeg open other files or URLs). Returns the path."""
     s = settings or get_settings()
     p = Path(path)
-    if not p.is_file():
-        raise InputNotFound(f"input file {p} does not exist (or is not a regular file)",
-                            path=str(p))
-    size = p.stat().st_size
+    try:
+        if not p.is_file():
+            raise InputNotFound(f"input file {p} does not exist (or is not a regular file)",
+                                path=str(p))
+        size = p.stat().st_size
+    except (OSError, ValueError) as exc:  # a name the system refuses (NUL, too long)
+        raise InputError(f"input file {p} cannot be used: {getattr(exc, 'strerror', None) or exc}",
+                         path=str(p)) from None
     if size == 0:
         raise InputUnreadable(f"input file {p} is empty", path=str(p))
     if size > s.max_upload_bytes:

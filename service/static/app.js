@@ -204,6 +204,11 @@ function tokenChanged() {
   loadAvatars();
   loadJobs(false);
   if (current) followJob(current);
+  // the tab on screen reads again what its 401 left empty (the Live tab's avatars: "Prepare an avatar first")
+  const shown = document.querySelector("[data-panel]:not([hidden])");
+  if (shown && shown.dataset.panel !== "avatars" && shown.dataset.panel !== "jobs") {
+    for (const listener of tabListeners[shown.dataset.panel] || []) listener();
+  }
 }
 
 $("token-form").addEventListener("submit", (e) => {
