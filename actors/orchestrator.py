@@ -60,6 +60,26 @@ def request_key(request: RenderRequest) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
+def changed_server_input(request: RenderRequest, had: RenderRequest | None, settings: Settings) -> str | None:
+    """Which server-path input of a resubmitted `request` no longer holds what job `had` copied from it at its
+    admission (said as the input and how), or None. The request's key names paths, not contents: a file
+    replaced under the same path and sent again under the same id was answered the old job and its video.
+    Upload references are their contents' digests already; a copy retention removed cannot be compared."""
+    from cluster.inputs import is_upload_ref, resolve_input_path, same_content
+
+    for name in ("audio", "video"):
+        given, copy = getattr(request, name), getattr(had, name, None) if had is not None else None
+        if given is None or copy is None or is_upload_ref(given) or not os.path.isfile(copy):
+            continue
+        try:
+            path = resolve_input_path(given, settings)
+        except LipsyncError:  # gone since (a retry after the user cleaned up): the job has its copy
+            continue
+        if not same_content(path, Path(copy)):
+            return f"the {name} file {given} has changed since the job was submitted (send it under a new id)"
+    return None
+
+
 def default_owner(settings: Settings) -> str:
     """The owner of jobs admitted by a long-lived deployment (a cluster's job manager)."""
     return f"cluster:{settings.namespace}"
@@ -193,7 +213,7 @@ class JobManager:
         await self._wait_booted()
         key = request_key(request)
         if self.store.exists(job_id):
-            return self._resubmitted(job_id, key, request)
+            return await self._resubmitted(job_id, key, request)
         while (admitting := self._admitting.get(job_id)) is not None:
             # the same id being admitted (a client's retry of a submission its gateway gave up on): that
             # admission's outcome, not a second one beside it (bounded: the gateway's own wait ends sooner)
@@ -203,7 +223,7 @@ class JobManager:
                 raise AdmissionTooLate(f"job {job_id} is still being admitted after {self.s.ffmpeg_timeout_s:.0f} s: "
                                        f"ask again later", job_id=job_id, stage="admit") from None
             if self.store.exists(job_id):
-                return self._resubmitted(job_id, key, request)
+                return await self._resubmitted(job_id, key, request)
         if request.output is not None:
             other = self.store.job_writing_to(str(Path(request.output).expanduser().resolve()))
             if other is not None:
@@ -239,18 +259,22 @@ class JobManager:
         finally:
             self._admitting.pop(job_id).set()
         if not created:  # the same id was admitted concurrently
-            return self._resubmitted(job_id, key, request)
+            return await self._resubmitted(job_id, key, request)
         log.info("job %s accepted", job_id, extra={"job_id": job_id})
         self.machine.start(job_id)
         return self.get(job_id)
 
-    def _resubmitted(self, job_id: str, key: str, request: RenderRequest) -> JobStatus:
+    async def _resubmitted(self, job_id: str, key: str, request: RenderRequest) -> JobStatus:
         stored = self.store.request_key(job_id)
         if stored is not None and stored != key:
             raise JobConflict(f"job {job_id} already exists with other inputs or options", job_id=job_id,
                               stage="admit")
+        had = self.store.get(job_id).request
+        changed = await asyncio.to_thread(changed_server_input, request, had, self.s)
+        if changed is not None:
+            raise JobConflict(f"job {job_id} already exists with other inputs: {changed}", job_id=job_id,
+                              stage="admit")
         if request.batch_size is not None:  # the first job of a batch: the same batch has as many audios
-            had = self.store.get(job_id).request
             if had is not None and had.batch_size is not None and had.batch_size != request.batch_size:
                 raise JobConflict(f"batch job {job_id} was submitted in a batch of {had.batch_size} audios, not "
                                   f"{request.batch_size}", job_id=job_id, stage="admit")

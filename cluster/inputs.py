@@ -196,3 +196,10 @@ class UploadStore:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (sizes first, then the bytes)."""
+    import filecmp
+
+    return filecmp.cmp(a, b, shallow=False)

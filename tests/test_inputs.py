@@ -196,3 +196,34 @@ def test_an_upload_on_a_full_or_read_only_disk_is_refused_as_resource_disk_and_k
     monkeypatch.setattr(inputs.Path, "write_bytes", read_only)
     with pytest.raises(DiskFull, match="the storage is read-only during upload"):
         store.begin("speech.wav")
+
+
+def test_a_server_file_replaced_under_its_path_is_another_input(roots, tmp_path):
+    """The same id sent again naming the same server path, whose file was replaced meanwhile, was answered the
+    old job and its video (the job's key names paths, not contents). `changed_server_input` compares the file
+    with the copy the job was admitted with: the job manager then refuses it as `job.conflict`. The same bytes,
+    an upload reference, a file gone since, or a copy retention removed are the same job, as before."""
+    from actors.orchestrator import changed_server_input
+    from cluster.schemas import RenderRequest
+
+    settings, allowed, _ = roots
+    (allowed / "v.mp4").write_bytes(b"video")
+    copies = tmp_path / "job" / "inputs"
+    copies.mkdir(parents=True)
+    (copies / "audio.wav").write_bytes(b"a")
+    (copies / "video.mp4").write_bytes(b"video")
+    had = RenderRequest(audio=str(copies / "audio.wav"), video=str(copies / "video.mp4"))
+    again = RenderRequest(audio=str(allowed / "a.wav"), video=str(allowed / "v.mp4"))
+    assert changed_server_input(again, had, settings) is None
+    (allowed / "a.wav").write_bytes(b"b")  # replaced: the same size, other bytes
+    assert "the audio file" in changed_server_input(again, had, settings)
+    (allowed / "a.wav").write_bytes(b"a")
+    (allowed / "v.mp4").write_bytes(b"another video")
+    assert "the video file" in changed_server_input(again, had, settings)
+    (allowed / "v.mp4").unlink()  # gone since: the job has its copy
+    assert changed_server_input(again, had, settings) is None
+    (copies / "audio.wav").unlink()  # its copy removed by retention: nothing to compare
+    (allowed / "a.wav").write_bytes(b"c")
+    assert changed_server_input(again, had, settings) is None
+    upload = RenderRequest(audio="upload:" + "0" * 64 + ".wav", video=str(copies / "video.mp4"))
+    assert changed_server_input(upload, had, settings) is None
