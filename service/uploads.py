@@ -125,7 +125,15 @@ class Upload:
             name = p.get(b"name", b"").decode("utf-8", "replace")
             filename = p.get(b"filename")
             state["name"], state["size"] = name, 0
-            if filename is not None and name in ("audio", "video", "file"):
+            if filename is not None and name not in ("audio", "video", "file"):  # read as text, it was told it was
+                # "longer than 16384 bytes", or (a small one) an extra input: the field is the mistake
+                wrong = InputError(f"{name}: a file in a form field that takes none (files go in the fields audio "
+                                   f"and video, or file for /v1/uploads)", path=name)
+                wrong.field = name
+                problem.append(wrong)
+                state["file"], state["text"] = None, bytearray()
+                return
+            if filename is not None:
                 if name in self.files or name in self.fields:  # one value per field: no silent choice, and
                     problem.append(_repeated(name))          # a body cannot fill the disk with repeats
                     state["file"], state["text"] = None, bytearray()

@@ -86,3 +86,14 @@ def test_a_json_route_names_a_body_of_another_type_that_is_not_json(ctype, body,
         assert "multipart/form-data" in e.value.message
     else:
         assert asyncio.run(json_body(request, JobCreate)).audio == "a.wav"
+
+
+@pytest.mark.parametrize("size", [44, 40_000])
+def test_a_file_under_a_field_that_takes_none_is_refused_naming_the_field(size, tmp_path):
+    """`-F sound=@speech.wav`: a large file was read as a text field ("sound: form field longer than 16384
+    bytes", no field named), a small one was an extra input; either way the field is the mistake."""
+    from cluster.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        _read(_multipart(("sound", "speech.wav", b"\0" * size), ("video", "v.mp4", b"....")), tmp_path)
+    assert refused.value.field == "sound" and "a file in a form field that takes none" in refused.value.message
