@@ -360,6 +360,18 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     nested = http.post("/easy/submit", content=b"[" * 100000 + b"]" * 100000,
                        headers={"content-type": "application/json"})
     assert nested.status_code == 200 and nested.json()["code"] == 10002, nested.text[:200]
+    # a field of the wrong kind is named in plain words (it was pydantic's text, "the body must be a JSON object"
+    # and a link to its docs); a body that is not an object says what it is
+    r = http.post("/easy/submit", json={"audio_url": 123, "video_url": "v.mp4", "code": "kind"}).json()
+    assert r["code"] == 10002 and r["msg"] == "bad parameter: audio_url: Input should be a valid string", r
+    r = http.post("/easy/submit", json=[1]).json()
+    assert r["msg"] == "bad parameter: the body must be a JSON object, not an array", r
+    # a server path the system cannot take (a NUL in it, a name too long): the input's mistake, 400 (it was a 500)
+    for bad in (f"{service.input_root}/a\u0000.wav", f"{service.input_root}/{'x' * 300}.wav"):
+        r = http.post("/v1/jobs", json={"audio": bad, "video": str(service.input_root / "v.mp4")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "input.invalid", r.text[:300]
+    r = http.post("/v1/jobs", json={"audio": "a.wav", "video": "v.mp4", "crf": True})  # was CRF 1
+    assert r.status_code == 422 and r.json()["error"]["field"] == "crf", r.text[:300]
     not_multipart = http.post("/upload", content=b"plain", headers={"content-type": "text/plain"})
     assert not_multipart.status_code == 200 and not_multipart.json()["code"] == 10002, not_multipart.text[:200]
     # a socket for a session id far longer than any: refused with its code, the reason cut to fit

@@ -38,8 +38,16 @@ def envelope(code: int, success: bool, msg: str, data: CompatData | None = None)
 async def easy_submit(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     try:
         raw = json.loads(await read_body(request) or b"{}")
+        if not isinstance(raw, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(raw),
+                                                                                                 "a number")
+            return envelope(10002, False, f"bad parameter: the body must be a JSON object, not {kind}")
         body = CompatSubmit.model_validate(raw)
-    except (ValueError, ValidationError, RecursionError) as e:  # RecursionError: JSON nested too deep
+    except ValidationError as e:  # a JSON object, with a field of the wrong kind: that field and why
+        said = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+                         for error in e.errors(include_url=False)[:5])
+        return envelope(10002, False, f"bad parameter: {said}"[:400])
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         return envelope(10002, False, f"bad parameter: the body must be a JSON object: {str(e)[:300]}")
     notes = []
     for name in ("chaofen", "watermark_switch", "digital_auth"):
