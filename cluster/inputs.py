@@ -45,18 +45,24 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
     if not given.is_absolute():
         raise InputOutsideRoots(f"input path {path} is not absolute (server-side paths must be absolute "
                                 f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
+    def unusable(e: Exception) -> InputError:  # a name longer than the file system takes (ENAMETOOLONG), a
+        # symlink loop (ELOOP; Python's resolve says it as a RuntimeError)
+        reason = getattr(e, "strerror", None) or ("a symlink loop" if isinstance(e, RuntimeError) else str(e))
+        return InputError(f"input path {path} cannot be used: {reason}", path=path)
+
     try:
         real = given.resolve()
-        st = real.stat() if real.exists() else None
-    except (OSError, RuntimeError) as e:  # a name longer than the file system takes (ENAMETOOLONG), a symlink
-        # loop (ELOOP; Python's resolve says it as a RuntimeError)
-        reason = getattr(e, "strerror", None) or ("a symlink loop" if isinstance(e, RuntimeError) else str(e))
-        raise InputError(f"input path {path} cannot be used: {reason}", path=path) from None
+    except (OSError, RuntimeError) as e:
+        raise unusable(e) from None
     roots = settings.input_root_paths
     if not any(real == root or root in real.parents for root in roots):
         allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
         raise InputOutsideRoots(f"input path {path} (resolved: {real}) is outside the allowed input roots: "
                                 f"{allowed}", path=path)
+    try:  # (only under a root: nothing is said of a file outside them)
+        st = real.stat() if real.exists() else None
+    except OSError as e:
+        raise unusable(e) from None
     if st is None:
         raise InputNotFound(f"input file {path} does not exist", path=path)
     if stat.S_ISDIR(st.st_mode):  # a mistake, not an attempt: said as one
