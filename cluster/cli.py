@@ -59,7 +59,7 @@ def _output_problem(path: Path) -> str | None:
         if len(os.fsencode(path.name)) > os.pathconf(parent, "PC_NAME_MAX"):
             return f"its name is longer than its file system takes ({len(os.fsencode(path.name))} bytes)"
     except (OSError, ValueError) as e:  # a name the system refuses (NUL, too long)
-        return f"cannot be used: {getattr(e, 'strerror', None) or e}"
+        return f"{getattr(e, 'strerror', None) or e}"
     return None
 
 
@@ -68,7 +68,7 @@ def _refused_output(output: str | None, what: str = "output") -> bool:
     try:
         problem = _output_problem(Path(output).expanduser().resolve()) if output else None
     except (OSError, RuntimeError, ValueError) as e:  # resolve: a symlink loop, a name the system refuses
-        problem = f"cannot be used: {getattr(e, 'strerror', None) or e}"
+        problem = f"{getattr(e, 'strerror', None) or e}"
     if problem:
         print(f"lipsync: error: input.invalid: {what} {output}: {problem}", file=sys.stderr)
     return problem is not None
@@ -611,8 +611,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """A live session on a prepared avatar driven by an audio file: the playlist URL first, the
     latency figures at the end."""
-    if not Path(args.audio).expanduser().is_file():  # before a session is created for it
-        print(f"lipsync: error: input.not_found: audio file {args.audio} does not exist", file=sys.stderr)
+    problem = _local_input_problem(args.audio, "audio")  # before a session is created for it
+    if problem is None and not Path(args.audio).expanduser().is_file():  # (a server path: not for a live session)
+        problem = ("input.not_found", f"audio file {args.audio} does not exist")
+    if problem:
+        print("lipsync: error: {}: {}".format(*problem), file=sys.stderr)
         return 2
     if _refused_output(args.recording, "recording"):
         return 2

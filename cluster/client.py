@@ -500,6 +500,9 @@ def _form(audio, video, avatar, options: dict[str, Any]):
     """(files, data, json) for a submission: local files go multipart, the rest JSON."""
     opts = {k: v for k, v in options.items() if v is not None}
     local = {k: v for k, v in (("audio", audio), ("video", video)) if v is not None and _is_local_file(v)}
+    for k, v in (("audio", audio), ("video", video)):
+        if v is not None and k not in local:
+            _check_not_local(k, v)
     if not local:
         body = {"audio": str(audio), **opts}
         if video is not None:
@@ -830,11 +833,18 @@ def _batch_locals(audios: list[str], video: str | None) -> list[str]:
             continue
         if _is_local_file(value):
             local.append(str(value))
-        elif "://" not in str(value) and not str(value).startswith("upload:") \
-                and not PurePosixPath(str(value)).is_absolute():  # (the server's paths, whatever this OS)
-            raise InputError(f"{field}: {str(value)!r} is not a local file, a URL or an absolute server path",
-                             path=field)
+        else:
+            _check_not_local(field, value)
     return list(dict.fromkeys(local))
+
+
+def _check_not_local(field: str, value) -> None:
+    """An input that is not a local file must be a URL, an upload reference or an absolute server path:
+    anything else (a typo, a name too long for this file system) is refused here, before it is sent."""
+    if "://" not in str(value) and not str(value).startswith("upload:") \
+            and not PurePosixPath(str(value)).is_absolute():  # (the server's paths, whatever this OS)
+        raise InputError(f"{field}: {str(value)!r} is not a local file, a URL or an absolute server path",
+                         path=field)
 
 
 def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any],

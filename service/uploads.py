@@ -127,8 +127,8 @@ class Upload:
             state["name"], state["size"] = name, 0
             if filename is not None and name not in ("audio", "video", "file"):  # read as text, it was told it was
                 # "longer than 16384 bytes", or (a small one) an extra input: the field is the mistake
-                wrong = InputError(f"{name}: a file in a form field that takes none (files go in the fields audio "
-                                   f"and video, or file for /v1/uploads)", path=name)
+                wrong = InputError(f"{name}: a file in a form field that takes none (a job's files go in the fields "
+                                   f"audio and video, an avatar's in video, an upload's in file)", path=name)
                 wrong.field = name
                 problem.append(wrong)
                 state["file"], state["text"] = None, bytearray()
@@ -161,8 +161,10 @@ class Upload:
                 state["file"].write(data[start:end])
             else:
                 if state["size"] > self.TEXT_LIMIT:
-                    problem.append(InputError(f"{state['name']}: form field longer than {self.TEXT_LIMIT} bytes",
-                                              path=state["name"]))
+                    long = InputError(f"{state['name']}: form field longer than {self.TEXT_LIMIT} bytes",
+                                      path=state["name"])
+                    long.field = state["name"]  # (the answer names the field: it had none)
+                    problem.append(long)
                     return
                 state["text"] += data[start:end]
 

@@ -322,6 +322,8 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
          2, "input.invalid: output"),
         ("submit a name too long", [*CLI, "submit", "y" * 300 + ".wav", str(inputs["template"]), *nowhere], 2,
          "input.invalid: audio yyy"),
+        ("live a name too long", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", "y" * 300 + ".wav",
+                                  *nowhere], 2, "input.invalid: audio yyy"),
         ("live missing audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", "typo.wav", *nowhere], 2,
          "audio file typo.wav does not exist"),
         ("live empty audio", [*CLI, "live", "--avatar", "0123456789abcdef", "--audio", str(empty), *nowhere], 2,

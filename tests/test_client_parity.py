@@ -316,3 +316,16 @@ def test_a_download_onto_a_directory_is_refused_before_a_byte_is_fetched(tmp_pat
             assert isinstance(outcome, InputError) and says in outcome.message, outcome
             assert seen == [], seen
     assert not list(tmp_path.parent.glob(tmp_path.name + ".part*"))
+
+
+def test_a_submitted_name_that_is_no_local_file_nor_a_server_path_is_refused_before_it_is_sent():
+    """`submit("<a relative name that is no file here>")` was sent as a server path (the server's answer: "not
+    absolute"), and a name longer than the file system takes the same; `submit_batch` refused such names itself.
+    Both faces now refuse them with InputError naming the field, and send nothing."""
+    from cluster.errors import InputError
+
+    for name in ("typo.wav", "x" * 300 + ".wav"):
+        for outcome, seen in _both(lambda request, n: httpx.Response(202, json=VIEW),
+                                   lambda c, name=name: c.submit(name, "/srv/in/v.mp4")):
+            assert isinstance(outcome, InputError) and outcome.path == "audio", outcome
+            assert "is not a local file, a URL or an absolute server path" in outcome.message and seen == [], seen

@@ -612,6 +612,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert half.status_code == 400, half.text
         message = half.json()["error"]["message"]
         assert "its job batch-2--000 was accepted" in message and "no-such.wav" in message, message
+        assert "(correct it and send the request again with id batch-2" in message, message
         assert half.json()["error"]["field"] == "audios", half.text
         # ...and the batch's view counts the audio that was refused: it read as its one job, "succeeded"
         def batch_2_settled():  # every job it has ended

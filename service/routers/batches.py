@@ -67,7 +67,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                 f"; its jobs {batch_job_id(batch_id, 0)} to {batch_job_id(batch_id, i - 1)} were "
                                 f"accepted")
                     said = e.message if unanswered is None else f"{unanswered}; its job {e.fate}"
-                    e.message = (f"batch {batch_id}: audio {i} ({audio}): {said}{accepted} (send the request again "
+                    fix = "send" if unanswered is not None else "correct it and send"  # (the same audio fails again)
+                    e.message = (f"batch {batch_id}: audio {i} ({audio}): {said}{accepted} ({fix} the request again "
                                  f"with id {batch_id}: jobs already accepted are not submitted twice)")
                 if unanswered is not None and body.id is not None:  # stored late, maybe: not `failed` meanwhile
                     now, late = time.monotonic(), backend.batches_admitted_late
