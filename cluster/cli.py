@@ -295,7 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         print("lipsync: stopping the service", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        stop_service(urls["embedded"])
+        stop_service(urls["embedded"], owner_mark=ray_mark)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
 

@@ -226,17 +226,24 @@ def _check_joined_manager(rt, settings: Settings) -> None:
 #: stream holds a replica up to the app's graceful_shutdown_timeout_s, 20 s by default, and Serve's
 #: controller waited 30 s) before the embedded Ray is taken down with everything on it.
 SERVE_STOP_BUDGET_S = 2.0
+#: Seconds `ray.shutdown` gets (about 1 s on 2 cores) before what is left of an embedded Ray is killed
+RAY_SHUTDOWN_BUDGET_S = 4.0
 
 
-def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) -> None:
+def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, owner_mark: str | None = None) -> None:
     """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start).
 
     Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
     in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
-    the service in a few seconds, also with event streams open (they are cut). Joined cluster: the
+    the service in a few seconds, also with event streams open (they are cut). Where the embedded
+    Ray's raylet or GCS has died meanwhile (a SIGTERM to the whole process group, as systemd sends
+    it, reaches them too), what is left of it is killed instead (`owner_mark`, the mark it was
+    started under: `ray.shutdown` waited 8 s on the dead raylet). Joined cluster: the
     app is deleted without waiting for its replicas to drain (the cluster's controller finishes
     that); the cluster itself stays."""
     from ray import serve
+
+    from actors.runtime import embedded_ray_lost, kill_embedded_ray
 
     try:
         if embedded:
@@ -256,4 +263,23 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S) ->
             serve.delete(APP_NAME, _blocking=False)
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
-    ray.shutdown()
+    if embedded and owner_mark is not None and (lost := embedded_ray_lost()) is not None:
+        log.info("the embedded Ray's %s has gone already: its other processes are killed", lost)
+        kill_embedded_ray(owner_mark)
+        return
+    # bounded: with its workers gone before it (a SIGTERM to the whole process group, as systemd sends it,
+    # reaches them too), Ray's driver shutdown waited 8 s on a raylet that was shutting down itself
+    finished = threading.Event()
+
+    def shut_down() -> None:
+        try:
+            ray.shutdown()
+        finally:
+            finished.set()
+
+    threading.Thread(target=shut_down, name="ray-shutdown", daemon=True).start()
+    if not finished.wait(RAY_SHUTDOWN_BUDGET_S) and embedded and owner_mark is not None:
+        log.info("Ray's shutdown took more than %.0f s: what is left of the embedded Ray is killed",
+                 RAY_SHUTDOWN_BUDGET_S)
+        kill_embedded_ray(owner_mark)
+    finished.wait(RAY_SHUTDOWN_BUDGET_S)

@@ -36,3 +36,38 @@ def test_fifty_short_jobs_in_bursts_all_succeed_once(bounded_service, tmp_path):
     assert report.distinct_outputs == {"a0": 1, "a1": 1}  # same inputs, same bytes: nothing ran twice apart
     assert report.statuses.get(429, 0) > 0 and report.retry_after == ["1"], report.statuses
     assert report.rss_end < 1.25 * report.rss_start, report.summary()  # flat once warm
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_service_cleanly(bounded_service):
+    """After the soak, the service is stopped as systemd and a terminal's job control stop it: the signal to
+    every process of its group (its Ray's dashboard and monitors too, not only `lipsync serve`). It stops with
+    status 0 and leaves no process of its session (Ray's driver shutdown, which waited 8 s on a Ray shutting
+    down beside it, has a deadline now: `RAY_SHUTDOWN_BUDGET_S`)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    svc = bounded_service
+    session = os.getsid(svc.proc.pid)
+    os.killpg(svc.proc.pid, signal.SIGTERM)
+    rc = svc.proc.wait(timeout=60)
+    log = svc.tail(4000)
+    assert rc == 0 and "lipsync: stopped in" in log and "Traceback" not in log, log
+
+    def left():
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if os.getsid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(" ".join(p.info["cmdline"] or [])[:120])
+            except (psutil.Error, OSError):
+                continue
+        return out
+
+    deadline = time.monotonic() + 30
+    while (remaining := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not remaining, remaining
+    svc.proc = None  # stopped: the fixture's clean-up has nothing left to stop
