@@ -161,6 +161,17 @@ class Backend:
         if model is not None and not is_named_model(model):
             await self.sidecar("check_model", self.resolve_model(model))
 
+    def batch_admitted_late(self, batch_id: str) -> None:
+        """An audio of batch `batch_id` was answered 503 under the batch's own id: the job manager may still
+        store its job within one admission window (`batch_view` does not call the batch failed meanwhile)."""
+        now = time.monotonic()
+        for gone in [b for b, until in self.batches_admitted_late.items() if until <= now]:
+            del self.batches_admitted_late[gone]
+        self.batches_admitted_late[batch_id] = now + self.admission_window_s()
+
+    def may_be_admitted_late(self, batch_id: str) -> bool:
+        return time.monotonic() < self.batches_admitted_late.get(batch_id, 0.0)
+
     def admission_window_s(self) -> float:
         """The longest one job's admission may take from its request's staging to its answer: for a URL input
         the sidecar's check of the model and avatar and the download, then the job manager's wait

@@ -118,9 +118,12 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     return urls
 
 
-def _within(call: Callable, timeout_s: float, what: str):
-    """`call()`'s answer, or RenderError once it has not come within `timeout_s` (Ray Serve's client asks
-    its controller with `ray.get` and no deadline: a controller that does not answer hung the start)."""
+def _within(call: Callable, timeout_s: float, what: str, who: str = "Ray Serve's controller",
+            on_late: Callable[[], None] | None = None):
+    """`call()`'s answer (or its exception), or RenderError once it has not come within `timeout_s` (Ray
+    Serve's client asks its controller with `ray.get` and no deadline: a controller that does not answer
+    hung the start). `on_late`: run once the deadline has passed (e.g. kill what the call waits on), then
+    the call gets `timeout_s` more."""
     box: dict = {}
 
     def run() -> None:
@@ -132,8 +135,11 @@ def _within(call: Callable, timeout_s: float, what: str):
     asking = threading.Thread(target=run, name=f"serve-{what}", daemon=True)
     asking.start()
     asking.join(timeout_s)
+    if asking.is_alive() and on_late is not None:
+        on_late()
+        asking.join(timeout_s)
     if asking.is_alive():
-        raise RenderError(f"Ray Serve's controller did not answer ({what}) within {timeout_s:g} s", stage="serve")
+        raise RenderError(f"{who} did not answer ({what}) within {timeout_s:g} s", stage="serve")
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -235,10 +241,11 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
 
     Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
     in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
-    the service in a few seconds, also with event streams open (they are cut). Where the embedded
-    Ray's raylet or GCS has died meanwhile (a SIGTERM to the whole process group, as systemd sends
-    it, reaches them too), what is left of it is killed instead (`owner_mark`, the mark it was
-    started under: `ray.shutdown` waited 8 s on the dead raylet). Joined cluster: the
+    the service in a few seconds, also with event streams open (they are cut). `ray.shutdown` gets
+    `RAY_SHUTDOWN_BUDGET_S`: past it (a SIGTERM to the whole process group, as systemd sends it,
+    reaches Ray's processes too, and its driver's shutdown waited 8 s on them), and at once where the
+    embedded Ray's raylet or GCS has died, what is left of it is killed (`owner_mark`, the mark it
+    was started under). Joined cluster: the
     app is deleted without waiting for its replicas to drain (the cluster's controller finishes
     that); the cluster itself stays."""
     from ray import serve
@@ -269,17 +276,13 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
         return
     # bounded: with its workers gone before it (a SIGTERM to the whole process group, as systemd sends it,
     # reaches them too), Ray's driver shutdown waited 8 s on a raylet that was shutting down itself
-    finished = threading.Event()
-
-    def shut_down() -> None:
-        try:
-            ray.shutdown()
-        finally:
-            finished.set()
-
-    threading.Thread(target=shut_down, name="ray-shutdown", daemon=True).start()
-    if not finished.wait(RAY_SHUTDOWN_BUDGET_S) and embedded and owner_mark is not None:
+    def kill_the_rest() -> None:
         log.info("Ray's shutdown took more than %.0f s: what is left of the embedded Ray is killed",
                  RAY_SHUTDOWN_BUDGET_S)
         kill_embedded_ray(owner_mark)
-    finished.wait(RAY_SHUTDOWN_BUDGET_S)
+
+    try:
+        _within(ray.shutdown, RAY_SHUTDOWN_BUDGET_S, "its shutdown", who="Ray",
+                on_late=kill_the_rest if embedded and owner_mark is not None else None)
+    except RenderError as e:  # stopping anyway (the CLI leaves without waiting for the rest)
+        log.warning("%s", e.message)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Depends, Request
@@ -71,10 +70,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                     e.message = (f"batch {batch_id}: audio {i} ({audio}): {said}{accepted} ({fix} the request again "
                                  f"with id {batch_id}: jobs already accepted are not submitted twice)")
                 if unanswered is not None and body.id is not None:  # stored late, maybe: not `failed` meanwhile
-                    now, late = time.monotonic(), backend.batches_admitted_late
-                    for gone in [b for b, until in late.items() if until <= now]:
-                        del late[gone]
-                    late[batch_id] = now + backend.admission_window_s()
+                    backend.batch_admitted_late(batch_id)
                 raise
     finally:
         if (left := admitting.pop(batch_id) - 1) > 0:
@@ -145,7 +141,7 @@ def _may_be_admitting(backend: Backend, batch_id: str, jobs: list) -> bool:
     the service has other ingress replicas (which may hold it), its newest job was admitted less than one
     job's admission window ago. (A view read while its POST admitted a slow audio said `failed`, and
     `succeeded` once that audio rendered.)"""
-    if batch_id in backend.batches_admitting or time.monotonic() < backend.batches_admitted_late.get(batch_id, 0):
+    if batch_id in backend.batches_admitting or backend.may_be_admitted_late(batch_id):
         return True
     if backend.settings.serve_replicas <= 1:
         return False
