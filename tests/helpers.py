@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -136,3 +137,17 @@ def hold_event_stream(http, job_id: str, stack, timeout: float = 15.0):
 
     wait_until(opened, timeout=timeout, interval=0.3, what=f"an event stream of job {job_id}")
     return held[0]
+
+
+@contextlib.contextmanager
+def driving(cluster, namespace: str):
+    """This process as the driver of a `ray.cluster_utils.Cluster` (the multi-node scenarios): connected
+    while the block runs, then disconnected and the cluster shut down, however the block ends."""
+    import ray
+
+    ray.init(address=cluster.address, namespace=namespace, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

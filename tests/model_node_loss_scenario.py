@@ -15,14 +15,13 @@ import sys
 import time
 
 import numpy as np
-import ray
 from ray.cluster_utils import Cluster
 
 from actors.runtime import Runtime
 from cluster.config import Settings
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all
+from tests.helpers import decode_all, driving
 from tests.shrink_scenario import FAST_NODE_DEATH, POLL_S, _pool
 
 
@@ -44,9 +43,8 @@ def main(audio: str, video: str, out_dir: str) -> None:
                                             settings).path))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "_system_config": FAST_NODE_DEATH})
-    ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
     result: dict = {}
-    try:
+    with driving(cluster, settings.namespace):
         nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes(timeout=120)
         rt = Runtime(settings)
@@ -67,9 +65,6 @@ def main(audio: str, video: str, out_dir: str) -> None:
         result["identical"] = [bool(st.state == JobState.succeeded and np.array_equal(decode_all(st.output), reference))
                                for st in ends]
         result["pool_end"] = _pool(rt)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     print(json.dumps(result))
 
 

@@ -11,14 +11,13 @@ import sys
 import time
 
 import numpy as np
-import ray
 from ray.cluster_utils import Cluster
 
 from actors.runtime import Runtime
 from cluster.config import Settings
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all, wait_until
+from tests.helpers import decode_all, driving, wait_until
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
@@ -29,8 +28,7 @@ def main(audio: str, video: str, out_dir: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=3, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes(timeout=120)
-    ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
-    try:
+    with driving(cluster, settings.namespace):
         rt = Runtime(settings)
         state = rt.ready(timeout=240)
         placement = {m["name"]: m.get("node") for m in state["models"] + state["compositors"]}
@@ -50,9 +48,6 @@ def main(audio: str, video: str, out_dir: str) -> None:
             "identical": bool(st.state == JobState.succeeded
                               and np.array_equal(decode_all(st.output), reference)),
         }
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     print(json.dumps(result))
 
 

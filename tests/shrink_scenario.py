@@ -21,7 +21,6 @@ import sys
 import time
 
 import numpy as np
-import ray
 from ray.cluster_utils import Cluster
 
 from actors.runtime import Runtime
@@ -29,7 +28,7 @@ from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all
+from tests.helpers import decode_all, driving
 
 WAITING = {"PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"}
 #: The GCS declares a node dead after this many failed health checks this far apart (Ray's
@@ -80,9 +79,8 @@ def main(audio: str, video: str, out_dir: str) -> None:
     mark("reference")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "_system_config": FAST_NODE_DEATH})
-    ray.init(address=cluster.address, namespace=settings.namespace, log_to_driver=False)
     result: dict = {}
-    try:
+    with driving(cluster, settings.namespace):
         rt = Runtime(settings)
         t0 = time.monotonic()
         try:
@@ -127,9 +125,6 @@ def main(audio: str, video: str, out_dir: str) -> None:
             reconverged_s=_converge(rt, settings, want), pool_end=_pool(rt),
             waiting_end=_ours_waiting(settings.namespace))
         mark("reconverged")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     mark("shut_down")
     result["timeline"] = timeline
     print(json.dumps(result))
