@@ -730,6 +730,9 @@ RAY_TEMP_DIR_HELP = ("a directory of yours for the embedded Ray's sessions (made
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    # the client commands' --url and --token, also taken before the command (`lipsync --token T status ID`)
+    p.add_argument("--url", default=None, help="service URL, for the client commands (also taken after them)")
+    p.add_argument("--token", default=None, help="API token, for the client commands (also taken after them)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -771,9 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ray-temp-dir", help=RAY_TEMP_DIR_HELP)
     sv.set_defaults(func=cmd_serve)
 
-    def remote(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--url", default=None, help="service URL (default $LIPSYNC_URL or http://127.0.0.1:8000)")
-        sp.add_argument("--token", default=None, help="API token (default $LIPSYNC_API_TOKEN)")
+    def remote(sp: argparse.ArgumentParser) -> None:  # (SUPPRESS: no default that would undo one given before)
+        sp.add_argument("--url", default=argparse.SUPPRESS,
+                        help="service URL (default $LIPSYNC_URL or http://127.0.0.1:8000)")
+        sp.add_argument("--token", default=argparse.SUPPRESS, help="API token (default $LIPSYNC_API_TOKEN)")
+        sp.set_defaults(remote=True)
 
     sb = sub.add_parser("submit", help="submit a job to the service")
     sb.add_argument("audio", help="local file (uploaded), http(s) URL, or a path under the server's input roots")
@@ -835,7 +840,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "remote", False) and (args.url is not None or args.token is not None):
+        parser.error(f"--url and --token are for the client commands, not {args.command}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for

@@ -394,6 +394,21 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     assert rc == 1 and "service.port_in_use" in err and "Traceback" not in err and elapsed < 25, (rc, err[-2000:])
 
 
+def test_url_and_token_are_taken_before_or_after_a_client_command(capsys):
+    """`lipsync --token T status ID` was argparse's "invalid choice: 'T'"; the client commands' --url and
+    --token are now taken on either side of the command (after it wins), and refused before another."""
+    from cluster.cli import build_parser, main
+
+    parse = build_parser().parse_args
+    assert (parse(["--token", "T", "status", "j"]).token, parse(["status", "j", "--token", "T"]).token) == ("T", "T")
+    both = parse(["--url", "http://a:1", "--token", "T", "wait", "j", "--token", "U"])
+    assert (both.url, both.token, both.id) == ("http://a:1", "U", "j")
+    assert parse(["list"]).url is None and parse(["list"]).token is None
+    with pytest.raises(SystemExit) as out:
+        main(["--token", "T", "demo", "-o", "x.mp4"])
+    assert out.value.code == 2 and "--url and --token are for the client commands, not demo" in capsys.readouterr().err
+
+
 def test_serve_takes_a_free_dashboard_port_when_the_usual_one_is_held(monkeypatch):
     """A second `lipsync serve` on one machine: Ray's dashboard port 8265 is held by the first, and the
     start failed ("Failed to bind to 127.0.0.1:8265"). The default now takes a free port then; a port
