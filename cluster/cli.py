@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster.config import Settings
-from cluster.errors import LipsyncError, PortInUse
+from cluster.errors import InputNotFound, LipsyncError, PortInUse
 from cluster.ports import PORT_WAIT_S
 from cluster.ports import free_port as _free_port
 from cluster.ports import port_in_use as _port_in_use
@@ -472,24 +472,9 @@ def _client_call(fn) -> int:
         return 1
 
 
-def _local_input_problem(value: str | None, name: str) -> tuple[str, str] | None:
-    """Why `value` cannot be a `submit` input, as (code, message): not a URL, not an existing local
-    file, and not an absolute path (which may name a file under the server's input roots)."""
-    if value is None or "://" in value:
-        return None
-    try:
-        if Path(value).expanduser().is_file():
-            return None
-        if Path(value).expanduser().is_dir():
-            return "input.invalid", f"{name} {value} is a directory, not a file"
-    except (OSError, ValueError) as e:  # a name the system refuses (NUL, too long): no file here, nor there
-        return "input.invalid", f"{name} {value}: {getattr(e, 'strerror', None) or e}"
-    if Path(value).is_absolute():
-        return None  # a server-side path: the server judges it
-    return "input.not_found", f"{name} file {value} does not exist (a server-side path must be absolute)"
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.client import local_input_error
+
     if args.avatar and args.video:
         print("lipsync: error: input.invalid: give a video or --avatar, not both", file=sys.stderr)
         return 2
@@ -497,9 +482,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print("lipsync: error: input.invalid: a job needs a video (or --avatar)", file=sys.stderr)
         return 2
     for value, name in ((args.audio, "audio"), (args.video, "video")):
-        problem = _local_input_problem(value, name)
+        problem = None if value is None else local_input_error(name, value)
         if problem:
-            print("lipsync: error: {}: {}".format(*problem), file=sys.stderr)
+            print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)
             return 2
     if _refused_output(args.output):
         return 2
@@ -611,11 +596,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_live(args: argparse.Namespace) -> int:
     """A live session on a prepared avatar driven by an audio file: the playlist URL first, the
     latency figures at the end."""
-    problem = _local_input_problem(args.audio, "audio")  # before a session is created for it
+    from cluster.client import local_input_error
+
+    problem = local_input_error("audio", args.audio)  # before a session is created for it
     if problem is None and not Path(args.audio).expanduser().is_file():  # (a server path: not for a live session)
-        problem = ("input.not_found", f"audio file {args.audio} does not exist")
+        problem = InputNotFound(f"audio file {args.audio} does not exist", path="audio")
     if problem:
-        print("lipsync: error: {}: {}".format(*problem), file=sys.stderr)
+        print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)
         return 2
     if _refused_output(args.recording, "recording"):
         return 2

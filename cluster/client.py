@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from cluster.errors import InputError
+from cluster.errors import InputError, InputNotFound
 from cluster.schemas import (
     JOB_ID_HEADER,
     AvatarView,
@@ -838,13 +838,33 @@ def _batch_locals(audios: list[str], video: str | None) -> list[str]:
     return list(dict.fromkeys(local))
 
 
-def _check_not_local(field: str, value) -> None:
-    """An input that is not a local file must be a URL, an upload reference or an absolute server path:
-    anything else (a typo, a name too long for this file system) is refused here, before it is sent."""
-    if "://" not in str(value) and not str(value).startswith("upload:") \
-            and not PurePosixPath(str(value)).is_absolute():  # (the server's paths, whatever this OS)
-        raise InputError(f"{field}: {str(value)!r} is not a local file, a URL or an absolute server path",
+def local_input_error(field: str, value) -> InputError | None:
+    """Why `value` cannot be sent as the input `field`, before anything is sent (the SDK and the CLI
+    both ask): None for a URL, an upload reference, a local file or an absolute path (a server's
+    file: the server judges it); else a directory, a name this system refuses (NUL, too long), or a
+    relative name that is no local file (a typo: a server-side path must be absolute)."""
+    s = str(value)
+    if "://" in s or s.startswith("upload:"):
+        return None
+    try:
+        here = Path(s).expanduser()
+        if here.is_file():
+            return None
+        if here.is_dir():
+            return InputError(f"{field} {s} is a directory, not a file", path=field)
+    except (OSError, ValueError) as e:  # a name the system refuses: no file here, and none there
+        return InputError(f"{field} {s}: {getattr(e, 'strerror', None) or e}", path=field)
+    if PurePosixPath(s).is_absolute():  # (the server's paths, whatever this OS)
+        return None
+    return InputNotFound(f"{field} file {s} does not exist here, and is not a URL or an absolute server path",
                          path=field)
+
+
+def _check_not_local(field: str, value) -> None:
+    """An input that is not a local file must be a URL, an upload reference or an absolute server path."""
+    problem = local_input_error(field, value)
+    if problem is not None:
+        raise problem
 
 
 def _batch_body(audios: list[str], video: str | None, avatar: str | None, options: dict[str, Any],

@@ -134,7 +134,8 @@ def test_a_batch_of_local_files_is_refused_before_anything_is_sent_and_a_bad_url
     for outcome, seen in _both(lambda request, n: httpx.Response(500),
                                lambda c: c.submit_batch(["/data/a.wav", "speech.wav"], avatar="0123456789abcdef")):
         assert isinstance(outcome, InputError) and not seen, outcome
-        assert outcome.path == "audios" and "'speech.wav' is not a local file, a URL or an absolute server path" \
+        assert outcome.path == "audios" and outcome.code == "input.not_found" \
+            and "audios file speech.wav does not exist here, and is not a URL or an absolute server path" \
             in str(outcome), outcome
     with pytest.raises(InputError, match="the service URL 'foo' is not an http"):
         Client("foo")
@@ -324,8 +325,9 @@ def test_a_submitted_name_that_is_no_local_file_nor_a_server_path_is_refused_bef
     Both faces now refuse them with InputError naming the field, and send nothing."""
     from cluster.errors import InputError
 
-    for name in ("typo.wav", "x" * 300 + ".wav"):
+    for name, says in (("typo.wav", "audio file typo.wav does not exist here, and is not a URL or an absolute server"),
+                       ("x" * 300 + ".wav", "File name too long")):
         for outcome, seen in _both(lambda request, n: httpx.Response(202, json=VIEW),
                                    lambda c, name=name: c.submit(name, "/srv/in/v.mp4")):
             assert isinstance(outcome, InputError) and outcome.path == "audio", outcome
-            assert "is not a local file, a URL or an absolute server path" in outcome.message and seen == [], seen
+            assert says in outcome.message and seen == [], (outcome.message, seen)
