@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster.config import Settings
-from cluster.errors import InputNotFound, LipsyncError, PortInUse
+from cluster.errors import InputNotFound, LipsyncError, PortInUse, os_reason
 from cluster.ports import PORT_WAIT_S
 from cluster.ports import free_port as _free_port
 from cluster.ports import port_in_use as _port_in_use
@@ -59,7 +59,7 @@ def _output_problem(path: Path) -> str | None:
         if len(os.fsencode(path.name)) > os.pathconf(parent, "PC_NAME_MAX"):
             return f"its name is longer than its file system takes ({len(os.fsencode(path.name))} bytes)"
     except (OSError, ValueError) as e:  # a name the system refuses (NUL, too long)
-        return f"{getattr(e, 'strerror', None) or e}"
+        return os_reason(e)
     return None
 
 
@@ -68,7 +68,7 @@ def _refused_output(output: str | None, what: str = "output") -> bool:
     try:
         problem = _output_problem(Path(output).expanduser().resolve()) if output else None
     except (OSError, RuntimeError, ValueError) as e:  # resolve: a symlink loop, a name the system refuses
-        problem = f"{getattr(e, 'strerror', None) or e}"
+        problem = os_reason(e)
     if problem:
         print(f"lipsync: error: input.invalid: {what} {output}: {problem}", file=sys.stderr)
     return problem is not None

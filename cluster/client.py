@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from cluster.errors import InputError, InputNotFound
+from cluster.errors import InputError, InputNotFound, os_reason
 from cluster.schemas import (
     JOB_ID_HEADER,
     AvatarView,
@@ -150,7 +150,7 @@ class _Download:
             dest.parent.mkdir(parents=True, exist_ok=True)
         except (OSError, ValueError) as e:  # a name the system refuses, a parent that is a file or not writable
             raise InputError(f"download of job {job_id}: {dest} cannot be written: "
-                             f"{getattr(e, 'strerror', None) or e}", path=str(dest)) from None
+                             f"{os_reason(e)}", path=str(dest)) from None
         self.partial = _Partial(dest)
         self.size: int | None = None
         self.have = 0
@@ -853,7 +853,7 @@ def local_input_error(field: str, value) -> InputError | None:
         if here.is_dir():
             return InputError(f"{field} {s} is a directory, not a file", path=field)
     except (OSError, ValueError) as e:  # a name the system refuses: no file here, and none there
-        return InputError(f"{field} {s}: {getattr(e, 'strerror', None) or e}", path=field)
+        return InputError(f"{field} {s}: {os_reason(e)}", path=field)
     if PurePosixPath(s).is_absolute():  # (the server's paths, whatever this OS)
         return None
     return InputNotFound(f"{field} file {s} does not exist here, and is not a URL or an absolute server path",

@@ -61,6 +61,12 @@ class LipsyncError(Exception):
         return self.message
 
 
+def os_reason(e: BaseException) -> str:
+    """An OS error's reason in words ("No such file or directory"), without Python's `[Errno 2] ...: 'path'`
+    (the message names the path itself); any other exception's text."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def _rebuild(cls, message, state):
     obj = cls.__new__(cls)
     Exception.__init__(obj, message)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import Settings
-from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge
+from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge, os_reason
 from cluster.resources import disk_full_guard
 from cluster.schemas import StoredInput
 
@@ -47,7 +47,7 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
                                 f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
     def unusable(e: Exception) -> InputError:  # a name longer than the file system takes (ENAMETOOLONG), a
         # symlink loop (ELOOP; Python's resolve says it as a RuntimeError)
-        reason = getattr(e, "strerror", None) or ("a symlink loop" if isinstance(e, RuntimeError) else str(e))
+        reason = "a symlink loop" if isinstance(e, RuntimeError) else os_reason(e)
         return InputError(f"input path {path} cannot be used: {reason}", path=path)
 
     try:

@@ -24,6 +24,7 @@ from cluster.errors import (
     NoAudioStream,
     NoVideoStream,
     UnsafeInput,
+    os_reason,
 )
 from cluster.media.ffmpeg import file_url
 from cluster.schemas import AudioStreamInfo, MediaInfo, VideoStreamInfo
@@ -59,7 +60,7 @@ def check_input_file(path: str | os.PathLike, settings: Settings | None = None) 
                                 path=str(p))
         size = p.stat().st_size
     except (OSError, ValueError) as exc:  # a name the system refuses (NUL, too long)
-        raise InputError(f"input file {p} cannot be used: {getattr(exc, 'strerror', None) or exc}",
+        raise InputError(f"input file {p} cannot be used: {os_reason(exc)}",
                          path=str(p)) from None
     if size == 0:
         raise InputUnreadable(f"input file {p} is empty", path=str(p))
@@ -106,7 +107,7 @@ def _open(path: str, settings: Settings) -> av.container.InputContainer:
                             timeout=settings.probe_timeout_s)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         # FFmpeg's own words ("Invalid data found when processing input"), not its error number and URL
-        why = getattr(exc, "strerror", None) or str(exc)
+        why = os_reason(exc)
         raise InputUnreadable(f"{path} is not a readable audio/video file: {why}", path=path,
                               cause=str(exc)) from exc
     names = set(container.format.name.split(","))
