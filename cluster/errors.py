@@ -17,10 +17,11 @@ class LipsyncError(Exception):
     code: str = "error"
     exit_code: int = 1  # CLI exit status
     retryable: bool = True
+    field: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None, stage: str | None = None,
                  job_id: str | None = None, chunk: int | None = None, cause: str | None = None,
-                 path: str | None = None) -> None:
+                 path: str | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -30,6 +31,7 @@ class LipsyncError(Exception):
         self.chunk = chunk
         self.cause = cause
         self.path = path
+        self.field = field  # the API request's field it is about, where the path alone does not say
 
     def __reduce__(self):  # survive pickling through Ray with every field
         return (_rebuild, (type(self), self.message, self.__dict__.copy()))

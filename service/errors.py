@@ -148,7 +148,7 @@ def install_exception_handlers(app: FastAPI) -> None:
         status = http_status(e)
         retry_after = request.app.state.settings.retry_after_s
         headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
-        field = getattr(e, "field", None) or field_of(e, getattr(request.state, "inputs", {}))
+        field = e.field or field_of(e, getattr(request.state, "inputs", {}))
         if status >= 500:
             log.error("%s %s: %s: %s", request.method, request.url.path, e.code, e.message)
         return error_response(status, e.code, e.message, field, headers)

@@ -128,8 +128,8 @@ class Upload:
             if filename is not None and name not in ("audio", "video", "file"):  # read as text, it was told it was
                 # "longer than 16384 bytes", or (a small one) an extra input: the field is the mistake
                 wrong = InputError(f"{name}: a file in a form field that takes none (a job's files go in the fields "
-                                   f"audio and video, an avatar's in video, an upload's in file)", path=name)
-                wrong.field = name
+                                   f"audio and video, an avatar's in video, an upload's in file)", path=name,
+                                   field=name)
                 problem.append(wrong)
                 state["file"], state["text"] = None, bytearray()
                 return
@@ -161,10 +161,8 @@ class Upload:
                 state["file"].write(data[start:end])
             else:
                 if state["size"] > self.TEXT_LIMIT:
-                    long = InputError(f"{state['name']}: form field longer than {self.TEXT_LIMIT} bytes",
-                                      path=state["name"])
-                    long.field = state["name"]  # (the answer names the field: it had none)
-                    problem.append(long)
+                    problem.append(InputError(f"{state['name']}: form field longer than {self.TEXT_LIMIT} bytes",
+                                              path=state["name"], field=state["name"]))
                     return
                 state["text"] += data[start:end]
 

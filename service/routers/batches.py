@@ -56,7 +56,7 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                                               id_chosen=body.id is not None)
                 await backend.register_callback(st.id, body.callback_url)
             except (LipsyncError, ApiProblem) as e:  # the jobs before it run: name them, and how to go on
-                if getattr(e, "field", None) is None:  # the field it is about; this audio's is `audios`
+                if e.field is None:  # the field it is about; this audio's is `audios`
                     field = field_of(e, {"audio": str(audio), "video": body.video, "avatar_id": body.avatar_id,
                                          "model": body.model}) if isinstance(e, LipsyncError) else None
                     e.field = "audios" if field in (None, "audio") else field
