@@ -377,6 +377,9 @@ class BatchView(BaseModel):
                                    "were refused when it was submitted, or are being admitted "
                                    "(the batch ends failed once no request admits them)")
     jobs: list[JobView]
+    error: ErrorInfo | None = Field(None, description="why a failed batch failed: its first failed job's error "
+                                    "(the message counts them and names that job), or `batch.incomplete` for audios "
+                                    "never admitted")
 
 
 # --- compatibility API (/easy/*) -------------------------------------------------------------

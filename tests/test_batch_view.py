@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from cluster.config import Settings
 from cluster.errors import JobNotFound
-from cluster.schemas import JobState, JobStatus, RenderRequest, batch_job_id, utcnow
+from cluster.schemas import ErrorInfo, JobState, JobStatus, RenderRequest, batch_job_id, utcnow
 from service.backend import Backend
 from service.routers.batches import batch_view
 
@@ -46,6 +46,39 @@ def test_a_batch_whose_post_still_admits_audios_is_not_read_as_ended(tmp_path):
     assert not view().state.terminal
     first.created_at = utcnow() - timedelta(seconds=backend.admission_window_s() + 1)
     assert view().state == JobState.failed
+
+
+def test_a_failed_batch_says_why_in_one_error(tmp_path):
+    """A failed batch named no reason: its state was `failed` and the reason was somewhere in its jobs. Its view
+    now carries one error: the first failed job's, counted and named; or its audios never admitted."""
+    def job(i: int, state: JobState, error: ErrorInfo | None = None) -> JobStatus:
+        return JobStatus(id=batch_job_id("b3", i), state=state, created_at=utcnow() - timedelta(seconds=600),
+                         error=error, request=RenderRequest(audio=f"a{i}.wav", video="v.mp4",
+                                                            batch_size=4 if i == 0 else None))
+
+    no_face = ErrorInfo(code="input.no_face", message="too few template frames show a face", stage="prepare")
+    too_long = no_face.model_copy(update={"code": "input.too_long"})
+    jobs = {j.id: j for j in (job(0, JobState.succeeded), job(1, JobState.failed, no_face),
+                              job(2, JobState.failed, too_long), job(3, JobState.rendering))}
+    backend = Backend(Settings(storage_root=tmp_path / "st"), gateway=_Gateway(jobs))
+
+    def view():
+        return asyncio.run(batch_view(backend, "b3"))
+
+    assert view().error is None  # not ended: no verdict yet
+    jobs[batch_job_id("b3", 3)].state = JobState.succeeded
+    failed = view()
+    assert failed.state == JobState.failed and failed.error.code == "input.no_face", failed
+    assert failed.error.stage == "prepare" and failed.error.message == (
+        "batch b3: 2 of its 4 jobs failed; the first, b3--001: too few template frames show a face")
+    del jobs[batch_job_id("b3", 2)]  # an audio never admitted (refused at its POST), and one job failed
+    incomplete = view()
+    assert incomplete.error.message.startswith("batch b3: job b3--001 failed: too few"), incomplete.error
+    jobs[batch_job_id("b3", 1)].state = JobState.succeeded
+    incomplete = view()
+    assert incomplete.state == JobState.failed and incomplete.error.code == "batch.incomplete", incomplete
+    assert incomplete.error.message == ("batch b3: 1 of its 4 audios were never admitted (refused when the batch "
+                                        "was submitted): send the batch again under its id")
 
 
 def _app_whose_manager_times_out_at(tmp_path, audio_index: int):

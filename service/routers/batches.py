@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from cluster.errors import JobNotFound, LipsyncError
 from cluster.render import new_job_id
-from cluster.schemas import BatchCreate, BatchView, JobState, batch_job_id
+from cluster.schemas import BatchCreate, BatchView, ErrorInfo, JobState, batch_job_id
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_responses, field_of
@@ -131,7 +131,25 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
         if all(s.terminal for s in states) and JobState.cancelled not in states:  # (cancelled: asked for)
             states.append(JobState.queued if _may_be_admitting(backend, batch_id, jobs) else JobState.failed)
     progress = sum(j.progress for j in jobs) / (size or len(jobs))
-    return BatchView(id=batch_id, state=batch_state(states), progress=progress, counts=counts, jobs=jobs)
+    state = batch_state(states)
+    return BatchView(id=batch_id, state=state, progress=progress, counts=counts, jobs=jobs,
+                     error=batch_error(batch_id, jobs, missing) if state == JobState.failed else None)
+
+
+def batch_error(batch_id: str, jobs: list, missing: int) -> ErrorInfo:
+    """Why a failed batch failed, in one error: its first failed job's, counted and named (the others are
+    in their jobs' views), or its audios that were never admitted."""
+    failed = [j for j in jobs if j.state == JobState.failed]
+    total = len(jobs) + missing
+    if failed:
+        first = failed[0]
+        some = f"job {first.id} failed" if len(failed) == 1 else \
+            f"{len(failed)} of its {total} jobs failed; the first, {first.id}"
+        why = first.error or ErrorInfo(code="render.failed", message="(no reason recorded)")
+        return why.model_copy(update={"message": f"batch {batch_id}: {some}: {why.message}"})
+    return ErrorInfo(code="batch.incomplete",
+                     message=f"batch {batch_id}: {missing} of its {total} audios were never admitted (refused when "
+                             f"the batch was submitted): send the batch again under its id")
 
 
 def _may_be_admitting(backend: Backend, batch_id: str, jobs: list) -> bool:
