@@ -43,7 +43,13 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     global _deployed
     from ray import serve
 
-    from actors.runtime import Runtime, _check_reachable, _SignalHandlersKept, start_embedded_ray
+    from actors.runtime import (
+        Runtime,
+        _check_reachable,
+        _enable_token_auth_when_available,
+        _SignalHandlersKept,
+        start_embedded_ray,
+    )
     from actors.service_support import service_sidecar
     from service.deployment import build_app
 
@@ -52,6 +58,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     try:
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
+            _enable_token_auth_when_available()  # (as `lipsync render` joins: a token given is a token used)
             with _SignalHandlersKept():  # SIGTERM while the service starts stops it cleanly, as embedded
                 ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept

@@ -468,6 +468,40 @@ def test_joining_a_cluster_without_its_token_is_one_typed_error(monkeypatch, tmp
     assert "the Ray cluster at 127.0.0.1:6499" in info.value.message
 
 
+def test_a_joined_start_turns_token_authentication_on_when_a_token_is_given(monkeypatch, tmp_path):
+    """`RAY_ADDRESS=... lipsync serve` with the cluster's RAY_AUTH_TOKEN (or its token file) was refused by a
+    token cluster (InvalidAuthToken, then "also needs its token: RAY_AUTH_TOKEN": the one it had), while
+    `lipsync render` joined: only the render turned Ray's token mode on. Both do now, before `ray.init`."""
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    from actors import runtime
+    from cluster.config import Settings
+    from cluster.errors import RenderError
+    from service import launch
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray")
+    seen = []
+
+    def init(*args, **kwargs):  # what the join ran with; then refused, to end the start there
+        seen.append((os.environ.get("RAY_AUTH_MODE"), kwargs.get("address")))
+        raise ray.exceptions.AuthenticationError("refused here")
+
+    monkeypatch.setattr(runtime, "_check_reachable", lambda address, timeout: None)
+    monkeypatch.setattr(authentication_token_setup, "_enable_token_auth", lambda: seen.append("refreshed"))
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef0123456789abcdef")
+    for start in (lambda: runtime.connect(Settings(storage_root=tmp_path), address="127.0.0.1:6499"),
+                  lambda: launch.start_service(Settings(storage_root=tmp_path), "127.0.0.1", 1,
+                                               address="127.0.0.1:6499")):
+        monkeypatch.setenv("RAY_AUTH_MODE", "")  # unset, as a user leaves it (restored at the end)
+        with pytest.raises(RenderError) as info:
+            start()
+        assert info.value.stage == "connect", info.value
+        assert seen[-2:] == ["refreshed", ("token", "127.0.0.1:6499")], seen
+
+
 def test_a_joined_start_waits_for_its_port_and_for_a_deleted_app_within_deadlines(monkeypatch, tmp_path):
     """Joining a cluster whose Serve does not hold the port: a port still held by something going away is
     waited for (up to PORT_WAIT_S, as before an embedded start; it was refused at once), then refused as
