@@ -376,6 +376,8 @@ def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
         unpublished = http.get(f"/v1/jobs/{job_id}/hls/99999-000.m4s")  # the job exists: not job.not_found
         assert unpublished.status_code == 404 and unpublished.json()["error"]["code"] == "hls.not_published"
         assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404
+        malformed = http.get(f"/v1/jobs/{job_id}/hls/9-0.m4s")  # none of a stream's names: not a missing route
+        assert malformed.status_code == 404 and malformed.json()["error"]["code"] == "hls.not_published"
         # cancelled mid-run: the playlist ends (ENDLIST) after what was published, and stays so
         assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
         text = anon.get(watch).text

@@ -367,6 +367,8 @@ def test_low_latency_hls_parts_and_blocking_playlist_reload(service, live_avatar
             assert not text.rstrip().splitlines()[-1].startswith("seg_")  # it ends with the in-progress part
             newest = int(re.search(r"seg_(\d+)\.m4s", parts[-1]).group(1))
             assert httpx.get(urljoin(url, parts[-1]), timeout=30).content[4:8] in (b"styp", b"moof")
+            far = httpx.get(urljoin(url, f"seg_{newest + 999999:06d}.m4s?token={watch}"), timeout=30)
+            assert far.status_code == 404 and far.json()["error"]["code"] == "hls.not_published", far.text
             # the part after the newest: held until it (or a later one: a loaded machine may publish
             # several at once) is published, within the bound
             started = time.monotonic()

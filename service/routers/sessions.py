@@ -465,7 +465,7 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
         await _stored(settings, e)  # 404 unless the session began
         data = await _call(live_registry(settings).read_hls.remote(session_id, file), settings.actor_call_timeout_s)
     if data is None:
-        raise ApiProblem(404, "not_found", f"session {session_id} has no stream file {name} (yet)", None)
+        raise ApiProblem(404, "hls.not_published", f"session {session_id} has no stream file {name} (yet)", None)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
         query = "?token=" + urllib.parse.quote(token, safe="")  # as given (checked above, where a key exists)
         text = re.sub(r'^(?!#)(\S+)$', lambda m: m.group(1) + query, data.decode(), flags=re.M)
