@@ -61,6 +61,8 @@ def http_status(err: LipsyncError) -> int:
         return 413
     if code == "input.not_found" and err.path in ("audio", "video", "avatar_id"):
         return 400
+    if code == "input.invalid" and err.path == "model":  # a value of the field outside what works (`builtin:10`):
+        return 422  # as the field's pattern refuses others (`../x`), so that one field has one status
     if code.startswith("input.") or code.startswith("model.invalid"):
         return 400
     if code in ("job.not_found", "avatar.not_found", "session.not_found", "batch.not_found", "hls.not_published"):

@@ -132,10 +132,11 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert wrong.status_code == 422, wrong.text
         tiny = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video, "model": "builtin:10"},
                           headers=hdr, timeout=30)
-        assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
+        assert tiny.status_code == 422 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
+        assert tiny.json()["error"]["field"] == "model", tiny.text  # (one status for the field, as "../x" above)
         tiny = httpx.post(svc.url + "/v1/batches", json={"audios": [audio], "video": video, "model": "builtin:10"},
                           headers=hdr, timeout=30)  # a batch too (it was told to come back later)
-        assert tiny.status_code == 400 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
+        assert tiny.status_code == 422 and tiny.json()["error"]["code"] == "input.invalid", tiny.text
         q = httpx.post(svc.url + "/easy/submit", json={"audio_url": audio, "video_url": video, "code": "c-busy"},
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30).json()
         assert q["code"] == 10001 and q["success"] is True
