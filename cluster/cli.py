@@ -835,6 +835,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for
     try:
+        if Settings().log_format == "json":  # every lipsync.* line one JSON object, as the service's are
+            from cluster import logs
+
+            logs.configure("json", logging.INFO if args.verbose else logging.WARNING)
         return args.func(args)
     except KeyboardInterrupt:
         print("lipsync: interrupted", file=sys.stderr)

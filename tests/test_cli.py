@@ -6,6 +6,7 @@ embedded Ray it started) is killed and reaped.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -392,6 +393,16 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     with socket.create_server(("127.0.0.1", 0)) as held:
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", str(held.getsockname()[1])], env, workdir, timeout=60)
     assert rc == 1 and "service.port_in_use" in err and "Traceback" not in err and elapsed < 25, (rc, err[-2000:])
+
+
+def test_the_cli_logs_one_json_object_a_line_when_asked(env, workdir):
+    """OPERATIONS: `LIPSYNC_LOG_FORMAT=json` makes every `lipsync.*` log line one JSON object; the CLI's own
+    lines (a batch render on the head pod) stayed text."""
+    rc, out, err, _ = run_cli([*CLI, "-v", "models"], {**env, "LIPSYNC_LOG_FORMAT": "json"}, workdir, timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 0 and "builtin" in out and lines, (rc, out, err)
+    records = [json.loads(line) for line in lines]  # (a text line fails here)
+    assert any(r["logger"] == "lipsync.models" and r["level"] == "INFO" for r in records), records
 
 
 def test_url_and_token_are_taken_before_or_after_a_client_command(capsys):
