@@ -255,8 +255,8 @@ class Settings(BaseSettings):
                            "cores cannot starve a live stream; below 0 needs CAP_SYS_NICE (else left as is, logged)")
     live_standby: bool = Field(True, description="a second, warm actor per session (the avatar loaded, its render "
                                "path run once) that takes the session over from its journal the moment the one "
-                               "running it dies: the stream stands still well under 2 s instead of a Ray "
-                               "restart's 3-5 s (costs one idle process per session)")
+                               "running it dies: the stream stands still under 2 s instead of a Ray "
+                               "restart's 3-8 s (costs one idle process per session)")
     live_max_restarts: int = Field(3, ge=0, description="times Ray restarts a session's actor (its compositing "
                                    "and encoder) that died; it resumes from the session's journal on disk. Past "
                                    "that the session ends failed")
