@@ -835,7 +835,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for
     try:
-        if Settings().log_format == "json":  # every lipsync.* line one JSON object, as the service's are
+        # every lipsync.* line one JSON object, as the service's are (the settings read only when it is asked
+        # for: a client command does not fail on a server setting it never uses)
+        if os.environ.get("LIPSYNC_LOG_FORMAT") and Settings().log_format == "json":
             from cluster import logs
 
             logs.configure("json", logging.INFO if args.verbose else logging.WARNING)
