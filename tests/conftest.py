@@ -18,6 +18,10 @@ from hypothesis import settings as hyp_settings  # noqa: E402
 hyp_settings.register_profile("ci", deadline=None, max_examples=60)
 hyp_settings.load_profile("ci")
 
+from tests.helpers import one_x264_thread  # noqa: E402
+
+one_x264_thread()  # this process's encodes (the references Ray's output is compared with) as a compositor's
+
 
 # Modules whose every test starts Ray, a service or a CLI process, and tests that render whole
 # videos end to end: `slow` too, so `pytest -m "not slow"` stays a quick inner loop.

@@ -12,6 +12,25 @@ from typing import Callable
 import numpy as np
 
 
+def one_x264_thread() -> None:
+    """Encode in this process at one x264 thread wherever no thread plan says otherwise, as a compositor of
+    one Ray CPU does (its plan): the in-process references the Ray tests compare bit for bit encoded at
+    x264's default (1.5 threads per core), with which x264 wrote another bitstream for the same frames in
+    3 of about 25 loaded full suites (ONE_X264_THREAD in tests/test_media.py). Called by tests/conftest.py
+    in every test process and by the scenario scripts in theirs; idempotent."""
+    from cluster.media import encode
+
+    if getattr(encode.x264_threads, "one_thread", False):
+        return
+    planned = encode.x264_threads
+
+    def threads() -> int:
+        return planned() or 1
+
+    threads.one_thread, threads.planned = True, planned
+    encode.x264_threads = threads
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail the test past `timeout`."""
     deadline = time.monotonic() + timeout

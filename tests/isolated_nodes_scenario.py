@@ -29,7 +29,7 @@ import numpy as np
 from cluster.config import Settings
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all, wait_until
+from tests.helpers import decode_all, one_x264_thread, wait_until
 
 # Pool sizes unset: they follow the cluster (one model worker per GPU, compositors on the CPUs left).
 # The model answers like a remote accelerator (150 ms per frame, slept; crops returned unchanged),
@@ -77,6 +77,7 @@ def mount_namespaces_work(probe_dir: Path) -> str | None:
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
+    one_x264_thread()  # the reference below encodes as the compositors do (tests.helpers)
     out = Path(out_dir)
     storage, inputs = out / "storage", out / "client-inputs"
     inputs.mkdir(parents=True, exist_ok=True)

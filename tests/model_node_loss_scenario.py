@@ -21,7 +21,7 @@ from actors.runtime import Runtime
 from cluster.config import Settings
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all, driving
+from tests.helpers import decode_all, driving, one_x264_thread
 from tests.shrink_scenario import FAST_NODE_DEATH, POLL_S, _pool
 
 
@@ -37,6 +37,7 @@ def _pool_is(rt: Runtime, models: int, compositors: int, timeout: float) -> bool
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
+    one_x264_thread()  # the reference below encodes as the compositors do (tests.helpers)
     settings = Settings(chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0, stall_timeout_s=24.0,
                         pool_reconcile_s=1.0, max_chunk_attempts=3, model="latency:25")
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),

@@ -17,10 +17,11 @@ from actors.runtime import Runtime
 from cluster.config import Settings
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all, driving, wait_until
+from tests.helpers import decode_all, driving, one_x264_thread, wait_until
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
+    one_x264_thread()  # the reference below encodes as the compositors do (tests.helpers)
     settings = Settings(model_workers=2, compositors=3, chunk_seconds=1.0, batch_size=8, batch_timeout_s=10.0,
                         stall_timeout_s=60.0, max_chunk_attempts=2)
     reference = decode_all(str(render_local(RenderRequest(audio=audio, video=video, output=f"{out_dir}/ref.mp4"),

@@ -28,7 +28,7 @@ from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.render import render_local
 from cluster.schemas import JobState, RenderRequest
-from tests.helpers import decode_all, driving
+from tests.helpers import decode_all, driving, one_x264_thread
 
 WAITING = {"PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"}
 #: The GCS declares a node dead after this many failed health checks this far apart (Ray's
@@ -66,6 +66,7 @@ def _converge(rt: Runtime, settings: Settings, want: dict, timeout: float = 120.
 
 
 def main(audio: str, video: str, out_dir: str) -> None:
+    one_x264_thread()  # the reference below encodes as the compositors do (tests.helpers)
     start = time.monotonic()
     timeline: dict = {}
 

@@ -85,17 +85,21 @@ class LocalCluster:
         for key in ("metrics-export-port", "dashboard-host", "object-store-memory"):
             params.pop(key)
         head_args = [f"--{k}={yaml.safe_load(v) if k == 'resources' else v}" for k, v in params.items()]
-        self._start(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
-                     f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000",
-                     '--system-config={"metrics_report_interval_ms": 1000}', *head_args], "head")
-        wait_until(lambda: self._started("head"), 120, 0.2, "the Ray head")
+        self._start_node(["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+                          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                          f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                          f"--temp-dir={self.temp_dir}", "--object-store-memory=150000000",
+                          '--system-config={"metrics_report_interval_ms": 1000}', *head_args], "head")
         # A worker node like a KubeRay worker pod: 2 logical CPUs, a model worker and a compositor.
-        for attempt in range(2):  # Ray gives a raylet 30 s to register: a loaded machine can miss that once
-            self._start([f"--address={self.address}", "--num-cpus=2", "--object-store-memory=150000000"], "worker")
+        self._start_node([f"--address={self.address}", "--num-cpus=2", "--object-store-memory=150000000"], "worker")
+
+    def _start_node(self, args: list[str], name: str) -> None:
+        """`ray start` a node until it runs, twice at most: Ray gives a raylet 30 s to register, which a
+        loaded machine can miss once (the head's too)."""
+        for attempt in range(2):
+            self._start(args, name)
             try:
-                wait_until(lambda: self._started("worker"), 120, 0.2, "the Ray worker node")
+                wait_until(lambda: self._started(name), 120, 0.2, f"the Ray {name} node")
                 return
             except AssertionError:
                 if attempt:

@@ -37,9 +37,13 @@ def test_manager_restart_ends_corrupt_and_abandoned_jobs_and_leaves_other_runs_a
     store.transition("abandoned-rendering-job", JobState.rendering)
     store.create("other-live-run-job", request, owner=process_identity(), client=None)
     # One of our own jobs, whose stored row stops validating while it renders.
-    job = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "c.mp4")))
+    # (both with an identity model of 60 ms a frame: still unfinished at the kill by construction; with the
+    # built-in model they ended 1.6-1.9 s after the kill point, unloaded)
+    job = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "c.mp4"),
+                                       model="latency:60:96"))
     # And one whose stored plan stops validating: resuming it raises inside a state change.
-    planned = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "p.mp4")))
+    planned = runtime.submit(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(tmp_path / "p.mp4"),
+                                           model="latency:60:96"))
     wait_until(lambda: runtime.status(job.id).state != JobState.queued, 120, what="the job to start")
     wait_until(lambda: store.plan(planned.id) is not None or runtime.status(planned.id).state.terminal, 180,
                what="the second job's plan")

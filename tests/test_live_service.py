@@ -371,11 +371,18 @@ def test_low_latency_hls_parts_and_blocking_playlist_reload(service, live_avatar
             assert far.status_code == 404 and far.json()["error"]["code"] == "hls.not_published", far.text
             # the part after the newest: held until it (or a later one: a loaded machine may publish
             # several at once) is published, within the bound
-            started = time.monotonic()
-            r = httpx.get(f"{url}&_HLS_msn={newest + 1}&_HLS_part=0", timeout=30)
-            waited = time.monotonic() - started
-            assert r.status_code == 200 and playlist_has(r.text, newest + 1, 0), r.text
-            assert not playlist_has(text, newest + 1, 0) and waited < 3.0, waited  # it was not there before
+            assert not playlist_has(text, newest + 1, 0)  # it was not there before
+            for _ in range(3):  # each answer within the 3 s bound (+ slack); at the bound the playlist as it is
+                # (a session slowed past 3 s by a loaded machine), and a player asks again, as here
+                started = time.monotonic()
+                r = httpx.get(f"{url}&_HLS_msn={newest + 1}&_HLS_part=0", timeout=30)
+                waited = time.monotonic() - started
+                assert r.status_code == 200 and waited < 3.0 + 2.0, (r.status_code, waited)
+                if playlist_has(r.text, newest + 1, 0):
+                    break
+                assert waited >= 2.9, waited  # not there: answered at the bound, not at once (it blocks)
+            else:
+                pytest.fail(f"part {newest + 1}.0 was not published within three blocking reloads:\n{r.text}")
             # one already published: answered before the bound
             started = time.monotonic()
             assert playlist_has(httpx.get(f"{url}&_HLS_msn={newest}&_HLS_part=0", timeout=30).text, newest, 0)

@@ -43,6 +43,7 @@ from cluster.media.probe import probe, probe_audio, probe_video
 #: segment encoded beside another, in process against the ffmpeg child, BGR against I420 input),
 #: and never in about 600 tries outside the suite, under load or on one core. Both streams decode, and
 #: their parameter sets are equal (segments still concatenate); only the pixels' equality is lost.
+#: `tests.helpers.one_x264_thread` (from tests/conftest.py) makes one thread this process's default too.
 
 
 def ffmpeg(*args: str) -> None:

@@ -26,6 +26,24 @@ def reference(ray_settings, speech4_wav, astronaut_video, tmp_path_factory):
     return decode_all(str(out))
 
 
+#: Jobs that a test acts on while they render: an identity model that takes 60 ms a frame (the 4 s job's
+#: 100 frames are 3 s of model time on the two workers), so that they are still rendering by construction
+#: when the test kills, stops or cancels (with the built-in model the job ended 0.7-0.9 s after its first
+#: frame, unloaded: a starved test process could act on a finished job). `slow_reference` is its output.
+SLOW = "latency:60:96"
+
+
+@pytest.fixture(scope="module")
+def slow_reference(ray_settings, speech4_wav, astronaut_video, tmp_path_factory):
+    """The fault-free output of a SLOW job: the same identity model without the sleep, in-process."""
+    from cluster.render import render_local
+
+    out = tmp_path_factory.mktemp("ref") / "slow-reference.mp4"
+    render_local(RenderRequest(audio=speech4_wav, video=astronaut_video, output=str(out), model="latency:0:96"),
+                 ray_settings)
+    return decode_all(str(out))
+
+
 def _request(audio, video, tmp_path, name="out.mp4", **kw) -> RenderRequest:
     return RenderRequest(audio=audio, video=video, output=str(tmp_path / name), **kw)
 
@@ -84,15 +102,15 @@ def test_two_jobs_together_each_get_their_own_output(runtime, reference, speech_
     assert all(0 <= r["waited_encoder_s"] <= r["seconds"] for r in rendered), rendered
 
 
-def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+def test_sigkill_model_worker_mid_job(runtime, slow_reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model=SLOW))
     _wait_rendering(runtime, job.id)
     victim = _model_members(runtime)[0]
     os.kill(victim["pid"], signal.SIGKILL)
     assert not runtime.status(job.id).state.terminal  # the kill landed mid-job
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
-    assert np.array_equal(decode_all(st.output), reference)
+    assert np.array_equal(decode_all(st.output), slow_reference)
     # Ray restarts the worker; it comes back live with a new process and serves again.
     def back():
         m = next(m for m in _model_members(runtime) if m["name"] == victim["name"])
@@ -105,8 +123,8 @@ def test_sigkill_model_worker_mid_job(runtime, reference, speech4_wav, astronaut
     assert served["pid"] == restarted["pid"] and served["frames"] > 0
 
 
-def test_sigkill_compositor_mid_job(runtime, reference, speech4_wav, astronaut_video, tmp_path):
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+def test_sigkill_compositor_mid_job(runtime, slow_reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model=SLOW))
     _wait_rendering(runtime, job.id)
     busy = [c for c in runtime.call("refresh")["compositors"] if c["inflight"]]
     assert busy
@@ -115,12 +133,12 @@ def test_sigkill_compositor_mid_job(runtime, reference, speech4_wav, astronaut_v
     assert not runtime.status(job.id).state.terminal
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
-    assert np.array_equal(decode_all(st.output), reference)
+    assert np.array_equal(decode_all(st.output), slow_reference)
 
 
-def test_stalled_worker_is_bypassed(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+def test_stalled_worker_is_bypassed(runtime, slow_reference, speech4_wav, astronaut_video, tmp_path):
     """SIGSTOP a model worker: its batches time out and are re-dispatched; the job completes."""
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model=SLOW))
     _wait_rendering(runtime, job.id)
     victim = _model_members(runtime)[0]
     os.kill(victim["pid"], signal.SIGSTOP)
@@ -132,14 +150,14 @@ def test_stalled_worker_is_bypassed(runtime, reference, speech4_wav, astronaut_v
         except ProcessLookupError:
             pass
     assert st.state == JobState.succeeded, st.error
-    assert np.array_equal(decode_all(st.output), reference)
+    assert np.array_equal(decode_all(st.output), slow_reference)
     # The watchdog gave up on the frozen process and had it restarted: a new pid serves again.
     wait_until(lambda: any(m["name"] == victim["name"] and m["health"] == "live" and m["pid"] != victim["pid"]
                            for m in _model_members(runtime)), 180, interval=1, what="the stalled worker's restart")
 
 
-def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_wav, astronaut_video, tmp_path):
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+def test_orchestrator_restart_resumes_from_segments(runtime, slow_reference, speech4_wav, astronaut_video, tmp_path):
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model=SLOW))
     wait_until(lambda: runtime.status(job.id).chunks_done >= 1 or runtime.status(job.id).state.terminal, 180,
                what="a first segment")
     seg_dir = Path(runtime.settings.storage_root) / "jobs" / job.id / "segments"
@@ -149,7 +167,7 @@ def test_orchestrator_restart_resumes_from_segments(runtime, reference, speech4_
     ray.kill(runtime.manager(), no_restart=False)
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
-    assert np.array_equal(decode_all(st.output), reference)
+    assert np.array_equal(decode_all(st.output), slow_reference)
     after = {p.name: p.stat().st_mtime_ns for p in seg_dir.glob("[0-9][0-9][0-9][0-9][0-9].mp4")}
     for name, mtime in before.items():  # segments finished before the restart were kept, not redone
         assert after[name] == mtime
@@ -222,7 +240,7 @@ def test_model_that_cannot_load_fails_jobs_clearly(runtime, speech_wav, astronau
 
 
 def test_cancel_mid_job_stops_it_and_the_cluster_keeps_working(runtime, speech4_wav, astronaut_video, tmp_path):
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "cancelled.mp4"))
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "cancelled.mp4", model=SLOW))
     _wait_rendering(runtime, job.id)
     shown = runtime.status(job.id).frames_done
     st = runtime.cancel(job.id)
@@ -251,7 +269,7 @@ def test_wait_answers_when_the_job_ends_not_when_its_window_does(runtime, speech
     rate, speech = wavfile.read(speech4_wav)
     long_speech = tmp_path / "speech20.wav"  # a job that is still rendering when it is cancelled
     wavfile.write(long_speech, rate, np.tile(speech, 5))
-    job = runtime.submit(_request(str(long_speech), astronaut_video, tmp_path, "waited.mp4"))
+    job = runtime.submit(_request(str(long_speech), astronaut_video, tmp_path, "waited.mp4", model=SLOW))
     _wait_rendering(runtime, job.id)
     assert not runtime.call("wait", job.id, 0.2).state.terminal  # the window ended first
     answered = {}
@@ -284,9 +302,9 @@ def test_submit_with_same_id_is_idempotent(runtime, speech4_wav, astronaut_video
     assert held and not any(held), held
 
 
-def test_compositor_dead_for_good_is_replaced(runtime, reference, speech4_wav, astronaut_video, tmp_path):
+def test_compositor_dead_for_good_is_replaced(runtime, slow_reference, speech4_wav, astronaut_video, tmp_path):
     """ray.kill(no_restart=True) on a busy compositor: the job manager creates a new one."""
-    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path))
+    job = runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, model=SLOW))
     _wait_rendering(runtime, job.id)
     busy = [c for c in runtime.call("refresh")["compositors"] if c["inflight"]]
     assert busy
@@ -294,7 +312,7 @@ def test_compositor_dead_for_good_is_replaced(runtime, reference, speech4_wav, a
     ray.kill(ray.get_actor(victim["name"], namespace=runtime.settings.namespace), no_restart=True)
     st = runtime.wait(job.id, timeout=300)
     assert st.state == JobState.succeeded, st.error
-    assert np.array_equal(decode_all(st.output), reference)
+    assert np.array_equal(decode_all(st.output), slow_reference)
     wait_until(lambda: any(c["name"] == victim["name"] and c["health"] == "live" and c["pid"] != victim["pid"]
                            for c in runtime.call("refresh")["compositors"]), 120, interval=1,
                what="a replacement compositor")

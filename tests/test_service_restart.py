@@ -111,10 +111,10 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert "#EXT-X-ENDLIST" in hls_before and "#EXTINF" in hls_before
         segments_before = {line: httpx.get(watch.replace("index.m3u8?", line.split("?")[0] + "?"), timeout=30).content
                            for line in hls_before.splitlines() if line and not line.startswith("#")}
-        # latency:60 (4.5 s of model time for its 75 frames, one model worker): it must still be unfinished at
+        # latency:150 (11 s of model time for its 75 frames, one model worker): it must still be unfinished at
         # the /easy busy check below and rendering at the kill; the built-in model rendered its 3 s at 320x240
         # fast enough that a loaded CI run saw it finished before the busy check (code 10000, not 10001)
-        job = c.submit(audio, video, id="durable-1", callback_url=good.url, model="latency:60")
+        job = c.submit(audio, video, id="durable-1", callback_url=good.url, model="latency:150")
         # the queue holds one unfinished job: the next submission is refused with 429 + Retry-After
         r = httpx.post(svc.url + "/v1/jobs", json={"audio": audio, "video": video},
                        headers={"Authorization": f"Bearer {svc.token}"}, timeout=30)
@@ -122,7 +122,7 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert r.json()["error"]["code"] == "service.busy" and int(r.headers["retry-after"]) >= 1
         # ...but not a retry of the accepted job (its client lost the answer: it is answered its job), a
         # conflicting reuse of its id, or a request that is wrong (told what is wrong, not to come back)
-        again = c.submit(audio, video, id="durable-1", callback_url=good.url, model="latency:60")  # (retries=0)
+        again = c.submit(audio, video, id="durable-1", callback_url=good.url, model="latency:150")  # (retries=0)
         assert again.id == "durable-1"
         other = httpx.post(svc.url + "/v1/jobs", json={"audio": short, "video": video, "id": "durable-1"},
                            headers=hdr, timeout=30)

@@ -15,7 +15,12 @@ from cluster.threads import ThreadPlan, thread_plan
 @pytest.fixture
 def plan_of(monkeypatch):
     """Make `plan` this process's current plan for the test only (what `apply_thread_plan` leaves
-    for the pools created later), without resizing the test process's own OpenCV/BLAS pools."""
+    for the pools created later), without resizing the test process's own OpenCV/BLAS pools; the
+    product's encoder threads as they are (not the test processes' one x264 thread: tests.helpers)."""
+    from cluster.media import encode
+
+    monkeypatch.setattr(encode, "x264_threads", getattr(encode.x264_threads, "planned", encode.x264_threads))
+
     def use(plan: ThreadPlan | None) -> ThreadPlan | None:
         monkeypatch.setattr(threads, "_applied", plan)
         return plan
