@@ -829,15 +829,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "remote", False) and (args.url is not None or args.token is not None):
-        parser.error(f"--url and --token are for the client commands, not {args.command}")
+    given = [flag for flag, value in (("--url", args.url), ("--token", args.token)) if value is not None]
+    if not getattr(args, "remote", False) and given:
+        parser.error(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client commands, "
+                     f"not {args.command}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for
     try:
         # every lipsync.* line one JSON object, as the service's are (the settings read only when it is asked
         # for: a client command does not fail on a server setting it never uses)
-        if os.environ.get("LIPSYNC_LOG_FORMAT") and Settings().log_format == "json":
+        if os.environ.get("LIPSYNC_LOG_FORMAT") and _log_format() == "json":
             from cluster import logs
 
             logs.configure("json", logging.INFO if args.verbose else logging.WARNING)
@@ -853,6 +855,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lipsync: error: settings.invalid: {field}: {err['msg']} (got {err.get('input')!r}; "
                   f"LIPSYNC_{field.upper()}{flag})", file=sys.stderr)
         return 2
+
+
+def _log_format() -> str:
+    """The log format the settings say; text where they are invalid (a command that needs them says so
+    itself; a client command never reads them)."""
+    try:
+        return Settings().log_format
+    except ValidationError:
+        return "text"
 
 
 def entry() -> None:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import re
+import stat
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -337,8 +339,8 @@ def _is_local_file(value: str | os.PathLike) -> bool:
     s = str(value)
     try:
         return "://" not in s and Path(s).expanduser().is_file()
-    except (OSError, ValueError):  # a name the system refuses (NUL, too long): no file here; the server judges it
-        return False
+    except (OSError, ValueError, RuntimeError):  # a name the system refuses (NUL, too long), `~` of no user:
+        return False  # no file here (local_input_error says why)
 
 
 def _retryable(r: httpx.Response, idempotent: bool) -> bool:
@@ -840,21 +842,36 @@ def _batch_locals(audios: list[str], video: str | None) -> list[str]:
 
 def local_input_error(field: str, value) -> InputError | None:
     """Why `value` cannot be sent as the input `field`, before anything is sent (the SDK and the CLI
-    both ask): None for a URL, an upload reference, a local file or an absolute path (a server's
-    file: the server judges it); else a directory, a name this system refuses (NUL, too long), or a
-    relative name that is no local file (a typo: a server-side path must be absolute)."""
+    both ask): None for a URL, an upload reference, a local regular file, or an absolute path that is
+    none here (a server's file, or one this user may not look at: the server judges it); else an empty
+    name, a name this system refuses (NUL, too long, an unknown `~user`), a local directory, pipe, socket
+    or device, or a relative name that is no local file (a typo: a server-side path must be absolute)."""
     s = str(value)
     if "://" in s or s.startswith("upload:"):
         return None
+    if not s:
+        return InputError(f"{field} is empty: expected a local file, a URL or an absolute server path", path=field)
+    if "\0" in s:
+        return InputError(f"{field} {s!r}: a name with a NUL byte", path=field)
+    server = PurePosixPath(s).is_absolute()  # (the server's paths, whatever this OS)
     try:
-        here = Path(s).expanduser()
-        if here.is_file():
+        mode = os.stat(Path(s).expanduser()).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except RuntimeError:  # expanduser: `~name` of no user here
+        return InputError(f"{field} {s}: no user's home directory is named so here", path=field)
+    except OSError as e:  # too long, a symlink loop, no permission to look
+        if server and e.errno != errno.ENAMETOOLONG:
             return None
-        if here.is_dir():
-            return InputError(f"{field} {s} is a directory, not a file", path=field)
-    except (OSError, ValueError) as e:  # a name the system refuses: no file here, and none there
         return InputError(f"{field} {s}: {os_reason(e)}", path=field)
-    if PurePosixPath(s).is_absolute():  # (the server's paths, whatever this OS)
+    if mode is not None:
+        if stat.S_ISREG(mode):
+            return None
+        if stat.S_ISDIR(mode):
+            return InputError(f"{field} {s} is a directory, not a file", path=field)
+        return InputError(f"{field} {s} is not a regular file (a pipe, socket or device): save it to a file "
+                          f"first", path=field)
+    if server:
         return None
     return InputNotFound(f"{field} file {s} does not exist here, and is not a URL or an absolute server path",
                          path=field)

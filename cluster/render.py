@@ -23,7 +23,15 @@ from pydantic import BaseModel, Field
 
 from cluster import telemetry
 from cluster.config import Settings, get_settings
-from cluster.errors import InputError, InputNotFound, InputsGone, LipsyncError, OutputVerificationError, RenderError
+from cluster.errors import (
+    InputError,
+    InputNotFound,
+    InputsGone,
+    LipsyncError,
+    ModelLoadError,
+    OutputVerificationError,
+    RenderError,
+)
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
@@ -223,7 +231,14 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
     from cluster.media.probe import probe_audio, probe_video
 
     s = settings or get_settings()
-    check_model(request.model or s.model, s)
+    try:
+        check_model(request.model or s.model, s)
+    except InputError as e:
+        if request.model:
+            raise
+        # the service's own default (a joined service checks no LIPSYNC_MODEL at its start): not the request's
+        raise ModelLoadError(f"the service's default model cannot be used: {e.message} (LIPSYNC_MODEL="
+                             f"{s.model!r}, an operator's setting)", stage="admit") from None
     try:
         audio = probe_audio(request.audio, s)
         video = probe_video(request.video, s) if request.video is not None else None

@@ -70,14 +70,16 @@ def test_a_failed_batch_says_why_in_one_error(tmp_path):
     failed = view()
     assert failed.state == JobState.failed and failed.error.code == "input.no_face", failed
     assert failed.error.stage == "prepare" and failed.error.message == (
-        "batch b3: 2 of its 4 jobs failed; the first, b3--001: too few template frames show a face")
+        "batch b3: 2 of its 4 audios' jobs failed; the first, b3--001: too few template frames show a face")
     del jobs[batch_job_id("b3", 2)]  # an audio never admitted (refused at its POST), and one job failed
     incomplete = view()
-    assert incomplete.error.message.startswith("batch b3: job b3--001 failed: too few"), incomplete.error
+    assert incomplete.error.message == ("batch b3: job b3--001 failed: too few template frames show a face; and "
+                                        "1 of its 4 audios was never admitted (refused when the batch was "
+                                        "submitted): send the batch again under its id"), incomplete.error
     jobs[batch_job_id("b3", 1)].state = JobState.succeeded
     incomplete = view()
     assert incomplete.state == JobState.failed and incomplete.error.code == "batch.incomplete", incomplete
-    assert incomplete.error.message == ("batch b3: 1 of its 4 audios were never admitted (refused when the batch "
+    assert incomplete.error.message == ("batch b3: 1 of its 4 audios was never admitted (refused when the batch "
                                         "was submitted): send the batch again under its id")
 
 

@@ -417,7 +417,7 @@ def test_url_and_token_are_taken_before_or_after_a_client_command(capsys):
     assert parse(["list"]).url is None and parse(["list"]).token is None
     with pytest.raises(SystemExit) as out:
         main(["--token", "T", "demo", "-o", "x.mp4"])
-    assert out.value.code == 2 and "--url and --token are for the client commands, not demo" in capsys.readouterr().err
+    assert out.value.code == 2 and "--token is for the client commands, not demo" in capsys.readouterr().err
 
 
 def test_serve_takes_a_free_dashboard_port_when_the_usual_one_is_held(monkeypatch):

@@ -331,3 +331,37 @@ def test_a_submitted_name_that_is_no_local_file_nor_a_server_path_is_refused_bef
                                    lambda c, name=name: c.submit(name, "/srv/in/v.mp4")):
             assert isinstance(outcome, InputError) and outcome.path == "audio", outcome
             assert says in outcome.message and seen == [], (outcome.message, seen)
+
+
+def test_a_local_input_is_judged_before_it_is_sent(tmp_path, monkeypatch):
+    """One check for the SDK and the CLI (`local_input_error`): each name a user may give, with what is
+    sent and what is refused, and why (an unknown `~user` was a traceback; a pipe, a NUL byte and an empty
+    name were "does not exist" or sent to the server)."""
+    import os
+
+    from cluster.client import local_input_error
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "speech.wav").write_bytes(b"RIFF")
+    os.symlink(tmp_path / "gone.wav", tmp_path / "dangling.wav")
+    monkeypatch.chdir(tmp_path)
+    cases = {"speech.wav": None, str(tmp_path / "speech.wav"): None, "/srv/in/a.wav": None, "upload:ab.wav": None,
+             "https://example.com/a.wav": None,
+             "": ("input.invalid", "audio is empty"), "a\0b.wav": ("input.invalid", "a name with a NUL byte"),
+             "/srv/a\0b.wav": ("input.invalid", "a name with a NUL byte"),
+             "fifo": ("input.invalid", "is not a regular file (a pipe, socket or device)"),
+             str(tmp_path / "fifo"): ("input.invalid", "is not a regular file"),
+             ".": ("input.invalid", "is a directory, not a file"),
+             str(tmp_path): ("input.invalid", "is a directory, not a file"),
+             "typo.wav": ("input.not_found", "audio file typo.wav does not exist here"),
+             "dangling.wav": ("input.not_found", "does not exist here"),
+             "~no-such-user-here/a.wav": ("input.invalid", "no user's home directory is named so here"),
+             "x" * 300 + ".wav": ("input.invalid", "File name too long"),
+             "/srv/" + "x" * 300 + ".wav": ("input.invalid", "File name too long")}
+    for value, want in cases.items():
+        got = local_input_error("audio", value)
+        if want is None:
+            assert got is None, (value, got)
+        else:
+            assert got is not None and got.code == want[0] and want[1] in got.message and got.path == "audio", \
+                (value, got and (got.code, got.message))

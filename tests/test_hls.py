@@ -378,6 +378,8 @@ def test_hls_signatures_errors_and_a_cancelled_job(service, hls_media):
         assert http.get(f"/v1/jobs/{job_id}/hls/..%2Fmel.npy").status_code == 404
         malformed = http.get(f"/v1/jobs/{job_id}/hls/9-0.m4s")  # none of a stream's names: not a missing route
         assert malformed.status_code == 404 and malformed.json()["error"]["code"] == "hls.not_published"
+        unknown = http.get("/v1/jobs/no-such-job/hls/9-0.m4s")  # no such job: said first
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "job.not_found", unknown.text
         # cancelled mid-run: the playlist ends (ENDLIST) after what was published, and stays so
         assert http.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
         text = anon.get(watch).text

@@ -1018,3 +1018,22 @@ def test_a_named_model_of_a_size_that_cannot_work_is_refused_at_admission():
         assert info.value.code == "input.invalid" and info.value.path == "model"
     for spec in ("builtin", "builtin:96", "builtin:384", "builtin:448", "latency:5", "latency:5:96"):
         check_model(spec, settings)
+
+
+def test_a_service_default_model_that_cannot_work_is_the_operators_error_not_the_requests(tmp_path):
+    """A joined service checks no LIPSYNC_MODEL at its start: with `builtin:10` there, every job that named no
+    model was answered `input.invalid` on the field `model` (HTTP 422), a field the client never sent. It is
+    the service's `model.load_failed` (HTTP 500) naming LIPSYNC_MODEL; a job that names it is still refused."""
+    from cluster.config import Settings
+    from cluster.errors import InputError, ModelLoadError
+    from cluster.render import check_inputs
+    from cluster.schemas import RenderRequest
+    from service.errors import http_status
+
+    settings = Settings(storage_root=tmp_path, model="builtin:10")
+    with pytest.raises(ModelLoadError) as default:
+        check_inputs(RenderRequest(audio="/srv/a.wav", video="/srv/v.mp4"), settings)
+    assert "LIPSYNC_MODEL='builtin:10'" in default.value.message and http_status(default.value) == 500
+    with pytest.raises(InputError) as named:
+        check_inputs(RenderRequest(audio="/srv/a.wav", video="/srv/v.mp4", model="builtin:10"), settings)
+    assert named.value.path == "model" and http_status(named.value) == 422

@@ -138,18 +138,20 @@ async def batch_view(backend: Backend, batch_id: str, n: int | None = None) -> B
 
 def batch_error(batch_id: str, jobs: list, missing: int) -> ErrorInfo:
     """Why a failed batch failed, in one error: its first failed job's, counted and named (the others are
-    in their jobs' views), or its audios that were never admitted."""
+    in their jobs' views), and its audios that were never admitted, with what to do about them."""
     failed = [j for j in jobs if j.state == JobState.failed]
     total = len(jobs) + missing
-    if failed:
-        first = failed[0]
-        some = f"job {first.id} failed" if len(failed) == 1 else \
-            f"{len(failed)} of its {total} jobs failed; the first, {first.id}"
-        why = first.error or ErrorInfo(code="render.failed", message="(no reason recorded)")
-        return why.model_copy(update={"message": f"batch {batch_id}: {some}: {why.message}"})
-    return ErrorInfo(code="batch.incomplete",
-                     message=f"batch {batch_id}: {missing} of its {total} audios were never admitted (refused when "
-                             f"the batch was submitted): send the batch again under its id")
+    never = "" if not missing else (f"{missing} of its {total} audios {'was' if missing == 1 else 'were'} never "
+                                    f"admitted (refused when the batch was submitted): send the batch again under "
+                                    f"its id")
+    if not failed:
+        return ErrorInfo(code="batch.incomplete", message=f"batch {batch_id}: {never}")
+    first = failed[0]
+    some = f"job {first.id} failed" if len(failed) == 1 else \
+        f"{len(failed)} of its {total} audios' jobs failed; the first, {first.id}"
+    why = first.error or ErrorInfo(code="render.failed", message="(no reason recorded)")
+    also = f"; and {never}" if never else ""
+    return why.model_copy(update={"message": f"batch {batch_id}: {some}: {why.message}{also}"})
 
 
 def _may_be_admitting(backend: Backend, batch_id: str, jobs: list) -> bool:

@@ -62,6 +62,7 @@ async def hls_playlist(job_id: str, request: Request, signed: str = Depends(requ
 async def hls_file(job_id: str, name: str, request: Request, signed: str = Depends(require_watch_access),
                    backend: Backend = Depends(get_backend)) -> Response:
     if not FILE_NAME.fullmatch(name):
+        await backend.gateway.hls_index(job_id)  # an unknown job is job.not_found, whatever the name
         raise ApiProblem(404, "hls.not_published",
                          f"no HLS file {name!r} (init.mp4, init-<chunk>.mp4 or <chunk>-<part>.m4s)", None)
     part = backend.settings.transfer_part_bytes
