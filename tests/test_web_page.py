@@ -276,6 +276,36 @@ def test_an_upload_that_stalls_is_given_up_with_a_message(chromium_executable, s
 
 @pytest.mark.service
 @pytest.mark.slow
+def test_a_late_401_of_a_call_sent_before_the_token_keeps_the_token_typed_since(chromium_executable, service,
+                                                                                 browser):
+    """On a loaded machine a call the page made before its token was typed (its first list of jobs) answered
+    401 after the token was typed: that 401 wiped the new token ("The server did not accept this token"), and
+    the next call went without one (CI: the Live tab's Speak answered auth.invalid_token). A 401 now speaks
+    only of the token its own call carried."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    held = []
+    try:
+        page.route("**/v1/jobs?*", lambda route: held.append(route) if not held else route.continue_())
+        page.goto(service.url + "/")
+        wait_until(lambda: held, 30, what="the page's first list of jobs (sent without a token)")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)  # (the avatars' 401)
+        page.fill("#token-input", service.token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+        with page.expect_response(lambda r: "/v1/jobs?" in r.url and r.status == 401, timeout=30_000):
+            held.pop().continue_()  # its 401 arrives now, after the token
+        page.wait_for_timeout(500)
+        assert page.evaluate("sessionStorage.getItem('lipsync.token')") == service.token
+        assert page.locator("#token-form").is_hidden() and page.locator("#token-error").is_hidden()
+        assert page.evaluate("window.lipsync.apiJson('/v1/avatars').then(() => 'ok', (e) => e.code)") == "ok"
+    finally:
+        for route in held:
+            route.abort()
+        page.close()
+
+
+@pytest.mark.service
+@pytest.mark.slow
 def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, service, live_avatar, browser, tmp_path):
     """The Live tab in the real chromium, its microphone the fake device playing speech: a socket the
     server refuses shows its close code and reason; Speak streams the microphone's PCM to a session

@@ -28,9 +28,8 @@ function token() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
-function authHeaders(extra) {
+function authHeaders(extra, value) {
   const headers = Object.assign({}, extra || {});
-  const value = token();
   if (value) headers.Authorization = "Bearer " + value;
   return headers;
 }
@@ -61,8 +60,9 @@ async function api(path, options) {
   const caller = options.signal;
   if (caller) caller.addEventListener("abort", () => deadline.abort(), { once: true });
   let response;
+  const sent = token(); // the token this call carries (a 401 speaks of it, not of one typed since)
   try {
-    response = await fetch(path, Object.assign({}, options, { signal: deadline.signal, headers: authHeaders(options.headers) }));
+    response = await fetch(path, Object.assign({}, options, { signal: deadline.signal, headers: authHeaders(options.headers, sent) }));
   } catch (err) {
     if (caller && caller.aborted) throw err; // the caller's own abort (an AbortError)
     if (deadline.signal.aborted) {
@@ -74,7 +74,7 @@ async function api(path, options) {
   }
   if (!response.ok) {
     const error = errorFromBody(response.status, response.statusText, await response.text());
-    if (response.status === 401) askForToken(error);
+    if (response.status === 401) askForToken(error, sent);
     throw error;
   }
   return response;
@@ -104,7 +104,8 @@ function upload(path, formData, onProgress, answerMs) {
       }, ms);
     };
     xhr.open("POST", path);
-    const headers = authHeaders();
+    const sent = token();
+    const headers = authHeaders(null, sent);
     for (const name of Object.keys(headers)) xhr.setRequestHeader(name, headers[name]);
     const stalled = "The upload made no progress for " + UPLOAD_STALL_MS / 1000 + " s (the connection stalled); try again";
     giveUpAfter(UPLOAD_STALL_MS, stalled);
@@ -125,7 +126,7 @@ function upload(path, formData, onProgress, answerMs) {
         return;
       }
       const error = errorFromBody(xhr.status, xhr.statusText, xhr.responseText);
-      if (xhr.status === 401) askForToken(error);
+      if (xhr.status === 401) askForToken(error, sent);
       reject(error);
     };
     xhr.onerror = () => {
@@ -183,7 +184,10 @@ function sleep(ms) {
 }
 
 // --- token ----------------------------------------------------------------------------------
-function askForToken(error) {
+function askForToken(error, sent) {
+  // a call sent before the token was typed (or changed) answers 401 late: it says nothing of the token
+  // now, which it would wipe (a slow page load's 401 took the token just typed, and Speak then had none)
+  if ((sent || null) !== token()) return;
   const hadToken = !!token();
   sessionStorage.removeItem(TOKEN_KEY);
   $("token-state").hidden = true;
