@@ -75,6 +75,31 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
     return real
 
 
+#: Under the storage root: the file name each stored upload last came under (`upload-names/<sha256><.ext>`),
+#: so that errors and views of a job naming `upload:...` name the user's file. A nicety, never a condition:
+#: a name that is missing (retention, a failed write) leaves the reference itself.
+UPLOAD_NAMES = "upload-names"
+
+
+def remember_upload_name(stored: Path, filename: str, settings: Settings) -> None:
+    name = Path(filename or "").name[:255]
+    if name:
+        with contextlib.suppress(OSError):
+            (settings.dir(UPLOAD_NAMES) / stored.name).write_text(name, encoding="utf-8")
+
+
+def upload_name(ref: str, settings: Settings) -> str | None:
+    """The file name `ref`'s bytes were last uploaded under, where known."""
+    m = _REF.match(ref)
+    if m is None:
+        return None
+    try:
+        return (settings.storage_root / UPLOAD_NAMES / f"{m.group(1)}{(m.group(2) or '').lower()}").read_text(
+            encoding="utf-8")[:255] or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def is_upload_ref(value: str | None) -> bool:
     return bool(value) and value.startswith(UPLOAD_PREFIX)
 
@@ -179,6 +204,7 @@ class UploadStore:
         else:
             os.replace(up.path, dest)
         del self._open[upload_id]  # (not before: a finish the disk refused leaves it for `abort` to remove)
+        remember_upload_name(dest, up.filename, self.s)
         return StoredInput(ref=f"{UPLOAD_PREFIX}{digest}{up.suffix}", size=up.size, sha256=digest)
 
     def abort(self, upload_id: str) -> None:

@@ -272,7 +272,7 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
     """Admission on the job manager's node: resolve each input (an upload reference, or a path
     under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
     client gave (`request.sources` maps what it sent to its own path)."""
-    from cluster.inputs import is_upload_ref, resolve_input
+    from cluster.inputs import is_upload_ref, resolve_input, upload_name
 
     s = settings or get_settings()
     resolved: dict[str, str] = {}
@@ -289,7 +289,9 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
             _name_sources(e, request).with_context(job_id=job_id, stage="admit")
             raise
         resolved[key] = path
-        sources[path] = request.sources.get(given, given)
+        # the name the user knows: the client's file (a form's), or the name a reference's bytes were uploaded under
+        named = request.sources.get(given) or (upload_name(given, s) if is_upload_ref(given) else None)
+        sources[path] = named or given
     return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
 

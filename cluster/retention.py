@@ -146,6 +146,7 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
         shutil.rmtree(d, ignore_errors=True)  # an admission that failed after it made the directory
         removed += 1
     removed += remove_files_older_than(root / "inputs", cutoff, log)  # stored uploads, by their last use
+    remove_files_older_than(root / "upload-names", cutoff, log)  # their names (rewritten at each upload)
     # avatars (and their templates) that unfinished jobs or running sessions use stay, whatever their age
     in_use = set(sessions_in_use)
     for job_id in store.unfinished_ids():

@@ -74,13 +74,15 @@ def test_a_failed_batch_says_why_in_one_error(tmp_path):
     del jobs[batch_job_id("b3", 2)]  # an audio never admitted (refused at its POST), and one job failed
     incomplete = view()
     assert incomplete.error.message == ("batch b3: job b3--001 failed: too few template frames show a face; and "
-                                        "1 of its 4 audios was never admitted (refused when the batch was "
-                                        "submitted): send the batch again under its id"), incomplete.error
+                                        "1 of its 4 audios was never admitted (one was refused when the batch "
+                                        "was submitted, with its reason, and those after it were not tried): "
+                                        "correct it and send the batch again under its id (its jobs already "
+                                        "admitted are answered as they are)"), incomplete.error
     jobs[batch_job_id("b3", 1)].state = JobState.succeeded
     incomplete = view()
     assert incomplete.state == JobState.failed and incomplete.error.code == "batch.incomplete", incomplete
-    assert incomplete.error.message == ("batch b3: 1 of its 4 audios was never admitted (refused when the batch "
-                                        "was submitted): send the batch again under its id")
+    assert incomplete.error.message.startswith("batch b3: 1 of its 4 audios was never admitted (one was refused"), \
+        incomplete.error
 
 
 def _app_whose_manager_times_out_at(tmp_path, audio_index: int):

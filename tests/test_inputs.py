@@ -86,6 +86,35 @@ def test_upload_in_parts_is_content_addressed(tmp_path):
     assert list((settings.storage_root / "uploads").iterdir()) == []  # no part files left
 
 
+def test_errors_and_views_of_an_uploaded_input_name_its_file_not_its_reference(tmp_path, monkeypatch):
+    """A JSON job or batch naming `upload:<sha256>.wav` (the SDK's batches upload first) was told
+    "upload:1d7a…5a.wav is not a readable audio/video file": five audios, no way to tell which. The
+    stored upload keeps the name it came under, and admission names the file by it (errors, the view)."""
+    from cluster.render import admit_on_manager
+    from cluster.schemas import JobStatus, RenderRequest, utcnow
+    from cluster.views import job_view
+
+    settings = Settings(storage_root=tmp_path / "storage")
+    store = UploadStore(settings)
+    refs = {}
+    for name, data in (("bad take 3.wav", b"not audio"), ("face.mp4", b"not video either")):
+        up = store.begin(name)
+        store.part(up, data)
+        refs[name] = store.finish(up).ref
+    with pytest.raises(InputError) as refused:
+        admit_on_manager("job-1", RenderRequest(audio=refs["bad take 3.wav"], video=refs["face.mp4"]), settings)
+    assert "bad take 3.wav" in refused.value.message and "upload:" not in refused.value.message, refused.value
+    assert "inputs/" not in refused.value.message
+    # the view's inputs (the Jobs tab's row) by name too: the request as admission hands it on to be stored
+    import cluster.render
+
+    admitted = []
+    monkeypatch.setattr(cluster.render, "admit", lambda job_id, request, s, link: admitted.append(request))
+    admit_on_manager("job-2", RenderRequest(audio=refs["bad take 3.wav"], video=refs["face.mp4"]), settings)
+    view = job_view(JobStatus(id="job-2", state="queued", created_at=utcnow(), request=admitted[0]))
+    assert view.inputs == {"audio": "bad take 3.wav", "video": "face.mp4"}, view.inputs
+
+
 def test_an_upload_part_sent_again_is_stored_once(tmp_path):
     """The service's gateway and the batch client send a part again when its answer was lost or
     late although the part had arrived: with its offset it is stored once (without one the

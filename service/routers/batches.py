@@ -142,8 +142,9 @@ def batch_error(batch_id: str, jobs: list, missing: int) -> ErrorInfo:
     failed = [j for j in jobs if j.state == JobState.failed]
     total = len(jobs) + missing
     never = "" if not missing else (f"{missing} of its {total} audios {'was' if missing == 1 else 'were'} never "
-                                    f"admitted (refused when the batch was submitted): send the batch again under "
-                                    f"its id")
+                                    f"admitted (one was refused when the batch was submitted, with its reason, and "
+                                    f"those after it were not tried): correct it and send the batch again under "
+                                    f"its id (its jobs already admitted are answered as they are)")
     if not failed:
         return ErrorInfo(code="batch.incomplete", message=f"batch {batch_id}: {never}")
     first = failed[0]
