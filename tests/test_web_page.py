@@ -207,6 +207,48 @@ def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable,
 
 
 @pytest.mark.service
+def test_the_jobs_list_follows_its_unfinished_jobs_on_the_older_pages_too(chromium_executable, service, browser):
+    """Once "Older jobs" had added a page below the first, the list was never read again: a job on it read
+    "rendering" long after it succeeded (H18, 1 of 1). The list's reads are Playwright's answers here (the
+    page's own code, the service's real page): the first page, an older one with a rendering job, then that
+    job succeeded."""
+    import json
+
+    from cluster.schemas import JobPage, JobView, utcnow
+
+    def view(job_id: str, state: str) -> dict:
+        done = state == "succeeded"
+        return JobView(id=job_id, state=state, stage="done" if done else "render", progress=1.0 if done else 0.5,
+                       frames_done=100 if done else 50, frames_total=100, created_at=utcnow(),
+                       updated_at=utcnow()).model_dump(mode="json")
+
+    ended = []
+
+    def answer(route):
+        url = route.request.url
+        if "before=" in url:
+            page_of = JobPage(jobs=[view("older-job", "rendering")])
+        elif ended:
+            page_of = JobPage(jobs=[view("newer-job", "succeeded"), view("older-job", "succeeded")])
+        else:
+            page_of = JobPage(jobs=[view("newer-job", "succeeded")], next_before="newer-job")
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(page_of.model_dump(mode="json")))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs?*", answer)
+        sign_in(page, service)
+        page.click("[data-tab=jobs]")
+        page.locator("#jobs-more").click()
+        older = page.locator(".job-row", has_text="older-job")
+        older.locator(".s-rendering").wait_for(timeout=10_000)
+        ended.append(True)  # it succeeds: the list, older page included, reads it so within its 2 s
+        older.locator(".s-succeeded").wait_for(timeout=10_000)
+    finally:
+        page.close()
+
+
+@pytest.mark.service
 def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_taken(
         chromium_executable, service, browser, tmp_path):
     """The session service keeps 4 job event streams at most (conftest): with 4 held open, the page

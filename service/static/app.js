@@ -598,13 +598,17 @@ $("cancel-button").addEventListener("click", async () => {
 // --- recent jobs ----------------------------------------------------------------------------
 let jobsBefore = null; // the next page: the jobs older than this one (new jobs do not shift it, as an offset)
 let jobsRefresh = null;
+let jobsUnfinished = false; // a listed job (on any page shown) has not ended: the list is read again
 
 async function loadJobs(append) {
   const list = $("jobs-list");
   const before = append && jobsBefore ? "&before=" + encodeURIComponent(jobsBefore) : "";
+  // reading the list again reads as many jobs as it shows (the older pages added below the first with them),
+  // in one page: their states change too (they stayed "rendering" for ever once an older page was added)
+  const limit = append ? 20 : Math.min(Math.max(20, list.querySelectorAll(".job-row").length), 500);
   let page;
   try {
-    page = await apiJson("/v1/jobs?limit=20" + before);
+    page = await apiJson("/v1/jobs?limit=" + limit + before);
   } catch (err) {
     showError($("jobs-error"), err.status === 401 ? null : err); // a 401 asks for the token above
     return;
@@ -620,10 +624,10 @@ async function loadJobs(append) {
   }
   jobsBefore = page.next_before || null;
   $("jobs-more").hidden = !page.next_before;
-  // while a listed job is unfinished and the tab is shown, the first page is read again every 2 s (not once
-  // older pages were added below it: they would be taken away)
+  // while a listed job is unfinished and the tab is shown, the list is read again every 2 s
+  jobsUnfinished = (append && jobsUnfinished) || page.jobs.some((view) => !TERMINAL.has(view.state));
   clearTimeout(jobsRefresh);
-  if (!append && page.jobs.some((view) => !TERMINAL.has(view.state))) {
+  if (jobsUnfinished) {
     jobsRefresh = setTimeout(() => !document.querySelector("[data-panel=jobs]").hidden && loadJobs(false), 2000);
   }
 }
@@ -754,9 +758,10 @@ $("avatar-form").addEventListener("submit", async (e) => {
       bar.value = fraction;
       if (fraction >= 1) status.textContent = "Preparing: finding and tracking the face in every frame…";
     }, 900000);
-    status.textContent = "Avatar " + avatar.id + " is ready (" + framesLabel(avatar) + ").";
+    status.textContent = "Avatar " + avatar.id + " is ready (" + framesLabel(avatar) + "): chosen under the Render tab's prepared avatars.";
     $("avatar-video").value = "";
-    loadAvatars();
+    await loadAvatars();
+    $("avatar-select").value = avatar.id; // the one just prepared, not the list's first (sorted by id)
   } catch (err) {
     status.hidden = true;
     showError(error, err);
