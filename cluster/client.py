@@ -81,6 +81,16 @@ class ApiError(Exception):
             return cls(r.status_code, f"http.{r.status_code}", r.text[:500] or r.reason_phrase)
 
 
+class BatchRefused(ApiError):
+    """`submit_batch` was answered an error: the server's, and `batch_id`, the id the batch was sent under
+    (chosen by the SDK unless given). Audios before a refused one were admitted and run under it:
+    `batch(e.batch_id)`, `cancel_batch(e.batch_id)`, or the corrected batch sent again with `id=e.batch_id`."""
+
+    def __init__(self, error: ApiError, batch_id: str) -> None:
+        super().__init__(error.status, error.code, error.message, error.field)
+        self.batch_id = batch_id
+
+
 class JobFailed(ApiError):
     """`wait` saw the job end failed or cancelled; `.job` is its final view."""
 
@@ -814,8 +824,11 @@ class Client(_Base):
             finally:
                 uploads.close()
             uploaded[path] = UploadedFile.model_validate(r.json()).ref
-        r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
-                         json=_batch_body(audios, video, avatar, options, uploaded))
+        body = _batch_body(audios, video, avatar, options, uploaded)
+        try:
+            r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body)
+        except ApiError as e:
+            raise BatchRefused(e, body["id"]) from e
         return BatchView.model_validate(r.json())
 
     def batch(self, batch_id: str) -> BatchView:
@@ -1072,8 +1085,11 @@ class AsyncClient(_Base):
             finally:
                 uploads.close()
             uploaded[path] = UploadedFile.model_validate(r.json()).ref
-        r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True,
-                               json=_batch_body(audios, video, avatar, options, uploaded))
+        body = _batch_body(audios, video, avatar, options, uploaded)
+        try:
+            r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body)
+        except ApiError as e:
+            raise BatchRefused(e, body["id"]) from e
         return BatchView.model_validate(r.json())
 
     async def batch(self, batch_id: str) -> BatchView:
@@ -1645,5 +1661,5 @@ Client.live = _client_live
 AsyncClient.live = _async_client_live
 
 
-__all__ = ["ApiError", "AsyncClient", "AsyncJob", "AsyncLiveSession", "Client", "Job", "JobFailed", "LiveSession",
-           "WaitTimeout"]
+__all__ = ["ApiError", "AsyncClient", "AsyncJob", "AsyncLiveSession", "BatchRefused", "Client", "Job", "JobFailed",
+           "LiveSession", "WaitTimeout"]

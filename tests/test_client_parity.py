@@ -365,3 +365,19 @@ def test_a_local_input_is_judged_before_it_is_sent(tmp_path, monkeypatch):
         else:
             assert got is not None and got.code == want[0] and want[1] in got.message and got.path == "audio", \
                 (value, got and (got.code, got.message))
+
+
+def test_a_refused_batch_says_the_id_it_was_sent_under():
+    """A batch refused at its second audio: the first was admitted and renders under the id the SDK chose,
+    which was only in the message's text; both faces raise `BatchRefused` with `batch_id`."""
+    from cluster.client import BatchRefused
+
+    refused = {"error": {"code": "input.unreadable", "message": "audio 1: not readable", "field": "audios"}}
+    for given in (None, "my-batch-7"):
+        options = {} if given is None else {"id": given}
+        for outcome, seen in _both(lambda request, n: httpx.Response(400, json=refused),
+                                   lambda c, options=options: c.submit_batch(["/srv/a.wav", "/srv/b.wav"],
+                                                                             "/srv/v.mp4", **options)):
+            assert isinstance(outcome, BatchRefused) and outcome.code == "input.unreadable", outcome
+            sent = json.loads(seen[-1].content)["id"]
+            assert outcome.batch_id == sent and (given is None or sent == given), (outcome.batch_id, sent)
