@@ -111,7 +111,8 @@ def upload_ref_path(ref: str, settings: Settings) -> Path:
         raise InputNotFound(f"{ref!r} is not an upload reference (expected upload:<sha256><.ext>)", path=ref)
     path = settings.dir("inputs") / f"{m.group(1)}{(m.group(2) or '').lower()}"
     if not path.is_file():
-        raise InputNotFound(f"upload {ref} is not stored on the job manager (upload it again)", path=ref)
+        raise InputNotFound(f"upload {ref} is not stored on this service (give the ref as its upload answered it, "
+                            f"extension included; or upload the file again)", path=ref)
     return path
 
 

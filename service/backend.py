@@ -291,7 +291,8 @@ class Backend:
     async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:
         st = await self.gateway.get(job_id)
         if st.state != JobState.succeeded:
-            raise JobNotReady(f"job {job_id} is {st.state.value}; its result exists once it has succeeded",
+            raise JobNotReady(f"job {job_id} is {st.state.value}; " + ("its result exists once it has succeeded"
+                              if not st.state.terminal else "it has no result (only a succeeded job has one)"),
                               job_id=job_id)
         size = st.output_bytes
         if size is None:  # no file to measure: `output.expired` (410) when it is gone

@@ -654,8 +654,8 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
             assert done4.counts == {"succeeded": 3}, done4
             assert [j.frames_total for j in done4.jobs] == [expected_frames(0.6), expected_frames(0.8),
                                                             expected_frames(0.6)]
-            given = [j.inputs["audio"] for j in done4.jobs]  # the stored refs (a ref keeps no file name)
-            assert all(g.startswith("upload:") for g in given) and given[0] == given[2] != given[1], given
+            given = [j.inputs["audio"] for j in done4.jobs]  # named by the files uploaded, not by their refs
+            assert given == ["mine0.wav", "mine1.wav", "mine0.wav"], given
         # the upload route itself: one `file` field, stored by content; anything else refused by its field
         stored = http.post("/v1/uploads", files={"file": ("take 1.wav", open(audios[0], "rb"))})
         assert stored.status_code == 201 and stored.json()["ref"].startswith("upload:"), stored.text

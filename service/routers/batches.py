@@ -35,7 +35,8 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
     n = await backend.gateway.unfinished_count(settings.max_queued_jobs)
     if n + len(body.audios) > settings.max_queued_jobs and \
             not await backend.known(batch_job_id(body.id, 0) if body.id else None):
-        raise QueueFull(f"the job queue cannot take {len(body.audios)} more jobs ({n} unfinished, "
+        jobs = f"{len(body.audios)} more job{'s' if len(body.audios) > 1 else ''}"
+        raise QueueFull(f"the job queue cannot take {jobs} ({n} unfinished, "
                         f"LIPSYNC_MAX_QUEUED_JOBS={settings.max_queued_jobs}); retry later")
     batch_id = body.id or new_job_id()
     tmpdir = backend.tmpdir()

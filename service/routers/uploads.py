@@ -25,8 +25,9 @@ router = APIRouter(prefix="/v1/uploads", tags=["uploads"], dependencies=[Depends
 async def upload_file(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
-        raise ApiProblem(415, "input.content_type", f"a body of type {ctype or 'none'!r}: this route takes "
-                         "multipart/form-data, the file in the field 'file'", "file")
+        said = f"a body of type {ctype!r}" if ctype else "a body without a Content-Type"
+        raise ApiProblem(415, "input.content_type", f"{said}: this route takes multipart/form-data, the file in "
+                         "the field 'file'", "file")
     tmpdir = backend.tmpdir()
     try:
         up = Upload(tmpdir, backend.settings.max_upload_bytes)

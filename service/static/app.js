@@ -149,7 +149,11 @@ function showError(element, error) {
     return;
   }
   element.textContent = "";
-  const message = error.message || String(error);
+  let message = error.message || String(error);
+  if (error.status === 401 && error.code === "auth.invalid_token") { // the API's words name a header a page hides
+    message = token() ? "The server did not accept this token: type it again above."
+      : "This service needs its API token: type it above.";
+  }
   // the server's message may name the field already ("model: ...", "model 'x': ...", "sync_mode cut_off ...")
   const named = error.field && !new RegExp("^" + error.field.replace(/[.*+?^${}()|[\]\\]/g, "\\$&") + "[: ]")
     .test(message);
