@@ -249,6 +249,22 @@ def test_the_jobs_list_follows_its_unfinished_jobs_on_the_older_pages_too(chromi
 
 
 @pytest.mark.service
+def test_a_reload_comes_back_on_the_tab_it_left(chromium_executable, service, browser):
+    """An operator watching the Jobs tab reloaded the page and was back on Render (H18)."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        sign_in(page, service)
+        page.click("[data-tab=jobs]")
+        page.reload()
+        page.locator("[data-panel=jobs]").wait_for(state="visible", timeout=10_000)
+        assert page.locator("[data-panel=render]").is_hidden()
+        assert page.get_attribute("[data-tab=jobs]", "aria-selected") == "true"
+        page.locator("#jobs-list li").first.wait_for(timeout=10_000)  # its list read, as a click reads it
+    finally:
+        page.close()
+
+
+@pytest.mark.service
 def test_page_follows_a_job_by_polling_while_the_servers_event_streams_are_all_taken(
         chromium_executable, service, browser, tmp_path):
     """The session service keeps 4 job event streams at most (conftest): with 4 held open, the page

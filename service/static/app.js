@@ -254,9 +254,20 @@ function showTab(name) {
   for (const listener of tabListeners[name] || []) listener();
 }
 
+const TAB_KEY = "lipsync.tab"; // the tab chosen last in this browser tab: a reload comes back on it
+
 document.querySelector(".tabs").addEventListener("click", (e) => {
   const button = e.target.closest("[data-tab]");
-  if (button) showTab(button.dataset.tab);
+  if (!button) return;
+  sessionStorage.setItem(TAB_KEY, button.dataset.tab);
+  showTab(button.dataset.tab);
+});
+
+// after every script has added its tab listeners (deferred scripts run before DOMContentLoaded); a job link
+// (#job=ID) opens on Render, where its job is shown
+window.addEventListener("DOMContentLoaded", () => {
+  const tab = sessionStorage.getItem(TAB_KEY);
+  if (["jobs", "avatars", "live"].includes(tab) && !/^#job=/.test(location.hash)) showTab(tab);
 });
 
 // --- submit ---------------------------------------------------------------------------------
