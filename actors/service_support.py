@@ -62,6 +62,16 @@ class ManagerUnavailable(RenderError):
     code = "service.unavailable"
 
 
+class AdmissionUnanswered(ManagerUnavailable):
+    """A submission the job manager did not answer in time: `unanswered` says what did not come, `fate`
+    what became of the job ("may still be admitted" under an id the client chose, else "was not
+    admitted"); a batch says what to send again in its own words from them."""
+
+    def __init__(self, message: str, *, unanswered: str, fate: str, **context) -> None:
+        super().__init__(message, **context)
+        self.unanswered, self.fate = unanswered, fate
+
+
 class ManagerGateway:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -147,10 +157,9 @@ class ManagerGateway:
             return await self.call("submit", job_id, request, None, self.s.max_queued_jobs, timeout=timeout, **late)
         except ManagerUnavailable as e:  # the id the caller may not have chosen: a retry with it is this job
             fate = "may still be admitted" if id_chosen else "was not admitted"
-            late = ManagerUnavailable(f"{e.message}; job {job_id} {fate}: submit it again with the id {job_id!r} "
-                                      f"(the same id is the same job)", job_id=job_id, stage="admit", cause=e.cause)
-            late.unanswered, late.fate = e.message, fate  # (a batch says what to send again in its own words)
-            raise late from e.__cause__
+            raise AdmissionUnanswered(f"{e.message}; job {job_id} {fate}: submit it again with the id {job_id!r} "
+                                      f"(the same id is the same job)", unanswered=e.message, fate=fate,
+                                      job_id=job_id, stage="admit", cause=e.cause) from e.__cause__
 
     async def get(self, job_id: str) -> JobStatus:
         return await self.call("get", job_id)

@@ -88,14 +88,11 @@ def remember_upload_name(stored: Path, filename: str, settings: Settings) -> Non
             (settings.dir(UPLOAD_NAMES) / stored.name).write_text(name, encoding="utf-8")
 
 
-def upload_name(ref: str, settings: Settings) -> str | None:
-    """The file name `ref`'s bytes were last uploaded under, where known."""
-    m = _REF.match(ref)
-    if m is None:
-        return None
+def upload_name(stored: Path, settings: Settings) -> str | None:
+    """The file name the bytes of the stored upload `stored` (`upload_ref_path`) were last uploaded under,
+    where known."""
     try:
-        return (settings.storage_root / UPLOAD_NAMES / f"{m.group(1)}{(m.group(2) or '').lower()}").read_text(
-            encoding="utf-8")[:255] or None
+        return (settings.storage_root / UPLOAD_NAMES / stored.name).read_text(encoding="utf-8")[:255] or None
     except (OSError, UnicodeDecodeError):
         return None
 

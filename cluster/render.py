@@ -290,7 +290,7 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
             raise
         resolved[key] = path
         # the name the user knows: the client's file (a form's), or the name a reference's bytes were uploaded under
-        named = request.sources.get(given) or (upload_name(given, s) if is_upload_ref(given) else None)
+        named = request.sources.get(given) or (upload_name(Path(path), s) if is_upload_ref(given) else None)
         sources[path] = named or given
     return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 

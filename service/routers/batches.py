@@ -61,12 +61,14 @@ async def create_batch(request: Request, backend: Backend = Depends(get_backend)
                     field = field_of(e, {"audio": str(audio), "video": body.video, "avatar_id": body.avatar_id,
                                          "model": body.model}) if isinstance(e, LipsyncError) else None
                     e.field = "audios" if field in (None, "audio") else field
-                unanswered = getattr(e, "unanswered", None)  # the job manager's answer did not come in time
+                from actors.service_support import AdmissionUnanswered  # (ray: imported where it is running)
+
+                unanswered = e if isinstance(e, AdmissionUnanswered) else None  # no answer came in time
                 if i or unanswered is not None:  # the batch is sent again under its id, not its job's
                     accepted = ("" if i == 0 else f"; its job {batch_job_id(batch_id, 0)} was accepted" if i == 1 else
                                 f"; its jobs {batch_job_id(batch_id, 0)} to {batch_job_id(batch_id, i - 1)} were "
                                 f"accepted")
-                    said = e.message if unanswered is None else f"{unanswered}; its job {e.fate}"
+                    said = e.message if unanswered is None else f"{unanswered.unanswered}; its job {unanswered.fate}"
                     fix = "send" if unanswered is not None else "correct it and send"  # (the same audio fails again)
                     e.message = (f"batch {batch_id}: audio {i} ({audio}): {said}{accepted} ({fix} the request again "
                                  f"with id {batch_id}: jobs already accepted are not submitted twice)")
