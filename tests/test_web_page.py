@@ -96,6 +96,14 @@ def init_segment(http: httpx.Client, watch_url: str) -> bytes:
     return init.content
 
 
+def wait_for_routes(page, held: list, what: str, timeout: float = 30) -> None:
+    """Wait for `page.route` handlers to have put a request in `held`. Playwright's sync API calls its
+    handlers only while the test is inside one of its calls: a plain `wait_until(lambda: held)` sleeps
+    without letting them run, and passed only when the request came during the call before (a loaded CI
+    machine: "timed out waiting for the page's upload" while the upload had been sent)."""
+    wait_until(lambda: held or page.wait_for_timeout(50), timeout, 0.0, what)
+
+
 def sign_in(page, service) -> None:
     """Open the page: it is public, the API is not, so it asks for the token once."""
     page.goto(service.url + "/")
@@ -317,7 +325,7 @@ def test_an_upload_that_stalls_is_given_up_with_a_message(chromium_executable, s
         page.set_input_files("#audio", audio)
         page.set_input_files("#video", audio)
         page.click("#submit-button")
-        wait_until(lambda: held, timeout=30, what="the page's upload")
+        wait_for_routes(page, held, "the page's upload")
         page.clock.run_for(55_000)
         assert page.locator("#submit-error").is_hidden(), page.inner_text("#submit-error")
         assert page.locator("#submit-button").is_disabled()
@@ -345,7 +353,7 @@ def test_a_late_401_of_a_call_sent_before_the_token_keeps_the_token_typed_since(
     try:
         page.route("**/v1/jobs?*", lambda route: held.append(route) if not held else route.continue_())
         page.goto(service.url + "/")
-        wait_until(lambda: held, 30, what="the page's first list of jobs (sent without a token)")
+        wait_for_routes(page, held, "the page's first list of jobs (sent without a token)")
         page.locator("#token-form").wait_for(state="visible", timeout=15_000)  # (the avatars' 401)
         page.fill("#token-input", service.token)
         page.click("#token-form button[type=submit]")
