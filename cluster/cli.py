@@ -556,6 +556,58 @@ def cmd_list(args: argparse.Namespace) -> int:
     return _client_call(run)
 
 
+def cmd_avatar(args: argparse.Namespace) -> int:
+    """Prepare an avatar of a template video (face tracked, crops cut once): its id on stdout, what
+    `submit --avatar` and `live --avatar` take; the view as JSON with --json."""
+    from cluster.client import local_input_error
+
+    problem = local_input_error("video", args.video)
+    if problem:
+        print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)
+        return 2
+
+    def run() -> int:
+        if sys.stderr.isatty():
+            print(f"preparing an avatar of {args.video} (its face tracked through every frame)...", file=sys.stderr)
+        with _client(args) as c:
+            view = c.prepare_avatar(args.video)
+        if args.json:
+            print(view.model_dump_json(indent=2))
+        else:
+            print(view.id)
+            print(f"avatar {view.id}: {_avatar_line(view)}", file=sys.stderr)
+        return 0
+    return _client_call(run)
+
+
+def cmd_avatars(args: argparse.Namespace) -> int:
+    """The prepared avatars: one line each (id, size, rate, length), or the list as JSON."""
+    def run() -> int:
+        with _client(args) as c:
+            views = c.avatars(limit=args.limit, offset=args.offset)
+        if args.json:
+            import json
+
+            print(json.dumps([v.model_dump(mode="json") for v in views], indent=2))
+        else:
+            for view in views:
+                print(f"{view.id}  {_avatar_line(view)}")
+            if not views:
+                print("no avatars" + (f" past the first {args.offset}" if args.offset else ""), file=sys.stderr)
+        if len(views) == args.limit:
+            print(f"more: lipsync avatars --offset {args.offset + args.limit}"
+                  + (f" --limit {args.limit}" if args.limit != 100 else ""), file=sys.stderr)
+        return 0
+    return _client_call(run)
+
+
+def _avatar_line(view) -> str:
+    size = f"{view.width}x{view.height}" if view.width and view.height else "?x?"
+    rate = f"{view.fps:g} fps" if view.fps else "? fps"
+    length = f"{view.duration:.1f} s" if view.duration is not None else "? s"
+    return f"{size}  {rate}  {length}  {view.frames} frames"
+
+
 def _age(delta) -> str:
     """A duration as its largest unit: 42s, 7m, 3h, 12d."""
     seconds = max(0, int(delta.total_seconds()))
@@ -803,8 +855,20 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="the page as JSON (JobPage)")
     remote(ls)
     ls.set_defaults(func=cmd_list)
+    av = sub.add_parser("avatar", help="prepare an avatar of a template video once; prints its id (for submit "
+                        "--avatar and live --avatar)")
+    av.add_argument("video", help="local file (uploaded) or http(s) URL of the template video")
+    av.add_argument("--json", action="store_true", help="the avatar as JSON instead of its id")
+    remote(av)
+    av.set_defaults(func=cmd_avatar)
+    avs = sub.add_parser("avatars", help="the service's prepared avatars")
+    avs.add_argument("--limit", type=_bounded_int(1, 1000, "1-1000"), default=100, help="avatars listed (default 100)")
+    avs.add_argument("--offset", type=_count, default=0, help="skip this many (the next page)")
+    avs.add_argument("--json", action="store_true", help="the list as JSON")
+    remote(avs)
+    avs.set_defaults(func=cmd_avatars)
     lv = sub.add_parser("live", help="stream an audio file into a live session; prints the HLS URL and latency")
-    lv.add_argument("--avatar", required=True, help="a prepared avatar id (POST /v1/avatars)")
+    lv.add_argument("--avatar", required=True, help="a prepared avatar id (`lipsync avatar VIDEO` prints one)")
     lv.add_argument("--audio", required=True, help="a local audio file (sent as PCM over the session's socket)")
     lv.add_argument("--realtime", action="store_true", help="pace the audio at real time (as a microphone would)")
     lv.add_argument("--sample-rate", type=int, choices=[16000, 24000, 48000], default=16000)

@@ -810,6 +810,11 @@ class Client(_Base):
     def avatar(self, avatar_id: str) -> AvatarView:
         return AvatarView.model_validate(self.request("GET", f"/v1/avatars/{_q(avatar_id)}").json())
 
+    def avatars(self, limit: int = 100, offset: int = 0) -> list[AvatarView]:
+        """The prepared avatars (`GET /v1/avatars`), by id."""
+        r = self.request("GET", "/v1/avatars", params={"limit": limit, "offset": offset})
+        return [AvatarView.model_validate(a) for a in r.json()]
+
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
         """Many audios (local files, URLs or server paths) against one template or avatar; its jobs
@@ -1072,6 +1077,11 @@ class AsyncClient(_Base):
 
     async def avatar(self, avatar_id: str) -> AvatarView:
         return AvatarView.model_validate((await self.request("GET", f"/v1/avatars/{_q(avatar_id)}")).json())
+
+    async def avatars(self, limit: int = 100, offset: int = 0) -> list[AvatarView]:
+        """The async twin of `Client.avatars`."""
+        r = await self.request("GET", "/v1/avatars", params={"limit": limit, "offset": offset})
+        return [AvatarView.model_validate(a) for a in r.json()]
 
     async def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                            **options) -> BatchView:

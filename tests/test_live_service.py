@@ -460,6 +460,40 @@ def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, spe
     assert recording.stat().st_size > 1000
 
 
+def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, tmp_path):
+    """`lipsync avatar VIDEO` prints the id that `submit --avatar` and `live --avatar` take (the shell had no way
+    to make one: only the SDK, curl or the page), here the one the same template was prepared as; `lipsync
+    avatars` lists it; a video without a face, or a file that is no video, is refused in one line, exit 2."""
+    import os
+    import shutil
+    import sys
+
+    from cluster.media.encode import SegmentEncoder
+
+    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([lipsync, *args, "--url", service.url, "--token", service.token], capture_output=True,
+                              text=True, timeout=240)
+
+    out = cli("avatar", astronaut_video)
+    assert out.returncode == 0 and out.stdout.strip() == live_avatar, (out.stdout, out.stderr)
+    assert f"avatar {live_avatar}: 320x240  25 fps" in out.stderr, out.stderr
+    out = cli("avatars")
+    assert out.returncode == 0 and any(line.startswith(f"{live_avatar}  320x240") for line in out.stdout.splitlines())
+    out = cli("avatars", "--json")
+    assert live_avatar in [a["id"] for a in json.loads(out.stdout)], out.stdout
+    grey = tmp_path / "grey.mp4"  # 10 frames of a plain grey picture: no face in any
+    with SegmentEncoder(grey, 160, 128, 25) as enc:
+        enc.write(np.full((10, 128, 160, 3), 128, np.uint8))
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(64)))  # a cut-off header
+    for name, code in (("grey.mp4", "input.no_face"), ("broken.mp4", "input.")):
+        out = cli("avatar", str(tmp_path / name))
+        assert out.returncode == 2 and out.stdout == "", (name, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"lipsync: error: {code}") and name in lines[0], lines
+
+
 def _session_actor_pid(service, session_id: str) -> int | None:
     """The PID of the session's own actor: the parent of the ffmpeg that writes its stream (the
     encoder runs in `<storage root>/sessions/<id>/hls`)."""
