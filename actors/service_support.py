@@ -260,13 +260,14 @@ class ServiceSidecar:
         """Prepare (or find, by content hash) the avatar of an uploaded template; its summary. Errors
         name `source` (the client's file name or URL), not this node's stored copy."""
         from cluster.errors import LipsyncError, TooManyPreparations
-        from cluster.faces.avatar import prepare_avatar, stored_avatar_for
+        from cluster.faces.avatar import name_avatar, prepare_avatar, stored_avatar_for
         from cluster.inputs import upload_ref_path
 
         path = upload_ref_path(video_ref, self.s)
         cached = await asyncio.to_thread(stored_avatar_for, str(path), self.s)
         if cached is not None:  # prepared already: no preparation slot taken
-            return avatar_summary(cached)
+            await asyncio.to_thread(name_avatar, cached.id, source, self.s)
+            return await asyncio.to_thread(avatar_summary, cached, self.s)
         if self._preparing >= self.s.max_avatar_preparations:  # each holds a template's frames and a detector
             raise TooManyPreparations(f"{self._preparing} avatars are being prepared (LIPSYNC_MAX_AVATAR_PREPARATIONS"
                                       f"={self.s.max_avatar_preparations}); retry later")
@@ -279,12 +280,16 @@ class ServiceSidecar:
             raise
         finally:
             self._preparing -= 1
-        return avatar_summary(avatar)
+        await asyncio.to_thread(name_avatar, avatar.id, source, self.s)
+        return await asyncio.to_thread(avatar_summary, avatar, self.s)
 
-    async def get_avatar(self, avatar_id: str) -> dict:
+    def _summary(self, avatar_id: str) -> dict:
         from cluster.faces.avatar import load_avatar
 
-        return avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s))
+        return avatar_summary(load_avatar(avatar_id, self.s), self.s)
+
+    async def get_avatar(self, avatar_id: str) -> dict:
+        return await asyncio.to_thread(self._summary, avatar_id)
 
     async def check_model(self, model: str) -> None:
         """`cluster.render.check_model` on the storage root's node: an unknown model name, typed."""
@@ -293,14 +298,14 @@ class ServiceSidecar:
         check_model(model, self.s)
 
     async def list_avatars(self, limit: int, offset: int) -> list[dict]:
-        from cluster.faces.avatar import AVATAR_FILE, load_avatar
+        from cluster.faces.avatar import AVATAR_FILE
 
         root = self.s.dir("avatars")
         ids = sorted(p.parent.name for p in root.glob(f"*/{AVATAR_FILE}"))[offset:offset + limit]
         out = []
         for avatar_id in ids:
             try:
-                out.append(avatar_summary(await asyncio.to_thread(load_avatar, avatar_id, self.s)))
+                out.append(await asyncio.to_thread(self._summary, avatar_id))
             except LipsyncError:  # incomplete or damaged: not listed
                 continue
         return out
@@ -356,10 +361,13 @@ class ServiceSidecar:
             self.store.attempt(job_id, f"internal error: {e!r}", final=True)
 
 
-def avatar_summary(avatar) -> dict:
+def avatar_summary(avatar, settings: Settings) -> dict:
+    """What `AvatarView` shows of a stored avatar (its name read from the storage root)."""
+    from cluster.faces.avatar import avatar_name
+
     v = avatar.info.video
-    return {"id": avatar.id, "frames": avatar.frame_count, "width": v.width if v else None,
-            "height": v.height if v else None, "fps": float(v.fps) if v else None,
+    return {"id": avatar.id, "name": avatar_name(avatar.id, settings), "frames": avatar.frame_count,
+            "width": v.width if v else None, "height": v.height if v else None, "fps": float(v.fps) if v else None,
             "duration": v.duration if v else None}
 
 

@@ -581,7 +581,7 @@ def cmd_avatar(args: argparse.Namespace) -> int:
 
 
 def cmd_avatars(args: argparse.Namespace) -> int:
-    """The prepared avatars: one line each (id, size, rate, length), or the list as JSON."""
+    """The prepared avatars: one line each (id, size, rate, length, frames, name), or the list as JSON."""
     def run() -> int:
         with _client(args) as c:
             views = c.avatars(limit=args.limit, offset=args.offset)
@@ -605,7 +605,7 @@ def _avatar_line(view) -> str:
     size = f"{view.width}x{view.height}" if view.width and view.height else "?x?"
     rate = f"{view.fps:g} fps" if view.fps else "? fps"
     length = f"{view.duration:.1f} s" if view.duration is not None else "? s"
-    return f"{size}  {rate}  {length}  {view.frames} frames"
+    return f"{size}  {rate}  {length}  {view.frames} frames" + (f"  {view.name}" if view.name else "")
 
 
 def _age(delta) -> str:

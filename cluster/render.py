@@ -342,7 +342,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         mel_head_columns,
         write_melspectrogram,
     )
-    from cluster.faces.avatar import load_avatar, prepare_avatar
+    from cluster.faces.avatar import load_avatar, name_avatar, prepare_avatar
     from cluster.plan import make_chunks
 
     s = settings or get_settings()
@@ -359,6 +359,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         try:
             if request.video is not None:
                 avatar = prepare_avatar(request.video, s, detector=detector)
+                name_avatar(avatar.id, request.sources.get(request.video, request.video), s)
             else:
                 avatar = load_avatar(request.avatar_id, s)
             n_samples = decode_audio_to_file(request.audio, raw, s)

@@ -343,6 +343,8 @@ class ApiError(BaseModel):
 class AvatarView(BaseModel):
     """A prepared template (`POST /v1/avatars`): submit jobs with `avatar_id` instead of a video."""
     id: str
+    name: str | None = Field(None, description="the name of the template it was first prepared from: its file's "
+                             "name or its URL's last part (the same bytes given again keep it)")
     frames: int
     width: int | None = None
     height: int | None = None

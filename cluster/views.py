@@ -25,11 +25,11 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
     sync = inputs = None
     if req is not None:
         sync = "loop" if req.loop == "forward" else req.loop
-        inputs = {"audio": _given_name(req.sources.get(req.audio, req.audio))}
+        inputs = {"audio": given_name(req.sources.get(req.audio, req.audio))}
         if req.avatar_id is not None:
             inputs["avatar_id"] = req.avatar_id
         elif req.video is not None:
-            inputs["video"] = _given_name(req.sources.get(req.video, req.video))
+            inputs["video"] = given_name(req.sources.get(req.video, req.video))
     return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
@@ -37,7 +37,7 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
                    batch_id=batch_of(st.id), watch_url=watch_url, inputs=inputs)
 
 
-def _given_name(given: str) -> str:
+def given_name(given: str) -> str:
     """The name a user knows an input by: a file's name, a URL's last part (no query, no server path)."""
     from urllib.parse import unquote, urlsplit
 

@@ -824,3 +824,19 @@ def test_an_avatar_stored_by_an_older_version_is_brought_up_to_date(tmp_path, te
     v = probe(again.template_path, s).video
     assert v.pix_fmt == "yuv420p" and not v.full_range and v.frame_count == first.frame_count, v
     assert "color" in json.loads(meta.read_text())["info"]["video"]  # stored again: done once
+
+
+def test_an_avatar_keeps_the_first_name_it_was_given_without_control_characters(tmp_path):
+    """`name_avatar`: the file's name or the URL's last part, unquoted, no query; printable characters
+    only; the first name stays; nothing is written for an avatar that is not stored."""
+    from cluster.config import Settings
+    from cluster.faces.avatar import avatar_name, name_avatar
+
+    s = Settings(storage_root=tmp_path)
+    (s.dir("avatars") / "ab12cd34").mkdir(parents=True)
+    name_avatar("ab12cd34", "https://cdn.example/people/Anna%20B%1B[31m.mp4?sig=1", s)
+    assert avatar_name("ab12cd34", s) == "Anna B[31m.mp4"
+    name_avatar("ab12cd34", "/data/in/other.mp4", s)
+    assert avatar_name("ab12cd34", s) == "Anna B[31m.mp4"
+    name_avatar("ffff0000", "x.mp4", s)
+    assert avatar_name("ffff0000", s) is None and not (s.dir("avatars") / "ffff0000").exists()

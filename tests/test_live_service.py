@@ -463,12 +463,14 @@ def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, spe
 def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, tmp_path):
     """`lipsync avatar VIDEO` prints the id that `submit --avatar` and `live --avatar` take (the shell had no way
     to make one: only the SDK, curl or the page), here the one the same template was prepared as; `lipsync
-    avatars` lists it; a video without a face, or a file that is no video, is refused in one line, exit 2."""
+    avatars` lists them with the names of their files; a video without a face, or a file that is no video, is
+    refused in one line, exit 2."""
     import os
     import shutil
     import sys
 
     from cluster.media.encode import SegmentEncoder
+    from cluster.synth import astronaut_template
 
     lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
 
@@ -479,10 +481,22 @@ def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, t
     out = cli("avatar", astronaut_video)
     assert out.returncode == 0 and out.stdout.strip() == live_avatar, (out.stdout, out.stderr)
     assert f"avatar {live_avatar}: 320x240  25 fps" in out.stderr, out.stderr
+    # a template new to the service is named after the file it was given as; the same bytes given again
+    # under another name are the same avatar, and keep their first name
+    anna = astronaut_template(str(tmp_path / "anna.mp4"), seconds=1.2, fps=25, size=(320, 240))
+    out = cli("avatar", anna)
+    assert out.returncode == 0, out.stderr
+    anna_id = out.stdout.strip()
+    shutil.copy(anna, tmp_path / "copy.mp4")
+    out = cli("avatar", "--json", str(tmp_path / "copy.mp4"))
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] == anna_id, out.stdout
+    assert json.loads(out.stdout)["name"] == "anna.mp4", out.stdout
     out = cli("avatars")
-    assert out.returncode == 0 and any(line.startswith(f"{live_avatar}  320x240") for line in out.stdout.splitlines())
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and any(line.startswith(f"{live_avatar}  320x240") for line in lines), lines
+    assert any(line.startswith(f"{anna_id}  320x240  25 fps  1.2 s  30 frames  anna.mp4") for line in lines), lines
     out = cli("avatars", "--json")
-    assert live_avatar in [a["id"] for a in json.loads(out.stdout)], out.stdout
+    assert {live_avatar, anna_id} <= {a["id"] for a in json.loads(out.stdout)}, out.stdout
     grey = tmp_path / "grey.mp4"  # 10 frames of a plain grey picture: no face in any
     with SegmentEncoder(grey, 160, 128, 25) as enc:
         enc.write(np.full((10, 128, 160, 3), 128, np.uint8))

@@ -272,6 +272,11 @@ def test_rotated_template(d, model):
     assert frames.shape == (30, 240, 320, 3)
     db = np.array([top_psnr(frames[i], tmpl[k]) for i, k in enumerate(pingpong_order(30, 25))])
     assert db.min() > MATCH_DB, np.round(db, 1)
+    # the avatar the job prepared is known by the template's file name (`lipsync avatars`, the page)
+    from cluster.faces.avatar import avatar_name
+    from cluster.media.normalize import content_id
+
+    assert avatar_name(content_id(rotated), get_settings()) == "rotated.mp4"
 
 
 def test_a_template_whose_half_height_is_odd(d, model):

@@ -38,6 +38,8 @@ from cluster.schemas import MediaInfo
 log = logging.getLogger("lipsync.avatar")
 
 AVATAR_FILE = "avatar.json"
+#: the name a user knows an avatar by (`name_avatar`), beside its `avatar.json`
+NAME_FILE = "name.txt"
 TRACK_FILE = "track.npz"
 _AVATAR_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -265,6 +267,31 @@ def _return_freed_memory() -> None:
 def _detect(detector: MTCNNDetector, path: str, s: Settings) -> list[list[FaceDetection]]:
     """The faces on every frame of the video at `path`, in order."""
     return list(detector.detect_sequence(iter_frames(path, s.batch_size, s), s.detect_interval))
+
+
+def name_avatar(avatar_id: str, given: str | None, s: Settings) -> None:
+    """Give a stored avatar the name a user knows its template by (`cluster.views.given_name` of the file or
+    URL it was given as: a file's name, a URL's last part), unless it has one: the first name stays (the same
+    bytes given again under another name are the same avatar). Control characters are dropped, 200 at most."""
+    from cluster.views import given_name
+
+    path = _avatar_dir(avatar_id, s) / NAME_FILE
+    if not given or path.exists() or not path.parent.is_dir():
+        return
+    name = "".join(c for c in given_name(given) if c.isprintable())[:200].strip()
+    if name:
+        try:
+            write_atomic(path, name, sync_dir=False)
+        except OSError as e:  # a name is a convenience: the avatar stands without it
+            log.warning("avatar %s: cannot store its name: %s", avatar_id, e)
+
+
+def avatar_name(avatar_id: str, s: Settings) -> str | None:
+    """The name `name_avatar` stored, or None."""
+    try:
+        return (_avatar_dir(avatar_id, s) / NAME_FILE).read_text(encoding="utf-8") or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:

@@ -707,7 +707,8 @@ async function loadAvatars() {
   for (const avatar of avatars) {
     const option = document.createElement("option");
     option.value = avatar.id;
-    option.textContent = avatar.id + " (" + (avatar.frames > 1 ? seconds(avatar.duration) : framesLabel(avatar)) + ")";
+    option.textContent = (avatar.name ? avatar.name + " · " : "") + avatar.id + " (" +
+      (avatar.frames > 1 ? seconds(avatar.duration) : framesLabel(avatar)) + ")";
     select.append(option);
     list.append(avatarRow(avatar));
   }
@@ -734,7 +735,7 @@ function avatarRow(avatar) {
   id.textContent = avatar.id;
   const meta = document.createElement("span");
   meta.className = "meta";
-  const parts = [framesLabel(avatar)];
+  const parts = avatar.name ? [avatar.name, framesLabel(avatar)] : [framesLabel(avatar)];
   if (avatar.width && avatar.height) parts.push(avatar.width + "×" + avatar.height);
   if (avatar.fps && avatar.frames > 1) parts.push(avatar.fps + " fps");
   if (avatar.duration && avatar.frames > 1) parts.push(seconds(avatar.duration));

@@ -57,7 +57,7 @@
       const option = document.createElement("option");
       option.value = avatar.id;
       const size = avatar.width && avatar.height ? ", " + avatar.width + "×" + avatar.height : "";
-      option.textContent = avatar.id + " (" + framesLabel(avatar) + size + ")";
+      option.textContent = (avatar.name ? avatar.name + " · " : "") + avatar.id + " (" + framesLabel(avatar) + size + ")";
       select.append(option);
     }
     if (chosen) select.value = chosen;
