@@ -101,16 +101,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from cluster.audio import mel_band_edges
 from cluster.config import Settings, get_settings
 from cluster.faces import canonical
 from cluster.fsutil import write_atomic
 from cluster.models.adapter import CROP_METADATA_KEY, FACE_INPUT_METADATA_KEY
+
+# onnx (0.6-0.7 s to import: ml_dtypes) is imported where a model is built, not by every process that
+# imports this module to name or find a model (the ingress, the CLI's checks)
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger("lipsync.models")
 
@@ -352,6 +356,9 @@ def build_builtin_model(size: int = 256, whole_crop: bool = False) -> onnx.Model
     every other pixel of the output is the reference's, copied. `whole_crop=True` runs them on the
     whole crop instead: the same output, at about four times the cost (kept to test that claim).
     """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
     S = int(size)
     if S < 32:
         raise ValueError(f"built-in model size must be >= 32 pixels, got {size}")
@@ -722,6 +729,8 @@ def _paste_box_nodes(full: str, box: str, rows_cols: tuple[int, int, int, int], 
                      inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
     """out = `full` [B,C,S,S] with rows r0:r1, columns c0:c1 replaced by `box` [B,C,h,w], built
     from slices and concatenations (no pixel is computed). Adds its slice bounds to `inits`."""
+    from onnx import helper, numpy_helper
+
     r0, r1, c0, c1 = rows_cols
     N = helper.make_node
     nodes: list[onnx.NodeProto] = []
@@ -748,6 +757,8 @@ def _paste_box_nodes(full: str, box: str, rows_cols: tuple[int, int, int, int], 
 
 def _ramp_nodes(x: str, low: str, inv_range: str, out: str) -> list[onnx.NodeProto]:
     """out = smoothstep(clip((x - low) * inv_range, 0, 1)): a soft 0 -> 1 ramp of `x` from `low`."""
+    from onnx import helper
+
     N = helper.make_node
     return [N("Sub", [x, low], [f"{out}_d"]),
             N("Mul", [f"{out}_d", inv_range], [f"{out}_t0"]),
@@ -757,6 +768,8 @@ def _ramp_nodes(x: str, low: str, inv_range: str, out: str) -> list[onnx.NodePro
 
 def _smoothstep_nodes(t: str, out: str) -> list[onnx.NodeProto]:
     """out = t*t*(3 - 2t) for t already clipped to [0, 1]."""
+    from onnx import helper
+
     N = helper.make_node
     return [N("Mul", [t, t], [f"{out}_tt"]),
             N("Mul", [t, "two"], [f"{out}_2t"]),
