@@ -157,6 +157,10 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     import ray._private.ray_constants as ray_constants
 
     private_token_file()
+    if not os.environ.get("RAY_AUTH_MODE"):
+        # Ray's own default for a new local cluster, said here: left to Ray, every start printed "Token
+        # authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" to the user of `lipsync demo`
+        token_mode_on()
     root = private_ray_root(temp_dir)
     # Ray puts its first driver's working directory on every worker's module path: a file there named
     # like a module the service imports (an `av.py` of the user's) ran inside the service in its place.
@@ -183,7 +187,10 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
         with handlers, params:
             for attempt in range(1, STARTUP_ATTEMPTS + 1):
                 try:
+                    # a one-shot's user sees its own lines, not Ray's "Started a local Ray instance" (-v: both)
+                    quiet = job_only and not log.isEnabledFor(logging.INFO)
                     ctx = ray.init(address="local", namespace=settings.namespace, log_to_driver=False,
+                                   logging_level=logging.WARNING if quiet else logging.INFO,
                                    num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
                                    include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
                                    dashboard_port=dashboard_port, _temp_dir=str(root),
@@ -455,6 +462,12 @@ def _enable_token_auth_when_available() -> None:
         log.warning("no Ray token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): joining a "
                     "cluster that uses token authentication (on by default in Ray 2.60) will fail")
         return
+    token_mode_on()
+    log.info("joining with Ray token authentication (token from %s)", source)
+
+
+def token_mode_on() -> None:
+    """RAY_AUTH_MODE=token in this process and the processes it starts, as Ray itself turns it on."""
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray caches its config at import: refresh it as Ray itself does when it turns token mode on
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
@@ -462,7 +475,6 @@ def _enable_token_auth_when_available() -> None:
         pass
     else:
         _enable_token_auth()
-    log.info("joining with Ray token authentication (token from %s)", source)
 
 
 def _check_reachable(address: str, timeout: float) -> None:
