@@ -491,6 +491,14 @@ def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, t
     out = cli("avatar", "--json", str(tmp_path / "copy.mp4"))
     assert out.returncode == 0 and json.loads(out.stdout)["id"] == anna_id, out.stdout
     assert json.loads(out.stdout)["name"] == "anna.mp4", out.stdout
+    # prepared from a stored upload's reference (JSON): named after the file its bytes were uploaded as
+    bob = astronaut_template(str(tmp_path / "bob.mp4"), seconds=1.4, fps=25, size=(320, 240))
+    auth = {"Authorization": f"Bearer {service.token}"}
+    with open(bob, "rb") as f:
+        ref = httpx.post(f"{service.url}/v1/uploads", headers=auth, files={"file": ("bob.mp4", f)}, timeout=60)
+    assert ref.status_code == 201, ref.text
+    made = httpx.post(f"{service.url}/v1/avatars", headers=auth, json={"video": ref.json()["ref"]}, timeout=300)
+    assert made.status_code == 201 and made.json()["name"] == "bob.mp4", made.text
     out = cli("avatars")
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and any(line.startswith(f"{live_avatar}  320x240") for line in lines), lines
