@@ -261,11 +261,11 @@ class ServiceSidecar:
         name `source` (the client's file name or URL), not this node's stored copy."""
         from cluster.errors import LipsyncError, TooManyPreparations
         from cluster.faces.avatar import name_avatar, prepare_avatar, stored_avatar_for
-        from cluster.inputs import is_upload_ref, upload_name, upload_ref_path
+        from cluster.inputs import name_of_upload_ref, upload_ref_path
 
         path = upload_ref_path(video_ref, self.s)
-        if source and is_upload_ref(source):  # a reference to a stored upload: the name its bytes came under
-            source = upload_name(path, self.s) or source
+        if source:  # a reference to a stored upload: the name its bytes came under
+            source = name_of_upload_ref(source, path, self.s) or source
         cached = await asyncio.to_thread(stored_avatar_for, str(path), self.s)
         if cached is not None:  # prepared already: no preparation slot taken
             await asyncio.to_thread(name_avatar, cached.id, source, self.s)

@@ -97,6 +97,12 @@ def upload_name(stored: Path, settings: Settings) -> str | None:
         return None
 
 
+def name_of_upload_ref(given: str, stored: Path, settings: Settings) -> str | None:
+    """The name a user knows the input `given` by when it is an upload reference (the file its bytes were
+    uploaded under, `upload_name` of its stored copy `stored`); None for any other input, or none known."""
+    return upload_name(stored, settings) if is_upload_ref(given) else None
+
+
 def is_upload_ref(value: str | None) -> bool:
     return bool(value) and value.startswith(UPLOAD_PREFIX)
 

@@ -272,7 +272,7 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
     """Admission on the job manager's node: resolve each input (an upload reference, or a path
     under `settings.input_roots`), then `admit` the resolved request. Errors name the file the
     client gave (`request.sources` maps what it sent to its own path)."""
-    from cluster.inputs import is_upload_ref, resolve_input, upload_name
+    from cluster.inputs import is_upload_ref, name_of_upload_ref, resolve_input
 
     s = settings or get_settings()
     resolved: dict[str, str] = {}
@@ -290,7 +290,7 @@ def admit_on_manager(job_id: str, request: RenderRequest, settings: Settings | N
             raise
         resolved[key] = path
         # the name the user knows: the client's file (a form's), or the name a reference's bytes were uploaded under
-        named = request.sources.get(given) or (upload_name(Path(path), s) if is_upload_ref(given) else None)
+        named = request.sources.get(given) or name_of_upload_ref(given, Path(path), s)
         sources[path] = named or given
     return admit(job_id, request.model_copy(update={**resolved, "sources": sources}), s, link=uploads_only)
 
