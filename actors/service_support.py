@@ -260,7 +260,7 @@ class ServiceSidecar:
         """Prepare (or find, by content hash) the avatar of an uploaded template; its summary. Errors
         name `source` (the client's file name or URL), not this node's stored copy."""
         from cluster.errors import LipsyncError, TooManyPreparations
-        from cluster.faces.avatar import name_avatar, prepare_avatar, stored_avatar_for
+        from cluster.faces.avatar import prepare_avatar, stored_avatar_for
         from cluster.inputs import name_of_upload_ref, upload_ref_path
 
         path = upload_ref_path(video_ref, self.s)
@@ -268,8 +268,7 @@ class ServiceSidecar:
             source = name_of_upload_ref(source, path, self.s) or source
         cached = await asyncio.to_thread(stored_avatar_for, str(path), self.s)
         if cached is not None:  # prepared already: no preparation slot taken
-            await asyncio.to_thread(name_avatar, cached.id, source, self.s)
-            return await asyncio.to_thread(avatar_summary, cached, self.s)
+            return await asyncio.to_thread(self._named_summary, cached, source)
         if self._preparing >= self.s.max_avatar_preparations:  # each holds a template's frames and a detector
             raise TooManyPreparations(f"{self._preparing} avatars are being prepared (LIPSYNC_MAX_AVATAR_PREPARATIONS"
                                       f"={self.s.max_avatar_preparations}); retry later")
@@ -282,8 +281,14 @@ class ServiceSidecar:
             raise
         finally:
             self._preparing -= 1
-        await asyncio.to_thread(name_avatar, avatar.id, source, self.s)
-        return await asyncio.to_thread(avatar_summary, avatar, self.s)
+        return await asyncio.to_thread(self._named_summary, avatar, source)
+
+    def _named_summary(self, avatar, source: str | None) -> dict:
+        """The summary of an avatar just prepared or found, named after `source` unless it has a name."""
+        from cluster.faces.avatar import name_avatar
+
+        name_avatar(avatar.id, source, self.s)
+        return avatar_summary(avatar, self.s)
 
     def _summary(self, avatar_id: str) -> dict:
         from cluster.faces.avatar import load_avatar
