@@ -12,6 +12,14 @@ from typing import Callable
 import numpy as np
 
 
+def lipsync_command() -> str:
+    """The `lipsync` console script beside this interpreter (else the one on PATH)."""
+    import os
+    import shutil
+
+    return shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+
+
 def one_x264_thread() -> None:
     """Encode in this process at one x264 thread wherever no thread plan says otherwise, as a compositor of
     one Ray CPU does (its plan): the in-process references the Ray tests compare bit for bit encoded at

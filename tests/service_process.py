@@ -11,10 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.helpers import lipsync_command
 
 UPLOAD_IDLE_TIMEOUT_S = 5  # uploads orphaned by a killed ingress or service are swept after this
 SERVICE_ENV = dict(LIPSYNC_MODEL_WORKERS="1", LIPSYNC_COMPOSITORS="2", LIPSYNC_CHUNK_SECONDS="1",
@@ -63,8 +64,7 @@ class ServiceProcess:
         """Start `lipsync serve` without waiting for it to be ready."""
         ray_dir = tempfile.mkdtemp(dir="/tmp", prefix="rs")
         self._ray_dirs.append(ray_dir)
-        lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
-        cmd = [lipsync, "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
+        cmd = [lipsync_command(), "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
                "--ray-temp-dir", ray_dir,
                # a free port: `lipsync serve` asks Ray for exactly 8265 by default, which another Ray
                # on a shared machine may hold

@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.helpers import decoded_counts
+from tests.helpers import decoded_counts, lipsync_command
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +65,9 @@ def test_create_refusals(service, live_avatar, tmp_path):
             assert r.status_code == 400 and error["code"] == "input.unsafe" and error["field"] == "rtmp_url", r.text
             assert words in error["message"], error
     # the CLI hands --rtmp to the server: its refusal comes back as a bad input (exit 2)
-    import os
-    import shutil
-    import sys
-
     from cluster.synth import speech_like, write_audio
 
-    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    lipsync = lipsync_command()
     audio = write_audio(str(tmp_path / "never-sent.wav"), speech_like(0.5, seed=2))  # checked before the session
     out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", audio, "--rtmp",
                           "rtmp://127.0.0.1/live/key", "--url", service.url, "--token", service.token],
@@ -431,11 +427,7 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
 
 
 def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, speech_wav, tmp_path):
-    import os
-    import shutil
-    import sys
-
-    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    lipsync = lipsync_command()
     out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", speech_wav, "--url", service.url,
                           "--token", service.token, "--segment-seconds", "0.3"], capture_output=True, text=True,
                          timeout=180)
@@ -465,14 +457,12 @@ def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, t
     to make one: only the SDK, curl or the page), here the one the same template was prepared as; `lipsync
     avatars` lists them with the names of their files; a video without a face, or a file that is no video, is
     refused in one line, exit 2."""
-    import os
     import shutil
-    import sys
 
     from cluster.media.encode import SegmentEncoder
     from cluster.synth import astronaut_template
 
-    lipsync = shutil.which("lipsync", path=os.path.dirname(sys.executable)) or "lipsync"
+    lipsync = lipsync_command()
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([lipsync, *args, "--url", service.url, "--token", service.token], capture_output=True,
