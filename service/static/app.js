@@ -707,7 +707,7 @@ async function loadAvatars() {
   for (const avatar of avatars) {
     const option = document.createElement("option");
     option.value = avatar.id;
-    option.textContent = (avatar.name ? avatar.name + " · " : "") + avatar.id + " (" +
+    option.textContent = avatarTitle(avatar) + " (" +
       (avatar.frames > 1 ? seconds(avatar.duration) : framesLabel(avatar)) + ")";
     select.append(option);
     list.append(avatarRow(avatar));
@@ -721,6 +721,11 @@ async function loadAvatars() {
     empty.textContent = "No prepared avatars yet.";
     list.append(empty);
   }
+}
+
+// an avatar as a select lists it: the name of its file, where known, then its id
+function avatarTitle(avatar) {
+  return (avatar.name ? avatar.name + " · " : "") + avatar.id;
 }
 
 // an avatar's frames as a user counts them: a photo is one
@@ -790,7 +795,8 @@ $("avatar-form").addEventListener("submit", async (e) => {
 onTabShown("avatars", loadAvatars);
 
 // --- start ----------------------------------------------------------------------------------
-window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError, framesLabel };
+window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError, framesLabel,
+  avatarTitle };
 
 $("token-state").hidden = !token();
 showTemplateChoice();

@@ -13,7 +13,7 @@
 "use strict";
 
 (() => {
-  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError, framesLabel } = window.lipsync;
+  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError, framesLabel, avatarTitle } = window.lipsync;
   const $ = (id) => document.getElementById(id);
   const RATES = [16000, 24000, 48000];
   const CHUNK_SECONDS = 0.04; // one WebSocket message per 40 ms of speech
@@ -57,7 +57,7 @@
       const option = document.createElement("option");
       option.value = avatar.id;
       const size = avatar.width && avatar.height ? ", " + avatar.width + "×" + avatar.height : "";
-      option.textContent = (avatar.name ? avatar.name + " · " : "") + avatar.id + " (" + framesLabel(avatar) + size + ")";
+      option.textContent = avatarTitle(avatar) + " (" + framesLabel(avatar) + size + ")";
       select.append(option);
     }
     if (chosen) select.value = chosen;
