@@ -291,9 +291,11 @@ class ServiceSidecar:
         return avatar_summary(avatar, self.s)
 
     def _summary(self, avatar_id: str) -> dict:
+        """What `GET /v1/avatars` shows of one avatar: a look, not a use (listing every avatar renewed them
+        all, so retention never removed one while the page's Avatars tab was opened now and then)."""
         from cluster.faces.avatar import load_avatar
 
-        return avatar_summary(load_avatar(avatar_id, self.s), self.s)
+        return avatar_summary(load_avatar(avatar_id, self.s, use=False), self.s)
 
     async def get_avatar(self, avatar_id: str) -> dict:
         return await asyncio.to_thread(self._summary, avatar_id)

@@ -567,8 +567,14 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert r.status_code == 201, r.text
         avatar = r.json()
         assert avatar["frames"] == 25 and (avatar["width"], avatar["height"]) == (320, 240)
+        # a look at an avatar is not a use: retention still removes it when no job or session uses it
+        # (listing renewed every avatar, so one was never removed while the page listed them)
+        meta = service.storage_root / "avatars" / avatar["id"] / "avatar.json"
+        long_ago = int(time.time()) - 3 * 86400
+        os.utime(meta, (long_ago, long_ago))
         assert http.get(f"/v1/avatars/{avatar['id']}").json() == avatar
         assert avatar["id"] in [a["id"] for a in http.get("/v1/avatars").json()]
+        assert meta.stat().st_mtime == long_ago
         nf = http.get("/v1/avatars/0123456789abcdef")
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "avatar.not_found"
         # a file that is no video: the error names the client's file and field (it named the server's
@@ -597,6 +603,7 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         done = wait_until(lambda: (b := http.get("/v1/batches/batch-1").json())["state"] in ("succeeded", "failed")
                           and b, 240, 0.5, "batch")
         assert done["state"] == "succeeded" and done["counts"] == {"succeeded": 3} and done["progress"] == 1.0
+        assert meta.stat().st_mtime > time.time() - 300  # the jobs used it: renewed
         for i, job in enumerate(done["jobs"]):
             assert job["batch_id"] == "batch-1" and job["frames_total"] == expected_frames(0.8 + 0.2 * i)
         too_many = http.post("/v1/batches", json={"audios": ["x"] * 101, "avatar_id": avatar["id"]})

@@ -294,8 +294,9 @@ def avatar_name(avatar_id: str, s: Settings) -> str | None:
         return None
 
 
-def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
-    """A prepared avatar by id; raises `InputNotFound` if there is none (or it is incomplete)."""
+def load_avatar(avatar_id: str, settings: Settings | None = None, *, use: bool = True) -> Avatar:
+    """A prepared avatar by id; raises `InputNotFound` if there is none (or it is incomplete). `use`: the
+    caller renders from it, which renews it for retention; a look at it (`GET /v1/avatars`) does not."""
     s = settings or get_settings()
     if not isinstance(avatar_id, str) or not _AVATAR_ID.match(avatar_id):
         raise InputNotFound(f"unknown avatar id {avatar_id!r} (expected a hex content hash)", path="avatar_id")
@@ -308,6 +309,7 @@ def load_avatar(avatar_id: str, settings: Settings | None = None) -> Avatar:
         raise InputNotFound(f"avatar {avatar_id} was prepared at {float(avatar.info.video.fps):g} fps, before "
                             f"templates were brought within {MIN_TEMPLATE_FPS}-{MAX_TEMPLATE_FPS} fps: prepare it "
                             f"again from its video (POST /v1/avatars; it keeps its id)", path="avatar_id")
-    touch_avatar(avatar_id, s)
+    if use:
+        touch_avatar(avatar_id, s)
     return avatar
 
