@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -20,6 +21,9 @@ from cluster.config import Settings
 from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTooLarge, os_reason
 from cluster.resources import disk_full_guard
 from cluster.schemas import StoredInput
+from cluster.views import display_name
+
+log = logging.getLogger("lipsync.inputs")
 
 UPLOAD_PREFIX = "upload:"
 _REF = re.compile(r"^upload:([0-9a-f]{64})(\.[A-Za-z0-9]{1,10})?$")
@@ -82,10 +86,16 @@ UPLOAD_NAMES = "upload-names"
 
 
 def remember_upload_name(stored: Path, filename: str, settings: Settings) -> None:
-    name = Path(filename or "").name[:255]
+    """Store the name a client uploaded the bytes of `stored` under (`cluster.views.display_name`: the last
+    upload's name wins); a name is a convenience, so a disk that refuses it is logged, not raised."""
+    from cluster.fsutil import write_atomic
+
+    name = display_name(Path(filename or "").name, limit=255)
     if name:
-        with contextlib.suppress(OSError):
-            (settings.dir(UPLOAD_NAMES) / stored.name).write_text(name, encoding="utf-8")
+        try:
+            write_atomic(settings.dir(UPLOAD_NAMES) / stored.name, name, sync_dir=False)
+        except OSError as e:
+            log.warning("upload %s: cannot store its name: %s", stored.name, e)
 
 
 def upload_name(stored: Path, settings: Settings) -> str | None:
@@ -150,7 +160,8 @@ class UploadStore:
         upload_id = uuid.uuid4().hex
         path = self.s.dir("uploads") / f"{upload_id}.part"
         path.write_bytes(b"")
-        self._open[upload_id] = _Upload(path, suffix, Path(filename).name)
+        # the client's name, as errors and listings show it (`display_name`: no terminal escapes)
+        self._open[upload_id] = _Upload(path, suffix, display_name(Path(filename).name, limit=255) or "")
         return upload_id
 
     def _get(self, upload_id: str) -> _Upload:

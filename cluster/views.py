@@ -43,3 +43,10 @@ def given_name(given: str) -> str:
 
     path = urlsplit(given).path if "://" in given else given
     return unquote(path.rstrip("/").rsplit("/", 1)[-1]) or given[:100]
+
+
+def display_name(name: str | None, limit: int = 200) -> str | None:
+    """A name as shown to people and stored beside what it names (an upload's file name, an avatar's
+    `given_name`): printable characters only (no terminal escapes or line breaks in a shell's or a page's
+    listing), at most `limit`, trimmed; None when nothing is left."""
+    return "".join(c for c in name or "" if c.isprintable())[:limit].strip() or None

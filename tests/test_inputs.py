@@ -115,6 +115,21 @@ def test_errors_and_views_of_an_uploaded_input_name_its_file_not_its_reference(t
     assert view.inputs == {"audio": "bad take 3.wav", "video": "face.mp4"}, view.inputs
 
 
+def test_an_uploads_name_is_kept_without_control_characters(tmp_path):
+    """The name an upload came under is shown in errors, the Jobs tab and a shell's listing: a client's
+    escape sequence or line break in it is dropped (it reached a user's terminal as it was sent), and the
+    last upload of the same bytes names them."""
+    from cluster.inputs import upload_name
+
+    settings = Settings(storage_root=tmp_path / "storage")
+    store = UploadStore(settings)
+    for name, shown in (("dir/take\x1b[31m 3\n.wav", "take[31m 3.wav"),
+                        ("again.wav", "again.wav")):
+        up = store.begin(name)
+        store.part(up, b"the same bytes")
+        assert upload_name(upload_ref_path(store.finish(up).ref, settings), settings) == shown, name
+
+
 def test_an_upload_part_sent_again_is_stored_once(tmp_path):
     """The service's gateway and the batch client send a part again when its answer was lost or
     late although the part had arrived: with its offset it is stored once (without one the

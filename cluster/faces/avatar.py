@@ -273,12 +273,12 @@ def name_avatar(avatar_id: str, given: str | None, s: Settings) -> None:
     """Give a stored avatar the name a user knows its template by (`cluster.views.given_name` of the file or
     URL it was given as: a file's name, a URL's last part), unless it has one: the first name stays (the same
     bytes given again under another name are the same avatar). Control characters are dropped, 200 at most."""
-    from cluster.views import given_name
+    from cluster.views import display_name, given_name
 
     path = _avatar_dir(avatar_id, s) / NAME_FILE
     if not given or path.exists() or not path.parent.is_dir():
         return
-    name = "".join(c for c in given_name(given) if c.isprintable())[:200].strip()
+    name = display_name(given_name(given))
     if name:
         try:
             write_atomic(path, name, sync_dir=False)
