@@ -379,6 +379,12 @@ class Settings(BaseSettings):
     def input_root_paths(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.input_roots.split(":") if p.strip()]
 
+    @property
+    def input_root_paths_as_written(self) -> list[Path]:
+        """The input roots before symlinks are resolved (a root under /tmp where /tmp is a symlink): a path
+        under one as written is resolved, and must then lie under `input_root_paths`."""
+        return [Path(os.path.abspath(os.path.expanduser(p))) for p in self.input_roots.split(":") if p.strip()]
+
     # storage layout ------------------------------------------------------------------------
     def dir(self, name: str) -> Path:
         """A sub-directory of the storage root (created): inputs, templates, avatars, models, jobs."""

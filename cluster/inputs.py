@@ -42,13 +42,23 @@ class UploadCorrupt(InputError):
 def resolve_input_path(path: str, settings: Settings) -> Path:
     """The real path of a server-side input, which must lie under one of `settings.input_roots`
     (symlinks and '..' resolved first). Raises `input.outside_roots` naming the path otherwise,
-    and `input.not_found` for a missing file."""
+    and `input.not_found` for a missing file. Nothing is said of a file outside the roots, nor of
+    where a path outside them leads: a path that is not under a root as written is not looked at
+    (resolving it answered "/proc/self/fd/3 (resolved: .../raylet.out)", and `~user` told which
+    users have a home directory), and one that leads out through a symlink is refused without saying
+    where to."""
     if "\0" in path:  # (the system refuses it: said as the input's mistake, not the job manager's failure)
         raise InputError(f"input path {path!r} holds a NUL character", path=path)
-    given = Path(path).expanduser()
-    if not given.is_absolute():
+    given = Path(path)
+    if not given.is_absolute():  # `~` too: a client's home directory is not the server's
         raise InputOutsideRoots(f"input path {path} is not absolute (server-side paths must be absolute "
                                 f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
+    roots = settings.input_root_paths
+    allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
+    as_written = Path(os.path.normpath(path))
+    if not any(_under(as_written, root) for root in [*roots, *settings.input_root_paths_as_written]):
+        raise InputOutsideRoots(f"input path {path} is outside the allowed input roots: {allowed}", path=path)
+
     def unusable(e: Exception) -> InputError:  # a name longer than the file system takes (ENAMETOOLONG), a
         # symlink loop (ELOOP; Python's resolve says it as a RuntimeError)
         reason = "a symlink loop" if isinstance(e, RuntimeError) else os_reason(e)
@@ -58,10 +68,8 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
         real = given.resolve()
     except (OSError, RuntimeError) as e:
         raise unusable(e) from None
-    roots = settings.input_root_paths
-    if not any(real == root or root in real.parents for root in roots):
-        allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
-        raise InputOutsideRoots(f"input path {path} (resolved: {real}) is outside the allowed input roots: "
+    if not any(_under(real, root) for root in roots):
+        raise InputOutsideRoots(f"input path {path} leads outside the allowed input roots (through a symlink): "
                                 f"{allowed}", path=path)
     try:  # (only under a root: nothing is said of a file outside them)
         st = real.stat() if real.exists() else None
@@ -77,6 +85,10 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
         raise InputOutsideRoots(f"input path {path} is a hard link ({st.st_nlink} links); it may name a file "
                                 f"outside the input roots, so it is refused: copy the file instead", path=path)
     return real
+
+
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 #: Under the storage root: the file name each stored upload last came under (`upload-names/<sha256><.ext>`),

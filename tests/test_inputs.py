@@ -46,6 +46,21 @@ def test_paths_leaving_the_roots_are_refused_by_name(roots, how):
     assert e.value.exit_code == 2 and not e.value.retryable
 
 
+def test_a_path_outside_the_roots_is_not_looked_at_nor_said_where_it_leads(roots):
+    """A service's answer told where a path outside the roots led: "/proc/self/exe (resolved:
+    /root/.pyenv/.../python3.11)", the ingress's open files through /proc/self/fd/N, `~postgres/x.wav`
+    (resolved: /var/lib/postgresql/x.wav), and "Permission denied" for /proc/1/cwd. Now each is refused as
+    written, and a symlink out of a root is refused without its target."""
+    settings, allowed, secret = roots
+    os.symlink(secret / "s.wav", allowed / "link.wav")
+    for path in ("/proc/self/exe", "/proc/self/fd/0", "/proc/1/cwd/x.wav", "~root/x.wav", "~/x.wav",
+                 f"{allowed}/../secret/s.wav", str(allowed / "link.wav")):
+        with pytest.raises(InputOutsideRoots) as e:
+            resolve_input_path(path, settings)
+        said = e.value.message.replace(path, "<path>").replace(str(allowed), "<root>")
+        assert "/" not in said and e.value.path == path, said  # no path but the one given and the root
+
+
 def test_no_roots_configured_refuses_every_path(roots):
     settings, allowed, _ = roots
     with pytest.raises(InputOutsideRoots, match="none configured"):
