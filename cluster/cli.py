@@ -425,20 +425,26 @@ def _client(args: argparse.Namespace):
     return Client(args.url, token=args.token)
 
 
-def _print_view(view) -> None:
-    print(view.model_dump_json(indent=2))
+def _print_view(view, c) -> None:
+    """A job's view as JSON, its URLs absolute under the client's service URL (the service answers them
+    relative to itself): a `watch_url` taken from here plays in ffplay as `submit --watch` prints it."""
+    print(c.absolute_urls(view).model_dump_json(indent=2))
 
 
-def _client_call(fn) -> int:
+def _client_call(args: argparse.Namespace, fn) -> int:
+    """`fn(c)` with a client of the service (`--url`, `--token`): its exit status, or each error said in one
+    line and its status."""
     import httpx
     from websockets.exceptions import WebSocketException
 
     from cluster.client import ApiError, JobFailed, WaitTimeout
 
+    c = None
     try:
-        return fn()
+        with _client(args) as c:
+            return fn(c)
     except JobFailed as e:
-        _print_view(e.job)
+        _print_view(e.job, c)
         print(f"lipsync: error: {e.code}: {e.message}", file=sys.stderr)
         return 2 if e.code.startswith("input.") else 1
     except ApiError as e:
@@ -489,55 +495,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if _refused_output(args.output):
         return 2
 
-    def run() -> int:
-        with _client(args) as c:
-            job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
-                           model=args.model, crf=args.crf, callback_url=args.callback_url)
-            if args.watch:  # the watch URL on stdout as soon as the first segment exists
-                print(job.id, file=sys.stderr)
-                segments = job.segments(timeout=args.timeout)
-                try:
-                    first = next(segments, None)
-                finally:
-                    segments.close()
-                if first is None:
-                    view = job.status()
-                    ended = f"job {job.id} ended {view.state.value} before publishing a segment"
-                    print(_fail_line(view.error.model_copy(update={"message": f"{ended}: {view.error.message}"}))
-                          if view.error else f"lipsync: error: {ended}", file=sys.stderr)
-                    return 2 if view.error and view.error.code.startswith("input.") else 1  # as `wait` says
-                print(job.watch_url, flush=True)
-            if not (args.wait or args.output):
-                if not args.watch:
-                    print(job.id)
-                return 0
+    def run(c) -> int:
+        job = c.submit(args.audio, args.video, avatar=args.avatar, id=args.id, sync_mode=args.sync_mode,
+                       model=args.model, crf=args.crf, callback_url=args.callback_url)
+        if args.watch:  # the watch URL on stdout as soon as the first segment exists
+            print(job.id, file=sys.stderr)
+            segments = job.segments(timeout=args.timeout)
+            try:
+                first = next(segments, None)
+            finally:
+                segments.close()
+            if first is None:
+                view = job.status()
+                ended = f"job {job.id} ended {view.state.value} before publishing a segment"
+                print(_fail_line(view.error.model_copy(update={"message": f"{ended}: {view.error.message}"}))
+                      if view.error else f"lipsync: error: {ended}", file=sys.stderr)
+                return 2 if view.error and view.error.code.startswith("input.") else 1  # as `wait` says
+            print(job.watch_url, flush=True)
+        if not (args.wait or args.output):
             if not args.watch:
-                print(job.id, file=sys.stderr)
-            view = job.wait(progress=not args.quiet, timeout=args.timeout)
-            if args.output:
-                job.download(args.output)
-                print(f"wrote {args.output}", file=sys.stderr)
-            _print_view(view)
+                print(job.id)
             return 0
-    return _client_call(run)
+        if not args.watch:
+            print(job.id, file=sys.stderr)
+        view = job.wait(progress=not args.quiet, timeout=args.timeout)
+        if args.output:
+            job.download(args.output)
+            print(f"wrote {args.output}", file=sys.stderr)
+        _print_view(view, c)
+        return 0
+    return _client_call(args, run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    def run() -> int:
-        with _client(args) as c:
-            _print_view(c.get(args.id))
-            return 0
-    return _client_call(run)
+    def run(c) -> int:
+        _print_view(c.get(args.id), c)
+        return 0
+    return _client_call(args, run)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """The service's jobs, newest first: one line each (id, state, frames, age, inputs or error), or
     the page as JSON; the next page's `--before` on stderr when there is one."""
-    def run() -> int:
-        with _client(args) as c:
-            page = c.list(state=args.state, limit=args.limit, before=args.before)
-        if args.json:
-            print(page.model_dump_json(indent=2))
+    def run(c) -> int:
+        page = c.list(state=args.state, limit=args.limit, before=args.before)
+        if args.json:  # (the views' URLs absolute, as `status` prints them)
+            print(page.model_copy(update={"jobs": [c.absolute_urls(view) for view in page.jobs]})
+                  .model_dump_json(indent=2))
         else:
             now = datetime.now(timezone.utc)
             width = max((len(view.id) for view in page.jobs), default=0)  # the columns line up
@@ -553,7 +557,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 (f" --limit {args.limit}" if args.limit != 20 else "")
             print(f"more: lipsync list{given} --before {page.next_before}", file=sys.stderr)
         return 0
-    return _client_call(run)
+    return _client_call(args, run)
 
 
 def cmd_avatar(args: argparse.Namespace) -> int:
@@ -566,25 +570,23 @@ def cmd_avatar(args: argparse.Namespace) -> int:
         print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)
         return 2
 
-    def run() -> int:
+    def run(c) -> int:
         if sys.stderr.isatty():
             print(f"preparing an avatar of {args.video} (its face tracked through every frame)...", file=sys.stderr)
-        with _client(args) as c:
-            view = c.prepare_avatar(args.video)
+        view = c.prepare_avatar(args.video)
         if args.json:
             print(view.model_dump_json(indent=2))
         else:
             print(view.id)
             print(f"avatar {view.id}: {_avatar_line(view)}", file=sys.stderr)
         return 0
-    return _client_call(run)
+    return _client_call(args, run)
 
 
 def cmd_avatars(args: argparse.Namespace) -> int:
     """The prepared avatars: one line each (id, size, rate, length, frames, name), or the list as JSON."""
-    def run() -> int:
-        with _client(args) as c:
-            views = c.avatars(limit=args.limit, offset=args.offset)
+    def run(c) -> int:
+        views = c.avatars(limit=args.limit, offset=args.offset)
         if args.json:
             import json
 
@@ -598,7 +600,7 @@ def cmd_avatars(args: argparse.Namespace) -> int:
             print(f"more: lipsync avatars --offset {args.offset + args.limit}"
                   + (f" --limit {args.limit}" if args.limit != 100 else ""), file=sys.stderr)
         return 0
-    return _client_call(run)
+    return _client_call(args, run)
 
 
 def _avatar_line(view) -> str:
@@ -618,31 +620,28 @@ def _age(delta) -> str:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    def run() -> int:
-        with _client(args) as c:
-            _print_view(c.wait(args.id, progress=not args.quiet, timeout=args.timeout))
-            return 0
-    return _client_call(run)
+    def run(c) -> int:
+        _print_view(c.wait(args.id, progress=not args.quiet, timeout=args.timeout), c)
+        return 0
+    return _client_call(args, run)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     if _refused_output(args.output):
         return 2
 
-    def run() -> int:
-        with _client(args) as c:
-            c.download(args.id, args.output)
-            print(f"wrote {args.output}", file=sys.stderr)
-            return 0
-    return _client_call(run)
+    def run(c) -> int:
+        c.download(args.id, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+        return 0
+    return _client_call(args, run)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    def run() -> int:
-        with _client(args) as c:
-            _print_view(c.cancel(args.id))
-            return 0
-    return _client_call(run)
+    def run(c) -> int:
+        _print_view(c.cancel(args.id), c)
+        return 0
+    return _client_call(args, run)
 
 
 def cmd_live(args: argparse.Namespace) -> int:
@@ -668,40 +667,39 @@ def cmd_live(args: argparse.Namespace) -> int:
 
     from cluster.client import ApiError
 
-    def run() -> int:
-        with _client(args) as c:
-            session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp,
-                             segment_seconds=args.segment_seconds, max_seconds=args.max_seconds)
-            print(session.hls_url, flush=True)
-            ended = None  # the session ended before the audio did: --max-seconds, or an idle timeout
-            try:
-                seconds = session.send_file(args.audio, realtime=args.realtime)
-                session.wait_rendered(timeout=max(60.0, seconds * 2))
-            except ApiError as e:
-                if e.code != "session.ended":
-                    raise
-                ended = e
-            finally:
-                view = session.close()
-            if ended is not None:
-                if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one
-                    raise ended
-                print(f"lipsync: the session reached --max-seconds ({args.max_seconds:g} s) before the end of "
-                      f"{args.audio}: it ended then, and its stream and recording hold what it had rendered by then "
-                      f"({view.seconds_rendered:.2f} of the {view.seconds_received:.2f} s of speech it received)",
-                      file=sys.stderr)
-            if args.recording:
-                session.download_recording(args.recording)
-                print(f"wrote {args.recording}", file=sys.stderr)
-            print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
-                  f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
-                  f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
-                  f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s; segments <= "
-                  f"{view.segment_seconds} s"
-                  + (f"; RTMP {view.rtmp_state} to {view.rtmp_url}" + (f" ({view.rtmp_error})" if view.rtmp_error
-                                                                        else "") if view.rtmp_url else ""))
-            return 0 if view.state == "ended" else 1
-    return _client_call(run)
+    def run(c) -> int:
+        session = c.live(args.avatar, model=args.model, sample_rate=args.sample_rate, rtmp_url=args.rtmp,
+                         segment_seconds=args.segment_seconds, max_seconds=args.max_seconds)
+        print(session.hls_url, flush=True)
+        ended = None  # the session ended before the audio did: --max-seconds, or an idle timeout
+        try:
+            seconds = session.send_file(args.audio, realtime=args.realtime)
+            session.wait_rendered(timeout=max(60.0, seconds * 2))
+        except ApiError as e:
+            if e.code != "session.ended":
+                raise
+            ended = e
+        finally:
+            view = session.close()
+        if ended is not None:
+            if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one
+                raise ended
+            print(f"lipsync: the session reached --max-seconds ({args.max_seconds:g} s) before the end of "
+                  f"{args.audio}: it ended then, and its stream and recording hold what it had rendered by then "
+                  f"({view.seconds_rendered:.2f} of the {view.seconds_received:.2f} s of speech it received)",
+                  file=sys.stderr)
+        if args.recording:
+            session.download_recording(args.recording)
+            print(f"wrote {args.recording}", file=sys.stderr)
+        print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
+              f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
+              f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
+              f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s; segments <= "
+              f"{view.segment_seconds} s"
+              + (f"; RTMP {view.rtmp_state} to {view.rtmp_url}" + (f" ({view.rtmp_error})" if view.rtmp_error
+                                                                    else "") if view.rtmp_url else ""))
+        return 0 if view.state == "ended" else 1
+    return _client_call(args, run)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

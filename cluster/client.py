@@ -563,6 +563,14 @@ class _Base:
         """A URL the service answered (e.g. `/v1/jobs/<id>/hls/index.m3u8?token=...`), made absolute."""
         return path if "://" in path else self.url + path
 
+    def absolute_urls(self, view: JobView) -> JobView:
+        """`view` with its URLs absolute (`watch_url`, `output.url`; the service answers them relative to
+        itself), as `Job.watch_url` gives the first: what a player, or a shell on another machine, can open."""
+        update: dict[str, Any] = {"watch_url": self.absolute(view.watch_url) if view.watch_url else None}
+        if view.output is not None:
+            update["output"] = view.output.model_copy(update={"url": self.absolute(view.output.url)})
+        return view.model_copy(update=update)
+
 
 # --- sync ---------------------------------------------------------------------------------------
 class Job:

@@ -15,6 +15,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -561,3 +562,83 @@ def test_a_joined_start_waits_for_its_port_and_for_a_deleted_app_within_deadline
     with pytest.raises(LipsyncError, match=r"did not answer \(the application's status\) within 0.5 s"):
         launch._check_no_running_app(Silent(), "ray://head:10001", settings)
     assert time.monotonic() - t0 < 5
+
+
+# --- the shell client against an in-process transport (no socket is opened) ---------------------
+FAKE_URL = "http://api.test:8000"
+WATCH = "/v1/jobs/{id}/hls/index.m3u8?token=abc"
+
+
+def _view(job_id: str, state: str, **more) -> dict:
+    view = {"id": job_id, "state": state, "stage": "done" if state == "succeeded" else state, "progress": 1.0,
+            "frames_done": 20, "frames_total": 20, "created_at": "2026-12-06T00:00:00+00:00",
+            "updated_at": "2026-12-06T00:00:01+00:00", "watch_url": WATCH.format(id=job_id)}
+    if state == "succeeded":
+        view["output"] = {"size": 1000, "duration": 0.8, "url": f"/v1/jobs/{job_id}/result"}
+    if state == "failed":
+        view["error"] = {"code": "render.failed", "message": "boom"}
+    return {**view, **more}
+
+
+def _fake_service(request: httpx.Request) -> httpx.Response:
+    """A service of two jobs, `done` (succeeded) and `bad` (failed), that accepts any JSON submission as
+    `done`; its views name their URLs relative to itself, as the real one does."""
+    path, method = request.url.path, request.method
+    if method == "POST" and path == "/v1/jobs":
+        return httpx.Response(202, json={"id": "done", "state": "queued", "watch_url": WATCH.format(id="done")})
+    if method == "GET" and path == "/v1/jobs":
+        return httpx.Response(200, json={"jobs": [_view("done", "succeeded"), _view("bad", "failed")]})
+    job_id = path.split("/")[3]
+    state = {"done": "succeeded", "bad": "failed"}.get(job_id)
+    if state is None:
+        return httpx.Response(404, json={"error": {"code": "job.not_found", "message": f"no job {job_id}"}})
+    if path.endswith("/events"):
+        return httpx.Response(200, text=f"event: status\ndata: {json.dumps(_view(job_id, state))}\n\n",
+                              headers={"content-type": "text/event-stream"})
+    return httpx.Response(200, json=_view(job_id, state))
+
+
+@pytest.fixture
+def fake_cli(monkeypatch, capsys):
+    """`lipsync ARGS` run in this process against `handler` (default `_fake_service`) at FAKE_URL: (exit
+    status, stdout, stderr); `run.seen` the requests the last command sent."""
+    from cluster import cli
+    from cluster.client import Client
+
+    def run(args: list[str], handler=_fake_service) -> tuple[int, str, str]:
+        seen = []
+
+        def recording(request):
+            seen.append(request)
+            return handler(request)
+
+        monkeypatch.setattr(cli, "_client", lambda a: Client(a.url or FAKE_URL, token=a.token, backoff_s=0.01,
+                                                             transport=httpx.MockTransport(recording)))
+        capsys.readouterr()
+        rc = cli.main(args)
+        out, err = capsys.readouterr()
+        run.seen = seen
+        return rc, out, err
+    return run
+
+
+def test_every_job_view_the_shell_client_prints_has_absolute_urls(fake_cli):
+    """`lipsync status ID`, `list --json`, `wait`, `submit --wait`, `cancel` and a failed `wait` printed the service's
+    relative `watch_url` (`/v1/jobs/<id>/hls/index.m3u8?token=...`) and `output.url`, which ffplay cannot open,
+    while `submit --watch` and the SDK's `job.watch_url` gave an absolute one: every view is absolute now."""
+    def urls(view: dict) -> list[str]:
+        return [view["watch_url"], *([view["output"]["url"]] if view.get("output") else [])]
+
+    views = []
+    for args, code in ((["status", "done"], 0), (["wait", "done", "-q"], 0), (["wait", "bad", "-q"], 1),
+                       (["submit", "/data/a.wav", "/data/v.mp4", "--wait", "-q"], 0), (["cancel", "done"], 0)):
+        rc, out, err = fake_cli(args)
+        assert rc == code, (args, rc, err)
+        views.append(json.loads(out))
+    rc, out, err = fake_cli(["list", "--json"])
+    assert rc == 0, err
+    views += json.loads(out)["jobs"]
+    for view in views:
+        assert urls(view) and all(url.startswith(f"{FAKE_URL}/v1/jobs/{view['id']}/") for url in urls(view)), view
+    assert views[0]["watch_url"] == f"{FAKE_URL}/v1/jobs/done/hls/index.m3u8?token=abc"
+    assert views[0]["output"]["url"] == f"{FAKE_URL}/v1/jobs/done/result"
