@@ -649,8 +649,14 @@ def cmd_live(args: argparse.Namespace) -> int:
     latency figures at the end."""
     from cluster.client import local_input_error
 
+    if "://" in args.audio:  # its PCM is sent from here: the server fetches nothing for a live session
+        print(f"lipsync: error: input.invalid: live --audio {args.audio}: live audio must be a local file (not a "
+              f"URL: download it first)", file=sys.stderr)
+        return 2
     problem = local_input_error("audio", args.audio)  # before a session is created for it
-    if problem is None and not Path(args.audio).expanduser().is_file():  # (a server path: not for a live session)
+    # (a server path, an upload's ref: not for a live session; said without the URLs and server paths
+    # `submit` takes)
+    if isinstance(problem, InputNotFound) or (problem is None and not Path(args.audio).expanduser().is_file()):
         problem = InputNotFound(f"audio file {args.audio} does not exist", path="audio")
     if problem:
         print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)

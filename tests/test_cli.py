@@ -642,3 +642,18 @@ def test_every_job_view_the_shell_client_prints_has_absolute_urls(fake_cli):
         assert urls(view) and all(url.startswith(f"{FAKE_URL}/v1/jobs/{view['id']}/") for url in urls(view)), view
     assert views[0]["watch_url"] == f"{FAKE_URL}/v1/jobs/done/hls/index.m3u8?token=abc"
     assert views[0]["output"]["url"] == f"{FAKE_URL}/v1/jobs/done/result"
+
+
+def test_live_audio_is_a_local_file_and_is_said_so(fake_cli, workdir):
+    """`live --audio` takes a local file only (its PCM is sent from here), but a missing one was "does not exist
+    here, and is not a URL or an absolute server path", and a URL "does not exist": a URL is refused as such, a
+    missing file said without the forms `submit` takes; one line, exit 2, nothing sent."""
+    live = ["live", "--avatar", "0123456789abcdef", "--audio"]
+    for audio, said in (("typo.wav", "lipsync: error: input.not_found: audio file typo.wav does not exist"),
+                        (str(workdir / "nowhere.wav"), f"audio file {workdir / 'nowhere.wav'} does not exist"),
+                        ("https://example.com/speech.wav", "lipsync: error: input.invalid: live --audio "
+                         "https://example.com/speech.wav: live audio must be a local file")):
+        rc, out, err = fake_cli([*live, audio])
+        assert rc == 2 and not out and len(err.strip().splitlines()) == 1 and said in err, (audio, rc, err)
+        assert "server path" not in err and "not a URL or" not in err, err
+        assert not fake_cli.seen, fake_cli.seen
