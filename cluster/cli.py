@@ -448,7 +448,12 @@ def _client_call(args: argparse.Namespace, fn) -> int:
         print(f"lipsync: error: {e.code}: {e.message}", file=sys.stderr)
         return 2 if e.code.startswith("input.") else 1
     except ApiError as e:
-        print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else ""), file=sys.stderr)
+        hint = ""
+        if e.status == 401:  # the service's answer to its bearer token (not a live socket's 4401: a session's token)
+            hint = ("; the token sent was refused" if "Authorization" in c.headers else "; no token was sent") + \
+                ": give the service's token with --token or LIPSYNC_API_TOKEN"
+        print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else "") + hint,
+              file=sys.stderr)
         return 2 if 400 <= e.status < 500 else 1
     except WaitTimeout as e:
         print(f"lipsync: error: wait.timeout: {e}", file=sys.stderr)

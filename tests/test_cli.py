@@ -657,3 +657,25 @@ def test_live_audio_is_a_local_file_and_is_said_so(fake_cli, workdir):
         assert rc == 2 and not out and len(err.strip().splitlines()) == 1 and said in err, (audio, rc, err)
         assert "server path" not in err and "not a URL or" not in err, err
         assert not fake_cli.seen, fake_cli.seen
+
+
+def test_a_refused_token_says_how_to_give_one_and_whether_one_was_sent(fake_cli, monkeypatch):
+    """A missing and a wrong API token were the same line, `auth.invalid_token: missing or wrong bearer token
+    (Authorization: Bearer ...)`: the shell client now says whether it sent one, and how to give it."""
+    def guarded(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != "Bearer right":
+            return httpx.Response(401, json={"error": {"code": "auth.invalid_token", "message": "missing or wrong "
+                                                       "bearer token (Authorization: Bearer ...)"}})
+        return _fake_service(request)
+
+    monkeypatch.delenv("LIPSYNC_API_TOKEN", raising=False)
+    for given, said in (([], "no token was sent"), (["--token", "wrong"], "the token sent was refused")):
+        rc, out, err = fake_cli(["status", "done", *given], guarded)
+        assert rc == 2 and not out and len(err.strip().splitlines()) == 1, (given, rc, err)
+        assert err.startswith("lipsync: error: auth.invalid_token: missing or wrong bearer token"), err
+        assert f"; {said}: give the service's token with --token or LIPSYNC_API_TOKEN" in err, err
+    monkeypatch.setenv("LIPSYNC_API_TOKEN", "wrong")  # the token sent from the environment
+    rc, _, err = fake_cli(["download", "done", "out.mp4"], guarded)
+    assert rc == 2 and "the token sent was refused" in err, err
+    rc, out, err = fake_cli(["status", "done", "--token", "right"], guarded)
+    assert rc == 0 and json.loads(out)["id"] == "done", err
