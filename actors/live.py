@@ -659,8 +659,9 @@ class LiveRegistry:
             check_model(model, self.s)
         state = avatar_state(avatar_id, self.s)
         if state == "unknown":
-            raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it with POST /v1/avatars)",
-                                code="avatar.not_found", path="avatar_id")
+            from cluster.faces.avatar import no_such_avatar
+
+            raise InputNotFound(no_such_avatar(avatar_id), code="avatar.not_found", path="avatar_id")
         if state == "preparing":
             raise AvatarNotReady(f"avatar {avatar_id} is still being prepared; retry when it is ready",
                                  path="avatar_id")

@@ -60,6 +60,40 @@ def request_key(request: RenderRequest) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
+#: A request's fields by the API's names (`RenderRequest.loop` is the API's `sync_mode`)
+_API_NAMES = {"loop": "sync_mode"}
+
+
+def request_differences(request: RenderRequest, had: RenderRequest | None) -> str:
+    """What a resubmitted `request` asks for that the job admitted as `had` does not, in the API's terms
+    ("crf 20, not 18"), for `job.conflict`: "already exists with other inputs or options" left a user
+    to guess which. The inputs are compared as the user gave them (the job keeps stored copies)."""
+    if had is None:
+        return "the job's request is no longer known"
+    said = []
+    for name in ("avatar_id", "model", "crop", "loop", "chunk_seconds", "crf"):
+        new, old = getattr(request, name), getattr(had, name)
+        if new != old:
+            said.append(f"{_API_NAMES.get(name, name)} {new if new is not None else 'unset'}, "
+                        f"not {old if old is not None else 'unset'}")
+    for name in ("audio", "video"):
+        new, old = getattr(request, name), getattr(had, name)
+        if (new is None) != (old is None) or (new is not None and not _given_before(new, old, had)):
+            said.append(f"another {name}" if new is not None and old is not None else
+                        f"{name} {'given' if new is not None else 'not given'} now, "
+                        f"{'given' if old is not None else 'not given'} then")
+    return "; ".join(said) or "the output path or the way an input was given differs"
+
+
+def _given_before(value: str, stored: str, had: RenderRequest) -> bool:
+    """Whether an input sent as `value` is the one job `had` stored as `stored`, as far as its request says:
+    the path or reference sent then (`had.sources` maps the stored copy and the resolved path to it, and a
+    form's reference to the client's file), or the stored upload `value` references."""
+    if value in (stored, had.sources.get(stored)) or value in had.sources:
+        return True
+    return value.startswith("upload:") and any(Path(k).name == value[len("upload:"):] for k in had.sources)
+
+
 def changed_server_input(request: RenderRequest, had: RenderRequest | None, settings: Settings) -> str | None:
     """Which server-path input of a resubmitted `request` no longer holds what job `had` copied from it at its
     admission (said as the input and how), or None. The request's key names paths, not contents: a file
@@ -267,7 +301,9 @@ class JobManager:
     async def _resubmitted(self, job_id: str, key: str, request: RenderRequest) -> JobStatus:
         stored = self.store.request_key(job_id)
         if stored is not None and stored != key:
-            raise JobConflict(f"job {job_id} already exists with other inputs or options", job_id=job_id,
+            had = self.store.get(job_id).request
+            raise JobConflict(f"job {job_id} already exists with other inputs or options: "
+                              f"{request_differences(request, had)} (send it under a new id)", job_id=job_id,
                               stage="admit")
         had = self.store.get(job_id).request
         changed = await asyncio.to_thread(changed_server_input, request, had, self.s)

@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
 
     # --- limits ---------------------------------------------------------------------------
-    max_input_seconds: float = Field(3 * 3600.0, gt=0, description="longest speech audio accepted (input.too_long "
-                                     "beyond)")
+    max_input_seconds: float = Field(3 * 3600.0, gt=0, description="longest speech audio, and longest template "
+                                     "video, accepted (input.too_long beyond)")
     max_width: int = Field(4096, ge=16, description="widest template accepted (input.too_large beyond)")
     max_height: int = Field(4096, ge=16, description="tallest template accepted (input.too_large beyond)")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="largest input file (an upload, a URL's download, a "

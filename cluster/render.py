@@ -245,6 +245,10 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
         if video is None and request.avatar_id is None:
             raise InputNotFound("a job needs a template video or an avatar_id")
     except LipsyncError as e:
+        # the request's field it is about, before its path names the user's file: an upload's name, which
+        # the request as sent (`upload:<sha256>`) does not show
+        e.field = e.field or next((key for key in ("audio", "video") if e.path and e.path == getattr(request, key)),
+                                  None)
         _name_sources(e, request)
         raise
     return audio, video

@@ -416,7 +416,7 @@ class CompatEnvelope(BaseModel):
 # --- live sessions (`/v1/sessions`) ------------------------------------------------------------
 class SessionCreate(BaseModel):
     """`POST /v1/sessions`: a live session on a prepared avatar."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # Infinity started a session, NaN was "> 0"
     avatar_id: str = Field(min_length=8, max_length=64, pattern="^[0-9a-f]+$")
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN,
                               description="'builtin' (default) or a model name from the server's model directory")

@@ -25,11 +25,11 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
     sync = inputs = None
     if req is not None:
         sync = "loop" if req.loop == "forward" else req.loop
-        inputs = {"audio": given_name(req.sources.get(req.audio, req.audio))}
+        inputs = {"audio": shown_name(req.sources.get(req.audio, req.audio))}
         if req.avatar_id is not None:
             inputs["avatar_id"] = req.avatar_id
         elif req.video is not None:
-            inputs["video"] = given_name(req.sources.get(req.video, req.video))
+            inputs["video"] = shown_name(req.sources.get(req.video, req.video))
     return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
@@ -50,3 +50,8 @@ def display_name(name: str | None, limit: int = 200) -> str | None:
     `given_name`): printable characters only (no terminal escapes or line breaks in a shell's or a page's
     listing), at most `limit`, trimmed; None when nothing is left."""
     return "".join(c for c in name or "" if c.isprintable())[:limit].strip() or None
+
+
+def shown_name(given: str) -> str:
+    """The name a view shows for an input given as `given` (a path, a URL, an upload's file name)."""
+    return display_name(given_name(given)) or "?"

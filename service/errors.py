@@ -126,14 +126,19 @@ _PATTERN_WORDS = {
     "model": "'builtin', 'builtin:S' (S a crop size), 'latency:MS' or the name of one of the service's models "
              "(`lipsync models`)",
     "id": "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 (48 for a batch)",
-    "avatar_id": "the hex id that POST /v1/avatars answered",
+    "avatar_id": "the hex id of a prepared avatar (what `lipsync avatar VIDEO` prints, POST /v1/avatars answers)",
 }
+#: An id's length out of bounds is the same mistake as its pattern ("String should have at least 8 characters"
+#: said nothing of what an avatar id is)
+_ID_TYPES = {"string_pattern_mismatch", "string_too_short", "string_too_long"}
 
 
 def _said_plainly(error: dict, field: str | None) -> str:
     """A validation error's message, where pydantic's words would be a regular expression."""
-    if error.get("type") == "string_pattern_mismatch" and field in _PATTERN_WORDS:
-        return f"{error.get('input')!r} is not valid: expected {_PATTERN_WORDS[field]}"
+    kind = error.get("type")
+    if field in _PATTERN_WORDS and (kind == "string_pattern_mismatch" or (field != "model" and kind in _ID_TYPES)):
+        given = str(error.get("input"))
+        return f"{given[:100]!r}{'...' if len(given) > 100 else ''} is not valid: expected {_PATTERN_WORDS[field]}"
     return str(error.get("msg"))
 
 

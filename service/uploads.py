@@ -13,6 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from cluster.errors import InputError, InputTooLarge, LipsyncError
+from cluster.views import display_name
 from service.errors import ApiProblem
 
 #: The longest a request's body may pause between two blocks
@@ -138,7 +139,8 @@ class Upload:
                     problem.append(_repeated(name))          # a body cannot fill the disk with repeats
                     state["file"], state["text"] = None, bytearray()
                     return
-                fname = Path(filename.decode("utf-8", "replace")).name or name
+                # the client's file name as errors, views and listings show it: printable characters only
+                fname = display_name(Path(filename.decode("utf-8", "replace")).name, limit=255) or name
                 path = self.tmpdir / f"{name}{Path(fname).suffix.lower()[:12]}"
                 state["file"] = open(path, "wb")
                 self.files[name] = (path, fname)

@@ -119,6 +119,7 @@ def test_errors_and_views_of_an_uploaded_input_name_its_file_not_its_reference(t
     with pytest.raises(InputError) as refused:
         admit_on_manager("job-1", RenderRequest(audio=refs["bad take 3.wav"], video=refs["face.mp4"]), settings)
     assert "bad take 3.wav" in refused.value.message and "upload:" not in refused.value.message, refused.value
+    assert refused.value.field == "audio"  # the API's `field` (its path names the file, not the reference)
     assert "inputs/" not in refused.value.message
     # the view's inputs (the Jobs tab's row) by name too: the request as admission hands it on to be stored
     import cluster.render
@@ -286,3 +287,24 @@ def test_a_server_file_replaced_under_its_path_is_another_input(roots, tmp_path)
     assert changed_server_input(again, had, settings) is None
     upload = RenderRequest(audio="upload:" + "0" * 64 + ".wav", video=str(copies / "video.mp4"))
     assert changed_server_input(upload, had, settings) is None
+
+
+def test_a_conflicting_resubmission_is_told_what_differs():
+    """`job.conflict` said "already exists with other inputs or options", leaving the user to guess which:
+    `request_differences` names them in the API's terms, and an input given as it was then (its path, the
+    upload reference of the same bytes, a form's file) is not one of them."""
+    from actors.orchestrator import request_differences
+    from cluster.schemas import RenderRequest
+
+    ref = "upload:" + "ab" * 32 + ".mp4"
+    had = RenderRequest(audio="/job/inputs/audio.wav", video="/job/inputs/video.mp4", crf=18,
+                        sources={"/srv/in/a.wav": "/srv/in/a.wav", "/job/inputs/audio.wav": "/srv/in/a.wav",
+                                 "/store/inputs/" + ref[7:]: "face.mp4", "/job/inputs/video.mp4": "face.mp4"})
+    same = RenderRequest(audio="/srv/in/a.wav", video=ref, crf=18)
+    assert request_differences(same, had) == "the output path or the way an input was given differs"
+    said = request_differences(same.model_copy(update={"crf": 20, "loop": "forward"}), had)
+    assert said == "sync_mode forward, not pingpong; crf 20, not 18", said
+    said = request_differences(same.model_copy(update={"audio": "/srv/in/b.wav", "video": None,
+                                                       "avatar_id": "abcd1234"}), had)
+    assert said == "avatar_id abcd1234, not unset; another audio; video not given now, given then", said
+    assert request_differences(same, None) == "the job's request is no longer known"

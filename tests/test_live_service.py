@@ -43,6 +43,9 @@ def test_create_refusals(service, live_avatar, tmp_path):
     with _api(service) as api:
         r = api.post("/v1/sessions", json={"avatar_id": "ab" * 8})
         assert r.status_code == 404 and r.json()["error"]["code"] == "avatar.not_found"
+        assert "lipsync avatar VIDEO" in r.json()["error"]["message"]  # as a job's unknown avatar says it
+        r = api.post("/v1/sessions", json={"avatar_id": "NOTANID"})  # was "String should have at least 8 ..."
+        assert r.status_code == 422 and "'NOTANID' is not valid: expected the hex id" in r.text, r.text
         preparing = service.storage_root / "avatars" / ("cd" * 8)
         preparing.mkdir(parents=True, exist_ok=True)  # a preparation under way: no avatar.json yet
         r = api.post("/v1/sessions", json={"avatar_id": "cd" * 8})
@@ -383,7 +386,8 @@ def test_low_latency_hls_parts_and_blocking_playlist_reload(service, live_avatar
             started = time.monotonic()
             assert playlist_has(httpx.get(f"{url}&_HLS_msn={newest}&_HLS_part=0", timeout=30).text, newest, 0)
             assert time.monotonic() - started < 2.0
-            for query in (f"_HLS_msn={newest + 10000}", "_HLS_msn=x", f"_HLS_msn={newest}&_HLS_part=-1"):
+            for query in (f"_HLS_msn={newest + 10000}", "_HLS_msn=x", f"_HLS_msn={newest}&_HLS_part=-1",
+                          "_HLS_part=0"):
                 r = httpx.get(f"{url}&{query}", timeout=30)
                 assert r.status_code == 400 and r.json()["error"]["code"] == "request.invalid", (query, r.text)
 

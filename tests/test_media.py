@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -298,6 +299,12 @@ def test_limits(media, settings):
         probe_video(media["pal"], settings.model_copy(update={"max_input_seconds": 1.0}))
     with pytest.raises(InputTooLong):
         probe_audio(media["wav"], settings.model_copy(update={"max_input_seconds": 1.0}))
+    # the length said differs from the limit said ("lasts 2.0 s, more than the limit of 2 s" was said)
+    seconds = probe_audio(media["wav"], settings).duration
+    with pytest.raises(InputTooLong) as said:
+        probe_audio(media["wav"], settings.model_copy(update={"max_input_seconds": seconds - 0.01}))
+    lasts, limit = re.search(r"lasts ([0-9.]+) s, more than the limit of ([0-9.]+) s", said.value.message).groups()
+    assert float(lasts) > float(limit) and float(limit) == pytest.approx(seconds - 0.01), said.value.message
 
 
 # --- ffmpeg runner --------------------------------------------------------------------------

@@ -417,6 +417,8 @@ def test_compat_api(service, svc_media):
         assert up["code"] == 10000 and up["success"] is True
         audio_path = up["data"]["path"]
         assert Path(audio_path).is_file() and Path(audio_path).parent == service.compat_dir / "upload"
+        empty = http.post("/upload", files={"file": ("empty.wav", b"")}).json()  # was accepted, refused at submit
+        assert empty["code"] == 10002 and empty["success"] is False and "empty.wav is empty" in empty["msg"], empty
         code = str(uuid.uuid4())
         body = {"audio_url": audio_path, "video_url": svc_media["video"], "code": code, "pn": 1, "chaofen": 0,
                 "watermark_switch": 0, "digital_auth": 0}

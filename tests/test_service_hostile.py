@@ -355,6 +355,24 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     # multipart body" for any character past Latin-1, and é came out garbled
     r = http.post("/v1/jobs", files={"audio": ("spéech 話.wav", b"RIFF" * 10), "video": ("v.mp4", b"\0" * 10)})
     assert r.status_code == 400 and "spéech 話.wav" in r.json()["error"]["message"], r.text[:300]
+    # a file name with a terminal's escape sequence and a line break: what a shell listing or an error
+    # shows of it is its printable characters (they reached a user's terminal as sent)
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="\x1b]0;pwned\x07\x1b[2Jred'
+            f'.wav"\r\n\r\nRIFFRIFF\r\n--{boundary}\r\nContent-Disposition: form-data; name="video"; '
+            f'filename="v.mp4"\r\n\r\n\0\0\0\0\r\n--{boundary}--\r\n').encode()
+    r = http.post("/v1/jobs", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    said = r.json()["error"]["message"]
+    assert r.status_code == 400 and "]0;pwned[2Jred.wav" in said and "\x1b" not in said, r.text[:300]
+    r = http.post("/v1/jobs", files={"audio": ("a.wav", b"RIFF" * 10), "video": ("v.mp4", b"\0" * 10)},
+                  headers={"X-Lipsync-Job-Id": "../x" + "y" * 5000})  # it said "the form's id is None"
+    said = r.json()["error"]["message"]
+    assert r.status_code == 422 and "the form has no id field" in said and len(said) < 400, r.text[:300]
+    for field, value in (("max_seconds", "Infinity"), ("max_seconds", "NaN"), ("segment_seconds", "NaN")):
+        r = http.post("/v1/sessions", content=f'{{"avatar_id": "abcdefab", "{field}": {value}}}',
+                      headers={"content-type": "application/json"})  # Infinity started a session; NaN was "> 0"
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["field"] == field and "finite" in error["message"], r.text[:300]
     r = http.post("/v1/sessions", json={"avatar_id": "abcdefab", "model": "/any/dir/x"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "model", r.text[:200]
     nested = http.post("/easy/submit", content=b"[" * 100000 + b"]" * 100000,

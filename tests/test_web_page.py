@@ -547,7 +547,9 @@ def test_public_routes_are_exactly_the_page_its_files_the_api_docs_and_healthz(a
             if app_client.request(method, path).status_code != 401:
                 public.add(f"{method} {route.path}")
     assert app_client.get("/readyz").status_code == 503  # public (probes carry no token): not ready here
-    assert public == {"GET /", "HEAD /", "GET /static", "GET /healthz", "GET /readyz", "GET /openapi.json", "GET /docs",
+    assert app_client.head("/healthz").status_code == 200  # uptime monitors probe with HEAD: it was a 405
+    assert public == {"GET /", "HEAD /", "GET /static", "GET /healthz", "HEAD /healthz", "GET /readyz",
+                      "HEAD /readyz", "GET /openapi.json", "GET /docs",
                       "HEAD /docs", "GET /docs/oauth2-redirect", "HEAD /docs/oauth2-redirect", "GET /redoc",
                       "HEAD /redoc", "HEAD /openapi.json"}, sorted(public)
 

@@ -294,17 +294,22 @@ def avatar_name(avatar_id: str, s: Settings) -> str | None:
         return None
 
 
+def no_such_avatar(avatar_id: str) -> str:
+    """What a job, a live session and `GET /v1/avatars/ID` say of an avatar id that names none."""
+    return (f"avatar {avatar_id} does not exist: prepare it from its video first (`lipsync avatar VIDEO`, "
+            f"POST /v1/avatars, or a job with its video); avatars unused for LIPSYNC_RETENTION_DAYS are removed")
+
+
 def load_avatar(avatar_id: str, settings: Settings | None = None, *, use: bool = True) -> Avatar:
     """A prepared avatar by id; raises `InputNotFound` if there is none (or it is incomplete). `use`: the
     caller renders from it, which renews it for retention; a look at it (`GET /v1/avatars`) does not."""
     s = settings or get_settings()
     if not isinstance(avatar_id, str) or not _AVATAR_ID.match(avatar_id):
-        raise InputNotFound(f"unknown avatar id {avatar_id!r} (expected a hex content hash)", path="avatar_id")
+        raise InputNotFound(f"{str(avatar_id)[:100]!r} is not an avatar id (expected the hex id of a prepared "
+                            f"avatar: what `lipsync avatar VIDEO` prints, POST /v1/avatars answers)", path="avatar_id")
     avatar = _read_stored(avatar_id, s)
     if avatar is None:
-        raise InputNotFound(f"avatar {avatar_id} does not exist (prepare it first: POST /v1/avatars, or a job "
-                            f"with its video; avatars unused for LIPSYNC_RETENTION_DAYS are removed)",
-                            path="avatar_id")
+        raise InputNotFound(no_such_avatar(avatar_id), path="avatar_id")
     if rate_out_of_bounds(avatar.info):
         raise InputNotFound(f"avatar {avatar_id} was prepared at {float(avatar.info.video.fps):g} fps, before "
                             f"templates were brought within {MIN_TEMPLATE_FPS}-{MAX_TEMPLATE_FPS} fps: prepare it "

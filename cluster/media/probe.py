@@ -413,9 +413,12 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
 
 
 def _check_duration(info: MediaInfo, seconds: float, what: str, s: Settings) -> None:
-    if seconds > s.max_input_seconds:
-        raise InputTooLong(f"{what} {info.path} lasts {seconds:.1f} s, more than the limit of "
-                           f"{s.max_input_seconds:.0f} s", path=info.path)
+    limit = s.max_input_seconds
+    if seconds > limit:
+        # as many decimals as it takes to differ from the limit ("2.0 s, more than the limit of 2 s" was said)
+        lasts = next((f"{seconds:.{d}f}" for d in (1, 2, 3) if float(f"{seconds:.{d}f}") > limit), f"{seconds:.3f}")
+        raise InputTooLong(f"{what} {info.path} lasts {lasts} s, more than the limit of {limit:g} s "
+                           f"(LIPSYNC_MAX_INPUT_SECONDS)", path=info.path)
 
 
 def probe_video(path: str | os.PathLike, settings: Settings | None = None) -> MediaInfo:

@@ -153,6 +153,8 @@ async def easy_upload(request: Request, backend: Backend = Depends(get_backend))
         if not up.files:
             return envelope(10002, False, "bad parameter: no file part (multipart field 'file')")
         path, fname = next(iter(up.files.values()))
+        if path.stat().st_size == 0:  # refused where it is sent (it was accepted, then refused at /easy/submit)
+            return envelope(10002, False, f"bad parameter: {fname} is empty (0 bytes)")
         suffix = Path(fname).suffix.lower()
         suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
         dest = backend.upload_dir() / f"{uuid.uuid4().hex}{suffix}"

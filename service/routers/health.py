@@ -18,7 +18,8 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger("lipsync.service")
 
 
-@router.get("/healthz", summary="The process is up")
+# HEAD too: uptime monitors probe with it (a 405 read as the service being down)
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up")
 async def healthz() -> dict:
     return {"ok": True}
 
@@ -26,8 +27,9 @@ async def healthz() -> dict:
 READY_CACHE_S = 2.0  # probes (public) ask the job manager at most this often per replica
 
 
-@router.get("/readyz", summary="Job manager reachable and model workers loaded (503 until then)",
-            responses={503: {"model": ApiError}})
+@router.api_route("/readyz", methods=["GET", "HEAD"],
+                  summary="Job manager reachable and model workers loaded (503 until then)",
+                  responses={503: {"model": ApiError}})
 async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     now = time.monotonic()
     cached = getattr(request.app.state, "readyz", None)

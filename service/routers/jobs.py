@@ -62,8 +62,9 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
                 raise RequestValidationError(e.errors()) from None
             ahead = request.headers.get(JOB_ID_HEADER)
             if ahead is not None and ahead != body.id:  # (the queue's bound was left to the job it names)
-                raise ApiProblem(422, "input.invalid", f"{JOB_ID_HEADER} names job {ahead!r}, the form's id is "
-                                 f"{body.id!r}: they must be the same", "id")
+                form = f"the form's id is {body.id!r}" if body.id is not None else "the form has no id field"
+                raise ApiProblem(422, "input.invalid", f"{JOB_ID_HEADER} names job {ahead[:100]!r}, {form}: "
+                                 f"send the same id in both, or no {JOB_ID_HEADER}", "id")
             request.state.inputs = {"audio": body.audio, "video": body.video, "avatar_id": body.avatar_id}
             # what can be refused is refused before the files travel to the job manager
             await backend.refuse_what_cannot_succeed(body.video, body.avatar_id, body.model, body.callback_url,

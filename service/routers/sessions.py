@@ -447,6 +447,9 @@ async def get_recording(session_id: str, request: Request) -> Response:
 async def get_hls(session_id: str, name: str, request: Request, token: str = Query("")) -> Response:
     if not token_ok(request, session_id, token):  # before the lookup: no session's existence is told without it
         raise ApiProblem(401, "auth.invalid_token", "missing, wrong or expired session token (?token=)", "token")
+    if "_HLS_part" in request.query_params and "_HLS_msn" not in request.query_params:  # (LL-HLS: a 400)
+        raise ApiProblem(400, "request.invalid", "_HLS_part without _HLS_msn: a blocking playlist reload names "
+                         "the segment it waits for", "_HLS_msn")
     settings = _settings(request)
     file = "live.m3u8" if name == "index.m3u8" else name
     try:
