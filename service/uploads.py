@@ -163,8 +163,12 @@ class Upload:
                 state["file"].write(data[start:end])
             else:
                 if state["size"] > self.TEXT_LIMIT:
-                    problem.append(InputError(f"{state['name']}: form field longer than {self.TEXT_LIMIT} bytes",
-                                              path=state["name"], field=state["name"]))
+                    name = state["name"]
+                    why = (" (its part has no filename, so it was read as text: a file's part needs one, e.g. "
+                           f'Content-Disposition: form-data; name="{name}"; filename="x.wav")'
+                           if name in ("audio", "video", "file") else "")
+                    problem.append(InputError(f"{name}: form field longer than {self.TEXT_LIMIT} bytes{why}",
+                                              path=name, field=name))
                     return
                 state["text"] += data[start:end]
 

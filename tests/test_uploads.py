@@ -97,3 +97,13 @@ def test_a_file_under_a_field_that_takes_none_is_refused_naming_the_field(size, 
     with pytest.raises(InputError) as refused:
         _read(_multipart(("sound", "speech.wav", b"\0" * size), ("video", "v.mp4", b"....")), tmp_path)
     assert refused.value.field == "sound" and "a file in a form field that takes none" in refused.value.message
+
+
+def test_a_file_part_without_a_filename_is_told_it_needs_one(tmp_path):
+    """A client that sends the audio's bytes without a filename in its part: they are read as a text field,
+    and "audio: form field longer than 16384 bytes" did not say why."""
+    from cluster.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        _read(_multipart(("audio", None, b"\0" * 40_000), ("video", "v.mp4", b"....")), tmp_path)
+    assert refused.value.field == "audio" and "its part has no filename" in refused.value.message, refused.value
