@@ -643,8 +643,15 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a job: its view on stdout; a job that had already ended (the service answers its view as it is)
+    or that ended otherwise meanwhile (one committing its output finishes as succeeded) said so on stderr."""
     def run(c) -> int:
-        _print_view(c.cancel(args.id), c)
+        before = c.get(args.id)  # (the answer to a cancel cannot tell "cancelled now" from "cancelled before")
+        view = c.cancel(args.id)
+        _print_view(view, c)
+        if before.state.terminal or (view.state.terminal and view.state != JobState.cancelled):
+            print(f"lipsync: job {view.id} had already ended in state {view.state.value}: nothing was cancelled",
+                  file=sys.stderr)
         return 0
     return _client_call(args, run)
 

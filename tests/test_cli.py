@@ -23,6 +23,7 @@ from cluster.config import Settings
 from cluster.media.ffmpeg import ffmpeg_binary
 from cluster.media.finalize import verify_output
 from cluster.media.probe import probe
+from cluster.schemas import JobState
 from cluster.synth import astronaut_template, speech_like, write_audio
 
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -679,3 +680,24 @@ def test_a_refused_token_says_how_to_give_one_and_whether_one_was_sent(fake_cli,
     assert rc == 2 and "the token sent was refused" in err, err
     rc, out, err = fake_cli(["status", "done", "--token", "right"], guarded)
     assert rc == 0 and json.loads(out)["id"] == "done", err
+
+
+def test_cancelling_a_job_that_had_ended_says_nothing_was_cancelled(fake_cli):
+    """`lipsync cancel ID` on a job that had already succeeded, failed or been cancelled printed its view and
+    exited 0 without a word: it says so now on stderr (the view on stdout and exit 0 as before); a job that
+    the cancel did cancel gets no such line."""
+    states = {"done": "succeeded", "bad": "failed", "gone": "cancelled", "busy": "rendering"}
+
+    def service(request: httpx.Request) -> httpx.Response:
+        job_id = request.url.path.split("/")[3]
+        state = states[job_id]
+        if request.method == "DELETE" and not JobState(state).terminal:
+            states[job_id] = state = "cancelled"
+        return httpx.Response(200, json=_view(job_id, state))
+
+    for job_id, state in (("done", "succeeded"), ("bad", "failed"), ("gone", "cancelled")):
+        rc, out, err = fake_cli(["cancel", job_id], service)
+        assert rc == 0 and json.loads(out)["state"] == state, (job_id, rc, err)
+        assert err == f"lipsync: job {job_id} had already ended in state {state}: nothing was cancelled\n", err
+    rc, out, err = fake_cli(["cancel", "busy"], service)
+    assert rc == 0 and json.loads(out)["state"] == "cancelled" and not err, (rc, out, err)
