@@ -784,7 +784,7 @@ RAY_TEMP_DIR_HELP = ("a directory of yours for the embedded Ray's sessions (made
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Lip-sync rendering cluster.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (also taken after the command)")
     # the client commands' --url and --token, also taken before the command (`lipsync --token T status ID`)
     p.add_argument("--url", default=None, help="service URL, for the client commands (also taken after them)")
     p.add_argument("--token", default=None, help="API token, for the client commands (also taken after them)")
@@ -903,6 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("output")
     remote(dl)
     dl.set_defaults(func=cmd_download)
+    for sp in sub.choices.values():  # -v also after the command, as --url and --token (SUPPRESS: as in `remote`)
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
     return p
 
 

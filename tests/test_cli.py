@@ -411,7 +411,8 @@ def test_the_cli_logs_one_json_object_a_line_when_asked(env, workdir):
 
 def test_url_and_token_are_taken_before_or_after_a_client_command(capsys):
     """`lipsync --token T status ID` was argparse's "invalid choice: 'T'"; the client commands' --url and
-    --token are now taken on either side of the command (after it wins), and refused before another."""
+    --token are now taken on either side of the command (after it wins), and refused before another; -v on
+    either side of any command."""
     from cluster.cli import build_parser, main
 
     parse = build_parser().parse_args
@@ -419,6 +420,11 @@ def test_url_and_token_are_taken_before_or_after_a_client_command(capsys):
     both = parse(["--url", "http://a:1", "--token", "T", "wait", "j", "--token", "U"])
     assert (both.url, both.token, both.id) == ("http://a:1", "U", "j")
     assert parse(["list"]).url is None and parse(["list"]).token is None
+    # -v the same way, on every command (`lipsync wait ID -v` was "unrecognized arguments: -v")
+    for args in (["-v", "wait", "j"], ["wait", "j", "-v"], ["wait", "-v", "j"], ["models", "--verbose"],
+                 ["serve", "-v"], ["-v", "render", "--audio", "a", "--video", "v", "-o", "o.mp4", "-v"]):
+        assert parse(args).verbose is True, args
+    assert parse(["wait", "j"]).verbose is False and parse(["models"]).verbose is False
     with pytest.raises(SystemExit) as out:
         main(["--token", "T", "demo", "-o", "x.mp4"])
     assert out.value.code == 2 and "--token is for the client commands, not demo" in capsys.readouterr().err
