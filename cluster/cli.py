@@ -254,12 +254,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{settings.storage_root}: two job managers on one job database would render the same jobs twice "
               f"(stop it, or give this one its own LIPSYNC_STORAGE_ROOT)", file=sys.stderr)
         return 2
-    # said now, not in Serve's traceback after Ray started; on a joined cluster, the cluster's own Serve
-    # (an earlier service's, kept by the cluster) may be what holds it: decided once Ray is reached
-    problem = _port_in_use(args.host, args.port, wait_s=PORT_WAIT_S if embedded else 0)
+    # said now, as the other start problems (not in Serve's traceback after Ray started, nor after waiting for a
+    # port that a running process keeps); on a joined cluster, the cluster's own Serve (an earlier service's, kept
+    # by the cluster) may be what holds it: decided once Ray is reached
+    problem = _port_in_use(args.host, args.port, wait_s=0)
     if problem and embedded:
-        print(_fail_line(PortInUse.at(args.host, args.port, problem).to_info()), file=sys.stderr)
-        return 1
+        if _held_by_an_ended_service(args.port):  # a restart right after a kill: that proxy lets go seconds later
+            problem = _port_in_use(args.host, args.port, wait_s=PORT_WAIT_S)
+        if problem:
+            print(_fail_line(PortInUse.at(args.host, args.port, problem).to_info()), file=sys.stderr)
+            return 2
     from actors.runtime import embedded_ray_owner_mark
     from service.launch import start_service, stop_service
 
@@ -298,6 +302,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_service(urls["embedded"], owner_mark=ray_mark)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+def _held_by_an_ended_service(port: int) -> bool:
+    """Whether what listens on `port` is the Serve proxy (or another process) of the embedded Ray of a `lipsync
+    serve` that has ended: the owner its mark names (`embedded_ray_owner_mark`) is gone, and it goes too, a few
+    seconds later (its own process group outlives a SIGKILL of the service's). Only this user's processes can be
+    told; anything else that holds the port stays as far as anyone here can tell."""
+    import psutil
+
+    from actors.runtime import RAY_OWNER_VARIABLE
+
+    try:
+        holders = {c.pid for c in psutil.net_connections("tcp")
+                   if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+    except (psutil.Error, OSError):  # (a system that does not say)
+        return False
+    prefix = f"{RAY_OWNER_VARIABLE}=".encode()
+    for pid in holders:
+        try:
+            holder = psutil.Process(pid)
+            with open(f"/proc/{pid}/environ", "rb") as f:  # (as `kill_embedded_ray` reads it)
+                mark = next((v[len(prefix):] for v in f.read().split(b"\0") if v.startswith(prefix)), None)
+            if mark is None:
+                continue
+            try:
+                owner = psutil.Process(int(mark.split(b"-", 1)[0]))
+                # (a pid used again since is a process started after the holder)
+                if owner.status() != psutil.STATUS_ZOMBIE and owner.create_time() <= holder.create_time():
+                    continue
+            except psutil.NoSuchProcess:
+                pass
+            return True
+        except (psutil.Error, OSError, ValueError):
+            continue
+    return False
 
 
 def _exit_if_ray_lost(mark: str, code: str, consequence: str) -> None:
