@@ -741,3 +741,40 @@ def test_a_port_held_by_a_killed_services_ray_is_waited_for_and_no_other():
             holder.communicate(timeout=30)
     with socket.create_server(("127.0.0.1", 0)) as held:  # this process: no Ray's
         assert _held_by_an_ended_service(held.getsockname()[1]) is False
+
+
+def test_the_readme_shows_what_the_shell_client_and_the_sdk_take():
+    """A walk through the README found: `lipsync avatar --json`, `avatars --limit/--offset` and `live --sample-rate
+    /--recording/--max-seconds/--model` not shown; the SDK's `list`, `job` and `cancel` not named; the live
+    snippet printing `s.stats().latency_p50_s` right after `s.send(pcm)`, which is None then (no segment has shown
+    speech yet: the figures are read once the block has ended the session); `serve run` called "the same app"
+    without saying that its Ray is not the private, loopback-only one of `lipsync serve`."""
+    import inspect
+    import re
+
+    from cluster.cli import build_parser
+    from cluster.client import AsyncClient, Client
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```(\w+)\n(.*?)```", readme, re.S)
+    shell = "\n".join(body for kind, body in blocks if kind == "bash").replace("\\\n", " ")
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("avatar", "avatars", "live"):
+        shown = {flag for line in shell.splitlines() if re.search(rf"\blipsync {name}\b", line)
+                 for flag in re.findall(r"--[a-z][a-z-]*", line)}
+        options = {o for action in commands[name]._actions for o in action.option_strings if o.startswith("--")}
+        missing = options - {"--help", "--url", "--token", "--verbose"} - shown
+        assert not missing, f"lipsync {name}: {sorted(missing)} not shown in the README"
+    python = "\n".join(body for kind, body in blocks if kind == "python")
+    for method in ("list", "job", "cancel"):
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, method)) and callable(getattr(Client, method))
+        assert f"c.{method}(" in python and f"`await c.{method}(" in readme, method
+    live = next(body for kind, body in blocks if kind == "python" and "client.live(" in body).splitlines()
+    opened = next(i for i, line in enumerate(live) if "with client.live(" in line)
+    indent = len(live[opened]) - len(live[opened].lstrip())
+    code = [line.split("#")[0] for line in live[opened + 1:]]
+    reads = [line for line in code if "latency_p50_s" in line]
+    assert reads and all(len(line) - len(line.lstrip()) <= indent for line in reads), reads  # after the block
+    said = " ".join(readme.split())
+    assert "`serve run` (or a Serve config) serves the same app, but on a Ray that Ray starts or joins with its own " \
+        "defaults" in said and "not on loopback only as the embedded Ray of `lipsync serve` does" in said
