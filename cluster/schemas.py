@@ -279,6 +279,16 @@ class OutputInfo(BaseModel):
     fps: float | None = None
 
 
+class CallbackView(BaseModel):
+    """How the delivery of a job's `callback_url` goes (the URL itself is not repeated)."""
+    state: Literal["pending", "delivered", "failed"] = Field(..., description="pending until the job ends and "
+                                                             "its view is delivered, or LIPSYNC_CALLBACK_ATTEMPTS "
+                                                             "tries have failed")
+    attempts: int = Field(..., description="POSTs tried so far")
+    last_error: str | None = Field(None, description="why the last try failed (HTTP 500, connection refused, ...)")
+    updated_at: datetime
+
+
 class JobView(BaseModel):
     """What `GET /v1/jobs/{id}` answers."""
     id: str
@@ -301,6 +311,8 @@ class JobView(BaseModel):
                                           "avatar_id")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
                                   "(signed and expiring when the service has a token: no header needed)")
+    callback: CallbackView | None = Field(None, description="the delivery of its callback_url, in GET "
+                                          "/v1/jobs/{id} of a job that has one (not in lists or events)")
 
 
 class HlsSegment(BaseModel):

@@ -25,7 +25,7 @@ from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
 from cluster.netguard import download, is_url
 from cluster.render import new_job_id
-from cluster.schemas import JobState, JobStatus, JobView, RenderRequest
+from cluster.schemas import CallbackView, JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
 from service.errors import ApiProblem, QueueFull, error_response
 
@@ -33,6 +33,7 @@ log = logging.getLogger("lipsync.service")
 
 #: How long `POST /upload` files are kept in a replica's temporary directory (no compat_data_dir)
 COMPAT_TMP_UPLOAD_TTL_S = 24 * 3600.0
+CALLBACK_VIEW_TIMEOUT_S = 2.0  # a job's view waits this long at most for its callback's delivery state
 
 SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
                 "remap": "remap"}
@@ -286,6 +287,17 @@ class Backend:
             if isinstance(cause, LipsyncError):
                 raise cause from None
             raise
+
+    async def callback_of(self, job_id: str) -> CallbackView | None:
+        """How the delivery of the job's callback goes, None when it has none. Asked beside the job's own
+        state, within CALLBACK_VIEW_TIMEOUT_S: a sidecar that does not answer leaves the view without it
+        (said in the log), never fails it."""
+        try:
+            record = await self.sidecar("record", job_id, timeout=CALLBACK_VIEW_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the job's view stands without it
+            log.warning("job %s: its callback's delivery is not known now: %s", job_id, e)
+            return None
+        return CallbackView.model_validate(record) if record else None
 
     # results ------------------------------------------------------------------------------------
     async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:

@@ -192,6 +192,12 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         assert len(bad.posts) == 3
         time.sleep(1.0)
         assert len(bad.posts) == 3 and c2.get("cb-fails").state.value == "succeeded"
+        # each job's view says how its callback went (it was said only in the sidecar's log)
+        failed = c2.get("cb-fails").callback
+        assert failed.state == "failed" and failed.attempts == 3 and "HTTP" in failed.last_error, failed
+        delivered = c2.get("durable-1").callback
+        assert delivered.state == "delivered" and delivered.attempts == 1 and delivered.last_error is None
+        assert c2.get("c-done").callback is None and c2.list().jobs[0].callback is None  # none; not in lists
         mark("failing_callback")
         # SIGTERM stops the service cleanly (exit status 0) and promptly, with an event stream open
         _stop_with_a_stream_open(svc, c2, longer, video)

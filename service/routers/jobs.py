@@ -1,6 +1,7 @@
 """`/v1/jobs`: submit (multipart upload or JSON), list, read, cancel, and the SSE event stream."""
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import time
@@ -119,7 +120,8 @@ async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Que
 @router.get("/{job_id}", response_model=JobView,
             summary="A job's state, stage, progress, timings, error and output")
 async def get_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
-    return backend.view(await backend.gateway.get(job_id))
+    st, callback = await asyncio.gather(backend.gateway.get(job_id), backend.callback_of(job_id))
+    return backend.view(st).model_copy(update={"callback": callback})
 
 
 @router.delete("/{job_id}", response_model=JobView, summary="Cancel a job (a finished job is left as it is)")
