@@ -283,7 +283,7 @@ class ServiceInUse(LipsyncError):
 class PortInUse(LipsyncError):
     """`lipsync serve`: another process listens on the address it was asked to serve on."""
     code = "service.port_in_use"
-    exit_code = 1
+    exit_code = 2  # a mistake in how it was started, as settings.invalid: a restart would only repeat it
     retryable = False
 
     @classmethod
