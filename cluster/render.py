@@ -239,18 +239,22 @@ def check_inputs(request: RenderRequest, settings: Settings | None = None) -> tu
         # the service's own default (a joined service checks no LIPSYNC_MODEL at its start): not the request's
         raise ModelLoadError(f"the service's default model cannot be used: {e.message} (LIPSYNC_MODEL="
                              f"{s.model!r}, an operator's setting)", stage="admit") from None
-    try:
-        audio = probe_audio(request.audio, s)
-        video = probe_video(request.video, s) if request.video is not None else None
-        if video is None and request.avatar_id is None:
-            raise InputNotFound("a job needs a template video or an avatar_id")
-    except LipsyncError as e:
-        # the request's field it is about, before its path names the user's file: an upload's name, which
-        # the request as sent (`upload:<sha256>`) does not show
-        e.field = e.field or next((key for key in ("audio", "video") if e.path and e.path == getattr(request, key)),
-                                  None)
-        _name_sources(e, request)
-        raise
+
+    def probed(key: str, probe) -> MediaInfo:
+        try:
+            return probe(getattr(request, key), s)
+        except LipsyncError as e:
+            # the request's field it is about, before its path names the user's file: an upload's name, which
+            # the request as sent (`upload:<sha256>`) does not show
+            if e.field is None and e.path == getattr(request, key):
+                e.field = key
+            _name_sources(e, request)
+            raise
+
+    audio = probed("audio", probe_audio)
+    video = probed("video", probe_video) if request.video is not None else None
+    if video is None and request.avatar_id is None:
+        raise InputNotFound("a job needs a template video or an avatar_id")
     return audio, video
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,16 @@ def test_errors_and_views_of_an_uploaded_input_name_its_file_not_its_reference(t
         admit_on_manager("job-1", RenderRequest(audio=refs["bad take 3.wav"], video=refs["face.mp4"]), settings)
     assert "bad take 3.wav" in refused.value.message and "upload:" not in refused.value.message, refused.value
     assert refused.value.field == "audio"  # the API's `field` (its path names the file, not the reference)
+    from cluster.synth import speech_like, write_audio
+
+    # one file as both: the field of the probe that refused it (a speech file as the video was said as "audio")
+    speech = write_audio(str(tmp_path / "speech.wav"), speech_like(0.5, seed=3))
+    up = store.begin("speech.wav")
+    store.part(up, Path(speech).read_bytes())
+    ref = store.finish(up).ref
+    with pytest.raises(InputError) as refused:
+        admit_on_manager("job-3", RenderRequest(audio=ref, video=ref), settings)
+    assert refused.value.code == "input.no_video_stream" and refused.value.field == "video", refused.value
     assert "inputs/" not in refused.value.message
     # the view's inputs (the Jobs tab's row) by name too: the request as admission hands it on to be stored
     import cluster.render
