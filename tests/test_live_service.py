@@ -130,6 +130,15 @@ def test_socket_refusals_and_idempotent_post(service, live_avatar):
                 time.sleep(0.2)
             assert r.json()["offset"] == 12000
             assert api.post(path, params={"offset": 0}, content=a).json()["offset"] == 12000  # a retry
+            # the session's speaking token (audio_ws's) takes a POST without the API token too: what a page given
+            # the session can send where no WebSocket gets through; the watch-only token does not, nor no token
+            speak_token = ws_url.split("?token=")[1]
+            bare = f"{service.url}{path}"
+            r = httpx.post(bare, params={"offset": 0, "token": speak_token}, content=a, timeout=30)
+            assert r.status_code == 200 and r.json()["offset"] == 12000, r.text
+            for refused in ({"offset": 0, "token": watch_token}, {"offset": 0}):
+                r = httpx.post(bare, params=refused, content=a, timeout=30)
+                assert r.status_code == 401 and r.json()["error"]["code"].startswith("auth."), (refused, r.text)
             assert api.post(path, params={"offset": 10000}, content=pcm[10000:14000]).json()["offset"] == 14000
             assert api.post(path, params={"offset": 12000}, content=b).json()["offset"] == len(pcm)
             r = api.post(path, params={"offset": len(pcm) + 2}, content=b"\x00\x00")

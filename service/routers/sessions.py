@@ -5,12 +5,12 @@ The session lives in its own actor (`actors.live.LiveSessionActor`), not in this
 replica that dies loses its open socket, not the session (the client reconnects and resumes from
 the byte offset the socket's `ready` message reports).
 
-Two routers: `router` needs the API's bearer token (create, read, delete, POST audio, the
-recording); `public_router` holds what browsers and players open without headers (the audio
-WebSocket, the playlist and its segments), authorised by one of the session's two tokens in the
+Two routers: `router` needs the API's bearer token (create, read, delete, the recording);
+`public_router` holds what browsers and players open without headers (the audio WebSocket, POST
+audio, the playlist and its segments), authorised by one of the session's two tokens in the
 query string (`?token=`, from the create response: signed as jobs' watch URLs are, expiring after
-`LIPSYNC_LIVE_TOKEN_TTL_S`): the speaking one (`token`, in `audio_ws`) opens the socket and the
-stream, the watch-only one in `hls_url` only the stream.
+`LIPSYNC_LIVE_TOKEN_TTL_S`): the speaking one (`token`, in `audio_ws`) opens the socket, POST audio
+and the stream, the watch-only one in `hls_url` only the stream. POST audio takes the bearer token too.
 A refused WebSocket is accepted and closed at once with an application code and a reason (a
 browser cannot read a refused handshake's status):
 
@@ -348,11 +348,28 @@ async def finish_session(session_id: str, request: Request) -> SessionView:
     return _view(request, raw, with_token=False)
 
 
-@router.post("/{session_id}/audio", response_model=AudioAppended,
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-             summary="Append raw PCM s16le at the session's rate, idempotent by `offset` (bytes already "
-                     "received are skipped); 409 for a gap, 429 while the buffer is full")
+def require_speak_access(session_id: str, request: Request, token: str | None = Query(
+        None, description="the session's speaking token (`token` of its view, what `audio_ws` carries), instead "
+                          "of the bearer token")) -> None:
+    """POST audio takes what the audio socket takes, the session's speaking token, or the API's bearer
+    token: a page or device given a session's `token` could speak through the socket only (where a proxy
+    lets no WebSocket through, not at all). A token that is given must be the speaking one."""
+    if token is not None:
+        if not token_ok(request, session_id, token, speak=True):
+            raise ApiProblem(401, "auth.invalid_signature", "the session token (?token=) is wrong, expired, or "
+                             "the watch-only one of hls_url: audio takes the speaking token of audio_ws", "token")
+        return
+    require_token(request)
+
+
+@public_router.post("/{session_id}/audio", response_model=AudioAppended, dependencies=[
+                        Depends(require_speak_access)],
+                    responses=error_responses(400, 409, 410, 429),
+                    openapi_extra={"requestBody": {"required": True, "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+                    summary="Append raw PCM s16le at the session's rate, idempotent by `offset` (bytes already "
+                            "received are skipped); 409 for a gap, 429 while the buffer is full; the bearer "
+                            "token or the session's speaking ?token=")
 async def append_audio(session_id: str, request: Request, offset: int = Query(..., ge=0, le=2**53),
                        end: bool = Query(False, description="also end the utterance")) -> JSONResponse:
     settings = _settings(request)
