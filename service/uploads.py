@@ -64,7 +64,7 @@ async def json_body(request: Request, model: type[M], multipart_too: bool = Fals
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request)
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as e:
         # JSON sent under another type (`curl -d` says form-encoded) is read as JSON, as it always was; a body
         # that is not JSON under another type is said to be that type, not "Invalid JSON at line 1 column 1"
@@ -74,6 +74,27 @@ async def json_body(request: Request, model: type[M], multipart_too: bool = Fals
                              "takes application/json" + (" or multipart/form-data" if multipart_too else ""),
                              "body") from None
         raise RequestValidationError(e.errors()) from None
+    _refuse_repeated_keys(body)
+    return parsed
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    """422 for a key given twice in one object of a valid body (`{"audio": A, "audio": B}` took B while a
+    proxy or log reading the body may have taken A): one value per field, as in a form."""
+    import json
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise _repeated(key)
+            seen.add(key)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:  # deeper than this parser goes: the model took it, and no field of ours is so deep
+        return
 
 
 def openapi_json_body(model: type[BaseModel]) -> dict:

@@ -107,3 +107,25 @@ def test_a_file_part_without_a_filename_is_told_it_needs_one(tmp_path):
     with pytest.raises(InputError) as refused:
         _read(_multipart(("audio", None, b"\0" * 40_000), ("video", "v.mp4", b"....")), tmp_path)
     assert refused.value.field == "audio" and "its part has no filename" in refused.value.message, refused.value
+
+
+def test_a_json_key_given_twice_is_refused():
+    """`{"audio": "/etc/passwd", "audio": "<good>"}` was taken, the last value winning, while a proxy or a log
+    reading the body may take the first: one value per field, 422 naming it, as a form's repeated field."""
+    from cluster.schemas import BatchCreate, JobCreate
+    from service.uploads import json_body
+
+    def read(body: bytes, model):
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request({"type": "http", "method": "POST", "path": "/v1/jobs", "query_string": b"",
+                           "headers": [(b"content-type", b"application/json")]}, receive)
+        return asyncio.run(json_body(request, model))
+
+    for body, model, key in ((b'{"audio": "/etc/passwd", "audio": "a.wav"}', JobCreate, "audio"),
+                             (b'{"audios": ["a.wav"], "video": "v.mp4", "crf": 18, "crf": 30}', BatchCreate, "crf")):
+        with pytest.raises(ApiProblem) as e:
+            read(body, model)
+        assert (e.value.status, e.value.code, e.value.field) == (422, "input.invalid", key), e.value.message
+    assert read(b'{"audio": "a.wav", "video": "v.mp4"}', JobCreate).video == "v.mp4"
