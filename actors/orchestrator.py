@@ -56,7 +56,7 @@ def request_key(request: RenderRequest) -> str:
     """A digest of what a request asks for (not of where its inputs were stored)."""
     # (not its batch's size, compared on its own in `_resubmitted`: the keys of jobs stored before it was
     # recorded stay the same, so a batch partly admitted then is admitted on when sent again)
-    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources", "batch_size"}),
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json", exclude={"sources", "batch_size", "avatar_name"}),
                                      sort_keys=True).encode()).hexdigest()
 
 

@@ -166,11 +166,12 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
 
     s = settings or get_settings()
     audio_info, video_info = check_inputs(request, s)
-    template_info = None
+    template_info = avatar_label = None
     if video_info is None and request.avatar_id is not None:  # sized by the avatar's template
-        from cluster.faces.avatar import load_avatar
+        from cluster.faces.avatar import avatar_name, load_avatar
 
         template_info = load_avatar(request.avatar_id, s).info
+        avatar_label = avatar_name(request.avatar_id, s)  # (its views name it: a hex id tells jobs apart badly)
     template = (video_info or template_info).video
     if request.loop == "cut_off" and template is not None and template.frame_count == 1:
         raise InputError("sync_mode cut_off ends the video at the shorter of the speech and the template, and this "
@@ -202,7 +203,7 @@ def admit(job_id: str, request: RenderRequest, settings: Settings | None = None,
                                      for k in stored}}
     if request.output is not None:  # relative to the caller, not to whichever process finalises
         stored["output"] = str(Path(request.output).expanduser().resolve())
-    return request.model_copy(update={**stored, "sources": sources})
+    return request.model_copy(update={**stored, "sources": sources, "avatar_name": avatar_label})
 
 
 def check_model(model: str, settings: Settings) -> None:

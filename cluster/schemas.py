@@ -121,6 +121,7 @@ class RenderRequest(BaseModel):
     output: str | None = None         # where to place the final mp4 (CLI); default under storage root
     sources: dict[str, str] = Field(default_factory=dict)  # stored copy -> the path the user gave
     batch_size: int | None = Field(None, ge=1)  # a batch's first job: how many audios its batch asked for
+    avatar_name: str | None = None  # the avatar's name when it was admitted (`name_avatar`): views show it
 
 
 #: A multipart submission's job id, ahead of its files (the SDK sends it): a retry of an accepted job is answered

@@ -27,6 +27,8 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
         sync = "loop" if req.loop == "forward" else req.loop
         inputs = {"audio": shown_name(req.sources.get(req.audio, req.audio))}
         if req.avatar_id is not None:
+            if req.avatar_name:  # the name of the file it was prepared from, where it has one
+                inputs["avatar"] = display_name(req.avatar_name) or "?"
             inputs["avatar_id"] = req.avatar_id
         elif req.video is not None:
             inputs["video"] = shown_name(req.sources.get(req.video, req.video))

@@ -681,7 +681,9 @@ def test_avatars_and_batches(service, svc_media, tmp_path):
         assert c.prepare_avatar(svc_media["video"]).id == avatar["id"]  # cached by content
         job = c.submit(svc_media["audio"], avatar=avatar["id"])
         view = job.wait(timeout=180)
-        assert view.inputs == {"audio": Path(svc_media["audio"]).name, "avatar_id": avatar["id"]}, view.inputs
+        assert view.inputs == {"audio": Path(svc_media["audio"]).name, "avatar": avatar["name"],
+                               "avatar_id": avatar["id"]}, view.inputs  # its name: the Jobs tab shows it
+        assert avatar["name"], avatar
         verify_mp4(job.download(tmp_path / "by-avatar.mp4"), svc_media["audio_seconds"])
         assert view.frames_total == expected_frames(svc_media["audio_seconds"])
 
