@@ -309,7 +309,7 @@ class JobView(BaseModel):
     batch_id: str | None = None
     inputs: dict[str, str] | None = Field(None, description="what the job was given, by name: the file names "
                                           "(or the last part of a URL or path) of its audio and video, or its "
-                                          "avatar_id")
+                                          "avatar_id and avatar (the avatar's name, where it has one)")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
                                   "(signed and expiring when the service has a token: no header needed)")
     callback: CallbackView | None = Field(None, description="the delivery of its callback_url, in GET "
