@@ -506,6 +506,42 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         api.close()
 
 
+@pytest.mark.service
+def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_corrected(chromium_executable, service,
+                                                                                  browser, tmp_path):
+    """A wrong token was reported as a missing one ("This service needs its API token: type it above"), and the
+    field was emptied: the page dropped the stored token before wording the 401. Typed wrong, or gone bad
+    later (here: a job's upload), it reads "did not accept this token", and the field holds it to correct."""
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(1.0, seed=3))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.goto(service.url + "/")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#token-input", "not-the-token")
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-error").wait_for(state="visible", timeout=10_000)
+        said = page.inner_text("#token-error")
+        assert "did not accept this token" in said and "needs its API token" not in said, said
+        assert page.input_value("#token-input") == "not-the-token"
+
+        # corrected: the right token; then it goes bad while the page is in use
+        page.fill("#token-input", service.token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+        page.evaluate("sessionStorage.setItem('lipsync.token', 'gone-bad')")
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        page.locator("#submit-error").wait_for(state="visible", timeout=30_000)
+        said = page.inner_text("#submit-error")
+        assert "did not accept this token" in said and "needs its API token" not in said, said
+        assert page.is_visible("#token-form") and page.input_value("#token-input") == "gone-bad"
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

@@ -74,7 +74,7 @@ async function api(path, options) {
   }
   if (!response.ok) {
     const error = errorFromBody(response.status, response.statusText, await response.text());
-    if (response.status === 401) askForToken(error, sent);
+    if (response.status === 401) refused(error, sent);
     throw error;
   }
   return response;
@@ -126,7 +126,7 @@ function upload(path, formData, onProgress, answerMs) {
         return;
       }
       const error = errorFromBody(xhr.status, xhr.statusText, xhr.responseText);
-      if (xhr.status === 401) askForToken(error, sent);
+      if (xhr.status === 401) refused(error, sent);
       reject(error);
     };
     xhr.onerror = () => {
@@ -151,7 +151,8 @@ function showError(element, error) {
   element.textContent = "";
   let message = error.message || String(error);
   if (error.status === 401 && error.code === "auth.invalid_token") { // the API's words name a header a page hides
-    message = token() ? "The server did not accept this token: type it again above."
+    // said of the token its call carried (`refused`): the token is gone from storage by the time this is shown
+    message = error.tokenSent ? "The service did not accept this token: correct it above."
       : "This service needs its API token: type it above.";
   }
   // the server's message may name the field already ("model: ...", "model 'x': ...", "sync_mode cut_off ...")
@@ -188,6 +189,13 @@ function sleep(ms) {
 }
 
 // --- token ----------------------------------------------------------------------------------
+// A call answered 401: the error remembers whether its call carried a token (a wrong token is not a
+// missing one), then the page asks for the token.
+function refused(error, sent) {
+  error.tokenSent = !!sent;
+  askForToken(error, sent);
+}
+
 function askForToken(error, sent) {
   // a call sent before the token was typed (or changed) answers 401 late: it says nothing of the token
   // now, which it would wipe (a slow page load's 401 took the token just typed, and Speak then had none)
@@ -196,8 +204,13 @@ function askForToken(error, sent) {
   sessionStorage.removeItem(TOKEN_KEY);
   $("token-state").hidden = true;
   $("token-form").hidden = false;
-  // several calls may answer 401 for one wrong token: only the first still had it
-  if (hadToken) showError($("token-error"), new ApiError(401, error.code, "The server did not accept this token.", null));
+  // several calls may answer 401 for one wrong token: only the first still had it. What was refused is in
+  // the field, to be corrected rather than typed again (a token kept from before a reload too)
+  if (hadToken) {
+    showError($("token-error"), new ApiError(0, error.code, "The service did not accept this token: correct it and " +
+      "press Use token.", null));
+    $("token-input").value = sent;
+  }
   $("token-input").focus();
 }
 
@@ -225,7 +238,7 @@ $("token-form").addEventListener("submit", (e) => {
   if (!value) return;
   sessionStorage.setItem(TOKEN_KEY, value);
   showError($("token-error"), null);
-  $("token-input").value = "";
+  // the field keeps it (hidden with its form): if the service refuses it, the form comes back with it to correct
   $("token-form").hidden = true;
   tokenChanged();
 });
