@@ -542,6 +542,33 @@ def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_correcte
         page.close()
 
 
+@pytest.mark.service
+def test_a_reload_comes_back_on_the_tab_it_left_after_a_job_was_opened(chromium_executable, service, browser):
+    """Once a job had been opened, a reload on Jobs or Live came back on Render: the address kept the job's
+    `#job=ID`, which overrides the remembered tab. The address names the job only while Render shows it."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        sign_in(page, service)
+        page.evaluate("location.hash = '#job=some-job'")  # a job link followed in this tab
+        page.locator("#job-card").wait_for(state="visible", timeout=10_000)
+        page.click("[data-tab=jobs]")
+        assert "#job=" not in page.url, page.url
+        page.click("[data-tab=render]")  # the job is on screen again, and in the address
+        assert page.url.endswith("#job=some-job"), page.url
+        page.reload()  # a job's address opens it on Render
+        page.locator("#job-id", has_text="some-job").wait_for(timeout=10_000)
+        assert page.locator("[data-panel=render]").is_visible()
+        for tab in ("jobs", "live"):
+            page.click(f"[data-tab={tab}]")
+            assert "#job=" not in page.url, page.url
+            page.reload()
+            page.locator(f"[data-panel={tab}]").wait_for(state="visible", timeout=10_000)
+            assert page.locator("[data-panel=render]").is_hidden()
+            assert page.get_attribute(f"[data-tab={tab}]", "aria-selected") == "true"
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

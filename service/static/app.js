@@ -257,6 +257,8 @@ function onTabShown(name, listener) {
   (tabListeners[name] = tabListeners[name] || []).push(listener);
 }
 
+const TAB_KEY = "lipsync.tab"; // the tab shown last in this browser tab: a reload comes back on it
+
 function showTab(name) {
   for (const button of document.querySelectorAll("[data-tab]")) {
     button.setAttribute("aria-selected", String(button.dataset.tab === name));
@@ -264,16 +266,22 @@ function showTab(name) {
   for (const panel of document.querySelectorAll("[data-panel]")) {
     panel.hidden = panel.dataset.panel !== name;
   }
+  sessionStorage.setItem(TAB_KEY, name);
+  showAddress();
   for (const listener of tabListeners[name] || []) listener();
 }
 
-const TAB_KEY = "lipsync.tab"; // the tab chosen last in this browser tab: a reload comes back on it
+// The address names the job shown (#job=ID) only while Render shows it: a job link left in it on another
+// tab overrode the remembered tab, and a reload on Jobs or Live came back on Render.
+function showAddress() {
+  const render = !document.querySelector("[data-panel=render]").hidden;
+  const hash = render && current ? "#job=" + encodeURIComponent(current.id) : "";
+  if (location.hash !== hash) history.replaceState(null, "", location.pathname + location.search + hash);
+}
 
 document.querySelector(".tabs").addEventListener("click", (e) => {
   const button = e.target.closest("[data-tab]");
-  if (!button) return;
-  sessionStorage.setItem(TAB_KEY, button.dataset.tab);
-  showTab(button.dataset.tab);
+  if (button) showTab(button.dataset.tab);
 });
 
 // after every script has added its tab listeners (deferred scripts run before DOMContentLoaded); a job link
@@ -362,7 +370,6 @@ let current = null; // {id, view, controller, hls, playerStarted}
 function openJob(id) {
   closeJob();
   current = { id: id, view: null, controller: null, hls: null, playerStarted: false };
-  history.replaceState(null, "", "#job=" + encodeURIComponent(id));
   $("job-card").hidden = false;
   $("job-id").textContent = id;
   $("job-state").textContent = "";
