@@ -104,6 +104,23 @@ def wait_for_routes(page, held: list, what: str, timeout: float = 30) -> None:
     wait_until(lambda: held or page.wait_for_timeout(50), timeout, 0.0, what)
 
 
+FAKE_AVATAR = "0123456789abcdef"
+
+
+def fake_avatar(page) -> None:
+    """The page's avatar lists (read with a token) answer one avatar that the service does not hold: the Live
+    tab's Speak can start without preparing one (no session is made on it: tests that use it answer or hold
+    POST /v1/sessions, or have it refused before the avatar is looked up)."""
+    import json
+
+    from cluster.schemas import AvatarView
+
+    body = json.dumps([AvatarView(id=FAKE_AVATAR, name="face.mp4", frames=50, width=320, height=240, fps=25.0,
+                                  duration=2.0).model_dump(mode="json")])
+    page.route("**/v1/avatars", lambda route: route.fulfill(status=200, content_type="application/json", body=body)
+               if "authorization" in route.request.headers and route.request.method == "GET" else route.continue_())
+
+
 def sign_in(page, service) -> None:
     """Open the page: it is public, the API is not, so it asks for the token once."""
     page.goto(service.url + "/")
@@ -566,6 +583,37 @@ def test_a_reload_comes_back_on_the_tab_it_left_after_a_job_was_opened(chromium_
             assert page.locator("[data-panel=render]").is_hidden()
             assert page.get_attribute(f"[data-tab={tab}]", "aria-selected") == "true"
     finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_leaving_a_live_session_is_said_under_speak_and_asked_while_it_starts(chromium_executable, service, browser):
+    """Leaving the page ends its live session: the Live tab says so under Speak, and the browser asks before a
+    reload, also while Speak is still asking for the session (the model may load for a minute first: it
+    asked only once the session was there, and a session left while it started was never ended)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    held = []
+    try:
+        fake_avatar(page)
+        page.route("**/v1/sessions", lambda route: held.append(route) if route.request.method == "POST"
+                   else route.continue_())
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        leaving = page.locator("[data-panel=live] .actions + .hint")  # right under the buttons
+        assert "Leaving or reloading this page ends" in leaving.inner_text(), leaving.inner_text()
+        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        page.click("#live-speak")
+        wait_for_routes(page, held, "the page's POST /v1/sessions")
+        asked = []
+        page.once("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+        with pytest.raises(PlaywrightTimeout):  # declined: the reload never happens
+            page.reload(timeout=3000)
+        assert asked == ["beforeunload"], asked
+    finally:
+        for route in held:
+            route.abort()
         page.close()
 
 

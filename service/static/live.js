@@ -21,6 +21,7 @@
   const RETRYABLE_CLOSE = new Set([1001, 1006, 1011, 1012, 1013]); // going away, lost, server error, restart
 
   let live = null; // {id, view, rate, ws, mic, hls, poll, speaking, closed, reconnects}
+  let starting = false; // Speak is opening the microphone or asking for a session (none in `live` yet)
 
   function secs(value) {
     return value === null || value === undefined || !isFinite(value) ? "–" : value.toFixed(2) + " s";
@@ -382,6 +383,7 @@
     const avatar = $("live-avatar").value;
     if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", "avatar_id"));
     $("live-speak").disabled = true;
+    starting = true;
     // a session the page stopped following (its figures gave up, e.g. after a 401) is not reused
     let session = live && live.view && !live.closed && !ENDED.has(live.view.state) ? live : null;
     let mic;
@@ -434,6 +436,7 @@
       note(""); // not "Starting a live session…" above the reason it did not start
       showError($("live-error"), err);
     } finally {
+      starting = false;
       buttons();
     }
   }
@@ -510,9 +513,10 @@
   $("live-stop").addEventListener("click", () => live && stopSpeaking(live, true));
   $("live-end").addEventListener("click", endSession);
   $("live-recording").addEventListener("click", downloadRecording);
-  // a reload or a closed tab ends a running session: the browser asks first
+  // a reload or a closed tab ends a running session (the tab says so under Speak): the browser asks first,
+  // also while Speak is starting one (the model may load for a minute: a session left then is never ended)
   window.addEventListener("beforeunload", (event) => {
-    if (live && live.view && !ENDED.has(live.view.state)) {
+    if (starting || (live && live.view && !ENDED.has(live.view.state))) {
       event.preventDefault();
       event.returnValue = ""; // (older browsers ask only when it is set)
     }
