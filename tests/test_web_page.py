@@ -617,6 +617,27 @@ def test_leaving_a_live_session_is_said_under_speak_and_asked_while_it_starts(ch
         page.close()
 
 
+@pytest.mark.service
+def test_a_token_error_on_the_live_tab_goes_once_the_token_is_given(chromium_executable, service, browser):
+    """Speak refused for its token said so on the Live tab; once the right token was typed its form went, and
+    that error stayed, asking for a token already given (Render and Avatars cleared theirs)."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        page.evaluate("sessionStorage.setItem('lipsync.token', 'gone-bad')")  # the service's token changed
+        page.click("#live-speak")
+        page.locator("#live-error", has_text="token").wait_for(timeout=30_000)
+        page.fill("#token-input", service.token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+        page.locator("#live-error").wait_for(state="hidden", timeout=5_000)
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

@@ -216,11 +216,10 @@ function askForToken(error, sent) {
 
 function tokenChanged() {
   $("token-state").hidden = !token();
-  for (const id of ["submit-error", "job-error", "avatar-error"]) { // a 401 left there asked for the token
-    const element = $(id);
-    if (element && element.querySelector(".code") && /^auth\./.test(element.querySelector(".code").textContent)) {
-      showError(element, null);
-    }
+  // a 401 left on any tab (Render, Avatars, Live: "type it above") asked for the token, whose form is gone now
+  for (const element of document.querySelectorAll(".error[role=alert]:not(#token-error)")) {
+    const code = element.querySelector(".code");
+    if (code && /^auth\./.test(code.textContent)) showError(element, null);
   }
   loadAvatars();
   loadJobs(false);
