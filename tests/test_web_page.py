@@ -638,6 +638,21 @@ def test_a_token_error_on_the_live_tab_goes_once_the_token_is_given(chromium_exe
         page.close()
 
 
+@pytest.mark.service
+def test_the_live_tabs_hint_promises_no_delay_the_machine_may_not_keep(chromium_executable, service, browser):
+    """The Live tab said "the avatar says it about a second later", while a 2-core machine measured a latency
+    p50 of 2.0-2.6 s: its hint names no figure, and points at the session's Latency the tab shows."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        hint = page.locator("[data-panel=live] .hint").first.inner_text()
+        assert hint.startswith("Speak into the microphone") and "Latency" in hint, hint
+        assert not re.search(r"\bseconds?\b|\d", hint), hint
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():
