@@ -653,6 +653,27 @@ def test_the_live_tabs_hint_promises_no_delay_the_machine_may_not_keep(chromium_
         page.close()
 
 
+@pytest.mark.service
+def test_a_new_submission_takes_the_last_jobs_card_away(chromium_executable, service, browser, tmp_path):
+    """A submission refused at once showed its error above the last job's card ("Job 902b... failed - no face
+    found"), which read as the new one's failure: the last job's card goes when a new submission is made."""
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(1.0, seed=4))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        sign_in(page, service)
+        page.evaluate("location.hash = '#job=the-last-job'")  # its card says it is not found: an error shown
+        page.locator("#job-error").wait_for(state="visible", timeout=10_000)
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)  # refused at once: no video stream
+        page.click("#submit-button")
+        page.locator("#submit-error").wait_for(state="visible", timeout=30_000)
+        assert page.locator("#job-card").is_hidden() and "#job=" not in page.url, page.url
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

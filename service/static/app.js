@@ -317,6 +317,7 @@ $("submit-form").addEventListener("submit", async (e) => {
   const error = $("submit-error");
   showError(error, null);
   markInvalid(null);
+  dismissJob(); // what comes next (this job, or why it was refused) is not the last job's: its card goes
   const form = new FormData();
   const audio = $("audio").files[0];
   if (!audio) return showError(error, new ApiError(0, null, "Choose a speech audio file.", "audio"));
@@ -384,6 +385,14 @@ function openJob(id) {
   showTab("render");
   $("job-card").scrollIntoView({ block: "nearest" });
   followJob(current);
+}
+
+// The job card leaves the screen, and the job the address (a new submission: the last job's card under its
+// error read as that error's job, "failed - no face found" under "unknown model").
+function dismissJob() {
+  closeJob();
+  $("job-card").hidden = true;
+  showAddress();
 }
 
 function closeJob() {
