@@ -674,6 +674,32 @@ def test_a_new_submission_takes_the_last_jobs_card_away(chromium_executable, ser
         page.close()
 
 
+@pytest.mark.service
+def test_the_jobs_player_is_scrolled_into_view_once_it_shows(chromium_executable, service, browser, tmp_path):
+    """After Render the job card started at y~592 of 900 and its player mostly below the fold: once it has its
+    size the player is scrolled into view (at once here: the browser asks for reduced motion, so no smooth
+    scroll)."""
+    from cluster.synth import astronaut_template, speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(2.0, seed=6))
+    video = astronaut_template(str(tmp_path / "person.mp4"), seconds=1.0, fps=FPS, size=(320, 240))
+    page = browser.new_page(viewport={"width": 1366, "height": 900}, reduced_motion="reduce")
+    player = "(() => { const r = document.getElementById('player').getBoundingClientRect(); " \
+             "return [r.top, r.bottom, innerHeight, document.getElementById('player').readyState]; })()"
+    try:
+        sign_in(page, service)
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", video)
+        page.click("#submit-button")
+        page.locator("#player").wait_for(state="visible", timeout=120_000)
+        wait_until(lambda: page.evaluate(player)[3] >= 1, 60, 0.2, "the player to have the stream's size")
+        top, bottom, height, _ = wait_until(lambda: (lambda p: p if p[1] <= p[2] else None)(page.evaluate(player)),
+                                            2, 0.1, "the player to be scrolled into view")
+        assert 0 <= top and bottom <= height and page.evaluate("scrollY") > 0, (top, bottom, height)
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

@@ -558,9 +558,24 @@ async function whenStreamStarts(job, url) {
   }
 }
 
+// Once the player has its size, a player not wholly on screen is scrolled into view (after Render the job card
+// starts low on the page, its player below the fold), smoothly unless the user asks for reduced motion; not
+// when its tab is not shown. The card's top goes to the top: a line more above the player (the job's figures
+// wrap on a phone) leaves it on screen, as aligning the player's own bottom did not.
+function bringIntoView(job, video) {
+  video.addEventListener("loadedmetadata", () => {
+    if (job.closed || document.querySelector("[data-panel=render]").hidden) return;
+    const shown = video.getBoundingClientRect();
+    if (shown.top >= 0 && shown.bottom <= window.innerHeight) return;
+    const reduce = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    $("job-card").scrollIntoView({ block: "start", behavior: reduce ? "auto" : "smooth" });
+  }, { once: true });
+}
+
 function startPlayer(job, url) {
   const video = $("player");
   video.hidden = false;
+  bringIntoView(job, video);
   if (window.Hls && window.Hls.isSupported()) {
     // Start at the beginning even while the playlist is live (an EVENT playlist that grows).
     const hls = new window.Hls({ startPosition: 0, liveDurationInfinity: false, backBufferLength: 30 });
