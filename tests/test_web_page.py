@@ -700,6 +700,53 @@ def test_the_jobs_player_is_scrolled_into_view_once_it_shows(chromium_executable
         page.close()
 
 
+@pytest.mark.service
+def test_the_keyboard_moves_between_tabs_and_lands_on_a_job_opened(chromium_executable, service, browser):
+    """A job opened from the Jobs list with the keyboard left the focus on BODY (its button went with its tab):
+    it lands on the job card's heading. The tabs (role=tab) follow WAI-ARIA's tabs pattern: each names its
+    panel (aria-controls), only the chosen one is in the Tab order, the arrow keys, Home and End move between
+    them and show the one moved to."""
+    import json
+
+    from cluster.schemas import JobPage, JobView, utcnow
+
+    listed = JobView(id="listed-job", state="failed", stage="done", progress=1.0, frames_done=0, frames_total=0,
+                     created_at=utcnow(), updated_at=utcnow()).model_dump(mode="json")
+    body = json.dumps(JobPage(jobs=[listed]).model_dump(mode="json"))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+        sign_in(page, service)
+        for tab in page.locator("[role=tab]").all():
+            panel = page.locator("#" + tab.get_attribute("aria-controls"))
+            assert panel.get_attribute("role") == "tabpanel"
+            assert panel.get_attribute("data-panel") == tab.get_attribute("data-tab")
+
+        def at() -> tuple:
+            return page.evaluate("[document.activeElement.dataset.tab, "
+                                 "document.querySelector('[aria-selected=true]').dataset.tab, "
+                                 "document.querySelector('[data-panel]:not([hidden])').dataset.panel, "
+                                 "Array.from(document.querySelectorAll('[role=tab]')).map((t) => t.tabIndex)]")
+
+        page.focus("[data-tab=render]")
+        moves = [("ArrowRight", "jobs"), ("End", "live"), ("ArrowRight", "render"), ("ArrowLeft", "live"),
+                 ("Home", "render"), ("ArrowRight", "jobs")]
+        for key, tab in moves:
+            page.keyboard.press(key)
+            focused, selected, shown, order = at()
+            assert (focused, selected, shown) == (tab, tab, tab), (key, focused, selected, shown)
+            assert sorted(order) == [-1, -1, -1, 0], order
+
+        # on Jobs: Enter on the listed job opens it; the focus is on its card's heading
+        page.locator(".job-row button", has_text="listed-job").focus()
+        page.keyboard.press("Enter")
+        page.locator("#job-id", has_text="listed-job").wait_for(timeout=10_000)
+        focused = page.evaluate("[document.activeElement.tagName, document.activeElement.textContent]")
+        assert focused[0] == "H2" and "listed-job" in focused[1], focused
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

@@ -261,6 +261,7 @@ const TAB_KEY = "lipsync.tab"; // the tab shown last in this browser tab: a relo
 function showTab(name) {
   for (const button of document.querySelectorAll("[data-tab]")) {
     button.setAttribute("aria-selected", String(button.dataset.tab === name));
+    button.tabIndex = button.dataset.tab === name ? 0 : -1; // Tab reaches the chosen tab; the arrows the others
   }
   for (const panel of document.querySelectorAll("[data-panel]")) {
     panel.hidden = panel.dataset.panel !== name;
@@ -281,6 +282,19 @@ function showAddress() {
 document.querySelector(".tabs").addEventListener("click", (e) => {
   const button = e.target.closest("[data-tab]");
   if (button) showTab(button.dataset.tab);
+});
+
+// The tab bar as WAI-ARIA's tabs pattern has it: Left and Right move to the tab before or after (around the
+// ends), Home and End to the first or last, and the tab moved to is shown.
+document.querySelector(".tabs").addEventListener("keydown", (e) => {
+  const tabs = Array.from(document.querySelectorAll("[data-tab]"));
+  const at = tabs.indexOf(e.target);
+  const to = { ArrowLeft: at - 1, ArrowRight: at + 1, Home: 0, End: tabs.length - 1 }[e.key];
+  if (at < 0 || to === undefined) return;
+  e.preventDefault();
+  const tab = tabs[(to + tabs.length) % tabs.length];
+  tab.focus();
+  showTab(tab.dataset.tab);
 });
 
 // after every script has added its tab listeners (deferred scripts run before DOMContentLoaded); a job link
@@ -703,7 +717,10 @@ function jobRow(view) {
   open.type = "button";
   open.className = "link";
   open.textContent = view.id;
-  open.addEventListener("click", () => openJob(view.id));
+  open.addEventListener("click", () => {
+    openJob(view.id);
+    $("job-title").focus(); // on the job opened: the button pressed is on a tab now hidden (focus fell to BODY)
+  });
   const state = document.createElement("span");
   state.className = "state s-" + view.state;
   state.textContent = view.state;
