@@ -422,7 +422,7 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         page.click("#live-speak")
         error = page.locator("#live-error")
         error.wait_for(state="visible", timeout=30_000)
-        assert "rtmp_url" in error.inner_text() and "non-public" in error.inner_text(), error.inner_text()
+        assert "RTMP server: " in error.inner_text() and "non-public" in error.inner_text(), error.inner_text()
         assert not page.is_visible("#live-note")  # not "Starting a live session…" above why it did not start
         page.fill("#live-rtmp", "")
 
@@ -743,6 +743,35 @@ def test_the_keyboard_moves_between_tabs_and_lands_on_a_job_opened(chromium_exec
         page.locator("#job-id", has_text="listed-job").wait_for(timeout=10_000)
         focused = page.evaluate("[document.activeElement.tagName, document.activeElement.textContent]")
         assert focused[0] == "H2" and "listed-job" in focused[1], focused
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_a_refused_rtmp_url_is_said_in_the_labels_words_and_its_input_marked(chromium_executable, service, browser):
+    """An RTMP URL the service refused was said in the API's field name ("rtmp_url: only rtmp and rtmps URLs are
+    accepted ..."), and its input was not marked: the error says the label's words and the input is marked, as
+    the Render form marks its fields, until Speak is pressed again."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        page.click("[data-panel=live] details.more summary")
+        page.fill("#live-rtmp", "https://example.com/live/key")
+        page.click("#live-speak")
+        error = page.locator("#live-error")
+        error.wait_for(state="visible", timeout=30_000)
+        said = error.inner_text()
+        assert said.startswith("RTMP server: only rtmp and rtmps URLs") and "rtmp_url" not in said, said
+        assert "invalid" in page.get_attribute("#live-rtmp", "class").split()
+        assert page.get_attribute("#live-rtmp", "aria-invalid") == "true"
+        page.fill("#live-rtmp", "")
+        page.click("#live-speak")  # (then refused for its avatar, which the service does not hold)
+        page.locator("#live-error", has_text="Avatar: ").wait_for(timeout=30_000)
+        assert "invalid" not in (page.get_attribute("#live-rtmp", "class") or "").split()
+        assert "invalid" in page.get_attribute("#live-avatar", "class").split()
     finally:
         page.close()
 

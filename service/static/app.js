@@ -320,10 +320,16 @@ for (const radio of document.querySelectorAll("input[name=template]")) {
 }
 
 function markInvalid(field) {
-  for (const el of document.querySelectorAll("#submit-form .invalid")) el.classList.remove("invalid");
+  for (const el of document.querySelectorAll("#submit-form .invalid")) {
+    el.classList.remove("invalid");
+    el.removeAttribute("aria-invalid");
+  }
   const byField = { audio: "audio", video: "video", avatar_id: "avatar-select", sync_mode: "sync-mode", model: "model" };
   if (field === "model") $("model").closest("details").open = true;
-  if (field && byField[field]) $(byField[field]).classList.add("invalid");
+  if (field && byField[field]) {
+    $(byField[field]).classList.add("invalid");
+    $(byField[field]).setAttribute("aria-invalid", "true"); // (a screen reader says so; the red border is for the eye)
+  }
 }
 
 $("submit-form").addEventListener("submit", async (e) => {

@@ -42,6 +42,32 @@
     $("live-recording").hidden = !(live && live.view && live.view.recording_url);
   }
 
+  // --- the form's fields ---------------------------------------------------------------------
+  // The tab's inputs by the API's field names, and the words of their labels: an error names the field as its
+  // label says it ("rtmp_url: ..." named a word the tab does not show), and the field is marked, as Render's are.
+  const FIELDS = { avatar_id: ["live-avatar", "Avatar"], rtmp_url: ["live-rtmp", "RTMP server"] };
+
+  function markInvalid(field) {
+    for (const [id] of Object.values(FIELDS)) {
+      $(id).classList.remove("invalid");
+      $(id).removeAttribute("aria-invalid");
+    }
+    if (!FIELDS[field]) return;
+    const input = $(FIELDS[field][0]);
+    input.classList.add("invalid");
+    input.setAttribute("aria-invalid", "true"); // (a screen reader says so; the red border is for the eye)
+    const more = input.closest("details");
+    if (more) more.open = true;
+  }
+
+  function inLabelWords(err) {
+    if (!(err instanceof ApiError) || !FIELDS[err.field]) return err;
+    const said = new ApiError(err.status, err.code, FIELDS[err.field][1] + ": " +
+      err.message.replace(new RegExp("^" + err.field + ":\\s*"), ""), null);
+    said.tokenSent = err.tokenSent;
+    return said;
+  }
+
   // --- avatars ------------------------------------------------------------------------------
   async function loadAvatars() {
     let avatars;
@@ -380,8 +406,9 @@
 
   async function speak() {
     showError($("live-error"), null);
+    markInvalid(null);
     const avatar = $("live-avatar").value;
-    if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", "avatar_id"));
+    if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", null));
     $("live-speak").disabled = true;
     starting = true;
     // a session the page stopped following (its figures gave up, e.g. after a 401) is not reused
@@ -434,7 +461,8 @@
     } catch (err) {
       closeMicrophone(mic, false);
       note(""); // not "Starting a live session…" above the reason it did not start
-      showError($("live-error"), err);
+      markInvalid(err.field);
+      showError($("live-error"), inLabelWords(err));
     } finally {
       starting = false;
       buttons();
