@@ -776,6 +776,47 @@ def test_a_refused_rtmp_url_is_said_in_the_labels_words_and_its_input_marked(chr
         page.close()
 
 
+@pytest.mark.service
+def test_player_behind_live_goes_once_the_session_has_ended(chromium_executable, service, browser):
+    """"Player behind live" kept showing after the session had ended (no live edge to be behind any more). The
+    session's views are Playwright's answers here (live, then ended), the page's code and the service's page."""
+    import json
+
+    from cluster.schemas import SessionView
+
+    ended = []
+
+    def view(state: str) -> str:
+        base = service.url + "/v1/sessions/fake-session"
+        return json.dumps(SessionView(id="fake-session", state=state, reason="finished" if state == "ended" else None,
+                                      avatar_id=FAKE_AVATAR, sample_rate=48000, hls_url=base + "/live.m3u8",
+                                      audio_ws=base.replace("http", "ws", 1) + "/audio",
+                                      audio_url=base + "/audio").model_dump(mode="json"))
+
+    def answer(route):
+        state = "ended" if ended else "live"
+        route.fulfill(status=201 if route.request.method == "POST" else 200, content_type="application/json",
+                      body=view(state))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        page.route("**/v1/sessions", answer)
+        page.route("**/v1/sessions/fake-session", answer)
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        page.click("#live-speak")
+        page.locator("#live-state.s-live").wait_for(timeout=30_000)
+        assert page.is_visible("#live-player-latency") and page.is_visible("#live-stats dt:has-text('Player behind')")
+        ended.append(True)
+        page.locator("#live-state.s-ended").wait_for(timeout=10_000)
+        assert page.is_hidden("#live-player-latency") and page.is_hidden("#live-stats dt:has-text('Player behind')")
+        assert page.is_visible("#live-latency")  # the session's own figures stay
+    finally:
+        page.close()
+
+
 # --- without a browser: which routes are public, and how the page's files are served ----------------
 @pytest.fixture(scope="module")
 def app_client():

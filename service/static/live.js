@@ -334,7 +334,9 @@
     rtmp.hidden = rtmp.previousElementSibling.hidden = !view.rtmp_url;
     rtmp.textContent = view.rtmp_url ? (view.rtmp_state || "starting") + " to " + view.rtmp_url +
       (view.rtmp_error ? ": " + view.rtmp_error : "") : "";
-    $("live-player-latency").textContent = hls && isFinite(hls.latency) && hls.latency > 0 ? secs(hls.latency) : "–";
+    const behind = $("live-player-latency"); // how far behind a live edge: none once the session has ended
+    behind.hidden = behind.previousElementSibling.hidden = ENDED.has(view.state);
+    behind.textContent = hls && isFinite(hls.latency) && hls.latency > 0 ? secs(hls.latency) : "–";
     if (view.error) showError($("live-error"), view.error);
     if (ENDED.has(view.state)) {
       stopSpeaking(session, false);
