@@ -369,6 +369,8 @@ def test_a_late_401_of_a_call_sent_before_the_token_keeps_the_token_typed_since(
     held = []
     try:
         page.route("**/v1/jobs?*", lambda route: held.append(route) if not held else route.continue_())
+        # on the Jobs tab (remembered from before), the page lists jobs as it loads, as it reads the avatars
+        page.add_init_script("sessionStorage.setItem('lipsync.tab', 'jobs')")
         page.goto(service.url + "/")
         wait_for_routes(page, held, "the page's first list of jobs (sent without a token)")
         page.locator("#token-form").wait_for(state="visible", timeout=15_000)  # (the avatars' 401)
@@ -845,6 +847,32 @@ def test_the_borders_of_inputs_and_buttons_stand_out_from_their_background(chrom
                          "#live-rtmp", "#avatar-video", "#jobs-refresh", "#live-stop"):
             border, under = page.evaluate(colours, selector)
             assert contrast(border, under) >= 3, (selector, border, under, round(contrast(border, under), 2))
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_the_page_sends_no_call_it_knows_the_service_refuses_without_a_token(chromium_executable, service, browser):
+    """The page's first load made two calls before it asked for the token (the avatars, the jobs list), each a
+    401 and an error in the browser's console; every reload, two more. Now one call finds that the service
+    needs a token, and until one is typed no call is sent (a reload asks for the token at once)."""
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    refused = []
+    page.on("console", lambda message: message.type == "error" and "401" in message.text and refused.append(message))
+    try:
+        page.goto(service.url + "/")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.wait_for_timeout(1000)
+        assert len(refused) == 1, [m.text for m in refused]
+        page.reload()
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.click("[data-tab=jobs]")  # a tab that reads the API reads nothing without the token either
+        page.wait_for_timeout(1000)
+        assert len(refused) == 1, [m.text for m in refused]
+        page.fill("#token-input", service.token)
+        page.click("#token-form button[type=submit]")
+        page.locator("#jobs-list li").first.wait_for(timeout=10_000)  # then the tab reads its list
+        assert len(refused) == 1 and page.is_hidden("#jobs-error"), [m.text for m in refused]
     finally:
         page.close()
 

@@ -11,6 +11,9 @@
 "use strict";
 
 const TOKEN_KEY = "lipsync.token";
+// set once the service answered 401 to a call without a token: until a token is typed, calls are not sent (each
+// 401 is an error in the browser's console, two on every load before; a reload now asks for the token at once)
+const NEEDS_TOKEN_KEY = "lipsync.needs-token";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const $ = (id) => document.getElementById(id);
 
@@ -26,6 +29,15 @@ class ApiError extends Error {
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
+}
+
+// The 401 a call without a token would get, once the service is known to need one (`NEEDS_TOKEN_KEY`): the
+// page asks for the token, the caller sees the 401 it would have had; null when the call is to be sent.
+function unsentWithoutToken(sent) {
+  if (sent || !sessionStorage.getItem(NEEDS_TOKEN_KEY)) return null;
+  const error = new ApiError(401, "auth.invalid_token", "This service needs its API token", null);
+  refused(error, sent);
+  return error;
 }
 
 function authHeaders(extra, value) {
@@ -61,6 +73,11 @@ async function api(path, options) {
   if (caller) caller.addEventListener("abort", () => deadline.abort(), { once: true });
   let response;
   const sent = token(); // the token this call carries (a 401 speaks of it, not of one typed since)
+  const unsent = unsentWithoutToken(sent);
+  if (unsent) {
+    clearTimeout(timer);
+    throw unsent;
+  }
   try {
     response = await fetch(path, Object.assign({}, options, { signal: deadline.signal, headers: authHeaders(options.headers, sent) }));
   } catch (err) {
@@ -93,6 +110,8 @@ const UPLOAD_STALL_MS = 60000;
 // and staged, 900 s for an avatar to be prepared).
 function upload(path, formData, onProgress, answerMs) {
   return new Promise((resolve, reject) => {
+    const unsent = unsentWithoutToken(token());
+    if (unsent) return reject(unsent);
     const xhr = new XMLHttpRequest();
     let timer = null;
     let givenUp = null;
@@ -193,6 +212,7 @@ function sleep(ms) {
 // missing one), then the page asks for the token.
 function refused(error, sent) {
   error.tokenSent = !!sent;
+  if (!sent) sessionStorage.setItem(NEEDS_TOKEN_KEY, "1");
   askForToken(error, sent);
 }
 
@@ -866,8 +886,7 @@ window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPl
 
 $("token-state").hidden = !token();
 showTemplateChoice();
-loadAvatars();
-loadJobs(false);
+loadAvatars(); // (the jobs list is read when its tab is shown: one call fewer before the token is asked for)
 function openLinkedJob() {
   const opened = /^#job=(.+)$/.exec(location.hash);
   if (!opened) return;
