@@ -949,3 +949,32 @@ def test_page_and_static_files_content_types_and_cache(app_client):
     for missing in ("/static/nope.js", "/static/..%2f..%2fapp.py", "/static/../routers/web.py"):
         r = app_client.get(missing)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (missing, r.text)
+
+
+@pytest.mark.service
+def test_the_jobs_list_names_a_jobs_avatar(chromium_executable, service, browser):
+    """A job by avatar_id read "avatar c666db251025364d" in the Jobs list: it reads as the avatar's name (the
+    file it was prepared from, `inputs.avatar`), and as its id where the job has no name of it."""
+    import json
+
+    from cluster.schemas import JobPage, JobView, utcnow
+
+    def job(job_id: str, inputs: dict) -> dict:
+        return JobView(id=job_id, state="succeeded", stage="done", progress=1.0, frames_done=1, frames_total=1,
+                       created_at=utcnow(), updated_at=utcnow(), inputs=inputs).model_dump(mode="json")
+
+    body = json.dumps(JobPage(jobs=[job("named-job", {"audio": "hello.wav", "avatar": "Anna studio.mp4",
+                                                        "avatar_id": "c666db251025364d"}),
+                                    job("unnamed-job", {"audio": "hi.wav", "avatar_id": "ab12cd34ef567890"})]
+                              ).model_dump(mode="json"))
+    page = browser.new_page()
+    try:
+        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+        sign_in(page, service)
+        page.click("[data-tab=jobs]")
+        rows = page.locator("#jobs-list li")
+        rows.nth(1).wait_for(timeout=10_000)
+        assert "hello.wav + avatar Anna studio.mp4" in rows.nth(0).inner_text(), rows.nth(0).inner_text()
+        assert "hi.wav + avatar ab12cd34ef567890" in rows.nth(1).inner_text(), rows.nth(1).inner_text()
+    finally:
+        page.close()

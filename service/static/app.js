@@ -736,6 +736,10 @@ function inputName(given) {
   return ref ? "upload " + ref[1] + "…" + (ref[2] || "") : given;
 }
 
+function avatarInput(inputs) { // the avatar's name (the file it was prepared from) where the job has it, else its id
+  return inputs.avatar ? "avatar " + inputs.avatar : "avatar " + (inputs.avatar_id || "?");
+}
+
 function jobRow(view) {
   const row = document.createElement("li");
   row.className = "job-row";
@@ -755,7 +759,7 @@ function jobRow(view) {
   const parts = [new Date(view.created_at).toLocaleString()];
   if (view.inputs) { // what it was given, by name: tells jobs apart where their ids do not
     parts.push(inputName(view.inputs.audio) + " + " +
-               (view.inputs.video ? inputName(view.inputs.video) : "avatar " + (view.inputs.avatar_id || "?")));
+               (view.inputs.video ? inputName(view.inputs.video) : avatarInput(view.inputs)));
   }
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
