@@ -305,38 +305,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _held_by_an_ended_service(port: int) -> bool:
-    """Whether what listens on `port` is the Serve proxy (or another process) of the embedded Ray of a `lipsync
-    serve` that has ended: the owner its mark names (`embedded_ray_owner_mark`) is gone, and it goes too, a few
-    seconds later (its own process group outlives a SIGKILL of the service's). Only this user's processes can be
-    told; anything else that holds the port stays as far as anyone here can tell."""
+    """Whether what listens on `port` may be the Serve proxy (or another process) of the embedded Ray of a
+    `lipsync serve` that has ended, which lets go a few seconds later (its own process group outlives a SIGKILL
+    of the service's): the owner its mark names (`embedded_ray_owner_mark`) is gone; or a Ray process whose mark
+    cannot be read (a Ray process's new title can wipe the block its environment is read from); or no holder
+    this process can see (its socket outliving it a moment). A holder known to stay is not waited for: a
+    process that is no Ray's and carries no mark (another server), or one whose marked owner still runs
+    (another `lipsync serve`). Refusing a restart at once whenever its old proxy's mark was unreadable failed a
+    restart right after a SIGKILL (`test_queue_bound_then_kill_mid_job_and_resume`, in a fresh clone)."""
     import psutil
 
     from actors.runtime import RAY_OWNER_VARIABLE
 
     try:
         holders = {c.pid for c in psutil.net_connections("tcp")
-                   if c.pid and c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
     except (psutil.Error, OSError):  # (a system that does not say)
-        return False
+        return True
     prefix = f"{RAY_OWNER_VARIABLE}=".encode()
     for pid in holders:
+        if not pid:  # another user's: it cannot be told
+            continue
         try:
             holder = psutil.Process(pid)
             with open(f"/proc/{pid}/environ", "rb") as f:  # (as `kill_embedded_ray` reads it)
                 mark = next((v[len(prefix):] for v in f.read().split(b"\0") if v.startswith(prefix)), None)
             if mark is None:
-                continue
+                command = holder.cmdline()
+                if not (command and command[0].startswith("ray::")):
+                    return False  # another server: it stays
+                continue  # a Ray process whose mark its title wiped: as an ended service's
             try:
                 owner = psutil.Process(int(mark.split(b"-", 1)[0]))
                 # (a pid used again since is a process started after the holder)
                 if owner.status() != psutil.STATUS_ZOMBIE and owner.create_time() <= holder.create_time():
-                    continue
+                    return False  # a running service's
             except psutil.NoSuchProcess:
                 pass
-            return True
+        except psutil.NoSuchProcess:  # gone meanwhile: its port with it
+            continue
         except (psutil.Error, OSError, ValueError):
             continue
-    return False
+    return True
 
 
 def _exit_if_ray_lost(mark: str, code: str, consequence: str) -> None:
