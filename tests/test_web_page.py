@@ -107,6 +107,13 @@ def wait_for_routes(page, held: list, what: str, timeout: float = 30) -> None:
 FAKE_AVATAR = "0123456789abcdef"
 
 
+def open_live_tab(page, service) -> None:
+    """Sign in and show the Live tab once its avatar list holds the fake avatar (`fake_avatar`, routed first)."""
+    sign_in(page, service)
+    page.click("[data-tab=live]")
+    page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+
+
 def fake_avatar(page) -> None:
     """The page's avatar lists (read with a token) answer one avatar that the service does not hold: the Live
     tab's Speak can start without preparing one (no session is made on it: tests that use it answer or hold
@@ -626,9 +633,7 @@ def test_a_token_error_on_the_live_tab_goes_once_the_token_is_given(chromium_exe
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
         fake_avatar(page)
-        sign_in(page, service)
-        page.click("[data-tab=live]")
-        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        open_live_tab(page, service)
         page.evaluate("sessionStorage.setItem('lipsync.token', 'gone-bad')")  # the service's token changed
         page.click("#live-speak")
         page.locator("#live-error", has_text="token").wait_for(timeout=30_000)
@@ -757,9 +762,7 @@ def test_a_refused_rtmp_url_is_said_in_the_labels_words_and_its_input_marked(chr
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
         fake_avatar(page)
-        sign_in(page, service)
-        page.click("[data-tab=live]")
-        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        open_live_tab(page, service)
         page.click("[data-panel=live] details.more summary")
         page.fill("#live-rtmp", "https://example.com/live/key")
         page.click("#live-speak")
@@ -805,9 +808,7 @@ def test_player_behind_live_goes_once_the_session_has_ended(chromium_executable,
         fake_avatar(page)
         page.route("**/v1/sessions", answer)
         page.route("**/v1/sessions/fake-session", answer)
-        sign_in(page, service)
-        page.click("[data-tab=live]")
-        page.locator(f"#live-avatar option[value='{FAKE_AVATAR}']").wait_for(state="attached", timeout=10_000)
+        open_live_tab(page, service)
         page.click("#live-speak")
         page.locator("#live-state.s-live").wait_for(timeout=30_000)
         assert page.is_visible("#live-player-latency") and page.is_visible("#live-stats dt:has-text('Player behind')")
