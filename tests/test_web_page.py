@@ -979,3 +979,21 @@ def test_the_jobs_list_names_a_jobs_avatar(chromium_executable, service, browser
         assert "hi.wav + avatar ab12cd34ef567890" in rows.nth(1).inner_text(), rows.nth(1).inner_text()
     finally:
         page.close()
+
+
+@pytest.mark.service
+def test_the_token_card_lines_up_with_the_page_and_keeps_off_a_phones_edges(chromium_executable, service, browser):
+    """The token card (outside main) was 2rem wider than main's cards at 1366 px, and touched the screen's
+    edges at 390 px."""
+    for width in (1366, 390):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        try:
+            page.goto(service.url + "/")
+            token = page.locator("#token-form")
+            token.wait_for(state="visible", timeout=15_000)
+            box = token.bounding_box()
+            card = page.locator("main .card").first.bounding_box()
+            assert box["x"] >= 8 and box["x"] + box["width"] <= width - 8, (width, box)
+            assert abs(box["x"] - card["x"]) < 1 and abs(box["width"] - card["width"]) < 1, (width, box, card)
+        finally:
+            page.close()
