@@ -997,3 +997,20 @@ def test_the_token_card_lines_up_with_the_page_and_keeps_off_a_phones_edges(chro
             assert abs(box["x"] - card["x"]) < 1 and abs(box["width"] - card["width"]) < 1, (width, box, card)
         finally:
             page.close()
+
+
+@pytest.mark.service
+def test_speak_before_the_token_says_to_give_the_token(chromium_executable, service, browser):
+    """Speak pressed while the page waits for its token said "Prepare an avatar first": no avatar could be
+    listed without the token, whatever the service holds."""
+    page = browser.new_page()
+    try:
+        page.goto(service.url + "/")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.click("[data-tab=live]")
+        page.click("#live-speak")
+        error = page.locator("#live-error")
+        error.wait_for(state="visible", timeout=10_000)
+        assert "Give the service's token above first" in error.inner_text(), error.inner_text()
+    finally:
+        page.close()

@@ -410,7 +410,11 @@
     showError($("live-error"), null);
     markInvalid(null);
     const avatar = $("live-avatar").value;
-    if (!avatar) return showError($("live-error"), new ApiError(0, null, "Prepare an avatar first (Avatars tab).", null));
+    if (!avatar) { // none listed: none prepared, or none could be read while the page waits for its token
+      const why = $("token-form").hidden ? "Prepare an avatar first (Avatars tab)."
+        : "Give the service's token above first: its avatars are listed once it is given.";
+      return showError($("live-error"), new ApiError(0, null, why, null));
+    }
     $("live-speak").disabled = true;
     starting = true;
     // a session the page stopped following (its figures gave up, e.g. after a 401) is not reused
