@@ -411,9 +411,10 @@
     markInvalid(null);
     const avatar = $("live-avatar").value;
     if (!avatar) { // none listed: none prepared, or none could be read while the page waits for its token
-      const why = $("token-form").hidden ? "Prepare an avatar first (Avatars tab)."
-        : "Give the service's token above first: its avatars are listed once it is given.";
-      return showError($("live-error"), new ApiError(0, null, why, null));
+      // (the page's 401: said as "needs its API token: type it above", and cleared once the token is given)
+      return showError($("live-error"), $("token-form").hidden
+        ? new ApiError(0, null, "Prepare an avatar first (Avatars tab).", null)
+        : new ApiError(401, "auth.invalid_token", "This service needs its API token", null));
     }
     $("live-speak").disabled = true;
     starting = true;
