@@ -77,7 +77,15 @@ def _refused_output(output: str | None, what: str = "output") -> bool:
 def _fail_line(err: ErrorInfo) -> str:
     chunk = f", chunk {err.chunk}" if err.chunk is not None else ""
     where = f" (stage {err.stage}{chunk})" if err.stage else ""
-    return f"lipsync: error: {err.code}: {err.message}{where}"
+    return f"lipsync: error: {err.code}: {_printable(err.message)}{where}"
+
+
+def _printable(text: str) -> str:
+    """A message as the terminal gets it: a service's error may name a path or URL as it was sent, escape
+    sequences included (`cluster.views.printable`)."""
+    from cluster.views import printable
+
+    return printable(text)
 
 
 class _ProgressBar:
@@ -258,12 +266,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # port that a running process keeps); on a joined cluster, the cluster's own Serve (an earlier service's, kept
     # by the cluster) may be what holds it: decided once Ray is reached
     problem = _port_in_use(args.host, args.port, wait_s=0)
-    if problem and embedded:
-        if _held_by_an_ended_service(args.port):  # a restart right after a kill: that proxy lets go seconds later
-            problem = _port_in_use(args.host, args.port, wait_s=PORT_WAIT_S)
-        if problem:
-            print(_fail_line(PortInUse.at(args.host, args.port, problem).to_info()), file=sys.stderr)
-            return 2
+    if problem and embedded and (refused := _port_refusal(args.host, args.port, problem)) is not None:
+        print(_fail_line(refused.to_info()), file=sys.stderr)
+        return refused.exit_code
     from actors.runtime import embedded_ray_owner_mark
     from service.launch import start_service, stop_service
 
@@ -304,14 +309,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
 
 
+def _port_refusal(host: str, port: int, problem: str) -> PortInUse | None:
+    """Why an embedded service cannot listen on host:port, found busy (`problem`), or None once it is free:
+    refused at once (exit 2) when what holds it stays; waited for (`PORT_WAIT_S`) when it may be an ended
+    service's Ray, and refused with exit 1 when it still holds it then: a Ray slower to go, not a mistake
+    in how this one was started (exit 2, which a supervisor such as OPERATIONS' systemd unit does not restart)."""
+    if not _held_by_an_ended_service(port):  # a restart right after a kill: that proxy lets go seconds later
+        return PortInUse.at(host, port, problem)
+    problem = _port_in_use(host, port, wait_s=PORT_WAIT_S)
+    if problem is None:
+        return None
+    refused = PortInUse.at(host, port, problem)
+    refused.exit_code, refused.retryable = 1, True
+    return refused
+
+
 def _held_by_an_ended_service(port: int) -> bool:
     """Whether what listens on `port` may be the Serve proxy (or another process) of the embedded Ray of a
     `lipsync serve` that has ended, which lets go a few seconds later (its own process group outlives a SIGKILL
     of the service's): the owner its mark names (`embedded_ray_owner_mark`) is gone; or a Ray process whose mark
     cannot be read (a Ray process's new title can wipe the block its environment is read from); or no holder
-    this process can see (its socket outliving it a moment). A holder known to stay is not waited for: a
-    process that is no Ray's and carries no mark (another server), or one whose marked owner still runs
-    (another `lipsync serve`). Refusing a restart at once whenever its old proxy's mark was unreadable failed a
+    listed at all (its socket outliving it a moment). A holder known to stay is not waited for: a process that
+    is no Ray's and carries no mark (another server), another user's (whose process is not shown), or one whose
+    marked owner still runs (another `lipsync serve`). Reading "no holder listed" as one that stays failed a
     restart right after a SIGKILL (`test_queue_bound_then_kill_mid_job_and_resume`, in a fresh clone)."""
     import psutil
 
@@ -324,8 +344,8 @@ def _held_by_an_ended_service(port: int) -> bool:
         return True
     prefix = f"{RAY_OWNER_VARIABLE}=".encode()
     for pid in holders:
-        if not pid:  # another user's: it cannot be told
-            continue
+        if not pid:  # another user's (an ended service's Ray would be this user's): it stays
+            return False
         try:
             holder = psutil.Process(pid)
             with open(f"/proc/{pid}/environ", "rb") as f:  # (as `kill_embedded_ray` reads it)
@@ -600,7 +620,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             now = datetime.now(timezone.utc)
             width = max((len(view.id) for view in page.jobs), default=0)  # the columns line up
             for view in page.jobs:
-                what = (f"{view.error.code}: {view.error.message}" if view.error
+                what = (f"{view.error.code}: {_printable(view.error.message)}" if view.error
                         else " ".join(f"{k}={v}" for k, v in (view.inputs or {}).items()))
                 print(f"{view.id:<{width}}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
                       f"{_age(now - view.created_at):>4} ago  {what}")

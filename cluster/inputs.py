@@ -54,7 +54,11 @@ def resolve_input_path(path: str, settings: Settings) -> Path:
         raise InputOutsideRoots(f"input path {path} is not absolute (server-side paths must be absolute "
                                 f"and lie under LIPSYNC_INPUT_ROOTS)", path=path)
     roots = settings.input_root_paths
-    allowed = ", ".join(str(r) for r in roots) or "none configured (LIPSYNC_INPUT_ROOTS is empty)"
+    # the roots as configured, and where one is written through a symlink what it is (a path through another
+    # alias of it is not under it as written: naming only the resolved root called such a path outside it)
+    allowed = ", ".join(str(w) if w == r else f"{w} (= {r})" for w, r in
+                        zip(settings.input_root_paths_as_written, roots)) or \
+        "none configured (LIPSYNC_INPUT_ROOTS is empty)"
     as_written = Path(os.path.normpath(path))
     if not any(_under(as_written, root) for root in [*roots, *settings.input_root_paths_as_written]):
         raise InputOutsideRoots(f"input path {path} is outside the allowed input roots: {allowed}", path=path)
@@ -114,7 +118,8 @@ def upload_name(stored: Path, settings: Settings) -> str | None:
     """The file name the bytes of the stored upload `stored` (`upload_ref_path`) were last uploaded under,
     where known."""
     try:
-        return (settings.storage_root / UPLOAD_NAMES / stored.name).read_text(encoding="utf-8")[:255] or None
+        # (cleaned on reading too: a name stored before names were cleaned may hold a terminal's escapes)
+        return display_name((settings.storage_root / UPLOAD_NAMES / stored.name).read_text(encoding="utf-8"), 255)
     except (OSError, UnicodeDecodeError):
         return None
 

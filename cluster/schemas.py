@@ -282,9 +282,9 @@ class OutputInfo(BaseModel):
 
 class CallbackView(BaseModel):
     """How the delivery of a job's `callback_url` goes (the URL itself is not repeated)."""
-    state: Literal["pending", "delivered", "failed"] = Field(..., description="pending until the job ends and "
-                                                             "its view is delivered, or LIPSYNC_CALLBACK_ATTEMPTS "
-                                                             "tries have failed")
+    state: str = Field(..., description="pending until the job ends and its view is delivered, or "
+                       "LIPSYNC_CALLBACK_ATTEMPTS tries have failed; then delivered or failed (a str, not an "
+                       "enum: an older SDK reads a state added later as it is)")
     attempts: int = Field(..., description="POSTs tried so far")
     last_error: str | None = Field(None, description="why the last try failed (HTTP 500, connection refused, ...)")
     updated_at: datetime

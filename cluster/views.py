@@ -49,9 +49,22 @@ def given_name(given: str) -> str:
 
 def display_name(name: str | None, limit: int = 200) -> str | None:
     """A name as shown to people and stored beside what it names (an upload's file name, an avatar's
-    `given_name`): printable characters only (no terminal escapes or line breaks in a shell's or a page's
-    listing), at most `limit`, trimmed; None when nothing is left."""
-    return "".join(c for c in name or "" if c.isprintable())[:limit].strip() or None
+    `given_name`): no terminal escapes, line breaks or text-direction overrides (`printable`), at most
+    `limit` characters, trimmed; None when nothing is left."""
+    return printable(name or "")[:limit].strip() or None
+
+
+#: Format characters that reorder what a line shows (bidi embeddings, overrides and isolates)
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (Cc: escapes, bells, line breaks), line and paragraph separators and
+    bidi controls; other format characters (a zero-width joiner in an emoji or a Persian name) and spaces
+    (a no-break space) stay, as in the name a user typed."""
+    import unicodedata
+
+    return "".join(c for c in text if c not in _BIDI_CONTROLS and unicodedata.category(c) not in ("Cc", "Zl", "Zp"))
 
 
 def shown_name(given: str) -> str:

@@ -294,10 +294,10 @@ class Backend:
         (said in the log), never fails it."""
         try:
             record = await self.sidecar("record", job_id, timeout=CALLBACK_VIEW_TIMEOUT_S)
+            return CallbackView.model_validate(record) if record else None
         except Exception as e:  # noqa: BLE001 - the job's view stands without it
             log.warning("job %s: its callback's delivery is not known now: %s", job_id, e)
             return None
-        return CallbackView.model_validate(record) if record else None
 
     # results ------------------------------------------------------------------------------------
     async def succeeded(self, job_id: str) -> tuple[JobStatus, int]:

@@ -81,6 +81,14 @@ async def json_body(request: Request, model: type[M], multipart_too: bool = Fals
 def _refuse_repeated_keys(body: bytes) -> None:
     """422 for a key given twice in one object of a valid body (`{"audio": A, "audio": B}` took B while a
     proxy or log reading the body may have taken A): one value per field, as in a form."""
+    try:
+        loads_once_per_key(body)
+    except RecursionError:  # deeper than this parser goes: the model took it, and no field of ours is so deep
+        return
+
+
+def loads_once_per_key(body: bytes | str):
+    """`json.loads`, refusing a key given twice in one object (`_repeated`, an ApiProblem 422 naming it)."""
     import json
 
     def pairs(items: list[tuple[str, object]]) -> dict:
@@ -91,10 +99,7 @@ def _refuse_repeated_keys(body: bytes) -> None:
             seen.add(key)
         return dict(items)
 
-    try:
-        json.loads(body, object_pairs_hook=pairs)
-    except RecursionError:  # deeper than this parser goes: the model took it, and no field of ours is so deep
-        return
+    return json.loads(body, object_pairs_hook=pairs)
 
 
 def openapi_json_body(model: type[BaseModel]) -> dict:

@@ -398,7 +398,7 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     with socket.create_server(("127.0.0.1", 0)) as held:
         port = held.getsockname()[1]
         rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", str(port)], env, workdir, timeout=60)
-    assert rc == 2 and "Traceback" not in err and elapsed < 8, (rc, elapsed, err[-2000:])
+    assert rc == 2 and "Traceback" not in err and elapsed < 14, (rc, elapsed, err[-2000:])  # (not after PORT_WAIT_S)
     [line] = err.strip().splitlines()
     assert line.startswith(f"lipsync: error: service.port_in_use: cannot listen on 127.0.0.1:{port}: Address "
                            f"already in use"), err
@@ -715,7 +715,7 @@ def test_cancelling_a_job_that_had_ended_says_nothing_was_cancelled(fake_cli):
     assert rc == 0 and json.loads(out)["state"] == "cancelled" and not err, (rc, out, err)
 
 
-def test_a_port_held_by_a_killed_services_ray_is_waited_for_and_no_other():
+def test_a_port_held_by_a_killed_services_ray_is_waited_for_and_no_other(monkeypatch):
     """`lipsync serve` waits for its port (PORT_WAIT_S) only when what holds it is the Ray of a service that has
     ended (a restart right after a SIGKILL: its Serve proxy, in a process group of its own, lets go seconds later);
     a port that a running process keeps is refused at once (a second service waited 15 s, then exited 1)."""
@@ -749,8 +749,19 @@ def test_a_port_held_by_a_killed_services_ray_is_waited_for_and_no_other():
     try:
         port = int(holder.stdout.readline())
         assert _held_by_an_ended_service(port) is True
+        # still held once waited for: exit 1, to be started again (exit 2 is a mistake in how it was started,
+        # which OPERATIONS' systemd unit does not restart); a holder that stays: exit 2 without a wait
+        from cluster import cli
+
+        monkeypatch.setattr(cli, "PORT_WAIT_S", 1.0)
+        refused = cli._port_refusal("127.0.0.1", port, "Address already in use")
+        assert (refused.code, refused.exit_code, refused.retryable) == ("service.port_in_use", 1, True), refused
     finally:
         holder.communicate(timeout=30)
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        started = time.monotonic()
+        refused = cli._port_refusal("127.0.0.1", held.getsockname()[1], "Address already in use")
+        assert refused.exit_code == 2 and time.monotonic() - started < 1.0, refused
 
 
 def test_the_readme_shows_what_the_shell_client_and_the_sdk_take():
@@ -788,3 +799,13 @@ def test_the_readme_shows_what_the_shell_client_and_the_sdk_take():
     said = " ".join(readme.split())
     assert "`serve run` (or a Serve config) serves the same app, but on a Ray that Ray starts or joins with its own " \
         "defaults" in said and "not on loopback only as the embedded Ray of `lipsync serve` does" in said
+
+
+def test_a_services_error_reaches_the_terminal_without_its_escapes():
+    """A service's error may name a path or URL as it was sent, escape sequences included: the line the shell
+    client prints has them dropped (a job's error in `lipsync list`, every `lipsync: error:` line)."""
+    from cluster.cli import _fail_line
+    from cluster.schemas import ErrorInfo
+
+    line = _fail_line(ErrorInfo(code="input.unreadable", message="/in/\x1b]0;pwned\x07x\x1b[2J.wav is not audio"))
+    assert line == "lipsync: error: input.unreadable: /in/]0;pwnedx[2J.wav is not audio", line

@@ -319,3 +319,39 @@ def test_a_conflicting_resubmission_is_told_what_differs():
                                                        "avatar_id": "abcd1234"}), had)
     assert said == "avatar_id abcd1234, not unset; another audio; video not given now, given then", said
     assert request_differences(same, None) == "the job's request is no longer known"
+
+
+def test_a_root_written_through_a_symlink_takes_paths_under_it_as_written_or_resolved(tmp_path):
+    """A root configured through a symlink (macOS's /tmp, a mounted volume's link): a path under it as written,
+    or under its target, is taken; a path through another alias of the target is refused, and the refusal names
+    the root as configured with its target (it named only the target, which the path was in fact under)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.wav").write_bytes(b"a")
+    (tmp_path / "rootlink").symlink_to(real)
+    (tmp_path / "alias").symlink_to(real)
+    settings = Settings(storage_root=tmp_path / "storage", input_roots=str(tmp_path / "rootlink"))
+    for given in (tmp_path / "rootlink" / "a.wav", real / "a.wav"):
+        assert resolve_input_path(str(given), settings) == real / "a.wav"
+    with pytest.raises(InputOutsideRoots) as refused:
+        resolve_input_path(str(tmp_path / "alias" / "a.wav"), settings)
+    assert f"{tmp_path / 'rootlink'} (= {real})" in refused.value.message, refused.value.message
+
+
+def test_a_name_keeps_what_a_person_typed_and_loses_what_moves_a_terminal():
+    """`display_name` dropped every character `isprintable()` refuses, a zero-width joiner in an emoji or a
+    Persian name and a no-break space among them; controls, line breaks and bidi overrides go, and a name
+    stored before names were cleaned is cleaned when read (`upload_name`)."""
+    from cluster.views import display_name
+
+    assert display_name("family \U0001F468\u200d\U0001F469.mp4") == "family \U0001F468\u200d\U0001F469.mp4"
+    assert display_name("می\u200cخواهم\u00a0take.wav") == "می\u200cخواهم\u00a0take.wav"
+    assert display_name("\x1b]0;x\x07a\u202egnp.wav\u2028\n") == "]0;xagnp.wav"
+
+
+def test_an_upload_name_stored_before_names_were_cleaned_is_cleaned_when_read(tmp_path):
+    from cluster.inputs import UPLOAD_NAMES, upload_name
+
+    settings = Settings(storage_root=tmp_path / "storage")
+    (settings.dir(UPLOAD_NAMES) / ("ab" * 32 + ".wav")).write_text("old\x1b[2J take.wav", encoding="utf-8")
+    assert upload_name(tmp_path / ("ab" * 32 + ".wav"), settings) == "old[2J take.wav"

@@ -378,6 +378,9 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     nested = http.post("/easy/submit", content=b"[" * 100000 + b"]" * 100000,
                        headers={"content-type": "application/json"})
     assert nested.status_code == 200 and nested.json()["code"] == 10002, nested.text[:200]
+    twice = http.post("/easy/submit", content=b'{"audio_url": "/etc/passwd", "audio_url": "a.wav", "video_url": "v"}',
+                      headers={"content-type": "application/json"}).json()  # (the last one was taken)
+    assert twice["code"] == 10002 and "audio_url: given more than once" in twice["msg"], twice
     # a field of the wrong kind is named in plain words (it was pydantic's text, "the body must be a JSON object"
     # and a link to its docs); a body that is not an object says what it is
     r = http.post("/easy/submit", json={"audio_url": 123, "video_url": "v.mp4", "code": "kind"}).json()

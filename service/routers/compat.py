@@ -4,7 +4,6 @@ Answers are envelopes `{code, success, msg, data}`, never HTTP errors, as those 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import shutil
@@ -20,7 +19,7 @@ from cluster.schemas import BATCH_SEPARATOR, JOB_ID_PATTERN, CompatData, CompatE
 from service.auth import require_token
 from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_response, error_responses, http_status
-from service.uploads import Upload, openapi_json_body, read_body
+from service.uploads import Upload, loads_once_per_key, openapi_json_body, read_body
 
 log = logging.getLogger("lipsync.service")
 
@@ -37,7 +36,7 @@ def envelope(code: int, success: bool, msg: str, data: CompatData | None = None)
           openapi_extra=openapi_json_body(CompatSubmit))
 async def easy_submit(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     try:
-        raw = json.loads(await read_body(request) or b"{}")
+        raw = loads_once_per_key(await read_body(request) or b"{}")  # (a key given twice: which one counts?)
         if not isinstance(raw, dict):
             kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(raw),
                                                                                                  "a number")
@@ -47,6 +46,8 @@ async def easy_submit(request: Request, backend: Backend = Depends(get_backend))
         said = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
                          for error in e.errors(include_url=False)[:5])
         return envelope(10002, False, f"bad parameter: {said}"[:400])
+    except ApiProblem as e:
+        return envelope(10002, False, f"bad parameter: {e.message}")
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         return envelope(10002, False, f"bad parameter: the body must be a JSON object: {str(e)[:300]}")
     notes = []
