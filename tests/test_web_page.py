@@ -373,13 +373,18 @@ def test_a_late_401_of_a_call_sent_before_the_token_keeps_the_token_typed_since(
     the next call went without one (CI: the Live tab's Speak answered auth.invalid_token). A 401 now speaks
     only of the token its own call carried."""
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
-    held = []
+    held, avatars = [], []
     try:
         page.route("**/v1/jobs?*", lambda route: held.append(route) if not held else route.continue_())
+        # the avatars' first call is held too until the jobs' is: its 401, answered first, would keep the jobs'
+        # from being sent (the page sends no call it knows the service refuses without a token)
+        page.route("**/v1/avatars", lambda route: avatars.append(route) if not avatars else route.continue_())
         # on the Jobs tab (remembered from before), the page lists jobs as it loads, as it reads the avatars
         page.add_init_script("sessionStorage.setItem('lipsync.tab', 'jobs')")
         page.goto(service.url + "/")
         wait_for_routes(page, held, "the page's first list of jobs (sent without a token)")
+        wait_for_routes(page, avatars, "the page's first list of avatars (sent without a token)")
+        avatars.pop().continue_()
         page.locator("#token-form").wait_for(state="visible", timeout=15_000)  # (the avatars' 401)
         page.fill("#token-input", service.token)
         page.click("#token-form button[type=submit]")
@@ -391,7 +396,7 @@ def test_a_late_401_of_a_call_sent_before_the_token_keeps_the_token_typed_since(
         assert page.locator("#token-form").is_hidden() and page.locator("#token-error").is_hidden()
         assert page.evaluate("window.lipsync.apiJson('/v1/avatars').then(() => 'ok', (e) => e.code)") == "ok"
     finally:
-        for route in held:
+        for route in held + avatars:
             route.abort()
         page.close()
 
