@@ -49,7 +49,7 @@ from cluster.media.probe import probe, probe_audio, probe_video
 #: `tests.helpers.one_x264_thread` (from tests/conftest.py) makes one thread this process's default too.
 
 
-def assert_encodes_agree(encode_both, what: str, source: np.ndarray) -> None:
+def assert_encodes_agree(encode_both, what: str, source: np.ndarray, settings: Settings) -> None:
     """`encode_both()` encodes the BGR frames `source` twice (two segment files, returned) and the pictures
     decoded from both agree bit for bit (ONE_X264_THREAD). In about 8 of 35 loaded full suites (2026-12-05..07,
     CI twice, the second time twice in a row) two such encodes differed anyway, at one x264 thread too, each
@@ -58,11 +58,11 @@ def assert_encodes_agree(encode_both, what: str, source: np.ndarray) -> None:
     when the two are not both these frames encoded as well as each other (PSNR against `source` within 0.5
     dB, each >= 30 dB: a wrong conversion, frame or order, or a CRF one step off, is beyond it), and is
     otherwise encoded once more and reported as a warning (in the run's warnings summary) saying by how much
-    the pictures differed, whether it repeated, and which side left the stream that the same encodes write in
-    a fresh process: the figures the next look needs."""
+    the pictures differed, whether it repeated, and which side left the stream that the same encodes, with
+    the same `settings`, write in a fresh process: the figures the next look needs."""
     seen = []
     for _ in range(2):
-        differ = encoding_noise(encode_both(), source, what)
+        differ = encoding_noise(encode_both(), source, what, settings)
         if differ is None:
             break
         seen.append(differ)
@@ -71,7 +71,7 @@ def assert_encodes_agree(encode_both, what: str, source: np.ndarray) -> None:
                       f"{', then agreed' if differ is None else ', twice'} (ONE_X264_THREAD)", stacklevel=2)
 
 
-def encoding_noise(paths, source: np.ndarray, what: str) -> str | None:
+def encoding_noise(paths, source: np.ndarray, what: str, settings: Settings) -> str | None:
     """None when the two segments `paths` decode to the same pictures; how they differ when both are the
     frames `source` encoded as well as each other (`assert_encodes_agree`); fails the test otherwise."""
     pair = _decode_pair(paths)
@@ -79,7 +79,8 @@ def encoding_noise(paths, source: np.ndarray, what: str) -> str | None:
     if differ is None:
         return None
     quality = [_psnr(pictures, source) if pictures.shape == source.shape else 0.0 for pictures in pair]
-    said = f"{differ}; PSNR against the frames {quality[0]:.2f} and {quality[1]:.2f} dB; {_which_side(paths, source)}"
+    said = (f"{differ}; PSNR against the frames {quality[0]:.2f} and {quality[1]:.2f} dB; "
+            f"{_which_side(paths, source, settings)}")
     assert min(quality) >= 30 and abs(quality[0] - quality[1]) <= 0.5, \
         f"{what}: the pictures differ beyond encoding noise: {said}"
     return said
@@ -119,23 +120,26 @@ import av, numpy as np
 from cluster.config import Settings
 from cluster.media import encode
 encode.x264_threads = lambda: 1
-frames, out = np.load(sys.argv[1]), sys.argv[2]
+frames, out, settings = np.load(sys.argv[1]), sys.argv[2], Settings.model_validate_json(sys.argv[3])
 for in_process in (True, False):
     with encode.SegmentEncoder(out, frames.shape[2], frames.shape[1], Fraction(25),
-                               Settings(encode_in_process=in_process)) as enc:
+                               settings.model_copy(update={"encode_in_process": in_process})) as enc:
         enc.write(frames)
     with av.open(out) as c:
         print(hashlib.sha256(b"".join(bytes(p) for p in c.demux(c.streams.video[0]) if p.size)).hexdigest()[:12])
 """
 
 
-def _which_side(paths, source: np.ndarray) -> str:
-    """The two streams' digests beside those the same frames make in a fresh process (in process, ffmpeg child)."""
+def _which_side(paths, source: np.ndarray, settings: Settings) -> str:
+    """The two streams' digests beside those the same frames make in a fresh process (in process, ffmpeg child),
+    encoded with the same `settings` (until 2026-12-07 it used the defaults, another preset and GOP: its digests
+    differed from both sides always, and said nothing)."""
     folder = Path(paths[0]).parent
     np.save(folder / "source.npy", source)
     try:
         fresh = subprocess.run([sys.executable, "-c", _FRESH_ENCODES, str(folder / "source.npy"),
-                                str(folder / "fresh.mp4")], capture_output=True, text=True, timeout=60,
+                                str(folder / "fresh.mp4"), settings.model_dump_json()], capture_output=True,
+                               text=True, timeout=60,
                                cwd=Path(__file__).parent.parent)
         digests = fresh.stdout.split() if fresh.returncode == 0 else [f"failed: {fresh.stderr[-300:]}"]
     except subprocess.TimeoutExpired:
@@ -626,7 +630,7 @@ def test_i420_frames_are_encoded_as_given(template, settings, tmp_path, in_proce
         return tmp_path / "bgr.mp4", tmp_path / "yuv.mp4"
 
     assert_encodes_agree(encode_both, f"BGR and I420 frames encoded {'in process' if in_process else 'by ffmpeg'}",
-                         frames)
+                         frames, s)
     enc = SegmentEncoder(tmp_path / "bad.mp4", 320, 240, Fraction(25), s)
     with pytest.raises(EncodeError, match=r"expected I420 frames \[n, 360, 320\] uint8, got \[2, 240, 320, 3\]"):
         enc.write_yuv(frames[:2])
@@ -791,7 +795,7 @@ def test_segments_encoded_in_process_and_by_ffmpeg_are_one_stream(template, medi
                 enc.write(plan[0:20])
         return paths
 
-    assert_encodes_agree(encode_both, "a segment encoded in process and by ffmpeg", plan[0:20])
+    assert_encodes_agree(encode_both, "a segment encoded in process and by ffmpeg", plan[0:20], settings)
     out = tmp_path / "mixed.mp4"
     info = finalize_output(segments, str(media["wav"]), str(out), frames_expected=51, fps=Fraction(25),
                            audio_duration=2.03, settings=settings)
@@ -933,7 +937,7 @@ def test_segments_encoded_at_once_get_an_encoder_thread_each_and_the_threads_are
     assert encode._encoder_threads.made == again  # kept and lent again, not a new one
     for name in ("a.mp4", "b.mp4", "c.mp4"):  # bit for bit (see assert_encodes_agree; not encoded again)
         what = f"segment {name} encoded beside another and one encoded alone"
-        differ = encoding_noise((tmp_path / name, tmp_path / "alone.mp4"), frames[:20], what)
+        differ = encoding_noise((tmp_path / name, tmp_path / "alone.mp4"), frames[:20], what, s)
         if differ is not None:
             warnings.warn(f"{what} differ: {differ} (ONE_X264_THREAD)", stacklevel=1)
 
