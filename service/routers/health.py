@@ -18,8 +18,10 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger("lipsync.service")
 
 
-# HEAD too: uptime monitors probe with it (a 405 read as the service being down)
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The process is up")
+# HEAD too: uptime monitors probe with it (a 405 read as the service being down); not in the description twice
+# (one route of both methods gave two operations of one id: FastAPI's "Duplicate Operation ID" warning)
+@router.head("/healthz", include_in_schema=False)
+@router.get("/healthz", summary="The process is up")
 async def healthz() -> dict:
     return {"ok": True}
 
@@ -27,9 +29,9 @@ async def healthz() -> dict:
 READY_CACHE_S = 2.0  # probes (public) ask the job manager at most this often per replica
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"],
-                  summary="Job manager reachable and model workers loaded (503 until then)",
-                  responses={503: {"model": ApiError}})
+@router.head("/readyz", include_in_schema=False)
+@router.get("/readyz", summary="Job manager reachable and model workers loaded (503 until then)",
+            responses={503: {"model": ApiError}})
 async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> JSONResponse:
     now = time.monotonic()
     cached = getattr(request.app.state, "readyz", None)
