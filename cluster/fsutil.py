@@ -4,12 +4,15 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import logging
 import os
 import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+log = logging.getLogger("lipsync.fsutil")
 
 TEMPORARY_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
@@ -141,6 +144,31 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, sync_dir: bool = Tr
     """Write `data` (text as UTF-8) to `path` atomically (`publish`)."""
     with atomic_writer(path, sync_dir) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def store_name(path: str | os.PathLike, name: str | None, limit: int = 200) -> None:
+    """Write `name`, as people are shown it (`cluster.views.display_name`: printable, at most `limit`), as
+    the text of `path`, atomically; nothing when nothing printable is left. A name (an upload's, an
+    avatar's) is a convenience beside what it names: a disk that refuses it is logged, not raised."""
+    from cluster.views import display_name
+
+    shown = display_name(name, limit)
+    if shown:
+        try:
+            write_atomic(path, shown, sync_dir=False)
+        except OSError as e:
+            log.warning("cannot store the name %r in %s: %s", shown, path, e)
+
+
+def read_name(path: str | os.PathLike, limit: int = 200) -> str | None:
+    """The name `store_name` wrote to `path` (cleaned again: one written before names were cleaned may hold
+    a terminal's escapes), or None."""
+    from cluster.views import display_name
+
+    try:
+        return display_name(Path(path).read_text(encoding="utf-8"), limit)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def file_sha256(path: str | os.PathLike, block: int = 4 * 1024 * 1024) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import stat
@@ -22,8 +21,6 @@ from cluster.errors import InputError, InputNotFound, InputOutsideRoots, InputTo
 from cluster.resources import disk_full_guard
 from cluster.schemas import StoredInput
 from cluster.views import display_name
-
-log = logging.getLogger("lipsync.inputs")
 
 UPLOAD_PREFIX = "upload:"
 _REF = re.compile(r"^upload:([0-9a-f]{64})(\.[A-Za-z0-9]{1,10})?$")
@@ -102,26 +99,19 @@ UPLOAD_NAMES = "upload-names"
 
 
 def remember_upload_name(stored: Path, filename: str, settings: Settings) -> None:
-    """Store the name a client uploaded the bytes of `stored` under (`cluster.views.display_name`: the last
-    upload's name wins); a name is a convenience, so a disk that refuses it is logged, not raised."""
-    from cluster.fsutil import write_atomic
+    """Store the name a client uploaded the bytes of `stored` under (`cluster.fsutil.store_name`: the last
+    upload's name wins)."""
+    from cluster.fsutil import store_name
 
-    name = display_name(Path(filename or "").name, limit=255)
-    if name:
-        try:
-            write_atomic(settings.dir(UPLOAD_NAMES) / stored.name, name, sync_dir=False)
-        except OSError as e:
-            log.warning("upload %s: cannot store its name: %s", stored.name, e)
+    store_name(settings.dir(UPLOAD_NAMES) / stored.name, Path(filename or "").name, limit=255)
 
 
 def upload_name(stored: Path, settings: Settings) -> str | None:
     """The file name the bytes of the stored upload `stored` (`upload_ref_path`) were last uploaded under,
-    where known."""
-    try:
-        # (cleaned on reading too: a name stored before names were cleaned may hold a terminal's escapes)
-        return display_name((settings.storage_root / UPLOAD_NAMES / stored.name).read_text(encoding="utf-8"), 255)
-    except (OSError, UnicodeDecodeError):
-        return None
+    where known (`cluster.fsutil.read_name`)."""
+    from cluster.fsutil import read_name
+
+    return read_name(settings.storage_root / UPLOAD_NAMES / stored.name, limit=255)
 
 
 def name_of_upload_ref(given: str, stored: Path, settings: Settings) -> str | None:

@@ -20,7 +20,7 @@ from cluster.config import Settings, get_settings
 from cluster.errors import FaceSideways, InputNotFound, LipsyncError, NoFace, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
 from cluster.faces.track import FaceTrack, build_track
-from cluster.fsutil import lock_within, publish, temporary_name, touch, write_atomic
+from cluster.fsutil import lock_within, publish, read_name, store_name, temporary_name, touch, write_atomic
 from cluster.media.decode import TemplateReader, iter_frames
 from cluster.media.normalize import (
     MAX_TEMPLATE_FPS,
@@ -273,25 +273,17 @@ def name_avatar(avatar_id: str, given: str | None, s: Settings) -> None:
     """Give a stored avatar the name a user knows its template by (`cluster.views.given_name` of the file or
     URL it was given as: a file's name, a URL's last part), unless it has one: the first name stays (the same
     bytes given again under another name are the same avatar). Control characters are dropped, 200 at most."""
-    from cluster.views import display_name, given_name
+    from cluster.views import given_name
 
     path = _avatar_dir(avatar_id, s) / NAME_FILE
     if not given or path.exists() or not path.parent.is_dir():
         return
-    name = display_name(given_name(given))
-    if name:
-        try:
-            write_atomic(path, name, sync_dir=False)
-        except OSError as e:  # a name is a convenience: the avatar stands without it
-            log.warning("avatar %s: cannot store its name: %s", avatar_id, e)
+    store_name(path, given_name(given))
 
 
 def avatar_name(avatar_id: str, s: Settings) -> str | None:
     """The name `name_avatar` stored, or None."""
-    try:
-        return (_avatar_dir(avatar_id, s) / NAME_FILE).read_text(encoding="utf-8") or None
-    except (OSError, UnicodeDecodeError):
-        return None
+    return read_name(_avatar_dir(avatar_id, s) / NAME_FILE)
 
 
 def no_such_avatar(avatar_id: str) -> str:
