@@ -244,7 +244,15 @@ class ServiceSidecar:
 
     def _watch(self, job_id: str, url: str) -> None:
         if job_id not in self._tasks or self._tasks[job_id].done():
-            self._tasks[job_id] = asyncio.get_event_loop().create_task(self._run(job_id, url))
+            task = asyncio.get_event_loop().create_task(self._run(job_id, url))
+            self._tasks[job_id] = task
+            task.add_done_callback(lambda done, j=job_id: self._forget(j, done))
+
+    def _forget(self, job_id: str, task: asyncio.Task) -> None:
+        """Drop a delivery's task once it ends (the sidecar lives as long as the service: one task kept per
+        job with a callback grew its memory without bound); its record stays in the store."""
+        if self._tasks.get(job_id) is task:
+            del self._tasks[job_id]
 
     async def register(self, job_id: str, url: str) -> bool:
         added = self.store.add(job_id, url)

@@ -1,0 +1,183 @@
+"""What the long-lived actors keep and share, tested on their classes in this process (no Ray cluster):
+the model worker's models under its three threads, the sidecar's deliveries, a job's publisher started in a
+thread while the job's wait is cancelled."""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_actor_process_setup(monkeypatch):
+    """The actors' `__init__` sets up their process (Ray metrics, log context): not this test process's,
+    and asking Ray for a node id here would start a Ray."""
+    from actors import metrics
+
+    monkeypatch.setattr(metrics, "install", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def worker(monkeypatch, tmp_path):
+    """A ModelWorker as its actor runs it (the `latency:` model: no weights), outside Ray."""
+    import ray
+
+    from actors.model_worker import ModelWorker
+    from cluster.config import Settings
+
+    context = SimpleNamespace(get_assigned_resources=lambda: {"CPU": 1.0}, get_node_id=lambda: "node")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    return ModelWorker.__ray_metadata__.modified_class("latency:0:96", Settings(storage_root=tmp_path), "w")
+
+
+def test_a_model_two_lanes_ask_for_at_once_is_loaded_once_and_health_answers_meanwhile(worker):
+    """The job lane and the live lane run in two threads: both asking for a model not loaded yet loaded it
+    twice, and `info` (a third thread) iterated the models while a lane added one."""
+    loads = []
+    real_load = worker.load_model
+
+    def slow_load(spec):
+        loads.append(spec)
+        time.sleep(0.5)
+        return real_load(spec)
+
+    worker.load_model = slow_load
+    got, errors = [], []
+
+    def lane():
+        try:
+            got.append(worker._model("latency:1:96"))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    lanes = [threading.Thread(target=lane) for _ in range(2)]
+    for t in lanes:
+        t.start()
+    health = []
+    while any(t.is_alive() for t in lanes):
+        health.append(worker.check_health())
+        time.sleep(0.01)
+    for t in lanes:
+        t.join(10)
+    assert not errors and loads == ["latency:1:96"] and got[0] is got[1], (errors, loads)
+    assert all(h["ready"] for h in health) and worker.check_health()["models"] == ["latency:0:96", "latency:1:96"]
+
+
+def test_the_sidecar_forgets_a_delivery_once_it_ends(tmp_path):
+    """The sidecar (detached, as long-lived as the service) kept one finished task per job with a callback."""
+    from actors.service_support import ServiceSidecar
+    from cluster.config import Settings
+    from cluster.schemas import JobState, JobStatus
+
+    received = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class EndedJobs:  # the job manager's answer for a job that has ended
+        async def get(self, job_id):
+            return JobStatus(id=job_id, state=JobState.succeeded)
+
+    async def scenario():
+        settings = Settings(storage_root=tmp_path, allow_private_urls=True, retention_days=0)
+        sidecar = ServiceSidecar.__ray_metadata__.modified_class(settings)
+        sidecar.gw = EndedJobs()
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        for n in range(3):
+            assert await sidecar.register(f"job-{n}", url)
+        deadline = time.monotonic() + 30
+        while sidecar._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return sidecar
+
+    try:
+        sidecar = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert len(received) == 3 and not sidecar._tasks
+    assert all(sidecar.record(f"job-{n}")["state"] == "delivered" for n in range(3))
+
+
+def test_what_a_job_started_in_a_thread_is_closed_when_the_wait_for_it_is_cancelled():
+    """A job's deadline (or its cancel) cancelled the wait for its HLS publisher's start while the start ran on
+    in its thread: the publisher's threads and audio track were then left running, held by nobody."""
+    from actors.jobs import started_in_thread
+
+    closed = threading.Event()
+
+    def start():
+        time.sleep(0.3)
+        return "publisher"
+
+    async def scenario():
+        waiting = asyncio.ensure_future(started_in_thread(start, closed.set))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not closed.is_set()  # not before the start ended: closing under it would race it
+        for _ in range(100):
+            if closed.is_set():
+                return
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    assert closed.is_set()
+    assert asyncio.run(started_in_thread(lambda: "ok", closed.clear)) == "ok" and closed.is_set()
+
+
+def test_a_slow_control_store_neither_holds_the_job_managers_loop_nor_piles_up_reads(monkeypatch, tmp_path):
+    """The pool's reconciler read Ray's resources and nodes (synchronous GCS calls) on the job manager's event
+    loop every few seconds: while the GCS was slow or restarting, every call of the manager (a job's status, a
+    model batch's dispatch) waited behind it. Now the read runs in a thread within `actor_call_timeout_s`, and
+    a round whose read has not answered does not start another."""
+    import ray
+
+    from actors.supervision import GcsSlow, Supervisor, TaskSet
+    from cluster.config import Settings
+
+    reads = []
+
+    def slow_resources():
+        reads.append(time.monotonic())
+        time.sleep(1.5)  # a GCS that answers late
+        return {"CPU": 4.0}
+
+    monkeypatch.setattr(ray, "cluster_resources", slow_resources)
+    monkeypatch.setattr(ray, "nodes", lambda: [])
+
+    async def scenario():
+        sup = Supervisor(Settings(storage_root=tmp_path, actor_call_timeout_s=0.3), TaskSet(), asyncio.Event())
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        t0 = time.monotonic()
+        for _ in range(2):
+            with pytest.raises(GcsSlow, match="gave no answer about the cluster's resources"):
+                await sup.reconcile()
+        took = time.monotonic() - t0
+        ticking.cancel()
+        return took, ticks
+
+    took, ticks = asyncio.run(scenario())
+    assert took < 1.2 and ticks >= 10 and len(reads) == 1, (took, ticks, reads)
