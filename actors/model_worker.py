@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -40,6 +41,11 @@ class ModelWorker:
         self.errors: dict[str, tuple[LipsyncError, float]] = {}
         self.frames = 0
         self.busy_s = 0.0
+        # the job lane, the live lane and `info` run in three threads: `models` and the counters are read and
+        # changed under `_lock` (held briefly); `_load_lock` lets one thread load a model at a time, so two
+        # lanes asking for one new model load it once
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         # OpenCV/OpenBLAS now, onnxruntime's intra-op threads at load: from this actor's Ray CPUs
         self.threads = actor_thread_plan(ray.get_runtime_context().get_assigned_resources().get("CPU"),
                                          settings.size_threads)
@@ -103,10 +109,22 @@ class ModelWorker:
         """One batch at the real batch size: arenas sized and any TensorRT engine built now."""
         return model.warmup(self.settings.batch_size)
 
+    def _loaded(self, spec: str):
+        with self._lock:
+            model = self.models.get(spec)
+            if model is not None:
+                self.models.move_to_end(spec)
+            return model
+
     def _model(self, spec: str):
-        if spec in self.models:
-            self.models.move_to_end(spec)
-            return self.models[spec]
+        if (model := self._loaded(spec)) is not None:
+            return model
+        with self._load_lock:
+            if (model := self._loaded(spec)) is not None:  # the other lane loaded it meanwhile
+                return model
+            return self._load(spec)
+
+    def _load(self, spec: str):
         if spec in self.errors:
             err, at = self.errors[spec]
             if time.monotonic() - at < self.settings.model_retry_s:
@@ -124,25 +142,30 @@ class ModelWorker:
         self.errors.pop(spec, None)
         log.info("model worker %s: model %s S=%d crop=%s %s providers=%s gpus=%s warm-up %.2f s", self.name,
                  spec, model.size, model.crop, model.precision, model.providers, self.gpu_ids, warm_s)
-        self.models[spec] = model
-        # least recently used first; never the default, nor the model just loaded (with room for one
-        # other model, evicting it would reload it at every batch)
-        evictable = [k for k in self.models if k not in (self.default_model, spec)]
-        for old in evictable[: max(0, len(self.models) - self.settings.models_per_worker)]:
-            del self.models[old]
+        with self._lock:
+            self.models[spec] = model
+            # least recently used first; never the default, nor the model just loaded (with room for one
+            # other model, evicting it would reload it at every batch)
+            evictable = [k for k in self.models if k not in (self.default_model, spec)]
+            unloaded = evictable[: max(0, len(self.models) - self.settings.models_per_worker)]
+            for old in unloaded:
+                del self.models[old]
+        for old in unloaded:
             log.info("model worker %s: unloaded %s", self.name, old)
         return model
 
     @ray.method(concurrency_group="control")
     def check_health(self) -> dict:
         """Liveness and readiness: whether the default model is loaded, on which providers."""
+        with self._lock:  # a snapshot: a lane may load, evict or count meanwhile
+            models, frames, busy_s = dict(self.models), self.frames, self.busy_s
         out = {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-               "gpus": [str(g) for g in self.gpu_ids], "frames": self.frames, "busy_s": round(self.busy_s, 3),
-               "fps": round(self.frames / self.busy_s, 2) if self.busy_s else None,
-               "models": list(self.models), "settings": self.settings.fingerprint(),
+               "gpus": [str(g) for g in self.gpu_ids], "frames": frames, "busy_s": round(busy_s, 3),
+               "fps": round(frames / busy_s, 2) if busy_s else None,
+               "models": list(models), "settings": self.settings.fingerprint(),
                "threads": {**applied_threads(), "onnx_intra_op": {
-                   k: m.intra_op_threads for k, m in self.models.items() if hasattr(m, "intra_op_threads")}}}
-        model = self.models.get(self.default_model)
+                   k: m.intra_op_threads for k, m in models.items() if hasattr(m, "intra_op_threads")}}}
+        model = models.get(self.default_model)
         if model is None:
             err = self.errors.get(self.default_model, (ModelLoadError("the default model is not loaded"), 0))[0]
             return {**out, "ready": False, "error": err.to_info().model_dump()}
@@ -169,8 +192,9 @@ class ModelWorker:
         t0 = time.perf_counter()
         out = model.generate(mel, crops)
         dt = time.perf_counter() - t0
-        self.frames += len(out)
-        self.busy_s += dt
+        with self._lock:
+            self.frames += len(out)
+            self.busy_s += dt
         metrics.record_batch(self.name, metrics.device_name(), len(out), dt)
         return {"frames": len(out), "seconds": dt, "worker": self.name}, out
 
