@@ -888,3 +888,18 @@ def test_a_killed_live_encoder_ends_its_threads_and_a_failed_start_leaves_nothin
         LiveEncoder(tmp_path / "b", 160, 120, Fraction(25), 16000, s)
     left = [p for p in psutil.Process().children() if p.pid not in children_before and p.status() != "zombie"]
     assert not left and not list((tmp_path / "b").glob("*.fifo")), left
+
+
+def test_a_live_encoder_whose_ffmpeg_failed_releases_its_stderr_file_on_close(tmp_path):
+    """`close` read ffmpeg's exit and raised its failure before releasing the stderr file it reads that from:
+    one descriptor held per failed session, until its actor went."""
+    from cluster.config import get_settings
+    from cluster.errors import LipsyncError
+    from cluster.live.encoder import LiveEncoder
+
+    encoder = LiveEncoder(tmp_path / "a", 160, 120, Fraction(25), 16000, get_settings())
+    encoder.write(np.zeros((4, 180, 160), np.uint8), np.zeros(4 * 640, np.int16))
+    encoder._run.proc.kill()  # ffmpeg dies: its exit is a failure
+    with pytest.raises(LipsyncError, match="live encoding"):
+        encoder.close(timeout=10)
+    assert encoder._run._stderr.closed

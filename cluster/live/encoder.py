@@ -286,12 +286,14 @@ class LiveEncoder:
         for t in self._threads:
             t.join(timeout)
         try:
-            code = self._run.wait(timeout)
-        finally:
-            self._fifo.unlink(missing_ok=True)
-            self._close_pusher(timeout)
-        self._run.check("live encoding")
-        self._run.close()
+            try:
+                code = self._run.wait(timeout)
+            finally:
+                self._fifo.unlink(missing_ok=True)
+                self._close_pusher(timeout)
+            self._run.check("live encoding")
+        finally:  # its stderr file, read by check: released on a failed close too (one descriptor a session)
+            self._run.close()
         return code
 
     def _close_pusher(self, timeout: float) -> None:
