@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import ray
@@ -33,6 +34,24 @@ from cluster.scheduling import (
 )
 
 log = logging.getLogger("lipsync.supervision")
+
+class GcsSlow(TimeoutError):
+    """Ray's control store gave no answer in time (slow, or restarting)."""
+
+
+def cluster_state() -> tuple[dict, set[str]]:
+    """Ray's cluster resources and the ids of its live nodes (two synchronous GCS reads)."""
+    return ray.cluster_resources(), {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def named_actor_exists(name: str, namespace: str) -> bool:
+    """Whether the GCS still holds the actor `name` (alive or restarting); a synchronous GCS read."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+        return True
+    except ValueError:
+        return False
+
 
 MODEL_WORKER_PREFIX = "lipsync-model-worker-"
 COMPOSITOR_PREFIX = "lipsync-compositor-"
@@ -69,6 +88,11 @@ class Supervisor:
         self._requested: list[dict[str, float]] = []  # the bundles asked of the autoscaler
         self._surplus_since: dict[str, float] = {}  # pool prefix -> when it first had more members than fit
         self.started = False  # the pool was created (or re-attached to)
+        # Ray's control-store (GCS) reads of the reconciler and the probes: synchronous calls, made here and
+        # not on the manager's event loop (they held every call of the manager while the GCS was slow or
+        # restarting); a pool of their own, so reads that hang never take the threads the jobs' work runs on
+        self._gcs_threads = ThreadPoolExecutor(2, thread_name_prefix="gcs-read")
+        self._cluster_read: asyncio.Future | None = None
 
     # --- creation ------------------------------------------------------------------------
     def _create_worker(self, name: str, gpus: float):
@@ -82,9 +106,11 @@ class Supervisor:
                                   get_if_exists=True, num_cpus=self.s.compositor_cpus,
                                   max_concurrency=self.s.chunks_per_compositor).remote(self.s, name)
 
-    def _pool_resources(self) -> dict:
-        """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory."""
-        return dict(memory_bytes=float(ray.cluster_resources().get("memory", 0)),
+    def _pool_resources(self, res: dict | None = None) -> dict:
+        """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory (`res`: Ray's
+        cluster resources, read now when not given)."""
+        res = ray.cluster_resources() if res is None else res
+        return dict(memory_bytes=float(res.get("memory", 0)),
                     compositor_cpus=self.s.compositor_cpus,
                     compositor_memory_bytes=compositor_memory_bytes(self.s.compositor_memory_mb,
                                                                     self.s.chunks_per_compositor))
@@ -145,6 +171,8 @@ class Supervisor:
                 if str(e) != refused:
                     log.warning("the pool cannot start yet: %s", e)
                 refused = str(e)
+            except GcsSlow as e:
+                log.warning("%s: the pool is fitted to the cluster again next round", e)
             except Exception:
                 log.exception("pool reconciliation failed; trying again")
 
@@ -155,15 +183,27 @@ class Supervisor:
         within the settings, and a cluster that shrank keeps no member waiting for resources
         that are gone), and ask the autoscaler for GPU bundles while chunks wait and every worker
         is busy."""
-        res = ray.cluster_resources()
-        await self._mark_departed({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
+        if self._cluster_read is None or self._cluster_read.done():  # one read at a time, however long it takes
+            self._cluster_read = asyncio.get_running_loop().run_in_executor(self._gcs_threads, cluster_state)
+        res, alive_nodes = await self._gcs_answer("the cluster's resources and nodes",
+                                                  asyncio.shield(self._cluster_read))
+        await self._mark_departed(alive_nodes)
         size = fit_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
-                        self.s.compositors, self.s.worker_gpus, **self._pool_resources())
+                        self.s.compositors, self.s.worker_gpus, **self._pool_resources(res))
         await self._resize(self.models, MODEL_WORKER_PREFIX, size.model_workers,
                            lambda name: functools.partial(self._create_worker, name, size.gpus_per_worker))
         await self._resize(self.compositors, COMPOSITOR_PREFIX, size.compositors,
                            lambda name: functools.partial(self._create_compositor, name))
-        self._request_capacity(queued_chunks)
+        self._request_capacity(queued_chunks, float(res.get("GPU", 0)))
+
+    async def _gcs_answer(self, what: str, read: asyncio.Future):
+        """What `read` (a GCS read in `_gcs_threads`) answers, within `actor_call_timeout_s`; `GcsSlow`
+        past it."""
+        try:
+            return await asyncio.wait_for(read, self.s.actor_call_timeout_s)
+        except asyncio.TimeoutError:
+            raise GcsSlow(f"Ray's control store (GCS) gave no answer about {what} within "
+                          f"{self.s.actor_call_timeout_s:g} s") from None
 
     async def _mark_departed(self, alive_nodes: set[str]) -> None:
         """A member that looks live but whose node has left is lost (its next batch would only
@@ -206,15 +246,14 @@ class Supervisor:
         if drop or have < want:
             self.work.set()
 
-    def _request_capacity(self, queued_chunks: int) -> None:
+    def _request_capacity(self, queued_chunks: int, cluster_gpus: float) -> None:
         """Ask Ray's autoscaler for one more model worker and/or compositor while chunks wait and
         those are busy (`autoscaler_bundles`); release the request when the queue is empty."""
         try:
             from ray.autoscaler.sdk import request_resources
         except ImportError:
             return
-        bundles = autoscaler_bundles(queued_chunks, self.models, self.compositors,
-                                     float(ray.cluster_resources().get("GPU", 0)), self.s.worker_gpus,
+        bundles = autoscaler_bundles(queued_chunks, self.models, self.compositors, cluster_gpus, self.s.worker_gpus,
                                      self.s.compositor_cpus)
         if bundles != self._requested:
             if bundles:
@@ -232,13 +271,16 @@ class Supervisor:
     def _first_timeout(self, table: WorkerTable) -> float:
         return self.s.model_load_timeout_s if table is self.models else self.s.actor_call_timeout_s
 
-    def alive(self, name: str) -> bool:
-        """Whether a named actor still exists (alive or restarting); a dead one has lost its name."""
+    async def alive(self, name: str) -> bool:
+        """Whether a named actor still exists (alive or restarting); a dead one has lost its name. Asked of
+        the GCS in `_gcs_threads`; one that gives no answer in time leaves the actor taken as existing."""
+        read = asyncio.get_running_loop().run_in_executor(self._gcs_threads, named_actor_exists, name,
+                                                          self.s.namespace)
         try:
-            ray.get_actor(name, namespace=self.s.namespace)
+            return await self._gcs_answer(f"actor {name}", read)
+        except GcsSlow as e:
+            log.warning("%s: %s taken as still there", e, name)
             return True
-        except ValueError:
-            return False
 
     def kill_for_restart(self, member: Member) -> None:
         metrics.record_replacement(metrics.actor_kind(member.name), "restart")
@@ -255,9 +297,8 @@ class Supervisor:
         member.replacement_counted = True
         if kill:
             ray.kill(member.handle, no_restart=True)
-            for _ in range(100):
-                if not self.alive(member.name):
-                    break
+            until = time.monotonic() + 10.0  # its name is freed once Ray has it dead
+            while time.monotonic() < until and await self.alive(member.name):
                 await asyncio.sleep(0.1)
         factory = self._factories.get(member.name)
         if factory is None:  # dropped from the pool meanwhile (the cluster no longer has room for it)
@@ -284,7 +325,7 @@ class Supervisor:
                 if table.members.get(member.name) is not member:  # dropped while it was asked
                     return
                 if not answer.ok:
-                    if answer.kind == Kind.died and not self.alive(member.name):
+                    if answer.kind == Kind.died and not await self.alive(member.name):
                         await self._replace(member, f"died for good: {answer.error}")
                         deadline = time.monotonic() + first_timeout
                     elif time.monotonic() > deadline:
