@@ -15,10 +15,19 @@ from actors import metrics
 from actors.supervision import Supervisor, TaskSet
 from cluster import logs
 from cluster.config import Settings
-from cluster.errors import ChunkFailed, JobCancelled, LipsyncError, RenderError, RenderTimeout, WorkerLost
+from cluster.errors import (
+    ChunkFailed,
+    JobCancelled,
+    JobRunElsewhere,
+    LipsyncError,
+    RenderError,
+    RenderTimeout,
+    WorkerLost,
+)
 from cluster.fsutil import write_atomic
 from cluster.hls import HlsPublisher
 from cluster.jobstore import JobStore
+from cluster.owners import identity_gone
 from cluster.render import (
     BLOB_FIELDS,
     ChunkResult,
@@ -38,6 +47,27 @@ if TYPE_CHECKING:
     from actors.dispatch import Dispatcher
 
 log = logging.getLogger("lipsync.jobs")
+
+
+async def started_in_thread(start, close):
+    """`await asyncio.to_thread(start)`, whose result is closed (`close()`) when this wait is cancelled
+    (a job's deadline, its cancel) before `start` returns: the thread runs on and would leave what it
+    started (a publisher's threads and audio track) running with nobody holding it."""
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+
+    def after(done: asyncio.Future) -> None:
+        if done.cancelled():
+            return
+        if (e := done.exception()) is not None:
+            log.warning("%s failed after its wait was cancelled: %r", getattr(start, "__qualname__", start), e)
+            return
+        close()
+
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(after)
+        raise
 
 
 class StaleAttempt(JobCancelled):
@@ -77,8 +107,9 @@ class JobRuntime:
 
 class JobMachine:
     def __init__(self, settings: Settings, store: JobStore, pool: Supervisor, dispatcher: Dispatcher,
-                 tasks: TaskSet) -> None:
+                 tasks: TaskSet, owner: str) -> None:
         self.s = settings
+        self.owner = owner  # the deployment this manager is (`JobManager.owner`): it runs that owner's jobs
         self.store = store
         self.pool = pool
         self.dispatcher = dispatcher
@@ -209,6 +240,12 @@ class JobMachine:
         verified output is being committed ends succeeded, and a cancelled job publishes nothing."""
         job = self.jobs.get(job_id)
         if job is None:
+            runner = self.store.runner_of(job_id)
+            if runner is not None and runner != self.owner and not identity_gone(runner):
+                # ended in the shared store while its run renders on and commits its file: refused
+                raise JobRunElsewhere(f"job {job_id} is run by another live run that shares this storage root "
+                                      f"({runner}), not by this service: stop it there (Ctrl-C a `lipsync "
+                                      f"render`), or let it finish", job_id=job_id)
             self._cancel_now(job_id)
             return
         try:
@@ -278,7 +315,7 @@ class JobMachine:
         st = self.store.get(job.id)
         loop = asyncio.get_running_loop()
         publisher = HlsPublisher(job.plan, self.s, on_publish=lambda: loop.call_soon_threadsafe(self._published, job))
-        job.hls = await asyncio.to_thread(publisher.start)
+        job.hls = await started_in_thread(publisher.start, publisher.close)
         if job.finished:
             job.hls.close()
             return False

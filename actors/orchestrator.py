@@ -136,7 +136,7 @@ class JobManager:
         work = asyncio.Event()
         self.pool = Supervisor(settings, self.tasks, work)
         self.dispatcher = Dispatcher(settings, self.pool, self.tasks, work)
-        self.machine = JobMachine(settings, self.store, self.pool, self.dispatcher, self.tasks)
+        self.machine = JobMachine(settings, self.store, self.pool, self.dispatcher, self.tasks, self.owner)
         self.dispatcher.machine = self.machine
         self._booted = asyncio.Event()
         self._boot_error: LipsyncError | None = None

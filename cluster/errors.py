@@ -260,6 +260,14 @@ class JobAbandoned(LipsyncError):
     retryable = False
 
 
+class JobRunElsewhere(LipsyncError):
+    """A job that another live run sharing the storage root runs (e.g. a `lipsync render` beside a service):
+    only that run can stop it (HTTP 409)."""
+    code = "job.run_elsewhere"
+    exit_code = 2
+    retryable = False
+
+
 class OutputPathInUse(InputError):
     """Another unfinished job already writes to the same output path."""
     code = "output.path_in_use"

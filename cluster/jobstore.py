@@ -320,6 +320,17 @@ class JobStore:
             ended = set(self._pending)
         return [(r["id"], r["owner"], r["client"]) for r in rows if r["id"] not in ended]
 
+    def runner_of(self, job_id: str) -> str | None:
+        """Who runs the unfinished job `job_id`: its owner (or, for a job admitted before owners, its
+        client); None when it has ended, does not exist or has neither."""
+        with self._lock:
+            if job_id in self._pending:
+                return None
+            row = self._conn.execute("SELECT state, owner, client FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or JobState(row["state"]).terminal:
+            return None
+        return row["owner"] or row["client"]
+
     def claim_unowned(self, job_id: str, owner: str) -> bool:
         """Make `owner` the owner of a job that has none (admitted before jobs had owners: a store
         of an older version); True when this call claimed it (one manager resumes it, not two)."""

@@ -197,3 +197,14 @@ def test_a_succeeded_job_tells_its_outputs_length_picture_and_rate(tmp_path):
         assert (st.output_width, st.output_height, st.output_fps, st.output_seconds) == (320, 240, 29.97, 3.003)
     failed = s.get("failed")
     assert (failed.output_width, failed.output_height, failed.output_fps, failed.output_seconds) == (None,) * 4
+
+
+def test_who_runs_an_unfinished_job(tmp_path):
+    """`runner_of`: the owner of a job not yet ended (its client for a job admitted before owners), else None."""
+    s = JobStore(tmp_path / "jobs.sqlite3")
+    s.create("mine", REQ, owner="cluster:a", client="embedded:h:1:2")
+    s.create("old", REQ, client="embedded:h:1:2")
+    s.create("ended", REQ, owner="cluster:a")
+    s.end("ended", JobState.cancelled)
+    assert s.runner_of("mine") == "cluster:a" and s.runner_of("old") == "embedded:h:1:2"
+    assert s.runner_of("ended") is None and s.runner_of("nowhere") is None

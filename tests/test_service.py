@@ -132,6 +132,40 @@ def test_async_client_and_cancel(service, svc_media):
     asyncio.run(run())
 
 
+def test_a_job_another_live_run_renders_is_not_cancelled_here(service):
+    """A job of another run sharing the storage root (a `lipsync render` beside the service) was listed, and a
+    DELETE wrote `cancelled` into the shared store while that run rendered on and committed its file: its
+    output then had no job, and the user who cancelled saw a state that was not true. Now refused (409)."""
+    import socket
+
+    import psutil
+
+    from cluster.jobstore import JobStore
+    from cluster.owners import EMBEDDED_PREFIX, identity_gone
+    from cluster.schemas import ErrorInfo, JobState, RenderRequest
+
+    store = JobStore(service.storage_root / "jobs.sqlite3")
+    me = psutil.Process()
+    alive = f"{EMBEDDED_PREFIX}{socket.gethostname()}:{me.pid}:{me.create_time()}"  # this test's process
+    gone = f"{EMBEDDED_PREFIX}{socket.gethostname()}:{me.pid}:{me.create_time() - 100}"  # a run that has ended
+    assert not identity_gone(alive) and identity_gone(gone)
+    request = RenderRequest(audio="/elsewhere/a.wav", video="/elsewhere/v.mp4")
+    store.create("run-elsewhere", request, owner=alive, client=alive)
+    store.create("run-gone", request, owner=gone, client=gone)
+    headers = {"Authorization": f"Bearer {service.token}"} if service.token else {}
+    try:
+        with httpx.Client(base_url=service.url, headers=headers, timeout=60) as http:
+            r = http.delete("/v1/jobs/run-elsewhere")
+            err = r.json()["error"]
+            assert r.status_code == 409 and err["code"] == "job.run_elsewhere", r.text
+            assert alive in err["message"] and "lipsync render" in err["message"], r.text
+            assert http.get("/v1/jobs/run-elsewhere").json()["state"] == "queued"
+            r = http.delete("/v1/jobs/run-gone")  # nobody runs it any more: cancelled here
+            assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    finally:  # the stand-in run ends: the service's list holds no unfinished job of it
+        store.end("run-elsewhere", JobState.failed, error=ErrorInfo(code="test", message="the stand-in run ended"))
+
+
 # --- raw HTTP ---------------------------------------------------------------------------------------
 def test_event_streams_past_the_bound_are_refused_and_a_closed_one_frees_its_place(service, svc_media):
     """Each job event stream asks the job manager twice a second: a replica keeps at most
