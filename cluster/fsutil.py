@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -108,14 +109,27 @@ def touch(path: str | os.PathLike) -> None:
 
 def remove_files_older_than(directory: str | os.PathLike, cutoff: float, log=None) -> int:
     """Remove the files directly in `directory` last changed before `cutoff` (epoch seconds); how
-    many. One that cannot be removed is named in `log`'s warnings and left."""
+    many. One that cannot be removed is named in `log`'s warnings and left.
+
+    Each is renamed aside first and removed only if it is still old then: a file renewed by another
+    process between the look at its age and its removal (`touch`, or replaced by a new copy of the same
+    bytes, as a finished upload is) stays, where an unlink by age alone took it."""
     removed = 0
     directory = Path(directory)
-    for f in directory.iterdir() if directory.is_dir() else []:
+    for f in list(directory.iterdir()) if directory.is_dir() else []:
         try:
-            if f.is_file() and f.stat().st_mtime < cutoff:
-                f.unlink()
+            if not f.is_file() or f.stat().st_mtime >= cutoff:
+                continue
+            aside = temporary_name(f)
+            os.rename(f, aside)
+            if aside.stat().st_mtime >= cutoff:  # renewed between the look and the rename: back, unless a newer
+                with contextlib.suppress(FileExistsError):  # copy took its name meanwhile
+                    os.link(aside, f)
+            else:
                 removed += 1
+            aside.unlink()
+        except FileNotFoundError:  # removed or renamed by another process meanwhile
+            continue
         except OSError as e:
             if log is not None:
                 log.warning("cannot remove the old file %s: %s", f, e)

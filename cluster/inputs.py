@@ -220,11 +220,9 @@ class UploadStore:
         dest = self.s.dir("inputs") / f"{digest}{up.suffix}"
         with open(up.path, "rb+") as f:
             os.fsync(f.fileno())
-        if dest.exists():
-            up.path.unlink(missing_ok=True)
-            os.utime(dest)  # used now: retention judges stored inputs by their last use
-        else:
-            os.replace(up.path, dest)
+        # also where the same bytes are stored already: a new file, used now (retention judges stored inputs by
+        # their last use), which a sweep removing the old one meanwhile leaves (a touch of the old one could not)
+        os.replace(up.path, dest)
         del self._open[upload_id]  # (not before: a finish the disk refused leaves it for `abort` to remove)
         remember_upload_name(dest, up.filename, self.s)
         return StoredInput(ref=f"{UPLOAD_PREFIX}{digest}{up.suffix}", size=up.size, sha256=digest)
