@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cluster.config import Settings
+from cluster.config import Settings, unknown_variables
 from cluster.errors import InputNotFound, LipsyncError, PortInUse, os_reason
 from cluster.ports import PORT_WAIT_S
 from cluster.ports import free_port as _free_port
@@ -247,6 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
     import time
 
+    if unknown := unknown_variables(os.environ):  # a misspelt LIPSYNC_API_TOKEN was a service without a token
+        print(f"lipsync: error: settings.invalid: {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+              else "") + ": docs/SETTINGS.md lists the settings", file=sys.stderr)
+        return 2
     settings = Settings()
     if args.host not in LOOPBACK_HOSTS and settings.api_token is None and not args.insecure:
         print(f"lipsync: error: settings.invalid: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
@@ -987,6 +991,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lipsync.client").setLevel(logging.INFO)  # a retry says what it waits for
+    if args.command != "serve":  # (which refuses them)
+        for problem in unknown_variables(os.environ):
+            print(f"lipsync: warning: {problem}: ignored", file=sys.stderr)
     try:
         # every lipsync.* line one JSON object, as the service's are (the settings read only when it is asked
         # for: a client command does not fail on a server setting it never uses)

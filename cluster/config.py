@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -403,6 +403,29 @@ def get_settings() -> Settings:
     return Settings()
 
 
+#: Variables with the settings' prefix that are not settings: the shell client's service URL, and what the
+#: tests and benchmarks read (`LIPSYNC_TEST_*`, `LIPSYNC_BENCH_*`, `LIPSYNC_CHAOS_SEED`)
+NOT_SETTINGS = ("LIPSYNC_URL", "LIPSYNC_CHAOS_SEED")
+NOT_SETTINGS_PREFIXES = ("LIPSYNC_TEST_", "LIPSYNC_BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The `LIPSYNC_*` variables of `environ` that name no setting, each said with the setting it may have
+    meant (pydantic settings ignore them: `LIPSYNC_API_TOKNE=...` started a service without a token)."""
+    import difflib
+
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if (not upper.startswith("LIPSYNC_") or upper[8:] in known or upper in NOT_SETTINGS
+                or upper.startswith(NOT_SETTINGS_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(upper[8:], known, n=1, cutoff=0.75)
+        found.append(f"{name} is not a setting" + (f" (did you mean LIPSYNC_{close[0]}?)" if close else ""))
+    return found
+
+
 def settings_reference() -> str:
     """docs/SETTINGS.md: every setting with its environment variable, default and description, in the
     sections of `Settings` (its `# --- name ---` comments). `python -m cluster.config > docs/SETTINGS.md`
@@ -421,6 +444,12 @@ def settings_reference() -> str:
             return f"`{str(field.default).lower()}`"
         return f"`{field.default}`" if field.default != "" else "empty"
 
+    def value_range(field) -> str:
+        words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+        said = [f"{words[key]} {getattr(bound, key)}" for bound in field.metadata for key in words
+                if hasattr(bound, key)]
+        return ", ".join(said)
+
     out = ["# Settings", "",
            "Every setting is an environment variable (`LIPSYNC_<NAME>`; `cluster/config.py`, pydantic settings).",
            "Set it where the service starts: where `lipsync serve` or `lipsync render` runs, or on the head pod in",
@@ -438,6 +467,8 @@ def settings_reference() -> str:
             what = (field.description or "").replace("|", "\\|")
             if typing.get_origin(field.annotation) is Literal:  # what it takes, all of it
                 what += f" (one of: {', '.join(map(str, typing.get_args(field.annotation)))})"
+            if bounds := value_range(field):
+                what += f" ({bounds})"
             out.append(f"| `LIPSYNC_{m.group(1).upper()}` | {default(field)} | {what} |")
     return "\n".join(out) + "\n"
 

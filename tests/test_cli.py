@@ -378,6 +378,16 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
         assert elapsed < BAD_INPUT_DEADLINE_S, (variable, elapsed)
     rc, _, err, _ = run_cli([*CLI, "models"], {**env, "LIPSYNC_STORAGE_ROOT": "/etc/passwd"}, workdir, timeout=60)
     assert rc == 2 and "settings.invalid: storage_root" in err and "Traceback" not in err, err[-2000:]
+    # a misspelt setting: pydantic's settings ignore a variable they do not know, and `LIPSYNC_API_TOKNE=...` started
+    # a service that took every request without a token; now refused by `serve`, said by the other commands
+    rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, "LIPSYNC_API_TOKNE": "s3cret"}, workdir,
+                                  timeout=60)
+    assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S and err.strip() == (
+        "lipsync: error: settings.invalid: LIPSYNC_API_TOKNE is not a setting (did you mean LIPSYNC_API_TOKEN?): "
+        "docs/SETTINGS.md lists the settings"), err[-2000:]
+    rc, _, err, _ = run_cli([*CLI, "models"], {**env, "LIPSYNC_CHUNKSECONDS": "2"}, workdir, timeout=60)
+    assert rc == 0 and ("lipsync: warning: LIPSYNC_CHUNKSECONDS is not a setting (did you mean "
+                        "LIPSYNC_CHUNK_SECONDS?): ignored") in err, (rc, err[-2000:])
     # a second `lipsync serve` on a storage root that one holds: refused (both ran, and both rendered the same
     # unfinished job); the holder is named from the lock file
     import fcntl
