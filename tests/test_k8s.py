@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import subprocess
 from pathlib import Path
 
@@ -130,9 +131,11 @@ def test_pod_templates_and_builtin_objects_validate_against_the_kubernetes_api(o
             validate_k8s(d)
     for d in of_kind(docs, "RayService"):  # the API Service KubeRay creates from serveService
         validate_k8s({"apiVersion": "v1", "kind": "Service", **d["spec"]["serveService"]})
-    autoscaler = of_kind(docs, "RayCluster")[0]["spec"]["autoscalerOptions"]
-    validate_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "autoscaler"}, "spec": {"containers": [
-        {"name": "autoscaler", "image": "x", "env": autoscaler["env"], "resources": autoscaler["resources"]}]}})
+    for _, spec in cluster_specs(docs):  # the autoscaler container KubeRay builds from autoscalerOptions
+        autoscaler = spec["autoscalerOptions"]
+        validate_k8s({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "autoscaler"}, "spec": {"containers": [
+            {"name": "autoscaler", "image": "x", "env": autoscaler["env"], "resources": autoscaler["resources"],
+             "securityContext": autoscaler["securityContext"]}]}})
 
 
 def test_the_kubernetes_check_refuses_a_bad_pod_template():
@@ -141,6 +144,143 @@ def test_the_kubernetes_check_refuses_a_bad_pod_template():
     template["spec"]["containers"][0]["resourcez"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template})
+
+
+# Pod Security Standard "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards,
+# the rules the PodSecurity admission applies to a namespace labelled
+# pod-security.kubernetes.io/enforce: restricted), baseline rules included.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the "restricted" profile refuses in a pod spec (empty: admitted)."""
+    out = []
+    psc = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            out.append(f"pod: {field}")
+    if (psc.get("windowsOptions") or {}).get("hostProcess"):
+        out.append("pod: windowsOptions.hostProcess")
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            out.append(f"volume {v['name']}: {sorted(kinds - RESTRICTED_VOLUME_TYPES)}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod: runAsUser 0")
+    if psc.get("runAsNonRoot") is False:
+        out.append("pod: runAsNonRoot false")
+    if (psc.get("seccompProfile") or {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod: seccompProfile {psc['seccompProfile']}")
+    out += [f"pod: sysctl {s['name']}" for s in psc.get("sysctls", []) if s["name"] not in SAFE_SYSCTLS]
+    out += _selinux_apparmor_violations("pod", psc)
+    containers = [*pod.get("initContainers", []), *pod.get("containers", []), *pod.get("ephemeralContainers", [])]
+    assert containers
+    for c in containers:
+        where = f"container {c['name']}"
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            out.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{where}: capabilities.drop lacks ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where}: capabilities.add {caps['add']}")
+        if not (sc.get("runAsNonRoot") is True or (psc.get("runAsNonRoot") is True and "runAsNonRoot" not in sc)):
+            out.append(f"{where}: runAsNonRoot is not true (pod or container)")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{where}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where}: seccompProfile {seccomp} (pod or container: RuntimeDefault or Localhost)")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{where}: procMount {sc['procMount']}")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            out.append(f"{where}: windowsOptions.hostProcess")
+        out += [f"{where}: hostPort {p['hostPort']}" for p in c.get("ports", []) if p.get("hostPort")]
+        out += _selinux_apparmor_violations(where, sc)
+    return out
+
+
+def _selinux_apparmor_violations(where: str, sc: dict) -> list[str]:
+    out = []
+    se = sc.get("seLinuxOptions") or {}
+    if se.get("type", "") not in ("", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+        out.append(f"{where}: seLinuxOptions.type {se['type']}")
+    if se.get("user") or se.get("role"):
+        out.append(f"{where}: seLinuxOptions user/role")
+    if (sc.get("appArmorProfile") or {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"{where}: appArmorProfile {sc['appArmorProfile']}")
+    return out
+
+
+def kuberay_pods(docs):
+    """(cluster, group, pod spec) of every pod KubeRay creates, with the containers it adds: on the
+    head the autoscaler sidecar (container context from autoscalerOptions.securityContext, when
+    enableInTreeAutoscaling is on), on workers the wait-gcs-ready init container (context copied from
+    the Ray container, containers[0]: kuberay ray-operator/controllers/ray/common/pod.go)."""
+    for name, spec in cluster_specs(docs):
+        for group, g in groups(spec):
+            pod = copy.deepcopy(g["template"]["spec"])
+            ray = pod["containers"][0]
+            if group == "head" and spec.get("enableInTreeAutoscaling"):
+                auto = spec.get("autoscalerOptions") or {}
+                pod["containers"].append({"name": "autoscaler", "image": auto.get("image", ray["image"]),
+                                          "securityContext": auto.get("securityContext")})
+            elif group != "head":
+                pod.setdefault("initContainers", []).append(
+                    {"name": "wait-gcs-ready", "image": ray["image"], "securityContext": ray.get("securityContext")})
+            yield name, group, pod
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_meet_the_restricted_pod_security_standard(overlay):
+    """Every pod of both clusters (head with its autoscaler sidecar, every worker group with its
+    init container) is admitted by a namespace enforcing Pod Security "restricted", and runs as the
+    image's own user (Dockerfile `USER 1000`) so the volumes fsGroup hands it stay writable."""
+    users = set(re.findall(r"^USER\s+(\S+)\s*$", (ROOT / "Dockerfile").read_text(), flags=re.M))
+    assert users == {"1000"}, users
+    pods = list(kuberay_pods(render(overlay)))
+    assert len(pods) == 6, [(n, g) for n, g, _ in pods]
+    problems = [f"{name}/{group}: {v}" for name, group, pod in pods for v in restricted_violations(pod)]
+    assert not problems, "\n".join(problems)
+    for name, group, pod in pods:
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["seccompProfile"] == {"type": "RuntimeDefault"}, (name, group)
+        assert psc["runAsUser"] == psc["runAsGroup"] == psc["fsGroup"] == 1000, (name, group)
+        for c in [*pod["containers"], *pod.get("initContainers", [])]:
+            assert "runAsUser" not in (c["securityContext"] or {}), (name, group, c["name"])  # the pod's uid
+
+
+def test_the_restricted_check_refuses_what_the_profile_refuses():
+    """The check is not a rubber stamp: each relaxation of a rendered pod is reported."""
+    _, _, pod = next(p for p in kuberay_pods(render("gpu")) if p[1] == "head")
+    assert restricted_violations(pod) == []
+    breaks = {
+        "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        "allowPrivilegeEscalation": lambda p: p["containers"][1]["securityContext"].pop("allowPrivilegeEscalation"),
+        "capabilities.drop lacks ALL": lambda p: p["containers"][0]["securityContext"].pop("capabilities"),
+        "capabilities.add": lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_PTRACE"]),
+        "runAsNonRoot": lambda p: p["securityContext"].pop("runAsNonRoot"),
+        "seccompProfile": lambda p: p["securityContext"].pop("seccompProfile"),
+        "hostPath": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "hostNetwork": lambda p: p.update(hostNetwork=True),
+        "hostPort": lambda p: p["containers"][0]["ports"][0].update(hostPort=6379),
+        "runAsUser 0": lambda p: p["containers"][0]["securityContext"].update(runAsUser=0),
+    }
+    for needle, relax in breaks.items():
+        broken = copy.deepcopy(pod)
+        relax(broken)
+        assert any(needle in v for v in restricted_violations(broken)), needle
+    broken = copy.deepcopy(pod)
+    broken["containers"][0]["securityContext"]["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    assert restricted_violations(broken) == []  # the one capability "restricted" allows to add
 
 
 def test_secrets_example_validates_and_names_every_secret_the_pods_read():
@@ -309,8 +449,6 @@ def test_operations_doc_matches_the_manifests():
 
 
 def test_operations_doc_explains_every_metric_and_failure_code():
-    import re
-
     from actors.metrics import METRICS
 
     doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
