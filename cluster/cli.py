@@ -468,6 +468,11 @@ def _local_setting_problems(settings: Settings, model: bool = True) -> list[str]
     except OSError as e:
         problems.append(f"storage_root: not a directory this user can write: {e.strerror or e} "
                         f"(got '{root}'; LIPSYNC_STORAGE_ROOT)")
+    else:
+        from cluster.jobstore import storage_root_problem
+
+        if moved := storage_root_problem(settings.db_path):
+            problems.append(f"storage_root: {moved} (got '{root}'; LIPSYNC_STORAGE_ROOT)")
     if model:
         try:  # the check a job's model gets
             check_model(settings.model, settings)

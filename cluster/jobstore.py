@@ -47,7 +47,62 @@ CREATE TABLE IF NOT EXISTS stages (
     ended_at   TEXT,
     PRIMARY KEY (job_id, stage)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+
+def recorded_storage_root(conn: sqlite3.Connection) -> str | None:
+    """The storage root a job store's rows name their files under (jobs' inputs, plans, outputs; avatars
+    beside it name theirs the same way): recorded in its `meta` table, or, in a store written before that
+    was, read from a job's stored inputs (`<root>/jobs/<id>/inputs/...`); None where neither says."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'storage_root'").fetchone()
+    except sqlite3.OperationalError:  # a store from before the table
+        row = None
+    if row is not None:
+        return row[0]
+    for job_id, raw in conn.execute("SELECT id, request FROM jobs ORDER BY created_at DESC LIMIT 50"):
+        try:
+            audio = json.loads(raw).get("audio") or ""
+        except (ValueError, AttributeError):
+            continue
+        marker = f"/jobs/{job_id}/inputs/"
+        if marker in audio:
+            return audio.split(marker, 1)[0]
+    return None
+
+
+def storage_root_problem(db_path: Path) -> str | None:
+    """Why the job store at `db_path` cannot serve the storage root it is in: one whose rows name their
+    files under another root (the root was moved or restored elsewhere: results read as removed, or were
+    served from the old place, and retention never removed the copies); None when it can, or is new."""
+    if not db_path.is_file():
+        return None
+    root = db_path.parent
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            recorded = recorded_storage_root(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as e:  # a store this process cannot read is said where it is opened
+        log.debug("cannot read the storage root recorded in %s: %r", db_path, e)
+        return None
+    if recorded is None or Path(recorded) == root or _same_directory(Path(recorded), root):
+        return None
+    return (f"its job store was written at {recorded}, whose path its jobs and avatars name their files by: serve "
+            f"it there (after a move, a symlink {recorded} -> {root} will do and LIPSYNC_STORAGE_ROOT={recorded}), or "
+            f"start with an empty storage root")
+
+
+def _same_directory(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 log = logging.getLogger("lipsync.jobstore")
 
@@ -138,6 +193,12 @@ class JobStore:
                 except sqlite3.OperationalError as e:  # another process added it meanwhile
                     if "duplicate column" not in str(e):
                         raise
+        if recorded_storage_root(self._conn) is None:  # (a store of before the table: what its rows say)
+            try:
+                self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('storage_root', ?)",
+                                   (str(self.path.parent),))
+            except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
+                log.warning("the storage root of %s was not recorded: %s", self.path, e)
 
     def close(self) -> None:
         with self._lock:

@@ -385,6 +385,17 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S and err.strip() == (
         "lipsync: error: settings.invalid: LIPSYNC_API_TOKNE is not a setting (did you mean LIPSYNC_API_TOKEN?): "
         "docs/SETTINGS.md lists the settings"), err[-2000:]
+    # a storage root moved (or restored) under another path: its rows name their files under the old one
+    from cluster.jobstore import JobStore
+    from cluster.schemas import RenderRequest
+
+    JobStore(workdir / "was" / "jobs.sqlite3").create("j1", RenderRequest(
+        audio=str(workdir / "was" / "jobs" / "j1" / "inputs" / "audio.wav"), video="/v.mp4"))
+    (workdir / "was").rename(workdir / "moved")
+    rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9"], {**env, "LIPSYNC_STORAGE_ROOT": str(
+        workdir / "moved")}, workdir, timeout=60)
+    assert rc == 2 and elapsed < BAD_INPUT_DEADLINE_S and "settings.invalid: storage_root: its job store was " \
+        f"written at {workdir / 'was'}" in err, (rc, err[-2000:])
     rc, _, err, _ = run_cli([*CLI, "models"], {**env, "LIPSYNC_CHUNKSECONDS": "2"}, workdir, timeout=60)
     assert rc == 0 and ("lipsync: warning: LIPSYNC_CHUNKSECONDS is not a setting (did you mean "
                         "LIPSYNC_CHUNK_SECONDS?): ignored") in err, (rc, err[-2000:])

@@ -208,3 +208,33 @@ def test_who_runs_an_unfinished_job(tmp_path):
     s.end("ended", JobState.cancelled)
     assert s.runner_of("mine") == "cluster:a" and s.runner_of("old") == "embedded:h:1:2"
     assert s.runner_of("ended") is None and s.runner_of("nowhere") is None
+
+
+def test_a_store_moved_to_another_root_is_told(tmp_path):
+    """Rows name their files by absolute path under the root they were written in: a copied or restored root
+    served under another path read its results as removed (or served them from the old place). The root is
+    recorded, and a store read elsewhere says so; a store of before the record is judged by its inputs."""
+    import shutil
+    import sqlite3
+
+    from cluster.jobstore import storage_root_problem
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    s = JobStore(old / "jobs.sqlite3")
+    s.create("j1", RenderRequest(audio=str(old / "jobs" / "j1" / "inputs" / "audio.wav"), video="/v.mp4"))
+    s.close()
+    assert storage_root_problem(old / "jobs.sqlite3") is None
+    shutil.copytree(old, new)
+    said = storage_root_problem(new / "jobs.sqlite3")
+    assert said and f"written at {old}" in said and f"symlink {old} -> {new}" in said, said
+    conn = sqlite3.connect(new / "jobs.sqlite3")
+    conn.execute("DROP TABLE meta")  # a store of before the record
+    conn.commit()
+    conn.close()
+    said = storage_root_problem(new / "jobs.sqlite3")
+    assert said and f"written at {old}" in said, said
+    shutil.rmtree(old)
+    old.symlink_to(new)  # the old path made a link to the new place, as the message says: served there
+    assert storage_root_problem(old / "jobs.sqlite3") is None
+    assert storage_root_problem(new / "jobs.sqlite3") is None  # (the same directory, under its new name too)
+    assert storage_root_problem(tmp_path / "none" / "jobs.sqlite3") is None  # a new root
