@@ -406,7 +406,7 @@ class LiveSessionActor:
     # --- files ---------------------------------------------------------------------------
     def read_hls(self, name: str) -> bytes | None:
         """A file of the live stream (the published playlist, the init segment, a segment), or None."""
-        return read_hls_file(self.s, self.id, name)
+        return read_hls_file(self.s, self.id, name, over=self.session is None and (self.lost or self.final) is not None)
 
     # --- state ------------------------------------------------------------------------------------
     def view(self) -> dict:
@@ -582,7 +582,8 @@ class LiveRegistry:
             return None
 
     def read_hls(self, session_id: str, name: str) -> bytes | None:
-        return read_hls_file(self.s, session_id, name)
+        """A file of the stream of a session whose actors have left: it is over (ended, or failed)."""
+        return read_hls_file(self.s, session_id, name, over=True)
 
     def read_recording(self, session_id: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset + length) of a session's recording (b"" past its end or without one)."""
@@ -812,18 +813,20 @@ def session_actor(settings: Settings, session_id: str):
         raise SessionNotFound(f"no live session {session_id}", path="session_id") from None
 
 
-def read_hls_file(settings: Settings, session_id: str, name: str) -> bytes | None:
+def read_hls_file(settings: Settings, session_id: str, name: str, over: bool = False) -> bytes | None:
     """A file of a session's stream (the published playlist, an init segment, a segment) from its
-    directory, or None: what its actor serves, and the ingress once the actors of an ended session are gone."""
-    from cluster.live.encoder import INIT_NAME, SEGMENT_NAME
+    directory, or None: what its actor serves, and the ingress once the actors of an ended session are gone.
+    `over`: the session has ended or failed, so its playlist is served ended (`ended_playlist`)."""
+    from cluster.live.encoder import INIT_NAME, PUBLISHED, SEGMENT_NAME, ended_playlist
 
     # init.mp4, or init-<epoch>.mp4 of the encoder a restart or a takeover started
     if name not in HLS_FILES and not SEGMENT_NAME.match(name) and not INIT_NAME.match(name):
         return None
     try:
-        return (session_dir(settings, session_id) / "hls" / name).read_bytes()
+        data = (session_dir(settings, session_id) / "hls" / name).read_bytes()
     except OSError:
         return None
+    return ended_playlist(data.decode()).encode() if over and name == PUBLISHED else data
 
 
 def ended_session_view(settings: Settings, session_id: str) -> dict | None:
@@ -868,14 +871,27 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
     last = published[-1] if published else {}
     fps = float(_journal_fps(meta, published))
     streamed = round(last.get("end_frame", 0) / fps, 3)
+    mark = last.get("mark") or [0, 0, 0, 0]  # the last speech frame published: [.., .., .., speech frames done]
+    # speech published (what was rendered and not yet published died with it): the stream's pauses are not
+    # speech, so not its seconds (they read more than the speech received)
+    rendered = round(int(mark[3]) / fps, 3)
+    # the speech kept for a restart, or at least what was published of it (a session whose end was written
+    # let its copy go: the recording holds that speech)
+    received = max(received, int(rendered * rate) * 2)
+    seconds_received = round(received / 2 / rate, 3)
+    rendered = min(rendered, seconds_received)
     recording = journal.dir / "recording.mp4"
     size = recording.stat().st_size if recording.is_file() else None
+    figures = last.get("figures") or {}  # as they were at its last segment (its latencies are not journalled)
     return {"id": session_id, "state": "failed", "reason": "failed", "error": error,
             "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
-            "sample_rate": rate, "bytes_received": received, "seconds_received": round(received / 2 / rate, 3),
-            # what was published was rendered first; what was rendered and not yet published died with it
-            "seconds_rendered": streamed, "seconds_streamed": streamed, "segments_published": len(published),
-            "restarts": restarts, "recording_bytes": size, "recording_seconds": streamed if size else None}
+            "sample_rate": rate, "bytes_received": received, "seconds_received": seconds_received,
+            "seconds_rendered": rendered, "seconds_streamed": streamed, "segments_published": len(published),
+            "stalls": int(figures.get("stalls", 0)), "longest_gap_s": float(figures.get("longest_gap_s", 0.0)),
+            "model_faults": int(figures.get("model_faults", 0)),
+            "speech_underruns": int(figures.get("speech_underruns", 0)),
+            # its recording is joined from the published segments on the first request (`join_recording`)
+            "restarts": restarts, "recording_bytes": size, "recording_seconds": streamed if published else None}
 
 
 def _journal_fps(meta: dict, published: list[dict]) -> Fraction:

@@ -903,3 +903,21 @@ def test_a_live_encoder_whose_ffmpeg_failed_releases_its_stderr_file_on_close(tm
     with pytest.raises(LipsyncError, match="live encoding"):
         encoder.close(timeout=10)
     assert encoder._run._stderr.closed
+
+
+def test_a_playlist_left_by_a_session_that_is_over_reads_ended():
+    """A session whose actor died for good, or whose service stopped, left its playlist without
+    `#EXT-X-ENDLIST` and its newest segment listed by its part alone: players followed it for ever."""
+    from cluster.live.encoder import LivePlaylist, ended_playlist, parse_playlist
+
+    playlist = LivePlaylist("/nowhere", window=6, part_target=0.5)
+    playlist.entries = [{"name": f"seg_{i:06d}.m4s", "seconds": 0.48, "frames": 12, "epoch": 0, "init": "init.mp4"}
+                        for i in range(3)]
+    left = playlist.text()
+    assert "#EXT-X-ENDLIST" not in left and left.rstrip().splitlines()[-1].startswith("#EXT-X-PART:")
+    assert parse_playlist(left)[1] == [("seg_000000.m4s", 0.48), ("seg_000001.m4s", 0.48)]
+    over = ended_playlist(left)
+    playlist.ended = True
+    assert over == playlist.text()  # as the session's own end writes it
+    assert parse_playlist(over) == (0, [(f"seg_{i:06d}.m4s", 0.48) for i in range(3)], True)
+    assert ended_playlist(over) == over

@@ -697,14 +697,24 @@ def test_a_session_gone_for_good_still_gives_the_recording_of_what_it_streamed(s
     streamed = session.stats()["seconds_streamed"]
     for name in ("final.json", "recording.mp4"):
         (out / name).unlink()
+    session.playlist.ended = False  # its playlist as a session killed mid-stream leaves it: no ENDLIST, the
+    session.playlist.write()  # newest segment listed by its part
     journal.close()
     with _api(service) as api:
         view = api.get(f"/v1/sessions/{sid}").json()
         assert view["state"] == "failed" and view["error"]["code"] == "session.actor_lost", view
         # no restart used: not "died and was not restarted" (a whole service killed read so)
         assert "is gone: the service or its Ray stopped while the session ran" in view["error"]["message"], view
-        assert view["seconds_rendered"] == view["seconds_streamed"] == streamed and streamed >= 1.9, view
-        assert view["recording_url"] is None
+        # the speech it published, not the stream's length (its pauses are no speech: a failed session read more
+        # rendered than received); its recording offered before it is joined, and its playlist ended (players
+        # followed the playlist of a session gone for good for ever)
+        assert view["seconds_streamed"] == streamed and streamed >= 1.9, view
+        assert view["seconds_rendered"] == pytest.approx(2.0, abs=0.04), view
+        assert view["seconds_rendered"] <= view["seconds_received"], view
+        assert view["recording_url"] and view["recording_seconds"] == streamed and view["stalls"] == 0, view
+        playlist = httpx.get(view["hls_url"], timeout=30).text
+        assert playlist.rstrip().endswith("#EXT-X-ENDLIST") and "#EXT-X-PART:" not in playlist.splitlines()[-3], \
+            playlist
         r = api.get(f"/v1/sessions/{sid}/recording")
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", r.text
         rec = service.storage_root / f"{sid}.mp4"

@@ -345,6 +345,22 @@ def parse_playlist(text: str) -> tuple[int, list[tuple[str, float]], bool]:
     return seq, segments, "#EXT-X-ENDLIST" in text
 
 
+_PART = re.compile(r'^#EXT-X-PART:DURATION=([0-9.]+),URI="([^"]+)"')
+
+
+def ended_playlist(text: str) -> str:
+    """The live playlist `text` as it reads once its session is over, whatever ended it: with
+    `#EXT-X-ENDLIST`, and its in-progress segment (listed by its part alone) listed whole. A session
+    whose actor died for good, or whose service stopped while it ran, left its playlist as it was:
+    players followed it for ever."""
+    if "#EXT-X-ENDLIST" in text:
+        return text
+    lines = text.rstrip("\n").splitlines()
+    if lines and (m := _PART.match(lines[-1].strip())):
+        lines += [f"#EXTINF:{float(m.group(1)):.6f},", m.group(2)]
+    return "\n".join([*lines, "#EXT-X-ENDLIST"]) + "\n"
+
+
 def playlist_has(text: str, msn: int, part: int | None) -> bool | None:
     """LL-HLS blocking playlist reload (`?_HLS_msn=N[&_HLS_part=M]`): does the live playlist `text`
     hold media segment `msn` whole (no `part`) or partial segment `part` of segment `msn` or a later

@@ -274,7 +274,8 @@ def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
                        audio_url=f"{base}/v1/sessions/{sid}/audio",
                        token=token if with_token else None,
                        token_expires=datetime.fromtimestamp(expires, timezone.utc) if expires else None,
-                       recording_url=f"{base}/v1/sessions/{sid}/recording" if raw.get("recording_bytes") else None)
+                       recording_url=f"{base}/v1/sessions/{sid}/recording" if raw.get("recording_bytes") or (
+                           raw.get("state") == "failed" and raw.get("segments_published")) else None)
 
 
 def _problem(e: LipsyncError) -> ApiProblem:
