@@ -35,6 +35,7 @@ from cluster.render import (
     check_plan_files,
     commit_output,
     discard_output,
+    discard_segments,
     output_path_for,
     plan_for_chunk,
     prepare_deadline,
@@ -213,6 +214,7 @@ class JobMachine:
                 except OSError as e:
                     log.warning("job %s: its unfinished output was not removed: %s", job_id, e,
                                 extra={"job_id": job_id})
+                self.tasks.spawn(asyncio.to_thread(discard_segments, job.plan, self.s))  # (many files: not here)
         if job is not None:
             self._published(job)  # a segment waiter learns of the end at once
             if self.jobs.get(job_id) is job:  # its state is in the store now: the runtime (plan, chunk

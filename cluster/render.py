@@ -699,6 +699,14 @@ def discard_output(plan: JobPlan) -> None:
     sweep_finalize_temporaries(plan)
 
 
+def discard_segments(plan: JobPlan, settings: Settings | None = None) -> None:
+    """Remove the segments of a job that ended without its output (failed, cancelled), as a committed
+    job's are (`LIPSYNC_KEEP_SEGMENTS` keeps them): nothing reads them any more, and a job failed by a full
+    disk kept megabytes each until retention, which by default never runs. Its HLS stream stays."""
+    if not (settings or get_settings()).keep_segments:
+        shutil.rmtree(Path(plan.job_dir) / "segments", ignore_errors=True)
+
+
 def _discarded_marker(plan: JobPlan) -> Path:
     return Path(plan.job_dir) / "output.discarded"
 

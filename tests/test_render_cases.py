@@ -572,7 +572,7 @@ def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, tem
     list in the user's output directory (the service chaos test saw it): the next finalize of the
     job, and its commit, remove this job's, and nobody else's."""
     from cluster.fsutil import temporary_name
-    from cluster.render import commit_output, discard_output, pending_output_path
+    from cluster.render import commit_output, discard_output, discard_segments, pending_output_path
 
     s = get_settings()
     audio, _ = _speech(d, "speech_killed_finalize.wav", 16000, seed=21)
@@ -611,3 +611,7 @@ def test_what_a_killed_finalize_left_next_to_the_output_is_removed(d, model, tem
     with pytest.raises(RenderError, match="ended while its output was finalized"):
         finalize_job(b, s, commit=False)
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.mp4"]
+    segments = Path(b.segment_path(0)).parent  # its segments go too, as a committed job's (a job failed by a
+    assert segments.is_dir() and not Path(a.segment_path(0)).parent.exists()  # full disk kept megabytes each)
+    discard_segments(b, s)
+    assert not segments.exists() and Path(b.job_dir).is_dir()
