@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     audio_bitrate: str = Field("160k", description="AAC bitrate of the output's audio, 8k-512k (bits a second, or "
                                "k for thousands); AAC caps it at low sample rates: 16 kHz mono speech comes out "
                                "at 64 kb/s")
-    keep_segments: bool = Field(False, description="keep a job's segments after its output is verified")
+    keep_segments: bool = Field(False, description="keep a job's segments after it ends (its output verified, or "
+                                "it failed or was cancelled)")
 
     # --- limits ---------------------------------------------------------------------------
     max_input_seconds: float = Field(3 * 3600.0, gt=0, description="longest speech audio, and longest template "
