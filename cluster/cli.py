@@ -734,6 +734,36 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
+def _closed_after(error: BaseException, session, c, recording: str | None) -> BaseException:
+    """`lipsync live` failed with `error` (its audio socket lost, the service gone, a wait past its bound):
+    the session is ended with one DELETE (not the half minute of retries against a service that stopped,
+    whose failure said only that the DELETE failed) and `error` is what is raised, saying whether the
+    session was ended and, with --recording, where its recording is fetched from."""
+    import shlex
+
+    from cluster.client import ApiError
+
+    session.close(error=error)
+    if not isinstance(error, (ApiError, TimeoutError)):
+        return error
+    said = ""
+    if session.end_error is not None:
+        said = (f"; the session could not be ended either (DELETE: "
+                f"{'no answer' if session.end_error.status == 0 else session.end_error.code}): the service has "
+                f"stopped or restarts, and ends it by itself once back")
+    if recording:
+        url = c.absolute(f"/v1/sessions/{session.id}/recording")
+        auth = '-H "Authorization: Bearer $LIPSYNC_API_TOKEN" ' if "Authorization" in c.headers else ""
+        said += (f"; its recording (--recording {recording}) was not downloaded: "
+                 + ("once the service is back and the session has ended, " if session.end_error is not None
+                    else "") + f"fetch it with curl -f {auth}-o {shlex.quote(recording)} {url}")
+    if not said:
+        return error
+    if isinstance(error, ApiError):
+        return ApiError(error.status, error.code, error.message + said, error.field)
+    return type(error)(f"{error}{said}")
+
+
 def cmd_live(args: argparse.Namespace) -> int:
     """A live session on a prepared avatar driven by an audio file: the playlist URL first, the
     latency figures at the end."""
@@ -771,12 +801,14 @@ def cmd_live(args: argparse.Namespace) -> int:
         try:
             seconds = session.send_file(args.audio, realtime=args.realtime)
             session.wait_rendered(timeout=max(60.0, seconds * 2))
-        except ApiError as e:
-            if e.code != "session.ended":
-                raise
+        except BaseException as e:  # the socket lost, the service gone, a wait past its bound, Ctrl-C
+            if not (isinstance(e, ApiError) and e.code == "session.ended"):
+                said = _closed_after(e, session, c, args.recording)  # the session ended with one DELETE
+                if said is e:
+                    raise
+                raise said from e
             ended = e
-        finally:
-            view = session.close()
+        view = session.close()
         if ended is not None:
             if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one
                 raise ended

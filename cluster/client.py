@@ -63,6 +63,12 @@ REFUSED_STREAM_PATIENCE_S = 600.0
 SOCKET_TAKEOVER_S = 12.0
 # how long `download_recording` waits for a session that is still ending (its recording is written then)
 RECORDING_WAIT_S = 300.0
+# a live session closed after an error (its audio socket lost, its service gone) is ended with one DELETE
+# bounded so, never retried: the error already raised is what its caller sees, not the DELETE's half minute of
+# retries against a service that stopped (a service that is back ends an idle session by itself)
+CLOSE_AFTER_ERROR_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+# how often a session asked to end (POST /end) is looked at until it has
+END_POLL_S = 0.25
 
 
 class ApiError(Exception):
@@ -1281,6 +1287,8 @@ class _LiveBase:
         self._unconfirmed = bytearray()
         self.sent = 0
         self._opened = False  # an audio socket was open once: a refusal as "in use" then is our own lost one
+        # why `close` after an error could not end the session (its one DELETE failed: logged, never raised)
+        self.end_error: ApiError | None = None
 
     def _end_timeout(self) -> float:
         """How long the end of the speech may take to be confirmed: the server reads the speech queued
@@ -1295,6 +1303,68 @@ class _LiveBase:
         """Whether to open the socket again after `e`: a reconnect (a socket was open before) meets the
         lost one's hold on the session (4409) for a few seconds, until `deadline`."""
         return e.code == "session.socket_in_use" and self._opened and time.monotonic() < deadline
+
+    @staticmethod
+    def _how_lost(code: int | None, reason: str) -> str:
+        if code is None:
+            return "its connection dropped without a close"
+        names = {1001: "going away", 1006: "no close frame", 1011: "server error", 1012: "service restart",
+                 1013: "try again later"}
+        said = reason or names.get(code)
+        return f"closed with code {code}" + (f": {said}" if said else "")
+
+    def _socket_lost(self, code: int | None, reason: str, again: ApiError) -> ApiError:
+        """The error of a socket that was lost (`code`, `reason`) and that could not be opened again
+        (`again`): it names the loss first (the service may have stopped), then the reopening's failure."""
+        if again.status != 0 or not again.code.startswith("connection."):  # the service answered: its refusal
+            return again
+        opening = again.message.removeprefix(f"live session {self.id}: ")
+        unanswered = getattr(again, "unanswered", False)
+        gone = "the service stopped answering" if unanswered else "the service may have stopped"
+        return ApiError(0, again.code, f"live session {self.id}: its audio socket was lost "
+                        f"({self._how_lost(code, reason)}) and could not be opened again ({opening}): {gone}")
+
+    def _end_lost(self, code: int | None, reason: str) -> ApiError:
+        """The error of the socket closed before the end of the speech was confirmed."""
+        if code is not None and 4000 <= code < 5000:  # the service's refusal, as itself
+            return _ws_error(code, reason)
+        return ApiError(0, "session.socket_closed", f"live session {self.id}: its audio socket was lost "
+                        f"({self._how_lost(code, reason)}) before the end of the speech was confirmed")
+
+    def _recording_path(self) -> str:
+        return f"/v1/sessions/{self.id}/recording"
+
+    def _not_ended(self, error: BaseException, failure: ApiError) -> None:
+        """The one DELETE of a close after `error` failed (`failure`): logged at WARNING and noted on
+        `error` (what the caller raises), never raised in its place."""
+        self.end_error = failure
+        answer = (f"no answer ({failure.message.split(': no answer from ', 1)[-1]})" if failure.status == 0
+                  else f"answered {failure.status} {failure.code}: {failure.message}")
+        said = (f"live session {self.id}: not ended after {type(error).__name__}: DELETE /v1/sessions/{self.id}: "
+                f"{answer}; tried once, not again. A service that is back ends the session by itself (idle); its "
+                f"recording is then at {self.client.url}{self._recording_path()}")
+        log.warning("%s", said)
+        if isinstance(error, Exception):
+            error.add_note(said)
+
+    def _after_error(self, r: httpx.Response | None, e: httpx.TransportError | None) -> ApiError | None:
+        """The outcome of a close's one DELETE after an error: None when the session was ended (`view`
+        updated), else its failure."""
+        path = f"/v1/sessions/{self.id}"
+        if r is None:
+            return _connection_error(e, self.client.url, "DELETE", path, True)
+        if r.status_code != 200:
+            return ApiError.from_response(r)
+        self.view = SessionView.model_validate(r.json())
+        return None
+
+    def _end_refused(self, e: ApiError) -> None:
+        """POST /end was answered `e`: the session is ended now (DELETE) instead; no answer at all is raised
+        (a DELETE would not get one either)."""
+        if e.status == 0:
+            raise e
+        log.info("live session %s: its end (POST /end) was answered %s %s: %s; ending it now (DELETE)", self.id,
+                 e.status, e.code, e.message)
 
     @staticmethod
     def _closed(e: Exception) -> tuple[int | None, str]:
@@ -1359,8 +1429,10 @@ class LiveSession(_LiveBase):
         try:
             self._ws = connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
         except (OSError, WebSocketException) as e:  # refused, timed out, a handshake answered with an error
-            raise ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
-                           f"opened: {e!r}") from None
+            unopened = ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
+                                f"opened: {e!r}")
+            unopened.unanswered = isinstance(e, OSError)  # refused, timed out: not a handshake's answer
+            raise unopened from None
         try:
             self._ready(self._ws.recv(timeout=self.client.timeout))
         except Exception as e:
@@ -1387,7 +1459,10 @@ class LiveSession(_LiveBase):
             self._ws = None
             if code is not None and 4000 <= code < 5000:
                 raise _ws_error(code, reason) from None
-            self._socket()  # reopened: re-sends everything after the server's offset, this chunk included
+            try:
+                self._socket()  # reopened: re-sends everything after the server's offset, this chunk included
+            except ApiError as again:
+                raise self._socket_lost(code, reason, again) from None
 
     def end(self) -> None:
         """End the utterance (its tail renders now; the session stays, idle)."""
@@ -1401,7 +1476,7 @@ class LiveSession(_LiveBase):
             self._ready(ws.recv(timeout=self._end_timeout()))
         except ConnectionClosed as e:
             self._ws = None
-            raise _ws_error(*self._closed(e)) from None
+            raise self._end_lost(*self._closed(e)) from None
         except TimeoutError:
             raise self._end_not_confirmed() from None
 
@@ -1433,10 +1508,17 @@ class LiveSession(_LiveBase):
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
             time.sleep(poll_s)
 
-    def close(self, wait_s: float = 60.0) -> SessionView:
-        """End the speech, wait (bounded) until it is rendered, end the session: its final view. The
-        session is ended (DELETE) even when ending the speech or the wait failed (that error is
-        raised after it): it never keeps its live slot behind a failed close."""
+    def close(self, wait_s: float = 60.0, error: BaseException | None = None) -> SessionView:
+        """End the speech, wait (bounded) until it is rendered, end the session: its final view.
+
+        A normal end asks the service to end the session once everything it received is rendered
+        (`POST /end`: its reason reads `finished`) and waits for that end within `wait_s`; it is ended
+        now (DELETE) when `/end` was refused or the end did not come in time, and an error of that is
+        raised. A close after an error (`error`: the one the caller is raising, as leaving the `with`
+        block on one; or ending the speech failing here, raised after it) ends the session with one
+        DELETE, not retried: a failure of it is logged at WARNING, noted on that error and kept in
+        `end_error`, never raised in its place (the service may have stopped: that error says so)."""
+        failed: BaseException | None = None
         try:
             try:
                 if self._ws is not None and self.view.state == "live":
@@ -1451,10 +1533,41 @@ class LiveSession(_LiveBase):
                 if self._ws is not None:
                     ws, self._ws = self._ws, None
                     ws.close()
-        finally:
+        except BaseException as e:
+            failed = e
+        if error is None and failed is None:
+            return self._finish(wait_s)
+        self._delete_once(error or failed)
+        if error is None:
+            raise failed
+        return self.view
+
+    def _finish(self, wait_s: float) -> SessionView:
+        """`POST /end`, then the session's end waited for (`wait_s`); DELETE when refused or not in time."""
+        try:
+            self.view = SessionView.model_validate(
+                self.client.request("POST", f"/v1/sessions/{self.id}/end", idempotent=True).json())
+            deadline = time.monotonic() + wait_s
+            while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                time.sleep(END_POLL_S)
+                self.stats()
+        except ApiError as e:
+            self._end_refused(e)
+        if self.view.state not in ("ended", "failed"):
             self.view = SessionView.model_validate(
                 self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
         return self.view
+
+    def _delete_once(self, error: BaseException) -> None:
+        """The session ended after `error` with one DELETE (`CLOSE_AFTER_ERROR_TIMEOUT`, not retried)."""
+        r = e = None
+        try:
+            r = self.client.http.request("DELETE", f"/v1/sessions/{self.id}", timeout=CLOSE_AFTER_ERROR_TIMEOUT)
+        except httpx.TransportError as lost:
+            e = lost
+        failure = self._after_error(r, e)
+        if failure is not None:
+            self._not_ended(error, failure)
 
     def download_recording(self, path: str | os.PathLike, timeout: float = RECORDING_WAIT_S) -> Path:
         """The session's recording (once it has ended: a session still ending, e.g. just after a
@@ -1480,7 +1593,7 @@ class LiveSession(_LiveBase):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(error=exc[1])
 
 
 class AsyncLiveSession(_LiveBase):
@@ -1516,8 +1629,10 @@ class AsyncLiveSession(_LiveBase):
         try:
             self._ws = await connect(self.view.audio_ws, open_timeout=self.client.timeout, max_size=1 << 20)
         except (OSError, WebSocketException) as e:
-            raise ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
-                           f"opened: {e!r}") from None
+            unopened = ApiError(0, "connection.failed", f"live session {self.id}: its audio socket could not be "
+                                f"opened: {e!r}")
+            unopened.unanswered = isinstance(e, OSError)  # refused, timed out: not a handshake's answer
+            raise unopened from None
         try:
             self._ready(await asyncio.wait_for(self._ws.recv(), self.client.timeout))
         except Exception as e:
@@ -1543,7 +1658,10 @@ class AsyncLiveSession(_LiveBase):
             self._ws = None
             if code is not None and 4000 <= code < 5000:
                 raise _ws_error(code, reason) from None
-            await self._socket()
+            try:
+                await self._socket()
+            except ApiError as again:
+                raise self._socket_lost(code, reason, again) from None
 
     async def end(self) -> None:
         import json
@@ -1556,7 +1674,7 @@ class AsyncLiveSession(_LiveBase):
             self._ready(await asyncio.wait_for(ws.recv(), self._end_timeout()))
         except ConnectionClosed as e:
             self._ws = None
-            raise _ws_error(*self._closed(e)) from None
+            raise self._end_lost(*self._closed(e)) from None
         except (TimeoutError, asyncio.TimeoutError):
             raise self._end_not_confirmed() from None
 
@@ -1586,7 +1704,9 @@ class AsyncLiveSession(_LiveBase):
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
             await asyncio.sleep(poll_s)
 
-    async def close(self, wait_s: float = 60.0) -> SessionView:
+    async def close(self, wait_s: float = 60.0, error: BaseException | None = None) -> SessionView:
+        """The async twin of `LiveSession.close` (`POST /end` on a normal end; after an error one DELETE)."""
+        failed: BaseException | None = None
         try:
             try:
                 if self._ws is not None and self.view.state == "live":
@@ -1601,10 +1721,40 @@ class AsyncLiveSession(_LiveBase):
                 if self._ws is not None:
                     ws, self._ws = self._ws, None
                     await ws.close()
-        finally:
+        except BaseException as e:
+            failed = e
+        if error is None and failed is None:
+            return await self._finish(wait_s)
+        await self._delete_once(error or failed)
+        if error is None:
+            raise failed
+        return self.view
+
+    async def _finish(self, wait_s: float) -> SessionView:
+        try:
+            r = await self.client.request("POST", f"/v1/sessions/{self.id}/end", idempotent=True)
+            self.view = SessionView.model_validate(r.json())
+            deadline = time.monotonic() + wait_s
+            while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                await asyncio.sleep(END_POLL_S)
+                await self.stats()
+        except ApiError as e:
+            self._end_refused(e)
+        if self.view.state not in ("ended", "failed"):
             r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
             self.view = SessionView.model_validate(r.json())
         return self.view
+
+    async def _delete_once(self, error: BaseException) -> None:
+        r = e = None
+        try:
+            r = await self.client.http.request("DELETE", f"/v1/sessions/{self.id}",
+                                               timeout=CLOSE_AFTER_ERROR_TIMEOUT)
+        except httpx.TransportError as lost:
+            e = lost
+        failure = self._after_error(r, e)
+        if failure is not None:
+            self._not_ended(error, failure)
 
     async def download_recording(self, path: str | os.PathLike, timeout: float = RECORDING_WAIT_S) -> Path:
         """The async twin of `LiveSession.download_recording`."""
@@ -1629,7 +1779,7 @@ class AsyncLiveSession(_LiveBase):
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.close()
+        await self.close(error=exc[1])
 
 
 def _session_body(avatar_id: str, model: str | None, sample_rate: int, max_seconds: float | None,

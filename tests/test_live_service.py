@@ -241,7 +241,7 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
             live_view = session.stats()
             assert live_view.state == "live" and live_view.latency_samples > 0
         final = session.view
-        assert final.state == "ended" and final.reason == "deleted"
+        assert final.state == "ended" and final.reason == "finished"  # POST /end, everything rendered (not DELETE)
         rec = session.download_recording(tmp_path / "rec.mp4")
     import av
 
@@ -291,7 +291,7 @@ def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, 
         assert probe.headers["content-length"] == str(len(segment.content))
         assert httpx.head(session.hls_url, timeout=30).status_code == 200
         again = api.delete(f"/v1/sessions/{session.id}")  # a repeated DELETE: the same end
-        assert again.status_code == 200 and again.json()["reason"] == "deleted", again.text
+        assert again.status_code == 200 and again.json()["reason"] == "finished", again.text
         late = api.post(f"/v1/sessions/{session.id}/audio", params={"offset": 0}, content=b"\x00\x00")
         assert late.status_code == 410 and late.json()["error"]["code"] == "session.ended", late.text
 
@@ -447,7 +447,7 @@ def test_cli_live_prints_the_playlist_url_then_latency(service, live_avatar, spe
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert "/hls/index.m3u8?token=" in lines[0]
-    assert "ended (deleted)" in lines[-1] and "3.20 s rendered" in lines[-1] and "latency p50" in lines[-1]
+    assert "ended (finished)" in lines[-1] and "3.20 s rendered" in lines[-1] and "latency p50" in lines[-1]
     assert lines[-1].endswith("segments <= 0.3 s"), lines[-1]  # the session's own segment length was asked for
     # a segment length the service does not offer is refused before any session starts, naming the field
     out = subprocess.run([lipsync, "live", "--avatar", live_avatar, "--audio", speech_wav, "--url", service.url,
@@ -595,7 +595,7 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         watcher.stop()
         final = session.close()
         rec = session.download_recording(tmp_path / "rec.mp4")
-    assert final.state == "ended" and final.reason == "deleted" and final.restarts == 1
+    assert final.state == "ended" and final.reason == "finished" and final.restarts == 1
     positions = [p for _, p in advances]
     assert positions == sorted(positions) and positions[-1] > positions[0]
     after = [t for t, _ in advances if t > killed_at + encoding_again]
