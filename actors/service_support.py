@@ -350,7 +350,7 @@ class ServiceSidecar:
                     self.store.attempt(job_id, "the job did not end before the callback deadline", final=True)
                     return
                 await asyncio.sleep(1.0)
-            body = job_view(st).model_dump_json().encode()
+            body = job_view(st, storage_root=str(self.s.storage_root)).model_dump_json().encode()
             headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
             if (key := self.s.callback_key()) is not None:
                 headers[SIGNATURE_HEADER] = sign(body, key)

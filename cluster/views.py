@@ -2,15 +2,31 @@
 shared by the HTTP ingress and the callback notifier."""
 from __future__ import annotations
 
-from cluster.schemas import JobState, JobStatus, JobView, OutputInfo, batch_of
+from cluster.schemas import ErrorInfo, JobState, JobStatus, JobView, OutputInfo, batch_of
 
 STAGES = {JobState.queued: "queued", JobState.preparing: "prepare", JobState.rendering: "render",
           JobState.finalizing: "finalize", JobState.succeeded: "done", JobState.failed: "done",
           JobState.cancelled: "done"}
 
 
-def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
-    """The view of `st`; `watch_url` is its HLS playlist's URL (the ingress signs it)."""
+#: What a view says in place of the service's storage root (`without_root`)
+ROOT_SHOWN = "$LIPSYNC_STORAGE_ROOT"
+
+
+def without_root(error: ErrorInfo | None, storage_root: str | None) -> ErrorInfo | None:
+    """`error` with the server's storage root written as `$LIPSYNC_STORAGE_ROOT` in its message, cause and
+    path: a job that failed writing a segment (a full disk) told every client where the service keeps its
+    files. The job manager's log keeps the whole path."""
+    if error is None or not storage_root:
+        return error
+    root = storage_root.rstrip("/")
+    return error.model_copy(update={k: getattr(error, k).replace(root, ROOT_SHOWN) for k in ("message", "cause", "path")
+                                    if getattr(error, k)})
+
+
+def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | None = None) -> JobView:
+    """The view of `st`; `watch_url` is its HLS playlist's URL (the ingress signs it); `storage_root`: the
+    service's, not shown (`without_root`)."""
     out = None
     if st.state == JobState.succeeded:
         if st.output_bytes is not None:
@@ -35,7 +51,7 @@ def job_view(st: JobStatus, watch_url: str | None = None) -> JobView:
     return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
-                   timings=timings, error=st.error, output=out, sync_mode=sync,
+                   timings=timings, error=without_root(st.error, storage_root), output=out, sync_mode=sync,
                    batch_id=batch_of(st.id), watch_url=watch_url, inputs=inputs)
 
 

@@ -127,7 +127,7 @@ class Backend:
 
     def view(self, st: JobStatus) -> JobView:
         """The API's view of a job, with its watch_url."""
-        return job_view(st, watch_url=self.watch_url(st.id))
+        return job_view(st, watch_url=self.watch_url(st.id), storage_root=str(self.settings.storage_root))
 
     # admission ---------------------------------------------------------------------------------
     async def known(self, job_id: str | None) -> bool:

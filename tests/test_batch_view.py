@@ -138,3 +138,18 @@ def test_a_batch_answered_503_says_to_send_the_batch_again_and_is_not_failed_whi
         message = r.json()["error"]["message"]
         assert r.status_code == 503 and "its job was not admitted" in message, message
         assert "send the request again with id " in message and "--000'" not in message, message
+
+
+def test_a_job_view_does_not_tell_where_the_service_keeps_its_files():
+    """A job failed by a full disk said `... No space left on device: '/srv/lipsync/jobs/ID/segments/00023.tmp.mp4'`
+    to every client (and to its callback): the storage root is written `$LIPSYNC_STORAGE_ROOT` in views."""
+    from cluster.views import job_view
+
+    where = "/srv/lipsync/jobs/j1/segments/00023.ea029449.tmp.mp4"
+    error = ErrorInfo(code="resource.disk", message=f"[Errno 28] No space left on device: '{where}'", stage="encode",
+                      cause=f"OSError(28, {where!r})", path=where)
+    st = JobStatus(id="j1", state=JobState.failed, created_at=utcnow(), error=error)
+    shown = job_view(st, storage_root="/srv/lipsync/").error
+    assert "/srv/lipsync" not in shown.model_dump_json(), shown
+    assert shown.path == "$LIPSYNC_STORAGE_ROOT/jobs/j1/segments/00023.ea029449.tmp.mp4" and shown.code == error.code
+    assert job_view(st).error == error  # (the job manager's own view, and its log, keep it)

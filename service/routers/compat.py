@@ -129,7 +129,7 @@ async def easy_query(code: str = "", backend: Backend = Depends(get_backend)) ->
         return envelope(10000, True, "success", CompatData(code=code, status=2, progress=100,
                                                            result=backend.compat_result_path(code)))
     if st.state.terminal:
-        err = st.error
+        err = backend.view(st).error  # (the storage root not shown)
         msg = f"{err.code}: {err.message}" if err else f"job {st.state.value}"
         return envelope(10000, True, "failed", CompatData(code=code, status=3, progress=backend.compat_progress(st),
                                                           msg=msg))

@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from cluster.errors import LipsyncError
 from cluster.live import SessionOffsetGap
 from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
+from cluster.views import without_root
 from service.auth import require_token
 from service.backend import conditional_range
 from service.errors import ApiProblem, error_responses, http_status
@@ -268,7 +269,7 @@ def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
     watch_query = f"?token={watch}" if watch else ""
     ws_base = "ws" + base[4:] if base.startswith("http") else base
     own = ("token", "token_expires", "hls_url", "audio_ws", "audio_url", "recording_url")
-    return SessionView(**{k: v for k, v in raw.items() if k in SessionView.model_fields and k not in own},
+    view = SessionView(**{k: v for k, v in raw.items() if k in SessionView.model_fields and k not in own},
                        hls_url=f"{base}/v1/sessions/{sid}/hls/index.m3u8{watch_query}",  # for viewers: watch only
                        audio_ws=f"{ws_base}/v1/sessions/{sid}/audio{query}",
                        audio_url=f"{base}/v1/sessions/{sid}/audio",
@@ -276,6 +277,7 @@ def _view(request: Request, raw: dict, with_token: bool = True) -> SessionView:
                        token_expires=datetime.fromtimestamp(expires, timezone.utc) if expires else None,
                        recording_url=f"{base}/v1/sessions/{sid}/recording" if raw.get("recording_bytes") or (
                            raw.get("state") == "failed" and raw.get("segments_published")) else None)
+    return view.model_copy(update={"error": without_root(view.error, str(_settings(request).storage_root))})
 
 
 def _problem(e: LipsyncError) -> ApiProblem:
