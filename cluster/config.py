@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Literal, Mapping
 
@@ -408,6 +409,10 @@ def get_settings() -> Settings:
 #: tests and benchmarks read (`LIPSYNC_TEST_*`, `LIPSYNC_BENCH_*`, `LIPSYNC_CHAOS_SEED`)
 NOT_SETTINGS = ("LIPSYNC_URL", "LIPSYNC_CHAOS_SEED")
 NOT_SETTINGS_PREFIXES = ("LIPSYNC_TEST_", "LIPSYNC_BENCH_")
+#: What Kubernetes sets in every pod for each Service of its namespace (`enableServiceLinks`): the services
+#: `lipsync-api`, `lipsync-head-svc`, ... give `LIPSYNC_API_SERVICE_HOST`, `LIPSYNC_API_PORT_8000_TCP_ADDR`, ...
+SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)"
+                          r"(_ADDR|_PORT|_PROTO)?)?)$")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -420,7 +425,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(environ):
         upper = name.upper()
         if (not upper.startswith("LIPSYNC_") or upper[8:] in known or upper in NOT_SETTINGS
-                or upper.startswith(NOT_SETTINGS_PREFIXES)):
+                or upper.startswith(NOT_SETTINGS_PREFIXES) or SERVICE_LINK.match(upper)):
             continue
         close = difflib.get_close_matches(upper[8:], known, n=1, cutoff=0.75)
         found.append(f"{name} is not a setting" + (f" (did you mean LIPSYNC_{close[0]}?)" if close else ""))

@@ -161,3 +161,19 @@ def test_relative_paths_in_settings_are_made_absolute_for_processes_that_run_els
     assert os.environ["LIPSYNC_MODEL"] == "builtin:96" and os.environ["LIPSYNC_FFMPEG"] == "ffmpeg"
     assert os.environ["LIPSYNC_INPUT_ROOTS"] == f"{tmp_path / 'media'}::/srv/in"
     assert os.environ["LIPSYNC_COMPAT_DATA_DIR"] == str(tmp_path / "compat")
+
+
+def test_a_variable_that_names_no_setting_is_found_and_kubernetes_service_links_are_not():
+    """`unknown_variables`: a misspelt setting is named with the one it may have meant; what Kubernetes sets in
+    every pod for the namespace's Services (`lipsync-api` gives LIPSYNC_API_SERVICE_HOST, ...) and the variables
+    of the client, tests and benchmarks are not settings, and not mistakes."""
+    from cluster.config import unknown_variables
+
+    fine = ["LIPSYNC_API_SERVICE_HOST", "LIPSYNC_API_SERVICE_PORT", "LIPSYNC_API_SERVICE_PORT_HTTP", "LIPSYNC_API_PORT",
+            "LIPSYNC_API_PORT_8000_TCP", "LIPSYNC_API_PORT_8000_TCP_ADDR", "LIPSYNC_API_PORT_8000_TCP_PROTO",
+            "LIPSYNC_HEAD_SVC_SERVICE_PORT_GCS_SERVER", "LIPSYNC_BATCH_HEAD_SVC_PORT_6379_TCP_PORT", "LIPSYNC_URL",
+            "LIPSYNC_TEST_ARTIFACTS", "LIPSYNC_BENCH_CACHE", "LIPSYNC_CRF", "lipsync_crf", "PATH"]
+    assert unknown_variables({name: "x" for name in fine}) == []
+    assert unknown_variables({"LIPSYNC_API_TOKNE": "s", "LIPSYNC_NOTHING_LIKE_IT": "1"}) == [
+        "LIPSYNC_API_TOKNE is not a setting (did you mean LIPSYNC_API_TOKEN?)",
+        "LIPSYNC_NOTHING_LIKE_IT is not a setting"]
