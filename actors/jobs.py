@@ -27,7 +27,7 @@ from cluster.errors import (
 from cluster.fsutil import write_atomic
 from cluster.hls import HlsPublisher
 from cluster.jobstore import JobStore
-from cluster.owners import identity_gone
+from cluster.owners import identity_alive
 from cluster.render import (
     BLOB_FIELDS,
     ChunkResult,
@@ -243,10 +243,12 @@ class JobMachine:
         job = self.jobs.get(job_id)
         if job is None:
             runner = self.store.runner_of(job_id)
-            if runner is not None and runner != self.owner and not identity_gone(runner):
-                # ended in the shared store while its run renders on and commits its file: refused
+            if runner is not None and runner != self.owner and identity_alive(runner):
+                # ended in the shared store while its run renders on and commits its file: refused (a run not
+                # known to be alive, on another host or a cluster's, is cancelled as before: else a job whose
+                # run died where this one cannot see would hold its queue place and output path for good)
                 raise JobRunElsewhere(f"job {job_id} is run by another live run that shares this storage root "
-                                      f"({runner}), not by this service: stop it there (Ctrl-C a `lipsync "
+                                      f"({runner}), not by this service: stop it there (Ctrl-C that `lipsync "
                                       f"render`), or let it finish", job_id=job_id)
             self._cancel_now(job_id)
             return

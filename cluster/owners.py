@@ -36,3 +36,15 @@ def identity_gone(identity: str | None) -> bool:
         return abs(psutil.Process(pid_n).create_time() - started_f) > 0.05
     except psutil.NoSuchProcess:
         return True
+
+
+def identity_alive(identity: str | None) -> bool:
+    """True when `identity` names an embedded run on this host whose process still runs: a run known to be
+    rendering its jobs. Anything else (a cluster deployment, another host, a process gone) is not known to."""
+    if not identity or not identity.startswith(EMBEDDED_PREFIX):
+        return False
+    try:
+        host = identity[len(EMBEDDED_PREFIX):].rsplit(":", 2)[0]
+    except ValueError:
+        return False
+    return host == socket.gethostname() and not identity_gone(identity)

@@ -152,6 +152,7 @@ def test_a_job_another_live_run_renders_is_not_cancelled_here(service):
     request = RenderRequest(audio="/elsewhere/a.wav", video="/elsewhere/v.mp4")
     store.create("run-elsewhere", request, owner=alive, client=alive)
     store.create("run-gone", request, owner=gone, client=gone)
+    store.create("run-on-another-host", request, owner=f"{EMBEDDED_PREFIX}another-host:42:1.0")
     headers = {"Authorization": f"Bearer {service.token}"} if service.token else {}
     try:
         with httpx.Client(base_url=service.url, headers=headers, timeout=60) as http:
@@ -161,6 +162,10 @@ def test_a_job_another_live_run_renders_is_not_cancelled_here(service):
             assert alive in err["message"] and "lipsync render" in err["message"], r.text
             assert http.get("/v1/jobs/run-elsewhere").json()["state"] == "queued"
             r = http.delete("/v1/jobs/run-gone")  # nobody runs it any more: cancelled here
+            assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+            # a run this machine cannot see alive (it may have died there): cancelled, or its job held a queue
+            # place and its output path for good
+            r = http.delete("/v1/jobs/run-on-another-host")
             assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
     finally:  # the stand-in run ends: the service's list holds no unfinished job of it
         store.end("run-elsewhere", JobState.failed, error=ErrorInfo(code="test", message="the stand-in run ended"))
