@@ -19,9 +19,19 @@ def without_root(error: ErrorInfo | None, storage_root: str | None) -> ErrorInfo
     files. The job manager's log keeps the whole path."""
     if error is None or not storage_root:
         return error
-    root = storage_root.rstrip("/")
-    return error.model_copy(update={k: getattr(error, k).replace(root, ROOT_SHOWN) for k in ("message", "cause", "path")
-                                    if getattr(error, k)})
+    return error.model_copy(update={k: text_without_root(getattr(error, k), storage_root)
+                                    for k in ("message", "cause", "path") if getattr(error, k)})
+
+
+def text_without_root(text: str, storage_root: str | None) -> str:
+    """`text` with the paths under `storage_root` written from `$LIPSYNC_STORAGE_ROOT` (a whole path part:
+    /data/lipsync2 stays as it is beside the root /data/lipsync; a root of / is left unsaid)."""
+    import re
+
+    root = (storage_root or "").rstrip("/")
+    if not root:
+        return text
+    return re.sub(re.escape(root) + r"(?=/|$|[\s'\":,;)\]])", lambda _: ROOT_SHOWN, text)
 
 
 def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | None = None) -> JobView:

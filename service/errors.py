@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the routes import it from here)
+from cluster.views import text_without_root
 
 log = logging.getLogger("lipsync.service")
 
@@ -146,9 +147,12 @@ def install_exception_handlers(app: FastAPI) -> None:
     """Every route answers errors the same way: ApiProblem, typed errors, invalid requests and
     unknown paths all get the API's error body."""
 
+    def said(request: Request, message: str) -> str:  # where the service keeps its files is not told
+        return text_without_root(message, str(request.app.state.settings.storage_root))
+
     @app.exception_handler(ApiProblem)
     async def _problem(request: Request, e: ApiProblem):
-        return error_response(e.status, e.code, e.message, e.field, e.headers)
+        return error_response(e.status, e.code, said(request, e.message), e.field, e.headers)
 
     @app.exception_handler(LipsyncError)
     async def _lipsync(request: Request, e: LipsyncError):
@@ -158,7 +162,7 @@ def install_exception_handlers(app: FastAPI) -> None:
         field = e.field or field_of(e, getattr(request.state, "inputs", {}))
         if status >= 500:
             log.error("%s %s: %s: %s", request.method, request.url.path, e.code, e.message)
-        return error_response(status, e.code, e.message, field, headers)
+        return error_response(status, e.code, said(request, e.message), field, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):

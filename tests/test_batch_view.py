@@ -153,3 +153,14 @@ def test_a_job_view_does_not_tell_where_the_service_keeps_its_files():
     assert "/srv/lipsync" not in shown.model_dump_json(), shown
     assert shown.path == "$LIPSYNC_STORAGE_ROOT/jobs/j1/segments/00023.ea029449.tmp.mp4" and shown.code == error.code
     assert job_view(st).error == error  # (the job manager's own view, and its log, keep it)
+
+
+def test_the_storage_root_is_said_as_a_whole_path_part_only():
+    """`text_without_root`: /data/lipsync2 beside the root /data/lipsync stays as it is (a plain replace made it
+    `$LIPSYNC_STORAGE_ROOT2`), and a root of / is not written into every gap of the message."""
+    from cluster.views import text_without_root
+
+    said = text_without_root("'/data/lipsync/jobs/a' /data/lipsync2/b /data/lipsync-in/c at /data/lipsync",
+                             "/data/lipsync/")
+    assert said == "'$LIPSYNC_STORAGE_ROOT/jobs/a' /data/lipsync2/b /data/lipsync-in/c at $LIPSYNC_STORAGE_ROOT", said
+    assert text_without_root("no space: /x", "/") == "no space: /x"
