@@ -83,7 +83,7 @@ def storage_root_problem(db_path: Path) -> str | None:
         return None
     root = db_path.parent
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=5)  # (escaped: # ? %)
         try:
             recorded = recorded_storage_root(conn)
         finally:
@@ -193,10 +193,11 @@ class JobStore:
                 except sqlite3.OperationalError as e:  # another process added it meanwhile
                     if "duplicate column" not in str(e):
                         raise
-        if recorded_storage_root(self._conn) is None:  # (a store of before the table: what its rows say)
+        if self._conn.execute("SELECT 1 FROM meta WHERE key = 'storage_root'").fetchone() is None:
+            # a new store: its root; a store of before the table: the root its rows say, once
+            root = recorded_storage_root(self._conn) or str(self.path.parent)
             try:
-                self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('storage_root', ?)",
-                                   (str(self.path.parent),))
+                self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('storage_root', ?)", (root,))
             except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
                 log.warning("the storage root of %s was not recorded: %s", self.path, e)
 

@@ -233,6 +233,8 @@ def test_a_store_moved_to_another_root_is_told(tmp_path):
     conn.close()
     said = storage_root_problem(new / "jobs.sqlite3")
     assert said and f"written at {old}" in said, said
+    JobStore(new / "jobs.sqlite3").close()  # opened: the root its rows say is recorded, not the one it is in
+    assert storage_root_problem(new / "jobs.sqlite3") == said
     shutil.rmtree(old)
     old.symlink_to(new)  # the old path made a link to the new place, as the message says: served there
     assert storage_root_problem(old / "jobs.sqlite3") is None
