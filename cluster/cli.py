@@ -734,11 +734,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
-def _closed_after(error: BaseException, session, c, recording: str | None) -> BaseException:
+def _closed_after(error: BaseException, session, c, recording: str | None, token_given: bool) -> BaseException:
     """`lipsync live` failed with `error` (its audio socket lost, the service gone, a wait past its bound):
     the session is ended with one DELETE (not the half minute of retries against a service that stopped,
     whose failure said only that the DELETE failed) and `error` is what is raised, saying whether the
-    session was ended and, with --recording, where its recording is fetched from."""
+    session was ended (and, when not, whether the service answered) and, with --recording, where its
+    recording is fetched from (`token_given`: the token came from --token, not $LIPSYNC_API_TOKEN)."""
     import shlex
 
     from cluster.client import ApiError
@@ -747,16 +748,24 @@ def _closed_after(error: BaseException, session, c, recording: str | None) -> Ba
     if not isinstance(error, (ApiError, TimeoutError)):
         return error
     said = ""
-    if session.end_error is not None:
-        said = (f"; the session could not be ended either (DELETE: "
-                f"{'no answer' if session.end_error.status == 0 else session.end_error.code}): the service has "
-                f"stopped or restarts, and ends it by itself once back")
+    failure = session.end_error
+    if failure is not None and failure.status == 0:  # no answer: refused, timed out
+        said = ("; the session could not be ended either (DELETE: no answer): the service has stopped or "
+                "restarts, and ends it by itself once back")
+    elif failure is not None:  # answered: what it said (a token it refuses now, a session it does not know)
+        said = (f"; the session could not be ended either (DELETE answered {failure.status} {failure.code}: "
+                f"{failure.message})")
     if recording:
         url = c.absolute(f"/v1/sessions/{session.id}/recording")
-        auth = '-H "Authorization: Bearer $LIPSYNC_API_TOKEN" ' if "Authorization" in c.headers else ""
-        said += (f"; its recording (--recording {recording}) was not downloaded: "
-                 + ("once the service is back and the session has ended, " if session.end_error is not None
-                    else "") + f"fetch it with curl -f {auth}-o {shlex.quote(recording)} {url}")
+        auth = ""
+        if "Authorization" in c.headers:  # the token itself is never printed
+            auth = '-H "Authorization: Bearer ' + ("<your token>" if token_given else "$LIPSYNC_API_TOKEN") + '" '
+        when = ""
+        if failure is not None:
+            when = ("once the service is back and the session has ended, " if failure.status == 0
+                    else "once the session has ended, ")
+        said += (f"; its recording (--recording {recording}) was not downloaded: {when}"
+                 f"fetch it with curl -f {auth}-o {shlex.quote(recording)} {url}")
     if not said:
         return error
     if isinstance(error, ApiError):
@@ -803,7 +812,8 @@ def cmd_live(args: argparse.Namespace) -> int:
             session.wait_rendered(timeout=max(60.0, seconds * 2))
         except BaseException as e:  # the socket lost, the service gone, a wait past its bound, Ctrl-C
             if not (isinstance(e, ApiError) and e.code == "session.ended"):
-                said = _closed_after(e, session, c, args.recording)  # the session ended with one DELETE
+                said = _closed_after(e, session, c, args.recording,  # the session ended with one DELETE
+                                     token_given=args.token is not None)
                 if said is e:
                     raise
                 raise said from e

@@ -69,6 +69,8 @@ RECORDING_WAIT_S = 300.0
 CLOSE_AFTER_ERROR_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 # how often a session asked to end (POST /end) is looked at until it has
 END_POLL_S = 0.25
+# what a live session's close after an error raises when it comes while closing (never swallowed for that error)
+_INTERRUPTS = (KeyboardInterrupt, asyncio.CancelledError)
 
 
 class ApiError(Exception):
@@ -1358,12 +1360,12 @@ class _LiveBase:
         self.view = SessionView.model_validate(r.json())
         return None
 
-    def _end_refused(self, e: ApiError) -> None:
-        """POST /end was answered `e`: the session is ended now (DELETE) instead; no answer at all is raised
-        (a DELETE would not get one either)."""
+    def _end_refused(self, e: ApiError, what: str) -> None:
+        """`what` (the POST /end, or a GET of the session while it ends) was answered `e`: the session is
+        ended now (DELETE) instead; no answer at all is raised (a DELETE would not get one either)."""
         if e.status == 0:
             raise e
-        log.info("live session %s: its end (POST /end) was answered %s %s: %s; ending it now (DELETE)", self.id,
+        log.info("live session %s: %s was answered %s %s: %s; ending it now (DELETE)", self.id, what,
                  e.status, e.code, e.message)
 
     @staticmethod
@@ -1511,17 +1513,25 @@ class LiveSession(_LiveBase):
     def close(self, wait_s: float = 60.0, error: BaseException | None = None) -> SessionView:
         """End the speech, wait (bounded) until it is rendered, end the session: its final view.
 
-        A normal end asks the service to end the session once everything it received is rendered
-        (`POST /end`: its reason reads `finished`) and waits for that end within `wait_s`; it is ended
-        now (DELETE) when `/end` was refused or the end did not come in time, and an error of that is
-        raised. A close after an error (`error`: the one the caller is raising, as leaving the `with`
-        block on one; or ending the speech failing here, raised after it) ends the session with one
-        DELETE, not retried: a failure of it is logged at WARNING, noted on that error and kept in
-        `end_error`, never raised in its place (the service may have stopped: that error says so)."""
+        A normal end (no `error`) ends the speech on the audio socket, waits until it is rendered, then
+        asks the service to end the session once everything it received is rendered (`POST /end`: its
+        reason reads `finished`) and waits for that end; it is ended now (DELETE) when `/end` was refused
+        or the end did not come in time. Its time is bounded by the sum of its steps, not by `wait_s`:
+        the speech's end confirmed within `client.timeout` plus the seconds of speech the server had not
+        confirmed, up to `wait_s` for the rendering, the `POST /end`, up to `wait_s` again for the
+        session's end, then a DELETE of up to 120 s an attempt (each request retried as the client's
+        others are). A failure of the speech's end or of its rendering ends the session with one DELETE
+        (as below) and is raised.
+
+        A close after an error (`error`: the one the caller is raising, as leaving the `with` block on
+        one) neither ends the speech nor waits for it: it closes the audio socket and ends the session
+        with one DELETE (`CLOSE_AFTER_ERROR_TIMEOUT`), not retried; a failure of it is logged at WARNING,
+        noted on that error and kept in `end_error`, never raised in its place (the service may have
+        stopped: that error says so). A KeyboardInterrupt there is raised after that DELETE."""
         failed: BaseException | None = None
         try:
             try:
-                if self._ws is not None and self.view.state == "live":
+                if error is None and self._ws is not None and self.view.state == "live":
                     try:
                         self.end()
                     except ApiError as e:
@@ -1538,7 +1548,7 @@ class LiveSession(_LiveBase):
         if error is None and failed is None:
             return self._finish(wait_s)
         self._delete_once(error or failed)
-        if error is None:
+        if error is None or isinstance(failed, _INTERRUPTS):  # a Ctrl-C while closing is not swallowed
             raise failed
         return self.view
 
@@ -1547,12 +1557,16 @@ class LiveSession(_LiveBase):
         try:
             self.view = SessionView.model_validate(
                 self.client.request("POST", f"/v1/sessions/{self.id}/end", idempotent=True).json())
-            deadline = time.monotonic() + wait_s
-            while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
-                time.sleep(END_POLL_S)
-                self.stats()
         except ApiError as e:
-            self._end_refused(e)
+            self._end_refused(e, "its end (POST /end)")
+        else:
+            deadline = time.monotonic() + wait_s
+            try:
+                while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                    time.sleep(END_POLL_S)
+                    self.stats()
+            except ApiError as e:
+                self._end_refused(e, f"its state, read while it ends (GET /v1/sessions/{self.id})")
         if self.view.state not in ("ended", "failed"):
             self.view = SessionView.model_validate(
                 self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
@@ -1705,11 +1719,13 @@ class AsyncLiveSession(_LiveBase):
             await asyncio.sleep(poll_s)
 
     async def close(self, wait_s: float = 60.0, error: BaseException | None = None) -> SessionView:
-        """The async twin of `LiveSession.close` (`POST /end` on a normal end; after an error one DELETE)."""
+        """The async twin of `LiveSession.close` (`POST /end` on a normal end; after an error one DELETE,
+        neither ending the speech nor waiting for it). A cancellation (e.g. `asyncio.timeout`) or a
+        KeyboardInterrupt while it closes is raised, after the one DELETE, also when `error` is given."""
         failed: BaseException | None = None
         try:
             try:
-                if self._ws is not None and self.view.state == "live":
+                if error is None and self._ws is not None and self.view.state == "live":
                     try:
                         await self.end()
                     except ApiError as e:
@@ -1726,7 +1742,7 @@ class AsyncLiveSession(_LiveBase):
         if error is None and failed is None:
             return await self._finish(wait_s)
         await self._delete_once(error or failed)
-        if error is None:
+        if error is None or isinstance(failed, _INTERRUPTS):  # a cancellation while closing is not swallowed
             raise failed
         return self.view
 
@@ -1734,12 +1750,16 @@ class AsyncLiveSession(_LiveBase):
         try:
             r = await self.client.request("POST", f"/v1/sessions/{self.id}/end", idempotent=True)
             self.view = SessionView.model_validate(r.json())
-            deadline = time.monotonic() + wait_s
-            while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
-                await asyncio.sleep(END_POLL_S)
-                await self.stats()
         except ApiError as e:
-            self._end_refused(e)
+            self._end_refused(e, "its end (POST /end)")
+        else:
+            deadline = time.monotonic() + wait_s
+            try:
+                while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                    await asyncio.sleep(END_POLL_S)
+                    await self.stats()
+            except ApiError as e:
+                self._end_refused(e, f"its state, read while it ends (GET /v1/sessions/{self.id})")
         if self.view.state not in ("ended", "failed"):
             r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
             self.view = SessionView.model_validate(r.json())

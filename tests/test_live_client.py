@@ -28,10 +28,16 @@ CHUNK = b"\x00\x01" * (RATE // 50)  # 20 ms of PCM s16le
 class FakeService:
     """One live session's routes, as the service answers them (`service/routers/sessions.py`), on a real
     socket; `requests` the (method, path) each got. `end_answer`: the status `POST /end` is answered
-    (200: the session ends `finished` at the next read of it); `ends`: whether a session asked to end ends."""
+    (200: the session ends `finished` at the next read of it); `ends`: whether a session asked to end ends;
+    `answers_end`: whether the socket answers the speech's end; `renders`: whether what it receives is
+    rendered; `get_answer_after_end`: the status a GET of the session is answered once it was asked to end
+    (200: its view); `delete_answer`: the status DELETE is answered (200: the session ends, `deleted`)."""
 
-    def __init__(self, end_answer: int = 200, ends: bool = True) -> None:
+    def __init__(self, end_answer: int = 200, ends: bool = True, answers_end: bool = True, renders: bool = True,
+                 get_answer_after_end: int = 200, delete_answer: int = 200) -> None:
         self.end_answer, self.ends = end_answer, ends
+        self.answers_end, self.renders = answers_end, renders
+        self.get_answer_after_end, self.delete_answer = get_answer_after_end, delete_answer
         self.requests: list[tuple[str, str]] = []
         self.received = 0
         self.state, self.reason, self.finishing = "live", None, False
@@ -49,7 +55,7 @@ class FakeService:
                 "hls_url": f"{self.url}/v1/sessions/{SID}/hls/index.m3u8",
                 "audio_ws": f"ws://127.0.0.1:{self.port}/v1/sessions/{SID}/audio",
                 "audio_url": f"/v1/sessions/{SID}/audio", "bytes_received": self.received,
-                "seconds_received": seconds, "seconds_rendered": seconds}
+                "seconds_received": seconds, "seconds_rendered": seconds if self.renders else 0.0}
 
     def _app(self) -> FastAPI:
         app = FastAPI()
@@ -64,7 +70,10 @@ class FakeService:
             return JSONResponse(self.view(), status_code=201)
 
         @app.get("/v1/sessions/{sid}")
-        async def get() -> dict:
+        async def get():
+            if self.finishing and self.get_answer_after_end != 200:
+                return JSONResponse({"error": {"code": "service.unavailable", "message": "not now"}},
+                                    status_code=self.get_answer_after_end)
             if self.finishing and self.ends and self.state == "live":  # everything rendered: it ends
                 self.state, self.reason = "ended", "finished"
             return self.view()
@@ -78,7 +87,10 @@ class FakeService:
             return JSONResponse(self.view())
 
         @app.delete("/v1/sessions/{sid}")
-        async def delete() -> dict:
+        async def delete():
+            if self.delete_answer == 401:
+                return JSONResponse({"error": {"code": "auth.invalid_token", "message": "the token is wrong"}},
+                                    status_code=401)
             if self.state == "live":
                 self.state, self.reason = "ended", "deleted"
             return self.view()
@@ -100,6 +112,9 @@ class FakeService:
                     if message.get("bytes") is not None:
                         self.received += len(message["bytes"])
                     elif json.loads(message["text"]).get("type") == "end":
+                        self.requests.append(("WS", "end"))
+                        if not self.answers_end:
+                            continue
                         await ws.send_text(json.dumps({"type": "ended", "offset": self.received}))
             except WebSocketDisconnect:
                 return
@@ -262,3 +277,145 @@ def test_a_session_whose_end_is_refused_or_late_is_deleted(face, end_answer, end
     assert view.state == "ended" and view.reason == "deleted", view
     calls = [(m, p) for m, p in service.requests if m in ("POST", "DELETE")]
     assert calls[-2:] == [("POST", f"/v1/sessions/{SID}/end"), ("DELETE", f"/v1/sessions/{SID}")], calls
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_close_after_an_error_neither_ends_the_speech_nor_waits_for_it(face):
+    """Leaving the block on an error with the audio socket still open: the socket closed and one DELETE,
+    at once. It was: the speech's end sent on the socket and waited for (up to the client's timeout and
+    more), then its rendering waited for (up to `wait_s`), then the DELETE: a `lipsync live` whose
+    rendering wait timed out waited as long again; a Ctrl-C in the block did too."""
+    with FakeService(answers_end=False) as service:
+        if face == "sync":
+            with Client(service.url, timeout=3, retries=0) as client:
+                with pytest.raises(RuntimeError, match="boom"):
+                    with client.live(AVATAR) as session:
+                        session.send(CHUNK)
+                        before, t0 = len(service.requests), time.monotonic()
+                        raise RuntimeError("boom")
+                took = time.monotonic() - t0
+        else:
+            async def main():
+                async with AsyncClient(service.url, timeout=3, retries=0) as client:
+                    s = await client.live(AVATAR)
+                    async with s:
+                        await s.send(CHUNK)
+                        marks.update(before=len(service.requests), t0=time.monotonic())
+                        raise RuntimeError("boom")
+
+            marks: dict = {}
+            with pytest.raises(RuntimeError, match="boom"):
+                asyncio.run(main())
+            took, before = time.monotonic() - marks["t0"], marks["before"]
+        after = service.requests[before:]
+    assert after == [("DELETE", f"/v1/sessions/{SID}")], after
+    assert took < 2, f"the close after the error took {took:.1f} s"
+
+
+def test_a_close_after_an_error_raises_a_ctrl_c_that_comes_while_it_closes():
+    """A KeyboardInterrupt while a close after an error closes the audio socket is raised, after the one
+    DELETE (it was swallowed: the close returned the view, as if nothing had come)."""
+    with FakeService() as service:
+        with Client(service.url, retries=0) as client:
+            session = client.live(AVATAR)
+            session.send(CHUNK)
+
+            def interrupted() -> None:
+                raise KeyboardInterrupt
+
+            session._ws.close = interrupted  # Ctrl-C while the socket closes
+            with pytest.raises(KeyboardInterrupt):
+                session.close(error=RuntimeError("boom"))
+    assert [r for r in service.requests if r[0] == "DELETE"] == [("DELETE", f"/v1/sessions/{SID}")]
+
+
+def test_an_async_close_after_an_error_raises_a_cancellation_that_comes_while_it_closes():
+    """`asyncio.timeout` cancelling the task while `__aexit__` closes the session after the block's error:
+    the cancellation is raised (the timeout says TimeoutError), after the one DELETE. It was swallowed:
+    the block's error came out instead and the task's cancellation was lost."""
+    with FakeService() as service:
+        async def main():
+            async with AsyncClient(service.url, retries=0) as client:
+                s = await client.live(AVATAR)
+                await s.send(CHUNK)
+                ws, closing = s._ws, s._ws.close
+
+                async def slow_close() -> None:  # the socket's close handshake still under way at the timeout
+                    await asyncio.sleep(5)
+                    await closing()
+
+                ws.close = slow_close
+                t0 = time.monotonic()
+                try:
+                    async with asyncio.timeout(0.5):
+                        async with s:
+                            raise ApiError(0, "session.socket_closed", "lost")
+                finally:
+                    took["s"] = time.monotonic() - t0
+                    await closing()
+
+        took: dict = {}
+        with pytest.raises(TimeoutError):
+            asyncio.run(main())
+    assert took["s"] < 3, took
+    assert [r for r in service.requests if r[0] == "DELETE"] == [("DELETE", f"/v1/sessions/{SID}")]
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_failed_read_while_the_session_ends_is_said_as_that_read(face, caplog):
+    """`POST /end` accepted, then a GET of the session (looking for its end) answered 503: the session is
+    ended now (DELETE) and the log names the GET, not the `POST /end` (it said "its end (POST /end) was
+    answered 503")."""
+    caplog.set_level(logging.INFO, logger="lipsync.client")
+    with FakeService(get_answer_after_end=503) as service:
+        if face == "sync":
+            with Client(service.url, retries=0) as client:
+                session = client.live(AVATAR)
+                view = session.close(wait_s=2)
+        else:
+            async def main():
+                async with AsyncClient(service.url, retries=0) as client:
+                    s = await client.live(AVATAR)
+                    return await s.close(wait_s=2)
+
+            view = asyncio.run(main())
+    assert view.state == "ended" and view.reason == "deleted", view
+    said = [r.getMessage() for r in caplog.records if "ending it now (DELETE)" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert f"(GET /v1/sessions/{SID}) was answered 503 service.unavailable" in said[0], said
+    assert "POST /end) was answered" not in said[0], said
+
+
+@pytest.mark.parametrize("token_from", ["flag", "env"])
+def test_lipsync_live_says_the_answer_of_a_refused_delete_and_where_the_token_comes_from(
+        token_from, speech_wav, tmp_path, capsys, monkeypatch):
+    """`lipsync live --recording r.mp4` whose rendering wait times out, and whose DELETE is answered 401
+    (a rotated token): the error line says that answer, not that the service stopped; the speech's end
+    was sent once (not again by the close); the curl hint names `$LIPSYNC_API_TOKEN` only when the token
+    came from it (`<your token>` for --token) and never the token itself."""
+    from cluster import cli
+    from cluster.client import LiveSession
+
+    waiting = LiveSession.wait_rendered
+    monkeypatch.setattr(LiveSession, "wait_rendered",
+                        lambda self, timeout=60.0, poll_s=0.25: waiting(self, min(timeout, 0.5), poll_s))
+    monkeypatch.delenv("LIPSYNC_API_TOKEN", raising=False)
+    token = ["--token", "s3cret-token"]
+    if token_from == "env":
+        monkeypatch.setenv("LIPSYNC_API_TOKEN", "s3cret-token")
+        token = []
+    recording = tmp_path / "r.mp4"
+    with FakeService(renders=False, delete_answer=401) as service:
+        rc = cli.main(["live", "--avatar", AVATAR, "--audio", speech_wav, "--url", service.url,
+                       "--recording", str(recording), *token])
+    out, err = capsys.readouterr()
+    assert rc == 1, (out, err)
+    error = [line for line in err.splitlines() if line.startswith("lipsync: error:")]
+    assert len(error) == 1 and error[0].startswith("lipsync: error: wait.timeout:"), err
+    assert "could not be ended either (DELETE answered 401 auth.invalid_token: the token is wrong)" in error[0], error
+    assert "stopped or restarts" not in error[0] and "s3cret" not in err, error
+    shown = "<your token>" if token_from == "flag" else "$LIPSYNC_API_TOKEN"
+    assert (f'once the session has ended, fetch it with curl -f -H "Authorization: Bearer {shown}" -o {recording} '
+            f"{service.url}/v1/sessions/{SID}/recording") in error[0], error
+    assert service.requests.count(("WS", "end")) == 1, service.requests
+    assert [r for r in service.requests if r[0] == "DELETE"] == [("DELETE", f"/v1/sessions/{SID}")]
