@@ -146,7 +146,7 @@ class JobManager:
         """Create (or re-attach to) the detached workers, resume this owner's unfinished jobs, end
         the abandoned ones of embedded runs that are gone, start scheduling."""
         try:
-            self.pool.start()
+            await self.pool.start()
         except LipsyncError as e:  # e.g. PlacementError: every submit says why, at once, until
             self._boot_error = e  # the reconciler finds the cluster can hold the pool
             log.error("job manager cannot start its workers: %s", e)

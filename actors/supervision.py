@@ -44,6 +44,11 @@ def cluster_state() -> tuple[dict, set[str]]:
     return ray.cluster_resources(), {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
+def cluster_gpus() -> float:
+    """The GPUs Ray's cluster holds now (a synchronous GCS read)."""
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def named_actor_exists(name: str, namespace: str) -> bool:
     """Whether the GCS still holds the actor `name` (alive or restarting); a synchronous GCS read."""
     try:
@@ -121,21 +126,32 @@ class Supervisor:
         return size_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
                          self.s.compositors, self.s.worker_gpus, **self._pool_resources())
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Create (or re-attach to) every member and probe each until it answers.
 
         A first start refuses settings the cluster cannot hold (`PlacementError`, naming the
         missing resource); `run_reconciler` tries again until the cluster holds them (e.g. GPU
         worker pods that join after the head). A restarted job manager re-attaches to the members
-        that exist, whatever the cluster holds now; `reconcile` then fits the pool to it."""
-        existing = self._existing_members()
+        that exist, whatever the cluster holds now; `reconcile` then fits the pool to it. What it
+        reads of the GCS is read in `_gcs_threads` (`GcsSlow` past `actor_call_timeout_s`)."""
+        loop = asyncio.get_running_loop()
+        existing = await self._gcs_answer("the pool's actors", loop.run_in_executor(self._gcs_threads,
+                                                                                    self._existing_members))
+        if existing:
+            gpus = await self._gcs_answer("the cluster's GPUs", loop.run_in_executor(self._gcs_threads, cluster_gpus))
+            self._create(existing, None, gpus)
+        else:
+            size = await self._gcs_answer("the cluster's resources", loop.run_in_executor(self._gcs_threads,
+                                                                                          self.sizes))
+            self._create(existing, size, 0.0)
+
+    def _create(self, existing: set[str], size: PoolSize | None, cluster_gpus: float) -> None:
         if existing:  # only those: creating others now would compete with them for the cluster
             log.info("re-attaching to the pool's %d existing member(s); reconcile fits it to the cluster",
                      len(existing))
-            gpus_per_worker = self.s.worker_gpus if ray.cluster_resources().get("GPU") else 0.0
+            gpus_per_worker = self.s.worker_gpus if cluster_gpus else 0.0
             names = sorted(existing, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])))
         else:
-            size = self.sizes()
             gpus_per_worker = size.gpus_per_worker
             names = ([f"{MODEL_WORKER_PREFIX}{i}" for i in range(size.model_workers)]
                      + [f"{COMPOSITOR_PREFIX}{i}" for i in range(size.compositors)])
@@ -163,7 +179,7 @@ class Supervisor:
             await asyncio.sleep(self.s.pool_reconcile_s)
             try:
                 if not self.started:
-                    self.start()
+                    await self.start()
                     log.info("the cluster now holds the pool: started it")
                     on_started()
                 await self.reconcile(queue_depth())
@@ -184,6 +200,9 @@ class Supervisor:
         that are gone), and ask the autoscaler for GPU bundles while chunks wait and every worker
         is busy."""
         if self._cluster_read is None or self._cluster_read.done():  # one read at a time, however long it takes
+            if self._cluster_read is not None and not self._cluster_read.cancelled() and \
+                    (late := self._cluster_read.exception()) is not None:  # a read that failed after its wait
+                log.warning("a late read of the cluster's resources failed: %r", late)
             self._cluster_read = asyncio.get_running_loop().run_in_executor(self._gcs_threads, cluster_state)
         res, alive_nodes = await self._gcs_answer("the cluster's resources and nodes",
                                                   asyncio.shield(self._cluster_read))

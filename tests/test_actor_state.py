@@ -181,3 +181,24 @@ def test_a_slow_control_store_neither_holds_the_job_managers_loop_nor_piles_up_r
 
     took, ticks = asyncio.run(scenario())
     assert took < 1.2 and ticks >= 10 and len(reads) == 1, (took, ticks, reads)
+    # the pool's first start (tried again each round while the cluster cannot hold it) reads the GCS the same way
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda **kw: (time.sleep(1.5), [])[1])
+
+    async def first_start():
+        sup = Supervisor(Settings(storage_root=tmp_path, actor_call_timeout_s=0.3), TaskSet(), asyncio.Event())
+        t0, ticks = time.monotonic(), 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        with pytest.raises(GcsSlow, match="about the pool's actors"):
+            await sup.start()
+        ticking.cancel()
+        return time.monotonic() - t0, ticks, sup.started
+
+    took, ticks, started = asyncio.run(first_start())
+    assert took < 1.0 and ticks >= 8 and not started, (took, ticks)
