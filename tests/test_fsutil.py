@@ -48,11 +48,13 @@ def test_lock_within_waits_a_bounded_time_for_a_held_lock(tmp_path):
         assert lock_within(other, 1.0)
 
 
-@pytest.mark.parametrize("renewal", ["touched", "replaced by a new copy"])
+@pytest.mark.parametrize("renewal", ["touched before the rename", "replaced before the rename",
+                                     "replaced while set aside"])
 def test_a_file_renewed_while_old_files_are_removed_stays(tmp_path, monkeypatch, renewal):
     """Retention removed a stored upload by its age alone: one renewed by another process between the look at
     its age and the unlink (the same bytes uploaded again) was removed all the same, and the upload's answer named
-    a file that was gone. The renewal is made here in that window, as the other process would."""
+    a file that was gone. The renewal is made here in each window, as the other process would: before the old
+    file is set aside (it is put back), or while it is (the new copy stays, the old one goes)."""
     import time
 
     from cluster import fsutil
@@ -64,16 +66,24 @@ def test_a_file_renewed_while_old_files_are_removed_stays(tmp_path, monkeypatch,
         os.utime(f, (time.time() - 3600, time.time() - 3600))
     real_rename, real_unlink = os.rename, os.unlink
 
-    def renew_first(path):
-        if os.path.basename(path) == old.name:
-            if renewal == "touched":
+    def renew(path, moment):
+        name = os.path.basename(path)
+        if moment == "rename" and name == old.name and renewal.endswith("before the rename"):
+            if renewal.startswith("touched"):
                 os.utime(old)
             else:
                 (tmp_path / "copy").write_bytes(b"speech")
                 os.replace(tmp_path / "copy", old)
+        elif moment == "unlink" and name.startswith(f".{old.name}.") and renewal == "replaced while set aside":
+            (tmp_path / "copy").write_bytes(b"new speech")
+            os.replace(tmp_path / "copy", old)
 
-    monkeypatch.setattr(fsutil.os, "rename", lambda src, dst: (renew_first(src), real_rename(src, dst))[1])
-    monkeypatch.setattr(fsutil.os, "unlink", lambda path, *a, **k: (renew_first(path), real_unlink(path, *a, **k))[1])
+    monkeypatch.setattr(fsutil.os, "rename", lambda src, dst: (renew(src, "rename"), real_rename(src, dst))[1])
+    monkeypatch.setattr(fsutil.os, "unlink", lambda path, *a, **k: (renew(path, "unlink"),
+                                                                    real_unlink(path, *a, **k))[1])
     removed = fsutil.remove_files_older_than(old.parent, time.time() - 60)
-    assert old.read_bytes() == b"speech" and not other.exists() and removed == 1
-    assert sorted(p.name for p in old.parent.iterdir()) == [old.name]  # nothing left aside
+    if renewal == "replaced while set aside":  # the old file went (counted), its new copy stays
+        assert old.read_bytes() == b"new speech" and removed == 2
+    else:
+        assert old.read_bytes() == b"speech" and removed == 1
+    assert not other.exists() and sorted(p.name for p in old.parent.iterdir()) == [old.name]  # nothing left aside
