@@ -160,45 +160,34 @@ def test_a_slow_control_store_neither_holds_the_job_managers_loop_nor_piles_up_r
     monkeypatch.setattr(ray, "cluster_resources", slow_resources)
     monkeypatch.setattr(ray, "nodes", lambda: [])
 
-    async def scenario():
-        sup = Supervisor(Settings(storage_root=tmp_path, actor_call_timeout_s=0.3), TaskSet(), asyncio.Event())
-        ticks = 0
+    def timed_with_the_loop_ticking(calls, match: str):
+        """Run `calls(supervisor)` (each raising GcsSlow) on a loop that ticks every 20 ms meanwhile:
+        (seconds taken, ticks seen, the supervisor)."""
+        async def scenario():
+            sup = Supervisor(Settings(storage_root=tmp_path, actor_call_timeout_s=0.3), TaskSet(), asyncio.Event())
+            ticks = 0
 
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.02)
-                ticks += 1
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.02)
+                    ticks += 1
 
-        ticking = asyncio.ensure_future(ticker())
-        t0 = time.monotonic()
-        for _ in range(2):
-            with pytest.raises(GcsSlow, match="gave no answer about the cluster's resources"):
-                await sup.reconcile()
-        took = time.monotonic() - t0
-        ticking.cancel()
-        return took, ticks
+            ticking = asyncio.ensure_future(ticker())
+            t0 = time.monotonic()
+            for call in calls:
+                with pytest.raises(GcsSlow, match=match):
+                    await call(sup)
+            took = time.monotonic() - t0
+            ticking.cancel()
+            return took, ticks, sup
 
-    took, ticks = asyncio.run(scenario())
+        return asyncio.run(scenario())
+
+    took, ticks, _ = timed_with_the_loop_ticking([lambda sup: sup.reconcile()] * 2,
+                                                 "gave no answer about the cluster's resources")
     assert took < 1.2 and ticks >= 10 and len(reads) == 1, (took, ticks, reads)
     # the pool's first start (tried again each round while the cluster cannot hold it) reads the GCS the same way
     monkeypatch.setattr(ray.util, "list_named_actors", lambda **kw: (time.sleep(1.5), [])[1])
-
-    async def first_start():
-        sup = Supervisor(Settings(storage_root=tmp_path, actor_call_timeout_s=0.3), TaskSet(), asyncio.Event())
-        t0, ticks = time.monotonic(), 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.02)
-                ticks += 1
-
-        ticking = asyncio.ensure_future(ticker())
-        with pytest.raises(GcsSlow, match="about the pool's actors"):
-            await sup.start()
-        ticking.cancel()
-        return time.monotonic() - t0, ticks, sup.started
-
-    took, ticks, started = asyncio.run(first_start())
-    assert took < 1.0 and ticks >= 8 and not started, (took, ticks)
+    took, ticks, sup = timed_with_the_loop_ticking([lambda sup: sup.start()], "about the pool's actors")
+    assert took < 1.0 and ticks >= 8 and not sup.started, (took, ticks)
