@@ -385,10 +385,10 @@ class LiveSessionActor:
     def finish(self) -> None:
         self._live().finish()
 
-    def stop(self, reason: str = "deleted") -> dict:
+    def stop(self, reason: str = "deleted", timeout: float = 60.0) -> dict:
         session = self._live()
         if not session.ended:
-            session.stop(reason, timeout=60.0)
+            session.stop(reason, timeout=timeout)
         return self.view()
 
     def _live(self):
@@ -532,9 +532,33 @@ class LiveRegistry:
         for entry in list_named_actors(all_namespaces=True):
             name = entry["name"] if isinstance(entry, dict) else entry
             ns = entry.get("namespace") if isinstance(entry, dict) else self.s.namespace
-            for prefix in (SESSION_PREFIX, STANDBY_PREFIX):
-                if ns == self.s.namespace and name.startswith(prefix):
+            for prefix in (SESSION_PREFIX, STANDBY_PREFIX):  # (the registry's own name starts as a session's)
+                if ns == self.s.namespace and name.startswith(prefix) and name != REGISTRY_NAME:
                     out.setdefault(name[len(prefix):], []).append(name)
+        return out
+
+    def stop_all(self, reason: str, timeout: float) -> dict[str, str]:
+        """End every running session now (`LiveSessionActor.stop`: its stream ended, its recording made),
+        within `timeout` for all: the service stops. Session id -> its state then ("ended"; else why not: a
+        session that did not end in time reads `failed` after the service's next start, as one cut off)."""
+        calls = {}
+        for session_id, names in self._sessions().items():
+            for name in names:  # the one running it ends it; a standby refuses (SessionStandby)
+                try:
+                    actor = ray.get_actor(name, namespace=self.s.namespace)
+                    calls[actor.stop.remote(reason, max(0.5, timeout - 1.0))] = session_id
+                except ValueError:  # gone meanwhile
+                    continue
+        ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout) if calls else ([], [])
+        out = {session_id: "not ended in time" for session_id in calls.values()}
+        for ref in ready:
+            try:
+                out[calls[ref]] = ray.get(ref, timeout=1.0)["state"]
+            except Exception as e:  # noqa: BLE001 - a standby's refusal, or an actor gone: its partner says
+                if out[calls[ref]] == "not ended in time":
+                    out[calls[ref]] = f"{type(e).__name__}"
+        for session_id, state in out.items():
+            log.info("live session %s at the service's stop: %s", session_id, state)
         return out
 
     def running(self) -> dict[str, dict]:

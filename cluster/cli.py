@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         print("lipsync: stopping the service", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        stop_service(urls["embedded"], owner_mark=ray_mark)
+        stop_service(urls["embedded"], owner_mark=ray_mark, settings=settings)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
 
@@ -734,13 +734,48 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
+def _recording_hint(session, c, recording: str, token_given: bool, when: str) -> str:
+    """Where the recording `lipsync live` could not download is fetched from, and `when` (the token itself is
+    never printed; `token_given`: it came from --token, not $LIPSYNC_API_TOKEN)."""
+    import shlex
+
+    url = c.absolute(f"/v1/sessions/{session.id}/recording")
+    auth = ""
+    if "Authorization" in c.headers:
+        auth = '-H "Authorization: Bearer ' + ("<your token>" if token_given else "$LIPSYNC_API_TOKEN") + '" '
+    return (f"; its recording (--recording {recording}) was not downloaded: {when}"
+            f"fetch it with curl -f {auth}-o {shlex.quote(recording)} {url}")
+
+
+def _ended_by_a_stop(error, session, c, recording: str | None, token_given: bool) -> BaseException | None:
+    """The session ended (`error`: its socket closed as ended) and the service no longer answers: it was
+    stopped, which ends its sessions. Said at once, with where the recording is fetched from, instead of the
+    half minute of retries that asking for its final view took; None while the service answers."""
+    import httpx
+
+    from cluster.client import CLOSE_AFTER_ERROR_TIMEOUT, ApiError
+
+    try:
+        r = c.http.request("GET", f"/v1/sessions/{session.id}", timeout=CLOSE_AFTER_ERROR_TIMEOUT)
+        if r.status_code != 200 or r.json().get("reason") != "service_stopped":
+            return None  # (ended by itself, or by its limit: said by the view, as before)
+        said = f"live session {session.id} was ended by its service's stop (reason service_stopped)"
+    except httpx.TransportError as e:
+        said = f"live session {session.id} ended and its service stopped answering ({type(e).__name__})"
+    except ValueError:  # an answer that is not a view: the usual close says what it is
+        return None
+    said += ": its stream and recording hold what it had rendered"
+    if recording:
+        said += _recording_hint(session, c, recording, token_given, "once the service is back, ")
+    return ApiError(0, "session.ended", said)
+
+
 def _closed_after(error: BaseException, session, c, recording: str | None, token_given: bool) -> BaseException:
     """`lipsync live` failed with `error` (its audio socket lost, the service gone, a wait past its bound):
     the session is ended with one DELETE (not the half minute of retries against a service that stopped,
     whose failure said only that the DELETE failed) and `error` is what is raised, saying whether the
     session was ended (and, when not, whether the service answered) and, with --recording, where its
     recording is fetched from (`token_given`: the token came from --token, not $LIPSYNC_API_TOKEN)."""
-    import shlex
 
     from cluster.client import ApiError
 
@@ -756,16 +791,11 @@ def _closed_after(error: BaseException, session, c, recording: str | None, token
         said = (f"; the session could not be ended either (DELETE answered {failure.status} {failure.code}: "
                 f"{failure.message})")
     if recording:
-        url = c.absolute(f"/v1/sessions/{session.id}/recording")
-        auth = ""
-        if "Authorization" in c.headers:  # the token itself is never printed
-            auth = '-H "Authorization: Bearer ' + ("<your token>" if token_given else "$LIPSYNC_API_TOKEN") + '" '
         when = ""
         if failure is not None:
             when = ("once the service is back and the session has ended, " if failure.status == 0
                     else "once the session has ended, ")
-        said += (f"; its recording (--recording {recording}) was not downloaded: {when}"
-                 f"fetch it with curl -f {auth}-o {shlex.quote(recording)} {url}")
+        said += _recording_hint(session, c, recording, token_given, when)
     if not said:
         return error
     if isinstance(error, ApiError):
@@ -818,6 +848,9 @@ def cmd_live(args: argparse.Namespace) -> int:
                     raise
                 raise said from e
             ended = e
+            stopped = _ended_by_a_stop(e, session, c, args.recording, token_given=args.token is not None)
+            if stopped is not None:
+                raise stopped from e
         view = session.close()
         if ended is not None:
             if view.reason != "max_seconds":  # not the limit the user set: a failure, said as one

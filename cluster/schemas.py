@@ -450,7 +450,7 @@ class SessionView(BaseModel):
     """A live session: where to send speech and watch the stream, and its figures so far."""
     id: str
     state: str  # live, ending, ended, failed
-    reason: str | None = None  # why it ended: finished, deleted, idle_timeout, max_seconds, failed
+    reason: str | None = None  # why it ended: finished, deleted, idle_timeout, max_seconds, service_stopped, failed
     error: ErrorInfo | None = None
     avatar_id: str | None = None
     model: str | None = None

@@ -243,8 +243,42 @@ SERVE_STOP_BUDGET_S = 2.0
 RAY_SHUTDOWN_BUDGET_S = 4.0
 
 
-def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, owner_mark: str | None = None) -> None:
+#: How long a stopping service gives its running live sessions, together, to end (their streams ended, their
+#: recordings made); past it what is left is cut off with the embedded Ray (read `failed` after the next start)
+LIVE_STOP_BUDGET_S = 5.0
+
+
+def end_live_sessions(settings: Settings, budget_s: float = LIVE_STOP_BUDGET_S) -> None:
+    """End the running live sessions of a stopping service, within `budget_s` (a session cannot go on after
+    its service: it read `failed`, "its actor is gone", after the next start, and its playlist was left open)."""
+    from actors.live import REGISTRY_NAME
+    from actors.runtime import embedded_ray_lost
+
+    if embedded_ray_lost() is not None:  # its sessions went with it
+        return
+
+    def end() -> dict | None:
+        try:
+            registry = ray.get_actor(REGISTRY_NAME, namespace=settings.namespace)
+        except ValueError:  # no session was ever started here: nothing to end (and no registry made now)
+            return None
+        return ray.get(registry.stop_all.remote("service_stopped", budget_s), timeout=budget_s + 2.0)
+
+    try:  # (bounded as a whole: a GCS that does not answer must not hold the stop)
+        states = _within(end, budget_s + 3.0, "the end of the live sessions", who="Ray")
+    except Exception as e:  # noqa: BLE001 - stopping anyway: those sessions read failed after the next start
+        log.warning("the running live sessions were not ended before the stop: %r", e)
+        return
+    if states:
+        log.info("live sessions at the stop: %s", ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+
+
+def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, owner_mark: str | None = None,
+                 settings: Settings | None = None) -> None:
     """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start).
+
+    Embedded, with `settings`: its running live sessions are ended first (`end_live_sessions`, reason
+    `service_stopped`), as they cannot resume on the next start.
 
     Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
     in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
@@ -259,6 +293,8 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
 
     from actors.runtime import embedded_ray_lost, kill_embedded_ray
 
+    if embedded and settings is not None:
+        end_live_sessions(settings)
     try:
         if embedded:
             from ray.serve.context import _get_global_client

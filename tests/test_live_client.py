@@ -111,6 +111,9 @@ class FakeService:
                         return
                     if message.get("bytes") is not None:
                         self.received += len(message["bytes"])
+                        if self.state == "ended":  # ended meanwhile (a stopping service ended it), as the service says
+                            await ws.close(4410, f"session {SID} is ended")
+                            return
                     elif json.loads(message["text"]).get("type") == "end":
                         self.requests.append(("WS", "end"))
                         if not self.answers_end:
@@ -138,6 +141,22 @@ class FakeService:
     def __exit__(self, *exc) -> None:
         if self.thread.is_alive():
             self.stop()
+
+
+def _stop_ending_sessions_later(service: FakeService, after_s: float) -> dict:
+    """The service stopped `after_s` from now as `lipsync serve` stops: its sessions ended first (reason
+    service_stopped, the audio socket closed with 4410), then, 0.3 s later, it goes away."""
+    stopped: dict = {}
+
+    def stop() -> None:
+        time.sleep(after_s)
+        stopped["at"] = time.monotonic()
+        service.state, service.reason = "ended", "service_stopped"
+        time.sleep(0.3)
+        service.stop()
+
+    threading.Thread(target=stop, daemon=True).start()
+    return stopped
 
 
 def _stop_later(service: FakeService, after_s: float, stopped: dict | None = None) -> dict:
@@ -224,6 +243,29 @@ def test_lipsync_live_says_the_lost_socket_and_where_the_recording_is(speech_wav
     assert "its audio socket was lost" in error[0] and "the service stopped answering" in error[0], error
     assert "could not be ended either" in error[0], error
     assert f"fetch it with curl -f -o {recording} {service.url}/v1/sessions/{SID}/recording" in error[0], error
+    assert "trying again" not in err and not recording.exists(), err
+
+
+def test_lipsync_live_says_a_session_ended_by_its_services_stop_at_once(speech_wav, tmp_path, capsys):
+    """A service that stops ends its sessions first (reason service_stopped), then goes: `lipsync live` asked for
+    the ended session's view with the half minute of retries against a service that had gone, then said only
+    `connection.failed: GET ...`. It says the stop at once, with where the recording is fetched from."""
+    from cluster import cli
+
+    recording = tmp_path / "r.mp4"
+    with FakeService() as service:
+        stopped = _stop_ending_sessions_later(service, 1.0)
+        rc = cli.main(["live", "--avatar", AVATAR, "--audio", speech_wav, "--realtime", "--url", service.url,
+                       "--recording", str(recording)])
+        took = time.monotonic() - stopped["at"]
+    out, err = capsys.readouterr()
+    error = [line for line in err.splitlines() if line.startswith("lipsync: error:")]
+    assert rc == 1 and len(error) == 1 and took < 10, (took, out, err)
+    assert error[0].startswith(f"lipsync: error: session.ended: live session {SID} ") and (
+        "was ended by its service's stop (reason service_stopped)" in error[0]
+        or "ended and its service stopped answering" in error[0]), error
+    assert f"once the service is back, fetch it with curl -f -o {recording} {service.url}/v1/sessions/{SID}/" \
+           "recording" in error[0], error
     assert "trying again" not in err and not recording.exists(), err
 
 

@@ -454,11 +454,20 @@ def _check_private(svc: ServiceProcess, token_file: Path) -> None:
 
 
 def _stop_with_a_stream_open(svc: ServiceProcess, c, longer: str, video: str) -> None:
-    """After jobs, with an SSE stream open on a job that is rendering, SIGTERM stops the service
-    within 10 s, exit status 0, no process of the tree left, the unfinished job left resumable
-    (not terminal)."""
+    """After jobs, with an SSE stream open on a job that is rendering and a live session speaking, SIGTERM stops
+    the service within 10 s, exit status 0, no process of the tree left, the unfinished job left resumable
+    (not terminal), the session ended (reason service_stopped: its playlist ended, its recording made)."""
     from cluster.jobstore import JobStore
 
+    # a live session speaking too: a service that stops ends it (it read failed, "its actor is gone", after the
+    # next start, and its playlist was left open for players to follow for ever)
+    session = c.live(c.prepare_avatar(video).id)
+    speaking = threading.Thread(target=lambda: _speak_until_cut(session, longer), daemon=True)
+    speaking.start()
+    deadline = time.monotonic() + 60
+    while session.stats().segments_published < 2:
+        assert time.monotonic() < deadline, session.view
+        time.sleep(0.2)
     job = c.submit(longer, video, id="open-at-stop")
     deadline = time.monotonic() + 240
     while job.status().state.value != "rendering":
@@ -496,3 +505,17 @@ def _stop_with_a_stream_open(svc: ServiceProcess, c, longer: str, video: str) ->
     assert not watcher.is_alive()
     state = JobStore(svc.storage_root / "jobs.sqlite3").get("open-at-stop").state
     assert not state.terminal, state  # a later start resumes it (as "durable-1" above)
+    speaking.join(timeout=30)
+    out = svc.storage_root / "sessions" / session.id
+    final = json.loads((out / "final.json").read_text())
+    assert final["state"] == "ended" and final["reason"] == "service_stopped", final
+    assert final["recording_seconds"] and (out / "recording.mp4").is_file(), final
+    assert (out / "hls" / "live.m3u8").read_text().rstrip().endswith("#EXT-X-ENDLIST")
+
+
+def _speak_until_cut(session, audio: str) -> None:
+    """Send `audio` in real time until the service stops (which ends the session: an error here)."""
+    try:
+        session.send_file(audio, realtime=True)
+    except Exception as e:  # noqa: BLE001 - the stop cuts it: expected
+        print(f"the speaker, cut by the stop: {type(e).__name__}: {e}"[:300])
