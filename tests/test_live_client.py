@@ -223,22 +223,28 @@ def test_a_session_whose_service_went_away_raises_the_lost_socket_at_once(face, 
     assert any("not ended after ApiError" in note for note in getattr(error, "__notes__", [])), error
 
 
+def _live_while_the_service_stops(stop_later, speech_wav: str, recording, capsys):
+    """`lipsync live --realtime --recording RECORDING` against a fake service that `stop_later` stops 1 s in:
+    (exit status, seconds from the stop to the exit, stderr, its `lipsync: error:` lines, the service)."""
+    from cluster import cli
+
+    with FakeService() as service:
+        stopped = stop_later(service, 1.0)
+        rc = cli.main(["live", "--avatar", AVATAR, "--audio", speech_wav, "--realtime", "--url", service.url,
+                       "--recording", str(recording)])
+        took = time.monotonic() - stopped["at"]
+    err = capsys.readouterr().err
+    return rc, took, err, [line for line in err.splitlines() if line.startswith("lipsync: error:")], service
+
+
 def test_lipsync_live_says_the_lost_socket_and_where_the_recording_is(speech_wav, tmp_path, capsys):
     """`lipsync live --realtime --recording r.mp4` whose service goes away mid-speech: exit 1 within
     seconds, its error line names the audio socket's loss, that the session could not be ended, and how
     to fetch the recording once the service is back (there is no `lipsync` command for it: curl)."""
-    from cluster import cli
-
     recording = tmp_path / "r.mp4"
-    with FakeService() as service:
-        stopped = _stop_later(service, 1.0)
-        rc = cli.main(["live", "--avatar", AVATAR, "--audio", speech_wav, "--realtime", "--url", service.url,
-                       "--recording", str(recording)])
-        took = time.monotonic() - stopped["at"]
-    out, err = capsys.readouterr()
-    assert rc == 1, (out, err)
+    rc, took, err, error, service = _live_while_the_service_stops(_stop_later, speech_wav, recording, capsys)
+    assert rc == 1, err
     assert took < 10, f"lipsync live exited {took:.1f} s after the service went away"
-    error = [line for line in err.splitlines() if line.startswith("lipsync: error:")]
     assert len(error) == 1, err
     assert "its audio socket was lost" in error[0] and "the service stopped answering" in error[0], error
     assert "could not be ended either" in error[0], error
@@ -250,17 +256,10 @@ def test_lipsync_live_says_a_session_ended_by_its_services_stop_at_once(speech_w
     """A service that stops ends its sessions first (reason service_stopped), then goes: `lipsync live` asked for
     the ended session's view with the half minute of retries against a service that had gone, then said only
     `connection.failed: GET ...`. It says the stop at once, with where the recording is fetched from."""
-    from cluster import cli
-
     recording = tmp_path / "r.mp4"
-    with FakeService() as service:
-        stopped = _stop_ending_sessions_later(service, 1.0)
-        rc = cli.main(["live", "--avatar", AVATAR, "--audio", speech_wav, "--realtime", "--url", service.url,
-                       "--recording", str(recording)])
-        took = time.monotonic() - stopped["at"]
-    out, err = capsys.readouterr()
-    error = [line for line in err.splitlines() if line.startswith("lipsync: error:")]
-    assert rc == 1 and len(error) == 1 and took < 10, (took, out, err)
+    rc, took, err, error, service = _live_while_the_service_stops(_stop_ending_sessions_later, speech_wav, recording,
+                                                                  capsys)
+    assert rc == 1 and len(error) == 1 and took < 10, (took, err)
     assert error[0].startswith(f"lipsync: error: session.ended: live session {SID} ") and (
         "was ended by its service's stop (reason service_stopped)" in error[0]
         or "ended and its service stopped answering" in error[0]), error
