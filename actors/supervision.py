@@ -111,10 +111,9 @@ class Supervisor:
                                   get_if_exists=True, num_cpus=self.s.compositor_cpus,
                                   max_concurrency=self.s.chunks_per_compositor).remote(self.s, name)
 
-    def _pool_resources(self, res: dict | None = None) -> dict:
+    def _pool_resources(self, res: dict) -> dict:
         """`size_pool`/`fit_pool` keywords from the settings and the cluster's Ray memory (`res`: Ray's
-        cluster resources, read now when not given)."""
-        res = ray.cluster_resources() if res is None else res
+        cluster resources, as the caller read them)."""
         return dict(memory_bytes=float(res.get("memory", 0)),
                     compositor_cpus=self.s.compositor_cpus,
                     compositor_memory_bytes=compositor_memory_bytes(self.s.compositor_memory_mb,
@@ -124,7 +123,7 @@ class Supervisor:
         """The pool for the cluster's resources now (`PlacementError` when it cannot be placed)."""
         res = ray.cluster_resources()
         return size_pool(float(res.get("CPU", 0)), float(res.get("GPU", 0)), self.s.model_workers,
-                         self.s.compositors, self.s.worker_gpus, **self._pool_resources())
+                         self.s.compositors, self.s.worker_gpus, **self._pool_resources(res))
 
     async def start(self) -> None:
         """Create (or re-attach to) every member and probe each until it answers.
@@ -134,24 +133,14 @@ class Supervisor:
         worker pods that join after the head). A restarted job manager re-attaches to the members
         that exist, whatever the cluster holds now; `reconcile` then fits the pool to it. What it
         reads of the GCS is read in `_gcs_threads` (`GcsSlow` past `actor_call_timeout_s`)."""
-        loop = asyncio.get_running_loop()
-        existing = await self._gcs_answer("the pool's actors", loop.run_in_executor(self._gcs_threads,
-                                                                                    self._existing_members))
-        if existing:
-            gpus = await self._gcs_answer("the cluster's GPUs", loop.run_in_executor(self._gcs_threads, cluster_gpus))
-            self._create(existing, None, gpus)
-        else:
-            size = await self._gcs_answer("the cluster's resources", loop.run_in_executor(self._gcs_threads,
-                                                                                          self.sizes))
-            self._create(existing, size, 0.0)
-
-    def _create(self, existing: set[str], size: PoolSize | None, cluster_gpus: float) -> None:
+        existing = await self._gcs_read("the pool's actors", self._existing_members)
         if existing:  # only those: creating others now would compete with them for the cluster
             log.info("re-attaching to the pool's %d existing member(s); reconcile fits it to the cluster",
                      len(existing))
-            gpus_per_worker = self.s.worker_gpus if cluster_gpus else 0.0
+            gpus_per_worker = self.s.worker_gpus if await self._gcs_read("the cluster's GPUs", cluster_gpus) else 0.0
             names = sorted(existing, key=lambda n: (n.rsplit("-", 1)[0], int(n.rsplit("-", 1)[1])))
         else:
+            size = await self._gcs_read("the cluster's resources", self.sizes)
             gpus_per_worker = size.gpus_per_worker
             names = ([f"{MODEL_WORKER_PREFIX}{i}" for i in range(size.model_workers)]
                      + [f"{COMPOSITOR_PREFIX}{i}" for i in range(size.compositors)])
@@ -214,6 +203,11 @@ class Supervisor:
         await self._resize(self.compositors, COMPOSITOR_PREFIX, size.compositors,
                            lambda name: functools.partial(self._create_compositor, name))
         self._request_capacity(queued_chunks, float(res.get("GPU", 0)))
+
+    async def _gcs_read(self, what: str, read: Callable, *args):
+        """`read(*args)`, a synchronous GCS read, run in `_gcs_threads` (`_gcs_answer`)."""
+        return await self._gcs_answer(what, asyncio.get_running_loop().run_in_executor(self._gcs_threads, read,
+                                                                                       *args))
 
     async def _gcs_answer(self, what: str, read: asyncio.Future):
         """What `read` (a GCS read in `_gcs_threads`) answers, within `actor_call_timeout_s`; `GcsSlow`
@@ -293,10 +287,8 @@ class Supervisor:
     async def alive(self, name: str) -> bool:
         """Whether a named actor still exists (alive or restarting); a dead one has lost its name. Asked of
         the GCS in `_gcs_threads`; one that gives no answer in time leaves the actor taken as existing."""
-        read = asyncio.get_running_loop().run_in_executor(self._gcs_threads, named_actor_exists, name,
-                                                          self.s.namespace)
         try:
-            return await self._gcs_answer(f"actor {name}", read)
+            return await self._gcs_read(f"actor {name}", named_actor_exists, name, self.s.namespace)
         except GcsSlow as e:
             log.warning("%s: %s taken as still there", e, name)
             return True
