@@ -18,33 +18,37 @@ def process_identity(pid: int | None = None) -> str:
     return f"{EMBEDDED_PREFIX}{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
 
 
+def _process_here(identity: str | None) -> tuple[int, float] | None:
+    """(pid, start time) of the process `identity` names when it is an embedded run of this host; None for
+    anything else (a cluster deployment, another host, no owner, a malformed name)."""
+    if not identity or not identity.startswith(EMBEDDED_PREFIX):
+        return None
+    try:
+        host, pid, started = identity[len(EMBEDDED_PREFIX):].rsplit(":", 2)
+        return (int(pid), float(started)) if host == socket.gethostname() else None
+    except ValueError:
+        return None
+
+
+def _runs(pid: int, started: float) -> bool:
+    """Whether process `pid` is still the one started at `started` (not gone, not a pid used again)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) <= 0.05
+    except psutil.NoSuchProcess:
+        return False
+
+
 def identity_gone(identity: str | None) -> bool:
     """True when `identity` names an embedded run on this host whose process no longer exists.
     Anything else (a cluster deployment, another host, no owner) is not known to be gone."""
-    import psutil
-
-    if not identity or not identity.startswith(EMBEDDED_PREFIX):
-        return False
-    try:
-        host, pid, started = identity[len(EMBEDDED_PREFIX):].rsplit(":", 2)
-        pid_n, started_f = int(pid), float(started)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return False
-    try:
-        return abs(psutil.Process(pid_n).create_time() - started_f) > 0.05
-    except psutil.NoSuchProcess:
-        return True
+    process = _process_here(identity)
+    return process is not None and not _runs(*process)
 
 
 def identity_alive(identity: str | None) -> bool:
     """True when `identity` names an embedded run on this host whose process still runs: a run known to be
     rendering its jobs. Anything else (a cluster deployment, another host, a process gone) is not known to."""
-    if not identity or not identity.startswith(EMBEDDED_PREFIX):
-        return False
-    try:
-        host = identity[len(EMBEDDED_PREFIX):].rsplit(":", 2)[0]
-    except ValueError:
-        return False
-    return host == socket.gethostname() and not identity_gone(identity)
+    process = _process_here(identity)
+    return process is not None and _runs(*process)
