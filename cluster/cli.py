@@ -776,7 +776,6 @@ def _closed_after(error: BaseException, session, c, recording: str | None, token
     whose failure said only that the DELETE failed) and `error` is what is raised, saying whether the
     session was ended (and, when not, whether the service answered) and, with --recording, where its
     recording is fetched from (`token_given`: the token came from --token, not $LIPSYNC_API_TOKEN)."""
-
     from cluster.client import ApiError
 
     session.close(error=error)

@@ -1292,6 +1292,11 @@ class _LiveBase:
         # why `close` after an error could not end the session (its one DELETE failed: logged, never raised)
         self.end_error: ApiError | None = None
 
+    @property
+    def _over(self) -> bool:
+        """Whether the session has ended or failed, as its view last read."""
+        return self.view.state in ("ended", "failed")
+
     def _end_timeout(self) -> float:
         """How long the end of the speech may take to be confirmed: the server reads the speech queued
         ahead of it at its rendering pace (backpressure), so at least the seconds not yet confirmed."""
@@ -1562,12 +1567,12 @@ class LiveSession(_LiveBase):
         else:
             deadline = time.monotonic() + wait_s
             try:
-                while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                while not self._over and time.monotonic() < deadline:
                     time.sleep(END_POLL_S)
                     self.stats()
             except ApiError as e:
                 self._end_refused(e, f"its state, read while it ends (GET /v1/sessions/{self.id})")
-        if self.view.state not in ("ended", "failed"):
+        if not self._over:
             self.view = SessionView.model_validate(
                 self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0).json())
         return self.view
@@ -1755,12 +1760,12 @@ class AsyncLiveSession(_LiveBase):
         else:
             deadline = time.monotonic() + wait_s
             try:
-                while self.view.state not in ("ended", "failed") and time.monotonic() < deadline:
+                while not self._over and time.monotonic() < deadline:
                     await asyncio.sleep(END_POLL_S)
                     await self.stats()
             except ApiError as e:
                 self._end_refused(e, f"its state, read while it ends (GET /v1/sessions/{self.id})")
-        if self.view.state not in ("ended", "failed"):
+        if not self._over:
             r = await self.client.request("DELETE", f"/v1/sessions/{self.id}", timeout=120.0)
             self.view = SessionView.model_validate(r.json())
         return self.view
