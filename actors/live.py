@@ -898,7 +898,9 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
     mark = last.get("mark") or [0, 0, 0, 0]  # the last speech frame published: [.., .., .., speech frames done]
     # speech published (what was rendered and not yet published died with it): the stream's pauses are not
     # speech, so not its seconds (they read more than the speech received)
-    rendered = round(int(mark[3]) / fps, 3)
+    figures = last.get("figures") or {}  # as they were at its last segment (its latencies are not journalled)
+    skipped = int(figures.get("skipped_frames", 0))  # pauses left out to catch up: handled speech too
+    rendered = round((int(mark[3]) + skipped) / fps, 3)
     # the speech kept for a restart, or at least what was published of it (a session whose end was written
     # let its copy go: the recording holds that speech)
     received = max(received, int(rendered * rate) * 2)
@@ -906,11 +908,11 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
     rendered = min(rendered, seconds_received)
     recording = journal.dir / "recording.mp4"
     size = recording.stat().st_size if recording.is_file() else None
-    figures = last.get("figures") or {}  # as they were at its last segment (its latencies are not journalled)
     return {"id": session_id, "state": "failed", "reason": "failed", "error": error,
             "avatar_id": meta.get("avatar_id"), "model": meta.get("model"), "created": meta.get("created"),
             "sample_rate": rate, "bytes_received": received, "seconds_received": seconds_received,
-            "seconds_rendered": rendered, "seconds_streamed": streamed, "segments_published": len(published),
+            "seconds_rendered": rendered, "seconds_skipped": round(skipped / fps, 3), "seconds_streamed": streamed,
+            "segments_published": len(published),
             "stalls": int(figures.get("stalls", 0)), "longest_gap_s": float(figures.get("longest_gap_s", 0.0)),
             "model_faults": int(figures.get("model_faults", 0)),
             "speech_underruns": int(figures.get("speech_underruns", 0)),

@@ -862,7 +862,9 @@ def cmd_live(args: argparse.Namespace) -> int:
             session.download_recording(args.recording)
             print(f"wrote {args.recording}", file=sys.stderr)
         print(f"session {view.id} {view.state} ({view.reason}): {view.seconds_received:.2f} s of speech received, "
-              f"{view.seconds_rendered:.2f} s rendered; latency p50 {view.latency_p50_s} s, p95 "
+              f"{view.seconds_rendered:.2f} s rendered"
+              + (f" ({view.seconds_skipped:.2f} s of pauses left out to catch up)" if view.seconds_skipped else "")
+              + f"; latency p50 {view.latency_p50_s} s, p95 "
               f"{view.latency_p95_s} s, max {view.latency_max_s} s over {view.latency_samples} chunks; "
               f"stalls {view.stalls}, longest playlist gap {view.longest_gap_s} s; segments <= "
               f"{view.segment_seconds} s"

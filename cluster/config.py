@@ -244,6 +244,14 @@ class Settings(BaseSettings):
     live_rebuffer_seconds: float = Field(0.2, ge=0, le=2.0, description="speech that ran out mid-utterance "
                                          "(a sender slower than real time) speaks again once this much of it is "
                                          "ready: stretches of speech and a few pauses, not fragments; 0: at once")
+    live_catch_up: bool = Field(True, description="win back the latency the service added (batches shown without "
+                                "the model while a worker was away, a takeover's stand-still) by shortening the "
+                                "pauses of the speech waiting to be rendered: a pause keeps its first frame and "
+                                "its last two; speech itself is never cut, and a sender's own pace is never "
+                                "caught up (view: seconds_skipped)")
+    live_silence_dbfs: float = Field(-45.0, ge=-96.0, le=0.0, description="a frame of speech whose level (RMS, dB "
+                                     "of full scale) is at most this counts as a pause for LIPSYNC_LIVE_CATCH_UP "
+                                     "(a quiet room's microphone: -60 to -50; speech: -35 to -15)")
     live_flush_after_s: float = Field(0.5, gt=0, description="speech waiting for lookahead that gets no more "
                                       "audio for this long is rendered as an utterance's end")
     live_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a session's token (audio socket, "

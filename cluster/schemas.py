@@ -462,7 +462,10 @@ class SessionView(BaseModel):
     token_expires: datetime | None = None
     bytes_received: int = 0
     seconds_received: float = 0.0
+    # speech that is in the stream, or was a pause shortened to catch up (seconds_skipped of it)
     seconds_rendered: float = 0.0
+    # pauses of the speech left out to win back latency the service added (LIPSYNC_LIVE_CATCH_UP)
+    seconds_skipped: float = 0.0
     seconds_streamed: float = 0.0
     buffered_seconds: float = 0.0
     segments_published: int = 0

@@ -921,3 +921,82 @@ def test_a_playlist_left_by_a_session_that_is_over_reads_ended():
     assert over == playlist.text()  # as the session's own end writes it
     assert parse_playlist(over) == (0, [(f"seg_{i:06d}.m4s", 0.48) for i in range(3)], True)
     assert ended_playlist(over) == over
+
+
+
+def _speech_with_pauses(seconds: float, rate: int = 16000, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    """Speech-like PCM: 0.8 s loud (about -20 dBFS) then 0.6 s of a quiet room (about -70 dBFS), over
+    and over; and which samples are loud."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    loud = (np.arange(n) / rate % 1.4) < 0.8
+    pcm = rng.standard_normal(n) * np.where(loud, 3300.0, 10.0)
+    return np.clip(pcm, -32768, 32767).astype(np.int16), loud
+
+
+def _live_run(pcm: np.ndarray, catch_up: bool, faults: range, realtime: bool = True):
+    """A session's scheduler fed `pcm` (16 kHz) in real time (40 ms per output frame) or all at once,
+    planning 4 frames per 4 output frames; the batches planned at output frames in `faults` are rolled
+    back (the model did not answer). Returns (output frame, its delay in frames) of each committed
+    speech frame, the output's audio of those frames, the speech frames skipped, the scheduler."""
+    from cluster.live.schedule import LiveScheduler
+
+    speech = SpeechInput(16000, Fraction(25), columns_needed=3)
+    scheduler = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
+    delays, audio, skipped = [], [], set()
+    total = len(pcm) // 640
+    if not realtime:
+        speech.append(pcm.tobytes())
+        speech.end()
+    for frame in range(0, total + 400, 4):
+        if realtime and frame < total:
+            speech.append(pcm[640 * frame:640 * (frame + 4)].tobytes())
+            if frame + 4 >= total:
+                speech.end()
+        batch = scheduler.plan(4)
+        if frame in faults:
+            scheduler.rollback(batch)
+            continue
+        out = scheduler.commit(batch)
+        skipped |= {k for _, _, k in batch.skipped}
+        for offset, slot in enumerate(batch.speech):
+            if slot is not None:
+                delays.append((batch.first + offset, batch.first + offset - slot[1]))
+                audio.append(out[640 * offset:640 * (offset + 1)])
+    return delays, np.concatenate(audio), skipped, scheduler
+
+
+def test_a_session_wins_back_the_latency_a_model_fault_added_from_the_pauses_of_its_speech():
+    """A model that did not answer for 10 batches (40 frames, 1.6 s) delays the speech after it by
+    that much; a microphone keeps sending (its pauses too), so without catching up the speech stays
+    1.6 s late for the rest of the session. Catching up shortens the pauses waiting to be rendered
+    until the delay is won back: every loud frame is rendered, in order, with its own audio; each
+    pause keeps at least 3 frames; nothing is skipped without a fault, nor of a sender's own
+    backlog."""
+    from itertools import groupby
+
+    pcm, loud = _speech_with_pauses(30.0)
+    frames = len(pcm) // 640
+    faults = range(100, 140)
+    before, _, none_skipped, plain = _live_run(pcm, catch_up=False, faults=faults)
+    after, audio, skipped, caught = _live_run(pcm, catch_up=True, faults=faults)
+    (base,) = {d for f, d in before if 50 <= f < 100}  # the delay before the fault (the lookahead's rebuffer)
+    assert min(d for f, d in before if f > 600) >= base + 40  # the fault's delay, for good
+    assert {d for f, d in after if f > 600} == {base}  # won back
+    assert not none_skipped and plain.skipped_frames == 0
+    assert len(skipped) == caught.skipped_frames == 40 and caught.debt == 0
+    # no loud frame was skipped, and each frame kept carries its own audio, in order
+    loud_frames = {k for k in range(frames) if loud[640 * k:640 * (k + 1)].any()}
+    assert not loud_frames & skipped
+    kept = [k for k in range(frames) if k not in skipped]
+    assert [slot for _, slot in after] and len(after) == len(kept)
+    assert np.array_equal(audio, np.concatenate([pcm[640 * k:640 * (k + 1)] for k in kept]))
+    # a pause keeps at least 3 frames (0.12 s)
+    assert min(len(list(run)) for is_loud, run in groupby(k in loud_frames for k in kept) if not is_loud) >= 3
+    # the whole speech is accounted for: rendered or skipped
+    u = caught.speech.utterances[0]
+    assert u.pcm_taken >= u.pcm_n
+    # without a fault nothing is skipped; a file sent at once is caught up by the fault's delay only
+    assert not _live_run(pcm, catch_up=True, faults=range(0))[2]
+    assert not _live_run(pcm, catch_up=True, faults=range(0), realtime=False)[2]
+    assert len(_live_run(pcm, catch_up=True, faults=faults, realtime=False)[2]) == 40

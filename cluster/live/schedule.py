@@ -12,6 +12,16 @@ shows the same template frames, with the same mel windows, as a batch job of tha
 A planned batch is either committed (its audio is taken from the speech as received; silence for
 idle frames) or rolled back (the model did not answer: the frames go out without the model and
 their speech is planned again on the next frames, so none is lost).
+
+Catching up: a rolled-back batch delays the speech after it by the frames it took, and a takeover
+by its stand-still (`add_debt`); nothing else would win that time back while the speech keeps
+coming (a microphone sends its pauses too), so the latency stayed that much higher for the rest of
+the session. With `catch_up`, the scheduler owes those frames (`debt`, never more than the speech
+waiting to be rendered) and pays them back from the pauses of that waiting speech: a frame is
+skipped (not rendered; its audio left out) when it, the frame before it and the two after it are
+all at most `silence_dbfs`, so a pause keeps its first frame and its last two and speech is never
+cut. A sender's own pace is never caught up: a file sent faster than real time waits its turn
+with its pauses whole.
 """
 from __future__ import annotations
 
@@ -33,6 +43,8 @@ class FrameBatch:
     mel: np.ndarray  # [n, 1, 80, 16] the model's input
     speech: list[tuple[int, int] | None] = field(default_factory=list)  # (utterance, speech frame) or idle
     underruns: int = 0  # utterances that spoke again in this batch after their speech ran out
+    # speech frames of a pause skipped to catch up: (offset of the slot they come before, utterance, frame)
+    skipped: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.template_index)
@@ -44,9 +56,14 @@ class FrameBatch:
 
 class LiveScheduler:
     def __init__(self, speech: SpeechInput, template_frames: int, fps: Fraction, loop: str = "pingpong",
-                 rebuffer_frames: int = 0) -> None:
+                 rebuffer_frames: int = 0, catch_up: bool = False, silence_dbfs: float = -45.0) -> None:
         self.speech = speech
         self.rebuffer_frames = int(rebuffer_frames)
+        self.catch_up = bool(catch_up)
+        # a speech frame's mean square (int16 PCM) at or below this is a pause's
+        self._silent_power = (32768.0 * 10.0 ** (float(silence_dbfs) / 20.0)) ** 2
+        self.debt = 0  # frames the service delayed the waiting speech by (see the module)
+        self.skipped_frames = 0  # speech frames of pauses skipped to catch up (committed)
         self.underruns = 0  # an utterance's speech ran out before its end (each one a pause in the speech)
         self.template_frames = int(template_frames)
         self.fps = Fraction(fps)
@@ -61,10 +78,8 @@ class LiveScheduler:
 
     def audio_span(self, frame: int) -> int:
         """Samples (at the session's rate) of output frame `frame`'s display interval."""
-        rate, fps = self.speech.rate, self.fps
-        a = frame * rate * fps.denominator // fps.numerator
-        b = (frame + 1) * rate * fps.denominator // fps.numerator
-        return int(b - a)
+        a, b = self._frame_span(frame)
+        return b - a
 
     def pending_speech_frames(self) -> int:
         """Speech frames received (ready or waiting for lookahead) and not yet planned."""
@@ -76,12 +91,45 @@ class LiveScheduler:
                 n += max(0, have - u.scheduled)
             return n
 
+    def add_debt(self, frames: int) -> None:
+        """The waiting speech was delayed by `frames` output frames (a takeover's stand-still)."""
+        if self.catch_up:
+            self.debt += max(0, int(frames))
+
+    def _frame_span(self, k: int) -> tuple[int, int]:
+        """Samples [a, b) (at the session's rate) of speech frame `k`'s display interval."""
+        rate, fps = self.speech.rate, self.fps
+        return (int(k * rate * fps.denominator // fps.numerator),
+                int((k + 1) * rate * fps.denominator // fps.numerator))
+
+    def _silent(self, u, k: int) -> bool:
+        """Speech frame `k` of utterance `u` is a pause's: all its PCM is here and its level is at most
+        `silence_dbfs`."""
+        a, b = self._frame_span(k)
+        if b > u.pcm_n or a < u._p0 or b <= a:
+            return False
+        x = u.pcm[a - u._p0:b - u._p0].astype(np.float32)
+        return float(np.dot(x, x)) / (b - a) <= self._silent_power
+
+    def _skippable(self, u, k: int, ready: int) -> bool:
+        """Frame `k` may be skipped to catch up: inside a pause, the frame before it (planned) and the
+        two after it (ready) silent too."""
+        return (self.debt > 0 and k >= 1 and k + 2 < ready and u.silent_before
+                and self._silent(u, k) and self._silent(u, k + 1) and self._silent(u, k + 2))
+
+    def _waiting_ready(self) -> int:
+        """Speech frames ready and not yet planned (the debt can never exceed them). Under the lock."""
+        return sum(max(0, u.ready_frames() - u.scheduled) for u in self.speech.utterances[self._utt:])
+
     def plan(self, n: int) -> FrameBatch:
         """The next `n` output frames."""
         with self.speech.lock:
             utts = self.speech.utterances
             slots: list[tuple[int, int] | None] = []
+            skipped: list[tuple[int, int, int]] = []
             resumed = 0
+            if self.debt:  # speech that is no longer waiting has nothing left to win back
+                self.debt = min(self.debt, self._waiting_ready())
             for _ in range(n):
                 slot = None
                 while self._utt < len(utts):
@@ -90,7 +138,13 @@ class LiveScheduler:
                     if u.rebuffering and (total is not None or ready - u.scheduled >= self.rebuffer_frames):
                         u.rebuffering = False  # enough has come (or all of it): it speaks again
                     if u.scheduled < ready and not u.rebuffering:
+                        while self.catch_up and self._skippable(u, u.scheduled, ready):
+                            skipped.append((len(slots), u.index, u.scheduled))
+                            u.scheduled += 1
+                            self.debt -= 1
                         slot = (u.index, u.scheduled)
+                        if self.catch_up:
+                            u.silent_before = self._silent(u, u.scheduled)
                         u.scheduled += 1
                         if u.starved:  # it speaks again: an underrun when more speech came (not its end: a
                             resumed += total is None  # sender that paused before ending is no slow sender)
@@ -119,7 +173,8 @@ class LiveScheduler:
         self.next_frame += n
         self.underruns += resumed
         idx = template_indices(first, first + n, self.template_frames, self.loop)
-        return FrameBatch(first=first, template_index=idx, mel=mel, speech=slots, underruns=resumed)
+        return FrameBatch(first=first, template_index=idx, mel=mel, speech=slots, underruns=resumed,
+                          skipped=skipped)
 
     def commit(self, batch: FrameBatch) -> np.ndarray:
         """The batch was rendered: its audio (int16 at the session's rate)."""
@@ -127,7 +182,14 @@ class LiveScheduler:
         with self.speech.lock:
             utts = self.speech.utterances
             touched = set()
+            skips = collections.deque(batch.skipped)
             for offset, slot in enumerate(batch.speech):
+                while skips and skips[0][0] == offset:  # a pause's frames left out: their audio too
+                    _, u_index, k = skips.popleft()
+                    u = utts[u_index]
+                    u.pcm_taken = max(u.pcm_taken, self._frame_span(k)[1])
+                    u.committed = max(u.committed, k + 1)
+                    self.skipped_frames += 1
                 span = self.audio_span(batch.first + offset)
                 if slot is None:
                     parts.append(np.zeros(span, np.int16))
@@ -149,13 +211,17 @@ class LiveScheduler:
         with self.speech.lock:
             utts = self.speech.utterances
             firsts: dict[int, int] = {}
-            for slot in batch.speech:
+            for slot in [*batch.speech, *((u_index, k) for _, u_index, k in batch.skipped)]:
                 if slot is not None:
                     firsts[slot[0]] = min(firsts.get(slot[0], slot[1]), slot[1])
             for u_index, k in firsts.items():
                 utts[u_index].scheduled = min(utts[u_index].scheduled, k)
                 # planned again from there as if it had not run out (its frames were ready: no pause for them)
                 utts[u_index].starved = utts[u_index].rebuffering = False
+                utts[u_index].silent_before = False
+            if self.catch_up:  # the speech after the batch's first speech frame now comes that much later
+                spoken = [i for i, slot in enumerate(batch.speech) if slot is not None]
+                self.debt += len(batch.skipped) + (len(batch) - spoken[0] if spoken else 0)
             self.underruns -= batch.underruns  # counted again when they are planned again
             if firsts:
                 self._utt = min(self._utt, min(firsts))

@@ -164,7 +164,8 @@ class LiveSession:
                                        # at most half the buffer: a rebuffer the buffer cannot hold would wait
                                        # for the flush (the end of the utterance) each time
                                        rebuffer_frames=round(min(self.s.live_rebuffer_seconds,
-                                                                 self.s.live_buffer_seconds / 2) * float(self.fps)))
+                                                                 self.s.live_buffer_seconds / 2) * float(self.fps)),
+                                       catch_up=s.live_catch_up, silence_dbfs=s.live_silence_dbfs)
         self.encoder: LiveEncoder | None = None
         self.state = "starting"
         self.reason: str | None = None  # why it ended
@@ -349,6 +350,8 @@ class LiveSession:
         # playlist moves again as soon as template frames can be encoded; the speech planned there is
         # put back and rendered, with the model, on the frames after
         catch_up_end = self.scheduler.next_frame + ahead if self.restarts else -1
+        if self.restarts and self._last_published_wall is not None:  # the stand-still delayed the waiting speech
+            self.scheduler.add_debt(round(max(0.0, time.time() - self._last_published_wall) * float(fps)))
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -516,7 +519,8 @@ class LiveSession:
         entry.update(end_frame=end, mark=self.scheduler.published(end), at=time.time(),
                      pdt=self._speech_arrival(end - entry["frames"], end),
                      figures={"stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
-                              "model_faults": self.model_faults, "speech_underruns": self.scheduler.underruns})
+                              "model_faults": self.model_faults, "speech_underruns": self.scheduler.underruns,
+                              "skipped_frames": self.scheduler.skipped_frames})
         self.journal.publish(entry)
 
     def _speech_arrival(self, first: int, end: int) -> float | None:
@@ -581,6 +585,7 @@ class LiveSession:
             self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
             self.model_faults = int(figures.get("model_faults", 0))
             self.scheduler.underruns = int(figures.get("speech_underruns", 0))
+            self.scheduler.skipped_frames = int(figures.get("skipped_frames", 0))
         # the service repeats the appends the dead actor did not answer once this one is up: until
         # then the open utterance is not taken for paused (its tail is not flushed early)
         self.last_audio = self.clock() + RESTART_GRACE_S
@@ -623,6 +628,7 @@ class LiveSession:
             "bytes_received": self.speech.bytes_received,
             "seconds_received": round(received, 3),
             "seconds_rendered": round(rendered, 3),
+            "seconds_skipped": round(self.scheduler.skipped_frames / fps, 3),
             "segment_seconds": self.s.live_segment_seconds,
             "seconds_streamed": round((self._frames_before + (self.encoder.frames_written if self.encoder else 0))
                                       / fps, 3),

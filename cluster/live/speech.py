@@ -160,6 +160,7 @@ class Utterance:
         self.starved = False  # its speech ran out before its end, and has not spoken since (schedule.py)
         self.rebuffering = False  # ...and waits for enough of it to speak again
         self.committed = 0  # speech frames whose audio went out: never planned again (rollback stops there)
+        self.silent_before = False  # the last speech frame planned was a pause's (schedule.py's catch-up)
         self.pcm = np.zeros(1 << 16, np.int16)  # the PCM as received, at the session's rate
         self._p0 = 0
         self.pcm_n = 0

@@ -324,7 +324,8 @@
     $("live-id").textContent = view.id;
     $("live-received").textContent = secs(view.seconds_received);
     $("live-rendered").textContent = secs(view.seconds_rendered) + (view.buffered_seconds > 0.05
-      ? " (" + secs(view.buffered_seconds) + " waiting)" : "");
+      ? " (" + secs(view.buffered_seconds) + " waiting)" : "") + (view.seconds_skipped > 0
+      ? "; pauses shortened by " + secs(view.seconds_skipped) + " to catch up" : "");
     $("live-latency").textContent = view.latency_samples
       ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + (view.latency_samples === 1 ? " sample)" : " samples)") : "–";
     $("live-stalls").textContent = view.stalls + (view.longest_gap_s ? " (longest gap " + secs(view.longest_gap_s) + ")" : "") +
