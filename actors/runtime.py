@@ -139,7 +139,8 @@ def _ray_params_for_jobs():
 
 def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_gpus: int | None = None,
                        include_dashboard: bool = False, dashboard_port: int | None = None,
-                       temp_dir: str | None = None, keep_signal_handlers: bool = False, job_only: bool = False):
+                       temp_dir: str | None = None, keep_signal_handlers: bool = False, job_only: bool = False,
+                       metrics_port: int | None = None):
     """Start this process's own Ray (`address="local"`: never a cluster another `ray start` on
     this machine registered in /tmp/ray), private to this machine and this user:
 
@@ -153,6 +154,7 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     its own, and the driver's C++ core worker installs a failure handler that dumps a stack and
     aborts on SIGTERM ("*** SIGTERM received"); a signal in that window killed the service.
     `job_only`: without the head processes that jobs do not use (`JOB_ONLY_RAY_PARAMS`).
+    `metrics_port`: the port its node exports Prometheus metrics on (on loopback), else one Ray picks.
     Returns ray.init's context."""
     import ray._private.ray_constants as ray_constants
 
@@ -194,6 +196,7 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
                                    num_cpus=num_cpus or embedded_cpus(settings), num_gpus=num_gpus,
                                    include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
                                    dashboard_port=dashboard_port, _temp_dir=str(root),
+                                   _metrics_export_port=metrics_port,
                                    _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
                     break
                 except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one

@@ -269,6 +269,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # said now, as the other start problems (not in Serve's traceback after Ray started, nor after waiting for a
     # port that a running process keeps); on a joined cluster, the cluster's own Serve (an earlier service's, kept
     # by the cluster) may be what holds it: decided once Ray is reached
+    if args.metrics_port is not None and (refused := _metrics_port_refusal(args.metrics_port, embedded)):
+        print(f"lipsync: error: {refused}", file=sys.stderr)
+        return 2
     problem = _port_in_use(args.host, args.port, wait_s=0)
     if problem and embedded and (refused := _port_refusal(args.host, args.port, problem)) is not None:
         print(_fail_line(refused.to_info()), file=sys.stderr)
@@ -289,7 +292,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with embedded_ray_owner_mark() as ray_mark:
             urls = start_service(settings, args.host, args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                                  dashboard=not args.no_dashboard, dashboard_port=dashboard_port,
-                                 ray_temp_dir=args.ray_temp_dir, stop=stop, port_busy=problem)
+                                 ray_temp_dir=args.ray_temp_dir, stop=stop, port_busy=problem,
+                                 metrics_port=args.metrics_port)
     except LipsyncError as e:
         print(_fail_line(e.to_info()), file=sys.stderr)
         _stop_started(stop_service, embedded)  # (on a joined cluster only an application it deployed goes)
@@ -311,6 +315,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_service(urls["embedded"], owner_mark=ray_mark, settings=settings)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+def _metrics_port_refusal(port: int, embedded: bool) -> str | None:
+    """Why `--metrics-port PORT` cannot be had (`code: message`), or None: a joined cluster's nodes export on
+    the port their `ray start --metrics-export-port` gave them; a port another process holds would leave
+    Ray's metrics agent without one (the service up, its metrics nowhere)."""
+    if not embedded:
+        return ("settings.invalid: --metrics-port is the embedded Ray's: a joined cluster (RAY_ADDRESS) exports "
+                "its metrics on the port each node was started with (ray start --metrics-export-port)")
+    problem = _port_in_use("127.0.0.1", port, wait_s=0)
+    if problem is None:
+        return None
+    return (f"{PortInUse.code}: cannot export metrics on 127.0.0.1:{port}: {problem} (another process holds it: "
+            f"stop it, or pick another --metrics-port)")
 
 
 def _port_refusal(host: str, port: int, problem: str) -> PortInUse | None:
@@ -980,6 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dashboard-port", type=_port_number, default=None,
                     help=f"the Ray dashboard's port (default {DASHBOARD_PORT}, or a free one when another process "
                          f"holds it)")
+    sv.add_argument("--metrics-port", type=_port_number, default=None,
+                    help="the port the embedded Ray exports Prometheus metrics on, on loopback (default: one Ray "
+                         "picks at each start, named in its session directory)")
     sv.add_argument("--ray-temp-dir", help=RAY_TEMP_DIR_HELP)
     sv.set_defaults(func=cmd_serve)
 

@@ -31,7 +31,8 @@ class _DropLine(logging.Filter):
 def start_service(settings: Settings, host: str, port: int, *, address: str | None = None,
                   num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False,
                   dashboard_port: int | None = None, ray_temp_dir: str | None = None,
-                  ready_timeout_s: float = 300.0, on_ray_started: Callable[[], None] | None = None,
+                  metrics_port: int | None = None, ready_timeout_s: float = 300.0,
+                  on_ray_started: Callable[[], None] | None = None,
                   stop: threading.Event | None = None, port_busy: str | None = None) -> dict:
     """Start (or join) Ray, the job manager and the Serve app on host:port; the URLs, when ready.
     `port_busy`: why host:port could not be listened on before a joined cluster's Ray was reached (its
@@ -64,7 +65,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept
             ctx = start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                                      dashboard_port=dashboard_port, temp_dir=ray_temp_dir,
-                                     keep_signal_handlers=True)
+                                     keep_signal_handlers=True, metrics_port=metrics_port)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # (RayError: a token missing)
         hint = " (a cluster with token authentication also needs its token: RAY_AUTH_TOKEN)" if address else ""
         raise RenderError(f"cannot start or join Ray: {e}{hint}", stage="connect", cause=repr(e)) from e

@@ -43,6 +43,7 @@ class ServiceProcess:
             d.mkdir(parents=True, exist_ok=True)
         self.token = token or secrets.token_hex(16)
         self.port = free_port()
+        self.metrics_port = free_port()  # Prometheus' target (`--metrics-port`): the same across restarts
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = dict(env or {})  # a value None removes the variable
         self.dashboard = dashboard
@@ -65,7 +66,7 @@ class ServiceProcess:
         ray_dir = tempfile.mkdtemp(dir="/tmp", prefix="rs")
         self._ray_dirs.append(ray_dir)
         cmd = [lipsync_command(), "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
-               "--ray-temp-dir", ray_dir,
+               "--ray-temp-dir", ray_dir, "--metrics-port", str(self.metrics_port),
                # a free port: `lipsync serve` asks Ray for exactly 8265 by default, which another Ray
                # on a shared machine may hold
                *(["--dashboard-port", str(free_port())] if self.dashboard else ["--no-dashboard"])]
@@ -82,7 +83,14 @@ class ServiceProcess:
                 # `free_port` cannot reserve the port: another process (e.g. a second pytest-xdist
                 # worker's Ray) may take it before Serve binds it. A first start moves to another
                 # port; a restart keeps its URL (the tests that restart a service rely on it).
-                if b"Failed to bind to address" in self.log.read_bytes() and not self._ready_once and moves < 3:
+                lost_port = b"Failed to bind to address" in self.log.read_bytes()
+                if b"cannot export metrics on" in self.log.read_bytes() and moves < 3:  # (before Ray starts)
+                    moves += 1
+                    self.metrics_port = free_port()
+                    self.log.write_bytes(b"")
+                    self.launch()
+                    continue
+                if lost_port and not self._ready_once and moves < 3:
                     moves += 1
                     self.kill()  # what the failed start left of its process group (its Ray)
                     self.port = free_port()

@@ -424,6 +424,20 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     assert line.startswith(f"lipsync: error: service.port_in_use: cannot listen on 127.0.0.1:{port}: Address "
                            f"already in use"), err
     assert line.endswith("(another process holds it: stop it, or pick another --port)"), err
+    # --metrics-port (a fixed Prometheus target): one held by another process, said before Ray starts (Ray's
+    # metrics agent would have gone without it, the service up and its metrics nowhere); on a joined cluster
+    # it is the nodes' own
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        rc, _, err, elapsed = run_cli([*CLI, "serve", "--port", "9", "--metrics-port", str(port)], env, workdir,
+                                      timeout=60)
+    [line] = err.strip().splitlines()
+    assert rc == 2 and elapsed < 14 and line.startswith(
+        f"lipsync: error: service.port_in_use: cannot export metrics on 127.0.0.1:{port}: Address already in use"
+    ) and line.endswith("(another process holds it: stop it, or pick another --metrics-port)"), (rc, err[-2000:])
+    rc, _, err, _ = run_cli([*CLI, "serve", "--metrics-port", "9"], {**env, "RAY_ADDRESS": "127.0.0.1:1"}, workdir,
+                            timeout=60)
+    assert rc == 2 and err.startswith("lipsync: error: settings.invalid: --metrics-port is the embedded Ray's"), err
 
 
 def test_the_cli_logs_one_json_object_a_line_when_asked(env, workdir):

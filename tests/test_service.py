@@ -114,6 +114,29 @@ def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
         assert job_id in [j.id for j in listed.jobs]
 
 
+def test_the_service_exports_its_metrics_on_the_port_it_was_given(service, svc_media):
+    """`lipsync serve --metrics-port PORT`: Prometheus' target is fixed (Ray picked a new port at each
+    start), on loopback, and carries the product's series once a job has rendered."""
+    import socket
+
+    from cluster.client import Client
+
+    with Client(service.url, token=service.token) as c:
+        view = c.submit(svc_media["audio"], svc_media["video"]).wait(timeout=180)
+    assert view.state.value == "succeeded"
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and "ray_lipsync_frames_rendered_total" not in text:
+        time.sleep(1.0)
+        text = httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10).text
+    assert "ray_lipsync_frames_rendered_total" in text, text[-2000:]
+    import psutil
+
+    for address in [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                    if a.family == socket.AF_INET and not a.address.startswith("127.")]:
+        with pytest.raises(OSError):  # on loopback only
+            socket.create_connection((address, service.metrics_port), timeout=2).close()
+
+
 def test_async_client_and_cancel(service, svc_media):
     from cluster.client import AsyncClient, JobFailed
 
