@@ -68,11 +68,42 @@ HTTP_PORTS = {"http": 80, "https": 443}
 RTMP_PORTS = {"rtmp": 1935, "rtmps": 443}
 
 
+#: The longest URL taken (a presigned object-store URL runs to 1-2 thousand characters)
+MAX_URL_CHARS = 8192
+
+
+def split_url(url: str, field: str = "url"):
+    """`urlsplit(url)`, or `UnsafeInput` naming `field` for what is no URL: control characters (a NUL,
+    a newline: an HTTP request cannot carry them), an unbalanced IPv6 bracket, a length past
+    `MAX_URL_CHARS`, or what httpx cannot send. They were a 500 (`ValueError`, httpx's `InvalidURL`)
+    on every route that takes a URL. (A space is sent %-encoded, as browsers do.)"""
+    if len(url) > MAX_URL_CHARS:
+        raise UnsafeInput(f"{field}: the URL is longer than {MAX_URL_CHARS} characters", path=field)
+    bad = next((c for c in url if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise UnsafeInput(f"{field}: not a URL: it holds the control character {bad!r} (written %-encoded in "
+                          f"a URL)", path=field)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise UnsafeInput(f"{field}: not a URL: {e}", path=field) from e
+    try:
+        parts.port  # noqa: B018
+    except ValueError:  # a bad port: `check_url` says so, naming it
+        return parts
+    if parts.scheme in HTTP_PORTS:
+        try:
+            httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise UnsafeInput(f"{field}: not a URL: {e}", path=field) from e
+    return parts
+
+
 def check_url(url: str, *, allow_private: bool, resolve: Resolver = system_resolver,
               field: str = "url", schemes: dict[str, int] = HTTP_PORTS) -> tuple[str, int, str]:
     """Refuse a URL the guard does not allow; return (host, port, the vetted address to connect to).
     `schemes`: the schemes accepted, each with its default port."""
-    parts = urlsplit(url)
+    parts = split_url(url, field)
     if parts.scheme not in schemes:
         raise UnsafeInput(f"{field}: only {' and '.join(schemes)} URLs are accepted, got {parts.scheme or 'no'} "
                           f"scheme", path=field)
@@ -212,7 +243,11 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout_s: floa
 
 
 def is_url(value: str) -> bool:
-    return urlsplit(value).scheme.lower() in ("http", "https") or "://" in value
+    """Meant as a URL (then checked by `check_url`, which refuses what is not one), not a path."""
+    try:
+        return urlsplit(value).scheme.lower() in ("http", "https") or "://" in value
+    except ValueError:  # e.g. "http://[::1": a URL, malformed
+        return "://" in value
 
 
 @dataclass(frozen=True)
@@ -231,12 +266,11 @@ def vet_rtmp_url(url: str, *, allow_private: bool, resolve: Resolver = system_re
                  field: str = "rtmp_url") -> RtmpTarget:
     """`rtmp://host[:port]/app/stream-key` (or rtmps) checked as input URLs are: public addresses
     only unless `allow_private`; typed `UnsafeInput` / `UrlFetchError` naming `field`."""
-    if len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url):
-        raise UnsafeInput(f"{field}: not a URL (longer than 2048 characters or holding spaces/control "
-                          f"characters)", path=field)
+    if len(url) > 2048 or any(c.isspace() for c in url):  # (ffmpeg's argument: no spaces)
+        raise UnsafeInput(f"{field}: not an RTMP URL (longer than 2048 characters or holding spaces)", path=field)
     host, port, address = check_url(url, allow_private=allow_private, resolve=resolve, field=field,
                                     schemes=RTMP_PORTS)
-    parts = urlsplit(url)
+    parts = split_url(url, field)
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) < 2:
         raise UnsafeInput(f"{field}: an RTMP URL names an application and a stream key "

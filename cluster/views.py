@@ -69,7 +69,10 @@ def given_name(given: str) -> str:
     """The name a user knows an input by: a file's name, a URL's last part (no query, no server path)."""
     from urllib.parse import unquote, urlsplit
 
-    path = urlsplit(given).path if "://" in given else given
+    try:
+        path = urlsplit(given).path if "://" in given else given
+    except ValueError:  # a malformed URL (refused at admission): its own text
+        path = given
     return unquote(path.rstrip("/").rsplit("/", 1)[-1]) or given[:100]
 
 

@@ -108,6 +108,27 @@ def test_schemes_credentials_and_private_opt_in():
                      resolve=resolver({"lan.example": ["10.0.0.7"]})) == ("lan.example", 8080, "10.0.0.7")
 
 
+def test_what_is_no_url_is_refused_as_one_and_a_space_is_sent_encoded(tmp_path):
+    """A NUL, a newline or an unbalanced IPv6 bracket raised ValueError / httpx.InvalidURL (a 500 on
+    every route that takes a URL); each is `UnsafeInput` naming the field now, redirects included.
+    A space is no reason to refuse: httpx sends it %-encoded, as a browser does."""
+    from cluster.netguard import is_url
+
+    for url in ("http://[::1", "http://media.example/a\x00b", "https://media.example/a\nb", "http://x/\x7f",
+                "http://media.example/" + "a" * 9000):
+        assert is_url(url)
+        with pytest.raises(UnsafeInput) as e:
+            check_url(url, allow_private=False, resolve=resolver({"media.example": [PUBLIC]}), field="audio")
+        assert e.value.path == "audio" and ("not a URL" in str(e.value) or "longer than" in str(e.value))
+    assert check_url("http://media.example/my speech.wav", allow_private=False,
+                     resolve=resolver({"media.example": [PUBLIC]}))[0] == "media.example"
+    seen = []
+    with pytest.raises((UnsafeInput, UrlFetchError)):  # a redirect to what is no URL: typed (400), no 500
+        download("http://media.example/a", tmp_path / "x", max_bytes=100, timeout_s=5,
+                 resolve=resolver({"media.example": [PUBLIC]}),
+                 connect=connector({PUBLIC: httpx.Response(302, headers={"location": "http://[::1/x"})}, seen))
+
+
 def test_sdk_imports_neither_ray_nor_onnxruntime():
     code = ("import sys, cluster.client, cluster.schemas; "
             "bad = [m for m in ('ray', 'onnxruntime', 'onnx', 'cv2') if m in sys.modules]; "

@@ -399,6 +399,27 @@ def test_guards_refuse(service, svc_media, tmp_path):
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
                                         "callback_url": "http://169.254.169.254/hook"})
         assert r.status_code == 400 and r.json()["error"]["field"] == "callback_url"
+        # what is no URL (a NUL, a newline, an unbalanced bracket): 400 naming its field, on every route that
+        # takes one. They were 500 `service.internal` (urlsplit's ValueError, httpx's InvalidURL), and /easy/submit
+        # answered that 500 instead of its envelope; a callback_url holding a NUL was taken, and failed at delivery
+        def no_url(r, field: str) -> None:
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "input.unsafe" and error["field"] == field, r.text
+            assert "not a URL" in error["message"] or "not an RTMP URL" in error["message"], r.text
+
+        for bad in ("http://[::1", "http://8.8.8.8/a\u0000b", "https://8.8.8.8/a\nb"):
+            assert "not a URL" in refused(bad, codes=("input.unsafe",))
+            with open(svc_media["video"], "rb") as v:
+                no_url(http.post("/v1/jobs", data={"audio": bad}, files={"video": ("face.mp4", v)}), "audio")
+            no_url(http.post("/v1/avatars", json={"video": bad}), "video")
+            no_url(http.post("/v1/batches", json={"audios": [bad], "video": svc_media["video"]}), "audios")
+            no_url(http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
+                                               "callback_url": bad}), "callback_url")
+            no_url(http.post("/v1/sessions", json={"avatar_id": "abcdef0123456789",
+                                                   "rtmp_url": bad.replace("http", "rtmp")}), "rtmp_url")
+            r = http.post("/easy/submit", json={"audio_url": bad, "video_url": svc_media["video"],
+                                                "code": str(uuid.uuid4())})
+            assert r.status_code == 200 and r.json()["success"] is False and "not a URL" in r.json()["msg"], r.text
         # oversize upload (the service's limit is 4 MiB), refused while streaming
         big = tmp_path / "big.wav"
         big.write_bytes(b"\0" * (5 * 1024**2))
