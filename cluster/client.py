@@ -539,6 +539,22 @@ def _form(audio, video, avatar, options: dict[str, Any]):
     return local, data, None
 
 
+#: How long a submission that names URL inputs may take to be answered: the service fetches them (each up to
+#: its LIPSYNC_URL_TIMEOUT_S, 60 s by default) and probes them before its 202. With the client's usual read
+#: timeout (60 s) the client gave up first, sent it again (the service fetched again) and, its retries spent,
+#: said `connection.timeout` instead of the service's `input.url_failed`.
+URL_SUBMIT_TIMEOUT_S = 600.0
+
+
+def _answer_s(client: "_Base", body: dict) -> float:
+    """The timeout of a JSON submission `body`: `URL_SUBMIT_TIMEOUT_S` when it names a URL input, else the
+    client's own."""
+    given = [body.get("audio"), body.get("video"), *(body.get("audios") or [])]
+    if any("://" in str(v) for v in given if v is not None):
+        return max(client.timeout, URL_SUBMIT_TIMEOUT_S)
+    return client.timeout
+
+
 class _Base:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
                  retries: int = 6, backoff_s: float = 0.5) -> None:
@@ -676,7 +692,7 @@ class Client(_Base):
         opts = dict(id=id or uuid.uuid4().hex, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
         files, data, body = _form(audio, video, avatar, opts)
         if body is not None:
-            r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
+            r = self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body, timeout=_answer_s(self, body))
         else:
             uploads = _Uploads(files, data)
             try:  # the answer comes once the files are stored and probed: more than a read's usual wait
@@ -847,7 +863,8 @@ class Client(_Base):
             uploaded[path] = UploadedFile.model_validate(r.json()).ref
         body = _batch_body(audios, video, avatar, options, uploaded)
         try:
-            r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body)
+            r = self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body,
+                                 timeout=_answer_s(self, body))
         except ApiError as e:
             raise BatchRefused(e, body["id"]) from e
         return BatchView.model_validate(r.json())
@@ -1078,7 +1095,8 @@ class AsyncClient(_Base):
         opts = dict(id=id or uuid.uuid4().hex, sync_mode=sync_mode, model=model, crf=crf, callback_url=callback_url)
         files, data, body = _form(audio, video, avatar, opts)
         if body is not None:
-            r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body)
+            r = await self.request("POST", "/v1/jobs", ok=(202,), idempotent=True, json=body,
+                                       timeout=_answer_s(self, body))
         else:
             uploads = _Uploads(files, data)
             try:
@@ -1113,7 +1131,8 @@ class AsyncClient(_Base):
             uploaded[path] = UploadedFile.model_validate(r.json()).ref
         body = _batch_body(audios, video, avatar, options, uploaded)
         try:
-            r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body)
+            r = await self.request("POST", "/v1/batches", ok=(202,), idempotent=True, json=body,
+                                       timeout=_answer_s(self, body))
         except ApiError as e:
             raise BatchRefused(e, body["id"]) from e
         return BatchView.model_validate(r.json())

@@ -44,6 +44,37 @@ def test_a_submission_is_retried_after_a_bare_500_with_the_same_id():
     assert len(seen) == 2 and ids[0] == ids[1] == job.id, ids
 
 
+def test_a_submission_naming_urls_waits_for_the_services_fetch_on_both_faces():
+    """The service fetches URL inputs (each up to its LIPSYNC_URL_TIMEOUT_S, 60 s) before its 202: with the
+    client's read timeout (60 s) the client gave up first, sent it again, and said `connection.timeout`
+    instead of the service's `input.url_failed`. A submission or batch naming a URL waits 600 s; one of
+    server paths keeps the client's own timeout."""
+    from cluster.client import URL_SUBMIT_TIMEOUT_S
+
+    reads: list[tuple[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        reads.append((request.url.path, request.extensions["timeout"]["read"]))
+        if request.url.path == "/v1/batches":
+            return httpx.Response(202, json={"id": body["id"], "state": "queued", "progress": 0.0, "jobs": [],
+                                              "counts": {}})
+        return _accepted(request)
+
+    async def async_calls() -> None:
+        async with AsyncClient("http://api.test", transport=httpx.MockTransport(handler)) as client:
+            await client.submit("https://media.example/a.wav", "/data/v.mp4")
+            await client.submit("/data/a.wav", "/data/v.mp4")
+            await client.submit_batch(["https://media.example/a.wav"], "/data/v.mp4")
+
+    with Client("http://api.test", transport=httpx.MockTransport(handler)) as client:
+        client.submit("https://media.example/a.wav", "/data/v.mp4")
+        client.submit("/data/a.wav", "/data/v.mp4")
+        client.submit_batch(["/data/a.wav"], "https://media.example/v.mp4")
+    asyncio.run(async_calls())
+    assert reads == [("/v1/jobs", URL_SUBMIT_TIMEOUT_S), ("/v1/jobs", 60.0), ("/v1/batches", URL_SUBMIT_TIMEOUT_S)] * 2
+
+
 def test_our_typed_500_is_not_retried_and_keeps_its_code():
     seen: list[httpx.Request] = []
     typed = httpx.Response(500, json={"error": {"code": "render.internal", "message": "boom", "field": None}})
