@@ -50,6 +50,8 @@ CASES: dict[str, tuple[str, str | None, str]] = {
     "zip_as_mp4": ("video", "input.unreadable", "admit"),
     "tar_as_mp4": ("video", "input.unreadable", "admit"),
     "truncated_mp4": ("video", "input.unreadable", "admit"),
+    # a WAV cut short (its data chunk declares more than the file holds): it rendered the part there was
+    "truncated_wav": ("audio", "input.unreadable", "admit"),
     "audio_as_video": ("video", "input.no_video_stream", "admit"),
     "video_as_audio": ("audio", "input.no_audio_stream", "admit"),
     "frames_8k": ("video", "input.too_large", "admit"),
@@ -225,6 +227,8 @@ def build_corpus(root: Path, outside: Path, settings: Settings | None = None) ->
     data = faststart.read_bytes()
     add("truncated_mp4", "video", "truncated.mp4", "input.unreadable").write_bytes(data[: len(data) // 2])
     faststart.unlink()
+    add("truncated_wav", "audio", "truncated.wav", "input.unreadable").write_bytes(
+        speech.read_bytes()[:len(speech.read_bytes()) // 3])
     m4a = add("audio_as_video", "video", "speech_only.m4a", "input.no_video_stream")
     write_audio(str(m4a), speech_like(1.0, seed=4), settings=s)
     add("video_as_audio", "audio", "template_only.mp4", "input.no_audio_stream").write_bytes(template.read_bytes())

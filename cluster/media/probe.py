@@ -143,6 +143,43 @@ def _check_index_within_file(path: str, stream, size: int) -> None:
                               f"{size}", path=path)
 
 
+#: A WAV data size that says "unknown" (a writer that could not seek back: a pipe, a live capture)
+_WAV_SIZE_UNKNOWN = (0, 0xFFFFFFFF)
+
+
+def _check_wav_complete(path: str, size: int) -> None:
+    """A RIFF/WAVE file whose `data` chunk declares more bytes than the file holds was cut short (an
+    upload or a copy that stopped midway): ffmpeg reads what is there and a job renders part of the
+    speech without a word. Refused, naming both lengths. A size that says "unknown" (0 or 0xFFFFFFFF,
+    as a pipe's writer leaves it) and RF64 files are left to ffmpeg."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    pos, byte_rate = 12, 0
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+        if chunk == b"fmt " and pos + 16 <= len(head):
+            byte_rate = struct.unpack_from("<I", head, pos + 16)[0]
+        if chunk == b"data":
+            if length in _WAV_SIZE_UNKNOWN:
+                return
+            have = max(size - (pos + 8), 0)
+            if have < length:
+                said = (f"{length / byte_rate:.2f} s of audio ({length} bytes), the file holds {have / byte_rate:.2f} s"
+                        if byte_rate else f"{length} bytes of audio, the file holds {have}")
+                raise InputUnreadable(f"{path} is truncated: its header declares {said} (the upload or copy "
+                                      f"stopped early?)", path=path)
+            return
+        pos += 8 + length + (length & 1)
+    return
+
+
 def count_packets(container: av.container.InputContainer, stream) -> int:
     """Exact frame count of `stream` by demuxing (no decoding) from the container's current
     position: packets with data, minus those an edit list discards."""
@@ -389,6 +426,8 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
         audios = list(container.streams.audio)
         if not videos and not audios:
             raise InputUnreadable(f"{p} has neither an audio nor a video stream", path=p)
+        if container.format.name == "wav":
+            _check_wav_complete(p, size)
         video = _video_info(p, container, videos[0], duration, size) if videos else None
         speech = audios[speech_stream(p) if len(audios) > 1 else 0] if audios else None
         audio = _audio_info(speech, duration) if speech is not None else None
