@@ -74,6 +74,8 @@ def request_differences(request: RenderRequest, had: RenderRequest | None) -> st
     for name in ("avatar_id", "model", "crop", "loop", "chunk_seconds", "crf"):
         new, old = getattr(request, name), getattr(had, name)
         if new != old:
+            if name == "loop":  # the API's values: `forward` is its sync_mode `loop`
+                new, old = ("loop" if v == "forward" else v for v in (new, old))
             said.append(f"{_API_NAMES.get(name, name)} {new if new is not None else 'unset'}, "
                         f"not {old if old is not None else 'unset'}")
     for name in ("audio", "video"):

@@ -314,7 +314,7 @@ def test_a_conflicting_resubmission_is_told_what_differs():
     same = RenderRequest(audio="/srv/in/a.wav", video=ref, crf=18)
     assert request_differences(same, had) == "the output path or the way an input was given differs"
     said = request_differences(same.model_copy(update={"crf": 20, "loop": "forward"}), had)
-    assert said == "sync_mode forward, not pingpong; crf 20, not 18", said
+    assert said == "sync_mode loop, not pingpong; crf 20, not 18", said  # the API's value (forward inside)
     said = request_differences(same.model_copy(update={"audio": "/srv/in/b.wav", "video": None,
                                                        "avatar_id": "abcd1234"}), had)
     assert said == "avatar_id abcd1234, not unset; another audio; video not given now, given then", said
