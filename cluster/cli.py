@@ -684,10 +684,17 @@ def cmd_avatar(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
+AVATARS_PAGE_MAX = 1000  # GET /v1/avatars' largest limit
+
+
 def cmd_avatars(args: argparse.Namespace) -> int:
     """The prepared avatars: one line each (id, size, rate, length, frames, name), or the list as JSON."""
     def run(c) -> int:
-        views = c.avatars(limit=args.limit, offset=args.offset)
+        # one more than shown, to tell whether there are more (a full page said "more" when there were none)
+        asked = min(args.limit + 1, AVATARS_PAGE_MAX)
+        views = c.avatars(limit=asked, offset=args.offset)
+        more = len(views) > args.limit or len(views) == asked == args.limit
+        views = views[:args.limit]
         if args.json:
             import json
 
@@ -697,7 +704,7 @@ def cmd_avatars(args: argparse.Namespace) -> int:
                 print(f"{view.id}  {_avatar_line(view)}")
             if not views:
                 print("no avatars" + (f" past the first {args.offset}" if args.offset else ""), file=sys.stderr)
-        if len(views) == args.limit:
+        if more:
             print(f"more: lipsync avatars --offset {args.offset + args.limit}"
                   + (f" --limit {args.limit}" if args.limit != 100 else ""), file=sys.stderr)
         return 0

@@ -844,3 +844,27 @@ def test_a_services_error_reaches_the_terminal_without_its_escapes():
 
     line = _fail_line(ErrorInfo(code="input.unreadable", message="/in/\x1b]0;pwned\x07x\x1b[2J.wav is not audio"))
     assert line == "lipsync: error: input.unreadable: /in/]0;pwnedx[2J.wav is not audio", line
+
+
+def test_lipsync_avatars_says_more_only_when_there_are_more(monkeypatch, capsys):
+    """`lipsync avatars --limit 1` with one avatar printed `more: lipsync avatars --offset 1`, which then
+    said there were none: a full page said "more". It asks for one more than it shows now."""
+    import httpx
+
+    import cluster.cli as cli
+    from cluster.client import Client
+
+    stored = [{"id": f"av{i:04d}", "frames": 10} for i in range(3)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        limit, offset = int(request.url.params["limit"]), int(request.url.params["offset"])
+        return httpx.Response(200, json=stored[offset:offset + limit])
+
+    monkeypatch.setattr(cli, "_client", lambda args: Client("http://api.test",
+                                                            transport=httpx.MockTransport(handler)))
+    for limit, offset, shown, more in ((3, 0, 3, None), (2, 0, 2, "--offset 2 --limit 2"), (1, 2, 1, None),
+                                       (5, 0, 3, None), (1, 1, 1, "--offset 2 --limit 1")):
+        assert cli.main(["avatars", "--limit", str(limit), "--offset", str(offset)]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == shown, (limit, offset, out)
+        assert ("more: lipsync avatars" in err) == (more is not None) and (more is None or more in err), err
