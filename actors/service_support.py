@@ -350,7 +350,10 @@ class ServiceSidecar:
                     self.store.attempt(job_id, "the job did not end before the callback deadline", final=True)
                     return
                 await asyncio.sleep(1.0)
-            body = job_view(st, storage_root=str(self.s.storage_root)).model_dump_json().encode()
+            # the job's view as GET answers it, without its callback (this delivery) and watch_url (a signed
+            # URL is a credential, not handed to a third party; GET gives it): keys absent, not null
+            body = job_view(st, storage_root=str(self.s.storage_root)).model_dump_json(
+                exclude={"callback", "watch_url"}).encode()
             headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
             if (key := self.s.callback_key()) is not None:
                 headers[SIGNATURE_HEADER] = sign(body, key)

@@ -183,6 +183,9 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         headers, body = good.posts[0]
         assert verify(body, svc.token, headers["x-lipsync-signature"]) and headers["x-lipsync-job"] == "durable-1"
         assert json.loads(body)["state"] == "succeeded" and json.loads(body)["id"] == "durable-1"
+        # GET's view less its callback and signed watch_url (README): keys absent (they were sent as null)
+        assert json.loads(body)["output"]["url"] == "/v1/jobs/durable-1/result"
+        assert "callback" not in json.loads(body) and "watch_url" not in json.loads(body), body
         # a failing callback is retried and never changes the job's state
         other = c2.submit(short, video, id="cb-fails", callback_url=bad.url)
         assert c2.wait(other.id, timeout=240).state.value == "succeeded"
