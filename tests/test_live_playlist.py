@@ -75,3 +75,24 @@ def test_program_date_time_maps_media_time_to_the_speech_arrival(astronaut_video
     shown_as = segment["pdt"] + (onset - start)  # a player's date for that media time
     arrived = sent[int(silence_s * rate) * 2]  # the chunk holding the tone's first sample
     assert abs(shown_as - arrived) < 0.12, (shown_as - arrived, onset, segment)
+
+
+def test_program_date_time_never_goes_backwards():
+    """Each segment's time is the median arrival of the chunks it closes, less their distance from its first
+    frame: two segments' medians can come out a few ms apart the wrong way (a docs probe saw 17 ms back),
+    which a player takes as the clock jumping. It never goes before the previous segment's now."""
+    import collections
+    import time
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from cluster.live.session import LiveSession
+
+    now = time.monotonic()
+    session = SimpleNamespace(fps=Fraction(25), clock=time.monotonic, _last_pdt=0.0,
+                              _rendered=collections.deque([(now - 1.0, 0), (now - 1.02, 12)]))
+    first = LiveSession._speech_arrival(session, 0, 12)
+    second = LiveSession._speech_arrival(session, 12, 24)  # its own median: 20 ms before the first's
+    assert second == first == session._last_pdt
+    session._rendered.append((now - 0.3, 24))
+    assert LiveSession._speech_arrival(session, 24, 36) > first

@@ -202,6 +202,7 @@ class LiveSession:
         self._elapsed_before = 0.0  # seconds the session ran before this process
         self._frames_before = 0  # output frames published before this process
         self._last_published_wall: float | None = None
+        self._last_pdt = 0.0  # the last segment's #EXT-X-PROGRAM-DATE-TIME (`_speech_arrival`)
         # after a restart: when each step of the resume happened (wall clock), for the figures
         self.restart_timeline: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name=f"live-{session_id}", daemon=True)
@@ -527,13 +528,17 @@ class LiveSession:
         """The playlist's `#EXT-X-PROGRAM-DATE-TIME` of the segment of output frames [first, end):
         the wall-clock arrival of the speech its first frame shows. Each chunk whose last frame is
         in the segment gives its arrival less its frame's distance from `first` at the frame rate;
-        the median of those. None for a segment without such a chunk (idle; after a restart)."""
+        the median of those. None for a segment without such a chunk (idle; after a restart). Never before
+        the last one given: a median a few ms earlier than the previous segment's (a docs probe saw 17 ms)
+        put the playlist's clock backwards, which players take as a discontinuity."""
         fps = float(self.fps)
         marks = sorted(arrival - (frame - first) / fps for arrival, frame in list(self._rendered)
                        if first <= frame < end)
         if not marks:
             return None
-        return round(time.time() - (self.clock() - marks[len(marks) // 2]), 3)
+        pdt = max(round(time.time() - (self.clock() - marks[len(marks) // 2]), 3), self._last_pdt)
+        self._last_pdt = pdt
+        return pdt
 
     def restore(self) -> str | None:
         """Before `start`, in a restarted actor: the speech received (replayed from the journal,
@@ -579,6 +584,7 @@ class LiveSession:
             self.segments_published = len(entries)
             self.scheduler.resume(self._frames_before, last.get("mark"))
             self._last_published_wall = float(last["at"])
+            self._last_pdt = max((float(e.get("pdt") or 0.0) for e in entries), default=0.0)
             self.restart_timeline["last_published"] = round(self._last_published_wall, 3)
             figures = last.get("figures") or {}
             self.stalls = int(figures.get("stalls", 0))
