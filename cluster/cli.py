@@ -574,9 +574,22 @@ def _client_call(args: argparse.Namespace, fn) -> int:
     except WebSocketException as e:  # a live session's audio socket that failed in a way the SDK does not name
         print(f"lipsync: error: connection.failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the output's reader left (`lipsync list | head`): not the command's failure
+        return _stdout_gone()
     except OSError as e:  # a local file it cannot write (a download's destination)
         print(f"lipsync: error: output.unwritable: {e}", file=sys.stderr)
         return 1
+
+
+def _stdout_gone() -> int:
+    """Standard output's reader went away (`| head`): stop quietly, with the status a process killed by SIGPIPE
+    has (128 + 13), as `cat` does; what is still buffered goes nowhere instead of raising again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -1114,6 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lipsync: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # what reads the output went away (`| head`): said by the shell's convention
+        return _stdout_gone()
     except ValidationError as e:  # a setting (LIPSYNC_* or a flag that sets one) out of its range
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or e.title
@@ -1150,7 +1165,10 @@ def entry() -> None:
         framecache.abandon_builds()  # (atexit does not run past os._exit) no half-written frame file left
 
     logging.shutdown()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _stdout_gone()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else 1)
 

@@ -868,3 +868,34 @@ def test_lipsync_avatars_says_more_only_when_there_are_more(monkeypatch, capsys)
         out, err = capsys.readouterr()
         assert len(out.splitlines()) == shown, (limit, offset, out)
         assert ("more: lipsync avatars" in err) == (more is not None) and (more is None or more in err), err
+
+
+def test_an_output_whose_reader_left_ends_quietly(env, workdir, monkeypatch):
+    """`lipsync models | head -0` printed a BrokenPipeError traceback, and a client command (`lipsync status ID |
+    head -3`) `output.unwritable: [Errno 32] Broken pipe`: the reader leaving is not the command's failure. It
+    ends with no word and the status of a process that SIGPIPE ended (141), as `cat` does."""
+    import io
+    import subprocess
+
+    import httpx
+
+    import cluster.cli as cli
+    from cluster.client import Client
+
+    proc = subprocess.Popen([*CLI, "models"], env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader left before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return os.open(os.devnull, os.O_WRONLY)
+
+    stored = [{"id": "av0001", "frames": 10}]
+    monkeypatch.setattr(cli, "_client", lambda args: Client("http://api.test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=stored))))
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert cli.main(["avatars"]) == 141
