@@ -431,13 +431,14 @@ class _Wait:
         self.bar = _Bar(progress)
         self.view: JobView | None = None
         self.away_since: float | None = None  # the service has not answered since (`passing`)
+        self.away_error: ApiError | None = None  # ...and what the last try met
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
     def seen(self, view: JobView) -> bool:
         """Record a view; True once the job has ended."""
-        self.view, self.away_since = view, None
+        self.view, self.away_since, self.away_error = view, None, None
         self.bar.show(view)
         return view.state.terminal
 
@@ -453,7 +454,7 @@ class _Wait:
         if e.code in ("connection.failed", "connection.timeout", "http.500") or e.status in (429, 502, 503, 504) \
                 or (e.code == "http.404" and "/-/routes" in e.message):
             now = time.monotonic()
-            self.away_since = self.away_since or now
+            self.away_since, self.away_error = self.away_since or now, e
             if now - self.away_since < AWAY_PATIENCE_S:
                 log.info("job %s: %s; waiting on (%.0f s left)", self.job_id, e, self.left())
                 return True
@@ -470,6 +471,12 @@ class _Wait:
     def timeout(self, cause: Exception | None = None) -> WaitTimeout:
         state = self.view.state.value if self.view else "unknown"
         why = f" ({cause})" if cause is not None and self.view is None else ""  # e.g. nothing answered at all
+        if (self.away_since is not None or cause is not None) and self.view is not None:
+            # not "still rendering": that is only what the service said before it stopped answering
+            away = f"for the last {time.monotonic() - self.away_since:.0f} s " if self.away_since else ""
+            last = cause or (self.away_error.message if self.away_error else "")
+            return WaitTimeout(f"job {self.job_id}: no end seen after {self.limit:g} s; the service has not answered "
+                               f"{away}({last}); the job was {state} when it last answered")
         return WaitTimeout(f"job {self.job_id} still {state} after {self.limit:g} s{why}")
 
     def close(self) -> None:

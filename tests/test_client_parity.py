@@ -192,6 +192,26 @@ def test_a_wait_whose_server_stops_answering_ends_in_wait_timeout_at_its_deadlin
         assert len(seen) >= 2
 
 
+def test_a_wait_whose_service_went_away_says_so_not_that_the_job_is_still_rendering():
+    """A service stopped 5 s into `wait(timeout=60)` (a probe): both faces raised `job X still rendering after
+    60 s`, what the service said before it went, with nothing on the 53 s it did not answer. The timeout now
+    says the service has not answered, what the last try met, and the state as it last answered."""
+    view = {"id": "j1", "state": "rendering", "stage": "render", "progress": 0.2, "frames_done": 10,
+            "frames_total": 50, "created_at": "2026-12-06T18:00:00Z", "updated_at": "2026-12-06T18:00:01Z"}
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            return httpx.Response(501)  # (polled)
+        if n <= 3:
+            return httpx.Response(200, json=view)
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    for outcome, _ in _both(handler, lambda c: c.wait("j1", False, 1.5, 0.05), backoff_s=0.2, retries=6):
+        assert isinstance(outcome, WaitTimeout), repr(outcome)
+        assert "the service has not answered" in str(outcome) and "Connection refused" in str(outcome), outcome
+        assert str(outcome).endswith("the job was rendering when it last answered"), outcome
+
+
 def _result_server(body: bytes, first: list):
     """A result endpoint that answers `first` (one answer made per request) and then the body,
     honouring Range."""
