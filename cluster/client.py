@@ -84,9 +84,25 @@ class ApiError(Exception):
     def from_response(cls, r: httpx.Response) -> "ApiError":
         try:
             e = r.json()["error"]
-            return cls(r.status_code, e["code"], e["message"], e.get("field"))
+            status, code, message, field = r.status_code, e["code"], e["message"], e.get("field")
         except (ValueError, KeyError, TypeError):
-            return cls(r.status_code, f"http.{r.status_code}", r.text[:500] or r.reason_phrase)
+            status, code, message, field = r.status_code, f"http.{r.status_code}", r.text[:500] or r.reason_phrase, None
+        if cls is ApiError and status in (429, 503):
+            ra = r.headers.get("retry-after", "")
+            return ServiceBusy(status, code, message, field, retry_after=float(ra) if ra.isdigit() else None)
+        return cls(status, code, message, field)
+
+
+class ServiceBusy(ApiError):
+    """The service refused for now and the client's retries (honouring Retry-After) are spent: 429
+    (`service.busy`: its job queue is full; `session.capacity`; too many avatar preparations or event
+    streams) or 503 (`service.not_ready`). `retry_after`: the seconds it asked for (None: none said).
+    `Client(retries=0)` raises it at once instead of after the retries (about 35 s at Retry-After 5)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(status, code, message, field)
+        self.retry_after = retry_after
 
 
 class BatchRefused(ApiError):

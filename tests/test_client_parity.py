@@ -212,6 +212,20 @@ def test_a_wait_whose_service_went_away_says_so_not_that_the_job_is_still_render
         assert str(outcome).endswith("the job was rendering when it last answered"), outcome
 
 
+def test_a_full_queue_is_a_typed_refusal_with_its_retry_after_on_both_faces():
+    """A full job queue reached the SDK's caller as a bare `ApiError(429, 'service.busy')` after ~35 s of
+    retries, its Retry-After lost: it is `ServiceBusy` with `retry_after`, at once with `retries=0`."""
+    from cluster.client import ServiceBusy
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "5"}, json={"error": {
+            "code": "service.busy", "message": "64 jobs are unfinished (LIPSYNC_MAX_QUEUED_JOBS)", "field": None}})
+
+    for outcome, seen in _both(handler, lambda c: c.submit("/data/a.wav", "/data/v.mp4"), retries=0):
+        assert isinstance(outcome, ServiceBusy) and isinstance(outcome, ApiError), repr(outcome)
+        assert (outcome.status, outcome.code, outcome.retry_after, len(seen)) == (429, "service.busy", 5.0, 1)
+
+
 def _result_server(body: bytes, first: list):
     """A result endpoint that answers `first` (one answer made per request) and then the body,
     honouring Range."""
