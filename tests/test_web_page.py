@@ -506,7 +506,7 @@ def test_live_tab_microphone_drives_the_avatar_stream(chromium_executable, servi
         page.click("#live-end")
         page.locator("#live-recording").wait_for(state="visible", timeout=120_000)
         ended = page.inner_text("#live-note")  # what is left to do, not "Speak again, or End session"
-        assert ended.startswith("The session has ended (finished).") and "End session" not in ended, ended
+        assert ended.startswith("The session has ended: what it heard was said.") and "End session" not in ended, ended
         final = api.get(f"/v1/sessions/{sid}").json()
         assert final["seconds_rendered"] == pytest.approx(final["seconds_received"], abs=1e-3), final
         assert final["seconds_received"] == received and page.is_hidden("#live-error"), page.inner_text("#live-error")
@@ -556,6 +556,13 @@ def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_correcte
         said = page.inner_text("#token-error")
         assert "did not accept this token" in said and "needs its API token" not in said, said
         assert page.input_value("#token-input") == "not-the-token"
+        # Render pressed then says the same of the token typed (it said "needs its API token: type it above")
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        page.locator("#submit-error").wait_for(state="visible", timeout=10_000)
+        said = page.inner_text("#submit-error")
+        assert "did not accept this token" in said and "needs its API token" not in said, said
 
         # corrected: the right token; then it goes bad while the page is in use
         page.fill("#token-input", service.token)
@@ -1020,5 +1027,247 @@ def test_speak_before_the_token_says_to_give_the_token(chromium_executable, serv
         page.fill("#token-input", service.token)  # given: the error goes, as the other token errors do
         page.click("#token-form button[type=submit]")
         error.wait_for(state="hidden", timeout=10_000)
+    finally:
+        page.close()
+
+
+# --- a service that restarts, a list read elsewhere, a reload: the page's calls answered by Playwright ----------------
+# Ray Serve's own answer while the service (re)starts and its app's routes do not exist yet (about a second): a 404 in
+# plain text, not the API's JSON error
+def serve_starting(route) -> None:
+    path = route.request.url.split("://", 1)[1].split("/", 1)[1].split("?")[0]
+    route.fulfill(status=404, content_type="text/plain; charset=utf-8",
+                  body=f"Path '/{path}' not found. Ping http://127.0.0.1:8000/-/routes for available routes.")
+
+
+def fake_session_view(service, state: str, reason: str | None = None, recording: bool = False) -> str:
+    import json
+
+    from cluster.schemas import SessionView
+
+    base = service.url + "/v1/sessions/fake-session"
+    return json.dumps(SessionView(id="fake-session", state=state, reason=reason, avatar_id=FAKE_AVATAR,
+                                  sample_rate=48000, hls_url=base + "/live.m3u8",
+                                  audio_ws=base.replace("http", "ws", 1) + "/audio", audio_url=base + "/audio",
+                                  recording_url=base + "/recording" if recording else None,
+                                  seconds_received=1.5, seconds_rendered=1.5).model_dump(mode="json"))
+
+
+def fake_audio_socket(page) -> None:
+    """The fake session's audio socket: Playwright's, which takes the speech and says it is ready."""
+    page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), lambda ws: ws.send('{"type": "ready"}'))
+
+
+@pytest.mark.service
+def test_the_live_tab_follows_its_session_across_a_service_restart(chromium_executable, service, browser):
+    """A service stopped and started again while the Live tab followed its session: one poll landed in the second
+    where Ray Serve answers a plain-text 404 before the app's routes exist, and the tab stopped following for good
+    (pill `live`, End session shown, "The server answered 404 Not Found"), while the service had ended the session
+    (`service_stopped`) and kept its recording. Such a 404 is the service starting: the tab keeps asking, then says
+    the session ended because the service was restarted, offers its recording, and the "does not answer" line goes."""
+    phase: list[str] = ["live"]
+    asked: list[str] = []
+
+    def answer(route):
+        if route.request.method == "POST":
+            return route.fulfill(status=201, content_type="application/json", body=fake_session_view(service, "live"))
+        asked.append(phase[0])
+        if phase[0] == "away":  # the service is down: nothing answers (three polls)
+            if asked.count("away") >= 3:
+                phase[0] = "starting"
+            return route.abort("connectionrefused")
+        if phase[0] == "starting":  # its first second back: Serve's plain 404 (two polls)
+            if asked.count("starting") >= 2:
+                phase[0] = "back"
+            return serve_starting(route)
+        state = ("ended", "service_stopped", True) if phase[0] == "back" else ("live", None, False)
+        route.fulfill(status=200, content_type="application/json", body=fake_session_view(service, *state))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        fake_audio_socket(page)
+        page.route("**/v1/sessions", answer)
+        page.route("**/v1/sessions/fake-session", answer)
+        open_live_tab(page, service)
+        page.click("#live-speak")
+        page.locator("#live-state.s-live").wait_for(timeout=30_000)
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        phase[0] = "away"
+        page.locator("#live-error", has_text="still trying").wait_for(timeout=15_000)
+        page.locator("#live-state.s-ended").wait_for(timeout=20_000)
+        assert asked.count("starting") == 2, asked
+        said = page.inner_text("#live-note")
+        assert "the service was restarted" in said and "service_stopped" not in said, said
+        assert page.is_visible("#live-recording") and page.is_hidden("#live-end")
+        assert page.is_hidden("#live-error"), page.inner_text("#live-error")
+        assert page.is_enabled("#live-speak") and page.is_disabled("#live-stop")
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_the_job_card_follows_its_job_across_a_service_restart(chromium_executable, service, browser):
+    """The job card stopped for good on any 404: with the plain-text 404 of a service starting (Ray Serve's, before
+    the app's routes exist) it froze at "rendering" with "The server answered 404 Not Found" while the job went on to
+    finish. Only the API's own 404 says the job is gone (the card's "not found" for an unknown job is kept)."""
+    import json
+
+    from cluster.schemas import JobView, utcnow
+
+    succeeded = json.dumps(JobView(id="fake-job", state="succeeded", stage="done", progress=1.0, frames_done=125,
+                                   frames_total=125, created_at=utcnow(), updated_at=utcnow()).model_dump(mode="json"))
+    starting: list[str] = []
+
+    def events(route):
+        if len(starting) < 2:
+            starting.append(route.request.url)
+            return serve_starting(route)
+        route.fulfill(status=200, content_type="text/event-stream", body=f"event: status\ndata: {succeeded}\n\n")
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs/fake-job/events", events)
+        page.route("**/v1/jobs/fake-job", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                      body=succeeded))
+        sign_in(page, service)
+        page.evaluate("location.hash = '#job=fake-job'")
+        page.locator("#job-state.s-succeeded").wait_for(timeout=20_000)
+        assert len(starting) == 2, starting
+        assert page.is_hidden("#job-error"), page.inner_text("#job-error")
+        assert page.is_enabled("#download-button")
+
+        page.evaluate("location.hash = '#job=no-such-job'")  # the API's 404: gone, said so, not asked again
+        page.locator("#job-error", has_text="job.not_found").wait_for(timeout=10_000)
+        assert page.is_hidden("#download-button")
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_the_jobs_tab_recovers_from_a_failed_read_and_shows_jobs_submitted_elsewhere(chromium_executable, service,
+                                                                                       browser):
+    """The Jobs tab read its list again only while a listed job was unfinished, and never after a failed read: after a
+    service restart it said "Could not reach the server" above a stale row for good, and a job submitted from another
+    browser tab never showed. While shown it reads the list again (every 5 s, sooner after a failure, then backing
+    off), clears the error once a read succeeds, and reads nothing while another tab is shown."""
+    import json
+
+    from cluster.schemas import JobPage, JobView, utcnow
+
+    def view(job_id: str) -> dict:
+        return JobView(id=job_id, state="succeeded", stage="done", progress=1.0, frames_done=1, frames_total=1,
+                       created_at=utcnow(), updated_at=utcnow()).model_dump(mode="json")
+
+    listed = ["job-a"]
+    failing = [True]
+    reads: list[float] = []
+
+    def answer(route):
+        reads.append(time.monotonic())
+        if failing[0]:
+            return route.abort("connectionrefused")
+        page_of = JobPage(jobs=[view(job_id) for job_id in reversed(listed)])
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(page_of.model_dump(mode="json")))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs?*", answer)
+        sign_in(page, service)
+        page.click("[data-tab=jobs]")
+        error = page.locator("#jobs-error")
+        error.wait_for(state="visible", timeout=10_000)
+        assert "Could not reach the server" in error.inner_text(), error.inner_text()
+        failing[0] = False  # the service is back: the next read (within 15 s) lists the job, the error goes
+        page.locator(".job-row", has_text="job-a").wait_for(timeout=20_000)
+        error.wait_for(state="hidden", timeout=5_000)
+
+        page.locator(".job-row button", has_text="job-a").focus()
+        listed.append("job-b")  # submitted elsewhere: shown within the list's 5 s, all its jobs finished
+        page.locator(".job-row", has_text="job-b").wait_for(timeout=10_000)
+        assert page.evaluate("document.activeElement.textContent") == "job-a"  # the row kept the focus
+
+        page.click("[data-tab=render]")  # another tab shown: the list is not read
+        page.wait_for_timeout(500)
+        count = len(reads)
+        page.wait_for_timeout(6000)
+        assert len(reads) == count, reads
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_the_token_form_moves_the_focus_to_the_tab_and_renders_words_name_no_api_field(chromium_executable, service,
+                                                                                       browser, tmp_path):
+    """Enter in the token field hid its form and left the focus on BODY: it lands on the shown tab's first control.
+    Render chosen with "a prepared avatar" and none prepared said "avatar_id: Choose a prepared avatar ...", an API
+    field name in the page's own words; an API error about a field names it by its label, as the Live tab does."""
+    from cluster.synth import speech_like, write_audio
+
+    audio = write_audio(str(tmp_path / "speech.wav"), speech_like(1.0, seed=12))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        # none prepared (read with the token; without it the service's own 401 asks for the token)
+        page.route("**/v1/avatars", lambda route: route.fulfill(status=200, content_type="application/json", body="[]")
+                   if "authorization" in route.request.headers else route.continue_())
+        page.goto(service.url + "/")
+        page.locator("#token-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#token-input", service.token)
+        page.press("#token-input", "Enter")
+        page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
+        assert page.evaluate("document.activeElement.id") == "audio"
+
+        page.locator("#avatar-empty").wait_for(state="attached", timeout=10_000)
+        page.check("input[name=template][value=avatar]")
+        page.set_input_files("#audio", audio)
+        page.click("#submit-button")
+        error = page.locator("#submit-error")
+        error.wait_for(state="visible", timeout=10_000)
+        said = error.inner_text()
+        assert "avatar_id" not in said and "prepare one in the Avatars tab" in said, said
+        assert page.get_attribute("#avatar-select", "aria-invalid") == "true"
+
+        refusal = '{"error": {"code": "input.invalid", "message": "avatar_id: not an avatar id", "field": "avatar_id"}}'
+        page.route("**/v1/jobs", lambda route: route.fulfill(status=422, content_type="application/json", body=refusal))
+        page.evaluate("(() => { const s = document.getElementById('avatar-select'); s.hidden = false; "
+                      "s.append(new Option('x', 'abc')); s.value = 'abc'; })()")
+        page.click("#submit-button")
+        page.locator("#submit-error", has_text="not an avatar id").wait_for(timeout=30_000)
+        said = error.inner_text()
+        assert said.startswith("Avatar: not an avatar id") and "avatar_id" not in said, said
+    finally:
+        page.close()
+
+
+@pytest.mark.service
+def test_a_reloaded_live_tab_shows_the_session_it_ended_and_its_recording(chromium_executable, service, browser):
+    """Reloading the page during a live session ends it (the browser asks first), and the reloaded Live tab showed no
+    trace of it, although its recording existed: the tab remembers its last session and shows it, ended, its
+    recording offered."""
+    reloaded: list[bool] = []
+
+    def answer(route):
+        if route.request.method == "POST":
+            return route.fulfill(status=201, content_type="application/json", body=fake_session_view(service, "live"))
+        body = fake_session_view(service, "ended", "deleted", True) if reloaded else fake_session_view(service, "live")
+        route.fulfill(status=200, content_type="application/json", body=body)
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        fake_audio_socket(page)
+        page.route("**/v1/sessions", answer)
+        page.route("**/v1/sessions/fake-session", answer)
+        open_live_tab(page, service)
+        page.click("#live-speak")
+        page.locator("#live-state.s-live").wait_for(timeout=30_000)
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        page.once("dialog", lambda dialog: (reloaded.append(True), dialog.accept()))
+        page.reload()
+        assert reloaded == [True]
+        page.locator("#live-state.s-ended").wait_for(timeout=15_000)
+        assert page.inner_text("#live-id").strip() == "fake-session"
+        assert page.is_visible("#live-recording") and page.is_hidden("#live-end")
+        assert "ended at once" in page.inner_text("#live-note"), page.inner_text("#live-note")
     finally:
         page.close()

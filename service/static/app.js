@@ -2,7 +2,9 @@
 //
 // - Every API call carries `Authorization: Bearer <token>` when a token was typed; the token is kept
 //   in this tab's sessionStorage. The server's 401 is what asks for it.
-// - Errors are shown as the API's own message ({"error": {"code", "message", "field"}}).
+// - Errors are shown as the API's own message ({"error": {"code", "message", "field"}}). An answer without it (a
+//   404 in plain text: Ray Serve's while the service starts; a 502/503/504) is the service away (`error.away`):
+//   what follows a job, a session or the jobs list asks again; only the API's own 404 says a thing is gone.
 // - A job is followed over its Server-Sent Events (read with fetch: EventSource cannot send a header),
 //   with GET /v1/jobs/{id} as the fallback, and played while it renders from its `watch_url` (HLS:
 //   hls.js where Media Source Extensions exist, the browser's own HLS in Safari).
@@ -15,6 +17,8 @@ const TOKEN_KEY = "lipsync.token";
 // 401 is an error in the browser's console, two on every load before; a reload now asks for the token at once)
 const NEEDS_TOKEN_KEY = "lipsync.needs-token";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// the token the service refused last, still in the token form to be corrected (null once another is typed)
+let refusedToken = null;
 const $ = (id) => document.getElementById(id);
 
 // --- API ------------------------------------------------------------------------------------
@@ -35,8 +39,18 @@ function token() {
 // page asks for the token, the caller sees the 401 it would have had; null when the call is to be sent.
 function unsentWithoutToken(sent) {
   if (sent || !sessionStorage.getItem(NEEDS_TOKEN_KEY)) return null;
-  const error = new ApiError(401, "auth.invalid_token", "This service needs its API token", null);
+  const error = tokenNeeded();
   refused(error, sent);
+  error.tokenSent = refusedToken !== null; // a token typed and refused is not a token never typed
+  return error;
+}
+
+// The error a call gets while the page waits for its token: "needs its API token", or, once a token typed was
+// refused (and none typed since), "did not accept this token" (Render said "needs its API token: type it above"
+// after the form had said the token typed was not accepted).
+function tokenNeeded() {
+  const error = new ApiError(401, "auth.invalid_token", "This service needs its API token", null);
+  error.tokenSent = refusedToken !== null;
   return error;
 }
 
@@ -57,7 +71,14 @@ function errorFromBody(status, statusText, text) {
   if (detail && typeof detail.message === "string") {
     return new ApiError(status, detail.code, detail.message, detail.field);
   }
-  return new ApiError(status, "http." + status, ("The server answered " + status + " " + (statusText || "")).trim(), null);
+  const error = new ApiError(status, "http." + status, ("The server answered " + status + " " + (statusText || "")).trim(),
+    null);
+  // Not the API's own answer: a 404 in plain text is Ray Serve's while the service (re)starts and its routes do not
+  // exist yet ("Path '/v1/jobs/ID' not found. Ping http://...": about a second), a 502/503/504 a proxy's or Serve's
+  // while the service is away. Such an error says nothing of the job or session asked for: the caller asks again
+  // (the job card and the Live tab took that 404 for "gone" and stopped following for good).
+  error.away = [404, 502, 503, 504].includes(status);
+  return error;
 }
 
 // How long a call waits for the server's answer to begin (its body, e.g. a download, is not bounded):
@@ -230,6 +251,7 @@ function askForToken(error, sent) {
     showError($("token-error"), new ApiError(0, error.code, "The service did not accept this token: correct it and " +
       "press Use token.", null));
     $("token-input").value = sent;
+    refusedToken = sent;
   }
   $("token-input").focus();
 }
@@ -256,11 +278,24 @@ $("token-form").addEventListener("submit", (e) => {
   const value = $("token-input").value.trim();
   if (!value) return;
   sessionStorage.setItem(TOKEN_KEY, value);
+  refusedToken = null;
   showError($("token-error"), null);
   // the field keeps it (hidden with its form): if the service refuses it, the form comes back with it to correct
+  const typing = $("token-form").contains(document.activeElement);
   $("token-form").hidden = true;
+  // the focus was in the form now hidden (it fell to BODY): on the shown tab's first control instead
+  if (typing) focusFirstControl();
   tokenChanged();
 });
+
+// The first control of the tab shown that takes the focus (Render: its speech audio), else the tab itself.
+function focusFirstControl() {
+  const panel = document.querySelector("[data-panel]:not([hidden])");
+  const controls = panel ? panel.querySelectorAll("input, select, textarea, button, summary, [tabindex]") : [];
+  const first = Array.from(controls).find((el) => !el.disabled && el.tabIndex >= 0 && el.getClientRects().length);
+  const tab = document.querySelector("[role=tab][aria-selected=true]");
+  if (first || tab) (first || tab).focus();
+}
 
 $("token-forget").addEventListener("click", () => {
   sessionStorage.removeItem(TOKEN_KEY);
@@ -339,17 +374,35 @@ for (const radio of document.querySelectorAll("input[name=template]")) {
   radio.addEventListener("change", showTemplateChoice);
 }
 
+// The form's inputs by the API's field names, and the words of their labels (as the Live tab has its own).
+const RENDER_FIELDS = {
+  audio: ["audio", "Speech audio"], video: ["video", "Template video"], avatar_id: ["avatar-select", "Avatar"],
+  sync_mode: ["sync-mode", "When audio and video differ in length"], model: ["model", "Model"],
+};
+
 function markInvalid(field) {
   for (const el of document.querySelectorAll("#submit-form .invalid")) {
     el.classList.remove("invalid");
     el.removeAttribute("aria-invalid");
   }
-  const byField = { audio: "audio", video: "video", avatar_id: "avatar-select", sync_mode: "sync-mode", model: "model" };
   if (field === "model") $("model").closest("details").open = true;
-  if (field && byField[field]) {
-    $(byField[field]).classList.add("invalid");
-    $(byField[field]).setAttribute("aria-invalid", "true"); // (a screen reader says so; the red border is for the eye)
+  if (field && RENDER_FIELDS[field]) {
+    const input = $(RENDER_FIELDS[field][0]);
+    input.classList.add("invalid");
+    input.setAttribute("aria-invalid", "true"); // (a screen reader says so; the red border is for the eye)
   }
+}
+
+// An error about a field, said with its label's words ("avatar_id: ..." named a word the page does not show); a
+// message that names the field itself ("sync_mode cut_off ends the video ...": the option's own words) is kept.
+function inLabelWords(err, fields) {
+  if (!(err instanceof ApiError) || !fields[err.field]) return err;
+  const field = err.field.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  if (new RegExp("^" + field + " ").test(err.message)) return err;
+  const said = new ApiError(err.status, err.code, fields[err.field][1] + ": " +
+    err.message.replace(new RegExp("^" + field + ":\\s*"), ""), null);
+  said.tokenSent = err.tokenSent;
+  return said;
 }
 
 $("submit-form").addEventListener("submit", async (e) => {
@@ -360,20 +413,28 @@ $("submit-form").addEventListener("submit", async (e) => {
   dismissJob(); // what comes next (this job, or why it was refused) is not the last job's: its card goes
   const form = new FormData();
   const audio = $("audio").files[0];
-  if (!audio) return showError(error, new ApiError(0, null, "Choose a speech audio file.", "audio"));
+  // (the page's own words: what to choose, by its label's words, with no field name before them)
+  if (!audio) {
+    markInvalid("audio");
+    return showError(error, new ApiError(0, null, "Choose a speech audio file.", null));
+  }
   form.append("audio", audio, audio.name);
   if (templateChoice() === "video") {
     const video = $("video").files[0];
     if (!video) {
       markInvalid("video");
-      return showError(error, new ApiError(0, null, "Choose a template video (or a prepared avatar).", "video"));
+      return showError(error, new ApiError(0, null, "Choose a template video (or a prepared avatar).", null));
     }
     form.append("video", video, video.name);
   } else {
     const avatar = $("avatar-select").value;
     if (!avatar) {
       markInvalid("avatar_id");
-      return showError(error, new ApiError(0, null, "Choose a prepared avatar (or a template video).", "avatar_id"));
+      // none could be listed while the page waits for its token: that is what is missing (as on the Live tab)
+      if (!$("token-form").hidden) return showError(error, tokenNeeded());
+      return showError(error, new ApiError(0, null, $("avatar-empty").hidden
+        ? "Choose a prepared avatar (or a template video)."
+        : "There is no prepared avatar yet: prepare one in the Avatars tab, or choose a template video.", null));
     }
     form.append("avatar_id", avatar);
   }
@@ -396,7 +457,7 @@ $("submit-form").addEventListener("submit", async (e) => {
     loadJobs(false);
   } catch (err) {
     markInvalid(err.field);
-    showError(error, err);
+    showError(error, inLabelWords(err, RENDER_FIELDS));
   } finally {
     button.disabled = false;
     button.textContent = "Render";
@@ -490,7 +551,8 @@ async function followJob(job) {
       failures = 0;
     } catch (err) {
       if (err.name === "AbortError" || job.closed) return;
-      if (err.status === 401 || err.status === 404) {
+      // only the API's own 404 (job.not_found) says the job is gone; a plain one is a service (re)starting
+      if (err.status === 401 || (err.status === 404 && !err.away)) {
         showError($("job-error"), err);
         if (err.status === 404 && !job.view) $("download-button").hidden = true; // no such job: nothing to download
         return;
@@ -510,7 +572,8 @@ async function followJob(job) {
         continue;
       }
       failures += 1;
-      $("job-detail").textContent = "Lost contact with the server, retrying… (" + err.message + ")";
+      $("job-detail").textContent = "Lost contact with the server, retrying… (" +
+        (err.away && err.status === 404 ? "the service is starting" : err.message) + ")";
     }
     if (job.view && TERMINAL.has(job.view.state)) return;
     await sleep(Math.min(5000, 500 * 2 ** Math.min(failures, 4)));
@@ -694,9 +757,28 @@ $("cancel-button").addEventListener("click", async () => {
 });
 
 // --- recent jobs ----------------------------------------------------------------------------
+// While the tab is shown (and the browser tab is visible), the list is read again: every 2 s while a listed job is
+// unfinished, else every 5 s (jobs submitted elsewhere show up); after a failed read, again after 2, 4, 8 then
+// every 15 s until one succeeds (a read that failed was the list's last: after a service restart it said "Could
+// not reach the server" above a stale "rendering 56 %" for good). A read whose answer is what the list shows
+// already leaves the list as it is (and the focus on its rows).
 let jobsBefore = null; // the next page: the jobs older than this one (new jobs do not shift it, as an offset)
 let jobsRefresh = null;
-let jobsUnfinished = false; // a listed job (on any page shown) has not ended: the list is read again
+let jobsUnfinished = false; // a listed job (on any page shown) has not ended: the list is read again sooner
+let jobsFailures = 0; // reads failed in a row
+let jobsReads = 0; // reads started: an answer to one older than the last started is dropped (the last one counts)
+let jobsInFlight = 0;
+let jobsShownText = null; // the answer the list shows (one page read whole), to leave it be when unchanged
+
+function jobsVisible() {
+  return !document.querySelector("[data-panel=jobs]").hidden && document.visibilityState === "visible";
+}
+
+function readJobsAfter(ms) {
+  clearTimeout(jobsRefresh);
+  // a read still on its way when the time comes schedules the next itself
+  jobsRefresh = setTimeout(() => jobsVisible() && !jobsInFlight && loadJobs(false), ms);
+}
 
 async function loadJobs(append) {
   const list = $("jobs-list");
@@ -704,31 +786,50 @@ async function loadJobs(append) {
   // reading the list again reads as many jobs as it shows (the older pages added below the first with them),
   // in one page: their states change too (they stayed "rendering" for ever once an older page was added)
   const limit = append ? 20 : Math.min(Math.max(20, list.querySelectorAll(".job-row").length), 500);
-  let page;
-  try {
-    page = await apiJson("/v1/jobs?limit=" + limit + before);
-  } catch (err) {
-    showError($("jobs-error"), err.status === 401 ? null : err); // a 401 asks for the token above
-    return;
-  }
-  showError($("jobs-error"), null);
-  if (!append) list.textContent = "";
-  for (const view of page.jobs) list.append(jobRow(view));
-  if (!list.children.length) {
-    const empty = document.createElement("li");
-    empty.className = "hint";
-    empty.textContent = "No jobs yet.";
-    list.append(empty);
-  }
-  jobsBefore = page.next_before || null;
-  $("jobs-more").hidden = !page.next_before;
-  // while a listed job is unfinished and the tab is shown, the list is read again every 2 s
-  jobsUnfinished = (append && jobsUnfinished) || page.jobs.some((view) => !TERMINAL.has(view.state));
+  const read = ++jobsReads;
   clearTimeout(jobsRefresh);
-  if (jobsUnfinished) {
-    jobsRefresh = setTimeout(() => !document.querySelector("[data-panel=jobs]").hidden && loadJobs(false), 2000);
+  let text, page;
+  jobsInFlight += 1;
+  try {
+    text = await (await api("/v1/jobs?limit=" + limit + before)).text();
+    page = JSON.parse(text);
+  } catch (err) {
+    if (read !== jobsReads) return; // a read made since answers (and schedules the next)
+    showError($("jobs-error"), err.status === 401 ? null : err); // a 401 asks for the token above
+    // (after a 401 the list is read again once the token is typed)
+    if (err.status !== 401) readJobsAfter(Math.min(15000, 1000 * 2 ** Math.min(++jobsFailures, 4)));
+    return;
+  } finally {
+    jobsInFlight -= 1;
   }
+  if (read !== jobsReads) return;
+  jobsFailures = 0;
+  showError($("jobs-error"), null);
+  if (append || text !== jobsShownText) {
+    // the row focused (a job's button) keeps the focus across the list read again
+    const focused = list.contains(document.activeElement) ? document.activeElement.textContent : null;
+    if (!append) list.textContent = "";
+    for (const view of page.jobs) list.append(jobRow(view));
+    if (!list.children.length) {
+      const empty = document.createElement("li");
+      empty.className = "hint";
+      empty.textContent = "No jobs yet.";
+      list.append(empty);
+    }
+    if (focused !== null && !list.contains(document.activeElement)) {
+      const again = Array.from(list.querySelectorAll(".job-row button")).find((b) => b.textContent === focused);
+      if (again) again.focus();
+    }
+    jobsShownText = append ? null : text;
+    jobsBefore = page.next_before || null;
+    $("jobs-more").hidden = !page.next_before;
+  }
+  jobsUnfinished = (append && jobsUnfinished) || page.jobs.some((view) => !TERMINAL.has(view.state));
+  readJobsAfter(jobsUnfinished ? 2000 : 5000);
 }
+
+// the browser tab shown again: the list as it is now (its reads paused while it was hidden)
+document.addEventListener("visibilitychange", () => jobsVisible() && loadJobs(false));
 
 // an input as a row shows it: a stored upload's ref (`upload:` and 64 hex digits, given through the API) shortened
 function inputName(given) {
@@ -854,7 +955,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
   const error = $("avatar-error");
   const status = $("avatar-status");
   showError(error, null);
-  if (!file) return showError(error, new ApiError(0, null, "Choose a template video.", "video"));
+  if (!file) return showError(error, new ApiError(0, null, "Choose a template video.", null));
   const form = new FormData();
   form.append("video", file, file.name);
   const button = $("avatar-button");
@@ -886,7 +987,7 @@ onTabShown("avatars", loadAvatars);
 
 // --- start ----------------------------------------------------------------------------------
 window.lipsync = { api, apiJson, upload, showError, onTabShown, showTab, emptyPlayer, ApiError, framesLabel,
-  avatarTitle };
+  avatarTitle, tokenNeeded };
 
 $("token-state").hidden = !token();
 showTemplateChoice();

@@ -10,10 +10,13 @@
 // The figures come from GET /v1/sessions/{id} once a second. A socket the server closes with a code
 // (4401 token, 4409 a second socket, 4410 ended, ...) shows that code and the server's reason; a
 // dropped connection is reopened (the server keeps the session; the speech captured meanwhile is lost).
+// The tab's last session id is kept in sessionStorage: a reload (which ends it) shows it again, as the server has
+// it now, its recording offered.
 "use strict";
 
 (() => {
-  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError, framesLabel, avatarTitle } = window.lipsync;
+  const { api, apiJson, showError, onTabShown, emptyPlayer, ApiError, framesLabel, avatarTitle, tokenNeeded } =
+    window.lipsync;
   const $ = (id) => document.getElementById(id);
   const RATES = [16000, 24000, 48000];
   const CHUNK_SECONDS = 0.04; // one WebSocket message per 40 ms of speech
@@ -22,6 +25,18 @@
 
   let live = null; // {id, view, rate, ws, mic, hls, poll, speaking, closed, reconnects}
   let starting = false; // Speak is opening the microphone or asking for a session (none in `live` yet)
+  // this browser tab's last session: a reload (which ends it) shows it again, ended, its recording offered
+  const SESSION_KEY = "lipsync.live-session";
+  let restoring = false;
+
+  // Why a session ended, in words (the pill keeps the API's reason).
+  const ENDED_BECAUSE = {
+    finished: "The session has ended: what it heard was said.",
+    deleted: "The session has ended: it was ended at once (its page was left or reloaded, or it was deleted).",
+    idle_timeout: "The session ended after a while without speech.",
+    max_seconds: "The session has ended: it reached its longest allowed duration.",
+    service_stopped: "The session has ended: the service was restarted.",
+  };
 
   function secs(value) {
     return value === null || value === undefined || !isFinite(value) ? "–" : value.toFixed(2) + " s";
@@ -342,29 +357,57 @@
     if (ENDED.has(view.state)) {
       stopSpeaking(session, false);
       session.closed = true;
+      finishPlayer(session);
       // the note said what to do while it ran ("Speak again, or End session"): now what is left to do
-      note((view.reason === "idle_timeout" ? "The session ended after a while without speech."
-        : "The session has " + view.state + (view.reason ? " (" + view.reason + ")" : "") + ".") +
-        (view.recording_url ? " Its recording can be downloaded." : "") + " Speak to start a new session.");
+      note((ENDED_BECAUSE[view.reason] && view.state === "ended" ? ENDED_BECAUSE[view.reason]
+        : "The session has " + view.state + (view.reason && view.reason !== view.state ? " (" + view.reason + ")"
+          : "") + ".") + (view.recording_url ? " Its recording can be downloaded." : "") +
+        " Speak to start a new session.");
     }
     buttons();
+  }
+
+  // The stream of a session that has ended plays what it holds, then stops: its player is not left asking for more
+  // (after a service restart hls.js asked the old stream for ever, its spinner on). Its last segments may still be
+  // on their way when the view says ended: they have a few seconds.
+  function finishPlayer(session) {
+    const video = $("live-player");
+    if (session.finishing || video.hidden) return;
+    session.finishing = true;
+    const stop = () => {
+      if (live !== session) return; // (a later session plays in this <video> now)
+      if (session.hls) session.hls.stopLoad();
+      video.pause();
+    };
+    setTimeout(() => {
+      if (live !== session) return;
+      if (session.hls) session.hls.stopLoad();
+      // what is buffered plays out; the player stops where it runs out (or now, when it has nothing to play)
+      if (video.paused || video.ended || video.readyState < HTMLMediaElement.HAVE_FUTURE_DATA) stop();
+      else for (const event of ["waiting", "ended"]) video.addEventListener(event, stop, { once: true });
+    }, 3000);
   }
 
   async function poll(session) {
     let failures = 0;
     while (live === session && !(session.view && ENDED.has(session.view.state))) {
       try {
-        showView(session, await apiJson("/v1/sessions/" + encodeURIComponent(session.id)));
+        const view = await apiJson("/v1/sessions/" + encodeURIComponent(session.id));
+        if (live !== session) return;
         failures = 0;
-        if (session.waitingFor) { // the token was given again, or the server is back
+        if (session.waitingFor) { // the token was given again, or the server is back (before the view's own error)
           session.waitingFor = null;
           showError($("live-error"), null);
         }
+        showView(session, view);
       } catch (err) {
+        if (live !== session) return;
         // a 401 (the token was forgotten or changed) waits for the token above; a server that is away (a
-        // restart) is asked again for 2 minutes; a session that is gone (404) is not followed any more
+        // restart) is asked again for 2 minutes, its startup's plain-text 404 too (Ray Serve's, before the
+        // service's routes exist: it stopped the tab following a session the service had ended and recorded);
+        // a session that is gone (the API's 404) is not followed any more
         // (a 401 is not counted: the tab waits for the token as long as it takes)
-        if (err.status === 404 || (err.status !== 401 && ++failures > 120)) {
+        if ((err.status === 404 && !err.away) || (err.status !== 401 && ++failures > 120)) {
           showError($("live-error"), err);
           session.closed = true;
           stopSpeaking(session, false);
@@ -415,7 +458,7 @@
       // (the page's 401: said as "needs its API token: type it above", and cleared once the token is given)
       return showError($("live-error"), $("token-form").hidden
         ? new ApiError(0, null, "Prepare an avatar first (Avatars tab).", null)
-        : new ApiError(401, "auth.invalid_token", "This service needs its API token", null));
+        : tokenNeeded());
     }
     $("live-speak").disabled = true;
     starting = true;
@@ -456,6 +499,7 @@
         });
         session = { id: view.id, view: view, rate: mic.rate, pending: chunks.splice(0), reconnects: 0, closed: false };
         live = session;
+        sessionStorage.setItem(SESSION_KEY, view.id);
         showView(session, view);
         poll(session);
         whenStreamStarts(session);
@@ -502,6 +546,9 @@
     try {
       const view = await apiJson("/v1/sessions/" + encodeURIComponent(session.id) + "/end",
         { method: "POST", timeoutMs: 60000 });
+      // ended as asked: an error left from before (the server away a moment, a socket dropped) is over
+      session.waitingFor = null;
+      showError($("live-error"), null);
       showView(session, view);
       if (!ENDED.has(view.state)) {
         note("Ending: the avatar says the rest of what it heard" + (view.buffered_seconds > 0.05
@@ -563,6 +610,37 @@
       api("/v1/sessions/" + encodeURIComponent(live.id), { method: "DELETE", keepalive: true }).catch(() => {});
     }
   });
-  onTabShown("live", loadAvatars);
+  // The tab's last session, after a reload (which ended it, or is ending it: followed until it has ended) or the
+  // token given: shown as it is now, its recording offered. A session the service no longer knows is forgotten.
+  async function restoreSession() {
+    const id = sessionStorage.getItem(SESSION_KEY);
+    if (!id || live || starting || restoring) return;
+    restoring = true;
+    let view;
+    try {
+      view = await apiJson("/v1/sessions/" + encodeURIComponent(id));
+    } catch (err) {
+      // (a 401: read again once the token is given; a server away: when the tab is shown again)
+      if (err.status === 404 && !err.away && sessionStorage.getItem(SESSION_KEY) === id) {
+        sessionStorage.removeItem(SESSION_KEY);
+      }
+      return;
+    } finally {
+      restoring = false;
+    }
+    if (live || starting || sessionStorage.getItem(SESSION_KEY) !== id) return; // Speak started one meanwhile
+    const session = { id: id, view: view, rate: view.sample_rate, pending: [], reconnects: 0, closed: false };
+    live = session;
+    showView(session, view);
+    if (!ENDED.has(view.state)) {
+      poll(session);
+      whenStreamStarts(session);
+    }
+  }
+
+  onTabShown("live", () => {
+    loadAvatars();
+    restoreSession();
+  });
   buttons();
 })();
