@@ -241,9 +241,11 @@ class Settings(BaseSettings):
     live_batch_timeout_s: float = Field(1.0, gt=0, description="a live batch the model has not answered by "
                                         "then is shown without the model (template frames) and its speech "
                                         "rendered again")
-    live_rebuffer_seconds: float = Field(0.2, ge=0, le=2.0, description="speech that ran out mid-utterance "
-                                         "(a sender slower than real time) speaks again once this much of it is "
-                                         "ready: stretches of speech and a few pauses, not fragments; 0: at once")
+    live_rebuffer_seconds: float = Field(0.2, ge=0, le=2.0, description="an utterance starts, and speech that "
+                                         "ran out mid-utterance (a sender slower than real time) speaks again, once "
+                                         "this much of it is ready (or it has ended): stretches of speech and a few "
+                                         "pauses, not fragments (a real-time sender's utterance stuttered at its "
+                                         "start); 0: at once")
     live_catch_up: bool = Field(True, description="win back the latency the service added (batches shown without "
                                 "the model while a worker was away, a takeover's stand-still) by shortening the "
                                 "pauses of the speech waiting to be rendered: a pause keeps its first frame and "

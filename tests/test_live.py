@@ -1000,3 +1000,32 @@ def test_a_session_wins_back_the_latency_a_model_fault_added_from_the_pauses_of_
     assert not _live_run(pcm, catch_up=True, faults=range(0))[2]
     assert not _live_run(pcm, catch_up=True, faults=range(0), realtime=False)[2]
     assert len(_live_run(pcm, catch_up=True, faults=faults, realtime=False)[2]) == 40
+
+
+def test_an_utterance_from_a_real_time_sender_starts_without_a_stutter():
+    """An utterance spoke on its first ready frame; a real-time sender's next frames were not there yet, so it
+    spoke 1-3 frames, fell silent for the rebuffer (its audio too: the first 40-120 ms of a word, then 0.2 s
+    of silence) and spoke again, counted as the sender being slower than real time (the web page's Speak again
+    showed "the speech ran out 1 time(s)"). A new utterance now starts once the rebuffer's frames are ready
+    (or it has ended): one stretch of speech, no underrun, whatever the sender's chunking and phase."""
+    from itertools import groupby
+
+    from cluster.live.schedule import LiveScheduler
+
+    pcm = (np.random.default_rng(1).standard_normal(16000 * 3) * 3000).astype(np.int16)
+    for chunk_ms in (20, 40):
+        for phase in range(0, 160, 40):
+            speech = SpeechInput(16000, Fraction(25), columns_needed=3)
+            scheduler = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5)
+            shown, sent = [], 0
+            for t in range(0, 2000, 4):  # ms; a batch of 4 frames planned every 160 ms
+                if t >= phase and (t - phase) % chunk_ms == 0 and sent < len(pcm):
+                    speech.append(pcm[sent:sent + 16 * chunk_ms].tobytes())
+                    sent += 16 * chunk_ms
+                if t % 160 == 0:
+                    batch = scheduler.plan(4)
+                    shown += [slot is not None for slot in batch.speech]
+                    scheduler.commit(batch)
+            runs = [len(list(run)) for spoken, run in groupby(shown) if spoken]
+            assert len(runs) == 1 and scheduler.underruns == 0, (chunk_ms, phase, runs)
+            assert shown.index(True) <= 8, (chunk_ms, phase, shown.index(True))  # within 0.32 s of the start

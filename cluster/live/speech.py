@@ -158,7 +158,10 @@ class Utterance:
         self.columns = 0  # final mel columns computed
         self.scheduled = 0  # speech frames handed to the renderer (see schedule.py)
         self.starved = False  # its speech ran out before its end, and has not spoken since (schedule.py)
-        self.rebuffering = False  # ...and waits for enough of it to speak again
+        # ...and waits for enough of it to speak again. A new one waits so too (schedule.py): started on its first
+        # ready frame, a real-time sender's next frames were not there yet, and it spoke 1-3 frames, fell silent
+        # for the rebuffer and spoke again: a stutter, heard and seen, at each start (the web page's Speak again)
+        self.rebuffering = True
         self.committed = 0  # speech frames whose audio went out: never planned again (rollback stops there)
         self.silent_before = False  # the last speech frame planned was a pause's (schedule.py's catch-up)
         self.pcm = np.zeros(1 << 16, np.int16)  # the PCM as received, at the session's rate
