@@ -31,7 +31,7 @@ def test_upload_submit_download_conflict_and_output_rules(runtime, speech_wav, a
         runtime.call("read_output", job.id, 0, 1024)
     with pytest.raises(OutputPathInUse, match=str(dest)):  # a second job to the same path, while the first runs
         runtime.submit(request)
-    with pytest.raises(JobConflict, match="sync_mode forward, not pingpong"):  # the same id, other options: said
+    with pytest.raises(JobConflict, match="sync_mode loop, not pingpong"):  # the same id, other options: said
         runtime.submit(request.model_copy(update={"loop": "forward"}), job_id="dataplane-job-1")
     assert runtime.submit(request, job_id="dataplane-job-1").id == job.id  # the same request: the same job
 
