@@ -944,6 +944,7 @@ def _live_run(pcm: np.ndarray, catch_up: bool, faults: range, realtime: bool = T
     speech = SpeechInput(16000, Fraction(25), columns_needed=3)
     scheduler = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
     delays, audio, skipped = [], [], set()
+    whole = melspectrogram(pcm.astype(np.float32) / 32768)  # each frame's model input: its own window
     total = len(pcm) // 640
     if not realtime:
         speech.append(pcm.tobytes())
@@ -961,6 +962,9 @@ def _live_run(pcm: np.ndarray, catch_up: bool, faults: range, realtime: bool = T
         skipped |= {k for _, _, k in batch.skipped}
         for offset, slot in enumerate(batch.speech):
             if slot is not None:
+                # (the columns the model reads: the 3 of columns_needed; live, the later ones repeat the last final)
+                own = mel_windows(whole, Fraction(25), slot[1], slot[1] + 1)[0]
+                assert np.array_equal(batch.mel[offset][..., :3], own[..., :3]), (batch.first + offset, slot)
                 delays.append((batch.first + offset, batch.first + offset - slot[1]))
                 audio.append(out[640 * offset:640 * (offset + 1)])
     return delays, np.concatenate(audio), skipped, scheduler

@@ -165,7 +165,10 @@ class LiveScheduler:
                     continue
                 u_index, k0 = slots[i]
                 j = i
-                while j + 1 < n and slots[j + 1] is not None and slots[j + 1][0] == u_index:
+                # (consecutive frames: a pause's frames skipped to catch up break a run, which would otherwise give
+                # the frames after them the model input of the skipped ones)
+                while j + 1 < n and slots[j + 1] is not None and slots[j + 1][0] == u_index \
+                        and slots[j + 1][1] == slots[j][1] + 1:
                     j += 1
                 mel[i:j + 1] = utts[u_index].windows(k0, k0 + (j - i) + 1)
                 i = j + 1
