@@ -1060,3 +1060,27 @@ def test_an_ffmpeg_encoder_writes_through_a_pipe_numbered_past_1023(tmp_path, se
             os.close(fd)
     with av.open(str(tmp_path / "seg.mp4")) as c:
         assert c.streams.video[0].frames == 3
+
+
+def test_a_wav_cut_short_is_refused_and_one_whose_writer_could_not_seek_is_read(tmp_path):
+    """A WAV whose data chunk declares more than the file holds was cut short (an upload that stopped): it
+    rendered the part there was without a word; it is refused now, naming both lengths. A writer that could
+    not seek back (a pipe) leaves a size that says "unknown": 0xFFFFFFFF (ffmpeg), 0x7FFFF000 (SoX's MS_UNSPEC),
+    0x7FFFFF00 (arecord), 0: those are read as the samples there are (a review found SoX's refused)."""
+    import struct
+
+    from cluster.errors import InputUnreadable
+    from cluster.media.probe import probe
+    from cluster.synth import speech_like, write_audio
+
+    whole = Path(write_audio(str(tmp_path / "whole.wav"), speech_like(2.0, seed=2))).read_bytes()
+    data_at = whole.index(b"data") + 4
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[:len(whole) // 3])
+    with pytest.raises(InputUnreadable) as e:
+        probe(cut)
+    assert "is truncated: its header declares 2.00 s of audio" in str(e.value) and "holds 0.6" in str(e.value)
+    for unknown in (0xFFFFFFFF, 0x7FFFF000, 0x7FFFFF00):
+        piped = tmp_path / f"piped-{unknown:x}.wav"
+        piped.write_bytes(whole[:data_at] + struct.pack("<I", unknown) + whole[data_at + 4:])
+        assert probe(piped).audio.duration == pytest.approx(2.0, abs=0.05), hex(unknown)

@@ -143,15 +143,16 @@ def _check_index_within_file(path: str, stream, size: int) -> None:
                               f"{size}", path=path)
 
 
-#: A WAV data size that says "unknown" (a writer that could not seek back: a pipe, a live capture)
-_WAV_SIZE_UNKNOWN = (0, 0xFFFFFFFF)
+#: WAV data sizes that say "unknown" (a writer that could not seek back: a pipe, a live capture): 0, and from
+#: 0x7FFFF000 up (SoX's MS_UNSPEC 0x7FFFF000, arecord's 0x7FFFFF00, ffmpeg's and others' 0xFFFFFFFF)
+_WAV_SIZE_UNKNOWN_FROM = 0x7FFFF000
 
 
 def _check_wav_complete(path: str, size: int) -> None:
     """A RIFF/WAVE file whose `data` chunk declares more bytes than the file holds was cut short (an
     upload or a copy that stopped midway): ffmpeg reads what is there and a job renders part of the
-    speech without a word. Refused, naming both lengths. A size that says "unknown" (0 or 0xFFFFFFFF,
-    as a pipe's writer leaves it) and RF64 files are left to ffmpeg."""
+    speech without a word. Refused, naming both lengths. A size that says "unknown" (0, or
+    `_WAV_SIZE_UNKNOWN_FROM` and up, as a pipe's writer leaves it) and RF64 files are left to ffmpeg."""
     import struct
 
     try:
@@ -164,10 +165,10 @@ def _check_wav_complete(path: str, size: int) -> None:
     pos, byte_rate = 12, 0
     while pos + 8 <= len(head):
         chunk, length = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
-        if chunk == b"fmt " and pos + 16 <= len(head):
+        if chunk == b"fmt " and pos + 20 <= len(head):
             byte_rate = struct.unpack_from("<I", head, pos + 16)[0]
         if chunk == b"data":
-            if length in _WAV_SIZE_UNKNOWN:
+            if length == 0 or length >= _WAV_SIZE_UNKNOWN_FROM:
                 return
             have = max(size - (pos + 8), 0)
             if have < length:
