@@ -899,7 +899,7 @@ def lost_session_view(settings: Settings, session_id: str, lost: dict | None = N
     # speech published (what was rendered and not yet published died with it): the stream's pauses are not
     # speech, so not its seconds (they read more than the speech received)
     figures = last.get("figures") or {}  # as they were at its last segment (its latencies are not journalled)
-    skipped = int(figures.get("skipped_frames", 0))  # pauses left out to catch up: handled speech too
+    skipped = int(mark[4]) if len(mark) > 4 else 0  # pauses left out by then to catch up: handled speech too
     rendered = round((int(mark[3]) + skipped) / fps, 3)
     # the speech kept for a restart, or at least what was published of it (a session whose end was written
     # let its copy go: the recording holds that speech)

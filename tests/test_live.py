@@ -1033,3 +1033,64 @@ def test_an_utterance_from_a_real_time_sender_starts_without_a_stutter():
             runs = [len(list(run)) for spoken, run in groupby(shown) if spoken]
             assert len(runs) == 1 and scheduler.underruns == 0, (chunk_ms, phase, runs)
             assert shown.index(True) <= 8, (chunk_ms, phase, shown.index(True))  # within 0.32 s of the start
+
+
+def test_a_takeover_wins_back_its_stand_still_and_counts_each_skip_once(monkeypatch):
+    """The session's actor dies at 6 s; its standby takes over 1 s later from the journal (the speech acknowledged
+    before the death, the mark of the last published frame), owes the stand-still (`add_debt`, held while the
+    service sends again what the sender sent meanwhile), renders its first frames without the model (stream time
+    the stand-still left: not owed twice) and wins the second back from the pauses. A review's simulation saw 19
+    frames won back whatever the stand-still (the debt cut to the journal's backlog before the speech sent
+    meanwhile came), and the journal's skip count, read at publication, counted skips after the mark twice."""
+    import cluster.live.schedule as schedule
+    from cluster.live.schedule import LiveScheduler
+
+    now = [0.0]
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: now[0])
+    pcm, _ = _speech_with_pauses(20.0)
+    frame_pcm = [pcm[640 * k:640 * (k + 1)].tobytes() for k in range(len(pcm) // 640)]
+    death, stand_still, ahead = 150, 25, 12  # frames: 6 s, 1 s, a segment of 0.48 s
+
+    def latencies(catch_up: bool):
+        speech = SpeechInput(16000, Fraction(25), columns_needed=3)
+        a = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
+        sent = 0  # speech frames the sender has sent (one per 40 ms)
+        late = []  # (speech frame, its latency in frames: when it is shown less when it was sent)
+        for f in range(0, death, 4):  # before the death: one batch every 4 frames, all published
+            speech.append(b"".join(frame_pcm[sent:sent + 4]))
+            sent += 4
+            batch = a.plan(4)
+            a.commit(batch)
+            late += [(slot[1], f + i - slot[1]) for i, slot in enumerate(batch.speech) if slot is not None]
+        mark = a.published(death)
+        # the standby: the journal's speech, resumed after the mark; the sender kept sending meanwhile
+        journal = b"".join(frame_pcm[:sent])
+        sent += stand_still
+        standby = SpeechInput(16000, Fraction(25), columns_needed=3)
+        standby.append(journal)
+        b = LiveScheduler(standby, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
+        b.resume(death, mark)
+        assert b.skipped_frames == mark[4]
+        b.add_debt(stand_still, hold_s=2.0)
+        t0 = death + stand_still  # wall time, in frames, of the takeover
+        for _ in range(death, death + ahead, 4):  # its first segment at once, without the model
+            b.rollback(b.plan(4), owed=False)
+        standby.append(b"".join(frame_pcm[len(journal) // 1280:sent]))  # the service sends it again
+        for f in range(death + ahead, death + ahead + 300, 4):
+            now[0] = (t0 + f - death - ahead) / 25
+            if sent < len(frame_pcm):
+                standby.append(b"".join(frame_pcm[sent:sent + 4]))
+                sent += 4
+            batch = b.plan(4)
+            b.commit(batch)
+            shown_at = t0 + (f - death - ahead)  # the frame due at the takeover is shown then
+            late += [(slot[1], shown_at + i - slot[1]) for i, slot in enumerate(batch.speech) if slot is not None]
+        return dict(late), a, b
+
+    plain, _, _ = latencies(False)
+    caught, before, after = latencies(True)
+    base = plain[100]
+    assert plain[100] == caught[100] == base
+    assert min(v for k, v in plain.items() if k > 300) >= base + stand_still  # the stand-still, for good
+    assert {v for k, v in caught.items() if k > 300} == {base}  # won back
+    assert before.skipped_frames == 0 and after.skipped_frames == stand_still  # each skip counted once

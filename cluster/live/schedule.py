@@ -26,6 +26,7 @@ with its pauses whole.
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -63,6 +64,7 @@ class LiveScheduler:
         # a speech frame's mean square (int16 PCM) at or below this is a pause's
         self._silent_power = (32768.0 * 10.0 ** (float(silence_dbfs) / 20.0)) ** 2
         self.debt = 0  # frames the service delayed the waiting speech by (see the module)
+        self._debt_held_until = 0.0  # (monotonic) a takeover's debt is not cut to the waiting speech before then
         self.skipped_frames = 0  # speech frames of pauses skipped to catch up (committed)
         self.underruns = 0  # an utterance's speech ran out before its end (each one a pause in the speech)
         self.template_frames = int(template_frames)
@@ -91,10 +93,13 @@ class LiveScheduler:
                 n += max(0, have - u.scheduled)
             return n
 
-    def add_debt(self, frames: int) -> None:
-        """The waiting speech was delayed by `frames` output frames (a takeover's stand-still)."""
+    def add_debt(self, frames: int, hold_s: float = 0.0) -> None:
+        """The waiting speech was delayed by `frames` output frames (a takeover's stand-still). `hold_s`: the
+        debt is not cut to the speech waiting for that long (a takeover's first batches come before the speech
+        its sender sent during the stand-still, which the service sends again once the new actor is up)."""
         if self.catch_up:
             self.debt += max(0, int(frames))
+            self._debt_held_until = time.monotonic() + hold_s
 
     def _frame_span(self, k: int) -> tuple[int, int]:
         """Samples [a, b) (at the session's rate) of speech frame `k`'s display interval."""
@@ -128,7 +133,8 @@ class LiveScheduler:
             slots: list[tuple[int, int] | None] = []
             skipped: list[tuple[int, int, int]] = []
             resumed = 0
-            if self.debt:  # speech that is no longer waiting has nothing left to win back
+            if self.debt and time.monotonic() >= self._debt_held_until:
+                # speech that is no longer waiting has nothing left to win back
                 self.debt = min(self.debt, self._waiting_ready())
             for _ in range(n):
                 slot = None
@@ -203,12 +209,12 @@ class LiveScheduler:
                     touched.add(slot[0])
                     self.speech_frames_done += 1
                     self.marks.append((batch.first + offset, slot[0], slot[1], u.pcm_taken,
-                                       self.speech_frames_done))
+                                       self.speech_frames_done, self.skipped_frames))
             for u_index in touched:  # what went out is let go (memory does not grow with the session)
                 utts[u_index].trim()
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
-    def rollback(self, batch: FrameBatch) -> np.ndarray:
+    def rollback(self, batch: FrameBatch, owed: bool = True) -> np.ndarray:
         """The batch went out without the model: its speech frames are planned again next (none
         is lost); its audio is silence."""
         with self.speech.lock:
@@ -222,9 +228,12 @@ class LiveScheduler:
                 # planned again from there as if it had not run out (its frames were ready: no pause for them)
                 utts[u_index].starved = utts[u_index].rebuffering = False
                 utts[u_index].silent_before = False
-            if self.catch_up:  # the speech after the batch's first speech frame now comes that much later
+            self.debt += len(batch.skipped) if self.catch_up else 0  # its skips are owed again
+            # the speech after the batch's first speech frame now comes that much later (not `owed`: a takeover's
+            # first frames, which fill the stream time its stand-still left, already owed by `add_debt`)
+            if self.catch_up and owed:
                 spoken = [i for i, slot in enumerate(batch.speech) if slot is not None]
-                self.debt += len(batch.skipped) + (len(batch) - spoken[0] if spoken else 0)
+                self.debt += len(batch) - spoken[0] if spoken else 0
             self.underruns -= batch.underruns  # counted again when they are planned again
             if firsts:
                 self._utt = min(self._utt, min(firsts))
@@ -233,8 +242,8 @@ class LiveScheduler:
     # --- durability (cluster.live.journal) ---------------------------------------------------------
     def published(self, frames: int) -> list | None:
         """Output frames [0, frames) are published: the last speech frame among them,
-        [utterance, speech frame, PCM taken, speech frames done] (None if none yet), the point a
-        restarted session resumes from."""
+        [utterance, speech frame, PCM taken, speech frames done, pause frames skipped by then] (None if none
+        yet), the point a restarted session resumes from."""
         while self.marks and self.marks[0][0] < frames:
             self.resume_mark = list(self.marks.popleft()[1:])
         return self.resume_mark
@@ -246,7 +255,9 @@ class LiveScheduler:
         self.resume_mark = list(mark) if mark else None
         if not mark:
             return
-        u_index, k, taken, done = (int(v) for v in mark)
+        u_index, k, taken, done = (int(v) for v in mark[:4])
+        # (skips after the mark are planned again, and counted when they are: a journal's total counted them twice)
+        self.skipped_frames = int(mark[4]) if len(mark) > 4 else 0
         with self.speech.lock:
             utts = self.speech.utterances
             for u in utts[:u_index]:

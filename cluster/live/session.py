@@ -352,7 +352,9 @@ class LiveSession:
         # put back and rendered, with the model, on the frames after
         catch_up_end = self.scheduler.next_frame + ahead if self.restarts else -1
         if self.restarts and self._last_published_wall is not None:  # the stand-still delayed the waiting speech
-            self.scheduler.add_debt(round(max(0.0, time.time() - self._last_published_wall) * float(fps)))
+            # (held while the speech sent meanwhile comes again from the service: its first batches come first)
+            self.scheduler.add_debt(round(max(0.0, time.time() - self._last_published_wall) * float(fps)),
+                                    hold_s=RESTART_GRACE_S)
         self._started.set()
         try:
             while not self._stop.is_set():
@@ -372,7 +374,7 @@ class LiveSession:
                     audio = self.scheduler.commit(batch)
                     self._rendered_batch(batch)
                 else:  # its speech is put back and rendered on the next frames
-                    audio = self.scheduler.rollback(batch)
+                    audio = self.scheduler.rollback(batch, owed=not catching_up)
                     if not catching_up:
                         self.model_faults += 1
                         self.last_fault = f"{type(err).__name__}: {err}"[:500]
@@ -520,8 +522,7 @@ class LiveSession:
         entry.update(end_frame=end, mark=self.scheduler.published(end), at=time.time(),
                      pdt=self._speech_arrival(end - entry["frames"], end),
                      figures={"stalls": self.stalls, "longest_gap_s": round(self.longest_gap_s, 3),
-                              "model_faults": self.model_faults, "speech_underruns": self.scheduler.underruns,
-                              "skipped_frames": self.scheduler.skipped_frames})
+                              "model_faults": self.model_faults, "speech_underruns": self.scheduler.underruns})
         self.journal.publish(entry)
 
     def _speech_arrival(self, first: int, end: int) -> float | None:
@@ -591,7 +592,6 @@ class LiveSession:
             self.longest_gap_s = float(figures.get("longest_gap_s", 0.0))
             self.model_faults = int(figures.get("model_faults", 0))
             self.scheduler.underruns = int(figures.get("speech_underruns", 0))
-            self.scheduler.skipped_frames = int(figures.get("skipped_frames", 0))
         # the service repeats the appends the dead actor did not answer once this one is up: until
         # then the open utterance is not taken for paused (its tail is not flushed early)
         self.last_audio = self.clock() + RESTART_GRACE_S
