@@ -113,6 +113,7 @@ class BatchRefused(ApiError):
     def __init__(self, error: ApiError, batch_id: str) -> None:
         super().__init__(error.status, error.code, error.message, error.field)
         self.batch_id = batch_id
+        self.retry_after = getattr(error, "retry_after", None)  # a refusal for now (`ServiceBusy`)
 
 
 class JobFailed(ApiError):
@@ -569,12 +570,12 @@ def _form(audio, video, avatar, options: dict[str, Any]):
 URL_SUBMIT_TIMEOUT_S = 600.0
 
 
-def _answer_s(client: "_Base", body: dict) -> float:
-    """The timeout of a JSON submission `body`: `URL_SUBMIT_TIMEOUT_S` when it names a URL input, else the
-    client's own."""
+def _answer_s(client: "_Base", body: dict) -> float | httpx.Timeout:
+    """The timeout of a JSON submission `body`: `URL_SUBMIT_TIMEOUT_S` to be answered when it names a URL input
+    (connecting within the client's own), else the client's own."""
     given = [body.get("audio"), body.get("video"), *(body.get("audios") or [])]
     if any("://" in str(v) for v in given if v is not None):
-        return max(client.timeout, URL_SUBMIT_TIMEOUT_S)
+        return httpx.Timeout(max(client.timeout, URL_SUBMIT_TIMEOUT_S), connect=client.timeout)
     return client.timeout
 
 

@@ -224,6 +224,10 @@ def test_a_full_queue_is_a_typed_refusal_with_its_retry_after_on_both_faces():
     for outcome, seen in _both(handler, lambda c: c.submit("/data/a.wav", "/data/v.mp4"), retries=0):
         assert isinstance(outcome, ServiceBusy) and isinstance(outcome, ApiError), repr(outcome)
         assert (outcome.status, outcome.code, outcome.retry_after, len(seen)) == (429, "service.busy", 5.0, 1)
+    from cluster.client import BatchRefused
+
+    for outcome, _ in _both(handler, lambda c: c.submit_batch(["/data/a.wav"], "/data/v.mp4"), retries=0):
+        assert isinstance(outcome, BatchRefused) and outcome.retry_after == 5.0, repr(outcome)  # (its batch_id too)
 
 
 def _result_server(body: bytes, first: list):

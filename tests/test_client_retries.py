@@ -56,6 +56,7 @@ def test_a_submission_naming_urls_waits_for_the_services_fetch_on_both_faces():
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         reads.append((request.url.path, request.extensions["timeout"]["read"]))
+        assert request.extensions["timeout"]["connect"] == 60.0  # (a host that never answers: the client's own)
         if request.url.path == "/v1/batches":
             return httpx.Response(202, json={"id": body["id"], "state": "queued", "progress": 0.0, "jobs": [],
                                               "counts": {}})
