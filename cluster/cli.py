@@ -269,6 +269,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # said now, as the other start problems (not in Serve's traceback after Ray started, nor after waiting for a
     # port that a running process keeps); on a joined cluster, the cluster's own Serve (an earlier service's, kept
     # by the cluster) may be what holds it: decided once Ray is reached
+    if args.metrics_port is not None and args.metrics_port in (args.port, args.dashboard_port):
+        print(f"lipsync: error: settings.invalid: --metrics-port {args.metrics_port} is also the "
+              f"{'API' if args.metrics_port == args.port else 'dashboard'}'s port: give each its own",
+              file=sys.stderr)
+        return 2
     if args.metrics_port is not None and (refused := _metrics_port_refusal(args.metrics_port, embedded)):
         print(f"lipsync: error: {refused}", file=sys.stderr)
         return 2

@@ -435,6 +435,8 @@ def test_mistakes_a_user_makes_get_one_line_before_any_work(inputs, env, workdir
     assert rc == 2 and elapsed < 14 and line.startswith(
         f"lipsync: error: service.port_in_use: cannot export metrics on 127.0.0.1:{port}: Address already in use"
     ) and line.endswith("(another process holds it: stop it, or pick another --metrics-port)"), (rc, err[-2000:])
+    rc, _, err, _ = run_cli([*CLI, "serve", "--port", "8123", "--metrics-port", "8123"], env, workdir, timeout=60)
+    assert rc == 2 and "--metrics-port 8123 is also the API's port" in err, err
     rc, _, err, _ = run_cli([*CLI, "serve", "--metrics-port", "9"], {**env, "RAY_ADDRESS": "127.0.0.1:1"}, workdir,
                             timeout=60)
     assert rc == 2 and err.startswith("lipsync: error: settings.invalid: --metrics-port is the embedded Ray's"), err
