@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,6 +54,17 @@ class ApiProblem(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+def only_query(*names: str):
+    """A route dependency refusing query parameters the route does not take (422 `input.invalid` naming it): FastAPI
+    ignores them, so `GET /v1/jobs?status=failed` (for `state`) listed every job as if it were the failed ones."""
+    async def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(names))
+        if unknown:
+            raise ApiProblem(422, "input.invalid", f"unknown query parameter {unknown[0]!r} (this route takes "
+                             f"{', '.join(names)})", unknown[0])
+    return Depends(check)
 
 
 def http_status(err: LipsyncError) -> int:

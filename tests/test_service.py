@@ -248,6 +248,12 @@ def test_raw_http_json_paths_events_range(service, svc_media):
         assert progress == sorted(progress) and progress[-1] == 1.0
         v = http.get(f"/v1/jobs/{job_id}").json()
         assert v["state"] == "succeeded" and v["stage"] == "done" and v["sync_mode"] == "loop"
+        # a query parameter a list does not take is refused, not ignored (`?status=failed` listed every job)
+        for path, wrong in (("/v1/jobs", "status"), ("/v1/avatars", "state")):
+            r = http.get(path, params={wrong: "failed"})
+            assert r.status_code == 422 and r.json()["error"]["field"] == wrong, r.text
+            assert f"unknown query parameter '{wrong}'" in r.json()["error"]["message"], r.text
+        assert http.get("/v1/jobs", params={"state": "succeeded", "limit": 5}).status_code == 200
         # what it was given, by name (the page's job list tells jobs apart by it): not the server's paths
         assert v["inputs"] == {"audio": Path(svc_media["audio"]).name, "video": Path(svc_media["video"]).name}, v
         assert v["frames_done"] == v["frames_total"] == expected_frames(svc_media["audio_seconds"])

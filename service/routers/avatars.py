@@ -10,7 +10,7 @@ from cluster.errors import InputNotFound
 from cluster.schemas import AvatarCreate, AvatarView
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ApiProblem, error_responses
+from service.errors import ApiProblem, error_responses, only_query
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"], dependencies=[Depends(require_token)],
@@ -54,7 +54,8 @@ async def get_avatar(avatar_id: str, backend: Backend = Depends(get_backend)) ->
         raise ApiProblem(404, "avatar.not_found", e.message, "avatar_id") from None
 
 
-@router.get("", response_model=list[AvatarView], summary="Prepared avatars")
+@router.get("", response_model=list[AvatarView], summary="Prepared avatars",
+            dependencies=[only_query("limit", "offset")])
 async def list_avatars(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**53),
                        backend: Backend = Depends(get_backend)) -> list[AvatarView]:
     return [AvatarView(**a) for a in await backend.sidecar("list_avatars", limit, offset)]

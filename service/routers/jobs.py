@@ -16,7 +16,7 @@ from cluster.errors import InputTooLarge, LipsyncError
 from cluster.schemas import JOB_ID_HEADER, JOB_ID_PATTERN, JobAccepted, JobCreate, JobPage, JobState, JobView
 from service.auth import require_token
 from service.backend import Backend, get_backend
-from service.errors import ApiProblem, error_responses
+from service.errors import ApiProblem, error_responses, only_query
 from service.uploads import Upload, json_body
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
@@ -104,7 +104,8 @@ async def _admit_unless_known(backend: Backend, job_id: str | None) -> None:
         await backend.admit_or_429()
 
 
-@router.get("", response_model=JobPage, summary="List jobs, newest first")
+@router.get("", response_model=JobPage, summary="List jobs, newest first",
+            dependencies=[only_query("state", "limit", "offset", "before")])
 async def list_jobs(state: list[JobState] | None = Query(None), limit: int = Query(50, ge=1, le=500),
                     offset: int = Query(0, ge=0, le=2**53),
                     before: str | None = Query(None, pattern=JOB_ID_PATTERN, description=(
