@@ -1058,6 +1058,19 @@ def fake_audio_socket(page) -> None:
     page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), lambda ws: ws.send('{"type": "ready"}'))
 
 
+def speak_in_a_fake_session(page, service, answer) -> None:
+    """The Live tab speaking in the fake session whose API answers are `answer`'s (its audio socket faked),
+    once its pill says live and Stop can be pressed."""
+    fake_avatar(page)
+    fake_audio_socket(page)
+    page.route("**/v1/sessions", answer)
+    page.route("**/v1/sessions/fake-session", answer)
+    open_live_tab(page, service)
+    page.click("#live-speak")
+    page.locator("#live-state.s-live").wait_for(timeout=30_000)
+    page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+
+
 @pytest.mark.service
 def test_the_live_tab_follows_its_session_across_a_service_restart(chromium_executable, service, browser):
     """A service stopped and started again while the Live tab followed its session: one poll landed in the second
@@ -1085,14 +1098,7 @@ def test_the_live_tab_follows_its_session_across_a_service_restart(chromium_exec
 
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
-        fake_avatar(page)
-        fake_audio_socket(page)
-        page.route("**/v1/sessions", answer)
-        page.route("**/v1/sessions/fake-session", answer)
-        open_live_tab(page, service)
-        page.click("#live-speak")
-        page.locator("#live-state.s-live").wait_for(timeout=30_000)
-        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        speak_in_a_fake_session(page, service, answer)
         phase[0] = "away"
         page.locator("#live-error", has_text="still trying").wait_for(timeout=15_000)
         page.locator("#live-state.s-ended").wait_for(timeout=20_000)
@@ -1254,14 +1260,7 @@ def test_a_reloaded_live_tab_shows_the_session_it_ended_and_its_recording(chromi
 
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
-        fake_avatar(page)
-        fake_audio_socket(page)
-        page.route("**/v1/sessions", answer)
-        page.route("**/v1/sessions/fake-session", answer)
-        open_live_tab(page, service)
-        page.click("#live-speak")
-        page.locator("#live-state.s-live").wait_for(timeout=30_000)
-        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        speak_in_a_fake_session(page, service, answer)
         page.once("dialog", lambda dialog: (reloaded.append(True), dialog.accept()))
         page.reload()
         assert reloaded == [True]
