@@ -1036,12 +1036,14 @@ def test_an_utterance_from_a_real_time_sender_starts_without_a_stutter():
 
 
 def test_a_takeover_wins_back_its_stand_still_and_counts_each_skip_once(monkeypatch):
-    """The session's actor dies at 6 s; its standby takes over 1 s later from the journal (the speech acknowledged
-    before the death, the mark of the last published frame), owes the stand-still (`add_debt`, held while the
-    service sends again what the sender sent meanwhile), renders its first frames without the model (stream time
-    the stand-still left: not owed twice) and wins the second back from the pauses. A review's simulation saw 19
-    frames won back whatever the stand-still (the debt cut to the journal's backlog before the speech sent
-    meanwhile came), and the journal's skip count, read at publication, counted skips after the mark twice."""
+    """The session's actor dies 6 s in, while it still pays a model fault's debt, its last two batches rendered but
+    not published; its standby takes over 1 s later from the journal (the speech acknowledged before the death, the
+    mark of the last published frame), owes the stand-still (`add_debt`, held while the service sends again what
+    the sender sent meanwhile), renders its first segment without the model up to the frame due at its start (the
+    stream time the stand-still left: not owed twice; the batch from that frame on is) and wins the rest back from
+    the pauses. Reviews' simulations saw 19 frames won back whatever the stand-still (the debt cut to the
+    journal's backlog before the speech sent meanwhile came), a batch's 0.16 s never won back, and the journal's
+    skip count, read at publication, count skips after the mark twice."""
     import cluster.live.schedule as schedule
     from cluster.live.schedule import LiveScheduler
 
@@ -1049,48 +1051,91 @@ def test_a_takeover_wins_back_its_stand_still_and_counts_each_skip_once(monkeypa
     monkeypatch.setattr(schedule.time, "monotonic", lambda: now[0])
     pcm, _ = _speech_with_pauses(20.0)
     frame_pcm = [pcm[640 * k:640 * (k + 1)].tobytes() for k in range(len(pcm) // 640)]
-    death, stand_still, ahead = 150, 25, 12  # frames: 6 s, 1 s, a segment of 0.48 s
+    fault, death, stand_still, ahead = range(88, 108), 144, 25, 12  # frames: 40 ms each; a segment of 0.48 s
+    published = death - 8  # its last two batches died with it
 
-    def latencies(catch_up: bool):
+    def run(catch_up: bool):
         speech = SpeechInput(16000, Fraction(25), columns_needed=3)
         a = LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
         sent = 0  # speech frames the sender has sent (one per 40 ms)
-        late = []  # (speech frame, its latency in frames: when it is shown less when it was sent)
-        for f in range(0, death, 4):  # before the death: one batch every 4 frames, all published
+        late = {}  # speech frame -> its latency in frames (when it is shown less when it was sent)
+        skipped_a, skipped_b = set(), set()
+        for f in range(0, death, 4):
             speech.append(b"".join(frame_pcm[sent:sent + 4]))
             sent += 4
             batch = a.plan(4)
+            if f in fault:
+                a.rollback(batch)
+                continue
             a.commit(batch)
-            late += [(slot[1], f + i - slot[1]) for i, slot in enumerate(batch.speech) if slot is not None]
-        mark = a.published(death)
+            if f < published:
+                skipped_a |= {k for _, _, k in batch.skipped}
+                late |= {slot[1]: f + i - slot[1] for i, slot in enumerate(batch.speech) if slot is not None}
+        mark = a.published(published)
         # the standby: the journal's speech, resumed after the mark; the sender kept sending meanwhile
         journal = b"".join(frame_pcm[:sent])
-        sent += stand_still
+        sent = death + stand_still  # (up to the takeover; kept by the service meanwhile)
         standby = SpeechInput(16000, Fraction(25), columns_needed=3)
         standby.append(journal)
         b = LiveScheduler(standby, 250, Fraction(25), rebuffer_frames=5, catch_up=catch_up)
-        b.resume(death, mark)
-        assert b.skipped_frames == mark[4]
-        b.add_debt(stand_still, hold_s=2.0)
-        t0 = death + stand_still  # wall time, in frames, of the takeover
-        for _ in range(death, death + ahead, 4):  # its first segment at once, without the model
-            b.rollback(b.plan(4), owed=False)
+        b.resume(published, mark)
+        assert b.skipped_frames == mark[4] == len(skipped_a)
+        assert a.skipped_frames > mark[4] or not catch_up  # (it died paying: skips after the mark, planned again)
+        t0, due = death + stand_still, published + ahead  # the takeover's wall time; the frame due then
+        b.add_debt(t0 - published, hold_s=2.0)  # as LiveSession._run: from the last publication to now
+        first = published
+        while first <= due:  # as LiveSession._run: at once and without the model up to the frame due now
+            b.rollback(b.plan(4), owed_from=max(0, due - first))
+            first += 4
         standby.append(b"".join(frame_pcm[len(journal) // 1280:sent]))  # the service sends it again
-        for f in range(death + ahead, death + ahead + 300, 4):
-            now[0] = (t0 + f - death - ahead) / 25
-            if sent < len(frame_pcm):
-                standby.append(b"".join(frame_pcm[sent:sent + 4]))
-                sent += 4
+        for f in range(first, first + 300, 4):
+            wall = t0 + f - due  # when frame f is shown; the sender has sent 4 frames past it, as before the death
+            now[0] = wall / 25
+            if sent < min(wall + 4, len(frame_pcm)):
+                standby.append(b"".join(frame_pcm[sent:wall + 4]))
+                sent = wall + 4
             batch = b.plan(4)
             b.commit(batch)
-            shown_at = t0 + (f - death - ahead)  # the frame due at the takeover is shown then
-            late += [(slot[1], shown_at + i - slot[1]) for i, slot in enumerate(batch.speech) if slot is not None]
-        return dict(late), a, b
+            skipped_b |= {k for _, _, k in batch.skipped}
+            late |= {slot[1]: t0 + f - due + i - slot[1] for i, slot in enumerate(batch.speech) if slot is not None}
+        return late, a, b, skipped_a | skipped_b
 
-    plain, _, _ = latencies(False)
-    caught, before, after = latencies(True)
-    base = plain[100]
-    assert plain[100] == caught[100] == base
-    assert min(v for k, v in plain.items() if k > 300) >= base + stand_still  # the stand-still, for good
-    assert {v for k, v in caught.items() if k > 300} == {base}  # won back
-    assert before.skipped_frames == 0 and after.skipped_frames == stand_still  # each skip counted once
+    plain, _, _, _ = run(False)
+    caught, before, after, skips = run(True)
+    base = plain[60]
+    assert caught[60] == base
+    assert min(v for k, v in plain.items() if k > 400) >= base + 20 + stand_still  # the fault's and the stand-still's
+    assert {v for k, v in caught.items() if k > 400} == {base}  # won back, to the frame
+    # each skip counted once: the dead actor's after the mark (it died paying the fault's debt) are planned again
+    assert after.skipped_frames == len(skips), (after.skipped_frames, len(skips))
+
+
+def test_an_utterance_queued_behind_another_is_not_flushed_as_a_paused_sender():
+    """A sender that went quiet for `live_flush_after_s` mid-utterance has its utterance's tail rendered at once
+    (the batch path's end). A new utterance waits for its rebuffer's frames (its start), and the flush took that
+    for a paused sender even when it was queued behind another still rendering, its frames long ready: it was
+    cut in two mid-word (20 ms of silence and an end's padding inside a sentence; a review's simulation, e.g. a
+    text-to-speech client posting sentences faster than real time). Only an utterance whose rebuffer cannot be
+    met is flushed; one whose frames are not yet ready, as before."""
+    from types import SimpleNamespace
+
+    from cluster.config import Settings
+    from cluster.live.schedule import LiveScheduler
+    from cluster.live.session import LiveSession
+
+    pcm = (np.random.default_rng(2).standard_normal(16000 * 5) * 3000).astype(np.int16)
+    speech = SpeechInput(16000, Fraction(25), columns_needed=3)
+    session = SimpleNamespace(speech=speech, scheduler=LiveScheduler(speech, 250, Fraction(25), rebuffer_frames=5),
+                              s=Settings(), last_audio=0.0, _drain=False, started=0.0, max_seconds=3600.0)
+    session.end_speech = lambda: LiveSession.end_speech(SimpleNamespace(speech=speech, closing=False, journal=None))
+    speech.append(pcm[:16000 * 3].tobytes())  # a first sentence, sent at once and ended: 3 s to render
+    speech.end()
+    session.scheduler.plan(4)
+    speech.append(pcm[16000 * 3:16000 * 4 + 8000].tobytes())  # the second: 1.5 s of it, then nothing for 0.6 s
+    assert LiveSession._housekeeping(session, 0.6) is None
+    assert len(speech.utterances) == 2 and not speech.utterances[1].ended  # not cut
+    # the sender that paused inside an utterance being rendered, its rebuffer not met: its tail goes now
+    speech.append(pcm[16000 * 4 + 8000:16000 * 4 + 8000 + 960].tobytes())  # (less than the rebuffer's 5 frames)
+    speech.utterances[1].scheduled = speech.utterances[1].ready_frames() - 1
+    session.scheduler._utt = 1
+    assert LiveSession._housekeeping(session, 1.3) is None and speech.utterances[1].ended

@@ -209,14 +209,16 @@ class LiveScheduler:
                     touched.add(slot[0])
                     self.speech_frames_done += 1
                     self.marks.append((batch.first + offset, slot[0], slot[1], u.pcm_taken,
-                                       self.speech_frames_done, self.skipped_frames))
+                                       self.speech_frames_done, self.skipped_frames, self.debt))
             for u_index in touched:  # what went out is let go (memory does not grow with the session)
                 utts[u_index].trim()
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
-    def rollback(self, batch: FrameBatch, owed: bool = True) -> np.ndarray:
+    def rollback(self, batch: FrameBatch, owed_from: int = 0) -> np.ndarray:
         """The batch went out without the model: its speech frames are planned again next (none
-        is lost); its audio is silence."""
+        is lost); its audio is silence. `owed_from`: the batch's frames before this offset delayed
+        nothing (a takeover's first frames, which fill the stream time its stand-still left, owed by
+        `add_debt` already)."""
         with self.speech.lock:
             utts = self.speech.utterances
             firsts: dict[int, int] = {}
@@ -228,12 +230,11 @@ class LiveScheduler:
                 # planned again from there as if it had not run out (its frames were ready: no pause for them)
                 utts[u_index].starved = utts[u_index].rebuffering = False
                 utts[u_index].silent_before = False
-            self.debt += len(batch.skipped) if self.catch_up else 0  # its skips are owed again
-            # the speech after the batch's first speech frame now comes that much later (not `owed`: a takeover's
-            # first frames, which fill the stream time its stand-still left, already owed by `add_debt`)
-            if self.catch_up and owed:
+            if self.catch_up:
+                self.debt += len(batch.skipped)  # its skips are owed again
+                # the speech after the batch's first speech frame now comes that much later
                 spoken = [i for i, slot in enumerate(batch.speech) if slot is not None]
-                self.debt += len(batch) - spoken[0] if spoken else 0
+                self.debt += max(0, len(batch) - max(spoken[0], owed_from)) if spoken else 0
             self.underruns -= batch.underruns  # counted again when they are planned again
             if firsts:
                 self._utt = min(self._utt, min(firsts))
@@ -242,8 +243,8 @@ class LiveScheduler:
     # --- durability (cluster.live.journal) ---------------------------------------------------------
     def published(self, frames: int) -> list | None:
         """Output frames [0, frames) are published: the last speech frame among them,
-        [utterance, speech frame, PCM taken, speech frames done, pause frames skipped by then] (None if none
-        yet), the point a restarted session resumes from."""
+        [utterance, speech frame, PCM taken, speech frames done, pause frames skipped by then, frames owed
+        then] (None if none yet), the point a restarted session resumes from."""
         while self.marks and self.marks[0][0] < frames:
             self.resume_mark = list(self.marks.popleft()[1:])
         return self.resume_mark
@@ -258,6 +259,8 @@ class LiveScheduler:
         u_index, k, taken, done = (int(v) for v in mark[:4])
         # (skips after the mark are planned again, and counted when they are: a journal's total counted them twice)
         self.skipped_frames = int(mark[4]) if len(mark) > 4 else 0
+        # what the dead process still owed (a fault's delay it was paying back), owed by this one
+        self.debt = int(mark[5]) if len(mark) > 5 and self.catch_up else 0
         with self.speech.lock:
             utts = self.speech.utterances
             for u in utts[:u_index]:

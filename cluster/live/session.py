@@ -310,8 +310,12 @@ class LiveSession:
         with self.speech.lock:
             utts = self.speech.utterances
             open_utt = utts[-1] if utts and not utts[-1].ended else None
+            # (waiting for its rebuffer: only while it cannot be met, not an utterance queued behind another
+            # with its frames ready: ended early, it was cut in two mid-word)
             if open_utt is not None and now - self.last_audio > self.s.live_flush_after_s \
-                    and (open_utt.scheduled >= open_utt.ready_frames() or open_utt.rebuffering):
+                    and (open_utt.scheduled >= open_utt.ready_frames()
+                         or open_utt.rebuffering
+                         and open_utt.ready_frames() - open_utt.scheduled < sched.rebuffer_frames):
                 self.end_speech()  # the sender paused mid-window: render the tail now
         pending = sched.pending_speech_frames()
         if self._drain and pending == 0:
@@ -374,7 +378,9 @@ class LiveSession:
                     audio = self.scheduler.commit(batch)
                     self._rendered_batch(batch)
                 else:  # its speech is put back and rendered on the next frames
-                    audio = self.scheduler.rollback(batch, owed=not catching_up)
+                    # (a takeover's frames before the one due at its start fill the stand-still's stream time)
+                    audio = self.scheduler.rollback(batch, owed_from=max(0, catch_up_end - batch.first)
+                                                    if catching_up else 0)
                     if not catching_up:
                         self.model_faults += 1
                         self.last_fault = f"{type(err).__name__}: {err}"[:500]
