@@ -191,3 +191,25 @@ def test_a_slow_control_store_neither_holds_the_job_managers_loop_nor_piles_up_r
     monkeypatch.setattr(ray.util, "list_named_actors", lambda **kw: (time.sleep(1.5), [])[1])
     took, ticks, sup = timed_with_the_loop_ticking([lambda sup: sup.start()], "about the pool's actors")
     assert took < 1.0 and ticks >= 8 and not sup.started, (took, ticks)
+
+
+@pytest.mark.parametrize("mark, skipped", [([0, 99, 64000, 80, 20, 3], 20), ([0, 99, 64000, 80], 0)])
+def test_a_lost_sessions_view_counts_the_pauses_skipped_by_its_last_mark(tmp_path, mark, skipped):
+    """A session whose actor is gone for good is told from its journal: the speech it published is the speech
+    frames done at its last published mark plus the pauses skipped to catch up by then (the mark's 5th
+    element; older journals have 4, and no skips). The skip count was read from the figures at publication,
+    which held skips after the mark too."""
+    from actors.live import lost_session_view, session_dir
+    from cluster.config import Settings
+    from cluster.live.journal import SessionJournal
+
+    settings = Settings(storage_root=tmp_path / "store")
+    journal = SessionJournal(session_dir(settings, "lost1"))
+    journal.save_meta({"sample_rate": 16000, "fps": "25", "avatar_id": "abcd1234", "model": "builtin"})
+    journal.write_audio(b"\0\0" * 16000 * 5)  # 5 s received
+    journal.publish({"name": "seg_000010.m4s", "frames": 12, "end_frame": 132, "at": time.time(), "mark": mark,
+                     "figures": {"stalls": 0, "longest_gap_s": 0.2, "model_faults": 10, "speech_underruns": 0}})
+    journal.close()
+    view = lost_session_view(settings, "lost1")
+    assert view["state"] == "failed" and view["seconds_received"] == 5.0
+    assert view["seconds_rendered"] == round((80 + skipped) / 25, 3) and view["seconds_skipped"] == skipped / 25
