@@ -270,7 +270,7 @@ def vet_rtmp_url(url: str, *, allow_private: bool, resolve: Resolver = system_re
         raise UnsafeInput(f"{field}: not an RTMP URL (longer than 2048 characters or holding spaces)", path=field)
     host, port, address = check_url(url, allow_private=allow_private, resolve=resolve, field=field,
                                     schemes=RTMP_PORTS)
-    parts = split_url(url, field)
+    parts = urlsplit(url)  # (a URL now: `check_url` refused what is not one)
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) < 2:
         raise UnsafeInput(f"{field}: an RTMP URL names an application and a stream key "

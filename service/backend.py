@@ -23,7 +23,7 @@ from cluster.config import Settings
 from cluster.errors import JobNotFound, JobNotReady, LipsyncError, TooManyEventStreams
 from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
-from cluster.netguard import download, is_url, split_url
+from cluster.netguard import download, is_url
 from cluster.render import new_job_id
 from cluster.schemas import CallbackView, JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
@@ -212,7 +212,6 @@ class Backend:
         """A URL (downloaded under the address guard), an upload of this ingress, or a server path:
         what the job manager's `submit` takes."""
         if is_url(value):
-            split_url(value, field)  # what is no URL is refused as one (its suffix is read first)
             dest = tmpdir / f"{field}-url{_suffix_of(value)}"
             settings = self.settings
             await asyncio.to_thread(download, value, dest, max_bytes=settings.max_upload_bytes,
@@ -446,7 +445,10 @@ class Backend:
 def _suffix_of(url: str) -> str:
     from urllib.parse import urlsplit
 
-    suffix = Path(urlsplit(url).path).suffix.lower()
+    try:
+        suffix = Path(urlsplit(url).path).suffix.lower()
+    except ValueError:  # what is no URL: `download`'s address guard refuses it, naming its field
+        return ""
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix or "") else ""
 
 
