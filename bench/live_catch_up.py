@@ -2,7 +2,8 @@
 (`LIPSYNC_LIVE_CATCH_UP`), measured as a user would: `python -m bench.live_catch_up`.
 
 For each fault (a SIGKILL of the model worker; of the session's own actor, which its standby takes over)
-and each setting, a real `lipsync serve` on a free loopback port (its own storage root and Ray) runs one
+and each setting, a real `lipsync serve` on a free loopback port (its own storage root and Ray:
+tests/service_process.py's `ServiceProcess` with the service's own defaults on the real cores) runs one
 session fed 22 s of speech in real time through the SDK: 0.9 s phrases and 0.7 s of a quiet room, over
 and over. The fault comes 5 s in. A poller reads the live playlist every 50 ms as a player would; a
 segment's latency is when it first appeared less its `#EXT-X-PROGRAM-DATE-TIME` (when the speech its
@@ -17,7 +18,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,32 +45,6 @@ def _media(root: Path) -> tuple[str, str]:
     return str(face), talk
 
 
-def _descendants(pid: int):
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _victim(serve_pid: int, kill: str, session_id: str) -> int:
-    """The PID to SIGKILL: the model worker, or the session's actor (the parent of the ffmpeg that encodes
-    its stream in `sessions/<id>/hls`)."""
-    import psutil
-
-    for child in _descendants(serve_pid):
-        try:
-            if kill == "model" and " ".join(child.cmdline()).startswith("ray::ModelWorker"):
-                return child.pid
-            if kill == "session" and child.name().startswith("ffmpeg") \
-                    and child.cwd().endswith(f"/sessions/{session_id}/hls"):
-                return child.ppid()
-        except psutil.Error:
-            continue
-    raise RuntimeError(f"no {kill} process found")
-
-
 def _watch(hls_url: str, seen: dict, stop: threading.Event) -> None:
     import httpx
 
@@ -93,33 +67,13 @@ def one_run(root: Path, face: str, talk: str, kill: str, catch_up: bool) -> dict
     import numpy as np
 
     from cluster.client import Client
-    from cluster.ports import free_port
+    from tests.service_process import ServiceProcess
 
-    port, token = free_port(), "bench-catch-up"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_") and k != "RAY_ADDRESS"}
-    env.update(LIPSYNC_API_TOKEN=token, LIPSYNC_STORAGE_ROOT=str(root / f"store-{kill}-{catch_up}"),
-               LIPSYNC_LIVE_CATCH_UP=str(catch_up).lower())
-    ray_dir = tempfile.mkdtemp(prefix="lcu", dir="/tmp")
-    log = open(root / f"serve-{kill}-{catch_up}.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--no-dashboard",
-                              "--ray-temp-dir", ray_dir], env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    service = ServiceProcess(root / f"service-{kill}-{catch_up}",
+                             env={"LIPSYNC_LIVE_CATCH_UP": str(catch_up).lower()}, as_a_user=True).start()
     try:
-        import httpx
-
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or serve.poll() is not None:
-                raise RuntimeError(f"lipsync serve not ready (see {log.name})")
-            time.sleep(1)
         seen: dict = {}
-        with Client(url, token=token) as client:
+        with Client(service.url, token=service.token) as client:
             avatar = client.prepare_avatar(face)
             session = client.live(avatar.id)
             stop = threading.Event()
@@ -128,8 +82,12 @@ def one_run(root: Path, face: str, talk: str, kill: str, catch_up: bool) -> dict
             sender = threading.Thread(target=session.send_file, args=(talk,), kwargs={"realtime": True})
             sender.start()
             time.sleep(KILL_AFTER_S)
+            victim = next(iter(service.actor_pids("ray::ModelWorker")), None) if kill == "model" else \
+                service.session_actor_pid(session.id)
+            if victim is None:
+                raise RuntimeError(f"no {kill} process of the service found")
             killed = time.time()
-            os.kill(_victim(serve.pid, kill, session.id), signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
             sender.join(120)
             session.wait_rendered(timeout=120)
             time.sleep(1.5)
@@ -137,13 +95,8 @@ def one_run(root: Path, face: str, talk: str, kill: str, catch_up: bool) -> dict
             watcher.join(10)
             final = session.close()
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait(30)
-        log.close()
+        service.stop(timeout=60)
+        service.cleanup()
     rows = sorted(seen.values())
 
     def median(a: float, b: float) -> float | None:

@@ -31,10 +31,12 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """`lipsync serve` on 127.0.0.1:<port> with `storage_root`; `url`, `token`, `storage_root`."""
+    """`lipsync serve` on 127.0.0.1:<port> with `storage_root`; `url`, `token`, `storage_root`. `as_a_user`:
+    with the service's own defaults on the machine's real cores (a benchmark's), not the tests' small pool
+    (`SERVICE_ENV`) on 4 logical CPUs."""
 
     def __init__(self, root: Path, env: dict[str, str | None] | None = None, token: str | None = None,
-                 dashboard: bool = False) -> None:
+                 dashboard: bool = False, as_a_user: bool = False) -> None:
         self.root = Path(root)
         self.storage_root = self.root / "storage"
         self.input_root = self.root / "inputs"
@@ -47,6 +49,7 @@ class ServiceProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = dict(env or {})  # a value None removes the variable
         self.dashboard = dashboard
+        self.as_a_user = as_a_user
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "serve.log"
         self._ray_dirs: list[str] = []
@@ -54,7 +57,7 @@ class ServiceProcess:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_") and k != "RAY_ADDRESS"}
-        env.update(SERVICE_ENV)
+        env.update({} if self.as_a_user else SERVICE_ENV)
         env.update(LIPSYNC_STORAGE_ROOT=str(self.storage_root), LIPSYNC_API_TOKEN=self.token,
                    LIPSYNC_INPUT_ROOTS=str(self.input_root), LIPSYNC_COMPAT_DATA_DIR=str(self.compat_dir),
                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
@@ -65,7 +68,8 @@ class ServiceProcess:
         """Start `lipsync serve` without waiting for it to be ready."""
         ray_dir = tempfile.mkdtemp(dir="/tmp", prefix="rs")
         self._ray_dirs.append(ray_dir)
-        cmd = [lipsync_command(), "serve", "--port", str(self.port), "--num-cpus", "4", "--num-gpus", "0",
+        cmd = [lipsync_command(), "serve", "--port", str(self.port),
+               *([] if self.as_a_user else ["--num-cpus", "4", "--num-gpus", "0"]),
                "--ray-temp-dir", ray_dir, "--metrics-port", str(self.metrics_port),
                # a free port: `lipsync serve` asks Ray for exactly 8265 by default, which another Ray
                # on a shared machine may hold
@@ -107,6 +111,33 @@ class ServiceProcess:
         self.log.write_bytes(b"")
         self._ready_once = True
         return self
+
+    def actor_pids(self, title: str) -> list[int]:
+        """PIDs of this service's processes (descendants of its `lipsync serve`) whose Ray title starts with
+        `title` (e.g. `ray::ModelWorker`)."""
+        import psutil
+
+        pids = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if " ".join(child.cmdline()).startswith(title):
+                    pids.append(child.pid)
+            except psutil.Error:
+                continue
+        return pids
+
+    def session_actor_pid(self, session_id: str) -> int | None:
+        """The PID of a live session's own actor: the parent of the ffmpeg that writes its stream (the encoder
+        runs in `<storage root>/sessions/<id>/hls`)."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.name().startswith("ffmpeg") and child.cwd().endswith(f"/sessions/{session_id}/hls"):
+                    return child.ppid()
+            except psutil.Error:
+                continue
+        return None
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_bytes()[-n:].decode("utf-8", "replace") if self.log.exists() else ""

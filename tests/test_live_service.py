@@ -336,21 +336,6 @@ class PlaylistWatcher:
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
 
-def _actor_pids(service, title: str) -> list[int]:
-    """PIDs of this service's processes (descendants of its `lipsync serve`) whose Ray title
-    starts with `title` (e.g. `ray::ModelWorker`)."""
-    import psutil
-
-    pids = []
-    for child in psutil.Process(service.proc.pid).children(recursive=True):
-        try:
-            if " ".join(child.cmdline()).startswith(title):
-                pids.append(child.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def test_low_latency_hls_parts_and_blocking_playlist_reload(service, live_avatar):
     """LL-HLS on a session that asked for 0.25-s segments: the playlist announces parts
     (PART-INF, PART-HOLD-BACK, CAN-BLOCK-RELOAD) and ends with the in-progress segment's part, its
@@ -417,7 +402,7 @@ def test_a_model_worker_killed_mid_session_loses_no_speech(service, live_avatar,
         sender = threading.Thread(target=session.send_file, args=(speech_wav,), kwargs={"realtime": True})
         sender.start()
         time.sleep(1.2)
-        pids = _actor_pids(service, "ray::ModelWorker")
+        pids = service.actor_pids("ray::ModelWorker")
         assert pids, "no model worker process of this service found"
         killed_at = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
@@ -519,20 +504,6 @@ def test_cli_prepares_and_lists_avatars(service, live_avatar, astronaut_video, t
         assert len(lines) == 1 and lines[0].startswith(f"lipsync: error: {code}") and name in lines[0], lines
 
 
-def _session_actor_pid(service, session_id: str) -> int | None:
-    """The PID of the session's own actor: the parent of the ffmpeg that writes its stream (the
-    encoder runs in `<storage root>/sessions/<id>/hls`)."""
-    import psutil
-
-    for child in psutil.Process(service.proc.pid).children(recursive=True):
-        try:
-            if child.name().startswith("ffmpeg") and child.cwd().endswith(f"/sessions/{session_id}/hls"):
-                return child.ppid()
-        except psutil.Error:
-            continue
-    return None
-
-
 def _speech_energy(pcm: np.ndarray) -> float:
     return float(np.sum(pcm.astype(np.float64) ** 2))
 
@@ -564,19 +535,19 @@ def test_the_session_actor_killed_mid_speech_resumes_and_loses_no_speech(service
         sender.start()
         wait_until(lambda: len(advances) >= 2, 30, 0.05, "the live playlist to advance")  # mid-stream
         time.sleep(0.3)
-        pid = wait_until(lambda: _session_actor_pid(service, session.id), 10, 0.1, "the session's actor")
+        pid = wait_until(lambda: service.session_actor_pid(session.id), 10, 0.1, "the session's actor")
         socket_before = session._ws
         standby = json.loads((service.storage_root / "sessions" / session.id / "standby.json").read_text())["pid"]
         killed_at, killed_wall = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: (_session_actor_pid(service, session.id) or pid) != pid, 60, 0.05, "the restarted actor")
+        wait_until(lambda: (service.session_actor_pid(session.id) or pid) != pid, 60, 0.05, "the restarted actor")
         encoding_again = time.monotonic() - killed_at
         sender.join(90)
         assert not sender.is_alive()
         assert socket_before is not None and session._ws is socket_before  # the same socket: never reconnected
         view = session.wait_rendered(timeout=120)
         assert view.state == "live" and view.restarts == 1, view
-        new_pid = _session_actor_pid(service, session.id)
+        new_pid = service.session_actor_pid(session.id)
         assert new_pid == standby != pid  # the warm standby took the session over, not a restart of the dead one
         assert view.seconds_received == pytest.approx(3.2, abs=0.01)
         journal = (service.storage_root / "sessions" / session.id / "speech.jsonl").read_text()
@@ -738,7 +709,7 @@ def test_the_job_manager_killed_mid_session_keeps_the_session(service, live_avat
     from cluster.client import Client
 
     def manager_pids() -> list[int]:
-        return _actor_pids(service, "ray::JobManager")
+        return service.actor_pids("ray::JobManager")
 
     with Client(service.url, token=service.token) as client:
         session = client.live(live_avatar)
@@ -805,7 +776,7 @@ def test_admission_counts_the_running_sessions_measured_load(service, live_avata
             import psutil
 
             standby = json.loads((service.storage_root / "sessions" / first.id / "standby.json").read_text())["pid"]
-            rss = sum(psutil.Process(pid).memory_info().rss for pid in (_session_actor_pid(service, first.id), standby))
+            rss = sum(psutil.Process(pid).memory_info().rss for pid in (service.session_actor_pid(first.id), standby))
             assert estimated == pytest.approx(rss / (1 << 20), rel=0.25), (message, rss)
             print(f"\nadmission refused: {message}; the session's own view: render_load {load}")
         with client.live(live_avatar) as again:  # the first has ended: nothing runs, one is admitted
