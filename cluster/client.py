@@ -33,7 +33,7 @@ import stat
 import time
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -579,6 +579,9 @@ def _answer_s(client: "_Base", body: dict) -> float | httpx.Timeout:
     return client.timeout
 
 
+_Views = TypeVar("_Views", JobView, JobPage, BatchView)
+
+
 class _Base:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0,
                  retries: int = 6, backoff_s: float = 0.5) -> None:
@@ -610,6 +613,14 @@ class _Base:
     def absolute(self, path: str) -> str:
         """A URL the service answered (e.g. `/v1/jobs/<id>/hls/index.m3u8?token=...`), made absolute."""
         return path if "://" in path else self.url + path
+
+    def _views(self, model: type[_Views], data: Any) -> _Views:
+        """`data` (an answer's JSON, or its text) as `model`, every job view's URLs absolute (`absolute_urls`): what
+        `get`, `list`, `cancel`, `events` and the batch calls give can be opened as it is, as `Job.watch_url` can."""
+        view = model.model_validate_json(data) if isinstance(data, (str, bytes)) else model.model_validate(data)
+        if isinstance(view, JobView):
+            return self.absolute_urls(view)
+        return view.model_copy(update={"jobs": [self.absolute_urls(job) for job in view.jobs]})
 
     def absolute_urls(self, view: JobView) -> JobView:
         """`view` with its URLs absolute (`watch_url`, `output.url`; the service answers them relative to
@@ -730,7 +741,7 @@ class Client(_Base):
         return Job(self, self.get(job_id))
 
     def get(self, job_id: str, deadline: float | None = None) -> JobView:
-        return JobView.model_validate(self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline).json())
+        return self._views(JobView, self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline).json())
 
     def list(self, state: list[str] | str | None = None, limit: int = 50, offset: int = 0,
              before: str | None = None) -> JobPage:
@@ -740,10 +751,10 @@ class Client(_Base):
             params["before"] = before
         if state:
             params["state"] = [state] if isinstance(state, str) else list(state)
-        return JobPage.model_validate(self.request("GET", "/v1/jobs", params=params).json())
+        return self._views(JobPage, self.request("GET", "/v1/jobs", params=params).json())
 
     def cancel(self, job_id: str) -> JobView:
-        return JobView.model_validate(self.request("DELETE", f"/v1/jobs/{_q(job_id)}").json())
+        return self._views(JobView, self.request("DELETE", f"/v1/jobs/{_q(job_id)}").json())
 
     def _events_of(self, job_id: str, params: dict | None, deadline: _Deadline) -> Iterator[tuple[str, str]]:
         """(event type, data) of the job's event stream until it ends, opened again when it could not be
@@ -778,7 +789,7 @@ class Client(_Base):
         deadline = _Deadline(timeout, f"job {job_id}: no end within {timeout or 0:.1f} s")
         for event, data in self._events_of(job_id, None, deadline):
             if event in STATUS_EVENTS:
-                yield JobView.model_validate_json(data)
+                yield self._views(JobView, data)
 
     def segments(self, job_id: str, timeout: float | None = None) -> Iterator[HlsSegment]:
         """The job's HLS segments as they are published (SSE `segment` events, `?segments=1`), from the
@@ -891,14 +902,14 @@ class Client(_Base):
                                  timeout=_answer_s(self, body))
         except ApiError as e:
             raise BatchRefused(e, body["id"]) from e
-        return BatchView.model_validate(r.json())
+        return self._views(BatchView, r.json())
 
     def batch(self, batch_id: str) -> BatchView:
-        return BatchView.model_validate(self.request("GET", f"/v1/batches/{_q(batch_id)}").json())
+        return self._views(BatchView, self.request("GET", f"/v1/batches/{_q(batch_id)}").json())
 
     def cancel_batch(self, batch_id: str) -> BatchView:
         """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
-        return BatchView.model_validate(self.request("DELETE", f"/v1/batches/{_q(batch_id)}").json())
+        return self._views(BatchView, self.request("DELETE", f"/v1/batches/{_q(batch_id)}").json())
 
 
 def _batch_locals(audios: list[str], video: str | None) -> list[str]:
@@ -998,12 +1009,6 @@ def _sse_events(lines) -> Iterator[tuple[str, str]]:
 
 
 STATUS_EVENTS = ("status", "message")  # the events that carry a JobView; others (a newer server's) are skipped
-
-
-def _parse_sse(lines) -> Iterator[JobView]:
-    for event, data in _sse_events(lines):
-        if event in STATUS_EVENTS:
-            yield JobView.model_validate_json(data)
 
 
 class _Bar:
@@ -1159,17 +1164,17 @@ class AsyncClient(_Base):
                                        timeout=_answer_s(self, body))
         except ApiError as e:
             raise BatchRefused(e, body["id"]) from e
-        return BatchView.model_validate(r.json())
+        return self._views(BatchView, r.json())
 
     async def batch(self, batch_id: str) -> BatchView:
-        return BatchView.model_validate((await self.request("GET", f"/v1/batches/{_q(batch_id)}")).json())
+        return self._views(BatchView, (await self.request("GET", f"/v1/batches/{_q(batch_id)}")).json())
 
     async def cancel_batch(self, batch_id: str) -> BatchView:
         """Cancel the batch's unfinished jobs (finished ones are left as they are)."""
-        return BatchView.model_validate((await self.request("DELETE", f"/v1/batches/{_q(batch_id)}")).json())
+        return self._views(BatchView, (await self.request("DELETE", f"/v1/batches/{_q(batch_id)}")).json())
 
     async def get(self, job_id: str, deadline: float | None = None) -> JobView:
-        return JobView.model_validate((await self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline)).json())
+        return self._views(JobView, (await self.request("GET", f"/v1/jobs/{_q(job_id)}", deadline=deadline)).json())
 
     async def prepare_avatar(self, video: str | os.PathLike) -> AvatarView:
         if _is_local_file(video):
@@ -1192,10 +1197,10 @@ class AsyncClient(_Base):
             params["before"] = before
         if state:
             params["state"] = [state] if isinstance(state, str) else list(state)
-        return JobPage.model_validate((await self.request("GET", "/v1/jobs", params=params)).json())
+        return self._views(JobPage, (await self.request("GET", "/v1/jobs", params=params)).json())
 
     async def cancel(self, job_id: str) -> JobView:
-        return JobView.model_validate((await self.request("DELETE", f"/v1/jobs/{_q(job_id)}")).json())
+        return self._views(JobView, (await self.request("DELETE", f"/v1/jobs/{_q(job_id)}")).json())
 
     async def _events_of(self, job_id: str, params: dict | None,
                          deadline: _Deadline) -> AsyncIterator[tuple[str, str]]:
@@ -1230,7 +1235,7 @@ class AsyncClient(_Base):
         async with contextlib.aclosing(self._events_of(job_id, None, deadline)) as stream:  # closed with this
             async for event, data in stream:
                 if event in STATUS_EVENTS:
-                    yield JobView.model_validate_json(data)
+                    yield self._views(JobView, data)
 
     async def segments(self, job_id: str, timeout: float | None = None) -> AsyncIterator[HlsSegment]:
         """The async twin of `Client.segments`."""

@@ -180,6 +180,47 @@ def test_events_a_newer_server_adds_are_skipped_not_fatal():
         assert outcome == ["rendering", "succeeded"], outcome
 
 
+def test_every_job_view_the_sdk_gives_has_urls_a_player_can_open():
+    """A probe: `get`, `list`, `cancel`, `events` and the batch calls gave the service's relative URLs
+    (`/v1/jobs/j1/hls/index.m3u8`) where `Job.watch_url` and the CLI gave absolute ones: a view passed on to a
+    player or another machine could not be opened. Every face and call now gives them absolute."""
+    done = {**VIEW, "state": "succeeded", "progress": 1.0, "watch_url": "/v1/jobs/j1/hls/index.m3u8?token=t",
+            "output": {"size": 10, "url": "/v1/jobs/j1/result"}}
+    batch = {"id": "b", "state": "succeeded", "progress": 1.0, "counts": {}, "jobs": [done]}
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/v1/batches"):
+            return httpx.Response(202 if request.method == "POST" else 200, json=batch)
+        if path == "/v1/jobs":
+            return httpx.Response(200, json={"jobs": [done]})
+        if path.endswith("/events"):
+            return httpx.Response(200, text=f"event: status\ndata: {json.dumps(done)}\n\n",
+                                  headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=done)
+
+    def views(c):
+        calls = [lambda: c.get("j1"), lambda: c.list(), lambda: c.cancel("j1"), lambda: c.batch("b"),
+                 lambda: c.cancel_batch("b"), lambda: c.submit_batch(["/data/a.wav"], video="/data/v.mp4")]
+
+        def flat(x):
+            return [x] if isinstance(x, sdk.JobView) else list(x.jobs)
+        if isinstance(c, Client):
+            return [v for call in calls for v in flat(call())] + list(c.events("j1", timeout=5))
+
+        async def gather():
+            out = [v for call in calls for v in flat(await call())]
+            return out + [v async for v in c.events("j1", timeout=5)]
+        return gather()
+
+    for outcome, _ in _both(handler, views):
+        assert not isinstance(outcome, Exception), outcome
+        assert len(outcome) == 7
+        for view in outcome:
+            assert view.watch_url == "http://api.test/v1/jobs/j1/hls/index.m3u8?token=t"
+            assert view.output.url == "http://api.test/v1/jobs/j1/result"
+
+
 def test_a_wait_whose_server_stops_answering_ends_in_wait_timeout_at_its_deadline():
     def handler(request: httpx.Request, n: int) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
