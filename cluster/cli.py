@@ -532,6 +532,11 @@ def _print_view(view, c) -> None:
     print(c.absolute_urls(view).model_dump_json(indent=2))
 
 
+#: Answers that are no mistake of the command's (exit 1, as any other failure, not 2, bad input): a request that
+#: timed out, a job whose output expired, a service that is busy: a script tells "try again later" from "fix it"
+RETRY_LATER_STATUSES = (408, 410, 429)
+
+
 def _client_call(args: argparse.Namespace, fn) -> int:
     """`fn(c)` with a client of the service (`--url`, `--token`): its exit status, or each error said in one
     line and its status."""
@@ -555,7 +560,7 @@ def _client_call(args: argparse.Namespace, fn) -> int:
                 ": give the service's token with --token or LIPSYNC_API_TOKEN"
         print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else "") + hint,
               file=sys.stderr)
-        return 2 if 400 <= e.status < 500 else 1
+        return 2 if 400 <= e.status < 500 and e.status not in RETRY_LATER_STATUSES else 1
     except WaitTimeout as e:
         print(f"lipsync: error: wait.timeout: {e}", file=sys.stderr)
         return 1
@@ -667,6 +672,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             for view in page.jobs:
                 what = (f"{view.error.code}: {_printable(view.error.message)}" if view.error
                         else " ".join(f"{k}={v}" for k, v in (view.inputs or {}).items()))
+                if view.expired:  # succeeded, its output removed since: said where the state is read
+                    what = "output expired  " + what
                 print(f"{view.id:<{width}}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
                       f"{_age(now - view.created_at):>4} ago  {what}")
             if not page.jobs:

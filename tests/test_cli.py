@@ -731,6 +731,24 @@ def test_a_refused_token_says_how_to_give_one_and_whether_one_was_sent(fake_cli,
     assert rc == 0 and json.loads(out)["id"] == "done", err
 
 
+def test_a_busy_service_or_an_expired_output_is_no_bad_input(fake_cli):
+    """A probe: `submit` against a full queue (429 `service.busy`, its retries spent) and `download` of an expired
+    output (410) exited 2, which the README keeps for bad input: a script could not tell "try again later" from
+    "fix the command". They exit 1 now; an unknown job stays 2."""
+    def answer(status: int, code: str):
+        def service(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(status, headers={"retry-after": "0"},
+                                  json={"error": {"code": code, "message": "said by the service"}})
+        return service
+
+    for command, status, code in ((["status", "done"], 429, "service.busy"),
+                                  (["download", "done", "out.mp4"], 410, "output.expired"),
+                                  (["status", "done"], 404, "job.not_found")):
+        rc, out, err = fake_cli(command, answer(status, code))
+        assert rc == (2 if status == 404 else 1) and err.strip().endswith(f"{code}: said by the service"), \
+            (command, rc, err)
+
+
 def test_cancelling_a_job_that_had_ended_says_nothing_was_cancelled(fake_cli):
     """`lipsync cancel ID` on a job that had already succeeded, failed or been cancelled printed its view and
     exited 0 without a word: it says so now on stderr (the view on stdout and exit 0 as before); a job that
