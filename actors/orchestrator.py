@@ -411,12 +411,7 @@ class JobManager:
         try:
             return await asyncio.to_thread(read)
         except FileNotFoundError as e:
-            days = self.s.retention_days
-            # (the message reaches API clients: the server's path stays in `path`, for the operator's log)
-            raise OutputExpired(f"job {job_id} succeeded, but its output file no longer exists"
-                                + (f" (retention removes outputs after {days:g} days, LIPSYNC_RETENTION_DAYS)"
-                                   if days > 0 else " (it was removed)") + "; submit the job again for a new one",
-                                job_id=job_id, path=st.output) from e
+            raise self._expired(job_id, "output file", st.output) from e
         except OSError as e:
             raise LipsyncError(f"job {job_id}: its output file cannot be read: {e.strerror or type(e).__name__}",
                                code="output.unreadable",
@@ -438,7 +433,19 @@ class JobManager:
         from cluster.hls import hls_index
 
         st = self.store.get(job_id)  # the state first: a playlist that has ended never grows
-        return await asyncio.to_thread(hls_index, job_id, self._plan(job_id), st.state, self.s)
+        plan = self._plan(job_id)
+        if st.state == JobState.succeeded and plan is not None and not os.path.isdir(plan.job_dir):
+            raise self._expired(job_id, "stream", plan.job_dir)  # not an empty playlist that has ended
+        return await asyncio.to_thread(hls_index, job_id, plan, st.state, self.s)
+
+    def _expired(self, job_id: str, what: str, path: str) -> OutputExpired:
+        """`output.expired` (410) of a succeeded job whose `what` is gone (its message reaches API clients: the
+        server's `path` stays in the error's path, for the operator's log)."""
+        days = self.s.retention_days
+        return OutputExpired(f"job {job_id} succeeded, but its {what} no longer exists"
+                             + (f" (retention removes a job's files after {days:g} days, LIPSYNC_RETENTION_DAYS)"
+                                if days > 0 else " (it was removed)") + "; submit the job again for a new one",
+                             job_id=job_id, path=path)
 
     async def wait_hls(self, job_id: str, known: int, timeout: float) -> None:
         """A long poll for a job's segments: returns once it has published more than `known` HLS
@@ -456,6 +463,8 @@ class JobManager:
             why = (f"it ended {st.state.value} before it was planned" if st.state.terminal
                    else "yet: it is being prepared")
             raise HlsNotPublished(f"job {job_id} has no published HLS file {name} ({why})", job_id=job_id)
+        if st.state == JobState.succeeded and not os.path.isdir(plan.job_dir):
+            raise self._expired(job_id, "stream", plan.job_dir)
         length = max(0, min(int(length), self.s.transfer_part_bytes))
         return await asyncio.to_thread(read_published, plan, name, int(offset), length)
 

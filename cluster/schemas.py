@@ -312,6 +312,9 @@ class JobView(BaseModel):
                                           "avatar_id and avatar (the avatar's name, where it has one)")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
                                   "(signed and expiring when the service has a token: no header needed)")
+    expired: bool = Field(False, description="a succeeded job whose output no longer exists (retention removed its "
+                          "files after LIPSYNC_RETENTION_DAYS, or someone did): it has no `output` or `watch_url`, "
+                          "and its result and stream answer 410 `output.expired`")
     callback: CallbackView | None = Field(None, description="the delivery of its callback_url, in GET "
                                           "/v1/jobs/{id} of a job that has one (not in lists or events)")
 

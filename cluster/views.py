@@ -38,6 +38,9 @@ def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | No
     """The view of `st`; `watch_url` is its HLS playlist's URL (the ingress signs it); `storage_root`: the
     service's, not shown (`without_root`)."""
     out = None
+    expired = st.state == JobState.succeeded and st.output is not None and st.output_bytes is None
+    if expired:  # its output and stream are gone: no URL to either
+        watch_url = None
     if st.state == JobState.succeeded:
         if st.output_bytes is not None:
             out = OutputInfo(size=st.output_bytes, duration=st.output_seconds, url=f"/v1/jobs/{st.id}/result",
@@ -62,7 +65,7 @@ def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | No
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
                    timings=timings, error=without_root(st.error, storage_root), output=out, sync_mode=sync,
-                   batch_id=batch_of(st.id), watch_url=watch_url, inputs=inputs)
+                   batch_id=batch_of(st.id), watch_url=watch_url, inputs=inputs, expired=expired)
 
 
 def given_name(given: str) -> str:

@@ -22,6 +22,7 @@ def test_the_description_declares_the_bodies_and_statuses_the_routes_answer(tmp_
                     (method, path)
     assert {"404", "410", "401"} <= set(paths["/v1/sessions/{session_id}/hls/{name}"]["get"]["responses"])
     assert {"410", "416"} <= set(paths["/v1/jobs/{job_id}/result"]["get"]["responses"])
+    assert "410" in paths["/v1/jobs/{job_id}/hls/index.m3u8"]["get"]["responses"]  # an expired stream
     assert "401" in paths["/easy/submit"]["post"]["responses"]
     submit = paths["/easy/submit"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"audio_url", "video_url", "code", "pn"} <= set(submit["properties"])

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -359,10 +360,16 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
                                         "model": "/etc/passwd"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "model"
         r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"]})
-        job_id = r.json()["id"]
+        job_id, watch = r.json()["id"], r.json()["watch_url"]
         res = http.get(f"/v1/jobs/{job_id}/result")
         if res.status_code != 200:  # the documented code (the route once answered job.not_ready)
             assert res.status_code == 409 and res.json()["error"]["code"] == "job.not_succeeded", res.text
+        # the watch_url handed out at once plays at once: its playlist waits (bounded) for the first segment,
+        # where ffmpeg met a playlist without one ("Empty segment") and gave up
+        t0 = time.monotonic()
+        playlist = http.get(watch)
+        assert playlist.status_code == 200 and ("#EXTINF" in playlist.text or time.monotonic() - t0 > 7.5), \
+            (time.monotonic() - t0, playlist.text)
         wait_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 120, 0.5, "job")
         # its output removed (as retention does): the job stays succeeded, its result is a 410 naming
         # why, never a 200 that breaks off; /easy/query says the task failed, with the same reason
@@ -376,6 +383,18 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
         q = http.get("/easy/query", params={"code": job_id}).json()
         assert q["data"]["status"] == 3 and "output.expired" in q["data"]["msg"], q
         assert str(service.storage_root) not in err["message"] + q["data"]["msg"]  # no server path told clients
+        # its view says so (it read as any success, `output` null, and still gave a watch_url), as the list does
+        view = http.get(f"/v1/jobs/{job_id}").json()
+        assert view["state"] == "succeeded" and view["expired"] is True and view["output"] is None, view
+        assert view.get("watch_url") is None, view
+        listed = [v for v in http.get("/v1/jobs", params={"limit": 100}).json()["jobs"] if v["id"] == job_id]
+        assert listed and listed[0]["expired"] is True and listed[0].get("watch_url") is None, listed
+        # retention removes the job's directory too: its stream is 410 as its result, not an empty playlist
+        shutil.rmtree(service.storage_root / "jobs" / job_id)
+        for name in ("index.m3u8", "init.mp4"):
+            res = http.get(watch.replace("index.m3u8", name))
+            assert res.status_code == 410 and res.json()["error"]["code"] == "output.expired", (name, res.text)
+            assert "stream no longer exists" in res.json()["error"]["message"], res.text
 
 
 # --- guards ---------------------------------------------------------------------------------------------

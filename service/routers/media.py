@@ -2,6 +2,8 @@
 (`/v1/jobs/{id}/hls/index.m3u8`, `init.mp4`, `.m4s` segments), from its first verified chunk."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -29,8 +31,11 @@ async def job_result(job_id: str, request: Request, backend: Backend = Depends(g
 
 # --- the job's HLS stream (cluster.hls): playable while the job renders -------------------------------
 hls_router = APIRouter(prefix="/v1/jobs/{job_id}/hls", tags=["hls"],
-                       responses=error_responses(401, 404, 422, 503))
+                       responses=error_responses(401, 404, 410, 422, 503))
 IMMUTABLE = "private, max-age=31536000, immutable"  # a published segment never changes
+#: How long a job's playlist request waits for the job's first segment (under hls.js's 10 s manifest timeout);
+#: then the playlist as it is (a player that asks again waits again)
+FIRST_PLAYLIST_WAIT_S = 8.0
 
 
 def _stream_headers(request: Request, signed: str) -> dict[str, str]:
@@ -50,7 +55,15 @@ def _stream_headers(request: Request, signed: str) -> dict[str, str]:
                 summary="The job's HLS playlist: EVENT while it renders, ENDLIST once it has ended")
 async def hls_playlist(job_id: str, request: Request, signed: str = Depends(require_watch_access),
                        backend: Backend = Depends(get_backend)) -> Response:
-    index = await backend.gateway.hls_index(job_id)  # 404 for an unknown job; never waits
+    index = await backend.gateway.hls_index(job_id)  # 404 for an unknown job
+    if not index.segments and not index.ended:
+        # a job's first segment comes seconds after its 202 (longer behind other jobs), and players give up on a
+        # playlist without one (ffmpeg: "Empty segment"; hls.js after 10 s): the request waits for it, bounded
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + FIRST_PLAYLIST_WAIT_S
+        while not index.segments and not index.ended and (left := give_up - loop.time()) > 0:
+            await backend.gateway.wait_hls(job_id, 0, min(left, 1.0))
+            index = await backend.gateway.hls_index(job_id)
     return Response(render_playlist(index, signed), media_type="application/vnd.apple.mpegurl",
                     headers={"Cache-Control": "no-cache", **_stream_headers(request, signed)})
 

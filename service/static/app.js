@@ -598,14 +598,17 @@ function showJob(job, view) {
   showError($("job-error"), view.state === "cancelled" ? null : view.error || null);
   $("cancel-button").hidden = TERMINAL.has(view.state);
   $("download-button").disabled = view.state !== "succeeded";
-  $("download-button").hidden = view.state === "failed" || view.state === "cancelled"; // none will come
+  // none will come; an expired output is gone (the card says so below)
+  $("download-button").hidden = view.state === "failed" || view.state === "cancelled" || view.expired === true;
   if (view.watch_url && !job.playerStarted && view.frames_done > 0) {
     job.playerStarted = true;
     whenStreamStarts(job, view.watch_url);
   }
   if (!view.watch_url && view.state === "succeeded" && !job.playerStarted) {
     const note = $("player-note");
-    note.textContent = "This job has no stream to watch; download the mp4.";
+    note.textContent = view.expired
+      ? "This job's video was removed after the service's retention time: submit it again for a new one."
+      : "This job has no stream to watch; download the mp4.";
     note.hidden = false;
   }
 }
@@ -863,6 +866,7 @@ function jobRow(view) {
                (view.inputs.video ? inputName(view.inputs.video) : avatarInput(view.inputs)));
   }
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
+  if (view.expired) parts.push("video removed (retention)");
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   else parts.push(Math.round(view.progress * 100) + " %");
   meta.textContent = parts.join(" · ");
