@@ -146,6 +146,8 @@ class JobMachine:
             live = sum(job.done.values()) + sum(job.inflight_frames.values())
             job.reported = min(st.frames_total, max(job.reported, live, st.frames_done))
             st.frames_done = job.reported
+            if st.state == JobState.rendering and not job.done and not job.inflight_frames:
+                st.jobs_ahead = self.dispatcher.queue.position(job_id)  # waiting for its first compositor
         return st
 
     @staticmethod

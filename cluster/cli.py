@@ -674,6 +674,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                         else " ".join(f"{k}={v}" for k, v in (view.inputs or {}).items()))
                 if view.expired:  # succeeded, its output removed since: said where the state is read
                     what = "output expired  " + what
+                elif view.jobs_ahead is not None:  # rendering, nothing of it on a compositor yet
+                    what = f"waiting, {view.jobs_ahead} job(s) ahead  " + what
                 print(f"{view.id:<{width}}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "
                       f"{_age(now - view.created_at):>4} ago  {what}")
             if not page.jobs:

@@ -286,6 +286,15 @@ class FairQueue(Generic[K]):
             return job_id, item
         return None
 
+    def position(self, job_id: str) -> int | None:
+        """How many other jobs get an item before `job_id`'s next one (None: it has none queued)."""
+        ahead = 0
+        for other, q in self._queues.items():
+            if other == job_id:
+                return ahead if q else None
+            ahead += bool(q)
+        return None
+
     def drop(self, job_id: str) -> list[K]:
         return list(self._queues.pop(job_id, ()))
 

@@ -173,6 +173,7 @@ class JobStatus(BaseModel):
     error: ErrorInfo | None = None
     request: RenderRequest | None = None
     stages: list[StageTime] = Field(default_factory=list)
+    jobs_ahead: int | None = None  # rendering, none of its chunks on a compositor yet: the jobs served before it
 
     @property
     def progress(self) -> float:
@@ -312,6 +313,10 @@ class JobView(BaseModel):
                                           "avatar_id and avatar (the avatar's name, where it has one)")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
                                   "(signed and expiring when the service has a token: no header needed)")
+    jobs_ahead: int | None = Field(None, description="a rendering job none of whose chunks has reached a compositor "
+                                   "yet (its `stage` is then `waiting`): how many other jobs get a chunk before its "
+                                   "first (jobs share the compositors chunk by chunk, round-robin); null once it "
+                                   "renders, and in every other state")
     expired: bool = Field(False, description="a succeeded job whose output no longer exists (retention removed its "
                           "files after LIPSYNC_RETENTION_DAYS, or someone did): it has no `output` or `watch_url`, "
                           "and its result and stream answer 410 `output.expired`")

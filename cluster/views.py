@@ -61,7 +61,9 @@ def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | No
             inputs["avatar_id"] = req.avatar_id
         elif req.video is not None:
             inputs["video"] = shown_name(req.sources.get(req.video, req.video))
-    return JobView(id=st.id, state=st.state, stage=STAGES[st.state], progress=min(1.0, max(0.0, st.progress)),
+    waiting = st.state == JobState.rendering and st.jobs_ahead is not None  # no chunk of it on a compositor yet
+    return JobView(id=st.id, state=st.state, stage="waiting" if waiting else STAGES[st.state],
+                   jobs_ahead=st.jobs_ahead if waiting else None, progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
                    timings=timings, error=without_root(st.error, storage_root), output=out, sync_mode=sync,

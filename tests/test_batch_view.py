@@ -164,3 +164,20 @@ def test_the_storage_root_is_said_as_a_whole_path_part_only():
                              "/data/lipsync/")
     assert said == "'$LIPSYNC_STORAGE_ROOT/jobs/a' /data/lipsync2/b /data/lipsync-in/c at $LIPSYNC_STORAGE_ROOT", said
     assert text_without_root("no space: /x", "/") == "no space: /x"
+
+
+def test_a_job_waiting_for_its_first_compositor_says_so_and_how_many_jobs_go_first():
+    """A probe: 20-30 jobs at once sat `rendering` at 0 frames for up to 6.6 s, nothing saying they only waited.
+    A rendering job none of whose chunks has reached a compositor reads stage `waiting` with `jobs_ahead`; once it
+    renders (or in any other state) the stage is its state's and `jobs_ahead` is null."""
+    from cluster.views import job_view
+
+    def view(state: JobState, jobs_ahead: int | None):
+        return job_view(JobStatus(id="j1", state=state, created_at=utcnow(), frames_total=50, jobs_ahead=jobs_ahead))
+
+    waiting = view(JobState.rendering, 3)
+    assert (waiting.stage, waiting.jobs_ahead) == ("waiting", 3)
+    assert (view(JobState.rendering, 0).stage, view(JobState.rendering, 0).jobs_ahead) == ("waiting", 0)
+    assert (view(JobState.rendering, None).stage, view(JobState.rendering, None).jobs_ahead) == ("render", None)
+    for state, stage in ((JobState.queued, "queued"), (JobState.finalizing, "finalize"), (JobState.succeeded, "done")):
+        assert (view(state, 3).stage, view(state, 3).jobs_ahead) == (stage, None)

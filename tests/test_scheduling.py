@@ -116,6 +116,22 @@ def test_fair_queue_serves_everything_once_and_interleaves(sizes):
     assert all(x != y for x, y in zip(prefix, prefix[1:])) or len(sizes) == 1
 
 
+def test_a_jobs_position_is_how_many_jobs_get_a_chunk_before_its_next():
+    """What a waiting job's view says (`jobs_ahead`): the jobs served before its next chunk, round-robin."""
+    q: FairQueue[int] = FairQueue()
+    for job in "abc":
+        q.push(job, 0)
+        q.push(job, 1)
+    assert [q.position(j) for j in "abcz"] == [0, 1, 2, None]
+    served = [q.pop()[0] for _ in range(2)]  # a and b each get one: they go to the back of the line
+    assert served == ["a", "b"] and [q.position(j) for j in "cab"] == [0, 1, 2]
+    assert [q.pop()[0] for _ in range(3)] == ["c", "a", "b"]
+    assert [q.position(j) for j in "cab"] == [0, None, None]  # a's and b's last chunks were served
+    assert q.pop() == ("c", 1) and q.position("c") is None
+    q.push("d", 0)
+    assert q.position("d") == len(q) - 1  # behind every job that still has a chunk queued
+
+
 def test_retried_chunk_goes_to_the_front_of_its_job():
     q: FairQueue[int] = FairQueue()
     q.push("a", 1)

@@ -589,7 +589,7 @@ function showJob(job, view) {
   state.className = "state s-" + view.state;
   $("job-progress").value = view.progress;
   const parts = [];
-  if (!TERMINAL.has(view.state)) parts.push(view.stage);
+  if (!TERMINAL.has(view.state)) parts.push(waitingWords(view) || view.stage);
   if (view.frames_total) parts.push(view.frames_done + " / " + view.frames_total + " frames");
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
@@ -611,6 +611,13 @@ function showJob(job, view) {
       : "This job has no stream to watch; download the mp4.";
     note.hidden = false;
   }
+}
+
+// A rendering job none of whose chunks has reached a worker yet: how many jobs go first (null otherwise)
+function waitingWords(view) {
+  if (view.jobs_ahead === null || view.jobs_ahead === undefined) return null;
+  const n = view.jobs_ahead;
+  return "waiting for a worker" + (n ? " · " + n + (n === 1 ? " job" : " jobs") + " ahead" : "");
 }
 
 function tookSeconds(view) {
@@ -868,7 +875,7 @@ function jobRow(view) {
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
   if (view.expired) parts.push("video removed (retention)");
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
-  else parts.push(Math.round(view.progress * 100) + " %");
+  else parts.push(waitingWords(view) || Math.round(view.progress * 100) + " %");
   meta.textContent = parts.join(" · ");
   row.append(open, state, meta);
   if (view.error && view.state !== "cancelled") { // a cancel the user asked for is not an error (as the card)
