@@ -35,6 +35,7 @@ from cluster.errors import (
     InputsGone,
     JobAbandoned,
     JobConflict,
+    JobNotFinished,
     JobNotReady,
     LipsyncError,
     OutputExpired,
@@ -347,6 +348,19 @@ class JobManager:
     async def cancel(self, job_id: str) -> JobStatus:
         """Cancel a job; one already committing its verified output finishes as succeeded."""
         await self.machine.cancel(job_id)
+        return self.get(job_id)
+
+    async def purge(self, job_id: str) -> JobStatus:
+        """Remove a finished job's files now, as retention does after LIPSYNC_RETENTION_DAYS (its row stays: a
+        succeeded job then reads `expired`); an unfinished job is refused (`job.not_finished`: cancel it first)."""
+        from cluster.retention import remove_job_files
+
+        st = self.store.get(job_id)
+        if not st.state.terminal:
+            raise JobNotFinished(f"job {job_id} is {st.state.value}: its files are removed once it has ended (cancel "
+                                 f"it first: DELETE /v1/jobs/{job_id})", job_id=job_id)
+        if await asyncio.to_thread(remove_job_files, st, self.s.storage_root.resolve()):
+            log.info("job %s: its files were removed on request", job_id, extra={"job_id": job_id})
         return self.get(job_id)
 
     async def dispatch(self, job_id: str, chunk_index: int, token: str, model: str, refs: list) -> list:

@@ -175,6 +175,9 @@ class ManagerGateway:
     async def cancel(self, job_id: str) -> JobStatus:
         return await self.call("cancel", job_id)
 
+    async def purge(self, job_id: str) -> JobStatus:
+        return await self.call("purge", job_id)
+
     async def read_output(self, job_id: str, offset: int, length: int) -> bytes:
         return await self.call("read_output", job_id, offset, length)
 

@@ -786,6 +786,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Remove a finished job's files on the service now: its view (a succeeded job's reads `expired`) on stdout."""
+    def run(c) -> int:
+        _print_view(c.purge(args.id), c)
+        return 0
+    return _client_call(args, run)
+
+
 def _recording_hint(session, c, recording: str, token_given: bool, when: str) -> str:
     """Where the recording `lipsync live` could not download is fetched from, and `when` (the token itself is
     never printed; `token_given`: it came from --token, not $LIPSYNC_API_TOKEN)."""
@@ -1063,7 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     for name, fn, hlp in (("status", cmd_status, "a job's status (JSON)"), ("wait", cmd_wait, "wait for a job"),
-                          ("cancel", cmd_cancel, "cancel a job")):
+                          ("cancel", cmd_cancel, "cancel a job"),
+                          ("purge", cmd_purge, "remove a finished job's files on the service now (output, stream, "
+                                               "inputs), as retention does; its record stays")):
         sp = sub.add_parser(name, help=hlp)
         sp.add_argument("id")
         if name == "wait":

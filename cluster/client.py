@@ -756,6 +756,11 @@ class Client(_Base):
     def cancel(self, job_id: str) -> JobView:
         return self._views(JobView, self.request("DELETE", f"/v1/jobs/{_q(job_id)}").json())
 
+    def purge(self, job_id: str) -> JobView:
+        """Remove a finished job's files on the service now (output, stream, inputs), as its retention does; its
+        record stays (a succeeded job then reads `expired`). `ApiError` 409 `job.not_finished` while it runs."""
+        return self._views(JobView, self.request("DELETE", f"/v1/jobs/{_q(job_id)}/files").json())
+
     def _events_of(self, job_id: str, params: dict | None, deadline: _Deadline) -> Iterator[tuple[str, str]]:
         """(event type, data) of the job's event stream until it ends, opened again when it could not be
         opened, was refused for now or broke (`_Reconnects`): a new stream starts with the job's state."""
@@ -1201,6 +1206,10 @@ class AsyncClient(_Base):
 
     async def cancel(self, job_id: str) -> JobView:
         return self._views(JobView, (await self.request("DELETE", f"/v1/jobs/{_q(job_id)}")).json())
+
+    async def purge(self, job_id: str) -> JobView:
+        """The async twin of `Client.purge`."""
+        return self._views(JobView, (await self.request("DELETE", f"/v1/jobs/{_q(job_id)}/files")).json())
 
     async def _events_of(self, job_id: str, params: dict | None,
                          deadline: _Deadline) -> AsyncIterator[tuple[str, str]]:

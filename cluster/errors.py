@@ -248,6 +248,12 @@ class OutputExpired(LipsyncError):
     retryable = False
 
 
+class JobNotFinished(LipsyncError):
+    """A job's files were asked to be removed while it runs (HTTP 409): cancel it first."""
+    code = "job.not_finished"
+    retryable = False
+
+
 class JobNotReady(LipsyncError):
     """The job's output was asked for before the job succeeded (HTTP 409)."""
     code = "job.not_succeeded"

@@ -26,7 +26,7 @@ from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.fsutil import remove_files_older_than
 from cluster.jobstore import JobStore
-from cluster.schemas import JobState
+from cluster.schemas import JobState, JobStatus
 
 log = logging.getLogger("lipsync.retention")
 
@@ -49,17 +49,7 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
         for st in page:
             if st.updated_at >= cutoff or not st.state.terminal:
                 continue
-            gone = False
-            job_dir = root / "jobs" / st.id
-            if job_dir.is_dir():
-                shutil.rmtree(job_dir, ignore_errors=True)
-                gone = True
-            if st.output:
-                out = Path(st.output).resolve()
-                if out.is_relative_to(root) and out.is_file():
-                    out.unlink(missing_ok=True)
-                    gone = True
-            if gone:
+            if remove_job_files(st, root):
                 removed.append(st.id)
     if settings.compat_data_dir is not None:
         limit = time.time() - settings.retention_days * 86400
@@ -71,6 +61,23 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
         log.info("retention removed the files of %d finished jobs, %d ended live sessions and %d unused "
                  "inputs, avatars and orphaned job directories", len(removed), ended_sessions, orphans)
     return removed
+
+
+def remove_job_files(st: JobStatus, root: Path) -> bool:
+    """Remove a finished job's files: its working directory (inputs, segments, HLS stream, mel features) and
+    its output where that lies under the storage root `root` (resolved); its row stays. True when any
+    was there."""
+    gone = False
+    job_dir = root / "jobs" / st.id
+    if job_dir.is_dir():
+        shutil.rmtree(job_dir, ignore_errors=True)
+        gone = True
+    if st.output:
+        out = Path(st.output).resolve()
+        if out.is_relative_to(root) and out.is_file():
+            out.unlink(missing_ok=True)
+            gone = True
+    return gone
 
 
 def _newest_mtime(d: Path) -> float:

@@ -85,7 +85,7 @@ def http_status(err: LipsyncError) -> int:
         return 409
     if code == "session.capacity":
         return 429
-    if code in ("job.conflict", "job.not_succeeded", "job.run_elsewhere"):
+    if code in ("job.conflict", "job.not_succeeded", "job.run_elsewhere", "job.not_finished"):
         return 409
     if code == "output.expired":
         return 410

@@ -749,6 +749,21 @@ def test_a_busy_service_or_an_expired_output_is_no_bad_input(fake_cli):
             (command, rc, err)
 
 
+def test_purge_removes_a_finished_jobs_files_and_prints_its_view(fake_cli):
+    """`lipsync purge ID` asks the service to remove the job's files (DELETE /v1/jobs/ID/files) and prints the view
+    it answers; a job still running is refused by the service (409), a mistake of the command's: exit 2."""
+    def service(request: httpx.Request) -> httpx.Response:
+        assert request.method == "DELETE" and request.url.path in ("/v1/jobs/done/files", "/v1/jobs/busy/files")
+        if "busy" in request.url.path:
+            return httpx.Response(409, json={"error": {"code": "job.not_finished", "message": "job busy is rendering"}})
+        return httpx.Response(200, json={**_view("done", "succeeded"), "expired": True, "output": None})
+
+    rc, out, err = fake_cli(["purge", "done"], service)
+    assert rc == 0 and json.loads(out)["expired"] is True and len(fake_cli.seen) == 1, (rc, out, err)
+    rc, out, err = fake_cli(["purge", "busy"], service)
+    assert rc == 2 and not out and "job.not_finished: job busy is rendering" in err, (rc, err)
+
+
 def test_cancelling_a_job_that_had_ended_says_nothing_was_cancelled(fake_cli):
     """`lipsync cancel ID` on a job that had already succeeded, failed or been cancelled printed its view and
     exited 0 without a word: it says so now on stderr (the view on stdout and exit 0 as before); a job that

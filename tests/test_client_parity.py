@@ -200,8 +200,9 @@ def test_every_job_view_the_sdk_gives_has_urls_a_player_can_open():
         return httpx.Response(200, json=done)
 
     def views(c):
-        calls = [lambda: c.get("j1"), lambda: c.list(), lambda: c.cancel("j1"), lambda: c.batch("b"),
-                 lambda: c.cancel_batch("b"), lambda: c.submit_batch(["/data/a.wav"], video="/data/v.mp4")]
+        calls = [lambda: c.get("j1"), lambda: c.list(), lambda: c.cancel("j1"), lambda: c.purge("j1"),
+                 lambda: c.batch("b"), lambda: c.cancel_batch("b"),
+                 lambda: c.submit_batch(["/data/a.wav"], video="/data/v.mp4")]
 
         def flat(x):
             return [x] if isinstance(x, sdk.JobView) else list(x.jobs)
@@ -215,7 +216,7 @@ def test_every_job_view_the_sdk_gives_has_urls_a_player_can_open():
 
     for outcome, _ in _both(handler, views):
         assert not isinstance(outcome, Exception), outcome
-        assert len(outcome) == 7
+        assert len(outcome) == 8
         for view in outcome:
             assert view.watch_url == "http://api.test/v1/jobs/j1/hls/index.m3u8?token=t"
             assert view.output.url == "http://api.test/v1/jobs/j1/result"

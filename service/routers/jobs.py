@@ -130,6 +130,13 @@ async def cancel_job(job_id: str, backend: Backend = Depends(get_backend)) -> Jo
     return backend.view(await backend.gateway.cancel(job_id))
 
 
+@router.delete("/{job_id}/files", response_model=JobView, responses=error_responses(409),
+               summary="Remove a finished job's files now (output, stream, inputs), as retention does; its record "
+                       "stays (a succeeded job then reads `expired`); 409 while it runs")
+async def purge_job(job_id: str, backend: Backend = Depends(get_backend)) -> JobView:
+    return backend.view(await backend.gateway.purge(job_id))
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             summary="Server-Sent Events: one `status` event (a JobView) per change, until a terminal state; "
                     "with ?segments=1 also one `segment` event per published HLS segment")
