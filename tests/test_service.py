@@ -65,7 +65,7 @@ def test_sdk_submit_wait_download_idempotent(service, svc_media, tmp_path):
         view = job.wait(progress=False, timeout=180)
         assert view.state.value == "succeeded" and view.progress == 1.0
         assert view.frames_done == view.frames_total == expected_frames(svc_media["audio_seconds"])
-        assert view.output is not None and view.output.url == f"/v1/jobs/{job_id}/result"
+        assert view.output is not None and view.output.url == f"{service.url}/v1/jobs/{job_id}/result"
         assert view.output.duration == pytest.approx(view.frames_total / 25)  # the template's 25 fps
         assert (view.output.width, view.output.height, view.output.fps) == (320, 240, 25.0)
         out = job.download(tmp_path / "out.mp4")

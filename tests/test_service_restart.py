@@ -106,7 +106,7 @@ def test_queue_bound_then_kill_mid_job_and_resume(tmp_path_factory):
         done_before = httpx.get(svc.url + "/easy/query", params={"code": "c-done"}, headers=hdr, timeout=30).json()
         assert done_before["data"]["status"] == 2, done_before
         # its HLS stream (every job has one, /easy too): the signed URL, the playlist and its segments
-        watch = svc.url + c.get("c-done").watch_url
+        watch = c.get("c-done").watch_url  # (absolute, as every view the SDK gives)
         hls_before = httpx.get(watch, timeout=30).text
         assert "#EXT-X-ENDLIST" in hls_before and "#EXTINF" in hls_before
         segments_before = {line: httpx.get(watch.replace("index.m3u8?", line.split("?")[0] + "?"), timeout=30).content
