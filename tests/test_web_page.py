@@ -281,6 +281,34 @@ def test_the_jobs_list_follows_its_unfinished_jobs_on_the_older_pages_too(chromi
 
 
 @pytest.mark.service
+def test_the_jobs_list_says_which_jobs_wait_for_a_worker_and_which_videos_were_removed(chromium_executable, service,
+                                                                                      browser):
+    """A job waiting for its first compositor read "render · 0 %", and a job whose files were removed read as any
+    success: the rows say "waiting for a worker · N jobs ahead" and "video removed" (the list's read is answered
+    by Playwright here, the page's own code running)."""
+    import json
+
+    from cluster.schemas import JobPage, JobView, utcnow
+
+    waiting = JobView(id="waiting-job", state="rendering", stage="waiting", jobs_ahead=3, progress=0.0, frames_done=0,
+                      frames_total=100, created_at=utcnow(), updated_at=utcnow())
+    removed = JobView(id="removed-job", state="succeeded", stage="done", progress=1.0, frames_done=100,
+                      frames_total=100, created_at=utcnow(), updated_at=utcnow(), expired=True)
+    body = json.dumps(JobPage(jobs=[waiting, removed]).model_dump(mode="json"))
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+        sign_in(page, service)
+        page.click("[data-tab=jobs]")
+        row = page.locator(".job-row", has_text="waiting-job")
+        row.wait_for(timeout=10_000)
+        assert "waiting for a worker · 3 jobs ahead" in row.inner_text() and "0 %" not in row.inner_text()
+        assert "video removed" in page.locator(".job-row", has_text="removed-job").inner_text()
+    finally:
+        page.close()
+
+
+@pytest.mark.service
 def test_a_reload_comes_back_on_the_tab_it_left(chromium_executable, service, browser):
     """An operator watching the Jobs tab reloaded the page and was back on Render (H18)."""
     page = browser.new_page(viewport={"width": 1000, "height": 1100})

@@ -607,7 +607,7 @@ function showJob(job, view) {
   if (!view.watch_url && view.state === "succeeded" && !job.playerStarted) {
     const note = $("player-note");
     note.textContent = view.expired
-      ? "This job's video was removed after the service's retention time: submit it again for a new one."
+      ? "This job's video was removed (after the service's retention time, or on request): submit it again for a new one."
       : "This job has no stream to watch; download the mp4.";
     note.hidden = false;
   }
@@ -873,7 +873,7 @@ function jobRow(view) {
                (view.inputs.video ? inputName(view.inputs.video) : avatarInput(view.inputs)));
   }
   if (view.output && view.output.duration) parts.push(outputSummary(view.output));
-  if (view.expired) parts.push("video removed (retention)");
+  if (view.expired) parts.push("video removed");
   if (TERMINAL.has(view.state)) parts.push("took " + seconds(tookSeconds(view)));
   else parts.push(waitingWords(view) || Math.round(view.progress * 100) + " %");
   meta.textContent = parts.join(" · ");
