@@ -21,7 +21,7 @@ import numpy as np
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputTooLong, InputUnreadable, MediaError, NoAudioStream
 from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_args, file_url
-from cluster.media.probe import speech_stream
+from cluster.media.probe import check_decoded_length, speech_stream
 
 SAMPLE_RATE = 16000
 N_FFT = 800
@@ -55,8 +55,8 @@ def _decode_args(path: str, sample_rate: int) -> list[str]:
         .output("pipe:1", map=f"0:a:{speech_stream(path)}", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
 
 
-def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:
-    """The typed error for a failed or empty decode of `path` (nothing when it went well)."""
+def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int, sample_rate: int) -> None:
+    """The typed error for a failed, empty or short decode of `path` (nothing when it went well)."""
     err_text = stderr.decode("utf-8", "replace").strip()
     if rc != 0:
         if any(m in err_text for m in _NO_STREAM_MARKERS):
@@ -67,6 +67,7 @@ def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int) -> None:
     if n_samples == 0:
         raise InputUnreadable(f"audio of {path!r} decodes to no samples", path=path,
                               cause=err_text[-2000:] or None)
+    check_decoded_length(path, n_samples / sample_rate, speech_stream(path))
 
 
 def _check_finite(path: str, samples: np.ndarray, first: int, sample_rate: int) -> None:
@@ -94,7 +95,7 @@ def load_audio(path: str, settings: Settings | None = None, sample_rate: int = S
     raw, stderr, rc = _run_collect(_decode_args(path, sample_rate), timeout_s=s.ffmpeg_timeout_s,
                                    what=f"decoding audio of {path!r}", settings=s)
     wav = raw.view(np.float32)
-    _check_decoded(path, rc, stderr, wav.size)
+    _check_decoded(path, rc, stderr, wav.size, sample_rate)
     _check_finite(path, wav, 0, sample_rate)
     return wav
 
@@ -136,7 +137,7 @@ def decode_audio_to_file(path: str, out: BinaryIO, settings: Settings | None = N
         rc = run.wait(max(0.1, deadline - time.monotonic()))
         stderr = run.stderr_tail().encode()
     out.flush()  # readers read the file descriptor (SampleFile), not this buffer
-    _check_decoded(path, rc, stderr, written)
+    _check_decoded(path, rc, stderr, written, sample_rate)
     return written
 
 

@@ -1,6 +1,7 @@
 """cluster.audio: decoding, Wav2Lip mel spectrogram, mel windows, frame energy."""
 from __future__ import annotations
 
+import re
 import subprocess
 import tracemalloc
 from fractions import Fraction
@@ -213,6 +214,48 @@ def test_streamed_decode_typed_errors(media, tmp_path):
             audio.decode_audio_to_file(media["garbage"], raw)
         with pytest.raises(InputNotFound):
             audio.decode_audio_to_file(str(tmp_path / "missing.wav"), raw)
+
+
+@pytest.mark.parametrize("kind", ["mp3", "m4a", "flac"])
+def test_audio_cut_short_is_refused_where_its_header_declares_its_length(media, kind, tmp_path):
+    """A probe: an FLAC, MP3 or M4A file cut in half (an upload or copy that stopped) rendered half the speech and
+    succeeded, where a WAV cut short is refused. Each declares at its start what it holds: the half file is
+    refused at admission where the header says so in bytes (the MP3's Xing header, the M4A's index), else as it
+    decodes (FLAC's STREAMINFO sample count), naming both; the whole file is not."""
+    from cluster.media.probe import declared_audio_seconds, probe_audio
+
+    whole = media[kind]
+    if kind == "m4a":  # its index first (a phone's, a web upload's): cut after it, the index outlives the data
+        whole = str(tmp_path / "faststart.m4a")
+        _ffmpeg("-i", media[kind], "-c", "copy", "-movflags", "+faststart", whole)
+    if kind != "mp3":
+        assert declared_audio_seconds(whole) == pytest.approx(TONE_SECONDS, abs=0.1)
+    cut = tmp_path / f"cut.{kind}"
+    data = Path(whole).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputUnreadable, match="is truncated") as e:
+        probe_audio(str(cut))
+        audio.load_audio(str(cut))
+    if kind == "mp3":
+        assert re.search(r"its header declares \d+ bytes of MP3 audio, the file holds \d+ \(50%", str(e.value))
+    if kind == "flac":
+        assert re.search(r"its header declares 2\.\d\d s of audio, the file decodes to [01]\.\d\d s", str(e.value))
+        with open(tmp_path / "raw.f32", "w+b") as raw, pytest.raises(InputUnreadable, match="declares 2"):
+            audio.decode_audio_to_file(str(cut), raw)
+    assert audio.audio_duration(audio.load_audio(whole)) == pytest.approx(TONE_SECONDS, abs=0.05)
+
+
+def test_an_ogg_or_wav_length_is_no_promise_and_amr_is_audio(media, tmp_path):
+    """Formats whose length ffmpeg works out from what is there (Ogg's last page) promise none: not checked. An AMR
+    voice recording (`#!AMR`, phones' and messengers' format) was refused as a playlist (`#!` as a script)."""
+    from cluster.media.probe import declared_audio_seconds, probe_audio
+
+    assert declared_audio_seconds(media["ogg"]) is None and declared_audio_seconds(media["wav"]) is None
+    amr = tmp_path / "voice.amr"
+    _ffmpeg("-i", media["wav"], "-ar", "8000", "-ac", "1", "-c:a", "libopencore_amrnb", "-b:a", "12.2k", str(amr))
+    assert amr.read_bytes().startswith(b"#!AMR\n")
+    assert probe_audio(str(amr)).audio.duration == pytest.approx(TONE_SECONDS, abs=0.1)
+    assert audio.audio_duration(audio.load_audio(str(amr))) == pytest.approx(TONE_SECONDS, abs=0.05)
 
 
 def test_the_mel_is_of_the_first_audio_stream_the_one_the_output_plays(tmp_path):

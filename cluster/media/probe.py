@@ -83,7 +83,14 @@ def check_input_file(path: str | os.PathLike, settings: Settings | None = None) 
     return p
 
 
+#: Audio formats whose magic begins as a script's `#!` does: AMR-NB, AMR-WB and multichannel AMR storage (RFC 4867),
+#: phones' and messengers' voice recordings
+AMR_MAGIC = (b"#!AMR\n", b"#!AMR-WB\n", b"#!AMR_MC1.0\n", b"#!AMR-WB_MC1.0\n")
+
+
 def _looks_like_playlist(head: bytes) -> bool:
+    if head.startswith(AMR_MAGIC):  # (they were refused as a playlist)
+        return False
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(UNSAFE_SIGNATURES):
         return True
@@ -141,6 +148,81 @@ def _check_index_within_file(path: str, stream, size: int) -> None:
     if end > size:
         raise InputUnreadable(f"{path} is truncated: its index needs {end} bytes, the file has "
                               f"{size}", path=path)
+
+
+#: How much shorter than its header declares an audio stream may decode before it counts as cut short or damaged
+#: (encoders' padding and priming are milliseconds)
+DECODED_SHORTFALL_S = 0.25
+DECODED_SHORTFALL_SHARE = 0.02
+
+
+def declared_audio_seconds(path: str | os.PathLike, index: int = 0) -> float | None:
+    """The length the header of `path` declares for its audio stream `index` (among its audio streams), where
+    the format writes an exact one at the start: FLAC's STREAMINFO sample count, an MP4/MOV index. None for the
+    others: a length ffmpeg estimates (from the bit rate, the last page of an Ogg file) follows a cut and
+    promises nothing; an MP3's Xing header declares its bytes, checked at admission (`_check_mp3_complete`), so
+    that a few corrupt frames in the middle, which the decoder skips, are not taken for a cut."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        with av.open(file_url(str(path)), options={"protocol_whitelist": "file"}) as container:
+            formats = set(container.format.name.split(","))
+            stream = container.streams.audio[index]
+            if stream.duration is None or not stream.time_base:
+                return None
+            seconds = float(stream.duration * stream.time_base)
+    except (OSError, IndexError, av.error.FFmpegError):
+        return None
+    if "flac" in formats:
+        # STREAMINFO (the first metadata block): 36 bits of total samples, 0 when the encoder did not know
+        total = int.from_bytes(head[18:26], "big") & (1 << 36) - 1 if head[:4] == b"fLaC" and len(head) >= 26 else 0
+        return seconds if total else None
+    if formats & {"mov", "mp4", "m4a"}:
+        return seconds
+    return None
+
+
+def _check_mp3_complete(path: str, size: int) -> None:
+    """An MP3 whose Xing/Info or VBRI header (LAME's, ffmpeg's, Fraunhofer's: written at its start) declares
+    more bytes than the file holds was cut short: ffmpeg decodes what is there and a job renders part of the
+    speech without a word. Refused, naming both sizes. Without such a header (or its byte count) nothing is
+    declared; corrupt frames in the middle keep the size and are the decoder's to skip."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return
+    start = 10 + int.from_bytes(bytes(b & 0x7F for b in head[6:10]), "big") if head[:3] == b"ID3" else 0
+    frame = head[start:start + 200]  # the first frame: the tag sits after its side information
+    declared = None
+    for tag in (b"Xing", b"Info"):
+        at = frame.find(tag)
+        if at >= 0 and at + 16 <= len(frame):
+            flags = int.from_bytes(frame[at + 4:at + 8], "big")
+            if flags & 0x2:  # a byte count, after the frame count where there is one
+                field = at + 8 + (4 if flags & 0x1 else 0)
+                declared = int.from_bytes(frame[field:field + 4], "big")
+            break
+    if declared is None and frame[36:40] == b"VBRI" and len(frame) >= 50:
+        declared = int.from_bytes(frame[46:50], "big")
+    have = size - start
+    if declared and have < declared - max(4096, declared // 100):
+        raise InputUnreadable(f"{path} is truncated: its header declares {declared} bytes of MP3 audio, the file "
+                              f"holds {max(have, 0)} ({max(have, 0) / declared:.0%}; the upload or copy stopped "
+                              f"early?)", path=path)
+
+
+def check_decoded_length(path: str | os.PathLike, decoded_s: float, index: int = 0) -> None:
+    """`InputUnreadable` when the audio stream `index` of `path` decoded to less than its header declares
+    (`declared_audio_seconds`) by more than `DECODED_SHORTFALL_S` or `DECODED_SHORTFALL_SHARE` of it: a FLAC or M4A
+    file cut short renders part of the speech without a word (WAV's and MP3's headers are checked at admission)."""
+    declared = declared_audio_seconds(path, index)
+    if declared is None:
+        return
+    if decoded_s < declared - max(DECODED_SHORTFALL_S, DECODED_SHORTFALL_SHARE * declared):
+        raise InputUnreadable(f"{path} is truncated or damaged: its header declares {declared:.2f} s of audio, "
+                              f"the file decodes to {decoded_s:.2f} s (the upload or copy stopped early?)",
+                              path=str(path))
 
 
 #: WAV data sizes that say "unknown" (a writer that could not seek back: a pipe, a live capture): 0, and from
@@ -429,8 +511,12 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
             raise InputUnreadable(f"{p} has neither an audio nor a video stream", path=p)
         if container.format.name == "wav":
             _check_wav_complete(p, size)
+        if container.format.name == "mp3":
+            _check_mp3_complete(p, size)
         video = _video_info(p, container, videos[0], duration, size) if videos else None
         speech = audios[speech_stream(p) if len(audios) > 1 else 0] if audios else None
+        if speech is not None:
+            _check_index_within_file(p, speech, size)  # an m4a cut short: its index outlives its data
         audio = _audio_info(speech, duration) if speech is not None else None
         untimed = [s.index for s, info in ((videos[0] if videos else None, video), (speech, audio))
                    if info is not None and info.duration <= 0]
