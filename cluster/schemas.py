@@ -68,6 +68,7 @@ class VideoStreamInfo(BaseModel):
     color: list[int] | None = None
     sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
     base_fps: float | None = None  # the stream's cadence (r_frame_rate): a variable-rate stream's frames lie on it
+    interlaced: bool = False  # fields, not frames (broadcast, AVCHD .mts): normalising deinterlaces it
 
     @property
     def fps(self) -> Fraction:

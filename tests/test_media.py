@@ -404,6 +404,32 @@ def test_a_full_range_template_keeps_its_colours(media, settings, tmp_path, reci
     assert abs(normalised.mean() - reference.mean()) < 1.0 and np.abs(normalised - reference).mean() < 3.5
 
 
+def _combing(frames: np.ndarray) -> float:
+    """How far each line lies from the mean of its neighbours (luma, median over frames): interlaced fields woven
+    into one frame comb where anything moves."""
+    y = frames.astype(np.float32).mean(axis=-1)
+    return float(np.median(np.abs(y[:, 1:-1] - (y[:, :-2] + y[:, 2:]) / 2).mean(axis=(1, 2))))
+
+
+def test_an_interlaced_template_is_deinterlaced(settings, tmp_path):
+    """A probe: a camcorder's interlaced .mts kept its combing on every moving frame, and the output, tagged
+    progressive, was never deinterlaced by a player. Normalising deinterlaces it (bwdif, one frame per frame)."""
+    from cluster.synth import astronaut_template
+
+    moving = tmp_path / "moving50.mp4"
+    astronaut_template(str(moving), seconds=2.0, fps=50, size=(400, 288), seed=1)
+    mts = tmp_path / "camcorder.mts"
+    ffmpeg("-i", str(moving), "-vf", "crop=360:288:x='20+20*sin(2*PI*t*1.5)':y=0,interlace=scan=tff:lowpass=0",
+           "-c:v", "libx264", "-flags", "+ildct+ilme", "-x264-params", "tff=1", "-r", "25", "-f", "mpegts", str(mts))
+    assert probe(mts, settings).video.interlaced and not probe(moving, settings).video.interlaced
+    t = normalize_template(mts, settings)
+    assert not t.info.video.interlaced and (t.info.video.fps_num, t.info.video.fps_den) == (25, 1)
+    woven = np.concatenate(list(iter_frames(mts, 16, settings)))
+    shown = np.concatenate(list(iter_frames(t.path, 16, settings)))
+    assert len(shown) == len(woven) == 50
+    assert _combing(woven) > 3 * _combing(shown), (_combing(woven), _combing(shown))
+
+
 def test_an_odd_sized_template_loses_its_last_column_and_row_not_its_sharpness(media, settings, tmp_path):
     """321x241 (H.264 4:2:0 needs even sizes): cropped to 320x240, its pixels kept, where it was rescaled."""
     odd = tmp_path / "odd.mp4"

@@ -159,7 +159,7 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     `2 * gop_frames` frames), so it is used as is instead of re-encoded; None otherwise."""
     v = info.video
     if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
-            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range
+            or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range or v.interlaced
             or target_fps(info) != v.fps):
         return None
     try:
@@ -178,7 +178,7 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
     its faces can be found on the source's own frames while ffmpeg re-encodes it (for short GOPs)."""
     v = info.video
     if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
-            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range
+            or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range or v.interlaced
             or target_fps(info) != v.fps):
         return False
     try:
@@ -286,7 +286,10 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     # picture keeps its pixels); full-range samples (MJPEG, yuvj420p phone video) brought to the limited
     # range the output is (and every player assumes of untagged H.264)
     to_limited = ":in_range=full:out_range=limited" if src_info.video.full_range else ""
-    vf = (f"fps={fps_arg},{sdr_filters(source, src_info, s)}"
+    # interlaced fields (a camcorder's .mts, broadcast) woven into one frame comb on every motion, and the output
+    # is progressive (players do not deinterlace it): one frame per frame, from the frames flagged interlaced
+    deinterlace = "bwdif=mode=send_frame:parity=auto:deint=interlaced," if src_info.video.interlaced else ""
+    vf = (f"{deinterlace}fps={fps_arg},{sdr_filters(source, src_info, s)}"
           f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,format=yuv420p")
     expected, tolerance = _expected_frames(src_info, fps)
     # more frames than the header says are kept (a variable-rate or late-starting video's header may

@@ -42,6 +42,8 @@ UNSAFE_FORMATS = frozenset({"hls", "applehttp", "concat", "ffconcat", "sdp", "rt
                             "image2", "image2pipe", "tee", "data", "ffmetadata", "mpd"})
 #: Transfer characteristics (AVColorTransferCharacteristic) of HDR video: a phone's default HLG, PQ.
 HDR_TRANSFERS = {16: "smpte2084", 18: "arib-std-b67"}
+#: AVFieldOrder values of interlaced video (top or bottom field first, coded and displayed).
+INTERLACED_FIELD_ORDERS = frozenset({2, 3, 4, 5})
 #: Video packets demuxed to measure frame-rate variability.
 VFR_SAMPLE_PACKETS = 120
 #: Tolerated relative deviation of a frame interval from the median before a file counts as VFR.
@@ -406,6 +408,9 @@ def _video_info(path: str, container, stream, container_duration: float,
     # 0 and 2 say nothing (reserved / unspecified; a matrix of 0 is RGB, not a YUV stream's)
     color = [int(getattr(ctx, name, 2) or 2) for name in ("color_primaries", "color_trc", "colorspace")]
     sar = stream.sample_aspect_ratio
+    # interlaced: the stream's field order (AVFieldOrder TT, BB, TB, BT) or its first picture's flag
+    interlaced = int(getattr(ctx, "field_order", 0) or 0) in INTERLACED_FIELD_ORDERS or \
+        bool(getattr(first, "interlaced_frame", False))
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
@@ -413,7 +418,7 @@ def _video_info(path: str, container, stream, container_duration: float,
                            full_range=full_range, color=color if any(c not in (0, 2) for c in color) else None,
                            sar=float(sar) if sar is not None and sar.numerator > 0 else 1.0,
                            base_fps=float(stream.base_rate) if stream.base_rate and stream.base_rate.numerator > 0
-                           else None)
+                           else None, interlaced=interlaced)
 
 
 #: How much of each audio stream `speech_stream` decodes to tell which one holds the speech
