@@ -430,6 +430,25 @@ def test_an_interlaced_template_is_deinterlaced(settings, tmp_path):
     assert _combing(woven) > 3 * _combing(shown), (_combing(woven), _combing(shown))
 
 
+def test_of_several_video_streams_the_default_one_is_the_template(media, settings, tmp_path):
+    """A probe: a file with a small proxy stream first and the default (shown) stream second rendered the proxy
+    (240x180 where players show 480x360), and one whose first stream had no face was refused as `input.no_face`.
+    The default stream is the template, as a player shows it; without a default flag, the first."""
+    two = tmp_path / "proxy_first.mp4"
+    ffmpeg("-i", str(media["pal"]), "-filter_complex", "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]",
+           "-map", "[b]", *H264, "-disposition:v:0", "0", "-disposition:v:1", "default", str(two))
+    v = probe_video(two, settings).video
+    assert (v.width, v.height, v.stream) == (320, 240, 1)
+    t = normalize_template(two, settings)
+    assert (t.info.video.width, t.info.video.height) == (320, 240)
+    reference = np.concatenate(list(iter_frames(media["pal"], 16, settings))).astype(int)
+    assert np.abs(np.concatenate(list(iter_frames(t.path, 16, settings))).astype(int) - reference).mean() < 3
+    plain = tmp_path / "no_default.mp4"
+    ffmpeg("-i", str(two), "-map", "0:v:0", "-map", "0:v:1", "-c", "copy", "-disposition:v:0", "0",
+           "-disposition:v:1", "0", str(plain))
+    assert (probe_video(plain, settings).video.width, probe_video(plain, settings).video.stream) == (160, 0)
+
+
 def test_an_odd_sized_template_loses_its_last_column_and_row_not_its_sharpness(media, settings, tmp_path):
     """321x241 (H.264 4:2:0 needs even sizes): cropped to 320x240, its pixels kept, where it was rescaled."""
     odd = tmp_path / "odd.mp4"

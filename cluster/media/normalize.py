@@ -160,7 +160,7 @@ def reusable_as_is(source: str, info: MediaInfo, settings: Settings) -> int | No
     v = info.video
     if (v is None or v.codec != "h264" or v.pix_fmt != "yuv420p" or v.variable_frame_rate
             or v.rotation != 0 or v.width % 2 or v.height % 2 or v.hdr_transfer or v.full_range or v.interlaced
-            or target_fps(info) != v.fps):
+            or v.stream != 0 or target_fps(info) != v.fps):
         return None
     try:
         frames, longest, square, even = keyframe_layout(source)
@@ -179,7 +179,7 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
     v = info.video
     if (v is None or v.pix_fmt != "yuv420p" or v.variable_frame_rate or v.rotation != 0
             or v.width % 2 or v.height % 2 or not v.frame_count or v.hdr_transfer or v.full_range or v.interlaced
-            or target_fps(info) != v.fps):
+            or v.stream != 0 or target_fps(info) != v.fps):
         return False
     try:
         frames, _, square, even = keyframe_layout(source)
@@ -300,7 +300,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     try:
         done = run_ffmpeg([
             "-loglevel", "error", *input_args(source),
-            "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
+            "-map", f"0:v:{src_info.video.stream}", "-an", "-sn", "-dn", "-map_metadata", "-1",
             "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr", "-frames:v", str(most),
             *x264_template_args(s),
             "-movflags", "+faststart", "-f", "mp4", file_url(tmp),

@@ -518,7 +518,11 @@ def read_media_info(path: str | os.PathLike, settings: Settings | None = None) -
             _check_wav_complete(p, size)
         if container.format.name == "mp3":
             _check_mp3_complete(p, size)
+        if videos:  # of several (a proxy and the master, two angles), the one players show: the default one
+            videos = sorted(videos, key=lambda v: not v.disposition & av.stream.Disposition.default)
         video = _video_info(p, container, videos[0], duration, size) if videos else None
+        if video is not None and len(container.streams.video) > 1:
+            video = video.model_copy(update={"stream": list(container.streams.video).index(videos[0])})
         speech = audios[speech_stream(p) if len(audios) > 1 else 0] if audios else None
         if speech is not None:
             _check_index_within_file(p, speech, size)  # an m4a cut short: its index outlives its data
