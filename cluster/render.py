@@ -80,6 +80,7 @@ class JobPlan(BaseModel):
     mel_head_path: str = ""
     decoded_samples: int = 0  # 16 kHz samples the audio input decoded to
     audio_samples: int = 0    # samples of the signal the mel describes (the audio fitted to the sync mode)
+    model_gain_db: float = 0.0  # how much louder than the file the model hears the speech (quiet recordings)
 
     @property
     def fps(self) -> Fraction:
@@ -349,6 +350,8 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         mel_columns_needed,
         mel_frame_count,
         mel_head_columns,
+        model_input_gain_db,
+        speech_level_dbfs,
         write_melspectrogram,
     )
     from cluster.faces.avatar import load_avatar, name_avatar, prepare_avatar
@@ -380,6 +383,12 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         fps = vinfo.fps
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps)
+        level = speech_level_dbfs(samples)
+        gain_db = round(model_input_gain_db(level), 2)
+        if gain_db:  # a quiet recording: the model hears it at a usual level (the output's audio is unchanged)
+            log.info("job %s: its speech is at %.1f dBFS: the model hears it %.1f dB louder", job_id, level, gain_db,
+                     extra={"job_id": job_id})
+            samples = SampleFile(samples.f, samples.n_file, len(samples), gain_db=gain_db)
         chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
         mel_path, head_path = jd / "mel.npy", ""
         head = mel_columns_needed(fps, chunks[0].stop)
@@ -407,6 +416,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         crf=request.crf if request.crf is not None else s.crf,  # fixed for the job: a restart with another
         # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
+        model_gain_db=gain_db,
     )
 
 
@@ -439,7 +449,7 @@ def write_job_mel(plan: JobPlan, request: RenderRequest, settings: Settings | No
                 raise OutputVerificationError(f"job {plan.job_id}: its audio decodes to {n_samples} samples now, "
                                               f"{plan.decoded_samples} when it was prepared", path=request.audio,
                                               **where)
-            samples = SampleFile(raw, n_samples, plan.audio_samples)
+            samples = SampleFile(raw, n_samples, plan.audio_samples, gain_db=plan.model_gain_db)
             write_melspectrogram(samples.read, len(samples), tmp)
         head = np.load(plan.mel_head_path, mmap_mode="r")
         whole = np.load(tmp, mmap_mode="r")

@@ -165,3 +165,38 @@ def test_aac_is_encoded_up_to_its_limit_and_paced_on(long_wav):
         assert track.done and track.last_pts >= track.sample_rate * (LONG_SECONDS - 0.1)
     finally:
         track.stop()
+
+
+def test_a_quiet_recording_reaches_the_model_at_a_usual_level(tmp_path, long_wav, astronaut_video):
+    """A probe: speech recorded 20 dB quieter (a phone's, a lavalier's: RMS -36 dBFS) moved the built-in model's
+    mouth a ninth as far, and 40 dB quieter not at all, with nothing said. The model now hears a quiet recording
+    at a usual level (`model_input_gain_db`, the same gain in the first chunk's mel head and the whole mel); the
+    output's audio is the file as given. Speech at a usual level is left as it is."""
+    from cluster.audio import MODEL_SPEECH_DBFS, load_audio, melspectrogram
+    from cluster.config import Settings
+    from cluster.models import load_model
+    from cluster.render import admit, prepare_job, write_job_mel
+    from cluster.synth import write_audio
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0)
+    model = load_model("builtin", s)
+    usual = load_audio(long_wav, s)
+    quiet = write_audio(str(tmp_path / "quiet.wav"), usual * 0.1)  # -20 dB
+    reference = np.load(prepare_job("usual", admit("usual", RenderRequest(audio=long_wav, video=astronaut_video), s),
+                                    s, model_size=model.size).mel_path)
+    request = admit("quiet", RenderRequest(audio=quiet, video=astronaut_video), s)
+    plan = prepare_job("quiet", request, s, model_size=model.size, defer_mel=True)
+    level = 20 * np.log10(np.percentile(np.sqrt((usual[:len(usual) // 320 * 320].reshape(-1, 320) ** 2).mean(1)), 98))
+    assert plan.model_gain_db == pytest.approx(MODEL_SPEECH_DBFS - (level - 20), abs=0.1), (plan.model_gain_db, level)
+    head = np.load(plan.mel_head_path)
+    write_job_mel(plan, request, s)  # (checks the whole against the head it extends)
+    whole = np.load(plan.mel_path)
+    raised = melspectrogram(load_audio(quiet, s) * np.float32(10 ** (plan.model_gain_db / 20)))
+    assert np.abs(whole - raised).max() < 1e-4 and np.array_equal(whole[:, :head.shape[1]], head)
+    # a usual recording's features, but for the few dB between its level and the model's; before: 20 dB apart
+    before = np.abs(melspectrogram(load_audio(quiet, s)) - reference).mean()
+    assert np.abs(whole - reference).mean() < before / 5, (np.abs(whole - reference).mean(), before)
+    assert plan.audio_path == request.audio  # the output's audio: the file as given, not raised
+    usual_plan = prepare_job("again", admit("again", RenderRequest(audio=long_wav, video=astronaut_video), s), s,
+                             model_size=model.size)
+    assert usual_plan.model_gain_db == 0.0
