@@ -429,9 +429,13 @@ def test_a_template_prepared_by_two_jobs_at_once_is_prepared_once(tmp_path, temp
 
 def test_a_damaged_video_without_a_face_says_it_decodes_with_errors(tmp_path, astronaut_video):
     """300 bytes flipped in a template: ffmpeg decodes it with 40 errors, no frame shows a face, and the
-    refusal said only "no face found" (helper's report: the real problem is the damage)."""
+    refusal said only "no face found" (helper's report: the real problem is the damage). 5 of its 50 frames do
+    not decode at all, more than `DAMAGED_SHARE`: it is refused as damaged, naming how many (a probe: such
+    frames were concealed as the frame before, a freeze with a moving mouth)."""
     import random
     from pathlib import Path
+
+    from cluster.errors import InputUnreadable
 
     data = bytearray(Path(astronaut_video).read_bytes())
     rng = random.Random(3)
@@ -439,9 +443,9 @@ def test_a_damaged_video_without_a_face_says_it_decodes_with_errors(tmp_path, as
         data[i] ^= 0xFF
     damaged = tmp_path / "damaged.mp4"
     damaged.write_bytes(data)
-    for _attempt in ("first", "again"):  # again: its template normalised before (cached), the damage still named
-        with pytest.raises(NoFace, match=r"damaged.mp4: .* its video also decodes with errors \(ffmpeg: .+\): the "
-                                         r"file may be damaged"):
+    for _attempt in ("first", "again"):
+        with pytest.raises(InputUnreadable, match=r"damaged.mp4 is damaged: 5 of its 50 frames do not decode "
+                                                  r"\(ffmpeg: .+\); export or copy it again"):
             prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
 
 
