@@ -193,7 +193,9 @@ class JobManager:
 
     # --- workers -------------------------------------------------------------------------------
     async def ready(self, timeout: float = 60.0) -> dict:
-        """Wait (bounded) until every model worker and compositor has answered once; their state."""
+        """Wait (bounded) until every model worker and compositor has answered once; their state.
+        `StorageLost` when the job store was removed or replaced under this process (readiness fails)."""
+        self.store.check_present()
         await asyncio.wait_for(self._booted.wait(), timeout)
         deadline = asyncio.get_event_loop().time() + timeout
         while asyncio.get_event_loop().time() < deadline and not self.pool.settled():

@@ -248,6 +248,13 @@ class OutputExpired(LipsyncError):
     retryable = False
 
 
+class StorageLost(LipsyncError):
+    """The job store this process opened was removed or replaced under it (its storage root deleted, moved
+    or remounted): nothing written from now on would last (HTTP 503, until the service is restarted)."""
+    code = "service.storage_lost"
+    retryable = False
+
+
 class JobNotFinished(LipsyncError):
     """A job's files were asked to be removed while it runs (HTTP 409): cancel it first."""
     code = "job.not_finished"

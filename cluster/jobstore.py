@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError
+from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError, StorageLost
 from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, StageTime, utcnow
 
 _SCHEMA = """
@@ -146,6 +147,15 @@ def _request_or_none(raw: str) -> RenderRequest | None:
         return None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _is_full(exc: BaseException) -> bool:
     """SQLITE_FULL: the disk that holds the database (or its WAL) has no room for the write."""
     return isinstance(exc, sqlite3.OperationalError) and (
@@ -201,6 +211,18 @@ class JobStore:
             except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
                 log.warning("the storage root of %s was not recorded: %s", self.path, e)
 
+        self._identity = _identity(self.path)  # the file opened: `check_present` compares the path's with it
+
+    def check_present(self) -> None:
+        """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
+        replaced while the service ran: its writes went to an unlinked file, the jobs it accepted answered
+        until a restart lost them, and a second service took the same root)."""
+        now = _identity(self.path)
+        if now != self._identity:
+            raise StorageLost(f"the job store {self.path} was " + ("removed" if now is None else "replaced")
+                              + " while this service ran (its storage root deleted or moved?): it takes no work "
+                              "until it is restarted on a storage root that holds its store", path=str(self.path))
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -211,6 +233,7 @@ class JobStore:
         own included (a failed COMMIT must not leave the connection inside a transaction: every
         later BEGIN would fail); SQLITE_FULL becomes `DiskFull`. Pending ends are written first."""
         with self._lock:
+            self.check_present()  # (a stat: what it would write must last)
             self._flush_locked()
             try:
                 with self._raw_tx() as conn:
@@ -516,7 +539,7 @@ class JobStore:
         try:
             with self._tx(job_id) as c:
                 return self._write_end(c, job_id, end)
-        except (DiskFull, sqlite3.OperationalError) as e:
+        except (DiskFull, StorageLost, sqlite3.OperationalError) as e:
             with self._lock:
                 row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None:
@@ -524,7 +547,8 @@ class JobStore:
                 if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:
                     return False
                 self._pending[job_id] = end
-            why = "the disk is full" if isinstance(e, DiskFull) else "the write failed"
+            why = "the disk is full" if isinstance(e, DiskFull) else "the job store is gone" \
+                if isinstance(e, StorageLost) else "the write failed"
             log.error("job %s ended %s%s, but %s: the job store records it once a write succeeds (%s)",
                       job_id, state.value, f" ({error.code})" if error else "", why,
                       e.cause if isinstance(e, DiskFull) else e)

@@ -240,3 +240,29 @@ def test_a_store_moved_to_another_root_is_told(tmp_path):
     assert storage_root_problem(old / "jobs.sqlite3") is None
     assert storage_root_problem(new / "jobs.sqlite3") is None  # (the same directory, under its new name too)
     assert storage_root_problem(tmp_path / "none" / "jobs.sqlite3") is None  # a new root
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_store_whose_file_was_removed_or_replaced_takes_no_more_writes(tmp_path, how):
+    """A probe deleted the storage root under a running service: its store went on writing to the unlinked file,
+    admitted a job, called it succeeded, and a restart lost both (a second service took the same root meanwhile).
+    A store whose path no longer names the file it opened refuses every write (`service.storage_lost`); an end it
+    cannot write is kept and reported as any unwritable end is."""
+    import shutil
+
+    from cluster.errors import StorageLost
+
+    root = tmp_path / "root"
+    s = JobStore(root / "jobs.sqlite3")
+    s.create("running", REQ)
+    s.check_present()
+    shutil.rmtree(root)
+    if how == "replaced":  # a second service's new store at the same path
+        JobStore(root / "jobs.sqlite3").close()
+    with pytest.raises(StorageLost, match=f"was {how} while this service ran") as e:
+        s.create("new", REQ)
+    assert e.value.code == "service.storage_lost"
+    with pytest.raises(StorageLost):
+        s.check_present()
+    assert s.end("running", JobState.failed, error=ErrorInfo(code="x", message="y")) is True
+    assert s.get("running").state == JobState.failed  # kept in memory, said truthfully
