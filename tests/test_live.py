@@ -368,6 +368,46 @@ def test_an_ended_sessions_journal_stays_closed(speech_wav, astronaut_video, tmp
     assert journal._events is None and journal._audio is None
 
 
+def test_a_full_disk_under_the_journal_fails_the_session_with_a_typed_error(speech_wav, astronaut_video, tmp_path,
+                                                                            monkeypatch):
+    """A probe filled the disk under a live session: the journal's audio write raised a bare OSError out of
+    `append`, the audio socket broke without a close code (its client reconnected 311 times), and the end's
+    journal write killed the session's thread. `append` now raises `resource.disk` (stage live-journal, which the
+    socket closes with), the session ends `failed` with that cause, and an end that cannot be journalled is said
+    in the log, the session ending all the same."""
+    import errno
+
+    from cluster.config import get_settings
+    from cluster.errors import DiskFull
+    from cluster.faces.avatar import prepare_avatar
+    from cluster.live.journal import SessionJournal
+    from cluster.live.session import LiveSession
+    from cluster.models import crop_for_spec, load_model
+
+    s = get_settings()
+    model, avatar = load_model("builtin", s), prepare_avatar(astronaut_video, s)
+    journal = SessionJournal(tmp_path / "session")
+    session = LiveSession("d", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
+                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
+                          sample_rate=16000, out_dir=tmp_path / "session", settings=s, journal=journal)
+    session.start()
+    pcm = _pcm16(speech_wav)
+    session.append(pcm[:8000].tobytes())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal, "write_audio", full)
+    monkeypatch.setattr(journal, "save_final", full)
+    with pytest.raises(DiskFull) as e:
+        session.append(pcm[8000:16000].tobytes())
+    assert e.value.code == "resource.disk" and e.value.stage == "live-journal", e.value
+    assert session.join(60)  # its thread ended the session (the end's journal write failed too: said, not raised)
+    stats = session.stats()
+    assert stats["state"] == "failed" and stats["error"]["code"] == "resource.disk", stats
+    assert stats["error"]["stage"] == "live-journal", stats
+
+
 def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_wav, astronaut_video, tmp_path):
     """A sender that stops for longer than `live_flush_after_s` with part of a frame's audio sent:
     the session renders that tail at once (padded to a whole frame) and the rest becomes a new

@@ -262,7 +262,18 @@ class LiveSession:
             pcm = pcm[:room]  # what the buffer has room for: the sender offers the rest again (from `offset`)
             now = self.clock()
             if self.journal is not None:  # on disk before it is acknowledged
-                self.journal.write_audio(bytes(pcm))
+                try:
+                    self.journal.write_audio(bytes(pcm))
+                except OSError as e:  # a full disk: the session fails with its cause, its socket told (not a
+                    from cluster.resources import as_typed  # raw OSError: the client reconnected 311 times)
+
+                    typed = as_typed(e, "live-journal")
+                    if typed is None:
+                        raise
+                    self.error = self.error or typed.to_info().model_dump()
+                    self.reason = self.reason or "failed"
+                    self._stop.set()
+                    raise typed from e
             utt, end16 = self.speech.append(bytes(pcm))
             self.last_audio = now
             self._chunks.append((now, utt, end16))
@@ -455,6 +466,8 @@ class LiveSession:
                     self.journal.save_final({**self.stats(), "ended_wall": time.time()})
                     if ok and self.recording is not None:  # the recording holds its speech now
                         self.journal.drop_audio()
+                except OSError as e:  # a full disk: its end is not journalled (said), the session still ends
+                    log.error("session %s: its end (%s) could not be journalled: %s", self.id, self.state, e)
                 finally:
                     self.journal.close()
             log.info("session %s %s (%s): %s", self.id, self.state, self.reason, self.stats())
