@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from actors import metrics
-from actors.calls import Kind, outcome
+from actors.calls import Kind, Outcome, outcome
 from actors.jobs import StaleAttempt
 from actors.supervision import Supervisor, TaskSet
 from cluster import logs
@@ -95,15 +95,18 @@ class Dispatcher:
             # names unique to each call grew with a job's length (docs/PERFORMANCE.md, an hour of
             # speech); the job and chunk are in the compositor's log context instead
             ref = member.handle.render_chunk.remote(job.plan_for(chunk), chunk, token, self.on_this_node(member))
+            job.activity[chunk.index] = [0, time.monotonic()]
             if chunk.index == 0:
                 job.first_sent.set()  # the job's whole mel may be written now (JobMachine._write_mel)
-            answer = await outcome(ref, timeout=self.s.chunk_timeout_s)
+            answer, frozen = await self._await_chunk(ref, job, chunk)
             what = f"job {job_id} chunk {chunk.index}"
             if answer.kind == Kind.died:
                 await self.pool.lost(self.pool.compositors, member, f"died rendering {what}")
                 machine.retry(job, chunk, answer.typed(WorkerLost, f"compositor {member.name} died"), lost=True)
             elif answer.kind == Kind.stalled:
-                why = f"chunk {chunk.index} took over {self.s.chunk_timeout_s:.0f} s"
+                why = (f"chunk {chunk.index}: its compositor asked the model for nothing for "
+                       f"{self.s.stall_timeout_s:.0f} s (frozen?)" if frozen
+                       else f"chunk {chunk.index} took over {self.s.chunk_timeout_s:.0f} s")
                 await self.pool.lost(self.pool.compositors, member, why, kill=True)
                 machine.retry(job, chunk, RenderTimeout(why))
             elif answer.kind == Kind.raised:
@@ -123,8 +126,27 @@ class Dispatcher:
                                                                    cause=repr(e))
                 machine.fail(job_id, err.with_context(chunk=chunk.index))
         finally:
+            if job is not None:
+                job.activity.pop(chunk.index, None)
             await self.pool.compositors.release(member, ok=ok)
             self.work.set()
+
+    async def _await_chunk(self, ref, job: JobRuntime, chunk: Chunk) -> tuple[Outcome, bool]:
+        """(the chunk's outcome within `chunk_timeout_s`, whether it was cut short as frozen): `stalled` as soon as
+        its compositor has sent no batch and got none back for `stall_timeout_s` while none of its batches is at the
+        model (a process stopped, swapped out or hung: a probe's SIGSTOPped compositor held its chunk, and the job,
+        for the whole 15-minute chunk deadline while the other compositor sat idle)."""
+        waiting = asyncio.ensure_future(outcome(ref, timeout=self.s.chunk_timeout_s))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=min(5.0, self.s.stall_timeout_s / 4))
+                if done:
+                    return waiting.result(), False
+                at_model, last = job.activity.get(chunk.index, (0, time.monotonic()))
+                if not at_model and time.monotonic() - last > self.s.stall_timeout_s:
+                    return Outcome(Kind.stalled), True
+        finally:
+            waiting.cancel()
 
     # --- batches to model workers ------------------------------------------------------------
     async def dispatch(self, job_id: str, chunk_index: int, token: str, model: str, refs: list) -> list:
@@ -138,9 +160,18 @@ class Dispatcher:
         if job is None or job.finished or job.tokens.get(chunk_index) != token:
             raise StaleAttempt(f"job {job_id} chunk {chunk_index}: this attempt is no longer wanted",
                                job_id=job_id, chunk=chunk_index)
-        table = self.pool.models
         mel_ref, crops_ref = refs
         where = dict(job_id=job_id, chunk=chunk_index, stage="render")
+        seen = job.activity.setdefault(chunk_index, [0, time.monotonic()])  # its compositor is not frozen
+        seen[0] += 1
+        try:
+            return await self._dispatch(job, chunk_index, model, mel_ref, crops_ref, where)
+        finally:
+            seen[0] -= 1
+            seen[1] = time.monotonic()
+
+    async def _dispatch(self, job: JobRuntime, chunk_index: int, model: str, mel_ref, crops_ref, where: dict) -> list:
+        job_id, table = job.id, self.pool.models
         last = "no attempt"
         for _ in range(self.s.max_batch_attempts):
             member = await table.acquire(timeout=self.s.stall_timeout_s)

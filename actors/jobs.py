@@ -87,6 +87,9 @@ class JobRuntime:
     attempts: dict[int, int] = field(default_factory=dict)      # chunk -> failed attempts
     losses: dict[int, int] = field(default_factory=dict)        # chunk -> attempts lost with a process
     tokens: dict[int, str] = field(default_factory=dict)        # chunk -> token of the live attempt
+    # chunk -> (batches of it at the model now, when it last sent or got one): a compositor that asks for
+    # nothing while none of its batches is out is frozen (`Dispatcher._await_chunk`)
+    activity: dict[int, list] = field(default_factory=dict)
     hls: HlsPublisher | None = None  # the job's AAC and HLS segments, published as chunks are verified
     first_plan: JobPlan | None = None  # the first chunk's plan (the mel head) while the whole mel is written
     first_sent: asyncio.Event = field(default_factory=asyncio.Event)  # the first chunk went to a compositor

@@ -457,3 +457,54 @@ def test_a_tables_summary_is_a_few_words_with_the_last_error():
         member.health, member.error, member.lost_at = health, error, lost_at
         member.info = {"pid": 4242, "node": "n" * 56, "models": ["builtin"]}
     assert t.summary() == "1 live, 2 lost (last error: no answer to a probe in 10 s)"
+
+
+def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_its_deadline():
+    """A probe SIGSTOPped a compositor mid-chunk: the chunk, and its job, waited for the 15-minute chunk deadline
+    while the other compositor sat idle. The dispatcher now gives a chunk up as frozen once its compositor has sent
+    no batch and got none back for `stall_timeout_s` while none of its batches is at the model; a chunk that keeps
+    sending batches, or whose batch waits at the model, is waited for."""
+    import time
+
+    from actors.dispatch import Dispatcher
+    from actors.jobs import JobRuntime
+    from cluster.config import Settings
+    from cluster.schemas import Chunk
+
+    dispatcher = Dispatcher.__new__(Dispatcher)  # its scheduling logic, no Ray
+    dispatcher.s = Settings(stall_timeout_s=0.4, chunk_timeout_s=30)
+    chunk = Chunk(index=0, start=0, stop=25)
+
+    async def case(activity) -> tuple[str, bool, float]:
+        job = JobRuntime("j")
+        job.activity[0] = [0, time.monotonic()]
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        keeper = asyncio.ensure_future(activity(job, answer))
+        t0 = time.monotonic()
+        try:
+            outcome, frozen = await dispatcher._await_chunk(answer, job, chunk)
+        finally:
+            keeper.cancel()
+        return outcome.kind.value, frozen, time.monotonic() - t0
+
+    async def silent(job, answer):  # a stopped process: nothing comes
+        await asyncio.sleep(60)
+
+    async def sends_batches(job, answer):  # a batch every 0.2 s for 1.5 s, then its answer
+        for _ in range(7):
+            await asyncio.sleep(0.2)
+            job.activity[0][1] = time.monotonic()
+        answer.set_result("rendered")
+
+    async def waits_at_the_model(job, answer):  # one batch out for 1.5 s (the model worker's deadline rules it)
+        job.activity[0][0] = 1
+        await asyncio.sleep(1.5)
+        job.activity[0] = [0, time.monotonic()]
+        answer.set_result("rendered")
+
+    kind, frozen, took = run(case(silent))
+    assert (kind, frozen) == ("stalled", True) and 0.4 < took < 2.0, (kind, frozen, took)
+    for busy in (sends_batches, waits_at_the_model):
+        kind, frozen, took = run(case(busy))
+        assert (kind, frozen) == ("answered", False) and took >= 1.4, (busy.__name__, kind, frozen, took)
