@@ -71,15 +71,18 @@ def private_dir(path: Path) -> Path:
 
 
 def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
-    """Remove the request directories (`Backend.tmpdir`) under `root` that nothing wrote to for
-    `older_than_s`: a request's `finally` removes its own, so these are of an ingress killed
-    mid-request (its inputs, up to an upload's size each, would stay for ever). Another replica's
-    requests on this node are younger (an upload that stalls past `upload_idle_timeout_s` is
-    dropped)."""
+    """Remove the request directories (`Backend.tmpdir`) under `root` of an ingress killed mid-request (a
+    request's `finally` removes its own; these inputs, up to an upload's size each, would stay for ever): at
+    once where the process named in the directory's name (`req-<pid>-...`) is gone (a probe: a service killed
+    during an upload left 1.5 MB that its restart kept, under the age rule alone), else once nothing wrote to it
+    for `older_than_s` (another replica's requests on this node are younger: an upload that stalls past
+    `upload_idle_timeout_s` is dropped)."""
     cutoff, removed = time.time() - older_than_s, []
     for d in root.glob("req-*"):
         try:
-            if max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())]) < cutoff:
+            owner = d.name.split("-")[1]
+            gone = owner.isdigit() and int(owner) != os.getpid() and not _process_exists(int(owner))
+            if gone or max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())]) < cutoff:
                 shutil.rmtree(d)
                 removed.append(d)
         except FileNotFoundError:  # removed meanwhile (its request ended)
@@ -89,6 +92,16 @@ def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
     if removed:
         log.info("removed %d request directories left by a stopped ingress under %s", len(removed), root)
     return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 class Backend:
@@ -206,7 +219,7 @@ class Backend:
         return release
 
     def tmpdir(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))
+        return Path(tempfile.mkdtemp(prefix=f"req-{os.getpid()}-", dir=self.tmp_root))  # (whose: `sweep_request_dirs`)
 
     async def stage_input(self, value: str, field: str, tmpdir: Path) -> str:
         """A URL (downloaded under the address guard), an upload of this ingress, or a server path:

@@ -315,6 +315,18 @@ def test_request_directories_of_a_killed_ingress_are_swept_when_an_ingress_start
     os.utime(young, (time.time() - 7200,) * 2)  # an old directory whose upload is still being written
     assert sweep_request_dirs(tmp_path, 3600) == [old]
     assert not old.exists() and (young / "audio.wav").exists() and (other / "audio.wav").exists()
+    # a directory named for its process (`req-<pid>-...`): gone with it at once, kept while it lives (a probe: a
+    # service killed mid-upload left its input, which the restart kept, younger than the age rule)
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait(10)
+    dead, alive = tmp_path / f"req-{ended.pid}-abc", tmp_path / f"req-{os.getppid()}-def"
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "audio.wav").write_bytes(b"RIFF")
+    assert sweep_request_dirs(tmp_path, 3600) == [dead]
+    assert (alive / "audio.wav").exists() and (young / "audio.wav").exists()
 
 
 def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
