@@ -188,7 +188,7 @@ class SampleFile:
 #: The level the model hears speech at (at least): the 98th percentile of 20 ms frames' RMS in dBFS, over the first
 #: LEVEL_WINDOW_S of a job's audio. Speech at a usual level (TTS, a studio: -10 to -8 dBFS there) is left as it is;
 #: a quiet recording (a phone's, a lavalier's: -30 to -40) is raised, by at most MAX_MODEL_GAIN_DB, for the model only
-#: (the output's audio is the file as given). The built-in model's mouth opened a quarter as far at -20 dB.
+#: (the output's audio is the file as given). The built-in model's mouth opened a ninth as far at -20 dB.
 MODEL_SPEECH_DBFS = -12.0
 MAX_MODEL_GAIN_DB = 24.0
 LEVEL_WINDOW_S = 30.0

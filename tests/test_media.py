@@ -449,6 +449,32 @@ def test_of_several_video_streams_the_default_one_is_the_template(media, setting
     assert (probe_video(plain, settings).video.width, probe_video(plain, settings).video.stream) == (160, 0)
 
 
+def test_frames_a_file_never_shows_are_no_damage(settings, tmp_path):
+    """A review: the damage count took the frames an edit list hides (`ffmpeg -ss 1.8 -c copy`) and those before
+    the first keyframe of a stream cut mid-GOP (a .ts capture) for frames that did not decode, and refused such
+    files as damaged once the decoder complained of anything. They are accepted; a fifth of a file overwritten
+    is not (`tests/test_faces.py`)."""
+    from cluster.media.normalize import undecodable_frames
+    from cluster.synth import astronaut_template
+
+    whole = tmp_path / "whole.mp4"
+    astronaut_template(str(tmp_path / "source.mp4"), seconds=6.0, fps=25, size=(320, 240), seed=2)
+    ffmpeg("-i", str(tmp_path / "source.mp4"), *H264, "-g", "50", "-keyint_min", "50", "-sc_threshold", "0", str(whole))
+    trimmed, ts, cut = tmp_path / "trimmed.mp4", tmp_path / "whole.ts", tmp_path / "cut.ts"
+    ffmpeg("-ss", "1.8", "-i", str(whole), "-c", "copy", str(trimmed))  # its first GOP's head hidden by an edit list
+    data = bytearray(trimmed.read_bytes())
+    at = len(data) * 2 // 3
+    data[at:at + 8] = bytes(b ^ 0xA5 for b in data[at:at + 8])  # a blip the decoder conceals
+    trimmed.write_bytes(bytes(data))
+    ffmpeg("-i", str(whole), "-c", "copy", "-f", "mpegts", str(ts))
+    data = ts.read_bytes()
+    cut.write_bytes(data[len(data) // 5 // 188 * 188:])  # a capture that starts mid-GOP
+    for path in (trimmed, cut):
+        assert undecodable_frames(str(path))[0] <= 2, path
+        t = normalize_template(path, settings)
+        assert t.info.video.frame_count > 0
+
+
 def test_an_odd_sized_template_loses_its_last_column_and_row_not_its_sharpness(media, settings, tmp_path):
     """321x241 (H.264 4:2:0 needs even sizes): cropped to 320x240, its pixels kept, where it was rescaled."""
     odd = tmp_path / "odd.mp4"

@@ -207,7 +207,8 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
         track = build_track(detections, (video.width, video.height), s.min_face_fraction,
                             path_for_errors=source, fps=float(video.fps))
     except NoFace as e:  # a damaged file's garbled frames show no face: the damage is the news
-        said = template.decode_error or decode_error(source, s)  # (cached, or used as it was: asked now)
+        said = template.decode_error or decode_error(source, s, probe_video(source, s).video.stream)  # (cached,
+        # or used as it was: asked now, of the stream that is the template)
         if said:
             e.message += f"; its video also decodes with errors (ffmpeg: {said}): the file may be damaged"
             e.args = (e.message,)

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -317,7 +318,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
                 f"(+-{tolerance}) at {fps_arg} fps: the file is truncated or corrupt", path=source)
         said = _decoder_error(done.stderr.decode("utf-8", "replace"))
         if said:  # (a decode of the whole source: paid where its decoder complained only)
-            lost, packets = undecodable_frames(source, src_info.video.stream)
+            lost, packets = undecodable_frames(source, src_info.video.stream, s.ffmpeg_timeout_s)
             if lost > max(2, DAMAGED_SHARE * packets):
                 # ffmpeg's decoder conceals a broken frame as the one before: a damaged file rendered a long
                 # freeze with a moving mouth (a probe: 31 of 100 frames, 1.3 s)
@@ -352,26 +353,33 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
 DAMAGED_SHARE = 0.05
 
 
-def undecodable_frames(source: str, stream: int = 0) -> tuple[int, int]:
-    """(frames that do not decode, frames) of the video stream `stream` of `source`, packet by packet (a packet
-    whose decode fails, or yields no frame by the end, counts as lost)."""
+def undecodable_frames(source: str, stream: int = 0, timeout_s: float = 600.0) -> tuple[int, int]:
+    """(frames that do not decode, frames) of the video stream `stream` of `source`, packet by packet, from its
+    first keyframe on (frames before it, in a stream cut mid-GOP, never decode: no damage) and without the
+    frames its edit list hides (discarded: never shown). (0, frames so far) when it takes over `timeout_s`."""
     import av
 
     from cluster.media.ffmpeg import file_url
 
     decoded = packets = 0
+    started = False
+    give_up = time.monotonic() + timeout_s
     with av.open(file_url(source), options={"protocol_whitelist": "file"}) as container:
         video = container.streams.video[stream]
         for packet in container.demux(video):
-            if packet.size == 0:  # the demuxer's end-of-stream packet: flushes the decoder
-                try:
-                    decoded += sum(1 for _ in packet.decode())
-                except av.error.FFmpegError:
-                    pass
-                continue
-            packets += 1
+            if time.monotonic() > give_up:
+                log.warning("template %s: its frames were not all counted within %.0f s", source, timeout_s)
+                return 0, packets
+            last = packet.size == 0  # the demuxer's end-of-stream packet: flushes the decoder
+            if not last:
+                if packet.is_discard:
+                    continue
+                started = started or packet.is_keyframe
+                if not started:
+                    continue
+                packets += 1
             try:
-                decoded += sum(1 for _ in packet.decode())
+                decoded += sum(1 for frame in packet.decode() if started)
             except av.error.FFmpegError:
                 pass
     return max(packets - decoded, 0), packets
@@ -388,14 +396,14 @@ def _decoder_error(stderr: str) -> str | None:
     return m.group(1).strip()[:200] if m else None
 
 
-def decode_error(source: str, settings: Settings) -> str | None:
+def decode_error(source: str, settings: Settings, stream: int = 0) -> str | None:
     """What the decoder of `source`'s video says when it is decoded whole (None: nothing, or it could not be
     asked in time): for a refusal to name the damage where the template was normalised before (cached)
     or used as it is. Its cost, a decode of the whole video, is paid on that failure path only."""
     from cluster.errors import LipsyncError
 
     try:
-        done = run_ffmpeg(["-loglevel", "error", *input_args(source), "-map", "0:v:0", "-f", "null", "-"],
+        done = run_ffmpeg(["-loglevel", "error", *input_args(source), "-map", f"0:v:{stream}", "-f", "null", "-"],
                           timeout=settings.ffmpeg_timeout_s, settings=settings, stage="decode-check", path=source)
     except LipsyncError as e:  # it does not decode at all: that is what it says
         return _decoder_error(e.cause or "")

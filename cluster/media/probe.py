@@ -160,10 +160,12 @@ DECODED_SHORTFALL_SHARE = 0.02
 
 def declared_audio_seconds(path: str | os.PathLike, index: int = 0) -> float | None:
     """The length the header of `path` declares for its audio stream `index` (among its audio streams), where
-    the format writes an exact one at the start: FLAC's STREAMINFO sample count, an MP4/MOV index. None for the
-    others: a length ffmpeg estimates (from the bit rate, the last page of an Ogg file) follows a cut and
-    promises nothing; an MP3's Xing header declares its bytes, checked at admission (`_check_mp3_complete`), so
-    that a few corrupt frames in the middle, which the decoder skips, are not taken for a cut."""
+    the format writes an exact one at its start and nothing else tells a cut: FLAC's STREAMINFO sample count.
+    None for the others: a length ffmpeg estimates (from the bit rate, the last page of an Ogg file) follows a
+    cut and promises nothing; an MP3's Xing header declares its bytes and an MP4's index its packets' places,
+    checked at admission (`_check_mp3_complete`, `_check_index_within_file`), so that a few corrupt MP3 frames
+    that the decoder skips, or an M4A whose timestamps leave a gap (a recording that dropped seconds), are not
+    taken for a cut."""
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -179,8 +181,6 @@ def declared_audio_seconds(path: str | os.PathLike, index: int = 0) -> float | N
         # STREAMINFO (the first metadata block): 36 bits of total samples, 0 when the encoder did not know
         total = int.from_bytes(head[18:26], "big") & (1 << 36) - 1 if head[:4] == b"fLaC" and len(head) >= 26 else 0
         return seconds if total else None
-    if formats & {"mov", "mp4", "m4a"}:
-        return seconds
     return None
 
 
@@ -191,11 +191,17 @@ def _check_mp3_complete(path: str, size: int) -> None:
     declared; corrupt frames in the middle keep the size and are the decoder's to skip."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            start = 0
+            while True:  # ID3v2 tags in front (cover art: hundreds of KB), each its 10-byte header, size and footer
+                tag = f.read(10)
+                if len(tag) < 10 or tag[:3] != b"ID3":
+                    break
+                start += 10 + (tag[6] << 21 | tag[7] << 14 | tag[8] << 7 | tag[9]) + (10 if tag[5] & 0x10 else 0)
+                f.seek(start)
+            f.seek(start)
+            frame = f.read(200)  # the first frame: the tag sits after its side information
     except OSError:
         return
-    start = 10 + int.from_bytes(bytes(b & 0x7F for b in head[6:10]), "big") if head[:3] == b"ID3" else 0
-    frame = head[start:start + 200]  # the first frame: the tag sits after its side information
     declared = None
     for tag in (b"Xing", b"Info"):
         at = frame.find(tag)
@@ -216,8 +222,8 @@ def _check_mp3_complete(path: str, size: int) -> None:
 
 def check_decoded_length(path: str | os.PathLike, decoded_s: float, index: int = 0) -> None:
     """`InputUnreadable` when the audio stream `index` of `path` decoded to less than its header declares
-    (`declared_audio_seconds`) by more than `DECODED_SHORTFALL_S` or `DECODED_SHORTFALL_SHARE` of it: a FLAC or M4A
-    file cut short renders part of the speech without a word (WAV's and MP3's headers are checked at admission)."""
+    (`declared_audio_seconds`) by more than `DECODED_SHORTFALL_S` or `DECODED_SHORTFALL_SHARE` of it: a FLAC file
+    cut short renders part of the speech without a word (WAV's, MP3's and M4A's are checked at admission)."""
     declared = declared_audio_seconds(path, index)
     if declared is None:
         return
