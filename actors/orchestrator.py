@@ -202,6 +202,10 @@ class JobManager:
             await asyncio.sleep(0.2)
         return self.workers()
 
+    async def ping(self) -> bool:
+        """An answer from this process's event loop (the sidecar's watch: `ServiceSidecar._watch_manager`)."""
+        return True
+
     def workers(self) -> dict:
         return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid(),
                                                     "storage_root": str(self.s.storage_root)}}

@@ -230,6 +230,39 @@ class ServiceSidecar:
             self._watch(job_id, url)
         if settings.retention_days > 0:
             self._retention = asyncio.get_event_loop().create_task(self._retain())
+        self._manager_watch = asyncio.get_event_loop().create_task(self._watch_manager())
+
+    async def _watch_manager(self) -> None:
+        """Kill a job manager that has answered nothing for `stall_timeout_s` (a process stopped or deadlocked,
+        its event loop blocked): Ray restarts it and it resumes its jobs from the store. A probe's SIGSTOPped
+        manager was never replaced: every API call waited 30 s, then answered 503, for as long as it was stopped.
+        Never dies."""
+        from cluster.scheduling import SilenceWatch
+
+        every = min(10.0, self.s.stall_timeout_s / 4)
+        watch = SilenceWatch(self.s.stall_timeout_s, time.monotonic())
+        while True:
+            await asyncio.sleep(every)
+            try:
+                handle = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
+            except ValueError:  # none yet, or being made again: nothing to watch
+                watch.heard(time.monotonic())
+                continue
+            try:
+                await asyncio.wait_for(handle.ping.remote(), timeout=every)
+                watch.heard(time.monotonic())
+            except (asyncio.TimeoutError, GetTimeoutError):
+                if watch.silent(time.monotonic()):
+                    log.error("the job manager has answered nothing for %.0f s (stopped, deadlocked?): killed for "
+                              "Ray to restart it; its jobs resume from the store", self.s.stall_timeout_s)
+                    try:
+                        ray.kill(handle, no_restart=False)
+                    except Exception as e:  # noqa: BLE001 - said; the next silence tries again
+                        log.warning("killing the silent job manager failed: %r", e)
+            except RayActorError:  # dead or restarting: Ray's to bring back, not a silence of its own
+                watch.heard(time.monotonic())
+            except Exception:  # noqa: BLE001 - the watch goes on
+                log.exception("watching the job manager failed")
 
     async def _retain(self) -> None:
         """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""

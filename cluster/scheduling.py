@@ -262,6 +262,27 @@ def surplus_members(members: list[Member], surplus: int, now: float, stale_after
     return (stale + idle + busy)[:surplus]
 
 
+class SilenceWatch:
+    """When to give up on a process that stopped answering (a job manager stopped, deadlocked, its event loop
+    blocked): `heard(now)` at each answer, `silent(now)` at each unanswered ask; `silent` is True once nothing
+    has been heard for `limit_s` (then the watch starts over, and waits `limit_s` twice before the next time:
+    a process killed for it restarts, and its start must not be taken for the same silence)."""
+
+    def __init__(self, limit_s: float, now: float) -> None:
+        self.limit_s = limit_s
+        self.last_heard = now
+        self.grace_until = now
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def silent(self, now: float) -> bool:
+        if now < self.grace_until or now - self.last_heard < self.limit_s:
+            return False
+        self.last_heard, self.grace_until = now, now + 2 * self.limit_s
+        return True
+
+
 class FairQueue(Generic[K]):
     """Per-job FIFO queues served round-robin across jobs, so concurrent jobs share the cluster."""
 

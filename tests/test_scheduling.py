@@ -508,3 +508,20 @@ def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_
     for busy in (sends_batches, waits_at_the_model):
         kind, frozen, took = run(case(busy))
         assert (kind, frozen) == ("answered", False) and took >= 1.4, (busy.__name__, kind, frozen, took)
+
+
+def test_a_silent_process_is_given_up_once_per_silence_and_not_while_it_restarts():
+    """The sidecar's watch of the job manager (`SilenceWatch`): a probe SIGSTOPped the manager and every API call
+    answered 503 for as long as it was stopped (190 s), nothing replacing it. Given up after `limit_s` of silence;
+    not again while the one killed for it restarts (twice that)."""
+    from cluster.scheduling import SilenceWatch
+
+    watch = SilenceWatch(limit_s=10, now=0)
+    for t in range(0, 60, 5):  # answering
+        watch.heard(t)
+        assert not watch.silent(t + 1)
+    assert [watch.silent(t) for t in (60, 64, 66)] == [False, False, True]  # heard at 55: silent past 65
+    assert not any(watch.silent(t) for t in range(67, 86, 2))  # restarting: its start is not the same silence
+    assert watch.silent(87)  # still nothing, past twice the limit: given up again
+    watch.heard(90)
+    assert not watch.silent(99) and watch.silent(130)
