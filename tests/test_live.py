@@ -162,9 +162,9 @@ def test_odd_and_unoffered_input_is_refused():
         SpeechInput(16000, Fraction(25), 3).append(b"\x00\x01\x02")
 
 
-def _builtin_session(session_id: str, template: str, out_dir: Path):
+def _builtin_session(session_id: str, template: str, out_dir: Path, journal=None):
     """(a started in-process `LiveSession` on the built-in model over `template` prepared as an
-    avatar, the settings it runs with)."""
+    avatar, with `journal` if given, the settings it runs with)."""
     from cluster.config import get_settings
     from cluster.faces.avatar import prepare_avatar
     from cluster.live.session import LiveSession
@@ -175,7 +175,7 @@ def _builtin_session(session_id: str, template: str, out_dir: Path):
     avatar = prepare_avatar(template, s)
     session = LiveSession(session_id, template_path=avatar.template_path, track_path=avatar.track_path,
                           model="builtin", model_size=model.size, crop=crop_for_spec("builtin", None, s),
-                          generate=model.generate, sample_rate=16000, out_dir=out_dir, settings=s)
+                          generate=model.generate, sample_rate=16000, out_dir=out_dir, settings=s, journal=journal)
     session.start()
     return session, s
 
@@ -342,19 +342,10 @@ def test_a_session_that_fails_midway_keeps_a_recording_of_what_it_streamed(speec
 def test_an_ended_sessions_journal_stays_closed(speech_wav, astronaut_video, tmp_path):
     """`finish` and `end_speech` that come after a session's end (a client's late call) note nothing:
     its journal is closed and stays so (it reopened its events file, which nothing closed again)."""
-    from cluster.config import get_settings
-    from cluster.faces.avatar import prepare_avatar
     from cluster.live.journal import EVENTS_FILE, SessionJournal
-    from cluster.live.session import LiveSession
-    from cluster.models import crop_for_spec, load_model
 
-    s = get_settings()
-    model, avatar = load_model("builtin", s), prepare_avatar(astronaut_video, s)
     journal = SessionJournal(tmp_path / "session")
-    session = LiveSession("j", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
-                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
-                          sample_rate=16000, out_dir=tmp_path / "session", settings=s, journal=journal)
-    session.start()
+    session, _ = _builtin_session("j", astronaut_video, tmp_path / "session", journal=journal)
     session.append(_pcm16(speech_wav)[:16000].tobytes())  # an utterance still open when it is deleted
     session.stop("deleted")
     assert session.join(60) and session.stats()["state"] == "ended"
@@ -377,20 +368,11 @@ def test_a_full_disk_under_the_journal_fails_the_session_with_a_typed_error(spee
     in the log, the session ending all the same."""
     import errno
 
-    from cluster.config import get_settings
     from cluster.errors import DiskFull
-    from cluster.faces.avatar import prepare_avatar
     from cluster.live.journal import SessionJournal
-    from cluster.live.session import LiveSession
-    from cluster.models import crop_for_spec, load_model
 
-    s = get_settings()
-    model, avatar = load_model("builtin", s), prepare_avatar(astronaut_video, s)
     journal = SessionJournal(tmp_path / "session")
-    session = LiveSession("d", template_path=avatar.template_path, track_path=avatar.track_path, model="builtin",
-                          model_size=model.size, crop=crop_for_spec("builtin", None, s), generate=model.generate,
-                          sample_rate=16000, out_dir=tmp_path / "session", settings=s, journal=journal)
-    session.start()
+    session, _ = _builtin_session("d", astronaut_video, tmp_path / "session", journal=journal)
     pcm = _pcm16(speech_wav)
     session.append(pcm[:8000].tobytes())
 
