@@ -98,7 +98,7 @@ class Dispatcher:
             job.activity[chunk.index] = [0, time.monotonic()]
             if chunk.index == 0:
                 job.first_sent.set()  # the job's whole mel may be written now (JobMachine._write_mel)
-            answer, frozen = await self._await_chunk(ref, job, chunk)
+            answer, frozen = await self._await_chunk(ref, job, chunk, member)
             what = f"job {job_id} chunk {chunk.index}"
             if answer.kind == Kind.died:
                 await self.pool.lost(self.pool.compositors, member, f"died rendering {what}")
@@ -131,20 +131,30 @@ class Dispatcher:
             await self.pool.compositors.release(member, ok=ok)
             self.work.set()
 
-    async def _await_chunk(self, ref, job: JobRuntime, chunk: Chunk) -> tuple[Outcome, bool]:
-        """(the chunk's outcome within `chunk_timeout_s`, whether it was cut short as frozen): `stalled` as soon as
-        its compositor has sent no batch and got none back for `stall_timeout_s` while none of its batches is at the
-        model (a process stopped, swapped out or hung: a probe's SIGSTOPped compositor held its chunk, and the job,
-        for the whole 15-minute chunk deadline while the other compositor sat idle)."""
+    async def _await_chunk(self, ref, job: JobRuntime, chunk: Chunk, member: Member) -> tuple[Outcome, bool]:
+        """(the chunk's outcome within `chunk_timeout_s`, whether it was cut short as frozen): `stalled` once its
+        compositor has sent no batch and got none back for `stall_timeout_s` while none of its batches is at the
+        model, and its process does not answer `info` either (a process stopped or hung: a probe's SIGSTOPped
+        compositor held its chunk, and the job, for the whole 15-minute chunk deadline while the other compositor
+        sat idle). A process that answers is working on something else (another chunk, a template fetched from
+        another node, a segment's encode): waited for (a review: those were killed)."""
         waiting = asyncio.ensure_future(outcome(ref, timeout=self.s.chunk_timeout_s))
         try:
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=min(5.0, self.s.stall_timeout_s / 4))
                 if done:
                     return waiting.result(), False
-                at_model, last = job.activity.get(chunk.index, (0, time.monotonic()))
-                if not at_model and time.monotonic() - last > self.s.stall_timeout_s:
+                seen = job.activity.get(chunk.index)
+                if seen is None or seen[0] or time.monotonic() - seen[1] <= self.s.stall_timeout_s:
+                    continue
+                alive = await outcome(member.handle.info.remote(), timeout=min(10.0, self.s.stall_timeout_s / 2))
+                if waiting.done():
+                    return waiting.result(), False
+                if not alive.ok:
                     return Outcome(Kind.stalled), True
+                seen[1] = time.monotonic()  # it answers: slow, not frozen (looked at again after as long)
+                log.info("job %s chunk %d: no batch for %.0f s, but %s answers: waiting on", job.id, chunk.index,
+                         self.s.stall_timeout_s, member.name)
         finally:
             waiting.cancel()
 

@@ -239,30 +239,35 @@ class ServiceSidecar:
         Never dies."""
         from cluster.scheduling import SilenceWatch
 
+        async def answer(ref):
+            return await ref
+
         every = min(10.0, self.s.stall_timeout_s / 4)
         watch = SilenceWatch(self.s.stall_timeout_s, time.monotonic())
-        while True:
+        ping = handle = None  # one ping out at a time: its answer counts whenever it comes (a busy manager
+        while True:           # queues it behind its long polls: late, not silent)
             await asyncio.sleep(every)
             try:
-                handle = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
-            except ValueError:  # none yet, or being made again: nothing to watch
-                watch.heard(time.monotonic())
-                continue
-            try:
-                await asyncio.wait_for(handle.ping.remote(), timeout=every)
-                watch.heard(time.monotonic())
-            except (asyncio.TimeoutError, GetTimeoutError):
-                if watch.silent(time.monotonic()):
+                if ping is None:
+                    handle = await asyncio.to_thread(ray.get_actor, ORCHESTRATOR_NAME, namespace=self.s.namespace)
+                    ping = asyncio.ensure_future(answer(handle.ping.remote()))
+                done, _ = await asyncio.wait({ping}, timeout=every)
+                if done:
+                    ping, last = None, ping
+                    last.result()  # (raises what the call met)
+                    watch.heard(time.monotonic())
+                elif watch.silent(time.monotonic()):
                     log.error("the job manager has answered nothing for %.0f s (stopped, deadlocked?): killed for "
                               "Ray to restart it; its jobs resume from the store", self.s.stall_timeout_s)
-                    try:
-                        ray.kill(handle, no_restart=False)
-                    except Exception as e:  # noqa: BLE001 - said; the next silence tries again
-                        log.warning("killing the silent job manager failed: %r", e)
-            except RayActorError:  # dead or restarting: Ray's to bring back, not a silence of its own
+                    ping.cancel()
+                    ping = None
+                    await asyncio.to_thread(ray.kill, handle, no_restart=False)
+            except (ValueError, RayActorError):  # none yet, dead or restarting: Ray's to bring back, no silence
+                ping = None
                 watch.heard(time.monotonic())
-            except Exception:  # noqa: BLE001 - the watch goes on
+            except Exception:  # noqa: BLE001 - (a slow GCS, a failed kill): said, and the watch goes on
                 log.exception("watching the job manager failed")
+                ping = None
 
     async def _retain(self) -> None:
         """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""

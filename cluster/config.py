@@ -130,7 +130,8 @@ class Settings(BaseSettings):
     stall_timeout_s: float = Field(120.0, gt=0, description="how long a wait may see no progress: libx264 taking no "
                                    "frames, a batch finding no live model worker, a job with no live compositor or "
                                    "model worker, a compositor sending no batch while none of its batches is at the "
-                                   "model (frozen: killed, its chunk rendered again), a job manager answering no ping "
+                                   "model and answering nothing (frozen: killed, its chunk rendered again), a job "
+                                   "manager answering no ping "
                                    "(killed, Ray restarts it); past it that wait fails (render.worker_lost, "
                                    "render.encode_failed)")
     model_load_timeout_s: float = Field(300.0, gt=0, description="a model loading on a model worker: past "

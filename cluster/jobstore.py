@@ -217,7 +217,12 @@ class JobStore:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
         replaced while the service ran: its writes went to an unlinked file, the jobs it accepted answered
         until a restart lost them, and a second service took the same root)."""
-        now = _identity(self.path)
+        try:
+            now = _identity(self.path)
+        except OSError as e:  # a stale NFS handle, an I/O error, a root that became a file: not the store it was
+            raise StorageLost(f"the job store {self.path} cannot be looked at while this service runs ({e}): it "
+                              f"takes no work until it is restarted on a storage root that holds its store",
+                              path=str(self.path), cause=repr(e)) from e
         if now != self._identity:
             raise StorageLost(f"the job store {self.path} was " + ("removed" if now is None else "replaced")
                               + " while this service ran (its storage root deleted or moved?): it takes no work "
@@ -264,6 +269,10 @@ class JobStore:
         if not self._pending:
             return
         self._flushed_at = time.monotonic()
+        try:
+            self.check_present()  # (into a store removed or replaced, a flush would be lost as well)
+        except StorageLost:
+            return
         for job_id, end in list(self._pending.items()):
             try:
                 with self._raw_tx() as c:
@@ -539,9 +548,12 @@ class JobStore:
         try:
             with self._tx(job_id) as c:
                 return self._write_end(c, job_id, end)
-        except (DiskFull, StorageLost, sqlite3.OperationalError) as e:
+        except (DiskFull, StorageLost, sqlite3.OperationalError, OSError) as e:
             with self._lock:
-                row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                try:
+                    row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                except sqlite3.Error:  # the store cannot be read either (an I/O error): the end is kept all the same
+                    row = {"state": None}
                 if row is None:
                     raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id) from e
                 if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:

@@ -35,6 +35,7 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
     """Remove what retention allows; the ids of the jobs whose files were removed."""
     if settings.retention_days <= 0:
         return []
+    store.check_present()  # a store removed or replaced (a root restored from a backup): not swept against it
     now = now or datetime.now(timezone.utc)
     cutoff = now - timedelta(days=settings.retention_days)
     root = settings.storage_root.resolve()

@@ -24,6 +24,7 @@ from cluster.errors import JobNotFound, JobNotReady, LipsyncError, TooManyEventS
 from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
 from cluster.netguard import download, is_url
+from cluster.owners import process_identity
 from cluster.render import new_job_id
 from cluster.schemas import CallbackView, JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
@@ -73,15 +74,20 @@ def private_dir(path: Path) -> Path:
 def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
     """Remove the request directories (`Backend.tmpdir`) under `root` of an ingress killed mid-request (a
     request's `finally` removes its own; these inputs, up to an upload's size each, would stay for ever): at
-    once where the process named in the directory's name (`req-<pid>-...`) is gone (a probe: a service killed
-    during an upload left 1.5 MB that its restart kept, under the age rule alone), else once nothing wrote to it
-    for `older_than_s` (another replica's requests on this node are younger: an upload that stalls past
-    `upload_idle_timeout_s` is dropped)."""
+    once where the process its owner file names (host, pid and start time: `cluster.owners`) is known to be gone
+    (a probe: a service killed during an upload left 1.5 MB that its restart kept, under the age rule alone),
+    else once nothing wrote to it for `older_than_s` (another replica's requests on this node are younger: an
+    upload that stalls past `upload_idle_timeout_s` is dropped). An owner on another host (a container sharing
+    this directory) is never known to be gone: the age rule."""
+    from cluster.owners import identity_gone
+
     cutoff, removed = time.time() - older_than_s, []
     for d in root.glob("req-*"):
         try:
-            owner = d.name.split("-")[1]
-            gone = owner.isdigit() and int(owner) != os.getpid() and not _process_exists(int(owner))
+            try:
+                gone = identity_gone((d / OWNER_FILE).read_text().strip())
+            except (FileNotFoundError, UnicodeDecodeError):  # (one of an older version, or made just now)
+                gone = False
             if gone or max([d.stat().st_mtime, *(f.stat().st_mtime for f in d.iterdir())]) < cutoff:
                 shutil.rmtree(d)
                 removed.append(d)
@@ -94,14 +100,8 @@ def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
     return removed
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
-        return True
-    return True
+#: A request directory's owner: `cluster.owners.process_identity` of the ingress that made it
+OWNER_FILE = ".owner"
 
 
 class Backend:
@@ -114,6 +114,7 @@ class Backend:
         # neither takes its compat uploads as inputs nor sweeps its files
         mine = hashlib.sha256(f"{settings.storage_root.resolve()}\0{settings.namespace}".encode()).hexdigest()[:12]
         self.tmp_root = private_dir(private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}") / mine)
+        self._identity = process_identity()
         sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
@@ -219,7 +220,9 @@ class Backend:
         return release
 
     def tmpdir(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"req-{os.getpid()}-", dir=self.tmp_root))  # (whose: `sweep_request_dirs`)
+        d = Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))
+        (d / OWNER_FILE).write_text(self._identity)  # whose it is (`sweep_request_dirs`)
+        return d
 
     async def stage_input(self, value: str, field: str, tmpdir: Path) -> str:
         """A URL (downloaded under the address guard), an upload of this ingress, or a server path:

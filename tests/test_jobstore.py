@@ -266,3 +266,31 @@ def test_a_store_whose_file_was_removed_or_replaced_takes_no_more_writes(tmp_pat
         s.check_present()
     assert s.end("running", JobState.failed, error=ErrorInfo(code="x", message="y")) is True
     assert s.get("running").state == JobState.failed  # kept in memory, said truthfully
+    s.get("running")  # a read retries the pending end: not into the lost store (a review: it wrote it there)
+    assert "running" in s._pending
+
+
+def test_a_store_that_cannot_be_looked_at_refuses_writes_and_still_ends_its_jobs(tmp_path, monkeypatch):
+    """A review: a stat that failed otherwise than "not found" (a stale NFS handle: ESTALE, EIO) raised a bare
+    OSError out of every write, `end` included, and the job's task died with its job unfinished for good. It is
+    `StorageLost` now, and the end is kept as any unwritable end."""
+    import errno
+    import os as os_module
+
+    from cluster import jobstore
+    from cluster.errors import StorageLost
+
+    s = JobStore(tmp_path / "jobs.sqlite3")
+    s.create("running", REQ)
+    real_stat = os_module.stat
+
+    def stale(path, *args, **kwargs):
+        if str(path) == str(s.path):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobstore.os, "stat", stale)
+    with pytest.raises(StorageLost, match="Stale file handle"):
+        s.create("new", REQ)
+    assert s.end("running", JobState.failed, error=ErrorInfo(code="x", message="y")) is True
+    assert s.get("running").state == JobState.failed

@@ -167,3 +167,25 @@ def test_compat_uploads_kept_by_a_replica_expire(tmp_path, monkeypatch):
     other.sweep_compat_uploads()
     assert stored.exists()
     assert Backend(Settings(storage_root=tmp_path / "st"), gateway=None).upload_dir() == backend.upload_dir()
+
+
+def test_a_sweep_against_a_store_replaced_under_it_removes_nothing(tmp_path):
+    """A review: the sidecar's retention kept the store it opened at its start; a storage root restored from a
+    backup under it was swept against the old, deleted store, and a job the new store has unfinished lost its
+    files. A sweep against a store removed or replaced raises `service.storage_lost` and removes nothing."""
+    import pytest
+
+    from cluster.errors import StorageLost
+
+    s = Settings(storage_root=tmp_path / "st", retention_days=1)
+    store = JobStore(s.db_path)
+    store.create("done", RenderRequest(audio="a.wav", video="v.mp4"))
+    store.transition("done", JobState.preparing)
+    store.transition("done", JobState.cancelled)
+    s.db_path.unlink()
+    restored = JobStore(s.db_path)  # the backup's store: the same job, still rendering there
+    restored.create("done", RenderRequest(audio="a.wav", video="v.mp4"))
+    (s.dir("jobs") / "done" / "segments").mkdir(parents=True)
+    with pytest.raises(StorageLost):
+        sweep(s, store, now=datetime.now(timezone.utc) + timedelta(days=2))
+    assert (s.dir("jobs") / "done" / "segments").is_dir()

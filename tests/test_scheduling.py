@@ -462,9 +462,12 @@ def test_a_tables_summary_is_a_few_words_with_the_last_error():
 def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_its_deadline():
     """A probe SIGSTOPped a compositor mid-chunk: the chunk, and its job, waited for the 15-minute chunk deadline
     while the other compositor sat idle. The dispatcher now gives a chunk up as frozen once its compositor has sent
-    no batch and got none back for `stall_timeout_s` while none of its batches is at the model; a chunk that keeps
-    sending batches, or whose batch waits at the model, is waited for."""
+    no batch and got none back for `stall_timeout_s` while none of its batches is at the model and its process does
+    not answer; a chunk that keeps sending batches, or whose batch waits at the model, is waited for, and so is one
+    whose process answers `info` (a review: a compositor rendering another chunk, or fetching a template from
+    another node, was killed)."""
     import time
+    import types
 
     from actors.dispatch import Dispatcher
     from actors.jobs import JobRuntime
@@ -475,15 +478,26 @@ def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_
     dispatcher.s = Settings(stall_timeout_s=0.4, chunk_timeout_s=30)
     chunk = Chunk(index=0, start=0, stop=25)
 
-    async def case(activity) -> tuple[str, bool, float]:
+    class Process:  # the compositor's `info`: answers at once, or never (a stopped process)
+        def __init__(self, answers: bool) -> None:
+            self.answers = answers
+
+        def remote(self):
+            answer = asyncio.get_running_loop().create_future()
+            if self.answers:
+                answer.set_result({"name": "compositor-0"})
+            return answer
+
+    async def case(activity, answers: bool = False) -> tuple[str, bool, float]:
         job = JobRuntime("j")
         job.activity[0] = [0, time.monotonic()]
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         keeper = asyncio.ensure_future(activity(job, answer))
+        member = types.SimpleNamespace(name="compositor-0", handle=types.SimpleNamespace(info=Process(answers)))
         t0 = time.monotonic()
         try:
-            outcome, frozen = await dispatcher._await_chunk(answer, job, chunk)
+            outcome, frozen = await dispatcher._await_chunk(answer, job, chunk, member)
         finally:
             keeper.cancel()
         return outcome.kind.value, frozen, time.monotonic() - t0
@@ -503,8 +517,14 @@ def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_
         job.activity[0] = [0, time.monotonic()]
         answer.set_result("rendered")
 
+    async def busy_elsewhere(job, answer):  # no batch of this chunk for 1.5 s, its process answering meanwhile
+        await asyncio.sleep(1.5)
+        answer.set_result("rendered")
+
     kind, frozen, took = run(case(silent))
     assert (kind, frozen) == ("stalled", True) and 0.4 < took < 2.0, (kind, frozen, took)
+    kind, frozen, took = run(case(busy_elsewhere, answers=True))
+    assert (kind, frozen) == ("answered", False) and took >= 1.4, (kind, frozen, took)
     for busy in (sends_batches, waits_at_the_model):
         kind, frozen, took = run(case(busy))
         assert (kind, frozen) == ("answered", False) and took >= 1.4, (busy.__name__, kind, frozen, took)

@@ -315,18 +315,26 @@ def test_request_directories_of_a_killed_ingress_are_swept_when_an_ingress_start
     os.utime(young, (time.time() - 7200,) * 2)  # an old directory whose upload is still being written
     assert sweep_request_dirs(tmp_path, 3600) == [old]
     assert not old.exists() and (young / "audio.wav").exists() and (other / "audio.wav").exists()
-    # a directory named for its process (`req-<pid>-...`): gone with it at once, kept while it lives (a probe: a
-    # service killed mid-upload left its input, which the restart kept, younger than the age rule)
+    # a directory whose owner (host, pid, start time) is gone goes at once, one whose owner lives or is on another
+    # host (a container sharing the directory) is kept (a probe: a service killed mid-upload left its input, which
+    # the restart kept, younger than the age rule; a review: a pid alone is another in another pid namespace)
     import subprocess
 
-    ended = subprocess.Popen(["true"])
+    from cluster.owners import process_identity
+    from service.backend import OWNER_FILE
+
+    ended = subprocess.Popen(["sleep", "5"])
+    gone_identity = process_identity(ended.pid)
+    ended.kill()
     ended.wait(10)
-    dead, alive = tmp_path / f"req-{ended.pid}-abc", tmp_path / f"req-{os.getppid()}-def"
-    for d in (dead, alive):
-        d.mkdir()
-        (d / "audio.wav").write_bytes(b"RIFF")
-    assert sweep_request_dirs(tmp_path, 3600) == [dead]
-    assert (alive / "audio.wav").exists() and (young / "audio.wav").exists()
+    owners = {"req-dead": gone_identity, "req-alive": process_identity(os.getppid()),
+              "req-elsewhere": "embedded:another-host:" + gone_identity.split(":", 2)[2]}
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / OWNER_FILE).write_text(owner)
+        (tmp_path / name / "audio.wav").write_bytes(b"RIFF")
+    assert sweep_request_dirs(tmp_path, 3600) == [tmp_path / "req-dead"]
+    assert all((tmp_path / n / "audio.wav").exists() for n in ("req-alive", "req-elsewhere")) and young.exists()
 
 
 def test_malformed_requests_get_4xx_in_the_api_shape(service, http):

@@ -270,9 +270,10 @@ class LiveSession:
                     typed = as_typed(e, "live-journal")
                     if typed is None:
                         raise
-                    self.error = self.error or typed.to_info().model_dump()
-                    self.reason = self.reason or "failed"
-                    self._stop.set()
+                    if not self.closing:  # (an append racing the end: the end stands as it is)
+                        self.error = self.error or typed.to_info().model_dump()
+                        self.reason = self.reason or "failed"
+                        self._stop.set()
                     raise typed from e
             utt, end16 = self.speech.append(bytes(pcm))
             self.last_audio = now
@@ -460,7 +461,7 @@ class LiveSession:
             self.error = self.error or _error_info(e, "live-recording")
         finally:
             self.ended_at = self.clock()
-            self.state = "ended" if ok else "failed"
+            self.state = "ended" if ok and self.error is None else "failed"  # (an error set while it ended counts)
             if self.journal is not None:
                 try:
                     self.journal.save_final({**self.stats(), "ended_wall": time.time()})

@@ -20,7 +20,7 @@ browser cannot read a refused handshake's status):
 | 4401 | the session token is missing, wrong or expired, or it is `hls_url`'s watch-only one |
 | 4404 | no such session |
 | 4409 | another audio socket is open on the session |
-| 4410 | the session has ended |
+| 4410 | the session has ended (or failed now: its reason, e.g. `resource.disk`, is the close's) |
 | 4415 | `?sample_rate=` is not the session's or not offered (16000, 24000, 48000) |
 | 4422 | a text message that is not `{"type": "end"}` JSON |
 | 1013 | the session's actor did not answer in time (restarting): connect again shortly |
@@ -40,7 +40,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from cluster.errors import LipsyncError
+from cluster.errors import DiskFull, LipsyncError
 from cluster.live import SessionOffsetGap
 from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
 from cluster.views import without_root
@@ -741,7 +741,11 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, 1011 if e.status == 503 else 4410, e.message)
         return
     except LipsyncError as e:  # the session ended meanwhile (its actor says so), or another typed refusal
-        await _close(websocket, 4410 if http_status(e) == 410 else 1011, e.message)
+        # a full disk ends the session (`LiveSession.append`): said with its code, as an end (its client does not
+        # connect again to meet a bare "failed", the cause lost: a review)
+        ends = http_status(e) == 410 or isinstance(e, DiskFull)
+        await _close(websocket, 4410 if ends else 1011, f"{e.code}: {e.message}" if isinstance(e, DiskFull)
+                     else e.message)
         return
     finally:
         inbox.close()
