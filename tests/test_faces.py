@@ -844,3 +844,28 @@ def test_an_avatar_keeps_the_first_name_it_was_given_without_control_characters(
     assert avatar_name("ab12cd34", s) == "Anna B[31m.mp4"
     name_avatar("ffff0000", "x.mp4", s)
     assert avatar_name("ffff0000", s) is None and not (s.dir("avatars") / "ffff0000").exists()
+
+
+def test_an_avatar_prepared_before_the_recipe_its_video_needs_is_prepared_again(tmp_path, astronaut_video):
+    """A review: an avatar prepared by an older version from a file with a small proxy stream first kept the proxy
+    (its template, track and size) for every later job that sent the same file. Sent again, such a file's avatar
+    is prepared again from its default stream; by `avatar_id` it is used as it is (no file to look at)."""
+    from pathlib import Path
+
+    from cluster.config import Settings
+    from cluster.faces.avatar import load_avatar, prepare_avatar
+    from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.media.normalize import RECIPE_FILE
+
+    s = Settings(storage_root=tmp_path / "store")
+    two = tmp_path / "proxy_first.mp4"
+    subprocess.run([ffmpeg_binary(s), "-v", "error", "-i", astronaut_video, "-filter_complex",
+                    "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]", "-map", "[b]", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-disposition:v:0", "0", "-disposition:v:1", "default", str(two)],
+                   check=True, timeout=60)
+    first = prepare_avatar(str(two), s)
+    assert (first.info.video.width, first.info.video.height) == (320, 240)
+    (Path(first.template_path).parent / RECIPE_FILE).unlink()  # as an older version left it
+    assert prepare_avatar(str(two), s).cached is False  # prepared again (its frames the default stream's)
+    assert load_avatar(first.id, s).info.video.width == 320
+    assert prepare_avatar(str(two), s).cached is True  # and kept from then on

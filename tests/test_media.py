@@ -345,7 +345,7 @@ def test_normalize_caches_and_keeps_exact_rate(media, settings):
     mtime = os.stat(t.path).st_mtime_ns
     again = normalize_template(media["ntsc"], settings)
     assert again.cached and again.path == t.path and os.stat(t.path).st_mtime_ns == mtime
-    assert not [p for p in Path(t.path).parent.iterdir() if p.name != "template.mp4"]
+    assert not [p for p in Path(t.path).parent.iterdir() if p.name not in ("template.mp4", "recipe")]  # no temporaries
 
 
 def test_normalize_variable_rate_becomes_constant(media, settings):
@@ -1155,3 +1155,27 @@ def test_a_wav_cut_short_is_refused_and_one_whose_writer_could_not_seek_is_read(
         piped = tmp_path / f"piped-{unknown:x}.wav"
         piped.write_bytes(whole[:data_at] + struct.pack("<I", unknown) + whole[data_at + 4:])
         assert probe(piped).audio.duration == pytest.approx(2.0, abs=0.05), hex(unknown)
+
+
+def test_a_template_made_before_the_recipe_its_source_needs_is_made_again(media, settings, tmp_path):
+    """A review: the template cache is keyed by the source's bytes, so an interlaced or several-stream file
+    normalised before this version kept its combing or its proxy stream for good. A template made before the
+    recipe (no `recipe` mark beside it) from a source that needs it is made again; one from a source that does
+    not is kept, and marked."""
+    from cluster.media.normalize import RECIPE_FILE
+
+    two = tmp_path / "proxy_first.mp4"
+    ffmpeg("-i", str(media["pal"]), "-filter_complex", "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]",
+           "-map", "[b]", *H264, "-disposition:v:0", "0", "-disposition:v:1", "default", str(two))
+    old = normalize_template(two, settings)
+    mark = Path(old.path).parent / RECIPE_FILE
+    assert mark.read_text() == "2"
+    # as an older version left it: the proxy's frames, no mark
+    ffmpeg("-i", str(two), "-map", "0:v:0", *H264, str(tmp_path / "proxy.mp4"))
+    Path(old.path).write_bytes((tmp_path / "proxy.mp4").read_bytes())
+    mark.unlink()
+    again = normalize_template(two, settings)
+    assert not again.cached and (again.info.video.width, again.info.video.height) == (320, 240) and mark.exists()
+    plain = normalize_template(media["pal"], settings)  # a source the recipe treats as before: kept, marked
+    (Path(plain.path).parent / RECIPE_FILE).unlink()
+    assert normalize_template(media["pal"], settings).cached and (Path(plain.path).parent / RECIPE_FILE).exists()

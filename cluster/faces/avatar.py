@@ -136,12 +136,12 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
     s = settings or get_settings()
     source = str(video_path)
     template_id = content_id(source)
-    if (stored := _cached(template_id, s)) is not None:
+    if (stored := _cached(template_id, s, source)) is not None:
         return stored
     # one preparation of a template at a time (the jobs of a batch share one): a second waits, then
     # reads what the first stored, instead of normalising again and replacing its files under it
     with _preparing(template_id, s):
-        if (stored := _cached(template_id, s)) is not None:
+        if (stored := _cached(template_id, s, source)) is not None:
             return stored
         telemetry.emit("avatar_cache", result="miss")
         return _prepare(source, template_id, s, detector)
@@ -150,14 +150,20 @@ def prepare_avatar(video_path: str, settings: Settings | None = None,
 def stored_avatar_for(video_path: str, settings: Settings | None = None) -> Avatar | None:
     """The avatar already prepared from this template's bytes (by content hash), else None."""
     s = settings or get_settings()
-    return _cached(content_id(str(video_path)), s)
+    return _cached(content_id(str(video_path)), s, str(video_path))
 
 
-def _cached(template_id: str, s: Settings) -> Avatar | None:
-    """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None."""
+def _cached(template_id: str, s: Settings, source: str | None = None) -> Avatar | None:
+    """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None; given
+    its `source`, None too when its template was made before the recipe that source needs (`made_before_recipe`)."""
+    from cluster.media.normalize import made_before_recipe
+
     stored = _read_stored(template_id, s)
     if stored is not None and rate_out_of_bounds(stored.info):
         return None  # prepared again from its video
+    if stored is not None and source is not None and made_before_recipe(Path(stored.template_path),
+                                                                        probe_video(source, s)):
+        return None  # prepared again from its video, deinterlaced or from its default stream
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         touch_avatar(template_id, s)

@@ -55,6 +55,36 @@ def template_path_for(template_id: str, settings: Settings) -> Path:
     return settings.dir("templates") / template_id / TEMPLATE_FILE
 
 
+#: What normalising does, by version: 2 deinterlaces an interlaced source and takes the default of several
+#: video streams. Written beside each template it makes (`RECIPE_FILE`), so that one made before, from a source
+#: that needs more, is made again (its content id is the source's bytes: a cache hit kept the combing or proxy)
+RECIPE = 2
+RECIPE_FILE = "recipe"
+
+
+def mark_recipe(template: Path) -> None:
+    """Record that `template` was made by this version's recipe (`RECIPE`)."""
+    (template.parent / RECIPE_FILE).write_text(str(RECIPE))
+
+
+def made_before_recipe(template: Path, source_info: MediaInfo) -> bool:
+    """True when `template` was made before this recipe from a source it treats otherwise (interlaced, several
+    video streams): it is to be made again. A source that the new recipe treats the same marks it as current."""
+    try:
+        if int((template.parent / RECIPE_FILE).read_text().strip() or 0) >= RECIPE:
+            return False
+    except (OSError, ValueError):
+        pass
+    v = source_info.video
+    if v is not None and (v.interlaced or v.stream):
+        return True
+    try:
+        mark_recipe(template)  # (the next use reads the mark, not the source)
+    except OSError:
+        pass
+    return False
+
+
 def _standard(fps: Fraction | float) -> Fraction | None:
     """The standard rate within 1 % of `fps`, if any."""
     return next((rate for rate in STANDARD_RATES if abs(fps - rate) <= rate / 100), None)
@@ -115,8 +145,8 @@ def _expected_frames(info: MediaInfo, fps: Fraction) -> tuple[int, int]:
 
 
 def _load_cached(template_id: str, path: Path, source: str,
-                 settings: Settings) -> NormalizedTemplate | None:
-    if not path.is_file():
+                 settings: Settings, source_info: MediaInfo) -> NormalizedTemplate | None:
+    if not path.is_file() or made_before_recipe(path, source_info):
         return None
     try:
         info = read_media_info(path, settings)
@@ -227,6 +257,7 @@ def _normalize_still(source: str, template_id: str, out_path: Path, s: Settings)
         write_still_template(source, tmp, s)
         info = read_media_info(tmp, s)
         publish(tmp, out_path)
+        mark_recipe(out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -260,7 +291,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     template_id = template_id or content_id(source)
     out_path = template_path_for(template_id, s)
     out_dir = out_path.parent
-    cached = _load_cached(template_id, out_path, source, s)
+    cached = _load_cached(template_id, out_path, source, s, src_info)
     if cached is not None:
         return cached
 
@@ -275,6 +306,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
             _link_or_copy(source, tmp)
             info = read_media_info(tmp, s)
             os.replace(tmp, out_path)  # not publish(): a hard link shares the source's mode
+            mark_recipe(out_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -337,6 +369,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
                              f"{info.video.rotation if info.video else None}", path=source,
                              stage="normalize")
         publish(tmp, out_path)
+        mark_recipe(out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
