@@ -67,7 +67,7 @@ def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int, sample_rat
     if n_samples == 0:
         raise InputUnreadable(f"audio of {path!r} decodes to no samples", path=path,
                               cause=err_text[-2000:] or None)
-    check_decoded_length(path, n_samples / sample_rate, speech_stream(path))
+    check_decoded_length(path, n_samples / sample_rate)
 
 
 def _check_finite(path: str, samples: np.ndarray, first: int, sample_rate: int) -> None:

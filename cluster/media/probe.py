@@ -158,9 +158,9 @@ DECODED_SHORTFALL_S = 0.25
 DECODED_SHORTFALL_SHARE = 0.02
 
 
-def declared_audio_seconds(path: str | os.PathLike, index: int = 0) -> float | None:
-    """The length the header of `path` declares for its audio stream `index` (among its audio streams), where
-    the format writes an exact one at its start and nothing else tells a cut: FLAC's STREAMINFO sample count.
+def declared_audio_seconds(path: str | os.PathLike) -> float | None:
+    """The length the header of `path` declares for its audio, where the format writes an exact one at its start
+    and nothing else tells a cut: a FLAC file's STREAMINFO (its sample count at its sample rate).
     None for the others: a length ffmpeg estimates (from the bit rate, the last page of an Ogg file) follows a
     cut and promises nothing; an MP3's Xing header declares its bytes and an MP4's index its packets' places,
     checked at admission (`_check_mp3_complete`, `_check_index_within_file`), so that a few corrupt MP3 frames
@@ -168,20 +168,16 @@ def declared_audio_seconds(path: str | os.PathLike, index: int = 0) -> float | N
     taken for a cut."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
-        with av.open(file_url(str(path)), options={"protocol_whitelist": "file"}) as container:
-            formats = set(container.format.name.split(","))
-            stream = container.streams.audio[index]
-            if stream.duration is None or not stream.time_base:
-                return None
-            seconds = float(stream.duration * stream.time_base)
-    except (OSError, IndexError, av.error.FFmpegError):
+            head = f.read(26)
+    except OSError:
         return None
-    if "flac" in formats:
-        # STREAMINFO (the first metadata block): 36 bits of total samples, 0 when the encoder did not know
-        total = int.from_bytes(head[18:26], "big") & (1 << 36) - 1 if head[:4] == b"fLaC" and len(head) >= 26 else 0
-        return seconds if total else None
-    return None
+    if len(head) < 26 or head[:4] != b"fLaC":
+        return None
+    # STREAMINFO, the first metadata block: 20 bits of sample rate, then 3 of channels and 5 of sample size, then
+    # 36 of total samples (0 when the encoder did not know)
+    fields = int.from_bytes(head[18:26], "big")
+    rate, total = fields >> 44, fields & (1 << 36) - 1
+    return total / rate if rate and total else None
 
 
 def _check_mp3_complete(path: str, size: int) -> None:
@@ -220,11 +216,11 @@ def _check_mp3_complete(path: str, size: int) -> None:
                               f"early?)", path=path)
 
 
-def check_decoded_length(path: str | os.PathLike, decoded_s: float, index: int = 0) -> None:
-    """`InputUnreadable` when the audio stream `index` of `path` decoded to less than its header declares
+def check_decoded_length(path: str | os.PathLike, decoded_s: float) -> None:
+    """`InputUnreadable` when the audio of `path` decoded to less than its header declares
     (`declared_audio_seconds`) by more than `DECODED_SHORTFALL_S` or `DECODED_SHORTFALL_SHARE` of it: a FLAC file
     cut short renders part of the speech without a word (WAV's, MP3's and M4A's are checked at admission)."""
-    declared = declared_audio_seconds(path, index)
+    declared = declared_audio_seconds(path)
     if declared is None:
         return
     if decoded_s < declared - max(DECODED_SHORTFALL_S, DECODED_SHORTFALL_SHARE * declared):
