@@ -454,9 +454,13 @@ class JobManager:
 
         st = self.store.get(job_id)  # the state first: a playlist that has ended never grows
         plan = self._plan(job_id)
-        if st.state == JobState.succeeded and plan is not None and not os.path.isdir(plan.job_dir):
-            raise self._expired(job_id, "stream", plan.job_dir)  # not an empty playlist that has ended
+        self._check_stream_kept(st, plan)  # not an empty playlist that has ended
         return await asyncio.to_thread(hls_index, job_id, plan, st.state, self.s)
+
+    def _check_stream_kept(self, st: JobStatus, plan) -> None:
+        """`output.expired` for a succeeded job whose stream (its directory) was removed (retention, a purge)."""
+        if st.state == JobState.succeeded and plan is not None and not os.path.isdir(plan.job_dir):
+            raise self._expired(st.id, "stream", plan.job_dir)
 
     def _expired(self, job_id: str, what: str, path: str) -> OutputExpired:
         """`output.expired` (410) of a succeeded job whose `what` is gone (its message reaches API clients: the
@@ -483,8 +487,7 @@ class JobManager:
             why = (f"it ended {st.state.value} before it was planned" if st.state.terminal
                    else "yet: it is being prepared")
             raise HlsNotPublished(f"job {job_id} has no published HLS file {name} ({why})", job_id=job_id)
-        if st.state == JobState.succeeded and not os.path.isdir(plan.job_dir):
-            raise self._expired(job_id, "stream", plan.job_dir)
+        self._check_stream_kept(st, plan)
         length = max(0, min(int(length), self.s.transfer_part_bytes))
         return await asyncio.to_thread(read_published, plan, name, int(offset), length)
 
