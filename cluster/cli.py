@@ -526,10 +526,10 @@ def _client(args: argparse.Namespace):
     return Client(args.url, token=args.token)
 
 
-def _print_view(view, c) -> None:
-    """A job's view as JSON, its URLs absolute under the client's service URL (the service answers them
-    relative to itself): a `watch_url` taken from here plays in ffplay as `submit --watch` prints it."""
-    print(c.absolute_urls(view).model_dump_json(indent=2))
+def _print_view(view) -> None:
+    """A job's view as JSON, its URLs absolute under the client's service URL (as the SDK gives every view): a
+    `watch_url` taken from here plays in ffplay as `submit --watch` prints it."""
+    print(view.model_dump_json(indent=2))
 
 
 #: Answers that are no mistake of the command's (exit 1, as any other failure, not 2, bad input): a request that
@@ -550,7 +550,7 @@ def _client_call(args: argparse.Namespace, fn) -> int:
         with _client(args) as c:
             return fn(c)
     except JobFailed as e:
-        _print_view(e.job, c)
+        _print_view(e.job)
         print(f"lipsync: error: {e.code}: {e.message}", file=sys.stderr)
         return 2 if e.code.startswith("input.") else 1
     except ApiError as e:
@@ -646,14 +646,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.output:
             job.download(args.output)
             print(f"wrote {args.output}", file=sys.stderr)
-        _print_view(view, c)
+        _print_view(view)
         return 0
     return _client_call(args, run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     def run(c) -> int:
-        _print_view(c.get(args.id), c)
+        _print_view(c.get(args.id))
         return 0
     return _client_call(args, run)
 
@@ -664,8 +664,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     def run(c) -> int:
         page = c.list(state=args.state, limit=args.limit, before=args.before)
         if args.json:  # (the views' URLs absolute, as `status` prints them)
-            print(page.model_copy(update={"jobs": [c.absolute_urls(view) for view in page.jobs]})
-                  .model_dump_json(indent=2))
+            print(page.model_dump_json(indent=2))  # (its views' URLs absolute, as the SDK gives them)
         else:
             now = datetime.now(timezone.utc)
             width = max((len(view.id) for view in page.jobs), default=0)  # the columns line up
@@ -756,7 +755,7 @@ def _age(delta) -> str:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     def run(c) -> int:
-        _print_view(c.wait(args.id, progress=not args.quiet, timeout=args.timeout), c)
+        _print_view(c.wait(args.id, progress=not args.quiet, timeout=args.timeout))
         return 0
     return _client_call(args, run)
 
@@ -778,7 +777,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     def run(c) -> int:
         before = c.get(args.id)  # (the answer to a cancel cannot tell "cancelled now" from "cancelled before")
         view = c.cancel(args.id)
-        _print_view(view, c)
+        _print_view(view)
         if before.state.terminal or (view.state.terminal and view.state != JobState.cancelled):
             print(f"lipsync: job {view.id} had already ended in state {view.state.value}: nothing was cancelled",
                   file=sys.stderr)
@@ -789,7 +788,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     """Remove a finished job's files on the service now: its view (a succeeded job's reads `expired`) on stdout."""
     def run(c) -> int:
-        _print_view(c.purge(args.id), c)
+        _print_view(c.purge(args.id))
         return 0
     return _client_call(args, run)
 

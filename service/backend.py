@@ -24,7 +24,7 @@ from cluster.errors import JobNotFound, JobNotReady, LipsyncError, TooManyEventS
 from cluster.hls import sign_watch, watch_expiry, watch_key
 from cluster.models import is_named_model
 from cluster.netguard import download, is_url
-from cluster.owners import process_identity
+from cluster.owners import identity_gone, process_identity
 from cluster.render import new_job_id
 from cluster.schemas import CallbackView, JobState, JobStatus, JobView, RenderRequest
 from cluster.views import job_view
@@ -79,8 +79,6 @@ def sweep_request_dirs(root: Path, older_than_s: float) -> list[Path]:
     else once nothing wrote to it for `older_than_s` (another replica's requests on this node are younger: an
     upload that stalls past `upload_idle_timeout_s` is dropped). An owner on another host (a container sharing
     this directory) is never known to be gone: the age rule."""
-    from cluster.owners import identity_gone
-
     cutoff, removed = time.time() - older_than_s, []
     for d in root.glob("req-*"):
         try:
