@@ -137,6 +137,24 @@ def sign_in(page, service) -> None:
     page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
 
 
+def answer_job_list(route, jobs: list, next_before: str | None = None) -> None:
+    """Answer one of the page's reads of the jobs list (a Playwright route) with `jobs` (JobViews, or their JSON),
+    as the API would."""
+    from cluster.schemas import JobPage
+
+    route.fulfill(status=200, content_type="application/json",
+                  body=JobPage(jobs=jobs, next_before=next_before).model_dump_json())
+
+
+def open_jobs_tab(browser, service, answer, **page_options):
+    """A new page, signed in, on its Jobs tab, whose reads of the jobs list `answer` answers (a route handler)."""
+    page = browser.new_page(**page_options)
+    page.route("**/v1/jobs?*", answer)
+    sign_in(page, service)
+    page.click("[data-tab=jobs]")
+    return page
+
+
 @pytest.mark.service
 @pytest.mark.slow
 def test_page_plays_a_job_while_it_renders_and_downloads_it(chromium_executable, service, browser, tmp_path):
@@ -244,9 +262,7 @@ def test_the_jobs_list_follows_its_unfinished_jobs_on_the_older_pages_too(chromi
     "rendering" long after it succeeded (H18, 1 of 1). The list's reads are Playwright's answers here (the
     page's own code, the service's real page): the first page, an older one with a rendering job, then that
     job succeeded."""
-    import json
-
-    from cluster.schemas import JobPage, JobView, utcnow
+    from cluster.schemas import JobView, utcnow
 
     def view(job_id: str, state: str) -> dict:
         done = state == "succeeded"
@@ -257,20 +273,15 @@ def test_the_jobs_list_follows_its_unfinished_jobs_on_the_older_pages_too(chromi
     ended = []
 
     def answer(route):
-        url = route.request.url
-        if "before=" in url:
-            page_of = JobPage(jobs=[view("older-job", "rendering")])
+        if "before=" in route.request.url:
+            answer_job_list(route, [view("older-job", "rendering")])
         elif ended:
-            page_of = JobPage(jobs=[view("newer-job", "succeeded"), view("older-job", "succeeded")])
+            answer_job_list(route, [view("newer-job", "succeeded"), view("older-job", "succeeded")])
         else:
-            page_of = JobPage(jobs=[view("newer-job", "succeeded")], next_before="newer-job")
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(page_of.model_dump(mode="json")))
+            answer_job_list(route, [view("newer-job", "succeeded")], next_before="newer-job")
 
-    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page = open_jobs_tab(browser, service, answer, viewport={"width": 1000, "height": 1100})
     try:
-        page.route("**/v1/jobs?*", answer)
-        sign_in(page, service)
-        page.click("[data-tab=jobs]")
         page.locator("#jobs-more").click()
         older = page.locator(".job-row", has_text="older-job")
         older.locator(".s-rendering").wait_for(timeout=10_000)
@@ -286,20 +297,15 @@ def test_the_jobs_list_says_which_jobs_wait_for_a_worker_and_which_videos_were_r
     """A job waiting for its first compositor read "render · 0 %", and a job whose files were removed read as any
     success: the rows say "waiting for a worker · N jobs ahead" and "video removed" (the list's read is answered
     by Playwright here, the page's own code running)."""
-    import json
-
-    from cluster.schemas import JobPage, JobView, utcnow
+    from cluster.schemas import JobView, utcnow
 
     waiting = JobView(id="waiting-job", state="rendering", stage="waiting", jobs_ahead=3, progress=0.0, frames_done=0,
                       frames_total=100, created_at=utcnow(), updated_at=utcnow())
     removed = JobView(id="removed-job", state="succeeded", stage="done", progress=1.0, frames_done=100,
                       frames_total=100, created_at=utcnow(), updated_at=utcnow(), expired=True)
-    body = json.dumps(JobPage(jobs=[waiting, removed]).model_dump(mode="json"))
-    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page = open_jobs_tab(browser, service, lambda route: answer_job_list(route, [waiting, removed]),
+                         viewport={"width": 1000, "height": 1100})
     try:
-        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
-        sign_in(page, service)
-        page.click("[data-tab=jobs]")
         row = page.locator(".job-row", has_text="waiting-job")
         row.wait_for(timeout=10_000)
         assert "waiting for a worker · 3 jobs ahead" in row.inner_text() and "0 %" not in row.inner_text()
@@ -575,6 +581,15 @@ def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_correcte
 
     audio = write_audio(str(tmp_path / "speech.wav"), speech_like(1.0, seed=3))
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
+
+    def submit_refused(timeout_ms: int) -> str:
+        """Render pressed (the file as audio and video: refused before it matters), what it then says."""
+        page.set_input_files("#audio", audio)
+        page.set_input_files("#video", audio)
+        page.click("#submit-button")
+        page.locator("#submit-error").wait_for(state="visible", timeout=timeout_ms)
+        return page.inner_text("#submit-error")
+
     try:
         page.goto(service.url + "/")
         page.locator("#token-form").wait_for(state="visible", timeout=15_000)
@@ -585,11 +600,7 @@ def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_correcte
         assert "did not accept this token" in said and "needs its API token" not in said, said
         assert page.input_value("#token-input") == "not-the-token"
         # Render pressed then says the same of the token typed (it said "needs its API token: type it above")
-        page.set_input_files("#audio", audio)
-        page.set_input_files("#video", audio)
-        page.click("#submit-button")
-        page.locator("#submit-error").wait_for(state="visible", timeout=10_000)
-        said = page.inner_text("#submit-error")
+        said = submit_refused(10_000)
         assert "did not accept this token" in said and "needs its API token" not in said, said
 
         # corrected: the right token; then it goes bad while the page is in use
@@ -597,11 +608,7 @@ def test_a_wrong_token_is_said_to_be_wrong_and_stays_in_the_field_to_be_correcte
         page.click("#token-form button[type=submit]")
         page.locator("#token-form").wait_for(state="hidden", timeout=5_000)
         page.evaluate("sessionStorage.setItem('lipsync.token', 'gone-bad')")
-        page.set_input_files("#audio", audio)
-        page.set_input_files("#video", audio)
-        page.click("#submit-button")
-        page.locator("#submit-error").wait_for(state="visible", timeout=30_000)
-        said = page.inner_text("#submit-error")
+        said = submit_refused(30_000)
         assert "did not accept this token" in said and "needs its API token" not in said, said
         assert page.is_visible("#token-form") and page.input_value("#token-input") == "gone-bad"
     finally:
@@ -753,16 +760,14 @@ def test_the_keyboard_moves_between_tabs_and_lands_on_a_job_opened(chromium_exec
     it lands on the job card's heading. The tabs (role=tab) follow WAI-ARIA's tabs pattern: each names its
     panel (aria-controls), only the chosen one is in the Tab order, the arrow keys, Home and End move between
     them and show the one moved to."""
-    import json
 
-    from cluster.schemas import JobPage, JobView, utcnow
+    from cluster.schemas import JobView, utcnow
 
     listed = JobView(id="listed-job", state="failed", stage="done", progress=1.0, frames_done=0, frames_total=0,
                      created_at=utcnow(), updated_at=utcnow()).model_dump(mode="json")
-    body = json.dumps(JobPage(jobs=[listed]).model_dump(mode="json"))
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
-        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
+        page.route("**/v1/jobs?*", lambda route: answer_job_list(route, [listed]))
         sign_in(page, service)
         for tab in page.locator("[role=tab]").all():
             panel = page.locator("#" + tab.get_attribute("aria-controls"))
@@ -845,12 +850,7 @@ def test_player_behind_live_goes_once_the_session_has_ended(chromium_executable,
 
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
-        fake_avatar(page)
-        page.route("**/v1/sessions", answer)
-        page.route("**/v1/sessions/fake-session", answer)
-        open_live_tab(page, service)
-        page.click("#live-speak")
-        page.locator("#live-state.s-live").wait_for(timeout=30_000)
+        speak_in_a_fake_session(page, service, answer)
         assert page.is_visible("#live-player-latency") and page.is_visible("#live-stats dt:has-text('Player behind')")
         ended.append(True)
         page.locator("#live-state.s-ended").wait_for(timeout=10_000)
@@ -996,23 +996,17 @@ def test_page_and_static_files_content_types_and_cache(app_client):
 def test_the_jobs_list_names_a_jobs_avatar(chromium_executable, service, browser):
     """A job by avatar_id read "avatar c666db251025364d" in the Jobs list: it reads as the avatar's name (the
     file it was prepared from, `inputs.avatar`), and as its id where the job has no name of it."""
-    import json
 
-    from cluster.schemas import JobPage, JobView, utcnow
+    from cluster.schemas import JobView, utcnow
 
     def job(job_id: str, inputs: dict) -> dict:
         return JobView(id=job_id, state="succeeded", stage="done", progress=1.0, frames_done=1, frames_total=1,
                        created_at=utcnow(), updated_at=utcnow(), inputs=inputs).model_dump(mode="json")
 
-    body = json.dumps(JobPage(jobs=[job("named-job", {"audio": "hello.wav", "avatar": "Anna studio.mp4",
-                                                        "avatar_id": "c666db251025364d"}),
-                                    job("unnamed-job", {"audio": "hi.wav", "avatar_id": "ab12cd34ef567890"})]
-                              ).model_dump(mode="json"))
-    page = browser.new_page()
+    jobs = [job("named-job", {"audio": "hello.wav", "avatar": "Anna studio.mp4", "avatar_id": "c666db251025364d"}),
+            job("unnamed-job", {"audio": "hi.wav", "avatar_id": "ab12cd34ef567890"})]
+    page = open_jobs_tab(browser, service, lambda route: answer_job_list(route, jobs))
     try:
-        page.route("**/v1/jobs?*", lambda route: route.fulfill(status=200, content_type="application/json", body=body))
-        sign_in(page, service)
-        page.click("[data-tab=jobs]")
         rows = page.locator("#jobs-list li")
         rows.nth(1).wait_for(timeout=10_000)
         assert "hello.wav + avatar Anna studio.mp4" in rows.nth(0).inner_text(), rows.nth(0).inner_text()
@@ -1185,9 +1179,7 @@ def test_the_jobs_tab_recovers_from_a_failed_read_and_shows_jobs_submitted_elsew
     service restart it said "Could not reach the server" above a stale row for good, and a job submitted from another
     browser tab never showed. While shown it reads the list again (every 5 s, sooner after a failure, then backing
     off), clears the error once a read succeeds, and reads nothing while another tab is shown."""
-    import json
-
-    from cluster.schemas import JobPage, JobView, utcnow
+    from cluster.schemas import JobView, utcnow
 
     def view(job_id: str) -> dict:
         return JobView(id=job_id, state="succeeded", stage="done", progress=1.0, frames_done=1, frames_total=1,
@@ -1201,14 +1193,10 @@ def test_the_jobs_tab_recovers_from_a_failed_read_and_shows_jobs_submitted_elsew
         reads.append(time.monotonic())
         if failing[0]:
             return route.abort("connectionrefused")
-        page_of = JobPage(jobs=[view(job_id) for job_id in reversed(listed)])
-        route.fulfill(status=200, content_type="application/json", body=json.dumps(page_of.model_dump(mode="json")))
+        answer_job_list(route, [view(job_id) for job_id in reversed(listed)])
 
-    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page = open_jobs_tab(browser, service, answer, viewport={"width": 1000, "height": 1100})
     try:
-        page.route("**/v1/jobs?*", answer)
-        sign_in(page, service)
-        page.click("[data-tab=jobs]")
         error = page.locator("#jobs-error")
         error.wait_for(state="visible", timeout=10_000)
         assert "Could not reach the server" in error.inner_text(), error.inner_text()
