@@ -1154,7 +1154,10 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_gone()
     except ValidationError as e:  # a setting (LIPSYNC_* or a flag that sets one) out of its range
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or e.title
+            if not err["loc"]:  # settings that disagree with each other: the message names them
+                print(f"lipsync: error: settings.invalid: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+                continue
+            field = ".".join(str(p) for p in err["loc"])
             flag = f" or {FLAG_OF_SETTING[field]}" if field in FLAG_OF_SETTING and args.command in ("render", "demo") \
                 else ""  # (the commands with those flags)
             print(f"lipsync: error: settings.invalid: {field}: {err['msg']} (got {err.get('input')!r}; "

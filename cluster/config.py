@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal, Mapping
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # x264's presets, fastest first (what libx264 and ffmpeg's -preset take)
@@ -355,6 +355,22 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_roots(cls, v: str) -> str:
         return ":".join(absolute_path(p) if p.strip() else p for p in v.split(":"))
+
+    @model_validator(mode="after")
+    def _deadlines_agree(self) -> "Settings":
+        """Deadlines that nest must nest: a chunk waits for its batches, a job for its chunks. A chunk
+        deadline under its batches' own let a stalled model worker be blamed on (and kill) the
+        compositors whose batches waited for it, before the batch's deadline sent them elsewhere."""
+        batches = self.batch_timeout_s * self.max_inflight_per_worker
+        if self.chunk_timeout_s <= batches:
+            raise ValueError(
+                f"LIPSYNC_CHUNK_TIMEOUT_S ({self.chunk_timeout_s:g}) must exceed LIPSYNC_BATCH_TIMEOUT_S x "
+                f"LIPSYNC_MAX_INFLIGHT_PER_WORKER ({self.batch_timeout_s:g} x {self.max_inflight_per_worker} = "
+                f"{batches:g}): a chunk would be given up (its compositor blamed) before a batch it waits for is")
+        if self.job_timeout_s < self.chunk_timeout_s:
+            raise ValueError(f"LIPSYNC_JOB_TIMEOUT_S ({self.job_timeout_s:g}) is below LIPSYNC_CHUNK_TIMEOUT_S "
+                             f"({self.chunk_timeout_s:g}): a job would fail before one chunk's deadline")
+        return self
 
     def admission_timeout_s(self) -> float:
         """How long the service waits for one job's admission by the job manager (probing both inputs on

@@ -177,3 +177,24 @@ def test_a_variable_that_names_no_setting_is_found_and_kubernetes_service_links_
     assert unknown_variables({"LIPSYNC_API_TOKNE": "s", "LIPSYNC_NOTHING_LIKE_IT": "1"}) == [
         "LIPSYNC_API_TOKNE is not a setting (did you mean LIPSYNC_API_TOKEN?)",
         "LIPSYNC_NOTHING_LIKE_IT is not a setting"]
+
+
+def test_deadlines_that_nest_must_nest(tmp_path, capsys, monkeypatch):
+    """A chunk deadline of 30 s under batches of 20 s (two held per model worker) killed compositors whose
+    batches waited for a stalled model worker, before the batch's own deadline sent them elsewhere (a
+    probe; the job still succeeded). Refused now, naming the variables, by the settings and by `lipsync`."""
+    with pytest.raises(ValidationError, match=r"LIPSYNC_CHUNK_TIMEOUT_S \(30\) must exceed LIPSYNC_BATCH_TIMEOUT_S"):
+        Settings(storage_root=tmp_path, chunk_timeout_s=30, batch_timeout_s=20)
+    with pytest.raises(ValidationError, match=r"LIPSYNC_JOB_TIMEOUT_S \(600\) is below LIPSYNC_CHUNK_TIMEOUT_S"):
+        Settings(storage_root=tmp_path, job_timeout_s=600)
+    assert Settings(storage_root=tmp_path, chunk_timeout_s=41, batch_timeout_s=20).chunk_timeout_s == 41
+
+    from cluster import cli
+
+    monkeypatch.setenv("LIPSYNC_STORAGE_ROOT", str(tmp_path))
+    monkeypatch.setenv("LIPSYNC_CHUNK_TIMEOUT_S", "30")
+    monkeypatch.setenv("LIPSYNC_BATCH_TIMEOUT_S", "20")
+    assert cli.main(["render", "--audio", "a.wav", "--video", "v.mp4", "-o", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lipsync: error: settings.invalid: LIPSYNC_CHUNK_TIMEOUT_S (30) must exceed"), err
+    assert "Value error" not in err and "LIPSYNC_SETTINGS" not in err

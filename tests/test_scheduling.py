@@ -475,7 +475,7 @@ def test_a_chunk_whose_compositor_asks_for_nothing_is_given_up_as_frozen_not_at_
     from cluster.schemas import Chunk
 
     dispatcher = Dispatcher.__new__(Dispatcher)  # its scheduling logic, no Ray
-    dispatcher.s = Settings(stall_timeout_s=0.4, chunk_timeout_s=30)
+    dispatcher.s = Settings(stall_timeout_s=0.4, chunk_timeout_s=30, batch_timeout_s=10)
     chunk = Chunk(index=0, start=0, stop=25)
 
     class Process:  # the compositor's `info`: answers at once, or never (a stopped process)
