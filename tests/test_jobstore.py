@@ -294,3 +294,31 @@ def test_a_store_that_cannot_be_looked_at_refuses_writes_and_still_ends_its_jobs
         s.create("new", REQ)
     assert s.end("running", JobState.failed, error=ErrorInfo(code="x", message="y")) is True
     assert s.get("running").state == JobState.failed
+
+
+def test_readiness_names_a_lost_store(tmp_path):
+    """`/readyz` answered a bare "the job manager is not ready" (`service.not_ready`) for a store removed under
+    the service, which no wait mends: it says `service.storage_lost` now (public: no path in it)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from cluster.config import Settings
+    from service.app import create_app
+
+    root = tmp_path / "root"
+    root.mkdir()
+    store = JobStore(root / "jobs.sqlite3")
+
+    class Manager:  # the job manager's `ready`: it checks its store first (actors/orchestrator.py)
+        async def ready(self, timeout: float):
+            store.check_present()
+            return {"models": [{"health": "live"}], "compositors": [{"health": "live"}]}
+
+    with TestClient(create_app(Settings(storage_root=tmp_path / "svc"), gateway=Manager())) as client:
+        assert client.get("/readyz").status_code == 200
+        shutil.rmtree(root)
+        client.app.state.readyz = None  # past the probe cache
+        r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service.storage_lost", r.text
+    assert str(root) not in r.text and "restarted" in r.json()["error"]["message"]

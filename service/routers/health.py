@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from cluster.errors import LipsyncError
+from cluster.errors import LipsyncError, StorageLost
 from cluster.schemas import ApiError
 from service.backend import Backend, get_backend
 from service.errors import error_response
@@ -40,20 +40,24 @@ async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> J
         request.app.state.readyz = cached
     status, body = cached[1]
     if status != 200:
-        return error_response(status, "service.not_ready", body, None,
-                              {"Retry-After": str(backend.settings.retry_after_s)})
+        code, message = body
+        return error_response(status, code, message, None, {"Retry-After": str(backend.settings.retry_after_s)})
     return JSONResponse(body)
 
 
-async def _readiness(backend: Backend) -> tuple[int, dict | str]:
-    """(200, counts) or (503, why, in words that name no internals: the route is public)."""
+async def _readiness(backend: Backend) -> tuple[int, dict | tuple[str, str]]:
+    """(200, counts) or (503, (code, why)), in words that name no internals (the route is public): a job
+    store lost under the service (`service.storage_lost`) is said, for it will not pass by waiting."""
     try:
         state = await backend.gateway.ready(timeout=2.0)
     except (LipsyncError, asyncio.TimeoutError) as e:
         log.info("readiness: the job manager is not ready: %s", e)
-        return 503, "the job manager is not ready"
+        if getattr(e, "code", None) == StorageLost.code:
+            return 503, (StorageLost.code, "the job store was removed or replaced under this service: it takes no "
+                         "work until it is restarted on a storage root that holds its store")
+        return 503, ("service.not_ready", "the job manager is not ready")
     live = [m for m in state.get("models", []) if m.get("health") == "live"]
     comps = [m for m in state.get("compositors", []) if m.get("health") == "live"]
     if not live or not comps:
-        return 503, f"{len(live)} live model workers, {len(comps)} live compositors"
+        return 503, ("service.not_ready", f"{len(live)} live model workers, {len(comps)} live compositors")
     return 200, {"ok": True, "model_workers": len(live), "compositors": len(comps)}
