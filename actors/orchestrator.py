@@ -130,7 +130,8 @@ class JobManager:
         heap.pin_mmap_threshold(settings.manager_mmap_threshold_bytes)
         self.s = settings
         self.owner = owner or default_owner(settings)
-        self.store = JobStore(settings.db_path)
+        # restarted by Ray: the store its predecessor kept must be there (not a new, empty one in its place)
+        self.store = JobStore(settings.db_path, must_exist=ray.get_runtime_context().was_current_actor_reconstructed)
         # jobs being admitted now (`submit`), each set when its admission ends: they count in the queue bound
         self._admitting: dict[str, asyncio.Event] = {}
         self.uploads = UploadStore(settings)

@@ -274,7 +274,7 @@ class ServiceSidecar:
         from cluster.jobstore import JobStore
         from cluster.retention import sweep
 
-        store = JobStore(self.s.db_path)
+        store = JobStore(self.s.db_path, must_exist=ray.get_runtime_context().was_current_actor_reconstructed)
         period = max(10.0, min(3600.0, self.s.retention_days * 86400 / 10))  # not a busy loop for a tiny one
         while True:
             try:

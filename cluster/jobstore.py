@@ -182,14 +182,20 @@ class JobStore:
 
     FLUSH_EVERY_S = 1.0
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, must_exist: bool = False) -> None:
+        """`must_exist`: a store this process's predecessor kept (a job manager Ray restarted). Where it is
+        gone (its storage root deleted, or not on this node), this store holds nothing and refuses to
+        take work (`check_present`: `StorageLost`), where a new, empty one made in its place would have
+        answered as if the predecessor's jobs had never been."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._missing = must_exist and not self.path.exists()
+        if not self._missing:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._pending: dict[str, PendingEnd] = {}
         self._flushed_at = 0.0
-        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
-                                     isolation_level=None)
+        self._conn = sqlite3.connect(":memory:" if self._missing else str(self.path), timeout=busy_timeout_s,
+                                     check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -211,12 +217,20 @@ class JobStore:
             except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
                 log.warning("the storage root of %s was not recorded: %s", self.path, e)
 
+        if self._missing:
+            log.error("the job store %s is gone: this restarted process takes no work until the service is "
+                      "restarted on a storage root that holds its store (service.storage_lost)", self.path)
         self._identity = _identity(self.path)  # the file opened: `check_present` compares the path's with it
 
     def check_present(self) -> None:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
         replaced while the service ran: its writes went to an unlinked file, the jobs it accepted answered
         until a restart lost them, and a second service took the same root)."""
+        if self._missing:
+            raise StorageLost(f"the job store {self.path} was not there when this job manager was restarted: the "
+                              "store it kept is gone (its storage root deleted, or not on this node): it takes no "
+                              "work until the service is restarted on a storage root that holds its store",
+                              path=str(self.path))
         try:
             now = _identity(self.path)
         except OSError as e:  # a stale NFS handle, an I/O error, a root that became a file: not the store it was

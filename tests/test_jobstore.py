@@ -322,3 +322,33 @@ def test_readiness_names_a_lost_store(tmp_path):
         r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "service.storage_lost", r.text
     assert str(root) not in r.text and "restarted" in r.json()["error"]["message"]
+
+
+def test_a_restarted_process_whose_store_is_gone_takes_no_work(tmp_path):
+    """A job manager that Ray restarted after its storage root was deleted opened a new, empty store there and
+    took work as if its predecessor's jobs had never been. Opened as the store of a predecessor
+    (`must_exist`, the manager's `was_current_actor_reconstructed`), a missing store is made nowhere: it lists
+    nothing and refuses every write (`service.storage_lost`); a store that is there opens as always."""
+    from cluster.errors import StorageLost
+
+    root = tmp_path / "root"
+    kept = JobStore(root / "jobs.sqlite3")
+    kept.create("old", REQ)
+    kept.close()
+    again = JobStore(root / "jobs.sqlite3", must_exist=True)  # Ray restarted it; the root is there
+    assert again.get("old") is not None
+    again.check_present()
+    again.close()
+
+    import shutil
+
+    shutil.rmtree(root)
+    lost = JobStore(root / "jobs.sqlite3", must_exist=True)
+    assert not root.exists()  # not made again
+    assert lost.unfinished_owners() == []
+    with pytest.raises(StorageLost, match="was not there when this job manager was restarted") as e:
+        lost.create("new", REQ)
+    assert e.value.code == "service.storage_lost"
+    with pytest.raises(StorageLost):
+        lost.check_present()
+    assert not root.exists()
