@@ -69,6 +69,7 @@ class VideoStreamInfo(BaseModel):
     sar: float = 1.0      # sample aspect ratio: normalising makes the pixels square, width x sar wide
     base_fps: float | None = None  # the stream's cadence (r_frame_rate): a variable-rate stream's frames lie on it
     interlaced: bool = False  # fields, not frames (broadcast, AVCHD .mts): normalising deinterlaces it
+    alpha: bool = False  # a transparent picture (ProRes 4444, VP9 with alpha): normalising lays it on white
     stream: int = 0  # which of the file's video streams (ffmpeg's 0:v:N): the default one, as a player shows
 
     @property

@@ -430,6 +430,59 @@ def test_an_interlaced_template_is_deinterlaced(settings, tmp_path):
     assert _combing(woven) > 3 * _combing(shown), (_combing(woven), _combing(shown))
 
 
+def _transparent_template(path: Path, codec: str) -> np.ndarray:
+    """A cut-out presenter as editors export one: an oval of the person, the rest transparent and stored black
+    (ProRes 4444 in a .mov, or VP9 with alpha in a .webm); the frames as laid on white, BGR."""
+    import cv2
+
+    from cluster.synth import astronaut_template
+
+    plain = path.with_suffix(".plain.mp4")
+    astronaut_template(str(plain), seconds=0.4, fps=25, size=(160, 120))
+    oval = np.zeros((120, 160), np.uint8)
+    cv2.ellipse(oval, (80, 55), (48, 62), 0, 0, 360, 255, -1)
+    mov = path.with_suffix(".mov") if codec == "prores" else path.with_suffix(".4444.mov")
+    expected = []
+    with av.open(str(plain)) as inp, av.open(str(mov), "w") as out:
+        st = out.add_stream("prores_ks", rate=25)
+        st.width, st.height, st.pix_fmt, st.options = 160, 120, "yuva444p10le", {"profile": "4444"}
+        for frame in inp.decode(video=0):
+            rgb = frame.to_ndarray(format="rgb24")
+            rgb[oval == 0] = 0
+            expected.append(np.where(oval[..., None] > 0, rgb, 255)[..., ::-1])
+            for packet in st.encode(av.VideoFrame.from_ndarray(np.dstack([rgb, oval]), format="rgba")):
+                out.mux(packet)
+        for packet in st.encode():
+            out.mux(packet)
+    if codec == "vp9":
+        ffmpeg("-i", str(mov), "-c:v", "libvpx-vp9", "-pix_fmt", "yuva420p", "-b:v", "1M", str(path))
+    return np.stack(expected)
+
+
+@pytest.mark.parametrize("codec", ["prores", "vp9"])
+def test_a_transparent_template_is_laid_on_white(codec, settings, tmp_path):
+    """A probe: a template with alpha (a cut-out presenter in ProRes 4444, a VP9 .webm with alpha) lost its alpha
+    without a word and showed the colour its transparent pixels held (black), where a transparent photo is laid on
+    white. Both are laid on white now; the person is kept as is. A template made from such a source before
+    (recipe 2) is made again."""
+    from cluster.media.normalize import RECIPE_FILE
+
+    source = tmp_path / ("presenter.mov" if codec == "prores" else "presenter.webm")
+    expected = _transparent_template(source, codec)
+    assert probe_video(source, settings).video.alpha
+    t = normalize_template(source, settings)
+    shown = np.concatenate(list(iter_frames(t.path, 16, settings))).astype(int)
+    assert len(shown) == len(expected)
+    corners = shown[:, :12, :12]
+    assert corners.min() >= 240, corners.min()  # white, not the stored black
+    face = (slice(None), slice(40, 70), slice(65, 95))
+    assert np.abs(shown[face] - expected[face]).mean() < 6
+    (Path(t.path).parent / RECIPE_FILE).write_text("2")  # as the version before left it
+    Path(t.path).write_bytes(b"made before")
+    again = normalize_template(source, settings)
+    assert not again.cached and np.concatenate(list(iter_frames(again.path, 16, settings)))[:, :12, :12].min() >= 240
+
+
 def test_of_several_video_streams_the_default_one_is_the_template(media, settings, tmp_path):
     """A probe: a file with a small proxy stream first and the default (shown) stream second rendered the proxy
     (240x180 where players show 480x360), and one whose first stream had no face was refused as `input.no_face`.
@@ -1162,14 +1215,14 @@ def test_a_template_made_before_the_recipe_its_source_needs_is_made_again(media,
     normalised before this version kept its combing or its proxy stream for good. A template made before the
     recipe (no `recipe` mark beside it) from a source that needs it is made again; one from a source that does
     not is kept, and marked."""
-    from cluster.media.normalize import RECIPE_FILE
+    from cluster.media.normalize import RECIPE, RECIPE_FILE
 
     two = tmp_path / "proxy_first.mp4"
     ffmpeg("-i", str(media["pal"]), "-filter_complex", "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]",
            "-map", "[b]", *H264, "-disposition:v:0", "0", "-disposition:v:1", "default", str(two))
     old = normalize_template(two, settings)
     mark = Path(old.path).parent / RECIPE_FILE
-    assert mark.read_text() == "2"
+    assert mark.read_text() == str(RECIPE)
     # as an older version left it: the proxy's frames, no mark
     ffmpeg("-i", str(two), "-map", "0:v:0", *H264, str(tmp_path / "proxy.mp4"))
     Path(old.path).write_bytes((tmp_path / "proxy.mp4").read_bytes())

@@ -321,9 +321,10 @@ def _listing(binary: str, timeout: float, what: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoders(binary: str, timeout: float) -> frozenset[str]:
+def _codecs(binary: str, timeout: float, listing: str = "encoders") -> frozenset[str]:
+    """The names in `ffmpeg -encoders` (or `-decoders`)."""
     names = set()
-    for line in _listing(binary, timeout, "encoders").splitlines():
+    for line in _listing(binary, timeout, listing).splitlines():
         parts = line.split()
         # lines look like " V....D libx264  libx264 H.264 ..."; the legend ends at "------"
         if len(parts) >= 2 and len(parts[0]) == 6 and parts[0][0] in "VAS" and parts[1] != "=":
@@ -369,4 +370,10 @@ def encoder_problem(name: str, settings: Settings | None = None) -> str | None:
 def ffmpeg_has_encoder(name: str, settings: Settings | None = None) -> bool:
     """Whether the resolved ffmpeg binary has encoder `name` (e.g. `h264_nvenc`); cached."""
     s = settings or get_settings()
-    return name in _encoders(ffmpeg_binary(s), s.probe_timeout_s)
+    return name in _codecs(ffmpeg_binary(s), s.probe_timeout_s)
+
+
+def ffmpeg_has_decoder(name: str, settings: Settings | None = None) -> bool:
+    """Whether the resolved ffmpeg binary has decoder `name` (e.g. `libvpx-vp9`); cached."""
+    s = settings or get_settings()
+    return name in _codecs(ffmpeg_binary(s), s.probe_timeout_s, "decoders")

@@ -21,10 +21,10 @@ from cluster import telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import InputError, InputUnreadable, MediaError
 from cluster.fsutil import file_sha256, publish
-from cluster.media.ffmpeg import ffmpeg_has_filters, file_url, input_args, run_ffmpeg
+from cluster.media.ffmpeg import ffmpeg_has_decoder, ffmpeg_has_filters, file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.media.still import is_still, write_still_template
-from cluster.schemas import MediaInfo
+from cluster.schemas import MediaInfo, VideoStreamInfo
 
 log = logging.getLogger("lipsync.normalize")
 
@@ -56,9 +56,10 @@ def template_path_for(template_id: str, settings: Settings) -> Path:
 
 
 #: What normalising does, by version: 2 deinterlaces an interlaced source and takes the default of several
-#: video streams. Written beside each template it makes (`RECIPE_FILE`), so that one made before, from a source
-#: that needs more, is made again (its content id is the source's bytes: a cache hit kept the combing or proxy)
-RECIPE = 2
+#: video streams; 3 lays a transparent one on white. Written beside each template it makes (`RECIPE_FILE`), so
+#: that one made before, from a source that needs more, is made again (its content id is the source's bytes: a
+#: cache hit kept the combing, the proxy or the colour under the transparent pixels)
+RECIPE = 3
 RECIPE_FILE = "recipe"
 
 
@@ -71,12 +72,13 @@ def made_before_recipe(template: Path, source_info: MediaInfo) -> bool:
     """True when `template` was made before this recipe from a source it treats otherwise (interlaced, several
     video streams): it is to be made again. A source that the new recipe treats the same marks it as current."""
     try:
-        if int((template.parent / RECIPE_FILE).read_text().strip() or 0) >= RECIPE:
-            return False
+        made = int((template.parent / RECIPE_FILE).read_text().strip() or 0)
     except (OSError, ValueError):
-        pass
+        made = 0
+    if made >= RECIPE:
+        return False
     v = source_info.video
-    if v is not None and (v.interlaced or v.stream):
+    if v is not None and ((made < 2 and (v.interlaced or v.stream)) or (made < 3 and v.alpha)):
         return True
     try:
         mark_recipe(template)  # (the next use reads the mark, not the source)
@@ -240,6 +242,19 @@ def sdr_filters(source: str, info: MediaInfo, settings: Settings) -> str:
     return TONEMAP_TO_SDR
 
 
+def _alpha_decoder(video: VideoStreamInfo, settings: Settings) -> list[str]:
+    """The ffmpeg decoder option that reads a VP8/VP9 stream's alpha (FFmpeg's own decoders drop it; libvpx's
+    read it), where the ffmpeg in use has libvpx; none otherwise (the picture is kept, its alpha not)."""
+    name = {"vp9": "libvpx-vp9", "vp8": "libvpx"}.get(video.codec)
+    if not video.alpha or name is None:
+        return []
+    if not ffmpeg_has_decoder(name, settings=settings):
+        log.warning("the ffmpeg in use has no %s decoder: the transparent parts of a %s template keep the colour "
+                    "they hold", name, video.codec)
+        return []
+    return ["-c:v", name]
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     import shutil
 
@@ -322,8 +337,13 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     # interlaced fields (a camcorder's .mts, broadcast) woven into one frame comb on every motion, and the output
     # is progressive (players do not deinterlace it): one frame per frame, from the frames flagged interlaced
     deinterlace = "bwdif=mode=send_frame:parity=auto:deint=interlaced," if src_info.video.interlaced else ""
+    # a transparent picture (a cut-out presenter) on white, as a transparent photo is, not on whatever colour
+    # its transparent pixels hold (black, often); VP8/VP9 carry their alpha beside the picture, for libvpx only
+    on_white = ("format=rgba,split[picture][under];[under]format=yuv444p,drawbox=c=white:t=fill[white];"
+                "[white][picture]overlay=format=auto," if src_info.video.alpha else "")
+    decoder = _alpha_decoder(src_info.video, s)
     vf = (f"{deinterlace}fps={fps_arg},{sdr_filters(source, src_info, s)}"
-          f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,format=yuv420p")
+          f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,{on_white}format=yuv420p")
     expected, tolerance = _expected_frames(src_info, fps)
     # more frames than the header says are kept (a variable-rate or late-starting video's header may
     # undercount them); timestamps that run far past it (a corrupt file: hours of repeated frames) stop here
@@ -332,7 +352,7 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     os.close(fd)
     try:
         done = run_ffmpeg([
-            "-loglevel", "error", *input_args(source),
+            "-loglevel", "error", *decoder, *input_args(source),
             "-map", f"0:v:{src_info.video.stream}", "-an", "-sn", "-dn", "-map_metadata", "-1",
             "-vf", vf, "-r", fps_arg, "-fps_mode", "cfr", "-frames:v", str(most),
             *x264_template_args(s),

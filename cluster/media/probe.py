@@ -383,6 +383,18 @@ def _rotation_clockwise(frame: av.VideoFrame, stream) -> int:
     return int(round(-ccw / 90.0)) * 90 % 360
 
 
+def _has_alpha(pix_fmt: str | None, stream) -> bool:
+    """Whether the stream's pictures are transparent in part: a pixel format with an alpha plane (ProRes 4444,
+    QuickTime Animation, PNG, GIF), or VP8/VP9 whose alpha travels beside the picture (WebM's `alpha_mode`, which
+    only libvpx decodes: FFmpeg's own decoder shows the colour its transparent pixels hold)."""
+    if str((stream.metadata or {}).get("alpha_mode", "")).strip() == "1":
+        return True
+    try:
+        return any(c.is_alpha for c in av.VideoFormat(pix_fmt).components) if pix_fmt else False
+    except (ValueError, TypeError):  # a format PyAV does not know
+        return False
+
+
 def _video_info(path: str, container, stream, container_duration: float,
                 size: int) -> VideoStreamInfo:
     fps = _frame_rate(stream)
@@ -414,6 +426,7 @@ def _video_info(path: str, container, stream, container_duration: float,
     interlaced = int(getattr(ctx, "field_order", 0) or 0) in INTERLACED_FIELD_ORDERS or \
         bool(getattr(first, "interlaced_frame", False))
     return VideoStreamInfo(codec=ctx.name, width=width, height=height, fps_num=fps.numerator,
+                           alpha=_has_alpha(pix_fmt, stream),
                            fps_den=fps.denominator, frame_count=int(frames), duration=duration,
                            rotation=rotation, variable_frame_rate=_is_variable(stream, fps, pts),
                            pix_fmt=pix_fmt, hdr_transfer=HDR_TRANSFERS.get(int(getattr(ctx, "color_trc", 0) or 0)),
