@@ -6,6 +6,7 @@ already rendered so that a resumed job re-renders only the rest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -170,6 +171,23 @@ class PendingEnd(NamedTuple):
     output: str | None
     at: str
 
+    def to_json(self) -> dict:
+        return {"state": self.state.value, "error": self.error.model_dump(mode="json") if self.error else None,
+                "output": self.output, "at": self.at}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PendingEnd":
+        return cls(JobState(d["state"]), ErrorInfo.model_validate(d["error"]) if d.get("error") else None,
+                   d.get("output"), d["at"])
+
+
+def default_spill_dir() -> Path:
+    """Where ends the store cannot write are kept meanwhile: off the storage root (whose disk is the one
+    that refused them), in this user's state directory (`$XDG_STATE_HOME`, else ~/.local/state), which
+    outlives a reboot."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "lipsync" / "pending-ends"
+
 
 class JobStore:
     """A small, thread-safe facade over one SQLite file (WAL mode, busy timeout).
@@ -178,16 +196,23 @@ class JobStore:
     transaction rolled back, the store usable as before. A terminal state that cannot be written
     (`end`) is kept in memory and reported as the job's state (`get`, `list`, ...) until it is
     written: at the next write, or a read at least a second after the last attempt, once space is
-    back. A process that stops before then leaves the job unfinished on disk: it is resumed."""
+    back. Such ends are also kept off the storage root (`default_spill_dir`): a process that stops before
+    they are written leaves them there, and the next one to open the store reports and writes them, rather
+    than resuming a job its clients were told had ended."""
 
     FLUSH_EVERY_S = 1.0
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, must_exist: bool = False) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, must_exist: bool = False,
+                 spill_dir: str | Path | None = None) -> None:
         """`must_exist`: a store this process's predecessor kept (a job manager Ray restarted). Where it is
         gone (its storage root deleted, or not on this node), this store holds nothing and refuses to
         take work (`check_present`: `StorageLost`), where a new, empty one made in its place would have
         answered as if the predecessor's jobs had never been."""
         self.path = Path(path)
+        # the ends it cannot write, also kept off the storage root: a process that stops before they are written
+        # leaves them there, and the next one to open this store writes them (not resumes their jobs)
+        self._spill = Path(spill_dir or default_spill_dir()) / (
+            hashlib.sha256(str(self.path.absolute()).encode()).hexdigest()[:16] + ".json")
         self._missing = must_exist and not self.path.exists()
         if not self._missing:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +246,46 @@ class JobStore:
             log.error("the job store %s is gone: this restarted process takes no work until the service is "
                       "restarted on a storage root that holds its store (service.storage_lost)", self.path)
         self._identity = _identity(self.path)  # the file opened: `check_present` compares the path's with it
+        if not self._missing:
+            self._take_spilled()
+
+    # --- ends kept off the storage root -------------------------------------------------------
+    def _take_spilled(self) -> None:
+        """Ends a process before this one told its clients but could not write: pending here too (so their
+        jobs are not resumed, and read as they were told), and written now where they can be."""
+        try:
+            kept = json.loads(self._spill.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("the ends kept for %s in %s cannot be read: %s", self.path, self._spill, e)
+            return
+        if kept.get("store") != str(self.path.absolute()):
+            return
+        with self._lock:
+            for job_id, d in (kept.get("ends") or {}).items():
+                row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None and not JobState(row["state"]).terminal:
+                    self._pending[job_id] = PendingEnd.from_json(d)
+                    log.warning("job %s: its end (%s), told before a restart but not written then, is kept",
+                                job_id, d["state"])
+            self._flush_locked()
+            self._save_spill_locked()
+
+    def _save_spill_locked(self) -> None:
+        """Write the pending ends beside the store's disk (under the lock); none: the file goes."""
+        try:
+            if not self._pending:
+                self._spill.unlink(missing_ok=True)
+                return
+            self._spill.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self._spill.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"store": str(self.path.absolute()),
+                                       "ends": {j: e.to_json() for j, e in self._pending.items()}}))
+            os.replace(tmp, self._spill)
+        except OSError as e:
+            log.error("the ends the job store %s cannot write cannot be kept in %s either (%s): a restart before "
+                      "they are written resumes their jobs", self.path, self._spill, e)
 
     def check_present(self) -> None:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
@@ -287,6 +352,13 @@ class JobStore:
             self.check_present()  # (into a store removed or replaced, a flush would be lost as well)
         except StorageLost:
             return
+        try:
+            self._write_pending_locked()
+        finally:
+            if not self._pending:
+                self._save_spill_locked()
+
+    def _write_pending_locked(self) -> None:
         for job_id, end in list(self._pending.items()):
             try:
                 with self._raw_tx() as c:
@@ -573,6 +645,7 @@ class JobStore:
                 if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:
                     return False
                 self._pending[job_id] = end
+                self._save_spill_locked()
             why = "the disk is full" if isinstance(e, DiskFull) else "the job store is gone" \
                 if isinstance(e, StorageLost) else "the write failed"
             log.error("job %s ended %s%s, but %s: the job store records it once a write succeeds (%s)",

@@ -11,6 +11,7 @@ import pytest
 # Every test of the session stores under its own temporary root (set before settings are read).
 _ROOT = Path(tempfile.mkdtemp(prefix="lipsync-test-"))
 os.environ["LIPSYNC_STORAGE_ROOT"] = str(_ROOT / "storage")
+os.environ["XDG_STATE_HOME"] = str(_ROOT / "state")  # the job stores' unwritten ends (cluster/jobstore.py), not ~'s
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hypothesis import settings as hyp_settings  # noqa: E402

@@ -89,7 +89,7 @@ def main() -> None:
     report["counts_while_full"] = store.count_by_state()
     report["end_again_while_full"] = outcome(lambda: store.end("running", JobState.cancelled))
     report["create_while_full"] = outcome(lambda: store.create("new", request("new"))[1])
-    # a store opened now (a restarted manager) finds the job unfinished on disk: it would resume it
+    # a store opened now (a restarted manager) takes the end kept off the root: the job reads as told, not resumed
     report["restart_view_while_full"] = view(JobStore(s.db_path), "running")
 
     # space again: the next read (a second after the last attempt) writes the pending end

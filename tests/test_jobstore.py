@@ -101,7 +101,8 @@ def test_the_disk_that_holds_the_job_store_fills_up(speech_wav, astronaut_video)
     assert r["counts_while_full"] == {"failed": 1}
     assert r["end_again_while_full"] == {"ok": True, "value": False}  # the first end wins
     assert r["create_while_full"]["code"] == "resource.disk" and r["create_while_full"]["type"] == "DiskFull"
-    assert r["restart_view_while_full"] == {"state": "rendering", "code": None}  # resumable after a restart
+    # a restart while the disk is still full reads the end as told (kept off the root), not a job to resume
+    assert r["restart_view_while_full"] == {"state": "failed", "code": "resource.disk"}
     assert r["status_after"] == {"state": "failed", "code": "resource.disk"} and r["pending_after"] == []
     assert r["restart_view_after"] == {"state": "failed", "code": "resource.disk"}
     assert r["integrity"] == "ok"
@@ -147,6 +148,36 @@ def test_an_end_the_store_cannot_write_yet_is_kept_and_written_later(tmp_path):
     s.close()
     again = JobStore(db)
     assert again.get("j1").state == JobState.failed and again.get("j1").error.code == "render.failed"
+
+
+def test_an_end_told_but_not_written_before_a_stop_is_kept_through_the_restart(tmp_path):
+    """A probe: a job told `failed` because its end could not be written (its storage root gone read-only) was still
+    `rendering` on disk; the service stopped before a write succeeded, the next start resumed it and it could end
+    `succeeded` where its clients had been told `failed`. An end the store cannot write is kept off the storage
+    root too (the user's state directory), and the next process to open the store takes it: the job reads as it
+    was told from the first read on, is not resumed, and the end is written."""
+    import sqlite3
+
+    db, spill = tmp_path / "root" / "jobs.sqlite3", tmp_path / "state"
+    s = JobStore(db, busy_timeout_s=0.2, spill_dir=spill)
+    for job_id in ("told", "running"):
+        s.create(job_id, REQ)
+        s.transition(job_id, JobState.preparing)
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # no write reaches the store (as on a root gone read-only)
+    assert s.end("told", JobState.failed, error=ErrorInfo(code="resource.disk", message="read-only")) is True
+    assert list(spill.iterdir())  # kept off the root
+    # the process stops here, its end unwritten; the store's disk comes back
+    other.execute("ROLLBACK")
+    other.close()
+    again = JobStore(db, spill_dir=spill)
+    assert again.get("told").state == JobState.failed and again.get("told").error.code == "resource.disk"
+    assert [j for j, _, _ in again.unfinished_owners()] == ["running"]  # only the job still running is resumed
+    again.close()
+    assert not list(spill.iterdir())  # written: nothing kept any more
+    plain = sqlite3.connect(str(db))
+    assert plain.execute("SELECT state FROM jobs WHERE id = 'told'").fetchone()[0] == "failed"
+    plain.close()
 
 
 def test_a_job_of_a_store_from_before_owners_is_claimed_once(tmp_path):
