@@ -205,6 +205,44 @@ class ManagerGateway:
 SIDECAR_NAME = "lipsync-service-sidecar"
 
 
+async def watch_manager(settings: Settings, name: str = ORCHESTRATOR_NAME) -> None:
+    """Kill a job manager that has answered nothing for `stall_timeout_s` (a process stopped or deadlocked,
+    its event loop blocked): Ray restarts it and it resumes its jobs from the store. A probe's SIGSTOPped
+    manager was never replaced: every API call waited 30 s, then answered 503, for as long as it was stopped.
+    Never dies (the service's sidecar runs it for as long as it lives)."""
+    from cluster.scheduling import SilenceWatch
+
+    async def answer(ref):
+        return await ref
+
+    every = min(10.0, settings.stall_timeout_s / 4)
+    watch = SilenceWatch(settings.stall_timeout_s, time.monotonic())
+    ping = handle = None  # one ping out at a time: its answer counts whenever it comes (a busy manager
+    while True:           # queues it behind its long polls: late, not silent)
+        await asyncio.sleep(every)
+        try:
+            if ping is None:
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=settings.namespace)
+                ping = asyncio.ensure_future(answer(handle.ping.remote()))
+            done, _ = await asyncio.wait({ping}, timeout=every)
+            if done:
+                ping, last = None, ping
+                last.result()  # (raises what the call met)
+                watch.heard(time.monotonic())
+            elif watch.silent(time.monotonic()):
+                log.error("the job manager has answered nothing for %.0f s (stopped, deadlocked?): killed for "
+                          "Ray to restart it; its jobs resume from the store", settings.stall_timeout_s)
+                ping.cancel()
+                ping = None
+                await asyncio.to_thread(ray.kill, handle, no_restart=False)
+        except (ValueError, RayActorError):  # none yet, dead or restarting: Ray's to bring back, no silence
+            ping = None
+            watch.heard(time.monotonic())
+        except Exception:  # noqa: BLE001 - (a slow GCS, a failed kill): said, and the watch goes on
+            log.exception("watching the job manager failed")
+            ping = None
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
 class ServiceSidecar:
     """The service's helper next to the job manager (it reads the storage root): watches jobs that
@@ -233,41 +271,7 @@ class ServiceSidecar:
         self._manager_watch = asyncio.get_event_loop().create_task(self._watch_manager())
 
     async def _watch_manager(self) -> None:
-        """Kill a job manager that has answered nothing for `stall_timeout_s` (a process stopped or deadlocked,
-        its event loop blocked): Ray restarts it and it resumes its jobs from the store. A probe's SIGSTOPped
-        manager was never replaced: every API call waited 30 s, then answered 503, for as long as it was stopped.
-        Never dies."""
-        from cluster.scheduling import SilenceWatch
-
-        async def answer(ref):
-            return await ref
-
-        every = min(10.0, self.s.stall_timeout_s / 4)
-        watch = SilenceWatch(self.s.stall_timeout_s, time.monotonic())
-        ping = handle = None  # one ping out at a time: its answer counts whenever it comes (a busy manager
-        while True:           # queues it behind its long polls: late, not silent)
-            await asyncio.sleep(every)
-            try:
-                if ping is None:
-                    handle = await asyncio.to_thread(ray.get_actor, ORCHESTRATOR_NAME, namespace=self.s.namespace)
-                    ping = asyncio.ensure_future(answer(handle.ping.remote()))
-                done, _ = await asyncio.wait({ping}, timeout=every)
-                if done:
-                    ping, last = None, ping
-                    last.result()  # (raises what the call met)
-                    watch.heard(time.monotonic())
-                elif watch.silent(time.monotonic()):
-                    log.error("the job manager has answered nothing for %.0f s (stopped, deadlocked?): killed for "
-                              "Ray to restart it; its jobs resume from the store", self.s.stall_timeout_s)
-                    ping.cancel()
-                    ping = None
-                    await asyncio.to_thread(ray.kill, handle, no_restart=False)
-            except (ValueError, RayActorError):  # none yet, dead or restarting: Ray's to bring back, no silence
-                ping = None
-                watch.heard(time.monotonic())
-            except Exception:  # noqa: BLE001 - (a slow GCS, a failed kill): said, and the watch goes on
-                log.exception("watching the job manager failed")
-                ping = None
+        await watch_manager(self.s)
 
     async def _retain(self) -> None:
         """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""

@@ -602,3 +602,65 @@ def test_a_ray_daemon_run_by_an_interpreter_with_options_is_known_as_ray(tmp_pat
     assert _holds_file_in(process(ray_dir + "core/src/ray/raylet/raylet", "--raylet_socket_name=x"), session)
     assert not _holds_file_in(process("/usr/bin/tail", "-f", log), session)
     assert not _holds_file_in(process(python, "-B", "-c", "from multiprocessing.forkserver import main"), session)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
+class _StandInManager:
+    """What the sidecar's watch asks of a job manager: `ping`, answered from its event loop."""
+
+    async def ping(self) -> bool:
+        return True
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def pause(self, seconds: float) -> None:  # a manager busy with other calls: its ping answers late
+        import time
+
+        time.sleep(seconds)  # (blocks the event loop, as a long synchronous step would)
+
+
+def test_the_sidecar_kills_a_job_manager_that_answers_nothing(runtime, ray_settings):
+    """A probe's SIGSTOPped job manager was never replaced (every API call waited 30 s, then 503, for as long as it
+    was stopped). The service sidecar's watch (`watch_manager`) on a real actor: one that answers late but within
+    the limit is left alone; one SIGSTOPped is killed after `stall_timeout_s` and Ray restarts it."""
+    import asyncio
+    import time
+
+    from actors.service_support import watch_manager
+    from cluster.config import Settings
+
+    ns = f"watch-{os.getpid()}"
+    manager = _StandInManager.options(name="stand-in-manager", namespace=ns).remote()
+    first = ray.get(manager.pid.remote(), timeout=60)
+    settings = Settings(namespace=ns, stall_timeout_s=4.0)
+
+    async def watched(act, seconds: float):
+        task = asyncio.ensure_future(watch_manager(settings, name="stand-in-manager"))
+        try:
+            await asyncio.to_thread(act)
+            await asyncio.sleep(seconds)
+        finally:
+            task.cancel()
+
+    try:
+        def busy():  # its event loop blocked 3 s, twice: pings answered late, each within the 4 s limit
+            for _ in range(2):
+                ray.get(manager.pause.remote(3.0), timeout=30)
+                time.sleep(0.5)
+
+        asyncio.run(watched(busy, 3.0))
+        assert ray.get(manager.pid.remote(), timeout=30) == first  # not taken for silent
+
+        os.kill(first, signal.SIGSTOP)
+        stopped = time.monotonic()
+        asyncio.run(watched(lambda: None, 12.0))
+        again = ray.get(manager.pid.remote(), timeout=60)
+        assert again != first, "the stopped manager was not replaced"
+        assert time.monotonic() - stopped < 60
+    finally:
+        try:
+            os.kill(first, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        ray.kill(manager, no_restart=True)
