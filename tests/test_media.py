@@ -430,6 +430,34 @@ def test_an_interlaced_template_is_deinterlaced(settings, tmp_path):
     assert _combing(woven) > 3 * _combing(shown), (_combing(woven), _combing(shown))
 
 
+def test_a_template_in_use_is_not_made_again_under_its_jobs(media, tmp_path):
+    """An upgrade probe: a job planned on an old template (a several-stream file's proxy, 160x120) resumed on the
+    new version; a second job of the same file made the template again under it (320x240, the default stream), and
+    the first failed, its chunks reading frames of another size (or would have mixed old and new frames). While
+    unfinished work reads a template, it is used as it is; once that work has ended, the next use makes it again."""
+    from cluster.jobstore import JobStore
+    from cluster.media.normalize import RECIPE_FILE
+    from cluster.schemas import JobState, RenderRequest
+
+    settings = Settings(storage_root=tmp_path / "root", gop_frames=10, preset="veryfast")
+    two = tmp_path / "proxy_first.mp4"
+    ffmpeg("-i", str(media["pal"]), "-filter_complex", "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]",
+           "-map", "[b]", *H264, "-disposition:v:0", "0", "-disposition:v:1", "default", str(two))
+    old = normalize_template(two, settings)
+    ffmpeg("-i", str(two), "-map", "0:v:0", *H264, str(tmp_path / "proxy.mp4"))
+    Path(old.path).write_bytes((tmp_path / "proxy.mp4").read_bytes())  # as the version before made it
+    (Path(old.path).parent / RECIPE_FILE).unlink()
+    store = JobStore(settings.db_path)
+    store.create("planned-before", RenderRequest(audio="/a.wav", video=str(two)))
+    store.transition("planned-before", JobState.preparing)
+    store.set_plan("planned-before", {"template_path": old.path}, 100, 1)
+    kept = normalize_template(two, settings)
+    assert kept.cached and (kept.info.video.width, kept.info.video.height) == (160, 120)  # not made under the job
+    store.end("planned-before", JobState.succeeded)
+    again = normalize_template(two, settings)
+    assert not again.cached and (again.info.video.width, again.info.video.height) == (320, 240)
+
+
 def _transparent_template(path: Path, codec: str) -> np.ndarray:
     """A cut-out presenter as editors export one: an oval of the person, the rest transparent and stored black
     (ProRes 4444 in a .mov, or VP9 with alpha in a .webm); the frames as laid on white, BGR."""

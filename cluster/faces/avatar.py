@@ -156,14 +156,16 @@ def stored_avatar_for(video_path: str, settings: Settings | None = None) -> Avat
 def _cached(template_id: str, s: Settings, source: str | None = None) -> Avatar | None:
     """The stored avatar of `template_id` when it is whole and of this storage root (a hit), else None; given
     its `source`, None too when its template was made before the recipe that source needs (`made_before_recipe`)."""
-    from cluster.media.normalize import made_before_recipe
+    from cluster.media.normalize import kept_for_users, made_before_recipe
 
     stored = _read_stored(template_id, s)
-    if stored is not None and rate_out_of_bounds(stored.info):
-        return None  # prepared again from its video
-    if stored is not None and source is not None and made_before_recipe(Path(stored.template_path),
-                                                                        probe_video(source, s)):
-        return None  # prepared again from its video, deinterlaced or from its default stream
+    if stored is not None:  # prepared again from its video (deinterlaced, its default stream, ...), unless in use
+        stale = ("has a frame rate out of bounds" if rate_out_of_bounds(stored.info) else
+                 "was made before this version's recipe for its source"
+                 if source is not None and made_before_recipe(Path(stored.template_path), probe_video(source, s))
+                 else None)
+        if stale is not None and not kept_for_users(template_id, Path(stored.template_path), s, stale):
+            return None
     if stored is not None and stored.template_path == str(template_path_for(template_id, s)):
         telemetry.emit("avatar_cache", result="hit")
         touch_avatar(template_id, s)

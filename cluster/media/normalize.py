@@ -6,6 +6,7 @@ It is stored once per content hash under `<storage_root>/templates/<id>/template
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from cluster.fsutil import file_sha256, publish
 from cluster.media.ffmpeg import ffmpeg_has_decoder, ffmpeg_has_filters, file_url, input_args, run_ffmpeg
 from cluster.media.probe import count_video_frames, probe_video, read_media_info
 from cluster.media.still import is_still, write_still_template
-from cluster.schemas import MediaInfo, VideoStreamInfo
+from cluster.schemas import JobState, MediaInfo, VideoStreamInfo
 
 log = logging.getLogger("lipsync.normalize")
 
@@ -146,17 +147,70 @@ def _expected_frames(info: MediaInfo, fps: Fraction) -> tuple[int, int]:
     return expected, max(2, round(expected * 0.02))
 
 
+def template_users(template_id: str, template: Path, settings: Settings) -> list[str]:
+    """Who renders from the template file `template` now: unfinished jobs whose plan reads it (their ids) and
+    live sessions not ended on its avatar. A template made again under them (an upgrade's recipe) changed
+    their frames mid-job: a job planned at 160x120 read 320x360 frames and failed, or mixed old and new ones."""
+    import sqlite3
+
+    users = []
+    db = settings.db_path
+    if db.is_file():
+        unfinished = [st.value for st in JobState if not st.terminal]
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+            try:
+                rows = conn.execute(f"SELECT id, plan FROM jobs WHERE plan IS NOT NULL AND state IN "
+                                    f"({','.join('?' * len(unfinished))})", unfinished).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:  # (cannot tell: taken as none, said)
+            log.warning("the unfinished jobs of %s cannot be read to see who uses %s: %s", db, template, e)
+            rows = []
+        for job_id, plan in rows:
+            try:
+                if json.loads(plan).get("template_path") == str(template):
+                    users.append(job_id)
+            except (ValueError, AttributeError):
+                continue
+    from cluster.live.journal import FINAL_FILE, SESSION_FILE
+
+    sessions = settings.storage_root / "sessions"
+    for d in sessions.iterdir() if sessions.is_dir() else []:
+        try:
+            if not (d / FINAL_FILE).exists() and json.loads((d / SESSION_FILE).read_text()).get("avatar_id") \
+                    == template_id:
+                users.append(f"live session {d.name}")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return users
+
+
+def kept_for_users(template_id: str, template: Path, settings: Settings, why: str) -> bool:
+    """True (said in the log) when the template `template`, to be made again (`why`), is read by unfinished work
+    (`template_users`): it is used as it is meanwhile, and made again by a later use once that work has ended."""
+    users = template_users(template_id, template, settings)
+    if users:
+        log.warning("template %s %s, but %s render%s from it: it is used as it is until they end", template_id, why,
+                    ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else ""),
+                    "s" if len(users) == 1 else "")
+    return bool(users)
+
+
 def _load_cached(template_id: str, path: Path, source: str,
                  settings: Settings, source_info: MediaInfo) -> NormalizedTemplate | None:
-    if not path.is_file() or made_before_recipe(path, source_info):
+    if not path.is_file():
         return None
     try:
         info = read_media_info(path, settings)
     except InputError:
         return None  # an unreadable cache entry is rebuilt
-    if info.video is None or info.video.full_range:  # stored before ranges were converted: made again
+    if info.video is None:
         return None
-    if rate_out_of_bounds(info):
+    stale = ("was made before this version's recipe for its source" if made_before_recipe(path, source_info) else
+             "was stored before ranges were converted" if info.video.full_range else  # made again
+             "has a frame rate out of bounds" if rate_out_of_bounds(info) else None)
+    if stale is not None and not kept_for_users(template_id, path, settings, stale):
         return None
     return NormalizedTemplate(id=template_id, path=str(path), info=info, source=source, cached=True)
 
