@@ -40,6 +40,7 @@ from cluster.render import (
     plan_for_chunk,
     prepare_deadline,
     with_blobs,
+    with_planned_model,
 )
 from cluster.resources import RESERVATIONS, as_typed
 from cluster.schemas import Chunk, ErrorInfo, JobState, JobStatus
@@ -316,7 +317,7 @@ class JobMachine:
             RESERVATIONS.release(job.id)  # what it writes from now on shows in the free space
         else:
             job.stage = "render" if st.state == JobState.rendering else "finalize"
-            job.plan = JobPlan.model_validate(self.store.plan(job.id))
+            job.plan = with_planned_model(JobPlan.model_validate(self.store.plan(job.id)), self.s)
             await asyncio.to_thread(check_plan_files, job.plan)  # resumed: gone inputs fail precisely
             if not job.plan.blobs:  # planned by an older version
                 job.plan = await asyncio.to_thread(with_blobs, job.plan)

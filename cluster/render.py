@@ -34,7 +34,7 @@ from cluster.errors import (
 )
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
-from cluster.schemas import Chunk, MediaInfo, RenderRequest
+from cluster.schemas import BUILTIN_MODEL, Chunk, MediaInfo, RenderRequest
 
 if TYPE_CHECKING:
     from cluster.audio import SampleFile
@@ -81,6 +81,9 @@ class JobPlan(BaseModel):
     decoded_samples: int = 0  # 16 kHz samples the audio input decoded to
     audio_samples: int = 0    # samples of the signal the mel describes (the audio fitted to the sync mode)
     model_gain_db: float = 0.0  # how much louder than the file the model hears the speech (quiet recordings)
+    # the built-in model's file the job was planned with: a job resumed by another version renders its remaining
+    # chunks with it, not with that version's built-in model (another mouth from one chunk on)
+    model_file: str = ""
 
     @property
     def fps(self) -> Fraction:
@@ -406,6 +409,13 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     from cluster.models import crop_for_spec
 
     crop = crop_for_spec(model, request.crop, s)
+    m = BUILTIN_MODEL.match(model.strip())
+    if m:
+        from cluster.models.builtin import builtin_model_file
+
+        model_file = str(builtin_model_file(s, int(m.group(1) or 256)))
+    else:
+        model_file = ""
     return JobPlan(
         job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=n_fitted / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
@@ -416,7 +426,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         crf=request.crf if request.crf is not None else s.crf,  # fixed for the job: a restart with another
         # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
-        model_gain_db=gain_db,
+        model_gain_db=gain_db, model_file=model_file,
     )
 
 
@@ -477,6 +487,27 @@ def _fit_to_sync_mode(samples: SampleFile, request: RenderRequest, template_fram
     if frames == audio_frames:
         return frames, request.audio, samples
     return frames, request.audio, SampleFile(samples.f, samples.n_file, fit_audio_samples(frames, fps, 16000))
+
+
+def with_planned_model(plan: JobPlan, settings: Settings) -> JobPlan:
+    """The plan a resumed job renders with: where it was planned with another version's built-in model (its file
+    is not this version's), with that model's file, so that the whole video is one model's. (An upgrade probe's
+    job, resumed, showed the old model's mouth up to 86 s and the new one's after.) Unchanged where the file is
+    this version's, or gone (said in the log: the remaining chunks render with this version's)."""
+    m = BUILTIN_MODEL.match(plan.model.strip())
+    if not m or not plan.model_file:
+        return plan
+    from cluster.models.builtin import builtin_model_file
+
+    if plan.model_file == str(builtin_model_file(settings, int(m.group(1) or 256))):
+        return plan
+    if not Path(plan.model_file).is_file():
+        log.warning("job %s was planned with the built-in model %s, which no longer exists: its remaining chunks "
+                    "render with this version's, whose mouth may differ", plan.job_id, plan.model_file)
+        return plan
+    log.warning("job %s was planned with another version's built-in model: its remaining chunks render with that "
+                "model (%s), not this version's", plan.job_id, plan.model_file)
+    return plan.model_copy(update={"model": plan.model_file})
 
 
 def check_plan_files(plan: JobPlan, render_only: bool = False) -> None:

@@ -1037,3 +1037,33 @@ def test_a_service_default_model_that_cannot_work_is_the_operators_error_not_the
     with pytest.raises(InputError) as named:
         check_inputs(RenderRequest(audio="/srv/a.wav", video="/srv/v.mp4", model="builtin:10"), settings)
     assert named.value.path == "model" and http_status(named.value) == 422
+
+
+def test_a_job_planned_with_another_versions_builtin_model_renders_with_it(tmp_path, speech_wav, astronaut_video):
+    """An upgrade probe: a job planned by one version and resumed by the next rendered its first 86 s with the old
+    built-in model and the rest with the new one (another mouth from one chunk on), and read `succeeded`. The plan
+    names the built-in model's file it was planned with; a resumed job whose file is not this version's renders
+    with that file while it exists (and with this version's, said in the log, once it is gone)."""
+    import shutil
+
+    from cluster.render import admit, prepare_job, with_planned_model
+    from cluster.schemas import RenderRequest
+
+    s = Settings(storage_root=tmp_path / "store")
+    model = load_model("builtin", s, providers=CPU_ONLY)
+    plan = prepare_job("p", admit("p", RenderRequest(audio=speech_wav, video=astronaut_video), s), s,
+                       model_size=model.size)
+    assert plan.model == "builtin" and plan.model_file == str(builtin_model_path(s))
+    assert with_planned_model(plan, s) is plan  # this version's: as planned
+
+    older = s.dir("models") / "builtin-s256-0123456789abcdef.onnx"  # another version's file
+    shutil.copyfile(plan.model_file, older)
+    resumed = with_planned_model(plan.model_copy(update={"model_file": str(older)}), s)
+    assert resumed.model == str(older)
+    pinned = load_model(resumed.model, s, providers=CPU_ONLY)  # what a model worker loads for that spec
+    rng = np.random.default_rng(3)
+    mel = rng.uniform(-4, 2, (2, 1, 80, 16)).astype(np.float32)
+    crops = rng.integers(0, 255, (2, 256, 256, 3), dtype=np.uint8)
+    assert np.array_equal(pinned.generate(mel, crops), model.generate(mel, crops))
+    older.unlink()
+    assert with_planned_model(plan.model_copy(update={"model_file": str(older)}), s).model == "builtin"

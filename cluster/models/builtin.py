@@ -788,11 +788,16 @@ def generator_fingerprint(size: int = 256) -> str:
     return h.hexdigest()[:16]
 
 
+def builtin_model_file(settings: Settings, size: int = 256) -> Path:
+    """Where this version's built-in model file for crop side `size` is (or will be); not generated."""
+    return settings.dir("models") / f"builtin-s{int(size)}-{generator_fingerprint(size)}.onnx"
+
+
 def builtin_model_path(settings: Settings | None = None, size: int = 256) -> Path:
     """Path of the built-in model file for crop side `size` under `settings.dir("models")`,
     generated on first use (atomic write) and reused while the generator is unchanged."""
     s = settings or get_settings()
-    path = s.dir("models") / f"builtin-s{int(size)}-{generator_fingerprint(size)}.onnx"
+    path = builtin_model_file(s, size)
     if path.is_file():
         return path
     data = build_builtin_model(size).SerializeToString()
