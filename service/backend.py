@@ -114,6 +114,8 @@ class Backend:
         self.tmp_root = private_dir(private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}") / mine)
         self._identity = process_identity()
         sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
+        # (and those of a version before per-service directories, kept beside them: by age)
+        sweep_request_dirs(self.tmp_root.parent, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
         self.batches_admitting: dict[str, int] = {}  # batch id -> its POSTs admitting audios on this replica
@@ -374,7 +376,12 @@ class Backend:
             ttl = min(ttl, self.settings.retention_days * 86400)
         from cluster.fsutil import remove_files_older_than
 
-        return remove_files_older_than(self.upload_dir(), (now if now is not None else time.time()) - ttl, log)
+        cutoff = (now if now is not None else time.time()) - ttl
+        removed = remove_files_older_than(self.upload_dir(), cutoff, log)
+        legacy = self.tmp_root.parent / "compat" / "upload"  # a version before per-service directories kept them
+        if legacy.is_dir():  # there (an upgrade probe found them never removed); no longer taken as inputs
+            removed += remove_files_older_than(legacy, cutoff, log)
+        return removed
 
     def compat_upload_path(self, value: str) -> Path | None:
         """A file `POST /upload` stored (and only such a file), else None."""

@@ -167,6 +167,15 @@ def test_compat_uploads_kept_by_a_replica_expire(tmp_path, monkeypatch):
     other.sweep_compat_uploads()
     assert stored.exists()
     assert Backend(Settings(storage_root=tmp_path / "st"), gateway=None).upload_dir() == backend.upload_dir()
+    # an upgrade probe: uploads of a version before per-service directories (up to 2 GiB each) were never removed
+    legacy = backend.tmp_root.parent / "compat" / "upload"
+    legacy.mkdir(parents=True)
+    (legacy / "stale.wav").write_bytes(b"x")
+    (legacy / "recent.wav").write_bytes(b"x")
+    os.utime(legacy / "stale.wav", (long_ago, long_ago))
+    backend.sweep_compat_uploads()
+    assert not (legacy / "stale.wav").exists() and (legacy / "recent.wav").exists()
+    assert backend.compat_upload_path(str(legacy / "recent.wav")) is None  # not another service's inputs
 
 
 def test_a_sweep_against_a_store_replaced_under_it_removes_nothing(tmp_path):
