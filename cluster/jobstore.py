@@ -77,6 +77,23 @@ def recorded_storage_root(conn: sqlite3.Connection) -> str | None:
     return None
 
 
+#: The job store's format: raised when a version writes what an older one would misread (it then refuses a
+#: store of a higher format, `storage_root_problem`, rather than serve it wrong). Recorded in `meta`.
+STORE_FORMAT = 1
+
+
+def store_format(conn: sqlite3.Connection) -> int:
+    """The format a job store was last written in (0: before formats were recorded)."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    except sqlite3.OperationalError:  # a store from before the table
+        return 0
+    try:
+        return int(row[0]) if row is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def storage_root_problem(db_path: Path) -> str | None:
     """Why the job store at `db_path` cannot serve the storage root it is in: one whose rows name their
     files under another root (the root was moved or restored elsewhere: results read as removed, or were
@@ -87,12 +104,15 @@ def storage_root_problem(db_path: Path) -> str | None:
     try:
         conn = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True, timeout=5)  # (escaped: # ? %)
         try:
-            recorded = recorded_storage_root(conn)
+            recorded, written_in = recorded_storage_root(conn), store_format(conn)
         finally:
             conn.close()
     except sqlite3.Error as e:  # a store this process cannot read is said where it is opened
         log.debug("cannot read the storage root recorded in %s: %r", db_path, e)
         return None
+    if written_in > STORE_FORMAT:
+        return (f"its job store was written by a newer lipsync-cluster (store format {written_in}; this version reads "
+                f"up to {STORE_FORMAT}), whose jobs this one would misread: serve it with that version or a later one")
     if recorded is None or Path(recorded) == root or _same_directory(Path(recorded), root):
         return None
     return (f"its job store was written at {recorded}, whose path its jobs and avatars name their files by: serve "
@@ -241,6 +261,12 @@ class JobStore:
                 self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('storage_root', ?)", (root,))
             except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
                 log.warning("the storage root of %s was not recorded: %s", self.path, e)
+        if store_format(self._conn) < STORE_FORMAT:
+            try:
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)",
+                                   (str(STORE_FORMAT),))
+            except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
+                log.warning("the format of %s was not recorded: %s", self.path, e)
 
         if self._missing:
             log.error("the job store %s is gone: this restarted process takes no work until the service is "

@@ -383,3 +383,24 @@ def test_a_restarted_process_whose_store_is_gone_takes_no_work(tmp_path):
     with pytest.raises(StorageLost):
         lost.check_present()
     assert not root.exists()
+
+
+def test_a_store_of_a_newer_format_is_refused_at_the_start(tmp_path):
+    """An upgrade probe: a version served a store a newer one had written, without a word, and misread it (a purged
+    job's result answered 500 `output.missing`). A store records its format; one of a higher format than this
+    version reads is refused (`storage_root_problem`: `lipsync serve` and `render` exit 2, settings.invalid)."""
+    import sqlite3
+
+    from cluster.jobstore import STORE_FORMAT, storage_root_problem, store_format
+
+    db = tmp_path / "jobs.sqlite3"
+    JobStore(db).close()
+    conn = sqlite3.connect(db)
+    assert store_format(conn) == STORE_FORMAT
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(STORE_FORMAT + 1),))
+    conn.commit()
+    conn.close()
+    said = storage_root_problem(db)
+    assert said and f"store format {STORE_FORMAT + 1}; this version reads up to {STORE_FORMAT}" in said, said
+    JobStore(db).close()  # opened all the same (a process that got past the check): the newer format is kept
+    assert storage_root_problem(db) == said
