@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timedelta, timezone
@@ -156,7 +157,7 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
     removed += remove_files_older_than(root / "inputs", cutoff, log)  # stored uploads, by their last use
     remove_files_older_than(root / "upload-names", cutoff, log)  # their names (rewritten at each upload)
     # avatars (and their templates) that unfinished jobs or running sessions use stay, whatever their age
-    in_use = set(sessions_in_use)
+    in_use, models_in_use = set(sessions_in_use), set()
     for job_id in store.unfinished_ids():
         try:
             request = store.request(job_id)
@@ -164,6 +165,8 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
         except LipsyncError:
             continue
         in_use.update(x for x in (request.avatar_id, plan.get("avatar_id")) if x)
+        models_in_use.add(plan.get("model_file") or "")
+    removed += _sweep_old_builtin_models(settings.dir("models"), cutoff, models_in_use)
     avatars, templates = root / "avatars", root / "templates"
     for d in list(avatars.iterdir()) if avatars.is_dir() else []:
         if d.is_dir() and d.name.startswith(".removing-"):  # a sweep killed half-way
@@ -193,4 +196,24 @@ def _sweep_unreferenced(settings: Settings, store: JobStore, root: Path, cutoff:
                 removed += 1
         except OSError:
             continue
+    return removed
+
+
+def _sweep_old_builtin_models(models: Path, cutoff: float, in_use: set[str]) -> int:
+    """Remove built-in model files of other versions (not this version's generator) that no unfinished job was
+    planned with and that nothing used since `cutoff` (an upgrade probe found one more of ~0.9 MB per version, kept
+    for ever). This version's own, and custom models, stay."""
+    from cluster.models.builtin import generator_fingerprint
+
+    removed = 0
+    for f in models.glob("builtin-s*-*.onnx") if models.is_dir() else []:
+        m = re.fullmatch(r"builtin-s(\d+)-([0-9a-f]+)\.onnx", f.name)
+        try:
+            if m is None or m.group(2) == generator_fingerprint(int(m.group(1))) or str(f) in in_use \
+                    or f.stat().st_mtime >= cutoff:
+                continue
+            f.unlink()
+            removed += 1
+        except OSError as e:
+            log.warning("retention: cannot remove the built-in model file %s: %s", f, e)
     return removed

@@ -116,6 +116,32 @@ def test_sweep_removes_what_nothing_refers_to_once_old(tmp_path):
     assert sorted(p.name for p in s.dir("jobs").iterdir()) == ["no-row-new", "queued"]
 
 
+def test_sweep_removes_other_versions_builtin_models_no_unfinished_job_was_planned_with(tmp_path):
+    """An upgrade probe: each version writes its own built-in model file (~0.9 MB) and none was ever removed. Those
+    of other versions go once old, unless an unfinished job was planned with one (it renders its remaining chunks
+    with it); this version's own and custom models stay."""
+    import os
+    import time
+
+    from cluster.models.builtin import builtin_model_file
+
+    s = Settings(storage_root=tmp_path / "st", retention_days=1)
+    store = JobStore(s.db_path)
+    models = s.dir("models")
+    current, custom = builtin_model_file(s, 256), models / "wav2lip.onnx"
+    older, planned = models / "builtin-s256-00000000000000aa.onnx", models / "builtin-s96-00000000000000bb.onnx"
+    recent = models / "builtin-s256-00000000000000cc.onnx"
+    long_ago = time.time() - 3 * 86400
+    for f in (current, custom, older, planned, recent):
+        f.write_bytes(b"onnx")
+        if f != recent:
+            os.utime(f, (long_ago, long_ago))
+    store.create("resumable", RenderRequest(audio="a.wav", video="v.mp4"))
+    store.set_plan("resumable", {"model_file": str(planned)}, 10, 1)
+    sweep(s, store)
+    assert sorted(p.name for p in models.iterdir()) == sorted(f.name for f in (current, custom, planned, recent))
+
+
 def test_an_avatar_in_use_is_renewed(tmp_path, astronaut_video):
     """Each use of an avatar renews it (its avatar.json's mtime): one used every day is never
     removed, however long ago it was prepared."""
