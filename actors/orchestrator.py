@@ -27,7 +27,7 @@ from actors import MAX_WAIT_S, ORCHESTRATOR_NAME, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
-from cluster import heap
+from cluster import code_version, heap
 from cluster.config import Settings
 from cluster.errors import (
     AdmissionTooLate,
@@ -209,7 +209,8 @@ class JobManager:
 
     def workers(self) -> dict:
         return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid(),
-                                                    "storage_root": str(self.s.storage_root)}}
+                                                    "storage_root": str(self.s.storage_root),
+                                                    "code": code_version()}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
         await self.pool.refresh(timeout)

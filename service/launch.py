@@ -80,6 +80,8 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         return urls
     if address:  # what of a service runs on the cluster already (a detached job manager, Serve) is reused
         _check_joined_serve(address, host, port, port_busy, settings, stop)
+    if address:  # a job manager and pool that another code (an earlier version) left there: replaced
+        replace_other_code(settings)
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
     if address:
@@ -220,6 +222,51 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
             raise ServiceInUse(f"the Ray Serve application {APP_NAME!r} on the cluster at {address} is still being "
                                f"deleted after {APP_DELETED_WAIT_S:.0f} s: try again later", stage="serve")
         time.sleep(0.5)
+
+
+def replace_other_code(settings: Settings, timeout_s: float | None = None) -> list[str]:
+    """On a joined cluster: the detached actors of this namespace (the job manager, the service's sidecar, the
+    model workers and compositors) outlive a service's stop, and the next `lipsync serve` reused them whatever code
+    they ran: after an upgrade, the new service's routes called an earlier version's job manager and pool. Where the
+    job manager runs other code than this one (`cluster.code_version`), they are killed for good (the names this
+    service creates again); its unfinished jobs resume under the new job manager (the chunks that were rendering are
+    rendered again). One that does not answer is left to the checks that follow. Returns the names killed."""
+    from actors import ORCHESTRATOR_NAME
+    from actors.service_support import SIDECAR_NAME
+    from actors.supervision import COMPOSITOR_PREFIX, MODEL_WORKER_PREFIX
+    from cluster import code_version
+
+    try:
+        manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=settings.namespace)
+    except ValueError:
+        return []
+    try:
+        theirs = ray.get(manager.workers.remote(), timeout=timeout_s or settings.actor_call_timeout_s)["manager"]
+    except Exception as e:  # noqa: BLE001 - dead, restarting or hung: not this check's to judge
+        log.info("the job manager on the cluster did not say which code it runs (%r): kept", e)
+        return []
+    if theirs.get("code") == code_version():
+        return []
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == settings.namespace
+             and (a["name"] in (ORCHESTRATOR_NAME, SIDECAR_NAME) or a["name"].startswith((MODEL_WORKER_PREFIX,
+                                                                                          COMPOSITOR_PREFIX)))]
+    log.warning("the job manager on this cluster runs other code (%s, this service %s: an earlier version?): it and "
+                "its pool (%d actors) are replaced; its unfinished jobs resume under the new one",
+                theirs.get("code") or "from before code versions", code_version(), len(names))
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=settings.namespace), no_restart=True)
+        except ValueError:  # gone meanwhile
+            continue
+    deadline = time.monotonic() + (timeout_s or settings.actor_call_timeout_s)
+    while time.monotonic() < deadline:  # their names are free once Ray has them dead (a new one of that name)
+        left = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == settings.namespace} & set(names)
+        if not left:
+            break
+        time.sleep(0.2)
+    return names
 
 
 def _check_joined_manager(rt, settings: Settings) -> None:

@@ -664,3 +664,54 @@ def test_the_sidecar_kills_a_job_manager_that_answers_nothing(runtime, ray_setti
         except ProcessLookupError:
             pass
         ray.kill(manager, no_restart=True)
+
+
+@ray.remote(num_cpus=0)
+class _StandInDetached:
+    """A named actor a service left on a joined cluster; as a job manager, `workers` says which code it runs."""
+
+    def __init__(self, code: str | None = None) -> None:
+        self.code = code
+
+    def workers(self) -> dict:
+        return {"manager": {"storage_root": "/x", **({"code": self.code} if self.code else {})}}
+
+
+def test_a_service_joining_a_cluster_replaces_another_codes_job_manager_and_pool(runtime):
+    """On a joined cluster the job manager, the sidecar and the pool are detached and were reused by the next
+    `lipsync serve` whatever code they ran: after an upgrade, the new routes called the earlier version's actors.
+    Where the job manager runs other code, they are killed for good (and made again by the new service); where it
+    runs this code, or in another namespace, nothing is touched."""
+    from actors import ORCHESTRATOR_NAME
+    from actors.service_support import SIDECAR_NAME
+    from cluster import code_version
+    from cluster.config import Settings
+    from service.launch import replace_other_code
+
+    ns, other = f"upgrade-{os.getpid()}", f"upgrade-other-{os.getpid()}"
+    names = [ORCHESTRATOR_NAME, SIDECAR_NAME, "lipsync-model-worker-0", "lipsync-compositor-3"]
+
+    def leave(namespace: str, code: str | None):
+        actors = [_StandInDetached.options(name=n, namespace=namespace, lifetime="detached").remote(
+            code if n == ORCHESTRATOR_NAME else None) for n in names]
+        ray.get([a.workers.remote() for a in actors], timeout=60)
+        return actors
+
+    def alive(namespace: str) -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == namespace}
+
+    kept = leave(other, None)
+    try:
+        same = leave(ns, code_version())
+        assert replace_other_code(Settings(namespace=ns)) == [] and alive(ns) == set(names)  # this code: reused
+        for a in same:
+            ray.kill(a, no_restart=True)
+        wait_until(lambda: not alive(ns), 60, what="the names free")
+        leave(ns, None)  # a version from before code versions
+        assert sorted(replace_other_code(Settings(namespace=ns))) == sorted(names)
+        assert not alive(ns) and alive(other) == set(names)
+    finally:
+        for a in kept:
+            ray.kill(a, no_restart=True)
+        for n in alive(ns):
+            ray.kill(ray.get_actor(n, namespace=ns), no_restart=True)
