@@ -230,7 +230,9 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
     they ran: after an upgrade, the new service's routes called an earlier version's job manager and pool. Where the
     job manager runs other code than this one (`cluster.code_version`), they are killed for good (the names this
     service creates again); its unfinished jobs resume under the new job manager (the chunks that were rendering are
-    rendered again). One that does not answer is left to the checks that follow. Returns the names killed."""
+    rendered again). "Other" is against what the cluster runs now (a task's `code_version` where the job manager is
+    placed: its nodes' installation, not this client's). One that does not answer is left to the checks that
+    follow, and so is a cluster whose code cannot be read. Returns the names killed."""
     from actors import ORCHESTRATOR_NAME
     from actors.service_support import SIDECAR_NAME
     from actors.supervision import COMPOSITOR_PREFIX, MODEL_WORKER_PREFIX
@@ -245,15 +247,23 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
     except Exception as e:  # noqa: BLE001 - dead, restarting or hung: not this check's to judge
         log.info("the job manager on the cluster did not say which code it runs (%r): kept", e)
         return []
-    if theirs.get("code") == code_version():
+    try:  # what a job manager made now would run: the cluster's code (its nodes' installation, not this client's)
+        from actors.orchestrator import storage_node_placement
+
+        current = ray.get(ray.remote(num_cpus=0)(code_version).options(**storage_node_placement(settings)).remote(),
+                          timeout=timeout_s or settings.actor_call_timeout_s)
+    except Exception as e:  # noqa: BLE001 - cannot tell: kept
+        log.info("the cluster's code could not be read (%r): its job manager is kept", e)
+        return []
+    if theirs.get("code") == current:
         return []
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a.get("namespace") == settings.namespace
              and (a["name"] in (ORCHESTRATOR_NAME, SIDECAR_NAME) or a["name"].startswith((MODEL_WORKER_PREFIX,
                                                                                           COMPOSITOR_PREFIX)))]
-    log.warning("the job manager on this cluster runs other code (%s, this service %s: an earlier version?): it and "
-                "its pool (%d actors) are replaced; its unfinished jobs resume under the new one",
-                theirs.get("code") or "from before code versions", code_version(), len(names))
+    log.warning("the job manager on this cluster runs other code (%s, the cluster's now %s: an earlier version?): it "
+                "and its pool (%d actors) are replaced; its unfinished jobs resume under the new one",
+                theirs.get("code") or "from before code versions", current, len(names))
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=settings.namespace), no_restart=True)
