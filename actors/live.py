@@ -147,6 +147,19 @@ class LiveWorkers:
 SOCKET_HOLD_S = 10.0
 
 
+def socket_holds(held: tuple[str, float] | None, other_than: str | None, now: float) -> bool:
+    """Whether the audio socket `held` ((lease, last heard), or None) holds its session against lease
+    `other_than`: heard within `SOCKET_HOLD_S`, and its ingress process (named in its lease after a "|",
+    `cluster.owners.process_identity`) not known to be gone. A replica killed mid-speech held its socket
+    for the whole 10 s: its client's reconnect, through the replica Serve started instead, was refused
+    (4409) until then (a probe: 10.1 s without speech, on one machine)."""
+    if held is None or held[0] == other_than or now - held[1] >= SOCKET_HOLD_S:
+        return False
+    from cluster.owners import identity_gone
+
+    return not identity_gone(held[0].partition("|")[2] or None)
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
@@ -376,8 +389,7 @@ class LiveSessionActor:
     def _socket_held(self, other_than: str | None = None) -> bool:
         """An audio socket (other than lease `other_than`) holds the session: it sent or connected in
         the last `SOCKET_HOLD_S`."""
-        held = self._socket
-        return held is not None and held[0] != other_than and time.monotonic() - held[1] < SOCKET_HOLD_S
+        return socket_holds(self._socket, other_than, time.monotonic())
 
     def end_speech(self) -> bool:
         return self._live().end_speech()
@@ -478,10 +490,12 @@ class LiveSessionActor:
     def attach(self, lease: str) -> bool:
         """Take the session's audio socket for `lease`; False while another socket holds it
         (one whose holder went silent for 10 s, e.g. a dead replica, is taken over)."""
-        self._live()  # a standby refuses (SessionStandby): the socket is the running actor's
+        session = self._live()  # a standby refuses (SessionStandby): the socket is the running actor's
         if self._socket_held(other_than=lease):
             return False
-        self._socket = (lease, time.monotonic())
+        lost, self._socket = self._socket, (lease, time.monotonic())
+        if lost is not None and lost[0] not in (lease, "post"):  # a socket lost, never detached: its speech waited
+            session.sender_lost(time.monotonic() - lost[1])
         return True
 
     def touch(self, lease: str) -> None:

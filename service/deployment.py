@@ -11,8 +11,10 @@ from cluster.config import Settings
 def _deployment():
     from ray import serve
 
+    # a replica that died is found (and another started) within the health check's period: at 10 s a probe's
+    # killed replica left the API and its live sessions' sockets without an answer for 9-10 s
     @serve.deployment(name="lipsync-ingress", ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=200, health_check_period_s=10)
+                      max_ongoing_requests=200, health_check_period_s=2)
     @serve.ingress()
     class Ingress:
         def __init__(self, settings: dict | None = None) -> None:

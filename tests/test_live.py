@@ -1161,3 +1161,47 @@ def test_an_utterance_queued_behind_another_is_not_flushed_as_a_paused_sender():
     speech.utterances[1].scheduled = speech.utterances[1].ready_frames() - 1
     session.scheduler._utt = 1
     assert LiveSession._housekeeping(session, 1.3) is None and speech.utterances[1].ended
+
+
+def test_an_audio_socket_of_an_ingress_process_that_is_gone_holds_nothing():
+    """A probe: an ingress replica SIGKILLed mid-speech kept its socket's hold on the session for the whole
+    `SOCKET_HOLD_S`: the client's reconnect, through the replica Serve started instead, was refused (4409) until
+    then, 10.1 s without speech. A lease names its ingress process; one known to be gone holds nothing."""
+    import subprocess
+    import sys
+    import time
+
+    from actors.live import SOCKET_HOLD_S, socket_holds
+    from cluster.owners import process_identity
+
+    replica = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        held = (f"lease-a|{process_identity(replica.pid)}", time.monotonic())
+        now = time.monotonic()
+        assert socket_holds(held, "lease-b", now)  # its process runs: held
+        assert not socket_holds(held, held[0], now)  # (its own lease)
+        assert not socket_holds(held, "lease-b", now + SOCKET_HOLD_S)  # silent for the hold: taken over
+        assert socket_holds(("lease-a", now), "lease-b", now)  # a lease naming no process: held for the hold
+    finally:
+        replica.kill()
+        replica.wait(timeout=30)
+    assert not socket_holds(held, "lease-b", time.monotonic())  # its process is gone: taken over at once
+
+
+def test_speech_a_lost_socket_held_back_is_owed(astronaut_video, speech_wav, tmp_path):
+    """A probe: an ingress replica killed mid-speech left its sender without a socket for seconds; the speech it
+    sent once reconnected stayed that much later for the rest of the utterance (a sender's own pace is never caught
+    up). A socket lost (never closed) and replaced mid-utterance now owes its stand-still, as a takeover's is owed;
+    once the utterance has ended nothing waited, and nothing is owed."""
+    session, _ = _builtin_session("lost", astronaut_video, tmp_path / "session")
+    try:
+        session.append(_pcm16(speech_wav)[:16000].tobytes())  # mid-utterance
+        session.sender_lost(2.0)
+        owed = session.scheduler.debt
+        assert owed == 50  # 2 s at 25 fps (held for a while against being cut to the speech waiting)
+        session.end_speech()
+        session.sender_lost(2.0)
+        assert session.scheduler.debt <= owed  # the utterance had ended: nothing waited, nothing more owed
+    finally:
+        session.finish()
+        assert session.join(60)

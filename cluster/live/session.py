@@ -281,6 +281,18 @@ class LiveSession:
             return {"offset": self.speech.bytes_received, "accepted": True, "buffered_s": self.buffered_seconds(),
                     "state": self.state}
 
+    def sender_lost(self, seconds: float) -> None:
+        """The sender's audio socket was lost (never closed: a killed ingress replica, a dropped connection) and
+        a new one took its place `seconds` after it was last heard: the speech it sends now waited that long,
+        through no pace of its own. Owed as a takeover's stand-still is (`LiveScheduler.add_debt`), and won back
+        from the pauses of the waiting speech; where the utterance had ended, nothing waited."""
+        fps = float(self.scheduler.fps)
+        with self.speech.lock:
+            utterances = self.speech.utterances
+            if self.closing or not utterances or utterances[-1].ended:
+                return
+        self.scheduler.add_debt(round(max(0.0, seconds) * fps), hold_s=RESTART_GRACE_S)
+
     def end_speech(self) -> bool:
         """The end of an utterance: its tail renders now (with the batch path's end padding). Nothing
         once the session is ending or has ended (its journal is closed: nothing is noted after its end)."""

@@ -29,6 +29,7 @@ browser cannot read a refused handshake's status):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -314,6 +315,13 @@ async def create_session(request: Request) -> JSONResponse:
             raise ApiProblem(400, e.code, f"model {body.model!r} cannot be loaded: {e.message}", "model") from None
         raise _problem(e) from None
     return JSONResponse(_view(request, raw).model_dump(mode="json"), status_code=201)
+
+
+@functools.cache
+def _ingress_identity() -> str:
+    from cluster.owners import process_identity
+
+    return process_identity()
 
 
 @router.get("/{session_id}", response_model=SessionView, summary="A session's state and figures")
@@ -666,7 +674,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, 4415, f"sample_rate {rate} not offered: this session takes {raw['sample_rate']} "
                                     f"(rates offered: {', '.join(map(str, RATES))})")
         return
-    lease = uuid.uuid4().hex
+    lease = f"{uuid.uuid4().hex}|{_ingress_identity()}"  # (which process holds it: `actors.live.socket_holds`)
     try:
         if not await _ask(settings, session_id, actor, "attach", lease, timeout=settings.actor_call_timeout_s):
             await _close(websocket, 4409, "another audio socket is open on this session")
