@@ -1205,3 +1205,15 @@ def test_speech_a_lost_socket_held_back_is_owed(astronaut_video, speech_wav, tmp
     finally:
         session.finish()
         assert session.join(60)
+
+
+def test_an_ended_sessions_socket_says_why():
+    """A probe: a session that reached its `max_seconds` closed its audio socket with 4410 "session ... is ending",
+    which did not say why (7.66 s received, 7.2 s rendered). The close says the reason where the session knows it."""
+    from service.routers.sessions import _ended_text
+
+    said = _ended_text("s1", {"state": "ending", "reason": "max_seconds", "max_seconds": 8.0})
+    assert said == "session s1 is ending: it reached its max_seconds (8 s)"
+    assert _ended_text("s1", {"state": "ended", "reason": "idle_timeout"}).endswith("LIPSYNC_LIVE_IDLE_TIMEOUT_S)")
+    assert _ended_text("s1", {"state": "ending", "reason": None}) == "session s1 is ending"
+    assert len(_ended_text("0123456789abcdef", {"state": "ending", "reason": "idle_timeout"}).encode()) <= 120

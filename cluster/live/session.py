@@ -242,7 +242,8 @@ class LiveSession:
         with self._lock:
             received = self.speech.bytes_received
             if self.state not in ("live", "starting"):  # ended first: no "resend from offset N" to a session
-                return {"offset": received, "accepted": False, "buffered_s": 0.0, "state": self.state}
+                return {"offset": received, "accepted": False, "buffered_s": 0.0, "state": self.state,
+                        "reason": self.reason, "max_seconds": self.max_seconds}
             if offset is not None:
                 if offset > received:
                     raise SessionOffsetGap(f"offset {offset} is past the {received} bytes received (a gap): "

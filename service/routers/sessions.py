@@ -317,6 +317,21 @@ async def create_session(request: Request) -> JSONResponse:
     return JSONResponse(_view(request, raw).model_dump(mode="json"), status_code=201)
 
 
+#: Why a session ended, as its audio socket's close says it (the session view's `reason`)
+ENDED_BECAUSE = {"max_seconds": "it reached its max_seconds", "idle_timeout": "it received no audio for a while "
+                 "(LIPSYNC_LIVE_IDLE_TIMEOUT_S)", "deleted": "it was deleted", "finished": "it was ended",
+                 "service_stopped": "the service stopped"}
+
+
+def _ended_text(session_id: str, view: dict) -> str:
+    """The close text of a socket whose session is ending or has ended: the state, and why where it is known
+    (a socket closed at `max_seconds` said only "is ending", a probe)."""
+    because = ENDED_BECAUSE.get(view.get("reason") or "")
+    if because and view.get("reason") == "max_seconds" and view.get("max_seconds"):
+        because += f" ({view['max_seconds']:g} s)"
+    return f"session {session_id} is {view.get('state')}" + (f": {because}" if because else "")
+
+
 @functools.cache
 def _ingress_identity() -> str:
     from cluster.owners import process_identity
@@ -693,7 +708,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
             except asyncio.TimeoutError:
                 raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
                 if raw["state"] not in ("live", "starting"):
-                    await _close(websocket, 4410, f"session {session_id} is {raw['state']}")
+                    await _close(websocket, 4410, _ended_text(session_id, raw))
                     return
                 continue
             if message["type"] == "websocket.disconnect":
@@ -728,7 +743,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
                         offset = min(answer["offset"], sent)
                         continue
                     if answer.get("state") not in ("live", "starting"):
-                        await _close(websocket, 4410, f"session {session_id} is {answer.get('state')}")
+                        await _close(websocket, 4410, _ended_text(session_id, answer))
                         return
                     await asyncio.sleep(0.05)
                 actor.touch.remote(lease)
