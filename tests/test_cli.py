@@ -934,3 +934,30 @@ def test_an_output_whose_reader_left_ends_quietly(env, workdir, monkeypatch):
         lambda request: httpx.Response(200, json=stored))))
     monkeypatch.setattr(sys, "stdout", Gone())
     assert cli.main(["avatars"]) == 141
+
+
+def test_serve_warns_of_live_tokens_that_expire_before_a_session_may_end(monkeypatch, capsys):
+    """A probe: with LIPSYNC_LIVE_TOKEN_TTL_S=20 a viewer's hls_url answered 401 from 16 s on while its session ran
+    (a plain player cannot renew it); nothing said so at the start. `lipsync serve` warns (allowed: clients that
+    renew their tokens are fine)."""
+    import signal
+
+    from cluster import cli
+
+    def start_service(settings, host, port, **kw):
+        raise cli.LipsyncError("stop here", code="test.stop")
+
+    monkeypatch.setattr("service.launch.start_service", start_service)
+    monkeypatch.setattr(cli, "_port_in_use", lambda host, port, wait_s=cli.PORT_WAIT_S: None)
+    monkeypatch.setattr(cli, "_stop_started", lambda *a, **k: None)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # serve installs its own
+    try:
+        monkeypatch.setenv("LIPSYNC_LIVE_TOKEN_TTL_S", "20")
+        assert cli.main(["serve", "--port", "8299"]) == 1
+        assert "warning: LIPSYNC_LIVE_TOKEN_TTL_S (20) is below LIPSYNC_LIVE_MAX_SECONDS (3600)" in capsys.readouterr().err
+        monkeypatch.delenv("LIPSYNC_LIVE_TOKEN_TTL_S")
+        assert cli.main(["serve", "--port", "8299"]) == 1
+        assert "LIVE_TOKEN_TTL_S" not in capsys.readouterr().err
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
