@@ -742,6 +742,25 @@ def cmd_avatars(args: argparse.Namespace) -> int:
     return _client_call(args, run)
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """The live sessions not yet ended: one line each (id, state, avatar, speech received, latency, watch URL)."""
+    def run(c) -> int:
+        views = c.sessions()
+        if args.json:
+            import json
+
+            print(json.dumps([v.model_dump(mode="json") for v in views], indent=2))
+            return 0
+        for v in views:
+            p50 = f"{v.latency_p50_s:.2f} s" if v.latency_p50_s is not None else "-"
+            print(f"{v.id}  {v.state}  avatar {v.avatar_id}  {v.seconds_received:.1f} s received  latency p50 {p50}  "
+                  f"{v.hls_url}")
+        if not views:
+            print("no live sessions", file=sys.stderr)
+        return 0
+    return _client_call(args, run)
+
+
 def _avatar_line(view) -> str:
     size = f"{view.width}x{view.height}" if view.width and view.height else "?x?"
     rate = f"{view.fps:g} fps" if view.fps else "? fps"
@@ -1106,6 +1125,10 @@ def build_parser() -> argparse.ArgumentParser:
     avs.add_argument("--json", action="store_true", help="the list as JSON")
     remote(avs)
     avs.set_defaults(func=cmd_avatars)
+    ses = sub.add_parser("sessions", help="the service's live sessions not yet ended (to watch or end one)")
+    ses.add_argument("--json", action="store_true", help="the list as JSON")
+    remote(ses)
+    ses.set_defaults(func=cmd_sessions)
     lv = sub.add_parser("live", help="stream an audio file into a live session; prints the HLS URL and latency")
     lv.add_argument("--avatar", required=True, help="a prepared avatar id (`lipsync avatar VIDEO` prints one)")
     lv.add_argument("--audio", required=True, help="a local audio file (sent as PCM over the session's socket)")

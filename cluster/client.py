@@ -887,6 +887,10 @@ class Client(_Base):
         r = self.request("GET", "/v1/avatars", params={"limit": limit, "offset": offset})
         return [AvatarView.model_validate(a) for a in r.json()]
 
+    def sessions(self) -> list[SessionView]:
+        """The live sessions not yet ended (`GET /v1/sessions`), by id: to find one whose id was lost."""
+        return [SessionView.model_validate(v) for v in self.request("GET", "/v1/sessions").json()]
+
     def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                      **options) -> BatchView:
         """Many audios (local files, URLs or server paths) against one template or avatar; its jobs
@@ -1150,6 +1154,10 @@ class AsyncClient(_Base):
         """The async twin of `Client.avatars`."""
         r = await self.request("GET", "/v1/avatars", params={"limit": limit, "offset": offset})
         return [AvatarView.model_validate(a) for a in r.json()]
+
+    async def sessions(self) -> list[SessionView]:
+        """The async twin of `Client.sessions`."""
+        return [SessionView.model_validate(v) for v in (await self.request("GET", "/v1/sessions")).json()]
 
     async def submit_batch(self, audios: list[str], video: str | None = None, avatar: str | None = None,
                            **options) -> BatchView:

@@ -78,6 +78,28 @@ def test_create_refusals(service, live_avatar, tmp_path):
     assert out.returncode == 2 and "rtmp_url" in out.stderr and "non-public" in out.stderr, (out.returncode, out.stderr)
 
 
+def test_running_sessions_are_listed(service, live_avatar):
+    """A probe: a client that lost a session's id could not find it (`GET /v1/sessions` answered 405) and waited for
+    its idle timeout. The sessions not yet ended are listed: the API, the SDK and `lipsync sessions`."""
+    from cluster.client import Client
+
+    with _api(service) as api:
+        sid = api.post("/v1/sessions", json={"avatar_id": live_avatar}).json()["id"]
+        try:
+            listed = api.get("/v1/sessions")
+            assert listed.status_code == 200 and sid in [v["id"] for v in listed.json()], listed.text
+            assert httpx.get(f"{service.url}/v1/sessions", timeout=30).status_code == 401
+            with Client(service.url, token=service.token) as c:
+                mine = next(v for v in c.sessions() if v.id == sid)
+                assert mine.avatar_id == live_avatar and mine.hls_url.startswith("http")
+            out = subprocess.run([lipsync_command(), "sessions", "--url", service.url, "--token", service.token],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and sid in out.stdout, (out.stdout, out.stderr)
+        finally:
+            api.delete(f"/v1/sessions/{sid}", timeout=120)
+        assert sid not in [v["id"] for v in api.get("/v1/sessions").json()]
+
+
 def test_socket_refusals_and_idempotent_post(service, live_avatar):
     with _api(service) as api:
         view = api.post("/v1/sessions", json={"avatar_id": live_avatar}).json()

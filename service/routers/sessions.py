@@ -339,6 +339,27 @@ def _ingress_identity() -> str:
     return process_identity()
 
 
+@router.get("", response_model=list[SessionView], summary="The live sessions not yet ended, by id")
+async def list_sessions(request: Request) -> list[SessionView]:
+    """Each session not yet ended, as `GET /v1/sessions/{id}` shows it: a client that lost a session's id finds it
+    here, to watch or end it (a probe's could not, and waited for the idle timeout). One that does not answer now
+    (restarting) is left out."""
+    from actors.live import live_registry
+
+    settings = _settings(request)
+    running = await _call(live_registry(settings).running.remote(), settings.actor_call_timeout_s)
+    views = []
+    for session_id in sorted(running):
+        try:
+            raw = await _ask(settings, session_id, _actor(settings, session_id), "view",
+                             timeout=settings.actor_call_timeout_s)
+        except ApiProblem:  # (NoActor among them) ended meanwhile, or not answering now
+            continue
+        if raw.get("state") in ("live", "starting", "ending"):
+            views.append(_view(request, raw))
+    return views
+
+
 @router.get("/{session_id}", response_model=SessionView, summary="A session's state and figures")
 async def get_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
