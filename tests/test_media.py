@@ -439,7 +439,8 @@ def test_a_template_in_use_is_not_made_again_under_its_jobs(media, tmp_path):
     from cluster.media.normalize import RECIPE_FILE
     from cluster.schemas import JobState, RenderRequest
 
-    settings = Settings(storage_root=tmp_path / "root", gop_frames=10, preset="veryfast")
+    # (a root whose path a URI would cut: a review found the store read at "take" and the job not seen)
+    settings = Settings(storage_root=tmp_path / "take#2?", gop_frames=10, preset="veryfast")
     two = tmp_path / "proxy_first.mp4"
     ffmpeg("-i", str(media["pal"]), "-filter_complex", "[0:v]split[a][b];[a]scale=160:120[p]", "-map", "[p]",
            "-map", "[b]", *H264, "-disposition:v:0", "0", "-disposition:v:1", "default", str(two))
@@ -454,8 +455,19 @@ def test_a_template_in_use_is_not_made_again_under_its_jobs(media, tmp_path):
     kept = normalize_template(two, settings)
     assert kept.cached and (kept.info.video.width, kept.info.video.height) == (160, 120)  # not made under the job
     store.end("planned-before", JobState.succeeded)
+    # a live session lost with its service (never ended, its journal's lock free, written days ago) is no user
+    import json
+    import os
+    import time
+
+    lost = settings.dir("sessions") / "0123456789abcdef"
+    lost.mkdir(parents=True)
+    (lost / "session.json").write_text(json.dumps({"avatar_id": old.id}))
+    os.utime(lost / "session.json", (time.time() - 5 * 86400,) * 2)
+    os.utime(lost, (time.time() - 5 * 86400,) * 2)
     again = normalize_template(two, settings)
     assert not again.cached and (again.info.video.width, again.info.video.height) == (320, 240)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proxy.mp4", "proxy_first.mp4", "take#2?"]  # no stray file
 
 
 def _transparent_template(path: Path, codec: str) -> np.ndarray:

@@ -158,7 +158,7 @@ def template_users(template_id: str, template: Path, settings: Settings) -> list
     if db.is_file():
         unfinished = [st.value for st in JobState if not st.terminal]
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+            conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)  # (escaped: # ? %)
             try:
                 rows = conn.execute(f"SELECT id, plan FROM jobs WHERE plan IS NOT NULL AND state IN "
                                     f"({','.join('?' * len(unfinished))})", unfinished).fetchall()
@@ -173,17 +173,25 @@ def template_users(template_id: str, template: Path, settings: Settings) -> list
                     users.append(job_id)
             except (ValueError, AttributeError):
                 continue
-    from cluster.live.journal import FINAL_FILE, SESSION_FILE
+    from cluster.live.journal import FINAL_FILE, LOCK_FILE, SESSION_FILE
+    from cluster.retention import _lock_held, _newest_mtime
 
     sessions = settings.storage_root / "sessions"
     for d in sessions.iterdir() if sessions.is_dir() else []:
         try:
-            if not (d / FINAL_FILE).exists() and json.loads((d / SESSION_FILE).read_text()).get("avatar_id") \
-                    == template_id:
+            if (d / FINAL_FILE).exists() or json.loads((d / SESSION_FILE).read_text()).get("avatar_id") != template_id:
+                continue
+            # running: its process holds its journal's lock, or it wrote in the last minutes (restarting); a
+            # session lost with its service (never ended) is no user
+            if _lock_held(d / LOCK_FILE) or _newest_mtime(d) > time.time() - SESSION_RESTART_WINDOW_S:
                 users.append(f"live session {d.name}")
         except (OSError, ValueError, AttributeError):
             continue
     return users
+
+
+#: A session directory written this recently, its journal's lock free, may be a session whose actor restarts
+SESSION_RESTART_WINDOW_S = 120.0
 
 
 def kept_for_users(template_id: str, template: Path, settings: Settings, why: str) -> bool:
