@@ -130,6 +130,7 @@ class JobManager:
         heap.pin_mmap_threshold(settings.manager_mmap_threshold_bytes)
         self.s = settings
         self.owner = owner or default_owner(settings)
+        code_version()  # (hashed now, from the files this process imported: not from a later upgrade's)
         # restarted by Ray: the store its predecessor kept must be there (not a new, empty one in its place)
         self.store = JobStore(settings.db_path, must_exist=ray.get_runtime_context().was_current_actor_reconstructed)
         # jobs being admitted now (`submit`), each set when its admission ends: they count in the queue bound
@@ -210,7 +211,9 @@ class JobManager:
     def workers(self) -> dict:
         return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid(),
                                                     "storage_root": str(self.s.storage_root),
-                                                    "code": code_version()}}
+                                                    "code": code_version(),
+                                                    "store_refused": self.store.refusal.code
+                                                    if self.store.refusal is not None else None}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
         await self.pool.refresh(timeout)

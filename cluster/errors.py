@@ -255,6 +255,13 @@ class StorageLost(LipsyncError):
     retryable = False
 
 
+class StoreTooNew(StorageLost):
+    """The job store was written by a newer version, in a format this one would misread (HTTP 503): it takes no
+    work; serve it with that version or a later one."""
+    code = "service.store_too_new"
+    retryable = False
+
+
 class JobNotFinished(LipsyncError):
     """A job's files were asked to be removed while it runs (HTTP 409): cancel it first."""
     code = "job.not_finished"

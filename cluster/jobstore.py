@@ -13,11 +13,13 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError, StorageLost
+from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError, StorageLost, StoreTooNew
+from cluster.owners import process_identity
 from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, StageTime, utcnow
 
 _SCHEMA = """
@@ -76,6 +78,9 @@ def recorded_storage_root(conn: sqlite3.Connection) -> str | None:
             return audio.split(marker, 1)[0]
     return None
 
+
+#: The shape of a spill file (`JobStore._save_spill_locked`): one of another is not read
+SPILL_VERSION = 1
 
 #: The job store's format: raised when a version writes what an older one would misread (it then refuses a
 #: store of a higher format, `storage_root_problem`, rather than serve it wrong). Recorded in `meta`.
@@ -229,19 +234,36 @@ class JobStore:
         take work (`check_present`: `StorageLost`), where a new, empty one made in its place would have
         answered as if the predecessor's jobs had never been."""
         self.path = Path(path)
-        # the ends it cannot write, also kept off the storage root: a process that stops before they are written
-        # leaves them there, and the next one to open this store writes them (not resumes their jobs)
-        self._spill = Path(spill_dir or default_spill_dir()) / (
-            hashlib.sha256(str(self.path.absolute()).encode()).hexdigest()[:16] + ".json")
-        self._missing = must_exist and not self.path.exists()
-        if not self._missing:
+        # the ends it cannot write, also kept off the storage root (a file of this process's): a process that
+        # stops before they are written leaves them there, and the next one to open this store takes them
+        self._spill_dir = Path(spill_dir or default_spill_dir())
+        self._spill_prefix = hashlib.sha256(str(self.path.absolute()).encode()).hexdigest()[:16]
+        self._identity_of_process = process_identity()
+        self._spill = self._spill_dir / f"{self._spill_prefix}-{uuid.uuid4().hex[:12]}.json"  # this store's own
+        # why this store takes no work (None: it does): gone where a predecessor kept it, or of a newer format
+        self.refusal: StorageLost | None = None
+        missing = must_exist and not self.path.exists()
+        if missing:
+            self.refusal = StorageLost(
+                f"the job store {self.path} was not there when this job manager was restarted: the store it kept "
+                "is gone (its storage root deleted, or not on this node): it takes no work until the service is "
+                "restarted on a storage root that holds its store", path=str(self.path))
+        else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._pending: dict[str, PendingEnd] = {}
         self._flushed_at = 0.0
-        self._conn = sqlite3.connect(":memory:" if self._missing else str(self.path), timeout=busy_timeout_s,
+        self._conn = sqlite3.connect(":memory:" if missing else str(self.path), timeout=busy_timeout_s,
                                      check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
+        if (written_in := store_format(self._conn)) > STORE_FORMAT:  # before anything is written to it
+            self.refusal = StoreTooNew(
+                f"the job store {self.path} was written by a newer lipsync-cluster (store format {written_in}; this "
+                f"version reads up to {STORE_FORMAT}), whose jobs this one would misread: it takes no work; serve "
+                f"it with that version or a later one", path=str(self.path))
+            log.error("%s", self.refusal.message)
+            self._identity = _identity(self.path)
+            return
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
@@ -268,47 +290,88 @@ class JobStore:
             except sqlite3.OperationalError as e:  # a full or read-only disk: recorded at a later open
                 log.warning("the format of %s was not recorded: %s", self.path, e)
 
-        if self._missing:
+        if missing:
             log.error("the job store %s is gone: this restarted process takes no work until the service is "
                       "restarted on a storage root that holds its store (service.storage_lost)", self.path)
         self._identity = _identity(self.path)  # the file opened: `check_present` compares the path's with it
-        if not self._missing:
+        if not missing:
             self._take_spilled()
 
     # --- ends kept off the storage root -------------------------------------------------------
     def _take_spilled(self) -> None:
-        """Ends a process before this one told its clients but could not write: pending here too (so their
-        jobs are not resumed, and read as they were told), and written now where they can be."""
-        try:
-            kept = json.loads(self._spill.read_text())
-        except FileNotFoundError:
+        """Ends that other stores of this file told their clients but could not write (their spill files): pending
+        here too (their jobs are not resumed, and read as they were told), and written now where they can be.
+        The files of processes now gone are removed once their ends are this store's (its own file first); a
+        file of a process that still runs is left to it. One this version cannot read (another shape, a bad
+        entry, not this user's) is said and skipped."""
+        from cluster.owners import identity_gone
+
+        if not self._spill_dir.is_dir():
             return
-        except (OSError, ValueError) as e:
-            log.error("the ends kept for %s in %s cannot be read: %s", self.path, self._spill, e)
-            return
-        if kept.get("store") != str(self.path.absolute()):
+        taken = []
+        for f in sorted(self._spill_dir.glob(self._spill_prefix + "-*.json")):
+            kept = self._read_spill(f)
+            if kept is None or f == self._spill:
+                continue
+            with self._lock:
+                for job_id, d in kept["ends"].items():
+                    try:
+                        end = PendingEnd.from_json(d)
+                    except (KeyError, TypeError, ValueError) as e:  # (a ValidationError is a ValueError)
+                        log.error("the end kept for job %s in %s cannot be read (%s): skipped", job_id, f, e)
+                        continue
+                    row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    if row is not None and not JobState(row["state"]).terminal and job_id not in self._pending:
+                        self._pending[job_id] = end
+                        log.warning("job %s: its end (%s), told before a restart but not written then, is kept",
+                                    job_id, end.state.value)
+            if identity_gone(kept.get("process")):  # its process is gone: its ends are this store's to keep
+                taken.append(f)
+        if not self._pending:
+            for f in taken:  # (all written, or their jobs ended meanwhile)
+                f.unlink(missing_ok=True)
             return
         with self._lock:
-            for job_id, d in (kept.get("ends") or {}).items():
-                row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is not None and not JobState(row["state"]).terminal:
-                    self._pending[job_id] = PendingEnd.from_json(d)
-                    log.warning("job %s: its end (%s), told before a restart but not written then, is kept",
-                                job_id, d["state"])
+            self._save_spill_locked()  # (what it took is this store's to write now: in its own file first)
             self._flush_locked()
-            self._save_spill_locked()
+        for f in taken:
+            f.unlink(missing_ok=True)
+
+    def _read_spill(self, f: Path) -> dict | None:
+        """The content of spill file `f` when this user's, in this version's shape and of this store; else None."""
+        import stat
+
+        try:
+            st = f.stat()
+            folder = self._spill_dir.stat()
+            if st.st_uid != os.getuid() or folder.st_uid != os.getuid() or folder.st_mode & (stat.S_IWGRP |
+                                                                                              stat.S_IWOTH):
+                log.error("the ends kept in %s are not this user's alone: not taken", f)
+                return None
+            kept = json.loads(f.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("the ends kept for %s in %s cannot be read: %s", self.path, f, e)
+            return None
+        if not isinstance(kept, dict) or kept.get("version") != SPILL_VERSION or not isinstance(kept.get("ends"), dict):
+            log.error("the ends kept in %s are not of this version's shape: not taken", f)
+            return None
+        return kept if kept.get("store") == str(self.path.absolute()) else None
 
     def _save_spill_locked(self) -> None:
-        """Write the pending ends beside the store's disk (under the lock); none: the file goes."""
+        """Write this process's pending ends off the store's disk (under the lock): its own file, private and
+        synced; none pending: its file goes."""
+        from cluster.fsutil import write_atomic
+
         try:
             if not self._pending:
                 self._spill.unlink(missing_ok=True)
                 return
-            self._spill.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self._spill.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"store": str(self.path.absolute()),
-                                       "ends": {j: e.to_json() for j, e in self._pending.items()}}))
-            os.replace(tmp, self._spill)
+            self._spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self._spill, json.dumps({
+                "version": SPILL_VERSION, "store": str(self.path.absolute()), "process": self._identity_of_process,
+                "ends": {j: e.to_json() for j, e in self._pending.items()}}))
         except OSError as e:
             log.error("the ends the job store %s cannot write cannot be kept in %s either (%s): a restart before "
                       "they are written resumes their jobs", self.path, self._spill, e)
@@ -317,11 +380,8 @@ class JobStore:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
         replaced while the service ran: its writes went to an unlinked file, the jobs it accepted answered
         until a restart lost them, and a second service took the same root)."""
-        if self._missing:
-            raise StorageLost(f"the job store {self.path} was not there when this job manager was restarted: the "
-                              "store it kept is gone (its storage root deleted, or not on this node): it takes no "
-                              "work until the service is restarted on a storage root that holds its store",
-                              path=str(self.path))
+        if self.refusal is not None:
+            raise self.refusal
         try:
             now = _identity(self.path)
         except OSError as e:  # a stale NFS handle, an I/O error, a root that became a file: not the store it was
@@ -456,6 +516,8 @@ class JobStore:
         )
 
     def get(self, job_id: str) -> JobStatus:
+        if self.refusal is not None:  # (not "no such job": the job may well be in the store it cannot use)
+            raise self.refusal
         with self._lock:
             self._maybe_flush()
             return self._status(self._conn, self._row(self._conn, job_id))
@@ -468,6 +530,8 @@ class JobStore:
              before: str | None = None) -> list[JobStatus]:
         """Newest first; `before`: only jobs older than that job (a page after the one it ended: new jobs
         submitted meanwhile do not shift it, as they shift an offset)."""
+        if self.refusal is not None:
+            raise self.refusal
         with self._lock:
             after = None
             if before is not None:
@@ -518,7 +582,9 @@ class JobStore:
             return {state: n for state, n in counts.items() if n}
 
     def unfinished_owners(self) -> list[tuple[str, str | None, str | None]]:
-        """(id, owner, client) of every job not yet terminal, oldest first."""
+        """(id, owner, client) of every job not yet terminal, oldest first (none from a store it cannot use)."""
+        if self.refusal is not None:
+            return []
         states = [s.value for s in JobState if not s.terminal]
         with self._lock:
             rows = self._conn.execute(f"SELECT id, owner, client FROM jobs WHERE state IN "

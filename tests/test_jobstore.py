@@ -154,27 +154,44 @@ def test_an_end_told_but_not_written_before_a_stop_is_kept_through_the_restart(t
     """A probe: a job told `failed` because its end could not be written (its storage root gone read-only) was still
     `rendering` on disk; the service stopped before a write succeeded, the next start resumed it and it could end
     `succeeded` where its clients had been told `failed`. An end the store cannot write is kept off the storage
-    root too (the user's state directory), and the next process to open the store takes it: the job reads as it
-    was told from the first read on, is not resumed, and the end is written."""
+    root too (the user's state directory, a file of the store's own), and the next process to open the store takes
+    it: the job reads as it was told from the first read on, is not resumed, and the end is written; the file of
+    the process that is gone is removed. A file this version cannot read is said and skipped, never a store that
+    cannot open; another user's is not read."""
+    import json
     import sqlite3
+    import subprocess
+    import sys
 
     db, spill = tmp_path / "root" / "jobs.sqlite3", tmp_path / "state"
-    s = JobStore(db, busy_timeout_s=0.2, spill_dir=spill)
+    s = JobStore(db, spill_dir=spill)
     for job_id in ("told", "running"):
         s.create(job_id, REQ)
         s.transition(job_id, JobState.preparing)
+    s.close()
     other = sqlite3.connect(str(db), isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # no write reaches the store (as on a root gone read-only)
-    assert s.end("told", JobState.failed, error=ErrorInfo(code="resource.disk", message="read-only")) is True
-    assert list(spill.iterdir())  # kept off the root
-    # the process stops here, its end unwritten; the store's disk comes back
-    other.execute("ROLLBACK")
-    other.close()
-    again = JobStore(db, spill_dir=spill)
+    try:  # a service that tells the end, cannot write it, and stops
+        said = subprocess.run([sys.executable, "-c", f"""
+from cluster.jobstore import JobStore
+from cluster.schemas import ErrorInfo, JobState
+s = JobStore({str(db)!r}, busy_timeout_s=0.2, spill_dir={str(spill)!r})
+print(s.end("told", JobState.failed, error=ErrorInfo(code="resource.disk", message="read-only")))
+"""], capture_output=True, text=True, timeout=120)
+        assert said.stdout.strip() == "True", said.stderr
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    kept = list(spill.iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["ends"]["told"]["state"] == "failed"
+    (spill / (kept[0].name.split("-")[0] + "-bad.json")).write_text('{"version": 1, "store": "%s", "ends": '
+                                                                     '{"running": {"state": "archived"}}}'
+                                                                     % db.absolute())
+    again = JobStore(db, spill_dir=spill)  # (the bad file said and skipped: it opens)
     assert again.get("told").state == JobState.failed and again.get("told").error.code == "resource.disk"
     assert [j for j, _, _ in again.unfinished_owners()] == ["running"]  # only the job still running is resumed
     again.close()
-    assert not list(spill.iterdir())  # written: nothing kept any more
+    assert [p.name for p in spill.iterdir()] == [kept[0].name.split("-")[0] + "-bad.json"]  # the gone one's: taken
     plain = sqlite3.connect(str(db))
     assert plain.execute("SELECT state FROM jobs WHERE id = 'told'").fetchone()[0] == "failed"
     plain.close()
@@ -377,6 +394,9 @@ def test_a_restarted_process_whose_store_is_gone_takes_no_work(tmp_path):
     lost = JobStore(root / "jobs.sqlite3", must_exist=True)
     assert not root.exists()  # not made again
     assert lost.unfinished_owners() == []
+    for read in (lambda: lost.get("old"), lambda: lost.list()):  # not "no such job": the store is what is gone
+        with pytest.raises(StorageLost):
+            read()
     with pytest.raises(StorageLost, match="was not there when this job manager was restarted") as e:
         lost.create("new", REQ)
     assert e.value.code == "service.storage_lost"
@@ -388,13 +408,18 @@ def test_a_restarted_process_whose_store_is_gone_takes_no_work(tmp_path):
 def test_a_store_of_a_newer_format_is_refused_at_the_start(tmp_path):
     """An upgrade probe: a version served a store a newer one had written, without a word, and misread it (a purged
     job's result answered 500 `output.missing`). A store records its format; one of a higher format than this
-    version reads is refused (`storage_root_problem`: `lipsync serve` and `render` exit 2, settings.invalid)."""
+    version reads is refused: at `lipsync serve`/`render`'s start (`storage_root_problem`: settings.invalid, exit
+    2), and by the store itself wherever it is opened (a joined cluster's, a RayService's job manager): it takes no
+    work, resumes nothing and answers `service.store_too_new`, and nothing is written to it."""
     import sqlite3
 
+    from cluster.errors import StoreTooNew
     from cluster.jobstore import STORE_FORMAT, storage_root_problem, store_format
 
     db = tmp_path / "jobs.sqlite3"
-    JobStore(db).close()
+    s = JobStore(db)
+    s.create("newer", REQ)
+    s.close()
     conn = sqlite3.connect(db)
     assert store_format(conn) == STORE_FORMAT
     conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(STORE_FORMAT + 1),))
@@ -402,5 +427,12 @@ def test_a_store_of_a_newer_format_is_refused_at_the_start(tmp_path):
     conn.close()
     said = storage_root_problem(db)
     assert said and f"store format {STORE_FORMAT + 1}; this version reads up to {STORE_FORMAT}" in said, said
-    JobStore(db).close()  # opened all the same (a process that got past the check): the newer format is kept
-    assert storage_root_problem(db) == said
+    refused = JobStore(db)
+    assert refused.unfinished_owners() == []
+    for act in (lambda: refused.get("newer"), lambda: refused.list(), lambda: refused.create("x", REQ),
+                refused.check_present):
+        with pytest.raises(StoreTooNew) as e:
+            act()
+        assert e.value.code == "service.store_too_new"
+    refused.close()
+    assert storage_root_problem(db) == said  # its format kept

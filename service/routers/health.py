@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from cluster.errors import LipsyncError, StorageLost
+from cluster.errors import LipsyncError, StorageLost, StoreTooNew
 from cluster.schemas import ApiError
 from service.backend import Backend, get_backend
 from service.errors import error_response
@@ -41,7 +41,9 @@ async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> J
     status, body = cached[1]
     if status != 200:
         code, message = body
-        return error_response(status, code, message, None, {"Retry-After": str(backend.settings.retry_after_s)})
+        lost = code in (StorageLost.code, StoreTooNew.code)  # (no wait mends these: no Retry-After)
+        return error_response(status, code, message, None,
+                              None if lost else {"Retry-After": str(backend.settings.retry_after_s)})
     return JSONResponse(body)
 
 
@@ -55,6 +57,9 @@ async def _readiness(backend: Backend) -> tuple[int, dict | tuple[str, str]]:
         if getattr(e, "code", None) == StorageLost.code:
             return 503, (StorageLost.code, "the job store was removed or replaced under this service: it takes no "
                          "work until it is restarted on a storage root that holds its store")
+        if getattr(e, "code", None) == StoreTooNew.code:
+            return 503, (StoreTooNew.code, "the job store was written by a newer version of the service: it takes "
+                         "no work; serve it with that version or a later one")
         return 503, ("service.not_ready", "the job manager is not ready")
     live = [m for m in state.get("models", []) if m.get("health") == "live"]
     comps = [m for m in state.get("compositors", []) if m.get("health") == "live"]
