@@ -160,6 +160,15 @@ def socket_holds(held: tuple[str, float] | None, other_than: str | None, now: fl
     return not identity_gone(held[0].partition("|")[2] or None)
 
 
+def lost_socket_gap(held: tuple[str, float] | None, lease: str, now: float) -> float | None:
+    """How long the speech of a sender waited whose socket `held` ((lease, last heard)) was lost, never closed (a
+    closed one detaches), when socket `lease` takes the session over at `now`; None where none was lost (none
+    held it, it is the same socket again, or a POST held it)."""
+    if held is None or held[0] in (lease, "post"):
+        return None
+    return max(0.0, now - held[1])
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=32)
 class LiveSessionActor:
     def __init__(self, session_id: str, settings: Settings) -> None:
@@ -494,8 +503,8 @@ class LiveSessionActor:
         if self._socket_held(other_than=lease):
             return False
         lost, self._socket = self._socket, (lease, time.monotonic())
-        if lost is not None and lost[0] not in (lease, "post"):  # a socket lost, never detached: its speech waited
-            session.sender_lost(time.monotonic() - lost[1])
+        if (gap := lost_socket_gap(lost, lease, time.monotonic())) is not None:
+            session.sender_lost(gap)
         return True
 
     def touch(self, lease: str) -> None:

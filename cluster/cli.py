@@ -256,11 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync: error: settings.invalid: refusing to listen on {args.host} without LIPSYNC_API_TOKEN "
               f"(set a token, or pass --insecure on a trusted network)", file=sys.stderr)
         return 2
-    if settings.live_token_ttl_s < settings.live_max_seconds:  # (allowed: a client that renews them is fine)
-        print(f"lipsync: warning: LIPSYNC_LIVE_TOKEN_TTL_S ({settings.live_token_ttl_s:g}) is below "
-              f"LIPSYNC_LIVE_MAX_SECONDS ({settings.live_max_seconds:g}): a live session's hls_url stops working "
-              f"in a plain player after {settings.live_token_ttl_s:g} s while the session runs (the SDK and the web "
-              f"page renew theirs)", file=sys.stderr)
+    if warning := settings.live_token_warning():  # (allowed: a client that renews them is fine)
+        print(f"lipsync: warning: {warning}", file=sys.stderr)
     embedded = not os.environ.get("RAY_ADDRESS")
     # this machine's storage root, model file and ffmpeg, when the service runs here: said now, not as
     # a job manager that restarts for ever (a service "ready" that never was) or every job failing

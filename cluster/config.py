@@ -358,19 +358,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _deadlines_agree(self) -> "Settings":
-        """Deadlines that nest must nest: a chunk waits for its batches, a job for its chunks. A chunk
-        deadline under its batches' own let a stalled model worker be blamed on (and kill) the
-        compositors whose batches waited for it, before the batch's deadline sent them elsewhere."""
+        """Deadlines that nest must nest: a chunk waits for its batches. A chunk deadline under its batches' own
+        let a stalled model worker be blamed on (and kill) the compositors whose batches waited for it, before the
+        batch's deadline sent them elsewhere. (A job deadline under a chunk's is allowed: it bounds everything.)"""
         batches = self.batch_timeout_s * self.max_inflight_per_worker
         if self.chunk_timeout_s <= batches:
             raise ValueError(
                 f"LIPSYNC_CHUNK_TIMEOUT_S ({self.chunk_timeout_s:g}) must exceed LIPSYNC_BATCH_TIMEOUT_S x "
                 f"LIPSYNC_MAX_INFLIGHT_PER_WORKER ({self.batch_timeout_s:g} x {self.max_inflight_per_worker} = "
                 f"{batches:g}): a chunk would be given up (its compositor blamed) before a batch it waits for is")
-        if self.job_timeout_s < self.chunk_timeout_s:
-            raise ValueError(f"LIPSYNC_JOB_TIMEOUT_S ({self.job_timeout_s:g}) is below LIPSYNC_CHUNK_TIMEOUT_S "
-                             f"({self.chunk_timeout_s:g}): a job would fail before one chunk's deadline")
         return self
+
+    def live_token_warning(self) -> str | None:
+        """Why a live session's viewers may lose their stream mid-session, if they may: tokens that expire
+        before a session may end (allowed: the SDK and the web page renew theirs; a plain player cannot)."""
+        if self.live_token_ttl_s >= self.live_max_seconds:
+            return None
+        return (f"LIPSYNC_LIVE_TOKEN_TTL_S ({self.live_token_ttl_s:g}) is below LIPSYNC_LIVE_MAX_SECONDS "
+                f"({self.live_max_seconds:g}): a live session's hls_url stops working in a plain player after "
+                f"{self.live_token_ttl_s:g} s while the session runs (the SDK and the web page renew theirs)")
 
     def admission_timeout_s(self) -> float:
         """How long the service waits for one job's admission by the job manager (probing both inputs on

@@ -23,6 +23,8 @@ def _deployment():
             logging.basicConfig(level=logging.INFO)
             self.settings = Settings(**(settings or {}))
             metrics.install("lipsync-ingress", self.settings.log_format)  # JSON logs with actor and node
+            if warning := self.settings.live_token_warning():  # (a RayService has no `lipsync serve` to say it)
+                logging.getLogger("lipsync.service").warning("%s", warning)
 
         def __serve_build_asgi_app__(self):
             from actors.service_support import ManagerGateway

@@ -1193,6 +1193,13 @@ def test_speech_a_lost_socket_held_back_is_owed(astronaut_video, speech_wav, tmp
     sent once reconnected stayed that much later for the rest of the utterance (a sender's own pace is never caught
     up). A socket lost (never closed) and replaced mid-utterance now owes its stand-still, as a takeover's is owed;
     once the utterance has ended nothing waited, and nothing is owed."""
+    from actors.live import lost_socket_gap
+
+    # what the session's actor owes when a socket takes it over (`LiveSessionActor.attach`)
+    assert lost_socket_gap(("old|embedded:h:1:2.00", 100.0), "new", 102.5) == 2.5  # lost, never closed
+    assert lost_socket_gap(None, "new", 102.5) is None  # none held it (closed sockets detach)
+    assert lost_socket_gap(("new", 100.0), "new", 102.5) is None  # the same socket again
+    assert lost_socket_gap(("post", 100.0), "new", 102.5) is None  # a POST held it
     session, _ = _builtin_session("lost", astronaut_video, tmp_path / "session")
     try:
         session.append(_pcm16(speech_wav)[:16000].tobytes())  # mid-utterance

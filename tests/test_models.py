@@ -1044,8 +1044,6 @@ def test_a_job_planned_with_another_versions_builtin_model_renders_with_it(tmp_p
     built-in model and the rest with the new one (another mouth from one chunk on), and read `succeeded`. The plan
     names the built-in model's file it was planned with; a resumed job whose file is not this version's renders
     with that file while it exists (and with this version's, said in the log, once it is gone)."""
-    import shutil
-
     from cluster.render import admit, prepare_job, with_planned_model
     from cluster.schemas import RenderRequest
 
@@ -1056,14 +1054,14 @@ def test_a_job_planned_with_another_versions_builtin_model_renders_with_it(tmp_p
     assert plan.model == "builtin" and plan.model_file == str(builtin_model_path(s))
     assert with_planned_model(plan, s) is plan  # this version's: as planned
 
-    older = s.dir("models") / "builtin-s256-0123456789abcdef.onnx"  # another version's file
-    shutil.copyfile(plan.model_file, older)
+    # another version's built-in model, standing in: one that gives the reference crop back (this one moves it)
+    older = Path(channel_picker(s.dir("models") / "builtin-s256-0123456789abcdef.onnx", 256, 3))
     resumed = with_planned_model(plan.model_copy(update={"model_file": str(older)}), s)
     assert resumed.model == str(older)
     pinned = load_model(resumed.model, s, providers=CPU_ONLY)  # what a model worker loads for that spec
-    rng = np.random.default_rng(3)
-    mel = rng.uniform(-4, 2, (2, 1, 80, 16)).astype(np.float32)
-    crops = rng.integers(0, 255, (2, 256, 256, 3), dtype=np.uint8)
-    assert np.array_equal(pinned.generate(mel, crops), model.generate(mel, crops))
+    mel = np.concatenate([mel_window(vowel(VOWEL_A, -18))] * 2)
+    crops = np.repeat(real_crop(256)[None], 2, axis=0)
+    assert np.array_equal(pinned.generate(mel, crops), crops)  # the pinned file's answer...
+    assert not np.array_equal(model.generate(mel, crops), crops)  # ...not this version's
     older.unlink()
     assert with_planned_model(plan.model_copy(update={"model_file": str(older)}), s).model == "builtin"

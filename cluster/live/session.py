@@ -288,11 +288,11 @@ class LiveSession:
         through no pace of its own. Owed as a takeover's stand-still is (`LiveScheduler.add_debt`), and won back
         from the pauses of the waiting speech; where the utterance had ended, nothing waited."""
         fps = float(self.scheduler.fps)
-        with self.speech.lock:
+        with self.speech.lock:  # (the render thread's plan and rollback change the debt under it too)
             utterances = self.speech.utterances
             if self.closing or not utterances or utterances[-1].ended:
                 return
-        self.scheduler.add_debt(round(max(0.0, seconds) * fps), hold_s=RESTART_GRACE_S)
+            self.scheduler.add_debt(round(max(0.0, seconds) * fps), hold_s=RESTART_GRACE_S)
 
     def end_speech(self) -> bool:
         """The end of an utterance: its tail renders now (with the batch path's end padding). Nothing
@@ -663,6 +663,7 @@ class LiveSession:
         lat = list(self.latencies)
         return {
             "id": self.id, "state": self.state, "reason": self.reason, "error": self.error,
+            "max_seconds": self.max_seconds,
             "sample_rate": self.speech.rate, "fps": fps,
             "bytes_received": self.speech.bytes_received,
             "seconds_received": round(received, 3),

@@ -385,7 +385,7 @@ def _rotation_clockwise(frame: av.VideoFrame, stream) -> int:
 
 def _has_alpha(pix_fmt: str | None, stream) -> bool:
     """Whether the stream's pictures are transparent in part: a pixel format with an alpha plane (ProRes 4444,
-    QuickTime Animation, PNG, GIF), or VP8/VP9 whose alpha travels beside the picture (WebM's `alpha_mode`, which
+    QuickTime Animation, PNG in a .mov), or VP8/VP9 whose alpha travels beside the picture (WebM's `alpha_mode`, which
     only libvpx decodes: FFmpeg's own decoder shows the colour its transparent pixels hold)."""
     if str((stream.metadata or {}).get("alpha_mode", "")).strip() == "1":
         return True

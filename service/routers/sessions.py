@@ -348,16 +348,17 @@ async def list_sessions(request: Request) -> list[SessionView]:
 
     settings = _settings(request)
     running = await _call(live_registry(settings).running.remote(), settings.actor_call_timeout_s)
-    views = []
-    for session_id in sorted(running):
-        try:
-            raw = await _ask(settings, session_id, _actor(settings, session_id), "view",
-                             timeout=settings.actor_call_timeout_s)
-        except ApiProblem:  # (NoActor among them) ended meanwhile, or not answering now
-            continue
-        if raw.get("state") in ("live", "starting", "ending"):
-            views.append(_view(request, raw))
-    return views
+
+    async def view(session_id: str) -> dict | None:
+        try:  # (each bounded: one restarting is left out, not waited for in turn with the others)
+            return await asyncio.wait_for(_ask(settings, session_id, _actor(settings, session_id), "view",
+                                               timeout=settings.actor_call_timeout_s), settings.actor_call_timeout_s)
+        except (ApiProblem, asyncio.TimeoutError):  # (NoActor among them) ended meanwhile, or not answering now
+            return None
+
+    raws = await asyncio.gather(*(view(session_id) for session_id in sorted(running)))
+    return [_view(request, raw) for raw in raws if raw is not None and raw.get("state") in ("live", "starting",
+                                                                                             "ending")]
 
 
 @router.get("/{session_id}", response_model=SessionView, summary="A session's state and figures")
