@@ -10,3 +10,15 @@ def task_cause(e: BaseException) -> BaseException:
     errors cross process boundaries as themselves, with code, stage and chunk intact."""
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, BaseException) else e
+
+
+def actor_restarted() -> bool:
+    """Whether this actor's process is a restart of one that died (Ray's `was_current_actor_reconstructed`,
+    read without the deprecation warning Ray's own implementation raises in every actor's log)."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 
-from actors import MAX_WAIT_S, ORCHESTRATOR_NAME, metrics
+from actors import MAX_WAIT_S, ORCHESTRATOR_NAME, actor_restarted, metrics
 from actors.dispatch import Dispatcher
 from actors.jobs import JobMachine
 from actors.supervision import Supervisor, TaskSet
@@ -132,7 +132,7 @@ class JobManager:
         self.owner = owner or default_owner(settings)
         code_version()  # (hashed now, from the files this process imported: not from a later upgrade's)
         # restarted by Ray: the store its predecessor kept must be there (not a new, empty one in its place)
-        self.store = JobStore(settings.db_path, must_exist=ray.get_runtime_context().was_current_actor_reconstructed)
+        self.store = JobStore(settings.db_path, must_exist=actor_restarted())
         # jobs being admitted now (`submit`), each set when its admission ends: they count in the queue bound
         self._admitting: dict[str, asyncio.Event] = {}
         self.uploads = UploadStore(settings)

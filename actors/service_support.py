@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import ORCHESTRATOR_NAME, task_cause
+from actors import ORCHESTRATOR_NAME, actor_restarted, task_cause
 from cluster.config import Settings
 from cluster.errors import LipsyncError, RenderError
 from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest
@@ -278,7 +278,7 @@ class ServiceSidecar:
         from cluster.jobstore import JobStore
         from cluster.retention import sweep
 
-        store = JobStore(self.s.db_path, must_exist=ray.get_runtime_context().was_current_actor_reconstructed)
+        store = JobStore(self.s.db_path, must_exist=actor_restarted())
         period = max(10.0, min(3600.0, self.s.retention_days * 86400 / 10))  # not a busy loop for a tiny one
         while True:
             try:
