@@ -194,25 +194,38 @@ MAX_MODEL_GAIN_DB = 24.0
 LEVEL_WINDOW_S = 30.0
 
 
-def speech_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE) -> float:
+def speech_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE,
+                      percentile: float = 98.0) -> float:
     """The level of the loud part of the first `seconds` of `samples` (98th percentile of 20 ms frames' RMS,
-    dBFS; -inf for silence): bounded work, whatever the audio's length (a job's first chunk waits for it)."""
+    dBFS; -inf for silence): bounded work, whatever the audio's length (a job's first chunk waits for it).
+    `percentile=10`: the level of its quiet part (the room between words: `model_input_gain_db`'s floor)."""
     head = samples.read(0, min(len(samples), int(seconds * sample_rate))).astype(np.float64)
     frame = sample_rate // 50
     n = len(head) // frame
     if n == 0:
         return float("-inf")
     rms = np.sqrt((head[:n * frame].reshape(n, frame) ** 2).mean(axis=1))
-    loud = float(np.percentile(rms, 98))
+    loud = float(np.percentile(rms, percentile))
     return 20.0 * np.log10(loud) if loud > 0 else float("-inf")
 
 
-def model_input_gain_db(level_dbfs: float) -> float:
+#: The loudest the room between words may reach the model at (dBFS): louder, the built-in model's mouth opens on it
+#: (white noise: still at -55 dBFS, half open at -50, open from -45 as for speech); a quiet recording's gain stops
+#: there. (The model opens on a room that loud without any gain too: a noise gate is not built.)
+NOISE_CEILING_DBFS = -56.0
+
+
+def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf")) -> float:
     """How much louder the model hears speech whose level is `level_dbfs` (`speech_level_dbfs`): up to
-    `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence."""
+    `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence. Never so
+    much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS`: a quiet
+    recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
     if not np.isfinite(level_dbfs):
         return 0.0
-    return float(min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB))
+    gain = min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB)
+    if np.isfinite(floor_dbfs):
+        gain = min(gain, max(NOISE_CEILING_DBFS - floor_dbfs, 0.0))
+    return float(gain)
 
 
 def _pump_stdout(run, deadline: float, timeout_message: str, take: Callable[[int], int]) -> None:

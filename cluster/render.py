@@ -386,11 +386,11 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         fps = vinfo.fps
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps)
-        level = speech_level_dbfs(samples)
-        gain_db = round(model_input_gain_db(level), 2)
+        level, floor = speech_level_dbfs(samples), speech_level_dbfs(samples, percentile=10.0)
+        gain_db = round(model_input_gain_db(level, floor), 2)
         if gain_db:  # a quiet recording: the model hears it at a usual level (the output's audio is unchanged)
-            log.info("job %s: its speech is at %.1f dBFS: the model hears it %.1f dB louder", job_id, level, gain_db,
-                     extra={"job_id": job_id})
+            log.info("job %s: its speech is at %.1f dBFS (the room between words at %.1f): the model hears it %.1f dB "
+                     "louder", job_id, level, floor, gain_db, extra={"job_id": job_id})
             samples = SampleFile(samples.f, samples.n_file, len(samples), gain_db=gain_db)
         chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
         mel_path, head_path = jd / "mel.npy", ""

@@ -200,3 +200,41 @@ def test_a_quiet_recording_reaches_the_model_at_a_usual_level(tmp_path, long_wav
     usual_plan = prepare_job("again", admit("again", RenderRequest(audio=long_wav, video=astronaut_video), s), s,
                              model_size=model.size)
     assert usual_plan.model_gain_db == 0.0
+
+
+def test_a_quiet_recording_in_a_noisy_room_is_not_raised_into_its_pauses(tmp_path, long_wav, astronaut_video):
+    """The built-in model's mouth opens on white noise from about -50 dBFS (still at -55). A quiet recording raised
+    in full by `model_input_gain_db` (+17 dB here) brought its room (-65 dBFS, 35 dB under its speech) to -48, and
+    the mouth moved in its pauses. The gain stops where the room between words (its 10th percentile) reaches
+    `NOISE_CEILING_DBFS` (-56): the pauses stay still, the speech is still raised."""
+    from cluster.audio import NOISE_CEILING_DBFS, load_audio, mel_windows, melspectrogram
+    from cluster.config import Settings
+    from cluster.live.speech import SILENT_MEL
+    from cluster.models import load_model
+    from cluster.render import admit, prepare_job, write_job_mel
+    from cluster.synth import write_audio
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0)
+    model = load_model("builtin", s)
+    usual = load_audio(long_wav, s)
+    room = np.random.default_rng(7).normal(0.0, 10 ** (-65 / 20), len(usual)).astype(np.float32)
+    noisy = usual * np.float32(0.1) + room  # speech at about -30 dBFS, its room at -65
+    audio = write_audio(str(tmp_path / "noisy.wav"), noisy)
+    request = admit("noisy", RenderRequest(audio=audio, video=astronaut_video), s)
+    plan = prepare_job("noisy", request, s, model_size=model.size, defer_mel=True)
+    assert 5 < plan.model_gain_db <= NOISE_CEILING_DBFS + 65 + 0.5, plan.model_gain_db  # raised, not the 17 dB in full
+    write_job_mel(plan, request, s)
+    mel = np.load(plan.mel_path)
+    # frames in the middle of the speech's pauses (none of its samples within 3 frames either side): as in silence
+    per = 16000 // 25
+    quiet = [i for i in range(3, plan.frames_total - 3) if np.abs(usual[(i - 3) * per:(i + 4) * per]).max() < 1e-3][:8]
+    assert len(quiet) == 8
+    crops = np.random.default_rng(1).integers(0, 255, (len(quiet), model.size, model.size, 3), dtype=np.uint8)
+    silent = model.generate(np.full((len(quiet), 1, 80, 16), SILENT_MEL, np.float32), crops).astype(int)
+
+    def moved(m: np.ndarray) -> float:
+        windows = np.concatenate([mel_windows(m, plan.fps, i, i + 1) for i in quiet])
+        return float(np.abs(model.generate(windows, crops).astype(int) - silent).mean())
+
+    assert moved(mel) < 0.5, moved(mel)
+    assert moved(melspectrogram(noisy * np.float32(10 ** (17 / 20)))) > 1.0  # raised in full, the pauses moved
