@@ -211,9 +211,7 @@ class JobManager:
     def workers(self) -> dict:
         return {**self.pool.snapshot(), "manager": {"node": self.dispatcher.node_id, "pid": os.getpid(),
                                                     "storage_root": str(self.s.storage_root),
-                                                    "code": code_version(),
-                                                    "store_refused": self.store.refusal.code
-                                                    if self.store.refusal is not None else None}}
+                                                    "code": code_version()}}
 
     async def refresh(self, timeout: float = 10.0) -> dict:
         await self.pool.refresh(timeout)

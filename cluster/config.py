@@ -372,7 +372,7 @@ class Settings(BaseSettings):
     def live_token_warning(self) -> str | None:
         """Why a live session's viewers may lose their stream mid-session, if they may: tokens that expire
         before a session may end (allowed: the SDK and the web page renew theirs; a plain player cannot)."""
-        if self.live_token_ttl_s >= self.live_max_seconds:
+        if self.api_token is None or self.live_token_ttl_s >= self.live_max_seconds:  # (unsigned URLs never expire)
             return None
         return (f"LIPSYNC_LIVE_TOKEN_TTL_S ({self.live_token_ttl_s:g}) is below LIPSYNC_LIVE_MAX_SECONDS "
                 f"({self.live_max_seconds:g}): a live session's hls_url stops working in a plain player after "

@@ -81,6 +81,8 @@ def recorded_storage_root(conn: sqlite3.Connection) -> str | None:
 
 #: The shape of a spill file (`JobStore._save_spill_locked`): one of another is not read
 SPILL_VERSION = 1
+#: Beside them, the spill files a store could not read (another version's shape), kept for a person to look at
+REJECTED_DIR = "rejected"
 
 #: The job store's format: raised when a version writes what an older one would misread (it then refuses a
 #: store of a higher format, `storage_root_problem`, rather than serve it wrong). Recorded in `meta`.
@@ -202,8 +204,13 @@ class PendingEnd(NamedTuple):
 
     @classmethod
     def from_json(cls, d: dict) -> "PendingEnd":
-        return cls(JobState(d["state"]), ErrorInfo.model_validate(d["error"]) if d.get("error") else None,
-                   d.get("output"), d["at"])
+        from datetime import datetime
+
+        at = datetime.fromisoformat(d["at"]).isoformat()  # (a time a row's updated_at can hold, or ValueError)
+        output = d.get("output")
+        if output is not None and not isinstance(output, str):
+            raise ValueError(f"output {output!r} is not a path")
+        return cls(JobState(d["state"]), ErrorInfo.model_validate(d["error"]) if d.get("error") else None, output, at)
 
 
 def default_spill_dir() -> Path:
@@ -327,14 +334,13 @@ class JobStore:
                                     job_id, end.state.value)
             if identity_gone(kept.get("process")):  # its process is gone: its ends are this store's to keep
                 taken.append(f)
-        if not self._pending:
-            for f in taken:  # (all written, or their jobs ended meanwhile)
-                f.unlink(missing_ok=True)
-            return
-        with self._lock:
-            self._save_spill_locked()  # (what it took is this store's to write now: in its own file first)
-            self._flush_locked()
-        for f in taken:
+        if self._pending:
+            with self._lock:  # what it took is this store's to write now: in its own file first
+                kept_here = self._save_spill_locked()
+                self._flush_locked()
+            if not kept_here and self._pending:  # (neither kept nor written: the files stay for a later store)
+                return
+        for f in taken:  # (their ends written, kept in this store's file, or their jobs ended meanwhile)
             f.unlink(missing_ok=True)
 
     def _read_spill(self, f: Path) -> dict | None:
@@ -355,26 +361,38 @@ class JobStore:
             log.error("the ends kept for %s in %s cannot be read: %s", self.path, f, e)
             return None
         if not isinstance(kept, dict) or kept.get("version") != SPILL_VERSION or not isinstance(kept.get("ends"), dict):
-            log.error("the ends kept in %s are not of this version's shape: not taken", f)
+            log.error("the ends kept in %s are not of this version's shape: not taken (moved to %s/)", f, REJECTED_DIR)
+            try:  # (said once: not read again at every open)
+                (self._spill_dir / REJECTED_DIR).mkdir(mode=0o700, exist_ok=True)
+                os.replace(f, self._spill_dir / REJECTED_DIR / f.name)
+            except OSError:
+                pass
             return None
         return kept if kept.get("store") == str(self.path.absolute()) else None
 
-    def _save_spill_locked(self) -> None:
-        """Write this process's pending ends off the store's disk (under the lock): its own file, private and
-        synced; none pending: its file goes."""
+    def _save_spill_locked(self) -> bool:
+        """Write this store's pending ends off the store's disk (under the lock): its own file, private and
+        synced; none pending: its file goes. False when it could not be written (said in the log)."""
         from cluster.fsutil import write_atomic
 
         try:
             if not self._pending:
                 self._spill.unlink(missing_ok=True)
-                return
+                return True
             self._spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(self._spill, json.dumps({
                 "version": SPILL_VERSION, "store": str(self.path.absolute()), "process": self._identity_of_process,
                 "ends": {j: e.to_json() for j, e in self._pending.items()}}))
+            return True
         except OSError as e:
             log.error("the ends the job store %s cannot write cannot be kept in %s either (%s): a restart before "
                       "they are written resumes their jobs", self.path, self._spill, e)
+            return False
+
+    def _refuse(self) -> None:
+        """The store's refusal (`refusal`), raised: it takes no work, and reads nothing a caller could act on."""
+        if self.refusal is not None:
+            raise self.refusal
 
     def check_present(self) -> None:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
@@ -523,6 +541,7 @@ class JobStore:
             return self._status(self._conn, self._row(self._conn, job_id))
 
     def exists(self, job_id: str) -> bool:
+        self._refuse()
         with self._lock:
             return self._conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
@@ -572,6 +591,8 @@ class JobStore:
     def count_by_state(self) -> dict[str, int]:
         """How many jobs are in each state (for the jobs-by-state gauge; a read, so it answers on a
         full disk too)."""
+        if self.refusal is not None:  # (not the counts of a store it cannot use)
+            return {}
         with self._lock:
             counts = {state: n for state, n in self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
             for job_id, end in self._pending.items():
@@ -595,6 +616,7 @@ class JobStore:
     def runner_of(self, job_id: str) -> str | None:
         """Who runs the unfinished job `job_id`: its owner (or, for a job admitted before owners, its
         client); None when it has ended, does not exist or has neither."""
+        self._refuse()
         with self._lock:
             if job_id in self._pending:
                 return None
@@ -611,11 +633,13 @@ class JobStore:
                              (owner, job_id)).rowcount == 1
 
     def request_key(self, job_id: str) -> str | None:
+        self._refuse()
         with self._lock:
             return self._row(self._conn, job_id)["request_key"]
 
     def job_writing_to(self, output: str) -> str | None:
         """The id of an unfinished job whose request names `output`, if any."""
+        self._refuse()
         states = [s.value for s in JobState if not s.terminal]
         with self._lock:
             rows = self._conn.execute(f"SELECT id, request FROM jobs WHERE state IN "
@@ -637,6 +661,7 @@ class JobStore:
 
     def request(self, job_id: str) -> RenderRequest:
         """The stored request, validated; `JobCorrupt` (with the validation error as cause) if it is not."""
+        self._refuse()
         with self._lock:
             raw = self._row(self._conn, job_id)["request"]
         try:
@@ -646,12 +671,14 @@ class JobStore:
                              cause=str(e)[:2000]) from e
 
     def plan(self, job_id: str) -> dict | None:
+        self._refuse()
         with self._lock:
             raw = self._row(self._conn, job_id)["plan"]
         return json.loads(raw) if raw else None
 
     def done_chunks(self, job_id: str) -> dict[int, str]:
         """Chunk index -> segment path of every chunk recorded as rendered."""
+        self._refuse()
         with self._lock:
             rows = self._conn.execute("SELECT idx, segment FROM chunks WHERE job_id = ?", (job_id,)).fetchall()
         return {int(r["idx"]): r["segment"] for r in rows}
@@ -718,6 +745,7 @@ class JobStore:
         I/O error), the end is kept in memory (`PendingEnd`), reported as the job's state and
         written once a write succeeds again: a job still ends, truthfully, when the store cannot
         record it (the caller never sees the job stay unfinished for a failed write)."""
+        self._refuse()
         assert state.terminal
         end = PendingEnd(state, error, output, utcnow().isoformat())
         with self._lock:

@@ -93,7 +93,7 @@ def http_status(err: LipsyncError) -> int:
         return 429
     if code == "resource.disk":  # the storage root is full (or read-only): Insufficient Storage
         return 507
-    if code in ("service.unavailable", "render.timeout", "service.storage_lost"):
+    if code in ("service.unavailable", "render.timeout", "service.storage_lost", "service.store_too_new"):
         return 503
     return 500
 

@@ -255,16 +255,15 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
     except Exception as e:  # noqa: BLE001 - cannot tell: kept
         log.info("the cluster's code could not be read (%r): its job manager is kept", e)
         return []
-    if theirs.get("code") == current and theirs.get("store_refused") != "service.storage_lost":
-        return []  # (one whose store is gone, restarted by Ray after its root went, takes no work until replaced)
+    if theirs.get("code") == current:
+        return []
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a.get("namespace") == settings.namespace
              and (a["name"] in (ORCHESTRATOR_NAME, SIDECAR_NAME) or a["name"].startswith((MODEL_WORKER_PREFIX,
                                                                                           COMPOSITOR_PREFIX)))]
-    log.warning("the job manager on this cluster %s: it and its pool (%d actors) are replaced; its unfinished jobs "
-                "resume under the new one", "lost its job store (service.storage_lost)" if theirs.get("code") == current
-                else f"runs other code ({theirs.get('code') or 'from before code versions'}, the cluster's now "
-                     f"{current}: an earlier version?)", len(names))
+    log.warning("the job manager on this cluster runs other code (%s, the cluster's now %s: an earlier version?): it "
+                "and its pool (%d actors) are replaced; its unfinished jobs resume under the new one",
+                theirs.get("code") or "from before code versions", current, len(names))
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=settings.namespace), no_restart=True)

@@ -954,6 +954,9 @@ def test_serve_warns_of_live_tokens_that_expire_before_a_session_may_end(monkeyp
     try:
         monkeypatch.setenv("LIPSYNC_LIVE_TOKEN_TTL_S", "20")
         assert cli.main(["serve", "--port", "8299"]) == 1
+        assert "LIVE_TOKEN_TTL_S" not in capsys.readouterr().err  # without an API token URLs are unsigned: no expiry
+        monkeypatch.setenv("LIPSYNC_API_TOKEN", "secret")
+        assert cli.main(["serve", "--port", "8299"]) == 1
         said = capsys.readouterr().err
         assert "warning: LIPSYNC_LIVE_TOKEN_TTL_S (20) is below LIPSYNC_LIVE_MAX_SECONDS (3600)" in said
         monkeypatch.delenv("LIPSYNC_LIVE_TOKEN_TTL_S")

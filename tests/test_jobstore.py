@@ -184,14 +184,19 @@ print(s.end("told", JobState.failed, error=ErrorInfo(code="resource.disk", messa
         other.close()
     kept = list(spill.iterdir())
     assert len(kept) == 1 and json.loads(kept[0].read_text())["ends"]["told"]["state"] == "failed"
-    (spill / (kept[0].name.split("-")[0] + "-bad.json")).write_text('{"version": 1, "store": "%s", "ends": '
-                                                                     '{"running": {"state": "archived"}}}'
-                                                                     % db.absolute())
+    import socket
+
+    prefix = kept[0].name.split("-")[0]
+    gone = f"embedded:{socket.gethostname()}:999999:1.00"  # a process of this host that no longer runs
+    (spill / f"{prefix}-bad.json").write_text(json.dumps({"version": 1, "store": str(db.absolute()), "process": gone,
+                                                          "ends": {"running": {"state": "archived"}}}))
+    (spill / f"{prefix}-newer.json").write_text(json.dumps({"version": 2, "store": str(db.absolute()), "ends": {}}))
     again = JobStore(db, spill_dir=spill)  # (the bad file said and skipped: it opens)
     assert again.get("told").state == JobState.failed and again.get("told").error.code == "resource.disk"
     assert [j for j, _, _ in again.unfinished_owners()] == ["running"]  # only the job still running is resumed
     again.close()
-    assert [p.name for p in spill.iterdir()] == [kept[0].name.split("-")[0] + "-bad.json"]  # the gone one's: taken
+    assert [p.name for p in spill.iterdir()] == ["rejected"]  # the gone ones' taken (a bad entry skipped)...
+    assert [p.name for p in (spill / "rejected").iterdir()] == [f"{prefix}-newer.json"]  # ...another shape aside
     plain = sqlite3.connect(str(db))
     assert plain.execute("SELECT state FROM jobs WHERE id = 'told'").fetchone()[0] == "failed"
     plain.close()
@@ -428,11 +433,56 @@ def test_a_store_of_a_newer_format_is_refused_at_the_start(tmp_path):
     said = storage_root_problem(db)
     assert said and f"store format {STORE_FORMAT + 1}; this version reads up to {STORE_FORMAT}" in said, said
     refused = JobStore(db)
-    assert refused.unfinished_owners() == []
+    assert refused.unfinished_owners() == [] and refused.count_by_state() == {}
+    from service.errors import http_status
+
     for act in (lambda: refused.get("newer"), lambda: refused.list(), lambda: refused.create("x", REQ),
-                refused.check_present):
+                refused.check_present, lambda: refused.runner_of("newer"), lambda: refused.exists("newer"),
+                lambda: refused.request("newer"), lambda: refused.plan("newer"),
+                lambda: refused.end("newer", JobState.cancelled)):  # (a review: a cancel was told, and spilled)
         with pytest.raises(StoreTooNew) as e:
             act()
-        assert e.value.code == "service.store_too_new"
+        assert e.value.code == "service.store_too_new" and http_status(e.value) == 503  # (was 500)
+    assert refused.pending_ends() == {}
     refused.close()
     assert storage_root_problem(db) == said  # its format kept
+
+
+def test_ends_taken_from_a_gone_process_are_not_dropped_when_they_cannot_be_kept(tmp_path, monkeypatch):
+    """A review: a store that took a gone process's spilled end removed its file although it could neither write the
+    end (the database locked) nor keep it in a file of its own (the state directory full): one more restart resumed
+    a job its clients were told had failed. The file stays until the end is written or kept."""
+    import json
+    import socket
+    import sqlite3
+
+    from cluster import fsutil
+
+    db, spill = tmp_path / "jobs.sqlite3", tmp_path / "state"
+    s = JobStore(db, spill_dir=spill)
+    s.create("told", REQ)
+    s.close()
+    spill.mkdir(mode=0o700)
+    prefix = s._spill_prefix
+    left = spill / f"{prefix}-gone.json"
+    left.write_text(json.dumps({"version": 1, "store": str(db.absolute()),
+                                "process": f"embedded:{socket.gethostname()}:999999:1.00",
+                                "ends": {"told": {"state": "failed", "error": None, "output": None,
+                                                  "at": "2026-12-07T10:00:00+00:00"}}}))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "write_atomic", full)
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        taker = JobStore(db, busy_timeout_s=0.2, spill_dir=spill)
+        assert taker.get("told").state == JobState.failed  # reported as told
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert left.exists()  # neither written nor kept: not removed
+    monkeypatch.undo()
+    again = JobStore(db, spill_dir=spill)
+    assert again.get("told").state == JobState.failed and not left.exists()
