@@ -13,12 +13,22 @@ def task_cause(e: BaseException) -> BaseException:
 
 
 def actor_restarted() -> bool:
-    """Whether this actor's process is a restart of one that died (Ray's `was_current_actor_reconstructed`,
-    read without the deprecation warning Ray's own implementation raises in every actor's log)."""
-    import warnings
-
+    """Whether this actor's process is a restart of one that died (Ray's `was_current_actor_reconstructed`, whose
+    own implementation reads a deprecated property: that warning, from `ray.runtime_context` only, is filtered once
+    at import, not with a `catch_warnings` block, which swaps the process's filters and races other threads)."""
     import ray
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def _quiet_ray_deprecation() -> None:
+    import warnings
+
+    try:
+        from ray.util.annotations import RayDeprecationWarning
+    except ImportError:  # (another Ray: nothing to filter)
+        return
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module="ray.runtime_context")
+
+
+_quiet_ray_deprecation()

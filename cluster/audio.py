@@ -194,19 +194,39 @@ MAX_MODEL_GAIN_DB = 24.0
 LEVEL_WINDOW_S = 30.0
 
 
-def speech_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE,
-                      percentile: float = 98.0) -> float:
-    """The level of the loud part of the first `seconds` of `samples` (98th percentile of 20 ms frames' RMS,
-    dBFS; -inf for silence): bounded work, whatever the audio's length (a job's first chunk waits for it).
-    `percentile=10`: the level of its quiet part (the room between words: `model_input_gain_db`'s floor)."""
-    head = samples.read(0, min(len(samples), int(seconds * sample_rate))).astype(np.float64)
+def _frame_rms(samples: "SampleFile", seconds: float, sample_rate: int, of_file: bool = False) -> np.ndarray:
+    """RMS of the 20 ms frames of the first `seconds` of `samples` (`of_file`: of the file's own samples only,
+    not the silence a sync mode pads it with): bounded work, whatever the audio's length."""
+    n_read = min(len(samples), samples.n_file if of_file else len(samples), int(seconds * sample_rate))
+    head = samples.read(0, n_read).astype(np.float64)
     frame = sample_rate // 50
     n = len(head) // frame
-    if n == 0:
+    return np.sqrt((head[:n * frame].reshape(n, frame) ** 2).mean(axis=1))
+
+
+def speech_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE) -> float:
+    """The level of the loud part of the first `seconds` of `samples` (98th percentile of 20 ms frames' RMS,
+    dBFS; -inf for silence): bounded work, whatever the audio's length (a job's first chunk waits for it)."""
+    rms = _frame_rms(samples, seconds, sample_rate)
+    if len(rms) == 0:
         return float("-inf")
-    rms = np.sqrt((head[:n * frame].reshape(n, frame) ** 2).mean(axis=1))
-    loud = float(np.percentile(rms, percentile))
+    loud = float(np.percentile(rms, 98))
     return 20.0 * np.log10(loud) if loud > 0 else float("-inf")
+
+
+#: Frames quieter than this (dBFS) are digital silence (an edited file's zeroed lead-in), not a room
+DIGITAL_SILENCE_DBFS = -100.0
+
+
+def room_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE) -> float:
+    """The level of the room between the words of the first `seconds` of the file's own samples (10th percentile of
+    its 20 ms frames' RMS, digital silence left out: zeros would say there is no room at all); -inf when it is all
+    digital silence. `model_input_gain_db`'s floor."""
+    rms = _frame_rms(samples, seconds, sample_rate, of_file=True)
+    rms = rms[rms > 10 ** (DIGITAL_SILENCE_DBFS / 20)]
+    if len(rms) == 0:
+        return float("-inf")
+    return 20.0 * float(np.log10(np.percentile(rms, 10)))
 
 
 #: The loudest the room between words may reach the model at (dBFS): louder, the built-in model's mouth opens on it

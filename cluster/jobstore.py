@@ -317,23 +317,30 @@ class JobStore:
             return
         taken = []
         for f in sorted(self._spill_dir.glob(self._spill_prefix + "-*.json")):
-            kept = self._read_spill(f)
-            if kept is None or f == self._spill:
-                continue
-            with self._lock:
-                for job_id, d in kept["ends"].items():
-                    try:
-                        end = PendingEnd.from_json(d)
-                    except (KeyError, TypeError, ValueError) as e:  # (a ValidationError is a ValueError)
-                        log.error("the end kept for job %s in %s cannot be read (%s): skipped", job_id, f, e)
-                        continue
-                    row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                    if row is not None and not JobState(row["state"]).terminal and job_id not in self._pending:
-                        self._pending[job_id] = end
-                        log.warning("job %s: its end (%s), told before a restart but not written then, is kept",
-                                    job_id, end.state.value)
-            if identity_gone(kept.get("process")):  # its process is gone: its ends are this store's to keep
-                taken.append(f)
+            try:
+                kept = self._read_spill(f)
+                if kept is None or f == self._spill:
+                    continue
+                skipped = False
+                with self._lock:
+                    for job_id, d in kept["ends"].items():
+                        try:
+                            end = PendingEnd.from_json(d)
+                        except (KeyError, TypeError, ValueError) as e:  # (a ValidationError is a ValueError)
+                            log.error("the end kept for job %s in %s cannot be read (%s): skipped", job_id, f, e)
+                            skipped = True
+                            continue
+                        row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                        if row is not None and not JobState(row["state"]).terminal and job_id not in self._pending:
+                            self._pending[job_id] = end
+                            log.warning("job %s: its end (%s), told before a restart but not written then, is kept",
+                                        job_id, end.state.value)
+                if skipped:  # (an end it could not read stays where a person can look at it)
+                    self._reject(f)
+                elif identity_gone(kept["process"]):  # its process is gone: its ends are this store's to keep
+                    taken.append(f)
+            except Exception:  # noqa: BLE001 - one file never stops the store from opening
+                log.exception("the ends kept in %s could not be taken", f)
         if self._pending:
             with self._lock:  # what it took is this store's to write now: in its own file first
                 kept_here = self._save_spill_locked()
@@ -341,7 +348,10 @@ class JobStore:
             if not kept_here and self._pending:  # (neither kept nor written: the files stay for a later store)
                 return
         for f in taken:  # (their ends written, kept in this store's file, or their jobs ended meanwhile)
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as e:  # (a read-only state directory: taken again, harmlessly, by a later store)
+                log.warning("the ends kept in %s were taken but the file cannot be removed: %s", f, e)
 
     def _read_spill(self, f: Path) -> dict | None:
         """The content of spill file `f` when this user's, in this version's shape and of this store; else None."""
@@ -360,15 +370,21 @@ class JobStore:
         except (OSError, ValueError) as e:
             log.error("the ends kept for %s in %s cannot be read: %s", self.path, f, e)
             return None
-        if not isinstance(kept, dict) or kept.get("version") != SPILL_VERSION or not isinstance(kept.get("ends"), dict):
-            log.error("the ends kept in %s are not of this version's shape: not taken (moved to %s/)", f, REJECTED_DIR)
-            try:  # (said once: not read again at every open)
-                (self._spill_dir / REJECTED_DIR).mkdir(mode=0o700, exist_ok=True)
-                os.replace(f, self._spill_dir / REJECTED_DIR / f.name)
-            except OSError:
-                pass
+        if not isinstance(kept, dict) or kept.get("version") != SPILL_VERSION \
+                or not isinstance(kept.get("ends"), dict) or not isinstance(kept.get("process"), str):
+            log.error("the ends kept in %s are not of this version's shape: not taken", f)
+            self._reject(f)
             return None
         return kept if kept.get("store") == str(self.path.absolute()) else None
+
+    def _reject(self, f: Path) -> None:
+        """Move spill file `f` to `REJECTED_DIR` beside it (said once: not read again at every open)."""
+        try:
+            (self._spill_dir / REJECTED_DIR).mkdir(mode=0o700, exist_ok=True)
+            os.replace(f, self._spill_dir / REJECTED_DIR / f.name)
+            log.error("%s moved to %s/ for a person to look at", f, REJECTED_DIR)
+        except OSError as e:
+            log.error("%s cannot be moved to %s/: %s", f, REJECTED_DIR, e)
 
     def _save_spill_locked(self) -> bool:
         """Write this store's pending ends off the store's disk (under the lock): its own file, private and
