@@ -205,7 +205,7 @@ class JobManager:
         return self.workers()
 
     async def ping(self) -> bool:
-        """An answer from this process's event loop (the sidecar's watch: `ServiceSidecar._watch_manager`)."""
+        """An answer from this process's event loop (the sidecar's watch: `actors.service_support.watch_manager`)."""
         return True
 
     def workers(self) -> dict:

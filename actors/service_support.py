@@ -268,10 +268,7 @@ class ServiceSidecar:
             self._watch(job_id, url)
         if settings.retention_days > 0:
             self._retention = asyncio.get_event_loop().create_task(self._retain())
-        self._manager_watch = asyncio.get_event_loop().create_task(self._watch_manager())
-
-    async def _watch_manager(self) -> None:
-        await watch_manager(self.s)
+        self._manager_watch = asyncio.get_event_loop().create_task(watch_manager(self.s))
 
     async def _retain(self) -> None:
         """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""

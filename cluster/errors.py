@@ -259,7 +259,6 @@ class StoreTooNew(StorageLost):
     """The job store was written by a newer version, in a format this one would misread (HTTP 503): it takes no
     work; serve it with that version or a later one."""
     code = "service.store_too_new"
-    retryable = False
 
 
 class JobNotFinished(LipsyncError):

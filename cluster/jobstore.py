@@ -414,8 +414,7 @@ class JobStore:
         """`StorageLost` when the path no longer names the file this store opened (a storage root deleted or
         replaced while the service ran: its writes went to an unlinked file, the jobs it accepted answered
         until a restart lost them, and a second service took the same root)."""
-        if self.refusal is not None:
-            raise self.refusal
+        self._refuse()
         try:
             now = _identity(self.path)
         except OSError as e:  # a stale NFS handle, an I/O error, a root that became a file: not the store it was
@@ -550,8 +549,7 @@ class JobStore:
         )
 
     def get(self, job_id: str) -> JobStatus:
-        if self.refusal is not None:  # (not "no such job": the job may well be in the store it cannot use)
-            raise self.refusal
+        self._refuse()  # (not "no such job": the job may well be in the store it cannot use)
         with self._lock:
             self._maybe_flush()
             return self._status(self._conn, self._row(self._conn, job_id))
@@ -565,8 +563,7 @@ class JobStore:
              before: str | None = None) -> list[JobStatus]:
         """Newest first; `before`: only jobs older than that job (a page after the one it ended: new jobs
         submitted meanwhile do not shift it, as they shift an offset)."""
-        if self.refusal is not None:
-            raise self.refusal
+        self._refuse()
         with self._lock:
             after = None
             if before is not None:

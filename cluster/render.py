@@ -34,7 +34,7 @@ from cluster.errors import (
 )
 from cluster.fsutil import fsync_dir, fsync_file, sweep_temporaries, temporary_name
 from cluster.resources import RESERVATIONS, check_job_disk, disk_full_guard
-from cluster.schemas import BUILTIN_MODEL, Chunk, MediaInfo, RenderRequest
+from cluster.schemas import Chunk, MediaInfo, RenderRequest
 
 if TYPE_CHECKING:
     from cluster.audio import SampleFile
@@ -408,15 +408,9 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
 
         model_size = load_model(model, s).size
     from cluster.models import crop_for_spec
+    from cluster.models.builtin import builtin_model_file_for
 
     crop = crop_for_spec(model, request.crop, s)
-    m = BUILTIN_MODEL.match(model.strip())
-    if m:
-        from cluster.models.builtin import builtin_model_file
-
-        model_file = str(builtin_model_file(s, int(m.group(1) or 256)))
-    else:
-        model_file = ""
     return JobPlan(
         job_id=job_id, job_dir=str(jd), audio_path=audio_path, audio_duration=n_fitted / 16000.0,
         mel_path=str(mel_path), avatar_id=avatar.id, template_path=avatar.template_path,
@@ -427,7 +421,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         crf=request.crf if request.crf is not None else s.crf,  # fixed for the job: a restart with another
         # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
-        model_gain_db=gain_db, model_file=model_file,
+        model_gain_db=gain_db, model_file=builtin_model_file_for(model, s),
     )
 
 
@@ -495,12 +489,10 @@ def with_planned_model(plan: JobPlan, settings: Settings) -> JobPlan:
     is not this version's), with that model's file, so that the whole video is one model's. (An upgrade probe's
     job, resumed, showed the old model's mouth up to 86 s and the new one's after.) Unchanged where the file is
     this version's, or gone (said in the log: the remaining chunks render with this version's)."""
-    m = BUILTIN_MODEL.match(plan.model.strip())
-    if not m or not plan.model_file:
-        return plan
-    from cluster.models.builtin import builtin_model_file
+    from cluster.models.builtin import builtin_model_file_for
 
-    if plan.model_file == str(builtin_model_file(settings, int(m.group(1) or 256))):
+    current = builtin_model_file_for(plan.model, settings)
+    if not current or not plan.model_file or plan.model_file == current:
         return plan
     if not Path(plan.model_file).is_file():
         log.warning("job %s was planned with the built-in model %s, which no longer exists: its remaining chunks "

@@ -112,7 +112,7 @@ class Backend:
         # neither takes its compat uploads as inputs nor sweeps its files
         mine = hashlib.sha256(f"{settings.storage_root.resolve()}\0{settings.namespace}".encode()).hexdigest()[:12]
         self.tmp_root = private_dir(private_dir(Path(tempfile.gettempdir()) / f"lipsync-ingress-{os.getuid()}") / mine)
-        self._identity = process_identity()
+        self.identity = process_identity()  # this ingress process's (its request directories, its audio sockets)
         sweep_request_dirs(self.tmp_root, max(3600.0, 2 * settings.upload_idle_timeout_s))
         # (and those of a version before per-service directories, kept beside them: by age)
         sweep_request_dirs(self.tmp_root.parent, max(3600.0, 2 * settings.upload_idle_timeout_s))
@@ -221,7 +221,7 @@ class Backend:
 
     def tmpdir(self) -> Path:
         d = Path(tempfile.mkdtemp(prefix="req-", dir=self.tmp_root))
-        (d / OWNER_FILE).write_text(self._identity)  # whose it is (`sweep_request_dirs`)
+        (d / OWNER_FILE).write_text(self.identity)  # whose it is (`sweep_request_dirs`)
         return d
 
     async def stage_input(self, value: str, field: str, tmpdir: Path) -> str:

@@ -78,10 +78,9 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
     stopped = lambda: stop is not None and stop.is_set()  # noqa: E731
     if stopped():  # asked to stop while Ray started: boot nothing more (no pool started only to be stopped)
         return urls
-    if address:  # what of a service runs on the cluster already (a detached job manager, Serve) is reused
+    if address:  # what of a service runs on the cluster already (a detached job manager, Serve) is reused,
         _check_joined_serve(address, host, port, port_busy, settings, stop)
-    if address:  # a job manager and pool that another code (an earlier version) left there: replaced
-        replace_other_code(settings)
+        replace_other_code(settings)  # but a job manager and pool that another code (an earlier version) left there
     rt = Runtime(settings)
     rt.manager()  # the named job manager exists before the first request; it resumes unfinished jobs
     if address:
@@ -224,6 +223,13 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
         time.sleep(0.5)
 
 
+def _code_here() -> str:
+    """`cluster.code_version` of the process this runs in (a task: the code of the node it is placed on)."""
+    from cluster import code_version
+
+    return code_version()
+
+
 def replace_other_code(settings: Settings, timeout_s: float | None = None) -> list[str]:
     """On a joined cluster: the detached actors of this namespace (the job manager, the service's sidecar, the
     model workers and compositors) outlive a service's stop, and the next `lipsync serve` reused them whatever code
@@ -236,22 +242,22 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
     from actors import ORCHESTRATOR_NAME
     from actors.service_support import SIDECAR_NAME
     from actors.supervision import COMPOSITOR_PREFIX, MODEL_WORKER_PREFIX
-    from cluster import code_version
 
+    timeout_s = timeout_s or settings.actor_call_timeout_s
     try:
         manager = ray.get_actor(ORCHESTRATOR_NAME, namespace=settings.namespace)
     except ValueError:
         return []
     try:
-        theirs = ray.get(manager.workers.remote(), timeout=timeout_s or settings.actor_call_timeout_s)["manager"]
+        theirs = ray.get(manager.workers.remote(), timeout=timeout_s)["manager"]
     except Exception as e:  # noqa: BLE001 - dead, restarting or hung: not this check's to judge
         log.info("the job manager on the cluster did not say which code it runs (%r): kept", e)
         return []
     try:  # what a job manager made now would run: the cluster's code (its nodes' installation, not this client's)
         from actors.orchestrator import storage_node_placement
 
-        current = ray.get(ray.remote(num_cpus=0)(code_version).options(**storage_node_placement(settings)).remote(),
-                          timeout=timeout_s or settings.actor_call_timeout_s)
+        current = ray.get(ray.remote(num_cpus=0)(_code_here).options(**storage_node_placement(settings)).remote(),
+                          timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 - cannot tell: kept
         log.info("the cluster's code could not be read (%r): its job manager is kept", e)
         return []
@@ -269,7 +275,7 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
             ray.kill(ray.get_actor(name, namespace=settings.namespace), no_restart=True)
         except ValueError:  # gone meanwhile
             continue
-    deadline = time.monotonic() + (timeout_s or settings.actor_call_timeout_s)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # their names are free once Ray has them dead (a new one of that name)
         left = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a.get("namespace") == settings.namespace} & set(names)

@@ -474,8 +474,6 @@ def undecodable_frames(source: str, stream: int = 0, timeout_s: float = 600.0) -
     frames its edit list hides (discarded: never shown). (0, frames so far) when it takes over `timeout_s`."""
     import av
 
-    from cluster.media.ffmpeg import file_url
-
     decoded = packets = 0
     started = False
     give_up = time.monotonic() + timeout_s

@@ -793,6 +793,15 @@ def builtin_model_file(settings: Settings, size: int = 256) -> Path:
     return settings.dir("models") / f"builtin-s{int(size)}-{generator_fingerprint(size)}.onnx"
 
 
+def builtin_model_file_for(spec: str, settings: Settings) -> str:
+    """This version's built-in model file for the model spec `spec` (`builtin[:S]`: `builtin_model_file`), "" for
+    any other spec: what a job's plan names as the model it was planned with."""
+    from cluster.schemas import BUILTIN_MODEL
+
+    m = BUILTIN_MODEL.match(spec.strip())
+    return str(builtin_model_file(settings, int(m.group(1) or 256))) if m else ""
+
+
 def builtin_model_path(settings: Settings | None = None, size: int = 256) -> Path:
     """Path of the built-in model file for crop side `size` under `settings.dir("models")`,
     generated on first use (atomic write) and reused while the generator is unchanged."""

@@ -41,10 +41,18 @@ async def readyz(request: Request, backend: Backend = Depends(get_backend)) -> J
     status, body = cached[1]
     if status != 200:
         code, message = body
-        lost = code in (StorageLost.code, StoreTooNew.code)  # (no wait mends these: no Retry-After)
-        return error_response(status, code, message, None,
-                              None if lost else {"Retry-After": str(backend.settings.retry_after_s)})
+        return error_response(status, code, message, None,  # (no wait mends a lost store: no Retry-After)
+                              None if code in STORE_REFUSED else {"Retry-After": str(backend.settings.retry_after_s)})
     return JSONResponse(body)
+
+
+#: Why the job manager takes no work, by code, in words that name no path (the route is public): no wait mends these
+STORE_REFUSED = {
+    StorageLost.code: "the job store was removed or replaced under this service: it takes no work until it is "
+                      "restarted on a storage root that holds its store",
+    StoreTooNew.code: "the job store was written by a newer version of the service: it takes no work; serve it "
+                      "with that version or a later one",
+}
 
 
 async def _readiness(backend: Backend) -> tuple[int, dict | tuple[str, str]]:
@@ -54,12 +62,9 @@ async def _readiness(backend: Backend) -> tuple[int, dict | tuple[str, str]]:
         state = await backend.gateway.ready(timeout=2.0)
     except (LipsyncError, asyncio.TimeoutError) as e:
         log.info("readiness: the job manager is not ready: %s", e)
-        if getattr(e, "code", None) == StorageLost.code:
-            return 503, (StorageLost.code, "the job store was removed or replaced under this service: it takes no "
-                         "work until it is restarted on a storage root that holds its store")
-        if getattr(e, "code", None) == StoreTooNew.code:
-            return 503, (StoreTooNew.code, "the job store was written by a newer version of the service: it takes "
-                         "no work; serve it with that version or a later one")
+        code = getattr(e, "code", None)
+        if code in STORE_REFUSED:
+            return 503, (code, STORE_REFUSED[code])
         return 503, ("service.not_ready", "the job manager is not ready")
     live = [m for m in state.get("models", []) if m.get("health") == "live"]
     comps = [m for m in state.get("compositors", []) if m.get("health") == "live"]

@@ -29,7 +29,6 @@ browser cannot read a refused handshake's status):
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import re
@@ -330,13 +329,6 @@ def _ended_text(session_id: str, view: dict) -> str:
     if because and view.get("reason") == "max_seconds" and view.get("max_seconds"):
         because += f" ({view['max_seconds']:g} s)"
     return f"session {session_id} is {view.get('state')}" + (f": {because}" if because else "")
-
-
-@functools.cache
-def _ingress_identity() -> str:
-    from cluster.owners import process_identity
-
-    return process_identity()
 
 
 @router.get("", response_model=list[SessionView], summary="The live sessions not yet ended, by id")
@@ -711,7 +703,8 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
         await _close(websocket, 4415, f"sample_rate {rate} not offered: this session takes {raw['sample_rate']} "
                                     f"(rates offered: {', '.join(map(str, RATES))})")
         return
-    lease = f"{uuid.uuid4().hex}|{_ingress_identity()}"  # (which process holds it: `actors.live.socket_holds`)
+    # (which process holds it: `actors.live.socket_holds`)
+    lease = f"{uuid.uuid4().hex}|{websocket.app.state.backend.identity}"
     try:
         if not await _ask(settings, session_id, actor, "attach", lease, timeout=settings.actor_call_timeout_s):
             await _close(websocket, 4409, "another audio socket is open on this session")
