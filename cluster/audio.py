@@ -229,23 +229,112 @@ def room_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, samp
     return 20.0 * float(np.log10(np.percentile(rms, 10)))
 
 
-#: The loudest the room between words may reach the model at (dBFS): louder, the built-in model's mouth opens on it
-#: (white noise: still at -55 dBFS, half open at -50, open from -45 as for speech); a quiet recording's gain stops
-#: there. (The model opens on a room that loud without any gain too: a noise gate is not built.)
+#: The loudest the room between words may reach the model at (dBFS), where the model hears it (`denoise`: False):
+#: louder, the built-in model's mouth opens on it (white noise: still at -55 dBFS, half open at -50, open from -45 as
+#: for speech); a quiet recording's gain stops there.
 NOISE_CEILING_DBFS = -56.0
+#: The same where the room is taken out of the model's input (`denoise_mel`): with a room at -35 dBFS (white or pink)
+#: under speech at -10, the pauses stayed still and speech opened the mouth 0.86x as far as without the room (built-in
+#: model, 2026-12-07); -40 keeps a margin.
+DENOISED_NOISE_CEILING_DBFS = -40.0
 
 
-def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf")) -> float:
+def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf"), denoise: bool = True) -> float:
     """How much louder the model hears speech whose level is `level_dbfs` (`speech_level_dbfs`): up to
     `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence. Never so
-    much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS`: a quiet
-    recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
+    much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS` (or
+    `DENOISED_NOISE_CEILING_DBFS` where the room is taken out of the model's input, `denoise`): a quiet recording
+    with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
     if not np.isfinite(level_dbfs):
         return 0.0
     gain = min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB)
     if np.isfinite(floor_dbfs):
-        gain = min(gain, max(NOISE_CEILING_DBFS - floor_dbfs, 0.0))
+        ceiling = DENOISED_NOISE_CEILING_DBFS if denoise else NOISE_CEILING_DBFS
+        gain = min(gain, max(ceiling - floor_dbfs, 0.0))
     return float(gain)
+
+
+# --- the room under the speech, taken out of the model's input -------------------------------------------
+# The built-in model opens the mouth on any sound in the speech band from about -50 dBFS: a room (a fan, a phone's
+# or a laptop's own noise) that loud moved the mouth in every pause. Its spectrum is measured between the words and
+# taken out of each mel column (spectral subtraction on the mel bands' magnitudes): a band within 1.5x the room's
+# magnitude falls DENOISE_DEPTH_DB, a band of speech well above it stays. Measured on synthetic speech at -10 dBFS
+# (built-in model, 2026-12-07, the output's mean difference from silence's): pauses 3.0-5.5 levels with a room of
+# -50 to -35 dBFS (white or pink), 0.00 with it taken out; quiet speech 4.2-4.7 (4.8 without any room), loud speech
+# 5.5 either way. Only a room loud enough to matter is taken out: a clean recording's model input is as it was.
+
+#: Mel bands (by centre) whose magnitude the room's level is read in: the speech band the built-in model opens on
+ROOM_BAND_HZ = (300.0, 3000.0)
+#: The room is taken out from this speech-band level (dB of the mel bands' mean magnitude, `room_level_db`): white
+#: noise at -60 dBFS reads -68.2 (-63.3 at -55 dBFS, where the built-in model's mouth still stays still)
+DENOISE_FROM_DB = -68.0
+#: Spectral subtraction: each band loses this many times the room's magnitude...
+DENOISE_OVERSUBTRACTION = 1.5
+#: ...and keeps at least this much of its own (dB below it): no band falls to nothing
+DENOISE_DEPTH_DB = 30.0
+#: The room's columns: the quietest this percent of a stretch's columns (digital silence left out)
+ROOM_PERCENTILE = 5.0
+
+
+def mel_magnitude(norm: np.ndarray) -> np.ndarray:
+    """The mel bands' magnitudes (float64) of normalised mel values: `_mel_blocks`' normalisation undone."""
+    db = (np.asarray(norm, np.float64) + MAX_ABS_VALUE) * (-MIN_LEVEL_DB / (2 * MAX_ABS_VALUE)) + MIN_LEVEL_DB
+    return 10.0 ** ((db + REF_LEVEL_DB) / 20.0)
+
+
+def _normalised(magnitude: np.ndarray) -> np.ndarray:
+    """Wav2Lip's normalised log-mel values (float32, [-4, 4]) of mel magnitudes (float64, overwritten)."""
+    np.maximum(magnitude, 1e-5, out=magnitude)
+    db = 20.0 * np.log10(magnitude) - REF_LEVEL_DB
+    norm = (2 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
+    return np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _room_band() -> np.ndarray:
+    centres = mel_band_edges()[1:-1]
+    return (centres >= ROOM_BAND_HZ[0]) & (centres <= ROOM_BAND_HZ[1])
+
+
+def room_level_db(room: np.ndarray) -> float:
+    """The speech-band level of a room's mel magnitudes (`room_spectrum`): dB of the bands' mean magnitude."""
+    return float(20.0 * np.log10(max(float(np.mean(np.asarray(room)[_room_band()])), 1e-12)))
+
+
+def room_spectrum(norm: np.ndarray) -> np.ndarray | None:
+    """The room's mel magnitudes (float64 [80]) under the speech of the normalised mel columns `norm` [80, T]: the
+    mean of its quietest `ROOM_PERCENTILE` percent of columns by speech-band level, digital silence (a column at the
+    floor in every band) left out; None where there is none, or where the room is too quiet to move the model's
+    mouth (`DENOISE_FROM_DB`): such a recording's model input is left as it is."""
+    norm = np.asarray(norm)
+    if norm.ndim != 2 or norm.shape[0] != N_MELS:
+        raise ValueError(f"mel must be [80, T], got shape {norm.shape}")
+    heard = norm[:, (norm > -MAX_ABS_VALUE).any(axis=0)]
+    if heard.shape[1] == 0:
+        return None
+    magnitude = mel_magnitude(heard)
+    level = magnitude[_room_band()].mean(axis=0)
+    room = magnitude[:, level <= np.percentile(level, ROOM_PERCENTILE)].mean(axis=1)
+    return room if room_level_db(room) >= DENOISE_FROM_DB else None
+
+
+def denoise_mel(norm: np.ndarray, room: np.ndarray | None) -> np.ndarray:
+    """Normalised mel columns `norm` [80, T] with the room's magnitudes `room` (`room_spectrum`) taken out of each
+    band: max(m - DENOISE_OVERSUBTRACTION * room, m * 10^(-DENOISE_DEPTH_DB / 20)); float32. Column by column, so
+    any stretch of columns gives the columns of the whole. `room` None: `norm` as it is."""
+    if room is None:
+        return norm
+    magnitude = mel_magnitude(norm)
+    kept = magnitude * 10.0 ** (-DENOISE_DEPTH_DB / 20.0)
+    magnitude -= DENOISE_OVERSUBTRACTION * np.asarray(room, np.float64)[:, None]
+    return _normalised(np.maximum(magnitude, kept, out=magnitude))
+
+
+def file_room_spectrum(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S) -> np.ndarray | None:
+    """`room_spectrum` of the first `seconds` of the file's own samples (as `samples.read` gives them: with its gain),
+    not the silence a sync mode pads it with: bounded work, whatever the audio's length."""
+    n = min(len(samples), samples.n_file, int(seconds * SAMPLE_RATE))
+    return room_spectrum(melspectrogram(samples.read(0, n))) if n > 0 else None
 
 
 def _pump_stdout(run, deadline: float, timeout_message: str, take: Callable[[int], int]) -> None:
@@ -371,7 +460,7 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
 
 
 def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int, path: str | os.PathLike,
-                         columns: int | None = None) -> int:
+                         columns: int | None = None, room: np.ndarray | None = None) -> int:
     """`melspectrogram` of the `n_samples`-sample signal that `read(lo, hi)` returns samples of,
     written to `path` as a .npy file (float32 [80, T], the same bytes as `np.save` of the whole
     spectrogram) block by block: memory stays a few MB whatever the length. Atomic (a temporary
@@ -379,7 +468,8 @@ def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int,
 
     `columns`: only the first columns, at least that many (whole blocks of the computation, so
     each column is bit for bit the one the whole spectrogram has; all of them when fewer): reads
-    only the samples they cover. A job's first chunk renders from these (`mel_head_columns`)."""
+    only the samples they cover. A job's first chunk renders from these (`mel_head_columns`).
+    `room`: a room's mel magnitudes taken out of every column (`denoise_mel`)."""
     from cluster.fsutil import publish
 
     path = Path(path)
@@ -392,7 +482,7 @@ def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int,
         del header
         with open(tmp, "r+b") as f:
             fd = f.fileno()
-            for f0, _f1, block in _mel_blocks(read, int(n_samples), n_frames):
+            for f0, _f1, block in _mel_blocks(read, int(n_samples), n_frames, room):
                 for row in range(N_MELS):
                     os.pwrite(fd, block[row].tobytes(), offset + (row * n_frames + f0) * 4)
             os.fsync(fd)
@@ -403,10 +493,11 @@ def write_melspectrogram(read: Callable[[int, int], np.ndarray], n_samples: int,
     return n_frames
 
 
-def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int, stop: int | None = None):
+def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int, stop: int | None = None,
+                room: np.ndarray | None = None):
     """(f0, f1, float32 [80, f1-f0]) over the mel frames of an `n`-sample signal (the first `stop`
     of them), `read(lo, hi)` giving its samples [lo, hi) (each block reads only the samples its
-    frames cover)."""
+    frames cover); with `room`, that room taken out (`denoise_mel`)."""
     n_frames = mel_frame_count(n) if stop is None else min(stop, mel_frame_count(n))
     basis = mel_filterbank()
     window = _hann(WIN)
@@ -419,11 +510,7 @@ def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int, stop: int | None
         seg = _preemphasized_padded(read, n, a, b, pad)
         frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
         spec = np.abs(np.fft.rfft(frames * window, axis=1))  # [frames, 401]
-        mel = basis @ spec.T  # [80, frames] float64
-        np.maximum(mel, 1e-5, out=mel)
-        db = 20.0 * np.log10(mel) - REF_LEVEL_DB
-        norm = (2 * MAX_ABS_VALUE) * ((db - MIN_LEVEL_DB) / (-MIN_LEVEL_DB)) - MAX_ABS_VALUE
-        yield f0, f1, np.clip(norm, -MAX_ABS_VALUE, MAX_ABS_VALUE).astype(np.float32)
+        yield f0, f1, denoise_mel(_normalised(basis @ spec.T), room)  # [80, frames]
 
 
 def _preemphasized_padded(read: Callable[[int, int], np.ndarray], n: int, a: int, b: int, pad: int) -> np.ndarray:

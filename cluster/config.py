@@ -53,6 +53,10 @@ class Settings(BaseSettings):
                                   "ingress) requires, e.g. lipsync_head on KubeRay's head; empty: none")
 
     # --- rendering ------------------------------------------------------------------------
+    denoise_model_input: bool = Field(True, description="take a room loud enough to move the mouth (a fan, a "
+                                      "phone's own noise) out of what the model hears, measured between the words "
+                                      "(the output's audio is unchanged); a clean recording's model input is as it "
+                                      "was")
     chunk_seconds: float = Field(2.0, gt=0.1, le=60, description="output seconds per chunk: the unit a compositor "
                                  "renders, retries and writes as one H.264 segment")
     first_chunk_seconds: float = Field(0.25, ge=0, le=60, description="length of a job's first chunk, so its "

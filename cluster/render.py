@@ -81,6 +81,8 @@ class JobPlan(BaseModel):
     decoded_samples: int = 0  # 16 kHz samples the audio input decoded to
     audio_samples: int = 0    # samples of the signal the mel describes (the audio fitted to the sync mode)
     model_gain_db: float = 0.0  # how much louder than the file the model hears the speech (quiet recordings)
+    # the room's mel magnitudes (80) taken out of the model's input (`cluster.audio.denoise_mel`); empty: none
+    model_room: list[float] = Field(default_factory=list)
     # the built-in model's file the job was planned with: a job resumed by another version renders its remaining
     # chunks with it, not with that version's built-in model (another mouth from one chunk on)
     model_file: str = ""
@@ -350,10 +352,12 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     from cluster.audio import (
         SampleFile,
         decode_audio_to_file,
+        file_room_spectrum,
         mel_columns_needed,
         mel_frame_count,
         mel_head_columns,
         model_input_gain_db,
+        room_level_db,
         room_level_dbfs,
         speech_level_dbfs,
         write_melspectrogram,
@@ -388,19 +392,23 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps)
         level, floor = speech_level_dbfs(samples), room_level_dbfs(samples)
-        gain_db = round(model_input_gain_db(level, floor), 2)
+        gain_db = round(model_input_gain_db(level, floor, s.denoise_model_input), 2)
         if gain_db:  # a quiet recording: the model hears it at a usual level (the output's audio is unchanged)
             log.info("job %s: its speech is at %.1f dBFS (the room between words at %.1f): the model hears it %.1f dB "
                      "louder", job_id, level, floor, gain_db, extra={"job_id": job_id})
             samples = SampleFile(samples.f, samples.n_file, len(samples), gain_db=gain_db)
+        room = file_room_spectrum(samples) if s.denoise_model_input else None
+        if room is not None:
+            log.info("job %s: the room between its words (%.1f dB in the speech band, as the model hears it) is taken "
+                     "out of the model's input", job_id, room_level_db(room), extra={"job_id": job_id})
         chunks = make_chunks(frames_total, fps, request.chunk_seconds or s.chunk_seconds, s.first_chunk_seconds)
         mel_path, head_path = jd / "mel.npy", ""
         head = mel_columns_needed(fps, chunks[0].stop)
         if defer_mel and len(chunks) > 1 and mel_head_columns(head, len(samples)) < mel_frame_count(len(samples)):
             head_path = str(jd / "mel-head.npy")
-            write_melspectrogram(samples.read, len(samples), head_path, columns=head)
+            write_melspectrogram(samples.read, len(samples), head_path, columns=head, room=room)
         else:
-            write_melspectrogram(samples.read, len(samples), mel_path)
+            write_melspectrogram(samples.read, len(samples), mel_path, room=room)
     n_fitted = len(samples)
     model = request.model or s.model
     if model_size is None:
@@ -422,6 +430,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
         model_gain_db=gain_db, model_file=builtin_model_file_for(model, s),
+        model_room=[] if room is None else [float(x) for x in room],
     )
 
 
@@ -455,7 +464,8 @@ def write_job_mel(plan: JobPlan, request: RenderRequest, settings: Settings | No
                                               f"{plan.decoded_samples} when it was prepared", path=request.audio,
                                               **where)
             samples = SampleFile(raw, n_samples, plan.audio_samples, gain_db=plan.model_gain_db)
-            write_melspectrogram(samples.read, len(samples), tmp)
+            write_melspectrogram(samples.read, len(samples), tmp, room=np.array(plan.model_room) if plan.model_room
+                                 else None)
         head = np.load(plan.mel_head_path, mmap_mode="r")
         whole = np.load(tmp, mmap_mode="r")
         if not np.array_equal(head, whole[:, :head.shape[1]]):

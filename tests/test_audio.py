@@ -339,3 +339,53 @@ def test_float_audio_holding_nan_or_infinity_is_refused_naming_where(tmp_path, b
     samples[int(1.5 * SR):int(1.5 * SR) + 100] = 0.0  # the same file without them decodes
     scipy.io.wavfile.write(path, SR, samples)
     assert audio.load_audio(str(path)).size == 3 * SR
+
+
+def _room(seconds: float, dbfs: float, seed: int = 7, pink: bool = False) -> np.ndarray:
+    g = np.random.default_rng(seed).normal(0.0, 1.0, int(seconds * 16000))
+    if pink:
+        f = np.fft.rfft(g)
+        f[1:] /= np.sqrt(np.arange(1, len(f)))
+        g = np.fft.irfft(f, len(g))
+    return (g / g.std() * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+def _band_level(m: np.ndarray) -> np.ndarray:
+    """dB of each column's speech band, as the built-in model reads it (the bands' mean magnitude)."""
+    return 20 * np.log10(audio.mel_magnitude(m[audio._room_band()]).mean(axis=0))
+
+
+def test_a_room_loud_enough_to_move_the_mouth_is_measured_and_taken_out_of_each_column():
+    """`room_spectrum` finds a room only where it is loud enough to move the built-in model's mouth (white noise
+    from -60 dBFS), from the quietest columns; `denoise_mel` drops a band at the room's level by DENOISE_DEPTH_DB,
+    keeps speech well above it, works column by column and leaves a recording without such a room as it was."""
+    speech = synth.speech_like(8.0, seed=5).astype(np.float32)  # about -10 dBFS, its pauses exact zeros
+    clean = audio.melspectrogram(speech)
+    assert audio.room_spectrum(clean) is None  # zeros are no room, and quiet speech is none either
+    assert audio.room_spectrum(audio.melspectrogram(speech + _room(8.0, -70))) is None  # too quiet to move it
+    assert audio.room_spectrum(np.full((80, 50), -4.0, np.float32)) is None  # digital silence only
+    for pink in (False, True):
+        noisy = audio.melspectrogram(speech + _room(8.0, -45, pink=pink))
+        room = audio.room_spectrum(noisy)
+        assert room is not None
+        level = audio.room_level_db(room)
+        alone = audio.room_level_db(audio.mel_magnitude(audio.melspectrogram(_room(8.0, -45, pink=pink))).mean(axis=1))
+        assert abs(level - alone) < 1.5, (level, alone)  # the room, not the speech
+        out = audio.denoise_mel(noisy, room)
+        assert out.dtype == np.float32 and out.shape == noisy.shape
+        assert np.array_equal(audio.denoise_mel(noisy[:, 123:345], room), out[:, 123:345])
+        band = audio._room_band()
+        quiet = clean[band].max(axis=0) <= -4.0  # columns of the pauses: the room alone there
+        loud = clean[band].mean(axis=0) > np.percentile(clean[band].mean(axis=0), 80)  # vowels' columns
+
+        drop = (_band_level(noisy) - _band_level(out))[quiet]
+        assert drop.mean() > 0.6 * audio.DENOISE_DEPTH_DB, drop.mean()  # bands the room's own swing lifts fall less
+        assert np.abs(_band_level(out) - _band_level(clean))[loud].mean() < 1.0  # speech as it is without the room
+    assert audio.denoise_mel(clean, None) is clean
+
+
+def test_the_model_hears_the_room_only_where_it_is_gain_allows():
+    """With the room taken out, a quiet recording may be raised until its room reaches -40 dBFS; without, -56."""
+    assert audio.model_input_gain_db(-30.0, -65.0) == 18.0  # in full: its room reaches -47, taken out
+    assert audio.model_input_gain_db(-30.0, -65.0, denoise=False) == 9.0
+    assert audio.model_input_gain_db(-30.0, -50.0) == 10.0

@@ -49,6 +49,44 @@ def test_streaming_mel_columns_equal_the_whole_files_and_only_final_ones_are_use
         assert np.array_equal(seen, mel_windows(whole, fps, 0, k)[:, :, :, :3])
 
 
+def test_a_sessions_room_is_taken_out_of_its_speech_as_it_arrives_however_it_is_cut():
+    """A live session measures the room under its speech as it arrives (the last 10 s of columns, again after each
+    second, `RoomTracker`) and takes it out of the columns after the first second; the columns do not depend on
+    how the stream was cut into appends, so a restarted session's replay gives the same."""
+    from cluster import audio, synth
+    from cluster.live.speech import RoomTracker
+
+    speech = synth.speech_like(6.0, seed=5).astype(np.float32)
+    room = np.random.default_rng(7).normal(0.0, 10 ** (-45 / 20), len(speech)).astype(np.float32)
+    pcm = np.clip((speech + room) * 32768, -32768, 32767).astype(np.int16)
+
+    def columns(seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        streamed = SpeechInput(16000, Fraction(25), columns_needed=3, denoise=True)
+        for part in _chunks(pcm, rng, 3000):
+            streamed.append(part.tobytes())
+        streamed.end()
+        return np.concatenate([u.mel[:, :u.columns] for u in streamed.utterances], axis=1)
+
+    first = columns(1)
+    assert np.array_equal(first, columns(2))
+    heard = melspectrogram(pcm.astype(np.float32) / 32768)
+    assert first.shape == heard.shape
+    second = RoomTracker().every
+    assert np.array_equal(first[:, :second], heard[:, :second])  # the first second: nothing measured yet
+    band = audio._room_band()
+    pauses = np.flatnonzero(melspectrogram(speech)[band].max(axis=0) <= -4.0)
+    pauses = pauses[pauses >= second]
+    assert len(pauses) > 40
+    level = 20 * np.log10(audio.mel_magnitude(first[band][:, pauses]).mean(axis=0))
+    as_heard = 20 * np.log10(audio.mel_magnitude(heard[band][:, pauses]).mean(axis=0))
+    assert (as_heard - level).mean() > 15, (as_heard - level).mean()
+    plain = SpeechInput(16000, Fraction(25), columns_needed=3)
+    plain.append(pcm.tobytes())
+    plain.end()
+    assert np.array_equal(plain.utterances[0].mel[:, :plain.utterances[0].columns], heard)  # denoise off: as heard
+
+
 def _stream_and_render(pcm: np.ndarray, rate: int, seed: int) -> tuple[list, list, list]:
     """Feed `pcm` in random chunks, plan and commit what is ready (every seventh batch rolled back
     first, as a model fault does), end the speech halfway and at the end: (the mel windows and

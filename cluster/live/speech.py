@@ -16,7 +16,19 @@ from fractions import Fraction
 
 import numpy as np
 
-from cluster.audio import HOP, MEL_STEP, N_FFT, N_MELS, SAMPLE_RATE, mel_frame_count, mel_window_starts, melspectrogram
+from cluster.audio import (
+    HOP,
+    MEL_COLUMNS_PER_SECOND,
+    MEL_STEP,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE,
+    denoise_mel,
+    mel_frame_count,
+    mel_window_starts,
+    melspectrogram,
+    room_spectrum,
+)
 from cluster.plan import frame_count_from_samples
 
 #: PCM rates a session accepts (s16le mono).
@@ -135,6 +147,36 @@ def _drop_head(buf: np.ndarray, base: int, keep_from: int, end: int, axis: int =
 TRIM_MIN_ENTRIES = 1 << 16
 
 
+class RoomTracker:
+    """The room under a live session's speech, measured as it arrives (the batch path measures a file's first 30 s
+    once: `cluster.audio.file_room_spectrum`): `room_spectrum` of the last `window_s` of mel columns received, over
+    every utterance, measured again after each `every_s`; each column is taken through `denoise_mel` with the room
+    measured before its stretch of `every_s`, so the columns do not depend on how the stream was cut into appends
+    (a restarted session's replay gives the same). The session's first `every_s` is heard as it is."""
+
+    def __init__(self, window_s: float = 10.0, every_s: float = 1.0) -> None:
+        self.every = max(1, round(every_s * MEL_COLUMNS_PER_SECOND))
+        self.window = max(self.every, round(window_s * MEL_COLUMNS_PER_SECOND))
+        self._recent = np.full((N_MELS, self.window), -4.0, np.float32)  # a ring of the last columns, as received
+        self.seen = 0  # columns received
+        self.room: np.ndarray | None = None
+
+    def take(self, norm: np.ndarray) -> np.ndarray:
+        """The next columns of the session (`[80, n]`, normalised), with the room taken out."""
+        out = np.empty_like(norm)
+        i, n = 0, norm.shape[1]
+        while i < n:
+            k = min(n - i, self.every - self.seen % self.every)
+            out[:, i:i + k] = denoise_mel(norm[:, i:i + k], self.room)
+            at = (self.seen + np.arange(k)) % self.window
+            self._recent[:, at] = norm[:, i:i + k]
+            self.seen += k
+            i += k
+            if self.seen % self.every == 0:
+                self.room = room_spectrum(self._recent[:, :min(self.seen, self.window)])
+        return out
+
+
 class Utterance:
     """One stretch of speech (until `end`): its 16 kHz samples and the mel columns that are final.
 
@@ -145,10 +187,11 @@ class Utterance:
 
     Not thread-safe by itself; `cluster.live.session` holds a lock around it."""
 
-    def __init__(self, fps: Fraction, columns_needed: int, index: int = 0) -> None:
+    def __init__(self, fps: Fraction, columns_needed: int, index: int = 0, room: RoomTracker | None = None) -> None:
         self.fps = Fraction(fps)
         self.columns_needed = int(columns_needed)
         self.index = index
+        self.room = room  # the session's room, taken out of the model's input (None: it hears the speech as it is)
         self.samples = np.zeros(1 << 16, np.float32)
         self._s0 = 0
         self.n = 0  # 16 kHz samples received
@@ -233,7 +276,8 @@ class Utterance:
         part = melspectrogram(self.samples[s0 - self._s0:s1 - self._s0])
         off = s0 // HOP
         self.mel = _grown(self.mel, c0 - self._c0, c1 - self._c0, axis=1)
-        self.mel[:, c0 - self._c0:c1 - self._c0] = part[:, c0 - off:c1 - off]
+        part = part[:, c0 - off:c1 - off]
+        self.mel[:, c0 - self._c0:c1 - self._c0] = part if self.room is None else self.room.take(part)
         self.columns = c1
 
     # --- frames ---------------------------------------------------------------------------------
@@ -283,12 +327,13 @@ class SpeechInput:
     """What a session received: PCM at the declared rate, cut into utterances, with the byte
     offset of the stream (for idempotent appends and resumed sockets)."""
 
-    def __init__(self, rate: int, fps: Fraction, columns_needed: int) -> None:
+    def __init__(self, rate: int, fps: Fraction, columns_needed: int, denoise: bool = False) -> None:
         if rate not in SESSION_RATES:
             raise ValueError(f"sample rate {rate} is not offered (16000, 24000 or 48000)")
         self.rate = rate
         self.fps = Fraction(fps)
         self.columns_needed = columns_needed
+        self.room = RoomTracker() if denoise else None  # `Settings.denoise_model_input`
         self.lock = threading.RLock()
         self.bytes_received = 0
         self.utterances: list[Utterance] = []
@@ -296,7 +341,7 @@ class SpeechInput:
 
     def current(self) -> Utterance:
         if not self.utterances or self.utterances[-1].ended:
-            self.utterances.append(Utterance(self.fps, self.columns_needed, len(self.utterances)))
+            self.utterances.append(Utterance(self.fps, self.columns_needed, len(self.utterances), self.room))
             self._resampler = StreamResampler(self.rate)
         return self.utterances[-1]
 
