@@ -329,12 +329,17 @@ class JobManager:
         return self.get(job_id)
 
     def get(self, job_id: str) -> JobStatus:
+        from cluster.hls import stream_published
+        from cluster.render import job_dir
+
         st = self.machine.status(job_id)
         if st.state == JobState.succeeded and st.output:
             try:
                 st.output_bytes = os.path.getsize(st.output)
             except OSError:
                 st.output_bytes = None
+        if st.state.terminal:  # a watch_url is given only to a stream there is (purged with its output elsewhere)
+            st.stream_gone = not stream_published(job_dir(job_id, self.s))
         return st
 
     async def wait(self, job_id: str, timeout: float) -> JobStatus:

@@ -56,6 +56,11 @@ def hls_dir(job_dir: str | Path) -> Path:
     return Path(job_dir) / HLS_DIR
 
 
+def stream_published(job_dir: str | Path) -> bool:
+    """Whether the job in `job_dir` has an HLS playlist on disk (none before its first segment, none once purged)."""
+    return (hls_dir(job_dir) / PLAYLIST).is_file()
+
+
 def stage_file(path: Path, data: bytes, sync: bool = True) -> Path:
     """`data` in a temporary file next to `path`, on disk (fsynced; without `sync` the caller
     calls `sync_files` before publishing): `link_once` publishes it."""

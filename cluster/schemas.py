@@ -177,6 +177,7 @@ class JobStatus(BaseModel):
     request: RenderRequest | None = None
     stages: list[StageTime] = Field(default_factory=list)
     jobs_ahead: int | None = None  # rendering, none of its chunks on a compositor yet: the jobs served before it
+    stream_gone: bool = False  # ended, and no HLS playlist of it on disk (never made, purged): no watch_url
 
     @property
     def progress(self) -> float:

@@ -39,7 +39,7 @@ def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | No
     service's, not shown (`without_root`)."""
     out = None
     expired = st.state == JobState.succeeded and st.output is not None and st.output_bytes is None
-    if expired:  # its output and stream are gone: no URL to either
+    if expired or st.stream_gone:  # its stream is gone (or was never made): no URL to it
         watch_url = None
     if st.state == JobState.succeeded:
         if st.output_bytes is not None:

@@ -181,3 +181,25 @@ def test_a_job_waiting_for_its_first_compositor_says_so_and_how_many_jobs_go_fir
     assert (view(JobState.rendering, None).stage, view(JobState.rendering, None).jobs_ahead) == ("render", None)
     for state, stage in ((JobState.queued, "queued"), (JobState.finalizing, "finalize"), (JobState.succeeded, "done")):
         assert (view(state, 3).stage, view(state, 3).jobs_ahead) == (stage, None)
+
+
+def test_an_ended_job_without_a_stream_on_disk_has_no_watch_url(tmp_path):
+    """A job purged whose output lies outside the storage root (`lipsync render -o`, kept: not `expired`) still
+    gave a watch_url to a stream that answered 410; so did a job that ended before its first segment. The job
+    manager says an ended job's stream is gone where no playlist is on disk (`stream_published`)."""
+    from cluster.hls import PLAYLIST, hls_dir, stream_published
+    from cluster.views import job_view
+
+    job = tmp_path / "jobs" / "j1"
+    assert not stream_published(job)
+    hls_dir(job).mkdir(parents=True)
+    assert not stream_published(job)  # a directory before its first segment is no stream
+    (hls_dir(job) / PLAYLIST).write_text("#EXTM3U\n")
+    assert stream_published(job)
+    kept = JobStatus(id="j1", state=JobState.succeeded, output="/home/me/out.mp4", output_bytes=1000)
+    assert job_view(kept, watch_url="/v1/jobs/j1/hls/index.m3u8").watch_url == "/v1/jobs/j1/hls/index.m3u8"
+    purged = kept.model_copy(update={"stream_gone": True})
+    view = job_view(purged, watch_url="/v1/jobs/j1/hls/index.m3u8")
+    assert view.watch_url is None and view.expired is False and view.output is not None
+    failed = JobStatus(id="j2", state=JobState.failed, stream_gone=True)
+    assert job_view(failed, watch_url="/v1/jobs/j2/hls/index.m3u8").watch_url is None
