@@ -271,18 +271,11 @@ class ServiceSidecar:
         self._manager_watch = asyncio.get_event_loop().create_task(watch_manager(self.s))
 
     async def _retain(self) -> None:
-        """Retention sweeps (cluster.retention), every hour or a tenth of the retention period."""
+        """Retention sweeps (`cluster.retention.sweep_periodically`)."""
         from cluster.jobstore import JobStore
-        from cluster.retention import sweep
+        from cluster.retention import sweep_periodically
 
-        store = JobStore(self.s.db_path, must_exist=actor_restarted())
-        period = max(10.0, min(3600.0, self.s.retention_days * 86400 / 10))  # not a busy loop for a tiny one
-        while True:
-            try:
-                await asyncio.to_thread(sweep, self.s, store)
-            except Exception:  # logged; the next sweep tries again
-                log.exception("retention sweep failed")
-            await asyncio.sleep(period)
+        await sweep_periodically(self.s, JobStore(self.s.db_path, must_exist=actor_restarted()))
 
     def _watch(self, job_id: str, url: str) -> None:
         if job_id not in self._tasks or self._tasks[job_id].done():

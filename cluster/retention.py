@@ -32,6 +32,24 @@ from cluster.schemas import JobState, JobStatus
 log = logging.getLogger("lipsync.retention")
 
 
+async def sweep_periodically(settings: Settings, store: JobStore) -> None:
+    """`sweep` now and every hour, or every tenth of the retention period; a failed sweep is logged and the next one
+    tries again. A store that refuses its work (lost, or of a newer format: `JobStore.refusal`) is said once and
+    not swept: nothing would change until the service starts again (it logged a traceback every period)."""
+    import asyncio
+
+    if store.refusal is not None:
+        log.error("retention does not sweep: %s", store.refusal.message)
+        return
+    period = max(10.0, min(3600.0, settings.retention_days * 86400 / 10))  # not a busy loop for a tiny one
+    while True:
+        try:
+            await asyncio.to_thread(sweep, settings, store)
+        except Exception:  # logged; the next sweep tries again
+            log.exception("retention sweep failed")
+        await asyncio.sleep(period)
+
+
 def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> list[str]:
     """Remove what retention allows; the ids of the jobs whose files were removed."""
     if settings.retention_days <= 0:

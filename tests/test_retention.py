@@ -224,3 +224,21 @@ def test_a_sweep_against_a_store_replaced_under_it_removes_nothing(tmp_path):
     with pytest.raises(StorageLost):
         sweep(s, store, now=datetime.now(timezone.utc) + timedelta(days=2))
     assert (s.dir("jobs") / "done" / "segments").is_dir()
+
+
+def test_a_store_that_refuses_its_work_is_not_swept_every_period(tmp_path, caplog):
+    """A sidecar whose store is lost (its root deleted, the actor restarted by Ray) logged a traceback of
+    `service.storage_lost` at every retention period for as long as it ran; it says so once and stops."""
+    import asyncio
+    import logging
+
+    from cluster.retention import sweep_periodically
+
+    s = Settings(storage_root=tmp_path / "gone", retention_days=1)
+    lost = JobStore(tmp_path / "gone" / "jobs.sqlite3", must_exist=True)
+    assert lost.refusal is not None
+    with caplog.at_level(logging.ERROR, logger="lipsync.retention"):
+        asyncio.run(asyncio.wait_for(sweep_periodically(s, lost), 5))  # returns: no loop left running
+    said = [r for r in caplog.records if r.name == "lipsync.retention"]
+    assert len(said) == 1 and "retention does not sweep" in said[0].getMessage() and not said[0].exc_info, said
+    assert "storage" in said[0].getMessage()
