@@ -316,7 +316,9 @@ class JobView(BaseModel):
                                           "(or the last part of a URL or path) of its audio and video, or its "
                                           "avatar_id and avatar (the avatar's name, where it has one)")
     watch_url: str | None = Field(None, description="the job's HLS playlist, playable while it renders "
-                                  "(signed and expiring when the service has a token: no header needed)")
+                                  "(signed and expiring when the service has a token: no header needed); null "
+                                  "for an ended job that has no stream (it ended before its first segment, or its "
+                                  "files were removed)")
     jobs_ahead: int | None = Field(None, description="a rendering job none of whose chunks has reached a compositor "
                                    "yet (its `stage` is then `waiting`): how many other jobs get a chunk before its "
                                    "first (jobs share the compositors chunk by chunk, round-robin); null once it "
