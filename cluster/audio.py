@@ -229,28 +229,23 @@ def room_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, samp
     return 20.0 * float(np.log10(np.percentile(rms, 10)))
 
 
-#: The loudest the room between words may reach the model at (dBFS), where the model hears it (`denoise`: False):
-#: louder, the built-in model's mouth opens on it (white noise: still at -55 dBFS, half open at -50, open from -45 as
-#: for speech); a quiet recording's gain stops there.
+#: The loudest the room between words may reach the model at (dBFS): louder, the built-in model's mouth opens on it
+#: (white noise: still at -55 dBFS, half open at -50, open from -45 as for speech); a quiet recording's gain stops
+#: there. (The room is also taken out of the model's input, `denoise_mel`; the gain does not count on that: a room
+#: that varies between the pauses, e.g. a phone's noise suppression, is measured lower than some of its pauses are.)
 NOISE_CEILING_DBFS = -56.0
-#: The same where the room is taken out of the model's input (`denoise_mel`): with a room at -35 dBFS (white or pink)
-#: under speech at -10, the pauses stayed still and speech opened the mouth 0.86x as far as without the room (built-in
-#: model, 2026-12-07); -40 keeps a margin.
-DENOISED_NOISE_CEILING_DBFS = -40.0
 
 
-def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf"), denoise: bool = True) -> float:
+def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf")) -> float:
     """How much louder the model hears speech whose level is `level_dbfs` (`speech_level_dbfs`): up to
     `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence. Never so
-    much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS` (or
-    `DENOISED_NOISE_CEILING_DBFS` where the room is taken out of the model's input, `denoise`): a quiet recording
-    with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
+    much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS`: a quiet
+    recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
     if not np.isfinite(level_dbfs):
         return 0.0
     gain = min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB)
     if np.isfinite(floor_dbfs):
-        ceiling = DENOISED_NOISE_CEILING_DBFS if denoise else NOISE_CEILING_DBFS
-        gain = min(gain, max(ceiling - floor_dbfs, 0.0))
+        gain = min(gain, max(NOISE_CEILING_DBFS - floor_dbfs, 0.0))
     return float(gain)
 
 
@@ -261,13 +256,18 @@ def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf"), de
 # magnitude falls DENOISE_DEPTH_DB, a band of speech well above it stays. Measured on synthetic speech at -10 dBFS
 # (built-in model, 2026-12-07, the output's mean difference from silence's): pauses 3.0-5.5 levels with a room of
 # -50 to -35 dBFS (white or pink), 0.00 with it taken out; quiet speech 4.2-4.7 (4.8 without any room), loud speech
-# 5.5 either way. Only a room loud enough to matter is taken out: a clean recording's model input is as it was.
+# 5.5 either way. Only a room loud enough to matter, and well under the speech, is taken out: a clean recording's
+# model input is as it was, and so is a voice without pauses (a held vowel, singing: its quietest columns are the
+# voice itself, which the subtraction would have taken for the room and cut by up to 4x).
 
 #: Mel bands (by centre) whose magnitude the room's level is read in: the speech band the built-in model opens on
 ROOM_BAND_HZ = (300.0, 3000.0)
 #: The room is taken out from this speech-band level (dB of the mel bands' mean magnitude, `room_level_db`): white
-#: noise at -60 dBFS reads -68.2 (-63.3 at -55 dBFS, where the built-in model's mouth still stays still)
-DENOISE_FROM_DB = -68.0
+#: noise at -60 dBFS reads -68.2 on average, -69.2 in its quietest columns as `room_spectrum` takes them (-63.3 on
+#: average at -55 dBFS, where the built-in model's mouth still stays still)
+DENOISE_FROM_DB = -70.0
+#: ...where it lies at least this far under the speech's loud columns (their 98th percentile, the same band)
+ROOM_UNDER_SPEECH_DB = 15.0
 #: Spectral subtraction: each band loses this many times the room's magnitude...
 DENOISE_OVERSUBTRACTION = 1.5
 #: ...and keeps at least this much of its own (dB below it): no band falls to nothing
@@ -304,8 +304,9 @@ def room_level_db(room: np.ndarray) -> float:
 def room_spectrum(norm: np.ndarray) -> np.ndarray | None:
     """The room's mel magnitudes (float64 [80]) under the speech of the normalised mel columns `norm` [80, T]: the
     mean of its quietest `ROOM_PERCENTILE` percent of columns by speech-band level, digital silence (a column at the
-    floor in every band) left out; None where there is none, or where the room is too quiet to move the model's
-    mouth (`DENOISE_FROM_DB`): such a recording's model input is left as it is."""
+    floor in every band) left out; None where there is none, where the room is too quiet to move the model's mouth
+    (`DENOISE_FROM_DB`), or where it is not well under the loud columns (`ROOM_UNDER_SPEECH_DB`: no pause, so the
+    quietest columns are the voice): such a recording's model input is left as it is."""
     norm = np.asarray(norm)
     if norm.ndim != 2 or norm.shape[0] != N_MELS:
         raise ValueError(f"mel must be [80, T], got shape {norm.shape}")
@@ -315,7 +316,9 @@ def room_spectrum(norm: np.ndarray) -> np.ndarray | None:
     magnitude = mel_magnitude(heard)
     level = magnitude[_room_band()].mean(axis=0)
     room = magnitude[:, level <= np.percentile(level, ROOM_PERCENTILE)].mean(axis=1)
-    return room if room_level_db(room) >= DENOISE_FROM_DB else None
+    at = room_level_db(room)
+    loud = 20.0 * np.log10(max(float(np.percentile(level, 98)), 1e-12))
+    return room if DENOISE_FROM_DB <= at <= loud - ROOM_UNDER_SPEECH_DB else None
 
 
 def denoise_mel(norm: np.ndarray, room: np.ndarray | None) -> np.ndarray:
@@ -324,10 +327,14 @@ def denoise_mel(norm: np.ndarray, room: np.ndarray | None) -> np.ndarray:
     any stretch of columns gives the columns of the whole. `room` None: `norm` as it is."""
     if room is None:
         return norm
-    magnitude = mel_magnitude(norm)
+    return _normalised(_without_room(mel_magnitude(norm), room))
+
+
+def _without_room(magnitude: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """`denoise_mel`'s subtraction on mel magnitudes [80, T] (float64, overwritten; returned)."""
     kept = magnitude * 10.0 ** (-DENOISE_DEPTH_DB / 20.0)
     magnitude -= DENOISE_OVERSUBTRACTION * np.asarray(room, np.float64)[:, None]
-    return _normalised(np.maximum(magnitude, kept, out=magnitude))
+    return np.maximum(magnitude, kept, out=magnitude)
 
 
 def file_room_spectrum(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S) -> np.ndarray | None:
@@ -510,7 +517,9 @@ def _mel_blocks(read: Callable[[int, int], np.ndarray], n: int, stop: int | None
         seg = _preemphasized_padded(read, n, a, b, pad)
         frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
         spec = np.abs(np.fft.rfft(frames * window, axis=1))  # [frames, 401]
-        yield f0, f1, denoise_mel(_normalised(basis @ spec.T), room)  # [80, frames]
+        magnitude = basis @ spec.T  # [80, frames]
+        # (the room taken out before the log: `denoise_mel` on the normalised values costs two more conversions)
+        yield f0, f1, _normalised(magnitude if room is None else _without_room(magnitude, room))
 
 
 def _preemphasized_padded(read: Callable[[int, int], np.ndarray], n: int, a: int, b: int, pad: int) -> np.ndarray:

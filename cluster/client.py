@@ -645,8 +645,10 @@ class Job:
 
     @property
     def watch_url(self) -> str | None:
-        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player."""
-        watch = (self.view.watch_url if self.view is not None else None) or self._watch
+        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player. None once
+        the last view seen says the job has no stream (it ended before its first segment, or its files were
+        removed)."""
+        watch = self.view.watch_url if self.view is not None else self._watch
         return self.client.absolute(watch) if watch else None
 
     def segments(self, timeout: float | None = None) -> Iterator[HlsSegment]:
@@ -1057,8 +1059,10 @@ class AsyncJob:
 
     @property
     def watch_url(self) -> str | None:
-        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player."""
-        watch = (self.view.watch_url if self.view is not None else None) or self._watch
+        """The job's HLS playlist (absolute; signed when the service has a token): give it to a player. None once
+        the last view seen says the job has no stream (it ended before its first segment, or its files were
+        removed)."""
+        watch = self.view.watch_url if self.view is not None else self._watch
         return self.client.absolute(watch) if watch else None
 
     def segments(self, timeout: float | None = None) -> AsyncIterator[HlsSegment]:

@@ -57,8 +57,9 @@ def hls_dir(job_dir: str | Path) -> Path:
 
 
 def stream_published(job_dir: str | Path) -> bool:
-    """Whether the job in `job_dir` has an HLS playlist on disk (none before its first segment, none once purged)."""
-    return (hls_dir(job_dir) / PLAYLIST).is_file()
+    """Whether the job in `job_dir` has a stream to play: its first chunk's marker is published (none before its
+    first segment, none once its files are removed). The playlist itself is made on request (`hls_index`)."""
+    return (hls_dir(job_dir) / f"{0:05d}.json").is_file()
 
 
 def stage_file(path: Path, data: bytes, sync: bool = True) -> Path:

@@ -392,7 +392,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps)
         level, floor = speech_level_dbfs(samples), room_level_dbfs(samples)
-        gain_db = round(model_input_gain_db(level, floor, s.denoise_model_input), 2)
+        gain_db = round(model_input_gain_db(level, floor), 2)
         if gain_db:  # a quiet recording: the model hears it at a usual level (the output's audio is unchanged)
             log.info("job %s: its speech is at %.1f dBFS (the room between words at %.1f): the model hears it %.1f dB "
                      "louder", job_id, level, floor, gain_db, extra={"job_id": job_id})

@@ -45,6 +45,8 @@ async def sweep_periodically(settings: Settings, store: JobStore) -> None:
     while True:
         try:
             await asyncio.to_thread(sweep, settings, store)
+        except LipsyncError as e:  # typed (a store removed or replaced since: `check_present`): said, without a trace
+            log.error("retention sweep failed: %s", e.message)
         except Exception:  # logged; the next sweep tries again
             log.exception("retention sweep failed")
         await asyncio.sleep(period)

@@ -363,6 +363,14 @@ def test_a_room_loud_enough_to_move_the_mouth_is_measured_and_taken_out_of_each_
     clean = audio.melspectrogram(speech)
     assert audio.room_spectrum(clean) is None  # zeros are no room, and quiet speech is none either
     assert audio.room_spectrum(audio.melspectrogram(speech + _room(8.0, -70))) is None  # too quiet to move it
+    assert audio.room_spectrum(audio.melspectrogram(speech + _room(8.0, -60))) is not None  # as README says
+    # a voice without pauses (a held vowel, as singing holds it): its quietest columns are the voice, not a room
+    # (taken for one, 1.5x of it subtracted closed the mouth on most frames of a quiet one)
+    t = np.arange(16000 * 4) / 16000
+    vowel = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((150, 300, 450, 700, 1100, 2400), 1))
+    for dbfs in (-22, -42):
+        held = (vowel / np.sqrt(np.mean(vowel ** 2)) * 10 ** (dbfs / 20) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t)))
+        assert audio.room_spectrum(audio.melspectrogram(held.astype(np.float32))) is None, dbfs
     assert audio.room_spectrum(np.full((80, 50), -4.0, np.float32)) is None  # digital silence only
     for pink in (False, True):
         noisy = audio.melspectrogram(speech + _room(8.0, -45, pink=pink))
@@ -383,9 +391,3 @@ def test_a_room_loud_enough_to_move_the_mouth_is_measured_and_taken_out_of_each_
         assert np.abs(_band_level(out) - _band_level(clean))[loud].mean() < 1.0  # speech as it is without the room
     assert audio.denoise_mel(clean, None) is clean
 
-
-def test_the_model_hears_the_room_only_where_it_is_gain_allows():
-    """With the room taken out, a quiet recording may be raised until its room reaches -40 dBFS; without, -56."""
-    assert audio.model_input_gain_db(-30.0, -65.0) == 18.0  # in full: its room reaches -47, taken out
-    assert audio.model_input_gain_db(-30.0, -65.0, denoise=False) == 9.0
-    assert audio.model_input_gain_db(-30.0, -50.0) == 10.0

@@ -186,16 +186,15 @@ def test_a_job_waiting_for_its_first_compositor_says_so_and_how_many_jobs_go_fir
 def test_an_ended_job_without_a_stream_on_disk_has_no_watch_url(tmp_path):
     """A job purged whose output lies outside the storage root (`lipsync render -o`, kept: not `expired`) still
     gave a watch_url to a stream that answered 410; so did a job that ended before its first segment. The job
-    manager says an ended job's stream is gone where no playlist is on disk (`stream_published`)."""
-    from cluster.hls import PLAYLIST, hls_dir, stream_published
+    manager says an ended job's stream is gone where its first chunk's marker is not on disk (`stream_published`)."""
+    from cluster.hls import hls_dir, stream_published
     from cluster.views import job_view
 
     job = tmp_path / "jobs" / "j1"
     assert not stream_published(job)
     hls_dir(job).mkdir(parents=True)
-    assert not stream_published(job)  # a directory before its first segment is no stream
-    (hls_dir(job) / PLAYLIST).write_text("#EXTM3U\n")
-    assert stream_published(job)
+    assert not stream_published(job)  # a directory before its first segment is no stream (a rendered job's is
+    # tests/test_hls.py::test_a_rendered_jobs_stream_is_published_until_its_files_are_removed)
     kept = JobStatus(id="j1", state=JobState.succeeded, output="/home/me/out.mp4", output_bytes=1000)
     assert job_view(kept, watch_url="/v1/jobs/j1/hls/index.m3u8").watch_url == "/v1/jobs/j1/hls/index.m3u8"
     purged = kept.model_copy(update={"stream_gone": True})

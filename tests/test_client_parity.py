@@ -222,6 +222,35 @@ def test_every_job_view_the_sdk_gives_has_urls_a_player_can_open():
             assert view.output.url == "http://api.test/v1/jobs/j1/result"
 
 
+def test_a_jobs_watch_url_is_the_last_views_once_it_has_one():
+    """`Job.watch_url` fell back to the URL given at submission where the last view had none: a job that ended
+    before its first segment, or whose files were removed, still gave a player a stream that answered 404/410."""
+    accepted = {"id": "j1", "state": "queued", "watch_url": "/v1/jobs/j1/hls/index.m3u8?token=t"}
+    failed = {**VIEW, "state": "failed", "watch_url": None}
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json=accepted)
+        return httpx.Response(200, json=failed)
+
+    def call(c):
+        job = c.submit("/data/a.wav", video="/data/v.mp4")
+        if isinstance(c, Client):
+            before = job.watch_url
+            job.status()
+            return before, job.watch_url
+
+        async def go():
+            j = await job
+            before = j.watch_url
+            await j.status()
+            return before, j.watch_url
+        return go()
+
+    for outcome, _ in _both(handler, call):
+        assert outcome == ("http://api.test/v1/jobs/j1/hls/index.m3u8?token=t", None), outcome
+
+
 def test_a_wait_whose_server_stops_answering_ends_in_wait_timeout_at_its_deadline():
     def handler(request: httpx.Request, n: int) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)

@@ -84,6 +84,26 @@ def local_job(tmp_path_factory, speech_wav, astronaut_video):
     return {"plan": plan, "settings": s, "model": model, "output": info.path}
 
 
+def test_a_rendered_jobs_stream_is_published_until_its_files_are_removed(local_job):
+    """`stream_published` (an ended job's watch_url is given only where it holds) on a job rendered as the service
+    renders it: true once its chunks are published, false once retention or a purge removed its files. (Its first
+    version looked for a playlist on disk, which the service never writes: every ended job lost its watch_url.)"""
+    import shutil
+
+    from cluster.hls import stream_published
+    from cluster.retention import remove_job_files
+    from cluster.schemas import JobState, JobStatus
+
+    plan = local_job["plan"]
+    assert stream_published(plan.job_dir)
+    copy = Path(plan.job_dir).parent / "hls-local-copy"
+    shutil.copytree(plan.job_dir, copy)  # (the module's other tests read the job's own files)
+    assert stream_published(copy)
+    root = Path(plan.job_dir).parent.parent
+    assert remove_job_files(JobStatus(id=copy.name, state=JobState.succeeded), root.resolve())
+    assert not stream_published(copy)
+
+
 def test_decoded_hls_equals_the_final_mp4(local_job, tmp_path):
     from cluster.hls import hls_dir, published_chunks
 
