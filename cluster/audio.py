@@ -21,7 +21,7 @@ import numpy as np
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, InputTooLong, InputUnreadable, MediaError, NoAudioStream
 from cluster.media.ffmpeg import PROTOCOL_WHITELIST, FFmpeg, ffmpeg_args, file_url
-from cluster.media.probe import check_decoded_length, speech_stream
+from cluster.media.probe import check_decoded_length, speech_channel, speech_stream
 
 SAMPLE_RATE = 16000
 N_FFT = 800
@@ -47,12 +47,14 @@ _NO_STREAM_MARKERS = ("does not contain any stream", "matches no streams")
 def _decode_args(path: str, sample_rate: int) -> list[str]:
     import ffmpeg  # ffmpeg-python builds the command line
 
+    channel = speech_channel(path)  # None: the mix of its channels; else one of them (the mix cancels)
+    mono = {"ac": 1} if channel is None else {"af": f"pan=mono|c0=c{channel}"}
     return ["-loglevel", "error", *ffmpeg_args(
         ffmpeg.input(file_url(path), protocol_whitelist=PROTOCOL_WHITELIST)
         # the audio stream with the speech (`speech_stream`: of several, the loudest), as the job's AAC
         # and the admission probe read it (without -map, ffmpeg picks the stream with the most channels
         # or the default flag: lips would follow another track than the one heard)
-        .output("pipe:1", map=f"0:a:{speech_stream(path)}", vn=None, ac=1, ar=int(sample_rate), f="f32le"))]
+        .output("pipe:1", map=f"0:a:{speech_stream(path)}", vn=None, ar=int(sample_rate), f="f32le", **mono))]
 
 
 def _check_decoded(path: str, rc: int, stderr: bytes, n_samples: int, sample_rate: int) -> None:
@@ -154,10 +156,12 @@ class SampleFile:
     shorter, padded with silence when longer. Each `read` reads only its own range (no mmap:
     a sweep over a mapped file would keep every page it touched in this process's memory)."""
 
-    def __init__(self, f: BinaryIO, n_file: int, length: int | None = None, gain_db: float = 0.0) -> None:
+    def __init__(self, f: BinaryIO, n_file: int, length: int | None = None, gain_db: float = 0.0,
+                 dc: float = 0.0) -> None:
         self.f, self.n_file = f, int(n_file)
         self.length = self.n_file if length is None else int(length)
         self.gain = 10.0 ** (gain_db / 20.0)  # what `read` multiplies the samples by (`model_input_gain_db`)
+        self.dc = float(dc)  # what `read` takes off the file's samples first (`dc_offset`)
 
     def __len__(self) -> int:
         return self.length
@@ -169,6 +173,8 @@ class SampleFile:
         stop = min(hi, self.n_file)
         if stop > lo:
             out[:stop - lo] = self._read_file(lo, stop)
+            if self.dc:
+                out[:stop - lo] -= np.float32(self.dc)
         if self.gain != 1.0:
             out *= np.float32(self.gain)
         return out
@@ -191,6 +197,9 @@ class SampleFile:
 #: (the output's audio is the file as given). The built-in model's mouth opened a ninth as far at -20 dB.
 MODEL_SPEECH_DBFS = -12.0
 MAX_MODEL_GAIN_DB = 24.0
+#: Speech louder than this (a float file beyond full scale, a 5.1 mix summed into one channel) is brought down to
+#: MODEL_SPEECH_DBFS for the model: its mel columns saturated and the mouth never closed between syllables
+MODEL_LOUDEST_DBFS = -3.0
 LEVEL_WINDOW_S = 30.0
 
 
@@ -216,6 +225,20 @@ def speech_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sa
 
 #: Frames quieter than this (dBFS) are digital silence (an edited file's zeroed lead-in), not a room
 DIGITAL_SILENCE_DBFS = -100.0
+#: A file's samples offset by more than this (their mean over the first LEVEL_WINDOW_S, in full scale: -50 dBFS) have
+#: it taken off for the model (`dc_offset`)
+DC_OFFSET_MIN = 10 ** (-50 / 20)
+
+
+def dc_offset(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S) -> float:
+    """The constant offset of the file's own samples (their mean over the first `seconds`), where it exceeds
+    `DC_OFFSET_MIN`; else 0. A recorder's DC offset read as speech and as the room alike (no gain for a quiet
+    recording), and its step at the file's ends opened the mouth on silence."""
+    n = min(len(samples), samples.n_file, int(seconds * SAMPLE_RATE))
+    if n <= 0:
+        return 0.0
+    mean = float(np.mean(samples.read(0, n), dtype=np.float64))
+    return mean if abs(mean) > DC_OFFSET_MIN else 0.0
 
 
 def room_level_dbfs(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S, sample_rate: int = SAMPLE_RATE) -> float:
@@ -240,9 +263,12 @@ def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf")) ->
     """How much louder the model hears speech whose level is `level_dbfs` (`speech_level_dbfs`): up to
     `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence. Never so
     much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS`: a quiet
-    recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses."""
+    recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses.
+    Speech above `MODEL_LOUDEST_DBFS` is brought down to `MODEL_SPEECH_DBFS` (a negative gain)."""
     if not np.isfinite(level_dbfs):
         return 0.0
+    if level_dbfs > MODEL_LOUDEST_DBFS:
+        return float(MODEL_SPEECH_DBFS - level_dbfs)
     gain = min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB)
     if np.isfinite(floor_dbfs):
         gain = min(gain, max(NOISE_CEILING_DBFS - floor_dbfs, 0.0))

@@ -81,6 +81,7 @@ class JobPlan(BaseModel):
     decoded_samples: int = 0  # 16 kHz samples the audio input decoded to
     audio_samples: int = 0    # samples of the signal the mel describes (the audio fitted to the sync mode)
     model_gain_db: float = 0.0  # how much louder than the file the model hears the speech (quiet recordings)
+    model_dc: float = 0.0  # the constant offset taken off the file's samples for the model (`cluster.audio.dc_offset`)
     # the room's mel magnitudes (80) taken out of the model's input (`cluster.audio.denoise_mel`); empty: none
     model_room: list[float] = Field(default_factory=list)
     # the built-in model's file the job was planned with: a job resumed by another version renders its remaining
@@ -351,6 +352,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
     audio; `write_job_mel` writes the whole spectrogram afterwards."""
     from cluster.audio import (
         SampleFile,
+        dc_offset,
         decode_audio_to_file,
         file_room_spectrum,
         mel_columns_needed,
@@ -391,12 +393,18 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         fps = vinfo.fps
         frames_total, audio_path, samples = _fit_to_sync_mode(SampleFile(raw, n_samples), request,
                                                               avatar.frame_count, fps)
+        dc = dc_offset(samples)
+        if dc:  # taken off for the model (the output's audio is unchanged)
+            log.info("job %s: its audio is offset by %.4f (full scale): the model hears it without", job_id, dc,
+                     extra={"job_id": job_id})
+            samples = SampleFile(samples.f, samples.n_file, len(samples), dc=dc)
         level, floor = speech_level_dbfs(samples), room_level_dbfs(samples)
         gain_db = round(model_input_gain_db(level, floor), 2)
-        if gain_db:  # a quiet recording: the model hears it at a usual level (the output's audio is unchanged)
+        if gain_db:  # quiet or too loud: the model hears it at a usual level (the output's audio is unchanged)
             log.info("job %s: its speech is at %.1f dBFS (the room between words at %.1f): the model hears it %.1f dB "
-                     "louder", job_id, level, floor, gain_db, extra={"job_id": job_id})
-            samples = SampleFile(samples.f, samples.n_file, len(samples), gain_db=gain_db)
+                     "%s", job_id, level, floor, abs(gain_db), "louder" if gain_db > 0 else "quieter",
+                     extra={"job_id": job_id})
+            samples = SampleFile(samples.f, samples.n_file, len(samples), gain_db=gain_db, dc=dc)
         room = file_room_spectrum(samples) if s.denoise_model_input else None
         if room is not None:
             log.info("job %s: the room between its words (%.1f dB in the speech band, as the model hears it) is taken "
@@ -429,7 +437,7 @@ def prepare_job(job_id: str, request: RenderRequest, settings: Settings | None =
         crf=request.crf if request.crf is not None else s.crf,  # fixed for the job: a restart with another
         # LIPSYNC_CRF does not render its remaining chunks at another quality
         mel_head_path=head_path, decoded_samples=n_samples, audio_samples=n_fitted, color=vinfo.color,
-        model_gain_db=gain_db, model_file=builtin_model_file_for(model, s),
+        model_gain_db=gain_db, model_dc=dc, model_file=builtin_model_file_for(model, s),
         model_room=[] if room is None else [float(x) for x in room],
     )
 
@@ -463,7 +471,7 @@ def write_job_mel(plan: JobPlan, request: RenderRequest, settings: Settings | No
                 raise OutputVerificationError(f"job {plan.job_id}: its audio decodes to {n_samples} samples now, "
                                               f"{plan.decoded_samples} when it was prepared", path=request.audio,
                                               **where)
-            samples = SampleFile(raw, n_samples, plan.audio_samples, gain_db=plan.model_gain_db)
+            samples = SampleFile(raw, n_samples, plan.audio_samples, gain_db=plan.model_gain_db, dc=plan.model_dc)
             write_melspectrogram(samples.read, len(samples), tmp, room=np.array(plan.model_room) if plan.model_room
                                  else None)
         head = np.load(plan.mel_head_path, mmap_mode="r")

@@ -8,6 +8,7 @@ the first segment's HLS marker exists while `mel.npy` does not.
 """
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -265,3 +266,47 @@ def test_a_noisy_room_does_not_move_the_mouth_in_the_pauses(tmp_path, long_wav, 
     padded = RenderRequest(audio=lead_in, video=astronaut_video, sync_mode="silence")
     again = prepare_job("lead-in", admit("lead-in", padded, s), s, model_size=model.size, defer_mel=True)
     assert abs(again.model_gain_db - plan.model_gain_db) < 0.5, (again.model_gain_db, plan.model_gain_db)
+
+
+def test_the_model_hears_the_speech_of_an_offset_too_hot_or_cancelling_file(tmp_path, long_wav, astronaut_video):
+    """A probe's files that rendered `succeeded` with the mouth wrong: a recorder's DC offset (the speech read as
+    loud as its room, so a quiet recording got no gain, and the offset's step at the start opened the mouth on
+    silence); a float file 12 dB beyond full scale (its mel saturated: the mouth never closed); a stereo file with
+    one channel's polarity inverted (its mix is silence: the mouth never moved). The model hears each as it hears
+    the plain recording: the offset taken off, the level brought down, the channel that does not cancel."""
+    from cluster.audio import MODEL_SPEECH_DBFS, load_audio
+    from cluster.config import Settings
+    from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.models import load_model
+    from cluster.render import admit, prepare_job
+    from cluster.synth import write_audio
+
+    s = Settings(storage_root=tmp_path / "store", chunk_seconds=1.0)
+    size = load_model("builtin", s).size
+    usual = load_audio(long_wav, s)
+
+    def planned(name: str, audio: str):
+        plan = prepare_job(name, admit(name, RenderRequest(audio=audio, video=astronaut_video), s), s,
+                           model_size=size)
+        return plan, np.load(plan.mel_path)
+
+    quiet = usual * np.float32(0.3)
+    reference, reference_mel = planned("quiet", write_audio(str(tmp_path / "quiet.wav"), quiet))
+    assert reference.model_gain_db > 5 and reference.model_dc == 0.0
+    offset, mel = planned("offset", write_audio(str(tmp_path / "offset.wav"), quiet + np.float32(0.5)))
+    assert abs(offset.model_dc - 0.5) < 1e-3, offset.model_dc
+    assert abs(offset.model_gain_db - reference.model_gain_db) < 0.5, (offset.model_gain_db, reference.model_gain_db)
+    assert np.abs(mel - reference_mel).mean() < 0.05, np.abs(mel - reference_mel).mean()
+    hot_path = str(tmp_path / "hot.wav")  # float samples up to 4x full scale
+    subprocess.run([ffmpeg_binary(s), "-v", "error", "-y", "-i", long_wav, "-af", "volume=12dB", "-c:a", "pcm_f32le",
+                    hot_path], check=True, timeout=60)
+    hot, mel = planned("hot", hot_path)
+    plain, plain_mel = planned("plain", long_wav)
+    assert hot.model_gain_db < -12, hot.model_gain_db  # brought down to about MODEL_SPEECH_DBFS
+    assert plain.model_gain_db == 0.0 and MODEL_SPEECH_DBFS < -3
+    assert (mel >= 3.99).mean() <= (plain_mel >= 3.99).mean() + 0.01  # not saturated
+    cancelling = str(tmp_path / "cancelling.wav")
+    subprocess.run([ffmpeg_binary(s), "-v", "error", "-y", "-i", long_wav, "-af", "pan=stereo|c0=c0|c1=-1*c0",
+                    cancelling], check=True, timeout=60)
+    _, mel = planned("cancelling", cancelling)
+    assert np.abs(mel - plain_mel).max() < 0.01, np.abs(mel - plain_mel).max()  # its left channel: the speech

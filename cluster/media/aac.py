@@ -62,6 +62,28 @@ def _bitrate(text: str | int) -> int:
     return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
 
 
+#: Where `_within_full_scale` starts to bend samples (full scale is 1): a file's own peaks up to here pass as they are
+LIMIT_KNEE = 0.98
+
+
+def _within_full_scale(frame, layout: str):
+    """`frame` (fltp) with samples beyond `LIMIT_KNEE` bent smoothly (tanh) below full scale, sample by sample (no
+    state: every cut of the stream gives the same samples); the frame itself where none is. A float file beyond full
+    scale, or a 5.1 file mixed down to stereo (swresample's matrix is not normalised: +6 dB for a probe's), encoded
+    AAC that clipped on every player."""
+    data = frame.to_ndarray()
+    if not data.size or float(np.abs(data).max()) <= LIMIT_KNEE:
+        return frame
+    over = np.abs(data) > LIMIT_KNEE
+    room = 1.0 - LIMIT_KNEE
+    data = np.where(over, np.sign(data) * (LIMIT_KNEE + room * np.tanh((np.abs(data) - LIMIT_KNEE) / room)), data)
+    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(data, dtype=np.float32), format="fltp", layout=layout)
+    out.sample_rate, out.pts = frame.sample_rate, frame.pts
+    if frame.time_base is not None:
+        out.time_base = frame.time_base
+    return out
+
+
 class PacketFile:
     """Packets `(pts, bytes)` appended in pts order to an unnamed file (in `directory`, removed
     when closed); read back by pts range. Not thread-safe by itself: `AacTrack` calls it under
@@ -264,11 +286,11 @@ class AacTrack:
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):
-                    feed(part)
+                    feed(_within_full_scale(part, layout))
                 if fed >= total:
                     break
             for part in resampler.resample(None):
-                feed(part)
+                feed(_within_full_scale(part, layout))
             if fed < total:  # the file holds less than it said: pad with silence to the planned length
                 while fed < total:
                     n = min(FRAME, total - fed)

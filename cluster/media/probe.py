@@ -488,6 +488,50 @@ def _speech_stream(path: str, _size: int, _mtime_ns: int) -> int:
     return int(max(range(len(order)), key=lambda k: mean[k]))
 
 
+#: A mix of a file's channels whose power is under this share of its channels' mean cancels (a channel whose
+#: polarity is inverted: L + (-L) = 0): the model hears its loudest channel instead
+CANCELLING_MIX_SHARE = 0.25
+
+
+def speech_channel(path: str | os.PathLike) -> int | None:
+    """The channel of the speech stream (`speech_stream`) the model hears instead of the mix of all of them, where
+    that mix cancels (`CANCELLING_MIX_SHARE`) over the first `SPEECH_PROBE_S`: a stereo file with one channel's
+    polarity inverted played speech on its two speakers and gave the model silence (the mouth never moved, and the
+    job read succeeded). None (the usual): the mix. Remembered per file version."""
+    try:
+        st = os.stat(path)
+        return _speech_channel(str(path), st.st_size, st.st_mtime_ns)
+    except (OSError, av.error.FFmpegError):  # unreadable: the mix, and its reader says what is wrong
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _speech_channel(path: str, _size: int, _mtime_ns: int) -> int | None:
+    import numpy as np
+
+    index = speech_stream(path)
+    with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        stream = container.streams.audio[index]
+        ctx = stream.codec_context
+        if (getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 1)) < 2:
+            return None
+        channels = mix = None
+        for frame in container.decode(stream):
+            samples = frame.to_ndarray()
+            if frame.format.is_packed:  # interleaved: [1, n * channels]
+                samples = samples.reshape(-1, len(frame.layout.channels)).T
+            scale = float(np.iinfo(samples.dtype).max + 1) if samples.dtype.kind in "iu" else 1.0
+            x = samples.astype(np.float64) / scale
+            power, summed = np.square(x).sum(axis=1), float(np.square(x.mean(axis=0)).sum())
+            channels = power if channels is None else channels + power
+            mix = summed if mix is None else mix + summed
+            if frame.time is not None and frame.time >= SPEECH_PROBE_S:
+                break
+    if channels is None or not channels.max() > 0 or mix >= CANCELLING_MIX_SHARE * float(channels.mean()):
+        return None
+    return int(np.argmax(channels))
+
+
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:
     ctx = stream.codec_context
     channels = getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 0)
