@@ -466,15 +466,16 @@ class JobManager:
         return await asyncio.to_thread(hls_index, job_id, plan, st.state, self.s)
 
     def _check_stream_kept(self, st: JobStatus, plan) -> None:
-        """`output.expired` for a succeeded job whose stream (its directory) was removed (retention, a purge)."""
-        if st.state == JobState.succeeded and plan is not None and not os.path.isdir(plan.job_dir):
-            raise self._expired(st.id, "stream", plan.job_dir)
+        """`output.expired` for an ended job whose stream (its directory) was removed (retention, a purge): a
+        cancelled or failed one answered an empty playlist that had ended."""
+        if st.state.terminal and plan is not None and not os.path.isdir(plan.job_dir):
+            raise self._expired(st.id, "stream", plan.job_dir, st.state)
 
-    def _expired(self, job_id: str, what: str, path: str) -> OutputExpired:
-        """`output.expired` (410) of a succeeded job whose `what` is gone (its message reaches API clients: the
+    def _expired(self, job_id: str, what: str, path: str, state: JobState = JobState.succeeded) -> OutputExpired:
+        """`output.expired` (410) of an ended job whose `what` is gone (its message reaches API clients: the
         server's `path` stays in the error's path, for the operator's log)."""
         days = self.s.retention_days
-        return OutputExpired(f"job {job_id} succeeded, but its {what} no longer exists"
+        return OutputExpired(f"job {job_id} {state.value}, and its {what} no longer exists"
                              + (f" (retention removes a job's files after {days:g} days, LIPSYNC_RETENTION_DAYS)"
                                 if days > 0 else " (it was removed)") + "; submit the job again for a new one",
                              job_id=job_id, path=path)

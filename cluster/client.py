@@ -87,6 +87,9 @@ class ApiError(Exception):
             status, code, message, field = r.status_code, e["code"], e["message"], e.get("field")
         except (ValueError, KeyError, TypeError):
             status, code, message, field = r.status_code, f"http.{r.status_code}", r.text[:500] or r.reason_phrase, None
+            if r.headers.get("content-type", "").startswith("text/html"):  # another server (a probe: its page, whole)
+                message = (f"the server answered HTTP {status} with a web page, not the lipsync API: is the URL "
+                           f"(--url, LIPSYNC_URL) the lipsync service's?")
         if cls is ApiError and status in (429, 503):
             ra = r.headers.get("retry-after", "")
             return ServiceBusy(status, code, message, field, retry_after=float(ra) if ra.isdigit() else None)

@@ -490,3 +490,15 @@ def test_a_refused_batch_says_the_id_it_was_sent_under():
             assert isinstance(outcome, BatchRefused) and outcome.code == "input.unreadable", outcome
             sent = json.loads(seen[-1].content)["id"]
             assert outcome.batch_id == sent and (given is None or sent == given), (outcome.batch_id, sent)
+
+
+def test_a_server_that_is_not_the_service_is_said_to_be_so_in_one_line():
+    """A probe pointed the CLI at another web server: the error was its whole HTML page."""
+    page = "<!DOCTYPE HTML><html><head><title>Error response</title></head><body>" + "x" * 400 + "</body></html>"
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        return httpx.Response(404, text=page, headers={"content-type": "text/html;charset=utf-8"})
+
+    for outcome, _ in _both(handler, lambda c: c.get("j1")):
+        assert isinstance(outcome, ApiError) and outcome.code == "http.404", repr(outcome)
+        assert "<html" not in str(outcome) and "not the lipsync API" in str(outcome), str(outcome)

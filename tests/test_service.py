@@ -402,6 +402,15 @@ def test_result_409_until_succeeded_and_bad_input(service, svc_media, tmp_path):
             res = http.get(watch.replace("index.m3u8", name))
             assert res.status_code == 410 and res.json()["error"]["code"] == "output.expired", (name, res.text)
             assert "stream no longer exists" in res.json()["error"]["message"], res.text
+        # a cancelled job's, the same (a probe: its view kept a watch_url, whose playlist answered 200, empty and ended)
+        r = http.post("/v1/jobs", json={"audio": svc_media["audio"], "video": svc_media["video"],
+                                        "model": "latency:200"})
+        other, other_watch = r.json()["id"], r.json()["watch_url"]
+        assert http.delete(f"/v1/jobs/{other}").json()["state"] == "cancelled"
+        assert http.delete(f"/v1/jobs/{other}/files").status_code == 200
+        assert http.get(f"/v1/jobs/{other}").json().get("watch_url") is None
+        res = http.get(other_watch)
+        assert res.status_code == 410 and "cancelled, and its stream no longer exists" in res.text, res.text
 
 
 # --- guards ---------------------------------------------------------------------------------------------

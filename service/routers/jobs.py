@@ -49,8 +49,11 @@ async def submit_job(request: Request, backend: Backend = Depends(get_backend)) 
             declared = request.headers.get("content-length")
             if declared and re.fullmatch(r"[0-9]{1,19}", declared) and \
                     int(declared) > 2 * settings.max_upload_bytes + (1 << 20):
-                raise InputTooLarge(f"request body of {declared} bytes exceeds the upload limit "
-                                    f"({settings.max_upload_bytes} bytes per file)", path="body")
+                # (no field: the declared length cannot tell which file; the page showed "body: request body ...")
+                raise InputTooLarge(f"the upload of {declared} bytes is over the limit for its files "
+                                    f"({settings.max_upload_bytes} bytes each, LIPSYNC_MAX_UPLOAD_BYTES): one of "
+                                    f"them at least is larger; send a smaller file, or a path or URL the service "
+                                    f"reads")
             up = Upload(tmpdir, settings.max_upload_bytes)
             await up.read(request)
             fields = dict(up.fields)
