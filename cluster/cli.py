@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import threading
 from datetime import datetime, timezone
@@ -309,6 +310,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
         if urls["dashboard"]:
             print(f"  dashboard: {urls['dashboard']}", flush=True)
+        resumed = _unfinished_jobs(urls["api"], settings)
+        if resumed:  # (a probe: a restart said nothing of the jobs it took up again)
+            print(f"lipsync: {_jobs_said(resumed)} unfinished from before resume{'s' if len(resumed) == 1 else ''} "
+                  f"now: {', '.join(resumed[:5])}{' ...' if len(resumed) > 5 else ''} (lipsync list)", flush=True)
     try:
         while not stop.wait(1.0):
             if urls["embedded"] and not stop.is_set():
@@ -317,11 +322,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 _exit_if_ray_lost(ray_mark, "service.ray_lost", "the service cannot go on without it and stops "
                                   "now (unfinished jobs resume on the next start on this storage root)")
     finally:
-        print("lipsync: stopping the service", file=sys.stderr, flush=True)
+        left = _unfinished_jobs(urls["api"], settings) if urls["ready"] else None
+        print("lipsync: stopping the service" + (f"; {_jobs_said(left)} unfinished: resumed at the next start on this "
+                                                 f"storage root" if left else ""), file=sys.stderr, flush=True)
         t0 = time.monotonic()
         stop_service(urls["embedded"], owner_mark=ray_mark, settings=settings)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
+
+
+def _unfinished_jobs(api: str, settings) -> list[str] | None:
+    """Ids of the service's jobs not yet ended, oldest first (a quick question to its own API, bounded; None where
+    it does not answer in time: said by nothing, the jobs resume all the same)."""
+    from cluster.client import Client
+
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+    try:
+        with Client(api, token=token, timeout=3.0, retries=0) as c:
+            page = c.list(state=[s.value for s in JobState if not s.terminal], limit=500)
+    except Exception:  # noqa: BLE001 - a courtesy line: a service busy starting or stopping answers later
+        return None
+    return [j.id for j in reversed(page.jobs)]
+
+
+def _jobs_said(ids: list[str]) -> str:
+    return f"{len(ids)}{'+' if len(ids) >= 500 else ''} job{'' if len(ids) == 1 else 's'}"
 
 
 def _metrics_port_refusal(port: int, embedded: bool) -> str | None:
@@ -644,10 +669,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 0
         if not args.watch:
             print(job.id, file=sys.stderr)
-        view = job.wait(progress=not args.quiet, timeout=args.timeout)
-        if args.output:
-            job.download(args.output)
-            print(f"wrote {args.output}", file=sys.stderr)
+        try:
+            view = job.wait(progress=not args.quiet, timeout=args.timeout)
+            if args.output:
+                job.download(args.output)
+                print(f"wrote {args.output}", file=sys.stderr)
+        except KeyboardInterrupt:  # only this wait ends (a probe: "interrupted", and the job's id lost in the output)
+            more = f" {shlex.quote(args.output)}" if args.output else ""
+            print(f"\nlipsync: interrupted: job {job.id} goes on rendering on the service (lipsync wait {job.id}; "
+                  f"lipsync download {job.id}{more}; lipsync cancel {job.id})", file=sys.stderr)
+            return 130
         _print_view(view)
         return 0
     return _client_call(args, run)
@@ -920,6 +951,17 @@ def cmd_live(args: argparse.Namespace) -> int:
             seconds = session.send_file(args.audio, realtime=args.realtime)
             session.wait_rendered(timeout=max(60.0, seconds * 2))
         except BaseException as e:  # the socket lost, the service gone, a wait past its bound, Ctrl-C
+            if isinstance(e, KeyboardInterrupt) and args.recording:  # ended, and what it made kept as asked (a probe:
+                # "interrupted", the recording neither downloaded nor said where it was)
+                session.close(error=e)
+                try:
+                    session.download_recording(args.recording, timeout=30)
+                    print(f"\nlipsync: interrupted: the session ended; wrote {args.recording}", file=sys.stderr)
+                except Exception:  # noqa: BLE001 - said, with where to fetch it
+                    print("\nlipsync: interrupted: the session ended"
+                          + _recording_hint(session, c, args.recording, args.token is not None, "once it has ended, "),
+                          file=sys.stderr)
+                return 130
             if not (isinstance(e, ApiError) and e.code == "session.ended"):
                 said = _closed_after(e, session, c, args.recording,  # the session ended with one DELETE
                                      token_given=args.token is not None)

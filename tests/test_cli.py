@@ -749,6 +749,24 @@ def test_a_busy_service_or_an_expired_output_is_no_bad_input(fake_cli):
             (command, rc, err)
 
 
+def test_ctrl_c_on_submit_wait_says_the_job_goes_on_and_how_to_reach_it(fake_cli, tmp_path):
+    """A probe's Ctrl-C on `submit --wait` printed only "interrupted": the job renders on, its id lost in the
+    output. The interruption ends only the wait, and says so with the commands to go on."""
+    def service(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json={"id": "long", "state": "queued", "watch_url": WATCH.format(id="long")})
+        raise KeyboardInterrupt  # the user's Ctrl-C, while the CLI waits for the job
+
+    audio, video = tmp_path / "a.wav", tmp_path / "v.mp4"
+    audio.write_bytes(b"RIFF")
+    video.write_bytes(b"\0")
+    rc, out, err = fake_cli(["submit", str(audio), str(video), "--wait", "-o", str(tmp_path / "o.mp4"), "-q"],
+                            service)
+    assert rc == 130, (rc, err)
+    assert "job long goes on rendering on the service" in err and "lipsync wait long" in err, err
+    assert f"lipsync download long {tmp_path / 'o.mp4'}" in err and "lipsync cancel long" in err, err
+
+
 def test_purge_removes_a_finished_jobs_files_and_prints_its_view(fake_cli):
     """`lipsync purge ID` asks the service to remove the job's files (DELETE /v1/jobs/ID/files) and prints the view
     it answers; a job still running is refused by the service (409), a mistake of the command's: exit 2."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -508,6 +509,9 @@ def _stop_with_a_stream_open(svc: ServiceProcess, c, longer: str, video: str) ->
     assert not watcher.is_alive()
     state = JobStore(svc.storage_root / "jobs.sqlite3").get("open-at-stop").state
     assert not state.terminal, state  # a later start resumes it (as "durable-1" above)
+    # ...and the stop says so (a probe: a factory's operator could not tell whether jobs were lost)
+    assert re.search(r"stopping the service; \d+ jobs? unfinished: resumed at the next start", svc.tail(20000)), \
+        svc.tail()
     speaking.join(timeout=30)
     out = svc.storage_root / "sessions" / session.id
     final = json.loads((out / "final.json").read_text())
