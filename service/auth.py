@@ -36,6 +36,18 @@ def require_token(request: Request) -> None:
                          None, headers={"WWW-Authenticate": "Bearer"})
 
 
+#: The compatibility envelope's code of a request without the token (an HTTP 401 too)
+COMPAT_UNAUTHORIZED = 10401
+
+
+def require_token_compat(request: Request) -> None:
+    """`require_token` for the compatibility API: its 401 in the envelope its clients parse (they read a numeric
+    `code` and `msg`; the API's error body broke them)."""
+    if not bearer_token_ok(request):
+        raise ApiProblem(401, "auth.invalid_token", "missing or wrong bearer token (Authorization: Bearer ...)",
+                         None, headers={"WWW-Authenticate": "Bearer"}, envelope=COMPAT_UNAUTHORIZED)
+
+
 def require_watch_access(job_id: str, request: Request, token: str | None = Query(
         None, description="the signed token of the job's watch_url (instead of the bearer token)")) -> str:
     """The query the HLS URIs of this answer carry: `?token=...` when the request came with a valid

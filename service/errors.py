@@ -48,12 +48,14 @@ def openapi_with_one_error_body(app: FastAPI) -> dict:
 
 
 class ApiProblem(Exception):
-    """An HTTP error answer with the API's error body."""
+    """An HTTP error answer with the API's error body (`envelope`: the compatibility API's `{code, success, msg,
+    data}` with that code instead)."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, envelope: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+        self.envelope = envelope
 
 
 def only_query(*names: str):
@@ -163,6 +165,9 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiProblem)
     async def _problem(request: Request, e: ApiProblem):
+        if e.envelope is not None:  # a compatibility route's (its clients read `{code, success, msg, data}` only)
+            return JSONResponse({"code": e.envelope, "success": False, "msg": f"{e.code}: {said(request, e.message)}",
+                                 "data": None}, status_code=e.status, headers=e.headers)
         return error_response(e.status, e.code, said(request, e.message), e.field, e.headers)
 
     @app.exception_handler(LipsyncError)

@@ -354,6 +354,13 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
             r = httpx.get(f"{service.url}{path}?token={token}", timeout=30)
             assert r.status_code == 401, (path, token[:20], r.status_code, r.text[:200])
             assert r.json()["error"]["code"].startswith("auth."), r.text[:200]
+    # the compatibility routes without the token: a 401 in their envelope (a probe: the API's error body broke
+    # clients that read `code` as a number)
+    for method, path in (("GET", "/easy/query?code=easy1"), ("POST", "/easy/submit"), ("POST", "/upload")):
+        r = httpx.request(method, f"{service.url}{path}", timeout=30)
+        assert r.status_code == 401, (path, r.status_code, r.text[:200])
+        body = r.json()
+        assert body["code"] == 10401 and body["success"] is False and "bearer token" in body["msg"], body
     assert http.get("/v1/jobs", params={"offset": 10 ** 19}).status_code == 422
     done = http.get("/v1/jobs", params={"state": "succeeded", "limit": 1}).json()["jobs"]
     if done:  # a Range past int64 on a real result: 416, not a 500

@@ -16,14 +16,15 @@ from pydantic import ValidationError
 
 from cluster.errors import JobNotFound, LipsyncError, OutputExpired
 from cluster.schemas import BATCH_SEPARATOR, JOB_ID_PATTERN, CompatData, CompatEnvelope, CompatSubmit, JobState
-from service.auth import require_token
+from service.auth import require_token_compat
 from service.backend import Backend, get_backend
 from service.errors import ApiProblem, QueueFull, error_response, error_responses, http_status
 from service.uploads import Upload, loads_once_per_key, openapi_json_body, read_body
 
 log = logging.getLogger("lipsync.service")
 
-router = APIRouter(tags=["compat"], dependencies=[Depends(require_token)], responses=error_responses(401, 422))
+router = APIRouter(tags=["compat"], dependencies=[Depends(require_token_compat)],
+                   responses=error_responses(401, 422))
 _ID_RE = re.compile(JOB_ID_PATTERN)
 
 
