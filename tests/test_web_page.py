@@ -1135,6 +1135,49 @@ def test_the_live_tab_follows_its_session_across_a_service_restart(chromium_exec
 
 
 @pytest.mark.service
+def test_the_live_tab_says_at_once_that_a_stopping_service_ended_its_session(chromium_executable, service, browser):
+    """A probe stopped the service while the Live tab spoke: the service ended the session and closed the audio
+    socket (4410 "... the service stopped"), but the pill read `live` with "still trying" until the service was
+    back. The tab says the session ended now, and offers its recording once the service answers again."""
+    phase: list[str] = ["live"]
+    sockets: list = []
+
+    def answer(route):
+        if route.request.method == "POST":
+            return route.fulfill(status=201, content_type="application/json", body=fake_session_view(service, "live"))
+        if phase[0] == "away":
+            return route.abort("connectionrefused")
+        state = ("ended", "service_stopped", True) if phase[0] == "back" else ("live", None, False)
+        route.fulfill(status=200, content_type="application/json", body=fake_session_view(service, *state))
+
+    def audio_socket(ws):
+        sockets.append(ws)
+        ws.send('{"type": "ready"}')
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        fake_avatar(page)
+        page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), audio_socket)
+        page.route("**/v1/sessions", answer)
+        page.route("**/v1/sessions/fake-session", answer)
+        open_live_tab(page, service)
+        page.click("#live-speak")
+        page.locator("#live-state.s-live").wait_for(timeout=30_000)
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        phase[0] = "away"
+        sockets[-1].close(code=4410, reason="session fake-session is ended: the service stopped")
+        page.locator("#live-state.s-ended").wait_for(timeout=5_000)
+        assert "the service stopped" in page.inner_text("#live-note")
+        assert page.is_hidden("#live-end") and page.is_enabled("#live-speak") and page.is_disabled("#live-stop")
+        page.wait_for_timeout(4_500)  # three polls unanswered: no "still trying" over what was said
+        assert page.is_hidden("#live-error") or "still trying" not in page.inner_text("#live-error")
+        phase[0] = "back"
+        page.locator("#live-recording:not([hidden])").wait_for(timeout=10_000)
+    finally:
+        page.close()
+
+
+@pytest.mark.service
 def test_the_job_card_follows_its_job_across_a_service_restart(chromium_executable, service, browser):
     """The job card stopped for good on any 404: with the plain-text 404 of a service starting (Ray Serve's, before
     the app's routes exist) it froze at "rendering" with "The server answered 404 Not Found" while the job went on to

@@ -49,7 +49,7 @@
 
   function buttons() {
     const speaking = !!(live && live.speaking);
-    const open = !!(live && live.view && !ENDED.has(live.view.state));
+    const open = !!(live && live.view && !ENDED.has(live.view.state) && !live.serviceStopped);
     $("live-speak").disabled = speaking;
     $("live-avatar").disabled = $("live-rtmp").disabled = speaking || open;
     $("live-stop").disabled = !speaking;
@@ -207,6 +207,20 @@
         note("The audio connection dropped (" + e.code + "); reconnecting…");
         setTimeout(() => !session.closed && session.speaking && openSocket(session),
           Math.min(500 * session.reconnects, 2000));
+        return;
+      }
+      if (e.code === 4410 && /the service stopped/.test(e.reason || "")) {
+        // a service ends its sessions as it stops: said now, not once it is back (a probe: the pill read `live`,
+        // "still trying", for as long as the service was away); its recording is offered once it is back
+        session.serviceStopped = true;
+        stopSpeaking(session, false);
+        const state = $("live-state");
+        state.textContent = "ended (service_stopped)";
+        state.className = "state s-ended";
+        showError($("live-error"), null);
+        note("The session has ended: the service stopped. Its recording is offered here once the service is " +
+          "back; Speak to start a new session then.");
+        buttons();
         return;
       }
       // a refusal: the server's code and reason (a browser cannot read a refused handshake's status)
@@ -414,7 +428,7 @@
           buttons();
           return;
         }
-        if (err.status === 401 || failures === 3) {
+        if (err.status === 401 || (failures === 3 && !session.serviceStopped)) { // (a stop is said already)
           session.waitingFor = err.status === 401 ? "token" : "server";
           showError($("live-error"), err.status === 401 ? err : new ApiError(0, null, "The server does not answer; " +
             "still trying (the session goes on on the server if it is only this connection).", null));
