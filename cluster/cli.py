@@ -118,7 +118,7 @@ class _ProgressBar:
 
 def _render(audio: str, video: str, output: str, settings: Settings, loop: str, local: bool,
             quiet: bool, model: str | None = None, chunk_seconds: float | None = None,
-            cluster_options: list[str] = (), ray_temp_dir: str | None = None) -> int:
+            cluster_options: list[str] = (), ray_temp_dir: str | None = None, crf: int | None = None) -> int:
     import os
 
     out = Path(output).expanduser().resolve()
@@ -131,7 +131,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
     # Per-job options travel with the job (a joined cluster has its own defaults).
     request = RenderRequest(audio=str(Path(audio).expanduser().resolve()),
                             video=str(Path(video).expanduser().resolve()), loop=loop, output=str(out),
-                            model=_model_spec(model) if model else None, chunk_seconds=chunk_seconds)
+                            model=_model_spec(model) if model else None, chunk_seconds=chunk_seconds, crf=crf)
     bar = _ProgressBar(quiet)
     embedded, watch = False, None
     try:
@@ -221,8 +221,13 @@ def _cluster_options(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    return _render(args.audio, args.video, args.output, _settings(args), args.loop, args.local, args.quiet,
-                   args.model, args.chunk_seconds, _cluster_options(args), args.ray_temp_dir)
+    if args.sync_mode and args.loop:
+        print("lipsync: error: input.invalid: give --sync-mode (or its older name --loop), not both", file=sys.stderr)
+        return 2
+    mode = args.sync_mode or args.loop or "pingpong"  # (a probe: render took only --loop, submit --sync-mode)
+    return _render(args.audio, args.video, args.output, _settings(args), "forward" if mode == "loop" else mode,
+                   args.local, args.quiet, args.model, args.chunk_seconds, _cluster_options(args), args.ray_temp_dir,
+                   crf=args.crf)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1051,6 +1056,7 @@ def _positive_seconds(text: str) -> float:
 
 _port_number = _bounded_int(1, 65535, "a TCP port (1-65535)")
 _positive_int = _bounded_int(1, None, "1 or more")
+_crf = _bounded_int(0, 51, "an x264 CRF (0-51)")
 _count = _bounded_int(0, None, "0 or more")
 
 
@@ -1079,7 +1085,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="render a lip-synced video")
     r.add_argument("--audio", required=True, help="speech audio (any format ffmpeg reads)")
     r.add_argument("--video", required=True, help="template video of the person")
-    r.add_argument("--loop", choices=["pingpong", "forward"], default="pingpong")
+    r.add_argument("--sync-mode", choices=["pingpong", "loop", "cut_off", "silence", "remap"],
+                   help="when audio and video differ in length, as the API's sync_mode (default pingpong)")
+    r.add_argument("--loop", choices=["pingpong", "forward"], help=argparse.SUPPRESS)  # (--sync-mode's older name)
+    r.add_argument("--crf", type=_crf, help="output quality (x264 CRF 0-51; lower is better; default LIPSYNC_CRF)")
     common(r)
     r.set_defaults(func=cmd_render)
 
@@ -1121,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--id", help="client-chosen job id (resubmission is idempotent)")
     sb.add_argument("--sync-mode", choices=["pingpong", "loop", "cut_off", "silence", "remap"])
     sb.add_argument("--model", help="'builtin' or a model name on the server")
-    sb.add_argument("--crf", type=int, help="output quality (x264 CRF 0-51; lower is better)")
+    sb.add_argument("--crf", type=_crf, help="output quality (x264 CRF 0-51; lower is better)")
     sb.add_argument("--callback-url", help="POSTed the final status (signed) when the job ends")
     sb.add_argument("--watch", action="store_true", help="print the job's HLS watch URL (for a player) as soon as "
                     "its first segment exists")

@@ -983,3 +983,21 @@ def test_serve_warns_of_live_tokens_that_expire_before_a_session_may_end(monkeyp
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def test_render_takes_the_sync_modes_and_crf_that_submit_takes(monkeypatch, capsys):
+    """A probe: `lipsync render` took only `--loop pingpong|forward`, where `submit` and the API take five sync modes
+    and a crf; `--loop` stays as the older name."""
+    from cluster import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_render", lambda *a, **k: seen.append((a[4], k.get("crf"))) or 0)
+    base = ["render", "--audio", "a.wav", "--video", "v.mp4", "-o", "o.mp4"]
+    for extra, want in (([], ("pingpong", None)), (["--sync-mode", "loop"], ("forward", None)),
+                        (["--sync-mode", "silence", "--crf", "28"], ("silence", 28)), (["--loop", "forward"],
+                                                                                         ("forward", None))):
+        assert cli.main(base + extra) == 0 and seen[-1] == want, (extra, seen)
+    assert cli.main(base + ["--sync-mode", "remap", "--loop", "forward"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--crf", "52"])
+    assert "not an x264 CRF (0-51)" in capsys.readouterr().err
