@@ -47,8 +47,10 @@ def named_model_problem(spec: str) -> str | None:
     if m is not None and m.group(1):
         size = int(m.group(1))
         lo, hi = BUILTIN_SIZES
-        if not lo <= size <= hi:
-            return f"the built-in model's crop size must be {lo}-{hi} pixels, got {size}"
+        if not lo <= size <= hi:  # (the ends that work: 512 itself folds, and a probe was told "32-512")
+            first = next(n for n in range(lo, hi + 1) if not _builtin_warp_folds(n))
+            last = next(n for n in range(hi, lo - 1, -1) if not _builtin_warp_folds(n))
+            return f"the built-in model's crop size must be {first}-{last} pixels, got {size}"
         if _builtin_warp_folds(size):
             near = [n for n in (next((n for n in range(size - 1, lo - 1, -1) if not _builtin_warp_folds(n)), None),
                                 next((n for n in range(size + 1, hi + 1) if not _builtin_warp_folds(n)), None)) if n]
