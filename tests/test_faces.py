@@ -869,3 +869,24 @@ def test_an_avatar_prepared_before_the_recipe_its_video_needs_is_prepared_again(
     assert prepare_avatar(str(two), s).cached is False  # prepared again (its frames the default stream's)
     assert load_avatar(first.id, s).info.video.width == 320
     assert prepare_avatar(str(two), s).cached is True  # and kept from then on
+
+
+def test_a_long_template_without_a_face_is_refused_from_a_few_frames(tmp_path, monkeypatch):
+    """A probe's 2-minute 720p video without a face was refused after 130 s of detecting on every frame (the same
+    with 60 s: 119 s here, 1.8 s now). A template of more than FACE_SAMPLE_FROM_FRAMES frames is first looked at
+    in FACE_SAMPLES frames spread over it: none shows a face, so no track could be made (it needs one on half of
+    them): refused before normalising or detecting on all of them."""
+    from cluster.faces import avatar
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    path = tmp_path / "testsrc.mp4"
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=12",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)], check=True, timeout=60)
+
+    def everything(*_a, **_k):
+        raise AssertionError("detected on every frame")
+
+    monkeypatch.setattr(avatar, "_detect", everything)
+    monkeypatch.setattr(avatar, "normalize_template", everything)
+    with pytest.raises(NoFace, match=f"none in {avatar.FACE_SAMPLES} frames spread over its 300 frames"):
+        avatar.prepare_avatar(str(path), Settings(storage_root=tmp_path / "store"))

@@ -194,7 +194,9 @@ def _preparing(template_id: str, s: Settings):
 def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector | None) -> Avatar:
     detector = detector or MTCNNDetector()
     template, detections = None, None
-    if frames_map_one_to_one(source, probe_video(source, s)):
+    info = probe_video(source, s)
+    _check_a_face_is_there(detector, source, info, s)
+    if frames_map_one_to_one(source, info):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalise") as pool:
             normalising = pool.submit(normalize_template, source, s, template_id)
             try:
@@ -270,6 +272,29 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # another C library: nothing to hand back this way
         pass
+
+
+#: A template of more frames than this is first looked at in FACE_SAMPLES frames spread over it
+#: (`_check_a_face_is_there`)
+FACE_SAMPLE_FROM_FRAMES = 250
+FACE_SAMPLES = 12
+
+
+def _check_a_face_is_there(detector: MTCNNDetector, source: str, info: MediaInfo, s: Settings) -> None:
+    """`NoFace` at once when none of `FACE_SAMPLES` frames spread over a long template shows a face: a probe's
+    2-minute 720p video without one was told so after 130 s of detecting on every frame (its track needs a face on
+    `min_face_fraction` of them, so a face that none of the samples meets is one the track would refuse). Frames are
+    decoded in order up to the first sample that shows one (a usual template: its first frame)."""
+    v = info.video
+    total = v.frame_count if v is not None else 0
+    if total <= FACE_SAMPLE_FROM_FRAMES or v.rotation or v.stream != 0:  # (upright frames of the first stream only:
+        return  # a rotated one's are sideways, and MTCNN finds no face on its side)
+    step = total / FACE_SAMPLES
+    for batch in iter_frames(source, 1, s, only={int(k * step) for k in range(FACE_SAMPLES)}):
+        if detector.detect(batch[0]):
+            return
+    raise NoFace(f"no face found in {source}: none in {FACE_SAMPLES} frames spread over its {total} frames (at least "
+                 f"{s.min_face_fraction:.0%} of frames must show the face)", path=source)
 
 
 @telemetry.timed("stage_seconds", stage="detect")

@@ -230,8 +230,9 @@ class TemplateReader:
 
 
 def iter_frames(path: str | os.PathLike, batch_size: int,
-                settings: Settings | None = None) -> Iterator[np.ndarray]:
-    """All frames of a video in order, as `[<=batch_size, H, W, 3]` uint8 BGR batches."""
+                settings: Settings | None = None, only: set[int] | None = None) -> Iterator[np.ndarray]:
+    """All frames of a video in order, as `[<=batch_size, H, W, 3]` uint8 BGR batches (`only`: just the frames of
+    those indices, decoded in order as the others are, but only they converted)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     s = settings or get_settings()
@@ -248,7 +249,9 @@ def iter_frames(path: str | os.PathLike, batch_size: int,
         size_decoder_threads(stream)
         batch: list[np.ndarray] = []
         try:
-            for frame in container.decode(stream):
+            for index, frame in enumerate(container.decode(stream)):
+                if only is not None and index not in only:
+                    continue
                 batch.append(frame_to_bgr(frame))
                 if len(batch) == batch_size:
                     yield np.stack(batch)

@@ -651,6 +651,7 @@ def probe_audio(path: str | os.PathLike, settings: Settings | None = None) -> Me
                             path=info.path)
     if a.duration <= 0 or a.sample_rate <= 0 or a.channels <= 0:
         raise InputUnreadable(f"audio {info.path} has no usable samples (duration {a.duration} s, "
-                              f"{a.sample_rate} Hz, {a.channels} channel{'' if a.channels == 1 else 's'})", path=info.path)
+                              f"{a.sample_rate} Hz, {a.channels} channel{'' if a.channels == 1 else 's'})",
+                              path=info.path)
     _check_duration(info, a.duration, "audio", s)
     return info
