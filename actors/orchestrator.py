@@ -468,8 +468,11 @@ class JobManager:
     def _check_stream_kept(self, st: JobStatus, plan) -> None:
         """`output.expired` for an ended job whose stream (its directory) was removed (retention, a purge): a
         cancelled or failed one answered an empty playlist that had ended."""
-        if st.state.terminal and plan is not None and not os.path.isdir(plan.job_dir):
-            raise self._expired(st.id, "stream", plan.job_dir, st.state)
+        from cluster.render import job_dir
+
+        directory = plan.job_dir if plan is not None else str(job_dir(st.id, self.s))  # (none: ended before its plan)
+        if st.state.terminal and not os.path.isdir(directory):
+            raise self._expired(st.id, "stream", directory, st.state)
 
     def _expired(self, job_id: str, what: str, path: str, state: JobState = JobState.succeeded) -> OutputExpired:
         """`output.expired` (410) of an ended job whose `what` is gone (its message reaches API clients: the

@@ -880,8 +880,9 @@ def test_a_long_template_without_a_face_is_refused_from_a_few_frames(tmp_path, m
     from cluster.media.ffmpeg import ffmpeg_binary
 
     path = tmp_path / "testsrc.mp4"
-    subprocess.run([ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=12",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)], check=True, timeout=60)
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=320x240:rate=25:duration=12", "-c:v", "libx264", "-preset", "ultrafast",
+                    "-pix_fmt", "yuv420p", str(path)], check=True, timeout=60)
 
     def everything(*_a, **_k):
         raise AssertionError("detected on every frame")

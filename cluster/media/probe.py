@@ -511,6 +511,8 @@ def _speech_channel(path: str, _size: int, _mtime_ns: int) -> int | None:
 
     index = speech_stream(path)
     with av.open(file_url(path), options={"protocol_whitelist": "file"}) as container:
+        if index >= len(container.streams.audio):  # none: its reader says so (`NoAudioStream`)
+            return None
         stream = container.streams.audio[index]
         ctx = stream.codec_context
         if (getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 1)) < 2:
