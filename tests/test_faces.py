@@ -444,9 +444,32 @@ def test_a_damaged_video_without_a_face_says_it_decodes_with_errors(tmp_path, as
     damaged = tmp_path / "damaged.mp4"
     damaged.write_bytes(data)
     for _attempt in ("first", "again"):
-        with pytest.raises(InputUnreadable, match=r"damaged.mp4 is damaged: 5 of its 50 frames do not decode "
-                                                  r"\(ffmpeg: .+\); export or copy it again"):
+        with pytest.raises(InputUnreadable, match=r"damaged.mp4 is damaged: \d+ of its 50 frames do not decode "
+                                                  r"whole \(ffmpeg: .+\); export or copy it again"):
             prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
+
+
+def test_a_video_whose_frames_decode_patched_up_is_refused_as_damaged(tmp_path, astronaut_video):
+    """A probe's template with 3000 bytes changed in its last tenth rendered blocks of colour for 5 s and the job
+    succeeded: its frames decoded, patched up by the decoder (concealed: PyAV's `is_corrupt`), and only those that
+    failed outright counted as damage (7 of 1500). Here 40 bytes in the second half: no frame fails, 9 of 50 are
+    concealed; they count as damaged now, over `DAMAGED_SHARE`."""
+    import random
+    from pathlib import Path
+
+    from cluster.errors import InputUnreadable
+    from cluster.media.normalize import undecodable_frames
+
+    data = bytearray(Path(astronaut_video).read_bytes())
+    rng = random.Random(2)
+    for i in rng.sample(range(len(data) // 2, len(data) - 2000), 40):
+        data[i] ^= 0xFF
+    damaged = tmp_path / "patched.mp4"
+    damaged.write_bytes(data)
+    lost, packets = undecodable_frames(str(damaged))
+    assert packets == 50 and lost > 5, (lost, packets)
+    with pytest.raises(InputUnreadable, match=r"patched.mp4 is damaged: \d+ of its 50 frames do not decode whole"):
+        prepare_avatar(str(damaged), Settings(storage_root=tmp_path / "store"))
 
 
 ROLL_CHECK_FRAMES = 3 * 3  # `_check_upright`: 3 frames of the track, each region in 3 orientations
