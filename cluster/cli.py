@@ -1202,9 +1202,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit 2 naming `unknown` with the usage of the command they were given to, and the option that is nearest to
+    a mistyped one (`--ouput`: `--output`)."""
+    import difflib
+
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = commands.get(getattr(args, "command", None), parser)
+    options = [o for action in command._actions for o in action.option_strings]
+    hints = []
+    for given in unknown:
+        near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.6) if given.startswith("-") else []
+        if near:
+            hints.append(f"{given}: did you mean {near[0]}?")
+    command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own usage, with the option meant (a probe got the top-level usage only)
+        _unknown_arguments(parser, args, unknown)
     given = [flag for flag, value in (("--url", args.url), ("--token", args.token)) if value is not None]
     if not getattr(args, "remote", False) and given:
         parser.error(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the client commands, "

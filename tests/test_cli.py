@@ -1001,3 +1001,14 @@ def test_render_takes_the_sync_modes_and_crf_that_submit_takes(monkeypatch, caps
     with pytest.raises(SystemExit):
         cli.main(base + ["--crf", "52"])
     assert "not an x264 CRF (0-51)" in capsys.readouterr().err
+
+
+def test_a_mistyped_option_is_said_with_its_commands_usage_and_the_option_meant(capsys):
+    """A probe's `lipsync submit a.wav b.mp4 --ouput x.mp4` got the top-level usage and no hint."""
+    from cluster import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["submit", "a.wav", "b.mp4", "--ouput", "x.mp4"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "usage: lipsync submit" in err, err
+    assert "unrecognized arguments: --ouput x.mp4 (--ouput: did you mean --output?)" in err, err
