@@ -822,7 +822,20 @@ def cmd_download(args: argparse.Namespace) -> int:
         return 2
 
     def run(c) -> int:
-        c.download(args.id, args.output)
+        from cluster.client import ApiError
+
+        if args.wait:
+            c.wait(args.id, progress=False, timeout=args.timeout)
+        try:
+            c.download(args.id, args.output)
+        except ApiError as e:
+            view = c.get(args.id) if e.code == "job.not_succeeded" else None
+            if view is None or view.state.terminal:
+                raise
+            # not yet: no mistake of the command's (exit 1, not 2), and how to wait for it (a probe)
+            print(f"lipsync: error: {e.code}: job {args.id} is still {view.state.value}: lipsync download --wait "
+                  f"{args.id} {shlex.quote(args.output)} waits for it", file=sys.stderr)
+            return 1
         print(f"wrote {args.output}", file=sys.stderr)
         return 0
     return _client_call(args, run)
@@ -1195,6 +1208,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a job's result")
     dl.add_argument("id")
     dl.add_argument("output")
+    dl.add_argument("--wait", action="store_true", help="wait for the job to end first")
+    dl.add_argument("--timeout", type=_positive_seconds, default=None, help="seconds to wait at most (with --wait)")
     remote(dl)
     dl.set_defaults(func=cmd_download)
     for sp in sub.choices.values():  # -v also after the command, as --url and --token (SUPPRESS: as in `remote`)

@@ -1012,3 +1012,24 @@ def test_a_mistyped_option_is_said_with_its_commands_usage_and_the_option_meant(
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "usage: lipsync submit" in err, err
     assert "unrecognized arguments: --ouput x.mp4 (--ouput: did you mean --output?)" in err, err
+
+
+def test_download_of_a_job_still_rendering_says_how_to_wait_and_waits_when_asked(fake_cli, tmp_path):
+    """A probe: `lipsync download ID` of a job still rendering exited 2 (a mistake of the command's) and offered no
+    way to wait. It exits 1 saying how, and `--wait` waits for the job first."""
+    polls = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/result"):
+            if len(polls) < 2:
+                return httpx.Response(409, json={"error": {"code": "job.not_succeeded", "message": "not yet"}})
+            return httpx.Response(200, content=b"mp4", headers={"content-length": "3"})
+        polls.append(path)
+        return httpx.Response(200, json=_view("slow", "rendering" if len(polls) < 2 else "succeeded"))
+
+    out = tmp_path / "o.mp4"
+    rc, _, err = fake_cli(["download", "slow", str(out)], service)
+    assert rc == 1 and f"lipsync download --wait slow {out}" in err, (rc, err)
+    rc, _, err = fake_cli(["download", "--wait", "slow", str(out)], service)
+    assert rc == 0 and out.read_bytes() == b"mp4", (rc, err)
