@@ -197,8 +197,9 @@ class SampleFile:
 #: (the output's audio is the file as given). The built-in model's mouth opened a ninth as far at -20 dB.
 MODEL_SPEECH_DBFS = -12.0
 MAX_MODEL_GAIN_DB = 24.0
-#: Speech louder than this (a float file beyond full scale, a 5.1 mix summed into one channel) is brought down to
-#: MODEL_SPEECH_DBFS for the model: its mel columns saturated and the mouth never closed between syllables
+#: Speech louder than this (a float file beyond full scale, a 5.1 mix summed into one channel) is brought down to it
+#: for the model (its mel columns saturated and the mouth never closed between syllables); continuous: two files a
+#: hundredth of a dB apart are heard a hundredth of a dB apart
 MODEL_LOUDEST_DBFS = -3.0
 LEVEL_WINDOW_S = 30.0
 
@@ -264,11 +265,11 @@ def model_input_gain_db(level_dbfs: float, floor_dbfs: float = float("-inf")) ->
     `MODEL_SPEECH_DBFS`, by at most `MAX_MODEL_GAIN_DB`; 0 for speech at or above it, and for silence. Never so
     much that the room between its words (`floor_dbfs`, its 10th percentile) reaches `NOISE_CEILING_DBFS`: a quiet
     recording with a noisy room (a phone's, 25 dB above its noise) raised in full moved the mouth in its pauses.
-    Speech above `MODEL_LOUDEST_DBFS` is brought down to `MODEL_SPEECH_DBFS` (a negative gain)."""
+    Speech above `MODEL_LOUDEST_DBFS` is brought down to it (a negative gain)."""
     if not np.isfinite(level_dbfs):
         return 0.0
     if level_dbfs > MODEL_LOUDEST_DBFS:
-        return float(MODEL_SPEECH_DBFS - level_dbfs)
+        return float(MODEL_LOUDEST_DBFS - level_dbfs)
     gain = min(max(MODEL_SPEECH_DBFS - level_dbfs, 0.0), MAX_MODEL_GAIN_DB)
     if np.isfinite(floor_dbfs):
         gain = min(gain, max(NOISE_CEILING_DBFS - floor_dbfs, 0.0))

@@ -328,8 +328,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   "now (unfinished jobs resume on the next start on this storage root)")
     finally:
         left = _unfinished_jobs(urls["api"], settings) if urls["ready"] else None
-        print("lipsync: stopping the service" + (f"; {_jobs_said(left)} unfinished: resumed at the next start on this "
-                                                 f"storage root" if left else ""), file=sys.stderr, flush=True)
+        going_on = ("go on in the cluster's job manager" if not urls["embedded"]  # (detached: it stays)
+                    else "resumed at the next start on this storage root")
+        print("lipsync: stopping the service" + (f"; {_jobs_said(left)} unfinished: {going_on}" if left else ""),
+              file=sys.stderr, flush=True)
         t0 = time.monotonic()
         stop_service(urls["embedded"], owner_mark=ray_mark, settings=settings)
         print(f"lipsync: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -343,7 +345,7 @@ def _unfinished_jobs(api: str, settings) -> list[str] | None:
 
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
     try:
-        with Client(api, token=token, timeout=3.0, retries=0) as c:
+        with Client(api, token=token, timeout=1.0, retries=0) as c:  # (a stop has 10 s in all)
             page = c.list(state=[s.value for s in JobState if not s.terminal], limit=500)
     except Exception:  # noqa: BLE001 - a courtesy line: a service busy starting or stopping answers later
         return None
@@ -674,6 +676,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 0
         if not args.watch:
             print(job.id, file=sys.stderr)
+        view = None
         try:
             view = job.wait(progress=not args.quiet, timeout=args.timeout)
             if args.output:
@@ -681,8 +684,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(f"wrote {args.output}", file=sys.stderr)
         except KeyboardInterrupt:  # only this wait ends (a probe: "interrupted", and the job's id lost in the output)
             more = f" {shlex.quote(args.output)}" if args.output else ""
-            print(f"\nlipsync: interrupted: job {job.id} goes on rendering on the service (lipsync wait {job.id}; "
-                  f"lipsync download {job.id}{more}; lipsync cancel {job.id})", file=sys.stderr)
+            if view is not None:  # (it had ended: the download was cut)
+                print(f"\nlipsync: interrupted: job {job.id} ended {view.state.value}; lipsync download "
+                      f"{job.id}{more} fetches its output", file=sys.stderr)
+            else:
+                print(f"\nlipsync: interrupted: job {job.id} goes on rendering on the service (lipsync wait "
+                      f"{job.id}; lipsync download --wait {job.id}{more}; lipsync cancel {job.id})", file=sys.stderr)
             return 130
         _print_view(view)
         return 0

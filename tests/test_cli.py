@@ -764,7 +764,7 @@ def test_ctrl_c_on_submit_wait_says_the_job_goes_on_and_how_to_reach_it(fake_cli
                             service)
     assert rc == 130, (rc, err)
     assert "job long goes on rendering on the service" in err and "lipsync wait long" in err, err
-    assert f"lipsync download long {tmp_path / 'o.mp4'}" in err and "lipsync cancel long" in err, err
+    assert f"lipsync download --wait long {tmp_path / 'o.mp4'}" in err and "lipsync cancel long" in err, err
 
 
 def test_purge_removes_a_finished_jobs_files_and_prints_its_view(fake_cli):

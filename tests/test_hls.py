@@ -470,26 +470,36 @@ def test_cli_submit_watch_prints_the_url_once_a_segment_exists(service, hls_medi
 @pytest.mark.parametrize("layout", ["hot float", "5.1"])
 def test_the_jobs_audio_stays_within_full_scale(tmp_path, speech_wav, layout):
     """A float file 12 dB beyond full scale, and a 5.1 file whose six channels swresample summed into stereo at
-    +6 dB, made AAC that clipped on every player (a probe: peaks 3.3 and 2.05). Samples beyond `LIMIT_KNEE` are bent
-    under full scale; a file within it passes as it is (`_within_full_scale` gives the frame itself)."""
+    +6 dB, made AAC that clipped on every player (a probe: peaks 3.3 and 2.05). From a file's first sample beyond
+    full scale on, samples beyond `LIMIT_KNEE` are bent under `LIMIT_CEILING`; a file within full scale passes
+    bit for bit (`_within_full_scale` gives each frame itself)."""
     import av
 
-    from cluster.media.aac import LIMIT_KNEE, AacTrack, _within_full_scale
+    from cluster.audio import load_audio
+    from cluster.media.aac import LIMIT_CEILING, LIMIT_KNEE, AacTrack, _within_full_scale
     from cluster.media.ffmpeg import ffmpeg_binary
+    from cluster.synth import write_audio
 
+    longer = write_audio(str(tmp_path / "longer.wav"), np.tile(load_audio(speech_wav), 4))  # 12.8 s (a review)
     source = str(tmp_path / "source.wav")
     args = {"hot float": ["-af", "volume=12dB", "-c:a", "pcm_f32le"],
             "5.1": ["-af", "volume=-1dB,pan=5.1|c0=c0|c1=c0|c2=c0|c3=c0|c4=c0|c5=c0", "-c:a", "pcm_s16le"]}[layout]
-    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", speech_wav, *args, source], check=True, timeout=60)
-    track = AacTrack(source, 3.2).encode()
+    subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", longer, *args, source], check=True, timeout=60)
+    track = AacTrack(source, 12.8).encode()
     track.save(tmp_path / "a.m4a")
     track.close()
     with av.open(str(tmp_path / "a.m4a")) as c:
         peak = max(float(np.abs(f.to_ndarray()).max()) for f in c.decode(audio=0))
-    assert peak < 1.06, peak  # (AAC's own quantisation may overshoot a little)
-    quiet = av.AudioFrame.from_ndarray(np.full((2, 64), 0.97, np.float32), format="fltp", layout="stereo")
-    assert _within_full_scale(quiet, "stereo") is quiet
-    loud = av.AudioFrame.from_ndarray(np.array([[0.5, 0.99, 3.0, -7.0]] * 2, np.float32), format="fltp",
-                                      layout="stereo")
-    bent = _within_full_scale(loud, "stereo").to_ndarray()[0]
-    assert bent[0] == np.float32(0.5) and LIMIT_KNEE < bent[1] < bent[2] <= 1.0 and -1.0 <= bent[3] < -LIMIT_KNEE
+    assert peak < 1.0, peak  # (AAC's own overshoot included)
+
+    def frame(values):
+        return av.AudioFrame.from_ndarray(np.array([values] * 2, np.float32), format="fltp", layout="stereo")
+
+    within = frame([0.5, 0.99, -1.0])
+    assert _within_full_scale(within, "stereo", False) == (within, False)  # a file within full scale: untouched
+    bent, engaged = _within_full_scale(frame([0.5, 0.95, 3.0, -7.0]), "stereo", False)
+    values = bent.to_ndarray()[0]
+    assert engaged and values[0] == np.float32(0.5) and LIMIT_KNEE < values[1] < values[2] <= LIMIT_CEILING + 1e-6
+    assert -LIMIT_CEILING - 1e-6 <= values[3] < -LIMIT_KNEE
+    later, _ = _within_full_scale(frame([0.95]), "stereo", True)  # once beyond, limited from there on
+    assert later.to_ndarray()[0][0] < 0.95

@@ -62,26 +62,31 @@ def _bitrate(text: str | int) -> int:
     return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
 
 
-#: Where `_within_full_scale` starts to bend samples (full scale is 1): a file's own peaks up to here pass as they are
-LIMIT_KNEE = 0.98
+#: `_within_full_scale`, once a file's samples have gone beyond full scale, bends them from LIMIT_KNEE smoothly under
+#: LIMIT_CEILING: AAC's own overshoot (7 % on a probe's hot file bent under 1.0) stays under full scale
+LIMIT_KNEE = 0.8
+LIMIT_CEILING = 0.9
 
 
-def _within_full_scale(frame, layout: str):
-    """`frame` (fltp) with samples beyond `LIMIT_KNEE` bent smoothly (tanh) below full scale, sample by sample (no
-    state: every cut of the stream gives the same samples); the frame itself where none is. A float file beyond full
-    scale, or a 5.1 file mixed down to stereo (swresample's matrix is not normalised: +6 dB for a probe's), encoded
-    AAC that clipped on every player."""
+def _within_full_scale(frame, layout: str, engaged: bool):
+    """(`frame`, fltp, with its samples beyond `LIMIT_KNEE` bent (tanh) under `LIMIT_CEILING`, sample by sample;
+    whether the file's samples have gone beyond full scale so far). Nothing is bent before they first do: a file
+    within full scale (every 16- or 24-bit one) passes as it is, bit for bit; a float file beyond it, or a 5.1
+    file mixed down to stereo (swresample's matrix is not normalised: +6 dB for a probe's), is limited from there
+    on (its AAC clipped on every player: peaks 3.3 and 2.05)."""
     data = frame.to_ndarray()
-    if not data.size or float(np.abs(data).max()) <= LIMIT_KNEE:
-        return frame
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    engaged = engaged or peak > 1.0
+    if not engaged or peak <= LIMIT_KNEE:
+        return frame, engaged
     over = np.abs(data) > LIMIT_KNEE
-    room = 1.0 - LIMIT_KNEE
+    room = LIMIT_CEILING - LIMIT_KNEE
     data = np.where(over, np.sign(data) * (LIMIT_KNEE + room * np.tanh((np.abs(data) - LIMIT_KNEE) / room)), data)
     out = av.AudioFrame.from_ndarray(np.ascontiguousarray(data, dtype=np.float32), format="fltp", layout=layout)
     out.sample_rate, out.pts = frame.sample_rate, frame.pts
     if frame.time_base is not None:
         out.time_base = frame.time_base
-    return out
+    return out, True
 
 
 class PacketFile:
@@ -281,16 +286,19 @@ class AacTrack:
                         self._packets.append(out)
                         self._cond.notify_all()
 
+            limiting = False  # (from the first sample beyond full scale on: `_within_full_scale`)
             for frame in _decoded_frames(inp, stream, self.audio_path):
                 self._hold()
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):
-                    feed(_within_full_scale(part, layout))
+                    part, limiting = _within_full_scale(part, layout, limiting)
+                    feed(part)
                 if fed >= total:
                     break
             for part in resampler.resample(None):
-                feed(_within_full_scale(part, layout))
+                part, limiting = _within_full_scale(part, layout, limiting)
+                feed(part)
             if fed < total:  # the file holds less than it said: pad with silence to the planned length
                 while fed < total:
                     n = min(FRAME, total - fed)

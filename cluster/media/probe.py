@@ -477,9 +477,8 @@ def _speech_stream(path: str, _size: int, _mtime_ns: int) -> int:
                 broken.add(i)
                 continue
             for frame in frames:
-                samples = frame.to_ndarray()
-                scale = float(np.iinfo(samples.dtype).max + 1) if samples.dtype.kind in "iu" else 1.0
-                power[i][0] += float(np.square(samples.astype(np.float64) / scale).sum())
+                samples = _full_scale(frame.to_ndarray())
+                power[i][0] += float(np.square(samples).sum())
                 power[i][1] += samples.size
                 if frame.time is not None and frame.time >= SPEECH_PROBE_S:
                     heard.add(i)
@@ -488,13 +487,13 @@ def _speech_stream(path: str, _size: int, _mtime_ns: int) -> int:
     return int(max(range(len(order)), key=lambda k: mean[k]))
 
 
-#: A mix of a file's channels whose power is under this share of its channels' mean cancels (a channel whose
-#: polarity is inverted: L + (-L) = 0): the model hears its loudest channel instead
+#: A mix of a stereo file's two channels whose power is under this share of their mean cancels (a channel whose
+#: polarity is inverted: L + (-L) = 0): the model hears its louder channel instead
 CANCELLING_MIX_SHARE = 0.25
 
 
 def speech_channel(path: str | os.PathLike) -> int | None:
-    """The channel of the speech stream (`speech_stream`) the model hears instead of the mix of all of them, where
+    """The channel of a stereo speech stream (`speech_stream`) the model hears instead of the mix of the two, where
     that mix cancels (`CANCELLING_MIX_SHARE`) over the first `SPEECH_PROBE_S`: a stereo file with one channel's
     polarity inverted played speech on its two speakers and gave the model silence (the mouth never moved, and the
     job read succeeded). None (the usual): the mix. Remembered per file version."""
@@ -515,23 +514,41 @@ def _speech_channel(path: str, _size: int, _mtime_ns: int) -> int | None:
             return None
         stream = container.streams.audio[index]
         ctx = stream.codec_context
-        if (getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 1)) < 2:
-            return None
-        channels = mix = None
-        for frame in container.decode(stream):
-            samples = frame.to_ndarray()
-            if frame.format.is_packed:  # interleaved: [1, n * channels]
-                samples = samples.reshape(-1, len(frame.layout.channels)).T
-            scale = float(np.iinfo(samples.dtype).max + 1) if samples.dtype.kind in "iu" else 1.0
-            x = samples.astype(np.float64) / scale
-            power, summed = np.square(x).sum(axis=1), float(np.square(x.mean(axis=0)).sum())
-            channels = power if channels is None else channels + power
-            mix = summed if mix is None else mix + summed
-            if frame.time is not None and frame.time >= SPEECH_PROBE_S:
+        if (getattr(ctx, "channels", None) or (ctx.layout.nb_channels if ctx.layout else 1)) != 2:
+            return None  # (a review: 5.1's channels hold different sounds, dialogue in C: ffmpeg's downmix is right)
+        channels, mix = np.zeros(2), 0.0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:  # a damaged packet: the others still tell (as `_speech_stream`)
+                continue
+            for frame in frames:
+                x = _full_scale(frame.to_ndarray())
+                if frame.format.is_packed:  # interleaved: [1, n * channels]
+                    x = x.reshape(-1, len(frame.layout.channels)).T
+                if x.shape[0] != 2:
+                    continue
+                channels += np.square(x).sum(axis=1)
+                mix += float(np.square(x.mean(axis=0)).sum())
+            if packet.pts is not None and packet.time_base is not None and \
+                    float(packet.pts * packet.time_base) >= SPEECH_PROBE_S:
                 break
-    if channels is None or not channels.max() > 0 or mix >= CANCELLING_MIX_SHARE * float(channels.mean()):
+    if not channels.max() > 0 or mix >= CANCELLING_MIX_SHARE * float(channels.mean()):
         return None
     return int(np.argmax(channels))
+
+
+def _full_scale(samples):
+    """Decoded samples as float64 in full scale: integers divided by their type's range, unsigned ones (8-bit WAV)
+    centred first (their silence is 128, not 0)."""
+    import numpy as np
+
+    if samples.dtype.kind == "u":
+        half = float(np.iinfo(samples.dtype).max + 1) / 2
+        return (samples.astype(np.float64) - half) / half
+    if samples.dtype.kind == "i":
+        return samples.astype(np.float64) / float(np.iinfo(samples.dtype).max + 1)
+    return samples.astype(np.float64)
 
 
 def _audio_info(stream, container_duration: float) -> AudioStreamInfo:

@@ -421,7 +421,9 @@
         // service's routes exist: it stopped the tab following a session the service had ended and recorded);
         // a session that is gone (the API's 404) is not followed any more
         // (a 401 is not counted: the tab waits for the token as long as it takes)
-        if ((err.status === 404 && !err.away) || (err.status !== 401 && ++failures > 120)) {
+        // (a session its stopping service ended waits longer for the service: its recording is offered then)
+        const patience = session.serviceStopped ? 1800 : 120;
+        if ((err.status === 404 && !err.away) || (err.status !== 401 && ++failures > patience)) {
           showError($("live-error"), err);
           session.closed = true;
           stopSpeaking(session, false);
