@@ -328,6 +328,8 @@ class _Reconnects:
 
     def broke(self, e: httpx.TransportError) -> float:
         """Seconds to wait before opening the stream again after `e`, else raised (`connection.*`)."""
+        if _name_unknown(e):  # a typo in the URL: no retry mends it
+            raise self._failed(e)
         return self._again(e, None)
 
     def _again(self, last: Exception, r: httpx.Response | None) -> float:
@@ -414,8 +416,24 @@ def _retryable_error(e: httpx.TransportError, idempotent: bool, upload: bool = F
     to repeat, unless it is an upload whose answer timed out (not sent again whole: the server may
     be admitting it still)."""
     if isinstance(e, _NOT_SENT):
-        return True
+        return not _name_unknown(e)  # (a name that does not resolve is a typo, not a server away: 25 s of retries)
     return idempotent and isinstance(e, _MAYBE_SENT) and not (upload and isinstance(e, httpx.TimeoutException))
+
+
+#: What a `connection.failed` says of a host name the resolver does not know
+UNKNOWN_HOST = "does not resolve"
+
+
+def _name_unknown(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is the resolver's "no such name" (not its "try again")."""
+    import socket
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#]*")
@@ -431,6 +449,10 @@ def _connection_error(e: Exception | None, url: str, method: str, path: str, ide
     """The ApiError of a request that got no answer: `connection.timeout` or `connection.failed`,
     saying whether the server may have carried it out."""
     what = "connection.timeout" if isinstance(e, httpx.TimeoutException) else "connection.failed"
+    if _name_unknown(e):
+        host = httpx.URL(url).host
+        return ApiError(0, what, f"{method} {_shown(path)}: the service's host name {host!r} {UNKNOWN_HOST} (is "
+                                 f"the URL right: --url, LIPSYNC_URL?): {e!r}")
     maybe = "" if idempotent or isinstance(e, _NOT_SENT) else (
         "; the request may have reached the server: check its state before sending it again")
     return ApiError(0, what, f"{method} {_shown(path)}: no answer from {url}: {e!r}{maybe}")
@@ -471,6 +493,8 @@ class _Wait:
         """Whether a poll's error is the service away for now (restarting, overloaded, starting), which
         the wait outlasts, until its own deadline and for `AWAY_PATIENCE_S` in a row at most: a restart takes
         longer than one request's retries; a service that stays away is said so."""
+        if e.code == "connection.failed" and UNKNOWN_HOST in e.message:  # a typo: no restart mends it
+            return False
         if e.code in ("connection.failed", "connection.timeout", "http.500") or e.status in (429, 502, 503, 504) \
                 or (e.code == "http.404" and "/-/routes" in e.message):
             now = time.monotonic()

@@ -502,3 +502,30 @@ def test_a_server_that_is_not_the_service_is_said_to_be_so_in_one_line():
     for outcome, _ in _both(handler, lambda c: c.get("j1")):
         assert isinstance(outcome, ApiError) and outcome.code == "http.404", repr(outcome)
         assert "<html" not in str(outcome) and "not the lipsync API" in str(outcome), str(outcome)
+
+
+def test_a_host_name_that_does_not_resolve_is_said_at_once():
+    """A probe's mistyped host was tried 7 times over 25 s ("Name or service not known" is no server away); the
+    resolver's "try again" still is retried."""
+    import socket
+
+    def unknown(request: httpx.Request, n: int) -> httpx.Response:
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except socket.gaierror as e:
+            raise httpx.ConnectError("[Errno -2] Name or service not known", request=request) from e
+
+    for outcome, seen in _both(unknown, lambda c: c.get("j1")):
+        assert isinstance(outcome, ApiError) and outcome.code == "connection.failed", repr(outcome)
+        assert "host name 'api.test' does not resolve" in str(outcome) and len(seen) == 1, (str(outcome), len(seen))
+    for outcome, _ in _both(unknown, lambda c: c.wait("j1", False, 30.0, 0.1)):
+        assert isinstance(outcome, ApiError) and "does not resolve" in str(outcome), repr(outcome)
+
+    def again(request: httpx.Request, n: int) -> httpx.Response:
+        try:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        except socket.gaierror as e:
+            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request) from e
+
+    for outcome, seen in _both(again, lambda c: c.get("j1")):
+        assert isinstance(outcome, ApiError) and len(seen) == 4, (repr(outcome), len(seen))  # 1 + 3 retries
