@@ -592,6 +592,10 @@ def _client_call(args: argparse.Namespace, fn) -> int:
         if e.status == 401:  # the service's answer to its bearer token (not a live socket's 4401: a session's token)
             hint = ("; the token sent was refused" if "Authorization" in c.headers else "; no token was sent") + \
                 ": give the service's token with --token or LIPSYNC_API_TOKEN"
+        given = getattr(args, e.field, None) if e.field in ("audio", "video") else None
+        if e.code in ("input.outside_roots", "input.not_found") and isinstance(given, str) and \
+                not os.path.exists(os.path.expanduser(given)):  # sent as the server's, being none here (a probe)
+            hint += f"; {given} is no file on this machine either: a typo?"
         print(f"lipsync: error: {e.code}: {e.message}" + (f" (field {e.field})" if e.field else "") + hint,
               file=sys.stderr)
         return 2 if 400 <= e.status < 500 and e.status not in RETRY_LATER_STATUSES else 1

@@ -1033,3 +1033,15 @@ def test_download_of_a_job_still_rendering_says_how_to_wait_and_waits_when_asked
     assert rc == 1 and f"lipsync download --wait slow {out}" in err, (rc, err)
     rc, _, err = fake_cli(["download", "--wait", "slow", str(out)], service)
     assert rc == 0 and out.read_bytes() == b"mp4", (rc, err)
+
+
+def test_a_server_path_that_is_no_file_here_either_is_said_to_be_a_likely_typo(fake_cli, tmp_path):
+    """A probe's mistyped absolute path was sent as the server's and refused for the input roots only."""
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"code": "input.outside_roots", "field": "audio", "message":
+                                                   "input path /nonexistent/abs.wav is outside the allowed roots"}})
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\0")
+    rc, _, err = fake_cli(["submit", "/nonexistent/abs.wav", str(video)], service)
+    assert rc == 2 and "/nonexistent/abs.wav is no file on this machine either: a typo?" in err, err
