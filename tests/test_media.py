@@ -1272,3 +1272,17 @@ def test_a_template_made_before_the_recipe_its_source_needs_is_made_again(media,
     plain = normalize_template(media["pal"], settings)  # a source the recipe treats as before: kept, marked
     (Path(plain.path).parent / RECIPE_FILE).unlink()
     assert normalize_template(media["pal"], settings).cached and (Path(plain.path).parent / RECIPE_FILE).exists()
+
+
+def test_an_mp4_cut_before_its_index_is_said_to_be_truncated(media, settings, tmp_path):
+    """A probe's recording whose index (`moov`, written last) was cut away was "not a readable audio/video file:
+    Invalid data found when processing input"; the box that runs past the end says what happened."""
+    from cluster.media.probe import probe_video
+
+    data = Path(media["pal"]).read_bytes()
+    assert data.find(b"moov") > data.find(b"mdat")  # (ffmpeg's mp4 without faststart: the index at the end)
+    cut = tmp_path / "unfinished.mp4"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputUnreadable, match=r"unfinished.mp4 is truncated or unfinished: its 'mdat' box declares "
+                                              r"\d+ bytes from byte \d+, the file has \d+"):
+        probe_video(str(cut), settings)

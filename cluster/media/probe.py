@@ -110,6 +110,37 @@ def _looks_like_playlist(head: bytes) -> bool:
     return False
 
 
+def _mp4_without_index(path: str) -> str | None:
+    """What shows an MP4/MOV file (its top-level boxes: `ftyp` first) cut short or never finished, where FFmpeg says
+    only "Invalid data": no `moov` box (the index a recorder writes last), or a box running past the end of the file;
+    None for anything else."""
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            at, boxes = 0, []
+            while at + 8 <= size and len(boxes) < 1000:
+                f.seek(at)
+                length, kind = struct.unpack(">I4s", f.read(8))
+                if length == 1:
+                    length = struct.unpack(">Q", f.read(8))[0]
+                elif length == 0:
+                    length = size - at
+                boxes.append(kind)
+                if boxes[0] != b"ftyp":
+                    return None
+                if length < 8 or at + length > size:
+                    return (f"its {kind.decode('latin-1')!r} box declares {length} bytes from byte {at}, the file has "
+                            f"{size} (the recording was not finished, or the copy was cut): copy or export it again")
+                at += length
+    except (OSError, struct.error):
+        return None
+    if boxes and boxes[0] == b"ftyp" and b"moov" not in boxes:
+        return "it has no index (no 'moov' box: a recorder writes it last): record, copy or export it again"
+    return None
+
+
 def _open(path: str, settings: Settings) -> av.container.InputContainer:
     try:
         container = av.open(file_url(path), options={"protocol_whitelist": "file"},
@@ -117,6 +148,9 @@ def _open(path: str, settings: Settings) -> av.container.InputContainer:
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         # FFmpeg's own words ("Invalid data found when processing input"), not its error number and URL
         why = os_reason(exc)
+        cut = _mp4_without_index(path)
+        if cut:  # (a probe: an unfinished recording was "not a readable audio/video file: Invalid data ...")
+            raise InputUnreadable(f"{path} is truncated or unfinished: {cut}", path=path, cause=str(exc)) from exc
         raise InputUnreadable(f"{path} is not a readable audio/video file: {why}", path=path,
                               cause=str(exc)) from exc
     names = set(container.format.name.split(","))
