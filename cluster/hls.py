@@ -259,7 +259,8 @@ class HlsPublisher:
             first = self.plan.chunks[0]
             hold = float(Fraction(first.stop) / self.plan.fps) if self.next_chunk == 0 else None
             self.track = AacTrack(self.plan.audio_path, self.plan.audio_duration, self.settings.audio_bitrate,
-                                  hold_after_s=hold, hold_max_s=self.settings.chunk_timeout_s, spill_dir=self.dir)
+                                  hold_after_s=hold, hold_max_s=self.settings.chunk_timeout_s, spill_dir=self.dir,
+                                  dc_block=bool(self.plan.model_dc))
             self._spawn(self._encode_audio, "aac")
         self._spawn(self._publish_loop, "hls")
         return self

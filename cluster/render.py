@@ -708,7 +708,8 @@ def job_aac(plan: JobPlan, settings: Settings) -> Path:
 
     path = hls_dir(plan.job_dir) / AUDIO_FILE
     if not path.exists():
-        track = AacTrack(plan.audio_path, plan.audio_duration, settings.audio_bitrate, spill_dir=plan.job_dir)
+        track = AacTrack(plan.audio_path, plan.audio_duration, settings.audio_bitrate, spill_dir=plan.job_dir,
+                         dc_block=bool(plan.model_dc))
         try:
             track.encode().save(path)
         finally:

@@ -467,25 +467,29 @@ def test_cli_submit_watch_prints_the_url_once_a_segment_exists(service, hls_medi
     assert playlist.status_code == 200 and "#EXTINF" in playlist.text
 
 
-@pytest.mark.parametrize("layout", ["hot float", "5.1"])
+@pytest.mark.parametrize("layout", ["hot float", "5.1", "hot 5.1", "offset"])
 def test_the_jobs_audio_stays_within_full_scale(tmp_path, speech_wav, layout):
     """A float file 12 dB beyond full scale, and a 5.1 file whose six channels swresample summed into stereo at
-    +6 dB, made AAC that clipped on every player (a probe: peaks 3.3 and 2.05). From a file's first sample beyond
-    full scale on, samples beyond `LIMIT_KNEE` are bent under `LIMIT_CEILING`; a file within full scale passes
-    bit for bit (`_within_full_scale` gives each frame itself)."""
+    +6 dB, made AAC that clipped on every player (a probe: peaks 3.3 and 2.05; 1.23 for a hot 5.1 file once its
+    waves were bent under 0.9); so did a file with a DC offset (peak 0.96, its AAC 1.29 at the offset's step).
+    `OutputLevel`: a gain under LIMIT_PEAK from the first sample beyond full scale on; the offset taken off where the
+    plan found one; a usual file passes bit for bit."""
     import av
 
     from cluster.audio import load_audio
-    from cluster.media.aac import LIMIT_CEILING, LIMIT_KNEE, AacTrack, _within_full_scale
+    from cluster.media.aac import LIMIT_PEAK, AacTrack, OutputLevel
     from cluster.media.ffmpeg import ffmpeg_binary
     from cluster.synth import write_audio
 
     longer = write_audio(str(tmp_path / "longer.wav"), np.tile(load_audio(speech_wav), 4))  # 12.8 s (a review)
     source = str(tmp_path / "source.wav")
+    six = "pan=5.1|c0=c0|c1=c0|c2=c0|c3=c0|c4=c0|c5=c0"
     args = {"hot float": ["-af", "volume=12dB", "-c:a", "pcm_f32le"],
-            "5.1": ["-af", "volume=-1dB,pan=5.1|c0=c0|c1=c0|c2=c0|c3=c0|c4=c0|c5=c0", "-c:a", "pcm_s16le"]}[layout]
+            "5.1": ["-af", f"volume=-1dB,{six}", "-c:a", "pcm_s16le"],
+            "hot 5.1": ["-af", f"volume=12dB,{six}", "-c:a", "pcm_f32le"],
+            "offset": ["-af", "volume=0.3,aeval=val(0)*1+0.7", "-c:a", "pcm_s16le"]}[layout]
     subprocess.run([ffmpeg_binary(), "-v", "error", "-y", "-i", longer, *args, source], check=True, timeout=60)
-    track = AacTrack(source, 12.8).encode()
+    track = AacTrack(source, 12.8, dc_block=layout == "offset").encode()
     track.save(tmp_path / "a.m4a")
     track.close()
     with av.open(str(tmp_path / "a.m4a")) as c:
@@ -493,13 +497,13 @@ def test_the_jobs_audio_stays_within_full_scale(tmp_path, speech_wav, layout):
     assert peak < 1.0, peak  # (AAC's own overshoot included)
 
     def frame(values):
-        return av.AudioFrame.from_ndarray(np.array([values] * 2, np.float32), format="fltp", layout="stereo")
+        out = av.AudioFrame.from_ndarray(np.array([values] * 2, np.float32), format="fltp", layout="stereo")
+        out.sample_rate = 48000
+        return out
 
+    level = OutputLevel(48000)
     within = frame([0.5, 0.99, -1.0])
-    assert _within_full_scale(within, "stereo", False) == (within, False)  # a file within full scale: untouched
-    bent, engaged = _within_full_scale(frame([0.5, 0.95, 3.0, -7.0]), "stereo", False)
-    values = bent.to_ndarray()[0]
-    assert engaged and values[0] == np.float32(0.5) and LIMIT_KNEE < values[1] < values[2] <= LIMIT_CEILING + 1e-6
-    assert -LIMIT_CEILING - 1e-6 <= values[3] < -LIMIT_KNEE
-    later, _ = _within_full_scale(frame([0.95]), "stereo", True)  # once beyond, limited from there on
-    assert later.to_ndarray()[0][0] < 0.95
+    assert level(within, "stereo") is within  # a usual file: untouched
+    limited = level(frame([0.5, 0.95, 3.0, -7.0]), "stereo").to_ndarray()[0]
+    assert np.abs(limited).max() <= LIMIT_PEAK + 1e-6 and level.engaged
+    assert level(frame([0.9]), "stereo").to_ndarray()[0][0] < 0.9  # the gain comes back over LIMIT_RELEASE_S

@@ -1008,11 +1008,11 @@ def test_a_named_model_of_a_size_that_cannot_work_is_refused_at_admission():
     from cluster.render import check_model
 
     settings = Settings()
-    for spec, said in (("builtin:10", "must be 32-512 pixels, got 10"), ("builtin:999", "got 999"),
+    for spec, said in (("builtin:10", "must be 32-511 pixels, got 10"), ("builtin:999", "got 999"),
                        ("builtin:319", "folds at a crop size of 319 pixels: choose another (the nearest that "
                                        "work: 318 or 320)"),
                        ("latency:5:16", "must be 32-999 pixels, got 16"), ("latency:5:99999", "got 99999"),
-                       ("builtin:1000", "must be 32-512 pixels, got 1000")):
+                       ("builtin:1000", "must be 32-511 pixels, got 1000")):
         with pytest.raises(InputError, match=re.escape(said)) as info:
             check_model(spec, settings)
         assert info.value.code == "input.invalid" and info.value.path == "model"

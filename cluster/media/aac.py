@@ -62,31 +62,58 @@ def _bitrate(text: str | int) -> int:
     return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
 
 
-#: `_within_full_scale`, once a file's samples have gone beyond full scale, bends them from LIMIT_KNEE smoothly under
-#: LIMIT_CEILING: AAC's own overshoot (7 % on a probe's hot file bent under 1.0) stays under full scale
-LIMIT_KNEE = 0.8
-LIMIT_CEILING = 0.9
+#: `OutputLevel`: once a file's samples have gone beyond full scale, each frame's peak is brought to at most this
+#: (a gain, not a bend of the waveform: a hot 5.1 file bent under 0.9 decoded from its AAC at 1.23, the flattened
+#: waves' own overshoot); the gain comes back over LIMIT_RELEASE_S
+LIMIT_PEAK = 0.7
+LIMIT_RELEASE_S = 1.0
+#: How fast `OutputLevel` follows a file's DC offset (seconds)
+DC_FOLLOW_S = 2.0
 
 
-def _within_full_scale(frame, layout: str, engaged: bool):
-    """(`frame`, fltp, with its samples beyond `LIMIT_KNEE` bent (tanh) under `LIMIT_CEILING`, sample by sample;
-    whether the file's samples have gone beyond full scale so far). Nothing is bent before they first do: a file
-    within full scale (every 16- or 24-bit one) passes as it is, bit for bit; a float file beyond it, or a 5.1
-    file mixed down to stereo (swresample's matrix is not normalised: +6 dB for a probe's), is limited from there
-    on (its AAC clipped on every player: peaks 3.3 and 2.05)."""
-    data = frame.to_ndarray()
-    peak = float(np.abs(data).max()) if data.size else 0.0
-    engaged = engaged or peak > 1.0
-    if not engaged or peak <= LIMIT_KNEE:
-        return frame, engaged
-    over = np.abs(data) > LIMIT_KNEE
-    room = LIMIT_CEILING - LIMIT_KNEE
-    data = np.where(over, np.sign(data) * (LIMIT_KNEE + room * np.tanh((np.abs(data) - LIMIT_KNEE) / room)), data)
-    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(data, dtype=np.float32), format="fltp", layout=layout)
-    out.sample_rate, out.pts = frame.sample_rate, frame.pts
-    if frame.time_base is not None:
-        out.time_base = frame.time_base
-    return out, True
+class OutputLevel:
+    """What the job's AAC track does to the file's samples before they are encoded, frame by frame in order (so
+    every encode of a file gives the same samples): nothing for a file within full scale without a DC offset (every
+    usual one: bit for bit as given). A file with a DC offset (`dc_block`: the plan found one, `model_dc`) has it
+    taken off, followed per channel from its first frame on (its AAC rang past full scale at the offset's step: a
+    peak of 0.96 decoded at 1.29). From a file's first sample beyond full scale on (a float file mastered hot, a 5.1
+    file mixed down to stereo: swresample's matrix is not normalised), each frame's peak is brought under
+    `LIMIT_PEAK` by a gain that comes back over `LIMIT_RELEASE_S` (its AAC clipped on every player: 3.3 and 2.05)."""
+
+    def __init__(self, rate: int, dc_block: bool = False) -> None:
+        self.rate, self.dc_block = rate, dc_block
+        self.dc: np.ndarray | None = None  # per channel, as followed so far
+        self.engaged = False
+        self.gain = 1.0
+
+    def __call__(self, frame, layout: str):
+        if frame is None:
+            return frame
+        data = frame.to_ndarray().astype(np.float64)
+        n = data.shape[1] if data.ndim == 2 else 0
+        if not n:
+            return frame
+        changed = False
+        if self.dc_block:
+            mean = data.mean(axis=1, keepdims=True)
+            self.dc = mean if self.dc is None else self.dc + (mean - self.dc) * min(1.0, n / (self.rate * DC_FOLLOW_S))
+            data -= self.dc
+            changed = True
+        peak = float(np.abs(data).max())
+        self.engaged = self.engaged or peak > 1.0
+        if self.engaged:
+            target = min(1.0, LIMIT_PEAK / peak) if peak > 0 else 1.0
+            self.gain = target if target < self.gain else min(target, self.gain + n / (self.rate * LIMIT_RELEASE_S))
+            if self.gain < 1.0:
+                data *= self.gain
+                changed = True
+        if not changed:
+            return frame
+        out = av.AudioFrame.from_ndarray(np.ascontiguousarray(data, dtype=np.float32), format="fltp", layout=layout)
+        out.sample_rate, out.pts = frame.sample_rate, frame.pts
+        if frame.time_base is not None:
+            out.time_base = frame.time_base
+        return out
 
 
 class PacketFile:
@@ -163,8 +190,9 @@ class AacTrack:
 
     def __init__(self, audio_path: str, duration: float, bitrate: str | int = "160k",
                  hold_after_s: float | None = None, hold_max_s: float = 60.0,
-                 spill_dir: str | Path | None = None) -> None:
+                 spill_dir: str | Path | None = None, dc_block: bool = False) -> None:
         self.audio_path, self.duration, self.bitrate = str(audio_path), float(duration), _bitrate(bitrate)
+        self.dc_block = dc_block  # the file has a DC offset (`OutputLevel`)
         self._hold_after_s, self._hold_max_s = hold_after_s, float(hold_max_s)
         self._packets = PacketFile(spill_dir)
         self.sample_rate = 0
@@ -286,19 +314,17 @@ class AacTrack:
                         self._packets.append(out)
                         self._cond.notify_all()
 
-            limiting = False  # (from the first sample beyond full scale on: `_within_full_scale`)
+            level = OutputLevel(rate, self.dc_block)
             for frame in _decoded_frames(inp, stream, self.audio_path):
                 self._hold()
                 if self._stopped:
                     return
                 for part in resampler.resample(frame):
-                    part, limiting = _within_full_scale(part, layout, limiting)
-                    feed(part)
+                    feed(level(part, layout))
                 if fed >= total:
                     break
             for part in resampler.resample(None):
-                part, limiting = _within_full_scale(part, layout, limiting)
-                feed(part)
+                feed(level(part, layout))
             if fed < total:  # the file holds less than it said: pad with silence to the planned length
                 while fed < total:
                     n = min(FRAME, total - fed)
