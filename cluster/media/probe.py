@@ -132,7 +132,8 @@ def _mp4_without_index(path: str) -> str | None:
                     return None
                 if length < 8 or at + length > size:
                     return (f"its {kind.decode('latin-1')!r} box declares {length} bytes from byte {at}, the file has "
-                            f"{size} (the recording was not finished, or the copy was cut): copy or export it again")
+                            f"{size} (the recording was not finished, the copy was cut, or its bytes were damaged): copy or "
+                            f"export it again")
                 at += length
     except (OSError, struct.error):
         return None
@@ -150,7 +151,8 @@ def _open(path: str, settings: Settings) -> av.container.InputContainer:
         why = os_reason(exc)
         cut = _mp4_without_index(path)
         if cut:  # (a probe: an unfinished recording was "not a readable audio/video file: Invalid data ...")
-            raise InputUnreadable(f"{path} is truncated or unfinished: {cut}", path=path, cause=str(exc)) from exc
+            raise InputUnreadable(f"{path} is truncated, unfinished or damaged: {cut}", path=path,
+                                  cause=str(exc)) from exc
         raise InputUnreadable(f"{path} is not a readable audio/video file: {why}", path=path,
                               cause=str(exc)) from exc
     names = set(container.format.name.split(","))
