@@ -1283,6 +1283,6 @@ def test_an_mp4_cut_before_its_index_is_said_to_be_truncated(media, settings, tm
     assert data.find(b"moov") > data.find(b"mdat")  # (ffmpeg's mp4 without faststart: the index at the end)
     cut = tmp_path / "unfinished.mp4"
     cut.write_bytes(data[:len(data) // 2])
-    with pytest.raises(InputUnreadable, match=r"unfinished.mp4 is truncated, unfinished or damaged: its 'mdat' box declares "
-                                              r"\d+ bytes from byte \d+, the file has \d+"):
+    with pytest.raises(InputUnreadable, match=r"unfinished.mp4 is truncated, unfinished or damaged: its 'mdat' "
+                                              r"box declares \d+ bytes from byte \d+, the file has \d+"):
         probe_video(str(cut), settings)

@@ -131,9 +131,9 @@ def _mp4_without_index(path: str) -> str | None:
                 if boxes[0] != b"ftyp":
                     return None
                 if length < 8 or at + length > size:
-                    return (f"its {kind.decode('latin-1')!r} box declares {length} bytes from byte {at}, the file has "
-                            f"{size} (the recording was not finished, the copy was cut, or its bytes were damaged): copy or "
-                            f"export it again")
+                    return (f"its {kind.decode('latin-1')!r} box declares {length} bytes from byte {at}, the file "
+                            f"has {size} (the recording was not finished, the copy was cut, or its bytes were "
+                            f"damaged): copy or export it again")
                 at += length
     except (OSError, struct.error):
         return None
