@@ -509,23 +509,21 @@ def test_a_host_name_that_does_not_resolve_is_said_at_once():
     resolver's "try again" still is retried."""
     import socket
 
-    def unknown(request: httpx.Request, n: int) -> httpx.Response:
-        try:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        except socket.gaierror as e:
-            raise httpx.ConnectError("[Errno -2] Name or service not known", request=request) from e
+    def resolver_says(errno: int, words: str):
+        def handler(request: httpx.Request, n: int) -> httpx.Response:
+            try:
+                raise socket.gaierror(errno, words)
+            except socket.gaierror as e:
+                raise httpx.ConnectError(f"[Errno {errno}] {words}", request=request) from e
+        return handler
 
+    unknown = resolver_says(socket.EAI_NONAME, "Name or service not known")
     for outcome, seen in _both(unknown, lambda c: c.get("j1")):
         assert isinstance(outcome, ApiError) and outcome.code == "connection.failed", repr(outcome)
         assert "host name 'api.test' does not resolve" in str(outcome) and len(seen) == 1, (str(outcome), len(seen))
     for outcome, _ in _both(unknown, lambda c: c.wait("j1", False, 30.0, 0.1)):
         assert isinstance(outcome, ApiError) and "does not resolve" in str(outcome), repr(outcome)
 
-    def again(request: httpx.Request, n: int) -> httpx.Response:
-        try:
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        except socket.gaierror as e:
-            raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution", request=request) from e
-
-    for outcome, seen in _both(again, lambda c: c.get("j1")):
+    for outcome, seen in _both(resolver_says(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+                               lambda c: c.get("j1")):
         assert isinstance(outcome, ApiError) and len(seen) == 4, (repr(outcome), len(seen))  # 1 + 3 retries

@@ -1075,16 +1075,22 @@ def fake_session_view(service, state: str, reason: str | None = None, recording:
                                   seconds_received=1.5, seconds_rendered=1.5).model_dump(mode="json"))
 
 
-def fake_audio_socket(page) -> None:
-    """The fake session's audio socket: Playwright's, which takes the speech and says it is ready."""
-    page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), lambda ws: ws.send('{"type": "ready"}'))
+def fake_audio_socket(page, sockets: list | None = None) -> None:
+    """The fake session's audio socket: Playwright's, which takes the speech and says it is ready (each one opened
+    is added to `sockets`)."""
+    def opened(ws) -> None:
+        if sockets is not None:
+            sockets.append(ws)
+        ws.send('{"type": "ready"}')
+
+    page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), opened)
 
 
-def speak_in_a_fake_session(page, service, answer) -> None:
-    """The Live tab speaking in the fake session whose API answers are `answer`'s (its audio socket faked),
-    once its pill says live and Stop can be pressed."""
+def speak_in_a_fake_session(page, service, answer, sockets: list | None = None) -> None:
+    """The Live tab speaking in the fake session whose API answers are `answer`'s (its audio socket faked: each one
+    opened is added to `sockets`), once its pill says live and Stop can be pressed."""
     fake_avatar(page)
-    fake_audio_socket(page)
+    fake_audio_socket(page, sockets)
     page.route("**/v1/sessions", answer)
     page.route("**/v1/sessions/fake-session", answer)
     open_live_tab(page, service)
@@ -1150,20 +1156,9 @@ def test_the_live_tab_says_at_once_that_a_stopping_service_ended_its_session(chr
         state = ("ended", "service_stopped", True) if phase[0] == "back" else ("live", None, False)
         route.fulfill(status=200, content_type="application/json", body=fake_session_view(service, *state))
 
-    def audio_socket(ws):
-        sockets.append(ws)
-        ws.send('{"type": "ready"}')
-
     page = browser.new_page(viewport={"width": 1000, "height": 1100})
     try:
-        fake_avatar(page)
-        page.route_web_socket(re.compile(r"/v1/sessions/fake-session/audio"), audio_socket)
-        page.route("**/v1/sessions", answer)
-        page.route("**/v1/sessions/fake-session", answer)
-        open_live_tab(page, service)
-        page.click("#live-speak")
-        page.locator("#live-state.s-live").wait_for(timeout=30_000)
-        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        speak_in_a_fake_session(page, service, answer, sockets)
         phase[0] = "away"
         sockets[-1].close(code=4410, reason="session fake-session is ended: the service stopped")
         page.locator("#live-state.s-ended").wait_for(timeout=5_000)
