@@ -364,6 +364,41 @@ def _without_room(magnitude: np.ndarray, room: np.ndarray) -> np.ndarray:
     return np.maximum(magnitude, kept, out=magnitude)
 
 
+# --- a live session's level, as the speech arrives ---------------------------------------------------------
+#: `MODEL_SPEECH_DBFS` in the mel's speech band (the 98th percentile of columns' `room_level_db`-style level):
+#: synthetic speech read 14.6-16.3 dB lower there than its 98th percentile of 20 ms frames' RMS
+MODEL_SPEECH_BAND_DB = MODEL_SPEECH_DBFS - 15.0
+#: `NOISE_CEILING_DBFS` in the same terms: white noise at -56 dBFS reads -65.6 in its quietest twentieth of columns
+NOISE_CEILING_BAND_DB = -65.6
+
+
+def mel_gain_db(norm: np.ndarray) -> float:
+    """`model_input_gain_db` for speech known by its normalised mel columns `norm` [80, T] only (a live session's
+    last seconds): how much louder the model hears it, up to `MODEL_SPEECH_BAND_DB` for its loud columns (98th
+    percentile), by at most `MAX_MODEL_GAIN_DB`, never bringing its quietest twentieth past
+    `NOISE_CEILING_BAND_DB`; 0 for speech at a usual level, and for silence."""
+    heard = norm[:, (norm > -MAX_ABS_VALUE).any(axis=0)]
+    if heard.shape[1] == 0:
+        return 0.0
+    level = mel_magnitude(heard)[_room_band()].mean(axis=0)
+    loud = 20.0 * np.log10(max(float(np.percentile(level, 98)), 1e-12))
+    quiet = 20.0 * np.log10(max(float(level[level <= np.percentile(level, ROOM_PERCENTILE)].mean()), 1e-12))
+    gain = min(max(MODEL_SPEECH_BAND_DB - loud, 0.0), MAX_MODEL_GAIN_DB)
+    floor = 20.0 * np.log10(float(mel_magnitude(np.float32(-MAX_ABS_VALUE))))  # (-80: the mel's own floor)
+    if quiet > floor + 0.5:  # a room the mel can tell (one at its floor is none it could raise: `raised_mel`)
+        gain = min(gain, max(NOISE_CEILING_BAND_DB - quiet, 0.0))
+    return float(gain)
+
+
+def raised_mel(norm: np.ndarray, gain_db: float) -> np.ndarray:
+    """Normalised mel columns as they are `gain_db` louder (0.08 per dB), digital silence (the floor) left as it
+    is: what a gain on the samples gives (`SampleFile`), but for the clip at the floor; float32."""
+    if not gain_db:
+        return norm
+    lifted = np.minimum(norm + np.float32(2 * MAX_ABS_VALUE / -MIN_LEVEL_DB * gain_db), MAX_ABS_VALUE)
+    return np.where(norm > -MAX_ABS_VALUE, lifted, norm).astype(np.float32)
+
+
 def file_room_spectrum(samples: "SampleFile", seconds: float = LEVEL_WINDOW_S) -> np.ndarray | None:
     """`room_spectrum` of the first `seconds` of the file's own samples (as `samples.read` gives them: with its gain),
     not the silence a sync mode pads it with: bounded work, whatever the audio's length."""

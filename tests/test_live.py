@@ -51,10 +51,10 @@ def test_streaming_mel_columns_equal_the_whole_files_and_only_final_ones_are_use
 
 def test_a_sessions_room_is_taken_out_of_its_speech_as_it_arrives_however_it_is_cut():
     """A live session measures the room under its speech as it arrives (the last 10 s of columns, again after each
-    second, `RoomTracker`) and takes it out of the columns after the first second; the columns do not depend on
+    second, `ModelInputTracker`) and takes it out of the columns after the first second; the columns do not depend on
     how the stream was cut into appends, so a restarted session's replay gives the same."""
     from cluster import audio, synth
-    from cluster.live.speech import RoomTracker
+    from cluster.live.speech import ModelInputTracker
 
     speech = synth.speech_like(6.0, seed=5).astype(np.float32)
     room = np.random.default_rng(7).normal(0.0, 10 ** (-45 / 20), len(speech)).astype(np.float32)
@@ -72,7 +72,7 @@ def test_a_sessions_room_is_taken_out_of_its_speech_as_it_arrives_however_it_is_
     assert np.array_equal(first, columns(2))
     heard = melspectrogram(pcm.astype(np.float32) / 32768)
     assert first.shape == heard.shape
-    second = RoomTracker().every
+    second = ModelInputTracker().every
     assert np.array_equal(first[:, :second], heard[:, :second])  # the first second: nothing measured yet
     band = audio._room_band()
     pauses = np.flatnonzero(melspectrogram(speech)[band].max(axis=0) <= -4.0)
@@ -85,6 +85,47 @@ def test_a_sessions_room_is_taken_out_of_its_speech_as_it_arrives_however_it_is_
     plain.append(pcm.tobytes())
     plain.end()
     assert np.array_equal(plain.utterances[0].mel[:, :plain.utterances[0].columns], heard)  # denoise off: as heard
+
+
+def test_a_quiet_speaker_is_heard_at_a_usual_level_after_a_few_seconds():
+    """A live session's speech was heard as sent: a speaker at -35 dBFS barely moved the mouth, where a file at
+    that level is raised for the model (`model_input_gain_db`). A session measures its level as the speech arrives
+    (`mel_gain_db` over the last 10 s, again each second) and raises the columns from the third second on by it
+    (`GAIN_AFTER_S`); a speaker at a usual level is heard as sent, bit for bit."""
+    from cluster import audio, synth
+    from cluster.live.speech import ModelInputTracker
+
+    speech = synth.speech_like(6.0, seed=5).astype(np.float32)  # about -10 dBFS
+    # (a quiet room: a room that would reach NOISE_CEILING_DBFS stops the gain there, as a file's does)
+    room = np.random.default_rng(7).normal(0.0, 10 ** (-80 / 20), len(speech)).astype(np.float32)
+
+    def columns(wav: np.ndarray, seed: int = 1) -> np.ndarray:
+        streamed = SpeechInput(16000, Fraction(25), columns_needed=3, conditioned=True)
+        for part in _chunks(np.clip(wav * 32768, -32768, 32767).astype(np.int16), np.random.default_rng(seed), 3000):
+            streamed.append(part.tobytes())
+        streamed.end()
+        return np.concatenate([u.mel[:, :u.columns] for u in streamed.utterances], axis=1)
+
+    usual = speech + room
+    assert np.array_equal(columns(usual), melspectrogram(np.clip(usual * 32768, -32768, 32767).astype(np.int16)
+                                                         .astype(np.float32) / 32768))  # as sent
+    quiet = speech * np.float32(10 ** (-25 / 20)) + room  # about -35 dBFS, its room at -80
+    heard_quiet, raised = columns(quiet), columns(quiet, seed=2)
+    assert np.array_equal(heard_quiet, raised)  # however the stream was cut
+    second, after = ModelInputTracker().every, ModelInputTracker().gain_after
+    band = audio._room_band()
+    loud = melspectrogram(speech)[band].mean(axis=0) > np.percentile(melspectrogram(speech)[band].mean(axis=0), 80)
+    loud[:after] = False
+
+    def level(m: np.ndarray) -> np.ndarray:
+        return 20 * np.log10(audio.mel_magnitude(m[band]).mean(axis=0))
+
+    as_sent = melspectrogram(np.clip(quiet * 32768, -32768, 32767).astype(np.int16).astype(np.float32) / 32768)
+    assert (level(usual_columns := columns(usual))[loud] - level(as_sent)[loud]).mean() > 20  # 25 dB apart as sent
+    assert abs((level(raised)[loud] - level(usual_columns)[loud]).mean()) < 6, \
+        (level(raised)[loud] - level(usual_columns)[loud]).mean()  # raised to about the usual level
+    assert np.array_equal(raised[:, :second], as_sent[:, :second])  # the first second: nothing measured yet
+    assert second < after
 
 
 def _stream_and_render(pcm: np.ndarray, rate: int, seed: int) -> tuple[list, list, list]:

@@ -159,7 +159,7 @@ class LiveSession:
         self.renderer = LiveRenderer(template_path, track_path, model_size, crop, s)
         self.fps = Fraction(self.renderer.fps)
         self.columns = model_columns(model)
-        self.speech = SpeechInput(sample_rate, self.fps, self.columns, denoise=s.denoise_model_input)
+        self.speech = SpeechInput(sample_rate, self.fps, self.columns, denoise=s.denoise_model_input, conditioned=True)
         self.scheduler = LiveScheduler(self.speech, self.renderer.frame_count, self.fps,
                                        # at most half the buffer: a rebuffer the buffer cannot hold would wait
                                        # for the flush (the end of the utterance) each time

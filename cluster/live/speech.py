@@ -25,8 +25,10 @@ from cluster.audio import (
     SAMPLE_RATE,
     denoise_mel,
     mel_frame_count,
+    mel_gain_db,
     mel_window_starts,
     melspectrogram,
+    raised_mel,
     room_spectrum,
 )
 from cluster.plan import frame_count_from_samples
@@ -147,33 +149,48 @@ def _drop_head(buf: np.ndarray, base: int, keep_from: int, end: int, axis: int =
 TRIM_MIN_ENTRIES = 1 << 16
 
 
-class RoomTracker:
-    """The room under a live session's speech, measured as it arrives (the batch path measures a file's first 30 s
-    once: `cluster.audio.file_room_spectrum`): `room_spectrum` of the last `window_s` of mel columns received, over
-    every utterance, measured again after each `every_s`; each column is taken through `denoise_mel` with the room
-    measured before its stretch of `every_s`, so the columns do not depend on how the stream was cut into appends
-    (a restarted session's replay gives the same). The session's first `every_s` is heard as it is."""
+#: A live session's gain is measured from this much speech on (`ModelInputTracker`)
+GAIN_AFTER_S = 3.0
 
-    def __init__(self, window_s: float = 10.0, every_s: float = 1.0) -> None:
+
+class ModelInputTracker:
+    """What a live session's model hears, measured as the speech arrives (the batch path measures a file's first
+    30 s once: `cluster.audio.file_room_spectrum`, `model_input_gain_db`): over the last `window_s` of mel columns
+    received, every utterance's, measured again after each `every_s`, the room under the speech (`room_spectrum`,
+    taken out with `denoise_mel` where `denoise`) and the gain a quiet speaker needs (`mel_gain_db`: a speaker at
+    -35 dBFS barely moved the mouth; `raised_mel`). Each column is taken with what was measured before its
+    stretch of `every_s`, so the columns do not depend on how the stream was cut into appends (a restarted
+    session's replay gives the same). The session's first `every_s` is heard as it is, and raised from its
+    `GAIN_AFTER_S` on."""
+
+    def __init__(self, denoise: bool = True, window_s: float = 10.0, every_s: float = 1.0) -> None:
+        self.denoise = denoise
         self.every = max(1, round(every_s * MEL_COLUMNS_PER_SECOND))
         self.window = max(self.every, round(window_s * MEL_COLUMNS_PER_SECOND))
         self._recent = np.full((N_MELS, self.window), -4.0, np.float32)  # a ring of the last columns, as received
         self.seen = 0  # columns received
         self.room: np.ndarray | None = None
+        self.gain_db = 0.0
+        self.gain_after = round(GAIN_AFTER_S * MEL_COLUMNS_PER_SECOND)
 
     def take(self, norm: np.ndarray) -> np.ndarray:
-        """The next columns of the session (`[80, n]`, normalised), with the room taken out."""
+        """The next columns of the session (`[80, n]`, normalised), as the model hears them."""
         out = np.empty_like(norm)
         i, n = 0, norm.shape[1]
         while i < n:
             k = min(n - i, self.every - self.seen % self.every)
-            out[:, i:i + k] = denoise_mel(norm[:, i:i + k], self.room)
+            out[:, i:i + k] = raised_mel(denoise_mel(norm[:, i:i + k], self.room), self.gain_db)
             at = (self.seen + np.arange(k)) % self.window
             self._recent[:, at] = norm[:, i:i + k]
             self.seen += k
             i += k
             if self.seen % self.every == 0:
-                self.room = room_spectrum(self._recent[:, :min(self.seen, self.window)])
+                recent = self._recent[:, :min(self.seen, self.window)]
+                self.room = room_spectrum(recent) if self.denoise else None
+                # (from GAIN_AFTER_S of speech on: a first second's loudest columns were a usual speaker's quiet
+                # syllables, raised 6 dB; gains under a dB are none, not a flicker of tenths)
+                gain = mel_gain_db(recent) if self.seen >= self.gain_after else 0.0
+                self.gain_db = gain if gain >= 1.0 else 0.0
         return out
 
 
@@ -187,11 +204,12 @@ class Utterance:
 
     Not thread-safe by itself; `cluster.live.session` holds a lock around it."""
 
-    def __init__(self, fps: Fraction, columns_needed: int, index: int = 0, room: RoomTracker | None = None) -> None:
+    def __init__(self, fps: Fraction, columns_needed: int, index: int = 0,
+                 room: ModelInputTracker | None = None) -> None:
         self.fps = Fraction(fps)
         self.columns_needed = int(columns_needed)
         self.index = index
-        self.room = room  # the session's room, taken out of the model's input (None: it hears the speech as it is)
+        self.room = room  # what the session's model hears (`ModelInputTracker`; None: the speech as it is)
         self.samples = np.zeros(1 << 16, np.float32)
         self._s0 = 0
         self.n = 0  # 16 kHz samples received
@@ -327,13 +345,15 @@ class SpeechInput:
     """What a session received: PCM at the declared rate, cut into utterances, with the byte
     offset of the stream (for idempotent appends and resumed sockets)."""
 
-    def __init__(self, rate: int, fps: Fraction, columns_needed: int, denoise: bool = False) -> None:
+    def __init__(self, rate: int, fps: Fraction, columns_needed: int, denoise: bool = False,
+                 conditioned: bool = False) -> None:
         if rate not in SESSION_RATES:
             raise ValueError(f"sample rate {rate} is not offered (16000, 24000 or 48000)")
         self.rate = rate
         self.fps = Fraction(fps)
         self.columns_needed = columns_needed
-        self.room = RoomTracker() if denoise else None  # `Settings.denoise_model_input`
+        # the room taken out (`Settings.denoise_model_input`) and a quiet speaker raised: a session's, not a test's
+        self.room = ModelInputTracker(denoise) if conditioned or denoise else None
         self.lock = threading.RLock()
         self.bytes_received = 0
         self.utterances: list[Utterance] = []
