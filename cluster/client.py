@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from cluster.errors import InputError, InputNotFound, os_reason
 from cluster.schemas import (
     JOB_ID_HEADER,
+    JOB_ID_PATTERN,
     AvatarView,
     BatchView,
     HlsSegment,
@@ -568,8 +569,12 @@ class _Uploads:
 
 
 def _form(audio, video, avatar, options: dict[str, Any]):
-    """(files, data, json) for a submission: local files go multipart, the rest JSON."""
+    """(files, data, json) for a submission: local files go multipart, the rest JSON. An id the service would refuse
+    is refused here, naming it (a non-ASCII one reached an HTTP header: a bare UnicodeEncodeError, a probe)."""
     opts = {k: v for k, v in options.items() if v is not None}
+    if "id" in opts and not re.fullmatch(JOB_ID_PATTERN, str(opts["id"]), re.ASCII):
+        raise InputError(f"id {opts['id']!r} is not valid: letters, digits, '.', '_' and '-' (ASCII), starting with a "
+                         f"letter or digit, at most 64", path="id")
     local = {k: v for k, v in (("audio", audio), ("video", video)) if v is not None and _is_local_file(v)}
     for k, v in (("audio", audio), ("video", video)):
         if v is not None and k not in local:

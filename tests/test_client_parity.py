@@ -527,3 +527,18 @@ def test_a_host_name_that_does_not_resolve_is_said_at_once():
     for outcome, seen in _both(resolver_says(socket.EAI_AGAIN, "Temporary failure in name resolution"),
                                lambda c: c.get("j1")):
         assert isinstance(outcome, ApiError) and len(seen) == 4, (repr(outcome), len(seen))  # 1 + 3 retries
+
+
+def test_an_id_the_service_would_refuse_is_refused_before_anything_is_sent(tmp_path):
+    """A probe's non-ASCII id reached the submission's header: a bare UnicodeEncodeError from httpx."""
+    from cluster.errors import InputError
+
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"RIFF")
+
+    def handler(request: httpx.Request, n: int) -> httpx.Response:
+        raise AssertionError("sent")
+
+    for outcome, seen in _both(handler, lambda c: c.submit(str(audio), "/srv/v.mp4", id="ü-ñ")):
+        assert isinstance(outcome, InputError) and "id 'ü-ñ' is not valid" in str(outcome), repr(outcome)
+        assert not seen
