@@ -373,7 +373,7 @@ class JobManager:
         if not st.state.terminal:
             raise JobNotFinished(f"job {job_id} is {st.state.value}: its files are removed once it has ended (cancel "
                                  f"it first: DELETE /v1/jobs/{job_id})", job_id=job_id)
-        if await asyncio.to_thread(remove_job_files, st, self.s.storage_root.resolve()):
+        if await asyncio.to_thread(remove_job_files, st, self.s.storage_root.resolve(), self.store):
             log.info("job %s: its files were removed on request", job_id, extra={"job_id": job_id})
         return self.get(job_id)
 

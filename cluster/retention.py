@@ -85,11 +85,15 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
     return removed
 
 
-def remove_job_files(st: JobStatus, root: Path) -> bool:
+def remove_job_files(st: JobStatus, root: Path, store: JobStore | None = None) -> bool:
     """Remove a finished job's files: its working directory (inputs, segments, HLS stream, mel features) and
     its output where that lies under the storage root `root` (resolved); its row stays. True when any
-    was there."""
+    was there. With `store` (a purge, asked for now), its stored uploads too (`inputs/`, and the names they came
+    under) unless an unfinished job uses them: a purge left a customer's speech on disk until retention
+    judged it unused (a probe); retention's own sweep removes stored uploads by their last use."""
     gone = False
+    if store is not None and st.request is not None:
+        gone = _remove_stored_inputs(st, root, store)
     job_dir = root / "jobs" / st.id
     if job_dir.is_dir():
         shutil.rmtree(job_dir, ignore_errors=True)
@@ -100,6 +104,27 @@ def remove_job_files(st: JobStatus, root: Path) -> bool:
             out.unlink(missing_ok=True)
             gone = True
     return gone
+
+
+def _remove_stored_inputs(st: JobStatus, root: Path, store: JobStore) -> bool:
+    """`remove_job_files`' removal of the job's stored uploads that no unfinished job uses."""
+    from cluster.inputs import UPLOAD_NAMES
+
+    stored = root / "inputs"
+    mine = {Path(p).resolve() for p in (st.request.audio, st.request.video) if p}
+    mine = {p for p in mine if p.parent == stored.resolve()}
+    if not mine:
+        return False
+    for job_id in store.unfinished_ids():
+        try:
+            request = store.request(job_id)
+        except LipsyncError:
+            continue
+        mine -= {Path(p).resolve() for p in (request.audio, request.video) if p}
+    for path in mine:
+        path.unlink(missing_ok=True)
+        (root / UPLOAD_NAMES / path.name).unlink(missing_ok=True)
+    return bool(mine)
 
 
 def _newest_mtime(d: Path) -> float:

@@ -242,3 +242,40 @@ def test_a_store_that_refuses_its_work_is_not_swept_every_period(tmp_path, caplo
     said = [r for r in caplog.records if r.name == "lipsync.retention"]
     assert len(said) == 1 and "retention does not sweep" in said[0].getMessage() and not said[0].exc_info, said
     assert "storage" in said[0].getMessage()
+
+
+def test_a_purge_removes_the_jobs_stored_uploads_unless_an_unfinished_job_uses_them(tmp_path):
+    """A probe purged a job (`DELETE /v1/jobs/ID/files`, "its output, stream, inputs and working files") and its
+    customer's speech stayed in `inputs/` with the name it came under, until retention judged it unused."""
+    from cluster.inputs import UPLOAD_NAMES
+    from cluster.retention import remove_job_files
+
+    s = Settings(storage_root=tmp_path / "st")
+    store = JobStore(s.db_path)
+    shared, own = s.dir("inputs") / ("a" * 64 + ".wav"), s.dir("inputs") / ("b" * 64 + ".wav")
+    names = s.storage_root / UPLOAD_NAMES
+    names.mkdir(parents=True)
+    for path in (shared, own):
+        path.write_bytes(b"RIFF")
+        (names / path.name).write_text("customer.wav")
+    elsewhere = tmp_path / "a-server-file.wav"  # an input the service reads where it is: never removed
+    elsewhere.write_bytes(b"RIFF")
+    store.create("done", RenderRequest(audio=str(own), video=str(shared)))
+    store.create("running", RenderRequest(audio=str(elsewhere), video=str(shared)))
+    store.transition("done", JobState.preparing)
+    store.transition("done", JobState.failed)
+    store.transition("running", JobState.preparing)
+    root = s.storage_root.resolve()
+    assert remove_job_files(store.get("done"), root, store)
+    assert not own.exists() and not (names / own.name).exists()
+    assert shared.exists() and (names / shared.name).exists()  # the unfinished job's video
+    store.transition("running", JobState.cancelled)
+    assert remove_job_files(store.get("running"), root, store)
+    assert not shared.exists() and elsewhere.exists()
+    again = s.dir("inputs") / ("c" * 64 + ".wav")
+    again.write_bytes(b"RIFF")
+    store.create("retained", RenderRequest(audio=str(again)))
+    store.transition("retained", JobState.preparing)
+    store.transition("retained", JobState.failed)
+    remove_job_files(store.get("retained"), root)  # retention's own call: stored uploads go by their last use
+    assert again.exists()
