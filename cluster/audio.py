@@ -323,9 +323,25 @@ def _room_band() -> np.ndarray:
     return (centres >= ROOM_BAND_HZ[0]) & (centres <= ROOM_BAND_HZ[1])
 
 
+def _db(magnitude: float) -> float:
+    return float(20.0 * np.log10(max(float(magnitude), 1e-12)))
+
+
 def room_level_db(room: np.ndarray) -> float:
     """The speech-band level of a room's mel magnitudes (`room_spectrum`): dB of the bands' mean magnitude."""
-    return float(20.0 * np.log10(max(float(np.mean(np.asarray(room)[_room_band()])), 1e-12)))
+    return _db(np.mean(np.asarray(room)[_room_band()]))
+
+
+def _heard_columns(norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(the mel magnitudes of the columns of `norm` [80, T] that are not digital silence (the floor in every band),
+    their speech-band levels (mean magnitude), which of them are the quietest `ROOM_PERCENTILE` percent); None
+    where every column is silence. What `room_spectrum` and `mel_gain_db` read the room and the speech from."""
+    heard = norm[:, (norm > -MAX_ABS_VALUE).any(axis=0)]
+    if heard.shape[1] == 0:
+        return None
+    magnitude = mel_magnitude(heard)
+    level = magnitude[_room_band()].mean(axis=0)
+    return magnitude, level, level <= np.percentile(level, ROOM_PERCENTILE)
 
 
 def room_spectrum(norm: np.ndarray) -> np.ndarray | None:
@@ -337,15 +353,13 @@ def room_spectrum(norm: np.ndarray) -> np.ndarray | None:
     norm = np.asarray(norm)
     if norm.ndim != 2 or norm.shape[0] != N_MELS:
         raise ValueError(f"mel must be [80, T], got shape {norm.shape}")
-    heard = norm[:, (norm > -MAX_ABS_VALUE).any(axis=0)]
-    if heard.shape[1] == 0:
+    heard = _heard_columns(norm)
+    if heard is None:
         return None
-    magnitude = mel_magnitude(heard)
-    level = magnitude[_room_band()].mean(axis=0)
-    room = magnitude[:, level <= np.percentile(level, ROOM_PERCENTILE)].mean(axis=1)
-    at = room_level_db(room)
-    loud = 20.0 * np.log10(max(float(np.percentile(level, 98)), 1e-12))
-    return room if DENOISE_FROM_DB <= at <= loud - ROOM_UNDER_SPEECH_DB else None
+    magnitude, level, quietest = heard
+    room = magnitude[:, quietest].mean(axis=1)
+    return room if DENOISE_FROM_DB <= room_level_db(room) <= _db(np.percentile(level, 98)) - ROOM_UNDER_SPEECH_DB \
+        else None
 
 
 def denoise_mel(norm: np.ndarray, room: np.ndarray | None) -> np.ndarray:
@@ -370,6 +384,8 @@ def _without_room(magnitude: np.ndarray, room: np.ndarray) -> np.ndarray:
 MODEL_SPEECH_BAND_DB = MODEL_SPEECH_DBFS - 15.0
 #: `NOISE_CEILING_DBFS` in the same terms: white noise at -56 dBFS reads -65.6 in its quietest twentieth of columns
 NOISE_CEILING_BAND_DB = -65.6
+#: The mel's own floor in those terms (-80: a magnitude at the normalisation's clip, -4)
+MEL_FLOOR_DB = REF_LEVEL_DB + MIN_LEVEL_DB
 
 
 def mel_gain_db(norm: np.ndarray) -> float:
@@ -377,15 +393,13 @@ def mel_gain_db(norm: np.ndarray) -> float:
     last seconds): how much louder the model hears it, up to `MODEL_SPEECH_BAND_DB` for its loud columns (98th
     percentile), by at most `MAX_MODEL_GAIN_DB`, never bringing its quietest twentieth past
     `NOISE_CEILING_BAND_DB`; 0 for speech at a usual level, and for silence."""
-    heard = norm[:, (norm > -MAX_ABS_VALUE).any(axis=0)]
-    if heard.shape[1] == 0:
+    heard = _heard_columns(norm)
+    if heard is None:
         return 0.0
-    level = mel_magnitude(heard)[_room_band()].mean(axis=0)
-    loud = 20.0 * np.log10(max(float(np.percentile(level, 98)), 1e-12))
-    quiet = 20.0 * np.log10(max(float(level[level <= np.percentile(level, ROOM_PERCENTILE)].mean()), 1e-12))
-    gain = min(max(MODEL_SPEECH_BAND_DB - loud, 0.0), MAX_MODEL_GAIN_DB)
-    floor = 20.0 * np.log10(float(mel_magnitude(np.float32(-MAX_ABS_VALUE))))  # (-80: the mel's own floor)
-    if quiet > floor + 0.5:  # a room the mel can tell (one at its floor is none it could raise: `raised_mel`)
+    _, level, quietest = heard
+    quiet = _db(level[quietest].mean())
+    gain = min(max(MODEL_SPEECH_BAND_DB - _db(np.percentile(level, 98)), 0.0), MAX_MODEL_GAIN_DB)
+    if quiet > MEL_FLOOR_DB + 0.5:  # a room the mel can tell (one at its floor is none it could raise: `raised_mel`)
         gain = min(gain, max(NOISE_CEILING_BAND_DB - quiet, 0.0))
     return float(gain)
 

@@ -43,9 +43,11 @@ COMPAT_UNAUTHORIZED = 10401
 def require_token_compat(request: Request) -> None:
     """`require_token` for the compatibility API: its 401 in the envelope its clients parse (they read a numeric
     `code` and `msg`; the API's error body broke them)."""
-    if not bearer_token_ok(request):
-        raise ApiProblem(401, "auth.invalid_token", "missing or wrong bearer token (Authorization: Bearer ...)",
-                         None, headers={"WWW-Authenticate": "Bearer"}, envelope=COMPAT_UNAUTHORIZED)
+    try:
+        require_token(request)
+    except ApiProblem as e:
+        e.envelope = COMPAT_UNAUTHORIZED
+        raise
 
 
 def require_watch_access(job_id: str, request: Request, token: str | None = Query(

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the routes import it from here)
+from cluster.schemas import CompatEnvelope
 from cluster.views import text_without_root
 
 log = logging.getLogger("lipsync.service")
@@ -166,8 +167,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiProblem)
     async def _problem(request: Request, e: ApiProblem):
         if e.envelope is not None:  # a compatibility route's (its clients read `{code, success, msg, data}` only)
-            return JSONResponse({"code": e.envelope, "success": False, "msg": f"{e.code}: {said(request, e.message)}",
-                                 "data": None}, status_code=e.status, headers=e.headers)
+            body = CompatEnvelope(code=e.envelope, success=False, msg=f"{e.code}: {said(request, e.message)}")
+            return JSONResponse(body.model_dump(mode="json"), status_code=e.status, headers=e.headers)
         return error_response(e.status, e.code, said(request, e.message), e.field, e.headers)
 
     @app.exception_handler(LipsyncError)

@@ -87,8 +87,6 @@ class OutputLevel:
         self.gain = 1.0
 
     def __call__(self, frame, layout: str):
-        if frame is None:
-            return frame
         data = frame.to_ndarray().astype(np.float64)
         n = data.shape[1] if data.ndim == 2 else 0
         if not n:
