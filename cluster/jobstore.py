@@ -89,6 +89,12 @@ REJECTED_DIR = "rejected"
 STORE_FORMAT = 1
 
 
+def written_by_a_newer_version(written_in: int) -> str:
+    """What is said of a store of a format above `STORE_FORMAT` (refused where it is opened, and at a start)."""
+    return (f"was written by a newer lipsync-cluster (store format {written_in}; this version reads up to "
+            f"{STORE_FORMAT}), whose jobs this one would misread")
+
+
 def store_format(conn: sqlite3.Connection) -> int:
     """The format a job store was last written in (0: before formats were recorded)."""
     try:
@@ -118,8 +124,7 @@ def storage_root_problem(db_path: Path) -> str | None:
         log.debug("cannot read the storage root recorded in %s: %r", db_path, e)
         return None
     if written_in > STORE_FORMAT:
-        return (f"its job store was written by a newer lipsync-cluster (store format {written_in}; this version reads "
-                f"up to {STORE_FORMAT}), whose jobs this one would misread: serve it with that version or a later one")
+        return f"its job store {written_by_a_newer_version(written_in)}: serve it with that version or a later one"
     if recorded is None or Path(recorded) == root or _same_directory(Path(recorded), root):
         return None
     return (f"its job store was written at {recorded}, whose path its jobs and avatars name their files by: serve "
@@ -265,9 +270,8 @@ class JobStore:
         self._conn.row_factory = sqlite3.Row
         if (written_in := store_format(self._conn)) > STORE_FORMAT:  # before anything is written to it
             self.refusal = StoreTooNew(
-                f"the job store {self.path} was written by a newer lipsync-cluster (store format {written_in}; this "
-                f"version reads up to {STORE_FORMAT}), whose jobs this one would misread: it takes no work; serve "
-                f"it with that version or a later one", path=str(self.path))
+                f"the job store {self.path} {written_by_a_newer_version(written_in)}: it takes no work; serve it with "
+                f"that version or a later one", path=str(self.path))
             log.error("%s", self.refusal.message)
             self._identity = _identity(self.path)
             return
