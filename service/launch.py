@@ -263,10 +263,12 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
         return []
     if theirs.get("code") == current:
         return []
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a.get("namespace") == settings.namespace
-             and (a["name"] in (ORCHESTRATOR_NAME, SIDECAR_NAME) or a["name"].startswith((MODEL_WORKER_PREFIX,
-                                                                                          COMPOSITOR_PREFIX)))]
+    def named_here() -> list[str]:  # the named actors of this service's namespace
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == settings.namespace]
+
+    names = [name for name in named_here() if name in (ORCHESTRATOR_NAME, SIDECAR_NAME)
+             or name.startswith((MODEL_WORKER_PREFIX, COMPOSITOR_PREFIX))]
     log.warning("the job manager on this cluster runs other code (%s, the cluster's now %s: an earlier version?): it "
                 "and its pool (%d actors) are replaced; its unfinished jobs resume under the new one",
                 theirs.get("code") or "from before code versions", current, len(names))
@@ -277,9 +279,7 @@ def replace_other_code(settings: Settings, timeout_s: float | None = None) -> li
             continue
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # their names are free once Ray has them dead (a new one of that name)
-        left = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a.get("namespace") == settings.namespace} & set(names)
-        if not left:
+        if not set(named_here()) & set(names):
             break
         time.sleep(0.2)
     return names
