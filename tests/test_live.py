@@ -1302,4 +1302,6 @@ def test_an_ended_sessions_socket_says_why():
     assert said == "session s1 is ending: it reached its max_seconds (8 s)"
     assert _ended_text("s1", {"state": "ended", "reason": "idle_timeout"}).endswith("LIPSYNC_LIVE_IDLE_TIMEOUT_S)")
     assert _ended_text("s1", {"state": "ending", "reason": None}) == "session s1 is ending"
+    # the web page's Live tab knows a stopping service's close by these words (live.js, `serviceStopped`)
+    assert _ended_text("s1", {"state": "ended", "reason": "service_stopped"}).endswith(": the service stopped")
     assert len(_ended_text("0123456789abcdef", {"state": "ending", "reason": "idle_timeout"}).encode()) <= 120

@@ -316,7 +316,8 @@ async def create_session(request: Request) -> JSONResponse:
     return JSONResponse(_view(request, raw).model_dump(mode="json"), status_code=201)
 
 
-#: Why a session ended, as its audio socket's close says it (the session view's `reason`)
+#: Why a session ended, as its audio socket's close says it (the session view's `reason`; the web page's Live tab
+#: knows a stopping service's by its words, "the service stopped": service/static/live.js)
 ENDED_BECAUSE = {"max_seconds": "it reached its max_seconds", "idle_timeout": "it received no audio for a while "
                  "(LIPSYNC_LIVE_IDLE_TIMEOUT_S)", "deleted": "it was deleted", "finished": "it was ended",
                  "service_stopped": "the service stopped"}
