@@ -11,6 +11,7 @@ come back the same way (`read_output`), so the ingress may run on any node.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -264,8 +265,8 @@ class ServiceSidecar:
         self.gw = ManagerGateway(settings)
         self._tasks: dict[str, asyncio.Task] = {}
         self._preparing = 0  # avatar preparations running (threads: one the client gave up on still counts)
-        for job_id, url in self.store.pending():
-            self._watch(job_id, url)
+        for job_id, url, tried in self.store.pending():  # counted on: a restart does not start them anew
+            self._watch(job_id, url, tried)
         if settings.retention_days > 0:
             self._retention = asyncio.get_event_loop().create_task(self._retain())
         self._manager_watch = asyncio.get_event_loop().create_task(watch_manager(self.s))
@@ -277,9 +278,9 @@ class ServiceSidecar:
 
         await sweep_periodically(self.s, JobStore(self.s.db_path, must_exist=actor_restarted()))
 
-    def _watch(self, job_id: str, url: str) -> None:
+    def _watch(self, job_id: str, url: str, tried: int = 0) -> None:
         if job_id not in self._tasks or self._tasks[job_id].done():
-            task = asyncio.get_event_loop().create_task(self._run(job_id, url))
+            task = asyncio.get_event_loop().create_task(self._run(job_id, url, tried))
             self._tasks[job_id] = task
             task.add_done_callback(lambda done, j=job_id: self._forget(j, done))
 
@@ -362,8 +363,10 @@ class ServiceSidecar:
                 continue
         return out
 
-    async def _run(self, job_id: str, url: str) -> None:
-        from cluster.callbacks import SIGNATURE_HEADER, sign
+    async def _run(self, job_id: str, url: str, tried: int = 0) -> None:
+        """Watch the job to its end, then POST its view: `callback_attempts` deliveries in all, `tried` of
+        them before a restart, the waits between them doubling (`cluster.callbacks.retry_delay_s`)."""
+        from cluster.callbacks import SIGNATURE_HEADER, deliver, sign
         from cluster.netguard import post_json
         from cluster.views import job_view
 
@@ -392,25 +395,10 @@ class ServiceSidecar:
             headers = {"Content-Type": "application/json", "X-Lipsync-Job": job_id}
             if (key := self.s.callback_key()) is not None:
                 headers[SIGNATURE_HEADER] = sign(body, key)
-            attempts = self.s.callback_attempts
-            for attempt in range(attempts):
-                error = None
-                try:
-                    status = await asyncio.to_thread(post_json, url, body, headers, timeout_s=self.s.callback_timeout_s,
-                                                     allow_private=self.s.allow_private_urls)
-                    if not 200 <= status < 300:
-                        error = f"HTTP {status}"
-                except LipsyncError as e:
-                    error = f"{e.code}: {e.message}"
-                final = error is None or attempt == attempts - 1
-                self.store.attempt(job_id, error, final)
-                if error is None:
-                    log.info("callback of job %s delivered to %s", job_id, url)
-                    return
-                log.warning("callback of job %s to %s failed (attempt %d/%d): %s", job_id, url, attempt + 1,
-                            attempts, error)
-                if not final:
-                    await asyncio.sleep(min(60.0, 0.5 * 2 ** attempt))
+            await deliver(job_id, url, functools.partial(asyncio.to_thread, post_json, url, body, headers,
+                                                         timeout_s=self.s.callback_timeout_s,
+                                                         allow_private=self.s.allow_private_urls),
+                          self.store, attempts=self.s.callback_attempts, tried=tried)
         except Exception as e:  # recorded, never raised into the job
             log.exception("callback of job %s failed", job_id)
             self.store.attempt(job_id, f"internal error: {e!r}", final=True)

@@ -4,19 +4,27 @@ When a job that carries a `callback_url` ends, its final `JobView` is POSTed the
 `X-Lipsync-Signature: sha256=<hex HMAC-SHA256 of the body under LIPSYNC_CALLBACK_SECRET>` (or,
 where none is set, under LIPSYNC_API_TOKEN: set a callback secret so that receivers never hold the
 API token; no signature header when neither is set) and `X-Lipsync-Job`. Deliveries are retried with
-exponential backoff up to `callback_attempts`; the URL passes the same address guard as URL
-inputs, at registration and again at each delivery. A callback never changes the job's state.
+exponential backoff (`retry_delay_s`) up to `callback_attempts`, counted across restarts; the URL passes
+the same address guard as URL inputs, at registration and again at each delivery. A callback never
+changes the job's state.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Lipsync-Signature"
+FIRST_RETRY_S = 0.5  # the wait after a callback's first failed delivery; each next one doubles ...
+LONGEST_RETRY_S = 300.0  # ... up to this: a receiver down for a deploy or an outage still gets it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS callbacks (
@@ -28,6 +36,43 @@ CREATE TABLE IF NOT EXISTS callbacks (
     updated_at TEXT NOT NULL
 );
 """
+
+
+def retry_delay_s(failed: int) -> float:
+    """The wait before the next delivery of a callback whose `failed` deliveries (1, 2, ...) all failed."""
+    return min(LONGEST_RETRY_S, FIRST_RETRY_S * 2 ** max(0, failed - 1))
+
+
+def retry_window_s(attempts: int) -> float:
+    """How long after its job ends a callback is still tried, at most (its waits; the POSTs' own time aside)."""
+    return sum(retry_delay_s(n) for n in range(1, attempts))
+
+
+async def deliver(job_id: str, url: str, post: Callable[[], Awaitable[int]], store: CallbackStore, *,
+                  attempts: int, tried: int = 0, sleep: Callable[[float], Awaitable] = asyncio.sleep) -> bool:
+    """POST a job's callback (`post()` answers the HTTP status or raises a `LipsyncError`) until it is
+    delivered or `attempts` deliveries failed, `tried` of them before (a restart goes on counting; a
+    setting lowered since leaves one try); each try recorded in `store`. True when delivered."""
+    from cluster.errors import LipsyncError
+
+    for attempt in range(min(tried, attempts - 1), attempts):
+        error = None
+        try:
+            status = await post()
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except LipsyncError as e:
+            error = f"{e.code}: {e.message}"
+        final = error is None or attempt == attempts - 1
+        store.attempt(job_id, error, final)
+        if error is None:
+            log.info("callback of job %s delivered to %s", job_id, url)
+            return True
+        log.warning("callback of job %s to %s failed (attempt %d/%d%s): %s", job_id, url, attempt + 1, attempts,
+                    "" if final else f", next in {retry_delay_s(attempt + 1):g} s", error)
+        if not final:
+            await sleep(retry_delay_s(attempt + 1))
+    return False
 
 
 def sign(body: bytes, token: str) -> str:
@@ -65,10 +110,11 @@ class CallbackStore:
             self._conn.execute("UPDATE callbacks SET attempts = attempts + 1, state = ?, last_error = ?, "
                                "updated_at = ? WHERE job_id = ?", (state, error, self._now(), job_id))
 
-    def pending(self) -> list[tuple[str, str]]:
+    def pending(self) -> list[tuple[str, str, int]]:
+        """The callbacks not yet delivered nor given up: (job id, URL, deliveries tried so far)."""
         with self._lock:
-            rows = self._conn.execute("SELECT job_id, url FROM callbacks WHERE state = 'pending'").fetchall()
-        return [(r["job_id"], r["url"]) for r in rows]
+            rows = self._conn.execute("SELECT job_id, url, attempts FROM callbacks WHERE state = 'pending'").fetchall()
+        return [(r["job_id"], r["url"], r["attempts"]) for r in rows]
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:

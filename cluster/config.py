@@ -202,7 +202,9 @@ class Settings(BaseSettings):
     url_max_redirects: int = Field(5, ge=0, le=20, description="redirects one URL input may follow")
     compat_data_dir: Path | None = Field(None, description="publish compat results as temp/<code>-r.mp4 here")
     max_batch_jobs: int = Field(100, ge=1, description="audios one POST /v1/batches may carry")
-    callback_attempts: int = Field(5, ge=1, description="deliveries tried for one callback")
+    callback_attempts: int = Field(20, ge=1, description="deliveries tried for one callback, counted across "
+                                   "restarts; the waits between them double from 0.5 s up to 5 min (20: tried "
+                                   "for about 54 min after the job ends)")
     callback_timeout_s: float = Field(10.0, gt=0, description="one callback delivery (POST to the callback_url)")
     retention_days: float = Field(0.0, ge=0, le=36500, description="remove finished jobs' outputs and temporary files, "
                                   "ended live sessions' files, and stored uploads and avatars unused, older than "
