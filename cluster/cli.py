@@ -165,7 +165,7 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
         rt.manager()  # created now, so its workers start while the avatar is still being prepared
         job_id = new_job_id()
         if early is not None:  # the job's prepare step then finds the avatar in the cache
-            early.result(timeout=settings.chunk_timeout_s)
+            _avatar_prepared(early, request, settings)
         rt.submit(request, job_id=job_id)  # the inputs travel through Ray to the job manager
 
         def show(st) -> None:
@@ -201,18 +201,46 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
 def _prepare_avatar_while(request: RenderRequest, settings: Settings):
     """With an embedded Ray (the job manager shares this storage root), prepare the avatar in a
     thread while Ray starts: the two overlap instead of adding up. Returns the future (its result
-    raises the avatar's typed errors), or None when joining a cluster (`RAY_ADDRESS`)."""
+    raises the avatar's typed errors), or None when joining a cluster (`RAY_ADDRESS`). The thread is
+    a daemon: a render that gives up on it (`_avatar_prepared`) is not held at its exit until it ends."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    from concurrent.futures import Future
 
     if os.environ.get("RAY_ADDRESS") or request.video is None:
         return None
     from cluster.faces.avatar import prepare_avatar
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
-    future = pool.submit(prepare_avatar, request.video, settings)
-    pool.shutdown(wait=False)
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(prepare_avatar(request.video, settings))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter, which raises it
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="avatar", daemon=True).start()
     return future
+
+
+def _avatar_prepared(early, request: RenderRequest, settings: Settings) -> None:
+    """Wait for the avatar `_prepare_avatar_while` prepares, as long as the job's own prepare step may
+    take (`prepare_deadline`: it follows the template's length); past that, a typed timeout of the
+    prepare stage (it was a bare TimeoutError traceback, after `chunk_timeout_s`, shorter than a long
+    template's preparation may take)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from cluster.errors import RenderTimeout
+    from cluster.render import prepare_deadline
+
+    deadline = prepare_deadline(request, settings)
+    try:
+        early.result(timeout=deadline)
+    except FutureTimeout:
+        raise RenderTimeout(f"preparing the avatar of {request.video} took more than {deadline:.0f} s (the "
+                            "prepare deadline: LIPSYNC_CHUNK_TIMEOUT_S plus LIPSYNC_PREPARE_SECONDS_PER_TEMPLATE_"
+                            "SECOND per second of template)", stage="prepare", path=request.video) from None
 
 
 def _cluster_options(args: argparse.Namespace) -> list[str]:

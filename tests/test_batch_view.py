@@ -202,3 +202,36 @@ def test_an_ended_job_without_a_stream_on_disk_has_no_watch_url(tmp_path):
     assert view.watch_url is None and view.expired is False and view.output is not None
     failed = JobStatus(id="j2", state=JobState.failed, stream_gone=True)
     assert job_view(failed, watch_url="/v1/jobs/j2/hls/index.m3u8").watch_url is None
+
+
+def test_a_compat_submission_the_manager_does_not_answer_in_time_is_busy_and_a_minted_code_is_not_stored_late(
+        tmp_path):
+    """/easy/submit whose admission outlasts the gateway's wait answered 9999, a failure for good to the stock
+    client, while a code it chose may still render; and a code the server minted was passed as chosen, so the
+    job manager stored a late admission that rendered with no client polling it."""
+    from fastapi.testclient import TestClient
+
+    from actors.service_support import ManagerGateway, ManagerUnavailable
+    from service.app import create_app
+
+    asked: list[dict] = []
+
+    class Manager(ManagerGateway):
+        async def call(self, method, *args, timeout=None, **kwargs):
+            if method == "submit":
+                asked.append(kwargs)
+                raise ManagerUnavailable(f"the job manager did not answer submit within {timeout:.0f} s")
+            assert method == "list_jobs", method  # (the queue's count before admission)
+            return []
+
+    settings = Settings(storage_root=tmp_path / "st")
+    app = create_app(settings, Manager(settings))
+    with TestClient(app) as client:
+        chosen = client.post("/easy/submit", json={"audio_url": "/in/a.wav", "video_url": "/in/v.mp4",
+                                                   "code": "mine"}).json()
+        minted = client.post("/easy/submit", json={"audio_url": "/in/a.wav", "video_url": "/in/v.mp4"}).json()
+    for answer in (chosen, minted):
+        assert answer["code"] == 10001 and answer["success"] is True, answer  # busy: the client asks again
+        assert answer["msg"].startswith("busy: service.unavailable: the job manager did not answer"), answer
+    assert "job mine may still be admitted" in chosen["msg"] and "was not admitted" in minted["msg"], minted
+    assert asked[0] == {} and asked[1]["within_s"] > 0, asked  # a minted code's late admission is not stored

@@ -1045,3 +1045,27 @@ def test_a_server_path_that_is_no_file_here_either_is_said_to_be_a_likely_typo(f
     video.write_bytes(b"\0")
     rc, _, err = fake_cli(["submit", "/nonexistent/abs.wav", str(video)], service)
     assert rc == 2 and "/nonexistent/abs.wav is no file on this machine either: a typo?" in err, err
+
+
+def test_a_render_whose_early_avatar_outlasts_its_deadline_fails_typed_in_the_prepare_stage(inputs):
+    # it raised a bare concurrent.futures.TimeoutError after chunk_timeout_s (a long template's preparation may
+    # legitimately take longer), a traceback with no stage, and the render then waited for the thread at its exit
+    from concurrent.futures import Future
+
+    from cluster.cli import _avatar_prepared
+    from cluster.errors import RenderTimeout
+    from cluster.schemas import RenderRequest
+
+    settings = Settings().model_copy(update={"chunk_timeout_s": 0.2, "prepare_seconds_per_template_second": 0.1})
+    request = RenderRequest(audio=str(inputs["speech"]), video=str(inputs["template"]))
+    never: Future = Future()
+    t0 = time.monotonic()
+    with pytest.raises(RenderTimeout) as caught:
+        _avatar_prepared(never, request, settings)
+    waited = time.monotonic() - t0
+    assert 0.2 <= waited < 5, waited  # the template's deadline: 0.2 s + 0.1 s per second of it
+    e = caught.value
+    assert e.stage == "prepare" and e.code == "render.timeout" and str(inputs["template"]) in e.message
+    done: Future = Future()
+    done.set_result(None)
+    _avatar_prepared(done, request, settings)  # a prepared avatar: no wait

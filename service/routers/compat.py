@@ -70,14 +70,18 @@ async def easy_submit(request: Request, backend: Backend = Depends(get_backend))
     tmpdir = backend.tmpdir()
     try:
         await backend.admit_or_429()
+        # a code minted here is not the client's: an admission that ends after its answer is not stored
         await backend.create_job(code, body.audio_url, body.video_url, None, "pingpong" if pn == "1" else "loop",
-                             None, tmpdir)
+                                 None, tmpdir, id_chosen=body.code is not None)
     except QueueFull as e:
         return envelope(10001, True, f"busy: {e.message}")
     except ApiProblem as e:
         return envelope(10002, False, f"bad parameter: {e.message}")
     except LipsyncError as e:
         status = http_status(e)
+        if e.code in ("service.unavailable", "service.busy"):  # the job manager did not answer in time: the client
+            # asks again (9999 is a failure for good to the stock client, while a code it chose may still render)
+            return envelope(10001, True, f"busy: {e.code}: {e.message}")
         if status in (400, 404, 409, 413):
             return envelope(10002, False, f"bad parameter: {e.code}: {e.message}")
         return envelope(9999, False, f"error: {e.code}: {e.message}")
