@@ -162,15 +162,31 @@ class JobManager:
         self.tasks.spawn(self.pool.run_reconciler(lambda: len(self.dispatcher.queue), self._pool_started))
         self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         self.tasks.spawn(self._expire_uploads())
+        try:
+            self._resume_unfinished()
+        except Exception as e:  # the store cannot be read: every submit says why (it waited 30 s for a boot)
+            self._boot_error = e if isinstance(e, LipsyncError) else RenderError(
+                f"the job manager cannot read its unfinished jobs: {type(e).__name__}: {e}", stage="boot",
+                cause=repr(e))
+            log.exception("job manager boot: reading the unfinished jobs failed")
+        finally:
+            self._booted.set()
+
+    def _resume_unfinished(self) -> None:
+        """Resume this owner's unfinished jobs, end the abandoned ones; a job whose resumption fails (a
+        full disk as it is claimed) is said with its cause and left for the next start, the others go on."""
         for job_id, owner, client in self.store.unfinished_owners():
-            if owner is None and client is None and self.store.claim_unowned(job_id, self.owner):
-                owner = self.owner  # admitted by a version before owners: resumed by the first manager up
-            if owner == self.owner:
-                log.info("resuming job %s", job_id)
-                self.machine.start(job_id)
-            elif identity_gone(owner) or identity_gone(client):
-                self._abandon(job_id, owner, client)
-        self._booted.set()
+            try:
+                if owner is None and client is None and self.store.claim_unowned(job_id, self.owner):
+                    owner = self.owner  # admitted by a version before owners: resumed by the first manager up
+                if owner == self.owner:
+                    log.info("resuming job %s", job_id)
+                    self.machine.start(job_id)
+                elif identity_gone(owner) or identity_gone(client):
+                    self._abandon(job_id, owner, client)
+            except Exception:
+                log.exception("job %s: its resumption at the job manager's start failed (it is tried again at "
+                              "the next start)", job_id)
 
     def _pool_started(self) -> None:
         """The pool's start, refused at boot (the cluster could not hold it), succeeded later."""

@@ -79,14 +79,21 @@ class ManagerGateway:
         self._handle = None
 
     # --- plumbing --------------------------------------------------------------------------
-    def _manager(self):
-        if self._handle is None:
-            try:
-                self._handle = ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
-            except ValueError:
-                from actors.orchestrator import create_job_manager
+    def _lookup_manager(self):
+        try:
+            return ray.get_actor(ORCHESTRATOR_NAME, namespace=self.s.namespace)
+        except ValueError:
+            from actors.orchestrator import create_job_manager
 
-                self._handle = create_job_manager(self.s)
+            return create_job_manager(self.s)
+
+    async def _manager(self, deadline: float):
+        """The job manager's handle, kept: looked up (a GCS round trip, which Ray lets take 60 s while its
+        GCS restarts) in a thread within the call's deadline, never on the event loop, where it held every
+        request of this replica, its health checks and open streams with it."""
+        if self._handle is None:
+            self._handle = await asyncio.wait_for(asyncio.to_thread(self._lookup_manager),
+                                                  timeout=max(0.1, deadline - time.monotonic()))
         return self._handle
 
     async def call(self, method: str, *args, timeout: float | None = None, **kwargs):
@@ -98,15 +105,17 @@ class ManagerGateway:
             if "within_s" in kwargs:  # the callee is told what is left of this wait, at each attempt
                 kwargs["within_s"] = max(0.0, deadline - time.monotonic() - 1.0)
             try:
-                ref = getattr(self._manager(), method).remote(*args, **kwargs)
+                ref = getattr(await self._manager(deadline), method).remote(*args, **kwargs)
                 return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
             except RayTaskError as e:
                 cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None
-                raise RenderError(f"job manager {method} failed: {cause}", cause=str(cause)[:2000]) from e
+                raise RenderError(f"job manager {method} failed: {type(cause).__name__}: {cause}",
+                                  cause=repr(cause)[:2000]) from e
             except (RayActorError, GetTimeoutError, asyncio.TimeoutError) as e:
-                self._handle = None
+                if isinstance(e, RayActorError):  # gone for good (replaced): looked up again; a slow one is kept
+                    self._handle = None
                 if time.monotonic() >= deadline:
                     raise ManagerUnavailable(f"the job manager did not answer {method} within {timeout:.0f} s "
                                              f"({type(e).__name__})", cause=str(e)[:1000]) from e

@@ -202,7 +202,7 @@ class Supervisor:
                            lambda name: functools.partial(self._create_worker, name, size.gpus_per_worker))
         await self._resize(self.compositors, COMPOSITOR_PREFIX, size.compositors,
                            lambda name: functools.partial(self._create_compositor, name))
-        self._request_capacity(queued_chunks, float(res.get("GPU", 0)))
+        await self._request_capacity(queued_chunks, float(res.get("GPU", 0)))
 
     async def _gcs_read(self, what: str, read: Callable, *args):
         """`read(*args)`, a synchronous GCS read, run in `_gcs_threads` (`_gcs_answer`)."""
@@ -259,9 +259,11 @@ class Supervisor:
         if drop or have < want:
             self.work.set()
 
-    def _request_capacity(self, queued_chunks: int, cluster_gpus: float) -> None:
+    async def _request_capacity(self, queued_chunks: int, cluster_gpus: float) -> None:
         """Ask Ray's autoscaler for one more model worker and/or compositor while chunks wait and
-        those are busy (`autoscaler_bundles`); release the request when the queue is empty."""
+        those are busy (`autoscaler_bundles`); release the request when the queue is empty. The request
+        is a GCS write: made in `_gcs_threads` (on the event loop it held every call of the job manager
+        while the GCS was slow)."""
         try:
             from ray.autoscaler.sdk import request_resources
         except ImportError:
@@ -272,7 +274,7 @@ class Supervisor:
             if bundles:
                 log.info("asking the autoscaler for %d bundle(s) %s", len(bundles), sorted(
                     {str(b) for b in bundles}))
-            request_resources(bundles=bundles)
+            await self._gcs_read("the autoscaler's request", functools.partial(request_resources, bundles=bundles))
             self._requested = bundles
 
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:

@@ -118,6 +118,7 @@ class Backend:
         sweep_request_dirs(self.tmp_root.parent, max(3600.0, 2 * settings.upload_idle_timeout_s))
         self._compat_progress: OrderedDict[str, int] = OrderedDict()
         self.event_streams = 0  # job event streams open on this replica (`LIPSYNC_MAX_EVENT_STREAMS`)
+        self._sidecar = None  # the service sidecar's handle, kept (`sidecar`)
         self.batches_admitting: dict[str, int] = {}  # batch id -> its POSTs admitting audios on this replica
         # batch id -> until when (monotonic) an audio of it answered 503 under the batch's own id may still be
         # stored by the job manager (`batch_view` does not call the batch failed meanwhile)
@@ -290,15 +291,23 @@ class Backend:
     async def sidecar(self, method: str, *args, timeout: float | None = None):
         """Await one method of the service sidecar (callbacks, avatars); typed errors come back as
         themselves, no answer in time as ManagerUnavailable (503)."""
+        from ray.exceptions import RayActorError
+
         from actors import task_cause
         from actors.service_support import ManagerUnavailable, service_sidecar
 
-        ref = getattr(service_sidecar(self.settings), method).remote(*args)
+        deadline = time.monotonic() + (timeout or self.settings.actor_call_timeout_s)
         try:
-            return await asyncio.wait_for(ref, timeout=timeout or self.settings.actor_call_timeout_s)
+            if self._sidecar is None:  # looked up once (a GCS round trip, off the event loop), then kept
+                self._sidecar = await asyncio.wait_for(asyncio.to_thread(service_sidecar, self.settings),
+                                                       timeout=max(0.1, deadline - time.monotonic()))
+            ref = getattr(self._sidecar, method).remote(*args)
+            return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError as e:
             raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
         except Exception as e:
+            if isinstance(e, RayActorError):  # gone for good (replaced): looked up again at the next call
+                self._sidecar = None
             cause = task_cause(e)
             if isinstance(cause, LipsyncError):
                 raise cause from None

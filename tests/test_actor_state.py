@@ -213,3 +213,91 @@ def test_a_lost_sessions_view_counts_the_pauses_skipped_by_its_last_mark(tmp_pat
     view = lost_session_view(settings, "lost1")
     assert view["state"] == "failed" and view["seconds_received"] == 5.0
     assert view["seconds_rendered"] == round((80 + skipped) / 25, 3) and view["seconds_skipped"] == skipped / 25
+
+
+def test_a_job_whose_resumption_fails_at_the_managers_start_leaves_the_others_resumed_and_the_boot_done(
+        tmp_path, caplog):
+    """One unfinished job whose claim raised (a full disk as the store is written) ended the manager's boot
+    before `_booted` was set: every submit then waited 30 s and failed with an empty TimeoutError, readiness
+    stayed 503 for good, and the jobs after it were never resumed."""
+    import types
+
+    from actors.orchestrator import JobManager
+    from cluster.config import Settings
+    from cluster.errors import DiskFull
+
+    manager_class = JobManager.__ray_metadata__.modified_class
+    started: list[str] = []
+
+    class Store:
+        def unfinished_owners(self):
+            return [("old-1", None, None), ("mine-2", "me", None), ("mine-3", "me", None)]
+
+        def claim_unowned(self, job_id, owner):
+            raise DiskFull("database or disk is full", stage="resume", job_id=job_id)
+
+    fake = types.SimpleNamespace(store=Store(), owner="me", machine=types.SimpleNamespace(start=started.append))
+    with caplog.at_level("ERROR"):
+        manager_class._resume_unfinished(fake)
+    assert started == ["mine-2", "mine-3"]
+    assert any("job old-1: its resumption" in r.getMessage() for r in caplog.records), caplog.records
+
+    class Unreadable(Store):
+        def unfinished_owners(self):
+            raise OSError(5, "Input/output error")
+
+        def count_by_state(self):
+            return {}
+
+    async def boot():
+        class Pool:
+            async def start(self):
+                return None
+
+        fake = types.SimpleNamespace(store=Unreadable(), owner="me", s=Settings(storage_root=tmp_path),
+                                     pool=Pool(), tasks=types.SimpleNamespace(spawn=lambda coro: coro.close()),
+                                     dispatcher=types.SimpleNamespace(run_scheduler=lambda: _nothing(), queue=[]),
+                                     _boot_error=None, _booted=asyncio.Event(), _expire_uploads=lambda: _nothing(),
+                                     _pool_started=lambda: None)
+        fake.pool.run_reconciler = lambda *a: _nothing()
+        fake._resume_unfinished = types.MethodType(manager_class._resume_unfinished, fake)
+        await manager_class._boot(fake)
+        return fake
+
+    booted = asyncio.run(boot())
+    assert booted._booted.is_set()  # submits are answered at once, with the cause
+    assert booted._boot_error.stage == "boot" and "Input/output error" in booted._boot_error.message
+
+
+async def _nothing():
+    return None
+
+
+def test_a_gcs_that_does_not_answer_a_lookup_holds_neither_the_ingress_loop_nor_the_call_past_its_deadline(tmp_path):
+    """The gateway looked the job manager up with `ray.get_actor` on the event loop (Ray lets it take 60 s while
+    its GCS restarts): every request of the replica, its health checks and open streams waited with it."""
+    from actors.service_support import ManagerGateway, ManagerUnavailable
+    from cluster.config import Settings
+
+    gateway = ManagerGateway(Settings(storage_root=tmp_path))
+    gateway._lookup_manager = lambda: time.sleep(3)  # a GCS that does not answer
+    ticks: list[float] = []
+
+    async def scenario():
+        async def tick():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.ensure_future(tick())
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ManagerUnavailable, match="did not answer get within 1 s"):
+                await gateway.call("get", "j1", timeout=1.0)
+        finally:
+            ticker.cancel()
+        return time.monotonic() - t0
+
+    took = asyncio.run(scenario())
+    assert took < 2.5, took
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.5  # the loop went on meanwhile

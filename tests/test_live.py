@@ -1006,6 +1006,36 @@ def test_a_live_encoder_whose_ffmpeg_failed_releases_its_stderr_file_on_close(tm
     assert encoder._run._stderr.closed
 
 
+def test_a_live_encoder_whose_ffmpeg_stopped_taking_input_closes_within_one_timeout(tmp_path):
+    """An ffmpeg that takes no input (a stalled disk): `close` killed it after its first wait, then waited its
+    whole timeout again for each input's end, on queues that the feeders, ended on the dead pipe, no longer read
+    (three timeouts: a session read `ending` for 60-90 s)."""
+    import os
+    import queue
+    import signal
+    import time
+
+    from cluster.config import get_settings
+    from cluster.errors import EncodeError, LipsyncError
+    from cluster.live.encoder import LiveEncoder
+
+    encoder = LiveEncoder(tmp_path / "a", 160, 120, Fraction(25), 16000, get_settings())
+    os.kill(encoder._run.proc.pid, signal.SIGSTOP)
+    with pytest.raises(EncodeError, match="took no input"):
+        for _ in range(200):
+            encoder.write(np.zeros((25, 180, 160), np.uint8), np.zeros(25 * 640, np.int16), timeout=0.3)
+    while True:  # both inputs' queues full, as a feeder stuck on the pipe leaves them
+        try:
+            encoder._audio.put_nowait(b"\0\0" * 1920)
+        except queue.Full:
+            break
+    t0 = time.monotonic()
+    with pytest.raises(LipsyncError):
+        encoder.close(timeout=2)
+    assert time.monotonic() - t0 < 5, time.monotonic() - t0  # one wait, then the kill (it took over 6 s)
+    assert encoder._run.proc.poll() is not None
+
+
 def test_a_playlist_left_by_a_session_that_is_over_reads_ended():
     """A session whose actor died for good, or whose service stopped, left its playlist without
     `#EXT-X-ENDLIST` and its newest segment listed by its part alone: players followed it for ever."""

@@ -273,16 +273,26 @@ class LiveEncoder:
         return self._run.proc.poll() is None and not self.error
 
     def close(self, timeout: float = 30.0) -> int:
-        """End both inputs and wait for ffmpeg (its last segment, `#EXT-X-ENDLIST`); exit code."""
-        try:
-            self._audio.put(self._pcm48(np.zeros(0, np.int16), final=True), timeout=timeout)
-        except queue.Full:
-            self._run.kill()
-        for q in (self._video, self._audio):
+        """End both inputs and wait for ffmpeg (its last segment, `#EXT-X-ENDLIST`); exit code. An ffmpeg
+        that takes no input for `timeout` is killed, and the inputs' ends are then handed over without
+        waiting again (each of the three waited its `timeout` on a queue its dead feeder no longer read)."""
+        killed = False
+
+        def put(q: queue.Queue, item) -> None:
+            nonlocal killed
             try:
-                q.put(None, timeout=timeout)
+                if killed:
+                    q.put_nowait(item)
+                else:
+                    q.put(item, timeout=timeout)
             except queue.Full:
-                self._run.kill()
+                if not killed:
+                    self._run.kill()
+                    killed = True
+
+        put(self._audio, self._pcm48(np.zeros(0, np.int16), final=True))
+        put(self._video, None)
+        put(self._audio, None)
         for t in self._threads:
             t.join(timeout)
         try:

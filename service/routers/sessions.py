@@ -40,6 +40,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from cluster.config import Settings
 from cluster.errors import DiskFull, LipsyncError
 from cluster.live import SessionOffsetGap
 from cluster.schemas import AudioAppended, SessionCreate, SessionView, is_builtin_model
@@ -63,6 +64,19 @@ _SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 # --- talking to the session's actor ----------------------------------------------------------------
 def _settings(request: Request | WebSocket):
     return request.app.state.settings
+
+
+async def _registry(settings: Settings):
+    """The live registry's handle (`actors.live.live_registry`), found in a thread within the call deadline: the
+    lookup is a GCS round trip that Ray lets take 60 s while its GCS restarts, and on the event loop it held every
+    request of this replica (health checks, event streams, audio sockets) with it."""
+    from actors.live import live_registry
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(live_registry, settings), settings.actor_call_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiProblem(503, "service.unavailable", "the live session registry was not found in time (the "
+                         "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
 
 
 async def _call(ref, timeout: float, raw_actor_errors: bool = False):
@@ -127,10 +141,9 @@ async def _stored(settings, missing: NoActor) -> dict:
     such session began."""
     from ray.exceptions import ActorUnavailableError, RayActorError
 
-    from actors.live import live_registry
 
     try:
-        view = await _call(live_registry(settings).stored_view.remote(missing.session_id),
+        view = await _call((await _registry(settings)).stored_view.remote(missing.session_id),
                            settings.actor_call_timeout_s, raw_actor_errors=True)
     except (RayActorError, ActorUnavailableError) as e:  # the registry itself restarting (Ray restarts it)
         raise ApiProblem(503, "service.unavailable", f"live session {missing.session_id}: the live registry did "
@@ -293,7 +306,6 @@ def _problem(e: LipsyncError) -> ApiProblem:
                      "429 at LIPSYNC_MAX_LIVE_SESSIONS, 400 an rtmp_url the address guard refuses)",
              openapi_extra=openapi_json_body(SessionCreate))
 async def create_session(request: Request) -> JSONResponse:
-    from actors.live import live_registry
 
     body = await json_body(request, SessionCreate)  # read once the token is checked
     settings = _settings(request)
@@ -302,7 +314,7 @@ async def create_session(request: Request) -> JSONResponse:
         model = str(settings.storage_root / "models" / (model if model.endswith(".onnx") else model + ".onnx"))
     session_id = uuid.uuid4().hex[:16]
     try:
-        raw = await _call(live_registry(settings).create.remote(session_id, body.avatar_id, model,
+        raw = await _call((await _registry(settings)).create.remote(session_id, body.avatar_id, model,
                                                                 body.sample_rate, body.max_seconds,
                                                                 body.rtmp_url, body.segment_seconds,
                                                                 within_s=settings.model_load_timeout_s + 55),
@@ -337,10 +349,9 @@ async def list_sessions(request: Request) -> list[SessionView]:
     """Each session not yet ended, as `GET /v1/sessions/{id}` shows it: a client that lost a session's id finds it
     here, to watch or end it (a probe's could not, and waited for the idle timeout). One that does not answer now
     (restarting) is left out."""
-    from actors.live import live_registry
 
     settings = _settings(request)
-    running = await _call(live_registry(settings).running.remote(), settings.actor_call_timeout_s)
+    running = await _call((await _registry(settings)).running.remote(), settings.actor_call_timeout_s)
 
     async def view(session_id: str) -> dict | None:
         try:  # (each bounded: one restarting is left out, not waited for in turn with the others)
@@ -451,7 +462,7 @@ async def get_recording(session_id: str, request: Request) -> Response:
     """Once the session has ended its recording is read through the registry (on the storage root's
     node, for the service's life): never through the session's actors, which leave
     `LIPSYNC_LIVE_KEEP_ENDED_S` after the end, maybe in the middle of a download."""
-    from actors.live import LOST_RECORDING_WAIT_S, live_registry
+    from actors.live import LOST_RECORDING_WAIT_S
 
     settings = _settings(request)
     try:
@@ -460,7 +471,7 @@ async def get_recording(session_id: str, request: Request) -> Response:
         gone = False
     except NoActor as e:
         raw, gone = await _stored(settings, e), True
-    registry = live_registry(settings)
+    registry = await _registry(settings)
     size = raw.get("recording_bytes")
     if not size and gone and raw.get("state") == "failed":  # what it had published, joined now (once)
         try:
@@ -521,10 +532,10 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
         if data is not None and name == "index.m3u8" and "_HLS_msn" in request.query_params:
             data = await _blocking_reload(request, settings, session_id, actor, data)
     except NoActor as e:  # its actors have left (maybe while this request waited): the stream as it ended
-        from actors.live import live_registry
 
         await _stored(settings, e)  # 404 unless the session began
-        data = await _call(live_registry(settings).read_hls.remote(session_id, file), settings.actor_call_timeout_s)
+        registry = await _registry(settings)
+        data = await _call(registry.read_hls.remote(session_id, file), settings.actor_call_timeout_s)
     if data is None:
         raise ApiProblem(404, "hls.not_published", f"session {session_id} has no stream file {name} (yet)", None)
     if name == "index.m3u8" and token:  # the segments' URIs carry the token too (relative URIs drop the query)
