@@ -791,11 +791,17 @@ class SessionActors:
 
     def __init__(self, settings: Settings, session_id: str) -> None:
         self.s, self.id = settings, session_id
-        known = self._known.get(session_id)
+        known = self._known.get(session_id)  # (read once: a lookup in another thread may drop it meanwhile)
         fresh = known is not None and time.monotonic() - known[0] < self.KNOWN_S
         self.handles = known[1] if fresh else self._lookup()
         good = self._last_good.get(session_id)
         self.current = next((h for h in self.handles if h._actor_id == good), self.handles[0])
+
+    @classmethod
+    def known(cls, session_id: str) -> bool:
+        """Whether a handle made now finds the session's actors without asking the GCS."""
+        known = cls._known.get(session_id)
+        return known is not None and time.monotonic() - known[0] < cls.KNOWN_S
 
     def _lookup(self) -> list:
         from cluster.live import SessionNotFound

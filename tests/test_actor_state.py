@@ -301,3 +301,35 @@ def test_a_gcs_that_does_not_answer_a_lookup_holds_neither_the_ingress_loop_nor_
     took = asyncio.run(scenario())
     assert took < 2.5, took
     assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.5  # the loop went on meanwhile
+
+
+def test_a_live_sessions_lookup_that_the_gcs_does_not_answer_is_a_503_in_time_and_holds_no_other_request(
+        tmp_path, monkeypatch):
+    """Each request about a live session looked its actors up (`ray.get_actor`, twice) on the ingress's event loop."""
+    from actors.live import SessionActors
+    from cluster.config import Settings
+    from service.errors import ApiProblem
+    from service.routers.sessions import _actors
+
+    monkeypatch.setattr(SessionActors, "_lookup", lambda self: time.sleep(3))  # a GCS that does not answer
+    settings = Settings(storage_root=tmp_path, actor_call_timeout_s=1.0)
+    ticks: list[float] = []
+
+    async def scenario():
+        async def tick():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.ensure_future(tick())
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ApiProblem) as caught:
+                await _actors(settings, "0123456789abcdef")
+        finally:
+            ticker.cancel()
+        return time.monotonic() - t0, caught.value
+
+    took, problem = asyncio.run(scenario())
+    assert took < 2.5 and problem.status == 503, (took, problem)
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.5  # the loop went on meanwhile

@@ -135,6 +135,21 @@ def _actor(settings, session_id: str):
         raise NoActor(session_id, e.message) from None
 
 
+async def _actors(settings, session_id: str):
+    """`_actor`, its lookup (two GCS round trips, which Ray lets take 60 s while its GCS restarts) made in a
+    thread within the call deadline, unless this process looked the session up lately (`SessionActors.KNOWN_S`):
+    on the event loop it held every request of this replica, audio sockets and players with it."""
+    from actors.live import SessionActors
+
+    if SessionActors.known(session_id):
+        return _actor(settings, session_id)
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(_actor, settings, session_id), settings.actor_call_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiProblem(503, "service.unavailable", f"live session {session_id} was not found in time (the "
+                         "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
+
+
 async def _stored(settings, missing: NoActor) -> dict:
     """The view of a session without an actor as its journal tells it, from the registry (it runs on
     the storage root's node; this ingress may not): ended, or `failed` (lost); `missing` (404) when no
@@ -214,13 +229,16 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                                  f"back within {settings.live_restart_wait_s:g} s ({type(e).__name__})", None,
                                  headers={"Retry-After": "1"}) from None
             await asyncio.sleep(0.05 if isinstance(e, SessionStandby) else 0.02)
-            try:  # its standby (taking over), or itself again once Ray has restarted it
-                if isinstance(e, SessionStandby):
-                    actors.standing_by()
-                else:
-                    actors.failed()
+            try:  # its standby (taking over), or itself again once Ray has restarted it (looked up in a thread)
+                await asyncio.wait_for(asyncio.to_thread(
+                    actors.standing_by if isinstance(e, SessionStandby) else actors.failed),
+                    max(0.5, deadline - loop.time()))
             except SessionNotFound as gone:
                 raise NoActor(session_id, gone.message) from None
+            except asyncio.TimeoutError:
+                raise ApiProblem(503, "service.unavailable", f"live session {session_id}: its actors were not found "
+                                 "in time (the cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) \
+                    from None
 
 
 def session_token(request: Request | WebSocket, session_id: str, speak: bool = True) -> tuple[str | None, int | None]:
@@ -355,7 +373,7 @@ async def list_sessions(request: Request) -> list[SessionView]:
 
     async def view(session_id: str) -> dict | None:
         try:  # (each bounded: one restarting is left out, not waited for in turn with the others)
-            return await asyncio.wait_for(_ask(settings, session_id, _actor(settings, session_id), "view",
+            return await asyncio.wait_for(_ask(settings, session_id, await _actors(settings, session_id), "view",
                                                timeout=settings.actor_call_timeout_s), settings.actor_call_timeout_s)
         except (ApiProblem, asyncio.TimeoutError):  # (NoActor among them) ended meanwhile, or not answering now
             return None
@@ -369,7 +387,7 @@ async def list_sessions(request: Request) -> list[SessionView]:
 async def get_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     try:
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     except NoActor as e:
         raw = await _stored(settings, e)
@@ -381,7 +399,7 @@ async def get_session(session_id: str, request: Request) -> SessionView:
 async def delete_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     try:
-        raw = await _ask(settings, session_id, _actor(settings, session_id), "stop", "deleted", timeout=90.0)
+        raw = await _ask(settings, session_id, await _actors(settings, session_id), "stop", "deleted", timeout=90.0)
     except NoActor as e:  # ended already (a repeated DELETE): its view, as the first one answered
         raw = await _stored(settings, e)
     return _view(request, raw, with_token=False)
@@ -392,7 +410,7 @@ async def delete_session(session_id: str, request: Request) -> SessionView:
 async def finish_session(session_id: str, request: Request) -> SessionView:
     settings = _settings(request)
     try:
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         await _ask(settings, session_id, actor, "finish", timeout=settings.actor_call_timeout_s)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     except NoActor as e:
@@ -426,7 +444,7 @@ async def append_audio(session_id: str, request: Request, offset: int = Query(..
                        end: bool = Query(False, description="also end the utterance")) -> JSONResponse:
     settings = _settings(request)
     try:
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         body = await read_body(request, AUDIO_POST_LIMIT)
         if len(body) % 2:
             raise ApiProblem(400, "input.odd_pcm", f"{len(body)} bytes of PCM: s16le needs whole 2-byte samples",
@@ -466,7 +484,7 @@ async def get_recording(session_id: str, request: Request) -> Response:
 
     settings = _settings(request)
     try:
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
         gone = False
     except NoActor as e:
@@ -522,7 +540,7 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     settings = _settings(request)
     file = "live.m3u8" if name == "index.m3u8" else name
     try:
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
         if name == "index.m3u8" and "_HLS_msn" not in request.query_params and not _has_segment(data):
             # a new session's playlist exists once its first part is published, and lists a whole segment
@@ -688,7 +706,7 @@ async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         if not _SESSION_ID.match(session_id):
             raise SessionNotFound(f"no live session {session_id}")
-        actor = _actor(settings, session_id)
+        actor = await _actors(settings, session_id)
         raw = await _ask(settings, session_id, actor, "view", timeout=settings.actor_call_timeout_s)
     except NoActor as e:
         try:
