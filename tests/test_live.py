@@ -490,8 +490,13 @@ def test_a_sender_that_pauses_mid_utterance_gets_its_speech_counted_once(speech_
             while not session.append(data[i:i + 6400])["accepted"]:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        if part is not speech[cut:]:
-            time.sleep(s.live_flush_after_s + 1.0)  # the pause: the tail is rendered as an utterance's end
+        if part is not speech[cut:]:  # the pause: the tail is rendered as an utterance's end (waited for, not
+            # slept through: on a loaded machine the session's loop took longer than the pause plus a second)
+            time.sleep(s.live_flush_after_s)
+            deadline = time.monotonic() + 30
+            while not session.speech.utterances[-1].ended:
+                assert time.monotonic() < deadline, "the pause did not end the utterance"
+                time.sleep(0.05)
     session.finish()
     assert session.join(30)
     stats = session.stats()
