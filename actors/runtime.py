@@ -64,7 +64,8 @@ def connect(settings: Settings, address: str | None = None, num_cpus: int | None
         _enable_token_auth_when_available()
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            with from_an_empty_directory():
+                ray.init(address=address, **kwargs)
         else:
             start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, job_only=True, temp_dir=temp_dir)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:  # (RayError: a token missing)
@@ -164,17 +165,9 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
         # authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" to the user of `lipsync demo`
         token_mode_on()
     root = private_ray_root(temp_dir)
-    # Ray puts its first driver's working directory on every worker's module path: a file there named
-    # like a module the service imports (an `av.py` of the user's) ran inside the service in its place.
-    # Ray starts from an empty directory of ours instead; relative paths the settings name are made
-    # absolute first, for the processes it starts.
+    # Ray starts from an empty directory of ours (`from_an_empty_directory`); relative paths the settings
+    # name are made absolute first, for the processes it starts.
     absolute_path_variables()
-    workdir = root.parent / "workdir"
-    _private_dir(workdir)
-    try:
-        here = os.getcwd()
-    except FileNotFoundError:  # started in a directory since removed
-        here = None
     # The driver's own C++ failure handler off (Ray's documented switch, read by ray.init from this
     # constant): a SIGTERM reaches Python's handler; Ray's other processes keep theirs.
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
@@ -185,8 +178,7 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
     handlers = _SignalHandlersKept() if keep_signal_handlers else contextlib.nullcontext()
     params = _ray_params_for_jobs() if job_only else contextlib.nullcontext()
     try:
-        os.chdir(workdir)
-        with handlers, params:
+        with from_an_empty_directory(root.parent), handlers, params:
             for attempt in range(1, STARTUP_ATTEMPTS + 1):
                 try:
                     # a one-shot's user sees its own lines, not Ray's "Started a local Ray instance" (-v: both)
@@ -210,8 +202,6 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
                                 attempt, STARTUP_ATTEMPTS)
                     ray.shutdown()
     finally:
-        if here is not None:
-            os.chdir(here)
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for k, v in saved_env.items():
             if v is None:
@@ -245,6 +235,29 @@ def absolute_path_variables() -> None:
             continue
         else:
             os.environ[name] = absolute_path(value)
+
+
+@contextlib.contextmanager
+def from_an_empty_directory(parent: Path | None = None):
+    """Run the block (a `ray.init`) in `workdir`, an empty directory of this user's under `parent` (by default
+    the one `private_ray_root` uses), then back where this process was. Ray puts its driver's working
+    directory on the module path of every worker of its job, and a detached actor (a joined cluster's job
+    manager) keeps it for its life: a file there named like a module the service imports (an `av.py` or
+    `actors.py` of the user's, even one written after the start) ran in the service in its place, and a
+    job manager that failed to import restarted without end."""
+    parent = parent if parent is not None else private_ray_root().parent
+    workdir = parent / "workdir"
+    _private_dir(workdir)
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # started in a directory since removed
+        here = None
+    os.chdir(workdir)
+    try:
+        yield workdir
+    finally:
+        if here is not None:
+            os.chdir(here)
 
 
 def private_ray_root(temp_dir: str | None = None) -> Path:

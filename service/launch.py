@@ -49,6 +49,7 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         _check_reachable,
         _enable_token_auth_when_available,
         _SignalHandlersKept,
+        from_an_empty_directory,
         start_embedded_ray,
     )
     from actors.service_support import service_sidecar
@@ -60,7 +61,9 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         if address:
             _check_reachable(address, settings.actor_call_timeout_s)
             _enable_token_auth_when_available()  # (as `lipsync render` joins: a token given is a token used)
-            with _SignalHandlersKept():  # SIGTERM while the service starts stops it cleanly, as embedded
+            # (SIGTERM while the service starts stops it cleanly, as embedded; started from an empty directory: a
+            # file where the user started it, named like one of our modules, is not imported by its actors)
+            with _SignalHandlersKept(), from_an_empty_directory():
                 ctx = ray.init(address=address, namespace=settings.namespace, log_to_driver=False)
         else:  # private: loopback only, token and session directory 0600/0700; our signal handlers kept
             ctx = start_embedded_ray(settings, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,

@@ -6,6 +6,7 @@ template without a face (a job that fails). Prints one JSON line with both outco
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -16,9 +17,16 @@ from cluster.config import Settings
 from cluster.schemas import RenderRequest
 
 
+@ray.remote(num_cpus=0)
+def _module_path() -> list[str]:
+    return sys.path
+
+
 def main(audio: str, video: str, faceless: str) -> dict:
     settings = Settings()
     connect(settings)
+    # Ray puts its driver's working directory on its workers' module path: this one's must not be
+    driver_dir_on_worker_path = os.getcwd() in ray.get(_module_path.remote(), timeout=120)
     runtime = Runtime(settings)
     runtime.ready(timeout=180)
     job = runtime.submit(RenderRequest(audio=audio, video=video))
@@ -36,7 +44,8 @@ def main(audio: str, video: str, faceless: str) -> dict:
     return {"id": job.id, "bad_id": bad.id, "state_at_kill": state_at_kill, "state": done.state.value,
             "error": done.error.model_dump() if done.error else None,
             "frames": done.frames_total, "bad_state": failed.state.value,
-            "bad_code": failed.error.code if failed.error else None}
+            "bad_code": failed.error.code if failed.error else None,
+            "driver_dir_on_worker_path": driver_dir_on_worker_path}
 
 
 if __name__ == "__main__":

@@ -219,6 +219,9 @@ def test_batch_client_through_ray_address_moves_every_metric(local_cluster, spee
     assert result["state_at_kill"] == "rendering", result
     assert result["state"] == "succeeded", result
     assert (result["bad_state"], result["bad_code"]) == ("failed", "input.no_face"), result
+    # a file where the client was started, named like a module of ours, would have run in the detached job
+    # manager for its life (an import failure restarted it without end)
+    assert result["driver_dir_on_worker_path"] is False, result
 
     def moved(after: dict, key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
