@@ -2,6 +2,7 @@
 port, and take them down again. The CLI's `serve` command calls these."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -109,10 +110,12 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
         if stopped():
             return urls
         if address:  # again just before deploying: another service's start may have deployed meanwhile
-            _check_no_running_app(_serve_client(settings), address, settings, stop)
+            _check_no_running_app(_serve_client(settings), address, settings, stop, host=host, port=port)
             if stopped():
                 return urls
         _deployed = True  # (from here a stop deletes the application: it may be half deployed)
+        if address:  # (before: a crash as soon as it is deployed is taken over too)
+            _record_deployer(settings, host, port)
         serve.run(build_app(overrides), name=APP_NAME, route_prefix="/", blocking=False)
     finally:
         logging.getLogger("ray.serve").removeFilter(quiet)
@@ -178,7 +181,7 @@ def _check_joined_serve(address: str, host: str, port: int, port_busy: str | Non
     client = _serve_client(settings)
     http = getattr(client, "http_config", None) if client is not None else None
     if client is not None:
-        _check_no_running_app(client, address, settings, stop)
+        _check_no_running_app(client, address, settings, stop, host=host, port=port)
     if http is not None and (int(http.port) != int(port) or str(http.host) != str(host)):
         raise ServiceInUse(f"Ray Serve already runs on the cluster at {address} with its HTTP proxies on "
                            f"{http.host}:{http.port}, which it keeps (this service asked for {host}:{port}): start "
@@ -198,11 +201,15 @@ _deployed = False
 APP_DELETED_WAIT_S = 60.0
 
 
-def _check_no_running_app(client, address: str, settings: Settings, stop: threading.Event | None = None) -> None:
+def _check_no_running_app(client, address: str, settings: Settings, stop: threading.Event | None = None,
+                          host: str | None = None, port: int | None = None) -> None:
     """On a joined cluster: the Serve application `lipsync` outlives the `lipsync serve` that deployed
     it (a SIGKILL, another operator's service): a second one deploying over it, then stopping, left the
-    first running with its API gone (404). `ServiceInUse` while it runs; one being deleted (the service
-    stopped just before) is waited for, unless `stop` is set meanwhile (the caller then ends its start)."""
+    first running with its API gone (404). `ServiceInUse` while it runs, unless the `lipsync serve` that
+    deployed it is gone and served the same `host`, `port` and storage root (`_deployer_gone`: a crashed
+    service restarted by its supervisor takes its application over; it was refused, exit 2, which a
+    supervisor does not restart); one being deleted (the service stopped just before) is waited for,
+    unless `stop` is set meanwhile (the caller then ends its start)."""
     from cluster.errors import ServiceInUse
 
     if client is None:
@@ -214,6 +221,15 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
         state = str(getattr(status, "value", status))  # NOT_STARTED: no such application
         if state == "NOT_STARTED":
             return
+        if state != "DELETING" and host is not None and (gone := _deployer_gone(settings, host, port)):
+            if gone["job_id"] in _taken_over:  # (checked again just before deploying: said once)
+                return
+            _taken_over.add(gone["job_id"])
+            log.warning("the Ray Serve application %r on the cluster at %s was deployed by a lipsync serve that is "
+                        "gone (Ray job %s, driver pid %s at %s) for the same host, port and storage root: this "
+                        "service takes it over", APP_NAME, address, gone["job_id"], gone.get("driver_pid"),
+                        gone.get("driver_ip"))
+            return
         if state != "DELETING":
             raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
                                f"application {APP_NAME!r} is {state}): stop that `lipsync serve` first; if its "
@@ -224,6 +240,51 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
             raise ServiceInUse(f"the Ray Serve application {APP_NAME!r} on the cluster at {address} is still being "
                                f"deleted after {APP_DELETED_WAIT_S:.0f} s: try again later", stage="serve")
         time.sleep(0.5)
+
+
+#: The Ray jobs of gone services whose application this process took over (`_check_no_running_app`)
+_taken_over: set[str] = set()
+#: Ray's internal KV key of the `lipsync serve` that deployed a namespace's application (`_record_deployer`)
+DEPLOYER_KEY = "lipsync-service-deployer:{namespace}"
+
+
+def _record_deployer(settings: Settings, host: str, port: int) -> None:
+    """On a joined cluster, once deployed: which `lipsync serve` deployed the application (its Ray job) and for
+    what (host, port, storage root), in the GCS's KV store, for `_deployer_gone`. Not recorded (said in the log)
+    when the GCS does not answer in time: a later start then refuses the application as before."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    record = json.dumps({"job_id": ray.get_runtime_context().get_job_id(), "host": host, "port": int(port),
+                         "storage_root": str(settings.storage_root)})
+    try:
+        _within(lambda: _internal_kv_put(DEPLOYER_KEY.format(namespace=settings.namespace), record, overwrite=True),
+                settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+    except Exception as e:  # noqa: BLE001 - the service runs; only a takeover after a crash is lost
+        log.warning("could not record this service in the cluster's GCS (a restart after a crash will be refused "
+                    "as service.in_use): %r", e)
+
+
+def _deployer_gone(settings: Settings, host: str, port: int | None) -> dict | None:
+    """The record of the `lipsync serve` that deployed the running application (`_record_deployer`), with its
+    driver's pid and address, when Ray's job table says its job is dead and it served this `host`, `port` and
+    storage root; else None (no record: deployed otherwise, e.g. `serve deploy`; or it runs, or served others)."""
+    from ray._private.state import jobs
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    def read() -> tuple[bytes | None, list[dict]]:
+        raw = _internal_kv_get(DEPLOYER_KEY.format(namespace=settings.namespace))
+        return raw, (jobs() if raw else [])
+
+    raw, table = _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+    if not raw:
+        return None
+    record = json.loads(raw)
+    if (record.get("host"), record.get("port"), record.get("storage_root")) != (host, port, str(settings.storage_root)):
+        return None
+    job = next((j for j in table if j.get("JobID") == record.get("job_id")), None)
+    if job is None or not job.get("IsDead"):
+        return None
+    return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}
 
 
 def _code_here() -> str:

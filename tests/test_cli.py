@@ -1069,3 +1069,47 @@ def test_a_render_whose_early_avatar_outlasts_its_deadline_fails_typed_in_the_pr
     done: Future = Future()
     done.set_result(None)
     _avatar_prepared(done, request, settings)  # a prepared avatar: no wait
+
+
+def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(monkeypatch, tmp_path, caplog):
+    """A `lipsync serve` SIGKILLed on a joined cluster left its Serve application running, and its supervisor's
+    restart with the same flags was refused (`service.in_use`, exit 2: systemd's RestartPreventExitStatus=2 then
+    gave up). The restart takes it over where the service that deployed it is gone (its Ray job dead) and served
+    the same host, port and storage root; not one that runs, one that served others, or one deployed otherwise."""
+    import json
+
+    import ray._private.state
+    import ray.experimental.internal_kv
+
+    from cluster.config import Settings
+    from cluster.errors import ServiceInUse
+    from service import launch
+
+    settings = Settings(storage_root=tmp_path / "st")
+    record = {"job_id": "01000000", "host": "127.0.0.1", "port": 8795, "storage_root": str(settings.storage_root)}
+    kv: dict[str, bytes] = {}
+    table = [{"JobID": "01000000", "IsDead": True, "DriverPid": 4147, "DriverIPAddress": "10.0.0.5"}]
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get", lambda key: kv.get(key))
+    monkeypatch.setattr(ray._private.state, "jobs", lambda: table)
+
+    class Running:
+        def get_serve_status(self, name):
+            return type("O", (), {"app_status": type("S", (), {"status": "RUNNING"})()})()
+
+    def start(port: int = 8795, **changed) -> None:
+        launch._check_no_running_app(Running(), "127.0.0.1:6401", settings.model_copy(update=changed),
+                                     host="127.0.0.1", port=port)
+
+    with pytest.raises(ServiceInUse):  # no record: deployed otherwise (`serve deploy`, another tool)
+        start()
+    kv[launch.DEPLOYER_KEY.format(namespace=settings.namespace)] = json.dumps(record).encode()
+    with caplog.at_level("WARNING"):
+        start()  # taken over, and said with the driver that is gone
+    assert "deployed by a lipsync serve that is gone (Ray job 01000000, driver pid 4147 at 10.0.0.5)" in caplog.text
+    with pytest.raises(ServiceInUse):  # another port
+        start(port=8796)
+    with pytest.raises(ServiceInUse):  # another storage root
+        start(storage_root=tmp_path / "other")
+    table[0]["IsDead"] = False  # the service that deployed it runs
+    with pytest.raises(ServiceInUse):
+        start()
