@@ -297,6 +297,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a job manager that restarts for ever (a service "ready" that never was) or every job failing
     if embedded and _refused_settings(settings):
         return 2
+    if embedded:
+        for root in settings.input_root_paths_as_written:  # (allowed: a directory mounted later is fine)
+            if not root.is_dir():
+                print(f"lipsync: warning: LIPSYNC_INPUT_ROOTS names {root}, which is not a directory here: path "
+                      f"inputs under it are refused until it is", file=sys.stderr)
     if embedded and (holder := _hold_storage_root(settings)) is not None:
         print(f"lipsync: error: service.storage_in_use: another lipsync serve ({holder}) uses the storage root "
               f"{settings.storage_root}: two job managers on one job database would render the same jobs twice "

@@ -31,7 +31,8 @@ def _default_storage_root() -> Path:
 class Settings(BaseSettings):
     """Every tunable of the product. Env: `LIPSYNC_<FIELD>` (e.g. `LIPSYNC_STORAGE_ROOT`)."""
 
-    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore")
+    # (no infinite or NaN number: `inf` passed every bound, a limit of no limit, where a setting has one)
+    model_config = SettingsConfigDict(env_prefix="LIPSYNC_", extra="ignore", allow_inf_nan=False)
 
     # --- where things live -------------------------------------------------------------
     storage_root: Path = Field(default_factory=_default_storage_root,

@@ -1113,3 +1113,17 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
     table[0]["IsDead"] = False  # the service that deployed it runs
     with pytest.raises(ServiceInUse):
         start()
+
+
+def test_serve_says_an_input_root_that_is_not_there_and_refuses_an_infinite_setting(env, workdir):
+    """`LIPSYNC_INPUT_ROOTS=/nonexistent/dir` (a typo) was taken without a word, every path input under it then
+    refused; `LIPSYNC_NODE_CACHE_GB=inf` and `LIPSYNC_MAX_INPUT_SECONDS=1e999` passed every bound."""
+    missing = workdir / "no-such-inputs"
+    # (ended before Ray starts by a port given twice, after the warning)
+    rc, _, err, _ = run_cli([*CLI, "serve", "--port", "8797", "--metrics-port", "8797"],
+                            {**env, "LIPSYNC_INPUT_ROOTS": f"{workdir}:{missing}"}, workdir, timeout=60)
+    assert rc == 2 and f"warning: LIPSYNC_INPUT_ROOTS names {missing}, which is not a directory here" in err, err
+    assert f"names {workdir}," not in err, err
+    for name, value in (("LIPSYNC_NODE_CACHE_GB", "inf"), ("LIPSYNC_MAX_INPUT_SECONDS", "1e999")):
+        rc, _, err, _ = run_cli([*CLI, "serve"], {**env, name: value}, workdir, timeout=60)
+        assert rc == 2 and "settings.invalid" in err and name.removeprefix("LIPSYNC_").lower() in err.lower(), err
