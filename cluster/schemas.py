@@ -299,7 +299,9 @@ class JobView(BaseModel):
     """What `GET /v1/jobs/{id}` answers."""
     id: str
     state: JobState
-    stage: str
+    stage: str = Field(..., description="where the job is now: queued, prepare, render, finalize, waiting (for a "
+                       "worker), or done once it has ended, however it ended (a failed job's error.stage says where "
+                       "it failed)")
     progress: float = Field(..., ge=0, le=1)
     frames_done: int
     frames_total: int
