@@ -7,6 +7,7 @@ module only wires it to real actor handles.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -68,8 +69,10 @@ class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_event_loop().create_task(coro)
+    def spawn(self, coro, context: contextvars.Context | None = None) -> asyncio.Task:
+        """Run `coro` in the background, in a copy of the current context (its log fields: a job's task's
+        chunks carry its job id), or in `context`."""
+        task = asyncio.get_event_loop().create_task(coro, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -280,7 +283,7 @@ class Supervisor:
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:
         self._factories[name] = factory
         member = table.add(name, factory())
-        self.tasks.spawn(self.probe(table, member))
+        self.tasks.spawn(self.probe(table, member), context=contextvars.Context())  # (the pool's: no job's fields)
         return member
 
     def _first_timeout(self, table: WorkerTable) -> float:
@@ -385,7 +388,9 @@ class Supervisor:
             return
         log.warning("%s lost (%s)%s", member.name, why, "; killed it for a restart" if kill else "")
         await table.set_health(member, Health.lost)
-        self.tasks.spawn(self.probe(table, member))
+        # a probe that may outlive the job whose chunk found the member lost: its lines carried that job's id,
+        # every 30 s, long after the job had ended
+        self.tasks.spawn(self.probe(table, member), context=contextvars.Context())
 
     def load_error(self) -> ModelLoadError | ModelContractError:
         """Why no model worker serves, as the workers' load failed: a model that does not fit the

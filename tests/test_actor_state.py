@@ -324,3 +324,30 @@ def test_a_live_sessions_lookup_that_the_gcs_does_not_answer_is_a_503_in_time_an
     took, problem, gap = _failure_beside_a_ticking_loop(lambda: _actors(settings, "0123456789abcdef"), ApiProblem)
     assert took < 2.5 and problem.status == 503, (took, problem)
     assert gap < 0.5  # the loop went on meanwhile
+
+
+def test_a_probe_started_by_a_jobs_chunk_does_not_log_as_that_job():
+    """A compositor found lost by a job's chunk was probed in a task that copied the chunk's log context: every
+    line of that probe (each 30 s, for a member whose node had left) carried the job's id after the job had ended."""
+    import types
+
+    from actors.supervision import Health, Supervisor, TaskSet
+    from cluster import logs
+
+    seen: list[dict] = []
+
+    async def probe(table, member):
+        seen.append(dict(logs._context.get({})))
+
+    async def set_health(member, health):
+        member.health = health
+
+    async def scenario():
+        fake = types.SimpleNamespace(tasks=TaskSet(), probe=probe)
+        member = types.SimpleNamespace(name="lipsync-compositor-1", health=Health.live)
+        with logs.log_context(job_id="probe-k2", chunk=3):
+            await Supervisor.lost(fake, types.SimpleNamespace(set_health=set_health), member, "no answer")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert seen == [{}], seen
