@@ -12,6 +12,25 @@ def task_cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+#: The threads of `gcs_lookup` (made on first use)
+_lookups = None
+GCS_LOOKUP_THREADS = 4
+
+
+async def gcs_lookup(fn, *args, timeout: float):
+    """`fn(*args)`, a synchronous lookup in Ray's control store (`ray.get_actor`, a named actor's creation), in
+    threads of its own, within `timeout` (asyncio.TimeoutError past it). On an event loop it held every request
+    of the process (Ray lets one take 60 s while its GCS restarts); in the loop's default threads, lookups left
+    waiting on such a GCS held the uploads, downloads and file moves that share them."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _lookups
+    if _lookups is None:
+        _lookups = ThreadPoolExecutor(GCS_LOOKUP_THREADS, thread_name_prefix="gcs-lookup")
+    return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_lookups, fn, *args), timeout)
+
+
 def actor_restarted() -> bool:
     """Whether this actor's process is a restart of one that died (Ray's `was_current_actor_reconstructed`, whose
     own implementation reads a deprecated property: that warning, from `ray.runtime_context` only, is filtered once

@@ -789,19 +789,19 @@ class SessionActors:
     _known: dict[str, tuple[float, list]] = {}  # session id -> (when looked up, handles): a player polls often
     KNOWN_S = 10.0
 
-    def __init__(self, settings: Settings, session_id: str) -> None:
+    def __init__(self, settings: Settings, session_id: str, handles: list | None = None) -> None:
+        """`handles`: the session's actors as `known` gave them, else looked up now (or as known lately)."""
         self.s, self.id = settings, session_id
-        known = self._known.get(session_id)  # (read once: a lookup in another thread may drop it meanwhile)
-        fresh = known is not None and time.monotonic() - known[0] < self.KNOWN_S
-        self.handles = known[1] if fresh else self._lookup()
+        self.handles = handles or self.known(session_id) or self._lookup()
         good = self._last_good.get(session_id)
         self.current = next((h for h in self.handles if h._actor_id == good), self.handles[0])
 
     @classmethod
-    def known(cls, session_id: str) -> bool:
-        """Whether a handle made now finds the session's actors without asking the GCS."""
+    def known(cls, session_id: str) -> list | None:
+        """The session's actors as this process looked them up lately (a handle made with them asks the GCS
+        nothing), else None."""
         known = cls._known.get(session_id)
-        return known is not None and time.monotonic() - known[0] < cls.KNOWN_S
+        return known[1] if known is not None and time.monotonic() - known[0] < cls.KNOWN_S else None
 
     def _lookup(self) -> list:
         from cluster.live import SessionNotFound
@@ -839,7 +839,7 @@ class SessionActors:
         now = time.monotonic()
         for actor_id, at in list(self._died.items()):
             if now - at > self.s.live_restart_wait_s:
-                del self._died[actor_id]
+                self._died.pop(actor_id, None)  # (requests fail over in threads: another may have dropped it)
         self._died[self.current._actor_id] = now
         self.current = self._other()
 

@@ -144,7 +144,8 @@ class JobManager:
         self.machine = JobMachine(settings, self.store, self.pool, self.dispatcher, self.tasks, self.owner)
         self.dispatcher.machine = self.machine
         self._booted = asyncio.Event()
-        self._boot_error: LipsyncError | None = None
+        self._boot_error: LipsyncError | None = None  # the pool's start (cleared once the pool starts later)
+        self._store_error: LipsyncError | None = None  # reading the unfinished jobs at boot (kept: not resumed)
         self.tasks.spawn(self._boot())
 
     async def _boot(self) -> None:
@@ -165,7 +166,7 @@ class JobManager:
         try:
             self._resume_unfinished()
         except Exception as e:  # the store cannot be read: every submit says why (it waited 30 s for a boot)
-            self._boot_error = e if isinstance(e, LipsyncError) else RenderError(
+            self._store_error = e if isinstance(e, LipsyncError) else RenderError(
                 f"the job manager cannot read its unfinished jobs: {type(e).__name__}: {e}", stage="boot",
                 cause=repr(e))
             log.exception("job manager boot: reading the unfinished jobs failed")
@@ -206,6 +207,8 @@ class JobManager:
 
     async def _wait_booted(self) -> None:
         await asyncio.wait_for(self._booted.wait(), self.s.actor_call_timeout_s)
+        if self._store_error is not None:
+            raise self._store_error
         if self._boot_error is not None:
             raise self._boot_error
 
@@ -215,6 +218,8 @@ class JobManager:
         `StorageLost` when the job store was removed or replaced under this process (readiness fails)."""
         self.store.check_present()
         await asyncio.wait_for(self._booted.wait(), timeout)
+        if self._store_error is not None:  # its unfinished jobs could not be read: it takes no work
+            raise self._store_error
         deadline = asyncio.get_event_loop().time() + timeout
         while asyncio.get_event_loop().time() < deadline and not self.pool.settled():
             await asyncio.sleep(0.2)

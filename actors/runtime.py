@@ -245,14 +245,20 @@ def from_an_empty_directory(parent: Path | None = None):
     manager) keeps it for its life: a file there named like a module the service imports (an `av.py` or
     `actors.py` of the user's, even one written after the start) ran in the service in its place, and a
     job manager that failed to import restarted without end."""
-    parent = parent if parent is not None else private_ray_root().parent
-    workdir = parent / "workdir"
-    _private_dir(workdir)
     try:
         here = os.getcwd()
     except FileNotFoundError:  # started in a directory since removed
         here = None
-    os.chdir(workdir)
+    try:
+        parent = parent if parent is not None else private_ray_root().parent
+        workdir = parent / "workdir"
+        _private_dir(workdir)
+        os.chdir(workdir)
+    except (OSError, RenderError) as e:  # (no such directory to be had here: Ray starts where this process is)
+        log.warning("Ray starts from this process's directory (%s), which its workers then import from: %s",
+                    here or "removed", e)
+        yield None
+        return
     try:
         yield workdir
     finally:

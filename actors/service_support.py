@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors import ORCHESTRATOR_NAME, actor_restarted, task_cause
+from actors import ORCHESTRATOR_NAME, actor_restarted, gcs_lookup, task_cause
 from cluster.config import Settings
 from cluster.errors import LipsyncError, RenderError
 from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest
@@ -92,8 +92,7 @@ class ManagerGateway:
         GCS restarts) in a thread within the call's deadline, never on the event loop, where it held every
         request of this replica, its health checks and open streams with it."""
         if self._handle is None:
-            self._handle = await asyncio.wait_for(asyncio.to_thread(self._lookup_manager),
-                                                  timeout=max(0.1, deadline - time.monotonic()))
+            self._handle = await gcs_lookup(self._lookup_manager, timeout=max(0.1, deadline - time.monotonic()))
         return self._handle
 
     async def call(self, method: str, *args, timeout: float | None = None, **kwargs):

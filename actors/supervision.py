@@ -101,6 +101,7 @@ class Supervisor:
         # restarting); a pool of their own, so reads that hang never take the threads the jobs' work runs on
         self._gcs_threads = ThreadPoolExecutor(2, thread_name_prefix="gcs-read")
         self._cluster_read: asyncio.Future | None = None
+        self._asking: asyncio.Future | None = None  # the autoscaler's request in flight (`_request_capacity`)
 
     # --- creation ------------------------------------------------------------------------
     def _create_worker(self, name: str, gpus: float):
@@ -273,11 +274,13 @@ class Supervisor:
             return
         bundles = autoscaler_bundles(queued_chunks, self.models, self.compositors, cluster_gpus, self.s.worker_gpus,
                                      self.s.compositor_cpus)
-        if bundles != self._requested:
+        if bundles != self._requested and (self._asking is None or self._asking.done()):  # (one at a time)
             if bundles:
                 log.info("asking the autoscaler for %d bundle(s) %s", len(bundles), sorted(
                     {str(b) for b in bundles}))
-            await self._gcs_read("the autoscaler's request", functools.partial(request_resources, bundles=bundles))
+            self._asking = asyncio.get_running_loop().run_in_executor(
+                self._gcs_threads, functools.partial(request_resources, bundles=bundles))
+            await self._gcs_answer("the autoscaler's request", asyncio.shield(self._asking))
             self._requested = bundles
 
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:

@@ -293,25 +293,27 @@ class Backend:
         themselves, no answer in time as ManagerUnavailable (503)."""
         from ray.exceptions import RayActorError
 
-        from actors import task_cause
+        from actors import gcs_lookup, task_cause
         from actors.service_support import ManagerUnavailable, service_sidecar
 
         deadline = time.monotonic() + (timeout or self.settings.actor_call_timeout_s)
-        try:
-            if self._sidecar is None:  # looked up once (a GCS round trip, off the event loop), then kept
-                self._sidecar = await asyncio.wait_for(asyncio.to_thread(service_sidecar, self.settings),
-                                                       timeout=max(0.1, deadline - time.monotonic()))
-            ref = getattr(self._sidecar, method).remote(*args)
-            return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
-        except asyncio.TimeoutError as e:
-            raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
-        except Exception as e:
-            if isinstance(e, RayActorError):  # gone for good (replaced): looked up again at the next call
-                self._sidecar = None
-            cause = task_cause(e)
-            if isinstance(cause, LipsyncError):
-                raise cause from None
-            raise
+        for attempt in (1, 2):
+            try:
+                if self._sidecar is None:  # looked up once (a GCS round trip, off the event loop), then kept
+                    self._sidecar = await gcs_lookup(service_sidecar, self.settings,
+                                                     timeout=max(0.1, deadline - time.monotonic()))
+                ref = getattr(self._sidecar, method).remote(*args)
+                return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError as e:
+                raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
+            except Exception as e:
+                cause = task_cause(e)
+                if isinstance(cause, LipsyncError):
+                    raise cause from None
+                if isinstance(e, RayActorError) and attempt == 1:  # gone for good (replaced): the new one, once
+                    self._sidecar = None
+                    continue
+                raise
 
     async def callback_of(self, job_id: str) -> CallbackView | None:
         """How the delivery of the job's callback goes, None when it has none. Asked beside the job's own

@@ -114,9 +114,9 @@ def start_service(settings: Settings, host: str, port: int, *, address: str | No
             if stopped():
                 return urls
         _deployed = True  # (from here a stop deletes the application: it may be half deployed)
-        if address:  # (before: a crash as soon as it is deployed is taken over too)
-            _record_deployer(settings, host, port)
         serve.run(build_app(overrides), name=APP_NAME, route_prefix="/", blocking=False)
+        if address:
+            _record_deployer(settings, host, port)
     finally:
         logging.getLogger("ray.serve").removeFilter(quiet)
     deadline = time.monotonic() + ready_timeout_s
@@ -216,12 +216,15 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
         return
     deadline = time.monotonic() + APP_DELETED_WAIT_S
     while stop is None or not stop.is_set():
-        status = _within(lambda: client.get_serve_status(APP_NAME), settings.actor_call_timeout_s,
-                         "the application's status").app_status.status
+        status_of_app = _within(lambda: client.get_serve_status(APP_NAME), settings.actor_call_timeout_s,
+                                "the application's status").app_status
+        status = status_of_app.status
         state = str(getattr(status, "value", status))  # NOT_STARTED: no such application
         if state == "NOT_STARTED":
             return
-        if state != "DELETING" and host is not None and (gone := _deployer_gone(settings, host, port)):
+        deployed_at = getattr(status_of_app, "deployment_timestamp", None)
+        if state != "DELETING" and host is not None and \
+                (gone := _deployer_gone(settings, host, port, deployed_at)) is not None:
             if gone["job_id"] in _taken_over:  # (checked again just before deploying: said once)
                 return
             _taken_over.add(gone["job_id"])
@@ -249,42 +252,72 @@ DEPLOYER_KEY = "lipsync-service-deployer:{namespace}"
 
 
 def _record_deployer(settings: Settings, host: str, port: int) -> None:
-    """On a joined cluster, once deployed: which `lipsync serve` deployed the application (its Ray job) and for
-    what (host, port, storage root), in the GCS's KV store, for `_deployer_gone`. Not recorded (said in the log)
-    when the GCS does not answer in time: a later start then refuses the application as before."""
+    """On a joined cluster, once deployed: which `lipsync serve` deployed the application (its Ray job), for what
+    (host, port, storage root) and when (the application's deployment timestamp, which a later deployment by any
+    means changes), in the GCS's KV store, for `_deployer_gone`. Where it cannot be written (said in the log),
+    the record of an earlier deployment is left, and matches no later one: a restart after a crash is then
+    refused as before."""
     from ray.experimental.internal_kv import _internal_kv_put
+    from ray.serve.context import _get_global_client
 
-    record = json.dumps({"job_id": ray.get_runtime_context().get_job_id(), "host": host, "port": int(port),
-                         "storage_root": str(settings.storage_root)})
+    def write() -> None:
+        deployed_at = _get_global_client().get_serve_status(APP_NAME).app_status.deployment_timestamp
+        _internal_kv_put(DEPLOYER_KEY.format(namespace=settings.namespace), json.dumps(
+            {"job_id": ray.get_runtime_context().get_job_id(), "host": host, "port": int(port),
+             "storage_root": str(settings.storage_root), "deployed_at": deployed_at}), overwrite=True)
+
     try:
-        _within(lambda: _internal_kv_put(DEPLOYER_KEY.format(namespace=settings.namespace), record, overwrite=True),
-                settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+        _within(write, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
     except Exception as e:  # noqa: BLE001 - the service runs; only a takeover after a crash is lost
         log.warning("could not record this service in the cluster's GCS (a restart after a crash will be refused "
                     "as service.in_use): %r", e)
 
 
-def _deployer_gone(settings: Settings, host: str, port: int | None) -> dict | None:
+def _forget_deployer(settings: Settings) -> None:
+    """The record of this service's deployment, deleted with its application (best effort: a record left
+    matches no later deployment)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    try:
+        _within(lambda: _internal_kv_del(DEPLOYER_KEY.format(namespace=settings.namespace)), 2.0,
+                "the service's record", who="Ray's GCS")
+    except Exception as e:  # noqa: BLE001 - stopping anyway
+        log.info("the service's record in the cluster's GCS was not deleted: %r", e)
+
+
+def _deployer_gone(settings: Settings, host: str, port: int | None, deployed_at: float | None) -> dict | None:
     """The record of the `lipsync serve` that deployed the running application (`_record_deployer`), with its
-    driver's pid and address, when Ray's job table says its job is dead and it served this `host`, `port` and
-    storage root; else None (no record: deployed otherwise, e.g. `serve deploy`; or it runs, or served others)."""
+    driver's pid and address, where it is that application's (its deployment timestamp `deployed_at`), Ray's job
+    table says its job is dead, it served this `host`, `port` and storage root, and no other start has taken it
+    over (claimed once, in the KV store); else None: no record (deployed otherwise, e.g. `serve deploy`), a record
+    of an earlier deployment, a service that runs, one that served others, or a record that cannot be read
+    (refused as before, said in the log)."""
     from ray._private.state import jobs
-    from ray.experimental.internal_kv import _internal_kv_get
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
-    def read() -> tuple[bytes | None, list[dict]]:
-        raw = _internal_kv_get(DEPLOYER_KEY.format(namespace=settings.namespace))
-        return raw, (jobs() if raw else [])
+    key = DEPLOYER_KEY.format(namespace=settings.namespace)
 
-    raw, table = _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
-    if not raw:
+    def read() -> dict | None:
+        raw = _internal_kv_get(key)
+        record = json.loads(raw) if raw else None
+        if not isinstance(record, dict) or not deployed_at or record.get("deployed_at") != deployed_at or (
+                record.get("host"), record.get("port"), record.get("storage_root")) != (
+                host, port, str(settings.storage_root)):
+            return None
+        job = next((j for j in jobs() if j.get("JobID") == record.get("job_id")), None)
+        if job is None or not job.get("IsDead"):
+            return None
+        me = ray.get_runtime_context().get_job_id()  # the first start to claim it takes it over, alone
+        claim = f"{key}:taken:{record['job_id']}"
+        if _internal_kv_put(claim, me, overwrite=False) and _internal_kv_get(claim) != me.encode():
+            return None
+        return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}
+
+    try:
+        return _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+    except Exception as e:  # noqa: BLE001 - not known: refused as before
+        log.warning("the record of the service that deployed the running application could not be read: %r", e)
         return None
-    record = json.loads(raw)
-    if (record.get("host"), record.get("port"), record.get("storage_root")) != (host, port, str(settings.storage_root)):
-        return None
-    job = next((j for j in table if j.get("JobID") == record.get("job_id")), None)
-    if job is None or not job.get("IsDead"):
-        return None
-    return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}
 
 
 def _code_here() -> str:
@@ -457,6 +490,7 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
                     logging.getLogger("ray.serve").removeFilter(budget_over)
         elif _deployed:  # (not another service's, found running: `_check_no_running_app`)
             serve.delete(APP_NAME, _blocking=False)
+            _forget_deployer(settings)
     except Exception as e:  # shutting down anyway
         log.warning("serve shutdown: %r", e)
     if embedded and owner_mark is not None and (lost := embedded_ray_lost()) is not None:

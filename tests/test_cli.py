@@ -1074,10 +1074,13 @@ def test_a_render_whose_early_avatar_outlasts_its_deadline_fails_typed_in_the_pr
 def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(monkeypatch, tmp_path, caplog):
     """A `lipsync serve` SIGKILLed on a joined cluster left its Serve application running, and its supervisor's
     restart with the same flags was refused (`service.in_use`, exit 2: systemd's RestartPreventExitStatus=2 then
-    gave up). The restart takes it over where the service that deployed it is gone (its Ray job dead) and served
-    the same host, port and storage root; not one that runs, one that served others, or one deployed otherwise."""
+    gave up). The restart takes it over where the service that deployed that very application is gone (its Ray
+    job dead) and served the same host, port and storage root, once (the first start to claim it); not one that
+    runs, one that served others, one deployed otherwise or since, nor where the record cannot be read."""
     import json
+    import types
 
+    import ray
     import ray._private.state
     import ray.experimental.internal_kv
 
@@ -1086,15 +1089,28 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
     from service import launch
 
     settings = Settings(storage_root=tmp_path / "st")
-    record = {"job_id": "01000000", "host": "127.0.0.1", "port": 8795, "storage_root": str(settings.storage_root)}
+    record = {"job_id": "01000000", "host": "127.0.0.1", "port": 8795, "storage_root": str(settings.storage_root),
+              "deployed_at": 1765000000.5}
     kv: dict[str, bytes] = {}
     table = [{"JobID": "01000000", "IsDead": True, "DriverPid": 4147, "DriverIPAddress": "10.0.0.5"}]
+    me = ["03000000"]
+
+    def put(key, value, overwrite=True):
+        existed = key in kv
+        if overwrite or not existed:
+            kv[key] = value.encode() if isinstance(value, str) else value
+        return existed
+
     monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get", lambda key: kv.get(key))
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_put", put)
     monkeypatch.setattr(ray._private.state, "jobs", lambda: table)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_job_id=lambda: me[0]))
+    deployed_at = [record["deployed_at"]]
 
     class Running:
         def get_serve_status(self, name):
-            return type("O", (), {"app_status": type("S", (), {"status": "RUNNING"})()})()
+            status = types.SimpleNamespace(status="RUNNING", deployment_timestamp=deployed_at[0])
+            return types.SimpleNamespace(app_status=status)
 
     def start(port: int = 8795, **changed) -> None:
         launch._check_no_running_app(Running(), "127.0.0.1:6401", settings.model_copy(update=changed),
@@ -1102,10 +1118,11 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
 
     with pytest.raises(ServiceInUse):  # no record: deployed otherwise (`serve deploy`, another tool)
         start()
-    kv[launch.DEPLOYER_KEY.format(namespace=settings.namespace)] = json.dumps(record).encode()
-    with caplog.at_level("WARNING"):
-        start()  # taken over, and said with the driver that is gone
-    assert "deployed by a lipsync serve that is gone (Ray job 01000000, driver pid 4147 at 10.0.0.5)" in caplog.text
+    key = launch.DEPLOYER_KEY.format(namespace=settings.namespace)
+    kv[key] = b"not json"
+    with pytest.raises(ServiceInUse):  # a record that cannot be read: refused as before
+        start()
+    kv[key] = json.dumps(record).encode()
     with pytest.raises(ServiceInUse):  # another port
         start(port=8796)
     with pytest.raises(ServiceInUse):  # another storage root
@@ -1113,6 +1130,20 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
     table[0]["IsDead"] = False  # the service that deployed it runs
     with pytest.raises(ServiceInUse):
         start()
+    table[0]["IsDead"] = True
+    deployed_at[0] += 60  # deployed since by other means (or by a service whose record could not be written)
+    with pytest.raises(ServiceInUse):
+        start()
+    deployed_at[0] -= 60
+    with caplog.at_level("WARNING"):
+        start()  # taken over, and said with the driver that is gone
+    assert "deployed by a lipsync serve that is gone (Ray job 01000000, driver pid 4147 at 10.0.0.5)" in caplog.text
+    start()  # the same start, just before it deploys: its own claim
+    me[0] = "04000000"  # a second start at the same time: the first one's claim stands
+    launch._taken_over.clear()
+    with pytest.raises(ServiceInUse):
+        start()
+
 
 
 def test_serve_says_an_input_root_that_is_not_there_and_refuses_an_infinite_setting(env, workdir):

@@ -72,7 +72,7 @@ async def easy_submit(request: Request, backend: Backend = Depends(get_backend))
         await backend.admit_or_429()
         # a code minted here is not the client's: an admission that ends after its answer is not stored
         await backend.create_job(code, body.audio_url, body.video_url, None, "pingpong" if pn == "1" else "loop",
-                                 None, tmpdir, id_chosen=body.code is not None)
+                                 None, tmpdir, id_chosen=bool(body.code))
     except QueueFull as e:
         return envelope(10001, True, f"busy: {e.message}")
     except ApiProblem as e:

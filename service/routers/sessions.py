@@ -40,6 +40,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from actors import gcs_lookup
 from cluster.config import Settings
 from cluster.errors import DiskFull, LipsyncError
 from cluster.live import SessionOffsetGap
@@ -73,7 +74,7 @@ async def _registry(settings: Settings):
     from actors.live import live_registry
 
     try:
-        return await asyncio.wait_for(asyncio.to_thread(live_registry, settings), settings.actor_call_timeout_s)
+        return await gcs_lookup(live_registry, settings, timeout=settings.actor_call_timeout_s)
     except asyncio.TimeoutError:
         raise ApiProblem(503, "service.unavailable", "the live session registry was not found in time (the "
                          "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
@@ -122,15 +123,16 @@ class SessionGone(ApiProblem):
         self.view = view
 
 
-def _actor(settings, session_id: str):
-    """The session's actors (`actors.live.SessionActors`); NoActor when none runs it."""
+def _actor(settings, session_id: str, handles: list | None = None):
+    """The session's actors (`actors.live.SessionActors`, made with `handles` where given); NoActor when none
+    runs it."""
     from actors.live import SessionActors
     from cluster.live import SessionNotFound
 
     if not _SESSION_ID.match(session_id):
         raise ApiProblem(404, "session.not_found", f"no live session {session_id}", "session_id")
     try:
-        return SessionActors(settings, session_id)
+        return SessionActors(settings, session_id, handles)
     except SessionNotFound as e:
         raise NoActor(session_id, e.message) from None
 
@@ -141,10 +143,10 @@ async def _actors(settings, session_id: str):
     on the event loop it held every request of this replica, audio sockets and players with it."""
     from actors.live import SessionActors
 
-    if SessionActors.known(session_id):
-        return _actor(settings, session_id)
+    if (handles := SessionActors.known(session_id)) is not None:
+        return _actor(settings, session_id, handles)
     try:
-        return await asyncio.wait_for(asyncio.to_thread(_actor, settings, session_id), settings.actor_call_timeout_s)
+        return await gcs_lookup(_actor, settings, session_id, timeout=settings.actor_call_timeout_s)
     except asyncio.TimeoutError:
         raise ApiProblem(503, "service.unavailable", f"live session {session_id} was not found in time (the "
                          "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
@@ -230,9 +232,8 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                                  headers={"Retry-After": "1"}) from None
             await asyncio.sleep(0.05 if isinstance(e, SessionStandby) else 0.02)
             try:  # its standby (taking over), or itself again once Ray has restarted it (looked up in a thread)
-                await asyncio.wait_for(asyncio.to_thread(
-                    actors.standing_by if isinstance(e, SessionStandby) else actors.failed),
-                    max(0.5, deadline - loop.time()))
+                await gcs_lookup(actors.standing_by if isinstance(e, SessionStandby) else actors.failed,
+                                 timeout=max(0.5, deadline - loop.time()))
             except SessionNotFound as gone:
                 raise NoActor(session_id, gone.message) from None
             except asyncio.TimeoutError:
