@@ -1398,6 +1398,14 @@ class _LiveBase:
         """Whether the session has ended or failed, as its view last read."""
         return self.view.state in ("ended", "failed")
 
+    def _all_rendered(self, view: SessionView) -> bool:
+        """`wait_rendered`'s end: the session is over, or it has received everything this client sent (the
+        server's offset of its end: a sync `send` returns once its bytes are in the socket's buffer, and the
+        view read next said 0 of 0 s rendered for 24 s just sent) and rendered all it received."""
+        return view.state != "live" or (view.bytes_received >= self._base + len(self._unconfirmed)
+                                        and view.seconds_rendered >= view.seconds_received - 1e-3
+                                        and view.buffered_seconds == 0)
+
     def _end_timeout(self) -> float:
         """How long the end of the speech may take to be confirmed: the server reads the speech queued
         ahead of it at its rendering pace (backpressure), so at least the seconds not yet confirmed."""
@@ -1605,12 +1613,11 @@ class LiveSession(_LiveBase):
         return self.view
 
     def wait_rendered(self, timeout: float = 60.0, poll_s: float = 0.25) -> SessionView:
-        """Wait until everything received has been rendered (or the session ended)."""
+        """Wait until everything sent has been received and rendered (or the session ended)."""
         deadline = time.monotonic() + timeout
         while True:
             view = self.stats()
-            if view.state != "live" or (view.seconds_rendered >= view.seconds_received - 1e-3
-                                        and view.buffered_seconds == 0):
+            if self._all_rendered(view):
                 return view
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
@@ -1817,8 +1824,7 @@ class AsyncLiveSession(_LiveBase):
         deadline = time.monotonic() + timeout
         while True:
             view = await self.stats()
-            if view.state != "live" or (view.seconds_rendered >= view.seconds_received - 1e-3
-                                        and view.buffered_seconds == 0):
+            if self._all_rendered(view):
                 return view
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")

@@ -34,7 +34,8 @@ class FakeService:
     (200: its view); `delete_answer`: the status DELETE is answered (200: the session ends, `deleted`)."""
 
     def __init__(self, end_answer: int = 200, ends: bool = True, answers_end: bool = True, renders: bool = True,
-                 get_answer_after_end: int = 200, delete_answer: int = 200) -> None:
+                 get_answer_after_end: int = 200, delete_answer: int = 200, read_delay_s: float = 0.0) -> None:
+        self.read_delay_s = read_delay_s  # each audio message read this late (a service that reads behind)
         self.end_answer, self.ends = end_answer, ends
         self.answers_end, self.renders = answers_end, renders
         self.get_answer_after_end, self.delete_answer = get_answer_after_end, delete_answer
@@ -110,6 +111,7 @@ class FakeService:
                     if message["type"] == "websocket.disconnect":
                         return
                     if message.get("bytes") is not None:
+                        await asyncio.sleep(self.read_delay_s)
                         self.received += len(message["bytes"])
                         if self.state == "ended":  # ended meanwhile (a stopping service ended it), as the service says
                             await ws.close(4410, f"session {SID} is ended")
@@ -460,3 +462,25 @@ def test_lipsync_live_says_the_answer_of_a_refused_delete_and_where_the_token_co
             f"{service.url}/v1/sessions/{SID}/recording") in error[0], error
     assert service.requests.count(("WS", "end")) == 1, service.requests
     assert [r for r in service.requests if r[0] == "DELETE"] == [("DELETE", f"/v1/sessions/{SID}")]
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_wait_rendered_waits_for_what_was_sent_not_only_for_what_arrived(face):
+    """The sync `send` returns once its bytes are in the socket's buffer: `wait_rendered` right after 24 s of
+    speech read a view of 0 s received and 0 s rendered, and returned at once (the async twin happened to wait)."""
+    with FakeService(read_delay_s=0.02) as service:
+        n = 40
+        if face == "sync":
+            with Client(service.url, retries=0).live(AVATAR) as session:
+                for _ in range(n):
+                    session.send(CHUNK)
+                view = session.wait_rendered(timeout=20)
+        else:
+            async def run():
+                async with AsyncClient(service.url, retries=0) as client:
+                    async with await client.live(AVATAR) as session:
+                        for _ in range(n):
+                            await session.send(CHUNK)
+                        return await session.wait_rendered(timeout=20)
+            view = asyncio.run(run())
+    assert view.bytes_received == n * len(CHUNK), view
