@@ -958,7 +958,8 @@ def _closed_after(error: BaseException, session, c, recording: str | None, token
     failure = session.end_error
     if failure is not None and failure.status == 0:  # no answer: refused, timed out
         said = ("; the session could not be ended either (DELETE: no answer): the service has stopped or "
-                "restarts, and ends it by itself once back")
+                "restarts, and ends it by itself: a killed service reads it failed (session.actor_lost) once back, "
+                "one that runs on ends it once idle")
     elif failure is not None:  # answered: what it said (a token it refuses now, a session it does not know)
         said = (f"; the session could not be ended either (DELETE answered {failure.status} {failure.code}: "
                 f"{failure.message})")

@@ -1457,8 +1457,9 @@ class _LiveBase:
         answer = (f"no answer ({failure.message.split(': no answer from ', 1)[-1]})" if failure.status == 0
                   else f"answered {failure.status} {failure.code}: {failure.message}")
         said = (f"live session {self.id}: not ended after {type(error).__name__}: DELETE /v1/sessions/{self.id}: "
-                f"{answer}; tried once, not again. A service that is back ends the session by itself (idle); its "
-                f"recording is then at {self.client.url}{self._recording_path()}")
+                f"{answer}; tried once, not again. The service ends it by itself: a service that was killed reads it "
+                f"failed (session.actor_lost) once back; one that runs on ends it once idle "
+                f"(LIPSYNC_LIVE_IDLE_TIMEOUT_S). Its recording is then at {self.client.url}{self._recording_path()}")
         log.warning("%s", said)
         if isinstance(error, Exception):
             error.add_note(said)

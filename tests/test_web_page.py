@@ -827,6 +827,26 @@ def test_a_refused_rtmp_url_is_said_in_the_labels_words_and_its_input_marked(chr
 
 
 @pytest.mark.service
+def test_a_refused_avatar_template_is_said_in_the_labels_words(chromium_executable, service, browser, tmp_path):
+    """The Avatars tab said the API's field ("video: junk.mp4 is not a readable audio/video file"), where the
+    Render tab says its label's words."""
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all" * 100)
+    page = browser.new_page()
+    try:
+        sign_in(page, service)
+        page.click("[data-tab=avatars]")
+        page.set_input_files("#avatar-video", str(junk))
+        page.click("#avatar-button")
+        error = page.locator("#avatar-error")
+        error.wait_for(state="visible", timeout=60_000)
+        said = error.inner_text()
+        assert said.startswith("Template video (or a photo): junk.mp4 ") and "video:" not in said, said
+    finally:
+        page.close()
+
+
+@pytest.mark.service
 def test_player_behind_live_goes_once_the_session_has_ended(chromium_executable, service, browser):
     """"Player behind live" kept showing after the session had ended (no live edge to be behind any more). The
     session's views are Playwright's answers here (live, then ended), the page's code and the service's page."""

@@ -960,6 +960,9 @@ function avatarRow(avatar) {
   return row;
 }
 
+// The avatar form's input by the API's field name, and its label's words (as RENDER_FIELDS)
+const AVATAR_FIELDS = { video: ["avatar-video", "Template video (or a photo)"] };
+
 $("avatar-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const file = $("avatar-video").files[0];
@@ -987,7 +990,7 @@ $("avatar-form").addEventListener("submit", async (e) => {
     $("avatar-select").value = avatar.id; // the one just prepared, not the list's first (sorted by id)
   } catch (err) {
     status.hidden = true;
-    showError(error, err);
+    showError(error, inLabelWords(err, AVATAR_FIELDS)); // (it named the API's field, "video: ...")
   } finally {
     button.disabled = false;
     bar.hidden = true;
