@@ -468,6 +468,9 @@ class SessionView(BaseModel):
     state: str  # live, ending, ended, failed
     reason: str | None = None  # why it ended: finished, deleted, idle_timeout, max_seconds, service_stopped, failed
     error: ErrorInfo | None = None
+    # when it ends by itself: the max_seconds asked for, capped at LIPSYNC_LIVE_MAX_SECONDS (a larger one was
+    # taken without a word, and the cap was nowhere to be read)
+    max_seconds: float | None = None
     avatar_id: str | None = None
     model: str | None = None
     sample_rate: int

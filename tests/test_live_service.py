@@ -239,10 +239,13 @@ def test_a_socket_lost_in_the_middle_of_a_long_message_lets_go_of_the_session(se
 
 def test_sdk_live_session_streams_hls_that_ffmpeg_decodes(service, live_avatar, speech_wav, tmp_path):
     from cluster.client import Client
+    from cluster.config import Settings
     from cluster.media.ffmpeg import ffmpeg_binary
 
     with Client(service.url, token=service.token) as client:
-        with client.live(live_avatar) as session:
+        with client.live(live_avatar, max_seconds=1e9) as session:
+            # a max_seconds past LIPSYNC_LIVE_MAX_SECONDS is capped: the view says at what (it did not say it)
+            assert session.view.max_seconds == Settings().live_max_seconds, session.view  # (the service's default)
             assert session.hls_url.split("?token=")[0].endswith(f"/v1/sessions/{session.id}/hls/index.m3u8")
             assert session.view.audio_ws.endswith(f"?token={session.view.token}")  # the socket's: not in hls_url
             assert session.view.token not in session.hls_url

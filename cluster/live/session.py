@@ -9,7 +9,8 @@ speech that arrives is on the next batch, not behind frames rendered ahead.
 
 Latency of a chunk of audio = from its arrival (`append`) to the publication of the live
 segment holding its last frame (the playlist listing it). A stall = the playlist not advancing for
-longer than `STALL_S` while the session runs.
+longer than `STALL_S`, or two of the session's segments where they are longer (`stall_after_s`: one 6 s
+segment after another is no stall), while the session runs.
 """
 from __future__ import annotations
 
@@ -190,6 +191,7 @@ class LiveSession:
         self.published_frames = 0
         self.segments_published = 0
         self.stalls = 0
+        self.stall_after_s = max(STALL_S, 2 * s.live_segment_seconds)  # (the module's docstring)
         self.longest_gap_s = 0.0
         self._last_publication: float | None = None
         self._lock = threading.Lock()
@@ -514,12 +516,12 @@ class LiveSession:
             gap = time.time() - self._last_published_wall
             self.restart_gap_s = round(gap, 3)
             self.longest_gap_s = max(self.longest_gap_s, gap)
-            if gap > STALL_S:
+            if gap > self.stall_after_s:
                 self.stalls += 1
         if self._last_publication is not None:
             gap = now - self._last_publication
             self.longest_gap_s = max(self.longest_gap_s, gap)
-            if gap > STALL_S and self.state == "live":
+            if gap > self.stall_after_s and self.state == "live":
                 self.stalls += 1
         self._last_publication = now
         self.segments_published += new

@@ -70,7 +70,8 @@ def check_input_file(path: str | os.PathLike, settings: Settings | None = None) 
         raise InputTooLarge(f"input file {p} is {size} bytes, more than the limit of "
                             f"{s.max_upload_bytes} bytes", path=str(p))
     if p.suffix.lower() in UNSAFE_EXTENSIONS:
-        raise UnsafeInput(f"input file {p} has a playlist/list extension ({p.suffix}); only plain "
+        raise UnsafeInput(f"input file {p} is not an audio/video file: its extension {p.suffix} is a text, playlist "
+                          f"or list file's (refused unread: ffmpeg would follow what such a file names); only plain "
                           f"audio/video files are accepted", path=str(p))
     try:
         with open(p, "rb") as fh:

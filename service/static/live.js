@@ -347,7 +347,7 @@
     session.view = view;
     const state = $("live-state");
     state.hidden = false;
-    state.textContent = view.state + (view.reason ? " (" + view.reason + ")" : "");
+    state.textContent = view.state + (view.reason && view.reason !== view.state ? " (" + view.reason + ")" : ""); // (not "failed (failed)")
     state.className = "state s-" + view.state;
     $("live-stats").hidden = false;
     $("live-id").textContent = view.id;
