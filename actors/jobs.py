@@ -152,7 +152,20 @@ class JobMachine:
             st.frames_done = job.reported
             if st.state == JobState.rendering and not job.done and not job.inflight_frames:
                 st.jobs_ahead = self.dispatcher.queue.position(job_id)  # waiting for its first compositor
+            if st.state == JobState.rendering:
+                st.waiting_for = self._lacking(job)
         return st
+
+    def _lacking(self, job: JobRuntime) -> str | None:
+        """What a rendering job waits for while the pool has no live model worker or compositor (a node lost, a
+        worker restarting): said in its view (it read `rendering` for the whole wait, a probe), None otherwise."""
+        models, compositors = self.pool.models, self.pool.compositors
+        if models.live() and compositors.live():
+            return None
+        kind, table = ("model worker", models) if not models.live() else ("compositor", compositors)
+        since = max(0.0, time.monotonic() - job.capacity_seen)
+        return (f"no live {kind} for {since:.0f} s ({table.summary()}); the job fails if none is back within "
+                f"LIPSYNC_STALL_TIMEOUT_S ({self.s.stall_timeout_s:g} s)")
 
     @staticmethod
     def _published(job: JobRuntime) -> None:

@@ -177,6 +177,7 @@ class JobStatus(BaseModel):
     request: RenderRequest | None = None
     stages: list[StageTime] = Field(default_factory=list)
     jobs_ahead: int | None = None  # rendering, none of its chunks on a compositor yet: the jobs served before it
+    waiting_for: str | None = None  # rendering while the pool has no live compositor or model worker: what it lacks
     stream_gone: bool = False  # ended, and no HLS playlist of it on disk (never made, purged): no watch_url
 
     @property
@@ -325,6 +326,9 @@ class JobView(BaseModel):
                                    "yet (its `stage` is then `waiting`): how many other jobs get a chunk before its "
                                    "first (jobs share the compositors chunk by chunk, round-robin); null once it "
                                    "renders, and in every other state")
+    waiting_for: str | None = Field(None, description="a rendering job that waits for a worker the pool has none of "
+                                    "alive now (a node lost, a worker restarting): what it lacks, since when, and "
+                                    "how long it waits before it fails (`stage` is then `waiting`); null otherwise")
     expired: bool = Field(False, description="a succeeded job whose output no longer exists (retention removed its "
                           "files after LIPSYNC_RETENTION_DAYS, or someone did): it has no `output` or `watch_url`, "
                           "and its result and stream answer 410 `output.expired`")

@@ -61,9 +61,12 @@ def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | No
             inputs["avatar_id"] = req.avatar_id
         elif req.video is not None:
             inputs["video"] = shown_name(req.sources.get(req.video, req.video))
-    waiting = st.state == JobState.rendering and st.jobs_ahead is not None  # no chunk of it on a compositor yet
+    rendering = st.state == JobState.rendering
+    # no chunk of it on a compositor yet, or no live worker of a kind in the pool
+    waiting = rendering and (st.jobs_ahead is not None or st.waiting_for is not None)
     return JobView(id=st.id, state=st.state, stage="waiting" if waiting else STAGES[st.state],
-                   jobs_ahead=st.jobs_ahead if waiting else None, progress=min(1.0, max(0.0, st.progress)),
+                   jobs_ahead=st.jobs_ahead if rendering else None,
+                   waiting_for=st.waiting_for if rendering else None, progress=min(1.0, max(0.0, st.progress)),
                    frames_done=st.frames_done, frames_total=st.frames_total, chunks_done=st.chunks_done,
                    chunks_total=st.chunks_total, created_at=st.created_at, updated_at=st.updated_at,
                    timings=timings, error=without_root(st.error, storage_root), output=out, sync_mode=sync,

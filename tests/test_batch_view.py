@@ -235,3 +235,31 @@ def test_a_compat_submission_the_manager_does_not_answer_in_time_is_busy_and_a_m
         assert answer["msg"].startswith("busy: service.unavailable: the job manager did not answer"), answer
     assert "job mine may still be admitted" in chosen["msg"] and "was not admitted" in minted["msg"], minted
     assert asked[0] == {} and asked[1]["within_s"] > 0, asked  # a minted code's late admission is not stored
+
+
+def test_a_job_whose_pool_has_no_live_worker_of_a_kind_says_what_it_waits_for():
+    """A rendering job whose compositors were all lost (their node gone) read `rendering`, stage `render`, for the
+    whole wait before it failed: only /readyz said the pool had none. Its view says what it lacks, since when and
+    how long it waits (stage `waiting`), and not once the pool is back."""
+    import time
+    import types
+
+    from actors.jobs import JobMachine
+    from cluster.scheduling import Health, WorkerTable
+    from cluster.views import job_view
+
+    models, compositors = WorkerTable(2), WorkerTable(2)
+    models.add("lipsync-model-worker-0", object()).health = Health.live
+    compositors.add("lipsync-compositor-0", object()).health = Health.lost
+    machine = types.SimpleNamespace(pool=types.SimpleNamespace(models=models, compositors=compositors),
+                                    s=Settings(stall_timeout_s=120))
+    job = types.SimpleNamespace(capacity_seen=time.monotonic() - 35)
+    lacking = JobMachine._lacking(machine, job)
+    assert lacking.startswith("no live compositor for 35 s (1 lost") and "LIPSYNC_STALL_TIMEOUT_S (120 s)" in lacking
+    view = job_view(JobStatus(id="j1", state=JobState.rendering, created_at=utcnow(), frames_total=50,
+                              waiting_for=lacking))
+    assert (view.stage, view.waiting_for) == ("waiting", lacking)
+    compositors.members["lipsync-compositor-0"].health = Health.live
+    assert JobMachine._lacking(machine, job) is None
+    ended = job_view(JobStatus(id="j1", state=JobState.failed, created_at=utcnow(), waiting_for=lacking))
+    assert (ended.stage, ended.waiting_for) == ("done", None)

@@ -615,6 +615,7 @@ function showJob(job, view) {
 
 // A rendering job none of whose chunks has reached a worker yet: how many jobs go first (null otherwise)
 function waitingWords(view) {
+  if (view.waiting_for) return "waiting: " + view.waiting_for; // (the pool has no live worker of a kind now)
   if (view.jobs_ahead === null || view.jobs_ahead === undefined) return null;
   const n = view.jobs_ahead;
   return "waiting for a worker" + (n ? " · " + n + (n === 1 ? " job" : " jobs") + " ahead" : "");
