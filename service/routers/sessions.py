@@ -49,6 +49,7 @@ from cluster.views import without_root
 from service.auth import require_token
 from service.backend import conditional_range
 from service.errors import ApiProblem, error_responses, http_status
+from service.stream_cache import StreamCache
 from service.uploads import json_body, openapi_json_body, read_body
 
 log = logging.getLogger("lipsync.service")
@@ -170,6 +171,8 @@ async def _stored(settings, missing: NoActor) -> dict:
     return view
 
 
+#: The live streams' files as this ingress process read them from the sessions' actors (`StreamCache`)
+_streams = StreamCache()
 FIRST_PLAYLIST_WAIT_S = 10.0  # how long a playlist request waits for a new session's first segment
 BLOCKING_RELOAD_MAX_S = 3.0  # LL-HLS: a blocking playlist reload waits at most 3 target durations (1 s)
 BLOCKING_RELOAD_POLL_S = 0.04  # ... looking at the playlist this often (a frame at 25 fps)
@@ -542,7 +545,12 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     file = "live.m3u8" if name == "index.m3u8" else name
     try:
         actor = await _actors(settings, session_id)
-        data = await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
+
+        async def read() -> bytes | None:
+            return await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
+        # (each file read from the session's actor about once per ingress process, not once per viewer)
+        data = await (_streams.playlist(session_id, read) if file == "live.m3u8" else
+                      _streams.file(session_id, file, read))
         if name == "index.m3u8" and "_HLS_msn" not in request.query_params and not _has_segment(data):
             # a new session's playlist exists once its first part is published, and lists a whole segment
             # about a segment's time later: the request waits for that, bounded, since players give up on a
@@ -551,7 +559,7 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
         if data is not None and name == "index.m3u8" and "_HLS_msn" in request.query_params:
             data = await _blocking_reload(request, settings, session_id, actor, data)
     except NoActor as e:  # its actors have left (maybe while this request waited): the stream as it ended
-
+        _streams.forget(session_id)
         await _stored(settings, e)  # 404 unless the session began
         registry = await _registry(settings)
         data = await _call(registry.read_hls.remote(session_id, file), settings.actor_call_timeout_s)
@@ -608,9 +616,9 @@ async def _playlist_until(settings, session_id: str, actor, data: bytes | None, 
     while not (data is not None and done(data.decode())) and loop.time() < deadline:
         await asyncio.sleep(every_s)
         try:
-            data = await asyncio.wait_for(_ask(settings, session_id, actor, "read_hls", "live.m3u8",
-                                               timeout=settings.actor_call_timeout_s),
-                                          max(0.05, deadline - loop.time())) or data
+            data = await asyncio.wait_for(_streams.playlist(session_id, lambda: _ask(
+                settings, session_id, actor, "read_hls", "live.m3u8", timeout=settings.actor_call_timeout_s)),
+                max(0.05, deadline - loop.time())) or data
         except asyncio.TimeoutError:
             break
     return data

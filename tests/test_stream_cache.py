@@ -1,0 +1,81 @@
+"""The ingress's cache of live streams (`service.stream_cache`), without Ray: many viewers, one read."""
+import asyncio
+
+import pytest
+
+from service.stream_cache import StreamCache
+
+PLAYLIST = (b'#EXTM3U\n#EXT-X-MAP:URI="init.mp4"\n#EXTINF:0.48,\nseg_000007.m4s?token=t\n'
+            b'#EXT-X-PART:DURATION=0.48,URI="seg_000008.m4s",INDEPENDENT=YES\n')
+
+
+def test_many_viewers_waiting_on_a_playlist_share_one_read_of_it():
+    """Each viewer's blocking reload asked the session's actor (which renders the stream) 25 times a second."""
+    cache = StreamCache(fresh_s=0.2)
+    reads = []
+
+    async def read():
+        reads.append(1)
+        await asyncio.sleep(0.05)
+        return PLAYLIST
+
+    async def scenario():
+        answers = await asyncio.gather(*(cache.playlist("s1", read) for _ in range(30)))
+        assert answers == [PLAYLIST] * 30 and len(reads) == 1
+        assert await cache.playlist("s1", read) == PLAYLIST and len(reads) == 1  # read within fresh_s
+        await asyncio.sleep(0.25)
+        await cache.playlist("s1", read)
+        assert len(reads) == 2  # stale: read again
+        await cache.playlist("s2", read)
+        assert len(reads) == 3  # another session's own
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_playlist_read_is_not_handed_to_later_requests():
+    cache = StreamCache(fresh_s=10)
+    answers = [RuntimeError("the actor restarts"), PLAYLIST]
+
+    async def read():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario():
+        with pytest.raises(RuntimeError):
+            await cache.playlist("s1", read)
+        assert await cache.playlist("s1", read) == PLAYLIST
+
+    asyncio.run(scenario())
+
+
+def test_listed_segments_are_read_once_and_others_each_time_and_the_bytes_stay_bounded():
+    """A segment a playlist listed is immutable (kept); one not listed yet may be written again by a takeover's
+    encoder (not kept)."""
+    cache = StreamCache(max_bytes=2500)
+    reads: list[str] = []
+
+    def reader(name: str, size: int = 1000):
+        async def read():
+            reads.append(name)
+            return name.encode().ljust(size, b".")
+        return read
+
+    async def scenario():
+        async def playlist():
+            return PLAYLIST
+        await cache.playlist("s1", playlist)
+        for _ in range(3):
+            assert (await cache.file("s1", "seg_000007.m4s", reader("seg_000007.m4s"))).startswith(b"seg_000007")
+            await cache.file("s1", "seg_000009.m4s", reader("seg_000009.m4s"))  # not listed
+            await cache.file("s1", "init.mp4", reader("init.mp4"))
+        assert reads.count("seg_000007.m4s") == 1 and reads.count("init.mp4") == 1
+        assert reads.count("seg_000009.m4s") == 3
+        await cache.file("s1", "seg_000008.m4s", reader("seg_000008.m4s"))  # 3000 bytes listed: the oldest goes
+        assert cache.bytes <= 2500 and ("s1", "seg_000007.m4s") not in cache._files
+        assert ("s1", "seg_000008.m4s") in cache._files and ("s1", "init.mp4") in cache._files
+        cache.forget("s1")
+        assert cache.bytes == 0 and not cache._files
+
+    asyncio.run(scenario())
