@@ -236,8 +236,10 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
         if state != "DELETING":
             raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
                                f"application {APP_NAME!r} is {state}): stop that `lipsync serve` first; if its "
-                               f"process is gone, stop the application with `serve shutdown` (every Serve "
-                               f"application of the cluster) or, from Python, `ray.serve.delete({APP_NAME!r})`",
+                               f"process is gone, start this one with the host, port and LIPSYNC_STORAGE_ROOT it "
+                               f"served (it then takes the application over), or stop the application with `serve "
+                               f"shutdown` (every Serve application of the cluster) or, from Python, "
+                               f"`ray.serve.delete({APP_NAME!r})`",
                                stage="serve")
         if time.monotonic() > deadline:
             raise ServiceInUse(f"the Ray Serve application {APP_NAME!r} on the cluster at {address} is still being "
