@@ -163,9 +163,16 @@ class JobMachine:
         if models.live() and compositors.live():
             return None
         kind, table = ("model worker", models) if not models.live() else ("compositor", compositors)
-        since = max(0.0, time.monotonic() - job.capacity_seen)
-        return (f"no live {kind} for {since:.0f} s ({table.summary()}); the job fails if none is back within "
-                f"LIPSYNC_STALL_TIMEOUT_S ({self.s.stall_timeout_s:g} s)")
+        # since the last one went (the job's own sight of capacity lags by up to its watch's 5 s); as times of
+        # day, so that the words stay the same while it waits (an event stream sends them once)
+        last_lost = max((m.lost_at for m in table.members.values()), default=0.0)
+        since, fails_at = max(job.capacity_seen, last_lost), job.capacity_seen + self.s.stall_timeout_s
+
+        def clock(at: float) -> str:
+            return time.strftime("%H:%M:%S UTC", time.gmtime(time.time() - (time.monotonic() - at)))
+
+        return (f"no live {kind} since {clock(since)} ({table.summary()}); the job fails if none is back by about "
+                f"{clock(fails_at)} (LIPSYNC_STALL_TIMEOUT_S, {self.s.stall_timeout_s:g} s)")
 
     @staticmethod
     def _published(job: JobRuntime) -> None:

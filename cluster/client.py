@@ -1400,12 +1400,24 @@ class _LiveBase:
         return self.view.state in ("ended", "failed")
 
     def _all_rendered(self, view: SessionView) -> bool:
-        """`wait_rendered`'s end: the session is over, or it has received everything this client sent (the
-        server's offset of its end: a sync `send` returns once its bytes are in the socket's buffer, and the
-        view read next said 0 of 0 s rendered for 24 s just sent) and rendered all it received."""
-        return view.state != "live" or (view.bytes_received >= self._base + len(self._unconfirmed)
-                                        and view.seconds_rendered >= view.seconds_received - 1e-3
-                                        and view.buffered_seconds == 0)
+        """`wait_rendered`'s end: the session is ending or over, or it has received everything this client sent
+        (`_unreceived`: a sync `send` returns once its bytes are in the socket's buffer, and the view read next
+        said 0 of 0 s rendered for 24 s just sent) and rendered all it received. (`starting`: a restarted actor
+        bringing its encoder back, which then renders what it has.)"""
+        return view.state in ("ending", "ended", "failed") or (
+            view.state == "live" and not self._unreceived(view) and view.buffered_seconds == 0
+            and view.seconds_rendered >= view.seconds_received - 1e-3)
+
+    def _unreceived(self, view: SessionView) -> bool:
+        """Whether the service has not received all this client sent (the server offset of its end)."""
+        return view.bytes_received < self._base + len(self._unconfirmed)
+
+    def _socket_gone(self) -> bool:
+        """Whether the audio socket is closed (by the service, or lost): what was sent after the service's
+        offset is then only sent again when a socket is opened."""
+        from websockets.protocol import State
+
+        return self._ws is not None and self._ws.state is not State.OPEN
 
     def _end_timeout(self) -> float:
         """How long the end of the speech may take to be confirmed: the server reads the speech queued
@@ -1615,12 +1627,17 @@ class LiveSession(_LiveBase):
         return self.view
 
     def wait_rendered(self, timeout: float = 60.0, poll_s: float = 0.25) -> SessionView:
-        """Wait until everything sent has been received and rendered (or the session ended)."""
+        """Wait until everything sent has been received and rendered (or the session ended). Speech the
+        service has not received while the audio socket is closed (a service that closed it after the last
+        `send`) is sent again on a socket opened for it."""
         deadline = time.monotonic() + timeout
         while True:
             view = self.stats()
             if self._all_rendered(view):
                 return view
+            if view.state == "live" and self._unreceived(view) and self._socket_gone():
+                self._ws = None
+                self._socket()  # opened again: it sends what the service has not received
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
             time.sleep(poll_s)
@@ -1828,6 +1845,9 @@ class AsyncLiveSession(_LiveBase):
             view = await self.stats()
             if self._all_rendered(view):
                 return view
+            if view.state == "live" and self._unreceived(view) and self._socket_gone():
+                self._ws = None
+                await self._socket()  # opened again: it sends what the service has not received (as sync)
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"session {self.id}: speech not rendered within {timeout:g} s")
             await asyncio.sleep(poll_s)

@@ -234,12 +234,13 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
                         gone.get("driver_ip"))
             return
         if state != "DELETING":
+            why = f"; not taken over: {_not_taken_over}" if host is not None and _not_taken_over else ""
             raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
-                               f"application {APP_NAME!r} is {state}): stop that `lipsync serve` first; if its "
-                               f"process is gone, start this one with the host, port and LIPSYNC_STORAGE_ROOT it "
-                               f"served (it then takes the application over), or stop the application with `serve "
-                               f"shutdown` (every Serve application of the cluster) or, from Python, "
-                               f"`ray.serve.delete({APP_NAME!r})`",
+                               f"application {APP_NAME!r} is {state}{why}): "
+                               f"stop that `lipsync serve` first; if its process is gone, a start with the host, port "
+                               f"and LIPSYNC_STORAGE_ROOT it served takes the application over, or stop the "
+                               f"application with `serve shutdown` (every Serve application of the cluster) or, from "
+                               f"Python, `ray.serve.delete({APP_NAME!r})`",
                                stage="serve")
         if time.monotonic() > deadline:
             raise ServiceInUse(f"the Ray Serve application {APP_NAME!r} on the cluster at {address} is still being "
@@ -291,35 +292,46 @@ def _deployer_gone(settings: Settings, host: str, port: int | None, deployed_at:
     """The record of the `lipsync serve` that deployed the running application (`_record_deployer`), with its
     driver's pid and address, where it is that application's (its deployment timestamp `deployed_at`), Ray's job
     table says its job is dead, it served this `host`, `port` and storage root, and no other start has taken it
-    over (claimed once, in the KV store); else None: no record (deployed otherwise, e.g. `serve deploy`), a record
-    of an earlier deployment, a service that runs, one that served others, or a record that cannot be read
-    (refused as before, said in the log)."""
+    over (claimed once, in the KV store); else None, and `_not_taken_over` says why (no record: deployed
+    otherwise, e.g. `serve deploy`; a record of an earlier deployment; a service that runs; one that served
+    others; a record that cannot be read: refused as before)."""
     from ray._private.state import jobs
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
+    global _not_taken_over
     key = DEPLOYER_KEY.format(namespace=settings.namespace)
 
-    def read() -> dict | None:
+    def read() -> tuple[dict | None, str]:
         raw = _internal_kv_get(key)
         record = json.loads(raw) if raw else None
-        if not isinstance(record, dict) or not deployed_at or record.get("deployed_at") != deployed_at or (
-                record.get("host"), record.get("port"), record.get("storage_root")) != (
-                host, port, str(settings.storage_root)):
-            return None
+        if not isinstance(record, dict):
+            return None, "no record of a lipsync serve that deployed it (deployed by other means?)"
+        if not deployed_at or record.get("deployed_at") != deployed_at:
+            return None, "it was deployed again since the lipsync serve that recorded itself (by other means?)"
+        if (record.get("host"), record.get("port"), record.get("storage_root")) != (host, port,
+                                                                                 str(settings.storage_root)):
+            return None, (f"it serves {record.get('host')}:{record.get('port')} on the storage root "
+                          f"{record.get('storage_root')}")
         job = next((j for j in jobs() if j.get("JobID") == record.get("job_id")), None)
         if job is None or not job.get("IsDead"):
-            return None
+            return None, (f"the lipsync serve that deployed it (Ray job {record.get('job_id')}) runs, as far as Ray "
+                          f"knows (a process killed just now is known dead within seconds: start again then)")
         me = ray.get_runtime_context().get_job_id()  # the first start to claim it takes it over, alone
         claim = f"{key}:taken:{record['job_id']}"
         if _internal_kv_put(claim, me, overwrite=False) and _internal_kv_get(claim) != me.encode():
-            return None
-        return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}
+            return None, "another start took it over"
+        return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}, ""
 
     try:
-        return _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+        gone, _not_taken_over = _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
     except Exception as e:  # noqa: BLE001 - not known: refused as before
         log.warning("the record of the service that deployed the running application could not be read: %r", e)
-        return None
+        gone, _not_taken_over = None, f"the record of the lipsync serve that deployed it could not be read: {e!r}"
+    return gone
+
+
+#: Why `_deployer_gone` found no service gone to take over (said with `service.in_use`)
+_not_taken_over = ""
 
 
 def _code_here() -> str:

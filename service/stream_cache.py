@@ -44,6 +44,9 @@ class StreamCache:
         known = self._playlists.get(session_id)
         if known is None or (known[1].done() and now - known[0] > self.fresh_s):
             future = asyncio.ensure_future(self._read_playlist(session_id, read))
+            # its failure retrieved here: where every request waiting on it has given up, asyncio said "Task
+            # exception was never retrieved" at each restart of a session with viewers
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
             known = (now, future)
             self._playlists[session_id] = known
             if len(self._playlists) > MAX_SESSIONS:
@@ -57,9 +60,9 @@ class StreamCache:
         except BaseException:
             self._playlists.pop(session_id, None)  # (a failed read is not shared with later requests)
             raise
-        if data:
+        if data:  # the names it lists now (a name that slid out is kept while its bytes are: `_files`)
             names = {a or b for a, b in _URI.findall(data.decode(errors="replace"))}
-            self._listed.setdefault(session_id, set()).update(n.split("?")[0] for n in names)
+            self._listed[session_id] = {n.split("?")[0] for n in names}
             self._listed.move_to_end(session_id)
             while len(self._listed) > MAX_SESSIONS:
                 self._listed.popitem(last=False)
@@ -72,9 +75,10 @@ class StreamCache:
         if data is not None:
             self._files.move_to_end(key)
             return data
-        self.reads += 1
+        listed = name in self._listed.get(session_id, ())  # before the read: a file listed only once it was read
+        self.reads += 1  # may have been read before it was whole
         data = await read()
-        if data is not None and name in self._listed.get(session_id, ()) and len(data) <= self.max_bytes:
+        if data is not None and listed and len(data) <= self.max_bytes:
             self._files[key] = data
             self.bytes += len(data)
             while self.bytes > self.max_bytes:

@@ -241,6 +241,7 @@ def test_a_job_whose_pool_has_no_live_worker_of_a_kind_says_what_it_waits_for():
     """A rendering job whose compositors were all lost (their node gone) read `rendering`, stage `render`, for the
     whole wait before it failed: only /readyz said the pool had none. Its view says what it lacks, since when and
     how long it waits (stage `waiting`), and not once the pool is back."""
+    import re
     import time
     import types
 
@@ -254,8 +255,14 @@ def test_a_job_whose_pool_has_no_live_worker_of_a_kind_says_what_it_waits_for():
     machine = types.SimpleNamespace(pool=types.SimpleNamespace(models=models, compositors=compositors),
                                     s=Settings(stall_timeout_s=120))
     job = types.SimpleNamespace(capacity_seen=time.monotonic() - 35)
+    compositors.members["lipsync-compositor-0"].lost_at = time.monotonic() - 30  # the last one went 30 s ago
     lacking = JobMachine._lacking(machine, job)
-    assert lacking.startswith("no live compositor for 35 s (1 lost") and "LIPSYNC_STALL_TIMEOUT_S (120 s)" in lacking
+    since = time.strftime("%H:%M:%S", time.gmtime(time.time() - 30))
+    fails = time.strftime("%H:%M:%S", time.gmtime(time.time() - 35 + 120))
+    assert re.fullmatch(r"no live compositor since (\S+) UTC \(1 lost\); the job fails if none is back by about "
+                        r"(\S+) UTC \(LIPSYNC_STALL_TIMEOUT_S, 120 s\)", lacking), lacking
+    said_since, said_fails = re.findall(r"(\d\d:\d\d:\d\d) UTC", lacking)
+    assert _apart(said_since, since) <= 2 and _apart(said_fails, fails) <= 2
     view = job_view(JobStatus(id="j1", state=JobState.rendering, created_at=utcnow(), frames_total=50,
                               waiting_for=lacking))
     assert (view.stage, view.waiting_for) == ("waiting", lacking)
@@ -263,3 +270,12 @@ def test_a_job_whose_pool_has_no_live_worker_of_a_kind_says_what_it_waits_for():
     assert JobMachine._lacking(machine, job) is None
     ended = job_view(JobStatus(id="j1", state=JobState.failed, created_at=utcnow(), waiting_for=lacking))
     assert (ended.stage, ended.waiting_for) == ("done", None)
+
+
+def _apart(a: str, b: str) -> int:
+    """Seconds between two times of day (HH:MM:SS), across midnight too."""
+    def seconds(clock: str) -> int:
+        h, m, sec = (int(x) for x in clock.split(":"))
+        return h * 3600 + m * 60 + sec
+    d = abs(seconds(a) - seconds(b))
+    return min(d, 86400 - d)

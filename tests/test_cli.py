@@ -1116,7 +1116,7 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
         launch._check_no_running_app(Running(), "127.0.0.1:6401", settings.model_copy(update=changed),
                                      host="127.0.0.1", port=port)
 
-    with pytest.raises(ServiceInUse):  # no record: deployed otherwise (`serve deploy`, another tool)
+    with pytest.raises(ServiceInUse, match="not taken over: no record of a lipsync serve"):  # deployed otherwise
         start()
     key = launch.DEPLOYER_KEY.format(namespace=settings.namespace)
     kv[key] = b"not json"
@@ -1128,7 +1128,8 @@ def test_a_joined_start_takes_over_the_application_of_a_service_that_is_gone(mon
     with pytest.raises(ServiceInUse):  # another storage root
         start(storage_root=tmp_path / "other")
     table[0]["IsDead"] = False  # the service that deployed it runs
-    with pytest.raises(ServiceInUse):
+    with pytest.raises(ServiceInUse, match=r"not taken over: the lipsync serve that deployed it \(Ray job 01000000\) "
+                                           r"runs"):
         start()
     table[0]["IsDead"] = True
     deployed_at[0] += 60  # deployed since by other means (or by a service whose record could not be written)

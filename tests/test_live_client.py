@@ -34,8 +34,10 @@ class FakeService:
     (200: its view); `delete_answer`: the status DELETE is answered (200: the session ends, `deleted`)."""
 
     def __init__(self, end_answer: int = 200, ends: bool = True, answers_end: bool = True, renders: bool = True,
-                 get_answer_after_end: int = 200, delete_answer: int = 200, read_delay_s: float = 0.0) -> None:
+                 get_answer_after_end: int = 200, delete_answer: int = 200, read_delay_s: float = 0.0,
+                 close_after: int | None = None) -> None:
         self.read_delay_s = read_delay_s  # each audio message read this late (a service that reads behind)
+        self.close_after = close_after  # the first audio socket closed (1011) after this many messages
         self.end_answer, self.ends = end_answer, ends
         self.answers_end, self.renders = answers_end, renders
         self.get_answer_after_end, self.delete_answer = get_answer_after_end, delete_answer
@@ -113,6 +115,10 @@ class FakeService:
                     if message.get("bytes") is not None:
                         await asyncio.sleep(self.read_delay_s)
                         self.received += len(message["bytes"])
+                        if self.close_after is not None and self.received >= self.close_after * len(CHUNK):
+                            self.close_after = None  # (once: the socket opened again is kept)
+                            await ws.close(1011, "the session's actor did not come back in time")
+                            return
                         if self.state == "ended":  # ended meanwhile (a stopping service ended it), as the service says
                             await ws.close(4410, f"session {SID} is ended")
                             return
@@ -465,10 +471,13 @@ def test_lipsync_live_says_the_answer_of_a_refused_delete_and_where_the_token_co
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])
-def test_wait_rendered_waits_for_what_was_sent_not_only_for_what_arrived(face):
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed-by-the-service"])
+def test_wait_rendered_waits_for_what_was_sent_not_only_for_what_arrived(face, closed):
     """The sync `send` returns once its bytes are in the socket's buffer: `wait_rendered` right after 24 s of
-    speech read a view of 0 s received and 0 s rendered, and returned at once (the async twin happened to wait)."""
-    with FakeService(read_delay_s=0.02) as service:
+    speech read a view of 0 s received and 0 s rendered, and returned at once (the async twin happened to wait).
+    Where the service closes the socket after the last `send` (1011), what it did not receive is sent again on a
+    socket opened for it (the wait would otherwise end only at its timeout)."""
+    with FakeService(read_delay_s=0.02, close_after=10 if closed else None) as service:
         n = 40
         if face == "sync":
             with Client(service.url, retries=0).live(AVATAR) as session:
@@ -484,3 +493,5 @@ def test_wait_rendered_waits_for_what_was_sent_not_only_for_what_arrived(face):
                         return await session.wait_rendered(timeout=20)
             view = asyncio.run(run())
     assert view.bytes_received == n * len(CHUNK), view
+    opened = [r for r in service.requests if r == ("WS", f"/v1/sessions/{SID}/audio")]
+    assert len(opened) == (2 if closed else 1), service.requests

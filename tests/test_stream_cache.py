@@ -11,7 +11,7 @@ PLAYLIST = (b'#EXTM3U\n#EXT-X-MAP:URI="init.mp4"\n#EXTINF:0.48,\nseg_000007.m4s?
 
 def test_many_viewers_waiting_on_a_playlist_share_one_read_of_it():
     """Each viewer's blocking reload asked the session's actor (which renders the stream) 25 times a second."""
-    cache = StreamCache(fresh_s=0.2)
+    cache, stale = StreamCache(fresh_s=10), StreamCache(fresh_s=0)
     reads = []
 
     async def read():
@@ -23,11 +23,11 @@ def test_many_viewers_waiting_on_a_playlist_share_one_read_of_it():
         answers = await asyncio.gather(*(cache.playlist("s1", read) for _ in range(30)))
         assert answers == [PLAYLIST] * 30 and len(reads) == 1
         assert await cache.playlist("s1", read) == PLAYLIST and len(reads) == 1  # read within fresh_s
-        await asyncio.sleep(0.25)
-        await cache.playlist("s1", read)
-        assert len(reads) == 2  # stale: read again
         await cache.playlist("s2", read)
-        assert len(reads) == 3  # another session's own
+        assert len(reads) == 2  # another session's own
+        await stale.playlist("s1", read)
+        await stale.playlist("s1", read)
+        assert len(reads) == 4  # past fresh_s: read again
 
     asyncio.run(scenario())
 
@@ -79,3 +79,23 @@ def test_listed_segments_are_read_once_and_others_each_time_and_the_bytes_stay_b
         assert cache.bytes == 0 and not cache._files
 
     asyncio.run(scenario())
+
+
+def test_a_shared_read_that_fails_after_its_waiters_gave_up_is_not_left_unretrieved(caplog):
+    cache = StreamCache(fresh_s=10)
+
+    async def read():
+        await asyncio.sleep(0.1)
+        raise RuntimeError("the session's actor did not come back")
+
+    async def scenario():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache.playlist("s1", read), 0.02)
+        await asyncio.sleep(0.3)
+
+    import gc
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(scenario())
+        gc.collect()
+    assert "never retrieved" not in caplog.text, caplog.text

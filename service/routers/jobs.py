@@ -169,7 +169,7 @@ async def job_events(job_id: str, request: Request, segments: bool = Query(
                     seg.url, seg.init_url = f"{base}{seg.name}{query}", f"{base}{seg.init}{query}"
                     yield f"event: segment\ndata: {seg.model_dump_json()}\n\n".encode()
                 sent_segments = max(sent_segments, len(index.segments))
-            key = (view.state, view.frames_done, view.frames_total, view.stage)
+            key = (view.state, view.frames_done, view.frames_total, view.stage, view.jobs_ahead, view.waiting_for)
             if key != last:
                 last, last_sent = key, time.monotonic()
                 yield f"event: status\ndata: {view.model_dump_json()}\n\n".encode()
