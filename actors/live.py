@@ -786,6 +786,7 @@ class SessionActors:
 
     _last_good: dict[str, object] = {}  # session id -> the actor id that answered last (this process)
     _died: dict[object, float] = {}  # actor id -> when a call met it dead (monotonic)
+    _died_lock = threading.Lock()  # (failovers run in lookup threads: `gcs_lookup`)
     _known: dict[str, tuple[float, list]] = {}  # session id -> (when looked up, handles): a player polls often
     KNOWN_S = 10.0
 
@@ -837,10 +838,11 @@ class SessionActors:
     def failed(self) -> None:
         """A call met `current` dead or restarting: turn to the other (SessionNotFound if none is left)."""
         now = time.monotonic()
-        for actor_id, at in list(self._died.items()):
-            if now - at > self.s.live_restart_wait_s:
-                self._died.pop(actor_id, None)  # (requests fail over in threads: another may have dropped it)
-        self._died[self.current._actor_id] = now
+        with self._died_lock:  # (requests fail over in threads at once: a purge raced another's, a probe)
+            for actor_id, at in list(self._died.items()):
+                if now - at > self.s.live_restart_wait_s:
+                    del self._died[actor_id]
+            self._died[self.current._actor_id] = now
         self.current = self._other()
 
     def standing_by(self) -> None:
