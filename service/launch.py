@@ -222,9 +222,10 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
         state = str(getattr(status, "value", status))  # NOT_STARTED: no such application
         if state == "NOT_STARTED":
             return
-        deployed_at = getattr(status_of_app, "deployment_timestamp", None)
-        if state != "DELETING" and host is not None and \
-                (gone := _deployer_gone(settings, host, port, deployed_at)) is not None:
+        gone, why = None, ""
+        if state != "DELETING" and host is not None:
+            gone, why = _deployer_gone(settings, host, port, getattr(status_of_app, "deployment_timestamp", None))
+        if gone is not None:
             if gone["job_id"] in _taken_over:  # (checked again just before deploying: said once)
                 return
             _taken_over.add(gone["job_id"])
@@ -234,9 +235,8 @@ def _check_no_running_app(client, address: str, settings: Settings, stop: thread
                         gone.get("driver_ip"))
             return
         if state != "DELETING":
-            why = f"; not taken over: {_not_taken_over}" if host is not None and _not_taken_over else ""
             raise ServiceInUse(f"a lipsync service already runs on the cluster at {address} (its Ray Serve "
-                               f"application {APP_NAME!r} is {state}{why}): "
+                               f"application {APP_NAME!r} is {state}{'; not taken over: ' + why if why else ''}): "
                                f"stop that `lipsync serve` first; if its process is gone, a start with the host, port "
                                f"and LIPSYNC_STORAGE_ROOT it served takes the application over, or stop the "
                                f"application with `serve shutdown` (every Serve application of the cluster) or, from "
@@ -288,17 +288,17 @@ def _forget_deployer(settings: Settings) -> None:
         log.info("the service's record in the cluster's GCS was not deleted: %r", e)
 
 
-def _deployer_gone(settings: Settings, host: str, port: int | None, deployed_at: float | None) -> dict | None:
+def _deployer_gone(settings: Settings, host: str, port: int | None,
+                   deployed_at: float | None) -> tuple[dict | None, str]:
     """The record of the `lipsync serve` that deployed the running application (`_record_deployer`), with its
     driver's pid and address, where it is that application's (its deployment timestamp `deployed_at`), Ray's job
     table says its job is dead, it served this `host`, `port` and storage root, and no other start has taken it
-    over (claimed once, in the KV store); else None, and `_not_taken_over` says why (no record: deployed
+    over (claimed once, in the KV store), and ""; else None and why not (no record: deployed
     otherwise, e.g. `serve deploy`; a record of an earlier deployment; a service that runs; one that served
     others; a record that cannot be read: refused as before)."""
     from ray._private.state import jobs
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 
-    global _not_taken_over
     key = DEPLOYER_KEY.format(namespace=settings.namespace)
 
     def read() -> tuple[dict | None, str]:
@@ -323,15 +323,10 @@ def _deployer_gone(settings: Settings, host: str, port: int | None, deployed_at:
         return {**record, "driver_pid": job.get("DriverPid"), "driver_ip": job.get("DriverIPAddress")}, ""
 
     try:
-        gone, _not_taken_over = _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
+        return _within(read, settings.actor_call_timeout_s, "the service's record", who="Ray's GCS")
     except Exception as e:  # noqa: BLE001 - not known: refused as before
         log.warning("the record of the service that deployed the running application could not be read: %r", e)
-        gone, _not_taken_over = None, f"the record of the lipsync serve that deployed it could not be read: {e!r}"
-    return gone
-
-
-#: Why `_deployer_gone` found no service gone to take over (said with `service.in_use`)
-_not_taken_over = ""
+        return None, f"the record of the lipsync serve that deployed it could not be read: {e!r}"
 
 
 def _code_here() -> str:
