@@ -68,17 +68,22 @@ def _settings(request: Request | WebSocket):
     return request.app.state.settings
 
 
+async def _looked_up(what: str, timeout: float, fn, *args):
+    """`fn(*args)`, a lookup of actors in Ray's control store (`gcs_lookup`: in a thread, never on the event loop,
+    where a GCS that Ray lets take 60 s while it restarts held every request of this replica, health checks, event
+    streams and audio sockets with it), within `timeout`; past it a 503 saying "`what` not found in time"."""
+    try:
+        return await gcs_lookup(fn, *args, timeout=timeout)
+    except asyncio.TimeoutError:
+        raise ApiProblem(503, "service.unavailable", f"{what} not found in time (the cluster's GCS did not answer)",
+                         None, headers={"Retry-After": "1"}) from None
+
+
 async def _registry(settings: Settings):
-    """The live registry's handle (`actors.live.live_registry`), found in a thread within the call deadline: the
-    lookup is a GCS round trip that Ray lets take 60 s while its GCS restarts, and on the event loop it held every
-    request of this replica (health checks, event streams, audio sockets) with it."""
+    """The live registry's handle (`actors.live.live_registry`), looked up off the event loop (`_looked_up`)."""
     from actors.live import live_registry
 
-    try:
-        return await gcs_lookup(live_registry, settings, timeout=settings.actor_call_timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiProblem(503, "service.unavailable", "the live session registry was not found in time (the "
-                         "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
+    return await _looked_up("the live session registry was", settings.actor_call_timeout_s, live_registry, settings)
 
 
 async def _call(ref, timeout: float, raw_actor_errors: bool = False):
@@ -139,18 +144,14 @@ def _actor(settings, session_id: str, handles: list | None = None):
 
 
 async def _actors(settings, session_id: str):
-    """`_actor`, its lookup (two GCS round trips, which Ray lets take 60 s while its GCS restarts) made in a
-    thread within the call deadline, unless this process looked the session up lately (`SessionActors.KNOWN_S`):
-    on the event loop it held every request of this replica, audio sockets and players with it."""
+    """`_actor`, its lookup (two GCS round trips) made off the event loop (`_looked_up`), unless this process
+    looked the session up lately (`SessionActors.KNOWN_S`)."""
     from actors.live import SessionActors
 
     if (handles := SessionActors.known(session_id)) is not None:
         return _actor(settings, session_id, handles)
-    try:
-        return await gcs_lookup(_actor, settings, session_id, timeout=settings.actor_call_timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiProblem(503, "service.unavailable", f"live session {session_id} was not found in time (the "
-                         "cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) from None
+    return await _looked_up(f"live session {session_id} was", settings.actor_call_timeout_s, _actor, settings,
+                            session_id)
 
 
 async def _stored(settings, missing: NoActor) -> dict:
@@ -158,7 +159,6 @@ async def _stored(settings, missing: NoActor) -> dict:
     the storage root's node; this ingress may not): ended, or `failed` (lost); `missing` (404) when no
     such session began."""
     from ray.exceptions import ActorUnavailableError, RayActorError
-
 
     try:
         view = await _call((await _registry(settings)).stored_view.remote(missing.session_id),
@@ -235,14 +235,10 @@ async def _ask(settings, session_id: str, actors, method: str, *args, timeout: f
                                  headers={"Retry-After": "1"}) from None
             await asyncio.sleep(0.05 if isinstance(e, SessionStandby) else 0.02)
             try:  # its standby (taking over), or itself again once Ray has restarted it (looked up in a thread)
-                await gcs_lookup(actors.standing_by if isinstance(e, SessionStandby) else actors.failed,
-                                 timeout=max(0.5, deadline - loop.time()))
+                await _looked_up(f"live session {session_id}: its actors were", max(0.5, deadline - loop.time()),
+                                 actors.standing_by if isinstance(e, SessionStandby) else actors.failed)
             except SessionNotFound as gone:
                 raise NoActor(session_id, gone.message) from None
-            except asyncio.TimeoutError:
-                raise ApiProblem(503, "service.unavailable", f"live session {session_id}: its actors were not found "
-                                 "in time (the cluster's GCS did not answer)", None, headers={"Retry-After": "1"}) \
-                    from None
 
 
 def session_token(request: Request | WebSocket, session_id: str, speak: bool = True) -> tuple[str | None, int | None]:
@@ -328,7 +324,6 @@ def _problem(e: LipsyncError) -> ApiProblem:
                      "429 at LIPSYNC_MAX_LIVE_SESSIONS, 400 an rtmp_url the address guard refuses)",
              openapi_extra=openapi_json_body(SessionCreate))
 async def create_session(request: Request) -> JSONResponse:
-
     body = await json_body(request, SessionCreate)  # read once the token is checked
     settings = _settings(request)
     model = body.model
@@ -371,7 +366,6 @@ async def list_sessions(request: Request) -> list[SessionView]:
     """Each session not yet ended, as `GET /v1/sessions/{id}` shows it: a client that lost a session's id finds it
     here, to watch or end it (a probe's could not, and waited for the idle timeout). One that does not answer now
     (restarting) is left out."""
-
     settings = _settings(request)
     running = await _call((await _registry(settings)).running.remote(), settings.actor_call_timeout_s)
 
@@ -546,11 +540,10 @@ async def get_hls(session_id: str, name: str, request: Request, token: str = Que
     try:
         actor = await _actors(settings, session_id)
 
-        async def read() -> bytes | None:
-            return await _ask(settings, session_id, actor, "read_hls", file, timeout=settings.actor_call_timeout_s)
         # (each file read from the session's actor about once per ingress process, not once per viewer)
-        data = await (_streams.playlist(session_id, read) if file == "live.m3u8" else
-                      _streams.file(session_id, file, read))
+        data = await (_playlist(settings, session_id, actor) if file == "live.m3u8" else _streams.file(
+            session_id, file, lambda: _ask(settings, session_id, actor, "read_hls", file,
+                                           timeout=settings.actor_call_timeout_s)))
         if name == "index.m3u8" and "_HLS_msn" not in request.query_params and not _has_segment(data):
             # a new session's playlist exists once its first part is published, and lists a whole segment
             # about a segment's time later: the request waits for that, bounded, since players give up on a
@@ -606,6 +599,12 @@ def _has_segment(playlist: bytes | str | None) -> bool:
     return "#EXTINF" in text or "#EXT-X-ENDLIST" in text
 
 
+async def _playlist(settings, session_id: str, actor) -> bytes | None:
+    """The session's published playlist, one read of its actor shared by this process's viewers (`_streams`)."""
+    return await _streams.playlist(session_id, lambda: _ask(settings, session_id, actor, "read_hls", "live.m3u8",
+                                                            timeout=settings.actor_call_timeout_s))
+
+
 async def _playlist_until(settings, session_id: str, actor, data: bytes | None, done, bound_s: float,
                           every_s: float) -> bytes | None:
     """The session's published playlist once `done(its text)`, read again every `every_s`; at
@@ -616,9 +615,8 @@ async def _playlist_until(settings, session_id: str, actor, data: bytes | None, 
     while not (data is not None and done(data.decode())) and loop.time() < deadline:
         await asyncio.sleep(every_s)
         try:
-            data = await asyncio.wait_for(_streams.playlist(session_id, lambda: _ask(
-                settings, session_id, actor, "read_hls", "live.m3u8", timeout=settings.actor_call_timeout_s)),
-                max(0.05, deadline - loop.time())) or data
+            data = await asyncio.wait_for(_playlist(settings, session_id, actor),
+                                          max(0.05, deadline - loop.time())) or data
         except asyncio.TimeoutError:
             break
     return data
