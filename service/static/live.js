@@ -214,9 +214,7 @@
         // "still trying", for as long as the service was away); its recording is offered once it is back
         session.serviceStopped = true;
         stopSpeaking(session, false);
-        const state = $("live-state");
-        state.textContent = "ended (service_stopped)";
-        state.className = "state s-ended";
+        showState("ended", "service_stopped");
         showError($("live-error"), null);
         note("The session has ended: the service stopped. Its recording is offered here once the service is " +
           "back; Speak to start a new session then.");
@@ -343,12 +341,17 @@
   }
 
   // --- figures ------------------------------------------------------------------------------------
+  // the pill: the session's state, and why it ended (not "failed (failed)")
+  function showState(state, reason) {
+    const pill = $("live-state");
+    pill.hidden = false;
+    pill.textContent = state + (reason && reason !== state ? " (" + reason + ")" : "");
+    pill.className = "state s-" + state;
+  }
+
   function showView(session, view) {
     session.view = view;
-    const state = $("live-state");
-    state.hidden = false;
-    state.textContent = view.state + (view.reason && view.reason !== view.state ? " (" + view.reason + ")" : ""); // (not "failed (failed)")
-    state.className = "state s-" + view.state;
+    showState(view.state, view.reason);
     $("live-stats").hidden = false;
     $("live-id").textContent = view.id;
     $("live-received").textContent = secs(view.seconds_received);
