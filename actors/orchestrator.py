@@ -61,6 +61,10 @@ def request_key(request: RenderRequest) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
+#: Waits before a resumption that failed at the manager's boot is tried again (`JobManager._resume_later`)
+RESUME_RETRY_FIRST_S = 5.0
+RESUME_RETRY_MAX_S = 60.0
+
 #: A request's fields by the API's names (`RenderRequest.loop` is the API's `sync_mode`)
 _API_NAMES = {"loop": "sync_mode"}
 
@@ -164,7 +168,8 @@ class JobManager:
         self.tasks.spawn(metrics.publish_gauges(lambda: len(self.dispatcher.queue), self.store.count_by_state))
         self.tasks.spawn(self._expire_uploads())
         try:
-            self._resume_unfinished()
+            if failed := self._resume_unfinished():
+                self.tasks.spawn(self._resume_later(failed))
         except Exception as e:  # the store cannot be read: every submit says why (it waited 30 s for a boot)
             self._store_error = e if isinstance(e, LipsyncError) else RenderError(
                 f"the job manager cannot read its unfinished jobs: {type(e).__name__}: {e}", stage="boot",
@@ -173,10 +178,14 @@ class JobManager:
         finally:
             self._booted.set()
 
-    def _resume_unfinished(self) -> None:
-        """Resume this owner's unfinished jobs, end the abandoned ones; a job whose resumption fails (a
-        full disk as it is claimed) is said with its cause and left for the next start, the others go on."""
+    def _resume_unfinished(self, only: set[str] | None = None) -> set[str]:
+        """Resume this owner's unfinished jobs (of `only`, where given), end the abandoned ones; a job whose
+        resumption fails (a full disk as it is claimed) is said with its cause, the others go on. The ids of
+        those that failed (`_resume_later` tries them again)."""
+        failed: set[str] = set()
         for job_id, owner, client in self.store.unfinished_owners():
+            if only is not None and job_id not in only:
+                continue
             try:
                 if owner is None and client is None and self.store.claim_unowned(job_id, self.owner):
                     owner = self.owner  # admitted by a version before owners: resumed by the first manager up
@@ -186,8 +195,24 @@ class JobManager:
                 elif identity_gone(owner) or identity_gone(client):
                     self._abandon(job_id, owner, client)
             except Exception:
-                log.exception("job %s: its resumption at the job manager's start failed (it is tried again at "
-                              "the next start)", job_id)
+                log.exception("job %s: its resumption at the job manager's start failed (tried again later)", job_id,
+                              extra={"job_id": job_id})
+                failed.add(job_id)
+        return failed
+
+    async def _resume_later(self, failed: set[str]) -> None:
+        """Try the resumptions that failed at boot again, 5 s after it and then at doubling waits up to a minute,
+        until each has been made or its job has ended (by a cancel, or another manager): they were left
+        unfinished, read `rendering` by nobody, until the next start of the manager."""
+        wait = RESUME_RETRY_FIRST_S
+        while failed:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RESUME_RETRY_MAX_S)
+            try:
+                failed = self._resume_unfinished(only=failed)
+            except Exception as e:  # noqa: BLE001 - the store still unreadable: tried again at the next wait
+                log.warning("the unfinished jobs %s could not be read to resume them: %r (tried again in %.0f s)",
+                            sorted(failed), e, wait)
 
     def _pool_started(self) -> None:
         """The pool's start, refused at boot (the cluster could not hold it), succeeded later."""

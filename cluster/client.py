@@ -1391,6 +1391,7 @@ class _LiveBase:
         self._unconfirmed = bytearray()
         self.sent = 0
         self._opened = False  # an audio socket was open once: a refusal as "in use" then is our own lost one
+        self._refused: ApiError | None = None  # the service's close (4xxx) of the socket a `send` wrote to
         # why `close` after an error could not end the session (its one DELETE failed: logged, never raised)
         self.end_error: ApiError | None = None
 
@@ -1418,6 +1419,17 @@ class _LiveBase:
         from websockets.protocol import State
 
         return self._ws is not None and self._ws.state is not State.OPEN
+
+    def _left_unreceived(self, view: SessionView) -> ApiError | None:
+        """`wait_rendered`'s failure where it cannot end: the service closed the audio socket a `send` wrote to
+        with a refusal (`_refused`: 4409, another socket took the session over) and has not received all this
+        client sent, which no socket of this client then sends (it waited out its timeout)."""
+        if self._refused is None or self._ws is not None or view.state != "live" or not self._unreceived(view):
+            return None
+        missing = (self._base + len(self._unconfirmed) - view.bytes_received) / (2 * self.sample_rate)
+        return ApiError(self._refused.status, self._refused.code, f"live session {self.id}: {missing:.2f} s of "
+                        f"the speech sent were not received: the service closed its audio socket "
+                        f"({self._refused.message}); send again to open one")
 
     def _end_timeout(self) -> float:
         """How long the end of the speech may take to be confirmed: the server reads the speech queued
@@ -1571,6 +1583,7 @@ class LiveSession(_LiveBase):
             ws.close()  # not left open behind us: the server allows one audio socket per session
             raise _ws_error(code, reason) from None
         self._opened = True
+        self._refused = None
         if self._unconfirmed:  # resume: what the server did not get yet
             self._ws.send(bytes(self._unconfirmed))
 
@@ -1588,7 +1601,8 @@ class LiveSession(_LiveBase):
             code, reason = self._closed(e)
             self._ws = None
             if code is not None and 4000 <= code < 5000:
-                raise _ws_error(code, reason) from None
+                self._refused = _ws_error(code, reason)
+                raise self._refused from None
             try:
                 self._socket()  # reopened: re-sends everything after the server's offset, this chunk included
             except ApiError as again:
@@ -1635,6 +1649,8 @@ class LiveSession(_LiveBase):
             view = self.stats()
             if self._all_rendered(view):
                 return view
+            if (refused := self._left_unreceived(view)) is not None:
+                raise refused
             if view.state == "live" and self._unreceived(view) and self._socket_gone():
                 self._ws = None
                 self._socket()  # opened again: it sends what the service has not received
@@ -1787,6 +1803,7 @@ class AsyncLiveSession(_LiveBase):
             await ws.close()
             raise _ws_error(code, reason) from None
         self._opened = True
+        self._refused = None
         if self._unconfirmed:
             await self._ws.send(bytes(self._unconfirmed))
 
@@ -1803,7 +1820,8 @@ class AsyncLiveSession(_LiveBase):
             code, reason = self._closed(e)
             self._ws = None
             if code is not None and 4000 <= code < 5000:
-                raise _ws_error(code, reason) from None
+                self._refused = _ws_error(code, reason)
+                raise self._refused from None
             try:
                 await self._socket()
             except ApiError as again:
@@ -1845,6 +1863,8 @@ class AsyncLiveSession(_LiveBase):
             view = await self.stats()
             if self._all_rendered(view):
                 return view
+            if (refused := self._left_unreceived(view)) is not None:
+                raise refused
             if view.state == "live" and self._unreceived(view) and self._socket_gone():
                 self._ws = None
                 await self._socket()  # opened again: it sends what the service has not received (as sync)

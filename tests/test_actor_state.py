@@ -238,9 +238,43 @@ def test_a_job_whose_resumption_fails_at_the_managers_start_leaves_the_others_re
 
     fake = types.SimpleNamespace(store=Store(), owner="me", machine=types.SimpleNamespace(start=started.append))
     with caplog.at_level("ERROR"):
-        manager_class._resume_unfinished(fake)
-    assert started == ["mine-2", "mine-3"]
+        failed = manager_class._resume_unfinished(fake)
+    assert started == ["mine-2", "mine-3"] and failed == {"old-1"}
     assert any("job old-1: its resumption" in r.getMessage() for r in caplog.records), caplog.records
+
+    # the one that failed is tried again later, alone, until it is made (it was left for the next start of the
+    # manager: read `rendering` with nobody rendering it); one that ended meanwhile is no longer listed
+    class Mending(Store):
+        claims = 0
+
+        def unfinished_owners(self):
+            return [("old-1", None, None), ("mine-2", "me", None), ("mine-3", "me", None)]
+
+        def claim_unowned(self, job_id, owner):
+            Mending.claims += 1
+            if Mending.claims < 3:  # the disk still full at the first retry
+                raise DiskFull("database or disk is full", stage="resume", job_id=job_id)
+            return True
+
+    started.clear()
+    fake.store = Mending()
+    fake._resume_unfinished = types.MethodType(manager_class._resume_unfinished, fake)
+    sleeps: list[float] = []
+
+    async def no_wait(seconds):
+        sleeps.append(seconds)
+
+    async def retried():
+        import actors.orchestrator as orchestrator
+
+        real_sleep, orchestrator.asyncio.sleep = orchestrator.asyncio.sleep, no_wait
+        try:
+            await asyncio.wait_for(manager_class._resume_later(fake, {"old-1"}), 5)
+        finally:
+            orchestrator.asyncio.sleep = real_sleep
+
+    asyncio.run(retried())
+    assert started == ["old-1"] and Mending.claims == 3 and sleeps == [5.0, 10.0, 20.0], (started, sleeps)
 
     class Unreadable(Store):
         def unfinished_owners(self):

@@ -35,9 +35,10 @@ class FakeService:
 
     def __init__(self, end_answer: int = 200, ends: bool = True, answers_end: bool = True, renders: bool = True,
                  get_answer_after_end: int = 200, delete_answer: int = 200, read_delay_s: float = 0.0,
-                 close_after: int | None = None) -> None:
+                 close_after: int | None = None, close_code: int = 1011) -> None:
         self.read_delay_s = read_delay_s  # each audio message read this late (a service that reads behind)
-        self.close_after = close_after  # the first audio socket closed (1011) after this many messages
+        self.close_after = close_after  # the first audio socket closed (`close_code`) after this many messages
+        self.close_code = close_code
         self.end_answer, self.ends = end_answer, ends
         self.answers_end, self.renders = answers_end, renders
         self.get_answer_after_end, self.delete_answer = get_answer_after_end, delete_answer
@@ -117,7 +118,9 @@ class FakeService:
                         self.received += len(message["bytes"])
                         if self.close_after is not None and self.received >= self.close_after * len(CHUNK):
                             self.close_after = None  # (once: the socket opened again is kept)
-                            await ws.close(1011, "the session's actor did not come back in time")
+                            await ws.close(self.close_code, "another audio socket took this session over"
+                                           if self.close_code == 4409 else
+                                           "the session's actor did not come back in time")
                             return
                         if self.state == "ended":  # ended meanwhile (a stopping service ended it), as the service says
                             await ws.close(4410, f"session {SID} is ended")
@@ -468,6 +471,50 @@ def test_lipsync_live_says_the_answer_of_a_refused_delete_and_where_the_token_co
             f"{service.url}/v1/sessions/{SID}/recording") in error[0], error
     assert service.requests.count(("WS", "end")) == 1, service.requests
     assert [r for r in service.requests if r[0] == "DELETE"] == [("DELETE", f"/v1/sessions/{SID}")]
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_wait_rendered_after_a_send_refused_as_taken_over_says_so_at_once(face):
+    """A `send` whose socket the service closed with 4409 (another audio socket took the session over) raised;
+    `wait_rendered` then waited out its whole timeout for speech no socket of this client would send: it says at
+    once what was not received and why."""
+    def check(refused: ApiError | None, waited: float, left: ApiError) -> None:
+        assert refused is not None and refused.code == "session.socket_in_use", refused
+        assert waited < 3 and left.code == "session.socket_in_use", (waited, left)
+        assert "of the speech sent were not received" in left.message and "took this session over" in left.message
+
+    with FakeService(close_after=10, close_code=4409) as service:
+        if face == "sync":
+            with Client(service.url, retries=0).live(AVATAR) as session:
+                refused = None
+                for _ in range(60):
+                    try:
+                        session.send(CHUNK)
+                    except ApiError as e:
+                        refused = e
+                        break
+                    time.sleep(0.03)
+                t0 = time.monotonic()
+                with pytest.raises(ApiError) as left:
+                    session.wait_rendered(timeout=10)
+                check(refused, time.monotonic() - t0, left.value)
+        else:
+            async def run():
+                async with AsyncClient(service.url, retries=0) as client:
+                    async with await client.live(AVATAR) as session:
+                        refused = None
+                        for _ in range(60):
+                            try:
+                                await session.send(CHUNK)
+                            except ApiError as e:
+                                refused = e
+                                break
+                            await asyncio.sleep(0.03)
+                        t0 = time.monotonic()
+                        with pytest.raises(ApiError) as left:
+                            await session.wait_rendered(timeout=10)
+                        check(refused, time.monotonic() - t0, left.value)
+            asyncio.run(run())
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])
