@@ -456,9 +456,11 @@ class JobMachine:
             if models.live() and compositors.live():
                 job.capacity_seen = time.monotonic()
             elif time.monotonic() - job.capacity_seen > self.s.stall_timeout_s:
-                log.warning("job %s: no live capacity for %.0f s: model workers %s, compositors %s", job.id,
-                            self.s.stall_timeout_s, models.snapshot(), compositors.snapshot(),
-                            extra={"job_id": job.id})  # the whole record, for the operator
+                log.warning("job %s: no live capacity for %.0f s: model workers %s; compositors %s", job.id,
+                            self.s.stall_timeout_s, models.summary(), compositors.summary(),
+                            extra={"job_id": job.id})
+                log.debug("job %s: the pool at its stall: model workers %s, compositors %s", job.id,
+                          models.snapshot(), compositors.snapshot(), extra={"job_id": job.id})  # the whole record
                 raise WorkerLost(
                     f"job {job.id}: no live {'model worker' if not models.live() else 'compositor'} for "
                     f"{self.s.stall_timeout_s:.0f} s (model workers: {models.summary()}; compositors: "
