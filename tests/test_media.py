@@ -360,6 +360,26 @@ def test_normalize_variable_rate_becomes_constant(media, settings):
     assert len({b - a for a, b in zip(pts, pts[1:])}) == 1
 
 
+def test_a_template_with_a_long_gap_between_two_frames_is_normalised_in_bounded_memory(tmp_path):
+    """A 2 s template whose second half starts 5 minutes later (ffmpeg's `setpts`; a hostile upload took an hour):
+    the frames repeated to fill the gap became pictures of their own in the filters after the rate's (scale, crop),
+    all made at once ahead of the encoder: 2 GB of ffmpeg for 10 minutes, 9 GB within a minute for the hour (a
+    156 KB upload), and a cancel did not stop it. The rate is the last filter now: its repeats are references."""
+    source = tmp_path / "gap.mp4"
+    ffmpeg("-f", "lavfi", "-t", "2", "-i", "testsrc2=size=320x240:rate=25", "-vf",
+           "setpts='if(gt(N,25),PTS+300/TB,PTS)'", "-fps_mode", "vfr", *H264, str(source))
+    script = ("import resource, sys\n"
+              "from cluster.config import Settings\n"
+              "from cluster.media.normalize import normalize_template\n"
+              "t = normalize_template(sys.argv[1], Settings(storage_root=sys.argv[2]))\n"
+              "print(t.info.video.frame_count, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(source), str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=240, check=True)
+    frames, peak_mib = map(int, done.stdout.split())
+    assert abs(frames - 302 * 25) <= 2, done.stdout  # the gap is filled with the frame before it, at 25 fps
+    assert peak_mib < 250, f"ffmpeg's peak memory {peak_mib} MiB (about 1000 with the rate's filter first)"
+
+
 @pytest.mark.parametrize("rate, expected", [("2", 25), ("1000", 50), ("120", 60), ("90", 30), ("144", 48),
                                             ("120000/1001", Fraction(60000, 1001))])
 def test_a_template_rate_out_of_bounds_is_brought_within_them(settings, tmp_path, rate, expected):

@@ -404,8 +404,12 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     on_white = ("format=rgba,split[picture][under];[under]format=yuv444p,drawbox=c=white:t=fill[white];"
                 "[white][picture]overlay=format=auto," if src_info.video.alpha else "")
     decoder = _alpha_decoder(src_info.video, s)
-    vf = (f"{deinterlace}fps={fps_arg},{sdr_filters(source, src_info, s)}"
-          f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,{on_white}format=yuv420p")
+    # the constant rate last: frames it repeats to fill a gap are references to one picture there, where any filter
+    # after it made each a picture of its own, all at once (ffmpeg's filters do not wait for the encoder): a
+    # 156 KB template with one hour between two of its frames held 9 GB before its first repeat was encoded
+    vf = (f"{deinterlace}{sdr_filters(source, src_info, s)}"
+          f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,{on_white}format=yuv420p,"
+          f"fps={fps_arg}")
     expected, tolerance = _expected_frames(src_info, fps)
     # more frames than the header says are kept (a variable-rate or late-starting video's header may
     # undercount them); timestamps that run far past it (a corrupt file: hours of repeated frames) stop here
