@@ -5,6 +5,7 @@ through the object store, by way of the job manager's `dispatch`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -14,13 +15,15 @@ import ray
 
 from actors import ORCHESTRATOR_NAME, metrics
 from actors.calls import Kind, outcome_sync
-from cluster import logs
+from cluster import logs, stopping
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
 from cluster.nodecache import entries as cache_entries
 from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepare_job, render_chunk, write_job_mel
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 from cluster.threads import actor_thread_plan, applied_threads
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
@@ -57,13 +60,25 @@ class Compositor:
         with self._lock:
             if self._detector is None:
                 self._detector = MTCNNDetector()  # intra-op threads: this actor's thread plan
-        return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
-                           output_path=output_path, defer_mel=True)
+        with stopping.work_of(job_id):
+            return prepare_job(job_id, request, self.settings, model_size=model_size, detector=self._detector,
+                               output_path=output_path, defer_mel=True)
 
     def write_mel(self, plan: JobPlan, request: RenderRequest) -> None:
         """The job's whole mel spectrogram, while its first chunk renders from the head (`write_job_mel`)."""
         logs.set_context(job_id=plan.job_id)
-        write_job_mel(plan, request, self.settings)
+        with stopping.work_of(plan.job_id):
+            write_job_mel(plan, request, self.settings)
+
+    @ray.method(concurrency_group="control")  # answers while the step runs
+    def stop_job(self, job_id: str, why: str) -> int:
+        """Stop job `job_id`'s step running here (prepare, mel, finalise): it has ended (`cluster.stopping`).
+        How many of its processes were killed."""
+        killed = stopping.stop(job_id, why)
+        if killed:
+            log.info("job %s %s: its step's %d ffmpeg process(es) killed", job_id, why, killed,
+                     extra={"job_id": job_id})
+        return killed
 
     def render_chunk(self, plan: JobPlan, chunk: Chunk, token: str, shared_storage: bool = True) -> ChunkResult:
         """Render one chunk. Without `shared_storage` (this node is not the job manager's), the
@@ -140,4 +155,5 @@ class Compositor:
     def finalize(self, plan: JobPlan) -> MediaInfo:
         """Build and verify the output under its pending name; the job manager commits it."""
         logs.set_context(job_id=plan.job_id)
-        return finalize_job(plan, self.settings, commit=False)
+        with stopping.work_of(plan.job_id):
+            return finalize_job(plan, self.settings, commit=False)

@@ -16,9 +16,9 @@ import ray
 
 from actors import metrics
 from actors.calls import Kind, Outcome, outcome
-from actors.jobs import StaleAttempt
+from actors.jobs import STEP_HERE, StaleAttempt
 from actors.supervision import Supervisor, TaskSet
-from cluster import logs
+from cluster import logs, stopping
 from cluster.config import Settings
 from cluster.errors import ChunkFailed, LipsyncError, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
 from cluster.resources import as_typed
@@ -269,9 +269,14 @@ class Dispatcher:
             member = await self._acquire_here(method, job, timeout)
             if member is None:  # no compositor here is live: the step runs in this process
                 return await self._run_here(method, job, args, timeout)
+            job.step_on = member  # (where `stop_step` asks, once the job ends early)
             try:
                 ref = getattr(member.handle, method).remote(*args)
                 answer = await outcome(ref, timeout=timeout)
+            except asyncio.CancelledError:  # the job's deadline: kept for its end, which stops the step there
+                raise
+            else:
+                job.step_on = None
             finally:
                 await table.release(member)
             if answer.ok:
@@ -336,7 +341,36 @@ class Dispatcher:
             call = lambda: finalize_job(plan, s, commit=False)  # noqa: E731
         else:
             raise ValueError(method)
+        def of_the_job():
+            with stopping.work_of(job.id):
+                return call()
+
+        job.step_on = STEP_HERE
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call), timeout)
+            done = await asyncio.wait_for(asyncio.to_thread(of_the_job), timeout)
         except asyncio.TimeoutError:
+            job.step_on = None
+            stopping.stop(job.id, f"took over {timeout:.0f} s in its {method}")  # (the thread leaves at its next check)
             raise RenderTimeout(f"{method} of job {job.id} took over {timeout:.0f} s") from None
+        except asyncio.CancelledError:  # the job's deadline: kept for its end, which stops the step
+            raise
+        except BaseException:
+            job.step_on = None
+            raise
+        job.step_on = None
+        return done
+
+    async def stop_step(self, job: JobRuntime, why: str) -> None:
+        """Stop the job-level step of `job` (prepare, mel, finalise) where it runs, its job having ended early
+        (`cluster.stopping`): it went on to its end, holding a compositor (a hostile template's ffmpeg grew to
+        9 GB after its cancel). A compositor that does not answer in time is left to the step's own deadline."""
+        member = job.step_on
+        if member is None:
+            return
+        if member is STEP_HERE:
+            stopping.stop(job.id, why)
+            return
+        answer = await outcome(member.handle.stop_job.remote(job.id, why), timeout=self.s.actor_call_timeout_s)
+        if not answer.ok:
+            log.warning("job %s: its step on %s was not stopped: %s", job.id, member.name,
+                        answer.describe(member.name, "stop_job"), extra={"job_id": job.id})

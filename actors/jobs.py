@@ -77,6 +77,10 @@ class StaleAttempt(JobCancelled):
     code = "render.stale_attempt"
 
 
+#: `JobRuntime.step_on` of a step that runs in the job manager's own process (`Dispatcher._run_here`)
+STEP_HERE = "the job manager"
+
+
 @dataclass
 class JobRuntime:
     """In-memory state of a job this manager is running (rebuilt from SQLite after a restart)."""
@@ -101,6 +105,7 @@ class JobRuntime:
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # a terminal state is stored (`finish`)
     reported: int = 0
     capacity_seen: float = field(default_factory=time.monotonic)  # last time workers were there
+    step_on: object = None  # the compositor (a Member) running its job-level step now, STEP_HERE, or None
 
     def plan_for(self, chunk: Chunk) -> JobPlan:
         """The plan `chunk` renders with (`cluster.render.plan_for_chunk`), listing that chunk only:
@@ -230,6 +235,9 @@ class JobMachine:
                 log.warning("job %s: its last progress (%d frames) was not stored: %r", job_id, job.reported, e)
         ended = self.store.end(job_id, state, error=error, output=output)
         RESERVATIONS.release(job_id)
+        if job is not None and job.step_on is not None and not job.finished and state != JobState.succeeded:
+            # its step (prepare, mel, finalise) stopped where it runs: it went on to its end for nobody
+            self.tasks.spawn(self.dispatcher.stop_step(job, f"was {state.value}"))
         if job is not None:
             job.finished = True
             job.all_done.set()

@@ -90,3 +90,57 @@ def test_ffmpeg_dies_with_a_killed_parent():
     finally:
         parent.kill()
         parent.wait(timeout=10)
+
+
+def test_a_jobs_work_is_stopped_where_it_runs_once_the_job_has_ended():
+    """`cluster.stopping`: a step's ffmpeg (normalising a long template) ran on to its end after its job was
+    cancelled. `stop(job)` kills the job's running ffmpeg processes (its thread's `communicate` then raises
+    `JobCancelled`), one started after the stop is killed at once, its loops leave at their next `check`, and
+    another job's work goes on; the registry keeps no process that has ended."""
+    import threading
+
+    from cluster import stopping
+    from cluster.errors import JobCancelled
+    from cluster.media.ffmpeg import run_ffmpeg
+
+    outcome: dict[str, object] = {}
+
+    def work(job_id: str) -> None:
+        with stopping.work_of(job_id):
+            try:
+                run_ffmpeg(ENDLESS, timeout=60, stage="normalize")
+                outcome[job_id] = "ended"
+            except Exception as e:  # noqa: BLE001 - what the step raised
+                outcome[job_id] = e
+
+    threads = {j: threading.Thread(target=work, args=(j,)) for j in ("job-stopped", "job-other")}
+    for t in threads.values():
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(stopping._running) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(stopping._running) == {"job-stopped", "job-other"}
+    t0 = time.monotonic()
+    assert stopping.stop("job-stopped", "was cancelled") == 1
+    threads["job-stopped"].join(10)
+    assert time.monotonic() - t0 < 5 and not threads["job-stopped"].is_alive()
+    error = outcome["job-stopped"]
+    assert isinstance(error, JobCancelled) and "job job-stopped was cancelled" in error.message, error
+    assert threads["job-other"].is_alive() and "job-other" not in outcome  # another job's work goes on
+    # a process the stopped job starts afterwards is killed at once; its loops leave at their next check
+    with stopping.work_of("job-stopped"):
+        with pytest.raises(JobCancelled):
+            run_ffmpeg(ENDLESS, timeout=60)
+        with pytest.raises(JobCancelled, match="its work was stopped"):
+            list(stopping.checked(range(3)))
+    assert stopping.stop("job-other") == 1
+    threads["job-other"].join(10)
+    assert isinstance(outcome["job-other"], JobCancelled)
+    assert not stopping._running  # (nothing kept of processes that ended)
+    # work outside any job, and a job never stopped, are left alone
+    assert stopping.stopped("job-never") is None
+    with stopping.work_of("job-never"):
+        stopping.check()
+        run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25", "-frames:v", "2", "-f", "null", "-"],
+                   timeout=30)
+    assert not stopping._running

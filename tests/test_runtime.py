@@ -253,6 +253,51 @@ def test_cancel_mid_job_stops_it_and_the_cluster_keeps_working(runtime, speech4_
     assert after.state == JobState.succeeded, after.error
 
 
+def test_cancel_while_preparing_stops_the_steps_ffmpeg_on_its_compositor(runtime, speech4_wav, astronaut_video,
+                                                                         tmp_path):
+    """A job cancelled while its template was normalised ended at once, but the compositor's ffmpeg ran on to its
+    end (a hostile template's grew to 9 GB after the cancel), holding the compositor: it is killed now, and the
+    compositor takes the next job."""
+    import hashlib
+    import subprocess
+    import time
+
+    import psutil
+
+    from cluster.media.ffmpeg import ffmpeg_binary
+
+    gap = tmp_path / "gap.mp4"  # 2 s of face whose second second starts an hour later: minutes to normalise
+    subprocess.run([ffmpeg_binary(runtime.settings), "-v", "error", "-y", "-i", astronaut_video, "-vf",
+                    "setpts='if(gt(N,25),PTS+3600/TB,PTS)'", "-fps_mode", "vfr", "-c:v", "libx264", "-preset",
+                    "ultrafast", str(gap)], check=True, timeout=60)
+
+    template_dir = f"/templates/{hashlib.sha256(gap.read_bytes()).hexdigest()[:16]}/.template-"
+
+    def normalising() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(template_dir in arg for arg in p.info["cmdline"] or ()):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    job = runtime.submit(_request(speech4_wav, str(gap), tmp_path, "gap-out.mp4"))
+    wait_until(lambda: normalising() or runtime.status(job.id).state.terminal, 240, what="its template's ffmpeg")
+    assert runtime.status(job.id).state == JobState.preparing
+    time.sleep(1.0)
+    assert normalising(), "normalised already"
+    cancelled_at = time.monotonic()
+    assert runtime.cancel(job.id).state == JobState.cancelled
+    wait_until(lambda: not normalising(), 15, what="the cancelled job's ffmpeg to be killed")
+    assert time.monotonic() - cancelled_at < 15
+    after = runtime.wait(runtime.submit(_request(speech4_wav, astronaut_video, tmp_path, "after-gap.mp4")).id,
+                         timeout=300)
+    assert after.state == JobState.succeeded, after.error
+    assert runtime.status(job.id).state == JobState.cancelled
+
+
 def test_wait_answers_when_the_job_ends_not_when_its_window_does(runtime, speech4_wav, astronaut_video, tmp_path):
     """`JobManager.wait` is a long poll: a running job's status comes back when the window ends, an
     ending job's as soon as it ends (not up to a poll interval later); unknown jobs raise as `get`."""

@@ -6,6 +6,7 @@ avatar directory without `avatar.json` is an unfinished preparation and is redon
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import logging
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from cluster import telemetry
+from cluster import stopping, telemetry
 from cluster.config import Settings, get_settings
 from cluster.errors import FaceSideways, InputNotFound, LipsyncError, NoFace, RenderTimeout
 from cluster.faces.mtcnn import FaceDetection, MTCNNDetector
@@ -198,7 +199,8 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
     _check_a_face_is_there(detector, source, info, s)
     if frames_map_one_to_one(source, info):
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="normalise") as pool:
-            normalising = pool.submit(normalize_template, source, s, template_id)
+            # (in this thread's context: its log lines name the job, its ffmpeg is the job's work)
+            normalising = pool.submit(contextvars.copy_context().run, normalize_template, source, s, template_id)
             try:
                 detections = _detect(detector, source, s)
             except LipsyncError as e:  # normalisation's own error, if any, says more about the file
@@ -300,7 +302,9 @@ def _check_a_face_is_there(detector: MTCNNDetector, source: str, info: MediaInfo
 @telemetry.timed("stage_seconds", stage="detect")
 def _detect(detector: MTCNNDetector, path: str, s: Settings) -> list[list[FaceDetection]]:
     """The faces on every frame of the video at `path`, in order."""
-    return list(detector.detect_sequence(iter_frames(path, s.batch_size, s), s.detect_interval))
+    # (left at the next batch once the job that prepares it has ended: `cluster.stopping`)
+    return list(detector.detect_sequence(stopping.checked(iter_frames(path, s.batch_size, s), "prepare"),
+                                         s.detect_interval))
 
 
 def name_avatar(avatar_id: str, given: str | None, s: Settings) -> None:

@@ -18,8 +18,9 @@ import sys
 import tempfile
 from typing import IO
 
+from cluster import stopping
 from cluster.config import Settings, get_settings
-from cluster.errors import LipsyncError, MediaError, RenderTimeout
+from cluster.errors import JobCancelled, LipsyncError, MediaError, RenderTimeout
 
 log = logging.getLogger("lipsync.ffmpeg")
 
@@ -202,6 +203,7 @@ class FFmpeg:
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: not an executable file",
                         stage=stage, path=path, cause=f"{self.cmd[0]}: not an executable file")
         argv, preexec = launch_command(self.cmd)
+        self.stopped = False  # killed because its job ended (`stop`)
         try:
             self.proc = subprocess.Popen(argv, stdin=child_stdin,
                                          stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
@@ -210,6 +212,7 @@ class FFmpeg:
             self._stderr.close()
             raise error(f"cannot start ffmpeg ({self.cmd[0]}) for {stage}{self._where}: {exc}",
                         stage=stage, path=path, cause=str(exc)) from exc
+        self._job = stopping.track(self)  # the job whose work started it: killed when that job ends early
 
     @property
     def _where(self) -> str:
@@ -243,6 +246,20 @@ class FFmpeg:
             log.warning("ffmpeg (%s, pid %d)%s did not end within 30 s of SIGKILL; left to the kernel",
                         self.stage, self.proc.pid, self._where)
 
+    def stop(self) -> None:
+        """Kill ffmpeg because its job has ended (`cluster.stopping`; from another thread: the signal only, the
+        thread that runs it reaps it and raises `JobCancelled` from `wait`, `communicate` or `check`)."""
+        self.stopped = True
+        try:
+            self.proc.kill()
+        except ProcessLookupError:  # (ended meanwhile)
+            pass
+
+    def _raise_if_stopped(self) -> None:
+        if self.stopped:
+            raise JobCancelled(f"ffmpeg ({self.stage}){self._where} was stopped: job {self._job} "
+                               f"{stopping.stopped(self._job) or 'has ended'}", stage=self.stage, job_id=self._job)
+
     def _timed_out(self, timeout: float) -> LipsyncError:
         self.kill()
         return self.timeout_error(f"ffmpeg ({self.stage}){self._where} did not finish within {timeout:g} s "
@@ -252,9 +269,11 @@ class FFmpeg:
     def wait(self, timeout: float) -> int:
         """The exit code; past `timeout` seconds ffmpeg is killed and reaped and `timeout_error` raised."""
         try:
-            return wait_exit(self.proc, timeout)
+            code = wait_exit(self.proc, timeout)
         except subprocess.TimeoutExpired:
             raise self._timed_out(timeout) from None
+        self._raise_if_stopped()
+        return code
 
     def communicate(self, input: bytes | memoryview | None = None, timeout: float = 60.0) -> bytes:
         """Feed `input` to stdin (when a pipe), collect stdout (when a pipe), wait; kill and reap
@@ -266,11 +285,13 @@ class FFmpeg:
         except BaseException:
             self.kill()
             raise
+        self._raise_if_stopped()
         return out or b""
 
     def check(self, what: str | None = None) -> None:
         """Raise `error` (stderr tail as cause) when ffmpeg exited nonzero."""
         code = self.proc.returncode
+        self._raise_if_stopped()
         if code not in (0, None):
             tail = self.stderr_tail()
             raise self.error(f"ffmpeg ({what or self.stage}){self._where} failed with exit code {code}: "
@@ -279,6 +300,7 @@ class FFmpeg:
     def close(self) -> None:
         """Release the stderr file (after the process has ended)."""
         self._stderr.close()
+        stopping.untrack(self, self._job)
 
     def __enter__(self) -> "FFmpeg":
         return self
