@@ -421,9 +421,9 @@ class BatchView(BaseModel):
 class CompatSubmit(BaseModel):
     """`POST /easy/submit` of existing digital-human clients; unknown fields are ignored."""
     model_config = ConfigDict(extra="allow")
-    audio_url: str | None = None
-    video_url: str | None = None
-    code: str | None = None
+    audio_url: str | None = Field(None, max_length=4096)  # (as `JobCreate`'s inputs: a 1 MB "URL" was echoed back)
+    video_url: str | None = Field(None, max_length=4096)
+    code: str | None = Field(None, max_length=200)
     pn: int | str | None = 1
     chaofen: int | str | None = 0
     watermark_switch: int | str | None = 0

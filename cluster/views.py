@@ -34,6 +34,22 @@ def text_without_root(text: str, storage_root: str | None) -> str:
     return re.sub(re.escape(root) + r"(?=/|$|[\s'\":,;)\]])", lambda _: ROOT_SHOWN, text)
 
 
+#: A run of this many characters without a space in an error's message is shortened (`shortened`)
+LONGEST_WORD_SAID = 200
+
+
+def shortened(text: str, longest: int = LONGEST_WORD_SAID) -> str:
+    """`text` with each run of more than `longest` characters without a space said by its head and tail (a
+    5000-character job id in a URL was echoed whole by its 404, 1 MB of a "URL" by its refusal)."""
+    import re
+
+    def cut(m: re.Match) -> str:
+        word = m.group(0)
+        return f"{word[:longest // 2]}...{word[-longest // 4:]} ({len(word)} characters)"
+
+    return re.sub(r"\S{%d,}" % (longest + 1), cut, text)
+
+
 def job_view(st: JobStatus, watch_url: str | None = None, storage_root: str | None = None) -> JobView:
     """The view of `st`; `watch_url` is its HLS playlist's URL (the ingress signs it); `storage_root`: the
     service's, not shown (`without_root`)."""

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import LipsyncError, QueueFull  # noqa: F401 (QueueFull: the routes import it from here)
 from cluster.schemas import CompatEnvelope
-from cluster.views import text_without_root
+from cluster.views import shortened, text_without_root
 
 log = logging.getLogger("lipsync.service")
 
@@ -161,8 +161,9 @@ def install_exception_handlers(app: FastAPI) -> None:
     """Every route answers errors the same way: ApiProblem, typed errors, invalid requests and
     unknown paths all get the API's error body."""
 
-    def said(request: Request, message: str) -> str:  # where the service keeps its files is not told
-        return text_without_root(message, str(request.app.state.settings.storage_root))
+    def said(request: Request, message: str) -> str:  # where the service keeps its files is not told, nor a
+        # client's overlong id or URL echoed back whole
+        return shortened(text_without_root(message, str(request.app.state.settings.storage_root)))
 
     @app.exception_handler(ApiProblem)
     async def _problem(request: Request, e: ApiProblem):

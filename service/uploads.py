@@ -108,6 +108,24 @@ def openapi_json_body(model: type[BaseModel]) -> dict:
         "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
 
+#: The form fields that take a file (or, as text, a path or URL)
+FILE_FIELDS = ("audio", "video", "file")
+
+
+def _no_filename(name: str) -> str:
+    return (f'its part has no filename, so it was read as text: a file\'s part needs one, e.g. Content-Disposition: '
+            f'form-data; name="{name}"; filename="x.wav"')
+
+
+def _is_text(data: bytes) -> bool:
+    """Whether a form field's bytes read as text (UTF-8, no NUL or other control character but tab and newlines)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not any(ord(c) < 32 and c not in "\t\r\n" for c in text)
+
+
 def _repeated(name: str) -> ApiProblem:
     """A multipart field given more than once: refused like any other invalid field (422)."""
     return ApiProblem(422, "input.invalid", f"{name}: given more than once (one value per field)", name)
@@ -190,9 +208,7 @@ class Upload:
             else:
                 if state["size"] > self.TEXT_LIMIT:
                     name = state["name"]
-                    why = (" (its part has no filename, so it was read as text: a file's part needs one, e.g. "
-                           f'Content-Disposition: form-data; name="{name}"; filename="x.wav")'
-                           if name in ("audio", "video", "file") else "")
+                    why = f" ({_no_filename(name)})" if name in FILE_FIELDS else ""
                     problem.append(InputError(f"{name}: form field longer than {self.TEXT_LIMIT} bytes{why}",
                                               path=name, field=name))
                     return
@@ -202,10 +218,14 @@ class Upload:
             if state.get("file") is not None:
                 state["file"].close()
             elif "text" in state and state.get("name"):
-                if state["name"] in self.fields or state["name"] in self.files:
-                    problem.append(_repeated(state["name"]))  # e.g. two `id`s: which one is the job's key?
+                name, text = state["name"], bytes(state["text"])
+                if name in self.fields or name in self.files:
+                    problem.append(_repeated(name))  # e.g. two `id`s: which one is the job's key?
+                elif name in FILE_FIELDS and not _is_text(text):  # a file's bytes: not echoed back as a "path"
+                    problem.append(InputError(f"{name}: {len(text)} bytes that are not text ({_no_filename(name)})",
+                                              path=name, field=name))
                 else:
-                    self.fields[state["name"]] = bytes(state["text"]).decode("utf-8", "replace")
+                    self.fields[name] = text.decode("utf-8", "replace")
             state["headers"] = {}
             state.pop("text", None)
             state["file"] = None

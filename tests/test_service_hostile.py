@@ -415,6 +415,15 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     assert r["code"] == 10002 and r["msg"] == "bad parameter: audio_url: Input should be a valid string", r
     r = http.post("/easy/submit", json=[1]).json()
     assert r["msg"] == "bad parameter: the body must be a JSON object, not an array", r
+    # a URL field is capped as /v1/jobs's inputs are (a 1 MB one was echoed back in a 1 MB answer)
+    long = http.post("/easy/submit", json={"audio_url": "x" * 1_000_000, "video_url": "y"})
+    assert long.json()["code"] == 10002 and "at most 4096 characters" in long.json()["msg"], long.text[:300]
+    assert len(long.content) < 1000, len(long.content)
+    # nor is an overlong id in a path echoed whole (a 5000-character one made a 5 KB 404)
+    r = http.get("/v1/jobs/" + "a" * 5000)
+    said = r.json()["error"]["message"]
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job.not_found", r.text[:300]
+    assert "(5002 characters)" in said and len(said) < 400, said  # (the id and its quotes)
     # a server path the system cannot take (a NUL in it, a name too long): the input's mistake, 400 (it was a 500)
     for bad in (f"{service.input_root}/a\u0000.wav", f"{service.input_root}/{'x' * 300}.wav"):
         r = http.post("/v1/jobs", json={"audio": bad, "video": str(service.input_root / "v.mp4")})

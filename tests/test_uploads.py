@@ -99,14 +99,21 @@ def test_a_file_under_a_field_that_takes_none_is_refused_naming_the_field(size, 
     assert refused.value.field == "sound" and "a file in a form field that takes none" in refused.value.message
 
 
-def test_a_file_part_without_a_filename_is_told_it_needs_one(tmp_path):
+@pytest.mark.parametrize("size", [1000, 40_000])
+def test_a_file_part_without_a_filename_is_told_it_needs_one(tmp_path, size):
     """A client that sends the audio's bytes without a filename in its part: they are read as a text field,
-    and "audio: form field longer than 16384 bytes" did not say why."""
+    and "audio: form field longer than 16384 bytes" did not say why; a small one was taken as a path, and the
+    refusal echoed its binary bytes back (3.2 KB of escapes for 1000 bytes of WAV)."""
     from cluster.errors import InputError
 
+    wav = b"RIFF\x8d8\x01\x00WAVEfmt " + bytes(range(256)) * (size // 256 + 1)
     with pytest.raises(InputError) as refused:
-        _read(_multipart(("audio", None, b"\0" * 40_000), ("video", "v.mp4", b"....")), tmp_path)
+        _read(_multipart(("audio", None, wav[:size]), ("video", "v.mp4", b"....")), tmp_path)
     assert refused.value.field == "audio" and "its part has no filename" in refused.value.message, refused.value
+    assert "RIFF" not in refused.value.message and len(refused.value.message) < 300, refused.value.message
+    # a path or URL given as text is still a field
+    fields = _read(_multipart(("audio", None, b"/data/speech.wav"), ("video", "v.mp4", b"....")), tmp_path)
+    assert fields.fields["audio"] == "/data/speech.wav"
 
 
 def test_a_json_key_given_twice_is_refused():
