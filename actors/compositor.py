@@ -23,7 +23,7 @@ from cluster.render import ChunkResult, JobPlan, finalize_job, localized, prepar
 from cluster.schemas import Chunk, MediaInfo, RenderRequest
 from cluster.threads import actor_thread_plan, applied_threads
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lipsync.compositor")
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lipsync.callbacks")
 
 SIGNATURE_HEADER = "X-Lipsync-Signature"
 FIRST_RETRY_S = 0.5  # the wait after a callback's first failed delivery; each next one doubles ...
@@ -66,13 +66,26 @@ async def deliver(job_id: str, url: str, post: Callable[[], Awaitable[int]], sto
         final = error is None or attempt == attempts - 1
         store.attempt(job_id, error, final)
         if error is None:
-            log.info("callback of job %s delivered to %s", job_id, url)
+            log.info("callback of job %s delivered to %s", job_id, url_said(url), extra={"job_id": job_id})
             return True
-        log.warning("callback of job %s to %s failed (attempt %d/%d%s): %s", job_id, url, attempt + 1, attempts,
-                    "" if final else f", next in {retry_delay_s(attempt + 1):g} s", error)
+        log.warning("callback of job %s to %s failed (attempt %d/%d%s): %s", job_id, url_said(url), attempt + 1,
+                    attempts, "" if final else f", next in {retry_delay_s(attempt + 1):g} s", error,
+                    extra={"job_id": job_id})
         if not final:
             await sleep(retry_delay_s(attempt + 1))
     return False
+
+
+def url_said(url: str) -> str:
+    """A callback's URL as the logs say it: without its query (a receiver's key is often there) or credentials."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    except ValueError:
+        return "<a malformed URL>"
+    return shown + ("?..." if parts.query else "")
 
 
 def sign(body: bytes, token: str) -> str:

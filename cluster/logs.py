@@ -145,4 +145,7 @@ def configure(log_format: str | None = None, level: int | str = logging.INFO) ->
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False  # one line per record, not a second plain copy through the root logger
+    # httpx says each request at INFO, its whole URL with it (a callback's, whose query may hold its receiver's
+    # key), outside these fields and unmasked: its failures reach our own lines as errors
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logger.level))
     return handler

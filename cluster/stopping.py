@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Protocol, TypeVar
 
 from cluster.errors import JobCancelled
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lipsync.stopping")
 
 #: How many stopped jobs a process remembers (a stop that comes before its step's next process or batch)
 REMEMBERED_STOPS = 4096

@@ -74,3 +74,4 @@ def test_a_restart_goes_on_counting_a_callbacks_tries(tmp_path):
     last = Receiver(200)
     assert asyncio.run(deliver("j3", "http://receiver/hook", last.post, store, attempts=3, tried=6, sleep=last.sleep))
     assert last.posts == 1 and store.get("j3")["state"] == "delivered"
+

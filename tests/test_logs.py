@@ -145,3 +145,36 @@ def test_every_actor_sets_up_the_structured_logs():
                 init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
                 found[node.name] = "metrics.install(" in textwrap.dedent(ast.unparse(init))
     assert len(found) == 6 and all(found.values()), found
+
+
+def test_callback_lines_are_the_services_own_with_the_job_and_without_the_urls_query(captured, tmp_path):
+    """The callback lines were `cluster.callbacks`'s, outside the `lipsync` loggers: plain text under
+    LIPSYNC_LOG_FORMAT=json, no job id, and the receiver's URL whole (`?k=<its key>`), as httpx's own INFO line."""
+    import asyncio
+    import json
+
+    from cluster.callbacks import CallbackStore, deliver
+
+    httpx_level = logging.getLogger("httpx").level
+    out = captured("json")
+    try:
+        assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+        store = CallbackStore(tmp_path / "callbacks.sqlite3")
+        url = "http://user:pw@receiver:8080/hook?k=receivers-key"
+        store.add("j9", url)
+        answers = [500, 200]
+
+        async def post() -> int:
+            return answers.pop(0)
+
+        async def no_wait(s: float) -> None:
+            return None
+
+        assert asyncio.run(deliver("j9", url, post, store, attempts=3, sleep=no_wait))
+    finally:
+        logging.getLogger("httpx").setLevel(httpx_level)
+    said = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(said) == 2 and all(line["logger"] == "lipsync.callbacks" and line["job_id"] == "j9"
+                                  for line in said), said
+    assert "http://receiver:8080/hook?..." in said[1]["msg"], said
+    assert not any("receivers-key" in line["msg"] or "pw@" in line["msg"] for line in said), said
