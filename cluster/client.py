@@ -974,36 +974,37 @@ def local_input_error(field: str, value) -> InputError | None:
     both ask): None for a URL, an upload reference, a local regular file, or an absolute path that is
     none here (a server's file, or one this user may not look at: the server judges it); else an empty
     name, a name this system refuses (NUL, too long, an unknown `~user`), a local directory, pipe, socket
-    or device, or a relative name that is no local file (a typo: a server-side path must be absolute)."""
+    or device, or a relative name that is no local file (a typo: a server-side path must be absolute). Its
+    `path` is the file as given, its `field` the input's."""
     s = str(value)
     if "://" in s or s.startswith("upload:"):
         return None
     if not s:
-        return InputError(f"{field} is empty: expected a local file, a URL or an absolute server path", path=field)
+        return InputError(f"{field} is empty: expected a local file, a URL or an absolute server path", field=field)
     if "\0" in s:
-        return InputError(f"{field} {s!r}: a name with a NUL byte", path=field)
+        return InputError(f"{field} {s!r}: a name with a NUL byte", path=s, field=field)
     server = PurePosixPath(s).is_absolute()  # (the server's paths, whatever this OS)
     try:
         mode = os.stat(Path(s).expanduser()).st_mode
     except (FileNotFoundError, NotADirectoryError):
         mode = None
     except RuntimeError:  # expanduser: `~name` of no user here
-        return InputError(f"{field} {s}: no user's home directory is named so here", path=field)
+        return InputError(f"{field} {s}: no user's home directory is named so here", path=s, field=field)
     except OSError as e:  # too long, a symlink loop, no permission to look
         if server and e.errno != errno.ENAMETOOLONG:
             return None
-        return InputError(f"{field} {s}: {os_reason(e)}", path=field)
+        return InputError(f"{field} {s}: {os_reason(e)}", path=s, field=field)
     if mode is not None:
         if stat.S_ISREG(mode):
             return None
         if stat.S_ISDIR(mode):
-            return InputError(f"{field} {s} is a directory, not a file", path=field)
+            return InputError(f"{field} {s} is a directory, not a file", path=s, field=field)
         return InputError(f"{field} {s} is not a regular file (a pipe, socket or device): save it to a file "
-                          f"first", path=field)
+                          f"first", path=s, field=field)
     if server:
         return None
     return InputNotFound(f"{field} file {s} does not exist here, and is not a URL or an absolute server path",
-                         path=field)
+                         path=s, field=field)
 
 
 def _check_not_local(field: str, value) -> None:

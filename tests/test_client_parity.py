@@ -134,7 +134,7 @@ def test_a_batch_of_local_files_is_refused_before_anything_is_sent_and_a_bad_url
     for outcome, seen in _both(lambda request, n: httpx.Response(500),
                                lambda c: c.submit_batch(["/data/a.wav", "speech.wav"], avatar="0123456789abcdef")):
         assert isinstance(outcome, InputError) and not seen, outcome
-        assert outcome.path == "audios" and outcome.code == "input.not_found" \
+        assert (outcome.path, outcome.field) == ("speech.wav", "audios") and outcome.code == "input.not_found" \
             and "audios file speech.wav does not exist here, and is not a URL or an absolute server path" \
             in str(outcome), outcome
     with pytest.raises(InputError, match="the service URL 'foo' is not an http"):
@@ -438,7 +438,7 @@ def test_a_submitted_name_that_is_no_local_file_nor_a_server_path_is_refused_bef
                        ("x" * 300 + ".wav", "File name too long")):
         for outcome, seen in _both(lambda request, n: httpx.Response(202, json=VIEW),
                                    lambda c, name=name: c.submit(name, "/srv/in/v.mp4")):
-            assert isinstance(outcome, InputError) and outcome.path == "audio", outcome
+            assert isinstance(outcome, InputError) and (outcome.path, outcome.field) == (name, "audio"), outcome
             assert says in outcome.message and seen == [], (outcome.message, seen)
 
 
@@ -472,7 +472,7 @@ def test_a_local_input_is_judged_before_it_is_sent(tmp_path, monkeypatch):
         if want is None:
             assert got is None, (value, got)
         else:
-            assert got is not None and got.code == want[0] and want[1] in got.message and got.path == "audio", \
+            assert got is not None and got.code == want[0] and want[1] in got.message and got.field == "audio", \
                 (value, got and (got.code, got.message))
 
 
