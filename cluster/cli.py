@@ -331,6 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dashboard_port = DASHBOARD_PORT if _port_in_use("127.0.0.1", DASHBOARD_PORT, wait_s=0) is None \
             else _free_port()
     stop = threading.Event()
+    started_at = datetime.now(timezone.utc)
     # Installed before Ray starts and kept through its start (Ray's own SIGTERM handling would
     # abort the process mid-start or mid-shutdown): a signal at any point is a clean stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -349,8 +350,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lipsync service ready\n  API:       {urls['api']}\n  docs:      {urls['docs']}", flush=True)
         if urls["dashboard"]:
             print(f"  dashboard: {urls['dashboard']}", flush=True)
-        resumed = _unfinished_jobs(urls["api"], settings)
-        if resumed:  # (a probe: a restart said nothing of the jobs it took up again)
+        # (a probe: a restart said nothing of the jobs it took up again); not those sent since it answered
+        resumed = _unfinished_jobs(urls["api"], settings, before=started_at)
+        if resumed:
             print(f"lipsync: {_jobs_said(resumed)} unfinished from before resume{'s' if len(resumed) == 1 else ''} "
                   f"now: {', '.join(resumed[:5])}{' ...' if len(resumed) > 5 else ''} (lipsync list)", flush=True)
     try:
@@ -372,9 +374,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # (`entry` then leaves without the interpreter's teardown of a Ray driver)
 
 
-def _unfinished_jobs(api: str, settings) -> list[str] | None:
-    """Ids of the service's jobs not yet ended, oldest first (a quick question to its own API, bounded; None where
-    it does not answer in time: said by nothing, the jobs resume all the same)."""
+def _unfinished_jobs(api: str, settings, before: datetime | None = None) -> list[str] | None:
+    """Ids of the service's jobs not yet ended (admitted `before` a time, where given), oldest first (a quick
+    question to its own API, bounded; None where it does not answer in time: said by nothing, the jobs resume all
+    the same)."""
     from cluster.client import Client
 
     token = settings.api_token.get_secret_value() if settings.api_token is not None else None
@@ -383,7 +386,10 @@ def _unfinished_jobs(api: str, settings) -> list[str] | None:
             page = c.list(state=[s.value for s in JobState if not s.terminal], limit=500)
     except Exception:  # noqa: BLE001 - a courtesy line: a service busy starting or stopping answers later
         return None
-    return [j.id for j in reversed(page.jobs)]
+    def admitted(job) -> datetime:  # (a view's time without a zone is UTC)
+        return job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=timezone.utc)
+
+    return [j.id for j in reversed(page.jobs) if before is None or admitted(j) < before]
 
 
 def _jobs_said(ids: list[str]) -> str:

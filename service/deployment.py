@@ -22,7 +22,10 @@ def _deployment():
 
             logging.basicConfig(level=logging.INFO)
             self.settings = Settings(**(settings or {}))
+            from service.errors import QuietProxyLoss
+
             metrics.install("lipsync-ingress", self.settings.log_format)  # JSON logs with actor and node
+            logging.getLogger("ray.serve").addFilter(QuietProxyLoss())
             if warning := self.settings.live_token_warning():  # (a RayService has no `lipsync serve` to say it)
                 logging.getLogger("lipsync.service").warning("%s", warning)
 

@@ -157,6 +157,23 @@ def _said_plainly(error: dict, field: str | None) -> str:
     return str(error.get("msg"))
 
 
+def proxy_gone(e: BaseException | None) -> bool:
+    """Whether `e` is Ray's word that Serve's HTTP proxy has died (the replica sends each answer through it):
+    killed as the service stops, an answer in flight (an open event stream's) cannot go out."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(e, RayActorError) and "ProxyActor" in str(e)
+
+
+class QuietProxyLoss(logging.Filter):
+    """Drop Serve's own "Request failed." traceback of a request whose answer could not go out because Serve's
+    HTTP proxy was killed (`proxy_gone`): every stop with an event stream open wrote two ERROR tracebacks, false
+    alarms to whoever alerts on ERROR (this service's line says it at WARNING)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "Request failed." and record.exc_info and proxy_gone(record.exc_info[1]))
+
+
 def install_exception_handlers(app: FastAPI) -> None:
     """Every route answers errors the same way: ApiProblem, typed errors, invalid requests and
     unknown paths all get the API's error body."""
@@ -194,6 +211,10 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # a bug: logged with its traceback, answered in the
+        if proxy_gone(e):  # the answer's way out (Serve's HTTP proxy) was killed: the service stops, not a bug
+            log.warning("%s %s: not answered: Ray Serve's HTTP proxy is gone (the service stops)", request.method,
+                        request.url.path)
+            return error_response(503, "service.unavailable", "the service is stopping", None)
         log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=e)  # API's error shape
         return error_response(500, "service.internal", f"internal error: {type(e).__name__}", None)
 

@@ -1159,3 +1159,27 @@ def test_serve_says_an_input_root_that_is_not_there_and_refuses_an_infinite_sett
     for name, value in (("LIPSYNC_NODE_CACHE_GB", "inf"), ("LIPSYNC_MAX_INPUT_SECONDS", "1e999")):
         rc, _, err, _ = run_cli([*CLI, "serve"], {**env, name: value}, workdir, timeout=60)
         assert rc == 2 and "settings.invalid" in err and name.removeprefix("LIPSYNC_").lower() in err.lower(), err
+
+
+def test_the_start_names_as_resumed_only_the_jobs_admitted_before_it(monkeypatch):
+    """`lipsync serve` lists the unfinished jobs it resumes once it is ready; a job a client sent as soon as the
+    service answered, before that line, was said to be "unfinished from before"."""
+    from datetime import datetime, timezone
+
+    import cluster.client
+    from cluster import cli
+    from cluster.config import Settings
+
+    def view(job_id: str, created: str) -> dict:
+        return {"id": job_id, "state": "rendering", "stage": "render", "progress": 0.1, "frames_done": 1,
+                "frames_total": 20, "created_at": created, "updated_at": created}
+
+    page = {"jobs": [view("sent-now", "2026-12-08T00:14:27+00:00"), view("from-before", "2026-12-07T23:00:00+00:00"),
+                     view("naive-time", "2026-12-07T22:00:00")]}  # newest first
+    real = cluster.client.Client
+    monkeypatch.setattr(cluster.client, "Client", lambda *a, **kw: real(
+        *a, transport=httpx.MockTransport(lambda request: httpx.Response(200, json=page)), **kw))
+    started = datetime(2026, 12, 8, 0, 14, 0, tzinfo=timezone.utc)
+    said = cli._unfinished_jobs("http://api.test", Settings(), before=started)
+    assert said == ["naive-time", "from-before"], said
+    assert cli._unfinished_jobs("http://api.test", Settings()) == ["naive-time", "from-before", "sent-now"]

@@ -178,3 +178,46 @@ def test_callback_lines_are_the_services_own_with_the_job_and_without_the_urls_q
                                   for line in said), said
     assert "http://receiver:8080/hook?..." in said[1]["msg"], said
     assert not any("receivers-key" in line["msg"] or "pw@" in line["msg"] for line in said), said
+
+
+def test_an_answer_the_stopping_services_proxy_cannot_take_is_a_warning_not_two_error_tracebacks(caplog):
+    """Every stop with an event stream open logged `GET .../events: unexpected error` and Serve's "Request
+    failed." at ERROR with tracebacks (the answer's way out, Serve's HTTP proxy, was killed): false alarms to
+    whoever alerts on ERROR. A bug (any other exception) still is one."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from ray.exceptions import RayActorError
+
+    from service.errors import QuietProxyLoss, install_exception_handlers
+
+    app = FastAPI()
+    install_exception_handlers(app)
+    proxy_killed = RayActorError(error_msg="The actor died unexpectedly before finishing this task.\n\tclass_name: "
+                                           "ProxyActor\nThe actor is dead because it was killed by `ray.kill`.")
+
+    @app.get("/stream")
+    async def stream():
+        raise proxy_killed
+
+    @app.get("/bug")
+    async def bug():
+        raise RuntimeError("a bug")
+
+    lipsync = logging.getLogger("lipsync")
+    propagates, lipsync.propagate = lipsync.propagate, True  # (seen by caplog)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.WARNING):
+            assert client.get("/stream").json()["error"]["code"] == "service.unavailable"
+            assert client.get("/bug").status_code == 500
+    finally:
+        lipsync.propagate = propagates
+    said = [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in caplog.records if r.name == "lipsync.service"]
+    assert said == [("WARNING", "GET /stream: not answered: Ray Serve's HTTP proxy is gone (the service stops)",
+                     False), ("ERROR", "GET /bug: unexpected error", True)], said
+    # Serve's own line of it is dropped, its other lines kept
+    quiet = QuietProxyLoss()
+    record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                               (RayActorError, proxy_killed, None))
+    other = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                              (RuntimeError, RuntimeError("a bug"), None))
+    assert not quiet.filter(record) and quiet.filter(other)
