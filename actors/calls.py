@@ -85,3 +85,29 @@ def outcome_sync(ref, timeout: float) -> Outcome:
         return Outcome(Kind.answered, value=ray.get(ref, timeout=timeout))
     except (GetTimeoutError, RayError) as e:
         return classify(e)
+
+
+class UnreadAnswers:
+    """The answers (object refs) of calls whose caller may stop before reading them (a chunk that ended with a
+    batch in flight: cancelled, or handed out again). One freed unread with an error in it (`StaleAttempt`) was
+    Ray's "Unhandled error" traceback in the caller's log; `drop` reads each when it comes, and drops it."""
+
+    def __init__(self) -> None:
+        self._refs: set = set()
+
+    def add(self, ref) -> None:
+        self._refs.add(ref)
+
+    def read(self, ref) -> None:
+        """`ref` is read by its caller now."""
+        self._refs.discard(ref)
+
+    def drop(self) -> None:
+        for ref in self._refs:
+            ref.future().add_done_callback(_read_and_drop)
+        self._refs.clear()
+
+
+def _read_and_drop(answer) -> None:
+    """The answer of a call nobody reads any more, taken and dropped (its error is no longer anyone's)."""
+    answer.exception()

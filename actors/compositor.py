@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from actors import ORCHESTRATOR_NAME, metrics
-from actors.calls import Kind, outcome_sync
+from actors.calls import Kind, UnreadAnswers, outcome_sync
 from cluster import logs, stopping
 from cluster.config import Settings
 from cluster.errors import LipsyncError, WorkerLost
@@ -91,14 +91,18 @@ class Compositor:
         timeout = s.max_batch_attempts * (s.stall_timeout_s + s.model_load_timeout_s
                                           + s.batch_timeout_s * s.max_inflight_per_worker) + 30
 
+        unread = UnreadAnswers()  # batches whose answer the chunk has not read (it ended before: cancelled, failed)
+
         def generate(mel: np.ndarray, crops: np.ndarray):
             """Submit the batch now; render_chunk calls the returned function for the result after it
             has prepared and submitted the next batch (model and compositor work at the same time)."""
             refs = [ray.put(mel), ray.put(crops)]
             where = dict(stage="render", chunk=chunk.index, job_id=plan.job_id)
             dispatched = manager.dispatch.remote(plan.job_id, chunk.index, token, plan.model, refs)
+            unread.add(dispatched)
 
             def result() -> np.ndarray:
+                unread.read(dispatched)
                 routed = outcome_sync(dispatched, timeout)
                 if routed.ok:
                     generated = outcome_sync(routed.value[0], self.settings.batch_timeout_s)
@@ -122,6 +126,7 @@ class Compositor:
         finally:
             with self._lock:
                 self._rendering -= 1
+            unread.drop()  # (an attempt the job no longer wants: StaleAttempt, read when it comes)
         with self._lock:
             for key, value in (("chunks", 1), ("frames", result.frames), ("seconds", result.seconds),
                                ("waited_model_s", result.waited_model_s),

@@ -298,6 +298,41 @@ def test_cancel_while_preparing_stops_the_steps_ffmpeg_on_its_compositor(runtime
     assert runtime.status(job.id).state == JobState.cancelled
 
 
+def test_an_answer_its_caller_stopped_reading_leaves_no_unhandled_error(runtime, monkeypatch):
+    """A chunk that ended (cancelled) with a batch in flight dropped that batch's answer unread: its StaleAttempt
+    was Ray's "Unhandled error" traceback in the compositor's log (37 in a probe's 40 minutes). `UnreadAnswers`
+    reads each such answer when it comes."""
+    import time
+
+    import ray._private.worker as ray_worker
+
+    from actors.calls import UnreadAnswers
+
+    seen: list[Exception] = []
+    monkeypatch.setattr(ray_worker, "_unhandled_error_handler", seen.append)
+
+    @ray.remote(num_cpus=0)
+    def stale(n: int):
+        raise ValueError(f"this attempt is no longer wanted ({n})")
+
+    def freed_unread(n: int, unread: UnreadAnswers | None) -> None:
+        ref = stale.remote(n)
+        if unread is not None:
+            unread.add(ref)
+            unread.drop()
+        time.sleep(1.5)  # it has answered (not `ray.wait`ed: that counts as a read)
+
+    freed_unread(1, None)  # (as before: said by Ray once freed)
+    deadline = time.monotonic() + 20
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert seen and "(1)" in str(seen[0]), seen
+    seen.clear()
+    freed_unread(2, UnreadAnswers())
+    time.sleep(3)
+    assert not seen, seen
+
+
 def test_wait_answers_when_the_job_ends_not_when_its_window_does(runtime, speech4_wav, astronaut_video, tmp_path):
     """`JobManager.wait` is a long poll: a running job's status comes back when the window ends, an
     ending job's as soon as it ends (not up to a poll interval later); unknown jobs raise as `get`."""
