@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from actors import ORCHESTRATOR_NAME, actor_restarted, gcs_lookup, task_cause
+from actors import ORCHESTRATOR_NAME, actor_restarted, gcs_lookup, raise_if_cancelled, task_cause
 from cluster.config import Settings
 from cluster.errors import LipsyncError, RenderError
 from cluster.schemas import HlsIndex, JobState, JobStatus, RenderRequest
@@ -106,7 +106,8 @@ class ManagerGateway:
             try:
                 ref = getattr(await self._manager(deadline), method).remote(*args, **kwargs)
                 return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except RayTaskError as e:
+            except (RayTaskError, TaskCancelledError) as e:
+                raise_if_cancelled(e)  # (the request was: its client went away)
                 cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None

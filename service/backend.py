@@ -293,7 +293,7 @@ class Backend:
         themselves, no answer in time as ManagerUnavailable (503)."""
         from ray.exceptions import RayActorError
 
-        from actors import gcs_lookup, task_cause
+        from actors import gcs_lookup, raise_if_cancelled, task_cause
         from actors.service_support import ManagerUnavailable, service_sidecar
 
         deadline = time.monotonic() + (timeout or self.settings.actor_call_timeout_s)
@@ -307,6 +307,7 @@ class Backend:
             except asyncio.TimeoutError as e:
                 raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
             except Exception as e:
+                raise_if_cancelled(e)  # (the request was: its client went away)
                 cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None

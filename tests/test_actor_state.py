@@ -421,3 +421,39 @@ def test_live_session_failovers_in_threads_at_once_do_not_trip_over_each_other(t
         t.join(30)
     SessionActors._died.clear()
     assert not errors, errors[:3]
+
+
+def test_a_call_serve_cancelled_with_its_request_is_a_cancellation_not_the_services_failure(tmp_path):
+    """A client that dropped its event stream: Ray Serve cancels the request's calls, and the job manager's `wait`
+    came back as `RayTaskError(TaskCancelledError)`, wrapped as `render.failed` and logged "unexpected error" with
+    its traceback (plus asyncio's "never retrieved" of the request's task): 5 of 40 dropped streams in a run. It is
+    the request's cancellation now; any other failure is as before."""
+    import types
+
+    from ray.exceptions import RayTaskError, TaskCancelledError
+
+    from actors import raise_if_cancelled
+    from actors.service_support import ManagerGateway
+    from cluster.config import Settings
+    from cluster.errors import RenderError
+
+    def failed_with(error: BaseException):
+        async def scenario():
+            gateway = ManagerGateway(Settings(storage_root=tmp_path))
+
+            def remote(*args):
+                answer = asyncio.get_running_loop().create_future()
+                answer.set_exception(error)
+                return answer
+
+            gateway._handle = types.SimpleNamespace(wait=types.SimpleNamespace(remote=remote))
+            await gateway.call("wait", "j1", 0.5, timeout=5)
+        return asyncio.run(scenario())
+
+    cancelled = RayTaskError("JobManager.wait", "Traceback: ...", TaskCancelledError())
+    for error in (cancelled, TaskCancelledError()):
+        with pytest.raises(asyncio.CancelledError):
+            failed_with(error)
+    with pytest.raises(RenderError, match="job manager wait failed: ValueError"):
+        failed_with(RayTaskError("JobManager.wait", "Traceback: ...", ValueError("a bug")))
+    raise_if_cancelled(ValueError("not a cancellation"))  # (nothing raised)

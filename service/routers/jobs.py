@@ -199,7 +199,12 @@ class ReleasingStreamingResponse(StreamingResponse):
         self.release = release
 
     async def __call__(self, scope, receive, send) -> None:
+        from actors import raise_if_cancelled
+
         try:
             await super().__call__(scope, receive, send)
+        except Exception as e:  # Serve's own wait for the client's disconnect, cancelled as it went: not a failure
+            raise_if_cancelled(e)
+            raise
         finally:
             self.release()

@@ -89,7 +89,7 @@ async def _registry(settings: Settings):
 async def _call(ref, timeout: float, raw_actor_errors: bool = False):
     """Await an actor call; typed errors come back as themselves, no answer as 503, a dead actor
     as 410 (or as Ray's error with `raw_actor_errors`, for `_ask` to retry)."""
-    from actors import task_cause
+    from actors import raise_if_cancelled, task_cause
 
     try:
         return await asyncio.wait_for(ref, timeout=timeout)
@@ -97,6 +97,7 @@ async def _call(ref, timeout: float, raw_actor_errors: bool = False):
         raise ApiProblem(503, "service.unavailable", "the live session did not answer in time", None,
                          headers={"Retry-After": "1"}) from None
     except Exception as e:
+        raise_if_cancelled(e)  # (the request was: its client went away)
         cause = task_cause(e)
         if isinstance(cause, LipsyncError):
             raise cause from None
