@@ -34,6 +34,8 @@ log = logging.getLogger("lipsync.service")
 
 #: How long `POST /upload` files are kept in a replica's temporary directory (no compat_data_dir)
 COMPAT_TMP_UPLOAD_TTL_S = 24 * 3600.0
+#: The longest wait between two sweeps of those files (a tenth of their time to live, where shorter)
+COMPAT_SWEEP_MAX_PERIOD_S = 600.0
 CALLBACK_VIEW_TIMEOUT_S = 2.0  # a job's view waits this long at most for its callback's delivery state
 
 SYNC_TO_LOOP = {"pingpong": "pingpong", "loop": "forward", "cut_off": "cut_off", "silence": "silence",
@@ -125,6 +127,7 @@ class Backend:
         self.batches_admitted_late: dict[str, float] = {}
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.watch_key = watch_key(token) if token else None
+        self._compat_sweeper: asyncio.Task | None = None  # `keep_sweeping_compat_uploads`
 
     # views ----------------------------------------------------------------------------------------
     def watch_query(self, job_id: str) -> str:
@@ -380,20 +383,45 @@ class Backend:
     def sweep_compat_uploads(self, now: float | None = None) -> int:
         """Remove `POST /upload` files older than `COMPAT_TMP_UPLOAD_TTL_S` (or the retention time, if
         shorter) where they are kept in this replica's temporary directory (no `compat_data_dir`:
-        retention does not see them there); returns how many. Run at each upload, so they never pile up."""
+        retention does not see them there); returns how many. Run at each upload and now and then between
+        (`keep_sweeping_compat_uploads`), so they never pile up."""
         if self.settings.compat_data_dir is not None:
             return 0
-        ttl = COMPAT_TMP_UPLOAD_TTL_S
-        if self.settings.retention_days > 0:
-            ttl = min(ttl, self.settings.retention_days * 86400)
         from cluster.fsutil import remove_files_older_than
 
-        cutoff = (now if now is not None else time.time()) - ttl
+        cutoff = (now if now is not None else time.time()) - self.compat_upload_ttl_s()
         removed = remove_files_older_than(self.upload_dir(), cutoff, log)
         legacy = self.tmp_root.parent / "compat" / "upload"  # a version before per-service directories kept them
         if legacy.is_dir():  # there (an upgrade probe found them never removed); no longer taken as inputs
             removed += remove_files_older_than(legacy, cutoff, log)
         return removed
+
+    def compat_upload_ttl_s(self) -> float:
+        """How long a `POST /upload` file kept in this replica's temporary directory lives."""
+        ttl = COMPAT_TMP_UPLOAD_TTL_S
+        if self.settings.retention_days > 0:
+            ttl = min(ttl, self.settings.retention_days * 86400)
+        return ttl
+
+    def keep_sweeping_compat_uploads(self) -> None:
+        """Sweep the `POST /upload` files (`sweep_compat_uploads`) now and then from now on, not only at the next
+        upload: a burst of uploads followed by none left its files in the temporary directory, outside the
+        storage root, past their time for good (a probe: 82 files still there minutes after their 121 s). Started
+        by the first upload (there is nothing to sweep before); on this replica's event loop."""
+        if self.settings.compat_data_dir is not None or (
+                self._compat_sweeper is not None and not self._compat_sweeper.done()):
+            return
+        self._compat_sweeper = asyncio.get_running_loop().create_task(self._sweep_compat_uploads_forever())
+
+    async def _sweep_compat_uploads_forever(self) -> None:
+        period = min(COMPAT_SWEEP_MAX_PERIOD_S, max(1.0, self.compat_upload_ttl_s() / 10))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await asyncio.to_thread(self.sweep_compat_uploads)
+            except Exception:  # tried again at the next period
+                log.exception("sweeping the /upload files of %s failed; trying again in %.0f s", self.upload_dir(),
+                              period)
 
     def compat_upload_path(self, value: str) -> Path | None:
         """A file `POST /upload` stored (and only such a file), else None."""

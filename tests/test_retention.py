@@ -204,6 +204,41 @@ def test_compat_uploads_kept_by_a_replica_expire(tmp_path, monkeypatch):
     assert backend.compat_upload_path(str(legacy / "recent.wav")) is None  # not another service's inputs
 
 
+def test_compat_uploads_are_swept_between_uploads_too(tmp_path, monkeypatch):
+    """They were swept only at the next upload: after a burst and none since, a probe found 82 files in the
+    replica's temporary directory (outside the storage root) minutes past their time. The first upload starts a
+    sweep now and then (a tenth of their time to live), on the replica's event loop, once."""
+    import asyncio
+    import os
+    import tempfile
+    import time
+
+    import service.backend as backend_module
+    from service.backend import Backend
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    backend = Backend(Settings(storage_root=tmp_path / "st", retention_days=20 / 86400), gateway=None)  # 20 s
+    assert backend.compat_upload_ttl_s() == 20
+    monkeypatch.setattr(backend_module, "COMPAT_SWEEP_MAX_PERIOD_S", 0.2)
+    left = backend.upload_dir() / ("cd" * 16 + ".mp4")
+    left.write_bytes(b"x")
+    os.utime(left, (time.time() - 30, time.time() - 30))
+
+    async def an_upload_then_none():
+        backend.keep_sweeping_compat_uploads()
+        first = backend._compat_sweeper
+        backend.keep_sweeping_compat_uploads()  # (one sweeper)
+        assert backend._compat_sweeper is first
+        deadline = time.monotonic() + 10
+        while left.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        first.cancel()
+
+    asyncio.run(an_upload_then_none())
+    assert not left.exists()
+
+
 def test_a_sweep_against_a_store_replaced_under_it_removes_nothing(tmp_path):
     """A review: the sidecar's retention kept the store it opened at its start; a storage root restored from a
     backup under it was swept against the old, deleted store, and a job the new store has unfinished lost its

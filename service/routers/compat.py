@@ -149,6 +149,7 @@ async def easy_upload(request: Request, backend: Backend = Depends(get_backend))
     tmpdir = backend.tmpdir()
     try:
         await asyncio.to_thread(backend.sweep_compat_uploads)
+        backend.keep_sweeping_compat_uploads()
         up = Upload(tmpdir, backend.settings.max_upload_bytes)
         try:
             await up.read(request)
