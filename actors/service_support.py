@@ -276,7 +276,7 @@ class ServiceSidecar:
         self._preparing = 0  # avatar preparations running (threads: one the client gave up on still counts)
         for job_id, url, tried in self.store.pending():  # counted on: a restart does not start them anew
             self._watch(job_id, url, tried)
-        if settings.retention_days > 0:
+        if settings.retention_days > 0 or settings.record_retention_days > 0:
             self._retention = asyncio.get_event_loop().create_task(self._retain())
         self._manager_watch = asyncio.get_event_loop().create_task(watch_manager(self.s))
 

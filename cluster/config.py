@@ -210,6 +210,10 @@ class Settings(BaseSettings):
     retention_days: float = Field(0.0, ge=0, le=36500, description="remove finished jobs' outputs and temporary files, "
                                   "ended live sessions' files, and stored uploads and avatars unused, older than "
                                   "this (0: keep forever); never a running job's or session's, or what they use")
+    record_retention_days: float = Field(0.0, ge=0, le=36500, description="remove finished jobs' records (their "
+                                         "rows in the job store: a job then reads 404 job.not_found) and their "
+                                         "files this long after their last change (0: keep the records forever; "
+                                         "the job store grows by about 5 KB a job)")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set: at least this, at most this plus "

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -805,6 +806,19 @@ class JobStore:
     def forget_chunk(self, job_id: str, idx: int) -> None:
         with self._tx(job_id) as c:
             c.execute("DELETE FROM chunks WHERE job_id = ? AND idx = ?", (job_id, idx))
+
+    def forget_finished(self, job_id: str, ended_before: datetime) -> bool:
+        """Remove a finished job's record (its row, chunks and stage times) where its last change is older than
+        `ended_before`: retention of records (`LIPSYNC_RECORD_RETENTION_DAYS`). An unfinished job, or one changed
+        since, is kept. Whether it was removed."""
+        terminal = [s.value for s in JobState if s.terminal]
+        with self._tx(job_id) as c:
+            gone = c.execute(f"DELETE FROM jobs WHERE id = ? AND updated_at < ? AND state IN "
+                             f"({', '.join('?' * len(terminal))})", (job_id, ended_before.isoformat(), *terminal))
+            if gone.rowcount:
+                c.execute("DELETE FROM chunks WHERE job_id = ?", (job_id,))
+                c.execute("DELETE FROM stages WHERE job_id = ?", (job_id,))
+            return bool(gone.rowcount)
 
     def set_frames_done(self, job_id: str, frames_done: int) -> None:
         with self._tx(job_id) as c:

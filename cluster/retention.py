@@ -12,6 +12,9 @@ admission that failed half-way), stored uploads (`inputs/`, judged by their last
 with their normalised templates unused for that long (`avatar.json`'s mtime, renewed at each use;
 never one an unfinished job or a running session uses). Unfinished jobs and running sessions are
 never touched.
+
+`LIPSYNC_RECORD_RETENTION_DAYS` (0: keep forever) removes a finished job's record too, once unchanged for that
+long (its files first): the job store otherwise grows by about 5 KB a job for good.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ async def sweep_periodically(settings: Settings, store: JobStore) -> None:
     if store.refusal is not None:
         log.error("retention does not sweep: %s", store.refusal.message)
         return
-    period = max(10.0, min(3600.0, settings.retention_days * 86400 / 10))  # not a busy loop for a tiny one
+    days = min(d for d in (settings.retention_days, settings.record_retention_days) if d > 0)
+    period = max(10.0, min(3600.0, days * 86400 / 10))  # not a busy loop for a tiny one
     while True:
         try:
             await asyncio.to_thread(sweep, settings, store)
@@ -54,10 +58,13 @@ async def sweep_periodically(settings: Settings, store: JobStore) -> None:
 
 def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> list[str]:
     """Remove what retention allows; the ids of the jobs whose files were removed."""
-    if settings.retention_days <= 0:
+    if settings.retention_days <= 0 and settings.record_retention_days <= 0:
         return []
     store.check_present()  # a store removed or replaced (a root restored from a backup): not swept against it
     now = now or datetime.now(timezone.utc)
+    forgotten = _forget_records(settings, store, now) if settings.record_retention_days > 0 else 0
+    if settings.retention_days <= 0:
+        return []
     cutoff = now - timedelta(days=settings.retention_days)
     root = settings.storage_root.resolve()
     removed = []
@@ -82,7 +89,32 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
     if removed or ended_sessions or orphans:
         log.info("retention removed the files of %d finished jobs, %d ended live sessions and %d unused "
                  "inputs, avatars and orphaned job directories", len(removed), ended_sessions, orphans)
+    if forgotten:
+        log.info("retention removed the records of %d finished jobs (LIPSYNC_RECORD_RETENTION_DAYS)", forgotten)
     return removed
+
+
+def _forget_records(settings: Settings, store: JobStore, now: datetime) -> int:
+    """Remove the records of finished jobs unchanged for `record_retention_days`, their files first (none is left
+    that no record names). How many."""
+    cutoff = now - timedelta(days=settings.record_retention_days)
+    root = settings.storage_root.resolve()
+    old = [st for st in _finished(store) if st.updated_at < cutoff]
+    forgotten = 0
+    for st in old:
+        remove_job_files(st, root)
+        if store.forget_finished(st.id, cutoff):
+            forgotten += 1
+    return forgotten
+
+
+def _finished(store: JobStore) -> list[JobStatus]:
+    """Every finished job, read page by page (then acted on: removing records would shift the pages)."""
+    finished = [JobState.succeeded, JobState.failed, JobState.cancelled]
+    jobs: list[JobStatus] = []
+    while page := store.list(finished, 500, len(jobs)):
+        jobs.extend(page)
+    return jobs
 
 
 def remove_job_files(st: JobStatus, root: Path, store: JobStore | None = None) -> bool:
