@@ -12,17 +12,27 @@ def task_cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
-def raise_if_cancelled(e: BaseException) -> None:
-    """Raise `asyncio.CancelledError` where `e` is Ray's word that the awaited task was cancelled (Ray Serve
-    cancels a request's calls when its client goes away: a dropped event stream's `JobManager.wait`). Taken for
-    the service's failure, it was an ERROR traceback ("unexpected error", and asyncio's "never retrieved" of
-    the request's task) at about a fifth of the event streams a client dropped."""
+#: How long a call's cancellation by Ray waits for its request's own (Serve cancels both; either comes first)
+CANCELLATION_GRACE_S = 0.1
+
+
+async def raise_if_cancelled(e: BaseException) -> None:
+    """Raise `asyncio.CancelledError` where `e` is Ray's word that the awaited task was cancelled because this
+    request was (Ray Serve cancels a request's asyncio task and its calls when its client goes away: a dropped
+    event stream's `JobManager.wait`). Taken for the service's failure, it was an ERROR traceback ("unexpected
+    error", and asyncio's "never retrieved" of the request's task) at about a fifth of the dropped streams. A
+    call cancelled while this request is not (a callee's own cancellation) returns here: the caller's error
+    path goes on with it, as before."""
     import asyncio
 
     from ray.exceptions import TaskCancelledError
 
-    if isinstance(e, TaskCancelledError) or isinstance(task_cause(e), TaskCancelledError):
-        raise asyncio.CancelledError(f"the awaited task was cancelled: {type(e).__name__}") from None
+    if not (isinstance(e, TaskCancelledError) or isinstance(task_cause(e), TaskCancelledError)):
+        return
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)():  # (Python 3.11+; else the grace below)
+        raise asyncio.CancelledError(f"the request was cancelled: {type(e).__name__}") from None
+    await asyncio.sleep(CANCELLATION_GRACE_S)  # the request's own cancellation, on its way, is raised here
 
 
 #: The threads of `gcs_lookup` (made on first use)

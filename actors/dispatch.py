@@ -20,7 +20,16 @@ from actors.jobs import STEP_HERE, StaleAttempt
 from actors.supervision import Supervisor, TaskSet
 from cluster import logs, stopping
 from cluster.config import Settings
-from cluster.errors import ChunkFailed, LipsyncError, ModelError, ModelLoadError, RenderError, RenderTimeout, WorkerLost
+from cluster.errors import (
+    ChunkFailed,
+    JobCancelled,
+    LipsyncError,
+    ModelError,
+    ModelLoadError,
+    RenderError,
+    RenderTimeout,
+    WorkerLost,
+)
 from cluster.resources import as_typed
 from cluster.scheduling import FairQueue, Health, Member
 from cluster.schemas import Chunk
@@ -264,11 +273,16 @@ class Dispatcher:
             await asyncio.sleep(0.2)
         last = "none"
         for _ in range(self.s.max_chunk_attempts + 1):
+            self._not_ended(job, method)
             if not any(self.on_this_node(m) for m in table.members.values()):
                 return await self._run_here(method, job, args, timeout)
             member = await self._acquire_here(method, job, timeout)
             if member is None:  # no compositor here is live: the step runs in this process
+                self._not_ended(job, method)
                 return await self._run_here(method, job, args, timeout)
+            if job.finished:  # ended while it waited for a compositor (busy with other jobs' steps): not run
+                await table.release(member)
+                self._not_ended(job, method)
             job.step_on = member  # (where `stop_step` asks, once the job ends early)
             try:
                 ref = getattr(member.handle, method).remote(*args)
@@ -291,6 +305,13 @@ class Dispatcher:
                 await self.pool.lost(table, member, last)
         raise WorkerLost(f"{method} of job {job.id}: compositor lost {self.s.max_chunk_attempts + 1} times; "
                          f"last: {last}", cause=last)
+
+    @staticmethod
+    def _not_ended(job: JobRuntime, method: str) -> None:
+        """`JobCancelled` for a job that has ended (cancelled, failed) before its step `method` ran: the step is not
+        started (its end stops only a step that runs)."""
+        if job.finished:
+            raise JobCancelled(f"job {job.id} has ended: its {method} is not run", job_id=job.id, stage=method)
 
     async def _acquire_here(self, method: str, job: JobRuntime, timeout: float) -> Member | None:
         """A compositor of this node for a job-level step (first in line: see `_free_for_chunks`).

@@ -194,9 +194,13 @@ class JobManager:
                     self.machine.start(job_id)
                 elif identity_gone(owner) or identity_gone(client):
                     self._abandon(job_id, owner, client)
-            except Exception:
-                log.exception("job %s: its resumption at the job manager's start failed (tried again later)", job_id,
-                              extra={"job_id": job_id})
+            except Exception as e:
+                if only is None:  # at the boot: with its traceback; a retry's failure in a line
+                    log.exception("job %s: its resumption at the job manager's start failed (tried again later)",
+                                  job_id, extra={"job_id": job_id})
+                else:
+                    log.warning("job %s: its resumption failed again: %s: %s (tried again later)", job_id,
+                                type(e).__name__, e, extra={"job_id": job_id})
                 failed.add(job_id)
         return failed
 

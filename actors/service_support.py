@@ -107,7 +107,7 @@ class ManagerGateway:
                 ref = getattr(await self._manager(deadline), method).remote(*args, **kwargs)
                 return await asyncio.wait_for(ref, timeout=max(0.1, deadline - time.monotonic()))
             except (RayTaskError, TaskCancelledError) as e:
-                raise_if_cancelled(e)  # (the request was: its client went away)
+                await raise_if_cancelled(e)  # (the request was: its client went away)
                 cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None

@@ -61,8 +61,8 @@ async def deliver(job_id: str, url: str, post: Callable[[], Awaitable[int]], sto
             status = await post()
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except LipsyncError as e:
-            error = f"{e.code}: {e.message}"
+        except LipsyncError as e:  # (its message names the URL: said as the logs say it, query and path cut)
+            error = f"{e.code}: {e.message}".replace(url, url_said(url))
         final = error is None or attempt == attempts - 1
         store.attempt(job_id, error, final)
         if error is None:
@@ -77,15 +77,17 @@ async def deliver(job_id: str, url: str, post: Callable[[], Awaitable[int]], sto
 
 
 def url_said(url: str) -> str:
-    """A callback's URL as the logs say it: without its query (a receiver's key is often there) or credentials."""
+    """A callback's URL as the logs say it: its scheme, host and first path segment, without credentials, the rest
+    of its path or its query (a receiver's key is often there: `?k=...`, Slack's `/services/T../B../<key>`)."""
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(url)
-        shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
     except ValueError:
         return "<a malformed URL>"
-    return shown + ("?..." if parts.query else "")
+    first, _, rest = parts.path.lstrip("/").partition("/")
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{'/' + first if first else ''}"
+    return shown + ("/..." if rest else "") + ("?..." if parts.query else "")
 
 
 def sign(body: bytes, token: str) -> str:

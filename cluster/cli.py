@@ -998,7 +998,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     # (a server path, an upload's ref: not for a live session; said without the URLs and server paths
     # `submit` takes)
     if isinstance(problem, InputNotFound) or (problem is None and not Path(args.audio).expanduser().is_file()):
-        problem = InputNotFound(f"audio file {args.audio} does not exist", path="audio")
+        problem = InputNotFound(f"audio file {args.audio} does not exist", path=str(args.audio), field="audio")
     if problem:
         print(f"lipsync: error: {problem.code}: {problem}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+import time
 import weakref
 from typing import Iterable, Iterator, Protocol, TypeVar
 
@@ -25,13 +26,15 @@ from cluster.errors import JobCancelled
 
 log = logging.getLogger("lipsync.stopping")
 
-#: How many stopped jobs a process remembers (a stop that comes before its step's next process or batch)
+#: How many stopped jobs a process remembers (a stop that comes before its step's next process or batch), and for
+#: how long (a job id may be used again once its record is gone: `LIPSYNC_RECORD_RETENTION_DAYS`)
 REMEMBERED_STOPS = 4096
+REMEMBERED_STOP_S = 6 * 3600.0
 
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("lipsync_job_work", default=None)
 _lock = threading.Lock()
 _running: dict[str, weakref.WeakSet] = {}  # job id -> its live processes (gone ones drop out by themselves)
-_stopped: collections.OrderedDict[str, str] = collections.OrderedDict()  # job id -> why, newest last
+_stopped: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()  # job -> (why, when), newest last
 
 T = TypeVar("T")
 
@@ -61,7 +64,7 @@ def track(process: Stoppable) -> str | None:
     if job_id is None:
         return None
     with _lock:
-        if job_id not in _stopped:
+        if _stopped_locked(job_id) is None:
             if len(_running) > REMEMBERED_STOPS:  # jobs whose processes were dropped without `untrack`
                 for gone in [j for j, processes in _running.items() if not processes]:
                     del _running[gone]
@@ -87,7 +90,7 @@ def stop(job_id: str, why: str = "has ended") -> int:
     """Stop job `job_id`'s work in this process: its processes killed now, its loops left at their next `check`.
     How many processes were killed."""
     with _lock:
-        _stopped[job_id] = why
+        _stopped[job_id] = (why, time.monotonic())
         _stopped.move_to_end(job_id)
         while len(_stopped) > REMEMBERED_STOPS:
             _stopped.popitem(last=False)
@@ -108,7 +111,12 @@ def stopped(job_id: str | None = None) -> str | None:
     if job_id is None:
         return None
     with _lock:
-        return _stopped.get(job_id)
+        return _stopped_locked(job_id)
+
+
+def _stopped_locked(job_id: str) -> str | None:
+    why, when = _stopped.get(job_id, (None, 0.0))
+    return why if why is not None and time.monotonic() - when < REMEMBERED_STOP_S else None
 
 
 def check(stage: str | None = None) -> None:

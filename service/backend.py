@@ -310,7 +310,7 @@ class Backend:
             except asyncio.TimeoutError as e:
                 raise ManagerUnavailable(f"the service sidecar did not answer {method} in time") from e
             except Exception as e:
-                raise_if_cancelled(e)  # (the request was: its client went away)
+                await raise_if_cancelled(e)  # (the request was: its client went away)
                 cause = task_cause(e)
                 if isinstance(cause, LipsyncError):
                     raise cause from None

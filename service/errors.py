@@ -206,8 +206,9 @@ def install_exception_handlers(app: FastAPI) -> None:
         if where[:1] in (["query"], ["path"]):  # a parameter: its name (`state`, not `state.0` of a repeated one)
             where = where[1:2]
         loc = [str(x) for x in where if x != "body"]
-        field = ".".join(loc) or None
-        return error_response(422, "input.invalid", f"{field or 'request'}: {_said_plainly(first, field)}", field)
+        field = shortened(".".join(loc)) or None  # (an unknown key of any length is the field)
+        return error_response(422, "input.invalid", said(request, f"{field or 'request'}: "
+                                                                  f"{_said_plainly(first, field)}"), field)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # a bug: logged with its traceback, answered in the
@@ -221,7 +222,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
-            return error_response(404, "not_found", f"no such path: {request.url.path}", None)
+            return error_response(404, "not_found", shortened(f"no such path: {request.url.path}"), None)
         if e.status_code == 405:  # Starlette's Allow names the first route of the path only: every one's
             allowed = _methods_of_path(request) or (e.headers or {}).get("Allow", "")
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed on "

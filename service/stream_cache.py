@@ -14,6 +14,7 @@ Plain Python (no Ray): the reads are coroutines the caller gives (`cluster`'s ac
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 import time
 from collections import OrderedDict
@@ -43,7 +44,9 @@ class StreamCache:
         now = time.monotonic()
         known = self._playlists.get(session_id)
         if known is None or (known[1].done() and now - known[0] > self.fresh_s):
-            future = asyncio.ensure_future(self._read_playlist(session_id, read))
+            # in a context of its own, not the request's that starts it: Ray cancels the calls a cancelled request
+            # made (Serve, as its client goes away: the first viewer leaving), and every viewer awaits this one
+            future = contextvars.Context().run(asyncio.ensure_future, self._read_playlist(session_id, read))
             # its failure retrieved here: where every request waiting on it has given up, asyncio said "Task
             # exception was never retrieved" at each restart of a session with viewers
             future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -424,36 +424,78 @@ def test_live_session_failovers_in_threads_at_once_do_not_trip_over_each_other(t
 
 
 def test_a_call_serve_cancelled_with_its_request_is_a_cancellation_not_the_services_failure(tmp_path):
-    """A client that dropped its event stream: Ray Serve cancels the request's calls, and the job manager's `wait`
-    came back as `RayTaskError(TaskCancelledError)`, wrapped as `render.failed` and logged "unexpected error" with
-    its traceback (plus asyncio's "never retrieved" of the request's task): 5 of 40 dropped streams in a run. It is
-    the request's cancellation now; any other failure is as before."""
+    """A client that dropped its event stream: Ray Serve cancels the request and its calls, and the job manager's
+    `wait` came back as `RayTaskError(TaskCancelledError)` before the request's own cancellation, wrapped as
+    `render.failed` and logged "unexpected error" with its traceback (plus asyncio's "never retrieved" of the
+    request's task): 5 of 40 dropped streams in a run. It is the request's cancellation now. A call cancelled
+    while its request is not (a review: a callee's own cancellation) is the error it was."""
     import types
 
     from ray.exceptions import RayTaskError, TaskCancelledError
 
-    from actors import raise_if_cancelled
     from actors.service_support import ManagerGateway
     from cluster.config import Settings
     from cluster.errors import RenderError
 
-    def failed_with(error: BaseException):
+    def call_failing_with(error: BaseException, request_cancelled: bool):
         async def scenario():
             gateway = ManagerGateway(Settings(storage_root=tmp_path))
-
-            def remote(*args):
-                answer = asyncio.get_running_loop().create_future()
-                answer.set_exception(error)
-                return answer
-
-            gateway._handle = types.SimpleNamespace(wait=types.SimpleNamespace(remote=remote))
-            await gateway.call("wait", "j1", 0.5, timeout=5)
+            answer = asyncio.get_running_loop().create_future()
+            gateway._handle = types.SimpleNamespace(wait=types.SimpleNamespace(remote=lambda *a: answer))
+            request = asyncio.ensure_future(gateway.call("wait", "j1", 0.5, timeout=5))
+            await asyncio.sleep(0.05)
+            answer.set_exception(error)  # the call's cancellation comes first
+            await asyncio.sleep(0.02)
+            if request_cancelled:
+                request.cancel()  # then the request's own
+            try:
+                return await request
+            finally:
+                assert request.cancelled() == request_cancelled
         return asyncio.run(scenario())
 
     cancelled = RayTaskError("JobManager.wait", "Traceback: ...", TaskCancelledError())
     for error in (cancelled, TaskCancelledError()):
         with pytest.raises(asyncio.CancelledError):
-            failed_with(error)
+            call_failing_with(error, request_cancelled=True)
+    with pytest.raises(RenderError, match="job manager wait failed: TaskCancelledError"):
+        call_failing_with(cancelled, request_cancelled=False)
     with pytest.raises(RenderError, match="job manager wait failed: ValueError"):
-        failed_with(RayTaskError("JobManager.wait", "Traceback: ...", ValueError("a bug")))
-    raise_if_cancelled(ValueError("not a cancellation"))  # (nothing raised)
+        call_failing_with(RayTaskError("JobManager.wait", "Traceback: ...", ValueError("a bug")), False)
+
+
+def test_a_job_that_ends_while_its_step_waits_for_a_compositor_does_not_run_the_step(tmp_path):
+    """A review: a job cancelled while its prepare waited for a compositor (busy with other jobs' prepares, the
+    queue an overloaded machine has) had no step running to stop, and the prepare ran to its end once a
+    compositor was free (the 9 GB normalisation the stop was made for). It is not started now."""
+    import types
+
+    from actors.dispatch import Dispatcher
+    from actors.jobs import JobRuntime
+    from cluster.config import Settings
+    from cluster.errors import JobCancelled
+    from cluster.scheduling import Health, WorkerTable
+
+    started: list[str] = []
+
+    async def scenario():
+        table = WorkerTable(max_inflight=1)
+        member = table.add("lipsync-compositor-0", types.SimpleNamespace(
+            prepare=types.SimpleNamespace(remote=lambda *a: started.append("prepare"))))
+        member.health, member.info = Health.live, {"node": "n1"}
+        dispatcher = object.__new__(Dispatcher)
+        dispatcher.s = Settings(storage_root=tmp_path, stall_timeout_s=30.0)
+        dispatcher.pool = types.SimpleNamespace(compositors=table)
+        dispatcher.node_id, dispatcher._steps_waiting = "n1", 0
+        other = await table.acquire(timeout=1)  # another job's prepare holds the compositor
+        job = JobRuntime("j-cancelled")
+        step = asyncio.ensure_future(dispatcher.run_step("prepare", job, "j-cancelled", None, 96, None, timeout=20))
+        await asyncio.sleep(0.2)
+        job.finished = True  # cancelled meanwhile
+        await table.release(other)
+        with pytest.raises(JobCancelled, match="its prepare is not run"):
+            await asyncio.wait_for(step, 5)
+        assert table.members["lipsync-compositor-0"].inflight == 0  # handed back
+
+    asyncio.run(scenario())
+    assert started == []

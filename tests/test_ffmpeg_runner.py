@@ -137,8 +137,11 @@ def test_a_jobs_work_is_stopped_where_it_runs_once_the_job_has_ended():
     threads["job-other"].join(10)
     assert isinstance(outcome["job-other"], JobCancelled)
     assert not stopping._running  # (nothing kept of processes that ended)
-    # work outside any job, and a job never stopped, are left alone
+    # work outside any job, a job never stopped, and one stopped long ago (its id used again once its record went:
+    # LIPSYNC_RECORD_RETENTION_DAYS) are left alone
     assert stopping.stopped("job-never") is None
+    stopping._stopped["job-again"] = ("was cancelled", time.monotonic() - stopping.REMEMBERED_STOP_S - 1)
+    assert stopping.stopped("job-again") is None
     with stopping.work_of("job-never"):
         stopping.check()
         run_ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25", "-frames:v", "2", "-f", "null", "-"],

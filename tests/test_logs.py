@@ -160,12 +160,17 @@ def test_callback_lines_are_the_services_own_with_the_job_and_without_the_urls_q
     try:
         assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
         store = CallbackStore(tmp_path / "callbacks.sqlite3")
-        url = "http://user:pw@receiver:8080/hook?k=receivers-key"
+        url = "http://user:pw@receiver:8080/hook/T1/secret-path?k=receivers-key"
         store.add("j9", url)
-        answers = [500, 200]
+        from cluster.netguard import UrlFetchError
+
+        answers = [UrlFetchError(f"callback_url: POST to {url} failed: ConnectError"), 200]  # (its error names it)
 
         async def post() -> int:
-            return answers.pop(0)
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
         async def no_wait(s: float) -> None:
             return None
@@ -176,8 +181,9 @@ def test_callback_lines_are_the_services_own_with_the_job_and_without_the_urls_q
     said = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(said) == 2 and all(line["logger"] == "lipsync.callbacks" and line["job_id"] == "j9"
                                   for line in said), said
-    assert "http://receiver:8080/hook?..." in said[1]["msg"], said
-    assert not any("receivers-key" in line["msg"] or "pw@" in line["msg"] for line in said), said
+    assert "http://receiver:8080/hook/...?..." in said[1]["msg"], said
+    assert not any(secret in line["msg"] for line in said for secret in ("receivers-key", "pw@", "secret-path")), said
+    assert "receivers-key" not in (store.get("j9")["last_error"] or ""), store.get("j9")
 
 
 def test_an_answer_the_stopping_services_proxy_cannot_take_is_a_warning_not_two_error_tracebacks(caplog):

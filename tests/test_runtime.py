@@ -298,7 +298,7 @@ def test_cancel_while_preparing_stops_the_steps_ffmpeg_on_its_compositor(runtime
     assert runtime.status(job.id).state == JobState.cancelled
 
 
-def test_an_answer_its_caller_stopped_reading_leaves_no_unhandled_error(runtime, monkeypatch):
+def test_an_answer_its_caller_stopped_reading_leaves_no_unhandled_error(runtime, monkeypatch, tmp_path):
     """A chunk that ended (cancelled) with a batch in flight dropped that batch's answer unread: its StaleAttempt
     was Ray's "Unhandled error" traceback in the compositor's log (37 in a probe's 40 minutes). `UnreadAnswers`
     reads each such answer when it comes."""
@@ -312,15 +312,18 @@ def test_an_answer_its_caller_stopped_reading_leaves_no_unhandled_error(runtime,
     monkeypatch.setattr(ray_worker, "_unhandled_error_handler", seen.append)
 
     @ray.remote(num_cpus=0)
-    def stale(n: int):
+    def stale(n: int, marker: str):
+        Path(marker).touch()
         raise ValueError(f"this attempt is no longer wanted ({n})")
 
     def freed_unread(n: int, unread: UnreadAnswers | None) -> None:
-        ref = stale.remote(n)
+        marker = tmp_path / f"answered-{n}"
+        ref = stale.remote(n, str(marker))
         if unread is not None:
             unread.add(ref)
             unread.drop()
-        time.sleep(1.5)  # it has answered (not `ray.wait`ed: that counts as a read)
+        wait_until(marker.exists, 60, what="the call to answer")  # (not `ray.wait`ed: that counts as a read)
+        time.sleep(1.0)
 
     freed_unread(1, None)  # (as before: said by Ray once freed)
     deadline = time.monotonic() + 20

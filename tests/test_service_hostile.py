@@ -424,6 +424,10 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
     said = r.json()["error"]["message"]
     assert r.status_code == 404 and r.json()["error"]["code"] == "job.not_found", r.text[:300]
     assert "(5002 characters)" in said and len(said) < 400, said  # (the id and its quotes)
+    r = http.get("/v1/nothing/" + "a" * 5000)  # an unknown path
+    assert r.status_code == 404 and len(r.content) < 500, len(r.content)
+    r = http.post("/v1/jobs", json={"audio": "/in/a.wav", "video": "/in/v.mp4", "k" * 100_000: 1})  # an unknown key
+    assert r.status_code == 422 and len(r.content) < 1000, len(r.content)
     # a server path the system cannot take (a NUL in it, a name too long): the input's mistake, 400 (it was a 500)
     for bad in (f"{service.input_root}/a\u0000.wav", f"{service.input_root}/{'x' * 300}.wav"):
         r = http.post("/v1/jobs", json={"audio": bad, "video": str(service.input_root / "v.mp4")})

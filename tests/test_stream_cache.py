@@ -99,3 +99,23 @@ def test_a_shared_read_that_fails_after_its_waiters_gave_up_is_not_left_unretrie
         asyncio.run(scenario())
         gc.collect()
     assert "never retrieved" not in caplog.text, caplog.text
+
+
+def test_the_shared_read_runs_in_a_context_of_its_own_not_the_first_viewers():
+    """A review: the shared read was made in the context of the request that started it, so Ray, cancelling the
+    calls of a request Serve cancelled (that first viewer leaving), cancelled the read every viewer awaited. It
+    sees none of that request's context variables now (Ray's task of the request among them)."""
+    import contextvars
+
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    async def read():
+        seen.append(request.get())
+        return PLAYLIST
+
+    async def first_viewer():
+        request.set("viewer-1")
+        return await StreamCache().playlist("s1", read)
+
+    assert asyncio.run(first_viewer()) == PLAYLIST and seen == [None]

@@ -204,7 +204,7 @@ class ReleasingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         except Exception as e:  # Serve's own wait for the client's disconnect, cancelled as it went: not a failure
-            raise_if_cancelled(e)
+            await raise_if_cancelled(e)
             raise
         finally:
             self.release()

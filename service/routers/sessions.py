@@ -97,7 +97,7 @@ async def _call(ref, timeout: float, raw_actor_errors: bool = False):
         raise ApiProblem(503, "service.unavailable", "the live session did not answer in time", None,
                          headers={"Retry-After": "1"}) from None
     except Exception as e:
-        raise_if_cancelled(e)  # (the request was: its client went away)
+        await raise_if_cancelled(e)  # (the request was: its client went away)
         cause = task_cause(e)
         if isinstance(cause, LipsyncError):
             raise cause from None
@@ -198,7 +198,7 @@ async def _hedged(actors, method: str, args: tuple, timeout: float):
     while pending:
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task.exception() is None:
+            if not task.cancelled() and task.exception() is None:
                 for other in pending:
                     other.cancel()
                 if task is second:
