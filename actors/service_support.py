@@ -285,7 +285,7 @@ class ServiceSidecar:
         from cluster.jobstore import JobStore
         from cluster.retention import sweep_periodically
 
-        await sweep_periodically(self.s, JobStore(self.s.db_path, must_exist=actor_restarted()))
+        await sweep_periodically(self.s, JobStore(self.s.db_path, must_exist=actor_restarted()), self.store)
 
     def _watch(self, job_id: str, url: str, tried: int = 0) -> None:
         if job_id not in self._tasks or self._tasks[job_id].done():

@@ -77,17 +77,16 @@ async def deliver(job_id: str, url: str, post: Callable[[], Awaitable[int]], sto
 
 
 def url_said(url: str) -> str:
-    """A callback's URL as the logs say it: its scheme, host and first path segment, without credentials, the rest
-    of its path or its query (a receiver's key is often there: `?k=...`, Slack's `/services/T../B../<key>`)."""
+    """A callback's URL as the logs say it: its scheme and host, without credentials, path or query (a receiver's
+    key is often there: `?k=...`, Slack's `/services/T../B../<key>`, Telegram's `/bot<token>/`)."""
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<a malformed URL>"
-    first, _, rest = parts.path.lstrip("/").partition("/")
-    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{'/' + first if first else ''}"
-    return shown + ("/..." if rest else "") + ("?..." if parts.query else "")
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    return shown + ("/..." if parts.path.strip("/") else "") + ("?..." if parts.query else "")
 
 
 def sign(body: bytes, token: str) -> str:
@@ -130,6 +129,11 @@ class CallbackStore:
         with self._lock:
             rows = self._conn.execute("SELECT job_id, url, attempts FROM callbacks WHERE state = 'pending'").fetchall()
         return [(r["job_id"], r["url"], r["attempts"]) for r in rows]
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job's callback record (its job's record went: `LIPSYNC_RECORD_RETENTION_DAYS`)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM callbacks WHERE job_id = ?", (job_id,))
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:

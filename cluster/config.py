@@ -211,9 +211,10 @@ class Settings(BaseSettings):
                                   "ended live sessions' files, and stored uploads and avatars unused, older than "
                                   "this (0: keep forever); never a running job's or session's, or what they use")
     record_retention_days: float = Field(0.0, ge=0, le=36500, description="remove finished jobs' records (their "
-                                         "rows in the job store: a job then reads 404 job.not_found) and their "
-                                         "files this long after their last change (0: keep the records forever; "
-                                         "the job store grows by about 5 KB a job)")
+                                         "rows in the job store: a job then reads 404 job.not_found, and its id "
+                                         "can be used again) and their files this long after their last change, "
+                                         "at least 0.25 (6 h); 0 keeps the records forever (the job store grows "
+                                         "by about 5 KB a job)")
     serve_replicas: int = Field(1, ge=1, description="ingress replicas")
     watch_url_ttl_s: int = Field(24 * 3600, ge=60, description="how long a job's signed watch_url (HLS) "
                                  "stays valid, when LIPSYNC_API_TOKEN is set: at least this, at most this plus "
@@ -336,6 +337,15 @@ class Settings(BaseSettings):
         if bps is None or not 8000 <= bps <= 512000:
             raise ValueError(f"{v!r} is not an AAC bitrate of 8k-512k (e.g. 128k, or 128000 bits a second)")
         return v.strip() if m.group(2) else str(int(bps))  # whole bits a second, as the encoder takes them
+
+    @field_validator("record_retention_days", mode="after")
+    @classmethod
+    def _record_retention(cls, v: float) -> float:
+        """0, or long enough for a job's id, used again once its record is gone, not to meet its old run's stop
+        (`cluster.stopping.REMEMBERED_STOP_S`, 6 h)."""
+        if 0 < v < 0.25:
+            raise ValueError(f"{v:g} days is shorter than 0.25 (6 h): 0 keeps the records, else at least 0.25")
+        return v
 
     @field_validator("worker_gpus", mode="after")
     @classmethod

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_state_updated ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS chunks (
     job_id   TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     idx      INTEGER NOT NULL,
@@ -599,6 +600,28 @@ class JobStore:
         if pending:
             found = [st for st in found if not wanted or st.state in wanted][offset:offset + limit]
         return found
+
+    def finished_between(self, after: datetime | None, before: datetime, limit: int = 500,
+                         start: tuple[str, str] | None = None) -> list[JobStatus]:
+        """Finished jobs whose last change is older than `before` and not older than `after`, oldest first, `limit`
+        at most, from the key (updated_at, id) `start` on (exclusive): retention's pages, read by the index on
+        (state, updated_at) (its pages by offset re-sorted every finished job, per page, every period: 53 s and
+        630 MB a sweep at 100k jobs). A pending end's row is unfinished on disk: not listed."""
+        self._refuse()
+        terminal = [s.value for s in JobState if s.terminal]
+        sql = f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(terminal))}) AND updated_at < ?"
+        args: list = [*terminal, before.isoformat()]
+        if after is not None:
+            sql += " AND updated_at >= ?"
+            args.append(after.isoformat())
+        if start is not None:
+            sql += " AND (updated_at > ? OR (updated_at = ? AND id > ?))"
+            args += [start[0], start[0], start[1]]
+        sql += " ORDER BY updated_at, id LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+            return [self._status(self._conn, r) for r in rows]
 
     def unfinished_ids(self, owner: str | None = None) -> list[str]:
         """Ids of the jobs not yet terminal, of `owner` only when given (no validation: a row that

@@ -30,12 +30,12 @@ from cluster.config import Settings
 from cluster.errors import LipsyncError
 from cluster.fsutil import remove_files_older_than
 from cluster.jobstore import JobStore
-from cluster.schemas import JobState, JobStatus
+from cluster.schemas import JobStatus
 
 log = logging.getLogger("lipsync.retention")
 
 
-async def sweep_periodically(settings: Settings, store: JobStore) -> None:
+async def sweep_periodically(settings: Settings, store: JobStore, callbacks=None) -> None:
     """`sweep` now and every hour, or every tenth of the retention period; a failed sweep is logged and the next one
     tries again. A store that refuses its work (lost, or of a newer format: `JobStore.refusal`) is said once and
     not swept: nothing would change until the service starts again (it logged a traceback every period)."""
@@ -46,9 +46,12 @@ async def sweep_periodically(settings: Settings, store: JobStore) -> None:
         return
     days = min(d for d in (settings.retention_days, settings.record_retention_days) if d > 0)
     period = max(10.0, min(3600.0, days * 86400 / 10))  # not a busy loop for a tiny one
+    since = None  # the jobs that ended before the last sweep's cutoff were swept by it (the first sweep: all)
     while True:
         try:
-            await asyncio.to_thread(sweep, settings, store)
+            now = datetime.now(timezone.utc)
+            await asyncio.to_thread(sweep, settings, store, now, since, callbacks)
+            since = now - timedelta(days=settings.retention_days)
         except LipsyncError as e:  # typed (a store removed or replaced since: `check_present`): said, without a trace
             log.error("retention sweep failed: %s", e.message)
         except Exception:  # logged; the next sweep tries again
@@ -56,30 +59,25 @@ async def sweep_periodically(settings: Settings, store: JobStore) -> None:
         await asyncio.sleep(period)
 
 
-def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> list[str]:
-    """Remove what retention allows; the ids of the jobs whose files were removed."""
+def sweep(settings: Settings, store: JobStore, now: datetime | None = None, since: datetime | None = None,
+          callbacks=None) -> list[str]:
+    """Remove what retention allows; the ids of the jobs whose files were removed. `since`: only the finished jobs
+    whose last change is not older than that are looked at for their files (the last sweep's cutoff: each sweep
+    reads the jobs that have come of age since, not every finished job); `callbacks` (a `CallbackStore`): the
+    callback records of jobs whose record goes go with it."""
     if settings.retention_days <= 0 and settings.record_retention_days <= 0:
         return []
     store.check_present()  # a store removed or replaced (a root restored from a backup): not swept against it
     now = now or datetime.now(timezone.utc)
-    forgotten = _forget_records(settings, store, now) if settings.record_retention_days > 0 else 0
+    forgotten = _forget_records(settings, store, now, callbacks) if settings.record_retention_days > 0 else 0
     if settings.retention_days <= 0:
         return []
     cutoff = now - timedelta(days=settings.retention_days)
     root = settings.storage_root.resolve()
     removed = []
-    finished = [JobState.succeeded, JobState.failed, JobState.cancelled]
-    offset = 0
-    while True:
-        page = store.list(finished, 500, offset)
-        if not page:
-            break
-        offset += len(page)
-        for st in page:
-            if st.updated_at >= cutoff or not st.state.terminal:
-                continue
-            if remove_job_files(st, root):
-                removed.append(st.id)
+    for st in _finished_between(store, since, cutoff):
+        if remove_job_files(st, root):
+            removed.append(st.id)
     if settings.compat_data_dir is not None:
         limit = time.time() - settings.retention_days * 86400
         for sub in ("upload", "temp"):
@@ -94,27 +92,33 @@ def sweep(settings: Settings, store: JobStore, now: datetime | None = None) -> l
     return removed
 
 
-def _forget_records(settings: Settings, store: JobStore, now: datetime) -> int:
-    """Remove the records of finished jobs unchanged for `record_retention_days`, their files first (none is left
-    that no record names). How many."""
+def _forget_records(settings: Settings, store: JobStore, now: datetime, callbacks=None) -> int:
+    """Remove the records of finished jobs unchanged for `record_retention_days`, their files and stored uploads
+    first (none is left that no record names), and their callback records (a job submitted again under the id
+    would find its callback taken as the old one's). How many."""
     cutoff = now - timedelta(days=settings.record_retention_days)
     root = settings.storage_root.resolve()
-    old = [st for st in _finished(store) if st.updated_at < cutoff]
     forgotten = 0
-    for st in old:
-        remove_job_files(st, root)
-        if store.forget_finished(st.id, cutoff):
-            forgotten += 1
+    while page := store.finished_between(None, cutoff):  # (each page's records go: the next page is the next)
+        before = forgotten
+        for st in page:
+            remove_job_files(st, root, store)
+            if store.forget_finished(st.id, cutoff):
+                forgotten += 1
+                if callbacks is not None:
+                    callbacks.forget(st.id)
+        if len(page) < 500 or forgotten == before:  # (none went: not read again)
+            break
     return forgotten
 
 
-def _finished(store: JobStore) -> list[JobStatus]:
-    """Every finished job, read page by page (then acted on: removing records would shift the pages)."""
-    finished = [JobState.succeeded, JobState.failed, JobState.cancelled]
-    jobs: list[JobStatus] = []
-    while page := store.list(finished, 500, len(jobs)):
-        jobs.extend(page)
-    return jobs
+def _finished_between(store: JobStore, after: datetime | None, before: datetime):
+    """The finished jobs whose last change is older than `before` and not older than `after`, page by page."""
+    start = None
+    while page := store.finished_between(after, before, 500, start):
+        yield from page
+        last = page[-1]
+        start = (last.updated_at.isoformat(), last.id)
 
 
 def remove_job_files(st: JobStatus, root: Path, store: JobStore | None = None) -> bool:

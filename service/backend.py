@@ -4,6 +4,7 @@ result, and the compatibility API's files. `Backend` wraps the job manager's asy
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import math
@@ -411,7 +412,8 @@ class Backend:
         if self.settings.compat_data_dir is not None or (
                 self._compat_sweeper is not None and not self._compat_sweeper.done()):
             return
-        self._compat_sweeper = asyncio.get_running_loop().create_task(self._sweep_compat_uploads_forever())
+        # (in a context of its own: not the first upload's request, whose log fields its lines would carry)
+        self._compat_sweeper = contextvars.Context().run(asyncio.ensure_future, self._sweep_compat_uploads_forever())
 
     async def _sweep_compat_uploads_forever(self) -> None:
         period = min(COMPAT_SWEEP_MAX_PERIOD_S, max(1.0, self.compat_upload_ttl_s() / 10))

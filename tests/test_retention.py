@@ -39,6 +39,11 @@ def test_sweep_keeps_running_jobs_and_recent_ones(tmp_path):
     (s.dir("jobs") / "new-done2").mkdir()
     assert sweep(s, store) == []
     assert Path(s.storage_root / "jobs" / "old-running").exists()
+    # each periodic sweep reads only the jobs that came of age since the last one's cutoff (it read every finished
+    # job, page by page re-sorted, each period: 53 s and 630 MB at 100k jobs)
+    (s.dir("jobs") / "old-done" / "again").mkdir(parents=True)
+    assert sweep(s, store, now=later, since=later - timedelta(days=1)) == []  # old-done ended before: not read
+    assert sweep(s, store, now=later) == ["old-done"]
 
 
 def test_record_retention_removes_old_finished_jobs_records_with_their_files_and_keeps_the_rest(tmp_path):
@@ -77,6 +82,19 @@ def test_record_retention_removes_old_finished_jobs_records_with_their_files_and
         assert not store._conn.execute("SELECT 1 FROM stages WHERE job_id = ?", (gone,)).fetchall()
     assert store.get("old-running").state == JobState.preparing  # unfinished: never
     assert store.get("recent-done").state == JobState.cancelled and (s.storage_root / "jobs" / "recent-done").exists()
+    # its callback record goes with it (a job submitted again under the id found its callback taken as the old one's:
+    # `add` keeps an existing record), and a retention shorter than a stop is remembered is refused
+    import pytest
+    from pydantic import ValidationError
+
+    from cluster.callbacks import CallbackStore
+
+    callbacks = CallbackStore(tmp_path / "callbacks.sqlite3")
+    callbacks.add("recent-done", "http://receiver/hook")
+    sweep(s, store, now=datetime.now(timezone.utc) + timedelta(days=50), callbacks=callbacks)
+    assert callbacks.get("recent-done") is None and callbacks.add("recent-done", "http://receiver/other")
+    with pytest.raises(ValidationError, match="shorter than 0.25"):
+        Settings(storage_root=tmp_path / "x", record_retention_days=0.01)
 
 
 def test_sweep_removes_ended_live_sessions_only(tmp_path):

@@ -119,3 +119,36 @@ def test_the_shared_read_runs_in_a_context_of_its_own_not_the_first_viewers():
         return await StreamCache().playlist("s1", read)
 
     assert asyncio.run(first_viewer()) == PLAYLIST and seen == [None]
+
+
+def test_a_hedged_session_call_whose_request_was_cancelled_leaves_no_unretrieved_error():
+    """A review: after the hedge (0.25 s), a viewer that left had its request cancelled, `asyncio.wait` did not pass
+    that on to the two calls, and Ray's cancellation of them ended each with an error nobody retrieved (asyncio's
+    "never retrieved" lines). They are cancelled with the request now, and their outcomes taken."""
+    import gc
+
+    from ray.exceptions import TaskCancelledError
+
+    from service.routers import sessions
+
+    async def cancelled_call():
+        await asyncio.sleep(0.35)
+        raise TaskCancelledError()
+
+    actor = type("Actor", (), {"read_hls": type("M", (), {"remote": staticmethod(lambda *a: cancelled_call())})()})
+    actors = type("Actors", (), {"current": actor(), "partner": lambda self: actor()})()
+
+    async def scenario():
+        unretrieved = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, c: unretrieved.append(c.get("message")))
+        request = asyncio.ensure_future(sessions._hedged(actors, "read_hls", (), 5.0))
+        await asyncio.sleep(0.3)  # hedged at 0.25 s; the viewer leaves
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.6)
+        gc.collect()
+        await asyncio.sleep(0)
+        return unretrieved
+
+    assert asyncio.run(scenario()) == []

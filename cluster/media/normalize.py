@@ -407,14 +407,11 @@ def normalize_template(path: str | os.PathLike, settings: Settings | None = None
     # the constant rate last: frames it repeats to fill a gap are references to one picture there, where any filter
     # after it made each a picture of its own, all at once (ffmpeg's filters do not wait for the encoder): a
     # 156 KB template with one hour between two of its frames held 9 GB before its first repeat was encoded
-    # a constant-rate source faster than the template (120 fps to 60) keeps first the frames the rate's filter
-    # would (of the frames that fall to one output frame, rounded to the nearest, the last): the filters between
-    # run on those only (tonemapping a 120 fps HLG clip cost 3x)
-    decimate = ""
+    # a constant-rate source faster than the template (120 fps to 60) is brought to its rate first too, so that the
+    # filters between run on the frames kept only (tonemapping a 120 fps HLG clip cost 3x); the same filter, so the
+    # same frames (a review: a selection by frame number parted from it on offset starts and coarse time bases)
     source_rate = src_info.video.fps
-    if not src_info.video.variable_frame_rate and source_rate > fps and (source_rate / fps).denominator == 1:
-        step = int(source_rate / fps)
-        decimate = f"select='lt(floor(n/{step}+0.5)\\,floor((n+1)/{step}+0.5))',"
+    decimate = f"fps={fps_arg}," if not src_info.video.variable_frame_rate and source_rate > fps else ""
     vf = (f"{deinterlace}{decimate}{sdr_filters(source, src_info, s)}"
           f"scale=trunc(iw*sar):ih{to_limited},setsar=1,crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0,{on_white}format=yuv420p,"
           f"fps={fps_arg}")

@@ -189,22 +189,32 @@ async def _hedged(actors, method: str, args: tuple, timeout: float):
     refusal or a death is no answer); when neither answers, the first one's error is raised."""
     first = asyncio.ensure_future(_call(getattr(actors.current, method).remote(*args), timeout,
                                         raw_actor_errors=True))
+    first.add_done_callback(_retrieved)
     done, _ = await asyncio.wait({first}, timeout=HEDGE_AFTER_S)
     partner = None if done else actors.partner()
     if partner is None:
         return await first
     second = asyncio.ensure_future(_call(getattr(partner, method).remote(*args), timeout, raw_actor_errors=True))
+    second.add_done_callback(_retrieved)
     pending = {first, second}
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and task.exception() is None:
-                for other in pending:
-                    other.cancel()
-                if task is second:
-                    actors.current = partner
-                return task.result()
-    return first.result()  # raises its error
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is None:
+                    if task is second:
+                        actors.current = partner
+                    return task.result()
+        return first.result()  # raises its error
+    finally:  # (the request cancelled too: `asyncio.wait` does not pass that on to them)
+        for task in pending:
+            task.cancel()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """A hedged call's outcome taken (one whose request gave up on it was asyncio's "never retrieved" line)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _ask(settings, session_id: str, actors, method: str, *args, timeout: float):
