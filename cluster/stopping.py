@@ -53,10 +53,6 @@ def work_of(job_id: str) -> Iterator[None]:
         _job.reset(token)
 
 
-def current_job() -> str | None:
-    return _job.get()
-
-
 def track(process: Stoppable) -> str | None:
     """Register a process just started by the current job's work (stopped at once when the job already was);
     the job's id, for `untrack`."""
