@@ -7,10 +7,11 @@ Only object refs pass through here, never frame data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import ray
 
@@ -38,6 +39,22 @@ if TYPE_CHECKING:
     from actors.jobs import JobMachine, JobRuntime
 
 log = logging.getLogger("lipsync.dispatch")
+
+
+@contextlib.contextmanager
+def _step_running(job: JobRuntime, where) -> Iterator[None]:
+    """`job.step_on` is `where` (a compositor, or STEP_HERE) while the block runs its job-level step: where
+    `Dispatcher.stop_step` asks, should the job end early. Kept where the block is cancelled (the job's deadline):
+    the job's end, which comes next, stops the step there."""
+    job.step_on = where
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        job.step_on = None
+        raise
+    job.step_on = None
 
 
 class Dispatcher:
@@ -283,14 +300,10 @@ class Dispatcher:
             if job.finished:  # ended while it waited for a compositor (busy with other jobs' steps): not run
                 await table.release(member)
                 self._not_ended(job, method)
-            job.step_on = member  # (where `stop_step` asks, once the job ends early)
             try:
-                ref = getattr(member.handle, method).remote(*args)
-                answer = await outcome(ref, timeout=timeout)
-            except asyncio.CancelledError:  # the job's deadline: kept for its end, which stops the step there
-                raise
-            else:
-                job.step_on = None
+                with _step_running(job, member):
+                    ref = getattr(member.handle, method).remote(*args)
+                    answer = await outcome(ref, timeout=timeout)
             finally:
                 await table.release(member)
             if answer.ok:
@@ -366,20 +379,12 @@ class Dispatcher:
             with stopping.work_of(job.id):
                 return call()
 
-        job.step_on = STEP_HERE
         try:
-            done = await asyncio.wait_for(asyncio.to_thread(of_the_job), timeout)
+            with _step_running(job, STEP_HERE):
+                return await asyncio.wait_for(asyncio.to_thread(of_the_job), timeout)
         except asyncio.TimeoutError:
-            job.step_on = None
             stopping.stop(job.id, f"took over {timeout:.0f} s in its {method}")  # (the thread leaves at its next check)
             raise RenderTimeout(f"{method} of job {job.id} took over {timeout:.0f} s") from None
-        except asyncio.CancelledError:  # the job's deadline: kept for its end, which stops the step
-            raise
-        except BaseException:
-            job.step_on = None
-            raise
-        job.step_on = None
-        return done
 
     async def stop_step(self, job: JobRuntime, why: str) -> None:
         """Stop the job-level step of `job` (prepare, mel, finalise) where it runs, its job having ended early
