@@ -35,6 +35,17 @@ async def raise_if_cancelled(e: BaseException) -> None:
     await asyncio.sleep(CANCELLATION_GRACE_S)  # the request's own cancellation, on its way, is raised here
 
 
+def task_apart(coro):
+    """An asyncio task of `coro` in a context of its own, not the caller's (asyncio copies the caller's): what
+    outlives the request or the job that started it carries neither its log fields (a job's id on a pool probe's
+    lines for good) nor Ray's task of that request (Ray cancels a cancelled request's calls: a read that every
+    viewer shares went with the first one). (`create_task(context=)` is Python 3.11's.)"""
+    import asyncio
+    import contextvars
+
+    return contextvars.Context().run(asyncio.ensure_future, coro)
+
+
 #: The threads of `gcs_lookup` (made on first use)
 _lookups = None
 GCS_LOOKUP_THREADS = 4

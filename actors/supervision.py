@@ -7,7 +7,6 @@ module only wires it to real actor handles.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
@@ -16,7 +15,7 @@ from typing import Callable
 
 import ray
 
-from actors import metrics
+from actors import metrics, task_apart
 from actors.calls import Kind, outcome
 from actors.compositor import Compositor
 from actors.model_worker import ModelWorker
@@ -69,10 +68,10 @@ class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task] = set()
 
-    def spawn(self, coro, context: contextvars.Context | None = None) -> asyncio.Task:
+    def spawn(self, coro, apart: bool = False) -> asyncio.Task:
         """Run `coro` in the background, in a copy of the current context (its log fields: a job's task's
-        chunks carry its job id), or in `context`."""
-        task = asyncio.get_event_loop().create_task(coro, context=context)
+        chunks carry its job id), or `apart` in a context of its own (`task_apart`)."""
+        task = task_apart(coro) if apart else asyncio.get_event_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -286,7 +285,7 @@ class Supervisor:
     def _add(self, table: WorkerTable, name: str, factory: functools.partial) -> Member:
         self._factories[name] = factory
         member = table.add(name, factory())
-        self.tasks.spawn(self.probe(table, member), context=contextvars.Context())  # (the pool's: no job's fields)
+        self.tasks.spawn(self.probe(table, member), apart=True)  # (the pool's: no job's fields)
         return member
 
     def _first_timeout(self, table: WorkerTable) -> float:
@@ -393,7 +392,7 @@ class Supervisor:
         await table.set_health(member, Health.lost)
         # a probe that may outlive the job whose chunk found the member lost: its lines carried that job's id,
         # every 30 s, long after the job had ended
-        self.tasks.spawn(self.probe(table, member), context=contextvars.Context())
+        self.tasks.spawn(self.probe(table, member), apart=True)
 
     def load_error(self) -> ModelLoadError | ModelContractError:
         """Why no model worker serves, as the workers' load failed: a model that does not fit the

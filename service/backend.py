@@ -4,7 +4,6 @@ result, and the compatibility API's files. `Backend` wraps the job manager's asy
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import logging
 import math
@@ -413,7 +412,9 @@ class Backend:
                 self._compat_sweeper is not None and not self._compat_sweeper.done()):
             return
         # (in a context of its own: not the first upload's request, whose log fields its lines would carry)
-        self._compat_sweeper = contextvars.Context().run(asyncio.ensure_future, self._sweep_compat_uploads_forever())
+        from actors import task_apart
+
+        self._compat_sweeper = task_apart(self._sweep_compat_uploads_forever())
 
     async def _sweep_compat_uploads_forever(self) -> None:
         period = min(COMPAT_SWEEP_MAX_PERIOD_S, max(1.0, self.compat_upload_ttl_s() / 10))

@@ -14,11 +14,12 @@ Plain Python (no Ray): the reads are coroutines the caller gives (`cluster`'s ac
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+
+from actors import task_apart
 
 #: A playlist read this recently is the answer (a blocking reload looks again at this period anyway)
 PLAYLIST_FRESH_S = 0.04
@@ -46,7 +47,7 @@ class StreamCache:
         if known is None or (known[1].done() and now - known[0] > self.fresh_s):
             # in a context of its own, not the request's that starts it: Ray cancels the calls a cancelled request
             # made (Serve, as its client goes away: the first viewer leaving), and every viewer awaits this one
-            future = contextvars.Context().run(asyncio.ensure_future, self._read_playlist(session_id, read))
+            future = task_apart(self._read_playlist(session_id, read))
             # its failure retrieved here: where every request waiting on it has given up, asyncio said "Task
             # exception was never retrieved" at each restart of a session with viewers
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
