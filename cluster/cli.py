@@ -21,6 +21,7 @@ from cluster.ports import PORT_WAIT_S
 from cluster.ports import free_port as _free_port
 from cluster.ports import port_in_use as _port_in_use
 from cluster.schemas import ErrorInfo, JobState, RenderRequest
+from cluster.views import state_said
 
 #: The settings a command-line flag sets (`_settings`), named beside their variable when refused
 FLAG_OF_SETTING = {"model_workers": "--workers", "compositors": "--compositors", "chunk_seconds": "--chunk-seconds",
@@ -168,9 +169,8 @@ def _render(audio: str, video: str, output: str, settings: Settings, loop: str, 
             _avatar_prepared(early, request, settings)
         rt.submit(request, job_id=job_id)  # the inputs travel through Ray to the job manager
 
-        def show(st) -> None:  # (what it waits for, where the pool has no live worker of a kind)
-            bar.show(st.frames_done, st.frames_total, f"waiting: {st.waiting_for}" if st.waiting_for else
-                     st.state.value)
+        def show(st) -> None:
+            bar.show(st.frames_done, st.frames_total, state_said(st))
 
         try:
             st = rt.wait(job_id, on_status=show)
@@ -763,7 +763,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if view.expired:  # succeeded, its output removed since: said where the state is read
                     what = "output expired  " + what
                 elif view.waiting_for:  # rendering, the pool without a live worker of a kind
-                    what = f"waiting: {view.waiting_for}  " + what
+                    what = f"{state_said(view)}  " + what
                 elif view.jobs_ahead is not None:  # rendering, nothing of it on a compositor yet
                     what = f"waiting, {view.jobs_ahead} job(s) ahead  " + what
                 print(f"{view.id:<{width}}  {view.state.value:<10}  {view.frames_done:>6}/{view.frames_total:<6}  "

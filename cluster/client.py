@@ -52,6 +52,7 @@ from cluster.schemas import (
     JobView,
     UploadedFile,
 )
+from cluster.views import state_said
 
 RETRY_STATUS = (429, 502, 503, 504)
 log = logging.getLogger("lipsync.client")
@@ -1071,8 +1072,7 @@ class _Bar:
                             desc=view.id[:16], dynamic_ncols=True, disable=None)
         self.bar.total = max(1, view.frames_total or self.bar.total)
         self.bar.n = view.frames_total if view.state == JobState.succeeded else view.frames_done
-        # (what it waits for, where the pool has no live worker of a kind: it read `rendering` for the whole wait)
-        self.bar.set_postfix_str(f"waiting: {view.waiting_for}" if view.waiting_for else view.state.value)
+        self.bar.set_postfix_str(state_said(view))
         self.bar.refresh()
 
     def close(self) -> None:

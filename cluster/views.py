@@ -34,6 +34,12 @@ def text_without_root(text: str, storage_root: str | None) -> str:
     return re.sub(re.escape(root) + r"(?=/|$|[\s'\":,;)\]])", lambda _: ROOT_SHOWN, text)
 
 
+def state_said(st: JobStatus | JobView) -> str:
+    """A job's state in a word for a progress bar or a list, or what it waits for where the pool has no live worker
+    of a kind (it read `rendering` for the whole wait)."""
+    return f"waiting: {st.waiting_for}" if st.waiting_for else st.state.value
+
+
 #: A run of this many characters without a space in an error's message is shortened (`shortened`)
 LONGEST_WORD_SAID = 200
 
