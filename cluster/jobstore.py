@@ -23,6 +23,10 @@ from cluster.errors import DiskFull, InputError, JobNotFound, LipsyncError, Stor
 from cluster.owners import process_identity
 from cluster.schemas import TRANSITIONS, ErrorInfo, JobState, JobStatus, RenderRequest, StageTime, utcnow
 
+#: The states' values as the job table stores them, ended and not
+TERMINAL_STATES = tuple(s.value for s in JobState if s.terminal)
+UNFINISHED_STATES = tuple(s.value for s in JobState if not s.terminal)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id           TEXT PRIMARY KEY,
@@ -508,7 +512,7 @@ class JobStore:
         row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id)
-        if row["state"] in {s.value for s in JobState if s.terminal}:
+        if row["state"] in TERMINAL_STATES:
             return False
         c.execute("UPDATE jobs SET state = ?, error = COALESCE(?, error), output = COALESCE(?, output), "
                   "updated_at = ? WHERE id = ?",
@@ -608,9 +612,8 @@ class JobStore:
         (state, updated_at) (its pages by offset re-sorted every finished job, per page, every period: 53 s and
         630 MB a sweep at 100k jobs). A pending end's row is unfinished on disk: not listed."""
         self._refuse()
-        terminal = [s.value for s in JobState if s.terminal]
-        sql = f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(terminal))}) AND updated_at < ?"
-        args: list = [*terminal, before.isoformat()]
+        sql = f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(TERMINAL_STATES))}) AND updated_at < ?"
+        args: list = [*TERMINAL_STATES, before.isoformat()]
         if after is not None:
             sql += " AND updated_at >= ?"
             args.append(after.isoformat())
@@ -647,10 +650,10 @@ class JobStore:
         """(id, owner, client) of every job not yet terminal, oldest first (none from a store it cannot use)."""
         if self.refusal is not None:
             return []
-        states = [s.value for s in JobState if not s.terminal]
         with self._lock:
             rows = self._conn.execute(f"SELECT id, owner, client FROM jobs WHERE state IN "
-                                      f"({','.join('?' * len(states))}) ORDER BY created_at, id", states).fetchall()
+                                      f"({','.join('?' * len(UNFINISHED_STATES))}) ORDER BY created_at, id",
+                                      UNFINISHED_STATES).fetchall()
             ended = set(self._pending)
         return [(r["id"], r["owner"], r["client"]) for r in rows if r["id"] not in ended]
 
@@ -681,10 +684,9 @@ class JobStore:
     def job_writing_to(self, output: str) -> str | None:
         """The id of an unfinished job whose request names `output`, if any."""
         self._refuse()
-        states = [s.value for s in JobState if not s.terminal]
         with self._lock:
             rows = self._conn.execute(f"SELECT id, request FROM jobs WHERE state IN "
-                                      f"({','.join('?' * len(states))})", states).fetchall()
+                                      f"({','.join('?' * len(UNFINISHED_STATES))})", UNFINISHED_STATES).fetchall()
             ended = set(self._pending)
         for r in rows:
             if r["id"] in ended:
@@ -803,7 +805,7 @@ class JobStore:
                     row = {"state": None}
                 if row is None:
                     raise JobNotFound(f"no job with id {job_id!r}", job_id=job_id) from e
-                if row["state"] in {s.value for s in JobState if s.terminal} or job_id in self._pending:
+                if row["state"] in TERMINAL_STATES or job_id in self._pending:
                     return False
                 self._pending[job_id] = end
                 self._save_spill_locked()
@@ -834,10 +836,10 @@ class JobStore:
         """Remove a finished job's record (its row, chunks and stage times) where its last change is older than
         `ended_before`: retention of records (`LIPSYNC_RECORD_RETENTION_DAYS`). An unfinished job, or one changed
         since, is kept. Whether it was removed."""
-        terminal = [s.value for s in JobState if s.terminal]
         with self._tx(job_id) as c:
             gone = c.execute(f"DELETE FROM jobs WHERE id = ? AND updated_at < ? AND state IN "
-                             f"({', '.join('?' * len(terminal))})", (job_id, ended_before.isoformat(), *terminal))
+                             f"({', '.join('?' * len(TERMINAL_STATES))})",
+                             (job_id, ended_before.isoformat(), *TERMINAL_STATES))
             if gone.rowcount:
                 c.execute("DELETE FROM chunks WHERE job_id = ?", (job_id,))
                 c.execute("DELETE FROM stages WHERE job_id = ?", (job_id,))
