@@ -129,13 +129,18 @@ def test_an_embedded_rays_sessions_live_in_a_private_directory(tmp_path):
             private_ray_root(str(other))
 
 
-def test_the_ingress_temporary_directory_is_this_users_own(tmp_path):
+def test_the_ingress_temporary_directory_is_this_users_own(tmp_path, monkeypatch):
     """Uploads in flight pass through the ingress's temporary directory, at a predictable path in
     a shared /tmp: one another user made first (or a link planted there) is not used."""
     import os
     import stat
+    import tempfile
 
     from service.backend import private_dir
+
+    fallback = tmp_path / "tmp"  # where the private ones are made (not the machine's /tmp: one per run stayed there)
+    fallback.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(fallback))
 
     mine = private_dir(tmp_path / "mine")
     assert mine == tmp_path / "mine" and stat.S_IMODE(os.stat(mine).st_mode) == 0o700
@@ -144,8 +149,8 @@ def test_the_ingress_temporary_directory_is_this_users_own(tmp_path):
         theirs.mkdir(mode=0o777)
         os.chown(theirs, 4242, 4242)  # made by another user first
         other = private_dir(theirs)
-        assert other != theirs and stat.S_IMODE(os.stat(other).st_mode) == 0o700
+        assert other != theirs and other.parent == fallback and stat.S_IMODE(os.stat(other).st_mode) == 0o700
     target = tmp_path / "elsewhere"
     target.mkdir()
     (tmp_path / "planted").symlink_to(target)
-    assert private_dir(tmp_path / "planted") != tmp_path / "planted"
+    assert private_dir(tmp_path / "planted").parent == fallback
