@@ -34,6 +34,7 @@ def create_app(settings: Settings, gateway) -> FastAPI:
     app.include_router(web.router)  # public: the page `/` and its files `/static/...`
     app.include_router(sessions.router)
     app.include_router(sessions.public_router)  # the socket and the stream: the session's own token
-    app.include_router(compat.router)  # last: its result route matches `<any prefix>temp/<code>-r.mp4`
+    app.include_router(compat.router)  # the last HTTP routes: its result route matches `<any prefix>temp/<code>-r.mp4`
+    app.include_router(sessions.unknown_socket_router)  # (WebSocket paths only)
     app.openapi = lambda: openapi_with_one_error_body(app)
     return app

@@ -444,4 +444,12 @@ def test_malformed_requests_get_4xx_in_the_api_shape(service, http):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=30)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404, closed.value
+    # a socket at a path that is none (a typo, a path of an older client): refused the same way, naming the socket
+    # there is (uvicorn answered Starlette's unmatched socket with a bare HTTP 403, read as a token refusal)
+    for path in ("/v1/sessions/abc/audio/extra", "/v1/session/abc/audio", "/ws"):
+        with connect(service.url.replace("http://", "ws://") + path, open_timeout=30) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        said = closed.value.rcvd
+        assert said is not None and said.code == 4404 and "/v1/sessions/{id}/audio" in said.reason, closed.value
     assert http.get("/readyz").status_code == 200

@@ -706,6 +706,19 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     await websocket.close(code, data.decode(errors="ignore"))
 
 
+#: WebSocket paths no route matches: the app's last router (Starlette answered them with a bare HTTP 403, read as a
+#: token refusal)
+unknown_socket_router = APIRouter(include_in_schema=False)
+
+
+@unknown_socket_router.websocket("/{path:path}")
+async def unknown_socket(websocket: WebSocket, path: str) -> None:
+    """A socket at a path that is none: refused as the audio socket refuses, accepted and closed with 4404 and a
+    reason naming the one socket there is."""
+    await websocket.accept()
+    await _close(websocket, 4404, "no WebSocket at this path: the audio socket is /v1/sessions/{id}/audio?token=")
+
+
 @public_router.websocket("/{session_id}/audio")
 async def audio_socket(websocket: WebSocket, session_id: str) -> None:
     """Binary messages: PCM s16le mono at the session's rate, any size; text `{"type": "end"}` ends
