@@ -1344,3 +1344,36 @@ def test_a_reloaded_live_tab_shows_the_session_it_ended_and_its_recording(chromi
         assert "ended at once" in page.inner_text("#live-note"), page.inner_text("#live-note")
     finally:
         page.close()
+
+
+@pytest.mark.service
+def test_forgetting_the_token_during_a_live_session_ends_the_session(chromium_executable, service, live_avatar,
+                                                                     browser):
+    """"forget" (the token) during a live session reloaded the page with the token already gone: the session's end,
+    sent as the page left, went without it, was refused, and the session ran on (holding a live slot) until its idle
+    timeout. The end goes with the token now; the token goes as the page does. (A real session: Playwright sees no
+    request sent as a page unloads.)"""
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=30)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    sid = None
+    try:
+        sign_in(page, service)
+        page.click("[data-tab=live]")
+        page.locator(f"#live-avatar option[value='{live_avatar}']").wait_for(state="attached", timeout=15_000)
+        page.select_option("#live-avatar", live_avatar)
+        page.click("#live-speak")
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=60_000)
+        sid = page.inner_text("#live-id").strip()
+        assert api.get(f"/v1/sessions/{sid}").json()["state"] in ("starting", "live")
+        asked: list[bool] = []
+        page.once("dialog", lambda dialog: (asked.append(True), dialog.accept()))  # (leaving ends the session: asked)
+        page.click("#token-forget")
+        page.locator("#token-form:not([hidden])").wait_for(timeout=15_000)  # the page again, without its token
+        view = wait_until(lambda: (lambda v: v if v["state"] not in ("starting", "live") else None)(
+            api.get(f"/v1/sessions/{sid}").json()), 20, 0.5, "the session to end")
+        assert asked == [True] and view["reason"] == "deleted", view
+    finally:
+        if sid:
+            api.delete(f"/v1/sessions/{sid}")
+        page.close()
+        api.close()

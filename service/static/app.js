@@ -298,7 +298,10 @@ function focusFirstControl() {
 }
 
 $("token-forget").addEventListener("click", () => {
-  sessionStorage.removeItem(TOKEN_KEY);
+  // the token goes as the page does, after what leaving sends with it: a live session's end (the Live tab's own
+  // `pagehide`, registered before this one) went out without a token, refused, and the session ran on until its
+  // idle timeout; a reload the page's question stops ("Leave site?") keeps the page and its token
+  window.addEventListener("pagehide", () => sessionStorage.removeItem(TOKEN_KEY));
   // what was read with the token (jobs, avatars, the open job and its player) leaves the screen with it
   history.replaceState(null, "", location.pathname + location.search);
   location.reload();
