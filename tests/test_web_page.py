@@ -1377,3 +1377,60 @@ def test_forgetting_the_token_during_a_live_session_ends_the_session(chromium_ex
             api.delete(f"/v1/sessions/{sid}")
         page.close()
         api.close()
+
+
+@pytest.mark.service
+def test_the_job_player_takes_a_fresh_watch_url_when_its_own_is_refused(chromium_executable, service, browser,
+                                                                        speech_wav, astronaut_video):
+    """The job's player asked its first signed watch URL again and again once the service refused it (the service's
+    API token changed under the page, or the URL expired): frozen at its first frames, even after the job had
+    succeeded, while the job's views carried a fresh URL. A refused stream now takes the newest view's URL, reading
+    the job again for it."""
+    import json
+
+    from cluster.hls import sign_watch, watch_key
+
+    api = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {service.token}"}, timeout=60)
+    refs = [api.post("/v1/uploads", files={"file": (Path(p).name, open(p, "rb"))}).json()["ref"]
+            for p in (speech_wav, astronaut_video)]
+    job_id = api.post("/v1/jobs", json={"audio": refs[0], "video": refs[1]}).json()["id"]
+    view = wait_until(lambda: (lambda v: v if v["state"] == "succeeded" else None)(
+        api.get(f"/v1/jobs/{job_id}").json()), 120, 0.5, "the job to succeed")
+    first = view["watch_url"]
+    fresh = re.sub(r"token=[^&]+", "token=" + sign_watch(watch_key(service.token), job_id, int(time.time()) + 3600),
+                   first)
+    assert fresh != first
+    refused: list[str] = []
+    asked: list[str] = []
+
+    def with_url(url: str) -> str:
+        return json.dumps({**view, "watch_url": url})
+
+    def job_view(route):  # the job's reads: its first URL until that was refused, then a fresh one
+        body = with_url(fresh if refused else first)
+        if route.request.url.endswith("/events"):
+            return route.fulfill(status=200, content_type="text/event-stream", body=f"event: status\ndata: {body}\n\n")
+        route.fulfill(status=200, content_type="application/json", body=body)
+
+    def stream(route):  # the first URL's segments refused as the service refuses a URL it no longer signs
+        asked.append(route.request.url)
+        if "token=" + first.split("token=")[1] in route.request.url and ".m3u8" not in route.request.url:
+            refused.append(route.request.url)
+            return route.fulfill(status=401, content_type="application/json", body='{"error": {"code": "auth"}}')
+        route.continue_()
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route(f"**/v1/jobs/{job_id}", job_view)
+        page.route(f"**/v1/jobs/{job_id}/events", job_view)
+        page.route(f"**/v1/jobs/{job_id}/hls/**", stream)
+        sign_in(page, service)
+        page.evaluate(f"location.hash = '#job={job_id}'")
+        page.locator("#job-state.s-succeeded").wait_for(timeout=20_000)
+        ready = "document.getElementById('player').readyState"
+        wait_until(lambda: page.evaluate(ready) >= 2 or None, 30, 0.2, "the player to have data")
+        assert refused, asked  # (the first URL was tried, and refused)
+        assert any(fresh.split("token=")[1] in url for url in asked), asked
+    finally:
+        page.close()
+        api.close()

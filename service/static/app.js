@@ -700,15 +700,42 @@ function startPlayer(job, url) {
     // a server that is away (a restart takes about a minute) is asked again for about 3 minutes; a fragment
     // that loads resets the count (it gave up after 15 s: the player stayed stuck once the job came back)
     let retries = 0;
+    job.playing = url;
+    // The stream's signed URL refused (401: it expired, or the service's API token changed under the page): the
+    // newest view's URL, else the job read again for one (the player asked the refused URL again and again, frozen,
+    // while the job's views carried a fresh one). A read that fails leaves the URL as it is: the next refusal asks
+    // again, and the retries below go on.
+    let refreshing = false;
+    async function freshUrl() {
+      if (refreshing) return;
+      refreshing = true;
+      try {
+        let fresh = job.view && job.view.watch_url;
+        if (!fresh || fresh === job.playing) {
+          fresh = (await apiJson("/v1/jobs/" + encodeURIComponent(job.id))).watch_url;
+        }
+        if (!job.closed && fresh && fresh !== job.playing) {
+          job.playing = fresh;
+          hls.loadSource(fresh);
+        }
+      } catch (err) {
+        console.warn("reading job " + job.id + " for a fresh stream URL:", err);
+      } finally {
+        refreshing = false;
+      }
+    }
     hls.on(window.Hls.Events.MANIFEST_PARSED, () => play(video));
     hls.on(window.Hls.Events.FRAG_LOADED, () => { retries = 0; });
     hls.on(window.Hls.Events.ERROR, (_event, data) => {
-      if (!data.fatal || job.closed) return;
+      if (job.closed) return;
+      if (data.response && data.response.code === 401) freshUrl();
+      if (!data.fatal) return;
       if (data.type === window.Hls.ErrorTypes.MEDIA_ERROR) {
         hls.recoverMediaError();
       } else if (retries < 40) {
         retries += 1;
-        setTimeout(() => job.closed || hls.startLoad(), Math.min(1000 * retries, 5000));
+        const playing = job.playing; // (a fresh URL loaded meanwhile has started loading itself)
+        setTimeout(() => job.closed || job.playing !== playing || hls.startLoad(), Math.min(1000 * retries, 5000));
       } else {
         const note = $("player-note");
         note.textContent = "The stream could not be played (" + data.details + "); download the mp4 when the job is done.";
