@@ -1210,38 +1210,50 @@ def test_a_template_that_drops_frames_late_is_not_taken_as_constant_rate(tmp_pat
     assert reusable_as_is(str(steady), steady_info, settings) == 400
 
 
-def test_an_hdr_template_is_brought_to_sdr_or_refused_by_name(tmp_path, settings, monkeypatch):
+@pytest.mark.parametrize("transfer", ["arib-std-b67", "smpte2084"])
+def test_an_hdr_template_is_brought_to_sdr_or_refused_by_name(tmp_path, settings, monkeypatch, transfer):
     """A phone's default video is HDR (HLG, 10-bit, BT.2020): cut to 8 bits as it was, it played washed
     out. It is tone-mapped to SDR BT.709 when normalised (never used as is, nor its faces found on its
-    own frames), and refused with its transfer named where ffmpeg has no zscale/tonemap."""
+    own frames), its reference white (ITU-R BT.2408's 203 cd/m², where phones put it: 75 % of the HLG signal)
+    as SDR's white: with 100 cd/m² there, a probe's HLG and PQ clips came out 31 levels too bright on average, faces
+    near white. Refused with its transfer named where ffmpeg has no zscale/tonemap."""
     import cv2
 
     from cluster.errors import InputError
     from cluster.media import normalize as normalize_module
     from cluster.media.normalize import frames_map_one_to_one, reusable_as_is
+    from cluster.synth import astronaut_template
 
+    # a face (a test pattern's saturated bars measure the gamut's round trip, not the brightness)
+    picture = astronaut_template(str(tmp_path / "face.mp4"), seconds=1.0, size=(320, 240), settings=settings)
     sdr = tmp_path / "sdr.png"
-    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=1", "-frames:v", "1", str(sdr)],
-               timeout=60, settings=settings)
-    hlg = tmp_path / "hlg.mp4"
-    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25:duration=1",
-                "-vf", "zscale=tin=bt709:min=bt709:pin=bt709:t=arib-std-b67:m=bt2020nc:p=bt2020:r=tv,"
+    run_ffmpeg(["-i", picture, "-frames:v", "1", str(sdr)], timeout=60, settings=settings)
+    hdr = tmp_path / "hdr.mp4"  # the SDR picture placed in HDR as BT.2408 says: its white at 203 cd/m²
+    run_ffmpeg(["-i", picture,
+                "-vf", f"zscale=tin=bt709:min=bt709:pin=bt709:t={transfer}:m=bt2020nc:p=bt2020:r=tv:npl=203,"
                 "format=yuv420p10le",
-                "-c:v", "libx264", "-g", "10", "-color_trc", "arib-std-b67", "-color_primaries", "bt2020",
-                "-colorspace", "bt2020nc", str(hlg)], timeout=60, settings=settings)
-    info = probe(str(hlg), settings)
-    assert info.video.hdr_transfer == "arib-std-b67"
-    assert not frames_map_one_to_one(str(hlg), info) and reusable_as_is(str(hlg), info, settings) is None
-    template = normalize_template(str(hlg), settings)
+                "-c:v", "libx264", "-g", "10", "-color_trc", transfer, "-color_primaries", "bt2020",
+                "-colorspace", "bt2020nc", str(hdr)], timeout=60, settings=settings)
+    info = probe(str(hdr), settings)
+    assert info.video.hdr_transfer == transfer
+    assert not frames_map_one_to_one(str(hdr), info) and reusable_as_is(str(hdr), info, settings) is None
+    template = normalize_template(str(hdr), settings)
     assert template.info.video.pix_fmt == "yuv420p" and template.info.video.hdr_transfer is None
     with av.open(template.path) as c:
         first = next(c.decode(video=0)).to_ndarray(format="bgr24").astype(float)
     reference = cv2.imread(str(sdr)).astype(float)
-    assert np.abs(first - reference).mean() < 25  # the SDR picture the HLG clip was made from
+    difference = first - reference  # the SDR picture the HDR clip was made from: not brighter (30 levels), nor darker
+    assert np.abs(difference).mean() < 6 and abs(difference.mean()) < 3, (np.abs(difference).mean(), difference.mean())
+    # one made by the recipe before (its white at 100 cd/m²: too bright) is made again, not taken from the cache
+    from cluster.media.normalize import RECIPE_FILE
+
+    (Path(template.path).parent / RECIPE_FILE).write_text("3")
+    assert normalize_template(str(hdr), settings).cached is False
+    assert normalize_template(str(hdr), settings).cached is True
     monkeypatch.setattr(normalize_module, "ffmpeg_has_filters", lambda *names, settings=None: False)
-    other = tmp_path / "hlg-2.mp4"
-    other.write_bytes(hlg.read_bytes() + b"\0")  # another content id: not the cached template
-    with pytest.raises(InputError, match="HDR video .transfer arib-std-b67.") as refused:
+    other = tmp_path / "hdr-2.mp4"
+    other.write_bytes(hdr.read_bytes() + b"\0")  # another content id: not the cached template
+    with pytest.raises(InputError, match=f"HDR video .transfer {transfer}.") as refused:
         normalize_template(str(other), settings)
     assert refused.value.code == "input.unsupported" and refused.value.path == str(other)
 
