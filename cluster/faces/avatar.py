@@ -219,6 +219,7 @@ def _prepare(source: str, template_id: str, s: Settings, detector: MTCNNDetector
         track = build_track(detections, (video.width, video.height), s.min_face_fraction,
                             path_for_errors=source, fps=float(video.fps))
     except NoFace as e:  # a damaged file's garbled frames show no face: the damage is the news
+        _raise_if_turned(detector, template.path, detections, source, s)
         said = template.decode_error or decode_error(source, s, probe_video(source, s).video.stream)  # (cached,
         # or used as it was: asked now, of the stream that is the template)
         if said:
@@ -265,6 +266,43 @@ def _check_upright(detector: MTCNNDetector, template_path: str, track, source: s
         raise FaceSideways(f"the face in {source} lies {lies} (its eyes {abs(roll):.0f} degrees from level): "
                            f"lip-sync needs a face within {MAX_FACE_ROLL_DEG:.0f} degrees of upright; turn the video "
                            f"{how} (or correct its rotation metadata)", path=source)
+
+
+#: Frames without a face in which a turned face is looked for, when too few show one (`_raise_if_turned`)
+TURNED_SAMPLES = 3
+#: (cv2.rotate's code, how the video is to be turned so that the face is upright, how the face lies)
+TURNS = ((1, "half a turn", "upside down"),  # cv2.ROTATE_180
+         (0, "a quarter clockwise", "on its side"),  # cv2.ROTATE_90_CLOCKWISE
+         (2, "a quarter counter-clockwise", "on its side"))  # cv2.ROTATE_90_COUNTERCLOCKWISE
+
+
+def _raise_if_turned(detector: MTCNNDetector, template_path: str, detections: list[list[FaceDetection]],
+                     source: str, s: Settings) -> None:
+    """`FaceSideways` where the frames too few of which showed a face show one turned: an upside-down face (a
+    phone clip whose rotation flag was lost) is found by MTCNN on a quarter of its frames, and was refused as no
+    face, where the fix is a half turn. The turn that shows an upright face (`MTCNNDetector.roll_degrees`: one on
+    its side turned half a turn is still on its side) on most of `TURNED_SAMPLES` faceless frames spread over the
+    template decides; none: the `NoFace` stands."""
+    import cv2
+
+    faceless = [i for i, found in enumerate(detections) if not found]
+    if not faceless:
+        return
+    picks = sorted({faceless[len(faceless) * (2 * k + 1) // (2 * TURNED_SAMPLES)] for k in range(TURNED_SAMPLES)})
+    with TemplateReader(template_path, s) as reader:
+        frames = reader.read(picks)
+
+    def upright(frame: np.ndarray) -> bool:  # a face there, and upright (MTCNN finds faces on their side too)
+        faces = detector.detect(frame)
+        roll = detector.roll_degrees(frame, faces[0].box) if faces else None
+        return roll is not None and abs(roll) < MAX_FACE_ROLL_DEG
+
+    for code, how, lies in TURNS:
+        shown = sum(1 for frame in frames if upright(cv2.rotate(np.ascontiguousarray(frame), code)))
+        if shown * 2 > len(frames):
+            raise FaceSideways(f"the face in {source} lies {lies}: turned {how}, {shown} of {len(frames)} frames where "
+                               f"none was found show an upright face; lip-sync needs an upright face: turn the video "
+                               f"{how} (or correct its rotation metadata)", path=source)
 
 
 def _return_freed_memory() -> None:
