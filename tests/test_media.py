@@ -664,6 +664,15 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     Image.new("RGB", (2 * settings.max_width, 64)).save(wide)
     v = probe_video(wide, settings).video
     assert (v.width, v.height) == (settings.max_width, 32), v
+    # a phone's 4:3 photo within the limits' sides, but larger than a frame of H.264 level 5.1 (which phones' and
+    # Windows' own decoders stop at): a 4096x3072 photo made a video of level 6.0
+    large = tmp_path / "large.jpg"
+    Image.new("RGB", (4096, 3072), (90, 120, 150)).save(large)
+    template = normalize_template(str(large), settings)
+    v = template.info.video
+    assert abs(v.width / v.height - 4 / 3) < 0.01 and -(-v.width // 16) * -(-v.height // 16) <= 36864, v
+    with av.open(template.path) as c:
+        assert c.streams.video[0].codec_context.level <= 51, c.streams.video[0].codec_context.level
     huge = tmp_path / "huge.png"  # more than 4x larger: refused
     Image.new("RGB", (4 * settings.max_width + 2, 16)).save(huge)
     from PIL import PngImagePlugin as PngImageFile

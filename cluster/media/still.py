@@ -10,6 +10,7 @@ WebP is refused by name (convert it to a video); a 16-bit greyscale PNG is broug
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from fractions import Fraction
@@ -113,10 +114,26 @@ def _displayed_size(image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
+#: The most 16x16 macroblocks a frame of H.264 level 5.1 holds (4096x2304, 3840x2160 and smaller fit): a photo's
+#: template is made no larger, so that its video plays where level 6 does not (phones' hardware decoders and Windows'
+#: own stop at 5.1 or 5.2): a 48 MP photo (8000x6000) fitted to 4096x4096 alone made a 4096x3072 video of level 6.0
+LEVEL_51_MACROBLOCKS = 36864
+
+
+def _macroblocks(width: int, height: int) -> int:
+    return -(-width // 16) * -(-height // 16)
+
+
 def _fitted(width: int, height: int, settings: Settings) -> tuple[int, int]:
-    """A photo's size scaled down (aspect kept) to fit within the template limits, else as it is."""
-    scale = min(1.0, settings.max_width / width, settings.max_height / height)
-    return (width, height) if scale >= 1.0 else (max(2, int(width * scale)), max(2, int(height * scale)))
+    """A photo's size scaled down (aspect kept) to fit within the template limits and H.264 level 5.1's frame
+    (`LEVEL_51_MACROBLOCKS`), else as it is."""
+    scale = min(1.0, settings.max_width / width, settings.max_height / height,
+                math.sqrt(LEVEL_51_MACROBLOCKS * 256 / (width * height)))
+    fitted = (width, height) if scale >= 1.0 else (max(2, int(width * scale)), max(2, int(height * scale)))
+    while _macroblocks(*fitted) > LEVEL_51_MACROBLOCKS:  # (the blocks' rounding up: a few pixels less)
+        scale *= 0.995
+        fitted = (max(2, int(width * scale)), max(2, int(height * scale)))
+    return fitted
 
 
 def _format_of(p: str) -> str:
