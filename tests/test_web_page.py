@@ -1434,3 +1434,47 @@ def test_the_job_player_takes_a_fresh_watch_url_when_its_own_is_refused(chromium
     finally:
         page.close()
         api.close()
+
+
+@pytest.mark.service
+def test_render_from_the_keyboard_leaves_the_focus_on_the_new_job_or_the_field_refused(chromium_executable, service,
+                                                                                      browser, tmp_path):
+    """Render disables its button while it sends: the focus fell to BODY (a screen reader lost its place, a probe).
+    It lands on the new job's card heading, or on the field the service refused."""
+    import json
+
+    from cluster.schemas import JobView, utcnow
+
+    accepted = json.dumps(JobView(id="keyboard-job", state="queued", stage="queued", progress=0.0, frames_done=0,
+                                  frames_total=0, created_at=utcnow(), updated_at=utcnow()).model_dump(mode="json"))
+    refusal = '{"error": {"code": "input.invalid", "message": "sync_mode: not a mode", "field": "sync_mode"}}'
+    answers = [(422, refusal), (202, accepted)]
+    audio, video = tmp_path / "speech.wav", tmp_path / "person.mp4"
+    audio.write_bytes(b"RIFF")  # (the answers are the test's: the files are not read)
+    video.write_bytes(b"\0")
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        page.route("**/v1/jobs", lambda route: route.fulfill(status=answers[0][0], content_type="application/json",
+                                                             body=answers.pop(0)[1])
+                   if route.request.method == "POST" else route.continue_())
+        page.route("**/v1/jobs/keyboard-job**", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                            body=accepted))
+        sign_in(page, service)
+        page.set_input_files("#audio", str(audio))
+        page.set_input_files("#video", str(video))
+
+        def focused() -> str:
+            return page.evaluate("document.activeElement.id || document.activeElement.tagName")
+
+        page.focus("#submit-button")
+        page.keyboard.press("Enter")
+        page.locator("#submit-error", has_text="not a mode").wait_for(timeout=10_000)
+        page.wait_for_function("document.getElementById('submit-button').textContent === 'Render'", timeout=10_000)
+        assert focused() == "sync-mode", focused()
+        page.focus("#submit-button")
+        page.keyboard.press("Enter")
+        page.locator("#job-id", has_text="keyboard-job").wait_for(timeout=10_000)
+        page.wait_for_function("document.getElementById('submit-button').textContent === 'Render'", timeout=10_000)
+        assert focused() == "job-title", focused()
+    finally:
+        page.close()

@@ -451,6 +451,7 @@ $("submit-form").addEventListener("submit", async (e) => {
   button.textContent = "Uploading…";
   bar.value = 0;
   bar.hidden = false;
+  let focusOn = button;
   try {
     const accepted = await upload("/v1/jobs", form, (fraction) => {
       bar.value = fraction;
@@ -458,14 +459,19 @@ $("submit-form").addEventListener("submit", async (e) => {
     }, 600000);
     openJob(accepted.id);
     loadJobs(false);
+    focusOn = $("job-title");
   } catch (err) {
     markInvalid(err.field);
     showError(error, inLabelWords(err, RENDER_FIELDS));
+    if (err.field && RENDER_FIELDS[err.field]) focusOn = $(RENDER_FIELDS[err.field][0]);
   } finally {
     button.disabled = false;
     button.textContent = "Render";
     bar.hidden = true;
   }
+  // the button, disabled while it sent, let the focus fall to BODY (a screen reader lost its place): on the new
+  // job's card, else on the field refused, else on the button again; not where the user has gone meanwhile
+  if (document.activeElement === document.body || document.activeElement === button) focusOn.focus();
 });
 
 // --- one job: progress, player, download ---------------------------------------------------
