@@ -462,8 +462,8 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
                  settings: Settings | None = None) -> None:
     """Take the app down; an embedded Ray goes with it (unfinished jobs resume on the next start).
 
-    Embedded, with `settings`: its running live sessions are ended first (`end_live_sessions`, reason
-    `service_stopped`), as they cannot resume on the next start.
+    With `settings`, embedded or on a joined cluster where this process deployed the app: its running live sessions
+    are ended first (`end_live_sessions`, reason `service_stopped`), as they cannot resume on the next start.
 
     Embedded: Serve's controller gets `serve_budget_s` to stop the app and the proxies (requests
     in flight may finish), then `ray.shutdown` ends every process of the tree: a SIGTERM stops
@@ -478,7 +478,10 @@ def stop_service(embedded: bool, serve_budget_s: float = SERVE_STOP_BUDGET_S, ow
 
     from actors.runtime import embedded_ray_lost, kill_embedded_ray
 
-    if embedded and settings is not None and not end_live_sessions(settings) and owner_mark is not None:
+    # (on a joined cluster too, where this service deployed the app it deletes: its sessions' socket and stream go
+    # with the app, and they ran on unreachable until their idle timeout, `lipsync live` cut off with a 500, a probe)
+    ended = end_live_sessions(settings) if settings is not None and (embedded or _deployed) else True
+    if embedded and not ended and owner_mark is not None:
         # its GCS answers nothing (stopping: a SIGTERM to the whole process group, as systemd sends it): Serve's
         # controller and Ray's shutdown would wait on it in turn (9 s, past the 10 s with the rest)
         kill_embedded_ray(owner_mark)

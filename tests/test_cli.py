@@ -1183,3 +1183,29 @@ def test_the_start_names_as_resumed_only_the_jobs_admitted_before_it(monkeypatch
     said = cli._unfinished_jobs("http://api.test", Settings(), before=started)
     assert said == ["naive-time", "from-before"], said
     assert cli._unfinished_jobs("http://api.test", Settings()) == ["naive-time", "from-before", "sent-now"]
+
+
+def test_a_joined_services_stop_ends_its_live_sessions_where_it_deployed_the_app(monkeypatch, tmp_path):
+    """A joined service's stop deletes the app it deployed, and with it its live sessions' socket and stream: they
+    ran on unreachable until their idle timeout, `lipsync live` cut off with a 500 (a probe). They are ended as an
+    embedded service's are (`service_stopped`); a stop that found another's app running (not deployed) leaves its
+    sessions. (By hand on a loopback `ray start --head`: `lipsync live` said `session.ended ... service_stopped` at
+    once, the session read `ended` with its recording after the next start.)"""
+    import ray
+    from ray import serve
+
+    from cluster.config import Settings
+    from service import launch
+
+    ended: list[str] = []
+    monkeypatch.setattr(launch, "end_live_sessions", lambda settings, *a, **k: ended.append("ended") or True)
+    monkeypatch.setattr(serve, "delete", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "_forget_deployer", lambda settings: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    settings = Settings(storage_root=tmp_path)
+    monkeypatch.setattr(launch, "_deployed", True)
+    launch.stop_service(False, settings=settings)
+    assert ended == ["ended"]
+    monkeypatch.setattr(launch, "_deployed", False)
+    launch.stop_service(False, settings=settings)
+    assert ended == ["ended"]
