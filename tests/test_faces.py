@@ -498,6 +498,16 @@ def test_a_face_lying_on_its_side_is_refused_and_a_tilted_one_rendered(tmp_path,
         prepare_avatar(str(made["other_side"]), settings)
     with pytest.raises(FaceSideways, match=r"upside_down.mp4 lies upside down.* turn the video half a turn"):
         prepare_avatar(str(made["upside_down"]), settings)
+    # found on enough frames to make a track, an upside-down face reads 100-106 degrees from level: it was said to
+    # lie on its side, "turn a quarter" (a review); the turn that shows it upright says
+    with pytest.raises(FaceSideways, match=r"upside_down.mp4 lies upside down .* turn the video half a turn"):
+        prepare_avatar(str(made["upside_down"]), settings.model_copy(update={"min_face_fraction": 0.3}))
+    # a template over 250 frames is first looked at in 12 frames spread over it: none with a face was no face
+    longer = tmp_path / "other_side_long.mp4"
+    subprocess.run([ffmpeg_binary(settings), "-v", "error", "-stream_loop", "5", "-i", str(made["other_side"]),
+                    "-c", "copy", str(longer)], check=True, timeout=60)
+    with pytest.raises(FaceSideways, match=r"other_side_long.mp4 lies on its side.* a quarter clockwise"):
+        prepare_avatar(str(longer), settings)
     tilted = prepare_avatar(str(made["tilted"]), settings)
     eyes = tilted.load_track().landmarks[:, 1] - tilted.load_track().landmarks[:, 0]  # left eye to right eye
     roll = np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0]))

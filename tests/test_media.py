@@ -673,6 +673,10 @@ def test_a_photo_is_a_one_frame_template_upright_and_checked_before_decoding(med
     assert abs(v.width / v.height - 4 / 3) < 0.01 and -(-v.width // 16) * -(-v.height // 16) <= 36864, v
     with av.open(template.path) as c:
         assert c.streams.video[0].codec_context.level <= 51, c.streams.video[0].codec_context.level
+    from cluster.media.normalize import RECIPE_FILE  # one made before (4096x3072: level 6.0) is made again
+
+    (Path(template.path).parent / RECIPE_FILE).write_text("3")
+    assert normalize_template(str(large), settings).cached is False
     huge = tmp_path / "huge.png"  # more than 4x larger: refused
     Image.new("RGB", (4 * settings.max_width + 2, 16)).save(huge)
     from PIL import PngImagePlugin as PngImageFile

@@ -1365,6 +1365,13 @@ def test_forgetting_the_token_during_a_live_session_ends_the_session(chromium_ex
         page.locator("#live-stop:not([disabled])").wait_for(timeout=60_000)
         sid = page.inner_text("#live-id").strip()
         assert api.get(f"/v1/sessions/{sid}").json()["state"] in ("starting", "live")
+        # "Stay" at the browser's question: the page, its token and its session stay (and the wish lapses)
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#token-forget")
+        page.wait_for_timeout(3500)
+        assert page.evaluate("sessionStorage.getItem('lipsync.token')") == service.token
+        assert page.evaluate("forgetting") is False and page.is_hidden("#token-form")
+        assert api.get(f"/v1/sessions/{sid}").json()["state"] in ("starting", "live")
         asked: list[bool] = []
         page.once("dialog", lambda dialog: (asked.append(True), dialog.accept()))  # (leaving ends the session: asked)
         page.click("#token-forget")

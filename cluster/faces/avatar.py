@@ -263,6 +263,11 @@ def _check_upright(detector: MTCNNDetector, template_path: str, track, source: s
         how = ("half a turn" if abs(roll) >= 135 else
                f"a quarter {'counter-clockwise' if roll > 0 else 'clockwise'}")
         lies = "upside down" if abs(roll) >= 135 else "on its side"
+        # (an upside-down face MTCNN finds reads 100-106 degrees: "on its side, a quarter" was the wrong advice,
+        # a review; the turn that shows it upright says)
+        turned = _turn_showing_upright(detector, frames)
+        if turned is not None:
+            how, lies, _ = turned
         raise FaceSideways(f"the face in {source} lies {lies} (its eyes {abs(roll):.0f} degrees from level): "
                            f"lip-sync needs a face within {MAX_FACE_ROLL_DEG:.0f} degrees of upright; turn the video "
                            f"{how} (or correct its rotation metadata)", path=source)
@@ -276,23 +281,13 @@ TURNS = ((1, "half a turn", "upside down"),  # cv2.ROTATE_180
          (2, "a quarter counter-clockwise", "on its side"))  # cv2.ROTATE_90_COUNTERCLOCKWISE
 
 
-def _raise_if_turned(detector: MTCNNDetector, template_path: str, detections: list[list[FaceDetection]],
-                     source: str, s: Settings) -> None:
-    """`FaceSideways` where the frames too few of which showed a face show one turned: an upside-down face (a
-    phone clip whose rotation flag was lost) is found by MTCNN on a quarter of its frames, and was refused as no
-    face, where the fix is a half turn. The turn that shows an upright face (`MTCNNDetector.roll_degrees`: one on
-    its side turned half a turn is still on its side) on most of `TURNED_SAMPLES` faceless frames spread over the
-    template decides; none: the `NoFace` stands."""
+def _turn_showing_upright(detector: MTCNNDetector, frames: list[np.ndarray]) -> tuple[str, str, int] | None:
+    """(how the video is to be turned, how the face lies, on how many of `frames`) for the first of `TURNS` that
+    shows an upright face (`MTCNNDetector.roll_degrees`: one on its side turned half a turn is still on its side)
+    on most of `frames`; None where none does."""
     import cv2
 
-    faceless = [i for i, found in enumerate(detections) if not found]
-    if not faceless:
-        return
-    picks = sorted({faceless[len(faceless) * (2 * k + 1) // (2 * TURNED_SAMPLES)] for k in range(TURNED_SAMPLES)})
-    with TemplateReader(template_path, s) as reader:
-        frames = reader.read(picks)
-
-    def upright(frame: np.ndarray) -> bool:  # a face there, and upright (MTCNN finds faces on their side too)
+    def upright(frame: np.ndarray) -> bool:
         faces = detector.detect(frame)
         roll = detector.roll_degrees(frame, faces[0].box) if faces else None
         return roll is not None and abs(roll) < MAX_FACE_ROLL_DEG
@@ -300,9 +295,33 @@ def _raise_if_turned(detector: MTCNNDetector, template_path: str, detections: li
     for code, how, lies in TURNS:
         shown = sum(1 for frame in frames if upright(cv2.rotate(np.ascontiguousarray(frame), code)))
         if shown * 2 > len(frames):
-            raise FaceSideways(f"the face in {source} lies {lies}: turned {how}, {shown} of {len(frames)} frames where "
-                               f"none was found show an upright face; lip-sync needs an upright face: turn the video "
-                               f"{how} (or correct its rotation metadata)", path=source)
+            return how, lies, shown
+    return None
+
+
+def _raise_turned(detector: MTCNNDetector, frames: list[np.ndarray], source: str) -> None:
+    """`FaceSideways` where `frames`, in which no face was found, show an upright one turned (`_turn_showing_upright`):
+    an upside-down face (a phone clip whose rotation flag was lost) is found by MTCNN on a quarter of its frames, one
+    on its side on one in 50, and was refused as no face, where the fix is a turn."""
+    turned = _turn_showing_upright(detector, frames) if frames else None
+    if turned is not None:
+        how, lies, shown = turned
+        raise FaceSideways(f"the face in {source} lies {lies}: turned {how}, {shown} of {len(frames)} frames where "
+                           f"none was found show an upright face; lip-sync needs an upright face: turn the video "
+                           f"{how} (or correct its rotation metadata)", path=source)
+
+
+def _raise_if_turned(detector: MTCNNDetector, template_path: str, detections: list[list[FaceDetection]],
+                     source: str, s: Settings) -> None:
+    """`_raise_turned` on `TURNED_SAMPLES` of the template's frames without a face, spread over them (too few
+    frames showed one)."""
+    faceless = [i for i, found in enumerate(detections) if not found]
+    if not faceless:
+        return
+    picks = sorted({faceless[len(faceless) * (2 * k + 1) // (2 * TURNED_SAMPLES)] for k in range(TURNED_SAMPLES)})
+    with TemplateReader(template_path, s) as reader:
+        frames = reader.read(picks)
+    _raise_turned(detector, list(frames), source)
 
 
 def _return_freed_memory() -> None:
@@ -330,9 +349,13 @@ def _check_a_face_is_there(detector: MTCNNDetector, source: str, info: MediaInfo
     if total <= FACE_SAMPLE_FROM_FRAMES or v.rotation or v.stream != 0:  # (upright frames of the first stream only:
         return  # a rotated one's are sideways, and MTCNN finds no face on its side)
     step = total / FACE_SAMPLES
-    for batch in iter_frames(source, 1, s, only={int(k * step) for k in range(FACE_SAMPLES)}):
+    kept = []  # (every fourth sample: looked at turned, before the refusal, as `_raise_if_turned` does)
+    for n, batch in enumerate(iter_frames(source, 1, s, only={int(k * step) for k in range(FACE_SAMPLES)})):
         if detector.detect(batch[0]):
             return
+        if n % (FACE_SAMPLES // TURNED_SAMPLES) == FACE_SAMPLES // TURNED_SAMPLES // 2:
+            kept.append(batch[0])
+    _raise_turned(detector, kept, source)
     raise NoFace(f"no face found in {source}: none in {FACE_SAMPLES} frames spread over its {total} frames (at least "
                  f"{s.min_face_fraction:.0%} of frames must show the face)", path=source)
 

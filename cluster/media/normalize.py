@@ -58,9 +58,10 @@ def template_path_for(template_id: str, settings: Settings) -> Path:
 
 #: What normalising does, by version: 2 deinterlaces an interlaced source and takes the default of several
 #: video streams; 3 lays a transparent one on white; 4 tone-maps HDR with its reference white at SDR's white
-#: (`TONEMAP_TO_SDR`). Written beside each template it makes (`RECIPE_FILE`), so
-#: that one made before, from a source that needs more, is made again (its content id is the source's bytes: a
-#: cache hit kept the combing, the proxy or the colour under the transparent pixels)
+#: (`TONEMAP_TO_SDR`) and fits a photo within H.264 level 5.1's frame (`cluster.media.still`). Written beside
+#: each template it makes (`RECIPE_FILE`), so that one made before, from a source that needs more, is made again
+#: (its content id is the source's bytes: a cache hit kept the combing, the proxy or the colour under the
+#: transparent pixels)
 RECIPE = 4
 RECIPE_FILE = "recipe"
 
@@ -81,7 +82,7 @@ def made_before_recipe(template: Path, source_info: MediaInfo) -> bool:
         return False
     v = source_info.video
     if v is not None and ((made < 2 and (v.interlaced or v.stream)) or (made < 3 and v.alpha)
-                          or (made < 4 and v.hdr_transfer)):
+                          or (made < 4 and (v.hdr_transfer or v.frame_count == 1))):  # (a photo: fitted anew)
         return True
     try:
         mark_recipe(template)  # (the next use reads the mark, not the source)
@@ -287,12 +288,13 @@ def frames_map_one_to_one(source: str, info: MediaInfo) -> bool:
 
 #: HDR (PQ or HLG) to SDR BT.709: linear light with HDR's reference white (ITU-R BT.2408: 203 cd/m², 75 % of
 #: the HLG signal, where phones put a white wall or paper) as SDR's white, BT.709 primaries, Mobius's curve
-#: (linear up to 70 % of the peak, highlights above compressed, where Hable's curve darkened faces by a third),
-#: BT.709 transfer, limited range. (With 100 cd/m² as SDR's white, a probe's phone-style HLG and PQ clips came
-#: out 31 levels too bright on average, faces washed out to near white.)
+#: (linear up to 0.9 of that white, what is brighter compressed below it: with 0.7 a white wall came back at 221
+#: of 235, now 5 levels under white; Hable's curve darkened faces by a third), BT.709 transfer, limited range.
+#: (With 100 cd/m² as SDR's white, a probe's phone-style HLG and PQ clips came out 31 levels too bright on
+#: average, faces washed out to near white.)
 HDR_REFERENCE_WHITE_NITS = 203
 TONEMAP_TO_SDR = (f"zscale=t=linear:npl={HDR_REFERENCE_WHITE_NITS},format=gbrpf32le,zscale=p=bt709,"
-                  "tonemap=tonemap=mobius:param=0.7:desat=0,zscale=t=bt709:m=bt709:r=tv,")
+                  "tonemap=tonemap=mobius:param=0.9:desat=0,zscale=t=bt709:m=bt709:r=tv,")
 
 
 def sdr_filters(source: str, info: MediaInfo, settings: Settings) -> str:

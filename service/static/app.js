@@ -297,11 +297,21 @@ function focusFirstControl() {
   if (first || tab) (first || tab).focus();
 }
 
+// The token goes as the page does, after what leaving sends with it: a live session's end (the Live tab's own
+// `pagehide`) went out without a token, refused, and the session ran on until its idle timeout. So the listener that
+// removes it is added at the first click, after the Live tab's (live.js loads after this file). A reload the page's
+// question stops ("Leave site?") keeps the page and its token: the wish lapses once the page is seen to stay
+// (timers do not run while the question is asked, nor once the page has gone).
+let forgetting = false;
+let forgetOnLeaving = null;
+
 $("token-forget").addEventListener("click", () => {
-  // the token goes as the page does, after what leaving sends with it: a live session's end (the Live tab's own
-  // `pagehide`, registered before this one) went out without a token, refused, and the session ran on until its
-  // idle timeout; a reload the page's question stops ("Leave site?") keeps the page and its token
-  window.addEventListener("pagehide", () => sessionStorage.removeItem(TOKEN_KEY));
+  forgetting = true;
+  setTimeout(() => { forgetting = false; }, 3000);
+  if (!forgetOnLeaving) {
+    forgetOnLeaving = () => { if (forgetting) sessionStorage.removeItem(TOKEN_KEY); };
+    window.addEventListener("pagehide", forgetOnLeaving);
+  }
   // what was read with the token (jobs, avatars, the open job and its player) leaves the screen with it
   history.replaceState(null, "", location.pathname + location.search);
   location.reload();
@@ -722,6 +732,7 @@ function startPlayer(job, url) {
         }
         if (!job.closed && fresh && fresh !== job.playing) {
           job.playing = fresh;
+          hls.config.startPosition = video.currentTime; // (a new source starts at startPosition: not back at 0:00)
           hls.loadSource(fresh);
         }
       } catch (err) {
