@@ -1485,3 +1485,35 @@ def test_render_from_the_keyboard_leaves_the_focus_on_the_new_job_or_the_field_r
         assert focused() == "job-title", focused()
     finally:
         page.close()
+
+
+@pytest.mark.service
+def test_speak_and_stop_from_the_keyboard_keep_the_focus_on_the_live_tabs_buttons(chromium_executable, service,
+                                                                                  browser):
+    """Speak and Stop disable themselves, and the focus fell to BODY (a keyboard or screen reader user lost their
+    place, a probe): it goes to the button that comes next, Stop after Speak, Speak after Stop."""
+    def answer(route):
+        if route.request.method == "POST":
+            return route.fulfill(status=201, content_type="application/json", body=fake_session_view(service, "live"))
+        route.fulfill(status=200, content_type="application/json", body=fake_session_view(service, "live"))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+
+    def focused() -> str:
+        return page.evaluate("document.activeElement.id || document.activeElement.tagName")
+
+    try:
+        fake_avatar(page)
+        fake_audio_socket(page)
+        page.route("**/v1/sessions", answer)
+        page.route("**/v1/sessions/fake-session", answer)
+        open_live_tab(page, service)
+        page.focus("#live-speak")
+        page.keyboard.press("Enter")
+        page.locator("#live-stop:not([disabled])").wait_for(timeout=30_000)
+        wait_until(lambda: focused() == "live-stop" or None, 5, 0.1, "the focus on Stop")
+        page.keyboard.press("Enter")
+        page.locator("#live-speak:not([disabled])").wait_for(timeout=30_000)
+        wait_until(lambda: focused() == "live-speak" or None, 5, 0.1, "the focus on Speak")
+    finally:
+        page.close()

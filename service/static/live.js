@@ -55,6 +55,33 @@
     $("live-stop").disabled = !speaking;
     $("live-end").hidden = !open;
     $("live-recording").hidden = !(live && live.view && live.view.recording_url);
+    keepFocus();
+  }
+
+  // The button pressed last (Speak, Stop, End session) is disabled or hidden by what it did, and the focus fell to
+  // BODY (a keyboard or screen reader user lost their place, a probe): it goes to the button that comes next (Speak
+  // -> Stop, Stop -> Speak, End session -> Download recording or Speak), once that one can be pressed; not where
+  // the user has gone meanwhile.
+  let pressed = null;
+  const NEXT = { "live-speak": ["live-stop"], "live-stop": ["live-speak"],
+                 "live-end": ["live-recording", "live-speak"] };
+
+  function keepFocus() {
+    if (!pressed) return;
+    const at = document.activeElement;
+    if (at !== document.body && at !== pressed) { pressed = null; return; } // the user has moved on
+    if (at === pressed && !pressed.disabled && !pressed.hidden) return; // (still to be pressed again)
+    const next = NEXT[pressed.id].map((id) => $(id)).find((el) => !el.disabled && !el.hidden);
+    if (next) {
+      pressed = null;
+      next.focus();
+    } else if (at === document.body && !pressed.disabled && !pressed.hidden) {
+      pressed.focus(); // pressable again meanwhile (a Speak that failed, or one whose session is still starting)
+    }
+  }
+
+  for (const id of Object.keys(NEXT)) {
+    $(id).addEventListener("click", () => { pressed = $(id); });
   }
 
   // --- the form's fields ---------------------------------------------------------------------
