@@ -1517,3 +1517,30 @@ def test_speak_and_stop_from_the_keyboard_keep_the_focus_on_the_live_tabs_button
         wait_until(lambda: focused() == "live-speak" or None, 5, 0.1, "the focus on Speak")
     finally:
         page.close()
+
+
+@pytest.mark.service
+def test_an_ended_sessions_speech_left_unrendered_is_not_said_to_be_waiting(chromium_executable, service, browser):
+    """An ended session's speech it never rendered read "(1.60 s waiting)", as if it were still to come (a probe):
+    it is said never rendered."""
+    import json
+
+    phase = ["live"]
+
+    def answer(route):
+        if route.request.method == "POST":
+            return route.fulfill(status=201, content_type="application/json", body=fake_session_view(service, "live"))
+        view = json.loads(fake_session_view(service, *(("ended", "service_stopped", True) if phase[0] == "ended"
+                                                       else ("live",))))
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({**view, "buffered_seconds": 1.6}))
+
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    try:
+        speak_in_a_fake_session(page, service, answer)
+        page.locator("#live-rendered", has_text="waiting").wait_for(timeout=10_000)
+        phase[0] = "ended"
+        page.locator("#live-state.s-ended").wait_for(timeout=15_000)
+        said = page.inner_text("#live-rendered")
+        assert "never rendered" in said and "waiting" not in said, said
+    finally:
+        page.close()

@@ -382,8 +382,10 @@
     $("live-stats").hidden = false;
     $("live-id").textContent = view.id;
     $("live-received").textContent = secs(view.seconds_received);
+    // (speech an ended session still held was never rendered: "waiting" said it was yet to come, a probe)
     $("live-rendered").textContent = secs(view.seconds_rendered) + (view.buffered_seconds > 0.05
-      ? " (" + secs(view.buffered_seconds) + " waiting)" : "") + (view.seconds_skipped > 0
+      ? " (" + secs(view.buffered_seconds) + (ENDED.has(view.state) ? " never rendered)" : " waiting)") : "") +
+      (view.seconds_skipped > 0
       ? "; pauses shortened by " + secs(view.seconds_skipped) + " to catch up" : "");
     $("live-latency").textContent = view.latency_samples
       ? secs(view.latency_p50_s) + " / " + secs(view.latency_p95_s) + " (" + view.latency_samples + (view.latency_samples === 1 ? " sample)" : " samples)") : "–";
