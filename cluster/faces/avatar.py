@@ -247,11 +247,17 @@ MAX_FACE_ROLL_DEG = 75.0  # (the estimate reads a real tilt of 55-60 degrees up 
 ROLL_SAMPLES = 3
 
 
+def _spread(items, n: int) -> list:
+    """`n` of `items` spread evenly over them (the middle of each of `n` equal parts), in order, fewer where the
+    parts share one."""
+    return sorted({items[len(items) * (2 * k + 1) // (2 * n)] for k in range(n)})
+
+
 def _check_upright(detector: MTCNNDetector, template_path: str, track, source: str, s: Settings) -> None:
     """`FaceSideways` when the track's face lies on its side (`MTCNNDetector.roll_degrees` on a few
     of its frames)."""
     found = np.flatnonzero(track.detected)
-    picks = sorted({int(found[len(found) * (2 * k + 1) // (2 * ROLL_SAMPLES)]) for k in range(ROLL_SAMPLES)})
+    picks = [int(i) for i in _spread(found, ROLL_SAMPLES)]
     with TemplateReader(template_path, s) as reader:
         frames = reader.read(picks)
     rolls = [roll for frame, i in zip(frames, picks)
@@ -318,7 +324,7 @@ def _raise_if_turned(detector: MTCNNDetector, template_path: str, detections: li
     faceless = [i for i, found in enumerate(detections) if not found]
     if not faceless:
         return
-    picks = sorted({faceless[len(faceless) * (2 * k + 1) // (2 * TURNED_SAMPLES)] for k in range(TURNED_SAMPLES)})
+    picks = _spread(faceless, TURNED_SAMPLES)
     with TemplateReader(template_path, s) as reader:
         frames = reader.read(picks)
     _raise_turned(detector, list(frames), source)
@@ -349,11 +355,12 @@ def _check_a_face_is_there(detector: MTCNNDetector, source: str, info: MediaInfo
     if total <= FACE_SAMPLE_FROM_FRAMES or v.rotation or v.stream != 0:  # (upright frames of the first stream only:
         return  # a rotated one's are sideways, and MTCNN finds no face on its side)
     step = total / FACE_SAMPLES
-    kept = []  # (every fourth sample: looked at turned, before the refusal, as `_raise_if_turned` does)
+    turned_at = set(_spread(range(FACE_SAMPLES), TURNED_SAMPLES))  # (looked at turned before the refusal)
+    kept = []
     for n, batch in enumerate(iter_frames(source, 1, s, only={int(k * step) for k in range(FACE_SAMPLES)})):
         if detector.detect(batch[0]):
             return
-        if n % (FACE_SAMPLES // TURNED_SAMPLES) == FACE_SAMPLES // TURNED_SAMPLES // 2:
+        if n in turned_at:
             kept.append(batch[0])
     _raise_turned(detector, kept, source)
     raise NoFace(f"no face found in {source}: none in {FACE_SAMPLES} frames spread over its {total} frames (at least "
