@@ -99,16 +99,12 @@ def _forget_records(settings: Settings, store: JobStore, now: datetime, callback
     cutoff = now - timedelta(days=settings.record_retention_days)
     root = settings.storage_root.resolve()
     forgotten = 0
-    while page := store.finished_between(None, cutoff):  # (each page's records go: the next page is the next)
-        before = forgotten
-        for st in page:
-            remove_job_files(st, root, store)
-            if store.forget_finished(st.id, cutoff):
-                forgotten += 1
-                if callbacks is not None:
-                    callbacks.forget(st.id)
-        if len(page) < 500 or forgotten == before:  # (none went: not read again)
-            break
+    for st in _finished_between(store, None, cutoff):  # (by key: the records removed shift no page)
+        remove_job_files(st, root, store)
+        if store.forget_finished(st.id, cutoff):
+            forgotten += 1
+            if callbacks is not None:
+                callbacks.forget(st.id)
     return forgotten
 
 
