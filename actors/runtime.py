@@ -20,6 +20,7 @@ from actors.calls import Kind, outcome_sync
 from cluster.config import Settings, get_settings
 from cluster.errors import InputNotFound, LipsyncError, OutputVerificationError, RenderError, RenderTimeout
 from cluster.inputs import is_upload_ref
+from cluster.ports import port_in_use
 from cluster.render import new_job_id
 from cluster.schemas import JobState, JobStatus, RenderRequest, StoredInput
 
@@ -201,6 +202,11 @@ def start_embedded_ray(settings: Settings, *, num_cpus: int | None = None, num_g
                     log.warning("Ray's start timed out (attempt %d of %d, the machine is overloaded): again",
                                 attempt, STARTUP_ATTEMPTS)
                     ray.shutdown()
+                    # the ports asked for, held by the timed-out start's processes a few seconds more (its dashboard
+                    # still going: the next start was refused "Failed to bind to 127.0.0.1:N ... already occupied")
+                    for port in (dashboard_port if include_dashboard else None, metrics_port):
+                        if port:
+                            port_in_use("127.0.0.1", port)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_cluster
         for k, v in saved_env.items():

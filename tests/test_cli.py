@@ -1209,3 +1209,39 @@ def test_a_joined_services_stop_ends_its_live_sessions_where_it_deployed_the_app
     monkeypatch.setattr(launch, "_deployed", False)
     launch.stop_service(False, settings=settings)
     assert ended == ["ended"]
+
+
+def test_a_ray_start_that_timed_out_is_tried_again_once_its_dashboard_port_is_free(monkeypatch, tmp_path):
+    """A start of the embedded Ray that timed out (an overloaded machine) is tried again; its dashboard, still going,
+    held the port asked for a few seconds more, and the next start was refused at once ("Failed to bind to
+    127.0.0.1:N because it's already occupied", `lipsync serve` exit 1, seen in a suite run). The port is waited
+    for first."""
+    import socket
+    import threading
+
+    import ray
+
+    from actors.runtime import start_embedded_ray
+    from cluster.config import Settings
+    from cluster.ports import free_port
+
+    port = free_port()
+    held = socket.create_server(("127.0.0.1", port))  # the timed-out start's dashboard, going 1 s later
+    starts: list[bool] = []
+
+    def init(**kwargs):
+        if not starts:
+            starts.append(False)
+            threading.Timer(1.0, held.close).start()
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        with socket.create_server(("127.0.0.1", kwargs["dashboard_port"])):  # (Ray binds it: free by now)
+            starts.append(True)
+        return "started"
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    ctx = start_embedded_ray(Settings(storage_root=tmp_path / "store"), num_cpus=1, include_dashboard=True,
+                             dashboard_port=port, temp_dir=str(tmp_path / "ray"))
+    assert ctx == "started" and starts == [False, True]
